@@ -1,0 +1,101 @@
+"""The ``sonocase`` command line.
+
+Each command lives beside the stage it drives and is imported only when it runs,
+so ``sonocase serve`` never imports torch and ``sonocase --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from service.logs import configure_logging
+from service.settings import Settings, SettingsError, load_settings
+
+#: command name -> "module:attribute" of its click command
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("service.node:serve", "Run the node: DICOM receiver, scheduler, workers, sender, web."),
+    "worker": ("service.tasks:worker", "Run an analysis worker against the configured broker."),
+    "status": ("service.status:status", "Show studies and their state, or one study in detail."),
+    "resend": ("service.sender:resend", "Send a study's results again after a failed delivery."),
+    "index": ("service.retrieval_cli:index", "Build, fill and query the similar-case index."),
+    "demo": ("service.demo:demo", "Self-contained demo: node, stand-in PACS, synthetic studies."),
+    "train": ("training.cli:train", "Train a model (needs the 'train' extra)."),
+    "evaluate": ("training.cli:evaluate", "Evaluate a trained model: metrics, plots, report."),
+    "export": ("training.cli:export", "Export a trained model to ONNX with Grad-CAM and a model card."),
+    "compare": ("training.cli:compare", "Train and evaluate the four architectures on the same splits."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module_name, attr = COMMANDS[cmd_name][0].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            return _unavailable(cmd_name, exc)
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Short help from the table: listing must not import every stage.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
+
+
+def _unavailable(name: str, exc: ModuleNotFoundError) -> click.Command:
+    @click.command(name, help=COMMANDS[name][1], context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args: tuple[str, ...]) -> None:
+        hint = " (install the 'train' extra: pip install -e '.[train]')" if exc.name == "torch" else ""
+        raise click.ClickException(f"'{name}' needs the Python module {exc.name!r}{hint}")
+
+    return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config", type=click.Path(dir_okay=False, path_type=Path), envvar="SONOCASE_CONFIG",
+    help="TOML settings file (keys as in docs/sonocase.example.toml); the environment (SONOCASE_*) wins over it.",
+)
+@click.version_option(package_name="sonocase")
+@click.pass_context
+def cli(ctx: click.Context, config: Path | None) -> None:
+    """Sonocase: breast-ultrasound AI as a DICOM node beside your PACS.
+
+    AI results are not for primary diagnosis. Every setting is an environment
+    variable SONOCASE_<NAME> or a key in the --config TOML file.
+    """
+    ctx.obj = {"config": config}
+
+
+def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
+    """Load the settings for a command (command-line options win) and set up logging.
+
+    Invalid settings end the process with a message naming each bad setting.
+    """
+    try:
+        settings = load_settings(ctx.find_root().obj.get("config"), **overrides)
+    except SettingsError as exc:
+        click.echo(f"sonocase: {exc}", err=True)
+        ctx.exit(2)
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def main() -> None:
+    cli(prog_name="sonocase")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""The ledger: every instance received and every state change of every study.
+
+SQLite in WAL mode. It is the node's single source of truth: stages hand work on
+through it, never through memory, so a restarted process resumes where the crashed
+one stopped. Each method is one transaction; ``claim_*`` methods are conditional
+updates, so two processes never both win the same work.
+
+Study life cycle::
+
+    receiving -> complete -> queued -> analysing -> analysed -> reported -> sent
+                                  \\________ failed (stage + reason) ________/
+
+An instance that arrives for a study past ``receiving`` re-opens it (``generation``
+goes up) so it is analysed again.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class StudyState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    QUEUED = "queued"
+    ANALYSING = "analysing"
+    ANALYSED = "analysed"
+    REPORTED = "reported"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+#: States in which a study still waits for the analysis worker.
+PENDING_ANALYSIS = (StudyState.COMPLETE, StudyState.QUEUED, StudyState.ANALYSING)
+
+
+class OutboxState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 1,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    completed_at REAL,
+    queued_at REAL,
+    analysis_started REAL,
+    lease_until REAL,
+    analysed_at REAL,
+    reported_at REAL,
+    sent_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    failed_stage TEXT,
+    error TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies(state);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+    series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    calling_ae TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    ignored_reason TEXT,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS results (
+    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+    generation INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (study_uid, generation)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    sop_instance_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+    generation INTEGER NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    error TEXT,
+    sent_at REAL,
+    PRIMARY KEY (sop_instance_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """What the receiver knows about one stored instance."""
+
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    calling_ae: str
+    modality: str
+    ignored_reason: str | None = None
+
+
+class Ledger:
+    """A process's handle on the ledger; safe to share between its threads."""
+
+    def __init__(self, path: Path, durable: bool = True) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL syncs the WAL on every commit (survives power loss); NORMAL survives
+        # a process crash, which is what durability "none" promises.
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # --- receiving ---------------------------------------------------------
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        return bool(self._query("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)))
+
+    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
+        """Record a stored instance; return False if its SOP Instance UID was known.
+
+        A new instance for a study past ``receiving`` re-opens the study.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            if db.execute(
+                "SELECT 1 FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
+            ).fetchone():
+                return False
+            row = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO studies (study_uid, state, first_received, last_received, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (rec.study_uid, StudyState.RECEIVING, now, now, now),
+                )
+            elif row["state"] == StudyState.RECEIVING:
+                db.execute(
+                    "UPDATE studies SET last_received=?, updated_at=? WHERE study_uid=?",
+                    (now, now, rec.study_uid),
+                )
+            else:
+                db.execute(
+                    "UPDATE studies SET state=?, generation=generation+1, last_received=?,"
+                    " attempts=0, next_attempt_at=NULL, failed_stage=NULL, error=NULL,"
+                    " lease_until=NULL, updated_at=? WHERE study_uid=?",
+                    (StudyState.RECEIVING, now, now, rec.study_uid),
+                )
+            db.execute(
+                "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.sop_instance_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid,
+                    rec.transfer_syntax, rec.path, rec.size, rec.calling_ae, rec.modality,
+                    rec.ignored_reason, now,
+                ),
+            )
+            return True
+
+    def complete_quiet_studies(self, quiet_period_s: float, now: float | None = None) -> list[str]:
+        """Mark ``receiving`` studies quiet for ``quiet_period_s`` as complete."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            uids = [
+                r["study_uid"]
+                for r in db.execute(
+                    "SELECT study_uid FROM studies WHERE state=? AND last_received<=?",
+                    (StudyState.RECEIVING, now - quiet_period_s),
+                )
+            ]
+            db.executemany(
+                "UPDATE studies SET state=?, completed_at=?, updated_at=? WHERE study_uid=?",
+                [(StudyState.COMPLETE, now, now, uid) for uid in uids],
+            )
+        return uids
+
+    # --- queueing and analysis ----------------------------------------------
+    def due_for_queue(self, now: float | None = None) -> list[str]:
+        """Studies a task must be sent for: complete ones, retries that are due, and
+        queued/analysing ones whose lease ran out (their worker or message was lost)."""
+        now = time.time() if now is None else now
+        rows = self._query(
+            "SELECT study_uid FROM studies WHERE (state=? AND (next_attempt_at IS NULL OR next_attempt_at<=?))"
+            " OR (state IN (?, ?) AND lease_until<=?) ORDER BY last_received",
+            (StudyState.COMPLETE, now, StudyState.QUEUED, StudyState.ANALYSING, now),
+        )
+        return [r["study_uid"] for r in rows]
+
+    def mark_queued(self, study_uid: str, lease_s: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "UPDATE studies SET state=?, queued_at=?, lease_until=?, updated_at=?"
+                " WHERE study_uid=? AND state IN (?, ?, ?)",
+                (StudyState.QUEUED, now, now + lease_s, now, study_uid,
+                 StudyState.COMPLETE, StudyState.QUEUED, StudyState.ANALYSING),
+            )
+
+    def claim_analysis(self, study_uid: str, lease_s: float, now: float | None = None) -> int | None:
+        """Take the study for analysis; return its generation, or None if another
+        worker holds a live lease or the study is not waiting for analysis."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE studies SET state=?, analysis_started=?, lease_until=?, attempts=attempts+1,"
+                " updated_at=? WHERE study_uid=? AND (state IN (?, ?) OR (state=? AND lease_until<=?))",
+                (StudyState.ANALYSING, now, now + lease_s, now, study_uid,
+                 StudyState.COMPLETE, StudyState.QUEUED, StudyState.ANALYSING, now),
+            )
+            if cur.rowcount != 1:
+                return None
+            return int(db.execute("SELECT generation FROM studies WHERE study_uid=?", (study_uid,)).fetchone()[0])
+
+    def finish_analysis(self, study_uid: str, generation: int, result: dict[str, Any], now: float | None = None) -> bool:
+        """Store the result; False if the study was re-opened meanwhile (stale result)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE studies SET state=?, analysed_at=?, lease_until=NULL, error=NULL, failed_stage=NULL,"
+                " updated_at=? WHERE study_uid=? AND generation=? AND state=?",
+                (StudyState.ANALYSED, now, now, study_uid, generation, StudyState.ANALYSING),
+            )
+            if cur.rowcount != 1:
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
+                (study_uid, generation, json.dumps(result), now),
+            )
+            return True
+
+    def retry_or_fail(
+        self, study_uid: str, stage: str, reason: str, max_attempts: int, backoff_s: float,
+        now: float | None = None,
+    ) -> StudyState:
+        """After a failed attempt: schedule another (exponential backoff) or give up visibly."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT attempts FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+            attempts = row["attempts"] if row else max_attempts
+            if attempts >= max_attempts:
+                state, next_at = StudyState.FAILED, None
+            else:
+                state, next_at = StudyState.COMPLETE, now + backoff_s * 2 ** (attempts - 1)
+            db.execute(
+                "UPDATE studies SET state=?, next_attempt_at=?, lease_until=NULL, failed_stage=?, error=?,"
+                " updated_at=? WHERE study_uid=?",
+                (state, next_at, stage, reason, now, study_uid),
+            )
+        return state
+
+    def set_state(self, study_uid: str, state: StudyState, now: float | None = None, **stamps: Any) -> None:
+        """Move a study to ``state``; ``stamps`` sets timestamp or error columns."""
+        allowed = {"reported_at", "sent_at", "error", "failed_stage", "attempts"}
+        if not set(stamps) <= allowed:
+            raise ValueError(f"cannot set {sorted(set(stamps) - allowed)} through set_state")
+        now = time.time() if now is None else now
+        cols = "".join(f", {k}=?" for k in stamps)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE studies SET state=?, updated_at=?{cols} WHERE study_uid=?",
+                (state, now, *stamps.values(), study_uid),
+            )
+
+    # --- reading -----------------------------------------------------------
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
+        return dict(rows[0]) if rows else None
+
+    def studies(self, states: tuple[str, ...] = (), limit: int = 1000) -> list[dict[str, Any]]:
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self._query(
+                f"SELECT * FROM studies WHERE state IN ({marks}) ORDER BY updated_at DESC LIMIT ?",
+                (*states, limit),
+            )
+        else:
+            rows = self._query("SELECT * FROM studies ORDER BY updated_at DESC LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
+    def count_by_state(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._query("SELECT state, COUNT(*) FROM studies GROUP BY state")}
+
+    def pending_analysis_count(self) -> int:
+        marks = ",".join("?" * len(PENDING_ANALYSIS))
+        return int(self._query(f"SELECT COUNT(*) FROM studies WHERE state IN ({marks})", PENDING_ANALYSIS)[0][0])
+
+    def instances(self, study_uid: str) -> list[InstanceRecord]:
+        rows = self._query(
+            "SELECT * FROM instances WHERE study_uid=? ORDER BY received_at, sop_instance_uid", (study_uid,)
+        )
+        return [InstanceRecord(**{k: r[k] for k in InstanceRecord.__slots__}) for r in rows]
+
+    def instance_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM instances")[0][0])
+
+    def result(self, study_uid: str, generation: int | None = None) -> dict[str, Any] | None:
+        """The newest result of a study (or that of ``generation``)."""
+        if generation is None:
+            rows = self._query(
+                "SELECT result FROM results WHERE study_uid=? ORDER BY generation DESC LIMIT 1", (study_uid,)
+            )
+        else:
+            rows = self._query(
+                "SELECT result FROM results WHERE study_uid=? AND generation=?", (study_uid, generation)
+            )
+        return json.loads(rows[0]["result"]) if rows else None
+
+    # --- outbox --------------------------------------------------------------
+    def enqueue_outbox(
+        self, study_uid: str, generation: int, items: list[tuple[str, str, str]], destinations: list[str],
+        now: float | None = None,
+    ) -> None:
+        """Queue ``(sop_instance_uid, sop_class_uid, path)`` items for each destination;
+        re-queueing the same object for the same destination is a no-op."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox (sop_instance_uid, destination, study_uid, generation,"
+                " sop_class_uid, path, state, next_attempt_at) VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (uid, dest, study_uid, generation, cls_uid, path, OutboxState.PENDING, now)
+                    for uid, cls_uid, path in items
+                    for dest in destinations
+                ],
+            )
+
+    def outbox(self, study_uid: str | None = None, states: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM outbox WHERE 1=1", []
+        if study_uid is not None:
+            sql += " AND study_uid=?"
+            args.append(study_uid)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        return [dict(r) for r in self._query(sql + " ORDER BY study_uid, sop_instance_uid", tuple(args))]
+
+    def due_outbox(self, now: float | None = None) -> list[dict[str, Any]]:
+        now = time.time() if now is None else now
+        rows = self._query(
+            "SELECT * FROM outbox WHERE state=? AND next_attempt_at<=? ORDER BY destination, study_uid",
+            (OutboxState.PENDING, now),
+        )
+        return [dict(r) for r in rows]
+
+    def update_outbox(
+        self, sop_instance_uid: str, destination: str, state: OutboxState, error: str | None = None,
+        next_attempt_at: float | None = None, now: float | None = None,
+    ) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET state=?, error=?, attempts=attempts+?, next_attempt_at=COALESCE(?, next_attempt_at),"
+                " sent_at=CASE WHEN ?='sent' THEN ? ELSE sent_at END WHERE sop_instance_uid=? AND destination=?",
+                (state, error, 0 if state == OutboxState.SENT else 1, next_attempt_at, state, now,
+                 sop_instance_uid, destination),
+            )
+
+    def reset_outbox(self, study_uid: str, now: float | None = None) -> int:
+        """Make every unsent object of a study due again (``sonocase resend``)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE outbox SET state=?, attempts=0, next_attempt_at=?, error=NULL WHERE study_uid=? AND state!=?",
+                (OutboxState.PENDING, now, study_uid, OutboxState.SENT),
+            )
+            return cur.rowcount

@@ -1,0 +1,74 @@
+"""Logging set-up, done once in the entry points.
+
+Log lines name studies by UID (``extra={"study_uid": ...}``). Patient names, IDs and
+birth dates never reach a log: the :class:`PhiFilter` drops any record that carries
+them as extras and masks data-set dumps, as a second line of defence behind the
+habit of never passing them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+#: Extras that must never appear in a log record.
+PHI_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID", "PatientBirthDate"})
+_PHI_TEXT = re.compile(r"\((0010),\s*(0010|0020|0030)\)[^\n]*|Patient(?:'s)? (?:Name|ID|Birth Date)\s+[A-Z]{2}:[^\n]*")
+
+
+class PhiFilter(logging.Filter):
+    """Strip patient identifiers from records (extras and data-set dumps)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key in PHI_KEYS & record.__dict__.keys():
+            setattr(record, key, "<removed>")
+        if isinstance(record.msg, str) and _PHI_TEXT.search(record.msg):
+            record.msg = _PHI_TEXT.sub("<patient attribute removed>", record.msg)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the study/instance UIDs as fields."""
+
+    FIELDS = ("study_uid", "sop_instance_uid", "calling_ae", "status", "stage", "destination")
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        doc.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s%(uid)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        study = getattr(record, "study_uid", None)
+        record.uid = f" [study {study}]" if study else ""
+        return super().format(record)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Install one stderr handler on the root logger (idempotent)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_sonocase", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._sonocase = True  # type: ignore[attr-defined]
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(PhiFilter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    # pynetdicom is chatty at INFO (every PDU); keep its warnings.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,0 +1,96 @@
+"""The model card: what the node must know about a model, read, never hard-coded.
+
+``training/`` writes one JSON card beside each ONNX file; the worker reads it to
+prepare pixels exactly as the model was trained, to name the classes, to guard
+against images outside the model's experience, and to identify the model in every
+output object. The ONNX interface it describes:
+
+inputs
+  ``image``         float32 [N, 1, H, W], grayscale, ``(pixel/255 - mean) / std``
+  ``target_class``  int64 [N], the class to explain; -1 explains the predicted class
+outputs
+  ``probabilities`` float32 [N, C], softmax over ``classes``
+  ``embedding``     float32 [N, D], L2-normalised penultimate features (retrieval)
+  ``gradcam``       float32 [N, h, w], Grad-CAM of the target class on the last
+                    convolutional map, ReLU'd and scaled to [0, 1] per image
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DISCLAIMER = (
+    "AI result, not for primary diagnosis. The shipped model was trained on synthetic "
+    "images only; a qualified radiologist must review every image."
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: int = 1
+    mean: float
+    std: float = Field(gt=0)
+    grayscale: str = "ITU-R BT.601 luma of RGB; MONOCHROME1 inverted"
+    resize: str = "bilinear, whole crop to height x width (aspect not kept)"
+
+
+class OodSpec(_Strict):
+    """Out-of-distribution guard: distance of an embedding to the nearest class
+    centroid of the training embeddings; above ``threshold`` the image is outside
+    the model's experience (threshold = ``percentile`` of the training distances)."""
+
+    centroids: list[list[float]]
+    threshold: float
+    percentile: float
+
+
+class ModelCard(_Strict):
+    name: str
+    version: str
+    architecture: str
+    classes: list[str]
+    input: InputSpec
+    embedding_dim: int
+    onnx_file: str
+    sha256: str
+    opset: int
+    ood: OodSpec
+    hyperparameters: dict[str, object] = Field(default_factory=dict)
+    training_data: dict[str, object]
+    metrics: dict[str, object] = Field(default_factory=dict)
+    created: str
+    intended_use: str
+    disclaimer: str = DISCLAIMER
+
+    @classmethod
+    def load(cls, onnx_path: Path) -> ModelCard:
+        """Read the card beside ``onnx_path`` and check the file is the one it describes."""
+        card_path = card_path_for(onnx_path)
+        if not card_path.is_file():
+            raise FileNotFoundError(f"model card {card_path} is missing for {onnx_path}")
+        card = cls.model_validate(json.loads(card_path.read_text()))
+        actual = sha256_file(onnx_path)
+        if actual != card.sha256:
+            raise ValueError(f"{onnx_path} has sha256 {actual}, its model card says {card.sha256}")
+        return card
+
+
+def card_path_for(onnx_path: Path) -> Path:
+    return onnx_path.with_suffix(".card.json")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,89 @@
+"""The analysis result of a study, as the worker stores it in the ledger.
+
+Typed, with extra fields forbidden, because three later stages read it: retrieval
+fills ``similar``, the report builders turn it into SR and SC objects, and
+``sonocase status`` / the web page show it.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: How the study summary is chosen from its images (also written into the SR).
+SUMMARY_RULE = (
+    "The most suspicious analysed image decides: malignant if any image is malignant, "
+    "else benign if any is benign, else normal; its probability is that image's."
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelIdentity(_Strict):
+    name: str
+    version: str
+    sha256: str
+
+
+class SimilarStudy(_Strict):
+    """A previously diagnosed study that looks like the query (best image decides)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str = Field(description="the matching reference image")
+    sop_class_uid: str
+    accession_number: str = ""
+    study_date: str = ""
+    label: str
+    label_source: str = Field(description="biopsy | radiologist | ai")
+    distance: float = Field(description="Euclidean distance of L2-normalised embeddings, 0..2")
+    similarity: float = Field(description="1 - distance/2, 0..1, for people")
+    query_sop_instance_uid: str = ""
+
+
+class FrameResult(_Strict):
+    """The model's output for one analysed frame (frame 1 for single-frame images)."""
+
+    frame_number: int
+    probabilities: dict[str, float]
+    predicted: str
+    out_of_distribution: bool
+    ood_distance: float
+    heatmap_path: str = Field(description="float32 .npy in [0, 1], the size of crop")
+    crop: tuple[int, int, int, int] = Field(description="x0, y0, x1, y1 of the analysed region in the source pixels")
+    embedding: list[float]
+
+
+class ImageResult(_Strict):
+    """One instance: its analysed frames and a summary, or why it was skipped."""
+
+    sop_instance_uid: str
+    series_uid: str
+    sop_class_uid: str
+    skipped: str | None = None
+    frames: list[FrameResult] = Field(default_factory=list)
+    predicted: str | None = None
+    probability: float | None = None
+    out_of_distribution: bool = False
+    number_of_frames: int = 1
+
+
+class StudySummary(_Strict):
+    predicted: str | None
+    probability: float | None
+    decisive_sop_instance_uid: str | None
+    out_of_distribution: bool
+    rule: str = SUMMARY_RULE
+
+
+class StudyResult(_Strict):
+    study_uid: str
+    generation: int
+    model: ModelIdentity
+    index_version: str | None = None
+    images: list[ImageResult]
+    summary: StudySummary
+    similar: list[SimilarStudy] = Field(default_factory=list)
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    execution_provider: str = "CPUExecutionProvider"

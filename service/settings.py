@@ -1,0 +1,243 @@
+"""One typed settings object for the whole node.
+
+Read once at start from ``SONOCASE_*`` environment variables and an optional TOML
+file (``SONOCASE_CONFIG`` or ``--config``), then passed in to every stage: nothing
+below the entry points reads the environment. The defaults run a complete node on
+one machine with no external service.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+#: The repository root, where the shipped model and SR template live.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ENV_PREFIX = "SONOCASE_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash
+
+
+def validate_ae_title(value: str) -> str:
+    """Return ``value`` stripped, or raise if it is not a valid AE title (PS3.5 6.2)."""
+    stripped = value.strip()
+    if not _AE_RE.match(stripped):
+        raise ValueError(
+            f"{value!r} is not a valid AE title: 1-16 printable characters, no backslash"
+        )
+    return stripped
+
+
+class Destination(BaseModel):
+    """A DICOM peer that results are sent to (``AE@host:port``)."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """Parse ``AE@host:port`` (append ``+tls`` to use DICOM TLS)."""
+        match = re.fullmatch(r"\s*([^@]+)@([^:@\s]+):(\d+)(\+tls)?\s*", text)
+        if not match:
+            raise ValueError(f"{text!r} is not AE@host:port")
+        ae, host, port, tls = match.groups()
+        return cls(ae_title=ae, host=host, port=int(port), tls=bool(tls))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
+
+
+def _split_list(value: Any) -> Any:
+    """Let scripts write lists as ``a,b,c`` in environment variables."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the node; each is ``SONOCASE_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        toml_file=None,
+    )
+
+    # --- where state lives -------------------------------------------------
+    data_dir: Path = Field(Path("sonocase-data"), description="Spool, ledger, outbox and index")
+
+    # --- receiver ----------------------------------------------------------
+    ae_title: str = Field("SONOCASE", description="Our own AE title; callers must address it")
+    host: str = Field("0.0.0.0", description="Address the DICOM listener binds to")
+    port: int = Field(11112, ge=1, le=65535, description="DICOM listener port")
+    allowed_callers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Calling AE titles accepted; empty accepts all"
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Peer addresses accepted; empty accepts all"
+    )
+    max_associations: int = Field(10, ge=1, le=1000)
+    tls_cert: Path | None = Field(None, description="Server certificate (PEM): turns on DICOM TLS")
+    tls_key: Path | None = Field(None, description="Server private key (PEM)")
+    tls_ca: Path | None = Field(None, description="CA bundle: when set, clients must present a certificate")
+    quiet_period_s: float = Field(5.0, gt=0, description="A study is complete after this many seconds without a new instance")
+    durability: Literal["fsync", "none"] = Field(
+        "fsync", description="fsync: survives power loss; none: survives a process crash only"
+    )
+    min_free_disk_mb: int = Field(500, ge=0, description="Refuse C-STORE below this much free disk")
+    max_pending_studies: int = Field(200, ge=1, description="Refuse C-STORE while more studies wait for analysis")
+    non_ultrasound: Literal["store-ignore", "refuse"] = Field(
+        "store-ignore", description="What to do with an instance whose Modality is not US"
+    )
+
+    # --- queue and worker --------------------------------------------------
+    broker_url: str = Field("", description="Celery broker; empty runs the embedded broker under data_dir")
+    result_backend: str = Field("", description="Celery result backend; empty keeps results in the ledger only")
+    workers: int = Field(1, ge=0, le=64, description="Worker processes that 'serve' starts itself")
+    task_max_attempts: int = Field(3, ge=1, le=100)
+    task_retry_backoff_s: float = Field(5.0, gt=0)
+    task_lease_s: float = Field(600.0, gt=0, description="An analysis not finished within this is re-queued")
+    model_path: Path = Field(PROJECT_ROOT / "onnx_models" / "sonocase-hybrid.onnx")
+    execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
+    max_cine_frames: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(8, ge=1, le=256)
+
+    # --- retrieval ---------------------------------------------------------
+    index_dir: Path | None = Field(None, description="Similar-case index; default data_dir/index")
+    similar_studies: int = Field(5, ge=0, le=50)
+    similar_confirmed_only: bool = False
+    index_analysed_studies: bool = Field(False, description="Add analysed studies (AI label, unconfirmed) to the index")
+
+    # --- reports and sending ----------------------------------------------
+    sr_template: Path = Field(
+        PROJECT_ROOT / "dicom_sr_templates" / "default.json",
+        description="SR codes and wording; validated when the node starts",
+    )
+    sc_transfer_syntax: Literal["explicit-little-endian", "jpeg-baseline"] = "explicit-little-endian"
+    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    send_max_attempts: int = Field(10, ge=1, le=1000)
+    send_backoff_s: float = Field(5.0, gt=0)
+    send_backoff_max_s: float = Field(600.0, gt=0)
+
+    # --- watching it -------------------------------------------------------
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535, description="Health, metrics and status page; 0 turns it off")
+    web_token: str = Field("", description="Bearer token for the status page; empty disables the page")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+    @field_validator("allowed_callers", mode="before")
+    @classmethod
+    def _callers(cls, value: Any) -> list[str]:
+        return [validate_ae_title(v) for v in _split_list(value)]
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, value: Any) -> Any:
+        items = _split_list(value)
+        return [Destination.parse(v) if isinstance(v, str) else v for v in items]
+
+    @field_validator("tls_cert", "tls_key", "tls_ca")
+    @classmethod
+    def _existing_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {value} does not exist")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Command-line values win over the environment, which wins over the TOML file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = os.environ.get(ENV_PREFIX + "CONFIG")
+        if config:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
+        return tuple(sources)
+
+    # --- derived paths -----------------------------------------------------
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "ledger.sqlite3"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def effective_index_dir(self) -> Path:
+        return self.index_dir or self.data_dir / "index"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url
+
+
+class SettingsError(Exception):
+    """Settings that cannot run; the message names each offending setting."""
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings once, at start; raise :class:`SettingsError` naming bad settings."""
+    if config is not None:
+        if not config.is_file():
+            raise SettingsError(f"configuration file {config} does not exist")
+        os.environ[ENV_PREFIX + "CONFIG"] = str(config)
+    env_config = os.environ.get(ENV_PREFIX + "CONFIG")
+    if env_config and not Path(env_config).is_file():
+        raise SettingsError(f"{ENV_PREFIX}CONFIG: file {env_config} does not exist")
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = ".".join(str(p) for p in error["loc"]) or "settings"
+            env_name = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else name
+            lines.append(f"invalid setting {env_name} ({name}): {error['msg']}")
+        raise SettingsError("\n".join(lines)) from None
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise SettingsError(f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY must be set together")
+    return settings
