@@ -20,7 +20,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -411,3 +411,27 @@ class Ledger:
                 (OutboxState.PENDING, now, study_uid, OutboxState.SENT),
             )
             return cur.rowcount
+
+    # --- figures for monitoring (aggregated in SQL: a scrape stays cheap) -------
+    _STAMPS = frozenset({
+        "first_received", "last_received", "completed_at", "queued_at", "analysis_started",
+        "analysed_at", "reported_at", "sent_at",
+    })
+
+    def latency_histogram(self, start: str, end: str, bounds: Sequence[float]) -> tuple[list[int], int, float]:
+        """Cumulative study counts with ``end - start <= bound`` for each bound, the
+        count and the sum of seconds, over studies holding both time stamps."""
+        if not {start, end} <= self._STAMPS:
+            raise ValueError(f"{start!r} -> {end!r}: not time stamps of a study")
+        cases = "SUM(CASE WHEN d<=? THEN 1 ELSE 0 END), " * len(bounds)
+        row = self._query(
+            f"SELECT {cases}COUNT(*), TOTAL(d) FROM (SELECT {end}-{start} AS d FROM studies"
+            f" WHERE {start} IS NOT NULL AND {end} IS NOT NULL AND {end}>={start})",
+            tuple(bounds),
+        )[0]
+        return [int(v or 0) for v in tuple(row)[:-2]], int(row[-2]), float(row[-1])
+
+    def outbox_totals(self) -> dict[str, tuple[int, int]]:
+        """Outbox state -> (objects, failed delivery attempts recorded)."""
+        rows = self._query("SELECT state, COUNT(*), TOTAL(attempts) FROM outbox GROUP BY state")
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
