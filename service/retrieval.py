@@ -1,0 +1,848 @@
+"""Similar-case retrieval: an hnswlib index of diagnosed studies.
+
+For every analysed image the worker asks for its nearest neighbours among stored
+reference images, grouped to studies, so a radiologist can open a confirmed case that
+looks like the one on screen.
+
+Layout of the index folder::
+
+    index.sqlite3         side table (WAL): one row per reference image + meta
+    vectors-<n>.hnsw      the hnswlib graph of saved version n (one current file)
+    images/<study>/<sop>.dcm  the reference images, patient identifiers blanked
+    .write.lock           fcntl lock: one writer at a time, across processes
+
+Vectors: the model's L2-normalised embeddings in hnswlib space ``'l2'`` (squared
+Euclidean). For unit vectors this ranks exactly as ``'ip'`` would, and its root is the
+Euclidean distance (0..2) the report shows, so no conversion can go wrong.
+
+Durability: a save writes the next ``vectors-<n+1>.hnsw`` under a temporary name,
+fsyncs and renames it, and only then commits the side-table rows together with the
+pointer to the new file in one SQLite transaction. A crash at any moment leaves the
+pointer on a complete file: the previous version, or the new one. Diagnoses and
+deletions live in the side table, which queries read fresh; deletions also rewrite
+the graph so deleted images never take a neighbour's place.
+
+Concurrency: hnswlib allows parallel queries or parallel adds, never both, so inside
+a process a readers-writer lock guards the graph; across processes a writer holds an
+fcntl lock, and readers notice a new saved version (the pointer in the side table) at
+their next query and load it without a restart.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import io
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hnswlib
+import numpy as np
+import pydicom
+
+from service.results import ModelIdentity, SimilarStudy
+from service.spool import fsync_dir, write_atomic
+
+log = logging.getLogger(__name__)
+
+LABEL_SOURCES: tuple[str, ...] = ("biopsy", "radiologist", "ai")
+#: hnswlib graph degree and build-time beam; the issue fixes both.
+HNSW_M = 16
+EF_CONSTRUCTION = 200
+#: Query-time beam, chosen with bench/retrieval.py: recall@10 >= 0.99 up to 1M
+#: clustered vectors (see the numbers in that script's docstring).
+DEFAULT_EF = 64
+#: Neighbours fetched per query image before grouping, at least; grows until enough
+#: distinct studies are found.
+MIN_NEIGHBOURS = 32
+#: Attributes blanked (type 2) or removed in the stored reference copy: the index
+#: keeps pixels for the similar-cases montage, never who the patient is.
+_BLANKED = ("PatientName", "PatientID", "PatientBirthDate", "PatientAddress", "PatientTelephoneNumbers")
+_REMOVED = ("OtherPatientIDsSequence", "OtherPatientNames", "PatientMotherBirthName", "IssuerOfPatientID")
+_FORMAT = "1"
+_NORM_TOLERANCE = 1e-3
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    frame_number INTEGER NOT NULL,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    accession_number TEXT NOT NULL,
+    study_date TEXT NOT NULL,
+    label TEXT NOT NULL,
+    label_source TEXT NOT NULL,
+    confirmed INTEGER NOT NULL,
+    patient_key TEXT NOT NULL,
+    image_file TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    deleted_reason TEXT,
+    added_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_study ON images(study_uid);
+CREATE INDEX IF NOT EXISTS images_patient ON images(patient_key);
+"""
+
+
+def _check_label_source(label_source: str, confirmed: bool) -> None:
+    if label_source not in LABEL_SOURCES:
+        raise ValueError(f"label source {label_source!r} is not one of {', '.join(LABEL_SOURCES)}")
+    if label_source == "ai" and confirmed:
+        raise ValueError("an AI-predicted label cannot be confirmed; attach a biopsy or radiologist diagnosis")
+
+
+def unit_vectors(embeddings: np.ndarray, dim: int | None = None) -> np.ndarray:
+    """Return ``embeddings`` as a C-contiguous float32 [N, D] array of unit vectors.
+
+    Refuses (ValueError) anything else rather than normalising it silently: a vector
+    that is not unit length means the wrong model output reached the index.
+    """
+    arr = np.asarray(embeddings, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        raise ValueError(f"embeddings must be [N, D], got shape {np.shape(embeddings)}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"embeddings have {arr.shape[1]} dimensions, the index holds {dim}-dimensional ones")
+    if not np.isfinite(arr).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    norms = np.linalg.norm(arr, axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > _NORM_TOLERANCE)
+    if bad.size:
+        raise ValueError(f"embedding {int(bad[0])} has norm {norms[bad[0]]:.4f}; the index takes L2-normalised embeddings")
+    return np.ascontiguousarray(arr)
+
+
+def distance_and_similarity(squared_l2: float) -> tuple[float, float]:
+    """Euclidean distance (root of hnswlib's squared 'l2') and ``1 - d/2``, both clipped."""
+    distance = float(min(2.0, np.sqrt(max(0.0, squared_l2))))
+    return distance, 1.0 - distance / 2.0
+
+
+@dataclass(frozen=True, eq=False)
+class IndexEntry:
+    """One reference image to add: its embedding, identity and diagnosis.
+
+    ``patient_key`` is :meth:`SimilarCaseIndex.patient_key` of the Patient ID, never
+    the ID itself; ``image_path`` is the DICOM file, copied into the index so the
+    similar-cases montage can show it and ``rebuild`` can re-embed it (None: vectors
+    only, as in benchmarks); ``frame_number`` is the frame the embedding came from
+    (1 for single-frame images).
+    """
+
+    embedding: np.ndarray
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    label: str
+    label_source: str
+    image_path: Path | None = None
+    confirmed: bool = False
+    accession_number: str = ""
+    study_date: str = ""
+    patient_key: str = ""
+    frame_number: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("sop_instance_uid", "series_uid", "study_uid", "sop_class_uid"):
+            value = getattr(self, name)
+            if not value or "/" in value or value.startswith("."):
+                raise ValueError(f"{name} {value!r} is not a usable UID")
+        if not self.label.strip():
+            raise ValueError(f"image {self.sop_instance_uid} has an empty label")
+        _check_label_source(self.label_source, self.confirmed)
+        if self.frame_number < 1:
+            raise ValueError(f"frame_number must be >= 1, got {self.frame_number}")
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A reference image as the index holds it (``path``: the stored DICOM copy)."""
+
+    sop_instance_uid: str
+    frame_number: int
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    label: str
+    label_source: str
+    confirmed: bool
+    path: Path | None
+
+
+@dataclass(frozen=True)
+class AddResult:
+    added: int
+    skipped: list[str] = field(default_factory=list)  # SOP Instance UIDs already there
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    embedded: int
+    failed: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> reason
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    directory: Path
+    version: str
+    model: ModelIdentity | None
+    dim: int | None
+    images: int
+    deleted: int
+    studies: int
+    confirmed_studies: int
+    by_label: dict[str, dict[str, int]]  # label -> label source -> studies
+    vectors_bytes: int
+    ef: int
+    m: int
+    ef_construction: int
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """The graph of one saved version, as this process holds it."""
+
+    vectors_file: str
+    hnsw: hnswlib.Index | None
+    live: int  # vectors not marked deleted
+    max_id: int
+
+
+_NOTHING = _Loaded(vectors_file="", hnsw=None, live=0, max_id=-1)
+_STALE = _Loaded(vectors_file="<stale>", hnsw=None, live=0, max_id=-1)
+
+
+class _ReadWriteLock:
+    """Many readers or one writer, writers first: hnswlib allows parallel queries or
+    parallel adds, never both at once."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._waiting_writers = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+class SimilarCaseIndex:
+    """The similar-case index in ``directory``, bound to one model.
+
+    Open it with the identity of the model whose embeddings you will add or query;
+    an index that does not exist yet is created for that model. ``model=None`` opens
+    an existing index for inspection, diagnoses and deletions only. Safe to share
+    between threads; any number of processes may open the same folder.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        model: ModelIdentity | None,
+        *,
+        ef: int = DEFAULT_EF,
+        m: int = HNSW_M,
+        ef_construction: int = EF_CONSTRUCTION,
+        durable: bool = True,
+        lock_timeout_s: float = 600.0,
+    ) -> None:
+        self.directory = Path(directory)
+        self.model = model
+        self.ef = ef
+        self.durable = durable
+        self.lock_timeout_s = lock_timeout_s
+        db_path = self.directory / "index.sqlite3"
+        if model is None and not db_path.is_file():
+            raise FileNotFoundError(f"there is no similar-case index in {self.directory}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._db_lock = threading.Lock()
+        self._db = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._db.executescript(_SCHEMA)
+        with self._tx() as db:
+            fresh = {
+                "format": _FORMAT,
+                "index_id": secrets.token_hex(4),
+                "patient_key_salt": secrets.token_hex(32),
+                "counter": "0",
+                "vectors_file": "",
+                "live": "0",
+                "max_id": "-1",
+                "dim": "",
+                "m": str(m),
+                "ef_construction": str(ef_construction),
+            }
+            if model is not None:
+                fresh.update(_model_meta(model))
+            db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", fresh.items())
+        meta = self._read_meta()
+        if meta["format"] != _FORMAT:
+            raise ValueError(f"{db_path} has index format {meta['format']}, this version reads {_FORMAT}")
+        self._salt = bytes.fromhex(meta["patient_key_salt"])
+        self._loaded = _NOTHING
+        self._rw = _ReadWriteLock()
+        self._refresh_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+
+    # --- small helpers -------------------------------------------------------
+    def close(self) -> None:
+        with self._db_lock:
+            self._db.close()
+
+    def __enter__(self) -> SimilarCaseIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._db_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _select(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._db_lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    def _read_meta(self) -> dict[str, str]:
+        return {r["key"]: r["value"] for r in self._select("SELECT key, value FROM meta")}
+
+    @property
+    def version(self) -> str:
+        """Changes on every saved change (adds, deletions, diagnoses); named in the SR."""
+        meta = self._read_meta()
+        return f"{meta['index_id']}.{meta['counter']}"
+
+    @property
+    def bound_model(self) -> ModelIdentity | None:
+        """The model whose embeddings the index holds (None until one is bound)."""
+        meta = self._read_meta()
+        if "model_sha256" not in meta:
+            return None
+        return ModelIdentity(name=meta["model_name"], version=meta["model_version"], sha256=meta["model_sha256"])
+
+    def _check_model(self, meta: dict[str, str], action: str) -> None:
+        if self.model is None:
+            raise ValueError(f"cannot {action}: the index at {self.directory} was opened without a model identity")
+        if meta.get("model_sha256") != self.model.sha256:
+            raise ValueError(
+                f"cannot {action}: the index at {self.directory} holds embeddings of model "
+                f"{meta.get('model_name')} {meta.get('model_version')} (sha256 {meta.get('model_sha256', '')[:12]}), "
+                f"not of {self.model.name} {self.model.version} (sha256 {self.model.sha256[:12]}); "
+                "run 'sonocase index rebuild' to re-embed the reference images with this model"
+            )
+
+    def patient_key(self, patient_id: str, issuer: str = "") -> str:
+        """A keyed hash of Patient ID (+ issuer) that links a patient's studies
+        without storing who the patient is; "" when the ID is unknown."""
+        if not patient_id.strip():
+            return ""
+        message = f"{issuer.strip()}\\{patient_id.strip()}".encode()
+        return "pk1-" + hmac.new(self._salt, message, hashlib.sha256).hexdigest()[:32]
+
+    # --- loading saved versions ---------------------------------------------
+    def _load(self, meta: dict[str, str]) -> _Loaded:
+        name = meta["vectors_file"]
+        if not name:
+            return _NOTHING
+        index = hnswlib.Index(space="l2", dim=int(meta["dim"]))
+        # Open first, load through the descriptor: a writer may unlink an old file
+        # right after it committed a newer one, and a failed hnswlib load is fatal.
+        fd = os.open(self.directory / name, os.O_RDONLY)
+        try:
+            index.load_index(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        index.set_ef(self.ef)
+        return _Loaded(vectors_file=name, hnsw=index, live=int(meta["live"]), max_id=int(meta["max_id"]))
+
+    def _refresh(self) -> dict[str, str]:
+        """Read the pointer to the current saved version; load it if it is new to us."""
+        with self._refresh_lock:
+            for _ in range(5):
+                meta = self._read_meta()
+                if meta["vectors_file"] == self._loaded.vectors_file:
+                    break
+                try:
+                    self._loaded = self._load(meta)
+                    break
+                except FileNotFoundError:
+                    continue  # superseded between reading the pointer and opening it
+            else:
+                raise RuntimeError(f"the index at {self.directory} changed five times while loading it")
+            return meta
+
+    # --- writing -------------------------------------------------------------
+    @contextmanager
+    def _writing(self) -> Iterator[dict[str, str]]:
+        """One writer at a time (threads and processes), on the latest saved version."""
+        with self._write_lock:
+            lock_fd = os.open(self.directory / ".write.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                deadline = time.monotonic() + self.lock_timeout_s
+                while True:
+                    try:
+                        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(
+                                f"another process has been writing the index at {self.directory} "
+                                f"for over {self.lock_timeout_s:.0f} s"
+                            ) from None
+                        time.sleep(0.05)
+                yield self._refresh()
+            finally:
+                os.close(lock_fd)  # releases the flock
+
+    @contextmanager
+    def _mutating(self) -> Iterator[None]:
+        """Change the loaded graph in place, with no query running on it; if the
+        change is not saved, forget the graph so the next use reloads the saved one."""
+        with self._rw.exclusive():
+            try:
+                yield
+            except BaseException:
+                self._swap(_STALE)
+                raise
+
+    def _swap(self, loaded: _Loaded) -> None:
+        with self._refresh_lock:  # never let a concurrent refresh put back an older version
+            self._loaded = loaded
+
+    def _save(self, meta: dict[str, str], hnsw: hnswlib.Index, live: int, max_id: int,
+              rows: Callable[[sqlite3.Connection], None], extra_meta: dict[str, str] | None = None) -> None:
+        """Write ``hnsw`` as the next version's file, then commit ``rows`` with the
+        pointer to it; remove the superseded file only after the commit."""
+        counter = int(meta["counter"]) + 1
+        name = f"vectors-{counter}.hnsw"
+        tmp = self.directory / f".tmp-{name}"
+        hnsw.save_index(str(tmp))
+        if self.durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, self.directory / name)
+        if self.durable:
+            fsync_dir(self.directory)
+        updates = {"counter": str(counter), "vectors_file": name, "live": str(live), "max_id": str(max_id),
+                   "dim": str(hnsw.dim), **(extra_meta or {})}
+        with self._tx() as db:
+            rows(db)
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", updates.items())
+        self._swap(_Loaded(vectors_file=name, hnsw=hnsw, live=live, max_id=max_id))
+        self._remove_stale_files(keep=name)
+
+    def _remove_stale_files(self, keep: str) -> None:
+        for path in self.directory.iterdir():
+            if path.name != keep and (path.name.startswith("vectors-") or path.name.startswith(".tmp-vectors-")):
+                path.unlink(missing_ok=True)
+
+    def _bump(self, db: sqlite3.Connection) -> None:
+        """A saved change that needs no new graph (a diagnosis): only the version moves."""
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'counter'")
+
+    def known_sop_instance_uids(self, sop_instance_uids: Iterable[str]) -> set[str]:
+        """Which of these images the index already holds (also deleted ones), so a
+        resumed fill skips them before spending time on inference."""
+        wanted = list(sop_instance_uids)
+        rows = self._select(
+            "SELECT sop_instance_uid FROM images WHERE sop_instance_uid IN (SELECT value FROM json_each(?))",
+            (json.dumps(wanted),),
+        )
+        return {r[0] for r in rows}
+
+    def add(self, entries: Sequence[IndexEntry]) -> AddResult:
+        """Add reference images and save; images already there (by SOP Instance UID,
+        deleted ones included) are skipped, so re-running a study adds nothing."""
+        if not entries:
+            return AddResult(added=0)
+        with self._writing() as meta:
+            if self.model is not None and meta.get("model_sha256") != self.model.sha256 and self._count_rows() == 0:
+                # An empty index takes the model of its first images.
+                with self._tx() as db:
+                    db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", _model_meta(self.model).items())
+                meta = self._refresh()
+            self._check_model(meta, "add images")
+            dim = int(meta["dim"]) if meta["dim"] else None
+            known = self.known_sop_instance_uids(e.sop_instance_uid for e in entries)
+            new: dict[str, IndexEntry] = {}
+            for entry in entries:
+                if entry.sop_instance_uid not in known:
+                    new.setdefault(entry.sop_instance_uid, entry)
+            skipped = [e.sop_instance_uid for e in entries if e.sop_instance_uid in known]
+            if not new:
+                return AddResult(added=0, skipped=skipped)
+            batch = list(new.values())
+            vectors = unit_vectors(np.stack([np.asarray(e.embedding) for e in batch]), dim)
+            stored = [self._store_reference(e) for e in batch]
+            first_id = int(self._select("SELECT COALESCE(MAX(id), -1) + 1 FROM images")[0][0])
+            ids = np.arange(first_id, first_id + len(batch), dtype=np.uint64)
+            now = time.time()
+            with self._mutating():
+                hnsw = self._loaded.hnsw or self._new_graph(vectors.shape[1], meta)
+                needed = hnsw.get_current_count() + len(batch)
+                if needed > hnsw.get_max_elements():
+                    hnsw.resize_index(needed)
+                hnsw.add_items(vectors, ids, num_threads=os.cpu_count() or 1)
+
+                def rows(db: sqlite3.Connection) -> None:
+                    db.executemany(
+                        "INSERT INTO images (id, sop_instance_uid, frame_number, series_uid, study_uid,"
+                        " sop_class_uid, accession_number, study_date, label, label_source, confirmed,"
+                        " patient_key, image_file, added_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        [
+                            (int(i), e.sop_instance_uid, e.frame_number, e.series_uid, e.study_uid,
+                             e.sop_class_uid, e.accession_number, e.study_date, e.label.strip(), e.label_source,
+                             int(e.confirmed), e.patient_key, f, now, now)
+                            for i, e, f in zip(ids, batch, stored, strict=True)
+                        ],
+                    )
+
+                self._save(meta, hnsw, int(meta["live"]) + len(batch), int(ids[-1]), rows)
+        for study_uid in sorted({e.study_uid for e in batch}):
+            log.info("added reference images to the similar-case index", extra={"study_uid": study_uid})
+        return AddResult(added=len(batch), skipped=skipped)
+
+    def _count_rows(self) -> int:
+        return int(self._select("SELECT COUNT(*) FROM images")[0][0])
+
+    def _new_graph(self, dim: int, meta: dict[str, str]) -> hnswlib.Index:
+        index = hnswlib.Index(space="l2", dim=dim)
+        index.init_index(max_elements=1, M=int(meta["m"]), ef_construction=int(meta["ef_construction"]), random_seed=100)
+        index.set_ef(self.ef)
+        return index
+
+    def _store_reference(self, entry: IndexEntry) -> str:
+        """Copy the image into the index with patient identifiers blanked; return its
+        path relative to the index folder ("" for an entry without an image)."""
+        if entry.image_path is None:
+            return ""
+        relative = Path("images") / entry.study_uid / f"{entry.sop_instance_uid}.dcm"
+        try:
+            ds = pydicom.dcmread(entry.image_path)
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise ValueError(f"cannot read reference image {entry.image_path}: {exc}") from exc
+        if ds.get("SOPInstanceUID") != entry.sop_instance_uid:
+            raise ValueError(
+                f"{entry.image_path} holds SOP Instance UID {ds.get('SOPInstanceUID')}, "
+                f"not {entry.sop_instance_uid} as its index entry says"
+            )
+        for keyword in _BLANKED:
+            if keyword in ds:
+                setattr(ds, keyword, "")
+        for keyword in _REMOVED:
+            if keyword in ds:
+                delattr(ds, keyword)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        write_atomic(self.directory / relative, buffer.getvalue(), durable=self.durable)
+        return str(relative)
+
+    def mark_deleted(self, study_uid: str, reason: str = "retracted") -> int:
+        """Retract a study: its images never come back from a query; return how many."""
+        with self._writing() as meta:
+            rows = self._select("SELECT id, image_file FROM images WHERE study_uid=? AND deleted=0", (study_uid,))
+            if not rows:
+                return 0
+            ids = [int(r["id"]) for r in rows]
+            now = time.time()
+
+            def update(db: sqlite3.Connection) -> None:
+                db.executemany(
+                    "UPDATE images SET deleted=1, deleted_reason=?, updated_at=? WHERE id=?",
+                    [(reason, now, i) for i in ids],
+                )
+
+            with self._mutating():
+                hnsw = self._loaded.hnsw
+                assert hnsw is not None, "live images always have a saved graph"
+                for label in ids:
+                    hnsw.mark_deleted(label)
+                self._save(meta, hnsw, int(meta["live"]) - len(ids), int(meta["max_id"]), update)
+        for row in rows:
+            if row["image_file"]:
+                (self.directory / row["image_file"]).unlink(missing_ok=True)
+        log.info("marked %d reference images deleted (%s)", len(rows), reason, extra={"study_uid": study_uid})
+        return len(rows)
+
+    def attach_diagnosis(self, study_uid: str, label: str, source: str) -> int:
+        """Attach a confirmed diagnosis to every image of a study; return how many."""
+        if source == "ai":
+            raise ValueError("a diagnosis is attached from 'biopsy' or 'radiologist', not 'ai'")
+        _check_label_source(source, True)
+        if not label.strip():
+            raise ValueError("the diagnosis label is empty")
+        with self._writing(), self._tx() as db:
+            changed = db.execute(
+                "UPDATE images SET label=?, label_source=?, confirmed=1, updated_at=? WHERE study_uid=? AND deleted=0",
+                (label.strip(), source, time.time(), study_uid),
+            ).rowcount
+            if not changed:
+                raise KeyError(f"study {study_uid} is not in the similar-case index")
+            self._bump(db)
+        log.info("attached a %s diagnosis", source, extra={"study_uid": study_uid})
+        return int(changed)
+
+    def rebuild(self, embed: Callable[[StoredImage], np.ndarray],
+                progress: Callable[[int], None] | None = None) -> RebuildResult:
+        """Re-embed every stored reference image with this index object's model and
+        bind the index to it. ``embed`` raises ValueError for an image it cannot
+        embed (and images added without one cannot be); such images are marked
+        deleted with the reason. Readers keep the old graph until the new one is saved."""
+        if self.model is None:
+            raise ValueError("cannot rebuild: the index was opened without a model identity")
+        with self._writing() as meta:
+            images = self._stored(live_only=True)
+            ids: list[int] = []
+            vectors: list[np.ndarray] = []
+            failed: dict[str, str] = {}
+            for row_id, image in images:
+                try:
+                    if image.path is None:
+                        raise ValueError("added without a stored image")
+                    vectors.append(unit_vectors(embed(image))[0])
+                    ids.append(row_id)
+                except ValueError as exc:
+                    failed[image.sop_instance_uid] = str(exc)
+                if progress is not None:
+                    progress(1)
+            if not ids:
+                raise ValueError(f"none of the {len(images)} reference images could be re-embedded; "
+                                 "the index is left as it was")
+            now = time.time()
+
+            def update(db: sqlite3.Connection) -> None:
+                db.executemany(
+                    "UPDATE images SET deleted=1, deleted_reason=?, updated_at=? WHERE id=?",
+                    [(f"rebuild: {failed[img.sop_instance_uid]}", now, i)
+                     for i, img in images if img.sop_instance_uid in failed],
+                )
+
+            # A new graph object: queries keep using the old one until the swap.
+            matrix = unit_vectors(np.stack(vectors))
+            hnsw = self._new_graph(matrix.shape[1], meta)
+            hnsw.resize_index(len(ids))
+            hnsw.add_items(matrix, np.asarray(ids, dtype=np.uint64), num_threads=os.cpu_count() or 1)
+            self._save(meta, hnsw, len(ids), max(ids), update, extra_meta=_model_meta(self.model))
+        for _, image in images:
+            if image.sop_instance_uid in failed and image.path is not None:
+                image.path.unlink(missing_ok=True)
+        log.info("rebuilt the similar-case index with model %s %s: %d images, %d failed",
+                 self.model.name, self.model.version, len(ids), len(failed))
+        return RebuildResult(embedded=len(ids), failed=failed)
+
+    # --- reading -------------------------------------------------------------
+    def _stored(self, live_only: bool, where: str = "", args: Sequence[Any] = ()) -> list[tuple[int, StoredImage]]:
+        sql = "SELECT * FROM images WHERE 1=1" + (" AND deleted=0" if live_only else "") + where + " ORDER BY id"
+        return [
+            (int(r["id"]), StoredImage(
+                sop_instance_uid=r["sop_instance_uid"], frame_number=r["frame_number"], series_uid=r["series_uid"],
+                study_uid=r["study_uid"], sop_class_uid=r["sop_class_uid"], label=r["label"],
+                label_source=r["label_source"], confirmed=bool(r["confirmed"]),
+                path=self.directory / r["image_file"] if r["image_file"] else None,
+            ))
+            for r in self._select(sql, args)
+        ]
+
+    def stored_images(self) -> list[StoredImage]:
+        """Every live reference image (what ``rebuild`` re-embeds)."""
+        return [image for _, image in self._stored(live_only=True)]
+
+    def reference_image(self, sop_instance_uid: str) -> StoredImage | None:
+        """The stored copy of a live reference image (for the similar-cases montage)."""
+        found = self._stored(live_only=True, where=" AND sop_instance_uid=?", args=(sop_instance_uid,))
+        return found[0][1] if found else None
+
+    def info(self) -> IndexInfo:
+        meta = self._read_meta()
+        counts = self._select("SELECT SUM(deleted=0), SUM(deleted=1), COUNT(DISTINCT CASE WHEN deleted=0 THEN study_uid END),"
+                              " COUNT(DISTINCT CASE WHEN deleted=0 AND confirmed=1 THEN study_uid END) FROM images")[0]
+        by_label: dict[str, dict[str, int]] = {}
+        for r in self._select("SELECT label, label_source, COUNT(DISTINCT study_uid) FROM images WHERE deleted=0"
+                              " GROUP BY label, label_source ORDER BY label, label_source"):
+            by_label.setdefault(r[0], {})[r[1]] = int(r[2])
+        vectors = self.directory / meta["vectors_file"] if meta["vectors_file"] else None
+        return IndexInfo(
+            directory=self.directory, version=f"{meta['index_id']}.{meta['counter']}", model=self.bound_model,
+            dim=int(meta["dim"]) if meta["dim"] else None, images=int(counts[0] or 0), deleted=int(counts[1] or 0),
+            studies=int(counts[2]), confirmed_studies=int(counts[3]), by_label=by_label,
+            vectors_bytes=vectors.stat().st_size if vectors is not None else 0,
+            ef=self.ef, m=int(meta["m"]), ef_construction=int(meta["ef_construction"]),
+        )
+
+    def query(
+        self,
+        embeddings: np.ndarray,
+        k_studies: int,
+        exclude_study_uid: str,
+        exclude_patient_key: str | None = None,
+        confirmed_only: bool = False,
+        query_sop_instance_uids: Sequence[str] | None = None,
+    ) -> list[SimilarStudy]:
+        """The ``k_studies`` studies nearest to any of the query images.
+
+        Per image k nearest neighbours, grouped to studies; a study's distance is its
+        best image's. Never returns ``exclude_study_uid`` (the query's own study), a
+        study of ``exclude_patient_key``, or a deleted image; with ``confirmed_only``
+        only studies with a biopsy or radiologist diagnosis. ``query_sop_instance_uids``
+        names the query images, to say which one matched.
+        """
+        meta = self._refresh()
+        self._check_model(meta, "query")
+        dim = int(meta["dim"]) if meta["dim"] else None
+        queries = unit_vectors(embeddings, dim)
+        if query_sop_instance_uids is not None and len(query_sop_instance_uids) != len(queries):
+            raise ValueError(f"{len(queries)} embeddings but {len(query_sop_instance_uids)} query SOP Instance UIDs")
+        if k_studies < 1:
+            return []
+        with self._rw.shared():
+            loaded = self._loaded
+            if loaded.hnsw is None:
+                return []
+            excluded = self._excluded_ids(loaded.max_id, exclude_study_uid, exclude_patient_key or "", confirmed_only)
+            allowed = loaded.live - len(excluded)
+            k = min(allowed, max(MIN_NEIGHBOURS, 4 * k_studies))
+            best: dict[str, tuple[float, int, int]] = {}  # study -> (squared distance, image id, query row)
+            rows: dict[int, sqlite3.Row] = {}
+            while k > 0:
+                ids, squared = self._neighbours(loaded, queries, k, excluded)
+                rows.update(self._rows(set(ids.ravel().tolist()) - rows.keys()))
+                best = {}
+                for q, (id_row, d_row) in enumerate(zip(ids, squared, strict=True)):
+                    for image_id, d2 in zip(id_row.tolist(), d_row.tolist(), strict=True):
+                        row = rows.get(image_id)
+                        if row is None or not _eligible(row, exclude_study_uid, exclude_patient_key, confirmed_only):
+                            continue  # changed since this version was saved
+                        study = row["study_uid"]
+                        if study not in best or d2 < best[study][0]:
+                            best[study] = (d2, image_id, q)
+                if len(best) >= k_studies or k >= allowed:
+                    break
+                k = min(allowed, k * 4)
+        ranked = sorted(best.items(), key=lambda item: (item[1][0], item[0]))[:k_studies]
+        result = []
+        for study, (d2, image_id, q) in ranked:
+            row = rows[image_id]
+            distance, similarity = distance_and_similarity(d2)
+            result.append(SimilarStudy(
+                study_uid=study, series_uid=row["series_uid"], sop_instance_uid=row["sop_instance_uid"],
+                sop_class_uid=row["sop_class_uid"], accession_number=row["accession_number"],
+                study_date=row["study_date"], label=row["label"], label_source=row["label_source"],
+                distance=distance, similarity=similarity,
+                query_sop_instance_uid=query_sop_instance_uids[q] if query_sop_instance_uids is not None else "",
+            ))
+        return result
+
+    def _excluded_ids(self, max_id: int, study_uid: str, patient_key: str, confirmed_only: bool) -> np.ndarray:
+        """Live images of this graph a query must not return (filtered inside the search)."""
+        rows = self._select(
+            "SELECT id FROM images WHERE deleted=0 AND id<=? AND (study_uid=? OR (?!='' AND patient_key=?)"
+            " OR (? AND confirmed=0))",
+            (max_id, study_uid, patient_key, patient_key, int(confirmed_only)),
+        )
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def _neighbours(self, loaded: _Loaded, queries: np.ndarray, k: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest allowed images per query: the graph, or exact search where the
+        graph cannot promise k (k covers every allowed image, or a filtered search
+        came back short)."""
+        hnsw = loaded.hnsw
+        assert hnsw is not None
+        allowed_mask: np.ndarray | None = None
+        if excluded.size:
+            allowed_mask = np.ones(loaded.max_id + 1, dtype=bool)
+            allowed_mask[excluded] = False
+        if k < loaded.live - excluded.size:
+            try:
+                labels, squared = hnsw.knn_query(
+                    queries, k=k, num_threads=1,
+                    filter=None if allowed_mask is None else allowed_mask.__getitem__,
+                )
+                return labels.astype(np.int64), squared
+            except RuntimeError:
+                pass  # fewer than k reachable through the filter: search exactly
+        candidates = self._live_ids(loaded.max_id, allowed_mask)
+        vectors = hnsw.get_items(candidates)
+        squared = np.maximum(0.0, 2.0 - 2.0 * queries @ vectors.T)
+        order = np.argsort(squared, axis=1, kind="stable")[:, :k]
+        return candidates[order], np.take_along_axis(squared, order, axis=1)
+
+    def _live_ids(self, max_id: int, allowed_mask: np.ndarray | None) -> np.ndarray:
+        rows = self._select("SELECT id FROM images WHERE deleted=0 AND id<=?", (max_id,))
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        return ids if allowed_mask is None else ids[allowed_mask[ids]]
+
+    def _rows(self, ids: set[int]) -> dict[int, sqlite3.Row]:
+        if not ids:
+            return {}
+        found = self._select(
+            "SELECT * FROM images WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(ids)),)
+        )
+        return {int(r["id"]): r for r in found}
+
+
+def _eligible(row: sqlite3.Row, study_uid: str, patient_key: str | None, confirmed_only: bool) -> bool:
+    return not (
+        row["deleted"]
+        or row["study_uid"] == study_uid
+        or (patient_key and row["patient_key"] == patient_key)
+        or (confirmed_only and not row["confirmed"])
+    )
+
+
+def _model_meta(model: ModelIdentity) -> dict[str, str]:
+    return {"model_name": model.name, "model_version": model.version, "model_sha256": model.sha256}
