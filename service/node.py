@@ -1,0 +1,119 @@
+"""``sonocase serve``: one process running the node's background services.
+
+Each stage contributes a service (an object with ``name``, ``start()`` and
+``stop()``) to :func:`node_services`; :class:`Node` starts them in order and stops
+them in reverse on SIGTERM/SIGINT. Services hand work on through the ledger, so
+stopping (or killing) the node at any moment loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Protocol
+
+import click
+
+from service.cli import settings_from
+from service.ledger import Ledger
+from service.receiver import CompletionLoop, ReceiverService
+from service.settings import Settings
+
+LOG = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    """A background part of the node; ``start`` returns once it runs."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
+    """The node's services in start order (each stage adds its line here)."""
+    return [
+        CompletionLoop(ledger, settings.quiet_period_s),
+        ReceiverService(settings, ledger),
+    ]
+
+
+class Node:
+    """Starts services in order, stops them in reverse; a failed start stops the
+    ones already running before the error goes on."""
+
+    def __init__(self, services: Sequence[Service]) -> None:
+        self.services = list(services)
+        self._running: list[Service] = []
+        self._stop_requested = threading.Event()
+
+    def start(self) -> None:
+        for service in self.services:
+            try:
+                service.start()
+            except BaseException:
+                LOG.error("service %s failed to start; stopping the node", service.name)
+                self.stop()
+                raise
+            self._running.append(service)
+            LOG.debug("service %s started", service.name)
+
+    def stop(self) -> None:
+        while self._running:
+            service = self._running.pop()
+            try:
+                service.stop()
+            except Exception:  # the other services must still stop
+                LOG.exception("service %s did not stop cleanly", service.name)
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a stop is requested; False if ``timeout`` ran out first."""
+        return self._stop_requested.wait(timeout)
+
+    def stop_on_signals(self) -> None:
+        """SIGTERM (container stop) and SIGINT (Ctrl-C) end :meth:`wait`."""
+        def handler(signum: int, frame: FrameType | None) -> None:
+            LOG.info("%s received, stopping", signal.Signals(signum).name)
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+@click.command()
+@click.option("--port", type=click.IntRange(1, 65535), help="DICOM port (setting 'port', default 11112).")
+@click.option("--ae-title", help="Our AE title (setting 'ae_title', default SONOCASE).")
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path),
+    help="Where spool, ledger and results live (setting 'data_dir', default ./sonocase-data).",
+)
+@click.pass_context
+def serve(ctx: click.Context, port: int | None, ae_title: str | None, data_dir: Path | None) -> None:
+    """Run the node until SIGTERM or Ctrl-C.
+
+    Receives studies by C-STORE, completes each after its quiet period and keeps
+    everything in the ledger, so a restart resumes where the node stopped.
+    """
+    settings = settings_from(ctx, port=port, ae_title=ae_title, data_dir=data_dir)
+    if not settings.allowed_callers:
+        LOG.warning("allowed_callers is empty: any calling AE title may store to %s", settings.ae_title)
+    ledger = Ledger(settings.ledger_path, durable=settings.durability == "fsync")
+    node = Node(node_services(settings, ledger))
+    node.stop_on_signals()
+    try:
+        node.start()
+        tls = " (DICOM TLS)" if settings.tls_cert else ""
+        click.echo(f"listening as {settings.ae_title} on {settings.host}:{settings.port}{tls}")
+        node.wait()
+    finally:
+        node.stop()
+        ledger.close()

@@ -1,0 +1,560 @@
+"""The DICOM receiver: the C-STORE listener the PACS pushes ultrasound studies to.
+
+The work is done by pure functions (parse an encoded data set without decoding its
+pixels, judge it, judge a caller, encode the file meta group); :class:`StoreSCP`
+applies them and makes an instance durable; the pynetdicom handlers around it are
+thin. Success is answered only after the received bytes are on disk exactly as they
+came (file meta + the peer's encoded data set, never re-encoded) and recorded in the
+ledger. Bad input gets a failure status that says why, and a log line; nothing a
+peer sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import ssl
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    UID,
+)
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    EnhancedUSVolumeStorage,
+    SecondaryCaptureImageStorage,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from service import spool
+from service.ledger import InstanceRecord, Ledger
+from service.settings import Settings
+
+LOG = logging.getLogger(__name__)
+
+#: Identifies the software that wrote our files (PS3.7 D.3.3.2); a UUID-derived
+#: UID (PS3.5 B.2) because the project has no registered root.
+IMPLEMENTATION_CLASS_UID = "2.25.242059410395934624218930311384893412713"
+IMPLEMENTATION_VERSION_NAME = "SONOCASE_010"
+
+#: Both retired ultrasound SOP classes: older scanners still send them.
+UltrasoundImageStorageRetired = UID("1.2.840.10008.5.1.4.1.1.6")
+UltrasoundMultiFrameImageStorageRetired = UID("1.2.840.10008.5.1.4.1.1.3")
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+    UltrasoundImageStorageRetired,
+    UltrasoundMultiFrameImageStorageRetired,
+    SecondaryCaptureImageStorage,
+    EnhancedUSVolumeStorage,
+)
+
+#: What real scanners send; every one decodes later (pylibjpeg, pyjpegls).
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses (PS3.4 Table B.2-1; 0x0110 is PS3.7 Annex C).
+
+    PS3.4 leaves the codes inside the C000-CFFF "Cannot understand" range to the
+    implementation; we use three so a peer's log tells the causes apart.
+    """
+
+    SUCCESS = 0x0000
+    #: Refused: Out of Resources (A7xx): disk low or too many studies waiting.
+    OUT_OF_RESOURCES = 0xA700
+    #: Error: Data Set does not match SOP Class (A9xx).
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    #: Error: Cannot understand: empty, truncated or unparsable data set.
+    CANNOT_UNDERSTAND = 0xC000
+    #: Error: Cannot understand: a required UID is missing or malformed.
+    INVALID_UID = 0xC001
+    #: Error: Cannot understand: not ultrasound and the policy is "refuse".
+    MODALITY_REFUSED = 0xC002
+    #: Failure: Processing failure (an error of ours, not of the data set).
+    PROCESSING_FAILURE = 0x0110
+
+
+class RejectResult(IntEnum):
+    """A-ASSOCIATE-RJ Result (PS3.8 Table 9-21)."""
+
+    PERMANENT = 0x01
+    TRANSIENT = 0x02
+
+
+class RejectSource(IntEnum):
+    """A-ASSOCIATE-RJ Source (PS3.8 Table 9-21)."""
+
+    SERVICE_USER = 0x01
+
+
+class RejectReason(IntEnum):
+    """A-ASSOCIATE-RJ Reason/Diag. for source "service user" (PS3.8 Table 9-21)."""
+
+    NO_REASON_GIVEN = 0x01
+    CALLING_AE_TITLE_NOT_RECOGNIZED = 0x03
+    CALLED_AE_TITLE_NOT_RECOGNIZED = 0x07
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why an association is refused, and how to say it on the wire."""
+
+    result: RejectResult
+    source: RejectSource
+    reason: RejectReason
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedInstance:
+    """The few attributes the receiver needs, read from the encoded bytes."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+
+
+class InvalidInstance(ValueError):
+    """A data set we refuse; ``status`` is the C-STORE status that says why."""
+
+    def __init__(self, status: StoreStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOutcome:
+    """What a C-STORE came to: the status for the peer and the reason for the log."""
+
+    status: StoreStatus
+    comment: str = ""
+    study_uid: str | None = None
+    stored: bool = False
+
+
+# --- pure functions ---------------------------------------------------------
+
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+_TAGS = {
+    0x00080016: "sop_class_uid",
+    0x00080018: "sop_instance_uid",
+    0x0020000D: "study_uid",
+    0x0020000E: "series_uid",
+    0x00080060: "modality",
+}
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Values longer than this are skipped, not read: only short strings are wanted.
+_DEFER_BYTES = 256
+
+
+def is_valid_uid(value: str) -> bool:
+    """A UID is digits and dots, at most 64 characters (PS3.5 9.1); it also names
+    a spool file, so anything else is refused."""
+    return len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+
+
+def parse_instance(raw: bytes, transfer_syntax: str) -> ParsedInstance:
+    """Read the needed attributes from an encoded data set without decoding pixels.
+
+    Walks every top-level element header (values skipped, undefined-length pixel
+    data checked for its delimiter), so a truncated or garbled data set is caught
+    here rather than by the worker. Raises :class:`InvalidInstance`.
+    """
+    if not raw:
+        raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, "empty data set")
+    syntax = UID(transfer_syntax)
+    data = raw
+    if syntax == DeflatedExplicitVRLittleEndian:
+        try:
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw)
+        except zlib.error as exc:
+            raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, f"deflated data set does not inflate: {exc}") from None
+    fp = BytesIO(data)
+    values: dict[str, str] = {}
+    end = 0
+    try:
+        for elem in data_element_generator(fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=_DEFER_BYTES):
+            defined = elem.length != _UNDEFINED_LENGTH and isinstance(elem, RawDataElement)
+            end = elem.value_tell + elem.length if defined else fp.tell()
+            name = _TAGS.get(elem.tag)
+            if name is not None and isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+                values[name] = elem.value.decode("ascii").strip("\0 ")
+    except (EOFError, struct.error, ValueError, NotImplementedError, KeyError) as exc:
+        raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, f"unparsable data set: {exc}") from None
+    if end != len(data):
+        raise InvalidInstance(
+            StoreStatus.CANNOT_UNDERSTAND,
+            f"truncated data set: elements end at byte {end}, {len(data)} received",
+        )
+    for name in ("sop_class_uid", "sop_instance_uid", "study_uid"):
+        if not values.get(name):
+            raise InvalidInstance(StoreStatus.INVALID_UID, f"{_label(name)} is missing")
+    for name in ("sop_class_uid", "sop_instance_uid", "study_uid", "series_uid"):
+        if values.get(name) and not is_valid_uid(values[name]):
+            raise InvalidInstance(StoreStatus.INVALID_UID, f"{_label(name)} {values[name][:64]!r} is not a valid UID")
+    return ParsedInstance(
+        sop_class_uid=values["sop_class_uid"],
+        sop_instance_uid=values["sop_instance_uid"],
+        study_uid=values["study_uid"],
+        series_uid=values.get("series_uid", ""),
+        modality=values.get("modality", ""),
+    )
+
+
+def _label(name: str) -> str:
+    return {
+        "sop_class_uid": "SOP Class UID",
+        "sop_instance_uid": "SOP Instance UID",
+        "study_uid": "Study Instance UID",
+        "series_uid": "Series Instance UID",
+    }[name]
+
+
+def check_request(inst: ParsedInstance, affected_sop_class: str, affected_sop_instance: str) -> None:
+    """The data set must be the one the C-STORE request announces (PS3.4 B.2.3)."""
+    if inst.sop_class_uid != affected_sop_class:
+        raise InvalidInstance(
+            StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            f"data set SOP Class {inst.sop_class_uid} differs from the request's {affected_sop_class}",
+        )
+    if inst.sop_instance_uid != affected_sop_instance:
+        raise InvalidInstance(
+            StoreStatus.INVALID_UID,
+            f"data set SOP Instance UID differs from the request's {affected_sop_instance}",
+        )
+
+
+def modality_policy(inst: ParsedInstance, policy: str) -> str | None:
+    """Return why a non-ultrasound instance is stored but ignored (``None`` for
+    ultrasound); raise :class:`InvalidInstance` when the policy refuses it."""
+    if inst.modality == "US":
+        return None
+    reason = f"modality {inst.modality or '(missing)'} is not US"
+    if policy == "refuse":
+        raise InvalidInstance(StoreStatus.MODALITY_REFUSED, f"{reason}; this node accepts ultrasound only")
+    return reason
+
+
+def capacity_problem(free_mb: float, incoming_bytes: int, pending_studies: int, settings: Settings) -> str | None:
+    """Back-pressure: say why we cannot take an instance now, or ``None``."""
+    after_mb = free_mb - incoming_bytes / 2**20
+    if after_mb < settings.min_free_disk_mb:
+        return f"free disk {after_mb:.0f} MB would fall below the {settings.min_free_disk_mb} MB watermark"
+    if pending_studies >= settings.max_pending_studies:
+        return f"{pending_studies} studies wait for analysis (limit {settings.max_pending_studies})"
+    return None
+
+
+def check_association(calling_ae: str, called_ae: str, host: str, settings: Settings) -> Rejection | None:
+    """Who may send to us: our own AE title must be called; an allow-list of
+    calling AE titles and of host addresses applies when it is not empty."""
+    if called_ae.strip() != settings.ae_title:
+        return Rejection(
+            RejectResult.PERMANENT, RejectSource.SERVICE_USER, RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED,
+            f"called AE title {called_ae.strip()!r} is not ours ({settings.ae_title!r})",
+        )
+    if settings.allowed_callers and calling_ae.strip() not in settings.allowed_callers:
+        return Rejection(
+            RejectResult.PERMANENT, RejectSource.SERVICE_USER, RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED,
+            f"calling AE title {calling_ae.strip()!r} is not in allowed_callers",
+        )
+    if settings.allowed_hosts and host not in settings.allowed_hosts:
+        return Rejection(
+            RejectResult.PERMANENT, RejectSource.SERVICE_USER, RejectReason.NO_REASON_GIVEN,
+            f"host {host} is not in allowed_hosts",
+        )
+    return None
+
+
+def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of the file meta group."""
+    tag = struct.pack("<HH", group_elem >> 16, group_elem & 0xFFFF)
+    if vr in (b"OB", b"UN"):
+        return tag + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _pad(text: str, pad: bytes) -> bytes:
+    data = text.encode("ascii")
+    return data + pad if len(data) % 2 else data
+
+
+def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, ``DICM`` and the file meta group (PS3.10 7.1) for a received data set.
+
+    Encoded directly: building it through a pydicom Dataset costs more than the
+    rest of the C-STORE handler together.
+    """
+    body = b"".join((
+        _element(0x00020001, b"OB", b"\0\1"),
+        _element(0x00020002, b"UI", _pad(sop_class_uid, b"\0")),
+        _element(0x00020003, b"UI", _pad(sop_instance_uid, b"\0")),
+        _element(0x00020010, b"UI", _pad(transfer_syntax, b"\0")),
+        _element(0x00020012, b"UI", _pad(IMPLEMENTATION_CLASS_UID, b"\0")),
+        _element(0x00020013, b"SH", _pad(IMPLEMENTATION_VERSION_NAME, b" ")),
+        _element(0x00020016, b"AE", _pad(source_ae, b" ")),
+    ))
+    return b"\0" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<I", len(body))) + body
+
+
+# --- the store itself ---------------------------------------------------------
+
+class StoreSCP:
+    """Judge one received instance and make it durable; no network in here."""
+
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.durable = settings.durability == "fsync"
+        self._study_dirs: set[str] = set()
+        self._dir_lock = threading.Lock()
+        settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        if self.durable:
+            spool.fsync_dir(settings.spool_dir.parent)
+
+    def store(
+        self, raw: bytes, transfer_syntax: str, affected_sop_class: str, affected_sop_instance: str,
+        calling_ae: str,
+    ) -> StoreOutcome:
+        """Parse, judge, write and record one instance; never raises."""
+        study_uid = None
+        try:
+            inst = parse_instance(raw, transfer_syntax)
+            study_uid = inst.study_uid
+            check_request(inst, affected_sop_class, affected_sop_instance)
+            ignored = modality_policy(inst, self.settings.non_ultrasound)
+            if self.ledger.has_instance(inst.sop_instance_uid):
+                LOG.info("duplicate SOP Instance UID %s: already stored, not rewritten", inst.sop_instance_uid,
+                         extra={"study_uid": study_uid, "calling_ae": calling_ae})
+                return StoreOutcome(StoreStatus.SUCCESS, "duplicate", study_uid)
+            problem = capacity_problem(
+                spool.free_disk_mb(self.settings.spool_dir), len(raw), self.ledger.pending_analysis_count(),
+                self.settings,
+            )
+            if problem:
+                return self._refuse(StoreStatus.OUT_OF_RESOURCES, problem, study_uid, calling_ae)
+            self._write(inst, raw, transfer_syntax, calling_ae, ignored)
+        except InvalidInstance as exc:
+            return self._refuse(exc.status, str(exc), study_uid, calling_ae)
+        except OSError as exc:
+            status = StoreStatus.OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreStatus.PROCESSING_FAILURE
+            LOG.exception("cannot store instance from %s", calling_ae, extra={"study_uid": study_uid})
+            return StoreOutcome(status, f"storage error: {exc.strerror or exc}", study_uid)
+        except Exception as exc:  # the SCP must answer and keep serving, whatever broke
+            LOG.exception("C-STORE handler failed", extra={"study_uid": study_uid, "calling_ae": calling_ae})
+            return StoreOutcome(StoreStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", study_uid)
+        LOG.debug("stored %s", inst.sop_instance_uid, extra={"study_uid": study_uid, "calling_ae": calling_ae})
+        return StoreOutcome(StoreStatus.SUCCESS, ignored or "", study_uid, stored=True)
+
+    def _refuse(self, status: StoreStatus, reason: str, study_uid: str | None, calling_ae: str) -> StoreOutcome:
+        LOG.warning("refused C-STORE from %s with 0x%04X: %s", calling_ae, status, reason,
+                    extra={"study_uid": study_uid, "calling_ae": calling_ae, "status": f"0x{status:04X}"})
+        return StoreOutcome(status, reason, study_uid)
+
+    def _write(self, inst: ParsedInstance, raw: bytes, transfer_syntax: str, calling_ae: str, ignored: str | None) -> None:
+        path = spool.instance_path(self.settings.spool_dir, inst.study_uid, inst.sop_instance_uid)
+        self._ensure_dir(path.parent)
+        meta = encode_file_meta(inst.sop_class_uid, inst.sop_instance_uid, transfer_syntax, calling_ae)
+        size = spool.write_atomic(path, [meta, raw], durable=self.durable)
+        self.ledger.record_instance(InstanceRecord(
+            sop_instance_uid=inst.sop_instance_uid, study_uid=inst.study_uid, series_uid=inst.series_uid,
+            sop_class_uid=inst.sop_class_uid, transfer_syntax=transfer_syntax, path=str(path), size=size,
+            calling_ae=calling_ae, modality=inst.modality, ignored_reason=ignored,
+        ))
+
+    def _ensure_dir(self, study_dir: Path) -> None:
+        """Create a study's folder once; its entry in the spool folder is made durable
+        too, or a power loss could drop a folder full of acknowledged files."""
+        key = study_dir.name
+        if key in self._study_dirs:
+            return
+        with self._dir_lock:
+            if key not in self._study_dirs:
+                study_dir.mkdir(exist_ok=True)
+                if self.durable:
+                    spool.fsync_dir(study_dir.parent)
+                self._study_dirs.add(key)
+
+
+# --- the pynetdicom shell ---------------------------------------------------------
+
+def _status_dataset(outcome: StoreOutcome) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = int(outcome.status)
+    if outcome.status != StoreStatus.SUCCESS and outcome.comment:
+        rsp.ErrorComment = outcome.comment[:64]  # LO, 64 characters at most
+    return rsp
+
+
+def _on_store(event: Event, scp: StoreSCP) -> Dataset:
+    request = event.request
+    raw = request.DataSet.getvalue() if request.DataSet is not None else b""
+    outcome = scp.store(
+        raw, event.context.transfer_syntax, str(request.AffectedSOPClassUID),
+        str(request.AffectedSOPInstanceUID), event.assoc.requestor.ae_title,
+    )
+    return _status_dataset(outcome)
+
+
+def _on_echo(event: Event) -> int:
+    return int(StoreStatus.SUCCESS)
+
+
+def _on_requested(event: Event, settings: Settings) -> None:
+    request = event.assoc.requestor.primitive
+    calling_ae, host = request.calling_ae_title, event.assoc.requestor.address
+    rejection = check_association(calling_ae, request.called_ae_title, host, settings)
+    if rejection is None:
+        LOG.info("association from %s at %s accepted", calling_ae, host, extra={"calling_ae": calling_ae})
+        return
+    LOG.warning("association from %s at %s rejected: %s", calling_ae, host, rejection.why,
+                extra={"calling_ae": calling_ae})
+    # As pynetdicom's own rejections do: kill() waits until the A-ASSOCIATE-RJ is
+    # sent and the peer has closed, before the server closes the socket.
+    event.assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
+    event.assoc.kill()
+
+
+def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """DICOM TLS (PS3.15 B.1) when a certificate is configured; with ``tls_ca``
+    every client must present a certificate signed by it."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=settings.tls_ca)
+    return context
+
+
+def build_ae(settings: Settings) -> AE:
+    """Our Application Entity: the storage contexts, Verification, limits."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.maximum_associations = settings.max_associations
+    ae.require_called_aet = True
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+    return ae
+
+
+def start_receiver(settings: Settings, ledger: Ledger) -> ThreadedAssociationServer:
+    """Start listening (non-blocking); stop with ``server.shutdown()``."""
+    scp = StoreSCP(settings, ledger)
+    handlers: list[Any] = [
+        (evt.EVT_C_ECHO, _on_echo),
+        (evt.EVT_C_STORE, _on_store, [scp]),
+        (evt.EVT_REQUESTED, _on_requested, [settings]),
+    ]
+    ae = build_ae(settings)
+    return ae.start_server(
+        (settings.host, settings.port), block=False, evt_handlers=handlers, ssl_context=build_ssl_context(settings),
+    )
+
+
+# --- study completion -------------------------------------------------------------
+
+def complete_quiet_studies(ledger: Ledger, quiet_period_s: float) -> list[str]:
+    """Mark studies without a new instance for ``quiet_period_s`` complete; log each."""
+    done = ledger.complete_quiet_studies(quiet_period_s)
+    for study_uid in done:
+        LOG.info("study complete after %.1f s quiet", quiet_period_s, extra={"study_uid": study_uid})
+    return done
+
+
+class CompletionLoop:
+    """A thread that completes quiet studies every ``interval_s``; the ledger, not
+    this thread, remembers everything, so a restart loses nothing."""
+
+    name = "completion"
+
+    def __init__(self, ledger: Ledger, quiet_period_s: float, interval_s: float = 0.5) -> None:
+        self.ledger = ledger
+        self.quiet_period_s = quiet_period_s
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sonocase-completion", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                complete_quiet_studies(self.ledger, self.quiet_period_s)
+            except Exception:  # a busy or broken ledger must not end completion for good
+                LOG.exception("completing quiet studies failed; trying again")
+            self._stop.wait(self.interval_s)
+
+
+class ReceiverService:
+    """The receiver as one of the node's background services."""
+
+    name = "receiver"
+
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.server: ThreadedAssociationServer | None = None
+
+    def start(self) -> None:
+        self.server = start_receiver(self.settings, self.ledger)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
