@@ -816,8 +816,12 @@ class SimilarCaseIndex:
             except RuntimeError:
                 pass  # fewer than k reachable through the filter: search exactly
         candidates = self._live_ids(loaded.max_id, allowed_mask)
-        vectors = hnsw.get_items(candidates)
-        squared = np.maximum(0.0, 2.0 - 2.0 * queries @ vectors.T)
+        # float64 and the actual norms: float32 unit vectors are 1 only to ~1e-7,
+        # which the root would magnify into a distance of ~4e-4 between equal images
+        vectors = hnsw.get_items(candidates).astype(np.float64)
+        q = queries.astype(np.float64)
+        squared = (q * q).sum(1)[:, None] + (vectors * vectors).sum(1)[None, :] - 2.0 * q @ vectors.T
+        squared = np.maximum(0.0, squared)
         order = np.argsort(squared, axis=1, kind="stable")[:, :k]
         return candidates[order], np.take_along_axis(squared, order, axis=1)
 
