@@ -66,6 +66,9 @@ DEFAULT_EF = 64
 #: Neighbours fetched per query image before grouping, at least; grows until enough
 #: distinct studies are found.
 MIN_NEIGHBOURS = 32
+#: Up to this many excluded images are fetched extra and dropped after the search;
+#: more (e.g. every unconfirmed image) are filtered inside it.
+MAX_OVERFETCH = 256
 #: Attributes blanked (type 2) or removed in the stored reference copy: the index
 #: keeps pixels for the similar-cases montage, never who the patient is.
 _BLANKED = ("PatientName", "PatientID", "PatientBirthDate", "PatientAddress", "PatientTelephoneNumbers")
@@ -766,7 +769,7 @@ class SimilarCaseIndex:
                     for image_id, d2 in zip(id_row.tolist(), d_row.tolist(), strict=True):
                         row = rows.get(image_id)
                         if row is None or not _eligible(row, exclude_study_uid, exclude_patient_key, confirmed_only):
-                            continue  # changed since this version was saved
+                            continue  # excluded, or changed since this version was saved
                         study = row["study_uid"]
                         if study not in best or d2 < best[study][0]:
                             best[study] = (d2, image_id, q)
@@ -788,11 +791,17 @@ class SimilarCaseIndex:
         return result
 
     def _excluded_ids(self, max_id: int, study_uid: str, patient_key: str, confirmed_only: bool) -> np.ndarray:
-        """Live images of this graph a query must not return (filtered inside the search)."""
+        """Live images of this graph a query must not return."""
+        # A UNION of indexed look-ups: an OR of the three would scan the whole table.
+        parts, args = ["SELECT id FROM images WHERE study_uid=?"], [study_uid]
+        if patient_key:
+            parts.append("SELECT id FROM images WHERE patient_key=?")
+            args.append(patient_key)
+        if confirmed_only:
+            parts.append("SELECT id FROM images WHERE confirmed=0")
         rows = self._select(
-            "SELECT id FROM images WHERE deleted=0 AND id<=? AND (study_uid=? OR (?!='' AND patient_key=?)"
-            " OR (? AND confirmed=0))",
-            (max_id, study_uid, patient_key, patient_key, int(confirmed_only)),
+            f"SELECT id FROM images WHERE deleted=0 AND id<=? AND id IN ({' UNION '.join(parts)})",
+            (max_id, *args),
         )
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
@@ -807,10 +816,13 @@ class SimilarCaseIndex:
             allowed_mask = np.ones(loaded.max_id + 1, dtype=bool)
             allowed_mask[excluded] = False
         if k < loaded.live - excluded.size:
+            # A few excluded images (the query's own study): fetch that many more and
+            # let the caller drop them, which is faster than hnswlib's Python filter.
+            overfetch = excluded.size <= MAX_OVERFETCH
             try:
                 labels, squared = hnsw.knn_query(
-                    queries, k=k, num_threads=1,
-                    filter=None if allowed_mask is None else allowed_mask.__getitem__,
+                    queries, k=k + excluded.size if overfetch else k, num_threads=1,
+                    filter=None if overfetch or allowed_mask is None else allowed_mask.__getitem__,
                 )
                 return labels.astype(np.int64), squared
             except RuntimeError:

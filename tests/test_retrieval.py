@@ -17,6 +17,7 @@ from pydicom.data import get_testdata_file
 
 from service.results import ModelIdentity
 from service.retrieval import (
+    MAX_OVERFETCH,
     MIN_NEIGHBOURS,
     IndexEntry,
     SimilarCaseIndex,
@@ -169,6 +170,21 @@ def test_confirmed_only_and_attached_diagnosis(tmp_path: Path) -> None:
             index.attach_diagnosis("1.2.3.3.1", "benign", "ai")
         with pytest.raises(ValueError, match="label source"):
             index.attach_diagnosis("1.2.3.3.1", "benign", "rumour")
+
+
+def test_confirmed_only_filters_inside_the_search_when_many_are_unconfirmed(tmp_path: Path) -> None:
+    """More unconfirmed images than MAX_OVERFETCH: hnswlib's filter does the work."""
+    vectors = clustered(2000, seed=10)
+    confirmed = entries(vectors[:1000], label_source="radiologist", confirmed=True)
+    unconfirmed = entries(vectors[1000:], prefix="1.8")
+    assert len(unconfirmed) > MAX_OVERFETCH
+    queries = clustered(10, seed=11)
+    with open_index(tmp_path, ef=200) as index:
+        index.add(confirmed + unconfirmed)
+        for q in queries:
+            found = index.query(q, 5, exclude_study_uid="x", confirmed_only=True)
+            d = np.linalg.norm(vectors[:1000] - q, axis=1).reshape(-1, 5).min(axis=1)
+            assert [h.study_uid for h in found] == [f"1.2.3.3.{s}" for s in np.argsort(d)[:5]]
 
 
 def test_deleted_study_never_returns_and_loses_its_image(tmp_path: Path) -> None:

@@ -1,0 +1,217 @@
+"""Benchmark the similar-case index against exact numpy search, in the same run.
+
+For each size (10k, 100k, and 1M with ``--sizes``), N clustered 256-d unit vectors
+(a few hundred Gaussian clusters on the unit sphere, like a trained model's
+embeddings; uniform random vectors are a near worst case for any graph index) are
+added to a :class:`~service.retrieval.SimilarCaseIndex`, and 1,000 new queries from
+the same distribution are answered three ways:
+
+* hnswlib, the index's saved graph, one query at a time on one thread, at each ef
+  of ``--ef`` (the index's default ef marked ``*``): recall@10 of the image ids
+  against exact search, latency p50/p99;
+* exact numpy search, one query at a time (matrix-vector product + argpartition,
+  one BLAS thread): latency p50/p99, and batched (matmul of 100 queries at a time):
+  time per query;
+* the whole ``SimilarCaseIndex.query`` (5 studies, own study excluded, SQLite side
+  table), p50/p99; its file column is the side table's size.
+
+Also build time (ours: the real ``add``, graph build on all cores + side table +
+fsynced save; exact: writing the .npy), memory (ours: what a fresh process holds
+after loading the graph; exact: the matrix) and file size.
+Run: ``python bench/retrieval.py [--sizes 10000,100000,1000000]``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# One BLAS thread: the exact search is timed per query on one thread, like hnswlib.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hnswlib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from service.results import ModelIdentity  # noqa: E402
+from service.retrieval import DEFAULT_EF, IndexEntry, SimilarCaseIndex  # noqa: E402
+
+MODEL = ModelIdentity(name="bench", version="0", sha256="0" * 64)
+US_CLASS = "1.2.840.10008.5.1.4.1.1.6.1"
+IMAGES_PER_STUDY = 4
+K = 10
+
+
+def clustered(n: int, dim: int, centres: np.ndarray, spread: float, rng: np.random.Generator) -> np.ndarray:
+    """Unit vectors: a random centre plus Gaussian noise of norm ~``spread``, normalised."""
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):  # chunks keep the float64 temporaries small
+        m = min(100_000, n - start)
+        rows = centres[rng.integers(len(centres), size=m)] + spread * rng.standard_normal((m, dim)) / np.sqrt(dim)
+        out[start:start + m] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return out
+
+
+_LOAD_RSS = """
+import sys, hnswlib
+def rss():
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024
+before = rss()
+graph = hnswlib.Index(space='l2', dim=int(sys.argv[2]))
+graph.load_index(sys.argv[1])
+print(rss() - before)
+"""
+
+
+def graph_memory_mb(path: Path, dim: int) -> float:
+    """Resident memory a fresh process needs to hold the loaded graph."""
+    out = subprocess.run([sys.executable, "-c", _LOAD_RSS, str(path), str(dim)],
+                         check=True, capture_output=True, text=True)
+    return float(out.stdout)
+
+
+def exact_top(data: np.ndarray, queries: np.ndarray, k: int, batch: int = 100) -> np.ndarray:
+    """Exact k nearest (largest dot product = smallest distance for unit vectors)."""
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), batch):
+        sims = queries[start:start + batch] @ data.T
+        part = np.argpartition(-sims, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1)
+        out[start:start + batch] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
+    p50, p99 = np.percentile(np.asarray(seconds) * 1000, [50, 99])
+    return float(p50), float(p99)
+
+
+@dataclass
+class Row:
+    method: str
+    recall: float | None
+    p50_ms: float
+    p99_ms: float
+    build_s: float | None = None
+    memory_mb: float | None = None
+    file_mb: float | None = None
+
+
+def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[Row]:
+    rng = np.random.default_rng(args.seed)
+    centres = rng.standard_normal((args.clusters, args.dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    data = clustered(n, args.dim, centres, args.spread, rng)
+    queries = clustered(args.queries, args.dim, centres, args.spread, rng)
+    rows: list[Row] = []
+
+    # --- exact numpy search ---------------------------------------------------
+    truth = exact_top(data, queries, K)
+    exact_times = []
+    for q in queries:
+        t = time.perf_counter()
+        sims = data @ q
+        part = np.argpartition(-sims, K)[:K]
+        part[np.argsort(-sims[part])]
+        exact_times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    exact_top(data, queries, K)
+    batched_per_query = (time.perf_counter() - t) / len(queries)
+    npy = workdir / f"exact-{n}.npy"
+    t = time.perf_counter()
+    np.save(npy, data)
+    save_s = time.perf_counter() - t
+    rows.append(Row("exact numpy, 1 query", 1.0, *percentiles_ms(exact_times), build_s=save_s,
+                    memory_mb=data.nbytes / 2**20, file_mb=npy.stat().st_size / 2**20))
+    rows.append(Row("exact numpy, batch of 100", 1.0, batched_per_query * 1000, batched_per_query * 1000))
+    npy.unlink()
+
+    # --- our index: build through the real add() --------------------------------
+    directory = workdir / f"index-{n}"
+    entries = [
+        IndexEntry(embedding=v, sop_instance_uid=f"2.25.{i}", series_uid=f"2.25.1{i // IMAGES_PER_STUDY}",
+                   study_uid=f"2.25.2{i // IMAGES_PER_STUDY}", sop_class_uid=US_CLASS, label="benign",
+                   label_source="radiologist", confirmed=True)
+        for i, v in enumerate(data)
+    ]
+    index = SimilarCaseIndex(directory, MODEL)
+    t = time.perf_counter()
+    index.add(entries)
+    build_s = time.perf_counter() - t
+    del entries
+    info = index.info()
+    graph_file = next(directory.glob("vectors-*.hnsw"))
+
+    graph_mb = graph_memory_mb(graph_file, args.dim)
+    graph = hnswlib.Index(space="l2", dim=args.dim)
+    graph.load_index(str(graph_file))
+    for ef in args.ef:
+        graph.set_ef(ef)
+        labels, _ = graph.knn_query(queries, k=K, num_threads=1)
+        recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(labels.tolist(), truth.tolist(), strict=True)]))
+        times = []
+        for q in queries:
+            t = time.perf_counter()
+            graph.knn_query(q, k=K, num_threads=1)
+            times.append(time.perf_counter() - t)
+        mark = "*" if ef == DEFAULT_EF else ""
+        rows.append(Row(f"hnswlib ef={ef}{mark}", recall, *percentiles_ms(times), build_s=build_s,
+                        memory_mb=graph_mb, file_mb=info.vectors_bytes / 2**20))
+    del graph
+
+    times = []
+    for i, q in enumerate(queries):
+        t = time.perf_counter()
+        found = index.query(q, 5, exclude_study_uid=f"2.25.2{i}")
+        times.append(time.perf_counter() - t)
+        assert len(found) == 5
+    rows.append(Row(f"SimilarCaseIndex.query ef={DEFAULT_EF}, 5 studies", None, *percentiles_ms(times),
+                    file_mb=sum(p.stat().st_size for p in directory.glob("index.sqlite3*")) / 2**20))
+    index.close()
+    return rows
+
+
+def _cell(value: float | None, width: int, spec: str) -> str:
+    return format(value, spec).rjust(width) if value is not None else "-".rjust(width)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000", help="comma-separated; add 1000000 for the 1M run")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--clusters", type=int, default=300)
+    parser.add_argument("--spread", type=float, default=0.6, help="noise norm around a centre (centres have norm 1)")
+    parser.add_argument("--ef", type=lambda s: [int(v) for v in s.split(",")], default=[16, 32, DEFAULT_EF, 128])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None, help="where indexes are built (default: a temp dir)")
+    args = parser.parse_args()
+    print(f"{args.queries} queries, {args.dim}-d, {args.clusters} clusters (spread {args.spread}), "
+          f"recall@{K} of image ids against exact search; latencies on one thread; "
+          f"{os.cpu_count()} CPU cores for the build")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for n in (int(s) for s in args.sizes.split(",")):
+            rows = bench_size(n, args, Path(tmp))
+            exact_p50 = rows[0].p50_ms
+            print(f"\n== {n:,} stored embeddings ==")
+            print(f"{'method':40} {'recall@10':>9} {'p50 ms':>9} {'p99 ms':>9} {'x exact p50':>11} "
+                  f"{'build s':>8} {'memory MB':>9} {'file MB':>8}")
+            for r in rows:
+                print(f"{r.method:40} {_cell(r.recall, 9, '.4f')} {r.p50_ms:9.3f} {r.p99_ms:9.3f} "
+                      f"{exact_p50 / r.p50_ms:11.1f} {_cell(r.build_s, 8, '.1f')} {_cell(r.memory_mb, 9, '.0f')} "
+                      f"{_cell(r.file_mb, 8, '.1f')}")
+            chosen = next(r for r in rows if r.method.endswith("*"))
+            print(f"ef={DEFAULT_EF}: recall@10 {chosen.recall:.4f} (target >= 0.99), "
+                  f"p50 {exact_p50 / chosen.p50_ms:.0f}x faster than exact one-query search, "
+                  f"{rows[1].p50_ms / chosen.p50_ms:.0f}x faster than batched exact (target >= 50x at 1M)")
+
+
+if __name__ == "__main__":
+    main()
