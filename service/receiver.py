@@ -69,14 +69,15 @@ IMPLEMENTATION_VERSION_NAME = "SONOCASE_010"
 UltrasoundImageStorageRetired = UID("1.2.840.10008.5.1.4.1.1.6")
 UltrasoundMultiFrameImageStorageRetired = UID("1.2.840.10008.5.1.4.1.1.3")
 
-STORAGE_SOP_CLASSES: tuple[str, ...] = (
+ULTRASOUND_SOP_CLASSES: tuple[str, ...] = (
     UltrasoundImageStorage,
     UltrasoundMultiFrameImageStorage,
     UltrasoundImageStorageRetired,
     UltrasoundMultiFrameImageStorageRetired,
-    SecondaryCaptureImageStorage,
     EnhancedUSVolumeStorage,
 )
+#: Secondary Capture too: sites often send screen captures of the scanner.
+STORAGE_SOP_CLASSES: tuple[str, ...] = (*ULTRASOUND_SOP_CLASSES, SecondaryCaptureImageStorage)
 
 #: What real scanners send; every one decodes later (pylibjpeg, pyjpegls).
 TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -220,12 +221,13 @@ def parse_instance(raw: bytes, transfer_syntax: str) -> ParsedInstance:
     end = 0
     try:
         for elem in data_element_generator(fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=_DEFER_BYTES):
-            defined = elem.length != _UNDEFINED_LENGTH and isinstance(elem, RawDataElement)
-            end = elem.value_tell + elem.length if defined else fp.tell()
+            raw_elem = isinstance(elem, RawDataElement)  # undefined-length sequences come parsed
+            end = elem.value_tell + elem.length if raw_elem and elem.length != _UNDEFINED_LENGTH else fp.tell()
             name = _TAGS.get(elem.tag)
-            if name is not None and isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+            if name is not None and raw_elem and isinstance(elem.value, bytes):
                 values[name] = elem.value.decode("ascii").strip("\0 ")
-    except (EOFError, struct.error, ValueError, NotImplementedError, KeyError) as exc:
+    except (EOFError, OSError, struct.error, ValueError, NotImplementedError, KeyError, IndexError) as exc:
+        # what pydicom raises on malformed bytes (OSError: "No tag to read" in a sequence)
         raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, f"unparsable data set: {exc}") from None
     if end != len(data):
         raise InvalidInstance(

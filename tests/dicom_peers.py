@@ -1,0 +1,167 @@
+"""Test support for the receiver: the real ultrasound files that ship with pydicom
+and pydicom-data, a C-STORE that sends raw bytes, and `sonocase serve` as a process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_files
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+
+from service.receiver import ULTRASOUND_SOP_CLASSES
+
+#: Every ultrasound file shipped in pydicom and pydicom-data (found by SOP Class UID
+#: or Modality US). The test suite fails if discovery finds a different set, so a
+#: missing pydicom-data cannot silently shrink the coverage.
+ULTRASOUND_FILES = frozenset({
+    "ExplVR_BigEnd.dcm",                # explicit VR big endian
+    "examples_jpeg2k.dcm",              # JPEG 2000 lossless
+    "examples_palette.dcm",             # palette colour
+    "examples_rgb_color.dcm",
+    "examples_ybr_color.dcm",           # multi-frame JPEG baseline, YBR_FULL_422
+    "JPGLosslessP14SV1_1s_1f_8b.dcm",   # JPEG lossless process 14 SV1
+    "OBXXXX1A.dcm",
+    "OBXXXX1A_2frame.dcm",
+    "OBXXXX1A_expb.dcm",                # big endian
+    "OBXXXX1A_expb_2frame.dcm",
+    "OBXXXX1A_rle.dcm",                 # RLE
+    "OBXXXX1A_rle_2frame.dcm",          # RLE, Ultrasound Multi-frame
+    "US1_J2KI.dcm",                     # JPEG 2000 lossy
+    "US1_J2KR.dcm",
+    "US1_UNCI.dcm",
+    "US1_UNCR.dcm",
+    "color-pl.dcm",                     # retired Ultrasound Image Storage
+    "color-px.dcm",
+    "color3d_jpeg_baseline.dcm",        # 120 frames
+    "gdcm-US-ALOKA-16.dcm",             # 16-bit palette, implicit VR
+    "gdcm-US-ALOKA-16_big.dcm",
+})
+
+
+@dataclass(frozen=True)
+class UsFile:
+    """A real ultrasound file split where the data set begins."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    transfer_syntax: str
+    data_set: bytes  # the encoded data set after the file meta group
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def split_file(path: Path) -> UsFile:
+    """Read a Part 10 file's meta group and return its data set bytes untouched."""
+    ds = dcmread(path, stop_before_pixels=True)
+    data = path.read_bytes()
+    offset = _data_set_offset(data)
+    return UsFile(
+        # The file meta names the instance even when a test deleted it from the data set.
+        path=path, sop_class_uid=str(ds.get("SOPClassUID", ds.file_meta.MediaStorageSOPClassUID)),
+        sop_instance_uid=str(ds.get("SOPInstanceUID", ds.file_meta.MediaStorageSOPInstanceUID)),
+        study_uid=str(ds.get("StudyInstanceUID", "")), transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        data_set=data[offset:],
+    )
+
+
+def _data_set_offset(data: bytes) -> int:
+    """Where the data set starts: after preamble, ``DICM`` and the (0002,xxxx) group
+    (explicit VR little endian, PS3.10 7.1), element by element."""
+    assert data[128:132] == b"DICM", "not a Part 10 file"
+    pos = 132
+    while data[pos:pos + 2] == b"\x02\x00":
+        vr = data[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length = int.from_bytes(data[pos + 8:pos + 12], "little")
+            pos += 12 + length
+        else:
+            length = int.from_bytes(data[pos + 6:pos + 8], "little")
+            pos += 8 + length
+    return pos
+
+
+def ultrasound_files() -> list[UsFile]:
+    """Discover the ultrasound files in pydicom and pydicom-data."""
+    found = []
+    for name in sorted(get_testdata_files()):
+        path = Path(name)
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except Exception:  # pydicom ships deliberately broken files too
+            continue
+        if str(ds.get("SOPClassUID", "")) in ULTRASOUND_SOP_CLASSES or ds.get("Modality") == "US":
+            found.append(split_file(path))
+    return found
+
+
+def send_raw(assoc: Association, raw: bytes, sop_class_uid: str, sop_instance_uid: str, message_id: int = 1) -> int:
+    """Send ``raw`` as the data set of a C-STORE, as is (even empty); return the status.
+
+    pynetdicom's own send_c_store encodes a Dataset or reads a file; tests need to
+    put exactly these bytes on the wire, including a zero-length data set.
+    """
+    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == sop_class_uid)
+    req = C_STORE()
+    req.MessageID = message_id
+    req.AffectedSOPClassUID = sop_class_uid
+    req.AffectedSOPInstanceUID = sop_instance_uid
+    req.Priority = 2
+    req.DataSet = BytesIO(raw or b"\0")
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    fragments = list(msg.encode_msg(cx.context_id, assoc.acceptor.maximum_length))
+    if not raw:  # a single, empty, last data set fragment
+        command = [f for f in fragments if f.presentation_data_value_list[0][1][0] & 1]
+        empty = type(fragments[-1])()
+        empty.presentation_data_value_list.append((cx.context_id, b"\x02"))
+        fragments = [*command, empty]
+    for fragment in fragments:
+        assoc.dul.send_pdu(fragment)
+    _, rsp = assoc.dimse.get_msg(block=True)
+    assert rsp is not None, "no C-STORE response"
+    return int(rsp.Status)
+
+
+class NodeProcess:
+    """`sonocase serve` in a subprocess, ready once it printed its listening line."""
+
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), timeout: float = 30) -> None:
+        full_env = {**os.environ, **env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", *args],
+            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if line.startswith("listening as "):
+                self.ready_line = line.strip()
+                return
+            if not line or time.monotonic() > deadline:
+                self.proc.kill()
+                _, err = self.proc.communicate()
+                raise AssertionError(f"sonocase serve did not start:\n{err}")
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM and wait; return the exit code and stderr."""
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.communicate(timeout=30)

@@ -1,0 +1,346 @@
+"""The receiver's pure functions and its store, without a network: real ultrasound
+files from pydicom/pydicom-data, a real ledger and a real spool on disk."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from pydicom import config as pydicom_config, dcmread, dcmwrite
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from dicom_peers import ULTRASOUND_FILES, UsFile, split_file, ultrasound_files
+from service.ledger import Ledger, StudyState
+from service.receiver import (
+    CompletionLoop,
+    InvalidInstance,
+    RejectReason,
+    StoreSCP,
+    StoreStatus,
+    capacity_problem,
+    check_association,
+    check_request,
+    complete_quiet_studies,
+    encode_file_meta,
+    modality_policy,
+    parse_instance,
+)
+from service.settings import Settings, load_settings
+
+US_FILES = {f.name: f for f in ultrasound_files()}
+SMALL = ("ExplVR_BigEnd.dcm", "OBXXXX1A_rle.dcm", "US1_J2KI.dcm", "gdcm-US-ALOKA-16.dcm")
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Ledger:
+    led = Ledger(settings.ledger_path, durable=False)
+    yield led
+    led.close()
+
+
+@pytest.fixture
+def scp(settings: Settings, ledger: Ledger) -> StoreSCP:
+    return StoreSCP(settings, ledger)
+
+
+def rewrite(tmp_path: Path, name: str, transfer_syntax: str | None = None, **changes: object) -> UsFile:
+    """A real file with some attributes changed (``None`` deletes), re-encoded by pydicom."""
+    ds = dcmread(US_FILES[name].path)
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    syntax = UID(transfer_syntax or ds.file_meta.TransferSyntaxUID)
+    ds.file_meta.TransferSyntaxUID = syntax
+    out = tmp_path / f"{name}.{len(list(tmp_path.iterdir()))}.dcm"
+    # force_encoding: pydicom converts between byte orders only when told to.
+    dcmwrite(out, ds, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian, force_encoding=True)
+    return split_file(out)
+
+
+def store(scp: StoreSCP, f: UsFile, raw: bytes | None = None) -> StoreStatus:
+    return scp.store(
+        f.data_set if raw is None else raw, f.transfer_syntax, f.sop_class_uid, f.sop_instance_uid, "TESTSCU"
+    ).status
+
+
+# --- parsing -------------------------------------------------------------------
+
+def test_every_shipped_ultrasound_file_is_found() -> None:
+    assert set(US_FILES) == ULTRASOUND_FILES
+
+
+@pytest.mark.parametrize("name", sorted(ULTRASOUND_FILES))
+def test_parse_reads_the_uids_pydicom_reads(name: str) -> None:
+    f = US_FILES[name]
+    ds = dcmread(f.path, stop_before_pixels=True)
+    inst = parse_instance(f.data_set, f.transfer_syntax)
+    assert (inst.sop_class_uid, inst.sop_instance_uid, inst.study_uid, inst.series_uid, inst.modality) == (
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality
+    )
+
+
+@pytest.mark.parametrize("syntax", [DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_parse_handles_every_uncompressed_encoding(tmp_path: Path, syntax: str) -> None:
+    f = rewrite(tmp_path, "OBXXXX1A.dcm", transfer_syntax=syntax)
+    assert f.transfer_syntax == syntax
+    assert parse_instance(f.data_set, syntax).sop_instance_uid == US_FILES["OBXXXX1A.dcm"].sop_instance_uid
+
+
+def test_empty_data_set_cannot_be_understood() -> None:
+    with pytest.raises(InvalidInstance, match="empty data set") as err:
+        parse_instance(b"", "1.2.840.10008.1.2.1")
+    assert err.value.status == StoreStatus.CANNOT_UNDERSTAND
+
+
+@pytest.mark.parametrize("name", ["US1_UNCR.dcm", "OBXXXX1A_rle.dcm", "examples_jpeg2k.dcm", "ExplVR_BigEnd.dcm"])
+@pytest.mark.parametrize("keep", [0.5, 0.999, -1, -7])
+def test_truncated_data_set_is_refused(name: str, keep: float) -> None:
+    """Cut inside the pixel data (defined length and encapsulated) or in the last bytes."""
+    f = US_FILES[name]
+    cut = int(len(f.data_set) * keep) if keep > 0 else len(f.data_set) + int(keep)
+    with pytest.raises(InvalidInstance) as err:
+        parse_instance(f.data_set[:cut], f.transfer_syntax)
+    assert err.value.status == StoreStatus.CANNOT_UNDERSTAND
+    assert "truncated" in str(err.value) or "unparsable" in str(err.value)
+
+
+def test_garbage_is_refused() -> None:
+    with pytest.raises(InvalidInstance) as err:
+        parse_instance(b"\x08\x00\x18\x00UI\xff\xff" + b"1" * 40, "1.2.840.10008.1.2.1")
+    assert err.value.status == StoreStatus.CANNOT_UNDERSTAND
+
+
+@pytest.mark.parametrize("keyword,label", [
+    ("SOPInstanceUID", "SOP Instance UID"), ("StudyInstanceUID", "Study Instance UID"), ("SOPClassUID", "SOP Class UID"),
+])
+def test_missing_uid_is_named(tmp_path: Path, keyword: str, label: str) -> None:
+    f = rewrite(tmp_path, "OBXXXX1A_rle.dcm", **{keyword: None})
+    with pytest.raises(InvalidInstance, match=f"{label} is missing") as err:
+        parse_instance(f.data_set, f.transfer_syntax)
+    assert err.value.status == StoreStatus.INVALID_UID
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "1.2.abc", "1." + "2" * 70])
+def test_malformed_uid_is_refused(tmp_path: Path, bad: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid value we write on purpose
+        with pydicom_config.disable_value_validation():
+            f = rewrite(tmp_path, "OBXXXX1A_rle.dcm", StudyInstanceUID=bad)
+    with pytest.raises(InvalidInstance, match="not a valid UID") as err:
+        parse_instance(f.data_set, f.transfer_syntax)
+    assert err.value.status == StoreStatus.INVALID_UID
+
+
+def test_request_must_announce_the_data_set() -> None:
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    inst = parse_instance(f.data_set, f.transfer_syntax)
+    check_request(inst, f.sop_class_uid, f.sop_instance_uid)
+    with pytest.raises(InvalidInstance) as err:
+        check_request(inst, "1.2.840.10008.5.1.4.1.1.7", f.sop_instance_uid)
+    assert err.value.status == StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    with pytest.raises(InvalidInstance) as err:
+        check_request(inst, f.sop_class_uid, "1.2.3")
+    assert err.value.status == StoreStatus.INVALID_UID
+
+
+# --- policies --------------------------------------------------------------------
+
+def test_modality_policy(tmp_path: Path) -> None:
+    us = parse_instance(US_FILES["OBXXXX1A_rle.dcm"].data_set, US_FILES["OBXXXX1A_rle.dcm"].transfer_syntax)
+    ct = rewrite(tmp_path, "OBXXXX1A_rle.dcm", Modality="CT")
+    ct_inst = parse_instance(ct.data_set, ct.transfer_syntax)
+    assert modality_policy(us, "refuse") is None
+    assert modality_policy(ct_inst, "store-ignore") == "modality CT is not US"
+    with pytest.raises(InvalidInstance, match="accepts ultrasound only") as err:
+        modality_policy(ct_inst, "refuse")
+    assert err.value.status == StoreStatus.MODALITY_REFUSED
+
+
+def test_capacity_problem(settings: Settings) -> None:
+    limits = settings.model_copy(update={"min_free_disk_mb": 100, "max_pending_studies": 3})
+    assert capacity_problem(1000, 2**20, 2, limits) is None
+    assert "watermark" in (capacity_problem(100.5, 2**20, 0, limits) or "")
+    assert "3 studies wait" in (capacity_problem(1000, 0, 3, limits) or "")
+
+
+def test_check_association(settings: Settings) -> None:
+    assert check_association("ANY", "SONOCASE", "10.0.0.1", settings) is None
+    wrong = check_association("ANY", "OTHER", "10.0.0.1", settings)
+    assert wrong is not None and wrong.reason == RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED
+    strict = settings.model_copy(update={"allowed_callers": ["PACS"], "allowed_hosts": ["10.0.0.1"]})
+    assert check_association("PACS", "SONOCASE", "10.0.0.1", strict) is None
+    caller = check_association("INTRUDER", "SONOCASE", "10.0.0.1", strict)
+    assert caller is not None and caller.reason == RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
+    host = check_association("PACS", "SONOCASE", "10.0.0.2", strict)
+    assert host is not None and host.reason == RejectReason.NO_REASON_GIVEN and "10.0.0.2" in host.why
+
+
+def test_file_meta_reads_back_with_pydicom(tmp_path: Path) -> None:
+    f = US_FILES["ExplVR_BigEnd.dcm"]
+    path = tmp_path / "x.dcm"
+    path.write_bytes(encode_file_meta(f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax, "ODD") + f.data_set)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = dcmread(path)
+    meta = ds.file_meta
+    assert (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (
+        f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax)
+    assert meta.SourceApplicationEntityTitle == "ODD"
+    assert meta.FileMetaInformationVersion == b"\0\1"
+    assert ds.pixel_array.shape == dcmread(f.path).pixel_array.shape
+
+
+# --- the store -----------------------------------------------------------------
+
+def stored_path(settings: Settings, f: UsFile) -> Path:
+    return settings.spool_dir / f.study_uid / f"{f.sop_instance_uid}.dcm"
+
+
+def test_store_writes_the_received_bytes_and_records_them(scp: StoreSCP, settings: Settings, ledger: Ledger) -> None:
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    assert store(scp, f) == StoreStatus.SUCCESS
+    data = stored_path(settings, f).read_bytes()
+    assert data.endswith(f.data_set) and data[128:132] == b"DICM"
+    [rec] = ledger.instances(f.study_uid)
+    assert (rec.sop_instance_uid, rec.size, rec.calling_ae, rec.ignored_reason) == (
+        f.sop_instance_uid, len(data), "TESTSCU", None)
+    assert ledger.study(f.study_uid)["state"] == StudyState.RECEIVING
+
+
+def test_duplicate_is_success_without_rewrite(scp: StoreSCP, settings: Settings, ledger: Ledger) -> None:
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    assert store(scp, f) == StoreStatus.SUCCESS
+    before = stored_path(settings, f).stat()
+    assert store(scp, f) == StoreStatus.SUCCESS
+    after = stored_path(settings, f).stat()
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    assert ledger.instance_count() == 1
+
+
+def test_low_disk_refuses_out_of_resources(settings: Settings, ledger: Ledger) -> None:
+    full = StoreSCP(settings.model_copy(update={"min_free_disk_mb": 10**9}), ledger)
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    outcome = full.store(f.data_set, f.transfer_syntax, f.sop_class_uid, f.sop_instance_uid, "X")
+    assert outcome.status == StoreStatus.OUT_OF_RESOURCES and "watermark" in outcome.comment
+    assert not stored_path(settings, f).exists() and ledger.instance_count() == 0
+
+
+def test_pending_studies_limit_refuses_out_of_resources(settings: Settings, ledger: Ledger) -> None:
+    busy = StoreSCP(settings.model_copy(update={"max_pending_studies": 1}), ledger)
+    first, second = US_FILES["OBXXXX1A_rle.dcm"], US_FILES["ExplVR_BigEnd.dcm"]
+    assert store(busy, first) == StoreStatus.SUCCESS
+    ledger.complete_quiet_studies(0, now=time.time() + 1)
+    assert ledger.pending_analysis_count() == 1
+    assert store(busy, second) == StoreStatus.OUT_OF_RESOURCES
+    assert ledger.study(second.study_uid) is None
+
+
+@pytest.mark.parametrize("policy", ["store-ignore", "refuse"])
+def test_non_ultrasound_under_both_policies(tmp_path: Path, settings: Settings, ledger: Ledger, policy: str) -> None:
+    ct = rewrite(tmp_path, "OBXXXX1A_rle.dcm", Modality="CT")
+    status = store(StoreSCP(settings.model_copy(update={"non_ultrasound": policy}), ledger), ct)
+    if policy == "refuse":
+        assert status == StoreStatus.MODALITY_REFUSED and ledger.instance_count() == 0
+    else:
+        assert status == StoreStatus.SUCCESS
+        assert [r.ignored_reason for r in ledger.instances(ct.study_uid)] == ["modality CT is not US"]
+
+
+def test_storage_error_is_a_failure_status(scp: StoreSCP, settings: Settings, ledger: Ledger) -> None:
+    """A file where the study folder belongs: the write fails for real."""
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    (settings.spool_dir / f.study_uid).write_bytes(b"in the way")
+    outcome = scp.store(f.data_set, f.transfer_syntax, f.sop_class_uid, f.sop_instance_uid, "X")
+    assert outcome.status == StoreStatus.PROCESSING_FAILURE and "storage error" in outcome.comment
+    assert ledger.instance_count() == 0
+
+
+def test_internal_error_is_a_failure_status(scp: StoreSCP, ledger: Ledger) -> None:
+    ledger.close()  # every ledger call now raises sqlite3.ProgrammingError
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    outcome = scp.store(f.data_set, f.transfer_syntax, f.sop_class_uid, f.sop_instance_uid, "X")
+    assert outcome.status == StoreStatus.PROCESSING_FAILURE and outcome.comment == "internal error: ProgrammingError"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """Edits to a real file's data set; its repr stays short for hypothesis reports."""
+
+    name: str
+    edits: tuple[tuple[str, int, bytes], ...]
+
+    def apply(self) -> bytes:
+        data = bytearray(US_FILES[self.name].data_set)
+        for kind, pos, value in self.edits:
+            pos = min(pos, len(data))
+            if kind == "set":
+                data[pos:pos + 1] = value
+            elif kind == "cut":
+                del data[pos:pos + len(value)]
+            else:
+                data[pos:pos] = value
+        return bytes(data)
+
+
+@st.composite
+def mutations(draw: st.DrawFn) -> Mutation:
+    name = draw(st.sampled_from(SMALL))
+    size = len(US_FILES[name].data_set)
+    edits = []
+    for _ in range(draw(st.integers(1, 8))):
+        # Most of a file is pixel data: aim half the edits at the element headers up front.
+        pos = draw(st.integers(0, min(size, 2048) - 1) | st.integers(0, size - 1))
+        edits.append((draw(st.sampled_from(["set", "cut", "insert"])), pos, draw(st.binary(min_size=1, max_size=16))))
+    return Mutation(name, tuple(edits))
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutation=mutations())
+def test_fuzzed_real_files_never_escape_the_store(tmp_path_factory: pytest.TempPathFactory, mutation: Mutation) -> None:
+    f, raw = US_FILES[mutation.name], mutation.apply()
+    data_dir = tmp_path_factory.mktemp("fuzz")
+    settings = load_settings(data_dir=data_dir, durability="none", min_free_disk_mb=0)
+    ledger = Ledger(settings.ledger_path, durable=False)
+    try:
+        outcome = StoreSCP(settings, ledger).store(raw, f.transfer_syntax, f.sop_class_uid, f.sop_instance_uid, "FUZZ")
+        assert outcome.status in set(StoreStatus) - {StoreStatus.PROCESSING_FAILURE, StoreStatus.OUT_OF_RESOURCES}
+        if outcome.status == StoreStatus.SUCCESS:
+            [rec] = ledger.instances(outcome.study_uid or "")
+            assert Path(rec.path).read_bytes().endswith(raw)
+        else:
+            assert outcome.comment and ledger.instance_count() == 0
+    finally:
+        ledger.close()
+
+
+# --- completion ------------------------------------------------------------------
+
+def test_quiet_study_completes_and_reopens_after_handled(scp: StoreSCP, ledger: Ledger, tmp_path: Path) -> None:
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    assert store(scp, f) == StoreStatus.SUCCESS
+    assert complete_quiet_studies(ledger, 60) == []
+    loop = CompletionLoop(ledger, quiet_period_s=0.3, interval_s=0.05)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while ledger.study(f.study_uid)["state"] != StudyState.COMPLETE:
+            assert time.monotonic() < deadline, "study did not complete"
+            time.sleep(0.05)
+        ledger.set_state(f.study_uid, StudyState.SENT)  # handled by the later stages
+        later = rewrite(tmp_path, "OBXXXX1A_rle.dcm", SOPInstanceUID="1.2.3.4.5.6")
+        assert store(scp, later) == StoreStatus.SUCCESS
+        study = ledger.study(f.study_uid)
+        assert (study["state"], study["generation"]) == (StudyState.RECEIVING, 2)
+        while ledger.study(f.study_uid)["state"] != StudyState.COMPLETE:
+            assert time.monotonic() < deadline, "re-opened study did not complete"
+            time.sleep(0.05)
+    finally:
+        loop.stop()
+    assert len(ledger.instances(f.study_uid)) == 2
