@@ -52,6 +52,7 @@ import numpy as np
 import pydicom
 
 from service.results import ModelIdentity, SimilarStudy
+from service.settings import Settings
 from service.spool import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -331,6 +332,11 @@ class SimilarCaseIndex:
         self._rw = _ReadWriteLock()
         self._refresh_lock = threading.Lock()
         self._write_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model: ModelIdentity | None) -> SimilarCaseIndex:
+        """The node's index (``settings.effective_index_dir``), as durable as its spool."""
+        return cls(settings.effective_index_dir, model, durable=settings.durability == "fsync")
 
     # --- small helpers -------------------------------------------------------
     def close(self) -> None:
