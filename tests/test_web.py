@@ -1,0 +1,425 @@
+"""The HTTP side: health, readiness, metrics and the status page, over a real socket,
+with a real ledger holding a study analysed from a real ultrasound file, and the
+page driven in headless Chromium."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
+from service.metrics import observe_cstore
+from service.model_card import ModelCard, card_path_for, sha256_file
+from service.results import FrameResult, ImageResult, ModelIdentity, StudyResult, StudySummary
+from service.settings import Settings, load_settings
+from service.spool import instance_path, write_atomic
+from service.web import (
+    SESSION_COOKIE,
+    CheckResult,
+    ModelProbe,
+    RetryOutcome,
+    broker_check,
+    build_web_server,
+    retry_study,
+)
+from tests.conftest import free_port
+
+TOKEN = "test-token-0123456789"
+ACCESSION = "ACC20240117"
+PATIENT_NAME = "CompressedSamples"  # in US1_UNCR.dcm; must never reach the page
+
+
+def _store(settings: Settings, ledger: Ledger, study_uid: str, now: float) -> InstanceRecord:
+    """Spool a copy of a real US file under a new study, as the receiver would."""
+    ds = pydicom.dcmread(get_testdata_file("US1_UNCR.dcm", download=False))
+    ds.StudyInstanceUID, ds.SOPInstanceUID, ds.AccessionNumber = study_uid, generate_uid(), ACCESSION
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    path = instance_path(settings.spool_dir, study_uid, ds.SOPInstanceUID)
+    size = write_atomic(path, out.getvalue(), durable=False)
+    rec = InstanceRecord(
+        ds.SOPInstanceUID, study_uid, ds.SeriesInstanceUID, ds.SOPClassUID,
+        ds.file_meta.TransferSyntaxUID, str(path), size, "SCANNER", "US",
+    )
+    ledger.record_instance(rec, now=now)
+    return rec
+
+
+def _analyse(settings: Settings, ledger: Ledger, rec: InstanceRecord, now: float, heat_root: Path | None = None) -> None:
+    """Take a study through completion and analysis with a hand-made result: the
+    analysis worker is another stage; this is its output as test input."""
+    ledger.complete_quiet_studies(1, now=now + 5)
+    generation = ledger.claim_analysis(rec.study_uid, 60, now=now + 6)
+    assert generation is not None
+    yy, xx = np.mgrid[0:64, 0:64]
+    heat = np.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / 200).astype(np.float32)
+    heat_path = (heat_root or settings.results_dir) / rec.study_uid / str(generation) / f"{rec.sop_instance_uid}-1.npy"
+    heat_path.parent.mkdir(parents=True)
+    np.save(heat_path, heat)
+    probs = {"normal": 0.03, "benign": 0.10, "malignant": 0.87}
+    frame = FrameResult(
+        frame_number=1, probabilities=probs, predicted="malignant", out_of_distribution=False,
+        ood_distance=0.2, heatmap_path=str(heat_path), crop=(0, 0, 64, 64), embedding=[0.0] * 4,
+    )
+    result = StudyResult(
+        study_uid=rec.study_uid, generation=generation,
+        model=ModelIdentity(name="sonocase-hybrid", version="1", sha256="0" * 64),
+        images=[ImageResult(
+            sop_instance_uid=rec.sop_instance_uid, series_uid=rec.series_uid, sop_class_uid=rec.sop_class_uid,
+            frames=[frame], predicted="malignant", probability=0.87,
+        )],
+        summary=StudySummary(
+            predicted="malignant", probability=0.87, decisive_sop_instance_uid=rec.sop_instance_uid,
+            out_of_distribution=False,
+        ),
+    )
+    assert ledger.finish_analysis(rec.study_uid, generation, result.model_dump(mode="json"), now=now + 8)
+
+
+@dataclass
+class Node:
+    settings: Settings
+    ledger: Ledger
+    analysed: str
+    undelivered: str
+    broken: str
+    url: str
+
+
+def _model(tmp_path: Path) -> Path:
+    """A model file and its card: the probe verifies the card against the file's bytes
+    (sha256), which is all readiness needs of the model file."""
+    path = tmp_path / "model" / "probe.onnx"
+    path.parent.mkdir()
+    path.write_bytes(b"model bytes for the readiness probe")
+    card = {
+        "name": "sonocase-hybrid", "version": "7", "architecture": "hybrid",
+        "classes": ["normal", "benign", "malignant"], "input": {"height": 8, "width": 8, "mean": 0.5, "std": 0.2},
+        "embedding_dim": 4, "onnx_file": path.name, "sha256": sha256_file(path), "opset": 18,
+        "ood": {"centroids": [[0, 0, 0, 1]], "threshold": 1.0, "percentile": 99},
+        "training_data": {"source": "synthetic"}, "created": "2026-01-01", "intended_use": "tests",
+    }
+    card_path_for(path).write_text(json.dumps(card))
+    ModelCard.load(path)
+    return path
+
+
+def _settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(
+        data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(), http_host="127.0.0.1",
+        http_port=free_port(), durability="none", web_token=TOKEN, model_path=_model(tmp_path),
+    )
+    return load_settings(**(values | overrides))
+
+
+def _populate(settings: Settings) -> tuple[Ledger, str, str, str]:
+    ledger = Ledger(settings.ledger_path, durable=False)
+    now = time.time() - 60
+    analysed = _store(settings, ledger, generate_uid(), now)
+    _analyse(settings, ledger, analysed, now)
+    # Analysed, but the PACS refused the SR: a delivery failure.
+    undelivered = _store(settings, ledger, generate_uid(), now + 1)
+    _analyse(settings, ledger, undelivered, now + 1)
+    sr_path = settings.outbox_dir / undelivered.study_uid / "sr.dcm"
+    ledger.enqueue_outbox(undelivered.study_uid, 1, [(generate_uid(), "1.2.840.10008.5.1.4.1.1.88.34", str(sr_path))], ["PACS@127.0.0.1:104"])
+    for row in ledger.outbox(undelivered.study_uid):
+        ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.FAILED, error="0xA700 refused")
+    ledger.set_state(undelivered.study_uid, StudyState.FAILED, failed_stage="send", error="PACS refused the SR")
+    # Analysis failed for good.
+    broken = _store(settings, ledger, generate_uid(), now + 2)
+    ledger.complete_quiet_studies(1, now=now + 10)
+    assert ledger.claim_analysis(broken.study_uid, 60, now=now + 11)
+    ledger.retry_or_fail(broken.study_uid, "analysis", "no pixel data", max_attempts=1, backoff_s=1)
+    return ledger, analysed.study_uid, undelivered.study_uid, broken.study_uid
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    settings = _settings(tmp_path)
+    ledger, analysed, undelivered, broken = _populate(settings)
+    server = build_web_server(settings, ledger, checks={})
+    server.start()
+    yield Node(settings, ledger, analysed, undelivered, broken, f"http://127.0.0.1:{server.port}")
+    server.stop()
+    ledger.close()
+
+
+def _http(
+    url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None, form: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request, redirects not followed."""
+    host_port = url.removeprefix("http://")
+    conn = http.client.HTTPConnection(host_port, timeout=10)
+    body = urlencode(form).encode() if form is not None else None
+    hdrs = dict(headers or {})
+    if body is not None:
+        hdrs["Content-Type"] = "application/x-www-form-urlencoded"
+    conn.request(method, path, body=body, headers=hdrs)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_health_ready_and_metrics(node: Node) -> None:
+    status, _, body = _http(node.url, "/healthz")
+    assert (status, body) == (200, b"ok\n")
+
+    status, headers, body = _http(node.url, "/readyz")
+    doc = json.loads(body)
+    assert status == 200, doc
+    assert headers["content-type"] == "application/json"
+    assert set(doc["checks"]) == {"disk", "ledger", "model"} and doc["ready"] is True
+    assert doc["checks"]["model"]["detail"] == "sonocase-hybrid 7"
+
+    observe_cstore(0xA700)
+    status, _, body = _http(node.url, "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert values[("sonocase_instances_received_total", ())] == 3
+    assert values[("sonocase_studies_received_total", ())] == 3
+    assert values[("sonocase_studies", (("state", "analysed"),))] == 1
+    assert values[("sonocase_studies", (("state", "failed"),))] == 2
+    assert values[("sonocase_queue_depth", ())] == 0
+    assert values[("sonocase_cstore_responses_total", (("status", "0xA700"),))] >= 1
+    assert values[("sonocase_outbox_objects", (("state", "failed"),))] == 1
+    assert values[("sonocase_send_retries", ())] == 1
+    # Two studies were analysed 3 s after they completed (see _analyse).
+    stage = (("stage", "complete_to_analysed"),)
+    assert values[("sonocase_stage_latency_seconds_count", stage)] == 2
+    assert values[("sonocase_stage_latency_seconds_sum", stage)] == pytest.approx(6.0)
+    assert values[("sonocase_stage_latency_seconds_bucket", (("le", "2"), *stage))] == 0
+    assert values[("sonocase_stage_latency_seconds_bucket", (("le", "5"), *stage))] == 2
+    info = next(s for f in families.values() for s in f.samples if s.name == "sonocase_model_info")
+    assert info.labels["version"] == "7" and info.labels["name"] == "sonocase-hybrid" and info.value == 1
+
+
+def test_not_ready_names_the_failing_check(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, min_free_disk_mb=10**9)
+    (tmp_path / "model" / "probe.onnx").write_bytes(b"another model, card not updated")
+    ledger = Ledger(settings.ledger_path, durable=False)
+    closed = free_port()  # nothing listens there
+    from kombu import Connection
+
+    server = build_web_server(
+        settings, ledger, checks={"broker": broker_check(lambda: Connection(f"redis://127.0.0.1:{closed}/0"), 1.0)},
+    )
+    server.start()
+    try:
+        status, _, body = _http(f"http://127.0.0.1:{server.port}", "/readyz")
+    finally:
+        server.stop()
+        ledger.close()
+    doc = json.loads(body)
+    assert status == 503 and doc["ready"] is False
+    assert not doc["checks"]["disk"]["ok"] and "watermark" in doc["checks"]["disk"]["detail"]
+    assert not doc["checks"]["model"]["ok"] and "sha256" in doc["checks"]["model"]["detail"]
+    assert not doc["checks"]["broker"]["ok"] and "unreachable" in doc["checks"]["broker"]["detail"]
+    assert doc["checks"]["ledger"]["ok"]
+
+
+def test_broker_check_against_real_redis(redis_url: str) -> None:
+    from kombu import Connection
+
+    result = broker_check(lambda: Connection(redis_url + "/0"))()
+    assert result == CheckResult(True, result.detail) and "redis" in result.detail
+
+
+def test_model_probe_follows_file_changes(tmp_path: Path) -> None:
+    path = _model(tmp_path)
+    probe = ModelProbe(path)
+    assert probe.check().ok and probe.info()["version"] == "7"
+    path.write_bytes(b"replaced by hand")
+    assert not probe.check().ok and probe.info() == {}
+    path.unlink()
+    assert "unreadable" in probe.check().detail
+
+
+def test_status_page_is_off_without_a_token(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, web_token="")
+    ledger = Ledger(settings.ledger_path, durable=False)
+    server = build_web_server(settings, ledger, checks={})
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        status, _, body = _http(url, "/status", headers={"Authorization": "Bearer "})
+        assert status == 404 and b"SONOCASE_WEB_TOKEN" in body
+        assert _http(url, "/healthz")[0] == 200
+    finally:
+        server.stop()
+        ledger.close()
+
+
+def test_status_page_needs_the_token_and_shows_no_patient_name(node: Node) -> None:
+    status, headers, body = _http(node.url, "/status")
+    assert status == 401 and headers["www-authenticate"].startswith("Bearer") and b"name=token" in body
+    assert _http(node.url, "/status", headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert _http(node.url, f"/studies/{node.analysed}/heatmap.png")[0] == 401
+
+    status, headers, body = _http(node.url, "/status", headers=BEARER)
+    page = body.decode()
+    assert status == 200 and "default-src 'none'" in headers["content-security-policy"]
+    assert node.analysed in page and ACCESSION in page and "malignant 0.87" in page
+    assert "not for primary diagnosis" in page
+    assert PATIENT_NAME not in page
+    assert "PACS refused the SR" in page and "no pixel data" in page
+    assert page.count("class=resend") == 2
+
+
+def test_heatmap_thumbnail(node: Node) -> None:
+    status, headers, body = _http(node.url, f"/studies/{node.analysed}/heatmap.png", headers=BEARER)
+    assert status == 200 and headers["content-type"] == "image/png"
+    image = np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
+    assert max(image.shape[:2]) <= 96
+    centre, corner = image[image.shape[0] // 2, image.shape[1] // 2], image[0, 0]
+    assert centre[0] > centre[2] and corner[2] > corner[0]  # hot centre red, cold corner blue
+    assert _http(node.url, f"/studies/{node.broken}/heatmap.png", headers=BEARER)[0] == 404
+
+
+def test_heatmap_outside_the_results_folder_is_not_served(node: Node, tmp_path: Path) -> None:
+    rec = _store(node.settings, node.ledger, generate_uid(), time.time())
+    _analyse(node.settings, node.ledger, rec, time.time(), heat_root=tmp_path / "elsewhere")
+    assert _http(node.url, f"/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
+    status, _, body = _http(node.url, "/status", headers=BEARER)
+    assert status == 200 and f"/studies/{rec.study_uid}/heatmap.png" not in body.decode()
+
+
+def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
+    assert _http(node.url, "/login", "POST", form={"token": "nope"})[0] == 401
+    status, headers, _ = _http(node.url, "/login", "POST", form={"token": TOKEN})
+    assert status == 303 and headers["location"] == "/status"
+    cookie = headers["set-cookie"].split(";")[0]
+    assert cookie.startswith(SESSION_COOKIE + "=") and TOKEN not in cookie
+    assert "HttpOnly" in headers["set-cookie"] and "SameSite=Strict" in headers["set-cookie"]
+
+    path = f"/studies/{node.undelivered}/resend"
+    assert _http(node.url, path, "POST", headers={"Cookie": cookie}, form={})[0] == 403
+    page = _http(node.url, "/status", headers={"Cookie": cookie})[2].decode()
+    csrf = page.split("name=csrf value='")[1].split("'")[0]
+    status, headers, _ = _http(node.url, path, "POST", headers={"Cookie": cookie}, form={"csrf": csrf})
+    assert status == 303 and "retried=delivery" in headers["location"]
+    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
+    assert node.ledger.study(node.undelivered)["state"] == StudyState.REPORTED
+
+    # A Bearer client needs no form token; the study has not failed any more.
+    status, _, body = _http(node.url, path, "POST", headers=BEARER, form={})
+    assert status == 409 and b"has not failed" in body
+    assert _http(node.url, "/studies/1.2.3/resend", "POST", headers=BEARER, form={})[0] == 404
+
+
+def test_retry_study_requeues_a_failed_analysis(node: Node) -> None:
+    assert retry_study(node.ledger, node.broken) is RetryOutcome.ANALYSIS
+    study = node.ledger.study(node.broken)
+    assert study["state"] == StudyState.COMPLETE and study["attempts"] == 0 and study["error"] is None
+    assert node.broken in node.ledger.due_for_queue()
+    with pytest.raises(ValueError, match="has not failed"):
+        retry_study(node.ledger, node.analysed)
+    with pytest.raises(LookupError):
+        retry_study(node.ledger, "1.2.3.4")
+
+
+# --- headless Chromium ---------------------------------------------------------------
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (websocket-client)."""
+
+    def __init__(self, profile: Path) -> None:
+        import websocket
+
+        binary = shutil.which("chromium")
+        if binary is None:
+            pytest.fail("chromium is missing: run scripts/setup.sh (apt-get install chromium)")
+        self._proc = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not port_file.is_file() or not port_file.read_text().strip():
+            if time.monotonic() > deadline or self._proc.poll() is not None:
+                self.close()
+                pytest.fail("chromium did not open its DevTools port")
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/json/list")
+        page = next(t for t in json.loads(conn.getresponse().read()) if t["type"] == "page")
+        conn.close()
+        self._ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=20, suppress_origin=True)
+        self._id = 0
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        self._ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self._ws.recv())
+            if message.get("id") == self._id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return dict(message["result"])
+
+    def evaluate(self, expression: str) -> Any:
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, timeout_s: float = 20) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = self.evaluate(f"document.readyState === 'complete' && ({expression})")
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {expression}; page: {self.evaluate('document.body && document.body.innerText')}")
+
+    def close(self) -> None:
+        if hasattr(self, "_ws"):
+            self._ws.close()
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+
+
+def test_status_page_in_headless_chromium(node: Node, tmp_path: Path) -> None:
+    browser = Chromium(tmp_path / "chromium-profile")
+    try:
+        browser.call("Page.navigate", url=node.url + "/status")
+        browser.wait_for("document.querySelector('input[name=token]') !== null")
+        browser.evaluate(
+            f"document.querySelector('input[name=token]').value = {json.dumps(TOKEN)};"
+            "document.querySelector('form[action=\"/login\"]').submit()"
+        )
+        browser.wait_for("document.querySelector('table#studies') !== null")
+        row = f"document.querySelector('#studies tr[data-study=\"{node.analysed}\"]')"
+        assert browser.evaluate(f"{row}.querySelector('.result').textContent") == "malignant 0.87"
+        assert browser.evaluate(f"{row}.textContent").count(ACCESSION) == 1
+        # The thumbnail is a real decoded PNG in the page, not a broken image.
+        assert browser.wait_for(f"{row}.querySelector('img.heatmap').naturalWidth") > 0
+        assert PATIENT_NAME not in browser.evaluate("document.documentElement.outerHTML")
+
+        browser.evaluate(f"document.querySelector('#failed tr[data-study=\"{node.undelivered}\"] button.resend').click()")
+        browser.wait_for("location.search.includes('retried=delivery')")
+        assert node.undelivered in browser.evaluate("document.querySelector('.notice').textContent")
+    finally:
+        browser.close()
+    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
+    assert node.ledger.study(node.undelivered)["state"] == StudyState.REPORTED
