@@ -1,0 +1,255 @@
+"""Analysis of one study: its stored instances in, a :class:`StudyResult` out.
+
+The work of the worker, without the queue: read each instance from the spool,
+prepare its pixels (service.imaging), run the model on all frames of the study in
+batches (service.inference), keep each frame's Grad-CAM heatmap as a ``.npy`` file
+for the reports, summarise per instance and per study (``SUMMARY_RULE``), and ask
+the similar-case index for the nearest diagnosed studies. Nothing here touches the
+ledger or the queue; the task shell (service.tasks) claims the study and stores what
+this returns.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from service.imaging import PreparedInstance, prepare_instance, resize_map
+from service.inference import OnnxModel, Prediction
+from service.ledger import InstanceRecord
+from service.results import FrameResult, ImageResult, StudyResult, StudySummary
+from service.retrieval import IndexEntry, SimilarCaseIndex
+from service.settings import Settings
+from service.spool import instance_path, write_atomic
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What analysing a study produced: the result to store and, when analysed studies
+    are indexed (setting ``index_analysed_studies``), the index entries to add once
+    the result is stored."""
+
+    result: StudyResult
+    index_entries: list[IndexEntry]
+
+
+class _Stopwatch:
+    """Seconds spent per stage, for ``StudyResult.timings_s``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 6)
+
+
+def suspicion(classes: Sequence[str], predicted: str) -> int:
+    """Rank of a class in the summary rule: the model card lists its classes from
+    least to most suspicious (normal, benign, malignant)."""
+    return list(classes).index(predicted)
+
+
+def decisive_frame(frames: Sequence[FrameResult], classes: Sequence[str]) -> FrameResult | None:
+    """The most suspicious in-distribution frame (SUMMARY_RULE); ties go to the
+    higher probability. Frames outside the model's experience never decide."""
+    judged = [f for f in frames if not f.out_of_distribution]
+    if not judged:
+        return None
+    return max(judged, key=lambda f: (suspicion(classes, f.predicted), f.probabilities[f.predicted]))
+
+
+def summarise_study(images: Sequence[ImageResult], classes: Sequence[str]) -> StudySummary:
+    """The study's answer by SUMMARY_RULE. When images were analysed but every one
+    is outside the model's experience, there is no class: ``predicted`` is None and
+    ``out_of_distribution`` says why."""
+    decided = [i for i in images if i.predicted is not None and i.probability is not None]
+    if not decided:
+        analysed = any(i.frames for i in images)
+        return StudySummary(predicted=None, probability=None, decisive_sop_instance_uid=None,
+                            out_of_distribution=analysed)
+    best = max(decided, key=lambda i: (suspicion(classes, i.predicted or ""), i.probability or 0.0))
+    return StudySummary(predicted=best.predicted, probability=best.probability,
+                        decisive_sop_instance_uid=best.sop_instance_uid, out_of_distribution=False)
+
+
+def _read(rec: InstanceRecord, spool_dir: Path) -> Dataset | str:
+    """The stored instance, or why it cannot be read. The path comes from this
+    process's own spool folder, so worker hosts may mount the shared volume anywhere."""
+    path = instance_path(spool_dir, rec.study_uid, rec.sop_instance_uid)
+    try:
+        return pydicom.dcmread(path)
+    except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+        return f"cannot read the stored instance ({type(exc).__name__}: {exc})"
+
+
+def _save_heatmap(path: Path, heatmap: np.ndarray, durable: bool) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, heatmap.astype(np.float32), allow_pickle=False)
+    write_atomic(path, buffer.getvalue(), durable=durable)
+
+
+def _frame_results(
+    prepared: PreparedInstance, prediction: Prediction, first_row: int, classes: Sequence[str],
+    heatmap_dir: Path, sop_instance_uid: str, durable: bool,
+) -> list[FrameResult]:
+    frames = []
+    for k, frame in enumerate(prepared.frames):
+        row = first_row + k
+        x0, y0, x1, y1 = frame.crop
+        heatmap_path = (heatmap_dir / f"{sop_instance_uid}-f{frame.frame_number}.npy").resolve()
+        _save_heatmap(heatmap_path, resize_map(prediction.gradcam[row], x1 - x0, y1 - y0), durable)
+        probabilities = {c: round(float(p), 6) for c, p in zip(classes, prediction.probabilities[row], strict=True)}
+        frames.append(FrameResult(
+            frame_number=frame.frame_number,
+            probabilities=probabilities,
+            predicted=classes[int(prediction.predicted[row])],
+            out_of_distribution=bool(prediction.out_of_distribution[row]),
+            ood_distance=round(float(prediction.ood_distance[row]), 6),
+            heatmap_path=str(heatmap_path),
+            crop=frame.crop,
+            embedding=[round(float(v), 7) for v in prediction.embedding[row]],
+        ))
+    return frames
+
+
+def _image_result(rec: InstanceRecord, n_frames: int, frames: list[FrameResult], skipped: str | None,
+                  classes: Sequence[str]) -> ImageResult:
+    """One instance: its frames and the most suspicious in-distribution one as its answer."""
+    decisive = decisive_frame(frames, classes)
+    return ImageResult(
+        sop_instance_uid=rec.sop_instance_uid, series_uid=rec.series_uid, sop_class_uid=rec.sop_class_uid,
+        skipped=skipped, frames=frames, number_of_frames=n_frames,
+        predicted=decisive.predicted if decisive else None,
+        probability=decisive.probabilities[decisive.predicted] if decisive else None,
+        out_of_distribution=bool(frames) and decisive is None,
+    )
+
+
+def analyse_study(
+    settings: Settings, model: OnnxModel, study_uid: str, generation: int,
+    instances: Sequence[InstanceRecord], index: SimilarCaseIndex | None = None,
+) -> Analysis:
+    """Analyse every instance of one study (generation ``generation``).
+
+    An instance that cannot or should not be judged is kept in the result with its
+    skip reason; it never fails the study. ``index`` (None: no similar-case index is
+    configured yet) is queried with the in-distribution frames' embeddings.
+    """
+    clock = _Stopwatch()
+    classes = model.card.classes
+    prepared: dict[str, PreparedInstance | str] = {}
+    study = _StudyAttributes()
+    for rec in instances:  # one instance in memory at a time: cine loops can be large
+        if rec.ignored_reason:
+            prepared[rec.sop_instance_uid] = rec.ignored_reason
+            continue
+        with clock.stage("read_s"):
+            ds = _read(rec, settings.spool_dir)
+        if isinstance(ds, str):
+            prepared[rec.sop_instance_uid] = ds
+            continue
+        if not study.read:
+            study = _StudyAttributes.of(ds, index)
+        with clock.stage("prepare_s"):
+            prepared[rec.sop_instance_uid] = prepare_instance(ds, model.card.input, settings.max_cine_frames)
+    tensors = [f.tensor for p in prepared.values() if isinstance(p, PreparedInstance) for f in p.frames]
+    with clock.stage("inference_s"):
+        prediction = model.run(np.stack(tensors) if tensors else np.zeros((0, 1, 1, 1), np.float32))
+    with clock.stage("heatmaps_s"):
+        images = _image_results(instances, prepared, prediction, classes,
+                                settings.results_dir / study_uid / str(generation), settings.durability == "fsync")
+    for image in images:
+        if image.skipped:
+            LOG.info("instance %s skipped: %s", image.sop_instance_uid, image.skipped, extra={"study_uid": study_uid})
+    similar, index_version, entries = [], None, []
+    if index is not None:
+        with clock.stage("similar_s"):
+            index_version = index.version
+            judged = [(image, f) for image in images for f in image.frames if not f.out_of_distribution]
+            if judged and settings.similar_studies > 0:
+                similar = index.query(
+                    np.asarray([f.embedding for _, f in judged], np.float32), settings.similar_studies,
+                    exclude_study_uid=study_uid, exclude_patient_key=study.patient_key or None,
+                    confirmed_only=settings.similar_confirmed_only,
+                    query_sop_instance_uids=[image.sop_instance_uid for image, _ in judged],
+                )
+        if settings.index_analysed_studies:
+            entries = _index_entries(study_uid, images, classes, study, settings.spool_dir)
+    clock.seconds["total_s"] = round(sum(clock.seconds.values()), 6)
+    result = StudyResult(
+        study_uid=study_uid, generation=generation, model=model.identity, index_version=index_version,
+        images=images, summary=summarise_study(images, classes), similar=similar,
+        timings_s=clock.seconds, execution_provider=model.provider,
+    )
+    return Analysis(result, entries)
+
+
+def _image_results(
+    instances: Sequence[InstanceRecord], prepared: dict[str, PreparedInstance | str], prediction: Prediction,
+    classes: Sequence[str], heatmap_dir: Path, durable: bool,
+) -> list[ImageResult]:
+    """Per instance, in ledger order: its frames' results (rows of ``prediction`` in
+    the order the frames were stacked) or its skip reason."""
+    images, row = [], 0
+    for rec in instances:
+        item = prepared[rec.sop_instance_uid]
+        if isinstance(item, str):
+            images.append(_image_result(rec, 1, [], item, classes))
+            continue
+        frames = _frame_results(item, prediction, row, classes, heatmap_dir, rec.sop_instance_uid, durable)
+        row += len(frames)
+        images.append(_image_result(rec, item.number_of_frames, frames, item.skipped, classes))
+    return images
+
+
+@dataclass(frozen=True)
+class _StudyAttributes:
+    """What the index needs to know about the study; the patient only as a keyed hash."""
+
+    read: bool = False
+    accession_number: str = ""
+    study_date: str = ""
+    patient_key: str = ""
+
+    @classmethod
+    def of(cls, ds: Dataset, index: SimilarCaseIndex | None) -> _StudyAttributes:
+        key = index.patient_key(str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", ""))) if index else ""
+        return cls(True, str(ds.get("AccessionNumber", "")), str(ds.get("StudyDate", "")), key)
+
+
+def _index_entries(study_uid: str, images: Sequence[ImageResult], classes: Sequence[str],
+                   study: _StudyAttributes, spool_dir: Path) -> list[IndexEntry]:
+    """The analysed study as reference images labelled by the AI (unconfirmed): one
+    entry per judged instance, from its decisive frame, since the index keys images
+    by SOP Instance UID."""
+    entries = []
+    for image in images:
+        frame = decisive_frame(image.frames, classes)
+        if frame is None:
+            continue
+        entries.append(IndexEntry(
+            embedding=np.asarray(frame.embedding, np.float32), sop_instance_uid=image.sop_instance_uid,
+            series_uid=image.series_uid, study_uid=study_uid, sop_class_uid=image.sop_class_uid,
+            label=frame.predicted, label_source="ai", confirmed=False,
+            image_path=instance_path(spool_dir, study_uid, image.sop_instance_uid),
+            accession_number=study.accession_number, study_date=study.study_date,
+            patient_key=study.patient_key, frame_number=frame.frame_number,
+        ))
+    return entries

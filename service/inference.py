@@ -1,0 +1,150 @@
+"""The model at run time: one ONNX Runtime session per process, no torch.
+
+:class:`OnnxModel` loads the ONNX file with its model card (the card's sha256 must
+match the file), checks the graph has the interface the card describes
+(service.model_card), picks the execution provider, and runs batches of prepared
+images: class probabilities, the retrieval embedding, the Grad-CAM heatmap of the
+predicted (or a chosen) class, and the out-of-distribution guard.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from service.model_card import ModelCard
+from service.results import ModelIdentity
+
+LOG = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+INPUTS = ("image", "target_class")
+OUTPUTS = ("probabilities", "embedding", "gradcam")
+#: What the result says instead of a class when an image is out of distribution.
+OUTSIDE_EXPERIENCE = "outside the model's experience"
+
+Provider = Literal["auto", "cpu", "cuda"]
+
+
+class ModelError(RuntimeError):
+    """The model cannot be used as configured; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's output for N images (row i belongs to input image i)."""
+
+    probabilities: np.ndarray  # float32 [N, C]
+    embedding: np.ndarray  # float32 [N, D], L2-normalised
+    gradcam: np.ndarray  # float32 [N, h, w] in [0, 1]
+    ood_distance: np.ndarray  # float32 [N]: distance to the nearest training centroid
+    out_of_distribution: np.ndarray  # bool [N]: ood_distance > the card's threshold
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+
+def choose_providers(requested: Provider, available: list[str]) -> list[str]:
+    """Execution providers to ask ONNX Runtime for, in order of preference.
+
+    ``auto`` takes CUDA when ``onnxruntime-gpu`` offers it (ONNX Runtime itself falls
+    back to CPU when no GPU answers, which :class:`OnnxModel` logs); ``cuda`` insists.
+    """
+    if requested == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if requested == "cuda":
+        raise ModelError(
+            f"execution_provider is 'cuda' but this ONNX Runtime offers only {', '.join(available)}: "
+            "install the 'gpu' extra (onnxruntime-gpu) or set SONOCASE_EXECUTION_PROVIDER=auto"
+        )
+    return [CPU]
+
+
+class OnnxModel:
+    """The model of ``path`` and its card, ready to run batches of prepared images."""
+
+    def __init__(self, path: Path, provider: Provider = "auto", batch_size: int = 8, threads: int = 0) -> None:
+        """``threads``: ONNX Runtime intra-op threads (0 = one per core); a host
+        running several worker processes gives each a share of the cores."""
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist (setting model_path)")
+        try:
+            self.card = ModelCard.load(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ModelError(str(exc)) from exc
+        self.path = path
+        self.batch_size = batch_size
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        requested = choose_providers(provider, ort.get_available_providers())
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
+        self.provider = self.session.get_providers()[0]
+        if requested[0] != self.provider:
+            LOG.warning("model %s: %s was requested but ONNX Runtime runs on %s", path.name, requested[0], self.provider)
+        self._check_interface()
+        self._centroids = np.asarray(self.card.ood.centroids, dtype=np.float32)
+        LOG.info("model %s %s (sha256 %s) runs on %s", self.card.name, self.card.version,
+                 self.card.sha256[:12], self.provider)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(name=self.card.name, version=self.card.version, sha256=self.card.sha256)
+
+    def _check_interface(self) -> None:
+        """The graph must be what the card says, or every result would be wrong."""
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        problems = [f"input {n!r} is missing" for n in INPUTS if n not in inputs]
+        problems += [f"output {n!r} is missing" for n in OUTPUTS if n not in outputs]
+        spec = self.card.input
+        if "image" in inputs and list(inputs["image"][1:]) != [spec.channels, spec.height, spec.width]:
+            problems.append(f"input 'image' has shape {inputs['image']}, the card says "
+                            f"[N, {spec.channels}, {spec.height}, {spec.width}]")
+        for name, size, what in (("probabilities", len(self.card.classes), "classes"),
+                                 ("embedding", self.card.embedding_dim, "embedding_dim")):
+            if name in outputs and outputs[name][1] != size:
+                problems.append(f"output {name!r} has shape {outputs[name]}, the card's {what} is {size}")
+        if len(self.card.ood.centroids) != len(self.card.classes) or any(
+            len(c) != self.card.embedding_dim for c in self.card.ood.centroids
+        ):
+            problems.append("the card's OOD centroids are not one embedding_dim vector per class")
+        if problems:
+            raise ModelError(f"model {self.path} does not match its card: " + "; ".join(problems))
+
+    def run(self, batch: np.ndarray, target_class: np.ndarray | None = None) -> Prediction:
+        """Run ``batch`` (float32 [N, 1, H, W], prepared by service.imaging) in chunks
+        of ``batch_size``; Grad-CAM explains ``target_class`` per image, or the
+        predicted class where it is None or -1."""
+        n = len(batch)
+        targets = np.full(n, -1, np.int64) if target_class is None else np.asarray(target_class, np.int64)
+        if targets.shape != (n,):
+            raise ValueError(f"target_class must have one entry per image ({n}), got shape {targets.shape}")
+        if n == 0:
+            empty = np.zeros((0,), np.float32)
+            return Prediction(np.zeros((0, len(self.card.classes)), np.float32),
+                              np.zeros((0, self.card.embedding_dim), np.float32),
+                              np.zeros((0, 0, 0), np.float32), empty, empty.astype(bool))
+        parts = [
+            self.session.run(list(OUTPUTS), {"image": np.ascontiguousarray(batch[i:i + self.batch_size], np.float32),
+                                             "target_class": targets[i:i + self.batch_size]})
+            for i in range(0, n, self.batch_size)
+        ]
+        probabilities, embedding, gradcam = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        distance = self.ood_distance(embedding)
+        return Prediction(probabilities, embedding, gradcam, distance, distance > self.card.ood.threshold)
+
+    def ood_distance(self, embedding: np.ndarray) -> np.ndarray:
+        """Euclidean distance of each embedding to the nearest class centroid of the
+        training embeddings (the card's OOD guard)."""
+        diff = embedding[:, None, :] - self._centroids[None, :, :]
+        return np.sqrt((diff * diff).sum(axis=2)).min(axis=1).astype(np.float32)
