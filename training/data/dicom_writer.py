@@ -96,12 +96,9 @@ def compose_frame(image: np.ndarray, info: StudyInfo) -> tuple[np.ndarray, list[
     right = max(24, size_x // 5)
     rows, cols = top + size_y + bottom, left + size_x + right
     cols += cols % 2  # YBR_FULL_422 halves the chroma horizontally: keep the width even
-    frame = np.full((rows, cols, 3), _BORDER, np.uint8)
-    frame[top:top + size_y, left:left + size_x] = image[..., None]
-
-    canvas = Image.fromarray(frame)
+    canvas = Image.new("RGB", (cols, rows), (_BORDER,) * 3)
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=max(8, top // 3))
+    font = ImageFont.load_default(size=max(6, (top - 4) // 2))
     date = f"{info.study_date[:4]}-{info.study_date[4:6]}-{info.study_date[6:]}"
     draw.text((left, 2), f"SONOCASE PHANTOM  L12-5  BREAST {info.laterality}", fill=(230, 230, 230), font=font)
     draw.text((left, 2 + top // 2), f"{date}  {info.study_time[:2]}:{info.study_time[2:4]}  "
@@ -114,6 +111,7 @@ def compose_frame(image: np.ndarray, info: StudyInfo) -> tuple[np.ndarray, list[
         y = top + min(size_y - 1, round(cm / delta_cm))
         draw.line((left - 8, y, left - 3, y), fill=(180, 180, 180))
     frame = np.asarray(canvas).copy()
+    frame[top:top + size_y, left:left + size_x] = image[..., None]  # last: nothing overdraws it
 
     bar_x0, bar_x1 = left + size_x + 6, left + size_x + 6 + max(6, right // 4)
     bar_y0, bar_y1 = top + size_y // 10, top + size_y // 2
