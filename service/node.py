@@ -22,6 +22,7 @@ from service.cli import settings_from
 from service.ledger import Ledger
 from service.receiver import CompletionLoop, ReceiverService
 from service.settings import Settings
+from service.web import build_web_server
 
 LOG = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Service(Protocol):
 def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     """The node's services in start order (each stage adds its line here)."""
     return [
+        *([build_web_server(settings, ledger)] if settings.http_port else []),
         CompletionLoop(ledger, settings.quiet_period_s),
         ReceiverService(settings, ledger),
     ]

@@ -21,9 +21,10 @@ import io
 import json
 import logging
 import re
+import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from http import HTTPStatus
@@ -40,9 +41,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import ValidationError
 
 from service.ledger import Ledger, OutboxState, StudyState
-from service.metrics import STAGES, LedgerCollector, VersionSource, build_registry
+from service.metrics import STAGES, LedgerCollector, build_registry
 from service.model_card import DISCLAIMER, ModelCard
 from service.results import StudyResult
+from service.retrieval import SimilarCaseIndex
 from service.settings import Settings
 from service.spool import free_disk_mb
 
@@ -144,6 +146,53 @@ class ModelProbe:
         self._refresh()
         card = self._card
         return {} if card is None else {"name": card.name, "version": card.version, "sha256": card.sha256}
+
+
+class IndexProbe:
+    """The similar-case index as the workers will find it: the readiness check and
+    the ``sonocase_index`` info metric. No index yet is ready (similar cases are off
+    until one is built); an index of another model's embeddings is not."""
+
+    def __init__(self, index_dir: Path, model: ModelProbe) -> None:
+        self._dir = index_dir
+        self._model = model
+        self._lock = threading.Lock()
+        self._index: SimilarCaseIndex | None = None
+
+    def _open(self) -> SimilarCaseIndex | None:
+        with self._lock:
+            if self._index is None and (self._dir / "index.sqlite3").is_file():
+                self._index = SimilarCaseIndex(self._dir, None)
+            return self._index
+
+    def check(self) -> CheckResult:
+        try:
+            index = self._open()
+            if index is None:
+                return CheckResult(True, f"no similar-case index in {self._dir}: similar cases are off")
+            bound, version = index.bound_model, index.version
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            return CheckResult(False, f"similar-case index unreadable: {exc}")
+        model_sha = self._model.info().get("sha256")
+        if bound is not None and model_sha is not None and bound.sha256 != model_sha:
+            return CheckResult(
+                False, f"the index holds embeddings of model {bound.name} {bound.version}, not of the"
+                " configured model: run 'sonocase index rebuild'",
+            )
+        return CheckResult(True, f"index version {version}")
+
+    def info(self) -> dict[str, str]:
+        try:
+            index = self._open()
+            return {} if index is None else {"version": index.version}
+        except (OSError, ValueError, sqlite3.Error):
+            return {}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._index is not None:
+                self._index.close()
+            self._index = None
 
 
 # --- resending --------------------------------------------------------------------
@@ -572,11 +621,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class WebServer:
-    """Serves a :class:`WebApp` from a daemon thread until :meth:`stop`."""
+    """Serves a :class:`WebApp` from a daemon thread until :meth:`stop` (a node service)."""
 
-    def __init__(self, app: WebApp, host: str, port: int) -> None:
+    name = "web"
+
+    def __init__(self, app: WebApp, host: str, port: int, on_stop: Sequence[Callable[[], None]] = ()) -> None:
         self._app = app
         self._address = (host, port)
+        self._on_stop = list(on_stop)
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -587,7 +639,10 @@ class WebServer:
         return int(self._httpd.server_address[1])
 
     def start(self) -> None:
-        self._httpd = _Server(self._address, _Handler)
+        try:
+            self._httpd = _Server(self._address, _Handler)
+        except OSError as exc:
+            raise OSError(f"cannot serve HTTP on {self._address[0]}:{self._address[1]} (setting http_port): {exc}") from exc
         self._httpd.app = self._app
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="web", daemon=True)
         self._thread.start()
@@ -600,24 +655,22 @@ class WebServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._httpd = self._thread = None
+        for close in self._on_stop:
+            close()
 
 
-def build_web_server(
-    settings: Settings,
-    ledger: Ledger,
-    checks: Mapping[str, Check],
-    index_info: VersionSource = dict,
-    model: ModelProbe | None = None,
-) -> WebServer:
-    """The node's web server: the given readiness checks plus disk, ledger and model
-    checks, and a metrics registry over the ledger."""
-    model = model or ModelProbe(settings.model_path)
+def build_web_server(settings: Settings, ledger: Ledger, checks: Mapping[str, Check] | None = None) -> WebServer:
+    """The node's web server: disk, ledger, model and index readiness checks plus the
+    given ones (the broker's), and a metrics registry over the ledger."""
+    model = ModelProbe(settings.model_path)
+    index = IndexProbe(settings.effective_index_dir, model)
     all_checks: dict[str, Check] = {
         "disk": disk_check(settings.data_dir, settings.min_free_disk_mb),
         "ledger": ledger_check(ledger),
         "model": model.check,
-        **checks,
+        "index": index.check,
+        **(checks or {}),
     }
-    collector = LedgerCollector(ledger, settings.data_dir, model_info=model.info, index_info=index_info)
+    collector = LedgerCollector(ledger, settings.data_dir, model_info=model.info, index_info=index.info)
     app = WebApp(settings, ledger, all_checks, build_registry(collector))
-    return WebServer(app, settings.http_host, settings.http_port)
+    return WebServer(app, settings.http_host, settings.http_port, on_stop=[index.close])

@@ -28,11 +28,13 @@ from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
 from service.metrics import observe_cstore
 from service.model_card import ModelCard, card_path_for, sha256_file
 from service.results import FrameResult, ImageResult, ModelIdentity, StudyResult, StudySummary
+from service.retrieval import SimilarCaseIndex
 from service.settings import Settings, load_settings
 from service.spool import instance_path, write_atomic
 from service.web import (
     SESSION_COOKIE,
     CheckResult,
+    IndexProbe,
     ModelProbe,
     RetryOutcome,
     broker_check,
@@ -189,7 +191,7 @@ def test_health_ready_and_metrics(node: Node) -> None:
     doc = json.loads(body)
     assert status == 200, doc
     assert headers["content-type"] == "application/json"
-    assert set(doc["checks"]) == {"disk", "ledger", "model"} and doc["ready"] is True
+    assert set(doc["checks"]) == {"disk", "ledger", "model", "index"} and doc["ready"] is True
     assert doc["checks"]["model"]["detail"] == "sonocase-hybrid 7"
 
     observe_cstore(0xA700)
@@ -254,6 +256,24 @@ def test_model_probe_follows_file_changes(tmp_path: Path) -> None:
     assert not probe.check().ok and probe.info() == {}
     path.unlink()
     assert "unreadable" in probe.check().detail
+
+
+def test_index_probe(tmp_path: Path) -> None:
+    model_path = _model(tmp_path)
+    model = ModelProbe(model_path)
+    probe = IndexProbe(tmp_path / "index", model)
+    assert probe.check().ok and "similar cases are off" in probe.check().detail and probe.info() == {}
+
+    card = ModelCard.load(model_path)
+    SimilarCaseIndex(tmp_path / "index", ModelIdentity(name=card.name, version=card.version, sha256=card.sha256)).close()
+    result = probe.check()
+    assert result.ok and probe.info()["version"] in result.detail
+
+    other = IndexProbe(tmp_path / "other-index", model)
+    SimilarCaseIndex(tmp_path / "other-index", ModelIdentity(name="old", version="1", sha256="f" * 64)).close()
+    assert not other.check().ok and "sonocase index rebuild" in other.check().detail
+    probe.close()
+    other.close()
 
 
 def test_status_page_is_off_without_a_token(tmp_path: Path) -> None:
