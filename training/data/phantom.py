@@ -142,13 +142,16 @@ def sample_lesion(rng: np.random.Generator, label: int, anatomy: Anatomy,
     """
     atypical = rng.random() < 0.25
 
-    def looks(kind: int) -> bool:
+    def malignant_look() -> bool:
+        """One descriptor group's look: its class's, or a coin flip when atypical."""
         if atypical and rng.random() < 0.5:
-            return kind != label
-        return kind == label
+            return label != MALIGNANT
+        return label == MALIGNANT
 
+    # Per descriptor group: does this lesion look malignant in it?
+    tall, irregular, heterogeneous, shadowing = (malignant_look() for _ in range(4))
     size = np.exp(rng.uniform(np.log(0.09), np.log(0.36))) * scale
-    if looks(MALIGNANT):  # orientation: non-parallel
+    if tall:  # orientation: non-parallel
         aspect = rng.uniform(0.85, 1.5)
     else:
         aspect = rng.uniform(0.4, 0.85) if rng.random() < 0.85 else rng.uniform(0.85, 1.0)
@@ -158,7 +161,7 @@ def sample_lesion(rng: np.random.Generator, label: int, anatomy: Anatomy,
     harmonics = np.zeros(10, np.float32)
     phases = rng.uniform(0, 2 * np.pi, 10).astype(np.float32)
     spicules = np.zeros((0, 3), np.float32)
-    if looks(MALIGNANT):  # shape and margin: irregular, angular, spiculated
+    if irregular:  # shape and margin: irregular, angular, spiculated
         harmonics[2:] = rng.uniform(0.02, 0.11, 8) / np.sqrt(np.arange(2, 10) / 2)
         if rng.random() < 0.55:
             n = int(rng.integers(5, 15))
@@ -177,23 +180,23 @@ def sample_lesion(rng: np.random.Generator, label: int, anatomy: Anatomy,
         halo_db = 0.0
         capsule_db = rng.uniform(0.0, 6.0)
 
-    cyst = not looks(MALIGNANT) and label == BENIGN and rng.random() < 0.3
+    cyst = not heterogeneous and label == BENIGN and rng.random() < 0.3
     if cyst:
         echo_db, heterogeneity_db = _ANECHOIC_DB + rng.uniform(0, 8), 0.5
-    elif looks(MALIGNANT):  # echo pattern: heterogeneous, markedly hypoechoic to fat
+    elif heterogeneous:  # echo pattern: heterogeneous, markedly hypoechoic to fat
         echo_db, heterogeneity_db = anatomy.fat_db - rng.uniform(5.0, 14.0), rng.uniform(3.0, 7.0)
     else:  # homogeneous, hypoechoic to fat (fibroadenoma)
         echo_db, heterogeneity_db = anatomy.fat_db - rng.uniform(3.0, 10.0), rng.uniform(0.5, 2.5)
     if rng.random() < 0.12:  # a subtle lesion, only a little darker than the gland: hard case
         echo_db = anatomy.gland_db - rng.uniform(6.0, 12.0)
 
-    if looks(MALIGNANT):  # posterior features
+    if shadowing:  # posterior features
         posterior_db = -rng.uniform(5.0, 16.0) if rng.random() < 0.75 else rng.uniform(-2.0, 3.0)
     else:
         posterior_db = rng.uniform(2.0, 8.0) if rng.random() < 0.75 else rng.uniform(-2.0, 1.0)
     if cyst:
         posterior_db = rng.uniform(6.0, 10.0)
-    edge_shadow_db = -rng.uniform(4.0, 9.0) if not looks(MALIGNANT) and rng.random() < 0.3 else 0.0
+    edge_shadow_db = -rng.uniform(4.0, 9.0) if not irregular and rng.random() < 0.3 else 0.0
 
     margin_y = height / 2 + 0.02
     top, bottom = anatomy.fat - 0.03 + margin_y, min(anatomy.gland, 0.85) - margin_y
@@ -204,7 +207,7 @@ def sample_lesion(rng: np.random.Generator, label: int, anatomy: Anatomy,
         echo_db=echo_db, heterogeneity_db=heterogeneity_db, margin_px=margin_px,
         capsule_db=capsule_db, halo_db=halo_db, halo_px=rng.uniform(2.0, 6.0),
         posterior_db=posterior_db, edge_shadow_db=edge_shadow_db,
-        calcifications=int(rng.integers(2, 9)) if looks(MALIGNANT) and rng.random() < 0.4 else 0,
+        calcifications=int(rng.integers(2, 9)) if heterogeneous and rng.random() < 0.4 else 0,
     )
 
 
