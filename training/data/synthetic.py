@@ -25,13 +25,13 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from training.data.busi import BUSI_FOLDER
 from training.data.dicom_writer import VARIANTS, StudyInfo, Variant, ultrasound_image
 from training.data.phantom import NORMAL, jitter_view, render, sample_patient
 from training.records import CLASSES, Record
 
 #: Views per synthetic patient: drawn uniformly from this range (inclusive).
 VIEWS_PER_PATIENT = (1, 3)
-BUSI_FOLDER = "Dataset_BUSI_with_GT"
 
 # Independent random streams of one patient, so asking for a different number of
 # views (synthetic_study) does not change the patient's anatomy.
@@ -136,22 +136,28 @@ def _uid(*parts: str) -> str:
     return generate_uid(entropy_srcs=list(parts))
 
 
+def _patient_key(seed: int, label: int, index: int) -> str:
+    return f"sonocase-synthetic/{seed}/{label}/{index}"
+
+
 def study_info(seed: int, label: int, index: int) -> StudyInfo:
     """Synthetic, PHI-free identity of a patient's study, derived from its seeds."""
     rng = np.random.default_rng([seed, label, index, _META])
-    key = f"sonocase-synthetic/{seed}/{label}/{index}"
-    code = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 1_000_000
+    key = _patient_key(seed, label, index)
+    # Ten hashed digits: unique across a data set's patients in practice (a clash
+    # among 10,000 patients has odds ~0.5 %), and the ID carries no hint of the label.
+    code = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10**10
     study_day = date(2024, 1, 1) + timedelta(days=int(rng.integers(0, 730)))
     birth_day = study_day - timedelta(days=int(rng.integers(30 * 365, 75 * 365)))
     return StudyInfo(
-        patient_name=f"SYNTHETIC^PATIENT^{code:06d}",
-        patient_id=f"SYN{code:06d}",
+        patient_name=f"SYNTHETIC^PATIENT^{code:010d}",
+        patient_id=f"SYN{code:010d}",
         patient_birth_date=birth_day.strftime("%Y%m%d"),
         study_uid=_uid(key, "study"),
         series_uid=_uid(key, "series"),
         study_date=study_day.strftime("%Y%m%d"),
         study_time=f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00",
-        accession_number=f"SYNACC{code:06d}",
+        accession_number=f"SYNACC{code:010d}",
         laterality=str(rng.choice(["L", "R"])),
         depth_cm=float(rng.choice([3.0, 3.5, 4.0, 4.5, 5.0])),
     )
@@ -160,7 +166,7 @@ def study_info(seed: int, label: int, index: int) -> StudyInfo:
 def _study(seed: int, label: int, index: int, views: list[SyntheticView],
            variant: Variant) -> list[Dataset]:
     info = study_info(seed, label, index)
-    key = f"sonocase-synthetic/{seed}/{label}/{index}"
+    key = _patient_key(seed, label, index)
     return [
         ultrasound_image(view.image, info, instance_number=k + 1,
                          sop_instance_uid=_uid(key, "instance", str(k)),
