@@ -21,6 +21,7 @@ import click
 from service.cli import settings_from
 from service.ledger import Ledger
 from service.receiver import CompletionLoop, ReceiverService
+from service.scheduler import SchedulerService, WorkerProcesses
 from service.settings import Settings
 from service.web import build_web_server
 
@@ -42,6 +43,8 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     return [
         *([build_web_server(settings, ledger)] if settings.http_port else []),
         CompletionLoop(ledger, settings.quiet_period_s),
+        *([WorkerProcesses(settings)] if settings.workers else []),
+        SchedulerService(settings, ledger),
         ReceiverService(settings, ledger),
     ]
 

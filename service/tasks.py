@@ -1,0 +1,161 @@
+"""The analysis worker: a thin Celery task around :func:`process_study`, and the
+``sonocase worker`` command.
+
+A task carries only a study UID; everything else comes from the ledger. It is
+idempotent: the worker first claims the study in the ledger (a lease), so a
+redelivered or re-sent message for a study that is being or has been analysed does
+nothing, and results are keyed by (study, generation), heatmaps by UIDs. A failure
+is recorded in the ledger and retried by the scheduler with exponential backoff;
+after ``task_max_attempts`` the study is FAILED with the reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+from celery import Celery
+from celery.signals import worker_process_init
+
+from service.analysis import analyse_study
+from service.cli import settings_from
+from service.inference import OnnxModel
+from service.ledger import Ledger, StudyState
+from service.retrieval import SimilarCaseIndex
+from service.scheduler import QUEUE, TASK_NAME, create_app
+from service.settings import Settings
+
+LOG = logging.getLogger(__name__)
+
+
+class WorkerState:
+    """What one worker process keeps between tasks: its ledger handle, the ONNX
+    session (loaded once per process) and the similar-case index.
+
+    Built in the parent, opened in each pool process (SQLite handles and ONNX
+    Runtime sessions must not cross a fork).
+    """
+
+    def __init__(self, settings: Settings, threads: int = 0) -> None:
+        self.settings = settings
+        self.threads = threads
+        self._pid: int | None = None
+        self._ledger: Ledger | None = None
+        self._model: OnnxModel | None = None
+        self._index: SimilarCaseIndex | None = None
+
+    def open(self) -> None:
+        """Open the ledger and load the model in this process. A model that cannot
+        load is logged here and reported per study (the study fails visibly)."""
+        self._pid = os.getpid()
+        self._ledger = Ledger(self.settings.ledger_path, durable=self.settings.durability == "fsync")
+        self._model = self._index = None
+        try:
+            self.model()
+        except (OSError, ValueError, RuntimeError):
+            LOG.exception("the model %s cannot be loaded; studies will fail until it is fixed",
+                          self.settings.model_path)
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._pid != os.getpid() or self._ledger is None:
+            self.open()
+        assert self._ledger is not None
+        return self._ledger
+
+    def model(self) -> OnnxModel:
+        if self._model is None:
+            self._model = OnnxModel(self.settings.model_path, self.settings.execution_provider,
+                                    self.settings.batch_size, self.threads)
+        return self._model
+
+    def index(self, model: OnnxModel) -> SimilarCaseIndex | None:
+        """The node's similar-case index, or None while there is none (nor should be:
+        ``index_analysed_studies`` creates it) or it holds another model's embeddings."""
+        if self._index is None:
+            try:
+                existing = SimilarCaseIndex.from_settings(self.settings, None)
+            except FileNotFoundError:
+                if not self.settings.index_analysed_studies:
+                    return None
+            else:
+                bound = existing.bound_model
+                existing.close()
+                if bound is not None and bound.sha256 != model.identity.sha256:
+                    LOG.warning("similar-case index %s holds embeddings of model %s %s, not %s %s: similar "
+                                "cases stay empty until 'sonocase index rebuild'", self.settings.effective_index_dir,
+                                bound.name, bound.version, model.card.name, model.card.version)
+                    return None
+            self._index = SimilarCaseIndex.from_settings(self.settings, model.identity)
+        return self._index
+
+
+def process_study(state: WorkerState, study_uid: str) -> str:
+    """Claim, analyse and store one study; return what happened (for the task result
+    and the tests): ``analysed``, ``not-claimed``, ``stale``, or the ledger state
+    after a failure (``complete`` = retry scheduled, ``failed``)."""
+    settings, ledger = state.settings, state.ledger
+    generation = ledger.claim_analysis(study_uid, settings.task_lease_s)
+    if generation is None:
+        LOG.info("not claimed: analysed already, or another worker holds its lease", extra={"study_uid": study_uid})
+        return "not-claimed"
+    LOG.info("analysing generation %d", generation, extra={"study_uid": study_uid})
+    try:
+        model = state.model()
+        analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid),
+                                 state.index(model))
+    except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
+        reason = f"{type(exc).__name__}: {exc}"
+        outcome = ledger.retry_or_fail(study_uid, "analysis", reason, settings.task_max_attempts,
+                                       settings.task_retry_backoff_s)
+        LOG.exception("analysis failed (%s)", "giving up" if outcome == StudyState.FAILED else "will retry",
+                      extra={"study_uid": study_uid})
+        return str(outcome)
+    if not ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json")):
+        LOG.info("result of generation %d dropped: the study was re-opened meanwhile", generation,
+                 extra={"study_uid": study_uid})
+        return "stale"
+    summary = analysis.result.summary
+    LOG.info("analysed: %s %s in %.2f s", summary.predicted or "no class", summary.probability or "",
+             analysis.result.timings_s.get("total_s", 0.0), extra={"study_uid": study_uid})
+    if analysis.index_entries:
+        index = state.index(model)
+        assert index is not None  # entries are only made when there is an index
+        index.add(analysis.index_entries)
+    return "analysed"
+
+
+def register_tasks(app: Celery, state: WorkerState) -> None:
+    """Bind the analysis task to ``app``; acks_late + reject_on_worker_lost come from
+    the app's configuration (service.scheduler.celery_config)."""
+
+    @app.task(name=TASK_NAME, queue=QUEUE)
+    def analyse(study_uid: str) -> dict[str, Any]:
+        return {"study_uid": study_uid, "outcome": process_study(state, study_uid)}
+
+
+@click.command()
+@click.option("--concurrency", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Pool processes, each with its own model session (one per GPU is typical).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The node's data folder (setting 'data_dir'); shared with the node in distributed mode.")
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int, data_dir: Path | None) -> None:
+    """Analyse queued studies until SIGTERM (warm shutdown: the running study finishes).
+
+    Uses the broker of setting broker_url (empty: the node's embedded queue folder
+    under data_dir). Each pool process loads the ONNX model once.
+    """
+    settings = settings_from(ctx, data_dir=data_dir)
+    app = create_app(settings)
+    state = WorkerState(settings, threads=max(1, (os.cpu_count() or 1) // concurrency))
+    register_tasks(app, state)
+    worker_process_init.connect(lambda **_: state.open(), weak=False)
+    app.worker_main([
+        "worker", f"--concurrency={concurrency}", "--pool=prefork", f"--loglevel={settings.log_level}",
+        "--without-mingle", "--without-gossip", "--without-heartbeat", f"--queues={QUEUE}",
+        f"--hostname=sonocase-{os.getpid()}@%h",
+    ])
