@@ -168,7 +168,7 @@ def _identity(info: StudyInfo, instance_number: int, sop_instance_uid: str) -> D
     ds.ManufacturerModelName = "PHANTOM-US"
     ds.SoftwareVersions = "1"
     ds.InstitutionName = "Synthetic data"
-    ds.ImageComments = f"Synthetic image, {DISCLAIMER}"[:10240]
+    ds.ImageComments = f"Synthetic image. {DISCLAIMER}"
     ds.InstanceNumber = instance_number
     ds.PatientOrientation = ""
     ds.ContentDate = info.study_date
