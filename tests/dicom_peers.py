@@ -67,7 +67,7 @@ def split_file(path: Path) -> UsFile:
     """Read a Part 10 file's meta group and return its data set bytes untouched."""
     ds = dcmread(path, stop_before_pixels=True)
     data = path.read_bytes()
-    offset = _data_set_offset(data)
+    offset = data_set_offset(data)
     return UsFile(
         # The file meta names the instance even when a test deleted it from the data set.
         path=path, sop_class_uid=str(ds.get("SOPClassUID", ds.file_meta.MediaStorageSOPClassUID)),
@@ -77,7 +77,7 @@ def split_file(path: Path) -> UsFile:
     )
 
 
-def _data_set_offset(data: bytes) -> int:
+def data_set_offset(data: bytes) -> int:
     """Where the data set starts: after preamble, ``DICM`` and the (0002,xxxx) group
     (explicit VR little endian, PS3.10 7.1), element by element."""
     assert data[128:132] == b"DICM", "not a Part 10 file"
@@ -128,9 +128,17 @@ def send_raw(assoc: Association, raw: bytes, sop_class_uid: str, sop_instance_ui
         empty = type(fragments[-1])()
         empty.presentation_data_value_list.append((cx.context_id, b"\x02"))
         fragments = [*command, empty]
-    for fragment in fragments:
-        assoc.dul.send_pdu(fragment)
-    _, rsp = assoc.dimse.get_msg(block=True)
+    # As Association.send_c_store does: pause the association's reactor so that it
+    # does not take the response off the queue first.
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        for fragment in fragments:
+            assoc.dul.send_pdu(fragment)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
     assert rsp is not None, "no C-STORE response"
     return int(rsp.Status)
 

@@ -1,0 +1,347 @@
+"""The receiver on loopback against real peers: DCMTK echoscu/storescu and a
+pynetdicom SCU, with every ultrasound file shipped in pydicom and pydicom-data."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings
+from pydicom import dcmread
+from pydicom.pixels import pixel_array
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config as pynetdicom_config
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from conftest import dcmtk, free_port
+from dicom_peers import ULTRASOUND_FILES, UsFile, data_set_offset, send_raw, ultrasound_files
+from service.ledger import Ledger
+from service.receiver import STORAGE_SOP_CLASSES, StoreStatus, start_receiver
+from test_receiver import Mutation, mutations, rewrite
+
+US_FILES = {f.name: f for f in ultrasound_files()}
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: The storescu option that proposes a file's own transfer syntax first: no transcoding.
+STORESCU_SYNTAX_OPTION = {
+    ImplicitVRLittleEndian: "-xi", ExplicitVRLittleEndian: "-xe", ExplicitVRBigEndian: "-xb",
+    DeflatedExplicitVRLittleEndian: "-xd", JPEGBaseline8Bit: "-xy", JPEGExtended12Bit: "-xx",
+    JPEGLosslessSV1: "-xs", JPEGLSLossless: "-xt", JPEGLSNearLossless: "-xu", JPEG2000Lossless: "-xv",
+    JPEG2000: "-xw", RLELossless: "-xr",
+}
+
+
+class Receiver:
+    """A running receiver with its ledger and settings, stopped by the fixture."""
+
+    def __init__(self, settings, ledger: Ledger) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.server = start_receiver(settings, ledger)
+
+    def stored(self, f: UsFile) -> Path:
+        return self.settings.spool_dir / f.study_uid / f"{f.sop_instance_uid}.dcm"
+
+
+@pytest.fixture
+def start(settings) -> Iterator:
+    """Start a receiver with some settings changed; all are stopped after the test."""
+    running: list[Receiver] = []
+
+    def _start(**changes: object) -> Receiver:
+        changes.setdefault("port", free_port())  # each receiver its own port, all one ledger
+        rx = Receiver(settings.model_copy(update=changes), Ledger(settings.ledger_path, durable=False))
+        running.append(rx)
+        return rx
+
+    yield _start
+    for rx in running:
+        rx.server.shutdown()
+        rx.ledger.close()
+
+
+@pytest.fixture
+def receiver(start) -> Receiver:
+    return start()
+
+
+def scu(ae_title: str = "TESTSCU", files: list[UsFile] = (), verification: bool = True) -> AE:
+    """A pynetdicom SCU proposing each file's SOP class with the file's own transfer
+    syntax only, so nothing can be transcoded."""
+    ae = AE(ae_title)
+    for sop_class, syntax in sorted({(f.sop_class_uid, f.transfer_syntax) for f in files}):
+        ae.add_requested_context(sop_class, syntax)
+    if verification:
+        ae.add_requested_context(Verification)
+    return ae
+
+
+def associate(rx: Receiver, ae: AE, called: str | None = None, **kwargs: object) -> Association:
+    return ae.associate("127.0.0.1", rx.settings.port, ae_title=called or rx.settings.ae_title, **kwargs)
+
+
+def echoscu(rx: Receiver, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [dcmtk("echoscu"), "-aec", rx.settings.ae_title, *args, "127.0.0.1", str(rx.settings.port)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
+    )
+
+
+def assert_stored_as_sent(rx: Receiver, f: UsFile) -> None:
+    """Byte-for-byte the data set that was sent, and its pixels decode (all frames;
+    colour conversion skipped, it tests no decoder)."""
+    stored = rx.stored(f)
+    assert stored.read_bytes().endswith(f.data_set), f"{f.name}: stored data set differs from what was sent"
+    ds = dcmread(stored, stop_before_pixels=True)
+    assert ds.file_meta.TransferSyntaxUID == f.transfer_syntax
+    pixels = pixel_array(stored, raw=True)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    expected = (frames,) * (frames > 1) + (ds.Rows, ds.Columns) + (ds.SamplesPerPixel,) * (ds.SamplesPerPixel > 1)
+    assert pixels.shape == expected, f"{f.name}: decoded {pixels.shape}, expected {expected}"
+
+
+# --- real peers ------------------------------------------------------------------
+
+def test_dcmtk_echoscu(receiver: Receiver) -> None:
+    result = echoscu(receiver)
+    assert result.returncode == 0, result.stderr
+
+
+def storescu(port: int, f: UsFile, called: str = "SONOCASE") -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu proposing only the file's SOP class (-R) with its own syntax first."""
+    return subprocess.run(
+        [dcmtk("storescu"), "-R", STORESCU_SYNTAX_OPTION[UID(f.transfer_syntax)], "-aec", called,
+         "127.0.0.1", str(port), str(f.path)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.fixture
+def witness(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """DCMTK storescp in bit-preserving mode (-B): its file holds exactly what
+    storescu put on the wire, which is not always the file it read (storescu
+    re-encodes undefined-length sequences with explicit lengths)."""
+    port, out = free_port(), tmp_path / "witness"
+    out.mkdir()
+    proc = subprocess.Popen([dcmtk("storescp"), "-B", "+xa", "-od", str(out), str(port)], env=DCMTK_ENV)
+    deadline = time.monotonic() + 10
+    while subprocess.run([dcmtk("echoscu"), "127.0.0.1", str(port)], env=DCMTK_ENV,
+                         capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, "storescp did not start"
+        time.sleep(0.05)
+    yield port, out
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("name", sorted(ULTRASOUND_FILES))
+def test_dcmtk_storescu_sends_every_ultrasound_file(receiver: Receiver, witness: tuple[int, Path], name: str) -> None:
+    f = US_FILES[name]
+    for port in (receiver.settings.port, witness[0]):
+        result = storescu(port, f)
+        assert result.returncode == 0, result.stderr
+    [on_wire] = witness[1].iterdir()
+    sent = on_wire.read_bytes()
+    assert_stored_as_sent(receiver, replace(f, data_set=sent[data_set_offset(sent):]))
+
+
+@pytest.mark.parametrize("name", sorted(ULTRASOUND_FILES))
+def test_pynetdicom_scu_sends_every_ultrasound_file(receiver: Receiver, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    # Send the file's data set straight from disk, as encoded (pynetdicom's switch).
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    f = US_FILES[name]
+    assoc = associate(receiver, scu(files=[f]))
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(f.path).Status == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    assert_stored_as_sent(receiver, f)
+    [rec] = receiver.ledger.instances(f.study_uid)
+    assert (rec.calling_ae, rec.transfer_syntax, rec.modality) == ("TESTSCU", f.transfer_syntax, "US")
+
+
+def test_duplicate_over_the_network_is_idempotent(receiver: Receiver) -> None:
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    assoc = associate(receiver, scu(files=[f]))
+    try:
+        assert send_raw(assoc, f.data_set, f.sop_class_uid, f.sop_instance_uid) == StoreStatus.SUCCESS
+        mtime = receiver.stored(f).stat().st_mtime_ns
+        assert send_raw(assoc, f.data_set, f.sop_class_uid, f.sop_instance_uid, 2) == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    assert receiver.stored(f).stat().st_mtime_ns == mtime
+    assert receiver.ledger.instance_count() == 1
+
+
+# --- refusing associations -----------------------------------------------------------
+
+def rejection(assoc: Association) -> tuple[int, int, int]:
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    return rj.result, rj.result_source, rj.diagnostic
+
+
+def test_unknown_calling_ae_is_rejected(start) -> None:
+    rx = start(allowed_callers=["PACS"])
+    assert rejection(associate(rx, scu("INTRUDER"))) == (1, 1, 3)
+    result = echoscu(rx, "-aet", "INTRUDER")
+    assert result.returncode != 0 and "Calling AE Title Not Recognized" in result.stderr + result.stdout
+    assert echoscu(rx, "-aet", "PACS").returncode == 0
+
+
+def test_wrong_called_ae_is_rejected(receiver: Receiver) -> None:
+    assert rejection(associate(receiver, scu(), called="NOT-US")) == (1, 1, 7)
+
+
+def test_unknown_host_is_rejected(start) -> None:
+    rx = start(allowed_hosts=["192.0.2.1"])
+    assert rejection(associate(rx, scu())) == (1, 1, 1)
+    allowed = associate(start(allowed_hosts=["127.0.0.1"]), scu())
+    assert allowed.is_established
+    allowed.release()
+
+
+def test_association_limit(start) -> None:
+    rx = start(max_associations=1)
+    first = associate(rx, scu())
+    try:
+        assert first.is_established
+        assert rejection(associate(rx, scu())) == (2, 3, 2)  # transient, local limit exceeded
+    finally:
+        first.release()
+
+
+# --- refusing instances ----------------------------------------------------------------
+
+@pytest.mark.parametrize("case,expected", [
+    ("zero-length", StoreStatus.CANNOT_UNDERSTAND),
+    ("truncated", StoreStatus.CANNOT_UNDERSTAND),
+    ("no SOP Instance UID", StoreStatus.INVALID_UID),
+])
+def test_bad_data_sets_get_a_failure_status(receiver: Receiver, tmp_path: Path, case: str, expected: StoreStatus) -> None:
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    raw = {
+        "zero-length": b"",
+        "truncated": f.data_set[: len(f.data_set) // 2],
+        "no SOP Instance UID": rewrite(tmp_path, f.name, SOPInstanceUID=None).data_set,
+    }[case]
+    assoc = associate(receiver, scu(files=[f]))
+    try:
+        assert send_raw(assoc, raw, f.sop_class_uid, f.sop_instance_uid) == expected
+        assert assoc.send_c_echo().Status == 0  # still serving, same association
+    finally:
+        assoc.release()
+    assert receiver.ledger.instance_count() == 0
+
+
+@pytest.mark.parametrize("policy,expected", [("store-ignore", StoreStatus.SUCCESS), ("refuse", StoreStatus.MODALITY_REFUSED)])
+def test_non_ultrasound_modality(start, tmp_path: Path, policy: str, expected: StoreStatus) -> None:
+    rx = start(non_ultrasound=policy)
+    ct = rewrite(tmp_path, "OBXXXX1A_rle.dcm", Modality="CT")
+    assoc = associate(rx, scu(files=[ct]))
+    try:
+        assert send_raw(assoc, ct.data_set, ct.sop_class_uid, ct.sop_instance_uid) == expected
+    finally:
+        assoc.release()
+    assert [r.ignored_reason for r in rx.ledger.instances(ct.study_uid)] == (
+        ["modality CT is not US"] if policy == "store-ignore" else [])
+
+
+def test_low_disk_refuses_with_out_of_resources(start) -> None:
+    rx = start(min_free_disk_mb=10**9)
+    f = US_FILES["US1_UNCR.dcm"]
+    result = subprocess.run(
+        [dcmtk("storescu"), "-v", "-xe", "-aec", rx.settings.ae_title, "127.0.0.1", str(rx.settings.port), str(f.path)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
+    )
+    assert "Received Store Response (Refused: OutOfResources)" in result.stdout + result.stderr
+    assert not rx.stored(f).exists() and rx.ledger.instance_count() == 0
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutation=mutations())
+def test_fuzzed_files_over_the_network_keep_the_scp_serving(receiver: Receiver, mutation: Mutation) -> None:
+    f = US_FILES[mutation.name]
+    assoc = associate(receiver, scu(files=[f]))
+    try:
+        status = send_raw(assoc, mutation.apply(), f.sop_class_uid, f.sop_instance_uid)
+        # one of ours: pynetdicom answers 0xC211 only when a handler raised
+        assert status in set(StoreStatus) - {StoreStatus.PROCESSING_FAILURE}
+    finally:
+        assoc.release()
+    assert echoscu(receiver).returncode == 0
+
+
+# --- DICOM TLS ----------------------------------------------------------------------------
+
+def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def client_context(server_cert: Path, client: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
+    if client is not None:
+        context.load_cert_chain(*client)
+    return context
+
+
+def test_tls_with_and_without_client_certificates(start, tmp_path: Path) -> None:
+    server_cert, server_key = self_signed(tmp_path, "sonocase")
+    rx = start(tls_cert=server_cert, tls_key=server_key)
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    assoc = associate(rx, scu(files=[f]), tls_args=(client_context(server_cert), "127.0.0.1"))
+    try:
+        assert assoc.is_established
+        assert send_raw(assoc, f.data_set, f.sop_class_uid, f.sop_instance_uid) == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    assert rx.stored(f).read_bytes().endswith(f.data_set)
+    assert not associate(rx, scu()).is_established  # plain TCP to a TLS port
+
+    client = self_signed(tmp_path, "pacs")
+    strict = start(tls_cert=server_cert, tls_key=server_key, tls_ca=client[0])
+    anonymous = associate(strict, scu(), tls_args=(client_context(server_cert), "127.0.0.1"))
+    assert not anonymous.is_established
+    known = associate(strict, scu(), tls_args=(client_context(server_cert, client), "127.0.0.1"))
+    try:
+        assert known.is_established and known.send_c_echo().Status == 0
+    finally:
+        known.release()
+
+
+def test_storage_contexts_are_all_offered(receiver: Receiver) -> None:
+    ae = AE("TESTSCU")
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = associate(receiver, ae)
+    try:
+        assert sorted(cx.abstract_syntax for cx in assoc.accepted_contexts) == sorted(STORAGE_SOP_CLASSES)
+    finally:
+        assoc.release()
