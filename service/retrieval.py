@@ -392,6 +392,14 @@ class SimilarCaseIndex:
                 "run 'sonocase index rebuild' to re-embed the reference images with this model"
             )
 
+    def check_model(self, action: str) -> None:
+        """Raise ValueError unless ``action`` may use this index with this object's
+        model: before a long fill, not after its first batch (an index without
+        images takes any model)."""
+        if self.model is not None and self._count_rows() == 0:
+            return
+        self._check_model(self._read_meta(), action)
+
     def patient_key(self, patient_id: str, issuer: str = "") -> str:
         """A keyed hash of Patient ID (+ issuer) that links a patient's studies
         without storing who the patient is; "" when the ID is unknown."""

@@ -88,23 +88,23 @@ class ReferenceEmbedder:
     one frame per instance (the middle frame of a cine loop)."""
 
     def __init__(self, settings: Settings) -> None:
-        from service.inference import OnnxModel  # onnxruntime loads only for commands that embed
+        from service.inference import ModelError, OnnxModel  # onnxruntime: only for commands that embed
 
-        self.model = OnnxModel(settings.model_path, settings.execution_provider)
+        try:
+            self.model = OnnxModel(settings.model_path, settings.execution_provider, settings.batch_size)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from exc
         self.card: ModelCard = self.model.card
-        self.identity = ModelIdentity(name=self.card.name, version=self.card.version, sha256=self.card.sha256)
-        self.batch_size = settings.batch_size
+        self.identity: ModelIdentity = self.model.identity
 
     def embed(self, datasets: Sequence[Dataset]) -> list[tuple[np.ndarray, int] | str]:
         """Per data set: (embedding, frame number), or why it cannot be embedded."""
         prepared = [prepare_instance(ds, self.card.input, max_frames=1) for ds in datasets]
-        ready = [i for i, p in enumerate(prepared) if p.frames]
         results: list[tuple[np.ndarray, int] | str] = [p.skipped or "no frame to analyse" for p in prepared]
-        for start in range(0, len(ready), self.batch_size):
-            chunk = ready[start:start + self.batch_size]
-            batch = np.stack([prepared[i].frames[0].tensor for i in chunk])
-            embeddings = self.model.run(batch).embedding
-            for i, vector in zip(chunk, embeddings, strict=True):
+        ready = [i for i, p in enumerate(prepared) if p.frames]
+        if ready:
+            embeddings = self.model.run(np.stack([prepared[i].frames[0].tensor for i in ready])).embedding
+            for i, vector in zip(ready, embeddings, strict=True):
                 results[i] = (vector, prepared[i].frames[0].frame_number)
         return results
 
@@ -145,6 +145,7 @@ def fill_index(
     Images the index holds already are skipped before any inference; images without
     a label are counted, unreadable or unanalysable ones reported with the reason.
     """
+    index.check_model("add images")
     report = FillReport()
     for start in range(0, len(paths), save_every):
         chunk = paths[start:start + save_every]

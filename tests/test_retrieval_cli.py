@@ -62,7 +62,7 @@ def write_model(path: Path, seed: int, version: str) -> Path:
         name="tiny-test", version=version, architecture="random projection", classes=CLASSES,
         input={"height": SIDE, "width": SIDE, "mean": 0.5, "std": 0.25}, embedding_dim=DIM,
         onnx_file=path.name, sha256=sha256_file(path), opset=17,
-        ood={"centroids": [[0.0] * DIM], "threshold": 10.0, "percentile": 99.0},
+        ood={"centroids": [[0.0] * DIM] * len(CLASSES), "threshold": 10.0, "percentile": 99.0},
         training_data={"source": "none"}, created="2026-01-01T00:00:00Z", intended_use="tests",
         disclaimer=DISCLAIMER,
     )
@@ -82,6 +82,10 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("studies")
     _, labels = write_dicom_dataset(folder, 3, seed=5)
     return folder, labels
+
+
+def study_labels(labels_csv: Path) -> dict[str, str]:
+    return dict(line.split(",")[:2] for line in labels_csv.read_text().splitlines()[1:])
 
 
 def run(env: dict[str, str], *args: str) -> Result:
@@ -111,3 +115,119 @@ def test_labels_csv_errors_name_every_bad_line(tmp_path: Path) -> None:
     path.write_text("uid,label\n1.5,benign\n")
     with pytest.raises(ValueError, match="needs a header with label and one of study_instance_uid"):
         read_labels_csv(path, CLASSES, source="biopsy")
+
+
+def test_add_embeds_labelled_studies_and_a_second_run_adds_nothing(
+    env: dict[str, str], studies: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folder, labels = studies
+    (folder / "notes.txt").write_text("not DICOM")
+    first = run(env, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "biopsy")
+    assert first.exit_code == 0, first.output
+    n_files = len(list(folder.rglob("*.dcm")))
+    assert f"added {n_files} images; 0 were there already" in first.stdout
+    assert "notes.txt: not a readable DICOM file" in first.stderr
+    second = run(env, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "biopsy")
+    assert f"added 0 images; {n_files} were there already" in second.stdout
+    info = run(env, "info")
+    by_study = study_labels(labels)
+    assert info.exit_code == 0 and f"{n_files} images of {len(by_study)} studies" in info.stdout
+    assert "tiny-test 1" in info.stdout
+    for label in CLASSES:
+        assert f"{label:10} {list(by_study.values()).count(label)} biopsy" in info.stdout
+    with SimilarCaseIndex(tmp_path / "data" / "index", None) as index:
+        stored = index.stored_images()
+        assert {image.label_source for image in stored} == {"biopsy"} and all(i.confirmed for i in stored)
+        assert all(image.path is not None and image.path.is_file() for image in stored)
+
+
+def test_add_refuses_an_index_of_another_model(
+    env: dict[str, str], studies: tuple[Path, Path], models: tuple[Path, Path]
+) -> None:
+    folder, labels = studies
+    assert run(env, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "biopsy").exit_code == 0
+    other = {**env, "SONOCASE_MODEL_PATH": str(models[1])}
+    refused = run(other, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "biopsy")
+    assert refused.exit_code == 1
+    assert "holds embeddings of model tiny-test 1" in refused.stderr and "index rebuild" in refused.stderr
+    bad = run(env, "add", "--dicom", str(folder), "--labels", str(labels))
+    assert bad.exit_code == 1 and "label_source 'synthetic phantom'" in bad.stderr
+
+
+def test_rebuild_binds_the_index_to_the_new_model(
+    env: dict[str, str], studies: tuple[Path, Path], models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folder, labels = studies
+    run(env, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "radiologist")
+    other = {**env, "SONOCASE_MODEL_PATH": str(models[1])}
+    rebuilt = run(other, "rebuild")
+    assert rebuilt.exit_code == 0, rebuilt.output
+    n_files = len(list(folder.rglob("*.dcm")))
+    assert f"re-embedded {n_files} images with tiny-test 2; 0 removed" in rebuilt.stdout
+    with SimilarCaseIndex(tmp_path / "data" / "index", None) as index:
+        assert index.bound_model is not None and index.bound_model.version == "2"
+    assert run(other, "add", "--dicom", str(folder), "--labels", str(labels),
+               "--label-source", "radiologist").exit_code == 0
+
+
+def test_diagnose_delete_and_their_errors(env: dict[str, str], studies: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, labels = studies
+    run(env, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "radiologist")
+    by_study = study_labels(labels)
+    uids = [uid for uid, label in by_study.items() if label != "malignant"]
+    one = run(env, "diagnose", uids[0], "Malignant", "--source", "biopsy")
+    assert one.exit_code == 0 and "diagnosed 1 studies" in one.stdout
+    csv_path = tmp_path / "diagnoses.csv"
+    csv_path.write_text(f"study_instance_uid,label\n{uids[1]},benign\n9.9.9,benign\n")
+    several = run(env, "diagnose", "--csv", str(csv_path), "--source", "biopsy")
+    assert several.exit_code == 1 and "diagnosed 1 studies" in several.stdout and "not in the index: 9.9.9" in several.stderr
+    assert run(env, "diagnose", uids[0], "cyst", "--source", "biopsy").stderr.count("'cyst' is not one of") == 1
+    assert run(env, "diagnose", uids[0]).exit_code == 2
+    info = run(env, "info").stdout
+    assert f"malignant  1 biopsy, {list(by_study.values()).count('malignant')} radiologist" in info
+    deleted = run(env, "delete", uids[0])
+    assert deleted.exit_code == 0 and "deleted" in deleted.stdout
+    again = run(env, "delete", uids[0])
+    assert again.exit_code == 1 and "has no live images" in again.stderr
+    assert f"{len(by_study) - 1} studies" in run(env, "info").stdout
+
+
+def test_info_without_an_index_says_so(env: dict[str, str]) -> None:
+    result = run(env, "info")
+    assert result.exit_code == 1 and "there is no similar-case index in" in result.stderr
+
+
+def test_build_synthetic_and_busi(env: dict[str, str], tmp_path: Path) -> None:
+    synthetic = run(env, "build", "--synthetic", "1")
+    assert synthetic.exit_code == 0, synthetic.output
+    assert "added 3 images" in synthetic.stdout
+    busi = write_busi_layout(tmp_path / "busi", 1, seed=4)
+    first = run(env, "build", "--busi", str(busi))
+    assert first.exit_code == 0, first.output
+    assert "added 3 images" in first.stdout
+    assert "added 0 images; 3 were there already" in run(env, "build", "--busi", str(busi)).stdout
+    info = run(env, "info").stdout
+    assert "6 images" in info and "1 biopsy, 1 radiologist" in info
+    assert run(env, "build").exit_code == 2
+
+
+def test_an_interrupted_add_resumes(env: dict[str, str], studies: tuple[Path, Path]) -> None:
+    """Kill ``sonocase index add`` after its first saved batch; running it again
+    finishes the job without duplicates."""
+    folder, labels = studies
+    n_files = len(list(folder.rglob("*.dcm")))
+    command = [sys.executable, "-m", "service", "index", "add", "--dicom", str(folder), "--labels", str(labels),
+               "--label-source", "biopsy", "--save-every", "1"]
+    index_db = Path(env["SONOCASE_DATA_DIR"]) / "index" / "index.sqlite3"
+    proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (index_db.exists() and SimilarCaseIndex(index_db.parent, None).info().images >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, "add finished before it could be interrupted"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    done = SimilarCaseIndex(index_db.parent, None).info().images
+    assert 1 <= done < n_files
+    result = run(env, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "biopsy")
+    assert f"added {n_files - done} images; {done} were there already" in result.stdout
+    assert json.loads(json.dumps(SimilarCaseIndex(index_db.parent, None).info().images)) == n_files
