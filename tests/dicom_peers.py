@@ -144,14 +144,20 @@ def send_raw(assoc: Association, raw: bytes, sop_class_uid: str, sop_instance_ui
 
 
 class NodeProcess:
-    """`sonocase serve` in a subprocess, ready once it printed its listening line."""
+    """`sonocase serve` in a subprocess, ready once it printed its listening line.
 
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), timeout: float = 30) -> None:
-        full_env = {**os.environ, **env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", *args],
-            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+    Its log goes to a file, not a pipe: a pipe nobody reads would block the node.
+    """
+
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None,
+                 timeout: float = 30) -> None:
+        self.log = log or Path(env["SONOCASE_DATA_DIR"]).with_suffix(".log")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve", *args],
+                env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=err, text=True,
+            )
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while True:
@@ -161,15 +167,16 @@ class NodeProcess:
                 return
             if not line or time.monotonic() > deadline:
                 self.proc.kill()
-                _, err = self.proc.communicate()
-                raise AssertionError(f"sonocase serve did not start:\n{err}")
+                self.proc.wait()
+                raise AssertionError(f"sonocase serve did not start:\n{self.log.read_text()}")
 
     def stop(self) -> tuple[int, str]:
-        """SIGTERM and wait; return the exit code and stderr."""
+        """SIGTERM and wait; return the exit code and the log."""
         self.proc.terminate()
-        _, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, err
+        self.proc.communicate(timeout=30)
+        return self.proc.returncode, self.log.read_text()
 
     def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind, as in a crash."""
         self.proc.kill()
         self.proc.communicate(timeout=30)

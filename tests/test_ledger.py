@@ -1,0 +1,158 @@
+"""The ledger on a real SQLite file: the study life cycle, claims between two
+handles (as between two processes), retries and the outbox."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    led = Ledger(tmp_path / "ledger.sqlite3")
+    yield led
+    led.close()
+
+
+def instance(sop: str, study: str = STUDY) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=sop, study_uid=study, series_uid=study + ".1", sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
+        transfer_syntax="1.2.840.10008.1.2.1", path=f"spool/{study}/{sop}.dcm", size=100, calling_ae="PACS",
+        modality="US",
+    )
+
+
+def complete(ledger: Ledger, now: float = 100.0) -> None:
+    ledger.record_instance(instance(STUDY + ".1.1"), now=now)
+    assert ledger.complete_quiet_studies(5, now=now + 5) == [STUDY]
+
+
+@pytest.mark.parametrize("durable,level", [(True, 2), (False, 1)])
+def test_wal_mode_and_sync_level_follow_durability(tmp_path: Path, durable: bool, level: int) -> None:
+    led = Ledger(tmp_path / "l.sqlite3", durable=durable)
+    try:
+        assert led._query("PRAGMA journal_mode")[0][0] == "wal"
+        assert led._query("PRAGMA synchronous")[0][0] == level  # FULL=2, NORMAL=1
+    finally:
+        led.close()
+
+
+def test_record_instance_is_idempotent(ledger: Ledger) -> None:
+    assert ledger.record_instance(instance("1.1"), now=10)
+    assert not ledger.record_instance(instance("1.1"), now=11)
+    assert ledger.record_instance(instance("1.2"), now=12)
+    study = ledger.study(STUDY)
+    assert (study["state"], study["first_received"], study["last_received"]) == (StudyState.RECEIVING, 10, 12)
+    assert [i.sop_instance_uid for i in ledger.instances(STUDY)] == ["1.1", "1.2"]
+    assert ledger.has_instance("1.2") and not ledger.has_instance("9.9")
+
+
+def test_quiet_period_counts_from_the_last_instance(ledger: Ledger) -> None:
+    ledger.record_instance(instance("1.1"), now=100)
+    ledger.record_instance(instance("1.2"), now=103)
+    assert ledger.complete_quiet_studies(5, now=107) == []
+    assert ledger.complete_quiet_studies(5, now=108) == [STUDY]
+    assert ledger.study(STUDY)["completed_at"] == 108
+    assert ledger.complete_quiet_studies(5, now=200) == []  # only receiving studies complete
+
+
+def test_instance_after_handling_reopens_the_study(ledger: Ledger) -> None:
+    complete(ledger)
+    ledger.set_state(STUDY, StudyState.FAILED, error="model crashed", failed_stage="analysis")
+    assert ledger.record_instance(instance("2.1"), now=300)
+    study = ledger.study(STUDY)
+    assert (study["state"], study["generation"], study["error"], study["failed_stage"]) == (
+        StudyState.RECEIVING, 2, None, None)
+
+
+def test_pending_analysis_count(ledger: Ledger) -> None:
+    assert ledger.pending_analysis_count() == 0
+    complete(ledger)
+    assert ledger.pending_analysis_count() == 1
+    ledger.mark_queued(STUDY, lease_s=60, now=110)
+    assert ledger.pending_analysis_count() == 1
+    ledger.set_state(STUDY, StudyState.SENT)
+    assert ledger.pending_analysis_count() == 0
+
+
+def test_only_one_handle_claims_a_study(ledger: Ledger, tmp_path: Path) -> None:
+    other = Ledger(tmp_path / "ledger.sqlite3")  # a second process's handle
+    try:
+        complete(ledger)
+        assert ledger.claim_analysis(STUDY, lease_s=60, now=110) == 1
+        assert other.claim_analysis(STUDY, lease_s=60, now=111) is None
+        assert other.claim_analysis(STUDY, lease_s=60, now=171) == 1  # the lease ran out
+        assert other.study(STUDY)["attempts"] == 2
+    finally:
+        other.close()
+
+
+def test_due_for_queue_includes_lost_leases(ledger: Ledger) -> None:
+    complete(ledger)
+    assert ledger.due_for_queue(now=110) == [STUDY]
+    ledger.mark_queued(STUDY, lease_s=60, now=110)
+    assert ledger.due_for_queue(now=120) == []
+    assert ledger.due_for_queue(now=170) == [STUDY]
+
+
+def test_stale_result_is_not_stored(ledger: Ledger) -> None:
+    complete(ledger)
+    generation = ledger.claim_analysis(STUDY, lease_s=60, now=110)
+    ledger.record_instance(instance("3.1"), now=115)  # re-opened while analysing
+    assert not ledger.finish_analysis(STUDY, generation, {"label": "benign"}, now=120)
+    assert ledger.result(STUDY) is None
+    ledger.complete_quiet_studies(5, now=121)
+    newer = ledger.claim_analysis(STUDY, lease_s=60, now=122)
+    assert newer == generation + 1
+    assert ledger.finish_analysis(STUDY, newer, {"label": "benign"}, now=123)
+    assert ledger.result(STUDY) == {"label": "benign"} and ledger.study(STUDY)["state"] == StudyState.ANALYSED
+
+
+def test_retry_backs_off_then_fails(ledger: Ledger) -> None:
+    complete(ledger)
+    ledger.claim_analysis(STUDY, lease_s=60, now=110)
+    assert ledger.retry_or_fail(STUDY, "analysis", "boom", max_attempts=2, backoff_s=5, now=111) == StudyState.COMPLETE
+    assert ledger.study(STUDY)["next_attempt_at"] == 116
+    assert ledger.due_for_queue(now=115) == [] and ledger.due_for_queue(now=116) == [STUDY]
+    ledger.claim_analysis(STUDY, lease_s=60, now=116)
+    assert ledger.retry_or_fail(STUDY, "analysis", "boom", max_attempts=2, backoff_s=5, now=117) == StudyState.FAILED
+    assert (ledger.study(STUDY)["failed_stage"], ledger.study(STUDY)["error"]) == ("analysis", "boom")
+
+
+def test_set_state_refuses_unknown_columns(ledger: Ledger) -> None:
+    complete(ledger)
+    with pytest.raises(ValueError, match="generation"):
+        ledger.set_state(STUDY, StudyState.SENT, generation=7)
+
+
+def test_outbox_queue_send_and_reset(ledger: Ledger) -> None:
+    complete(ledger)
+    items = [("9.1", "1.2.840.10008.5.1.4.1.1.88.22", "out/9.1.dcm"), ("9.2", "1.2.840.10008.5.1.4.1.1.7", "out/9.2.dcm")]
+    ledger.enqueue_outbox(STUDY, 1, items, ["PACS@h:104"], now=200)
+    ledger.enqueue_outbox(STUDY, 1, items, ["PACS@h:104"], now=201)  # no-op
+    assert [r["sop_instance_uid"] for r in ledger.due_outbox(now=200)] == ["9.1", "9.2"]
+    ledger.update_outbox("9.1", "PACS@h:104", OutboxState.SENT, now=202)
+    ledger.update_outbox("9.2", "PACS@h:104", OutboxState.FAILED, error="0xA700", now=202)
+    assert ledger.due_outbox(now=300) == []
+    assert ledger.reset_outbox(STUDY, now=400) == 1
+    [row] = ledger.due_outbox(now=400)
+    assert (row["sop_instance_uid"], row["attempts"], row["error"]) == ("9.2", 0, None)
+    assert ledger.outbox(STUDY, states=(OutboxState.SENT,))[0]["sent_at"] == 202
+
+
+def test_state_survives_reopening_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    first = Ledger(path)
+    complete(first)
+    first.close()
+    again = Ledger(path)
+    try:
+        assert again.study(STUDY)["state"] == StudyState.COMPLETE
+        assert again.count_by_state() == {"complete": 1}
+    finally:
+        again.close()
