@@ -1,4 +1,4 @@
-"""``sonocase index``: fill, diagnose, retract and inspect the similar-case index.
+"""``sonocase index``: fill, diagnose, retract, query and inspect the similar-case index.
 
 Thin shells around :mod:`service.retrieval`. Filling embeds DICOM images with the
 configured model exactly as the worker does (:mod:`service.imaging`,
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from service.cli import settings_from
 from service.imaging import prepare_instance
-from service.model_card import ModelCard
+from service.model_card import DISCLAIMER, ModelCard
 from service.results import ModelIdentity
 from service.retrieval import LABEL_SOURCES, IndexEntry, SimilarCaseIndex, StoredImage
 from service.settings import Settings
@@ -286,7 +286,7 @@ def _fill(ctx: click.Context, folder: Path, labels_csv: Path, label_source: str 
 
 @click.group("index")
 def index() -> None:
-    """Build, fill and query the similar-case index (reference studies with diagnoses)."""
+    """Build, fill, query and inspect the similar-case index (reference studies with diagnoses)."""
 
 
 @index.command()
@@ -402,6 +402,40 @@ def delete(ctx: click.Context, study_uid: str, reason: str) -> None:
         if not count:
             raise ValueError(f"study {study_uid} has no live images in the index")
         click.echo(f"deleted {count} images of study {study_uid}; index version {idx.version}")
+
+
+@index.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("-k", "k_studies", type=click.IntRange(1, 50), default=5, show_default=True, help="Studies to show.")
+@click.option("--confirmed-only", is_flag=True, help="Only studies with a biopsy or radiologist diagnosis.")
+@click.pass_context
+def query(ctx: click.Context, files: tuple[Path, ...], k_studies: int, confirmed_only: bool) -> None:
+    """Show the studies most similar to one study's DICOM FILES (as the worker finds them)."""
+    settings = settings_from(ctx)
+    with _clear_errors():
+        embedder = ReferenceEmbedder(settings)
+        datasets = [_read(path) for path in files]
+        studies = {str(ds.get("StudyInstanceUID", "")) for ds in datasets}
+        if len(studies) != 1:
+            raise ValueError(f"the files belong to {len(studies)} studies; give the images of one study")
+        embedded = [(ds, result) for ds, result in zip(datasets, embedder.embed(datasets), strict=True)
+                    if not isinstance(result, str)]
+        if not embedded:
+            raise ValueError("none of the files could be embedded")
+        with SimilarCaseIndex.from_settings(settings, embedder.identity) as idx:
+            found = idx.query(
+                np.stack([result[0] for _, result in embedded]), k_studies, exclude_study_uid=studies.pop(),
+                exclude_patient_key=idx.patient_key(str(datasets[0].get("PatientID", "")),
+                                                    str(datasets[0].get("IssuerOfPatientID", ""))) or None,
+                confirmed_only=confirmed_only,
+                query_sop_instance_uids=[str(ds.SOPInstanceUID) for ds, _ in embedded],
+            )
+    for rank, hit in enumerate(found, start=1):
+        click.echo(f"{rank}. {hit.label:10} ({hit.label_source}) distance {hit.distance:.3f} "
+                   f"similarity {hit.similarity:.2f}  study {hit.study_uid}  accession {hit.accession_number or '-'}")
+    if not found:
+        click.echo("no similar studies in the index")
+    click.echo(DISCLAIMER)
 
 
 @index.command()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pydicom
 import pytest
 from click.testing import CliRunner, Result
 from onnx import TensorProto, helper
@@ -237,3 +238,23 @@ def test_an_interrupted_add_resumes(env: dict[str, str], studies: tuple[Path, Pa
     result = run(env, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "biopsy")
     assert f"added {n_files - done} images; {done} were there already" in result.stdout
     assert indexed() == n_files
+
+
+def test_query_shows_similar_studies_but_never_the_own_one(env: dict[str, str], studies: tuple[Path, Path]) -> None:
+    folder, labels = studies
+    run(env, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "biopsy")
+    study = sorted(p for p in folder.iterdir() if p.is_dir())[0]
+    files = sorted(str(p) for p in study.rglob("*.dcm"))
+    own_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    result = run(env, "query", *files, "-k", "50")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line[:1].isdigit()]
+    n_studies = len(study_labels(labels))
+    # Every other study, best first; never the query's own, and no other study of its
+    # patient (each synthetic patient has one study, so only the own one is excluded).
+    assert len(lines) == n_studies - 1 and own_uid not in result.stdout
+    distances = [float(line.split("distance ")[1].split()[0]) for line in lines]
+    assert distances == sorted(distances)
+    assert "not for primary diagnosis" in result.stdout
+    mixed = run(env, "query", files[0], *sorted(str(p) for p in folder.rglob("*.dcm") if str(p) not in files)[:1])
+    assert mixed.exit_code == 1 and "belong to 2 studies" in mixed.stderr
