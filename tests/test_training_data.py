@@ -216,6 +216,12 @@ def test_instance_label_beats_study_label(tmp_path: Path) -> None:
                       f",{second.SOPInstanceUID},malignant,second reading\n")
     loaded = {Path(r.source).name: r.label_name for r in load_dicom_labels(tmp_path / "dicom", labels)}
     assert loaded == {paths[0].name: "benign", paths[1].name: "malignant"}
+    # A study row whose every instance is relabelled still matched files: no error.
+    labels.write_text("study_instance_uid,sop_instance_uid,label\n"
+                      f"{first.StudyInstanceUID},,benign\n"
+                      f",{first.SOPInstanceUID},normal\n,{second.SOPInstanceUID},malignant\n")
+    loaded = {Path(r.source).name: r.label_name for r in load_dicom_labels(tmp_path / "dicom", labels)}
+    assert loaded == {paths[0].name: "normal", paths[1].name: "malignant"}
 
 
 @pytest.mark.parametrize(("csv_text", "message"), [

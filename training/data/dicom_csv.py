@@ -46,13 +46,16 @@ class LabelTable:
     by_sop: dict[str, tuple[int, int]] = field(default_factory=dict)
     by_study: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def label_for(self, ds: Dataset) -> tuple[str, int] | None:
-        """(key used, class index) for an instance, or None when it is not labelled."""
-        for key, table in ((str(ds.get("SOPInstanceUID", "")), self.by_sop),
-                           (str(ds.get("StudyInstanceUID", "")), self.by_study)):
-            if key in table:
-                return key, table[key][0]
-        return None
+    def match(self, ds: Dataset) -> tuple[int | None, set[str]]:
+        """The instance's class index (its own label, else its study's; None when
+        unlabelled) and every label key that matches it, used or overridden."""
+        sop, study = str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", ""))
+        keys = {sop} & self.by_sop.keys() | {study} & self.by_study.keys()
+        if sop in self.by_sop:
+            return self.by_sop[sop][0], keys
+        if study in self.by_study:
+            return self.by_study[study][0], keys
+        return None, keys
 
 
 def _parse_label(value: str, where: str) -> int:
@@ -134,18 +137,19 @@ def load_dicom_labels(dicom_dir: Path, labels_csv: Path, *, max_frames: int = 1)
     table = read_labels(labels_csv)
     used: set[str] = set()
     records: list[Record] = []
+    unlabelled = 0
     for path in sorted(p for p in dicom_dir.rglob("*") if p.is_file()):
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError) as exc:
             log.debug("skipping %s: not a DICOM file (%s)", path, exc)
             continue
-        match = table.label_for(header)
-        if match is None:
+        label, keys = table.match(header)
+        used |= keys
+        if label is None:
             log.debug("skipping %s: no label in %s", path, labels_csv)
+            unlabelled += 1
             continue
-        key, label = match
-        used.add(key)
         try:
             ds = pydicom.dcmread(path)
         except (InvalidDicomError, OSError, EOFError) as exc:
@@ -156,5 +160,6 @@ def load_dicom_labels(dicom_dir: Path, labels_csv: Path, *, max_frames: int = 1)
         shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
         raise ValueError(f"{labels_csv}: {len(unmatched)} labelled UIDs match no file under "
                          f"{dicom_dir}: {shown}")
-    log.info("loaded %d labelled DICOM images from %s", len(records), dicom_dir)
+    log.info("loaded %d labelled DICOM images from %s (%d DICOM files without a label)",
+             len(records), dicom_dir, unlabelled)
     return records
