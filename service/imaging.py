@@ -168,7 +168,7 @@ def _palette_to_rgb8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     whole_palette = apply_color_lut(np.arange(first, first + entries, dtype=arr.dtype), ds)
     if whole_palette.max() <= 255:
         return rgb.astype(np.uint8)
-    return (rgb.astype(np.uint32) // 257).astype(np.uint8)
+    return (rgb >> 8).astype(np.uint8)  # the high byte, whether entries are v*257 or v<<8
 
 
 def _monochrome_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
