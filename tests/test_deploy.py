@@ -1,0 +1,310 @@
+"""deploy/: what can be checked without a container engine. The compose file is
+validated by Debian's docker-compose; the Kubernetes manifests and Dockerfiles are
+checked for the wiring mistakes that break a deployment (selectors, volumes,
+settings names and values, build context); the image's entry point runs as a plain
+process against real DCMTK and a real Redis."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.settings import Destination, Settings, load_settings
+from tests.conftest import dcmtk, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+ENTRYPOINT = DEPLOY / "entrypoint.sh"
+COMPOSE_ENV = {"SONOCASE_WEB_TOKEN": "compose-test-token", "FLOWER_BASIC_AUTH": "ops:secret"}
+
+
+def _settings_from_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Validate deployment environment values exactly as the node would at start."""
+    for name in [n for n in os.environ if n.startswith("SONOCASE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return load_settings()
+
+
+def _sonocase_names(env: dict[str, str]) -> set[str]:
+    return {k for k in env if k.startswith("SONOCASE_")}
+
+
+def _setting_names() -> set[str]:
+    return {"SONOCASE_" + name.upper() for name in Settings.model_fields}
+
+
+# --- compose ---------------------------------------------------------------------------
+def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose is missing: run scripts/setup.sh (apt-get install docker-compose)")
+    clean = {k: v for k, v in os.environ.items() if k not in COMPOSE_ENV}
+    return subprocess.run(
+        [binary, "-f", str(DEPLOY / "compose.yaml"), "config"], env=clean | env,
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_compose_file_validates_and_wires_node_workers_and_pacs(monkeypatch: pytest.MonkeyPatch) -> None:
+    done = _compose_config(COMPOSE_ENV)
+    assert done.returncode == 0, done.stderr
+    config = yaml.safe_load(done.stdout)
+    services = config["services"]
+    assert set(services) == {"redis", "node", "worker", "flower", "orthanc"}
+
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
+    assert any(v.startswith("redis-data:") for v in services["redis"]["volumes"])
+
+    node, worker = services["node"], services["worker"]
+    assert node["command"] == ["serve"] and worker["command"] == ["worker"]
+    assert node["environment"]["SONOCASE_WORKERS"] == "0"  # workers are their own service
+    assert int(worker["deploy"]["replicas"]) >= 2
+    shared = {"sonocase-data:/data:rw", "sonocase-index:/index:rw"}
+    assert shared <= set(node["volumes"]) and shared <= set(worker["volumes"])
+    for service in (node, worker):
+        assert _sonocase_names(service["environment"]) <= _setting_names()
+    settings = _settings_from_env(node["environment"], monkeypatch)
+    worker_settings = _settings_from_env(worker["environment"], monkeypatch)
+    assert settings.broker_url == worker_settings.broker_url and settings.broker_url.startswith("redis://redis:")
+    assert "--broker=" + settings.broker_url in services["flower"]["command"]
+
+    # Orthanc pushes to the node, and the node sends its results back to Orthanc.
+    orthanc_config = json.loads((DEPLOY / "orthanc" / "orthanc.json").read_text())
+    target = orthanc_config["DicomModalities"]["sonocase"]
+    assert (target["AET"], target["Host"], target["Port"]) == (settings.ae_title, "node", settings.port)
+    assert orthanc_config["DicomAet"] in settings.allowed_callers
+    assert settings.destinations == [
+        Destination(ae_title=orthanc_config["DicomAet"], host="orthanc", port=orthanc_config["DicomPort"])
+    ]
+    mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in services["orthanc"]["volumes"] if v.startswith("/")}
+    for script in orthanc_config["LuaScripts"]:
+        lua = mounts[script].read_text()
+        assert "SendToModality(instanceId, 'sonocase')" in lua
+        assert f"origin['RemoteAet'] == '{settings.ae_title}'" in lua  # results are not sent back round
+
+
+def test_compose_refuses_to_start_without_a_status_page_token() -> None:
+    done = _compose_config({"FLOWER_BASIC_AUTH": "ops:secret"})
+    assert done.returncode != 0 and "SONOCASE_WEB_TOKEN" in done.stderr
+
+
+# --- Kubernetes --------------------------------------------------------------------------
+def _manifests() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    present = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present, "every manifest is in kustomization.yaml and nothing else"
+    docs = [d for name in sorted(listed) for d in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()) if d]
+    for doc in docs:
+        assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], doc
+    return docs
+
+
+def _by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def test_kubernetes_manifests_are_wired_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = _manifests()
+    claims = _by_kind(docs, "PersistentVolumeClaim")
+    deployments = _by_kind(docs, "Deployment")
+    workloads = deployments | _by_kind(docs, "StatefulSet")
+    config = _by_kind(docs, "ConfigMap")["sonocase-config"]["data"]
+    assert _sonocase_names(config) == set(config) and set(config) <= _setting_names()
+
+    for name, workload in workloads.items():
+        template = workload["spec"]["template"]
+        assert workload["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items(), name
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        claim_templates = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
+        for container in template["spec"]["containers"]:
+            ports = {p["name"] for p in container.get("ports", [])}
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                port = container.get(probe, {}).get("httpGet", {}).get("port")
+                assert port is None or port in ports, (name, probe)
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes.keys() | claim_templates, (name, mount)
+            env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+            assert _sonocase_names(env) <= _setting_names(), name
+            if workload["kind"] == "Deployment":
+                plain = {k: v for k, v in env.items() if v}
+                _settings_from_env(config | plain, monkeypatch)  # values valid for the node
+        for volume in volumes.values():
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            if claim is not None:
+                assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"], claim
+
+    for service in _by_kind(docs, "Service").values():
+        selected = [w for w in workloads.values()
+                    if service["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(selected) == 1, service["metadata"]["name"]
+        ports = {p["name"] for c in selected[0]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
+
+    node = deployments["sonocase-node"]["spec"]["template"]["spec"]["containers"][0]
+    assert node["args"] == ["serve"] and {"dicom", "http"} <= {p["name"] for p in node["ports"]}
+    assert node["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert node["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    http_port = next(p["containerPort"] for p in node["ports"] if p["name"] == "http")
+    assert str(http_port) == config["SONOCASE_HTTP_PORT"]
+
+    worker_pod = deployments["sonocase-worker"]["spec"]["template"]["spec"]
+    worker = worker_pod["containers"][0]
+    assert worker["args"][0] == "worker" and worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    affinity = worker_pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    node_labels = deployments["sonocase-node"]["spec"]["template"]["metadata"]["labels"]
+    assert affinity["labelSelector"]["matchLabels"].items() <= node_labels.items()
+    hpa = _by_kind(docs, "HorizontalPodAutoscaler")["sonocase-worker"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "sonocase-worker" and hpa["maxReplicas"] > hpa["minReplicas"]
+    assert hpa["metrics"][0]["external"]["metric"]["name"] == "sonocase_queue_depth"
+
+
+# --- images ------------------------------------------------------------------------------
+def _dockerignore_excludes(path: str) -> bool:
+    """Docker's .dockerignore rule: the last pattern matching the path or one of
+    its parent folders decides."""
+    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    excluded = False
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for rule in (r for r in rules if r and not r.startswith("#")):
+        negate, pattern = rule.startswith("!"), rule.lstrip("!").rstrip("/")
+        if any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def _source_files() -> list[str]:
+    """Files of the working tree that git does not ignore (what a clone would hold)."""
+    done = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    return done.stdout.splitlines()
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfile_builds_from_what_the_context_holds(dockerfile: str) -> None:
+    text = (DEPLOY / dockerfile).read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    stages = [line for line in lines if line.startswith("FROM ")]
+    assert len(stages) >= 2, "multi-stage: compilers stay in the build stage"
+    final = lines[lines.index(stages[-1]):]
+    build = lines[lines.index(stages[0]):lines.index(stages[-1])]
+    assert any("build-essential" in line for line in build), "hnswlib compiles from source"
+    assert not any("build-essential" in line for line in final)
+    user = next(line.split()[1] for line in final if line.startswith("USER "))
+    assert user.split(":")[0] not in {"0", "root"}
+    assert any(line.startswith("HEALTHCHECK") for line in final)
+    assert any(line.startswith("VOLUME") and "/data" in line and "/index" in line for line in final)
+    env_names = set(re.findall(r"\b(SONOCASE_[A-Z_]+)=", " ".join(line for line in final if line.startswith("ENV"))))
+    assert env_names and env_names <= _setting_names()
+
+    tracked = _source_files()
+    copied = [line.split()[1:-1] for line in build if line.startswith("COPY ") and "--from" not in line]
+    for sources in copied:
+        for source in sources:
+            inside = [f for f in tracked if f == source or f.startswith(source.rstrip("/") + "/")]
+            assert inside, f"COPY {source}: nothing there"
+            assert any(not _dockerignore_excludes(f) for f in inside), f"COPY {source}: excluded by .dockerignore"
+    for kept_out in (".venv/bin/python", "tests/conftest.py", "sonocase-data/ledger.sqlite3", ".git/HEAD"):
+        assert _dockerignore_excludes(kept_out), kept_out
+
+
+def test_gpu_image_swaps_onnxruntime_for_the_gpu_build() -> None:
+    text = (DEPLOY / "Dockerfile.gpu").read_text()
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\}", text, re.M) and "cudnn" in text
+    uninstall = text.index("pip uninstall -y onnxruntime")
+    assert uninstall < text.index('pip install "onnxruntime-gpu')  # the other order breaks the GPU build
+    assert "CUDAExecutionProvider" in text
+
+
+def test_entrypoint_is_executable_in_git() -> None:
+    done = subprocess.run(["git", "ls-files", "-s", "deploy/entrypoint.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert done.stdout.startswith("100755"), "the image runs deploy/entrypoint.sh directly"
+
+
+# --- the entry point as a plain process -----------------------------------------------------
+def _container_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The image's environment, with paths and ports of this test."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SONOCASE_")}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}", SONOCASE_DATA_DIR=str(tmp_path / "data"),
+        SONOCASE_INDEX_DIR=str(tmp_path / "index"), SONOCASE_HOST="127.0.0.1", SONOCASE_HTTP_HOST="127.0.0.1",
+        SONOCASE_PORT=str(free_port()), SONOCASE_HTTP_PORT=str(free_port()), SONOCASE_LOG_FORMAT="json",
+        SONOCASE_DURABILITY="none", TCP_NODELAY="1",
+    )
+    return env | extra
+
+
+def test_entrypoint_refuses_a_data_folder_it_cannot_write(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    done = subprocess.run([str(ENTRYPOINT), "serve"], env=_container_env(blocker),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 73 and f"{blocker}/data is not writable" in done.stderr
+
+
+def test_entrypoint_runs_the_node(tmp_path: Path) -> None:
+    env = _container_env(tmp_path, SONOCASE_WORKERS="0")
+    done = subprocess.run([str(ENTRYPOINT), "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "serve" in done.stdout and "worker" in done.stdout
+
+    proc = subprocess.Popen([str(ENTRYPOINT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening as SONOCASE"), line + (proc.stderr.read() if proc.poll() is not None else "")
+        echo = subprocess.run([dcmtk("echoscu"), "-aec", "SONOCASE", "127.0.0.1", env["SONOCASE_PORT"]],
+                              env=env, capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0, echo.stderr
+        health = subprocess.run([str(ENTRYPOINT), "healthcheck", "node"], env=env, capture_output=True, timeout=30)
+        assert health.returncode == 0, health.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    assert any("HTTP on" in doc["message"] for doc in logs)
+    health = subprocess.run([str(ENTRYPOINT), "healthcheck", "node"], env=env, capture_output=True, timeout=30)
+    assert health.returncode != 0
+
+
+def test_entrypoint_worker_answers_its_healthcheck(tmp_path: Path, redis_url: str) -> None:
+    # A Redis database of its own: a ping must only reach this test's worker.
+    env = _container_env(tmp_path, SONOCASE_BROKER_URL=f"{redis_url}/13", SONOCASE_HTTP_PORT="0")
+    health = [str(ENTRYPOINT), "healthcheck", "worker"]
+    assert subprocess.run(health, env=env, capture_output=True, timeout=60).returncode != 0
+    proc = subprocess.Popen([str(ENTRYPOINT), "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            done = subprocess.run(health, env=env, capture_output=True, text=True, timeout=60)
+            if done.returncode == 0:
+                break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, done.stderr
+            time.sleep(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
