@@ -56,7 +56,7 @@ class StudyInfo:
     study_date: str
     study_time: str
     accession_number: str
-    laterality: str
+    laterality: str  # "L" or "R"; "" when unknown
     depth_cm: float
 
 
@@ -158,7 +158,7 @@ def _identity(info: StudyInfo, instance_number: int, sop_instance_uid: str) -> D
     ds.ReferringPhysicianName = ""
     ds.StudyID = "1"
     ds.AccessionNumber = info.accession_number
-    ds.StudyDescription = f"US BREAST {info.laterality}"
+    ds.StudyDescription = f"US BREAST {info.laterality}".strip()
     ds.Modality = "US"
     ds.SeriesInstanceUID = info.series_uid
     ds.SeriesNumber = 1
@@ -174,7 +174,12 @@ def _identity(info: StudyInfo, instance_number: int, sop_instance_uid: str) -> D
     ds.ContentDate = info.study_date
     ds.ContentTime = info.study_time
     ds.ImageType = ["ORIGINAL", "PRIMARY", "BREAST", "0001"]  # value 4: 2-D imaging
-    ds.ImageLaterality = info.laterality
+    # The breast is paired: Image Laterality when known, else an empty (Type 2C)
+    # series Laterality; dciodvfy rejects an empty Image Laterality and both at once.
+    if info.laterality:
+        ds.ImageLaterality = info.laterality
+    else:
+        ds.Laterality = ""
     ds.BurnedInAnnotation = "YES"
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
