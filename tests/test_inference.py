@@ -1,0 +1,147 @@
+"""The ONNX model at run time, with the shipped model and real ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.imaging import prepare_instance
+from service.inference import CPU, CUDA, ModelError, OnnxModel, choose_providers
+from service.model_card import ModelCard, card_path_for
+from service.settings import Settings
+from training.data.synthetic import synthetic_study
+from training.records import CLASSES
+
+
+@pytest.fixture
+def model_path(settings: Settings) -> Path:
+    """The model the node runs by default (setting model_path: the shipped one)."""
+    if not settings.model_path.is_file():
+        pytest.fail(f"the model {settings.model_path} is missing: it ships in onnx_models/")
+    return settings.model_path
+
+
+@pytest.fixture
+def model(model_path: Path) -> OnnxModel:
+    return OnnxModel(model_path, "cpu", batch_size=8)
+
+
+def _batch(model: OnnxModel, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    spec = model.card.input
+    return ((rng.random((n, 1, spec.height, spec.width)) - spec.mean) / spec.std).astype(np.float32)
+
+
+def _copy_with_card(model_path: Path, tmp_path: Path, **changes: object) -> Path:
+    """The model beside a card with ``changes`` (dotted keys for nested fields)."""
+    target = tmp_path / model_path.name
+    shutil.copyfile(model_path, target)
+    card = json.loads(card_path_for(model_path).read_text())
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = card
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    card_path_for(target).write_text(json.dumps(card))
+    return target
+
+
+def test_outputs_follow_the_interface(model: OnnxModel) -> None:
+    out = model.run(_batch(model, 5))
+    assert out.probabilities.shape == (5, len(model.card.classes))
+    assert np.allclose(out.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert out.embedding.shape == (5, model.card.embedding_dim)
+    assert np.allclose(np.linalg.norm(out.embedding, axis=1), 1.0, atol=1e-4)
+    assert out.gradcam.ndim == 3 and len(out.gradcam) == 5
+    assert out.gradcam.min() >= 0.0 and out.gradcam.max() <= 1.0 + 1e-6
+    assert model.provider == CPU and model.identity.sha256 == model.card.sha256
+
+
+def test_batches_are_split_at_batch_size_without_changing_results(model_path: Path) -> None:
+    batch = _batch(OnnxModel(model_path, "cpu"), 7, seed=1)
+    small = OnnxModel(model_path, "cpu", batch_size=3).run(batch)
+    large = OnnxModel(model_path, "cpu", batch_size=16).run(batch)
+    for a, b in ((small.probabilities, large.probabilities), (small.embedding, large.embedding),
+                 (small.gradcam, large.gradcam)):
+        assert np.allclose(a, b, atol=1e-5)
+
+
+def test_gradcam_explains_the_predicted_class_unless_told_otherwise(model: OnnxModel) -> None:
+    batch = _batch(model, 6, seed=2)
+    default = model.run(batch)
+    explicit = model.run(batch, default.predicted)
+    assert np.allclose(default.gradcam, explicit.gradcam, atol=1e-5)
+    other = model.run(batch, (default.predicted + 1) % len(model.card.classes))
+    assert not np.allclose(default.gradcam, other.gradcam, atol=1e-3)
+    with pytest.raises(ValueError, match="one entry per image"):
+        model.run(batch, np.zeros(2, np.int64))
+
+
+def test_ood_distance_is_to_the_nearest_training_centroid(model: OnnxModel) -> None:
+    out = model.run(_batch(model, 4, seed=3))
+    centroids = np.asarray(model.card.ood.centroids)
+    expected = np.linalg.norm(out.embedding[:, None] - centroids[None], axis=2).min(axis=1)
+    assert np.allclose(out.ood_distance, expected, atol=1e-5)
+    assert np.array_equal(out.out_of_distribution, out.ood_distance > model.card.ood.threshold)
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(0.0, True), (10.0, False)])
+def test_ood_threshold_comes_from_the_card(model_path: Path, tmp_path: Path, threshold: float, expected: bool) -> None:
+    path = _copy_with_card(model_path, tmp_path, **{"ood.threshold": threshold})
+    model = OnnxModel(path, "cpu")
+    assert model.run(_batch(model, 3)).out_of_distribution.tolist() == [expected] * 3
+
+
+def test_a_model_file_that_is_not_the_one_its_card_describes_is_refused(model_path: Path, tmp_path: Path) -> None:
+    path = _copy_with_card(model_path, tmp_path, sha256="0" * 64)
+    with pytest.raises(ModelError, match="sha256"):
+        OnnxModel(path)
+
+
+def test_a_card_that_does_not_match_the_graph_is_refused(model_path: Path, tmp_path: Path) -> None:
+    card = ModelCard.load(model_path)
+    path = _copy_with_card(model_path, tmp_path, **{"input.height": card.input.height + 32,
+                                                   "embedding_dim": card.embedding_dim + 1})
+    with pytest.raises(ModelError, match="input 'image' has shape .* output 'embedding'"):
+        OnnxModel(path)
+
+
+def test_missing_model_or_card_is_a_clear_error(model_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        OnnxModel(tmp_path / "absent.onnx")
+    lonely = tmp_path / "lonely.onnx"
+    shutil.copyfile(model_path, lonely)
+    with pytest.raises(ModelError, match="model card .* is missing"):
+        OnnxModel(lonely)
+
+
+def test_execution_provider_choice() -> None:
+    assert choose_providers("auto", [CPU]) == [CPU]
+    assert choose_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
+    assert choose_providers("cuda", [CUDA, CPU]) == [CUDA, CPU]
+    assert choose_providers("cpu", [CUDA, CPU]) == [CPU]
+    with pytest.raises(ModelError, match="onnxruntime-gpu"):
+        choose_providers("cuda", [CPU])
+
+
+def test_synthetic_dicom_studies_through_the_worker_preparation_are_classified_above_chance(
+    model: OnnxModel,
+) -> None:
+    """DICOM -> service.imaging -> ONNX Runtime must reproduce what training measured:
+    a preparation that differs from training's (crop, grayscale, resize, normalise)
+    would drop this to chance."""
+    tensors, labels = [], []
+    for label, name in enumerate(CLASSES):
+        for index in range(8):
+            for ds in synthetic_study(2, name, seed=1000 + index, index=index):
+                tensors.extend(f.tensor for f in prepare_instance(ds, model.card.input, 1).frames)
+                labels.append(label)
+    predicted = model.run(np.stack(tensors)).predicted
+    labels_arr = np.asarray(labels)
+    recalls = [np.mean(predicted[labels_arr == c] == c) for c in range(len(CLASSES))]
+    assert np.mean(recalls) > 0.6, recalls
