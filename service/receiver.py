@@ -365,6 +365,16 @@ class StoreSCP:
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         if self.durable:
             spool.fsync_dir(settings.spool_dir.parent)
+        self._remove_partial_files()
+
+    def _remove_partial_files(self) -> None:
+        """Temporary files left by a crash were never acknowledged: the peer sends
+        them again. Only one receiver writes a spool, so none is in use now."""
+        partial = list(self.settings.spool_dir.glob("*/.tmp-*"))
+        for path in partial:
+            path.unlink(missing_ok=True)
+        if partial:
+            LOG.info("removed %d partial files left by an interrupted receiver", len(partial))
 
     def store(
         self, raw: bytes, transfer_syntax: str, affected_sop_class: str, affected_sop_instance: str,

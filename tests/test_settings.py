@@ -90,7 +90,7 @@ def test_tls_needs_certificate_and_key_together(tmp_path: Path) -> None:
 
 def serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {"SONOCASE_HOST": "127.0.0.1", "SONOCASE_HTTP_PORT": "0", "SONOCASE_DATA_DIR": str(tmp_path / "data"),
-            "SONOCASE_DURABILITY": "none", **extra}
+            "SONOCASE_DURABILITY": "none", "SONOCASE_WORKERS": "0", **extra}
 
 
 def test_serve_as_a_process_with_command_line_overrides(tmp_path: Path) -> None:
