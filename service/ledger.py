@@ -308,6 +308,27 @@ class Ledger:
                 (state, now, *stamps.values(), study_uid),
             )
 
+    def transition(
+        self, study_uid: str, state: StudyState, from_states: tuple[StudyState, ...], generation: int,
+        now: float | None = None, **stamps: Any,
+    ) -> bool:
+        """Like :meth:`set_state`, but only from ``from_states`` at ``generation``:
+        False when the study moved on meanwhile (re-opened by a new instance), so a
+        late stage never overwrites a newer one."""
+        allowed = {"reported_at", "sent_at", "error", "failed_stage"}
+        if not set(stamps) <= allowed:
+            raise ValueError(f"cannot set {sorted(set(stamps) - allowed)} through transition")
+        now = time.time() if now is None else now
+        cols = "".join(f", {k}=?" for k in stamps)
+        marks = ",".join("?" * len(from_states))
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE studies SET state=?, updated_at=?{cols} WHERE study_uid=? AND generation=?"
+                f" AND state IN ({marks})",
+                (state, now, *stamps.values(), study_uid, generation, *from_states),
+            )
+            return cur.rowcount == 1
+
     # --- reading -----------------------------------------------------------
     def study(self, study_uid: str) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
@@ -411,6 +432,19 @@ class Ledger:
                 (OutboxState.PENDING, now, study_uid, OutboxState.SENT),
             )
             return cur.rowcount
+
+    def replace_outbox(
+        self, sop_instance_uid: str, destination: str, new_sop_instance_uid: str, new_sop_class_uid: str,
+        new_path: str,
+    ) -> None:
+        """Swap the object a row sends for another (the SR rebuilt in a SOP class the
+        destination accepts); its attempts and schedule carry over."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE OR REPLACE outbox SET sop_instance_uid=?, sop_class_uid=?, path=?"
+                " WHERE sop_instance_uid=? AND destination=?",
+                (new_sop_instance_uid, new_sop_class_uid, new_path, sop_instance_uid, destination),
+            )
 
     # --- figures for monitoring (aggregated in SQL: a scrape stays cheap) -------
     _STAMPS = frozenset({

@@ -1,0 +1,17 @@
+"""Turning an analysed study into DICOM objects the PACS stores and viewers show.
+
+``template`` reads the site-adaptable SR wording and codes, ``sr`` builds the TID 1500
+Structured Report, ``sc`` the Grad-CAM and similar-cases Secondary Captures,
+``validation`` is the gate every object passes before it may leave, and ``build``
+ties them together for the worker: build, check, write to the outbox, queue.
+"""
+
+from __future__ import annotations
+
+from pydicom.uid import generate_uid
+
+
+def derived_uid(*parts: object) -> str:
+    """A UID fixed by what it names (study, generation, object kind, source...), so
+    building the same study's reports again yields the same objects, never copies."""
+    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))

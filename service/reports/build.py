@@ -1,0 +1,296 @@
+"""Build a study's output objects, pass them through the gate, queue them.
+
+The worker calls :func:`build_reports` right after it stored the study's result:
+
+1. the SR (Comprehensive 3D by default; the sender asks :func:`rebuild_sr` for
+   another class when a destination refuses it), one Grad-CAM SC per analysed
+   image and, when there are similar studies, the similar-cases montage;
+2. each object is encoded and checked by :mod:`service.reports.validation` from
+   its bytes; if any fails, nothing of the study is queued (half a report could
+   mislead) and the study is FAILED at stage ``report`` with every reason;
+3. the objects are written to ``outbox_dir/<study>/<generation>/`` (atomic,
+   fsynced per the durability setting) and queued for every destination; the
+   study becomes REPORTED. With no destination they simply stay in the outbox.
+
+UIDs derive from (study, generation, object), so building again (a redelivered
+task, a restart) rewrites the same files and queues nothing twice.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage
+
+from service.ledger import Ledger, StudyState
+from service.reports import derived_uid
+from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc
+from service.reports.sr import SR_CLASSES, build_sr, software_versions
+from service.reports.template import SrTemplate, TemplateError, load_template
+from service.reports.validation import GateError, check_object
+from service.results import StudyResult
+from service.settings import Settings
+from service.spool import write_atomic
+
+LOG = logging.getLogger(__name__)
+
+#: The SR class every study gets first (the richest; see SR_CLASSES for fallback).
+DEFAULT_SR_CLASS = Comprehensive3DSRStorage
+#: Study-level attributes highdicom copies from the first source; Type 2, so an
+#: empty value stands in for one the modality did not send.
+_TYPE2_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+class ReportError(Exception):
+    """A study's objects could not be built or did not pass the gate."""
+
+
+@dataclass(frozen=True)
+class OutputObject:
+    sop_instance_uid: str
+    sop_class_uid: str
+    data: bytes
+    kind: str  # "SR" or "SC": the file name prefix in the outbox
+
+
+def node_version() -> str:
+    try:
+        return version("sonocase")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def outbox_folder(settings: Settings, study_uid: str, generation: int) -> Path:
+    return settings.outbox_dir / study_uid / str(generation)
+
+
+def read_sources(ledger: Ledger, result: StudyResult) -> tuple[list[Dataset], dict[str, Path]]:
+    """Headers (no pixels) of the instances the result speaks about, in its order,
+    and their spool paths. The first header gets empty Type 2 study attributes where
+    the modality sent none."""
+    paths = {rec.sop_instance_uid: Path(rec.path) for rec in ledger.instances(result.study_uid)}
+    headers = []
+    for image in result.images:
+        if image.sop_instance_uid not in paths:
+            raise ReportError(f"instance {image.sop_instance_uid} of the result is not in the ledger")
+        headers.append(pydicom.dcmread(paths[image.sop_instance_uid], stop_before_pixels=True))
+    if not headers:
+        raise ReportError("the result lists no instance")
+    for keyword in _TYPE2_STUDY:
+        if keyword not in headers[0]:
+            setattr(headers[0], keyword, "")
+    return headers, paths
+
+
+def predecessors(settings: Settings, study_uid: str, generation: int) -> list[Dataset]:
+    """The SRs of the latest earlier generation that produced any (re-analysis)."""
+    for earlier in range(generation - 1, 0, -1):
+        files = sorted(outbox_folder(settings, study_uid, earlier).glob("SR.*.dcm"))
+        if files:
+            return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    return []
+
+
+def _sr_object(
+    settings: Settings, template: SrTemplate, result: StudyResult, sources: list[Dataset], sop_class_uid: str
+) -> OutputObject:
+    sr = build_sr(
+        result,
+        template,
+        sources,
+        sop_class_uid,
+        node_version(),
+        predecessors(settings, result.study_uid, result.generation),
+    )
+    return OutputObject(sr.SOPInstanceUID, sop_class_uid, _encode(sr), "SR")
+
+
+def build_objects(
+    settings: Settings,
+    template: SrTemplate,
+    result: StudyResult,
+    sources: list[Dataset],
+    paths: dict[str, Path],
+    reference_images: ReferenceImages,
+) -> list[OutputObject]:
+    """Every output object of the study, encoded (pure apart from reading files)."""
+    objects = [_sr_object(settings, template, result, sources, DEFAULT_SR_CLASS)]
+    versions = software_versions(node_version(), result)
+    series_uid = derived_uid(result.study_uid, result.generation, "sc-series")
+    analysed = [image for image in result.images if image.frames]
+    pictures: dict[str, Dataset] = {}
+    for number, image in enumerate(analysed, start=1):
+        pictures[image.sop_instance_uid] = pydicom.dcmread(paths[image.sop_instance_uid])
+        sc = build_heatmap_sc(
+            result,
+            template,
+            image,
+            pictures[image.sop_instance_uid],
+            series_uid,
+            derived_uid(result.study_uid, result.generation, "sc", image.sop_instance_uid),
+            number,
+            settings.sc_transfer_syntax,
+            versions,
+        )
+        objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
+    decisive = next((i for i in analysed if i.sop_instance_uid == result.summary.decisive_sop_instance_uid), None)
+    if result.similar and decisive is not None:
+        sc = build_montage_sc(
+            result,
+            template,
+            pictures[decisive.sop_instance_uid],
+            decisive,
+            reference_images,
+            series_uid,
+            derived_uid(result.study_uid, result.generation, "montage"),
+            len(analysed) + 1,
+            settings.sc_transfer_syntax,
+            versions,
+        )
+        objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
+    return objects
+
+
+def _resolver(reference_images: ReferenceImages | Mapping[str, Path] | None) -> ReferenceImages:
+    if reference_images is None:
+        return lambda _uid: None
+    if isinstance(reference_images, Mapping):
+        return reference_images.get
+    return reference_images
+
+
+def _write(settings: Settings, result: StudyResult, obj: OutputObject) -> Path:
+    path = outbox_folder(settings, result.study_uid, result.generation) / f"{obj.kind}.{obj.sop_instance_uid}.dcm"
+    write_atomic(path, obj.data, durable=settings.durability == "fsync")
+    return path
+
+
+def _gate(template: SrTemplate, objects: list[OutputObject]) -> None:
+    reasons = []
+    for obj in objects:
+        try:
+            check_object(obj.data, template.disclaimer)
+        except GateError as exc:
+            reasons.append(str(exc))
+    if reasons:
+        raise ReportError("; ".join(reasons))
+
+
+def build_reports(
+    settings: Settings,
+    ledger: Ledger,
+    study_uid: str,
+    reference_images: ReferenceImages | Mapping[str, Path] | None = None,
+) -> list[Path]:
+    """Build, check, write and queue the objects of the study's newest result.
+
+    ``reference_images`` finds the stored reference image of a similar study's SOP
+    Instance UID (the similar-case index's copy); without one the montage shows
+    "image not stored" tiles. Returns the outbox paths; an empty list means nothing
+    was queued: the study failed (stage ``report``, reason in the ledger) or was
+    re-opened meanwhile (its next generation will be reported instead).
+    """
+    study, raw = ledger.study(study_uid), ledger.result(study_uid)
+    if study is None or raw is None:
+        raise ValueError(f"study {study_uid} has no stored result to report")
+    result = StudyResult.model_validate(raw)
+    if result.generation != study["generation"]:
+        LOG.info(
+            "result of generation %d is stale (study is at %d): not reported",
+            result.generation,
+            study["generation"],
+            extra={"study_uid": study_uid},
+        )
+        return []
+    try:
+        template = load_template(settings.sr_template)
+        sources, paths = read_sources(ledger, result)
+        objects = build_objects(settings, template, result, sources, paths, _resolver(reference_images))
+        _gate(template, objects)
+    except (ReportError, TemplateError, ValueError, OSError, AttributeError) as exc:
+        # Bad input (a template, a result, a heatmap file, a source image; pydicom
+        # signals a missing attribute with AttributeError): the study shows why, the
+        # worker moves on, and `sonocase resend` builds again once it is fixed.
+        reason = f"{type(exc).__name__}: {exc}"
+        LOG.error("report failed: %s", reason, extra={"study_uid": study_uid, "stage": "report"})
+        ledger.transition(
+            study_uid,
+            StudyState.FAILED,
+            (StudyState.ANALYSED, StudyState.FAILED),
+            result.generation,
+            failed_stage="report",
+            error=reason[:2000],
+        )
+        return []
+    written = [(obj, _write(settings, result, obj)) for obj in objects]
+    destinations = [str(d) for d in settings.destinations]
+    if destinations:
+        ledger.enqueue_outbox(
+            study_uid,
+            result.generation,
+            [(obj.sop_instance_uid, obj.sop_class_uid, str(path)) for obj, path in written],
+            destinations,
+        )
+    if not ledger.transition(
+        study_uid,
+        StudyState.REPORTED,
+        (StudyState.ANALYSED, StudyState.FAILED),
+        result.generation,
+        reported_at=time.time(),
+        error=None,
+        failed_stage=None,
+    ):
+        LOG.info("study moved on while its reports were built; objects stay queued", extra={"study_uid": study_uid})
+    LOG.info(
+        "%d object(s) written to the outbox%s",
+        len(written),
+        f", queued for {', '.join(destinations)}" if destinations else "; no destination configured",
+        extra={"study_uid": study_uid},
+    )
+    return [path for _, path in written]
+
+
+def rebuild_sr(
+    settings: Settings, ledger: Ledger, study_uid: str, generation: int, sop_class_uid: str
+) -> tuple[str, Path]:
+    """The study's SR of ``generation`` built again in ``sop_class_uid`` (for a
+    destination that refuses the default class), gated and written to the outbox.
+    Returns its SOP Instance UID and path; :class:`ReportError` if it cannot be."""
+    if sop_class_uid not in SR_CLASSES:
+        raise ValueError(f"{sop_class_uid} is not an SR class we write")
+    raw = ledger.result(study_uid, generation)
+    if raw is None:
+        raise ReportError(f"study {study_uid} has no result of generation {generation}")
+    result = StudyResult.model_validate(raw)
+    try:
+        template = load_template(settings.sr_template)
+        sources, _ = read_sources(ledger, result)
+        obj = _sr_object(settings, template, result, sources, sop_class_uid)
+        _gate(template, [obj])
+    except (TemplateError, ValueError, OSError, AttributeError) as exc:
+        raise ReportError(f"{type(exc).__name__}: {exc}") from exc
+    return obj.sop_instance_uid, _write(settings, result, obj)

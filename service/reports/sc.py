@@ -1,0 +1,442 @@
+"""Secondary Captures: what the radiologist sees without any SR support.
+
+* One heatmap image per analysed image: the source frame in grayscale exactly as
+  the model saw it (service.imaging), the Grad-CAM heatmap blended in over the
+  analysed region with a colour legend, the predicted class and probability and the
+  disclaimer burned in, sized like the source and referencing it. A cine loop gets
+  one image, of its decisive frame (the frame that speaks for the image, see
+  :func:`service.reports.sr.decisive_frame`): the SR carries every analysed frame's
+  numbers, and eight near-identical heatmaps per loop would bury the report.
+* One "similar cases" montage per study: the analysed region of the study's
+  decisive image beside the reference images of the similar studies, each cut to
+  its B-mode region and captioned with label, label source and distance. No names,
+  IDs, dates or accession numbers of other patients are drawn (and the cut keeps
+  scanners' burned-in text bands out); the montage references those instances.
+
+Colours: a "jet" colour map, blended with opacity 0.5 x heat, so regions the
+model ignored stay unchanged and the hottest regions are half covered.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from highdicom.sc import SCImage
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+
+from service.imaging import PixelError, crop_box, number_of_frames, to_grayscale
+from service.reports.sr import class_display, decisive_frame
+from service.reports.template import SrTemplate
+from service.results import FrameResult, ImageResult, SimilarStudy, StudyResult
+
+LOG = logging.getLogger(__name__)
+
+#: settings.sc_transfer_syntax -> (Transfer Syntax UID, Photometric Interpretation)
+TRANSFER_SYNTAXES: dict[str, tuple[str, str]] = {
+    "explicit-little-endian": (ExplicitVRLittleEndian, "RGB"),
+    "jpeg-baseline": (JPEGBaseline8Bit, "YBR_FULL_422"),
+}
+#: "Source image for image processing operation" (CID 7202).
+_SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
+#: Jet colour map anchors: heat -> RGB in [0, 1].
+_JET = np.array(
+    [
+        (0.000, 0.0, 0.0, 0.5),
+        (0.125, 0.0, 0.0, 1.0),
+        (0.375, 0.0, 1.0, 1.0),
+        (0.625, 1.0, 1.0, 0.0),
+        (0.875, 1.0, 0.0, 0.0),
+        (1.000, 0.5, 0.0, 0.0),
+    ]
+)
+MAX_OPACITY = 0.5
+TILE = 256
+
+#: Where the montage finds a similar study's stored reference image.
+ReferenceImages = Callable[[str], Path | None]
+
+
+def frame_rgb(ds: Dataset, frame_number: int = 1) -> np.ndarray:
+    """One frame as the model saw it (service.imaging's grayscale: palette, YBR,
+    >8-bit and MONOCHROME1 handled there) in RGB, ready for colour drawing."""
+    frames = number_of_frames(ds)
+    if not 1 <= frame_number <= frames:
+        raise ValueError(f"instance {ds.SOPInstanceUID} has {frames} frame(s), not frame {frame_number}")
+    gray = to_grayscale(ds, frame_number - 1)
+    return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+
+
+def jet(heat: np.ndarray) -> np.ndarray:
+    """Heat in [0, 1] -> RGB uint8 with the jet colour map."""
+    heat = np.clip(heat, 0.0, 1.0)
+    channels = [np.interp(heat, _JET[:, 0], _JET[:, c]) for c in (1, 2, 3)]
+    return np.rint(np.stack(channels, axis=-1) * 255).astype(np.uint8)
+
+
+def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, crop: tuple[int, int, int, int]) -> np.ndarray:
+    """Blend ``heat`` (the size of ``crop``; resized if not) into ``rgb`` at ``crop``."""
+    x0, y0, x1, y1 = crop
+    height, width = rgb.shape[:2]
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"crop {crop} lies outside the {width}x{height} image")
+    if heat.shape != (y1 - y0, x1 - x0):
+        heat = np.asarray(
+            Image.fromarray(heat.astype(np.float32), mode="F").resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
+        )
+    heat = np.clip(np.nan_to_num(heat.astype(np.float64)), 0.0, 1.0)
+    alpha = (MAX_OPACITY * heat)[:, :, None]
+    out = rgb.copy()
+    region = out[y0:y1, x0:x1].astype(np.float64)
+    out[y0:y1, x0:x1] = np.rint(region * (1 - alpha) + jet(heat) * alpha).astype(np.uint8)
+    return out
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's bundled default font (no download, no system fonts needed)."""
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
+) -> list[str]:
+    """Greedy word wrap to a pixel width."""
+    average = max(1.0, draw.textlength("abcdefghijklmnopqrstuvwxyz", font=font) / 26)
+    columns = max(8, int(width / average))
+    while columns > 8 and any(draw.textlength(line, font=font) > width for line in textwrap.wrap(text, columns)):
+        columns -= 1
+    return textwrap.wrap(text, columns)
+
+
+def _text_band(
+    draw: ImageDraw.ImageDraw,
+    lines: list[str],
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    top: int,
+    width: int,
+    line_height: int,
+) -> None:
+    """Lines of white text on a dark band, legible on any image."""
+    draw.rectangle((0, top, width, top + line_height * len(lines) + 4), fill=(0, 0, 0))
+    for n, line in enumerate(lines):
+        draw.text((4, top + 2 + n * line_height), line, fill=(255, 255, 255), font=font)
+
+
+def annotate(rgb: np.ndarray, caption: str, disclaimer: str, legend: str) -> np.ndarray:
+    """Burn the caption (top), the disclaimer (bottom) and a colour legend (right)."""
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    height, width = rgb.shape[:2]
+    size = max(10, min(width, height) // 30)
+    font = _font(size)
+    line_height = size + 3
+    _text_band(draw, _wrap(draw, caption, font, width - 8), font, 0, width, line_height)
+    footer = _wrap(draw, disclaimer, font, width - 8)
+    _text_band(draw, footer, font, height - line_height * len(footer) - 4, width, line_height)
+    # Legend: a vertical colour bar, hot at the top, labelled 1 and 0.
+    bar_w = max(6, width // 60)
+    bar_h = max(20, height // 3)
+    x1 = width - 4 - draw.textlength("1", font=font) - 4
+    x0, y0 = x1 - bar_w, (height - bar_h) // 2
+    ramp = jet(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
+    image.paste(Image.fromarray(ramp), (int(x0), y0))
+    draw.rectangle((x0 - 1, y0 - 1, x1, y0 + bar_h), outline=(255, 255, 255))
+    legend_w = draw.textlength(legend, font=font)
+    for x, y, text in (
+        (x1 + 3, y0 - size // 2, "1"),
+        (x1 + 3, y0 + bar_h - size // 2, "0"),
+        (max(0, x1 - legend_w), y0 - size - 6, legend),
+    ):
+        draw.rectangle(draw.textbbox((x, y), text, font=font), fill=(0, 0, 0))
+        draw.text((x, y), text, fill=(255, 255, 255), font=font)
+    return np.asarray(image)
+
+
+def heatmap_caption(template: SrTemplate, image: ImageResult, frame: FrameResult) -> str:
+    """The burned-in line: class and probability of the frame (and the OOD warning)."""
+    label = image.predicted or frame.predicted
+    caption = template.wording.sc_caption.format(
+        label=class_display(template, label), probability=frame.probabilities.get(label, 0.0)
+    )
+    if frame.out_of_distribution:
+        caption += f" ({template.wording.ood})"
+    return caption
+
+
+def heatmap_pixels(template: SrTemplate, image: ImageResult, source: Dataset) -> tuple[np.ndarray, FrameResult]:
+    """The annotated RGB pixels of an image's heatmap SC and the frame they show."""
+    frame = decisive_frame(image)
+    rgb = frame_rgb(source, frame.frame_number)
+    heat = np.load(frame.heatmap_path)
+    blended = blend_heatmap(rgb, heat, frame.crop)
+    pixels = annotate(
+        blended, heatmap_caption(template, image, frame), template.disclaimer, template.wording.heatmap_legend
+    )
+    return pixels, frame
+
+
+def _reference_item(sop_class_uid: str, sop_instance_uid: str, frame_number: int | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class_uid
+    item.ReferencedSOPInstanceUID = sop_instance_uid
+    if frame_number is not None:
+        item.ReferencedFrameNumber = frame_number
+    return item
+
+
+def _source_item(sop_class_uid: str, sop_instance_uid: str, frame_number: int | None) -> Dataset:
+    item = _reference_item(sop_class_uid, sop_instance_uid, frame_number)
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = _SOURCE_PURPOSE
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    return item
+
+
+def _series_references(refs: Sequence[tuple[str, str, str]]) -> list[Dataset]:
+    """(series UID, SOP class, SOP instance) -> Referenced Series Sequence items."""
+    series: dict[str, list[Dataset]] = {}
+    for series_uid, sop_class_uid, sop_uid in refs:
+        series.setdefault(series_uid, []).append(_reference_item(sop_class_uid, sop_uid))
+    items = []
+    for series_uid, instances in series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = series_uid
+        item.ReferencedInstanceSequence = instances
+        items.append(item)
+    return items
+
+
+def _sc(
+    pixels: np.ndarray,
+    template: SrTemplate,
+    reference: Dataset,
+    series_uid: str,
+    sop_uid: str,
+    instance_number: int,
+    transfer_syntax: str,
+    software_versions: list[str],
+    derivation: str,
+) -> SCImage:
+    ts_uid, photometric = TRANSFER_SYNTAXES[transfer_syntax]
+    device = template.device
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=reference,
+        pixel_array=pixels,
+        photometric_interpretation=photometric,
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        # highdicom requires an orientation for PATIENT; ultrasound has none, so the
+        # placeholder is replaced below by the source's own (usually empty) value.
+        patient_orientation=("A", "R"),
+        series_instance_uid=series_uid,
+        series_number=template.sc_series.number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=device.manufacturer,
+        transfer_syntax_uid=ts_uid,
+        series_description=template.sc_series.description,
+        manufacturer_model_name=device.model_name,
+        software_versions=software_versions,
+        device_serial_number=device.serial_number,
+    )
+    sc.PatientOrientation = reference.get("PatientOrientation", "")
+    sc.Laterality = reference.get("Laterality", "")  # Type 2C for a paired organ: breast
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = template.disclaimer
+    sc.DerivationDescription = derivation[:1024]
+    return sc
+
+
+def derivation_text(result: StudyResult, what: str) -> str:
+    """Derivation Description: which model (and index) made the picture."""
+    return (
+        f"{what} by {result.model.name} {result.model.version} (sha256 {result.model.sha256}); "
+        f"index version {result.index_version or 'none'}"
+    )
+
+
+def build_heatmap_sc(
+    result: StudyResult,
+    template: SrTemplate,
+    image: ImageResult,
+    source: Dataset,
+    series_uid: str,
+    sop_uid: str,
+    instance_number: int,
+    transfer_syntax: str,
+    software_versions: list[str],
+) -> SCImage:
+    """The Grad-CAM Secondary Capture of one analysed image (``source``: the
+    instance with its pixels; see module doc)."""
+    pixels, frame = heatmap_pixels(template, image, source)
+    multi_frame = number_of_frames(source) > 1
+    sc = _sc(
+        pixels,
+        template,
+        source,
+        series_uid,
+        sop_uid,
+        instance_number,
+        transfer_syntax,
+        software_versions,
+        derivation_text(result, f"Grad-CAM heatmap of frame {frame.frame_number}"),
+    )
+    sc.SourceImageSequence = [
+        _source_item(source.SOPClassUID, source.SOPInstanceUID, frame.frame_number if multi_frame else None)
+    ]
+    sc.ReferencedSeriesSequence = _series_references(
+        [(source.SeriesInstanceUID, source.SOPClassUID, source.SOPInstanceUID)]
+    )
+    return sc
+
+
+def _tile(rgb: np.ndarray | None, missing: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> Image.Image:
+    """A TILE x TILE square with the image letterboxed in (or a 'missing' note)."""
+    tile = Image.new("RGB", (TILE, TILE), (0, 0, 0))
+    if rgb is None:
+        ImageDraw.Draw(tile).text((8, TILE // 2 - 8), missing, fill=(200, 200, 200), font=font)
+        return tile
+    picture = Image.fromarray(rgb)
+    picture.thumbnail((TILE, TILE), Image.Resampling.BILINEAR)
+    tile.paste(picture, ((TILE - picture.width) // 2, (TILE - picture.height) // 2))
+    return tile
+
+
+def _cropped(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
+
+
+def reference_picture(path: Path) -> np.ndarray:
+    """A stored reference image cut to its B-mode region (service.imaging's crop):
+    text bands, where scanners burn in names and IDs, stay out of the montage."""
+    ds = dcmread(path)
+    rgb = frame_rgb(ds)
+    return _cropped(rgb, crop_box(ds, rgb[:, :, 0]))
+
+
+def _reference_rgb(similar: SimilarStudy, reference_images: ReferenceImages, study_uid: str) -> np.ndarray | None:
+    path = reference_images(similar.sop_instance_uid)
+    if path is None:
+        return None
+    try:
+        return reference_picture(path)
+    except (OSError, InvalidDicomError, PixelError, AttributeError) as exc:  # damaged copy: drawn as missing
+        LOG.warning("reference image %s cannot be drawn: %s", path, exc, extra={"study_uid": study_uid})
+        return None
+
+
+def montage_pixels(
+    result: StudyResult,
+    template: SrTemplate,
+    query: Dataset,
+    query_image: ImageResult,
+    reference_images: ReferenceImages,
+) -> np.ndarray:
+    """The query's analysed region and the top-k reference images in a captioned grid."""
+    wording = template.wording
+    font = _font(14)
+    line = 18
+    frame = decisive_frame(query_image)
+    label = query_image.predicted or frame.predicted
+    tiles = [
+        (
+            _tile(_cropped(frame_rgb(query, frame.frame_number), frame.crop), wording.montage_missing, font),
+            [
+                wording.montage_query.format(
+                    label=class_display(template, label), probability=frame.probabilities.get(label, 0.0)
+                )
+            ],
+        )
+    ]
+    for rank, similar in enumerate(result.similar, start=1):
+        rgb = _reference_rgb(similar, reference_images, result.study_uid)
+        tiles.append(
+            (
+                _tile(rgb, wording.montage_missing, font),
+                [
+                    wording.montage_case.format(
+                        rank=rank, label=class_display(template, similar.label), label_source=similar.label_source
+                    ),
+                    wording.montage_distance.format(distance=similar.distance, similarity=similar.similarity),
+                ],
+            )
+        )
+    columns = min(len(tiles), 4)
+    rows = math.ceil(len(tiles) / columns)
+    pad, caption_h = 8, 2 * line + 6
+    width = columns * (TILE + pad) + pad
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    footer = _wrap(probe, template.disclaimer, font, width - 8)
+    header_h, footer_h = line + 12, line * len(footer) + 8
+    height = header_h + rows * (TILE + caption_h + pad) + footer_h
+    canvas = Image.new("RGB", (width, height + height % 2), (24, 24, 24))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 6), wording.montage_title, fill=(255, 255, 255), font=_font(16))
+    for n, (tile, captions) in enumerate(tiles):
+        x = pad + (n % columns) * (TILE + pad)
+        y = header_h + (n // columns) * (TILE + caption_h + pad)
+        canvas.paste(tile, (x, y))
+        if n == 0:
+            draw.rectangle((x - 2, y - 2, x + TILE + 1, y + TILE + 1), outline=(255, 200, 0), width=2)
+        for k, text in enumerate(captions):
+            draw.text((x, y + TILE + 4 + k * line), text, fill=(255, 255, 255), font=font)
+    _text_band(draw, footer, font, height - footer_h, width, line)
+    return np.asarray(canvas)
+
+
+def build_montage_sc(
+    result: StudyResult,
+    template: SrTemplate,
+    query: Dataset,
+    query_image: ImageResult,
+    reference_images: ReferenceImages,
+    series_uid: str,
+    sop_uid: str,
+    instance_number: int,
+    transfer_syntax: str,
+    software_versions: list[str],
+) -> SCImage:
+    """The study's "similar cases" Secondary Capture (``query``: the decisive
+    instance with its pixels; see module doc)."""
+    pixels = montage_pixels(result, template, query, query_image, reference_images)
+    sc = _sc(
+        pixels,
+        template,
+        query,
+        series_uid,
+        sop_uid,
+        instance_number,
+        transfer_syntax,
+        software_versions,
+        derivation_text(result, "Similar previously diagnosed cases found"),
+    )
+    multi_frame = number_of_frames(query) > 1
+    sc.SourceImageSequence = [
+        _source_item(
+            query.SOPClassUID, query.SOPInstanceUID, decisive_frame(query_image).frame_number if multi_frame else None
+        ),
+        *(_source_item(s.sop_class_uid, s.sop_instance_uid, None) for s in result.similar),
+    ]
+    sc.ReferencedSeriesSequence = _series_references(
+        [(query.SeriesInstanceUID, query.SOPClassUID, query.SOPInstanceUID)]
+    )
+    others: dict[str, list[tuple[str, str, str]]] = {}
+    for s in result.similar:
+        others.setdefault(s.study_uid, []).append((s.series_uid, s.sop_class_uid, s.sop_instance_uid))
+    studies = []
+    for study_uid, refs in others.items():
+        item = Dataset()
+        item.StudyInstanceUID = study_uid
+        item.ReferencedSeriesSequence = _series_references(refs)
+        studies.append(item)
+    sc.StudiesContainingOtherReferencedInstancesSequence = studies
+    return sc

@@ -1,0 +1,248 @@
+"""The validation gate: nothing leaves the node that a PACS could refuse or misread.
+
+Every object is checked from the exact bytes that would be sent:
+
+1. pydicom re-reads it; file meta must agree with the data set; every value must
+   be valid for its VR (strict value checking, which pydicom only warns about).
+2. The attributes its IOD requires (PS3.3 Type 1: present and non-empty, Type 2:
+   present) are checked module by module for the IODs we write: Comprehensive 3D,
+   Comprehensive and Enhanced SR, and Secondary Capture.
+3. highdicom parses it: an SR back into its TID 1500 Measurement Report (with at
+   least one measurement group, every referenced image listed as evidence, and only
+   the value types and relationships its SOP class allows); an SC into an image
+   whose pixels decode to Rows x Columns x 3.
+4. Our own promises: the disclaimer is in it, the SR is UNVERIFIED, the SC says
+   its annotations are burned in and names its source image.
+
+A failure raises :class:`GateError` with every reason found, so the study's
+failure shows all of them at once.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import highdicom as hd
+import numpy as np
+from pydicom import config, dcmread
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    SecondaryCaptureImageStorage,
+)
+from pydicom.valuerep import validate_value
+
+
+class GateError(ValueError):
+    """An object that must not be sent; ``reasons`` lists every problem found."""
+
+    def __init__(self, what: str, reasons: list[str]) -> None:
+        self.reasons = reasons
+        super().__init__(f"{what} failed validation: " + "; ".join(reasons))
+
+
+# --- the IODs' required attributes (PS3.3), keyword -> Type ---------------------
+_PATIENT = {"PatientName": 2, "PatientID": 2, "PatientBirthDate": 2, "PatientSex": 2}
+_GENERAL_STUDY = {
+    "StudyInstanceUID": 1,
+    "StudyDate": 2,
+    "StudyTime": 2,
+    "ReferringPhysicianName": 2,
+    "StudyID": 2,
+    "AccessionNumber": 2,
+}
+_SOP_COMMON = {"SOPClassUID": 1, "SOPInstanceUID": 1}
+#: General Equipment is Type 2; we require the Enhanced General Equipment set
+#: (Type 1) everywhere, because it is what traces an object to our node.
+_EQUIPMENT = {"Manufacturer": 1, "ManufacturerModelName": 1, "DeviceSerialNumber": 1, "SoftwareVersions": 1}
+_SR_DOCUMENT = {
+    "Modality": 1,
+    "SeriesInstanceUID": 1,
+    "SeriesNumber": 1,
+    "ReferencedPerformedProcedureStepSequence": 2,
+    "InstanceNumber": 1,
+    "CompletionFlag": 1,
+    "VerificationFlag": 1,
+    "ContentDate": 1,
+    "ContentTime": 1,
+    "PerformedProcedureCodeSequence": 2,
+    "ValueType": 1,
+    "ConceptNameCodeSequence": 1,
+    "ContinuityOfContent": 1,
+    "ContentSequence": 1,
+    "ContentTemplateSequence": 1,
+}
+_SECONDARY_CAPTURE = {
+    "Modality": 1,
+    "SeriesInstanceUID": 1,
+    "SeriesNumber": 2,
+    "Laterality": 2,
+    "ConversionType": 1,
+    "InstanceNumber": 2,
+    "PatientOrientation": 2,
+    "BurnedInAnnotation": 1,
+    "SourceImageSequence": 1,
+    "SamplesPerPixel": 1,
+    "PhotometricInterpretation": 1,
+    "Rows": 1,
+    "Columns": 1,
+    "BitsAllocated": 1,
+    "BitsStored": 1,
+    "HighBit": 1,
+    "PixelRepresentation": 1,
+    "PlanarConfiguration": 1,
+    "PixelData": 1,
+}
+_COMMON = {**_PATIENT, **_GENERAL_STUDY, **_SOP_COMMON, **_EQUIPMENT}
+REQUIRED: dict[str, dict[str, int]] = {
+    Comprehensive3DSRStorage: {**_COMMON, **_SR_DOCUMENT},
+    ComprehensiveSRStorage: {**_COMMON, **_SR_DOCUMENT},
+    EnhancedSRStorage: {**_COMMON, **_SR_DOCUMENT},
+    SecondaryCaptureImageStorage: {**_COMMON, **_SECONDARY_CAPTURE},
+}
+#: Value types each SR SOP class allows (PS3.3 A.35.2, A.35.3, A.35.13).
+_SR_VALUE_TYPES = {
+    EnhancedSRStorage: {
+        "TEXT",
+        "CODE",
+        "NUM",
+        "DATETIME",
+        "DATE",
+        "TIME",
+        "UIDREF",
+        "PNAME",
+        "COMPOSITE",
+        "IMAGE",
+        "WAVEFORM",
+        "SCOORD",
+        "TCOORD",
+        "CONTAINER",
+    },
+}
+_SR_VALUE_TYPES[ComprehensiveSRStorage] = _SR_VALUE_TYPES[EnhancedSRStorage]
+_SR_VALUE_TYPES[Comprehensive3DSRStorage] = _SR_VALUE_TYPES[EnhancedSRStorage] | {"SCOORD3D", "TABLE"}
+
+
+def check_object(data: bytes, disclaimer: str) -> Dataset:
+    """Run the gate on an encoded object; return the parsed data set or raise."""
+    try:
+        ds = dcmread(io.BytesIO(data), force=False)
+    except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
+        raise GateError("object", [f"pydicom cannot read it: {exc}"]) from None
+    what = f"{ds.get('SOPClassUID', 'object')!s} {ds.get('SOPInstanceUID', '?')}"
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class not in REQUIRED:
+        raise GateError(what, [f"SOP class {sop_class or '(none)'} is not one we produce"])
+    reasons = _file_meta(ds) + _values(ds) + _required(ds, REQUIRED[sop_class])
+    if not reasons:  # deeper checks need the required attributes in place
+        reasons += _sr(data, ds, disclaimer) if sop_class != SecondaryCaptureImageStorage else _sc(data, ds, disclaimer)
+    if reasons:
+        raise GateError(what, reasons)
+    return ds
+
+
+def _file_meta(ds: Dataset) -> list[str]:
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        return ["file meta information (transfer syntax) is missing"]
+    reasons = []
+    if meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID"):
+        reasons.append("Media Storage SOP Class UID differs from SOP Class UID")
+    if meta.get("MediaStorageSOPInstanceUID") != ds.get("SOPInstanceUID"):
+        reasons.append("Media Storage SOP Instance UID differs from SOP Instance UID")
+    return reasons
+
+
+def _elements(ds: Dataset, path: str = "") -> Iterator[tuple[str, DataElement]]:
+    for elem in ds:
+        where = f"{path}{elem.keyword or elem.tag}"
+        yield where, elem
+        if elem.VR == "SQ":
+            for n, item in enumerate(elem.value):
+                yield from _elements(item, f"{where}[{n}].")
+
+
+def _values(ds: Dataset) -> list[str]:
+    """Strict VR checks of every value (lengths, characters, UID and date syntax)."""
+    reasons = []
+    for where, elem in _elements(ds):
+        if elem.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN") or elem.value is None:
+            continue
+        values = elem.value if elem.VM > 1 else [elem.value]
+        for value in values:
+            if elem.VR in ("DS", "IS", "PN"):  # pydicom's value classes: check their text
+                value = getattr(value, "original_string", None) or str(value)
+            try:
+                validate_value(elem.VR, value, config.RAISE)
+            except ValueError as exc:
+                reasons.append(f"{where}: {exc}")
+    return reasons
+
+
+def _required(ds: Dataset, required: dict[str, int]) -> list[str]:
+    reasons = []
+    for keyword, kind in required.items():
+        if keyword not in ds:
+            reasons.append(f"{keyword} (Type {kind}) is missing")
+        elif kind == 1 and ds[keyword].is_empty:
+            reasons.append(f"{keyword} (Type 1) is empty")
+    return reasons
+
+
+def _content_items(items: list[Dataset]) -> Iterator[Dataset]:
+    for item in items:
+        yield item
+        yield from _content_items(item.get("ContentSequence", []))
+
+
+def _sr(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
+    reasons = []
+    if ds.Modality != "SR":
+        reasons.append(f"Modality is {ds.Modality}, not SR")
+    if ds.VerificationFlag != "UNVERIFIED":
+        reasons.append("an AI result must be UNVERIFIED")
+    allowed = _SR_VALUE_TYPES[ds.SOPClassUID]
+    items = list(_content_items(ds.ContentSequence))
+    for item in items:
+        if "ReferencedContentItemIdentifier" in item and ds.SOPClassUID == EnhancedSRStorage:
+            reasons.append("Enhanced SR does not allow by-reference relationships")
+        elif item.get("ValueType") not in allowed and "ReferencedContentItemIdentifier" not in item:
+            reasons.append(f"value type {item.get('ValueType')} is not allowed in this SR class")
+    if not any(item.get("TextValue") == disclaimer for item in items):
+        reasons.append("the disclaimer is not in the content")
+    try:
+        sr = hd.sr.srread(io.BytesIO(data))
+        groups = sr.content.get_image_measurement_groups()
+    except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
+        return reasons + [f"highdicom cannot parse it as a TID 1500 Measurement Report: {exc}"]
+    if not groups:
+        reasons.append("the report has no measurement group")
+    evidence = {uid for _, _, uid, _ in sr.get_evidence()}
+    for item in items:
+        if item.get("ValueType") in ("IMAGE", "COMPOSITE"):
+            uid = item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            if uid not in evidence:
+                reasons.append(f"referenced instance {uid} is not listed as evidence")
+    return reasons
+
+
+def _sc(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
+    reasons = []
+    if ds.BurnedInAnnotation != "YES":
+        reasons.append("Burned In Annotation must be YES: the class and disclaimer are drawn in")
+    if disclaimer not in str(ds.get("ImageComments", "")):
+        reasons.append("the disclaimer is not in Image Comments")
+    if ds.SamplesPerPixel != 3:
+        reasons.append(f"Samples per Pixel is {ds.SamplesPerPixel}, an RGB capture has 3")
+    try:
+        pixels = hd.imread(io.BytesIO(data)).pixel_array
+    except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
+        return reasons + [f"highdicom cannot read its pixels: {exc}"]
+    if pixels.shape != (ds.Rows, ds.Columns, 3) or pixels.dtype != np.uint8:
+        reasons.append(f"pixels decode to {pixels.shape} {pixels.dtype}, not {ds.Rows}x{ds.Columns}x3 uint8")
+    return reasons

@@ -1,0 +1,394 @@
+"""Delivery: the outbox goes to the PACS and stays there until accepted.
+
+The ledger's outbox table and the files under ``outbox_dir`` are the whole state,
+so a killed node resends after restart what was not yet accepted (a PACS may get an
+object twice after a crash mid-association; storing the same SOP Instance UID again
+is idempotent for a PACS). Each round:
+
+* due objects are grouped per destination and study, and each group goes over
+  one association (C-STORE, optional DICOM TLS);
+* the SR is proposed in every SR class we write; when the destination refuses the
+  one built, the SR is rebuilt in the best class it accepts along Comprehensive 3D
+  -> Comprehensive -> Enhanced SR, and the outbox row is swapped (logged);
+* an object that is not accepted (no association, refused context, failure status)
+  waits with exponential backoff and jitter; after ``send_max_attempts`` it is
+  FAILED and so is its study (stage ``send``), until ``sonocase resend``;
+* a study whose objects were all accepted becomes SENT.
+
+It also reports studies a worker analysed but died before reporting (the report
+builder is idempotent, so a late duplicate build is harmless).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import click
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from service.cli import settings_from
+from service.ledger import Ledger, OutboxState, StudyState
+from service.reports.build import ReportError, build_reports, outbox_folder, rebuild_sr
+from service.reports.sc import ReferenceImages
+from service.reports.sr import SR_CLASSES
+from service.settings import Destination, Settings
+
+LOG = logging.getLogger(__name__)
+
+# C-STORE response statuses (PS3.4 B.2.3): success and the warnings that still
+# mean "stored".
+STATUS_SUCCESS = 0x0000
+STATUS_WARNINGS = {
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
+}
+#: How often the loop looks for due objects (bounds the added delivery latency).
+POLL_S = 0.25
+#: An ANALYSED study older than this without a report lost its worker: report it.
+ORPHAN_REPORT_AFTER_S = 300.0
+
+#: (study UID, generation, SR SOP class) -> (new SOP Instance UID, path)
+SrRebuild = Callable[[str, int, str], tuple[str, Path]]
+
+
+def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Delay before try ``attempts + 1``: exponential, capped, with "equal jitter"
+    (half fixed, half random) so many objects never hammer a PACS in lockstep."""
+    delay = min(max_s, base_s * 2 ** max(0, attempts - 1))
+    return delay / 2 + rng.uniform(0, delay / 2)
+
+
+def _transfer_syntaxes(sop_class_uid: str, stored: str) -> list[str]:
+    """What we propose for a class: uncompressed both ways (pynetdicom converts
+    between them), a compressed object only in its own syntax."""
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    return uncompressed if stored in uncompressed or sop_class_uid in SR_CLASSES else [stored]
+
+
+class Sender:
+    """One delivery round at a time over the ledger's outbox (see module doc)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        rebuild: SrRebuild | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.rebuild = rebuild or (lambda study, gen, cls: rebuild_sr(settings, ledger, study, gen, cls))
+        self.rng = rng or random.Random()
+
+    # --- one round -------------------------------------------------------------
+    def run_once(self, now: float | None = None) -> int:
+        """Try every due object once; return how many were accepted."""
+        rows = self.ledger.due_outbox(time.time() if now is None else now)
+        accepted = 0
+        for (destination, study_uid), group in groupby(rows, key=lambda r: (r["destination"], r["study_uid"])):
+            accepted += self._deliver(destination, study_uid, list(group))
+            self._settle(study_uid)
+        return accepted
+
+    def _deliver(self, destination: str, study_uid: str, rows: list[dict[str, Any]]) -> int:
+        dest = Destination.parse(destination)
+        datasets: dict[str, Dataset] = {}
+        for row in rows:
+            try:
+                datasets[row["sop_instance_uid"]] = dcmread(row["path"])
+            except (OSError, InvalidDicomError) as exc:
+                self._failed(row, f"outbox file {row['path']} cannot be read: {exc}")
+        rows = [r for r in rows if r["sop_instance_uid"] in datasets]
+        if not rows:
+            return 0
+        assoc = self._associate(dest, rows, datasets)
+        if not assoc.is_established:
+            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+            for row in rows:
+                self._failed(row, f"association with {dest} {why}")
+            return 0
+        accepted = 0
+        try:
+            for row in rows:
+                if not assoc.is_established:
+                    self._failed(row, f"association with {dest} ended early")
+                    continue
+                accepted += self._store(assoc, dest, row, datasets[row["sop_instance_uid"]])
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        LOG.info(
+            "%d of %d object(s) accepted by %s",
+            accepted,
+            len(rows),
+            dest,
+            extra={"study_uid": study_uid, "destination": str(dest)},
+        )
+        return accepted
+
+    def _associate(self, dest: Destination, rows: list[dict[str, Any]], datasets: dict[str, Dataset]) -> Association:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.acse_timeout = ae.network_timeout = 30
+        ae.dimse_timeout = 120
+        proposed: dict[str, list[str]] = {}
+        for row in rows:
+            stored = datasets[row["sop_instance_uid"]].file_meta.TransferSyntaxUID
+            classes = SR_CLASSES if row["sop_class_uid"] in SR_CLASSES else (row["sop_class_uid"],)
+            for sop_class in classes:
+                for syntax in _transfer_syntaxes(sop_class, stored):
+                    proposed.setdefault(sop_class, [])
+                    if syntax not in proposed[sop_class]:
+                        proposed[sop_class].append(syntax)
+        for sop_class, syntaxes in proposed.items():
+            ae.add_requested_context(sop_class, syntaxes)
+        tls = (self._tls_context(), dest.host) if dest.tls else None
+        return ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Verify the PACS against our CA bundle (or the system's); present our
+        certificate when one is configured (mutual TLS)."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.settings.tls_ca)
+        if self.settings.tls_cert and self.settings.tls_key:
+            context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        return context
+
+    def _store(self, assoc: Association, dest: Destination, row: dict[str, Any], ds: Dataset) -> int:
+        accepted_classes = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        if row["sop_class_uid"] not in accepted_classes:
+            if row["sop_class_uid"] not in SR_CLASSES:
+                self._failed(row, f"{dest} accepts no presentation context for SOP class {row['sop_class_uid']}")
+                return 0
+            fallback = self._fallback(dest, row, accepted_classes)
+            if fallback is None:
+                return 0
+            row, ds = fallback
+        status = assoc.send_c_store(ds)
+        code = int(status.get("Status", -1)) if status else -1
+        if code == STATUS_SUCCESS or code in STATUS_WARNINGS:
+            if code in STATUS_WARNINGS:
+                LOG.warning(
+                    "%s stored %s with a warning: %s",
+                    dest,
+                    row["sop_instance_uid"],
+                    STATUS_WARNINGS[code],
+                    extra={"study_uid": row["study_uid"]},
+                )
+            self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SENT)
+            return 1
+        reason = "no response (association lost)" if code == -1 else f"C-STORE status 0x{code:04X}"
+        self._failed(row, f"{dest} did not store {row['sop_instance_uid']}: {reason}")
+        return 0
+
+    def _fallback(
+        self,
+        dest: Destination,
+        row: dict[str, Any],
+        accepted_classes: set[str],
+    ) -> tuple[dict[str, Any], Dataset] | None:
+        """Rebuild the SR in the first class after its own that ``dest`` accepts."""
+        current = row["sop_class_uid"]
+        later = SR_CLASSES[SR_CLASSES.index(current) + 1 :]
+        target = next((c for c in later if c in accepted_classes), None)
+        if target is None:
+            self._failed(row, f"{dest} accepts none of the SR classes {list(SR_CLASSES[SR_CLASSES.index(current) :])}")
+            return None
+        try:
+            new_uid, path = self.rebuild(row["study_uid"], row["generation"], target)
+        except ReportError as exc:
+            self._failed(row, f"the SR could not be rebuilt as {target}: {exc}")
+            return None
+        LOG.warning(
+            "%s does not accept SR class %s; sending the SR rebuilt as %s",
+            dest,
+            current,
+            target,
+            extra={"study_uid": row["study_uid"], "destination": str(dest)},
+        )
+        self.ledger.replace_outbox(row["sop_instance_uid"], row["destination"], new_uid, target, str(path))
+        return {**row, "sop_instance_uid": new_uid, "sop_class_uid": target, "path": str(path)}, dcmread(path)
+
+    def _failed(self, row: dict[str, Any], reason: str) -> None:
+        """Schedule another try, or give up visibly after send_max_attempts."""
+        attempts = row["attempts"] + 1
+        study_uid = row["study_uid"]
+        if attempts >= self.settings.send_max_attempts:
+            self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.FAILED, error=reason)
+            self.ledger.transition(
+                study_uid,
+                StudyState.FAILED,
+                (StudyState.REPORTED,),
+                row["generation"],
+                failed_stage="send",
+                error=reason[:2000],
+            )
+            LOG.error(
+                "giving up after %d tries: %s",
+                attempts,
+                reason,
+                extra={"study_uid": study_uid, "destination": row["destination"], "stage": "send"},
+            )
+            return
+        delay = backoff_delay(attempts, self.settings.send_backoff_s, self.settings.send_backoff_max_s, self.rng)
+        self.ledger.update_outbox(
+            row["sop_instance_uid"],
+            row["destination"],
+            OutboxState.PENDING,
+            error=reason,
+            next_attempt_at=time.time() + delay,
+        )
+        LOG.warning(
+            "try %d failed, next in %.1f s: %s",
+            attempts,
+            delay,
+            reason,
+            extra={"study_uid": study_uid, "destination": row["destination"]},
+        )
+
+    def _settle(self, study_uid: str) -> None:
+        """REPORTED -> SENT once every object of the current generation is accepted."""
+        study = self.ledger.study(study_uid)
+        if study is None or study["state"] != StudyState.REPORTED:
+            return
+        rows = [r for r in self.ledger.outbox(study_uid) if r["generation"] == study["generation"]]
+        if rows and all(r["state"] == OutboxState.SENT for r in rows):
+            self.ledger.transition(
+                study_uid, StudyState.SENT, (StudyState.REPORTED,), study["generation"], sent_at=time.time()
+            )
+            LOG.info("all %d object(s) accepted", len(rows), extra={"study_uid": study_uid})
+
+    # --- studies a dead worker analysed but never reported ----------------------
+    def report_orphans(
+        self, reference_images: ReferenceImages | Mapping[str, Path] | None = None, now: float | None = None
+    ) -> int:
+        now = time.time() if now is None else now
+        orphans = [
+            s
+            for s in self.ledger.studies((StudyState.ANALYSED,))
+            if (s["analysed_at"] or now) <= now - ORPHAN_REPORT_AFTER_S
+        ]
+        for study in orphans:
+            LOG.warning(
+                "analysed but never reported (worker lost?): reporting now", extra={"study_uid": study["study_uid"]}
+            )
+            build_reports(self.settings, self.ledger, study["study_uid"], reference_images)
+        return len(orphans)
+
+
+class SenderService:
+    """The sender as a node service: a thread running rounds until stopped."""
+
+    name = "sender"
+
+    def __init__(
+        self, settings: Settings, ledger: Ledger, reference_images: ReferenceImages | Mapping[str, Path] | None = None
+    ) -> None:
+        self.sender = Sender(settings, ledger)
+        self.reference_images = reference_images
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sonocase-sender", daemon=True)
+
+    def start(self) -> None:
+        if not self.sender.settings.destinations:
+            LOG.warning(
+                "no destination configured: results stay in %s (set SONOCASE_DESTINATIONS)",
+                self.sender.settings.outbox_dir,
+            )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                self.sender.run_once()
+                self.sender.report_orphans(self.reference_images)
+            except Exception:  # the loop must outlive one bad round; the ledger keeps the work
+                LOG.exception("sender round failed; retrying")
+
+
+# --- sonocase resend ------------------------------------------------------------
+def resend_study(settings: Settings, ledger: Ledger, study_uid: str) -> str:
+    """Make a study's results go out again; return what was done, for people.
+
+    A study that failed at the report stage is reported again; otherwise its
+    current objects are (re)queued for every configured destination and whatever
+    was not accepted becomes due now.
+    """
+    study = ledger.study(study_uid)
+    if study is None:
+        raise click.ClickException(f"unknown study {study_uid}")
+    if study["state"] == StudyState.FAILED and study["failed_stage"] == "report":
+        paths = build_reports(settings, ledger, study_uid)
+        if not paths:
+            return f"the report failed again: {ledger.study(study_uid)['error']}"
+        return f"reported again: {len(paths)} object(s) written" + _destination_note(settings)
+    if study["state"] not in (StudyState.REPORTED, StudyState.SENT, StudyState.FAILED) or (
+        study["state"] == StudyState.FAILED and study["failed_stage"] != "send"
+    ):
+        raise click.ClickException(
+            f"study {study_uid} is {study['state']}"
+            + (f" (failed at {study['failed_stage']})" if study["failed_stage"] else "")
+            + ": it has no results to send"
+        )
+    generation = study["generation"]
+    queued = _queue_outbox_files(settings, ledger, study_uid, generation)
+    due = ledger.reset_outbox(study_uid)
+    if study["state"] == StudyState.FAILED:
+        ledger.transition(
+            study_uid, StudyState.REPORTED, (StudyState.FAILED,), generation, failed_stage=None, error=None
+        )
+    if not settings.destinations:
+        return f"no destination configured: {queued} object(s) stay in {outbox_folder(settings, study_uid, generation)}"
+    return f"{due} object(s) due for sending now; the node's sender delivers them" + _destination_note(settings)
+
+
+def _queue_outbox_files(settings: Settings, ledger: Ledger, study_uid: str, generation: int) -> int:
+    """Queue the generation's outbox files for every configured destination (those
+    already queued are left as they are): destinations added after a study was
+    reported get it too."""
+    items = []
+    for path in sorted(outbox_folder(settings, study_uid, generation).glob("*.dcm")):
+        header = dcmread(path, stop_before_pixels=True)
+        items.append((header.SOPInstanceUID, header.SOPClassUID, str(path)))
+    if settings.destinations:
+        ledger.enqueue_outbox(study_uid, generation, items, [str(d) for d in settings.destinations])
+    return len(items)
+
+
+def _destination_note(settings: Settings) -> str:
+    if not settings.destinations:
+        return f" (no destination configured: they stay in {settings.outbox_dir})"
+    return " to " + ", ".join(str(d) for d in settings.destinations)
+
+
+@click.command()
+@click.argument("study_uid")
+@click.pass_context
+def resend(ctx: click.Context, study_uid: str) -> None:
+    """Send a study's results again (after a failed delivery or a failed report).
+
+    Unaccepted objects become due at once for the running node's sender; objects
+    already accepted are not sent again.
+    """
+    settings = settings_from(ctx)
+    ledger = Ledger(settings.ledger_path, durable=settings.durability == "fsync")
+    try:
+        click.echo(resend_study(settings, ledger, study_uid))
+    finally:
+        ledger.close()

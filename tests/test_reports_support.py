@@ -1,0 +1,225 @@
+"""Test inputs for the report builders and the sender (no tests here).
+
+A study is made of real ultrasound files shipped in pydicom / pydicom-data, given
+one Study Instance UID and stored in a real spool + ledger like the receiver does.
+Its StudyResult is what the worker would store: probabilities per frame, a Gaussian
+blob as the Grad-CAM heatmap (test input data), and similar studies whose reference
+images are other real files.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from service.ledger import InstanceRecord, Ledger, StudyState
+from service.results import (
+    FrameResult,
+    ImageResult,
+    ModelIdentity,
+    SimilarStudy,
+    StudyResult,
+    StudySummary,
+)
+from service.settings import Settings
+from service.spool import instance_path
+
+DCMTK = Path("/usr/bin")
+CLASSES = ("normal", "benign", "malignant")
+MODEL = ModelIdentity(name="sonocase-hybrid", version="1.0.0", sha256="ab" * 32)
+
+#: Real ultrasound files: RGB, palette colour, JPEG-baseline YBR cine (30 frames),
+#: JPEG-lossless MONOCHROME2, 16-bit-LUT palette.
+STUDY_FILES = ("US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_ybr_color.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
+#: Reference images the similar studies point at.
+REFERENCE_FILES = ("examples_rgb_color.dcm", "gdcm-US-ALOKA-16.dcm", "US1_J2KR.dcm")
+
+
+def testdata(name: str) -> Path:
+    return Path(get_testdata_file(name))
+
+
+@dataclass
+class Study:
+    uid: str
+    paths: list[Path]
+    result: StudyResult
+    reference_images: dict[str, Path]
+
+
+def store_study(
+    settings: Settings, ledger: Ledger, files: Sequence[str] = STUDY_FILES, study_uid: str | None = None
+) -> tuple[str, list[Path]]:
+    """Copy real files into the spool as one study (new UIDs, one patient) and
+    record them in the ledger, as the receiver would."""
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    paths = []
+    for number, name in enumerate(files, start=1):
+        ds = pydicom.dcmread(testdata(name))
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientName = "Test^Patient"
+        ds.PatientID = "TEST-0001"
+        ds.InstanceNumber = number
+        ds.AccessionNumber = "ACC-1"
+        path = instance_path(settings.spool_dir, study_uid, ds.SOPInstanceUID)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        ledger.record_instance(
+            InstanceRecord(
+                sop_instance_uid=ds.SOPInstanceUID,
+                study_uid=study_uid,
+                series_uid=series_uid,
+                sop_class_uid=ds.SOPClassUID,
+                transfer_syntax=ds.file_meta.TransferSyntaxUID,
+                path=str(path),
+                size=path.stat().st_size,
+                calling_ae="TESTSCU",
+                modality="US",
+            )
+        )
+        paths.append(path)
+    return study_uid, paths
+
+
+def gaussian_heatmap(height: int, width: int, centre: tuple[float, float] = (0.5, 0.4)) -> np.ndarray:
+    """A smooth blob in [0, 1]: stands in for the model's Grad-CAM."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    cy, cx = centre[0] * height, centre[1] * width
+    sigma = 0.2 * min(height, width)
+    return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)).astype(np.float32)
+
+
+def _probabilities(seed: int) -> dict[str, float]:
+    raw = np.random.default_rng(seed).random(3) + np.array([0.1, 0.2, 0.3 * (seed % 3)])
+    p = raw / raw.sum()
+    return {c: float(v) for c, v in zip(CLASSES, p, strict=True)}
+
+
+def analyse(
+    settings: Settings,
+    study_uid: str,
+    paths: Sequence[Path],
+    generation: int = 1,
+    skip: Sequence[int] = (),
+    n_similar: int = 3,
+    ood_image: int | None = None,
+) -> tuple[StudyResult, dict[str, Path]]:
+    """The StudyResult a worker would store for the study (heatmaps on disk)."""
+    images = []
+    for index, path in enumerate(paths):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        base = dict(sop_instance_uid=ds.SOPInstanceUID, series_uid=ds.SeriesInstanceUID, sop_class_uid=ds.SOPClassUID)
+        if index in skip:
+            images.append(ImageResult(**base, skipped="mostly blank"))
+            continue
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        frame_numbers = sorted({1, max(1, n_frames // 2), n_frames})
+        x0, y0 = ds.Columns // 8, ds.Rows // 10
+        x1, y1 = ds.Columns - ds.Columns // 8, ds.Rows - ds.Rows // 20
+        frames = []
+        for frame_number in frame_numbers:
+            heat_path = settings.results_dir / study_uid / str(generation) / f"{ds.SOPInstanceUID}-{frame_number}.npy"
+            heat_path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(heat_path, gaussian_heatmap(y1 - y0, x1 - x0, (0.3 + 0.1 * frame_number % 0.5, 0.5)))
+            probs = _probabilities(index * 7 + frame_number)
+            frames.append(
+                FrameResult(
+                    frame_number=frame_number,
+                    probabilities=probs,
+                    predicted=max(probs, key=probs.__getitem__),
+                    out_of_distribution=index == ood_image,
+                    ood_distance=0.4,
+                    heatmap_path=str(heat_path),
+                    crop=(x0, y0, x1, y1),
+                    embedding=[0.0] * 8,
+                )
+            )
+        best = max(frames, key=lambda f: max(f.probabilities.values()))
+        images.append(
+            ImageResult(
+                **base,
+                frames=frames,
+                predicted=best.predicted,
+                probability=best.probabilities[best.predicted],
+                out_of_distribution=index == ood_image,
+                number_of_frames=n_frames,
+            )
+        )
+    analysed = [i for i in images if i.frames]
+    order = {c: n for n, c in enumerate(CLASSES)}
+    decisive = max(analysed, key=lambda i: (order[i.predicted], i.probability)) if analysed else None
+    references: dict[str, Path] = {}
+    similar = []
+    for rank in range(n_similar):
+        ref_path = testdata(REFERENCE_FILES[rank % len(REFERENCE_FILES)])
+        ref = pydicom.dcmread(ref_path, stop_before_pixels=True)
+        uid = generate_uid()
+        references[uid] = ref_path
+        similar.append(
+            SimilarStudy(
+                study_uid=generate_uid(),
+                series_uid=generate_uid(),
+                sop_instance_uid=uid,
+                sop_class_uid=ref.SOPClassUID,
+                accession_number=f"REF-{rank}",
+                study_date=f"2023010{rank + 1}",
+                label=CLASSES[rank % 3],
+                label_source="biopsy" if rank % 2 == 0 else "radiologist",
+                distance=0.2 + 0.1 * rank,
+                similarity=1 - (0.2 + 0.1 * rank) / 2,
+            )
+        )
+    result = StudyResult(
+        study_uid=study_uid,
+        generation=generation,
+        model=MODEL,
+        index_version="idx-7",
+        images=images,
+        summary=StudySummary(
+            predicted=decisive.predicted if decisive else None,
+            probability=decisive.probability if decisive else None,
+            decisive_sop_instance_uid=decisive.sop_instance_uid if decisive else None,
+            out_of_distribution=any(i.out_of_distribution for i in analysed),
+        ),
+        similar=similar,
+    )
+    return result, references
+
+
+def analysed_study(settings: Settings, ledger: Ledger, files: Sequence[str] = STUDY_FILES, **kwargs: object) -> Study:
+    """A stored study taken through analysis: the ledger holds its result."""
+    study_uid, paths = store_study(settings, ledger, files)
+    ledger.complete_quiet_studies(0.0, now=time.time() + 1)
+    generation = ledger.claim_analysis(study_uid, lease_s=60)
+    assert generation is not None
+    result, references = analyse(settings, study_uid, paths, generation=generation, **kwargs)  # type: ignore[arg-type]
+    assert ledger.finish_analysis(study_uid, generation, result.model_dump())
+    assert ledger.study(study_uid)["state"] == StudyState.ANALYSED
+    return Study(study_uid, paths, result, references)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dicom3tools' IOD check: the lines that report errors (warnings are allowed)."""
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if re.match(r"^\s*Error", line)]
+
+
+def dsr2html(path: Path, out: Path) -> str:
+    """DCMTK renders the SR; a non-zero exit or an error line fails the caller."""
+    proc = subprocess.run([str(DCMTK / "dsr2html"), str(path), str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "E:" not in proc.stderr, proc.stderr
+    return out.read_text(encoding="utf-8", errors="replace")
