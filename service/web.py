@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
+import click
 import numpy as np
 import pydicom
 from kombu import Connection
@@ -45,6 +46,7 @@ from service.metrics import STAGES, LedgerCollector, build_registry
 from service.model_card import DISCLAIMER, ModelCard
 from service.results import StudyResult
 from service.retrieval import SimilarCaseIndex
+from service.sender import resend_study
 from service.settings import Settings
 from service.spool import free_disk_mb
 
@@ -198,36 +200,36 @@ class IndexProbe:
 # --- resending --------------------------------------------------------------------
 class RetryOutcome(StrEnum):
     ANALYSIS = "analysis"
-    DELIVERY = "delivery"
+    RESULTS = "results"
 
 
 _OUTCOME_TEXT = {
     RetryOutcome.ANALYSIS: "the analysis was queued again",
-    RetryOutcome.DELIVERY: "its result objects were queued for delivery again",
+    RetryOutcome.RESULTS: "its results are being reported and sent again (see its state below)",
 }
 
 
-def retry_study(ledger: Ledger, study_uid: str) -> RetryOutcome:
-    """Give a failed study another go: undelivered result objects are made due again
-    (a delivery failure), otherwise the failed analysis is queued again.
+def retry_study(settings: Settings, ledger: Ledger, study_uid: str) -> RetryOutcome:
+    """Give a failed study another go, as ``sonocase resend`` would: a failed
+    analysis is queued again; a failed report or delivery goes through the sender's
+    :func:`service.sender.resend_study`.
 
-    Raises LookupError for an unknown study and ValueError when nothing failed.
+    Raises LookupError for an unknown study and ValueError when there is nothing to
+    resend (the study has not failed and has no results).
     """
     study = ledger.study(study_uid)
     if study is None:
         raise LookupError(f"no study {study_uid} in the ledger")
-    unsent = ledger.outbox(study_uid, states=(OutboxState.FAILED,))
-    if unsent:
-        ledger.reset_outbox(study_uid)
-        if study["state"] == StudyState.FAILED:
-            ledger.set_state(study_uid, StudyState.REPORTED, error=None, failed_stage=None)
-        logger.info("delivery of %d objects requested again", len(unsent), extra={"study_uid": study_uid})
-        return RetryOutcome.DELIVERY
-    if study["state"] == StudyState.FAILED:
+    if study["state"] == StudyState.FAILED and study["failed_stage"] not in ("report", "send"):
         ledger.set_state(study_uid, StudyState.COMPLETE, attempts=0, error=None, failed_stage=None)
         logger.info("analysis queued again after failure", extra={"study_uid": study_uid})
         return RetryOutcome.ANALYSIS
-    raise ValueError(f"study {study_uid} has not failed (state {study['state']}): nothing to resend")
+    try:
+        done = resend_study(settings, ledger, study_uid)
+    except click.ClickException as exc:
+        raise ValueError(exc.message) from None
+    logger.info("results requested again: %s", done, extra={"study_uid": study_uid})
+    return RetryOutcome.RESULTS
 
 
 # --- the status page's view of a study ------------------------------------------------
@@ -566,7 +568,7 @@ class WebApp:
 
     def _resend(self, study_uid: str) -> Response:
         try:
-            outcome = retry_study(self._ledger, study_uid)
+            outcome = retry_study(self._settings, self._ledger, study_uid)
         except LookupError as exc:
             return Response(HTTPStatus.NOT_FOUND, f"{exc}\n".encode())
         except ValueError as exc:

@@ -338,25 +338,25 @@ def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
     page = _http(node.url, "/status", headers={"Cookie": cookie})[2].decode()
     csrf = page.split("name=csrf value='")[1].split("'")[0]
     status, headers, _ = _http(node.url, path, "POST", headers={"Cookie": cookie}, form={"csrf": csrf})
-    assert status == 303 and "retried=delivery" in headers["location"]
+    assert status == 303 and "retried=results" in headers["location"]
     assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
     assert node.ledger.study(node.undelivered)["state"] == StudyState.REPORTED
 
     # A Bearer client needs no form token; the study has not failed any more.
-    status, _, body = _http(node.url, path, "POST", headers=BEARER, form={})
-    assert status == 409 and b"has not failed" in body
+    status, _, body = _http(node.url, f"/studies/{node.analysed}/resend", "POST", headers=BEARER, form={})
+    assert status == 409 and b"no results to send" in body
     assert _http(node.url, "/studies/1.2.3/resend", "POST", headers=BEARER, form={})[0] == 404
 
 
 def test_retry_study_requeues_a_failed_analysis(node: Node) -> None:
-    assert retry_study(node.ledger, node.broken) is RetryOutcome.ANALYSIS
+    assert retry_study(node.settings, node.ledger, node.broken) is RetryOutcome.ANALYSIS
     study = node.ledger.study(node.broken)
     assert study["state"] == StudyState.COMPLETE and study["attempts"] == 0 and study["error"] is None
     assert node.broken in node.ledger.due_for_queue()
-    with pytest.raises(ValueError, match="has not failed"):
-        retry_study(node.ledger, node.analysed)
+    with pytest.raises(ValueError, match="no results to send"):
+        retry_study(node.settings, node.ledger, node.analysed)
     with pytest.raises(LookupError):
-        retry_study(node.ledger, "1.2.3.4")
+        retry_study(node.settings, node.ledger, "1.2.3.4")
 
 
 # --- headless Chromium ---------------------------------------------------------------
@@ -437,7 +437,7 @@ def test_status_page_in_headless_chromium(node: Node, tmp_path: Path) -> None:
         assert PATIENT_NAME not in browser.evaluate("document.documentElement.outerHTML")
 
         browser.evaluate(f"document.querySelector('#failed tr[data-study=\"{node.undelivered}\"] button.resend').click()")
-        browser.wait_for("location.search.includes('retried=delivery')")
+        browser.wait_for("location.search.includes('retried=results')")
         assert node.undelivered in browser.evaluate("document.querySelector('.notice').textContent")
     finally:
         browser.close()
