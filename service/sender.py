@@ -41,7 +41,7 @@ from pynetdicom.association import Association
 
 from service.cli import settings_from
 from service.ledger import Ledger, OutboxState, StudyState
-from service.reports.build import ReportError, build_reports, outbox_folder, rebuild_sr
+from service.reports.build import DEFAULT_SR_CLASS, ReportError, build_reports, outbox_folder, rebuild_sr
 from service.reports.sc import ReferenceImages
 from service.reports.sr import SR_CLASSES
 from service.settings import Destination, Settings
@@ -359,15 +359,20 @@ def resend_study(settings: Settings, ledger: Ledger, study_uid: str) -> str:
 
 
 def _queue_outbox_files(settings: Settings, ledger: Ledger, study_uid: str, generation: int) -> int:
-    """Queue the generation's outbox files for every configured destination (those
-    already queued are left as they are): destinations added after a study was
-    reported get it too."""
+    """Queue the generation's objects for configured destinations that have none of
+    them yet (destinations added after the study was reported); return how many
+    objects the generation has. SRs rebuilt for another destination are not queued:
+    a new destination gets the default class and falls back by itself."""
     items = []
     for path in sorted(outbox_folder(settings, study_uid, generation).glob("*.dcm")):
         header = dcmread(path, stop_before_pixels=True)
+        if header.SOPClassUID in SR_CLASSES and header.SOPClassUID != DEFAULT_SR_CLASS:
+            continue
         items.append((header.SOPInstanceUID, header.SOPClassUID, str(path)))
-    if settings.destinations:
-        ledger.enqueue_outbox(study_uid, generation, items, [str(d) for d in settings.destinations])
+    served = {r["destination"] for r in ledger.outbox(study_uid) if r["generation"] == generation}
+    new = [str(d) for d in settings.destinations if str(d) not in served]
+    if new:
+        ledger.enqueue_outbox(study_uid, generation, items, new)
     return len(items)
 
 

@@ -7,10 +7,12 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from service.ledger import Ledger
 from service.settings import Settings, load_settings
 
 #: DCMTK's tools; pynetdicom installs same-named apps into the venv, so use full paths.
@@ -38,6 +40,14 @@ def settings(tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(), http_port=0,
         quiet_period_s=0.5, durability="none",
     )
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Iterator[Ledger]:
+    """The ledger of the test's settings, closed afterwards."""
+    handle = Ledger(settings.ledger_path, durable=False)
+    yield handle
+    handle.close()
 
 
 def _redis_up() -> bool:

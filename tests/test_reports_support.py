@@ -9,7 +9,9 @@ images are other real files.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -18,10 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
+from conftest import dcmtk
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from service.ledger import InstanceRecord, Ledger, StudyState
+from service.reports.template import SrTemplate, load_template
 from service.results import (
     FrameResult,
     ImageResult,
@@ -33,7 +38,7 @@ from service.results import (
 from service.settings import Settings
 from service.spool import instance_path
 
-DCMTK = Path("/usr/bin")
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "dicom_sr_templates" / "default.json"
 CLASSES = ("normal", "benign", "malignant")
 MODEL = ModelIdentity(name="sonocase-hybrid", version="1.0.0", sha256="ab" * 32)
 
@@ -46,6 +51,11 @@ REFERENCE_FILES = ("examples_rgb_color.dcm", "gdcm-US-ALOKA-16.dcm", "US1_J2KR.d
 
 def testdata(name: str) -> Path:
     return Path(get_testdata_file(name))
+
+
+@pytest.fixture(scope="session")
+def template() -> SrTemplate:
+    return load_template(DEFAULT_TEMPLATE)
 
 
 @dataclass
@@ -219,7 +229,67 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 def dsr2html(path: Path, out: Path) -> str:
     """DCMTK renders the SR; a non-zero exit or an error line fails the caller."""
-    proc = subprocess.run([str(DCMTK / "dsr2html"), str(path), str(out)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([dcmtk("dsr2html"), str(path), str(out)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "E:" not in proc.stderr, proc.stderr
     return out.read_text(encoding="utf-8", errors="replace")
+
+
+@dataclass
+class Storescp:
+    """DCMTK's storescp as the receiving PACS: one file per received object."""
+
+    port: int
+    folder: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def received(self) -> list[pydicom.Dataset]:
+        return [pydicom.dcmread(p) for p in sorted(self.folder.iterdir())]
+
+    def received_uids(self) -> list[str]:
+        return [ds.SOPInstanceUID for ds in self.received()]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def start_storescp(folder: Path, port: int, *extra: str) -> Storescp:
+    """Start /usr/bin/storescp (TCP_NODELAY=1) and wait until it listens. ``+uf``
+    (unique file names) keeps a second copy of a SOP instance as a second file, so
+    duplicates show."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder.with_suffix(".log")
+    process = subprocess.Popen(
+        [dcmtk("storescp"), "-v", "+uf", "-od", str(folder), *extra, str(port)],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"storescp exited: {log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("storescp did not start listening") from None
+            time.sleep(0.05)
+    return Storescp(port, folder, process, log)
+
+
+def storescp_profile(path: Path, sop_classes: Sequence[str]) -> list[str]:
+    """storescp options for a PACS accepting only ``sop_classes`` (DCMTK names),
+    uncompressed: a site that, say, does not know Comprehensive 3D SR."""
+    contexts = "\n".join(
+        f"PresentationContext{n} = {name}\\Uncompressed"
+        for n, name in enumerate(["VerificationSOPClass", *sop_classes], start=1)
+    )
+    path.write_text(
+        "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
+        "TransferSyntax2 = LittleEndianImplicit\n"
+        f"[[PresentationContexts]]\n[Limited]\n{contexts}\n"
+        "[[Profiles]]\n[Limited]\nPresentationContexts = Limited\n"
+    )
+    return ["-xf", str(path), "Limited"]

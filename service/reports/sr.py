@@ -180,7 +180,7 @@ def _source_image(
 
 def _finding(template: SrTemplate, label: str, out_of_distribution: bool) -> list[QualitativeEvaluation]:
     concepts = template.concepts
-    found = [QualitativeEvaluation(concepts.finding.code(), template.class_spec(label).finding.code())]
+    found = [QualitativeEvaluation(concepts.classification.code(), template.class_spec(label).finding.code())]
     if out_of_distribution:
         found.append(QualitativeEvaluation(concepts.out_of_distribution.code(), concepts.yes.code()))
     return found

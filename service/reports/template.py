@@ -47,7 +47,9 @@ class CodingSchemeSpec(_Strict):
 
 
 class Concepts(_Strict):
-    finding: CodeSpec
+    """Concept names; ``classification`` names the coded finding of each image."""
+
+    classification: CodeSpec
     probability_unit: CodeSpec
     out_of_distribution: CodeSpec
     yes: CodeSpec
