@@ -77,3 +77,15 @@ def redis_url() -> str:
                 pytest.fail("redis-server did not start on 127.0.0.1:6379")
             time.sleep(0.1)
     return REDIS_URL
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread() -> Iterator[None]:
+    """PyTorch on one thread for a test module: on a busy shared 2-core machine
+    oversubscribed OpenMP threads run several times slower than one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
