@@ -116,7 +116,8 @@ def test_docs_quote_the_shipped_sr_template(clean_env: None) -> None:
         assert f"| {series.number} \"{series.description}\" |" in RADIOLOGIST
     for cls in template.classes.values():
         assert f"{cls.finding.value} {cls.finding.scheme} \"{cls.finding.meaning}\"" in conformance
-    for code in (template.title, template.procedure_reported, template.concepts.probability_unit):
+    concepts = template.concepts
+    for code in (template.title, template.procedure_reported, concepts.probability_unit, concepts.classification):
         assert f"({code.value}, {code.scheme}, \"{code.meaning}\")" in conformance
 
 
