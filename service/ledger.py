@@ -169,40 +169,49 @@ class Ledger:
 
         A new instance for a study past ``receiving`` re-opens the study.
         """
+        return self.record_instances([rec], now)[0]
+
+    def record_instances(self, recs: list[InstanceRecord], now: float | None = None) -> list[bool]:
+        """:meth:`record_instance` for several instances in one transaction (one
+        fsync: the receiver's group commit when associations store concurrently)."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            if db.execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
-            ).fetchone():
-                return False
-            row = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO studies (study_uid, state, first_received, last_received, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (rec.study_uid, StudyState.RECEIVING, now, now, now),
-                )
-            elif row["state"] == StudyState.RECEIVING:
-                db.execute(
-                    "UPDATE studies SET last_received=?, updated_at=? WHERE study_uid=?",
-                    (now, now, rec.study_uid),
-                )
-            else:
-                db.execute(
-                    "UPDATE studies SET state=?, generation=generation+1, last_received=?,"
-                    " attempts=0, next_attempt_at=NULL, failed_stage=NULL, error=NULL,"
-                    " lease_until=NULL, updated_at=? WHERE study_uid=?",
-                    (StudyState.RECEIVING, now, now, rec.study_uid),
-                )
+            return [self._record(db, rec, now) for rec in recs]
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, rec: InstanceRecord, now: float) -> bool:
+        if db.execute(
+            "SELECT 1 FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
+        ).fetchone():
+            return False
+        row = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
+        if row is None:
             db.execute(
-                "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.sop_instance_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid,
-                    rec.transfer_syntax, rec.path, rec.size, rec.calling_ae, rec.modality,
-                    rec.ignored_reason, now,
-                ),
+                "INSERT INTO studies (study_uid, state, first_received, last_received, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (rec.study_uid, StudyState.RECEIVING, now, now, now),
             )
-            return True
+        elif row["state"] == StudyState.RECEIVING:
+            db.execute(
+                "UPDATE studies SET last_received=?, updated_at=? WHERE study_uid=?",
+                (now, now, rec.study_uid),
+            )
+        else:
+            db.execute(
+                "UPDATE studies SET state=?, generation=generation+1, last_received=?,"
+                " attempts=0, next_attempt_at=NULL, failed_stage=NULL, error=NULL,"
+                " lease_until=NULL, updated_at=? WHERE study_uid=?",
+                (StudyState.RECEIVING, now, now, rec.study_uid),
+            )
+        db.execute(
+            "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                rec.sop_instance_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid,
+                rec.transfer_syntax, rec.path, rec.size, rec.calling_ae, rec.modality,
+                rec.ignored_reason, now,
+            ),
+        )
+        return True
 
     def complete_quiet_studies(self, quiet_period_s: float, now: float | None = None) -> list[str]:
         """Mark ``receiving`` studies quiet for ``quiet_period_s`` as complete."""

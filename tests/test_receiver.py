@@ -3,6 +3,7 @@ files from pydicom/pydicom-data, a real ledger and a real spool on disk."""
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -14,9 +15,10 @@ from pydicom import config as pydicom_config, dcmread, dcmwrite
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from dicom_peers import ULTRASOUND_FILES, UsFile, split_file, ultrasound_files
-from service.ledger import Ledger, StudyState
+from service.ledger import InstanceRecord, Ledger, StudyState
 from service.receiver import (
     CompletionLoop,
+    InstanceRecorder,
     InvalidInstance,
     RejectReason,
     StoreSCP,
@@ -318,6 +320,64 @@ def test_fuzzed_real_files_never_escape_the_store(tmp_path_factory: pytest.TempP
             assert outcome.comment and ledger.instance_count() == 0
     finally:
         ledger.close()
+
+
+# --- group commit ----------------------------------------------------------------
+
+def record(n: int, study: str = "1.2.3") -> InstanceRecord:
+    return InstanceRecord(f"{study}.{n}", study, study + ".1", "1.2.840.10008.5.1.4.1.1.6.1",
+                          "1.2.840.10008.1.2.1", f"{n}.dcm", 1, "X", "US")
+
+
+class SlowLedger(Ledger):
+    """A real ledger whose first batch commit waits for a signal, so the test can
+    queue records behind it deterministically (timing cannot be caused otherwise)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, durable=False)
+        self.batches: list[int] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def record_instances(self, recs: list[InstanceRecord], now: float | None = None) -> list[bool]:
+        self.batches.append(len(recs))
+        if len(self.batches) == 1:
+            self.entered.set()
+            self.release.wait(10)
+        return super().record_instances(recs, now)
+
+
+def test_concurrent_records_share_one_commit(tmp_path: Path) -> None:
+    ledger = SlowLedger(tmp_path / "ledger.sqlite3")
+    recorder = InstanceRecorder(ledger)
+    results: dict[int, bool] = {}
+
+    def store(n: int) -> None:
+        results[n] = recorder.record(record(n % 5))  # 0-4 twice: the second of each is a duplicate
+
+    first = threading.Thread(target=store, args=(100,))
+    first.start()
+    assert ledger.entered.wait(10)
+    others = [threading.Thread(target=store, args=(n,)) for n in range(10)]
+    for t in others:
+        t.start()
+    while len(recorder._queue) < 10:  # all queued behind the slow commit
+        time.sleep(0.01)
+    ledger.release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert ledger.batches == [1, 10]
+    assert sorted(results) == [*range(10), 100]
+    assert sum(results[n] for n in range(10)) == 4  # record(0) came with the first thread
+    assert ledger.instance_count() == 5
+    ledger.close()
+
+
+def test_failed_group_commit_fails_every_store_in_it(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3", durable=False)
+    recorder = InstanceRecorder(ledger)
+    ledger.close()
+    with pytest.raises(RuntimeError, match="ledger commit failed"):
+        recorder.record(record(1))
 
 
 # --- completion ------------------------------------------------------------------
