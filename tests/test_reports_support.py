@@ -9,6 +9,7 @@ images are other real files.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from conftest import dcmtk
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -49,12 +49,12 @@ STUDY_FILES = ("US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_ybr_color.dcm", "JPGLos
 REFERENCE_FILES = ("examples_rgb_color.dcm", "gdcm-US-ALOKA-16.dcm", "US1_J2KR.dcm")
 
 
-def testdata(name: str) -> Path:
+def data_file(name: str) -> Path:
     return Path(get_testdata_file(name))
 
 
-@pytest.fixture(scope="session")
-def template() -> SrTemplate:
+@functools.cache
+def default_template() -> SrTemplate:
     return load_template(DEFAULT_TEMPLATE)
 
 
@@ -75,7 +75,7 @@ def store_study(
     series_uid = generate_uid()
     paths = []
     for number, name in enumerate(files, start=1):
-        ds = pydicom.dcmread(testdata(name))
+        ds = pydicom.dcmread(data_file(name))
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.SOPInstanceUID = generate_uid()
@@ -174,7 +174,7 @@ def analyse(
     references: dict[str, Path] = {}
     similar = []
     for rank in range(n_similar):
-        ref_path = testdata(REFERENCE_FILES[rank % len(REFERENCE_FILES)])
+        ref_path = data_file(REFERENCE_FILES[rank % len(REFERENCE_FILES)])
         ref = pydicom.dcmread(ref_path, stop_before_pixels=True)
         uid = generate_uid()
         references[uid] = ref_path

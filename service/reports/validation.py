@@ -134,10 +134,14 @@ def check_object(data: bytes, disclaimer: str) -> Dataset:
         ds = dcmread(io.BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
         raise GateError("object", [f"pydicom cannot read it: {exc}"]) from None
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        raise GateError("object", ["its file meta information is missing or cut short"])
     what = f"{ds.get('SOPClassUID', 'object')!s} {ds.get('SOPInstanceUID', '?')}"
     sop_class = str(ds.get("SOPClassUID", ""))
+    if not sop_class:
+        raise GateError(what, ["SOPClassUID is missing: the object is truncated or not a composite instance"])
     if sop_class not in REQUIRED:
-        raise GateError(what, [f"SOP class {sop_class or '(none)'} is not one we produce"])
+        raise GateError(what, [f"SOP class {sop_class} is not one we produce"])
     reasons = _file_meta(ds) + _values(ds) + _required(ds, REQUIRED[sop_class])
     if not reasons:  # deeper checks need the required attributes in place
         reasons += _sr(data, ds, disclaimer) if sop_class != SecondaryCaptureImageStorage else _sc(data, ds, disclaimer)
@@ -147,9 +151,7 @@ def check_object(data: bytes, disclaimer: str) -> Dataset:
 
 
 def _file_meta(ds: Dataset) -> list[str]:
-    meta = getattr(ds, "file_meta", None)
-    if meta is None or "TransferSyntaxUID" not in meta:
-        return ["file meta information (transfer syntax) is missing"]
+    meta = ds.file_meta
     reasons = []
     if meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID"):
         reasons.append("Media Storage SOP Class UID differs from SOP Class UID")

@@ -1,0 +1,132 @@
+"""The validation gate: real objects pass; each kind of defect a PACS would refuse
+or a reader would misread is caught, with a reason naming it. dciodvfy agrees
+about the IOD defects (which also proves the test helper sees its errors)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage
+from test_reports_support import analysed_study, dciodvfy_errors, default_template
+
+from service.ledger import Ledger
+from service.reports.build import build_objects, read_sources
+from service.reports.validation import GateError, check_object
+from service.settings import load_settings
+
+DISCLAIMER = default_template().disclaimer
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """One SR, one heatmap SC and the montage of a real study, encoded."""
+    settings = load_settings(data_dir=tmp_path_factory.mktemp("gate") / "data", durability="none")
+    ledger = Ledger(settings.ledger_path, durable=False)
+    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm", "OBXXXX1A.dcm"])
+    sources, paths = read_sources(ledger, study.result)
+    built = build_objects(settings, default_template(), study.result, sources, paths, study.reference_images.get)
+    return {"sr": built[0].data, "sc": built[1].data, "montage": built[-1].data}
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _mutated(data: bytes, change: Callable[[Dataset], None]) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    change(ds)
+    return _encode(ds)
+
+
+@pytest.mark.parametrize("kind", ["sr", "sc", "montage"])
+def test_real_objects_pass(objects: dict[str, bytes], kind: str) -> None:
+    ds = check_object(objects[kind], DISCLAIMER)
+    assert ds.SOPInstanceUID
+
+
+def _drop(keyword: str) -> Callable[[Dataset], None]:
+    return lambda ds: delattr(ds, keyword)
+
+
+def _set(keyword: str, value: object) -> Callable[[Dataset], None]:
+    return lambda ds: setattr(ds, keyword, value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "reason"),
+    [
+        ("sr", _drop("PatientID"), "PatientID (Type 2) is missing"),
+        ("sr", _set("ContentDate", ""), "ContentDate (Type 1) is empty"),
+        ("sr", _set("VerificationFlag", "VERIFIED"), "must be UNVERIFIED"),
+        ("sr", _set("PatientID", "X" * 80), "PatientID: The value length (80) exceeds the maximum length of 64"),
+        ("sc", _set("BurnedInAnnotation", "NO"), "Burned In Annotation must be YES"),
+        ("sc", _drop("SourceImageSequence"), "SourceImageSequence (Type 1) is missing"),
+        ("sc", _set("ImageComments", "AI result"), "the disclaimer is not in Image Comments"),
+        ("sc", _set("Rows", 17), "pixels"),
+        ("montage", _set("StudyInstanceUID", "1.2.3.abc"), "StudyInstanceUID: Invalid value"),
+        ("sc", _set("SOPClassUID", "1.2.840.10008.5.1.4.1.1.6.1"), "is not one we produce"),
+    ],
+)
+def test_each_defect_is_caught_with_its_reason(
+    objects: dict[str, bytes], kind: str, change: Callable[[Dataset], None], reason: str,
+) -> None:
+    with pytest.raises(GateError) as info:
+        check_object(_mutated(objects[kind], change), DISCLAIMER)
+    assert any(reason in r for r in info.value.reasons), info.value.reasons
+
+
+def test_sr_content_rules_of_its_class(objects: dict[str, bytes]) -> None:
+    def enhanced_with_3d_coordinates(ds: Dataset) -> None:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedSRStorage
+        ds.ContentSequence[-1].ContentSequence[0].ValueType = "SCOORD3D"
+
+    with pytest.raises(GateError, match="value type SCOORD3D is not allowed"):
+        check_object(_mutated(objects["sr"], enhanced_with_3d_coordinates), DISCLAIMER)
+
+    def no_disclaimer(ds: Dataset) -> None:
+        ds.ContentSequence[-1].ContentSequence[0].TextValue = "AI result"
+
+    with pytest.raises(GateError, match="the disclaimer is not in the content"):
+        check_object(_mutated(objects["sr"], no_disclaimer), DISCLAIMER)
+
+    def image_without_evidence(ds: Dataset) -> None:
+        del ds.PertinentOtherEvidenceSequence
+
+    with pytest.raises(GateError, match="is not listed as evidence"):
+        check_object(_mutated(objects["sr"], image_without_evidence), DISCLAIMER)
+
+
+def test_file_meta_must_match_the_data_set(objects: dict[str, bytes]) -> None:
+    ds = pydicom.dcmread(io.BytesIO(objects["sr"]))
+    ds.file_meta.MediaStorageSOPClassUID = EnhancedSRStorage
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)  # pydicom would otherwise repair the meta
+    with pytest.raises(GateError, match="Media Storage SOP Class UID differs"):
+        check_object(buffer.getvalue(), DISCLAIMER)
+
+
+def test_not_dicom_at_all(objects: dict[str, bytes]) -> None:
+    with pytest.raises(GateError, match="pydicom cannot read it: File is missing DICOM File Meta"):
+        check_object(b"\x00" * 10, DISCLAIMER)
+    with pytest.raises(GateError, match="file meta information is missing or cut short"):
+        check_object(objects["sr"][:200], DISCLAIMER)
+    with pytest.raises(GateError, match="SOPClassUID is missing: the object is truncated"):
+        check_object(objects["sr"][:400], DISCLAIMER)
+
+
+def test_dciodvfy_sees_what_the_gate_sees(objects: dict[str, bytes], tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.dcm", tmp_path / "bad.dcm"
+    good.write_bytes(objects["sr"])
+    bad.write_bytes(_mutated(objects["sr"], _drop("CompletionFlag")))
+    assert dciodvfy_errors(good) == []
+    assert any("<CompletionFlag>" in line for line in dciodvfy_errors(bad))
+    with pytest.raises(GateError, match="CompletionFlag"):
+        check_object(bad.read_bytes(), DISCLAIMER)
+    assert pydicom.dcmread(good).SOPClassUID == Comprehensive3DSRStorage
