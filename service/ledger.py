@@ -109,6 +109,14 @@ CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, next_attempt_at);
 """
 
 
+#: Studies a task must be sent for (see :meth:`Ledger.due_for_queue`); arguments from _due_args.
+_DUE = "(state=? AND (next_attempt_at IS NULL OR next_attempt_at<=?)) OR (state IN (?, ?) AND lease_until<=?)"
+
+
+def _due_args(now: float) -> tuple[Any, ...]:
+    return (StudyState.COMPLETE, now, StudyState.QUEUED, StudyState.ANALYSING, now)
+
+
 @dataclass(frozen=True, slots=True)
 class InstanceRecord:
     """What the receiver knows about one stored instance."""
@@ -235,21 +243,17 @@ class Ledger:
         """Studies a task must be sent for: complete ones, retries that are due, and
         queued/analysing ones whose lease ran out (their worker or message was lost)."""
         now = time.time() if now is None else now
-        rows = self._query(
-            "SELECT study_uid FROM studies WHERE (state=? AND (next_attempt_at IS NULL OR next_attempt_at<=?))"
-            " OR (state IN (?, ?) AND lease_until<=?) ORDER BY last_received",
-            (StudyState.COMPLETE, now, StudyState.QUEUED, StudyState.ANALYSING, now),
-        )
+        rows = self._query(f"SELECT study_uid FROM studies WHERE {_DUE} ORDER BY last_received", _due_args(now))
         return [r["study_uid"] for r in rows]
 
     def mark_queued(self, study_uid: str, lease_s: float, now: float | None = None) -> None:
+        """Record that a task was sent, if the study is still due: a worker that
+        already claimed (or finished, or failed) it keeps its state."""
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
-                "UPDATE studies SET state=?, queued_at=?, lease_until=?, updated_at=?"
-                " WHERE study_uid=? AND state IN (?, ?, ?)",
-                (StudyState.QUEUED, now, now + lease_s, now, study_uid,
-                 StudyState.COMPLETE, StudyState.QUEUED, StudyState.ANALYSING),
+                f"UPDATE studies SET state=?, queued_at=?, lease_until=?, updated_at=? WHERE study_uid=? AND ({_DUE})",
+                (StudyState.QUEUED, now, now + lease_s, now, study_uid, *_due_args(now)),
             )
 
     def claim_analysis(self, study_uid: str, lease_s: float, now: float | None = None) -> int | None:

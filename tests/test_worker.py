@@ -16,11 +16,12 @@ from dicom_peers import ultrasound_files
 from pydicom.uid import generate_uid
 from worker_support import receive
 
-from service.analysis import summarise_study
+from service.analysis import analyse_study, summarise_study
 from service.ledger import InstanceRecord, Ledger, StudyState
 from service.model_card import card_path_for
 from service.results import SUMMARY_RULE, FrameResult, ImageResult, StudyResult
 from service.retrieval import SimilarCaseIndex
+from service.scheduler import schedule_due
 from service.settings import Settings
 from service.tasks import WorkerState, process_study
 from training.data.synthetic import synthetic_study
@@ -229,3 +230,23 @@ def test_similar_cases_come_from_the_index_and_analysed_studies_join_it_once(
               for i in _result(ledger, uid).images if i.predicted]  # in-distribution images only
     assert sorted(stored) == sorted(judged)
     assert {uid for uid, *_ in stored} == {first, second}
+
+
+def test_a_worker_that_claims_before_the_scheduler_marks_the_study_queued_keeps_it(
+    worker_settings: Settings, ledger: Ledger,
+) -> None:
+    """With a fast broker the worker claims a study between the scheduler's send and
+    its mark_queued; the mark must not take the claim away (the result would be
+    dropped as stale and the study wait for its lease to run out)."""
+    study_uid = receive(worker_settings, ledger, _study(1, seed=9))
+    state = WorkerState(worker_settings)
+    claimed: list[int | None] = []
+
+    def send_and_claim_at_once(uid: str) -> None:
+        claimed.append(ledger.claim_analysis(uid, worker_settings.task_lease_s))
+
+    assert schedule_due(ledger, send_and_claim_at_once, worker_settings.task_lease_s) == [study_uid]
+    assert claimed == [1] and ledger.study(study_uid)["state"] == StudyState.ANALYSING
+    assert ledger.due_for_queue() == []
+    analysis = analyse_study(worker_settings, state.model(), study_uid, 1, ledger.instances(study_uid))
+    assert ledger.finish_analysis(study_uid, 1, analysis.result.model_dump(mode="json"))
