@@ -1,0 +1,134 @@
+"""build_reports: what the worker calls after analysis. Objects land in the outbox
+and the queue, the study becomes REPORTED; bad input fails the study at stage
+"report" with the reason and queues nothing; building again changes nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage
+from test_reports_support import DEFAULT_TEMPLATE, analyse, analysed_study, dciodvfy_errors, store_study
+
+from service.ledger import Ledger, StudyState
+from service.reports.build import build_reports, rebuild_sr
+from service.reports.validation import check_object
+from service.settings import Settings, load_settings
+
+DESTINATIONS = "PACS@127.0.0.1:11112,ARCHIVE@127.0.0.1:11113"
+
+
+@pytest.fixture
+def to_two(settings: Settings) -> Settings:
+    return settings.model_copy(update={"destinations": load_settings(destinations=DESTINATIONS).destinations})
+
+
+def test_objects_are_written_checked_queued_and_the_study_reported(to_two: Settings, ledger: Ledger) -> None:
+    study = analysed_study(to_two, ledger, skip=[3])
+    paths = build_reports(to_two, ledger, study.uid, study.reference_images)
+    classes = sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID for p in paths)
+    # SR + one heatmap per analysed image + the montage.
+    assert classes == sorted([Comprehensive3DSRStorage] + [SecondaryCaptureImageStorage] * 4)
+    assert all(p.parent == to_two.outbox_dir / study.uid / "1" for p in paths)
+    for path in paths:
+        check_object(path.read_bytes(), json.loads(DEFAULT_TEMPLATE.read_text())["disclaimer"])
+        assert dciodvfy_errors(path) == []
+    rows = ledger.outbox(study.uid)
+    assert len(rows) == 2 * len(paths)
+    assert {r["destination"] for r in rows} == {"PACS@127.0.0.1:11112", "ARCHIVE@127.0.0.1:11113"}
+    assert {r["path"] for r in rows} == {str(p) for p in paths}
+    row = ledger.study(study.uid)
+    assert row["state"] == StudyState.REPORTED and row["reported_at"] is not None
+
+
+def test_building_again_rewrites_the_same_objects_and_queues_nothing_new(to_two: Settings, ledger: Ledger) -> None:
+    study = analysed_study(to_two, ledger, files=["US1_UNCR.dcm"])
+    first = build_reports(to_two, ledger, study.uid, study.reference_images)
+    rows = ledger.outbox(study.uid)
+    ledger.transition(study.uid, StudyState.ANALYSED, (StudyState.REPORTED,), 1)  # a redelivered task
+    again = build_reports(to_two, ledger, study.uid, study.reference_images)
+    assert again == first
+    assert ledger.outbox(study.uid) == rows
+    assert sorted(p.name for p in first[0].parent.iterdir()) == sorted(p.name for p in first)
+
+
+def test_without_a_destination_the_objects_stay_in_the_outbox(settings: Settings, ledger: Ledger) -> None:
+    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], n_similar=0)
+    paths = build_reports(settings, ledger, study.uid)
+    assert len(paths) == 2  # SR + heatmap; no similar studies, no montage
+    assert all(p.is_file() for p in paths)
+    assert ledger.outbox(study.uid) == []
+    assert ledger.study(study.uid)["state"] == StudyState.REPORTED
+
+
+def test_an_object_failing_the_gate_fails_the_study_and_queues_nothing(to_two: Settings, ledger: Ledger) -> None:
+    """A modality that sent an over-long Patient ID: the SR would copy it, the gate
+    refuses it (a PACS may too)."""
+    study = analysed_study(to_two, ledger, files=["US1_UNCR.dcm", "OBXXXX1A.dcm"])
+    ds = pydicom.dcmread(study.paths[0])
+    ds.PatientID = "9" * 70
+    ds.save_as(study.paths[0], enforce_file_format=True)
+    assert build_reports(to_two, ledger, study.uid, study.reference_images) == []
+    row = ledger.study(study.uid)
+    assert (row["state"], row["failed_stage"]) == (StudyState.FAILED, "report")
+    assert "PatientID: The value length (70) exceeds the maximum length of 64" in row["error"]
+    assert ledger.outbox(study.uid) == []
+    assert not (to_two.outbox_dir / study.uid).exists()
+
+
+def test_a_missing_heatmap_or_a_broken_template_fails_the_study_with_the_reason(
+    settings: Settings, ledger: Ledger, tmp_path: Path,
+) -> None:
+    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], n_similar=0)
+    heatmap = Path(study.result.images[0].frames[0].heatmap_path)
+    heatmap.unlink()
+    assert build_reports(settings, ledger, study.uid) == []
+    row = ledger.study(study.uid)
+    assert row["failed_stage"] == "report" and str(heatmap) in row["error"]
+
+    np.save(heatmap, np.zeros((4, 4), np.float32))
+    broken = tmp_path / "template.json"
+    broken.write_text(DEFAULT_TEMPLATE.read_text().replace('"wording"', '"words"'))
+    assert build_reports(settings.model_copy(update={"sr_template": broken}), ledger, study.uid) == []
+    assert "TemplateError" in ledger.study(study.uid)["error"] and "wording" in ledger.study(study.uid)["error"]
+
+    assert build_reports(settings, ledger, study.uid)  # fixed: a failed study is reported on a new try
+    assert ledger.study(study.uid)["state"] == StudyState.REPORTED
+
+
+def test_a_stale_result_is_not_reported(settings: Settings, ledger: Ledger) -> None:
+    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], n_similar=0)
+    store_study(settings, ledger, ["OBXXXX1A.dcm"], study_uid=study.uid)  # a late image: generation 2
+    assert build_reports(settings, ledger, study.uid) == []
+    assert ledger.study(study.uid)["state"] == StudyState.RECEIVING
+    assert not (settings.outbox_dir / study.uid).exists()
+
+
+def test_reanalysis_reports_a_new_version_referencing_the_first(settings: Settings, ledger: Ledger) -> None:
+    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], n_similar=0)
+    first_sr = build_reports(settings, ledger, study.uid)[0]
+    _, late = store_study(settings, ledger, ["OBXXXX1A.dcm"], study_uid=study.uid)
+    ledger.complete_quiet_studies(0.0, now=time.time() + 1)
+    generation = ledger.claim_analysis(study.uid, lease_s=60)
+    assert generation == 2
+    result, _ = analyse(settings, study.uid, [*study.paths, *late], generation=generation, n_similar=0)
+    assert ledger.finish_analysis(study.uid, generation, result.model_dump())
+    second_sr = build_reports(settings, ledger, study.uid)[0]
+    first, second = pydicom.dcmread(first_sr), pydicom.dcmread(second_sr)
+    assert second_sr.parent.name == "2" and second.SOPInstanceUID != first.SOPInstanceUID
+    item = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert item.ReferencedSOPInstanceUID == first.SOPInstanceUID
+
+
+def test_rebuild_in_another_class_for_the_sender(settings: Settings, ledger: Ledger) -> None:
+    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], n_similar=1)
+    build_reports(settings, ledger, study.uid, study.reference_images)
+    uid, path = rebuild_sr(settings, ledger, study.uid, 1, ComprehensiveSRStorage)
+    ds = pydicom.dcmread(path)
+    assert (ds.SOPInstanceUID, ds.SOPClassUID) == (uid, ComprehensiveSRStorage)
+    assert path.parent == settings.outbox_dir / study.uid / "1"
+    assert dciodvfy_errors(path) == []
