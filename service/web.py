@@ -46,6 +46,7 @@ from service.metrics import STAGES, LedgerCollector, build_registry
 from service.model_card import DISCLAIMER, ModelCard
 from service.results import StudyResult
 from service.retrieval import SimilarCaseIndex
+from service.scheduler import create_app
 from service.sender import resend_study
 from service.settings import Settings
 from service.spool import free_disk_mb
@@ -90,7 +91,7 @@ def broker_check(connection: Callable[[], Connection], timeout_s: float = 2.0) -
         try:
             with connection() as conn:
                 conn.ensure_connection(max_retries=0, timeout=timeout_s)
-                transport = conn.transport_cls
+                transport = conn.transport.driver_type
         except Exception as exc:  # noqa: BLE001 - any failure to connect means not ready
             return CheckResult(False, f"broker unreachable: {exc}")
         return CheckResult(True, f"broker reachable ({transport})")
@@ -661,17 +662,17 @@ class WebServer:
             close()
 
 
-def build_web_server(settings: Settings, ledger: Ledger, checks: Mapping[str, Check] | None = None) -> WebServer:
-    """The node's web server: disk, ledger, model and index readiness checks plus the
-    given ones (the broker's), and a metrics registry over the ledger."""
+def build_web_server(settings: Settings, ledger: Ledger) -> WebServer:
+    """The node's web server: broker, disk, ledger, model and index readiness
+    checks, and a metrics registry over the ledger."""
     model = ModelProbe(settings.model_path)
     index = IndexProbe(settings.effective_index_dir, model)
     all_checks: dict[str, Check] = {
+        "broker": broker_check(create_app(settings).connection_for_write),
         "disk": disk_check(settings.data_dir, settings.min_free_disk_mb),
         "ledger": ledger_check(ledger),
         "model": model.check,
         "index": index.check,
-        **(checks or {}),
     }
     collector = LedgerCollector(ledger, settings.data_dir, model_info=model.info, index_info=index.info)
     app = WebApp(settings, ledger, all_checks, build_registry(collector))

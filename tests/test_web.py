@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 import numpy as np
 import pydicom
 import pytest
+from kombu import Connection
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
@@ -156,7 +157,7 @@ def _populate(settings: Settings) -> tuple[Ledger, str, str, str]:
 def node(tmp_path: Path) -> Iterator[Node]:
     settings = _settings(tmp_path)
     ledger, analysed, undelivered, broken = _populate(settings)
-    server = build_web_server(settings, ledger, checks={})
+    server = build_web_server(settings, ledger)
     server.start()
     yield Node(settings, ledger, analysed, undelivered, broken, f"http://127.0.0.1:{server.port}")
     server.stop()
@@ -191,7 +192,8 @@ def test_health_ready_and_metrics(node: Node) -> None:
     doc = json.loads(body)
     assert status == 200, doc
     assert headers["content-type"] == "application/json"
-    assert set(doc["checks"]) == {"disk", "ledger", "model", "index"} and doc["ready"] is True
+    assert set(doc["checks"]) == {"broker", "disk", "ledger", "model", "index"} and doc["ready"] is True
+    assert "filesystem" in doc["checks"]["broker"]["detail"]  # the embedded broker
     assert doc["checks"]["model"]["detail"] == "sonocase-hybrid 7"
 
     observe_cstore(0xA700)
@@ -218,15 +220,11 @@ def test_health_ready_and_metrics(node: Node) -> None:
 
 
 def test_not_ready_names_the_failing_check(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, min_free_disk_mb=10**9)
+    closed = free_port()  # nothing listens there
+    settings = _settings(tmp_path, min_free_disk_mb=10**9, broker_url=f"redis://127.0.0.1:{closed}/0")
     (tmp_path / "model" / "probe.onnx").write_bytes(b"another model, card not updated")
     ledger = Ledger(settings.ledger_path, durable=False)
-    closed = free_port()  # nothing listens there
-    from kombu import Connection
-
-    server = build_web_server(
-        settings, ledger, checks={"broker": broker_check(lambda: Connection(f"redis://127.0.0.1:{closed}/0"), 1.0)},
-    )
+    server = build_web_server(settings, ledger)
     server.start()
     try:
         status, _, body = _http(f"http://127.0.0.1:{server.port}", "/readyz")
@@ -242,8 +240,6 @@ def test_not_ready_names_the_failing_check(tmp_path: Path) -> None:
 
 
 def test_broker_check_against_real_redis(redis_url: str) -> None:
-    from kombu import Connection
-
     result = broker_check(lambda: Connection(redis_url + "/0"))()
     assert result == CheckResult(True, result.detail) and "redis" in result.detail
 
@@ -279,7 +275,7 @@ def test_index_probe(tmp_path: Path) -> None:
 def test_status_page_is_off_without_a_token(tmp_path: Path) -> None:
     settings = _settings(tmp_path, web_token="")
     ledger = Ledger(settings.ledger_path, durable=False)
-    server = build_web_server(settings, ledger, checks={})
+    server = build_web_server(settings, ledger)
     server.start()
     try:
         url = f"http://127.0.0.1:{server.port}"
