@@ -61,7 +61,9 @@ class StandInPacs:
         self.folder = folder
         self._ae = AE(ae_title=PACS_AE)
         for sop_class in (*SR_CLASSES, SecondaryCaptureImageStorage):
-            self._ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit])
+            self._ae.add_supported_context(
+                sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit]
+            )
         self._port = port
         self._server: Any = None
         self._lock = threading.Lock()
@@ -243,7 +245,8 @@ def _run(settings: Settings, pacs: StandInPacs, folder: Path, studies: int, imag
             done = push_study(datasets, settings.host, settings.port, settings.ae_title)
             pushed[str(datasets[0].StudyInstanceUID)] = (truth, done)
             click.echo(f"pushed a {truth} study of {images} images by C-STORE")
-        click.echo(f"waiting for the results (quiet period {settings.quiet_period_s:.0f} s, analysis, report, send) ...")
+        click.echo(f"waiting for the results (quiet period {settings.quiet_period_s:.0f} s, analysis, report, "
+                   "send) ...")
         final = wait_until_delivered(ledger, pacs, list(pushed), timeout)
         rows = [["sent", "predicted", "probability", "similar studies (distance)", "seconds"]]
         outputs = Outputs([], [])

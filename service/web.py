@@ -416,7 +416,7 @@ def render_status(
     else:
         parts.append("<p>None.</p>")
     parts.append(
-        f"<h2>Recent studies</h2><table id=studies><tr><th>Study UID</th><th>Accession</th><th>State</th>"
+        "<h2>Recent studies</h2><table id=studies><tr><th>Study UID</th><th>Accession</th><th>State</th>"
         "<th>Instances</th><th>First received</th><th>Timings</th><th>AI result</th><th>Heatmap</th>"
         "<th>Outbox</th></tr>" + "".join(_row_html(v) for v in views) + "</table>"
     )
@@ -493,7 +493,8 @@ class WebApp:
         if route == ("POST", "/login"):
             return self._login(request)
         if route == ("POST", "/logout"):
-            return _redirect("/status", **{"Set-Cookie": f"{SESSION_COOKIE}=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict"})
+            expired = f"{SESSION_COOKIE}=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict"
+            return _redirect("/status", **{"Set-Cookie": expired})
         auth = self._auth(request)
         if auth is None:
             response = Response(HTTPStatus.UNAUTHORIZED, _login_form(), _HTML, dict(_PAGE_HEADERS))
@@ -645,7 +646,8 @@ class WebServer:
         try:
             self._httpd = _Server(self._address, _Handler)
         except OSError as exc:
-            raise OSError(f"cannot serve HTTP on {self._address[0]}:{self._address[1]} (setting http_port): {exc}") from exc
+            host, port = self._address
+            raise OSError(f"cannot serve HTTP on {host}:{port} (setting http_port): {exc}") from exc
         self._httpd.app = self._app
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="web", daemon=True)
         self._thread.start()

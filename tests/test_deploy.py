@@ -286,6 +286,7 @@ def test_entrypoint_runs_the_node(tmp_path: Path) -> None:
     assert health.returncode != 0
 
 
+@pytest.mark.slow
 def test_entrypoint_worker_answers_its_healthcheck(tmp_path: Path, redis_url: str) -> None:
     # A Redis database of its own: a ping must only reach this test's worker.
     env = _container_env(tmp_path, SONOCASE_BROKER_URL=f"{redis_url}/13", SONOCASE_HTTP_PORT="0")

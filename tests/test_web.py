@@ -65,7 +65,9 @@ def _store(settings: Settings, ledger: Ledger, study_uid: str, now: float) -> In
     return rec
 
 
-def _analyse(settings: Settings, ledger: Ledger, rec: InstanceRecord, now: float, heat_root: Path | None = None) -> None:
+def _analyse(
+    settings: Settings, ledger: Ledger, rec: InstanceRecord, now: float, heat_root: Path | None = None,
+) -> None:
     """Take a study through completion and analysis with a hand-made result: the
     analysis worker is another stage; this is its output as test input."""
     ledger.complete_quiet_studies(1, now=now + 5)
@@ -141,7 +143,8 @@ def _populate(settings: Settings) -> tuple[Ledger, str, str, str]:
     undelivered = _store(settings, ledger, generate_uid(), now + 1)
     _analyse(settings, ledger, undelivered, now + 1)
     sr_path = settings.outbox_dir / undelivered.study_uid / "sr.dcm"
-    ledger.enqueue_outbox(undelivered.study_uid, 1, [(generate_uid(), "1.2.840.10008.5.1.4.1.1.88.34", str(sr_path))], ["PACS@127.0.0.1:104"])
+    sr = (generate_uid(), "1.2.840.10008.5.1.4.1.1.88.34", str(sr_path))
+    ledger.enqueue_outbox(undelivered.study_uid, 1, [sr], ["PACS@127.0.0.1:104"])
     for row in ledger.outbox(undelivered.study_uid):
         ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.FAILED, error="0xA700 refused")
     ledger.set_state(undelivered.study_uid, StudyState.FAILED, failed_stage="send", error="PACS refused the SR")
@@ -261,7 +264,8 @@ def test_index_probe(tmp_path: Path) -> None:
     assert probe.check().ok and "similar cases are off" in probe.check().detail and probe.info() == {}
 
     card = ModelCard.load(model_path)
-    SimilarCaseIndex(tmp_path / "index", ModelIdentity(name=card.name, version=card.version, sha256=card.sha256)).close()
+    identity = ModelIdentity(name=card.name, version=card.version, sha256=card.sha256)
+    SimilarCaseIndex(tmp_path / "index", identity).close()
     result = probe.check()
     assert result.ok and probe.info()["version"] in result.detail
 
@@ -406,7 +410,8 @@ class Chromium:
             if value:
                 return value
             time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {expression}; page: {self.evaluate('document.body && document.body.innerText')}")
+        page = self.evaluate("document.body && document.body.innerText")
+        raise AssertionError(f"timed out waiting for {expression}; page: {page}")
 
     def close(self) -> None:
         if hasattr(self, "_ws"):
@@ -432,7 +437,8 @@ def test_status_page_in_headless_chromium(node: Node, tmp_path: Path) -> None:
         assert browser.wait_for(f"{row}.querySelector('img.heatmap').naturalWidth") > 0
         assert PATIENT_NAME not in browser.evaluate("document.documentElement.outerHTML")
 
-        browser.evaluate(f"document.querySelector('#failed tr[data-study=\"{node.undelivered}\"] button.resend').click()")
+        button = f"#failed tr[data-study=\"{node.undelivered}\"] button.resend"
+        browser.evaluate(f"document.querySelector('{button}').click()")
         browser.wait_for("location.search.includes('retried=results')")
         assert node.undelivered in browser.evaluate("document.querySelector('.notice').textContent")
     finally:
