@@ -1,0 +1,216 @@
+"""ONNX export with Grad-CAM in the graph: equal to PyTorch, equal to the ``grad-cam``
+package's GradCAM, and a model card the node can load."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from service.model_card import DISCLAIMER, ModelCard, card_path_for
+from training.data.synthetic import generate_records
+from training.export import EXPLAINED_OUTPUTS, build_card, export_onnx, fold_batch_norm, run_onnx, write_card
+from training.gradcam import ExplainedModel
+from training.models import ModelConfig, SonoModel, build_model
+from training.train import (
+    DataSource, Normalisation, TrainConfig, TrainedModel, make_split, resize_images, to_tensor, train,
+)
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+SIZE = 64
+
+
+def _import_grad_cam() -> tuple[type, type]:
+    """The ``grad-cam`` package (installed with --no-deps, see scripts/setup.sh).
+
+    Its package ``__init__`` imports ``torchvision`` (``utils/image.py``: transforms
+    for its preprocessing helpers; ``utils/model_targets.py``: ``ops.box_iou`` for
+    detection targets; ``sess.py``: ``resize``), and importing any submodule runs that
+    ``__init__``, so no submodule avoids it. We never install torchvision: stand-in
+    modules carrying those names exist only while the package imports (a fake for an
+    import only: GradCAM and ClassifierOutputTarget call none of them), then leave
+    ``sys.modules`` so nothing else mistakes them for torchvision.
+    """
+    torchvision = types.ModuleType("torchvision")
+    transforms = types.ModuleType("torchvision.transforms")
+    functional = types.ModuleType("torchvision.transforms.functional")
+    transforms.Compose = transforms.Normalize = transforms.ToTensor = None  # type: ignore[attr-defined]
+    functional.resize = None  # type: ignore[attr-defined]
+    torchvision.transforms = transforms  # type: ignore[attr-defined]
+    transforms.functional = functional  # type: ignore[attr-defined]
+    stand_ins = {"torchvision": torchvision, "torchvision.transforms": transforms,
+                 "torchvision.transforms.functional": functional}
+    assert not set(stand_ins) & set(sys.modules), "torchvision must not be installed (see scripts/setup.sh)"
+    sys.modules.update(stand_ins)
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    finally:
+        for name in stand_ins:
+            del sys.modules[name]
+    return GradCAM, ClassifierOutputTarget
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    """Two synthetic ultrasound images of each class, normalised like the model input."""
+    records = generate_records(2, seed=3)
+    return to_tensor(resize_images(records, SIZE), Normalisation(mean=0.45, std=0.2))
+
+
+def _with_batch_statistics(model: SonoModel, x: torch.Tensor) -> SonoModel:
+    """Give batch-norm real running statistics (a train-mode pass over real images),
+    so folding them into the convolutions is actually exercised."""
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hybrid(images: torch.Tensor, tmp_path_factory: pytest.TempPathFactory) -> tuple[SonoModel, Path]:
+    torch.manual_seed(0)
+    model = _with_batch_statistics(build_model(ModelConfig(
+        arch="hybrid", width=0.125, size=SIZE, embedding_dim=32, rnn_hidden=32)), images)
+    path = tmp_path_factory.mktemp("onnx") / "hybrid.onnx"
+    export_onnx(model, path)
+    return model, path
+
+
+def test_interface_matches_the_model_card(hybrid: tuple[SonoModel, Path]) -> None:
+    _, path = hybrid
+    session = ort.InferenceSession(str(path))
+    inputs = {i.name: (i.type, i.shape) for i in session.get_inputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    assert inputs == {"image": ("tensor(float)", ["batch", 1, SIZE, SIZE]), "target_class": ("tensor(int64)", ["batch"])}
+    assert list(outputs) == EXPLAINED_OUTPUTS
+    assert outputs["gradcam"] == ["batch", SIZE // 16, SIZE // 16]
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_onnx_equals_pytorch(hybrid: tuple[SonoModel, Path], images: torch.Tensor, batch: int) -> None:
+    model, path = hybrid
+    x = images[:batch]
+    target = torch.tensor([-1, 0, 1, 2, -1, 1][:batch])
+    probs, emb, cam = ExplainedModel(model)(x, target)
+    got = ort.InferenceSession(str(path)).run(None, {"image": x.numpy(), "target_class": target.numpy()})
+    np.testing.assert_allclose(got[0], probs.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got[1], emb.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got[2], cam.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(got[1], axis=1), 1.0, atol=1e-5)
+    assert np.all((got[2] >= 0) & (got[2] <= 1))
+    np.testing.assert_allclose(got[2].max(axis=(1, 2)), 1.0, atol=1e-6)
+
+
+def test_minus_one_explains_the_predicted_class(hybrid: tuple[SonoModel, Path], images: torch.Tensor) -> None:
+    _, path = hybrid
+    session = ort.InferenceSession(str(path))
+    probs, _, predicted_cam = run_onnx(session, images.numpy())
+    _, _, explicit_cam = run_onnx(session, images.numpy(), probs.argmax(axis=1))
+    np.testing.assert_array_equal(predicted_cam, explicit_cam)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+@pytest.mark.parametrize("arch", ["hybrid", "cnn", "mobilenetv2"])
+def test_gradcam_matches_the_grad_cam_package(arch: str, hybrid: tuple[SonoModel, Path], images: torch.Tensor,
+                                              tmp_path: Path) -> None:
+    """Pearson >= 0.99 for every class on several inputs, against pytorch_grad_cam's
+    GradCAM on the same model and target layer. An export whose gradient was frozen
+    at trace time (or that ignored target_class) would fail: maps of different
+    classes differ, and they differ between inputs."""
+    GradCAM, ClassifierOutputTarget = _import_grad_cam()
+    if arch == "hybrid":
+        model, path = hybrid
+    else:
+        torch.manual_seed(1)  # untrained GAP networks often give a class an all-zero map; this seed does not
+        model = _with_batch_statistics(build_model(ModelConfig(arch=arch, width=0.25, size=SIZE, embedding_dim=32)),
+                                       images)
+        path = tmp_path / f"{arch}.onnx"
+        export_onnx(model, path)
+    session = ort.InferenceSession(str(path))
+    x = images.numpy()
+    per_class = []
+    for cls in range(3):
+        _, _, ours = session.run(None, {"image": x, "target_class": np.full(len(x), cls, dtype=np.int64)})
+        with GradCAM(model=model, target_layers=[model.target_layer]) as cam:
+            reference = cam(input_tensor=images, targets=[ClassifierOutputTarget(cls)] * len(x))
+        live = [i for i in range(len(x)) if ours[i].max() > 0]
+        assert len(live) >= 2, f"class {cls}: fewer than two non-zero maps to compare"
+        for i in live:
+            # pytorch_grad_cam scales to [0, 1] and resizes (cv2, bilinear) to the input size
+            upsampled = cv2.resize(ours[i], (SIZE, SIZE))
+            assert _pearson(upsampled, reference[i]) >= 0.99, (arch, cls, i)
+        per_class.append(ours)
+    assert not np.allclose(per_class[0], per_class[2]), "Grad-CAM ignores target_class"
+    assert not np.allclose(per_class[1][0], per_class[1][-1]), "Grad-CAM ignores the image"
+
+
+def test_a_class_with_no_evidence_gives_an_all_zero_map(images: torch.Tensor, tmp_path: Path) -> None:
+    """A zero head row for class 0: no gradient, so the map must stay 0 (not NaN)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="cnn", width=0.25, size=SIZE, embedding_dim=16)).eval()
+    with torch.no_grad():
+        model.head[1].weight[0] = 0
+    path = tmp_path / "cnn.onnx"
+    export_onnx(model, path)
+    _, _, cams = run_onnx(ort.InferenceSession(str(path)), images.numpy(), np.zeros(len(images), dtype=np.int64))
+    assert np.all(cams == 0)
+
+
+def test_batch_norm_folding_keeps_the_outputs(images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = _with_batch_statistics(build_model(ModelConfig(arch="mobilenetv2", width=0.25, size=SIZE)), images)
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), model(images), atol=1e-4, rtol=1e-4)
+
+
+def test_plain_export_has_no_gradcam(hybrid: tuple[SonoModel, Path], images: torch.Tensor, tmp_path: Path) -> None:
+    model, _ = hybrid
+    path = tmp_path / "plain.onnx"
+    export_onnx(model, path, explain=False)
+    session = ort.InferenceSession(str(path))
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "embedding"]
+    probs, _ = session.run(None, {"image": images.numpy()})
+    expected, _, _ = ExplainedModel(model)(images, torch.full((len(images),), -1))
+    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    """One short real training run (its OOD statistics and counts go into the card)."""
+    source = DataSource(kind="synthetic", synthetic_per_class=8, seed=0)
+    records = source.load()
+    split = make_split(records, 0.25, 0.25, seed=0)
+    return train(records, split, ModelConfig(arch="cnn", width=0.125, size=SIZE, embedding_dim=16),
+                 TrainConfig(epochs=1, augment=False), source, tmp_path_factory.mktemp("run"), progress=False)
+
+
+def test_card_is_written_beside_the_file_and_loads(trained_tiny: TrainedModel, tmp_path: Path) -> None:
+    path = tmp_path / "sonocase-tiny.onnx"
+    export_onnx(trained_tiny.model, path)
+    card = build_card(trained_tiny, path, name="sonocase-tiny", version="9.9.9",
+                      metrics={"balanced_accuracy": 0.5}, command="sonocase train --synthetic 6")
+    write_card(card, path)
+    assert card_path_for(path).name == "sonocase-tiny.card.json"
+    loaded = ModelCard.load(path)
+    assert loaded == card
+    assert loaded.disclaimer == DISCLAIMER and "not for primary diagnosis" in loaded.intended_use
+    assert loaded.input.height == loaded.input.width == trained_tiny.model_config.size
+    assert len(loaded.ood.centroids) == 3 and len(loaded.ood.centroids[0]) == loaded.embedding_dim
+    assert loaded.ood.threshold > 0 and loaded.ood.percentile == 99.0
+    assert loaded.training_data["synthetic"] is True
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="sha256"):
+        ModelCard.load(path)

@@ -1,0 +1,305 @@
+"""Export a trained model to ONNX with Grad-CAM inside the graph, plus its model card.
+
+The legacy exporter cannot trace autograd, and ``autograd.grad`` inside ``forward``
+does not export directly with either exporter. What works: trace
+:class:`training.gradcam.ExplainedModel` (forward + the gradient of the target logit)
+into one plain aten graph with ``make_fx(tracing_mode="symbolic")`` while oneDNN is
+off (otherwise the CPU LSTM becomes an op ONNX lacks), then export that graph with
+the dynamo exporter and a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from service.model_card import DISCLAIMER, InputSpec, ModelCard, card_path_for, sha256_file
+from training.gradcam import ExplainedModel
+from training.models import SonoModel
+from training.records import Record
+from training.train import TrainedModel, resize_images, to_tensor
+
+INPUT_NAMES = ["image", "target_class"]
+EXPLAINED_OUTPUTS = ["probabilities", "embedding", "gradcam"]
+PLAIN_OUTPUTS = ["probabilities", "embedding"]
+INTENDED_USE = (
+    "Research and demonstration: second-reader triage support for breast ultrasound "
+    "(normal / benign / malignant), Grad-CAM explanation and similar-case retrieval. "
+    "Not a medical device; not for primary diagnosis."
+)
+
+
+def fold_batch_norm(model: SonoModel) -> SonoModel:
+    """An eval-mode copy with every Conv2d -> BatchNorm2d pair folded into one conv,
+    so the exported graph has no separate normalisation arithmetic."""
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    return folded
+
+
+class _Plain(nn.Module):
+    """Probabilities and embedding only: the Grad-CAM-free baseline the benchmark
+    and the int8 comparison measure against."""
+
+    def __init__(self, model: SonoModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.model.embed(self.model.features(image))
+        probabilities = torch.softmax(self.model.head(embedding), dim=1)
+        return probabilities, torch.nn.functional.normalize(embedding, dim=1)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs every graph pass at INFO and warns about tracing internals;
+    the export is verified numerically instead (:func:`check_export`)."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def export_onnx(model: SonoModel, path: Path, *, explain: bool = True) -> None:
+    """Write ``model`` as one self-contained ONNX file with a dynamic batch.
+
+    ``explain`` adds the ``target_class`` input and the ``gradcam`` output (the
+    interface in ``service.model_card``); without it only ``image`` ->
+    ``probabilities``, ``embedding``.
+    """
+    with _quiet_exporter():
+        _export(model, path, explain)
+
+
+def _export(model: SonoModel, path: Path, explain: bool) -> None:
+    size = model.config.size
+    image = torch.zeros(2, 1, size, size)
+    folded = fold_batch_norm(model)
+    batch = torch.export.Dim("batch")
+    if explain:
+        args: tuple[torch.Tensor, ...] = (image, torch.tensor([-1, 0]))
+        # Parameters are real tensors while the inputs are symbolic: they become
+        # constants of the traced graph, hence _allow_non_fake_inputs.
+        with torch.backends.mkldnn.flags(enabled=False):
+            graph = make_fx(ExplainedModel(folded), tracing_mode="symbolic", _allow_non_fake_inputs=True)(*args)
+        module: nn.Module = graph
+        names, outputs, dynamic = INPUT_NAMES, EXPLAINED_OUTPUTS, ({0: batch}, {0: batch})
+    else:
+        args, module = (image,), _Plain(folded)
+        names, outputs, dynamic = INPUT_NAMES[:1], PLAIN_OUTPUTS, ({0: batch},)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    program = torch.onnx.export(
+        module, args, dynamo=True, input_names=names, output_names=outputs,
+        dynamic_shapes=dynamic, optimize=True, verbose=False,
+    )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    onnx.save_model(program.model_proto, str(tmp), save_as_external_data=False)
+    os.replace(tmp, path)
+
+
+def onnx_opset(path: Path) -> int:
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def architecture_name(trained: TrainedModel) -> str:
+    c = trained.model_config
+    rnn = f"{'bi' if c.bidirectional else ''}{c.rnn_type.upper()}({c.rnn_hidden})"
+    return {
+        "hybrid": f"VGG16-D conv x{c.width:g}{' +BN' if c.batch_norm else ''} -> {rnn} over rows -> "
+                  f"{c.embedding_dim}-d embedding -> {c.num_classes}-class head",
+        "cnn": f"4-conv CNN x{c.width:g} -> {c.embedding_dim}-d dense -> {c.num_classes}-class head",
+        "rnn": f"{rnn} over pixel rows -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
+        "mobilenetv2": f"MobileNetV2 x{c.width:g} -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
+    }[c.arch]
+
+
+def build_card(trained: TrainedModel, onnx_path: Path, *, name: str, version: str,
+               metrics: dict[str, Any] | None = None, command: str | None = None) -> ModelCard:
+    """The card for ``onnx_path`` (which must already be written: its hash goes in)."""
+    c = trained.model_config
+    counts = trained.class_counts
+    training_data: dict[str, object] = {
+        "description": trained.source.describe(),
+        "source": trained.source.kind,
+        "synthetic": trained.source.kind == "synthetic",
+        "counts": counts,
+        "split": (f"stratified group split before augmentation: test {trained.train_config.test_fraction:g}, "
+                  f"validation {trained.train_config.val_fraction:g} of the rest (early stopping only)"),
+    }
+    if command:
+        training_data["command"] = command
+    hyper: dict[str, object] = {**c.to_dict(), **{
+        k: v for k, v in vars(trained.train_config).items() if k != "initial_weights"}}
+    hyper["initial_weights"] = "user file" if trained.train_config.initial_weights else "Kaiming (He) init"
+    hyper["epochs_run"] = len(trained.history)
+    return ModelCard(
+        name=name, version=version, architecture=f"{c.arch}: {architecture_name(trained)}",
+        classes=list(trained.classes),
+        input=InputSpec(height=c.size, width=c.size, mean=trained.norm.mean, std=trained.norm.std),
+        embedding_dim=c.embedding_dim, onnx_file=onnx_path.name, sha256=sha256_file(onnx_path),
+        opset=onnx_opset(onnx_path), ood=trained.ood, hyperparameters=hyper, training_data=training_data,
+        metrics=metrics or {}, created=datetime.now(UTC).isoformat(timespec="seconds"),
+        intended_use=INTENDED_USE, disclaimer=DISCLAIMER,
+    )
+
+
+def write_card(card: ModelCard, onnx_path: Path) -> Path:
+    path = card_path_for(onnx_path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(card.model_dump(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of an evaluation report (``training.evaluate``) for the card."""
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "ece", "retrieval", "per_class", "n_test")
+    metrics = {k: report[k] for k in keys if k in report}
+    metrics["evaluated_on"] = report.get("evaluated_on", "held-out test split")
+    return metrics
+
+
+
+def run_onnx(session: ort.InferenceSession, x: np.ndarray, target_class: np.ndarray | None = None,
+             batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities, embeddings and Grad-CAM maps of normalised images [N, 1, H, W]
+    from an exported (explained) model, batch by batch."""
+    targets = np.full(len(x), -1, dtype=np.int64) if target_class is None else target_class.astype(np.int64)
+    outputs = [session.run(EXPLAINED_OUTPUTS, {"image": x[i:i + batch_size], "target_class": targets[i:i + batch_size]})
+               for i in range(0, len(x), batch_size)]
+    probs, emb, cams = (np.concatenate([o[k] for o in outputs]) for k in range(3))
+    return probs, emb, cams
+
+
+def check_export(model: SonoModel, onnx_path: Path, tolerance: float = 1e-4) -> float:
+    """Run the ONNX file and the PyTorch model on the same random batch; raise when
+    probabilities or embeddings differ by more than ``tolerance``. Returns the
+    largest difference."""
+    size = model.config.size
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 1, size, size)).astype(np.float32))
+    target = torch.tensor([-1, 0, model.config.num_classes - 1])
+    expected = ExplainedModel(model.eval())(x, target)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(EXPLAINED_OUTPUTS, {"image": x.numpy(), "target_class": target.numpy()})
+    worst = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got[:2], expected[:2]))
+    if worst > tolerance:
+        raise RuntimeError(f"{onnx_path}: ONNX Runtime and PyTorch differ by {worst:.2e} (> {tolerance:g})")
+    return worst
+
+
+def ship(trained: TrainedModel, onnx_path: Path, *, report: dict[str, Any] | None = None,
+         name: str | None = None, version: str = "0.1.0") -> ModelCard:
+    """Export, check the export against PyTorch, and write the card beside it."""
+    export_onnx(trained.model, onnx_path)
+    check_export(trained.model, onnx_path)
+    card = build_card(trained, onnx_path, name=name or onnx_path.stem, version=version,
+                      metrics=card_metrics(report) if report else None, command=trained.command or None)
+    write_card(card, onnx_path)
+    return card
+
+
+class _Calibration(CalibrationDataReader):
+    """Feeds training images (never test images) to the int8 calibrator."""
+
+    def __init__(self, x: np.ndarray, batch_size: int = 16) -> None:
+        self._batches = iter(
+            {"image": x[i:i + batch_size], "target_class": np.full(len(x[i:i + batch_size]), -1, dtype=np.int64)}
+            for i in range(0, len(x), batch_size))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each pair of maps; 1 where both are constant (all zero)."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    denominator = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    same_constant = (denominator == 0) & np.all(a == b, axis=1)
+    return np.where(same_constant, 1.0, (a * b).sum(1) / np.where(denominator == 0, 1.0, denominator))
+
+
+def quantize_and_compare(trained: TrainedModel, records: Sequence[Record], onnx_path: Path,
+                         calibration_images: int = 128) -> dict[str, Any]:
+    """Static int8 quantisation (QDQ, per-channel weights) of ``onnx_path``, calibrated
+    on training images; write ``<stem>.int8.onnx`` + card and ``<stem>.quantization.json``
+    with the change in accuracy, balanced accuracy, mAP@5 and Grad-CAM agreement on
+    the held-out split."""
+    from training.evaluate import score
+
+    labels = np.array([r.label for r in records], dtype=np.int64)
+    images = to_tensor(resize_images(records, trained.model_config.size), trained.norm).numpy()
+    train_idx, test_idx = trained.split.train, trained.split.test
+    rng = np.random.default_rng(trained.train_config.seed)
+    calibration = images[np.sort(rng.choice(train_idx, min(calibration_images, len(train_idx)), replace=False))]
+    int8_path = onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
+    quantize_static(str(onnx_path), str(int8_path), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                    per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    results: dict[str, dict[str, Any]] = {}
+    maps: dict[str, np.ndarray] = {}
+    reference_target: np.ndarray | None = None
+    for variant, path in (("float32", onnx_path), ("int8", int8_path)):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        probs, test_emb, _ = run_onnx(session, images[test_idx])
+        _, train_emb, _ = run_onnx(session, images[train_idx])
+        if reference_target is None:
+            reference_target = probs.argmax(1)
+        # Grad-CAM of the same class (float32's prediction) in both variants
+        _, _, maps[variant] = run_onnx(session, images[test_idx], reference_target)
+        report = score(labels[test_idx], probs, test_emb, labels[train_idx], train_emb, trained.classes)
+        results[variant] = {"accuracy": report["accuracy"], "balanced_accuracy": report["balanced_accuracy"],
+                            "map@5": report["retrieval"]["map@5"], "predictions": probs.argmax(1),
+                            "file_bytes": path.stat().st_size}
+    agreement = _pearson_rows(maps["float32"], maps["int8"])
+    summary: dict[str, Any] = {
+        "float32": {k: v for k, v in results["float32"].items() if k != "predictions"},
+        "int8": {k: v for k, v in results["int8"].items() if k != "predictions"},
+        "change": {k: results["int8"][k] - results["float32"][k] for k in ("accuracy", "balanced_accuracy", "map@5")},
+        "prediction_agreement": float(np.mean(results["int8"]["predictions"] == results["float32"]["predictions"])),
+        "gradcam_pearson": {"mean": float(agreement.mean()), "min": float(agreement.min())},
+        "calibration": f"{len(calibration)} training-split images; QDQ, per-channel int8 weights, uint8 activations",
+        "n_test": len(test_idx),
+    }
+    card = build_card(trained, int8_path, name=f"{onnx_path.stem}-int8", version="0.1.0",
+                      metrics={**{k: v for k, v in summary["int8"].items() if k != "file_bytes"},
+                               "quantization": summary}, command=trained.command or None)
+    write_card(card, int8_path)
+    tmp = onnx_path.with_name(f"{onnx_path.stem}.quantization.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, onnx_path.with_name(f"{onnx_path.stem}.quantization.json"))
+    return summary

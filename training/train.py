@@ -1,0 +1,398 @@
+"""Training: leak-free split, augmentation on the training split only, Adam +
+cross-entropy, reduce-on-plateau, early stopping, resumable checkpoints.
+
+Files written to the output folder:
+
+``checkpoint.pt``  everything needed to resume after an interruption (rewritten
+                   atomically after every epoch);
+``model.pt``       the finished model: best-validation weights, configs, input
+                   normalisation, the split, the learning history and the
+                   out-of-distribution statistics of the training embeddings
+                   (read by ``evaluate`` and ``export``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from service.model_card import OodSpec
+from training.models import ModelConfig, SonoModel, build_model, load_initial_weights
+from training.records import CLASSES, Record
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+#: Percentile of the training embeddings' distance to their nearest class centroid
+#: above which the node calls an image out of distribution.
+OOD_PERCENTILE = 99.0
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the labelled images come from; stored with the model so that
+    ``evaluate`` can rebuild exactly the same records and split."""
+
+    kind: str  # "synthetic" | "busi" | "dicom"
+    synthetic_per_class: int = 0
+    path: str | None = None
+    labels: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind == "synthetic" and self.synthetic_per_class < 2:
+            raise ValueError("--synthetic needs at least 2 images per class (one for each side of the split)")
+        if self.kind in ("busi", "dicom") and not self.path:
+            raise ValueError(f"the {self.kind} data source needs a folder path")
+        if self.kind == "dicom" and not self.labels:
+            raise ValueError("the dicom data source needs a labels CSV (--labels)")
+        if self.kind not in ("synthetic", "busi", "dicom"):
+            raise ValueError(f"unknown data source kind {self.kind!r}")
+
+    def load(self) -> list[Record]:
+        if self.kind == "synthetic":
+            from training.data.synthetic import generate_records
+
+            return generate_records(self.synthetic_per_class, seed=self.seed)
+        if self.kind == "busi":
+            from training.data.busi import load_busi
+
+            return load_busi(Path(str(self.path)))
+        from training.data.dicom_csv import load_dicom_labels
+
+        return load_dicom_labels(Path(str(self.path)), Path(str(self.labels)))
+
+    def describe(self) -> str:
+        if self.kind == "synthetic":
+            return (f"synthetic breast-ultrasound-like images (training.data.synthetic, seed {self.seed}), "
+                    f"{self.synthetic_per_class} per class")
+        if self.kind == "busi":
+            return f"BUSI folder layout at {self.path}"
+        return f"DICOM files at {self.path} labelled by {self.labels}"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into the record list: ``fit`` trains, ``val`` drives early stopping
+    and the LR schedule, ``test`` is touched only by evaluation."""
+
+    fit: list[int]
+    val: list[int]
+    test: list[int]
+
+    @property
+    def train(self) -> list[int]:
+        """Everything the model may learn from (fit + val): the retrieval gallery
+        and the out-of-distribution reference."""
+        return sorted(self.fit + self.val)
+
+
+def make_split(records: Sequence[Record], test_fraction: float, val_fraction: float, seed: int) -> Split:
+    """Stratified, group-aware train/val/test split, made before any augmentation."""
+    from training.data.splits import stratified_split
+
+    train_idx, test_idx = stratified_split(list(records), test_fraction, seed)
+    return split_off_validation(records, train_idx, test_idx, val_fraction, seed)
+
+
+def split_off_validation(records: Sequence[Record], train_idx: Sequence[int], test_idx: Sequence[int],
+                         val_fraction: float, seed: int) -> Split:
+    """Carve the early-stopping validation set out of the training indices, by
+    group and stratified like the test split."""
+    from training.data.splits import stratified_split
+
+    train_list = [int(i) for i in train_idx]
+    fit_rel, val_rel = stratified_split([records[i] for i in train_list], val_fraction, seed + 1)
+    return Split(
+        fit=sorted(train_list[int(i)] for i in fit_rel),
+        val=sorted(train_list[int(i)] for i in val_rel),
+        test=sorted(int(i) for i in test_idx),
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 6
+    lr_patience: int = 2
+    lr_factor: float = 0.5
+    test_fraction: float = 0.2
+    val_fraction: float = 0.15
+    class_weights: bool = False
+    augment: bool = True
+    seed: int = 0
+    initial_weights: str | None = None
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    mean: float
+    std: float
+
+
+@dataclass
+class TrainedModel:
+    """A finished model as ``model.pt`` stores it."""
+
+    model: SonoModel
+    model_config: ModelConfig
+    train_config: TrainConfig
+    norm: Normalisation
+    source: DataSource
+    split: Split
+    class_counts: dict[str, int]
+    history: list[dict[str, float]]
+    ood: OodSpec
+    created: str
+    classes: tuple[str, ...] = field(default=CLASSES)
+    command: str = ""  # the command line that trained it, for the model card
+
+
+def resize_images(records: Sequence[Record], size: int) -> np.ndarray:
+    """uint8 [N, size, size]: the whole image resized bilinearly (aspect not kept), as
+    the node prepares pixels (``service.model_card.InputSpec.resize``)."""
+    out = np.empty((len(records), size, size), dtype=np.uint8)
+    for i, record in enumerate(records):
+        image = record.image
+        if image.dtype != np.uint8 or image.ndim != 2:
+            raise ValueError(f"{record.source}: expected a uint8 grayscale image, got {image.dtype} {image.shape}")
+        out[i] = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
+def to_tensor(images: np.ndarray, norm: Normalisation) -> torch.Tensor:
+    """uint8 [N, H, W] -> float32 [N, 1, H, W] normalised like the ONNX input."""
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return (x - norm.mean) / norm.std
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def predict(model: SonoModel, images: np.ndarray, norm: Normalisation, batch_size: int = 64,
+            device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits [N, C], probabilities [N, C] and L2-normalised embeddings [N, D]."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    logits, embeddings = [], []
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start:start + batch_size], norm).to(device)
+        emb = model.embed(model.features(x))
+        logits.append(model.head(emb).cpu())
+        embeddings.append(F.normalize(emb, dim=1).cpu())
+    logit = torch.cat(logits)
+    return logit.numpy(), torch.softmax(logit, dim=1).numpy(), torch.cat(embeddings).numpy()
+
+
+def ood_from_embeddings(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
+                        percentile: float = OOD_PERCENTILE) -> OodSpec:
+    """Class centroids of the training embeddings and the ``percentile`` of each
+    training image's Euclidean distance to its nearest centroid."""
+    missing = [CLASSES[c] for c in range(num_classes) if not np.any(labels == c)]
+    if missing:
+        raise ValueError(f"no training images of class {', '.join(missing)}: cannot compute its centroid")
+    centroids = np.stack([embeddings[labels == c].mean(axis=0) for c in range(num_classes)])
+    distances = np.linalg.norm(embeddings[:, None, :] - centroids[None], axis=2).min(axis=1)
+    return OodSpec(
+        centroids=centroids.astype(float).round(6).tolist(),
+        threshold=float(np.percentile(distances, percentile)),
+        percentile=percentile,
+    )
+
+
+def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1: rare classes count as much as common ones."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = counts.sum() / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    from training.augment import augment
+
+    return np.stack([augment(image, rng) for image in images])
+
+
+def _evaluate_loss(model: SonoModel, images: np.ndarray, labels: np.ndarray, norm: Normalisation,
+                   loss_fn: torch.nn.Module, device: torch.device) -> tuple[float, float]:
+    logits, _, _ = predict(model, images, norm, device=device)
+    loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)))
+    predicted = logits.argmax(axis=1)
+    recalls = [np.mean(predicted[labels == c] == c) for c in np.unique(labels)]
+    return loss, float(np.mean(recalls))
+
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """torch.save through a temporary name: an interrupted save never corrupts the
+    previous checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(records: Sequence[Record], split: Split, model_config: ModelConfig, train_config: TrainConfig,
+          source: DataSource, out_dir: Path, *, resume: bool = False, progress: bool = True,
+          device: torch.device | None = None, command: str = "") -> TrainedModel:
+    """Train one model on ``split`` and write ``model.pt`` (see the module docstring).
+
+    With ``resume`` and a ``checkpoint.pt`` from the same configuration in
+    ``out_dir``, training continues after the last finished epoch.
+    """
+    device = device or default_device()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = np.array([r.label for r in records], dtype=np.int64)
+    images = resize_images(records, model_config.size)
+    fit_x, fit_y = images[split.fit], labels[split.fit]
+    val_x, val_y = images[split.val], labels[split.val]
+    pixels = fit_x.astype(np.float32) / 255.0
+    norm = Normalisation(mean=round(float(pixels.mean()), 6), std=round(float(pixels.std()) or 1.0, 6))
+
+    torch.manual_seed(train_config.seed)
+    model = build_model(model_config)
+    if train_config.initial_weights:
+        loaded = load_initial_weights(model, Path(train_config.initial_weights))
+        log.info("initial weights: %d tensors from %s", len(loaded), train_config.initial_weights)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=train_config.lr_factor, patience=train_config.lr_patience)
+    weight = _class_weights(fit_y, model_config.num_classes) if train_config.class_weights else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
+    val_loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    rng = np.random.default_rng(train_config.seed)
+    state: dict[str, Any] = {
+        "epoch": 0, "history": [], "best_val_loss": float("inf"), "bad_epochs": 0,
+        "best_state": copy.deepcopy(model.state_dict()),
+    }
+    # What must not change between an interrupted run and its resumption (more
+    # epochs or more patience may be asked for).
+    identity = {"model_config": model_config.to_dict(),
+                "train_config": {k: v for k, v in asdict(train_config).items() if k not in ("epochs", "patience")},
+                "source": asdict(source), "split": asdict(split)}
+
+    checkpoint_path = out_dir / CHECKPOINT
+    if resume and checkpoint_path.is_file():
+        saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        for key, value in identity.items():
+            if saved[key] != value:
+                raise ValueError(f"{checkpoint_path} was made with a different {key.replace('_', ' ')}; "
+                                 f"start a new output folder or drop --resume")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        rng.bit_generator.state = saved["rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        state = saved["state"]
+        log.info("resuming %s after epoch %d", out_dir, state["epoch"])
+
+    while state["epoch"] < train_config.epochs and state["bad_epochs"] < train_config.patience:
+        epoch = state["epoch"] + 1
+        started = time.monotonic()
+        model.train()
+        order = rng.permutation(len(fit_x))
+        total, correct, seen = 0.0, 0, 0
+        batches = range(0, len(order), train_config.batch_size)
+        for start in tqdm(batches, desc=f"epoch {epoch}/{train_config.epochs}", disable=not progress, leave=False):
+            idx = order[start:start + train_config.batch_size]
+            if len(idx) < 2 and model_config.batch_norm:
+                continue  # batch-norm cannot normalise a batch of one
+            batch = _augment_batch(fit_x[idx], rng) if train_config.augment else fit_x[idx]
+            x, y = to_tensor(batch, norm).to(device), torch.from_numpy(fit_y[idx]).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(idx)
+        val_loss, val_bacc = _evaluate_loss(model, val_x, val_y, norm, val_loss_fn, device)
+        scheduler.step(val_loss)
+        record = {
+            "epoch": epoch, "train_loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+            "val_loss": val_loss, "val_balanced_accuracy": val_bacc,
+            "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - started,
+        }
+        state["history"].append(record)
+        if val_loss < state["best_val_loss"] - 1e-4:
+            state.update(best_val_loss=val_loss, bad_epochs=0, best_state=copy.deepcopy(model.state_dict()))
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val balanced accuracy %.3f (%.0f s)",
+                 epoch, record["train_loss"], val_loss, val_bacc, record["seconds"])
+        _save_atomic({**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
+                      "torch_rng": torch.get_rng_state(), "state": state}, checkpoint_path)
+
+    model.load_state_dict(state["best_state"])
+    model.eval()
+    _, _, train_emb = predict(model, images[split.train], norm, device=device)
+    trained = TrainedModel(
+        model=model, model_config=model_config, train_config=train_config, norm=norm, source=source,
+        split=split, class_counts=_class_counts(labels, split), history=state["history"],
+        ood=ood_from_embeddings(train_emb, labels[split.train], model_config.num_classes),
+        created=datetime.now(UTC).isoformat(timespec="seconds"), command=command,
+    )
+    save_trained(trained, out_dir / MODEL)
+    return trained
+
+
+def _class_counts(labels: np.ndarray, split: Split) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for part in ("fit", "val", "test"):
+        idx = getattr(split, part)
+        for c, name in enumerate(CLASSES):
+            counts[f"{part}_{name}"] = int(np.sum(labels[idx] == c))
+    return counts
+
+
+def save_trained(trained: TrainedModel, path: Path) -> None:
+    _save_atomic({
+        "model_config": trained.model_config.to_dict(), "train_config": asdict(trained.train_config),
+        "state_dict": {k: v.cpu() for k, v in trained.model.state_dict().items()},
+        "norm": asdict(trained.norm), "source": asdict(trained.source), "split": asdict(trained.split),
+        "class_counts": trained.class_counts, "history": trained.history,
+        "ood": trained.ood.model_dump(), "created": trained.created, "classes": list(trained.classes),
+        "command": trained.command,
+    }, path)
+
+
+def load_trained(path: Path, device: torch.device | None = None) -> TrainedModel:
+    """Read ``model.pt`` (or a folder holding one) written by :func:`train`."""
+    if path.is_dir():
+        path = path / MODEL
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained model at {path} (run 'sonocase train' first)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(saved, dict) or "model_config" not in saved:
+        raise ValueError(f"{path} is not a model written by 'sonocase train'")
+    config = ModelConfig(**saved["model_config"])
+    model = build_model(config)
+    model.load_state_dict(saved["state_dict"])
+    model.to(device or torch.device("cpu")).eval()
+    return TrainedModel(
+        model=model, model_config=config, train_config=TrainConfig(**saved["train_config"]),
+        norm=Normalisation(**saved["norm"]), source=DataSource(**saved["source"]), split=Split(**saved["split"]),
+        class_counts=saved["class_counts"], history=saved["history"], ood=OodSpec(**saved["ood"]),
+        created=saved["created"], classes=tuple(saved["classes"]), command=saved["command"],
+    )
