@@ -374,9 +374,10 @@ def _row_html(view: StudyView) -> str:
         if view.heatmap else ""
     )
     outbox = ", ".join(f"{n} {html.escape(s)}" for s, n in sorted(view.outbox.items()))
+    again = f" (analysis {view.generation})" if view.generation > 1 else ""  # re-opened by a late instance
     return (
         f"<tr data-study='{uid}'><td><code>{uid}</code></td><td>{html.escape(view.accession)}</td>"
-        f"<td class='state {html.escape(view.state)}'>{html.escape(view.state)}</td>"
+        f"<td class='state {html.escape(view.state)}'>{html.escape(view.state)}{again}</td>"
         f"<td>{view.instances}</td><td>{_utc(view.first_received)}</td>"
         f"<td>{_timings_html(view.timings)}</td><td class=result>{html.escape(view.result)}</td>"
         f"<td>{thumb}</td><td>{outbox}</td></tr>"
