@@ -22,6 +22,7 @@ from service.cli import settings_from
 from service.ledger import Ledger
 from service.receiver import CompletionLoop, ReceiverService
 from service.scheduler import SchedulerService, WorkerProcesses
+from service.sender import SenderService
 from service.settings import Settings
 from service.web import build_web_server
 
@@ -45,6 +46,7 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
         CompletionLoop(ledger, settings.quiet_period_s),
         *([WorkerProcesses(settings)] if settings.workers else []),
         SchedulerService(settings, ledger),
+        SenderService(settings, ledger),
         ReceiverService(settings, ledger),
     ]
 

@@ -21,6 +21,7 @@ builder is idempotent, so a late duplicate build is harmless).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import ssl
@@ -41,9 +42,11 @@ from pynetdicom.association import Association
 
 from service.cli import settings_from
 from service.ledger import Ledger, OutboxState, StudyState
+from service.model_card import card_path_for
 from service.reports.build import DEFAULT_SR_CLASS, ReportError, build_reports, outbox_folder, rebuild_sr
 from service.reports.sc import ReferenceImages
 from service.reports.sr import SR_CLASSES
+from service.reports.template import validate_template_setting
 from service.settings import Destination, Settings
 
 LOG = logging.getLogger(__name__)
@@ -302,6 +305,11 @@ class SenderService:
         self._thread = threading.Thread(target=self._run, name="sonocase-sender", daemon=True)
 
     def start(self) -> None:
+        """Refuse to start with an SR template that cannot code the model's classes."""
+        settings = self.sender.settings
+        card = card_path_for(settings.model_path)
+        classes = json.loads(card.read_text())["classes"] if card.is_file() else None
+        validate_template_setting(settings.sr_template, classes)
         if not self.sender.settings.destinations:
             LOG.warning(
                 "no destination configured: results stay in %s (set SONOCASE_DESTINATIONS)",

@@ -101,6 +101,8 @@ def status(ctx: click.Context, study_uid: str | None, as_json: bool, limit: int,
     if not settings.ledger_path.is_file():
         raise click.ClickException(f"no ledger at {settings.ledger_path}: has the node run with this data_dir?")
     ledger = Ledger(settings.ledger_path, durable=False)
+    if not settings.destinations and not as_json:
+        click.echo(f"no destination configured (SONOCASE_DESTINATIONS): results stay in {settings.outbox_dir}")
     try:
         if study_uid is None:
             rows = study_summaries(ledger, limit, states)

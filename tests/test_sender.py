@@ -22,7 +22,8 @@ from test_reports_support import Storescp, analysed_study, dsr2html, start_store
 
 from service.ledger import Ledger, OutboxState, StudyState
 from service.reports.build import build_reports
-from service.sender import Sender, backoff_delay, resend_study
+from service.reports.template import TemplateError
+from service.sender import Sender, SenderService, backoff_delay, resend_study
 from service.settings import Settings, load_settings
 
 FAR_FUTURE = 4e9
@@ -253,9 +254,23 @@ def test_resend_command(settings: Settings, to_pacs: Settings, ledger: Ledger) -
     quiet = _cli(settings, "resend", study_uid)
     assert quiet.returncode == 0, quiet.stderr
     assert "no destination configured" in quiet.stdout and str(settings.outbox_dir) in quiet.stdout
+    status = _cli(settings, "status", study_uid)
+    assert status.returncode == 0, status.stderr
+    assert f"no destination configured (SONOCASE_DESTINATIONS): results stay in {settings.outbox_dir}" in status.stdout
     queued = _cli(to_pacs, "resend", study_uid)
     assert queued.returncode == 0, queued.stderr
     assert f"{len(uids)} object(s) due for sending now" in queued.stdout
     assert sorted(r["sop_instance_uid"] for r in ledger.outbox(study_uid)) == uids
     unknown = _cli(settings, "resend", "1.2.3.4")
     assert unknown.returncode != 0 and "unknown study 1.2.3.4" in unknown.stderr
+
+
+def test_the_node_does_not_start_with_a_broken_template(settings: Settings, ledger: Ledger, tmp_path: Path) -> None:
+    broken = tmp_path / "template.json"
+    broken.write_text("{}")
+    service = SenderService(settings.model_copy(update={"sr_template": broken}), ledger)
+    with pytest.raises(TemplateError, match="template.json is invalid"):
+        service.start()
+    healthy = SenderService(settings, ledger)
+    healthy.start()
+    healthy.stop()
