@@ -27,5 +27,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     # torch==2.13.0 is pinned in the 'train' extra: a CPU build, never a CUDA one.
     .venv/bin/python -m pip install -q -e '.[train,dev]'
+    # The reference Grad-CAM for tests/test_export.py. --no-deps: grad-cam declares
+    # torchvision (and a full opencv), which must not be installed; what it really
+    # imports is in the 'dev' extra.
+    .venv/bin/python -m pip install -q --no-deps grad-cam==1.5.7 ttach==0.0.3
     echo "$want" > "$stamp"
 fi
