@@ -3,8 +3,10 @@ files from pydicom/pydicom-data, a real ledger and a real spool on disk."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from service.receiver import (
     encode_file_meta,
     modality_policy,
     parse_instance,
+    write_new_file,
 )
 from service.settings import Settings, load_settings
 
@@ -46,7 +49,9 @@ def ledger(settings: Settings) -> Ledger:
 
 @pytest.fixture
 def scp(settings: Settings, ledger: Ledger) -> StoreSCP:
-    return StoreSCP(settings, ledger)
+    store = StoreSCP(settings, ledger)
+    yield store
+    store.close()
 
 
 def rewrite(tmp_path: Path, name: str, transfer_syntax: str | None = None, **changes: object) -> UsFile:
@@ -223,6 +228,23 @@ def test_duplicate_is_success_without_rewrite(scp: StoreSCP, settings: Settings,
     after = stored_path(settings, f).stat()
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
     assert ledger.instance_count() == 1
+
+
+def test_removed_study_folder_is_made_again(scp: StoreSCP, settings: Settings, tmp_path: Path) -> None:
+    """A clean-up may remove a handled study's folder; a late instance re-creates it."""
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    assert store(scp, f) == StoreStatus.SUCCESS
+    shutil.rmtree(settings.spool_dir / f.study_uid)
+    late = rewrite(tmp_path, f.name, SOPInstanceUID="1.2.3.4.5.7")
+    assert store(scp, late) == StoreStatus.SUCCESS
+    assert stored_path(settings, late).read_bytes().endswith(late.data_set)
+
+
+def test_durable_write_leaves_only_the_complete_file(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        size = write_new_file(tmp_path / "a.dcm", [b"meta", b"data set"], True, pool)
+    assert size == 12 and (tmp_path / "a.dcm").read_bytes() == b"metadata set"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.dcm"]
 
 
 def test_low_disk_refuses_out_of_resources(settings: Settings, ledger: Ledger) -> None:
