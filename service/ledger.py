@@ -272,13 +272,15 @@ class Ledger:
             return int(db.execute("SELECT generation FROM studies WHERE study_uid=?", (study_uid,)).fetchone()[0])
 
     def finish_analysis(self, study_uid: str, generation: int, result: dict[str, Any], now: float | None = None) -> bool:
-        """Store the result; False if the study was re-opened meanwhile (stale result)."""
+        """Store the result; False if the study was re-opened meanwhile (stale result)
+        or another worker stored it first. A result of the current generation is kept
+        even when its lease ran out and the study was queued again: the work is done."""
         now = time.time() if now is None else now
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE studies SET state=?, analysed_at=?, lease_until=NULL, error=NULL, failed_stage=NULL,"
-                " updated_at=? WHERE study_uid=? AND generation=? AND state=?",
-                (StudyState.ANALYSED, now, now, study_uid, generation, StudyState.ANALYSING),
+                " updated_at=? WHERE study_uid=? AND generation=? AND state IN (?, ?, ?)",
+                (StudyState.ANALYSED, now, now, study_uid, generation, *PENDING_ANALYSIS),
             )
             if cur.rowcount != 1:
                 return False

@@ -84,6 +84,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
+        # Results live in the ledger, not in Celery: no need to wait 10 s for one
+        # before a killed pool process's message is rejected and re-queued.
+        "worker_lost_wait": 1.0,
         "task_ignore_result": not settings.result_backend,
         "result_backend": settings.result_backend or None,
     }
@@ -211,7 +214,8 @@ class WorkerProcesses:
         self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "service", "worker", "--concurrency", str(self.settings.workers)]
+        return [sys.executable, "-m", "service", "worker", "--concurrency", str(self.settings.workers),
+                "--parent-pid", str(os.getpid())]
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}

@@ -11,8 +11,11 @@ after ``task_max_attempts`` the study is FAILED with the reason, never dropped.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +27,13 @@ from service.analysis import analyse_study
 from service.cli import settings_from
 from service.inference import OnnxModel
 from service.ledger import Ledger, StudyState
+from service.reports.build import build_reports
 from service.retrieval import SimilarCaseIndex
 from service.scheduler import QUEUE, TASK_NAME, create_app
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class WorkerState:
@@ -105,8 +110,8 @@ def process_study(state: WorkerState, study_uid: str) -> str:
     LOG.info("analysing generation %d", generation, extra={"study_uid": study_uid})
     try:
         model = state.model()
-        analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid),
-                                 state.index(model))
+        index = state.index(model)
+        analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid), index)
     except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
         reason = f"{type(exc).__name__}: {exc}"
         outcome = ledger.retry_or_fail(study_uid, "analysis", reason, settings.task_max_attempts,
@@ -115,17 +120,37 @@ def process_study(state: WorkerState, study_uid: str) -> str:
                       extra={"study_uid": study_uid})
         return str(outcome)
     if not ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json")):
-        LOG.info("result of generation %d dropped: the study was re-opened meanwhile", generation,
-                 extra={"study_uid": study_uid})
+        LOG.info("result of generation %d not stored: the study was re-opened, or another worker stored it first",
+                 generation, extra={"study_uid": study_uid})
         return "stale"
     summary = analysis.result.summary
-    LOG.info("analysed: %s %s in %.2f s", summary.predicted or "no class", summary.probability or "",
+    LOG.info("analysed: %s%s in %.2f s", summary.predicted or "no class",
+             f" ({summary.probability:.3f})" if summary.probability is not None else "",
              analysis.result.timings_s.get("total_s", 0.0), extra={"study_uid": study_uid})
-    if analysis.index_entries:
-        index = state.index(model)
-        assert index is not None  # entries are only made when there is an index
-        index.add(analysis.index_entries)
+    _report(state, study_uid, generation, index)
+    if index is not None and analysis.index_entries:
+        try:
+            index.add(analysis.index_entries)
+        except Exception:  # the result and reports stand; only the index misses this study
+            LOG.exception("the analysed study could not be added to the similar-case index",
+                          extra={"study_uid": study_uid})
     return "analysed"
+
+
+def _report(state: WorkerState, study_uid: str, generation: int, index: SimilarCaseIndex | None) -> None:
+    """Build the SR and SC objects and queue them for sending (service.reports).
+    Expected failures are recorded there; anything else is recorded here, so a
+    study never stays silently analysed-but-unreported."""
+    def reference_image(sop_instance_uid: str) -> Path | None:
+        stored = index.reference_image(sop_instance_uid) if index is not None else None
+        return stored.path if stored is not None else None
+
+    try:
+        build_reports(state.settings, state.ledger, study_uid, reference_image)
+    except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
+        LOG.exception("building the reports failed", extra={"study_uid": study_uid, "stage": "report"})
+        state.ledger.transition(study_uid, StudyState.FAILED, (StudyState.ANALYSED,), generation,
+                                failed_stage="report", error=f"{type(exc).__name__}: {exc}"[:2000])
 
 
 def register_tasks(app: Celery, state: WorkerState) -> None:
@@ -137,19 +162,33 @@ def register_tasks(app: Celery, state: WorkerState) -> None:
         return {"study_uid": study_uid, "outcome": process_study(state, study_uid)}
 
 
+def _stop_with_parent(parent_pid: int) -> None:
+    """Have Linux send us SIGTERM (a warm shutdown) when our parent dies, so the
+    workers of a killed ``serve`` do not live on beside the restarted node's."""
+    if sys.platform != "linux":
+        raise click.UsageError("--parent-pid needs Linux (prctl PR_SET_PDEATHSIG)")
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        raise SystemExit(f"the process that started this worker ({parent_pid}) has exited")
+
+
 @click.command()
 @click.option("--concurrency", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Pool processes, each with its own model session (one per GPU is typical).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="The node's data folder (setting 'data_dir'); shared with the node in distributed mode.")
+@click.option("--parent-pid", type=int,
+              help="Shut down when this process (the 'serve' that started us) dies; Linux only.")
 @click.pass_context
-def worker(ctx: click.Context, concurrency: int, data_dir: Path | None) -> None:
+def worker(ctx: click.Context, concurrency: int, data_dir: Path | None, parent_pid: int | None) -> None:
     """Analyse queued studies until SIGTERM (warm shutdown: the running study finishes).
 
     Uses the broker of setting broker_url (empty: the node's embedded queue folder
     under data_dir). Each pool process loads the ONNX model once.
     """
     settings = settings_from(ctx, data_dir=data_dir)
+    if parent_pid is not None:
+        _stop_with_parent(parent_pid)
     app = create_app(settings)
     state = WorkerState(settings, threads=max(1, (os.cpu_count() or 1) // concurrency))
     register_tasks(app, state)

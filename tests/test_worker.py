@@ -13,12 +13,13 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_peers import ultrasound_files
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
 from worker_support import receive
 
 from service.analysis import analyse_study, summarise_study
 from service.ledger import InstanceRecord, Ledger, StudyState
 from service.model_card import card_path_for
+from service.reports.build import outbox_folder
 from service.results import SUMMARY_RULE, FrameResult, ImageResult, StudyResult
 from service.retrieval import SimilarCaseIndex
 from service.scheduler import schedule_due
@@ -58,7 +59,10 @@ def _result(ledger: Ledger, study_uid: str, generation: int | None = None) -> St
 def test_a_study_is_analysed_and_its_result_stored(worker_settings: Settings, ledger: Ledger) -> None:
     study_uid = receive(worker_settings, ledger, _study())
     assert process_study(WorkerState(worker_settings), study_uid) == "analysed"
-    assert ledger.study(study_uid)["state"] == StudyState.ANALYSED
+    assert ledger.study(study_uid)["state"] == StudyState.REPORTED  # the worker built the reports too
+    classes = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID)
+                     for p in outbox_folder(worker_settings, study_uid, 1).glob("*.dcm"))
+    assert classes == [SecondaryCaptureImageStorage] * 4 + [Comprehensive3DSRStorage]  # an SC per image, one SR
     result = _result(ledger, study_uid)
     assert result.generation == 1 and len(result.images) == 4
     assert result.model.sha256 and result.execution_provider == "CPUExecutionProvider"
@@ -250,3 +254,20 @@ def test_a_worker_that_claims_before_the_scheduler_marks_the_study_queued_keeps_
     assert ledger.due_for_queue() == []
     analysis = analyse_study(worker_settings, state.model(), study_uid, 1, ledger.instances(study_uid))
     assert ledger.finish_analysis(study_uid, 1, analysis.result.model_dump(mode="json"))
+
+
+def test_a_result_finished_after_its_lease_ran_out_is_kept_and_not_redone(
+    worker_settings: Settings, ledger: Ledger,
+) -> None:
+    """A slow analysis outlives its lease and the scheduler queues the study again:
+    the finished result is stored anyway and the re-sent task finds nothing to do."""
+    study_uid = receive(worker_settings, ledger, _study(1, seed=10))
+    start = time.time()
+    generation = ledger.claim_analysis(study_uid, lease_s=5, now=start)
+    analysis = analyse_study(worker_settings, WorkerState(worker_settings).model(), study_uid, generation,
+                             ledger.instances(study_uid))
+    assert schedule_due(ledger, lambda uid: None, lease_s=5, now=start + 6) == [study_uid]
+    assert ledger.study(study_uid)["state"] == StudyState.QUEUED
+    assert ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json"), now=start + 7)
+    assert process_study(WorkerState(worker_settings), study_uid) == "not-claimed"
+    assert ledger.study(study_uid)["attempts"] == 1

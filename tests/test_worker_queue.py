@@ -1,6 +1,6 @@
 """The whole path through the queue: DCMTK's storescu pushes a synthetic study to
-`sonocase serve`, the scheduler queues it, a worker analyses it, the ledger (and
-`sonocase status`) shows the result. Once with the embedded default (no external
+`sonocase serve`, the scheduler queues it, a worker analyses it and builds its
+reports, the ledger (and `sonocase status`) shows the result. Once with the embedded default (no external
 service), once with the real Redis as broker and result backend and the worker as a
 separate `sonocase worker` process, as in distributed mode."""
 
@@ -70,12 +70,12 @@ def test_embedded_default_analyses_a_study_pushed_by_storescu(node_settings: Set
     try:
         study_uid, paths = write_study(tmp_path / "in", 4, "malignant", seed=21)
         storescu(node_settings, paths)
-        wait_for_state(node_settings, study_uid, "analysed")
+        wait_for_state(node_settings, study_uid, "reported")
     finally:
         assert node.stop() == 0, node.log()
     result = _check_result(node_settings, study_uid, 4)
     shown = _status(node_settings, study_uid)
-    assert shown["study"]["state"] == "analysed" and shown["result"]["summary"] == result.summary.model_dump()
+    assert shown["study"]["state"] == "reported" and shown["result"]["summary"] == result.summary.model_dump()
     assert not list((queue_dir(node_settings) / "messages").glob("*.msg")), "a message was left in the queue"
 
 
@@ -87,7 +87,7 @@ def test_redis_broker_result_backend_and_a_separate_worker(node_settings: Settin
     try:
         study_uid, paths = write_study(tmp_path / "in", 4, "benign", seed=22)
         storescu(distributed, paths)
-        wait_for_state(distributed, study_uid, "analysed")
+        wait_for_state(distributed, study_uid, "reported")
     finally:
         assert worker.stop() == 0, worker.log()
         assert node.stop() == 0, node.log()
