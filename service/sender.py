@@ -27,9 +27,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
 from itertools import groupby
-from pathlib import Path
 from typing import Any
 
 import click
@@ -43,10 +41,17 @@ from pynetdicom.association import Association
 from service.cli import settings_from
 from service.ledger import Ledger, OutboxState, StudyState
 from service.model_card import card_path_for
-from service.reports.build import DEFAULT_SR_CLASS, ReportError, build_reports, outbox_folder, rebuild_sr
-from service.reports.sc import ReferenceImages
+from service.reports.build import (
+    DEFAULT_SR_CLASS,
+    ReportError,
+    build_reports,
+    index_reference_images,
+    outbox_folder,
+    rebuild_sr,
+)
 from service.reports.sr import SR_CLASSES
 from service.reports.template import validate_template_setting
+from service.retrieval import SimilarCaseIndex
 from service.settings import Destination, Settings
 
 LOG = logging.getLogger(__name__)
@@ -63,10 +68,6 @@ STATUS_WARNINGS = {
 POLL_S = 0.25
 #: An ANALYSED study older than this without a report lost its worker: report it.
 ORPHAN_REPORT_AFTER_S = 300.0
-
-#: (study UID, generation, SR SOP class) -> (new SOP Instance UID, path)
-SrRebuild = Callable[[str, int, str], tuple[str, Path]]
-
 
 def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random) -> float:
     """Delay before try ``attempts + 1``: exponential, capped, with "equal jitter"
@@ -85,17 +86,10 @@ def _transfer_syntaxes(sop_class_uid: str, stored: str) -> list[str]:
 class Sender:
     """One delivery round at a time over the ledger's outbox (see module doc)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        ledger: Ledger,
-        rebuild: SrRebuild | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.rebuild = rebuild or (lambda study, gen, cls: rebuild_sr(settings, ledger, study, gen, cls))
-        self.rng = rng or random.Random()
+        self.rng = random.Random()
 
     # --- one round -------------------------------------------------------------
     def run_once(self, now: float | None = None) -> int:
@@ -210,7 +204,7 @@ class Sender:
             self._failed(row, f"{dest} accepts none of the SR classes {list(SR_CLASSES[SR_CLASSES.index(current) :])}")
             return None
         try:
-            new_uid, path = self.rebuild(row["study_uid"], row["generation"], target)
+            new_uid, path = rebuild_sr(self.settings, self.ledger, row["study_uid"], row["generation"], target)
         except ReportError as exc:
             self._failed(row, f"the SR could not be rebuilt as {target}: {exc}")
             return None
@@ -274,20 +268,27 @@ class Sender:
             LOG.info("all %d object(s) accepted", len(rows), extra={"study_uid": study_uid})
 
     # --- studies a dead worker analysed but never reported ----------------------
-    def report_orphans(
-        self, reference_images: ReferenceImages | Mapping[str, Path] | None = None, now: float | None = None
-    ) -> int:
+    def report_orphans(self, now: float | None = None) -> int:
+        """Report studies ANALYSED for ORPHAN_REPORT_AFTER_S without a report."""
         now = time.time() if now is None else now
         orphans = [
-            s
+            s["study_uid"]
             for s in self.ledger.studies((StudyState.ANALYSED,))
             if (s["analysed_at"] or now) <= now - ORPHAN_REPORT_AFTER_S
         ]
-        for study in orphans:
-            LOG.warning(
-                "analysed but never reported (worker lost?): reporting now", extra={"study_uid": study["study_uid"]}
-            )
-            build_reports(self.settings, self.ledger, study["study_uid"], reference_images)
+        if not orphans:
+            return 0
+        try:
+            index: SimilarCaseIndex | None = SimilarCaseIndex.from_settings(self.settings, None)
+        except FileNotFoundError:
+            index = None
+        try:
+            for study_uid in orphans:
+                LOG.warning("analysed but never reported (worker lost?): reporting now", extra={"study_uid": study_uid})
+                build_reports(self.settings, self.ledger, study_uid, index_reference_images(index) if index else None)
+        finally:
+            if index is not None:
+                index.close()
         return len(orphans)
 
 
@@ -296,11 +297,8 @@ class SenderService:
 
     name = "sender"
 
-    def __init__(
-        self, settings: Settings, ledger: Ledger, reference_images: ReferenceImages | Mapping[str, Path] | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self.sender = Sender(settings, ledger)
-        self.reference_images = reference_images
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sonocase-sender", daemon=True)
 
@@ -325,7 +323,7 @@ class SenderService:
         while not self._stop.wait(POLL_S):
             try:
                 self.sender.run_once()
-                self.sender.report_orphans(self.reference_images)
+                self.sender.report_orphans()
             except Exception:  # the loop must outlive one bad round; the ledger keeps the work
                 LOG.exception("sender round failed; retrying")
 

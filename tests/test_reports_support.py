@@ -46,7 +46,7 @@ MODEL = ModelIdentity(name="sonocase-hybrid", version="1.0.0", sha256="ab" * 32)
 #: JPEG-lossless MONOCHROME2, 16-bit-LUT palette.
 STUDY_FILES = ("US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_ybr_color.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
 #: Reference images the similar studies point at.
-REFERENCE_FILES = ("examples_rgb_color.dcm", "gdcm-US-ALOKA-16.dcm", "US1_J2KR.dcm")
+REFERENCE_FILES = ("examples_rgb_color.dcm", "gdcm-US-ALOKA-16.dcm", "examples_palette.dcm")
 
 
 def data_file(name: str) -> Path:
@@ -173,16 +173,15 @@ def analyse(
     decisive = max(analysed, key=lambda i: (order[i.predicted], i.probability)) if analysed else None
     references: dict[str, Path] = {}
     similar = []
-    for rank in range(n_similar):
-        ref_path = data_file(REFERENCE_FILES[rank % len(REFERENCE_FILES)])
+    for rank, name in enumerate(REFERENCE_FILES[:n_similar]):  # each a study of its own
+        ref_path = data_file(name)
         ref = pydicom.dcmread(ref_path, stop_before_pixels=True)
-        uid = generate_uid()
-        references[uid] = ref_path
+        references[ref.SOPInstanceUID] = ref_path
         similar.append(
             SimilarStudy(
-                study_uid=generate_uid(),
-                series_uid=generate_uid(),
-                sop_instance_uid=uid,
+                study_uid=ref.StudyInstanceUID,
+                series_uid=ref.SeriesInstanceUID,
+                sop_instance_uid=ref.SOPInstanceUID,
                 sop_class_uid=ref.SOPClassUID,
                 accession_number=f"REF-{rank}",
                 study_date=f"2023010{rank + 1}",

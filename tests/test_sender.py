@@ -14,16 +14,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from conftest import free_port
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage
-from test_reports_support import Storescp, analysed_study, dsr2html, start_storescp, storescp_profile
+from test_reports_support import MODEL, Storescp, analysed_study, dsr2html, start_storescp, storescp_profile
 
 from service.ledger import Ledger, OutboxState, StudyState
 from service.reports.build import build_reports
 from service.reports.template import TemplateError
-from service.sender import Sender, SenderService, backoff_delay, resend_study
+from service.retrieval import IndexEntry, SimilarCaseIndex
+from service.sender import ORPHAN_REPORT_AFTER_S, Sender, SenderService, backoff_delay, resend_study
 from service.settings import Settings, load_settings
 
 FAR_FUTURE = 4e9
@@ -274,3 +276,22 @@ def test_the_node_does_not_start_with_a_broken_template(settings: Settings, ledg
     healthy = SenderService(settings, ledger)
     healthy.start()
     healthy.stop()
+
+
+def test_a_study_analysed_but_never_reported_is_reported_later(to_pacs: Settings, ledger: Ledger) -> None:
+    """A worker died between analysis and report: the sender reports the study,
+    with the montage's reference images from the real similar-case index."""
+    study = analysed_study(to_pacs, ledger, files=["US1_UNCR.dcm"], n_similar=1)
+    similar = study.result.similar[0]
+    reference = study.reference_images[similar.sop_instance_uid]
+    with SimilarCaseIndex.from_settings(to_pacs, MODEL) as index:
+        index.add([IndexEntry(
+            embedding=np.full(8, 8 ** -0.5, np.float32), sop_instance_uid=similar.sop_instance_uid,
+            series_uid=similar.series_uid, study_uid=similar.study_uid, sop_class_uid=similar.sop_class_uid,
+            label=similar.label, label_source=similar.label_source, confirmed=True, image_path=reference,
+        )])
+    sender = Sender(to_pacs, ledger)
+    assert sender.report_orphans() == 0  # just analysed: its worker is reporting it
+    assert sender.report_orphans(now=time.time() + ORPHAN_REPORT_AFTER_S + 1) == 1
+    assert ledger.study(study.uid)["state"] == StudyState.REPORTED
+    assert len(ledger.outbox(study.uid)) == 3  # SR, heatmap, montage

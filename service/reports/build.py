@@ -37,6 +37,7 @@ from service.reports.sr import SR_CLASSES, build_sr, software_versions
 from service.reports.template import SrTemplate, TemplateError, load_template
 from service.reports.validation import GateError, check_object
 from service.results import StudyResult
+from service.retrieval import SimilarCaseIndex
 from service.settings import Settings
 from service.spool import write_atomic
 
@@ -173,6 +174,17 @@ def build_objects(
         )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
     return objects
+
+
+def index_reference_images(index: SimilarCaseIndex) -> ReferenceImages:
+    """The montage's view of the similar-case index: the stored copy of a
+    reference image, by SOP Instance UID (what the worker passes to build_reports)."""
+
+    def find(sop_instance_uid: str) -> Path | None:
+        stored = index.reference_image(sop_instance_uid)
+        return stored.path if stored is not None else None
+
+    return find
 
 
 def _resolver(reference_images: ReferenceImages | Mapping[str, Path] | None) -> ReferenceImages:
