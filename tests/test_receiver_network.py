@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings
 from pydicom import dcmread
-from pydicom.pixels import pixel_array
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -35,7 +34,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from conftest import dcmtk, free_port
-from dicom_peers import ULTRASOUND_FILES, UsFile, data_set_offset, send_raw, ultrasound_files
+from dicom_peers import ULTRASOUND_FILES, UsFile, data_set_offset, send_raw, split_file, ultrasound_files
 from service.ledger import Ledger
 from service.receiver import STORAGE_SOP_CLASSES, StoreStatus, start_receiver
 from test_receiver import Mutation, mutations, rewrite
@@ -112,9 +111,10 @@ def assert_stored_as_sent(rx: Receiver, f: UsFile) -> None:
     colour conversion skipped, it tests no decoder)."""
     stored = rx.stored(f)
     assert stored.read_bytes().endswith(f.data_set), f"{f.name}: stored data set differs from what was sent"
-    ds = dcmread(stored, stop_before_pixels=True)
+    ds = dcmread(stored)
     assert ds.file_meta.TransferSyntaxUID == f.transfer_syntax
-    pixels = pixel_array(stored, raw=True)
+    ds.pixel_array_options(as_rgb=False)
+    pixels = ds.pixel_array
     frames = int(ds.get("NumberOfFrames") or 1)
     expected = (frames,) * (frames > 1) + (ds.Rows, ds.Columns) + (ds.SamplesPerPixel,) * (ds.SamplesPerPixel > 1)
     assert pixels.shape == expected, f"{f.name}: decoded {pixels.shape}, expected {expected}"
@@ -179,6 +179,29 @@ def test_pynetdicom_scu_sends_every_ultrasound_file(receiver: Receiver, monkeypa
     assert_stored_as_sent(receiver, f)
     [rec] = receiver.ledger.instances(f.study_uid)
     assert (rec.calling_ae, rec.transfer_syntax, rec.modality) == ("TESTSCU", f.transfer_syntax, "US")
+
+
+@pytest.mark.parametrize("name,syntax", [
+    ("US1_UNCR.dcm", JPEGLSLossless), ("US1_UNCR.dcm", JPEGLSNearLossless),
+    ("OBXXXX1A.dcm", DeflatedExplicitVRLittleEndian),
+])
+def test_syntaxes_no_shipped_file_uses(receiver: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                       name: str, syntax: str) -> None:
+    """JPEG-LS and deflated, made from real files by pydicom (pyjpegls, zlib)."""
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ds = dcmread(US_FILES[name].path)
+    if UID(syntax).is_compressed:
+        ds.compress(syntax, **({"jls_error": 2} if syntax == JPEGLSNearLossless else {}))
+    else:
+        ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(tmp_path / "made.dcm", enforce_file_format=True)
+    f = split_file(tmp_path / "made.dcm")
+    assoc = associate(receiver, scu(files=[f]))
+    try:
+        assert assoc.send_c_store(f.path).Status == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    assert_stored_as_sent(receiver, f)
 
 
 def test_duplicate_over_the_network_is_idempotent(receiver: Receiver) -> None:
