@@ -1,10 +1,10 @@
 """Benchmark the similar-case index against exact numpy search, in the same run.
 
 For each size (10k, 100k, and 1M with ``--sizes``), N clustered 256-d unit vectors
-(a few hundred Gaussian clusters on the unit sphere, like a trained model's
-embeddings; uniform random vectors are a near worst case for any graph index) are
-added to a :class:`~service.retrieval.SimilarCaseIndex`, and 1,000 new queries from
-the same distribution are answered three ways:
+(:class:`Clusters`: a few hundred Gaussian clusters on the unit sphere, by default
+shaped like the shipped model's embeddings; ``--shape isotropic`` is a near worst
+case) are added to a :class:`~service.retrieval.SimilarCaseIndex`, and 1,000 new
+queries from the same distribution are answered three ways:
 
 * hnswlib, the index's saved graph, one query at a time on one thread, at each ef
   of ``--ef`` (the index's default ef marked ``*``): recall@10 of the image ids
@@ -57,14 +57,52 @@ IMAGES_PER_STUDY = 4
 K = 10
 
 
-def clustered(n: int, dim: int, centres: np.ndarray, spread: float, rng: np.random.Generator) -> np.ndarray:
-    """Unit vectors: a random centre plus Gaussian noise of norm ~``spread``, normalised."""
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, 100_000):  # chunks keep the float64 temporaries small
-        m = min(100_000, n - start)
-        rows = centres[rng.integers(len(centres), size=m)] + spread * rng.standard_normal((m, dim)) / np.sqrt(dim)
-        out[start:start + m] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    return out
+#: Directions a low-rank cluster spreads along, and its isotropic share of the spread.
+RANK = 32
+ISOTROPIC_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """Gaussian clusters around random unit centres; samples are normalised.
+
+    ``lowrank``: each cluster spreads along its own RANK random directions with
+    standard deviations falling as 1/i, plus a little isotropic noise. That is the
+    shape of the shipped model's embeddings of synthetic images: 90 % of a class's
+    variance lies in about 7 principal components and 95 % in about 11 (1/i over 32
+    directions gives 7 and 12); image embeddings have a low intrinsic dimension.
+    ``isotropic``: the spread fills all dimensions, so within a cluster the points
+    are as hard to tell apart as uniform random vectors. ``spread`` is the expected
+    norm of a point's offset from its centre.
+    """
+
+    centres: np.ndarray  # [C, D]
+    bases: np.ndarray  # [C, RANK, D] orthonormal rows (unused when isotropic)
+    scales: np.ndarray  # [RANK] standard deviation along each direction
+    noise: float  # standard deviation per dimension of the isotropic part
+
+    @classmethod
+    def make(cls, shape: str, clusters: int, dim: int, spread: float, rng: np.random.Generator) -> Clusters:
+        centres = rng.standard_normal((clusters, dim))
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        if shape == "isotropic":
+            return cls(centres, np.zeros((clusters, 0, dim)), np.zeros(0), spread / np.sqrt(dim))
+        bases = np.stack([np.linalg.qr(rng.standard_normal((dim, RANK)))[0].T for _ in range(clusters)])
+        falling = 1.0 / np.arange(1, RANK + 1)
+        scales = spread * np.sqrt(1 - ISOTROPIC_SHARE**2) * falling / np.linalg.norm(falling)
+        return cls(centres, bases, scales, spread * ISOTROPIC_SHARE / np.sqrt(dim))
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        dim = self.centres.shape[1]
+        which = rng.integers(len(self.centres), size=n)
+        rows = self.centres[which] + self.noise * rng.standard_normal((n, dim))
+        if self.scales.size:
+            order = np.argsort(which, kind="stable")
+            starts = np.searchsorted(which[order], np.arange(len(self.centres) + 1))
+            for c in range(len(self.centres)):
+                members = order[starts[c]:starts[c + 1]]
+                rows[members] += (rng.standard_normal((len(members), self.scales.size)) * self.scales) @ self.bases[c]
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
 
 _LOAD_RSS = """
@@ -114,10 +152,9 @@ class Row:
 
 def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[Row]:
     rng = np.random.default_rng(args.seed)
-    centres = rng.standard_normal((args.clusters, args.dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    data = clustered(n, args.dim, centres, args.spread, rng)
-    queries = clustered(args.queries, args.dim, centres, args.spread, rng)
+    clusters = Clusters.make(args.shape, args.clusters, args.dim, args.spread, rng)
+    data = clusters.sample(n, rng)
+    queries = clusters.sample(args.queries, rng)
     rows: list[Row] = []
 
     # --- exact numpy search ---------------------------------------------------
@@ -228,7 +265,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--clusters", type=int, default=300)
-    parser.add_argument("--spread", type=float, default=0.6, help="noise norm around a centre (centres have norm 1)")
+    parser.add_argument("--shape", choices=("lowrank", "isotropic"), default="lowrank",
+                        help="how clusters spread (see Clusters)")
+    parser.add_argument("--spread", type=float, default=0.3, help="offset norm around a centre (centres have norm 1)")
     parser.add_argument("--ef", type=lambda s: [int(v) for v in s.split(",")], default=[16, 32, DEFAULT_EF, 128])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where indexes are built (default: a temp dir)")
@@ -243,7 +282,7 @@ def main() -> None:
         for name, value in quality.items():
             print(f"  {name:20} {value:.4f}" if isinstance(value, float) else f"  {name:20} {value}")
         return
-    print(f"{args.queries} queries, {args.dim}-d, {args.clusters} clusters (spread {args.spread}), "
+    print(f"{args.queries} queries, {args.dim}-d, {args.clusters} {args.shape} clusters (spread {args.spread}), "
           f"recall@{K} of image ids against exact search; latencies on one thread; "
           f"{os.cpu_count()} CPU cores for the build")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
