@@ -53,7 +53,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
          _when(r["updated_at"]), (f"{r['failed_stage']}: " if r["failed_stage"] else "") + (r["error"] or ""))
         for r in rows
     ]
-    widths = [max(len(col), *(len(line[i]) for line in lines)) for i, col in enumerate(header[:-1])]
+    widths = [max([len(col), *(len(line[i]) for line in lines)]) for i, col in enumerate(header[:-1])]
     out = []
     for line in (header, *lines):
         out.append("  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths)) + "  " + line[-1])
