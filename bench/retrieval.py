@@ -36,20 +36,20 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
-import hnswlib  # noqa: E402
-import numpy as np  # noqa: E402
-import pydicom  # noqa: E402
+import hnswlib
+import numpy as np
+import pydicom
 
-from service.results import ModelIdentity  # noqa: E402
-from service.retrieval import DEFAULT_EF, IndexEntry, SimilarCaseIndex  # noqa: E402
+from service.results import ModelIdentity
+from service.retrieval import DEFAULT_EF, IndexEntry, SimilarCaseIndex
 
 MODEL = ModelIdentity(name="bench", version="0", sha256="0" * 64)
 US_CLASS = "1.2.840.10008.5.1.4.1.1.6.1"

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import hnswlib
 import numpy as np
@@ -343,7 +343,7 @@ class SimilarCaseIndex:
         with self._db_lock:
             self._db.close()
 
-    def __enter__(self) -> SimilarCaseIndex:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -322,7 +322,7 @@ def test_concurrent_queries_while_a_writer_adds(tmp_path: Path) -> None:
                     exact = float(np.linalg.norm(truth[hit.sop_instance_uid] - q))
                     assert hit.distance == pytest.approx(exact, abs=1e-4)
                 counts[n] += 1
-        except BaseException as exc:  # reported to the main thread below
+        except Exception as exc:  # reported to the main thread below
             errors.append(exc)
 
     threads = [threading.Thread(target=reader, args=(n,)) for n in range(4)]
@@ -389,8 +389,8 @@ def test_one_writer_at_a_time_across_processes(tmp_path: Path) -> None:
     with open_index(tmp_path, lock_timeout_s=0.3) as index:
         holder = subprocess.Popen(
             [sys.executable, "-c",
-             "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR);"
-             " fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)",
+             ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR);"
+              " fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)"),
              str(tmp_path / ".write.lock")],
             stdout=subprocess.PIPE, text=True,
         )

@@ -18,7 +18,6 @@ from onnx import TensorProto, helper
 
 from service.cli import cli
 from service.model_card import DISCLAIMER, ModelCard, card_path_for, sha256_file
-from service.results import ModelIdentity
 from service.retrieval import SimilarCaseIndex
 from service.retrieval_cli import read_labels_csv
 from training.data.synthetic import write_busi_layout, write_dicom_dataset
@@ -243,7 +242,7 @@ def test_an_interrupted_add_resumes(env: dict[str, str], studies: tuple[Path, Pa
 def test_query_shows_similar_studies_but_never_the_own_one(env: dict[str, str], studies: tuple[Path, Path]) -> None:
     folder, labels = studies
     run(env, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "biopsy")
-    study = sorted(p for p in folder.iterdir() if p.is_dir())[0]
+    study = min(p for p in folder.iterdir() if p.is_dir())
     files = sorted(str(p) for p in study.rglob("*.dcm"))
     own_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     result = run(env, "query", *files, "-k", "50")
