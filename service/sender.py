@@ -64,10 +64,13 @@ STATUS_WARNINGS = {
     0xB006: "elements discarded",
     0xB007: "data set does not match SOP class",
 }
-#: How often the loop looks for due objects (bounds the added delivery latency).
-POLL_S = 0.25
+#: How often the loop looks for due objects (bounds the added delivery latency;
+#: one indexed SQLite query when nothing is due).
+POLL_S = 0.1
 #: An ANALYSED study older than this without a report lost its worker: report it.
 ORPHAN_REPORT_AFTER_S = 300.0
+#: How often the loop looks for such studies.
+ORPHAN_CHECK_S = 30.0
 
 def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random) -> float:
     """Delay before try ``attempts + 1``: exponential, capped, with "equal jitter"
@@ -320,10 +323,13 @@ class SenderService:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        next_orphan_check = time.monotonic()
         while not self._stop.wait(POLL_S):
             try:
                 self.sender.run_once()
-                self.sender.report_orphans()
+                if time.monotonic() >= next_orphan_check:
+                    next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
+                    self.sender.report_orphans()
             except Exception:  # the loop must outlive one bad round; the ledger keeps the work
                 LOG.exception("sender round failed; retrying")
 
