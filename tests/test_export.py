@@ -15,7 +15,9 @@ import torch
 
 from service.model_card import DISCLAIMER, ModelCard, card_path_for
 from training.data.synthetic import generate_records
-from training.export import EXPLAINED_OUTPUTS, build_card, export_onnx, fold_batch_norm, run_onnx, write_card
+from training.export import (
+    EXPLAINED_OUTPUTS, build_card, export_onnx, fold_batch_norm, quantize_and_compare, run_onnx, ship, write_card,
+)
 from training.gradcam import ExplainedModel
 from training.models import ModelConfig, SonoModel, build_model
 from training.train import (
@@ -214,3 +216,27 @@ def test_card_is_written_beside_the_file_and_loads(trained_tiny: TrainedModel, t
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(ValueError, match="sha256"):
         ModelCard.load(path)
+
+
+def test_ship_checks_the_export_and_writes_the_card(trained_tiny: TrainedModel, tmp_path: Path) -> None:
+    path = tmp_path / "shipped.onnx"
+    card = ship(trained_tiny, path, report={"balanced_accuracy": 0.5, "n_test": 6, "ignored": 1})
+    assert ModelCard.load(path) == card
+    assert card.metrics == {"balanced_accuracy": 0.5, "n_test": 6, "evaluated_on": "held-out test split"}
+
+
+def test_int8_quantisation_reports_its_changes(trained_tiny: TrainedModel, tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    export_onnx(trained_tiny.model, path)
+    summary = quantize_and_compare(trained_tiny, trained_tiny.source.load(), path, calibration_images=16)
+    int8 = tmp_path / "m.int8.onnx"
+    card = ModelCard.load(int8)
+    assert card.metrics["quantization"] == summary
+    assert summary["int8"]["file_bytes"] < summary["float32"]["file_bytes"]
+    for key in ("accuracy", "balanced_accuracy", "map@5"):
+        assert summary["change"][key] == pytest.approx(summary["int8"][key] - summary["float32"][key])
+    assert 0 <= summary["prediction_agreement"] <= 1
+    assert -1 <= summary["gradcam_pearson"]["min"] <= summary["gradcam_pearson"]["mean"] <= 1
+    assert (tmp_path / "m.quantization.json").is_file()
+    session = ort.InferenceSession(str(int8))
+    assert [o.name for o in session.get_outputs()] == EXPLAINED_OUTPUTS

@@ -4,6 +4,8 @@ compare, cross-validation) on tiny synthetic data."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +207,12 @@ def test_cli_empty_busi_class_folder_is_reported(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["train", "--busi", str(tmp_path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 1
     assert "holds no images" in result.output
+
+
+def test_python_dash_m_training_runs_the_same_commands() -> None:
+    result = subprocess.run([sys.executable, "-m", "training", "train", "--help"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: python -m training train")
+    for option in ("--synthetic", "--busi", "--dicom", "--arch", "--width", "--size", "--resume", "--folds", "--export"):
+        assert option in result.stdout

@@ -296,14 +296,14 @@ def plot_gradcam(trained: TrainedModel, images: np.ndarray, labels: np.ndarray, 
     x = to_tensor(images[chosen], trained.norm)
     probs, _, cams = ExplainedModel(trained.model.cpu().eval())(x, torch.full((len(chosen),), -1))
     cams = F.interpolate(cams.unsqueeze(1), size=images.shape[1:], mode="bilinear", align_corners=False)[:, 0]
-    fig = Figure(figsize=(1.8 * len(chosen), 2.1))
+    fig = Figure(figsize=(1.4 * len(chosen), 1.75))
     axes = fig.subplots(1, len(chosen), squeeze=False)
     for ax, i, p, cam in zip(axes[0], chosen, probs, cams):
         ax.imshow(images[i], cmap="gray")
         ax.imshow(cam.numpy(), cmap="jet", alpha=0.35, vmin=0, vmax=1)
         predicted = int(p.argmax())
         ax.set_title(f"true {trained.classes[labels[i]]}\npred {trained.classes[predicted]} {float(p[predicted]):.2f}",
-                     fontsize=7)
+                     fontsize=6)
         ax.axis("off")
     return _figure(path, fig)
 

@@ -62,8 +62,8 @@ def fold_batch_norm(model: SonoModel) -> SonoModel:
 
 
 class _Plain(nn.Module):
-    """Probabilities and embedding only: the Grad-CAM-free baseline the benchmark
-    and the int8 comparison measure against."""
+    """Probabilities and embedding only: the Grad-CAM-free baseline that
+    ``bench/inference.py`` measures the explained export against."""
 
     def __init__(self, model: SonoModel) -> None:
         super().__init__()
@@ -77,12 +77,13 @@ class _Plain(nn.Module):
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """The exporter logs every graph pass at INFO and warns about tracing internals;
-    the export is verified numerically instead (:func:`check_export`)."""
+    """The exporter logs every graph pass at INFO and warns about tracing internals
+    (and about torchvision's ops, which we never install); :func:`ship` verifies the
+    export numerically instead (:func:`check_export`)."""
     loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.WARNING)
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -134,12 +134,11 @@ class _RowRNN(nn.Module):
     def forward(self, fmap: Tensor) -> Tensor:
         n, c, h, w = fmap.shape
         rows = fmap.permute(0, 2, 1, 3).reshape(n, h, c * w)
-        out, _ = self.rnn(rows)
-        hidden = self.rnn.hidden_size
-        if self.rnn.bidirectional:
-            # forward direction ends at the last row, backward direction at the first
-            return torch.cat([out[:, -1, :hidden], out[:, 0, hidden:]], dim=1)
-        return out[:, -1]
+        _, state = self.rnn(rows)
+        final = state[0] if isinstance(state, tuple) else state  # LSTM: (h_n, c_n); GRU: h_n
+        # [directions, N, hidden] -> [N, directions * hidden]; the backward direction
+        # ends at the first row
+        return torch.cat(list(final), dim=1)
 
 
 class HybridVGGRNN(SonoModel):

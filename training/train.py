@@ -17,7 +17,7 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -241,6 +241,36 @@ def _evaluate_loss(model: SonoModel, images: np.ndarray, labels: np.ndarray, nor
     return loss, float(np.mean(recalls))
 
 
+def _batches(images: np.ndarray, labels: np.ndarray, norm: Normalisation, config: TrainConfig,
+             rng: np.random.Generator, drop_single: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled, augmented (training split only), normalised batches."""
+    order = rng.permutation(len(images))
+    for start in range(0, len(order), config.batch_size):
+        idx = order[start:start + config.batch_size]
+        if drop_single and len(idx) < 2:
+            continue  # batch-norm cannot normalise a batch of one
+        batch = _augment_batch(images[idx], rng) if config.augment else images[idx]
+        yield to_tensor(batch, norm), torch.from_numpy(labels[idx])
+
+
+def _fit_epoch(model: SonoModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+               optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module, device: torch.device) -> tuple[float, float]:
+    """One pass of Adam steps; returns the mean training loss and accuracy."""
+    model.train()
+    total, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    return total / max(seen, 1), correct / max(seen, 1)
+
+
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
     """torch.save through a temporary name: an interrupted save never corrupts the
     previous checkpoint."""
@@ -291,7 +321,7 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
 
     checkpoint_path = out_dir / CHECKPOINT
     if resume and checkpoint_path.is_file():
-        saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        saved = torch.load(checkpoint_path, map_location=device, weights_only=True)
         for key, value in identity.items():
             if saved[key] != value:
                 raise ValueError(f"{checkpoint_path} was made with a different {key.replace('_', ' ')}; "
@@ -307,28 +337,14 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
     while state["epoch"] < train_config.epochs and state["bad_epochs"] < train_config.patience:
         epoch = state["epoch"] + 1
         started = time.monotonic()
-        model.train()
-        order = rng.permutation(len(fit_x))
-        total, correct, seen = 0.0, 0, 0
-        batches = range(0, len(order), train_config.batch_size)
-        for start in tqdm(batches, desc=f"epoch {epoch}/{train_config.epochs}", disable=not progress, leave=False):
-            idx = order[start:start + train_config.batch_size]
-            if len(idx) < 2 and model_config.batch_norm:
-                continue  # batch-norm cannot normalise a batch of one
-            batch = _augment_batch(fit_x[idx], rng) if train_config.augment else fit_x[idx]
-            x, y = to_tensor(batch, norm).to(device), torch.from_numpy(fit_y[idx]).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(idx)
+        batches = tqdm(_batches(fit_x, fit_y, norm, train_config, rng, drop_single=model_config.batch_norm),
+                       desc=f"epoch {epoch}/{train_config.epochs}", disable=not progress, leave=False,
+                       total=-(-len(fit_x) // train_config.batch_size))
+        train_loss, train_accuracy = _fit_epoch(model, batches, optimizer, loss_fn, device)
         val_loss, val_bacc = _evaluate_loss(model, val_x, val_y, norm, val_loss_fn, device)
         scheduler.step(val_loss)
         record = {
-            "epoch": epoch, "train_loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+            "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
             "val_loss": val_loss, "val_balanced_accuracy": val_bacc,
             "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - started,
         }
@@ -383,7 +399,7 @@ def load_trained(path: Path, device: torch.device | None = None) -> TrainedModel
         path = path / MODEL
     if not path.is_file():
         raise FileNotFoundError(f"no trained model at {path} (run 'sonocase train' first)")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(saved, dict) or "model_config" not in saved:
         raise ValueError(f"{path} is not a model written by 'sonocase train'")
     config = ModelConfig(**saved["model_config"])
