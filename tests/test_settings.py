@@ -17,7 +17,9 @@ from service.settings import Destination, SettingsError, load_settings
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No SONOCASE_* from the calling shell; relative paths land in tmp_path."""
+    """No SONOCASE_* from the calling shell, none left behind (load_settings(config=)
+    exports SONOCASE_CONFIG); relative paths land in tmp_path."""
+    monkeypatch.setenv("SONOCASE_CONFIG", "")  # remembered as unset: removed after the test
     for name in list(os.environ):
         if name.startswith("SONOCASE_"):
             monkeypatch.delenv(name)
