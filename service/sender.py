@@ -72,6 +72,7 @@ ORPHAN_REPORT_AFTER_S = 300.0
 #: How often the loop looks for such studies.
 ORPHAN_CHECK_S = 30.0
 
+
 def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random) -> float:
     """Delay before try ``attempts + 1``: exponential, capped, with "equal jitter"
     (half fixed, half random) so many objects never hammer a PACS in lockstep."""

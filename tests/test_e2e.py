@@ -24,8 +24,6 @@ from service.ledger import Ledger, StudyState
 from service.results import StudyResult
 from service.settings import Settings, load_settings
 
-pytestmark = pytest.mark.slow
-
 #: Real ultrasound files pushed as they are (each its own study): RGB, palette
 #: colour, a 30-frame JPEG cine.
 REAL_FILES = ("US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_ybr_color.dcm")

@@ -65,6 +65,7 @@ def test_without_a_destination_the_objects_stay_in_the_outbox(settings: Settings
     assert ledger.study(study.uid)["state"] == StudyState.REPORTED
 
 
+@pytest.mark.filterwarnings("ignore:The value length .70. exceeds:UserWarning")
 def test_an_object_failing_the_gate_fails_the_study_and_queues_nothing(to_two: Settings, ledger: Ledger) -> None:
     """A modality that sent an over-long Patient ID: the SR would copy it, the gate
     refuses it (a PACS may too)."""

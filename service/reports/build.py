@@ -276,7 +276,12 @@ def build_reports(
         error=None,
         failed_stage=None,
     ):
-        LOG.info("study moved on while its reports were built; objects stay queued", extra={"study_uid": study_uid})
+        now = ledger.study(study_uid)
+        LOG.info(
+            "study is %s, not analysed: its state is left as it is; the objects stay queued",
+            now["state"] if now else "gone",
+            extra={"study_uid": study_uid},
+        )
     LOG.info(
         "%d object(s) written to the outbox%s",
         len(written),
