@@ -295,3 +295,22 @@ def test_a_study_analysed_but_never_reported_is_reported_later(to_pacs: Settings
     assert sender.report_orphans(now=time.time() + ORPHAN_REPORT_AFTER_S + 1) == 1
     assert ledger.study(study.uid)["state"] == StudyState.REPORTED
     assert len(ledger.outbox(study.uid)) == 3  # SR, heatmap, montage
+
+
+def test_results_go_over_mutual_dicom_tls(settings: Settings, ledger: Ledger, pacs_factory, port: int,
+                                          tmp_path: Path) -> None:
+    """storescp with TLS, requiring our certificate; we verify its certificate."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    secure = settings.model_copy(update={
+        "destinations": load_settings(destinations=f"STORESCP@127.0.0.1:{port}+tls").destinations,
+        "tls_cert": cert, "tls_key": key, "tls_ca": cert,
+    })
+    uids = _reported(secure, ledger, files=["US1_UNCR.dcm"], n_similar=0)
+    pacs = pacs_factory("+tls", str(key), str(cert), "-pw", "+cf", str(cert))
+    assert Sender(secure, ledger).run_once() == len(uids)
+    assert sorted(pacs.received_uids()) == uids
