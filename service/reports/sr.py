@@ -50,6 +50,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage
 
+from service.imaging import number_of_frames
 from service.reports import derived_uid
 from service.reports.template import SrTemplate
 from service.results import FrameResult, ImageResult, SimilarStudy, StudyResult
@@ -170,7 +171,7 @@ def _source_image(
     header = headers.get(sop_instance_uid)
     if header is None:
         raise ValueError(f"analysed instance {sop_instance_uid} is not among the study's source instances")
-    multi_frame = int(header.get("NumberOfFrames") or 1) > 1
+    multi_frame = number_of_frames(header) > 1
     return SourceImageForMeasurementGroup(
         referenced_sop_class_uid=header.SOPClassUID,
         referenced_sop_instance_uid=sop_instance_uid,
