@@ -98,7 +98,7 @@ def main() -> None:
     if index.proc.wait(600) != 0:
         raise SystemExit(f"index build failed:\n{index.log()[-3000:]}")
     pacs = start_storescp(work / "pacs", pacs_port)
-    peer = start_storescp(work / "peer", free_port())
+    peer = start_storescp(work / "peer", free_port(), "+xa")  # takes the JPEG images as sent
     node = serve(settings, work / "node.log")
     try:
         ours, theirs = measure(settings, pacs, peer, work, args.studies, args.images, args.quiet)
