@@ -17,8 +17,8 @@ from sklearn import metrics as skm
 from service.cli import cli
 from service.model_card import ModelCard
 from training.evaluate import (
-    classification_metrics, compare_architectures, cross_validate, expected_calibration_error, retrieval_metrics,
-    roc_auc, summarize,
+    classification_metrics, compare_architectures, cross_validate, evaluate, expected_calibration_error,
+    retrieval_metrics, roc_auc, summarize,
 )
 from training.models import ModelConfig, build_model
 from training.train import (
@@ -67,6 +67,8 @@ def test_a_short_training_run_lowers_the_loss(records, split: Split, tmp_path: P
     np.testing.assert_allclose(predict(loaded.model, images, loaded.norm)[1],
                                predict(trained.model, images, trained.norm)[1], atol=1e-6)
     assert len(loaded.ood.centroids) == 3
+    with pytest.raises(ValueError, match="not the ones this model's split was made on"):
+        evaluate(trained, records[:-3], tmp_path)
 
 
 def test_resume_continues_where_it_stopped(records, split: Split, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

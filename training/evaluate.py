@@ -30,7 +30,8 @@ from training.gradcam import ExplainedModel
 from training.records import Record
 from training.models import ModelConfig
 from training.train import (
-    DataSource, TrainConfig, TrainedModel, make_split, predict, resize_images, split_off_validation, to_tensor, train,
+    DataSource, TrainConfig, TrainedModel, class_counts, make_split, predict, resize_images, split_off_validation,
+    to_tensor, train,
 )
 
 log = logging.getLogger(__name__)
@@ -167,13 +168,18 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
              *, gradcam_examples: int = 6) -> dict[str, Any]:
     """Score ``trained`` on its held-out test split and write the report files."""
     labels = np.array([r.label for r in records], dtype=np.int64)
-    if max(trained.split.test + trained.split.train) >= len(records):
-        raise ValueError(f"the records ({len(records)}) are not the ones this model's split was made on")
-    images = resize_images(records, trained.model_config.size)
     test, train = trained.split.test, trained.split.train
+    if max(test + train) >= len(records) or class_counts(labels, trained.split) != trained.class_counts:
+        raise ValueError(f"these {len(records)} records are not the ones this model's split was made on "
+                         f"({trained.source.describe()})")
+    images = resize_images(records, trained.model_config.size)
     _, probs, test_emb = predict(trained.model, images[test], trained.norm)
     _, _, train_emb = predict(trained.model, images[train], trained.norm)
     report = score(labels[test], probs, test_emb, labels[train], train_emb, trained.classes)
+    centroids = np.array(trained.ood.centroids)
+    distances = np.linalg.norm(test_emb[:, None, :] - centroids[None], axis=2).min(axis=1)
+    report["ood"] = {"threshold": trained.ood.threshold, "percentile": trained.ood.percentile,
+                     "test_flagged_fraction": float(np.mean(distances > trained.ood.threshold))}
     report.update(
         evaluated_on=f"held-out test split ({len(test)} images; groups never span train and test)",
         model={"arch": trained.model_config.arch, **trained.model_config.to_dict()},
@@ -225,6 +231,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"| macro one-vs-rest ROC AUC | {_fmt(report['macro_roc_auc'])} |",
         f"| expected calibration error ({ECE_BINS} bins) | {_fmt(report['ece'])} |",
         *(f"| retrieval {k} (test queries the training set) | {_fmt(v)} |" for k, v in retrieval.items()),
+        f"| held-out images the OOD guard flags (threshold: training {report['ood']['percentile']:g}th "
+        f"percentile) | {_fmt(report['ood']['test_flagged_fraction'])} |",
         "",
         "| class | precision | recall | F1 | ROC AUC | support |",
         "|---|---|---|---|---|---|",

@@ -365,7 +365,7 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
     _, _, train_emb = predict(model, images[split.train], norm, device=device)
     trained = TrainedModel(
         model=model, model_config=model_config, train_config=train_config, norm=norm, source=source,
-        split=split, class_counts=_class_counts(labels, split), history=state["history"],
+        split=split, class_counts=class_counts(labels, split), history=state["history"],
         ood=ood_from_embeddings(train_emb, labels[split.train], model_config.num_classes),
         created=datetime.now(UTC).isoformat(timespec="seconds"), command=command,
     )
@@ -373,7 +373,9 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
     return trained
 
 
-def _class_counts(labels: np.ndarray, split: Split) -> dict[str, int]:
+def class_counts(labels: np.ndarray, split: Split) -> dict[str, int]:
+    """Images per part and class: the card's data description, and the fingerprint
+    that tells ``evaluate`` it was given the records the split was made on."""
     counts: dict[str, int] = {}
     for part in ("fit", "val", "test"):
         idx = getattr(split, part)
