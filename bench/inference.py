@@ -32,11 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.model_card import ModelCard  # noqa: E402
-from training.export import export_onnx, fold_batch_norm  # noqa: E402
-from training.gradcam import ExplainedModel  # noqa: E402
-from training.models import ModelConfig, SonoModel, build_model  # noqa: E402
-from training.train import load_trained  # noqa: E402
+from service.model_card import ModelCard
+from training.export import export_onnx, fold_batch_norm
+from training.gradcam import ExplainedModel
+from training.models import ModelConfig, SonoModel, build_model
+from training.train import load_trained
 
 SHIPPED = Path(__file__).resolve().parents[1] / "onnx_models" / "sonocase-hybrid.onnx"
 TARGET_GRADCAM_OVER_FORWARD = 1.1
@@ -67,6 +67,25 @@ def measure(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _runners(eager: SonoModel, explained: ExplainedModel, plain: ort.InferenceSession,
+             with_cam: ort.InferenceSession, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The four ways to get one batch's results (see the module docstring)."""
+    target = torch.full((len(x),), -1, dtype=torch.int64)
+    feeds = {"image": x.numpy(), "target_class": target.numpy()}
+
+    def torch_forward() -> object:
+        with torch.inference_mode():
+            emb = eager.embed(eager.features(x))
+            return torch.softmax(eager.head(emb), 1), torch.nn.functional.normalize(emb, dim=1)
+
+    return {
+        "torch forward": torch_forward,
+        "torch grad-cam": lambda: explained(x, target),
+        "ort forward": lambda: plain.run(None, {"image": feeds["image"]}),
+        "ort grad-cam": lambda: with_cam.run(None, feeds),
+    }
+
+
 def bench(model: SonoModel, batch_sizes: list[int], rounds: int, threads: int) -> list[dict[str, float]]:
     torch.set_num_threads(threads)
     options = ort.SessionOptions()
@@ -85,20 +104,7 @@ def bench(model: SonoModel, batch_sizes: list[int], rounds: int, threads: int) -
         rows = []
         for batch in batch_sizes:
             x = torch.from_numpy(np.random.default_rng(batch).standard_normal((batch, 1, size, size)).astype(np.float32))
-            target = torch.full((batch,), -1, dtype=torch.int64)
-            feeds = {"image": x.numpy(), "target_class": target.numpy()}
-
-            def torch_forward() -> object:
-                with torch.inference_mode():
-                    emb = eager.embed(eager.features(x))
-                    return torch.softmax(eager.head(emb), 1), torch.nn.functional.normalize(emb, dim=1)
-
-            seconds = measure({
-                "torch forward": torch_forward,
-                "torch grad-cam": lambda: explained(x, target),
-                "ort forward": lambda: plain.run(None, {"image": feeds["image"]}),
-                "ort grad-cam": lambda: with_cam.run(None, feeds),
-            }, rounds)
+            seconds = measure(_runners(eager, explained, plain, with_cam, x), rounds)
             rows.append({"batch": batch, **{name: s * 1000 / batch for name, s in seconds.items()}})
     return rows
 

@@ -16,12 +16,26 @@ import torch
 from service.model_card import DISCLAIMER, ModelCard, card_path_for
 from training.data.synthetic import generate_records
 from training.export import (
-    EXPLAINED_OUTPUTS, build_card, export_onnx, fold_batch_norm, quantize_and_compare, run_onnx, ship, write_card,
+    EXPLAINED_OUTPUTS,
+    build_card,
+    export_onnx,
+    fold_batch_norm,
+    quantize_and_compare,
+    run_onnx,
+    ship,
+    write_card,
 )
 from training.gradcam import ExplainedModel
 from training.models import ModelConfig, SonoModel, build_model
 from training.train import (
-    DataSource, Normalisation, TrainConfig, TrainedModel, make_split, resize_images, to_tensor, train,
+    DataSource,
+    Normalisation,
+    TrainConfig,
+    TrainedModel,
+    make_split,
+    resize_images,
+    to_tensor,
+    train,
 )
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

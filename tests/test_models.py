@@ -11,7 +11,13 @@ from torch import nn
 
 from training.gradcam import ExplainedModel
 from training.models import (
-    ARCHITECTURES, VGG16_D, HybridVGGRNN, ModelConfig, build_model, load_initial_weights, scaled,
+    ARCHITECTURES,
+    VGG16_D,
+    HybridVGGRNN,
+    ModelConfig,
+    build_model,
+    load_initial_weights,
+    scaled,
 )
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -59,7 +65,7 @@ def test_hybrid_is_vgg16_d_with_width_multiplier() -> None:
     assert [c.out_channels for c in convs] == [c for c in VGG16_D if c != "M"]
     assert sum(isinstance(m, nn.MaxPool2d) for m in full.modules()) == 5
     quarter = HybridVGGRNN(ModelConfig(arch="hybrid", size=32, width=0.25))
-    assert [m.out_channels for m in quarter.conv if isinstance(m, nn.Conv2d)][0] == 16
+    assert next(m.out_channels for m in quarter.conv if isinstance(m, nn.Conv2d)) == 16
     assert sum(p.numel() for p in quarter.conv.parameters()) < sum(p.numel() for p in full.conv.parameters()) / 10
 
 

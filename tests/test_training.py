@@ -17,12 +17,25 @@ from sklearn import metrics as skm
 from service.cli import cli
 from service.model_card import ModelCard
 from training.evaluate import (
-    classification_metrics, compare_architectures, cross_validate, evaluate, expected_calibration_error,
-    retrieval_metrics, roc_auc, summarize,
+    classification_metrics,
+    compare_architectures,
+    cross_validate,
+    evaluate,
+    expected_calibration_error,
+    retrieval_metrics,
+    roc_auc,
+    summarize,
 )
 from training.models import ModelConfig, build_model
 from training.train import (
-    DataSource, Split, TrainConfig, load_trained, make_split, predict, resize_images, train,
+    DataSource,
+    Split,
+    TrainConfig,
+    load_trained,
+    make_split,
+    predict,
+    resize_images,
+    train,
 )
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -104,7 +117,7 @@ def test_classification_metrics_agree_with_scikit_learn(seed: int) -> None:
     assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
     assert got["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
     assert got["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=[0, 1, 2]).tolist()
-    precision, recall, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=[0, 1, 2], zero_division=0)
+    precision, recall, _, _ = skm.precision_recall_fscore_support(y, pred, labels=[0, 1, 2], zero_division=0)
     for c, name in enumerate(["normal", "benign", "malignant"]):
         assert got["per_class"][name]["precision"] == pytest.approx(precision[c])
         assert got["per_class"][name]["recall"] == pytest.approx(recall[c])

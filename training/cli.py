@@ -9,11 +9,15 @@ import json
 import shlex
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from service.cli import settings_from
+
+if TYPE_CHECKING:  # imported when a command runs: `sonocase --help` must not load torch
+    from training.models import ModelConfig
+    from training.train import DataSource, TrainConfig
 
 _DATA_HELP = "Data: exactly one of --synthetic N, --busi DIR, --dicom DIR (with --labels CSV)."
 
@@ -63,7 +67,8 @@ def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return functools.reduce(lambda f, option: option(f), reversed(options), func)
 
 
-def _source(synthetic: int | None, busi: Path | None, dicom: Path | None, labels: Path | None, seed: int) -> Any:
+def _source(synthetic: int | None, busi: Path | None, dicom: Path | None, labels: Path | None,
+            seed: int) -> DataSource:
     from training.train import DataSource
 
     chosen = [name for name, value in (("--synthetic", synthetic), ("--busi", busi), ("--dicom", dicom)) if value]
@@ -81,7 +86,9 @@ def _source(synthetic: int | None, busi: Path | None, dicom: Path | None, labels
                       seed=seed)
 
 
-def _configs(arch: str, seed: int, opts: dict[str, Any]) -> tuple[Any, Any, bool]:
+def _configs(arch: str, seed: int, opts: dict[str, Any]) -> tuple[ModelConfig, TrainConfig, bool]:
+    """The model and training configs from the shared options, and whether to show
+    progress bars; applies --threads (process-wide)."""
     import torch
 
     from training.models import ModelConfig
@@ -89,7 +96,6 @@ def _configs(arch: str, seed: int, opts: dict[str, Any]) -> tuple[Any, Any, bool
 
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
-
     model = ModelConfig(arch=arch, width=opts["width"], size=opts["size"], embedding_dim=opts["embedding_dim"],
                         rnn_type=opts["rnn_type"], rnn_hidden=opts["rnn_hidden"],
                         bidirectional=opts["bidirectional"], batch_norm=opts["batch_norm"])
@@ -154,7 +160,8 @@ def train(ctx: click.Context, synthetic: int | None, busi: Path | None, dicom: P
     """Train a model; with --export also evaluate it and ship it as ONNX."""
     settings_from(ctx)
     from training import evaluate as ev
-    from training.train import make_split, train as run_training
+    from training.train import make_split
+    from training.train import train as run_training
 
     if folds and export_path:
         raise click.UsageError("--folds makes k models for their scores; train once without --folds to --export")

@@ -27,11 +27,19 @@ from matplotlib.figure import Figure
 
 from service.model_card import DISCLAIMER
 from training.gradcam import ExplainedModel
-from training.records import Record
 from training.models import ModelConfig
+from training.records import Record
 from training.train import (
-    DataSource, TrainConfig, TrainedModel, class_counts, make_split, predict, resize_images, split_off_validation,
-    to_tensor, train,
+    DataSource,
+    TrainConfig,
+    TrainedModel,
+    class_counts,
+    make_split,
+    predict,
+    resize_images,
+    split_off_validation,
+    to_tensor,
+    train,
 )
 
 log = logging.getLogger(__name__)
@@ -109,7 +117,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
         if auc is not None:
             aucs.append(auc)
     return {
-        "n_test": int(len(y_true)),
+        "n_test": len(y_true),
         "accuracy": float(np.mean(y_pred == y_true)),
         "balanced_accuracy": float(np.mean(recalls)),
         "macro_f1": float(np.mean(f1s)),
@@ -159,7 +167,7 @@ def summarize(reports: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | 
         summary[key] = {
             "mean": float(values.mean()) if len(values) else None,
             "std": float(values.std(ddof=1)) if len(values) > 1 else None,
-            "n": int(len(values)),
+            "n": len(values),
         }
     return summary
 
@@ -231,8 +239,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"| macro one-vs-rest ROC AUC | {_fmt(report['macro_roc_auc'])} |",
         f"| expected calibration error ({ECE_BINS} bins) | {_fmt(report['ece'])} |",
         *(f"| retrieval {k} (test queries the training set) | {_fmt(v)} |" for k, v in retrieval.items()),
-        f"| held-out images the OOD guard flags (threshold: training {report['ood']['percentile']:g}th "
-        f"percentile) | {_fmt(report['ood']['test_flagged_fraction'])} |",
+        (f"| held-out images the OOD guard flags (threshold: training {report['ood']['percentile']:g}th "
+         f"percentile) | {_fmt(report['ood']['test_flagged_fraction'])} |"),
         "",
         "| class | precision | recall | F1 | ROC AUC | support |",
         "|---|---|---|---|---|---|",
@@ -337,8 +345,8 @@ def cross_validate(records: Sequence[Record], source: DataSource, model_config: 
                                                   "per_fold": per_fold}, indent=2) + "\n")
     lines = [f"# {k}-fold cross-validation: {model_config.arch}", "", f"> {DISCLAIMER}", "",
              f"- Data: {source.describe()}",
-             "- Folds: stratified group k-fold (no group spans train and test); validation for early "
-             "stopping is split off each fold's training part.", "",
+             ("- Folds: stratified group k-fold (no group spans train and test); validation for early "
+              "stopping is split off each fold's training part."), "",
              "| metric | mean | std | " + " | ".join(f"fold {i}" for i in range(1, k + 1)) + " |",
              "|---" * (k + 3) + "|"]
     lines += [f"| {key} | {_fmt(summary[key]['mean'])} | {_fmt(summary[key]['std'])} | "
@@ -377,15 +385,15 @@ def compare_architectures(records: Sequence[Record], source: DataSource, archs: 
 def compare_markdown(rows: Sequence[dict[str, Any]], data: str, n_test: int) -> str:
     lines = [
         "# Architecture comparison", "", f"> {DISCLAIMER}", "",
-        f"- Data: {data}; every architecture trained on the same split and scored on the same "
-        f"{n_test} held-out images (groups never span train and test).",
-        "- Seed paper: Fawzy et al., Scientific Reports 2026 (BUSI). It reports 99.24 % accuracy for the "
-        "VGG16 + RNN hybrid from a split it does not clearly describe; image-level random splits of BUSI "
-        "leak near-duplicates, and honest 3-class balanced accuracy on BUSI in the literature is about "
-        "0.79-0.86. Only the paper's headline figure is restated here; its other rows are in the paper.",
+        (f"- Data: {data}; every architecture trained on the same split and scored on the same "
+         f"{n_test} held-out images (groups never span train and test)."),
+        ("- Seed paper: Fawzy et al., Scientific Reports 2026 (BUSI). It reports 99.24 % accuracy for the "
+         "VGG16 + RNN hybrid from a split it does not clearly describe; image-level random splits of BUSI "
+         "leak near-duplicates, and honest 3-class balanced accuracy on BUSI in the literature is about "
+         "0.79-0.86. Only the paper's headline figure is restated here; its other rows are in the paper."),
         "",
-        "| architecture | parameters | epochs | train s | accuracy | balanced acc. | macro F1 | ROC AUC | ECE "
-        "| mAP@5 | ACC@1 | paper accuracy (BUSI) |",
+        ("| architecture | parameters | epochs | train s | accuracy | balanced acc. | macro F1 | ROC AUC | ECE "
+         "| mAP@5 | ACC@1 | paper accuracy (BUSI) |"),
         "|---" * 12 + "|",
     ]
     for r in rows:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import os
@@ -25,12 +26,23 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from service.model_card import DISCLAIMER, InputSpec, ModelCard, card_path_for, sha256_file
+from service.model_card import (
+    DISCLAIMER,
+    InputSpec,
+    ModelCard,
+    card_path_for,
+    sha256_file,
+)
 from training.gradcam import ExplainedModel
 from training.models import SonoModel
 from training.records import Record
@@ -54,7 +66,7 @@ def fold_batch_norm(model: SonoModel) -> SonoModel:
         if not isinstance(module, nn.Sequential):
             continue
         children = list(module.named_children())
-        for (name, conv), (bn_name, bn) in zip(children, children[1:]):
+        for (name, conv), (bn_name, bn) in itertools.pairwise(children):
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 setattr(module, name, fuse_conv_bn_eval(conv, bn))
                 setattr(module, bn_name, nn.Identity())

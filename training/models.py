@@ -318,7 +318,7 @@ def load_initial_weights(model: SonoModel, path: Path) -> list[str]:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        raise TypeError(f"{path} does not hold a state dict (got {type(state).__name__})")
     if isinstance(model, HybridVGGRNN) and any(k.startswith("features.") for k in state):
         return _load_torchvision_vgg(model, state, path)
     own = model.state_dict()
