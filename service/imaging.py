@@ -136,6 +136,15 @@ def to_grayscale(ds: Dataset, frame: int = 0) -> np.ndarray:
         arr = pixel_array(ds, index=frame if number_of_frames(ds) > 1 else None)
     except Exception as exc:  # decoders raise many types; the reason is kept, nothing is lost
         raise PixelError(f"cannot decode the pixel data ({type(exc).__name__}: {exc})") from exc
+    try:
+        return _grayscale(arr, ds, photometric)
+    except PixelError:
+        raise
+    except Exception as exc:  # a malformed palette, LUT or window: same as undecodable
+        raise PixelError(f"cannot convert {photometric} to grayscale ({type(exc).__name__}: {exc})") from exc
+
+
+def _grayscale(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     if photometric == "PALETTE COLOR":
         return _luma(_palette_to_rgb8(arr, ds))
     if arr.ndim == 3 and arr.shape[-1] == 3:

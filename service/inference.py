@@ -87,7 +87,10 @@ class OnnxModel:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         requested = choose_providers(provider, ort.get_available_providers())
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
+        except Exception as exc:  # ONNX Runtime's errors derive from Exception only
+            raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from exc
         self.provider = self.session.get_providers()[0]
         if requested[0] != self.provider:
             LOG.warning("model %s: %s was requested but ONNX Runtime runs on %s", path.name, requested[0], self.provider)

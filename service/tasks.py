@@ -25,7 +25,7 @@ from celery.signals import worker_process_init
 
 from service.analysis import analyse_study
 from service.cli import settings_from
-from service.inference import OnnxModel
+from service.inference import ModelError, OnnxModel
 from service.ledger import Ledger, StudyState
 from service.reports.build import build_reports
 from service.retrieval import SimilarCaseIndex
@@ -60,7 +60,7 @@ class WorkerState:
         self._model = self._index = None
         try:
             self.model()
-        except (OSError, ValueError, RuntimeError):
+        except ModelError:
             LOG.exception("the model %s cannot be loaded; studies will fail until it is fixed",
                           self.settings.model_path)
 

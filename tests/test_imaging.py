@@ -260,3 +260,10 @@ def test_heatmap_is_resized_to_the_crop_and_stays_in_range() -> None:
     assert 0.0 <= resized.min() and resized.max() <= 1.0
     y, x = np.unravel_index(resized.argmax(), resized.shape)
     assert 22 <= y <= 45 and 60 <= x <= 90  # the hot cell (row 1, column 2) stays where it was
+
+
+def test_a_malformed_palette_is_a_pixel_error_not_a_crash() -> None:
+    ds = _read("OBXXXX1A.dcm")
+    ds.RedPaletteColorLookupTableData = ds.RedPaletteColorLookupTableData[:10]
+    with pytest.raises(PixelError, match="cannot convert PALETTE COLOR to grayscale"):
+        to_grayscale(ds)

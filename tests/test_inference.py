@@ -11,7 +11,7 @@ import pytest
 
 from service.imaging import prepare_instance
 from service.inference import CPU, CUDA, ModelError, OnnxModel, choose_providers
-from service.model_card import ModelCard, card_path_for
+from service.model_card import ModelCard, card_path_for, sha256_file
 from service.settings import Settings
 from training.data.synthetic import synthetic_study
 from training.records import CLASSES
@@ -118,6 +118,16 @@ def test_missing_model_or_card_is_a_clear_error(model_path: Path, tmp_path: Path
     shutil.copyfile(model_path, lonely)
     with pytest.raises(ModelError, match="model card .* is missing"):
         OnnxModel(lonely)
+
+
+def test_a_file_onnx_runtime_cannot_load_is_a_clear_error(model_path: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an ONNX graph")
+    card = json.loads(card_path_for(model_path).read_text())
+    card["sha256"] = sha256_file(broken)  # the card describes the file: only ONNX Runtime can object
+    card_path_for(broken).write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="ONNX Runtime cannot load"):
+        OnnxModel(broken)
 
 
 def test_execution_provider_choice() -> None:

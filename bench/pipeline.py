@@ -1,0 +1,198 @@
+"""Pipeline benchmark: from the last C-STORE of a study to its result in the ledger,
+and analysis throughput with one and two worker processes.
+
+Latency: `sonocase serve` (shipped model, one worker process) receives synthetic
+4-image studies one at a time from DCMTK's storescu; for each, the time from the
+receiver recording the last instance to the worker storing the result, both read
+from the ledger, minus the configured quiet period (a wait for more images, not
+work). Everything else counts: completion polling, the scheduler, the broker, the
+worker's analysis. Run with the embedded broker and with Redis (a private
+redis-server). The peer: the same studies analysed in this process by
+service.analysis.analyse_study with the same model (no receiver, ledger or queue);
+the ratio is what the queue and the stages around it cost.
+
+Throughput: N studies received and queued first, then images analysed per second
+between the first claim and the last result, with `workers` = 1 and = 2 (embedded
+broker; each study's reports are built too, which takes most of the time), and
+the analysis stage's own time per image; the ratio is the scaling. On a machine with fewer free cores than worker processes
+expect no gain: each process gets a share of the cores for ONNX Runtime.
+
+    python bench/pipeline.py [--studies 20] [--images 4] [--throughput-studies 20] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import free_port  # noqa: E402  (the tests' helpers: one way to start a node)
+from worker_support import PrivateRedis, serve, storescu, write_study  # noqa: E402
+
+from service.analysis import analyse_study  # noqa: E402
+from service.inference import OnnxModel  # noqa: E402
+from service.ledger import Ledger  # noqa: E402
+from service.settings import Settings, load_settings  # noqa: E402
+from service.spool import instance_path  # noqa: E402
+
+LABELS = ("normal", "benign", "malignant")
+QUIET_S = 0.5
+
+
+def make_studies(folder: Path, count: int, images: int, first_seed: int) -> list[tuple[str, list[Path]]]:
+    return [write_study(folder / str(k), images, LABELS[k % 3], seed=first_seed + k, index=k) for k in range(count)]
+
+
+def node_settings(data_dir: Path, **overrides: object) -> Settings:
+    return load_settings(data_dir=data_dir, host="127.0.0.1", port=free_port(), http_port=0,
+                         quiet_period_s=QUIET_S, durability="fsync", **overrides)
+
+
+def ledger_rows(settings: Settings, study_uids: list[str]) -> list[dict]:
+    ledger = Ledger(settings.ledger_path, durable=False)
+    try:
+        return [ledger.study(uid) or {} for uid in study_uids]
+    finally:
+        ledger.close()
+
+
+def wait_analysed(settings: Settings, study_uids: list[str], timeout: float = 600) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = ledger_rows(settings, study_uids)
+        if all(row.get("analysed_at") for row in rows):
+            return rows
+        time.sleep(0.05)
+    raise TimeoutError(f"studies not analysed within {timeout} s")
+
+
+def latencies(settings: Settings, studies: list[tuple[str, list[Path]]], log: Path) -> dict[str, list[float]]:
+    """Send studies one at a time; per study, seconds of each hop from the ledger."""
+    node = serve(settings, log)
+    hops: dict[str, list[float]] = {"total": [], "last instance->complete": [], "complete->claimed": [],
+                                    "analysis": []}
+    try:
+        warm_up, paths = studies[-1]  # the worker process starts and loads the model: not measured
+        storescu(settings, paths)
+        wait_analysed(settings, [warm_up])
+        for study_uid, paths in studies[:-1]:
+            storescu(settings, paths)
+            row = wait_analysed(settings, [study_uid])[0]
+            hops["total"].append(row["analysed_at"] - row["last_received"] - settings.quiet_period_s)
+            hops["last instance->complete"].append(row["completed_at"] - row["last_received"])
+            # scheduler + broker (a fast worker may claim before queued_at is even written)
+            hops["complete->claimed"].append(row["analysis_started"] - row["completed_at"])
+            hops["analysis"].append(row["analysed_at"] - row["analysis_started"])
+    finally:
+        node.stop()
+    return hops
+
+
+def in_process(settings: Settings, studies: list[tuple[str, list[Path]]]) -> list[float]:
+    """The peer: analyse_study on the same studies, model loaded once, no queue."""
+    model = OnnxModel(settings.model_path, settings.execution_provider, settings.batch_size)
+    ledger = Ledger(settings.ledger_path, durable=False)
+    times = []
+    try:
+        for study_uid, _ in studies[:-1]:  # the same studies latencies() measured
+            instances = ledger.instances(study_uid)
+            assert instances and instance_path(settings.spool_dir, study_uid, instances[0].sop_instance_uid).is_file()
+            analyse_study(settings, model, study_uid, 1, instances)  # warm: file cache, ONNX Runtime arenas
+            start = time.perf_counter()
+            analyse_study(settings, model, study_uid, 1, instances)
+            times.append(time.perf_counter() - start)
+    finally:
+        ledger.close()
+    return times
+
+
+def wait_queued(settings: Settings, study_uids: list[str], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while any(row.get("state") != "queued" for row in ledger_rows(settings, study_uids)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"studies not queued within {timeout} s")
+        time.sleep(0.05)
+
+
+def throughput(settings: Settings, studies: list[tuple[str, list[Path]]], images: int,
+               log: Path) -> tuple[float, float]:
+    """Images per second, first claim to last result, with every study already
+    waiting in the (embedded, persistent) queue: a node without workers receives
+    and queues them, then a node with ``settings.workers`` processes drains it."""
+    receiving = serve(settings.model_copy(update={"workers": 0}), log)
+    try:
+        for _, paths in studies:
+            storescu(settings, paths)
+        wait_queued(settings, [uid for uid, _ in studies])
+    finally:
+        receiving.stop()
+    node = serve(settings, log)
+    try:
+        rows = wait_analysed(settings, [uid for uid, _ in studies])
+    finally:
+        node.stop()
+    span = max(r["analysed_at"] for r in rows) - min(r["analysis_started"] for r in rows)
+    per_image = statistics.median((r["analysed_at"] - r["analysis_started"]) / images for r in rows)
+    return len(studies) * images / span, per_image
+
+
+def summary(values: list[float]) -> str:
+    return f"median {statistics.median(values) * 1000:7.0f} ms   p95 {np.percentile(values, 95) * 1000:7.0f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--throughput-studies", type=int, default=20)
+    parser.add_argument("--keep", type=Path, help="Keep the data folders and logs here.")
+    args = parser.parse_args()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="sonocase-bench-pipeline-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        studies = make_studies(work / "studies", args.studies + 1, args.images, first_seed=5000)  # +1 warm-up
+        embedded = node_settings(work / "embedded")
+        redis = PrivateRedis(work / "redis")
+        try:
+            distributed = node_settings(work / "redis-node", broker_url=redis.url)
+            results = {
+                "embedded broker": latencies(embedded, studies, work / "embedded.log"),
+                "Redis broker": latencies(distributed, studies, work / "redis.log"),
+            }
+        finally:
+            redis.stop()
+        peer = in_process(embedded, studies)
+
+        print(f"\nlast C-STORE -> result in ledger, {args.studies} studies of {args.images} images, "
+              f"quiet period ({QUIET_S} s) excluded, model {embedded.model_path.name}, 1 worker process")
+        print(f"  {'in-process analyse_study (peer)':34s} {summary(peer)}")
+        for mode, hops in results.items():
+            print(f"  {mode:34s} {summary(hops['total'])}   ratio to peer (median) "
+                  f"{statistics.median(hops['total']) / statistics.median(peer):5.1f}x")
+            print("      " + "   ".join(f"{hop} {statistics.median(v) * 1000:.0f} ms"
+                                        for hop, v in hops.items() if hop != "total"))
+
+        bulk = make_studies(work / "bulk", args.throughput_studies, args.images, first_seed=9000)
+        rates = {n: throughput(node_settings(work / f"throughput-{n}", workers=n), bulk, args.images,
+                               work / f"throughput-{n}.log") for n in (1, 2)}
+        print(f"\nthroughput, {args.throughput_studies} studies of {args.images} images waiting in the queue "
+              f"(embedded broker; analysis + reports per study)")
+        for n, (rate, per_image) in rates.items():
+            print(f"  {n} worker process{'es' if n > 1 else '':2s} {rate:7.1f} images/s   "
+                  f"analysis stage alone {per_image * 1000:5.1f} ms per image (median)")
+        print(f"  ratio two / one: {rates[2][0] / rates[1][0]:.2f}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
