@@ -4,6 +4,7 @@ on the real ledger, spool, ONNX model and similar-case index."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -22,8 +23,8 @@ from service.model_card import card_path_for
 from service.reports.build import outbox_folder
 from service.results import SUMMARY_RULE, FrameResult, ImageResult, StudyResult
 from service.retrieval import SimilarCaseIndex
-from service.scheduler import schedule_due
-from service.settings import Settings
+from service.scheduler import schedule_due, settings_env
+from service.settings import ENV_PREFIX, Destination, Settings, load_settings
 from service.tasks import WorkerState, process_study
 from training.data.synthetic import synthetic_study
 
@@ -271,3 +272,18 @@ def test_a_result_finished_after_its_lease_ran_out_is_kept_and_not_redone(
     assert ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json"), now=start + 7)
     assert process_study(WorkerState(worker_settings), study_uid) == "not-claimed"
     assert ledger.study(study_uid)["attempts"] == 1
+
+
+def test_worker_processes_get_exactly_the_nodes_settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve hands its settings (command-line overrides included) to the worker
+    processes it starts through SONOCASE_* variables."""
+    custom = settings.model_copy(update={
+        "destinations": [Destination.parse("PACS@127.0.0.1:104"), Destination.parse("VNA@10.0.0.2:11112+tls")],
+        "allowed_callers": ["MODALITY1", "MODALITY2"], "index_analysed_studies": True, "max_cine_frames": 3,
+        "task_lease_s": 12.5, "execution_provider": "cpu",
+    })
+    for name in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    for name, value in settings_env(custom).items():
+        monkeypatch.setenv(name, value)
+    assert load_settings() == custom
