@@ -7,7 +7,7 @@ import os
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from pynetdicom.sop_class import Verification
 from conftest import dcmtk, free_port
 from dicom_peers import ULTRASOUND_FILES, UsFile, data_set_offset, send_raw, split_file, ultrasound_files
 from service.ledger import Ledger
+from service.settings import Settings
 from service.receiver import STORAGE_SOP_CLASSES, StoreStatus, start_receiver
 from test_receiver import Mutation, mutations, rewrite
 
@@ -53,7 +54,7 @@ STORESCU_SYNTAX_OPTION = {
 class Receiver:
     """A running receiver with its ledger and settings, stopped by the fixture."""
 
-    def __init__(self, settings, ledger: Ledger) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self.settings = settings
         self.ledger = ledger
         self.server = start_receiver(settings, ledger)
@@ -63,7 +64,7 @@ class Receiver:
 
 
 @pytest.fixture
-def start(settings) -> Iterator:
+def start(settings: Settings) -> Iterator[Callable[..., Receiver]]:
     """Start a receiver with some settings changed; all are stopped after the test."""
     running: list[Receiver] = []
 
@@ -80,11 +81,11 @@ def start(settings) -> Iterator:
 
 
 @pytest.fixture
-def receiver(start) -> Receiver:
+def receiver(start: Callable[..., Receiver]) -> Receiver:
     return start()
 
 
-def scu(ae_title: str = "TESTSCU", files: list[UsFile] = (), verification: bool = True) -> AE:
+def scu(ae_title: str = "TESTSCU", files: Sequence[UsFile] = (), verification: bool = True) -> AE:
     """A pynetdicom SCU proposing each file's SOP class with the file's own transfer
     syntax only, so nothing can be transcoded."""
     ae = AE(ae_title)
@@ -225,7 +226,7 @@ def rejection(assoc: Association) -> tuple[int, int, int]:
     return rj.result, rj.result_source, rj.diagnostic
 
 
-def test_unknown_calling_ae_is_rejected(start) -> None:
+def test_unknown_calling_ae_is_rejected(start: Callable[..., Receiver]) -> None:
     rx = start(allowed_callers=["PACS"])
     assert rejection(associate(rx, scu("INTRUDER"))) == (1, 1, 3)
     result = echoscu(rx, "-aet", "INTRUDER")
@@ -237,7 +238,7 @@ def test_wrong_called_ae_is_rejected(receiver: Receiver) -> None:
     assert rejection(associate(receiver, scu(), called="NOT-US")) == (1, 1, 7)
 
 
-def test_unknown_host_is_rejected(start) -> None:
+def test_unknown_host_is_rejected(start: Callable[..., Receiver]) -> None:
     rx = start(allowed_hosts=["192.0.2.1"])
     assert rejection(associate(rx, scu())) == (1, 1, 1)
     allowed = associate(start(allowed_hosts=["127.0.0.1"]), scu())
@@ -245,7 +246,7 @@ def test_unknown_host_is_rejected(start) -> None:
     allowed.release()
 
 
-def test_association_limit(start) -> None:
+def test_association_limit(start: Callable[..., Receiver]) -> None:
     rx = start(max_associations=1)
     first = associate(rx, scu())
     try:
@@ -279,7 +280,7 @@ def test_bad_data_sets_get_a_failure_status(receiver: Receiver, tmp_path: Path, 
 
 
 @pytest.mark.parametrize("policy,expected", [("store-ignore", StoreStatus.SUCCESS), ("refuse", StoreStatus.MODALITY_REFUSED)])
-def test_non_ultrasound_modality(start, tmp_path: Path, policy: str, expected: StoreStatus) -> None:
+def test_non_ultrasound_modality(start: Callable[..., Receiver], tmp_path: Path, policy: str, expected: StoreStatus) -> None:
     rx = start(non_ultrasound=policy)
     ct = rewrite(tmp_path, "OBXXXX1A_rle.dcm", Modality="CT")
     assoc = associate(rx, scu(files=[ct]))
@@ -291,7 +292,7 @@ def test_non_ultrasound_modality(start, tmp_path: Path, policy: str, expected: S
         ["modality CT is not US"] if policy == "store-ignore" else [])
 
 
-def test_low_disk_refuses_with_out_of_resources(start) -> None:
+def test_low_disk_refuses_with_out_of_resources(start: Callable[..., Receiver]) -> None:
     rx = start(min_free_disk_mb=10**9)
     f = US_FILES["US1_UNCR.dcm"]
     result = subprocess.run(
@@ -335,7 +336,7 @@ def client_context(server_cert: Path, client: tuple[Path, Path] | None = None) -
     return context
 
 
-def test_tls_with_and_without_client_certificates(start, tmp_path: Path) -> None:
+def test_tls_with_and_without_client_certificates(start: Callable[..., Receiver], tmp_path: Path) -> None:
     server_cert, server_key = self_signed(tmp_path, "sonocase")
     rx = start(tls_cert=server_cert, tls_key=server_key)
     f = US_FILES["OBXXXX1A_rle.dcm"]
