@@ -69,7 +69,7 @@ def storescu(port: int, called: str, files: list[Path], associations: int) -> fl
     ]
     errors = [p.communicate()[1] for p in procs]
     elapsed = time.perf_counter() - start
-    failed = [e.decode() for p, e in zip(procs, errors) if p.returncode]
+    failed = [e.decode() for p, e in zip(procs, errors, strict=True) if p.returncode]
     if failed:
         raise RuntimeError(f"storescu failed: {failed[0][-2000:]}")
     return elapsed

@@ -412,7 +412,7 @@ class InstanceRecorder:
             for pending in batch:
                 pending.error, pending.done = exc, True
             return
-        for pending, recorded in zip(batch, results):
+        for pending, recorded in zip(batch, results, strict=True):
             pending.recorded, pending.done = recorded, True
 
 
@@ -466,7 +466,8 @@ class StoreSCP:
         except InvalidInstance as exc:
             return self._refuse(exc.status, str(exc), study_uid, calling_ae)
         except OSError as exc:
-            status = StoreStatus.OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreStatus.PROCESSING_FAILURE
+            disk_full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            status = StoreStatus.OUT_OF_RESOURCES if disk_full else StoreStatus.PROCESSING_FAILURE
             LOG.exception("cannot store instance from %s", calling_ae, extra={"study_uid": study_uid})
             return StoreOutcome(status, f"storage error: {exc.strerror or exc}", study_uid)
         except Exception as exc:  # the SCP must answer and keep serving, whatever broke
@@ -483,7 +484,9 @@ class StoreSCP:
     def close(self) -> None:
         self._fsync_pool.shutdown()
 
-    def _write(self, inst: ParsedInstance, raw: bytes, transfer_syntax: str, calling_ae: str, ignored: str | None) -> None:
+    def _write(
+        self, inst: ParsedInstance, raw: bytes, transfer_syntax: str, calling_ae: str, ignored: str | None,
+    ) -> None:
         path = spool.instance_path(self.settings.spool_dir, inst.study_uid, inst.sop_instance_uid)
         chunks = [encode_file_meta(inst.sop_class_uid, inst.sop_instance_uid, transfer_syntax, calling_ae), raw]
         self._ensure_dir(path.parent)

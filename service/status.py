@@ -56,7 +56,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max([len(col), *(len(line[i]) for line in lines)]) for i, col in enumerate(header[:-1])]
     out = []
     for line in (header, *lines):
-        out.append("  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths)) + "  " + line[-1])
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths, strict=True)) + "  " + line[-1])
     return "\n".join(text.rstrip() for text in out)
 
 
