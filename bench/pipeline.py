@@ -14,8 +14,9 @@ the ratio is what the queue and the stages around it cost.
 Throughput: N studies received and queued first, then images analysed per second
 between the first claim and the last result, with `workers` = 1 and = 2 (embedded
 broker; each study's reports are built too, which takes most of the time), and
-the analysis stage's own time per image; the ratio is the scaling. On a machine with fewer free cores than worker processes
-expect no gain: each process gets a share of the cores for ONNX Runtime.
+the analysis stage's own time per image; the ratio is the scaling. On a machine
+with fewer free cores than worker processes expect little gain: each process gets
+a share of the cores for ONNX Runtime.
 
     python bench/pipeline.py [--studies 20] [--images 4] [--throughput-studies 20] [--keep DIR]
 """
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +53,7 @@ def make_studies(folder: Path, count: int, images: int, first_seed: int) -> list
     return [write_study(folder / str(k), images, LABELS[k % 3], seed=first_seed + k, index=k) for k in range(count)]
 
 
-def node_settings(data_dir: Path, **overrides: object) -> Settings:
+def node_settings(data_dir: Path, **overrides: Any) -> Settings:
     return load_settings(data_dir=data_dir, host="127.0.0.1", port=free_port(), http_port=0,
                          quiet_period_s=QUIET_S, durability="fsync", **overrides)
 

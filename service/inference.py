@@ -93,7 +93,8 @@ class OnnxModel:
             raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from exc
         self.provider = self.session.get_providers()[0]
         if requested[0] != self.provider:
-            LOG.warning("model %s: %s was requested but ONNX Runtime runs on %s", path.name, requested[0], self.provider)
+            LOG.warning("model %s: %s was requested but ONNX Runtime runs on %s",
+                        path.name, requested[0], self.provider)
         self._check_interface()
         self._centroids = np.asarray(self.card.ood.centroids, dtype=np.float32)
         LOG.info("model %s %s (sha256 %s) runs on %s", self.card.name, self.card.version,

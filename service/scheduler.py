@@ -58,7 +58,7 @@ class _AtomicFilesystemChannel(filesystem.Channel):
     complete (temporary name, fsync, rename): the stock channel creates the file
     before writing it, and a consumer listing the folder in between reads nothing."""
 
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]  # as kombu's
         name = f"{time.time_ns():020d}_{uuid.uuid4()}.{queue}.msg"
         durable = bool(self.transport_options.get("sonocase_durable", True))
         write_atomic(Path(self.data_folder_out) / name, dumps(payload).encode(), durable=durable)

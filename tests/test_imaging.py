@@ -76,7 +76,9 @@ def _mono(seed: int = 0) -> Dataset:
 
 def _tissue_box(ds: Dataset) -> tuple[int, int, int, int]:
     item = next(r for r in ds.SequenceOfUltrasoundRegions if r.RegionDataType == 1)
-    return item.RegionLocationMinX0, item.RegionLocationMinY0, item.RegionLocationMaxX1 + 1, item.RegionLocationMaxY1 + 1
+    x0, y0, x1, y1 = (item.RegionLocationMinX0, item.RegionLocationMinY0, item.RegionLocationMaxX1,
+                      item.RegionLocationMaxY1)
+    return x0, y0, x1 + 1, y1 + 1  # DICOM bounds are inclusive
 
 
 def test_expectations_cover_every_shipped_ultrasound_file() -> None:
