@@ -26,8 +26,6 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 INPUTS = ("image", "target_class")
 OUTPUTS = ("probabilities", "embedding", "gradcam")
-#: What the result says instead of a class when an image is out of distribution.
-OUTSIDE_EXPERIENCE = "outside the model's experience"
 
 Provider = Literal["auto", "cpu", "cuda"]
 
