@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import cache
 from io import BytesIO
 from pathlib import Path
 
@@ -93,8 +94,10 @@ def data_set_offset(data: bytes) -> int:
     return pos
 
 
-def ultrasound_files() -> list[UsFile]:
-    """Discover the ultrasound files in pydicom and pydicom-data."""
+@cache
+def ultrasound_files() -> tuple[UsFile, ...]:
+    """Discover the ultrasound files in pydicom and pydicom-data (once per session:
+    it reads the header of every file pydicom ships)."""
     found = []
     for name in sorted(get_testdata_files()):
         path = Path(name)
@@ -104,7 +107,7 @@ def ultrasound_files() -> list[UsFile]:
             continue
         if str(ds.get("SOPClassUID", "")) in ULTRASOUND_SOP_CLASSES or ds.get("Modality") == "US":
             found.append(split_file(path))
-    return found
+    return tuple(found)
 
 
 def send_raw(assoc: Association, raw: bytes, sop_class_uid: str, sop_instance_uid: str, message_id: int = 1) -> int:
