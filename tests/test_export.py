@@ -137,7 +137,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
-@pytest.mark.parametrize("arch", ["hybrid", "cnn", "mobilenetv2"])
+@pytest.mark.parametrize("arch", ["hybrid", "cnn", pytest.param("mobilenetv2", marks=pytest.mark.slow)])
 def test_gradcam_matches_the_grad_cam_package(arch: str, hybrid: tuple[SonoModel, Path], images: torch.Tensor,
                                               tmp_path: Path) -> None:
     """Pearson >= 0.99 for every class on several inputs, against pytorch_grad_cam's
@@ -239,6 +239,7 @@ def test_ship_checks_the_export_and_writes_the_card(trained_tiny: TrainedModel, 
     assert card.metrics == {"balanced_accuracy": 0.5, "n_test": 6, "evaluated_on": "held-out test split"}
 
 
+@pytest.mark.slow
 def test_int8_quantisation_reports_its_changes(trained_tiny: TrainedModel, tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     export_onnx(trained_tiny.model, path)
@@ -254,3 +255,21 @@ def test_int8_quantisation_reports_its_changes(trained_tiny: TrainedModel, tmp_p
     assert (tmp_path / "m.quantization.json").is_file()
     session = ort.InferenceSession(str(int8))
     assert [o.name for o in session.get_outputs()] == EXPLAINED_OUTPUTS
+
+
+def test_row_rnn_gradcam_matches_the_grad_cam_package(images: torch.Tensor) -> None:
+    """The pixel-row LSTM explains rows (an [H, 1] map). Its export unrolls one LSTM
+    step per pixel row and takes minutes, so this checks the in-graph computation
+    (ExplainedModel, which export traces) in eager PyTorch."""
+    GradCAM, ClassifierOutputTarget = _import_grad_cam()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="rnn", width=0.25, size=SIZE, embedding_dim=16, rnn_hidden=16)).eval()
+    for cls in range(3):
+        _, _, ours = ExplainedModel(model)(images, torch.full((len(images),), cls))
+        assert ours.shape == (len(images), SIZE, 1)
+        with GradCAM(model=model, target_layers=[model.target_layer]) as cam:
+            reference = cam(input_tensor=images, targets=[ClassifierOutputTarget(cls)] * len(images))
+        live = [i for i in range(len(images)) if ours[i].max() > 0]
+        assert len(live) >= 2
+        for i in live:
+            assert _pearson(cv2.resize(ours[i].numpy(), (SIZE, SIZE)), reference[i]) >= 0.99, (cls, i)
