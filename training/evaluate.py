@@ -310,7 +310,7 @@ def plot_gradcam(trained: TrainedModel, images: np.ndarray, labels: np.ndarray, 
     per_class = max(1, count // len(trained.classes))
     chosen = [i for c in range(len(trained.classes)) for i in np.flatnonzero(labels == c)[:per_class]]
     x = to_tensor(images[chosen], trained.norm)
-    probs, _, cams = ExplainedModel(trained.model.cpu().eval())(x, torch.full((len(chosen),), -1))
+    probs, _, cams = ExplainedModel(trained.model.eval())(x, torch.full((len(chosen),), -1))
     cams = F.interpolate(cams.unsqueeze(1), size=images.shape[1:], mode="bilinear", align_corners=False)[:, 0]
     fig = Figure(figsize=(1.4 * len(chosen), 1.75))
     axes = fig.subplots(1, len(chosen), squeeze=False)

@@ -282,7 +282,8 @@ def _save_atomic(obj: dict[str, Any], path: Path) -> None:
 def train(records: Sequence[Record], split: Split, model_config: ModelConfig, train_config: TrainConfig,
           source: DataSource, out_dir: Path, *, resume: bool = False, progress: bool = True,
           device: torch.device | None = None, command: str = "") -> TrainedModel:
-    """Train one model on ``split`` and write ``model.pt`` (see the module docstring).
+    """Train one model on ``split`` (on CUDA when present) and write ``model.pt`` (see
+    the module docstring); the returned model is on the CPU.
 
     With ``resume`` and a ``checkpoint.pt`` from the same configuration in
     ``out_dir``, training continues after the last finished epoch.
@@ -361,8 +362,8 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
                       "torch_rng": torch.get_rng_state(), "state": state}, checkpoint_path)
 
     model.load_state_dict(state["best_state"])
-    model.eval()
-    _, _, train_emb = predict(model, images[split.train], norm, device=device)
+    model.cpu().eval()  # evaluation and export run on the CPU, like the node
+    _, _, train_emb = predict(model, images[split.train], norm)
     trained = TrainedModel(
         model=model, model_config=model_config, train_config=train_config, norm=norm, source=source,
         split=split, class_counts=class_counts(labels, split), history=state["history"],
@@ -387,7 +388,7 @@ def class_counts(labels: np.ndarray, split: Split) -> dict[str, int]:
 def save_trained(trained: TrainedModel, path: Path) -> None:
     _save_atomic({
         "model_config": trained.model_config.to_dict(), "train_config": asdict(trained.train_config),
-        "state_dict": {k: v.cpu() for k, v in trained.model.state_dict().items()},
+        "state_dict": trained.model.state_dict(),
         "norm": asdict(trained.norm), "source": asdict(trained.source), "split": asdict(trained.split),
         "class_counts": trained.class_counts, "history": trained.history,
         "ood": trained.ood.model_dump(), "created": trained.created, "classes": list(trained.classes),
@@ -395,8 +396,9 @@ def save_trained(trained: TrainedModel, path: Path) -> None:
     }, path)
 
 
-def load_trained(path: Path, device: torch.device | None = None) -> TrainedModel:
-    """Read ``model.pt`` (or a folder holding one) written by :func:`train`."""
+def load_trained(path: Path) -> TrainedModel:
+    """Read ``model.pt`` (or a folder holding one) written by :func:`train`; the model
+    is on the CPU."""
     if path.is_dir():
         path = path / MODEL
     if not path.is_file():
@@ -407,7 +409,7 @@ def load_trained(path: Path, device: torch.device | None = None) -> TrainedModel
     config = ModelConfig(**saved["model_config"])
     model = build_model(config)
     model.load_state_dict(saved["state_dict"])
-    model.to(device or torch.device("cpu")).eval()
+    model.eval()
     return TrainedModel(
         model=model, model_config=config, train_config=TrainConfig(**saved["train_config"]),
         norm=Normalisation(**saved["norm"]), source=DataSource(**saved["source"]), split=Split(**saved["split"]),
