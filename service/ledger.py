@@ -1,9 +1,16 @@
 """The ledger: every instance received and every state change of every study.
 
-SQLite in WAL mode. It is the node's single source of truth: stages hand work on
-through it, never through memory, so a restarted process resumes where the crashed
-one stopped. Each method is one transaction; ``claim_*`` methods are conditional
-updates, so two processes never both win the same work.
+It is the node's single source of truth: stages hand work on through it, never
+through memory, so a restarted process resumes where the crashed one stopped. Each
+method is one transaction; ``claim_*`` methods are conditional updates, so two
+processes never both win the same work.
+
+Two backends behind the same SQL (setting ``ledger_url``, see :func:`open_ledger`):
+a SQLite file in WAL mode under data_dir (embedded mode: no external service), or a
+PostgreSQL database (distributed mode: WAL needs shared memory on one host, so
+workers on other hosts cannot share a SQLite file over a network volume). Write
+transactions are serialised on both: ``BEGIN IMMEDIATE`` on SQLite, a transaction-
+scoped advisory lock on PostgreSQL, so every method sees the same isolation.
 
 Study life cycle::
 
@@ -16,16 +23,23 @@ goes up) so it is analysed again.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from service.settings import Settings
 
 
 class StudyState(StrEnum):
@@ -117,6 +131,161 @@ def _due_args(now: float) -> tuple[Any, ...]:
     return (StudyState.COMPLETE, now, StudyState.QUEUED, StudyState.ANALYSING, now)
 
 
+class _Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class _Connection(Protocol):
+    """What the ledger needs of a database connection; rows answer ``row[i]``,
+    ``row["name"]`` and ``dict(row)`` like :class:`sqlite3.Row`."""
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> _Cursor: ...
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> _Cursor: ...
+    def executescript(self, script: str) -> Any: ...
+    def begin_write(self) -> None: ...
+    def commit_write(self) -> None: ...
+    def rollback_write(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _SqliteConnection(sqlite3.Connection):
+    """SQLite's own connection (no wrapper on the receiver's hot path) plus the
+    write-transaction verbs; ``BEGIN IMMEDIATE`` takes the write lock up front."""
+
+    def begin_write(self) -> None:
+        self.execute("BEGIN IMMEDIATE")
+
+    def commit_write(self) -> None:
+        self.execute("COMMIT")
+
+    def rollback_write(self) -> None:
+        self.execute("ROLLBACK")
+
+
+#: The advisory lock every write transaction of every node process takes: PostgreSQL
+#: then serialises them as SQLite does, so read-then-write methods need no retries.
+_PG_WRITE_LOCK = 0x50C0CA5E
+
+
+class _PgRow(tuple):  # type: ignore[type-arg]
+    """A result row read by position or by column name, as :class:`sqlite3.Row` is."""
+
+    __slots__ = ()
+    _names: dict[str, int]
+
+    def __getitem__(self, key: Any) -> Any:
+        return tuple.__getitem__(self, self._names[key] if isinstance(key, str) else key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+
+@functools.lru_cache(maxsize=64)
+def _pg_row_type(names: tuple[str, ...]) -> type[_PgRow]:
+    return type("Row", (_PgRow,), {"__slots__": (), "_names": {name: i for i, name in enumerate(names)}})
+
+
+def _pg_row_factory(cursor: psycopg.Cursor[Any]) -> type[_PgRow]:
+    """psycopg's row factory: the row type for this result's columns."""
+    return _pg_row_type(tuple(col.name for col in cursor.description or ()))
+
+
+@functools.lru_cache(maxsize=256)
+def _pg_sql(sql: str) -> str:
+    """The ledger's SQL (written in the dialect both share) with psycopg's ``%s``
+    placeholders for SQLite's ``?``."""
+    if "%" in sql:
+        raise ValueError(f"ledger SQL must not contain '%': {sql}")
+    return sql.replace("?", "%s")
+
+
+def _pg_schema(schema: str) -> str:
+    """The SQLite schema in PostgreSQL's types: 8-byte floats and integers, and
+    byte-order text (COLLATE "C") so ORDER BY on UIDs matches SQLite's."""
+    schema = re.sub(r"\bREAL\b", "DOUBLE PRECISION", schema)
+    schema = re.sub(r"\bINTEGER\b", "BIGINT", schema)
+    return re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', schema)
+
+
+class _PgConnection:
+    """One PostgreSQL connection in autocommit mode (a read is its own transaction,
+    as on SQLite); reconnects before the next statement after the server went away,
+    never in the middle of a transaction."""
+
+    def __init__(self, url: str, durable: bool) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:  # a broken install, not a bad setting
+            raise RuntimeError("SONOCASE_LEDGER_URL needs psycopg: run scripts/setup.sh") from exc
+        self._psycopg = psycopg
+        self._url = url
+        self._durable = durable
+        self._in_tx = False
+        self._conn = self._connect()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            conn = self._psycopg.connect(self._url, autocommit=True, row_factory=_pg_row_factory,
+                                         connect_timeout=10)
+        except self._psycopg.OperationalError as exc:
+            raise ConnectionError(f"cannot reach the ledger database {redact_url(self._url)}: {exc}") from None
+        # off: a commit returns before the WAL is flushed, so a crash of the database
+        # server (not of ours) may lose the last moments; what durability "none" promises.
+        conn.execute(f"SET synchronous_commit TO {'on' if self._durable else 'off'}")
+        return conn
+
+    def _live(self) -> psycopg.Connection[Any]:
+        if self._conn.closed and not self._in_tx:
+            self._conn = self._connect()
+        return self._conn
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> _Cursor:
+        return self._live().execute(_pg_sql(sql), args)
+
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> _Cursor:
+        cursor = self._live().cursor()
+        cursor.executemany(_pg_sql(sql), seq)
+        return cursor
+
+    def executescript(self, script: str) -> None:
+        """Create the schema under the write lock: concurrent CREATE ... IF NOT EXISTS
+        from several starting processes would otherwise collide in the catalogue."""
+        self.begin_write()
+        try:
+            self._conn.execute(_pg_schema(script))
+        except BaseException:
+            self.rollback_write()
+            raise
+        self.commit_write()
+
+    def begin_write(self) -> None:
+        conn = self._live()
+        conn.execute("BEGIN")
+        self._in_tx = True
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_WRITE_LOCK,))
+
+    def commit_write(self) -> None:
+        self._in_tx = False
+        self._conn.execute("COMMIT")
+
+    def rollback_write(self) -> None:
+        self._in_tx = False
+        if not self._conn.closed:
+            self._conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for logs and error messages."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
 @dataclass(frozen=True, slots=True)
 class InstanceRecord:
     """What the receiver knows about one stored instance."""
@@ -133,20 +302,42 @@ class InstanceRecord:
     ignored_reason: str | None = None
 
 
-class Ledger:
-    """A process's handle on the ledger; safe to share between its threads."""
+def open_ledger(settings: Settings, durable: bool | None = None) -> Ledger:
+    """The ledger the settings name: PostgreSQL at ``ledger_url``, else the SQLite
+    file under data_dir. ``durable`` defaults to the ``durability`` setting."""
+    durable = settings.durability == "fsync" if durable is None else durable
+    if settings.ledger_url:
+        return Ledger(url=settings.ledger_url, durable=durable)
+    return Ledger(settings.ledger_path, durable=durable)
 
-    def __init__(self, path: Path, durable: bool = True) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+class Ledger:
+    """A process's handle on the ledger; safe to share between its threads.
+
+    Either the SQLite file at ``path`` or the PostgreSQL database at ``url``
+    (``postgresql://user@host:port/db``); :func:`open_ledger` picks from settings.
+    """
+
+    def __init__(self, path: Path | None = None, durable: bool = True, *, url: str = "") -> None:
+        if (path is None) == (not url):
+            raise ValueError("a ledger is either a SQLite file (path) or a PostgreSQL database (url)")
         self.path = path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL syncs the WAL on every commit (survives power loss); NORMAL survives
-        # a process crash, which is what durability "none" promises.
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db: _Connection
+        if url:
+            self._db = _PgConnection(url, durable)
+        else:
+            assert path is not None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False,
+                                 factory=_SqliteConnection)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL syncs the WAL on every commit (survives power loss); NORMAL survives
+            # a process crash, which is what durability "none" promises.
+            db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._db = db
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -154,17 +345,17 @@ class Ledger:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[_Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin_write()
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback_write()
                 raise
-            self._db.execute("COMMIT")
+            self._db.commit_write()
 
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
@@ -187,7 +378,7 @@ class Ledger:
             return [self._record(db, rec, now) for rec in recs]
 
     @staticmethod
-    def _record(db: sqlite3.Connection, rec: InstanceRecord, now: float) -> bool:
+    def _record(db: _Connection, rec: InstanceRecord, now: float) -> bool:
         if db.execute(
             "SELECT 1 FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
         ).fetchone():
@@ -285,7 +476,8 @@ class Ledger:
             if cur.rowcount != 1:
                 return False
             db.execute(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
+                "INSERT INTO results VALUES (?, ?, ?, ?) ON CONFLICT (study_uid, generation)"
+                " DO UPDATE SET result=excluded.result, created_at=excluded.created_at",
                 (study_uid, generation, json.dumps(result), now),
             )
             return True
@@ -398,8 +590,9 @@ class Ledger:
         now = time.time() if now is None else now
         with self._tx() as db:
             db.executemany(
-                "INSERT OR IGNORE INTO outbox (sop_instance_uid, destination, study_uid, generation,"
-                " sop_class_uid, path, state, next_attempt_at) VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO outbox (sop_instance_uid, destination, study_uid, generation,"
+                " sop_class_uid, path, state, next_attempt_at) VALUES (?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (sop_instance_uid, destination) DO NOTHING",
                 [
                     (uid, dest, study_uid, generation, cls_uid, path, OutboxState.PENDING, now)
                     for uid, cls_uid, path in items
@@ -455,8 +648,12 @@ class Ledger:
         """Swap the object a row sends for another (the SR rebuilt in a SOP class the
         destination accepts); its attempts and schedule carry over."""
         with self._tx() as db:
+            if new_sop_instance_uid != sop_instance_uid:  # a row already holding the new object gives way
+                db.execute(
+                    "DELETE FROM outbox WHERE sop_instance_uid=? AND destination=?", (new_sop_instance_uid, destination)
+                )
             db.execute(
-                "UPDATE OR REPLACE outbox SET sop_instance_uid=?, sop_class_uid=?, path=?"
+                "UPDATE outbox SET sop_instance_uid=?, sop_class_uid=?, path=?"
                 " WHERE sop_instance_uid=? AND destination=?",
                 (new_sop_instance_uid, new_sop_class_uid, new_path, sop_instance_uid, destination),
             )
@@ -474,13 +671,13 @@ class Ledger:
             raise ValueError(f"{start!r} -> {end!r}: not time stamps of a study")
         cases = "SUM(CASE WHEN d<=? THEN 1 ELSE 0 END), " * len(bounds)
         row = self._query(
-            f"SELECT {cases}COUNT(*), TOTAL(d) FROM (SELECT {end}-{start} AS d FROM studies"
-            f" WHERE {start} IS NOT NULL AND {end} IS NOT NULL AND {end}>={start})",
+            f"SELECT {cases}COUNT(*), COALESCE(SUM(d), 0) FROM (SELECT {end}-{start} AS d FROM studies"
+            f" WHERE {start} IS NOT NULL AND {end} IS NOT NULL AND {end}>={start}) AS spans",
             tuple(bounds),
         )[0]
         return [int(v or 0) for v in tuple(row)[:-2]], int(row[-2]), float(row[-1])
 
     def outbox_totals(self) -> dict[str, tuple[int, int]]:
         """Outbox state -> (objects, failed delivery attempts recorded)."""
-        rows = self._query("SELECT state, COUNT(*), TOTAL(attempts) FROM outbox GROUP BY state")
+        rows = self._query("SELECT state, COUNT(*), COALESCE(SUM(attempts), 0) FROM outbox GROUP BY state")
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
 
     # --- where state lives -------------------------------------------------
     data_dir: Path = Field(Path("sonocase-data"), description="Spool, ledger, outbox and index")
+    ledger_url: str = Field(
+        "", description="PostgreSQL ledger (postgresql://user@host:port/db) for workers on several hosts; "
+        "empty keeps the ledger in a SQLite file under data_dir"
+    )
 
     # --- receiver ----------------------------------------------------------
     ae_title: str = Field("SONOCASE", description="Our own AE title; callers must address it")
@@ -166,6 +170,14 @@ class Settings(BaseSettings):
     def _destinations(cls, value: Any) -> Any:
         items = _split_list(value)
         return [Destination.parse(v) if isinstance(v, str) else v for v in items]
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _ledger_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.match(r"postgres(ql)?://", value):
+            raise ValueError("must be empty (SQLite under data_dir) or a postgresql://user@host:port/db URL")
+        return value
 
     @field_validator("tls_cert", "tls_key", "tls_ca")
     @classmethod

@@ -1,8 +1,12 @@
 """Shared fixtures: a free loopback port, settings under a temporary data folder,
-the real Redis on 127.0.0.1:6379 (started when it is not answering), DCMTK tools."""
+the ledger on both backends (SQLite, and the real PostgreSQL on 127.0.0.1:5432,
+started when it is not answering), the real Redis on 127.0.0.1:6379 (likewise),
+DCMTK tools."""
 
 from __future__ import annotations
 
+import getpass
+import os
 import shutil
 import socket
 import subprocess
@@ -12,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from service.ledger import Ledger
+from service.ledger import Ledger, open_ledger
 from service.settings import Settings, load_settings
 
 #: DCMTK's tools; pynetdicom installs same-named apps into the venv, so use full paths.
 DCMTK = Path("/usr/bin")
 REDIS_URL = "redis://127.0.0.1:6379"
+#: The machine's PostgreSQL; its tests create a database of their own in it.
+POSTGRES_SERVER = f"postgresql://{getpass.getuser()}@127.0.0.1:5432"
 
 
 def free_port() -> int:
@@ -33,21 +39,78 @@ def dcmtk(tool: str) -> str:
     return str(path)
 
 
+def _ledger_backend(request: pytest.FixtureRequest) -> str:
+    """The backend the test's ``ledger`` fixture runs on (sqlite for tests without it)."""
+    callspec = getattr(request.node, "callspec", None)
+    return str(callspec.params.get("ledger", "sqlite")) if callspec is not None else "sqlite"
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Settings for one test: own data folder, own port, loopback only, short quiet period."""
+def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """Settings for one test: own data folder, own port, loopback only, short quiet
+    period; the ledger in a PostgreSQL schema of its own when the test's ``ledger``
+    runs on PostgreSQL, so everything the test starts shares that ledger."""
+    postgres = _ledger_backend(request) == "postgresql"
     return load_settings(
         data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(), http_port=0,
         quiet_period_s=0.5, durability="none",
+        ledger_url=request.getfixturevalue("postgres_url") if postgres else "",
     )
 
 
-@pytest.fixture
+@pytest.fixture(params=["sqlite", "postgresql"])
 def ledger(settings: Settings) -> Iterator[Ledger]:
-    """The ledger of the test's settings, closed afterwards."""
-    handle = Ledger(settings.ledger_path, durable=False)
+    """The ledger of the test's settings, on each backend in turn, closed afterwards."""
+    handle = open_ledger(settings, durable=False)
     yield handle
     handle.close()
+
+
+def _postgres_up() -> bool:
+    import psycopg
+
+    try:
+        psycopg.connect(POSTGRES_SERVER + "/postgres", connect_timeout=2).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A database of this test session on the real PostgreSQL (started here when it
+    is not answering), dropped at the end; its URL."""
+    import psycopg
+
+    if not _postgres_up():
+        if shutil.which("pg_ctlcluster") is None:
+            pytest.fail("PostgreSQL is not installed: run scripts/setup.sh")
+        for version in os.listdir("/etc/postgresql"):
+            subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=False)
+        deadline = time.monotonic() + 20
+        while not _postgres_up():
+            if time.monotonic() > deadline:
+                pytest.fail(f"PostgreSQL did not answer at {POSTGRES_SERVER} (trust or PGPASSWORD auth)")
+            time.sleep(0.2)
+    name = f"sonocase_test_{os.getpid()}_{int(time.time())}"
+    with psycopg.connect(POSTGRES_SERVER + "/postgres", autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield f"{POSTGRES_SERVER}/{name}"
+    with psycopg.connect(POSTGRES_SERVER + "/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_url(postgres_database: str) -> Iterator[str]:
+    """A ledger URL of a fresh schema (cheaper than a database per test), dropped afterwards."""
+    import psycopg
+
+    schema = f"t{os.urandom(6).hex()}"
+    with psycopg.connect(postgres_database, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+    yield f"{postgres_database}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(postgres_database, autocommit=True) as db:
+        db.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def _redis_up() -> bool:

@@ -1,22 +1,40 @@
-"""The ledger on a real SQLite file: the study life cycle, claims between two
-handles (as between two processes), retries and the outbox."""
+"""The ledger on a real SQLite file and on the real PostgreSQL: the study life
+cycle, claims between two handles (as between two processes), retries and the outbox."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
+Opener = Callable[[], Ledger]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_handle(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens another handle on the test's ledger (as another process would); closes them all after."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else ""
+    handles: list[Ledger] = []
+
+    def open_() -> Ledger:
+        handles.append(Ledger(url=url) if url else Ledger(tmp_path / "ledger.sqlite3"))
+        return handles[-1]
+
+    yield open_
+    for handle in handles:
+        handle.close()
+
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    led = Ledger(tmp_path / "ledger.sqlite3")
-    yield led
-    led.close()
+def ledger(open_handle: Opener) -> Ledger:
+    return open_handle()
 
 
 def instance(sop: str, study: str = STUDY) -> InstanceRecord:
@@ -80,16 +98,34 @@ def test_pending_analysis_count(ledger: Ledger) -> None:
     assert ledger.pending_analysis_count() == 0
 
 
-def test_only_one_handle_claims_a_study(ledger: Ledger, tmp_path: Path) -> None:
-    other = Ledger(tmp_path / "ledger.sqlite3")  # a second process's handle
-    try:
-        complete(ledger)
-        assert ledger.claim_analysis(STUDY, lease_s=60, now=110) == 1
-        assert other.claim_analysis(STUDY, lease_s=60, now=111) is None
-        assert other.claim_analysis(STUDY, lease_s=60, now=171) == 1  # the lease ran out
-        assert other.study(STUDY)["attempts"] == 2
-    finally:
-        other.close()
+def test_only_one_handle_claims_a_study(ledger: Ledger, open_handle: Opener) -> None:
+    other = open_handle()  # a second process's handle
+    complete(ledger)
+    assert ledger.claim_analysis(STUDY, lease_s=60, now=110) == 1
+    assert other.claim_analysis(STUDY, lease_s=60, now=111) is None
+    assert other.claim_analysis(STUDY, lease_s=60, now=171) == 1  # the lease ran out
+    assert other.study(STUDY)["attempts"] == 2
+
+
+def test_write_transactions_of_two_handles_are_serialised(ledger: Ledger, open_handle: Opener) -> None:
+    """While one handle is inside a write transaction, another's write waits for it
+    (SQLite's write lock; PostgreSQL's advisory lock), then sees its commit."""
+    other = open_handle()
+    complete(ledger)
+    done = threading.Event()
+    claimed: list[int | None] = []
+
+    def claim() -> None:
+        claimed.append(other.claim_analysis(STUDY, lease_s=60, now=111))
+        done.set()
+
+    with ledger._tx() as db:
+        db.execute("UPDATE studies SET state=? WHERE study_uid=?", (StudyState.SENT, STUDY))
+        thread = threading.Thread(target=claim)
+        thread.start()
+        assert not done.wait(0.5)  # blocked behind our transaction, not racing it
+    thread.join(30)
+    assert claimed == [None]  # it saw the committed SENT, so there was nothing to claim
 
 
 def test_due_for_queue_includes_lost_leases(ledger: Ledger) -> None:
@@ -145,14 +181,52 @@ def test_outbox_queue_send_and_reset(ledger: Ledger) -> None:
     assert ledger.outbox(STUDY, states=(OutboxState.SENT,))[0]["sent_at"] == 202
 
 
-def test_state_survives_reopening_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    first = Ledger(path)
+def test_state_survives_reopening(open_handle: Opener) -> None:
+    first = open_handle()
     complete(first)
     first.close()
-    again = Ledger(path)
+    again = open_handle()
+    assert again.study(STUDY)["state"] == StudyState.COMPLETE
+    assert again.count_by_state() == {"complete": 1}
+
+
+def test_replaced_outbox_object_keeps_its_schedule(ledger: Ledger) -> None:
+    complete(ledger)
+    ledger.enqueue_outbox(STUDY, 1, [("9.1", "1.2.840.10008.5.1.4.1.1.88.22", "out/9.1.dcm")], ["A@h:1"], now=200)
+    ledger.update_outbox("9.1", "A@h:1", OutboxState.PENDING, error="0x0122", next_attempt_at=300, now=201)
+    ledger.replace_outbox("9.1", "A@h:1", "9.3", "1.2.840.10008.5.1.4.1.1.88.11", "out/9.3.dcm")
+    [row] = ledger.outbox(STUDY)
+    assert (row["sop_instance_uid"], row["sop_class_uid"], row["attempts"], row["next_attempt_at"]) == (
+        "9.3", "1.2.840.10008.5.1.4.1.1.88.11", 1, 300)
+
+
+def test_monitoring_figures_are_aggregated(ledger: Ledger) -> None:
+    complete(ledger)  # received at 100, complete at 105
+    assert ledger.latency_histogram("first_received", "completed_at", [1, 5, 10]) == ([0, 1, 1], 1, 5.0)
+    ledger.enqueue_outbox(STUDY, 1, [("9.1", "c", "p1"), ("9.2", "c", "p2")], ["A@h:1"], now=200)
+    ledger.update_outbox("9.2", "A@h:1", OutboxState.PENDING, error="refused", now=201)
+    assert ledger.outbox_totals() == {"pending": (2, 1)}
+
+
+def test_a_ledger_is_a_file_or_a_database() -> None:
+    with pytest.raises(ValueError, match="either"):
+        Ledger()
+    with pytest.raises(ValueError, match="either"):
+        Ledger(Path("x.sqlite3"), url="postgresql://localhost/x")
+
+
+def test_postgresql_reconnects_after_the_server_dropped_it(postgres_url: str) -> None:
+    """The connection is ended by the server (as by a restart): that call fails
+    with the error, the next one works on a new connection."""
+    ledger = Ledger(url=postgres_url)
     try:
-        assert again.study(STUDY)["state"] == StudyState.COMPLETE
-        assert again.count_by_state() == {"complete": 1}
+        complete(ledger)
+        pid = ledger._query("SELECT pg_backend_pid()")[0][0]
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(psycopg.OperationalError):
+            ledger.study(STUDY)
+        assert ledger.study(STUDY)["state"] == StudyState.COMPLETE
+        assert ledger._query("SELECT pg_backend_pid()")[0][0] != pid
     finally:
-        again.close()
+        ledger.close()
