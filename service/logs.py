@@ -70,5 +70,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler.addFilter(PhiFilter())
     root.addHandler(handler)
     root.setLevel(level)
-    # pynetdicom is chatty at INFO (every PDU); keep its warnings.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # pynetdicom (every PDU) and highdicom (every copied module) are chatty at INFO;
+    # keep their warnings.
+    for chatty in ("pynetdicom", "highdicom"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLevelName(level)))
