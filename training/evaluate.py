@@ -345,6 +345,8 @@ def cross_validate(records: Sequence[Record], source: DataSource, model_config: 
                                                   "per_fold": per_fold}, indent=2) + "\n")
     lines = [f"# {k}-fold cross-validation: {model_config.arch}", "", f"> {DISCLAIMER}", "",
              f"- Data: {source.describe()}",
+             f"- Settings: {settings_line(model_config, train_config)}",
+             f"- Command: `{command}`" if command else "- Command: (called from Python)",
              ("- Folds: stratified group k-fold (no group spans train and test); validation for early "
               "stopping is split off each fold's training part."), "",
              "| metric | mean | std | " + " | ".join(f"fold {i}" for i in range(1, k + 1)) + " |",
@@ -378,15 +380,25 @@ def compare_architectures(records: Sequence[Record], source: DataSource, archs: 
                      "paper_accuracy": PAPER_ACCURACY.get(arch)})
     _write_text(out_dir / "compare.json", json.dumps({"data": source.describe(), "split": asdict(split),
                                                        "rows": rows}, indent=2) + "\n")
-    _write_text(out_dir / "compare.md", compare_markdown(rows, source.describe(), len(split.test)))
+    _write_text(out_dir / "compare.md", compare_markdown(
+        rows, source.describe(), len(split.test), settings_line(model_config, train_config), command))
     return rows
 
 
-def compare_markdown(rows: Sequence[dict[str, Any]], data: str, n_test: int) -> str:
+def settings_line(model_config: ModelConfig, train_config: TrainConfig) -> str:
+    c, t = model_config, train_config
+    return (f"input {c.size}x{c.size}, width {c.width:g}, {c.rnn_type.upper()} hidden {c.rnn_hidden}, "
+            f"embedding {c.embedding_dim}; up to {t.epochs} epochs (early-stopping patience {t.patience}), "
+            f"batch {t.batch_size}, Adam lr {t.lr:g}, augmentation {'on' if t.augment else 'off'}, seed {t.seed}")
+
+
+def compare_markdown(rows: Sequence[dict[str, Any]], data: str, n_test: int, settings: str, command: str) -> str:
     lines = [
         "# Architecture comparison", "", f"> {DISCLAIMER}", "",
         (f"- Data: {data}; every architecture trained on the same split and scored on the same "
          f"{n_test} held-out images (groups never span train and test)."),
+        f"- Settings (all architectures): {settings}",
+        f"- Command: `{command}`" if command else "- Command: (called from Python)",
         ("- Seed paper: Fawzy et al., Scientific Reports 2026 (BUSI). It reports 99.24 % accuracy for the "
          "VGG16 + RNN hybrid from a split it does not clearly describe; image-level random splits of BUSI "
          "leak near-duplicates, and honest 3-class balanced accuracy on BUSI in the literature is about "
