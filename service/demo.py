@@ -34,7 +34,7 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from service.cli import settings_from
-from service.ledger import Ledger, StudyState
+from service.ledger import Ledger, StudyState, open_ledger
 from service.model_card import DISCLAIMER
 from service.node import Node, node_services
 from service.reports.sr import SR_CLASSES
@@ -232,7 +232,7 @@ def demo(ctx: click.Context, studies: int, images: int, library: int, data_dir: 
 
 def _run(settings: Settings, pacs: StandInPacs, folder: Path, studies: int, images: int, timeout: int) -> None:
     """Start the node, push the studies, wait, print the table and the output paths."""
-    ledger = Ledger(settings.ledger_path, durable=False)
+    ledger = open_ledger(settings, durable=False)
     node = Node(node_services(settings, ledger))
     try:
         node.start()

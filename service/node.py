@@ -19,7 +19,7 @@ from typing import Protocol
 import click
 
 from service.cli import settings_from
-from service.ledger import Ledger
+from service.ledger import Ledger, open_ledger
 from service.receiver import CompletionLoop, ReceiverService
 from service.scheduler import SchedulerService, WorkerProcesses
 from service.sender import SenderService
@@ -113,7 +113,7 @@ def serve(ctx: click.Context, port: int | None, ae_title: str | None, data_dir: 
     settings = settings_from(ctx, port=port, ae_title=ae_title, data_dir=data_dir)
     if not settings.allowed_callers:
         LOG.warning("allowed_callers is empty: any calling AE title may store to %s", settings.ae_title)
-    ledger = Ledger(settings.ledger_path, durable=settings.durability == "fsync")
+    ledger = open_ledger(settings)
     node = Node(node_services(settings, ledger))
     node.stop_on_signals()
     try:

@@ -39,7 +39,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from service.cli import settings_from
-from service.ledger import Ledger, OutboxState, StudyState
+from service.ledger import Ledger, OutboxState, StudyState, open_ledger
 from service.model_card import card_path_for
 from service.reports.build import (
     DEFAULT_SR_CLASS,
@@ -405,7 +405,7 @@ def resend(ctx: click.Context, study_uid: str) -> None:
     already accepted are not sent again.
     """
     settings = settings_from(ctx)
-    ledger = Ledger(settings.ledger_path, durable=settings.durability == "fsync")
+    ledger = open_ledger(settings)
     try:
         click.echo(resend_study(settings, ledger, study_uid))
     finally:

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from service.cli import settings_from
-from service.ledger import Ledger, StudyState
+from service.ledger import Ledger, StudyState, open_ledger
 
 _TIME_COLUMNS = ("first_received", "last_received", "completed_at", "queued_at", "analysis_started",
                  "lease_until", "analysed_at", "reported_at", "sent_at", "next_attempt_at", "updated_at")
@@ -98,9 +98,9 @@ def status(ctx: click.Context, study_uid: str | None, as_json: bool, limit: int,
     """Show recent studies (state, instances, times, error), or STUDY_UID in detail
     with its stored result and outbox."""
     settings = settings_from(ctx)
-    if not settings.ledger_path.is_file():
+    if not settings.ledger_url and not settings.ledger_path.is_file():
         raise click.ClickException(f"no ledger at {settings.ledger_path}: has the node run with this data_dir?")
-    ledger = Ledger(settings.ledger_path, durable=False)
+    ledger = open_ledger(settings, durable=False)
     if not settings.destinations and not as_json:
         click.echo(f"no destination configured (SONOCASE_DESTINATIONS): results stay in {settings.outbox_dir}")
     try:

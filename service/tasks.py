@@ -26,7 +26,7 @@ from celery.signals import worker_process_init
 from service.analysis import analyse_study
 from service.cli import settings_from
 from service.inference import ModelError, OnnxModel
-from service.ledger import Ledger, StudyState
+from service.ledger import Ledger, StudyState, open_ledger
 from service.reports.build import build_reports
 from service.retrieval import SimilarCaseIndex
 from service.scheduler import QUEUE, TASK_NAME, create_app
@@ -56,7 +56,7 @@ class WorkerState:
         """Open the ledger and load the model in this process. A model that cannot
         load is logged here and reported per study (the study fails visibly)."""
         self._pid = os.getpid()
-        self._ledger = Ledger(self.settings.ledger_path, durable=self.settings.durability == "fsync")
+        self._ledger = open_ledger(self.settings)
         self._model = self._index = None
         try:
             self.model()

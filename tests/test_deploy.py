@@ -27,7 +27,8 @@ from tests.conftest import dcmtk, free_port
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 ENTRYPOINT = DEPLOY / "entrypoint.sh"
-COMPOSE_ENV = {"SONOCASE_WEB_TOKEN": "compose-test-token", "FLOWER_BASIC_AUTH": "ops:secret"}
+COMPOSE_ENV = {"SONOCASE_WEB_TOKEN": "compose-test-token", "SONOCASE_DB_PASSWORD": "db-secret",
+               "FLOWER_BASIC_AUTH": "ops:secret"}
 
 
 def _settings_from_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -64,7 +65,7 @@ def test_compose_file_validates_and_wires_node_workers_and_pacs(monkeypatch: pyt
     assert done.returncode == 0, done.stderr
     config = yaml.safe_load(done.stdout)
     services = config["services"]
-    assert set(services) == {"redis", "node", "worker", "flower", "orthanc"}
+    assert set(services) == {"redis", "postgres", "node", "worker", "flower", "orthanc"}
 
     assert "--appendonly" in services["redis"]["command"]
     assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
@@ -81,6 +82,11 @@ def test_compose_file_validates_and_wires_node_workers_and_pacs(monkeypatch: pyt
     settings = _settings_from_env(node["environment"], monkeypatch)
     worker_settings = _settings_from_env(worker["environment"], monkeypatch)
     assert settings.broker_url == worker_settings.broker_url and settings.broker_url.startswith("redis://redis:")
+    # One ledger for all, in the postgres service, which the node waits for.
+    assert settings.ledger_url == worker_settings.ledger_url
+    assert settings.ledger_url.startswith("postgresql://sonocase@postgres:5432/")
+    assert node["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert node["environment"]["PGPASSWORD"] == services["postgres"]["environment"]["POSTGRES_PASSWORD"]
     assert "--broker=" + settings.broker_url in services["flower"]["command"]
 
     # Orthanc pushes to the node, and the node sends its results back to Orthanc.
@@ -98,9 +104,10 @@ def test_compose_file_validates_and_wires_node_workers_and_pacs(monkeypatch: pyt
         assert f"origin['RemoteAet'] == '{settings.ae_title}'" in lua  # results are not sent back round
 
 
-def test_compose_refuses_to_start_without_a_status_page_token() -> None:
-    done = _compose_config({"FLOWER_BASIC_AUTH": "ops:secret"})
-    assert done.returncode != 0 and "SONOCASE_WEB_TOKEN" in done.stderr
+@pytest.mark.parametrize("secret", ["SONOCASE_WEB_TOKEN", "SONOCASE_DB_PASSWORD"])
+def test_compose_refuses_to_start_without_a_secret(secret: str) -> None:
+    done = _compose_config({k: v for k, v in COMPOSE_ENV.items() if k != secret})
+    assert done.returncode != 0 and secret in done.stderr
 
 
 # --- Kubernetes --------------------------------------------------------------------------
@@ -166,9 +173,10 @@ def test_kubernetes_manifests_are_wired_together(monkeypatch: pytest.MonkeyPatch
     worker_pod = deployments["sonocase-worker"]["spec"]["template"]["spec"]
     worker = worker_pod["containers"][0]
     assert worker["args"][0] == "worker" and worker["resources"]["limits"]["nvidia.com/gpu"] == 1
-    affinity = worker_pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
-    node_labels = deployments["sonocase-node"]["spec"]["template"]["metadata"]["labels"]
-    assert affinity["labelSelector"]["matchLabels"].items() <= node_labels.items()
+    # The ledger is in PostgreSQL, so workers may run on any host (no affinity to the node's).
+    assert "podAffinity" not in worker_pod.get("affinity", {})
+    assert config["SONOCASE_LEDGER_URL"].startswith("postgresql://")
+    assert "sonocase-postgres" in _by_kind(docs, "StatefulSet")
     hpa = _by_kind(docs, "HorizontalPodAutoscaler")["sonocase-worker"]["spec"]
     assert hpa["scaleTargetRef"]["name"] == "sonocase-worker" and hpa["maxReplicas"] > hpa["minReplicas"]
     assert hpa["metrics"][0]["external"]["metric"]["name"] == "sonocase_queue_depth"
