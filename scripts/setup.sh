@@ -9,6 +9,7 @@ need_apt=()
 [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)  # the distributed ledger's tests
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # status page tests, headless
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)  # validates deploy/compose.yaml
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from pydicom.dataset import Dataset
 
-from service.ledger import InstanceRecord, Ledger
+from service.ledger import InstanceRecord, Ledger, open_ledger
 from service.scheduler import settings_env
 from service.settings import ENV_PREFIX, Settings
 from service.spool import instance_path
@@ -58,7 +58,7 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0, in
 
 
 def study_state(settings: Settings, study_uid: str) -> str | None:
-    ledger = Ledger(settings.ledger_path, durable=False)
+    ledger = open_ledger(settings, durable=False)
     try:
         row = ledger.study(study_uid)
         return row["state"] if row else None
