@@ -188,12 +188,12 @@ def test_association_dropped_mid_send_is_retried(to_pacs: Settings, ledger: Ledg
 _SENDER_PROCESS = """
 import time
 from service.logs import configure_logging
-from service.ledger import Ledger
+from service.ledger import open_ledger
 from service.sender import SenderService
 from service.settings import load_settings
 settings = load_settings()
 configure_logging("INFO")
-SenderService(settings, Ledger(settings.ledger_path)).start()
+SenderService(settings, open_ledger(settings)).start()
 print("sender started", flush=True)
 time.sleep(600)
 """
@@ -201,7 +201,8 @@ time.sleep(600)
 
 def _sender_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ, "SONOCASE_DATA_DIR": str(settings.data_dir), "SONOCASE_DURABILITY": "none",
+        **os.environ, "SONOCASE_DATA_DIR": str(settings.data_dir), "SONOCASE_LEDGER_URL": settings.ledger_url,
+        "SONOCASE_DURABILITY": "none",
         "SONOCASE_DESTINATIONS": ",".join(str(d) for d in settings.destinations),
         "SONOCASE_SEND_BACKOFF_S": "0.2", "SONOCASE_SEND_BACKOFF_MAX_S": "0.5", "SONOCASE_SEND_MAX_ATTEMPTS": "1000",
     }
@@ -242,7 +243,7 @@ def test_killed_sender_sends_after_restart(to_pacs: Settings, ledger: Ledger, pa
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SONOCASE_DATA_DIR": str(settings.data_dir),
+    env = {**os.environ, "SONOCASE_DATA_DIR": str(settings.data_dir), "SONOCASE_LEDGER_URL": settings.ledger_url,
            "SONOCASE_DESTINATIONS": ",".join(str(d) for d in settings.destinations)}
     return subprocess.run([sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True,
                           timeout=120)
