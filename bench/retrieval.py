@@ -281,7 +281,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=("lowrank", "isotropic"), default="lowrank",
                         help="how clusters spread (see Clusters)")
     parser.add_argument("--spread", type=float, default=0.3, help="offset norm around a centre (centres have norm 1)")
-    parser.add_argument("--ef", type=lambda s: [int(v) for v in s.split(",")], default=[16, 32, DEFAULT_EF, 128])
+    parser.add_argument("--ef", type=lambda s: [int(v) for v in s.split(",")], default=sorted({32, 64, DEFAULT_EF, 256}))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where indexes are built (default: a temp dir)")
     parser.add_argument("--quality", type=Path, default=None, metavar="MODEL.onnx",
