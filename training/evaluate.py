@@ -193,6 +193,7 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
         model={"arch": trained.model_config.arch, **trained.model_config.to_dict()},
         data=trained.source.describe(), class_counts=trained.class_counts,
         epochs_run=len(trained.history), disclaimer=DISCLAIMER,
+        best_epoch=min(trained.history, key=lambda h: h["val_loss"])["epoch"] if trained.history else None,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {
@@ -229,7 +230,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         f"- Data: {report['data']}",
         f"- Evaluated on: {report['evaluated_on']}",
-        f"- Epochs run: {report['epochs_run']}",
+        f"- Epochs run: {report['epochs_run']}; weights of epoch {report['best_epoch']} (lowest validation loss)",
         "",
         "| metric | value |",
         "|---|---|",
