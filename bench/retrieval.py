@@ -246,8 +246,8 @@ def retrieval_quality(model: Path, per_class: int, workdir: Path) -> dict[str, f
     embedder = ReferenceEmbedder(settings)
     _, reference_csv = write_dicom_dataset(workdir / "reference", per_class, seed=1)
     _, query_csv = write_dicom_dataset(workdir / "queries", per_class, seed=2)
-    reference = read_labels_csv(reference_csv, embedder.card.classes, "biopsy")
-    truth = read_labels_csv(query_csv, embedder.card.classes, "biopsy")
+    reference = read_labels_csv(reference_csv, embedder.card.classes)
+    truth = read_labels_csv(query_csv, embedder.card.classes)
     studies_of = {label: sum(d.label == label for d in reference.values()) for label in embedder.card.classes}
     ap, precision, top1 = [], [], []
     with SimilarCaseIndex.from_settings(settings, embedder.identity) as index:

@@ -119,14 +119,14 @@ def push_study(datasets: Sequence[Dataset], host: str, port: int, called_ae: str
 
 
 def build_library(settings: Settings, per_class: int, seed: int) -> str:
-    """A similar-case library of synthetic studies whose labels stand in for biopsy
-    results (other synthetic patients than the pushed ones); return its version."""
+    """A similar-case library of synthetic studies labelled with the generator's
+    ground truth (label source "synthetic") (other synthetic patients than the pushed ones); return its version."""
     from training.data.synthetic import write_dicom_dataset
 
     embedder = ReferenceEmbedder(settings)
     with tempfile.TemporaryDirectory(dir=settings.data_dir, prefix="library-") as tmp:
         _, labels_csv = write_dicom_dataset(Path(tmp), per_class, seed)
-        labels = read_labels_csv(labels_csv, embedder.card.classes, "biopsy")
+        labels = read_labels_csv(labels_csv, embedder.card.classes)
         with SimilarCaseIndex.from_settings(settings, embedder.identity) as index:
             report = fill_index(index, embedder.embed, dicom_files(Path(tmp)), labels)
             if report.failed:

@@ -36,7 +36,7 @@ class SimilarStudy(_Strict):
     accession_number: str = ""
     study_date: str = ""
     label: str
-    label_source: str = Field(description="biopsy | radiologist | ai")
+    label_source: str = Field(description="biopsy | radiologist | synthetic | ai")
     distance: float = Field(description="Euclidean distance of L2-normalised embeddings, 0..2")
     similarity: float = Field(description="1 - distance/2, 0..1, for people")
     query_sop_instance_uid: str = ""

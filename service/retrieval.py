@@ -57,7 +57,9 @@ from service.spool import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
-LABEL_SOURCES: tuple[str, ...] = ("biopsy", "radiologist", "ai")
+#: Where a reference label came from. "synthetic" is the generator's ground truth
+#: (demo and test libraries), never to be read as a clinical diagnosis.
+LABEL_SOURCES: tuple[str, ...] = ("biopsy", "radiologist", "synthetic", "ai")
 #: hnswlib graph degree and build-time beam; the issue fixes both.
 HNSW_M = 16
 EF_CONSTRUCTION = 200

@@ -46,7 +46,7 @@ def read_labels_csv(path: Path, classes: Sequence[str], source: str | None = Non
     """Labels by Study or SOP Instance UID from a CSV with a header.
 
     Columns: ``study_instance_uid`` or ``sop_instance_uid``, ``label`` (one of the
-    model's ``classes``) and ``label_source`` (biopsy | radiologist | ai) unless
+    model's ``classes``) and ``label_source`` (biopsy | radiologist | synthetic | ai) unless
     ``source`` is given, which then applies to every row. Every bad row is named in
     one ValueError, so a file is fixed in one go and nothing half-imported.
     """
@@ -306,7 +306,7 @@ def add(ctx: click.Context, folder: Path, labels_csv: Path, label_source: str | 
 
 @index.command()
 @click.option("--synthetic", "per_class", type=click.IntRange(1), default=None,
-              help="Generate this many synthetic images per class (labels stand in for biopsy results).")
+              help="Generate this many synthetic images per class (label source: synthetic).")
 @click.option("--seed", type=click.IntRange(0), default=1, show_default=True,
               help="Synthetic patients' seed (the shipped model was trained on seed 0).")
 @click.option("--busi", "busi_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
@@ -323,7 +323,7 @@ def build(ctx: click.Context, per_class: int | None, seed: int, busi_dir: Path |
             from training.data.synthetic import write_dicom_dataset
 
             _, labels_csv = write_dicom_dataset(Path(tmp), per_class, seed)
-            source = "biopsy"
+            source = "synthetic"
         else:
             assert busi_dir is not None
             labels_csv = busi_as_dicom(busi_dir, Path(tmp))
@@ -407,7 +407,7 @@ def delete(ctx: click.Context, study_uid: str, reason: str) -> None:
 @index.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("-k", "k_studies", type=click.IntRange(1, 50), default=5, show_default=True, help="Studies to show.")
-@click.option("--confirmed-only", is_flag=True, help="Only studies with a biopsy or radiologist diagnosis.")
+@click.option("--confirmed-only", is_flag=True, help="Only studies with a confirmed label (biopsy, radiologist, or synthetic ground truth).")
 @click.pass_context
 def query(ctx: click.Context, files: tuple[Path, ...], k_studies: int, confirmed_only: bool) -> None:
     """Show the studies most similar to one study's DICOM FILES (as the worker finds them)."""

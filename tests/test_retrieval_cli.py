@@ -149,8 +149,10 @@ def test_add_refuses_an_index_of_another_model(
     refused = run(other, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "biopsy")
     assert refused.exit_code == 1
     assert "holds embeddings of model tiny-test 1" in refused.stderr and "index rebuild" in refused.stderr
-    bad = run(env, "add", "--dicom", str(folder), "--labels", str(labels))
-    assert bad.exit_code == 1 and "label_source 'synthetic phantom'" in bad.stderr
+    hearsay = labels.with_name("hearsay.csv")
+    hearsay.write_text(labels.read_text().replace(",synthetic", ",hearsay"))
+    bad = run(env, "add", "--dicom", str(folder), "--labels", str(hearsay))
+    assert bad.exit_code == 1 and "label_source 'hearsay'" in bad.stderr
 
 
 def test_rebuild_binds_the_index_to_the_new_model(
@@ -206,7 +208,7 @@ def test_build_synthetic_and_busi(env: dict[str, str], tmp_path: Path) -> None:
     assert "added 3 images" in first.stdout
     assert "added 0 images; 3 were there already" in run(env, "build", "--busi", str(busi)).stdout
     info = run(env, "info").stdout
-    assert "6 images" in info and "1 biopsy, 1 radiologist" in info
+    assert "6 images" in info and "1 radiologist, 1 synthetic" in info
     assert run(env, "build").exit_code == 2
 
 

@@ -213,7 +213,7 @@ def write_dicom_dataset(root: Path, n_per_class: int, seed: int = 0, *, size: in
         label = views[0].label
         datasets = _study(seed, label, index, views, variants[number % len(variants)])
         paths += write_dicom_study(root, datasets)
-        rows.append((datasets[0].StudyInstanceUID, CLASSES[label], "synthetic phantom"))
+        rows.append((datasets[0].StudyInstanceUID, CLASSES[label], "synthetic"))
     labels_csv = root / "labels.csv"
     with labels_csv.open("w", newline="") as fh:
         writer = csv.writer(fh)
