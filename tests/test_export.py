@@ -239,7 +239,6 @@ def test_ship_checks_the_export_and_writes_the_card(trained_tiny: TrainedModel, 
     assert card.metrics == {"balanced_accuracy": 0.5, "n_test": 6, "evaluated_on": "held-out test split"}
 
 
-@pytest.mark.slow
 def test_int8_quantisation_reports_its_changes(trained_tiny: TrainedModel, tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     export_onnx(trained_tiny.model, path)

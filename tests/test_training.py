@@ -159,7 +159,6 @@ def test_summarize_gives_mean_and_spread() -> None:
 
 # ---- cross-validation and comparison -------------------------------------------------
 
-@pytest.mark.slow
 def test_cross_validation_and_comparison_write_their_tables(records, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     fast = TrainConfig(epochs=1, augment=False)
     summary = cross_validate(records, SOURCE, TINY, fast, 2, tmp_path / "cv", progress=False)
