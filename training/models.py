@@ -307,7 +307,8 @@ def load_initial_weights(model: SonoModel, path: Path) -> list[str]:
       with matching shapes are loaded;
     * torchvision's VGG16 (``features.<i>.weight``, e.g. ImageNet weights the user
       downloaded) for ``hybrid``: the 13 conv layers are copied in order, the first
-      one's RGB filters summed to one grayscale channel (our input is grayscale).
+      one's RGB filters summed to one grayscale channel (our input is grayscale);
+      with batch-norm on, the conv biases are dropped (batch-norm's shift replaces them).
 
     Returns the names of our parameters that were loaded; a file that matches
     nothing is an error, not a silent no-op.
