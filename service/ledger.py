@@ -95,7 +95,8 @@ CREATE TABLE IF NOT EXISTS instances (
     calling_ae TEXT NOT NULL,
     modality TEXT NOT NULL,
     ignored_reason TEXT,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    crc32 INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
 CREATE TABLE IF NOT EXISTS results (
@@ -300,6 +301,13 @@ class InstanceRecord:
     calling_ae: str
     modality: str
     ignored_reason: str | None = None
+    #: CRC-32 of the spool file as written: lets a restart find a file that a power
+    #: loss tore after its record was committed (see receiver.StoreSCP).
+    crc32: int | None = None
+
+
+def _instance(row: Any) -> InstanceRecord:
+    return InstanceRecord(**{k: row[k] for k in InstanceRecord.__slots__})
 
 
 def open_ledger(settings: Settings, durable: bool | None = None) -> Ledger:
@@ -403,11 +411,13 @@ class Ledger:
                 (StudyState.RECEIVING, now, now, rec.study_uid),
             )
         db.execute(
-            "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
+            " path, size, calling_ae, modality, ignored_reason, received_at, crc32)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 rec.sop_instance_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid,
                 rec.transfer_syntax, rec.path, rec.size, rec.calling_ae, rec.modality,
-                rec.ignored_reason, now,
+                rec.ignored_reason, now, rec.crc32,
             ),
         )
         return True
@@ -563,7 +573,32 @@ class Ledger:
         rows = self._query(
             "SELECT * FROM instances WHERE study_uid=? ORDER BY received_at, sop_instance_uid", (study_uid,)
         )
-        return [InstanceRecord(**{k: r[k] for k in InstanceRecord.__slots__}) for r in rows]
+        return [_instance(r) for r in rows]
+
+    def receiving_instances(self) -> list[InstanceRecord]:
+        """Instances of studies still being received: the only ones whose files may
+        not have reached the disk when the machine went down."""
+        rows = self._query(
+            "SELECT i.* FROM instances i JOIN studies s ON s.study_uid=i.study_uid WHERE s.state=?"
+            " ORDER BY i.received_at, i.sop_instance_uid",
+            (StudyState.RECEIVING,),
+        )
+        return [_instance(r) for r in rows]
+
+    def forget_instances(self, sop_instance_uids: list[str]) -> None:
+        """Remove records of instances that were never acknowledged (their file did not
+        reach the disk); a receiving study left without instances goes too."""
+        with self._tx() as db:
+            for uid in sop_instance_uids:
+                row = db.execute("SELECT study_uid FROM instances WHERE sop_instance_uid=?", (uid,)).fetchone()
+                if row is None:
+                    continue
+                db.execute("DELETE FROM instances WHERE sop_instance_uid=?", (uid,))
+                db.execute(
+                    "DELETE FROM studies WHERE study_uid=? AND state=? AND generation=1"
+                    " AND NOT EXISTS (SELECT 1 FROM instances WHERE study_uid=?)",
+                    (row["study_uid"], StudyState.RECEIVING, row["study_uid"]),
+                )
 
     def instance_count(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM instances")[0][0])

@@ -344,32 +344,47 @@ def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax:
 
 # --- the store itself ---------------------------------------------------------
 
-def write_new_file(path: Path, chunks: list[bytes], durable: bool, fsync_pool: ThreadPoolExecutor) -> int:
-    """Write a spool file under a temporary name and rename it into place; with
-    ``durable``, fsync the file and its folder at the same time. Return the size.
+def write_new_file(path: Path, chunks: list[bytes]) -> tuple[int, int]:
+    """Write a spool file under a temporary name and rename it into place, without
+    waiting for the disk; return its size and CRC-32.
 
-    spool.write_atomic fsyncs the file, renames, then fsyncs the folder: two journal
-    commits one after the other, for files that replace older ones. A spool file is
-    new and counts only once the ledger records it, after this returns, so the rename
-    may come first and both fsyncs share one commit (about half the time on ext4).
-    A power loss before they return can leave a partial file under its final name,
-    unrecorded and unacknowledged: the peer sends it again and it is overwritten.
+    A crash of the process never leaves a partial file under the final name. Making
+    it survive a power loss is :func:`flush_file`'s job, which the receiver runs at the
+    same time as the ledger commit (see :meth:`StoreSCP._write`).
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".dcm")
+    crc = 0
     try:
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
-            fh.flush()
-            os.replace(tmp, path)
-            if durable:
-                folder = fsync_pool.submit(spool.fsync_dir, path.parent)
-                os.fsync(fh.fileno())
-                folder.result()
+                crc = zlib.crc32(chunk, crc)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return sum(len(chunk) for chunk in chunks)
+    return sum(len(chunk) for chunk in chunks), crc
+
+
+def flush_file(path: Path) -> None:
+    """Make a file's data durable (its name is the folder's :func:`spool.fsync_dir`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_matches(path: Path, size: int, crc32: int) -> bool:
+    """Whether ``path`` holds exactly the bytes that were recorded."""
+    try:
+        with path.open("rb") as fh:
+            crc, total = 0, 0
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                crc, total = zlib.crc32(block, crc), total + len(block)
+    except FileNotFoundError:
+        return False
+    return total == size and crc == crc32
 
 
 @dataclass(slots=True)
@@ -424,13 +439,36 @@ class StoreSCP:
         self.ledger = ledger
         self.recorder = InstanceRecorder(ledger)
         self.durable = settings.durability == "fsync"
-        self._fsync_pool = ThreadPoolExecutor(settings.max_associations, thread_name_prefix="sonocase-fsync")
+        self._fsync_pool = ThreadPoolExecutor(2 * settings.max_associations, thread_name_prefix="sonocase-fsync")
         self._study_dirs: set[str] = set()
         self._dir_lock = threading.Lock()
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         if self.durable:
             spool.fsync_dir(settings.spool_dir.parent)
         self._remove_partial_files()
+        self._forget_torn_instances()
+
+    def _forget_torn_instances(self) -> None:
+        """Drop records whose file did not reach the disk before a power loss.
+
+        In ``fsync`` mode the file's flush and the ledger commit run at the same time
+        (one disk round trip instead of two), and Success waits for both; so a record
+        can outlive a power loss that tore its file, but only for an instance the peer
+        never heard Success for. Its study is still receiving: check those files
+        against their recorded size and CRC-32, forget the torn ones, and the peer's
+        retry stores them again.
+        """
+        torn = [
+            rec for rec in self.ledger.receiving_instances()
+            if rec.crc32 is not None and not file_matches(Path(rec.path), rec.size, rec.crc32)
+        ]
+        if not torn:
+            return
+        self.ledger.forget_instances([rec.sop_instance_uid for rec in torn])
+        for rec in torn:
+            Path(rec.path).unlink(missing_ok=True)
+            LOG.warning("forgot instance %s: its file did not survive the last shutdown (never acknowledged)",
+                        rec.sop_instance_uid, extra={"study_uid": rec.study_uid})
 
     def _remove_partial_files(self) -> None:
         """Temporary files left by a crash were never acknowledged: the peer sends
@@ -491,16 +529,27 @@ class StoreSCP:
         chunks = [encode_file_meta(inst.sop_class_uid, inst.sop_instance_uid, transfer_syntax, calling_ae), raw]
         self._ensure_dir(path.parent)
         try:
-            size = write_new_file(path, chunks, self.durable, self._fsync_pool)
+            size, crc = write_new_file(path, chunks)
         except FileNotFoundError:  # the study's folder was removed since (spool clean-up): make it again
             self._study_dirs.discard(path.parent.name)
             self._ensure_dir(path.parent)
-            size = write_new_file(path, chunks, self.durable, self._fsync_pool)
+            size, crc = write_new_file(path, chunks)
+        # The file's flush runs beside the ledger commit; Success waits for both.
+        flushes = []
+        if self.durable:
+            flushes = [self._fsync_pool.submit(flush_file, path), self._fsync_pool.submit(spool.fsync_dir, path.parent)]
         self.recorder.record(InstanceRecord(
             sop_instance_uid=inst.sop_instance_uid, study_uid=inst.study_uid, series_uid=inst.series_uid,
             sop_class_uid=inst.sop_class_uid, transfer_syntax=transfer_syntax, path=str(path), size=size,
-            calling_ae=calling_ae, modality=inst.modality, ignored_reason=ignored,
+            calling_ae=calling_ae, modality=inst.modality, ignored_reason=ignored, crc32=crc,
         ))
+        try:
+            for flush in flushes:
+                flush.result()
+        except OSError:  # not on disk: the peer must not hear Success, and its retry must not be a duplicate
+            self.ledger.forget_instances([inst.sop_instance_uid])
+            path.unlink(missing_ok=True)
+            raise
 
     def _ensure_dir(self, study_dir: Path) -> None:
         """Create a study's folder once; its entry in the spool folder is made durable
