@@ -40,6 +40,7 @@ from pynetdicom.association import Association
 
 from service.cli import settings_from
 from service.ledger import Ledger, OutboxState, StudyState, open_ledger
+from service.metrics import observe_send
 from service.model_card import card_path_for
 from service.reports.build import (
     DEFAULT_SR_CLASS,
@@ -189,6 +190,7 @@ class Sender:
                     extra={"study_uid": row["study_uid"]},
                 )
             self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SENT)
+            observe_send("accepted")
             return 1
         reason = "no response (association lost)" if code == -1 else f"C-STORE status 0x{code:04X}"
         self._failed(row, f"{dest} did not store {row['sop_instance_uid']}: {reason}")
@@ -224,6 +226,7 @@ class Sender:
 
     def _failed(self, row: dict[str, Any], reason: str) -> None:
         """Schedule another try, or give up visibly after send_max_attempts."""
+        observe_send("failed")
         attempts = row["attempts"] + 1
         study_uid = row["study_uid"]
         if attempts >= self.settings.send_max_attempts:

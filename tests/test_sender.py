@@ -18,10 +18,12 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import free_port
+from prometheus_client import CollectorRegistry
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage
 from test_reports_support import MODEL, Storescp, analysed_study, dsr2html, start_storescp, storescp_profile
 
 from service.ledger import Ledger, OutboxState, StudyState
+from service.metrics import SEND_ATTEMPTS
 from service.reports.build import build_reports
 from service.reports.template import TemplateError
 from service.retrieval import IndexEntry, SimilarCaseIndex
@@ -95,9 +97,20 @@ def test_results_arrive_once_and_the_study_is_sent(to_pacs: Settings, ledger: Le
     assert sr.SOPClassUID == Comprehensive3DSRStorage
 
 
+def _send_attempts() -> dict[str, float]:
+    """The sender's attempt counter (process-wide) by outcome, as /metrics shows it."""
+    registry = CollectorRegistry()
+    registry.register(SEND_ATTEMPTS)
+    return {
+        outcome: registry.get_sample_value("sonocase_send_attempts_total", {"outcome": outcome}) or 0.0
+        for outcome in ("accepted", "failed")
+    }
+
+
 def test_pacs_down_then_up_everything_arrives_once(to_pacs: Settings, ledger: Ledger, pacs_factory) -> None:
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"])
     sender = Sender(to_pacs, ledger)
+    attempts_before = _send_attempts()
     before = time.time()
     assert sender.run_once() == 0
     rows = ledger.outbox()
@@ -109,6 +122,9 @@ def test_pacs_down_then_up_everything_arrives_once(to_pacs: Settings, ledger: Le
     assert sender.run_once(now=FAR_FUTURE) == len(uids)
     assert sorted(pacs.received_uids()) == uids
     assert ledger.study(_study_uid(ledger))["state"] == StudyState.SENT
+    attempts = _send_attempts()
+    assert attempts["failed"] - attempts_before["failed"] == len(uids)  # the round while the PACS was down
+    assert attempts["accepted"] - attempts_before["accepted"] == len(uids)
 
 
 def test_bounded_tries_then_failed_then_resend(to_pacs: Settings, ledger: Ledger, pacs_factory) -> None:
