@@ -73,21 +73,26 @@ def scaled(channels: int, width: float, divisor: int = 8) -> int:
 
 
 class SonoModel(nn.Module):
-    """The interface shared by the four architectures (see the module docstring)."""
+    """The interface shared by the four architectures (see the module docstring).
+
+    The defaults fit the common layout (a ``conv`` stack, then an ``embedding``
+    stack); an architecture laid out otherwise overrides them."""
 
     config: ModelConfig
+    conv: nn.Sequential
+    embedding: nn.Sequential
     head: nn.Module
 
     def features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        return self.conv(x)
 
     def embed(self, fmap: Tensor) -> Tensor:
-        raise NotImplementedError
+        return self.embedding(fmap)
 
     @property
     def target_layer(self) -> nn.Module:
         """The module whose output is ``features(x)``: the Grad-CAM target layer."""
-        raise NotImplementedError
+        return self.conv[-1]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.embed(self.features(x)))
@@ -165,13 +170,6 @@ class HybridVGGRNN(SonoModel):
         self.head = _classifier(config.embedding_dim, config.num_classes, config.dropout)
         _init_weights(self.modules())
 
-    @property
-    def target_layer(self) -> nn.Module:
-        return self.conv[-1]
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.conv(x)
-
     def embed(self, fmap: Tensor) -> Tensor:
         return self.embedding(self.rows(self.pool(fmap)))
 
@@ -198,16 +196,6 @@ class SimpleCNN(SonoModel):
         )
         self.head = _classifier(config.embedding_dim, config.num_classes, config.dropout)
         _init_weights(self.modules())
-
-    @property
-    def target_layer(self) -> nn.Module:
-        return self.conv[-1]
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.conv(x)
-
-    def embed(self, fmap: Tensor) -> Tensor:
-        return self.embedding(fmap)
 
 
 class PixelRowRNN(SonoModel):
@@ -278,16 +266,6 @@ class MobileNetV2(SonoModel):
         )
         self.head = _classifier(config.embedding_dim, config.num_classes, config.dropout)
         _init_weights(self.modules())
-
-    @property
-    def target_layer(self) -> nn.Module:
-        return self.conv[-1]
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.conv(x)
-
-    def embed(self, fmap: Tensor) -> Tensor:
-        return self.embedding(fmap)
 
 
 _BUILDERS: dict[str, type[SonoModel]] = {
