@@ -224,7 +224,10 @@ def _sc(
     transfer_syntax: str,
     software_versions: list[str],
     derivation: str,
+    frame_number: int,
 ) -> SCImage:
+    """An SC of ``pixels`` derived from ``reference`` (frame ``frame_number``): the
+    parts both our SCs share, the source reference included."""
     ts_uid, photometric = TRANSFER_SYNTAXES[transfer_syntax]
     device = template.device
     sc = SCImage.from_ref_dataset(
@@ -252,6 +255,13 @@ def _sc(
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = template.disclaimer
     sc.DerivationDescription = derivation[:1024]
+    multi_frame = number_of_frames(reference) > 1
+    sc.SourceImageSequence = [
+        _source_item(reference.SOPClassUID, reference.SOPInstanceUID, frame_number if multi_frame else None)
+    ]
+    sc.ReferencedSeriesSequence = _series_references(
+        [(reference.SeriesInstanceUID, reference.SOPClassUID, reference.SOPInstanceUID)]
+    )
     return sc
 
 
@@ -277,8 +287,7 @@ def build_heatmap_sc(
     """The Grad-CAM Secondary Capture of one analysed image (``source``: the
     instance with its pixels; see module doc)."""
     pixels, frame = heatmap_pixels(template, image, source)
-    multi_frame = number_of_frames(source) > 1
-    sc = _sc(
+    return _sc(
         pixels,
         template,
         source,
@@ -288,14 +297,8 @@ def build_heatmap_sc(
         transfer_syntax,
         software_versions,
         derivation_text(result, f"Grad-CAM heatmap of frame {frame.frame_number}"),
+        frame.frame_number,
     )
-    sc.SourceImageSequence = [
-        _source_item(source.SOPClassUID, source.SOPInstanceUID, frame.frame_number if multi_frame else None)
-    ]
-    sc.ReferencedSeriesSequence = _series_references(
-        [(source.SeriesInstanceUID, source.SOPClassUID, source.SOPInstanceUID)]
-    )
-    return sc
 
 
 def _tile(rgb: np.ndarray | None, missing: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> Image.Image:
@@ -418,17 +421,12 @@ def build_montage_sc(
         transfer_syntax,
         software_versions,
         derivation_text(result, "Similar previously diagnosed cases found"),
+        decisive_frame(query_image).frame_number,
     )
-    multi_frame = number_of_frames(query) > 1
     sc.SourceImageSequence = [
-        _source_item(
-            query.SOPClassUID, query.SOPInstanceUID, decisive_frame(query_image).frame_number if multi_frame else None
-        ),
+        *sc.SourceImageSequence,
         *(_source_item(s.sop_class_uid, s.sop_instance_uid, None) for s in result.similar),
     ]
-    sc.ReferencedSeriesSequence = _series_references(
-        [(query.SeriesInstanceUID, query.SOPClassUID, query.SOPInstanceUID)]
-    )
     others: dict[str, list[tuple[str, str, str]]] = {}
     for s in result.similar:
         others.setdefault(s.study_uid, []).append((s.series_uid, s.sop_class_uid, s.sop_instance_uid))
