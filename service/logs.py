@@ -25,8 +25,14 @@ class PhiFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key in PHI_KEYS & record.__dict__.keys():
             setattr(record, key, "<removed>")
-        if isinstance(record.msg, str) and _PHI_TEXT.search(record.msg):
-            record.msg = _PHI_TEXT.sub("<patient attribute removed>", record.msg)
+        # The dump usually arrives as an argument (``LOG.debug("%s", ds)``), so the
+        # message is checked as it will be printed, not the format string alone.
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # bad arguments: the handler reports them
+            return True
+        if _PHI_TEXT.search(message):
+            record.msg, record.args = _PHI_TEXT.sub("<patient attribute removed>", message), None
         return True
 
 
