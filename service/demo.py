@@ -135,9 +135,9 @@ def build_library(settings: Settings, per_class: int, seed: int) -> str:
 
 
 def wait_until_delivered(
-    ledger: Ledger, pacs: StandInPacs, study_uids: Sequence[str], timeout_s: float,
+    ledger: Ledger, study_uids: Sequence[str], timeout_s: float,
 ) -> dict[str, dict[str, Any]]:
-    """Wait until every study is sent (its results in the PACS) or failed."""
+    """Wait until the ledger has every study sent (its results in the PACS) or failed."""
     deadline = time.monotonic() + timeout_s
     while True:
         studies = {uid: ledger.study(uid) or {"state": "not received"} for uid in study_uids}
@@ -247,7 +247,7 @@ def _run(settings: Settings, pacs: StandInPacs, folder: Path, studies: int, imag
             click.echo(f"pushed a {truth} study of {images} images by C-STORE")
         click.echo(f"waiting for the results (quiet period {settings.quiet_period_s:.0f} s, analysis, report, "
                    "send) ...")
-        final = wait_until_delivered(ledger, pacs, list(pushed), timeout)
+        final = wait_until_delivered(ledger, list(pushed), timeout)
         rows = [["sent", "predicted", "probability", "similar studies (distance)", "seconds"]]
         outputs = Outputs([], [])
         for uid, (truth, pushed_at) in pushed.items():
