@@ -1,0 +1,133 @@
+"""The receiver's overrides of pynetdicom internals (ReceiverAssociation's reactor,
+ReceiverDUL's idle poll, ReceiverSocket's recv): each keeps what the original did,
+checked against real pynetdicom peers on loopback and real sockets."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from conftest import free_port
+from service.ledger import Ledger
+from service.receiver import (
+    _DUL_BUSY_POLL_S,
+    _DUL_QUIET_AFTER_S,
+    _DUL_QUIET_POLL_S,
+    ReceiverAssociation,
+    ReceiverDUL,
+    ReceiverServer,
+    ReceiverSocket,
+    start_receiver,
+)
+from service.settings import Settings
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[ReceiverServer]:
+    ledger = Ledger(settings.ledger_path, durable=False)
+    rx = start_receiver(settings.model_copy(update={"port": free_port()}), ledger)
+    yield rx
+    rx.shutdown()
+    ledger.close()
+
+
+def associate(server: ReceiverServer, settings: Settings) -> Association:
+    ae = AE("REACTORTEST")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title=settings.ae_title)
+    assert assoc.is_established
+    return assoc
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_associations_run_on_our_classes_and_serve(server: ReceiverServer, settings: Settings) -> None:
+    assoc = associate(server, settings)
+    try:
+        assert wait_until(lambda: len(server.active_associations) == 1)
+        ours = server.active_associations[0]
+        assert type(ours) is ReceiverAssociation
+        assert type(ours.dul) is ReceiverDUL
+        assert type(ours.dul.socket) is ReceiverSocket
+        for _ in range(20):  # one message after another, each answered
+            assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    assert assoc.is_released
+
+
+@pytest.mark.parametrize("end", ["release", "abort"])
+def test_peer_ending_the_association_ends_ours(server: ReceiverServer, settings: Settings, end: str) -> None:
+    assoc = associate(server, settings)
+    assert assoc.send_c_echo().Status == 0x0000
+    getattr(assoc, end)()
+    assert wait_until(lambda: not server.active_associations), f"association still served after the peer's {end}"
+
+
+def test_network_timeout_aborts_a_silent_peer(server: ReceiverServer, settings: Settings) -> None:
+    server.ae.network_timeout = 0.3
+    assoc = associate(server, settings)
+    assert wait_until(lambda: assoc.is_aborted), "a silent peer was never timed out"
+    assert wait_until(lambda: not server.active_associations)
+
+
+def test_dul_polls_fast_only_while_the_peer_sends(server: ReceiverServer, settings: Settings) -> None:
+    assoc = associate(server, settings)
+    try:
+        assert wait_until(lambda: len(server.active_associations) == 1)
+        dul = server.active_associations[0].dul
+        assert dul._last_pdu_at > 0, "receiving the A-ASSOCIATE-RQ counts as the peer sending"
+        dul._last_pdu_at = time.monotonic()
+        assert dul._run_loop_delay == _DUL_BUSY_POLL_S
+        quiet_since = dul._last_pdu_at = time.monotonic() - 2 * _DUL_QUIET_AFTER_S
+        assert dul._run_loop_delay == _DUL_QUIET_POLL_S
+        assert assoc.send_c_echo().Status == 0x0000
+        assert dul._last_pdu_at > quiet_since, "the C-ECHO request did not count as the peer sending"
+    finally:
+        assoc.release()
+
+
+def socket_pair() -> tuple[ReceiverSocket, socket.socket]:
+    ours, peer = socket.socketpair()
+    return ReceiverSocket(Association(AE(), "acceptor"), client_socket=ours), peer
+
+
+def test_recv_reassembles_what_arrives_in_pieces() -> None:
+    sock, peer = socket_pair()
+    payload = bytes(range(256)) * 8192  # 2 MiB: more than one socket buffer
+    sender = threading.Thread(target=lambda: [peer.sendall(payload[i:i + 7001]) for i in range(0, len(payload), 7001)])
+    sender.start()
+    try:
+        assert sock.recv(6) == payload[:6]
+        assert sock.recv(len(payload) - 6) == payload[6:]
+    finally:
+        sender.join()
+        peer.close()
+        sock.close()
+
+
+def test_recv_returns_what_came_when_the_peer_closes() -> None:
+    sock, peer = socket_pair()
+    peer.sendall(b"partial PDU")
+    peer.close()
+    try:
+        data = sock.recv(1000)
+        assert data == b"partial PDU"
+        assert isinstance(data, bytearray)
+        assert sock.recv(10) == b""
+    finally:
+        sock.close()
