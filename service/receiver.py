@@ -70,6 +70,7 @@ from pynetdicom.transport import (
 
 from service import spool
 from service.ledger import InstanceRecord, Ledger
+from service.metrics import observe_cstore
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -589,6 +590,7 @@ def _on_store(event: Event, scp: StoreSCP) -> Dataset:
         raw, event.context.transfer_syntax, str(request.AffectedSOPClassUID),
         str(request.AffectedSOPInstanceUID), event.assoc.requestor.ae_title,
     )
+    observe_cstore(outcome.status)
     return _status_dataset(outcome)
 
 

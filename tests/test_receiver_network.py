@@ -12,7 +12,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings
+from conftest import dcmtk, free_port
+from dicom_peers import (
+    ULTRASOUND_FILES,
+    UsFile,
+    data_set_offset,
+    send_raw,
+    split_file,
+    ultrasound_files,
+)
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 from pydicom.uid import (
     JPEG2000,
@@ -29,16 +40,16 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config as pynetdicom_config
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
-
-from conftest import dcmtk, free_port
-from dicom_peers import ULTRASOUND_FILES, UsFile, data_set_offset, send_raw, split_file, ultrasound_files
-from service.ledger import Ledger
-from service.settings import Settings
-from service.receiver import STORAGE_SOP_CLASSES, StoreStatus, start_receiver
 from test_receiver import Mutation, mutations, rewrite
+
+from service.ledger import Ledger
+from service.metrics import CSTORE_RESPONSES
+from service.receiver import STORAGE_SOP_CLASSES, StoreStatus, start_receiver
+from service.settings import Settings
 
 US_FILES = {f.name: f for f in ultrasound_files()}
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -292,15 +303,23 @@ def test_non_ultrasound_modality(start: Callable[..., Receiver], tmp_path: Path,
         ["modality CT is not US"] if policy == "store-ignore" else [])
 
 
+def cstore_responses(status: str) -> float:
+    registry = CollectorRegistry()
+    registry.register(CSTORE_RESPONSES)
+    return registry.get_sample_value("sonocase_cstore_responses_total", {"status": status}) or 0.0
+
+
 def test_low_disk_refuses_with_out_of_resources(start: Callable[..., Receiver]) -> None:
     rx = start(min_free_disk_mb=10**9)
     f = US_FILES["US1_UNCR.dcm"]
+    refused_before = cstore_responses("0xA700")
     result = subprocess.run(
         [dcmtk("storescu"), "-v", "-xe", "-aec", rx.settings.ae_title, "127.0.0.1", str(rx.settings.port), str(f.path)],
         env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
     )
     assert "Received Store Response (Refused: OutOfResources)" in result.stdout + result.stderr
     assert not rx.stored(f).exists() and rx.ledger.instance_count() == 0
+    assert cstore_responses("0xA700") == refused_before + 1  # IT alerts on this metric
 
 
 @hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
