@@ -10,13 +10,20 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from test_reports_support import Study, analysed_study, data_file, dciodvfy_errors, default_template
+from test_reports_support import (
+    Study,
+    analysed_study,
+    data_file,
+    dciodvfy_errors,
+    default_template,
+)
 
 from service.imaging import ultrasound_region
 from service.ledger import Ledger
 from service.reports.sc import (
     MAX_OPACITY,
     TRANSFER_SYNTAXES,
+    ScPlacement,
     blend_heatmap,
     build_heatmap_sc,
     build_montage_sc,
@@ -83,8 +90,8 @@ def test_heatmap_capture_of_each_kind_of_image(
     image = study.result.images[index]
     source = pydicom.dcmread(study.paths[index])
     sc = build_heatmap_sc(
-        study.result, template, image, source, pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), index + 1,
-        transfer_syntax, ["sonocase test"],
+        study.result, template, image, source,
+        ScPlacement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), index + 1, transfer_syntax, ["sonocase test"]),
     )
     path = _save(sc, tmp_path / "sc.dcm")
     assert dciodvfy_errors(path) == []
@@ -122,8 +129,9 @@ def test_montage_references_the_similar_instances_and_survives_missing_ones(
                   similar[1].sop_instance_uid: damaged}  # similar[2]: not stored at all
     with caplog.at_level(logging.WARNING):
         sc = build_montage_sc(
-            study.result, template, query, study.result.images[index], references.get, pydicom.uid.generate_uid(),
-            pydicom.uid.generate_uid(), 9, "explicit-little-endian", ["sonocase test"],
+            study.result, template, query, study.result.images[index], references.get,
+            ScPlacement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 9, "explicit-little-endian",
+                        ["sonocase test"]),
         )
     assert "damaged.dcm cannot be drawn" in caplog.text
     path = _save(sc, tmp_path / "montage.dcm")

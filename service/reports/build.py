@@ -32,7 +32,12 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from service.ledger import Ledger, StudyState
 from service.reports import derived_uid
-from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc
+from service.reports.sc import (
+    ReferenceImages,
+    ScPlacement,
+    build_heatmap_sc,
+    build_montage_sc,
+)
 from service.reports.sr import SR_CLASSES, build_sr, software_versions
 from service.reports.template import SrTemplate, TemplateError, load_template
 from service.reports.validation import GateError, check_object
@@ -142,6 +147,10 @@ def build_objects(
     objects = [_sr_object(settings, template, result, sources, DEFAULT_SR_CLASS)]
     versions = software_versions(node_version(), result)
     series_uid = derived_uid(result.study_uid, result.generation, "sc-series")
+
+    def place(sop_uid: str, number: int) -> ScPlacement:
+        return ScPlacement(series_uid, sop_uid, number, settings.sc_transfer_syntax, versions)
+
     analysed = [image for image in result.images if image.frames]
     pictures: dict[str, Dataset] = {}
     for number, image in enumerate(analysed, start=1):
@@ -151,11 +160,7 @@ def build_objects(
             template,
             image,
             pictures[image.sop_instance_uid],
-            series_uid,
-            derived_uid(result.study_uid, result.generation, "sc", image.sop_instance_uid),
-            number,
-            settings.sc_transfer_syntax,
-            versions,
+            place(derived_uid(result.study_uid, result.generation, "sc", image.sop_instance_uid), number),
         )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
     decisive = next((i for i in analysed if i.sop_instance_uid == result.summary.decisive_sop_instance_uid), None)
@@ -166,11 +171,7 @@ def build_objects(
             pictures[decisive.sop_instance_uid],
             decisive,
             reference_images,
-            series_uid,
-            derived_uid(result.study_uid, result.generation, "montage"),
-            len(analysed) + 1,
-            settings.sc_transfer_syntax,
-            versions,
+            place(derived_uid(result.study_uid, result.generation, "montage"), len(analysed) + 1),
         )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
     return objects

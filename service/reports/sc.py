@@ -23,6 +23,7 @@ import logging
 import math
 import textwrap
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -214,21 +215,29 @@ def _series_references(refs: Sequence[tuple[str, str, str]]) -> list[Dataset]:
     return items
 
 
+@dataclass(frozen=True)
+class ScPlacement:
+    """Where a new SC goes and what wrote it: the same for every SC of a study but
+    its SOP Instance UID and number."""
+
+    series_uid: str
+    sop_uid: str
+    instance_number: int
+    transfer_syntax: str
+    software_versions: list[str]
+
+
 def _sc(
     pixels: np.ndarray,
     template: SrTemplate,
     reference: Dataset,
-    series_uid: str,
-    sop_uid: str,
-    instance_number: int,
-    transfer_syntax: str,
-    software_versions: list[str],
+    placement: ScPlacement,
     derivation: str,
     frame_number: int,
 ) -> SCImage:
     """An SC of ``pixels`` derived from ``reference`` (frame ``frame_number``): the
     parts both our SCs share, the source reference included."""
-    ts_uid, photometric = TRANSFER_SYNTAXES[transfer_syntax]
+    ts_uid, photometric = TRANSFER_SYNTAXES[placement.transfer_syntax]
     device = template.device
     sc = SCImage.from_ref_dataset(
         ref_dataset=reference,
@@ -239,15 +248,15 @@ def _sc(
         # highdicom requires an orientation for PATIENT; ultrasound has none, so the
         # placeholder is replaced below by the source's own (usually empty) value.
         patient_orientation=("A", "R"),
-        series_instance_uid=series_uid,
+        series_instance_uid=placement.series_uid,
         series_number=template.sc_series.number,
-        sop_instance_uid=sop_uid,
-        instance_number=instance_number,
+        sop_instance_uid=placement.sop_uid,
+        instance_number=placement.instance_number,
         manufacturer=device.manufacturer,
         transfer_syntax_uid=ts_uid,
         series_description=template.sc_series.description,
         manufacturer_model_name=device.model_name,
-        software_versions=software_versions,
+        software_versions=placement.software_versions,
         device_serial_number=device.serial_number,
     )
     sc.PatientOrientation = reference.get("PatientOrientation", "")
@@ -278,11 +287,7 @@ def build_heatmap_sc(
     template: SrTemplate,
     image: ImageResult,
     source: Dataset,
-    series_uid: str,
-    sop_uid: str,
-    instance_number: int,
-    transfer_syntax: str,
-    software_versions: list[str],
+    placement: ScPlacement,
 ) -> SCImage:
     """The Grad-CAM Secondary Capture of one analysed image (``source``: the
     instance with its pixels; see module doc)."""
@@ -291,11 +296,7 @@ def build_heatmap_sc(
         pixels,
         template,
         source,
-        series_uid,
-        sop_uid,
-        instance_number,
-        transfer_syntax,
-        software_versions,
+        placement,
         derivation_text(result, f"Grad-CAM heatmap of frame {frame.frame_number}"),
         frame.frame_number,
     )
@@ -402,11 +403,7 @@ def build_montage_sc(
     query: Dataset,
     query_image: ImageResult,
     reference_images: ReferenceImages,
-    series_uid: str,
-    sop_uid: str,
-    instance_number: int,
-    transfer_syntax: str,
-    software_versions: list[str],
+    placement: ScPlacement,
 ) -> SCImage:
     """The study's "similar cases" Secondary Capture (``query``: the decisive
     instance with its pixels; see module doc)."""
@@ -415,11 +412,7 @@ def build_montage_sc(
         pixels,
         template,
         query,
-        series_uid,
-        sop_uid,
-        instance_number,
-        transfer_syntax,
-        software_versions,
+        placement,
         derivation_text(result, "Similar previously diagnosed cases found"),
         decisive_frame(query_image).frame_number,
     )
