@@ -420,8 +420,11 @@ def test_crash_during_save_leaves_the_previous_version_loadable(tmp_path: Path) 
     writer.wait()
     with SimilarCaseIndex(tmp_path, MODEL) as reopened:
         assert reopened.version == version and reopened.info().images == 60_000
+        # HNSW is approximate, and with ef_construction=20 over 3,000 near-equidistant
+        # points per cluster it need not return the exact vector; a usable graph still
+        # lands in the query's cluster (members ~0.35 apart, cluster centres ~1.4).
         found = reopened.query(base[:1], 3, "x")
-        assert found[0].sop_instance_uid == "1.2.3.1.0" and found[0].distance == pytest.approx(0, abs=1e-4)
+        assert len(found) == 3 and all(hit.distance < 0.6 for hit in found)
         # The next writer finishes the job and clears the torn file away.
         assert reopened.add(entries(clustered(1, seed=9), prefix="8")).added == 1
         assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
