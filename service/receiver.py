@@ -11,6 +11,7 @@ peer sends can stop the server.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import gc
 import logging
@@ -25,6 +26,8 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from io import BytesIO
@@ -52,8 +55,11 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt, register_uid
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (
     EnhancedUSVolumeStorage,
@@ -383,6 +389,83 @@ def flush_file(path: Path) -> None:
         os.close(fd)
 
 
+def _writeback_starter() -> Callable[[int, int, int], object] | None:
+    """Linux's sync_file_range(2) with SYNC_FILE_RANGE_WRITE: start writing a range
+    of a file to the disk without waiting for it (``None`` where there is none)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return lambda fd, offset, length: call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_start_writeback = _writeback_starter()
+
+
+class IncomingFile:
+    """An instance's spool file while its data set is still arriving.
+
+    The file meta group and each data set fragment are written (and CRC-32'd) the
+    moment the fragment arrives, so the disk write overlaps the network transfer
+    instead of following it; with ``writeback`` the disk is also told to start
+    writing each fragment, so the fsync before Success has little left to wait for.
+    The file keeps a temporary name in ``directory`` until :meth:`commit`; whoever
+    opened it must :meth:`close` it (which removes it unless committed).
+    """
+
+    def __init__(self, directory: Path, head: bytes, writeback: bool) -> None:
+        self.head = head
+        self.size = 0
+        self.crc32 = 0
+        self.committed = False
+        self._writeback = writeback and _start_writeback is not None
+        self._lock = threading.Lock()  # close() may come from another thread than append()
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+        self.fd: int | None = fd
+        self.path = Path(tmp)
+        self.append(head)
+
+    def append(self, data: bytes | memoryview) -> None:
+        with self._lock:
+            if self.fd is None:
+                raise ValueError("the incoming file was closed")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            if self._writeback and _start_writeback is not None:
+                _start_writeback(self.fd, self.size, len(data))
+            self.crc32 = zlib.crc32(data, self.crc32)
+            self.size += len(data)
+
+    def holds(self, head: bytes, data_set_size: int) -> bool:
+        """Whether this file is ``head`` followed by a data set of that size."""
+        return self.head == head and self.size == len(head) + data_set_size
+
+    def commit(self, path: Path) -> None:
+        """Give the file its final name (same file system, so atomic)."""
+        os.replace(self.path, path)
+        self.path, self.committed = path, True
+
+    def flush(self) -> None:
+        """Make the file's data durable (its name is the folder's fsync)."""
+        with self._lock:
+            if self.fd is None:
+                raise ValueError("the incoming file was closed")
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        """Close the file; an uncommitted one is removed. Safe to call twice."""
+        with self._lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            if not self.committed:
+                self.path.unlink(missing_ok=True)
+
+
 def file_matches(path: Path, size: int, crc32: int) -> bool:
     """Whether ``path`` holds exactly the bytes that were recorded."""
     try:
@@ -450,7 +533,8 @@ class StoreSCP:
         self._fsync_pool = ThreadPoolExecutor(2 * settings.max_associations, thread_name_prefix="sonocase-fsync")
         self._study_dirs: set[str] = set()
         self._dir_lock = threading.Lock()
-        settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.incoming_dir = settings.spool_dir / ".incoming"
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
         if self.durable:
             spool.fsync_dir(settings.spool_dir.parent)
         self._remove_partial_files()
@@ -487,11 +571,22 @@ class StoreSCP:
         if partial:
             LOG.info("removed %d partial files left by an interrupted receiver", len(partial))
 
+    def open_incoming(
+        self, affected_sop_class: str, affected_sop_instance: str, transfer_syntax: str, calling_ae: str,
+    ) -> IncomingFile:
+        """A temporary spool file for a data set about to arrive, its file meta group
+        taken from the C-STORE request; :meth:`store` keeps it only if the data set
+        turns out to be that instance."""
+        head = encode_file_meta(affected_sop_class, affected_sop_instance, transfer_syntax, calling_ae)
+        return IncomingFile(self.incoming_dir, head, writeback=self.durable)
+
     def store(
         self, raw: bytes, transfer_syntax: str, affected_sop_class: str, affected_sop_instance: str,
-        calling_ae: str,
+        calling_ae: str, incoming: IncomingFile | None = None,
     ) -> StoreOutcome:
-        """Parse, judge, write and record one instance; never raises."""
+        """Parse, judge, write and record one instance; never raises. ``incoming``,
+        when given, already holds the bytes on disk (see :class:`IncomingFile`); the
+        caller closes it."""
         study_uid = None
         try:
             inst = parse_instance(raw, transfer_syntax)
@@ -508,7 +603,7 @@ class StoreSCP:
             )
             if problem:
                 return self._refuse(StoreStatus.OUT_OF_RESOURCES, problem, study_uid, calling_ae)
-            self._write(inst, raw, transfer_syntax, calling_ae, ignored)
+            self._write(inst, raw, transfer_syntax, calling_ae, ignored, incoming)
         except InvalidInstance as exc:
             return self._refuse(exc.status, str(exc), study_uid, calling_ae)
         except OSError as exc:
@@ -532,20 +627,24 @@ class StoreSCP:
 
     def _write(
         self, inst: ParsedInstance, raw: bytes, transfer_syntax: str, calling_ae: str, ignored: str | None,
+        incoming: IncomingFile | None,
     ) -> None:
         path = spool.instance_path(self.settings.spool_dir, inst.study_uid, inst.sop_instance_uid)
-        chunks = [encode_file_meta(inst.sop_class_uid, inst.sop_instance_uid, transfer_syntax, calling_ae), raw]
+        head = encode_file_meta(inst.sop_class_uid, inst.sop_instance_uid, transfer_syntax, calling_ae)
+        if incoming is None or not incoming.holds(head, len(raw)):
+            incoming = None
         self._ensure_dir(path.parent)
         try:
-            size, crc = write_new_file(path, chunks)
+            size, crc = self._place(path, head, raw, incoming)
         except FileNotFoundError:  # the study's folder was removed since (spool clean-up): make it again
             self._study_dirs.discard(path.parent.name)
             self._ensure_dir(path.parent)
-            size, crc = write_new_file(path, chunks)
+            size, crc = self._place(path, head, raw, incoming)
         # The file's flush runs beside the ledger commit; Success waits for both.
         flushes = []
         if self.durable:
-            flushes = [self._fsync_pool.submit(flush_file, path), self._fsync_pool.submit(spool.fsync_dir, path.parent)]
+            flush = incoming.flush if incoming is not None else partial(flush_file, path)
+            flushes = [self._fsync_pool.submit(flush), self._fsync_pool.submit(spool.fsync_dir, path.parent)]
         self.recorder.record(InstanceRecord(
             sop_instance_uid=inst.sop_instance_uid, study_uid=inst.study_uid, series_uid=inst.series_uid,
             sop_class_uid=inst.sop_class_uid, transfer_syntax=transfer_syntax, path=str(path), size=size,
@@ -558,6 +657,14 @@ class StoreSCP:
             self.ledger.forget_instances([inst.sop_instance_uid])
             path.unlink(missing_ok=True)
             raise
+
+    @staticmethod
+    def _place(path: Path, head: bytes, raw: bytes, incoming: IncomingFile | None) -> tuple[int, int]:
+        """Put the instance's file at ``path``; return its size and CRC-32."""
+        if incoming is None:
+            return write_new_file(path, [head, raw])
+        incoming.commit(path)
+        return incoming.size, incoming.crc32
 
     def _ensure_dir(self, study_dir: Path) -> None:
         """Create a study's folder once; its entry in the spool folder is made durable
@@ -583,13 +690,97 @@ def _status_dataset(outcome: StoreOutcome) -> Dataset:
     return rsp
 
 
+class SpoolingBuffer(BytesIO):
+    """The buffer pynetdicom collects a DIMSE message's data set fragments in, which
+    also writes each C-STORE fragment to an :class:`IncomingFile` as it arrives.
+
+    It runs in the association's DUL thread, which otherwise waits for the network.
+    Spooling is an optimisation only: if it fails (say the disk is full) the file is
+    dropped and the C-STORE handler writes the data set itself, and reports the
+    error that write meets.
+    """
+
+    def __init__(self, message: DIMSEMessage, assoc: Association, store: StoreSCP) -> None:
+        super().__init__()
+        self._message = message
+        self._assoc = assoc
+        self._store = store
+        self._spooling = True
+        self.incoming: IncomingFile | None = None
+
+    def write(self, data: Any) -> int:
+        if self._spooling:
+            try:
+                self._spool(data)
+            except Exception:
+                LOG.debug("spooling a data set while it arrives failed; the handler writes it", exc_info=True)
+                self.discard()
+        return super().write(data)
+
+    def _spool(self, data: bytes) -> None:
+        if self.incoming is None:
+            message = self._message
+            if not isinstance(message, C_STORE_RQ):
+                self._spooling = False
+                return
+            command = message.command_set
+            syntax = next(cx.transfer_syntax[0] for cx in self._assoc.accepted_contexts
+                          if cx.context_id == message.context_id)
+            self.incoming = self._store.open_incoming(
+                str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID), syntax,
+                self._assoc.requestor.ae_title,
+            )
+        self.incoming.append(data)
+
+    def discard(self) -> None:
+        """Stop spooling and remove what was spooled (unless the store kept it)."""
+        self._spooling = False
+        if self.incoming is not None:
+            self.incoming.close()
+            self.incoming = None
+
+
+class ReceiverDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, collecting each message's data set in a
+    :class:`SpoolingBuffer` (pynetdicom 3.0.4 makes a plain ``BytesIO`` in
+    ``DIMSEMessage.__init__``; ``receive_primitive`` is otherwise unchanged)."""
+
+    store: StoreSCP  # set by ReceiverRequestHandler
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        if self.message is None:
+            self.message = DIMSEMessage()
+            self.message.data_set = SpoolingBuffer(self.message, self.assoc, self.store)
+        super().receive_primitive(primitive)
+
+    def discard_unhandled(self) -> None:
+        """Drop the files of messages no handler will see: the one the peer never
+        finished and those still queued when the association ended."""
+        buffers = [self.message.data_set] if self.message is not None else []
+        while True:
+            try:
+                _, primitive = self.msg_queue.get_nowait()
+            except queue.Empty:
+                break
+            buffers.append(getattr(primitive, "DataSet", None))
+        for buffer in buffers:
+            if isinstance(buffer, SpoolingBuffer):
+                buffer.discard()
+
+
 def _on_store(event: Event, scp: StoreSCP) -> Dataset:
     request = event.request
-    raw = request.DataSet.getvalue() if request.DataSet is not None else b""
-    outcome = scp.store(
-        raw, event.context.transfer_syntax, str(request.AffectedSOPClassUID),
-        str(request.AffectedSOPInstanceUID), event.assoc.requestor.ae_title,
-    )
+    buffer = request.DataSet
+    incoming = buffer.incoming if isinstance(buffer, SpoolingBuffer) else None
+    try:
+        outcome = scp.store(
+            buffer.getvalue() if buffer is not None else b"", event.context.transfer_syntax,
+            str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), event.assoc.requestor.ae_title,
+            incoming,
+        )
+    finally:
+        if isinstance(buffer, SpoolingBuffer):
+            buffer.discard()
     observe_cstore(outcome.status)
     return _status_dataset(outcome)
 
@@ -726,6 +917,13 @@ class ReceiverAssociation(Association):
     """
 
     def _run_reactor(self) -> None:
+        try:
+            self._react()
+        finally:  # the DUL has stopped: nothing writes to a spooled file any more
+            if isinstance(self.dimse, ReceiverDIMSE):
+                self.dimse.discard_unhandled()
+
+    def _react(self) -> None:
         self._is_paused = False
         while not self._kill:
             # pynetdicom's send_*() methods pause the reactor at this checkpoint
@@ -774,7 +972,7 @@ class ReceiverAssociation(Association):
 
 class ReceiverRequestHandler(RequestHandler):
     """Makes each incoming association one of ours: :class:`ReceiverAssociation`,
-    :class:`ReceiverDUL`, :class:`ReceiverSocket`."""
+    :class:`ReceiverDUL`, :class:`ReceiverSocket`, :class:`ReceiverDIMSE`."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -783,6 +981,8 @@ class ReceiverRequestHandler(RequestHandler):
         assoc.__class__ = ReceiverAssociation
         assoc.dul.__class__ = ReceiverDUL
         assoc.dul.socket.__class__ = ReceiverSocket
+        assoc.dimse.__class__ = ReceiverDIMSE
+        assoc.dimse.store = self.server.store
         return assoc
 
 

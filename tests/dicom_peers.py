@@ -17,6 +17,7 @@ from pydicom.data import get_testdata_files
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
 from service.receiver import ULTRASOUND_SOP_CLASSES
 
@@ -110,8 +111,12 @@ def ultrasound_files() -> tuple[UsFile, ...]:
     return tuple(found)
 
 
-def send_raw(assoc: Association, raw: bytes, sop_class_uid: str, sop_instance_uid: str, message_id: int = 1) -> int:
-    """Send ``raw`` as the data set of a C-STORE, as is (even empty); return the status.
+def cstore_fragments(
+    assoc: Association, raw: bytes, sop_class_uid: str, sop_instance_uid: str, message_id: int = 1,
+    max_pdu: int | None = None,
+) -> list[P_DATA]:
+    """The P-DATA primitives of a C-STORE request with ``raw`` as its data set, as is
+    (even empty), in PDUs of at most ``max_pdu`` bytes (default: the peer's limit).
 
     pynetdicom's own send_c_store encodes a Dataset or reads a file; tests need to
     put exactly these bytes on the wire, including a zero-length data set.
@@ -125,12 +130,19 @@ def send_raw(assoc: Association, raw: bytes, sop_class_uid: str, sop_instance_ui
     req.DataSet = BytesIO(raw or b"\0")
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
-    fragments = list(msg.encode_msg(cx.context_id, assoc.acceptor.maximum_length))
+    fragments = list(msg.encode_msg(cx.context_id, max_pdu or assoc.acceptor.maximum_length))
     if not raw:  # a single, empty, last data set fragment
         command = [f for f in fragments if f.presentation_data_value_list[0][1][0] & 1]
         empty = type(fragments[-1])()
         empty.presentation_data_value_list.append((cx.context_id, b"\x02"))
         fragments = [*command, empty]
+    return fragments
+
+
+def send_raw(assoc: Association, raw: bytes, sop_class_uid: str, sop_instance_uid: str, message_id: int = 1) -> int:
+    """Send ``raw`` as the data set of a C-STORE (see :func:`cstore_fragments`);
+    return the status."""
+    fragments = cstore_fragments(assoc, raw, sop_class_uid, sop_instance_uid, message_id)
     # As Association.send_c_store does: pause the association's reactor so that it
     # does not take the response off the queue first.
     assoc._reactor_checkpoint.clear()

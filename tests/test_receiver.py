@@ -3,6 +3,7 @@ files from pydicom/pydicom-data, a real ledger and a real spool on disk."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -20,6 +21,7 @@ from dicom_peers import ULTRASOUND_FILES, UsFile, split_file, ultrasound_files
 from service.ledger import InstanceRecord, Ledger, StudyState
 from service.receiver import (
     CompletionLoop,
+    IncomingFile,
     InstanceRecorder,
     InvalidInstance,
     RejectReason,
@@ -245,6 +247,57 @@ def test_write_leaves_only_the_complete_file_with_its_checksum(tmp_path: Path) -
     assert size == 12 and (tmp_path / "a.dcm").read_bytes() == b"metadata set"
     assert crc == zlib.crc32(b"metadata set")
     assert [p.name for p in tmp_path.iterdir()] == ["a.dcm"]
+
+
+def spooled(scp: StoreSCP, f: UsFile, calling_ae: str = "TESTSCU") -> IncomingFile:
+    """``f`` spooled as the network shell does: file meta, then the data set in pieces."""
+    incoming = scp.open_incoming(f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax, calling_ae)
+    for start in range(0, len(f.data_set), 16384):
+        incoming.append(f.data_set[start:start + 16384])
+    return incoming
+
+
+@pytest.mark.parametrize("durability", ["none", "fsync"])
+def test_store_keeps_the_file_spooled_while_the_data_set_arrived(
+    settings: Settings, ledger: Ledger, durability: str,
+) -> None:
+    scp = StoreSCP(settings.model_copy(update={"durability": durability}), ledger)
+    f = US_FILES["US1_UNCR.dcm"]
+    incoming = spooled(scp, f)
+    inode = os.fstat(incoming.fd).st_ino
+    try:
+        outcome = scp.store(f.data_set, f.transfer_syntax, f.sop_class_uid, f.sop_instance_uid, "TESTSCU", incoming)
+    finally:
+        incoming.close()
+        scp.close()
+    assert outcome.status == StoreStatus.SUCCESS
+    path = stored_path(settings, f)
+    assert path.stat().st_ino == inode, "the spooled file itself was renamed into place"
+    expected = encode_file_meta(f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax, "TESTSCU") + f.data_set
+    assert path.read_bytes() == expected
+    [rec] = ledger.instances(f.study_uid)
+    assert (rec.size, rec.crc32) == (len(expected), zlib.crc32(expected))
+    assert not list(scp.incoming_dir.iterdir())
+
+
+@pytest.mark.parametrize("case", ["other file meta", "duplicate", "refused"])
+def test_spooled_file_that_is_not_kept_is_removed(scp: StoreSCP, settings: Settings, ledger: Ledger, case: str) -> None:
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    if case == "duplicate":
+        assert store(scp, f) == StoreStatus.SUCCESS
+    incoming = spooled(scp, f, calling_ae="OTHER" if case == "other file meta" else "TESTSCU")
+    raw = f.data_set[:-100] if case == "refused" else f.data_set
+    try:
+        outcome = scp.store(raw, f.transfer_syntax, f.sop_class_uid, f.sop_instance_uid, "TESTSCU", incoming)
+    finally:
+        incoming.close()
+    assert outcome.status == (StoreStatus.CANNOT_UNDERSTAND if case == "refused" else StoreStatus.SUCCESS)
+    assert not list(scp.incoming_dir.iterdir())
+    if case != "refused":  # written from the data set, with the calling AE of the request
+        data = stored_path(settings, f).read_bytes()
+        assert data == encode_file_meta(f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax, "TESTSCU") + f.data_set
+    with pytest.raises(ValueError, match="closed"):
+        incoming.append(b"late")
 
 
 def test_a_restart_forgets_instances_whose_file_a_power_loss_tore(settings: Settings, ledger: Ledger) -> None:

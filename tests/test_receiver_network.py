@@ -7,15 +7,17 @@ import os
 import ssl
 import subprocess
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import dcmtk, free_port
+from conftest import dcmtk, free_port, wait_until
 from dicom_peers import (
     ULTRASOUND_FILES,
     UsFile,
+    cstore_fragments,
     data_set_offset,
     send_raw,
     split_file,
@@ -48,6 +50,7 @@ from test_receiver import Mutation, mutations, rewrite
 
 from service.ledger import Ledger
 from service.metrics import CSTORE_RESPONSES
+from service import receiver as receiver_module
 from service.receiver import STORAGE_SOP_CLASSES, StoreStatus, start_receiver
 from service.settings import Settings
 
@@ -73,6 +76,11 @@ class Receiver:
     def stored(self, f: UsFile) -> Path:
         return self.settings.spool_dir / f.study_uid / f"{f.sop_instance_uid}.dcm"
 
+    @property
+    def incoming(self) -> Path:
+        """Where data sets are spooled while they arrive."""
+        return self.server.store.incoming_dir
+
 
 @pytest.fixture
 def start(settings: Settings) -> Iterator[Callable[..., Receiver]]:
@@ -89,6 +97,8 @@ def start(settings: Settings) -> Iterator[Callable[..., Receiver]]:
     for rx in running:
         rx.server.shutdown()
         rx.ledger.close()
+        # every data set spooled while it arrived was kept or removed, whatever came
+        assert not list(rx.incoming.iterdir()), "temporary spool files left behind"
 
 
 @pytest.fixture
@@ -227,6 +237,47 @@ def test_duplicate_over_the_network_is_idempotent(receiver: Receiver) -> None:
         assoc.release()
     assert receiver.stored(f).stat().st_mtime_ns == mtime
     assert receiver.ledger.instance_count() == 1
+
+
+def test_data_set_is_spooled_while_it_arrives(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each fragment goes to disk on arrival; the handler only names the file. The
+    handler's own write is made to fail (a stand-in: it must not be needed)."""
+    def unused(*args: object) -> None:
+        raise AssertionError("the handler wrote the file again")
+
+    monkeypatch.setattr(receiver_module, "write_new_file", unused)
+    f = US_FILES["US1_UNCR.dcm"]
+    assoc = associate(receiver, scu(files=[f]))
+    try:
+        for fragment in cstore_fragments(assoc, f.data_set, f.sop_class_uid, f.sop_instance_uid, max_pdu=16384)[:-1]:
+            assoc.dul.send_pdu(fragment)
+        # half-way: the fragments so far are on disk under a temporary name
+        assert wait_until(lambda: sum(p.stat().st_size for p in receiver.incoming.iterdir()) > len(f.data_set) // 2)
+        assoc.abort()
+    finally:
+        assoc.release()
+    assert wait_until(lambda: not list(receiver.incoming.iterdir())), "an aborted transfer left its file"
+    assoc = associate(receiver, scu(files=[f]))
+    try:
+        assert send_raw(assoc, f.data_set, f.sop_class_uid, f.sop_instance_uid) == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    assert_stored_as_sent(receiver, f)
+    rec = receiver.ledger.instances(f.study_uid)[0]
+    assert rec.crc32 == zlib.crc32(receiver.stored(f).read_bytes()) and rec.size == receiver.stored(f).stat().st_size
+
+
+def test_data_set_is_still_stored_when_spooling_it_fails(receiver: Receiver) -> None:
+    """No folder to spool into (a real fault): the handler writes the file itself."""
+    receiver.incoming.rmdir()
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    assoc = associate(receiver, scu(files=[f]))
+    try:
+        assert send_raw(assoc, f.data_set, f.sop_class_uid, f.sop_instance_uid) == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    assert_stored_as_sent(receiver, f)
+    receiver.incoming.mkdir()
 
 
 # --- refusing associations -----------------------------------------------------------

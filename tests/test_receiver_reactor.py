@@ -7,14 +7,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from conftest import free_port
+from conftest import free_port, wait_until
 from service.ledger import Ledger
 from service.receiver import (
     _DUL_BUSY_POLL_S,
@@ -44,15 +44,6 @@ def associate(server: ReceiverServer, settings: Settings) -> Association:
     assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title=settings.ae_title)
     assert assoc.is_established
     return assoc
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_associations_run_on_our_classes_and_serve(server: ReceiverServer, settings: Settings) -> None:
