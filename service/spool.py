@@ -57,6 +57,9 @@ def instance_path(spool_dir: Path, study_uid: str, sop_instance_uid: str) -> Pat
 
 def free_disk_mb(path: Path) -> float:
     """Free space for an unprivileged writer on the file system holding ``path``."""
-    path.mkdir(parents=True, exist_ok=True)
-    stat = os.statvfs(path)
+    try:
+        stat = os.statvfs(path)
+    except FileNotFoundError:
+        path.mkdir(parents=True, exist_ok=True)
+        stat = os.statvfs(path)
     return stat.f_bavail * stat.f_frsize / 2**20
