@@ -16,6 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from pydicom import config as pydicom_config, dcmread, dcmwrite
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_peers import ULTRASOUND_FILES, UsFile, split_file, ultrasound_files
 from service.ledger import InstanceRecord, Ledger, StudyState
@@ -32,6 +34,7 @@ from service.receiver import (
     check_request,
     complete_quiet_studies,
     encode_file_meta,
+    encode_store_response,
     modality_policy,
     parse_instance,
     write_new_file,
@@ -203,6 +206,26 @@ def test_file_meta_reads_back_with_pydicom(tmp_path: Path) -> None:
     assert meta.SourceApplicationEntityTitle == "ODD"
     assert meta.FileMetaInformationVersion == b"\0\1"
     assert ds.pixel_array.shape == dcmread(f.path).pixel_array.shape
+
+
+@pytest.mark.parametrize("status,comment", [
+    (StoreStatus.SUCCESS, ""),
+    (StoreStatus.OUT_OF_RESOURCES, "free disk 90 MB would fall below the 100 MB watermark"),
+    (StoreStatus.CANNOT_UNDERSTAND, "odd length: x" * 10),  # longer than LO's 64 characters
+])
+def test_store_response_is_what_pynetdicom_encodes(status: StoreStatus, comment: str) -> None:
+    sop_class, sop_instance = "1.2.840.10008.5.1.4.1.1.6.1", "1.2.826.0.1.3680043.8.498.1234567890123"
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 4711
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = sop_class, sop_instance
+    rsp.Status = int(status)
+    if comment:
+        rsp.ErrorComment = comment[:64]
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    [pdata] = message.encode_msg(1, 16384)
+    assert pdata.presentation_data_value_list == [
+        (1, b"\x03" + encode_store_response(4711, sop_class, sop_instance, status, comment))]
 
 
 # --- the store -----------------------------------------------------------------
