@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 import time
+from typing import Any
 
 #: Extras that must never appear in a log record.
 PHI_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID", "PatientBirthDate"})
@@ -32,11 +33,24 @@ class PhiFilter(logging.Filter):
         except (TypeError, ValueError):  # bad arguments: the handler reports them
             return True
         if _PHI_TEXT.search(message):
-            record.msg, record.args = _PHI_TEXT.sub("<patient attribute removed>", message), None
+            record.msg, record.args = mask_phi(message), None
         return True
 
 
-class JsonFormatter(logging.Formatter):
+def mask_phi(text: str) -> str:
+    """``text`` with the lines of a data-set dump that show patient attributes masked."""
+    return _PHI_TEXT.sub("<patient attribute removed>", text)
+
+
+class _MaskedTracebacks(logging.Formatter):
+    """A traceback is text the filter never sees (an exception's message can hold a
+    data-set dump): it is masked the same way when formatted."""
+
+    def formatException(self, ei: Any) -> str:
+        return mask_phi(super().formatException(ei))
+
+
+class JsonFormatter(_MaskedTracebacks):
     """One JSON object per line, with the study/instance UIDs as fields."""
 
     FIELDS = ("study_uid", "sop_instance_uid", "calling_ae", "status", "stage", "destination")
@@ -54,7 +68,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_MaskedTracebacks):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s%(uid)s")
 
