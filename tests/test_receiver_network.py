@@ -239,6 +239,15 @@ def test_duplicate_over_the_network_is_idempotent(receiver: Receiver) -> None:
     assert receiver.ledger.instance_count() == 1
 
 
+def send_over_new_association(rx: Receiver, f: UsFile) -> int:
+    """Send ``f`` as it is over an association of its own; return the status."""
+    assoc = associate(rx, scu(files=[f]))
+    try:
+        return send_raw(assoc, f.data_set, f.sop_class_uid, f.sop_instance_uid)
+    finally:
+        assoc.release()
+
+
 def test_data_set_is_spooled_while_it_arrives(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each fragment goes to disk on arrival; the handler only names the file. The
     handler's own write is made to fail (a stand-in: it must not be needed)."""
@@ -257,11 +266,7 @@ def test_data_set_is_spooled_while_it_arrives(receiver: Receiver, monkeypatch: p
     finally:
         assoc.release()
     assert wait_until(lambda: not list(receiver.incoming.iterdir())), "an aborted transfer left its file"
-    assoc = associate(receiver, scu(files=[f]))
-    try:
-        assert send_raw(assoc, f.data_set, f.sop_class_uid, f.sop_instance_uid) == StoreStatus.SUCCESS
-    finally:
-        assoc.release()
+    assert send_over_new_association(receiver, f) == StoreStatus.SUCCESS
     assert_stored_as_sent(receiver, f)
     rec = receiver.ledger.instances(f.study_uid)[0]
     assert rec.crc32 == zlib.crc32(receiver.stored(f).read_bytes()) and rec.size == receiver.stored(f).stat().st_size
@@ -271,11 +276,7 @@ def test_data_set_is_still_stored_when_spooling_it_fails(receiver: Receiver) -> 
     """No folder to spool into (a real fault): the handler writes the file itself."""
     receiver.incoming.rmdir()
     f = US_FILES["OBXXXX1A_rle.dcm"]
-    assoc = associate(receiver, scu(files=[f]))
-    try:
-        assert send_raw(assoc, f.data_set, f.sop_class_uid, f.sop_instance_uid) == StoreStatus.SUCCESS
-    finally:
-        assoc.release()
+    assert send_over_new_association(receiver, f) == StoreStatus.SUCCESS
     assert_stored_as_sent(receiver, f)
     receiver.incoming.mkdir()
 
