@@ -18,6 +18,8 @@ import logging
 import os
 import queue
 import re
+import select
+import socket
 import socketserver
 import ssl
 import struct
@@ -874,15 +876,10 @@ def _without_message_logging(event: Event) -> None:
             event.assoc.unbind(event_type, handler)
 
 
-#: How often an association's DUL thread looks for PDUs to send or receive when it
-#: has nothing to do, while the peer is sending and once it has been quiet for
-#: _DUL_QUIET_AFTER_S (pynetdicom: always 1 ms). Within a transfer the DUL is idle
-#: while the peer prepares its next request and while we store the last one, so its
-#: whole delay adds to every C-STORE; between transfers fast polling would cost about
-#: a seventh of a core per open association.
-_DUL_BUSY_POLL_S = 0.0001
-_DUL_QUIET_POLL_S = 0.001
-_DUL_QUIET_AFTER_S = 0.05
+#: The longest an association's DUL thread waits in select() for the peer, or for a
+#: PDU of ours to send, before it looks at its timers and its stop flag again (the
+#: same cadence as pynetdicom's idle sleep).
+_DUL_WAIT_S = 0.001
 #: How often an association's reactor checks for a release, an abort or the network
 #: timeout while it waits for a DIMSE message (pynetdicom's cadence).
 _REACTOR_CHECK_S = 0.001
@@ -914,24 +911,66 @@ class ReceiverSocket(AssociationSocket):
 
 
 class ReceiverDUL(DULServiceProvider):
-    """pynetdicom's DUL thread, polling ten times as often while the peer is sending.
+    """pynetdicom's DUL thread, waiting on the network instead of sleeping.
 
-    Overrides pynetdicom 3.0.4's ``DULServiceProvider._run_loop_delay`` (its idle
-    sleep, an attribute fixed at 1 ms) with a property.
+    Overrides pynetdicom 3.0.4's idle sleep (``_run_loop_delay``, 1 ms after every
+    loop that found nothing to do, before a zero-timeout select): each PDU of the
+    peer's waited half a millisecond on average, and each response of ours as long,
+    and a shorter sleep costs a core per association. Here the loop does not sleep;
+    when there is nothing to read, :meth:`_is_transport_event` blocks in select() on
+    the socket and on a wake-up socket that :meth:`send_pdu` writes to, so either is
+    handled the moment it comes.
     """
 
-    _last_pdu_at = -float("inf")  # pynetdicom builds the object: no __init__ of ours
+    _wake: tuple[socket.socket, socket.socket] | None = None  # pynetdicom builds the object: no __init__ of ours
 
-    @property  # type: ignore[override]
-    def _run_loop_delay(self) -> float:
-        quiet = time.monotonic() - self._last_pdu_at > _DUL_QUIET_AFTER_S
-        return _DUL_QUIET_POLL_S if quiet else _DUL_BUSY_POLL_S
+    def run(self) -> None:
+        """The thread's body (pynetdicom's ``run_reactor``), with the wake-up socket
+        open for exactly as long as it runs."""
+        self._run_loop_delay = 0.0  # pynetdicom sets it per object
+        self._wake = socket.socketpair()
+        for end in self._wake:
+            end.setblocking(False)
+        try:
+            super().run()
+        finally:
+            wake, self._wake = self._wake, None
+            for end in wake:
+                end.close()
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake[1].send(b"\0")
+            except OSError:  # full (a wake-up is pending anyway) or closed (the loop has ended)
+                pass
 
     def _is_transport_event(self) -> bool:
-        if not super()._is_transport_event():
-            return False
-        self._last_pdu_at = time.monotonic()
-        return True
+        if super()._is_transport_event():
+            return True
+        self._wait_for_network()
+        return False
+
+    def _wait_for_network(self) -> None:
+        """Block until the peer sent something, we have a PDU to send, or _DUL_WAIT_S."""
+        transport, wake = self.socket, self._wake
+        sock = transport.socket if transport is not None and transport._is_connected else None
+        if sock is None or wake is None:
+            time.sleep(_DUL_WAIT_S)
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted data select() cannot see
+        try:
+            ready, _, _ = select.select([sock, wake[0]], [], [], _DUL_WAIT_S)
+        except (OSError, ValueError):  # closed meanwhile: the next look reports it
+            return
+        if wake[0] in ready:
+            try:
+                wake[0].recv(4096)
+            except OSError:
+                pass
 
 
 class ReceiverAssociation(Association):

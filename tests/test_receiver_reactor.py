@@ -1,12 +1,12 @@
 """The receiver's overrides of pynetdicom internals (ReceiverAssociation's reactor,
-ReceiverDUL's idle poll, ReceiverSocket's recv): each keeps what the original did,
+ReceiverDUL's wait on the network, ReceiverSocket's recv): each keeps what the original did,
 checked against real pynetdicom peers on loopback and real sockets."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,9 +17,6 @@ from pynetdicom.sop_class import Verification
 from conftest import free_port, wait_until
 from service.ledger import Ledger
 from service.receiver import (
-    _DUL_BUSY_POLL_S,
-    _DUL_QUIET_AFTER_S,
-    _DUL_QUIET_POLL_S,
     ReceiverAssociation,
     ReceiverDUL,
     ReceiverServer,
@@ -76,20 +73,25 @@ def test_network_timeout_aborts_a_silent_peer(server: ReceiverServer, settings: 
     assert wait_until(lambda: not server.active_associations)
 
 
-def test_dul_polls_fast_only_while_the_peer_sends(server: ReceiverServer, settings: Settings) -> None:
-    assoc = associate(server, settings)
-    try:
-        assert wait_until(lambda: len(server.active_associations) == 1)
-        dul = server.active_associations[0].dul
-        assert dul._last_pdu_at > 0, "receiving the A-ASSOCIATE-RQ counts as the peer sending"
-        dul._last_pdu_at = time.monotonic()
-        assert dul._run_loop_delay == _DUL_BUSY_POLL_S
-        quiet_since = dul._last_pdu_at = time.monotonic() - 2 * _DUL_QUIET_AFTER_S
-        assert dul._run_loop_delay == _DUL_QUIET_POLL_S
-        assert assoc.send_c_echo().Status == 0x0000
-        assert dul._last_pdu_at > quiet_since, "the C-ECHO request did not count as the peer sending"
-    finally:
-        assoc.release()
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_dul_waits_on_the_network_and_closes_its_wake_up_socket(server: ReceiverServer, settings: Settings) -> None:
+    before = open_fds()
+    for _ in range(5):
+        assoc = associate(server, settings)
+        try:
+            assert wait_until(lambda: len(server.active_associations) == 1)
+            dul = server.active_associations[0].dul
+            assert dul._run_loop_delay == 0 and dul._wake is not None, "the DUL thread sleeps instead of waiting"
+            for _ in range(20):  # each request read, and each response sent, by the waiting thread
+                assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            assoc.release()
+        assert wait_until(lambda: not server.active_associations)
+        assert wait_until(lambda: dul._wake is None and not dul.is_alive())
+    assert open_fds() <= before, "file descriptors leak with each association"
 
 
 def socket_pair() -> tuple[ReceiverSocket, socket.socket]:
