@@ -61,6 +61,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (
@@ -975,6 +976,21 @@ class ReceiverDUL(DULServiceProvider):
         self._wait_for_network()
         return False
 
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        """Decode a P-DATA-TF PDU over a view of the received bytes.
+
+        Overrides pynetdicom 3.0.4's ``_decode_pdu``, which copies each PDU three
+        times before the DIMSE layer sees it (``bytes()`` of it, its body, each
+        fragment). Over a memoryview the data set is copied once, into its
+        message's buffer. Other PDUs, and every PDU while a handler watches raw
+        PDUs (DEBUG logging), go through the original.
+        """
+        if bytestream[:1] != _P_DATA_TF or any(self.assoc.get_handlers(e) for e in _RAW_PDU_EVENTS):
+            return super()._decode_pdu(bytestream)
+        pdu = P_DATA_TF()
+        pdu.decode(memoryview(bytestream))
+        return pdu, _P_DATA_TF_RECEIVED
+
     def _wait_for_network(self) -> None:
         """Block until the peer sent something, we have a PDU to send, or _DUL_WAIT_S."""
         transport, wake = self.socket, self._wake
@@ -993,6 +1009,12 @@ class ReceiverDUL(DULServiceProvider):
                 wake[0].recv(4096)
             except OSError:
                 pass
+
+
+_P_DATA_TF = b"\x04"
+#: The state machine's event for a P-DATA-TF PDU received (PS3.8 Table 9-10: Evt10).
+_P_DATA_TF_RECEIVED = "Evt10"
+_RAW_PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV)
 
 
 class ReceiverAssociation(Association):

@@ -10,17 +10,21 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 
 from conftest import free_port, wait_until
 from service.ledger import Ledger
 from service.receiver import (
     ReceiverAssociation,
+    ReceiverDIMSE,
     ReceiverDUL,
     ReceiverServer,
     ReceiverSocket,
+    RequestQueue,
     start_receiver,
 )
 from service.settings import Settings
@@ -51,6 +55,7 @@ def test_associations_run_on_our_classes_and_serve(server: ReceiverServer, setti
         assert type(ours) is ReceiverAssociation
         assert type(ours.dul) is ReceiverDUL
         assert type(ours.dul.socket) is ReceiverSocket
+        assert type(ours.dimse) is ReceiverDIMSE and type(ours.dimse.msg_queue) is RequestQueue
         for _ in range(20):  # one message after another, each answered
             assert assoc.send_c_echo().Status == 0x0000
     finally:
@@ -92,6 +97,26 @@ def test_dul_waits_on_the_network_and_closes_its_wake_up_socket(server: Receiver
         assert wait_until(lambda: not server.active_associations)
         assert wait_until(lambda: dul._wake is None and not dul.is_alive())
     assert open_fds() <= before, "file descriptors leak with each association"
+
+
+@pytest.mark.parametrize("watched", [False, True])
+def test_p_data_pdu_decodes_as_pynetdicom_decodes_it(watched: bool) -> None:
+    """Over a memoryview unless a handler watches raw PDUs; the same fragments either way."""
+    fragments = [[1, b"\x01" + bytes(range(200))], [1, b"\x00" + bytes(70_000)], [3, b"\x02end"]]
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = fragments
+    encoded = P_DATA_TF(primitive).encode()
+    dul = Association(AE(), "acceptor").dul
+    dul.__class__ = ReceiverDUL
+    for handler, _ in dul.assoc.get_handlers(evt.EVT_PDU_RECV):
+        dul.assoc.unbind(evt.EVT_PDU_RECV, handler)
+    if watched:
+        dul.assoc.bind(evt.EVT_DATA_RECV, lambda event: None)
+    pdu, event = dul._decode_pdu(bytearray(encoded))
+    assert event == "Evt10"
+    decoded = pdu.to_primitive().presentation_data_value_list
+    assert [[cx, bytes(data)] for cx, data in decoded] == fragments
+    assert all(isinstance(data, bytes if watched else memoryview) for _, data in decoded)
 
 
 def socket_pair() -> tuple[ReceiverSocket, socket.socket]:
