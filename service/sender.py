@@ -72,6 +72,8 @@ POLL_S = 0.1
 ORPHAN_REPORT_AFTER_S = 300.0
 #: How often the loop looks for such studies.
 ORPHAN_CHECK_S = 30.0
+#: How often a C-STORE waiting for its response checks that the association lives.
+_WATCH_EVERY_S = 0.1
 
 
 def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -79,6 +81,32 @@ def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random
     (half fixed, half random) so many objects never hammer a PACS in lockstep."""
     delay = min(max_s, base_s * 2 ** max(0, attempts - 1))
     return delay / 2 + rng.uniform(0, delay / 2)
+
+
+def send_c_store(assoc: Association, ds: Dataset) -> Dataset:
+    """``assoc.send_c_store(ds)``, but a wait for the response that ends with the
+    association.
+
+    pynetdicom 3.0.4 wakes a waiting ``send_c_store`` when the peer aborts, but not
+    when the association's DUL thread ends on a socket error (a peer that dropped
+    the connection while we were sending): the wait would last the DIMSE timeout
+    for each object. A watcher wakes it the way pynetdicom's own abort does.
+    """
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(_WATCH_EVERY_S):
+            if not assoc.dul.is_alive():
+                assoc.dimse.msg_queue.put((None, None))  # pynetdicom's "no response"
+                return
+
+    watcher = threading.Thread(target=watch, name="sonocase-send-watch", daemon=True)
+    watcher.start()
+    try:
+        return assoc.send_c_store(ds)
+    finally:
+        done.set()
+        watcher.join()
 
 
 def _transfer_syntaxes(sop_class_uid: str, stored: str) -> list[str]:
@@ -178,7 +206,7 @@ class Sender:
             if fallback is None:
                 return 0
             row, ds = fallback
-        status = assoc.send_c_store(ds)
+        status = send_c_store(assoc, ds)
         code = int(status.get("Status", -1)) if status else -1
         if code == STATUS_SUCCESS or code in STATUS_WARNINGS:
             if code in STATUS_WARNINGS:

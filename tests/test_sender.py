@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -192,7 +193,14 @@ def test_association_dropped_mid_send_is_retried(to_pacs: Settings, ledger: Ledg
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"], n_similar=0)
     flaky = pacs_factory("--abort-after", name="flaky")
     sender = Sender(to_pacs, ledger)
-    assert sender.run_once() == 0
+    # However the connection ends, the sender notices at once, not after its DIMSE
+    # timeout (120 s) for each object (the bound below is generous on purpose).
+    results: list[int] = []
+    attempt = threading.Thread(target=lambda: results.append(sender.run_once()))
+    attempt.start()
+    attempt.join(timeout=60)
+    assert not attempt.is_alive(), "the sender waited out the DIMSE timeout on a dead association"
+    assert results == [0]
     assert {r["state"] for r in ledger.outbox()} == {OutboxState.PENDING}
     assert any("no response" in r["error"] or "ended early" in r["error"] for r in ledger.outbox())
     flaky.stop()
