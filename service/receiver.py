@@ -77,7 +77,7 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
-from service import spool
+from service import dicom_tls, spool
 from service.ledger import InstanceRecord, Ledger
 from service.metrics import observe_cstore
 from service.settings import Settings
@@ -857,20 +857,6 @@ def _on_requested(event: Event, settings: Settings) -> None:
     event.assoc.kill()
 
 
-def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """DICOM TLS (PS3.15 B.1) when a certificate is configured; with ``tls_ca``
-    every client must present a certificate signed by it."""
-    if settings.tls_cert is None or settings.tls_key is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    if settings.tls_ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(cafile=settings.tls_ca)
-    return context
-
-
 def build_ae(settings: Settings) -> AE:
     """Our Application Entity: the storage contexts, Verification, limits."""
     ae = AE(ae_title=settings.ae_title)
@@ -1152,7 +1138,7 @@ def start_receiver(settings: Settings, ledger: Ledger) -> ReceiverServer:
     if settings.log_level != "DEBUG":
         handlers.append((evt.EVT_CONN_OPEN, _without_message_logging))
     server = build_ae(settings).make_server(
-        (settings.host, settings.port), evt_handlers=handlers, ssl_context=build_ssl_context(settings),
+        (settings.host, settings.port), evt_handlers=handlers, ssl_context=dicom_tls.server_context(settings),
         server_class=ReceiverServer, store=scp,
     )
     threading.Thread(target=server.serve_forever, name="sonocase-receiver", daemon=True).start()

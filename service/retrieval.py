@@ -525,6 +525,14 @@ class SimilarCaseIndex:
         )
         return {r[0] for r in rows}
 
+    def known_study_uids(self, study_uids: Iterable[str]) -> set[str]:
+        """Which of these studies have images in the index (also deleted ones)."""
+        rows = self._select(
+            "SELECT DISTINCT study_uid FROM images WHERE study_uid IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(study_uids)),),
+        )
+        return {r[0] for r in rows}
+
     def add(self, entries: Sequence[IndexEntry]) -> AddResult:
         """Add reference images and save; images already there (by SOP Instance UID,
         deleted ones included) are skipped, so re-running a study adds nothing."""

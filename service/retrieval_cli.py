@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,9 +27,10 @@ from tqdm import tqdm
 from service.cli import settings_from
 from service.imaging import prepare_instance
 from service.model_card import DISCLAIMER, ModelCard
+from service.pacs_copy import PacsUnavailable, copy_studies
 from service.results import ModelIdentity
 from service.retrieval import LABEL_SOURCES, IndexEntry, SimilarCaseIndex, StoredImage
-from service.settings import Settings
+from service.settings import Destination, Settings
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +141,16 @@ def fill_index(
     labels: dict[str, Diagnosis],
     save_every: int = 256,
     progress: Callable[[int], object] = lambda n: None,
+    report: FillReport | None = None,
 ) -> FillReport:
     """Embed and add the labelled images among ``paths``, saving every ``save_every``.
 
     Images the index holds already are skipped before any inference; images without
-    a label are counted, unreadable or unanalysable ones reported with the reason.
+    a label are counted, unreadable or unanalysable ones reported with the reason
+    (in ``report`` when given, to add up several fills).
     """
     index.check_model("add images")
-    report = FillReport()
+    report = report or FillReport()
     for start in range(0, len(paths), save_every):
         chunk = paths[start:start + save_every]
         headers: dict[Path, Dataset] = {}
@@ -260,7 +264,7 @@ def _clear_errors() -> Iterator[None]:
     """Bad input ends the command with its message, not a traceback."""
     try:
         yield
-    except (ValueError, KeyError, FileNotFoundError, TimeoutError) as exc:
+    except (ValueError, KeyError, FileNotFoundError, TimeoutError, PacsUnavailable) as exc:
         raise click.ClickException(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc)) from exc
 
 
@@ -278,10 +282,53 @@ def _fill(ctx: click.Context, folder: Path, labels_csv: Path, label_source: str 
                 tqdm(total=len(paths), unit="file", desc="indexing", disable=None) as bar:
             report = fill_index(index, embedder.embed, paths, labels, save_every, bar.update)
             version = index.version
+    _summary(report, version)
+
+
+def _fill_from_pacs(ctx: click.Context, pacs: Destination, labels_csv: Path, label_source: str | None,
+                    save_every: int) -> None:
+    """Copy each labelled study out of the PACS, add it, and drop the copy; studies
+    the index holds already are not fetched again, so a rerun resumes."""
+    settings = settings_from(ctx)
+    with _clear_errors():
+        embedder = ReferenceEmbedder(settings)
+        labels = read_labels_csv(labels_csv, embedder.card.classes, label_source)
+        studies = study_keys(labels_csv)
+        if not studies:
+            raise ValueError(f"{labels_csv}: the PACS is asked by study: give study_instance_uid for each row")
+        report, problems = FillReport(), dict[str, str]()
+        with SimilarCaseIndex.from_settings(settings, embedder.identity) as index, \
+                tempfile.TemporaryDirectory(prefix="sonocase-pacs-") as scratch:
+            known = index.known_study_uids(studies)
+            todo = [uid for uid in studies if uid not in known]
+            with tqdm(total=len(todo), unit="study", desc=f"copying from {pacs}", disable=None) as bar:
+                for copy in copy_studies(pacs, todo, Path(scratch), settings):
+                    fill_index(index, embedder.embed, copy.files, labels, save_every, report=report)
+                    if copy.problem:
+                        problems[copy.study_uid] = copy.problem
+                    shutil.rmtree(Path(scratch) / copy.study_uid, ignore_errors=True)
+                    bar.update(1)
+            version = index.version
+    for study_uid, problem in problems.items():
+        click.echo(f"study {study_uid}: {problem}", err=True)
+    click.echo(f"{len(known)} of {len(studies)} studies were in the index already, "
+               f"{len(problems)} of {len(studies)} studies not copied in full")
+    _summary(report, version)
+
+
+def _summary(report: FillReport, version: str) -> None:
     for path, reason in sorted(report.failed.items()):
         click.echo(f"skipped {path}: {reason}", err=True)
     click.echo(f"added {report.added} images; {report.already_there} were there already, "
                f"{report.unlabelled} had no label, {len(report.failed)} could not be used; index version {version}")
+
+
+def study_keys(labels_csv: Path) -> list[str]:
+    """The Study Instance UIDs a label CSV names, in file order (rows keyed by SOP
+    Instance UID name none)."""
+    with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
+        uids = ((row.get("study_instance_uid") or "").strip() for row in csv.DictReader(fh))
+        return list(dict.fromkeys(uid for uid in uids if uid))
 
 
 @click.group("index")
@@ -289,9 +336,19 @@ def index() -> None:
     """Build, fill, query and inspect the similar-case index (reference studies with diagnoses)."""
 
 
+def _pacs_address(ctx: click.Context, param: click.Parameter, value: str | None) -> Destination | None:
+    try:
+        return None if value is None else Destination.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @index.command()
-@click.option("--dicom", "folder", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+@click.option("--dicom", "folder", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Folder of DICOM files (searched recursively).")
+@click.option("--pacs", type=str, default=None, callback=_pacs_address, metavar="AE@HOST:PORT[+tls]",
+              help="Instead of --dicom: copy each labelled study from this PACS (C-FIND, C-GET; "
+                   "it must know our AE title). Needs study_instance_uid in the CSV.")
 @click.option("--labels", "labels_csv", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="CSV: study_instance_uid or sop_instance_uid, label, label_source.")
 @click.option("--label-source", type=click.Choice(LABEL_SOURCES), default=None,
@@ -299,9 +356,16 @@ def index() -> None:
 @click.option("--save-every", type=click.IntRange(1), default=256, show_default=True,
               help="Images per saved batch: an interrupted run resumes after the last one.")
 @click.pass_context
-def add(ctx: click.Context, folder: Path, labels_csv: Path, label_source: str | None, save_every: int) -> None:
-    """Embed and add a folder of labelled studies (skips images already there)."""
-    _fill(ctx, folder, labels_csv, label_source, save_every)
+def add(ctx: click.Context, folder: Path | None, pacs: Destination | None, labels_csv: Path,
+        label_source: str | None, save_every: int) -> None:
+    """Embed and add labelled studies from a folder or the PACS (skips what is there)."""
+    if (folder is None) == (pacs is None):
+        raise click.UsageError("give either --dicom DIR or --pacs AE@HOST:PORT")
+    if pacs is not None:
+        _fill_from_pacs(ctx, pacs, labels_csv, label_source, save_every)
+    else:
+        assert folder is not None
+        _fill(ctx, folder, labels_csv, label_source, save_every)
 
 
 @index.command()

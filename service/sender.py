@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import ssl
 import threading
 import time
 from itertools import groupby
@@ -38,6 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from service import dicom_tls
 from service.cli import settings_from
 from service.ledger import Ledger, OutboxState, StudyState, open_ledger
 from service.metrics import observe_send
@@ -185,16 +185,8 @@ class Sender:
                         proposed[sop_class].append(syntax)
         for sop_class, syntaxes in proposed.items():
             ae.add_requested_context(sop_class, syntaxes)
-        tls = (self._tls_context(), dest.host) if dest.tls else None
-        return ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
-
-    def _tls_context(self) -> ssl.SSLContext:
-        """Verify the PACS against our CA bundle (or the system's); present our
-        certificate when one is configured (mutual TLS)."""
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.settings.tls_ca)
-        if self.settings.tls_cert and self.settings.tls_key:
-            context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
-        return context
+        return ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                            tls_args=dicom_tls.client_args(self.settings, dest))
 
     def _store(self, assoc: Association, dest: Destination, row: dict[str, Any], ds: Dataset) -> int:
         accepted_classes = {cx.abstract_syntax for cx in assoc.accepted_contexts}

@@ -4,9 +4,11 @@ run by ONNX Runtime, and the real index, started as the user starts them."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,9 @@ import pydicom
 import pytest
 from click.testing import CliRunner, Result
 from onnx import TensorProto, helper
+from pydicom.uid import BasicTextSRStorage, generate_uid
 
+from conftest import dcmtk, free_port, wait_until
 from service.cli import cli
 from service.model_card import DISCLAIMER, ModelCard, card_path_for, sha256_file
 from service.retrieval import SimilarCaseIndex
@@ -124,7 +128,7 @@ def test_add_embeds_labelled_studies_and_a_second_run_adds_nothing(
     first = run(env, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "biopsy")
     assert first.exit_code == 0, first.output
     n_files = len(list(folder.rglob("*.dcm")))
-    assert f"added {n_files} images; 0 were there already" in first.stdout
+    assert f"added {n_files} images; 0 were there already" in first.stdout, first.stderr
     assert "notes.txt: not a readable DICOM file" in first.stderr
     second = run(env, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "biopsy")
     assert f"added 0 images; {n_files} were there already" in second.stdout
@@ -259,3 +263,87 @@ def test_query_shows_similar_studies_but_never_the_own_one(env: dict[str, str], 
     assert "not for primary diagnosis" in result.stdout
     mixed = run(env, "query", files[0], *sorted(str(p) for p in folder.rglob("*.dcm") if str(p) not in files)[:1])
     assert mixed.exit_code == 1 and "belong to 2 studies" in mixed.stderr
+
+
+# --- filling from the PACS -------------------------------------------------------------
+
+@pytest.fixture
+def qr_pacs(tmp_path: Path, studies: tuple[Path, Path]) -> Iterator[tuple[str, str]]:
+    """DCMTK's dcmqrscp, a real Query/Retrieve SCP, holding the synthetic studies
+    and, in one of them, a report (not an image: it must stay in the PACS).
+    Yields its address and the study with the report."""
+    db, port = tmp_path / "pacs-db", free_port()
+    db.mkdir()
+    config = tmp_path / "dcmqrscp.cfg"
+    config.write_text(
+        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 4\n"
+        "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\nPACS {db} RW (200, 1024mb) ANY\nAETable END\n"
+    )
+    # dcmqrscp sends each image in the syntax of the first context it accepted for
+    # the SOP class, and cannot decode JPEG to send it: it holds uncompressed copies.
+    files = []
+    for n, path in enumerate(sorted(studies[0].rglob("*.dcm"))):
+        files.append(tmp_path / f"held-{n}.dcm")
+        subprocess.run([dcmtk("dcmdjpeg"), str(path), str(files[-1])], check=True, capture_output=True)
+    report = pydicom.dcmread(files[0])
+    del report.PixelData
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = BasicTextSRStorage
+    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    report.Modality = "SR"
+    report.save_as(tmp_path / "report.dcm")
+    subprocess.run([dcmtk("dcmqridx"), str(db), *map(str, files), str(tmp_path / "report.dcm")],
+                   check=True, capture_output=True)
+    with (tmp_path / "dcmqrscp.log").open("wb") as log:
+        process = subprocess.Popen([dcmtk("dcmqrscp"), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        assert wait_until(lambda: _listening(port)), "dcmqrscp did not start"
+        yield f"PACS@127.0.0.1:{port}", str(report.StudyInstanceUID)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_add_copies_labelled_studies_from_the_pacs(
+    env: dict[str, str], studies: tuple[Path, Path], qr_pacs: tuple[str, str], tmp_path: Path,
+) -> None:
+    pacs, with_report = qr_pacs
+    labels = tmp_path / "labels.csv"
+    missing = "1.2.826.0.1.3680043.8.498.4711"
+    labels.write_text(studies[1].read_text() + f"{missing},benign,biopsy\n")
+    n_files, n_studies = len(list(studies[0].rglob("*.dcm"))), len(study_labels(studies[1]))
+
+    first = run(env, "add", "--pacs", pacs, "--labels", str(labels))
+    assert first.exit_code == 0, first.output
+    assert f"added {n_files} images; 0 were there already, 0 had no label, 0 could not be used" in first.stdout
+    assert f"study {missing}: not found on the PACS" in first.stderr
+    assert f"study {with_report}: 1 instance(s) not copied (not images)" in first.stderr
+    assert f"2 of {n_studies + 1} studies not copied in full" in first.stdout
+    info = run(env, "info")
+    assert f"{n_files} images of {n_studies} studies" in info.stdout
+    with SimilarCaseIndex(tmp_path / "data" / "index", None) as index:
+        stored = index.stored_images()
+        assert {(i.study_uid, i.label) for i in stored} == set(study_labels(studies[1]).items())
+        assert all(i.path is not None and i.path.is_file() for i in stored), "reference copies kept"
+
+    again = run(env, "add", "--pacs", pacs, "--labels", str(labels))
+    assert again.exit_code == 0, again.output
+    assert f"{n_studies} of {n_studies + 1} studies were in the index already" in again.stdout
+    assert "added 0 images" in again.stdout
+
+
+def test_add_from_the_pacs_says_what_is_wrong(env: dict[str, str], studies: tuple[Path, Path]) -> None:
+    labels = str(studies[1])
+    down = run(env, "add", "--pacs", f"PACS@127.0.0.1:{free_port()}", "--labels", labels)
+    assert down.exit_code == 1 and "PACS@127.0.0.1" in down.output and "not answering" in down.output
+    for args in ([], ["--dicom", str(studies[0]), "--pacs", "PACS@127.0.0.1:104"]):
+        both = run(env, "add", *args, "--labels", labels)
+        assert both.exit_code == 2 and "either --dicom DIR or --pacs" in both.output
+    bad = run(env, "add", "--pacs", "127.0.0.1:104", "--labels", labels)
+    assert bad.exit_code == 2 and "is not AE@host:port" in bad.output
