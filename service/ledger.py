@@ -164,7 +164,8 @@ class _SqliteConnection(sqlite3.Connection):
         self.execute("COMMIT")
 
     def rollback_write(self) -> None:
-        self.execute("ROLLBACK")
+        if self.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL at COMMIT)
+            self.execute("ROLLBACK")
 
 
 #: The advisory lock every write transaction of every node process takes: PostgreSQL
@@ -358,10 +359,10 @@ class Ledger:
             self._db.begin_write()
             try:
                 yield self._db
+                self._db.commit_write()  # can fail too (a full disk): then roll back as well
             except BaseException:
                 self._db.rollback_write()
                 raise
-            self._db.commit_write()
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock:

@@ -21,6 +21,7 @@ import re
 import select
 import socket
 import socketserver
+import sqlite3
 import ssl
 import struct
 import tempfile
@@ -392,6 +393,19 @@ def encode_store_response(
 
 # --- the store itself ---------------------------------------------------------
 
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception that caused it, says a disk is full: the
+    spool's (ENOSPC, EDQUOT) or the ledger's (SQLite's SQLITE_FULL, PostgreSQL's
+    disk_full)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or getattr(exc, "sqlstate", None) == "53100":
+            return True
+        exc = exc.__cause__
+    return False
+
+
 def write_new_file(path: Path, chunks: list[bytes]) -> tuple[int, int]:
     """Write a spool file under a temporary name and rename it into place, without
     waiting for the disk; return its size and CRC-32.
@@ -640,16 +654,23 @@ class StoreSCP:
             self._write(inst, raw, transfer_syntax, calling_ae, ignored, incoming)
         except InvalidInstance as exc:
             return self._refuse(exc.status, str(exc), study_uid, calling_ae)
-        except OSError as exc:
-            disk_full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            status = StoreStatus.OUT_OF_RESOURCES if disk_full else StoreStatus.PROCESSING_FAILURE
-            LOG.exception("cannot store instance from %s", calling_ae, extra={"study_uid": study_uid})
-            return StoreOutcome(status, f"storage error: {exc.strerror or exc}", study_uid)
         except Exception as exc:  # the SCP must answer and keep serving, whatever broke
-            LOG.exception("C-STORE handler failed", extra={"study_uid": study_uid, "calling_ae": calling_ae})
-            return StoreOutcome(StoreStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", study_uid)
+            return self._failed(exc, study_uid, calling_ae)
         LOG.debug("stored %s", inst.sop_instance_uid, extra={"study_uid": study_uid, "calling_ae": calling_ae})
         return StoreOutcome(StoreStatus.SUCCESS, ignored or "", study_uid, stored=True)
+
+    @staticmethod
+    def _failed(exc: Exception, study_uid: str | None, calling_ae: str) -> StoreOutcome:
+        """A failure of ours. Out of resources when the disk (spool or ledger) is
+        full, so the peer retries later; a processing failure otherwise."""
+        extra = {"study_uid": study_uid, "calling_ae": calling_ae}
+        if disk_full(exc):
+            LOG.error("cannot store an instance from %s: no space left (%s)", calling_ae, exc, extra=extra)
+            return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, "storage error: no space left on the disk", study_uid)
+        LOG.exception("cannot store an instance from %s", calling_ae, extra=extra)
+        reason = f"storage error: {exc.strerror or exc}" if isinstance(exc, OSError) else \
+            f"internal error: {type(exc).__name__}"
+        return StoreOutcome(StoreStatus.PROCESSING_FAILURE, reason, study_uid)
 
     def _refuse(self, status: StoreStatus, reason: str, study_uid: str | None, calling_ae: str) -> StoreOutcome:
         LOG.warning("refused C-STORE from %s with 0x%04X: %s", calling_ae, status, reason,
@@ -679,11 +700,15 @@ class StoreSCP:
         if self.durable:
             flush = incoming.flush if incoming is not None else partial(flush_file, path)
             flushes = [self._fsync_pool.submit(flush), self._fsync_pool.submit(spool.fsync_dir, path.parent)]
-        self.recorder.record(InstanceRecord(
-            sop_instance_uid=inst.sop_instance_uid, study_uid=inst.study_uid, series_uid=inst.series_uid,
-            sop_class_uid=inst.sop_class_uid, transfer_syntax=transfer_syntax, path=str(path), size=size,
-            calling_ae=calling_ae, modality=inst.modality, ignored_reason=ignored, crc32=crc,
-        ))
+        try:
+            self.recorder.record(InstanceRecord(
+                sop_instance_uid=inst.sop_instance_uid, study_uid=inst.study_uid, series_uid=inst.series_uid,
+                sop_class_uid=inst.sop_class_uid, transfer_syntax=transfer_syntax, path=str(path), size=size,
+                calling_ae=calling_ae, modality=inst.modality, ignored_reason=ignored, crc32=crc,
+            ))
+        except Exception:  # not recorded: no file without a record (the peer's retry writes it again)
+            path.unlink(missing_ok=True)
+            raise
         try:
             for flush in flushes:
                 flush.result()

@@ -42,6 +42,22 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
     return True
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 6 MiB file system (tmpfs) to fill: a full disk, not a stand-in. Needs
+    the right to mount (root, as on these machines and in CI)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"no full disk can be made here: mounting a tmpfs failed ({mounted.stderr.strip()})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
 def dcmtk(tool: str) -> str:
     path = DCMTK / tool
     if not path.exists():

@@ -35,6 +35,7 @@ from service.receiver import (
     complete_quiet_studies,
     encode_file_meta,
     encode_store_response,
+    file_matches,
     modality_policy,
     parse_instance,
     write_new_file,
@@ -378,6 +379,48 @@ def test_storage_error_is_a_failure_status(scp: StoreSCP, settings: Settings, le
     outcome = scp.store(f.data_set, f.transfer_syntax, f.sop_class_uid, f.sop_instance_uid, "X")
     assert outcome.status == StoreStatus.PROCESSING_FAILURE and "storage error" in outcome.comment
     assert ledger.instance_count() == 0
+
+
+@pytest.mark.parametrize("full", ["spool", "ledger"])
+@pytest.mark.parametrize("durability", ["fsync", "none"])
+def test_a_full_disk_refuses_out_of_resources_and_loses_nothing(
+    tmp_path: Path, small_disk: Path, durability: str, full: str,
+) -> None:
+    """The spool's disk, or the ledger's, fills up while instances arrive (watermark
+    off): every instance is either stored and recorded or refused with 0xA700,
+    nothing half-written or unrecorded stays, and once there is room again the
+    peer's retry is stored."""
+    data_dir = small_disk if full == "spool" else tmp_path / "data"
+    settings = load_settings(data_dir=data_dir, durability=durability, min_free_disk_mb=0)
+    ledger = Ledger(small_disk / "ledger.sqlite3", durable=durability == "fsync")
+    scp = StoreSCP(settings, ledger)
+    room = small_disk / "room"  # given back at the end
+    room.write_bytes(bytes((2 << 20) if full == "spool" else (6 << 20) - (400 << 10)))
+    study_uid = "1.2.826.0.1.3680043.8.498.7"
+    outcomes: list[tuple[UsFile, StoreStatus]] = []
+    try:
+        for n in range(12 if full == "spool" else 60):
+            name = SMALL[1] if n % 2 or full == "ledger" else "US1_UNCR.dcm"  # 7 KB and 0.9 MB
+            f = rewrite(tmp_path, name, StudyInstanceUID=study_uid, SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.7.{n}")
+            outcomes.append((f, store(scp, f)))
+        stored = [f for f, status in outcomes if status == StoreStatus.SUCCESS]
+        refused = [f for f, status in outcomes if status != StoreStatus.SUCCESS]
+        assert stored and refused, "the disk never filled"
+        assert {status for f, status in outcomes if f in refused} == {StoreStatus.OUT_OF_RESOURCES}
+        records = {rec.sop_instance_uid: rec for rec in ledger.instances(study_uid)}
+        assert set(records) == {f.sop_instance_uid for f in stored}
+        for f in stored:
+            assert file_matches(stored_path(settings, f), records[f.sop_instance_uid].size,
+                                records[f.sop_instance_uid].crc32)
+        for f in refused:
+            assert not stored_path(settings, f).exists(), "a file without a record"
+        assert not list(settings.spool_dir.rglob(".tmp-*")), "half-written files left"
+        room.unlink()
+        assert store(scp, refused[0]) == StoreStatus.SUCCESS, "the retry was refused with room on the disk"
+        assert ledger.has_instance(refused[0].sop_instance_uid)
+    finally:
+        scp.close()
+        ledger.close()
 
 
 def test_internal_error_is_a_failure_status(scp: StoreSCP, ledger: Ledger) -> None:

@@ -272,6 +272,26 @@ def test_data_set_is_spooled_while_it_arrives(receiver: Receiver, monkeypatch: p
     assert rec.crc32 == zlib.crc32(receiver.stored(f).read_bytes()) and rec.size == receiver.stored(f).stat().st_size
 
 
+def test_full_spool_disk_refuses_with_out_of_resources(small_disk: Path, start: Callable[..., Receiver]) -> None:
+    """The spool's disk fills while a data set arrives: the spooled fragments and the
+    handler's own write both meet ENOSPC, the peer hears 0xA700, and its retry is
+    stored once there is room (no temporary file left: see the fixture)."""
+    rx = start(data_dir=small_disk, min_free_disk_mb=0)
+    f = US_FILES["US1_UNCR.dcm"]  # 0.9 MB
+    room = small_disk / "room"
+    room.write_bytes(bytes(small_disk_free(small_disk) - (300 << 10)))
+    assert send_over_new_association(rx, f) == StoreStatus.OUT_OF_RESOURCES
+    assert not rx.stored(f).exists() and not rx.ledger.has_instance(f.sop_instance_uid)
+    room.unlink()
+    assert send_over_new_association(rx, f) == StoreStatus.SUCCESS
+    assert_stored_as_sent(rx, f)
+
+
+def small_disk_free(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
 def test_data_set_is_still_stored_when_spooling_it_fails(receiver: Receiver) -> None:
     """No folder to spool into (a real fault): the handler writes the file itself."""
     receiver.incoming.rmdir()
