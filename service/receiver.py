@@ -406,13 +406,14 @@ def disk_full(exc: BaseException | None) -> bool:
     return False
 
 
-def write_new_file(path: Path, chunks: list[bytes]) -> tuple[int, int]:
+def write_new_file(path: Path, chunks: list[bytes], checksum: bool = True) -> tuple[int, int | None]:
     """Write a spool file under a temporary name and rename it into place, without
-    waiting for the disk; return its size and CRC-32.
+    waiting for the disk; return its size and (with ``checksum``) CRC-32.
 
     A crash of the process never leaves a partial file under the final name. Making
     it survive a power loss is :func:`flush_file`'s job, which the receiver runs at the
-    same time as the ledger commit (see :meth:`StoreSCP._write`).
+    same time as the ledger commit (see :meth:`StoreSCP._write`); the CRC-32 is for
+    that case only (see :meth:`StoreSCP._forget_torn_instances`).
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".dcm")
     crc = 0
@@ -420,12 +421,13 @@ def write_new_file(path: Path, chunks: list[bytes]) -> tuple[int, int]:
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
-                crc = zlib.crc32(chunk, crc)
+                if checksum:
+                    crc = zlib.crc32(chunk, crc)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return sum(len(chunk) for chunk in chunks), crc
+    return sum(len(chunk) for chunk in chunks), crc if checksum else None
 
 
 def flush_file(path: Path) -> None:
@@ -456,20 +458,21 @@ _start_writeback = _writeback_starter()
 class IncomingFile:
     """An instance's spool file while its data set is still arriving.
 
-    The file meta group and each data set fragment are written (and CRC-32'd) the
-    moment the fragment arrives, so the disk write overlaps the network transfer
-    instead of following it; with ``writeback`` the disk is also told to start
-    writing each fragment, so the fsync before Success has little left to wait for.
+    The file meta group and each data set fragment are written the moment the
+    fragment arrives, so the disk write overlaps the network transfer instead of
+    following it. A ``durable`` file also takes the CRC-32 of what it writes (for
+    the torn-file check after a power loss) and tells the disk to start writing
+    each fragment, so the fsync before Success has little left to wait for.
     The file keeps a temporary name in ``directory`` until :meth:`commit`; whoever
     opened it must :meth:`close` it (which removes it unless committed).
     """
 
-    def __init__(self, directory: Path, head: bytes, writeback: bool) -> None:
+    def __init__(self, directory: Path, head: bytes, durable: bool) -> None:
         self.head = head
         self.size = 0
-        self.crc32 = 0
+        self.crc32: int | None = 0 if durable else None
         self.committed = False
-        self._writeback = writeback and _start_writeback is not None
+        self._writeback = durable and _start_writeback is not None
         self._lock = threading.Lock()  # close() may come from another thread than append()
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
         self.fd: int | None = fd
@@ -485,7 +488,8 @@ class IncomingFile:
                 view = view[os.write(self.fd, view):]
             if self._writeback and _start_writeback is not None:
                 _start_writeback(self.fd, self.size, len(data))
-            self.crc32 = zlib.crc32(data, self.crc32)
+            if self.crc32 is not None:
+                self.crc32 = zlib.crc32(data, self.crc32)
             self.size += len(data)
 
     def holds(self, head: bytes, data_set_size: int) -> bool:
@@ -626,7 +630,7 @@ class StoreSCP:
         taken from the C-STORE request; :meth:`store` keeps it only if the data set
         turns out to be that instance."""
         head = encode_file_meta(affected_sop_class, affected_sop_instance, transfer_syntax, calling_ae)
-        return IncomingFile(self.incoming_dir, head, writeback=self.durable)
+        return IncomingFile(self.incoming_dir, head, durable=self.durable)
 
     def store(
         self, raw: bytes, transfer_syntax: str, affected_sop_class: str, affected_sop_instance: str,
@@ -717,11 +721,11 @@ class StoreSCP:
             path.unlink(missing_ok=True)
             raise
 
-    @staticmethod
-    def _place(path: Path, head: bytes, raw: bytes, incoming: IncomingFile | None) -> tuple[int, int]:
-        """Put the instance's file at ``path``; return its size and CRC-32."""
+    def _place(self, path: Path, head: bytes, raw: bytes, incoming: IncomingFile | None) -> tuple[int, int | None]:
+        """Put the instance's file at ``path``; return its size and, in ``fsync``
+        mode, CRC-32."""
         if incoming is None:
-            return write_new_file(path, [head, raw])
+            return write_new_file(path, [head, raw], checksum=self.durable)
         incoming.commit(path)
         return incoming.size, incoming.crc32
 

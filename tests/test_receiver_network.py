@@ -7,7 +7,6 @@ import os
 import ssl
 import subprocess
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -268,8 +267,8 @@ def test_data_set_is_spooled_while_it_arrives(receiver: Receiver, monkeypatch: p
     assert wait_until(lambda: not list(receiver.incoming.iterdir())), "an aborted transfer left its file"
     assert send_over_new_association(receiver, f) == StoreStatus.SUCCESS
     assert_stored_as_sent(receiver, f)
-    rec = receiver.ledger.instances(f.study_uid)[0]
-    assert rec.crc32 == zlib.crc32(receiver.stored(f).read_bytes()) and rec.size == receiver.stored(f).stat().st_size
+    [rec] = receiver.ledger.instances(f.study_uid)
+    assert rec.size == receiver.stored(f).stat().st_size
 
 
 def test_full_spool_disk_refuses_with_out_of_resources(small_disk: Path, start: Callable[..., Receiver]) -> None:
