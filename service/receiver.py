@@ -452,6 +452,9 @@ def _writeback_starter() -> Callable[[int, int, int], object] | None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
+#: Writeback is started for this much data at a time: a call per 128 KiB fragment
+#: cost more than it saved (bench A/B: about 7 % fewer images/s in fsync mode).
+_WRITEBACK_BATCH = 512 << 10
 _start_writeback = _writeback_starter()
 
 
@@ -462,7 +465,7 @@ class IncomingFile:
     fragment arrives, so the disk write overlaps the network transfer instead of
     following it. A ``durable`` file also takes the CRC-32 of what it writes (for
     the torn-file check after a power loss) and tells the disk to start writing
-    each fragment, so the fsync before Success has little left to wait for.
+    every half megabyte, so the fsync before Success has little left to wait for.
     The file keeps a temporary name in ``directory`` until :meth:`commit`; whoever
     opened it must :meth:`close` it (which removes it unless committed).
     """
@@ -472,6 +475,7 @@ class IncomingFile:
         self.size = 0
         self.crc32: int | None = 0 if durable else None
         self.committed = False
+        self._sent = 0
         self._writeback = durable and _start_writeback is not None
         self._lock = threading.Lock()  # close() may come from another thread than append()
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
@@ -486,11 +490,12 @@ class IncomingFile:
             view = memoryview(data)
             while view:
                 view = view[os.write(self.fd, view):]
-            if self._writeback and _start_writeback is not None:
-                _start_writeback(self.fd, self.size, len(data))
             if self.crc32 is not None:
                 self.crc32 = zlib.crc32(data, self.crc32)
             self.size += len(data)
+            if self._writeback and _start_writeback is not None and self.size - self._sent >= _WRITEBACK_BATCH:
+                _start_writeback(self.fd, self._sent, self.size - self._sent)
+                self._sent = self.size
 
     def holds(self, head: bytes, data_set_size: int) -> bool:
         """Whether this file is ``head`` followed by a data set of that size."""
