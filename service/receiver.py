@@ -476,7 +476,7 @@ class IncomingFile:
         self.crc32: int | None = 0 if durable else None
         self.committed = False
         self._sent = 0
-        self._writeback = durable and _start_writeback is not None
+        self._writeback = _start_writeback if durable else None
         self._lock = threading.Lock()  # close() may come from another thread than append()
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
         self.fd: int | None = fd
@@ -493,8 +493,8 @@ class IncomingFile:
             if self.crc32 is not None:
                 self.crc32 = zlib.crc32(data, self.crc32)
             self.size += len(data)
-            if self._writeback and _start_writeback is not None and self.size - self._sent >= _WRITEBACK_BATCH:
-                _start_writeback(self.fd, self._sent, self.size - self._sent)
+            if self._writeback is not None and self.size - self._sent >= _WRITEBACK_BATCH:
+                self._writeback(self.fd, self._sent, self.size - self._sent)
                 self._sent = self.size
 
     def holds(self, head: bytes, data_set_size: int) -> bool:
@@ -760,11 +760,10 @@ class SpoolingBuffer(BytesIO):
     error that write meets.
     """
 
-    def __init__(self, message: DIMSEMessage, assoc: Association, store: StoreSCP) -> None:
+    def __init__(self, message: DIMSEMessage, assoc: Association) -> None:
         super().__init__()
         self._message = message
         self._assoc = assoc
-        self._store = store
         self._spooling = True
         self.incoming: IncomingFile | None = None
 
@@ -783,12 +782,11 @@ class SpoolingBuffer(BytesIO):
             if not isinstance(message, C_STORE_RQ):
                 self._spooling = False
                 return
-            command = message.command_set
-            syntax = next(cx.transfer_syntax[0] for cx in self._assoc.accepted_contexts
-                          if cx.context_id == message.context_id)
-            self.incoming = self._store.open_incoming(
-                str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID), syntax,
-                self._assoc.requestor.ae_title,
+            command, assoc = message.command_set, self._assoc
+            assert assoc._server is not None  # an acceptor: our server made it
+            self.incoming = assoc._server.store.open_incoming(
+                str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID),
+                assoc._accepted_cx[message.context_id].transfer_syntax[0], assoc.requestor.ae_title,
             )
         self.incoming.append(data)
 
@@ -827,12 +825,10 @@ class ReceiverDIMSE(DIMSEServiceProvider):
     :class:`SpoolingBuffer` (pynetdicom 3.0.4 makes a plain ``BytesIO`` in
     ``DIMSEMessage.__init__``; ``receive_primitive`` is otherwise unchanged)."""
 
-    store: StoreSCP  # set by ReceiverRequestHandler
-
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
             self.message = DIMSEMessage()
-            self.message.data_set = SpoolingBuffer(self.message, self.assoc, self.store)
+            self.message.data_set = SpoolingBuffer(self.message, self.assoc)
         super().receive_primitive(primitive)
 
     def discard_unhandled(self) -> None:
@@ -1128,7 +1124,6 @@ class ReceiverRequestHandler(RequestHandler):
         assoc.dul.__class__ = ReceiverDUL
         assoc.dul.socket.__class__ = ReceiverSocket
         assoc.dimse.__class__ = ReceiverDIMSE
-        assoc.dimse.store = self.server.store
         assoc.dimse.msg_queue = RequestQueue(assoc)
         return assoc
 

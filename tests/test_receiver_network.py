@@ -47,11 +47,12 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from test_receiver import Mutation, mutations, rewrite
 
+from service import receiver as receiver_module
 from service.ledger import Ledger
 from service.metrics import CSTORE_RESPONSES
-from service import receiver as receiver_module
 from service.receiver import STORAGE_SOP_CLASSES, StoreStatus, start_receiver
 from service.settings import Settings
+from service.spool import free_disk_mb
 
 US_FILES = {f.name: f for f in ultrasound_files()}
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -278,17 +279,12 @@ def test_full_spool_disk_refuses_with_out_of_resources(small_disk: Path, start: 
     rx = start(data_dir=small_disk, min_free_disk_mb=0)
     f = US_FILES["US1_UNCR.dcm"]  # 0.9 MB
     room = small_disk / "room"
-    room.write_bytes(bytes(small_disk_free(small_disk) - (300 << 10)))
+    room.write_bytes(bytes(int(free_disk_mb(small_disk) * 2**20) - (300 << 10)))
     assert send_over_new_association(rx, f) == StoreStatus.OUT_OF_RESOURCES
     assert not rx.stored(f).exists() and not rx.ledger.has_instance(f.sop_instance_uid)
     room.unlink()
     assert send_over_new_association(rx, f) == StoreStatus.SUCCESS
     assert_stored_as_sent(rx, f)
-
-
-def small_disk_free(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
 
 
 def test_data_set_is_still_stored_when_spooling_it_fails(receiver: Receiver) -> None:
