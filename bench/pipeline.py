@@ -8,7 +8,7 @@ from the ledger, minus the configured quiet period (a wait for more images, not
 work). Everything else counts: completion polling, the scheduler, the broker, the
 worker's analysis. Run with the embedded broker and with Redis (a private
 redis-server). The peer: the same studies analysed in this process by
-service.analysis.analyse_study with the same model (no receiver, ledger or queue);
+service.pipeline.analysis.analyse_study with the same model (no receiver, ledger or queue);
 the ratio is what the queue and the stages around it cost.
 
 Throughput: N studies received and queued first, then images analysed per second
@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import free_port  # noqa: E402  (the tests' helpers: one way to start a node)
 from worker_support import PrivateRedis, serve, storescu, write_study  # noqa: E402
 
-from service.analysis import analyse_study  # noqa: E402
-from service.inference import OnnxModel  # noqa: E402
+from service.common.spool import instance_path  # noqa: E402
 from service.ledger import Ledger  # noqa: E402
+from service.model.inference import OnnxModel  # noqa: E402
+from service.pipeline.analysis import analyse_study  # noqa: E402
 from service.settings import Settings, load_settings  # noqa: E402
-from service.spool import instance_path  # noqa: E402
 
 LABELS = ("normal", "benign", "malignant")
 QUIET_S = 0.5

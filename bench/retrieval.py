@@ -3,7 +3,7 @@
 For each size (10k, 100k, and 1M with ``--sizes``), N clustered 256-d unit vectors
 (:class:`Clusters`: a few hundred Gaussian clusters on the unit sphere, by default
 shaped like the shipped model's embeddings; ``--shape isotropic`` is a near worst
-case) are added to a :class:`~service.retrieval.SimilarCaseIndex`, and 1,000 new
+case) are added to a :class:`~service.similar.index.SimilarCaseIndex`, and 1,000 new
 queries from the same distribution are answered three ways:
 
 * hnswlib, the index's saved graph, one query at a time on one thread, at each ef
@@ -50,7 +50,7 @@ import numpy as np
 import pydicom
 
 from service.results import ModelIdentity
-from service.retrieval import DEFAULT_EF, IndexEntry, SimilarCaseIndex
+from service.similar.index import DEFAULT_EF, IndexEntry, SimilarCaseIndex
 
 MODEL = ModelIdentity(name="bench", version="0", sha256="0" * 64)
 US_CLASS = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -238,9 +238,14 @@ def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[Row]:
 
 def retrieval_quality(model: Path, per_class: int, workdir: Path) -> dict[str, float]:
     """mAP@5, precision@5 and ACC@1 of held-out synthetic images against the index."""
-    from service.retrieval_cli import ReferenceEmbedder, dicom_files, fill_index, read_labels_csv
+    from service.datasets.synthetic import write_dicom_dataset
     from service.settings import load_settings
-    from training.data.synthetic import write_dicom_dataset
+    from service.similar.cli import (
+        ReferenceEmbedder,
+        dicom_files,
+        fill_index,
+        read_labels_csv,
+    )
 
     settings = load_settings(data_dir=workdir / "data", model_path=model, execution_provider="cpu", durability="none")
     embedder = ReferenceEmbedder(settings)

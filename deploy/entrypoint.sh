@@ -25,7 +25,7 @@ if [ "${1:-}" = healthcheck ]; then
 import os, socket, sys, urllib.request
 
 if os.environ["SONOCASE_HEALTH_ROLE"] == "worker":
-    from service.scheduler import create_app
+    from service.pipeline.queue import create_app
     from service.settings import load_settings
 
     replies = create_app(load_settings()).control.ping(timeout=3.0)

@@ -13,16 +13,16 @@ from typing import Any
 
 import click
 
-from service.logs import configure_logging
+from service.common.logs import configure_logging
 from service.settings import Settings, SettingsError, load_settings
 
 #: command name -> "module:attribute" of its click command
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.node:serve", "Run the node: DICOM receiver, scheduler, workers, sender, web."),
-    "worker": ("service.tasks:worker", "Run an analysis worker against the configured broker."),
-    "status": ("service.status:status", "Show studies and their state, or one study in detail."),
-    "resend": ("service.sender:resend", "Send a study's results again after a failed delivery."),
-    "index": ("service.retrieval_cli:index", "Build, fill and query the similar-case index."),
+    "worker": ("service.pipeline.tasks:worker", "Run an analysis worker against the configured broker."),
+    "status": ("service.ops.status:status", "Show studies and their state, or one study in detail."),
+    "resend": ("service.delivery.recovery:resend", "Retry a failed study, or send its results again."),
+    "index": ("service.similar.cli:index", "Build, fill and query the similar-case index."),
     "demo": ("service.demo:demo", "Self-contained demo: node, stand-in PACS, synthetic studies."),
     "train": ("training.cli:train", "Train a model (needs the 'train' extra)."),
     "evaluate": ("training.cli:evaluate", "Evaluate a trained model: metrics, plots, report."),

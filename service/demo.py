@@ -29,20 +29,30 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
+)
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from service.cli import settings_from
+from service.common.spool import write_atomic
+from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger, StudyState, open_ledger
 from service.model_card import DISCLAIMER
 from service.node import Node, node_services
 from service.reports.sr import SR_CLASSES
-from service.retrieval import SimilarCaseIndex
-from service.retrieval_cli import ReferenceEmbedder, dicom_files, fill_index, read_labels_csv
 from service.settings import Settings
-from service.spool import write_atomic
-from training.data.synthetic import synthetic_study
+from service.similar.cli import (
+    ReferenceEmbedder,
+    dicom_files,
+    fill_index,
+    read_labels_csv,
+)
+from service.similar.index import SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
 
@@ -121,7 +131,7 @@ def push_study(datasets: Sequence[Dataset], host: str, port: int, called_ae: str
 def build_library(settings: Settings, per_class: int, seed: int) -> str:
     """A similar-case library of synthetic studies labelled with the generator's
     ground truth (label source "synthetic") (other synthetic patients than the pushed ones); return its version."""
-    from training.data.synthetic import write_dicom_dataset
+    from service.datasets.synthetic import write_dicom_dataset
 
     embedder = ReferenceEmbedder(settings)
     with tempfile.TemporaryDirectory(dir=settings.data_dir, prefix="library-") as tmp:

@@ -19,12 +19,14 @@ from typing import Protocol
 import click
 
 from service.cli import settings_from
+from service.delivery.sender import SenderService
+from service.ingest.server import ReceiverService
 from service.ledger import Ledger, open_ledger
-from service.receiver import CompletionLoop, ReceiverService
-from service.scheduler import SchedulerService, WorkerProcesses
-from service.sender import SenderService
+from service.ops.web import build_web_server
+from service.pipeline.completion import CompletionLoop
+from service.pipeline.scheduler import SchedulerService
+from service.pipeline.workers import WorkerProcesses
 from service.settings import Settings
-from service.web import build_web_server
 
 LOG = logging.getLogger(__name__)
 

@@ -101,6 +101,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Peer addresses accepted; empty accepts all"
     )
     max_associations: int = Field(10, ge=1, le=1000)
+    receiver_engine: Literal["fast", "stock"] = Field(
+        "fast", description="fast: pynetdicom with our receive path (its version only; else stock); "
+        "stock: plain pynetdicom"
+    )
     tls_cert: Path | None = Field(None, description="Server certificate (PEM): turns on DICOM TLS")
     tls_key: Path | None = Field(None, description="Server private key (PEM)")
     tls_ca: Path | None = Field(None, description="CA bundle: when set, clients must present a certificate")

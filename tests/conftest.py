@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -24,6 +25,7 @@ DCMTK = Path("/usr/bin")
 REDIS_URL = "redis://127.0.0.1:6379"
 #: The machine's PostgreSQL; its tests create a database of their own in it.
 POSTGRES_SERVER = f"postgresql://{getpass.getuser()}@127.0.0.1:5432"
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -32,14 +34,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.01) -> T:
+    """Poll ``probe`` until it returns something truthy, and return that; fail the
+    test, saying ``what`` never happened, after ``timeout`` seconds. The suite's one
+    polling loop: every wait in the tests has a deadline."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        value = probe()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    """:func:`wait_for` as a truth value, for ``assert wait_until(...), "why"``."""
+    try:
+        return bool(wait_for("a condition", condition, timeout))
+    except AssertionError:
+        return False
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from service.receiver import ULTRASOUND_SOP_CLASSES
+from service.ingest.rules import ULTRASOUND_SOP_CLASSES
 
 #: Every ultrasound file shipped in pydicom and pydicom-data (found by SOP Class UID
 #: or Modality US). The test suite fails if discovery finds a different set, so a

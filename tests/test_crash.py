@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import dcmtk, free_port
+from dicom_peers import NodeProcess, data_set_offset, ultrasound_files
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from conftest import dcmtk, free_port
-from dicom_peers import NodeProcess, data_set_offset, ultrasound_files
+from service.ingest.rules import parse_instance
 from service.ledger import Ledger
-from service.receiver import parse_instance
 
 INSTANCES = 300
 KILL_AFTER = 80  # successes seen before the kill

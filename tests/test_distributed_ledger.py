@@ -17,7 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from worker_support import PrivateRedis, Process, child_env, serve, storescu, wait_for_state, write_study
+from worker_support import (
+    PrivateRedis,
+    Process,
+    child_env,
+    serve,
+    storescu,
+    wait_for_state,
+    write_study,
+)
 
 from service.ledger import StudyState, open_ledger
 from service.results import StudyResult

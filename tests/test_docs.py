@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import UID, SecondaryCaptureImageStorage
 
-from service import receiver
+from service.ingest import rules, server
 from service.model_card import ModelCard
 from service.reports.sr import SR_CLASSES
 from service.reports.template import load_template
@@ -90,21 +90,21 @@ def _uids(section: str) -> list[str]:
 
 
 def test_conformance_sop_classes_and_transfer_syntaxes_are_the_code_s() -> None:
-    assert _uids("sop-classes-accepted") == list(receiver.STORAGE_SOP_CLASSES)
-    assert _uids("transfer-syntaxes-accepted") == list(receiver.TRANSFER_SYNTAXES)
+    assert _uids("sop-classes-accepted") == list(rules.STORAGE_SOP_CLASSES)
+    assert _uids("transfer-syntaxes-accepted") == list(rules.TRANSFER_SYNTAXES)
     assert _uids("sop-classes-sent") == [*SR_CLASSES, SecondaryCaptureImageStorage]
 
 
 def test_conformance_constants_and_statuses_are_the_receiver_s() -> None:
-    assert f"`{receiver.IMPLEMENTATION_CLASS_UID}`" in CONFORMANCE
-    assert f"`{receiver.IMPLEMENTATION_VERSION_NAME}`" in CONFORMANCE
-    assert f"{receiver.MAX_PDU_BYTES:,} bytes" in CONFORMANCE
+    assert f"`{rules.IMPLEMENTATION_CLASS_UID}`" in CONFORMANCE
+    assert f"`{rules.IMPLEMENTATION_VERSION_NAME}`" in CONFORMANCE
+    assert f"{server.MAX_PDU_BYTES:,} bytes" in CONFORMANCE
     statuses = CONFORMANCE[CONFORMANCE.index("| Status | Meaning | When |"):]
     statuses = statuses[:statuses.index("\n\n")]
     documented = {int(code, 16) for code in re.findall(r"^\| `([0-9A-F]{4})` \|", statuses, re.M)}
-    assert documented == {int(s) for s in receiver.StoreStatus}
-    for reason in (receiver.RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED,
-                   receiver.RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED, receiver.RejectReason.NO_REASON_GIVEN):
+    assert documented == {int(s) for s in rules.StoreStatus}
+    for reason in (rules.RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED,
+                   rules.RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED, rules.RejectReason.NO_REASON_GIVEN):
         assert f"reason {int(reason)} ({reason.name.lower().replace('_', ' ').replace('ae', 'AE')})" in CONFORMANCE
 
 

@@ -15,10 +15,17 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_for
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
-from test_reports_support import Storescp, data_file, dciodvfy_errors, default_template, dsr2html, start_storescp
-from worker_support import Process, serve, storescu, wait_for, write_study
+from test_reports_support import (
+    Storescp,
+    data_file,
+    dciodvfy_errors,
+    default_template,
+    dsr2html,
+    start_storescp,
+)
+from worker_support import Process, serve, storescu, write_study
 
 from service.ledger import Ledger, StudyState
 from service.results import StudyResult

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from service.datasets.synthetic import generate_records
 from service.model_card import DISCLAIMER, ModelCard, card_path_for
-from training.data.synthetic import generate_records
 from training.export import (
     EXPLAINED_OUTPUTS,
     build_card,

@@ -17,7 +17,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from service.imaging import (
+from service.datasets.synthetic import synthetic_study
+from service.model.imaging import (
     MIN_SIDE,
     PixelError,
     crop_box,
@@ -30,7 +31,6 @@ from service.imaging import (
     ultrasound_region,
 )
 from service.model_card import InputSpec
-from training.data.synthetic import synthetic_study
 
 SPEC = InputSpec(height=96, width=80, mean=0.4, std=0.2)
 
@@ -245,7 +245,7 @@ def test_undecodable_pixels_raise_a_pixel_error_naming_the_cause() -> None:
 
 def test_model_input_equals_the_training_preparation() -> None:
     """The worker and training must resize and normalise identically."""
-    from training.records import Record
+    from service.datasets.records import Record
     from training.train import Normalisation, resize_images, to_tensor
 
     crop = to_grayscale(_mono(3))[40:250, 30:200]

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.imaging import prepare_instance
-from service.inference import CPU, CUDA, ModelError, OnnxModel, choose_providers
+from service.datasets.records import CLASSES
+from service.datasets.synthetic import synthetic_study
+from service.model.imaging import prepare_instance
+from service.model.inference import CPU, CUDA, ModelError, OnnxModel, choose_providers
 from service.model_card import ModelCard, card_path_for, sha256_file
 from service.settings import Settings
-from training.data.synthetic import synthetic_study
-from training.records import CLASSES
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_execution_provider_choice() -> None:
 def test_synthetic_dicom_studies_through_the_worker_preparation_are_classified_above_chance(
     model: OnnxModel,
 ) -> None:
-    """DICOM -> service.imaging -> ONNX Runtime must reproduce what training measured:
+    """DICOM -> service.model.imaging -> ONNX Runtime must reproduce what training measured:
     a preparation that differs from training's (crop, grayscale, resize, normalise)
     would drop this to chance."""
     tensors, labels = [], []

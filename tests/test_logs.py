@@ -12,7 +12,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileDataset
 
-from service.logs import JsonFormatter, PhiFilter, TextFormatter
+from service.common.logs import JsonFormatter, PhiFilter, TextFormatter
 
 Captured = tuple[logging.Logger, io.StringIO]
 

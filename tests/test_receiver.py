@@ -13,32 +13,42 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-from pydicom import config as pydicom_config, dcmread, dcmwrite
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from conftest import wait_for
+from dicom_peers import ULTRASOUND_FILES, UsFile, split_file, ultrasound_files
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from pydicom import config as pydicom_config
+from pydicom import dcmread, dcmwrite
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 
-from dicom_peers import ULTRASOUND_FILES, UsFile, split_file, ultrasound_files
-from service.ledger import InstanceRecord, Ledger, StudyState
-from service.receiver import (
-    CompletionLoop,
-    IncomingFile,
-    InstanceRecorder,
+from service.ingest.fast import encode_store_response
+from service.ingest.rules import (
     InvalidInstance,
     RejectReason,
-    StoreSCP,
     StoreStatus,
     capacity_problem,
     check_association,
     check_request,
-    complete_quiet_studies,
     encode_file_meta,
-    encode_store_response,
     modality_policy,
     parse_instance,
+)
+from service.ingest.store import (
+    IncomingFile,
+    InstanceRecorder,
+    StoreSCP,
     write_new_file,
 )
+from service.ledger import InstanceRecord, Ledger, StudyState
+from service.pipeline.completion import CompletionLoop, complete_quiet_studies
 from service.settings import Settings, load_settings
 
 US_FILES = {f.name: f for f in ultrasound_files()}
@@ -520,8 +530,7 @@ def test_concurrent_records_share_one_commit(tmp_path: Path) -> None:
     others = [threading.Thread(target=store, args=(n,)) for n in range(10)]
     for t in others:
         t.start()
-    while len(recorder._queue) < 10:  # all queued behind the slow commit
-        time.sleep(0.01)
+    wait_for("ten records queued behind the slow commit", lambda: len(recorder._queue) == 10)
     ledger.release.set()
     for t in [first, *others]:
         t.join(10)
@@ -543,24 +552,30 @@ def test_failed_group_commit_fails_every_store_in_it(tmp_path: Path) -> None:
 # --- completion ------------------------------------------------------------------
 
 def test_quiet_study_completes_and_reopens_after_handled(scp: StoreSCP, ledger: Ledger, tmp_path: Path) -> None:
+    """Completion is decided on the ledger's clock (``now=``), not by sleeping."""
     f = US_FILES["OBXXXX1A_rle.dcm"]
     assert store(scp, f) == StoreStatus.SUCCESS
-    assert complete_quiet_studies(ledger, 60) == []
-    loop = CompletionLoop(ledger, quiet_period_s=0.3, interval_s=0.05)
+    last = ledger.study(f.study_uid)["last_received"]
+    assert complete_quiet_studies(ledger, 5.0, now=last + 4.9) == []
+    assert ledger.study(f.study_uid)["state"] == StudyState.RECEIVING
+    assert complete_quiet_studies(ledger, 5.0, now=last + 5.0) == [f.study_uid]
+    assert ledger.study(f.study_uid)["state"] == StudyState.COMPLETE
+    ledger.set_state(f.study_uid, StudyState.SENT)  # handled by the later stages
+    later = rewrite(tmp_path, "OBXXXX1A_rle.dcm", SOPInstanceUID="1.2.3.4.5.6")
+    assert store(scp, later) == StoreStatus.SUCCESS
+    study = ledger.study(f.study_uid)
+    assert (study["state"], study["generation"]) == (StudyState.RECEIVING, 2)
+    assert complete_quiet_studies(ledger, 5.0, now=study["last_received"] + 4.9) == []
+    assert complete_quiet_studies(ledger, 5.0, now=study["last_received"] + 5.0) == [f.study_uid]
+    assert len(ledger.instances(f.study_uid)) == 2
+
+
+def test_completion_loop_completes_quiet_studies(scp: StoreSCP, ledger: Ledger) -> None:
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    assert store(scp, f) == StoreStatus.SUCCESS
+    loop = CompletionLoop(ledger, quiet_period_s=0.2, interval_s=0.05)
     loop.start()
     try:
-        deadline = time.monotonic() + 10
-        while ledger.study(f.study_uid)["state"] != StudyState.COMPLETE:
-            assert time.monotonic() < deadline, "study did not complete"
-            time.sleep(0.05)
-        ledger.set_state(f.study_uid, StudyState.SENT)  # handled by the later stages
-        later = rewrite(tmp_path, "OBXXXX1A_rle.dcm", SOPInstanceUID="1.2.3.4.5.6")
-        assert store(scp, later) == StoreStatus.SUCCESS
-        study = ledger.study(f.study_uid)
-        assert (study["state"], study["generation"]) == (StudyState.RECEIVING, 2)
-        while ledger.study(f.study_uid)["state"] != StudyState.COMPLETE:
-            assert time.monotonic() < deadline, "re-opened study did not complete"
-            time.sleep(0.05)
+        wait_for("the study to complete", lambda: ledger.study(f.study_uid)["state"] == StudyState.COMPLETE, 10)
     finally:
         loop.stop()
-    assert len(ledger.instances(f.study_uid)) == 2

@@ -47,12 +47,13 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from test_receiver import Mutation, mutations, rewrite
 
-from service import receiver as receiver_module
+from service.common.metrics import CSTORE_RESPONSES
+from service.common.spool import free_disk_mb
+from service.ingest import store as store_module
+from service.ingest.rules import STORAGE_SOP_CLASSES, StoreStatus
+from service.ingest.server import ReceiverService
 from service.ledger import Ledger
-from service.metrics import CSTORE_RESPONSES
-from service.receiver import STORAGE_SOP_CLASSES, StoreStatus, start_receiver
 from service.settings import Settings
-from service.spool import free_disk_mb
 
 US_FILES = {f.name: f for f in ultrasound_files()}
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -71,7 +72,10 @@ class Receiver:
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.server = start_receiver(settings, ledger)
+        self.service = ReceiverService(settings, ledger)
+        self.service.start()
+        assert self.service.store is not None
+        self.store = self.service.store
 
     def stored(self, f: UsFile) -> Path:
         return self.settings.spool_dir / f.study_uid / f"{f.sop_instance_uid}.dcm"
@@ -79,7 +83,7 @@ class Receiver:
     @property
     def incoming(self) -> Path:
         """Where data sets are spooled while they arrive."""
-        return self.server.store.incoming_dir
+        return self.store.incoming_dir
 
 
 @pytest.fixture
@@ -95,7 +99,7 @@ def start(settings: Settings) -> Iterator[Callable[..., Receiver]]:
 
     yield _start
     for rx in running:
-        rx.server.shutdown()
+        rx.service.stop()
         rx.ledger.close()
         # every data set spooled while it arrived was kept or removed, whatever came
         assert not list(rx.incoming.iterdir()), "temporary spool files left behind"
@@ -254,7 +258,7 @@ def test_data_set_is_spooled_while_it_arrives(receiver: Receiver, monkeypatch: p
     def unused(*args: object) -> None:
         raise AssertionError("the handler wrote the file again")
 
-    monkeypatch.setattr(receiver_module, "write_new_file", unused)
+    monkeypatch.setattr(store_module, "write_new_file", unused)
     f = US_FILES["US1_UNCR.dcm"]
     assoc = associate(receiver, scu(files=[f]))
     try:

@@ -10,32 +10,37 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from conftest import free_port, wait_until
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 
-from conftest import free_port, wait_until
-from service.ledger import Ledger
-from service.receiver import (
+from service.ingest.fast import (
     ReceiverAssociation,
     ReceiverDIMSE,
     ReceiverDUL,
     ReceiverServer,
     ReceiverSocket,
     RequestQueue,
-    start_receiver,
 )
+from service.ingest.server import start_receiver, stop_server
+from service.ingest.store import StoreSCP
+from service.ledger import Ledger
 from service.settings import Settings
 
 
 @pytest.fixture
 def server(settings: Settings) -> Iterator[ReceiverServer]:
+    settings = settings.model_copy(update={"port": free_port(), "receiver_engine": "fast"})
     ledger = Ledger(settings.ledger_path, durable=False)
-    rx = start_receiver(settings.model_copy(update={"port": free_port()}), ledger)
+    store = StoreSCP(settings, ledger)
+    rx = start_receiver(settings, store)
+    assert isinstance(rx, ReceiverServer)
     yield rx
-    rx.shutdown()
+    stop_server(rx)
+    store.close()
     ledger.close()
 
 

@@ -11,8 +11,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage
-from test_reports_support import DEFAULT_TEMPLATE, analyse, analysed_study, dciodvfy_errors, store_study
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+)
+from test_reports_support import (
+    DEFAULT_TEMPLATE,
+    analyse,
+    analysed_study,
+    dciodvfy_errors,
+    store_study,
+)
 
 from service.ledger import Ledger, StudyState
 from service.reports.build import build_reports, rebuild_sr

@@ -18,8 +18,8 @@ from test_reports_support import (
     default_template,
 )
 
-from service.imaging import ultrasound_region
 from service.ledger import Ledger
+from service.model.imaging import ultrasound_region
 from service.reports.sc import (
     MAX_OPACITY,
     TRANSFER_SYNTAXES,

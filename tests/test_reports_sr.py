@@ -9,7 +9,11 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+)
 from test_reports_support import (
     DEFAULT_TEMPLATE,
     Study,

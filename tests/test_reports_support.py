@@ -25,6 +25,7 @@ from conftest import dcmtk
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from service.common.spool import instance_path
 from service.ledger import InstanceRecord, Ledger, StudyState
 from service.reports.template import SrTemplate, load_template
 from service.results import (
@@ -36,7 +37,6 @@ from service.results import (
     StudySummary,
 )
 from service.settings import Settings
-from service.spool import instance_path
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "dicom_sr_templates" / "default.json"
 CLASSES = ("normal", "benign", "malignant")

@@ -10,7 +10,11 @@ import pytest
 from test_reports_support import DEFAULT_TEMPLATE
 
 from service.model_card import DISCLAIMER
-from service.reports.template import TemplateError, load_template, validate_template_setting
+from service.reports.template import (
+    TemplateError,
+    load_template,
+    validate_template_setting,
+)
 from service.settings import load_settings
 
 

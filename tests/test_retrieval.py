@@ -16,7 +16,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from service.results import ModelIdentity
-from service.retrieval import (
+from service.similar.index import (
     MAX_OVERFETCH,
     MIN_NEIGHBOURS,
     IndexEntry,
@@ -351,7 +351,7 @@ import json, sys
 import numpy as np
 from pathlib import Path
 from service.results import ModelIdentity
-from service.retrieval import IndexEntry, SimilarCaseIndex
+from service.similar.index import IndexEntry, SimilarCaseIndex
 directory, model, seed, count = Path(sys.argv[1]), ModelIdentity(**json.loads(sys.argv[2])), int(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(seed)
 vectors = rng.normal(size=(count, int(sys.argv[5]))).astype(np.float32)

@@ -16,15 +16,15 @@ import onnx
 import pydicom
 import pytest
 from click.testing import CliRunner, Result
+from conftest import dcmtk, free_port, wait_until
 from onnx import TensorProto, helper
 from pydicom.uid import BasicTextSRStorage, generate_uid
 
-from conftest import dcmtk, free_port, wait_until
 from service.cli import cli
+from service.datasets.synthetic import write_busi_layout, write_dicom_dataset
 from service.model_card import DISCLAIMER, ModelCard, card_path_for, sha256_file
-from service.retrieval import SimilarCaseIndex
-from service.retrieval_cli import read_labels_csv
-from training.data.synthetic import write_busi_layout, write_dicom_dataset
+from service.similar.cli import read_labels_csv
+from service.similar.index import SimilarCaseIndex
 
 CLASSES = ["normal", "benign", "malignant"]
 SIDE = 16  # model input side: small, so a test embeds a study in milliseconds

@@ -18,18 +18,35 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_for
 from prometheus_client import CollectorRegistry
-from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage
-from test_reports_support import MODEL, Storescp, analysed_study, dsr2html, start_storescp, storescp_profile
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+)
+from test_reports_support import (
+    MODEL,
+    Storescp,
+    analysed_study,
+    dsr2html,
+    start_storescp,
+    storescp_profile,
+)
 
+from service.common.metrics import SEND_ATTEMPTS
+from service.delivery.recovery import retry_study
+from service.delivery.sender import (
+    ORPHAN_REPORT_AFTER_S,
+    Sender,
+    SenderService,
+    backoff_delay,
+)
 from service.ledger import Ledger, OutboxState, StudyState
-from service.metrics import SEND_ATTEMPTS
 from service.reports.build import build_reports
 from service.reports.template import TemplateError
-from service.retrieval import IndexEntry, SimilarCaseIndex
-from service.sender import ORPHAN_REPORT_AFTER_S, Sender, SenderService, backoff_delay, resend_study
 from service.settings import Settings, load_settings
+from service.similar.index import IndexEntry, SimilarCaseIndex
 
 FAR_FUTURE = 4e9
 
@@ -140,7 +157,7 @@ def test_bounded_tries_then_failed_then_resend(to_pacs: Settings, ledger: Ledger
     assert "association with STORESCP" in study["error"]
     assert sender.run_once(now=FAR_FUTURE) == 0  # failed objects wait for a person
 
-    message = resend_study(to_pacs, ledger, study_uid)
+    message = retry_study(to_pacs, ledger, study_uid).message
     assert message.startswith(f"{len(uids)} object(s) due for sending now")
     assert ledger.study(study_uid)["state"] == StudyState.REPORTED
     pacs = pacs_factory()
@@ -162,7 +179,7 @@ def test_sr_class_refused_falls_back(
 ) -> None:
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"])
     pacs = pacs_factory(*storescp_profile(tmp_path / "pacs.cfg", ["SecondaryCaptureImageStorage", *accepted]))
-    with caplog.at_level("WARNING", logger="service.sender"):
+    with caplog.at_level("WARNING", logger="service.delivery.sender"):
         assert Sender(to_pacs, ledger).run_once() == len(uids)
     assert f"does not accept SR class {Comprehensive3DSRStorage}; sending the SR rebuilt as {expected}" in caplog.text
     received = pacs.received()
@@ -211,9 +228,9 @@ def test_association_dropped_mid_send_is_retried(to_pacs: Settings, ledger: Ledg
 
 _SENDER_PROCESS = """
 import time
-from service.logs import configure_logging
+from service.common.logs import configure_logging
 from service.ledger import open_ledger
-from service.sender import SenderService
+from service.delivery.sender import SenderService
 from service.settings import load_settings
 settings = load_settings()
 configure_logging("INFO")
@@ -234,14 +251,6 @@ def _sender_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
                             stderr=subprocess.STDOUT)
 
 
-def _wait(condition, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
-
-
 def test_killed_sender_sends_after_restart(to_pacs: Settings, ledger: Ledger, pacs_factory, tmp_path: Path) -> None:
     """Results wait in the outbox while the PACS is down; the sender process is
     killed (-9); after the PACS and the sender are back, everything arrives once."""
@@ -250,7 +259,7 @@ def test_killed_sender_sends_after_restart(to_pacs: Settings, ledger: Ledger, pa
     log = tmp_path / "sender.log"
     first = _sender_process(to_pacs, log)
     try:
-        _wait(lambda: min(r["attempts"] for r in ledger.outbox()) >= 2)
+        wait_for("the sender", lambda: min(r["attempts"] for r in ledger.outbox()) >= 2)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
@@ -258,7 +267,7 @@ def test_killed_sender_sends_after_restart(to_pacs: Settings, ledger: Ledger, pa
     pacs = pacs_factory()
     second = _sender_process(to_pacs, log)
     try:
-        _wait(lambda: ledger.study(study_uid)["state"] == StudyState.SENT)
+        wait_for("the sender", lambda: ledger.study(study_uid)["state"] == StudyState.SENT)
     finally:
         second.send_signal(signal.SIGKILL)
         second.wait(timeout=10)

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
 from dicom_peers import NodeProcess
+
 from service.settings import Destination, SettingsError, load_settings
 
 

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from sklearn import metrics as skm
 
 from service.cli import cli
+from service.datasets.synthetic import write_busi_layout, write_dicom_dataset
 from service.model_card import ModelCard
-from training.data.synthetic import write_busi_layout, write_dicom_dataset
 from training.evaluate import (
     classification_metrics,
     compare_architectures,

@@ -15,12 +15,11 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from service.imaging import to_grayscale, ultrasound_region
-from training.augment import augment
-from training.data.busi import load_busi
-from training.data.dicom_csv import load_dicom_labels
-from training.data.dicom_writer import VARIANTS
-from training.data.splits import (
+from service.datasets.busi import load_busi
+from service.datasets.dicom_csv import load_dicom_labels
+from service.datasets.dicom_writer import VARIANTS
+from service.datasets.records import CLASSES, Record
+from service.datasets.splits import (
     MAX_HAMMING,
     hamming,
     near_duplicate_groups,
@@ -28,14 +27,15 @@ from training.data.splits import (
     stratified_group_kfold,
     stratified_split,
 )
-from training.data.synthetic import (
+from service.datasets.synthetic import (
     generate_records,
     synthetic_study,
     write_busi_layout,
     write_dicom_dataset,
     write_dicom_study,
 )
-from training.records import CLASSES, Record
+from service.model.imaging import to_grayscale, ultrasound_region
+from training.augment import augment
 
 SIZE = 64
 

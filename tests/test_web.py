@@ -25,24 +25,34 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from service.common.metrics import observe_cstore
+from service.common.spool import instance_path, write_atomic
+from service.delivery.recovery import (
+    NothingToRetry,
+    RetryKind,
+    UnknownStudy,
+    retry_study,
+)
 from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
-from service.metrics import observe_cstore
 from service.model_card import ModelCard, card_path_for, sha256_file
-from service.results import FrameResult, ImageResult, ModelIdentity, StudyResult, StudySummary
-from service.retrieval import SimilarCaseIndex
-from service.settings import Settings, load_settings
-from service.spool import instance_path, write_atomic
-from service.web import (
+from service.ops.web import (
     SESSION_COOKIE,
     CheckResult,
     IndexProbe,
     ModelProbe,
-    RetryOutcome,
     broker_check,
     build_web_server,
-    retry_study,
 )
-from tests.conftest import free_port
+from service.results import (
+    FrameResult,
+    ImageResult,
+    ModelIdentity,
+    StudyResult,
+    StudySummary,
+)
+from service.settings import Settings, load_settings
+from service.similar.index import SimilarCaseIndex
+from tests.conftest import free_port, wait_for
 
 TOKEN = "test-token-0123456789"
 ACCESSION = "ACC20240117"
@@ -349,13 +359,13 @@ def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
 
 
 def test_retry_study_requeues_a_failed_analysis(node: Node) -> None:
-    assert retry_study(node.settings, node.ledger, node.broken) is RetryOutcome.ANALYSIS
+    assert retry_study(node.settings, node.ledger, node.broken).kind is RetryKind.ANALYSIS
     study = node.ledger.study(node.broken)
     assert study["state"] == StudyState.COMPLETE and study["attempts"] == 0 and study["error"] is None
     assert node.broken in node.ledger.due_for_queue()
-    with pytest.raises(ValueError, match="no results to send"):
+    with pytest.raises(NothingToRetry, match="no results to send"):
         retry_study(node.settings, node.ledger, node.analysed)
-    with pytest.raises(LookupError):
+    with pytest.raises(UnknownStudy):
         retry_study(node.settings, node.ledger, "1.2.3.4")
 
 
@@ -404,14 +414,12 @@ class Chromium:
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
     def wait_for(self, expression: str, timeout_s: float = 20) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = self.evaluate(f"document.readyState === 'complete' && ({expression})")
-            if value:
-                return value
-            time.sleep(0.1)
-        page = self.evaluate("document.body && document.body.innerText")
-        raise AssertionError(f"timed out waiting for {expression}; page: {page}")
+        probe = lambda: self.evaluate(f"document.readyState === 'complete' && ({expression})")  # noqa: E731
+        try:
+            return wait_for(expression, probe, timeout_s, interval=0.1)
+        except AssertionError as exc:
+            page = self.evaluate("document.body && document.body.innerText")
+            raise AssertionError(f"{exc}; page: {page}") from None
 
     def close(self) -> None:
         if hasattr(self, "_ws"):

@@ -14,19 +14,24 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_peers import ultrasound_files
-from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from worker_support import receive
 
-from service.analysis import analyse_study, summarise_study
+from service.datasets.synthetic import synthetic_study
 from service.ledger import InstanceRecord, Ledger, StudyState
 from service.model_card import card_path_for
+from service.pipeline.analysis import analyse_study, summarise_study
+from service.pipeline.scheduler import schedule_due
+from service.pipeline.tasks import WorkerState, process_study
+from service.pipeline.workers import settings_env
 from service.reports.build import outbox_folder
 from service.results import SUMMARY_RULE, FrameResult, ImageResult, StudyResult
-from service.retrieval import SimilarCaseIndex
-from service.scheduler import schedule_due, settings_env
 from service.settings import ENV_PREFIX, Destination, Settings, load_settings
-from service.tasks import WorkerState, process_study
-from training.data.synthetic import synthetic_study
+from service.similar.index import SimilarCaseIndex
 
 CLASSES = ["normal", "benign", "malignant"]
 VARIANTS = ["ybr_jpeg", "mono", "rgb", "mono_jpeg"]

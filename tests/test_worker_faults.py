@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import wait_for
 from dicom_peers import ultrasound_files
 from worker_support import (
     PrivateRedis,
@@ -20,17 +21,16 @@ from worker_support import (
     serve,
     storescu,
     study_state,
-    wait_for,
     wait_for_state,
     write_study,
 )
 
+from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger, StudyState
+from service.pipeline.queue import create_app, queue_dir, send_analysis
 from service.reports.build import outbox_folder
 from service.results import StudyResult
-from service.scheduler import create_app, queue_dir, send_analysis
 from service.settings import Settings
-from training.data.synthetic import synthetic_study
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,18 @@ from pathlib import Path
 
 import pytest
 import redis
-from worker_support import Process, child_env, serve, storescu, wait_for_state, write_study
+from worker_support import (
+    Process,
+    child_env,
+    serve,
+    storescu,
+    wait_for_state,
+    write_study,
+)
 
 from service.ledger import Ledger
+from service.pipeline.queue import queue_dir
 from service.results import StudyResult
-from service.scheduler import queue_dir
 from service.settings import Settings
 
 

@@ -11,17 +11,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from conftest import wait_for
 from pydicom.dataset import Dataset
 
+from service.common.spool import instance_path
+from service.datasets.synthetic import synthetic_study
 from service.ledger import InstanceRecord, Ledger, open_ledger
-from service.scheduler import settings_env
+from service.pipeline.workers import settings_env
 from service.settings import ENV_PREFIX, Settings
-from service.spool import instance_path
-from training.data.synthetic import synthetic_study
 
 T = TypeVar("T")
 
@@ -45,16 +45,6 @@ def storescu(settings: Settings, paths: list[Path]) -> None:
         env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, f"storescu failed:\n{result.stdout}\n{result.stderr}"
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def study_state(settings: Settings, study_uid: str) -> str | None:

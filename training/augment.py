@@ -4,7 +4,7 @@ The seed paper's four augmentations, kept within what an ultrasound view plausib
 varies by: a probe tilted a few degrees, the image mirrored (left/right orientation
 differs between sites), zoom from the depth setting, and gain / dynamic-range
 changes. Apply to the training split only, after splitting (see
-:mod:`training.data.splits`); evaluation images are never augmented.
+:mod:`service.datasets.splits`); evaluation images are never augmented.
 
 Geometry is one affine resampling (rotation, flip and scale together: a single
 interpolation blurs less than three); intensity is one lookup table.

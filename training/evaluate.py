@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from service.datasets.records import Record
 from service.model_card import DISCLAIMER
 from training.gradcam import ExplainedModel
 from training.models import ModelConfig
-from training.records import Record
 from training.train import (
     DataSource,
     TrainConfig,
@@ -330,7 +330,7 @@ def cross_validate(records: Sequence[Record], source: DataSource, model_config: 
                    command: str = "") -> dict[str, dict[str, float | None]]:
     """Stratified group k-fold: train and evaluate one model per fold (in
     ``out_dir/fold-<i>``), then write ``cv.json`` / ``cv.md`` with mean and spread."""
-    from training.data.splits import stratified_group_kfold
+    from service.datasets.splits import stratified_group_kfold
 
     reports = []
     for i, (train_idx, test_idx) in enumerate(stratified_group_kfold(list(records), k, train_config.seed), start=1):

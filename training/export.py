@@ -36,6 +36,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from service.datasets.records import Record
 from service.model_card import (
     DISCLAIMER,
     InputSpec,
@@ -45,7 +46,6 @@ from service.model_card import (
 )
 from training.gradcam import ExplainedModel
 from training.models import SonoModel
-from training.records import Record
 from training.train import TrainedModel, resize_images, to_tensor
 
 INPUT_NAMES = ["image", "target_class"]

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from service.datasets.records import CLASSES, Record
 from service.model_card import OodSpec
 from training.models import ModelConfig, SonoModel, build_model, load_initial_weights
-from training.records import CLASSES, Record
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +65,20 @@ class DataSource:
 
     def load(self) -> list[Record]:
         if self.kind == "synthetic":
-            from training.data.synthetic import generate_records
+            from service.datasets.synthetic import generate_records
 
             return generate_records(self.synthetic_per_class, seed=self.seed)
         if self.kind == "busi":
-            from training.data.busi import load_busi
+            from service.datasets.busi import load_busi
 
             return load_busi(Path(str(self.path)))
-        from training.data.dicom_csv import load_dicom_labels
+        from service.datasets.dicom_csv import load_dicom_labels
 
         return load_dicom_labels(Path(str(self.path)), Path(str(self.labels)))
 
     def describe(self) -> str:
         if self.kind == "synthetic":
-            return (f"synthetic breast-ultrasound-like images (training.data.synthetic, seed {self.seed}), "
+            return (f"synthetic breast-ultrasound-like images (service.datasets.synthetic, seed {self.seed}), "
                     f"{self.synthetic_per_class} per class")
         if self.kind == "busi":
             return f"BUSI folder layout at {self.path}"
@@ -103,7 +103,7 @@ class Split:
 
 def make_split(records: Sequence[Record], test_fraction: float, val_fraction: float, seed: int) -> Split:
     """Stratified, group-aware train/val/test split, made before any augmentation."""
-    from training.data.splits import stratified_split
+    from service.datasets.splits import stratified_split
 
     train_idx, test_idx = stratified_split(list(records), test_fraction, seed)
     return split_off_validation(records, train_idx, test_idx, val_fraction, seed)
@@ -113,7 +113,7 @@ def split_off_validation(records: Sequence[Record], train_idx: Sequence[int], te
                          val_fraction: float, seed: int) -> Split:
     """Carve the early-stopping validation set out of the training indices, by
     group and stratified like the test split."""
-    from training.data.splits import stratified_split
+    from service.datasets.splits import stratified_split
 
     train_list = [int(i) for i in train_idx]
     fit_rel, val_rel = stratified_split([records[i] for i in train_list], val_fraction, seed + 1)

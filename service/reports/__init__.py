@@ -1,4 +1,4 @@
-"""Turning an analysed study into DICOM objects the PACS stores and viewers show.
+"""Stage 3, reports: turning an analysed study into DICOM objects the PACS stores and viewers show.
 
 ``template`` reads the site-adaptable SR wording and codes, ``sr`` builds the TID 1500
 Structured Report, ``sc`` the Grad-CAM and similar-cases Secondary Captures,

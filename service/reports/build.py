@@ -30,6 +30,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 
+from service.common.spool import write_atomic
 from service.ledger import Ledger, StudyState
 from service.reports import derived_uid
 from service.reports.sc import (
@@ -42,9 +43,8 @@ from service.reports.sr import SR_CLASSES, build_sr, software_versions
 from service.reports.template import SrTemplate, TemplateError, load_template
 from service.reports.validation import GateError, check_object
 from service.results import StudyResult
-from service.retrieval import SimilarCaseIndex
 from service.settings import Settings
-from service.spool import write_atomic
+from service.similar.index import SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Secondary Captures: what the radiologist sees without any SR support.
 
 * One heatmap image per analysed image: the source frame in grayscale exactly as
-  the model saw it (service.imaging), the Grad-CAM heatmap blended in over the
+  the model saw it (service.model.imaging), the Grad-CAM heatmap blended in over the
   analysed region with a colour legend, the predicted class and probability and the
   disclaimer burned in, sized like the source and referencing it. A cine loop gets
   one image, of its decisive frame (the frame that speaks for the image, see
@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from service.imaging import PixelError, crop_box, number_of_frames, to_grayscale
+from service.model.imaging import PixelError, crop_box, number_of_frames, to_grayscale
 from service.reports.sr import class_display, decisive_frame
 from service.reports.template import SrTemplate
 from service.results import FrameResult, ImageResult, SimilarStudy, StudyResult
@@ -67,7 +67,7 @@ ReferenceImages = Callable[[str], Path | None]
 
 
 def frame_rgb(ds: Dataset, frame_number: int = 1) -> np.ndarray:
-    """One frame as the model saw it (service.imaging's grayscale: palette, YBR,
+    """One frame as the model saw it (service.model.imaging's grayscale: palette, YBR,
     >8-bit and MONOCHROME1 handled there) in RGB, ready for colour drawing."""
     frames = number_of_frames(ds)
     if not 1 <= frame_number <= frames:
@@ -320,7 +320,7 @@ def _cropped(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def reference_picture(path: Path) -> np.ndarray:
-    """A stored reference image cut to its B-mode region (service.imaging's crop):
+    """A stored reference image cut to its B-mode region (service.model.imaging's crop):
     text bands, where scanners burn in names and IDs, stay out of the montage."""
     ds = dcmread(path)
     rgb = frame_rgb(ds)

@@ -48,9 +48,13 @@ from highdicom.sr import (
 from highdicom.sr.templates import LanguageOfContentItemAndDescendants
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+)
 
-from service.imaging import number_of_frames
+from service.model.imaging import number_of_frames
 from service.reports import derived_uid
 from service.reports.template import SrTemplate
 from service.results import FrameResult, ImageResult, SimilarStudy, StudyResult

@@ -24,8 +24,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
 )
 
-from service import dicom_tls, spool
-from service.receiver import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, is_valid_uid
+from service.common import dicom_tls, spool
+from service.ingest.rules import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, is_valid_uid
 from service.settings import Destination, Settings
 
 LOG = logging.getLogger(__name__)

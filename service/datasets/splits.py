@@ -29,7 +29,7 @@ from functools import cache
 import numpy as np
 from PIL import Image
 
-from training.records import CLASSES, Record
+from service.datasets.records import CLASSES, Record
 
 MAX_HAMMING = 8
 _HASH_SIDE, _LOW = 32, 8

@@ -1,11 +1,11 @@
 """Analysis of one study: its stored instances in, a :class:`StudyResult` out.
 
 The work of the worker, without the queue: read each instance from the spool,
-prepare its pixels (service.imaging), run the model on all frames of the study in
-batches (service.inference), keep each frame's Grad-CAM heatmap as a ``.npy`` file
+prepare its pixels (service.model.imaging), run the model on all frames of the study in
+batches (service.model.inference), keep each frame's Grad-CAM heatmap as a ``.npy`` file
 for the reports, summarise per instance and per study (``SUMMARY_RULE``), and ask
 the similar-case index for the nearest diagnosed studies. Nothing here touches the
-ledger or the queue; the task shell (service.tasks) claims the study and stores what
+ledger or the queue; the task shell (service.pipeline.tasks) claims the study and stores what
 this returns.
 """
 
@@ -24,13 +24,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from service.imaging import PreparedInstance, prepare_instance, resize_map
-from service.inference import OnnxModel, Prediction
+from service.common.spool import instance_path, write_atomic
 from service.ledger import InstanceRecord
+from service.model.imaging import PreparedInstance, prepare_instance, resize_map
+from service.model.inference import OnnxModel, Prediction
 from service.results import FrameResult, ImageResult, StudyResult, StudySummary
-from service.retrieval import IndexEntry, SimilarCaseIndex
 from service.settings import Settings
-from service.spool import instance_path, write_atomic
+from service.similar.index import IndexEntry, SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ images get no mask (BUSI ships empty ones). Images and masks may be RGB or
 grayscale PNGs; images become uint8 grayscale.
 
 The group key starts as the file's class and stem and is then widened to the
-near-duplicate cluster (:mod:`training.data.splits`): BUSI contains near-duplicates.
+near-duplicate cluster (:mod:`service.datasets.splits`): BUSI contains near-duplicates.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training.data.splits import with_near_duplicate_groups
-from training.records import CLASSES, Record
+from service.datasets.records import CLASSES, Record
+from service.datasets.splits import with_near_duplicate_groups
 
 log = logging.getLogger(__name__)
 

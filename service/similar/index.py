@@ -51,9 +51,9 @@ import hnswlib
 import numpy as np
 import pydicom
 
+from service.common.spool import fsync_dir, write_atomic
 from service.results import ModelIdentity, SimilarStudy
 from service.settings import Settings
-from service.spool import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 

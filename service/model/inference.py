@@ -124,7 +124,7 @@ class OnnxModel:
             raise ModelError(f"model {self.path} does not match its card: " + "; ".join(problems))
 
     def run(self, batch: np.ndarray, target_class: np.ndarray | None = None) -> Prediction:
-        """Run ``batch`` (float32 [N, 1, H, W], prepared by service.imaging) in chunks
+        """Run ``batch`` (float32 [N, 1, H, W], prepared by service.model.imaging) in chunks
         of ``batch_size``; Grad-CAM explains ``target_class`` per image, or the
         predicted class where it is None or -1."""
         n = len(batch)

@@ -16,7 +16,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,8 +31,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from service.common.spool import free_disk_mb
 from service.ledger import Ledger, OutboxState, StudyState
-from service.spool import free_disk_mb
 
 #: Seconds; studies take from under a second (analysis) to hours (a PACS down).
 LATENCY_BUCKETS: tuple[float, ...] = (

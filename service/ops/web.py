@@ -26,14 +26,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
-import click
 import numpy as np
 import pydicom
 from kombu import Connection
@@ -41,15 +39,20 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
+from service.common.metrics import STAGES, LedgerCollector, build_registry
+from service.common.spool import free_disk_mb
+from service.delivery.recovery import (
+    NothingToRetry,
+    RetryKind,
+    UnknownStudy,
+    retry_study,
+)
 from service.ledger import Ledger, OutboxState, StudyState
-from service.metrics import STAGES, LedgerCollector, build_registry
 from service.model_card import DISCLAIMER, ModelCard
+from service.pipeline.queue import create_app
 from service.results import StudyResult
-from service.retrieval import SimilarCaseIndex
-from service.scheduler import create_app
-from service.sender import resend_study
 from service.settings import Settings
-from service.spool import free_disk_mb
+from service.similar.index import SimilarCaseIndex
 
 logger = logging.getLogger(__name__)
 
@@ -198,39 +201,11 @@ class IndexProbe:
             self._index = None
 
 
-# --- resending --------------------------------------------------------------------
-class RetryOutcome(StrEnum):
-    ANALYSIS = "analysis"
-    RESULTS = "results"
-
-
-_OUTCOME_TEXT = {
-    RetryOutcome.ANALYSIS: "the analysis was queued again",
-    RetryOutcome.RESULTS: "its results are being reported and sent again (see its state below)",
+_RETRY_NOTICE = {
+    RetryKind.ANALYSIS: "the analysis was queued again",
+    RetryKind.REPORT: "its report was built again (see its state below)",
+    RetryKind.RESULTS: "its results are being sent again (see its state below)",
 }
-
-
-def retry_study(settings: Settings, ledger: Ledger, study_uid: str) -> RetryOutcome:
-    """Give a failed study another go, as ``sonocase resend`` would: a failed
-    analysis is queued again; a failed report or delivery goes through the sender's
-    :func:`service.sender.resend_study`.
-
-    Raises LookupError for an unknown study and ValueError when there is nothing to
-    resend (the study has not failed and has no results).
-    """
-    study = ledger.study(study_uid)
-    if study is None:
-        raise LookupError(f"no study {study_uid} in the ledger")
-    if study["state"] == StudyState.FAILED and study["failed_stage"] not in ("report", "send"):
-        ledger.set_state(study_uid, StudyState.COMPLETE, attempts=0, error=None, failed_stage=None)
-        logger.info("analysis queued again after failure", extra={"study_uid": study_uid})
-        return RetryOutcome.ANALYSIS
-    try:
-        done = resend_study(settings, ledger, study_uid)
-    except click.ClickException as exc:
-        raise ValueError(exc.message) from None
-    logger.info("results requested again: %s", done, extra={"study_uid": study_uid})
-    return RetryOutcome.RESULTS
 
 
 # --- the status page's view of a study ------------------------------------------------
@@ -547,8 +522,8 @@ class WebApp:
         views = [study_view(self._ledger, self._settings.results_dir, s) for s in rows.values()]
         notice = ""
         outcome, uid = request.query.get("retried", ""), request.query.get("study", "")
-        if outcome in _OUTCOME_TEXT and re.fullmatch(r"[0-9.]{1,64}", uid):
-            notice = f"Study {uid}: {_OUTCOME_TEXT[RetryOutcome(outcome)]}."
+        if outcome in _RETRY_NOTICE and re.fullmatch(r"[0-9.]{1,64}", uid):
+            notice = f"Study {uid}: {_RETRY_NOTICE[RetryKind(outcome)]}."
         page = render_status(views, self._ledger.count_by_state(), self._csrf, notice)
         return Response(HTTPStatus.OK, page, _HTML, dict(_PAGE_HEADERS))
 
@@ -571,12 +546,12 @@ class WebApp:
 
     def _resend(self, study_uid: str) -> Response:
         try:
-            outcome = retry_study(self._settings, self._ledger, study_uid)
-        except LookupError as exc:
+            retried = retry_study(self._settings, self._ledger, study_uid)
+        except UnknownStudy as exc:
             return Response(HTTPStatus.NOT_FOUND, f"{exc}\n".encode())
-        except ValueError as exc:
+        except NothingToRetry as exc:
             return Response(HTTPStatus.CONFLICT, f"{exc}\n".encode())
-        return _redirect("/status?" + urlencode({"retried": outcome.value, "study": study_uid}))
+        return _redirect("/status?" + urlencode({"retried": retried.kind.value, "study": study_uid}))
 
 
 # --- the server shell --------------------------------------------------------------------

@@ -23,14 +23,14 @@ import click
 from celery import Celery
 from celery.signals import worker_process_init
 
-from service.analysis import analyse_study
 from service.cli import settings_from
-from service.inference import ModelError, OnnxModel
 from service.ledger import Ledger, StudyState, open_ledger
+from service.model.inference import ModelError, OnnxModel
+from service.pipeline.analysis import analyse_study
+from service.pipeline.queue import QUEUE, TASK_NAME, create_app
 from service.reports.build import build_reports
-from service.retrieval import SimilarCaseIndex
-from service.scheduler import QUEUE, TASK_NAME, create_app
 from service.settings import Settings
+from service.similar.index import SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -155,7 +155,7 @@ def _report(state: WorkerState, study_uid: str, generation: int, index: SimilarC
 
 def register_tasks(app: Celery, state: WorkerState) -> None:
     """Bind the analysis task to ``app``; acks_late + reject_on_worker_lost come from
-    the app's configuration (service.scheduler.celery_config)."""
+    the app's configuration (service.pipeline.queue.celery_config)."""
 
     @app.task(name=TASK_NAME, queue=QUEUE)
     def analyse(study_uid: str) -> dict[str, Any]:

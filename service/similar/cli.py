@@ -1,8 +1,8 @@
 """``sonocase index``: fill, diagnose, retract, query and inspect the similar-case index.
 
-Thin shells around :mod:`service.retrieval`. Filling embeds DICOM images with the
-configured model exactly as the worker does (:mod:`service.imaging`,
-:mod:`service.inference`), saves every ``--save-every`` images, and skips images the
+Thin shells around :mod:`service.similar.index`. Filling embeds DICOM images with the
+configured model exactly as the worker does (:mod:`service.model.imaging`,
+:mod:`service.model.inference`), saves every ``--save-every`` images, and skips images the
 index already holds, so an interrupted fill is resumed by running it again.
 """
 
@@ -25,12 +25,17 @@ from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
 from service.cli import settings_from
-from service.imaging import prepare_instance
+from service.model.imaging import prepare_instance
 from service.model_card import DISCLAIMER, ModelCard
-from service.pacs_copy import PacsUnavailable, copy_studies
 from service.results import ModelIdentity
-from service.retrieval import LABEL_SOURCES, IndexEntry, SimilarCaseIndex, StoredImage
 from service.settings import Destination, Settings
+from service.similar.index import (
+    LABEL_SOURCES,
+    IndexEntry,
+    SimilarCaseIndex,
+    StoredImage,
+)
+from service.similar.pacs_copy import PacsUnavailable, copy_studies
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +95,10 @@ class ReferenceEmbedder:
     one frame per instance (the middle frame of a cine loop)."""
 
     def __init__(self, settings: Settings) -> None:
-        from service.inference import ModelError, OnnxModel  # onnxruntime: only for commands that embed
+        from service.model.inference import (  # onnxruntime: only for commands that embed
+            ModelError,
+            OnnxModel,
+        )
 
         try:
             self.model = OnnxModel(settings.model_path, settings.execution_provider, settings.batch_size)
@@ -218,9 +226,9 @@ def busi_as_dicom(busi_dir: Path, out: Path) -> Path:
     """
     from pydicom.uid import generate_uid
 
-    from training.data.busi import load_busi
-    from training.data.dicom_writer import StudyInfo, ultrasound_image
-    from training.data.synthetic import write_dicom_study
+    from service.datasets.busi import load_busi
+    from service.datasets.dicom_writer import StudyInfo, ultrasound_image
+    from service.datasets.synthetic import write_dicom_study
 
     by_group: dict[str, list[tuple[Path, np.ndarray, str]]] = {}
     for record in load_busi(busi_dir):
@@ -384,7 +392,7 @@ def build(ctx: click.Context, per_class: int | None, seed: int, busi_dir: Path |
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.data_dir, prefix="index-build-") as tmp, _clear_errors():
         if per_class is not None:
-            from training.data.synthetic import write_dicom_dataset
+            from service.datasets.synthetic import write_dicom_dataset
 
             _, labels_csv = write_dicom_dataset(Path(tmp), per_class, seed)
             source = "synthetic"

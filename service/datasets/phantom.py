@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from training.records import CLASSES
+from service.datasets.records import CLASSES
 
 NORMAL, BENIGN, MALIGNANT = (CLASSES.index(name) for name in ("normal", "benign", "malignant"))
 

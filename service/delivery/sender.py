@@ -29,7 +29,6 @@ import time
 from itertools import groupby
 from typing import Any
 
-import click
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -37,23 +36,20 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from service import dicom_tls
-from service.cli import settings_from
-from service.ledger import Ledger, OutboxState, StudyState, open_ledger
-from service.metrics import observe_send
+from service.common import dicom_tls
+from service.common.metrics import observe_send
+from service.ledger import Ledger, OutboxState, StudyState
 from service.model_card import card_path_for
 from service.reports.build import (
-    DEFAULT_SR_CLASS,
     ReportError,
     build_reports,
     index_reference_images,
-    outbox_folder,
     rebuild_sr,
 )
 from service.reports.sr import SR_CLASSES
 from service.reports.template import validate_template_setting
-from service.retrieval import SimilarCaseIndex
 from service.settings import Destination, Settings
+from service.similar.index import SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
 
@@ -356,80 +352,3 @@ class SenderService:
                     self.sender.report_orphans()
             except Exception:  # the loop must outlive one bad round; the ledger keeps the work
                 LOG.exception("sender round failed; retrying")
-
-
-# --- sonocase resend ------------------------------------------------------------
-def resend_study(settings: Settings, ledger: Ledger, study_uid: str) -> str:
-    """Make a study's results go out again; return what was done, for people.
-
-    A study that failed at the report stage is reported again; otherwise its
-    current objects are (re)queued for every configured destination and whatever
-    was not accepted becomes due now.
-    """
-    study = ledger.study(study_uid)
-    if study is None:
-        raise click.ClickException(f"unknown study {study_uid}")
-    if study["state"] == StudyState.FAILED and study["failed_stage"] == "report":
-        paths = build_reports(settings, ledger, study_uid)
-        if not paths:
-            return f"the report failed again: {ledger.study(study_uid)['error']}"
-        return f"reported again: {len(paths)} object(s) written" + _destination_note(settings)
-    if study["state"] not in (StudyState.REPORTED, StudyState.SENT, StudyState.FAILED) or (
-        study["state"] == StudyState.FAILED and study["failed_stage"] != "send"
-    ):
-        raise click.ClickException(
-            f"study {study_uid} is {study['state']}"
-            + (f" (failed at {study['failed_stage']})" if study["failed_stage"] else "")
-            + ": it has no results to send"
-        )
-    generation = study["generation"]
-    queued = _queue_outbox_files(settings, ledger, study_uid, generation)
-    due = ledger.reset_outbox(study_uid)
-    if study["state"] == StudyState.FAILED:
-        ledger.transition(
-            study_uid, StudyState.REPORTED, (StudyState.FAILED,), generation, failed_stage=None, error=None
-        )
-    if not settings.destinations:
-        return f"no destination configured: {queued} object(s) stay in {outbox_folder(settings, study_uid, generation)}"
-    return f"{due} object(s) due for sending now; the node's sender delivers them" + _destination_note(settings)
-
-
-def _queue_outbox_files(settings: Settings, ledger: Ledger, study_uid: str, generation: int) -> int:
-    """Queue the generation's objects for configured destinations that have none of
-    them yet (destinations added after the study was reported); return how many
-    objects the generation has. SRs rebuilt for another destination are not queued:
-    a new destination gets the default class and falls back by itself."""
-    items = []
-    for path in sorted(outbox_folder(settings, study_uid, generation).glob("*.dcm")):
-        header = dcmread(path, stop_before_pixels=True)
-        if header.SOPClassUID in SR_CLASSES and header.SOPClassUID != DEFAULT_SR_CLASS:
-            continue
-        items.append((header.SOPInstanceUID, header.SOPClassUID, str(path)))
-    served = {r["destination"] for r in ledger.outbox(study_uid) if r["generation"] == generation}
-    new = [str(d) for d in settings.destinations if str(d) not in served]
-    if new:
-        ledger.enqueue_outbox(study_uid, generation, items, new)
-    return len(items)
-
-
-def _destination_note(settings: Settings) -> str:
-    if not settings.destinations:
-        return f" (no destination configured: they stay in {settings.outbox_dir})"
-    return " to " + ", ".join(str(d) for d in settings.destinations)
-
-
-@click.command()
-@click.argument("study_uid")
-@click.pass_context
-def resend(ctx: click.Context, study_uid: str) -> None:
-    """Send a study's results again (after a failed delivery or a failed report).
-
-    Unaccepted objects become due at once for the running node's sender; objects
-    already accepted are not sent again.
-    """
-    settings = settings_from(ctx)
-    ledger = open_ledger(settings)
-    try:
-        click.echo(resend_study(settings, ledger, study_uid))
-    finally:
-        ledger.close()

@@ -1,7 +1,7 @@
 """Synthetic breast-ultrasound data sets: records, a BUSI-layout folder, DICOM studies.
 
 BUSI cannot be downloaded here, so the tests, the demo and the shipped model use
-images from :mod:`training.data.phantom`. A synthetic *patient* has one lesion
+images from :mod:`service.datasets.phantom`. A synthetic *patient* has one lesion
 phantom (or none, for normal) seen in 1-3 views, like a real study's radial and
 anti-radial views, so views of one patient are alike and must share a split group.
 
@@ -25,10 +25,10 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from training.data.busi import BUSI_FOLDER
-from training.data.dicom_writer import VARIANTS, StudyInfo, Variant, ultrasound_image
-from training.data.phantom import NORMAL, jitter_view, render, sample_patient
-from training.records import CLASSES, Record
+from service.datasets.busi import BUSI_FOLDER
+from service.datasets.dicom_writer import VARIANTS, StudyInfo, Variant, ultrasound_image
+from service.datasets.phantom import NORMAL, jitter_view, render, sample_patient
+from service.datasets.records import CLASSES, Record
 
 #: Views per synthetic patient: drawn uniformly from this range (inclusive).
 VIEWS_PER_PATIENT = (1, 3)

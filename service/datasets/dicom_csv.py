@@ -5,7 +5,7 @@ The CSV has a header with ``label`` (a class name, or its index) and a key colum
 study; a row may fill either (an instance label wins over its study's). Other
 columns (``label_source``...) are allowed and ignored.
 
-Pixels are prepared by :mod:`service.imaging`, the very functions the node's worker
+Pixels are prepared by :mod:`service.model.imaging`, the very functions the node's worker
 uses (grayscale by luma, MONOCHROME1 inverted, crop to the B-mode region of the
 Sequence of Ultrasound Regions or the documented heuristic), so the model is trained
 on what it will see. Group key: the patient (a hash of Patient ID; the ID itself is
@@ -24,7 +24,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from service.imaging import (
+from service.datasets.records import CLASSES, Record
+from service.model.imaging import (
     PixelError,
     crop_box,
     dataset_skip_reason,
@@ -32,7 +33,6 @@ from service.imaging import (
     number_of_frames,
     to_grayscale,
 )
-from training.records import CLASSES, Record
 
 log = logging.getLogger(__name__)
 
