@@ -86,7 +86,7 @@ def test_kill_9_while_receiving_loses_no_acknowledged_instance(tmp_path: Path) -
                 sop_uid = str(dcmread(name, stop_before_pixels=True).SOPInstanceUID)
                 assert sop_uid in recorded, f"{name}: acknowledged but not in the ledger"
                 stored = Path(recorded[sop_uid].path).read_bytes()
-                inst = parse_instance(stored[data_set_offset(stored):], recorded[sop_uid].transfer_syntax)
+                inst = parse_instance(stored[data_set_offset(stored):], recorded[sop_uid].transfer_syntax, 1 << 30)
                 assert inst.sop_instance_uid == sop_uid  # complete: every element parses to the end
             assert not list((tmp_path / "data" / "spool").glob("*/.tmp-*")), "stale temporary files kept"
             deadline = time.monotonic() + 30

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import attacks
 from conftest import dcmtk, free_port, wait_until
 from dicom_peers import (
     ULTRASOUND_FILES,
@@ -320,10 +321,17 @@ def test_wrong_called_ae_is_rejected(receiver: Receiver) -> None:
     assert rejection(associate(receiver, scu(), called="NOT-US")) == (1, 1, 7)
 
 
-def test_unknown_host_is_rejected(start: Callable[..., Receiver]) -> None:
-    rx = start(allowed_hosts=["192.0.2.1"])
-    assert rejection(associate(rx, scu())) == (1, 1, 1)
-    allowed = associate(start(allowed_hosts=["127.0.0.1"]), scu())
+def test_unknown_host_is_disconnected_before_anything_is_read(start: Callable[..., Receiver]) -> None:
+    rx = start(allowed_hosts=["192.0.2.1", "10.0.0.0/8"])
+    with attacks.held(attacks.huge_pdu_headers(rx.settings.port, 1)) as [sock]:
+        assert attacks.ended_by_peer(sock, 5) == b"", "not closed at once, or answered"
+    refused = associate(rx, scu())
+    assert not refused.is_established and not refused.is_rejected
+
+
+@pytest.mark.parametrize("entry", ["127.0.0.1", "127.0.0.0/8", "localhost"])
+def test_allowed_host_as_address_block_or_name(start: Callable[..., Receiver], entry: str) -> None:
+    allowed = associate(start(allowed_hosts=["192.0.2.1", entry]), scu())
     assert allowed.is_established
     allowed.release()
 

@@ -57,6 +57,10 @@ CSTORE_RESPONSES = Counter(
     "sonocase_cstore_responses", "C-STORE responses the receiver returned, by status code",
     ["status"], registry=None,
 )
+CONNECTIONS_REFUSED = Counter(
+    "sonocase_connections_refused", "DICOM connections and associations the receiver refused, closed or "
+    "aborted, by reason", ["reason"], registry=None,
+)
 SEND_ATTEMPTS = Counter(
     "sonocase_send_attempts", "C-STORE attempts of the sender, by outcome (failed ones are retried)",
     ["outcome"], registry=None,
@@ -66,6 +70,12 @@ SEND_ATTEMPTS = Counter(
 def observe_cstore(status: int) -> None:
     """Count one C-STORE response (the receiver calls this with the status it returns)."""
     CSTORE_RESPONSES.labels(status=f"0x{status:04X}").inc()
+
+
+def observe_refusal(reason: str) -> None:
+    """Count one connection or association the receiver refused, closed or aborted
+    (``reason``: a short fixed word such as ``host`` or ``pdu-too-large``)."""
+    CONNECTIONS_REFUSED.labels(reason=reason).inc()
 
 
 def observe_send(outcome: Literal["accepted", "failed"]) -> None:
@@ -151,7 +161,7 @@ def build_registry(collector: LedgerCollector) -> CollectorRegistry:
     """A registry for one node: its ledger figures, this process's counters and
     the usual process figures (CPU, memory, open files)."""
     registry = CollectorRegistry()
-    for metric in (CSTORE_RESPONSES, SEND_ATTEMPTS, collector):
+    for metric in (CSTORE_RESPONSES, CONNECTIONS_REFUSED, SEND_ATTEMPTS, collector):
         registry.register(metric)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
