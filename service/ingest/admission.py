@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -45,7 +46,8 @@ LOG = logging.getLogger(__name__)
 #: associations; a collection stalls every association for tens of milliseconds,
 #: so keep the cadence this gives at pynetdicom's 0.5 s poll, whatever our poll.
 _COLLECT_EVERY_S = 30.0
-#: Seconds before a pending connection whose state machine is idle counts as ended.
+#: Seconds between an aborted association and the collection that frees its memory
+#: (its threads have ended by then).
 _SETTLE_S = 0.5
 
 
@@ -64,14 +66,18 @@ class Pending:
     since: float
     assoc: Association | None = None
 
-    def ended(self, now: float) -> bool:
-        """Whether its transport already ended: the peer hung up, or it was rejected.
-        (Not in its first moments: a new connection's state machine starts idle too.)"""
-        if now - self.since < _SETTLE_S:
-            return False
+    def ended(self) -> bool:
+        """Whether the connection already ended: closed here (rejected), or by the
+        peer (what a health check does), which leaves pynetdicom waiting for a
+        request until ``acse_timeout_s``."""
         if self.sock.fileno() == -1:
             return True
-        return self.assoc is not None and self.assoc.dul.state_machine.current_state == "Sta1"
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            # readable with nothing to read: the peer's end of the stream
+            return bool(readable) and socket.socket.recv(self.sock, 1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset by the peer, or closed meanwhile
+            return True
 
 
 class Gate:
@@ -116,7 +122,7 @@ class Gate:
         those whose transport already ended (to be let go quietly)."""
         with self._lock:
             overdue = [p for p in self._pending.values() if now - p.since > self.pending_deadline_s]
-            ended = [p for p in self._pending.values() if p not in overdue and p.ended(now)]
+            ended = [p for p in self._pending.values() if p not in overdue and p.ended()]
             for pending in overdue + ended:
                 del self._pending[id(pending.sock)]
             return overdue, ended
