@@ -1,8 +1,10 @@
 """The receiver on loopback against real peers: DCMTK echoscu/storescu and a
-pynetdicom SCU, with every ultrasound file shipped in pydicom and pydicom-data."""
+pynetdicom SCU, with every ultrasound file shipped in pydicom and pydicom-data; on
+both engines (``engine``), unless a test is about one."""
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import subprocess
@@ -26,7 +28,9 @@ from dicom_peers import (
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from prometheus_client import CollectorRegistry
+import pynetdicom
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -42,17 +46,20 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
+from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from test_receiver import Mutation, mutations, rewrite
 
 from service.common.metrics import CSTORE_RESPONSES
 from service.common.spool import free_disk_mb
 from service.ingest import store as store_module
+from service.ingest.admission import GuardedServer
 from service.ingest.rules import STORAGE_SOP_CLASSES, StoreStatus
-from service.ingest.server import ReceiverService
+from service.ingest.server import ReceiverService, handle_store
+from service.ingest.store import StoreSCP
 from service.ledger import Ledger
 from service.settings import Settings
 
@@ -87,13 +94,20 @@ class Receiver:
         return self.store.incoming_dir
 
 
+@pytest.fixture(params=["fast", "stock"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """The receiver engine a test runs on: each in turn."""
+    return str(request.param)
+
+
 @pytest.fixture
-def start(settings: Settings) -> Iterator[Callable[..., Receiver]]:
+def start(settings: Settings, engine: str) -> Iterator[Callable[..., Receiver]]:
     """Start a receiver with some settings changed; all are stopped after the test."""
     running: list[Receiver] = []
 
     def _start(**changes: object) -> Receiver:
         changes.setdefault("port", free_port())  # each receiver its own port, all one ledger
+        changes.setdefault("receiver_engine", engine)
         rx = Receiver(settings.model_copy(update=changes), Ledger(settings.ledger_path, durable=False))
         running.append(rx)
         return rx
@@ -253,6 +267,7 @@ def send_over_new_association(rx: Receiver, f: UsFile) -> int:
         assoc.release()
 
 
+@pytest.mark.parametrize("engine", ["fast"])  # the stock engine writes the file when the data set is complete
 def test_data_set_is_spooled_while_it_arrives(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each fragment goes to disk on arrival; the handler only names the file. The
     handler's own write is made to fail (a stand-in: it must not be needed)."""
@@ -292,6 +307,7 @@ def test_full_spool_disk_refuses_with_out_of_resources(small_disk: Path, start: 
     assert_stored_as_sent(rx, f)
 
 
+@pytest.mark.parametrize("engine", ["fast"])
 def test_data_set_is_still_stored_when_spooling_it_fails(receiver: Receiver) -> None:
     """No folder to spool into (a real fault): the handler writes the file itself."""
     receiver.incoming.rmdir()
@@ -299,6 +315,41 @@ def test_data_set_is_still_stored_when_spooling_it_fails(receiver: Receiver) -> 
     assert send_over_new_association(receiver, f) == StoreStatus.SUCCESS
     assert_stored_as_sent(receiver, f)
     receiver.incoming.mkdir()
+
+
+# --- the two engines ------------------------------------------------------------------
+
+def test_a_handler_bound_to_c_store_is_the_one_called(receiver: Receiver) -> None:
+    """Stock: pynetdicom fires EVT_C_STORE for each request; fast: it serves C-STORE
+    itself only while our handler is the bound one, so a handler bound in its place
+    (an observer wrapping ours here) is called on both."""
+    seen: list[str] = []
+
+    def observer(event: Event, store: StoreSCP) -> Dataset:
+        seen.append(str(event.request.AffectedSOPInstanceUID))
+        return handle_store(event, store)
+
+    assert receiver.service.server is not None
+    receiver.service.server.bind(evt.EVT_C_STORE, observer, [receiver.store])
+    files = [US_FILES["US1_UNCR.dcm"], US_FILES["OBXXXX1A_rle.dcm"]]
+    for f in files:
+        assert send_over_new_association(receiver, f) == StoreStatus.SUCCESS
+        assert_stored_as_sent(receiver, f)
+    assert seen == [f.sop_instance_uid for f in files]
+
+
+@pytest.mark.parametrize("engine", ["fast"])
+def test_fast_engine_on_another_pynetdicom_runs_stock(start: Callable[..., Receiver], monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(pynetdicom, "__version__", "3.0.5")  # what unsupported_reason() reads
+    with caplog.at_level(logging.INFO, logger="service.ingest.server"):
+        rx = start()
+    assert type(rx.service.server) is GuardedServer, "the fast engine's server runs on another pynetdicom"
+    assert "pynetdicom 3.0.5 is installed" in caplog.text and "running the stock engine" in caplog.text
+    assert "(stock engine)" in caplog.text
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    assert send_over_new_association(rx, f) == StoreStatus.SUCCESS
+    assert_stored_as_sent(rx, f)
 
 
 # --- refusing associations -----------------------------------------------------------
