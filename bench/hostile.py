@@ -20,49 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import UltrasoundImageStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import attacks  # noqa: E402  (the tests' helpers: one definition of each attack)
-from conftest import free_port  # noqa: E402
-from dicom_peers import NodeProcess, send_raw  # noqa: E402
-
-
-class Node:
-    """A node on a free port with its own data folder, and the PACS's store."""
-
-    def __init__(self, work: Path, engine: str, extra: dict[str, str]) -> None:
-        self.port, self.work = free_port(), work
-        self.process = NodeProcess({
-            "SONOCASE_HOST": "127.0.0.1", "SONOCASE_PORT": str(self.port), "SONOCASE_DATA_DIR": str(work / "data"),
-            "SONOCASE_HTTP_PORT": "0", "SONOCASE_WORKERS": "0", "SONOCASE_RECEIVER_ENGINE": engine,
-            "SONOCASE_LOG_LEVEL": "WARNING", **extra,
-        }, log=work / "node.log")
-        self.pid = self.process.proc.pid
-        if not self.pacs_stores():  # warm: the first store imports what storing needs
-            raise RuntimeError("the node does not store")
-        self.idle_mb = attacks.rss_mb(self.pid)
-        attacks.reset_peak(self.pid)
-
-    def pacs_stores(self) -> bool:
-        return attacks.storescu(self.port, attacks.fresh_instance(self.work)).returncode == 0
-
-    def peak_over_idle(self) -> float:
-        return attacks.peak_rss_mb(self.pid) - self.idle_mb
-
-
-def send_data_set(port: int, raw: bytes, sop_instance_uid: str, syntax: str) -> int:
-    """C-STORE ``raw`` as is over an association of its own; the status."""
-    ae = AE("ATTACKER")
-    ae.add_requested_context(UltrasoundImageStorage, syntax)
-    ae.dimse_timeout = 120
-    assoc = ae.associate("127.0.0.1", port, ae_title="SONOCASE")
-    try:
-        return send_raw(assoc, raw, UltrasoundImageStorage, sop_instance_uid)
-    finally:
-        assoc.release()
+from attacks import Node  # noqa: E402
 
 
 def huge_pdu(node: Node, connections: int, length: int) -> str:
@@ -110,14 +72,14 @@ def half_sent(node: Node, connections: int, give_up_s: float = 40) -> str:
 def deflate_bomb(node: Node, inflated_mb: int) -> str:
     sop = generate_uid()
     raw = attacks.deflate_bomb(sop, inflated_mb)
-    status = send_data_set(node.port, raw, sop, DeflatedExplicitVRLittleEndian)
-    stored = len(list((node.work / "data" / "spool").glob("*/*.dcm")))
-    return f"{len(raw) / 2**20:.2f} MB on the wire -> status 0x{status:04X}; files in the spool: {stored} (PACS's: 1)"
+    status = attacks.send_data_set(node.port, raw, sop, DeflatedExplicitVRLittleEndian)
+    kept = "kept" if sop in node.spooled() else "not kept"
+    return f"{len(raw) / 2**20:.2f} MB on the wire -> status 0x{status:04X}, {kept}"
 
 
 def deep_nesting(node: Node, depth: int) -> str:
     sop = generate_uid()
-    status = send_data_set(node.port, attacks.deeply_nested(sop, depth), sop, ExplicitVRLittleEndian)
+    status = attacks.send_data_set(node.port, attacks.deeply_nested(sop, depth), sop, ExplicitVRLittleEndian)
     return f"depth {depth} -> status 0x{status:04X}"
 
 
@@ -142,7 +104,7 @@ def main() -> None:
     for name in args.attacks.split(","):
         for engine in args.engines.split(","):
             with tempfile.TemporaryDirectory(prefix="sonocase-hostile-") as work:
-                node = Node(Path(work), engine, {})
+                node = Node(Path(work), engine, {"SONOCASE_LOG_LEVEL": "WARNING"})
                 try:
                     outcome = ATTACKS[name](node, args)
                     peak = node.peak_over_idle()

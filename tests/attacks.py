@@ -19,6 +19,9 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import UltrasoundImageStorage, Verification
 
+from conftest import free_port
+from dicom_peers import NodeProcess, send_raw
+
 #: A PDU header announcing an A-ASSOCIATE-RQ of almost 4 GiB (PS3.8 9.3.2): 6 bytes.
 HUGE_PDU_LENGTH = 0xFFFFFFF0
 #: A DCMTK storescu stand-in for the PACS: a small real ultrasound file.
@@ -67,6 +70,41 @@ def storescu(port: int, path: Path, called: str = "SONOCASE", timeout: float = 6
         ["/usr/bin/storescu", "-aec", called, "127.0.0.1", str(port), str(path)],
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+class Node:
+    """`sonocase serve` (receiver only) on a free port with its own data folder, warmed
+    up by one store, its idle memory taken and its peak memory record reset: what an
+    attack adds is :meth:`peak_over_idle`."""
+
+    def __init__(self, work: Path, engine: str, settings: dict[str, str] | None = None) -> None:
+        self.port, self.work, self.engine = free_port(), work, engine
+        self.process = NodeProcess({
+            "SONOCASE_HOST": "127.0.0.1", "SONOCASE_PORT": str(self.port), "SONOCASE_DATA_DIR": str(work / "data"),
+            "SONOCASE_HTTP_PORT": "0", "SONOCASE_WORKERS": "0", "SONOCASE_RECEIVER_ENGINE": engine,
+            "SONOCASE_DURABILITY": "none", **(settings or {}),
+        }, log=work / "node.log")
+        self.pid = self.process.proc.pid
+        assert self.pacs_stores(), f"the node does not store:\n{self.log()}"
+        self.idle_mb = rss_mb(self.pid)
+        reset_peak(self.pid)
+
+    def pacs_stores(self) -> bool:
+        """Whether a real storescu, as the PACS, stores a new study now."""
+        return storescu(self.port, fresh_instance(self.work)).returncode == 0
+
+    def peak_over_idle(self) -> float:
+        return peak_rss_mb(self.pid) - self.idle_mb
+
+    def spooled(self) -> set[str]:
+        """The SOP Instance UIDs of the files in the spool."""
+        return {path.stem for path in (self.work / "data" / "spool").glob("*/*.dcm")}
+
+    def log(self) -> str:
+        return (self.work / "node.log").read_text()
+
+    def stop(self) -> None:
+        self.process.stop()
 
 
 # --- connections ----------------------------------------------------------------------
@@ -139,6 +177,19 @@ def half_sent_pdu(assoc: Association) -> None:
     raw.sendall(struct.pack(">BBL", 0x04, 0, 16384) + bytes(100))
 
 
+def send_data_set(port: int, raw: bytes, sop_instance_uid: str, syntax: str) -> int:
+    """C-STORE ``raw`` exactly as it is over an association of its own; the status."""
+    ae = AE("ATTACKER")
+    ae.add_requested_context(UltrasoundImageStorage, syntax)
+    ae.dimse_timeout = 120
+    assoc = ae.associate("127.0.0.1", port, ae_title="SONOCASE")
+    assert assoc.is_established, "the attacker could not associate"
+    try:
+        return send_raw(assoc, raw, UltrasoundImageStorage, sop_instance_uid)
+    finally:
+        assoc.release()
+
+
 # --- crafted data sets -------------------------------------------------------------------
 
 def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
@@ -162,13 +213,21 @@ def identifying_elements(sop_instance_uid: str, study_uid: str | None = None) ->
     ))
 
 
+def _pixel_data_header(size: int) -> bytes:
+    return struct.pack("<HH", 0x7FE0, 0x0010) + b"OB\0\0" + struct.pack("<I", size)
+
+
+def pixel_data(size: int) -> bytes:
+    """Pixel Data (OB) of ``size`` zero bytes, explicit VR little endian."""
+    return _pixel_data_header(size) + bytes(size)
+
+
 def deflate_bomb(sop_instance_uid: str, inflated_mb: int) -> bytes:
     """A Deflated Explicit VR Little Endian data set (PS3.5 A.5) whose Pixel Data is
     ``inflated_mb`` MiB of zeros: about a thousandth of that on the wire."""
-    pixels = inflated_mb << 20
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     out = [deflater.compress(identifying_elements(sop_instance_uid)),
-           deflater.compress(struct.pack("<HH", 0x7FE0, 0x0010) + b"OB\0\0" + struct.pack("<I", pixels))]
+           deflater.compress(_pixel_data_header(inflated_mb << 20))]
     block = bytes(1 << 20)
     out += [deflater.compress(block) for _ in range(inflated_mb)]
     out.append(deflater.flush())

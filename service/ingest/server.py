@@ -168,7 +168,9 @@ class StockDataGuard:
         if sock is not None:
             try:
                 sock.sendall(_A_ABORT)
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the DUL reads the end: A-P-ABORT
+                # The DUL reads the end (A-P-ABORT) and closes the socket itself: its
+                # close follows a shutdown that must not fail, so reading ends only.
+                socket.socket.shutdown(sock, socket.SHUT_RD)
             except OSError:
                 pass
         self.gate.request_collection()
