@@ -27,6 +27,7 @@ from dicom_peers import (
 )
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 import pynetdicom
 from pydicom import dcmread
@@ -52,6 +53,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from test_receiver import Mutation, mutations, rewrite
+from test_receiver_limits import pdu_streams
 
 from service.common.metrics import CSTORE_RESPONSES
 from service.common.spool import free_disk_mb
@@ -464,6 +466,22 @@ def test_fuzzed_files_over_the_network_keep_the_scp_serving(receiver: Receiver, 
     finally:
         assoc.release()
     assert echoscu(receiver).returncode == 0
+
+
+@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=pdu_streams(), associated=st.booleans())
+def test_fuzzed_pdus_over_the_network_keep_the_scp_serving(receiver: Receiver, stream: bytes, associated: bool) -> None:
+    """Any bytes, before an association (a scanner) or inside one, then the peer hangs up."""
+    if associated:
+        assoc = associate(receiver, scu())
+        assert assoc.is_established and assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+        assoc.dul.socket.socket.sendall(stream)
+        assoc.abort()
+    else:
+        with attacks.held([attacks.connect(receiver.settings.port)]) as [sock]:
+            sock.sendall(stream)
+    result = echoscu(receiver)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- DICOM TLS ----------------------------------------------------------------------------

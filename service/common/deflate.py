@@ -9,7 +9,6 @@ through here, so one bound holds on both sides.
 
 from __future__ import annotations
 
-import mmap
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +76,7 @@ def read_instance(path: Path, max_inflated: int, stop_before_pixels: bool = Fals
     if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         # preamble, "DICM", the group length element (12 bytes), then the group
         offset = 132 + 12 + int(meta.get("FileMetaInformationGroupLength", 0))
-        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            inflated_size(memoryview(mapped)[offset:], max_inflated)
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            inflated_size(fh.read(), max_inflated)
     return dcmread(path, stop_before_pixels=stop_before_pixels)
