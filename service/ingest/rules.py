@@ -128,7 +128,6 @@ LOCAL_LIMIT_EXCEEDED = 0x02
 class RejectReason(IntEnum):
     """A-ASSOCIATE-RJ Reason/Diag. for source "service user" (PS3.8 Table 9-21)."""
 
-    NO_REASON_GIVEN = 0x01
     CALLING_AE_TITLE_NOT_RECOGNIZED = 0x03
     CALLED_AE_TITLE_NOT_RECOGNIZED = 0x07
 
