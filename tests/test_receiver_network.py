@@ -51,6 +51,7 @@ from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 from test_receiver import Mutation, mutations, rewrite
 from test_receiver_limits import pdu_streams
@@ -465,6 +466,21 @@ def test_fuzzed_files_over_the_network_keep_the_scp_serving(receiver: Receiver, 
         assert status in set(StoreStatus) - {StoreStatus.PROCESSING_FAILURE}
     finally:
         assoc.release()
+    assert echoscu(receiver).returncode == 0
+
+
+@pytest.mark.parametrize("engine", ["fast"])  # stock: counted against max_dataset_mb, as a data set
+def test_a_command_set_that_never_ends_is_aborted(receiver: Receiver) -> None:
+    assoc = associate(receiver, scu())
+    assert assoc.is_established
+    try:
+        for _ in range(5):  # 80 KiB of command fragments, none the last
+            fragment = P_DATA()
+            fragment.presentation_data_value_list.append((assoc.accepted_contexts[0].context_id, b"\x01" + bytes(16384)))
+            assoc.dul.send_pdu(fragment)
+        assert wait_until(lambda: assoc.is_aborted), "a command set longer than any was read on"
+    finally:
+        assoc.abort()
     assert echoscu(receiver).returncode == 0
 
 

@@ -203,6 +203,8 @@ class ReceiverDIMSE(DIMSEServiceProvider):
         if message is not None and message.encoded_command_set.tell() > MAX_COMMAND_BYTES:
             refused(self.assoc.requestor.address, "command-too-large",
                     f"association aborted: a command set longer than {MAX_COMMAND_BYTES} bytes")
+            if isinstance(message.data_set, SpoolingBuffer):
+                message.data_set.discard()
             self.message = None
             self.assoc.dul.event_queue.put(_INVALID_PDU)  # the state machine sends the A-ABORT
 
