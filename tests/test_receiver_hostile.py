@@ -15,6 +15,7 @@ from pathlib import Path
 import attacks
 import pytest
 from attacks import Node
+from conftest import wait_for
 from dicom_peers import cstore_fragments
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -78,7 +79,8 @@ def test_half_sent_pdus_time_out_and_free_their_slots(node: Node) -> None:
         for assoc in attackers:
             attacks.half_sent_pdu(assoc)
         assert node.pacs_stores(), "the PACS could not store beside the attackers"
-        last = attacks.associate(node.port)  # now every slot is taken
+        # now every slot is taken (once the PACS's association has ended)
+        last = wait_for("the PACS's slot to be free", lambda: established(attacks.associate(node.port)), timeout=10)
         attackers.append(last)
         attacks.half_sent_pdu(last)
         start = time.monotonic()
@@ -90,6 +92,10 @@ def test_half_sent_pdus_time_out_and_free_their_slots(node: Node) -> None:
         for assoc in attackers:
             assoc.abort()
     assert_memory_bounded(node)
+
+
+def established(assoc: Association) -> Association | None:
+    return assoc if assoc.is_established else None
 
 
 def wait_ended(assoc: Association, deadline: float) -> bool:

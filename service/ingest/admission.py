@@ -22,11 +22,14 @@ class pynetdicom's ``make_server`` takes) and pynetdicom's public events are use
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
 import select
 import socket
 import ssl
+import sys
+import termios
 import threading
 import time
 import weakref
@@ -69,13 +72,18 @@ class Pending:
     def ended(self) -> bool:
         """Whether the connection already ended: closed here (rejected), or by the
         peer (what a health check does), which leaves pynetdicom waiting for a
-        request until ``acse_timeout_s``."""
-        if self.sock.fileno() == -1:
-            return True
+        request until ``acse_timeout_s``. Never blocks: readable with no byte to
+        read is the peer's end of the stream (a read could block, were the
+        connection's thread to take the bytes first)."""
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            # readable with nothing to read: the peer's end of the stream
-            return bool(readable) and socket.socket.recv(self.sock, 1, socket.MSG_PEEK) == b""
+            fd = self.sock.fileno()
+            if fd == -1:
+                return True
+            readable, _, _ = select.select([fd], [], [], 0)
+            if not readable:
+                return False
+            waiting = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+            return int.from_bytes(waiting, sys.byteorder) == 0
         except (OSError, ValueError):  # reset by the peer, or closed meanwhile
             return True
 
@@ -121,11 +129,14 @@ class Gate:
         """Take out the pending connections past their deadline (to be closed) and
         those whose transport already ended (to be let go quietly)."""
         with self._lock:
-            overdue = [p for p in self._pending.values() if now - p.since > self.pending_deadline_s]
-            ended = [p for p in self._pending.values() if p not in overdue and p.ended()]
-            for pending in overdue + ended:
-                del self._pending[id(pending.sock)]
-            return overdue, ended
+            pending = list(self._pending.values())
+        overdue = [p for p in pending if now - p.since > self.pending_deadline_s]
+        ended = [p for p in pending if p not in overdue and p.ended()]
+        with self._lock:
+            taken = [p for p in overdue + ended if self._pending.get(id(p.sock)) is p]
+            for p in taken:
+                del self._pending[id(p.sock)]
+        return [p for p in overdue if p in taken], [p for p in ended if p in taken]
 
     def pending_count(self) -> int:
         with self._lock:
