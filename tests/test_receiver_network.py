@@ -56,7 +56,7 @@ from pynetdicom.sop_class import Verification
 from test_receiver import Mutation, mutations, rewrite
 from test_receiver_limits import pdu_streams
 
-from service.common.metrics import CSTORE_RESPONSES
+from service.common.metrics import CONNECTIONS_REFUSED, CSTORE_RESPONSES
 from service.common.spool import free_disk_mb
 from service.ingest import store as store_module
 from service.ingest.admission import GuardedServer
@@ -377,10 +377,18 @@ def test_wrong_called_ae_is_rejected(receiver: Receiver) -> None:
 
 def test_unknown_host_is_disconnected_before_anything_is_read(start: Callable[..., Receiver]) -> None:
     rx = start(allowed_hosts=["192.0.2.1", "10.0.0.0/8"])
+    before = refusals("host")
     with attacks.held(attacks.huge_pdu_headers(rx.settings.port, 1)) as [sock]:
         assert attacks.ended_by_peer(sock, 5) == b"", "not closed at once, or answered"
     refused = associate(rx, scu())
     assert not refused.is_established and not refused.is_rejected
+    assert refusals("host") == before + 2  # IT watches this metric for scans and misconfigured peers
+
+
+def refusals(reason: str) -> float:
+    registry = CollectorRegistry()
+    registry.register(CONNECTIONS_REFUSED)
+    return registry.get_sample_value("sonocase_connections_refused_total", {"reason": reason}) or 0.0
 
 
 @pytest.mark.parametrize("entry", ["127.0.0.1", "127.0.0.0/8", "localhost"])
@@ -390,14 +398,20 @@ def test_allowed_host_as_address_block_or_name(start: Callable[..., Receiver], e
     allowed.release()
 
 
-def test_association_limit(start: Callable[..., Receiver]) -> None:
+def test_association_limit_counts_established_associations(start: Callable[..., Receiver],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     rx = start(max_associations=1)
-    first = associate(rx, scu())
-    try:
-        assert first.is_established
-        assert rejection(associate(rx, scu())) == (2, 3, 2)  # transient, local limit exceeded
-    finally:
-        first.release()
+    with attacks.held(attacks.silent_connections(rx.settings.port, 3)), \
+            caplog.at_level(logging.INFO, logger="service.ingest"):
+        first = associate(rx, scu())  # connections that never associate take no slot
+        try:
+            assert first.is_established
+            assert rejection(associate(rx, scu())) == (2, 3, 2)  # transient, local limit exceeded
+        finally:
+            first.release()
+    accepted = [r.getMessage() for r in caplog.records if "accepted" in r.getMessage()]
+    assert len(accepted) == 1, "a rejected association was logged as accepted"
+    assert any("max_associations" in r.getMessage() for r in caplog.records)
 
 
 # --- refusing instances ----------------------------------------------------------------
