@@ -35,14 +35,9 @@ from service.delivery.recovery import (
 )
 from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
 from service.model_card import ModelCard, card_path_for, sha256_file
-from service.ops.web import (
-    SESSION_COOKIE,
-    CheckResult,
-    IndexProbe,
-    ModelProbe,
-    broker_check,
-    build_web_server,
-)
+from service.ops.sessions import LoginThrottle, SessionStore
+from service.ops.views import CheckResult, IndexProbe, ModelProbe, broker_check
+from service.ops.web import SESSION_COOKIE, ExtraRouter, build_web_server
 from service.results import (
     FrameResult,
     ImageResult,
@@ -305,11 +300,13 @@ def test_status_page_needs_the_token_and_shows_no_patient_name(node: Node) -> No
     status, headers, body = _http(node.url, "/status")
     assert status == 401 and headers["www-authenticate"].startswith("Bearer") and b"name=token" in body
     assert _http(node.url, "/status", headers={"Authorization": "Bearer wrong"})[0] == 401
-    assert _http(node.url, f"/studies/{node.analysed}/heatmap.png")[0] == 401
+    assert _http(node.url, f"/status/studies/{node.analysed}/heatmap.png")[0] == 401
 
     status, headers, body = _http(node.url, "/status", headers=BEARER)
     page = body.decode()
     assert status == 200 and "default-src 'none'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    assert headers["cache-control"] == "no-store" and headers["referrer-policy"] == "no-referrer"
     assert node.analysed in page and ACCESSION in page and "malignant 0.87" in page
     assert "not for primary diagnosis" in page
     assert PATIENT_NAME not in page
@@ -318,19 +315,19 @@ def test_status_page_needs_the_token_and_shows_no_patient_name(node: Node) -> No
 
 
 def test_heatmap_thumbnail(node: Node) -> None:
-    status, headers, body = _http(node.url, f"/studies/{node.analysed}/heatmap.png", headers=BEARER)
+    status, headers, body = _http(node.url, f"/status/studies/{node.analysed}/heatmap.png", headers=BEARER)
     assert status == 200 and headers["content-type"] == "image/png"
     image = np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
     assert max(image.shape[:2]) <= 96
     centre, corner = image[image.shape[0] // 2, image.shape[1] // 2], image[0, 0]
     assert centre[0] > centre[2] and corner[2] > corner[0]  # hot centre red, cold corner blue
-    assert _http(node.url, f"/studies/{node.broken}/heatmap.png", headers=BEARER)[0] == 404
+    assert _http(node.url, f"/status/studies/{node.broken}/heatmap.png", headers=BEARER)[0] == 404
 
 
 def test_heatmap_outside_the_results_folder_is_not_served(node: Node, tmp_path: Path) -> None:
     rec = _store(node.settings, node.ledger, generate_uid(), time.time())
     _analyse(node.settings, node.ledger, rec, time.time(), heat_root=tmp_path / "elsewhere")
-    assert _http(node.url, f"/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
+    assert _http(node.url, f"/status/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
     status, _, body = _http(node.url, "/status", headers=BEARER)
     assert status == 200 and f"/studies/{rec.study_uid}/heatmap.png" not in body.decode()
 
@@ -341,9 +338,9 @@ def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
     assert status == 303 and headers["location"] == "/status"
     cookie = headers["set-cookie"].split(";")[0]
     assert cookie.startswith(SESSION_COOKIE + "=") and TOKEN not in cookie
-    assert "HttpOnly" in headers["set-cookie"] and "SameSite=Strict" in headers["set-cookie"]
+    assert "httponly" in headers["set-cookie"].lower() and "samesite=strict" in headers["set-cookie"].lower()
 
-    path = f"/studies/{node.undelivered}/resend"
+    path = f"/status/studies/{node.undelivered}/resend"
     assert _http(node.url, path, "POST", headers={"Cookie": cookie}, form={})[0] == 403
     page = _http(node.url, "/status", headers={"Cookie": cookie})[2].decode()
     csrf = page.split("name=csrf value='")[1].split("'")[0]
@@ -353,9 +350,9 @@ def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
     assert node.ledger.study(node.undelivered)["state"] == StudyState.REPORTED
 
     # A Bearer client needs no form token; the study has not failed any more.
-    status, _, body = _http(node.url, f"/studies/{node.analysed}/resend", "POST", headers=BEARER, form={})
+    status, _, body = _http(node.url, f"/status/studies/{node.analysed}/resend", "POST", headers=BEARER, form={})
     assert status == 409 and b"no results to send" in body
-    assert _http(node.url, "/studies/1.2.3/resend", "POST", headers=BEARER, form={})[0] == 404
+    assert _http(node.url, "/status/studies/1.2.3/resend", "POST", headers=BEARER, form={})[0] == 404
 
 
 def test_retry_study_requeues_a_failed_analysis(node: Node) -> None:
