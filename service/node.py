@@ -19,6 +19,7 @@ from typing import Protocol
 import click
 
 from service.cli import settings_from
+from service.common.logs import announce
 from service.delivery.sender import SenderService
 from service.ingest.server import ReceiverService
 from service.ledger import Ledger, open_ledger
@@ -121,7 +122,8 @@ def serve(ctx: click.Context, port: int | None, ae_title: str | None, data_dir: 
     try:
         node.start()
         tls = " (DICOM TLS)" if settings.tls_cert else ""
-        click.echo(f"listening as {settings.ae_title} on {settings.host}:{settings.port}{tls}")
+        announce(f"listening as {settings.ae_title} on {settings.host}:{settings.port}{tls}", settings.log_format,
+                 __name__)
         node.wait()
     finally:
         node.stop()
