@@ -118,14 +118,11 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """Refuses a request body over its route's limit with 413, by its Content-Length
-    before reading anything, or as it streams in (chunked); a Content-Length that is
-    not a number is 400. The limit is ``limit_for(path)``."""
+    before reading anything, or as it streams in (chunked: the app then sees the
+    client gone, and what it answers is dropped); a Content-Length that is not a
+    number is 400. The limit is ``limit_for(path)``."""
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
         self.app = app
@@ -136,34 +133,38 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope["path"])
+        too_large = PlainTextResponse(f"request body over {limit} bytes\n", 413)
         lengths = [v for k, v in scope["headers"] if k == b"content-length"]
         if lengths and not all(v.isdigit() for v in lengths):
             await PlainTextResponse("Content-Length is not a number\n", 400)(scope, receive, send)
             return
         if lengths and int(lengths[0]) > limit:
-            await PlainTextResponse(f"request body over {limit} bytes\n", 413)(scope, receive, send)
+            await too_large(scope, receive, send)
             return
-        received, started = 0, False
+        received, started, refused = 0, False, False
 
         async def counted_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _TooLarge
+                    refused = True
+                    if not started:
+                        await too_large(scope, receive, send)
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracked_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge:
-            if not started:
-                await PlainTextResponse(f"request body over {limit} bytes\n", 413)(scope, receive, send)
+        await self.app(scope, counted_receive, guarded_send)
 
 
 # --- authentication ---------------------------------------------------------------------
