@@ -124,7 +124,7 @@ ready_s=$(( $(date +%s) - build_started - build_s ))
     > "$work/us.dcm"
 pushed=$(date +%s)
 storescu -aec SONOCASE 127.0.0.1 "$dicom_port" "$work/us.dcm"
-until ls "$work/pacs" | grep -q '^SR\.'; do
+until ls "$work/pacs" | grep -q '^SR'; do
     if [ "$(date +%s)" -gt "$deadline" ]; then
         "$engine" logs "$container" >&2 || true
         say "no SR arrived at the PACS"; exit 1

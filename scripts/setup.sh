@@ -12,6 +12,12 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)  # the distributed ledger's tests
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # status page tests, headless
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)  # validates deploy/compose.yaml
+# deploy/smoke.sh: builds and runs the image (podman), makes its base where no
+# registry is reachable (debootstrap), reads the image's hnswlib (objdump), polls /readyz (curl)
+command -v podman >/dev/null 2>&1 || need_apt+=(podman fuse-overlayfs slirp4netns uidmap)
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+command -v objdump >/dev/null 2>&1 || need_apt+=(binutils)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

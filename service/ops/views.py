@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 from kombu import Connection
 from PIL import Image
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 
 from service.common.metrics import STAGES
 from service.common.spool import free_disk_mb
@@ -192,9 +192,11 @@ _RETRY_NOTICE = {
 
 
 # --- the status page's view of a study ------------------------------------------------
-@dataclass(frozen=True)
-class StudyView:
-    """What the status page shows of one study: UIDs, accession, state, result."""
+class StudyView(BaseModel):
+    """What the status page and the JSON API show of one study: UIDs, accession,
+    state, result (the heatmap's file stays inside; the API gives its URL)."""
+
+    model_config = ConfigDict(frozen=True)
 
     study_uid: str
     accession: str
@@ -204,11 +206,16 @@ class StudyView:
     first_received: float
     timings: dict[str, float]
     result: str
-    heatmap: Path | None
+    heatmap: Path | None = Field(exclude=True)
     failed_stage: str | None
     error: str | None
     outbox: dict[str, int]
     can_retry: bool
+
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented use
+    @property
+    def heatmap_url(self) -> str | None:
+        return f"/status/studies/{self.study_uid}/heatmap.png" if self.heatmap else None
 
 
 def _accession(path: str) -> str:
@@ -365,8 +372,8 @@ def _timings_html(timings: Mapping[str, float]) -> str:
 def _row_html(view: StudyView) -> str:
     uid = html.escape(view.study_uid)
     thumb = (
-        f"<img alt='heatmap' class=heatmap src='/status/studies/{uid}/heatmap.png' width={THUMBNAIL_PX}>"
-        if view.heatmap else ""
+        f"<img alt='heatmap' class=heatmap src='{html.escape(view.heatmap_url)}' width={THUMBNAIL_PX}>"
+        if view.heatmap_url else ""
     )
     outbox = ", ".join(f"{n} {html.escape(s)}" for s, n in sorted(view.outbox.items()))
     again = f" (analysis {view.generation})" if view.generation > 1 else ""  # re-opened by a late instance

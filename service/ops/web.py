@@ -346,30 +346,6 @@ def resend(request: Request, auth: PageAuth, study_uid: StudyUid, csrf: CsrfFiel
 
 
 # --- the JSON API ---------------------------------------------------------------------------------
-class StudyOut(BaseModel):
-    """One study as the status page shows it."""
-
-    study_uid: str
-    accession: str
-    state: str
-    generation: int
-    instances: int
-    first_received: float
-    timings: dict[str, float]
-    result: str
-    heatmap_url: str | None
-    failed_stage: str | None
-    error: str | None
-    outbox: dict[str, int]
-    can_retry: bool
-
-    @classmethod
-    def from_view(cls, view: StudyView) -> StudyOut:
-        fields = {name: getattr(view, name) for name in cls.model_fields if name != "heatmap_url"}
-        url = f"/status/studies/{view.study_uid}/heatmap.png" if view.heatmap else None
-        return cls(**fields, heatmap_url=url)
-
-
 class RetryOut(BaseModel):
     """What a retry did: ``analysis`` queued again, ``report`` built again, or ``results`` sent again."""
 
@@ -383,18 +359,18 @@ api = APIRouter(prefix=API_PREFIX, tags=["studies"], responses={401: {"descripti
 
 @api.get("/studies", summary="Recent studies, newest change first, and failed ones")
 def api_studies(request: Request, auth: ApiAuth,
-                limit: Annotated[int, Query(ge=1, le=1000)] = PAGE_STUDIES) -> list[StudyOut]:
+                limit: Annotated[int, Query(ge=1, le=1000)] = PAGE_STUDIES) -> list[StudyView]:
     state = _state(request)
-    return [StudyOut.from_view(v) for v in recent_views(state.ledger, state.settings.results_dir, limit)]
+    return recent_views(state.ledger, state.settings.results_dir, limit)
 
 
 @api.get("/studies/{study_uid}", summary="One study", responses={404: {"description": "Unknown study"}})
-def api_study(request: Request, auth: ApiAuth, study_uid: StudyUid) -> StudyOut:
+def api_study(request: Request, auth: ApiAuth, study_uid: StudyUid) -> StudyView:
     state = _state(request)
     row = state.ledger.study(study_uid)
     if row is None:
         raise HTTPException(404, f"unknown study {study_uid}")
-    return StudyOut.from_view(study_view(state.ledger, state.settings.results_dir, row))
+    return study_view(state.ledger, state.settings.results_dir, row)
 
 
 @api.post("/studies/{study_uid}/retry", summary="Retry a failed study, or send its results again",
