@@ -65,7 +65,7 @@ if [ -z "${SMOKE_BASE_IMAGE:-}" ] && ! "$engine" image inspect "$base" >/dev/nul
     debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
         bookworm "$root" "$mirror" >"$work/debootstrap.log" 2>&1 \
         || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
-    rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
+    rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
     tar -C "$root" -c . | "$engine" import --change 'CMD ["/bin/bash"]' - "$base" >/dev/null
 fi
 
