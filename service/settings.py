@@ -124,7 +124,13 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=0, le=64, description="Worker processes that 'serve' starts itself")
     task_max_attempts: int = Field(3, ge=1, le=100)
     task_retry_backoff_s: float = Field(5.0, gt=0)
-    task_lease_s: float = Field(600.0, gt=0, description="An analysis not finished within this is re-queued")
+    task_lease_s: float = Field(
+        20.0, gt=0, description="A study whose worker stops renewing its lease (every third of this) for this "
+        "long, or whose queue message was not taken within it, is queued (or reported) again"
+    )
+    task_time_limit_s: float = Field(
+        900.0, gt=0, description="An analysis still running after this is killed and retried (a hung worker)"
+    )
     model_path: Path = Field(PROJECT_ROOT / "onnx_models" / "sonocase-hybrid.onnx")
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     max_cine_frames: int = Field(8, ge=1, le=1000)

@@ -64,10 +64,9 @@ STATUS_WARNINGS = {
 #: How often the loop looks for due objects (bounds the added delivery latency;
 #: one indexed SQLite query when nothing is due).
 POLL_S = 0.1
-#: An ANALYSED study older than this without a report lost its worker: report it.
-ORPHAN_REPORT_AFTER_S = 300.0
-#: How often the loop looks for such studies.
-ORPHAN_CHECK_S = 30.0
+#: How often the loop looks for analysed studies whose worker died before reporting
+#: them (an indexed query); they are noticed within task_lease_s plus this.
+ORPHAN_CHECK_S = 1.0
 #: How often a C-STORE waiting for its response checks that the association lives.
 _WATCH_EVERY_S = 0.1
 
@@ -292,27 +291,27 @@ class Sender:
 
     # --- studies a dead worker analysed but never reported ----------------------
     def report_orphans(self, now: float | None = None) -> int:
-        """Report studies ANALYSED for ORPHAN_REPORT_AFTER_S without a report."""
-        now = time.time() if now is None else now
-        orphans = [
-            s["study_uid"]
-            for s in self.ledger.studies((StudyState.ANALYSED,))
-            if (s["analysed_at"] or now) <= now - ORPHAN_REPORT_AFTER_S
-        ]
-        if not orphans:
+        """Report the analysed studies whose worker stopped renewing its lease before
+        it reported them (see :meth:`Ledger.claim_orphaned_reports`). The report's
+        objects have UIDs derived from the study and generation, so a late report of
+        the same generation writes the same objects, never a second SR."""
+        claimed = self.ledger.claim_orphaned_reports(self.settings.task_lease_s, now)
+        if not claimed:
             return 0
         try:
             index: SimilarCaseIndex | None = SimilarCaseIndex.from_settings(self.settings, None)
         except FileNotFoundError:
             index = None
         try:
-            for study_uid in orphans:
-                LOG.warning("analysed but never reported (worker lost?): reporting now", extra={"study_uid": study_uid})
-                build_reports(self.settings, self.ledger, study_uid, index_reference_images(index) if index else None)
+            for study_uid, generation in claimed:
+                LOG.warning("analysed but never reported (worker lost): reporting now", extra={"study_uid": study_uid})
+                with self.ledger.keep_lease(study_uid, generation, self.settings.task_lease_s):
+                    build_reports(self.settings, self.ledger, study_uid,
+                                  index_reference_images(index) if index else None)
         finally:
             if index is not None:
                 index.close()
-        return len(orphans)
+        return len(claimed)
 
 
 class SenderService:
