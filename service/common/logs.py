@@ -102,7 +102,8 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     # pynetdicom (every PDU), highdicom (every copied module) and uvicorn's access log
     # (every scrape of /metrics) are chatty at INFO: keep their warnings, all at DEBUG.
     for chatty in ("pynetdicom", "highdicom", "uvicorn.access"):
-        logging.getLogger(chatty).setLevel(level if level == "DEBUG" else max(logging.WARNING, logging.getLevelName(level)))
+        quiet = max(logging.WARNING, logging.getLevelName(level))
+        logging.getLogger(chatty).setLevel(level if level == "DEBUG" else quiet)
     logging.captureWarnings(True)
     if fmt == "json":
         sys.excepthook = _log_uncaught

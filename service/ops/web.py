@@ -185,10 +185,24 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _refuse_throttled(state: WebState, client: str) -> None:
+class _Throttled(Exception):
+    """The client's address sent too many wrong tokens: it waits ``retry_after`` seconds."""
+
+    def __init__(self, wait: float) -> None:
+        self.retry_after = str(math.ceil(wait))
+
+
+def _token_ok(state: WebState, client: str, given: str) -> bool:
+    """Whether ``given`` is the web token, counting wrong ones per address; raises
+    :class:`_Throttled`, without looking at ``given``, while the address must wait."""
     wait = state.throttle.retry_after(client)
     if wait > 0:
-        raise HTTPException(429, "too many wrong tokens from this address: wait", {"Retry-After": str(math.ceil(wait))})
+        raise _Throttled(wait)
+    if hmac.compare_digest(given.encode(), state.settings.web_token.encode()):
+        return True
+    state.throttle.failed(client)
+    LOG.warning("HTTP: wrong token from %s", client)
+    return False
 
 
 _bearer = HTTPBearer(auto_error=False, description="The node's web_token")
@@ -200,21 +214,26 @@ def authenticate(
     """The request's credential, checked; raises 401 (or 404 with no token set, 429
     while its address is throttled)."""
     state = _state(request)
-    token = state.settings.web_token.encode()
-    if not token:
+    if not state.settings.web_token:
         raise HTTPException(404, OFF)
     if bearer is not None:
-        client = _client(request)
-        _refuse_throttled(state, client)
-        if hmac.compare_digest(bearer.credentials.strip().encode(), token):
-            return Auth("bearer")
-        state.throttle.failed(client)
-        LOG.warning("HTTP: wrong Bearer token from %s", client)
+        try:
+            if _token_ok(state, _client(request), bearer.credentials.strip()):
+                return Auth("bearer")
+        except _Throttled as exc:
+            raise HTTPException(429, "too many wrong tokens from this address",
+                                {"Retry-After": exc.retry_after}) from None
     else:
         session = state.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
         if session is not None:
             return Auth("session", session)
-    raise HTTPException(401, "sign in, or send Authorization: Bearer <web_token>", {"WWW-Authenticate": 'Bearer realm="sonocase"'})
+    raise HTTPException(401, "sign in, or send Authorization: Bearer <web_token>",
+                        {"WWW-Authenticate": 'Bearer realm="sonocase"'})
+
+
+def _cross_site(request: Request) -> bool:
+    """Whether the browser says the request comes from another site (Fetch Metadata)."""
+    return request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none")
 
 
 class _PageRefusal(Exception):
@@ -239,7 +258,7 @@ def page_auth(
 def _check_form(request: Request, auth: Auth, csrf: str) -> None:
     """A form post must come from our own page (Fetch Metadata, where the browser sends
     it) and, with a session, carry that session's CSRF token."""
-    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+    if _cross_site(request):
         raise _PageRefusal(PlainTextResponse("cross-site form refused\n", 403))
     if auth.session is not None and not hmac.compare_digest(csrf.encode(), auth.session.csrf.encode()):
         raise _PageRefusal(PlainTextResponse("missing or wrong form token: reload the status page\n", 403))
@@ -286,17 +305,14 @@ def login(request: Request, token: Annotated[str, Form()] = "") -> Response:
     state = _state(request)
     if not state.settings.web_token:
         return PlainTextResponse(OFF + "\n", 404)
-    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+    if _cross_site(request):
         return PlainTextResponse("cross-site form refused\n", 403)
-    client = _client(request)
-    wait = state.throttle.retry_after(client)
-    if wait > 0:
-        return HTMLResponse(login_page(f"Too many wrong tokens: try again in {math.ceil(wait)} s."), 429,
-                            {"Retry-After": str(math.ceil(wait))})
-    if not hmac.compare_digest(token.encode(), state.settings.web_token.encode()):
-        state.throttle.failed(client)
-        LOG.warning("status page: sign-in with a wrong token from %s", client)
-        return HTMLResponse(login_page("Wrong token."), 401)
+    try:
+        if not _token_ok(state, _client(request), token):
+            return HTMLResponse(login_page("Wrong token."), 401)
+    except _Throttled as exc:
+        return HTMLResponse(login_page(f"Too many wrong tokens: try again in {exc.retry_after} s."), 429,
+                            {"Retry-After": exc.retry_after})
     session = state.sessions.create()
     response = RedirectResponse("/status", 303)
     response.set_cookie(SESSION_COOKIE, session.id, max_age=int(state.sessions.max_age_s), path="/", httponly=True,
