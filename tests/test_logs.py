@@ -148,6 +148,14 @@ def test_a_node_in_json_mode_prints_nothing_but_json(tmp_path: Path, monkeypatch
     assert str(ds.PatientName) not in text and ds.PatientID not in text  # not even at DEBUG
 
 
+def test_a_library_warning_quoting_a_patient_name_is_masked(captured: Captured) -> None:
+    logger, stream = captured
+    logger.warning('highdicom/sc/sop.py:220: UserWarning: The string "Doe" is unlikely to represent the '
+                   "intended person name since it contains only a single component.")
+    message = json.loads(stream.getvalue())["message"]
+    assert "Doe" not in message and "patient attribute removed" in message and "UserWarning" in message
+
+
 def test_uncaught_exceptions_and_warnings_are_json_records(tmp_path: Path) -> None:
     script = (
         "import threading, warnings\n"

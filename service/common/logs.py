@@ -26,7 +26,11 @@ import click
 
 #: Extras that must never appear in a log record.
 PHI_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID", "PatientBirthDate"})
-_PHI_TEXT = re.compile(r"\((0010),\s*(0010|0020|0030)\)[^\n]*|Patient(?:'s)? (?:Name|ID|Birth Date)\s+[A-Z]{2}:[^\n]*")
+_PHI_TEXT = re.compile(
+    r"\((0010),\s*(0010|0020|0030)\)[^\n]*|Patient(?:'s)? (?:Name|ID|Birth Date)\s+[A-Z]{2}:[^\n]*"
+    # highdicom's warning about a one-component person name quotes the name
+    r'|The string "[^"\n]*" is unlikely to represent the intended person name'
+)
 
 
 class PhiFilter(logging.Filter):

@@ -105,7 +105,10 @@ class WebServer:
     ) -> None:
         protocol: Any = guarded_protocol(read_timeout_s, max_connections) if read_timeout_s > 0 else "h11"
         self._config = uvicorn.Config(
+            # proxy_headers off: a client's address is the socket's, so that no local
+            # process can dodge the login throttle with a forged X-Forwarded-For.
             app, http=protocol, lifespan="off", log_config=None, access_log=True, server_header=False,
+            proxy_headers=False,
             limit_concurrency=max_connections, timeout_keep_alive=KEEP_ALIVE_S,
             timeout_graceful_shutdown=GRACEFUL_STOP_S, ws="none",
         )

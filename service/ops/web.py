@@ -316,7 +316,7 @@ def login(request: Request, token: Annotated[str, Form()] = "") -> Response:
     session = state.sessions.create()
     response = RedirectResponse("/status", 303)
     response.set_cookie(SESSION_COOKIE, session.id, max_age=int(state.sessions.max_age_s), path="/", httponly=True,
-                        samesite="strict", secure=request.url.scheme == "https")
+                        samesite="strict")
     return response
 
 
