@@ -96,8 +96,8 @@ def store_study(web: DICOMwebClient, study_uid: str, datasets: Sequence[Dataset]
         if answer is None:
             return {uid: StowOutcome(False, f"HTTP error: {exc}") for uid in sent}
         outcomes = stow_outcomes(answer.status_code, _response_dataset(answer), sent)
-        status = f"HTTP {answer.status_code} {answer.reason}"
-        return {uid: o if o.failure_reason is not None else StowOutcome(False, status) for uid, o in outcomes.items()}
+        unlisted = StowOutcome(False, f"HTTP {answer.status_code} {answer.reason}")
+        return {uid: o if o.stored or o.failure_reason is not None else unlisted for uid, o in outcomes.items()}
     except requests.RequestException as exc:  # refused, timed out, dropped mid-upload
         return {uid: StowOutcome(False, f"no answer: {type(exc).__name__}: {exc}") for uid in sent}
     # dicomweb-client raises for every status >= 400; what is left is 200 or 202.
