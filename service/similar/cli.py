@@ -24,11 +24,11 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
-from service.cli import settings_from
+from service.cli import peer_param, settings_from
 from service.model.imaging import prepare_instance
 from service.model_card import DISCLAIMER, ModelCard
 from service.results import ModelIdentity
-from service.settings import Destination, Peer, Settings, parse_peer
+from service.settings import Destination, Peer, Settings
 from service.similar.index import (
     LABEL_SOURCES,
     IndexEntry,
@@ -348,17 +348,10 @@ def index() -> None:
     """Build, fill, query and inspect the similar-case index (reference studies with diagnoses)."""
 
 
-def _pacs_address(ctx: click.Context, param: click.Parameter, value: str | None) -> Peer | None:
-    try:
-        return None if value is None else parse_peer(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @index.command()
 @click.option("--dicom", "folder", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Folder of DICOM files (searched recursively).")
-@click.option("--pacs", type=str, default=None, callback=_pacs_address, metavar="AE@HOST:PORT[+tls]|URL",
+@click.option("--pacs", type=str, default=None, callback=peer_param, metavar="AE@HOST:PORT[+tls]|URL",
               help="Instead of --dicom: copy each labelled study from this PACS (C-FIND, C-GET; "
                    "it must know our AE title) or DICOMweb archive (its base URL, e.g. "
                    "https://archive/dicom-web: QIDO-RS, WADO-RS). Needs study_instance_uid in the CSV.")
