@@ -12,8 +12,7 @@ import pydicom
 import pytest
 from conftest import free_port
 from orthanc import Orthanc
-from pydicom.uid import BasicTextSRStorage, generate_uid
-from test_retrieval_cli import env, models, run, studies, study_labels  # noqa: F401  (fixtures)
+from test_retrieval_cli import env, models, run, studies, study_labels, write_report  # noqa: F401  (fixtures)
 
 from service.similar.index import SimilarCaseIndex
 
@@ -26,12 +25,7 @@ def archive(tmp_path: Path, studies: tuple[Path, Path]) -> Iterator[tuple[Orthan
     files = sorted(studies[0].rglob("*.dcm"))
     for path in files:
         orthanc.store(path.read_bytes())
-    report = pydicom.dcmread(files[0])
-    del report.PixelData
-    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = BasicTextSRStorage
-    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    report.Modality = "SR"
-    report.save_as(tmp_path / "report.dcm")
+    report = write_report(files[0], tmp_path / "report.dcm")
     orthanc.store((tmp_path / "report.dcm").read_bytes())
     yield orthanc, str(report.StudyInstanceUID)
     orthanc.stop()
