@@ -444,6 +444,12 @@ class Ledger:
             )
         return uids
 
+    def oldest_receiving(self) -> float | None:
+        """The oldest ``last_received`` of a study still receiving: the next study to
+        complete is that one (see :class:`service.pipeline.completion.CompletionLoop`)."""
+        rows = self._query("SELECT MIN(last_received) AS oldest FROM studies WHERE state=?", (StudyState.RECEIVING,))
+        return rows[0]["oldest"] if rows else None
+
     # --- queueing and analysis ----------------------------------------------
     def due_for_queue(self, now: float | None = None) -> list[str]:
         """Studies a task must be sent for: complete ones, retries that are due, and
