@@ -223,6 +223,8 @@ def test_bad_input_gets_its_status_and_reason_and_leaves_nothing(node: Receiving
         "no part": (closing, MULTIPART, "/studies", 400, None),
         "body ends inside a part": (multipart([good])[:-len(closing)] + multipart([half], close=False)[:-2],
                                     MULTIPART, "/studies", 202, {uid_of(other): 0xC000}),
+        "malformed after a good part": (multipart([good])[:-len(closing)] + f"--{BOUNDARY}\r\nbad header\r\n\r\n"
+                                        .encode() + other + b"\r\n" + closing, MULTIPART, "/studies", 202, {"": 0xC000}),
         "truncated data set": (multipart([half]), MULTIPART, "/studies", 409, {uid_of(other): 0xC000}),
         "non-DICOM part": (multipart([b"%PDF-1.4 not an image"]), MULTIPART, "/studies", 409, {"": 0xC000}),
         "not ultrasound": (multipart([ct]), MULTIPART, "/studies", 409, {uid_of(ct): 0x0122}),

@@ -436,6 +436,8 @@ def stow_router(settings: Settings, store: Callable[[], StoreSCP | None]) -> API
                 raise StowError(HTTPStatus.BAD_REQUEST, "the Study Instance UID in the path is not a valid UID")
             length = request.headers.get("content-length")
             if length is not None:
+                if not length.isdigit():
+                    raise StowError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
                 refusal = await run_in_threadpool(
                     lambda: upfront_refusal(spool.free_disk_mb(settings.spool_dir), int(length),
                                             scp.ledger.pending_analysis_count(), settings))
@@ -445,8 +447,6 @@ def stow_router(settings: Settings, store: Callable[[], StoreSCP | None]) -> API
         except StowError as exc:
             LOG.warning("STOW-RS request refused with HTTP %d: %s", exc.status, exc)
             return PlainTextResponse(f"{exc}\n", exc.status, exc.headers)
-        except ValueError:  # Content-Length not a number
-            return PlainTextResponse("bad Content-Length\n", HTTPStatus.BAD_REQUEST)
         status, body = store_response(results)
         LOG.info("STOW-RS: %d of %d instance(s) stored", sum(r.stored for r in results), len(results),
                  extra={"study_uid": study_uid})
@@ -468,21 +468,26 @@ def stow_router(settings: Settings, store: Callable[[], StoreSCP | None]) -> API
 
 async def _receive_body(request: Request, upload: StowUpload) -> list[InstanceResult]:
     """Feed the body to ``upload`` as it arrives, storing each part as it completes
-    (off the event loop); the outcomes in order. A client that goes away leaves
-    nothing partial: complete parts are stored, the broken one is removed."""
+    (off the event loop); the outcomes in order. A body that breaks off or goes
+    wrong leaves nothing partial: complete parts are stored, the broken one is not."""
     results: list[InstanceResult] = []
     try:
-        async for chunk in request.stream():
-            for part in upload.feed(chunk):
-                results.append(await run_in_threadpool(upload.store_part, part))
+        try:
+            async for chunk in request.stream():
+                for part in upload.feed(chunk):
+                    results.append(await run_in_threadpool(upload.store_part, part))
+        except StowError as exc:  # malformed after stored parts: those stay stored, and the answer says so
+            if not results or exc.status != HTTPStatus.BAD_REQUEST:
+                raise
+            return [*results, InstanceResult("", "", StoreStatus.CANNOT_UNDERSTAND, str(exc))]
+        except ClientDisconnect:  # nobody is left to hear the answer; the log says what was kept
+            raise StowError(HTTPStatus.BAD_REQUEST, f"the client went away after {upload.received} bytes, "
+                            f"{sum(r.stored for r in results)} instance(s) stored") from None
         broken = upload.finish()
         if broken is not None:
             if not results and broken.meta is None:
                 raise StowError(HTTPStatus.BAD_REQUEST, "the body is not a complete multipart/related message")
             results.append(upload.store_part(broken))
-    except ClientDisconnect:  # nobody is left to hear the answer; the log says what was kept
-        raise StowError(HTTPStatus.BAD_REQUEST, f"the client went away after {upload.received} bytes, "
-                        f"{sum(r.stored for r in results)} instance(s) stored") from None
     finally:
         upload.close()
     if not results:
