@@ -287,6 +287,7 @@ class StowUpload:
         self.max_bytes = max_bytes
         self.received = 0
         self.ended = False
+        self.malformed = ""
         self._part: _Part | None = None
         self._ready: list[_Part] = []
         self._parser = MultipartParser(boundary, {
@@ -295,15 +296,17 @@ class StowUpload:
         })
 
     def feed(self, chunk: bytes) -> list[_Part]:
-        """Parse ``chunk``; return the parts it completed. Raises :class:`StowError`
-        (400 for a malformed body, 413 past ``max_bytes``)."""
+        """Parse ``chunk``; return the parts it completed. Past a malformed spot the
+        rest of the body is read and ignored (:attr:`malformed` says why). Raises
+        :class:`StowError` 413 past ``max_bytes``."""
         self.received += len(chunk)
         if self.received > self.max_bytes:
             raise StowError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {self.max_bytes} bytes")
-        try:
-            self._parser.write(chunk)
-        except MultipartParseError as exc:
-            raise StowError(HTTPStatus.BAD_REQUEST, f"malformed multipart body: {exc}") from None
+        if not self.malformed:
+            try:
+                self._parser.write(chunk)
+            except MultipartParseError as exc:
+                self.malformed = f"malformed multipart body: {exc}"
         ready, self._ready = self._ready, []
         return ready
 
@@ -311,10 +314,11 @@ class StowUpload:
         """After the last chunk: the part the body broke off in, failed, or ``None``
         when the body ended as a multipart message must."""
         part, self._part = self._part, None
-        if self.ended:
+        if self.ended and not self.malformed:
             return None
         part = part or _Part()
-        part.fail(PartRefused(StoreStatus.CANNOT_UNDERSTAND, "the body ended inside this part (truncated)"))
+        part.fail(PartRefused(StoreStatus.CANNOT_UNDERSTAND,
+                              self.malformed or "the body ended inside this part (truncated)"))
         return part
 
     def store_part(self, part: _Part) -> InstanceResult:
@@ -476,17 +480,14 @@ async def _receive_body(request: Request, upload: StowUpload) -> list[InstanceRe
             async for chunk in request.stream():
                 for part in upload.feed(chunk):
                     results.append(await run_in_threadpool(upload.store_part, part))
-        except StowError as exc:  # malformed after stored parts: those stay stored, and the answer says so
-            if not results or exc.status != HTTPStatus.BAD_REQUEST:
-                raise
-            return [*results, InstanceResult("", "", StoreStatus.CANNOT_UNDERSTAND, str(exc))]
         except ClientDisconnect:  # nobody is left to hear the answer; the log says what was kept
             raise StowError(HTTPStatus.BAD_REQUEST, f"the client went away after {upload.received} bytes, "
                             f"{sum(r.stored for r in results)} instance(s) stored") from None
         broken = upload.finish()
         if broken is not None:
             if not results and broken.meta is None:
-                raise StowError(HTTPStatus.BAD_REQUEST, "the body is not a complete multipart/related message")
+                raise StowError(HTTPStatus.BAD_REQUEST,
+                                upload.malformed or "the body is not a complete multipart/related message")
             results.append(upload.store_part(broken))
     finally:
         upload.close()
