@@ -1,63 +1,128 @@
-"""Orthanc from Debian, with its DICOMweb plugin, as a real archive for the tests.
+"""A real Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``) for the tests: the
+archive with DICOMweb that a hospital's viewer reads from.
 
-:class:`Orthanc` runs ``/usr/sbin/Orthanc`` with a configuration of its own (storage
-in the test's folder, free ports, connections from this host only, optionally HTTP
-basic authentication) and offers the few REST calls the tests need: store a file,
-list and fetch what it holds. ``orthanc`` is the fixture (one archive per test).
+Each :class:`Orthanc` has its own configuration, storage and log under a folder of
+the test, and free ports; it is not the system service. It answers HTTP only to
+loopback clients (``RemoteAccessAllowed`` false; Orthanc 1.10 has no bind-address
+setting) and accepts C-STORE only from the AE titles it is given, and only from
+127.0.0.1 (``DicomCheckModalityHost``). With ``users`` it wants HTTP basic
+authentication (the helpers here log in as the first user).
+
+    archive = Orthanc.start(tmp_path / "orthanc", callers=["SONOCASE"])
+    archive.store(paths)                     # REST upload, as a PACS import would
+    archive.instances(study_uid)             # QIDO-RS: what a viewer would list
+    archive.file(sop_instance_uid)           # the stored Part 10 file
+    archive.stop()
+
+``orthanc`` is the fixture: one archive per test, no authentication.
+
+Reused by every test that needs a DICOMweb peer (STOW-RS, QIDO-RS, WADO-RS).
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
-from conftest import free_port
+from conftest import free_port, wait_for
 
+#: Where Debian installs the server and its DICOMweb plugin.
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-ORTHANC_AE = "ORTHANC"
+#: The DICOMweb root, as the plugin serves it.
+DICOMWEB_ROOT = "/dicom-web"
 
 
+def installed() -> bool:
+    return ORTHANC.is_file() and DICOMWEB_PLUGIN.exists()
+
+
+def configuration(folder: Path, http_port: int, dicom_port: int, aet: str, callers: Iterable[str],
+                  users: dict[str, str] | None = None) -> dict[str, Any]:
+    """Orthanc's JSON configuration: own storage, loopback, DICOMweb on; basic
+    authentication for ``users`` (name: password) when given."""
+    return {
+        "Name": f"sonocase-test-{aet}",
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "storage"),
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": bool(users),
+        "RegisteredUsers": users or {},
+        "HttpThreadsCount": 8,
+        "HttpCompressionEnabled": False,
+        "OrthancExplorerEnabled": False,
+        "WebDavEnabled": False,
+        "DicomAet": aet,
+        "DicomPort": dicom_port,
+        "DicomCheckCalledAet": True,
+        "DicomAlwaysAllowEcho": False,
+        "DicomAlwaysAllowStore": False,
+        "DicomCheckModalityHost": True,
+        "DicomModalities": {
+            caller.lower(): {"AET": caller, "Host": "127.0.0.1", "Port": 104, "AllowEcho": True, "AllowStore": True}
+            for caller in callers
+        },
+        "ConcurrentJobs": 1,
+        "SaveJobs": False,
+        "StorageAccessOnFind": "Always",
+        # No "Host": links in metadata (BulkDataURI) name the host the request was
+        # made to, so a same-origin proxy that passes its Host on gets links to itself.
+        "DicomWeb": {"Enable": True, "Root": f"{DICOMWEB_ROOT}/", "EnableWado": False},
+    }
+
+
+@dataclass
 class Orthanc:
-    """One Orthanc process on 127.0.0.1 (see module doc); :meth:`stop` ends it."""
+    """One running Orthanc; see the module doc."""
 
-    def __init__(self, folder: Path, users: dict[str, str] | None = None, aet: str = ORTHANC_AE,
-                 modalities: dict[str, list[Any]] | None = None) -> None:
-        if not ORTHANC.exists() or not DICOMWEB_PLUGIN.exists():
+    folder: Path
+    http_port: int
+    dicom_port: int
+    aet: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    users: dict[str, str] | None = None
+
+    @classmethod
+    def start(cls, folder: Path, aet: str = "ORTHANC", callers: Sequence[str] = (),
+              users: dict[str, str] | None = None) -> Orthanc:
+        """Write a configuration under ``folder``, start Orthanc and wait until it answers."""
+        if not installed():
             pytest.fail("Orthanc or its DICOMweb plugin is missing: run scripts/setup.sh "
                         "(apt-get install orthanc orthanc-dicomweb)")
-        self.folder = folder
-        self.http_port, self.dicom_port = free_port(), free_port()
-        self.aet = aet
-        self.auth = next(iter(users.items())) if users else None
         folder.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "sonocase-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "HttpServerEnabled": True,
-            "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {},
-            "DicomServerEnabled": True, "DicomAet": aet, "DicomPort": self.dicom_port,
-            "DicomModalities": modalities or {},
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
-            "OrthancExplorerEnabled": False, "WebDavEnabled": False, "ConcurrentJobs": 1,
-        }
-        self.config = folder / "orthanc.json"
-        self.config.write_text(json.dumps(config, indent=1))
-        self.log = folder / "orthanc.log"
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen([str(ORTHANC), str(self.config)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not self._answers():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Orthanc did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.1)
+        http_port, dicom_port = free_port(), free_port()
+        config = folder / "orthanc.json"
+        config.write_text(json.dumps(configuration(folder, http_port, dicom_port, aet, callers, users), indent=2))
+        log = folder / "orthanc.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen([str(ORTHANC), f"--logfile={log}", str(config)],
+                                       stdout=out, stderr=subprocess.STDOUT)
+        archive = cls(folder, http_port, dicom_port, aet, process, log, users)
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"Orthanc exited with {process.returncode}:\n{archive.log_tail()}")
+            try:
+                return archive.get_json("/plugins").count("dicom-web") == 1
+            except OSError:
+                return False
+
+        try:
+            wait_for("Orthanc to answer with its DICOMweb plugin", answers, timeout=60, interval=0.1)
+        except BaseException:
+            archive.stop()
+            raise
+        return archive
 
     @property
     def url(self) -> str:
@@ -65,56 +130,86 @@ class Orthanc:
 
     @property
     def dicomweb_url(self) -> str:
-        """The DICOMweb base URL (QIDO-RS, WADO-RS, STOW-RS)."""
-        return f"{self.url}/dicom-web"
+        return self.url + DICOMWEB_ROOT
 
-    def _answers(self) -> bool:
+    @property
+    def destination(self) -> str:
+        """This archive as a Sonocase destination (``AET@host:port``)."""
+        return f"{self.aet}@127.0.0.1:{self.dicom_port}"
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP request to Orthanc; status, headers and body."""
+        headers = dict(headers or {})
+        if self.users:
+            login = ":".join(next(iter(self.users.items()))).encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(login).decode()
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=60)
         try:
-            return requests.get(f"{self.url}/system", auth=self.auth, timeout=1).ok
-        except requests.RequestException:
-            return False
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            conn.close()
 
-    def _get(self, path: str) -> requests.Response:
-        response = requests.get(self.url + path, auth=self.auth, timeout=30)
-        response.raise_for_status()
-        return response
+    def get_json(self, path: str) -> Any:
+        status, _, body = self.request("GET", path, headers={"Accept": "application/json"})
+        if status != 200:
+            raise AssertionError(f"GET {path}: HTTP {status} {body[:500]!r}")
+        return json.loads(body)
 
-    def store(self, data: bytes) -> str:
-        """Store a Part 10 file (REST, not DICOMweb); its Orthanc instance ID."""
-        response = requests.post(f"{self.url}/instances", data=data, auth=self.auth, timeout=30)
-        response.raise_for_status()
-        return str(response.json()["ID"])
+    def store(self, paths: Iterable[Path]) -> list[str]:
+        """Upload DICOM files through the REST API (as an archive import would);
+        returns their SOP Instance UIDs as Orthanc read them."""
+        uids = []
+        for path in paths:
+            status, _, body = self.request("POST", "/instances", path.read_bytes(),
+                                           {"Content-Type": "application/dicom"})
+            if status != 200:
+                raise AssertionError(f"Orthanc refused {path.name}: HTTP {status} {body[:500]!r}")
+            tags = self.get_json(f"/instances/{json.loads(body)['ID']}/simplified-tags")
+            uids.append(tags["SOPInstanceUID"])
+        return uids
 
-    def instance_count(self) -> int:
-        return int(self._get("/statistics").json()["CountInstances"])
+    def instances(self, study_uid: str) -> list[dict[str, Any]]:
+        """QIDO-RS: the study's instances as DICOM JSON (empty list when none)."""
+        status, _, body = self.request("GET", f"{DICOMWEB_ROOT}/studies/{study_uid}/instances",
+                                       headers={"Accept": "application/dicom+json"})
+        if status == 204 or (status == 200 and not body.strip()):
+            return []
+        if status != 200:
+            raise AssertionError(f"QIDO-RS for study {study_uid}: HTTP {status} {body[:500]!r}")
+        return list(json.loads(body))
 
-    def instances(self) -> dict[str, str]:
-        """SOP Instance UID -> Orthanc instance ID, for everything it holds."""
-        expanded = self._get("/instances?expand").json()
-        return {item["MainDicomTags"]["SOPInstanceUID"]: item["ID"] for item in expanded}
+    def sop_classes(self, study_uid: str) -> dict[str, str]:
+        """SOP Instance UID -> SOP Class UID of every instance of the study."""
+        return {item["00080018"]["Value"][0]: item["00080016"]["Value"][0] for item in self.instances(study_uid)}
 
     def file(self, sop_instance_uid: str) -> bytes:
-        """The stored Part 10 file of an instance, as Orthanc keeps it."""
-        return self._get(f"/instances/{self.instances()[sop_instance_uid]}/file").content
-
-    def study_of(self, sop_instance_uid: str) -> str:
-        """The Study Instance UID Orthanc filed the instance under."""
-        instance_id = self.instances()[sop_instance_uid]
-        return str(self._get(f"/instances/{instance_id}/study").json()["MainDicomTags"]["StudyInstanceUID"])
+        """The Part 10 file Orthanc holds for an instance."""
+        (found,) = [item for item in json.loads(self.request("POST", "/tools/lookup", sop_instance_uid.encode())[2])
+                    if item["Type"] == "Instance"]
+        status, _, body = self.request("GET", f"/instances/{found['ID']}/file")
+        if status != 200:
+            raise AssertionError(f"GET the file of {sop_instance_uid}: HTTP {status}")
+        return body
 
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait()
+                self.process.wait(timeout=10)
 
 
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     """A fresh Orthanc with DICOMweb on 127.0.0.1, no authentication."""
-    archive = Orthanc(tmp_path / "orthanc")
+    archive = Orthanc.start(tmp_path / "orthanc")
     yield archive
     archive.stop()

@@ -21,12 +21,10 @@ from service.similar.index import SimilarCaseIndex
 def archive(tmp_path: Path, studies: tuple[Path, Path]) -> Iterator[tuple[Orthanc, str]]:  # noqa: F811
     """Orthanc (basic authentication on) holding the synthetic studies and, in one of
     them, a report; the archive and the study with the report."""
-    orthanc = Orthanc(tmp_path / "orthanc", users={"librarian": "pw-for-tests"})
+    orthanc = Orthanc.start(tmp_path / "orthanc", users={"librarian": "pw-for-tests"})
     files = sorted(studies[0].rglob("*.dcm"))
-    for path in files:
-        orthanc.store(path.read_bytes())
     report = write_report(files[0], tmp_path / "report.dcm")
-    orthanc.store((tmp_path / "report.dcm").read_bytes())
+    orthanc.store([*files, tmp_path / "report.dcm"])
     yield orthanc, str(report.StudyInstanceUID)
     orthanc.stop()
 

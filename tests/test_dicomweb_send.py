@@ -77,11 +77,11 @@ def test_results_arrive_byte_valid_in_the_right_study(settings: Settings, orthan
     try:
         study_uid, uids = reported(s, ledger)
         assert Sender(s, ledger).run_once() == len(uids)
-        assert sorted(orthanc.instances()) == uids
+        assert sorted(orthanc.sop_classes(study_uid)) == uids  # in the right study
         for uid in uids:
-            assert orthanc.study_of(uid) == study_uid
             path = s.data_dir / f"from-orthanc-{uid}.dcm"
             path.write_bytes(orthanc.file(uid))
+            assert pydicom.dcmread(path).StudyInstanceUID == study_uid
             assert dciodvfy_errors(path) == [], uid
         assert ledger.study(study_uid)["state"] == StudyState.SENT
         assert {r["state"] for r in ledger.outbox()} == {OutboxState.SENT}
@@ -91,19 +91,19 @@ def test_results_arrive_byte_valid_in_the_right_study(settings: Settings, orthan
 
 def test_basic_authentication_from_a_password_file(settings: Settings, tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    archive = Orthanc(tmp_path / "orthanc", users={"sonocase": "s3cret-pw"})
+    archive = Orthanc.start(tmp_path / "orthanc", users={"sonocase": "s3cret-pw"})
     try:
         wrong = to(settings, archive.dicomweb_url, dicomweb_user="sonocase",
                    dicomweb_password_file=secret(tmp_path, "wrong", "not-it"))
         ledger = open_ledger(wrong, durable=False)
-        _, uids = reported(wrong, ledger)
+        study_uid, uids = reported(wrong, ledger)
         with caplog.at_level(logging.DEBUG):
             assert Sender(wrong, ledger).run_once() == 0
         assert {r["error"].split(": ", 1)[1] for r in ledger.outbox()} == {"HTTP 401 Unauthorized"}
         right = wrong.model_copy(update={"dicomweb_password_file": secret(tmp_path, "right", "s3cret-pw")})
         with caplog.at_level(logging.DEBUG):
             assert Sender(right, ledger).run_once(now=FAR_FUTURE) == len(uids)
-        assert sorted(archive.instances()) == uids
+        assert sorted(archive.sop_classes(study_uid)) == uids
         assert "s3cret-pw" not in caplog.text and "not-it" not in caplog.text
         ledger.close()
     finally:
@@ -128,7 +128,7 @@ def test_a_partly_stored_request_resends_only_what_failed(settings: Settings, or
         assert (failed["state"], failed["attempts"]) == (OutboxState.PENDING, 1)
         assert "Failure Reason 0x" in failed["error"]
         assert {r["state"] for r in rows.values()} == {OutboxState.SENT}
-        assert sorted(orthanc.instances()) == sorted(rows)
+        assert sorted(orthanc.sop_classes(study_uid)) == sorted(rows)
         assert ledger.study(study_uid)["state"] == StudyState.REPORTED
     finally:
         ledger.close()
@@ -213,7 +213,8 @@ def test_503_and_a_dropped_upload_lose_nothing(settings: Settings, orthanc: Orth
         assert all(": no answer: " in r["error"] for r in ledger.outbox())
         assert {r["attempts"] for r in ledger.outbox()} == {2}
         assert sender.run_once(now=FAR_FUTURE) == len(uids)
-        assert sorted(orthanc.instances()) == uids  # every object, once
+        assert sorted(orthanc.sop_classes(study_uid)) == uids  # every object, once
+        assert orthanc.get_json("/statistics")["CountInstances"] == len(uids)
         assert ledger.study(study_uid)["state"] == StudyState.SENT
         assert faulty.requests == 3
     finally:
