@@ -207,7 +207,7 @@ class Settings(BaseSettings):
     dicomweb_user: str = Field("", description="User name for HTTP basic authentication at DICOMweb peers")
     dicomweb_password_file: Path | None = Field(None, description="File holding that user's password")
     dicomweb_ca: Path | None = Field(None, description="CA bundle that DICOMweb peers' HTTPS certificates are "
-                                     "checked against; unset: the system's CAs")
+                                     "checked against; unset: REQUESTS_CA_BUNDLE, else certifi's public CAs")
     dicomweb_timeout_s: float = Field(60.0, gt=0, description="Seconds to connect, and between bytes of an "
                                       "answer, before a DICOMweb request fails")
 

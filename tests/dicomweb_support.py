@@ -31,17 +31,21 @@ MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 
 
 class ReceivingNode:
-    """C-STORE on ``settings.port`` and STOW-RS on :attr:`url`, one store; :meth:`stop`."""
+    """C-STORE on ``settings.port`` and STOW-RS on :attr:`url` (HTTPS with ``tls``: a
+    certificate and its key), one store; :meth:`stop`."""
 
-    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger, tls: tuple[Path, Path] | None = None) -> None:
         self.settings = settings
+        self.scheme = "https" if tls else "http"
         self.receiver = ReceiverService(settings, ledger)
         self.receiver.start()
         app = FastAPI()
         app.include_router(stow_router(settings, lambda: self.receiver.store))
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off", access_log=False))
+        cert, key = tls or (None, None)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off", access_log=False,
+                                                    ssl_certfile=cert, ssl_keyfile=key))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
         self._thread.start()
         wait_for("uvicorn to serve", lambda: self.server.started)
@@ -49,7 +53,7 @@ class ReceivingNode:
     @property
     def url(self) -> str:
         """The DICOMweb base URL (``/studies`` is under it)."""
-        return f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        return f"{self.scheme}://127.0.0.1:{self._socket.getsockname()[1]}"
 
     def incoming(self) -> list[Path]:
         """Temporary files of instances still arriving (none once a request is answered)."""

@@ -20,6 +20,7 @@ from conftest import free_port
 from dicomweb_support import TOKEN, ReceivingNode
 from orthanc import Orthanc, orthanc  # noqa: F401  (the fixture)
 from pydicom.uid import generate_uid
+from test_receiver_network import self_signed
 from test_reports_support import analysed_study, dciodvfy_errors
 
 from service.delivery.dicomweb import StowOutcome, stow_outcomes
@@ -222,6 +223,33 @@ def test_503_and_a_dropped_upload_lose_nothing(settings: Settings, orthanc: Orth
 
 
 # --- against our own STOW-RS endpoint --------------------------------------------------------
+
+@pytest.fixture
+def node_b(tmp_path: Path) -> Iterator[ReceivingNode]:
+    """Another node receiving over STOW-RS with its web token, over HTTPS (a
+    certificate of its own, 127.0.0.1)."""
+    receiving = load_settings(data_dir=tmp_path / "b", host="127.0.0.1", port=free_port(), http_port=0,
+                              durability="none", web_token=TOKEN, min_free_disk_mb=1)
+    ledger = open_ledger(receiving, durable=False)
+    node = ReceivingNode(receiving, ledger, tls=self_signed(tmp_path, "node-b"))
+    yield node
+    node.stop()
+    ledger.close()
+
+
+def test_https_peer_verified_against_the_site_ca(settings: Settings, tmp_path: Path,
+                                                  node_b: ReceivingNode) -> None:
+    s = to(settings, node_b.url, dicomweb_token_file=secret(tmp_path, "token", TOKEN))
+    ledger = open_ledger(s, durable=False)
+    try:
+        reported(s, ledger)
+        assert Sender(s, ledger).run_once() == 0  # its CA is not a public one
+        assert all("SSLError" in r["error"] and "CERTIFICATE_VERIFY_FAILED" in r["error"] for r in ledger.outbox())
+        site_ca = s.model_copy(update={"dicomweb_ca": tmp_path / "node-b.crt"})
+        assert Sender(site_ca, ledger).run_once(now=FAR_FUTURE) == len(node_b.spooled()) > 0
+    finally:
+        ledger.close()
+
 
 def test_bearer_token_and_the_sr_fallback_against_our_stow_endpoint(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture,

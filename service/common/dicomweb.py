@@ -13,6 +13,7 @@ from pathlib import Path
 
 import requests
 from dicomweb_client.api import DICOMwebClient
+from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase, HTTPBasicAuth
 
 from service.settings import DicomWebDestination, Settings
@@ -30,6 +31,19 @@ class BearerAuth(AuthBase):
 
     def __repr__(self) -> str:
         return "BearerAuth(***)"
+
+
+class SiteCaAdapter(HTTPAdapter):
+    """Verifies every HTTPS peer against one CA bundle. ``session.verify`` would not
+    do: requests lets ``REQUESTS_CA_BUNDLE`` (set in many containers) override it."""
+
+    def __init__(self, ca_bundle: Path) -> None:
+        super().__init__()
+        self._ca_bundle = str(ca_bundle)
+
+    def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:  # type: ignore[override]
+        kwargs["verify"] = self._ca_bundle
+        return super().send(request, **kwargs)  # type: ignore[arg-type]
 
 
 def read_secret(path: Path, setting: str) -> str:
@@ -58,7 +72,8 @@ def client(settings: Settings, peer: DicomWebDestination) -> DICOMwebClient:
     its own backoff, and a fill reports what it could not fetch."""
     session = requests.Session()
     session.auth = auth(settings)
-    session.verify = str(settings.dicomweb_ca) if settings.dicomweb_ca is not None else True
+    if settings.dicomweb_ca is not None:
+        session.mount("https://", SiteCaAdapter(settings.dicomweb_ca))
     if settings.tls_cert is not None and settings.tls_key is not None:
         session.cert = (str(settings.tls_cert), str(settings.tls_key))  # mutual TLS, as for DICOM TLS
     web = DICOMwebClient(peer.url, session=session, timeout=settings.dicomweb_timeout_s)
