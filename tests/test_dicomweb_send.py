@@ -222,6 +222,21 @@ def test_503_and_a_dropped_upload_lose_nothing(settings: Settings, orthanc: Orth
         ledger.close()
 
 
+def test_an_archive_that_never_answers_times_out(settings: Settings) -> None:
+    """A port that takes the connection (the kernel's backlog) and never answers:
+    each try ends after dicomweb_timeout_s, recorded and retried."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        s = to(settings, f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web", dicomweb_timeout_s=0.5)
+        ledger = open_ledger(s, durable=False)
+        try:
+            reported(s, ledger)
+            assert Sender(s, ledger).run_once() == 0
+            assert all("no answer" in r["error"] and "timed out" in r["error"] for r in ledger.outbox())
+            assert {(r["state"], r["attempts"]) for r in ledger.outbox()} == {(OutboxState.PENDING, 1)}
+        finally:
+            ledger.close()
+
+
 # --- against our own STOW-RS endpoint --------------------------------------------------------
 
 @pytest.fixture
