@@ -100,6 +100,10 @@ def send_c_store(assoc: Association, ds: Dataset) -> Dataset:
     watcher.start()
     try:
         return assoc.send_c_store(ds)
+    except RuntimeError:  # it ended after the caller saw it established: pynetdicom refuses to send
+        if assoc.is_established:
+            raise
+        return Dataset()  # no response
     finally:
         done.set()
         watcher.join()
