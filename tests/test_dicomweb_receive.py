@@ -20,9 +20,11 @@ from conftest import dcmtk, wait_for
 from dicom_peers import data_set_offset, split_file, ultrasound_files
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_support import BOUNDARY, MULTIPART, TOKEN, ReceivingNode, curl, multipart
+from prometheus_client import CollectorRegistry
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from service.common.metrics import STOW_INSTANCES
 from service.ingest.rules import StoreStatus
 from service.ingest.stow import (
     InstanceResult,
@@ -205,7 +207,15 @@ def uid_of(data: bytes) -> str:
     return str(pydicom.dcmread(BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
 
 
+def stow_count(status: str) -> float:
+    """Instances counted by /metrics' sonocase_stow_instances_total with this status."""
+    registry = CollectorRegistry()
+    registry.register(STOW_INSTANCES)
+    return registry.get_sample_value("sonocase_stow_instances_total", {"status": status}) or 0.0
+
+
 def test_bad_input_gets_its_status_and_reason_and_leaves_nothing(node: ReceivingNode, tmp_path: Path) -> None:
+    counted = {status: stow_count(status) for status in ("0x0000", "0x0122", "0xC000")}
     study = generate_uid()
     good = copy_into("US1_UNCR.dcm", study, tmp_path).read_bytes()
     other = copy_into("OBXXXX1A.dcm", study, tmp_path).read_bytes()
@@ -243,6 +253,8 @@ def test_bad_input_gets_its_status_and_reason_and_leaves_nothing(node: Receiving
         stored = {uid_of(p.read_bytes()) for p in node.spooled()}
         assert stored <= {uid_of(good)}, name
     assert len(node.spooled()) == 1  # the complete part before the one the body ended in
+    assert {status: stow_count(status) - before for status, before in counted.items()} == \
+        {"0x0000": 2, "0x0122": 1, "0xC000": 4}
     assert c_store(node.settings, copy_into("OBXXXX1A.dcm", generate_uid(), tmp_path)).returncode == 0
     assert len(node.spooled()) == 2
 

@@ -39,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from service.common import spool
+from service.common.metrics import observe_stow
 from service.ingest.rules import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
@@ -493,4 +494,6 @@ async def _receive_body(request: Request, upload: StowUpload) -> list[InstanceRe
         upload.close()
     if not results:
         raise StowError(HTTPStatus.BAD_REQUEST, "the body holds no part")
+    for result in results:
+        observe_stow(result.status)
     return results
