@@ -350,3 +350,26 @@ def test_an_upload_larger_than_the_free_disk(stow_settings: Settings, small_disk
     finally:
         node.stop()
         ledger.close()
+
+
+def test_a_busy_node_refuses_before_reading_or_per_instance(stow_settings: Settings, tmp_path: Path) -> None:
+    """The C-STORE receiver's back-pressure (max_pending_studies): 503 with
+    Retry-After while the body is still unread, or 0xA700 per instance when the
+    request names no length (chunked)."""
+    s = stow_settings.model_copy(update={"max_pending_studies": 1})
+    ledger = open_ledger(s, durable=False)
+    node = ReceivingNode(s, ledger)
+    try:
+        body = tmp_path / "body"
+        body.write_bytes(multipart([copy_into("OBXXXX1A.dcm", generate_uid(), tmp_path).read_bytes()]))
+        assert curl(f"{node.url}/studies", body).status == 200
+        assert len(ledger.complete_quiet_studies(0.0, now=time.time() + 60)) == 1  # one study waits for analysis
+        body.write_bytes(multipart([copy_into("OBXXXX1A.dcm", generate_uid(), tmp_path).read_bytes()]))
+        busy = curl(f"{node.url}/studies", body)
+        assert (busy.status, busy.headers["retry-after"]) == (503, ["60"]) and b"wait for analysis" in busy.body
+        chunked = curl(f"{node.url}/studies", body, MULTIPART, TOKEN, "-H", "Transfer-Encoding: chunked")
+        assert chunked.status == 409 and set(chunked.failures().values()) == {0xA700}
+        assert len(node.spooled()) == 1 and node.incoming() == []
+    finally:
+        node.stop()
+        ledger.close()
