@@ -22,8 +22,9 @@ from service.cli import settings_from
 from service.common.logs import announce
 from service.delivery.sender import SenderService
 from service.ingest.server import ReceiverService
+from service.ingest.stow import stow_router
 from service.ledger import Ledger, open_ledger
-from service.ops.web import build_web_server
+from service.ops.web import ExtraRouter, build_web_server
 from service.pipeline.completion import CompletionLoop
 from service.pipeline.scheduler import SchedulerService
 from service.pipeline.workers import WorkerProcesses
@@ -45,13 +46,16 @@ class Service(Protocol):
 def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     """The node's services in start order (each stage adds its line here)."""
     scheduler = SchedulerService(settings, ledger)
+    receiver = ReceiverService(settings, ledger)
+    # STOW-RS stores through the running receiver's store (503 until it runs).
+    stow = ExtraRouter(stow_router(settings, lambda: receiver.store), settings.stow_max_request_mb << 20)
     return [
-        *([build_web_server(settings, ledger)] if settings.http_port else []),
+        *([build_web_server(settings, ledger, routers=[stow])] if settings.http_port else []),
         CompletionLoop(ledger, settings.quiet_period_s, on_complete=scheduler.wake),
         *([WorkerProcesses(settings)] if settings.workers else []),
         scheduler,
         SenderService(settings, ledger),
-        ReceiverService(settings, ledger),
+        receiver,
     ]
 
 
