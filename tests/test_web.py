@@ -51,6 +51,8 @@ from service.results import (
 from service.settings import Settings, load_settings
 from service.similar.index import SimilarCaseIndex
 from tests.conftest import free_port, wait_for
+from tests.dicomweb_support import MULTIPART, multipart
+from tests.worker_support import serve, study_state
 
 TOKEN = "test-token-0123456789"
 ACCESSION = "ACC20240117"
@@ -675,3 +677,34 @@ def test_idle_connections_hold_no_thread_and_are_closed(strict_node: Node) -> No
             sock.close()
     assert _http(strict_node.url, "/healthz")[0] == 200
     assert threading.active_count() - threads_before <= 2
+
+
+# --- routers of other stages, mounted by sonocase serve ----------------------------------------
+@pytest.mark.slow
+def test_serve_mounts_stow_rs_behind_the_bearer_check(tmp_path: Path) -> None:
+    """`sonocase serve` mounts the STOW-RS router (service/ingest) through ExtraRouter:
+    a real ultrasound file POSTed to /studies is stored like a C-STORE; without the
+    token it is refused, and a body announced over stow_max_request_mb gets 413."""
+    settings = _settings(tmp_path, workers=0, stow_max_request_mb=1)
+    node = serve(settings, tmp_path / "node.log")
+    try:
+        path = Path(get_testdata_file("US1_UNCR.dcm", download=False))
+        body = multipart([path.read_bytes()])
+        url = f"http://127.0.0.1:{settings.http_port}"
+        headers = {"Content-Type": MULTIPART, "Accept": "application/dicom+json"}
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+        conn.request("POST", "/studies", body=body, headers=headers)
+        assert conn.getresponse().status == 401
+        conn.close()
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+        conn.request("POST", "/studies", body=body, headers=headers | BEARER)
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        conn.close()
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert study_state(settings, ds.StudyInstanceUID) == StudyState.RECEIVING
+        over = _raw(url, b"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nAuthorization: Bearer %s\r\n\r\n"
+                    % ((1 << 20) + 1, TOKEN.encode()))
+        assert over.startswith(b"HTTP/1.1 413")
+    finally:
+        assert node.stop() == 0
