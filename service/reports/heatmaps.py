@@ -22,7 +22,7 @@ import contourpy
 import numpy as np
 from PIL import Image
 
-from service.model.imaging import Box
+from service.model.imaging import Box, resize_map
 from service.results import FrameResult, StudyResult
 
 #: The SR's region: the heat at or above this fraction of its peak.
@@ -36,20 +36,20 @@ OUTLINE_GRID = 64
 
 
 def load_heat(frame: FrameResult) -> np.ndarray:
-    """A frame's heatmap, checked against its crop (a clear error for a bad file)."""
+    """A frame's heatmap the size of its crop (a map of another size, e.g. the
+    model's own grid, is resized onto it), in [0, 1]; a clear error for a bad file."""
     x0, y0, x1, y1 = frame.crop
     try:
         heat = np.load(frame.heatmap_path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ValueError(f"the heatmap of frame {frame.frame_number} cannot be read: {exc}") from None
-    if heat.shape != (y1 - y0, x1 - x0):
+    if heat.ndim != 2 or heat.size == 0 or not np.all(np.isfinite(heat)):
         raise ValueError(
-            f"the heatmap of frame {frame.frame_number} is {heat.shape[::-1]} pixels (columns, rows), "
-            f"its crop {x1 - x0}x{y1 - y0}"
+            f"the heatmap of frame {frame.frame_number} is not a 2-D map of finite values (shape {heat.shape})"
         )
-    if not np.all(np.isfinite(heat)):
-        raise ValueError(f"the heatmap of frame {frame.frame_number} holds values that are not finite")
-    return np.clip(heat.astype(np.float32), 0.0, None)
+    if heat.shape != (y1 - y0, x1 - x0):
+        return resize_map(heat, x1 - x0, y1 - y0)
+    return np.clip(heat.astype(np.float32), 0.0, 1.0)
 
 
 def load_heats(result: StudyResult) -> dict[tuple[str, int], np.ndarray]:
