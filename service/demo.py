@@ -33,7 +33,9 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
+    SegmentationStorage,
 )
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
@@ -64,13 +66,15 @@ _POLL_S = 0.25
 
 
 class StandInPacs:
-    """A Storage SCP on loopback that writes every SR and SC it receives to
-    ``folder/<study>/<sop>.dcm``: where the node's results land in the demo."""
+    """A Storage SCP on loopback that writes every object the node sends (SR, SC,
+    heatmap overlay SEG, key-image flag) to ``folder/<study>/<sop>.dcm``: where the
+    node's results land in the demo."""
 
     def __init__(self, folder: Path, port: int = 0) -> None:
         self.folder = folder
         self._ae = AE(ae_title=PACS_AE)
-        for sop_class in (*SR_CLASSES, SecondaryCaptureImageStorage):
+        for sop_class in (*SR_CLASSES, SecondaryCaptureImageStorage, SegmentationStorage,
+                          KeyObjectSelectionDocumentStorage):
             self._ae.add_supported_context(
                 sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit]
             )

@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from conftest import wait_for
 from dicom_peers import ultrasound_files
+from test_reports_support import expected_outputs, outbox_kinds
 from worker_support import (
     PrivateRedis,
     Process,
@@ -60,7 +61,11 @@ def _analysed_once(settings: Settings, study_uid: str, logs: str, attempts: int 
     heatmaps = sorted((settings.results_dir / study_uid).rglob("*.npy"))
     assert heatmaps == sorted(Path(f.heatmap_path) for i in result.images for f in i.frames)
     outputs = list(outbox_folder(settings, study_uid, result.generation).glob("*.dcm"))
-    assert len(outputs) == 1 + sum(1 for i in result.images if i.frames) + bool(result.similar)  # SR, SCs
+    ledger = Ledger(settings.ledger_path, durable=False)
+    try:
+        assert outbox_kinds(outputs) == expected_outputs(ledger, result)
+    finally:
+        ledger.close()
     return result
 
 
