@@ -120,6 +120,24 @@ class Chromium:
             return true;
         }})()"""))
 
+    def click(self, selector: str, clicks: int = 1) -> None:
+        """A real mouse click (or double click) in the middle of the first element
+        matching ``selector``, as a person makes it (React listens to these)."""
+        box = self.evaluate(f"""(() => {{
+            const e = document.querySelector({json.dumps(selector)});
+            if (!e) return null;
+            e.scrollIntoView({{block: 'center'}});
+            const r = e.getBoundingClientRect();
+            return [r.x + r.width / 2, r.y + r.height / 2];
+        }})()""")
+        if box is None:
+            raise AssertionError(f"nothing on the page matches {selector!r}; page errors: {self.page_errors()}")
+        x, y = box
+        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        for count in range(1, clicks + 1):
+            for kind in ("mousePressed", "mouseReleased"):
+                self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=count)
+
     def screenshot(self, path: Path) -> Path:
         """The page as a PNG file."""
         data = self.call("Page.captureScreenshot", format="png")["data"]

@@ -31,7 +31,7 @@ from test_reports_support import (
 
 from service.ledger import Ledger
 from service.reports.heatmaps import OUTLINE_LEVEL, load_heats
-from service.reports.sr import SR_CLASSES, Heats, build_sr, decisive_frame
+from service.reports.sr import SR_CLASSES, Heats, build_sr, decisive_frame, reading_order
 from service.reports.template import SrTemplate, TemplateError, load_template
 from service.settings import Settings, load_settings
 
@@ -107,7 +107,7 @@ def test_every_frame_is_a_region_on_its_image_with_its_numbers(built: Built, tmp
     content = hd.sr.srread(_write(sr, tmp_path / "sr.dcm")).content
     assert content.get_image_measurement_groups() == []  # no group without a region: OHIF would break
     groups = content.get_planar_roi_measurement_groups()
-    frames = [(image, frame) for image in study.result.images for frame in image.frames]
+    frames = [(image, frame) for image in reading_order(study.result) for frame in image.frames]
     assert len(groups) == len(frames)
     multi_frame = {ds.SOPInstanceUID for ds in sources if int(ds.get("NumberOfFrames") or 1) > 1}
     for group, (image, frame) in zip(groups, frames, strict=True):
@@ -137,7 +137,7 @@ def test_each_region_is_the_heatmap_outline_at_half_its_peak(built: Built, tmp_p
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
     groups = hd.sr.srread(_write(sr, tmp_path / "sr.dcm")).content.get_planar_roi_measurement_groups()
-    frames = [(image, frame) for image in study.result.images for frame in image.frames]
+    frames = [(image, frame) for image in reading_order(study.result) for frame in image.frames]
     for group, (image, frame) in zip(groups, frames, strict=True):
         points = group.roi.value
         heat = heats[(image.sop_instance_uid, frame.frame_number)]
@@ -173,7 +173,8 @@ def test_regions_are_what_ohif_reads(built: Built) -> None:
         ref = child.ReferencedSOPSequence[0]
         seen.append((ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1)))
         assert [i.ValueType for i in group.ContentSequence].count("UIDREF") == 1  # the tracking UID
-    assert seen == [(i.sop_instance_uid, f.frame_number) for i in study.result.images for f in i.frames]
+    assert seen == [(i.sop_instance_uid, f.frame_number) for i in reading_order(study.result) for f in i.frames]
+    assert seen[0][0] == study.result.summary.decisive_sop_instance_uid  # OHIF opens the report on it
 
 
 def test_the_decisive_frame_references_the_heatmap_objects(built: Built) -> None:
@@ -181,7 +182,7 @@ def test_the_decisive_frame_references_the_heatmap_objects(built: Built) -> None
     objects = _heatmap_objects(study)
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats, objects)
     groups = [g for g in sr.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
-    frames = [(image, frame) for image in study.result.images for frame in image.frames]
+    frames = [(image, frame) for image in reading_order(study.result) for frame in image.frames]
     for group, (image, frame) in zip(groups.ContentSequence, frames, strict=True):
         images = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
         named = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: i.ConceptNameCodeSequence[0].CodeMeaning

@@ -7,7 +7,9 @@ without one, so every group carries a region. Its content, in order:
 
 * observer context: our node as the observing device (TID 1004);
 * procedure reported, language, title (all from the template);
-* one TID 1410 planar ROI group per analysed frame (frame 1 for single-frame images):
+* one TID 1410 planar ROI group per analysed frame (frame 1 for single-frame images),
+  the frames of the image that decides the study summary first (a viewer opens the
+  report on the first group), then the others in the study's order:
   its tracking identifier says image, frame, class and probability; its image region
   (DCM 111030) is the outline of the frame's Grad-CAM heatmap at half its peak
   (:func:`service.reports.heatmaps.outline`), a closed POLYLINE on the source image
@@ -131,7 +133,7 @@ def build_sr(
     headers = {ds.SOPInstanceUID: ds for ds in sources}
     groups: list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations] = [
         _frame_group(result, template, headers, image, frame, heats, heatmaps.get(image.sop_instance_uid, ()))
-        for image in result.images
+        for image in reading_order(result)
         for frame in image.frames
     ]
     report = MeasurementReport(
@@ -395,6 +397,15 @@ def _similar_evidence(similar: SimilarStudy) -> Dataset:
     ds.SOPInstanceUID = similar.sop_instance_uid
     ds.SOPClassUID = similar.sop_class_uid
     return ds
+
+
+def reading_order(result: StudyResult) -> list[ImageResult]:
+    """The analysed images as the SR lists them: the one that decides the study
+    summary first (a viewer opens the report on it), then the others in the study's
+    order."""
+    decisive = result.summary.decisive_sop_instance_uid
+    analysed = [image for image in result.images if image.frames]
+    return sorted(analysed, key=lambda image: image.sop_instance_uid != decisive)
 
 
 def decisive_frame(image: ImageResult) -> FrameResult:
