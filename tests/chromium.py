@@ -5,7 +5,7 @@ know every uncaught exception and console error the page had.
     browser = Chromium(tmp_path / "profile")
     browser.open(url)
     browser.wait_for("document.querySelector('#root') !== null")
-    browser.click_text("Skip all")
+    browser.click("button", text="Skip all")
     browser.screenshot(folder / "page.png")
     assert browser.page_errors() == []
     browser.close()
@@ -90,7 +90,9 @@ class Chromium:
                 self.events.append(message)
 
     def open(self, url: str) -> None:
+        """Load ``url``; :meth:`page_errors` and :meth:`console` start afresh for it."""
         self.call("Page.navigate", url=url)
+        self.events.clear()
 
     def evaluate(self, expression: str) -> Any:
         """The value of a JavaScript expression (awaited when it is a promise)."""
@@ -108,30 +110,22 @@ class Chromium:
             text = self.evaluate("document.body ? document.body.innerText.slice(0, 2000) : ''")
             raise AssertionError(f"{exc}; the page reads: {text!r}; page errors: {self.page_errors()}") from None
 
-    def click_text(self, text: str, selector: str = "button, [role=button], a, div, span") -> bool:
-        """Click the innermost visible element whose own text is ``text``; whether one was found."""
-        return bool(self.evaluate(f"""(() => {{
-            const want = {json.dumps(text)};
-            const found = [...document.querySelectorAll({json.dumps(selector)})].filter(e =>
-                e.offsetParent !== null && e.textContent.trim() === want &&
-                ![...e.children].some(c => c.textContent.trim() === want));
-            if (!found.length) return false;
-            found[0].click();
-            return true;
-        }})()"""))
-
-    def click(self, selector: str, clicks: int = 1) -> None:
-        """A real mouse click (or double click) in the middle of the first element
-        matching ``selector``, as a person makes it (React listens to these)."""
+    def click(self, selector: str, text: str | None = None, clicks: int = 1) -> None:
+        """A real mouse click (``clicks=2``: a double click) in the middle of the
+        first visible element matching ``selector`` (whose text holds ``text``, when
+        given), as a person makes it: React listens to these, not to element.click()."""
         box = self.evaluate(f"""(() => {{
-            const e = document.querySelector({json.dumps(selector)});
+            const want = {json.dumps(text)};
+            const e = [...document.querySelectorAll({json.dumps(selector)})].find(e =>
+                e.offsetParent !== null && (want === null || e.innerText.includes(want)));
             if (!e) return null;
             e.scrollIntoView({{block: 'center'}});
             const r = e.getBoundingClientRect();
             return [r.x + r.width / 2, r.y + r.height / 2];
         }})()""")
         if box is None:
-            raise AssertionError(f"nothing on the page matches {selector!r}; page errors: {self.page_errors()}")
+            raise AssertionError(f"nothing visible matches {selector!r} with text {text!r}; "
+                                 f"page errors: {self.page_errors()}")
         x, y = box
         self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
         for count in range(1, clicks + 1):
