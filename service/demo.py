@@ -33,9 +33,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
-    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
-    SegmentationStorage,
 )
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
@@ -46,6 +44,7 @@ from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger, StudyState, open_ledger
 from service.model_card import DISCLAIMER
 from service.node import Node, node_services
+from service.reports.build import SENT_CLASSES
 from service.reports.sr import SR_CLASSES
 from service.settings import Settings
 from service.similar.cli import (
@@ -73,8 +72,7 @@ class StandInPacs:
     def __init__(self, folder: Path, port: int = 0) -> None:
         self.folder = folder
         self._ae = AE(ae_title=PACS_AE)
-        for sop_class in (*SR_CLASSES, SecondaryCaptureImageStorage, SegmentationStorage,
-                          KeyObjectSelectionDocumentStorage):
+        for sop_class in SENT_CLASSES:
             self._ae.add_supported_context(
                 sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit]
             )

@@ -72,7 +72,7 @@ class Chromium:
             raise
         self._id = 0
         self.events: list[dict[str, Any]] = []
-        for domain in ("Page", "Runtime", "Log"):
+        for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable")
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
@@ -151,6 +151,20 @@ class Chromium:
             elif event["method"] == "Runtime.consoleAPICalled" and params.get("type") == "error":
                 errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
         return errors
+
+    def pending_requests(self, url_part: str) -> int:
+        """How many requests of this page whose URL holds ``url_part`` have not ended yet."""
+        self.evaluate("0")  # collect the events that arrived since the last call
+        started = {e["params"]["requestId"] for e in self.events if e["method"] == "Network.requestWillBeSent"
+                   and url_part in e["params"]["request"]["url"]}
+        ended = {e["params"]["requestId"] for e in self.events
+                 if e["method"] in ("Network.loadingFinished", "Network.loadingFailed")}
+        return len(started - ended)
+
+    def wait_idle(self, url_part: str, timeout_s: float = 60) -> None:
+        """Wait until no request whose URL holds ``url_part`` is under way."""
+        wait_for(f"requests to {url_part} to end", lambda: self.pending_requests(url_part) == 0, timeout_s,
+                 interval=0.25)
 
     def console(self) -> list[str]:
         """Every console message so far (type: text), for diagnosis."""

@@ -153,7 +153,16 @@ def _chromatic(pixels: np.ndarray) -> float:
 
 
 def _open_series(browser: Chromium, description: str) -> None:
+    """Double-click a series in the study browser, once what the viewport shows now
+    has arrived (OHIF reports the loads it abandons as errors)."""
+    browser.wait_idle("/dicom-web/")
     browser.click(THUMBNAILS, text=description, clicks=2)
+
+
+def _next_region(browser: Chromium) -> None:
+    """The SR viewport's "next measurement" arrow, once the current image has arrived."""
+    browser.wait_idle("/dicom-web/")
+    browser.click("[data-cy=viewport-action-arrows-right]")
 
 
 def _displayed(browser: Chromium) -> tuple[int, int, int]:
@@ -251,7 +260,7 @@ def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
     _open_series(chromium, template.sr_series.description)
     for n, (sop_uid, _frame, lines) in enumerate(groups):
         if n:
-            chromium.click("[data-cy=viewport-action-arrows-right]")
+            _next_region(chromium)
         _wait_region(chromium, lines)
         chromium.wait_for(f"document.querySelector('{OVERLAY}').innerText.startsWith('I:{numbers[sop_uid]} ')")
         assert _displayed(chromium)[0] == numbers[sop_uid]
@@ -314,7 +323,7 @@ def test_a_cine_loops_regions_are_on_their_frames_in_ohif(
     _open_series(chromium, template.sr_series.description)
     for n, (_, frame, lines) in enumerate(groups[:3]):
         if n:
-            chromium.click("[data-cy=viewport-action-arrows-right]")
+            _next_region(chromium)
         _wait_region(chromium, lines)
         chromium.wait_for(f"document.querySelector('{OVERLAY}').innerText.includes('({frame}/30)')")
         _shot(chromium, screenshots, f"6-cine-frame-{frame}")

@@ -31,7 +31,12 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 
 from service.common.spool import write_atomic
 from service.ledger import Ledger, StudyState
@@ -51,6 +56,10 @@ LOG = logging.getLogger(__name__)
 
 #: The SR class every study gets first (the richest; see SR_CLASSES for fallback).
 DEFAULT_SR_CLASS = Comprehensive3DSRStorage
+#: Every SOP class the node sends (a destination must accept them all).
+SENT_CLASSES: tuple[str, ...] = (
+    *SR_CLASSES, SecondaryCaptureImageStorage, SegmentationStorage, KeyObjectSelectionDocumentStorage,
+)
 #: Study-level attributes highdicom copies from the first source; Type 2, so an
 #: empty value stands in for one the modality did not send.
 _TYPE2_STUDY = (
