@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install what Sonocase needs on a fresh Debian machine: DCMTK and dicom3tools (real
-# DICOM peers and validators), Orthanc and OHIF (the archive and viewer of the viewer
-# tests), a virtual environment in .venv, and the package with its training and test
-# extras. Safe to run again: it skips what is already there.
+# DICOM peers and validators), Orthanc with its DICOMweb plugin (a real DICOMweb
+# archive) and OHIF (the viewer of the viewer tests), a virtual environment in .venv,
+# and the package with its training and test extras. Safe to run again: it skips
+# what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,9 +14,10 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)  # the distributed ledger's tests
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # status page tests, headless
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)  # validates deploy/compose.yaml
-# The viewer tests' archive (tests/orthanc.py starts its own; the system service is not used).
+# The DICOMweb archive of the tests (tests/orthanc.py starts its own; not the system service).
 [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
-[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # a STOW-RS client that is not ours
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)  # fetches OHIF below
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need_apt[*]}"

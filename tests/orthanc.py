@@ -5,23 +5,27 @@ Each :class:`Orthanc` has its own configuration, storage and log under a folder 
 the test, and free ports; it is not the system service. It answers HTTP only to
 loopback clients (``RemoteAccessAllowed`` false; Orthanc 1.10 has no bind-address
 setting) and accepts C-STORE only from the AE titles it is given, and only from
-127.0.0.1 (``DicomCheckModalityHost``).
+127.0.0.1 (``DicomCheckModalityHost``). With ``users`` it wants HTTP basic
+authentication (the helpers here log in as the first user).
 
     archive = Orthanc.start(tmp_path / "orthanc", callers=["SONOCASE"])
     archive.store(paths)                     # REST upload, as a PACS import would
     archive.instances(study_uid)             # QIDO-RS: what a viewer would list
+    archive.file(sop_instance_uid)           # the stored Part 10 file
     archive.stop()
+
+``orthanc`` is the fixture: one archive per test, no authentication.
 
 Reused by every test that needs a DICOMweb peer (STOW-RS, QIDO-RS, WADO-RS).
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
-import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +44,10 @@ def installed() -> bool:
     return ORTHANC.is_file() and DICOMWEB_PLUGIN.exists()
 
 
-def configuration(folder: Path, http_port: int, dicom_port: int, aet: str, callers: Iterable[str]) -> dict[str, Any]:
-    """Orthanc's JSON configuration: own storage, loopback, DICOMweb on."""
+def configuration(folder: Path, http_port: int, dicom_port: int, aet: str, callers: Iterable[str],
+                  users: dict[str, str] | None = None) -> dict[str, Any]:
+    """Orthanc's JSON configuration: own storage, loopback, DICOMweb on; basic
+    authentication for ``users`` (name: password) when given."""
     return {
         "Name": f"sonocase-test-{aet}",
         "StorageDirectory": str(folder / "storage"),
@@ -49,7 +55,8 @@ def configuration(folder: Path, http_port: int, dicom_port: int, aet: str, calle
         "Plugins": [str(DICOMWEB_PLUGIN)],
         "HttpPort": http_port,
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": bool(users),
+        "RegisteredUsers": users or {},
         "HttpThreadsCount": 8,
         "HttpCompressionEnabled": False,
         "OrthancExplorerEnabled": False,
@@ -83,9 +90,11 @@ class Orthanc:
     aet: str
     process: subprocess.Popen[bytes]
     log: Path
+    users: dict[str, str] | None = None
 
     @classmethod
-    def start(cls, folder: Path, aet: str = "ORTHANC", callers: Sequence[str] = ()) -> Orthanc:
+    def start(cls, folder: Path, aet: str = "ORTHANC", callers: Sequence[str] = (),
+              users: dict[str, str] | None = None) -> Orthanc:
         """Write a configuration under ``folder``, start Orthanc and wait until it answers."""
         if not installed():
             pytest.fail("Orthanc or its DICOMweb plugin is missing: run scripts/setup.sh "
@@ -93,12 +102,12 @@ class Orthanc:
         folder.mkdir(parents=True, exist_ok=True)
         http_port, dicom_port = free_port(), free_port()
         config = folder / "orthanc.json"
-        config.write_text(json.dumps(configuration(folder, http_port, dicom_port, aet, callers), indent=2))
+        config.write_text(json.dumps(configuration(folder, http_port, dicom_port, aet, callers, users), indent=2))
         log = folder / "orthanc.log"
         with log.open("ab") as out:
             process = subprocess.Popen([str(ORTHANC), f"--logfile={log}", str(config)],
                                        stdout=out, stderr=subprocess.STDOUT)
-        archive = cls(folder, http_port, dicom_port, aet, process, log)
+        archive = cls(folder, http_port, dicom_port, aet, process, log, users)
 
         def answers() -> bool:
             if process.poll() is not None:
@@ -134,9 +143,13 @@ class Orthanc:
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         """One HTTP request to Orthanc; status, headers and body."""
+        headers = dict(headers or {})
+        if self.users:
+            login = ":".join(next(iter(self.users.items()))).encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(login).decode()
         conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=60)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            conn.request(method, path, body=body, headers=headers)
             response = conn.getresponse()
             return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
         finally:
@@ -175,6 +188,15 @@ class Orthanc:
         """SOP Instance UID -> SOP Class UID of every instance of the study."""
         return {item["00080018"]["Value"][0]: item["00080016"]["Value"][0] for item in self.instances(study_uid)}
 
+    def file(self, sop_instance_uid: str) -> bytes:
+        """The Part 10 file Orthanc holds for an instance."""
+        (found,) = [item for item in json.loads(self.request("POST", "/tools/lookup", sop_instance_uid.encode())[2])
+                    if item["Type"] == "Instance"]
+        status, _, body = self.request("GET", f"/instances/{found['ID']}/file")
+        if status != 200:
+            raise AssertionError(f"GET the file of {sop_instance_uid}: HTTP {status}")
+        return body
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -183,3 +205,11 @@ class Orthanc:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """A fresh Orthanc with DICOMweb on 127.0.0.1, no authentication."""
+    archive = Orthanc.start(tmp_path / "orthanc")
+    yield archive
+    archive.stop()
