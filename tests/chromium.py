@@ -114,6 +114,20 @@ class Chromium:
         """A real mouse click (``clicks=2``: a double click) in the middle of the
         first visible element matching ``selector`` (whose text holds ``text``, when
         given), as a person makes it: React listens to these, not to element.click()."""
+        x, y = self._centre(selector, text)
+        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        for count in range(1, clicks + 1):
+            for kind in ("mousePressed", "mouseReleased"):
+                self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=count)
+
+    def hover(self, selector: str) -> None:
+        """Move the mouse over the middle of ``selector``, a little off where it was
+        (viewers redraw their overlays when the pointer moves over them)."""
+        x, y = self._centre(selector, None)
+        self._nudge = not getattr(self, "_nudge", False)
+        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x + (5 if self._nudge else -5), y=y)
+
+    def _centre(self, selector: str, text: str | None) -> tuple[float, float]:
         box = self.evaluate(f"""(() => {{
             const want = {json.dumps(text)};
             const e = [...document.querySelectorAll({json.dumps(selector)})].find(e =>
@@ -126,11 +140,7 @@ class Chromium:
         if box is None:
             raise AssertionError(f"nothing visible matches {selector!r} with text {text!r}; "
                                  f"page errors: {self.page_errors()}")
-        x, y = box
-        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-        for count in range(1, clicks + 1):
-            for kind in ("mousePressed", "mouseReleased"):
-                self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=count)
+        return float(box[0]), float(box[1])
 
     def screenshot(self, path: Path) -> Path:
         """The page as a PNG file."""

@@ -129,8 +129,11 @@ class OhifServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def viewer_url(self, study_uid: str) -> str:
-        return f"{self.url}/viewer?StudyInstanceUIDs={study_uid}"
+    def viewer_url(self, study_uid: str, series_uid: str | None = None) -> str:
+        """The study in OHIF's viewer; with ``series_uid``, opened on that series (as
+        a worklist link to a report would open it)."""
+        first = f"&initialSeriesInstanceUID={series_uid}" if series_uid else ""
+        return f"{self.url}/viewer?StudyInstanceUIDs={study_uid}{first}"
 
     def close(self) -> None:
         self._server.shutdown()
