@@ -11,11 +11,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from pydicom.uid import UID, SecondaryCaptureImageStorage
+from pydicom.uid import UID
 
 from service.ingest import rules, server
 from service.model_card import ModelCard
-from service.reports.sr import SR_CLASSES
+from service.reports.build import SENT_CLASSES
 from service.reports.template import load_template
 from service.settings import ENV_PREFIX, Settings, load_settings
 
@@ -92,7 +92,7 @@ def _uids(section: str) -> list[str]:
 def test_conformance_sop_classes_and_transfer_syntaxes_are_the_code_s() -> None:
     assert _uids("sop-classes-accepted") == list(rules.STORAGE_SOP_CLASSES)
     assert _uids("transfer-syntaxes-accepted") == list(rules.TRANSFER_SYNTAXES)
-    assert _uids("sop-classes-sent") == [*SR_CLASSES, SecondaryCaptureImageStorage]
+    assert _uids("sop-classes-sent") == list(SENT_CLASSES)
 
 
 def test_conformance_constants_and_statuses_are_the_receiver_s() -> None:
@@ -110,7 +110,7 @@ def test_conformance_constants_and_statuses_are_the_receiver_s() -> None:
 def test_docs_quote_the_shipped_sr_template(clean_env: None) -> None:
     template = load_template(Settings().sr_template)
     conformance = _flat(CONFORMANCE)
-    for series in (template.sr_series, template.sc_series):
+    for series in (template.sr_series, template.sc_series, template.seg_series, template.kos_series):
         assert f"Series Number {series.number}, \"{series.description}\"" in conformance
         assert f"| {series.number} \"{series.description}\" |" in RADIOLOGIST
     for cls in template.classes.values():

@@ -21,7 +21,7 @@ import pytest
 from conftest import free_port, wait_for
 from dicom_peers import ultrasound_files
 from pydicom import dcmread
-from test_reports_support import Storescp, start_storescp
+from test_reports_support import Storescp, expected_outputs, outbox_kinds, start_storescp
 from worker_support import (
     PrivateRedis,
     Process,
@@ -84,7 +84,11 @@ def _delivered_once(settings: Settings, pacs: Storescp, study_uid: str, attempts
     heatmaps = sorted((settings.results_dir / study_uid).rglob("*.npy"))
     assert heatmaps == sorted(Path(f.heatmap_path) for i in result.images for f in i.frames)
     outputs = list(outbox_folder(settings, study_uid, result.generation).glob("*.dcm"))
-    assert len(outputs) == 1 + sum(1 for i in result.images if i.frames) + bool(result.similar)  # SR, SCs
+    ledger = Ledger(settings.ledger_path, durable=False)
+    try:
+        assert outbox_kinds(outputs) == expected_outputs(ledger, result)
+    finally:
+        ledger.close()
     received = [ds for ds in pacs.received() if ds.StudyInstanceUID == study_uid]
     srs = [ds for ds in received if ds.Modality == "SR"]
     assert len(srs) == 1, f"{len(srs)} SRs of the study reached the PACS"
