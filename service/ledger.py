@@ -65,6 +65,9 @@ class OutboxState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"
+    #: An optional object (see service.reports.build.OPTIONAL_CLASSES) the
+    #: destination does not take: not sent there, and the study is sent without it.
+    SKIPPED = "skipped"
 
 
 _SCHEMA = """

@@ -24,6 +24,7 @@ from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
+    SecondaryCaptureImageStorage,
 )
 from test_reports_support import (
     MODEL,
@@ -42,7 +43,7 @@ from service.delivery.sender import (
     backoff_delay,
 )
 from service.ledger import Ledger, OutboxState, StudyState
-from service.reports.build import build_reports
+from service.reports.build import OPTIONAL_CLASSES, build_reports
 from service.reports.template import TemplateError
 from service.settings import Settings, load_settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
@@ -193,6 +194,25 @@ def test_sr_class_refused_falls_back(
     sr.save_as(path, enforce_file_format=True)
     assert "accession REF-0" in dsr2html(path, tmp_path / "sr.html")
     assert ledger.study(_study_uid(ledger))["state"] == StudyState.SENT
+
+
+def test_a_pacs_without_seg_or_kos_gets_the_rest_and_the_study_is_sent(
+    to_pacs: Settings, ledger: Ledger, pacs_factory, tmp_path: Path,
+) -> None:
+    """Many archives store no Segmentation or Key Object Selection: those two are
+    skipped there (recorded, retried by 'sonocase resend'), never failing the study."""
+    uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"])
+    optional = [r for r in ledger.outbox() if r["sop_class_uid"] in OPTIONAL_CLASSES]
+    assert optional  # the key-object selection at least (no SEG for an uncalibrated image)
+    pacs = pacs_factory(*storescp_profile(tmp_path / "pacs.cfg", ["SecondaryCaptureImageStorage",
+                                                                   "Comprehensive3DSRStorage"]))
+    assert Sender(to_pacs, ledger).run_once() == len(uids) - len(optional)
+    assert {ds.SOPClassUID for ds in pacs.received()} == {SecondaryCaptureImageStorage, Comprehensive3DSRStorage}
+    skipped = [r for r in ledger.outbox() if r["state"] == OutboxState.SKIPPED]
+    assert sorted(r["sop_instance_uid"] for r in skipped) == sorted(r["sop_instance_uid"] for r in optional)
+    assert all("does not accept SOP class" in r["error"] for r in skipped)
+    assert ledger.study(_study_uid(ledger))["state"] == StudyState.SENT
+    assert Sender(to_pacs, ledger).run_once() == 0  # nothing left due
 
 
 def test_a_pacs_taking_no_sr_class_gets_the_images_and_the_sr_waits(

@@ -34,7 +34,13 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from service.common.metrics import observe_cstore
 from service.ingest.admission import GuardedServer, refused
-from service.ingest.rules import InvalidInstance, StoreStatus, error_comment, pad, too_large
+from service.ingest.rules import (
+    InvalidInstance,
+    StoreStatus,
+    error_comment,
+    pad,
+    too_large,
+)
 from service.ingest.store import IncomingFile, StoreSCP
 
 LOG = logging.getLogger(__name__)

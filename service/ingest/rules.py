@@ -44,7 +44,12 @@ from pynetdicom.sop_class import (
     UltrasoundMultiFrameImageStorage,
 )
 
-from service.common.deflate import InflatedTooLarge, InflateError, inflate, inflated_size
+from service.common.deflate import (
+    InflatedTooLarge,
+    InflateError,
+    inflate,
+    inflated_size,
+)
 from service.settings import Settings
 
 #: Identifies the software that wrote our files (PS3.7 D.3.3.2); a UUID-derived

@@ -45,7 +45,14 @@ from service.reports.heatmaps import load_heats
 from service.reports.kos import build_kos
 from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc
 from service.reports.seg import build_heatmap_seg, seg_skip_reason
-from service.reports.sr import SR_CLASSES, Heats, build_sr, decisive_frame, software_versions, sr_series_uid
+from service.reports.sr import (
+    SR_CLASSES,
+    Heats,
+    build_sr,
+    decisive_frame,
+    software_versions,
+    sr_series_uid,
+)
 from service.reports.template import SrTemplate, TemplateError, load_template
 from service.reports.validation import GateError, check_object
 from service.results import StudyResult
@@ -56,10 +63,14 @@ LOG = logging.getLogger(__name__)
 
 #: The SR class every study gets first (the richest; see SR_CLASSES for fallback).
 DEFAULT_SR_CLASS = Comprehensive3DSRStorage
-#: Every SOP class the node sends (a destination must accept them all).
+#: Every SOP class the node sends.
 SENT_CLASSES: tuple[str, ...] = (
     *SR_CLASSES, SecondaryCaptureImageStorage, SegmentationStorage, KeyObjectSelectionDocumentStorage,
 )
+#: What a destination may not know without losing the result: the heatmap overlay
+#: and the key-image flag. Many archives store no SEG or KOS; the SR and the SCs
+#: carry the finding and the heatmap, so these are skipped there, not failed.
+OPTIONAL_CLASSES: tuple[str, ...] = (SegmentationStorage, KeyObjectSelectionDocumentStorage)
 #: Study-level attributes highdicom copies from the first source; Type 2, so an
 #: empty value stands in for one the modality did not send.
 _TYPE2_STUDY = (
