@@ -271,8 +271,8 @@ def test_bearer_token_and_the_sr_fallback_against_our_stow_endpoint(
 ) -> None:
     """Node B receives over STOW-RS with its web token; it takes Secondary Captures
     but no SR class (Failure Reason 0x0122), so the SR is rebuilt class after class
-    and, when none is taken, fails with that reason; the key-image flag (a class it
-    and the overlay, classes it does not take either) wait with their reason."""
+    and, when none is taken, fails with that reason; the key-image flag and the
+    overlay (optional classes it does not take either) are skipped there."""
     receiving = load_settings(data_dir=tmp_path / "b", host="127.0.0.1", port=free_port(), http_port=0,
                               durability="none", web_token=TOKEN, min_free_disk_mb=1)
     ledger_b = open_ledger(receiving, durable=False)
@@ -295,7 +295,8 @@ def test_bearer_token_and_the_sr_fallback_against_our_stow_endpoint(
         assert KeyObjectSelectionDocumentStorage in refused  # node B stores images only
         assert set(unsent) == {EnhancedSRStorage} | refused
         assert "accepts none of the SR classes" in unsent[EnhancedSRStorage]["error"]
-        assert all("0x0122" in unsent[sop_class]["error"] for sop_class in refused)
+        assert all(unsent[sop_class]["state"] == OutboxState.SKIPPED for sop_class in refused)
+        assert all("does not accept SOP class" in unsent[sop_class]["error"] for sop_class in refused)
         stored = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in node_b.spooled()}
         assert stored == {r["sop_instance_uid"] for r in rows if r["state"] == OutboxState.SENT}
         assert len(stored) == len(uids) - len(unsent) and study_uid in {p.parent.name for p in node_b.spooled()}

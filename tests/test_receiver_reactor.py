@@ -11,6 +11,7 @@ import operator
 import os
 import queue
 import socket
+import subprocess
 import textwrap
 import threading
 import time
@@ -19,7 +20,9 @@ from io import BytesIO
 from typing import Any
 
 import pytest
-from conftest import free_port, wait_until
+from conftest import dcmtk, free_port, wait_until
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -29,7 +32,11 @@ from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 
 from service.ingest.admission import GuardedServer
 from service.ingest.fast import (
@@ -104,19 +111,29 @@ def open_fds() -> int:
 
 
 def test_dul_waits_on_the_network_and_closes_its_wake_up_socket(server: ReceiverServer, settings: Settings) -> None:
+    """DCMTK's echoscu (20 C-ECHOs an association, five associations): each DUL thread
+    had its wake-up socket while it served, closed it when it ended, and no file
+    descriptor is left behind. (A pynetdicom requestor is no peer for this: sending
+    requests back to back, it can take a quick response in its own reactor thread
+    and then wait out its DIMSE timeout.)"""
+    duls: list[ReceiverDUL] = []
+    waiting: list[bool] = []
+
+    def established(event: Any) -> None:
+        duls.append(event.assoc.dul)
+        waiting.append(event.assoc.dul._wake is not None)
+
+    server.bind(evt.EVT_ESTABLISHED, established)
     before = open_fds()
     for _ in range(5):
-        assoc = associate(server, settings)
-        try:
-            assert wait_until(lambda: len(server.active_associations) == 1)
-            dul = server.active_associations[0].dul
-            assert dul._wake is not None, "the DUL thread has no wake-up socket to wait on"
-            for _ in range(20):  # each request read, and each response sent, by the waiting thread
-                assert assoc.send_c_echo().Status == 0x0000
-        finally:
-            assoc.release()
-        assert wait_until(lambda: not server.active_associations)
-        assert wait_until(lambda: dul._wake is None and not dul.is_alive())
+        result = subprocess.run(
+            [dcmtk("echoscu"), "--repeat", "20", "-aec", settings.ae_title, "127.0.0.1",
+             str(server.server_address[1])], capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+    assert len(duls) == 5 and all(waiting), "a DUL thread had no wake-up socket to wait on"
+    assert wait_until(lambda: not server.active_associations)
+    assert wait_until(lambda: all(dul._wake is None and not dul.is_alive() for dul in duls))
     assert open_fds() <= before, "file descriptors leak with each association"
 
 
@@ -239,6 +256,28 @@ def test_the_state_machine_does_what_the_overrides_ask_of_it() -> None:
     assert TRANSITION_TABLE[("Evt19", "Sta2")] == "AA-1" and TRANSITION_TABLE[("Evt19", "Sta6")] == "AA-8"
     assert TRANSITION_TABLE[("Evt17", "Sta2")] == "AA-5" and TRANSITION_TABLE[("Evt17", "Sta6")] == "AA-4"
     assert TRANSITION_TABLE[("Evt10", "Sta6")] == "DT-2"
+    # serve_at_once sends its response where a P-DATA request is acted on
+    assert TRANSITION_TABLE[("Evt9", "Sta6")] == "DT-1" and TRANSITION_TABLE[("Evt9", "Sta8")] == "AR-7"
+
+
+def test_a_c_store_right_after_the_accept_is_answered(server: ReceiverServer, settings: Settings) -> None:
+    """pynetdicom marks an accepted association established only after it sent the
+    A-ASSOCIATE-AC and ran the EVT_ACCEPTED handlers; a quick peer's C-STORE can be
+    served in between, and its response must still go (it was dropped once: the peer
+    waited out its DIMSE timeout). A slow EVT_ACCEPTED handler, bound for this test,
+    holds that window open; it stands in for a loaded machine."""
+    server.bind(evt.EVT_ACCEPTED, lambda event: time.sleep(1.0))
+    ds = dcmread(get_testdata_file("US1_UNCR.dcm", download=False))
+    ae = AE("REACTORTEST")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.dimse_timeout = 10
+    assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title=settings.ae_title)
+    try:
+        assert assoc.is_established
+        status = assoc.send_c_store(ds)
+        assert status and status.Status == 0x0000
+    finally:
+        assoc.release()
 
 
 def _checks(function: Callable[..., Any]) -> list[str]:

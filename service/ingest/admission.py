@@ -22,14 +22,10 @@ class pynetdicom's ``make_server`` takes) and pynetdicom's public events are use
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import logging
-import select
 import socket
 import ssl
-import sys
-import termios
 import threading
 import time
 import weakref
@@ -72,18 +68,18 @@ class Pending:
     def ended(self) -> bool:
         """Whether the connection already ended: closed here (rejected), or by the
         peer (what a health check does), which leaves pynetdicom waiting for a
-        request until ``acse_timeout_s``. Never blocks: readable with no byte to
-        read is the peer's end of the stream (a read could block, were the
-        connection's thread to take the bytes first)."""
+        request until ``acse_timeout_s``.
+
+        Race-free and never blocking: a peek (``MSG_PEEK | MSG_DONTWAIT``) through a
+        duplicate of the descriptor (the connection's own socket has a timeout, so
+        Python would wait for it to become readable) finds the end of the stream,
+        which stays; bytes the connection's thread took meanwhile cannot pass for it.
+        """
         try:
-            fd = self.sock.fileno()
-            if fd == -1:
-                return True
-            readable, _, _ = select.select([fd], [], [], 0)
-            if not readable:
-                return False
-            waiting = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
-            return int.from_bytes(waiting, sys.byteorder) == 0
+            with socket.fromfd(self.sock.fileno(), self.sock.family, socket.SOCK_STREAM) as probe:
+                return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:  # nothing to read, and not the end: still open
+            return False
         except (OSError, ValueError):  # reset by the peer, or closed meanwhile
             return True
 

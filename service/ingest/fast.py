@@ -455,6 +455,9 @@ class ReceiverDUL(DULServiceProvider):
 
 
 _P_DATA_TF = b"\x04"
+#: The states in which a P-DATA request primitive (Evt9) is acted on (PS3.8 Table
+#: 9-10): data transfer, and awaiting our own A-RELEASE response.
+_SENDS_P_DATA = ("Sta6", "Sta8")
 #: The state machine's events (PS3.8 Table 9-10): P-DATA-TF PDU received, transport
 #: connection closed, invalid or unrecognised PDU received.
 _P_DATA_TF_RECEIVED = "Evt10"
@@ -538,7 +541,11 @@ class ReceiverAssociation(Association):
         if self.get_handlers(evt.EVT_C_STORE)[0] is not server.store_handler and not refused_data_set:
             return False  # someone bound their own handler: pynetdicom's path calls it
         response = serve_store(server.store, msg, context_id, context.transfer_syntax[0], self.requestor.ae_title)
-        if self.is_established:  # not if the peer aborted meanwhile
+        # Not ``is_established``: pynetdicom sets it only after it sent the A-ASSOCIATE-AC
+        # and ran the EVT_ACCEPTED handlers, so a quick peer's first C-STORE can be
+        # served before; its response must still go. Sent in the states where the
+        # state machine takes a P-DATA request (not once the peer aborted).
+        if self.dul.state_machine.current_state in _SENDS_P_DATA:
             self.dul.send_pdu(response)
         return True
 
