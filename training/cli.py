@@ -56,6 +56,9 @@ def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Weight the cross-entropy by inverse class frequency."),
         click.option("--augment/--no-augment", default=True, show_default=True,
                      help="Rotation, flip, scale, contrast on the training split only."),
+        click.option("--localisation-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Weight of the loss that moves the Grad-CAM heat of the true class into the lesion mask "
+                          "(images with masks only: BUSI, synthetic); 0 trains on the labels alone."),
         click.option("--initial-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="State dict to start from (ours, or torchvision VGG16 for hybrid). Nothing is downloaded."),
         click.option("--test-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True),
@@ -101,7 +104,7 @@ def _configs(arch: str, seed: int, opts: dict[str, Any]) -> tuple[ModelConfig, T
                         bidirectional=opts["bidirectional"], batch_norm=opts["batch_norm"])
     fit = TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"], patience=opts["patience"],
                       class_weights=opts["class_weights"], augment=opts["augment"], seed=seed,
-                      test_fraction=opts["test_fraction"],
+                      test_fraction=opts["test_fraction"], localisation_weight=opts["localisation_weight"],
                       initial_weights=str(opts["initial_weights"]) if opts["initial_weights"] else None)
     return model, fit, bool(opts["progress"])
 

@@ -202,7 +202,7 @@ def write_card(card: ModelCard, onnx_path: Path) -> Path:
 def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of an evaluation report (``training.evaluate``) for the card."""
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "ece", "retrieval", "per_class", "n_test",
-            "ood")
+            "ood", "localisation")
     metrics = {k: report[k] for k in keys if k in report}
     metrics["evaluated_on"] = report.get("evaluated_on", "held-out test split")
     return metrics

@@ -19,12 +19,24 @@ from training.models import SonoModel
 CAM_EPS = 1e-12
 
 
+def grad_cam(fmap: Tensor, logits: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
+    """Grad-CAM (Selvaraju et al.) of class ``target`` [N] on ``fmap`` [N, C, h, w],
+    unscaled: ReLU(sum over channels of (spatial mean of d logit / d map) * map).
+
+    ``create_graph`` keeps the gradient differentiable, so a training loss on the map
+    (``training.train``'s localisation loss) can shape it; the exported graph and the
+    reference maps use the plain gradient."""
+    score = logits.gather(1, target.unsqueeze(1)).sum()
+    (grads,) = torch.autograd.grad(score, fmap, create_graph=create_graph)
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * fmap).sum(dim=1))
+
+
 class ExplainedModel(nn.Module):
     """``(image [N,1,H,W], target_class [N]) -> (probabilities, embedding, gradcam)``.
 
-    ``target_class`` -1 explains the predicted class. Grad-CAM (Selvaraju et al.):
-    weights = spatial mean of d(logit of the target)/d(last conv map); map =
-    ReLU(sum over channels of weight * map), scaled to [0, 1] per image.
+    ``target_class`` -1 explains the predicted class; the map is :func:`grad_cam`
+    scaled to [0, 1] per image.
     """
 
     def __init__(self, model: SonoModel) -> None:
@@ -39,9 +51,6 @@ class ExplainedModel(nn.Module):
             embedding = self.model.embed(fmap)
             logits = self.model.head(embedding)
             target = torch.where(target_class < 0, logits.argmax(dim=1), target_class)
-            score = logits.gather(1, target.unsqueeze(1)).sum()
-            (grads,) = torch.autograd.grad(score, fmap)
-        weights = grads.mean(dim=(2, 3), keepdim=True)
-        cam = torch.relu((weights * fmap).sum(dim=1))
+            cam = grad_cam(fmap, logits, target)
         cam = cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(CAM_EPS)
         return torch.softmax(logits, dim=1).detach(), F.normalize(embedding, dim=1).detach(), cam.detach()
