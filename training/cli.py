@@ -47,6 +47,9 @@ def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--rnn-hidden", type=int, default=256, show_default=True),
         click.option("--bidirectional/--unidirectional", default=False, show_default=True),
         click.option("--batch-norm/--no-batch-norm", default=True, show_default=True),
+        click.option("--cam-layer", default="conv5_3", show_default=True,
+                     help="hybrid: the VGG16 layer Grad-CAM explains: conv5_3 (an H/16 map), conv4_3 (H/8) or "
+                          "conv3_3 (H/4)."),
         click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True),
         click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate."),
@@ -101,7 +104,8 @@ def _configs(arch: str, seed: int, opts: dict[str, Any]) -> tuple[ModelConfig, T
         torch.set_num_threads(opts["threads"])
     model = ModelConfig(arch=arch, width=opts["width"], size=opts["size"], embedding_dim=opts["embedding_dim"],
                         rnn_type=opts["rnn_type"], rnn_hidden=opts["rnn_hidden"],
-                        bidirectional=opts["bidirectional"], batch_norm=opts["batch_norm"])
+                        bidirectional=opts["bidirectional"], batch_norm=opts["batch_norm"],
+                        cam_layer=opts["cam_layer"])
     fit = TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"], patience=opts["patience"],
                       class_weights=opts["class_weights"], augment=opts["augment"], seed=seed,
                       test_fraction=opts["test_fraction"], localisation_weight=opts["localisation_weight"],

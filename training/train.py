@@ -408,8 +408,8 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val balanced accuracy %.3f (%.0f s)",
-                 epoch, record["train_loss"], val_loss, val_bacc, record["seconds"])
+        log.info("epoch %d: train loss %.4f (localisation %.4f), val loss %.4f, val balanced accuracy %.3f (%.0f s)",
+                 epoch, record["train_loss"], train_localisation, val_loss, val_bacc, record["seconds"])
         _save_atomic({**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
                       "torch_rng": torch.get_rng_state(), "state": state}, checkpoint_path)
