@@ -96,7 +96,10 @@ def test_localisation_loss_is_the_share_of_heat_outside_the_lesion_cells() -> No
     cam[1, 3, 3] = 5.0  # all inside
     cam[2, 2, 2] = 9.0  # no lesion (normal): left out
     assert float(localisation_loss(cam, masks)) == pytest.approx((0.5 + 0.0) / 2, abs=1e-6)
-    assert float(localisation_loss(cam, torch.zeros(3, 32, 32))) == 0.0
+    assert float(localisation_loss(cam, torch.zeros(3, 32, 32))) == 0.0  # no lesion anywhere
+    dead = cam.clone()
+    dead[1] = 0  # an all-zero map is the worst, never a way out
+    assert float(localisation_loss(dead, masks)) == pytest.approx((0.5 + 1.0) / 2, abs=1e-6)
 
 
 def test_localisation_loss_moves_the_heat_of_a_real_hybrid_into_the_lesion() -> None:

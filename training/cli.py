@@ -50,6 +50,8 @@ def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--cam-layer", default="conv5_3", show_default=True,
                      help="hybrid: the VGG16 layer Grad-CAM explains: conv5_3 (an H/16 map), conv4_3 (H/8) or "
                           "conv3_3 (H/4)."),
+        click.option("--cam-method", default="gradcam", show_default=True,
+                     help="The class activation map in the exported graph: gradcam or gradcam++."),
         click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True),
         click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate."),
@@ -105,7 +107,7 @@ def _configs(arch: str, seed: int, opts: dict[str, Any]) -> tuple[ModelConfig, T
     model = ModelConfig(arch=arch, width=opts["width"], size=opts["size"], embedding_dim=opts["embedding_dim"],
                         rnn_type=opts["rnn_type"], rnn_hidden=opts["rnn_hidden"],
                         bidirectional=opts["bidirectional"], batch_norm=opts["batch_norm"],
-                        cam_layer=opts["cam_layer"])
+                        cam_layer=opts["cam_layer"], cam_method=opts["cam_method"])
     fit = TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"], patience=opts["patience"],
                       class_weights=opts["class_weights"], augment=opts["augment"], seed=seed,
                       test_fraction=opts["test_fraction"], localisation_weight=opts["localisation_weight"],

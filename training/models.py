@@ -27,6 +27,8 @@ ARCHITECTURES: tuple[str, ...] = ("hybrid", "cnn", "rnn", "mobilenetv2")
 #: Layers of the hybrid's VGG16 whose map Grad-CAM can explain (the last conv of a
 #: block, VGG naming): conv5_3 gives an H/16 map, conv4_3 H/8, conv3_3 H/4.
 CAM_LAYERS: tuple[str, ...] = ("conv5_3", "conv4_3", "conv3_3")
+#: How the class activation map weighs the channels (``training.gradcam.grad_cam``).
+CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcam++")
 
 #: VGG16, configuration D (Simonyan & Zisserman, table 1): channels, "M" = 2x2 max-pool.
 VGG16_D: tuple[int | str, ...] = (
@@ -55,6 +57,8 @@ class ModelConfig:
     dropout: float = 0.5
     #: hybrid only: the VGG16 layer whose map ``features`` returns and Grad-CAM explains.
     cam_layer: str = "conv5_3"
+    #: the class activation map the exported model computes (``training.gradcam``).
+    cam_method: str = "gradcam"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -68,6 +72,8 @@ class ModelConfig:
         if self.cam_layer not in CAM_LAYERS or (self.arch != "hybrid" and self.cam_layer != CAM_LAYERS[0]):
             raise ValueError(f"cam_layer must be one of {', '.join(CAM_LAYERS)} (hybrid only; the other "
                              f"architectures explain their last conv map), got {self.cam_layer!r} for {self.arch}")
+        if self.cam_method not in CAM_METHODS:
+            raise ValueError(f"cam_method must be one of {', '.join(CAM_METHODS)}, got {self.cam_method!r}")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

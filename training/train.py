@@ -257,9 +257,11 @@ def localisation_loss(cam: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
     A map cell counts as lesion when any lesion pixel falls in it, so a coarse map
     is not asked for more precision than it has. The share is scale-free: it moves
-    the heat, not its size. Images without a lesion (normal) add nothing."""
+    the heat, not its size; an all-zero map scores 1, the worst (were it 0, a class
+    could "pass" by cancelling its map everywhere). Images without a lesion (normal)
+    add nothing."""
     cells = F.adaptive_max_pool2d(masks.unsqueeze(1), cam.shape[-2:])[:, 0]
-    outside = (cam * (1 - cells)).sum(dim=(1, 2)) / (cam.sum(dim=(1, 2)) + 1e-6)
+    outside = 1 - (cam * cells).sum(dim=(1, 2)) / (cam.sum(dim=(1, 2)) + 1e-6)
     has_lesion = cells.flatten(1).amax(dim=1)
     return (outside * has_lesion).sum() / has_lesion.sum().clamp_min(1)
 
@@ -307,7 +309,7 @@ def _fit_epoch(model: SonoModel, batches: Iterable[Batch], optimizer: torch.opti
         logits = model.head(model.embed(fmap))
         loss = loss_fn(logits, y)
         if masks is not None:
-            cam = grad_cam(fmap, logits, y, create_graph=True)
+            cam = grad_cam(fmap, logits, y, method=model.config.cam_method, create_graph=True)
             extra = localisation_loss(cam, masks.to(device))
             (loss + localisation_weight * extra).backward()
             localisation += extra.item() * len(y)
