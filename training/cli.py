@@ -146,9 +146,14 @@ def _fail_clearly(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _print_report(report: dict[str, Any], where: Path) -> None:
     retrieval = report["retrieval"]
+    pointing = ""
+    if "localisation" in report:
+        lesions = report["localisation"]["all"]
+        pointing = (f", heatmap pointing game {lesions['pointing_game']:.3f} (random point "
+                    f"{lesions['random_pointing_game']:.3f}), heat share {lesions['heat_share']:.3f}")
     click.echo(f"balanced accuracy {report['balanced_accuracy']:.3f}, accuracy {report['accuracy']:.3f}, "
                f"macro F1 {report['macro_f1']:.3f}, mAP@5 {retrieval['map@5']:.3f}, "
-               f"ACC@1 {retrieval['acc@1']:.3f} (n={report['n_test']}); report in {where}")
+               f"ACC@1 {retrieval['acc@1']:.3f}{pointing} (n={report['n_test']}); report in {where}")
 
 
 @click.command("train", epilog=_DATA_HELP)

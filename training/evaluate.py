@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from service.datasets.records import Record
 from service.model_card import DISCLAIMER
 from service.model.imaging import resize_map
-from training.gradcam import ExplainedModel
+from training.gradcam import ExplainedModel, cam_name
 from training.localisation import localisation_metrics
 from training.models import ModelConfig
 from training.train import (
@@ -190,7 +190,7 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
     test_masks = [records[i].mask for i in test]
     localisation = localisation_metrics(heatmaps, test_masks, labels[test], trained.classes)
     if localisation is not None:
-        report["localisation"] = localisation
+        report["localisation"] = {"heatmap": cam_name(trained.model_config), **localisation}
     centroids = np.array(trained.ood.centroids)
     distances = np.linalg.norm(test_emb[:, None, :] - centroids[None], axis=2).min(axis=1)
     report["ood"] = {"threshold": trained.ood.threshold, "percentile": trained.ood.percentile,
@@ -276,7 +276,8 @@ def localisation_markdown(localisation: dict[str, Any] | None) -> list[str]:
         return []
     rows = [*localisation["per_class"].items(), ("all with a lesion", localisation["all"])]
     return [
-        "Does Grad-CAM point at the lesion? The map of the predicted class, resized to "
+        f"Does the heatmap ({localisation.get('heatmap', 'Grad-CAM')}) point at the lesion? The map of the "
+        "predicted class, resized to "
         f"{localisation['size_px']} x {localisation['size_px']} as the node resizes it, against the lesion mask "
         f"(test images with one). Pointing game: the map's peak lies within {localisation['tolerance_px']:g} px of "
         "the lesion; heat share: the part of the map's heat inside the lesion. Chance levels beside them: a "

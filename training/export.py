@@ -46,7 +46,7 @@ from service.model_card import (
     card_path_for,
     sha256_file,
 )
-from training.gradcam import ExplainedModel
+from training.gradcam import ExplainedModel, cam_name
 from training.models import SonoModel
 from training.train import TrainedModel, resize_images, to_tensor
 
@@ -180,15 +180,13 @@ def onnx_opset(path: Path) -> int:
 def architecture_name(trained: TrainedModel) -> str:
     c = trained.model_config
     rnn = f"{'bi' if c.bidirectional else ''}{c.rnn_type.upper()}({c.rnn_hidden})"
-    cam = f"; {'Grad-CAM++' if c.cam_method == 'gradcam++' else 'Grad-CAM'} on " + (
-        c.cam_layer if c.arch == "hybrid" else "the last conv map")
     return {
         "hybrid": f"VGG16-D conv x{c.width:g}{' +BN' if c.batch_norm else ''} -> {rnn} over rows -> "
                   f"{c.embedding_dim}-d embedding -> {c.num_classes}-class head",
         "cnn": f"4-conv CNN x{c.width:g} -> {c.embedding_dim}-d dense -> {c.num_classes}-class head",
         "rnn": f"{rnn} over pixel rows -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
         "mobilenetv2": f"MobileNetV2 x{c.width:g} -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
-    }[c.arch] + cam
+    }[c.arch] + f"; {cam_name(c)}"
 
 
 def build_card(trained: TrainedModel, onnx_path: Path, *, name: str, version: str,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.models import CAM_METHODS, SonoModel
+from training.models import CAM_METHODS, ModelConfig, SonoModel
 
 #: Below this peak a map counts as all zero (and stays zero instead of being blown up).
 CAM_EPS = 1e-12
@@ -48,6 +48,12 @@ def grad_cam(fmap: Tensor, logits: Tensor, target: Tensor, *, method: str = "gra
         alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
         weights = (torch.relu(grads) * alpha).sum(dim=(2, 3), keepdim=True)
     return torch.relu((weights * fmap).sum(dim=1))
+
+
+def cam_name(config: ModelConfig) -> str:
+    """How a model's heatmap is made, for people: "Grad-CAM++ on conv4_3"."""
+    method = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}[config.cam_method]
+    return f"{method} on {config.cam_layer if config.arch == 'hybrid' else 'the last conv map'}"
 
 
 class ExplainedModel(nn.Module):
