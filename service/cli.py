@@ -7,6 +7,7 @@ so ``sonocase serve`` never imports torch and ``sonocase --help`` stays fast.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import click
 
 from service.common.logs import configure_logging
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import Peer, Settings, SettingsError, load_settings, parse_peer
 
 #: command name -> "module:attribute" of its click command
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -93,7 +94,23 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
     return settings
 
 
+def peer_param(ctx: click.Context, param: click.Parameter, value: str | tuple[str, ...] | None,
+               ) -> Peer | tuple[Peer, ...] | None:
+    """Click callback: an option's ``AE@host:port[+tls]`` or DICOMweb URL (or several,
+    for a ``multiple`` option) parsed, a bad one a usage error naming the option."""
+    try:
+        if isinstance(value, tuple):
+            return tuple(parse_peer(v) for v in value)
+        return None if value is None else parse_peer(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def main() -> None:
+    # ONNX Runtime's telemetry (1DS, on Linux since 1.2x) would write a device ID under
+    # $HOME and upload events: a hospital node sends nothing anywhere. The variable must
+    # be set before the runtime starts; worker processes inherit it.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     cli(prog_name="sonocase")
 
 

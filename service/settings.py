@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -21,6 +22,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from service.common.hosts import allowed_networks
 
 #: The repository root, where the shipped model and SR template live.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +69,49 @@ class Destination(BaseModel):
         return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
+class DicomWebDestination(BaseModel):
+    """A DICOMweb origin server (its base URL, e.g. ``https://archive/dicom-web``):
+    results go to it by STOW-RS, the library fill reads it by QIDO-RS and WADO-RS."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("a DICOMweb URL must not hold credentials: use dicomweb_token_file or "
+                             "dicomweb_user + dicomweb_password_file")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{value!r}: a DICOMweb base URL has no query or fragment")
+        return value.strip().rstrip("/")
+
+    @classmethod
+    def parse(cls, text: str) -> DicomWebDestination:
+        """Parse a base URL; a ``ValueError`` says what is wrong with it."""
+        try:
+            return cls(url=text)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+    def __str__(self) -> str:
+        return self.url
+
+
+#: Where results go and where the library is read from: a DICOM peer or a DICOMweb server.
+Peer = Destination | DicomWebDestination
+
+
+def parse_peer(text: str) -> Peer:
+    """``AE@host:port[+tls]`` is a DICOM peer; ``http(s)://host[:port]/path`` a
+    DICOMweb server (a URL is told apart by its ``://``)."""
+    return DicomWebDestination.parse(text) if "://" in text else Destination.parse(text)
+
+
 def _split_list(value: Any) -> Any:
     """Let scripts write lists as ``a,b,c`` in environment variables."""
     if isinstance(value, str):
@@ -98,9 +144,33 @@ class Settings(BaseSettings):
         default_factory=list, description="Calling AE titles accepted; empty accepts all"
     )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Peer addresses accepted; empty accepts all"
+        default_factory=list, description="Peers accepted: IP addresses, CIDR blocks, host names (resolved at "
+        "start); others are disconnected before anything they send is read; empty accepts all"
     )
-    max_associations: int = Field(10, ge=1, le=1000)
+    max_associations: int = Field(10, ge=1, le=1000, description="Established associations served at once")
+    max_pending_associations: int = Field(
+        16, ge=1, le=1000, description="Connections still negotiating an association; when full, the one "
+        "waiting longest is closed"
+    )
+    acse_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="A connection must complete association negotiation within this, "
+        "else it is closed (also pynetdicom's ACSE timeout)"
+    )
+    dimse_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A PDU, once begun, must arrive in full within this (also "
+        "pynetdicom's DIMSE timeout)"
+    )
+    network_timeout_s: float = Field(
+        60.0, gt=0, le=86400, description="An association with no PDU for this long is aborted"
+    )
+    max_dataset_mb: int = Field(
+        256, ge=1, le=65536, description="Largest data set accepted (a deflated one once inflated); larger "
+        "ones are refused 0xC003"
+    )
+    max_in_flight_mb: int = Field(
+        256, ge=1, le=1 << 20, description="Memory for data sets being received, all associations "
+        "together; beyond it C-STORE is refused 0xA700 (fast engine) or the association aborted (stock)"
+    )
     receiver_engine: Literal["fast", "stock"] = Field(
         "fast", description="fast: pynetdicom with our receive path (its version only; else stock); "
         "stock: plain pynetdicom"
@@ -124,7 +194,13 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=0, le=64, description="Worker processes that 'serve' starts itself")
     task_max_attempts: int = Field(3, ge=1, le=100)
     task_retry_backoff_s: float = Field(5.0, gt=0)
-    task_lease_s: float = Field(600.0, gt=0, description="An analysis not finished within this is re-queued")
+    task_lease_s: float = Field(
+        20.0, gt=0, description="A study whose worker stops renewing its lease (every third of this) for this "
+        "long, or whose queue message was not taken within it, is queued (or reported) again"
+    )
+    task_time_limit_s: float = Field(
+        900.0, gt=0, description="An analysis still running after this is killed and retried (a hung worker)"
+    )
     model_path: Path = Field(PROJECT_ROOT / "onnx_models" / "sonocase-hybrid.onnx")
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     max_cine_frames: int = Field(8, ge=1, le=1000)
@@ -142,15 +218,46 @@ class Settings(BaseSettings):
         description="SR codes and wording; validated when the node starts",
     )
     sc_transfer_syntax: Literal["explicit-little-endian", "jpeg-baseline"] = "explicit-little-endian"
-    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    destinations: Annotated[list[Peer], NoDecode] = Field(
+        default_factory=list, description="Where results go: AE@host:port[+tls] (C-STORE) or a DICOMweb "
+        "base URL http(s)://host[:port]/path (STOW-RS)"
+    )
     send_max_attempts: int = Field(10, ge=1, le=1000)
     send_backoff_s: float = Field(5.0, gt=0)
     send_backoff_max_s: float = Field(600.0, gt=0)
 
+    # --- DICOMweb peers (STOW-RS destinations, the archive of `index add --pacs URL`) ---
+    dicomweb_token_file: Path | None = Field(
+        None, description="File holding the Bearer token sent to DICOMweb peers"
+    )
+    dicomweb_user: str = Field("", description="User name for HTTP basic authentication at DICOMweb peers")
+    dicomweb_password_file: Path | None = Field(None, description="File holding that user's password")
+    dicomweb_ca: Path | None = Field(None, description="CA bundle that DICOMweb peers' HTTPS certificates are "
+                                     "checked against; unset: REQUESTS_CA_BUNDLE, else certifi's public CAs")
+    dicomweb_timeout_s: float = Field(60.0, gt=0, description="Seconds to connect, and between bytes of an "
+                                      "answer, before a DICOMweb request fails")
+
+    # --- receiving over DICOMweb (STOW-RS on the HTTP side) ---
+    stow_max_request_mb: int = Field(
+        4096, ge=1, description="Largest STOW-RS request body accepted (MB); larger ones are answered 413"
+    )
+
     # --- watching it -------------------------------------------------------
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535, description="Health, metrics and status page; 0 turns it off")
-    web_token: str = Field("", description="Bearer token for the status page; empty disables the page")
+    web_token: str = Field("", description="Bearer token for the status page and API; empty turns both off")
+    web_session_idle_s: float = Field(1800.0, gt=0, description="A status-page sign-in ends after this long unused")
+    web_session_max_s: float = Field(43200.0, gt=0, description="... and this long after signing in, used or not")
+    web_login_attempts: int = Field(
+        5, ge=1, le=1000, description="Wrong tokens (form or Bearer) one address may send per web_login_window_s"
+    )
+    web_login_window_s: float = Field(60.0, gt=0)
+    web_max_body_bytes: int = Field(65536, ge=1024, description="Largest request body the page and API accept")
+    web_max_connections: int = Field(64, ge=1, le=10000, description="Open HTTP connections; more are closed at once")
+    web_read_timeout_s: float = Field(
+        10.0, ge=0, description="A request's headers must arrive within this, and its body never pause longer; "
+        "0 runs uvicorn's own protocol (no read deadlines, no connection cap)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -169,11 +276,17 @@ class Settings(BaseSettings):
     def _hosts(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _resolvable_hosts(cls, value: list[str]) -> list[str]:
+        allowed_networks(value)  # raises, naming the entry, if one is no address, block or name
+        return value
+
     @field_validator("destinations", mode="before")
     @classmethod
     def _destinations(cls, value: Any) -> Any:
         items = _split_list(value)
-        return [Destination.parse(v) if isinstance(v, str) else v for v in items]
+        return [parse_peer(v) if isinstance(v, str) else v for v in items]
 
     @field_validator("ledger_url")
     @classmethod
@@ -183,7 +296,8 @@ class Settings(BaseSettings):
             raise ValueError("must be empty (SQLite under data_dir) or a postgresql://user@host:port/db URL")
         return value
 
-    @field_validator("tls_cert", "tls_key", "tls_ca")
+    @field_validator("tls_cert", "tls_key", "tls_ca", "dicomweb_token_file", "dicomweb_password_file",
+                     "dicomweb_ca")
     @classmethod
     def _existing_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -254,6 +368,15 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             env_name = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else name
             lines.append(f"invalid setting {env_name} ({name}): {error['msg']}")
         raise SettingsError("\n".join(lines)) from None
+    if settings.max_in_flight_mb < settings.max_dataset_mb:
+        raise SettingsError(f"{ENV_PREFIX}MAX_IN_FLIGHT_MB ({settings.max_in_flight_mb}) must be at least "
+                            f"{ENV_PREFIX}MAX_DATASET_MB ({settings.max_dataset_mb}): a data set that size could "
+                            "never be received")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SettingsError(f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY must be set together")
+    if bool(settings.dicomweb_user) != (settings.dicomweb_password_file is not None):
+        raise SettingsError(f"{ENV_PREFIX}DICOMWEB_USER and {ENV_PREFIX}DICOMWEB_PASSWORD_FILE must be set together")
+    if settings.dicomweb_user and settings.dicomweb_token_file is not None:
+        raise SettingsError(f"{ENV_PREFIX}DICOMWEB_TOKEN_FILE and {ENV_PREFIX}DICOMWEB_USER exclude each other: "
+                            "one kind of authentication")
     return settings

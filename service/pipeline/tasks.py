@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import celery.apps.worker
 import click
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from service.cli import settings_from
 from service.ledger import Ledger, StudyState, open_ledger
@@ -108,26 +109,28 @@ def process_study(state: WorkerState, study_uid: str) -> str:
         LOG.info("not claimed: analysed already, or another worker holds its lease", extra={"study_uid": study_uid})
         return "not-claimed"
     LOG.info("analysing generation %d", generation, extra={"study_uid": study_uid})
-    try:
-        model = state.model()
-        index = state.index(model)
-        analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid), index)
-    except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
-        reason = f"{type(exc).__name__}: {exc}"
-        outcome = ledger.retry_or_fail(study_uid, "analysis", reason, settings.task_max_attempts,
-                                       settings.task_retry_backoff_s)
-        LOG.exception("analysis failed (%s)", "giving up" if outcome == StudyState.FAILED else "will retry",
-                      extra={"study_uid": study_uid})
-        return str(outcome)
-    if not ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json")):
-        LOG.info("result of generation %d not stored: the study was re-opened, or another worker stored it first",
-                 generation, extra={"study_uid": study_uid})
-        return "stale"
-    summary = analysis.result.summary
-    LOG.info("analysed: %s%s in %.2f s", summary.predicted or "no class",
-             f" ({summary.probability:.3f})" if summary.probability is not None else "",
-             analysis.result.timings_s.get("total_s", 0.0), extra={"study_uid": study_uid})
-    _report(state, study_uid, generation, index)
+    with ledger.keep_lease(study_uid, generation, settings.task_lease_s):
+        try:
+            model = state.model()
+            index = state.index(model)
+            analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid), index)
+        except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
+            reason = f"{type(exc).__name__}: {exc}"
+            outcome = ledger.retry_or_fail(study_uid, "analysis", reason, settings.task_max_attempts,
+                                           settings.task_retry_backoff_s)
+            LOG.exception("analysis failed (%s)", "giving up" if outcome == StudyState.FAILED else "will retry",
+                          extra={"study_uid": study_uid})
+            return str(outcome)
+        if not ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json"),
+                                      lease_s=settings.task_lease_s):
+            LOG.info("result of generation %d not stored: the study was re-opened, or another worker stored it "
+                     "first", generation, extra={"study_uid": study_uid})
+            return "stale"
+        summary = analysis.result.summary
+        LOG.info("analysed: %s%s in %.2f s", summary.predicted or "no class",
+                 f" ({summary.probability:.3f})" if summary.probability is not None else "",
+                 analysis.result.timings_s.get("total_s", 0.0), extra={"study_uid": study_uid})
+        _report(state, study_uid, generation, index)
     if index is not None and analysis.index_entries:
         try:
             index.add(analysis.index_entries)
@@ -193,8 +196,21 @@ def worker(ctx: click.Context, concurrency: int, data_dir: Path | None, parent_p
     state = WorkerState(settings, threads=max(1, (os.cpu_count() or 1) // concurrency))
     register_tasks(app, state)
     worker_process_init.connect(lambda **_: state.open(), weak=False)
-    app.worker_main([
+    # Our logging (set up by settings_from) stays as it is: with a receiver connected,
+    # Celery configures no handler of its own and leaves stdout and stderr alone.
+    setup_logging.connect(lambda **_: None, weak=False)
+    argv = [
         "worker", f"--concurrency={concurrency}", "--pool=prefork", f"--loglevel={settings.log_level}",
         "--without-mingle", "--without-gossip", "--without-heartbeat", f"--queues={QUEUE}",
         f"--hostname=sonocase-{os.getpid()}@%h",
-    ])
+    ]
+    if settings.log_format == "json":
+        argv.insert(0, "--quiet")  # celery's own option (before the command): the start-up banner is text
+        celery.apps.worker.safe_say = _say_as_log  # its shutdown notices are written to stdout directly
+    app.worker_main(argv)
+
+
+def _say_as_log(msg: str, f: Any = None) -> None:
+    """What Celery's worker says outside logging (``celery.apps.worker.safe_say``: the
+    shutdown notices of its signal handlers), as a log record: used in json mode only."""
+    logging.getLogger("celery.apps.worker").info(msg.strip())
