@@ -252,8 +252,9 @@ def _augment_batch(images: np.ndarray, masks: np.ndarray | None,
 
 
 def localisation_loss(cam: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean share of the Grad-CAM heat (``cam`` [N, h, w], unscaled) that lies outside
-    the lesion, over the images that have one (``masks`` [N, H, W], 0/1 at input size).
+    """Mean share of the class activation map's heat (``cam`` [N, h, w], unscaled, from
+    :func:`training.gradcam.grad_cam`) that lies outside the lesion, over the images
+    that have one (``masks`` [N, H, W], 0/1 at input size).
 
     A map cell counts as lesion when any lesion pixel falls in it, so a coarse map
     is not asked for more precision than it has. The share is scale-free: it moves
@@ -299,7 +300,7 @@ def _fit_epoch(model: SonoModel, batches: Iterable[Batch], optimizer: torch.opti
                device: torch.device) -> tuple[float, float, float]:
     """One pass of Adam steps; returns the mean training cross-entropy, accuracy and
     localisation loss (0 when the batches carry no masks). The localisation loss
-    shapes the Grad-CAM of the true class, the map the node shows when it is right."""
+    shapes the map of the true class, the one the node shows when it is right."""
     model.train()
     total, localisation, correct, seen = 0.0, 0.0, 0, 0
     for x, y, masks in batches:
@@ -344,8 +345,12 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
     labels = np.array([r.label for r in records], dtype=np.int64)
     images = resize_images(records, model_config.size)
     fit_x, fit_y = images[split.fit], labels[split.fit]
-    fit_masks = (resize_masks([records[i] for i in split.fit], model_config.size)
-                 if train_config.localisation_weight else None)
+    fit_masks = None
+    if train_config.localisation_weight:
+        if any(records[i].mask is not None for i in split.fit):
+            fit_masks = resize_masks([records[i] for i in split.fit], model_config.size)
+        else:
+            log.warning("--localisation-weight: no training image has a lesion mask; training on the labels alone")
     val_x, val_y = images[split.val], labels[split.val]
     pixels = fit_x.astype(np.float32) / 255.0
     norm = Normalisation(mean=round(float(pixels.mean()), 6), std=round(float(pixels.std()) or 1.0, 6))
