@@ -11,8 +11,10 @@ inputs
 outputs
   ``probabilities`` float32 [N, C], softmax over ``classes``
   ``embedding``     float32 [N, D], L2-normalised penultimate features (retrieval)
-  ``gradcam``       float32 [N, h, w], Grad-CAM of the target class on the last
-                    convolutional map, ReLU'd and scaled to [0, 1] per image
+  ``gradcam``       float32 [N, h, w], the class activation map of the target class
+                    (Grad-CAM or Grad-CAM++ on a convolutional map of the model's
+                    input region; ``hyperparameters`` name which), ReLU'd and scaled
+                    to [0, 1] per image
 """
 
 from __future__ import annotations

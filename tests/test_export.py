@@ -43,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 SIZE = 64
 
 
-def _import_grad_cam() -> tuple[type, type]:
+def _import_grad_cam() -> tuple[dict[str, type], type]:
     """The ``grad-cam`` package (installed with --no-deps, see scripts/setup.sh).
 
     Its package ``__init__`` imports ``torchvision`` (``utils/image.py``: transforms
@@ -51,8 +51,9 @@ def _import_grad_cam() -> tuple[type, type]:
     detection targets; ``sess.py``: ``resize``), and importing any submodule runs that
     ``__init__``, so no submodule avoids it. We never install torchvision: stand-in
     modules carrying those names exist only while the package imports (a fake for an
-    import only: GradCAM and ClassifierOutputTarget call none of them), then leave
-    ``sys.modules`` so nothing else mistakes them for torchvision.
+    import only: the CAM classes and ClassifierOutputTarget call none of them), then
+    leave ``sys.modules`` so nothing else mistakes them for torchvision. Returns the
+    package's class for each of our ``cam_method`` names, and its target class.
     """
     torchvision = types.ModuleType("torchvision")
     transforms = types.ModuleType("torchvision.transforms")
@@ -66,12 +67,12 @@ def _import_grad_cam() -> tuple[type, type]:
     assert not set(stand_ins) & set(sys.modules), "torchvision must not be installed (see scripts/setup.sh)"
     sys.modules.update(stand_ins)
     try:
-        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     finally:
         for name in stand_ins:
             del sys.modules[name]
-    return GradCAM, ClassifierOutputTarget
+    return {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}, ClassifierOutputTarget
 
 
 @pytest.fixture(scope="module")
@@ -137,20 +138,24 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
-@pytest.mark.parametrize("arch", ["hybrid", "cnn", pytest.param("mobilenetv2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["hybrid", "hybrid-conv4_3-gradcam++", "cnn",
+                                  pytest.param("mobilenetv2", marks=pytest.mark.slow)])
 def test_gradcam_matches_the_grad_cam_package(arch: str, hybrid: tuple[SonoModel, Path], images: torch.Tensor,
                                               tmp_path: Path) -> None:
     """Pearson >= 0.99 for every class on several inputs, against pytorch_grad_cam's
-    GradCAM on the same model and target layer. An export whose gradient was frozen
-    at trace time (or that ignored target_class) would fail: maps of different
-    classes differ, and they differ between inputs."""
-    GradCAM, ClassifierOutputTarget = _import_grad_cam()
+    class for the model's CAM method (GradCAM, GradCAMPlusPlus) on the same model and
+    target layer. An export whose gradient was frozen at trace time (or that ignored
+    target_class) would fail: maps of different classes differ, and they differ
+    between inputs."""
+    cam_classes, ClassifierOutputTarget = _import_grad_cam()
     if arch == "hybrid":
         model, path = hybrid
     else:
         torch.manual_seed(1)  # untrained GAP networks often give a class an all-zero map; this seed does not
-        model = _with_batch_statistics(build_model(ModelConfig(arch=arch, width=0.25, size=SIZE, embedding_dim=32)),
-                                       images)
+        name, *variant = arch.split("-")
+        options = dict(zip(("cam_layer", "cam_method"), variant))
+        model = _with_batch_statistics(build_model(ModelConfig(
+            arch=name, width=0.25, size=SIZE, embedding_dim=32, **options)), images)
         path = tmp_path / f"{arch}.onnx"
         export_onnx(model, path)
     session = ort.InferenceSession(str(path))
@@ -158,7 +163,8 @@ def test_gradcam_matches_the_grad_cam_package(arch: str, hybrid: tuple[SonoModel
     per_class = []
     for cls in range(3):
         _, _, ours = session.run(None, {"image": x, "target_class": np.full(len(x), cls, dtype=np.int64)})
-        with GradCAM(model=model, target_layers=[model.target_layer]) as cam:
+        assert ours.shape[1:] == model.features(images[:1]).shape[2:]
+        with cam_classes[model.config.cam_method](model=model, target_layers=[model.target_layer]) as cam:
             reference = cam(input_tensor=images, targets=[ClassifierOutputTarget(cls)] * len(x))
         live = [i for i in range(len(x)) if ours[i].max() > 0]
         assert len(live) >= 2, f"class {cls}: fewer than two non-zero maps to compare"
@@ -260,13 +266,13 @@ def test_row_rnn_gradcam_matches_the_grad_cam_package(images: torch.Tensor) -> N
     """The pixel-row LSTM explains rows (an [H, 1] map). Its export unrolls one LSTM
     step per pixel row and takes minutes, so this checks the in-graph computation
     (ExplainedModel, which export traces) in eager PyTorch."""
-    GradCAM, ClassifierOutputTarget = _import_grad_cam()
+    cam_classes, ClassifierOutputTarget = _import_grad_cam()
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="rnn", width=0.25, size=SIZE, embedding_dim=16, rnn_hidden=16)).eval()
     for cls in range(3):
         _, _, ours = ExplainedModel(model)(images, torch.full((len(images),), cls))
         assert ours.shape == (len(images), SIZE, 1)
-        with GradCAM(model=model, target_layers=[model.target_layer]) as cam:
+        with cam_classes["gradcam"](model=model, target_layers=[model.target_layer]) as cam:
             reference = cam(input_tensor=images, targets=[ClassifierOutputTarget(cls)] * len(images))
         live = [i for i in range(len(images)) if ours[i].max() > 0]
         assert len(live) >= 2

@@ -77,11 +77,32 @@ def test_hybrid_variants(kw: dict[str, object]) -> None:
         assert isinstance(model.rows.rnn, nn.GRU)
 
 
+@pytest.mark.parametrize(("layer", "side"), [("conv5_3", SIZE // 16), ("conv4_3", SIZE // 8), ("conv3_3", SIZE // 4)])
+def test_hybrid_cam_layer_moves_the_map_not_the_weights(layer: str, side: int) -> None:
+    """A finer Grad-CAM layer splits the same network elsewhere: same parameters,
+    same logits, a map of the chosen layer's resolution from its target layer."""
+    torch.manual_seed(0)
+    reference = build_model(tiny("hybrid")).eval()
+    model = build_model(tiny("hybrid", cam_layer=layer)).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 1, SIZE, SIZE)
+    seen: list[torch.Tensor] = []
+    model.target_layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        fmap = model.features(x)
+        torch.testing.assert_close(model.head(model.embed(fmap)), reference(x))
+    assert fmap.shape[-2:] == (side, side)
+    assert torch.equal(seen[0], fmap)
+
+
 @pytest.mark.parametrize(("kw", "message"), [
     ({"arch": "resnet"}, "unknown architecture"),
     ({"size": 100}, "multiple of 32"),
     ({"width": 0}, "width multiplier"),
     ({"rnn_type": "transformer"}, "rnn_type"),
+    ({"cam_layer": "conv2_2"}, "cam_layer must be one of"),
+    ({"arch": "cnn", "cam_layer": "conv4_3"}, "hybrid only"),
+    ({"cam_method": "scorecam"}, "cam_method must be one of"),
 ])
 def test_bad_config_is_named(kw: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -186,10 +186,11 @@ def test_cli_train_export_evaluate(tmp_path: Path) -> None:
                          "--embedding-dim", "16", "--epochs", "1", "--no-augment", "--no-progress",
                          "--out", str(out), "--export", str(onnx_path)])
     assert code == 0, output
-    assert "balanced accuracy" in output
+    assert "balanced accuracy" in output and "pointing game" in output
     card = ModelCard.load(onnx_path)
     assert card.training_data["command"].startswith("sonocase train --synthetic 6 --arch cnn --width 0.125")
     assert card.metrics["n_test"] > 0 and "balanced_accuracy" in card.metrics
+    assert card.metrics["localisation"]["all"]["n"] > 0  # the synthetic lesions carry masks
     for suffix in (".report.md", ".report.json", ".confusion.png", ".roc.png", ".learning.png", ".gradcam.png"):
         assert onnx_path.with_name(f"tiny{suffix}").is_file(), suffix
 

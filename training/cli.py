@@ -47,6 +47,11 @@ def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--rnn-hidden", type=int, default=256, show_default=True),
         click.option("--bidirectional/--unidirectional", default=False, show_default=True),
         click.option("--batch-norm/--no-batch-norm", default=True, show_default=True),
+        click.option("--cam-layer", default="conv5_3", show_default=True,
+                     help="hybrid: the VGG16 layer Grad-CAM explains: conv5_3 (an H/16 map), conv4_3 (H/8) or "
+                          "conv3_3 (H/4)."),
+        click.option("--cam-method", default="gradcam", show_default=True,
+                     help="The class activation map in the exported graph: gradcam or gradcam++."),
         click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True),
         click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate."),
@@ -56,6 +61,9 @@ def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Weight the cross-entropy by inverse class frequency."),
         click.option("--augment/--no-augment", default=True, show_default=True,
                      help="Rotation, flip, scale, contrast on the training split only."),
+        click.option("--localisation-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Weight of the loss that moves the Grad-CAM heat of the true class into the lesion mask "
+                          "(images with masks only: BUSI, synthetic); 0 trains on the labels alone."),
         click.option("--initial-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="State dict to start from (ours, or torchvision VGG16 for hybrid). Nothing is downloaded."),
         click.option("--test-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True),
@@ -98,10 +106,11 @@ def _configs(arch: str, seed: int, opts: dict[str, Any]) -> tuple[ModelConfig, T
         torch.set_num_threads(opts["threads"])
     model = ModelConfig(arch=arch, width=opts["width"], size=opts["size"], embedding_dim=opts["embedding_dim"],
                         rnn_type=opts["rnn_type"], rnn_hidden=opts["rnn_hidden"],
-                        bidirectional=opts["bidirectional"], batch_norm=opts["batch_norm"])
+                        bidirectional=opts["bidirectional"], batch_norm=opts["batch_norm"],
+                        cam_layer=opts["cam_layer"], cam_method=opts["cam_method"])
     fit = TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"], patience=opts["patience"],
                       class_weights=opts["class_weights"], augment=opts["augment"], seed=seed,
-                      test_fraction=opts["test_fraction"],
+                      test_fraction=opts["test_fraction"], localisation_weight=opts["localisation_weight"],
                       initial_weights=str(opts["initial_weights"]) if opts["initial_weights"] else None)
     return model, fit, bool(opts["progress"])
 
@@ -137,9 +146,14 @@ def _fail_clearly(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _print_report(report: dict[str, Any], where: Path) -> None:
     retrieval = report["retrieval"]
+    pointing = ""
+    if "localisation" in report:
+        lesions = report["localisation"]["all"]
+        pointing = (f", heatmap pointing game {lesions['pointing_game']:.3f} (random point "
+                    f"{lesions['random_pointing_game']:.3f}), heat share {lesions['heat_share']:.3f}")
     click.echo(f"balanced accuracy {report['balanced_accuracy']:.3f}, accuracy {report['accuracy']:.3f}, "
                f"macro F1 {report['macro_f1']:.3f}, mAP@5 {retrieval['map@5']:.3f}, "
-               f"ACC@1 {retrieval['acc@1']:.3f} (n={report['n_test']}); report in {where}")
+               f"ACC@1 {retrieval['acc@1']:.3f}{pointing} (n={report['n_test']}); report in {where}")
 
 
 @click.command("train", epilog=_DATA_HELP)

@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from service.datasets.records import Record
 from service.model_card import DISCLAIMER
-from training.gradcam import ExplainedModel
+from service.model.imaging import resize_map
+from training.gradcam import ExplainedModel, cam_name
+from training.localisation import localisation_metrics
 from training.models import ModelConfig
 from training.train import (
     DataSource,
@@ -37,6 +38,7 @@ from training.train import (
     make_split,
     predict,
     resize_images,
+    resize_masks,
     split_off_validation,
     to_tensor,
     train,
@@ -184,6 +186,11 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
     _, probs, test_emb = predict(trained.model, images[test], trained.norm)
     _, _, train_emb = predict(trained.model, images[train], trained.norm)
     report = score(labels[test], probs, test_emb, labels[train], train_emb, trained.classes)
+    heatmaps = explain(trained, images[test])
+    test_masks = [records[i].mask for i in test]
+    localisation = localisation_metrics(heatmaps, test_masks, labels[test], trained.classes)
+    if localisation is not None:
+        report["localisation"] = {"heatmap": cam_name(trained.model_config), **localisation}
     centroids = np.array(trained.ood.centroids)
     distances = np.linalg.norm(test_emb[:, None, :] - centroids[None], axis=2).min(axis=1)
     report["ood"] = {"threshold": trained.ood.threshold, "percentile": trained.ood.percentile,
@@ -201,8 +208,9 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
                                     out_dir / f"{prefix}.confusion.png"),
         "roc": plot_roc(labels[test], probs, trained.classes, out_dir / f"{prefix}.roc.png"),
         "learning": plot_learning(trained.history, out_dir / f"{prefix}.learning.png"),
-        "gradcam": plot_gradcam(trained, images[test], labels[test], out_dir / f"{prefix}.gradcam.png",
-                                gradcam_examples),
+        "gradcam": plot_gradcam(trained, images[test], labels[test], probs, heatmaps,
+                                resize_masks([records[i] for i in test], trained.model_config.size),
+                                out_dir / f"{prefix}.gradcam.png", gradcam_examples),
     }
     report["plots"] = {name: path.name for name, path in plots.items()}
     _write_text(out_dir / f"{prefix}.report.json", json.dumps(report, indent=2) + "\n")
@@ -255,9 +263,32 @@ def markdown_report(report: dict[str, Any]) -> str:
         *(f"| {name} | " + " | ".join(str(v) for v in row) + " |"
           for name, row in zip(classes, report["confusion_matrix"])),
         "",
+        *localisation_markdown(report.get("localisation")),
     ]
     lines += [f"![{name}]({file})" for name, file in report.get("plots", {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def localisation_markdown(localisation: dict[str, Any] | None) -> list[str]:
+    """The report's section on whether Grad-CAM points at the lesion (empty when the
+    test images carry no lesion masks)."""
+    if localisation is None:
+        return []
+    rows = [*localisation["per_class"].items(), ("all with a lesion", localisation["all"])]
+    return [
+        f"Does the heatmap ({localisation.get('heatmap', 'Grad-CAM')}) point at the lesion? The map of the "
+        "predicted class, resized to "
+        f"{localisation['size_px']} x {localisation['size_px']} as the node resizes it, against the lesion mask "
+        f"(test images with one). Pointing game: the map's peak lies within {localisation['tolerance_px']:g} px of "
+        "the lesion; heat share: the part of the map's heat inside the lesion. Chance levels beside them: a "
+        "uniformly random point, a uniform map.",
+        "",
+        "| class | images | pointing game | random point | heat share | uniform map |",
+        "|---|---|---|---|---|---|",
+        *(f"| {name} | {m['n']} | {_fmt(m['pointing_game'])} | {_fmt(m['random_pointing_game'])} "
+          f"| {_fmt(m['heat_share'])} | {_fmt(m['uniform_heat_share'])} |" for name, m in rows),
+        "",
+    ]
 
 
 def _figure(path: Path, fig: Figure) -> Path:
@@ -306,18 +337,34 @@ def plot_learning(history: Sequence[dict[str, float]], path: Path) -> Path:
     return _figure(path, fig)
 
 
-def plot_gradcam(trained: TrainedModel, images: np.ndarray, labels: np.ndarray, path: Path, count: int) -> Path:
-    """A few test images per class with the Grad-CAM of the predicted class."""
+def explain(trained: TrainedModel, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Grad-CAM maps [N, h, w] of the predicted class, as the ONNX file computes them."""
+    explained = ExplainedModel(trained.model.eval())
+    maps = []
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start:start + batch_size], trained.norm)
+        maps.append(explained(x, torch.full((len(x),), -1))[2].numpy())
+    return np.concatenate(maps) if maps else np.zeros((0, 0, 0), np.float32)
+
+
+def plot_gradcam(trained: TrainedModel, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                 heatmaps: np.ndarray, masks: np.ndarray, path: Path, count: int) -> Path:
+    """A few test images per class with the Grad-CAM of the predicted class, its peak
+    (+) and the lesion outline (white) where there is one."""
     per_class = max(1, count // len(trained.classes))
     chosen = [i for c in range(len(trained.classes)) for i in np.flatnonzero(labels == c)[:per_class]]
-    x = to_tensor(images[chosen], trained.norm)
-    probs, _, cams = ExplainedModel(trained.model.eval())(x, torch.full((len(chosen),), -1))
-    cams = F.interpolate(cams.unsqueeze(1), size=images.shape[1:], mode="bilinear", align_corners=False)[:, 0]
     fig = Figure(figsize=(1.4 * len(chosen), 1.75))
     axes = fig.subplots(1, len(chosen), squeeze=False)
-    for ax, i, p, cam in zip(axes[0], chosen, probs, cams):
+    for ax, i in zip(axes[0], chosen):
+        height, width = images[i].shape
+        cam = resize_map(heatmaps[i], width, height)
         ax.imshow(images[i], cmap="gray")
-        ax.imshow(cam.numpy(), cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        if masks[i].any():
+            ax.contour(masks[i], levels=[0.5], colors="white", linewidths=0.6)
+        peak_y, peak_x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+        ax.plot(peak_x, peak_y, "w+", markersize=6)
+        p = probs[i]
         predicted = int(p.argmax())
         ax.set_title(f"true {trained.classes[labels[i]]}\npred {trained.classes[predicted]} {float(p[predicted]):.2f}",
                      fontsize=6)

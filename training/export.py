@@ -4,8 +4,10 @@ The legacy exporter cannot trace autograd, and ``autograd.grad`` inside ``forwar
 does not export directly with either exporter. What works: trace
 :class:`training.gradcam.ExplainedModel` (forward + the gradient of the target logit)
 into one plain aten graph with ``make_fx(tracing_mode="symbolic")`` while oneDNN is
-off (otherwise the CPU LSTM becomes an op ONNX lacks), then export that graph with
-the dynamo exporter and a dynamic batch dimension.
+off (otherwise the CPU LSTM becomes an op ONNX lacks) and with the convolutions'
+backward pass decomposed into transposed convolutions (ONNX has no
+``convolution_backward``), then export that graph with the dynamo exporter and a
+dynamic batch dimension.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from service.model_card import (
     card_path_for,
     sha256_file,
 )
-from training.gradcam import ExplainedModel
+from training.gradcam import ExplainedModel, cam_name
 from training.models import SonoModel
 from training.train import TrainedModel, resize_images, to_tensor
 
@@ -105,6 +107,30 @@ def _quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
+def _convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                          bias_sizes: Sequence[int] | None, stride: Sequence[int], padding: Sequence[int],
+                          dilation: Sequence[int], transposed: bool, output_padding: Sequence[int], groups: int,
+                          output_mask: Sequence[bool]) -> tuple[torch.Tensor | None, None, None]:
+    """The input gradient of a convolution, written as the transposed convolution it
+    is: ONNX has no ``convolution_backward``, and a Grad-CAM layer below the last
+    convolutions (``cam_layer`` conv4_3) puts their backward pass in the graph. The
+    weights are constants of the exported graph, so no weight or bias gradient is
+    ever asked for."""
+    if transposed or output_mask[1] or output_mask[2]:
+        raise NotImplementedError("export traces only the input gradient of a plain convolution")
+    if not output_mask[0]:
+        return None, None, None
+    # The spatial size a transposed convolution gives, less the input's: what stride
+    # dropped at the far edge (output_padding of the transposed convolution).
+    kernel = weight.shape[2:]
+    extra = [int(size) - ((int(out) - 1) * st - 2 * pad + dil * (int(k) - 1) + 1)
+             for size, out, st, pad, dil, k in zip(input.shape[2:], grad_output.shape[2:], stride, padding,
+                                                   dilation, kernel)]
+    grad_input = torch.ops.aten.convolution.default(grad_output, weight, None, list(stride), list(padding),
+                                                    list(dilation), True, extra, groups)
+    return grad_input, None, None
+
+
 def export_onnx(model: SonoModel, path: Path, *, explain: bool = True) -> None:
     """Write ``model`` as one self-contained ONNX file with a dynamic batch.
 
@@ -126,7 +152,9 @@ def _export(model: SonoModel, path: Path, explain: bool) -> None:
         # Parameters are real tensors while the inputs are symbolic: they become
         # constants of the traced graph, hence _allow_non_fake_inputs.
         with torch.backends.mkldnn.flags(enabled=False):
-            graph = make_fx(ExplainedModel(folded), tracing_mode="symbolic", _allow_non_fake_inputs=True)(*args)
+            graph = make_fx(ExplainedModel(folded), tracing_mode="symbolic", _allow_non_fake_inputs=True,
+                            decomposition_table={torch.ops.aten.convolution_backward.default: _convolution_backward},
+                            )(*args)
         module: nn.Module = graph
         names, outputs, dynamic = INPUT_NAMES, EXPLAINED_OUTPUTS, ({0: batch}, {0: batch})
     else:
@@ -158,7 +186,7 @@ def architecture_name(trained: TrainedModel) -> str:
         "cnn": f"4-conv CNN x{c.width:g} -> {c.embedding_dim}-d dense -> {c.num_classes}-class head",
         "rnn": f"{rnn} over pixel rows -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
         "mobilenetv2": f"MobileNetV2 x{c.width:g} -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
-    }[c.arch]
+    }[c.arch] + f"; {cam_name(c)}"
 
 
 def build_card(trained: TrainedModel, onnx_path: Path, *, name: str, version: str,
@@ -202,7 +230,7 @@ def write_card(card: ModelCard, onnx_path: Path) -> Path:
 def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of an evaluation report (``training.evaluate``) for the card."""
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "ece", "retrieval", "per_class", "n_test",
-            "ood")
+            "ood", "localisation")
     metrics = {k: report[k] for k in keys if k in report}
     metrics["evaluated_on"] = report.get("evaluated_on", "held-out test split")
     return metrics

@@ -13,18 +13,54 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.models import SonoModel
+from training.models import CAM_METHODS, ModelConfig, SonoModel
 
 #: Below this peak a map counts as all zero (and stays zero instead of being blown up).
 CAM_EPS = 1e-12
+#: The stabiliser of Grad-CAM++'s alpha denominator, as the ``grad-cam`` package has it.
+GRADCAM_PP_EPS = 1e-6
+
+
+def grad_cam(fmap: Tensor, logits: Tensor, target: Tensor, *, method: str = "gradcam",
+             create_graph: bool = False) -> Tensor:
+    """The class activation map of class ``target`` [N] on ``fmap`` [N, C, h, w],
+    unscaled: ReLU(sum over channels of weight * map), with the channel weights of
+
+    * ``gradcam`` (Selvaraju et al. 2017): the spatial mean of d logit / d map;
+    * ``gradcam++`` (Chattopadhay et al. 2018, eq. 19): the positive gradients
+      weighted per position by alpha = g^2 / (2 g^2 + sum(map) g^3), exactly as the
+      ``grad-cam`` package computes it (its eps included). Positive weights on a
+      non-negative (ReLU'd) map: the map cannot cancel to all zero, as Grad-CAM's can
+      when a class is recognised by what its evidence suppresses.
+
+    ``create_graph`` keeps the gradient differentiable, so a training loss on the map
+    (``training.train``'s localisation loss) can shape it; the exported graph and the
+    reference maps use the plain gradient."""
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    score = logits.gather(1, target.unsqueeze(1)).sum()
+    (grads,) = torch.autograd.grad(score, fmap, create_graph=create_graph)
+    if method == "gradcam":
+        weights = grads.mean(dim=(2, 3), keepdim=True)
+    else:
+        squared = grads * grads
+        alpha = squared / (2 * squared + fmap.sum(dim=(2, 3), keepdim=True) * squared * grads + GRADCAM_PP_EPS)
+        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+        weights = (torch.relu(grads) * alpha).sum(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * fmap).sum(dim=1))
+
+
+def cam_name(config: ModelConfig) -> str:
+    """How a model's heatmap is made, for people: "Grad-CAM++ on conv4_3"."""
+    method = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}[config.cam_method]
+    return f"{method} on {config.cam_layer if config.arch == 'hybrid' else 'the last conv map'}"
 
 
 class ExplainedModel(nn.Module):
     """``(image [N,1,H,W], target_class [N]) -> (probabilities, embedding, gradcam)``.
 
-    ``target_class`` -1 explains the predicted class. Grad-CAM (Selvaraju et al.):
-    weights = spatial mean of d(logit of the target)/d(last conv map); map =
-    ReLU(sum over channels of weight * map), scaled to [0, 1] per image.
+    ``target_class`` -1 explains the predicted class; the map is :func:`grad_cam`
+    (the model's ``cam_method``) scaled to [0, 1] per image.
     """
 
     def __init__(self, model: SonoModel) -> None:
@@ -39,9 +75,6 @@ class ExplainedModel(nn.Module):
             embedding = self.model.embed(fmap)
             logits = self.model.head(embedding)
             target = torch.where(target_class < 0, logits.argmax(dim=1), target_class)
-            score = logits.gather(1, target.unsqueeze(1)).sum()
-            (grads,) = torch.autograd.grad(score, fmap)
-        weights = grads.mean(dim=(2, 3), keepdim=True)
-        cam = torch.relu((weights * fmap).sum(dim=1))
+            cam = grad_cam(fmap, logits, target, method=self.model.config.cam_method)
         cam = cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(CAM_EPS)
         return torch.softmax(logits, dim=1).detach(), F.normalize(embedding, dim=1).detach(), cam.detach()

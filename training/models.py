@@ -24,6 +24,11 @@ import torch
 from torch import Tensor, nn
 
 ARCHITECTURES: tuple[str, ...] = ("hybrid", "cnn", "rnn", "mobilenetv2")
+#: Layers of the hybrid's VGG16 whose map Grad-CAM can explain (the last conv of a
+#: block, VGG naming): conv5_3 gives an H/16 map, conv4_3 H/8, conv3_3 H/4.
+CAM_LAYERS: tuple[str, ...] = ("conv5_3", "conv4_3", "conv3_3")
+#: How the class activation map weighs the channels (``training.gradcam.grad_cam``).
+CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcam++")
 
 #: VGG16, configuration D (Simonyan & Zisserman, table 1): channels, "M" = 2x2 max-pool.
 VGG16_D: tuple[int | str, ...] = (
@@ -50,6 +55,10 @@ class ModelConfig:
     rnn_hidden: int = 256
     bidirectional: bool = False
     dropout: float = 0.5
+    #: hybrid only: the VGG16 layer whose map ``features`` returns and Grad-CAM explains.
+    cam_layer: str = "conv5_3"
+    #: the class activation map the exported model computes (``training.gradcam``).
+    cam_method: str = "gradcam"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -60,6 +69,11 @@ class ModelConfig:
             raise ValueError(f"input size must be a multiple of 32 and at least 32 (five 2x downsamplings), got {self.size}")
         if self.rnn_type not in ("lstm", "gru"):
             raise ValueError(f"rnn_type must be 'lstm' or 'gru', got {self.rnn_type!r}")
+        if self.cam_layer not in CAM_LAYERS or (self.arch != "hybrid" and self.cam_layer != CAM_LAYERS[0]):
+            raise ValueError(f"cam_layer must be one of {', '.join(CAM_LAYERS)} (hybrid only; the other "
+                             f"architectures explain their last conv map), got {self.cam_layer!r} for {self.arch}")
+        if self.cam_method not in CAM_METHODS:
+            raise ValueError(f"cam_method must be one of {', '.join(CAM_METHODS)}, got {self.cam_method!r}")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -149,20 +163,25 @@ class _RowRNN(nn.Module):
 class HybridVGGRNN(SonoModel):
     """The product model: VGG16-D convolutions (width multiplier, optional batch-norm),
     an LSTM/GRU reading the pooled last map row by row, a penultimate embedding layer
-    and a 3-class head. Grad-CAM explains the conv5_3 map (before the last pool)."""
+    and a 3-class head. Grad-CAM explains the map of ``config.cam_layer`` (conv5_3,
+    before the last pool, or a finer one): ``features`` stops there and ``embed``
+    runs the remaining convolutions, so the weights are the same whichever is chosen."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         layers: list[nn.Module] = []
-        c_in = 1
+        c_in, block, conv = 1, 1, 0
         for item in VGG16_D[:-1]:  # the final pool belongs to embed(): Grad-CAM wants the finer map
             if item == "M":
                 layers.append(nn.MaxPool2d(2))
+                block, conv = block + 1, 0
             else:
                 c_out = scaled(int(item), config.width)
                 layers += _conv_block(c_in, c_out, config.batch_norm)
-                c_in = c_out
+                c_in, conv = c_out, conv + 1
+                if f"conv{block}_{conv}" == config.cam_layer:
+                    self._cam_end = len(layers)  # after the layer's ReLU
         self.conv = nn.Sequential(*layers)
         self.pool = nn.MaxPool2d(2)
         self.rows = _RowRNN(c_in * (config.size // 32), config)
@@ -170,8 +189,15 @@ class HybridVGGRNN(SonoModel):
         self.head = _classifier(config.embedding_dim, config.num_classes, config.dropout)
         _init_weights(self.modules())
 
+    def features(self, x: Tensor) -> Tensor:
+        return self.conv[:self._cam_end](x)
+
     def embed(self, fmap: Tensor) -> Tensor:
-        return self.embedding(self.rows(self.pool(fmap)))
+        return self.embedding(self.rows(self.pool(self.conv[self._cam_end:](fmap))))
+
+    @property
+    def target_layer(self) -> nn.Module:
+        return self.conv[self._cam_end - 1]
 
 
 class SimpleCNN(SonoModel):

@@ -31,6 +31,8 @@ from tqdm import tqdm
 
 from service.datasets.records import CLASSES, Record
 from service.model_card import OodSpec
+from training.gradcam import grad_cam
+from training.localisation import resize_mask
 from training.models import ModelConfig, SonoModel, build_model, load_initial_weights
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,9 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     initial_weights: str | None = None
+    #: Weight of the localisation loss (:func:`localisation_loss`) on images with a
+    #: lesion mask; 0 trains on the labels alone.
+    localisation_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,16 @@ def resize_images(records: Sequence[Record], size: int) -> np.ndarray:
         if image.dtype != np.uint8 or image.ndim != 2:
             raise ValueError(f"{record.source}: expected a uint8 grayscale image, got {image.dtype} {image.shape}")
         out[i] = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
+def resize_masks(records: Sequence[Record], size: int) -> np.ndarray:
+    """bool [N, size, size]: each lesion mask resized as its image is; all False where
+    a record has no mask."""
+    out = np.zeros((len(records), size, size), dtype=bool)
+    for i, record in enumerate(records):
+        if record.mask is not None:
+            out[i] = resize_mask(record.mask, size)
     return out
 
 
@@ -226,10 +241,30 @@ def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    from training.augment import augment
+def _augment_batch(images: np.ndarray, masks: np.ndarray | None,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """Augmented copies of a batch, and of its masks moved with them (None: no masks)."""
+    from training.augment import augment_with_mask
 
-    return np.stack([augment(image, rng) for image in images])
+    pairs = [augment_with_mask(image, None if masks is None else masks[i], rng) for i, image in enumerate(images)]
+    moved = None if masks is None else np.stack([m for _, m in pairs])
+    return np.stack([image for image, _ in pairs]), moved
+
+
+def localisation_loss(cam: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean share of the class activation map's heat (``cam`` [N, h, w], unscaled, from
+    :func:`training.gradcam.grad_cam`) that lies outside the lesion, over the images
+    that have one (``masks`` [N, H, W], 0/1 at input size).
+
+    A map cell counts as lesion when any lesion pixel falls in it, so a coarse map
+    is not asked for more precision than it has. The share is scale-free: it moves
+    the heat, not its size; an all-zero map scores 1, the worst (were it 0, a class
+    could "pass" by cancelling its map everywhere). Images without a lesion (normal)
+    add nothing."""
+    cells = F.adaptive_max_pool2d(masks.unsqueeze(1), cam.shape[-2:])[:, 0]
+    outside = 1 - (cam * cells).sum(dim=(1, 2)) / (cam.sum(dim=(1, 2)) + 1e-6)
+    has_lesion = cells.flatten(1).amax(dim=1)
+    return (outside * has_lesion).sum() / has_lesion.sum().clamp_min(1)
 
 
 def _evaluate_loss(model: SonoModel, images: np.ndarray, labels: np.ndarray, norm: Normalisation,
@@ -241,34 +276,51 @@ def _evaluate_loss(model: SonoModel, images: np.ndarray, labels: np.ndarray, nor
     return loss, float(np.mean(recalls))
 
 
-def _batches(images: np.ndarray, labels: np.ndarray, norm: Normalisation, config: TrainConfig,
-             rng: np.random.Generator, drop_single: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled, augmented (training split only), normalised batches."""
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def _batches(images: np.ndarray, labels: np.ndarray, masks: np.ndarray | None, norm: Normalisation,
+             config: TrainConfig, rng: np.random.Generator, drop_single: bool) -> Iterator[Batch]:
+    """One epoch of shuffled, augmented (training split only), normalised batches:
+    images, labels and (when ``masks`` is given) lesion masks as 0/1 floats."""
     order = rng.permutation(len(images))
     for start in range(0, len(order), config.batch_size):
         idx = order[start:start + config.batch_size]
         if drop_single and len(idx) < 2:
             continue  # batch-norm cannot normalise a batch of one
-        batch = _augment_batch(images[idx], rng) if config.augment else images[idx]
-        yield to_tensor(batch, norm), torch.from_numpy(labels[idx])
+        batch, batch_masks = images[idx], None if masks is None else masks[idx]
+        if config.augment:
+            batch, batch_masks = _augment_batch(batch, batch_masks, rng)
+        mask_tensor = None if batch_masks is None else torch.from_numpy(batch_masks.astype(np.float32))
+        yield to_tensor(batch, norm), torch.from_numpy(labels[idx]), mask_tensor
 
 
-def _fit_epoch(model: SonoModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-               optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module, device: torch.device) -> tuple[float, float]:
-    """One pass of Adam steps; returns the mean training loss and accuracy."""
+def _fit_epoch(model: SonoModel, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
+               loss_fn: torch.nn.Module, localisation_weight: float,
+               device: torch.device) -> tuple[float, float, float]:
+    """One pass of Adam steps; returns the mean training cross-entropy, accuracy and
+    localisation loss (0 when the batches carry no masks). The localisation loss
+    shapes the map of the true class, the one the node shows when it is right."""
     model.train()
-    total, correct, seen = 0.0, 0, 0
-    for x, y in batches:
+    total, localisation, correct, seen = 0.0, 0.0, 0, 0
+    for x, y, masks in batches:
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x)
+        fmap = model.features(x)
+        logits = model.head(model.embed(fmap))
         loss = loss_fn(logits, y)
-        loss.backward()
+        if masks is not None:
+            cam = grad_cam(fmap, logits, y, method=model.config.cam_method, create_graph=True)
+            extra = localisation_loss(cam, masks.to(device))
+            (loss + localisation_weight * extra).backward()
+            localisation += extra.item() * len(y)
+        else:
+            loss.backward()
         optimizer.step()
         total += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
-    return total / max(seen, 1), correct / max(seen, 1)
+    return total / max(seen, 1), correct / max(seen, 1), localisation / max(seen, 1)
 
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
@@ -293,6 +345,12 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
     labels = np.array([r.label for r in records], dtype=np.int64)
     images = resize_images(records, model_config.size)
     fit_x, fit_y = images[split.fit], labels[split.fit]
+    fit_masks = None
+    if train_config.localisation_weight:
+        if any(records[i].mask is not None for i in split.fit):
+            fit_masks = resize_masks([records[i] for i in split.fit], model_config.size)
+        else:
+            log.warning("--localisation-weight: no training image has a lesion mask; training on the labels alone")
     val_x, val_y = images[split.val], labels[split.val]
     pixels = fit_x.astype(np.float32) / 255.0
     norm = Normalisation(mean=round(float(pixels.mean()), 6), std=round(float(pixels.std()) or 1.0, 6))
@@ -338,14 +396,16 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
     while state["epoch"] < train_config.epochs and state["bad_epochs"] < train_config.patience:
         epoch = state["epoch"] + 1
         started = time.monotonic()
-        batches = tqdm(_batches(fit_x, fit_y, norm, train_config, rng, drop_single=model_config.batch_norm),
+        batches = tqdm(_batches(fit_x, fit_y, fit_masks, norm, train_config, rng, drop_single=model_config.batch_norm),
                        desc=f"epoch {epoch}/{train_config.epochs}", disable=not progress, leave=False,
                        total=-(-len(fit_x) // train_config.batch_size))
-        train_loss, train_accuracy = _fit_epoch(model, batches, optimizer, loss_fn, device)
+        train_loss, train_accuracy, train_localisation = _fit_epoch(
+            model, batches, optimizer, loss_fn, train_config.localisation_weight, device)
         val_loss, val_bacc = _evaluate_loss(model, val_x, val_y, norm, val_loss_fn, device)
         scheduler.step(val_loss)
         record = {
             "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
+            "train_localisation_loss": train_localisation,
             "val_loss": val_loss, "val_balanced_accuracy": val_bacc,
             "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - started,
         }
@@ -355,8 +415,8 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val balanced accuracy %.3f (%.0f s)",
-                 epoch, record["train_loss"], val_loss, val_bacc, record["seconds"])
+        log.info("epoch %d: train loss %.4f (localisation %.4f), val loss %.4f, val balanced accuracy %.3f (%.0f s)",
+                 epoch, record["train_loss"], train_localisation, val_loss, val_bacc, record["seconds"])
         _save_atomic({**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
                       "torch_rng": torch.get_rng_state(), "state": state}, checkpoint_path)
