@@ -24,6 +24,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from service.common.errors import error_text
 from service.common.spool import instance_path, write_atomic
 from service.ledger import InstanceRecord
 from service.model.imaging import PreparedInstance, prepare_instance, resize_map
@@ -96,7 +97,7 @@ def _read(rec: InstanceRecord, spool_dir: Path) -> Dataset | str:
     try:
         return pydicom.dcmread(path)
     except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
-        return f"cannot read the stored instance ({type(exc).__name__}: {exc})"
+        return f"cannot read the stored instance ({error_text(exc)})"
 
 
 def _save_heatmap(path: Path, heatmap: np.ndarray, durable: bool) -> None:

@@ -24,6 +24,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from service.cli import settings_from
+from service.common.errors import error_text
 from service.ledger import Ledger, StudyState, open_ledger
 from service.model.inference import ModelError, OnnxModel
 from service.pipeline.analysis import analyse_study
@@ -113,7 +114,7 @@ def process_study(state: WorkerState, study_uid: str) -> str:
         index = state.index(model)
         analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid), index)
     except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = error_text(exc)
         outcome = ledger.retry_or_fail(study_uid, "analysis", reason, settings.task_max_attempts,
                                        settings.task_retry_backoff_s)
         LOG.exception("analysis failed (%s)", "giving up" if outcome == StudyState.FAILED else "will retry",
@@ -150,7 +151,7 @@ def _report(state: WorkerState, study_uid: str, generation: int, index: SimilarC
     except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
         LOG.exception("building the reports failed", extra={"study_uid": study_uid, "stage": "report"})
         state.ledger.transition(study_uid, StudyState.FAILED, (StudyState.ANALYSED,), generation,
-                                failed_stage="report", error=f"{type(exc).__name__}: {exc}"[:2000])
+                                failed_stage="report", error=error_text(exc)[:2000])
 
 
 def register_tasks(app: Celery, state: WorkerState) -> None:

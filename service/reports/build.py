@@ -30,6 +30,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 
+from service.common.errors import error_text
 from service.common.spool import write_atomic
 from service.ledger import Ledger, StudyState
 from service.reports import derived_uid
@@ -39,6 +40,7 @@ from service.reports.sc import (
     build_heatmap_sc,
     build_montage_sc,
 )
+from service.reports.source import read_source
 from service.reports.sr import SR_CLASSES, build_sr, software_versions
 from service.reports.template import SrTemplate, TemplateError, load_template
 from service.reports.validation import GateError, check_object
@@ -99,11 +101,16 @@ def read_sources(ledger: Ledger, result: StudyResult) -> tuple[list[Dataset], di
     and their spool paths. The first header gets empty Type 2 study attributes where
     the modality sent none."""
     paths = {rec.sop_instance_uid: Path(rec.path) for rec in ledger.instances(result.study_uid)}
-    headers = []
+    headers, repairs = [], set()
     for image in result.images:
         if image.sop_instance_uid not in paths:
             raise ReportError(f"instance {image.sop_instance_uid} of the result is not in the ledger")
-        headers.append(pydicom.dcmread(paths[image.sop_instance_uid], stop_before_pixels=True))
+        header, repaired = read_source(paths[image.sop_instance_uid])
+        headers.append(header)
+        repairs.update(map(str, repaired))
+    if repairs:
+        LOG.warning("source values not valid for their VR, repaired or left out of our objects: %s",
+                    "; ".join(sorted(repairs)), extra={"study_uid": result.study_uid})
     if not headers:
         raise ReportError("the result lists no instance")
     for keyword in _TYPE2_STUDY:
@@ -154,7 +161,7 @@ def build_objects(
     analysed = [image for image in result.images if image.frames]
     pictures: dict[str, Dataset] = {}
     for number, image in enumerate(analysed, start=1):
-        pictures[image.sop_instance_uid] = pydicom.dcmread(paths[image.sop_instance_uid])
+        pictures[image.sop_instance_uid] = read_source(paths[image.sop_instance_uid], stop_before_pixels=False)[0]
         sc = build_heatmap_sc(
             result,
             template,
@@ -248,7 +255,7 @@ def build_reports(
         # Bad input (a template, a result, a heatmap file, a source image; pydicom
         # signals a missing attribute with AttributeError): the study shows why, the
         # worker moves on, and `sonocase resend` builds again once it is fixed.
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = error_text(exc)
         LOG.error("report failed: %s", reason, extra={"study_uid": study_uid, "stage": "report"})
         ledger.transition(
             study_uid,
@@ -310,5 +317,5 @@ def rebuild_sr(
         obj = _sr_object(settings, template, result, sources, sop_class_uid)
         _gate(template, [obj])
     except (TemplateError, ValueError, OSError, AttributeError) as exc:
-        raise ReportError(f"{type(exc).__name__}: {exc}") from exc
+        raise ReportError(error_text(exc)) from exc
     return obj.sop_instance_uid, _write(settings, result, obj)
