@@ -24,6 +24,7 @@ from service.ingest.server import ReceiverService
 from service.ledger import Ledger, open_ledger
 from service.ops.web import build_web_server
 from service.pipeline.completion import CompletionLoop
+from service.pipeline.routing import Router
 from service.pipeline.scheduler import SchedulerService
 from service.pipeline.workers import WorkerProcesses
 from service.settings import Settings
@@ -45,7 +46,7 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     """The node's services in start order (each stage adds its line here)."""
     return [
         *([build_web_server(settings, ledger)] if settings.http_port else []),
-        CompletionLoop(ledger, settings.quiet_period_s),
+        CompletionLoop(ledger, settings.quiet_period_s, route=Router(settings, ledger).route),
         *([WorkerProcesses(settings)] if settings.workers else []),
         SchedulerService(settings, ledger),
         SenderService(settings, ledger),

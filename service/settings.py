@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -66,11 +66,81 @@ class Destination(BaseModel):
         return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
+#: What a breast node analyses when nothing else is said (setting routing_rules): a
+#: study that names the breast, and one that names no body part at all.
+BREAST = r"breast|mamm|\bbrust|\bmama\b|\bsein\b|axill|gyn(a)?ecomast|76752008|T-04000"
+#: A study that names another body part is stored and not analysed.
+OTHER_BODY_PARTS = (
+    r"cardi|\bheart|\bTEE\b|\bTTE\b|esophag|thyr|\bneck\b|abdom|liver|hepat|kidney|renal|spleen|pancrea"
+    r"|gallbladder|bladder|bowel|appendi|obstet|\bOB\b|fetal|foetal|fetus|pregnan|gestat|gyn(a)?ecol|\bgyn\b"
+    r"|pelvi|uter(us|ine)|ovar|endomet|vagin|prostat|scrot|testi(s|cle|cular)|carotid|aort|arter|venous|\bvein"
+    r"|\bDVT\b|vascul|muscul|\bMSK\b|tendon|joint|shoulder|elbow|wrist|\bhand\b|\bhip\b|knee|ankle|\bfoot\b"
+    r"|brain|\bcran|transcran|ocular|\beye\b|orbit|lung|pleura|spine"
+)
+
+
 def _split_list(value: Any) -> Any:
     """Let scripts write lists as ``a,b,c`` in environment variables."""
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+class RoutingRule(BaseModel):
+    """One routing rule (setting ``routing_rules``): conditions on a study's DICOM
+    attributes and what follows when they all hold.
+
+    Each condition is a regular expression searched, ignoring case, in the values of
+    the study's instances (the first instance of each series); a rule without
+    conditions holds for every study. The first rule that holds and has an
+    ``action`` decides whether the study is analysed; the first that holds and has
+    ``destinations`` decides where its results go. See service.pipeline.routing.
+    """
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    name: str = Field(min_length=1, description="Shown by 'sonocase status' for the studies it routed")
+    action: Literal["analyse", "skip"] | None = None
+    destinations: list[Destination] | None = None
+    body_part: str | None = Field(None, description="Any body-part hint: Body Part Examined, Study/Series "
+                                  "Description, Protocol Name, procedure descriptions, Anatomic Region codes")
+    modality: str | None = None
+    body_part_examined: str | None = None
+    study_description: str | None = None
+    series_description: str | None = None
+    protocol_name: str | None = None
+    calling_ae: str | None = None
+    anatomic_region: str | None = Field(None, description="Code value or meaning of the Anatomic Region Sequence")
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, value: Any) -> Any:
+        items = _split_list(value)
+        return [Destination.parse(v) if isinstance(v, str) else v for v in items] if items is not None else None
+
+    @field_validator("body_part", "modality", "body_part_examined", "study_description", "series_description",
+                     "protocol_name", "calling_ae", "anatomic_region")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _does_something(self) -> RoutingRule:
+        if self.action is None and self.destinations is None:
+            raise ValueError(f"routing rule {self.name!r} needs an action, destinations or both")
+        return self
+
+
+def default_routing_rules() -> list[RoutingRule]:
+    return [
+        RoutingRule(name="breast", action="analyse", body_part=BREAST),
+        RoutingRule(name="other-body-part", action="skip", body_part=OTHER_BODY_PARTS),
+    ]
 
 
 class Settings(BaseSettings):
@@ -116,6 +186,10 @@ class Settings(BaseSettings):
     max_pending_studies: int = Field(200, ge=1, description="Refuse C-STORE while more studies wait for analysis")
     non_ultrasound: Literal["store-ignore", "refuse"] = Field(
         "store-ignore", description="What to do with an instance whose Modality is not US"
+    )
+    routing_rules: list[RoutingRule] = Field(
+        default_factory=default_routing_rules,
+        description="Which complete studies are analysed and where their results go (first match wins)",
     )
 
     # --- queue and worker --------------------------------------------------
@@ -174,6 +248,14 @@ class Settings(BaseSettings):
     def _destinations(cls, value: Any) -> Any:
         items = _split_list(value)
         return [Destination.parse(v) if isinstance(v, str) else v for v in items]
+
+    @field_validator("routing_rules")
+    @classmethod
+    def _unique_rule_names(cls, value: list[RoutingRule]) -> list[RoutingRule]:
+        names = [rule.name for rule in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"routing rule names must differ: {names}")
+        return value
 
     @field_validator("ledger_url")
     @classmethod

@@ -47,10 +47,11 @@ def study_detail(ledger: Ledger, study_uid: str) -> dict[str, Any] | None:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of study summaries, newest first."""
-    header = ("STUDY UID", "STATE", "INST", "FIRST RECEIVED", "LAST RECEIVED", "UPDATED", "ERROR")
+    header = ("STUDY UID", "STATE", "INST", "FIRST RECEIVED", "LAST RECEIVED", "UPDATED", "RULE", "ERROR")
     lines = [
         (r["study_uid"], r["state"], str(r["instances"]), _when(r["first_received"]), _when(r["last_received"]),
-         _when(r["updated_at"]), (f"{r['failed_stage']}: " if r["failed_stage"] else "") + (r["error"] or ""))
+         _when(r["updated_at"]), r["routing_rule"] or "-",
+         (f"{r['failed_stage']}: " if r["failed_stage"] else "") + (r["error"] or ""))
         for r in rows
     ]
     widths = [max([len(col), *(len(line[i]) for line in lines)]) for i, col in enumerate(header[:-1])]

@@ -32,7 +32,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from service.common.errors import error_text
 from service.common.spool import write_atomic
-from service.ledger import Ledger, StudyState
+from service.ledger import Ledger, StudyState, study_destinations
 from service.reports import derived_uid
 from service.reports.sc import (
     ReferenceImages,
@@ -267,7 +267,7 @@ def build_reports(
         )
         return []
     written = [(obj, _write(settings, result, obj)) for obj in objects]
-    destinations = [str(d) for d in settings.destinations]
+    destinations = study_destinations(study, [str(d) for d in settings.destinations])
     if destinations:
         ledger.enqueue_outbox(
             study_uid,
