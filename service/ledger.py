@@ -729,7 +729,7 @@ class Ledger:
         """Record that ``kind`` files of the study's ``generation`` are being removed,
         if the study is still done at that generation with nothing left to deliver;
         None otherwise (it was re-opened, or claimed already). For the spool, returns
-        the files to remove (:meth:`purge_paths`)."""
+        the files to remove: every instance's, as the study is done."""
         if kind not in FILE_KINDS:
             raise ValueError(f"{kind!r} is not one of {FILE_KINDS}")
         now = time.time() if now is None else now
@@ -745,11 +745,13 @@ class Ledger:
             if kind != "spool":
                 return []
             db.execute("UPDATE studies SET spool_bytes=0 WHERE study_uid=?", (study_uid,))
-        return self.purge_paths(study_uid, now)
+            rows = db.execute("SELECT path FROM instances WHERE study_uid=? ORDER BY path", (study_uid,)).fetchall()
+        return [r["path"] for r in rows]
 
     def purge_paths(self, study_uid: str, purged_at: float) -> list[str]:
-        """Spool files a removal at ``purged_at`` takes: those of instances received
-        before it (an instance that re-opened the study since is not among them)."""
+        """Spool files a removal claimed at ``purged_at`` took, for finishing it after a
+        crash: those of instances received before it (one that re-opened the study
+        since is not among them)."""
         rows = self._query("SELECT path FROM instances WHERE study_uid=? AND received_at<=? ORDER BY path",
                            (study_uid, purged_at))
         return [r["path"] for r in rows]

@@ -19,6 +19,7 @@ from typing import Protocol
 import click
 
 from service.cli import settings_from
+from service.delivery.retention import RetentionService
 from service.delivery.sender import SenderService
 from service.ingest.server import ReceiverService
 from service.ledger import Ledger, open_ledger
@@ -50,6 +51,7 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
         *([WorkerProcesses(settings)] if settings.workers else []),
         SchedulerService(settings, ledger),
         SenderService(settings, ledger),
+        RetentionService(settings, ledger),
         ReceiverService(settings, ledger),
     ]
 

@@ -184,6 +184,15 @@ class Settings(BaseSettings):
     )
     min_free_disk_mb: int = Field(500, ge=0, description="Refuse C-STORE below this much free disk")
     max_pending_studies: int = Field(200, ge=1, description="Refuse C-STORE while more studies wait for analysis")
+    retention_spool_days: float = Field(
+        7.0, ge=0, description="Keep a done study's received instances this many days (done: sent, or skipped)"
+    )
+    retention_results_days: float = Field(7.0, ge=0, description="Keep a done study's heatmaps this many days")
+    retention_outbox_days: float = Field(30.0, ge=0, description="Keep a done study's result objects this many days")
+    purge_when_free_below_mb: int = Field(
+        2000, ge=0, description="Below this much free disk, remove done studies' files, longest done first; 0: never"
+    )
+    purge_until_free_mb: int = Field(4000, ge=0, description="... until this much is free")
     non_ultrasound: Literal["store-ignore", "refuse"] = Field(
         "store-ignore", description="What to do with an instance whose Modality is not US"
     )
@@ -336,6 +345,13 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             env_name = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else name
             lines.append(f"invalid setting {env_name} ({name}): {error['msg']}")
         raise SettingsError("\n".join(lines)) from None
+    if settings.purge_when_free_below_mb and not (
+        settings.min_free_disk_mb < settings.purge_when_free_below_mb <= settings.purge_until_free_mb
+    ):
+        raise SettingsError(
+            f"{ENV_PREFIX}PURGE_WHEN_FREE_BELOW_MB must lie above {ENV_PREFIX}MIN_FREE_DISK_MB (the node would refuse "
+            f"studies before it removes anything) and at most {ENV_PREFIX}PURGE_UNTIL_FREE_MB"
+        )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SettingsError(f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY must be set together")
     return settings

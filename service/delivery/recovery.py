@@ -74,6 +74,10 @@ def retry_study(settings: Settings, ledger: Ledger, study_uid: str) -> Retried:
     if state not in (StudyState.REPORTED, StudyState.SENT, StudyState.FAILED):
         raise NothingToRetry(f"study {study_uid} is {state}: it has no results to send")
     generation = study["generation"]
+    gone = [p for p in ledger.purges(study_uid) if p["kind"] == "outbox" and p["generation"] == generation]
+    if gone:
+        raise NothingToRetry(f"study {study_uid} was sent, and its result objects were removed by retention "
+                             f"({gone[0]['reason']})")
     queued = _queue_outbox_files(settings, ledger, study, generation)
     due = ledger.reset_outbox(study_uid)
     if state == StudyState.FAILED:

@@ -128,13 +128,15 @@ def process_study(state: WorkerState, study_uid: str) -> str:
     LOG.info("analysed: %s%s in %.2f s", summary.predicted or "no class",
              f" ({summary.probability:.3f})" if summary.probability is not None else "",
              analysis.result.timings_s.get("total_s", 0.0), extra={"study_uid": study_uid})
-    _report(state, study_uid, generation, index)
     if index is not None and analysis.index_entries:
+        # Before the report: once the study is sent, retention may remove the spool
+        # files the index copies its reference images from.
         try:
             index.add(analysis.index_entries)
         except Exception:  # the result and reports stand; only the index misses this study
             LOG.exception("the analysed study could not be added to the similar-case index",
                           extra={"study_uid": study_uid})
+    _report(state, study_uid, generation, index)
     return "analysed"
 
 
