@@ -80,7 +80,14 @@ class WorkerState:
 
     def index(self, model: OnnxModel) -> SimilarCaseIndex | None:
         """The node's similar-case index, or None while there is none (nor should be:
-        ``index_analysed_studies`` creates it) or it holds another model's embeddings."""
+        ``index_analysed_studies`` creates it) or it holds another model's embeddings
+        (checked for every study: ``sonocase index rebuild`` may swap models under a
+        running worker, and two models' vectors are never compared)."""
+        if self._index is not None:
+            bound = self._index.bound_model
+            if bound is None or bound.sha256 != model.identity.sha256:
+                self._index.close()
+                self._index = None
         if self._index is None:
             try:
                 existing = SimilarCaseIndex.from_settings(self.settings, None)
