@@ -42,15 +42,24 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20, method="inclusive")[-1] if len(values) > 1 else values[0]
 
 
+#: storescp runs this once a file is completely written (``--exec-on-reception``):
+#: its folder shows a file as soon as the first byte is written, the marker only
+#: once the whole object is there.
+DONE = ".done"
+ON_RECEPTION = ("--exec-on-reception", f"/usr/bin/touch #p/#f{DONE}")
+
+
 def wait_for_sr(pacs: Storescp, study_uid: str, seen: set[str], timeout: float = 300.0) -> float:
-    """Poll storescp's folder (5 ms) until an SR of ``study_uid`` is there; its time."""
+    """Poll storescp's folder (5 ms) until a complete SR of ``study_uid`` is there;
+    the time it was complete."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for path in pacs.folder.iterdir():
-            if path.name in seen or not path.name.startswith("SR"):
+        for marker in pacs.folder.iterdir():
+            if marker.name in seen or not (marker.name.startswith("SR") and marker.name.endswith(DONE)):
                 continue
             arrived = time.perf_counter()
-            seen.add(path.name)
+            seen.add(marker.name)
+            path = marker.with_name(marker.name.removesuffix(DONE))
             if pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID == study_uid:
                 return arrived
         time.sleep(0.005)
@@ -97,7 +106,7 @@ def main() -> None:
     index = Process(settings, "index", "build", "--synthetic", "2", log=work / "index.log")
     if index.proc.wait(600) != 0:
         raise SystemExit(f"index build failed:\n{index.log()[-3000:]}")
-    pacs = start_storescp(work / "pacs", pacs_port)
+    pacs = start_storescp(work / "pacs", pacs_port, *ON_RECEPTION)
     peer = start_storescp(work / "peer", free_port(), "+xa")  # takes the JPEG images as sent
     node = serve(settings, work / "node.log")
     try:

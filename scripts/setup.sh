@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what Sonocase needs on a fresh Debian machine: DCMTK and dicom3tools (real
-# DICOM peers and validators), a virtual environment in .venv, and the package with
-# its training and test extras. Safe to run again: it skips what is already there.
+# DICOM peers and validators), Orthanc with its DICOMweb plugin (a real DICOMweb
+# archive), a virtual environment in .venv, and the package with its training and
+# test extras. Safe to run again: it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,9 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)  # the distributed ledger's tests
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # status page tests, headless
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)  # validates deploy/compose.yaml
+[ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)  # the DICOMweb archive of the tests
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # a STOW-RS client that is not ours
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from service.common.logs import configure_logging
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import Peer, Settings, SettingsError, load_settings, parse_peer
 
 #: command name -> "module:attribute" of its click command
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -93,6 +93,18 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
         ctx.exit(2)
     configure_logging(settings.log_level, settings.log_format)
     return settings
+
+
+def peer_param(ctx: click.Context, param: click.Parameter, value: str | tuple[str, ...] | None,
+               ) -> Peer | tuple[Peer, ...] | None:
+    """Click callback: an option's ``AE@host:port[+tls]`` or DICOMweb URL (or several,
+    for a ``multiple`` option) parsed, a bad one a usage error naming the option."""
+    try:
+        if isinstance(value, tuple):
+            return tuple(parse_peer(v) for v in value)
+        return None if value is None else parse_peer(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def main() -> None:

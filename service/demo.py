@@ -38,14 +38,14 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
-from service.cli import settings_from
+from service.cli import peer_param, settings_from
 from service.common.spool import write_atomic
 from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger, StudyState, open_ledger
 from service.model_card import DISCLAIMER
 from service.node import Node, node_services
 from service.reports.sr import SR_CLASSES
-from service.settings import Settings
+from service.settings import Peer, Settings
 from service.similar.cli import (
     ReferenceEmbedder,
     dicom_files,
@@ -214,13 +214,18 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
               help="Folder for the demo's node, PACS and outputs (default: a new temporary folder).")
 @click.option("--timeout", type=click.IntRange(10), default=600, show_default=True,
               help="Seconds to wait for the results.")
+@click.option("--destination", "destinations", multiple=True, callback=peer_param, metavar="AE@HOST:PORT[+tls]|URL",
+              help="Also send the results here, e.g. a DICOMweb archive's base URL (STOW-RS); repeatable. "
+                   "Credentials: the dicomweb_* settings.")
 @click.pass_context
-def demo(ctx: click.Context, studies: int, images: int, library: int, data_dir: Path | None, timeout: int) -> None:
+def demo(ctx: click.Context, studies: int, images: int, library: int, data_dir: Path | None, timeout: int,
+         destinations: tuple[Peer, ...]) -> None:
     """Self-contained demo: a node, a stand-in PACS and synthetic studies.
 
     Prints per study the predicted class, its probability, the closest similar
-    studies and the time from the last C-STORE to the results being in the PACS,
-    then where the SRs (as HTML) and heatmaps (as PNG) are.
+    studies and the time from the last C-STORE to the results being in the PACS
+    (and in every --destination), then where the SRs (as HTML) and heatmaps (as PNG)
+    are.
     """
     folder = data_dir or Path(tempfile.mkdtemp(prefix="sonocase-demo-"))
     pacs = StandInPacs(folder / "pacs")
@@ -229,7 +234,7 @@ def demo(ctx: click.Context, studies: int, images: int, library: int, data_dir: 
         settings = settings_from(
             ctx, data_dir=folder / "node", host="127.0.0.1", port=_free_port(), http_port=0,
             quiet_period_s=2.0, durability="none", allowed_callers=[SCANNER_AE],
-            destinations=[f"{PACS_AE}@127.0.0.1:{pacs.port}"], workers=1,
+            destinations=[f"{PACS_AE}@127.0.0.1:{pacs.port}", *map(str, destinations)], workers=1,
         )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         click.echo(f"demo folder {folder}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
     import psycopg
 
     from service.settings import Settings
+
+
+LOG = logging.getLogger(__name__)
 
 
 class StudyState(StrEnum):
@@ -448,6 +452,12 @@ class Ledger:
         return self.complete_studies([(uid, last, Routing()) for uid, last in self.quiet_studies(quiet_period_s, now)],
                                      now)
 
+    def oldest_receiving(self) -> float | None:
+        """The oldest ``last_received`` of a study still receiving: the next study to
+        complete is that one (see :class:`service.pipeline.completion.CompletionLoop`)."""
+        rows = self._query("SELECT MIN(last_received) AS oldest FROM studies WHERE state=?", (StudyState.RECEIVING,))
+        return rows[0]["oldest"] if rows else None
+
     # --- queueing and analysis ----------------------------------------------
     def due_for_queue(self, now: float | None = None) -> list[str]:
         """Studies a task must be sent for: complete ones, retries that are due, and
@@ -481,16 +491,24 @@ class Ledger:
                 return None
             return int(db.execute("SELECT generation FROM studies WHERE study_uid=?", (study_uid,)).fetchone()[0])
 
-    def finish_analysis(self, study_uid: str, generation: int, result: dict[str, Any], now: float | None = None) -> bool:
+    def finish_analysis(
+        self, study_uid: str, generation: int, result: dict[str, Any], lease_s: float = 0.0,
+        now: float | None = None,
+    ) -> bool:
         """Store the result; False if the study was re-opened meanwhile (stale result)
         or another worker stored it first. A result of the current generation is kept
-        even when its lease ran out and the study was queued again: the work is done."""
+        even when its lease ran out and the study was queued again: the work is done.
+
+        The caller keeps the study's lease for ``lease_s`` (and renews it, see
+        :meth:`keep_lease`) while it builds the reports; once the lease runs out, an
+        unreported study is an orphan (:meth:`claim_orphaned_reports`).
+        """
         now = time.time() if now is None else now
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE studies SET state=?, analysed_at=?, lease_until=NULL, error=NULL, failed_stage=NULL,"
+                "UPDATE studies SET state=?, analysed_at=?, lease_until=?, error=NULL, failed_stage=NULL,"
                 " updated_at=? WHERE study_uid=? AND generation=? AND state IN (?, ?, ?)",
-                (StudyState.ANALYSED, now, now, study_uid, generation, *PENDING_ANALYSIS),
+                (StudyState.ANALYSED, now, now + lease_s, now, study_uid, generation, *PENDING_ANALYSIS),
             )
             if cur.rowcount != 1:
                 return False
@@ -500,6 +518,59 @@ class Ledger:
                 (study_uid, generation, json.dumps(result), now),
             )
             return True
+
+    def renew_lease(self, study_uid: str, generation: int, lease_s: float, now: float | None = None) -> bool:
+        """Extend the lease of a study this process is analysing or reporting; False
+        when the study moved on (finished, re-opened, failed) and there is none to keep."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE studies SET lease_until=? WHERE study_uid=? AND generation=? AND state IN (?, ?)",
+                (now + lease_s, study_uid, generation, StudyState.ANALYSING, StudyState.ANALYSED),
+            )
+            return cur.rowcount == 1
+
+    @contextmanager
+    def keep_lease(self, study_uid: str, generation: int, lease_s: float) -> Iterator[None]:
+        """Renew the study's lease every third of ``lease_s`` while the block runs.
+
+        A live worker so keeps its study however long the work takes, and the lease
+        can be short: a killed worker stops renewing, and its study is noticed within
+        ``lease_s`` (queued again, or reported by the sender).
+        """
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(lease_s / 3):
+                try:
+                    if not self.renew_lease(study_uid, generation, lease_s):
+                        return
+                except Exception:  # a busy ledger: the next beat tries again before the lease ends
+                    LOG.warning("could not renew the lease", exc_info=True, extra={"study_uid": study_uid})
+
+        thread = threading.Thread(target=beat, name="sonocase-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def claim_orphaned_reports(self, lease_s: float, now: float | None = None) -> list[tuple[str, int]]:
+        """Take the analysed studies whose worker stopped renewing its lease before
+        reporting them (killed after storing the result); return (study UID,
+        generation) of each, now leased to the caller for ``lease_s``."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT study_uid, generation FROM studies WHERE state=? AND (lease_until IS NULL OR lease_until<=?)",
+                (StudyState.ANALYSED, now),
+            ).fetchall()
+            db.executemany(
+                "UPDATE studies SET lease_until=? WHERE study_uid=? AND generation=?",
+                [(now + lease_s, r["study_uid"], r["generation"]) for r in rows],
+            )
+        return [(r["study_uid"], int(r["generation"])) for r in rows]
 
     def retry_or_fail(
         self, study_uid: str, stage: str, reason: str, max_attempts: int, backoff_s: float,

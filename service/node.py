@@ -45,11 +45,13 @@ class Service(Protocol):
 
 def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     """The node's services in start order (each stage adds its line here)."""
+    scheduler = SchedulerService(settings, ledger)
     return [
         *([build_web_server(settings, ledger)] if settings.http_port else []),
-        CompletionLoop(ledger, settings.quiet_period_s, route=Router(settings, ledger).route),
+        CompletionLoop(ledger, settings.quiet_period_s, on_complete=scheduler.wake,
+                       route=Router(settings, ledger).route),
         *([WorkerProcesses(settings)] if settings.workers else []),
-        SchedulerService(settings, ledger),
+        scheduler,
         SenderService(settings, ledger),
         RetentionService(settings, ledger),
         ReceiverService(settings, ledger),

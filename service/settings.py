@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -66,6 +67,49 @@ class Destination(BaseModel):
         return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
+class DicomWebDestination(BaseModel):
+    """A DICOMweb origin server (its base URL, e.g. ``https://archive/dicom-web``):
+    results go to it by STOW-RS, the library fill reads it by QIDO-RS and WADO-RS."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("a DICOMweb URL must not hold credentials: use dicomweb_token_file or "
+                             "dicomweb_user + dicomweb_password_file")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{value!r}: a DICOMweb base URL has no query or fragment")
+        return value.strip().rstrip("/")
+
+    @classmethod
+    def parse(cls, text: str) -> DicomWebDestination:
+        """Parse a base URL; a ``ValueError`` says what is wrong with it."""
+        try:
+            return cls(url=text)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+    def __str__(self) -> str:
+        return self.url
+
+
+#: Where results go and where the library is read from: a DICOM peer or a DICOMweb server.
+Peer = Destination | DicomWebDestination
+
+
+def parse_peer(text: str) -> Peer:
+    """``AE@host:port[+tls]`` is a DICOM peer; ``http(s)://host[:port]/path`` a
+    DICOMweb server (a URL is told apart by its ``://``)."""
+    return DicomWebDestination.parse(text) if "://" in text else Destination.parse(text)
+
+
 #: What a breast node analyses when nothing else is said (setting routing_rules): a
 #: study that names the breast, and one that names no body part at all.
 BREAST = r"breast|mamm|\bbrust|\bmama\b|\bsein\b|axill|gyn(a)?ecomast|76752008|T-04000"
@@ -101,7 +145,7 @@ class RoutingRule(BaseModel):
 
     name: str = Field(min_length=1, description="Shown by 'sonocase status' for the studies it routed")
     action: Literal["analyse", "skip"] | None = None
-    destinations: list[Destination] | None = None
+    destinations: list[Peer] | None = None
     body_part: str | None = Field(None, description="Any body-part hint: Body Part Examined, Study/Series "
                                   "Description, Protocol Name, procedure descriptions, Anatomic Region codes")
     modality: str | None = None
@@ -116,7 +160,7 @@ class RoutingRule(BaseModel):
     @classmethod
     def _destinations(cls, value: Any) -> Any:
         items = _split_list(value)
-        return [Destination.parse(v) if isinstance(v, str) else v for v in items] if items is not None else None
+        return [parse_peer(v) if isinstance(v, str) else v for v in items] if items is not None else None
 
     @field_validator("body_part", "modality", "body_part_examined", "study_description", "series_description",
                      "protocol_name", "calling_ae", "anatomic_region")
@@ -207,7 +251,13 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=0, le=64, description="Worker processes that 'serve' starts itself")
     task_max_attempts: int = Field(3, ge=1, le=100)
     task_retry_backoff_s: float = Field(5.0, gt=0)
-    task_lease_s: float = Field(600.0, gt=0, description="An analysis not finished within this is re-queued")
+    task_lease_s: float = Field(
+        20.0, gt=0, description="A study whose worker stops renewing its lease (every third of this) for this "
+        "long, or whose queue message was not taken within it, is queued (or reported) again"
+    )
+    task_time_limit_s: float = Field(
+        900.0, gt=0, description="An analysis still running after this is killed and retried (a hung worker)"
+    )
     model_path: Path = Field(PROJECT_ROOT / "onnx_models" / "sonocase-hybrid.onnx")
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     max_cine_frames: int = Field(8, ge=1, le=1000)
@@ -225,10 +275,29 @@ class Settings(BaseSettings):
         description="SR codes and wording; validated when the node starts",
     )
     sc_transfer_syntax: Literal["explicit-little-endian", "jpeg-baseline"] = "explicit-little-endian"
-    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    destinations: Annotated[list[Peer], NoDecode] = Field(
+        default_factory=list, description="Where results go: AE@host:port[+tls] (C-STORE) or a DICOMweb "
+        "base URL http(s)://host[:port]/path (STOW-RS)"
+    )
     send_max_attempts: int = Field(10, ge=1, le=1000)
     send_backoff_s: float = Field(5.0, gt=0)
     send_backoff_max_s: float = Field(600.0, gt=0)
+
+    # --- DICOMweb peers (STOW-RS destinations, the archive of `index add --pacs URL`) ---
+    dicomweb_token_file: Path | None = Field(
+        None, description="File holding the Bearer token sent to DICOMweb peers"
+    )
+    dicomweb_user: str = Field("", description="User name for HTTP basic authentication at DICOMweb peers")
+    dicomweb_password_file: Path | None = Field(None, description="File holding that user's password")
+    dicomweb_ca: Path | None = Field(None, description="CA bundle that DICOMweb peers' HTTPS certificates are "
+                                     "checked against; unset: REQUESTS_CA_BUNDLE, else certifi's public CAs")
+    dicomweb_timeout_s: float = Field(60.0, gt=0, description="Seconds to connect, and between bytes of an "
+                                      "answer, before a DICOMweb request fails")
+
+    # --- receiving over DICOMweb (STOW-RS on the HTTP side) ---
+    stow_max_request_mb: int = Field(
+        4096, ge=1, description="Largest STOW-RS request body accepted (MB); larger ones are answered 413"
+    )
 
     # --- watching it -------------------------------------------------------
     http_host: str = "127.0.0.1"
@@ -256,7 +325,7 @@ class Settings(BaseSettings):
     @classmethod
     def _destinations(cls, value: Any) -> Any:
         items = _split_list(value)
-        return [Destination.parse(v) if isinstance(v, str) else v for v in items]
+        return [parse_peer(v) if isinstance(v, str) else v for v in items]
 
     @field_validator("routing_rules")
     @classmethod
@@ -274,7 +343,8 @@ class Settings(BaseSettings):
             raise ValueError("must be empty (SQLite under data_dir) or a postgresql://user@host:port/db URL")
         return value
 
-    @field_validator("tls_cert", "tls_key", "tls_ca")
+    @field_validator("tls_cert", "tls_key", "tls_ca", "dicomweb_token_file", "dicomweb_password_file",
+                     "dicomweb_ca")
     @classmethod
     def _existing_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -354,4 +424,9 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SettingsError(f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY must be set together")
+    if bool(settings.dicomweb_user) != (settings.dicomweb_password_file is not None):
+        raise SettingsError(f"{ENV_PREFIX}DICOMWEB_USER and {ENV_PREFIX}DICOMWEB_PASSWORD_FILE must be set together")
+    if settings.dicomweb_user and settings.dicomweb_token_file is not None:
+        raise SettingsError(f"{ENV_PREFIX}DICOMWEB_TOKEN_FILE and {ENV_PREFIX}DICOMWEB_USER exclude each other: "
+                            "one kind of authentication")
     return settings

@@ -4,11 +4,13 @@ cycle, claims between two handles (as between two processes), retries and the ou
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from conftest import wait_for
 
 from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
 
@@ -147,6 +149,38 @@ def test_stale_result_is_not_stored(ledger: Ledger) -> None:
     assert newer == generation + 1
     assert ledger.finish_analysis(STUDY, newer, {"label": "benign"}, now=123)
     assert ledger.result(STUDY) == {"label": "benign"} and ledger.study(STUDY)["state"] == StudyState.ANALYSED
+
+
+def test_a_renewed_lease_keeps_the_study_and_an_expired_one_gives_it_back(ledger: Ledger) -> None:
+    complete(ledger)
+    ledger.mark_queued(STUDY, lease_s=20, now=110)
+    assert ledger.due_for_queue(now=129) == [] and ledger.due_for_queue(now=130) == [STUDY]  # message lost
+    generation = ledger.claim_analysis(STUDY, lease_s=20, now=130)
+    assert ledger.renew_lease(STUDY, generation, lease_s=20, now=145)
+    assert ledger.due_for_queue(now=160) == []  # a live worker renewed it
+    assert ledger.claim_analysis(STUDY, lease_s=20, now=160) is None
+    assert ledger.due_for_queue(now=165) == [STUDY]  # it stopped renewing: killed
+    assert ledger.claim_analysis(STUDY, lease_s=20, now=165) == generation
+    assert ledger.finish_analysis(STUDY, generation, {"label": "benign"}, lease_s=20, now=170)
+    assert ledger.claim_orphaned_reports(lease_s=20, now=189) == []  # its worker is reporting it
+    assert ledger.renew_lease(STUDY, generation, lease_s=20, now=185)
+    assert ledger.claim_orphaned_reports(lease_s=20, now=204) == []
+    assert ledger.claim_orphaned_reports(lease_s=20, now=205) == [(STUDY, generation)]  # killed before reporting
+    assert ledger.claim_orphaned_reports(lease_s=20, now=206) == []  # claimed once
+    ledger.set_state(STUDY, StudyState.REPORTED)
+    assert not ledger.renew_lease(STUDY, generation, lease_s=20, now=207)  # nothing left to keep
+    assert ledger.claim_orphaned_reports(lease_s=20, now=300) == []
+
+
+def test_keep_lease_renews_while_the_work_runs(ledger: Ledger) -> None:
+    complete(ledger)
+    generation = ledger.claim_analysis(STUDY, lease_s=0.3)
+    assert generation is not None
+    start = time.time()
+    with ledger.keep_lease(STUDY, generation, lease_s=0.3):
+        wait_for("a renewal", lambda: ledger.study(STUDY)["lease_until"] > start + 0.45, timeout=10)
+        assert ledger.claim_analysis(STUDY, lease_s=0.3) is None
+    wait_for("the lease to run out", lambda: ledger.due_for_queue() == [STUDY], timeout=10)
 
 
 def test_retry_backs_off_then_fails(ledger: Ledger) -> None:

@@ -570,12 +570,26 @@ def test_quiet_study_completes_and_reopens_after_handled(scp: StoreSCP, ledger: 
     assert len(ledger.instances(f.study_uid)) == 2
 
 
+def test_completion_sleeps_until_the_earliest_quiet_period_ends(scp: StoreSCP, ledger: Ledger, tmp_path: Path) -> None:
+    loop = CompletionLoop(ledger, quiet_period_s=5.0, interval_s=0.5)
+    assert loop.next_wait() == 0.5  # nothing receiving: look again after the interval
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    assert store(scp, f) == StoreStatus.SUCCESS
+    last = ledger.study(f.study_uid)["last_received"]
+    assert loop.next_wait(now=last + 1.0) == 0.5  # its deadline is further than the interval
+    assert loop.next_wait(now=last + 4.8) == pytest.approx(0.2)  # wakes exactly at the deadline
+    assert loop.next_wait(now=last + 9.0) == CompletionLoop.MIN_WAIT_S  # overdue: at once
+    assert CompletionLoop(ledger, quiet_period_s=0.2, interval_s=0.5).next_wait(now=last - 1) == 0.2
+
+
 def test_completion_loop_completes_quiet_studies(scp: StoreSCP, ledger: Ledger) -> None:
     f = US_FILES["OBXXXX1A_rle.dcm"]
     assert store(scp, f) == StoreStatus.SUCCESS
-    loop = CompletionLoop(ledger, quiet_period_s=0.2, interval_s=0.05)
+    woken = threading.Event()
+    loop = CompletionLoop(ledger, quiet_period_s=0.2, interval_s=0.05, on_complete=woken.set)
     loop.start()
     try:
         wait_for("the study to complete", lambda: ledger.study(f.study_uid)["state"] == StudyState.COMPLETE, 10)
+        assert woken.wait(10), "the scheduler was not woken"
     finally:
         loop.stop()

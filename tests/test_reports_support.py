@@ -215,7 +215,8 @@ def analysed_study(settings: Settings, ledger: Ledger, files: Sequence[str] = ST
     generation = ledger.claim_analysis(study_uid, lease_s=60)
     assert generation is not None
     result, references = analyse(settings, study_uid, paths, generation=generation, **kwargs)  # type: ignore[arg-type]
-    assert ledger.finish_analysis(study_uid, generation, result.model_dump())
+    # the report lease a worker holds while it reports the study
+    assert ledger.finish_analysis(study_uid, generation, result.model_dump(), lease_s=settings.task_lease_s)
     assert ledger.study(study_uid)["state"] == StudyState.ANALYSED
     return Study(study_uid, paths, result, references)
 

@@ -267,6 +267,18 @@ def test_query_shows_similar_studies_but_never_the_own_one(env: dict[str, str], 
 
 # --- filling from the PACS -------------------------------------------------------------
 
+def write_report(image: Path, out: Path) -> pydicom.Dataset:
+    """A report (Basic Text SR, no pixels) in the study of ``image``, written to
+    ``out``: not an image, so a copy from the PACS must leave it there."""
+    report = pydicom.dcmread(image)
+    del report.PixelData
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = BasicTextSRStorage
+    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    report.Modality = "SR"
+    report.save_as(out)
+    return report
+
+
 @pytest.fixture
 def qr_pacs(tmp_path: Path, studies: tuple[Path, Path]) -> Iterator[tuple[str, str]]:
     """DCMTK's dcmqrscp, a real Query/Retrieve SCP, holding the synthetic studies
@@ -286,12 +298,7 @@ def qr_pacs(tmp_path: Path, studies: tuple[Path, Path]) -> Iterator[tuple[str, s
     for n, path in enumerate(sorted(studies[0].rglob("*.dcm"))):
         files.append(tmp_path / f"held-{n}.dcm")
         subprocess.run([dcmtk("dcmdjpeg"), str(path), str(files[-1])], check=True, capture_output=True)
-    report = pydicom.dcmread(files[0])
-    del report.PixelData
-    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = BasicTextSRStorage
-    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    report.Modality = "SR"
-    report.save_as(tmp_path / "report.dcm")
+    report = write_report(files[0], tmp_path / "report.dcm")
     subprocess.run([dcmtk("dcmqridx"), str(db), *map(str, files), str(tmp_path / "report.dcm")],
                    check=True, capture_output=True)
     with (tmp_path / "dcmqrscp.log").open("wb") as log:

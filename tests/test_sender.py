@@ -37,7 +37,6 @@ from test_reports_support import (
 from service.common.metrics import SEND_ATTEMPTS
 from service.delivery.recovery import retry_study
 from service.delivery.sender import (
-    ORPHAN_REPORT_AFTER_S,
     Sender,
     SenderService,
     backoff_delay,
@@ -325,8 +324,9 @@ def test_a_study_analysed_but_never_reported_is_reported_later(to_pacs: Settings
             label=similar.label, label_source=similar.label_source, confirmed=True, image_path=reference,
         )])
     sender = Sender(to_pacs, ledger)
-    assert sender.report_orphans() == 0  # just analysed: its worker is reporting it
-    assert sender.report_orphans(now=time.time() + ORPHAN_REPORT_AFTER_S + 1) == 1
+    assert sender.report_orphans() == 0  # just analysed: its worker holds the lease and is reporting it
+    assert sender.report_orphans(now=time.time() + to_pacs.task_lease_s + 1) == 1  # the worker stopped renewing
+    assert sender.report_orphans(now=time.time() + to_pacs.task_lease_s + 2) == 0  # reported: no longer an orphan
     assert ledger.study(study.uid)["state"] == StudyState.REPORTED
     assert len(ledger.outbox(study.uid)) == 3  # SR, heatmap, montage
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TypeVar
 
-from conftest import wait_for
+from conftest import free_port, wait_for
 from pydicom.dataset import Dataset
 
 from service.common.spool import instance_path
@@ -123,11 +123,6 @@ class Process:
 def serve(settings: Settings, log: Path) -> Process:
     return Process(settings, "serve", log=log, ready="listening as ")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PrivateRedis:

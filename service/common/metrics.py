@@ -5,8 +5,9 @@ worker subprocesses, workers on other hosts) and survives restarts, so whatever 
 knows - studies per state, instances received, stage latencies, outbox retries - is
 read from it when Prometheus scrapes (:class:`LedgerCollector`), never counted in
 one process's memory. What only the receiving or sending code sees as it happens -
-the C-STORE status it returned, the outcome of each delivery attempt - is counted by
-the stages calling :func:`observe_cstore` and :func:`observe_send`; those counters
+the C-STORE status it returned, the outcome of each STOW-RS instance and of each
+delivery attempt - is counted by the stages calling :func:`observe_cstore`,
+:func:`observe_stow` and :func:`observe_send`; those counters
 belong to the process that serves ``/metrics`` (the node), where both stages run.
 """
 
@@ -57,15 +58,24 @@ CSTORE_RESPONSES = Counter(
     "sonocase_cstore_responses", "C-STORE responses the receiver returned, by status code",
     ["status"], registry=None,
 )
+STOW_INSTANCES = Counter(
+    "sonocase_stow_instances", "Instances received over STOW-RS, by Failure Reason (0x0000: stored)",
+    ["status"], registry=None,
+)
 SEND_ATTEMPTS = Counter(
-    "sonocase_send_attempts", "C-STORE attempts of the sender, by outcome (failed ones are retried)",
-    ["outcome"], registry=None,
+    "sonocase_send_attempts", "Delivery attempts of the sender (C-STORE or STOW-RS), by outcome (failed ones "
+    "are retried)", ["outcome"], registry=None,
 )
 
 
 def observe_cstore(status: int) -> None:
     """Count one C-STORE response (the receiver calls this with the status it returns)."""
     CSTORE_RESPONSES.labels(status=f"0x{status:04X}").inc()
+
+
+def observe_stow(status: int) -> None:
+    """Count one instance of a STOW-RS request: 0 stored, else its Failure Reason."""
+    STOW_INSTANCES.labels(status=f"0x{status:04X}").inc()
 
 
 def observe_send(outcome: Literal["accepted", "failed"]) -> None:
@@ -167,7 +177,7 @@ def build_registry(collector: LedgerCollector) -> CollectorRegistry:
     """A registry for one node: its ledger figures, this process's counters and
     the usual process figures (CPU, memory, open files)."""
     registry = CollectorRegistry()
-    for metric in (CSTORE_RESPONSES, SEND_ATTEMPTS, collector):
+    for metric in (CSTORE_RESPONSES, STOW_INSTANCES, SEND_ATTEMPTS, collector):
         registry.register(metric)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

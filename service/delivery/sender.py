@@ -6,13 +6,17 @@ object twice after a crash mid-association; storing the same SOP Instance UID ag
 is idempotent for a PACS). Each round:
 
 * due objects are grouped per destination and study, and each group goes over
-  one association (C-STORE, optional DICOM TLS);
+  one association (C-STORE, optional DICOM TLS) or, to a DICOMweb destination, in
+  one STOW-RS request (:mod:`service.delivery.dicomweb`) whose response says per
+  object whether it was stored;
 * the SR is proposed in every SR class we write; when the destination refuses the
-  one built, the SR is rebuilt in the best class it accepts along Comprehensive 3D
-  -> Comprehensive -> Enhanced SR, and the outbox row is swapped (logged);
-* an object that is not accepted (no association, refused context, failure status)
-  waits with exponential backoff and jitter; after ``send_max_attempts`` it is
-  FAILED and so is its study (stage ``send``), until ``sonocase resend``;
+  one built (no presentation context, or STOW-RS Failure Reason 0x0122), the SR is
+  rebuilt in the best class it accepts along Comprehensive 3D -> Comprehensive ->
+  Enhanced SR, and the outbox row is swapped (logged);
+* an object that is not accepted (no association or HTTP answer, refused context,
+  failure status or Failure Reason) waits with exponential backoff and jitter; after
+  ``send_max_attempts`` it is FAILED and so is its study (stage ``send``), until
+  ``sonocase resend``;
 * a study whose objects were all accepted becomes SENT.
 
 It also reports studies a worker analysed but died before reporting (the report
@@ -36,8 +40,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from service.common import dicom_tls
+from service.common import dicom_tls, dicomweb
 from service.common.metrics import observe_send
+from service.delivery.dicomweb import SOP_CLASS_NOT_SUPPORTED, WARNING_REASONS, store_study
 from service.ledger import Ledger, OutboxState, StudyState
 from service.model_card import card_path_for
 from service.reports.build import (
@@ -48,26 +53,21 @@ from service.reports.build import (
 )
 from service.reports.sr import SR_CLASSES
 from service.reports.template import validate_template_setting
-from service.settings import Destination, Settings
+from service.settings import Destination, DicomWebDestination, Settings, parse_peer
 from service.similar.index import SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
 
 # C-STORE response statuses (PS3.4 B.2.3): success and the warnings that still
-# mean "stored".
+# mean "stored" (the same codes and meanings as STOW-RS Warning Reasons).
 STATUS_SUCCESS = 0x0000
-STATUS_WARNINGS = {
-    0xB000: "coercion of data elements",
-    0xB006: "elements discarded",
-    0xB007: "data set does not match SOP class",
-}
+STATUS_WARNINGS = WARNING_REASONS
 #: How often the loop looks for due objects (bounds the added delivery latency;
 #: one indexed SQLite query when nothing is due).
 POLL_S = 0.1
-#: An ANALYSED study older than this without a report lost its worker: report it.
-ORPHAN_REPORT_AFTER_S = 300.0
-#: How often the loop looks for such studies.
-ORPHAN_CHECK_S = 30.0
+#: How often the loop looks for analysed studies whose worker died before reporting
+#: them (an indexed query); they are noticed within task_lease_s plus this.
+ORPHAN_CHECK_S = 1.0
 #: How often a C-STORE waiting for its response checks that the association lives.
 _WATCH_EVERY_S = 0.1
 
@@ -100,6 +100,10 @@ def send_c_store(assoc: Association, ds: Dataset) -> Dataset:
     watcher.start()
     try:
         return assoc.send_c_store(ds)
+    except RuntimeError:  # it ended after the caller saw it established: pynetdicom refuses to send
+        if assoc.is_established:
+            raise
+        return Dataset()  # no response
     finally:
         done.set()
         watcher.join()
@@ -131,7 +135,7 @@ class Sender:
         return accepted
 
     def _deliver(self, destination: str, study_uid: str, rows: list[dict[str, Any]]) -> int:
-        dest = Destination.parse(destination)
+        dest = parse_peer(destination)
         datasets: dict[str, Dataset] = {}
         for row in rows:
             try:
@@ -141,6 +145,21 @@ class Sender:
         rows = [r for r in rows if r["sop_instance_uid"] in datasets]
         if not rows:
             return 0
+        if isinstance(dest, DicomWebDestination):
+            accepted = self._deliver_stow(dest, study_uid, rows, datasets)
+        else:
+            accepted = self._deliver_cstore(dest, rows, datasets)
+        LOG.info(
+            "%d of %d object(s) accepted by %s",
+            accepted,
+            len(rows),
+            dest,
+            extra={"study_uid": study_uid, "destination": str(dest)},
+        )
+        return accepted
+
+    def _deliver_cstore(self, dest: Destination, rows: list[dict[str, Any]], datasets: dict[str, Dataset]) -> int:
+        """The group over one association; return how many were accepted."""
         assoc = self._associate(dest, rows, datasets)
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
@@ -157,13 +176,29 @@ class Sender:
         finally:
             if assoc.is_established:
                 assoc.release()
-        LOG.info(
-            "%d of %d object(s) accepted by %s",
-            accepted,
-            len(rows),
-            dest,
-            extra={"study_uid": study_uid, "destination": str(dest)},
-        )
+        return accepted
+
+    def _deliver_stow(self, dest: DicomWebDestination, study_uid: str, rows: list[dict[str, Any]],
+                      datasets: dict[str, Dataset]) -> int:
+        """The group in one STOW-RS request; each object's outcome is recorded on its
+        own, so a partly stored request resends only what was not stored."""
+        try:
+            web = dicomweb.client(self.settings, dest)
+        except ValueError as exc:  # an unreadable secret file: every try fails the same way, visibly
+            for row in rows:
+                self._failed(row, f"{dest}: {exc}")
+            return 0
+        outcomes = store_study(web, study_uid, [datasets[row["sop_instance_uid"]] for row in rows])
+        accepted = 0
+        for row in rows:
+            outcome = outcomes[row["sop_instance_uid"]]
+            if outcome.stored:
+                accepted += self._accepted(dest, row, outcome.reason)
+            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row["sop_class_uid"] in SR_CLASSES:
+                # Rebuilt in the next SR class, sent in the next round (soon: the row stays due).
+                self._fallback(dest, row, set(SR_CLASSES[SR_CLASSES.index(row["sop_class_uid"]) + 1:]))
+            else:
+                self._failed(row, f"{dest} did not store {row['sop_instance_uid']}: {outcome.reason}")
         return accepted
 
     def _associate(self, dest: Destination, rows: list[dict[str, Any]], datasets: dict[str, Dataset]) -> Association:
@@ -197,24 +232,23 @@ class Sender:
         status = send_c_store(assoc, ds)
         code = int(status.get("Status", -1)) if status else -1
         if code == STATUS_SUCCESS or code in STATUS_WARNINGS:
-            if code in STATUS_WARNINGS:
-                LOG.warning(
-                    "%s stored %s with a warning: %s",
-                    dest,
-                    row["sop_instance_uid"],
-                    STATUS_WARNINGS[code],
-                    extra={"study_uid": row["study_uid"]},
-                )
-            self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SENT)
-            observe_send("accepted")
-            return 1
+            return self._accepted(dest, row, STATUS_WARNINGS.get(code, ""))
         reason = "no response (association lost)" if code == -1 else f"C-STORE status 0x{code:04X}"
         self._failed(row, f"{dest} did not store {row['sop_instance_uid']}: {reason}")
         return 0
 
+    def _accepted(self, dest: Destination | DicomWebDestination, row: dict[str, Any], warning: str) -> int:
+        """Record an object the destination stored (with ``warning``, if any); 1."""
+        if warning:
+            LOG.warning("%s stored %s with a warning: %s", dest, row["sop_instance_uid"], warning,
+                        extra={"study_uid": row["study_uid"]})
+        self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SENT)
+        observe_send("accepted")
+        return 1
+
     def _fallback(
         self,
-        dest: Destination,
+        dest: Destination | DicomWebDestination,
         row: dict[str, Any],
         accepted_classes: set[str],
     ) -> tuple[dict[str, Any], Dataset] | None:
@@ -292,27 +326,27 @@ class Sender:
 
     # --- studies a dead worker analysed but never reported ----------------------
     def report_orphans(self, now: float | None = None) -> int:
-        """Report studies ANALYSED for ORPHAN_REPORT_AFTER_S without a report."""
-        now = time.time() if now is None else now
-        orphans = [
-            s["study_uid"]
-            for s in self.ledger.studies((StudyState.ANALYSED,))
-            if (s["analysed_at"] or now) <= now - ORPHAN_REPORT_AFTER_S
-        ]
-        if not orphans:
+        """Report the analysed studies whose worker stopped renewing its lease before
+        it reported them (see :meth:`Ledger.claim_orphaned_reports`). The report's
+        objects have UIDs derived from the study and generation, so a late report of
+        the same generation writes the same objects, never a second SR."""
+        claimed = self.ledger.claim_orphaned_reports(self.settings.task_lease_s, now)
+        if not claimed:
             return 0
         try:
             index: SimilarCaseIndex | None = SimilarCaseIndex.from_settings(self.settings, None)
         except FileNotFoundError:
             index = None
         try:
-            for study_uid in orphans:
-                LOG.warning("analysed but never reported (worker lost?): reporting now", extra={"study_uid": study_uid})
-                build_reports(self.settings, self.ledger, study_uid, index_reference_images(index) if index else None)
+            for study_uid, generation in claimed:
+                LOG.warning("analysed but never reported (worker lost): reporting now", extra={"study_uid": study_uid})
+                with self.ledger.keep_lease(study_uid, generation, self.settings.task_lease_s):
+                    build_reports(self.settings, self.ledger, study_uid,
+                                  index_reference_images(index) if index else None)
         finally:
             if index is not None:
                 index.close()
-        return len(orphans)
+        return len(claimed)
 
 
 class SenderService:

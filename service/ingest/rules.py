@@ -232,8 +232,11 @@ def parse_instance(raw: bytes, transfer_syntax: str) -> ParsedInstance:
     )
 
 
-def check_request(inst: ParsedInstance, affected_sop_class: str, affected_sop_instance: str) -> None:
-    """The data set must be the one the C-STORE request announces (PS3.4 B.2.3)."""
+def check_request(
+    inst: ParsedInstance, affected_sop_class: str, affected_sop_instance: str, study_uid: str | None = None,
+) -> None:
+    """The data set must be the one the C-STORE request announces (PS3.4 B.2.3) and,
+    when the request names a study (STOW-RS to ``/studies/{study}``), of that study."""
     if inst.sop_class_uid != affected_sop_class:
         raise InvalidInstance(
             StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
@@ -243,6 +246,10 @@ def check_request(inst: ParsedInstance, affected_sop_class: str, affected_sop_in
         raise InvalidInstance(
             StoreStatus.INVALID_UID,
             f"data set SOP Instance UID differs from the request's {affected_sop_instance}",
+        )
+    if study_uid is not None and inst.study_uid != study_uid:
+        raise InvalidInstance(
+            StoreStatus.INVALID_UID, f"data set Study Instance UID differs from the request's {study_uid}",
         )
 
 

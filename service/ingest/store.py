@@ -286,16 +286,16 @@ class StoreSCP:
 
     def store(
         self, raw: bytes, transfer_syntax: str, affected_sop_class: str, affected_sop_instance: str,
-        calling_ae: str, incoming: IncomingFile | None = None,
+        calling_ae: str, incoming: IncomingFile | None = None, study_uid: str | None = None,
     ) -> StoreOutcome:
         """Parse, judge, write and record one instance; never raises. ``incoming``,
         when given, already holds the bytes on disk (see :class:`IncomingFile`); the
-        caller closes it."""
-        study_uid = None
+        caller closes it. ``study_uid``, when given, is the only study accepted."""
+        expected_study, study_uid = study_uid, None
         try:
             inst = parse_instance(raw, transfer_syntax)
             study_uid = inst.study_uid
-            check_request(inst, affected_sop_class, affected_sop_instance)
+            check_request(inst, affected_sop_class, affected_sop_instance, expected_study)
             ignored = modality_policy(inst, self.settings.non_ultrasound)
             if self.ledger.has_instance(inst.sop_instance_uid):
                 LOG.info("duplicate SOP Instance UID %s: already stored, not rewritten", inst.sop_instance_uid,

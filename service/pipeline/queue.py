@@ -73,6 +73,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Results live in the ledger, not in Celery: no need to wait 10 s for one
         # before a killed pool process's message is rejected and re-queued.
         "worker_lost_wait": 1.0,
+        # A hung analysis keeps renewing its lease: Celery kills its pool process after
+        # this (a new one takes its place) and the lease brings the study back.
+        "task_time_limit": settings.task_time_limit_s,
         "task_ignore_result": not settings.result_backend,
         "result_backend": settings.result_backend or None,
     }
@@ -94,9 +97,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     else:
         config.update(
             broker_url=settings.broker_url,
-            # A message a dead worker held comes back after this; the ledger lease
-            # brings the study back on the same schedule in any case.
-            broker_transport_options={"visibility_timeout": max(60.0, settings.task_lease_s)},
+            # Redis hands an unacknowledged message out again after this, so it must be
+            # longer than any analysis may run; the ledger lease brings back a study
+            # whose worker died much sooner.
+            broker_transport_options={"visibility_timeout": settings.task_time_limit_s + 60.0},
         )
     return config
 

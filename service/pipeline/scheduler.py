@@ -40,7 +40,8 @@ def schedule_due(ledger: Ledger, send: Callable[[str], None], lease_s: float, no
 
 
 class SchedulerService:
-    """The node's scheduler thread: :func:`schedule_due` every POLL_S seconds."""
+    """The node's scheduler thread: :func:`schedule_due` every POLL_S seconds, and at
+    once when :meth:`wake` says studies just became complete."""
 
     name = "scheduler"
 
@@ -49,6 +50,7 @@ class SchedulerService:
         self.ledger = ledger
         self.app = create_app(settings)
         self._stop = threading.Event()
+        self._woken = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._broker_down = False
 
@@ -57,7 +59,12 @@ class SchedulerService:
 
     def stop(self) -> None:
         self._stop.set()
+        self._woken.set()
         self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        """Run a round now (studies became complete), not at the next poll."""
+        self._woken.set()
 
     def run_once(self) -> list[str]:
         try:
@@ -73,7 +80,11 @@ class SchedulerService:
         return sent
 
     def _run(self) -> None:
-        while not self._stop.wait(POLL_S):
+        while True:
+            self._woken.wait(POLL_S)
+            self._woken.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.run_once()
             except Exception:  # the loop must outlive any one bad round; the ledger keeps what is due

@@ -116,34 +116,36 @@ def process_study(state: WorkerState, study_uid: str) -> str:
         LOG.info("not claimed: analysed already, or another worker holds its lease", extra={"study_uid": study_uid})
         return "not-claimed"
     LOG.info("analysing generation %d", generation, extra={"study_uid": study_uid})
-    try:
-        model = state.model()
-        index = state.index(model)
-        analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid), index)
-    except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
-        reason = error_text(exc)
-        outcome = ledger.retry_or_fail(study_uid, "analysis", reason, settings.task_max_attempts,
-                                       settings.task_retry_backoff_s)
-        LOG.exception("analysis failed (%s)", "giving up" if outcome == StudyState.FAILED else "will retry",
-                      extra={"study_uid": study_uid})
-        return str(outcome)
-    if not ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json")):
-        LOG.info("result of generation %d not stored: the study was re-opened, or another worker stored it first",
-                 generation, extra={"study_uid": study_uid})
-        return "stale"
-    summary = analysis.result.summary
-    LOG.info("analysed: %s%s in %.2f s", summary.predicted or "no class",
-             f" ({summary.probability:.3f})" if summary.probability is not None else "",
-             analysis.result.timings_s.get("total_s", 0.0), extra={"study_uid": study_uid})
-    if index is not None and analysis.index_entries:
-        # Before the report: once the study is sent, retention may remove the spool
-        # files the index copies its reference images from.
+    with ledger.keep_lease(study_uid, generation, settings.task_lease_s):
         try:
-            index.add(analysis.index_entries)
-        except Exception:  # the result and reports stand; only the index misses this study
-            LOG.exception("the analysed study could not be added to the similar-case index",
+            model = state.model()
+            index = state.index(model)
+            analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid), index)
+        except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
+            reason = error_text(exc)
+            outcome = ledger.retry_or_fail(study_uid, "analysis", reason, settings.task_max_attempts,
+                                           settings.task_retry_backoff_s)
+            LOG.exception("analysis failed (%s)", "giving up" if outcome == StudyState.FAILED else "will retry",
                           extra={"study_uid": study_uid})
-    _report(state, study_uid, generation, index)
+            return str(outcome)
+        if not ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json"),
+                                      lease_s=settings.task_lease_s):
+            LOG.info("result of generation %d not stored: the study was re-opened, or another worker stored it "
+                     "first", generation, extra={"study_uid": study_uid})
+            return "stale"
+        summary = analysis.result.summary
+        LOG.info("analysed: %s%s in %.2f s", summary.predicted or "no class",
+                 f" ({summary.probability:.3f})" if summary.probability is not None else "",
+                 analysis.result.timings_s.get("total_s", 0.0), extra={"study_uid": study_uid})
+        if index is not None and analysis.index_entries:
+            # Before the report: once the study is sent, retention may remove the
+            # spool files the index copies its reference images from.
+            try:
+                index.add(analysis.index_entries)
+            except Exception:  # the result and reports stand; only the index misses this study
+                LOG.exception("the analysed study could not be added to the similar-case index",
+                              extra={"study_uid": study_uid})
+        _report(state, study_uid, generation, index)
     return "analysed"
 
 

@@ -24,17 +24,18 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
-from service.cli import settings_from
+from service.cli import peer_param, settings_from
 from service.model.imaging import prepare_instance
 from service.model_card import DISCLAIMER, ModelCard
 from service.results import ModelIdentity
-from service.settings import Destination, Settings
+from service.settings import Destination, Peer, Settings
 from service.similar.index import (
     LABEL_SOURCES,
     IndexEntry,
     SimilarCaseIndex,
     StoredImage,
 )
+from service.similar.dicomweb_copy import copy_studies_web
 from service.similar.pacs_copy import PacsUnavailable, copy_studies
 
 log = logging.getLogger(__name__)
@@ -293,10 +294,11 @@ def _fill(ctx: click.Context, folder: Path, labels_csv: Path, label_source: str 
     _summary(report, version)
 
 
-def _fill_from_pacs(ctx: click.Context, pacs: Destination, labels_csv: Path, label_source: str | None,
+def _fill_from_pacs(ctx: click.Context, pacs: Peer, labels_csv: Path, label_source: str | None,
                     save_every: int) -> None:
-    """Copy each labelled study out of the PACS, add it, and drop the copy; studies
-    the index holds already are not fetched again, so a rerun resumes."""
+    """Copy each labelled study out of the PACS (C-FIND + C-GET) or DICOMweb archive
+    (QIDO-RS + WADO-RS), add it, and drop the copy; studies the index holds already
+    are not fetched again, so a rerun resumes."""
     settings = settings_from(ctx)
     with _clear_errors():
         embedder = ReferenceEmbedder(settings)
@@ -310,7 +312,9 @@ def _fill_from_pacs(ctx: click.Context, pacs: Destination, labels_csv: Path, lab
             known = index.known_study_uids(studies)
             todo = [uid for uid in studies if uid not in known]
             with tqdm(total=len(todo), unit="study", desc=f"copying from {pacs}", disable=None) as bar:
-                for copy in copy_studies(pacs, todo, Path(scratch), settings):
+                copies = copy_studies(pacs, todo, Path(scratch), settings) if isinstance(pacs, Destination) \
+                    else copy_studies_web(pacs, todo, Path(scratch), settings)
+                for copy in copies:
                     fill_index(index, embedder.embed, copy.files, labels, save_every, report=report)
                     if copy.problem:
                         problems[copy.study_uid] = copy.problem
@@ -344,19 +348,13 @@ def index() -> None:
     """Build, fill, query and inspect the similar-case index (reference studies with diagnoses)."""
 
 
-def _pacs_address(ctx: click.Context, param: click.Parameter, value: str | None) -> Destination | None:
-    try:
-        return None if value is None else Destination.parse(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @index.command()
 @click.option("--dicom", "folder", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Folder of DICOM files (searched recursively).")
-@click.option("--pacs", type=str, default=None, callback=_pacs_address, metavar="AE@HOST:PORT[+tls]",
+@click.option("--pacs", type=str, default=None, callback=peer_param, metavar="AE@HOST:PORT[+tls]|URL",
               help="Instead of --dicom: copy each labelled study from this PACS (C-FIND, C-GET; "
-                   "it must know our AE title). Needs study_instance_uid in the CSV.")
+                   "it must know our AE title) or DICOMweb archive (its base URL, e.g. "
+                   "https://archive/dicom-web: QIDO-RS, WADO-RS). Needs study_instance_uid in the CSV.")
 @click.option("--labels", "labels_csv", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="CSV: study_instance_uid or sop_instance_uid, label, label_source.")
 @click.option("--label-source", type=click.Choice(LABEL_SOURCES), default=None,
@@ -364,11 +362,11 @@ def _pacs_address(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--save-every", type=click.IntRange(1), default=256, show_default=True,
               help="Images per saved batch: an interrupted run resumes after the last one.")
 @click.pass_context
-def add(ctx: click.Context, folder: Path | None, pacs: Destination | None, labels_csv: Path,
+def add(ctx: click.Context, folder: Path | None, pacs: Peer | None, labels_csv: Path,
         label_source: str | None, save_every: int) -> None:
     """Embed and add labelled studies from a folder or the PACS (skips what is there)."""
     if (folder is None) == (pacs is None):
-        raise click.UsageError("give either --dicom DIR or --pacs AE@HOST:PORT")
+        raise click.UsageError("give either --dicom DIR or --pacs AE@HOST:PORT|URL")
     if pacs is not None:
         _fill_from_pacs(ctx, pacs, labels_csv, label_source, save_every)
     else:
