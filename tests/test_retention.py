@@ -30,6 +30,7 @@ from service.delivery.retention import (
     tree_bytes,
 )
 from service.ledger import FILE_KINDS, Ledger, OutboxState, PurgeCandidate, Routing, StudyState
+from service.ops.status import format_detail, study_detail
 from service.pipeline.tasks import WorkerState, process_study
 from service.reports.build import build_reports
 from service.settings import Settings, SettingsError, load_settings
@@ -130,6 +131,8 @@ def test_each_kind_goes_after_its_own_days_and_is_recorded(node: Settings, ledge
     assert registry.get_sample_value("sonocase_spool_bytes", {"state": "sent"}) == 0
     with pytest.raises(NothingToRetry, match="removed by retention"):
         retry_study(node, ledger, uid)
+    detail = format_detail(study_detail(ledger, uid))
+    assert "removed spool files of generation 1 at" in detail and f"({before['spool']} bytes): kept 1 days" in detail
 
 
 def test_a_reopened_study_keeps_its_new_files_until_it_is_done_again(node: Settings, ledger: Ledger) -> None:

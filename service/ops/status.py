@@ -42,6 +42,7 @@ def study_detail(ledger: Ledger, study_uid: str) -> dict[str, Any] | None:
         "instances": [asdict(inst) for inst in ledger.instances(study_uid)],
         "result": ledger.result(study_uid),
         "outbox": ledger.outbox(study_uid),
+        "removed": ledger.purges(study_uid),
     }
 
 
@@ -84,6 +85,10 @@ def format_detail(detail: dict[str, Any]) -> str:
         error = f"  {row['error']}" if row["error"] else ""
         lines.append(f"  {row['sop_instance_uid']} -> {row['destination']}: {row['state']}"
                      f" after {row['attempts']} attempt(s){error}")
+    for row in detail["removed"]:
+        done = f"{row['bytes']} bytes" if row["bytes"] is not None else "not finished"
+        lines.append(f"removed {row['kind']} files of generation {row['generation']} at {_when(row['purged_at'])}"
+                     f" ({done}): {row['reason']}")
     return "\n".join(lines)
 
 
