@@ -15,7 +15,12 @@ command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # status page tests
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)  # validates deploy/compose.yaml
 [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)  # the DICOMweb archive of the tests
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
-command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # a STOW-RS client that is not ours
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # a STOW-RS client that is not ours; smoke.sh polls /readyz
+# deploy/smoke.sh: builds and runs the image (podman), makes its base where no
+# registry is reachable (debootstrap), reads the image's hnswlib (objdump)
+command -v podman >/dev/null 2>&1 || need_apt+=(podman fuse-overlayfs slirp4netns uidmap)
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+command -v objdump >/dev/null 2>&1 || need_apt+=(binutils)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

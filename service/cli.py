@@ -7,6 +7,7 @@ so ``sonocase serve`` never imports torch and ``sonocase --help`` stays fast.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,10 @@ def peer_param(ctx: click.Context, param: click.Parameter, value: str | tuple[st
 
 
 def main() -> None:
+    # ONNX Runtime's telemetry (1DS, on Linux since 1.2x) would write a device ID under
+    # $HOME and upload events: a hospital node sends nothing anywhere. The variable must
+    # be set before the runtime starts; worker processes inherit it.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     cli(prog_name="sonocase")
 
 

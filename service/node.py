@@ -20,10 +20,12 @@ import click
 
 from service.cli import settings_from
 from service.delivery.retention import RetentionService
+from service.common.logs import announce
 from service.delivery.sender import SenderService
 from service.ingest.server import ReceiverService
+from service.ingest.stow import stow_router
 from service.ledger import Ledger, open_ledger
-from service.ops.web import build_web_server
+from service.ops.web import ExtraRouter, build_web_server
 from service.pipeline.completion import CompletionLoop
 from service.pipeline.routing import Router
 from service.pipeline.scheduler import SchedulerService
@@ -46,15 +48,18 @@ class Service(Protocol):
 def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     """The node's services in start order (each stage adds its line here)."""
     scheduler = SchedulerService(settings, ledger)
+    receiver = ReceiverService(settings, ledger)
+    # STOW-RS stores through the running receiver's store (503 until it runs).
+    stow = ExtraRouter(stow_router(settings, lambda: receiver.store), settings.stow_max_request_mb << 20)
     return [
-        *([build_web_server(settings, ledger)] if settings.http_port else []),
+        *([build_web_server(settings, ledger, routers=[stow])] if settings.http_port else []),
         CompletionLoop(ledger, settings.quiet_period_s, on_complete=scheduler.wake,
                        route=Router(settings, ledger).route),
         *([WorkerProcesses(settings)] if settings.workers else []),
         scheduler,
         SenderService(settings, ledger),
         RetentionService(settings, ledger),
-        ReceiverService(settings, ledger),
+        receiver,
     ]
 
 
@@ -126,7 +131,8 @@ def serve(ctx: click.Context, port: int | None, ae_title: str | None, data_dir: 
     try:
         node.start()
         tls = " (DICOM TLS)" if settings.tls_cert else ""
-        click.echo(f"listening as {settings.ae_title} on {settings.host}:{settings.port}{tls}")
+        announce(f"listening as {settings.ae_title} on {settings.host}:{settings.port}{tls}", settings.log_format,
+                 __name__)
         node.wait()
     finally:
         node.stop()

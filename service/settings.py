@@ -302,7 +302,19 @@ class Settings(BaseSettings):
     # --- watching it -------------------------------------------------------
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535, description="Health, metrics and status page; 0 turns it off")
-    web_token: str = Field("", description="Bearer token for the status page; empty disables the page")
+    web_token: str = Field("", description="Bearer token for the status page and API; empty turns both off")
+    web_session_idle_s: float = Field(1800.0, gt=0, description="A status-page sign-in ends after this long unused")
+    web_session_max_s: float = Field(43200.0, gt=0, description="... and this long after signing in, used or not")
+    web_login_attempts: int = Field(
+        5, ge=1, le=1000, description="Wrong tokens (form or Bearer) one address may send per web_login_window_s"
+    )
+    web_login_window_s: float = Field(60.0, gt=0)
+    web_max_body_bytes: int = Field(65536, ge=1024, description="Largest request body the page and API accept")
+    web_max_connections: int = Field(64, ge=1, le=10000, description="Open HTTP connections; more are closed at once")
+    web_read_timeout_s: float = Field(
+        10.0, ge=0, description="A request's headers must arrive within this, and its body never pause longer; "
+        "0 runs uvicorn's own protocol (no read deadlines, no connection cap)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

@@ -18,6 +18,10 @@ from typing import TypeVar
 
 import pytest
 
+# ONNX Runtime's telemetry is on by default (a device ID under $HOME, uploads): off
+# for the tests' own sessions, as service.cli.main() turns it off for the node.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from service.ledger import Ledger, open_ledger
 from service.settings import Settings, load_settings
 

@@ -232,6 +232,19 @@ def test_dockerfile_builds_from_what_the_context_holds(dockerfile: str) -> None:
         assert _dockerignore_excludes(kept_out), kept_out
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_images_are_portable_and_quiet(dockerfile: str) -> None:
+    """hnswlib is compiled in the image without -march=native (its setup.py honours
+    HNSWLIB_NO_NATIVE), set before the layer that builds it; the runtime has a
+    writable HOME and ONNX Runtime's telemetry off."""
+    text = (DEPLOY / dockerfile).read_text().replace("\\\n", " ")
+    no_native = re.search(r"^ENV .*\bHNSWLIB_NO_NATIVE=1\b", text, re.M)
+    assert no_native and no_native.start() < text.index("pip install /app")
+    runtime = text[text.rindex("\nFROM "):]
+    assert re.search(r"^ENV .*\bHOME=/tmp\b", runtime, re.M) and "--home-dir /tmp" in runtime
+    assert re.search(r"^ENV .*\bORT_DISABLE_TELEMETRY=1\b", runtime, re.M)
+
+
 def test_gpu_image_swaps_onnxruntime_for_the_gpu_build() -> None:
     text = (DEPLOY / "Dockerfile.gpu").read_text()
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}", text, re.M) and "cudnn" in text
@@ -274,8 +287,9 @@ def test_entrypoint_runs_the_node(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(ENTRYPOINT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening as SONOCASE"), line + (proc.stderr.read() if proc.poll() is not None else "")
+        line = proc.stdout.readline()  # json logs: the listening line is a JSON object too
+        assert line.startswith("{"), line + (proc.stderr.read() if proc.poll() is not None else "")
+        assert json.loads(line)["message"].startswith("listening as SONOCASE"), line
         echo = subprocess.run([dcmtk("echoscu"), "-aec", "SONOCASE", "127.0.0.1", env["SONOCASE_PORT"]],
                               env=env, capture_output=True, text=True, timeout=30)
         assert echo.returncode == 0, echo.stderr
@@ -288,7 +302,7 @@ def test_entrypoint_runs_the_node(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert proc.stderr is not None
-    logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    logs = [json.loads(line) for line in proc.stderr.read().splitlines()]  # every line is JSON
     assert any("HTTP on" in doc["message"] for doc in logs)
     health = subprocess.run([str(ENTRYPOINT), "healthcheck", "node"], env=env, capture_output=True, timeout=30)
     assert health.returncode != 0
@@ -317,3 +331,26 @@ def test_entrypoint_worker_answers_its_healthcheck(tmp_path: Path, redis_url: st
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --- the image, built and run ------------------------------------------------------------------
+@pytest.mark.heavy
+@pytest.mark.timeout(1800)
+def test_smoke_image_stores_a_study_and_sends_its_sr(tmp_path: Path) -> None:
+    """deploy/smoke.sh: the CPU image built with podman (or docker), the node run with a
+    read-only root and no capabilities, a real ultrasound study in by storescu, its
+    SR out at a storescp; the image's hnswlib has no AVX instruction (its .so is
+    disassembled), every log line is JSON, SIGTERM stops it cleanly."""
+    if shutil.which("podman") is None and shutil.which("docker") is None:
+        pytest.fail("no container engine: run scripts/setup.sh (apt-get install podman debootstrap)")
+    out = tmp_path / "smoke"
+    done = subprocess.run(["bash", str(DEPLOY / "smoke.sh")], env={**os.environ, "SMOKE_OUT": str(out)},
+                          capture_output=True, text=True, timeout=1700)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objects_at_pacs"] >= 2 and summary["exit_code"] == 0 and summary["uid"] == 10001
+    assert summary["non_json_log_lines"] == 0 and summary["log_lines"] > 10
+    disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(out / "hnswlib.so")],
+                                 capture_output=True, text=True, check=True).stdout
+    assert "sse" in disassembly.lower() or "xmm" in disassembly  # the library's vector code is there ...
+    assert not re.search(r"%[yz]mm\d", disassembly)  # ... but none of it needs AVX or AVX-512

@@ -8,7 +8,9 @@ import http.client
 import io
 import json
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from urllib.parse import urlencode
 import numpy as np
 import pydicom
 import pytest
+from fastapi import APIRouter, Request
 from kombu import Connection
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,14 +38,9 @@ from service.delivery.recovery import (
 )
 from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
 from service.model_card import ModelCard, card_path_for, sha256_file
-from service.ops.web import (
-    SESSION_COOKIE,
-    CheckResult,
-    IndexProbe,
-    ModelProbe,
-    broker_check,
-    build_web_server,
-)
+from service.ops.sessions import LoginThrottle, SessionStore
+from service.ops.views import CheckResult, IndexProbe, ModelProbe, broker_check
+from service.ops.web import SESSION_COOKIE, ExtraRouter, build_web_server
 from service.results import (
     FrameResult,
     ImageResult,
@@ -53,6 +51,8 @@ from service.results import (
 from service.settings import Settings, load_settings
 from service.similar.index import SimilarCaseIndex
 from tests.conftest import free_port, wait_for
+from tests.dicomweb_support import MULTIPART, multipart
+from tests.worker_support import serve, study_state
 
 TOKEN = "test-token-0123456789"
 ACCESSION = "ACC20240117"
@@ -306,11 +306,13 @@ def test_status_page_needs_the_token_and_shows_no_patient_name(node: Node) -> No
     status, headers, body = _http(node.url, "/status")
     assert status == 401 and headers["www-authenticate"].startswith("Bearer") and b"name=token" in body
     assert _http(node.url, "/status", headers={"Authorization": "Bearer wrong"})[0] == 401
-    assert _http(node.url, f"/studies/{node.analysed}/heatmap.png")[0] == 401
+    assert _http(node.url, f"/status/studies/{node.analysed}/heatmap.png")[0] == 401
 
     status, headers, body = _http(node.url, "/status", headers=BEARER)
     page = body.decode()
     assert status == 200 and "default-src 'none'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    assert headers["cache-control"] == "no-store" and headers["referrer-policy"] == "no-referrer"
     assert node.analysed in page and ACCESSION in page and "malignant 0.87" in page
     assert "not for primary diagnosis" in page
     assert PATIENT_NAME not in page
@@ -319,19 +321,19 @@ def test_status_page_needs_the_token_and_shows_no_patient_name(node: Node) -> No
 
 
 def test_heatmap_thumbnail(node: Node) -> None:
-    status, headers, body = _http(node.url, f"/studies/{node.analysed}/heatmap.png", headers=BEARER)
+    status, headers, body = _http(node.url, f"/status/studies/{node.analysed}/heatmap.png", headers=BEARER)
     assert status == 200 and headers["content-type"] == "image/png"
     image = np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
     assert max(image.shape[:2]) <= 96
     centre, corner = image[image.shape[0] // 2, image.shape[1] // 2], image[0, 0]
     assert centre[0] > centre[2] and corner[2] > corner[0]  # hot centre red, cold corner blue
-    assert _http(node.url, f"/studies/{node.broken}/heatmap.png", headers=BEARER)[0] == 404
+    assert _http(node.url, f"/status/studies/{node.broken}/heatmap.png", headers=BEARER)[0] == 404
 
 
 def test_heatmap_outside_the_results_folder_is_not_served(node: Node, tmp_path: Path) -> None:
     rec = _store(node.settings, node.ledger, generate_uid(), time.time())
     _analyse(node.settings, node.ledger, rec, time.time(), heat_root=tmp_path / "elsewhere")
-    assert _http(node.url, f"/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
+    assert _http(node.url, f"/status/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
     status, _, body = _http(node.url, "/status", headers=BEARER)
     assert status == 200 and f"/studies/{rec.study_uid}/heatmap.png" not in body.decode()
 
@@ -342,9 +344,9 @@ def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
     assert status == 303 and headers["location"] == "/status"
     cookie = headers["set-cookie"].split(";")[0]
     assert cookie.startswith(SESSION_COOKIE + "=") and TOKEN not in cookie
-    assert "HttpOnly" in headers["set-cookie"] and "SameSite=Strict" in headers["set-cookie"]
+    assert "httponly" in headers["set-cookie"].lower() and "samesite=strict" in headers["set-cookie"].lower()
 
-    path = f"/studies/{node.undelivered}/resend"
+    path = f"/status/studies/{node.undelivered}/resend"
     assert _http(node.url, path, "POST", headers={"Cookie": cookie}, form={})[0] == 403
     page = _http(node.url, "/status", headers={"Cookie": cookie})[2].decode()
     csrf = page.split("name=csrf value='")[1].split("'")[0]
@@ -354,9 +356,9 @@ def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
     assert node.ledger.study(node.undelivered)["state"] == StudyState.REPORTED
 
     # A Bearer client needs no form token; the study has not failed any more.
-    status, _, body = _http(node.url, f"/studies/{node.analysed}/resend", "POST", headers=BEARER, form={})
+    status, _, body = _http(node.url, f"/status/studies/{node.analysed}/resend", "POST", headers=BEARER, form={})
     assert status == 409 and b"no results to send" in body
-    assert _http(node.url, "/studies/1.2.3/resend", "POST", headers=BEARER, form={})[0] == 404
+    assert _http(node.url, "/status/studies/1.2.3/resend", "POST", headers=BEARER, form={})[0] == 404
 
 
 def test_retry_study_requeues_a_failed_analysis(node: Node) -> None:
@@ -454,3 +456,256 @@ def test_status_page_in_headless_chromium(node: Node, tmp_path: Path) -> None:
         browser.close()
     assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
     assert node.ledger.study(node.undelivered)["state"] == StudyState.REPORTED
+
+
+# --- sessions, CSRF, throttling ---------------------------------------------------------
+def _login(url: str) -> tuple[str, str]:
+    """Sign in with the form; the session cookie and the CSRF token of its page."""
+    status, headers, _ = _http(url, "/login", "POST", form={"token": TOKEN})
+    assert status == 303, status
+    cookie = headers["set-cookie"].split(";")[0]
+    page = _http(url, "/status", headers={"Cookie": cookie})[2].decode()
+    return cookie, page.split("name=csrf value='")[1].split("'")[0]
+
+
+def test_session_expiry_idle_and_absolute() -> None:
+    store = SessionStore(idle_s=30, max_age_s=100)
+    session = store.create(now=1000)
+    assert store.get(session.id, now=1029) is session  # used: the idle clock restarts
+    assert store.get(session.id, now=1058) is session
+    assert store.get(session.id, now=1089) is None  # 31 s unused
+    assert store.get(session.id, now=1058) is None  # and gone for good
+
+    kept_busy = store.create(now=2000)
+    for now in range(2000, 2100, 20):
+        assert store.get(kept_busy.id, now=now) is kept_busy
+    assert store.get(kept_busy.id, now=2101) is None  # max_age_s after sign-in, however busy
+    assert store.get("not-a-session", now=2000) is None
+
+
+def test_each_sign_in_is_its_own_session(node: Node) -> None:
+    """Two sign-ins: two cookies and two CSRF tokens, none derived from the token
+    (each is random), so none can be computed offline."""
+    (cookie_a, csrf_a), (cookie_b, csrf_b) = _login(node.url), _login(node.url)
+    assert cookie_a != cookie_b and csrf_a != csrf_b
+    for value in (cookie_a, cookie_b, csrf_a, csrf_b):
+        assert TOKEN not in value and len(value.split("=")[-1]) >= 40
+
+
+def test_sign_out_revokes_the_session_on_the_server(node: Node) -> None:
+    cookie, csrf = _login(node.url)
+    other_cookie, _ = _login(node.url)
+    assert _http(node.url, "/logout", "POST", headers={"Cookie": cookie}, form={})[0] == 403  # no form token
+    assert _http(node.url, "/status", headers={"Cookie": cookie})[0] == 200
+    status, headers, _ = _http(node.url, "/logout", "POST", headers={"Cookie": cookie}, form={"csrf": csrf})
+    assert status == 303 and "max-age=0" in headers["set-cookie"].lower()
+    # The old cookie, replayed (a copy kept by anyone), is refused from now on...
+    status, _, body = _http(node.url, "/status", headers={"Cookie": cookie})
+    assert status == 401 and b"name=token" in body
+    assert _http(node.url, f"/status/studies/{node.analysed}/heatmap.png", headers={"Cookie": cookie})[0] == 401
+    # ... while another sign-in goes on.
+    assert _http(node.url, "/status", headers={"Cookie": other_cookie})[0] == 200
+
+
+def test_forms_need_their_own_session_s_csrf_token(node: Node) -> None:
+    cookie_a, csrf_a = _login(node.url)
+    _, csrf_b = _login(node.url)
+    path = f"/status/studies/{node.undelivered}/resend"
+    for form in ({}, {"csrf": "guess"}, {"csrf": csrf_b}):  # none, wrong, another session's
+        status, _, body = _http(node.url, path, "POST", headers={"Cookie": cookie_a}, form=form)
+        assert status == 403 and b"form token" in body
+    # A cross-site post is refused even with the right token (Fetch Metadata).
+    cross = {"Cookie": cookie_a, "Sec-Fetch-Site": "cross-site"}
+    assert _http(node.url, path, "POST", headers=cross, form={"csrf": csrf_a})[0] == 403
+    assert _http(node.url, "/login", "POST", headers={"Sec-Fetch-Site": "cross-site"}, form={"token": TOKEN})[0] == 403
+    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
+    assert _http(node.url, path, "POST", headers={"Cookie": cookie_a}, form={"csrf": csrf_a})[0] == 303
+
+
+def test_wrong_tokens_are_throttled_per_address(node: Node) -> None:
+    attempts = node.settings.web_login_attempts
+    for i in range(attempts):
+        if i % 2:
+            assert _http(node.url, "/login", "POST", form={"token": f"guess-{i}"})[0] == 401
+        else:
+            assert _http(node.url, "/api/v1/studies", headers={"Authorization": f"Bearer guess-{i}"})[0] == 401
+    # Past the limit the address is refused without its credential being looked at: the right one too.
+    status, headers, body = _http(node.url, "/login", "POST", form={"token": TOKEN})
+    assert status == 429 and 0 < int(headers["retry-after"]) <= node.settings.web_login_window_s
+    assert b"Too many wrong tokens" in body
+    assert _http(node.url, "/api/v1/studies", headers=BEARER)[0] == 429
+    assert _http(node.url, "/healthz")[0] == 200  # health and metrics are not behind it
+
+
+def test_login_throttle_window() -> None:
+    throttle = LoginThrottle(attempts=3, window_s=60)
+    for now in (0, 10, 20):
+        assert throttle.retry_after("10.0.0.1", now=now) == 0
+        throttle.failed("10.0.0.1", now=now)
+    assert throttle.retry_after("10.0.0.1", now=30) == 30  # until the first failure is 60 s old
+    assert throttle.retry_after("10.0.0.2", now=30) == 0  # another address is not affected
+    assert throttle.retry_after("10.0.0.1", now=60) == 0
+    throttle.failed("10.0.0.1", now=61)
+    assert throttle.retry_after("10.0.0.1", now=62) == 8  # failures at 10, 20, 61: wait for 10 + 60
+
+
+# --- the JSON API ---------------------------------------------------------------------------
+def _json(url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    status, _, body = _http(url, path, method, headers=headers)
+    return status, json.loads(body)
+
+
+def test_json_api_lists_shows_and_retries_studies(node: Node) -> None:
+    status, doc = _json(node.url, "/api/v1/studies")
+    assert status == 401 and "Bearer" in doc["detail"]
+    status, studies = _json(node.url, "/api/v1/studies", headers=BEARER)
+    assert status == 200
+    by_uid = {s["study_uid"]: s for s in studies}
+    assert set(by_uid) == {node.analysed, node.undelivered, node.broken}
+    analysed = by_uid[node.analysed]
+    assert analysed["result"] == "malignant 0.87" and analysed["accession"] == ACCESSION
+    assert analysed["heatmap_url"] == f"/status/studies/{node.analysed}/heatmap.png"
+    assert by_uid[node.broken]["error"] == "no pixel data" and by_uid[node.broken]["can_retry"]
+    assert PATIENT_NAME not in json.dumps(studies)
+    assert _http(node.url, analysed["heatmap_url"], headers=BEARER)[0] == 200
+
+    status, one = _json(node.url, f"/api/v1/studies/{node.undelivered}", headers=BEARER)
+    assert status == 200 and one["outbox"] == {"failed": 1} and one["failed_stage"] == "send"
+    assert _json(node.url, "/api/v1/studies/1.2.3", headers=BEARER)[0] == 404
+    assert _json(node.url, "/api/v1/studies/not-a-uid", headers=BEARER)[0] == 422
+
+    status, retried = _json(node.url, f"/api/v1/studies/{node.undelivered}/retry", "POST", headers=BEARER)
+    assert status == 200 and retried["kind"] == "results" and retried["message"]
+    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
+    status, refused = _json(node.url, f"/api/v1/studies/{node.analysed}/retry", "POST", headers=BEARER)
+    assert status == 409 and "no results to send" in refused["detail"]
+    assert _json(node.url, "/api/v1/studies/1.2.3/retry", "POST", headers=BEARER)[0] == 404
+
+
+def test_openapi_describes_the_api_and_its_bearer_scheme(node: Node) -> None:
+    status, doc = _json(node.url, "/api/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.")
+    assert {"/api/v1/studies", "/api/v1/studies/{study_uid}", "/api/v1/studies/{study_uid}/retry"} <= set(doc["paths"])
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    retry = doc["paths"]["/api/v1/studies/{study_uid}/retry"]["post"]
+    assert retry["security"] == [{"HTTPBearer": []}] and {"404", "409"} <= set(retry["responses"])
+    assert not any(p.startswith("/status") or p == "/login" for p in doc["paths"])  # the page is not API
+
+
+# --- limits: bodies, lengths, idle connections ----------------------------------------------
+def _raw(url: str, request: bytes, timeout: float = 15) -> bytes:
+    """Send ``request`` as it is; everything the server answers until it closes."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def strict_node(tmp_path: Path) -> Iterator[Node]:
+    """A node whose HTTP side closes stalled connections after 1 s and holds 16."""
+    settings = _settings(tmp_path, web_read_timeout_s=1.0, web_max_connections=16)
+    ledger, analysed, undelivered, broken = _populate(settings)
+    router = APIRouter()
+
+    @router.post("/echo-size")
+    async def echo_size(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    server = build_web_server(settings, ledger, routers=[ExtraRouter(router, max_body_bytes=1 << 20)])
+    server.start()
+    yield Node(settings, ledger, analysed, undelivered, broken, f"http://127.0.0.1:{server.port}")
+    server.stop()
+    ledger.close()
+
+
+def test_body_limits_and_lengths(strict_node: Node) -> None:
+    url, limit = strict_node.url, strict_node.settings.web_max_body_bytes
+    # Announced too large: refused before a byte of it is read.
+    answer = _raw(url, b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                       b"Content-Length: 1000000000\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413")
+    # Chunked, no length announced: refused once it passes the limit (the client
+    # stops there, so that the answer is not lost to a reset).
+    chunk = b"a" * 8192
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(limit // len(chunk) + 1))
+    answer = _raw(url, b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                       b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body)
+    assert answer.startswith(b"HTTP/1.1 413")
+    # A negative or non-numeric length is a bad request, answered at once.
+    for length in (b"-1", b"12abc"):
+        answer = _raw(url, b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n", timeout=5)
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+    # A mounted router has its own, larger limit (and the Bearer check).
+    big = b"x" * (4 * limit)
+    request = (b"POST /echo-size HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n" % len(big))
+    assert _raw(url, b"POST /echo-size HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nxx").startswith(b"HTTP/1.1 401")
+    answer = _raw(url, request + f"Authorization: Bearer {TOKEN}\r\n\r\n".encode() + big)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"bytes":%d}' % len(big))
+
+
+def test_a_body_shorter_than_its_length_does_not_hold_a_handler(strict_node: Node) -> None:
+    """Content-Length: 100, 10 bytes sent, then silence: the connection is closed
+    after web_read_timeout_s, and the server goes on answering."""
+    started = time.monotonic()
+    answer = _raw(strict_node.url, b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
+                                   b"\r\nContent-Length: 100\r\n\r\ntoken=abcd")
+    assert answer == b"" and time.monotonic() - started < 10
+    assert _http(strict_node.url, "/healthz")[0] == 200
+
+
+def test_idle_connections_hold_no_thread_and_are_closed(strict_node: Node) -> None:
+    threads_before = threading.active_count()
+    host, port = strict_node.url.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=15) for _ in range(200)]
+    try:
+        # Past web_max_connections, new connections are closed at once; the first ones
+        # live until web_read_timeout_s. Either way every one ends, and no thread was made.
+        assert threading.active_count() - threads_before <= 2
+        started = time.monotonic()
+        for sock in idle:
+            assert sock.recv(1) == b""
+        assert time.monotonic() - started < 10
+        half_sent = socket.create_connection((host, int(port)), timeout=15)
+        half_sent.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # headers that never end
+        assert half_sent.recv(1) == b""
+        half_sent.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    assert _http(strict_node.url, "/healthz")[0] == 200
+    assert threading.active_count() - threads_before <= 2
+
+
+# --- routers of other stages, mounted by sonocase serve ----------------------------------------
+@pytest.mark.slow
+def test_serve_mounts_stow_rs_behind_the_bearer_check(tmp_path: Path) -> None:
+    """`sonocase serve` mounts the STOW-RS router (service/ingest) through ExtraRouter:
+    a real ultrasound file POSTed to /studies is stored like a C-STORE; without the
+    token it is refused, and a body announced over stow_max_request_mb gets 413."""
+    settings = _settings(tmp_path, workers=0, stow_max_request_mb=1)
+    node = serve(settings, tmp_path / "node.log")
+    try:
+        path = Path(get_testdata_file("US1_UNCR.dcm", download=False))
+        body = multipart([path.read_bytes()])
+        url = f"http://127.0.0.1:{settings.http_port}"
+        headers = {"Content-Type": MULTIPART, "Accept": "application/dicom+json"}
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+        conn.request("POST", "/studies", body=body, headers=headers)
+        assert conn.getresponse().status == 401
+        conn.close()
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+        conn.request("POST", "/studies", body=body, headers=headers | BEARER)
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        conn.close()
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert study_state(settings, ds.StudyInstanceUID) == StudyState.RECEIVING
+        over = _raw(url, b"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nAuthorization: Bearer %s\r\n\r\n"
+                    % ((1 << 20) + 1, TOKEN.encode()))
+        assert over.startswith(b"HTTP/1.1 413")
+    finally:
+        assert node.stop() == 0

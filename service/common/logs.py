@@ -4,6 +4,11 @@ Log lines name studies by UID (``extra={"study_uid": ...}``). Patient names, IDs
 birth dates never reach a log: the :class:`PhiFilter` drops any record that carries
 them as extras and masks data-set dumps, as a second line of defence behind the
 habit of never passing them.
+
+In ``json`` mode every line is one JSON object: the libraries' loggers (Celery,
+uvicorn, pynetdicom) reach the one root handler, Python warnings and uncaught
+exceptions become records too, and what a process says on stdout for scripts
+(:func:`announce`) is a JSON object as well.
 """
 
 from __future__ import annotations
@@ -12,16 +17,24 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
-import warnings
+from types import TracebackType
 from typing import Any
+
+import click
 
 from service.common.errors import format_exception
 
 #: Extras that must never appear in a log record.
 PHI_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID", "PatientBirthDate"})
-_PHI_TEXT = re.compile(r"\((0010),\s*(0010|0020|0030)\)[^\n]*|Patient(?:'s)? (?:Name|ID|Birth Date)\s+[A-Z]{2}:[^\n]*"
-                       r"|(?<=Invalid value for VR [A-Z]{2}: )'[^\n]*")  # pydicom quoting a value it refuses
+_PHI_TEXT = re.compile(
+    r"\((0010),\s*(0010|0020|0030)\)[^\n]*|Patient(?:'s)? (?:Name|ID|Birth Date)\s+[A-Z]{2}:[^\n]*"
+    # highdicom's warning about a one-component person name quotes the name
+    r'|The string "[^"\n]*" is unlikely to represent the intended person name'
+    # pydicom quoting a value it refuses
+    r"|(?<=Invalid value for VR [A-Z]{2}: )'[^\n]*"
+)
 
 
 class PhiFilter(logging.Filter):
@@ -95,9 +108,34 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler.addFilter(PhiFilter())
     root.addHandler(handler)
     root.setLevel(level)
-    # pynetdicom (every PDU) and highdicom (every copied module) are chatty at INFO;
-    # keep their warnings.
-    for chatty in ("pynetdicom", "highdicom"):
-        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLevelName(level)))
-    # highdicom warns about a one-part person name by quoting it: a patient's name on stderr.
-    warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
+    # pynetdicom (every PDU), highdicom (every copied module) and uvicorn's access log
+    # (every scrape of /metrics) are chatty at INFO: keep their warnings, all at DEBUG.
+    for chatty in ("pynetdicom", "highdicom", "uvicorn.access"):
+        quiet = max(logging.WARNING, logging.getLevelName(level))
+        logging.getLogger(chatty).setLevel(level if level == "DEBUG" else quiet)
+    logging.captureWarnings(True)
+    if fmt == "json":
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    logging.getLogger("uncaught").critical("uncaught %s", kind.__name__, exc_info=(kind, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is not None:
+        name = args.thread.name if args.thread is not None else "?"
+        logging.getLogger("uncaught").critical(
+            "uncaught %s in thread %s", args.exc_type.__name__, name,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
+
+
+def announce(message: str, fmt: str, logger: str = "sonocase") -> None:
+    """A line on stdout for people and scripts (e.g. 'listening as ...'): the text
+    itself, or in ``json`` mode a JSON log object whose message is that text."""
+    if fmt == "json":
+        record = logging.LogRecord(logger, logging.INFO, "", 0, message, None, None)
+        message = JsonFormatter().format(record)
+    click.echo(message)

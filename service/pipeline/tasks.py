@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import celery.apps.worker
 import click
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from service.cli import settings_from
 from service.common.errors import error_text
@@ -205,8 +206,21 @@ def worker(ctx: click.Context, concurrency: int, data_dir: Path | None, parent_p
     state = WorkerState(settings, threads=max(1, (os.cpu_count() or 1) // concurrency))
     register_tasks(app, state)
     worker_process_init.connect(lambda **_: state.open(), weak=False)
-    app.worker_main([
+    # Our logging (set up by settings_from) stays as it is: with a receiver connected,
+    # Celery configures no handler of its own and leaves stdout and stderr alone.
+    setup_logging.connect(lambda **_: None, weak=False)
+    argv = [
         "worker", f"--concurrency={concurrency}", "--pool=prefork", f"--loglevel={settings.log_level}",
         "--without-mingle", "--without-gossip", "--without-heartbeat", f"--queues={QUEUE}",
         f"--hostname=sonocase-{os.getpid()}@%h",
-    ])
+    ]
+    if settings.log_format == "json":
+        argv.insert(0, "--quiet")  # celery's own option (before the command): the start-up banner is text
+        celery.apps.worker.safe_say = _say_as_log  # its shutdown notices are written to stdout directly
+    app.worker_main(argv)
+
+
+def _say_as_log(msg: str, f: Any = None) -> None:
+    """What Celery's worker says outside logging (``celery.apps.worker.safe_say``: the
+    shutdown notices of its signal handlers), as a log record: used in json mode only."""
+    logging.getLogger("celery.apps.worker").info(msg.strip())
