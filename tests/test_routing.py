@@ -15,6 +15,7 @@ from worker_support import receive
 from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger, Routing, StudyState
 from service.ops.status import format_table, study_summaries
+from service.ops.views import render_status, study_view
 from service.pipeline.completion import complete_quiet_studies
 from service.pipeline.routing import CALLING_AE, Router, decide, facts_of
 from service.reports.build import build_reports
@@ -128,6 +129,10 @@ def test_an_echocardiogram_is_stored_and_skipped_a_breast_study_analysed(setting
     assert ledger.claim_analysis(echo_uid, lease_s=60) is None  # no worker can take it
     table = format_table(study_summaries(ledger, 10))
     assert "other-body-part" in table and "breast" in table
+    view = study_view(ledger, settings.results_dir, echo)  # the status page and its JSON API
+    assert (view.state, view.routing_rule, view.routing_reason) == (
+        "skipped", "other-body-part", "skip by rule other-body-part: StudyDescription, SeriesDescription")
+    assert "skipped by rule other-body-part" in render_status([view], ledger.count_by_state(), "csrf").decode()
     # another instance re-opens a skipped study; its routing is decided again
     store_study(settings, ledger, ["US1_UNCR.dcm"], study_uid=echo_uid)
     assert ledger.study(echo_uid)["state"] == StudyState.RECEIVING
