@@ -44,6 +44,7 @@ from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger, StudyState, open_ledger
 from service.model_card import DISCLAIMER
 from service.node import Node, node_services
+from service.reports.build import SENT_CLASSES
 from service.reports.sr import SR_CLASSES
 from service.settings import Peer, Settings
 from service.similar.cli import (
@@ -64,13 +65,14 @@ _POLL_S = 0.25
 
 
 class StandInPacs:
-    """A Storage SCP on loopback that writes every SR and SC it receives to
-    ``folder/<study>/<sop>.dcm``: where the node's results land in the demo."""
+    """A Storage SCP on loopback that writes every object the node sends (SR, SC,
+    heatmap overlay SEG, key-image flag) to ``folder/<study>/<sop>.dcm``: where the
+    node's results land in the demo."""
 
     def __init__(self, folder: Path, port: int = 0) -> None:
         self.folder = folder
         self._ae = AE(ae_title=PACS_AE)
-        for sop_class in (*SR_CLASSES, SecondaryCaptureImageStorage):
+        for sop_class in SENT_CLASSES:
             self._ae.add_supported_context(
                 sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit]
             )

@@ -114,6 +114,9 @@ class OutboxState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"
+    #: An optional object (see service.reports.build.OPTIONAL_CLASSES) the
+    #: destination does not take: not sent there, and the study is sent without it.
+    SKIPPED = "skipped"
 
 
 #: Studies a task must be sent for (see :meth:`Ledger.due_for_queue`); arguments from _due_args.

@@ -23,6 +23,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from service.common.hosts import allowed_networks
+
 #: The repository root, where the shipped model and SR template live.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "SONOCASE_"
@@ -212,9 +214,33 @@ class Settings(BaseSettings):
         default_factory=list, description="Calling AE titles accepted; empty accepts all"
     )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Peer addresses accepted; empty accepts all"
+        default_factory=list, description="Peers accepted: IP addresses, CIDR blocks, host names (resolved at "
+        "start); others are disconnected before anything they send is read; empty accepts all"
     )
-    max_associations: int = Field(10, ge=1, le=1000)
+    max_associations: int = Field(10, ge=1, le=1000, description="Established associations served at once")
+    max_pending_associations: int = Field(
+        16, ge=1, le=1000, description="Connections still negotiating an association; when full, the one "
+        "waiting longest is closed"
+    )
+    acse_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="A connection must complete association negotiation within this, "
+        "else it is closed (also pynetdicom's ACSE timeout)"
+    )
+    dimse_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A PDU, once begun, must arrive in full within this (also "
+        "pynetdicom's DIMSE timeout)"
+    )
+    network_timeout_s: float = Field(
+        60.0, gt=0, le=86400, description="An association with no PDU for this long is aborted"
+    )
+    max_dataset_mb: int = Field(
+        256, ge=1, le=65536, description="Largest data set accepted (a deflated one once inflated); larger "
+        "ones are refused 0xC003"
+    )
+    max_in_flight_mb: int = Field(
+        256, ge=1, le=1 << 20, description="Memory for data sets being received, all associations "
+        "together; beyond it C-STORE is refused 0xA700 (fast engine) or the association aborted (stock)"
+    )
     receiver_engine: Literal["fast", "stock"] = Field(
         "fast", description="fast: pynetdicom with our receive path (its version only; else stock); "
         "stock: plain pynetdicom"
@@ -333,6 +359,12 @@ class Settings(BaseSettings):
     def _hosts(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _resolvable_hosts(cls, value: list[str]) -> list[str]:
+        allowed_networks(value)  # raises, naming the entry, if one is no address, block or name
+        return value
+
     @field_validator("destinations", mode="before")
     @classmethod
     def _destinations(cls, value: Any) -> Any:
@@ -434,6 +466,10 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             f"{ENV_PREFIX}PURGE_WHEN_FREE_BELOW_MB must lie above {ENV_PREFIX}MIN_FREE_DISK_MB (the node would refuse "
             f"studies before it removes anything) and at most {ENV_PREFIX}PURGE_UNTIL_FREE_MB"
         )
+    if settings.max_in_flight_mb < settings.max_dataset_mb:
+        raise SettingsError(f"{ENV_PREFIX}MAX_IN_FLIGHT_MB ({settings.max_in_flight_mb}) must be at least "
+                            f"{ENV_PREFIX}MAX_DATASET_MB ({settings.max_dataset_mb}): a data set that size could "
+                            "never be received")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SettingsError(f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY must be set together")
     if bool(settings.dicomweb_user) != (settings.dicomweb_password_file is not None):

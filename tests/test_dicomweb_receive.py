@@ -174,6 +174,45 @@ def test_a_body_fed_in_small_pieces_stores_the_same_bytes(stow_settings: Setting
         ledger.close()
 
 
+def test_parts_count_against_the_receivers_size_limit_and_memory_budget(stow_settings: Settings,
+                                                                        tmp_path: Path) -> None:
+    """A part is held within max_dataset_mb (0xC003) and the memory budget of data
+    sets in flight (0xA700), as a C-STORE's data set is; every byte it took is given
+    back, and nothing is left in .incoming."""
+    study = generate_uid()
+    big = copy_into("US1_UNCR.dcm", study, tmp_path)  # 0.92 MB
+    small = copy_into("OBXXXX1A.dcm", study, tmp_path)  # 0.49 MB
+    body = multipart([big.read_bytes(), small.read_bytes()])
+    ledger = open_ledger(stow_settings, durable=False)
+    store = StoreSCP(stow_settings, ledger)
+    store.max_dataset = 700_000  # smaller than the first part, larger than the second
+    try:
+        upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body))
+        results = [upload.store_part(part) for part in upload.feed(body)]
+        assert upload.finish() is None
+        assert [r.status for r in results] == [StoreStatus.TOO_LARGE, StoreStatus.SUCCESS]
+        assert store.budget.used == 0
+        assert not list(store.incoming_dir.iterdir())
+    finally:
+        store.close()
+        ledger.close()
+    ledger = open_ledger(stow_settings, durable=False)
+    store = StoreSCP(stow_settings, ledger)
+    try:
+        assert store.budget.take("another association", store.budget.limit - 1000)  # the rest is in use
+        upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body))
+        results = [upload.store_part(part) for part in upload.feed(body)]
+        assert [r.status for r in results] == [StoreStatus.OUT_OF_RESOURCES, StoreStatus.OUT_OF_RESOURCES]
+        store.budget.release("another association")
+        assert store.budget.used == 0
+        upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body))
+        assert [upload.store_part(part).stored for part in upload.feed(body)] == [True, True]
+        assert store.budget.used == 0
+    finally:
+        store.close()
+        ledger.close()
+
+
 # --- over HTTP, real clients ------------------------------------------------------------
 
 def test_dicomweb_client_stores_every_ultrasound_file(node: ReceivingNode) -> None:

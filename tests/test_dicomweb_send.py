@@ -19,7 +19,7 @@ import requests
 from conftest import free_port
 from dicomweb_support import TOKEN, ReceivingNode
 from orthanc import Orthanc, orthanc  # noqa: F401  (the fixture)
-from pydicom.uid import generate_uid
+from pydicom.uid import EnhancedSRStorage, KeyObjectSelectionDocumentStorage, SegmentationStorage, generate_uid
 from test_receiver_network import self_signed
 from test_reports_support import analysed_study, dciodvfy_errors
 
@@ -271,7 +271,8 @@ def test_bearer_token_and_the_sr_fallback_against_our_stow_endpoint(
 ) -> None:
     """Node B receives over STOW-RS with its web token; it takes Secondary Captures
     but no SR class (Failure Reason 0x0122), so the SR is rebuilt class after class
-    and, when none is taken, fails with that reason."""
+    and, when none is taken, fails with that reason; the key-image flag (a class it
+    and the overlay, classes it does not take either) wait with their reason."""
     receiving = load_settings(data_dir=tmp_path / "b", host="127.0.0.1", port=free_port(), http_port=0,
                               durability="none", web_token=TOKEN, min_free_disk_mb=1)
     ledger_b = open_ledger(receiving, durable=False)
@@ -289,11 +290,15 @@ def test_bearer_token_and_the_sr_fallback_against_our_stow_endpoint(
                 sender.run_once(now=FAR_FUTURE)
         assert TOKEN not in caplog.text
         rows = ledger.outbox()
-        (sr,) = [r for r in rows if r["state"] != OutboxState.SENT]
-        assert "accepts none of the SR classes" in sr["error"]
+        unsent = {r["sop_class_uid"]: r for r in rows if r["state"] != OutboxState.SENT}
+        refused = {r["sop_class_uid"] for r in rows} & {SegmentationStorage, KeyObjectSelectionDocumentStorage}
+        assert KeyObjectSelectionDocumentStorage in refused  # node B stores images only
+        assert set(unsent) == {EnhancedSRStorage} | refused
+        assert "accepts none of the SR classes" in unsent[EnhancedSRStorage]["error"]
+        assert all("0x0122" in unsent[sop_class]["error"] for sop_class in refused)
         stored = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in node_b.spooled()}
         assert stored == {r["sop_instance_uid"] for r in rows if r["state"] == OutboxState.SENT}
-        assert len(stored) == len(uids) - 1 and study_uid in {p.parent.name for p in node_b.spooled()}
+        assert len(stored) == len(uids) - len(unsent) and study_uid in {p.parent.name for p in node_b.spooled()}
         assert caplog.text.count("does not accept SR class") == 2  # Comprehensive 3D -> Comprehensive -> Enhanced
     finally:
         ledger.close()

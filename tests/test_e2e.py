@@ -23,11 +23,13 @@ from test_reports_support import (
     dciodvfy_errors,
     default_template,
     dsr2html,
+    expected_outputs,
     start_storescp,
 )
 from worker_support import Process, serve, storescu, write_study
 
 from service.ledger import Ledger, StudyState
+from service.reports.sr import reading_order
 from service.results import StudyResult
 from service.settings import Settings, load_settings
 
@@ -106,14 +108,14 @@ def _check_objects(site: Site, arrived: list[pydicom.Dataset], result: StudyResu
     sr_ds.save_as(path, enforce_file_format=True)
     html = dsr2html(path, tmp / "sr.html")
     assert default_template().disclaimer.split(".")[0] in html
-    groups = hd.sr.srread(path).content.get_image_measurement_groups()
-    frames = [frame for image in result.images for frame in image.frames]
-    assert len(groups) == 1 + len(frames)
+    groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    frames = [frame for image in reading_order(result) for frame in image.frames]
+    assert len(groups) == len(frames)
     template = default_template()
-    for group, frame in zip(groups[1:], frames, strict=True):
+    for group, frame in zip(groups, frames, strict=True):
         numbers = {m.name.meaning: m.value for m in group.get_measurements()}
-        assert numbers == pytest.approx({template.classes[c].probability.meaning: p
-                                         for c, p in frame.probabilities.items()}, abs=1e-9)
+        assert numbers == pytest.approx({template.classes[c].probability.meaning: 100 * p  # percent
+                                         for c, p in frame.probabilities.items()}, abs=1e-6)
     other = {
         series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
         for item in sr_ds.get("PertinentOtherEvidenceSequence", [])
@@ -130,7 +132,9 @@ def test_synthetic_study_comes_back_as_sr_heatmaps_and_similar_cases(site: Site,
     result = StudyResult.model_validate(_wait_result(site, study_uid))
     analysed = [image for image in result.images if image.frames]
     assert len(analysed) == 4 and result.similar, "the reference index answered"
-    arrived = _arrival(site, study_uid, 1 + len(analysed) + 1)  # SR, a heatmap per image, the montage
+    expected = _expected(site, result)
+    arrived = _arrival(site, study_uid, sum(expected.values()))
+    assert expected["SC"] == len(analysed) + 1  # a heatmap per image, the montage
     assert Counter(ds.SOPClassUID for ds in arrived)[SecondaryCaptureImageStorage] == len(analysed) + 1
     _check_objects(site, arrived, result, tmp_path)
 
@@ -142,9 +146,15 @@ def test_real_ultrasound_file_comes_back(site: Site, tmp_path: Path, name: str) 
     study_uid = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
     storescu(site.settings, [path])
     result = StudyResult.model_validate(_wait_result(site, study_uid))
-    analysed = [image for image in result.images if image.frames]
-    expected = 1 + len(analysed) + (1 if result.similar and analysed else 0)
-    _check_objects(site, _arrival(site, study_uid, expected), result, tmp_path)
+    _check_objects(site, _arrival(site, study_uid, sum(_expected(site, result).values())), result, tmp_path)
+
+
+def _expected(site: Site, result: StudyResult) -> dict[str, int]:
+    ledger = Ledger(site.settings.ledger_path, durable=False)
+    try:
+        return expected_outputs(ledger, result)
+    finally:
+        ledger.close()
 
 
 def _wait_result(site: Site, study_uid: str) -> dict[str, object]:

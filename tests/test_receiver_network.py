@@ -1,8 +1,10 @@
 """The receiver on loopback against real peers: DCMTK echoscu/storescu and a
-pynetdicom SCU, with every ultrasound file shipped in pydicom and pydicom-data."""
+pynetdicom SCU, with every ultrasound file shipped in pydicom and pydicom-data; on
+both engines (``engine``), unless a test is about one."""
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import subprocess
@@ -12,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import attacks
 from conftest import dcmtk, free_port, wait_until
 from dicom_peers import (
     ULTRASOUND_FILES,
@@ -24,8 +27,11 @@ from dicom_peers import (
 )
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+import pynetdicom
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -41,17 +47,22 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 from test_receiver import Mutation, mutations, rewrite
+from test_receiver_limits import pdu_streams
 
-from service.common.metrics import CSTORE_RESPONSES
+from service.common.metrics import CONNECTIONS_REFUSED, CSTORE_RESPONSES
 from service.common.spool import free_disk_mb
 from service.ingest import store as store_module
+from service.ingest.admission import GuardedServer
 from service.ingest.rules import STORAGE_SOP_CLASSES, StoreStatus
-from service.ingest.server import ReceiverService
+from service.ingest.server import ReceiverService, handle_store
+from service.ingest.store import StoreSCP
 from service.ledger import Ledger
 from service.settings import Settings
 
@@ -86,13 +97,20 @@ class Receiver:
         return self.store.incoming_dir
 
 
+@pytest.fixture(params=["fast", "stock"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """The receiver engine a test runs on: each in turn."""
+    return str(request.param)
+
+
 @pytest.fixture
-def start(settings: Settings) -> Iterator[Callable[..., Receiver]]:
+def start(settings: Settings, engine: str) -> Iterator[Callable[..., Receiver]]:
     """Start a receiver with some settings changed; all are stopped after the test."""
     running: list[Receiver] = []
 
     def _start(**changes: object) -> Receiver:
         changes.setdefault("port", free_port())  # each receiver its own port, all one ledger
+        changes.setdefault("receiver_engine", engine)
         rx = Receiver(settings.model_copy(update=changes), Ledger(settings.ledger_path, durable=False))
         running.append(rx)
         return rx
@@ -252,6 +270,7 @@ def send_over_new_association(rx: Receiver, f: UsFile) -> int:
         assoc.release()
 
 
+@pytest.mark.parametrize("engine", ["fast"])  # the stock engine writes the file when the data set is complete
 def test_data_set_is_spooled_while_it_arrives(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each fragment goes to disk on arrival; the handler only names the file. The
     handler's own write is made to fail (a stand-in: it must not be needed)."""
@@ -291,6 +310,7 @@ def test_full_spool_disk_refuses_with_out_of_resources(small_disk: Path, start: 
     assert_stored_as_sent(rx, f)
 
 
+@pytest.mark.parametrize("engine", ["fast"])
 def test_data_set_is_still_stored_when_spooling_it_fails(receiver: Receiver) -> None:
     """No folder to spool into (a real fault): the handler writes the file itself."""
     receiver.incoming.rmdir()
@@ -298,6 +318,41 @@ def test_data_set_is_still_stored_when_spooling_it_fails(receiver: Receiver) -> 
     assert send_over_new_association(receiver, f) == StoreStatus.SUCCESS
     assert_stored_as_sent(receiver, f)
     receiver.incoming.mkdir()
+
+
+# --- the two engines ------------------------------------------------------------------
+
+def test_a_handler_bound_to_c_store_is_the_one_called(receiver: Receiver) -> None:
+    """Stock: pynetdicom fires EVT_C_STORE for each request; fast: it serves C-STORE
+    itself only while our handler is the bound one, so a handler bound in its place
+    (an observer wrapping ours here) is called on both."""
+    seen: list[str] = []
+
+    def observer(event: Event, store: StoreSCP) -> Dataset:
+        seen.append(str(event.request.AffectedSOPInstanceUID))
+        return handle_store(event, store)
+
+    assert receiver.service.server is not None
+    receiver.service.server.bind(evt.EVT_C_STORE, observer, [receiver.store])
+    files = [US_FILES["US1_UNCR.dcm"], US_FILES["OBXXXX1A_rle.dcm"]]
+    for f in files:
+        assert send_over_new_association(receiver, f) == StoreStatus.SUCCESS
+        assert_stored_as_sent(receiver, f)
+    assert seen == [f.sop_instance_uid for f in files]
+
+
+@pytest.mark.parametrize("engine", ["fast"])
+def test_fast_engine_on_another_pynetdicom_runs_stock(start: Callable[..., Receiver], monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(pynetdicom, "__version__", "3.0.5")  # what unsupported_reason() reads
+    with caplog.at_level(logging.INFO, logger="service.ingest.server"):
+        rx = start()
+    assert type(rx.service.server) is GuardedServer, "the fast engine's server runs on another pynetdicom"
+    assert "pynetdicom 3.0.5 is installed" in caplog.text and "running the stock engine" in caplog.text
+    assert "(stock engine)" in caplog.text
+    f = US_FILES["OBXXXX1A_rle.dcm"]
+    assert send_over_new_association(rx, f) == StoreStatus.SUCCESS
+    assert_stored_as_sent(rx, f)
 
 
 # --- refusing associations -----------------------------------------------------------
@@ -320,22 +375,43 @@ def test_wrong_called_ae_is_rejected(receiver: Receiver) -> None:
     assert rejection(associate(receiver, scu(), called="NOT-US")) == (1, 1, 7)
 
 
-def test_unknown_host_is_rejected(start: Callable[..., Receiver]) -> None:
-    rx = start(allowed_hosts=["192.0.2.1"])
-    assert rejection(associate(rx, scu())) == (1, 1, 1)
-    allowed = associate(start(allowed_hosts=["127.0.0.1"]), scu())
+def test_unknown_host_is_disconnected_before_anything_is_read(start: Callable[..., Receiver]) -> None:
+    rx = start(allowed_hosts=["192.0.2.1", "10.0.0.0/8"])
+    before = refusals("host")
+    with attacks.held(attacks.huge_pdu_headers(rx.settings.port, 1)) as [sock]:
+        assert attacks.ended_by_peer(sock, 5) == b"", "not closed at once, or answered"
+    refused = associate(rx, scu())
+    assert not refused.is_established and not refused.is_rejected
+    assert refusals("host") == before + 2  # IT watches this metric for scans and misconfigured peers
+
+
+def refusals(reason: str) -> float:
+    registry = CollectorRegistry()
+    registry.register(CONNECTIONS_REFUSED)
+    return registry.get_sample_value("sonocase_connections_refused_total", {"reason": reason}) or 0.0
+
+
+@pytest.mark.parametrize("entry", ["127.0.0.1", "127.0.0.0/8", "localhost"])
+def test_allowed_host_as_address_block_or_name(start: Callable[..., Receiver], entry: str) -> None:
+    allowed = associate(start(allowed_hosts=["192.0.2.1", entry]), scu())
     assert allowed.is_established
     allowed.release()
 
 
-def test_association_limit(start: Callable[..., Receiver]) -> None:
+def test_association_limit_counts_established_associations(start: Callable[..., Receiver],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     rx = start(max_associations=1)
-    first = associate(rx, scu())
-    try:
-        assert first.is_established
-        assert rejection(associate(rx, scu())) == (2, 3, 2)  # transient, local limit exceeded
-    finally:
-        first.release()
+    with attacks.held(attacks.silent_connections(rx.settings.port, 3)), \
+            caplog.at_level(logging.INFO, logger="service.ingest"):
+        first = associate(rx, scu())  # connections that never associate take no slot
+        try:
+            assert first.is_established
+            assert rejection(associate(rx, scu())) == (2, 3, 2)  # transient, local limit exceeded
+        finally:
+            first.release()
+    accepted = [r.getMessage() for r in caplog.records if "accepted" in r.getMessage()]
+    assert len(accepted) == 1, "a rejected association was logged as accepted"
+    assert any("max_associations" in r.getMessage() for r in caplog.records)
 
 
 # --- refusing instances ----------------------------------------------------------------
@@ -405,6 +481,37 @@ def test_fuzzed_files_over_the_network_keep_the_scp_serving(receiver: Receiver, 
     finally:
         assoc.release()
     assert echoscu(receiver).returncode == 0
+
+
+@pytest.mark.parametrize("engine", ["fast"])  # stock: counted against max_dataset_mb, as a data set
+def test_a_command_set_that_never_ends_is_aborted(receiver: Receiver) -> None:
+    assoc = associate(receiver, scu())
+    assert assoc.is_established
+    try:
+        for _ in range(5):  # 80 KiB of command fragments, none the last
+            fragment = P_DATA()
+            fragment.presentation_data_value_list.append((assoc.accepted_contexts[0].context_id, b"\x01" + bytes(16384)))
+            assoc.dul.send_pdu(fragment)
+        assert wait_until(lambda: assoc.is_aborted), "a command set longer than any was read on"
+    finally:
+        assoc.abort()
+    assert echoscu(receiver).returncode == 0
+
+
+@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=pdu_streams(), associated=st.booleans())
+def test_fuzzed_pdus_over_the_network_keep_the_scp_serving(receiver: Receiver, stream: bytes, associated: bool) -> None:
+    """Any bytes, before an association (a scanner) or inside one, then the peer hangs up."""
+    if associated:
+        assoc = associate(receiver, scu())
+        assert assoc.is_established and assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+        assoc.dul.socket.socket.sendall(stream)
+        assoc.abort()
+    else:
+        with attacks.held([attacks.connect(receiver.settings.port)]) as [sock]:
+            sock.sendall(stream)
+    result = echoscu(receiver)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- DICOM TLS ----------------------------------------------------------------------------

@@ -1,26 +1,42 @@
-"""The receiver's overrides of pynetdicom internals (ReceiverAssociation's reactor,
-ReceiverDUL's wait on the network, ReceiverSocket's recv): each keeps what the original did,
-checked against real pynetdicom peers on loopback and real sockets."""
+"""The fast engine's overrides of pynetdicom internals (ReceiverAssociation's reactor,
+ReceiverDUL's wait on the network and its PDU reader, ReceiverSocket's reads): each
+keeps what the original did, checked against real pynetdicom peers on loopback and
+real sockets; and what they take from pynetdicom is still there, as it was."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import operator
 import os
+import queue
 import socket
+import textwrap
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from typing import Any
 
 import pytest
 from conftest import free_port, wait_until
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dul import _PDU_TYPES, DULServiceProvider
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from service.ingest.admission import GuardedServer
 from service.ingest.fast import (
     ReceiverAssociation,
     ReceiverDIMSE,
     ReceiverDUL,
+    ReceiverRequestHandler,
     ReceiverServer,
     ReceiverSocket,
     RequestQueue,
@@ -94,7 +110,7 @@ def test_dul_waits_on_the_network_and_closes_its_wake_up_socket(server: Receiver
         try:
             assert wait_until(lambda: len(server.active_associations) == 1)
             dul = server.active_associations[0].dul
-            assert dul._run_loop_delay == 0 and dul._wake is not None, "the DUL thread sleeps instead of waiting"
+            assert dul._wake is not None, "the DUL thread has no wake-up socket to wait on"
             for _ in range(20):  # each request read, and each response sent, by the waiting thread
                 assert assoc.send_c_echo().Status == 0x0000
         finally:
@@ -129,28 +145,123 @@ def socket_pair() -> tuple[ReceiverSocket, socket.socket]:
     return ReceiverSocket(Association(AE(), "acceptor"), client_socket=ours), peer
 
 
-def test_recv_reassembles_what_arrives_in_pieces() -> None:
+def test_read_into_reassembles_what_arrives_in_pieces() -> None:
     sock, peer = socket_pair()
-    payload = bytes(range(256)) * 8192  # 2 MiB: more than one socket buffer
+    payload = bytes(range(256)) * 8192  # 2 MiB: more than one socket buffer, and than the first piece
     sender = threading.Thread(target=lambda: [peer.sendall(payload[i:i + 7001]) for i in range(0, len(payload), 7001)])
     sender.start()
     try:
-        assert sock.recv(6) == payload[:6]
-        assert sock.recv(len(payload) - 6) == payload[6:]
+        buffer = bytearray()
+        sock.read_into(buffer, 6, time.monotonic() + 10)
+        assert buffer == payload[:6]
+        sock.read_into(buffer, len(payload) - 6, time.monotonic() + 10)
+        assert buffer == payload
     finally:
         sender.join()
         peer.close()
         sock.close()
 
 
-def test_recv_returns_what_came_when_the_peer_closes() -> None:
+def test_read_into_returns_what_came_when_the_peer_closes() -> None:
     sock, peer = socket_pair()
     peer.sendall(b"partial PDU")
     peer.close()
     try:
-        data = sock.recv(1000)
-        assert data == b"partial PDU"
-        assert isinstance(data, bytearray)
-        assert sock.recv(10) == b""
+        buffer = bytearray(b"head")
+        sock.read_into(buffer, 1 << 30, time.monotonic() + 10)  # announced 1 GiB: nothing like it is allocated
+        assert buffer == b"headpartial PDU"
+        sock.read_into(buffer, 10, time.monotonic() + 10)
+        assert buffer == b"headpartial PDU"
     finally:
         sock.close()
+
+
+def test_read_into_gives_up_at_its_deadline() -> None:
+    sock, peer = socket_pair()
+    peer.sendall(b"half")
+    try:
+        with pytest.raises(TimeoutError):
+            sock.read_into(bytearray(), 100, time.monotonic() + 0.2)
+    finally:
+        peer.close()
+        sock.close()
+
+
+# --- what fast.py takes from pynetdicom ---------------------------------------------------
+# A new pynetdicom runs the stock engine (unsupported_reason); these fail, on the
+# version the overrides are written for, if any of them no longer matches what it
+# overrides or uses, so that moving PYNETDICOM_VERSION on is a reviewed change.
+
+#: (our class, pynetdicom's class, the methods ours overrides)
+OVERRIDES = [
+    (ReceiverSocket, AssociationSocket, ()),
+    (ReceiverDUL, DULServiceProvider, ("run", "send_pdu", "_is_transport_event", "_decode_pdu", "_read_pdu_data")),
+    (ReceiverAssociation, Association, ("_run_reactor",)),
+    (ReceiverDIMSE, DIMSEServiceProvider, ("receive_primitive",)),
+    (ReceiverRequestHandler, RequestHandler, ("_create_association",)),
+    (RequestQueue, queue.Queue, ("put",)),
+    (GuardedServer, ThreadedAssociationServer,
+     ("get_request", "verify_request", "process_request", "process_request_thread", "service_actions")),
+]
+
+
+@pytest.mark.parametrize("ours,theirs,methods", OVERRIDES, ids=[o[0].__name__ for o in OVERRIDES])
+def test_every_override_overrides_a_method_of_the_same_signature(ours: type, theirs: type,
+                                                                 methods: tuple[str, ...]) -> None:
+    own = {name for name, value in vars(ours).items() if callable(value) and not name.startswith("__")}
+    assert own & set(dir(theirs)) == set(methods), "an override is missing from OVERRIDES, or gone from pynetdicom"
+    for name in methods:
+        assert [p.name for p in inspect.signature(getattr(ours, name)).parameters.values()] == \
+            [p.name for p in inspect.signature(getattr(theirs, name)).parameters.values()], name
+
+
+def test_attributes_the_overrides_use_exist_in_pynetdicom() -> None:
+    assoc = Association(AE(), "acceptor")
+    for path in ("_accepted_cx", "_sent_release", "_server", "_kill", "_is_paused", "_reactor_checkpoint",
+                 "network_timeout_response", "dimse_timeout", "acceptor.maximum_length", "requestor.address",
+                 "requestor.ae_title", "dimse.msg_queue", "dimse.message", "dul.event_queue", "dul._recv_pdu",
+                 "dul._run_loop_delay", "dul.state_machine.current_state", "dul.socket", "acse.send_release",
+                 "acse.is_release_requested", "acse.is_aborted", "dul.receive_pdu", "dul.idle_timer_expired",
+                 "dul.kill_dul"):
+        owner, _, name = path.rpartition(".")
+        assert name in dir(operator.attrgetter(owner)(assoc) if owner else assoc), path
+    message = DIMSEMessage()
+    assert isinstance(message.data_set, BytesIO) and isinstance(message.encoded_command_set, BytesIO)
+    assert "_run_loop_delay" in inspect.getsource(DULServiceProvider.run_reactor)
+    assert {k: v[1] for k, v in _PDU_TYPES.items()} == {
+        b"\x01": "Evt6", b"\x02": "Evt3", b"\x03": "Evt4", b"\x04": "Evt10", b"\x05": "Evt12", b"\x06": "Evt13",
+        b"\x07": "Evt16"}
+
+
+def test_the_state_machine_does_what_the_overrides_ask_of_it() -> None:
+    """Evt19 (invalid PDU) answers an A-ABORT, before and after association;
+    Evt17 (connection closed) during an association tells the user (A-P-ABORT)."""
+    assert TRANSITION_TABLE[("Evt19", "Sta2")] == "AA-1" and TRANSITION_TABLE[("Evt19", "Sta6")] == "AA-8"
+    assert TRANSITION_TABLE[("Evt17", "Sta2")] == "AA-5" and TRANSITION_TABLE[("Evt17", "Sta6")] == "AA-4"
+    assert TRANSITION_TABLE[("Evt10", "Sta6")] == "DT-2"
+
+
+def _checks(function: Callable[..., Any]) -> list[str]:
+    """The conditions of the ``if`` statements directly inside a function's loop."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    loop = next(node for node in ast.walk(tree) if isinstance(node, ast.While))
+    return [ast.unparse(node.test) for node in loop.body if isinstance(node, ast.If)]
+
+
+def test_the_reactor_makes_the_checks_pynetdicoms_makes_in_the_same_order() -> None:
+    theirs, ours = _checks(Association._run_reactor), _checks(ReceiverAssociation._react)
+    assert theirs[0] == "msg" and ours[0] == "msg is not None"  # ours waits on the queue instead of sleeping
+    assert ours[1:] == theirs[1:]
+
+
+def _events_put(function: Callable[..., Any], names: dict[str, str]) -> set[str]:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    return {
+        names.get(ast.unparse(node.args[0]), ast.unparse(node.args[0])) for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "self.event_queue.put"
+    }
+
+
+def test_the_pdu_reader_reports_the_events_pynetdicoms_reports() -> None:
+    names = {"_CONNECTION_CLOSED": "'Evt17'", "_INVALID_PDU": "'Evt19'"}
+    assert _events_put(ReceiverDUL._read_pdu_data, names) == _events_put(DULServiceProvider._read_pdu_data, names)

@@ -14,7 +14,9 @@ import pytest
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
+    SegmentationStorage,
 )
 from test_reports_support import (
     DEFAULT_TEMPLATE,
@@ -41,8 +43,11 @@ def test_objects_are_written_checked_queued_and_the_study_reported(to_two: Setti
     study = analysed_study(to_two, ledger, skip=[3])
     paths = build_reports(to_two, ledger, study.uid, study.reference_images)
     classes = sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID for p in paths)
-    # SR + one heatmap per analysed image + the montage.
-    assert classes == sorted([Comprehensive3DSRStorage] + [SecondaryCaptureImageStorage] * 4)
+    # SR + one heatmap SC per analysed image + the montage + the overlay of the one
+    # calibrated single-frame image (OBXXXX1A; US1_UNCR is uncalibrated, the third a
+    # cine loop) + the key-image flag.
+    assert classes == sorted([Comprehensive3DSRStorage, SegmentationStorage, KeyObjectSelectionDocumentStorage]
+                             + [SecondaryCaptureImageStorage] * 4)
     assert all(p.parent == to_two.outbox_dir / study.uid / "1" for p in paths)
     for path in paths:
         check_object(path.read_bytes(), json.loads(DEFAULT_TEMPLATE.read_text())["disclaimer"])
@@ -69,7 +74,7 @@ def test_building_again_rewrites_the_same_objects_and_queues_nothing_new(to_two:
 def test_without_a_destination_the_objects_stay_in_the_outbox(settings: Settings, ledger: Ledger) -> None:
     study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], n_similar=0)
     paths = build_reports(settings, ledger, study.uid)
-    assert len(paths) == 2  # SR + heatmap; no similar studies, no montage
+    assert len(paths) == 3  # SR, heatmap SC, key-image flag; no similar studies, no montage
     assert all(p.is_file() for p in paths)
     assert ledger.outbox(study.uid) == []
     assert ledger.study(study.uid)["state"] == StudyState.REPORTED
@@ -148,3 +153,36 @@ def test_rebuild_in_another_class_for_the_sender(settings: Settings, ledger: Led
     assert (ds.SOPInstanceUID, ds.SOPClassUID) == (uid, ComprehensiveSRStorage)
     assert path.parent == settings.outbox_dir / study.uid / "1"
     assert dciodvfy_errors(path) == []
+
+
+def _references(ds: pydicom.Dataset) -> set[str]:
+    """SOP Instance UIDs of every IMAGE or COMPOSITE item in an SR-family document."""
+    found = set()
+    stack = list(ds.ContentSequence)
+    while stack:
+        item = stack.pop()
+        if item.ValueType in ("IMAGE", "COMPOSITE"):
+            found.add(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        stack.extend(item.get("ContentSequence", []))
+    return found
+
+
+def test_the_sr_and_the_key_image_flag_name_the_objects_written(settings: Settings, ledger: Ledger) -> None:
+    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm", "OBXXXX1A.dcm"], n_similar=0)
+    paths = build_reports(settings, ledger, study.uid)
+    written = {p.name.split(".", 1)[0]: [] for p in paths}
+    for path in paths:
+        written[path.name.split(".", 1)[0]].append(pydicom.dcmread(path))
+    (sr,), (kos,) = written["SR"], written["KO"]
+    heatmaps = {ds.SOPInstanceUID for ds in written["SC"] + written["SEG"]}
+    assert len(written["SC"]) == 2 and len(written["SEG"]) == 1
+    assert heatmaps <= _references(sr)
+    (seg,) = written["SEG"]
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+        study.result.images[1].sop_instance_uid  # OBXXXX1A, the calibrated one
+    key = {study.result.summary.decisive_sop_instance_uid} | {
+        i.sop_instance_uid for i in study.result.images if i.predicted == "malignant"}
+    assert _references(kos) == key | {sr.SOPInstanceUID}
+    # The sender's fallback rebuilds the SR naming the same heatmap objects.
+    _, path = rebuild_sr(settings, ledger, study.uid, 1, ComprehensiveSRStorage)
+    assert _references(pydicom.dcmread(path)) == _references(sr)

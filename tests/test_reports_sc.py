@@ -20,10 +20,11 @@ from test_reports_support import (
 
 from service.ledger import Ledger
 from service.model.imaging import ultrasound_region
+from service.reports import Placement
+from service.reports.heatmaps import load_heat
 from service.reports.sc import (
     MAX_OPACITY,
     TRANSFER_SYNTAXES,
-    ScPlacement,
     blend_heatmap,
     build_heatmap_sc,
     build_montage_sc,
@@ -89,9 +90,12 @@ def test_heatmap_capture_of_each_kind_of_image(
     template = default_template()
     image = study.result.images[index]
     source = pydicom.dcmread(study.paths[index])
+    frame = decisive_frame(image)
+    heat = load_heat(frame)
     sc = build_heatmap_sc(
-        study.result, template, image, source,
-        ScPlacement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), index + 1, transfer_syntax, ["sonocase test"]),
+        study.result, template, image, source, heat,
+        Placement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), index + 1, ["sonocase test"]),
+        transfer_syntax,
     )
     path = _save(sc, tmp_path / "sc.dcm")
     assert dciodvfy_errors(path) == []
@@ -101,11 +105,9 @@ def test_heatmap_capture_of_each_kind_of_image(
     assert (back.BurnedInAnnotation, back.StudyInstanceUID, back.PatientID) == ("YES", study.uid, source.PatientID)
     (ref,) = back.SourceImageSequence
     assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
-    frame = decisive_frame(image)
     assert ref.get("ReferencedFrameNumber") == (frame.frame_number if index == 2 else None)
     assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
     # The hottest pixel of the heatmap is reddened; the caption band is drawn.
-    heat = np.load(frame.heatmap_path)
     y, x = np.unravel_index(np.argmax(heat), heat.shape)
     x0, y0 = frame.crop[:2]
     pixels = back.pixel_array  # pydicom decodes JPEG's YBR to RGB
@@ -130,8 +132,8 @@ def test_montage_references_the_similar_instances_and_survives_missing_ones(
     with caplog.at_level(logging.WARNING):
         sc = build_montage_sc(
             study.result, template, query, study.result.images[index], references.get,
-            ScPlacement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 9, "explicit-little-endian",
-                        ["sonocase test"]),
+            Placement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 9, ["sonocase test"]),
+            "explicit-little-endian",
         )
     assert "damaged.dcm cannot be drawn" in caplog.text
     path = _save(sc, tmp_path / "montage.dcm")

@@ -1,18 +1,24 @@
 """The TID 1500 SR, built from a study of real ultrasound files (RGB, palette, a
 30-frame JPEG cine, JPEG-lossless monochrome; one skipped, one out of distribution):
-DCMTK renders it, dciodvfy finds no error, highdicom reads back what was computed."""
+DCMTK renders it, dciodvfy finds no error, highdicom reads back what was computed,
+and every measurement group carries the image region OHIF needs to draw it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    generate_uid,
 )
 from test_reports_support import (
     DEFAULT_TEMPLATE,
@@ -24,17 +30,20 @@ from test_reports_support import (
 )
 
 from service.ledger import Ledger
-from service.reports.sr import SR_CLASSES, build_sr, decisive_frame
+from service.reports.heatmaps import OUTLINE_LEVEL, load_heats
+from service.reports.sr import SR_CLASSES, Heats, build_sr, decisive_frame, reading_order
 from service.reports.template import SrTemplate, TemplateError, load_template
 from service.settings import Settings, load_settings
 
+Built = tuple[Settings, Study, list[pydicom.Dataset], SrTemplate, Heats]
+
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Study, list[pydicom.Dataset], SrTemplate]:
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     settings = load_settings(data_dir=tmp_path_factory.mktemp("sr") / "data", durability="none")
     study = analysed_study(settings, Ledger(settings.ledger_path, durable=False), skip=[3], ood_image=1)
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.paths]
-    return settings, study, sources, load_template(DEFAULT_TEMPLATE)
+    return settings, study, sources, load_template(DEFAULT_TEMPLATE), load_heats(study.result)
 
 
 def _texts(item: pydicom.Dataset, meaning: str) -> list[str]:
@@ -50,10 +59,37 @@ def _write(sr: hd.sr.Comprehensive3DSR, path: Path) -> Path:
     return path
 
 
+def _heatmap_objects(study: Study) -> dict[str, list[Dataset]]:
+    """References to a heatmap SC for every analysed image and a SEG for the first."""
+    objects: dict[str, list[Dataset]] = {}
+    for n, image in enumerate(i for i in study.result.images if i.frames):
+        refs = []
+        for sop_class in [SecondaryCaptureImageStorage] + ([SegmentationStorage] if n == 0 else []):
+            ref = Dataset()
+            ref.StudyInstanceUID, ref.SeriesInstanceUID = study.uid, generate_uid()
+            ref.SOPClassUID, ref.SOPInstanceUID = sop_class, generate_uid()
+            refs.append(ref)
+        objects[image.sop_instance_uid] = refs
+    return objects
+
+
+def _heat_at(heat: np.ndarray, crop: tuple[int, int, int, int], x: float, y: float) -> float:
+    """Bilinear heat at DICOM image coordinates (pixel centres at +0.5)."""
+    col = min(max(x - crop[0] - 0.5, 0.0), heat.shape[1] - 1.0)
+    row = min(max(y - crop[1] - 0.5, 0.0), heat.shape[0] - 1.0)
+    c0, r0 = int(col), int(row)
+    c1, r1 = min(c0 + 1, heat.shape[1] - 1), min(r0 + 1, heat.shape[0] - 1)
+    fc, fr = col - c0, row - r0
+    top = heat[r0, c0] * (1 - fc) + heat[r0, c1] * fc
+    bottom = heat[r1, c0] * (1 - fc) + heat[r1, c1] * fc
+    return float(top * (1 - fr) + bottom * fr)
+
+
 @pytest.mark.parametrize("sop_class", SR_CLASSES)
-def test_dcmtk_renders_it_and_dciodvfy_finds_no_error(built, tmp_path: Path, sop_class: str) -> None:
-    _, study, sources, template = built
-    path = _write(build_sr(study.result, template, sources, sop_class, "0.1.0"), tmp_path / "sr.dcm")
+def test_dcmtk_renders_it_and_dciodvfy_finds_no_error(built: Built, tmp_path: Path, sop_class: str) -> None:
+    _, study, sources, template, heats = built
+    sr = build_sr(study.result, template, sources, sop_class, "0.1.0", heats, _heatmap_objects(study))
+    path = _write(sr, tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
     html = dsr2html(path, tmp_path / "sr.html")
     assert "UNVERIFIED" in html
@@ -61,53 +97,134 @@ def test_dcmtk_renders_it_and_dciodvfy_finds_no_error(built, tmp_path: Path, sop
     for similar in study.result.similar:
         assert f"accession {similar.accession_number}" in html
     assert "was not analysed: mostly blank" in html
-    assert "Malignant neoplasm of breast" in html or "No abnormality detected" in html or "Neoplasm, benign" in html
+    assert "decided by image" in html
+    assert template.disclaimer in html
 
 
-def test_highdicom_reads_back_every_frame_with_its_numbers(built, tmp_path: Path) -> None:
-    _, study, sources, template = built
-    path = _write(build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0"), tmp_path / "sr.dcm")
-    sr = hd.sr.srread(path)
-    groups = sr.content.get_image_measurement_groups()
-    frames = [(image, frame) for image in study.result.images for frame in image.frames]
-    assert len(groups) == 1 + len(frames)  # the study summary, then one per analysed frame
+def test_every_frame_is_a_region_on_its_image_with_its_numbers(built: Built, tmp_path: Path) -> None:
+    _, study, sources, template, heats = built
+    sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
+    content = hd.sr.srread(_write(sr, tmp_path / "sr.dcm")).content
+    assert content.get_image_measurement_groups() == []  # no group without a region: OHIF would break
+    groups = content.get_planar_roi_measurement_groups()
+    frames = [(image, frame) for image in reading_order(study.result) for frame in image.frames]
+    assert len(groups) == len(frames)
     multi_frame = {ds.SOPInstanceUID for ds in sources if int(ds.get("NumberOfFrames") or 1) > 1}
-    for group, (image, frame) in zip(groups[1:], frames, strict=True):
-        (source,) = group.source_images
-        assert source.referenced_sop_instance_uid == image.sop_instance_uid
-        if image.sop_instance_uid in multi_frame:
-            assert source.referenced_frame_numbers == [frame.frame_number]
-        numbers = {
-            m.name.meaning: m.value for m in group.get_measurements()
-        }
+    for group, (image, frame) in zip(groups, frames, strict=True):
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        ref = region.ContentSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == image.sop_instance_uid
+        assert ref.get("ReferencedFrameNumber") == (
+            frame.frame_number if image.sop_instance_uid in multi_frame else None)
+        # The probabilities in percent, the predicted class first: OHIF's labels.
+        measurements = group.get_measurements()
+        assert measurements[0].name.meaning == template.classes[frame.predicted].probability.meaning
+        numbers = {m.name.meaning: m.value for m in measurements}
         for label, probability in frame.probabilities.items():
-            assert numbers[template.classes[label].probability.meaning] == pytest.approx(probability, abs=1e-9)
+            assert numbers[template.classes[label].probability.meaning] == pytest.approx(100 * probability, abs=1e-6)
+        assert all(m.unit.value == "%" for m in measurements)
         evaluations = {e.name.meaning: e.value for e in group.get_qualitative_evaluations()}
         assert evaluations["Impression"].value == template.classes[frame.predicted].finding.value
         assert ("Outside the model's experience" in evaluations) == frame.out_of_distribution
         assert _texts(group[0], "Algorithm Name") == [study.result.model.name]
-        assert _texts(group[0], "Algorithm Parameters") == [
-            f"model sha256 {study.result.model.sha256}", "index version idx-7",
-        ]
+        assert group.tracking_identifier.endswith(
+            f"frame {frame.frame_number}: {template.classes[frame.predicted].display} "
+            f"{frame.probabilities[frame.predicted]:.0%}")
 
 
-def test_summary_group_carries_the_decisive_image_and_the_rule(built, tmp_path: Path) -> None:
-    _, study, sources, template = built
-    path = _write(build_sr(study.result, template, sources, ComprehensiveSRStorage, "0.1.0"), tmp_path / "sr.dcm")
-    summary = hd.sr.srread(path).content.get_image_measurement_groups()[0]
-    assert summary.tracking_identifier == template.wording.study_summary
-    decisive_uid = study.result.summary.decisive_sop_instance_uid
-    decisive = next(i for i in study.result.images if i.sop_instance_uid == decisive_uid)
-    assert summary.source_images[0].referenced_sop_instance_uid == decisive.sop_instance_uid
-    (probability,) = summary.get_measurements()
-    assert probability.value == pytest.approx(study.result.summary.probability)
-    assert decisive_frame(decisive).probabilities[decisive.predicted] == pytest.approx(study.result.summary.probability)
-    assert _texts(summary[0], "Study summary rule") == [study.result.summary.rule]
+def test_each_region_is_the_heatmap_outline_at_half_its_peak(built: Built, tmp_path: Path) -> None:
+    _, study, sources, template, heats = built
+    sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
+    groups = hd.sr.srread(_write(sr, tmp_path / "sr.dcm")).content.get_planar_roi_measurement_groups()
+    frames = [(image, frame) for image in reading_order(study.result) for frame in image.frames]
+    for group, (image, frame) in zip(groups, frames, strict=True):
+        points = group.roi.value
+        heat = heats[(image.sop_instance_uid, frame.frame_number)]
+        x0, y0, x1, y1 = frame.crop
+        assert np.array_equal(points[0], points[-1]), "a closed polyline"
+        assert np.all((points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) & (points[:, 1] <= y1))
+        inside = [p for p in points if x0 + 1 < p[0] < x1 - 1 and y0 + 1 < p[1] < y1 - 1]
+        assert inside, "the outline lies inside the analysed region"
+        levels = [_heat_at(heat, frame.crop, float(x), float(y)) / float(heat.max()) for x, y in inside]
+        assert np.median(levels) == pytest.approx(OUTLINE_LEVEL, abs=0.05)
+        # The peak lies within the outline (even-odd rule).
+        row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        px, py = x0 + col + 0.5, y0 + row + 0.5
+        xs, ys = points[:, 0], points[:, 1]
+        crossings = sum(
+            1 for (ax, ay), (bx, by) in zip(zip(xs, ys), zip(np.roll(xs, -1), np.roll(ys, -1)))
+            if (ay > py) != (by > py) and px < ax + (py - ay) * (bx - ax) / (by - ay)
+        )
+        assert crossings % 2 == 1
 
 
-def test_document_is_a_new_unverified_series_in_the_patients_study(built) -> None:
-    _, study, sources, template = built
-    sr = build_sr(study.result, template, sources, EnhancedSRStorage, "0.1.0")
+def test_regions_are_what_ohif_reads(built: Built) -> None:
+    """OHIF 3.13 takes each group's first SCOORD and reads its image from the one
+    child's Referenced SOP Sequence (and frame): the test follows the same path."""
+    _, study, sources, template, heats = built
+    sr = build_sr(study.result, template, sources, EnhancedSRStorage, "0.1.0", heats)
+    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    seen = []
+    for group in measurements.ContentSequence:
+        scoord = next(item for item in group.ContentSequence if item.ValueType == "SCOORD")
+        assert scoord.ConceptNameCodeSequence[0].CodeValue == "111030"  # Image Region
+        (child,) = scoord.ContentSequence
+        ref = child.ReferencedSOPSequence[0]
+        seen.append((ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1)))
+        assert [i.ValueType for i in group.ContentSequence].count("UIDREF") == 1  # the tracking UID
+    assert seen == [(i.sop_instance_uid, f.frame_number) for i in reading_order(study.result) for f in i.frames]
+    assert seen[0][0] == study.result.summary.decisive_sop_instance_uid  # OHIF opens the report on it
+
+
+def test_the_decisive_frame_references_the_heatmap_objects(built: Built) -> None:
+    _, study, sources, template, heats = built
+    objects = _heatmap_objects(study)
+    sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats, objects)
+    groups = [g for g in sr.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
+    frames = [(image, frame) for image in reading_order(study.result) for frame in image.frames]
+    for group, (image, frame) in zip(groups.ContentSequence, frames, strict=True):
+        images = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
+        named = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: i.ConceptNameCodeSequence[0].CodeMeaning
+                 for i in images}
+        if frame.frame_number == decisive_frame(image).frame_number:
+            assert named == {
+                ref.SOPInstanceUID: (template.concepts.heatmap_segmentation if ref.SOPClassUID == SegmentationStorage
+                                     else template.concepts.heatmap_image).meaning
+                for ref in objects[image.sop_instance_uid]
+            }
+        else:
+            assert named == {}
+    evidence = {uid for _, _, uid, _ in sr.get_evidence(current_procedure_only=True)}
+    assert {ref.SOPInstanceUID for refs in objects.values() for ref in refs} <= evidence
+
+
+def test_study_summary_is_in_words_and_codes_without_coordinates(built: Built) -> None:
+    _, study, sources, template, heats = built
+    sr = build_sr(study.result, template, sources, ComprehensiveSRStorage, "0.1.0", heats)
+    evaluations = sr.ContentSequence[-1]
+    assert evaluations.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
+    assert not [i for i in evaluations.ContentSequence if i.ValueType == "SCOORD"]
+    summary = study.result.summary
+    decisive = next(i for i in study.result.images if i.sop_instance_uid == summary.decisive_sop_instance_uid)
+    frame = decisive_frame(decisive)
+    index = next(n for n, i in enumerate(study.result.images) if i is decisive)
+    (code,) = [i for i in evaluations.ContentSequence
+               if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning == "Impression"]
+    assert code.ConceptCodeSequence[0].CodeValue == template.classes[summary.predicted].finding.value
+    assert _texts(evaluations, "Study summary") == [
+        f"{template.classes[summary.predicted].display} {summary.probability:.0%}, "
+        f"decided by image {index + 1} frame {frame.frame_number}"]
+    assert frame.probabilities[decisive.predicted] == pytest.approx(summary.probability)
+    assert _texts(evaluations, "Study summary rule") == [summary.rule]
+    flags = [i for i in evaluations.ContentSequence
+             if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning == "Outside the model's experience"]
+    assert len(flags) == int(summary.out_of_distribution)
+
+
+def test_document_is_a_new_unverified_series_in_the_patients_study(built: Built) -> None:
+    _, study, sources, template, heats = built
+    sr = build_sr(study.result, template, sources, EnhancedSRStorage, "0.1.0", heats)
     source = sources[0]
     for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "AccessionNumber", "StudyDate"):
         assert sr[keyword].value == source[keyword].value
@@ -122,26 +239,26 @@ def test_document_is_a_new_unverified_series_in_the_patients_study(built) -> Non
     }
     assert other == {(s.study_uid, s.sop_instance_uid) for s in study.result.similar}
     evaluations = sr.ContentSequence[-1]
-    assert evaluations.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
     assert _texts(evaluations, "Comment") == [template.disclaimer]
     assert len(_texts(evaluations, "Similar previously diagnosed study")) == len(study.result.similar)
 
 
-def test_uids_are_fixed_by_study_generation_and_class(built) -> None:
-    _, study, sources, template = built
-    first = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0")
-    again = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0")
-    other_class = build_sr(study.result, template, sources, ComprehensiveSRStorage, "0.1.0")
+def test_uids_are_fixed_by_study_generation_and_class(built: Built) -> None:
+    _, study, sources, template, heats = built
+    first = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
+    again = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
+    other_class = build_sr(study.result, template, sources, ComprehensiveSRStorage, "0.1.0", heats)
     assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
     assert other_class.SOPInstanceUID != first.SOPInstanceUID
     assert other_class.SeriesInstanceUID == first.SeriesInstanceUID
 
 
-def test_reanalysis_references_the_earlier_version(built) -> None:
-    settings, study, sources, template = built
-    first = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0")
+def test_reanalysis_references_the_earlier_version(built: Built) -> None:
+    settings, study, sources, template, heats = built
+    first = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
     result2, _ = analyse(settings, study.uid, study.paths, generation=2, skip=[3])
-    second = build_sr(result2, template, sources, Comprehensive3DSRStorage, "0.1.0", predecessors=[first])
+    second = build_sr(result2, template, sources, Comprehensive3DSRStorage, "0.1.0", load_heats(result2),
+                      predecessors=[first])
     assert second.SOPInstanceUID != first.SOPInstanceUID
     (item,) = second.PredecessorDocumentsSequence
     assert item.StudyInstanceUID == study.uid
@@ -149,26 +266,29 @@ def test_reanalysis_references_the_earlier_version(built) -> None:
     assert item.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
 
 
-def test_unknown_class_or_sop_class_is_refused_clearly(built) -> None:
-    _, study, sources, template = built
+def test_unknown_class_missing_heatmap_or_sop_class_is_refused_clearly(built: Built) -> None:
+    _, study, sources, template, heats = built
     with pytest.raises(ValueError, match="not an SR SOP class"):
-        build_sr(study.result, template, sources, "1.2.840.10008.5.1.4.1.1.88.11", "0.1.0")
+        build_sr(study.result, template, sources, "1.2.840.10008.5.1.4.1.1.88.11", "0.1.0", heats)
+    with pytest.raises(ValueError, match="no heatmap given for frame 1"):
+        build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", {})
     frames = study.result.images[0].frames
     odd = frames[0].model_copy(update={"probabilities": {"cyst": 1.0}, "predicted": "cyst"})
     image = study.result.images[0].model_copy(update={"frames": [odd]})
     result = study.result.model_copy(update={"images": [image, *study.result.images[1:]]})
     with pytest.raises(TemplateError, match="classes.cyst"):
-        build_sr(result, template, sources, Comprehensive3DSRStorage, "0.1.0")
+        build_sr(result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
 
 
 def test_a_study_with_nothing_analysed_still_says_so(settings: Settings, ledger: Ledger, tmp_path: Path) -> None:
     study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], skip=[0], n_similar=0)
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.paths]
-    path = _write(
-        build_sr(study.result, load_template(DEFAULT_TEMPLATE), sources, Comprehensive3DSRStorage, "0.1.0"),
-        tmp_path / "sr.dcm",
-    )
+    template = load_template(DEFAULT_TEMPLATE)
+    path = _write(build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", {}),
+                  tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
-    (summary,) = hd.sr.srread(path).content.get_image_measurement_groups()
-    assert summary.get_measurements() == []
-    assert summary.get_qualitative_evaluations() == []
+    sr = hd.sr.srread(path)
+    (group,) = sr.content.get_image_measurement_groups()
+    assert group.tracking_identifier == template.wording.no_summary
+    assert group.get_measurements() == [] and group.source_images == []
+    assert _texts(sr.ContentSequence[-1], "Study summary") == [template.wording.no_summary]

@@ -27,6 +27,8 @@ from pydicom.uid import generate_uid
 
 from service.common.spool import instance_path
 from service.ledger import InstanceRecord, Ledger, StudyState
+from service.reports.build import heatmap_references, read_sources
+from service.reports.heatmaps import load_heats
 from service.reports.template import SrTemplate, load_template
 from service.results import (
     FrameResult,
@@ -219,6 +221,30 @@ def analysed_study(settings: Settings, ledger: Ledger, files: Sequence[str] = ST
     assert ledger.finish_analysis(study_uid, generation, result.model_dump(), lease_s=settings.task_lease_s)
     assert ledger.study(study_uid)["state"] == StudyState.ANALYSED
     return Study(study_uid, paths, result, references)
+
+
+def expected_outputs(ledger: Ledger, result: StudyResult) -> dict[str, int]:
+    """How many objects of each kind ("SR", "SC", "SEG", "KO") the report builder
+    writes for ``result``: an SR; per analysed image a heatmap SC and, where one can
+    be made, an overlay SEG; the montage when there are similar studies; the
+    key-image flag when an image was analysed."""
+    sources, _ = read_sources(ledger, result)
+    references = heatmap_references(result, sources, load_heats(result))
+    analysed = bool(references)
+    return {
+        "SR": 1,
+        "SC": len(references) + int(analysed and bool(result.similar)),
+        "SEG": sum(len(refs) - 1 for refs in references.values()),
+        "KO": int(analysed),
+    }
+
+
+def outbox_kinds(paths: Sequence[Path]) -> dict[str, int]:
+    """The same count for files written to the outbox (named ``<kind>.<uid>.dcm``)."""
+    kinds = {"SR": 0, "SC": 0, "SEG": 0, "KO": 0}
+    for path in paths:
+        kinds[path.name.split(".", 1)[0]] += 1
+    return kinds
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

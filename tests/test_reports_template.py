@@ -33,6 +33,7 @@ def test_shipped_template_is_the_default_setting_and_valid() -> None:
     assert template.disclaimer == DISCLAIMER
     assert {c.finding.scheme for c in template.classes.values()} == {"SCT"}
     assert template.classes["malignant"].finding.value == "254837009"
+    assert template.concepts.probability_scale == 100.0  # percent, as OHIF labels read it
 
 
 @pytest.mark.parametrize(
@@ -46,6 +47,9 @@ def test_shipped_template_is_the_default_setting_and_valid() -> None:
         (lambda t: t["wording"].update(sc_caption="{probability:.0%"), "wording.sc_caption"),
         (lambda t: t.update(coding_schemes=[]), "concepts.out_of_distribution: local coding scheme '99SONOCASE'"),
         (lambda t: t.update(disclaimer=""), "disclaimer"),
+        (lambda t: t["concepts"]["probability_unit"].update(value="mm"),
+         "concepts: Value error, probability_unit must be UCUM '%' or '1', not UCUM 'mm'"),
+        (lambda t: t["wording"].update(segment_label="{level}"), "wording.segment_label"),
     ],
 )
 def test_bad_template_names_the_key(tmp_path: Path, edit: object, named: str) -> None:

@@ -24,13 +24,16 @@ DISCLAIMER = default_template().disclaimer
 
 @pytest.fixture(scope="module")
 def objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """One SR, one heatmap SC and the montage of a real study, encoded."""
+    """The SR, a heatmap SC, the montage, the overlay SEG and the key-image flag
+    of a real study, encoded."""
     settings = load_settings(data_dir=tmp_path_factory.mktemp("gate") / "data", durability="none")
     ledger = Ledger(settings.ledger_path, durable=False)
     study = analysed_study(settings, ledger, files=["US1_UNCR.dcm", "OBXXXX1A.dcm"])
     sources, paths = read_sources(ledger, study.result)
     built = build_objects(settings, default_template(), study.result, sources, paths, study.reference_images.get)
-    return {"sr": built[0].data, "sc": built[1].data, "montage": built[-1].data}
+    by_kind = {kind: [o.data for o in built if o.kind == kind] for kind in ("SR", "SC", "SEG", "KO")}
+    return {"sr": by_kind["SR"][0], "sc": by_kind["SC"][0], "montage": by_kind["SC"][-1],
+            "seg": by_kind["SEG"][0], "kos": by_kind["KO"][0]}
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -45,10 +48,13 @@ def _mutated(data: bytes, change: Callable[[Dataset], None]) -> bytes:
     return _encode(ds)
 
 
-@pytest.mark.parametrize("kind", ["sr", "sc", "montage"])
-def test_real_objects_pass(objects: dict[str, bytes], kind: str) -> None:
+@pytest.mark.parametrize("kind", ["sr", "sc", "montage", "seg", "kos"])
+def test_real_objects_pass(objects: dict[str, bytes], kind: str, tmp_path: Path) -> None:
     ds = check_object(objects[kind], DISCLAIMER)
     assert ds.SOPInstanceUID
+    path = tmp_path / f"{kind}.dcm"
+    path.write_bytes(objects[kind])
+    assert dciodvfy_errors(path) == []
 
 
 def _drop(keyword: str) -> Callable[[Dataset], None]:
@@ -72,6 +78,15 @@ def _set(keyword: str, value: object) -> Callable[[Dataset], None]:
         ("sc", _set("Rows", 17), "pixels"),
         ("montage", _set("StudyInstanceUID", "1.2.3.abc"), "StudyInstanceUID is not a valid UI"),
         ("sc", _set("SOPClassUID", "1.2.840.10008.5.1.4.1.1.6.1"), "is not one we produce"),
+        ("seg", lambda ds: delattr(ds.SharedFunctionalGroupsSequence[0], "PlaneOrientationSequence"),
+         "lack PlaneOrientationSequence, which viewers need"),
+        ("seg", _set("ImageComments", "AI result"), "the disclaimer is not in Image Comments"),
+        ("seg", lambda ds: setattr(ds.PerFrameFunctionalGroupsSequence[0].SegmentIdentificationSequence[0],
+                                   "ReferencedSegmentNumber", 9), "frame 1 names segment 9"),
+        ("seg", _drop("ReferencedSeriesSequence"), "ReferencedSeriesSequence (Type 1) is missing"),
+        ("kos", _drop("CurrentRequestedProcedureEvidenceSequence"),
+         "CurrentRequestedProcedureEvidenceSequence (Type 1) is missing"),
+        ("kos", _set("Modality", "SR"), "Modality is SR, not KO"),
     ],
 )
 @pytest.mark.filterwarnings(  # pydicom warns about the very defects these objects carry
@@ -104,6 +119,32 @@ def test_sr_content_rules_of_its_class(objects: dict[str, bytes]) -> None:
 
     with pytest.raises(GateError, match="is not listed as evidence"):
         check_object(_mutated(objects["sr"], image_without_evidence), DISCLAIMER)
+
+    def a_group_without_region(ds: Dataset) -> None:
+        measurements = next(i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+        group = measurements.ContentSequence[0]
+        group.ContentSequence = [i for i in group.ContentSequence if i.ValueType != "SCOORD"]
+
+    with pytest.raises(GateError, match="image region|cannot parse"):
+        check_object(_mutated(objects["sr"], a_group_without_region), DISCLAIMER)
+
+
+def test_key_image_flag_keeps_the_disclaimer_and_its_evidence(objects: dict[str, bytes]) -> None:
+    def no_disclaimer(ds: Dataset) -> None:
+        for item in ds.ContentSequence:
+            if item.ValueType == "TEXT":
+                item.TextValue = "Most suspicious image"
+
+    with pytest.raises(GateError, match="the disclaimer is not in the content"):
+        check_object(_mutated(objects["kos"], no_disclaimer), DISCLAIMER)
+
+    def sr_not_in_evidence(ds: Dataset) -> None:
+        series = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence = [
+            s for s in series if s.ReferencedSOPSequence[0].ReferencedSOPClassUID != Comprehensive3DSRStorage]
+
+    with pytest.raises(GateError, match="is not listed as evidence"):
+        check_object(_mutated(objects["kos"], sr_not_in_evidence), DISCLAIMER)
 
 
 def test_file_meta_must_match_the_data_set(objects: dict[str, bytes]) -> None:

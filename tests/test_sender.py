@@ -24,6 +24,7 @@ from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
+    SecondaryCaptureImageStorage,
 )
 from test_reports_support import (
     MODEL,
@@ -42,12 +43,14 @@ from service.delivery.sender import (
     backoff_delay,
 )
 from service.ledger import Ledger, OutboxState, StudyState
-from service.reports.build import build_reports
+from service.reports.build import OPTIONAL_CLASSES, build_reports
 from service.reports.template import TemplateError
 from service.settings import Settings, load_settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
 
 FAR_FUTURE = 4e9
+#: DCMTK's names of the non-SR classes the node sends: heatmap SC, overlay SEG, key-image flag.
+NOT_SR = ["SecondaryCaptureImageStorage", "SegmentationStorage", "KeyObjectSelectionDocumentStorage"]
 
 
 @pytest.fixture
@@ -177,7 +180,7 @@ def test_sr_class_refused_falls_back(
     accepted: list[str], expected: str,
 ) -> None:
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"])
-    pacs = pacs_factory(*storescp_profile(tmp_path / "pacs.cfg", ["SecondaryCaptureImageStorage", *accepted]))
+    pacs = pacs_factory(*storescp_profile(tmp_path / "pacs.cfg", [*NOT_SR, *accepted]))
     with caplog.at_level("WARNING", logger="service.delivery.sender"):
         assert Sender(to_pacs, ledger).run_once() == len(uids)
     assert f"does not accept SR class {Comprehensive3DSRStorage}; sending the SR rebuilt as {expected}" in caplog.text
@@ -193,13 +196,32 @@ def test_sr_class_refused_falls_back(
     assert ledger.study(_study_uid(ledger))["state"] == StudyState.SENT
 
 
+def test_a_pacs_without_seg_or_kos_gets_the_rest_and_the_study_is_sent(
+    to_pacs: Settings, ledger: Ledger, pacs_factory, tmp_path: Path,
+) -> None:
+    """Many archives store no Segmentation or Key Object Selection: those two are
+    skipped there (recorded, retried by 'sonocase resend'), never failing the study."""
+    uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"])
+    optional = [r for r in ledger.outbox() if r["sop_class_uid"] in OPTIONAL_CLASSES]
+    assert optional  # the key-object selection at least (no SEG for an uncalibrated image)
+    pacs = pacs_factory(*storescp_profile(tmp_path / "pacs.cfg", ["SecondaryCaptureImageStorage",
+                                                                   "Comprehensive3DSRStorage"]))
+    assert Sender(to_pacs, ledger).run_once() == len(uids) - len(optional)
+    assert {ds.SOPClassUID for ds in pacs.received()} == {SecondaryCaptureImageStorage, Comprehensive3DSRStorage}
+    skipped = [r for r in ledger.outbox() if r["state"] == OutboxState.SKIPPED]
+    assert sorted(r["sop_instance_uid"] for r in skipped) == sorted(r["sop_instance_uid"] for r in optional)
+    assert all("does not accept SOP class" in r["error"] for r in skipped)
+    assert ledger.study(_study_uid(ledger))["state"] == StudyState.SENT
+    assert Sender(to_pacs, ledger).run_once() == 0  # nothing left due
+
+
 def test_a_pacs_taking_no_sr_class_gets_the_images_and_the_sr_waits(
     to_pacs: Settings, ledger: Ledger, pacs_factory, tmp_path: Path,
 ) -> None:
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"], n_similar=0)
-    pacs = pacs_factory(*storescp_profile(tmp_path / "pacs.cfg", ["SecondaryCaptureImageStorage"]))
+    pacs = pacs_factory(*storescp_profile(tmp_path / "pacs.cfg", NOT_SR))
     assert Sender(to_pacs, ledger).run_once() == len(uids) - 1
-    assert all(ds.Modality == "OT" for ds in pacs.received())
+    assert "SR" not in {ds.Modality for ds in pacs.received()}
     (waiting,) = [r for r in ledger.outbox() if r["state"] == OutboxState.PENDING]
     assert "accepts none of the SR classes" in waiting["error"]
     assert ledger.study(_study_uid(ledger))["state"] == StudyState.REPORTED
@@ -328,7 +350,7 @@ def test_a_study_analysed_but_never_reported_is_reported_later(to_pacs: Settings
     assert sender.report_orphans(now=time.time() + to_pacs.task_lease_s + 1) == 1  # the worker stopped renewing
     assert sender.report_orphans(now=time.time() + to_pacs.task_lease_s + 2) == 0  # reported: no longer an orphan
     assert ledger.study(study.uid)["state"] == StudyState.REPORTED
-    assert len(ledger.outbox(study.uid)) == 3  # SR, heatmap, montage
+    assert len(ledger.outbox(study.uid)) == 4  # SR, heatmap, montage, key-image flag (uncalibrated: no overlay)
 
 
 def test_results_go_over_mutual_dicom_tls(settings: Settings, ledger: Ledger, pacs_factory, port: int,

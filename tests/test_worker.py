@@ -19,6 +19,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
+from test_reports_support import expected_outputs, outbox_kinds
 from worker_support import receive
 
 from service.datasets.synthetic import synthetic_study
@@ -66,10 +67,12 @@ def test_a_study_is_analysed_and_its_result_stored(worker_settings: Settings, le
     study_uid = receive(worker_settings, ledger, _study())
     assert process_study(WorkerState(worker_settings), study_uid) == "analysed"
     assert ledger.study(study_uid)["state"] == StudyState.REPORTED  # the worker built the reports too
-    classes = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID)
-                     for p in outbox_folder(worker_settings, study_uid, 1).glob("*.dcm"))
-    assert classes == [SecondaryCaptureImageStorage] * 4 + [Comprehensive3DSRStorage]  # an SC per image, one SR
+    outputs = list(outbox_folder(worker_settings, study_uid, 1).glob("*.dcm"))
+    classes = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in outputs)
+    assert classes.count(SecondaryCaptureImageStorage) == 4  # an SC per image (no index: no montage)
+    assert classes.count(Comprehensive3DSRStorage) == 1
     result = _result(ledger, study_uid)
+    assert outbox_kinds(outputs) == expected_outputs(ledger, result)
     assert result.generation == 1 and len(result.images) == 4
     assert result.model.sha256 and result.execution_provider == "CPUExecutionProvider"
     for image in result.images:

@@ -58,6 +58,10 @@ CSTORE_RESPONSES = Counter(
     "sonocase_cstore_responses", "C-STORE responses the receiver returned, by status code",
     ["status"], registry=None,
 )
+CONNECTIONS_REFUSED = Counter(
+    "sonocase_connections_refused", "DICOM connections and associations the receiver refused, closed or "
+    "aborted, by reason", ["reason"], registry=None,
+)
 STOW_INSTANCES = Counter(
     "sonocase_stow_instances", "Instances received over STOW-RS, by Failure Reason (0x0000: stored)",
     ["status"], registry=None,
@@ -71,6 +75,12 @@ SEND_ATTEMPTS = Counter(
 def observe_cstore(status: int) -> None:
     """Count one C-STORE response (the receiver calls this with the status it returns)."""
     CSTORE_RESPONSES.labels(status=f"0x{status:04X}").inc()
+
+
+def observe_refusal(reason: str) -> None:
+    """Count one connection or association the receiver refused, closed or aborted
+    (``reason``: a short fixed word such as ``host`` or ``pdu-too-large``)."""
+    CONNECTIONS_REFUSED.labels(reason=reason).inc()
 
 
 def observe_stow(status: int) -> None:
@@ -177,7 +187,7 @@ def build_registry(collector: LedgerCollector) -> CollectorRegistry:
     """A registry for one node: its ledger figures, this process's counters and
     the usual process figures (CPU, memory, open files)."""
     registry = CollectorRegistry()
-    for metric in (CSTORE_RESPONSES, STOW_INSTANCES, SEND_ATTEMPTS, collector):
+    for metric in (CSTORE_RESPONSES, CONNECTIONS_REFUSED, STOW_INSTANCES, SEND_ATTEMPTS, collector):
         registry.register(metric)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

@@ -42,10 +42,15 @@ from pynetdicom.association import Association
 
 from service.common import dicom_tls, dicomweb
 from service.common.metrics import observe_send
-from service.delivery.dicomweb import SOP_CLASS_NOT_SUPPORTED, WARNING_REASONS, store_study
+from service.delivery.dicomweb import (
+    SOP_CLASS_NOT_SUPPORTED,
+    WARNING_REASONS,
+    store_study,
+)
 from service.ledger import Ledger, OutboxState, StudyState
 from service.model_card import card_path_for
 from service.reports.build import (
+    OPTIONAL_CLASSES,
     ReportError,
     build_reports,
     index_reference_images,
@@ -197,6 +202,8 @@ class Sender:
             elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row["sop_class_uid"] in SR_CLASSES:
                 # Rebuilt in the next SR class, sent in the next round (soon: the row stays due).
                 self._fallback(dest, row, set(SR_CLASSES[SR_CLASSES.index(row["sop_class_uid"]) + 1:]))
+            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row["sop_class_uid"] in OPTIONAL_CLASSES:
+                self._skipped(dest, row)
             else:
                 self._failed(row, f"{dest} did not store {row['sop_instance_uid']}: {outcome.reason}")
         return accepted
@@ -222,6 +229,8 @@ class Sender:
     def _store(self, assoc: Association, dest: Destination, row: dict[str, Any], ds: Dataset) -> int:
         accepted_classes = {cx.abstract_syntax for cx in assoc.accepted_contexts}
         if row["sop_class_uid"] not in accepted_classes:
+            if row["sop_class_uid"] in OPTIONAL_CLASSES:
+                return self._skipped(dest, row)
             if row["sop_class_uid"] not in SR_CLASSES:
                 self._failed(row, f"{dest} accepts no presentation context for SOP class {row['sop_class_uid']}")
                 return 0
@@ -245,6 +254,15 @@ class Sender:
         self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SENT)
         observe_send("accepted")
         return 1
+
+    def _skipped(self, dest: Destination | DicomWebDestination, row: dict[str, Any]) -> int:
+        """An optional object the destination does not take: recorded as skipped
+        there (``sonocase resend`` tries it again); 0."""
+        reason = f"{dest} does not accept SOP class {row['sop_class_uid']}"
+        LOG.warning("%s: %s not sent there (optional)", reason, row["sop_instance_uid"],
+                    extra={"study_uid": row["study_uid"], "destination": str(dest)})
+        self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SKIPPED, error=reason)
+        return 0
 
     def _fallback(
         self,
@@ -318,7 +336,7 @@ class Sender:
         if study is None or study["state"] != StudyState.REPORTED:
             return
         rows = [r for r in self.ledger.outbox(study_uid) if r["generation"] == study["generation"]]
-        if rows and all(r["state"] == OutboxState.SENT for r in rows):
+        if rows and all(r["state"] in (OutboxState.SENT, OutboxState.SKIPPED) for r in rows):
             self.ledger.transition(
                 study_uid, StudyState.SENT, (StudyState.REPORTED,), study["generation"], sent_at=time.time()
             )

@@ -10,7 +10,6 @@ stock engine, plain pynetdicom, instead.
 
 from __future__ import annotations
 
-import gc
 import logging
 import queue
 import select
@@ -28,28 +27,31 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dul import DULServiceProvider
+from pynetdicom.dul import _PDU_TYPES, DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import (
-    AssociationSocket,
-    RequestHandler,
-    ThreadedAssociationServer,
-)
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from service.common.metrics import observe_cstore
-from service.ingest.rules import StoreStatus, error_comment, pad
+from service.ingest.admission import GuardedServer, refused
+from service.ingest.rules import (
+    InvalidInstance,
+    StoreStatus,
+    error_comment,
+    pad,
+    too_large,
+)
 from service.ingest.store import IncomingFile, StoreSCP
 
 LOG = logging.getLogger(__name__)
 
 #: The pynetdicom release these overrides were written against and tested with.
 PYNETDICOM_VERSION = "3.0.4"
-_COLLECT_EVERY_S = 30.0
 
 
-def unsupported_reason(installed: str = pynetdicom.__version__) -> str | None:
+def unsupported_reason() -> str | None:
     """Why the fast engine cannot run on the installed pynetdicom (None: it can)."""
+    installed = pynetdicom.__version__
     if installed != PYNETDICOM_VERSION:
         return (f"pynetdicom {installed} is installed; the fast engine overrides internals of "
                 f"pynetdicom {PYNETDICOM_VERSION} only")
@@ -90,29 +92,49 @@ def encode_store_response(
 
 class SpoolingBuffer(BytesIO):
     """The buffer pynetdicom collects a DIMSE message's data set fragments in, which
-    also writes each C-STORE fragment to an :class:`IncomingFile` as it arrives.
+    also writes each C-STORE fragment to an :class:`IncomingFile` as it arrives,
+    and holds the data set within the store's limits.
 
     It runs in the association's DUL thread, which otherwise waits for the network.
     Spooling is an optimisation only: if it fails (say the disk is full) the file is
     dropped and the C-STORE handler writes the data set itself, and reports the
-    error that write meets.
+    error that write meets. The bytes it holds are taken from the store's
+    :class:`~service.ingest.store.MemoryBudget`; a data set beyond
+    ``max_dataset_mb``, or beyond what the budget has left, is dropped as it
+    arrives, and its C-STORE answered with :attr:`refusal` once it is complete.
     """
 
-    def __init__(self, message: DIMSEMessage, assoc: Association) -> None:
+    def __init__(self, message: DIMSEMessage, assoc: Association, store: StoreSCP) -> None:
         super().__init__()
         self._message = message
         self._assoc = assoc
+        self._store = store
         self._spooling = True
         self.incoming: IncomingFile | None = None
+        self.refusal: InvalidInstance | None = None
 
     def write(self, data: Any) -> int:
+        if self.refusal is not None:
+            return len(data)
+        self.refusal = self._hold(len(data))
+        if self.refusal is not None:
+            self.discard()
+            return len(data)
         if self._spooling:
             try:
                 self._spool(data)
             except Exception:
                 LOG.debug("spooling a data set while it arrives failed; the handler writes it", exc_info=True)
-                self.discard()
+                self._stop_spooling()
         return super().write(data)
+
+    def _hold(self, size: int) -> InvalidInstance | None:
+        budget = self._store.budget
+        refusal = too_large(budget.held(self) + size, self._store.max_dataset)
+        if refusal is None and not budget.take(self, size):
+            refusal = InvalidInstance(StoreStatus.OUT_OF_RESOURCES,
+                                      f"data sets in flight fill max_in_flight_mb ({budget.limit >> 20} MB)")
+        return refusal
 
     def _spool(self, data: bytes) -> None:
         if self.incoming is None:
@@ -121,19 +143,26 @@ class SpoolingBuffer(BytesIO):
                 self._spooling = False
                 return
             command, assoc = message.command_set, self._assoc
-            assert assoc._server is not None  # an acceptor: our server made it
-            self.incoming = assoc._server.store.open_incoming(
+            self.incoming = self._store.open_incoming(
                 str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID),
                 assoc._accepted_cx[message.context_id].transfer_syntax[0], assoc.requestor.ae_title,
             )
         self.incoming.append(data)
 
-    def discard(self) -> None:
+    def _stop_spooling(self) -> None:
         """Stop spooling and remove what was spooled (unless the store kept it)."""
         self._spooling = False
         if self.incoming is not None:
             self.incoming.close()
             self.incoming = None
+
+    def discard(self) -> None:
+        """Done with the data set: stop spooling, drop the bytes held, give them
+        back to the budget."""
+        self._stop_spooling()
+        self.seek(0)
+        self.truncate()
+        self._store.budget.release(self)
 
 
 class RequestQueue(queue.Queue[tuple[int, Any]]):
@@ -158,16 +187,32 @@ class RequestQueue(queue.Queue[tuple[int, Any]]):
             super().put(item, block, timeout)
 
 
+#: The longest command set we read (PS3.7 9.3: a C-STORE-RQ's is under 300 bytes);
+#: a peer sending more, fragment after fragment, is aborted.
+MAX_COMMAND_BYTES = 64 << 10
+
+
 class ReceiverDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, collecting each message's data set in a
     :class:`SpoolingBuffer` (pynetdicom 3.0.4 makes a plain ``BytesIO`` in
-    ``DIMSEMessage.__init__``; ``receive_primitive`` is otherwise unchanged)."""
+    ``DIMSEMessage.__init__``) and aborting a command set past
+    :data:`MAX_COMMAND_BYTES`, which pynetdicom would collect without end;
+    ``receive_primitive`` is otherwise unchanged."""
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
+            assert self.assoc._server is not None  # an acceptor: our server made it
             self.message = DIMSEMessage()
-            self.message.data_set = SpoolingBuffer(self.message, self.assoc)
+            self.message.data_set = SpoolingBuffer(self.message, self.assoc, self.assoc._server.store)
         super().receive_primitive(primitive)
+        message = self.message
+        if message is not None and message.encoded_command_set.tell() > MAX_COMMAND_BYTES:
+            refused(self.assoc.requestor.address, "command-too-large",
+                    f"association aborted: a command set longer than {MAX_COMMAND_BYTES} bytes")
+            if isinstance(message.data_set, SpoolingBuffer):
+                message.data_set.discard()
+            self.message = None
+            self.assoc.dul.event_queue.put(_INVALID_PDU)  # the state machine sends the A-ABORT
 
     def discard_unhandled(self) -> None:
         """Drop the files of messages no handler will see: the one the peer never
@@ -185,17 +230,22 @@ class ReceiverDIMSE(DIMSEServiceProvider):
 
 
 def serve_store(scp: StoreSCP, request: C_STORE, context_id: int, transfer_syntax: str, calling_ae: str) -> P_DATA:
-    """Store one C-STORE request's data set; return the response to send."""
+    """Store one C-STORE request's data set, or refuse the one its buffer dropped;
+    return the response to send."""
     buffer = request.DataSet
-    incoming = buffer.incoming if isinstance(buffer, SpoolingBuffer) else None
+    spooling = buffer if isinstance(buffer, SpoolingBuffer) else None
     try:
-        outcome = scp.store(
-            buffer.getvalue() if buffer is not None else b"", transfer_syntax, str(request.AffectedSOPClassUID),
-            str(request.AffectedSOPInstanceUID), calling_ae, incoming,
-        )
+        if spooling is not None and spooling.refusal is not None:
+            outcome = scp.refuse(spooling.refusal, calling_ae)
+        else:
+            outcome = scp.store(
+                buffer.getvalue() if buffer is not None else b"", transfer_syntax,
+                str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), calling_ae,
+                spooling.incoming if spooling is not None else None,
+            )
     finally:
-        if isinstance(buffer, SpoolingBuffer):
-            buffer.discard()
+        if spooling is not None:
+            spooling.discard()
     observe_cstore(outcome.status)
     command = encode_store_response(
         int(request.MessageID or 0), str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
@@ -216,28 +266,57 @@ _REACTOR_CHECK_S = 0.001
 
 
 class ReceiverSocket(AssociationSocket):
-    """pynetdicom's association socket, receiving a PDU straight into one buffer.
+    """pynetdicom's association socket, receiving a PDU straight into one buffer
+    that grows as the bytes arrive, within a deadline.
 
-    Overrides pynetdicom 3.0.4's ``AssociationSocket.recv``, which reads in 4 KiB
-    pieces and appends each to a growing bytearray: about 250 calls and copies for
-    a 1 MiB P-DATA PDU, a tenth of the CPU a C-STORE of a 0.9 MB image costs.
+    Stands in for pynetdicom 3.0.4's ``AssociationSocket.recv`` (see
+    :meth:`ReceiverDUL._read_pdu_data`), which reads in 4 KiB pieces and appends
+    each to a growing bytearray: about 250 calls and copies for a 1 MiB P-DATA PDU,
+    a tenth of the CPU a C-STORE of a 0.9 MB image costs. Its buffer takes the
+    first 64 KiB of a PDU, and room for the rest (at most the negotiated length plus
+    a margin: :meth:`ReceiverDUL._read_pdu_data`) only once they have come, so what
+    a PDU announces costs little until it arrives.
     """
 
-    def recv(self, nr_bytes: int) -> bytearray:
-        """Read ``nr_bytes``; fewer only when the peer closed the connection (as the
-        original: the DUL then reports the short PDU)."""
-        assert self.socket is not None  # the DUL reads only a connected socket
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        read = 0
-        while read < nr_bytes:
-            got = self.socket.recv_into(view[read:])
+    def read_into(self, buffer: bytearray, nr_bytes: int, deadline: float) -> None:
+        """Append ``nr_bytes`` from the socket to ``buffer``; fewer only when the peer
+        closed the connection. TimeoutError when they have not all come by
+        ``deadline`` (``time.monotonic()``)."""
+        sock = self.socket
+        assert sock is not None  # the DUL reads only a connected socket
+        filled = len(buffer)
+        end = filled + nr_bytes
+        while filled < end:
+            if filled == len(buffer):
+                buffer += bytes(min(end - filled, _FIRST_PIECE) if filled < _FIRST_PIECE else end - filled)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the PDU did not arrive in full in time")
+            # The socket's own timeout bounds each read (see GuardedServer.get_request);
+            # it is set again (a system call) only where the deadline is nearer.
+            timeout = sock.gettimeout()
+            if timeout is None or remaining < timeout - _DEADLINE_SLACK_S:
+                sock.settimeout(remaining)
+            try:
+                got = sock.recv_into(memoryview(buffer)[filled:])
+            except TimeoutError:
+                if time.monotonic() < deadline:  # a timeout shortened for an earlier PDU
+                    sock.settimeout(deadline - time.monotonic())
+                    continue
+                raise
             if not got:
                 break
-            read += got
-        view.release()
-        del buffer[read:]
-        return buffer
+            filled += got
+        del buffer[filled:]
+
+
+#: How far past its deadline a PDU's read may wait, to spare a system call per read.
+_DEADLINE_SLACK_S = 1.0
+#: A PDU buffer holds this much until that much has arrived.
+_FIRST_PIECE = 64 << 10
+#: How far a PDU may exceed the maximum length we negotiated (PS3.8 D.1: it counts
+#: the PDVs' data, some peers count their headers too) before it is refused.
+PDU_MARGIN = 64 << 10
 
 
 class ReceiverDUL(DULServiceProvider):
@@ -298,6 +377,63 @@ class ReceiverDUL(DULServiceProvider):
         pdu.decode(memoryview(bytestream))
         return pdu, _P_DATA_TF_RECEIVED
 
+    def _read_pdu_data(self) -> None:
+        """Read one PDU, within bounds.
+
+        Overrides pynetdicom 3.0.4's ``_read_pdu_data``, which allocates at once a
+        buffer of whatever length a PDU header announces (up to 4 GiB, before any
+        association) and waits for it with no deadline. Here a PDU longer than the
+        maximum length we negotiated plus :data:`PDU_MARGIN` is refused (Evt19: the
+        state machine answers an A-ABORT), one that has not arrived in full within
+        ``dimse_timeout_s`` ends the connection (Evt17), and the buffer grows with
+        the bytes that come (:meth:`ReceiverSocket.read_into`). Otherwise as the
+        original: the same events for the same outcomes, in the same order.
+        """
+        transport = self.socket
+        assert isinstance(transport, ReceiverSocket)
+        peer = self.assoc.requestor.address
+        pdu = bytearray()
+        try:
+            transport.read_into(pdu, 6, time.monotonic() + self._pdu_timeout())
+            if len(pdu) < 6:
+                self.event_queue.put(_CONNECTION_CLOSED)
+                return
+            pdu_type, _, length = struct.unpack_from(">BBL", pdu)
+            if bytes(pdu[:1]) not in _PDU_TYPES:
+                refused(peer, "pdu-invalid", f"unknown PDU type 0x{pdu_type:02X}: A-ABORT")
+                self.event_queue.put(_INVALID_PDU)
+                return
+            limit = (self.assoc.acceptor.maximum_length or 0) + PDU_MARGIN
+            if length > limit:
+                refused(peer, "pdu-too-large", f"a PDU announces {length} bytes, more than {limit}: A-ABORT")
+                self.event_queue.put(_INVALID_PDU)
+                return
+            transport.read_into(pdu, length, time.monotonic() + self._pdu_timeout())
+        except TimeoutError:
+            refused(peer, "pdu-timeout", f"a PDU did not arrive in full within dimse_timeout_s "
+                    f"({self._pdu_timeout():g} s): connection closed")
+            self.event_queue.put(_CONNECTION_CLOSED)
+            return
+        except OSError:
+            self.event_queue.put(_CONNECTION_CLOSED)
+            return
+        if len(pdu) != 6 + length:
+            LOG.debug("connection from %s closed in the middle of a PDU", peer)
+            self.event_queue.put(_CONNECTION_CLOSED)
+            return
+        try:
+            decoded, event = self._decode_pdu(pdu)
+        except Exception:
+            refused(peer, "pdu-invalid", "a PDU does not decode: A-ABORT")
+            self.event_queue.put(_INVALID_PDU)
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(decoded)
+
+    def _pdu_timeout(self) -> float:
+        """``dimse_timeout_s``: how long one PDU may take to arrive."""
+        return float(self.assoc.dimse_timeout or _NO_TIMEOUT_S)
+
     def _wait_for_network(self) -> None:
         """Block until the peer sent something, we have a PDU to send, or _DUL_WAIT_S."""
         transport, wake = self.socket, self._wake
@@ -319,8 +455,13 @@ class ReceiverDUL(DULServiceProvider):
 
 
 _P_DATA_TF = b"\x04"
-#: The state machine's event for a P-DATA-TF PDU received (PS3.8 Table 9-10: Evt10).
+#: The state machine's events (PS3.8 Table 9-10): P-DATA-TF PDU received, transport
+#: connection closed, invalid or unrecognised PDU received.
 _P_DATA_TF_RECEIVED = "Evt10"
+_CONNECTION_CLOSED = "Evt17"
+_INVALID_PDU = "Evt19"
+#: A PDU's deadline where pynetdicom has no DIMSE timeout (we always set one).
+_NO_TIMEOUT_S = 3600.0
 _RAW_PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV)
 
 
@@ -355,6 +496,9 @@ class ReceiverAssociation(Association):
                 context_id, msg = None, None
             if msg is not None:
                 self._serve_request(msg, context_id)
+                buffer = getattr(msg, "DataSet", None)
+                if isinstance(buffer, SpoolingBuffer):  # served by pynetdicom's path: done with it
+                    buffer.discard()
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
                 LOG.info("association from %s released", self.requestor.ae_title)
@@ -382,13 +526,16 @@ class ReceiverAssociation(Association):
     def serve_at_once(self, msg: Any, context_id: int) -> bool:
         """Serve a C-STORE request with :func:`serve_store`, in the calling thread;
         False for anything pynetdicom's ``_serve_request`` must serve (another
-        request, or one it refuses: during release, invalid, unknown context)."""
+        request, or one it refuses: during release, invalid, unknown context). A
+        data set its buffer refused is answered here whatever handler is bound: no
+        handler must see a data set with bytes dropped."""
         context = self._accepted_cx.get(context_id)
         if type(msg) is not C_STORE or context is None or self._sent_release or not msg.is_valid_request:
             return False
         server = self._server
         assert isinstance(server, ReceiverServer)  # an acceptor: our server made it
-        if self.get_handlers(evt.EVT_C_STORE)[0] is not server.store_handler:
+        refused_data_set = isinstance(msg.DataSet, SpoolingBuffer) and msg.DataSet.refusal is not None
+        if self.get_handlers(evt.EVT_C_STORE)[0] is not server.store_handler and not refused_data_set:
             return False  # someone bound their own handler: pynetdicom's path calls it
         response = serve_store(server.store, msg, context_id, context.transfer_syntax[0], self.requestor.ae_title)
         if self.is_established:  # not if the peer aborted meanwhile
@@ -422,9 +569,9 @@ class ReceiverRequestHandler(RequestHandler):
         return assoc
 
 
-class ReceiverServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, making its associations ours
-    (:class:`ReceiverRequestHandler`) and holding the store they serve C-STORE
+class ReceiverServer(GuardedServer):
+    """The guarded server (:mod:`service.ingest.admission`), making its associations
+    ours (:class:`ReceiverRequestHandler`) and holding the store they serve C-STORE
     requests with, and ``store_handler``, the ``EVT_C_STORE`` handler that
     serving stands in for."""
 
@@ -432,13 +579,3 @@ class ReceiverServer(ThreadedAssociationServer):
         super().__init__(*args, request_handler=ReceiverRequestHandler, **kwargs)
         self.store = store
         self.store_handler = store_handler
-        self._last_collect = time.monotonic()
-
-    def service_actions(self) -> None:
-        """pynetdicom runs a full gc.collect() every 60th poll (30 s at its 0.5 s) to
-        free finished associations; a collection stalls every association for tens
-        of milliseconds, so keep its 30 s cadence at our faster poll."""
-        now = time.monotonic()
-        if now - self._last_collect >= _COLLECT_EVERY_S:
-            self._last_collect = now
-            gc.collect()

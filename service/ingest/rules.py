@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 import struct
-import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from io import BytesIO
@@ -43,6 +44,12 @@ from pynetdicom.sop_class import (
     UltrasoundMultiFrameImageStorage,
 )
 
+from service.common.deflate import (
+    InflatedTooLarge,
+    InflateError,
+    inflate,
+    inflated_size,
+)
 from service.settings import Settings
 
 #: Identifies the software that wrote our files (PS3.7 D.3.3.2); a UUID-derived
@@ -89,7 +96,8 @@ class StoreStatus(IntEnum):
     """C-STORE response statuses (PS3.4 Table B.2-1; 0x0110 is PS3.7 Annex C).
 
     PS3.4 leaves the codes inside the C000-CFFF "Cannot understand" range to the
-    implementation; we use three so a peer's log tells the causes apart.
+    implementation; we use five so a peer's log tells the causes apart. None of
+    them invites a retry: sending the same data set again cannot help.
     """
 
     SUCCESS = 0x0000
@@ -103,20 +111,28 @@ class StoreStatus(IntEnum):
     INVALID_UID = 0xC001
     #: Error: Cannot understand: not ultrasound and the policy is "refuse".
     MODALITY_REFUSED = 0xC002
+    #: Error: Cannot understand: larger than this node takes (``max_dataset_mb``,
+    #: after inflating a deflated data set).
+    TOO_LARGE = 0xC003
+    #: Error: Cannot understand: sequences nested deeper than this node reads.
+    TOO_DEEP = 0xC004
     #: Failure: Processing failure (an error of ours, not of the data set).
     PROCESSING_FAILURE = 0x0110
 
 
-#: A-ASSOCIATE-RJ Result and Source (PS3.8 Table 9-21): our rejections are
-#: permanent (calling again will not help) and made by the service user.
+#: A-ASSOCIATE-RJ Result, Source and Reason (PS3.8 Table 9-21): a caller we do not
+#: serve is rejected permanent by the service user; one beyond max_associations
+#: transient by the presentation layer, "local limit exceeded" (try again later).
 REJECTED_PERMANENT = 0x01
+REJECTED_TRANSIENT = 0x02
 SOURCE_SERVICE_USER = 0x01
+SOURCE_PROVIDER_PRESENTATION = 0x03
+LOCAL_LIMIT_EXCEEDED = 0x02
 
 
 class RejectReason(IntEnum):
     """A-ASSOCIATE-RJ Reason/Diag. for source "service user" (PS3.8 Table 9-21)."""
 
-    NO_REASON_GIVEN = 0x01
     CALLING_AE_TITLE_NOT_RECOGNIZED = 0x03
     CALLED_AE_TITLE_NOT_RECOGNIZED = 0x07
 
@@ -183,22 +199,20 @@ def is_valid_uid(value: str) -> bool:
     return len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
-def parse_instance(raw: bytes, transfer_syntax: str) -> ParsedInstance:
+def parse_instance(raw: bytes | memoryview, transfer_syntax: str, max_inflated: int) -> ParsedInstance:
     """Read the needed attributes from an encoded data set without decoding pixels.
 
     Walks every top-level element header (values skipped, undefined-length pixel
     data checked for its delimiter), so a truncated or garbled data set is caught
-    here rather than by the worker. Raises :class:`InvalidInstance`.
+    here rather than by the worker. A deflated data set is inflated to at most
+    ``max_inflated`` bytes. Raises :class:`InvalidInstance`.
     """
     if not raw:
         raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, "empty data set")
     syntax = UID(transfer_syntax)
     data = raw
     if syntax == DeflatedExplicitVRLittleEndian:
-        try:
-            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw)
-        except zlib.error as exc:
-            raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, f"deflated data set does not inflate: {exc}") from None
+        data = inflate_data_set(raw, max_inflated)
     fp = BytesIO(data)
     values: dict[str, str] = {}
     end = 0
@@ -212,6 +226,10 @@ def parse_instance(raw: bytes, transfer_syntax: str) -> ParsedInstance:
     except (EOFError, OSError, struct.error, ValueError, NotImplementedError, KeyError, IndexError) as exc:
         # what pydicom raises on malformed bytes (OSError: "No tag to read" in a sequence)
         raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, f"unparsable data set: {exc}") from None
+    except RecursionError:
+        # pydicom reads undefined-length sequences recursively: thousands deep
+        # exhaust the stack long before the bytes do
+        raise InvalidInstance(StoreStatus.TOO_DEEP, "sequences nested deeper than this node reads") from None
     if end != len(data):
         raise InvalidInstance(
             StoreStatus.CANNOT_UNDERSTAND,
@@ -230,6 +248,35 @@ def parse_instance(raw: bytes, transfer_syntax: str) -> ParsedInstance:
         series_uid=values.get("series_uid", ""),
         modality=values.get("modality", ""),
     )
+
+
+def inflate_data_set(raw: bytes | memoryview, max_inflated: int) -> bytes:
+    """A deflated data set's bytes inflated, at most ``max_inflated`` of them."""
+    with _inflate_refusals():
+        return inflate(raw, max_inflated)
+
+
+def inflated_data_set_size(raw: bytes | memoryview, max_inflated: int) -> int:
+    """The inflated size of a deflated data set, at most ``max_inflated`` (constant memory)."""
+    with _inflate_refusals():
+        return inflated_size(raw, max_inflated)
+
+
+@contextmanager
+def _inflate_refusals() -> Iterator[None]:
+    try:
+        yield
+    except InflatedTooLarge as exc:
+        raise InvalidInstance(StoreStatus.TOO_LARGE, f"{exc} (max_dataset_mb)") from None
+    except InflateError as exc:
+        raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, str(exc)) from None
+
+
+def too_large(size: int, max_bytes: int) -> InvalidInstance | None:
+    """A data set of ``size`` bytes is refused beyond ``max_bytes`` (``max_dataset_mb``)."""
+    if size <= max_bytes:
+        return None
+    return InvalidInstance(StoreStatus.TOO_LARGE, f"data set larger than {max_bytes >> 20} MB (max_dataset_mb)")
 
 
 def check_request(
@@ -274,9 +321,10 @@ def capacity_problem(free_mb: float, incoming_bytes: int, pending_studies: int, 
     return None
 
 
-def check_association(calling_ae: str, called_ae: str, host: str, settings: Settings) -> Rejection | None:
-    """Who may send to us: our own AE title must be called; an allow-list of
-    calling AE titles and of host addresses applies when it is not empty."""
+def check_association(calling_ae: str, called_ae: str, settings: Settings) -> Rejection | None:
+    """Who may send to us: our own AE title must be called; the allow-list of
+    calling AE titles applies when it is not empty. (Peer addresses are judged
+    before anything is read: :func:`host_allowed`.)"""
     if called_ae.strip() != settings.ae_title:
         return Rejection(
             RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED,
@@ -287,8 +335,6 @@ def check_association(calling_ae: str, called_ae: str, host: str, settings: Sett
             RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED,
             f"calling AE title {calling_ae.strip()!r} is not in allowed_callers",
         )
-    if settings.allowed_hosts and host not in settings.allowed_hosts:
-        return Rejection(RejectReason.NO_REASON_GIVEN, f"host {host} is not in allowed_hosts")
     return None
 
 

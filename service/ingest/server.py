@@ -12,7 +12,9 @@ line; nothing a peer sends can stop the server.
 from __future__ import annotations
 
 import logging
+import socket
 import socketserver
+import struct
 import threading
 from typing import Any
 
@@ -25,14 +27,17 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
 from service.common import dicom_tls
 from service.common.metrics import observe_cstore
+from service.ingest.admission import Gate, GuardedServer, refused
 from service.ingest.rules import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
+    LOCAL_LIMIT_EXCEEDED,
     REJECTED_PERMANENT,
+    REJECTED_TRANSIENT,
+    SOURCE_PROVIDER_PRESENTATION,
     SOURCE_SERVICE_USER,
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
@@ -47,6 +52,9 @@ from service.settings import Settings
 LOG = logging.getLogger(__name__)
 
 MAX_PDU_BYTES = 1 << 20
+#: pynetdicom's own association limit counts every connection's thread, associated
+#: or not: set out of the way, the gate counts (service.ingest.admission).
+_LIBRARY_LIMIT_OFF = 1 << 30
 
 #: How often the server looks for a stop request (pynetdicom's default: 0.5 s), so
 #: the node, and every test, stops promptly.
@@ -69,6 +77,7 @@ def handle_store(event: Event, store: StoreSCP) -> Dataset:
         str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), event.assoc.requestor.ae_title,
     )
     observe_cstore(outcome.status)
+    store.budget.release(event.assoc)  # the stock engine's hold on the data set (StockDataGuard)
     status = Dataset()
     status.Status = int(outcome.status)
     if outcome.status != StoreStatus.SUCCESS and outcome.comment:
@@ -76,23 +85,100 @@ def handle_store(event: Event, store: StoreSCP) -> Dataset:
     return status
 
 
-def _on_echo(event: Event) -> int:
+def _on_echo(event: Event, store: StoreSCP) -> int:
+    store.budget.release(event.assoc)
     return int(StoreStatus.SUCCESS)
 
 
-def _on_requested(event: Event, settings: Settings) -> None:
-    request = event.assoc.requestor.primitive
-    calling_ae, host = request.calling_ae_title, event.assoc.requestor.address
-    rejection = check_association(calling_ae, request.called_ae_title, host, settings)
-    if rejection is None:
-        LOG.info("association from %s at %s accepted", calling_ae, host, extra={"calling_ae": calling_ae})
-        return
-    LOG.warning("association from %s at %s rejected: %s", calling_ae, host, rejection.why,
-                extra={"calling_ae": calling_ae})
+def _on_requested(event: Event, settings: Settings, gate: Gate) -> None:
+    """``EVT_REQUESTED``: reject a caller the rules refuse, or one beyond
+    ``max_associations``; otherwise pynetdicom accepts it."""
+    assoc = event.assoc
+    request = assoc.requestor.primitive
+    calling_ae = request.calling_ae_title
+    peer = f"{calling_ae} at {assoc.requestor.address}"
+    rejection = check_association(calling_ae, request.called_ae_title, settings)
+    if rejection is not None:
+        refused(peer, "caller", f"association rejected: {rejection.why}")
+        _reject(assoc, REJECTED_PERMANENT, SOURCE_SERVICE_USER, rejection.reason)
+    elif not gate.admit(assoc):
+        refused(peer, "association-limit", f"association rejected: {settings.max_associations} associations "
+                "are established (max_associations)")
+        _reject(assoc, REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
+    else:
+        LOG.info("association from %s accepted", peer, extra={"calling_ae": calling_ae})
+
+
+def _reject(assoc: Any, result: int, source: int, reason: int) -> None:
     # As pynetdicom's own rejections do: kill() waits until the A-ASSOCIATE-RJ is
     # sent and the peer has closed, before the server closes the socket.
-    event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, rejection.reason)
-    event.assoc.kill()
+    assoc.acse.send_reject(result, source, reason)
+    assoc.kill()
+
+
+def _on_connection(event: Event, gate: Gate) -> None:
+    """``EVT_CONN_OPEN``: the gate learns which association a pending connection has."""
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        gate.attach(sock, event.assoc)
+
+
+def _on_established(event: Event, gate: Gate) -> None:
+    """``EVT_ESTABLISHED``: the connection no longer counts as pending."""
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        gate.settle(sock)
+
+
+#: An A-ABORT PDU (PS3.8 9.3.8), source: DICOM UL service-user, reason not given.
+_A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0, 0)
+
+
+class StockDataGuard:
+    """The stock engine's bound on data sets in memory.
+
+    pynetdicom collects a DIMSE message whole, in memory, before any handler sees
+    it; so this counts the P-DATA bytes each association sends (``EVT_DATA_RECV``,
+    released when its message is handled or its connection closes) against
+    ``max_dataset_mb`` and the store's :class:`~service.ingest.store.MemoryBudget`,
+    and beyond either sends an A-ABORT and closes the connection: unlike the fast
+    engine, it cannot answer a status there. What the aborted association held is
+    freed by the garbage collection the gate runs soon after.
+    """
+
+    def __init__(self, store: StoreSCP, gate: Gate) -> None:
+        self.store = store
+        self.gate = gate
+
+    def on_data(self, event: Event) -> None:
+        data = event.data
+        if data[:1] != b"\x04":  # P-DATA-TF: everything else is small, and bounded by pynetdicom
+            return
+        assoc, size = event.assoc, len(data) - 6
+        budget = self.store.budget
+        if budget.held(assoc) + size > self.store.max_dataset:
+            reason, why = "too-large", f"data set larger than max_dataset_mb ({self.store.max_dataset >> 20} MB)"
+        elif not budget.take(assoc, size):
+            reason, why = "in-flight", f"data sets in flight fill max_in_flight_mb ({budget.limit >> 20} MB)"
+        else:
+            return
+        budget.release(assoc)
+        refused(f"{assoc.requestor.ae_title} at {assoc.requestor.address}", reason, f"association aborted: {why}")
+        sock = assoc.dul.socket.socket
+        if sock is not None:
+            try:
+                sock.sendall(_A_ABORT)
+                # The DUL reads the end (A-P-ABORT) and closes the socket itself: its
+                # close follows a shutdown that must not fail, so reading ends only.
+                socket.socket.shutdown(sock, socket.SHUT_RD)
+            except OSError:
+                pass
+        self.gate.request_collection()
+
+    def on_close(self, event: Event) -> None:
+        if self.store.budget.held(event.assoc):
+            self.gate.request_collection()
+        self.store.budget.release(event.assoc)
 
 
 def _without_message_logging(event: Event) -> None:
@@ -109,7 +195,10 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    ae.maximum_associations = settings.max_associations
+    ae.maximum_associations = _LIBRARY_LIMIT_OFF
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.network_timeout = settings.network_timeout_s
     # Peers send PDUs up to this size: fewer, larger PDUs cost far less Python per
     # instance than pynetdicom's default of 16 KiB (DCMTK sends at most 128 KiB).
     ae.maximum_pdu_size = MAX_PDU_BYTES
@@ -134,22 +223,28 @@ def choose_engine(requested: str) -> str:
     return "fast"
 
 
-def start_receiver(settings: Settings, store: StoreSCP) -> ThreadedAssociationServer:
+def start_receiver(settings: Settings, store: StoreSCP) -> GuardedServer:
     """Start listening (non-blocking) with the engine the settings ask for (see
-    :func:`choose_engine`); stop with ``server.shutdown()``."""
+    :func:`choose_engine`), behind the admission gate; stop with :func:`stop_server`."""
+    gate = Gate(settings.max_pending_associations, settings.max_associations, settings.acse_timeout_s)
     handlers: list[Any] = [
-        (evt.EVT_C_ECHO, _on_echo),
-        (evt.EVT_REQUESTED, _on_requested, [settings]),
+        (evt.EVT_C_ECHO, _on_echo, [store]),
+        (evt.EVT_REQUESTED, _on_requested, [settings, gate]),
+        (evt.EVT_CONN_OPEN, _on_connection, [gate]),
+        (evt.EVT_ESTABLISHED, _on_established, [gate]),
         (evt.EVT_C_STORE, handle_store, [store]),
     ]
     if settings.log_level != "DEBUG":
         handlers.append((evt.EVT_CONN_OPEN, _without_message_logging))
     engine = choose_engine(settings.receiver_engine)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"server_class": GuardedServer, "settings": settings, "gate": gate}
     if engine == "fast":
         from service.ingest.fast import ReceiverServer
 
-        extra = {"server_class": ReceiverServer, "store": store, "store_handler": handle_store}
+        extra.update(server_class=ReceiverServer, store=store, store_handler=handle_store)
+    else:
+        guard = StockDataGuard(store, gate)
+        handlers += [(evt.EVT_DATA_RECV, guard.on_data), (evt.EVT_CONN_CLOSE, guard.on_close)]
     server = build_ae(settings).make_server(
         (settings.host, settings.port), evt_handlers=handlers, ssl_context=dicom_tls.server_context(settings),
         **extra,
@@ -168,7 +263,7 @@ class ReceiverService:
         self.settings = settings
         self.ledger = ledger
         self.store: StoreSCP | None = None
-        self.server: ThreadedAssociationServer | None = None
+        self.server: GuardedServer | None = None
 
     def start(self) -> None:
         self.store = StoreSCP(self.settings, self.ledger)
@@ -183,7 +278,7 @@ class ReceiverService:
             self.store = None
 
 
-def stop_server(server: ThreadedAssociationServer) -> None:
+def stop_server(server: GuardedServer) -> None:
     """Stop accepting, close the listening socket. (pynetdicom's ``shutdown()`` also
     leaves ``AE.start_server``'s list, which ``make_server`` never joined.)"""
     socketserver.BaseServer.shutdown(server)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
 from service.common import spool
 from service.ingest.rules import (
     InvalidInstance,
@@ -32,8 +34,10 @@ from service.ingest.rules import (
     capacity_problem,
     check_request,
     encode_file_meta,
+    inflated_data_set_size,
     modality_policy,
     parse_instance,
+    too_large,
 )
 from service.ledger import InstanceRecord, Ledger
 from service.settings import Settings
@@ -226,6 +230,38 @@ class InstanceRecorder:
             pending.recorded, pending.done = recorded, True
 
 
+class MemoryBudget:
+    """The memory data sets take while they arrive (or are inflated), all
+    associations together: ``max_in_flight_mb``. Each holder (a data set being
+    received, an association, an inflation) takes what it holds and releases it
+    all when done; thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._held: dict[object, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, holder: object, size: int) -> bool:
+        """Add ``size`` bytes to what ``holder`` holds; False (nothing taken) if that
+        would pass the limit."""
+        with self._lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            self._held[holder] = self._held.get(holder, 0) + size
+            return True
+
+    def held(self, holder: object) -> int:
+        with self._lock:
+            return self._held.get(holder, 0)
+
+    def release(self, holder: object) -> None:
+        """Give back everything ``holder`` holds (nothing if it holds nothing)."""
+        with self._lock:
+            self.used -= self._held.pop(holder, 0)
+
+
 class StoreSCP:
     """Judge one received instance and make it durable; no network in here."""
 
@@ -233,6 +269,8 @@ class StoreSCP:
         self.settings = settings
         self.ledger = ledger
         self.recorder = InstanceRecorder(ledger)
+        self.budget = MemoryBudget(settings.max_in_flight_mb << 20)
+        self.max_dataset = settings.max_dataset_mb << 20
         self.durable = settings.durability == "fsync"
         self._fsync_pool = ThreadPoolExecutor(2 * settings.max_associations, thread_name_prefix="sonocase-fsync")
         self._study_dirs: set[str] = set()
@@ -242,6 +280,7 @@ class StoreSCP:
         if self.durable:
             spool.fsync_dir(settings.spool_dir.parent)
         self._remove_partial_files()
+        self._remove_unrecorded_files()
         self._forget_torn_instances()
 
     def _forget_torn_instances(self) -> None:
@@ -275,6 +314,21 @@ class StoreSCP:
         if partial:
             LOG.info("removed %d partial files left by an interrupted receiver", len(partial))
 
+    def _remove_unrecorded_files(self) -> None:
+        """A crash between renaming an instance's file into place and recording it
+        leaves a file the ledger does not know; its peer never heard Success and
+        sends it again. Such files go, or nothing would ever remove them."""
+        unrecorded = []
+        for study_dir in self.settings.spool_dir.iterdir():
+            if study_dir.name.startswith(".") or not study_dir.is_dir():
+                continue
+            recorded = {Path(rec.path).name for rec in self.ledger.instances(study_dir.name)}
+            unrecorded += [path for path in study_dir.glob("*.dcm") if path.name not in recorded]
+        for path in unrecorded:
+            path.unlink(missing_ok=True)
+            LOG.warning("removed %s: its file was never recorded (never acknowledged)", path.stem,
+                        extra={"study_uid": path.parent.name})
+
     def open_incoming(
         self, affected_sop_class: str, affected_sop_instance: str, transfer_syntax: str, calling_ae: str,
     ) -> IncomingFile:
@@ -293,7 +347,7 @@ class StoreSCP:
         caller closes it. ``study_uid``, when given, is the only study accepted."""
         expected_study, study_uid = study_uid, None
         try:
-            inst = parse_instance(raw, transfer_syntax)
+            inst = self._parse(raw, transfer_syntax)
             study_uid = inst.study_uid
             check_request(inst, affected_sop_class, affected_sop_instance, expected_study)
             ignored = modality_policy(inst, self.settings.non_ultrasound)
@@ -315,6 +369,24 @@ class StoreSCP:
         LOG.debug("stored %s", inst.sop_instance_uid, extra={"study_uid": study_uid, "calling_ae": calling_ae})
         return StoreOutcome(StoreStatus.SUCCESS, ignored or "", study_uid, stored=True)
 
+    def _parse(self, raw: bytes | memoryview, transfer_syntax: str) -> ParsedInstance:
+        """:func:`parse_instance` within ``max_dataset_mb``; a deflated data set is
+        measured first, in constant memory, and inflated only within the budget."""
+        if transfer_syntax != DeflatedExplicitVRLittleEndian:
+            refusal = too_large(len(raw), self.max_dataset)
+            if refusal is not None:
+                raise refusal
+            return parse_instance(raw, transfer_syntax, self.max_dataset)
+        size = inflated_data_set_size(raw, self.max_dataset)
+        token = object()
+        if not self.budget.take(token, size):
+            raise InvalidInstance(StoreStatus.OUT_OF_RESOURCES, "data sets in flight fill max_in_flight_mb; "
+                                  "cannot inflate this one now")
+        try:
+            return parse_instance(raw, transfer_syntax, self.max_dataset)
+        finally:
+            self.budget.release(token)
+
     @staticmethod
     def _failed(exc: Exception, study_uid: str | None, calling_ae: str) -> StoreOutcome:
         """A failure of ours. Out of resources when the disk (spool or ledger) is
@@ -327,6 +399,11 @@ class StoreSCP:
         reason = f"storage error: {exc.strerror or exc}" if isinstance(exc, OSError) else \
             f"internal error: {type(exc).__name__}"
         return StoreOutcome(StoreStatus.PROCESSING_FAILURE, reason, study_uid)
+
+    def refuse(self, refusal: InvalidInstance, calling_ae: str) -> StoreOutcome:
+        """The outcome of a data set an engine refused while it arrived (too large,
+        no memory left for it): logged as :meth:`store` logs its own refusals."""
+        return self._refuse(refusal.status, str(refusal), None, calling_ae)
 
     def _refuse(self, status: StoreStatus, reason: str, study_uid: str | None, calling_ae: str) -> StoreOutcome:
         LOG.warning("refused C-STORE from %s with 0x%04X: %s", calling_ae, status, reason,

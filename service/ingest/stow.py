@@ -25,8 +25,8 @@ import hmac
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from enum import IntEnum
+from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
@@ -46,8 +46,9 @@ from service.ingest.rules import (
     StoreStatus,
     capacity_problem,
     is_valid_uid,
+    too_large,
 )
-from service.ingest.store import IncomingFile, StoreSCP, disk_full
+from service.ingest.store import IncomingFile, MemoryBudget, StoreSCP, disk_full
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -253,11 +254,14 @@ def _ascii(text: str) -> str:
 
 
 # --- one request --------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)  # hashable by identity: a holder of the store's memory budget
 class _Part:
     """A part while it arrives: its first bytes until the file meta group is
-    complete, then its data set (in memory for the rules, on disk for the spool)."""
+    complete, then its data set (in memory for the rules, on disk for the spool),
+    held within the receiver's memory budget like a C-STORE's data set."""
 
+    budget: MemoryBudget | None = None
+    size: int = 0
     head: bytearray = field(default_factory=bytearray)
     meta: PartMeta | None = None
     incoming: IncomingFile | None = None
@@ -272,6 +276,8 @@ class _Part:
     def close(self) -> None:
         if self.incoming is not None:
             self.incoming.close()  # removes the temporary file unless it was stored
+        if self.budget is not None:
+            self.budget.release(self)
 
 
 class StowUpload:
@@ -344,7 +350,7 @@ class StowUpload:
 
     # --- the parser's callbacks ---
     def _begin(self) -> None:
-        self._part = _Part()
+        self._part = _Part(self.store.budget)
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
@@ -369,12 +375,20 @@ class StowUpload:
         data, part.head = bytes(part.head[meta.data_offset:]), bytearray()
         self._append(part, data)
 
-    @staticmethod
-    def _append(part: _Part, data: bytes) -> None:
-        if data:
-            assert part.incoming is not None
-            part.incoming.append(data)
-            part.chunks.append(data)
+    def _append(self, part: _Part, data: bytes) -> None:
+        """Keep a piece of the part's data set, within ``max_dataset_mb`` and the
+        memory budget of data sets in flight (``max_in_flight_mb``), as C-STORE does."""
+        if not data:
+            return
+        refusal = too_large(part.size + len(data), self.store.max_dataset)
+        if refusal is not None:
+            raise PartRefused(refusal.status, str(refusal))
+        if not self.store.budget.take(part, len(data)):
+            raise PartRefused(StoreStatus.OUT_OF_RESOURCES, "too many data sets in flight (max_in_flight_mb)")
+        assert part.incoming is not None
+        part.size += len(data)
+        part.incoming.append(data)
+        part.chunks.append(data)
 
     def _end(self) -> None:
         part, self._part = self._part, None
@@ -408,7 +422,11 @@ def _storage_error(exc: OSError) -> PartRefused:
 
 # --- the HTTP shell --------------------------------------------------------------------
 def _bearer_check(settings: Settings) -> Callable[[str | None], None]:
-    """The node's web_token as ``Authorization: Bearer``; no token set: STOW-RS is off."""
+    """The node's web_token as ``Authorization: Bearer``; no token set: STOW-RS is off.
+
+    Mounted on the node's HTTP side, the app's own check runs first (it throttles
+    wrong tokens, and would also take a browser's session cookie); this one keeps
+    STOW-RS to Bearer clients only, whatever app it is mounted in."""
     token = settings.web_token.encode()
 
     def check(authorization: Annotated[str | None, Header()] = None) -> None:

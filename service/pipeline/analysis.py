@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from service.common.errors import error_text
+from service.common.deflate import read_instance
 from service.common.spool import instance_path, write_atomic
 from service.ledger import InstanceRecord
 from service.model.imaging import PreparedInstance, prepare_instance, resize_map
@@ -90,12 +90,14 @@ def summarise_study(images: Sequence[ImageResult], classes: Sequence[str]) -> St
                         decisive_sop_instance_uid=best.sop_instance_uid, out_of_distribution=False)
 
 
-def _read(rec: InstanceRecord, spool_dir: Path) -> Dataset | str:
+def _read(rec: InstanceRecord, spool_dir: Path, max_inflated: int) -> Dataset | str:
     """The stored instance, or why it cannot be read. The path comes from this
-    process's own spool folder, so worker hosts may mount the shared volume anywhere."""
+    process's own spool folder, so worker hosts may mount the shared volume anywhere.
+    A deflated data set inflates within ``max_dataset_mb`` (InflatedTooLarge is a
+    ValueError), as the receiver judged it."""
     path = instance_path(spool_dir, rec.study_uid, rec.sop_instance_uid)
     try:
-        return pydicom.dcmread(path)
+        return read_instance(path, max_inflated)
     except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
         return f"cannot read the stored instance ({error_text(exc)})"
 
@@ -162,7 +164,7 @@ def analyse_study(
             prepared[rec.sop_instance_uid] = rec.ignored_reason
             continue
         with clock.stage("read_s"):
-            ds = _read(rec, settings.spool_dir)
+            ds = _read(rec, settings.spool_dir, settings.max_dataset_mb << 20)
         if isinstance(ds, str):
             prepared[rec.sop_instance_uid] = ds
             continue

@@ -2,9 +2,12 @@
 
 The worker calls :func:`build_reports` right after it stored the study's result:
 
-1. the SR (Comprehensive 3D by default; the sender asks :func:`rebuild_sr` for
-   another class when a destination refuses it), one Grad-CAM SC per analysed
-   image and, when there are similar studies, the similar-cases montage;
+1. per analysed image its Grad-CAM SC and, where one can be made, its heatmap
+   overlay (SEG); the SR (Comprehensive 3D by default; the sender asks
+   :func:`rebuild_sr` for another class when a destination refuses it), which draws
+   each frame's heatmap outline and references those objects; when there are
+   similar studies, the similar-cases montage; the key-image flag (KOS) naming
+   the most suspicious image(s) and the SR. Each frame's heatmap is read once;
 2. each object is encoded and checked by :mod:`service.reports.validation` from
    its bytes; if any fails, nothing of the study is queued (half a report could
    mislead) and the study is FAILED at stage ``report`` with every reason;
@@ -28,20 +31,30 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 
 from service.common.errors import error_text
 from service.common.spool import write_atomic
 from service.ledger import Ledger, StudyState, study_destinations
-from service.reports import derived_uid
-from service.reports.sc import (
-    ReferenceImages,
-    ScPlacement,
-    build_heatmap_sc,
-    build_montage_sc,
-)
+from service.reports import Placement, derived_uid
+from service.reports.heatmaps import load_heats
+from service.reports.kos import build_kos
+from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc
+from service.reports.seg import build_heatmap_seg, seg_skip_reason
 from service.reports.source import read_source
-from service.reports.sr import SR_CLASSES, build_sr, software_versions
+from service.reports.sr import (
+    SR_CLASSES,
+    Heats,
+    build_sr,
+    decisive_frame,
+    software_versions,
+    sr_series_uid,
+)
 from service.reports.template import SrTemplate, TemplateError, load_template
 from service.reports.validation import GateError, check_object
 from service.results import StudyResult
@@ -52,6 +65,14 @@ LOG = logging.getLogger(__name__)
 
 #: The SR class every study gets first (the richest; see SR_CLASSES for fallback).
 DEFAULT_SR_CLASS = Comprehensive3DSRStorage
+#: Every SOP class the node sends.
+SENT_CLASSES: tuple[str, ...] = (
+    *SR_CLASSES, SecondaryCaptureImageStorage, SegmentationStorage, KeyObjectSelectionDocumentStorage,
+)
+#: What a destination may not know without losing the result: the heatmap overlay
+#: and the key-image flag. Many archives store no SEG or KOS; the SR and the SCs
+#: carry the finding and the heatmap, so these are skipped there, not failed.
+OPTIONAL_CLASSES: tuple[str, ...] = (SegmentationStorage, KeyObjectSelectionDocumentStorage)
 #: Study-level attributes highdicom copies from the first source; Type 2, so an
 #: empty value stands in for one the modality did not send.
 _TYPE2_STUDY = (
@@ -76,7 +97,7 @@ class OutputObject:
     sop_instance_uid: str
     sop_class_uid: str
     data: bytes
-    kind: str  # "SR" or "SC": the file name prefix in the outbox
+    kind: str  # "SR", "SC", "SEG" or "KO": the file name prefix in the outbox
 
 
 def node_version() -> str:
@@ -128,8 +149,45 @@ def predecessors(settings: Settings, study_uid: str, generation: int) -> list[Da
     return []
 
 
+def _series(result: StudyResult, kind: str) -> str:
+    """The series of our objects of one kind ("sc", "seg", "kos") in this generation."""
+    return derived_uid(result.study_uid, result.generation, f"{kind}-series")
+
+
+def _reference(result: StudyResult, series_uid: str, sop_class_uid: str, sop_uid: str) -> Dataset:
+    """The UIDs by which one object of ours names another."""
+    ds = Dataset()
+    ds.StudyInstanceUID = result.study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_uid
+    return ds
+
+
+def heatmap_references(result: StudyResult, sources: list[Dataset], heats: Heats) -> dict[str, list[Dataset]]:
+    """Each analysed image's heatmap objects, by its SOP Instance UID: its SC, then
+    its SEG when one can be made (:func:`service.reports.seg.seg_skip_reason`).
+    The UIDs derive from (study, generation, image), so the SR built now or rebuilt
+    later names the objects :func:`build_objects` writes."""
+    headers = {ds.SOPInstanceUID: ds for ds in sources}
+    sc_series, seg_series = _series(result, "sc"), _series(result, "seg")
+    references: dict[str, list[Dataset]] = {}
+    for image in result.images:
+        if not image.frames:
+            continue
+        uid = image.sop_instance_uid
+        refs = [_reference(result, sc_series, SecondaryCaptureImageStorage,
+                           derived_uid(result.study_uid, result.generation, "sc", uid))]
+        if seg_skip_reason(headers[uid], heats[(uid, decisive_frame(image).frame_number)]) is None:
+            refs.append(_reference(result, seg_series, SegmentationStorage,
+                                   derived_uid(result.study_uid, result.generation, "seg", uid)))
+        references[uid] = refs
+    return references
+
+
 def _sr_object(
-    settings: Settings, template: SrTemplate, result: StudyResult, sources: list[Dataset], sop_class_uid: str
+    settings: Settings, template: SrTemplate, result: StudyResult, sources: list[Dataset], sop_class_uid: str,
+    heats: Heats,
 ) -> OutputObject:
     sr = build_sr(
         result,
@@ -137,6 +195,8 @@ def _sr_object(
         sources,
         sop_class_uid,
         node_version(),
+        heats,
+        heatmap_references(result, sources, heats),
         predecessors(settings, result.study_uid, result.generation),
     )
     return OutputObject(sr.SOPInstanceUID, sop_class_uid, _encode(sr), "SR")
@@ -151,36 +211,47 @@ def build_objects(
     reference_images: ReferenceImages,
 ) -> list[OutputObject]:
     """Every output object of the study, encoded (pure apart from reading files)."""
-    objects = [_sr_object(settings, template, result, sources, DEFAULT_SR_CLASS)]
+    heats = load_heats(result)
     versions = software_versions(node_version(), result)
-    series_uid = derived_uid(result.study_uid, result.generation, "sc-series")
-
-    def place(sop_uid: str, number: int) -> ScPlacement:
-        return ScPlacement(series_uid, sop_uid, number, settings.sc_transfer_syntax, versions)
-
+    headers = {ds.SOPInstanceUID: ds for ds in sources}
+    references = heatmap_references(result, sources, heats)
+    objects = []
     analysed = [image for image in result.images if image.frames]
     pictures: dict[str, Dataset] = {}
     for number, image in enumerate(analysed, start=1):
-        pictures[image.sop_instance_uid] = read_source(paths[image.sop_instance_uid], stop_before_pixels=False)[0]
-        sc = build_heatmap_sc(
-            result,
-            template,
-            image,
-            pictures[image.sop_instance_uid],
-            place(derived_uid(result.study_uid, result.generation, "sc", image.sop_instance_uid), number),
-        )
+        uid = image.sop_instance_uid
+        pictures[uid] = read_source(paths[uid], stop_before_pixels=False)[0]
+        heat = heats[(uid, decisive_frame(image).frame_number)]
+        sc_ref, *seg_refs = references[uid]
+        sc = build_heatmap_sc(result, template, image, pictures[uid], heat,
+                              Placement(sc_ref.SeriesInstanceUID, sc_ref.SOPInstanceUID, number, versions),
+                              settings.sc_transfer_syntax)
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
+        for seg_ref in seg_refs:
+            seg = build_heatmap_seg(result, template, image, headers[uid], heat,
+                                    Placement(seg_ref.SeriesInstanceUID, seg_ref.SOPInstanceUID, number, versions))
+            objects.append(OutputObject(seg.SOPInstanceUID, seg.SOPClassUID, _encode(seg), "SEG"))
+    sr = _sr_object(settings, template, result, sources, DEFAULT_SR_CLASS, heats)
+    objects.insert(0, sr)
     decisive = next((i for i in analysed if i.sop_instance_uid == result.summary.decisive_sop_instance_uid), None)
     if result.similar and decisive is not None:
+        montage = derived_uid(result.study_uid, result.generation, "montage")
         sc = build_montage_sc(
             result,
             template,
             pictures[decisive.sop_instance_uid],
             decisive,
             reference_images,
-            place(derived_uid(result.study_uid, result.generation, "montage"), len(analysed) + 1),
+            Placement(_series(result, "sc"), montage, len(analysed) + 1, versions),
+            settings.sc_transfer_syntax,
         )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
+    if analysed:
+        sr_ref = _reference(result, sr_series_uid(result.study_uid, result.generation), sr.sop_class_uid,
+                            sr.sop_instance_uid)
+        kos = build_kos(result, template, sources, sr_ref, Placement(
+            _series(result, "kos"), derived_uid(result.study_uid, result.generation, "kos"), 1, versions))
+        objects.append(OutputObject(kos.SOPInstanceUID, kos.SOPClassUID, _encode(kos), "KO"))
     return objects
 
 
@@ -314,7 +385,7 @@ def rebuild_sr(
     try:
         template = load_template(settings.sr_template)
         sources, _ = read_sources(ledger, result)
-        obj = _sr_object(settings, template, result, sources, sop_class_uid)
+        obj = _sr_object(settings, template, result, sources, sop_class_uid, load_heats(result))
         _gate(template, [obj])
     except (TemplateError, ValueError, OSError, AttributeError) as exc:
         raise ReportError(error_text(exc)) from exc

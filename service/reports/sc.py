@@ -23,7 +23,6 @@ import logging
 import math
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from service.model.imaging import PixelError, crop_box, number_of_frames, to_grayscale
+from service.reports import Placement
 from service.reports.sr import class_display, decisive_frame
 from service.reports.template import SrTemplate
 from service.results import FrameResult, ImageResult, SimilarStudy, StudyResult
@@ -172,16 +172,13 @@ def heatmap_caption(template: SrTemplate, image: ImageResult, frame: FrameResult
     return caption
 
 
-def heatmap_pixels(template: SrTemplate, image: ImageResult, source: Dataset) -> tuple[np.ndarray, FrameResult]:
-    """The annotated RGB pixels of an image's heatmap SC and the frame they show."""
+def heatmap_pixels(template: SrTemplate, image: ImageResult, source: Dataset, heat: np.ndarray) -> np.ndarray:
+    """The annotated RGB pixels of an image's heatmap SC: its decisive frame with
+    ``heat`` (that frame's heatmap) blended in."""
     frame = decisive_frame(image)
-    rgb = frame_rgb(source, frame.frame_number)
-    heat = np.load(frame.heatmap_path)
-    blended = blend_heatmap(rgb, heat, frame.crop)
-    pixels = annotate(
-        blended, heatmap_caption(template, image, frame), template.disclaimer, template.wording.heatmap_legend
-    )
-    return pixels, frame
+    blended = blend_heatmap(frame_rgb(source, frame.frame_number), heat, frame.crop)
+    return annotate(blended, heatmap_caption(template, image, frame), template.disclaimer,
+                    template.wording.heatmap_legend)
 
 
 def _reference_item(sop_class_uid: str, sop_instance_uid: str, frame_number: int | None = None) -> Dataset:
@@ -215,29 +212,19 @@ def _series_references(refs: Sequence[tuple[str, str, str]]) -> list[Dataset]:
     return items
 
 
-@dataclass(frozen=True)
-class ScPlacement:
-    """Where a new SC goes and what wrote it: the same for every SC of a study but
-    its SOP Instance UID and number."""
-
-    series_uid: str
-    sop_uid: str
-    instance_number: int
-    transfer_syntax: str
-    software_versions: list[str]
-
-
 def _sc(
     pixels: np.ndarray,
     template: SrTemplate,
     reference: Dataset,
-    placement: ScPlacement,
+    placement: Placement,
+    transfer_syntax: str,
     derivation: str,
     frame_number: int,
 ) -> SCImage:
     """An SC of ``pixels`` derived from ``reference`` (frame ``frame_number``): the
-    parts both our SCs share, the source reference included."""
-    ts_uid, photometric = TRANSFER_SYNTAXES[placement.transfer_syntax]
+    parts both our SCs share, the source reference included. ``transfer_syntax`` is
+    a key of :data:`TRANSFER_SYNTAXES` (setting ``sc_transfer_syntax``)."""
+    ts_uid, photometric = TRANSFER_SYNTAXES[transfer_syntax]
     device = template.device
     sc = SCImage.from_ref_dataset(
         ref_dataset=reference,
@@ -287,16 +274,19 @@ def build_heatmap_sc(
     template: SrTemplate,
     image: ImageResult,
     source: Dataset,
-    placement: ScPlacement,
+    heat: np.ndarray,
+    placement: Placement,
+    transfer_syntax: str,
 ) -> SCImage:
     """The Grad-CAM Secondary Capture of one analysed image (``source``: the
-    instance with its pixels; see module doc)."""
-    pixels, frame = heatmap_pixels(template, image, source)
+    instance with its pixels; ``heat``: its decisive frame's heatmap; see module doc)."""
+    frame = decisive_frame(image)
     return _sc(
-        pixels,
+        heatmap_pixels(template, image, source, heat),
         template,
         source,
         placement,
+        transfer_syntax,
         derivation_text(result, f"Grad-CAM heatmap of frame {frame.frame_number}"),
         frame.frame_number,
     )
@@ -403,7 +393,8 @@ def build_montage_sc(
     query: Dataset,
     query_image: ImageResult,
     reference_images: ReferenceImages,
-    placement: ScPlacement,
+    placement: Placement,
+    transfer_syntax: str,
 ) -> SCImage:
     """The study's "similar cases" Secondary Capture (``query``: the decisive
     instance with its pixels; see module doc)."""
@@ -413,6 +404,7 @@ def build_montage_sc(
         template,
         query,
         placement,
+        transfer_syntax,
         derivation_text(result, "Similar previously diagnosed cases found"),
         decisive_frame(query_image).frame_number,
     )

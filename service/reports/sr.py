@@ -1,47 +1,66 @@
 """The Structured Report: one TID 1500 Measurement Report per analysed study.
 
-Viewers that understand TID 1500 (OHIF and others) show it as measurements; every
-other viewer still renders its text. Its content, in order:
+Viewers that understand TID 1500 (OHIF and others) draw it as measurements on the
+images; every other viewer still renders its text. OHIF reads the image reference
+of every measurement group from its first spatial coordinate and breaks on a group
+without one, so every group carries a region. Its content, in order:
 
 * observer context: our node as the observing device (TID 1004);
 * procedure reported, language, title (all from the template);
-* a study-summary measurement group (TID 1501) with the summary class, its
-  probability, the out-of-distribution flag when raised and the rule that made it;
-* one group per analysed frame (frame 1 for single-frame images) that references
-  its source image (and frame): the finding as a coded qualitative evaluation, each
-  class probability as a numeric measurement, the out-of-distribution flag when
-  raised, and the model identity as Algorithm Identification (TID 4019: name,
-  version, sha256 and index version as parameters);
-* a "Qualitative Evaluations" container with the disclaimer, a readable line per
-  similar study (date, accession, label and its source, distance) that points to
-  the matching image, and why an image was not analysed.
+* one TID 1410 planar ROI group per analysed frame (frame 1 for single-frame images),
+  the frames of the image that decides the study summary first (a viewer opens the
+  report on the first group), then the others in the study's order:
+  its tracking identifier says image, frame, class and probability; its image region
+  (DCM 111030) is the outline of the frame's Grad-CAM heatmap at half its peak
+  (:func:`service.reports.heatmaps.outline`), a closed POLYLINE on the source image
+  (and frame, for a cine loop); each class probability as a NUM, the predicted
+  class first (OHIF labels the region with them); the finding as a coded
+  qualitative evaluation, the out-of-distribution flag when raised, and the model
+  identity as Algorithm Identification (TID 4019: name, version; sha256 and index
+  version as parameters). The group of the frame the heatmap objects show also
+  references them: the heatmap SC and, when there is one, the overlay SEG;
+* a "Qualitative Evaluations" container, where no viewer expects coordinates: the
+  disclaimer, the study summary (the coded class, a readable line naming the
+  deciding image, the rule, the out-of-distribution flag when raised), a readable
+  line per similar study (date, accession, label and its source, distance) that
+  points to the matching image, and why an image was not analysed.
 
-The similar studies' instances also go into the Pertinent Other Evidence Sequence;
-a re-analysis references the earlier SR versions in the Predecessor Documents
-Sequence. UIDs derive from (study, generation, SOP class), so building again is
-idempotent.
+A study with no analysed image has no region to draw; TID 1500 still needs a
+measurement group, so it gets one saying so, without image reference (OHIF cannot
+draw such a report; there is nothing on the images to show).
+
+The study's images and heatmap objects are the Current Requested Procedure
+Evidence; the similar studies' instances go into the Pertinent Other Evidence
+Sequence; a re-analysis references the earlier SR versions in the Predecessor
+Documents Sequence. UIDs derive from (study, generation, SOP class), so building
+again is idempotent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
+import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
+    CodeContentItem,
     ContainerContentItem,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
+    GraphicTypeValues,
     ImageContentItem,
+    ImageRegion,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
-    SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
 )
@@ -52,10 +71,12 @@ from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
+    SegmentationStorage,
 )
 
 from service.model.imaging import number_of_frames
 from service.reports import derived_uid
+from service.reports.heatmaps import outline
 from service.reports.template import SrTemplate
 from service.results import FrameResult, ImageResult, SimilarStudy, StudyResult
 
@@ -70,6 +91,8 @@ _SR_TYPES: dict[str, type[hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.s
 }
 
 SrDocument = hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR
+#: A frame's heatmap, by (SOP Instance UID, frame number).
+Heats = Mapping[tuple[str, int], np.ndarray]
 
 
 def sr_series_uid(study_uid: str, generation: int) -> str:
@@ -92,30 +115,39 @@ def build_sr(
     sources: Sequence[Dataset],
     sop_class_uid: str,
     software_version: str,
+    heats: Heats,
+    heatmaps: Mapping[str, Sequence[Dataset]] | None = None,
     predecessors: Sequence[Dataset] = (),
 ) -> SrDocument:
     """Build the study's SR in ``sop_class_uid`` (one of :data:`SR_CLASSES`).
 
     ``sources`` are the headers of the study's instances (the first one gives the
-    patient and study attributes); ``predecessors`` are earlier SR versions.
+    patient and study attributes); ``heats`` every analysed frame's heatmap;
+    ``heatmaps`` the heatmap objects (SC, SEG) of each analysed image by its SOP
+    Instance UID, as references (their UIDs and SOP class); ``predecessors`` are
+    earlier SR versions.
     """
     if sop_class_uid not in _SR_TYPES:
         raise ValueError(f"{sop_class_uid} is not an SR SOP class we write (one of {list(_SR_TYPES)})")
+    heatmaps = heatmaps or {}
     headers = {ds.SOPInstanceUID: ds for ds in sources}
-    groups = [_summary_group(result, template, headers)]
-    for image in result.images:
-        groups += [_frame_group(result, template, headers, image, frame) for frame in image.frames]
+    groups: list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations] = [
+        _frame_group(result, template, headers, image, frame, heats, heatmaps.get(image.sop_instance_uid, ()))
+        for image in reading_order(result)
+        for frame in image.frames
+    ]
     report = MeasurementReport(
         observation_context=_observation_context(template),
         procedure_reported=template.procedure_reported.code(),
-        imaging_measurements=groups,
+        imaging_measurements=groups or [_nothing_analysed_group(result, template)],
         title=template.title.code(),
         language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(template.language.code()),
     )
     report[0].ContentSequence.append(_evaluations(result, template, headers))
     device = template.device
+    objects = [ref for refs in heatmaps.values() for ref in refs]
     return _SR_TYPES[sop_class_uid](
-        evidence=[*sources, *(_similar_evidence(s) for s in result.similar)],
+        evidence=[*sources, *objects, *(_similar_evidence(s) for s in result.similar)],
         content=report,
         series_instance_uid=sr_series_uid(result.study_uid, result.generation),
         series_number=template.sr_series.number,
@@ -144,20 +176,23 @@ def software_versions(software_version: str, result: StudyResult) -> list[str]:
     return [f"sonocase {software_version}"[:64], f"{result.model.name} {result.model.version}"[:64]]
 
 
-def _observation_context(template: SrTemplate) -> ObservationContext:
+def device_observer(template: SrTemplate) -> ObserverContext:
+    """Our node as the observing device (TID 1004), in the SR and the key-image flag."""
     d = template.device
-    return ObservationContext(
-        observer_device_context=ObserverContext(
-            observer_type=codes.cid270.Device,
-            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-                uid=device_uid(template),
-                name=d.name,
-                manufacturer_name=d.manufacturer,
-                model_name=d.model_name,
-                serial_number=d.serial_number,
-            ),
-        )
+    return ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid(template),
+            name=d.name,
+            manufacturer_name=d.manufacturer,
+            model_name=d.model_name,
+            serial_number=d.serial_number,
+        ),
     )
+
+
+def _observation_context(template: SrTemplate) -> ObservationContext:
+    return ObservationContext(observer_device_context=device_observer(template))
 
 
 def _algorithm(result: StudyResult) -> AlgorithmIdentification:
@@ -169,17 +204,23 @@ def _algorithm(result: StudyResult) -> AlgorithmIdentification:
     )
 
 
-def _source_image(
-    headers: dict[str, Dataset], sop_instance_uid: str, frame_number: int
-) -> SourceImageForMeasurementGroup:
+def _header(headers: dict[str, Dataset], sop_instance_uid: str) -> Dataset:
     header = headers.get(sop_instance_uid)
     if header is None:
         raise ValueError(f"analysed instance {sop_instance_uid} is not among the study's source instances")
-    multi_frame = number_of_frames(header) > 1
-    return SourceImageForMeasurementGroup(
-        referenced_sop_class_uid=header.SOPClassUID,
-        referenced_sop_instance_uid=sop_instance_uid,
-        referenced_frame_numbers=[frame_number] if multi_frame else None,
+    return header
+
+
+def _region(header: Dataset, frame: FrameResult, heat: np.ndarray) -> ImageRegion:
+    """The frame's heatmap outline as an image region on its source image (and frame)."""
+    return ImageRegion(
+        graphic_type=GraphicTypeValues.POLYLINE,
+        graphic_data=outline(heat, frame.crop),
+        source_image=SourceImageForRegion(
+            referenced_sop_class_uid=header.SOPClassUID,
+            referenced_sop_instance_uid=header.SOPInstanceUID,
+            referenced_frame_numbers=[frame.frame_number] if number_of_frames(header) > 1 else None,
+        ),
     )
 
 
@@ -194,9 +235,31 @@ def _finding(template: SrTemplate, label: str, out_of_distribution: bool) -> lis
 def _probability(template: SrTemplate, label: str, value: float) -> Measurement:
     return Measurement(
         name=template.class_spec(label).probability.code(),
-        value=value,
+        value=value * template.concepts.probability_scale,
         unit=template.concepts.probability_unit.code(),
     )
+
+
+def _probabilities(template: SrTemplate, frame: FrameResult) -> list[Measurement]:
+    """Every class probability, the predicted class first: OHIF labels a region
+    with its first NUMs, in order."""
+    order = sorted(frame.probabilities, key=lambda c: c != frame.predicted)
+    return [_probability(template, c, frame.probabilities[c]) for c in order]
+
+
+def _heatmap_items(template: SrTemplate, objects: Sequence[Dataset]) -> list[ImageContentItem]:
+    """References to an image's heatmap SC and overlay SEG."""
+    concepts = template.concepts
+    return [
+        ImageContentItem(
+            name=(concepts.heatmap_segmentation if ref.SOPClassUID == SegmentationStorage
+                  else concepts.heatmap_image).code(),
+            referenced_sop_class_uid=ref.SOPClassUID,
+            referenced_sop_instance_uid=ref.SOPInstanceUID,
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        )
+        for ref in objects
+    ]
 
 
 def _frame_group(
@@ -205,60 +268,75 @@ def _frame_group(
     headers: dict[str, Dataset],
     image: ImageResult,
     frame: FrameResult,
-) -> MeasurementsAndQualitativeEvaluations:
+    heats: Heats,
+    heatmaps: Sequence[Dataset],
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    header = _header(headers, image.sop_instance_uid)
+    heat = heats.get((image.sop_instance_uid, frame.frame_number))
+    if heat is None:
+        raise ValueError(f"no heatmap given for frame {frame.frame_number} of {image.sop_instance_uid}")
     label = template.wording.image_group.format(
-        instance=instance_label(headers, image.sop_instance_uid), frame=frame.frame_number
+        instance=instance_label(headers, image.sop_instance_uid),
+        frame=frame.frame_number,
+        label=class_display(template, frame.predicted),
+        probability=frame.probabilities[frame.predicted],
     )
-    return MeasurementsAndQualitativeEvaluations(
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=derived_uid(result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number),
-            identifier=label,
+            identifier=label[:64],
         ),
+        referenced_region=_region(header, frame, heat),
         algorithm_id=_algorithm(result),
         finding_sites=[FindingSite(template.finding_site.code())],
-        measurements=[_probability(template, c, p) for c, p in frame.probabilities.items()],
+        measurements=_probabilities(template, frame),
         qualitative_evaluations=_finding(template, frame.predicted, frame.out_of_distribution),
-        source_images=[_source_image(headers, image.sop_instance_uid, frame.frame_number)],
     )
+    if frame.frame_number == decisive_frame(image).frame_number:
+        group[0].ContentSequence.extend(_heatmap_items(template, heatmaps))
+    return group
 
 
-def _summary_group(
-    result: StudyResult,
-    template: SrTemplate,
-    headers: dict[str, Dataset],
-) -> MeasurementsAndQualitativeEvaluations:
-    summary = result.summary
-    analysed = summary.predicted is not None and summary.decisive_sop_instance_uid is not None
-    decisive = next((i for i in result.images if i.sop_instance_uid == summary.decisive_sop_instance_uid), None)
-    group = MeasurementsAndQualitativeEvaluations(
+def _nothing_analysed_group(result: StudyResult, template: SrTemplate) -> MeasurementsAndQualitativeEvaluations:
+    """The one measurement group TID 1500 needs when no image could be analysed."""
+    return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=derived_uid(result.study_uid, result.generation, "track", "summary"),
-            identifier=template.wording.study_summary,
+            identifier=template.wording.no_summary[:64],
         ),
         algorithm_id=_algorithm(result),
         finding_sites=[FindingSite(template.finding_site.code())],
-        measurements=(
-            [_probability(template, summary.predicted, summary.probability)]
-            if analysed and summary.probability is not None
-            else None
-        ),
-        qualitative_evaluations=_finding(template, summary.predicted, summary.out_of_distribution)
-        if analysed
-        else None,
-        source_images=(
-            [_source_image(headers, decisive.sop_instance_uid, decisive_frame(decisive).frame_number)]
-            if decisive is not None and decisive.frames
-            else None
-        ),
     )
-    group[0].ContentSequence.append(
-        TextContentItem(
-            name=template.concepts.summary_rule.code(),
-            value=summary.rule,
+
+
+def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Dataset]) -> list[Dataset]:
+    """The study-level conclusion, in words and codes (no coordinates)."""
+    concepts, wording, summary = template.concepts, template.wording, result.summary
+    decisive = next((i for i in result.images if i.sop_instance_uid == summary.decisive_sop_instance_uid), None)
+    items: list[Dataset] = []
+    if summary.predicted is not None and decisive is not None and decisive.frames:
+        frame = decisive_frame(decisive)
+        items.append(CodeContentItem(
+            name=concepts.classification.code(),
+            value=template.class_spec(summary.predicted).finding.code(),
             relationship_type=RelationshipTypeValues.CONTAINS,
+        ))
+        line = wording.study_summary.format(
+            label=class_display(template, summary.predicted),
+            probability=summary.probability if summary.probability is not None else 0.0,
+            instance=instance_label(headers, decisive.sop_instance_uid),
+            frame=frame.frame_number,
         )
-    )
-    return group
+    else:
+        line = wording.no_summary
+    items.append(TextContentItem(name=concepts.study_summary.code(), value=line,
+                                 relationship_type=RelationshipTypeValues.CONTAINS))
+    items.append(TextContentItem(name=concepts.summary_rule.code(), value=summary.rule,
+                                 relationship_type=RelationshipTypeValues.CONTAINS))
+    if summary.out_of_distribution:
+        items.append(CodeContentItem(name=concepts.out_of_distribution.code(), value=concepts.yes.code(),
+                                     relationship_type=RelationshipTypeValues.CONTAINS))
+    return items
 
 
 def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, Dataset]) -> ContainerContentItem:
@@ -270,7 +348,8 @@ def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, D
     items: list[Dataset] = [
         TextContentItem(
             name=concepts.comment.code(), value=template.disclaimer, relationship_type=RelationshipTypeValues.CONTAINS
-        )
+        ),
+        *_summary(result, template, headers),
     ]
     for rank, similar in enumerate(result.similar, start=1):
         line = TextContentItem(
@@ -318,6 +397,15 @@ def _similar_evidence(similar: SimilarStudy) -> Dataset:
     ds.SOPInstanceUID = similar.sop_instance_uid
     ds.SOPClassUID = similar.sop_class_uid
     return ds
+
+
+def reading_order(result: StudyResult) -> list[ImageResult]:
+    """The analysed images as the SR lists them: the one that decides the study
+    summary first (a viewer opens the report on it), then the others in the study's
+    order."""
+    decisive = result.summary.decisive_sop_instance_uid
+    analysed = [image for image in result.images if image.frames]
+    return sorted(analysed, key=lambda image: image.sop_instance_uid != decisive)
 
 
 def decisive_frame(image: ImageResult) -> FrameResult:

@@ -46,6 +46,10 @@ class CodingSchemeSpec(_Strict):
     responsible_organization: str
 
 
+#: UCUM units a probability may be written in, and the factor from a fraction 0..1.
+PROBABILITY_SCALES = {"%": 100.0, "1": 1.0}
+
+
 class Concepts(_Strict):
     """Concept names; ``classification`` names the coded finding of each image."""
 
@@ -53,12 +57,33 @@ class Concepts(_Strict):
     probability_unit: CodeSpec
     out_of_distribution: CodeSpec
     yes: CodeSpec
+    study_summary: CodeSpec
     summary_rule: CodeSpec
     similar_study: CodeSpec
     similar_image: CodeSpec
     not_analysed: CodeSpec
     comment: CodeSpec
     qualitative_evaluations: CodeSpec
+    heatmap_image: CodeSpec
+    heatmap_segmentation: CodeSpec
+    segment_category: CodeSpec
+    segment_type: CodeSpec
+    key_images_title: CodeSpec
+
+    @model_validator(mode="after")
+    def _probability_unit(self) -> Concepts:
+        unit = self.probability_unit
+        if unit.scheme != "UCUM" or unit.value not in PROBABILITY_SCALES:
+            raise ValueError(
+                f"probability_unit must be UCUM {' or '.join(map(repr, PROBABILITY_SCALES))}, "
+                f"not {unit.scheme} {unit.value!r}"
+            )
+        return self
+
+    @property
+    def probability_scale(self) -> float:
+        """What a probability (a fraction 0..1) is multiplied by to be written in the unit."""
+        return PROBABILITY_SCALES[self.probability_unit.value]
 
 
 class ClassSpec(_Strict):
@@ -86,8 +111,9 @@ class SeriesSpec(_Strict):
 
 #: Sample values each wording entry is formatted with when the template loads.
 _WORDING_FIELDS: dict[str, dict[str, Any]] = {
-    "study_summary": {},
-    "image_group": {"instance": 1, "frame": 1},
+    "study_summary": {"label": "Benign", "probability": 0.5, "instance": 1, "frame": 1},
+    "no_summary": {},
+    "image_group": {"instance": 1, "frame": 1, "label": "Benign", "probability": 0.5},
     "similar_line": {
         "rank": 1,
         "study_date": "20240101",
@@ -106,6 +132,8 @@ _WORDING_FIELDS: dict[str, dict[str, Any]] = {
     "montage_case": {"rank": 1, "label": "Benign", "label_source": "biopsy"},
     "montage_distance": {"distance": 0.1, "similarity": 0.95},
     "montage_missing": {},
+    "segment_label": {"low": 0.25, "high": 0.5},
+    "key_images": {"instances": "1, 2"},
 }
 
 
@@ -114,6 +142,7 @@ class Wording(_Strict):
     ``dicom_sr_templates/README.md``)."""
 
     study_summary: str
+    no_summary: str
     image_group: str
     similar_line: str
     not_analysed_line: str
@@ -125,6 +154,8 @@ class Wording(_Strict):
     montage_case: str
     montage_distance: str
     montage_missing: str
+    segment_label: str
+    key_images: str
 
     @model_validator(mode="after")
     def _formats(self) -> Wording:
@@ -153,6 +184,8 @@ class SrTemplate(_Strict):
     device: DeviceSpec
     sr_series: SeriesSpec
     sc_series: SeriesSpec
+    seg_series: SeriesSpec
+    kos_series: SeriesSpec
     wording: Wording
     disclaimer: str = Field(min_length=1, max_length=1024)
 

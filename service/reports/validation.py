@@ -6,11 +6,15 @@ Every object is checked from the exact bytes that would be sent:
    be valid for its VR (strict value checking, which pydicom only warns about).
 2. The attributes its IOD requires (PS3.3 Type 1: present and non-empty, Type 2:
    present) are checked module by module for the IODs we write: Comprehensive 3D,
-   Comprehensive and Enhanced SR, and Secondary Capture.
+   Comprehensive and Enhanced SR, Secondary Capture, Segmentation and Key Object
+   Selection.
 3. highdicom parses it: an SR back into its TID 1500 Measurement Report (with at
-   least one measurement group, every referenced image listed as evidence, and only
-   the value types and relationships its SOP class allows); an SC into an image
-   whose pixels decode to Rows x Columns x 3.
+   least one measurement group, each analysed frame's group with its image region,
+   every referenced object listed as evidence, and only the value types and
+   relationships its SOP class allows); an SC into an image whose pixels decode to
+   Rows x Columns x 3; a SEG into binary segments over the source it names, with
+   the pixel spacing and plane orientation viewers need to overlay it; a KOS into
+   its key objects, each listed as evidence.
 4. Our own promises: the disclaimer is in it, the SR is UNVERIFIED, the SC says
    its annotations are burned in and names its source image.
 
@@ -33,7 +37,9 @@ from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
+    SegmentationStorage,
 )
 from pydicom.valuerep import validate_value
 
@@ -79,6 +85,17 @@ _SR_DOCUMENT = {
     "ContentSequence": 1,
     "ContentTemplateSequence": 1,
 }
+#: Image Pixel module (C.7.6.3), in every image IOD we write.
+_IMAGE_PIXEL = {
+    "SamplesPerPixel": 1,
+    "PhotometricInterpretation": 1,
+    "Rows": 1,
+    "Columns": 1,
+    "BitsAllocated": 1,
+    "BitsStored": 1,
+    "HighBit": 1,
+    "PixelRepresentation": 1,
+}
 _SECONDARY_CAPTURE = {
     "Modality": 1,
     "SeriesInstanceUID": 1,
@@ -89,16 +106,51 @@ _SECONDARY_CAPTURE = {
     "PatientOrientation": 2,
     "BurnedInAnnotation": 1,
     "SourceImageSequence": 1,
-    "SamplesPerPixel": 1,
-    "PhotometricInterpretation": 1,
-    "Rows": 1,
-    "Columns": 1,
-    "BitsAllocated": 1,
-    "BitsStored": 1,
-    "HighBit": 1,
-    "PixelRepresentation": 1,
+    **_IMAGE_PIXEL,
     "PlanarConfiguration": 1,
     "PixelData": 1,
+}
+#: Segmentation IOD (A.51): series, General Image, Image Pixel, Segmentation Image,
+#: Multi-frame Functional Groups and Dimension, Common Instance Reference.
+_SEGMENTATION = {
+    "Modality": 1,
+    "SeriesInstanceUID": 1,
+    "SeriesNumber": 1,
+    "InstanceNumber": 1,
+    "PatientOrientation": 2,
+    "ImageType": 1,
+    "ContentLabel": 1,
+    "ContentDescription": 2,
+    "ContentCreatorName": 2,
+    **_IMAGE_PIXEL,
+    "LossyImageCompression": 1,
+    "SegmentationType": 1,
+    "SegmentSequence": 1,
+    "SharedFunctionalGroupsSequence": 1,
+    "PerFrameFunctionalGroupsSequence": 1,
+    "NumberOfFrames": 1,
+    "ContentDate": 1,
+    "ContentTime": 1,
+    "DimensionOrganizationSequence": 1,
+    "DimensionIndexSequence": 1,
+    "ReferencedSeriesSequence": 1,
+    "PixelData": 1,
+}
+#: Key Object Selection Document IOD (A.59): series, document, SR content.
+_KEY_OBJECTS = {
+    "Modality": 1,
+    "SeriesInstanceUID": 1,
+    "SeriesNumber": 1,
+    "ReferencedPerformedProcedureStepSequence": 2,
+    "InstanceNumber": 1,
+    "ContentDate": 1,
+    "ContentTime": 1,
+    "CurrentRequestedProcedureEvidenceSequence": 1,
+    "ValueType": 1,
+    "ConceptNameCodeSequence": 1,
+    "ContinuityOfContent": 1,
+    "ContentSequence": 1,
+    "ContentTemplateSequence": 1,
 }
 _COMMON = {**_PATIENT, **_GENERAL_STUDY, **_SOP_COMMON, **_EQUIPMENT}
 REQUIRED: dict[str, dict[str, int]] = {
@@ -106,6 +158,8 @@ REQUIRED: dict[str, dict[str, int]] = {
     ComprehensiveSRStorage: {**_COMMON, **_SR_DOCUMENT},
     EnhancedSRStorage: {**_COMMON, **_SR_DOCUMENT},
     SecondaryCaptureImageStorage: {**_COMMON, **_SECONDARY_CAPTURE},
+    SegmentationStorage: {**_COMMON, **_SEGMENTATION},
+    KeyObjectSelectionDocumentStorage: {**_COMMON, **_KEY_OBJECTS},
 }
 #: Value types each SR SOP class allows (PS3.3 A.35.2, A.35.3, A.35.13).
 _SR_VALUE_TYPES = {
@@ -146,7 +200,7 @@ def check_object(data: bytes, disclaimer: str) -> Dataset:
         raise GateError(what, [f"SOP class {sop_class} is not one we produce"])
     reasons = _file_meta(ds) + _values(ds) + _required(ds, REQUIRED[sop_class])
     if not reasons:  # deeper checks need the required attributes in place
-        reasons += _sr(data, ds, disclaimer) if sop_class != SecondaryCaptureImageStorage else _sc(data, ds, disclaimer)
+        reasons += _DEEPER.get(sop_class, _sr)(data, ds, disclaimer)
     if reasons:
         raise GateError(what, reasons)
     return ds
@@ -222,18 +276,87 @@ def _sr(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
         reasons.append("the disclaimer is not in the content")
     try:
         sr = hd.sr.srread(io.BytesIO(data))
-        groups = sr.content.get_image_measurement_groups()
+        regions = sr.content.get_planar_roi_measurement_groups()
+        others = sr.content.get_image_measurement_groups()
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return reasons + [f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
-    if not groups:
+    if not regions and not others:
         reasons.append("the report has no measurement group")
-    evidence = {uid for _, _, uid, _ in sr.get_evidence()}
-    for item in items:
-        if item.get("ValueType") in ("IMAGE", "COMPOSITE"):
-            uid = item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-            if uid not in evidence:
-                reasons.append(f"referenced instance {uid} is not listed as evidence")
+    if regions and others:
+        reasons.append("a measurement group without an image region sits beside groups with one "
+                       "(OHIF draws none of the report then)")
+    for group in regions:
+        if group.roi is None:
+            reasons.append(f"measurement group {group.tracking_identifier!r} has no image region")
+    return reasons + _evidence(ds, items)
+
+
+def _evidence(ds: Dataset, items: list[Dataset]) -> list[str]:
+    """Every object an IMAGE or COMPOSITE item references is listed as evidence
+    (Current Requested Procedure or Pertinent Other Evidence Sequence)."""
+    evidence = {
+        instance.ReferencedSOPInstanceUID
+        for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence")
+        for study in ds.get(keyword, [])
+        for series in study.get("ReferencedSeriesSequence", [])
+        for instance in series.get("ReferencedSOPSequence", [])
+    }
+    return [
+        f"referenced instance {uid} is not listed as evidence"
+        for item in items
+        if item.get("ValueType") in ("IMAGE", "COMPOSITE")
+        for uid in [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+        if uid not in evidence
+    ]
+
+
+def _seg(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
+    reasons = []
+    if ds.Modality != "SEG":
+        reasons.append(f"Modality is {ds.Modality}, not SEG")
+    if ds.SegmentationType != "BINARY":
+        reasons.append(f"Segmentation Type is {ds.SegmentationType}: viewers overlay BINARY segments only")
+    if disclaimer not in str(ds.get("ImageComments", "")):
+        reasons.append("the disclaimer is not in Image Comments")
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+        if keyword not in shared:
+            reasons.append(f"the shared functional groups lack {keyword}, which viewers need to overlay it")
+    numbers = {int(item.SegmentNumber) for item in ds.SegmentSequence}
+    sources = {uid for series in ds.ReferencedSeriesSequence for uid in
+               (i.ReferencedSOPInstanceUID for i in series.ReferencedInstanceSequence)}
+    for n, frame in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
+        try:
+            segment = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            source = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        except (AttributeError, IndexError, TypeError, ValueError):
+            reasons.append(f"frame {n} does not say which segment and source image it is")
+            continue
+        if segment not in numbers or source not in sources:
+            reasons.append(f"frame {n} names segment {segment} or an image the segmentation does not list")
+    try:  # highdicom's reader wants a slice thickness, which 2-D ultrasound has not: pydicom decodes
+        pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
+    except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
+        return reasons + [f"its pixels cannot be decoded: {error_text(exc)}"]
+    if pixels.max(initial=0) > 1:
+        reasons.append("its frames are not binary")
     return reasons
+
+
+def _kos(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
+    reasons = []
+    if ds.Modality != "KO":
+        reasons.append(f"Modality is {ds.Modality}, not KO")
+    items = list(_content_items(ds.ContentSequence))
+    if not any(disclaimer in str(item.get("TextValue", "")) for item in items):
+        reasons.append("the disclaimer is not in the content")
+    try:
+        selected = hd.ko.KeyObjectSelectionDocument.from_dataset(dcmread(io.BytesIO(data))).content.get_references()
+    except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
+        return reasons + [f"highdicom cannot read it as a key object selection: {error_text(exc)}"]
+    if not selected:
+        reasons.append("it selects no object")
+    return reasons + _evidence(ds, items)
 
 
 def _sc(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
@@ -251,3 +374,11 @@ def _sc(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
     if pixels.shape != (ds.Rows, ds.Columns, 3) or pixels.dtype != np.uint8:
         reasons.append(f"pixels decode to {pixels.shape} {pixels.dtype}, not {ds.Rows}x{ds.Columns}x3 uint8")
     return reasons
+
+
+#: The checks after the IOD's attributes, by SOP class (SR classes: :func:`_sr`).
+_DEEPER = {
+    SecondaryCaptureImageStorage: _sc,
+    SegmentationStorage: _seg,
+    KeyObjectSelectionDocumentStorage: _kos,
+}

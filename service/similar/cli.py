@@ -29,13 +29,13 @@ from service.model.imaging import prepare_instance
 from service.model_card import DISCLAIMER, ModelCard
 from service.results import ModelIdentity
 from service.settings import Destination, Peer, Settings
+from service.similar.dicomweb_copy import copy_studies_web
 from service.similar.index import (
     LABEL_SOURCES,
     IndexEntry,
     SimilarCaseIndex,
     StoredImage,
 )
-from service.similar.dicomweb_copy import copy_studies_web
 from service.similar.pacs_copy import PacsUnavailable, copy_studies
 
 log = logging.getLogger(__name__)

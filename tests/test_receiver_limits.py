@@ -1,0 +1,275 @@
+"""The receiver's limits without a network: the admission gate's counts, the memory
+budget, bounded inflation (receiver and worker), nesting, allowed_hosts, the clean-up
+of unrecorded spool files; and the PDU reader and the data-set parser fuzzed."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import attacks
+import pytest
+from dicom_peers import ultrasound_files
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.transport import AddressInformation
+
+from service.common.deflate import InflatedTooLarge, InflateError, inflate, inflated_size, read_instance
+from service.common.hosts import allowed_networks, host_allowed
+from service.ingest.admission import Gate
+from service.ingest.fast import PDU_MARGIN, ReceiverDUL, ReceiverSocket
+from service.ingest.rules import InvalidInstance, StoreStatus, encode_file_meta, parse_instance
+from service.ingest.store import MemoryBudget, StoreSCP
+from service.ledger import Ledger
+from service.settings import Settings, SettingsError, load_settings
+
+MB = 1 << 20
+US_FILES = {f.name: f for f in ultrasound_files()}
+
+
+# --- the admission gate ------------------------------------------------------------------
+
+def test_pending_budget_closes_the_longest_waiting() -> None:
+    gate = Gate(max_pending=2, max_established=1, pending_deadline_s=5)
+    a, b, c = socket.socketpair()[0], socket.socketpair()[0], socket.socketpair()[0]
+    try:
+        assert gate.add_pending(a, "10.0.0.1", now=1.0) == []
+        assert gate.add_pending(b, "10.0.0.2", now=2.0) == []
+        [evicted] = gate.add_pending(c, "10.0.0.3", now=3.0)
+        assert evicted.sock is a and evicted.peer == "10.0.0.1"
+        gate.settle(b)  # associated
+        assert gate.pending_count() == 1
+    finally:
+        for sock in (a, b, c):
+            sock.close()
+
+
+def test_pending_connections_past_their_deadline_are_taken_out() -> None:
+    gate = Gate(max_pending=10, max_established=1, pending_deadline_s=5)
+    old, new = socket.socketpair(), socket.socketpair()
+    try:
+        gate.add_pending(old[0], "old", now=100.0)
+        gate.add_pending(new[0], "new", now=104.0)
+        overdue, ended = gate.sweep(now=105.5)
+        assert [p.peer for p in overdue] == ["old"] and ended == []
+        new[1].close()  # the peer hangs up, as a health check does
+        overdue, ended = gate.sweep(now=106.0)
+        assert overdue == [] and [p.peer for p in ended] == ["new"]
+        assert gate.pending_count() == 0
+    finally:
+        for sock in (*old, *new):
+            sock.close()
+
+
+def test_established_slots_are_freed_when_their_association_ends() -> None:
+    gate = Gate(max_pending=10, max_established=2, pending_deadline_s=5)
+    release = threading.Event()
+    running = [threading.Thread(target=release.wait) for _ in range(3)]
+    for thread in running:
+        thread.start()
+    try:
+        # an association is a thread: it holds its slot while it runs
+        assert gate.admit(running[0]) and gate.admit(running[1])  # type: ignore[arg-type]
+        assert not gate.admit(running[2])  # type: ignore[arg-type]
+    finally:
+        release.set()
+        for thread in running:
+            thread.join()
+    assert gate.admit(running[2])  # type: ignore[arg-type]
+
+
+# --- the memory budget ---------------------------------------------------------------------
+
+def test_memory_budget_is_shared_and_given_back() -> None:
+    budget = MemoryBudget(10 * MB)
+    first, second = object(), object()
+    assert budget.take(first, 6 * MB) and budget.take(first, 2 * MB)
+    assert not budget.take(second, 3 * MB) and budget.held(second) == 0
+    assert budget.held(first) == 8 * MB and budget.used == 8 * MB
+    budget.release(first)
+    assert budget.used == 0 and budget.take(second, 10 * MB)
+
+
+# --- bounded inflation ------------------------------------------------------------------------
+
+def deflated(data: bytes) -> bytes:
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return deflater.compress(data) + deflater.flush()
+
+
+def test_inflation_stops_at_its_bound_in_constant_memory() -> None:
+    bomb = attacks.deflate_bomb(generate_uid(), 512)
+    with pytest.raises(InflatedTooLarge):
+        inflated_size(bomb, 64 * MB)
+    assert inflated_size(bomb, 1024 * MB) > 512 * MB
+    assert inflate(deflated(b"abc" * 100_000), MB) == b"abc" * 100_000
+    with pytest.raises(InflateError):
+        inflate(b"\xff not deflate", MB)
+
+
+def test_a_deflate_bomb_is_refused_too_large_and_nothing_is_kept(settings: Settings) -> None:
+    ledger = Ledger(settings.ledger_path, durable=False)
+    scp = StoreSCP(settings.model_copy(update={"max_dataset_mb": 16, "max_in_flight_mb": 16}), ledger)
+    try:
+        sop = generate_uid()
+        outcome = scp.store(attacks.deflate_bomb(sop, 64), DeflatedExplicitVRLittleEndian,
+                            "1.2.840.10008.5.1.4.1.1.6.1", sop, "X")
+        assert outcome.status == StoreStatus.TOO_LARGE and "max_dataset_mb" in outcome.comment
+        assert ledger.instance_count() == 0 and scp.budget.used == 0
+        small = deflated(attacks.identifying_elements(sop) + attacks.pixel_data(MB))
+        assert scp.store(small, DeflatedExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.6.1", sop, "X").status == \
+            StoreStatus.SUCCESS
+    finally:
+        scp.close()
+        ledger.close()
+
+
+def test_the_worker_reads_a_deflated_file_within_the_bound(tmp_path: Path) -> None:
+    sop = generate_uid()
+    head = encode_file_meta("1.2.840.10008.5.1.4.1.1.6.1", sop, DeflatedExplicitVRLittleEndian, "X")
+    path = tmp_path / "a.dcm"
+    path.write_bytes(head + deflated(attacks.identifying_elements(sop) + attacks.pixel_data(4 * MB)))
+    ds = read_instance(path, 8 * MB)
+    assert ds.SOPInstanceUID == sop and len(ds.PixelData) == 4 * MB
+    with pytest.raises(InflatedTooLarge):
+        read_instance(path, 2 * MB)
+    plain = US_FILES["OBXXXX1A.dcm"]
+    assert read_instance(plain.path, MB).SOPInstanceUID == dcmread(plain.path).SOPInstanceUID
+
+
+def test_a_data_set_beyond_max_dataset_is_refused_too_large(settings: Settings) -> None:
+    ledger = Ledger(settings.ledger_path, durable=False)
+    scp = StoreSCP(settings.model_copy(update={"max_dataset_mb": 1, "max_in_flight_mb": 1}), ledger)
+    try:
+        sop = generate_uid()
+        raw = attacks.identifying_elements(sop) + attacks.pixel_data(2 * MB)
+        outcome = scp.store(raw, ExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.6.1", sop, "X")
+        assert outcome.status == StoreStatus.TOO_LARGE and ledger.instance_count() == 0
+    finally:
+        scp.close()
+        ledger.close()
+
+
+# --- nesting ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_deep_nesting_is_refused_for_good(depth: int) -> None:
+    with pytest.raises(InvalidInstance) as err:
+        parse_instance(attacks.deeply_nested(generate_uid(), depth), ExplicitVRLittleEndian, MB)
+    assert err.value.status == StoreStatus.TOO_DEEP  # not 0x0110: that tells the PACS to retry
+
+
+def test_modest_nesting_is_read() -> None:
+    sop = generate_uid()
+    assert parse_instance(attacks.deeply_nested(sop, 20), ExplicitVRLittleEndian, MB).sop_instance_uid == sop
+
+
+# --- allowed_hosts ------------------------------------------------------------------------------
+
+def test_allowed_hosts_are_addresses_blocks_and_names() -> None:
+    networks = allowed_networks(["10.20.0.15", "192.168.0.0/16", "localhost", "2001:db8::/32"])
+    for host in ("10.20.0.15", "192.168.44.3", "127.0.0.1", "::ffff:192.168.1.1", "2001:db8::7"):
+        assert host_allowed(host, networks), host
+    for host in ("10.20.0.16", "172.16.0.1", "2001:db9::1", "not-an-address"):
+        assert not host_allowed(host, networks), host
+    assert host_allowed("203.0.113.9", ())  # none set: everyone
+
+
+@pytest.mark.parametrize("entry,says", [("10.0.0.0/33", "neither"), ("pacs .local", "neither"),
+                                        ("no-such-host.invalid", "does not resolve")])
+def test_an_allowed_host_that_is_none_of_these_stops_the_node_at_start(tmp_path: Path, entry: str, says: str) -> None:
+    with pytest.raises(SettingsError, match=f"SONOCASE_ALLOWED_HOSTS.*{says}"):
+        load_settings(data_dir=tmp_path, allowed_hosts=entry)
+
+
+def test_in_flight_budget_must_hold_the_largest_data_set(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="MAX_IN_FLIGHT_MB"):
+        load_settings(data_dir=tmp_path, max_dataset_mb=512, max_in_flight_mb=256)
+
+
+# --- a restart after kill -9 ------------------------------------------------------------------
+
+def test_a_restart_removes_spool_files_the_ledger_does_not_know(settings: Settings) -> None:
+    """What kill -9 between the rename into place and the ledger record leaves."""
+    ledger = Ledger(settings.ledger_path, durable=False)
+    try:
+        f = US_FILES["OBXXXX1A_rle.dcm"]
+        scp = StoreSCP(settings, ledger)
+        assert scp.store(f.data_set, f.transfer_syntax, f.sop_class_uid, f.sop_instance_uid, "X").status == 0
+        scp.close()
+        study = settings.spool_dir / f.study_uid
+        unrecorded = [study / "1.2.3.4.5.6.7.dcm", settings.spool_dir / "1.2.3" / "1.2.3.9.dcm"]
+        for path in unrecorded:
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(b"never acknowledged")
+        StoreSCP(settings, ledger).close()
+        assert not any(path.exists() for path in unrecorded)
+        assert (study / f"{f.sop_instance_uid}.dcm").exists()
+    finally:
+        ledger.close()
+
+
+# --- fuzzing the PDU reader and the data-set parser ---------------------------------------------
+
+_EVENTS = {"Evt3", "Evt4", "Evt6", "Evt10", "Evt12", "Evt13", "Evt16", "Evt17", "Evt19"}
+
+
+@st.composite
+def pdu_streams(draw: st.DrawFn) -> bytes:
+    """PDU headers with any type and length (some announcing up to 4 GiB), and bodies
+    shorter, longer or garbled."""
+    out = b""
+    for _ in range(draw(st.integers(1, 4))):
+        pdu_type = draw(st.integers(0, 9))
+        body = draw(st.binary(max_size=300))
+        length = draw(st.sampled_from([len(body), len(body) + 5, 0xFFFFFFF0, MB + PDU_MARGIN + 1])
+                      | st.integers(0, (1 << 32) - 1))
+        out += struct.pack(">BBL", pdu_type, draw(st.integers(0, 255)), length) + body
+    return out + draw(st.binary(max_size=8))
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(stream=pdu_streams())
+def test_fuzzed_pdus_end_in_an_event_and_never_in_memory(stream: bytes) -> None:
+    """The fast engine's PDU reader, over a real socket: whatever arrives, it puts a
+    state-machine event and reads at most what came (nothing like an announced 4 GiB)."""
+    ours, peer = socket.socketpair()
+    assoc = Association(AE(), "acceptor")
+    assoc.acceptor.maximum_length = MB
+    assoc.requestor.address_info = AddressInformation("127.0.0.1", 104)
+    assoc.dimse_timeout = 0.5
+    transport = ReceiverSocket(assoc, client_socket=ours)
+    assoc.dul.socket = transport
+    assoc.dul.__class__ = ReceiverDUL
+    dul: ReceiverDUL = assoc.dul  # type: ignore[assignment]
+    assoc.dul.event_queue.get_nowait()  # Evt5, the connection itself
+    peer.sendall(stream)
+    peer.shutdown(socket.SHUT_WR)
+    try:
+        for _ in range(8):
+            dul._read_pdu_data()
+            event = dul.event_queue.get_nowait()
+            assert event in _EVENTS
+            if event in ("Evt17", "Evt19"):
+                break
+    finally:
+        peer.close()
+        ours.close()
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=st.binary(max_size=2048), syntax=st.sampled_from([ExplicitVRLittleEndian, "1.2.840.10008.1.2",
+                                                              "1.2.840.10008.1.2.2", DeflatedExplicitVRLittleEndian]))
+def test_fuzzed_bytes_are_parsed_or_refused_with_a_status(raw: bytes, syntax: str) -> None:
+    try:
+        parse_instance(raw, syntax, MB)
+    except InvalidInstance as exc:
+        assert exc.status in set(StoreStatus) - {StoreStatus.SUCCESS, StoreStatus.PROCESSING_FAILURE}

@@ -1,0 +1,346 @@
+"""What a radiologist sees, for real: two studies pushed to `sonocase serve` by DCMTK's
+storescu, the node's results sent by C-STORE to an Orthanc (Debian's, with its
+DICOMweb plugin) that also holds the source images, opened in OHIF 3.13.2 (the npm
+package's prebuilt viewer, served on 127.0.0.1 against Orthanc's DICOMweb through a
+same-origin proxy) in headless Chromium.
+
+The test fails if any of these is missing: the study opens with our series listed
+and their "not for primary diagnosis" descriptions; the SR loads without a page error
+and draws each finding as a labelled region on the right image (OHIF's labels: the
+class probabilities, the predicted class first), opening on the image that decides
+the study and paging to the next; a cine loop's regions on their frames; the heatmap
+overlay (SEG) loads with its levels and colours the image; the heatmap SC shows the
+map; the key-image flag (KOS) is listed and names the deciding image and the SR.
+Screenshots are kept under the test's temporary folder (the path is printed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from chromium import Chromium
+from conftest import free_port, wait_for
+from ohif import OhifServer
+from orthanc import Orthanc
+from PIL import Image
+from pydicom.uid import generate_uid
+from test_reports_support import data_file, default_template
+from worker_support import Process, serve, storescu, wait_for_state
+
+from service.ledger import StudyState, open_ledger
+from service.model.imaging import number_of_frames
+from service.reports.heatmaps import BAND_LEVELS
+from service.reports.sr import reading_order
+from service.results import StudyResult
+from service.settings import Settings, load_settings
+
+pytestmark = [pytest.mark.heavy, pytest.mark.timeout(900)]
+
+#: Study A: a palette image the model finds blank (not analysed), a JPEG-lossless
+#: echo image (calibrated: it gets an overlay; stored decompressed, as storescu
+#: cannot convert it) and an uncalibrated RGB image. Study B: a 30-frame cine loop.
+STUDY_A = ("OBXXXX1A.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "US1_UNCR.dcm")
+STUDY_B = ("examples_ybr_color.dcm",)
+THUMBNAILS = "[data-cy^=study-browser-thumbnail]"
+OVERLAY = "[data-cy=viewport-overlay-bottom-right]"
+
+
+@dataclass
+class Site:
+    settings: Settings
+    orthanc: Orthanc
+    studies: dict[str, list[Path]]
+    folder: Path
+
+    def result(self, study_uid: str) -> StudyResult:
+        ledger = open_ledger(self.settings, durable=False)
+        try:
+            raw = ledger.result(study_uid)
+        finally:
+            ledger.close()
+        assert raw is not None
+        return StudyResult.model_validate(raw)
+
+    def outbox(self, study_uid: str, kind: str) -> list[pydicom.Dataset]:
+        folder = self.settings.outbox_dir / study_uid / "1"
+        return [pydicom.dcmread(p) for p in sorted(folder.glob(f"{kind}.*.dcm"))]
+
+
+def _write_study(folder: Path, files: tuple[str, ...], patient: str) -> tuple[str, list[Path]]:
+    """Real ultrasound files as one study of one patient (new UIDs), Instance Numbers 1..n."""
+    study_uid, series_uid = generate_uid(), generate_uid()
+    paths = []
+    for number, name in enumerate(files, start=1):
+        ds = pydicom.dcmread(data_file(name))
+        if ds.file_meta.TransferSyntaxUID.is_compressed and number_of_frames(ds) == 1:
+            ds.decompress()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientName, ds.PatientID, ds.InstanceNumber = patient, patient.replace("^", "-"), number
+        path = folder / study_uid / f"{number}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return study_uid, paths
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """Both studies pushed to the node, its results and the sources in Orthanc."""
+    folder = tmp_path_factory.mktemp("viewer")
+    settings = load_settings(
+        data_dir=folder / "data", host="127.0.0.1", port=free_port(), http_port=0, quiet_period_s=1.0,
+        durability="none", workers=1,
+    )
+    orthanc = Orthanc.start(folder / "orthanc", callers=[settings.ae_title])
+    destinations = load_settings(destinations=orthanc.destination).destinations
+    settings = settings.model_copy(update={"destinations": destinations})
+    studies = dict(_write_study(folder / "studies", files, f"Viewer^{name}")
+                   for name, files in (("A", STUDY_A), ("B", STUDY_B)))
+    node: Process | None = None
+    try:
+        node = serve(settings, folder / "node.log")
+        storescu(settings, [p for paths in studies.values() for p in paths])
+        for study_uid in studies:
+            wait_for_state(settings, study_uid, StudyState.SENT, timeout=300)
+        orthanc.store([p for paths in studies.values() for p in paths])
+        yield Site(settings, orthanc, studies, folder)
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
+
+
+def test_the_archive_holds_every_result_the_viewer_reads(site: Site) -> None:
+    study_a, study_b = site.studies
+    classes_a = sorted(site.orthanc.sop_classes(study_a).values())
+    expected = {kind: len(site.outbox(study_a, kind)) for kind in ("SR", "SC", "SEG", "KO")}
+    assert expected == {"SR": 1, "SC": 2, "SEG": 1, "KO": 1}  # two analysed images, one calibrated
+    assert len(classes_a) == len(STUDY_A) + sum(expected.values())
+    assert len(site.orthanc.sop_classes(study_b)) == len(STUDY_B) + 3  # SR, SC, KO: a cine gets no overlay
+
+
+# --- the browser ---------------------------------------------------------------------
+def _shot(browser: Chromium, folder: Path, name: str) -> np.ndarray:
+    path = browser.screenshot(folder / f"{name}.png")
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _viewport_pixels(browser: Chromium, screenshot: np.ndarray) -> np.ndarray:
+    """The part of a screenshot inside the (first) viewport."""
+    x, y, w, h = browser.evaluate(
+        "(() => { const r = document.querySelector('[data-cy=viewport-pane]').getBoundingClientRect();"
+        " return [r.x, r.y, r.width, r.height].map(Math.round); })()")
+    return screenshot[y:y + h, x:x + w]
+
+
+def _share(pixels: np.ndarray, colour: tuple[int, int, int], tolerance: int = 60) -> float:
+    """Fraction of pixels within ``tolerance`` (per channel) of ``colour``."""
+    close = np.all(np.abs(pixels.astype(int) - np.array(colour)) <= tolerance, axis=-1)
+    return float(close.mean())
+
+
+def _chromatic(pixels: np.ndarray) -> float:
+    """Fraction of clearly coloured (not grey) pixels."""
+    channels = pixels.astype(int)
+    return float(((channels.max(axis=-1) - channels.min(axis=-1)) > 60).mean())
+
+
+def _open_series(browser: Chromium, description: str) -> None:
+    """Double-click a series in the study browser, once what the viewport shows now
+    has arrived (OHIF reports the loads it abandons as errors)."""
+    browser.wait_idle("/dicom-web/")
+    browser.click(THUMBNAILS, text=description, clicks=2)
+
+
+def _next_region(browser: Chromium) -> None:
+    """The SR viewport's "next measurement" arrow, once the current image has arrived."""
+    browser.wait_idle("/dicom-web/")
+    browser.click("[data-cy=viewport-action-arrows-right]")
+
+
+def _displayed(browser: Chromium) -> tuple[int, int, int]:
+    """Instance Number, position and count OHIF shows in the viewport ("I:3 (3/3)")."""
+    text = browser.wait_for(f"document.querySelector('{OVERLAY}') && "
+                            f"document.querySelector('{OVERLAY}').innerText.match(/I:\\d+ \\(\\d+\\/\\d+\\)/) && "
+                            f"document.querySelector('{OVERLAY}').innerText")
+    number, position, count = re.search(r"I:(\d+) \((\d+)/(\d+)\)", text).groups()  # type: ignore[union-attr]
+    return int(number), int(position), int(count)
+
+
+def _labels(browser: Chromium) -> str:
+    """The text OHIF draws beside the SR's regions in the viewport."""
+    return str(browser.evaluate(
+        "[...document.querySelectorAll('[data-cy=viewport-pane] svg text')].map(t => t.textContent).join('\\n')"))
+
+
+def _group_labels(sr: pydicom.Dataset) -> list[tuple[str, int, list[str]]]:
+    """Per measurement group of the SR, in order: the SOP Instance UID and frame of
+    its region, and the label lines OHIF makes of its NUMs ("name: value unit")."""
+    groups = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    found = []
+    for group in groups.ContentSequence:
+        scoord = next(i for i in group.ContentSequence if i.ValueType == "SCOORD")
+        ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
+        lines = [
+            f"{i.ConceptNameCodeSequence[0].CodeMeaning}: {float(i.MeasuredValueSequence[0].NumericValue):.2f} "
+            f"{i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue}"
+            for i in group.ContentSequence if i.ValueType == "NUM"
+        ]
+        found.append((ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1), lines))
+    return found
+
+
+def _instance_numbers(paths: list[Path]) -> dict[str, int]:
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    return {ds.SOPInstanceUID: int(ds.InstanceNumber) for ds in headers}
+
+
+def _wait_region(browser: Chromium, lines: list[str], timeout_s: float = 60) -> None:
+    """Wait until the viewport draws a region labelled with ``lines``, the pointer
+    over it as a reader's would be (OHIF may draw the SR's regions at the next
+    redraw, which a pointer move brings about)."""
+    drawn = (
+        f"document.readyState === 'complete' && (() => {{"
+        f" const svg = [...document.querySelectorAll('[data-cy=viewport-pane] svg')];"
+        f" const text = svg.map(s => [...s.querySelectorAll('text')].map(t => t.textContent).join('\\n')).join('\\n');"
+        f" return svg.some(s => s.querySelector('polyline, path[d]')) && {json.dumps(lines)}.every(l => text.includes(l));"
+        f" }})()"
+    )
+
+    def probe() -> bool:
+        browser.hover("[data-cy=viewport-pane]")
+        return bool(browser.evaluate(drawn))
+
+    try:
+        wait_for(f"a region labelled {lines}", probe, timeout_s, interval=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the viewport reads: {_labels(browser)!r}; "
+                             f"page errors: {browser.page_errors()}") from None
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("viewer-screenshots")
+    print(f"\nviewer screenshots: {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser(site: Site, screenshots: Path) -> Iterator[tuple[Chromium, OhifServer]]:
+    server = OhifServer(site.orthanc)
+    chromium = Chromium(site.folder / "chromium-profile")
+    try:
+        yield chromium, server
+    finally:
+        chromium.close()
+        server.close()
+
+
+def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
+    site: Site, browser: tuple[Chromium, OhifServer], screenshots: Path,
+) -> None:
+    chromium, server = browser
+    template = default_template()
+    study_a = next(iter(site.studies))
+    result = site.result(study_a)
+    (sr,) = site.outbox(study_a, "SR")
+    numbers = _instance_numbers(site.studies[study_a])
+
+    chromium.open(server.viewer_url(study_a))
+    chromium.wait_for(f"document.querySelectorAll('{THUMBNAILS}').length >= 5", 180)
+    chromium.wait_for("document.body.innerText.includes('Skip all')", 60)  # the first-visit tour
+    chromium.click("button", text="Skip all")
+    chromium.wait_for("!document.body.innerText.includes('Skip all')")
+    _shot(chromium, screenshots, "1-study")
+
+    # Every series of ours is listed, each saying it is not for primary diagnosis.
+    listed = chromium.evaluate(f"[...document.querySelectorAll('{THUMBNAILS}')].map(e => e.innerText)")
+    for modality, spec in (("SR", template.sr_series), ("OT", template.sc_series), ("SEG", template.seg_series),
+                           ("KO", template.kos_series)):
+        assert any(modality in entry and spec.description in entry for entry in listed), (modality, listed)
+        assert "not for primary diagnosis" in spec.description
+
+    # The SR opens on the image that decides the study, its region labelled with the
+    # probabilities (predicted class first), and pages to the next image's region.
+    groups = _group_labels(sr)
+    assert groups[0][0] == result.summary.decisive_sop_instance_uid
+    _open_series(chromium, template.sr_series.description)
+    for n, (sop_uid, _frame, lines) in enumerate(groups):
+        if n:
+            _next_region(chromium)
+        _wait_region(chromium, lines)
+        chromium.wait_for(f"document.querySelector('{OVERLAY}').innerText.startsWith('I:{numbers[sop_uid]} ')")
+        assert _displayed(chromium)[0] == numbers[sop_uid]
+        predicted = next(i for i in result.images if i.sop_instance_uid == sop_uid).predicted
+        assert lines[0].startswith(template.classes[predicted].probability.meaning + ":")
+        drawn = _labels(chromium)
+        positions = [drawn.index(line) for line in lines]
+        assert positions == sorted(positions), drawn  # in the SR's order: the predicted class first
+        _shot(chromium, screenshots, f"2-sr-region-{n + 1}")
+    assert len(groups) == sum(len(i.frames) for i in reading_order(result))
+    assert chromium.page_errors() == []
+
+    # The heatmap overlay: its levels are listed and it colours the image.
+    before = _viewport_pixels(chromium, _shot(chromium, screenshots, "3-before-overlay"))
+    _open_series(chromium, template.seg_series.description)
+    chromium.wait_for("document.body.innerText.includes('Do you want to open this Segmentation?')")
+    chromium.click("button", text="Yes")
+    chromium.click("[data-cy=panelSegmentation-btn]")  # the segmentation panel lists the levels
+    levels = [template.wording.segment_label.format(low=low, high=high)
+              for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0))]
+    chromium.wait_for(f"{json.dumps(levels)}.every(l => document.body.innerText.includes(l))", 120)
+    chromium.wait_for("!document.body.innerText.includes('Loading SEG')")
+    after = _viewport_pixels(chromium, _shot(chromium, screenshots, "4-overlay"))
+    for colour in ((255, 0, 0), (255, 255, 0), (0, 255, 255)):  # jet at the levels' middles
+        assert _share(after, colour) > _share(before, colour) + 0.002, colour
+    assert chromium.page_errors() == []
+
+    # The heatmap SC: the burned-in map (jet colours) and the disclaimer line.
+    _open_series(chromium, template.sc_series.description)
+    chromium.wait_for(f"document.querySelector('{OVERLAY}').innerText.includes('I:1 ')")
+    capture = _viewport_pixels(chromium, _shot(chromium, screenshots, "5-heatmap-sc"))
+    assert _chromatic(capture) > 0.1, "the burned-in heatmap colours the grey echo image"
+    assert chromium.page_errors() == []
+
+    # The key-image flag: OHIF 3.13 has no viewer for it but lists it; what it
+    # holds, read through the same DICOMweb proxy, names the deciding image and the SR.
+    (kos,) = site.outbox(study_a, "KO")
+    status, _, body = site.orthanc.request(
+        "GET", f"/dicom-web/studies/{study_a}/series/{kos.SeriesInstanceUID}/instances/{kos.SOPInstanceUID}/metadata",
+        headers={"Accept": "application/dicom+json"})
+    assert status == 200
+    flagged = {item["00081199"]["Value"][0]["00081155"]["Value"][0]
+               for item in json.loads(body)[0]["0040A730"]["Value"] if "00081199" in item}
+    assert flagged >= {result.summary.decisive_sop_instance_uid, sr.SOPInstanceUID}
+
+
+def test_a_cine_loops_regions_are_on_their_frames_in_ohif(
+    site: Site, browser: tuple[Chromium, OhifServer], screenshots: Path,
+) -> None:
+    chromium, server = browser
+    study_b = list(site.studies)[1]
+    (sr,) = site.outbox(study_b, "SR")
+    groups = _group_labels(sr)
+    assert len(groups) > 1 and len({frame for _, frame, _ in groups}) == len(groups)
+    # Opened on the SR, as a worklist link to the report opens it (OHIF 3.13 cannot
+    # page from another display set to a cine frame's region).
+    chromium.open(server.viewer_url(study_b, sr.SeriesInstanceUID))
+    chromium.wait_for(f"document.querySelectorAll('{THUMBNAILS}').length >= 3", 180)
+    if chromium.evaluate("document.body.innerText.includes('Skip all')"):
+        chromium.click("button", text="Skip all")
+    for n, (_, frame, lines) in enumerate(groups[:3]):
+        if n:
+            _next_region(chromium)
+        _wait_region(chromium, lines)
+        chromium.wait_for(f"document.querySelector('{OVERLAY}').innerText.includes('({frame}/30)')")
+        _shot(chromium, screenshots, f"6-cine-frame-{frame}")
+    assert chromium.page_errors() == [], "\n".join(chromium.console())
+
