@@ -43,7 +43,7 @@ from service.common.spool import write_atomic
 from service.ledger import Ledger, StudyState, study_destinations
 from service.reports import Placement, derived_uid
 from service.reports.heatmaps import load_heats
-from service.reports.kos import build_kos
+from service.reports.kos import build_kos, key_images
 from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc
 from service.reports.seg import build_heatmap_seg, seg_skip_reason
 from service.reports.source import read_source
@@ -246,7 +246,7 @@ def build_objects(
             settings.sc_transfer_syntax,
         )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
-    if analysed:
+    if key_images(result):  # none when every analysed image lies outside the model's experience
         sr_ref = _reference(result, sr_series_uid(result.study_uid, result.generation), sr.sop_class_uid,
                             sr.sop_instance_uid)
         kos = build_kos(result, template, sources, sr_ref, Placement(
