@@ -21,7 +21,9 @@ from service.settings import Peer, Settings, SettingsError, load_settings, parse
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.node:serve", "Run the node: DICOM receiver, scheduler, workers, sender, web."),
     "worker": ("service.pipeline.tasks:worker", "Run an analysis worker against the configured broker."),
+    "migrate": ("service.migrations:migrate", "Upgrade the ledger's schema (the node also does it at start)."),
     "status": ("service.ops.status:status", "Show studies and their state, or one study in detail."),
+    "purge": ("service.delivery.retention:purge_command", "Show or remove files of done studies (retention)."),
     "resend": ("service.delivery.recovery:resend", "Retry a failed study, or send its results again."),
     "index": ("service.similar.cli:index", "Build, fill and query the similar-case index."),
     "demo": ("service.demo:demo", "Self-contained demo: node, stand-in PACS, synthetic studies."),

@@ -15,10 +15,15 @@ scoped advisory lock on PostgreSQL, so every method sees the same isolation.
 Study life cycle::
 
     receiving -> complete -> queued -> analysing -> analysed -> reported -> sent
-                                  \\________ failed (stage + reason) ________/
+             \\                  \\________ failed (stage + reason) ________/
+              `-> skipped (a routing rule: stored, not analysed)
 
 An instance that arrives for a study past ``receiving`` re-opens it (``generation``
 goes up) so it is analysed again.
+
+The schema is versioned with Alembic (:mod:`service.migrations`): opening a ledger
+that is not at the code's revision upgrades it, and one a newer Sonocase upgraded
+is refused.
 """
 
 from __future__ import annotations
@@ -55,10 +60,54 @@ class StudyState(StrEnum):
     REPORTED = "reported"
     SENT = "sent"
     FAILED = "failed"
+    SKIPPED = "skipped"
 
 
 #: States in which a study still waits for the analysis worker.
 PENDING_ANALYSIS = (StudyState.COMPLETE, StudyState.QUEUED, StudyState.ANALYSING)
+#: Where a study stands once nothing more will happen to it: its files may go
+#: (retention), provided every result object was accepted.
+DONE = (StudyState.SENT, StudyState.SKIPPED)
+#: The kinds of files a study has under data_dir, each with its own retention.
+FILE_KINDS = ("spool", "results", "outbox")
+#: When a done study was done: sent, or (skipped) completed.
+_DONE_AT = "CASE WHEN s.state='sent' THEN s.sent_at ELSE s.completed_at END"
+#: A done study at its generation with no result object still to deliver.
+_DONE_STUDY = (
+    "s.state IN ('sent', 'skipped') AND NOT EXISTS"
+    " (SELECT 1 FROM outbox o WHERE o.study_uid=s.study_uid AND o.state!='sent')"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """What the routing rules decided for a study when it became complete: analyse
+    it or not, the rule that decided (None: none matched), which attributes matched
+    (keywords, never values), and where its results go (None: the ``destinations``
+    setting)."""
+
+    analyse: bool = True
+    rule: str | None = None
+    reason: str | None = None
+    destinations: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeCandidate:
+    """A done study whose files of some kinds are still there."""
+
+    study_uid: str
+    generation: int
+    state: str
+    done_at: float
+    kinds: tuple[str, ...]  # kinds not removed yet, in FILE_KINDS order
+    spool_bytes: int
+
+
+def study_destinations(study: dict[str, Any], default: Sequence[str]) -> list[str]:
+    """Where a study's results go: the routing rule's destinations, else ``default``."""
+    chosen = study.get("destinations")
+    return list(json.loads(chosen)) if chosen is not None else list(default)
 
 
 class OutboxState(StrEnum):
@@ -68,67 +117,6 @@ class OutboxState(StrEnum):
     #: An optional object (see service.reports.build.OPTIONAL_CLASSES) the
     #: destination does not take: not sent there, and the study is sent without it.
     SKIPPED = "skipped"
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    generation INTEGER NOT NULL DEFAULT 1,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    completed_at REAL,
-    queued_at REAL,
-    analysis_started REAL,
-    lease_until REAL,
-    analysed_at REAL,
-    reported_at REAL,
-    sent_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL,
-    failed_stage TEXT,
-    error TEXT,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS studies_state ON studies(state);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
-    series_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    calling_ae TEXT NOT NULL,
-    modality TEXT NOT NULL,
-    ignored_reason TEXT,
-    received_at REAL NOT NULL,
-    crc32 INTEGER
-);
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
-CREATE TABLE IF NOT EXISTS results (
-    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
-    generation INTEGER NOT NULL,
-    result TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (study_uid, generation)
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    sop_instance_uid TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
-    generation INTEGER NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    error TEXT,
-    sent_at REAL,
-    PRIMARY KEY (sop_instance_uid, destination)
-);
-CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, next_attempt_at);
-"""
 
 
 #: Studies a task must be sent for (see :meth:`Ledger.due_for_queue`); arguments from _due_args.
@@ -153,7 +141,6 @@ class _Connection(Protocol):
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> _Cursor: ...
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> _Cursor: ...
-    def executescript(self, script: str) -> Any: ...
     def begin_write(self) -> None: ...
     def commit_write(self) -> None: ...
     def rollback_write(self) -> None: ...
@@ -212,14 +199,6 @@ def _pg_sql(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
-def _pg_schema(schema: str) -> str:
-    """The SQLite schema in PostgreSQL's types: 8-byte floats and integers, and
-    byte-order text (COLLATE "C") so ORDER BY on UIDs matches SQLite's."""
-    schema = re.sub(r"\bREAL\b", "DOUBLE PRECISION", schema)
-    schema = re.sub(r"\bINTEGER\b", "BIGINT", schema)
-    return re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', schema)
-
-
 class _PgConnection:
     """One PostgreSQL connection in autocommit mode (a read is its own transaction,
     as on SQLite); reconnects before the next statement after the server went away,
@@ -259,17 +238,6 @@ class _PgConnection:
         cursor = self._live().cursor()
         cursor.executemany(_pg_sql(sql), seq)
         return cursor
-
-    def executescript(self, script: str) -> None:
-        """Create the schema under the write lock: concurrent CREATE ... IF NOT EXISTS
-        from several starting processes would otherwise collide in the catalogue."""
-        self.begin_write()
-        try:
-            self._conn.execute(_pg_schema(script))
-        except BaseException:
-            self.rollback_write()
-            raise
-        self.commit_write()
 
     def begin_write(self) -> None:
         conn = self._live()
@@ -354,7 +322,26 @@ class Ledger:
             db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             db.execute("PRAGMA foreign_keys=ON")
             self._db = db
-        self._db.executescript(_SCHEMA)
+        self._ensure_schema(path, url)
+
+    def _ensure_schema(self, path: Path | None, url: str) -> None:
+        """Upgrade the database to the code's schema revision if it is not there (one
+        query when it is); refuse one that a newer Sonocase upgraded."""
+        from service import migrations
+
+        if self._revision() == migrations.HEAD:
+            return
+        migrations.upgrade(path, url)
+
+    def _revision(self) -> str | None:
+        if isinstance(self._db, sqlite3.Connection):
+            exists = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'"
+        else:
+            exists = "SELECT 1 WHERE to_regclass('alembic_version') IS NOT NULL"
+        if not self._query(exists):
+            return None
+        rows = self._query("SELECT version_num FROM alembic_version")
+        return str(rows[0][0]) if rows else None
 
     def close(self) -> None:
         with self._lock:
@@ -402,21 +389,21 @@ class Ledger:
         row = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
         if row is None:
             db.execute(
-                "INSERT INTO studies (study_uid, state, first_received, last_received, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (rec.study_uid, StudyState.RECEIVING, now, now, now),
+                "INSERT INTO studies (study_uid, state, first_received, last_received, updated_at, spool_bytes)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (rec.study_uid, StudyState.RECEIVING, now, now, now, rec.size),
             )
         elif row["state"] == StudyState.RECEIVING:
             db.execute(
-                "UPDATE studies SET last_received=?, updated_at=? WHERE study_uid=?",
-                (now, now, rec.study_uid),
+                "UPDATE studies SET last_received=?, updated_at=?, spool_bytes=spool_bytes+? WHERE study_uid=?",
+                (now, now, rec.size, rec.study_uid),
             )
         else:
             db.execute(
                 "UPDATE studies SET state=?, generation=generation+1, last_received=?,"
                 " attempts=0, next_attempt_at=NULL, failed_stage=NULL, error=NULL,"
-                " lease_until=NULL, updated_at=? WHERE study_uid=?",
-                (StudyState.RECEIVING, now, now, rec.study_uid),
+                " lease_until=NULL, updated_at=?, spool_bytes=spool_bytes+? WHERE study_uid=?",
+                (StudyState.RECEIVING, now, now, rec.size, rec.study_uid),
             )
         db.execute(
             "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
@@ -430,22 +417,43 @@ class Ledger:
         )
         return True
 
-    def complete_quiet_studies(self, quiet_period_s: float, now: float | None = None) -> list[str]:
-        """Mark ``receiving`` studies quiet for ``quiet_period_s`` as complete."""
+    def quiet_studies(self, quiet_period_s: float, now: float | None = None) -> list[tuple[str, float]]:
+        """``receiving`` studies without a new instance for ``quiet_period_s``, with
+        the time of their last instance (what :meth:`complete_studies` checks)."""
         now = time.time() if now is None else now
+        rows = self._query(
+            "SELECT study_uid, last_received FROM studies WHERE state=? AND last_received<=?"
+            " ORDER BY last_received, study_uid",
+            (StudyState.RECEIVING, now - quiet_period_s),
+        )
+        return [(r["study_uid"], r["last_received"]) for r in rows]
+
+    def complete_studies(self, routed: Sequence[tuple[str, float, Routing]], now: float | None = None) -> list[str]:
+        """Make quiet studies complete (or skipped, as their routing says) in one
+        transaction; a study that received an instance since ``last_received`` was
+        read stays receiving (its routing is decided again). Returns those changed."""
+        now = time.time() if now is None else now
+        done = []
         with self._tx() as db:
-            uids = [
-                r["study_uid"]
-                for r in db.execute(
-                    "SELECT study_uid FROM studies WHERE state=? AND last_received<=?",
-                    (StudyState.RECEIVING, now - quiet_period_s),
+            for study_uid, last_received, routing in routed:
+                state = StudyState.COMPLETE if routing.analyse else StudyState.SKIPPED
+                destinations = json.dumps(list(routing.destinations)) if routing.destinations is not None else None
+                cur = db.execute(
+                    "UPDATE studies SET state=?, completed_at=?, updated_at=?, routing_rule=?, routing_reason=?,"
+                    " destinations=? WHERE study_uid=? AND state=? AND last_received=?",
+                    (state, now, now, routing.rule, routing.reason, destinations, study_uid, StudyState.RECEIVING,
+                     last_received),
                 )
-            ]
-            db.executemany(
-                "UPDATE studies SET state=?, completed_at=?, updated_at=? WHERE study_uid=?",
-                [(StudyState.COMPLETE, now, now, uid) for uid in uids],
-            )
-        return uids
+                if cur.rowcount == 1:
+                    done.append(study_uid)
+        return done
+
+    def complete_quiet_studies(self, quiet_period_s: float, now: float | None = None) -> list[str]:
+        """Mark ``receiving`` studies quiet for ``quiet_period_s`` complete, with no
+        routing rule (service.pipeline.completion applies the rules)."""
+        now = time.time() if now is None else now
+        return self.complete_studies([(uid, last, Routing()) for uid, last in self.quiet_studies(quiet_period_s, now)],
+                                     now)
 
     def oldest_receiving(self) -> float | None:
         """The oldest ``last_received`` of a study still receiving: the next study to
@@ -665,10 +673,12 @@ class Ledger:
         reach the disk); a receiving study left without instances goes too."""
         with self._tx() as db:
             for uid in sop_instance_uids:
-                row = db.execute("SELECT study_uid FROM instances WHERE sop_instance_uid=?", (uid,)).fetchone()
+                row = db.execute("SELECT study_uid, size FROM instances WHERE sop_instance_uid=?", (uid,)).fetchone()
                 if row is None:
                     continue
                 db.execute("DELETE FROM instances WHERE sop_instance_uid=?", (uid,))
+                db.execute("UPDATE studies SET spool_bytes=spool_bytes-? WHERE study_uid=?",
+                           (row["size"], row["study_uid"]))
                 db.execute(
                     "DELETE FROM studies WHERE study_uid=? AND state=? AND generation=1"
                     " AND NOT EXISTS (SELECT 1 FROM instances WHERE study_uid=?)",
@@ -767,6 +777,82 @@ class Ledger:
                 " WHERE sop_instance_uid=? AND destination=?",
                 (new_sop_instance_uid, new_sop_class_uid, new_path, sop_instance_uid, destination),
             )
+
+    # --- retention ---------------------------------------------------------------
+    def purge_candidates(self) -> list[PurgeCandidate]:
+        """Done studies (sent with every result object accepted, or skipped) with
+        files of some kind not yet removed, the longest done first."""
+        flags = ", ".join(
+            f"EXISTS (SELECT 1 FROM purges p WHERE p.study_uid=s.study_uid AND p.generation=s.generation"
+            f" AND p.kind='{kind}') AS {kind}_gone" for kind in FILE_KINDS
+        )
+        rows = self._query(
+            f"SELECT s.study_uid, s.generation, s.state, {_DONE_AT} AS done_at, s.spool_bytes, {flags}"
+            f" FROM studies s WHERE {_DONE_STUDY} AND (SELECT COUNT(*) FROM purges p"
+            f" WHERE p.study_uid=s.study_uid AND p.generation=s.generation) < {len(FILE_KINDS)}"
+            " ORDER BY done_at, s.study_uid"
+        )
+        return [
+            PurgeCandidate(r["study_uid"], int(r["generation"]), r["state"], float(r["done_at"]),
+                           tuple(k for k in FILE_KINDS if not r[f"{k}_gone"]), int(r["spool_bytes"]))
+            for r in rows
+        ]
+
+    def claim_purge(self, study_uid: str, generation: int, kind: str, reason: str,
+                    now: float | None = None) -> list[str] | None:
+        """Record that ``kind`` files of the study's ``generation`` are being removed,
+        if the study is still done at that generation with nothing left to deliver;
+        None otherwise (it was re-opened, or claimed already). For the spool, returns
+        the files to remove: every instance's, as the study is done."""
+        if kind not in FILE_KINDS:
+            raise ValueError(f"{kind!r} is not one of {FILE_KINDS}")
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO purges (study_uid, generation, kind, reason, purged_at)"
+                f" SELECT s.study_uid, s.generation, ?, ?, ? FROM studies s WHERE s.study_uid=? AND s.generation=?"
+                f" AND {_DONE_STUDY} ON CONFLICT (study_uid, generation, kind) DO NOTHING",
+                (kind, reason, now, study_uid, generation),
+            )
+            if cur.rowcount != 1:
+                return None
+            if kind != "spool":
+                return []
+            db.execute("UPDATE studies SET spool_bytes=0 WHERE study_uid=?", (study_uid,))
+            rows = db.execute("SELECT path FROM instances WHERE study_uid=? ORDER BY path", (study_uid,)).fetchall()
+        return [r["path"] for r in rows]
+
+    def purge_paths(self, study_uid: str, purged_at: float) -> list[str]:
+        """Spool files a removal claimed at ``purged_at`` took, for finishing it after a
+        crash: those of instances received before it (one that re-opened the study
+        since is not among them)."""
+        rows = self._query("SELECT path FROM instances WHERE study_uid=? AND received_at<=? ORDER BY path",
+                           (study_uid, purged_at))
+        return [r["path"] for r in rows]
+
+    def finish_purge(self, study_uid: str, generation: int, kind: str, removed_bytes: int) -> None:
+        """Record that the files of a claimed removal are gone."""
+        with self._tx() as db:
+            db.execute("UPDATE purges SET bytes=? WHERE study_uid=? AND generation=? AND kind=?",
+                       (removed_bytes, study_uid, generation, kind))
+
+    def unfinished_purges(self) -> list[dict[str, Any]]:
+        """Removals claimed but not finished (the process died between the two)."""
+        return [dict(r) for r in self._query("SELECT * FROM purges WHERE bytes IS NULL ORDER BY purged_at")]
+
+    def purges(self, study_uid: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM purges WHERE study_uid=? ORDER BY generation, purged_at, kind", (study_uid,))
+        return [dict(r) for r in rows]
+
+    def purge_totals(self) -> dict[str, tuple[int, int]]:
+        """Kind of files -> (removals, bytes removed), since the ledger began."""
+        rows = self._query("SELECT kind, COUNT(*), COALESCE(SUM(bytes), 0) FROM purges GROUP BY kind")
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def spool_bytes_by_state(self) -> dict[str, int]:
+        """Bytes in the spool per study state (removed files not counted)."""
+        rows = self._query("SELECT state, COALESCE(SUM(spool_bytes), 0) FROM studies GROUP BY state")
+        return {r[0]: int(r[1]) for r in rows}
 
     # --- figures for monitoring (aggregated in SQL: a scrape stays cheap) -------
     _STAMPS = frozenset({

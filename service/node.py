@@ -19,6 +19,7 @@ from typing import Protocol
 import click
 
 from service.cli import settings_from
+from service.delivery.retention import RetentionService
 from service.common.logs import announce
 from service.delivery.sender import SenderService
 from service.ingest.server import ReceiverService
@@ -26,6 +27,7 @@ from service.ingest.stow import stow_router
 from service.ledger import Ledger, open_ledger
 from service.ops.web import ExtraRouter, build_web_server
 from service.pipeline.completion import CompletionLoop
+from service.pipeline.routing import Router
 from service.pipeline.scheduler import SchedulerService
 from service.pipeline.workers import WorkerProcesses
 from service.settings import Settings
@@ -51,10 +53,12 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     stow = ExtraRouter(stow_router(settings, lambda: receiver.store), settings.stow_max_request_mb << 20)
     return [
         *([build_web_server(settings, ledger, routers=[stow])] if settings.http_port else []),
-        CompletionLoop(ledger, settings.quiet_period_s, on_complete=scheduler.wake),
+        CompletionLoop(ledger, settings.quiet_period_s, on_complete=scheduler.wake,
+                       route=Router(settings, ledger).route),
         *([WorkerProcesses(settings)] if settings.workers else []),
         scheduler,
         SenderService(settings, ledger),
+        RetentionService(settings, ledger),
         receiver,
     ]
 

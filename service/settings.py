@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -112,11 +112,81 @@ def parse_peer(text: str) -> Peer:
     return DicomWebDestination.parse(text) if "://" in text else Destination.parse(text)
 
 
+#: What a breast node analyses when nothing else is said (setting routing_rules): a
+#: study that names the breast, and one that names no body part at all.
+BREAST = r"breast|mamm|\bbrust|\bmama\b|\bsein\b|axill|gyn(a)?ecomast|76752008|T-04000"
+#: A study that names another body part is stored and not analysed.
+OTHER_BODY_PARTS = (
+    r"cardi|\bheart|\bTEE\b|\bTTE\b|esophag|thyr|\bneck\b|abdom|liver|hepat|kidney|renal|spleen|pancrea"
+    r"|gallbladder|bladder|bowel|appendi|obstet|\bOB\b|fetal|foetal|fetus|pregnan|gestat|gyn(a)?ecol|\bgyn\b"
+    r"|pelvi|uter(us|ine)|ovar|endomet|vagin|prostat|scrot|testi(s|cle|cular)|carotid|aort|arter|venous|\bvein"
+    r"|\bDVT\b|vascul|muscul|\bMSK\b|tendon|joint|shoulder|elbow|wrist|\bhand\b|\bhip\b|knee|ankle|\bfoot\b"
+    r"|brain|\bcran|transcran|ocular|\beye\b|orbit|lung|pleura|spine"
+)
+
+
 def _split_list(value: Any) -> Any:
     """Let scripts write lists as ``a,b,c`` in environment variables."""
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+class RoutingRule(BaseModel):
+    """One routing rule (setting ``routing_rules``): conditions on a study's DICOM
+    attributes and what follows when they all hold.
+
+    Each condition is a regular expression searched, ignoring case, in the values of
+    the study's instances (the first instance of each series); a rule without
+    conditions holds for every study. The first rule that holds and has an
+    ``action`` decides whether the study is analysed; the first that holds and has
+    ``destinations`` decides where its results go. See service.pipeline.routing.
+    """
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    name: str = Field(min_length=1, description="Shown by 'sonocase status' for the studies it routed")
+    action: Literal["analyse", "skip"] | None = None
+    destinations: list[Peer] | None = None
+    body_part: str | None = Field(None, description="Any body-part hint: Body Part Examined, Study/Series "
+                                  "Description, Protocol Name, procedure descriptions, Anatomic Region codes")
+    modality: str | None = None
+    body_part_examined: str | None = None
+    study_description: str | None = None
+    series_description: str | None = None
+    protocol_name: str | None = None
+    calling_ae: str | None = None
+    anatomic_region: str | None = Field(None, description="Code value or meaning of the Anatomic Region Sequence")
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, value: Any) -> Any:
+        items = _split_list(value)
+        return [parse_peer(v) if isinstance(v, str) else v for v in items] if items is not None else None
+
+    @field_validator("body_part", "modality", "body_part_examined", "study_description", "series_description",
+                     "protocol_name", "calling_ae", "anatomic_region")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _does_something(self) -> RoutingRule:
+        if self.action is None and self.destinations is None:
+            raise ValueError(f"routing rule {self.name!r} needs an action, destinations or both")
+        return self
+
+
+def default_routing_rules() -> list[RoutingRule]:
+    return [
+        RoutingRule(name="breast", action="analyse", body_part=BREAST),
+        RoutingRule(name="other-body-part", action="skip", body_part=OTHER_BODY_PARTS),
+    ]
 
 
 class Settings(BaseSettings):
@@ -184,8 +254,21 @@ class Settings(BaseSettings):
     )
     min_free_disk_mb: int = Field(500, ge=0, description="Refuse C-STORE below this much free disk")
     max_pending_studies: int = Field(200, ge=1, description="Refuse C-STORE while more studies wait for analysis")
+    retention_spool_days: float = Field(
+        7.0, ge=0, description="Keep a done study's received instances this many days (done: sent, or skipped)"
+    )
+    retention_results_days: float = Field(7.0, ge=0, description="Keep a done study's heatmaps this many days")
+    retention_outbox_days: float = Field(30.0, ge=0, description="Keep a done study's result objects this many days")
+    purge_when_free_below_mb: int = Field(
+        2000, ge=0, description="Below this much free disk, remove done studies' files, longest done first; 0: never"
+    )
+    purge_until_free_mb: int = Field(4000, ge=0, description="... until this much is free")
     non_ultrasound: Literal["store-ignore", "refuse"] = Field(
         "store-ignore", description="What to do with an instance whose Modality is not US"
+    )
+    routing_rules: list[RoutingRule] = Field(
+        default_factory=default_routing_rules,
+        description="Which complete studies are analysed and where their results go (first match wins)",
     )
 
     # --- queue and worker --------------------------------------------------
@@ -288,6 +371,14 @@ class Settings(BaseSettings):
         items = _split_list(value)
         return [parse_peer(v) if isinstance(v, str) else v for v in items]
 
+    @field_validator("routing_rules")
+    @classmethod
+    def _unique_rule_names(cls, value: list[RoutingRule]) -> list[RoutingRule]:
+        names = [rule.name for rule in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"routing rule names must differ: {names}")
+        return value
+
     @field_validator("ledger_url")
     @classmethod
     def _ledger_url(cls, value: str) -> str:
@@ -368,6 +459,13 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             env_name = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else name
             lines.append(f"invalid setting {env_name} ({name}): {error['msg']}")
         raise SettingsError("\n".join(lines)) from None
+    if settings.purge_when_free_below_mb and not (
+        settings.min_free_disk_mb < settings.purge_when_free_below_mb <= settings.purge_until_free_mb
+    ):
+        raise SettingsError(
+            f"{ENV_PREFIX}PURGE_WHEN_FREE_BELOW_MB must lie above {ENV_PREFIX}MIN_FREE_DISK_MB (the node would refuse "
+            f"studies before it removes anything) and at most {ENV_PREFIX}PURGE_UNTIL_FREE_MB"
+        )
     if settings.max_in_flight_mb < settings.max_dataset_mb:
         raise SettingsError(f"{ENV_PREFIX}MAX_IN_FLIGHT_MB ({settings.max_in_flight_mb}) must be at least "
                             f"{ENV_PREFIX}MAX_DATASET_MB ({settings.max_dataset_mb}): a data set that size could "

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -60,13 +61,13 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
         return False
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 6 MiB file system (tmpfs) to fill: a full disk, not a stand-in. Needs
-    the right to mount (root, as on these machines and in CI)."""
-    mount_point = tmp_path / "small-disk"
+@contextmanager
+def tmpfs(mount_point: Path, size_mb: int) -> Iterator[Path]:
+    """A real file system of ``size_mb`` MiB (tmpfs) at ``mount_point``, to fill: a
+    full disk, not a stand-in. Needs the right to mount (root, as on these machines
+    and in CI)."""
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount_point)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount_point)],
                              capture_output=True, text=True)
     if mounted.returncode:
         pytest.skip(f"no full disk can be made here: mounting a tmpfs failed ({mounted.stderr.strip()})")
@@ -74,6 +75,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 6 MiB tmpfs (see :func:`tmpfs`)."""
+    with tmpfs(tmp_path / "small-disk", 6) as mount_point:
+        yield mount_point
 
 
 def dcmtk(tool: str) -> str:

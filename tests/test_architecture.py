@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: (node, demo) wire the stages together; training builds on the node's code.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("contracts", ("service", "service.__init__", "service.settings", "service.ledger", "service.results",
-                   "service.model_card", "service.cli", "service.common")),
+                   "service.model_card", "service.cli", "service.common", "service.migrations")),
     ("model", ("service.model",)),
     ("datasets", ("service.datasets",)),
     ("ingest", ("service.ingest",)),

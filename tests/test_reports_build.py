@@ -80,20 +80,25 @@ def test_without_a_destination_the_objects_stay_in_the_outbox(settings: Settings
     assert ledger.study(study.uid)["state"] == StudyState.REPORTED
 
 
-@pytest.mark.filterwarnings("ignore:The value length .70. exceeds:UserWarning")
 def test_an_object_failing_the_gate_fails_the_study_and_queues_nothing(to_two: Settings, ledger: Ledger) -> None:
-    """A modality that sent an over-long Patient ID: the SR would copy it, the gate
-    refuses it (a PACS may too)."""
-    study = analysed_study(to_two, ledger, files=["US1_UNCR.dcm", "OBXXXX1A.dcm"])
-    ds = pydicom.dcmread(study.paths[0])
-    ds.PatientID = "9" * 70
-    ds.save_as(study.paths[0], enforce_file_format=True)
-    assert build_reports(to_two, ledger, study.uid, study.reference_images) == []
-    row = ledger.study(study.uid)
+    """A result naming a similar study by a SOP Class UID that is no UID (a damaged
+    index row): the SR and the montage would carry it, the gate refuses them (a
+    PACS may too), and the error names the attribute, not the value."""
+    study_uid, paths = store_study(to_two, ledger, ["US1_UNCR.dcm", "OBXXXX1A.dcm"])
+    ledger.complete_quiet_studies(0.0, now=time.time() + 1)
+    generation = ledger.claim_analysis(study_uid, lease_s=60)
+    assert generation is not None
+    result, references = analyse(to_two, study_uid, paths, generation=generation)
+    damaged = result.similar[0].model_copy(update={"sop_class_uid": "1.2.840.10008.5.1.4.1.1.6.01"})
+    result = result.model_copy(update={"similar": [damaged, *result.similar[1:]]})
+    assert ledger.finish_analysis(study_uid, generation, result.model_dump())
+    assert build_reports(to_two, ledger, study_uid, references) == []
+    row = ledger.study(study_uid)
     assert (row["state"], row["failed_stage"]) == (StudyState.FAILED, "report")
-    assert "PatientID: The value length (70) exceeds the maximum length of 64" in row["error"]
-    assert ledger.outbox(study.uid) == []
-    assert not (to_two.outbox_dir / study.uid).exists()
+    assert "ReferencedSOPClassUID is not a valid UI" in row["error"], row["error"]
+    assert "1.2.840.10008.5.1.4.1.1.6.01" not in row["error"]
+    assert ledger.outbox(study_uid) == []
+    assert not (to_two.outbox_dir / study_uid).exists()
 
 
 def test_a_missing_heatmap_or_a_broken_template_fails_the_study_with_the_reason(

@@ -71,12 +71,12 @@ def _set(keyword: str, value: object) -> Callable[[Dataset], None]:
         ("sr", _drop("PatientID"), "PatientID (Type 2) is missing"),
         ("sr", _set("ContentDate", ""), "ContentDate (Type 1) is empty"),
         ("sr", _set("VerificationFlag", "VERIFIED"), "must be UNVERIFIED"),
-        ("sr", _set("PatientID", "X" * 80), "PatientID: The value length (80) exceeds the maximum length of 64"),
+        ("sr", _set("PatientID", "X" * 80), "PatientID is not a valid LO (too long)"),
         ("sc", _set("BurnedInAnnotation", "NO"), "Burned In Annotation must be YES"),
         ("sc", _drop("SourceImageSequence"), "SourceImageSequence (Type 1) is missing"),
         ("sc", _set("ImageComments", "AI result"), "the disclaimer is not in Image Comments"),
         ("sc", _set("Rows", 17), "pixels"),
-        ("montage", _set("StudyInstanceUID", "1.2.3.abc"), "StudyInstanceUID: Invalid value"),
+        ("montage", _set("StudyInstanceUID", "1.2.3.abc"), "StudyInstanceUID is not a valid UI"),
         ("sc", _set("SOPClassUID", "1.2.840.10008.5.1.4.1.1.6.1"), "is not one we produce"),
         ("seg", lambda ds: delattr(ds.SharedFunctionalGroupsSequence[0], "PlaneOrientationSequence"),
          "lack PlaneOrientationSequence, which viewers need"),
@@ -157,7 +157,7 @@ def test_file_meta_must_match_the_data_set(objects: dict[str, bytes]) -> None:
 
 
 def test_not_dicom_at_all(objects: dict[str, bytes]) -> None:
-    with pytest.raises(GateError, match="pydicom cannot read it: File is missing DICOM File Meta"):
+    with pytest.raises(GateError, match="pydicom cannot read it: InvalidDicomError: File is missing DICOM File Meta"):
         check_object(b"\x00" * 10, DISCLAIMER)
     with pytest.raises(GateError, match="file meta information is missing or cut short"):
         check_object(objects["sr"][:200], DISCLAIMER)

@@ -301,6 +301,44 @@ def test_rebuild_re_embeds_stored_images_with_the_new_model(tmp_path: Path) -> N
     old.close()
 
 
+def test_an_interrupted_rebuild_resumes_and_never_mixes_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild stopped half-way (the process killed: here its embedding raises)
+    keeps what it embedded; queries go on against the old model's graph; the next
+    run embeds only the rest, and the new graph holds the new model's vectors only."""
+    monkeypatch.setattr("service.similar.index.REBUILD_BATCH", 4)
+    src = get_testdata_file("US1_UNCR.dcm")
+    batch = [
+        IndexEntry(**{**e.__dict__, "image_path": dicom_copy(src, tmp_path / "in" / f"{i}.dcm", e.sop_instance_uid)})
+        for i, e in enumerate(entries(clustered(10), per_study=2))
+    ]
+    with open_index(tmp_path / "index") as old:
+        old.add(batch)
+    embedded: list[str] = []
+
+    def new_model(image: StoredImage) -> np.ndarray:
+        embedded.append(image.sop_instance_uid)
+        if len(embedded) == 7:
+            raise KeyboardInterrupt  # the operator's Ctrl-C, mid-batch
+        return unit(np.random.default_rng(int(image.sop_instance_uid.rsplit(".", 1)[1])).normal(size=8))
+
+    with open_index(tmp_path / "index", OTHER_MODEL) as new:
+        assert new.rebuild_progress() == (0, 10)
+        with pytest.raises(KeyboardInterrupt):
+            new.rebuild(new_model)
+        assert new.rebuild_progress() == (4, 10)  # the first batch was committed, the second not
+        assert new.bound_model == MODEL
+        with open_index(tmp_path / "index") as still_old:
+            assert len(still_old.query(clustered(1), 3, "x")) == 3  # the old graph answers meanwhile
+        done: list[int] = []
+        result = new.rebuild(new_model, done.append)
+        assert result.embedded == 10 and sum(done) == 6  # only what the first run had not committed
+        assert embedded[7:] == [f"1.2.3.1.{i}" for i in range(4, 10)]
+        assert new.bound_model == OTHER_MODEL and new.info().dim == 8
+        assert new.rebuild_progress() == (0, 10)  # staging emptied with the swap
+        found = new.query(new_model(new.stored_images()[3]), 3, "x")
+        assert found[0].sop_instance_uid == "1.2.3.1.3" and found[0].distance == pytest.approx(0, abs=1e-4)
+
+
 def test_concurrent_queries_while_a_writer_adds(tmp_path: Path) -> None:
     vectors = clustered(3000, seed=6)
     truth = {f"1.2.3.1.{i}": v for i, v in enumerate(vectors)}

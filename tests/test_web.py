@@ -234,7 +234,8 @@ def test_health_ready_and_metrics(node: Node) -> None:
 
 def test_not_ready_names_the_failing_check(tmp_path: Path) -> None:
     closed = free_port()  # nothing listens there
-    settings = _settings(tmp_path, min_free_disk_mb=10**9, broker_url=f"redis://127.0.0.1:{closed}/0")
+    settings = _settings(tmp_path, min_free_disk_mb=10**9, purge_when_free_below_mb=0,
+                         broker_url=f"redis://127.0.0.1:{closed}/0")
     (tmp_path / "model" / "probe.onnx").write_bytes(b"another model, card not updated")
     ledger = Ledger(settings.ledger_path, durable=False)
     server = build_web_server(settings, ledger)

@@ -24,12 +24,16 @@ from typing import Any
 
 import click
 
+from service.common.errors import format_exception
+
 #: Extras that must never appear in a log record.
 PHI_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID", "PatientBirthDate"})
 _PHI_TEXT = re.compile(
     r"\((0010),\s*(0010|0020|0030)\)[^\n]*|Patient(?:'s)? (?:Name|ID|Birth Date)\s+[A-Z]{2}:[^\n]*"
     # highdicom's warning about a one-component person name quotes the name
     r'|The string "[^"\n]*" is unlikely to represent the intended person name'
+    # pydicom quoting a value it refuses
+    r"|(?<=Invalid value for VR [A-Z]{2}: )'[^\n]*"
 )
 
 
@@ -57,10 +61,11 @@ def mask_phi(text: str) -> str:
 
 class _MaskedTracebacks(logging.Formatter):
     """A traceback is text the filter never sees (an exception's message can hold a
-    data-set dump): it is masked the same way when formatted."""
+    data-set dump or a value): a library's exception text is left out of it
+    (service.common.errors), and what remains is masked the same way."""
 
     def formatException(self, ei: Any) -> str:
-        return mask_phi(super().formatException(ei))
+        return mask_phi(format_exception(ei[1]) if ei[1] is not None else super().formatException(ei))
 
 
 class JsonFormatter(_MaskedTracebacks):

@@ -33,7 +33,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from service.common.spool import free_disk_mb
-from service.ledger import Ledger, OutboxState, StudyState
+from service.ledger import FILE_KINDS, Ledger, OutboxState, StudyState
 
 #: Seconds; studies take from under a second (analysis) to hours (a PACS down).
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -131,6 +131,7 @@ class LedgerCollector(Collector):
         )
         yield self._latencies()
         yield from self._outbox()
+        yield from self._files()
         yield GaugeMetricFamily(
             "sonocase_disk_free_bytes", "Free disk space where the spool and ledger live",
             value=free_disk_mb(self._data_dir) * 2**20,
@@ -165,6 +166,21 @@ class LedgerCollector(Collector):
             "Failed delivery attempts recorded in the outbox (each is retried; a resend resets them)",
             value=sum(attempts for _, attempts in totals.values()),
         )
+
+
+    def _files(self) -> Iterator[Metric]:
+        spool = GaugeMetricFamily("sonocase_spool_bytes", "Bytes of received instances in the spool, by study state",
+                                  labels=["state"])
+        held = self._ledger.spool_bytes_by_state()
+        for state in StudyState:
+            spool.add_metric([state.value], held.get(state, 0))
+        yield spool
+        removed = CounterMetricFamily("sonocase_removed_bytes", "Bytes of done studies' files removed by retention",
+                                      labels=["kind"])
+        totals = self._ledger.purge_totals()
+        for kind in FILE_KINDS:
+            removed.add_metric([kind], totals.get(kind, (0, 0))[1])
+        yield removed
 
 
 def build_registry(collector: LedgerCollector) -> CollectorRegistry:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import click
 from pydicom import dcmread
 
 from service.cli import settings_from
-from service.ledger import Ledger, StudyState, open_ledger
+from service.ledger import Ledger, StudyState, open_ledger, study_destinations
 from service.reports.build import DEFAULT_SR_CLASS, build_reports, outbox_folder
 from service.reports.sr import SR_CLASSES
 from service.settings import Settings
@@ -68,10 +69,16 @@ def retry_study(settings: Settings, ledger: Ledger, study_uid: str) -> Retried:
             raise NothingToRetry(f"the report failed again: {ledger.study(study_uid)['error']}")
         LOG.info("reported again after failure", extra={"study_uid": study_uid})
         return Retried(RetryKind.REPORT, f"reported again: {len(paths)} object(s) written" + _destination_note(settings))
+    if state == StudyState.SKIPPED:
+        raise NothingToRetry(f"study {study_uid} is not analysed ({study['routing_reason']}): it has no results")
     if state not in (StudyState.REPORTED, StudyState.SENT, StudyState.FAILED):
         raise NothingToRetry(f"study {study_uid} is {state}: it has no results to send")
     generation = study["generation"]
-    queued = _queue_outbox_files(settings, ledger, study_uid, generation)
+    gone = [p for p in ledger.purges(study_uid) if p["kind"] == "outbox" and p["generation"] == generation]
+    if gone:
+        raise NothingToRetry(f"study {study_uid} was sent, and its result objects were removed by retention "
+                             f"({gone[0]['reason']})")
+    queued = _queue_outbox_files(settings, ledger, study, generation)
     due = ledger.reset_outbox(study_uid)
     if state == StudyState.FAILED:
         ledger.transition(study_uid, StudyState.REPORTED, (StudyState.FAILED,), generation, failed_stage=None, error=None)
@@ -83,11 +90,12 @@ def retry_study(settings: Settings, ledger: Ledger, study_uid: str) -> Retried:
                    + _destination_note(settings))
 
 
-def _queue_outbox_files(settings: Settings, ledger: Ledger, study_uid: str, generation: int) -> int:
+def _queue_outbox_files(settings: Settings, ledger: Ledger, study: dict[str, Any], generation: int) -> int:
     """Queue the generation's objects for configured destinations that have none of
     them yet (destinations added after the study was reported); return how many
     objects the generation has. SRs rebuilt for another destination are not queued:
     a new destination gets the default class and falls back by itself."""
+    study_uid = study["study_uid"]
     items = []
     for path in sorted(outbox_folder(settings, study_uid, generation).glob("*.dcm")):
         header = dcmread(path, stop_before_pixels=True)
@@ -95,7 +103,7 @@ def _queue_outbox_files(settings: Settings, ledger: Ledger, study_uid: str, gene
             continue
         items.append((header.SOPInstanceUID, header.SOPClassUID, str(path)))
     served = {r["destination"] for r in ledger.outbox(study_uid) if r["generation"] == generation}
-    new = [str(d) for d in settings.destinations if str(d) not in served]
+    new = [d for d in study_destinations(study, [str(d) for d in settings.destinations]) if d not in served]
     if new:
         ledger.enqueue_outbox(study_uid, generation, items, new)
     return len(items)

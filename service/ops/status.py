@@ -42,15 +42,17 @@ def study_detail(ledger: Ledger, study_uid: str) -> dict[str, Any] | None:
         "instances": [asdict(inst) for inst in ledger.instances(study_uid)],
         "result": ledger.result(study_uid),
         "outbox": ledger.outbox(study_uid),
+        "removed": ledger.purges(study_uid),
     }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of study summaries, newest first."""
-    header = ("STUDY UID", "STATE", "INST", "FIRST RECEIVED", "LAST RECEIVED", "UPDATED", "ERROR")
+    header = ("STUDY UID", "STATE", "INST", "FIRST RECEIVED", "LAST RECEIVED", "UPDATED", "RULE", "ERROR")
     lines = [
         (r["study_uid"], r["state"], str(r["instances"]), _when(r["first_received"]), _when(r["last_received"]),
-         _when(r["updated_at"]), (f"{r['failed_stage']}: " if r["failed_stage"] else "") + (r["error"] or ""))
+         _when(r["updated_at"]), r["routing_rule"] or "-",
+         (f"{r['failed_stage']}: " if r["failed_stage"] else "") + (r["error"] or ""))
         for r in rows
     ]
     widths = [max([len(col), *(len(line[i]) for line in lines)]) for i, col in enumerate(header[:-1])]
@@ -83,6 +85,10 @@ def format_detail(detail: dict[str, Any]) -> str:
         error = f"  {row['error']}" if row["error"] else ""
         lines.append(f"  {row['sop_instance_uid']} -> {row['destination']}: {row['state']}"
                      f" after {row['attempts']} attempt(s){error}")
+    for row in detail["removed"]:
+        done = f"{row['bytes']} bytes" if row["bytes"] is not None else "not finished"
+        lines.append(f"removed {row['kind']} files of generation {row['generation']} at {_when(row['purged_at'])}"
+                     f" ({done}): {row['reason']}")
     return "\n".join(lines)
 
 

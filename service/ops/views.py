@@ -209,6 +209,8 @@ class StudyView(BaseModel):
     heatmap: Path | None = Field(exclude=True)
     failed_stage: str | None
     error: str | None
+    routing_rule: str | None  # the rule that decided whether it is analysed (None: no rule matched)
+    routing_reason: str | None  # which attributes matched (keywords, never values)
     outbox: dict[str, int]
     can_retry: bool
 
@@ -280,6 +282,8 @@ def study_view(ledger: Ledger, results_dir: Path, study: Mapping[str, Any]) -> S
         heatmap=heatmap,
         failed_stage=study["failed_stage"],
         error=study["error"],
+        routing_rule=study["routing_rule"],
+        routing_reason=study["routing_reason"],
         outbox=outbox,
         can_retry=study["state"] == StudyState.FAILED or outbox.get(OutboxState.FAILED, 0) > 0,
     )
@@ -377,6 +381,8 @@ def _row_html(view: StudyView) -> str:
     )
     outbox = ", ".join(f"{n} {html.escape(s)}" for s, n in sorted(view.outbox.items()))
     again = f" (analysis {view.generation})" if view.generation > 1 else ""  # re-opened by a late instance
+    if view.state == StudyState.SKIPPED:  # not analysed: say which routing rule decided
+        again += f" by rule {view.routing_rule}"
     return (
         f"<tr data-study='{uid}'><td><code>{uid}</code></td><td>{html.escape(view.accession)}</td>"
         f"<td class='state {html.escape(view.state)}'>{html.escape(view.state)}{again}</td>"

@@ -23,6 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from service.common.errors import error_text
 from service.common.deflate import read_instance
 from service.common.spool import instance_path, write_atomic
 from service.ledger import InstanceRecord
@@ -98,7 +99,7 @@ def _read(rec: InstanceRecord, spool_dir: Path, max_inflated: int) -> Dataset | 
     try:
         return read_instance(path, max_inflated)
     except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
-        return f"cannot read the stored instance ({type(exc).__name__}: {exc})"
+        return f"cannot read the stored instance ({error_text(exc)})"
 
 
 def _save_heatmap(path: Path, heatmap: np.ndarray, durable: bool) -> None:

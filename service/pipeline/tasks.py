@@ -25,6 +25,7 @@ from celery import Celery
 from celery.signals import setup_logging, worker_process_init
 
 from service.cli import settings_from
+from service.common.errors import error_text
 from service.ledger import Ledger, StudyState, open_ledger
 from service.model.inference import ModelError, OnnxModel
 from service.pipeline.analysis import analyse_study
@@ -80,7 +81,14 @@ class WorkerState:
 
     def index(self, model: OnnxModel) -> SimilarCaseIndex | None:
         """The node's similar-case index, or None while there is none (nor should be:
-        ``index_analysed_studies`` creates it) or it holds another model's embeddings."""
+        ``index_analysed_studies`` creates it) or it holds another model's embeddings
+        (checked for every study: ``sonocase index rebuild`` may swap models under a
+        running worker, and two models' vectors are never compared)."""
+        if self._index is not None:
+            bound = self._index.bound_model
+            if bound is None or bound.sha256 != model.identity.sha256:
+                self._index.close()
+                self._index = None
         if self._index is None:
             try:
                 existing = SimilarCaseIndex.from_settings(self.settings, None)
@@ -115,7 +123,7 @@ def process_study(state: WorkerState, study_uid: str) -> str:
             index = state.index(model)
             analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid), index)
         except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = error_text(exc)
             outcome = ledger.retry_or_fail(study_uid, "analysis", reason, settings.task_max_attempts,
                                            settings.task_retry_backoff_s)
             LOG.exception("analysis failed (%s)", "giving up" if outcome == StudyState.FAILED else "will retry",
@@ -130,13 +138,15 @@ def process_study(state: WorkerState, study_uid: str) -> str:
         LOG.info("analysed: %s%s in %.2f s", summary.predicted or "no class",
                  f" ({summary.probability:.3f})" if summary.probability is not None else "",
                  analysis.result.timings_s.get("total_s", 0.0), extra={"study_uid": study_uid})
+        if index is not None and analysis.index_entries:
+            # Before the report: once the study is sent, retention may remove the
+            # spool files the index copies its reference images from.
+            try:
+                index.add(analysis.index_entries)
+            except Exception:  # the result and reports stand; only the index misses this study
+                LOG.exception("the analysed study could not be added to the similar-case index",
+                              extra={"study_uid": study_uid})
         _report(state, study_uid, generation, index)
-    if index is not None and analysis.index_entries:
-        try:
-            index.add(analysis.index_entries)
-        except Exception:  # the result and reports stand; only the index misses this study
-            LOG.exception("the analysed study could not be added to the similar-case index",
-                          extra={"study_uid": study_uid})
     return "analysed"
 
 
@@ -153,7 +163,7 @@ def _report(state: WorkerState, study_uid: str, generation: int, index: SimilarC
     except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
         LOG.exception("building the reports failed", extra={"study_uid": study_uid, "stage": "report"})
         state.ledger.transition(study_uid, StudyState.FAILED, (StudyState.ANALYSED,), generation,
-                                failed_stage="report", error=f"{type(exc).__name__}: {exc}"[:2000])
+                                failed_stage="report", error=error_text(exc)[:2000])
 
 
 def register_tasks(app: Celery, state: WorkerState) -> None:

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
+
+from pydantic import BaseModel
+from pydantic_settings import NoDecode
 
 from service.pipeline.queue import POLL_S
 from service.settings import ENV_PREFIX, Settings
@@ -20,12 +24,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as ``SONOCASE_*`` variables, so a child process started with them
     runs with exactly this node's settings (command-line overrides included)."""
     env = {}
-    for name in type(settings).model_fields:
+    for name, field in type(settings).model_fields.items():
         value = getattr(settings, name)
         if value is None:
             continue
-        if isinstance(value, list):
+        if isinstance(value, list) and NoDecode in field.metadata:  # a,b,c
             text = ",".join(str(v) for v in value)
+        elif isinstance(value, list):  # JSON, as pydantic-settings reads a complex value
+            text = json.dumps([v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value])
         elif isinstance(value, bool):
             text = "true" if value else "false"
         else:

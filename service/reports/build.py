@@ -38,13 +38,15 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
+from service.common.errors import error_text
 from service.common.spool import write_atomic
-from service.ledger import Ledger, StudyState
+from service.ledger import Ledger, StudyState, study_destinations
 from service.reports import Placement, derived_uid
 from service.reports.heatmaps import load_heats
-from service.reports.kos import build_kos
+from service.reports.kos import build_kos, key_images
 from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc
 from service.reports.seg import build_heatmap_seg, seg_skip_reason
+from service.reports.source import read_source
 from service.reports.sr import (
     SR_CLASSES,
     Heats,
@@ -120,11 +122,16 @@ def read_sources(ledger: Ledger, result: StudyResult) -> tuple[list[Dataset], di
     and their spool paths. The first header gets empty Type 2 study attributes where
     the modality sent none."""
     paths = {rec.sop_instance_uid: Path(rec.path) for rec in ledger.instances(result.study_uid)}
-    headers = []
+    headers, repairs = [], set()
     for image in result.images:
         if image.sop_instance_uid not in paths:
             raise ReportError(f"instance {image.sop_instance_uid} of the result is not in the ledger")
-        headers.append(pydicom.dcmread(paths[image.sop_instance_uid], stop_before_pixels=True))
+        header, repaired = read_source(paths[image.sop_instance_uid])
+        headers.append(header)
+        repairs.update(map(str, repaired))
+    if repairs:
+        LOG.warning("source values not valid for their VR, repaired or left out of our objects: %s",
+                    "; ".join(sorted(repairs)), extra={"study_uid": result.study_uid})
     if not headers:
         raise ReportError("the result lists no instance")
     for keyword in _TYPE2_STUDY:
@@ -213,7 +220,7 @@ def build_objects(
     pictures: dict[str, Dataset] = {}
     for number, image in enumerate(analysed, start=1):
         uid = image.sop_instance_uid
-        pictures[uid] = pydicom.dcmread(paths[uid])
+        pictures[uid] = read_source(paths[uid], stop_before_pixels=False)[0]
         heat = heats[(uid, decisive_frame(image).frame_number)]
         sc_ref, *seg_refs = references[uid]
         sc = build_heatmap_sc(result, template, image, pictures[uid], heat,
@@ -239,7 +246,7 @@ def build_objects(
             settings.sc_transfer_syntax,
         )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
-    if analysed:
+    if key_images(result):  # none when every analysed image lies outside the model's experience
         sr_ref = _reference(result, sr_series_uid(result.study_uid, result.generation), sr.sop_class_uid,
                             sr.sop_instance_uid)
         kos = build_kos(result, template, sources, sr_ref, Placement(
@@ -319,7 +326,7 @@ def build_reports(
         # Bad input (a template, a result, a heatmap file, a source image; pydicom
         # signals a missing attribute with AttributeError): the study shows why, the
         # worker moves on, and `sonocase resend` builds again once it is fixed.
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = error_text(exc)
         LOG.error("report failed: %s", reason, extra={"study_uid": study_uid, "stage": "report"})
         ledger.transition(
             study_uid,
@@ -331,7 +338,7 @@ def build_reports(
         )
         return []
     written = [(obj, _write(settings, result, obj)) for obj in objects]
-    destinations = [str(d) for d in settings.destinations]
+    destinations = study_destinations(study, [str(d) for d in settings.destinations])
     if destinations:
         ledger.enqueue_outbox(
             study_uid,
@@ -381,5 +388,5 @@ def rebuild_sr(
         obj = _sr_object(settings, template, result, sources, sop_class_uid, load_heats(result))
         _gate(template, [obj])
     except (TemplateError, ValueError, OSError, AttributeError) as exc:
-        raise ReportError(f"{type(exc).__name__}: {exc}") from exc
+        raise ReportError(error_text(exc)) from exc
     return obj.sop_instance_uid, _write(settings, result, obj)

@@ -43,6 +43,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import validate_value
 
+from service.common.errors import error_text
+
 
 class GateError(ValueError):
     """An object that must not be sent; ``reasons`` lists every problem found."""
@@ -187,7 +189,7 @@ def check_object(data: bytes, disclaimer: str) -> Dataset:
     try:
         ds = dcmread(io.BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
-        raise GateError("object", [f"pydicom cannot read it: {exc}"]) from None
+        raise GateError("object", [f"pydicom cannot read it: {error_text(exc)}"]) from None
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         raise GateError("object", ["its file meta information is missing or cut short"])
     what = f"{ds.get('SOPClassUID', 'object')!s} {ds.get('SOPInstanceUID', '?')}"
@@ -235,8 +237,9 @@ def _values(ds: Dataset) -> list[str]:
                 value = getattr(value, "original_string", None) or str(value)
             try:
                 validate_value(elem.VR, value, config.RAISE)
-            except ValueError as exc:
-                reasons.append(f"{where}: {exc}")
+            except ValueError as exc:  # pydicom's text may quote the value: name the attribute only
+                reasons.append(f"{where} is not a valid {elem.VR}" + (" (too long)" if "length" in str(exc) else ""))
+                break
     return reasons
 
 
@@ -276,7 +279,7 @@ def _sr(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
         regions = sr.content.get_planar_roi_measurement_groups()
         others = sr.content.get_image_measurement_groups()
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
-        return reasons + [f"highdicom cannot parse it as a TID 1500 Measurement Report: {exc}"]
+        return reasons + [f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
     if not regions and not others:
         reasons.append("the report has no measurement group")
     if regions and others:
@@ -334,7 +337,7 @@ def _seg(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
     try:  # highdicom's reader wants a slice thickness, which 2-D ultrasound has not: pydicom decodes
         pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
     except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
-        return reasons + [f"its pixels cannot be decoded: {exc}"]
+        return reasons + [f"its pixels cannot be decoded: {error_text(exc)}"]
     if pixels.max(initial=0) > 1:
         reasons.append("its frames are not binary")
     return reasons
@@ -350,7 +353,7 @@ def _kos(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
     try:
         selected = hd.ko.KeyObjectSelectionDocument.from_dataset(dcmread(io.BytesIO(data))).content.get_references()
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
-        return reasons + [f"highdicom cannot read it as a key object selection: {exc}"]
+        return reasons + [f"highdicom cannot read it as a key object selection: {error_text(exc)}"]
     if not selected:
         reasons.append("it selects no object")
     return reasons + _evidence(ds, items)
@@ -367,7 +370,7 @@ def _sc(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
     try:
         pixels = hd.imread(io.BytesIO(data)).pixel_array
     except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
-        return reasons + [f"highdicom cannot read its pixels: {exc}"]
+        return reasons + [f"highdicom cannot read its pixels: {error_text(exc)}"]
     if pixels.shape != (ds.Rows, ds.Columns, 3) or pixels.dtype != np.uint8:
         reasons.append(f"pixels decode to {pixels.shape} {pixels.dtype}, not {ds.Rows}x{ds.Columns}x3 uint8")
     return reasons

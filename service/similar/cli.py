@@ -404,12 +404,17 @@ def build(ctx: click.Context, per_class: int | None, seed: int, busi_dir: Path |
 @index.command()
 @click.pass_context
 def rebuild(ctx: click.Context) -> None:
-    """Re-embed every stored reference image with the configured model."""
+    """Re-embed every stored reference image with the configured model (after a
+    model change). Resumable: run it again after an interruption and it goes on
+    where it stopped; the node keeps answering with the old index until the end."""
     settings = settings_from(ctx)
     with _clear_errors():
         embedder = ReferenceEmbedder(settings)
         with SimilarCaseIndex.from_settings(settings, embedder.identity) as idx:
-            with tqdm(total=len(idx.stored_images()), unit="image", desc="re-embedding", disable=None) as bar:
+            done, total = idx.rebuild_progress()
+            if done:
+                click.echo(f"resuming: {done} of {total} images were re-embedded by an earlier run", err=True)
+            with tqdm(total=total, initial=done, unit="image", desc="re-embedding", disable=None) as bar:
                 result = idx.rebuild(embedder.embed_stored, bar.update)
             version = idx.version
     for sop, reason in sorted(result.failed.items()):

@@ -11,6 +11,12 @@ Layout of the index folder::
     images/<study>/<sop>.dcm  the reference images, patient identifiers blanked
     .write.lock           fcntl lock: one writer at a time, across processes
 
+A model change re-embeds every stored reference image (:meth:`SimilarCaseIndex.rebuild`):
+the new vectors are staged in the side table (``rebuild_vectors``, keyed by the new
+model's sha256) batch by batch while queries go on against the old graph, so an
+interrupted rebuild resumes where it stopped; the swap to a graph of the new model
+happens at once, under the writer lock. Vectors of two models are never in one graph.
+
 Vectors: the model's L2-normalised embeddings in hnswlib space ``'l2'`` (squared
 Euclidean). For unit vectors this ranks exactly as ``'ip'`` would, and its root is the
 Euclidean distance (0..2) the report shows, so no conversion can go wrong.
@@ -103,7 +109,16 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE INDEX IF NOT EXISTS images_study ON images(study_uid);
 CREATE INDEX IF NOT EXISTS images_patient ON images(patient_key);
+CREATE TABLE IF NOT EXISTS rebuild_vectors (
+    image_id INTEGER NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    vector BLOB,
+    failure TEXT,
+    PRIMARY KEY (image_id, model_sha256)
+);
 """
+#: Images re-embedded per committed batch of a rebuild (what an interruption can lose).
+REBUILD_BATCH = 64
 
 
 def _check_label_source(label_source: str, confirmed: bool) -> None:
@@ -665,57 +680,89 @@ class SimilarCaseIndex:
         log.info("attached a %s diagnosis", source, extra={"study_uid": study_uid})
         return int(changed)
 
+    def rebuild_progress(self) -> tuple[int, int]:
+        """(images re-embedded for this object's model so far, live images): what a
+        resumed :meth:`rebuild` has left to do."""
+        if self.model is None:
+            raise ValueError("cannot rebuild: the index was opened without a model identity")
+        row = self._select(
+            "SELECT COUNT(r.image_id), COUNT(*) FROM images i LEFT JOIN rebuild_vectors r"
+            " ON r.image_id=i.id AND r.model_sha256=? WHERE i.deleted=0", (self.model.sha256,))[0]
+        return int(row[0]), int(row[1])
+
+    def _stage(self, embed: Callable[[StoredImage], np.ndarray], progress: Callable[[int], None] | None) -> None:
+        """Re-embed live images that have no staged vector for this model yet, a
+        committed batch at a time."""
+        assert self.model is not None
+        while True:
+            todo = self._stored(live_only=True, where=" AND id NOT IN (SELECT image_id FROM rebuild_vectors"
+                                " WHERE model_sha256=?)", args=(self.model.sha256,), limit=REBUILD_BATCH)
+            if not todo:
+                return
+            rows = []
+            for row_id, image in todo:
+                try:
+                    if image.path is None:
+                        raise ValueError("added without a stored image")
+                    rows.append((row_id, self.model.sha256, unit_vectors(embed(image))[0].tobytes(), None))
+                except ValueError as exc:
+                    rows.append((row_id, self.model.sha256, None, str(exc)))
+                if progress is not None:
+                    progress(1)
+            with self._tx() as db:
+                db.executemany("INSERT OR REPLACE INTO rebuild_vectors VALUES (?, ?, ?, ?)", rows)
+
     def rebuild(self, embed: Callable[[StoredImage], np.ndarray],
                 progress: Callable[[int], None] | None = None) -> RebuildResult:
         """Re-embed every stored reference image with this index object's model and
         bind the index to it. ``embed`` raises ValueError for an image it cannot
         embed (and images added without one cannot be); such images are marked
-        deleted with the reason. Readers keep the old graph until the new one is saved."""
+        deleted with the reason. Resumable: images re-embedded by an interrupted run
+        are not embedded again. Readers keep the old graph until the new one is saved."""
         if self.model is None:
             raise ValueError("cannot rebuild: the index was opened without a model identity")
+        sha = self.model.sha256
+        self._stage(embed, progress)  # the long part, beside queries and other writers
         with self._writing() as meta:
-            images = self._stored(live_only=True)
-            ids: list[int] = []
-            vectors: list[np.ndarray] = []
-            failed: dict[str, str] = {}
-            for row_id, image in images:
-                try:
-                    if image.path is None:
-                        raise ValueError("added without a stored image")
-                    vectors.append(unit_vectors(embed(image))[0])
-                    ids.append(row_id)
-                except ValueError as exc:
-                    failed[image.sop_instance_uid] = str(exc)
-                if progress is not None:
-                    progress(1)
-            if not ids:
-                raise ValueError(f"none of the {len(images)} reference images could be re-embedded; "
+            self._stage(embed, progress)  # images added meanwhile
+            staged = self._select(
+                "SELECT i.id, i.sop_instance_uid, i.image_file, r.vector, r.failure FROM images i"
+                " JOIN rebuild_vectors r ON r.image_id=i.id AND r.model_sha256=? WHERE i.deleted=0 ORDER BY i.id",
+                (sha,))
+            ok = [r for r in staged if r["vector"] is not None]
+            failed = {r["sop_instance_uid"]: r["failure"] for r in staged if r["vector"] is None}
+            if not ok:
+                raise ValueError(f"none of the {len(staged)} reference images could be re-embedded; "
                                  "the index is left as it was")
             now = time.time()
 
             def update(db: sqlite3.Connection) -> None:
                 db.executemany(
                     "UPDATE images SET deleted=1, deleted_reason=?, updated_at=? WHERE id=?",
-                    [(f"rebuild: {failed[img.sop_instance_uid]}", now, i)
-                     for i, img in images if img.sop_instance_uid in failed],
+                    [(f"rebuild: {r['failure']}", now, r["id"]) for r in staged if r["vector"] is None],
                 )
+                db.execute("DELETE FROM rebuild_vectors")  # this model's are in the graph; others' are stale
 
             # A new graph object: queries keep using the old one until the swap.
-            matrix = unit_vectors(np.stack(vectors))
+            matrix = unit_vectors(np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in ok]))
+            ids = [int(r["id"]) for r in ok]
             hnsw = self._new_graph(matrix.shape[1], meta)
             hnsw.resize_index(len(ids))
             hnsw.add_items(matrix, np.asarray(ids, dtype=np.uint64), num_threads=os.cpu_count() or 1)
             self._save(meta, hnsw, len(ids), max(ids), update, extra_meta=_model_meta(self.model))
-        for _, image in images:
-            if image.sop_instance_uid in failed and image.path is not None:
-                image.path.unlink(missing_ok=True)
+        for r in staged:
+            if r["vector"] is None and r["image_file"]:
+                (self.directory / r["image_file"]).unlink(missing_ok=True)
         log.info("rebuilt the similar-case index with model %s %s: %d images, %d failed",
                  self.model.name, self.model.version, len(ids), len(failed))
         return RebuildResult(embedded=len(ids), failed=failed)
 
     # --- reading -------------------------------------------------------------
-    def _stored(self, live_only: bool, where: str = "", args: Sequence[Any] = ()) -> list[tuple[int, StoredImage]]:
+    def _stored(self, live_only: bool, where: str = "", args: Sequence[Any] = (),
+                limit: int | None = None) -> list[tuple[int, StoredImage]]:
         sql = "SELECT * FROM images WHERE 1=1" + (" AND deleted=0" if live_only else "") + where + " ORDER BY id"
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", (*args, limit)
         return [
             (int(r["id"]), StoredImage(
                 sop_instance_uid=r["sop_instance_uid"], frame_number=r["frame_number"], series_uid=r["series_uid"],

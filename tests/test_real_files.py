@@ -1,0 +1,132 @@
+"""Every real ultrasound file that ships in pydicom and pydicom-data, each pushed as a
+study of its own by DCMTK's storescu (in its own transfer syntax) to one running
+`sonocase serve`, ends `sent`, its SR and SCs accepted by a DCMTK storescp PACS and
+valid there, or `skipped` by a named routing rule; never `failed`. Archive values
+that pydicom and highdicom refuse (``1994.11.05``, ``11:20:00``) are repaired, and
+no data-set value of these files reaches the node's log."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import dcmtk, free_port, wait_for
+from dicom_peers import ULTRASOUND_FILES, ultrasound_files
+from pydicom.uid import UID, generate_uid
+from test_receiver_network import DCMTK_ENV, STORESCU_SYNTAX_OPTION
+from test_reports_support import Storescp, default_template, start_storescp
+from worker_support import Process, serve
+
+from service.ledger import Ledger, StudyState
+from service.results import StudyResult
+from service.reports.validation import check_object
+from service.settings import Settings, load_settings
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+#: Files a default routing rule keeps out of the analysis, and the rule: two name
+#: an echocardiogram in Study and Series Description, one in Performed Procedure
+#: Step Description.
+SKIPPED = {"color-pl.dcm": "other-body-part", "color-px.dcm": "other-body-part",
+           "JPGLosslessP14SV1_1s_1f_8b.dcm": "other-body-part"}
+#: What these files hold that pydicom or highdicom refuse, and names: never in the log.
+VALUES = ("1994.11.05", "11:20:00", "1997.04.24", "14:04:38", "CompressedSamples^US1", "Citizen^Jan",
+          "NAME^PATIENT^NAME", "Echocardiogram", "ECHOCARDIOGRAM")
+
+
+@dataclass
+class Site:
+    settings: Settings
+    node: Process
+    pacs: Storescp
+    studies: dict[str, str]  # file name -> its study's UID
+    states: dict[str, dict[str, object]]  # study UID -> its ledger row once it settled
+
+
+def _as_own_study(path: Path, out: Path) -> str:
+    """The file with new study, series and instance UIDs (several files share them),
+    everything else as it was; returns the study UID."""
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(out, enforce_file_format=True)
+    return str(ds.StudyInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    folder = tmp_path_factory.mktemp("real-files")
+    pacs_port = free_port()
+    settings = load_settings(
+        data_dir=folder / "data", host="127.0.0.1", port=free_port(), http_port=0, quiet_period_s=1.0,
+        durability="none", workers=1, destinations=f"STORESCP@127.0.0.1:{pacs_port}",
+    )
+    pacs = start_storescp(folder / "pacs", pacs_port)
+    node = serve(settings, folder / "node.log")
+    studies = {}
+    (folder / "push").mkdir()
+    for us_file in ultrasound_files():
+        out = folder / "push" / us_file.name
+        studies[us_file.name] = _as_own_study(us_file.path, out)
+        pushed = subprocess.run(
+            [dcmtk("storescu"), "-R", STORESCU_SYNTAX_OPTION[UID(us_file.transfer_syntax)], "-aec",
+             settings.ae_title, "127.0.0.1", str(settings.port), str(out)],
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=120,
+        )
+        assert pushed.returncode == 0, f"{us_file.name}: {pushed.stderr}"
+
+    def settled() -> dict[str, dict[str, object]] | None:
+        ledger = Ledger(settings.ledger_path, durable=False)
+        try:
+            rows = {uid: ledger.study(uid) for uid in studies.values()}
+        finally:
+            ledger.close()
+        done = (StudyState.SENT, StudyState.SKIPPED, StudyState.FAILED)
+        return rows if all(row is not None and row["state"] in done for row in rows.values()) else None  # type: ignore[misc]
+
+    states = wait_for("every study to be sent, skipped or failed", settled, timeout=600, interval=0.5)
+    yield Site(settings, node, pacs, studies, states)
+    node.stop()
+    pacs.stop()
+
+
+def test_every_shipped_ultrasound_file_is_in_the_matrix() -> None:
+    assert {f.name for f in ultrasound_files()} == ULTRASOUND_FILES
+
+
+@pytest.mark.parametrize("name", sorted(ULTRASOUND_FILES))
+def test_real_file_is_sent_or_skipped_by_a_named_rule(site: Site, name: str, tmp_path: Path) -> None:
+    study_uid = site.studies[name]
+    row = site.states[study_uid]
+    assert row["state"] != StudyState.FAILED, f"{row['failed_stage']}: {row['error']}"
+    arrived = [ds for ds in site.pacs.received() if ds.StudyInstanceUID == study_uid]
+    if name in SKIPPED:
+        assert (row["state"], row["routing_rule"]) == (StudyState.SKIPPED, SKIPPED[name])
+        assert arrived == []
+        return
+    assert row["state"] == StudyState.SENT
+    ledger = Ledger(site.settings.ledger_path, durable=False)
+    try:
+        result = StudyResult.model_validate(ledger.result(study_uid))
+    finally:
+        ledger.close()
+    (image,) = result.images
+    assert bool(image.frames) != bool(image.skipped)  # analysed, or the SR says why not
+    kinds = [ds.Modality for ds in arrived]
+    assert (kinds.count("SR"), kinds.count("OT")) == (1, bool(image.frames))  # the SR; a heatmap SC if analysed
+    disclaimer = default_template().disclaimer
+    for n, ds in enumerate(arrived):
+        path = tmp_path / f"{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        check_object(path.read_bytes(), disclaimer)  # valid as the PACS holds it, not only as we sent it
+
+
+def test_no_value_of_these_files_reaches_the_log(site: Site) -> None:
+    log = site.node.log()
+    assert "source values not valid for their VR, repaired" in log  # the archive dates and times
+    for value in VALUES:
+        assert value not in log, value
