@@ -7,9 +7,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from urllib.parse import urlencode
 import numpy as np
 import pydicom
 import pytest
+from chromium import Chromium
 from fastapi import APIRouter, Request
 from kombu import Connection
 from PIL import Image
@@ -50,7 +49,7 @@ from service.results import (
 )
 from service.settings import Settings, load_settings
 from service.similar.index import SimilarCaseIndex
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port
 from tests.dicomweb_support import MULTIPART, multipart
 from tests.worker_support import serve, study_state
 
@@ -373,68 +372,10 @@ def test_retry_study_requeues_a_failed_analysis(node: Node) -> None:
 
 
 # --- headless Chromium ---------------------------------------------------------------
-class Chromium:
-    """Headless Chromium driven over the DevTools protocol (websocket-client)."""
-
-    def __init__(self, profile: Path) -> None:
-        import websocket
-
-        binary = shutil.which("chromium")
-        if binary is None:
-            pytest.fail("chromium is missing: run scripts/setup.sh (apt-get install chromium)")
-        self._proc = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not port_file.is_file() or not port_file.read_text().strip():
-            if time.monotonic() > deadline or self._proc.poll() is not None:
-                self.close()
-                pytest.fail("chromium did not open its DevTools port")
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/json/list")
-        page = next(t for t in json.loads(conn.getresponse().read()) if t["type"] == "page")
-        conn.close()
-        self._ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=20, suppress_origin=True)
-        self._id = 0
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self._id += 1
-        self._ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self._ws.recv())
-            if message.get("id") == self._id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return dict(message["result"])
-
-    def evaluate(self, expression: str) -> Any:
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def wait_for(self, expression: str, timeout_s: float = 20) -> Any:
-        probe = lambda: self.evaluate(f"document.readyState === 'complete' && ({expression})")  # noqa: E731
-        try:
-            return wait_for(expression, probe, timeout_s, interval=0.1)
-        except AssertionError as exc:
-            page = self.evaluate("document.body && document.body.innerText")
-            raise AssertionError(f"{exc}; page: {page}") from None
-
-    def close(self) -> None:
-        if hasattr(self, "_ws"):
-            self._ws.close()
-        self._proc.terminate()
-        self._proc.wait(timeout=10)
-
-
 def test_status_page_in_headless_chromium(node: Node, tmp_path: Path) -> None:
     browser = Chromium(tmp_path / "chromium-profile")
     try:
-        browser.call("Page.navigate", url=node.url + "/status")
+        browser.open(node.url + "/status")
         browser.wait_for("document.querySelector('input[name=token]') !== null")
         browser.evaluate(
             f"document.querySelector('input[name=token]').value = {json.dumps(TOKEN)};"
