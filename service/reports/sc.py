@@ -19,6 +19,7 @@ model ignored stay unchanged and the hottest regions are half covered.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import textwrap
@@ -76,11 +77,16 @@ def frame_rgb(ds: Dataset, frame_number: int = 1) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
 
 
+#: The jet colour map at 1024 levels of heat (a lookup beats interpolating every pixel).
+_JET_LUT = np.rint(
+    np.stack([np.interp(np.linspace(0.0, 1.0, 1024), _JET[:, 0], _JET[:, c]) for c in (1, 2, 3)], axis=-1) * 255
+).astype(np.uint8)
+
+
 def jet(heat: np.ndarray) -> np.ndarray:
     """Heat in [0, 1] -> RGB uint8 with the jet colour map."""
-    heat = np.clip(heat, 0.0, 1.0)
-    channels = [np.interp(heat, _JET[:, 0], _JET[:, c]) for c in (1, 2, 3)]
-    return np.rint(np.stack(channels, axis=-1) * 255).astype(np.uint8)
+    levels = len(_JET_LUT) - 1
+    return _JET_LUT[np.rint(np.clip(heat, 0.0, 1.0) * levels).astype(np.intp)]
 
 
 def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, crop: tuple[int, int, int, int]) -> np.ndarray:
@@ -93,33 +99,35 @@ def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, crop: tuple[int, int, int, 
         heat = np.asarray(
             Image.fromarray(heat.astype(np.float32), mode="F").resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
         )
-    heat = np.clip(np.nan_to_num(heat.astype(np.float64)), 0.0, 1.0)
+    heat = np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0)
     alpha = (MAX_OPACITY * heat)[:, :, None]
     out = rgb.copy()
-    region = out[y0:y1, x0:x1].astype(np.float64)
+    region = out[y0:y1, x0:x1].astype(np.float32)
     out[y0:y1, x0:x1] = np.rint(region * (1 - alpha) + jet(heat) * alpha).astype(np.uint8)
     return out
 
 
+@functools.lru_cache(maxsize=32)
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's bundled default font (no download, no system fonts needed)."""
+    """Pillow's bundled default font (no download, no system fonts needed), loaded
+    once per size and process."""
     return ImageFont.load_default(size=size)
 
 
-def _wrap(
-    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
-) -> list[str]:
-    """Greedy word wrap to a pixel width."""
-    average = max(1.0, draw.textlength("abcdefghijklmnopqrstuvwxyz", font=font) / 26)
+@functools.lru_cache(maxsize=256)
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> tuple[str, ...]:
+    """Greedy word wrap to a pixel width (the disclaimer is the same on every image:
+    wrapped once per font and width)."""
+    average = max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz") / 26)
     columns = max(8, int(width / average))
-    while columns > 8 and any(draw.textlength(line, font=font) > width for line in textwrap.wrap(text, columns)):
+    while columns > 8 and any(font.getlength(line) > width for line in textwrap.wrap(text, columns)):
         columns -= 1
-    return textwrap.wrap(text, columns)
+    return tuple(textwrap.wrap(text, columns))
 
 
 def _text_band(
     draw: ImageDraw.ImageDraw,
-    lines: list[str],
+    lines: Sequence[str],
     font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
     top: int,
     width: int,
@@ -139,8 +147,8 @@ def annotate(rgb: np.ndarray, caption: str, disclaimer: str, legend: str) -> np.
     size = max(10, min(width, height) // 30)
     font = _font(size)
     line_height = size + 3
-    _text_band(draw, _wrap(draw, caption, font, width - 8), font, 0, width, line_height)
-    footer = _wrap(draw, disclaimer, font, width - 8)
+    _text_band(draw, _wrap(caption, font, width - 8), font, 0, width, line_height)
+    footer = _wrap(disclaimer, font, width - 8)
     _text_band(draw, footer, font, height - line_height * len(footer) - 4, width, line_height)
     # Legend: a vertical colour bar, hot at the top, labelled 1 and 0.
     bar_w = max(6, width // 60)
@@ -368,8 +376,7 @@ def montage_pixels(
     rows = math.ceil(len(tiles) / columns)
     pad, caption_h = 8, 2 * line + 6
     width = columns * (TILE + pad) + pad
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    footer = _wrap(probe, template.disclaimer, font, width - 8)
+    footer = _wrap(template.disclaimer, font, width - 8)
     header_h, footer_h = line + 12, line * len(footer) + 8
     height = header_h + rows * (TILE + caption_h + pad) + footer_h
     canvas = Image.new("RGB", (width, height + height % 2), (24, 24, 24))

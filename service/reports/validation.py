@@ -1,6 +1,6 @@
 """The validation gate: nothing leaves the node that a PACS could refuse or misread.
 
-Every object is checked from the exact bytes that would be sent:
+Every object is checked from the exact bytes that would be sent, parsed once:
 
 1. pydicom re-reads it; file meta must agree with the data set; every value must
    be valid for its VR (strict value checking, which pydicom only warns about).
@@ -8,7 +8,7 @@ Every object is checked from the exact bytes that would be sent:
    present) are checked module by module for the IODs we write: Comprehensive 3D,
    Comprehensive and Enhanced SR, Secondary Capture, Segmentation and Key Object
    Selection.
-3. highdicom parses it: an SR back into its TID 1500 Measurement Report (with at
+3. highdicom reads that same parse: an SR back into its TID 1500 Measurement Report (with at
    least one measurement group, each analysed frame's group with its image region,
    every referenced object listed as evidence, and only the value types and
    relationships its SOP class allows); an SC into an image whose pixels decode to
@@ -182,6 +182,12 @@ _SR_VALUE_TYPES = {
 }
 _SR_VALUE_TYPES[ComprehensiveSRStorage] = _SR_VALUE_TYPES[EnhancedSRStorage]
 _SR_VALUE_TYPES[Comprehensive3DSRStorage] = _SR_VALUE_TYPES[EnhancedSRStorage] | {"SCOORD3D", "TABLE"}
+#: highdicom's reader of each SR class.
+_HIGHDICOM_SR = {
+    Comprehensive3DSRStorage: hd.sr.Comprehensive3DSR,
+    ComprehensiveSRStorage: hd.sr.ComprehensiveSR,
+    EnhancedSRStorage: hd.sr.EnhancedSR,
+}
 
 
 def check_object(data: bytes, disclaimer: str) -> Dataset:
@@ -199,8 +205,8 @@ def check_object(data: bytes, disclaimer: str) -> Dataset:
     if sop_class not in REQUIRED:
         raise GateError(what, [f"SOP class {sop_class} is not one we produce"])
     reasons = _file_meta(ds) + _values(ds) + _required(ds, REQUIRED[sop_class])
-    if not reasons:  # deeper checks need the required attributes in place
-        reasons += _DEEPER.get(sop_class, _sr)(data, ds, disclaimer)
+    if not reasons:  # deeper checks need the required attributes in place (and may convert ds in place)
+        reasons += _DEEPER.get(sop_class, _sr)(ds, disclaimer)
     if reasons:
         raise GateError(what, reasons)
     return ds
@@ -259,7 +265,7 @@ def _content_items(items: list[Dataset]) -> Iterator[Dataset]:
         yield from _content_items(item.get("ContentSequence", []))
 
 
-def _sr(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
+def _sr(ds: Dataset, disclaimer: str) -> list[str]:
     reasons = []
     if ds.Modality != "SR":
         reasons.append(f"Modality is {ds.Modality}, not SR")
@@ -275,7 +281,7 @@ def _sr(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
     if not any(item.get("TextValue") == disclaimer for item in items):
         reasons.append("the disclaimer is not in the content")
     try:
-        sr = hd.sr.srread(io.BytesIO(data))
+        sr = _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False)  # the last look at ds: no copy
         regions = sr.content.get_planar_roi_measurement_groups()
         others = sr.content.get_image_measurement_groups()
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
@@ -310,7 +316,7 @@ def _evidence(ds: Dataset, items: list[Dataset]) -> list[str]:
     ]
 
 
-def _seg(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
+def _seg(ds: Dataset, disclaimer: str) -> list[str]:
     reasons = []
     if ds.Modality != "SEG":
         reasons.append(f"Modality is {ds.Modality}, not SEG")
@@ -343,7 +349,7 @@ def _seg(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
     return reasons
 
 
-def _kos(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
+def _kos(ds: Dataset, disclaimer: str) -> list[str]:
     reasons = []
     if ds.Modality != "KO":
         reasons.append(f"Modality is {ds.Modality}, not KO")
@@ -351,7 +357,7 @@ def _kos(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
     if not any(disclaimer in str(item.get("TextValue", "")) for item in items):
         reasons.append("the disclaimer is not in the content")
     try:
-        selected = hd.ko.KeyObjectSelectionDocument.from_dataset(dcmread(io.BytesIO(data))).content.get_references()
+        selected = hd.ko.KeyObjectSelectionDocument.from_dataset(ds).content.get_references()
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return reasons + [f"highdicom cannot read it as a key object selection: {error_text(exc)}"]
     if not selected:
@@ -359,7 +365,7 @@ def _kos(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
     return reasons + _evidence(ds, items)
 
 
-def _sc(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
+def _sc(ds: Dataset, disclaimer: str) -> list[str]:
     reasons = []
     if ds.BurnedInAnnotation != "YES":
         reasons.append("Burned In Annotation must be YES: the class and disclaimer are drawn in")
@@ -368,7 +374,7 @@ def _sc(data: bytes, ds: Dataset, disclaimer: str) -> list[str]:
     if ds.SamplesPerPixel != 3:
         reasons.append(f"Samples per Pixel is {ds.SamplesPerPixel}, an RGB capture has 3")
     try:
-        pixels = hd.imread(io.BytesIO(data)).pixel_array
+        pixels = hd.Image.from_dataset(ds, copy=False).pixel_array  # the last look at ds: no copy
     except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
         return reasons + [f"highdicom cannot read its pixels: {error_text(exc)}"]
     if pixels.shape != (ds.Rows, ds.Columns, 3) or pixels.dtype != np.uint8:
