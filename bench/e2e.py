@@ -36,6 +36,9 @@ from worker_support import Process, serve, storescu, write_study  # noqa: E402
 from service.settings import Settings, load_settings  # noqa: E402
 
 LABELS = ("normal", "benign", "malignant")
+#: Issue 13's targets for a 4-image study, quiet period excluded.
+TARGET_MEDIAN_S = 0.5
+TARGET_P95_S = 1.0
 
 
 def p95(values: list[float]) -> float:
@@ -121,6 +124,9 @@ def main() -> None:
     print(f"  last C-STORE -> SR at the PACS: median {statistics.median(ours):.3f} s, p95 {p95(ours):.3f} s")
     print(f"  peer storescu -> storescp:      median {statistics.median(theirs):.3f} s, p95 {p95(theirs):.3f} s")
     print(f"  ratio (ours / peer), median:    {statistics.median(ours) / statistics.median(theirs):.1f}x")
+    median_ok, p95_ok = statistics.median(ours) <= TARGET_MEDIAN_S, p95(ours) <= TARGET_P95_S
+    print(f"  target: median <= {TARGET_MEDIAN_S} s: {'met' if median_ok else 'NOT met'}; "
+          f"p95 <= {TARGET_P95_S} s: {'met' if p95_ok else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ from service.settings import Settings, load_settings  # noqa: E402
 
 LABELS = ("normal", "benign", "malignant")
 QUIET_S = 0.5
+#: Issue 13's targets, each a ratio against a peer measured in the same run.
+TARGET_MODEL_SHARE = 0.5  # images/s with one worker >= this x images/s of the analysis stage alone
+TARGET_SCALING = 1.6  # two worker processes >= this x one (2 cores)
+TARGET_COMPLETION_LAG_S = 0.050  # last instance -> complete, beyond the quiet period
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
 
 
 def make_studies(folder: Path, count: int, images: int, first_seed: int) -> list[tuple[str, list[Path]]]:
@@ -181,6 +189,10 @@ def main() -> None:
                   f"{statistics.median(hops['total']) / statistics.median(peer):5.1f}x")
             print("      " + "   ".join(f"{hop} {statistics.median(v) * 1000:.0f} ms"
                                         for hop, v in hops.items() if hop != "total"))
+        for mode, hops in results.items():
+            lag = statistics.median(hops["last instance->complete"]) - QUIET_S
+            print(f"  target: completion lag beyond the quiet period ({mode}) {lag * 1000:.0f} ms "
+                  f"<= {TARGET_COMPLETION_LAG_S * 1000:.0f} ms: {verdict(lag <= TARGET_COMPLETION_LAG_S)}")
 
         bulk = make_studies(work / "bulk", args.throughput_studies, args.images, first_seed=9000)
         rates = {n: throughput(node_settings(work / f"throughput-{n}", workers=n), bulk, args.images,
@@ -190,7 +202,11 @@ def main() -> None:
         for n, (rate, per_image) in rates.items():
             print(f"  {n} worker process{'es' if n > 1 else '':2s} {rate:7.1f} images/s   "
                   f"analysis stage alone {per_image * 1000:5.1f} ms per image (median)")
-        print(f"  ratio two / one: {rates[2][0] / rates[1][0]:.2f}")
+        share = rates[1][0] * rates[1][1]  # images/s of one worker / images/s of its analysis stage alone
+        scaling = rates[2][0] / rates[1][0]
+        print(f"  target: one worker / analysis stage alone {share:.2f} >= {TARGET_MODEL_SHARE}: "
+              f"{verdict(share >= TARGET_MODEL_SHARE)}")
+        print(f"  target: two workers / one {scaling:.2f} >= {TARGET_SCALING}: {verdict(scaling >= TARGET_SCALING)}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
