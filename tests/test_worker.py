@@ -29,7 +29,7 @@ from service.pipeline.analysis import analyse_study, summarise_study
 from service.pipeline.scheduler import schedule_due
 from service.pipeline.tasks import WorkerState, process_study
 from service.pipeline.workers import settings_env
-from service.reports.build import outbox_folder
+from service.reports.build import build_reports, outbox_folder
 from service.results import SUMMARY_RULE, FrameResult, ImageResult, StudyResult
 from service.settings import ENV_PREFIX, Destination, Settings, load_settings
 from service.similar.index import SimilarCaseIndex
@@ -90,6 +90,25 @@ def test_a_study_is_analysed_and_its_result_stored(worker_settings: Settings, le
     assert result.summary.rule == SUMMARY_RULE
     assert {"read_s", "prepare_s", "inference_s", "heatmaps_s", "total_s"} <= set(result.timings_s)
     assert result.similar == [] and result.index_version is None  # no index configured
+
+
+def test_pictures_drawn_on_the_frames_the_worker_decoded_equal_those_drawn_from_the_files(
+        worker_settings: Settings, ledger: Ledger) -> None:
+    """The worker draws its heatmap SCs on the frames it decoded for the model; a
+    report built later from the spool (a restart, ``sonocase resend``) decodes them
+    again: the pictures must not depend on which, for any pixel form scanners send."""
+    study_uid = receive(worker_settings, ledger, _study())
+    assert process_study(WorkerState(worker_settings), study_uid) == "analysed"
+
+    def sc_pixels() -> dict[str, bytes]:
+        files = outbox_folder(worker_settings, study_uid, 1).glob("SC.*.dcm")
+        return {p.name: pydicom.dcmread(p).PixelData for p in files}
+
+    from_worker = sc_pixels()
+    for path in outbox_folder(worker_settings, study_uid, 1).glob("SC.*.dcm"):
+        path.unlink()
+    assert build_reports(worker_settings, ledger, study_uid)  # from the files alone
+    assert len(from_worker) == 4 and sc_pixels() == from_worker
 
 
 def test_running_a_study_twice_changes_nothing(worker_settings: Settings, ledger: Ledger) -> None:

@@ -72,6 +72,7 @@ class PreparedFrame:
     frame_number: int  # 1-based, as DICOM's Referenced Frame Number counts
     crop: Box
     tensor: np.ndarray  # float32 [1, H, W], normalised per the model card
+    gray: np.ndarray  # the whole frame, uint8, as to_grayscale gives it (the reports draw on it)
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,7 @@ def prepare_instance(ds: Dataset, spec: InputSpec, max_frames: int) -> PreparedI
             crop = gray[box[1]:box[3], box[0]:box[2]]
             reason = crop_skip_reason(crop)
             if reason is None:
-                frames.append(PreparedFrame(index + 1, box, model_input(crop, spec)))
+                frames.append(PreparedFrame(index + 1, box, model_input(crop, spec), gray))
     except PixelError as exc:
         return PreparedInstance([], n_frames, str(exc))
     return PreparedInstance(frames, n_frames, None if frames else reason)

@@ -38,12 +38,15 @@ LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Analysis:
-    """What analysing a study produced: the result to store and, when analysed studies
+    """What analysing a study produced: the result to store; when analysed studies
     are indexed (setting ``index_analysed_studies``), the index entries to add once
-    the result is stored."""
+    the result is stored; and each analysed frame's decoded grayscale pixels by
+    (SOP Instance UID, frame number), which the reports draw on instead of decoding
+    the source again."""
 
     result: StudyResult
     index_entries: list[IndexEntry]
+    frames: dict[tuple[str, int], np.ndarray]
 
 
 class _Stopwatch:
@@ -201,7 +204,9 @@ def analyse_study(
         images=images, summary=summarise_study(images, classes), similar=similar,
         timings_s=clock.seconds, execution_provider=model.provider,
     )
-    return Analysis(result, entries)
+    frames = {(uid, f.frame_number): f.gray for uid, p in prepared.items() if isinstance(p, PreparedInstance)
+              for f in p.frames}
+    return Analysis(result, entries, frames)
 
 
 def _image_results(

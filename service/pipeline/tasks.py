@@ -21,6 +21,7 @@ from typing import Any
 
 import celery.apps.worker
 import click
+import numpy as np
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init
 
@@ -146,11 +147,12 @@ def process_study(state: WorkerState, study_uid: str) -> str:
             except Exception:  # the result and reports stand; only the index misses this study
                 LOG.exception("the analysed study could not be added to the similar-case index",
                               extra={"study_uid": study_uid})
-        _report(state, study_uid, generation, index)
+        _report(state, study_uid, generation, index, analysis.frames)
     return "analysed"
 
 
-def _report(state: WorkerState, study_uid: str, generation: int, index: SimilarCaseIndex | None) -> None:
+def _report(state: WorkerState, study_uid: str, generation: int, index: SimilarCaseIndex | None,
+            frames: dict[tuple[str, int], np.ndarray]) -> None:
     """Build the SR and SC objects and queue them for sending (service.reports).
     Expected failures are recorded there; anything else is recorded here, so a
     study never stays silently analysed-but-unreported."""
@@ -159,7 +161,7 @@ def _report(state: WorkerState, study_uid: str, generation: int, index: SimilarC
         return stored.path if stored is not None else None
 
     try:
-        build_reports(state.settings, state.ledger, study_uid, reference_image)
+        build_reports(state.settings, state.ledger, study_uid, reference_image, frames)
     except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
         LOG.exception("building the reports failed", extra={"study_uid": study_uid, "stage": "report"})
         state.ledger.transition(study_uid, StudyState.FAILED, (StudyState.ANALYSED,), generation,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -62,6 +63,9 @@ from service.settings import Settings
 from service.similar.index import SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
+
+#: Decoded grayscale frames by (SOP Instance UID, frame number).
+Frames = Mapping[tuple[str, int], np.ndarray]
 
 #: The SR class every study gets first (the richest; see SR_CLASSES for fallback).
 DEFAULT_SR_CLASS = Comprehensive3DSRStorage
@@ -209,23 +213,28 @@ def build_objects(
     sources: list[Dataset],
     paths: dict[str, Path],
     reference_images: ReferenceImages,
+    frames: Frames | None = None,
 ) -> list[OutputObject]:
-    """Every output object of the study, encoded (pure apart from reading files)."""
+    """Every output object of the study, encoded (pure apart from reading files).
+    ``frames``: decoded frames the analysis still holds (see :func:`build_reports`)."""
+    frames = frames or {}
     heats = load_heats(result)
     versions = software_versions(node_version(), result)
     headers = {ds.SOPInstanceUID: ds for ds in sources}
     references = heatmap_references(result, sources, heats)
     objects = []
     analysed = [image for image in result.images if image.frames]
-    pictures: dict[str, Dataset] = {}
+    pictures: dict[str, tuple[Dataset, np.ndarray | None]] = {}  # source to draw on, its decisive frame if decoded
     for number, image in enumerate(analysed, start=1):
-        uid = image.sop_instance_uid
-        pictures[uid] = read_source(paths[uid], stop_before_pixels=False)[0]
-        heat = heats[(uid, decisive_frame(image).frame_number)]
+        uid, frame_number = image.sop_instance_uid, decisive_frame(image).frame_number
+        gray = frames.get((uid, frame_number))
+        pictures[uid] = (headers[uid] if gray is not None else read_source(paths[uid], stop_before_pixels=False)[0],
+                         gray)
+        heat = heats[(uid, frame_number)]
         sc_ref, *seg_refs = references[uid]
-        sc = build_heatmap_sc(result, template, image, pictures[uid], heat,
+        sc = build_heatmap_sc(result, template, image, pictures[uid][0], heat,
                               Placement(sc_ref.SeriesInstanceUID, sc_ref.SOPInstanceUID, number, versions),
-                              settings.sc_transfer_syntax)
+                              settings.sc_transfer_syntax, pictures[uid][1])
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
         for seg_ref in seg_refs:
             seg = build_heatmap_seg(result, template, image, headers[uid], heat,
@@ -236,14 +245,16 @@ def build_objects(
     decisive = next((i for i in analysed if i.sop_instance_uid == result.summary.decisive_sop_instance_uid), None)
     if result.similar and decisive is not None:
         montage = derived_uid(result.study_uid, result.generation, "montage")
+        query, gray = pictures[decisive.sop_instance_uid]
         sc = build_montage_sc(
             result,
             template,
-            pictures[decisive.sop_instance_uid],
+            query,
             decisive,
             reference_images,
             Placement(_series(result, "sc"), montage, len(analysed) + 1, versions),
             settings.sc_transfer_syntax,
+            gray,
         )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
     if key_images(result):  # none when every analysed image lies outside the model's experience
@@ -296,12 +307,16 @@ def build_reports(
     ledger: Ledger,
     study_uid: str,
     reference_images: ReferenceImages | Mapping[str, Path] | None = None,
+    frames: Frames | None = None,
 ) -> list[Path]:
     """Build, check, write and queue the objects of the study's newest result.
 
     ``reference_images`` finds the stored reference image of a similar study's SOP
     Instance UID (the similar-case index's copy); without one the montage shows
-    "image not stored" tiles. Returns the outbox paths; an empty list means nothing
+    "image not stored" tiles. ``frames``: the grayscale frames the worker decoded to
+    analyse this result, by (SOP Instance UID, frame number); the pictures are drawn
+    on them, and a source is read and decoded again only without them (a report
+    built after a restart, ``sonocase resend``). Returns the outbox paths; an empty list means nothing
     was queued: the study failed (stage ``report``, reason in the ledger) or was
     re-opened meanwhile (its next generation will be reported instead).
     """
@@ -320,7 +335,7 @@ def build_reports(
     try:
         template = load_template(settings.sr_template)
         sources, paths = read_sources(ledger, result)
-        objects = build_objects(settings, template, result, sources, paths, _resolver(reference_images))
+        objects = build_objects(settings, template, result, sources, paths, _resolver(reference_images), frames)
         _gate(template, objects)
     except (ReportError, TemplateError, ValueError, OSError, AttributeError) as exc:
         # Bad input (a template, a result, a heatmap file, a source image; pydicom

@@ -73,7 +73,11 @@ def frame_rgb(ds: Dataset, frame_number: int = 1) -> np.ndarray:
     frames = number_of_frames(ds)
     if not 1 <= frame_number <= frames:
         raise ValueError(f"instance {ds.SOPInstanceUID} has {frames} frame(s), not frame {frame_number}")
-    gray = to_grayscale(ds, frame_number - 1)
+    return gray_rgb(to_grayscale(ds, frame_number - 1))
+
+
+def gray_rgb(gray: np.ndarray) -> np.ndarray:
+    """A grayscale frame in RGB, ready for colour drawing."""
     return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
 
 
@@ -180,11 +184,14 @@ def heatmap_caption(template: SrTemplate, image: ImageResult, frame: FrameResult
     return caption
 
 
-def heatmap_pixels(template: SrTemplate, image: ImageResult, source: Dataset, heat: np.ndarray) -> np.ndarray:
-    """The annotated RGB pixels of an image's heatmap SC: its decisive frame with
-    ``heat`` (that frame's heatmap) blended in."""
+def heatmap_pixels(template: SrTemplate, image: ImageResult, source: Dataset, heat: np.ndarray,
+                   gray: np.ndarray | None = None) -> np.ndarray:
+    """The annotated RGB pixels of an image's heatmap SC: its decisive frame (``gray``
+    where the analysis has it decoded, else decoded from ``source``) with ``heat``
+    (that frame's heatmap) blended in."""
     frame = decisive_frame(image)
-    blended = blend_heatmap(frame_rgb(source, frame.frame_number), heat, frame.crop)
+    rgb = gray_rgb(gray) if gray is not None else frame_rgb(source, frame.frame_number)
+    blended = blend_heatmap(rgb, heat, frame.crop)
     return annotate(blended, heatmap_caption(template, image, frame), template.disclaimer,
                     template.wording.heatmap_legend)
 
@@ -285,12 +292,14 @@ def build_heatmap_sc(
     heat: np.ndarray,
     placement: Placement,
     transfer_syntax: str,
+    gray: np.ndarray | None = None,
 ) -> SCImage:
     """The Grad-CAM Secondary Capture of one analysed image (``source``: the
-    instance with its pixels; ``heat``: its decisive frame's heatmap; see module doc)."""
+    instance, with its pixels unless ``gray`` is its decisive frame already decoded;
+    ``heat``: that frame's heatmap; see module doc)."""
     frame = decisive_frame(image)
     return _sc(
-        heatmap_pixels(template, image, source, heat),
+        heatmap_pixels(template, image, source, heat, gray),
         template,
         source,
         placement,
@@ -342,8 +351,10 @@ def montage_pixels(
     query: Dataset,
     query_image: ImageResult,
     reference_images: ReferenceImages,
+    gray: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The query's analysed region and the top-k reference images in a captioned grid."""
+    """The query's analysed region (of ``gray``, its decisive frame decoded, if given)
+    and the top-k reference images in a captioned grid."""
     wording = template.wording
     font = _font(14)
     line = 18
@@ -351,7 +362,8 @@ def montage_pixels(
     label = query_image.predicted or frame.predicted
     tiles = [
         (
-            _tile(_cropped(frame_rgb(query, frame.frame_number), frame.crop), wording.montage_missing, font),
+            _tile(_cropped(gray_rgb(gray) if gray is not None else frame_rgb(query, frame.frame_number), frame.crop),
+                  wording.montage_missing, font),
             [
                 wording.montage_query.format(
                     label=class_display(template, label), probability=frame.probabilities.get(label, 0.0)
@@ -402,10 +414,12 @@ def build_montage_sc(
     reference_images: ReferenceImages,
     placement: Placement,
     transfer_syntax: str,
+    gray: np.ndarray | None = None,
 ) -> SCImage:
     """The study's "similar cases" Secondary Capture (``query``: the decisive
-    instance with its pixels; see module doc)."""
-    pixels = montage_pixels(result, template, query, query_image, reference_images)
+    instance, with its pixels unless ``gray`` is its decisive frame decoded; see
+    module doc)."""
+    pixels = montage_pixels(result, template, query, query_image, reference_images, gray)
     sc = _sc(
         pixels,
         template,
