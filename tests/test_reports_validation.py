@@ -125,7 +125,7 @@ def test_sr_content_rules_of_its_class(objects: dict[str, bytes]) -> None:
         group = measurements.ContentSequence[0]
         group.ContentSequence = [i for i in group.ContentSequence if i.ValueType != "SCOORD"]
 
-    with pytest.raises(GateError, match="image region|cannot parse"):
+    with pytest.raises(GateError, match="measurement group 1 has no image region"):
         check_object(_mutated(objects["sr"], a_group_without_region), DISCLAIMER)
 
 

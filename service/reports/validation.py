@@ -9,7 +9,7 @@ Every object is checked from the exact bytes that would be sent, parsed once:
    Comprehensive and Enhanced SR, Secondary Capture, Segmentation and Key Object
    Selection.
 3. highdicom reads that same parse: an SR back into its TID 1500 Measurement Report (with at
-   least one measurement group, each analysed frame's group with its image region,
+   least one measurement group, each with an image region on its source image, as OHIF reads it,
    every referenced object listed as evidence, and only the value types and
    relationships its SOP class allows); an SC into an image whose pixels decode to
    Rows x Columns x 3; a SEG into binary segments over the source it names, with
@@ -182,6 +182,9 @@ _SR_VALUE_TYPES = {
 }
 _SR_VALUE_TYPES[ComprehensiveSRStorage] = _SR_VALUE_TYPES[EnhancedSRStorage]
 _SR_VALUE_TYPES[Comprehensive3DSRStorage] = _SR_VALUE_TYPES[EnhancedSRStorage] | {"SCOORD3D", "TABLE"}
+#: TID 1501/1410 "Measurement Group" and TID 1410 "Image Region" (DCM).
+_MEASUREMENT_GROUP = ("125007", "DCM")
+_IMAGE_REGION = ("111030", "DCM")
 #: highdicom's reader of each SR class.
 _HIGHDICOM_SR = {
     Comprehensive3DSRStorage: hd.sr.Comprehensive3DSR,
@@ -259,6 +262,18 @@ def _required(ds: Dataset, required: dict[str, int]) -> list[str]:
     return reasons
 
 
+def _concept(item: Dataset) -> tuple[str, str] | None:
+    names = item.get("ConceptNameCodeSequence")
+    return (str(names[0].get("CodeValue", "")), str(names[0].get("CodingSchemeDesignator", ""))) if names else None
+
+
+def _is_image_region(item: Dataset) -> bool:
+    """An "Image Region" SCOORD selected from a referenced image: what OHIF reads
+    from each measurement group to place it (the first SCOORD's referenced image)."""
+    return (item.get("ValueType") == "SCOORD" and _concept(item) == _IMAGE_REGION
+            and any("ReferencedSOPSequence" in source for source in item.get("ContentSequence", [])))
+
+
 def _content_items(items: list[Dataset]) -> Iterator[Dataset]:
     for item in items:
         yield item
@@ -280,20 +295,17 @@ def _sr(ds: Dataset, disclaimer: str) -> list[str]:
             reasons.append(f"value type {item.get('ValueType')} is not allowed in this SR class")
     if not any(item.get("TextValue") == disclaimer for item in items):
         reasons.append("the disclaimer is not in the content")
-    try:
-        sr = _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False)  # the last look at ds: no copy
-        regions = sr.content.get_planar_roi_measurement_groups()
-        others = sr.content.get_image_measurement_groups()
+    try:  # highdicom's reader of the whole TID 1500 tree; the groups are checked below on its parse
+        _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False)  # the last look at ds: no copy
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return reasons + [f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
-    if not regions and not others:
+    groups = [item for item in items if item.get("ValueType") == "CONTAINER" and _concept(item) == _MEASUREMENT_GROUP]
+    if not groups:
         reasons.append("the report has no measurement group")
-    if regions and others:
-        reasons.append("a measurement group without an image region sits beside groups with one "
-                       "(OHIF draws none of the report then)")
-    for group in regions:
-        if group.roi is None:
-            reasons.append(f"measurement group {group.tracking_identifier!r} has no image region")
+    for n, group in enumerate(groups, start=1):
+        if not any(_is_image_region(child) for child in group.get("ContentSequence", [])):
+            reasons.append(f"measurement group {n} has no image region on a source image "
+                           "(OHIF draws none of the report then)")
     return reasons + _evidence(ds, items)
 
 
