@@ -295,6 +295,26 @@ def open_ledger(settings: Settings, durable: bool | None = None) -> Ledger:
     return Ledger(settings.ledger_path, durable=durable)
 
 
+#: How long a SQLite ledger waits for another connection's write lock.
+_SQLITE_TIMEOUT_S = 30.0
+
+
+def _open_sqlite(path: Path, durable: bool) -> _SqliteConnection:
+    db = sqlite3.connect(path, timeout=_SQLITE_TIMEOUT_S, isolation_level=None, check_same_thread=False,
+                         factory=_SqliteConnection)
+    db.row_factory = sqlite3.Row
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        # FULL syncs the WAL on every commit (survives power loss); NORMAL survives
+        # a process crash, which is what durability "none" promises.
+        db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        db.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 class Ledger:
     """A process's handle on the ledger; safe to share between its threads.
 
@@ -310,19 +330,27 @@ class Ledger:
         self._db: _Connection
         if url:
             self._db = _PgConnection(url, durable)
-        else:
-            assert path is not None
-            path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False,
-                                 factory=_SqliteConnection)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            # FULL syncs the WAL on every commit (survives power loss); NORMAL survives
-            # a process crash, which is what durability "none" promises.
-            db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            db.execute("PRAGMA foreign_keys=ON")
-            self._db = db
-        self._ensure_schema(path, url)
+            self._ensure_schema(path, url)
+            return
+        assert path is not None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + _SQLITE_TIMEOUT_S
+        while True:
+            try:
+                self._db = _open_sqlite(path, durable)
+                try:
+                    self._ensure_schema(path, url)
+                except BaseException:
+                    self._db.close()
+                    raise
+                return
+            except sqlite3.OperationalError as exc:
+                # SQLite does not always wait out its busy timeout: a connection that
+                # opens a ledger while others switch it to WAL, recover or upgrade it
+                # can be told "locked" at once. Opening is idempotent: try again.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _ensure_schema(self, path: Path | None, url: str) -> None:
         """Upgrade the database to the code's schema revision if it is not there (one

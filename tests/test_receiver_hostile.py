@@ -66,8 +66,11 @@ def test_silent_connections_and_health_checks_do_not_lock_out_the_pacs(node: Nod
         assert node.pacs_stores(), "the PACS could not store during the attack"
         deadline = float(LIMITS["SONOCASE_ACSE_TIMEOUT_S"]) + SLACK_S
         assert all(attacks.ended_by_peer(sock, deadline) is not None for sock in socks), "a silent peer kept its slot"
-    log = node.log()
-    assert "no association within acse_timeout_s" in log and "the pending budget" in log
+    # Evictions are logged as they happen; a timed-out connection is logged just after
+    # it is closed. On the stock engine pynetdicom's own ACSE timer (the same
+    # acse_timeout_s) may close a silent peer first: then it ends without our line.
+    expected = ["the pending budget"] + (["no association within acse_timeout_s"] if node.engine == "fast" else [])
+    wait_for("the node to log why it closed them", lambda: all(line in node.log() for line in expected), timeout=5)
     assert_memory_bounded(node)
 
 

@@ -9,7 +9,8 @@ Every object is checked from the exact bytes that would be sent, parsed once:
    Comprehensive and Enhanced SR, Secondary Capture, Segmentation and Key Object
    Selection.
 3. highdicom reads that same parse: an SR back into its TID 1500 Measurement Report (with at
-   least one measurement group, each with an image region on its source image, as OHIF reads it,
+   least one measurement group, each with an image region on its source image as OHIF reads it
+   unless the study had nothing to analyse,
    every referenced object listed as evidence, and only the value types and
    relationships its SOP class allows); an SC into an image whose pixels decode to
    Rows x Columns x 3; a SEG into binary segments over the source it names, with
@@ -302,10 +303,10 @@ def _sr(ds: Dataset, disclaimer: str) -> list[str]:
     groups = [item for item in items if item.get("ValueType") == "CONTAINER" and _concept(item) == _MEASUREMENT_GROUP]
     if not groups:
         reasons.append("the report has no measurement group")
-    for n, group in enumerate(groups, start=1):
-        if not any(_is_image_region(child) for child in group.get("ContentSequence", [])):
-            reasons.append(f"measurement group {n} has no image region on a source image "
-                           "(OHIF draws none of the report then)")
+    drawn = [any(_is_image_region(child) for child in group.get("ContentSequence", [])) for group in groups]
+    if any(drawn):  # else the one group of a study with nothing analysed: nothing to draw, nothing to break
+        reasons += [f"measurement group {n} has no image region on a source image, beside groups with one "
+                    "(OHIF draws none of the report then)" for n, region in enumerate(drawn, start=1) if not region]
     return reasons + _evidence(ds, items)
 
 
