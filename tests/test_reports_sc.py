@@ -28,6 +28,7 @@ from service.reports.sc import (
     blend_heatmap,
     build_heatmap_sc,
     build_montage_sc,
+    frame_gray,
     frame_rgb,
     heatmap_caption,
     jet,
@@ -93,7 +94,7 @@ def test_heatmap_capture_of_each_kind_of_image(
     frame = decisive_frame(image)
     heat = load_heat(frame)
     sc = build_heatmap_sc(
-        study.result, template, image, source, heat,
+        study.result, template, image, source, frame_gray(source, frame.frame_number), heat,
         Placement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), index + 1, ["sonocase test"]),
         transfer_syntax,
     )
@@ -131,7 +132,8 @@ def test_montage_references_the_similar_instances_and_survives_missing_ones(
                   similar[1].sop_instance_uid: damaged}  # similar[2]: not stored at all
     with caplog.at_level(logging.WARNING):
         sc = build_montage_sc(
-            study.result, template, query, study.result.images[index], references.get,
+            study.result, template, query, frame_gray(query, decisive_frame(study.result.images[index]).frame_number),
+            study.result.images[index], references.get,
             Placement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 9, ["sonocase test"]),
             "explicit-little-endian",
         )

@@ -45,7 +45,7 @@ from service.ledger import Ledger, StudyState, study_destinations
 from service.reports import Placement, derived_uid
 from service.reports.heatmaps import load_heats
 from service.reports.kos import build_kos, key_images
-from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc
+from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc, frame_gray
 from service.reports.seg import build_heatmap_seg, seg_skip_reason
 from service.reports.source import read_source
 from service.reports.sr import (
@@ -224,17 +224,17 @@ def build_objects(
     references = heatmap_references(result, sources, heats)
     objects = []
     analysed = [image for image in result.images if image.frames]
-    pictures: dict[str, tuple[Dataset, np.ndarray | None]] = {}  # source to draw on, its decisive frame if decoded
+    grays: dict[str, np.ndarray] = {}  # each analysed image's decisive frame, which the pictures show
     for number, image in enumerate(analysed, start=1):
         uid, frame_number = image.sop_instance_uid, decisive_frame(image).frame_number
-        gray = frames.get((uid, frame_number))
-        pictures[uid] = (headers[uid] if gray is not None else read_source(paths[uid], stop_before_pixels=False)[0],
-                         gray)
+        grays[uid] = frames.get((uid, frame_number))
+        if grays[uid] is None:  # not in memory (a report built after a restart, a resend): decoded again
+            grays[uid] = frame_gray(read_source(paths[uid], stop_before_pixels=False)[0], frame_number)
         heat = heats[(uid, frame_number)]
         sc_ref, *seg_refs = references[uid]
-        sc = build_heatmap_sc(result, template, image, pictures[uid][0], heat,
+        sc = build_heatmap_sc(result, template, image, headers[uid], grays[uid], heat,
                               Placement(sc_ref.SeriesInstanceUID, sc_ref.SOPInstanceUID, number, versions),
-                              settings.sc_transfer_syntax, pictures[uid][1])
+                              settings.sc_transfer_syntax)
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
         for seg_ref in seg_refs:
             seg = build_heatmap_seg(result, template, image, headers[uid], heat,
@@ -245,16 +245,15 @@ def build_objects(
     decisive = next((i for i in analysed if i.sop_instance_uid == result.summary.decisive_sop_instance_uid), None)
     if result.similar and decisive is not None:
         montage = derived_uid(result.study_uid, result.generation, "montage")
-        query, gray = pictures[decisive.sop_instance_uid]
         sc = build_montage_sc(
             result,
             template,
-            query,
+            headers[decisive.sop_instance_uid],
+            grays[decisive.sop_instance_uid],
             decisive,
             reference_images,
             Placement(_series(result, "sc"), montage, len(analysed) + 1, versions),
             settings.sc_transfer_syntax,
-            gray,
         )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
     if key_images(result):  # none when every analysed image lies outside the model's experience

@@ -67,13 +67,18 @@ TILE = 256
 ReferenceImages = Callable[[str], Path | None]
 
 
-def frame_rgb(ds: Dataset, frame_number: int = 1) -> np.ndarray:
+def frame_gray(ds: Dataset, frame_number: int = 1) -> np.ndarray:
     """One frame as the model saw it (service.model.imaging's grayscale: palette, YBR,
-    >8-bit and MONOCHROME1 handled there) in RGB, ready for colour drawing."""
+    >8-bit and MONOCHROME1 handled there)."""
     frames = number_of_frames(ds)
     if not 1 <= frame_number <= frames:
         raise ValueError(f"instance {ds.SOPInstanceUID} has {frames} frame(s), not frame {frame_number}")
-    return gray_rgb(to_grayscale(ds, frame_number - 1))
+    return to_grayscale(ds, frame_number - 1)
+
+
+def frame_rgb(ds: Dataset, frame_number: int = 1) -> np.ndarray:
+    """One frame as the model saw it (:func:`frame_gray`) in RGB, ready for colour drawing."""
+    return gray_rgb(frame_gray(ds, frame_number))
 
 
 def gray_rgb(gray: np.ndarray) -> np.ndarray:
@@ -184,14 +189,11 @@ def heatmap_caption(template: SrTemplate, image: ImageResult, frame: FrameResult
     return caption
 
 
-def heatmap_pixels(template: SrTemplate, image: ImageResult, source: Dataset, heat: np.ndarray,
-                   gray: np.ndarray | None = None) -> np.ndarray:
-    """The annotated RGB pixels of an image's heatmap SC: its decisive frame (``gray``
-    where the analysis has it decoded, else decoded from ``source``) with ``heat``
-    (that frame's heatmap) blended in."""
+def heatmap_pixels(template: SrTemplate, image: ImageResult, gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The annotated RGB pixels of an image's heatmap SC: its decisive frame (``gray``,
+    :func:`frame_gray`) with ``heat`` (that frame's heatmap) blended in."""
     frame = decisive_frame(image)
-    rgb = gray_rgb(gray) if gray is not None else frame_rgb(source, frame.frame_number)
-    blended = blend_heatmap(rgb, heat, frame.crop)
+    blended = blend_heatmap(gray_rgb(gray), heat, frame.crop)
     return annotate(blended, heatmap_caption(template, image, frame), template.disclaimer,
                     template.wording.heatmap_legend)
 
@@ -289,17 +291,17 @@ def build_heatmap_sc(
     template: SrTemplate,
     image: ImageResult,
     source: Dataset,
+    gray: np.ndarray,
     heat: np.ndarray,
     placement: Placement,
     transfer_syntax: str,
-    gray: np.ndarray | None = None,
 ) -> SCImage:
     """The Grad-CAM Secondary Capture of one analysed image (``source``: the
-    instance, with its pixels unless ``gray`` is its decisive frame already decoded;
-    ``heat``: that frame's heatmap; see module doc)."""
+    instance's header; ``gray``: its decisive frame, :func:`frame_gray`; ``heat``:
+    that frame's heatmap; see module doc)."""
     frame = decisive_frame(image)
     return _sc(
-        heatmap_pixels(template, image, source, heat, gray),
+        heatmap_pixels(template, image, gray, heat),
         template,
         source,
         placement,
@@ -348,13 +350,12 @@ def _reference_rgb(similar: SimilarStudy, reference_images: ReferenceImages, stu
 def montage_pixels(
     result: StudyResult,
     template: SrTemplate,
-    query: Dataset,
+    query_gray: np.ndarray,
     query_image: ImageResult,
     reference_images: ReferenceImages,
-    gray: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The query's analysed region (of ``gray``, its decisive frame decoded, if given)
-    and the top-k reference images in a captioned grid."""
+    """The query's analysed region (of ``query_gray``, its decisive frame) and the
+    top-k reference images in a captioned grid."""
     wording = template.wording
     font = _font(14)
     line = 18
@@ -362,8 +363,7 @@ def montage_pixels(
     label = query_image.predicted or frame.predicted
     tiles = [
         (
-            _tile(_cropped(gray_rgb(gray) if gray is not None else frame_rgb(query, frame.frame_number), frame.crop),
-                  wording.montage_missing, font),
+            _tile(_cropped(gray_rgb(query_gray), frame.crop), wording.montage_missing, font),
             [
                 wording.montage_query.format(
                     label=class_display(template, label), probability=frame.probabilities.get(label, 0.0)
@@ -410,16 +410,16 @@ def build_montage_sc(
     result: StudyResult,
     template: SrTemplate,
     query: Dataset,
+    query_gray: np.ndarray,
     query_image: ImageResult,
     reference_images: ReferenceImages,
     placement: Placement,
     transfer_syntax: str,
-    gray: np.ndarray | None = None,
 ) -> SCImage:
     """The study's "similar cases" Secondary Capture (``query``: the decisive
-    instance, with its pixels unless ``gray`` is its decisive frame decoded; see
+    instance's header; ``query_gray``: its decisive frame, :func:`frame_gray`; see
     module doc)."""
-    pixels = montage_pixels(result, template, query, query_image, reference_images, gray)
+    pixels = montage_pixels(result, template, query_gray, query_image, reference_images)
     sc = _sc(
         pixels,
         template,

@@ -29,11 +29,13 @@ import io
 from collections.abc import Iterator
 
 import highdicom as hd
+from highdicom.sr.utils import get_coded_name
 import numpy as np
 from pydicom import config, dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -183,9 +185,6 @@ _SR_VALUE_TYPES = {
 }
 _SR_VALUE_TYPES[ComprehensiveSRStorage] = _SR_VALUE_TYPES[EnhancedSRStorage]
 _SR_VALUE_TYPES[Comprehensive3DSRStorage] = _SR_VALUE_TYPES[EnhancedSRStorage] | {"SCOORD3D", "TABLE"}
-#: TID 1501/1410 "Measurement Group" and TID 1410 "Image Region" (DCM).
-_MEASUREMENT_GROUP = ("125007", "DCM")
-_IMAGE_REGION = ("111030", "DCM")
 #: highdicom's reader of each SR class.
 _HIGHDICOM_SR = {
     Comprehensive3DSRStorage: hd.sr.Comprehensive3DSR,
@@ -263,15 +262,10 @@ def _required(ds: Dataset, required: dict[str, int]) -> list[str]:
     return reasons
 
 
-def _concept(item: Dataset) -> tuple[str, str] | None:
-    names = item.get("ConceptNameCodeSequence")
-    return (str(names[0].get("CodeValue", "")), str(names[0].get("CodingSchemeDesignator", ""))) if names else None
-
-
 def _is_image_region(item: Dataset) -> bool:
     """An "Image Region" SCOORD selected from a referenced image: what OHIF reads
     from each measurement group to place it (the first SCOORD's referenced image)."""
-    return (item.get("ValueType") == "SCOORD" and _concept(item) == _IMAGE_REGION
+    return (item.get("ValueType") == "SCOORD" and get_coded_name(item) == codes.DCM.ImageRegion
             and any("ReferencedSOPSequence" in source for source in item.get("ContentSequence", [])))
 
 
@@ -297,10 +291,11 @@ def _sr(ds: Dataset, disclaimer: str) -> list[str]:
     if not any(item.get("TextValue") == disclaimer for item in items):
         reasons.append("the disclaimer is not in the content")
     try:  # highdicom's reader of the whole TID 1500 tree; the groups are checked below on its parse
-        _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False)  # the last look at ds: no copy
+        _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False)  # converts ds in place: only read after this
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return reasons + [f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
-    groups = [item for item in items if item.get("ValueType") == "CONTAINER" and _concept(item) == _MEASUREMENT_GROUP]
+    groups = [item for item in items
+              if item.get("ValueType") == "CONTAINER" and get_coded_name(item) == codes.DCM.MeasurementGroup]
     if not groups:
         reasons.append("the report has no measurement group")
     drawn = [any(_is_image_region(child) for child in group.get("ContentSequence", [])) for group in groups]
@@ -387,7 +382,7 @@ def _sc(ds: Dataset, disclaimer: str) -> list[str]:
     if ds.SamplesPerPixel != 3:
         reasons.append(f"Samples per Pixel is {ds.SamplesPerPixel}, an RGB capture has 3")
     try:
-        pixels = hd.Image.from_dataset(ds, copy=False).pixel_array  # the last look at ds: no copy
+        pixels = hd.Image.from_dataset(ds, copy=False).pixel_array  # converts ds in place: only read after this
     except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
         return reasons + [f"highdicom cannot read its pixels: {error_text(exc)}"]
     if pixels.shape != (ds.Rows, ds.Columns, 3) or pixels.dtype != np.uint8:
