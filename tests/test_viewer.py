@@ -50,6 +50,8 @@ STUDY_A = ("OBXXXX1A.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "US1_UNCR.dcm")
 STUDY_B = ("examples_ybr_color.dcm",)
 THUMBNAILS = "[data-cy^=study-browser-thumbnail]"
 OVERLAY = "[data-cy=viewport-overlay-bottom-right]"
+#: The report viewport's "next measurement" arrow: OHIF shows it once an SR is open.
+REGION_ARROWS = "[data-cy=viewport-action-arrows-right]"
 
 
 @dataclass
@@ -160,10 +162,23 @@ def _open_series(browser: Chromium, description: str) -> None:
     browser.click(THUMBNAILS, text=description, clicks=2)
 
 
+def _open_report(browser: Chromium, description: str, tries: int = 3) -> None:
+    """Open the SR series, until OHIF shows its report viewport (the region arrows):
+    a double-click that lands while the study browser re-renders can be missed."""
+    for attempt in range(1, tries + 1):
+        _open_series(browser, description)
+        try:
+            browser.wait_for(f"document.querySelector('{REGION_ARROWS}') !== null", 20)
+            return
+        except AssertionError:
+            if attempt == tries:
+                raise
+
+
 def _next_region(browser: Chromium) -> None:
     """The SR viewport's "next measurement" arrow, once the current image has arrived."""
     browser.wait_idle("/dicom-web/")
-    browser.click("[data-cy=viewport-action-arrows-right]")
+    browser.click(REGION_ARROWS)
 
 
 def _displayed(browser: Chromium) -> tuple[int, int, int]:
@@ -272,7 +287,7 @@ def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
     # probabilities (predicted class first), and pages to the next image's region.
     groups = _group_labels(sr)
     assert groups[0][0] == result.summary.decisive_sop_instance_uid
-    _open_series(chromium, template.sr_series.description)
+    _open_report(chromium, template.sr_series.description)
     for n, (sop_uid, _frame, lines) in enumerate(groups):
         if n:
             _next_region(chromium)
