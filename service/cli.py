@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli:train", "Train a model (needs the 'train' extra)."),
     "evaluate": ("training.cli:evaluate", "Evaluate a trained model: metrics, plots, report."),
     "export": ("training.cli:export", "Export a trained model to ONNX with Grad-CAM and a model card."),
+    "calibrate": ("training.cli:calibrate", "Refit the domain guard and calibration of an exported model into its card."),
     "compare": ("training.cli:compare", "Train and evaluate the four architectures on the same splits."),
 }
 

@@ -9,7 +9,8 @@ inputs
   ``image``         float32 [N, 1, H, W], grayscale, ``(pixel/255 - mean) / std``
   ``target_class``  int64 [N], the class to explain; -1 explains the predicted class
 outputs
-  ``probabilities`` float32 [N, C], softmax over ``classes``
+  ``probabilities`` float32 [N, C], softmax over ``classes`` (before the card's
+                    ``calibration``, which the node applies)
   ``embedding``     float32 [N, D], L2-normalised penultimate features (retrieval)
   ``gradcam``       float32 [N, h, w], the class activation map of the target class
                     (Grad-CAM or Grad-CAM++ on a convolutional map of the model's
@@ -46,13 +47,28 @@ class InputSpec(_Strict):
 
 
 class OodSpec(_Strict):
-    """Out-of-distribution guard: distance of an embedding to the nearest class
-    centroid of the training embeddings; above ``threshold`` the image is outside
-    the model's experience (threshold = ``percentile`` of the training distances)."""
+    """The domain guard (service.model.guard): squared Mahalanobis distance of an
+    image's B-mode statistics (``features``, in order) to the training images'
+    ``mean`` under the shrunk inverse covariance ``precision``; above ``threshold``
+    (the ``percentile`` of the validation split's scores) the image is outside the
+    model's training domain and is not assessed."""
 
-    centroids: list[list[float]]
-    threshold: float
-    percentile: float
+    method: str = "bmode-statistics-mahalanobis"
+    features: list[str]
+    mean: list[float]
+    precision: list[list[float]]
+    threshold: float = Field(gt=0)
+    percentile: float = Field(gt=0, le=100)
+    fitted_on: str = ""
+
+
+class CalibrationSpec(_Strict):
+    """Temperature scaling of the class probabilities, fitted on the validation split
+    (service.model.guard.calibrated applies it)."""
+
+    method: str = "temperature"
+    temperature: float = Field(gt=0)
+    fitted_on: str = ""
 
 
 class ModelCard(_Strict):
@@ -66,6 +82,7 @@ class ModelCard(_Strict):
     sha256: str
     opset: int
     ood: OodSpec
+    calibration: CalibrationSpec | None = None
     hyperparameters: dict[str, object] = Field(default_factory=dict)
     training_data: dict[str, object]
     metrics: dict[str, object] = Field(default_factory=dict)

@@ -254,6 +254,32 @@ def export(ctx: click.Context, model: Path, out: Path, name: str | None, version
         click.echo(json.dumps(summary, indent=2))
 
 
+@click.command("calibrate", epilog=_DATA_HELP)
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_data_options
+@click.pass_context
+@_fail_clearly
+def calibrate(ctx: click.Context, model: Path, synthetic: int | None, busi: Path | None, dicom: Path | None,
+              labels: Path | None, seed: int) -> None:
+    """Refit the domain guard and the temperature of an exported MODEL (.onnx) on the
+    data it was trained with, into its card; print the guard per source and the ECE."""
+    settings_from(ctx)
+    from training.export import calibrate as run
+
+    sections = run(model, _source(synthetic, busi, dicom, labels, seed))
+    ood, calibration = sections["ood"], sections["calibration"]
+    click.echo(f"domain guard: threshold {ood['threshold']:.2f}, held-out split flagged "
+               f"{ood['test_flagged_fraction']:.3f}, AUROC against held-out sources {ood['auroc_held_out']:.4f}")
+    for s in ood["sources"]:
+        click.echo(f"  {s['source']:<24} {'held out' if s['held_out'] else 'tuning  '} flagged {s['flagged']:.2f} "
+                   f"of {s['images']}, AUROC {s['auroc']:.4f}")
+    click.echo(f"temperature {calibration['temperature']:.3f} ({calibration['fitted_on']})")
+    for name, v in calibration.items():
+        if isinstance(v, dict):
+            click.echo(f"  ECE on {name}: {v['ece_before']:.3f} -> {v['ece_after']:.3f} "
+                       f"(noise floor {v['ece_noise_floor']:.3f})")
+
+
 @click.command("compare", epilog=_DATA_HELP)
 @_data_options
 @_model_options
@@ -282,5 +308,5 @@ def main(ctx: click.Context) -> None:
     ctx.obj = {"config": None}
 
 
-for _command in (train, evaluate, export, compare):
+for _command in (train, evaluate, export, calibrate, compare):
     main.add_command(_command)

@@ -25,13 +25,18 @@ import torch
 from matplotlib.figure import Figure
 
 from service.datasets.records import Record
-from service.model_card import DISCLAIMER
+from service.datasets.records import CLASSES
+from service.model.guard import calibrated
+from service.model_card import DISCLAIMER, CalibrationSpec, OodSpec
 from service.model.imaging import resize_map
+from training.calibration import Outputs, assess
 from training.gradcam import ExplainedModel, cam_name
 from training.localisation import localisation_metrics
 from training.models import ModelConfig
 from training.train import (
+    MEASURE_SEED,
     DataSource,
+    Split,
     TrainConfig,
     TrainedModel,
     class_counts,
@@ -41,6 +46,7 @@ from training.train import (
     resize_masks,
     split_off_validation,
     to_tensor,
+    torch_outputs,
     train,
 )
 
@@ -183,7 +189,8 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
         raise ValueError(f"these {len(records)} records are not the ones this model's split was made on "
                          f"({trained.source.describe()})")
     images = resize_images(records, trained.model_config.size)
-    _, probs, test_emb = predict(trained.model, images[test], trained.norm)
+    _, raw_probs, test_emb = predict(trained.model, images[test], trained.norm)
+    probs = calibrated(raw_probs, trained.calibration)
     _, _, train_emb = predict(trained.model, images[train], trained.norm)
     report = score(labels[test], probs, test_emb, labels[train], train_emb, trained.classes)
     heatmaps = explain(trained, images[test])
@@ -191,10 +198,10 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
     localisation = localisation_metrics(heatmaps, test_masks, labels[test], trained.classes)
     if localisation is not None:
         report["localisation"] = {"heatmap": cam_name(trained.model_config), **localisation}
-    centroids = np.array(trained.ood.centroids)
-    distances = np.linalg.norm(test_emb[:, None, :] - centroids[None], axis=2).min(axis=1)
-    report["ood"] = {"threshold": trained.ood.threshold, "percentile": trained.ood.percentile,
-                     "test_flagged_fraction": float(np.mean(distances > trained.ood.threshold))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.update(guard_and_calibration(torch_outputs(trained.model, trained.norm), images, labels, trained.split,
+                                        trained.ood, trained.calibration, trained.source,
+                                        out_dir / f"{prefix}.reliability.png"))
     report.update(
         evaluated_on=f"held-out test split ({len(test)} images; groups never span train and test)",
         model={"arch": trained.model_config.arch, **trained.model_config.to_dict()},
@@ -202,7 +209,6 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
         epochs_run=len(trained.history), disclaimer=DISCLAIMER,
         best_epoch=min(trained.history, key=lambda h: h["val_loss"])["epoch"] if trained.history else None,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
     plots = {
         "confusion": plot_confusion(np.array(report["confusion_matrix"]), trained.classes,
                                     out_dir / f"{prefix}.confusion.png"),
@@ -212,7 +218,7 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
                                 resize_masks([records[i] for i in test], trained.model_config.size),
                                 out_dir / f"{prefix}.gradcam.png", gradcam_examples),
     }
-    report["plots"] = {name: path.name for name, path in plots.items()}
+    report["plots"] = {**{name: path.name for name, path in plots.items()}, "reliability": f"{prefix}.reliability.png"}
     _write_text(out_dir / f"{prefix}.report.json", json.dumps(report, indent=2) + "\n")
     _write_text(out_dir / f"{prefix}.report.md", markdown_report(report))
     return report
@@ -248,8 +254,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"| macro one-vs-rest ROC AUC | {_fmt(report['macro_roc_auc'])} |",
         f"| expected calibration error ({ECE_BINS} bins) | {_fmt(report['ece'])} |",
         *(f"| retrieval {k} (test queries the training set) | {_fmt(v)} |" for k, v in retrieval.items()),
-        (f"| held-out images the OOD guard flags (threshold: training {report['ood']['percentile']:g}th "
-         f"percentile) | {_fmt(report['ood']['test_flagged_fraction'])} |"),
+        f"| held-out images the domain guard flags | {_fmt(report['ood']['test_flagged_fraction'])} |",
         "",
         "| class | precision | recall | F1 | ROC AUC | support |",
         "|---|---|---|---|---|---|",
@@ -264,9 +269,68 @@ def markdown_report(report: dict[str, Any]) -> str:
           for name, row in zip(classes, report["confusion_matrix"])),
         "",
         *localisation_markdown(report.get("localisation")),
+        *guard_markdown(report["ood"]),
+        *calibration_markdown(report.get("calibration")),
     ]
     lines += [f"![{name}]({file})" for name, file in report.get("plots", {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def guard_and_calibration(outputs: Outputs, images: np.ndarray, labels: np.ndarray, split: Split, ood: OodSpec,
+                          calibration: CalibrationSpec | None, source: DataSource,
+                          reliability_path: Path) -> dict[str, Any]:
+    """The report's guard and calibration sections (training.calibration.assess) for a
+    model given as ``outputs``, on its own split."""
+    fresh = source.fresh(MEASURE_SEED)
+    measure = None if fresh is None else (resize_images(fresh, images.shape[1]), np.array([r.label for r in fresh]))
+    return assess(outputs, images, labels, {"fit": split.fit, "val": split.val, "test": split.test}, ood,
+                  calibration or CalibrationSpec(temperature=1.0, fitted_on="none"), measure, len(CLASSES),
+                  ECE_BINS, reliability_path)
+
+
+def guard_markdown(ood: dict[str, Any]) -> list[str]:
+    """The report's section on the domain guard: per source, and the candidates."""
+    if "sources" not in ood:
+        return []
+    return [
+        f"Domain guard ({ood['method']}): an image whose score exceeds {ood['threshold']:.2f} (the "
+        f"{ood['percentile']:g}th percentile of the validation split) is not assessed. Held-out split flagged: "
+        f"{_fmt(ood['test_flagged_fraction'])}; AUROC against the held-out out-of-domain sources: "
+        f"{_fmt(ood['auroc_held_out'], 4)}. Sources marked held out played no part in choosing the detector.",
+        "",
+        "| source | held out | images | flagged | AUROC vs held-out split | not flagged |",
+        "|---|---|---|---|---|---|",
+        *(f"| {s['source']} | {'yes' if s['held_out'] else 'no (tuning)'} | {s['images']} | {_fmt(s['flagged'])} "
+          f"| {_fmt(s['auroc'], 4)} | {', '.join(s['missed'][:4]) + (' ...' if len(s['missed']) > 4 else '')} |"
+          for s in ood["sources"]),
+        "",
+        "The detectors compared (each at the same percentile of its own validation scores):",
+        "",
+        "| detector | held-out split flagged | AUROC, tuning sources | AUROC, held-out sources | real ultrasound flagged |",
+        "|---|---|---|---|---|",
+        *(f"| {c['detector']} | {_fmt(c['test_flagged'])} | {_fmt(c['auroc_tuning'], 4)} "
+          f"| {_fmt(c['auroc_held_out'], 4)} | {_fmt(c['flagged'].get('real-ultrasound'))} |"
+          for c in ood["candidates"]),
+        "",
+    ]
+
+
+def calibration_markdown(calibration: dict[str, Any] | None) -> list[str]:
+    """The report's section on calibration: ECE before and after, and its noise floor."""
+    if calibration is None:
+        return []
+    sets = {k: v for k, v in calibration.items() if isinstance(v, dict)}
+    return [
+        f"Calibration: {calibration['method']} scaling, T = {calibration['temperature']:.3f}, fitted on "
+        f"{calibration['fitted_on']}. The noise floor is the mean ECE a perfectly calibrated model with the same "
+        "confidences shows on that many images: an ECE near it cannot be told from perfect calibration.",
+        "",
+        "| images | n | ECE before | ECE after | noise floor |",
+        "|---|---|---|---|---|",
+        *(f"| {name} | {v['images']} | {_fmt(v['ece_before'])} | {_fmt(v['ece_after'])} "
+          f"| {_fmt(v['ece_noise_floor'])} |" for name, v in sets.items()),
+        "",
+    ]
 
 
 def localisation_markdown(localisation: dict[str, Any] | None) -> list[str]:

@@ -39,6 +39,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from service.datasets.records import Record
+from service.model.guard import calibrated
 from service.model_card import (
     DISCLAIMER,
     InputSpec,
@@ -48,7 +49,16 @@ from service.model_card import (
 )
 from training.gradcam import ExplainedModel, cam_name
 from training.models import SonoModel
-from training.train import TrainedModel, resize_images, to_tensor
+from training.calibration import Outputs
+from training.train import (
+    DataSource,
+    TrainedModel,
+    class_counts,
+    fit_guard_and_calibration,
+    make_split,
+    resize_images,
+    to_tensor,
+)
 
 INPUT_NAMES = ["image", "target_class"]
 EXPLAINED_OUTPUTS = ["probabilities", "embedding", "gradcam"]
@@ -213,7 +223,7 @@ def build_card(trained: TrainedModel, onnx_path: Path, *, name: str, version: st
         classes=list(trained.classes),
         input=InputSpec(height=c.size, width=c.size, mean=trained.norm.mean, std=trained.norm.std),
         embedding_dim=c.embedding_dim, onnx_file=onnx_path.name, sha256=sha256_file(onnx_path),
-        opset=onnx_opset(onnx_path), ood=trained.ood, hyperparameters=hyper, training_data=training_data,
+        opset=onnx_opset(onnx_path), ood=trained.ood, calibration=trained.calibration, hyperparameters=hyper, training_data=training_data,
         metrics=metrics or {}, created=datetime.now(UTC).isoformat(timespec="seconds"),
         intended_use=INTENDED_USE, disclaimer=DISCLAIMER,
     )
@@ -230,8 +240,10 @@ def write_card(card: ModelCard, onnx_path: Path) -> Path:
 def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of an evaluation report (``training.evaluate``) for the card."""
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "ece", "retrieval", "per_class", "n_test",
-            "ood", "localisation")
+            "ood", "calibration", "localisation")
     metrics = {k: report[k] for k in keys if k in report}
+    if "sources" in metrics.get("ood", {}):
+        metrics["ood"] = _headline_guard(metrics["ood"])
     metrics["evaluated_on"] = report.get("evaluated_on", "held-out test split")
     return metrics
 
@@ -349,3 +361,60 @@ def quantize_and_compare(trained: TrainedModel, records: Sequence[Record], onnx_
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, onnx_path.with_name(f"{onnx_path.stem}.quantization.json"))
     return summary
+
+
+def onnx_outputs(session: ort.InferenceSession, spec: InputSpec) -> Outputs:
+    """An exported model as training.calibration's ``Outputs`` (the raw graph: no
+    calibration applied)."""
+    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = ((images.astype(np.float32) / 255.0 - spec.mean) / spec.std)[:, None]
+        probs, emb, _ = run_onnx(session, np.ascontiguousarray(x, dtype=np.float32))
+        return probs, emb
+
+    return outputs
+
+
+def calibrate(onnx_path: Path, source: DataSource) -> dict[str, Any]:
+    """Refit the domain guard and the temperature of an exported model on the split it
+    was trained with (rebuilt from ``source`` and the card's fractions and seed), write
+    them into its card, and add the guard and calibration sections to the report
+    beside it (``<stem>.report.json`` / ``.md``). The ONNX file is not touched."""
+    from training.evaluate import expected_calibration_error, guard_and_calibration, markdown_report
+
+    raw = json.loads(card_path_for(onnx_path).read_text())  # read as data: a card of before has another guard
+    if sha256_file(onnx_path) != raw.get("sha256"):
+        raise ValueError(f"{onnx_path} is not the file its model card describes (sha256 differs)")
+    spec, hyper = InputSpec(**raw["input"]), raw["hyperparameters"]
+    records = source.load()
+    labels = np.array([r.label for r in records], dtype=np.int64)
+    split = make_split(records, float(str(hyper["test_fraction"])), float(str(hyper["val_fraction"])),
+                       int(str(hyper["seed"])))
+    if class_counts(labels, split) != raw["training_data"].get("counts"):
+        raise ValueError(f"these records ({source.describe()}) are not the ones {onnx_path.name} was trained on: "
+                         "give the data options of the card's training command")
+    images = resize_images(records, spec.height)
+    outputs = onnx_outputs(ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]), spec)
+    ood, calibration = fit_guard_and_calibration(outputs, images, labels, split, source, spec.height)
+    report_path = onnx_path.with_suffix(".report.json")
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    sections = guard_and_calibration(outputs, images, labels, split, ood, calibration, source,
+                                     onnx_path.with_suffix(".reliability.png"))
+    report.update(sections)
+    if "per_class" in report:
+        test_probs = calibrated(outputs(images[split.test])[0], calibration)
+        report["ece"] = expected_calibration_error(test_probs, labels[split.test])
+        report.setdefault("plots", {})["reliability"] = onnx_path.with_suffix(".reliability.png").name
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        onnx_path.with_suffix(".report.md").write_text(markdown_report(report))
+    metrics = {**raw.get("metrics", {}), "ood": _headline_guard(sections["ood"]), "calibration": sections["calibration"]}
+    if "ece" in report:
+        metrics["ece"] = report["ece"]
+    write_card(ModelCard.model_validate({**raw, "ood": ood.model_dump(), "calibration": calibration.model_dump(),
+                                         "metrics": metrics}), onnx_path)
+    return sections
+
+
+def _headline_guard(ood: dict[str, Any]) -> dict[str, Any]:
+    """The guard's numbers for the card: per source without the list of misses."""
+    return {**{k: v for k, v in ood.items() if k not in ("sources", "candidates")},
+            "sources": [{k: v for k, v in s.items() if k != "missed"} for s in ood["sources"]]}

@@ -30,7 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from service.datasets.records import CLASSES, Record
-from service.model_card import OodSpec
+from service.model_card import CalibrationSpec, OodSpec
+from training.calibration import Outputs
 from training.gradcam import grad_cam
 from training.localisation import resize_mask
 from training.models import ModelConfig, SonoModel, build_model, load_initial_weights
@@ -39,9 +40,12 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
-#: Percentile of the training embeddings' distance to their nearest class centroid
-#: above which the node calls an image out of distribution.
-OOD_PERCENTILE = 99.0
+#: Synthetic data: images per class generated afresh (patients in no split) to fit
+#: the temperature on and to measure calibration with; the validation split is
+#: small and biased by early stopping (it chose the weights).
+FRESH_PER_CLASS = 300
+#: Seed offsets of those fresh sets: one to fit on, one held out for measuring.
+CALIBRATION_SEED, MEASURE_SEED = 1000, 2000
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,15 @@ class DataSource:
         from service.datasets.dicom_csv import load_dicom_labels
 
         return load_dicom_labels(Path(str(self.path)), Path(str(self.labels)))
+
+    def fresh(self, seed_offset: int) -> list[Record] | None:
+        """New labelled images from the same source that no split holds (synthetic
+        only: real data sets have no more images than they have)."""
+        if self.kind != "synthetic":
+            return None
+        from service.datasets.synthetic import generate_records
+
+        return generate_records(FRESH_PER_CLASS, seed=self.seed + seed_offset)
 
     def describe(self) -> str:
         if self.kind == "synthetic":
@@ -165,6 +178,7 @@ class TrainedModel:
     class_counts: dict[str, int]
     history: list[dict[str, float]]
     ood: OodSpec
+    calibration: CalibrationSpec | None
     created: str
     classes: tuple[str, ...] = field(default=CLASSES)
     command: str = ""  # the command line that trained it, for the model card
@@ -218,20 +232,30 @@ def predict(model: SonoModel, images: np.ndarray, norm: Normalisation, batch_siz
     return logit.numpy(), torch.softmax(logit, dim=1).numpy(), torch.cat(embeddings).numpy()
 
 
-def ood_from_embeddings(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
-                        percentile: float = OOD_PERCENTILE) -> OodSpec:
-    """Class centroids of the training embeddings and the ``percentile`` of each
-    training image's Euclidean distance to its nearest centroid."""
-    missing = [CLASSES[c] for c in range(num_classes) if not np.any(labels == c)]
-    if missing:
-        raise ValueError(f"no training images of class {', '.join(missing)}: cannot compute its centroid")
-    centroids = np.stack([embeddings[labels == c].mean(axis=0) for c in range(num_classes)])
-    distances = np.linalg.norm(embeddings[:, None, :] - centroids[None], axis=2).min(axis=1)
-    return OodSpec(
-        centroids=centroids.astype(float).round(6).tolist(),
-        threshold=float(np.percentile(distances, percentile)),
-        percentile=percentile,
-    )
+def fit_guard_and_calibration(outputs: Outputs, images: np.ndarray, labels: np.ndarray, split: Split,
+                               source: DataSource, size: int) -> tuple[OodSpec, CalibrationSpec]:
+    """The domain guard (fitted on the fit split, threshold from the validation split)
+    and the temperature (fitted on fresh images where the source makes them, else on
+    the validation split, which early stopping has already tuned the weights on);
+    ``outputs`` gives a model's uncalibrated probabilities of uint8 images.
+    training.calibration says why these."""
+    from training.calibration import fit_guard, fit_temperature
+
+    guard = fit_guard(images[split.fit], images[split.val], fitted_on="fit split; threshold: validation split")
+    fresh = source.fresh(CALIBRATION_SEED)
+    if fresh is None:
+        return guard, fit_temperature(outputs(images[split.val])[0], labels[split.val], fitted_on="validation split")
+    return guard, fit_temperature(outputs(resize_images(fresh, size))[0], np.array([r.label for r in fresh]),
+                                  fitted_on=f"{len(fresh)} fresh images of the source (seed +{CALIBRATION_SEED})")
+
+
+def torch_outputs(model: SonoModel, norm: Normalisation) -> Outputs:
+    """The trained model as training.calibration's ``Outputs``."""
+    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, probs, embeddings = predict(model, images, norm)
+        return probs, embeddings
+
+    return outputs
 
 
 def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -423,11 +447,12 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
 
     model.load_state_dict(state["best_state"])
     model.cpu().eval()  # evaluation and export run on the CPU, like the node
-    _, _, train_emb = predict(model, images[split.train], norm)
+    ood, calibration = fit_guard_and_calibration(torch_outputs(model, norm), images, labels, split, source,
+                                                 model_config.size)
     trained = TrainedModel(
         model=model, model_config=model_config, train_config=train_config, norm=norm, source=source,
         split=split, class_counts=class_counts(labels, split), history=state["history"],
-        ood=ood_from_embeddings(train_emb, labels[split.train], model_config.num_classes),
+        ood=ood, calibration=calibration,
         created=datetime.now(UTC).isoformat(timespec="seconds"), command=command,
     )
     save_trained(trained, out_dir / MODEL)
@@ -451,7 +476,8 @@ def save_trained(trained: TrainedModel, path: Path) -> None:
         "state_dict": trained.model.state_dict(),
         "norm": asdict(trained.norm), "source": asdict(trained.source), "split": asdict(trained.split),
         "class_counts": trained.class_counts, "history": trained.history,
-        "ood": trained.ood.model_dump(), "created": trained.created, "classes": list(trained.classes),
+        "ood": trained.ood.model_dump(),
+        "calibration": trained.calibration.model_dump() if trained.calibration else None, "created": trained.created, "classes": list(trained.classes),
         "command": trained.command,
     }, path)
 
@@ -466,6 +492,9 @@ def load_trained(path: Path) -> TrainedModel:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(saved, dict) or "model_config" not in saved:
         raise ValueError(f"{path} is not a model written by 'sonocase train'")
+    if "features" not in saved["ood"]:
+        raise ValueError(f"{path} has the domain guard of an older Sonocase (embedding centroids): export it and "
+                         "refit its guard with 'sonocase calibrate MODEL.onnx' and the same data options")
     config = ModelConfig(**saved["model_config"])
     model = build_model(config)
     model.load_state_dict(saved["state_dict"])
@@ -474,5 +503,6 @@ def load_trained(path: Path) -> TrainedModel:
         model=model, model_config=config, train_config=TrainConfig(**saved["train_config"]),
         norm=Normalisation(**saved["norm"]), source=DataSource(**saved["source"]), split=Split(**saved["split"]),
         class_counts=saved["class_counts"], history=saved["history"], ood=OodSpec(**saved["ood"]),
+        calibration=CalibrationSpec(**saved["calibration"]) if saved.get("calibration") else None,
         created=saved["created"], classes=tuple(saved["classes"]), command=saved["command"],
     )

@@ -3,8 +3,9 @@
 :class:`OnnxModel` loads the ONNX file with its model card (the card's sha256 must
 match the file), checks the graph has the interface the card describes
 (service.model_card), picks the execution provider, and runs batches of prepared
-images: class probabilities, the retrieval embedding, the Grad-CAM heatmap of the
-predicted (or a chosen) class, and the out-of-distribution guard.
+images: calibrated class probabilities, the retrieval embedding, the Grad-CAM
+heatmap of the predicted (or a chosen) class, and the domain guard's verdict
+(service.model.guard).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from service.model.guard import DomainGuard, calibrated, pixels_of
 from service.model_card import ModelCard
 from service.results import ModelIdentity
 
@@ -38,10 +40,10 @@ class ModelError(RuntimeError):
 class Prediction:
     """The model's output for N images (row i belongs to input image i)."""
 
-    probabilities: np.ndarray  # float32 [N, C]
+    probabilities: np.ndarray  # float32 [N, C], calibrated as the card says
     embedding: np.ndarray  # float32 [N, D], L2-normalised
     gradcam: np.ndarray  # float32 [N, h, w] in [0, 1]
-    ood_distance: np.ndarray  # float32 [N]: distance to the nearest training centroid
+    ood_distance: np.ndarray  # float32 [N]: the domain guard's score (service.model.guard)
     out_of_distribution: np.ndarray  # bool [N]: ood_distance > the card's threshold
 
     @property
@@ -94,7 +96,10 @@ class OnnxModel:
             LOG.warning("model %s: %s was requested but ONNX Runtime runs on %s",
                         path.name, requested[0], self.provider)
         self._check_interface()
-        self._centroids = np.asarray(self.card.ood.centroids, dtype=np.float32)
+        try:
+            self.guard = DomainGuard(self.card.ood)
+        except ValueError as exc:
+            raise ModelError(f"model {path}: {exc}") from exc
         LOG.info("model %s %s (sha256 %s) runs on %s", self.card.name, self.card.version,
                  self.card.sha256[:12], self.provider)
 
@@ -116,10 +121,9 @@ class OnnxModel:
                                  ("embedding", self.card.embedding_dim, "embedding_dim")):
             if name in outputs and outputs[name][1] != size:
                 problems.append(f"output {name!r} has shape {outputs[name]}, the card's {what} is {size}")
-        if len(self.card.ood.centroids) != len(self.card.classes) or any(
-            len(c) != self.card.embedding_dim for c in self.card.ood.centroids
-        ):
-            problems.append("the card's OOD centroids are not one embedding_dim vector per class")
+        features = len(self.card.ood.features)
+        if len(self.card.ood.mean) != features or any(len(row) != features for row in self.card.ood.precision):
+            problems.append("the card's domain guard has no mean and precision of one value per feature")
         if problems:
             raise ModelError(f"model {self.path} does not match its card: " + "; ".join(problems))
 
@@ -142,11 +146,6 @@ class OnnxModel:
             for i in range(0, n, self.batch_size)
         ]
         probabilities, embedding, gradcam = (np.concatenate([p[k] for p in parts]) for k in range(3))
-        distance = self.ood_distance(embedding)
-        return Prediction(probabilities, embedding, gradcam, distance, distance > self.card.ood.threshold)
-
-    def ood_distance(self, embedding: np.ndarray) -> np.ndarray:
-        """Euclidean distance of each embedding to the nearest class centroid of the
-        training embeddings (the card's OOD guard)."""
-        diff = embedding[:, None, :] - self._centroids[None, :, :]
-        return np.sqrt((diff * diff).sum(axis=2)).min(axis=1).astype(np.float32)
+        score = self.guard.score(pixels_of(batch, self.card.input))
+        return Prediction(calibrated(probabilities, self.card.calibration), embedding, gradcam, score,
+                          score > self.guard.threshold)
