@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from service.datasets.synthetic import generate_records
+from service.model.guard import FEATURES
 from service.model_card import DISCLAIMER, ModelCard, card_path_for
+from training.calibration import GUARD_PERCENTILE
 from training.export import (
     EXPLAINED_OUTPUTS,
     build_card,
@@ -230,8 +232,9 @@ def test_card_is_written_beside_the_file_and_loads(trained_tiny: TrainedModel, t
     assert loaded == card
     assert loaded.disclaimer == DISCLAIMER and "not for primary diagnosis" in loaded.intended_use
     assert loaded.input.height == loaded.input.width == trained_tiny.model_config.size
-    assert len(loaded.ood.centroids) == 3 and len(loaded.ood.centroids[0]) == loaded.embedding_dim
-    assert loaded.ood.threshold > 0 and loaded.ood.percentile == 99.0
+    assert loaded.ood.features == list(FEATURES) and len(loaded.ood.precision) == len(FEATURES)
+    assert loaded.ood.threshold > 0 and loaded.ood.percentile == GUARD_PERCENTILE
+    assert loaded.calibration is not None and loaded.calibration.temperature > 0
     assert loaded.training_data["synthetic"] is True
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(ValueError, match="sha256"):

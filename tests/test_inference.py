@@ -11,6 +11,7 @@ import pytest
 
 from service.datasets.records import CLASSES
 from service.datasets.synthetic import generate_records, synthetic_study
+from service.model.guard import pixels_of
 from service.model.imaging import model_input, prepare_instance
 from service.model.inference import CPU, CUDA, ModelError, OnnxModel, choose_providers
 from service.model_card import ModelCard, card_path_for, sha256_file
@@ -83,15 +84,25 @@ def test_gradcam_explains_the_predicted_class_unless_told_otherwise(model: OnnxM
         model.run(batch, np.zeros(2, np.int64))
 
 
-def test_ood_distance_is_to_the_nearest_training_centroid(model: OnnxModel) -> None:
-    out = model.run(_batch(model, 4, seed=3))
-    centroids = np.asarray(model.card.ood.centroids)
-    expected = np.linalg.norm(out.embedding[:, None] - centroids[None], axis=2).min(axis=1)
-    assert np.allclose(out.ood_distance, expected, atol=1e-5)
+def test_ood_score_is_the_guard_on_the_model_input(model: OnnxModel) -> None:
+    batch = _batch(model, 4, seed=3)
+    out = model.run(batch)
+    expected = model.guard.score(pixels_of(batch, model.card.input))
+    assert np.allclose(out.ood_distance, expected, rtol=1e-5)
     assert np.array_equal(out.out_of_distribution, out.ood_distance > model.card.ood.threshold)
 
 
-@pytest.mark.parametrize(("threshold", "expected"), [(0.0, True), (10.0, False)])
+def test_probabilities_are_calibrated_as_the_card_says(model: OnnxModel, model_path: Path, tmp_path: Path) -> None:
+    batch = _batch(model, 4, seed=4)
+    raw = model.session.run(["probabilities"], {"image": batch, "target_class": np.full(4, -1)})[0]
+    sharper = OnnxModel(_copy_with_card(model_path, tmp_path, **{"calibration.temperature": 0.5}), "cpu")
+    got = sharper.run(batch).probabilities
+    expected = raw.astype(np.float64) ** 2 / (raw.astype(np.float64) ** 2).sum(axis=1, keepdims=True)
+    assert np.allclose(got, expected, atol=1e-5)
+    assert np.array_equal(got.argmax(axis=1), raw.argmax(axis=1))
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(1e-6, True), (1e9, False)])
 def test_ood_threshold_comes_from_the_card(model_path: Path, tmp_path: Path, threshold: float, expected: bool) -> None:
     path = _copy_with_card(model_path, tmp_path, **{"ood.threshold": threshold})
     model = OnnxModel(path, "cpu")

@@ -80,7 +80,8 @@ def test_a_short_training_run_lowers_the_loss(records, split: Split, tmp_path: P
     assert loaded.split == split and loaded.model_config == TINY and loaded.norm == trained.norm
     np.testing.assert_allclose(predict(loaded.model, images, loaded.norm)[1],
                                predict(trained.model, images, trained.norm)[1], atol=1e-6)
-    assert len(loaded.ood.centroids) == 3
+    assert loaded.ood == trained.ood and loaded.calibration == trained.calibration
+    assert loaded.calibration is not None and "fresh images" in loaded.calibration.fitted_on
     with pytest.raises(ValueError, match="not the ones this model's split was made on"):
         evaluate(trained, records[:-3], tmp_path)
 

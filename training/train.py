@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
-#: Synthetic data: images per class generated afresh (patients in no split) to fit
-#: the temperature on and to measure calibration with; the validation split is
-#: small and biased by early stopping (it chose the weights).
+#: Synthetic data: at most this many images per class (and no more than the source
+#: has) generated afresh, patients in no split, to fit the temperature on and to
+#: measure calibration with; the validation split is small and biased by early
+#: stopping (it chose the weights).
 FRESH_PER_CLASS = 300
 #: Seed offsets of those fresh sets: one to fit on, one held out for measuring.
 CALIBRATION_SEED, MEASURE_SEED = 1000, 2000
@@ -89,7 +90,7 @@ class DataSource:
             return None
         from service.datasets.synthetic import generate_records
 
-        return generate_records(FRESH_PER_CLASS, seed=self.seed + seed_offset)
+        return generate_records(min(FRESH_PER_CLASS, self.synthetic_per_class), seed=self.seed + seed_offset)
 
     def describe(self) -> str:
         if self.kind == "synthetic":
