@@ -57,7 +57,7 @@ class OodSpec(_Strict):
     features: list[str]
     mean: list[float]
     precision: list[list[float]]
-    threshold: float = Field(gt=0)
+    threshold: float = Field(ge=0)
     percentile: float = Field(gt=0, le=100)
     fitted_on: str = ""
 

@@ -123,7 +123,7 @@ def test_docs_quote_the_shipped_sr_template(clean_env: None) -> None:
 def test_radiologist_guide_matches_the_shipped_model_card(clean_env: None) -> None:
     card = ModelCard.load(Settings().model_path)
     guide = _flat(RADIOLOGIST)
-    assert f"than {card.ood.percentile:g} % of the training images" in guide
+    assert f"than {card.ood.percentile:g} % of the validation images" in guide
     assert " / ".join(f"**{c}**" for c in card.classes) in guide.replace(", ", " / ")
     assert f"up to {Settings().max_cine_frames} evenly spaced" in guide
     assert f"Up to {Settings().similar_studies} studies" in guide
