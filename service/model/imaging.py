@@ -346,6 +346,7 @@ def picture_region(gray: np.ndarray) -> Box | None:
 
 
 def _holds(band: Box, picture: Box) -> bool:
+    """Whether the band is the blob's picture, cut tighter (BAND_HOLDS), not a strip or fragment of it."""
     centre_x, centre_y = (picture[0] + picture[2]) / 2, (picture[1] + picture[3]) / 2
     covers_centre = band[0] <= centre_x < band[2] and band[1] <= centre_y < band[3]
     return covers_centre and _area(band) >= BAND_HOLDS * _area(picture)
