@@ -8,8 +8,8 @@ documented where it is done:
    pylibjpeg/openjpeg/libjpeg/rle/pyjpegls);
 2. :func:`to_grayscale`: palette colour, RGB, YBR and MONOCHROME1/2 -> uint8 luma;
 3. :func:`crop_box`: the B-mode region from the Sequence of Ultrasound Regions, or
-   :func:`heuristic_region` when the scanner sent none (a plain screen: the picture
-   found among the text, scales, logos and ECG trace around it);
+   :func:`heuristic_region` when the scanner sent none or declared its whole screen
+   (the picture found among the text, scales, logos and ECG trace around it);
 4. :func:`model_input`: resize and normalise as the model card says;
 5. images the model should not judge are skipped with a reason (:func:`dataset_skip_reason`,
    :func:`crop_skip_reason`).
@@ -45,6 +45,10 @@ ENHANCED_US_VOLUME = "1.2.840.10008.5.1.4.1.1.6.2"
 #: Region Spatial Format 2-D and Region Data Type tissue (PS3.3 C.8.5.5.1.1/.2).
 SPATIAL_FORMAT_2D = 0x0001
 DATA_TYPE_TISSUE = 0x0001
+#: A tissue region covering at least this fraction of the frame is the whole display,
+#: not the picture on it: a real adult echo declares 91 % of its screen, ECG trace and
+#: measurements included, while scanners that frame the picture declare 40-70 %.
+SCREEN_REGION = 0.85
 
 #: A crop narrower or shorter than this (pixels) holds too little to judge.
 MIN_SIDE = 32
@@ -370,8 +374,20 @@ def heuristic_region(gray: np.ndarray) -> Box:
 
 
 def crop_box(ds: Dataset, gray: np.ndarray) -> Box:
-    """The region the model judges: the scanner's B-mode region, else the heuristic."""
-    return ultrasound_region(ds) or heuristic_region(gray)
+    """The region the model judges: the scanner's B-mode region, else the heuristic.
+
+    A region covering SCREEN_REGION of the frame or more describes the scanner's
+    whole display (an echo's region holding its text, calipers and ECG trace), not
+    its picture: the heuristic then looks for the picture inside it.
+    """
+    region = ultrasound_region(ds)
+    if region is None:
+        return heuristic_region(gray)
+    if _area(region) < SCREEN_REGION * gray.size:
+        return region
+    x0, y0, x1, y1 = region
+    inner = heuristic_region(gray[y0:y1, x0:x1])
+    return inner[0] + x0, inner[1] + y0, inner[2] + x0, inner[3] + y0
 
 
 def crop_skip_reason(crop: np.ndarray) -> str | None:
