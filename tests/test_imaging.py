@@ -108,8 +108,8 @@ SCREENS: dict[str, Screen] = {
     **{name: Screen((0, 0, 256, 120), 1.0) for name in ("color-pl.dcm", "color-px.dcm")},
     "ExplVR_BigEnd.dcm": Screen((0, 0, 80, 60), 1.0),
 }
-#: Files whose only frame is blank (an empty obstetric sweep under a grey header banner),
-#: and the frame number of the blank frame of the others.
+#: Files whose only frame is blank (an empty obstetric sweep under a grey header
+#: banner), and the blank frame's number in the two-frame copies of that sweep.
 BLANK_SCREENS = frozenset({"OBXXXX1A.dcm", "OBXXXX1A_expb.dcm", "OBXXXX1A_rle.dcm", "examples_palette.dcm"})
 BLANK_FRAMES = {"OBXXXX1A_2frame.dcm": 1, "OBXXXX1A_expb_2frame.dcm": 1, "OBXXXX1A_rle_2frame.dcm": 1}
 #: Files whose Sequence of Ultrasound Regions declares the whole screen, ECG trace and
@@ -117,7 +117,6 @@ BLANK_FRAMES = {"OBXXXX1A_2frame.dcm": 1, "OBXXXX1A_expb_2frame.dcm": 1, "OBXXXX
 WHOLE_SCREEN_REGIONS = frozenset({"JPGLosslessP14SV1_1s_1f_8b.dcm"})
 #: A crop may pass the picture's box by this many pixels (a cell of the finder's grid).
 SCREEN_SLACK = 8
-
 
 
 @functools.cache
