@@ -331,6 +331,22 @@ def test_heuristic_on_a_black_image_returns_the_whole_image() -> None:
     assert heuristic_region(np.zeros((50, 70), np.uint8)) == (0, 0, 70, 50)
 
 
+@given(height=st.integers(32, 200), width=st.integers(32, 200), seed=st.integers(0, 2**32 - 1),
+       level=st.integers(0, 255), fraction=st.floats(0.0, 1.0))
+def test_heuristic_gives_a_box_inside_any_frame(height: int, width: int, seed: int, level: int,
+                                                fraction: float) -> None:
+    """Whatever the screen (speckle of any density and brightness over a black frame,
+    a rectangle of it anywhere), the box is a non-empty part of the frame."""
+    rng = np.random.default_rng(seed)
+    gray = np.zeros((height, width), np.uint8)
+    y0, x0 = rng.integers(0, height), rng.integers(0, width)
+    y1, x1 = rng.integers(y0 + 1, height + 1), rng.integers(x0 + 1, width + 1)
+    speckle = (rng.random((y1 - y0, x1 - x0)) < fraction) * rng.integers(0, level + 1, (y1 - y0, x1 - x0))
+    gray[y0:y1, x0:x1] = speckle
+    bx0, by0, bx1, by1 = heuristic_region(gray)
+    assert 0 <= bx0 < bx1 <= width and 0 <= by0 < by1 <= height
+
+
 @given(n=st.integers(1, 500), k=st.integers(1, 50))
 def test_cine_frames_are_bounded_and_evenly_spread(n: int, k: int) -> None:
     chosen = frame_indices(n, k)
