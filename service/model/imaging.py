@@ -8,7 +8,8 @@ documented where it is done:
    pylibjpeg/openjpeg/libjpeg/rle/pyjpegls);
 2. :func:`to_grayscale`: palette colour, RGB, YBR and MONOCHROME1/2 -> uint8 luma;
 3. :func:`crop_box`: the B-mode region from the Sequence of Ultrasound Regions, or
-   :func:`heuristic_region` when the scanner sent none;
+   :func:`heuristic_region` when the scanner sent none or declared its whole screen
+   (the picture found among the text, scales, logos and ECG trace around it);
 4. :func:`model_input`: resize and normalise as the model card says;
 5. images the model should not judge are skipped with a reason (:func:`dataset_skip_reason`,
    :func:`crop_skip_reason`).
@@ -16,6 +17,7 @@ documented where it is done:
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +45,10 @@ ENHANCED_US_VOLUME = "1.2.840.10008.5.1.4.1.1.6.2"
 #: Region Spatial Format 2-D and Region Data Type tissue (PS3.3 C.8.5.5.1.1/.2).
 SPATIAL_FORMAT_2D = 0x0001
 DATA_TYPE_TISSUE = 0x0001
+#: A tissue region covering at least this fraction of the frame is the whole display,
+#: not the picture on it: a real adult echo declares 91 % of its screen, ECG trace and
+#: measurements included, while scanners that frame the picture declare 40-70 %.
+SCREEN_REGION = 0.85
 
 #: A crop narrower or shorter than this (pixels) holds too little to judge.
 MIN_SIDE = 32
@@ -52,6 +58,22 @@ DARK_LEVEL = 16
 #: its pixels is above DARK_LEVEL. Speckle fills a B-mode image; the dark frame has
 #: almost nothing and burned-in text lines far less than this.
 FILL_FRACTION = 0.35
+#: Picture finder on a screen whose rows are not full (a sector fan, a dark echo): the
+#: frame is cut into square cells, about this many along its shorter side, so that a
+#: text line or an ECG trace is at most a cell or two thick while the picture is tens.
+CELLS_PER_SIDE = 60
+#: Grey level at or below which a pixel is the screen's black: a dark echo's speckle
+#: starts at 2, while JPEG noise on its black background reaches 1.
+BLACK_LEVEL = 1
+#: A cell belongs to the picture when at least this fraction of its pixels is above
+#: BLACK_LEVEL: the dim far field of a dark echo fan fills a third to a half of its
+#: cells, while the gaps between glyphs leave most cells of a text line below it.
+CELL_FILL = 0.35
+#: The row/column band is kept when it holds the picture finder's box: covers its
+#: centre and at least this fraction of its area. On a rectangular picture both find
+#: the same image (the band cut tighter where a text line touches it); on a fan the
+#: band is a strip or a fragment of it and the finder's box is taken.
+BAND_HOLDS = 0.5
 #: Mostly blank: fewer than this fraction of the crop's pixels above DARK_LEVEL ...
 BLANK_FRACTION = 0.10
 #: ... or a standard deviation under this many grey levels (a flat image).
@@ -238,16 +260,15 @@ def _longest_run(flags: np.ndarray) -> tuple[int, int] | None:
     return int(starts[k]), int(ends[k])
 
 
-def heuristic_region(gray: np.ndarray) -> Box:
-    """The image area of a screen capture without a Sequence of Ultrasound Regions.
+def band_region(gray: np.ndarray) -> Box:
+    """The image band of a screen: exact on a rectangular picture, blind to a fan.
 
     Rows are kept where at least FILL_FRACTION of the pixels are brighter than
     DARK_LEVEL (smoothed over 5 rows, so a dark speckle line does not split the
     image); the longest such run of rows is the image band: the dark frame and
     burned-in text bands (sparse bright glyphs on black) fall outside it. Within
     that band the same rule picks the columns, which drops side annotations, depth
-    scales and logos. When nothing qualifies the whole image is returned and the
-    blank check skips it.
+    scales and logos. When nothing qualifies the whole image is returned.
     """
     height, width = gray.shape
     bright = gray > DARK_LEVEL
@@ -262,9 +283,111 @@ def heuristic_region(gray: np.ndarray) -> Box:
     return cols[0], y0, cols[1], y1
 
 
+def _neighbourhood_any(cells: np.ndarray) -> np.ndarray:
+    """Morphological dilation of a boolean grid by its 3x3 neighbourhood."""
+    height, width = cells.shape
+    padded = np.pad(cells, 1)
+    grown = np.zeros_like(cells)
+    for dy in range(3):
+        for dx in range(3):
+            grown |= padded[dy:dy + height, dx:dx + width]
+    return grown
+
+
+def _largest_component(cells: np.ndarray) -> np.ndarray | None:
+    """The largest 8-connected group of True cells, as a mask; None when there is none."""
+    height, width = cells.shape
+    labels = np.zeros(cells.shape, np.int32)
+    label, best, best_size = 0, 0, 0
+    for start in zip(*np.nonzero(cells)):
+        if labels[start]:
+            continue
+        label += 1
+        labels[start] = label
+        queue, size = deque([start]), 0
+        while queue:
+            y, x = queue.popleft()
+            size += 1
+            for ny in range(max(0, y - 1), min(height, y + 2)):
+                for nx in range(max(0, x - 1), min(width, x + 2)):
+                    if cells[ny, nx] and not labels[ny, nx]:
+                        labels[ny, nx] = label
+                        queue.append((ny, nx))
+        if size > best_size:
+            best, best_size = label, size
+    return labels == best if best else None
+
+
+def picture_region(gray: np.ndarray) -> Box | None:
+    """The picture of a screen as the largest blob of filled cells, or None.
+
+    The frame is cut into cells (CELLS_PER_SIDE along its shorter side); a cell is
+    filled when CELL_FILL of its pixels are above BLACK_LEVEL, which speckle does even
+    in a dark echo's far field. A morphological opening (one cell) then removes what
+    is one or two cells thick: text lines, calipers, depth scales, the ECG trace. The
+    largest 8-connected blob left is the picture (a fan or a rectangle, colour
+    Doppler included: it is bright, not black); its box is tightened to the pixels
+    above BLACK_LEVEL in its border cells.
+    """
+    height, width = gray.shape
+    cell = max(2, min(height, width) // CELLS_PER_SIDE)
+    rows, cols = -(-height // cell), -(-width // cell)
+    lit = np.zeros((rows * cell, cols * cell), bool)
+    lit[:height, :width] = gray > BLACK_LEVEL
+    filled = lit.reshape(rows, cell, cols, cell).mean(axis=(1, 3)) >= CELL_FILL
+    # An opening: erode (outside the frame counts as filled, so a picture that fills
+    # the frame keeps its edges), then dilate back what survived.
+    opened = _neighbourhood_any(~_neighbourhood_any(~filled))
+    blob = _largest_component(opened)
+    if blob is None:
+        return None
+    ys, xs = np.nonzero(blob)
+    y0, y1 = int(ys.min()) * cell, min(height, (int(ys.max()) + 1) * cell)
+    x0, x1 = int(xs.min()) * cell, min(width, (int(xs.max()) + 1) * cell)
+    inside = lit[y0:y1, x0:x1]
+    lit_rows, lit_cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    return x0 + int(lit_cols[0]), y0 + int(lit_rows[0]), x0 + int(lit_cols[-1]) + 1, y0 + int(lit_rows[-1]) + 1
+
+
+def _holds(band: Box, picture: Box) -> bool:
+    """Whether the band is the blob's picture, cut tighter (BAND_HOLDS), not a strip or fragment of it."""
+    centre_x, centre_y = (picture[0] + picture[2]) / 2, (picture[1] + picture[3]) / 2
+    covers_centre = band[0] <= centre_x < band[2] and band[1] <= centre_y < band[3]
+    return covers_centre and _area(band) >= BAND_HOLDS * _area(picture)
+
+
+def heuristic_region(gray: np.ndarray) -> Box:
+    """The picture of a screen capture without a Sequence of Ultrasound Regions.
+
+    Two views of the screen, because each fails where the other does not. The
+    row/column band (:func:`band_region`) is exact on a rectangular (linear probe)
+    picture, even where a text line touches it, but on a sector fan or a dark echo,
+    whose rows are mostly black, it finds a toolbar or a fragment. The blob finder
+    (:func:`picture_region`) finds the fan among the annotations, but cannot tell a
+    text line that touches the picture from the picture. The band is kept when it
+    holds the blob (BAND_HOLDS), else the blob is taken. When nothing qualifies the
+    whole image is returned and the blank check skips it.
+    """
+    band = band_region(gray)
+    picture = picture_region(gray)
+    return band if picture is None or _holds(band, picture) else picture
+
+
 def crop_box(ds: Dataset, gray: np.ndarray) -> Box:
-    """The region the model judges: the scanner's B-mode region, else the heuristic."""
-    return ultrasound_region(ds) or heuristic_region(gray)
+    """The region the model judges: the scanner's B-mode region, else the heuristic.
+
+    A region covering SCREEN_REGION of the frame or more describes the scanner's
+    whole display (an echo's region holding its text, calipers and ECG trace), not
+    its picture: the heuristic then looks for the picture inside it.
+    """
+    region = ultrasound_region(ds)
+    if region is None:
+        return heuristic_region(gray)
+    if _area(region) < SCREEN_REGION * gray.size:
+        return region
+    x0, y0, x1, y1 = region
+    inner = heuristic_region(gray[y0:y1, x0:x1])
+    return inner[0] + x0, inner[1] + y0, inner[2] + x0, inner[3] + y0
 
 
 def crop_skip_reason(crop: np.ndarray) -> str | None:
