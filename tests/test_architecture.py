@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Lowest first. A stage package comes after what it uses: the pipeline runs the
 #: analysis and calls the similar-case library and the report builders, delivery
-#: sends what the reports wrote, ops looks at all of them; the composition roots
+#: sends what the reports wrote, monitoring measures how the
+#: model does from what came back, ops looks at all of them; the composition roots
 #: (node, demo) wire the stages together; training builds on the node's code.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("contracts", ("service", "service.__init__", "service.settings", "service.ledger", "service.results",
@@ -25,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("reports", ("service.reports",)),
     ("pipeline", ("service.pipeline",)),
     ("delivery", ("service.delivery",)),
+    ("monitoring", ("service.monitoring",)),
     ("ops", ("service.ops",)),
     ("composition", ("service.node", "service.demo", "service.__main__")),
     ("training", ("training",)),

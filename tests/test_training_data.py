@@ -18,6 +18,7 @@ from pydicom.data import get_testdata_file
 from service.datasets.busi import load_busi
 from service.datasets.dicom_csv import load_dicom_labels
 from service.datasets.dicom_writer import VARIANTS
+from service.datasets.phantom import Scanner
 from service.datasets.records import CLASSES, Record
 from service.datasets.splits import (
     MAX_HAMMING,
@@ -29,6 +30,7 @@ from service.datasets.splits import (
 )
 from service.datasets.synthetic import (
     generate_records,
+    patient_views,
     synthetic_study,
     write_busi_layout,
     write_dicom_dataset,
@@ -74,6 +76,22 @@ def test_same_seed_same_images_other_seed_other_images() -> None:
     assert all((a.mask is None and b.mask is None) or np.array_equal(a.mask, b.mask)
                for a, b in zip(first, again, strict=True))
     assert not any(np.array_equal(a.image, b.image) for a, b in zip(first, other))
+
+
+def test_a_probe_swap_changes_the_speckle_and_contrast_not_the_breast() -> None:
+    """service.datasets.phantom.Scanner: a coarser point-spread function gives a
+    coarser speckle grain (smaller pixel-to-pixel steps), a wider dynamic range a
+    flatter picture; the anatomy and lesion stay where they were."""
+    (default,) = patient_views(0, CLASSES.index("benign"), 0, n_views=1)
+    (coarse,) = patient_views(0, CLASSES.index("benign"), 0, n_views=1, scanner=Scanner(speckle_scale=1.5))
+    (flat,) = patient_views(0, CLASSES.index("benign"), 0, n_views=1, scanner=Scanner(dynamic_range_db=10.0))
+
+    def grain(image: np.ndarray) -> float:
+        return float(np.abs(np.diff(image.astype(np.float64), axis=1)).mean())
+
+    assert grain(coarse.image) < 0.85 * grain(default.image)
+    assert flat.image.std() < 0.9 * default.image.std()
+    assert np.array_equal(default.masks[0], coarse.masks[0]) and np.array_equal(default.masks[0], flat.masks[0])
 
 
 def test_lesions_follow_their_class_descriptors() -> None:

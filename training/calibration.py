@@ -91,7 +91,7 @@ def ece_noise_floor(probabilities: np.ndarray, bins: int, seed: int = 0) -> floa
     """Mean ECE that a perfectly calibrated model with these confidences shows on this
     many images (labels drawn from its own probabilities): below it, a measured ECE
     says nothing more."""
-    from training.evaluate import expected_calibration_error
+    from service.monitoring.classification import expected_calibration_error
 
     rng = np.random.default_rng(seed)
     p = probabilities / probabilities.sum(axis=1, keepdims=True)
@@ -183,7 +183,7 @@ def calibration_report(spec: CalibrationSpec, splits: dict[str, tuple[np.ndarray
                        bins: int) -> dict[str, Any]:
     """ECE before and after calibration on each named (probabilities, labels) set,
     with the noise floor of a perfectly calibrated model on that many images."""
-    from training.evaluate import expected_calibration_error
+    from service.monitoring.classification import expected_calibration_error
 
     report: dict[str, Any] = {"method": spec.method, "temperature": spec.temperature, "fitted_on": spec.fitted_on}
     for name, (probabilities, labels) in splits.items():

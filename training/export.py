@@ -379,7 +379,8 @@ def calibrate(onnx_path: Path, source: DataSource) -> dict[str, Any]:
     was trained with (rebuilt from ``source`` and the card's fractions and seed), write
     them into its card, and add the guard and calibration sections to the report
     beside it (``<stem>.report.json`` / ``.md``). The ONNX file is not touched."""
-    from training.evaluate import expected_calibration_error, guard_and_calibration, markdown_report
+    from service.monitoring.classification import expected_calibration_error
+    from training.evaluate import guard_and_calibration, markdown_report
 
     raw = json.loads(card_path_for(onnx_path).read_text())  # read as data: a card of before has another guard
     if sha256_file(onnx_path) != raw.get("sha256"):

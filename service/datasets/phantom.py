@@ -58,6 +58,24 @@ class Anatomy:
 
 
 @dataclass(frozen=True)
+class Scanner:
+    """How a probe and its preset differ from the one the phantom's defaults describe.
+
+    What a probe swap changes: a lower centre frequency makes the point-spread
+    function, hence the speckle grain, larger (``speckle_scale``); the new preset
+    brings its own display dynamic range and overall gain (added to each
+    patient's). The default changes nothing."""
+
+    speckle_scale: float = 1.0
+    dynamic_range_db: float = 0.0
+    gain_db: float = 0.0
+
+
+#: The scanner of the training images (and of every caller that names none).
+DEFAULT_SCANNER = Scanner()
+
+
+@dataclass(frozen=True)
 class Lesion:
     """One focal lesion; the fields are the BI-RADS ultrasound descriptors made numeric.
 
@@ -269,10 +287,15 @@ def jitter_view(patient: Patient, rng: np.random.Generator) -> Patient:
     return replace(patient, anatomy=anatomy, lesions=lesions)
 
 
-def render(patient: Patient, rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Form the B-mode image of ``patient``: uint8 size x size, plus one bool mask per lesion."""
+def render(patient: Patient, rng: np.random.Generator, size: int = 256,
+           scanner: Scanner = DEFAULT_SCANNER) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Form the B-mode image of ``patient`` as ``scanner`` shows it: uint8 size x
+    size, plus one bool mask per lesion. The scanner draws nothing from ``rng``, so
+    one generator state gives the same breast and speckle on any scanner."""
     if size < 32:
         raise ValueError(f"image size {size} is too small for a phantom (minimum 32 pixels)")
+    if scanner.speckle_scale <= 0 or patient.anatomy.dynamic_range_db + scanner.dynamic_range_db <= 0:
+        raise ValueError(f"scanner {scanner} needs a positive speckle scale and dynamic range")
     px = size / 256.0  # scale of pixel-sized features (PSF, margins) relative to 256
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / np.float32(size)
     echo_db = _tissue_db(patient.anatomy, rng, y, x, size, px)
@@ -283,9 +306,11 @@ def render(patient: Patient, rng: np.random.Generator, size: int = 256) -> tuple
     for lesion in patient.lesions:
         echo_db, mask = _add_lesion(echo_db, lesion, rng, y, x, size, px)
         masks.append(mask)
-    echo_db += _gain_db(patient.anatomy, y)
-    envelope = _speckle(echo_db, rng, px)
-    return _log_compress(envelope, patient.anatomy), masks
+    anatomy = replace(patient.anatomy, gain_db=patient.anatomy.gain_db + scanner.gain_db,
+                      dynamic_range_db=patient.anatomy.dynamic_range_db + scanner.dynamic_range_db)
+    echo_db += _gain_db(anatomy, y)
+    envelope = _speckle(echo_db, rng, px * scanner.speckle_scale)
+    return _log_compress(envelope, anatomy), masks
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

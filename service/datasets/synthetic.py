@@ -27,7 +27,7 @@ from pydicom.uid import generate_uid
 
 from service.datasets.busi import BUSI_FOLDER
 from service.datasets.dicom_writer import VARIANTS, StudyInfo, Variant, ultrasound_image
-from service.datasets.phantom import NORMAL, jitter_view, render, sample_patient
+from service.datasets.phantom import DEFAULT_SCANNER, NORMAL, Scanner, jitter_view, render, sample_patient
 from service.datasets.records import CLASSES, Record
 
 #: Views per synthetic patient: drawn uniformly from this range (inclusive).
@@ -74,8 +74,8 @@ def _check_counts(n: int, what: str, seed: int) -> None:
 
 
 def patient_views(seed: int, label: int, index: int, size: int = 256,
-                  n_views: int | None = None) -> list[SyntheticView]:
-    """Render patient ``index`` of class ``label``; ``n_views`` None draws 1-3."""
+                  n_views: int | None = None, scanner: Scanner = DEFAULT_SCANNER) -> list[SyntheticView]:
+    """Render patient ``index`` of class ``label`` on ``scanner``; ``n_views`` None draws 1-3."""
     if n_views is None:
         n_views = int(np.random.default_rng([seed, label, index, _COUNT]).integers(
             VIEWS_PER_PATIENT[0], VIEWS_PER_PATIENT[1] + 1))
@@ -84,7 +84,7 @@ def patient_views(seed: int, label: int, index: int, size: int = 256,
     views = []
     for view in range(n_views):
         rng = np.random.default_rng([seed, label, index, _VIEW, view])
-        image, masks = render(jitter_view(patient, rng), rng, size)
+        image, masks = render(jitter_view(patient, rng), rng, size, scanner)
         views.append(SyntheticView(image=image, masks=tuple(masks), label=label, group=group,
                                    source=f"{group}-view{view + 1}"))
     return views
