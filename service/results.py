@@ -48,8 +48,11 @@ class FrameResult(_Strict):
     frame_number: int
     probabilities: dict[str, float]
     predicted: str
-    out_of_distribution: bool
-    ood_distance: float
+    out_of_distribution: bool = Field(description="the domain guard flagged it: not assessed, no class is reported")
+    ood_distance: float = Field(description="the domain guard's score, higher = more foreign")
+    ood_threshold: float | None = Field(
+        None, description="the model card's threshold the score was held against (None: a result stored before "
+        "it was recorded)")
     heatmap_path: str = Field(description="float32 .npy in [0, 1], the size of crop")
     crop: tuple[int, int, int, int] = Field(description="x0, y0, x1, y1 of the analysed region in the source pixels")
     embedding: list[float]
