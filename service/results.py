@@ -15,6 +15,10 @@ SUMMARY_RULE = (
     "else benign if any is benign, else normal; its probability is that image's."
 )
 
+#: What the status views say of an image or study the domain guard flagged (the
+#: reports take their words from the SR template).
+NOT_ASSESSED = "not assessed: outside the model's training domain"
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -90,3 +94,9 @@ class StudyResult(_Strict):
     similar: list[SimilarStudy] = Field(default_factory=list)
     timings_s: dict[str, float] = Field(default_factory=dict)
     execution_provider: str = "CPUExecutionProvider"
+
+    def image_counts(self) -> tuple[int, int]:
+        """(images analysed, how many of them the domain guard flagged): what the
+        ledger keeps beside the result for ``/metrics``."""
+        analysed = [image for image in self.images if image.frames]
+        return len(analysed), sum(image.out_of_distribution for image in analysed)
