@@ -95,6 +95,15 @@ def test_a_study_not_assessed_gets_an_sr_and_captures_but_no_overlay_or_key_imag
     assert outbox_kinds(build_reports(settings, ledger, assessed.uid)) == {"SR": 1, "SC": 2, "SEG": 1, "KO": 1}
 
 
+def test_images_of_the_retired_ultrasound_class_are_reported(settings: Settings, ledger: Ledger) -> None:
+    """Retired Ultrasound Image Storage (an old scanner's colour-flow images, which
+    the receiver accepts): highdicom does not know the class, the reports do."""
+    for ood_images in ([], [0]):
+        study = analysed_study(settings, ledger, files=["color-pl.dcm"], ood_images=ood_images, n_similar=0)
+        assert study.result.images[0].sop_class_uid == "1.2.840.10008.5.1.4.1.1.6"
+        assert build_reports(settings, ledger, study.uid), ledger.study(study.uid)["error"]
+
+
 def test_an_object_failing_the_gate_fails_the_study_and_queues_nothing(to_two: Settings, ledger: Ledger) -> None:
     """A result naming a similar study by a SOP Class UID that is no UID (a damaged
     index row): the SR and the montage would carry it, the gate refuses them (a

@@ -73,7 +73,7 @@ def suspicion(classes: Sequence[str], predicted: str) -> int:
 
 def decisive_frame(frames: Sequence[FrameResult], classes: Sequence[str]) -> FrameResult | None:
     """The most suspicious in-distribution frame (SUMMARY_RULE); ties go to the
-    higher probability. Frames outside the model's experience never decide."""
+    higher probability. Frames outside the model's training domain (not assessed) never decide."""
     judged = [f for f in frames if not f.out_of_distribution]
     if not judged:
         return None
@@ -82,7 +82,7 @@ def decisive_frame(frames: Sequence[FrameResult], classes: Sequence[str]) -> Fra
 
 def summarise_study(images: Sequence[ImageResult], classes: Sequence[str]) -> StudySummary:
     """The study's answer by SUMMARY_RULE. When images were analysed but every one
-    is outside the model's experience, there is no class: ``predicted`` is None and
+    is outside the model's training domain, there is no class: ``predicted`` is None and
     ``out_of_distribution`` says why."""
     decided = [i for i in images if i.predicted is not None and i.probability is not None]
     if not decided:

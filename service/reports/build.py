@@ -258,7 +258,7 @@ def build_objects(
             settings.sc_transfer_syntax,
         )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
-    if key_images(result):  # none when every analysed image lies outside the model's experience
+    if key_images(result):  # none when no image was assessed (each outside the training domain)
         sr_ref = _reference(result, sr_series_uid(result.study_uid, result.generation), sr.sop_class_uid,
                             sr.sop_instance_uid)
         kos = build_kos(result, template, sources, sr_ref, Placement(
