@@ -340,13 +340,36 @@ def test_a_frame_outside_the_training_domain_is_not_assessed_against_its_thresho
     assert study.result.images[1].sop_instance_uid not in named
 
 
+def test_a_cine_frame_outside_the_training_domain_neither_speaks_for_its_image_nor_gets_a_group(
+        built: Built) -> None:
+    _, study, sources, template, heats = built
+    cine = study.result.images[2]
+    loudest = decisive_frame(cine)
+    flagged = loudest.model_copy(update={"out_of_distribution": True, "ood_distance": 0.4})
+    image = cine.model_copy(update={"frames": [flagged if f is loudest else f for f in cine.frames]})
+    result = study.result.model_copy(update={"images": [*study.result.images[:2], image, *study.result.images[3:]]})
+    assert decisive_frame(image).frame_number != loudest.frame_number
+    sr = build_sr(result, template, sources, EnhancedSRStorage, "0.1.0", heats)
+    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    drawn = {(ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1))
+             for item in _items(measurements.ContentSequence) if item.ValueType == "SCOORD"
+             for ref in item.ContentSequence[0].ReferencedSOPSequence}
+    assert (image.sop_instance_uid, loudest.frame_number) not in drawn
+    assert {(image.sop_instance_uid, f.frame_number) for f in assessed_frames(image)} <= drawn
+    lines = [c.TextValue for item in _not_assessed(sr.ContentSequence[-1], template) for c in item.ContentSequence
+             if c.ValueType == "TEXT"]
+    assert f"Image 3 frame {loudest.frame_number} not assessed: outside the model's training domain " \
+           "(score 0.400 > threshold 0.300)" in lines
+
+
+@pytest.mark.parametrize("sop_class", SR_CLASSES)
 def test_a_study_all_outside_the_training_domain_says_so_first_without_probabilities(
-        settings: Settings, ledger: Ledger, tmp_path: Path) -> None:
+        settings: Settings, ledger: Ledger, tmp_path: Path, sop_class: str) -> None:
     study = analysed_study(settings, ledger, files=["US1_UNCR.dcm", "examples_ybr_color.dcm"], ood_images=[0, 1],
                            n_similar=0)
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.paths]
     template = load_template(DEFAULT_TEMPLATE)
-    sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", load_heats(study.result))
+    sr = build_sr(study.result, template, sources, sop_class, "0.1.0", load_heats(study.result))
     path = _write(sr, tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
     check_object(path.read_bytes(), template.disclaimer)  # the gate lets it leave
