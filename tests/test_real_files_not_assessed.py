@@ -7,12 +7,6 @@ as outside the model's training domain (``out_of_distribution`` true in `sonocas
 status --json`), or not analysed at all with the reason; never a class. The SR at
 the DCMTK storescp PACS carries no class probability and no image region, and no
 key-image flag arrives.
-
-The shipped model's guard flags only 1 of the 23 analysable frames, hence the
-strict xfail until the issue-19 detector ships. To check the plumbing with today's
-model, point the node at a copy of onnx_models/ whose card has a lower
-``ood.threshold``: ``SONOCASE_MODEL_PATH=/tmp/lowered/sonocase-hybrid.onnx pytest
---runxfail tests/test_real_files_not_assessed.py``.
 """
 
 from __future__ import annotations
@@ -32,8 +26,7 @@ from worker_support import child_env
 
 from service.ledger import StudyState
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
-              pytest.mark.xfail(strict=True, reason="needs the issue-19 detector")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BREAST = {"BodyPartExamined": "BREAST", "StudyDescription": "BREAST"}
 
@@ -97,8 +90,8 @@ def _problems(site: Site, name: str) -> list[str]:
 
 
 def test_every_real_non_breast_ultrasound_file_is_not_assessed(site: Site) -> None:
-    """One test over every file (not one per file): the strict xfail holds while any
-    file is still given a class."""
+    """One test over every file (not one per file): the failure lists every file
+    still given a class."""
     assert set(site.studies) == ULTRASOUND_FILES
     problems = [problem for name in sorted(site.studies) for problem in _problems(site, name)]
     assert problems == [], "\n".join(problems)

@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 from chromium import Chromium
+from conftest import guard_card_entry
 from fastapi import APIRouter, Request
 from kombu import Connection
 from PIL import Image
@@ -130,7 +131,7 @@ def _model(tmp_path: Path) -> Path:
         "name": "sonocase-hybrid", "version": "7", "architecture": "hybrid",
         "classes": ["normal", "benign", "malignant"], "input": {"height": 8, "width": 8, "mean": 0.5, "std": 0.2},
         "embedding_dim": 4, "onnx_file": path.name, "sha256": sha256_file(path), "opset": 18,
-        "ood": {"centroids": [[0, 0, 0, 1]], "threshold": 1.0, "percentile": 99},
+        "ood": guard_card_entry(1.0),
         "training_data": {"source": "synthetic"}, "created": "2026-01-01", "intended_use": "tests",
     }
     card_path_for(path).write_text(json.dumps(card))
