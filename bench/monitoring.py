@@ -10,8 +10,9 @@ after each study.
 
 Rendering and the model are the slow part, so each scanner's studies are made once
 as a pool, the model's outputs cached per pool under .cache/bench-monitoring (keyed
-by the model's hash and the pool's parameters), and each seed draws its days from
-the pools without replacement and runs its own permutations.
+by the model card, which holds the model's hash, and the pool's parameters), and
+each seed draws its days from the pools without replacement and runs its own
+permutations.
 
 Prints, per seed, the first alarm and the out-of-domain rate and predicted-class mix
 before and after the swap, then the summary line::
@@ -103,8 +104,8 @@ class Pool:
 
 def make_pool(model: OnnxModel, scanner: Scanner, size: int, pool_seed: int, cache: Path) -> Pool:
     """``size`` studies on ``scanner`` through ``model``, from the cache when there."""
-    key = json.dumps({"model": model.card.sha256, "scanner": asdict(scanner), "size": size, "seed": pool_seed,
-                      "prevalence": PREVALENCE, "render": RENDER_SIZE}, sort_keys=True)
+    key = json.dumps({"card": model.card.model_dump(mode="json"), "scanner": asdict(scanner), "size": size,
+                      "seed": pool_seed, "prevalence": PREVALENCE, "render": RENDER_SIZE}, sort_keys=True)
     path = cache / f"pool-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         with np.load(path) as saved:

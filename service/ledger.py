@@ -282,6 +282,52 @@ class InstanceRecord:
     crc32: int | None = None
 
 
+#: What an outcome may say (service.outcomes): pathology, or stable at follow-up.
+FINDINGS = ("benign", "malignant", "stable")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What turned out to be true for a study, as a CSV row or an HL7 message said.
+
+    The study is named by ``accession_number`` and/or ``study_uid`` (at least one);
+    ``reference`` is unique within ``source`` (file name and row, HL7 message
+    control ID and observation), so receiving it again adds nothing. Empty strings
+    stand for what was not given."""
+
+    source: str
+    reference: str
+    finding: str  # one of FINDINGS
+    accession_number: str = ""
+    study_uid: str = ""
+    laterality: str = ""  # L or R
+    clock_position: str = ""  # 1..12, or 0 for retroareolar
+    outcome_date: str = ""  # YYYYMMDD
+
+    def __post_init__(self) -> None:
+        if self.finding not in FINDINGS:
+            raise ValueError(f"outcome {self.finding!r} is not one of {', '.join(FINDINGS)}")
+        if not (self.accession_number or self.study_uid):
+            raise ValueError("an outcome needs an accession number or a Study Instance UID")
+        if self.laterality not in ("", "L", "R"):
+            raise ValueError(f"laterality {self.laterality!r} is not L or R")
+        if self.clock_position and self.clock_position not in {str(h) for h in range(13)}:
+            raise ValueError(f"clock position {self.clock_position!r} is not 1..12 (0: retroareolar)")
+        if self.outcome_date and not re.fullmatch(r"\d{8}", self.outcome_date):
+            raise ValueError(f"outcome date {self.outcome_date!r} is not YYYYMMDD")
+
+
+#: Matches every unmatched outcome whose study is known (by UID, or by accession
+#: number once the study's result recorded it) to that study.
+_MATCH = (
+    "UPDATE outcomes SET matched_at=?, matched_study_uid=(SELECT s.study_uid FROM studies s"
+    " WHERE s.study_uid=outcomes.study_uid OR (outcomes.accession_number!='' AND"
+    " s.accession_number=outcomes.accession_number) ORDER BY s.study_uid LIMIT 1)"
+    " WHERE matched_study_uid IS NULL AND EXISTS (SELECT 1 FROM studies s WHERE s.study_uid=outcomes.study_uid"
+    " OR (outcomes.accession_number!='' AND s.accession_number=outcomes.accession_number))"
+)
+
+
 def _instance(row: Any) -> InstanceRecord:
     return InstanceRecord(**{k: row[k] for k in InstanceRecord.__slots__})
 
@@ -552,6 +598,13 @@ class Ledger:
                 " images_analysed=excluded.images_analysed, images_not_assessed=excluded.images_not_assessed",
                 (study_uid, generation, json.dumps(result), now, images_analysed, images_not_assessed),
             )
+            study = result.get("study", {})
+            db.execute(
+                "UPDATE studies SET accession_number=?, study_date=?, manufacturer=?, model_name=? WHERE study_uid=?",
+                (study.get("accession_number", ""), study.get("study_date", ""), study.get("manufacturer", ""),
+                 study.get("model_name", ""), study_uid),
+            )
+            db.execute(_MATCH, (now,))
             return True
 
     def renew_lease(self, study_uid: str, generation: int, lease_s: float, now: float | None = None) -> bool:
@@ -916,3 +969,47 @@ class Ledger:
         """Outbox state -> (objects, failed delivery attempts recorded)."""
         rows = self._query("SELECT state, COUNT(*), COALESCE(SUM(attempts), 0) FROM outbox GROUP BY state")
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    # --- outcomes -------------------------------------------------------------
+    def record_outcomes(self, outcomes: Sequence[Outcome], now: float | None = None) -> list[bool]:
+        """Store outcomes (False for one already stored) and match every unmatched
+        outcome whose study is known, in one transaction."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            return self._record_outcomes(db, outcomes, now)
+
+    @staticmethod
+    def _record_outcomes(db: _Connection, outcomes: Sequence[Outcome], now: float) -> list[bool]:
+        new = [
+            db.execute(
+                "INSERT INTO outcomes (source, reference, accession_number, study_uid, finding, laterality,"
+                " clock_position, outcome_date, received_at) VALUES (?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (source, reference) DO NOTHING",
+                (o.source, o.reference, o.accession_number, o.study_uid, o.finding, o.laterality,
+                 o.clock_position, o.outcome_date, now),
+            ).rowcount == 1
+            for o in outcomes
+        ]
+        db.execute(_MATCH, (now,))
+        return new
+
+    def record_hl7_message(self, control_id: str, message: str, ack_code: str, error: str | None,
+                           outcomes: Sequence[Outcome] = (), now: float | None = None) -> None:
+        """Keep an HL7 message with the ACK it gets and, if accepted, its outcomes,
+        in one transaction: committed before the ACK is sent, so an accepted message
+        is never lost."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("INSERT INTO hl7_messages (control_id, received_at, ack_code, error, message)"
+                       " VALUES (?,?,?,?,?)", (control_id, now, ack_code, error, message))
+            self._record_outcomes(db, outcomes, now)
+
+    def outcomes(self, *, unmatched: bool = False) -> list[dict[str, Any]]:
+        """Every outcome received (or only those no study matched yet), oldest first."""
+        where = " WHERE matched_study_uid IS NULL" if unmatched else ""
+        return [dict(r) for r in self._query(f"SELECT * FROM outcomes{where} ORDER BY received_at, outcome_id")]
+
+    def hl7_messages(self, ack_codes: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """HL7 messages received (those answered with ``ack_codes``), oldest first."""
+        where = f" WHERE ack_code IN ({','.join('?' * len(ack_codes))})" if ack_codes else ""
+        return [dict(r) for r in self._query(f"SELECT * FROM hl7_messages{where} ORDER BY message_id", ack_codes)]

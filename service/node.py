@@ -26,6 +26,7 @@ from service.ingest.server import ReceiverService
 from service.ingest.stow import stow_router
 from service.ledger import Ledger, open_ledger
 from service.ops.web import ExtraRouter, build_web_server
+from service.outcomes.mllp import MllpService
 from service.pipeline.completion import CompletionLoop
 from service.pipeline.routing import Router
 from service.pipeline.scheduler import SchedulerService
@@ -59,6 +60,7 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
         scheduler,
         SenderService(settings, ledger),
         RetentionService(settings, ledger),
+        *([MllpService(settings, ledger)] if settings.hl7_port else []),
         receiver,
     ]
 

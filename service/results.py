@@ -84,10 +84,23 @@ class StudySummary(_Strict):
     rule: str = SUMMARY_RULE
 
 
+class StudyAttributes(_Strict):
+    """The study's headers that monitoring needs: the accession number to match
+    outcomes, the date and scanner to group performance by month and scanner; the
+    patient only as a keyed hash (service.similar.index), never name, ID or birth date."""
+
+    accession_number: str = ""
+    study_date: str = Field("", description="YYYYMMDD as in the header")
+    manufacturer: str = ""
+    model_name: str = Field("", description="Manufacturer's Model Name")
+    patient_key: str = ""
+
+
 class StudyResult(_Strict):
     study_uid: str
     generation: int
     model: ModelIdentity
+    study: StudyAttributes = Field(default_factory=StudyAttributes)
     index_version: str | None = None
     images: list[ImageResult]
     summary: StudySummary

@@ -325,6 +325,16 @@ class Settings(BaseSettings):
         4096, ge=1, description="Largest STOW-RS request body accepted (MB); larger ones are answered 413"
     )
 
+    # --- outcomes coming back (HL7 v2 ORU^R01 over MLLP) ---
+    hl7_host: str = Field("0.0.0.0", description="Address the HL7 (MLLP) listener binds to")
+    hl7_port: int = Field(
+        0, ge=0, le=65535, description="HL7 v2 ORU^R01 outcomes over MLLP (2575 is HL7's registered port); "
+        "0 turns the listener off"
+    )
+    hl7_max_message_kb: int = Field(
+        1024, ge=1, le=65536, description="Largest HL7 message accepted (KB); a larger one closes the connection"
+    )
+
     # --- watching it -------------------------------------------------------
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535, description="Health, metrics and status page; 0 turns it off")

@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("service.model",)),
     ("datasets", ("service.datasets",)),
     ("ingest", ("service.ingest",)),
+    ("outcomes", ("service.outcomes",)),
     ("similar", ("service.similar",)),
     ("reports", ("service.reports",)),
     ("pipeline", ("service.pipeline",)),

@@ -43,7 +43,7 @@ def _key_lines() -> dict[str, list[tuple[int, bool]]]:
     """setting -> [(line number, commented out)] for every ``key = value`` line."""
     found: dict[str, list[tuple[int, bool]]] = {}
     for number, line in enumerate(EXAMPLE.read_text().splitlines()):
-        match = re.match(r"^(#\s*)?([a-z_]+)\s*=", line)
+        match = re.match(r"^(#\s*)?([a-z0-9_]+)\s*=", line)
         if match:
             found.setdefault(match[2], []).append((number, bool(match[1])))
     return found
@@ -74,10 +74,10 @@ def test_example_toml_values_are_the_defaults(clean_env: None) -> None:
 def test_it_guide_lists_every_setting_and_no_other() -> None:
     expected = {ENV_PREFIX + name.upper() for name in SETTINGS} | {ENV_PREFIX + "CONFIG"}
     table = IT_GUIDE[IT_GUIDE.index("## 4. Settings"):IT_GUIDE.index("## 5.")]
-    rows = set(re.findall(r"^\| `(SONOCASE_[A-Z_]+)` \|", table, re.M))
+    rows = set(re.findall(r"^\| `(SONOCASE_[A-Z0-9_]+)` \|", table, re.M))
     assert rows == expected
     for text in (IT_GUIDE, CONFORMANCE, RADIOLOGIST, EXAMPLE.read_text()):
-        assert set(re.findall(r"\bSONOCASE_[A-Z_]*[A-Z]\b", text)) <= expected
+        assert set(re.findall(r"\bSONOCASE_[A-Z][A-Z0-9_]*[A-Z0-9]\b", text)) <= expected
 
 
 def _uids(section: str) -> list[str]:

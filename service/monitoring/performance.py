@@ -41,6 +41,10 @@ class Estimate:
     n: int
 
 
+#: Metric name -> estimate.
+Report = dict[str, Estimate]
+
+
 @dataclass(frozen=True)
 class Case:
     """One study the model judged and whose truth is known."""
@@ -87,7 +91,7 @@ def cohen_kappa(a: np.ndarray, b: np.ndarray, n_classes: int) -> float | None:
 
 
 def performance(probabilities: np.ndarray, truth: np.ndarray, positive: int, rng: np.random.Generator,
-                bins: int = ECE_BINS) -> dict[str, Estimate]:
+                bins: int = ECE_BINS) -> Report:
     """Sensitivity, specificity, PPV, NPV of calling ``positive`` (the most probable
     class), its ROC AUC, and the ECE, each with its 95 % interval."""
     called = probabilities.argmax(axis=1) == positive if len(truth) else np.zeros(0, bool)
@@ -112,7 +116,7 @@ def agreement(model: np.ndarray, readers: np.ndarray, n_classes: int, rng: np.ra
     return bootstrap(lambda rows: cohen_kappa(model[rows], readers[rows], n_classes), len(model), rng)
 
 
-def grouped(cases: Iterable[Case], positive: int, rng: np.random.Generator) -> dict[str, dict[str, dict[str, Estimate]]]:
+def grouped(cases: Iterable[Case], positive: int, rng: np.random.Generator) -> dict[str, dict[str, Report]]:
     """:func:`performance` of all cases, per month and per scanner:
     ``{"all": {"all": ...}, "month": {"2026-11": ...}, "scanner": {...}}``."""
     groups: dict[str, dict[str, list[Case]]] = {"all": defaultdict(list), "month": defaultdict(list),
@@ -125,7 +129,7 @@ def grouped(cases: Iterable[Case], positive: int, rng: np.random.Generator) -> d
             for kind, by in groups.items()}
 
 
-def _of(cases: Sequence[Case], positive: int, rng: np.random.Generator) -> dict[str, Estimate]:
+def _of(cases: Sequence[Case], positive: int, rng: np.random.Generator) -> Report:
     probabilities = np.array([c.probabilities for c in cases], dtype=np.float64)
     truth = np.array([c.truth for c in cases], dtype=np.int64)
     return performance(probabilities, truth, positive, rng)

@@ -30,7 +30,7 @@ from service.ledger import InstanceRecord
 from service.model.imaging import PreparedInstance, prepare_instance, resize_map
 from service.model.inference import OnnxModel, Prediction
 from service.model_card import ModelCard
-from service.results import FrameResult, ImageResult, StudyResult, StudySummary
+from service.results import FrameResult, ImageResult, StudyAttributes, StudyResult, StudySummary
 from service.settings import Settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
 
@@ -166,7 +166,7 @@ def analyse_study(
     clock = _Stopwatch()
     classes = model.card.classes
     prepared: dict[str, PreparedInstance | str] = {}
-    study = _StudyAttributes()
+    study: StudyAttributes | None = None
     for rec in instances:  # one instance in memory at a time: cine loops can be large
         if rec.ignored_reason:
             prepared[rec.sop_instance_uid] = rec.ignored_reason
@@ -176,10 +176,11 @@ def analyse_study(
         if isinstance(ds, str):
             prepared[rec.sop_instance_uid] = ds
             continue
-        if not study.read:
-            study = _StudyAttributes.of(ds, index)
+        if study is None:
+            study = study_attributes(ds, index)
         with clock.stage("prepare_s"):
             prepared[rec.sop_instance_uid] = prepare_instance(ds, model.card.input, settings.max_cine_frames)
+    study = study or StudyAttributes()
     tensors = [f.tensor for p in prepared.values() if isinstance(p, PreparedInstance) for f in p.frames]
     with clock.stage("inference_s"):
         prediction = model.run(np.stack(tensors) if tensors else np.zeros((0, 1, 1, 1), np.float32))
@@ -205,7 +206,7 @@ def analyse_study(
             entries = _index_entries(study_uid, images, classes, study, settings.spool_dir)
     clock.seconds["total_s"] = round(sum(clock.seconds.values()), 6)
     result = StudyResult(
-        study_uid=study_uid, generation=generation, model=model.identity, index_version=index_version,
+        study_uid=study_uid, generation=generation, model=model.identity, study=study, index_version=index_version,
         images=images, summary=summarise_study(images, classes), similar=similar,
         timings_s=clock.seconds, execution_provider=model.provider,
     )
@@ -232,23 +233,17 @@ def _image_results(
     return images
 
 
-@dataclass(frozen=True)
-class _StudyAttributes:
-    """What the index needs to know about the study; the patient only as a keyed hash."""
-
-    read: bool = False
-    accession_number: str = ""
-    study_date: str = ""
-    patient_key: str = ""
-
-    @classmethod
-    def of(cls, ds: Dataset, index: SimilarCaseIndex | None) -> _StudyAttributes:
-        key = index.patient_key(str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", ""))) if index else ""
-        return cls(True, str(ds.get("AccessionNumber", "")), str(ds.get("StudyDate", "")), key)
+def study_attributes(ds: Dataset, index: SimilarCaseIndex | None) -> StudyAttributes:
+    """The study's attributes from one of its instances; the patient only as the
+    index's keyed hash (none without an index)."""
+    key = index.patient_key(str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", ""))) if index else ""
+    return StudyAttributes(accession_number=str(ds.get("AccessionNumber", "")), study_date=str(ds.get("StudyDate", "")),
+                           manufacturer=str(ds.get("Manufacturer", "")),
+                           model_name=str(ds.get("ManufacturerModelName", "")), patient_key=key)
 
 
 def _index_entries(study_uid: str, images: Sequence[ImageResult], classes: Sequence[str],
-                   study: _StudyAttributes, spool_dir: Path) -> list[IndexEntry]:
+                   study: StudyAttributes, spool_dir: Path) -> list[IndexEntry]:
     """The analysed study as reference images labelled by the AI (unconfirmed): one
     entry per judged instance, from its decisive frame, since the index keys images
     by SOP Instance UID."""
