@@ -178,5 +178,5 @@ def test_bench_quick_detects_the_probe_swap_without_false_alarm(tmp_path: Path) 
     last = run.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"detection delay median (\S+) studies \(max (\S+)\), false alarms (\d+) of (\d+) seeds", last)
     assert match, run.stdout + run.stderr
-    assert int(match[2]) <= 60 and match[3:] == ("0", "1")
+    assert int(match[2]) <= 60 and match.groups()[2:] == ("0", "1")
     assert run.returncode == 0
