@@ -317,6 +317,31 @@ class Outcome:
             raise ValueError(f"outcome date {self.outcome_date!r} is not YYYYMMDD")
 
 
+#: What a radiologist may say of a result (service.monitoring.verdicts).
+VERDICTS = ("agree", "disagree", "corrected")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A radiologist's verdict on a study's result (``finding`` empty) or on one
+    image's (its SOP Instance UID): agree, disagree, or the corrected class."""
+
+    study_uid: str
+    finding: str
+    verdict: str  # one of VERDICTS
+    corrected_class: str | None
+    comment: str
+    reader: str
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict {self.verdict!r} is not one of {', '.join(VERDICTS)}")
+        if (self.verdict == "corrected") != (self.corrected_class is not None):
+            raise ValueError("a corrected class goes with the verdict 'corrected', and only with it")
+        if not self.reader.strip():
+            raise ValueError("a verdict needs its reader")
+
+
 #: Matches every unmatched outcome whose study is known (by UID, or by accession
 #: number once the study's result recorded it) to that study.
 _MATCH = (
@@ -1013,3 +1038,23 @@ class Ledger:
         """HL7 messages received (those answered with ``ack_codes``), oldest first."""
         where = f" WHERE ack_code IN ({','.join('?' * len(ack_codes))})" if ack_codes else ""
         return [dict(r) for r in self._query(f"SELECT * FROM hl7_messages{where} ORDER BY message_id", ack_codes)]
+
+    # --- verdicts -------------------------------------------------------------
+    def record_verdict(self, verdict: Verdict, now: float | None = None) -> dict[str, Any]:
+        """Add a verdict (a change is a new row: every change is kept); the row stored."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO verdicts (study_uid, finding, verdict, corrected_class, comment, reader, recorded_at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (verdict.study_uid, verdict.finding, verdict.verdict, verdict.corrected_class, verdict.comment,
+                 verdict.reader, now),
+            )
+            row = db.execute("SELECT * FROM verdicts WHERE study_uid=? ORDER BY verdict_id DESC LIMIT 1",
+                             (verdict.study_uid,)).fetchone()
+        return dict(row)
+
+    def verdicts(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Every verdict given (on one study), oldest first: the history of changes."""
+        where, args = (" WHERE study_uid=?", (study_uid,)) if study_uid is not None else ("", ())
+        return [dict(r) for r in self._query(f"SELECT * FROM verdicts{where} ORDER BY verdict_id", args)]

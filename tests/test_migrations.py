@@ -262,7 +262,7 @@ def test_migrations_make_the_schema_a_legacy_ledger_is_upgraded_to(backend: Back
     backend.open().close()
     second_backend.open().close()
     assert backend.schema() == second_backend.schema()
-    assert {"purges", "studies", "instances", "results", "outbox", "outcomes", "hl7_messages"} == set(backend.schema())
+    assert {"purges", "studies", "instances", "results", "outbox", "outcomes", "hl7_messages", "verdicts"} == set(backend.schema())
 
 
 def test_a_ledger_upgraded_by_a_newer_sonocase_is_refused(backend: Backend, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Outcomes: what turned out to be true for a study, and the HL7 messages that said so.
+"""Outcomes and verdicts: what turned out to be true for a study (and the HL7
+messages that said so), and what the radiologists said of the model's result.
 
 ``studies`` gains the headers monitoring needs (accession number to match outcomes,
 study date and scanner to group performance), filled when a result is stored.
@@ -8,7 +9,10 @@ study it names (accession number and/or Study Instance UID) and, once known, the
 study it matched (``matched_study_uid``; NULL while unmatched). ``(source,
 reference)`` is unique, so importing a file or receiving a message again adds
 nothing. ``hl7_messages`` keeps every HL7 message received, with the ACK code it
-got and why, so a malformed one can be inspected.
+got and why, so a malformed one can be inspected. ``verdicts`` has a row per verdict
+given (agree / disagree / corrected class, comment, reader, time), per study
+(``finding`` empty) or per image (``finding`` its SOP Instance UID); a changed
+verdict is a new row, so every change is kept and the newest row counts.
 
 Revision ID: 0004
 Revises: 0003
@@ -62,9 +66,22 @@ def upgrade() -> None:
         sa.Column("error", TEXT()),
         sa.Column("message", TEXT(), nullable=False),
     )
+    op.create_table(
+        "verdicts",
+        sa.Column("verdict_id", INTEGER(), primary_key=True, autoincrement=True),
+        sa.Column("study_uid", TEXT(), sa.ForeignKey("studies.study_uid"), nullable=False),
+        sa.Column("finding", TEXT(), nullable=False),
+        sa.Column("verdict", TEXT(), nullable=False),
+        sa.Column("corrected_class", TEXT()),
+        sa.Column("comment", TEXT(), nullable=False),
+        sa.Column("reader", TEXT(), nullable=False),
+        sa.Column("recorded_at", REAL(), nullable=False),
+    )
+    op.create_index("verdicts_study", "verdicts", ["study_uid", "finding"])
 
 
 def downgrade() -> None:
+    op.drop_table("verdicts")
     op.drop_table("hl7_messages")
     op.drop_table("outcomes")
     op.drop_index("studies_accession", "studies")

@@ -1,0 +1,88 @@
+"""Radiologists' verdicts through the JSON API (service.ops.verdicts) on a real HTTP
+server over a real ledger: given, changed (every change kept), refused when they do
+not fit the study's result, and what counts for agreement."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.ledger import Verdict
+from service.monitoring.verdicts import current, reader_class
+from service.ops.verdicts import verdict_router
+from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
+from test_web import BEARER, Node, _http, _populate, _settings
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    settings = _settings(tmp_path)
+    ledger, analysed, undelivered, broken = _populate(settings)
+    router = ExtraRouter(verdict_router(ledger, API_PREFIX), settings.web_max_body_bytes)
+    server = build_web_server(settings, ledger, routers=[router])
+    server.start()
+    yield Node(settings, ledger, analysed, undelivered, broken, f"http://127.0.0.1:{server.port}")
+    server.stop()
+    ledger.close()
+
+
+def _post(node: Node, study_uid: str, body: dict[str, Any], headers: dict[str, str] = BEARER) -> tuple[int, Any]:
+    """POST a JSON verdict as a reporting system would."""
+    conn = http.client.HTTPConnection(node.url.removeprefix("http://"), timeout=10)
+    try:
+        conn.request("POST", f"{API_PREFIX}/studies/{study_uid}/verdicts", body=json.dumps(body).encode(),
+                     headers={**headers, "Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_verdicts_are_given_changed_and_every_change_kept(node: Node) -> None:
+    study = node.analysed
+    image = node.ledger.result(study)["images"][0]["sop_instance_uid"]  # type: ignore[index]
+    status, first = _post(node, study, {"verdict": "agree", "reader": "Dr A"})
+    assert status == 201 and (first["verdict"], first["finding"], first["reader"]) == ("agree", "", "Dr A")
+    status, changed = _post(node, study, {"verdict": "corrected", "corrected_class": "benign", "reader": "Dr A",
+                                          "comment": "fibroadenoma on the prior"})
+    assert status == 201 and changed["recorded_at"] >= first["recorded_at"]
+    assert _post(node, study, {"verdict": "disagree", "finding": image, "reader": "Dr B"})[0] == 201
+    status, _, body = _http(node.url, f"{API_PREFIX}/studies/{study}/verdicts", headers=BEARER)
+    history = json.loads(body)
+    assert status == 200 and [v["verdict"] for v in history] == ["agree", "corrected", "disagree"]
+    counts = current(history)
+    assert counts[(study, "")]["corrected_class"] == "benign" and counts[(study, image)]["reader"] == "Dr B"
+    assert reader_class(counts[(study, "")], "malignant") == "benign"
+    assert reader_class(counts[(study, image)], "malignant") is None
+    assert reader_class(history[0], "malignant") == "malignant"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"verdict": "corrected", "reader": "Dr A"}, "corrected class goes with"),
+    ({"verdict": "agree", "corrected_class": "benign", "reader": "Dr A"}, "corrected class goes with"),
+    ({"verdict": "corrected", "corrected_class": "cyst", "reader": "Dr A"}, "'cyst' is not one of"),
+    ({"verdict": "agree", "finding": "1.2.3", "reader": "Dr A"}, "not an analysed image"),
+    ({"verdict": "agree", "reader": " "}, "needs its reader"),
+])
+def test_a_verdict_that_does_not_fit_is_refused(node: Node, body: dict[str, Any], message: str) -> None:
+    status, answer = _post(node, node.analysed, body)
+    assert status == 422 and message in answer["detail"]
+    assert node.ledger.verdicts() == []
+
+
+def test_verdicts_need_the_token_a_known_study_and_a_result(node: Node) -> None:
+    assert _post(node, node.analysed, {"verdict": "agree", "reader": "Dr A"}, headers={})[0] == 401
+    assert _post(node, "1.2.3.4", {"verdict": "agree", "reader": "Dr A"})[0] == 404
+    status, answer = _post(node, node.broken, {"verdict": "agree", "reader": "Dr A"})  # analysis failed
+    assert status == 422 and "no analysed image" in answer["detail"]
+    assert _post(node, node.analysed, {"verdict": "maybe", "reader": "Dr A"})[0] == 422  # not in the schema
+
+
+def test_verdict_validation_in_the_ledger_contract() -> None:
+    with pytest.raises(ValueError, match="not one of"):
+        Verdict("1.2", "", "unsure", None, "", "Dr A")
