@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "purge": ("service.delivery.retention:purge_command", "Show or remove files of done studies (retention)."),
     "resend": ("service.delivery.recovery:resend", "Retry a failed study, or send its results again."),
     "outcomes": ("service.outcomes.cli:outcomes", "Import outcomes (pathology, follow-up) from CSV; list them."),
+    "monitoring": ("service.monitoring.cli:monitoring", "Registry export and real-world performance from the ledger."),
     "index": ("service.similar.cli:index", "Build, fill and query the similar-case index."),
     "demo": ("service.demo:demo", "Self-contained demo: node, stand-in PACS, synthetic studies."),
     "train": ("training.cli:train", "Train a model (needs the 'train' extra)."),

@@ -810,6 +810,14 @@ class Ledger:
             )
         return json.loads(rows[0]["result"]) if rows else None
 
+    def latest_results(self) -> list[dict[str, Any]]:
+        """Every study's newest stored result (``study_uid``, ``generation``,
+        ``result`` as JSON text, ``created_at``), oldest first."""
+        return [dict(r) for r in self._query(
+            "SELECT r.study_uid, r.generation, r.result, r.created_at FROM results r WHERE r.generation="
+            "(SELECT MAX(generation) FROM results n WHERE n.study_uid=r.study_uid) ORDER BY r.created_at, r.study_uid"
+        )]
+
     # --- outbox --------------------------------------------------------------
     def enqueue_outbox(
         self, study_uid: str, generation: int, items: list[tuple[str, str, str]], destinations: list[str],

@@ -1,0 +1,126 @@
+"""The registry export and the cases real-world performance is measured on.
+
+One record per inference (a study's stored result), as registries of AI results
+such as the American College of Radiology's Assess-AI collect them: the model
+(name, version, file hash), its answer (class, calibrated probability, out of
+domain), the radiologists' current verdict, the outcome, the scanner and the dates.
+No patient name, ID or birth date ever: the patient only as the similar-case
+index's keyed hash (HMAC-SHA256 under the site's own key, empty without an index),
+the study as a hash of its UID and the model's, so re-exports can be de-duplicated
+but the file names nobody.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from service.ledger import Ledger
+from service.monitoring.performance import Case
+from service.monitoring.verdicts import current, reader_class
+from service.pipeline.analysis import decisive_frame
+from service.results import StudyResult
+
+FIELDS = (
+    "record_id", "model_name", "model_version", "model_sha256", "result", "probability", "out_of_domain",
+    "verdict", "verdict_class", "outcome", "outcome_date", "scanner_manufacturer", "scanner_model", "study_date",
+    "analysed_at", "patient_key",
+)
+#: Which outcome of a study's several (one per lesion) speaks for the study.
+_SEVERITY = {"stable": 0, "benign": 1, "malignant": 2}
+#: The class an outcome stands for: stable at follow-up counts as benign (not malignant).
+OUTCOME_CLASS = {"malignant": "malignant", "benign": "benign", "stable": "benign"}
+
+
+def _study_outcomes(outcomes: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The most severe matched outcome per study."""
+    chosen: dict[str, Mapping[str, Any]] = {}
+    for row in outcomes:
+        study = row["matched_study_uid"]
+        if study is not None and (study not in chosen
+                                  or _SEVERITY[row["finding"]] > _SEVERITY[chosen[study]["finding"]]):
+            chosen[study] = row
+    return chosen
+
+
+def decisive_probabilities(result: StudyResult) -> dict[str, float] | None:
+    """The calibrated class probabilities of the frame that decided the study's
+    class (service.results.SUMMARY_RULE); None when no image was assessed."""
+    for image in result.images:
+        if image.sop_instance_uid == result.summary.decisive_sop_instance_uid:
+            frame = decisive_frame(image.frames, list(image.frames[0].probabilities))
+            return dict(frame.probabilities) if frame else None
+    return None
+
+
+@dataclass(frozen=True)
+class Inference:
+    """One registry record (FIELDS) and the decisive class probabilities behind it
+    (None: not assessed), which performance needs and the registry does not."""
+
+    record: dict[str, Any]
+    probabilities: dict[str, float] | None
+
+
+def inferences(ledger: Ledger) -> list[Inference]:
+    """Every study's latest result as a registry record, oldest inference first."""
+    outcomes = _study_outcomes(ledger.outcomes())
+    verdicts = current(ledger.verdicts())
+    out = []
+    for row in ledger.latest_results():
+        result = StudyResult.model_validate_json(row["result"])
+        outcome = outcomes.get(row["study_uid"], {})
+        verdict = verdicts.get((row["study_uid"], ""), {})
+        probabilities = decisive_probabilities(result)
+        predicted = result.summary.predicted
+        out.append(Inference({
+            "record_id": hashlib.sha256(f"{result.model.sha256}/{row['study_uid']}/{row['generation']}".encode())
+            .hexdigest()[:24],
+            "model_name": result.model.name, "model_version": result.model.version,
+            "model_sha256": result.model.sha256,
+            "result": predicted or ("not assessed" if result.summary.out_of_distribution else "none"),
+            "probability": probabilities[predicted] if probabilities and predicted else None,
+            "out_of_domain": result.summary.out_of_distribution,
+            "verdict": verdict.get("verdict"), "verdict_class": reader_class(verdict, predicted) if verdict else None,
+            "outcome": outcome.get("finding"), "outcome_date": outcome.get("outcome_date") or None,
+            "scanner_manufacturer": result.study.manufacturer, "scanner_model": result.study.model_name,
+            "study_date": result.study.study_date or None,
+            "analysed_at": datetime.fromtimestamp(row["created_at"], UTC).isoformat(timespec="seconds"),
+            "patient_key": result.study.patient_key or None,
+        }, probabilities))
+    return out
+
+
+def cases(found_in: Iterable[Inference], classes: Sequence[str]) -> list[Case]:
+    """The inferences whose truth is known and which the model assessed, as cases
+    for service.monitoring.performance (month from the study date, else the
+    analysis date)."""
+    found = []
+    for inference in found_in:
+        entry, probabilities = inference.record, inference.probabilities
+        if entry["outcome"] is None or probabilities is None:
+            continue
+        date = entry["study_date"] or entry["analysed_at"].replace("-", "")
+        found.append(Case(
+            probabilities=tuple(probabilities[c] for c in classes),
+            truth=list(classes).index(OUTCOME_CLASS[entry["outcome"]]),
+            month=f"{date[:4]}-{date[4:6]}",
+            scanner=f"{entry['scanner_manufacturer']} {entry['scanner_model']}".strip() or "unknown",
+        ))
+    return found
+
+
+def write_jsonl(found: Iterable[Inference], out: IO[str]) -> None:
+    for inference in found:
+        out.write(json.dumps(inference.record) + "\n")
+
+
+def write_csv(found: Iterable[Inference], out: IO[str]) -> None:
+    writer = csv.DictWriter(out, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(inference.record for inference in found)

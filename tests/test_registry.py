@@ -1,0 +1,113 @@
+"""Real-world performance and the registry export end to end: synthetic studies
+from two scanners through the real analysis (shipped ONNX model, real ledger),
+outcomes imported with ``sonocase outcomes import``, verdicts, then ``sonocase
+monitoring performance`` against ``evaluate``'s metrics on the same images, and
+``sonocase monitoring export`` without a trace of the patients."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.common.spool import instance_path, write_atomic
+from service.datasets.synthetic import synthetic_study
+from service.ledger import InstanceRecord, Ledger, Verdict
+from service.model.inference import OnnxModel
+from service.monitoring.classification import classification_metrics
+from service.monitoring.registry import FIELDS
+from service.pipeline.analysis import analyse_study
+from service.settings import Settings
+from worker_support import child_env
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "onnx_models" / "sonocase-hybrid.onnx"
+CLASSES = ["normal", "benign", "malignant"]
+SCANNERS = (("ACME", "Sono 9"), ("Other Co", "Echo 2"))
+
+
+def _analysed(settings: Settings, ledger: Ledger, model: OnnxModel, index: int, label: str) -> dict[str, Any]:
+    """One single-image synthetic study stored as the receiver would and analysed
+    by the real pipeline; returns its header facts and the model's output."""
+    (ds,) = synthetic_study(1, label, seed=21, index=index)
+    ds.Manufacturer, ds.ManufacturerModelName = SCANNERS[index % 2]
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    path = instance_path(settings.spool_dir, ds.StudyInstanceUID, ds.SOPInstanceUID)
+    rec = InstanceRecord(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID,
+                         ds.file_meta.TransferSyntaxUID, str(path), write_atomic(path, out.getvalue(), durable=False),
+                         "SCANNER", "US")
+    ledger.record_instance(rec)
+    ledger.complete_quiet_studies(0.0, now=2e9)
+    generation = ledger.claim_analysis(ds.StudyInstanceUID, 60.0)
+    assert generation is not None
+    analysis = analyse_study(settings, model, ds.StudyInstanceUID, generation, ledger.instances(ds.StudyInstanceUID))
+    assert ledger.finish_analysis(ds.StudyInstanceUID, generation, analysis.result.model_dump(mode="json"))
+    (frame,) = analysis.result.images[0].frames
+    return {"ds": ds, "probabilities": [frame.probabilities[c] for c in CLASSES], "label": label,
+            "assessed": not frame.out_of_distribution}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ledger", ["sqlite"], indirect=True)
+def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Settings, ledger: Ledger,
+                                                                  tmp_path: Path) -> None:
+    model = OnnxModel(SHIPPED, provider="cpu", threads=2)
+    studies = [_analysed(settings, ledger, model, i, ("benign", "malignant")[i % 3 == 0]) for i in range(18)]
+    outcomes = tmp_path / "pathology.csv"
+    with outcomes.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["accession_number", "outcome", "outcome_date"])
+        writer.writerows([s["ds"].AccessionNumber, s["label"], "2026-12-01"] for s in studies)
+    ledger.record_verdict(Verdict(studies[0]["ds"].StudyInstanceUID, "", "corrected", "benign", "", "Dr A"))
+    ledger.record_verdict(Verdict(studies[1]["ds"].StudyInstanceUID, "", "agree", None, "", "Dr A"))
+
+    def sonocase(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "service", *args], env=child_env(settings),
+                              capture_output=True, text=True, timeout=180, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "18 new outcomes of 18 rows" in sonocase("outcomes", "import", str(outcomes))
+    report = json.loads(sonocase("monitoring", "performance"))
+
+    # evaluate's metrics on the same images: the model's calibrated probabilities, the truth
+    assessed = [s for s in studies if s["assessed"]]
+    assert len(assessed) >= 12
+    y = np.array([CLASSES.index(s["label"]) for s in assessed])
+    offline = classification_metrics(y, np.array([s["probabilities"] for s in assessed]), CLASSES)
+    online = report["performance"]["all"]["all"]
+    assert online["sensitivity"]["value"] == pytest.approx(offline["per_class"]["malignant"]["recall"])
+    assert online["ppv"]["value"] == pytest.approx(offline["per_class"]["malignant"]["precision"])
+    assert online["roc_auc"]["value"] == pytest.approx(offline["per_class"]["malignant"]["roc_auc"])
+    assert online["ece"]["value"] == pytest.approx(offline["ece"])
+    assert online["sensitivity"]["n"] == int(np.sum(y == 2))
+    scanners = report["performance"]["scanner"]
+    assert set(scanners) == {"ACME Sono 9", "Other Co Echo 2"}
+    assert sum(s["specificity"]["n"] + s["sensitivity"]["n"] for s in scanners.values()) == len(assessed)
+    assert set(report["performance"]["month"]) == {f"{s['ds'].StudyDate[:4]}-{s['ds'].StudyDate[4:6]}"
+                                                   for s in assessed}
+    assert report["agreement_with_radiologists"]["n"] == 2
+
+    export = tmp_path / "registry.jsonl"
+    assert "18 records" in sonocase("monitoring", "export", str(export))
+    text = export.read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert len(rows) == 18 and all(tuple(r) == FIELDS for r in rows)
+    assert {r["outcome"] for r in rows} == {"benign", "malignant"}
+    assert {(r["model_name"], r["model_sha256"]) for r in rows} == {(model.card.name, model.card.sha256)}
+    assert rows[0]["verdict"] == "corrected" and rows[0]["verdict_class"] == "benign"
+    for s in studies:
+        ds = s["ds"]
+        for secret in (str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.StudyInstanceUID):
+            assert secret not in text
+    sonocase("monitoring", "export", str(tmp_path / "registry.csv"))
+    with (tmp_path / "registry.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 18
