@@ -24,6 +24,7 @@ command -v podman >/dev/null 2>&1 || need_apt+=(podman fuse-overlayfs slirp4netn
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 command -v objdump >/dev/null 2>&1 || need_apt+=(binutils)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)  # fetches OHIF below
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)  # promtool checks deploy/prometheus/ alert rules
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -818,6 +818,13 @@ class Ledger:
             "(SELECT MAX(generation) FROM results n WHERE n.study_uid=r.study_uid) ORDER BY r.created_at, r.study_uid"
         )]
 
+    def results_since(self, created_after: float) -> list[dict[str, Any]]:
+        """Results stored after ``created_after`` (every generation), oldest first."""
+        return [dict(r) for r in self._query(
+            "SELECT study_uid, generation, result, created_at FROM results WHERE created_at>?"
+            " ORDER BY created_at, study_uid", (created_after,)
+        )]
+
     # --- outbox --------------------------------------------------------------
     def enqueue_outbox(
         self, study_uid: str, generation: int, items: list[tuple[str, str, str]], destinations: list[str],

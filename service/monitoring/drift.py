@@ -132,24 +132,29 @@ def study_embeddings(embeddings: np.ndarray, study_of_image: Sequence[int]) -> n
     return means[np.argsort(first)]
 
 
+def window_drift(embeddings: np.ndarray, out_of_domain: np.ndarray, predicted: np.ndarray, n_classes: int,
+                 config: DriftConfig, rng: np.random.Generator, end: int) -> WindowDrift:
+    """The window of the ``window_size`` studies before ``end`` against the first
+    ``reference_size`` of the stream (rows in arrival order). ``out_of_domain`` is
+    the share of a study's images the domain guard flagged, ``predicted`` its class
+    index (-1: not assessed, counted in no class of the mix)."""
+    start = end - config.window_size
+    if start < config.reference_size:
+        raise ValueError(f"a window ending at study {end} overlaps the reference ({config.reference_size} studies)")
+    test = mmd_test(embeddings[:config.reference_size], embeddings[start:end], config.permutations, rng,
+                    config.components)
+    classes = predicted[start:end]
+    mix = np.bincount(classes[classes >= 0], minlength=n_classes) / config.window_size
+    return WindowDrift(
+        start=start, end=end, mmd2=test.mmd2, p_value=test.p_value, alarm=test.p_value <= config.alpha,
+        out_of_domain_rate=float(np.mean(out_of_domain[start:end])), class_mix=tuple(float(v) for v in mix),
+    )
+
+
 def watch(embeddings: np.ndarray, out_of_domain: np.ndarray, predicted: np.ndarray, n_classes: int,
           config: DriftConfig, rng: np.random.Generator) -> list[WindowDrift]:
-    """Drift of a stream of studies (rows in arrival order): the first
-    ``reference_size`` are the reference, then every ``step`` studies the latest
-    ``window_size`` are tested against it. ``out_of_domain`` is the share of a
-    study's images the domain guard flagged (or a flag), ``predicted`` its class."""
-    reference = embeddings[:config.reference_size]
-    if len(reference) < config.reference_size:
-        return []
-    results = []
+    """:func:`window_drift` every ``step`` studies, from the first window after the
+    reference to the end of the stream."""
     first_end = config.reference_size + config.window_size
-    for end in range(first_end, len(embeddings) + 1, config.step):
-        start = end - config.window_size
-        test = mmd_test(reference, embeddings[start:end], config.permutations, rng, config.components)
-        mix = np.bincount(predicted[start:end], minlength=n_classes) / config.window_size
-        results.append(WindowDrift(
-            start=start, end=end, mmd2=test.mmd2, p_value=test.p_value, alarm=test.p_value <= config.alpha,
-            out_of_domain_rate=float(np.mean(out_of_domain[start:end])),
-            class_mix=tuple(float(v) for v in mix),
-        ))
-    return results
+    return [window_drift(embeddings, out_of_domain, predicted, n_classes, config, rng, end)
+            for end in range(first_end, len(embeddings) + 1, config.step)]

@@ -39,6 +39,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.common.metrics import LedgerCollector, build_registry
 from service.delivery.recovery import NothingToRetry, UnknownStudy, retry_study
 from service.ledger import Ledger
+from service.monitoring.drift import DriftConfig
+from service.monitoring.watcher import DriftCollector, DriftWatcher
 from service.ops.server import WebServer
 from service.ops.sessions import LoginThrottle, Session, SessionStore
 from service.ops.views import (
@@ -464,7 +466,9 @@ def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[Extra
         "index": index.check,
     }
     collector = LedgerCollector(ledger, settings.data_dir, model_info=model.info, index_info=index.info)
-    app = build_app(settings, ledger, checks, build_registry(collector), routers)
+    registry = build_registry(collector)
+    registry.register(DriftCollector(DriftWatcher(ledger, DriftConfig())))
+    app = build_app(settings, ledger, checks, registry, routers)
     return WebServer(app, settings.http_host, settings.http_port, read_timeout_s=settings.web_read_timeout_s,
                      max_connections=settings.web_max_connections, on_stop=[index.close])
 
