@@ -48,6 +48,7 @@ from service.datasets.synthetic import patient_views  # noqa: E402
 from service.model.imaging import model_input  # noqa: E402
 from service.model.inference import OnnxModel  # noqa: E402
 from service.monitoring.drift import DriftConfig, WindowDrift, study_embeddings, watch  # noqa: E402
+from service.monitoring.performance import Report, performance  # noqa: E402
 
 SHIPPED = ROOT / "onnx_models" / "sonocase-hybrid.onnx"
 CACHE = ROOT / ".cache" / "bench-monitoring"
@@ -56,6 +57,7 @@ CACHE = ROOT / ".cache" / "bench-monitoring"
 PROBE_SWAP = Scanner(speckle_scale=1.3, dynamic_range_db=6.0, gain_db=2.0)
 #: Share of normal, benign and malignant studies (a diagnostic, not a screening, clinic).
 PREVALENCE = (0.5, 0.35, 0.15)
+MALIGNANT = CLASSES.index("malignant")
 #: Rendered as the phantom's default, then resized to the model's input by the node's code.
 RENDER_SIZE = 256
 TARGET_DELAY = 60
@@ -82,34 +84,37 @@ class Scenario:
 
 
 FULL = Scenario(days=60, per_day=20, change_day=30, outcome_delay_days=14, seeds=10, spare=1 / 3)
-#: Three windows before the swap (reference 100, window 40), four days after it.
-QUICK = Scenario(days=12, per_day=20, change_day=9, outcome_delay_days=14, seeds=1, spare=0.0)
+#: Three windows before the swap (reference 100, window 40), four days after it;
+#: outcomes after two days, so some arrive.
+QUICK = Scenario(days=12, per_day=20, change_day=9, outcome_delay_days=2, seeds=1, spare=0.0)
 
 
 @dataclass(frozen=True)
 class Pool:
-    """The model's output per study of one scanner: mean embedding, share of images
-    out of domain, study result (most suspicious image, as service.results says) and
-    the truth."""
+    """Per study of one scanner: mean embedding, share of images out of domain, the
+    study's result by service.results.SUMMARY_RULE (the most suspicious image the
+    domain guard passed decides: its class and calibrated probabilities; -1 and NaN
+    when none passed) and the truth."""
 
     embedding: np.ndarray  # float64 [S, D]
     out_of_domain: np.ndarray  # float64 [S]
-    predicted: np.ndarray  # int64 [S]
-    malignancy: np.ndarray  # float64 [S]: highest P(malignant) of its images
+    predicted: np.ndarray  # int64 [S], -1: not assessed
+    probabilities: np.ndarray  # float64 [S, C]
     truth: np.ndarray  # int64 [S]
 
     def take(self, rows: np.ndarray) -> Pool:
         return Pool(*(getattr(self, name)[rows] for name in self.__dataclass_fields__))
 
 
-def make_pool(model: OnnxModel, scanner: Scanner, size: int, pool_seed: int, cache: Path) -> Pool:
-    """``size`` studies on ``scanner`` through ``model``, from the cache when there."""
+def model_outputs(model: OnnxModel, scanner: Scanner, size: int, pool_seed: int, cache: Path) -> dict[str, np.ndarray]:
+    """The model's outputs per rendered image of ``size`` studies on ``scanner``
+    (``study`` says whose), from the cache when there."""
     key = json.dumps({"card": model.card.model_dump(mode="json"), "scanner": asdict(scanner), "size": size,
                       "seed": pool_seed, "prevalence": PREVALENCE, "render": RENDER_SIZE}, sort_keys=True)
-    path = cache / f"pool-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    path = cache / f"outputs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         with np.load(path) as saved:
-            return Pool(**{name: saved[name] for name in Pool.__dataclass_fields__})
+            return dict(saved)
     labels = np.random.default_rng([pool_seed, 0]).choice(len(CLASSES), size=size, p=PREVALENCE)
     batch, study = [], []
     for index, label in enumerate(labels):
@@ -117,21 +122,32 @@ def make_pool(model: OnnxModel, scanner: Scanner, size: int, pool_seed: int, cac
             batch.append(model_input(view.image, model.card.input))
             study.append(index)
     prediction = model.run(np.stack(batch))
-    study_of = np.asarray(study)
-    severity = np.full(size, -1)
-    np.maximum.at(severity, study_of, prediction.predicted)
-    malignancy = np.zeros(size)
-    np.maximum.at(malignancy, study_of, prediction.probabilities[:, CLASSES.index("malignant")])
-    pool = Pool(
-        embedding=study_embeddings(prediction.embedding, study_of),
-        out_of_domain=np.bincount(study_of, weights=prediction.out_of_distribution) / np.bincount(study_of),
-        predicted=severity.astype(np.int64), malignancy=malignancy, truth=labels.astype(np.int64),
-    )
+    outputs = {"embedding": prediction.embedding, "probabilities": prediction.probabilities,
+               "out_of_domain": prediction.out_of_distribution, "study": np.asarray(study), "labels": labels}
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part.npz")
-    np.savez(partial, **asdict(pool))
+    np.savez(partial, **outputs)
     partial.replace(path)
-    return pool
+    return outputs
+
+
+def make_pool(model: OnnxModel, scanner: Scanner, size: int, pool_seed: int, cache: Path) -> Pool:
+    """``size`` studies on ``scanner`` through ``model``, summarised per study."""
+    out = model_outputs(model, scanner, size, pool_seed, cache)
+    study, probabilities, ood = out["study"], out["probabilities"].astype(np.float64), out["out_of_domain"]
+    predicted = np.full(size, -1, np.int64)
+    decisive = np.full((size, len(CLASSES)), np.nan)
+    # Most suspicious first (class index = suspicion), then the more probable; only
+    # images the domain guard passed decide.
+    rank = np.where(ood, -np.inf, probabilities.argmax(axis=1) * 2.0 + probabilities.max(axis=1))
+    for s in range(size):
+        images = np.flatnonzero(study == s)
+        best = images[np.argmax(rank[images])]
+        if np.isfinite(rank[best]):
+            predicted[s], decisive[s] = probabilities[best].argmax(), probabilities[best]
+    return Pool(embedding=study_embeddings(out["embedding"], study),
+                out_of_domain=np.bincount(study, weights=ood) / np.bincount(study),
+                predicted=predicted, probabilities=decisive, truth=out["labels"].astype(np.int64))
 
 
 def concatenate(a: Pool, b: Pool) -> Pool:
@@ -174,10 +190,45 @@ def phase_report(result: SeedResult, change: int) -> str:
     """Out-of-domain rate and predicted-class mix before and after the swap."""
     parts = []
     for name, rows in (("before", slice(0, change)), ("after", slice(change, None))):
-        mix = np.bincount(result.stream.predicted[rows], minlength=len(CLASSES)) / len(result.stream.predicted[rows])
+        predicted = result.stream.predicted[rows]
+        mix = np.bincount(predicted[predicted >= 0], minlength=len(CLASSES)) / len(predicted)
         parts.append(f"{name}: out-of-domain {result.stream.out_of_domain[rows].mean():.1%}, predicted "
                      + "/".join(f"{v:.0%}" for v in mix))
     return "; ".join(parts)
+
+
+#: The figures checked against the simulation's truth (Wilson intervals, and AUC's bootstrap one).
+CHECKED = ("sensitivity", "specificity", "ppv", "npv", "roc_auc")
+
+
+def assessed_report(pool: Pool, rng: np.random.Generator) -> Report:
+    """service.monitoring.performance of the malignant call on a pool's assessed studies."""
+    assessed = pool.predicted >= 0
+    return performance(pool.probabilities[assessed], pool.truth[assessed], MALIGNANT, rng)
+
+
+def real_world(result: SeedResult, scenario: Scenario, truth: dict[str, Report],
+               rng: np.random.Generator) -> tuple[str, int, int]:
+    """The real-world figures the node would show at the end of the history (only
+    studies whose outcome has arrived), before and after the swap; how many of
+    their intervals hold the simulation's truth (the figure on the whole pool)."""
+    change = scenario.change_index
+    known = (scenario.days - scenario.outcome_delay_days) * scenario.per_day
+    parts, covered, checked = [], 0, 0
+    for name, rows in (("before", np.arange(0, min(change, known))), ("after", np.arange(change, known))):
+        if len(rows) == 0:
+            continue
+        got = assessed_report(result.stream.take(rows), rng)
+        for metric in CHECKED:
+            estimate, true = got[metric], truth[name][metric].value
+            if estimate.low is not None and estimate.high is not None and true is not None:
+                checked += 1
+                covered += estimate.low <= true <= estimate.high
+        sens, spec = got["sensitivity"], got["specificity"]
+        parts.append(f"{name} ({len(rows)} outcomes): sensitivity {sens.value:.2f} [{sens.low:.2f}, {sens.high:.2f}] "
+                     f"(truth {truth[name]['sensitivity'].value:.2f}), specificity {spec.value:.2f} "
+                     f"[{spec.low:.2f}, {spec.high:.2f}] (truth {truth[name]['specificity'].value:.2f})")
+    return "; ".join(parts), covered, checked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,13 +250,19 @@ def main(argv: list[str] | None = None) -> int:
           f"({time.perf_counter() - started:.0f} s); {scenario.days} days x {scenario.per_day} studies, "
           f"swap on day {scenario.change_day} (study {change}); reference {config.reference_size}, "
           f"window {config.window_size} every {config.step}, alpha {config.alpha}, {config.permutations} permutations")
-    results = []
+    truth = {"before": assessed_report(before, np.random.default_rng(0)),
+             "after": assessed_report(after, np.random.default_rng(0))}
+    results, covered, checked = [], 0, 0
     for seed in range(seeds):
         result = run_seed(seed, scenario, before, after, config)
         results.append(result)
         fired = "none" if result.delay is None else f"{result.delay} studies after the swap"
         early = "" if result.false_alarm_at is None else f", FALSE ALARM at study {result.false_alarm_at}"
         print(f"seed {seed}: alarm {fired}{early}; {phase_report(result, change)}")
+        shown, hits, count = real_world(result, scenario, truth, np.random.default_rng(seed))
+        covered, checked = covered + hits, checked + count
+        print(f"  real-world {shown}")
+    print(f"real-world 95 % intervals holding the simulation's truth ({', '.join(CHECKED)}): {covered} of {checked}")
     print(f"runtime {time.perf_counter() - started:.0f} s")
     print(summary_line(results))
     ok = all(r.delay is not None and r.delay <= TARGET_DELAY for r in results)

@@ -25,6 +25,9 @@ from service.delivery.sender import SenderService
 from service.ingest.server import ReceiverService
 from service.ingest.stow import stow_router
 from service.ledger import Ledger, open_ledger
+from service.monitoring.drift import DriftConfig
+from service.monitoring.watcher import DriftWatcher
+from service.ops.monitoring_page import monitoring_router
 from service.ops.verdicts import verdict_router
 from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
 from service.outcomes.mllp import MllpService
@@ -54,8 +57,10 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     # STOW-RS stores through the running receiver's store (503 until it runs).
     stow = ExtraRouter(stow_router(settings, lambda: receiver.store), settings.stow_max_request_mb << 20)
     verdicts = ExtraRouter(verdict_router(ledger, API_PREFIX), settings.web_max_body_bytes)
+    monitoring = ExtraRouter(monitoring_router(ledger, DriftWatcher(ledger, DriftConfig()), API_PREFIX),
+                             settings.web_max_body_bytes)
     return [
-        *([build_web_server(settings, ledger, routers=[stow, verdicts])] if settings.http_port else []),
+        *([build_web_server(settings, ledger, routers=[stow, verdicts, monitoring])] if settings.http_port else []),
         CompletionLoop(ledger, settings.quiet_period_s, on_complete=scheduler.wake,
                        route=Router(settings, ledger).route),
         *([WorkerProcesses(settings)] if settings.workers else []),

@@ -69,7 +69,7 @@ def test_wilson_interval_by_hand() -> None:
     assert (got.value, got.n) == (0.8, 10)
     assert got.low == pytest.approx(0.4902, abs=1e-4) and got.high == pytest.approx(0.9433, abs=1e-4)
     assert wilson(0, 0).value is None
-    assert wilson(0, 20).low == 0.0 and wilson(20, 20).high == 1.0
+    assert wilson(0, 20).low == 0.0 and wilson(20, 20).high == 1.0 and wilson(8, 8).high == 1.0
 
 
 @pytest.mark.parametrize("seed", [0, 1])

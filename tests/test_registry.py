@@ -1,8 +1,9 @@
 """Real-world performance and the registry export end to end: synthetic studies
 from two scanners through the real analysis (shipped ONNX model, real ledger),
 outcomes imported with ``sonocase outcomes import``, verdicts, then ``sonocase
-monitoring performance`` against ``evaluate``'s metrics on the same images, and
-``sonocase monitoring export`` without a trace of the patients."""
+monitoring performance`` and the monitoring page in headless Chromium against
+``evaluate``'s metrics on the same images, and ``sonocase monitoring export``
+without a trace of the patients."""
 
 from __future__ import annotations
 
@@ -16,21 +17,28 @@ from typing import Any
 
 import numpy as np
 import pytest
+from chromium import Chromium
+from conftest import free_port
+from worker_support import child_env
 
 from service.common.spool import instance_path, write_atomic
 from service.datasets.synthetic import synthetic_study
 from service.ledger import InstanceRecord, Ledger, Verdict
 from service.model.inference import OnnxModel
 from service.monitoring.classification import classification_metrics
+from service.monitoring.drift import DriftConfig
 from service.monitoring.registry import FIELDS
+from service.monitoring.watcher import DriftWatcher
+from service.ops.monitoring_page import monitoring_router
+from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
 from service.pipeline.analysis import analyse_study
 from service.settings import Settings
-from worker_support import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "onnx_models" / "sonocase-hybrid.onnx"
 CLASSES = ["normal", "benign", "malignant"]
 SCANNERS = (("ACME", "Sono 9"), ("Other Co", "Echo 2"))
+TOKEN = "monitoring-test-token-0123456789"
 
 
 def _analysed(settings: Settings, ledger: Ledger, model: OnnxModel, index: int, label: str) -> dict[str, Any]:
@@ -111,3 +119,35 @@ def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Setti
     sonocase("monitoring", "export", str(tmp_path / "registry.csv"))
     with (tmp_path / "registry.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 18
+
+    # The monitoring page, signed in as on the status page, shows the same figures.
+    web = settings.model_copy(update={"web_token": TOKEN, "http_host": "127.0.0.1", "http_port": free_port()})
+    page = ExtraRouter(monitoring_router(ledger, DriftWatcher(ledger, DriftConfig()), API_PREFIX), 1 << 16)
+    server = build_web_server(web, ledger, routers=[page])
+    server.start()
+    browser = Chromium(tmp_path / "chromium-profile")
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        browser.open(url + "/status")
+        browser.wait_for("document.querySelector('input[name=token]') !== null")
+        browser.evaluate(f"document.querySelector('input[name=token]').value = {json.dumps(TOKEN)};"
+                         "document.querySelector('form[action=\"/login\"]').submit()")
+        browser.wait_for("document.querySelector('table#studies') !== null")
+        browser.open(url + "/monitoring")
+        browser.wait_for("document.querySelector('table#performance') !== null")
+        row = "document.querySelector('#performance tr[data-group=\"all:all\"]')"
+        cells = browser.evaluate(f"Array.from({row}.querySelectorAll('td')).map(c => c.textContent)")
+        shown = dict(zip(("group", "sensitivity", "specificity", "ppv", "npv", "roc_auc", "ece"), cells, strict=True))
+        assert shown["sensitivity"].startswith(f"{offline['per_class']['malignant']['recall']:.2f} [")
+        assert shown["roc_auc"].startswith(f"{offline['per_class']['malignant']['roc_auc']:.2f} [")
+        assert shown["ece"].startswith(f"{offline['ece']:.2f} [")
+        assert browser.evaluate("document.querySelectorAll('#reliability circle.bin').length") >= 2
+        scanners = browser.evaluate("Array.from(document.querySelectorAll('#drift tr[data-scanner]'))"
+                                    ".map(r => r.dataset.scanner)")
+        assert sorted(scanners) == ["ACME Sono 9", "Other Co Echo 2"]  # 9 studies each: still collecting
+        html = browser.evaluate("document.documentElement.outerHTML")
+        assert not any(s["ds"].PatientID in html or str(s["ds"].PatientName) in html for s in studies)
+        browser.screenshot(tmp_path / "monitoring.png")
+    finally:
+        browser.close()
+        server.stop()

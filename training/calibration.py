@@ -26,6 +26,7 @@ from scipy.optimize import minimize_scalar
 
 from service.model.guard import FEATURES, bmode_statistics, calibrated, mahalanobis
 from service.model_card import CalibrationSpec, OodSpec
+from service.monitoring.classification import expected_calibration_error, reliability_bins
 from training.ood_sources import OodSource, ood_sources
 
 #: The guard's threshold: this percentile of the validation split's scores.
@@ -91,8 +92,6 @@ def ece_noise_floor(probabilities: np.ndarray, bins: int, seed: int = 0) -> floa
     """Mean ECE that a perfectly calibrated model with these confidences shows on this
     many images (labels drawn from its own probabilities): below it, a measured ECE
     says nothing more."""
-    from service.monitoring.classification import expected_calibration_error
-
     rng = np.random.default_rng(seed)
     p = probabilities / probabilities.sum(axis=1, keepdims=True)
     cumulative = np.cumsum(p, axis=1)
@@ -183,8 +182,6 @@ def calibration_report(spec: CalibrationSpec, splits: dict[str, tuple[np.ndarray
                        bins: int) -> dict[str, Any]:
     """ECE before and after calibration on each named (probabilities, labels) set,
     with the noise floor of a perfectly calibrated model on that many images."""
-    from service.monitoring.classification import expected_calibration_error
-
     report: dict[str, Any] = {"method": spec.method, "temperature": spec.temperature, "fitted_on": spec.fitted_on}
     for name, (probabilities, labels) in splits.items():
         after = calibrated(probabilities, spec)
@@ -203,11 +200,8 @@ def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, spec: Calibr
     ax = fig.subplots()
     edges = np.linspace(0, 1, bins + 1)
     for probs, label in ((probabilities, "before"), (calibrated(probabilities, spec), f"after (T={spec.temperature:.2f})")):
-        confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
-        which = np.minimum((confidence * bins).astype(int), bins - 1)
-        filled = [b for b in range(bins) if np.any(which == b)]
-        ax.plot([confidence[which == b].mean() for b in filled], [correct[which == b].mean() for b in filled],
-                "o-", ms=3, label=label)
+        points = reliability_bins(probs, labels, bins)
+        ax.plot([c for _, c, _ in points], [a for _, _, a in points], "o-", ms=3, label=label)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability", xlim=(edges[0], 1), ylim=(0, 1.02))
     ax.legend(fontsize=7, loc="upper left")

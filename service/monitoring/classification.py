@@ -44,18 +44,25 @@ def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
-def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the
-    bin's share of images (Guo et al. 2017)."""
+def reliability_bins(probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> list[tuple[float, float, float]]:
+    """Per non-empty equal-width confidence bin: (share of images, mean confidence,
+    accuracy) of the top-label prediction: the reliability diagram's points."""
     confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
     correct = predicted == y_true
     which = np.minimum((confidence * bins).astype(int), bins - 1)
-    total = 0.0
+    points = []
     for b in range(bins):
         in_bin = which == b
         if in_bin.any():
-            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total)
+            points.append((float(in_bin.mean()), float(confidence[in_bin].mean()), float(correct[in_bin].mean())))
+    return points
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the
+    bin's share of images (Guo et al. 2017)."""
+    return float(sum(share * abs(accuracy - confidence)
+                     for share, confidence, accuracy in reliability_bins(probs, y_true, bins)))
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import click
-import numpy as np
 
 from service.cli import settings_from
 from service.ledger import open_ledger
-from service.monitoring.performance import agreement, grouped
-from service.monitoring.registry import Inference, cases, inferences, write_csv, write_jsonl
-
-#: Bootstrap resamples are drawn from this seed: the same ledger, the same intervals.
-SEED = 0
-
+from service.monitoring.registry import (
+    Inference,
+    inferences,
+    site_performance,
+    write_csv,
+    write_jsonl,
+    write_performance_csv,
+)
 
 @click.group()
 def monitoring() -> None:
@@ -52,24 +52,17 @@ def export(ctx: click.Context, out: Path) -> None:
 
 @monitoring.command("performance")
 @click.option("--positive", default="malignant", show_default=True, help="The class whose call is measured.")
+@click.option("--csv", "as_csv", is_flag=True, help="Flat CSV rows instead of JSON.")
 @click.pass_context
-def performance_command(ctx: click.Context, positive: str) -> None:
+def performance_command(ctx: click.Context, positive: str, as_csv: bool) -> None:
     """Sensitivity, specificity, PPV, NPV, ROC AUC and ECE against outcomes, per month
-    and per scanner, and Cohen's kappa against the radiologists, with 95 % intervals (JSON)."""
-    found = _load(ctx)
-    assessed = [i for i in found if i.probabilities is not None]
-    if not assessed:
-        raise click.ClickException("no assessed study in the ledger yet")
-    classes = list(assessed[0].probabilities or ())
-    if positive not in classes:
-        raise click.BadParameter(f"{positive!r} is not one of the model's classes {classes}", param_hint="--positive")
-    rng = np.random.default_rng(SEED)
-    report = grouped(cases(found, classes), classes.index(positive), rng)
-    rated = [(i.record["result"], i.record["verdict_class"]) for i in assessed if i.record["verdict_class"]]
-    kappa = agreement(np.array([classes.index(m) for m, _ in rated], dtype=np.int64),
-                      np.array([classes.index(r) for _, r in rated], dtype=np.int64), len(classes), rng)
-    json.dump({"positive": positive, "performance": {kind: {name: {metric: asdict(e) for metric, e in metrics.items()}
-                                                            for name, metrics in groups.items()}
-                                                     for kind, groups in report.items()},
-               "agreement_with_radiologists": asdict(kappa)}, sys.stdout, indent=1)
-    click.echo()
+    and per scanner, and Cohen's kappa against the radiologists, with 95 % intervals."""
+    try:
+        report = site_performance(_load(ctx), positive)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_csv:
+        write_performance_csv(report, sys.stdout)
+    else:
+        json.dump(report, sys.stdout, indent=1)
+        click.echo()

@@ -62,7 +62,10 @@ def wilson(successes: int, n: int, z: float = Z_95) -> Estimate:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return Estimate(p, float(max(0.0, centre - half)), float(min(1.0, centre + half)), n)
+    # At 0 and n the bound is exactly 0 or 1, which rounding would miss by an ulp.
+    low = 0.0 if successes == 0 else float(max(0.0, centre - half))
+    high = 1.0 if successes == n else float(min(1.0, centre + half))
+    return Estimate(p, low, high, n)
 
 
 def bootstrap(statistic: Callable[[np.ndarray], float | None], n: int, rng: np.random.Generator,

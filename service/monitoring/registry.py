@@ -16,12 +16,15 @@ import csv
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
 
+import numpy as np
+
 from service.ledger import Ledger
-from service.monitoring.performance import Case
+from service.monitoring.classification import ECE_BINS, reliability_bins
+from service.monitoring.performance import Case, agreement, grouped
 from service.monitoring.verdicts import current, reader_class
 from service.pipeline.analysis import decisive_frame
 from service.results import StudyResult
@@ -113,6 +116,51 @@ def cases(found_in: Iterable[Inference], classes: Sequence[str]) -> list[Case]:
             scanner=f"{entry['scanner_manufacturer']} {entry['scanner_model']}".strip() or "unknown",
         ))
     return found
+
+
+def site_performance(found: Sequence[Inference], positive: str, seed: int = 0) -> dict[str, Any]:
+    """Real-world performance of the ``positive`` call per month and scanner, Cohen's
+    kappa against the radiologists' verdicts, and the reliability diagram's points,
+    as JSON-ready data; bootstrap resamples from ``seed`` (same ledger, same
+    intervals). ValueError when nothing was assessed or ``positive`` is no class."""
+    assessed = [i for i in found if i.probabilities is not None]
+    if not assessed:
+        raise ValueError("no assessed study in the ledger yet")
+    classes = list(assessed[0].probabilities or ())
+    if positive not in classes:
+        raise ValueError(f"{positive!r} is not one of the model's classes {classes}")
+    rng = np.random.default_rng(seed)
+    known = cases(found, classes)
+    report = grouped(known, classes.index(positive), rng)
+    rated = [(i.record["result"], i.record["verdict_class"]) for i in assessed if i.record["verdict_class"]]
+    kappa = agreement(np.array([classes.index(m) for m, _ in rated], dtype=np.int64),
+                      np.array([classes.index(r) for _, r in rated], dtype=np.int64), len(classes), rng)
+    points = reliability_bins(np.array([c.probabilities for c in known]), np.array([c.truth for c in known]),
+                              ECE_BINS) if known else []
+    return {
+        "positive": positive,
+        "performance": {kind: {name: {metric: asdict(e) for metric, e in metrics.items()}
+                               for name, metrics in groups.items()} for kind, groups in report.items()},
+        "agreement_with_radiologists": asdict(kappa),
+        "reliability": [{"share": share, "confidence": conf, "accuracy": acc} for share, conf, acc in points],
+    }
+
+
+def performance_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:func:`site_performance`'s figures as flat rows (group, name, metric, value,
+    low, high, n): the CSV a spreadsheet reads."""
+    rows = [{"group": kind, "name": name, "metric": metric, **estimate}
+            for kind, groups in report["performance"].items() for name, metrics in groups.items()
+            for metric, estimate in metrics.items()]
+    rows.append({"group": "all", "name": "all", "metric": "kappa_with_radiologists",
+                 **report["agreement_with_radiologists"]})
+    return rows
+
+
+def write_performance_csv(report: Mapping[str, Any], out: IO[str]) -> None:
+    writer = csv.DictWriter(out, fieldnames=("group", "name", "metric", "value", "low", "high", "n"))
+    writer.writeheader()
+    writer.writerows(performance_rows(report))
 
 
 def write_jsonl(found: Iterable[Inference], out: IO[str]) -> None:

@@ -1,0 +1,127 @@
+"""The monitoring page and its data: ``GET /monitoring`` (HTML, signed in as for the
+status page, or with the Bearer token), ``GET /api/v1/monitoring/performance`` (JSON)
+and ``.../performance.csv``.
+
+Shows each scanner's input drift (the alarm first), the real-world performance of
+the malignant call per month and per scanner with 95 % intervals, the agreement
+with radiologists, and the reliability diagram drawn on the server as inline SVG
+(no script: the page's Content-Security-Policy allows none). A router of its own,
+mounted like STOW-RS behind the node's credential check (service.ops.web.ExtraRouter).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from service.ledger import Ledger
+from service.monitoring.drift import WindowDrift
+from service.monitoring.registry import inferences, site_performance, write_performance_csv
+from service.monitoring.watcher import DriftWatcher
+from service.ops.views import _page
+
+POSITIVE = "malignant"
+_METRICS = ("sensitivity", "specificity", "ppv", "npv", "roc_auc", "ece")
+_SVG = 240
+
+
+def _estimate(estimate: Mapping[str, Any]) -> str:
+    """An estimate, its interval and its n, as a cell's text."""
+    if estimate["value"] is None:
+        return f"- <small>n {estimate['n']}</small>"
+    interval = (f" [{estimate['low']:.2f}-{estimate['high']:.2f}]" if estimate["low"] is not None
+                and estimate["high"] is not None else "")
+    return f"{estimate['value']:.2f}{interval} <small>n {estimate['n']}</small>"
+
+
+def _drift_html(drift: Mapping[str, tuple[int, WindowDrift | None]], classes: Sequence[str]) -> str:
+    if not drift:
+        return "<p>No analysed study yet.</p>"
+    rows = []
+    for scanner, (count, window) in drift.items():
+        if window is None:
+            rows.append(f"<tr data-scanner='{html.escape(scanner)}'><td>{html.escape(scanner)}</td><td>{count}</td>"
+                        "<td colspan=4>collecting the reference (100 studies) and a window (40)</td></tr>")
+            continue
+        state = "<b class=failed>DRIFT</b>" if window.alarm else "steady"
+        mix = " / ".join(f"{html.escape(c)} {share:.0%}" for c, share in zip(classes, window.class_mix, strict=True))
+        rows.append(f"<tr data-scanner='{html.escape(scanner)}'><td>{html.escape(scanner)}</td><td>{count}</td>"
+                    f"<td class=alarm>{state}</td><td>{window.p_value:.4f}</td>"
+                    f"<td>{window.out_of_domain_rate:.0%}</td><td>{mix}</td></tr>")
+    return ("<table id=drift><tr><th>Scanner</th><th>Studies</th><th>Input drift</th><th>p-value</th>"
+            "<th>Not assessed</th><th>Predicted classes (latest 40)</th></tr>" + "".join(rows) + "</table>")
+
+
+def reliability_svg(points: Sequence[Mapping[str, float]]) -> str:
+    """Accuracy against confidence per bin (dot area: share of cases), the diagonal
+    where a calibrated model lies."""
+    side = _SVG - 30  # the plot's square, 20 px in from the left and bottom
+    dots = "".join(f"<circle class=bin cx={20 + p['confidence'] * side:.1f} cy={_SVG - 20 - p['accuracy'] * side:.1f}"
+                   f" r={2 + 10 * p['share'] ** 0.5:.1f}/>" for p in points)
+    return (f"<svg id=reliability width={_SVG} height={_SVG} viewBox='0 0 {_SVG} {_SVG}' role=img "
+            "aria-label='reliability diagram'><rect x=20 y=10 width=210 height=210 fill=none stroke=#999/>"
+            f"<line x1=20 y1=220 x2=230 y2=10 stroke=#999 stroke-dasharray=3/>"
+            "<text x=110 y=236 font-size=11>confidence</text>"
+            "<text x=2 y=120 font-size=11 transform='rotate(-90 10 120)'>accuracy</text>"
+            f"<g fill=#2a6fb0>{dots}</g></svg>")
+
+
+def _performance_html(report: Mapping[str, Any]) -> str:
+    head = "<tr><th>Group</th>" + "".join(f"<th>{m.replace('_', ' ').upper()}</th>" for m in _METRICS) + "</tr>"
+    rows = "".join(
+        f"<tr data-group='{html.escape(kind)}:{html.escape(name)}'><td>{html.escape(kind)}: {html.escape(name)}</td>"
+        + "".join(f"<td>{_estimate(metrics[m])}</td>" for m in _METRICS) + "</tr>"
+        for kind, groups in report["performance"].items() for name, metrics in groups.items()
+    )
+    kappa = report["agreement_with_radiologists"]
+    return (f"<p>The {html.escape(report['positive'])} call against outcomes (pathology, follow-up), "
+            "95 % intervals (Wilson; bootstrap for ROC AUC, ECE and kappa).</p>"
+            f"<table id=performance>{head}{rows}</table>"
+            f"<p id=agreement>Agreement with radiologists (Cohen's kappa): {_estimate(kappa)}</p>"
+            f"<h3>Reliability</h3>{reliability_svg(report['reliability'])}"
+            "<p><a href=/api/v1/monitoring/performance>JSON</a> · "
+            "<a href=/api/v1/monitoring/performance.csv>CSV</a></p>")
+
+
+def monitoring_router(ledger: Ledger, watcher: DriftWatcher, api_prefix: str) -> APIRouter:
+    """The page and the performance data, from ``ledger`` and ``watcher``."""
+    router = APIRouter(tags=["monitoring"])
+
+    def report() -> dict[str, Any] | None:
+        try:
+            return site_performance(inferences(ledger), POSITIVE)
+        except ValueError:  # nothing assessed yet
+            return None
+
+    @router.get("/monitoring", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        drift = await run_in_threadpool(watcher.latest)
+        figures = await run_in_threadpool(report)
+        body = ("<h2>Input drift per scanner</h2>" + _drift_html(drift, watcher.classes)
+                + "<h2>Real-world performance</h2>"
+                + (_performance_html(figures) if figures else "<p>No assessed study with an outcome yet.</p>"))
+        return HTMLResponse(_page("Sonocase monitoring", body))
+
+    @router.get(f"{api_prefix}/monitoring/performance", summary="Real-world performance and agreement (JSON)")
+    def performance_json() -> JSONResponse:
+        figures = report()
+        if figures is None:
+            raise HTTPException(404, "no assessed study yet")
+        return JSONResponse(figures)
+
+    @router.get(f"{api_prefix}/monitoring/performance.csv", summary="Real-world performance as CSV rows")
+    def performance_csv() -> Response:
+        figures = report()
+        if figures is None:
+            raise HTTPException(404, "no assessed study yet")
+        out = io.StringIO()
+        write_performance_csv(figures, out)
+        return Response(out.getvalue(), media_type="text/csv")
+
+    return router
