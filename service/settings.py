@@ -336,10 +336,20 @@ class Settings(BaseSettings):
     )
     web_login_window_s: float = Field(60.0, gt=0)
     web_max_body_bytes: int = Field(65536, ge=1024, description="Largest request body the page and API accept")
-    web_max_connections: int = Field(64, ge=1, le=10000, description="Open HTTP connections; more are closed at once")
+    web_max_connections: int = Field(
+        64, ge=1, le=10000, description="Open HTTP connections; a new one past this closes the open one furthest "
+        "behind (waiting for a request, or sending a body too slowly), else is closed itself"
+    )
+    web_max_connections_per_address: int = Field(
+        32, ge=1, le=10000, description="... and open HTTP connections from one client address, the same way"
+    )
     web_read_timeout_s: float = Field(
-        10.0, ge=0, description="A request's headers must arrive within this, and its body never pause longer; "
-        "0 runs uvicorn's own protocol (no read deadlines, no connection cap)"
+        10.0, ge=0, description="A request's headers must arrive within this, and its body may start this late; "
+        "0 runs uvicorn's own protocol (no read deadlines, one plain connection cap)"
+    )
+    web_min_body_bytes_per_s: int = Field(
+        8192, ge=1, description="A request body must keep up this rate after its first web_read_timeout_s; a "
+        "slower one is closed (a byte now and then does not keep it open)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

@@ -4,9 +4,12 @@ encoded bytes, and how much of the node's memory it costs (issue 15). The tests 
 
 from __future__ import annotations
 
+import http.client
 import socket
 import struct
 import subprocess
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -242,3 +245,73 @@ def deeply_nested(sop_instance_uid: str, depth: int) -> bytes:
     item_end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
     sequence_end = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
     return identifying_elements(sop_instance_uid) + (sequence + item) * depth + (item_end + sequence_end) * depth
+
+
+# --- the HTTP side (issue 24) -----------------------------------------------------------
+
+#: A sign-in form whose body is announced and then sent a byte at a time.
+SLOW_FORM = (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+             b"Content-Length: 1000\r\n\r\n")
+
+
+@contextmanager
+def http_flood(port: int, connections: int, request: bytes = b"", drip_s: float = 0.0,
+               ) -> Iterator[list[int]]:
+    """``connections`` connections to the HTTP port kept open for the block: each sends
+    ``request`` (nothing: an idle connection) and then, every ``drip_s`` (0: never),
+    one more byte; one the node closes is opened again at once (issue 24, attack 1).
+    Yields a one-element list counting the connections opened."""
+    opened, stop = [0], threading.Event()
+
+    def keep_open() -> None:
+        socks: list[socket.socket | None] = [None] * connections
+        last_drip = time.monotonic()
+        while not stop.is_set():
+            drip = drip_s > 0 and time.monotonic() - last_drip >= drip_s
+            last_drip = time.monotonic() if drip else last_drip
+            for i, sock in enumerate(socks):
+                try:
+                    if sock is None:
+                        sock = socks[i] = socket.create_connection(("127.0.0.1", port), timeout=5)
+                        sock.setblocking(False)
+                        opened[0] += 1
+                        sock.send(request)
+                    elif sock.recv(4096) == b"":  # closed by the node: open another
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    if drip:
+                        sock.send(b"a")
+                except OSError:
+                    if sock is not None:
+                        sock.close()
+                    socks[i] = None
+            stop.wait(0.01)
+        for sock in socks:
+            if sock is not None:
+                sock.close()
+
+    thread = threading.Thread(target=keep_open, daemon=True)
+    thread.start()
+    try:
+        yield opened
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def health_answered(port: int, probes: int, every_s: float, timeout: float = 1.0) -> float:
+    """The share of ``probes`` GET /healthz (one every ``every_s``, each on a new
+    connection, as Kubernetes probes) answered 200 within ``timeout``."""
+    answered = 0
+    for _ in range(probes):
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            conn.request("GET", "/healthz")
+            answered += conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+        time.sleep(max(0.0, every_s - (time.monotonic() - started)))
+    return answered / probes

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import attacks
 import numpy as np
 import pydicom
 import pytest
@@ -37,6 +38,7 @@ from service.delivery.recovery import (
 )
 from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
 from service.model_card import ModelCard, card_path_for, sha256_file
+from service.ops.server import HttpLimits, Progress, body_deadline, furthest_behind
 from service.ops.sessions import LoginThrottle, SessionStore
 from service.ops.views import CheckResult, IndexProbe, ModelProbe, broker_check
 from service.ops.web import SESSION_COOKIE, ExtraRouter, build_web_server
@@ -619,6 +621,66 @@ def test_idle_connections_hold_no_thread_and_are_closed(strict_node: Node) -> No
             sock.close()
     assert _http(strict_node.url, "/healthz")[0] == 200
     assert threading.active_count() - threads_before <= 2
+
+
+def _port(node: Node) -> int:
+    return int(node.url.rsplit(":", 1)[1])
+
+
+def test_health_is_answered_while_idle_connections_are_reopened(strict_node: Node) -> None:
+    """Twice web_max_connections idle connections, each opened again as soon as the
+    node closes it (issue 24, attack 1): a probe still gets in, by closing the
+    connection that waited longest."""
+    port = _port(strict_node)
+    with attacks.http_flood(port, 2 * strict_node.settings.web_max_connections) as opened:
+        time.sleep(0.5)
+        answered = attacks.health_answered(port, 30, 0.1)
+    assert opened[0] > 2 * strict_node.settings.web_max_connections  # the node closed some, they came back
+    assert answered >= 0.9, f"/healthz answered {answered:.0%} of probes"
+
+
+def test_health_is_answered_while_forms_arrive_a_byte_at_a_time(strict_node: Node) -> None:
+    port = _port(strict_node)
+    with attacks.http_flood(port, 2 * strict_node.settings.web_max_connections, attacks.SLOW_FORM, drip_s=0.3):
+        time.sleep(0.5)
+        answered = attacks.health_answered(port, 30, 0.1)
+    assert answered >= 0.9, f"/healthz answered {answered:.0%} of probes"
+
+
+def test_a_body_sent_a_byte_at_a_time_is_closed_on_its_first_deadline(strict_node: Node) -> None:
+    """A byte every 0.3 s does not move the deadline on (web_min_body_bytes_per_s)."""
+    sock = socket.create_connection(("127.0.0.1", _port(strict_node)), timeout=0.3)
+    sock.sendall(attacks.SLOW_FORM)
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 8:
+            try:
+                if sock.recv(1) == b"":
+                    break
+            except TimeoutError:
+                sock.sendall(b"a")
+    except ConnectionError:
+        pass
+    finally:
+        sock.close()
+    assert time.monotonic() - started < strict_node.settings.web_read_timeout_s + 1.0
+
+
+def test_a_new_connection_closes_the_one_furthest_behind() -> None:
+    limits = HttpLimits(read_timeout_s=10, min_body_rate=1000, max_connections=3, max_per_address=2)
+    served = ("served", Progress("10.0.0.1", since=0, busy=True))
+    waiting = ("waiting", Progress("10.0.0.2", since=50))
+    on_time = ("on-time", Progress("10.0.0.3", since=90, body_bytes=20_000))  # 20 kB in 10 s: ahead
+    dripping = ("dripping", Progress("10.0.0.3", since=40, body_bytes=100))  # 100 bytes in 60 s
+    assert furthest_behind("10.0.0.9", [served, waiting], limits, now=100) == (True, None)  # room left
+    assert furthest_behind("10.0.0.9", [served, waiting, on_time], limits, now=100) == (True, "waiting")
+    assert furthest_behind("10.0.0.9", [served, waiting, dripping], limits, now=100) == (True, "dripping")
+    # Its own address is full: one of that address's goes, even with room in all.
+    assert furthest_behind("10.0.0.3", [on_time, dripping], limits, now=100) == (True, "dripping")
+    # Nobody to close: every connection is being served or on time; the new one goes.
+    assert furthest_behind("10.0.0.9", [served, on_time, ("b", Progress("10.0.0.4", 0, busy=True))],
+                           limits, now=100) == (False, None)
+    assert body_deadline(dripping[1], limits) == 40 + 10 + 0.1
 
 
 # --- routers of other stages, mounted by sonocase serve ----------------------------------------

@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.common.metrics import LedgerCollector, build_registry
 from service.delivery.recovery import NothingToRetry, UnknownStudy, retry_study
 from service.ledger import Ledger
-from service.ops.server import WebServer
+from service.ops.server import HttpLimits, WebServer
 from service.ops.sessions import LoginThrottle, Session, SessionStore
 from service.ops.views import (
     PAGE_STUDIES,
@@ -465,6 +465,7 @@ def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[Extra
     }
     collector = LedgerCollector(ledger, settings.data_dir, model_info=model.info, index_info=index.info)
     app = build_app(settings, ledger, checks, build_registry(collector), routers)
-    return WebServer(app, settings.http_host, settings.http_port, read_timeout_s=settings.web_read_timeout_s,
-                     max_connections=settings.web_max_connections, on_stop=[index.close])
+    limits = HttpLimits(settings.web_read_timeout_s, settings.web_min_body_bytes_per_s, settings.web_max_connections,
+                        settings.web_max_connections_per_address)
+    return WebServer(app, settings.http_host, settings.http_port, limits, on_stop=[index.close])
 
