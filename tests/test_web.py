@@ -41,7 +41,7 @@ from service.model_card import ModelCard, card_path_for, sha256_file
 from service.ops.server import HttpLimits, Progress, body_deadline, furthest_behind
 from service.ops.sessions import LoginThrottle, SessionStore
 from service.ops.views import CheckResult, IndexProbe, ModelProbe, broker_check
-from service.ops.web import SESSION_COOKIE, ExtraRouter, build_web_server
+from service.ops.web import SESSION_COOKIE, ExtraRouter, throttle_keys, build_web_server
 from service.results import (
     FrameResult,
     ImageResult,
@@ -465,19 +465,36 @@ def test_forms_need_their_own_session_s_csrf_token(node: Node) -> None:
     assert _http(node.url, path, "POST", headers={"Cookie": cookie_a}, form={"csrf": csrf_a})[0] == 303
 
 
-def test_wrong_tokens_are_throttled_per_address(node: Node) -> None:
+def test_wrong_tokens_are_throttled_but_the_right_one_never_is(node: Node) -> None:
+    """Issue 24, attack 3: one address sending wrong tokens (behind an ingress, the
+    address of every client) is answered 429 past the limit, and the right token from
+    that same address is still served: the sign-in form and the Bearer token."""
     attempts = node.settings.web_login_attempts
     for i in range(attempts):
         if i % 2:
             assert _http(node.url, "/login", "POST", form={"token": f"guess-{i}"})[0] == 401
         else:
             assert _http(node.url, "/api/v1/studies", headers={"Authorization": f"Bearer guess-{i}"})[0] == 401
-    # Past the limit the address is refused without its credential being looked at: the right one too.
-    status, headers, body = _http(node.url, "/login", "POST", form={"token": TOKEN})
+    status, headers, body = _http(node.url, "/login", "POST", form={"token": "guess-again"})
     assert status == 429 and 0 < int(headers["retry-after"]) <= node.settings.web_login_window_s
     assert b"Too many wrong tokens" in body
-    assert _http(node.url, "/api/v1/studies", headers=BEARER)[0] == 429
+    assert _http(node.url, "/api/v1/studies", headers={"Authorization": "Bearer guess-again"})[0] == 429
+    assert _http(node.url, "/login", "POST", form={"token": TOKEN})[0] == 303
+    assert _http(node.url, "/api/v1/studies", headers=BEARER)[0] == 200
     assert _http(node.url, "/healthz")[0] == 200  # health and metrics are not behind it
+    metrics = _http(node.url, "/metrics")[2].decode()
+    assert 'sonocase_web_logins_refused_total{reason="throttled"} ' in metrics
+
+
+def test_a_wrong_token_is_throttled_from_any_address() -> None:
+    """Failures count per address and per token: a stale token repeated from many
+    addresses is throttled as a token; another address with another token is not."""
+    throttle = LoginThrottle(attempts=2, window_s=60)
+    for now, address in ((0, "10.0.0.1"), (1, "10.0.0.2")):
+        for key in throttle_keys(address, "stale"):
+            throttle.failed(key, now=now)
+    assert [throttle.retry_after(k, now=2) for k in throttle_keys("10.0.0.3", "stale")] == [0, 58]
+    assert [throttle.retry_after(k, now=2) for k in throttle_keys("10.0.0.3", "typo")] == [0, 0]
 
 
 def test_login_throttle_window() -> None:
@@ -486,7 +503,7 @@ def test_login_throttle_window() -> None:
         assert throttle.retry_after("10.0.0.1", now=now) == 0
         throttle.failed("10.0.0.1", now=now)
     assert throttle.retry_after("10.0.0.1", now=30) == 30  # until the first failure is 60 s old
-    assert throttle.retry_after("10.0.0.2", now=30) == 0  # another address is not affected
+    assert throttle.retry_after("10.0.0.2", now=30) == 0  # another key is not affected
     assert throttle.retry_after("10.0.0.1", now=60) == 0
     throttle.failed("10.0.0.1", now=61)
     assert throttle.retry_after("10.0.0.1", now=62) == 8  # failures at 10, 20, 61: wait for 10 + 60

@@ -6,7 +6,8 @@ a JSON API, served by uvicorn inside the node (:mod:`service.ops.server`).
 ``settings.web_token``: as ``Authorization: Bearer``, or for the page through the
 sign-in form, which starts a server-side session (:mod:`service.ops.sessions`)
 that expires and ends at sign-out; every form of a session carries its CSRF token.
-Wrong credentials are throttled per client address. Without a token both are off.
+Wrong tokens are throttled per client address and per token; the right one never
+is. Without a token both are off.
 
 Other stages add routes through ``routers`` (:class:`ExtraRouter`): each is mounted
 behind the same Bearer check, with its own body-size limit.
@@ -14,6 +15,7 @@ behind the same Bearer check, with its own body-size limit.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -36,7 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.common.metrics import LedgerCollector, build_registry
+from service.common.metrics import LedgerCollector, build_registry, observe_login_refusal
 from service.delivery.recovery import NothingToRetry, UnknownStudy, retry_study
 from service.ledger import Ledger
 from service.ops.server import HttpLimits, WebServer
@@ -191,21 +193,36 @@ def _client(request: Request) -> str:
 
 
 class _Throttled(Exception):
-    """The client's address sent too many wrong tokens: it waits ``retry_after`` seconds."""
+    """Too many wrong tokens from this address, or of this token: wait ``retry_after`` seconds."""
 
     def __init__(self, wait: float) -> None:
         self.retry_after = str(math.ceil(wait))
 
 
+def throttle_keys(client: str, given: str) -> tuple[str, str]:
+    """What wrong tokens are counted against: the address that sent them, and the
+    token itself (a script repeating a stale one from many addresses); the token
+    only as a hash, in memory."""
+    return f"address {client}", "token " + hashlib.sha256(given.encode()).hexdigest()
+
+
 def _token_ok(state: WebState, client: str, given: str) -> bool:
-    """Whether ``given`` is the web token, counting wrong ones per address; raises
-    :class:`_Throttled`, without looking at ``given``, while the address must wait."""
-    wait = state.throttle.retry_after(client)
-    if wait > 0:
-        raise _Throttled(wait)
+    """Whether ``given`` is the web token. The right token is always taken, whoever
+    else at its address guessed wrong (behind an ingress every client shares one
+    address). A wrong one is counted per address and per token; past
+    ``web_login_attempts`` of either it gets :class:`_Throttled` (429) instead of
+    401, and no log line: one typo-ing script cannot lock out the PACS or fill the
+    log. What keeps a guesser out is the token's length, not the count."""
     if hmac.compare_digest(given.encode(), state.settings.web_token.encode()):
         return True
-    state.throttle.failed(client)
+    keys = throttle_keys(client, given)
+    wait = max(state.throttle.retry_after(key) for key in keys)
+    if wait > 0:
+        observe_login_refusal("throttled")
+        raise _Throttled(wait)
+    for key in keys:
+        state.throttle.failed(key)
+    observe_login_refusal("wrong")
     LOG.warning("HTTP: wrong token from %s", client)
     return False
 
@@ -217,7 +234,7 @@ def authenticate(
     request: Request, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Auth:
     """The request's credential, checked; raises 401 (or 404 with no token set, 429
-    while its address is throttled)."""
+    for a wrong token past the throttle's count)."""
     state = _state(request)
     if not state.settings.web_token:
         raise HTTPException(404, OFF)
@@ -226,7 +243,7 @@ def authenticate(
             if _token_ok(state, _client(request), bearer.credentials.strip()):
                 return Auth("bearer")
         except _Throttled as exc:
-            raise HTTPException(429, "too many wrong tokens from this address",
+            raise HTTPException(429, "too many wrong tokens",
                                 {"Retry-After": exc.retry_after}) from None
     else:
         session = state.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
@@ -375,7 +392,7 @@ class RetryOut(BaseModel):
 
 
 api = APIRouter(prefix=API_PREFIX, tags=["studies"], responses={401: {"description": "No or wrong Bearer token"},
-                                                              429: {"description": "Too many wrong tokens"}})
+                                                              429: {"description": "Too many wrong tokens (the right one is never refused)"}})
 
 
 @api.get("/studies", summary="Recent studies, newest change first, and failed ones")
