@@ -335,6 +335,9 @@ class Settings(BaseSettings):
         5, ge=1, le=1000, description="Wrong tokens (form or Bearer) one address may send per web_login_window_s"
     )
     web_login_window_s: float = Field(60.0, gt=0)
+    web_openapi_public: bool = Field(
+        False, description="Serve /api/openapi.json without the web_token (it describes the API, no data)"
+    )
     web_max_body_bytes: int = Field(65536, ge=1024, description="Largest request body the page and API accept")
     web_max_connections: int = Field(
         64, ge=1, le=10000, description="Open HTTP connections; a new one past this closes the open one furthest "

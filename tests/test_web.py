@@ -456,7 +456,7 @@ def test_forms_need_their_own_session_s_csrf_token(node: Node) -> None:
     path = f"/status/studies/{node.undelivered}/resend"
     for form in ({}, {"csrf": "guess"}, {"csrf": csrf_b}):  # none, wrong, another session's
         status, _, body = _http(node.url, path, "POST", headers={"Cookie": cookie_a}, form=form)
-        assert status == 403 and b"form token" in body
+        assert status == 403 and b"CSRF token" in body
     # A cross-site post is refused even with the right token (Fetch Metadata).
     cross = {"Cookie": cookie_a, "Sec-Fetch-Site": "cross-site"}
     assert _http(node.url, path, "POST", headers=cross, form={"csrf": csrf_a})[0] == 403
@@ -542,8 +542,36 @@ def test_json_api_lists_shows_and_retries_studies(node: Node) -> None:
     assert _json(node.url, "/api/v1/studies/1.2.3/retry", "POST", headers=BEARER)[0] == 404
 
 
+def test_api_changes_from_a_session_need_its_csrf_token(node: Node) -> None:
+    """Issue 24, attack 4: a signed-in browser's POST to the API needs its session's
+    token in X-CSRF-Token and must not be cross-site; a Bearer client needs neither."""
+    cookie, csrf = _login(node.url)
+    path = f"/api/v1/studies/{node.undelivered}/retry"
+    for headers in ({}, {"X-CSRF-Token": "guess"}, {"Content-Type": "text/plain"},
+                    {"X-CSRF-Token": csrf, "Sec-Fetch-Site": "cross-site"}):
+        status, doc = _json(node.url, path, "POST", headers={"Cookie": cookie} | headers)
+        assert status == 403 and ("CSRF" in doc["detail"] or "cross-site" in doc["detail"]), (headers, doc)
+    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
+    assert _json(node.url, "/api/v1/studies", headers={"Cookie": cookie})[0] == 200  # reading needs no token
+    assert _json(node.url, path, "POST", headers={"Cookie": cookie, "X-CSRF-Token": csrf})[0] == 200
+    assert _json(node.url, path, "POST", headers=BEARER | {"Sec-Fetch-Site": "cross-site"})[0] == 403
+    assert _json(node.url, path, "POST", headers=BEARER)[0] in (200, 409)
+
+
+def test_openapi_is_behind_the_token_unless_made_public(node: Node, tmp_path: Path) -> None:
+    assert _http(node.url, "/api/openapi.json")[0] == 401
+    public = tmp_path / "public"
+    public.mkdir()
+    server = build_web_server(_settings(public, web_openapi_public=True), node.ledger)
+    server.start()
+    try:
+        assert _json(f"http://127.0.0.1:{server.port}", "/api/openapi.json")[0] == 200
+    finally:
+        server.stop()
+
+
 def test_openapi_describes_the_api_and_its_bearer_scheme(node: Node) -> None:
-    status, doc = _json(node.url, "/api/openapi.json")
+    status, doc = _json(node.url, "/api/openapi.json", headers=BEARER)
     assert status == 200 and doc["openapi"].startswith("3.")
     assert {"/api/v1/studies", "/api/v1/studies/{study_uid}", "/api/v1/studies/{study_uid}/retry"} <= set(doc["paths"])
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

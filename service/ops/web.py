@@ -2,12 +2,14 @@
 a JSON API, served by uvicorn inside the node (:mod:`service.ops.server`).
 
 ``/healthz``, ``/readyz`` and ``/metrics`` need no credential. The status page
-(``/status``) and the API (``/api/v1``, described at ``/api/openapi.json``) need
-``settings.web_token``: as ``Authorization: Bearer``, or for the page through the
-sign-in form, which starts a server-side session (:mod:`service.ops.sessions`)
-that expires and ends at sign-out; every form of a session carries its CSRF token.
-Wrong tokens are throttled per client address and per token; the right one never
-is. Without a token both are off.
+(``/status``) and the API (``/api/v1``, described at ``/api/openapi.json`` unless
+``web_openapi_public``) need ``settings.web_token``: as ``Authorization: Bearer``,
+or for the page through the sign-in form, which starts a server-side session
+(:mod:`service.ops.sessions`) that expires and ends at sign-out. Every
+state-changing request of a session carries its CSRF token (a form field, or the
+``X-CSRF-Token`` header for the API), and none may come from another site (Fetch
+Metadata). Wrong tokens are throttled per client address and per token; the right
+one never is. Without a token both are off.
 
 Other stages add routes through ``routers`` (:class:`ExtraRouter`): each is mounted
 behind the same Bearer check, with its own body-size limit.
@@ -22,7 +24,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
@@ -67,6 +69,10 @@ LOG = logging.getLogger(__name__)
 
 SESSION_COOKIE = "sonocase_session"
 API_PREFIX = "/api/v1"
+OPENAPI_URL = "/api/openapi.json"
+#: The header a signed-in browser's state-changing API request carries its session's CSRF token in.
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 OFF = "the status page and API are off: set SONOCASE_WEB_TOKEN to turn them on"
 StudyUid = Annotated[str, PathParam(pattern=r"^[0-9.]{1,64}$", description="Study Instance UID")]
 # No script at all; images and forms only from here; never framed.
@@ -277,17 +283,37 @@ def page_auth(
         raise _PageRefusal(PlainTextResponse(f"{exc.detail}\n", exc.status_code, exc.headers)) from None
 
 
-def _check_form(request: Request, auth: Auth, csrf: str) -> None:
-    """A form post must come from our own page (Fetch Metadata, where the browser sends
-    it) and, with a session, carry that session's CSRF token."""
+def csrf_problem(request: Request, auth: Auth, given: str) -> str | None:
+    """Why a state-changing request may not have come from our own page, or None.
+    Fetch Metadata first (where the browser sends it); then, with a session, the
+    session's CSRF token. A Bearer request needs neither: no browser adds that
+    header by itself."""
     if _cross_site(request):
-        raise _PageRefusal(PlainTextResponse("cross-site form refused\n", 403))
-    if auth.session is not None and not hmac.compare_digest(csrf.encode(), auth.session.csrf.encode()):
-        raise _PageRefusal(PlainTextResponse("missing or wrong form token: reload the status page\n", 403))
+        return "cross-site request refused"
+    if auth.session is not None and not hmac.compare_digest(given.encode(), auth.session.csrf.encode()):
+        return "missing or wrong CSRF token: reload the status page"
+    return None
+
+
+def _check_form(request: Request, auth: Auth, csrf: str) -> None:
+    """A form post must pass :func:`csrf_problem` with its ``csrf`` field."""
+    problem = csrf_problem(request, auth, csrf)
+    if problem is not None:
+        raise _PageRefusal(PlainTextResponse(f"{problem}\n", 403))
+
+
+def api_auth(request: Request, auth: Annotated[Auth, Depends(authenticate)]) -> Auth:
+    """:func:`authenticate`, and for a method that changes state, :func:`csrf_problem`
+    with the ``X-CSRF-Token`` header (403)."""
+    if request.method not in SAFE_METHODS:
+        problem = csrf_problem(request, auth, request.headers.get(CSRF_HEADER, ""))
+        if problem is not None:
+            raise HTTPException(403, problem)
+    return auth
 
 
 PageAuth = Annotated[Auth, Depends(page_auth)]
-ApiAuth = Annotated[Auth, Depends(authenticate)]
+ApiAuth = Annotated[Auth, Depends(api_auth)]
 CsrfField = Annotated[str, Form()]
 
 
@@ -450,7 +476,7 @@ def build_app(
     app = FastAPI(
         title="Sonocase", summary="Breast-ultrasound AI beside the PACS: studies, results and retries",
         description="Not for primary diagnosis. Authenticate with `Authorization: Bearer <web_token>`.",
-        openapi_url="/api/openapi.json", docs_url=None, redoc_url=None,
+        openapi_url=OPENAPI_URL if settings.web_openapi_public else None, docs_url=None, redoc_url=None,
     )
     app.state.web = WebState(
         settings, ledger, dict(checks), registry,
@@ -460,8 +486,13 @@ def build_app(
     app.include_router(health)
     app.include_router(page)
     app.include_router(api)
+    if not settings.web_openapi_public:
+        @app.get(OPENAPI_URL, include_in_schema=False)
+        def openapi(auth: ApiAuth) -> dict[str, Any]:
+            """The API's description, behind the same check as the API (web_openapi_public)."""
+            return app.openapi()
     for extra in routers:
-        app.include_router(extra.router, dependencies=[Depends(authenticate)])
+        app.include_router(extra.router, dependencies=[Depends(api_auth)])
     app.add_exception_handler(_PageRefusal, _page_refusal)
     app.add_middleware(BodyLimit, limit_for=_body_limits(settings, routers))
     app.add_middleware(SecurityHeaders)
