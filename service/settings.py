@@ -324,6 +324,10 @@ class Settings(BaseSettings):
     stow_max_request_mb: int = Field(
         4096, ge=1, description="Largest STOW-RS request body accepted (MB); larger ones are answered 413"
     )
+    stow_max_parts: int = Field(
+        10000, ge=1, le=1_000_000, description="Most parts (instances) in one STOW-RS request; a request with more "
+        "is answered 413 at the part past it (the ones before are stored)"
+    )
 
     # --- watching it -------------------------------------------------------
     http_host: str = "127.0.0.1"
