@@ -189,6 +189,28 @@ def test_data_sets_in_flight_stay_within_the_memory_budget(node: Node) -> None:
     assert_memory_bounded(node)
 
 
+def test_large_data_sets_arriving_together_are_all_stored_within_three_resends(node: Node) -> None:
+    """Issue 24, attack 5: four 30 MB data sets at once exceed the 64 MB budget
+    together. The one that began first is never the one refused, so each round
+    stores at least one, and every one is stored within three resends."""
+    sops = [generate_uid() for _ in range(4)]
+    data = {sop: big_data_set(sop, 30) for sop in sops}
+    waiting, rounds = list(sops), 0
+    while waiting and rounds < 4:  # the first send and three resends
+        statuses: dict[str, int] = {}
+        senders = [threading.Thread(target=lambda sop=sop: statuses.update(
+            {sop: send(node, data[sop], sop, ExplicitVRLittleEndian)})) for sop in waiting]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        stored = [sop for sop in waiting if statuses.get(sop) == StoreStatus.SUCCESS]
+        assert stored, f"round {rounds}: none of {len(waiting)} stored ({statuses})"
+        waiting, rounds = [sop for sop in waiting if sop not in stored], rounds + 1
+    assert not waiting and set(sops) <= node.spooled()
+    assert_memory_bounded(node)
+
+
 def test_a_data_set_beyond_max_dataset_mb_is_refused(node: Node) -> None:
     sop = generate_uid()
     raw = big_data_set(sop, 40)

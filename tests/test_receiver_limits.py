@@ -98,6 +98,24 @@ def test_memory_budget_is_shared_and_given_back() -> None:
     assert budget.used == 0 and budget.take(second, 10 * MB)
 
 
+def test_memory_budget_preempts_later_data_sets_for_the_first() -> None:
+    """First come, first served: the data set that began first makes room by
+    preempting later preemptible ones (latest first), never the other way round."""
+    budget = MemoryBudget(10 * MB)
+    first, second, third, pinned = object(), object(), object(), object()
+    preempted: list[object] = []
+    for holder in (first, second, third):
+        assert budget.take(holder, 3 * MB, lambda holder=holder: preempted.append(holder))
+    assert not budget.take(third, 2 * MB)  # the latest cannot preempt earlier ones
+    assert budget.take(first, 2 * MB) and preempted == [third]  # the latest went first
+    assert budget.held(third) == 0 and budget.used == 8 * MB
+    assert not budget.take(third, 1 * MB)  # preempted: refused until it lets go
+    budget.release(third)
+    assert budget.pin(second)  # complete: safe from now on
+    assert budget.take(pinned, 1 * MB) and budget.take(first, 1 * MB)  # 10 MB: full
+    assert not budget.take(first, 1 * MB) and preempted == [third]  # second is pinned; pinned not preemptible
+
+
 # --- bounded inflation ------------------------------------------------------------------------
 
 def deflated(data: bytes) -> bytes:

@@ -16,6 +16,7 @@ import socket
 import socketserver
 import struct
 import threading
+from functools import partial
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -25,6 +26,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 
@@ -72,6 +74,7 @@ def handle_store(event: Event, store: StoreSCP) -> Dataset:
     bind another to ``EVT_C_STORE`` and both engines call that one instead.
     """
     request = event.request
+    store.budget.pin(event.assoc)  # the stock engine's data set is complete: no preemption now (StockDataGuard)
     outcome = store.store(
         event.encoded_dataset(include_meta=False), event.context.transfer_syntax,
         str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), event.assoc.requestor.ae_title,
@@ -142,8 +145,10 @@ class StockDataGuard:
     released when its message is handled or its connection closes) against
     ``max_dataset_mb`` and the store's :class:`~service.ingest.store.MemoryBudget`,
     and beyond either sends an A-ABORT and closes the connection: unlike the fast
-    engine, it cannot answer a status there. What the aborted association held is
-    freed by the garbage collection the gate runs soon after.
+    engine, it cannot answer a status there. An association whose data set began
+    later is aborted the same way when the budget makes room for an earlier one
+    (see :class:`~service.ingest.store.MemoryBudget`). What an aborted association
+    held is freed by the garbage collection the gate runs soon after.
     """
 
     def __init__(self, store: StoreSCP, gate: Gate) -> None:
@@ -157,14 +162,16 @@ class StockDataGuard:
         assoc, size = event.assoc, len(data) - 6
         budget = self.store.budget
         if budget.held(assoc) + size > self.store.max_dataset:
-            reason, why = "too-large", f"data set larger than max_dataset_mb ({self.store.max_dataset >> 20} MB)"
-        elif not budget.take(assoc, size):
-            reason, why = "in-flight", f"data sets in flight fill max_in_flight_mb ({budget.limit >> 20} MB)"
-        else:
-            return
-        budget.release(assoc)
+            self.abort(assoc, "too-large", f"data set larger than max_dataset_mb ({self.store.max_dataset >> 20} MB)")
+        elif not budget.take(assoc, size, partial(self.abort, assoc, "preempted", "its data set made room in "
+                                                  "max_in_flight_mb for one that began earlier")):
+            self.abort(assoc, "in-flight", f"data sets in flight fill max_in_flight_mb ({budget.limit >> 20} MB)")
+
+    def abort(self, assoc: Association, reason: str, why: str) -> None:
+        """Give back what the association holds, send it an A-ABORT and end it."""
+        self.store.budget.release(assoc)
         refused(f"{assoc.requestor.ae_title} at {assoc.requestor.address}", reason, f"association aborted: {why}")
-        sock = assoc.dul.socket.socket
+        sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
         if sock is not None:
             try:
                 sock.sendall(_A_ABORT)
