@@ -218,6 +218,14 @@ class Settings(BaseSettings):
         "start); others are disconnected before anything they send is read; empty accepts all"
     )
     max_associations: int = Field(10, ge=1, le=1000, description="Established associations served at once")
+    max_associations_per_peer: int = Field(
+        4, ge=1, le=1000, description="Of those, at most this many from one peer address, so that a few peers "
+        "holding associations open cannot lock the PACS out"
+    )
+    listen_backlog: int = Field(
+        128, ge=1, le=65535, description="Connections the system queues for the DICOM listener before it "
+        "accepts them (bursts beyond it wait for SYN retries)"
+    )
     max_pending_associations: int = Field(
         16, ge=1, le=1000, description="Connections still negotiating an association; when full, the one "
         "waiting longest is closed"

@@ -164,12 +164,20 @@ def abort_pdu(data: bytes) -> bool:
 
 # --- associations that go silent --------------------------------------------------------
 
-def associate(port: int, ae_title: str = "ATTACKER", called: str = "SONOCASE") -> Association:
+def associate(port: int, ae_title: str = "ATTACKER", called: str = "SONOCASE", source: str = "127.0.0.1",
+              ) -> Association:
+    """An association from ``source`` (any 127.x.y.z: another peer address on loopback)."""
     ae = AE(ae_title)
     ae.add_requested_context(Verification)
     ae.add_requested_context(UltrasoundImageStorage)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 120  # the attacker waits longer than the node
-    return ae.associate("127.0.0.1", port, ae_title=called)
+    return ae.associate("127.0.0.1", port, ae_title=called, bind_address=(source, 0))
+
+
+def listen_backlog(port: int) -> int:
+    """The backlog the node's listening socket on ``port`` was given (``ss``: Send-Q)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[2])
 
 
 def half_sent_pdu(assoc: Association) -> None:

@@ -189,6 +189,25 @@ def test_data_sets_in_flight_stay_within_the_memory_budget(node: Node) -> None:
     assert_memory_bounded(node)
 
 
+@pytest.mark.parametrize("engine", ["fast", "stock"])
+def test_a_peer_holding_associations_open_cannot_lock_the_pacs_out(tmp_path: Path, engine: str) -> None:
+    """Issue 24, attack 7: one peer address opens more associations than there are
+    slots and keeps them; it gets max_associations_per_peer of them, and the PACS
+    (another address) stores. The listen backlog is the configured one (attack 9:
+    it was 5)."""
+    node = Node(tmp_path, engine, LIMITS | {"SONOCASE_MAX_ASSOCIATIONS_PER_PEER": "2",
+                                            "SONOCASE_LISTEN_BACKLOG": "64"})
+    attackers = [attacks.associate(node.port, source="127.0.0.2") for _ in range(6)]
+    try:
+        assert sum(a.is_established for a in attackers) == 2
+        assert node.pacs_stores(), "the PACS could not store beside a peer holding associations"
+        assert attacks.listen_backlog(node.port) == 64
+    finally:
+        for assoc in attackers:
+            assoc.abort()
+        node.stop()
+
+
 def test_large_data_sets_arriving_together_are_all_stored_within_three_resends(node: Node) -> None:
     """Issue 24, attack 5: four 30 MB data sets at once exceed the 64 MB budget
     together. The one that began first is never the one refused, so each round

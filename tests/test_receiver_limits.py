@@ -77,13 +77,29 @@ def test_established_slots_are_freed_when_their_association_ends() -> None:
         thread.start()
     try:
         # an association is a thread: it holds its slot while it runs
-        assert gate.admit(running[0]) and gate.admit(running[1])  # type: ignore[arg-type]
-        assert not gate.admit(running[2])  # type: ignore[arg-type]
+        assert gate.admit(running[0], "10.0.0.1") is None and gate.admit(running[1], "10.0.0.2") is None  # type: ignore[arg-type]
+        assert "max_associations" in str(gate.admit(running[2], "10.0.0.3"))  # type: ignore[arg-type]
     finally:
         release.set()
         for thread in running:
             thread.join()
-    assert gate.admit(running[2])  # type: ignore[arg-type]
+    assert gate.admit(running[2], "10.0.0.3") is None  # type: ignore[arg-type]
+
+
+def test_one_peer_gets_at_most_its_share_of_the_slots() -> None:
+    gate = Gate(max_pending=10, max_established=3, pending_deadline_s=5, max_per_peer=2)
+    release = threading.Event()
+    running = [threading.Thread(target=release.wait) for _ in range(4)]
+    for thread in running:
+        thread.start()
+    try:
+        assert [gate.admit(t, "10.0.0.9") for t in running[:2]] == [None, None]  # type: ignore[arg-type]
+        assert "max_associations_per_peer" in str(gate.admit(running[2], "10.0.0.9"))  # type: ignore[arg-type]
+        assert gate.admit(running[3], "10.0.0.1") is None  # type: ignore[arg-type]  # the PACS still gets in
+    finally:
+        release.set()
+        for thread in running:
+            thread.join()
 
 
 # --- the memory budget ---------------------------------------------------------------------

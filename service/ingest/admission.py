@@ -8,7 +8,8 @@ nothing must not hold what the PACS needs. So, on both engines:
   connections have a budget of their own (``max_pending_associations``: when it is
   full, the one that has waited longest is closed) and a deadline
   (``acse_timeout_s``: one that has not associated by then is closed);
-* ``max_associations`` counts established associations only (see
+* ``max_associations`` counts established associations only, and one peer
+  address may hold at most ``max_associations_per_peer`` of them (see
   :meth:`Gate.admit`, called from the ``EVT_REQUESTED`` handler);
 * every accepted socket has a timeout (``dimse_timeout_s``), so a reader blocked
   on a PDU that never arrives in full gives up and the slot is freed;
@@ -87,12 +88,14 @@ class Pending:
 class Gate:
     """The counts behind admission, without I/O; every method is thread-safe."""
 
-    def __init__(self, max_pending: int, max_established: int, pending_deadline_s: float) -> None:
+    def __init__(self, max_pending: int, max_established: int, pending_deadline_s: float,
+                 max_per_peer: int | None = None) -> None:
         self.max_pending = max_pending
         self.max_established = max_established
+        self.max_per_peer = max_per_peer or max_established
         self.pending_deadline_s = pending_deadline_s
         self._pending: dict[int, Pending] = {}
-        self._admitted: weakref.WeakSet[Association] = weakref.WeakSet()
+        self._admitted: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._collect_at: float | None = None
         self._lock = threading.Lock()
 
@@ -152,15 +155,19 @@ class Gate:
             self._collect_at = None
             return True
 
-    def admit(self, assoc: Association) -> bool:
-        """Give an association one of the ``max_associations`` slots, unless all are
-        taken by associations still running (a slot is free again the moment its
-        association's thread ends)."""
+    def admit(self, assoc: Association, peer: str) -> str | None:
+        """Give an association one of the ``max_associations`` slots, at most
+        ``max_per_peer`` of them to one peer address, so that a few peers holding
+        associations open cannot lock the PACS out; else the limit it met. A slot is
+        free again the moment its association's thread ends."""
         with self._lock:
-            if sum(1 for other in self._admitted if other.is_alive()) >= self.max_established:
-                return False
-            self._admitted.add(assoc)
-            return True
+            running = [address for other, address in self._admitted.items() if other.is_alive()]
+            if running.count(peer) >= self.max_per_peer:
+                return f"{self.max_per_peer} associations from {peer} are established (max_associations_per_peer)"
+            if len(running) >= self.max_established:
+                return f"{self.max_established} associations are established (max_associations)"
+            self._admitted[assoc] = peer
+            return None
 
 
 class GuardedServer(ThreadedAssociationServer):
@@ -171,6 +178,9 @@ class GuardedServer(ThreadedAssociationServer):
         self.networks = allowed_networks(settings.allowed_hosts)
         self.gate = gate
         self._last_collect = time.monotonic()
+        # socketserver listens with this backlog (its default, 5, turns a burst of
+        # connections into SYN retries of a second or more)
+        self.request_queue_size = settings.listen_backlog
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, Any]:

@@ -104,9 +104,8 @@ def _on_requested(event: Event, settings: Settings, gate: Gate) -> None:
     if rejection is not None:
         refused(peer, "caller", f"association rejected: {rejection.why}")
         _reject(assoc, REJECTED_PERMANENT, SOURCE_SERVICE_USER, rejection.reason)
-    elif not gate.admit(assoc):
-        refused(peer, "association-limit", f"association rejected: {settings.max_associations} associations "
-                "are established (max_associations)")
+    elif (limit := gate.admit(assoc, assoc.requestor.address)) is not None:
+        refused(peer, "association-limit", f"association rejected: {limit}")
         _reject(assoc, REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
     else:
         LOG.info("association from %s accepted", peer, extra={"calling_ae": calling_ae})
@@ -233,7 +232,8 @@ def choose_engine(requested: str) -> str:
 def start_receiver(settings: Settings, store: StoreSCP) -> GuardedServer:
     """Start listening (non-blocking) with the engine the settings ask for (see
     :func:`choose_engine`), behind the admission gate; stop with :func:`stop_server`."""
-    gate = Gate(settings.max_pending_associations, settings.max_associations, settings.acse_timeout_s)
+    gate = Gate(settings.max_pending_associations, settings.max_associations, settings.acse_timeout_s,
+                settings.max_associations_per_peer)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, _on_echo, [store]),
         (evt.EVT_REQUESTED, _on_requested, [settings, gate]),
