@@ -245,9 +245,23 @@ def deflate_bomb(sop_instance_uid: str, inflated_mb: int) -> bytes:
     return b"".join(out)
 
 
-def deeply_nested(sop_instance_uid: str, depth: int) -> bytes:
-    """An Explicit VR Little Endian data set with ``depth`` undefined-length sequences
-    (Content Sequence) nested one in the other's item."""
+def deeply_nested(sop_instance_uid: str, depth: int, explicit_lengths: bool = False, outer_vr: bytes = b"SQ",
+                  ) -> bytes:
+    """An Explicit VR Little Endian data set with ``depth`` sequences (Content
+    Sequence) nested one in the other's item, of undefined or explicit lengths
+    (issue 24, attack 6). ``outer_vr=b"UN"`` (explicit lengths): the outermost one
+    written as UN, whose value pydicom reads as implicit VR sequences."""
+    if explicit_lengths:
+        tag, heads, inner = struct.pack("<HH", 0x0040, 0xA730), [], 0
+        for level in range(depth):  # the innermost first: each length holds what is inside it
+            outermost = level == depth - 1
+            if outer_vr == b"UN" and not outermost:  # inside a UN: implicit VR
+                head = tag + struct.pack("<I", 8 + inner)
+            else:
+                head = tag + (outer_vr if outermost else b"SQ") + b"\0\0" + struct.pack("<I", 8 + inner)
+            heads.append(head + struct.pack("<HHI", 0xFFFE, 0xE000, inner))
+            inner += len(heads[-1])
+        return identifying_elements(sop_instance_uid) + b"".join(reversed(heads))
     sequence = struct.pack("<HH", 0x0040, 0xA730) + b"SQ\0\0" + struct.pack("<I", 0xFFFFFFFF)
     item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
     item_end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)

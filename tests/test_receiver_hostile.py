@@ -138,13 +138,17 @@ def test_deflate_bomb_is_refused_and_nothing_kept(node: Node) -> None:
     assert_memory_bounded(node)
 
 
-@pytest.mark.parametrize("depth,expected", [(1000, StoreStatus.TOO_DEEP), (100_000, StoreStatus.TOO_DEEP),
-                                            (10, StoreStatus.SUCCESS)])
-def test_deeply_nested_sequences_are_refused_for_good(node: Node, depth: int, expected: StoreStatus) -> None:
+@pytest.mark.parametrize("depth,explicit_lengths,expected", [
+    (1000, False, StoreStatus.TOO_DEEP), (100_000, False, StoreStatus.TOO_DEEP), (10, False, StoreStatus.SUCCESS),
+    (1000, True, StoreStatus.TOO_DEEP), (20_000, True, StoreStatus.TOO_DEEP), (10, True, StoreStatus.SUCCESS)])
+def test_deeply_nested_sequences_are_refused_for_good(node: Node, depth: int, explicit_lengths: bool,
+                                                       expected: StoreStatus) -> None:
+    """Undefined lengths, and explicit ones (issue 24, attack 6: accepted, then the study failed)."""
     sop = generate_uid()
+    raw = attacks.deeply_nested(sop, depth, explicit_lengths)
     statuses: list[int] = []
     while_the_pacs_stores(node, threading.Thread(
-        target=lambda: statuses.append(send(node, attacks.deeply_nested(sop, depth), sop, ExplicitVRLittleEndian))))
+        target=lambda: statuses.append(send(node, raw, sop, ExplicitVRLittleEndian))))
     assert statuses == [expected]  # never 0x0110, which tells the PACS to retry
     assert (sop in node.spooled()) == (expected == StoreStatus.SUCCESS)
     assert_memory_bounded(node)

@@ -20,12 +20,14 @@ from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.sop_class import UltrasoundImageStorage
 from pynetdicom.transport import AddressInformation
 
 from service.common.deflate import InflatedTooLarge, InflateError, inflate, inflated_size, read_instance
 from service.common.hosts import allowed_networks, host_allowed
 from service.ingest.admission import Gate
 from service.ingest.fast import PDU_MARGIN, ReceiverDUL, ReceiverSocket
+from service.ingest.nesting import MAX_SEQUENCE_DEPTH, too_deep
 from service.ingest.rules import InvalidInstance, StoreStatus, encode_file_meta, parse_instance
 from service.ingest.store import MemoryBudget, StoreSCP
 from service.ledger import Ledger
@@ -194,16 +196,37 @@ def test_a_data_set_beyond_max_dataset_is_refused_too_large(settings: Settings) 
 
 # --- nesting ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("depth", [1_000, 100_000])
-def test_deep_nesting_is_refused_for_good(depth: int) -> None:
+NESTINGS = {"undefined lengths": {}, "explicit lengths": {"explicit_lengths": True},
+            "explicit lengths inside UN": {"explicit_lengths": True, "outer_vr": b"UN"}}
+
+
+@pytest.mark.parametrize("encoding", NESTINGS)
+@pytest.mark.parametrize("depth", [MAX_SEQUENCE_DEPTH + 1, 1_000, 20_000])
+def test_deep_nesting_is_refused_for_good(depth: int, encoding: str) -> None:
+    """Issue 24, attack 6: explicit lengths were accepted, then failed the study."""
     with pytest.raises(InvalidInstance) as err:
-        parse_instance(attacks.deeply_nested(generate_uid(), depth), ExplicitVRLittleEndian, MB)
+        parse_instance(attacks.deeply_nested(generate_uid(), depth, **NESTINGS[encoding]), ExplicitVRLittleEndian, MB)
     assert err.value.status == StoreStatus.TOO_DEEP  # not 0x0110: that tells the PACS to retry
 
 
-def test_modest_nesting_is_read() -> None:
+@pytest.mark.parametrize("encoding", NESTINGS)
+def test_the_deepest_nesting_taken_is_read_by_the_worker(tmp_path: Path, encoding: str) -> None:
+    """What the receiver takes, the worker reads whole (its reader, every element)."""
     sop = generate_uid()
-    assert parse_instance(attacks.deeply_nested(sop, 20), ExplicitVRLittleEndian, MB).sop_instance_uid == sop
+    raw = attacks.deeply_nested(sop, MAX_SEQUENCE_DEPTH, **NESTINGS[encoding])
+    assert parse_instance(raw, ExplicitVRLittleEndian, MB).sop_instance_uid == sop
+    path = tmp_path / "nested.dcm"
+    path.write_bytes(encode_file_meta(UltrasoundImageStorage, sop, ExplicitVRLittleEndian, "TEST") + raw)
+    ds = read_instance(path, MB)
+    assert sum(1 for elem in ds.iterall() if elem.VR == "SQ") == MAX_SEQUENCE_DEPTH
+    assert ds.to_json_dict()
+
+
+def test_encapsulated_fragments_are_not_nesting() -> None:
+    fragments = b"".join(struct.pack("<HHI", 0xFFFE, 0xE000, 4) + b"abcd" for _ in range(5000))
+    pixels = (struct.pack("<HH", 0x7FE0, 0x0010) + b"OB\0\0" + struct.pack("<I", 0xFFFFFFFF) + fragments
+              + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    assert not too_deep(attacks.identifying_elements(generate_uid()) + pixels, False, True)
 
 
 # --- allowed_hosts ------------------------------------------------------------------------------
