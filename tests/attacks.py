@@ -82,11 +82,13 @@ class Node:
 
     def __init__(self, work: Path, engine: str, settings: dict[str, str] | None = None) -> None:
         self.port, self.work, self.engine = free_port(), work, engine
-        self.process = NodeProcess({
+        env = {
             "SONOCASE_HOST": "127.0.0.1", "SONOCASE_PORT": str(self.port), "SONOCASE_DATA_DIR": str(work / "data"),
             "SONOCASE_HTTP_PORT": "0", "SONOCASE_WORKERS": "0", "SONOCASE_RECEIVER_ENGINE": engine,
             "SONOCASE_DURABILITY": "none", **(settings or {}),
-        }, log=work / "node.log")
+        }
+        self.http_port = int(env["SONOCASE_HTTP_PORT"])  #: 0: the HTTP side is off
+        self.process = NodeProcess(env, log=work / "node.log")
         self.pid = self.process.proc.pid
         assert self.pacs_stores(), f"the node does not store:\n{self.log()}"
         self.idle_mb = rss_mb(self.pid)
@@ -135,6 +137,22 @@ def huge_pdu_headers(port: int, count: int, length: int = HUGE_PDU_LENGTH) -> li
     for sock in socks:
         sock.sendall(struct.pack(">BBL", 0x01, 0, length))
     return socks
+
+
+def stream_after_huge_header(port: int, mb: int) -> int:
+    """Send a PDU header announcing 4 GiB, then up to ``mb`` MiB as fast as the node
+    reads them (issue 24, attack 8); the bytes it took before it closed."""
+    sock = connect(port)
+    sent, block = 0, bytes(1 << 20)
+    try:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, HUGE_PDU_LENGTH))
+        while sent < mb << 20:
+            sent += sock.send(block)
+    except OSError:  # closed by the node
+        pass
+    finally:
+        sock.close()
+    return sent
 
 
 def silent_connections(port: int, count: int) -> list[socket.socket]:
@@ -319,6 +337,26 @@ def http_flood(port: int, connections: int, request: bytes = b"", drip_s: float 
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def drip_until_closed(port: int, request: bytes, every_s: float, give_up_s: float) -> float:
+    """Send ``request`` (headers), then a byte of body every ``every_s``; the seconds
+    until the node closed the connection (``give_up_s`` if it never did)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=every_s)
+    sock.sendall(request)
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < give_up_s:
+            try:
+                if sock.recv(1) == b"":
+                    break
+            except TimeoutError:
+                sock.sendall(b"a")
+    except ConnectionError:
+        pass
+    finally:
+        sock.close()
+    return min(time.monotonic() - started, give_up_s)
 
 
 def health_answered(port: int, probes: int, every_s: float, timeout: float = 1.0) -> float:

@@ -59,6 +59,20 @@ def test_pdu_headers_announcing_4_gib_cost_no_memory_and_are_dropped(node: Node)
     assert_memory_bounded(node)
 
 
+def test_a_peer_streaming_after_a_4_gib_pdu_header_is_cut_off(node: Node) -> None:
+    """Issue 24, attack 8: the stock engine read whatever the header announced,
+    into memory, until a timeout (2.6-6.6 GB). Now, on both engines, the
+    connection ends at the header: the node takes a few MB at most."""
+    streams = [threading.Thread(target=attacks.stream_after_huge_header, args=(node.port, 300)) for _ in range(2)]
+    for stream in streams:
+        stream.start()
+    assert node.pacs_stores(), "the PACS could not store during the attack"
+    for stream in streams:
+        stream.join(timeout=30)
+    assert not any(stream.is_alive() for stream in streams), "a stream was never cut off"
+    assert_memory_bounded(node)
+
+
 def test_silent_connections_and_health_checks_do_not_lock_out_the_pacs(node: Node) -> None:
     for _ in range(20):  # a load balancer's TCP health check: connect, close
         attacks.connect(node.port).close()

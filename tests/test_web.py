@@ -694,21 +694,8 @@ def test_health_is_answered_while_forms_arrive_a_byte_at_a_time(strict_node: Nod
 
 def test_a_body_sent_a_byte_at_a_time_is_closed_on_its_first_deadline(strict_node: Node) -> None:
     """A byte every 0.3 s does not move the deadline on (web_min_body_bytes_per_s)."""
-    sock = socket.create_connection(("127.0.0.1", _port(strict_node)), timeout=0.3)
-    sock.sendall(attacks.SLOW_FORM)
-    started = time.monotonic()
-    try:
-        while time.monotonic() - started < 8:
-            try:
-                if sock.recv(1) == b"":
-                    break
-            except TimeoutError:
-                sock.sendall(b"a")
-    except ConnectionError:
-        pass
-    finally:
-        sock.close()
-    assert time.monotonic() - started < strict_node.settings.web_read_timeout_s + 1.0
+    held = attacks.drip_until_closed(_port(strict_node), attacks.SLOW_FORM, 0.3, 8)
+    assert held < strict_node.settings.web_read_timeout_s + 1.0
 
 
 def test_a_new_connection_closes_the_one_furthest_behind() -> None:

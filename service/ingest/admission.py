@@ -14,7 +14,9 @@ nothing must not hold what the PACS needs. So, on both engines:
 * every accepted socket has a timeout (``dimse_timeout_s``), so a reader blocked
   on a PDU that never arrives in full gives up and the slot is freed;
 * a TLS handshake runs in the connection's own thread, never in the one that
-  accepts connections.
+  accepts connections;
+* on the stock engine (plain TCP), a PDU header announcing more than we take
+  ends the connection before pynetdicom reads it (:class:`PduBoundedSocket`).
 
 Every refusal is logged with the peer's address and the reason, and counted
 (``sonocase_connections_refused_total``). Only socketserver's hooks (the server
@@ -170,13 +172,65 @@ class Gate:
             return None
 
 
-class GuardedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server behind a :class:`Gate` (see the module's text)."""
+class PduBoundedSocket(socket.socket):
+    """A connection that ends, as if the peer had closed it, at a PDU header
+    announcing more than ``max_pdu`` bytes.
 
-    def __init__(self, *args: Any, settings: Settings, gate: Gate, **kwargs: Any) -> None:
+    For the stock engine: pynetdicom 3.0.4 reads whatever length a PDU header
+    announces (up to 4 GiB, before any association), keeping it all in memory
+    until a timeout ends the connection, and offers no setting against it. This
+    follows the PDU framing in the bytes pynetdicom reads through ``recv`` (it
+    never reads past a PDU's end), so a connection holds at most one PDU of
+    ``max_pdu`` bytes. Not for TLS connections (the TLS layer reads the socket
+    itself), nor for the fast engine (it bounds PDUs itself, reading with
+    ``recv_into``).
+    """
+
+    max_pdu = 0
+    _header = b""  # of the PDU being read, until it has its 6 bytes
+    _left = 0  # bytes of the PDU being read still to come after its header
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        if flags & socket.MSG_PEEK:
+            return data
+        pos = 0
+        while pos < len(data):
+            if self._left:
+                step = min(self._left, len(data) - pos)
+                self._left -= step
+                pos += step
+                continue
+            step = min(6 - len(self._header), len(data) - pos)
+            self._header += data[pos:pos + step]
+            pos += step
+            if len(self._header) == 6:
+                self._left, self._header = int.from_bytes(self._header[2:6], "big"), b""
+                if self._left > self.max_pdu:
+                    return self._end(self._left)
+        return data
+
+    def _end(self, announced: int) -> bytes:
+        try:
+            peer = str(self.getpeername()[0])
+            socket.socket.shutdown(self, socket.SHUT_RDWR)
+        except OSError:
+            peer = "a closed connection"
+        refused(peer, "pdu-too-large", f"a PDU announces {announced} bytes, more than {self.max_pdu}: "
+                "connection closed")
+        return b""
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server behind a :class:`Gate` (see the module's text);
+    with ``max_pdu``, each connection is a :class:`PduBoundedSocket`."""
+
+    def __init__(self, *args: Any, settings: Settings, gate: Gate, max_pdu: int | None = None,
+                 **kwargs: Any) -> None:
         self.settings = settings
         self.networks = allowed_networks(settings.allowed_hosts)
         self.gate = gate
+        self.max_pdu = max_pdu
         self._last_collect = time.monotonic()
         # socketserver listens with this backlog (its default, 5, turns a burst of
         # connections into SYN retries of a second or more)
@@ -191,6 +245,10 @@ class GuardedServer(ThreadedAssociationServer):
         sock.settimeout(self.settings.dimse_timeout_s)
         if self.ssl_context:
             sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        elif self.max_pdu is not None:
+            bounded = PduBoundedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+            bounded.max_pdu = self.max_pdu
+            sock = bounded
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:

@@ -36,6 +36,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 from service.common.metrics import observe_cstore
 from service.ingest.admission import GuardedServer, refused
 from service.ingest.rules import (
+    PDU_MARGIN,
     InvalidInstance,
     StoreStatus,
     error_comment,
@@ -340,9 +341,6 @@ class ReceiverSocket(AssociationSocket):
 _DEADLINE_SLACK_S = 1.0
 #: A PDU buffer holds this much until that much has arrived.
 _FIRST_PIECE = 64 << 10
-#: How far a PDU may exceed the maximum length we negotiated (PS3.8 D.1: it counts
-#: the PDVs' data, some peers count their headers too) before it is refused.
-PDU_MARGIN = 64 << 10
 
 
 class ReceiverDUL(DULServiceProvider):

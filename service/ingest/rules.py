@@ -57,6 +57,11 @@ from service.settings import Settings
 #: UID (PS3.5 B.2) because the project has no registered root.
 IMPLEMENTATION_CLASS_UID = "2.25.242059410395934624218930311384893412713"
 IMPLEMENTATION_VERSION_NAME = "SONOCASE_010"
+#: The longest PDU peers may send us (our A-ASSOCIATE maximum length).
+MAX_PDU_BYTES = 1 << 20
+#: How far a PDU may exceed the maximum length we negotiated (PS3.8 D.1: it counts
+#: the PDVs' data, some peers count their headers too) before it is refused.
+PDU_MARGIN = 64 << 10
 
 #: Both retired ultrasound SOP classes: older scanners still send them. pynetdicom
 #: does not know them; without registering them it aborts the association.

@@ -37,6 +37,8 @@ from service.ingest.rules import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     LOCAL_LIMIT_EXCEEDED,
+    MAX_PDU_BYTES,
+    PDU_MARGIN,
     REJECTED_PERMANENT,
     REJECTED_TRANSIENT,
     SOURCE_PROVIDER_PRESENTATION,
@@ -53,7 +55,6 @@ from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
 
-MAX_PDU_BYTES = 1 << 20
 #: pynetdicom's own association limit counts every connection's thread, associated
 #: or not: set out of the way, the gate counts (service.ingest.admission).
 _LIBRARY_LIMIT_OFF = 1 << 30
@@ -252,6 +253,7 @@ def start_receiver(settings: Settings, store: StoreSCP) -> GuardedServer:
     else:
         guard = StockDataGuard(store, gate)
         handlers += [(evt.EVT_DATA_RECV, guard.on_data), (evt.EVT_CONN_CLOSE, guard.on_close)]
+        extra["max_pdu"] = MAX_PDU_BYTES + PDU_MARGIN
     server = build_ae(settings).make_server(
         (settings.host, settings.port), evt_handlers=handlers, ssl_context=dicom_tls.server_context(settings),
         **extra,
