@@ -51,6 +51,20 @@ def huge_pdu(node: Node, connections: int, length: int) -> str:
             f"({aborts} with A-ABORT) within {time.monotonic() - start:.1f} s of the store")
 
 
+def huge_pdu_stream(node: Node, streams: int, mb: int) -> str:
+    """``streams`` peers each sending a 4 GiB PDU header, then up to ``mb`` MiB."""
+    took: list[int] = []
+    senders = [threading.Thread(target=lambda: took.append(attacks.stream_after_huge_header(node.port, mb)))
+               for _ in range(streams)]
+    for sender in senders:
+        sender.start()
+    during = node.pacs_stores()
+    for sender in senders:
+        sender.join()
+    return (f"{streams} streams of up to {mb} MB after a 4 GiB header: the node took {sum(took) / 2**20:.0f} MB "
+            f"before closing; PACS during: {'ok' if during else 'FAILED'}")
+
+
 def silent(node: Node, connections: int) -> str:
     with attacks.held(attacks.silent_connections(node.port, connections)) as socks:
         time.sleep(0.5)
@@ -232,6 +246,7 @@ def csrf(node: Node) -> str:
 #: name: (settings beyond the defaults, whether it attacks the HTTP side, the attack)
 ATTACKS: dict[str, tuple[dict[str, str], bool, Callable[[Node, argparse.Namespace], str]]] = {
     "huge-pdu": ({}, False, lambda node, a: huge_pdu(node, a.connections, a.pdu_length)),
+    "huge-pdu-stream": ({}, False, lambda node, a: huge_pdu_stream(node, 2, 1000)),
     "silent": ({}, False, lambda node, a: silent(node, 10)),
     "half-sent": ({}, False, lambda node, a: half_sent(node, 10)),
     "deflate-bomb": ({}, False, lambda node, a: deflate_bomb(node, a.inflated_mb)),
