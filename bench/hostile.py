@@ -11,7 +11,8 @@ tests/test_dicomweb_receive.py) assert the bounds with small settings; this prin
 the figures of the issues' attacks at the default settings for the closing note. Run
 it with PYTHONPATH pointing at another checkout to measure that one (the engines'
 names must exist there). The HTTP attacks do not depend on the engine: they run on
-the first engine only.
+the first engine only. During every attack a prober asks /healthz once a second, as
+Kubernetes' liveness probe does.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pynetdicom.sop_class import UltrasoundImageStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import attacks  # noqa: E402  (the tests' helpers: one definition of each attack)
 from attacks import Node  # noqa: E402
 from conftest import free_port  # noqa: E402
+
+from service.ingest.rules import encode_file_meta  # noqa: E402
 
 TOKEN = "bench-hostile-token-0123456789"
 #: The HTTP side on, with a token (status page, API, STOW-RS).
@@ -208,9 +212,21 @@ def stow_empty_parts(node: Node, parts: int) -> str:
             f"{len(answer) / 1e6:.2f} MB, {lines} log lines")
 
 
+def stow_big_part(node: Node, mb: int) -> str:
+    """One STOW-RS part whose Pixel Data is ``mb`` MiB (issue 24: 237 MB cost +327 MB)."""
+    sop = generate_uid()
+    part = (encode_file_meta(UltrasoundImageStorage, sop, ExplicitVRLittleEndian, "BENCH")
+            + attacks.identifying_elements(sop) + attacks.pixel_data(mb << 20))
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--b--\r\n"
+    del part
+    status, _ = _http(node, "POST", "/studies", BEARER | {
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}, body, timeout=600)
+    return f"one part of {len(body) / 1e6:.0f} MB: HTTP {status}"
+
+
 def _http(node: Node, method: str, path: str, headers: dict[str, str], body: bytes | None = None,
-          ) -> tuple[int, dict[str, str]]:
-    conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=10)
+          timeout: float = 10) -> tuple[int, dict[str, str]]:
+    conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
@@ -243,7 +259,8 @@ def csrf(node: Node) -> str:
             f"to an unknown study; 403: refused); /api/openapi.json without a token {openapi}")
 
 
-#: name: (settings beyond the defaults, whether it attacks the HTTP side, the attack)
+#: name: (settings beyond the defaults, whether it attacks the HTTP side, the attack).
+#: Every node serves HTTP; a prober asks /healthz once a second during each attack.
 ATTACKS: dict[str, tuple[dict[str, str], bool, Callable[[Node, argparse.Namespace], str]]] = {
     "huge-pdu": ({}, False, lambda node, a: huge_pdu(node, a.connections, a.pdu_length)),
     "huge-pdu-stream": ({}, False, lambda node, a: huge_pdu_stream(node, 2, 1000)),
@@ -258,6 +275,7 @@ ATTACKS: dict[str, tuple[dict[str, str], bool, Callable[[Node, argparse.Namespac
     "http-slow-forms": (WEB, True, lambda node, a: http_flood(node, attacks.SLOW_FORM, 8)),
     "stow-drip": (WEB, True, lambda node, a: stow_drip(node)),
     "stow-empty-parts": (WEB, True, lambda node, a: stow_empty_parts(node, a.parts)),
+    "stow-big-part": (WEB, True, lambda node, a: stow_big_part(node, 237)),
     "login-lockout": (WEB, True, lambda node, a: login_lockout(node)),
     "csrf": (WEB, True, lambda node, a: csrf(node)),
 }
@@ -278,15 +296,17 @@ def main() -> None:
         settings, on_http, attack = ATTACKS[name]
         for engine in engines[:1] if on_http else engines:
             with tempfile.TemporaryDirectory(prefix="sonocase-hostile-") as work:
-                http_port = {"SONOCASE_HTTP_PORT": str(free_port())} if on_http else {}
-                node = Node(Path(work), engine, {"SONOCASE_LOG_LEVEL": "WARNING", **settings, **http_port})
+                node = Node(Path(work), engine, {"SONOCASE_LOG_LEVEL": "WARNING", **settings,
+                                                 "SONOCASE_HTTP_PORT": str(free_port())})
                 try:
-                    outcome = attack(node, args)
+                    with attacks.probing_health(node.http_port) as health:
+                        outcome = attack(node, args)
                     peak = node.peak_over_idle()
                     after = "PACS after: " + ("ok" if node.pacs_stores() else "FAILED")
                 finally:
                     node.process.stop()
-            print(f"{name:22s} {engine:6s} {peak:8.0f}  {outcome}; {after}", flush=True)
+            answered = f"{health[0]}/{health[1]}" if health[1] else "-"
+            print(f"{name:22s} {engine:6s} {peak:8.0f}  {outcome}; /healthz during: {answered}; {after}", flush=True)
 
 
 if __name__ == "__main__":

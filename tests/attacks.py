@@ -359,19 +359,42 @@ def drip_until_closed(port: int, request: bytes, every_s: float, give_up_s: floa
     return min(time.monotonic() - started, give_up_s)
 
 
+def healthz_ok(port: int, timeout: float = 1.0) -> bool:
+    """One GET /healthz on a new connection (as a Kubernetes probe): 200 within ``timeout``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
 def health_answered(port: int, probes: int, every_s: float, timeout: float = 1.0) -> float:
-    """The share of ``probes`` GET /healthz (one every ``every_s``, each on a new
-    connection, as Kubernetes probes) answered 200 within ``timeout``."""
+    """The share of ``probes`` probes (:func:`healthz_ok`, one every ``every_s``) answered."""
     answered = 0
     for _ in range(probes):
         started = time.monotonic()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        try:
-            conn.request("GET", "/healthz")
-            answered += conn.getresponse().status == 200
-        except (OSError, http.client.HTTPException):
-            pass
-        finally:
-            conn.close()
+        answered += healthz_ok(port, timeout)
         time.sleep(max(0.0, every_s - (time.monotonic() - started)))
     return answered / probes
+
+
+@contextmanager
+def probing_health(port: int, every_s: float = 1.0) -> Iterator[list[int]]:
+    """Probe /healthz every ``every_s`` while the block runs; yields [answered, probes]."""
+    counts, stop = [0, 0], threading.Event()
+
+    def probe() -> None:
+        while not stop.wait(every_s):
+            counts[0] += healthz_ok(port)
+            counts[1] += 1
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join(timeout=5)
