@@ -25,7 +25,7 @@ from pynetdicom.transport import AddressInformation
 
 from service.common.deflate import InflatedTooLarge, InflateError, inflate, inflated_size, read_instance
 from service.common.hosts import allowed_networks, host_allowed
-from service.ingest.admission import Gate
+from service.ingest.admission import Gate, PduBoundedSocket
 from service.ingest.fast import PDU_MARGIN, ReceiverDUL, ReceiverSocket
 from service.ingest.nesting import MAX_SEQUENCE_DEPTH, too_deep
 from service.ingest.rules import InvalidInstance, StoreStatus, encode_file_meta, parse_instance
@@ -102,6 +102,30 @@ def test_one_peer_gets_at_most_its_share_of_the_slots() -> None:
         release.set()
         for thread in running:
             thread.join()
+
+
+def test_a_pdu_bounded_socket_ends_at_a_header_announcing_too_much() -> None:
+    """The stock engine's connections: PDUs within the bound pass as they are, in
+    whatever pieces they are read; a header announcing more ends the stream."""
+    near, far = socket.socketpair()
+    bounded = PduBoundedSocket(near.family, near.type, near.proto, fileno=near.detach())
+    bounded.max_pdu = 100
+    try:
+        pdus = struct.pack(">BBL", 4, 0, 100) + bytes(100) + struct.pack(">BBL", 5, 0, 4) + bytes(4)
+        far.sendall(pdus + struct.pack(">BBL", 1, 0, 0xFFFFFFF0) + bytes(1000))
+
+
+        def read(size: int) -> bytes:  # as pynetdicom reads: a header, then the PDU, in pieces
+            got = b""
+            while len(got) < size and (piece := bounded.recv(min(size - len(got), 7))):
+                got += piece
+            return got
+
+        assert b"".join(read(n) for n in (6, 100, 6, 4)) == pdus
+        assert read(6) == b""  # the oversized header: the stream ends there
+    finally:
+        bounded.close()
+        far.close()
 
 
 # --- the memory budget ---------------------------------------------------------------------

@@ -212,10 +212,11 @@ class PduBoundedSocket(socket.socket):
 
     def _end(self, announced: int) -> bytes:
         try:
-            peer = str(self.getpeername()[0])
+            address = self.getpeername()
             socket.socket.shutdown(self, socket.SHUT_RDWR)
         except OSError:
-            peer = "a closed connection"
+            address = "a closed connection"
+        peer = str(address[0]) if isinstance(address, tuple) else str(address)
         refused(peer, "pdu-too-large", f"a PDU announces {announced} bytes, more than {self.max_pdu}: "
                 "connection closed")
         return b""
