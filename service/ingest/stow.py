@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from io import BytesIO
 from http import HTTPStatus
 from typing import Annotated, Any
 
@@ -278,7 +279,8 @@ class _Part:
     head: bytearray = field(default_factory=bytearray)
     meta: PartMeta | None = None
     incoming: IncomingFile | None = None
-    data: bytearray = field(default_factory=bytearray)  #: grown in place: no second copy to join
+    #: As the fast engine's buffer: its value is handed to the store without a copy
+    data: BytesIO = field(default_factory=BytesIO)
     failure: PartRefused | None = None
 
     def fail(self, failure: PartRefused) -> None:
@@ -286,7 +288,7 @@ class _Part:
         self.close()
 
     def close(self) -> None:
-        self.data = bytearray()
+        self.data = BytesIO()
         if self.incoming is not None:
             self.incoming.close()  # removes the temporary file unless it was stored
         if self.budget is not None:
@@ -361,7 +363,7 @@ class StowUpload:
                 failure = part.failure or PartRefused(StoreStatus.CANNOT_UNDERSTAND, "empty part")
                 return InstanceResult(sop_class, sop_instance, failure.status, str(failure))
             assert meta is not None
-            outcome = self.store.store(part.data, meta.transfer_syntax, meta.sop_class_uid,
+            outcome = self.store.store(part.data.getvalue(), meta.transfer_syntax, meta.sop_class_uid,
                                        meta.sop_instance_uid, STOW_SOURCE, part.incoming, study_uid=self.study_uid)
         finally:
             part.close()
@@ -417,7 +419,7 @@ class StowUpload:
         assert part.incoming is not None
         part.size += len(data)
         part.incoming.append(data)
-        part.data += data
+        part.data.write(data)
 
     def _end(self) -> None:
         part, self._part = self._part, None
