@@ -1,8 +1,8 @@
 """A node that a port scan, a silent peer or a crafted data set cannot take down
-(issue 15), on each receiver engine: each attack from tests/attacks.py against a real
-`sonocase serve`, over real sockets on 127.0.0.1, with the node's peak memory over
-idle held to the documented bound and a real DCMTK storescu storing a new study while
-the attack runs."""
+(issues 15 and 24), on each receiver engine: each attack from tests/attacks.py against
+a real `sonocase serve`, over real sockets on 127.0.0.1, with the node's peak memory
+over idle held to the documented bound, a real DCMTK storescu storing a new study
+while the attack runs, and /healthz answering throughout."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import attacks
 import pytest
 from attacks import Node
-from conftest import wait_for
+from conftest import free_port, wait_for
 from dicom_peers import cstore_fragments
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -39,14 +39,25 @@ SLACK_S = 3.0
 
 @pytest.fixture(params=["fast", "stock"])
 def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
-    running = Node(tmp_path, str(request.param), LIMITS)
-    yield running
+    """The node under attack, its /healthz probed twice a second throughout (issue 24:
+    a liveness probe must not fail, and Kubernetes restart the node, under any attack)."""
+    running = Node(tmp_path, str(request.param), LIMITS | {"SONOCASE_HTTP_PORT": str(free_port())})
+    with attacks.probing_health(running.http_port, 0.5) as health:
+        yield running
     running.stop()
+    answered, probes = health
+    assert answered >= 0.9 * probes, f"/healthz answered {answered} of {probes} probes during the attack"
 
 
-def assert_memory_bounded(node: Node) -> None:
-    peak = node.peak_over_idle()
-    assert peak < BOUND_MB, f"peak memory {peak:.0f} MB over idle, bound {BOUND_MB} MB"
+#: The IT guide's allowance for the stock engine when it aborts associations to keep
+#: the budget: what they had received stays in pynetdicom's buffers until the next
+#: garbage collection (within a second), at most max_in_flight_mb more.
+STOCK_ABORTED_MB = int(LIMITS["SONOCASE_MAX_IN_FLIGHT_MB"])
+
+
+def assert_memory_bounded(node: Node, allowance_mb: int = 0) -> None:
+    peak, bound = node.peak_over_idle(), BOUND_MB + allowance_mb
+    assert peak < bound, f"peak memory {peak:.0f} MB over idle, bound {bound} MB"
 
 
 def test_pdu_headers_announcing_4_gib_cost_no_memory_and_are_dropped(node: Node) -> None:
@@ -245,7 +256,7 @@ def test_large_data_sets_arriving_together_are_all_stored_within_three_resends(n
         assert stored, f"round {rounds}: none of {len(waiting)} stored ({statuses})"
         waiting, rounds = [sop for sop in waiting if sop not in stored], rounds + 1
     assert not waiting and set(sops) <= node.spooled()
-    assert_memory_bounded(node)
+    assert_memory_bounded(node, STOCK_ABORTED_MB if node.engine == "stock" else 0)
 
 
 def test_a_data_set_beyond_max_dataset_mb_is_refused(node: Node) -> None:

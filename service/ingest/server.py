@@ -16,6 +16,7 @@ import socket
 import socketserver
 import struct
 import threading
+import weakref
 from functools import partial
 from typing import Any
 
@@ -154,10 +155,12 @@ class StockDataGuard:
     def __init__(self, store: StoreSCP, gate: Gate) -> None:
         self.store = store
         self.gate = gate
+        #: Aborted, and ending: what they still send is not counted again (nor aborted twice).
+        self._aborted: weakref.WeakSet[Association] = weakref.WeakSet()
 
     def on_data(self, event: Event) -> None:
         data = event.data
-        if data[:1] != b"\x04":  # P-DATA-TF: everything else is small, and bounded by pynetdicom
+        if data[:1] != b"\x04" or event.assoc in self._aborted:  # P-DATA-TF: the rest is small, bounded by pynetdicom
             return
         assoc, size = event.assoc, len(data) - 6
         budget = self.store.budget
@@ -169,6 +172,7 @@ class StockDataGuard:
 
     def abort(self, assoc: Association, reason: str, why: str) -> None:
         """Give back what the association holds, send it an A-ABORT and end it."""
+        self._aborted.add(assoc)
         self.store.budget.release(assoc)
         refused(f"{assoc.requestor.ae_title} at {assoc.requestor.address}", reason, f"association aborted: {why}")
         sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
