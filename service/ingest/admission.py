@@ -243,13 +243,13 @@ class GuardedServer(ThreadedAssociationServer):
         handshake to the connection's thread (:meth:`process_request_thread`)."""
         assert self.socket is not None  # listening
         sock, address = self.socket.accept()
-        sock.settimeout(self.settings.dimse_timeout_s)
-        if self.ssl_context:
-            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        elif self.max_pdu is not None:
+        if self.max_pdu is not None and not self.ssl_context:
             bounded = PduBoundedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
             bounded.max_pdu = self.max_pdu
             sock = bounded
+        sock.settimeout(self.settings.dimse_timeout_s)  # after: a socket made from a descriptor has none
+        if self.ssl_context:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
