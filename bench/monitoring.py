@@ -6,7 +6,9 @@ coarser speckle, wider dynamic range, more gain), the Manufacturer and Model Nam
 unchanged. Each study (1-3 views of one breast) goes through the shipped ONNX model;
 service.monitoring.drift tests every 10 studies the latest 40 against the first 100
 (whitened MMD, permutation p-value). Outcomes (the phantom's truth) arrive two weeks
-after each study.
+after each study: at the end, service.monitoring.performance's figures on the studies
+whose outcome arrived, before and after the swap, are checked against the
+simulation's truth (the same figure on the whole pool of that scanner).
 
 Rendering and the model are the slow part, so each scanner's studies are made once
 as a pool, the model's outputs cached per pool under .cache/bench-monitoring (keyed
@@ -14,8 +16,9 @@ by the model card, which holds the model's hash, and the pool's parameters), and
 each seed draws its days from the pools without replacement and runs its own
 permutations.
 
-Prints, per seed, the first alarm and the out-of-domain rate and predicted-class mix
-before and after the swap, then the summary line::
+Prints, per seed, the first alarm, the out-of-domain rate and predicted-class mix
+before and after the swap and the real-world figures, then how many intervals hold
+the truth and the summary line::
 
     detection delay median N studies (max M), false alarms K of 10 seeds
 
