@@ -11,11 +11,13 @@ from pathlib import Path
 
 import hl7
 import pytest
+from conftest import free_port
 from hl7.client import MLLPClient
 
 from service.datasets.synthetic import synthetic_study
 from service.ledger import InstanceRecord, Ledger, Outcome
 from service.outcomes.hl7_oru import receive
+from service.node import node_services
 from service.outcomes.mllp import MllpService
 from service.outcomes.records import parse_csv
 from service.pipeline.analysis import study_attributes
@@ -160,3 +162,17 @@ def test_analysis_keeps_the_headers_outcomes_are_matched_on() -> None:
     got = study_attributes(ds, None)
     assert (got.accession_number, got.study_date) == (ds.AccessionNumber, ds.StudyDate)
     assert (got.manufacturer, got.model_name, got.patient_key) == ("ACME", "Sono 9", "")
+
+
+@pytest.mark.parametrize("ledger", ["sqlite"], indirect=True)
+def test_the_node_runs_the_hl7_listener_only_when_its_port_is_set(settings: Settings, ledger: Ledger) -> None:
+    assert not [s for s in node_services(settings, ledger) if isinstance(s, MllpService)]
+    with_hl7 = settings.model_copy(update={"hl7_port": free_port(), "hl7_host": "127.0.0.1"})
+    (listener,) = [s for s in node_services(with_hl7, ledger) if isinstance(s, MllpService)]
+    listener.start()
+    try:
+        with MLLPClient("127.0.0.1", with_hl7.hl7_port) as client:
+            assert b"MSA|AA|N1" in client.send_message(oru("N1", accession="ACC1"))
+    finally:
+        listener.stop()
+    assert [o["reference"] for o in ledger.outcomes()] == ["N1/1"]
