@@ -28,6 +28,7 @@ from service.ledger import Ledger, open_ledger
 from service.monitoring.drift import DriftConfig
 from service.monitoring.watcher import DriftWatcher
 from service.ops.monitoring_page import monitoring_router
+from service.ops.review import review_router
 from service.ops.verdicts import verdict_router
 from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
 from service.outcomes.mllp import MllpService
@@ -60,7 +61,8 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     monitoring = ExtraRouter(monitoring_router(ledger, DriftWatcher(ledger, DriftConfig()), API_PREFIX),
                              settings.web_max_body_bytes)
     return [
-        *([build_web_server(settings, ledger, routers=[stow, verdicts, monitoring])] if settings.http_port else []),
+        *([build_web_server(settings, ledger, routers=[stow, verdicts, monitoring], pages=[review_router(ledger)])]
+          if settings.http_port else []),
         CompletionLoop(ledger, settings.quiet_period_s, on_complete=scheduler.wake,
                        route=Router(settings, ledger).route),
         *([WorkerProcesses(settings)] if settings.workers else []),

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chromium import Chromium
 
 from service.ledger import Verdict
 from service.monitoring.verdicts import current, reader_class
+from service.ops.review import review_router
 from service.ops.verdicts import verdict_router
 from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
-from test_web import BEARER, Node, _http, _populate, _settings
+from test_web import BEARER, TOKEN, Node, _http, _populate, _settings
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     settings = _settings(tmp_path)
     ledger, analysed, undelivered, broken = _populate(settings)
     router = ExtraRouter(verdict_router(ledger, API_PREFIX), settings.web_max_body_bytes)
-    server = build_web_server(settings, ledger, routers=[router])
+    server = build_web_server(settings, ledger, routers=[router], pages=[review_router(ledger)])
     server.start()
     yield Node(settings, ledger, analysed, undelivered, broken, f"http://127.0.0.1:{server.port}")
     server.stop()
@@ -86,3 +88,50 @@ def test_verdicts_need_the_token_a_known_study_and_a_result(node: Node) -> None:
 def test_verdict_validation_in_the_ledger_contract() -> None:
     with pytest.raises(ValueError, match="not one of"):
         Verdict("1.2", "", "unsure", None, "", "Dr A")
+
+
+def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node, tmp_path: Path) -> None:
+    """In headless Chromium: sign in on the status page, follow the AI result to the
+    review page, correct it, then agree with one image; the history keeps both."""
+    browser = Chromium(tmp_path / "chromium-profile")
+    study = node.analysed
+    try:
+        browser.open(node.url + "/status")
+        browser.wait_for("document.querySelector('input[name=token]') !== null")
+        browser.evaluate(f"document.querySelector('input[name=token]').value = {json.dumps(TOKEN)};"
+                         "document.querySelector('form[action=\"/login\"]').submit()")
+        browser.wait_for("document.querySelector('table#studies') !== null")
+        browser.evaluate(f"document.querySelector('#studies tr[data-study=\"{study}\"] .result a').click()")
+        browser.wait_for("document.querySelector('form#verdict') !== null")
+        assert browser.evaluate("document.querySelector('#summary').textContent") == "malignant 0.87"
+        assert browser.wait_for("document.querySelector('img.heatmap').naturalWidth") > 0
+        browser.evaluate(
+            "const f = document.querySelector('form#verdict');"
+            "f.querySelector('input[value=corrected]').checked = true;"
+            "f.querySelector('select[name=corrected_class]').value = 'benign';"
+            "f.querySelector('textarea[name=comment]').value = 'fibroadenoma, stable since 2024';"
+            "f.querySelector('input[name=reader]').value = 'Dr C'; f.submit()")
+        browser.wait_for("location.search.includes('saved=1') && document.querySelector('#verdicts') !== null")
+        browser.evaluate(
+            "const g = document.querySelector('form#verdict');"
+            "g.querySelector('select[name=finding]').selectedIndex = 1;"
+            "g.querySelector('input[value=agree]').checked = true;"
+            "g.querySelector('input[name=reader]').value = 'Dr C'; g.submit()")
+        browser.wait_for("document.querySelectorAll('#verdicts tr').length === 3")
+        shown = browser.evaluate("Array.from(document.querySelectorAll('#verdicts .verdict')).map(c => c.textContent)")
+        assert shown == ["corrected benign", "agree"]
+        browser.screenshot(tmp_path / "review.png")
+    finally:
+        browser.close()
+    history = node.ledger.verdicts(study)
+    assert [(v["verdict"], v["corrected_class"], v["reader"], bool(v["finding"])) for v in history] == [
+        ("corrected", "benign", "Dr C", False), ("agree", None, "Dr C", True)]
+
+
+def test_the_review_form_needs_its_session_s_csrf_token(node: Node) -> None:
+    status, headers, _ = _http(node.url, "/login", "POST", form={"token": TOKEN})
+    cookie = headers["set-cookie"].split(";")[0]
+    form = {"verdict": "agree", "reader": "Dr D", "csrf": "not-the-token"}
+    status, _, body = _http(node.url, f"/review/{node.analysed}", "POST", headers={"Cookie": cookie}, form=form)
+    assert status == 403 and b"CSRF" in body
+    assert node.ledger.verdicts() == []

@@ -376,6 +376,11 @@ def _timings_html(timings: Mapping[str, float]) -> str:
     return "<br>".join(f"{html.escape(k.replace('_', ' '))}: {v:.1f} s" for k, v in timings.items())
 
 
+def _review_link(uid: str, result: str) -> str:
+    """The AI result, linked to the study's review page (service.ops.review) once there is one."""
+    return f"<a href='/review/{uid}'>{html.escape(result)}</a>" if result else ""
+
+
 def _row_html(view: StudyView) -> str:
     uid = html.escape(view.study_uid)
     thumb = (
@@ -390,7 +395,7 @@ def _row_html(view: StudyView) -> str:
         f"<tr data-study='{uid}'><td><code>{uid}</code></td><td>{html.escape(view.accession)}</td>"
         f"<td class='state {html.escape(view.state)}'>{html.escape(view.state)}{again}</td>"
         f"<td>{view.instances}</td><td>{_utc(view.first_received)}</td>"
-        f"<td>{_timings_html(view.timings)}</td><td class=result>{html.escape(view.result)}</td>"
+        f"<td>{_timings_html(view.timings)}</td><td class=result>{_review_link(uid, view.result)}</td>"
         f"<td>{thumb}</td><td>{outbox}</td></tr>"
     )
 

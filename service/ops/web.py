@@ -472,9 +472,11 @@ async def _page_refusal(request: Request, exc: Exception) -> Response:
 
 def build_app(
     settings: Settings, ledger: Ledger, checks: dict[str, Check], registry: CollectorRegistry,
-    routers: Sequence[ExtraRouter] = (),
+    routers: Sequence[ExtraRouter] = (), pages: Sequence[APIRouter] = (),
 ) -> FastAPI:
-    """The ASGI application: health, page, API and ``routers`` (each behind the Bearer check)."""
+    """The ASGI application: health, page, API, ``routers`` (each behind the Bearer
+    check) and ``pages`` (page routes of other modules, each checking ``PageAuth``
+    and its form's CSRF token itself)."""
     app = FastAPI(
         title="Sonocase", summary="Breast-ultrasound AI beside the PACS: studies, results and retries",
         description="Not for primary diagnosis. Authenticate with `Authorization: Bearer <web_token>`.",
@@ -487,6 +489,8 @@ def build_app(
     )
     app.include_router(health)
     app.include_router(page)
+    for extra_page in pages:
+        app.include_router(extra_page)
     app.include_router(api)
     if not settings.web_openapi_public:
         @app.get(OPENAPI_URL, include_in_schema=False)
@@ -501,7 +505,8 @@ def build_app(
     return app
 
 
-def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[ExtraRouter] = ()) -> WebServer:
+def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[ExtraRouter] = (),
+                     pages: Sequence[APIRouter] = ()) -> WebServer:
     """The node's web server: broker, disk, ledger, model and index readiness checks,
     a metrics registry over the ledger, and ``routers`` from other stages."""
     model = ModelProbe(settings.model_path)
@@ -516,7 +521,7 @@ def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[Extra
     collector = LedgerCollector(ledger, settings.data_dir, model_info=model.info, index_info=index.info)
     registry = build_registry(collector)
     registry.register(DriftCollector(DriftWatcher(ledger, DriftConfig())))
-    app = build_app(settings, ledger, checks, registry, routers)
+    app = build_app(settings, ledger, checks, registry, routers, pages)
     limits = HttpLimits(settings.web_read_timeout_s, settings.web_min_body_bytes_per_s, settings.web_max_connections,
                         settings.web_max_connections_per_address)
     return WebServer(app, settings.http_host, settings.http_port, limits, on_stop=[index.close])
