@@ -58,11 +58,11 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     # STOW-RS stores through the running receiver's store (503 until it runs).
     stow = ExtraRouter(stow_router(settings, lambda: receiver.store), settings.stow_max_request_mb << 20)
     verdicts = ExtraRouter(verdict_router(ledger, API_PREFIX), settings.web_max_body_bytes)
-    monitoring = ExtraRouter(monitoring_router(ledger, DriftWatcher(ledger, DriftConfig()), API_PREFIX),
-                             settings.web_max_body_bytes)
+    drift = DriftWatcher(ledger, DriftConfig())  # one per node: the page and /metrics read the same
+    monitoring = ExtraRouter(monitoring_router(ledger, drift, API_PREFIX), settings.web_max_body_bytes)
     return [
-        *([build_web_server(settings, ledger, routers=[stow, verdicts, monitoring], pages=[review_router(ledger)])]
-          if settings.http_port else []),
+        *([build_web_server(settings, ledger, routers=[stow, verdicts, monitoring], pages=[review_router(ledger)],
+                            drift=drift)] if settings.http_port else []),
         CompletionLoop(ledger, settings.quiet_period_s, on_complete=scheduler.wake,
                        route=Router(settings, ledger).route),
         *([WorkerProcesses(settings)] if settings.workers else []),

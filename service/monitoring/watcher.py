@@ -87,9 +87,11 @@ class DriftWatcher:
         """Per scanner: studies seen, and the drift of its latest window (None
         until it has a reference and a window)."""
         self.update()
+        with self._lock:  # a snapshot: the page and a scrape may ask at once
+            streams = {scanner: sorted(by_study.values(), key=lambda p: p.created_at)
+                       for scanner, by_study in self._points.items()}
         out: dict[str, tuple[int, WindowDrift | None]] = {}
-        for scanner, by_study in sorted(self._points.items()):
-            points = sorted(by_study.values(), key=lambda p: p.created_at)
+        for scanner, points in sorted(streams.items()):
             drift = None
             if len(points) >= self.config.reference_size + self.config.window_size:
                 drift = window_drift(np.array([p.embedding for p in points]),

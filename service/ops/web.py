@@ -506,9 +506,10 @@ def build_app(
 
 
 def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[ExtraRouter] = (),
-                     pages: Sequence[APIRouter] = ()) -> WebServer:
+                     pages: Sequence[APIRouter] = (), drift: DriftWatcher | None = None) -> WebServer:
     """The node's web server: broker, disk, ledger, model and index readiness checks,
-    a metrics registry over the ledger, and ``routers`` from other stages."""
+    a metrics registry over the ledger (and ``drift``'s figures, a watcher of its
+    own when None), ``routers`` and ``pages`` from other stages."""
     model = ModelProbe(settings.model_path)
     index = IndexProbe(settings.effective_index_dir, model)
     checks: dict[str, Check] = {
@@ -520,7 +521,7 @@ def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[Extra
     }
     collector = LedgerCollector(ledger, settings.data_dir, model_info=model.info, index_info=index.info)
     registry = build_registry(collector)
-    registry.register(DriftCollector(DriftWatcher(ledger, DriftConfig())))
+    registry.register(DriftCollector(drift or DriftWatcher(ledger, DriftConfig())))
     app = build_app(settings, ledger, checks, registry, routers, pages)
     limits = HttpLimits(settings.web_read_timeout_s, settings.web_min_body_bytes_per_s, settings.web_max_connections,
                         settings.web_max_connections_per_address)
