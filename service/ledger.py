@@ -1049,6 +1049,12 @@ class Ledger:
         where = " WHERE matched_study_uid IS NULL" if unmatched else ""
         return [dict(r) for r in self._query(f"SELECT * FROM outcomes{where} ORDER BY received_at, outcome_id")]
 
+    def outcome_totals(self) -> tuple[int, int, dict[str, int]]:
+        """Outcomes matched to a study, outcomes waiting for one, and HL7 messages per ACK code."""
+        row = self._query("SELECT COUNT(matched_study_uid), COUNT(*) FROM outcomes")[0]
+        acks = {r[0]: int(r[1]) for r in self._query("SELECT ack_code, COUNT(*) FROM hl7_messages GROUP BY ack_code")}
+        return int(row[0]), int(row[1]) - int(row[0]), acks
+
     def hl7_messages(self, ack_codes: tuple[str, ...] = ()) -> list[dict[str, Any]]:
         """HL7 messages received (those answered with ``ack_codes``), oldest first."""
         where = f" WHERE ack_code IN ({','.join('?' * len(ack_codes))})" if ack_codes else ""

@@ -1,5 +1,5 @@
 """Drift on the node: the watcher reads each scanner's results from a real ledger,
-the collector exports them, and the alert rules in deploy/prometheus/ (checked and
+the collector exports them (with the outcomes received), and the alert rules in deploy/prometheus/ (checked and
 unit-tested by ``promtool``) read exactly the metrics the collector writes."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.ledger import InstanceRecord, Ledger
 from service.monitoring.drift import DriftConfig
-from service.monitoring.watcher import DriftCollector, DriftWatcher
+from service.monitoring.watcher import DriftWatcher, MonitoringCollector
 from service.pipeline.analysis import summarise_study
 from service.results import FrameResult, ImageResult, ModelIdentity, StudyAttributes, StudyResult
 
@@ -65,7 +65,7 @@ def test_the_node_finds_a_drifted_scanner_and_not_a_steady_one(ledger: Ledger) -
             _store_result(ledger, f"1.2.{n}.{i}", scanner, point, ood=drifted and i % 4 == 0, now=1e9 + i)
     registry = CollectorRegistry()
     watcher = DriftWatcher(ledger, DriftConfig(permutations=999))
-    registry.register(DriftCollector(watcher))
+    registry.register(MonitoringCollector(watcher))
     got = _metrics(registry)
     assert got[("sonocase_drift_studies", (("scanner", "Other Co Echo 2"),))] == 160
     assert got[("sonocase_drift_alarm", (("scanner", "Other Co Echo 2"),))] == 1.0
@@ -73,6 +73,8 @@ def test_the_node_finds_a_drifted_scanner_and_not_a_steady_one(ledger: Ledger) -
     assert got[("sonocase_drift_out_of_domain_rate", (("scanner", "Other Co Echo 2"),))] == pytest.approx(0.25)
     shares = [got[("sonocase_drift_predicted_share", (("class", c), ("scanner", "ACME Sono 9")))] for c in CLASSES]
     assert sum(shares) == pytest.approx(1.0)
+    assert got[("sonocase_outcomes", (("matched", "no"),))] == 0.0
+    assert got[("sonocase_hl7_messages", (("ack_code", "AE"),))] == 0.0
     # A later scrape reads only what is new, and sees it.
     _store_result(ledger, "1.2.9.1", ("New", "Probe"), centres[0], ood=False, now=2e9)
     assert _metrics(registry)[("sonocase_drift_studies", (("scanner", "New Probe"),))] == 1.0
@@ -89,5 +91,5 @@ def test_alert_rules_pass_promtool_and_read_the_collector_s_metrics(ledger: Ledg
     rules = yaml.safe_load((RULES / "sonocase-alerts.yml").read_text())
     used = {name for group in rules["groups"] for rule in group["rules"]
             for name in re.findall(r"sonocase_\w+", rule["expr"] + str(rule.get("annotations", "")))}
-    written = {family.name for family in DriftCollector(DriftWatcher(ledger, DriftConfig())).collect()}
+    written = {family.name for family in MonitoringCollector(DriftWatcher(ledger, DriftConfig())).collect()}
     assert used and used <= written, used - written

@@ -111,6 +111,7 @@ def test_oru_over_a_real_mllp_connection_is_stored_before_its_ack(settings: Sett
             assert b"MSA|AE|MSG2" in malformed
             by_uid = client.send_message(oru("MSG3", study_uid="1.2.3.9", finding="benign"))
             assert b"MSA|AA|MSG3" in by_uid
+        assert ledger.outcome_totals() == (0, 2, {"AA": 3, "AE": 1})
         kept = ledger.hl7_messages(("AE",))
         assert [(m["control_id"], m["ack_code"]) for m in kept] == [("MSG2", "AE")]
         assert "pending" in kept[0]["message"] and "no OBX 22637-3" in kept[0]["error"]

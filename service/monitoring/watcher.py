@@ -6,7 +6,7 @@ of the analysed frames, share of frames out of domain, the study's class), read
 from the ledger incrementally, grouped by scanner (Manufacturer + Manufacturer's
 Model Name). A scanner's reference is its first ``reference_size`` studies; its
 latest ``window_size`` are tested against them (service.monitoring.drift).
-:class:`DriftCollector` turns that into gauges at each scrape; deploy/prometheus/
+:class:`MonitoringCollector` turns that (and the outcomes received) into gauges at each scrape; deploy/prometheus/
 holds the alert rules that read them. The permutations are drawn from a fixed seed,
 so the same studies always give the same p-value.
 """
@@ -102,13 +102,24 @@ class DriftWatcher:
         return out
 
 
-class DriftCollector(Collector):
-    """The watcher's figures as Prometheus gauges, per scanner."""
+class MonitoringCollector(Collector):
+    """The watcher's figures as Prometheus gauges, per scanner, and the outcomes
+    and HL7 messages received."""
 
     def __init__(self, watcher: DriftWatcher) -> None:
         self.watcher = watcher
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        matched, waiting, acks = self.watcher.ledger.outcome_totals()
+        outcomes = GaugeMetricFamily("sonocase_outcomes", "Outcomes received, matched to a study or waiting for it",
+                                     labels=["matched"])
+        outcomes.add_metric(["yes"], matched)
+        outcomes.add_metric(["no"], waiting)
+        messages = GaugeMetricFamily("sonocase_hl7_messages", "HL7 messages received, by the ACK code they got "
+                                     "(AA accepted, AE content error, AR rejected)", labels=["ack_code"])
+        for code in ("AA", "AE", "AR"):
+            messages.add_metric([code], acks.get(code, 0))
+        yield from (outcomes, messages)
         studies = GaugeMetricFamily("sonocase_drift_studies", "Analysed studies per scanner (drift's stream)",
                                     labels=["scanner"])
         p_value = GaugeMetricFamily("sonocase_drift_p_value", "Permutation p-value of the latest window's MMD "

@@ -44,7 +44,7 @@ from service.common.metrics import LedgerCollector, build_registry, observe_logi
 from service.delivery.recovery import NothingToRetry, UnknownStudy, retry_study
 from service.ledger import Ledger
 from service.monitoring.drift import DriftConfig
-from service.monitoring.watcher import DriftCollector, DriftWatcher
+from service.monitoring.watcher import DriftWatcher, MonitoringCollector
 from service.ops.server import HttpLimits, WebServer
 from service.ops.sessions import LoginThrottle, Session, SessionStore
 from service.ops.views import (
@@ -521,7 +521,7 @@ def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[Extra
     }
     collector = LedgerCollector(ledger, settings.data_dir, model_info=model.info, index_info=index.info)
     registry = build_registry(collector)
-    registry.register(DriftCollector(drift or DriftWatcher(ledger, DriftConfig())))
+    registry.register(MonitoringCollector(drift or DriftWatcher(ledger, DriftConfig())))
     app = build_app(settings, ledger, checks, registry, routers, pages)
     limits = HttpLimits(settings.web_read_timeout_s, settings.web_min_body_bytes_per_s, settings.web_max_connections,
                         settings.web_max_connections_per_address)
