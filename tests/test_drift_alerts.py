@@ -14,10 +14,12 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_web import BEARER, _http, _settings
 
 from service.ledger import InstanceRecord, Ledger
 from service.monitoring.drift import DriftConfig
 from service.monitoring.watcher import DriftWatcher, MonitoringCollector
+from service.ops.web import build_web_server
 from service.pipeline.analysis import summarise_study
 from service.results import FrameResult, ImageResult, ModelIdentity, StudyAttributes, StudyResult
 
@@ -51,18 +53,25 @@ def _metrics(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, st
             for family in text_string_to_metric_families(generate_latest(registry).decode()) for s in family.samples}
 
 
-@pytest.mark.parametrize("ledger", ["sqlite", "postgresql"], indirect=True)
-def test_the_node_finds_a_drifted_scanner_and_not_a_steady_one(ledger: Ledger) -> None:
+CENTRES = np.eye(3, 16) * 6.0
+
+
+def _two_scanners(ledger: Ledger) -> None:
+    """160 studies from each of two scanners; the second's probe is swapped for its last 40."""
     rng = np.random.default_rng(4)
-    centres = np.eye(3, 16) * 6.0
     steady, swapped = ("ACME", "Sono 9"), ("Other Co", "Echo 2")
     for i in range(160):
         for n, scanner in enumerate((steady, swapped)):
-            point = centres[rng.integers(0, 3)] + rng.normal(size=16)
+            point = CENTRES[rng.integers(0, 3)] + rng.normal(size=16)
             drifted = scanner == swapped and i >= 120
             if drifted:
                 point[15] += 2.0  # the new probe moves the embedding where the classes do not
             _store_result(ledger, f"1.2.{n}.{i}", scanner, point, ood=drifted and i % 4 == 0, now=1e9 + i)
+
+
+@pytest.mark.parametrize("ledger", ["sqlite", "postgresql"], indirect=True)
+def test_the_node_finds_a_drifted_scanner_and_not_a_steady_one(ledger: Ledger) -> None:
+    _two_scanners(ledger)
     registry = CollectorRegistry()
     watcher = DriftWatcher(ledger, DriftConfig(permutations=999))
     registry.register(MonitoringCollector(watcher))
@@ -76,8 +85,23 @@ def test_the_node_finds_a_drifted_scanner_and_not_a_steady_one(ledger: Ledger) -
     assert got[("sonocase_outcomes", (("matched", "no"),))] == 0.0
     assert got[("sonocase_hl7_messages", (("ack_code", "AE"),))] == 0.0
     # A later scrape reads only what is new, and sees it.
-    _store_result(ledger, "1.2.9.1", ("New", "Probe"), centres[0], ood=False, now=2e9)
+    _store_result(ledger, "1.2.9.1", ("New", "Probe"), CENTRES[0], ood=False, now=2e9)
     assert _metrics(registry)[("sonocase_drift_studies", (("scanner", "New Probe"),))] == 1.0
+
+
+def test_the_status_page_heads_with_the_drift_alarm(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    ledger = Ledger(settings.ledger_path, durable=False)
+    _two_scanners(ledger)
+    server = build_web_server(settings, ledger)
+    server.start()
+    try:
+        status, _, body = _http(f"http://127.0.0.1:{server.port}", "/status", headers=BEARER)
+    finally:
+        server.stop()
+        ledger.close()
+    alarms = re.findall(rb"Input drift on scanner ([^:]+):", body)
+    assert status == 200 and alarms == [b"Other Co Echo 2"]
 
 
 @pytest.mark.parametrize("ledger", ["sqlite"], indirect=True)

@@ -14,7 +14,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -413,14 +413,18 @@ def _failed_html(view: StudyView, csrf: str) -> str:
 
 
 def render_status(
-    views: list[StudyView], counts: Mapping[str, int], csrf: str, notice: str = "",
+    views: list[StudyView], counts: Mapping[str, int], csrf: str, notice: str = "", drifting: Sequence[str] = (),
 ) -> bytes:
-    """The status page: counts per state, failed studies with a resend button, recent studies."""
+    """The status page: the scanners whose input drifted (service.monitoring.drift),
+    counts per state, failed studies with a resend button, recent studies."""
     summary = " · ".join(f"{html.escape(s.value)}: {counts.get(s, 0)}" for s in StudyState)
     failed = [v for v in views if v.can_retry]
     parts = [
         f"<p class=disclaimer>{html.escape(DISCLAIMER)}</p>",
         f"<p class=notice>{html.escape(notice)}</p>" if notice else "",
+        "".join(f"<p class='failed drift-alarm'>Input drift on scanner {html.escape(s)}: its images no longer look "
+                "like its first studies (a probe, preset or software change?). See <a href=/monitoring>monitoring"
+                "</a>.</p>" for s in drifting),
         f"<p>Studies by state: {summary}</p>",
         f"<form method=post action=/logout>{_csrf_field(csrf)}<button type=submit>Sign out</button></form>",
         "<h2>Failed</h2>",

@@ -109,6 +109,7 @@ class WebState:
     registry: CollectorRegistry
     sessions: SessionStore
     throttle: LoginThrottle
+    drift: DriftWatcher | None = None  # its alarms head the status page
 
 
 # --- ASGI middleware ----------------------------------------------------------------
@@ -386,7 +387,10 @@ def status_page(request: Request, auth: PageAuth, retried: str = "", study: str 
     state = _state(request)
     views = recent_views(state.ledger, state.settings.results_dir)
     csrf = auth.session.csrf if auth.session is not None else ""
-    return HTMLResponse(render_status(views, state.ledger.count_by_state(), csrf, retry_notice(retried, study)))
+    drifting = [scanner for scanner, (_, window) in (state.drift.latest() if state.drift else {}).items()
+                if window is not None and window.alarm]
+    return HTMLResponse(render_status(views, state.ledger.count_by_state(), csrf, retry_notice(retried, study),
+                                      drifting))
 
 
 @page.get("/status/studies/{study_uid}/heatmap.png")
@@ -472,7 +476,7 @@ async def _page_refusal(request: Request, exc: Exception) -> Response:
 
 def build_app(
     settings: Settings, ledger: Ledger, checks: dict[str, Check], registry: CollectorRegistry,
-    routers: Sequence[ExtraRouter] = (), pages: Sequence[APIRouter] = (),
+    routers: Sequence[ExtraRouter] = (), pages: Sequence[APIRouter] = (), drift: DriftWatcher | None = None,
 ) -> FastAPI:
     """The ASGI application: health, page, API, ``routers`` (each behind the Bearer
     check) and ``pages`` (page routes of other modules, each checking ``PageAuth``
@@ -485,7 +489,7 @@ def build_app(
     app.state.web = WebState(
         settings, ledger, dict(checks), registry,
         SessionStore(settings.web_session_idle_s, settings.web_session_max_s),
-        LoginThrottle(settings.web_login_attempts, settings.web_login_window_s),
+        LoginThrottle(settings.web_login_attempts, settings.web_login_window_s), drift,
     )
     app.include_router(health)
     app.include_router(page)
@@ -521,8 +525,9 @@ def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[Extra
     }
     collector = LedgerCollector(ledger, settings.data_dir, model_info=model.info, index_info=index.info)
     registry = build_registry(collector)
-    registry.register(MonitoringCollector(drift or DriftWatcher(ledger, DriftConfig())))
-    app = build_app(settings, ledger, checks, registry, routers, pages)
+    drift = drift or DriftWatcher(ledger, DriftConfig())
+    registry.register(MonitoringCollector(drift))
+    app = build_app(settings, ledger, checks, registry, routers, pages, drift)
     limits = HttpLimits(settings.web_read_timeout_s, settings.web_min_body_bytes_per_s, settings.web_max_connections,
                         settings.web_max_connections_per_address)
     return WebServer(app, settings.http_host, settings.http_port, limits, on_stop=[index.close])
