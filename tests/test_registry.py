@@ -142,6 +142,8 @@ def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Setti
         assert shown["roc_auc"].startswith(f"{offline['per_class']['malignant']['roc_auc']:.2f} [")
         assert shown["ece"].startswith(f"{offline['ece']:.2f} [")
         assert browser.evaluate("document.querySelectorAll('#reliability circle.bin').length") >= 2
+        roc_points = browser.evaluate("document.querySelector('#roc polyline').points.length")
+        assert roc_points == len(report["roc"]["fpr"]) > 2
         scanners = browser.evaluate("Array.from(document.querySelectorAll('#drift tr[data-scanner]'))"
                                     ".map(r => r.dataset.scanner)")
         assert sorted(scanners) == ["ACME Sono 9", "Other Co Echo 2"]  # 9 studies each: still collecting

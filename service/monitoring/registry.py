@@ -23,7 +23,7 @@ from typing import IO, Any
 import numpy as np
 
 from service.ledger import Ledger
-from service.monitoring.classification import ECE_BINS, reliability_bins
+from service.monitoring.classification import ECE_BINS, reliability_bins, roc_curve
 from service.monitoring.performance import Case, agreement, grouped
 from service.monitoring.verdicts import current, reader_class
 from service.pipeline.analysis import decisive_frame
@@ -120,8 +120,8 @@ def cases(found_in: Iterable[Inference], classes: Sequence[str]) -> list[Case]:
 
 def site_performance(found: Sequence[Inference], positive: str, seed: int = 0) -> dict[str, Any]:
     """Real-world performance of the ``positive`` call per month and scanner, Cohen's
-    kappa against the radiologists' verdicts, and the reliability diagram's points,
-    as JSON-ready data; bootstrap resamples from ``seed`` (same ledger, same
+    kappa against the radiologists' verdicts, the reliability diagram's points and
+    the ROC curve of all cases, as JSON-ready data; bootstrap resamples from ``seed`` (same ledger, same
     intervals). ValueError when nothing was assessed or ``positive`` is no class."""
     assessed = [i for i in found if i.probabilities is not None]
     if not assessed:
@@ -135,14 +135,19 @@ def site_performance(found: Sequence[Inference], positive: str, seed: int = 0) -
     rated = [(i.record["result"], i.record["verdict_class"]) for i in assessed if i.record["verdict_class"]]
     kappa = agreement(np.array([classes.index(m) for m, _ in rated], dtype=np.int64),
                       np.array([classes.index(r) for _, r in rated], dtype=np.int64), len(classes), rng)
-    points = reliability_bins(np.array([c.probabilities for c in known]), np.array([c.truth for c in known]),
-                              ECE_BINS) if known else []
+    probabilities = np.array([c.probabilities for c in known]).reshape(len(known), len(classes))
+    truth = np.array([c.truth for c in known], dtype=np.int64)
+    points = reliability_bins(probabilities, truth, ECE_BINS) if known else []
+    actual = truth == classes.index(positive)
+    fpr, tpr = (roc_curve(actual, probabilities[:, classes.index(positive)]) if actual.any() and not actual.all()
+                else (np.zeros(0), np.zeros(0)))
     return {
         "positive": positive,
         "performance": {kind: {name: {metric: asdict(e) for metric, e in metrics.items()}
                                for name, metrics in groups.items()} for kind, groups in report.items()},
         "agreement_with_radiologists": asdict(kappa),
         "reliability": [{"share": share, "confidence": conf, "accuracy": acc} for share, conf, acc in points],
+        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
     }
 
 

@@ -72,6 +72,19 @@ def reliability_svg(points: Sequence[Mapping[str, float]]) -> str:
             f"<g fill=#2a6fb0>{dots}</g></svg>")
 
 
+def roc_svg(roc: Mapping[str, Sequence[float]]) -> str:
+    """True- against false-positive rate of the positive call, the chance diagonal."""
+    side = _SVG - 30
+    line = " ".join(f"{20 + x * side:.1f},{_SVG - 20 - y * side:.1f}" for x, y in zip(roc["fpr"], roc["tpr"],
+                                                                                      strict=True))
+    return (f"<svg id=roc width={_SVG} height={_SVG} viewBox='0 0 {_SVG} {_SVG}' role=img aria-label='ROC curve'>"
+            "<rect x=20 y=10 width=210 height=210 fill=none stroke=#999/>"
+            "<line x1=20 y1=220 x2=230 y2=10 stroke=#999 stroke-dasharray=3/>"
+            "<text x=70 y=236 font-size=11>false-positive rate</text>"
+            "<text x=2 y=150 font-size=11 transform='rotate(-90 10 150)'>true-positive rate</text>"
+            f"<polyline points='{line}' fill=none stroke=#b03a2e stroke-width=2/></svg>")
+
+
 def _performance_html(report: Mapping[str, Any]) -> str:
     head = "<tr><th>Group</th>" + "".join(f"<th>{m.replace('_', ' ').upper()}</th>" for m in _METRICS) + "</tr>"
     rows = "".join(
@@ -84,7 +97,8 @@ def _performance_html(report: Mapping[str, Any]) -> str:
             "95 % intervals (Wilson; bootstrap for ROC AUC, ECE and kappa).</p>"
             f"<table id=performance>{head}{rows}</table>"
             f"<p id=agreement>Agreement with radiologists (Cohen's kappa): {_estimate(kappa)}</p>"
-            f"<h3>Reliability</h3>{reliability_svg(report['reliability'])}"
+            f"<h3>Reliability and ROC curve (all cases)</h3>{reliability_svg(report['reliability'])} "
+            f"{roc_svg(report['roc'])}"
             "<p><a href=/api/v1/monitoring/performance>JSON</a> · "
             "<a href=/api/v1/monitoring/performance.csv>CSV</a></p>")
 
