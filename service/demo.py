@@ -193,7 +193,7 @@ def study_line(truth: str, study: dict[str, Any], result: dict[str, Any] | None,
     if study["state"] == StudyState.FAILED or result is None:
         return [truth, "FAILED", "", f"{study.get('failed_stage')}: {study.get('error')}", f"{seconds:.1f}"]
     summary = result["summary"]
-    predicted = "outside experience" if summary["out_of_distribution"] else str(summary["predicted"])
+    predicted = "not assessed" if summary["out_of_distribution"] else str(summary["predicted"])
     probability = "" if summary["probability"] is None else f"{summary['probability']:.2f}"
     similar = ", ".join(f"{s['label']} ({s['distance']:.2f})" for s in result["similar"][:3]) or "none"
     return [truth, predicted, probability, similar, f"{seconds:.1f}"]

@@ -524,11 +524,13 @@ class Ledger:
 
     def finish_analysis(
         self, study_uid: str, generation: int, result: dict[str, Any], lease_s: float = 0.0,
-        now: float | None = None,
+        now: float | None = None, *, images_analysed: int = 0, images_not_assessed: int = 0,
     ) -> bool:
         """Store the result; False if the study was re-opened meanwhile (stale result)
         or another worker stored it first. A result of the current generation is kept
         even when its lease ran out and the study was queued again: the work is done.
+        ``images_analysed`` and ``images_not_assessed`` (those the domain guard
+        flagged) are kept beside it for :meth:`image_totals`.
 
         The caller keeps the study's lease for ``lease_s`` (and renews it, see
         :meth:`keep_lease`) while it builds the reports; once the lease runs out, an
@@ -544,9 +546,11 @@ class Ledger:
             if cur.rowcount != 1:
                 return False
             db.execute(
-                "INSERT INTO results VALUES (?, ?, ?, ?) ON CONFLICT (study_uid, generation)"
-                " DO UPDATE SET result=excluded.result, created_at=excluded.created_at",
-                (study_uid, generation, json.dumps(result), now),
+                "INSERT INTO results (study_uid, generation, result, created_at, images_analysed,"
+                " images_not_assessed) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (study_uid, generation)"
+                " DO UPDATE SET result=excluded.result, created_at=excluded.created_at,"
+                " images_analysed=excluded.images_analysed, images_not_assessed=excluded.images_not_assessed",
+                (study_uid, generation, json.dumps(result), now, images_analysed, images_not_assessed),
             )
             return True
 
@@ -900,6 +904,13 @@ class Ledger:
             tuple(bounds),
         )[0]
         return [int(v or 0) for v in tuple(row)[:-2]], int(row[-2]), float(row[-1])
+
+    def image_totals(self) -> tuple[int, int]:
+        """Images analysed and, of those, not assessed (outside the model's training
+        domain), over every stored result: a re-analysed study counts again."""
+        row = self._query("SELECT COALESCE(SUM(images_analysed), 0), COALESCE(SUM(images_not_assessed), 0)"
+                          " FROM results")[0]
+        return int(row[0]), int(row[1])
 
     def outbox_totals(self) -> dict[str, tuple[int, int]]:
         """Outbox state -> (objects, failed delivery attempts recorded)."""

@@ -15,6 +15,10 @@ SUMMARY_RULE = (
     "else benign if any is benign, else normal; its probability is that image's."
 )
 
+#: What the status views say of an image or study the domain guard flagged (the
+#: reports take their words from the SR template).
+NOT_ASSESSED = "not assessed: outside the model's training domain"
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -48,8 +52,11 @@ class FrameResult(_Strict):
     frame_number: int
     probabilities: dict[str, float]
     predicted: str
-    out_of_distribution: bool
-    ood_distance: float
+    out_of_distribution: bool = Field(description="the domain guard flagged it: not assessed, no class is reported")
+    ood_distance: float = Field(description="the domain guard's score, higher = more foreign")
+    ood_threshold: float | None = Field(
+        None, description="the model card's threshold the score was held against (None: a result stored before "
+        "it was recorded)")
     heatmap_path: str = Field(description="float32 .npy in [0, 1], the size of crop")
     crop: tuple[int, int, int, int] = Field(description="x0, y0, x1, y1 of the analysed region in the source pixels")
     embedding: list[float]
@@ -87,3 +94,9 @@ class StudyResult(_Strict):
     similar: list[SimilarStudy] = Field(default_factory=list)
     timings_s: dict[str, float] = Field(default_factory=dict)
     execution_provider: str = "CPUExecutionProvider"
+
+    def image_counts(self) -> tuple[int, int]:
+        """(images analysed, how many of them the domain guard flagged): what the
+        ledger keeps beside the result for ``/metrics``."""
+        analysed = [image for image in self.images if image.frames]
+        return len(analysed), sum(image.out_of_distribution for image in analysed)

@@ -23,6 +23,7 @@ import pytest
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from service.ledger import Ledger, open_ledger
+from service.model.guard import FEATURES
 from service.settings import Settings, load_settings
 
 #: DCMTK's tools; pynetdicom installs same-named apps into the venv, so use full paths.
@@ -204,3 +205,12 @@ def torch_single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def guard_card_entry(threshold: float) -> dict[str, object]:
+    """A model card's ``ood`` entry for test models: the B-mode guard with a unit
+    precision, flagging what scores above ``threshold``."""
+    n = len(FEATURES)
+    return {"features": list(FEATURES), "mean": [0.0] * n,
+            "precision": [[float(i == j) for j in range(n)] for i in range(n)],
+            "threshold": threshold, "percentile": 99.0}

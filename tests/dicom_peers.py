@@ -13,13 +13,12 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.data import get_testdata_files
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from service.ingest.rules import ULTRASOUND_SOP_CLASSES
+from training.ood_sources import real_ultrasound_files
 
 #: Every ultrasound file shipped in pydicom and pydicom-data (found by SOP Class UID
 #: or Modality US). The test suite fails if discovery finds a different set, so a
@@ -97,18 +96,9 @@ def data_set_offset(data: bytes) -> int:
 
 @cache
 def ultrasound_files() -> tuple[UsFile, ...]:
-    """Discover the ultrasound files in pydicom and pydicom-data (once per session:
-    it reads the header of every file pydicom ships)."""
-    found = []
-    for name in sorted(get_testdata_files()):
-        path = Path(name)
-        try:
-            ds = dcmread(path, stop_before_pixels=True)
-        except Exception:  # pydicom ships deliberately broken files too
-            continue
-        if str(ds.get("SOPClassUID", "")) in ULTRASOUND_SOP_CLASSES or ds.get("Modality") == "US":
-            found.append(split_file(path))
-    return tuple(found)
+    """The ultrasound files in pydicom and pydicom-data (once per session: it reads
+    the header of every file pydicom ships)."""
+    return tuple(split_file(path) for path in real_ultrasound_files())
 
 
 def cstore_fragments(

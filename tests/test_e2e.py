@@ -29,7 +29,7 @@ from test_reports_support import (
 from worker_support import Process, serve, storescu, write_study
 
 from service.ledger import Ledger, StudyState
-from service.reports.sr import reading_order
+from service.reports.sr import assessed_frames, reading_order
 from service.results import StudyResult
 from service.settings import Settings, load_settings
 
@@ -109,7 +109,7 @@ def _check_objects(site: Site, arrived: list[pydicom.Dataset], result: StudyResu
     html = dsr2html(path, tmp / "sr.html")
     assert default_template().disclaimer.split(".")[0] in html
     groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
-    frames = [frame for image in reading_order(result) for frame in image.frames]
+    frames = [frame for image in reading_order(result) for frame in assessed_frames(image)]
     assert len(groups) == len(frames)
     template = default_template()
     for group, frame in zip(groups, frames, strict=True):

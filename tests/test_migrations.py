@@ -118,7 +118,9 @@ INSTANCES = [
 ]
 RESULTS = [
     ("1.2.3.3", 1, json.dumps({"study_uid": "1.2.3.3", "generation": 1}), 131.0),
-    ("1.2.3.3", 2, json.dumps({"study_uid": "1.2.3.3", "generation": 2, "ü": "ß"}), 131.0),
+    ("1.2.3.3", 2, json.dumps({"study_uid": "1.2.3.3", "generation": 2, "ü": "ß", "images": [
+        {"frames": [{}], "out_of_distribution": True}, {"frames": [{}, {}], "out_of_distribution": False},
+        {"frames": [], "skipped": "mostly blank", "out_of_distribution": False}]}), 131.0),
 ]
 OUTBOX = [
     ("1.2.3.3.100", "PACS@127.0.0.1:104", "1.2.3.3", 2, "1.2.840.10008.5.1.4.1.1.88.34", "outbox/c/2/SR.dcm",
@@ -231,6 +233,7 @@ def test_a_legacy_ledger_is_upgraded_with_every_row_intact(backend: Backend) -> 
         # and the ledger works on the upgraded rows as on its own
         assert ledger.count_by_state() == {"receiving": 1, "queued": 1, "sent": 1, "failed": 1}
         assert ledger.result("1.2.3.3") == json.loads(RESULTS[1][2])
+        assert ledger.image_totals() == (2, 1)  # counted from the stored results: analysed, not assessed
         assert [i.crc32 for i in ledger.instances("1.2.3.1")] == [12345, None]
         assert ledger.complete_quiet_studies(5, now=200) == ["1.2.3.1"]
         assert [c.study_uid for c in ledger.purge_candidates()] == ["1.2.3.3"]
@@ -280,7 +283,8 @@ def test_migrate_command_upgrades_and_says_so(backend: Backend, tmp_path: Path) 
     backend.execute(LEGACY_SCHEMA, {"studies": STUDIES})
     env = {"SONOCASE_DATA_DIR": str(tmp_path / "data"), "SONOCASE_LEDGER_URL": backend.url}
     dry = _sonocase(env, "migrate", "--dry-run")
-    assert dry.returncode == 0 and f"revision none; would apply 0001, {migrations.HEAD}" in dry.stdout, dry.stderr
+    every = ", ".join(f"{n:04d}" for n in range(1, int(migrations.HEAD) + 1))
+    assert dry.returncode == 0 and f"revision none; would apply {every}" in dry.stdout, dry.stderr
     assert backend.fetch("SELECT COUNT(*) FROM studies") == [(len(STUDIES),)]
     done = _sonocase(env, "migrate")
     assert done.returncode == 0 and f"from schema revision 0001 to {migrations.HEAD}" in done.stdout, done.stderr

@@ -47,19 +47,23 @@ class Site:
     states: dict[str, dict[str, object]]  # study UID -> its ledger row once it settled
 
 
-def _as_own_study(path: Path, out: Path) -> str:
-    """The file with new study, series and instance UIDs (several files share them),
-    everything else as it was; returns the study UID."""
+def _as_own_study(path: Path, out: Path, values: dict[str, str]) -> str:
+    """The file with new study, series and instance UIDs (several files share them)
+    and ``values`` (keyword -> value) set, everything else as it was; returns the
+    study UID."""
     ds = pydicom.dcmread(path)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
     ds.save_as(out, enforce_file_format=True)
     return str(ds.StudyInstanceUID)
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    folder = tmp_path_factory.mktemp("real-files")
+def start_site(folder: Path, **values: str) -> Site:
+    """A node sending to a DCMTK storescp, and every real ultrasound file pushed to
+    it by storescu (in its own transfer syntax) as a study of its own, with
+    ``values`` set; returns once every study is sent, skipped or failed."""
     pacs_port = free_port()
     settings = load_settings(
         data_dir=folder / "data", host="127.0.0.1", port=free_port(), http_port=0, quiet_period_s=1.0,
@@ -71,7 +75,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     (folder / "push").mkdir()
     for us_file in ultrasound_files():
         out = folder / "push" / us_file.name
-        studies[us_file.name] = _as_own_study(us_file.path, out)
+        studies[us_file.name] = _as_own_study(us_file.path, out, values)
         pushed = subprocess.run(
             [dcmtk("storescu"), "-R", STORESCU_SYNTAX_OPTION[UID(us_file.transfer_syntax)], "-aec",
              settings.ae_title, "127.0.0.1", str(settings.port), str(out)],
@@ -89,9 +93,15 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         return rows if all(row is not None and row["state"] in done for row in rows.values()) else None  # type: ignore[misc]
 
     states = wait_for("every study to be sent, skipped or failed", settled, timeout=600, interval=0.5)
-    yield Site(settings, node, pacs, studies, states)
-    node.stop()
-    pacs.stop()
+    return Site(settings, node, pacs, studies, states)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    site = start_site(tmp_path_factory.mktemp("real-files"))
+    yield site
+    site.node.stop()
+    site.pacs.stop()
 
 
 def test_every_shipped_ultrasound_file_is_in_the_matrix() -> None:

@@ -77,6 +77,21 @@ def test_one_study_as_json(data_dir: Path) -> None:
     assert [i["sop_instance_uid"] for i in doc["instances"]] == [f"{DONE}.20.1", f"{DONE}.20.2"]
 
 
+def test_an_image_not_assessed_is_named_first(data_dir: Path) -> None:
+    ledger = Ledger(data_dir / "ledger.sqlite3", durable=False)
+    ledger.complete_quiet_studies(5, now=300)
+    generation = ledger.claim_analysis(OPEN, lease_s=60, now=301)
+    assert generation is not None
+    ledger.finish_analysis(OPEN, generation, {"images": [
+        {"sop_instance_uid": f"{OPEN}.10.1", "out_of_distribution": True},
+        {"sop_instance_uid": f"{OPEN}.10.2", "out_of_distribution": False}]})
+    ledger.close()
+    code, out = status(data_dir, OPEN)
+    assert code == 0
+    assert out.index(f"image {OPEN}.10.1: not assessed: outside the model's training domain") < out.index("result:")
+    assert f"image {OPEN}.10.2:" not in out
+
+
 def test_unknown_study_and_missing_ledger(data_dir: Path, tmp_path: Path) -> None:
     code, out = status(data_dir, "9.9.9")
     assert code == 1 and "study 9.9.9 is not in the ledger" in out

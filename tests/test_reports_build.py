@@ -23,6 +23,7 @@ from test_reports_support import (
     analyse,
     analysed_study,
     dciodvfy_errors,
+    outbox_kinds,
     store_study,
 )
 
@@ -78,6 +79,29 @@ def test_without_a_destination_the_objects_stay_in_the_outbox(settings: Settings
     assert all(p.is_file() for p in paths)
     assert ledger.outbox(study.uid) == []
     assert ledger.study(study.uid)["state"] == StudyState.REPORTED
+
+
+def test_a_study_not_assessed_gets_an_sr_and_captures_but_no_overlay_or_key_image_flag(
+        settings: Settings, ledger: Ledger) -> None:
+    """Every image outside the model's training domain: the palette image would get
+    an overlay and the study a key-image flag if they were assessed; here neither
+    (a heatmap or a flag would pose as a finding), nor a montage (no similar cases
+    are searched for such images)."""
+    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm", "OBXXXX1A.dcm"], ood_images=[0, 1], n_similar=0)
+    paths = build_reports(settings, ledger, study.uid)
+    assert outbox_kinds(paths) == {"SR": 1, "SC": 2, "SEG": 0, "KO": 0}
+    assert ledger.study(study.uid)["state"] == StudyState.REPORTED  # every object passed the gate
+    assessed = analysed_study(settings, ledger, files=["US1_UNCR.dcm", "OBXXXX1A.dcm"], n_similar=0)
+    assert outbox_kinds(build_reports(settings, ledger, assessed.uid)) == {"SR": 1, "SC": 2, "SEG": 1, "KO": 1}
+
+
+def test_images_of_the_retired_ultrasound_class_are_reported(settings: Settings, ledger: Ledger) -> None:
+    """Retired Ultrasound Image Storage (an old scanner's colour-flow images, which
+    the receiver accepts): highdicom does not know the class, the reports do."""
+    for ood_images in ([], [0]):
+        study = analysed_study(settings, ledger, files=["color-pl.dcm"], ood_images=ood_images, n_similar=0)
+        assert study.result.images[0].sop_class_uid == "1.2.840.10008.5.1.4.1.1.6"
+        assert build_reports(settings, ledger, study.uid), ledger.study(study.uid)["error"]
 
 
 def test_an_object_failing_the_gate_fails_the_study_and_queues_nothing(to_two: Settings, ledger: Ledger) -> None:

@@ -42,7 +42,7 @@ from service.settings import Settings, load_settings
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     settings = load_settings(data_dir=tmp_path_factory.mktemp("sc") / "data", durability="none")
-    return analysed_study(settings, Ledger(settings.ledger_path, durable=False), ood_image=1)
+    return analysed_study(settings, Ledger(settings.ledger_path, durable=False))
 
 
 def _save(sc: pydicom.Dataset, path: Path) -> Path:
@@ -160,8 +160,30 @@ def test_reference_pictures_are_cut_to_their_bmode_region() -> None:
     assert reference_picture(path).shape == (y1 - y0, x1 - x0, 3)
 
 
-def test_out_of_distribution_is_burned_in(settings: Settings, ledger: Ledger) -> None:
+def test_an_image_outside_the_training_domain_gets_not_assessed_and_no_heatmap(
+        settings: Settings, ledger: Ledger, tmp_path: Path) -> None:
     template = default_template()
-    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], ood_image=0, n_similar=0)
-    image = study.result.images[0]
-    assert heatmap_caption(template, image, decisive_frame(image)).endswith(f"({template.wording.ood})")
+    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], ood_images=[0], n_similar=0)
+    image, source = study.result.images[0], pydicom.dcmread(study.paths[0])
+    frame = decisive_frame(image)
+    caption = heatmap_caption(template, image, frame)
+    assert caption == "AI: not assessed, outside the model's training domain (score 0.400 > threshold 0.300)"
+    assert "%" not in caption and not any(c.display in caption for c in template.classes.values())
+    gray = frame_gray(source, frame.frame_number)
+    sc = build_heatmap_sc(
+        study.result, template, image, source, gray, load_heat(frame),
+        Placement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 1, ["sonocase test"]),
+        "explicit-little-endian",
+    )
+    path = _save(sc, tmp_path / "sc.dcm")
+    assert dciodvfy_errors(path) == []
+    back = check_object(path.read_bytes(), template.disclaimer)
+    assert "not assessed" in back.DerivationDescription and "Grad-CAM" not in back.DerivationDescription
+    pixels = back.pixel_array
+    band = pixels[:12]
+    assert np.median(band) < 10 and band.max() > 200  # the caption is burned in
+    # Between the caption and the disclaimer the frame is as the model saw it: no
+    # heatmap colour, no legend.
+    x0, y0, x1, y1 = frame.crop
+    middle = slice(max(y0, 40), min(y1, back.Rows - 60))
+    assert np.array_equal(pixels[middle, x0:x1], np.repeat(gray[middle, x0:x1, None], 3, axis=2))

@@ -1,10 +1,13 @@
 """The TID 1500 SR, built from a study of real ultrasound files (RGB, palette, a
-30-frame JPEG cine, JPEG-lossless monochrome; one skipped, one out of distribution):
-DCMTK renders it, dciodvfy finds no error, highdicom reads back what was computed,
-and every measurement group carries the image region OHIF needs to draw it."""
+30-frame JPEG cine, JPEG-lossless monochrome; one skipped, one outside the model's
+training domain): DCMTK renders it, dciodvfy finds no error, highdicom reads back
+what was computed, every measurement group carries the image region OHIF needs to
+draw it, and the image outside the training domain is "not assessed": no class,
+probability or region, its score against the threshold instead."""
 
 from __future__ import annotations
 
+from html import unescape
 from pathlib import Path
 
 import highdicom as hd
@@ -31,8 +34,9 @@ from test_reports_support import (
 
 from service.ledger import Ledger
 from service.reports.heatmaps import OUTLINE_LEVEL, load_heats
-from service.reports.sr import SR_CLASSES, Heats, build_sr, decisive_frame, reading_order
+from service.reports.sr import SR_CLASSES, Heats, assessed_frames, build_sr, decisive_frame, reading_order
 from service.reports.template import SrTemplate, TemplateError, load_template
+from service.reports.validation import check_object
 from service.settings import Settings, load_settings
 
 Built = tuple[Settings, Study, list[pydicom.Dataset], SrTemplate, Heats]
@@ -41,7 +45,7 @@ Built = tuple[Settings, Study, list[pydicom.Dataset], SrTemplate, Heats]
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     settings = load_settings(data_dir=tmp_path_factory.mktemp("sr") / "data", durability="none")
-    study = analysed_study(settings, Ledger(settings.ledger_path, durable=False), skip=[3], ood_image=1)
+    study = analysed_study(settings, Ledger(settings.ledger_path, durable=False), skip=[3], ood_images=[1])
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.paths]
     return settings, study, sources, load_template(DEFAULT_TEMPLATE), load_heats(study.result)
 
@@ -52,6 +56,17 @@ def _texts(item: pydicom.Dataset, meaning: str) -> list[str]:
         child.TextValue for child in item.ContentSequence
         if child.ValueType == "TEXT" and child.ConceptNameCodeSequence[0].CodeMeaning == meaning
     ]
+
+
+def _not_assessed(container: pydicom.Dataset, template: SrTemplate) -> list[pydicom.Dataset]:
+    """The container's "Impression: Not Evaluated" statements."""
+    return [i for i in container.ContentSequence
+            if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeValue == template.concepts.not_assessed.value]
+
+
+def _items(items: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """Every content item under ``items``, depth first."""
+    return [found for item in items for found in (item, *_items(item.get("ContentSequence", [])))]
 
 
 def _write(sr: hd.sr.Comprehensive3DSR, path: Path) -> Path:
@@ -107,7 +122,7 @@ def test_every_frame_is_a_region_on_its_image_with_its_numbers(built: Built, tmp
     content = hd.sr.srread(_write(sr, tmp_path / "sr.dcm")).content
     assert content.get_image_measurement_groups() == []  # no group without a region: OHIF would break
     groups = content.get_planar_roi_measurement_groups()
-    frames = [(image, frame) for image in reading_order(study.result) for frame in image.frames]
+    frames = [(image, frame) for image in reading_order(study.result) for frame in assessed_frames(image)]
     assert len(groups) == len(frames)
     multi_frame = {ds.SOPInstanceUID for ds in sources if int(ds.get("NumberOfFrames") or 1) > 1}
     for group, (image, frame) in zip(groups, frames, strict=True):
@@ -126,7 +141,7 @@ def test_every_frame_is_a_region_on_its_image_with_its_numbers(built: Built, tmp
         assert all(m.unit.value == "%" for m in measurements)
         evaluations = {e.name.meaning: e.value for e in group.get_qualitative_evaluations()}
         assert evaluations["Impression"].value == template.classes[frame.predicted].finding.value
-        assert ("Outside the model's experience" in evaluations) == frame.out_of_distribution
+        assert template.concepts.out_of_distribution.meaning not in evaluations
         assert _texts(group[0], "Algorithm Name") == [study.result.model.name]
         assert group.tracking_identifier.endswith(
             f"frame {frame.frame_number}: {template.classes[frame.predicted].display} "
@@ -137,7 +152,7 @@ def test_each_region_is_the_heatmap_outline_at_half_its_peak(built: Built, tmp_p
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
     groups = hd.sr.srread(_write(sr, tmp_path / "sr.dcm")).content.get_planar_roi_measurement_groups()
-    frames = [(image, frame) for image in reading_order(study.result) for frame in image.frames]
+    frames = [(image, frame) for image in reading_order(study.result) for frame in assessed_frames(image)]
     for group, (image, frame) in zip(groups, frames, strict=True):
         points = group.roi.value
         heat = heats[(image.sop_instance_uid, frame.frame_number)]
@@ -173,7 +188,8 @@ def test_regions_are_what_ohif_reads(built: Built) -> None:
         ref = child.ReferencedSOPSequence[0]
         seen.append((ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1)))
         assert [i.ValueType for i in group.ContentSequence].count("UIDREF") == 1  # the tracking UID
-    assert seen == [(i.sop_instance_uid, f.frame_number) for i in reading_order(study.result) for f in i.frames]
+    assert seen == [(i.sop_instance_uid, f.frame_number) for i in reading_order(study.result)
+                    for f in assessed_frames(i)]
     assert seen[0][0] == study.result.summary.decisive_sop_instance_uid  # OHIF opens the report on it
 
 
@@ -182,7 +198,7 @@ def test_the_decisive_frame_references_the_heatmap_objects(built: Built) -> None
     objects = _heatmap_objects(study)
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats, objects)
     groups = [g for g in sr.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
-    frames = [(image, frame) for image in reading_order(study.result) for frame in image.frames]
+    frames = [(image, frame) for image in reading_order(study.result) for frame in assessed_frames(image)]
     for group, (image, frame) in zip(groups.ContentSequence, frames, strict=True):
         images = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
         named = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: i.ConceptNameCodeSequence[0].CodeMeaning
@@ -210,16 +226,17 @@ def test_study_summary_is_in_words_and_codes_without_coordinates(built: Built) -
     frame = decisive_frame(decisive)
     index = next(n for n, i in enumerate(study.result.images) if i is decisive)
     (code,) = [i for i in evaluations.ContentSequence
-               if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning == "Impression"]
+               if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning == "Impression"
+               and i not in _not_assessed(evaluations, template)]
     assert code.ConceptCodeSequence[0].CodeValue == template.classes[summary.predicted].finding.value
     assert _texts(evaluations, "Study summary") == [
         f"{template.classes[summary.predicted].display} {summary.probability:.0%}, "
         f"decided by image {index + 1} frame {frame.frame_number}"]
     assert frame.probabilities[decisive.predicted] == pytest.approx(summary.probability)
     assert _texts(evaluations, "Study summary rule") == [summary.rule]
-    flags = [i for i in evaluations.ContentSequence
-             if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning == "Outside the model's experience"]
-    assert len(flags) == int(summary.out_of_distribution)
+    flags = [i for i in evaluations.ContentSequence if i.ValueType == "CODE"
+             and i.ConceptNameCodeSequence[0].CodeMeaning == template.concepts.out_of_distribution.meaning]
+    assert flags == [] and not summary.out_of_distribution  # one image is assessed: the study has a class
 
 
 def test_document_is_a_new_unverified_series_in_the_patients_study(built: Built) -> None:
@@ -292,3 +309,88 @@ def test_a_study_with_nothing_analysed_still_says_so(settings: Settings, ledger:
     assert group.tracking_identifier == template.wording.no_summary
     assert group.get_measurements() == [] and group.source_images == []
     assert _texts(sr.ContentSequence[-1], "Study summary") == [template.wording.no_summary]
+
+
+def test_a_frame_outside_the_training_domain_is_not_assessed_against_its_threshold(built: Built) -> None:
+    _, study, sources, template, heats = built
+    sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats, _heatmap_objects(study))
+    flagged = [(n, image, frame) for n, image in enumerate(study.result.images)
+               for frame in image.frames if frame.out_of_distribution]
+    assert {image.sop_instance_uid for _, image, _ in flagged} == {study.result.images[1].sop_instance_uid}
+    statements = _not_assessed(sr.ContentSequence[-1], template)
+    assert len(statements) == len(flagged)
+    for item, (n, image, frame) in zip(statements, flagged, strict=True):
+        assert item.ConceptNameCodeSequence[0].CodeMeaning == "Impression"
+        children = {c.ConceptNameCodeSequence[0].CodeMeaning: c for c in item.ContentSequence}
+        assert children["Comment"].TextValue == (
+            f"Image {n + 1} frame {frame.frame_number} not assessed: outside the model's training domain "
+            f"(score {frame.ood_distance:.3f} > threshold {frame.ood_threshold:.3f})")
+        flag = children[template.concepts.out_of_distribution.meaning]
+        assert flag.ConceptCodeSequence[0].CodeValue == template.concepts.yes.value
+        score, threshold = children["Domain guard score"], children["Threshold Value"]
+        assert float(score.MeasuredValueSequence[0].NumericValue) == pytest.approx(frame.ood_distance)
+        assert float(threshold.MeasuredValueSequence[0].NumericValue) == pytest.approx(frame.ood_threshold)
+        (source,) = score.ContentSequence
+        assert (source.RelationshipType, source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == (
+            "INFERRED FROM", image.sop_instance_uid)
+    # No group, region, class or probability for the flagged image anywhere else.
+    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    named = {ref.ReferencedSOPInstanceUID for item in _items(measurements.ContentSequence)
+             for ref in item.get("ReferencedSOPSequence", [])}
+    assert study.result.images[1].sop_instance_uid not in named
+
+
+def test_a_cine_frame_outside_the_training_domain_neither_speaks_for_its_image_nor_gets_a_group(
+        built: Built) -> None:
+    _, study, sources, template, heats = built
+    cine = study.result.images[2]
+    loudest = decisive_frame(cine)
+    flagged = loudest.model_copy(update={"out_of_distribution": True, "ood_distance": 0.4})
+    image = cine.model_copy(update={"frames": [flagged if f is loudest else f for f in cine.frames]})
+    result = study.result.model_copy(update={"images": [*study.result.images[:2], image, *study.result.images[3:]]})
+    assert decisive_frame(image).frame_number != loudest.frame_number
+    sr = build_sr(result, template, sources, EnhancedSRStorage, "0.1.0", heats)
+    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    drawn = {(ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1))
+             for item in _items(measurements.ContentSequence) if item.ValueType == "SCOORD"
+             for ref in item.ContentSequence[0].ReferencedSOPSequence}
+    assert (image.sop_instance_uid, loudest.frame_number) not in drawn
+    assert {(image.sop_instance_uid, f.frame_number) for f in assessed_frames(image)} <= drawn
+    lines = [c.TextValue for item in _not_assessed(sr.ContentSequence[-1], template) for c in item.ContentSequence
+             if c.ValueType == "TEXT"]
+    assert f"Image 3 frame {loudest.frame_number} not assessed: outside the model's training domain " \
+           "(score 0.400 > threshold 0.300)" in lines
+
+
+@pytest.mark.parametrize("sop_class", SR_CLASSES)
+def test_a_study_all_outside_the_training_domain_says_so_first_without_probabilities(
+        settings: Settings, ledger: Ledger, tmp_path: Path, sop_class: str) -> None:
+    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm", "examples_ybr_color.dcm"], ood_images=[0, 1],
+                           n_similar=0)
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.paths]
+    template = load_template(DEFAULT_TEMPLATE)
+    sr = build_sr(study.result, template, sources, sop_class, "0.1.0", load_heats(study.result))
+    path = _write(sr, tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    check_object(path.read_bytes(), template.disclaimer)  # the gate lets it leave
+    html = unescape(dsr2html(path, tmp_path / "sr.html"))
+    assert html.index(template.concepts.not_assessed.meaning) < html.index(template.disclaimer)  # said first
+    assert template.wording.not_assessed_summary in html
+    content = hd.sr.srread(path).content
+    (group,) = content.get_image_measurement_groups()
+    assert group.tracking_identifier == template.wording.not_assessed_summary
+    assert group.get_measurements() == [] and group.source_images == []
+    assert {e.name.meaning: e.value.value for e in group.get_qualitative_evaluations()} == {
+        "Impression": template.concepts.not_assessed.value,
+        template.concepts.out_of_distribution.meaning: template.concepts.yes.value,
+    }
+    evaluations = sr.ContentSequence[-1]
+    assert _texts(evaluations, "Study summary") == [template.wording.not_assessed_summary]
+    frames = [f for image in study.result.images for f in image.frames]
+    assert len(_not_assessed(evaluations, template)) == 1 + len(frames)  # the study, then each frame
+    numbers = [i for i in _items(sr.ContentSequence) if i.ValueType == "NUM"]
+    assert sorted(n.ConceptNameCodeSequence[0].CodeMeaning for n in numbers) == sorted(
+        ["Domain guard score", "Threshold Value"] * len(frames))  # no class probability
+    assert not [i for i in _items(sr.ContentSequence) if i.ValueType == "SCOORD"]  # no region
+    probabilities = {c.probability.meaning for c in template.classes.values()}
+    assert not any(meaning in html for meaning in probabilities)

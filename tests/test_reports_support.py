@@ -27,8 +27,10 @@ from pydicom.uid import generate_uid
 
 from service.common.spool import instance_path
 from service.ledger import InstanceRecord, Ledger, StudyState
+from service.pipeline.analysis import summarise_study
 from service.reports.build import heatmap_references, read_sources
 from service.reports.heatmaps import load_heats
+from service.reports.kos import key_images
 from service.reports.template import SrTemplate, load_template
 from service.results import (
     FrameResult,
@@ -36,7 +38,6 @@ from service.results import (
     ModelIdentity,
     SimilarStudy,
     StudyResult,
-    StudySummary,
 )
 from service.settings import Settings
 
@@ -127,9 +128,11 @@ def analyse(
     generation: int = 1,
     skip: Sequence[int] = (),
     n_similar: int = 3,
-    ood_image: int | None = None,
+    ood_images: Sequence[int] = (),
 ) -> tuple[StudyResult, dict[str, Path]]:
-    """The StudyResult a worker would store for the study (heatmaps on disk)."""
+    """The StudyResult a worker would store for the study (heatmaps on disk); the
+    images numbered in ``ood_images`` lie outside the model's training domain (score
+    0.4 against a threshold of 0.3), so they get no class, as in the worker."""
     images = []
     for index, path in enumerate(paths):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -152,27 +155,25 @@ def analyse(
                     frame_number=frame_number,
                     probabilities=probs,
                     predicted=max(probs, key=probs.__getitem__),
-                    out_of_distribution=index == ood_image,
-                    ood_distance=0.4,
+                    out_of_distribution=index in ood_images,
+                    ood_distance=0.4 if index in ood_images else 0.1,
+                    ood_threshold=0.3,
                     heatmap_path=str(heat_path),
                     crop=(x0, y0, x1, y1),
                     embedding=[0.0] * 8,
                 )
             )
-        best = max(frames, key=lambda f: max(f.probabilities.values()))
+        best = None if index in ood_images else max(frames, key=lambda f: max(f.probabilities.values()))
         images.append(
             ImageResult(
                 **base,
                 frames=frames,
-                predicted=best.predicted,
-                probability=best.probabilities[best.predicted],
-                out_of_distribution=index == ood_image,
+                predicted=best.predicted if best else None,
+                probability=best.probabilities[best.predicted] if best else None,
+                out_of_distribution=best is None,
                 number_of_frames=n_frames,
             )
         )
-    analysed = [i for i in images if i.frames]
-    order = {c: n for n, c in enumerate(CLASSES)}
-    decisive = max(analysed, key=lambda i: (order[i.predicted], i.probability)) if analysed else None
     references: dict[str, Path] = {}
     similar = []
     for rank, name in enumerate(REFERENCE_FILES[:n_similar]):  # each a study of its own
@@ -199,12 +200,7 @@ def analyse(
         model=MODEL,
         index_version="idx-7",
         images=images,
-        summary=StudySummary(
-            predicted=decisive.predicted if decisive else None,
-            probability=decisive.probability if decisive else None,
-            decisive_sop_instance_uid=decisive.sop_instance_uid if decisive else None,
-            out_of_distribution=any(i.out_of_distribution for i in analysed),
-        ),
+        summary=summarise_study(images, CLASSES),
         similar=similar,
     )
     return result, references
@@ -227,7 +223,7 @@ def expected_outputs(ledger: Ledger, result: StudyResult) -> dict[str, int]:
     """How many objects of each kind ("SR", "SC", "SEG", "KO") the report builder
     writes for ``result``: an SR; per analysed image a heatmap SC and, where one can
     be made, an overlay SEG; the montage when there are similar studies; the
-    key-image flag when an image was analysed."""
+    key-image flag when an image was assessed."""
     sources, _ = read_sources(ledger, result)
     references = heatmap_references(result, sources, load_heats(result))
     analysed = bool(references)
@@ -235,7 +231,7 @@ def expected_outputs(ledger: Ledger, result: StudyResult) -> dict[str, int]:
         "SR": 1,
         "SC": len(references) + int(analysed and bool(result.similar)),
         "SEG": sum(len(refs) - 1 for refs in references.values()),
-        "KO": int(analysed),
+        "KO": int(bool(key_images(result))),
     }
 
 

@@ -16,7 +16,7 @@ import onnx
 import pydicom
 import pytest
 from click.testing import CliRunner, Result
-from conftest import dcmtk, free_port, wait_until
+from conftest import dcmtk, free_port, guard_card_entry, wait_until
 from onnx import TensorProto, helper
 from pydicom.uid import BasicTextSRStorage, generate_uid
 
@@ -65,7 +65,7 @@ def write_model(path: Path, seed: int, version: str) -> Path:
         name="tiny-test", version=version, architecture="random projection", classes=CLASSES,
         input={"height": SIDE, "width": SIDE, "mean": 0.5, "std": 0.25}, embedding_dim=DIM,
         onnx_file=path.name, sha256=sha256_file(path), opset=17,
-        ood={"centroids": [[0.0] * DIM] * len(CLASSES), "threshold": 10.0, "percentile": 99.0},
+        ood=guard_card_entry(1e12),
         training_data={"source": "none"}, created="2026-01-01T00:00:00Z", intended_use="tests",
         disclaimer=DISCLAIMER,
     )

@@ -29,6 +29,8 @@ from service.datasets.splits import (
 )
 from service.datasets.synthetic import (
     generate_records,
+    patient_views,
+    synthetic_cine,
     synthetic_study,
     write_busi_layout,
     write_dicom_dataset,
@@ -136,6 +138,25 @@ def test_dicom_variants_pass_dciodvfy_and_decode_to_the_image(variant: str, tmp_
     (expected,) = [r.image for r in generate_records(1, SIZE, seed=7) if r.label_name == "benign"]
     error = np.abs(gray[y0:y1, x0:x1].astype(int) - expected).mean()
     assert error == 0 if variant in ("mono", "rgb") else error < 4.0
+
+
+@pytest.mark.parametrize("variant", ["mono", "ybr_jpeg"])
+def test_a_synthetic_cine_loop_is_a_valid_multiframe_object_of_one_patients_views(variant: str,
+                                                                                   tmp_path: Path) -> None:
+    cine = synthetic_cine(5, "malignant", seed=7, size=SIZE, variant=variant)
+    (path,) = write_dicom_study(tmp_path, [cine])
+    report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    assert [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")] == []
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.3.1" and int(ds.NumberOfFrames) == 5
+    x0, y0, x1, y1 = ultrasound_region(ds)
+    views = patient_views(7, CLASSES.index("malignant"), 0, SIZE, n_views=5)
+    for k, view in enumerate(views):
+        error = np.abs(to_grayscale(ds, k)[y0:y1, x0:x1].astype(int) - view.image).mean()
+        assert error == 0 if variant == "mono" else error < 4.0
+    assert not np.array_equal(views[0].image, views[1].image), "the frames are different views"
+    with pytest.raises(ValueError, match="at least two frames"):
+        synthetic_cine(1, "benign")
 
 
 # --- BUSI layout --------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 from chromium import Chromium
+from conftest import guard_card_entry
 from fastapi import APIRouter, Request
 from kombu import Connection
 from PIL import Image
@@ -36,6 +37,7 @@ from service.delivery.recovery import (
     retry_study,
 )
 from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
+from service.pipeline.analysis import summarise_study
 from service.model_card import ModelCard, card_path_for, sha256_file
 from service.ops.sessions import LoginThrottle, SessionStore
 from service.ops.views import CheckResult, IndexProbe, ModelProbe, broker_check
@@ -45,7 +47,6 @@ from service.results import (
     ImageResult,
     ModelIdentity,
     StudyResult,
-    StudySummary,
 )
 from service.settings import Settings, load_settings
 from service.similar.index import SimilarCaseIndex
@@ -76,9 +77,11 @@ def _store(settings: Settings, ledger: Ledger, study_uid: str, now: float) -> In
 
 def _analyse(
     settings: Settings, ledger: Ledger, rec: InstanceRecord, now: float, heat_root: Path | None = None,
+    ood: bool = False,
 ) -> None:
     """Take a study through completion and analysis with a hand-made result: the
-    analysis worker is another stage; this is its output as test input."""
+    analysis worker is another stage; this is its output as test input. ``ood``:
+    the image lies outside the model's training domain, so it has no class."""
     ledger.complete_quiet_studies(1, now=now + 5)
     generation = ledger.claim_analysis(rec.study_uid, 60, now=now + 6)
     assert generation is not None
@@ -89,22 +92,23 @@ def _analyse(
     np.save(heat_path, heat)
     probs = {"normal": 0.03, "benign": 0.10, "malignant": 0.87}
     frame = FrameResult(
-        frame_number=1, probabilities=probs, predicted="malignant", out_of_distribution=False,
-        ood_distance=0.2, heatmap_path=str(heat_path), crop=(0, 0, 64, 64), embedding=[0.0] * 4,
+        frame_number=1, probabilities=probs, predicted="malignant", out_of_distribution=ood,
+        ood_distance=2.0 if ood else 0.2, ood_threshold=1.0, heatmap_path=str(heat_path), crop=(0, 0, 64, 64),
+        embedding=[0.0] * 4,
     )
+    images = [ImageResult(
+        sop_instance_uid=rec.sop_instance_uid, series_uid=rec.series_uid, sop_class_uid=rec.sop_class_uid,
+        frames=[frame], predicted=None if ood else "malignant", probability=None if ood else 0.87,
+        out_of_distribution=ood,
+    )]
     result = StudyResult(
         study_uid=rec.study_uid, generation=generation,
         model=ModelIdentity(name="sonocase-hybrid", version="1", sha256="0" * 64),
-        images=[ImageResult(
-            sop_instance_uid=rec.sop_instance_uid, series_uid=rec.series_uid, sop_class_uid=rec.sop_class_uid,
-            frames=[frame], predicted="malignant", probability=0.87,
-        )],
-        summary=StudySummary(
-            predicted="malignant", probability=0.87, decisive_sop_instance_uid=rec.sop_instance_uid,
-            out_of_distribution=False,
-        ),
+        images=images, summary=summarise_study(images, list(probs)),
     )
-    assert ledger.finish_analysis(rec.study_uid, generation, result.model_dump(mode="json"), now=now + 8)
+    analysed, not_assessed = result.image_counts()
+    assert ledger.finish_analysis(rec.study_uid, generation, result.model_dump(mode="json"), now=now + 8,
+                                  images_analysed=analysed, images_not_assessed=not_assessed)
 
 
 @dataclass
@@ -127,7 +131,7 @@ def _model(tmp_path: Path) -> Path:
         "name": "sonocase-hybrid", "version": "7", "architecture": "hybrid",
         "classes": ["normal", "benign", "malignant"], "input": {"height": 8, "width": 8, "mean": 0.5, "std": 0.2},
         "embedding_dim": 4, "onnx_file": path.name, "sha256": sha256_file(path), "opset": 18,
-        "ood": {"centroids": [[0, 0, 0, 1]], "threshold": 1.0, "percentile": 99},
+        "ood": guard_card_entry(1.0),
         "training_data": {"source": "synthetic"}, "created": "2026-01-01", "intended_use": "tests",
     }
     card_path_for(path).write_text(json.dumps(card))
@@ -221,6 +225,8 @@ def test_health_ready_and_metrics(node: Node) -> None:
     assert values[("sonocase_cstore_responses_total", (("status", "0xA700"),))] >= 1
     assert values[("sonocase_outbox_objects", (("state", "failed"),))] == 1
     assert values[("sonocase_send_retries", ())] == 1
+    assert values[("sonocase_images_analysed_total", ())] == 2
+    assert values[("sonocase_images_not_assessed_total", ())] == 0
     # Two studies were analysed 3 s after they completed (see _analyse).
     stage = (("stage", "complete_to_analysed"),)
     assert values[("sonocase_stage_latency_seconds_count", stage)] == 2
@@ -335,6 +341,21 @@ def test_heatmap_outside_the_results_folder_is_not_served(node: Node, tmp_path: 
     assert _http(node.url, f"/status/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
     status, _, body = _http(node.url, "/status", headers=BEARER)
     assert status == 200 and f"/studies/{rec.study_uid}/heatmap.png" not in body.decode()
+
+
+def test_an_image_outside_the_training_domain_is_shown_not_assessed_and_counted(node: Node) -> None:
+    rec = _store(node.settings, node.ledger, generate_uid(), time.time())
+    _analyse(node.settings, node.ledger, rec, time.time(), ood=True)
+    status, studies = _json(node.url, "/api/v1/studies", headers=BEARER)
+    (shown,) = [s for s in studies if s["study_uid"] == rec.study_uid]
+    assert shown["result"] == "not assessed: outside the model's training domain"
+    assert shown["heatmap_url"] is None  # no heatmap posing as an explanation
+    assert _http(node.url, f"/status/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
+    page = _http(node.url, "/status", headers=BEARER)[2].decode()
+    assert "not assessed: outside the model&#x27;s training domain" in page
+    families = text_string_to_metric_families(_http(node.url, "/metrics")[2].decode())
+    values = {s.name: s.value for f in families for s in f.samples}
+    assert (values["sonocase_images_analysed_total"], values["sonocase_images_not_assessed_total"]) == (3, 1)
 
 
 def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:

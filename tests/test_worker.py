@@ -194,17 +194,29 @@ def test_every_shipped_ultrasound_file_reaches_a_result_or_a_skip_reason(
 
 def test_outside_the_models_experience_gives_no_class(worker_settings: Settings, ledger: Ledger,
                                                        tmp_path: Path) -> None:
+    """Every image outside the training domain (the card's threshold lowered to 0):
+    no class, the threshold recorded beside each score, no similar case offered
+    although the index holds an analysed study, and the study does not join the
+    index; its reports: an SR and an SC per image, no overlay, no key-image flag."""
+    indexing = worker_settings.model_copy(update={"index_analysed_studies": True, "similar_studies": 3})
+    process_study(WorkerState(indexing), receive(indexing, ledger, _study(2, "benign", seed=7)))
     model = tmp_path / worker_settings.model_path.name
     shutil.copyfile(worker_settings.model_path, model)
     card = json.loads(card_path_for(worker_settings.model_path).read_text())
     card["ood"]["threshold"] = 0.0
     card_path_for(model).write_text(json.dumps(card))
-    strict = worker_settings.model_copy(update={"model_path": model})
+    strict = indexing.model_copy(update={"model_path": model})
     study_uid = receive(strict, ledger, _study(2, seed=6))
     process_study(WorkerState(strict), study_uid)
     result = _result(ledger, study_uid)
     assert all(i.out_of_distribution and i.predicted is None for i in result.images)
     assert result.summary.out_of_distribution and result.summary.predicted is None
+    assert all(f.ood_threshold == 0.0 < f.ood_distance for i in result.images for f in i.frames)
+    assert result.index_version is not None and result.similar == []
+    with SimilarCaseIndex.from_settings(strict, None) as index:
+        indexed = {s.study_uid for s in index.stored_images()}
+    assert indexed and study_uid not in indexed  # the index could have answered
+    assert outbox_kinds(list(outbox_folder(strict, study_uid, 1).iterdir())) == {"SR": 1, "SC": 2, "SEG": 0, "KO": 0}
 
 
 def _frame(predicted: str, p: float, ood: bool = False) -> FrameResult:

@@ -24,7 +24,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset
 
-from service.model.imaging import ULTRASOUND_SOP_CLASSES, PixelError, model_input, prepare_instance
+from service.ingest.rules import ULTRASOUND_SOP_CLASSES
+from service.model.imaging import PixelError, model_input, prepare_instance
 from service.model_card import InputSpec
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"

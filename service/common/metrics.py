@@ -129,6 +129,15 @@ class LedgerCollector(Collector):
             "sonocase_queue_depth", "Studies complete or queued, waiting for a worker",
             value=sum(counts.get(s, 0) for s in WAITING),
         )
+        analysed, not_assessed = self._ledger.image_totals()
+        yield CounterMetricFamily(
+            "sonocase_images_analysed", "Images analysed (ledger; a re-analysed study counts again)", value=analysed,
+        )
+        yield CounterMetricFamily(
+            "sonocase_images_not_assessed", "Analysed images the domain guard flagged as outside the model's training "
+            "domain: reported as not assessed, without a class (ledger; a re-analysed study counts again)",
+            value=not_assessed,
+        )
         yield self._latencies()
         yield from self._outbox()
         yield from self._files()

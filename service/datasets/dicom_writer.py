@@ -25,6 +25,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
 )
 
 from service.model_card import DISCLAIMER
@@ -41,6 +42,8 @@ SPATIAL_2D, SPATIAL_NONE = 0x0001, 0x0000
 #: Physical Units X/Y Direction (C.8.5.5.1.15): 3 = cm, 0 = none.
 UNITS_CM, UNITS_NONE = 0x0003, 0x0000
 JPEG_QUALITY = 92
+#: A cine loop's frame interval (ms): 25 frames a second, as a breast preset records.
+FRAME_TIME_MS = 40.0
 _BORDER = 6  # grey level of the dark frame around the image
 
 
@@ -142,6 +145,25 @@ def ultrasound_image(image: np.ndarray, info: StudyInfo, *, instance_number: int
     return ds
 
 
+def ultrasound_cine(images: list[np.ndarray], info: StudyInfo, *, instance_number: int,
+                    sop_instance_uid: str, variant: Variant = "ybr_jpeg") -> Dataset:
+    """One Ultrasound Multi-frame Image Storage dataset: a cine loop of ``images`` (one
+    frame each, same size) on the same screen and regions, ``FRAME_TIME_MS`` apart."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown pixel variant {variant!r}; expected one of {VARIANTS}")
+    if len(images) < 2 or len({image.shape for image in images}) != 1:
+        raise ValueError("a cine loop needs at least two frames of one size")
+    composed = [compose_frame(image, info) for image in images]
+    ds = _identity(info, instance_number, sop_instance_uid)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    ds.SequenceOfUltrasoundRegions = [region.item() for region in composed[0][1]]
+    ds.NumberOfFrames = len(images)
+    ds.FrameTime = FRAME_TIME_MS
+    ds.FrameIncrementPointer = 0x00181063  # Frame Time
+    _set_pixels(ds, np.stack([frame for frame, _ in composed]), variant)
+    return ds
+
+
 def _identity(info: StudyInfo, instance_number: int, sop_instance_uid: str) -> Dataset:
     """Patient, study, series, equipment and image attributes of the US Image IOD."""
     ds = Dataset()
@@ -187,11 +209,13 @@ def _identity(info: StudyInfo, instance_number: int, sop_instance_uid: str) -> D
     return ds
 
 
-def _set_pixels(ds: Dataset, frame: np.ndarray, variant: Variant) -> None:
-    """Store the RGB ``frame`` as the variant asks: grayscale or colour, raw or JPEG."""
+def _set_pixels(ds: Dataset, frames: np.ndarray, variant: Variant) -> None:
+    """Store the RGB frame [H, W, 3] (or frames [N, H, W, 3] of a cine loop) as the
+    variant asks: grayscale or colour, raw or JPEG (one JPEG per frame)."""
     gray = variant.startswith("mono")
-    pixels = np.asarray(Image.fromarray(frame).convert("L")) if gray else frame
-    ds.Rows, ds.Columns = frame.shape[:2]
+    stack = frames if frames.ndim == 4 else frames[None]
+    pixels = [np.asarray(Image.fromarray(f).convert("L")) if gray else f for f in stack]
+    ds.Rows, ds.Columns = stack.shape[1:3]
     ds.SamplesPerPixel = 1 if gray else 3
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit = 7
@@ -202,20 +226,23 @@ def _set_pixels(ds: Dataset, frame: np.ndarray, variant: Variant) -> None:
         ds.PhotometricInterpretation = "MONOCHROME2" if gray else "RGB"
         ds.LossyImageCompression = "00"
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        ds.PixelData = np.ascontiguousarray(np.stack(pixels)).tobytes()
         return
-    buffer = io.BytesIO()
-    if variant == "ybr_jpeg":
-        Image.fromarray(pixels).save(buffer, "JPEG", quality=JPEG_QUALITY, subsampling="4:2:2")
-        ds.PhotometricInterpretation = "YBR_FULL_422"
-    else:
-        Image.fromarray(pixels).save(buffer, "JPEG", quality=JPEG_QUALITY)
-        ds.PhotometricInterpretation = "MONOCHROME2"
-    encoded = buffer.getvalue()
+    encoded = [_jpeg(p, variant) for p in pixels]
+    ds.PhotometricInterpretation = "YBR_FULL_422" if variant == "ybr_jpeg" else "MONOCHROME2"
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-    ds.PixelData = encapsulate([encoded])
+    ds.PixelData = encapsulate(encoded)
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     ds.LossyImageCompression = "01"
-    ds.LossyImageCompressionRatio = f"{pixels.nbytes / len(encoded):.2f}"
+    ds.LossyImageCompressionRatio = f"{sum(p.nbytes for p in pixels) / sum(len(e) for e in encoded):.2f}"
     ds.LossyImageCompressionMethod = "ISO_10918_1"
+
+
+def _jpeg(pixels: np.ndarray, variant: Variant) -> bytes:
+    buffer = io.BytesIO()
+    if variant == "ybr_jpeg":
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=JPEG_QUALITY, subsampling="4:2:2")
+    else:
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()

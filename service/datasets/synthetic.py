@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from service.datasets.busi import BUSI_FOLDER
-from service.datasets.dicom_writer import VARIANTS, StudyInfo, Variant, ultrasound_image
+from service.datasets.dicom_writer import VARIANTS, StudyInfo, Variant, ultrasound_cine, ultrasound_image
 from service.datasets.phantom import NORMAL, Lesion, jitter_view, render, sample_patient
 from service.datasets.records import CLASSES, Record
 
@@ -186,6 +186,19 @@ def synthetic_study(n_images: int, label: int | str, seed: int = 0, *, size: int
     label = class_index(label)
     views = patient_views(seed, label, index, size, n_views=n_images)
     return _study(seed, label, index, views, variant)
+
+
+def synthetic_cine(n_frames: int, label: int | str, seed: int = 0, *, size: int = 256,
+                   variant: Variant = "ybr_jpeg", index: int = 0) -> Dataset:
+    """One synthetic patient's cine loop: an Ultrasound Multi-frame Image Storage
+    object whose ``n_frames`` frames are views of one breast lesion (or a normal
+    breast), as a probe sweeping over it records them."""
+    _check_counts(n_frames, "n_frames", seed)
+    label = class_index(label)
+    views = patient_views(seed, label, index, size, n_views=n_frames)
+    key = _patient_key(seed, label, index)
+    return ultrasound_cine([view.image for view in views], study_info(seed, label, index), instance_number=1,
+                           sop_instance_uid=_uid(key, "cine"), variant=variant)
 
 
 def write_dicom_study(root: Path, datasets: list[Dataset]) -> list[Path]:

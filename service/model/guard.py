@@ -56,15 +56,15 @@ def bmode_statistics(images: np.ndarray) -> np.ndarray:
     Speckle signal-to-noise (mean / standard deviation of small bright patches) is
     close to 1.9 for fully developed speckle and far from it in CT, MR, photographs
     and drawings; the other features catch flat regions, saturated graphics and an
-    echo that does not fade with depth. H and W must be multiples of PATCH and of
-    DEPTH_BANDS (the card's input size is).
+    echo that does not fade with depth. Patches are whole PATCH x PATCH squares (a
+    remainder at the right and bottom is left out of them); H must be at least
+    DEPTH_BANDS and PATCH, W at least PATCH.
     """
     x = np.asarray(images, dtype=np.float64)
     n, height, width = x.shape
-    if height % PATCH or width % PATCH or height % DEPTH_BANDS:
-        raise ValueError(f"image size {height}x{width} is not a multiple of the {PATCH}-pixel patches")
     mean = x.mean(axis=(1, 2))
-    patches = x.reshape(n, height // PATCH, PATCH, width // PATCH, PATCH).transpose(0, 1, 3, 2, 4)
+    whole = x[:, : height - height % PATCH, : width - width % PATCH]  # whole patches only
+    patches = whole.reshape(n, height // PATCH, PATCH, width // PATCH, PATCH).transpose(0, 1, 3, 2, 4)
     patches = patches.reshape(n, -1, PATCH * PATCH)
     patch_mean, patch_std = patches.mean(axis=2), patches.std(axis=2)
     bright = patch_mean > PATCH_DARK
@@ -73,7 +73,8 @@ def bmode_statistics(images: np.ndarray) -> np.ndarray:
     levels = np.clip((x * (HISTOGRAM_BINS / 256.0)).astype(np.int64), 0, HISTOGRAM_BINS - 1).reshape(n, -1)
     histogram = np.stack([np.bincount(row, minlength=HISTOGRAM_BINS) for row in levels]) / levels.shape[1]
     entropy = -np.sum(np.where(histogram > 0, histogram * np.log(np.maximum(histogram, 1e-12)), 0.0), axis=1)
-    bands = x.reshape(n, DEPTH_BANDS, -1).mean(axis=2) / np.maximum(mean, 1.0)[:, None]
+    bands = np.stack([band.mean(axis=(1, 2)) for band in np.array_split(x, DEPTH_BANDS, axis=1)], axis=1)
+    bands /= np.maximum(mean, 1.0)[:, None]
     return np.column_stack([
         mean, x.std(axis=(1, 2)), (x <= DARK).mean(axis=(1, 2)), (x >= SATURATED).mean(axis=(1, 2)),
         np.abs(np.diff(x, axis=2)).mean(axis=(1, 2)), np.abs(np.diff(x, axis=1)).mean(axis=(1, 2)),

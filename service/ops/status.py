@@ -15,6 +15,7 @@ import click
 
 from service.cli import settings_from
 from service.ledger import Ledger, StudyState, open_ledger
+from service.results import NOT_ASSESSED
 
 _TIME_COLUMNS = ("first_received", "last_received", "completed_at", "queued_at", "analysis_started",
                  "lease_until", "analysed_at", "reported_at", "sent_at", "next_attempt_at", "updated_at")
@@ -63,7 +64,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def format_detail(detail: dict[str, Any]) -> str:
-    """One study in readable form; the stored result as indented JSON."""
+    """One study in readable form: each image not assessed named first, then the
+    stored result as indented JSON."""
     study = detail["study"]
     lines = [f"study {study['study_uid']}"]
     for key, value in study.items():
@@ -78,6 +80,8 @@ def format_detail(detail: dict[str, Any]) -> str:
     if detail["result"] is None:
         lines.append("result: none yet")
     else:
+        lines.extend(f"image {image['sop_instance_uid']}: {NOT_ASSESSED}"
+                     for image in detail["result"].get("images", []) if image.get("out_of_distribution"))
         lines.append("result:")
         lines.extend("  " + line for line in json.dumps(detail["result"], indent=2).splitlines())
     lines.append(f"outbox ({len(detail['outbox'])})")

@@ -30,7 +30,7 @@ from service.common.spool import free_disk_mb
 from service.delivery.recovery import RetryKind
 from service.ledger import Ledger, OutboxState, StudyState
 from service.model_card import DISCLAIMER, ModelCard
-from service.results import StudyResult
+from service.results import NOT_ASSESSED, StudyResult
 from service.similar.index import SimilarCaseIndex
 
 logger = logging.getLogger(__name__)
@@ -230,20 +230,23 @@ def _accession(path: str) -> str:
 
 
 def _result_text(result: StudyResult) -> str:
+    """The study's answer in a few words, and how many images were not assessed."""
     summary = result.summary
     if summary.out_of_distribution:
-        return "outside the model's experience"
+        return NOT_ASSESSED
     if summary.predicted is None:
         return "no image analysed"
     probability = "" if summary.probability is None else f" {summary.probability:.2f}"
-    return f"{summary.predicted}{probability}"
+    flagged = sum(image.out_of_distribution for image in result.images)
+    return f"{summary.predicted}{probability}" + (f"; {flagged} image(s) {NOT_ASSESSED}" if flagged else "")
 
 
 def _decisive_heatmap(result: StudyResult, results_dir: Path) -> Path | None:
-    """The heatmap of the image that decided the study, if it lies under results_dir."""
+    """The heatmap of the image that decided the study, if it lies under results_dir;
+    none for an image not assessed (a map there would pose as an explanation)."""
     images = sorted(result.images, key=lambda i: i.sop_instance_uid != result.summary.decisive_sop_instance_uid)
     for image in images:
-        if image.frames:
+        if image.frames and not image.out_of_distribution:
             path = Path(image.frames[0].heatmap_path).resolve()
             return path if path.is_relative_to(results_dir.resolve()) and path.is_file() else None
     return None

@@ -29,6 +29,7 @@ from service.common.spool import instance_path, write_atomic
 from service.ledger import InstanceRecord
 from service.model.imaging import PreparedInstance, prepare_instance, resize_map
 from service.model.inference import OnnxModel, Prediction
+from service.model_card import ModelCard
 from service.results import FrameResult, ImageResult, StudyResult, StudySummary
 from service.settings import Settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
@@ -72,7 +73,7 @@ def suspicion(classes: Sequence[str], predicted: str) -> int:
 
 def decisive_frame(frames: Sequence[FrameResult], classes: Sequence[str]) -> FrameResult | None:
     """The most suspicious in-distribution frame (SUMMARY_RULE); ties go to the
-    higher probability. Frames outside the model's experience never decide."""
+    higher probability. Frames outside the model's training domain (not assessed) never decide."""
     judged = [f for f in frames if not f.out_of_distribution]
     if not judged:
         return None
@@ -81,7 +82,7 @@ def decisive_frame(frames: Sequence[FrameResult], classes: Sequence[str]) -> Fra
 
 def summarise_study(images: Sequence[ImageResult], classes: Sequence[str]) -> StudySummary:
     """The study's answer by SUMMARY_RULE. When images were analysed but every one
-    is outside the model's experience, there is no class: ``predicted`` is None and
+    is outside the model's training domain, there is no class: ``predicted`` is None and
     ``out_of_distribution`` says why."""
     decided = [i for i in images if i.predicted is not None and i.probability is not None]
     if not decided:
@@ -112,9 +113,12 @@ def _save_heatmap(path: Path, heatmap: np.ndarray, durable: bool) -> None:
 
 
 def _frame_results(
-    prepared: PreparedInstance, prediction: Prediction, first_row: int, classes: Sequence[str],
+    prepared: PreparedInstance, prediction: Prediction, first_row: int, card: ModelCard,
     heatmap_dir: Path, sop_instance_uid: str, durable: bool,
 ) -> list[FrameResult]:
+    """Each frame's outputs; the guard's threshold goes beside its score, so a report
+    can say "score against threshold" for a frame it does not assess."""
+    classes = card.classes
     frames = []
     for k, frame in enumerate(prepared.frames):
         row = first_row + k
@@ -128,6 +132,7 @@ def _frame_results(
             predicted=classes[int(prediction.predicted[row])],
             out_of_distribution=bool(prediction.out_of_distribution[row]),
             ood_distance=round(float(prediction.ood_distance[row]), 6),
+            ood_threshold=card.ood.threshold,
             heatmap_path=str(heatmap_path),
             crop=frame.crop,
             embedding=[round(float(v), 7) for v in prediction.embedding[row]],
@@ -179,7 +184,7 @@ def analyse_study(
     with clock.stage("inference_s"):
         prediction = model.run(np.stack(tensors) if tensors else np.zeros((0, 1, 1, 1), np.float32))
     with clock.stage("heatmaps_s"):
-        images = _image_results(instances, prepared, prediction, classes,
+        images = _image_results(instances, prepared, prediction, model.card,
                                 settings.results_dir / study_uid / str(generation), settings.durability == "fsync")
     for image in images:
         if image.skipped:
@@ -211,7 +216,7 @@ def analyse_study(
 
 def _image_results(
     instances: Sequence[InstanceRecord], prepared: dict[str, PreparedInstance | str], prediction: Prediction,
-    classes: Sequence[str], heatmap_dir: Path, durable: bool,
+    card: ModelCard, heatmap_dir: Path, durable: bool,
 ) -> list[ImageResult]:
     """Per instance, in ledger order: its frames' results (rows of ``prediction`` in
     the order the frames were stacked) or its skip reason."""
@@ -219,11 +224,11 @@ def _image_results(
     for rec in instances:
         item = prepared[rec.sop_instance_uid]
         if isinstance(item, str):
-            images.append(_image_result(rec, 1, [], item, classes))
+            images.append(_image_result(rec, 1, [], item, card.classes))
             continue
-        frames = _frame_results(item, prediction, row, classes, heatmap_dir, rec.sop_instance_uid, durable)
+        frames = _frame_results(item, prediction, row, card, heatmap_dir, rec.sop_instance_uid, durable)
         row += len(frames)
-        images.append(_image_result(rec, item.number_of_frames, frames, item.skipped, classes))
+        images.append(_image_result(rec, item.number_of_frames, frames, item.skipped, card.classes))
     return images
 
 

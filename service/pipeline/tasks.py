@@ -130,8 +130,10 @@ def process_study(state: WorkerState, study_uid: str) -> str:
             LOG.exception("analysis failed (%s)", "giving up" if outcome == StudyState.FAILED else "will retry",
                           extra={"study_uid": study_uid})
             return str(outcome)
+        analysed, not_assessed = analysis.result.image_counts()
         if not ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json"),
-                                      lease_s=settings.task_lease_s):
+                                      lease_s=settings.task_lease_s, images_analysed=analysed,
+                                      images_not_assessed=not_assessed):
             LOG.info("result of generation %d not stored: the study was re-opened, or another worker stored it "
                      "first", generation, extra={"study_uid": study_uid})
             return "stale"

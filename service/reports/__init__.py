@@ -12,7 +12,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydicom.uid import generate_uid
+from highdicom._standard_utils import get_sop_class_iod_map
+from pydicom.uid import UltrasoundImageStorage, UltrasoundMultiFrameImageStorage, generate_uid
+
+from service.ingest.rules import UltrasoundImageStorageRetired, UltrasoundMultiFrameImageStorageRetired
+
+
+def _know_the_retired_ultrasound_classes() -> None:
+    """highdicom copies a source's patient and study attributes, and tells whether
+    it is multi-frame, through its table of today's IODs, which lacks the two
+    retired ultrasound classes older scanners still send (the receiver accepts
+    them): it would fail every report of such a study. They hold the modules of
+    their successors, so the table gets them under those IODs (highdicom's own
+    cached table: private, checked by tests/test_reports_build.py)."""
+    iods = get_sop_class_iod_map()
+    iods.setdefault(UltrasoundImageStorageRetired, iods[UltrasoundImageStorage])
+    iods.setdefault(UltrasoundMultiFrameImageStorageRetired, iods[UltrasoundMultiFrameImageStorage])
+
+
+_know_the_retired_ultrasound_classes()
 
 
 def derived_uid(*parts: object) -> str:

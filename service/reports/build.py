@@ -170,7 +170,8 @@ def _reference(result: StudyResult, series_uid: str, sop_class_uid: str, sop_uid
 
 def heatmap_references(result: StudyResult, sources: list[Dataset], heats: Heats) -> dict[str, list[Dataset]]:
     """Each analysed image's heatmap objects, by its SOP Instance UID: its SC, then
-    its SEG when one can be made (:func:`service.reports.seg.seg_skip_reason`).
+    its SEG when one can be made (:func:`service.reports.seg.seg_skip_reason`); an
+    image not assessed (outside the training domain) gets no heatmap overlay.
     The UIDs derive from (study, generation, image), so the SR built now or rebuilt
     later names the objects :func:`build_objects` writes."""
     headers = {ds.SOPInstanceUID: ds for ds in sources}
@@ -182,7 +183,8 @@ def heatmap_references(result: StudyResult, sources: list[Dataset], heats: Heats
         uid = image.sop_instance_uid
         refs = [_reference(result, sc_series, SecondaryCaptureImageStorage,
                            derived_uid(result.study_uid, result.generation, "sc", uid))]
-        if seg_skip_reason(headers[uid], heats[(uid, decisive_frame(image).frame_number)]) is None:
+        if not image.out_of_distribution and seg_skip_reason(
+                headers[uid], heats[(uid, decisive_frame(image).frame_number)]) is None:
             refs.append(_reference(result, seg_series, SegmentationStorage,
                                    derived_uid(result.study_uid, result.generation, "seg", uid)))
         references[uid] = refs
@@ -256,7 +258,7 @@ def build_objects(
             settings.sc_transfer_syntax,
         )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
-    if key_images(result):  # none when every analysed image lies outside the model's experience
+    if key_images(result):  # none when no image was assessed (each outside the training domain)
         sr_ref = _reference(result, sr_series_uid(result.study_uid, result.generation), sr.sop_class_uid,
                             sr.sop_instance_uid)
         kos = build_kos(result, template, sources, sr_ref, Placement(

@@ -3,7 +3,9 @@
 * One heatmap image per analysed image: the source frame in grayscale exactly as
   the model saw it (service.model.imaging), the Grad-CAM heatmap blended in over the
   analysed region with a colour legend, the predicted class and probability and the
-  disclaimer burned in, sized like the source and referencing it. A cine loop gets
+  disclaimer burned in, sized like the source and referencing it. An image the
+  domain guard flagged gets the frame with "not assessed" and the reason (score
+  against threshold) instead: no class, no probability, no heatmap. A cine loop gets
   one image, of its decisive frame (the frame that speaks for the image, see
   :func:`service.reports.sr.decisive_frame`): the SR carries every analysed frame's
   numbers, and eight near-identical heatmaps per loop would bury the report.
@@ -36,7 +38,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from service.model.imaging import PixelError, crop_box, number_of_frames, to_grayscale
 from service.reports import Placement
-from service.reports.sr import class_display, decisive_frame
+from service.reports.sr import class_display, decisive_frame, not_assessed_reason
 from service.reports.template import SrTemplate
 from service.results import FrameResult, ImageResult, SimilarStudy, StudyResult
 
@@ -148,8 +150,9 @@ def _text_band(
         draw.text((4, top + 2 + n * line_height), line, fill=(255, 255, 255), font=font)
 
 
-def annotate(rgb: np.ndarray, caption: str, disclaimer: str, legend: str) -> np.ndarray:
-    """Burn the caption (top), the disclaimer (bottom) and a colour legend (right)."""
+def annotate(rgb: np.ndarray, caption: str, disclaimer: str, legend: str | None) -> np.ndarray:
+    """Burn the caption (top), the disclaimer (bottom) and, for a heatmap, its colour
+    legend (right; None: no heatmap, no legend)."""
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
     height, width = rgb.shape[:2]
@@ -159,6 +162,8 @@ def annotate(rgb: np.ndarray, caption: str, disclaimer: str, legend: str) -> np.
     _text_band(draw, _wrap(caption, font, width - 8), font, 0, width, line_height)
     footer = _wrap(disclaimer, font, width - 8)
     _text_band(draw, footer, font, height - line_height * len(footer) - 4, width, line_height)
+    if legend is None:
+        return np.asarray(image)
     # Legend: a vertical colour bar, hot at the top, labelled 1 and 0.
     bar_w = max(6, width // 60)
     bar_h = max(20, height // 3)
@@ -179,23 +184,27 @@ def annotate(rgb: np.ndarray, caption: str, disclaimer: str, legend: str) -> np.
 
 
 def heatmap_caption(template: SrTemplate, image: ImageResult, frame: FrameResult) -> str:
-    """The burned-in line: class and probability of the frame (and the OOD warning)."""
+    """The burned-in line: class and probability of the frame, or for an image not
+    assessed why not (and no class)."""
+    if image.out_of_distribution:
+        return template.wording.sc_not_assessed.format(reason=not_assessed_reason(template, frame))
     label = image.predicted or frame.predicted
-    caption = template.wording.sc_caption.format(
+    return template.wording.sc_caption.format(
         label=class_display(template, label), probability=frame.probabilities.get(label, 0.0)
     )
-    if frame.out_of_distribution:
-        caption += f" ({template.wording.ood})"
-    return caption
 
 
 def heatmap_pixels(template: SrTemplate, image: ImageResult, gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """The annotated RGB pixels of an image's heatmap SC: its decisive frame (``gray``,
-    :func:`frame_gray`) with ``heat`` (that frame's heatmap) blended in."""
+    :func:`frame_gray`) with ``heat`` (that frame's heatmap) blended in. An image not
+    assessed gets no heatmap: a map drawn there would pose as an explanation of a
+    class the node does not give."""
     frame = decisive_frame(image)
+    caption = heatmap_caption(template, image, frame)
+    if image.out_of_distribution:
+        return annotate(gray_rgb(gray), caption, template.disclaimer, None)
     blended = blend_heatmap(gray_rgb(gray), heat, frame.crop)
-    return annotate(blended, heatmap_caption(template, image, frame), template.disclaimer,
-                    template.wording.heatmap_legend)
+    return annotate(blended, caption, template.disclaimer, template.wording.heatmap_legend)
 
 
 def _reference_item(sop_class_uid: str, sop_instance_uid: str, frame_number: int | None = None) -> Dataset:
@@ -300,13 +309,15 @@ def build_heatmap_sc(
     instance's header; ``gray``: its decisive frame, :func:`frame_gray`; ``heat``:
     that frame's heatmap; see module doc)."""
     frame = decisive_frame(image)
+    what = (f"Frame {frame.frame_number} not assessed ({template.wording.ood}), no heatmap"
+            if image.out_of_distribution else f"Grad-CAM heatmap of frame {frame.frame_number}")
     return _sc(
         heatmap_pixels(template, image, gray, heat),
         template,
         source,
         placement,
         transfer_syntax,
-        derivation_text(result, f"Grad-CAM heatmap of frame {frame.frame_number}"),
+        derivation_text(result, what),
         frame.frame_number,
     )
 

@@ -7,7 +7,7 @@ without one, so every group carries a region. Its content, in order:
 
 * observer context: our node as the observing device (TID 1004);
 * procedure reported, language, title (all from the template);
-* one TID 1410 planar ROI group per analysed frame (frame 1 for single-frame images),
+* one TID 1410 planar ROI group per assessed frame (frame 1 for single-frame images),
   the frames of the image that decides the study summary first (a viewer opens the
   report on the first group), then the others in the study's order:
   its tracking identifier says image, frame, class and probability; its image region
@@ -15,19 +15,26 @@ without one, so every group carries a region. Its content, in order:
   (:func:`service.reports.heatmaps.outline`), a closed POLYLINE on the source image
   (and frame, for a cine loop); each class probability as a NUM, the predicted
   class first (OHIF labels the region with them); the finding as a coded
-  qualitative evaluation, the out-of-distribution flag when raised, and the model
-  identity as Algorithm Identification (TID 4019: name, version; sha256 and index
-  version as parameters). The group of the frame the heatmap objects show also
-  references them: the heatmap SC and, when there is one, the overlay SEG;
+  qualitative evaluation, and the model identity as Algorithm Identification
+  (TID 4019: name, version; sha256 and index version as parameters). The group of
+  the frame the heatmap objects show also references them: the heatmap SC and,
+  when there is one, the overlay SEG;
 * a "Qualitative Evaluations" container, where no viewer expects coordinates: the
   disclaimer, the study summary (the coded class, a readable line naming the
-  deciding image, the rule, the out-of-distribution flag when raised), a readable
-  line per similar study (date, accession, label and its source, distance) that
-  points to the matching image, and why an image was not analysed.
+  deciding image, the rule, the out-of-distribution flag when raised), then per
+  frame the domain guard flagged "Impression: Not Evaluated" (SCT 373121007) with
+  the reason (the flag "Outside the model's training domain" and a readable line),
+  the guard's score as a NUM inferred from the referenced image (and frame) and
+  the card's threshold (DCM 122411 "Threshold Value"): no class, probability or
+  region for such a frame; a readable line per similar study (date, accession,
+  label and its source, distance) that points to the matching image, and why an
+  image was not analysed.
 
-A study with no analysed image has no region to draw; TID 1500 still needs a
+A study with no assessed image has no region to draw; TID 1500 still needs a
 measurement group, so it gets one saying so, without image reference (OHIF cannot
-draw such a report; there is nothing on the images to show).
+draw such a report; there is nothing on the images to show). When every analysed
+image lies outside the training domain that group is the report's first finding:
+"Not assessed", coded, with the flag.
 
 The study's images and heatmap objects are the Current Requested Procedure
 Evidence; the similar studies' instances go into the Pertinent Other Evidence
@@ -55,6 +62,7 @@ from highdicom.sr import (
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
+    NumContentItem,
     ObservationContext,
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
@@ -134,12 +142,12 @@ def build_sr(
     groups: list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations] = [
         _frame_group(result, template, headers, image, frame, heats, heatmaps.get(image.sop_instance_uid, ()))
         for image in reading_order(result)
-        for frame in image.frames
+        for frame in assessed_frames(image)
     ]
     report = MeasurementReport(
         observation_context=_observation_context(template),
         procedure_reported=template.procedure_reported.code(),
-        imaging_measurements=groups or [_nothing_analysed_group(result, template)],
+        imaging_measurements=groups or [_unassessed_study_group(result, template)],
         title=template.title.code(),
         language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(template.language.code()),
     )
@@ -224,12 +232,8 @@ def _region(header: Dataset, frame: FrameResult, heat: np.ndarray) -> ImageRegio
     )
 
 
-def _finding(template: SrTemplate, label: str, out_of_distribution: bool) -> list[QualitativeEvaluation]:
-    concepts = template.concepts
-    found = [QualitativeEvaluation(concepts.classification.code(), template.class_spec(label).finding.code())]
-    if out_of_distribution:
-        found.append(QualitativeEvaluation(concepts.out_of_distribution.code(), concepts.yes.code()))
-    return found
+def _finding(template: SrTemplate, label: str) -> list[QualitativeEvaluation]:
+    return [QualitativeEvaluation(template.concepts.classification.code(), template.class_spec(label).finding.code())]
 
 
 def _probability(template: SrTemplate, label: str, value: float) -> Measurement:
@@ -290,23 +294,74 @@ def _frame_group(
         algorithm_id=_algorithm(result),
         finding_sites=[FindingSite(template.finding_site.code())],
         measurements=_probabilities(template, frame),
-        qualitative_evaluations=_finding(template, frame.predicted, frame.out_of_distribution),
+        qualitative_evaluations=_finding(template, frame.predicted),
     )
     if frame.frame_number == decisive_frame(image).frame_number:
         group[0].ContentSequence.extend(_heatmap_items(template, heatmaps))
     return group
 
 
-def _nothing_analysed_group(result: StudyResult, template: SrTemplate) -> MeasurementsAndQualitativeEvaluations:
-    """The one measurement group TID 1500 needs when no image could be analysed."""
+def _unassessed_study_group(result: StudyResult, template: SrTemplate) -> MeasurementsAndQualitativeEvaluations:
+    """The one measurement group TID 1500 needs when no image was assessed: none
+    could be analysed, or (the report's first words then) every analysed image lies
+    outside the model's training domain. No region: there is nothing to point at."""
+    concepts, not_assessed = template.concepts, result.summary.out_of_distribution
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=derived_uid(result.study_uid, result.generation, "track", "summary"),
-            identifier=template.wording.no_summary[:64],
+            identifier=(template.wording.not_assessed_summary if not_assessed else template.wording.no_summary)[:64],
         ),
         algorithm_id=_algorithm(result),
         finding_sites=[FindingSite(template.finding_site.code())],
+        qualitative_evaluations=[
+            QualitativeEvaluation(concepts.classification.code(), concepts.not_assessed.code()),
+            QualitativeEvaluation(concepts.out_of_distribution.code(), concepts.yes.code()),
+        ] if not_assessed else None,
     )
+
+
+def not_assessed_reason(template: SrTemplate, frame: FrameResult) -> str:
+    """Why a frame was not assessed, in words: outside the training domain, and the
+    guard's score against its threshold (when the result recorded the threshold)."""
+    if frame.ood_threshold is None:
+        return template.wording.ood
+    score = template.wording.guard_score.format(score=frame.ood_distance, threshold=frame.ood_threshold)
+    return f"{template.wording.ood} ({score})"
+
+
+def _not_assessed(template: SrTemplate, headers: dict[str, Dataset], image: ImageResult,
+                  frame: FrameResult) -> CodeContentItem:
+    """A frame the domain guard flagged: "Impression: Not Evaluated", why (the flag,
+    a readable line), the guard's score measured on the referenced image (and frame)
+    and its threshold; no class, probability or region."""
+    concepts = template.concepts
+    header = _header(headers, image.sop_instance_uid)
+    has = RelationshipTypeValues.HAS_PROPERTIES
+    score = NumContentItem(name=concepts.ood_score.code(), value=frame.ood_distance,
+                           unit=concepts.score_unit.code(), relationship_type=has)
+    score.ContentSequence = [ImageContentItem(
+        name=concepts.source_of_measurement.code(),
+        referenced_sop_class_uid=header.SOPClassUID,
+        referenced_sop_instance_uid=header.SOPInstanceUID,
+        referenced_frame_numbers=[frame.frame_number] if number_of_frames(header) > 1 else None,
+        relationship_type=RelationshipTypeValues.INFERRED_FROM,
+    )]
+    line = template.wording.not_assessed_line.format(
+        instance=instance_label(headers, image.sop_instance_uid), frame=frame.frame_number,
+        reason=not_assessed_reason(template, frame),
+    )
+    children: list[Dataset] = [
+        TextContentItem(name=concepts.comment.code(), value=line, relationship_type=has),
+        CodeContentItem(name=concepts.out_of_distribution.code(), value=concepts.yes.code(), relationship_type=has),
+        score,
+    ]
+    if frame.ood_threshold is not None:
+        children.append(NumContentItem(name=concepts.ood_threshold.code(), value=frame.ood_threshold,
+                                       unit=concepts.score_unit.code(), relationship_type=has))
+    item = CodeContentItem(name=concepts.classification.code(), value=concepts.not_assessed.code(),
+                           relationship_type=RelationshipTypeValues.CONTAINS)
+    item.ContentSequence = children
+    return item
 
 
 def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Dataset]) -> list[Dataset]:
@@ -327,6 +382,10 @@ def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Datas
             instance=instance_label(headers, decisive.sop_instance_uid),
             frame=frame.frame_number,
         )
+    elif summary.out_of_distribution:
+        items.append(CodeContentItem(name=concepts.classification.code(), value=concepts.not_assessed.code(),
+                                     relationship_type=RelationshipTypeValues.CONTAINS))
+        line = wording.not_assessed_summary
     else:
         line = wording.no_summary
     items.append(TextContentItem(name=concepts.study_summary.code(), value=line,
@@ -350,6 +409,8 @@ def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, D
             name=concepts.comment.code(), value=template.disclaimer, relationship_type=RelationshipTypeValues.CONTAINS
         ),
         *_summary(result, template, headers),
+        *(_not_assessed(template, headers, image, frame)
+          for image in result.images for frame in image.frames if frame.out_of_distribution),
     ]
     for rank, similar in enumerate(result.similar, start=1):
         line = TextContentItem(
@@ -408,13 +469,23 @@ def reading_order(result: StudyResult) -> list[ImageResult]:
     return sorted(analysed, key=lambda image: image.sop_instance_uid != decisive)
 
 
+def assessed_frames(image: ImageResult) -> list[FrameResult]:
+    """The frames the SR gives a class, probabilities and a region: those the domain
+    guard did not flag."""
+    return [f for f in image.frames if not f.out_of_distribution]
+
+
 def decisive_frame(image: ImageResult) -> FrameResult:
-    """The frame that speaks for an image: the most probable frame of the image's
-    predicted class (the only frame of a single-frame image)."""
+    """The frame that speaks for an image: the most probable assessed frame of the
+    image's predicted class (the only frame of a single-frame image); for an image
+    not assessed at all (every frame outside the training domain), its first frame."""
     if not image.frames:
         raise ValueError(f"image {image.sop_instance_uid} has no analysed frame")
-    label = image.predicted or image.frames[0].predicted
-    return max(image.frames, key=lambda f: (f.predicted == label, f.probabilities.get(label, 0.0)))
+    assessed = assessed_frames(image)
+    if image.out_of_distribution or not assessed:
+        return image.frames[0]
+    label = image.predicted or assessed[0].predicted
+    return max(assessed, key=lambda f: (f.predicted == label, f.probabilities.get(label, 0.0)))
 
 
 def instance_label(headers: dict[str, Dataset], sop_instance_uid: str) -> str:

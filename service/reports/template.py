@@ -57,6 +57,11 @@ class Concepts(_Strict):
     probability_unit: CodeSpec
     out_of_distribution: CodeSpec
     yes: CodeSpec
+    not_assessed: CodeSpec
+    ood_score: CodeSpec
+    ood_threshold: CodeSpec
+    score_unit: CodeSpec
+    source_of_measurement: CodeSpec
     study_summary: CodeSpec
     summary_rule: CodeSpec
     similar_study: CodeSpec
@@ -125,6 +130,10 @@ _WORDING_FIELDS: dict[str, dict[str, Any]] = {
     },
     "not_analysed_line": {"instance": 1, "reason": "no pixel data"},
     "ood": {},
+    "guard_score": {"score": 3.2, "threshold": 2.5},
+    "not_assessed_line": {"instance": 1, "frame": 1, "reason": "outside the model's training domain"},
+    "not_assessed_summary": {},
+    "sc_not_assessed": {"reason": "outside the model's training domain"},
     "sc_caption": {"label": "Benign", "probability": 0.5},
     "heatmap_legend": {},
     "montage_title": {},
@@ -147,6 +156,10 @@ class Wording(_Strict):
     similar_line: str
     not_analysed_line: str
     ood: str
+    guard_score: str
+    not_assessed_line: str
+    not_assessed_summary: str
+    sc_not_assessed: str
     sc_caption: str
     heatmap_legend: str
     montage_title: str
