@@ -30,6 +30,9 @@ import contourpy
 import numpy as np
 from pydicom.dataset import Dataset
 
+from service.model.imaging import Box, resize_map
+from service.results import AxisResult, LesionResult
+
 #: Physical Units X/Y Direction (PS3.3 C.8.5.5.1.15) of a calibrated B-mode region.
 UNITS_CM = 0x0003
 #: Region Spatial Format (C.8.5.5.1.1) of a 2-D image.
@@ -220,3 +223,37 @@ def measure_lesion(mask: np.ndarray, origin: tuple[int, int], ds: Dataset) -> Le
     if outline is None:
         return None
     return measure(outline, calibration(ds, outline.bounds))
+
+
+def lesion_result(measured: LesionMeasurement) -> LesionResult:
+    """The stored form of a measurement (what the SR is built from)."""
+
+    def axis(found: Axis | None) -> AxisResult | None:
+        return None if found is None else AxisResult(start=found.start, end=found.end, length_mm=found.length_mm)
+
+    return LesionResult(
+        outline=[(float(x), float(y)) for x, y in measured.outline.points],
+        components=measured.outline.components,
+        long_axis=axis(measured.long_axis),
+        short_axis=axis(measured.short_axis),
+        area_mm2=measured.area_mm2,
+        unmeasured=measured.unmeasured,
+    )
+
+
+def calibration_header(ds: Dataset) -> Dataset:
+    """What :func:`calibration` reads of an image, kept while its pixels are let go."""
+    kept = Dataset()
+    for keyword in ("SequenceOfUltrasoundRegions", "PixelSpacing"):
+        if keyword in ds:
+            kept[keyword] = ds[keyword]
+    return kept
+
+
+def frame_lesion(lesion_map: np.ndarray, crop: Box, threshold: float, ds: Dataset) -> LesionResult | None:
+    """The lesion the model outlined in a frame: its map (the model's input size,
+    values in [0, 1]) resized to the analysed region ``crop`` as the heatmap is, cut
+    at ``threshold``, measured on the image ``ds``; None when nothing reaches it."""
+    x0, y0, x1, y1 = crop
+    measured = measure_lesion(resize_map(lesion_map, x1 - x0, y1 - y0) >= threshold, (x0, y0), ds)
+    return None if measured is None else lesion_result(measured)

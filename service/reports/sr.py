@@ -66,8 +66,8 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
-    QualitativeEvaluation,
     RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
     SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
@@ -84,9 +84,10 @@ from pydicom.uid import (
 
 from service.model.imaging import number_of_frames
 from service.reports import derived_uid
+from service.reports.birads import MALIGNANT, frame_band
 from service.reports.heatmaps import outline
 from service.reports.template import SrTemplate
-from service.results import FrameResult, ImageResult, SimilarStudy, StudyResult
+from service.results import NO_LESION, FrameResult, ImageResult, LesionResult, SimilarStudy, StudyResult
 
 #: The SR SOP classes we can write, in the order the sender falls back along when a
 #: destination refuses one: Comprehensive 3D -> Comprehensive -> Enhanced.
@@ -139,10 +140,13 @@ def build_sr(
         raise ValueError(f"{sop_class_uid} is not an SR SOP class we write (one of {list(_SR_TYPES)})")
     heatmaps = heatmaps or {}
     headers = {ds.SOPInstanceUID: ds for ds in sources}
+    drawn = drawn_outlines(result, heats)
     groups: list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations] = [
-        _frame_group(result, template, headers, image, frame, heats, heatmaps.get(image.sop_instance_uid, ()))
+        group
         for image in reading_order(result)
         for frame in assessed_frames(image)
+        for group in _frame_groups(result, template, headers, image, frame, drawn,
+                                   heatmaps.get(image.sop_instance_uid, ()))
     ]
     report = MeasurementReport(
         observation_context=_observation_context(template),
@@ -151,7 +155,7 @@ def build_sr(
         title=template.title.code(),
         language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(template.language.code()),
     )
-    report[0].ContentSequence.append(_evaluations(result, template, headers))
+    report[0].ContentSequence.append(_evaluations(result, template, headers, drawn))
     device = template.device
     objects = [ref for refs in heatmaps.values() for ref in refs]
     return _SR_TYPES[sop_class_uid](
@@ -219,21 +223,34 @@ def _header(headers: dict[str, Dataset], sop_instance_uid: str) -> Dataset:
     return header
 
 
-def _region(header: Dataset, frame: FrameResult, heat: np.ndarray) -> ImageRegion:
-    """The frame's heatmap outline as an image region on its source image (and frame)."""
+def region_outline(frame: FrameResult, heat: np.ndarray) -> np.ndarray | None:
+    """What a frame's group outlines on its image: the lesion the model outlined; for
+    a model that outlines no lesion, the heatmap outline of a frame with a finding;
+    nothing for a frame called normal or without a lesion above the threshold."""
+    if frame.predicted == NO_LESION:
+        return None
+    if frame.lesion is not None:
+        return np.asarray(frame.lesion.outline, np.float32)
+    if frame.lesion_threshold is None:
+        return outline(heat, frame.crop)
+    return None
+
+
+def _frame_numbers(header: Dataset, frame: FrameResult) -> list[int] | None:
+    return [frame.frame_number] if number_of_frames(header) > 1 else None
+
+
+def _region(header: Dataset, frame: FrameResult, points: np.ndarray) -> ImageRegion:
+    """A closed outline as an image region on the frame's source image (and frame)."""
     return ImageRegion(
         graphic_type=GraphicTypeValues.POLYLINE,
-        graphic_data=outline(heat, frame.crop),
+        graphic_data=points,
         source_image=SourceImageForRegion(
             referenced_sop_class_uid=header.SOPClassUID,
             referenced_sop_instance_uid=header.SOPInstanceUID,
-            referenced_frame_numbers=[frame.frame_number] if number_of_frames(header) > 1 else None,
+            referenced_frame_numbers=_frame_numbers(header, frame),
         ),
     )
-
-
-def _finding(template: SrTemplate, label: str) -> list[QualitativeEvaluation]:
-    return [QualitativeEvaluation(template.concepts.classification.code(), template.class_spec(label).finding.code())]
 
 
 def _probability(template: SrTemplate, label: str, value: float) -> Measurement:
@@ -266,39 +283,123 @@ def _heatmap_items(template: SrTemplate, objects: Sequence[Dataset]) -> list[Ima
     ]
 
 
-def _frame_group(
+def _area(template: SrTemplate, lesion: LesionResult | None) -> list[Measurement]:
+    """The outlined lesion's area (TID 1419: a measurement of the group's region)."""
+    if lesion is None or lesion.area_mm2 is None:
+        return []
+    return [Measurement(name=template.concepts.area.code(), value=lesion.area_mm2,
+                        unit=template.concepts.area_unit.code())]
+
+
+Drawn = Mapping[tuple[str, int], np.ndarray | None]
+
+
+def drawn_outlines(result: StudyResult, heats: Heats) -> dict[tuple[str, int], np.ndarray | None]:
+    """What each assessed frame's group outlines (:func:`region_outline`), by (SOP
+    Instance UID, frame number); None where nothing is drawn."""
+    drawn = {}
+    for image in result.images:
+        for frame in assessed_frames(image):
+            heat = heats.get((image.sop_instance_uid, frame.frame_number))
+            if heat is None:
+                raise ValueError(f"no heatmap given for frame {frame.frame_number} of {image.sop_instance_uid}")
+            drawn[(image.sop_instance_uid, frame.frame_number)] = region_outline(frame, heat)
+    return drawn
+
+
+def _frame_groups(
     result: StudyResult,
     template: SrTemplate,
     headers: dict[str, Dataset],
     image: ImageResult,
     frame: FrameResult,
-    heats: Heats,
+    drawn: Drawn,
     heatmaps: Sequence[Dataset],
-) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+) -> list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations]:
+    """One assessed frame's groups, each with its finding (the coded class).
+
+    A frame with an outline (:func:`region_outline`) gets a region group (TID 1410)
+    with the class probabilities and the lesion's area, then one region group per
+    measured axis: its line segment (a 2-point POLYLINE) as the region, its length
+    as the measurement. A frame with nothing to outline gets a group without region
+    (TID 1501) referencing its image, whose identifier says so, only in a report
+    where nothing is drawn: OHIF draws none of a report mixing both (the
+    Qualitative Evaluations say it then, :func:`_undrawn_lines`).
+    """
     header = _header(headers, image.sop_instance_uid)
-    heat = heats.get((image.sop_instance_uid, frame.frame_number))
-    if heat is None:
-        raise ValueError(f"no heatmap given for frame {frame.frame_number} of {image.sop_instance_uid}")
-    label = template.wording.image_group.format(
-        instance=instance_label(headers, image.sop_instance_uid),
-        frame=frame.frame_number,
-        label=class_display(template, frame.predicted),
-        probability=frame.probabilities[frame.predicted],
-    )
-    group = PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=derived_uid(result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number),
-            identifier=label[:64],
-        ),
-        referenced_region=_region(header, frame, heat),
-        algorithm_id=_algorithm(result),
-        finding_sites=[FindingSite(template.finding_site.code())],
-        measurements=_probabilities(template, frame),
-        qualitative_evaluations=_finding(template, frame.predicted),
-    )
+    points = drawn[(image.sop_instance_uid, frame.frame_number)]
+    if points is None and any(p is not None for p in drawn.values()):
+        return []
+    instance = instance_label(headers, image.sop_instance_uid)
+    wording = template.wording.image_group if points is not None else template.wording.image_group_no_lesion
+    label = wording.format(instance=instance, frame=frame.frame_number, label=class_display(template, frame.predicted),
+                           probability=frame.probabilities[frame.predicted])
+
+    def tracking(identifier: str, *part: str) -> TrackingIdentifier:
+        uid = derived_uid(result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number,
+                          *part)
+        return TrackingIdentifier(uid=uid, identifier=identifier[:64])
+
+    finding = dict(finding_type=template.class_spec(frame.predicted).finding.code(),
+                   finding_sites=[FindingSite(template.finding_site.code())])
+    group: PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
+    if points is None:
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(label), algorithm_id=_algorithm(result),
+            measurements=_probabilities(template, frame),
+            source_images=[SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=header.SOPClassUID,
+                referenced_sop_instance_uid=header.SOPInstanceUID,
+                referenced_frame_numbers=_frame_numbers(header, frame),
+            )],
+            **finding,  # type: ignore[arg-type]
+        )
+    else:
+        group = PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(label), referenced_region=_region(header, frame, points),
+            algorithm_id=_algorithm(result),
+            measurements=[*_probabilities(template, frame), *_area(template, frame.lesion)],
+            **finding,  # type: ignore[arg-type]
+        )
     if frame.frame_number == decisive_frame(image).frame_number:
         group[0].ContentSequence.extend(_heatmap_items(template, heatmaps))
-    return group
+    lesion, concepts = frame.lesion, template.concepts
+    axes = [] if lesion is None else [(c, a) for c, a in ((concepts.long_axis, lesion.long_axis),
+                                                         (concepts.short_axis, lesion.short_axis)) if a is not None]
+    return [group, *(
+        PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(template.wording.axis_group.format(
+                instance=instance, frame=frame.frame_number, axis=name.meaning), name.value),
+            referenced_region=_region(header, frame, np.array([axis.start, axis.end], np.float32)),
+            algorithm_id=_algorithm(result),
+            measurements=[Measurement(name=name.code(), value=axis.length_mm, unit=concepts.length_unit.code())],
+            **finding,  # type: ignore[arg-type]
+        )
+        for name, axis in axes
+    )]
+
+
+def _undrawn_lines(template: SrTemplate, headers: dict[str, Dataset], result: StudyResult,
+                   drawn: Drawn) -> list[TextContentItem]:
+    """In a report where something is drawn, a line for each assessed frame with
+    nothing to outline (it has no group there), and for each lesion outlined but not
+    measured, why."""
+    lines = []
+    has = RelationshipTypeValues.CONTAINS
+    anything = any(points is not None for points in drawn.values())
+    for image in reading_order(result):
+        instance = instance_label(headers, image.sop_instance_uid)
+        for frame in assessed_frames(image):
+            if anything and drawn[(image.sop_instance_uid, frame.frame_number)] is None:
+                lines.append(TextContentItem(name=template.concepts.comment.code(), relationship_type=has,
+                                             value=template.wording.image_group_no_lesion.format(
+                    instance=instance, frame=frame.frame_number, label=class_display(template, frame.predicted),
+                    probability=frame.probabilities[frame.predicted])))
+            if frame.lesion is not None and frame.lesion.unmeasured:
+                lines.append(TextContentItem(name=template.concepts.comment.code(), relationship_type=has,
+                                             value=template.wording.unmeasured_line.format(
+                    instance=instance, frame=frame.frame_number, reason=frame.lesion.unmeasured)))
+    return lines
 
 
 def _unassessed_study_group(result: StudyResult, template: SrTemplate) -> MeasurementsAndQualitativeEvaluations:
@@ -312,11 +413,8 @@ def _unassessed_study_group(result: StudyResult, template: SrTemplate) -> Measur
             identifier=(template.wording.not_assessed_summary if not_assessed else template.wording.no_summary)[:64],
         ),
         algorithm_id=_algorithm(result),
+        finding_type=concepts.not_assessed.code() if not_assessed else None,
         finding_sites=[FindingSite(template.finding_site.code())],
-        qualitative_evaluations=[
-            QualitativeEvaluation(concepts.classification.code(), concepts.not_assessed.code()),
-            QualitativeEvaluation(concepts.out_of_distribution.code(), concepts.yes.code()),
-        ] if not_assessed else None,
     )
 
 
@@ -382,6 +480,7 @@ def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Datas
             instance=instance_label(headers, decisive.sop_instance_uid),
             frame=frame.frame_number,
         )
+        items += _band(template, headers, decisive, frame)
     elif summary.out_of_distribution:
         items.append(CodeContentItem(name=concepts.classification.code(), value=concepts.not_assessed.code(),
                                      relationship_type=RelationshipTypeValues.CONTAINS))
@@ -398,7 +497,26 @@ def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Datas
     return items
 
 
-def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, Dataset]) -> ContainerContentItem:
+def _band(template: SrTemplate, headers: dict[str, Dataset], image: ImageResult,
+          frame: FrameResult) -> list[Dataset]:
+    """The BI-RADS likelihood band of the frame that decides the study, coded
+    (PS3.16 CID 6026/6027) and in words that say it is the AI's suggestion."""
+    band = frame_band(frame.probabilities, frame.predicted)
+    if band is None:
+        return []
+    spec = template.birads[band.category]
+    return [
+        CodeContentItem(name=template.concepts.birads_band.code(), value=spec.code.code(),
+                        relationship_type=RelationshipTypeValues.CONTAINS),
+        TextContentItem(name=template.concepts.birads_band.code(), relationship_type=RelationshipTypeValues.CONTAINS,
+                        value=template.wording.birads_line.format(
+                            category=band.category, band=spec.display, probability=frame.probabilities[MALIGNANT],
+                            instance=instance_label(headers, image.sop_instance_uid), frame=frame.frame_number)),
+    ]
+
+
+def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, Dataset],
+                 drawn: Drawn) -> ContainerContentItem:
     """TID 1500's "Qualitative Evaluations": what a reader needs in words."""
     concepts, wording = template.concepts, template.wording
     container = ContainerContentItem(
@@ -411,9 +529,10 @@ def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, D
         *_summary(result, template, headers),
         *(_not_assessed(template, headers, image, frame)
           for image in result.images for frame in image.frames if frame.out_of_distribution),
+        *_undrawn_lines(template, headers, result, drawn),
     ]
     for rank, similar in enumerate(result.similar, start=1):
-        line = TextContentItem(
+        items.append(TextContentItem(
             name=concepts.similar_study.code(),
             value=wording.similar_line.format(
                 rank=rank,
@@ -425,16 +544,7 @@ def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, D
                 similarity=similar.similarity,
             ),
             relationship_type=RelationshipTypeValues.CONTAINS,
-        )
-        line.ContentSequence = [
-            ImageContentItem(
-                name=concepts.similar_image.code(),
-                referenced_sop_class_uid=similar.sop_class_uid,
-                referenced_sop_instance_uid=similar.sop_instance_uid,
-                relationship_type=RelationshipTypeValues.INFERRED_FROM,
-            )
-        ]
-        items.append(line)
+        ))
     for image in result.images:
         if image.skipped:
             items.append(
