@@ -156,7 +156,7 @@ def analyse(
     0.4 against a threshold of 0.3), so they get no class, as in the worker.
     ``classes``: each image's class (probabilities :data:`CHOSEN`), else drawn.
     ``lesion_peak``: the model outlines lesions, its lesion map a blob of this peak
-    (a lesion where it reaches :data:`LESION_THRESHOLD`), outlined and measured on
+    (a lesion where it is above :data:`LESION_THRESHOLD`), outlined and measured on
     frames of a finding as the worker does; None: a model without segmentation."""
     images = []
     for index, path in enumerate(paths):

@@ -251,9 +251,9 @@ def calibration_header(ds: Dataset) -> Dataset:
 
 
 def frame_lesion(lesion_map: np.ndarray, crop: Box, threshold: float, ds: Dataset) -> LesionResult | None:
-    """The lesion the model outlined in a frame: its map (the model's input size,
-    values in [0, 1]) resized to the analysed region ``crop`` as the heatmap is, cut
-    at ``threshold``, measured on the image ``ds``; None when nothing reaches it."""
+    """The lesion the model outlined in a frame: its map (the model's grid, values in
+    [0, 1]) resized to the analysed region ``crop`` as the heatmap is, the pixels above
+    ``threshold`` (the card's) measured on the image ``ds``; None when none is above."""
     x0, y0, x1, y1 = crop
-    measured = measure_lesion(resize_map(lesion_map, x1 - x0, y1 - y0) >= threshold, (x0, y0), ds)
+    measured = measure_lesion(resize_map(lesion_map, x1 - x0, y1 - y0) > threshold, (x0, y0), ds)
     return None if measured is None else lesion_result(measured)
