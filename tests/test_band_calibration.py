@@ -31,14 +31,16 @@ def _probs(p_malignant: float, predicted: str) -> list[float]:
 
 def test_each_band_counts_its_images_and_their_malignancy() -> None:
     # band 1: 4 normal images, none malignant; band 4C: 10 images at p = 0.8, 7 malignant;
-    # band 4A: 5 benign images at p = 0.05, 3 malignant (60 %: outside 2-10 %, not calibrated)
-    rows = ([_probs(0.01, "normal")] * 4 + [_probs(0.8, "malignant")] * 10 + [_probs(0.05, "benign")] * 5)
-    truth = [0] * 4 + [2] * 7 + [1] * 3 + [2] * 3 + [1] * 2
+    # band 4A: 5 benign images at p = 0.05, 3 malignant (60 %, interval 23-88 %: misses 2-10 %, not calibrated)
+    # band 4B: 5 benign images at p = 0.3, none malignant (0 %, but interval 0-43 % meets 10-50 %: too few to tell)
+    rows = ([_probs(0.01, "normal")] * 4 + [_probs(0.8, "malignant")] * 10 + [_probs(0.05, "benign")] * 5
+            + [_probs(0.3, "benign")] * 5)
+    truth = [0] * 4 + [2] * 7 + [1] * 3 + [2] * 3 + [1] * 2 + [1] * 5
     found = band_calibration(np.array(truth), np.array(rows), CLASSES)
-    assert [(r["category"], r["n"], r["malignant"], r["in_range"]) for r in found] == [
-        ("1", 4, 0, True), ("4A", 5, 3, False), ("4C", 10, 7, True)]
-    assert found[2]["rate"] == pytest.approx(0.7)
-    assert found[2]["ci95"] == pytest.approx(list(wilson_interval(7, 10)))
+    assert [(r["category"], r["n"], r["malignant"], r["consistent"]) for r in found] == [
+        ("1", 4, 0, True), ("4A", 5, 3, False), ("4B", 5, 0, True), ("4C", 10, 7, True)]
+    assert found[3]["rate"] == pytest.approx(0.7)
+    assert found[3]["ci95"] == pytest.approx(list(wilson_interval(7, 10)))
     table = band_markdown(found)
     assert "| 4A | 2-10 % | 5 | 3 | 60.0 % | 23.1-88.2 % | no |" in table
     assert band_calibration(np.array([0]), np.array([[1.0, 0.0]]), ("normal", "benign")) == []

@@ -36,7 +36,8 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
 def band_calibration(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
     """Per band (in rising likelihood; only bands that hold images): its range, how
     many held-out images fall in it, how many are malignant, the observed rate and
-    its 95 % interval, and whether the rate lies in the range."""
+    its 95 % interval, and whether that interval meets the range (the band is then
+    consistent with being calibrated; a few images leave a wide interval)."""
     if MALIGNANT not in classes:
         return []
     malignant = list(classes).index(MALIGNANT)
@@ -50,7 +51,7 @@ def band_calibration(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[st
         rate = k / len(members)
         rows.append({"category": band.category, "range": [band.low, band.high], "n": len(members),
                      "malignant": k, "rate": rate, "ci95": [low, high],
-                     "in_range": band.low <= rate <= band.high if band.category != "5" else rate >= band.low})
+                     "consistent": low <= band.high and high >= band.low})
     return rows
 
 
@@ -61,12 +62,12 @@ def band_markdown(rows: list[dict[str, Any]] | None) -> list[str]:
     return [
         "BI-RADS likelihood bands (the AI's suggestion, from the calibrated probability of malignancy): the "
         "held-out images in each band, the share truly malignant with its 95 % Wilson interval, against the "
-        "band's range. A band whose share falls outside its range is not calibrated.",
+        "band's range. A band whose interval misses its range is not calibrated.",
         "",
-        "| band | range of malignancy | images | malignant | observed rate | 95 % interval | rate in range |",
+        "| band | range of malignancy | images | malignant | observed rate | 95 % interval | interval meets range |",
         "|---|---|---|---|---|---|---|",
         *(f"| {r['category']} | {100 * r['range'][0]:g}-{100 * r['range'][1]:g} % | {r['n']} | {r['malignant']} "
           f"| {100 * r['rate']:.1f} % | {100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f} % "
-          f"| {'yes' if r['in_range'] else 'no'} |" for r in rows),
+          f"| {'yes' if r['consistent'] else 'no'} |" for r in rows),
         "",
     ]
