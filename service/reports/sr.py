@@ -340,8 +340,10 @@ def _frame_groups(
                           *part)
         return TrackingIdentifier(uid=uid, identifier=identifier[:64])
 
-    finding = dict(finding_type=template.class_spec(frame.predicted).finding.code(),
-                   finding_sites=[FindingSite(template.finding_site.code())])
+    finding = template.class_spec(frame.predicted).finding.code()
+
+    def site() -> list[FindingSite]:  # content items belong to one parent: made anew for each group
+        return [FindingSite(template.finding_site.code())]
     group: PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
     if points is None:
         group = MeasurementsAndQualitativeEvaluations(
@@ -352,14 +354,14 @@ def _frame_groups(
                 referenced_sop_instance_uid=header.SOPInstanceUID,
                 referenced_frame_numbers=_frame_numbers(header, frame),
             )],
-            **finding,  # type: ignore[arg-type]
+            finding_type=finding, finding_sites=site(),
         )
     else:
         group = PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking(label), referenced_region=_region(header, frame, points),
             algorithm_id=_algorithm(result),
             measurements=[*_probabilities(template, frame), *_area(template, frame.lesion)],
-            **finding,  # type: ignore[arg-type]
+            finding_type=finding, finding_sites=site(),
         )
     if frame.frame_number == decisive_frame(image).frame_number:
         group[0].ContentSequence.extend(_heatmap_items(template, heatmaps))
@@ -373,7 +375,7 @@ def _frame_groups(
             referenced_region=_region(header, frame, np.array([axis.start, axis.end], np.float32)),
             algorithm_id=_algorithm(result),
             measurements=[Measurement(name=name.code(), value=axis.length_mm, unit=concepts.length_unit.code())],
-            **finding,  # type: ignore[arg-type]
+            finding_type=finding, finding_sites=site(),
         )
         for name, axis in axes
     )]
