@@ -123,7 +123,7 @@ def test_with_nothing_to_outline_each_frame_is_a_group_without_region(
 
 def test_without_calibration_the_outline_stays_and_the_report_says_why(tmp_path: Path) -> None:
     """US1_UNCR.dcm has no Sequence of Ultrasound Regions and no Pixel Spacing."""
-    result, sources, sr = _study(tmp_path, files=["US1_UNCR.dcm"], classes=["benign"], lesion_peak=1.0)
+    result, _, sr = _study(tmp_path, files=["US1_UNCR.dcm"], classes=["benign"], lesion_peak=1.0)
     lesion = result.images[0].frames[0].lesion
     assert lesion is not None and lesion.long_axis is None and lesion.area_mm2 is None
     (group,) = sr.content.get_planar_roi_measurement_groups()  # the outline, no axis groups

@@ -25,6 +25,7 @@ the reason says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import contourpy
 import numpy as np
@@ -108,7 +109,8 @@ def trace_outline(mask: np.ndarray, origin: tuple[int, int] = (0, 0)) -> Outline
     if not mask.any():
         return None
     padded = np.pad(mask.astype(np.float64), 1)  # closes lesions that touch the border
-    lines = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate).lines(0.5)
+    generator = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate)
+    lines = cast(list[np.ndarray], generator.lines(0.5))  # LineType.Separate: one (N, 2) array per line
     areas = [_signed_area(line) for line in lines]
     outer = [(area, line) for area, line in zip(areas, lines, strict=True) if area > 0]  # holes run the other way
     _, line = max(outer, key=lambda pair: pair[0])
