@@ -218,6 +218,14 @@ class Settings(BaseSettings):
         "start); others are disconnected before anything they send is read; empty accepts all"
     )
     max_associations: int = Field(10, ge=1, le=1000, description="Established associations served at once")
+    max_associations_per_peer: int = Field(
+        4, ge=1, le=1000, description="Of those, at most this many from one peer address, so that a few peers "
+        "holding associations open cannot lock the PACS out"
+    )
+    listen_backlog: int = Field(
+        128, ge=1, le=65535, description="Connections the system queues for the DICOM listener before it "
+        "accepts them (bursts beyond it wait for SYN retries)"
+    )
     max_pending_associations: int = Field(
         16, ge=1, le=1000, description="Connections still negotiating an association; when full, the one "
         "waiting longest is closed"
@@ -324,6 +332,10 @@ class Settings(BaseSettings):
     stow_max_request_mb: int = Field(
         4096, ge=1, description="Largest STOW-RS request body accepted (MB); larger ones are answered 413"
     )
+    stow_max_parts: int = Field(
+        10000, ge=1, le=1_000_000, description="Most parts (instances) in one STOW-RS request; a request with more "
+        "is answered 413 at the part past it (the ones before are stored)"
+    )
 
     # --- watching it -------------------------------------------------------
     http_host: str = "127.0.0.1"
@@ -335,11 +347,24 @@ class Settings(BaseSettings):
         5, ge=1, le=1000, description="Wrong tokens (form or Bearer) one address may send per web_login_window_s"
     )
     web_login_window_s: float = Field(60.0, gt=0)
+    web_openapi_public: bool = Field(
+        False, description="Serve /api/openapi.json without the web_token (it describes the API, no data)"
+    )
     web_max_body_bytes: int = Field(65536, ge=1024, description="Largest request body the page and API accept")
-    web_max_connections: int = Field(64, ge=1, le=10000, description="Open HTTP connections; more are closed at once")
+    web_max_connections: int = Field(
+        64, ge=1, le=10000, description="Open HTTP connections; a new one past this closes the open one furthest "
+        "behind (waiting for a request, or sending a body too slowly), else is closed itself"
+    )
+    web_max_connections_per_address: int = Field(
+        32, ge=1, le=10000, description="... and open HTTP connections from one client address, the same way"
+    )
     web_read_timeout_s: float = Field(
-        10.0, ge=0, description="A request's headers must arrive within this, and its body never pause longer; "
-        "0 runs uvicorn's own protocol (no read deadlines, no connection cap)"
+        10.0, ge=0, description="A request's headers must arrive within this, and its body may start this late; "
+        "0 runs uvicorn's own protocol (no read deadlines, one plain connection cap)"
+    )
+    web_min_body_bytes_per_s: int = Field(
+        8192, ge=1, description="A request body must keep up this rate after its first web_read_timeout_s; a "
+        "slower one is closed (a byte now and then does not keep it open)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

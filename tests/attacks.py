@@ -4,9 +4,12 @@ encoded bytes, and how much of the node's memory it costs (issue 15). The tests 
 
 from __future__ import annotations
 
+import http.client
 import socket
 import struct
 import subprocess
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,11 +82,13 @@ class Node:
 
     def __init__(self, work: Path, engine: str, settings: dict[str, str] | None = None) -> None:
         self.port, self.work, self.engine = free_port(), work, engine
-        self.process = NodeProcess({
+        env = {
             "SONOCASE_HOST": "127.0.0.1", "SONOCASE_PORT": str(self.port), "SONOCASE_DATA_DIR": str(work / "data"),
             "SONOCASE_HTTP_PORT": "0", "SONOCASE_WORKERS": "0", "SONOCASE_RECEIVER_ENGINE": engine,
             "SONOCASE_DURABILITY": "none", **(settings or {}),
-        }, log=work / "node.log")
+        }
+        self.http_port = int(env["SONOCASE_HTTP_PORT"])  #: 0: the HTTP side is off
+        self.process = NodeProcess(env, log=work / "node.log")
         self.pid = self.process.proc.pid
         assert self.pacs_stores(), f"the node does not store:\n{self.log()}"
         self.idle_mb = rss_mb(self.pid)
@@ -134,6 +139,22 @@ def huge_pdu_headers(port: int, count: int, length: int = HUGE_PDU_LENGTH) -> li
     return socks
 
 
+def stream_after_huge_header(port: int, mb: int) -> int:
+    """Send a PDU header announcing 4 GiB, then up to ``mb`` MiB as fast as the node
+    reads them (issue 24, attack 8); the bytes it took before it closed."""
+    sock = connect(port)
+    sent, block = 0, bytes(1 << 20)
+    try:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, HUGE_PDU_LENGTH))
+        while sent < mb << 20:
+            sent += sock.send(block)
+    except OSError:  # closed by the node
+        pass
+    finally:
+        sock.close()
+    return sent
+
+
 def silent_connections(port: int, count: int) -> list[socket.socket]:
     """``count`` TCP connections that never send a byte (a port scan, a health check)."""
     return [connect(port) for _ in range(count)]
@@ -161,12 +182,20 @@ def abort_pdu(data: bytes) -> bool:
 
 # --- associations that go silent --------------------------------------------------------
 
-def associate(port: int, ae_title: str = "ATTACKER", called: str = "SONOCASE") -> Association:
+def associate(port: int, ae_title: str = "ATTACKER", called: str = "SONOCASE", source: str = "127.0.0.1",
+              ) -> Association:
+    """An association from ``source`` (any 127.x.y.z: another peer address on loopback)."""
     ae = AE(ae_title)
     ae.add_requested_context(Verification)
     ae.add_requested_context(UltrasoundImageStorage)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 120  # the attacker waits longer than the node
-    return ae.associate("127.0.0.1", port, ae_title=called)
+    return ae.associate("127.0.0.1", port, ae_title=called, bind_address=(source, 0))
+
+
+def listen_backlog(port: int) -> int:
+    """The backlog the node's listening socket on ``port`` was given (``ss``: Send-Q)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[2])
 
 
 def half_sent_pdu(assoc: Association) -> None:
@@ -234,11 +263,138 @@ def deflate_bomb(sop_instance_uid: str, inflated_mb: int) -> bytes:
     return b"".join(out)
 
 
-def deeply_nested(sop_instance_uid: str, depth: int) -> bytes:
-    """An Explicit VR Little Endian data set with ``depth`` undefined-length sequences
-    (Content Sequence) nested one in the other's item."""
+def deeply_nested(sop_instance_uid: str, depth: int, explicit_lengths: bool = False, outer_vr: bytes = b"SQ",
+                  ) -> bytes:
+    """An Explicit VR Little Endian data set with ``depth`` sequences (Content
+    Sequence) nested one in the other's item, of undefined or explicit lengths
+    (issue 24, attack 6). ``outer_vr=b"UN"`` (explicit lengths): the outermost one
+    written as UN, whose value pydicom reads as implicit VR sequences."""
+    if explicit_lengths:
+        tag, heads, inner = struct.pack("<HH", 0x0040, 0xA730), [], 0
+        for level in range(depth):  # the innermost first: each length holds what is inside it
+            outermost = level == depth - 1
+            if outer_vr == b"UN" and not outermost:  # inside a UN: implicit VR
+                head = tag + struct.pack("<I", 8 + inner)
+            else:
+                head = tag + (outer_vr if outermost else b"SQ") + b"\0\0" + struct.pack("<I", 8 + inner)
+            heads.append(head + struct.pack("<HHI", 0xFFFE, 0xE000, inner))
+            inner += len(heads[-1])
+        return identifying_elements(sop_instance_uid) + b"".join(reversed(heads))
     sequence = struct.pack("<HH", 0x0040, 0xA730) + b"SQ\0\0" + struct.pack("<I", 0xFFFFFFFF)
     item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
     item_end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
     sequence_end = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
     return identifying_elements(sop_instance_uid) + (sequence + item) * depth + (item_end + sequence_end) * depth
+
+
+# --- the HTTP side (issue 24) -----------------------------------------------------------
+
+#: A sign-in form whose body is announced and then sent a byte at a time.
+SLOW_FORM = (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+             b"Content-Length: 1000\r\n\r\n")
+
+
+@contextmanager
+def http_flood(port: int, connections: int, request: bytes = b"", drip_s: float = 0.0,
+               ) -> Iterator[list[int]]:
+    """``connections`` connections to the HTTP port kept open for the block: each sends
+    ``request`` (nothing: an idle connection) and then, every ``drip_s`` (0: never),
+    one more byte; one the node closes is opened again at once (issue 24, attack 1).
+    Yields a one-element list counting the connections opened."""
+    opened, stop = [0], threading.Event()
+
+    def keep_open() -> None:
+        socks: list[socket.socket | None] = [None] * connections
+        last_drip = time.monotonic()
+        while not stop.is_set():
+            drip = drip_s > 0 and time.monotonic() - last_drip >= drip_s
+            last_drip = time.monotonic() if drip else last_drip
+            for i, sock in enumerate(socks):
+                try:
+                    if sock is None:
+                        sock = socks[i] = socket.create_connection(("127.0.0.1", port), timeout=5)
+                        sock.setblocking(False)
+                        opened[0] += 1
+                        sock.send(request)
+                    elif sock.recv(4096) == b"":  # closed by the node: open another
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    if drip:
+                        sock.send(b"a")
+                except OSError:
+                    if sock is not None:
+                        sock.close()
+                    socks[i] = None
+            stop.wait(0.01)
+        for sock in socks:
+            if sock is not None:
+                sock.close()
+
+    thread = threading.Thread(target=keep_open, daemon=True)
+    thread.start()
+    try:
+        yield opened
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def drip_until_closed(port: int, request: bytes, every_s: float, give_up_s: float) -> float:
+    """Send ``request`` (headers), then a byte of body every ``every_s``; the seconds
+    until the node closed the connection (``give_up_s`` if it never did)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=every_s)
+    sock.sendall(request)
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < give_up_s:
+            try:
+                if sock.recv(1) == b"":
+                    break
+            except TimeoutError:
+                sock.sendall(b"a")
+    except ConnectionError:
+        pass
+    finally:
+        sock.close()
+    return min(time.monotonic() - started, give_up_s)
+
+
+def healthz_ok(port: int, timeout: float = 1.0) -> bool:
+    """One GET /healthz on a new connection (as a Kubernetes probe): 200 within ``timeout``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def health_answered(port: int, probes: int, every_s: float, timeout: float = 1.0) -> float:
+    """The share of ``probes`` probes (:func:`healthz_ok`, one every ``every_s``) answered."""
+    answered = 0
+    for _ in range(probes):
+        started = time.monotonic()
+        answered += healthz_ok(port, timeout)
+        time.sleep(max(0.0, every_s - (time.monotonic() - started)))
+    return answered / probes
+
+
+@contextmanager
+def probing_health(port: int, every_s: float = 1.0) -> Iterator[list[int]]:
+    """Probe /healthz every ``every_s`` while the block runs; yields [answered, probes]."""
+    counts, stop = [0, 0], threading.Event()
+
+    def probe() -> None:
+        while not stop.wait(every_s):
+            counts[0] += healthz_ok(port)
+            counts[1] += 1
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join(timeout=5)

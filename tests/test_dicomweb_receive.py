@@ -36,6 +36,7 @@ from service.ingest.stow import (
     read_part_meta,
     request_boundary,
     store_response,
+    summary,
     upfront_refusal,
 )
 from service.ingest.store import StoreSCP
@@ -159,7 +160,7 @@ def test_a_body_fed_in_small_pieces_stores_the_same_bytes(stow_settings: Setting
     ledger = open_ledger(stow_settings, durable=False)
     store = StoreSCP(stow_settings, ledger)
     try:
-        upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body))
+        upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body), max_parts=10)
         results = [upload.store_part(part) for offset in range(0, len(body), 997)
                    for part in upload.feed(body[offset:offset + 997])]
         assert upload.finish() is None
@@ -187,7 +188,7 @@ def test_parts_count_against_the_receivers_size_limit_and_memory_budget(stow_set
     store = StoreSCP(stow_settings, ledger)
     store.max_dataset = 700_000  # smaller than the first part, larger than the second
     try:
-        upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body))
+        upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body), max_parts=10)
         results = [upload.store_part(part) for part in upload.feed(body)]
         assert upload.finish() is None
         assert [r.status for r in results] == [StoreStatus.TOO_LARGE, StoreStatus.SUCCESS]
@@ -200,12 +201,12 @@ def test_parts_count_against_the_receivers_size_limit_and_memory_budget(stow_set
     store = StoreSCP(stow_settings, ledger)
     try:
         assert store.budget.take("another association", store.budget.limit - 1000)  # the rest is in use
-        upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body))
+        upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body), max_parts=10)
         results = [upload.store_part(part) for part in upload.feed(body)]
         assert [r.status for r in results] == [StoreStatus.OUT_OF_RESOURCES, StoreStatus.OUT_OF_RESOURCES]
         store.budget.release("another association")
         assert store.budget.used == 0
-        upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body))
+        upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body), max_parts=10)
         assert [upload.store_part(part).stored for part in upload.feed(body)] == [True, True]
         assert store.budget.used == 0
     finally:
@@ -412,3 +413,42 @@ def test_a_busy_node_refuses_before_reading_or_per_instance(stow_settings: Setti
     finally:
         node.stop()
         ledger.close()
+
+
+def test_a_request_of_many_empty_parts_is_bounded(stow_settings: Settings, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 24, attack 2 (1,000,000 empty parts took 312 s, 2.8 GB, an 85 MB answer
+    and a log line each): up to stow_max_parts each is answered, in one log line;
+    past it the request is answered 413 at once, and the node goes on storing."""
+    settings = stow_settings.model_copy(update={"stow_max_parts": 100})
+    ledger = open_ledger(settings, durable=False)
+    node = ReceivingNode(settings, ledger)
+    try:
+        for count, status, logged in ((100, 409, "0 of 100 instance(s) stored; refused: 100 with 0xC000"),
+                                      (200_000, 413, "HTTP 413: more than 100 parts")):
+            body = tmp_path / "empty-parts"
+            body.write_bytes(multipart([b""] * count))
+            caplog.clear()
+            started = time.monotonic()
+            with caplog.at_level("INFO", logger="service.ingest.stow"):
+                answer = curl(node.url + "/studies", body)
+            assert answer.status == status and time.monotonic() - started < 10
+            assert len(answer.body) < 200 * settings.stow_max_parts  # bounded by the parts it answers
+            assert len(caplog.records) == 1 and logged in caplog.text, [r.getMessage() for r in caplog.records[:3]]
+        assert curl(node.url + "/studies", _one_part(tmp_path)).status == 200
+    finally:
+        node.stop()
+        ledger.close()
+
+
+def test_the_summary_counts_refusals_by_reason() -> None:
+    results = [InstanceResult("1.2", "1.2.3", 0), InstanceResult("", "", 0xC000, "empty part"),
+               InstanceResult("", "", 0xC000, "not DICOM"), InstanceResult("1.2", "1.2.4", 0x0122, "not US")]
+    assert summary(results) == ("1 of 4 instance(s) stored; refused: 1 with 0x0122, 2 with 0xC000 "
+                                "(first: empty part)")
+
+
+def _one_part(tmp_path: Path) -> Path:
+    body = tmp_path / "one-part"
+    body.write_bytes(multipart([copy_into("OBXXXX1A.dcm", generate_uid(), tmp_path).read_bytes()]))
+    return body

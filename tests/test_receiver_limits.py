@@ -20,12 +20,14 @@ from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.sop_class import UltrasoundImageStorage
 from pynetdicom.transport import AddressInformation
 
 from service.common.deflate import InflatedTooLarge, InflateError, inflate, inflated_size, read_instance
 from service.common.hosts import allowed_networks, host_allowed
-from service.ingest.admission import Gate
+from service.ingest.admission import Gate, PduBoundedSocket
 from service.ingest.fast import PDU_MARGIN, ReceiverDUL, ReceiverSocket
+from service.ingest.nesting import MAX_SEQUENCE_DEPTH, too_deep
 from service.ingest.rules import InvalidInstance, StoreStatus, encode_file_meta, parse_instance
 from service.ingest.store import MemoryBudget, StoreSCP
 from service.ledger import Ledger
@@ -77,13 +79,53 @@ def test_established_slots_are_freed_when_their_association_ends() -> None:
         thread.start()
     try:
         # an association is a thread: it holds its slot while it runs
-        assert gate.admit(running[0]) and gate.admit(running[1])  # type: ignore[arg-type]
-        assert not gate.admit(running[2])  # type: ignore[arg-type]
+        assert gate.admit(running[0], "10.0.0.1") is None and gate.admit(running[1], "10.0.0.2") is None  # type: ignore[arg-type]
+        assert "max_associations" in str(gate.admit(running[2], "10.0.0.3"))  # type: ignore[arg-type]
     finally:
         release.set()
         for thread in running:
             thread.join()
-    assert gate.admit(running[2])  # type: ignore[arg-type]
+    assert gate.admit(running[2], "10.0.0.3") is None  # type: ignore[arg-type]
+
+
+def test_one_peer_gets_at_most_its_share_of_the_slots() -> None:
+    gate = Gate(max_pending=10, max_established=3, pending_deadline_s=5, max_per_peer=2)
+    release = threading.Event()
+    running = [threading.Thread(target=release.wait) for _ in range(4)]
+    for thread in running:
+        thread.start()
+    try:
+        assert [gate.admit(t, "10.0.0.9") for t in running[:2]] == [None, None]  # type: ignore[arg-type]
+        assert "max_associations_per_peer" in str(gate.admit(running[2], "10.0.0.9"))  # type: ignore[arg-type]
+        assert gate.admit(running[3], "10.0.0.1") is None  # type: ignore[arg-type]  # the PACS still gets in
+    finally:
+        release.set()
+        for thread in running:
+            thread.join()
+
+
+def test_a_pdu_bounded_socket_ends_at_a_header_announcing_too_much() -> None:
+    """The stock engine's connections: PDUs within the bound pass as they are, in
+    whatever pieces they are read; a header announcing more ends the stream."""
+    near, far = socket.socketpair()
+    bounded = PduBoundedSocket(near.family, near.type, near.proto, fileno=near.detach())
+    bounded.max_pdu = 100
+    try:
+        pdus = struct.pack(">BBL", 4, 0, 100) + bytes(100) + struct.pack(">BBL", 5, 0, 4) + bytes(4)
+        far.sendall(pdus + struct.pack(">BBL", 1, 0, 0xFFFFFFF0) + bytes(1000))
+
+
+        def read(size: int) -> bytes:  # as pynetdicom reads: a header, then the PDU, in pieces
+            got = b""
+            while len(got) < size and (piece := bounded.recv(min(size - len(got), 7))):
+                got += piece
+            return got
+
+        assert b"".join(read(n) for n in (6, 100, 6, 4)) == pdus
+        assert read(6) == b""  # the oversized header: the stream ends there
+    finally:
+        bounded.close()
+        far.close()
 
 
 # --- the memory budget ---------------------------------------------------------------------
@@ -96,6 +138,24 @@ def test_memory_budget_is_shared_and_given_back() -> None:
     assert budget.held(first) == 8 * MB and budget.used == 8 * MB
     budget.release(first)
     assert budget.used == 0 and budget.take(second, 10 * MB)
+
+
+def test_memory_budget_preempts_later_data_sets_for_the_first() -> None:
+    """First come, first served: the data set that began first makes room by
+    preempting later preemptible ones (latest first), never the other way round."""
+    budget = MemoryBudget(10 * MB)
+    first, second, third, pinned = object(), object(), object(), object()
+    preempted: list[object] = []
+    for holder in (first, second, third):
+        assert budget.take(holder, 3 * MB, lambda holder=holder: preempted.append(holder))
+    assert not budget.take(third, 2 * MB)  # the latest cannot preempt earlier ones
+    assert budget.take(first, 2 * MB) and preempted == [third]  # the latest went first
+    assert budget.held(third) == 0 and budget.used == 8 * MB
+    assert not budget.take(third, 1 * MB)  # preempted: refused until it lets go
+    budget.release(third)
+    assert budget.pin(second)  # complete: safe from now on
+    assert budget.take(pinned, 1 * MB) and budget.take(first, 1 * MB)  # 10 MB: full
+    assert not budget.take(first, 1 * MB) and preempted == [third]  # second is pinned; pinned not preemptible
 
 
 # --- bounded inflation ------------------------------------------------------------------------
@@ -160,16 +220,37 @@ def test_a_data_set_beyond_max_dataset_is_refused_too_large(settings: Settings) 
 
 # --- nesting ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("depth", [1_000, 100_000])
-def test_deep_nesting_is_refused_for_good(depth: int) -> None:
+NESTINGS = {"undefined lengths": {}, "explicit lengths": {"explicit_lengths": True},
+            "explicit lengths inside UN": {"explicit_lengths": True, "outer_vr": b"UN"}}
+
+
+@pytest.mark.parametrize("encoding", NESTINGS)
+@pytest.mark.parametrize("depth", [MAX_SEQUENCE_DEPTH + 1, 1_000, 20_000])
+def test_deep_nesting_is_refused_for_good(depth: int, encoding: str) -> None:
+    """Issue 24, attack 6: explicit lengths were accepted, then failed the study."""
     with pytest.raises(InvalidInstance) as err:
-        parse_instance(attacks.deeply_nested(generate_uid(), depth), ExplicitVRLittleEndian, MB)
+        parse_instance(attacks.deeply_nested(generate_uid(), depth, **NESTINGS[encoding]), ExplicitVRLittleEndian, MB)
     assert err.value.status == StoreStatus.TOO_DEEP  # not 0x0110: that tells the PACS to retry
 
 
-def test_modest_nesting_is_read() -> None:
+@pytest.mark.parametrize("encoding", NESTINGS)
+def test_the_deepest_nesting_taken_is_read_by_the_worker(tmp_path: Path, encoding: str) -> None:
+    """What the receiver takes, the worker reads whole (its reader, every element)."""
     sop = generate_uid()
-    assert parse_instance(attacks.deeply_nested(sop, 20), ExplicitVRLittleEndian, MB).sop_instance_uid == sop
+    raw = attacks.deeply_nested(sop, MAX_SEQUENCE_DEPTH, **NESTINGS[encoding])
+    assert parse_instance(raw, ExplicitVRLittleEndian, MB).sop_instance_uid == sop
+    path = tmp_path / "nested.dcm"
+    path.write_bytes(encode_file_meta(UltrasoundImageStorage, sop, ExplicitVRLittleEndian, "TEST") + raw)
+    ds = read_instance(path, MB)
+    assert sum(1 for elem in ds.iterall() if elem.VR == "SQ") == MAX_SEQUENCE_DEPTH
+    assert ds.to_json_dict()
+
+
+def test_encapsulated_fragments_are_not_nesting() -> None:
+    fragments = b"".join(struct.pack("<HHI", 0xFFFE, 0xE000, 4) + b"abcd" for _ in range(5000))
+    pixels = (struct.pack("<HH", 0x7FE0, 0x0010) + b"OB\0\0" + struct.pack("<I", 0xFFFFFFFF) + fragments
+              + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    assert not too_deep(attacks.identifying_elements(generate_uid()) + pixels, False, True)
 
 
 # --- allowed_hosts ------------------------------------------------------------------------------

@@ -192,14 +192,25 @@ def test_cli_train_export_evaluate(tmp_path: Path) -> None:
     assert card.training_data["command"].startswith("sonocase train --synthetic 6 --arch cnn --width 0.125")
     assert card.metrics["n_test"] > 0 and "balanced_accuracy" in card.metrics
     assert card.metrics["localisation"]["all"]["n"] > 0  # the synthetic lesions carry masks
-    for suffix in (".report.md", ".report.json", ".confusion.png", ".roc.png", ".learning.png", ".gradcam.png"):
+    for suffix in (".report.md", ".report.json", ".confusion.png", ".roc.png", ".learning.png", ".gradcam.png",
+                   ".reliability.png"):
         assert onnx_path.with_name(f"tiny{suffix}").is_file(), suffix
+    assert card.metrics["ood"]["sources"] and card.calibration is not None
 
     code, output = _run(["evaluate", str(out)])
     assert code == 0, output
     assert "BI-RADS likelihood bands" in (out / "evaluation.report.md").read_text()
     bands = json.loads((out / "evaluation.report.json").read_text())["birads_bands"]
     assert sum(band["n"] for band in bands) == card.metrics["n_test"]  # every held-out image in one band
+    for line in ("domain guard: threshold", "real-ultrasound          held out flagged", "ECE on held-out split"):
+        assert line in output, output
+    assert "Domain guard" in (out / "evaluation.report.md").read_text()
+
+    code, output = _run(["calibrate", str(onnx_path), "--synthetic", "6"])
+    assert code == 0 and "AUROC against held-out sources" in output, output
+    assert ModelCard.load(onnx_path).ood.threshold > 0
+    code, output = _run(["calibrate", str(onnx_path), "--synthetic", "7"])
+    assert code != 0 and "not the ones" in output, output
     code, output = _run(["export", str(out), "--out", str(tmp_path / "again.onnx")])
     assert code == 0, output
     assert ModelCard.load(tmp_path / "again.onnx").metrics["balanced_accuracy"] == json.loads(

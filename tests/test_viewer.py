@@ -1,17 +1,19 @@
-"""What a radiologist sees, for real: two studies pushed to `sonocase serve` by DCMTK's
-storescu, the node's results sent by C-STORE to an Orthanc (Debian's, with its
-DICOMweb plugin) that also holds the source images, opened in OHIF 3.13.2 (the npm
-package's prebuilt viewer, served on 127.0.0.1 against Orthanc's DICOMweb through a
-same-origin proxy) in headless Chromium.
+"""What a radiologist sees, for real: three studies pushed to `sonocase serve` by
+DCMTK's storescu, the node's results sent by C-STORE to an Orthanc (Debian's, with
+its DICOMweb plugin) that also holds the source images, opened in OHIF 3.13.2 (the
+npm package's prebuilt viewer, served on 127.0.0.1 against Orthanc's DICOMweb
+through a same-origin proxy) in headless Chromium.
 
-The test fails if any of these is missing: the study opens with our series listed
-and their "not for primary diagnosis" descriptions; the SR loads without a page error
-and draws each finding as a labelled region on the right image (OHIF's labels: the
-class probabilities, the predicted class first), opening on the image that decides
-the study and paging to the next; a cine loop's regions on their frames; the heatmap
-overlay (SEG) loads with its levels and colours the image; the heatmap SC shows the
-map; the key-image flag (KOS) is listed and names the deciding image and the SR.
-Screenshots are kept under the test's temporary folder (the path is printed).
+The test fails if any of these is missing: the breast study opens with our series
+listed and their "not for primary diagnosis" descriptions; the SR loads without a
+page error and draws each finding as a labelled region on the right image (OHIF's
+labels: the class probabilities, the predicted class first), opening on the image
+that decides the study and paging to the next; a cine loop's regions on their
+frames; the heatmap overlay (SEG) loads with its levels and colours the image; the
+heatmap SC shows the map; the key-image flag (KOS) is listed and names the deciding
+image and the SR; a study of real non-breast ultrasound named BREAST shows "not
+assessed" and no heatmap. Screenshots are kept under the test's temporary folder
+(the path is printed); the radiologist guide's come from there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import pydicom
 import pytest
 from chromium import Chromium
+from scipy import ndimage
 from conftest import free_port, wait_for
 from ohif import OhifServer
 from orthanc import Orthanc
@@ -34,6 +37,7 @@ from pydicom.uid import generate_uid
 from test_reports_support import data_file, default_template
 from worker_support import Process, serve, storescu, wait_for_state
 
+from service.datasets.synthetic import synthetic_cine, synthetic_study
 from service.ledger import StudyState, open_ledger
 from service.model.imaging import number_of_frames
 from service.reports.heatmaps import BAND_LEVELS
@@ -43,11 +47,12 @@ from service.settings import Settings, load_settings
 
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(900)]
 
-#: Study A: a palette image the model finds blank (not analysed), a JPEG-lossless
-#: echo image (calibrated: it gets an overlay; stored decompressed, as storescu
-#: cannot convert it) and an uncalibrated RGB image. Study B: a 30-frame cine loop.
-STUDY_A = ("OBXXXX1A.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "US1_UNCR.dcm")
-STUDY_B = ("examples_ybr_color.dcm",)
+#: Study A: a synthetic malignant breast study of three calibrated images (each gets
+#: a region and an overlay). Study B: a synthetic 30-frame cine loop. Study C: real
+#: ultrasound that is not breast (an abdominal RGB image, a JPEG-lossless echo stored
+#: decompressed, as storescu cannot convert it), named BREAST: not assessed.
+STUDY_A_IMAGES, STUDY_B_IMAGES = 3, 1
+STUDY_C = ("US1_UNCR.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
 THUMBNAILS = "[data-cy^=study-browser-thumbnail]"
 OVERLAY = "[data-cy=viewport-overlay-bottom-right]"
 #: The report viewport's "next measurement" arrow: OHIF shows it once an SR is open.
@@ -75,12 +80,11 @@ class Site:
         return [pydicom.dcmread(p) for p in sorted(folder.glob(f"{kind}.*.dcm"))]
 
 
-def _write_study(folder: Path, files: tuple[str, ...], patient: str) -> tuple[str, list[Path]]:
-    """Real ultrasound files as one study of one patient (new UIDs), Instance Numbers 1..n."""
+def _write_study(folder: Path, datasets: list[pydicom.Dataset], patient: str) -> tuple[str, list[Path]]:
+    """Data sets as one study of one patient (new UIDs), Instance Numbers 1..n."""
     study_uid, series_uid = generate_uid(), generate_uid()
     paths = []
-    for number, name in enumerate(files, start=1):
-        ds = pydicom.dcmread(data_file(name))
+    for number, ds in enumerate(datasets, start=1):
         if ds.file_meta.TransferSyntaxUID.is_compressed and number_of_frames(ds) == 1:
             ds.decompress()
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, generate_uid()
@@ -91,6 +95,14 @@ def _write_study(folder: Path, files: tuple[str, ...], patient: str) -> tuple[st
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return study_uid, paths
+
+
+def _named_breast(name: str) -> pydicom.Dataset:
+    """A real file as a mislabelling scanner sends it: a breast study, so no routing
+    rule keeps it from the model."""
+    ds = pydicom.dcmread(data_file(name))
+    ds.BodyPartExamined = ds.StudyDescription = "BREAST"
+    return ds
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +116,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     orthanc = Orthanc.start(folder / "orthanc", callers=[settings.ae_title])
     destinations = load_settings(destinations=orthanc.destination).destinations
     settings = settings.model_copy(update={"destinations": destinations})
-    studies = dict(_write_study(folder / "studies", files, f"Viewer^{name}")
-                   for name, files in (("A", STUDY_A), ("B", STUDY_B)))
+    studies = dict(_write_study(folder / "studies", datasets, f"Viewer^{name}")
+                   for name, datasets in (("A", synthetic_study(STUDY_A_IMAGES, "malignant", seed=7)),
+                                          ("B", [synthetic_cine(30, "benign", seed=4)]),
+                                          ("C", [_named_breast(n) for n in STUDY_C])))
     node: Process | None = None
     try:
         node = serve(settings, folder / "node.log")
@@ -121,12 +135,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 
 def test_the_archive_holds_every_result_the_viewer_reads(site: Site) -> None:
-    study_a, study_b = site.studies
-    classes_a = sorted(site.orthanc.sop_classes(study_a).values())
+    study_a, study_b, study_c = site.studies
     expected = {kind: len(site.outbox(study_a, kind)) for kind in ("SR", "SC", "SEG", "KO")}
-    assert expected == {"SR": 1, "SC": 2, "SEG": 1, "KO": 1}  # two analysed images, one calibrated
-    assert len(classes_a) == len(STUDY_A) + sum(expected.values())
-    assert len(site.orthanc.sop_classes(study_b)) == len(STUDY_B) + 3  # SR, SC, KO: a cine gets no overlay
+    assert expected == {"SR": 1, "SC": 3, "SEG": 3, "KO": 1}  # three analysed images, each calibrated
+    assert len(site.orthanc.sop_classes(study_a)) == STUDY_A_IMAGES + sum(expected.values())
+    assert len(site.orthanc.sop_classes(study_b)) == STUDY_B_IMAGES + 3  # SR, SC, KO: a cine gets no overlay
+    not_assessed = {kind: len(site.outbox(study_c, kind)) for kind in ("SR", "SC", "SEG", "KO")}
+    assert not_assessed == {"SR": 1, "SC": len(STUDY_C), "SEG": 0, "KO": 0}  # no overlay, no key image
+    assert len(site.orthanc.sop_classes(study_c)) == len(STUDY_C) + 1 + len(STUDY_C)
 
 
 # --- the browser ---------------------------------------------------------------------
@@ -143,10 +159,35 @@ def _viewport_pixels(browser: Chromium, screenshot: np.ndarray) -> np.ndarray:
     return screenshot[y:y + h, x:x + w]
 
 
-def _share(pixels: np.ndarray, colour: tuple[int, int, int], tolerance: int = 60) -> float:
-    """Fraction of pixels within ``tolerance`` (per channel) of ``colour``."""
-    close = np.all(np.abs(pixels.astype(int) - np.array(colour)) <= tolerance, axis=-1)
-    return float(close.mean())
+def _rendered(browser: Chromium, folder: Path, name: str, lit: float = 0.1) -> np.ndarray:
+    """The viewport once the picture is drawn (at least ``lit`` of it brighter than
+    the black background): OHIF shows the overlay text before the image arrives."""
+    def probe() -> tuple[np.ndarray] | None:
+        pixels = _viewport_pixels(browser, _shot(browser, folder, name))
+        return (pixels,) if (pixels.max(axis=-1) > 30).mean() >= lit else None
+
+    return wait_for(f"the viewport to show the picture ({name})", probe, 60, interval=0.5)[0]
+
+
+def _nested_levels(pixels: np.ndarray, margin: int = 40) -> bool:
+    """Whether the overlay's levels are drawn as a heatmap draws them: a red core
+    (75-100 % of the peak) with yellow (50-75 %) around it and cyan (25-50 %) around
+    that. Checked within the picture alone, since OHIF highlights annotations in
+    yellow and the scanner's colour bar holds red: no other screenshot compares."""
+    def near(colour: tuple[int, int, int]) -> np.ndarray:
+        return np.all(np.abs(pixels.astype(int) - np.array(colour)) <= 60, axis=-1)
+
+    cores, count = ndimage.label(near((255, 0, 0)))
+    for core in range(1, count + 1):
+        ys, xs = np.nonzero(cores == core)
+        if len(ys) < 30:
+            continue
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        ring = near((255, 255, 0))[max(0, y0 - margin):y1 + margin, max(0, x0 - margin):x1 + margin]
+        outer = near((0, 255, 255))[max(0, y0 - 2 * margin):y1 + 2 * margin, max(0, x0 - 2 * margin):x1 + 2 * margin]
+        if ring.sum() >= 30 and outer.sum() >= 30:
+            return True
+    return False
 
 
 def _chromatic(pixels: np.ndarray) -> float:
@@ -264,7 +305,7 @@ def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
 ) -> None:
     chromium, server = browser
     template = default_template()
-    study_a = next(iter(site.studies))
+    study_a = list(site.studies)[0]
     result = site.result(study_a)
     (sr,) = site.outbox(study_a, "SR")
     numbers = _instance_numbers(site.studies[study_a])
@@ -299,16 +340,12 @@ def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
         drawn = _labels(chromium)
         positions = [drawn.index(line) for line in lines]
         assert positions == sorted(positions), drawn  # in the SR's order: the predicted class first
-        shown = _viewport_pixels(chromium, _shot(chromium, screenshots, f"2-sr-region-{n + 1}"))
-        if n == 0:
-            decisive_image = shown  # the image the overlay opens on, without it
+        _shot(chromium, screenshots, f"2-sr-region-{n + 1}")
     # every frame with a finding is drawn (the shipped model outlines no lesion: its heatmap); one called normal not
     assert len(groups) == sum(f.predicted != NO_LESION for i in reading_order(result) for f in assessed_frames(i))
     assert chromium.page_errors() == []
 
-    # The heatmap overlay: its levels are listed and it colours the image (the decisive
-    # one, compared with itself before the overlay: other images may hold colour Doppler).
-    _shot(chromium, screenshots, "3-before-overlay")
+    # The heatmap overlay: its levels are listed and drawn on the image.
     _open_series(chromium, template.seg_series.description)
     chromium.wait_for("document.body.innerText.includes('Do you want to open this Segmentation?')")
     chromium.click("button", text="Yes")
@@ -318,10 +355,8 @@ def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
     chromium.wait_for(f"{json.dumps(levels)}.every(l => document.body.innerText.includes(l))", 120)
     chromium.wait_for("!document.body.innerText.includes('Loading SEG')")
     after = _viewport_pixels(chromium, _shot(chromium, screenshots, "4-overlay"))
-    assert _displayed(chromium)[0] == numbers[groups[0][0]]
-    for colour in ((255, 0, 0), (255, 255, 0), (0, 255, 255)):  # jet at the levels' middles
-        # 0.1 % of the viewport: the top level (75-100 % of the peak) is the lesion's core only
-        assert _share(after, colour) > _share(decisive_image, colour) + 0.001, colour
+    assert _displayed(chromium)[0] in numbers.values()
+    assert _nested_levels(after), "the overlay draws the heatmap's levels, core to rim, on the image"
     assert chromium.page_errors() == []
 
     # The heatmap SC: the burned-in map (jet colours) and the disclaimer line.
@@ -366,3 +401,27 @@ def test_a_cine_loops_regions_are_on_their_frames_in_ohif(
         _shot(chromium, screenshots, f"6-cine-frame-{frame}")
     assert chromium.page_errors() == [], "\n".join(chromium.console())
 
+
+def test_real_ultrasound_that_is_not_breast_shows_not_assessed_in_ohif(
+    site: Site, browser: tuple[Chromium, OhifServer], screenshots: Path,
+) -> None:
+    chromium, server = browser
+    template = default_template()
+    study_c = list(site.studies)[2]
+    result = site.result(study_c)
+    assert result.summary.out_of_distribution and result.summary.predicted is None
+    chromium.open(server.viewer_url(study_c))
+    chromium.wait_for(f"document.querySelectorAll('{THUMBNAILS}').length >= 3", 180)
+    if chromium.evaluate("document.body.innerText.includes('Skip all')"):
+        chromium.click("button", text="Skip all")
+    listed = chromium.evaluate(f"[...document.querySelectorAll('{THUMBNAILS}')].map(e => e.innerText)")
+    assert not any(template.seg_series.description in entry or template.kos_series.description in entry
+                   for entry in listed), listed
+    _open_series(chromium, template.sc_series.description)
+    chromium.wait_for(f"document.querySelector('{OVERLAY}').innerText.includes('I:1 ')")
+    chromium.wait_idle("/dicom-web/")
+    capture = _rendered(chromium, screenshots, "7-not-assessed-sc")
+    # OHIF's own controls and border colour about 1 % of the viewport; the heatmap SC of
+    # the breast study, 2.7 % (its check above asks for more than 1.5 %)
+    assert _chromatic(capture) < 0.015, "no heatmap colours on a picture that was not assessed"
+    assert chromium.page_errors() == [], "\n".join(chromium.console())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import attacks
 import numpy as np
 import pydicom
 import pytest
@@ -39,9 +40,10 @@ from service.delivery.recovery import (
 from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
 from service.pipeline.analysis import summarise_study
 from service.model_card import ModelCard, card_path_for, sha256_file
+from service.ops.server import HttpLimits, Progress, body_deadline, furthest_behind
 from service.ops.sessions import LoginThrottle, SessionStore
 from service.ops.views import CheckResult, IndexProbe, ModelProbe, broker_check
-from service.ops.web import SESSION_COOKIE, ExtraRouter, build_web_server
+from service.ops.web import SESSION_COOKIE, ExtraRouter, throttle_keys, build_web_server
 from service.results import (
     FrameResult,
     ImageResult,
@@ -475,7 +477,7 @@ def test_forms_need_their_own_session_s_csrf_token(node: Node) -> None:
     path = f"/status/studies/{node.undelivered}/resend"
     for form in ({}, {"csrf": "guess"}, {"csrf": csrf_b}):  # none, wrong, another session's
         status, _, body = _http(node.url, path, "POST", headers={"Cookie": cookie_a}, form=form)
-        assert status == 403 and b"form token" in body
+        assert status == 403 and b"CSRF token" in body
     # A cross-site post is refused even with the right token (Fetch Metadata).
     cross = {"Cookie": cookie_a, "Sec-Fetch-Site": "cross-site"}
     assert _http(node.url, path, "POST", headers=cross, form={"csrf": csrf_a})[0] == 403
@@ -484,19 +486,36 @@ def test_forms_need_their_own_session_s_csrf_token(node: Node) -> None:
     assert _http(node.url, path, "POST", headers={"Cookie": cookie_a}, form={"csrf": csrf_a})[0] == 303
 
 
-def test_wrong_tokens_are_throttled_per_address(node: Node) -> None:
+def test_wrong_tokens_are_throttled_but_the_right_one_never_is(node: Node) -> None:
+    """Issue 24, attack 3: one address sending wrong tokens (behind an ingress, the
+    address of every client) is answered 429 past the limit, and the right token from
+    that same address is still served: the sign-in form and the Bearer token."""
     attempts = node.settings.web_login_attempts
     for i in range(attempts):
         if i % 2:
             assert _http(node.url, "/login", "POST", form={"token": f"guess-{i}"})[0] == 401
         else:
             assert _http(node.url, "/api/v1/studies", headers={"Authorization": f"Bearer guess-{i}"})[0] == 401
-    # Past the limit the address is refused without its credential being looked at: the right one too.
-    status, headers, body = _http(node.url, "/login", "POST", form={"token": TOKEN})
+    status, headers, body = _http(node.url, "/login", "POST", form={"token": "guess-again"})
     assert status == 429 and 0 < int(headers["retry-after"]) <= node.settings.web_login_window_s
     assert b"Too many wrong tokens" in body
-    assert _http(node.url, "/api/v1/studies", headers=BEARER)[0] == 429
+    assert _http(node.url, "/api/v1/studies", headers={"Authorization": "Bearer guess-again"})[0] == 429
+    assert _http(node.url, "/login", "POST", form={"token": TOKEN})[0] == 303
+    assert _http(node.url, "/api/v1/studies", headers=BEARER)[0] == 200
     assert _http(node.url, "/healthz")[0] == 200  # health and metrics are not behind it
+    metrics = _http(node.url, "/metrics")[2].decode()
+    assert 'sonocase_web_logins_refused_total{reason="throttled"} ' in metrics
+
+
+def test_a_wrong_token_is_throttled_from_any_address() -> None:
+    """Failures count per address and per token: a stale token repeated from many
+    addresses is throttled as a token; another address with another token is not."""
+    throttle = LoginThrottle(attempts=2, window_s=60)
+    for now, address in ((0, "10.0.0.1"), (1, "10.0.0.2")):
+        for key in throttle_keys(address, "stale"):
+            throttle.failed(key, now=now)
+    assert [throttle.retry_after(k, now=2) for k in throttle_keys("10.0.0.3", "stale")] == [0, 58]
+    assert [throttle.retry_after(k, now=2) for k in throttle_keys("10.0.0.3", "typo")] == [0, 0]
 
 
 def test_login_throttle_window() -> None:
@@ -505,7 +524,7 @@ def test_login_throttle_window() -> None:
         assert throttle.retry_after("10.0.0.1", now=now) == 0
         throttle.failed("10.0.0.1", now=now)
     assert throttle.retry_after("10.0.0.1", now=30) == 30  # until the first failure is 60 s old
-    assert throttle.retry_after("10.0.0.2", now=30) == 0  # another address is not affected
+    assert throttle.retry_after("10.0.0.2", now=30) == 0  # another key is not affected
     assert throttle.retry_after("10.0.0.1", now=60) == 0
     throttle.failed("10.0.0.1", now=61)
     assert throttle.retry_after("10.0.0.1", now=62) == 8  # failures at 10, 20, 61: wait for 10 + 60
@@ -544,8 +563,36 @@ def test_json_api_lists_shows_and_retries_studies(node: Node) -> None:
     assert _json(node.url, "/api/v1/studies/1.2.3/retry", "POST", headers=BEARER)[0] == 404
 
 
+def test_api_changes_from_a_session_need_its_csrf_token(node: Node) -> None:
+    """Issue 24, attack 4: a signed-in browser's POST to the API needs its session's
+    token in X-CSRF-Token and must not be cross-site; a Bearer client needs neither."""
+    cookie, csrf = _login(node.url)
+    path = f"/api/v1/studies/{node.undelivered}/retry"
+    for headers in ({}, {"X-CSRF-Token": "guess"}, {"Content-Type": "text/plain"},
+                    {"X-CSRF-Token": csrf, "Sec-Fetch-Site": "cross-site"}):
+        status, doc = _json(node.url, path, "POST", headers={"Cookie": cookie} | headers)
+        assert status == 403 and ("CSRF" in doc["detail"] or "cross-site" in doc["detail"]), (headers, doc)
+    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
+    assert _json(node.url, "/api/v1/studies", headers={"Cookie": cookie})[0] == 200  # reading needs no token
+    assert _json(node.url, path, "POST", headers={"Cookie": cookie, "X-CSRF-Token": csrf})[0] == 200
+    assert _json(node.url, path, "POST", headers=BEARER | {"Sec-Fetch-Site": "cross-site"})[0] == 403
+    assert _json(node.url, path, "POST", headers=BEARER)[0] in (200, 409)
+
+
+def test_openapi_is_behind_the_token_unless_made_public(node: Node, tmp_path: Path) -> None:
+    assert _http(node.url, "/api/openapi.json")[0] == 401
+    public = tmp_path / "public"
+    public.mkdir()
+    server = build_web_server(_settings(public, web_openapi_public=True), node.ledger)
+    server.start()
+    try:
+        assert _json(f"http://127.0.0.1:{server.port}", "/api/openapi.json")[0] == 200
+    finally:
+        server.stop()
+
+
 def test_openapi_describes_the_api_and_its_bearer_scheme(node: Node) -> None:
-    status, doc = _json(node.url, "/api/openapi.json")
+    status, doc = _json(node.url, "/api/openapi.json", headers=BEARER)
     assert status == 200 and doc["openapi"].startswith("3.")
     assert {"/api/v1/studies", "/api/v1/studies/{study_uid}", "/api/v1/studies/{study_uid}/retry"} <= set(doc["paths"])
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
@@ -624,8 +671,9 @@ def test_idle_connections_hold_no_thread_and_are_closed(strict_node: Node) -> No
     host, port = strict_node.url.removeprefix("http://").split(":")
     idle = [socket.create_connection((host, int(port)), timeout=15) for _ in range(200)]
     try:
-        # Past web_max_connections, new connections are closed at once; the first ones
-        # live until web_read_timeout_s. Either way every one ends, and no thread was made.
+        # Past web_max_connections each new connection closes the one waiting longest;
+        # the last ones live until web_read_timeout_s. Either way every one ends, and no
+        # thread was made.
         assert threading.active_count() - threads_before <= 2
         started = time.monotonic()
         for sock in idle:
@@ -640,6 +688,53 @@ def test_idle_connections_hold_no_thread_and_are_closed(strict_node: Node) -> No
             sock.close()
     assert _http(strict_node.url, "/healthz")[0] == 200
     assert threading.active_count() - threads_before <= 2
+
+
+def _port(node: Node) -> int:
+    return int(node.url.rsplit(":", 1)[1])
+
+
+def test_health_is_answered_while_idle_connections_are_reopened(strict_node: Node) -> None:
+    """Twice web_max_connections idle connections, each opened again as soon as the
+    node closes it (issue 24, attack 1): a probe still gets in, by closing the
+    connection that waited longest."""
+    port = _port(strict_node)
+    with attacks.http_flood(port, 2 * strict_node.settings.web_max_connections) as opened:
+        time.sleep(0.5)
+        answered = attacks.health_answered(port, 30, 0.1)
+    assert opened[0] > 2 * strict_node.settings.web_max_connections  # the node closed some, they came back
+    assert answered >= 0.9, f"/healthz answered {answered:.0%} of probes"
+
+
+def test_health_is_answered_while_forms_arrive_a_byte_at_a_time(strict_node: Node) -> None:
+    port = _port(strict_node)
+    with attacks.http_flood(port, 2 * strict_node.settings.web_max_connections, attacks.SLOW_FORM, drip_s=0.3):
+        time.sleep(0.5)
+        answered = attacks.health_answered(port, 30, 0.1)
+    assert answered >= 0.9, f"/healthz answered {answered:.0%} of probes"
+
+
+def test_a_body_sent_a_byte_at_a_time_is_closed_on_its_first_deadline(strict_node: Node) -> None:
+    """A byte every 0.3 s does not move the deadline on (web_min_body_bytes_per_s)."""
+    held = attacks.drip_until_closed(_port(strict_node), attacks.SLOW_FORM, 0.3, 8)
+    assert held < strict_node.settings.web_read_timeout_s + 1.0
+
+
+def test_a_new_connection_closes_the_one_furthest_behind() -> None:
+    limits = HttpLimits(read_timeout_s=10, min_body_rate=1000, max_connections=3, max_per_address=2)
+    served = ("served", Progress("10.0.0.1", since=0, busy=True))
+    waiting = ("waiting", Progress("10.0.0.2", since=50))
+    on_time = ("on-time", Progress("10.0.0.3", since=90, body_bytes=20_000))  # 20 kB in 10 s: ahead
+    dripping = ("dripping", Progress("10.0.0.3", since=40, body_bytes=100))  # 100 bytes in 60 s
+    assert furthest_behind("10.0.0.9", [served, waiting], limits, now=100) == (True, None)  # room left
+    assert furthest_behind("10.0.0.9", [served, waiting, on_time], limits, now=100) == (True, "waiting")
+    assert furthest_behind("10.0.0.9", [served, waiting, dripping], limits, now=100) == (True, "dripping")
+    # Its own address is full: one of that address's goes, even with room in all.
+    assert furthest_behind("10.0.0.3", [on_time, dripping], limits, now=100) == (True, "dripping")
+    # Nobody to close: every connection is being served or on time; the new one goes.
+    assert furthest_behind("10.0.0.9", [served, on_time, ("b", Progress("10.0.0.4", 0, busy=True))],
+                           limits, now=100) == (False, None)
+    assert body_deadline(dripping[1], limits) == 40 + 10 + 0.1
 
 
 # --- routers of other stages, mounted by sonocase serve ----------------------------------------

@@ -154,6 +154,22 @@ def _print_report(report: dict[str, Any], where: Path) -> None:
     click.echo(f"balanced accuracy {report['balanced_accuracy']:.3f}, accuracy {report['accuracy']:.3f}, "
                f"macro F1 {report['macro_f1']:.3f}, mAP@5 {retrieval['map@5']:.3f}, "
                f"ACC@1 {retrieval['acc@1']:.3f}{pointing} (n={report['n_test']}); report in {where}")
+    if "sources" in report.get("ood", {}):
+        _print_guard_and_calibration(report["ood"], report["calibration"])
+
+
+def _print_guard_and_calibration(ood: dict[str, Any], calibration: dict[str, Any]) -> None:
+    """The domain guard per out-of-domain source and the ECE before and after calibration."""
+    click.echo(f"domain guard: threshold {ood['threshold']:.2f}, held-out split flagged "
+               f"{ood['test_flagged_fraction']:.3f}, AUROC against held-out sources {ood['auroc_held_out']:.4f}")
+    for s in ood["sources"]:
+        click.echo(f"  {s['source']:<24} {'held out' if s['held_out'] else 'tuning  '} flagged {s['flagged']:.2f} "
+                   f"of {s['images']}, AUROC {s['auroc']:.4f}")
+    click.echo(f"temperature {calibration['temperature']:.3f} ({calibration['fitted_on']})")
+    for name, v in calibration.items():
+        if isinstance(v, dict):
+            click.echo(f"  ECE on {name}: {v['ece_before']:.3f} -> {v['ece_after']:.3f} "
+                       f"(noise floor {v['ece_noise_floor']:.3f})")
 
 
 @click.command("train", epilog=_DATA_HELP)
@@ -267,17 +283,7 @@ def calibrate(ctx: click.Context, model: Path, synthetic: int | None, busi: Path
     from training.export import calibrate as run
 
     sections = run(model, _source(synthetic, busi, dicom, labels, seed))
-    ood, calibration = sections["ood"], sections["calibration"]
-    click.echo(f"domain guard: threshold {ood['threshold']:.2f}, held-out split flagged "
-               f"{ood['test_flagged_fraction']:.3f}, AUROC against held-out sources {ood['auroc_held_out']:.4f}")
-    for s in ood["sources"]:
-        click.echo(f"  {s['source']:<24} {'held out' if s['held_out'] else 'tuning  '} flagged {s['flagged']:.2f} "
-                   f"of {s['images']}, AUROC {s['auroc']:.4f}")
-    click.echo(f"temperature {calibration['temperature']:.3f} ({calibration['fitted_on']})")
-    for name, v in calibration.items():
-        if isinstance(v, dict):
-            click.echo(f"  ECE on {name}: {v['ece_before']:.3f} -> {v['ece_after']:.3f} "
-                       f"(noise floor {v['ece_noise_floor']:.3f})")
+    _print_guard_and_calibration(sections["ood"], sections["calibration"])
 
 
 @click.command("compare", epilog=_DATA_HELP)

@@ -66,6 +66,14 @@ STOW_INSTANCES = Counter(
     "sonocase_stow_instances", "Instances received over STOW-RS, by Failure Reason (0x0000: stored)",
     ["status"], registry=None,
 )
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "sonocase_http_connections_closed", "HTTP connections the node closed or refused before their request was "
+    "in, by reason (too-slow, evicted to make room, full)", ["reason"], registry=None,
+)
+WEB_LOGINS_REFUSED = Counter(
+    "sonocase_web_logins_refused", "Sign-ins and Bearer tokens refused, by reason (wrong token, throttled)",
+    ["reason"], registry=None,
+)
 SEND_ATTEMPTS = Counter(
     "sonocase_send_attempts", "Delivery attempts of the sender (C-STORE or STOW-RS), by outcome (failed ones "
     "are retried)", ["outcome"], registry=None,
@@ -86,6 +94,16 @@ def observe_refusal(reason: str) -> None:
 def observe_stow(status: int) -> None:
     """Count one instance of a STOW-RS request: 0 stored, else its Failure Reason."""
     STOW_INSTANCES.labels(status=f"0x{status:04X}").inc()
+
+
+def observe_web_refusal(reason: str) -> None:
+    """Count one HTTP connection closed before its request was in (``reason``: a short fixed word)."""
+    HTTP_CONNECTIONS_CLOSED.labels(reason=reason).inc()
+
+
+def observe_login_refusal(reason: Literal["wrong", "throttled"]) -> None:
+    """Count one credential refused: a wrong token, or any token while its sender is throttled."""
+    WEB_LOGINS_REFUSED.labels(reason=reason).inc()
 
 
 def observe_send(outcome: Literal["accepted", "failed"]) -> None:
@@ -196,7 +214,8 @@ def build_registry(collector: LedgerCollector) -> CollectorRegistry:
     """A registry for one node: its ledger figures, this process's counters and
     the usual process figures (CPU, memory, open files)."""
     registry = CollectorRegistry()
-    for metric in (CSTORE_RESPONSES, CONNECTIONS_REFUSED, STOW_INSTANCES, SEND_ATTEMPTS, collector):
+    for metric in (CSTORE_RESPONSES, CONNECTIONS_REFUSED, STOW_INSTANCES, SEND_ATTEMPTS, HTTP_CONNECTIONS_CLOSED,
+                   WEB_LOGINS_REFUSED, collector):
         registry.register(metric)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

@@ -8,12 +8,15 @@ nothing must not hold what the PACS needs. So, on both engines:
   connections have a budget of their own (``max_pending_associations``: when it is
   full, the one that has waited longest is closed) and a deadline
   (``acse_timeout_s``: one that has not associated by then is closed);
-* ``max_associations`` counts established associations only (see
+* ``max_associations`` counts established associations only, and one peer
+  address may hold at most ``max_associations_per_peer`` of them (see
   :meth:`Gate.admit`, called from the ``EVT_REQUESTED`` handler);
 * every accepted socket has a timeout (``dimse_timeout_s``), so a reader blocked
   on a PDU that never arrives in full gives up and the slot is freed;
 * a TLS handshake runs in the connection's own thread, never in the one that
-  accepts connections.
+  accepts connections;
+* on the stock engine (plain TCP), a PDU header announcing more than we take
+  ends the connection before pynetdicom reads it (:class:`PduBoundedSocket`).
 
 Every refusal is logged with the peer's address and the reason, and counted
 (``sonocase_connections_refused_total``). Only socketserver's hooks (the server
@@ -87,12 +90,14 @@ class Pending:
 class Gate:
     """The counts behind admission, without I/O; every method is thread-safe."""
 
-    def __init__(self, max_pending: int, max_established: int, pending_deadline_s: float) -> None:
+    def __init__(self, max_pending: int, max_established: int, pending_deadline_s: float,
+                 max_per_peer: int | None = None) -> None:
         self.max_pending = max_pending
         self.max_established = max_established
+        self.max_per_peer = max_per_peer or max_established
         self.pending_deadline_s = pending_deadline_s
         self._pending: dict[int, Pending] = {}
-        self._admitted: weakref.WeakSet[Association] = weakref.WeakSet()
+        self._admitted: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._collect_at: float | None = None
         self._lock = threading.Lock()
 
@@ -152,25 +157,85 @@ class Gate:
             self._collect_at = None
             return True
 
-    def admit(self, assoc: Association) -> bool:
-        """Give an association one of the ``max_associations`` slots, unless all are
-        taken by associations still running (a slot is free again the moment its
-        association's thread ends)."""
+    def admit(self, assoc: Association, peer: str) -> str | None:
+        """Give an association one of the ``max_associations`` slots, at most
+        ``max_per_peer`` of them to one peer address, so that a few peers holding
+        associations open cannot lock the PACS out; else the limit it met. A slot is
+        free again the moment its association's thread ends."""
         with self._lock:
-            if sum(1 for other in self._admitted if other.is_alive()) >= self.max_established:
-                return False
-            self._admitted.add(assoc)
-            return True
+            running = [address for other, address in self._admitted.items() if other.is_alive()]
+            if running.count(peer) >= self.max_per_peer:
+                return f"{self.max_per_peer} associations from {peer} are established (max_associations_per_peer)"
+            if len(running) >= self.max_established:
+                return f"{self.max_established} associations are established (max_associations)"
+            self._admitted[assoc] = peer
+            return None
+
+
+class PduBoundedSocket(socket.socket):
+    """A connection that ends, as if the peer had closed it, at a PDU header
+    announcing more than ``max_pdu`` bytes.
+
+    For the stock engine: pynetdicom 3.0.4 reads whatever length a PDU header
+    announces (up to 4 GiB, before any association), keeping it all in memory
+    until a timeout ends the connection, and offers no setting against it. This
+    follows the PDU framing in the bytes pynetdicom reads through ``recv`` (it
+    never reads past a PDU's end), so a connection holds at most one PDU of
+    ``max_pdu`` bytes. Not for TLS connections (the TLS layer reads the socket
+    itself), nor for the fast engine (it bounds PDUs itself, reading with
+    ``recv_into``).
+    """
+
+    max_pdu = 0
+    _header = b""  # of the PDU being read, until it has its 6 bytes
+    _left = 0  # bytes of the PDU being read still to come after its header
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        if flags & socket.MSG_PEEK:
+            return data
+        pos = 0
+        while pos < len(data):
+            if self._left:
+                step = min(self._left, len(data) - pos)
+                self._left -= step
+                pos += step
+                continue
+            step = min(6 - len(self._header), len(data) - pos)
+            self._header += data[pos:pos + step]
+            pos += step
+            if len(self._header) == 6:
+                self._left, self._header = int.from_bytes(self._header[2:6], "big"), b""
+                if self._left > self.max_pdu:
+                    return self._end(self._left)
+        return data
+
+    def _end(self, announced: int) -> bytes:
+        try:
+            address = self.getpeername()
+            socket.socket.shutdown(self, socket.SHUT_RDWR)
+        except OSError:
+            address = "a closed connection"
+        peer = str(address[0]) if isinstance(address, tuple) else str(address)
+        refused(peer, "pdu-too-large", f"a PDU announces {announced} bytes, more than {self.max_pdu}: "
+                "connection closed")
+        return b""
 
 
 class GuardedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server behind a :class:`Gate` (see the module's text)."""
+    """pynetdicom's threaded server behind a :class:`Gate` (see the module's text);
+    with ``max_pdu``, each connection is a :class:`PduBoundedSocket`."""
 
-    def __init__(self, *args: Any, settings: Settings, gate: Gate, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, settings: Settings, gate: Gate, max_pdu: int | None = None,
+                 **kwargs: Any) -> None:
         self.settings = settings
         self.networks = allowed_networks(settings.allowed_hosts)
         self.gate = gate
+        self.max_pdu = max_pdu
         self._last_collect = time.monotonic()
+        # socketserver listens with this backlog (its default, 5, turns a burst of
+        # connections into SYN retries of a second or more)
+        self.request_queue_size = settings.listen_backlog
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -178,7 +243,11 @@ class GuardedServer(ThreadedAssociationServer):
         handshake to the connection's thread (:meth:`process_request_thread`)."""
         assert self.socket is not None  # listening
         sock, address = self.socket.accept()
-        sock.settimeout(self.settings.dimse_timeout_s)
+        if self.max_pdu is not None and not self.ssl_context:
+            bounded = PduBoundedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+            bounded.max_pdu = self.max_pdu
+            sock = bounded
+        sock.settimeout(self.settings.dimse_timeout_s)  # after: a socket made from a descriptor has none
         if self.ssl_context:
             sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address

@@ -16,6 +16,7 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable
 from io import BytesIO
@@ -35,6 +36,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 from service.common.metrics import observe_cstore
 from service.ingest.admission import GuardedServer, refused
 from service.ingest.rules import (
+    PDU_MARGIN,
     InvalidInstance,
     StoreStatus,
     error_comment,
@@ -102,6 +104,9 @@ class SpoolingBuffer(BytesIO):
     :class:`~service.ingest.store.MemoryBudget`; a data set beyond
     ``max_dataset_mb``, or beyond what the budget has left, is dropped as it
     arrives, and its C-STORE answered with :attr:`refusal` once it is complete.
+    A data set that began earlier may preempt it (:meth:`preempt`, from that data
+    set's thread) until it is complete and :meth:`claim`-ed: so one of several
+    large data sets arriving together always gets through.
     """
 
     def __init__(self, message: DIMSEMessage, assoc: Association, store: StoreSCP) -> None:
@@ -110,31 +115,51 @@ class SpoolingBuffer(BytesIO):
         self._assoc = assoc
         self._store = store
         self._spooling = True
+        self._lock = threading.RLock()  # this thread's writes against another's preempt()
         self.incoming: IncomingFile | None = None
         self.refusal: InvalidInstance | None = None
 
     def write(self, data: Any) -> int:
-        if self.refusal is not None:
-            return len(data)
-        self.refusal = self._hold(len(data))
-        if self.refusal is not None:
-            self.discard()
-            return len(data)
-        if self._spooling:
-            try:
-                self._spool(data)
-            except Exception:
-                LOG.debug("spooling a data set while it arrives failed; the handler writes it", exc_info=True)
-                self._stop_spooling()
-        return super().write(data)
+        with self._lock:
+            if self.refusal is not None:
+                return len(data)
+            self.refusal = self._hold(len(data))
+            if self.refusal is not None:
+                self.discard()
+                return len(data)
+            if self._spooling:
+                try:
+                    self._spool(data)
+                except Exception:
+                    LOG.debug("spooling a data set while it arrives failed; the handler writes it", exc_info=True)
+                    self._stop_spooling()
+            return super().write(data)
 
     def _hold(self, size: int) -> InvalidInstance | None:
         budget = self._store.budget
         refusal = too_large(budget.held(self) + size, self._store.max_dataset)
-        if refusal is None and not budget.take(self, size):
+        if refusal is None and not budget.take(self, size, self.preempt):
             refusal = InvalidInstance(StoreStatus.OUT_OF_RESOURCES,
                                       f"data sets in flight fill max_in_flight_mb ({budget.limit >> 20} MB)")
         return refusal
+
+    def preempt(self) -> None:
+        """Drop the data set for one that began earlier (the budget already let go
+        of its bytes); its C-STORE is answered 0xA700, and the peer's resend comes
+        after the earlier one."""
+        with self._lock:
+            if self.refusal is None:
+                self.refusal = InvalidInstance(StoreStatus.OUT_OF_RESOURCES, "made room in max_in_flight_mb for "
+                                               "a data set that began earlier: send it again")
+            self.discard()
+
+    def claim(self) -> InvalidInstance | None:
+        """The complete data set is about to be served: no preemption from now on.
+        Its refusal, if it was dropped meanwhile."""
+        with self._lock:
+            if not self._store.budget.pin(self) and self.refusal is None:
+                self.preempt()
+            return self.refusal
 
     def _spool(self, data: bytes) -> None:
         if self.incoming is None:
@@ -159,10 +184,11 @@ class SpoolingBuffer(BytesIO):
     def discard(self) -> None:
         """Done with the data set: stop spooling, drop the bytes held, give them
         back to the budget."""
-        self._stop_spooling()
-        self.seek(0)
-        self.truncate()
-        self._store.budget.release(self)
+        with self._lock:
+            self._stop_spooling()
+            self.seek(0)
+            self.truncate()
+            self._store.budget.release(self)
 
 
 class RequestQueue(queue.Queue[tuple[int, Any]]):
@@ -234,9 +260,10 @@ def serve_store(scp: StoreSCP, request: C_STORE, context_id: int, transfer_synta
     return the response to send."""
     buffer = request.DataSet
     spooling = buffer if isinstance(buffer, SpoolingBuffer) else None
+    refusal = spooling.claim() if spooling is not None else None
     try:
-        if spooling is not None and spooling.refusal is not None:
-            outcome = scp.refuse(spooling.refusal, calling_ae)
+        if refusal is not None:
+            outcome = scp.refuse(refusal, calling_ae)
         else:
             outcome = scp.store(
                 buffer.getvalue() if buffer is not None else b"", transfer_syntax,
@@ -314,9 +341,6 @@ class ReceiverSocket(AssociationSocket):
 _DEADLINE_SLACK_S = 1.0
 #: A PDU buffer holds this much until that much has arrived.
 _FIRST_PIECE = 64 << 10
-#: How far a PDU may exceed the maximum length we negotiated (PS3.8 D.1: it counts
-#: the PDVs' data, some peers count their headers too) before it is refused.
-PDU_MARGIN = 64 << 10
 
 
 class ReceiverDUL(DULServiceProvider):
@@ -537,7 +561,7 @@ class ReceiverAssociation(Association):
             return False
         server = self._server
         assert isinstance(server, ReceiverServer)  # an acceptor: our server made it
-        refused_data_set = isinstance(msg.DataSet, SpoolingBuffer) and msg.DataSet.refusal is not None
+        refused_data_set = isinstance(msg.DataSet, SpoolingBuffer) and msg.DataSet.claim() is not None
         if self.get_handlers(evt.EVT_C_STORE)[0] is not server.store_handler and not refused_data_set:
             return False  # someone bound their own handler: pynetdicom's path calls it
         response = serve_store(server.store, msg, context_id, context.transfer_syntax[0], self.requestor.ae_title)

@@ -50,12 +50,18 @@ from service.common.deflate import (
     inflate,
     inflated_size,
 )
+from service.ingest.nesting import MAX_SEQUENCE_DEPTH, too_deep
 from service.settings import Settings
 
 #: Identifies the software that wrote our files (PS3.7 D.3.3.2); a UUID-derived
 #: UID (PS3.5 B.2) because the project has no registered root.
 IMPLEMENTATION_CLASS_UID = "2.25.242059410395934624218930311384893412713"
 IMPLEMENTATION_VERSION_NAME = "SONOCASE_010"
+#: The longest PDU peers may send us (our A-ASSOCIATE maximum length).
+MAX_PDU_BYTES = 1 << 20
+#: How far a PDU may exceed the maximum length we negotiated (PS3.8 D.1: it counts
+#: the PDVs' data, some peers count their headers too) before it is refused.
+PDU_MARGIN = 64 << 10
 
 #: Both retired ultrasound SOP classes: older scanners still send them. pynetdicom
 #: does not know them; without registering them it aborts the association.
@@ -213,6 +219,9 @@ def parse_instance(raw: bytes | memoryview, transfer_syntax: str, max_inflated: 
     data = raw
     if syntax == DeflatedExplicitVRLittleEndian:
         data = inflate_data_set(raw, max_inflated)
+    if too_deep(data, syntax.is_implicit_VR, syntax.is_little_endian):
+        # what the worker could not read is refused now, not failed after Success
+        raise InvalidInstance(StoreStatus.TOO_DEEP, f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
     fp = BytesIO(data)
     values: dict[str, str] = {}
     end = 0
@@ -226,10 +235,6 @@ def parse_instance(raw: bytes | memoryview, transfer_syntax: str, max_inflated: 
     except (EOFError, OSError, struct.error, ValueError, NotImplementedError, KeyError, IndexError) as exc:
         # what pydicom raises on malformed bytes (OSError: "No tag to read" in a sequence)
         raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, f"unparsable data set: {exc}") from None
-    except RecursionError:
-        # pydicom reads undefined-length sequences recursively: thousands deep
-        # exhaust the stack long before the bytes do
-        raise InvalidInstance(StoreStatus.TOO_DEEP, "sequences nested deeper than this node reads") from None
     if end != len(data):
         raise InvalidInstance(
             StoreStatus.CANNOT_UNDERSTAND,

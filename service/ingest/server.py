@@ -16,6 +16,8 @@ import socket
 import socketserver
 import struct
 import threading
+import weakref
+from functools import partial
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -25,6 +27,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 
@@ -35,6 +38,8 @@ from service.ingest.rules import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     LOCAL_LIMIT_EXCEEDED,
+    MAX_PDU_BYTES,
+    PDU_MARGIN,
     REJECTED_PERMANENT,
     REJECTED_TRANSIENT,
     SOURCE_PROVIDER_PRESENTATION,
@@ -51,7 +56,6 @@ from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
 
-MAX_PDU_BYTES = 1 << 20
 #: pynetdicom's own association limit counts every connection's thread, associated
 #: or not: set out of the way, the gate counts (service.ingest.admission).
 _LIBRARY_LIMIT_OFF = 1 << 30
@@ -72,6 +76,7 @@ def handle_store(event: Event, store: StoreSCP) -> Dataset:
     bind another to ``EVT_C_STORE`` and both engines call that one instead.
     """
     request = event.request
+    store.budget.pin(event.assoc)  # the stock engine's data set is complete: no preemption now (StockDataGuard)
     outcome = store.store(
         event.encoded_dataset(include_meta=False), event.context.transfer_syntax,
         str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), event.assoc.requestor.ae_title,
@@ -101,9 +106,8 @@ def _on_requested(event: Event, settings: Settings, gate: Gate) -> None:
     if rejection is not None:
         refused(peer, "caller", f"association rejected: {rejection.why}")
         _reject(assoc, REJECTED_PERMANENT, SOURCE_SERVICE_USER, rejection.reason)
-    elif not gate.admit(assoc):
-        refused(peer, "association-limit", f"association rejected: {settings.max_associations} associations "
-                "are established (max_associations)")
+    elif (limit := gate.admit(assoc, assoc.requestor.address)) is not None:
+        refused(peer, "association-limit", f"association rejected: {limit}")
         _reject(assoc, REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
     else:
         LOG.info("association from %s accepted", peer, extra={"calling_ae": calling_ae})
@@ -142,29 +146,36 @@ class StockDataGuard:
     released when its message is handled or its connection closes) against
     ``max_dataset_mb`` and the store's :class:`~service.ingest.store.MemoryBudget`,
     and beyond either sends an A-ABORT and closes the connection: unlike the fast
-    engine, it cannot answer a status there. What the aborted association held is
-    freed by the garbage collection the gate runs soon after.
+    engine, it cannot answer a status there. An association whose data set began
+    later is aborted the same way when the budget makes room for an earlier one
+    (see :class:`~service.ingest.store.MemoryBudget`). What an aborted association
+    held is freed by the garbage collection the gate runs soon after.
     """
 
     def __init__(self, store: StoreSCP, gate: Gate) -> None:
         self.store = store
         self.gate = gate
+        #: Aborted, and ending: what they still send is not counted again (nor aborted twice).
+        self._aborted: weakref.WeakSet[Association] = weakref.WeakSet()
 
     def on_data(self, event: Event) -> None:
         data = event.data
-        if data[:1] != b"\x04":  # P-DATA-TF: everything else is small, and bounded by pynetdicom
+        if data[:1] != b"\x04" or event.assoc in self._aborted:  # P-DATA-TF: the rest is small, bounded by pynetdicom
             return
         assoc, size = event.assoc, len(data) - 6
         budget = self.store.budget
         if budget.held(assoc) + size > self.store.max_dataset:
-            reason, why = "too-large", f"data set larger than max_dataset_mb ({self.store.max_dataset >> 20} MB)"
-        elif not budget.take(assoc, size):
-            reason, why = "in-flight", f"data sets in flight fill max_in_flight_mb ({budget.limit >> 20} MB)"
-        else:
-            return
-        budget.release(assoc)
+            self.abort(assoc, "too-large", f"data set larger than max_dataset_mb ({self.store.max_dataset >> 20} MB)")
+        elif not budget.take(assoc, size, partial(self.abort, assoc, "preempted", "its data set made room in "
+                                                  "max_in_flight_mb for one that began earlier")):
+            self.abort(assoc, "in-flight", f"data sets in flight fill max_in_flight_mb ({budget.limit >> 20} MB)")
+
+    def abort(self, assoc: Association, reason: str, why: str) -> None:
+        """Give back what the association holds, send it an A-ABORT and end it."""
+        self._aborted.add(assoc)
+        self.store.budget.release(assoc)
         refused(f"{assoc.requestor.ae_title} at {assoc.requestor.address}", reason, f"association aborted: {why}")
-        sock = assoc.dul.socket.socket
+        sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
         if sock is not None:
             try:
                 sock.sendall(_A_ABORT)
@@ -226,7 +237,8 @@ def choose_engine(requested: str) -> str:
 def start_receiver(settings: Settings, store: StoreSCP) -> GuardedServer:
     """Start listening (non-blocking) with the engine the settings ask for (see
     :func:`choose_engine`), behind the admission gate; stop with :func:`stop_server`."""
-    gate = Gate(settings.max_pending_associations, settings.max_associations, settings.acse_timeout_s)
+    gate = Gate(settings.max_pending_associations, settings.max_associations, settings.acse_timeout_s,
+                settings.max_associations_per_peer)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, _on_echo, [store]),
         (evt.EVT_REQUESTED, _on_requested, [settings, gate]),
@@ -245,6 +257,7 @@ def start_receiver(settings: Settings, store: StoreSCP) -> GuardedServer:
     else:
         guard = StockDataGuard(store, gate)
         handlers += [(evt.EVT_DATA_RECV, guard.on_data), (evt.EVT_CONN_CLOSE, guard.on_close)]
+        extra["max_pdu"] = MAX_PDU_BYTES + PDU_MARGIN
     server = build_ae(settings).make_server(
         (settings.host, settings.port), evt_handlers=handlers, ssl_context=dicom_tls.server_context(settings),
         **extra,

@@ -234,23 +234,74 @@ class MemoryBudget:
     """The memory data sets take while they arrive (or are inflated), all
     associations together: ``max_in_flight_mb``. Each holder (a data set being
     received, an association, an inflation) takes what it holds and releases it
-    all when done; thread-safe."""
+    all when done; thread-safe.
+
+    Holders are served first come, first served: when a take does not fit, holders
+    that began later and can be preempted (they passed ``preempt`` at their first
+    take) are preempted, latest first, until it fits; only if it still does not fit
+    is the take refused. So the data set that began first always gets through, and
+    large data sets that arrive together and exceed the limit together are stored
+    one after another on the peer's resends, instead of all refused every time.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._held: dict[object, int] = {}
+        self._held: dict[object, int] = {}  # in the order the holders began
+        self._preempt: dict[object, Callable[[], None]] = {}
+        self._preempted: set[object] = set()
         self._lock = threading.Lock()
 
-    def take(self, holder: object, size: int) -> bool:
-        """Add ``size`` bytes to what ``holder`` holds; False (nothing taken) if that
-        would pass the limit."""
+    def take(self, holder: object, size: int, preempt: Callable[[], None] | None = None) -> bool:
+        """Add ``size`` bytes to what ``holder`` holds, preempting later holders if
+        that is what makes room; False (nothing taken) if even that would not, or if
+        ``holder`` was itself preempted. ``preempt``, at a holder's first take, says
+        how to make it drop its bytes and refuse its data set (called from the
+        preempting thread, after the budget has let go of its bytes)."""
         with self._lock:
-            if self.used + size > self.limit:
+            if holder in self._preempted:
                 return False
+            victims = self._room_for(holder, size)
+            if victims is None:
+                return False
+            calls = []
+            for victim in victims:
+                self.used -= self._held.pop(victim)
+                self._preempted.add(victim)
+                calls.append(self._preempt.pop(victim))
+            if holder not in self._held and preempt is not None:
+                self._preempt[holder] = preempt
             self.used += size
             self._held[holder] = self._held.get(holder, 0) + size
-            return True
+        for call in calls:
+            call()
+        return True
+
+    def _room_for(self, holder: object, size: int) -> list[object] | None:
+        """The later, preemptible holders to preempt (latest first) for ``size``
+        more bytes of ``holder``; None when they would not make room."""
+        over = self.used + size - self.limit
+        if over <= 0:
+            return []
+        if holder not in self._held:  # a new holder is the latest: it preempts nobody
+            return None
+        victims: list[object] = []
+        for other in reversed(self._held):
+            if other is holder:
+                break
+            if other in self._preempt:
+                victims.append(other)
+                over -= self._held[other]
+                if over <= 0:
+                    return victims
+        return None
+
+    def pin(self, holder: object) -> bool:
+        """Make ``holder`` safe from preemption from now on (its data set is complete
+        and about to be stored); False if it was preempted already."""
+        with self._lock:
+            self._preempt.pop(holder, None)
+            return holder not in self._preempted
 
     def held(self, holder: object) -> int:
         with self._lock:
@@ -260,6 +311,8 @@ class MemoryBudget:
         """Give back everything ``holder`` holds (nothing if it holds nothing)."""
         with self._lock:
             self.used -= self._held.pop(holder, 0)
+            self._preempt.pop(holder, None)
+            self._preempted.discard(holder)
 
 
 class StoreSCP:

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from io import BytesIO
 from http import HTTPStatus
 from typing import Annotated, Any
 
@@ -249,6 +251,18 @@ def warning_headers(results: list[InstanceResult]) -> list[tuple[str, str]]:
                         f'{_ascii(r.reason)}"') for r in failed]
 
 
+def summary(results: list[InstanceResult]) -> str:
+    """One log line for a whole request: how many parts were stored, and how many
+    were refused with each Failure Reason, with the first reason in words."""
+    refused = Counter(r.status for r in results if not r.stored)
+    line = f"{len(results) - refused.total()} of {len(results)} instance(s) stored"
+    if refused:
+        first = next(r for r in results if not r.stored)
+        line += "; refused: " + ", ".join(f"{n} with 0x{status:04X}" for status, n in sorted(refused.items()))
+        line += f" (first: {first.reason})"
+    return line
+
+
 def _ascii(text: str) -> str:
     return text.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "/")
 
@@ -265,15 +279,16 @@ class _Part:
     head: bytearray = field(default_factory=bytearray)
     meta: PartMeta | None = None
     incoming: IncomingFile | None = None
-    chunks: list[bytes] = field(default_factory=list)
+    #: As the fast engine's buffer: its value is handed to the store without a copy
+    data: BytesIO = field(default_factory=BytesIO)
     failure: PartRefused | None = None
 
     def fail(self, failure: PartRefused) -> None:
         self.failure = failure
-        self.chunks = []
         self.close()
 
     def close(self) -> None:
+        self.data = BytesIO()
         if self.incoming is not None:
             self.incoming.close()  # removes the temporary file unless it was stored
         if self.budget is not None:
@@ -288,10 +303,13 @@ class StowUpload:
     complete. :meth:`close` removes whatever a part left in ``.incoming``.
     """
 
-    def __init__(self, store: StoreSCP, boundary: bytes, study_uid: str | None, max_bytes: int) -> None:
+    def __init__(self, store: StoreSCP, boundary: bytes, study_uid: str | None, max_bytes: int,
+                 max_parts: int) -> None:
         self.store = store
         self.study_uid = study_uid
         self.max_bytes = max_bytes
+        self.max_parts = max_parts
+        self.parts = 0
         self.received = 0
         self.ended = False
         self.malformed = ""
@@ -305,7 +323,8 @@ class StowUpload:
     def feed(self, chunk: bytes) -> list[_Part]:
         """Parse ``chunk``; return the parts it completed. Past a malformed spot the
         rest of the body is read and ignored (:attr:`malformed` says why). Raises
-        :class:`StowError` 413 past ``max_bytes``."""
+        :class:`StowError` 413 past ``max_bytes``, or when a part begins past
+        ``max_parts`` (what each part costs, however small, stays bounded)."""
         self.received += len(chunk)
         if self.received > self.max_bytes:
             raise StowError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {self.max_bytes} bytes")
@@ -315,6 +334,11 @@ class StowUpload:
             except MultipartParseError as exc:
                 self.malformed = f"malformed multipart body: {exc}"
         ready, self._ready = self._ready, []
+        if self.parts > self.max_parts:
+            for part in ready:
+                part.close()
+            raise StowError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            f"more than {self.max_parts} parts in one request (stow_max_parts)")
         return ready
 
     def finish(self) -> _Part | None:
@@ -329,20 +353,26 @@ class StowUpload:
         return part
 
     def store_part(self, part: _Part) -> InstanceResult:
-        """Store one complete part through the receiver's store (blocking)."""
+        """Store one complete part through the receiver's store (blocking unless
+        :meth:`refused`). A part refused before the store is not logged here: the
+        request's summary line counts it."""
         meta = part.meta
         sop_class, sop_instance = (meta.sop_class_uid, meta.sop_instance_uid) if meta else ("", "")
         try:
-            if part.failure is not None or meta is None:
+            if self.refused(part):
                 failure = part.failure or PartRefused(StoreStatus.CANNOT_UNDERSTAND, "empty part")
-                LOG.warning("refused a STOW-RS part (%s) with 0x%04X: %s", sop_instance or "unnamed",
-                            failure.status, failure, extra={"calling_ae": STOW_SOURCE})
                 return InstanceResult(sop_class, sop_instance, failure.status, str(failure))
-            outcome = self.store.store(b"".join(part.chunks), meta.transfer_syntax, meta.sop_class_uid,
+            assert meta is not None
+            outcome = self.store.store(part.data.getvalue(), meta.transfer_syntax, meta.sop_class_uid,
                                        meta.sop_instance_uid, STOW_SOURCE, part.incoming, study_uid=self.study_uid)
         finally:
             part.close()
         return InstanceResult(sop_class, sop_instance, outcome.status, outcome.comment)
+
+    @staticmethod
+    def refused(part: _Part) -> bool:
+        """Whether the part failed before the store: its result needs no disk, no thread."""
+        return part.failure is not None or part.meta is None
 
     def close(self) -> None:
         for part in [*self._ready, *([self._part] if self._part else [])]:
@@ -350,7 +380,8 @@ class StowUpload:
 
     # --- the parser's callbacks ---
     def _begin(self) -> None:
-        self._part = _Part(self.store.budget)
+        self.parts += 1
+        self._part = _Part(self.store.budget) if self.parts <= self.max_parts else None
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
@@ -388,7 +419,7 @@ class StowUpload:
         assert part.incoming is not None
         part.size += len(data)
         part.incoming.append(data)
-        part.chunks.append(data)
+        part.data.write(data)
 
     def _end(self) -> None:
         part, self._part = self._part, None
@@ -445,7 +476,7 @@ def stow_router(settings: Settings, store: Callable[[], StoreSCP | None]) -> API
     """``POST /studies`` and ``POST /studies/{study}``, storing through ``store()``
     (the running receiver's store, ``None`` while it is not running)."""
     router = APIRouter(tags=["dicomweb"], dependencies=[Depends(_bearer_check(settings))])
-    max_bytes = settings.stow_max_request_mb << 20
+    max_bytes, max_parts = settings.stow_max_request_mb << 20, settings.stow_max_parts
 
     async def receive(request: Request, study_uid: str | None) -> Response:
         scp = store()
@@ -466,13 +497,12 @@ def stow_router(settings: Settings, store: Callable[[], StoreSCP | None]) -> API
                                             scp.ledger.pending_analysis_count(), settings))
                 if refusal is not None:
                     raise refusal
-            results = await _receive_body(request, StowUpload(scp, boundary, study_uid, max_bytes))
+            results = await _receive_body(request, StowUpload(scp, boundary, study_uid, max_bytes, max_parts))
         except StowError as exc:
             LOG.warning("STOW-RS request refused with HTTP %d: %s", exc.status, exc)
             return PlainTextResponse(f"{exc}\n", exc.status, exc.headers)
         status, body = store_response(results)
-        LOG.info("STOW-RS: %d of %d instance(s) stored", sum(r.stored for r in results), len(results),
-                 extra={"study_uid": study_uid})
+        LOG.info("STOW-RS: %s", summary(results), extra={"study_uid": study_uid, "calling_ae": STOW_SOURCE})
         response = JSONResponse(body, status, media_type=DICOM_JSON)
         for name, value in warning_headers(results):
             response.headers.append(name, value)
@@ -498,7 +528,8 @@ async def _receive_body(request: Request, upload: StowUpload) -> list[InstanceRe
         try:
             async for chunk in request.stream():
                 for part in upload.feed(chunk):
-                    results.append(await run_in_threadpool(upload.store_part, part))
+                    results.append(upload.store_part(part) if upload.refused(part)
+                                   else await run_in_threadpool(upload.store_part, part))
         except ClientDisconnect:  # nobody is left to hear the answer; the log says what was kept
             raise StowError(HTTPStatus.BAD_REQUEST, f"the client went away after {upload.received} bytes, "
                             f"{sum(r.stored for r in results)} instance(s) stored") from None

@@ -68,37 +68,37 @@ class SessionStore:
 
 
 class LoginThrottle:
-    """At most ``attempts`` failed sign-ins (form or Bearer) per client address in any
-    ``window_s``; past that the address is refused, without its credential being
-    checked, until its oldest failure leaves the window."""
+    """At most ``attempts`` failures per key (a client address, a credential) in any
+    ``window_s``; past that the key must wait until its oldest failure leaves the
+    window. What counts as a failure, and what waiting means, is the caller's."""
 
-    def __init__(self, attempts: int, window_s: float, max_addresses: int = 10_000) -> None:
+    def __init__(self, attempts: int, window_s: float, max_keys: int = 10_000) -> None:
         self.attempts = attempts
         self.window_s = window_s
-        self._max = max_addresses
+        self._max = max_keys
         self._lock = threading.Lock()
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
-    def retry_after(self, address: str, now: float | None = None) -> float:
-        """Seconds until ``address`` may try again; 0 when it may now."""
+    def retry_after(self, key: str, now: float | None = None) -> float:
+        """Seconds until ``key`` may try again; 0 when it may now."""
         now = time.time() if now is None else now
         with self._lock:
-            failures = self._failures.get(address)
+            failures = self._failures.get(key)
             if failures is None:
                 return 0.0
             while failures and now - failures[0] >= self.window_s:
                 failures.popleft()
             if not failures:
-                del self._failures[address]
+                del self._failures[key]
                 return 0.0
             if len(failures) < self.attempts:
                 return 0.0
             return failures[0] + self.window_s - now
 
-    def failed(self, address: str, now: float | None = None) -> None:
+    def failed(self, key: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._lock:
-            self._failures.setdefault(address, deque(maxlen=self.attempts)).append(now)
-            self._failures.move_to_end(address)
+            self._failures.setdefault(key, deque(maxlen=self.attempts)).append(now)
+            self._failures.move_to_end(key)
             while len(self._failures) > self._max:
                 self._failures.popitem(last=False)

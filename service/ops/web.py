@@ -2,11 +2,14 @@
 a JSON API, served by uvicorn inside the node (:mod:`service.ops.server`).
 
 ``/healthz``, ``/readyz`` and ``/metrics`` need no credential. The status page
-(``/status``) and the API (``/api/v1``, described at ``/api/openapi.json``) need
-``settings.web_token``: as ``Authorization: Bearer``, or for the page through the
-sign-in form, which starts a server-side session (:mod:`service.ops.sessions`)
-that expires and ends at sign-out; every form of a session carries its CSRF token.
-Wrong credentials are throttled per client address. Without a token both are off.
+(``/status``) and the API (``/api/v1``, described at ``/api/openapi.json`` unless
+``web_openapi_public``) need ``settings.web_token``: as ``Authorization: Bearer``,
+or for the page through the sign-in form, which starts a server-side session
+(:mod:`service.ops.sessions`) that expires and ends at sign-out. Every
+state-changing request of a session carries its CSRF token (a form field, or the
+``X-CSRF-Token`` header for the API), and none may come from another site (Fetch
+Metadata). Wrong tokens are throttled per client address and per token; the right
+one never is. Without a token both are off.
 
 Other stages add routes through ``routers`` (:class:`ExtraRouter`): each is mounted
 behind the same Bearer check, with its own body-size limit.
@@ -14,13 +17,14 @@ behind the same Bearer check, with its own body-size limit.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
@@ -36,10 +40,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.common.metrics import LedgerCollector, build_registry
+from service.common.metrics import LedgerCollector, build_registry, observe_login_refusal
 from service.delivery.recovery import NothingToRetry, UnknownStudy, retry_study
 from service.ledger import Ledger
-from service.ops.server import WebServer
+from service.ops.server import HttpLimits, WebServer
 from service.ops.sessions import LoginThrottle, Session, SessionStore
 from service.ops.views import (
     PAGE_STUDIES,
@@ -65,6 +69,10 @@ LOG = logging.getLogger(__name__)
 
 SESSION_COOKIE = "sonocase_session"
 API_PREFIX = "/api/v1"
+OPENAPI_URL = "/api/openapi.json"
+#: The header a signed-in browser's state-changing API request carries its session's CSRF token in.
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 OFF = "the status page and API are off: set SONOCASE_WEB_TOKEN to turn them on"
 StudyUid = Annotated[str, PathParam(pattern=r"^[0-9.]{1,64}$", description="Study Instance UID")]
 # No script at all; images and forms only from here; never framed.
@@ -191,21 +199,36 @@ def _client(request: Request) -> str:
 
 
 class _Throttled(Exception):
-    """The client's address sent too many wrong tokens: it waits ``retry_after`` seconds."""
+    """Too many wrong tokens from this address, or of this token: wait ``retry_after`` seconds."""
 
     def __init__(self, wait: float) -> None:
         self.retry_after = str(math.ceil(wait))
 
 
+def throttle_keys(client: str, given: str) -> tuple[str, str]:
+    """What wrong tokens are counted against: the address that sent them, and the
+    token itself (a script repeating a stale one from many addresses); the token
+    only as a hash, in memory."""
+    return f"address {client}", "token " + hashlib.sha256(given.encode()).hexdigest()
+
+
 def _token_ok(state: WebState, client: str, given: str) -> bool:
-    """Whether ``given`` is the web token, counting wrong ones per address; raises
-    :class:`_Throttled`, without looking at ``given``, while the address must wait."""
-    wait = state.throttle.retry_after(client)
-    if wait > 0:
-        raise _Throttled(wait)
+    """Whether ``given`` is the web token. The right token is always taken, whoever
+    else at its address guessed wrong (behind an ingress every client shares one
+    address). A wrong one is counted per address and per token; past
+    ``web_login_attempts`` of either it gets :class:`_Throttled` (429) instead of
+    401, and no log line: one typo-ing script cannot lock out the PACS or fill the
+    log. What keeps a guesser out is the token's length, not the count."""
     if hmac.compare_digest(given.encode(), state.settings.web_token.encode()):
         return True
-    state.throttle.failed(client)
+    keys = throttle_keys(client, given)
+    wait = max(state.throttle.retry_after(key) for key in keys)
+    if wait > 0:
+        observe_login_refusal("throttled")
+        raise _Throttled(wait)
+    for key in keys:
+        state.throttle.failed(key)
+    observe_login_refusal("wrong")
     LOG.warning("HTTP: wrong token from %s", client)
     return False
 
@@ -217,7 +240,7 @@ def authenticate(
     request: Request, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Auth:
     """The request's credential, checked; raises 401 (or 404 with no token set, 429
-    while its address is throttled)."""
+    for a wrong token past the throttle's count)."""
     state = _state(request)
     if not state.settings.web_token:
         raise HTTPException(404, OFF)
@@ -226,7 +249,7 @@ def authenticate(
             if _token_ok(state, _client(request), bearer.credentials.strip()):
                 return Auth("bearer")
         except _Throttled as exc:
-            raise HTTPException(429, "too many wrong tokens from this address",
+            raise HTTPException(429, "too many wrong tokens",
                                 {"Retry-After": exc.retry_after}) from None
     else:
         session = state.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
@@ -260,17 +283,37 @@ def page_auth(
         raise _PageRefusal(PlainTextResponse(f"{exc.detail}\n", exc.status_code, exc.headers)) from None
 
 
-def _check_form(request: Request, auth: Auth, csrf: str) -> None:
-    """A form post must come from our own page (Fetch Metadata, where the browser sends
-    it) and, with a session, carry that session's CSRF token."""
+def csrf_problem(request: Request, auth: Auth, given: str) -> str | None:
+    """Why a state-changing request may not have come from our own page, or None.
+    Fetch Metadata first (where the browser sends it); then, with a session, the
+    session's CSRF token. A Bearer request needs neither: no browser adds that
+    header by itself."""
     if _cross_site(request):
-        raise _PageRefusal(PlainTextResponse("cross-site form refused\n", 403))
-    if auth.session is not None and not hmac.compare_digest(csrf.encode(), auth.session.csrf.encode()):
-        raise _PageRefusal(PlainTextResponse("missing or wrong form token: reload the status page\n", 403))
+        return "cross-site request refused"
+    if auth.session is not None and not hmac.compare_digest(given.encode(), auth.session.csrf.encode()):
+        return "missing or wrong CSRF token: reload the status page"
+    return None
+
+
+def _check_form(request: Request, auth: Auth, csrf: str) -> None:
+    """A form post must pass :func:`csrf_problem` with its ``csrf`` field."""
+    problem = csrf_problem(request, auth, csrf)
+    if problem is not None:
+        raise _PageRefusal(PlainTextResponse(f"{problem}\n", 403))
+
+
+def api_auth(request: Request, auth: Annotated[Auth, Depends(authenticate)]) -> Auth:
+    """:func:`authenticate`, and for a method that changes state, :func:`csrf_problem`
+    with the ``X-CSRF-Token`` header (403)."""
+    if request.method not in SAFE_METHODS:
+        problem = csrf_problem(request, auth, request.headers.get(CSRF_HEADER, ""))
+        if problem is not None:
+            raise HTTPException(403, problem)
+    return auth
 
 
 PageAuth = Annotated[Auth, Depends(page_auth)]
-ApiAuth = Annotated[Auth, Depends(authenticate)]
+ApiAuth = Annotated[Auth, Depends(api_auth)]
 CsrfField = Annotated[str, Form()]
 
 
@@ -375,7 +418,7 @@ class RetryOut(BaseModel):
 
 
 api = APIRouter(prefix=API_PREFIX, tags=["studies"], responses={401: {"description": "No or wrong Bearer token"},
-                                                              429: {"description": "Too many wrong tokens"}})
+                                                              429: {"description": "Too many wrong tokens (the right one is never refused)"}})
 
 
 @api.get("/studies", summary="Recent studies, newest change first, and failed ones")
@@ -433,7 +476,7 @@ def build_app(
     app = FastAPI(
         title="Sonocase", summary="Breast-ultrasound AI beside the PACS: studies, results and retries",
         description="Not for primary diagnosis. Authenticate with `Authorization: Bearer <web_token>`.",
-        openapi_url="/api/openapi.json", docs_url=None, redoc_url=None,
+        openapi_url=OPENAPI_URL if settings.web_openapi_public else None, docs_url=None, redoc_url=None,
     )
     app.state.web = WebState(
         settings, ledger, dict(checks), registry,
@@ -443,8 +486,13 @@ def build_app(
     app.include_router(health)
     app.include_router(page)
     app.include_router(api)
+    if not settings.web_openapi_public:
+        @app.get(OPENAPI_URL, include_in_schema=False)
+        def openapi(auth: ApiAuth) -> dict[str, Any]:
+            """The API's description, behind the same check as the API (web_openapi_public)."""
+            return app.openapi()
     for extra in routers:
-        app.include_router(extra.router, dependencies=[Depends(authenticate)])
+        app.include_router(extra.router, dependencies=[Depends(api_auth)])
     app.add_exception_handler(_PageRefusal, _page_refusal)
     app.add_middleware(BodyLimit, limit_for=_body_limits(settings, routers))
     app.add_middleware(SecurityHeaders)
@@ -465,6 +513,7 @@ def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[Extra
     }
     collector = LedgerCollector(ledger, settings.data_dir, model_info=model.info, index_info=index.info)
     app = build_app(settings, ledger, checks, build_registry(collector), routers)
-    return WebServer(app, settings.http_host, settings.http_port, read_timeout_s=settings.web_read_timeout_s,
-                     max_connections=settings.web_max_connections, on_stop=[index.close])
+    limits = HttpLimits(settings.web_read_timeout_s, settings.web_min_body_bytes_per_s, settings.web_max_connections,
+                        settings.web_max_connections_per_address)
+    return WebServer(app, settings.http_host, settings.http_port, limits, on_stop=[index.close])
 
