@@ -1,40 +1,48 @@
 """The Structured Report: one TID 1500 Measurement Report per analysed study.
 
 Viewers that understand TID 1500 (OHIF and others) draw it as measurements on the
-images; every other viewer still renders its text. OHIF reads the image reference
-of every measurement group from its first spatial coordinate and breaks on a group
-without one, so every group carries a region. Its content, in order:
+images; every other viewer still renders its text. OHIF draws none of a report that
+mixes groups with and without a region, and PixelMed's validator judges every group
+of a report as TID 1410 when exactly one has an image region: so a report's groups
+either all carry a region or none does. Its content, in order:
 
 * observer context: our node as the observing device (TID 1004);
 * procedure reported, language, title (all from the template);
-* one TID 1410 planar ROI group per assessed frame (frame 1 for single-frame images),
-  the frames of the image that decides the study summary first (a viewer opens the
-  report on the first group), then the others in the study's order:
-  its tracking identifier says image, frame, class and probability; its image region
-  (DCM 111030) is the outline of the frame's Grad-CAM heatmap at half its peak
-  (:func:`service.reports.heatmaps.outline`), a closed POLYLINE on the source image
-  (and frame, for a cine loop); each class probability as a NUM, the predicted
-  class first (OHIF labels the region with them); the finding as a coded
-  qualitative evaluation, and the model identity as Algorithm Identification
-  (TID 4019: name, version; sha256 and index version as parameters). The group of
-  the frame the heatmap objects show also references them: the heatmap SC and,
-  when there is one, the overlay SEG;
+* per assessed frame with something to draw (:func:`region_outline`: the lesion the
+  model outlined, or for a model that outlines none the Grad-CAM outline of a frame
+  not called normal), the frames of the image that decides the study summary first
+  (a viewer opens the report on the first group), then the others in the study's
+  order, a TID 1410 planar ROI group: its tracking identifier says image, frame,
+  class and probability; its image region (DCM 111030) the outline, a closed
+  POLYLINE on the source image (and frame, for a cine loop); its Finding the coded
+  class; each class probability as a NUM, the predicted class first (OHIF labels
+  the region with them), and a measured lesion's area; the model identity as
+  Algorithm Identification (TID 4019: name, version; sha256 and index version as
+  parameters); the group of the frame the heatmap objects show also references
+  them (the heatmap SC and, when there is one, the overlay SEG). A measured
+  lesion's long and short axis follow as TID 1410 groups of their own: the line
+  segment as the region, the length in mm (TID 1419 gives a region's measurements
+  no coordinates of their own);
+* where nothing is drawn in the whole report, a TID 1501 group per assessed frame
+  instead (its Finding, probabilities and image, "no lesion outlined");
 * a "Qualitative Evaluations" container, where no viewer expects coordinates: the
-  disclaimer, the study summary (the coded class, a readable line naming the
-  deciding image, the rule, the out-of-distribution flag when raised), then per
-  frame the domain guard flagged "Impression: Not Evaluated" (SCT 373121007) with
-  the reason (the flag "Outside the model's training domain" and a readable line),
-  the guard's score as a NUM inferred from the referenced image (and frame) and
-  the card's threshold (DCM 122411 "Threshold Value"): no class, probability or
-  region for such a frame; a readable line per similar study (date, accession,
-  label and its source, distance) that points to the matching image, and why an
-  image was not analysed.
+  disclaimer, the study summary (the coded class, the AI-suggested BI-RADS
+  likelihood band coded and in words, a readable line naming the deciding image,
+  the rule, the out-of-distribution flag when raised), then per frame the domain
+  guard flagged "Impression: Not Evaluated" (SCT 373121007) with the reason (the
+  flag "Outside the model's training domain" and a readable line), the guard's
+  score as a NUM inferred from the referenced image (and frame) and the card's
+  threshold (DCM 122411 "Threshold Value"): no class, probability or region for
+  such a frame; a line per frame with nothing drawn in a report where something is,
+  and per lesion outlined without millimetres (why); a readable line per similar
+  study (date, accession, label and its source, distance), and why an image was
+  not analysed.
 
 A study with no assessed image has no region to draw; TID 1500 still needs a
 measurement group, so it gets one saying so, without image reference (OHIF cannot
 draw such a report; there is nothing on the images to show). When every analysed
 image lies outside the training domain that group is the report's first finding:
-"Not assessed", coded, with the flag.
+"Not assessed" as its Finding.
 
 The study's images and heatmap objects are the Current Requested Procedure
 Evidence; the similar studies' instances go into the Pertinent Other Evidence
