@@ -337,14 +337,14 @@ class _OutliningModel:
 
     def __init__(self, model: Any) -> None:
         self._model = model
-        self.card = SimpleNamespace(**dict(model.card), segmentation=SimpleNamespace(threshold=0.5))
+        self.card = SimpleNamespace(**{**dict(model.card), "segmentation": SimpleNamespace(threshold=0.5)})
         self.identity, self.provider = model.identity, model.provider
 
     def run(self, batch: np.ndarray) -> SimpleNamespace:
         prediction = self._model.run(batch)
         blob = np.exp(-((np.mgrid[0:32, 0:32] - 15.5) ** 2).sum(axis=0) / (2 * 6.0**2)).astype(np.float32)
-        return SimpleNamespace(**vars(prediction), predicted=prediction.predicted,
-                               lesion_mask=np.repeat(blob[None], len(batch), axis=0))
+        return SimpleNamespace(**{**vars(prediction), "predicted": prediction.predicted,
+                                  "lesion_mask": np.repeat(blob[None], len(batch), axis=0)})
 
 
 def test_a_model_that_outlines_lesions_gets_them_measured(worker_settings: Settings, ledger: Ledger) -> None:
