@@ -249,7 +249,8 @@ def _frame_numbers(header: Dataset, frame: FrameResult) -> list[int] | None:
 
 
 def _region(header: Dataset, frame: FrameResult, points: np.ndarray) -> ImageRegion:
-    """A closed outline as an image region on the frame's source image (and frame)."""
+    """An outline (closed) or a line segment as an image region on the frame's source
+    image (and frame)."""
     return ImageRegion(
         graphic_type=GraphicTypeValues.POLYLINE,
         graphic_data=points,
@@ -340,8 +341,7 @@ def _frame_groups(
         return []
     instance = instance_label(headers, image.sop_instance_uid)
     wording = template.wording.image_group if points is not None else template.wording.image_group_no_lesion
-    label = wording.format(instance=instance, frame=frame.frame_number, label=class_display(template, frame.predicted),
-                           probability=frame.probabilities[frame.predicted])
+    label = _frame_line(template, wording, instance, frame)
 
     def tracking(identifier: str, *part: str) -> TrackingIdentifier:
         uid = derived_uid(result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number,
@@ -352,6 +352,7 @@ def _frame_groups(
 
     def site() -> list[FindingSite]:  # content items belong to one parent: made anew for each group
         return [FindingSite(template.finding_site.code())]
+
     group: PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
     if points is None:
         group = MeasurementsAndQualitativeEvaluations(
@@ -394,22 +395,25 @@ def _undrawn_lines(template: SrTemplate, headers: dict[str, Dataset], result: St
     """In a report where something is drawn, a line for each assessed frame with
     nothing to outline (it has no group there), and for each lesion outlined but not
     measured, why."""
-    lines = []
-    has = RelationshipTypeValues.CONTAINS
+    wording = template.wording
     anything = any(points is not None for points in drawn.values())
+    texts = []
     for image in reading_order(result):
         instance = instance_label(headers, image.sop_instance_uid)
         for frame in assessed_frames(image):
             if anything and drawn[(image.sop_instance_uid, frame.frame_number)] is None:
-                lines.append(TextContentItem(name=template.concepts.comment.code(), relationship_type=has,
-                                             value=template.wording.image_group_no_lesion.format(
-                    instance=instance, frame=frame.frame_number, label=class_display(template, frame.predicted),
-                    probability=frame.probabilities[frame.predicted])))
+                texts.append(_frame_line(template, wording.image_group_no_lesion, instance, frame))
             if frame.lesion is not None and frame.lesion.unmeasured:
-                lines.append(TextContentItem(name=template.concepts.comment.code(), relationship_type=has,
-                                             value=template.wording.unmeasured_line.format(
-                    instance=instance, frame=frame.frame_number, reason=frame.lesion.unmeasured)))
-    return lines
+                texts.append(wording.unmeasured_line.format(instance=instance, frame=frame.frame_number,
+                                                            reason=frame.lesion.unmeasured))
+    return [TextContentItem(name=template.concepts.comment.code(), value=text,
+                            relationship_type=RelationshipTypeValues.CONTAINS) for text in texts]
+
+
+def _frame_line(template: SrTemplate, wording: str, instance: str, frame: FrameResult) -> str:
+    """A frame's words: its image, frame, class and probability."""
+    return wording.format(instance=instance, frame=frame.frame_number, label=class_display(template, frame.predicted),
+                          probability=frame.probabilities[frame.predicted])
 
 
 def _unassessed_study_group(result: StudyResult, template: SrTemplate) -> MeasurementsAndQualitativeEvaluations:
