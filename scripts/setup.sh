@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
+# PixelMed's DicomSRValidator: the SR and KOS checker of IHE AI Results (tests/test_reports_air.py)
+[ -f /usr/share/java/pixelmed.jar ] || need_apt+=(libpixelmed-java)
+command -v javac >/dev/null 2>&1 || need_apt+=(default-jdk-headless)  # runs tests/PixelmedValidate.java
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)  # the distributed ledger's tests
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # status page tests, headless

@@ -20,6 +20,10 @@ SUMMARY_RULE = (
 NOT_ASSESSED = "not assessed: outside the model's training domain"
 
 
+#: The class without a lesion: its frames get no outline and no likelihood band above "negative".
+NO_LESION = "normal"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -46,6 +50,27 @@ class SimilarStudy(_Strict):
     query_sop_instance_uid: str = ""
 
 
+class AxisResult(_Strict):
+    """A lesion diameter: end points in image coordinates (column, row) and its length."""
+
+    start: tuple[float, float]
+    end: tuple[float, float]
+    length_mm: float
+
+
+class LesionResult(_Strict):
+    """The lesion the model outlined in a frame (the largest, when it outlined several),
+    measured as :mod:`service.pipeline.measurement` measures it."""
+
+    outline: list[tuple[float, float]] = Field(
+        description="closed outline (first point = last) in image coordinates (column, row) of the source image")
+    components: int = Field(description="how many separate lesions the mask held; the largest is this one")
+    long_axis: AxisResult | None = None
+    short_axis: AxisResult | None = None
+    area_mm2: float | None = None
+    unmeasured: str | None = Field(None, description="why there are no millimetres (the image has no calibration)")
+
+
 class FrameResult(_Strict):
     """The model's output for one analysed frame (frame 1 for single-frame images)."""
 
@@ -60,6 +85,10 @@ class FrameResult(_Strict):
     heatmap_path: str = Field(description="float32 .npy in [0, 1], the size of crop")
     crop: tuple[int, int, int, int] = Field(description="x0, y0, x1, y1 of the analysed region in the source pixels")
     embedding: list[float]
+    lesion_threshold: float | None = Field(
+        None, description="the segmentation threshold the lesion mask was cut at (None: the model outlines no "
+        "lesion, or a result stored before it did)")
+    lesion: LesionResult | None = Field(None, description="the lesion above the threshold; None: none outlined")
 
 
 class ImageResult(_Strict):

@@ -30,7 +30,7 @@ from worker_support import Process, serve, storescu, write_study
 
 from service.ledger import Ledger, StudyState
 from service.reports.sr import assessed_frames, reading_order
-from service.results import StudyResult
+from service.results import NO_LESION, StudyResult
 from service.settings import Settings, load_settings
 
 #: Real ultrasound files pushed as they are (each its own study): RGB, palette
@@ -108,8 +108,15 @@ def _check_objects(site: Site, arrived: list[pydicom.Dataset], result: StudyResu
     sr_ds.save_as(path, enforce_file_format=True)
     html = dsr2html(path, tmp / "sr.html")
     assert default_template().disclaimer.split(".")[0] in html
-    groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    # the shipped model outlines no lesion: a frame with a finding is drawn (its heatmap), one called normal is not,
+    # unless nothing is drawn at all (then each assessed frame is a group without region)
+    content = hd.sr.srread(path).content
     frames = [frame for image in reading_order(result) for frame in assessed_frames(image)]
+    drawn = [frame for frame in frames if frame.predicted != NO_LESION]
+    if drawn or not frames:
+        groups, frames = content.get_planar_roi_measurement_groups(), drawn
+    else:
+        groups = content.get_image_measurement_groups()
     assert len(groups) == len(frames)
     template = default_template()
     for group, frame in zip(groups, frames, strict=True):

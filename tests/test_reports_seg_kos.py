@@ -121,9 +121,10 @@ def test_key_image_flag_names_the_images_and_the_sr(study: Study, tmp_path: Path
     back = check_object(path.read_bytes(), template.disclaimer)
     assert (back.Modality, back.SeriesNumber) == ("KO", template.kos_series.number)
     assert back.ConceptNameCodeSequence[0].CodeValue == template.concepts.key_images_title.value
-    referenced = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-                  for i in back.ContentSequence if i.ValueType in ("IMAGE", "COMPOSITE")]
+    references = [i for i in back.ContentSequence if i.ValueType in ("IMAGE", "COMPOSITE")]
+    referenced = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in references]
     assert referenced == [*key_images(study.result), sr.SOPInstanceUID]
+    assert not [i for i in references if "ConceptNameCodeSequence" in i]  # TID 2010: no Purpose of Reference
     (text,) = [i.TextValue for i in back.ContentSequence
                if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeMeaning == "Key Object Description"]
     numbers = [str(n + 1) for n, i in enumerate(study.result.images) if i.sop_instance_uid in referenced]

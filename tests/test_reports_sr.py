@@ -2,8 +2,11 @@
 30-frame JPEG cine, JPEG-lossless monochrome; one skipped, one outside the model's
 training domain): DCMTK renders it, dciodvfy finds no error, highdicom reads back
 what was computed, every measurement group carries the image region OHIF needs to
-draw it, and the image outside the training domain is "not assessed": no class,
-probability or region, its score against the threshold instead."""
+draw it (a frame called normal has none: the Qualitative Evaluations say so), and the
+image outside the training domain is "not assessed": no class, probability or
+region, its score against the threshold instead. The model here outlines no lesion:
+a frame with a finding is outlined by its heatmap (tests/test_reports_lesion.py has
+the lesions)."""
 
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from service.reports.heatmaps import OUTLINE_LEVEL, load_heats
 from service.reports.sr import SR_CLASSES, Heats, assessed_frames, build_sr, decisive_frame, reading_order
 from service.reports.template import SrTemplate, TemplateError, load_template
 from service.reports.validation import check_object
+from service.results import NO_LESION, FrameResult, ImageResult
 from service.settings import Settings, load_settings
 
 Built = tuple[Settings, Study, list[pydicom.Dataset], SrTemplate, Heats]
@@ -67,6 +71,12 @@ def _not_assessed(container: pydicom.Dataset, template: SrTemplate) -> list[pydi
 def _items(items: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
     """Every content item under ``items``, depth first."""
     return [found for item in items for found in (item, *_items(item.get("ContentSequence", [])))]
+
+
+def _drawn(study: Study) -> list[tuple[ImageResult, FrameResult]]:
+    """The frames the SR outlines, in its order: those of a finding (not normal)."""
+    return [(image, frame) for image in reading_order(study.result) for frame in assessed_frames(image)
+            if frame.predicted != NO_LESION]
 
 
 def _write(sr: hd.sr.Comprehensive3DSR, path: Path) -> Path:
@@ -116,14 +126,15 @@ def test_dcmtk_renders_it_and_dciodvfy_finds_no_error(built: Built, tmp_path: Pa
     assert template.disclaimer in html
 
 
-def test_every_frame_is_a_region_on_its_image_with_its_numbers(built: Built, tmp_path: Path) -> None:
+def test_every_frame_of_a_finding_is_a_region_on_its_image_with_its_numbers(built: Built, tmp_path: Path) -> None:
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
     content = hd.sr.srread(_write(sr, tmp_path / "sr.dcm")).content
     assert content.get_image_measurement_groups() == []  # no group without a region: OHIF would break
     groups = content.get_planar_roi_measurement_groups()
-    frames = [(image, frame) for image in reading_order(study.result) for frame in assessed_frames(image)]
-    assert len(groups) == len(frames)
+    frames = _drawn(study)
+    assert frames and len(groups) == len(frames)
+
     multi_frame = {ds.SOPInstanceUID for ds in sources if int(ds.get("NumberOfFrames") or 1) > 1}
     for group, (image, frame) in zip(groups, frames, strict=True):
         region = group.roi
@@ -139,9 +150,8 @@ def test_every_frame_is_a_region_on_its_image_with_its_numbers(built: Built, tmp
         for label, probability in frame.probabilities.items():
             assert numbers[template.classes[label].probability.meaning] == pytest.approx(100 * probability, abs=1e-6)
         assert all(m.unit.value == "%" for m in measurements)
-        evaluations = {e.name.meaning: e.value for e in group.get_qualitative_evaluations()}
-        assert evaluations["Impression"].value == template.classes[frame.predicted].finding.value
-        assert template.concepts.out_of_distribution.meaning not in evaluations
+        assert group.finding_type.value == template.classes[frame.predicted].finding.value
+        assert group.get_qualitative_evaluations() == []
         assert _texts(group[0], "Algorithm Name") == [study.result.model.name]
         assert group.tracking_identifier.endswith(
             f"frame {frame.frame_number}: {template.classes[frame.predicted].display} "
@@ -152,8 +162,7 @@ def test_each_region_is_the_heatmap_outline_at_half_its_peak(built: Built, tmp_p
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
     groups = hd.sr.srread(_write(sr, tmp_path / "sr.dcm")).content.get_planar_roi_measurement_groups()
-    frames = [(image, frame) for image in reading_order(study.result) for frame in assessed_frames(image)]
-    for group, (image, frame) in zip(groups, frames, strict=True):
+    for group, (image, frame) in zip(groups, _drawn(study), strict=True):
         points = group.roi.value
         heat = heats[(image.sop_instance_uid, frame.frame_number)]
         x0, y0, x1, y1 = frame.crop
@@ -188,8 +197,7 @@ def test_regions_are_what_ohif_reads(built: Built) -> None:
         ref = child.ReferencedSOPSequence[0]
         seen.append((ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1)))
         assert [i.ValueType for i in group.ContentSequence].count("UIDREF") == 1  # the tracking UID
-    assert seen == [(i.sop_instance_uid, f.frame_number) for i in reading_order(study.result)
-                    for f in assessed_frames(i)]
+    assert seen == [(i.sop_instance_uid, f.frame_number) for i, f in _drawn(study)]
     assert seen[0][0] == study.result.summary.decisive_sop_instance_uid  # OHIF opens the report on it
 
 
@@ -198,8 +206,7 @@ def test_the_decisive_frame_references_the_heatmap_objects(built: Built) -> None
     objects = _heatmap_objects(study)
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats, objects)
     groups = [g for g in sr.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
-    frames = [(image, frame) for image in reading_order(study.result) for frame in assessed_frames(image)]
-    for group, (image, frame) in zip(groups.ContentSequence, frames, strict=True):
+    for group, (image, frame) in zip(groups.ContentSequence, _drawn(study), strict=True):
         images = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
         named = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: i.ConceptNameCodeSequence[0].CodeMeaning
                  for i in images}
@@ -380,10 +387,10 @@ def test_a_study_all_outside_the_training_domain_says_so_first_without_probabili
     (group,) = content.get_image_measurement_groups()
     assert group.tracking_identifier == template.wording.not_assessed_summary
     assert group.get_measurements() == [] and group.source_images == []
-    assert {e.name.meaning: e.value.value for e in group.get_qualitative_evaluations()} == {
-        "Impression": template.concepts.not_assessed.value,
-        template.concepts.out_of_distribution.meaning: template.concepts.yes.value,
-    }
+    # TID 1501's own Finding row (PixelMed finds an "Impression" or the flag there "not in template"); the flag
+    # is in the Qualitative Evaluations
+    assert group.finding_type.value == template.concepts.not_assessed.value
+    assert group.get_qualitative_evaluations() == []
     evaluations = sr.ContentSequence[-1]
     assert _texts(evaluations, "Study summary") == [template.wording.not_assessed_summary]
     frames = [f for image in study.result.images for f in image.frames]

@@ -28,11 +28,13 @@ from pydicom.uid import generate_uid
 from service.common.spool import instance_path
 from service.ledger import InstanceRecord, Ledger, StudyState
 from service.pipeline.analysis import summarise_study
+from service.pipeline.measurement import frame_lesion
 from service.reports.build import heatmap_references, read_sources
 from service.reports.heatmaps import load_heats
 from service.reports.kos import key_images
 from service.reports.template import SrTemplate, load_template
 from service.results import (
+    NO_LESION,
     FrameResult,
     ImageResult,
     ModelIdentity,
@@ -74,11 +76,17 @@ def store_study(
 ) -> tuple[str, list[Path]]:
     """Copy real files into the spool as one study (new UIDs, one patient) and
     record them in the ledger, as the receiver would."""
+    return store_datasets(settings, ledger, [pydicom.dcmread(data_file(name)) for name in files], study_uid)
+
+
+def store_datasets(
+    settings: Settings, ledger: Ledger, datasets: Sequence[pydicom.Dataset], study_uid: str | None = None
+) -> tuple[str, list[Path]]:
+    """Store data sets (with file meta) as one study, as :func:`store_study` does."""
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
     paths = []
-    for number, name in enumerate(files, start=1):
-        ds = pydicom.dcmread(data_file(name))
+    for number, ds in enumerate(datasets, start=1):
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.SOPInstanceUID = generate_uid()
@@ -115,6 +123,17 @@ def gaussian_heatmap(height: int, width: int, centre: tuple[float, float] = (0.5
     return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)).astype(np.float32)
 
 
+#: Probabilities of an image whose class a test chooses (``analyse(classes=...)``):
+#: BI-RADS bands 1, 4A and 4C.
+CHOSEN = {
+    "normal": {"normal": 0.97, "benign": 0.02, "malignant": 0.01},
+    "benign": {"normal": 0.13, "benign": 0.80, "malignant": 0.07},
+    "malignant": {"normal": 0.02, "benign": 0.16, "malignant": 0.82},
+}
+#: The segmentation threshold of ``analyse(lesion_peak=...)``.
+LESION_THRESHOLD = 0.5
+
+
 def _probabilities(seed: int) -> dict[str, float]:
     raw = np.random.default_rng(seed).random(3) + np.array([0.1, 0.2, 0.3 * (seed % 3)])
     p = raw / raw.sum()
@@ -129,10 +148,16 @@ def analyse(
     skip: Sequence[int] = (),
     n_similar: int = 3,
     ood_images: Sequence[int] = (),
+    classes: Sequence[str] = (),
+    lesion_peak: float | None = None,
 ) -> tuple[StudyResult, dict[str, Path]]:
     """The StudyResult a worker would store for the study (heatmaps on disk); the
     images numbered in ``ood_images`` lie outside the model's training domain (score
-    0.4 against a threshold of 0.3), so they get no class, as in the worker."""
+    0.4 against a threshold of 0.3), so they get no class, as in the worker.
+    ``classes``: each image's class (probabilities :data:`CHOSEN`), else drawn.
+    ``lesion_peak``: the model outlines lesions, its lesion map a blob of this peak
+    (a lesion where it is above :data:`LESION_THRESHOLD`), outlined and measured on
+    frames of a finding as the worker does; None: a model without segmentation."""
     images = []
     for index, path in enumerate(paths):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -149,18 +174,25 @@ def analyse(
             heat_path = settings.results_dir / study_uid / str(generation) / f"{ds.SOPInstanceUID}-{frame_number}.npy"
             heat_path.parent.mkdir(parents=True, exist_ok=True)
             np.save(heat_path, gaussian_heatmap(y1 - y0, x1 - x0, (0.3 + 0.1 * frame_number % 0.5, 0.5)))
-            probs = _probabilities(index * 7 + frame_number)
+            probs = dict(CHOSEN[classes[index]]) if classes else _probabilities(index * 7 + frame_number)
+            predicted = max(probs, key=probs.__getitem__)
+            lesion = None
+            if lesion_peak is not None and predicted != NO_LESION and index not in ood_images:
+                lesion_map = lesion_peak * gaussian_heatmap(64, 64, (0.45, 0.5))
+                lesion = frame_lesion(lesion_map, (x0, y0, x1, y1), LESION_THRESHOLD, ds)
             frames.append(
                 FrameResult(
                     frame_number=frame_number,
                     probabilities=probs,
-                    predicted=max(probs, key=probs.__getitem__),
+                    predicted=predicted,
                     out_of_distribution=index in ood_images,
                     ood_distance=0.4 if index in ood_images else 0.1,
                     ood_threshold=0.3,
                     heatmap_path=str(heat_path),
                     crop=(x0, y0, x1, y1),
                     embedding=[0.0] * 8,
+                    lesion_threshold=None if lesion_peak is None else LESION_THRESHOLD,
+                    lesion=lesion,
                 )
             )
         best = None if index in ood_images else max(frames, key=lambda f: max(f.probabilities.values()))

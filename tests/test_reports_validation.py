@@ -114,8 +114,8 @@ def test_sr_content_rules_of_its_class(objects: dict[str, bytes]) -> None:
     with pytest.raises(GateError, match="the disclaimer is not in the content"):
         check_object(_mutated(objects["sr"], no_disclaimer), DISCLAIMER)
 
-    def image_without_evidence(ds: Dataset) -> None:
-        del ds.PertinentOtherEvidenceSequence
+    def image_without_evidence(ds: Dataset) -> None:  # the regions' images
+        del ds.CurrentRequestedProcedureEvidenceSequence
 
     with pytest.raises(GateError, match="is not listed as evidence"):
         check_object(_mutated(objects["sr"], image_without_evidence), DISCLAIMER)

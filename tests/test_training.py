@@ -151,7 +151,9 @@ def test_cli_train_export_evaluate(tmp_path: Path) -> None:
 
     code, output = _run(["evaluate", str(out)])
     assert code == 0, output
-    assert (out / "evaluation.report.md").is_file()
+    assert "BI-RADS likelihood bands" in (out / "evaluation.report.md").read_text()
+    bands = json.loads((out / "evaluation.report.json").read_text())["birads_bands"]
+    assert sum(band["n"] for band in bands) == card.metrics["n_test"]  # every held-out image in one band
     for line in ("domain guard: threshold", "real-ultrasound          held out flagged", "ECE on held-out split"):
         assert line in output, output
     assert "Domain guard" in (out / "evaluation.report.md").read_text()

@@ -671,8 +671,9 @@ def test_idle_connections_hold_no_thread_and_are_closed(strict_node: Node) -> No
     host, port = strict_node.url.removeprefix("http://").split(":")
     idle = [socket.create_connection((host, int(port)), timeout=15) for _ in range(200)]
     try:
-        # Past web_max_connections, new connections are closed at once; the first ones
-        # live until web_read_timeout_s. Either way every one ends, and no thread was made.
+        # Past web_max_connections each new connection closes the one waiting longest;
+        # the last ones live until web_read_timeout_s. Either way every one ends, and no
+        # thread was made.
         assert threading.active_count() - threads_before <= 2
         started = time.monotonic()
         for sock in idle:

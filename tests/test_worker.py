@@ -9,6 +9,8 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -326,3 +328,40 @@ def test_worker_processes_get_exactly_the_nodes_settings(settings: Settings, mon
     for name, value in settings_env(custom).items():
         monkeypatch.setenv(name, value)
     assert load_settings() == custom
+
+
+class _OutliningModel:
+    """The shipped model as one with a segmentation head would be seen by the worker:
+    its card names a segmentation threshold, its prediction holds a lesion map per
+    row (a centred blob here), the contract of issue 20's model side."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.card = SimpleNamespace(**{**dict(model.card), "segmentation": SimpleNamespace(threshold=0.5)})
+        self.identity, self.provider = model.identity, model.provider
+
+    def run(self, batch: np.ndarray) -> SimpleNamespace:
+        prediction = self._model.run(batch)
+        blob = np.exp(-((np.mgrid[0:32, 0:32] - 15.5) ** 2).sum(axis=0) / (2 * 6.0**2)).astype(np.float32)
+        return SimpleNamespace(**{**vars(prediction), "predicted": prediction.predicted,
+                                  "lesion_mask": np.repeat(blob[None], len(batch), axis=0)})
+
+
+def test_a_model_that_outlines_lesions_gets_them_measured(worker_settings: Settings, ledger: Ledger) -> None:
+    study_uid = receive(worker_settings, ledger, _study(2, seed=12))
+    generation = ledger.claim_analysis(study_uid, lease_s=60)
+    model = _OutliningModel(WorkerState(worker_settings).model())
+    analysis = analyse_study(worker_settings, model, study_uid, generation, ledger.instances(study_uid))  # type: ignore[arg-type]
+    frames = [f for image in analysis.result.images for f in image.frames]
+    assert frames and all(f.lesion_threshold == 0.5 for f in frames)
+    for frame in frames:
+        outlined = frame.predicted != "normal" and not frame.out_of_distribution
+        assert (frame.lesion is not None) == outlined
+        if frame.lesion is not None:  # the synthetic images are calibrated: millimetres
+            assert frame.lesion.long_axis is not None and frame.lesion.long_axis.length_mm > 0
+            x0, y0, x1, y1 = frame.crop
+            xs = [x for x, _ in frame.lesion.outline]
+            assert x0 < min(xs) < max(xs) < x1  # inside the analysed region, resized onto it
+    assert any(frame.lesion is not None for frame in frames), "the malignant study has a finding to outline"
+    # a stored result reads back with its lesions
+    assert StudyResult.model_validate(analysis.result.model_dump(mode="json")) == analysis.result

@@ -35,6 +35,7 @@ from service.monitoring.classification import (
     roc_auc,
     roc_curve,
 )
+from training.band_calibration import band_calibration, band_markdown
 from training.calibration import Outputs, assess
 from training.gradcam import ExplainedModel, cam_name
 from training.localisation import localisation_metrics
@@ -125,6 +126,7 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
     probs = calibrated(raw_probs, trained.calibration)
     _, _, train_emb = predict(trained.model, images[train], trained.norm)
     report = score(labels[test], probs, test_emb, labels[train], train_emb, trained.classes)
+    report["birads_bands"] = band_calibration(labels[test], probs, trained.classes)
     heatmaps = explain(trained, images[test])
     test_masks = [records[i].mask for i in test]
     localisation = localisation_metrics(heatmaps, test_masks, labels[test], trained.classes)
@@ -203,6 +205,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         *localisation_markdown(report.get("localisation")),
         *guard_markdown(report["ood"]),
         *calibration_markdown(report.get("calibration")),
+        *band_markdown(report.get("birads_bands")),
     ]
     lines += [f"![{name}]({file})" for name, file in report.get("plots", {}).items()]
     return "\n".join(lines) + "\n"

@@ -403,13 +403,31 @@ def _lesion_distance(lesion: Lesion, y: np.ndarray, x: np.ndarray, size: int) ->
     a, b = lesion.width * size / 2, lesion.height * size / 2
     rho = np.sqrt((u / a) ** 2 + (v / b) ** 2)
     phi = np.arctan2(v / b, u / a)
-    radius = np.ones_like(rho)
+    return (rho - _radius(lesion, phi)) * np.float32(np.sqrt(a * b))
+
+
+def _radius(lesion: Lesion, phi: np.ndarray) -> np.ndarray:
+    """The margin's radius (1 = the ellipse) at polar angle ``phi`` of the unit-circle
+    frame: harmonics lobulate it, spicules spike it."""
+    radius = np.ones_like(phi)
     for k in np.flatnonzero(lesion.harmonics):
         radius += lesion.harmonics[k] * np.cos(k * phi + lesion.phases[k])
     for angle, length, spread in lesion.spicules:
         gap = np.mod(phi - angle + np.pi, 2 * np.pi) - np.pi
         radius += length * np.exp(-((gap / spread) ** 2))
-    return (rho - radius) * np.float32(np.sqrt(a * b))
+    return radius
+
+
+def lesion_outline(lesion: Lesion, size: int, points: int = 4096) -> np.ndarray:
+    """The lesion's true margin as ``points`` (x, y) points in pixels of a ``size``
+    image, where pixel (row r, column c) is the point (c, r): its mask holds exactly
+    the pixels inside. What a measurement on the mask is judged against."""
+    phi = np.linspace(-np.pi, np.pi, points, endpoint=False, dtype=np.float32)
+    radius = _radius(lesion, phi)
+    a, b = lesion.width * size / 2, lesion.height * size / 2
+    u, v = a * radius * np.cos(phi), b * radius * np.sin(phi)
+    c, s = np.cos(lesion.tilt), np.sin(lesion.tilt)
+    return np.stack([lesion.cx * size + c * u - s * v, lesion.cy * size + s * u + c * v], axis=1).astype(np.float64)
 
 
 def _add_lesion(echo_db: np.ndarray, lesion: Lesion, rng: np.random.Generator, y: np.ndarray,

@@ -27,7 +27,7 @@ from pydicom.uid import generate_uid
 
 from service.datasets.busi import BUSI_FOLDER
 from service.datasets.dicom_writer import VARIANTS, StudyInfo, Variant, ultrasound_cine, ultrasound_image
-from service.datasets.phantom import DEFAULT_SCANNER, NORMAL, Scanner, jitter_view, render, sample_patient
+from service.datasets.phantom import DEFAULT_SCANNER, NORMAL, Lesion, Scanner, jitter_view, render, sample_patient
 from service.datasets.records import CLASSES, Record
 
 #: Views per synthetic patient: drawn uniformly from this range (inclusive).
@@ -40,13 +40,15 @@ _COUNT, _PATIENT, _VIEW, _META = range(4)
 
 @dataclass(frozen=True)
 class SyntheticView:
-    """One rendered view with one mask per lesion (BUSI keeps them as separate files)."""
+    """One rendered view with one mask per lesion (BUSI keeps them as separate files)
+    and the lesions as drawn in this view (their true geometry)."""
 
     image: np.ndarray
     masks: tuple[np.ndarray, ...]
     label: int
     group: str
     source: str
+    lesions: tuple[Lesion, ...] = ()
 
     def record(self) -> Record:
         mask = None if self.label == NORMAL else np.logical_or.reduce(self.masks)
@@ -84,9 +86,10 @@ def patient_views(seed: int, label: int, index: int, size: int = 256,
     views = []
     for view in range(n_views):
         rng = np.random.default_rng([seed, label, index, _VIEW, view])
-        image, masks = render(jitter_view(patient, rng), rng, size, scanner)
+        seen = jitter_view(patient, rng)
+        image, masks = render(seen, rng, size, scanner)
         views.append(SyntheticView(image=image, masks=tuple(masks), label=label, group=group,
-                                   source=f"{group}-view{view + 1}"))
+                                   source=f"{group}-view{view + 1}", lesions=seen.lesions))
     return views
 
 

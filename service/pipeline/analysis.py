@@ -30,7 +30,8 @@ from service.ledger import InstanceRecord
 from service.model.imaging import PreparedInstance, prepare_instance, resize_map
 from service.model.inference import OnnxModel, Prediction
 from service.model_card import ModelCard
-from service.results import FrameResult, ImageResult, StudyAttributes, StudyResult, StudySummary
+from service.pipeline.measurement import calibration_header, frame_lesion
+from service.results import NO_LESION, FrameResult, ImageResult, StudyAttributes, StudyResult, StudySummary
 from service.settings import Settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
 
@@ -112,13 +113,27 @@ def _save_heatmap(path: Path, heatmap: np.ndarray, durable: bool) -> None:
     write_atomic(path, buffer.getvalue(), durable=durable)
 
 
+def lesion_maps(card: ModelCard, prediction: Prediction) -> tuple[np.ndarray, float] | None:
+    """The lesion maps (one per input row) and the card's threshold for them when the
+    model outlines lesions (its card names a segmentation, its prediction holds the
+    maps), else None."""
+    spec = getattr(card, "segmentation", None)
+    maps = getattr(prediction, "lesion_mask", None)
+    if spec is None or maps is None:
+        return None
+    return maps, float(spec.threshold)
+
+
 def _frame_results(
     prepared: PreparedInstance, prediction: Prediction, first_row: int, card: ModelCard,
-    heatmap_dir: Path, sop_instance_uid: str, durable: bool,
+    heatmap_dir: Path, sop_instance_uid: str, durable: bool, header: Dataset,
 ) -> list[FrameResult]:
     """Each frame's outputs; the guard's threshold goes beside its score, so a report
-    can say "score against threshold" for a frame it does not assess."""
+    can say "score against threshold" for a frame it does not assess. A frame the
+    model assesses and finds a lesion in gets the lesion outlined and measured on its
+    image (``header``: its calibration)."""
     classes = card.classes
+    segmentation = lesion_maps(card, prediction)
     frames = []
     for k, frame in enumerate(prepared.frames):
         row = first_row + k
@@ -126,16 +141,24 @@ def _frame_results(
         heatmap_path = (heatmap_dir / f"{sop_instance_uid}-f{frame.frame_number}.npy").resolve()
         _save_heatmap(heatmap_path, resize_map(prediction.gradcam[row], x1 - x0, y1 - y0), durable)
         probabilities = {c: round(float(p), 6) for c, p in zip(classes, prediction.probabilities[row], strict=True)}
+        predicted = classes[int(prediction.predicted[row])]
+        out_of_distribution = bool(prediction.out_of_distribution[row])
+        lesion = None
+        if segmentation is not None and not out_of_distribution and predicted != NO_LESION:
+            maps, threshold = segmentation
+            lesion = frame_lesion(maps[row], frame.crop, threshold, header)
         frames.append(FrameResult(
             frame_number=frame.frame_number,
             probabilities=probabilities,
-            predicted=classes[int(prediction.predicted[row])],
-            out_of_distribution=bool(prediction.out_of_distribution[row]),
+            predicted=predicted,
+            out_of_distribution=out_of_distribution,
             ood_distance=round(float(prediction.ood_distance[row]), 6),
             ood_threshold=card.ood.threshold,
             heatmap_path=str(heatmap_path),
             crop=frame.crop,
             embedding=[round(float(v), 7) for v in prediction.embedding[row]],
+            lesion_threshold=segmentation[1] if segmentation is not None else None,
+            lesion=lesion,
         ))
     return frames
 
@@ -166,6 +189,7 @@ def analyse_study(
     clock = _Stopwatch()
     classes = model.card.classes
     prepared: dict[str, PreparedInstance | str] = {}
+    calibrations: dict[str, Dataset] = {}  # what measuring a lesion needs of each image
     study: StudyAttributes | None = None
     for rec in instances:  # one instance in memory at a time: cine loops can be large
         if rec.ignored_reason:
@@ -178,6 +202,7 @@ def analyse_study(
             continue
         if study is None:
             study = study_attributes(ds, index)
+        calibrations[rec.sop_instance_uid] = calibration_header(ds)
         with clock.stage("prepare_s"):
             prepared[rec.sop_instance_uid] = prepare_instance(ds, model.card.input, settings.max_cine_frames)
     study = study or StudyAttributes()
@@ -185,7 +210,7 @@ def analyse_study(
     with clock.stage("inference_s"):
         prediction = model.run(np.stack(tensors) if tensors else np.zeros((0, 1, 1, 1), np.float32))
     with clock.stage("heatmaps_s"):
-        images = _image_results(instances, prepared, prediction, model.card,
+        images = _image_results(instances, prepared, prediction, model.card, calibrations,
                                 settings.results_dir / study_uid / str(generation), settings.durability == "fsync")
     for image in images:
         if image.skipped:
@@ -217,7 +242,7 @@ def analyse_study(
 
 def _image_results(
     instances: Sequence[InstanceRecord], prepared: dict[str, PreparedInstance | str], prediction: Prediction,
-    card: ModelCard, heatmap_dir: Path, durable: bool,
+    card: ModelCard, calibrations: dict[str, Dataset], heatmap_dir: Path, durable: bool,
 ) -> list[ImageResult]:
     """Per instance, in ledger order: its frames' results (rows of ``prediction`` in
     the order the frames were stacked) or its skip reason."""
@@ -227,7 +252,8 @@ def _image_results(
         if isinstance(item, str):
             images.append(_image_result(rec, 1, [], item, card.classes))
             continue
-        frames = _frame_results(item, prediction, row, card, heatmap_dir, rec.sop_instance_uid, durable)
+        frames = _frame_results(item, prediction, row, card, heatmap_dir, rec.sop_instance_uid, durable,
+                                calibrations[rec.sop_instance_uid])
         row += len(frames)
         images.append(_image_result(rec, item.number_of_frames, frames, item.skipped, card.classes))
     return images

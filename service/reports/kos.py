@@ -23,6 +23,9 @@ from service.results import StudyResult
 
 #: The class whose every image is flagged, besides the deciding one.
 ALWAYS_FLAGGED = "malignant"
+#: TID 2010 rows 8 and 10 forbid a Purpose of Reference (a concept name) on the
+#: referenced images and documents; highdicom names them "Source", which we take off.
+_UNNAMED = ("IMAGE", "COMPOSITE")
 
 
 def key_images(result: StudyResult) -> list[str]:
@@ -53,7 +56,7 @@ def build_kos(
         instances=", ".join(instance_label(headers, uid) for uid in flagged)
     )
     device = template.device
-    return hd.ko.KeyObjectSelectionDocument(
+    document = hd.ko.KeyObjectSelectionDocument(
         evidence=[sources[0], *(ds for ds in images if ds is not sources[0]), sr],
         content=hd.ko.KeyObjectSelection(
             document_title=template.concepts.key_images_title.code(),
@@ -71,3 +74,7 @@ def build_kos(
         software_versions=list(placement.software_versions),
         device_serial_number=device.serial_number,
     )
+    for item in document.ContentSequence:
+        if item.ValueType in _UNNAMED:
+            del item.ConceptNameCodeSequence
+    return document

@@ -1,40 +1,48 @@
 """The Structured Report: one TID 1500 Measurement Report per analysed study.
 
 Viewers that understand TID 1500 (OHIF and others) draw it as measurements on the
-images; every other viewer still renders its text. OHIF reads the image reference
-of every measurement group from its first spatial coordinate and breaks on a group
-without one, so every group carries a region. Its content, in order:
+images; every other viewer still renders its text. OHIF draws none of a report that
+mixes groups with and without a region, and PixelMed's validator judges every group
+of a report as TID 1410 when exactly one has an image region: so a report's groups
+either all carry a region or none does. Its content, in order:
 
 * observer context: our node as the observing device (TID 1004);
 * procedure reported, language, title (all from the template);
-* one TID 1410 planar ROI group per assessed frame (frame 1 for single-frame images),
-  the frames of the image that decides the study summary first (a viewer opens the
-  report on the first group), then the others in the study's order:
-  its tracking identifier says image, frame, class and probability; its image region
-  (DCM 111030) is the outline of the frame's Grad-CAM heatmap at half its peak
-  (:func:`service.reports.heatmaps.outline`), a closed POLYLINE on the source image
-  (and frame, for a cine loop); each class probability as a NUM, the predicted
-  class first (OHIF labels the region with them); the finding as a coded
-  qualitative evaluation, and the model identity as Algorithm Identification
-  (TID 4019: name, version; sha256 and index version as parameters). The group of
-  the frame the heatmap objects show also references them: the heatmap SC and,
-  when there is one, the overlay SEG;
+* per assessed frame with something to draw (:func:`region_outline`: the lesion the
+  model outlined, or for a model that outlines none the Grad-CAM outline of a frame
+  not called normal), the frames of the image that decides the study summary first
+  (a viewer opens the report on the first group), then the others in the study's
+  order, a TID 1410 planar ROI group: its tracking identifier says image, frame,
+  class and probability; its image region (DCM 111030) the outline, a closed
+  POLYLINE on the source image (and frame, for a cine loop); its Finding the coded
+  class; each class probability as a NUM, the predicted class first (OHIF labels
+  the region with them), and a measured lesion's area; the model identity as
+  Algorithm Identification (TID 4019: name, version; sha256 and index version as
+  parameters); the group of the frame the heatmap objects show also references
+  them (the heatmap SC and, when there is one, the overlay SEG). A measured
+  lesion's long and short axis follow as TID 1410 groups of their own: the line
+  segment as the region, the length in mm (TID 1419 gives a region's measurements
+  no coordinates of their own);
+* where nothing is drawn in the whole report, a TID 1501 group per assessed frame
+  instead (its Finding, probabilities and image, "no lesion outlined");
 * a "Qualitative Evaluations" container, where no viewer expects coordinates: the
-  disclaimer, the study summary (the coded class, a readable line naming the
-  deciding image, the rule, the out-of-distribution flag when raised), then per
-  frame the domain guard flagged "Impression: Not Evaluated" (SCT 373121007) with
-  the reason (the flag "Outside the model's training domain" and a readable line),
-  the guard's score as a NUM inferred from the referenced image (and frame) and
-  the card's threshold (DCM 122411 "Threshold Value"): no class, probability or
-  region for such a frame; a readable line per similar study (date, accession,
-  label and its source, distance) that points to the matching image, and why an
-  image was not analysed.
+  disclaimer, the study summary (the coded class, the AI-suggested BI-RADS
+  likelihood band coded and in words, a readable line naming the deciding image,
+  the rule, the out-of-distribution flag when raised), then per frame the domain
+  guard flagged "Impression: Not Evaluated" (SCT 373121007) with the reason (the
+  flag "Outside the model's training domain" and a readable line), the guard's
+  score as a NUM inferred from the referenced image (and frame) and the card's
+  threshold (DCM 122411 "Threshold Value"): no class, probability or region for
+  such a frame; a line per frame with nothing drawn in a report where something is,
+  and per lesion outlined without millimetres (why); a readable line per similar
+  study (date, accession, label and its source, distance), and why an image was
+  not analysed.
 
 A study with no assessed image has no region to draw; TID 1500 still needs a
 measurement group, so it gets one saying so, without image reference (OHIF cannot
 draw such a report; there is nothing on the images to show). When every analysed
 image lies outside the training domain that group is the report's first finding:
-"Not assessed", coded, with the flag.
+"Not assessed" as its Finding.
 
 The study's images and heatmap objects are the Current Requested Procedure
 Evidence; the similar studies' instances go into the Pertinent Other Evidence
@@ -66,8 +74,8 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
-    QualitativeEvaluation,
     RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
     SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
@@ -84,9 +92,10 @@ from pydicom.uid import (
 
 from service.model.imaging import number_of_frames
 from service.reports import derived_uid
+from service.reports.birads import MALIGNANT, frame_band
 from service.reports.heatmaps import outline
 from service.reports.template import SrTemplate
-from service.results import FrameResult, ImageResult, SimilarStudy, StudyResult
+from service.results import NO_LESION, FrameResult, ImageResult, LesionResult, SimilarStudy, StudyResult
 
 #: The SR SOP classes we can write, in the order the sender falls back along when a
 #: destination refuses one: Comprehensive 3D -> Comprehensive -> Enhanced.
@@ -139,10 +148,13 @@ def build_sr(
         raise ValueError(f"{sop_class_uid} is not an SR SOP class we write (one of {list(_SR_TYPES)})")
     heatmaps = heatmaps or {}
     headers = {ds.SOPInstanceUID: ds for ds in sources}
+    drawn = drawn_outlines(result, heats)
     groups: list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations] = [
-        _frame_group(result, template, headers, image, frame, heats, heatmaps.get(image.sop_instance_uid, ()))
+        group
         for image in reading_order(result)
         for frame in assessed_frames(image)
+        for group in _frame_groups(result, template, headers, image, frame, drawn,
+                                   heatmaps.get(image.sop_instance_uid, ()))
     ]
     report = MeasurementReport(
         observation_context=_observation_context(template),
@@ -151,7 +163,7 @@ def build_sr(
         title=template.title.code(),
         language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(template.language.code()),
     )
-    report[0].ContentSequence.append(_evaluations(result, template, headers))
+    report[0].ContentSequence.append(_evaluations(result, template, headers, drawn))
     device = template.device
     objects = [ref for refs in heatmaps.values() for ref in refs]
     return _SR_TYPES[sop_class_uid](
@@ -219,21 +231,35 @@ def _header(headers: dict[str, Dataset], sop_instance_uid: str) -> Dataset:
     return header
 
 
-def _region(header: Dataset, frame: FrameResult, heat: np.ndarray) -> ImageRegion:
-    """The frame's heatmap outline as an image region on its source image (and frame)."""
+def region_outline(frame: FrameResult, heat: np.ndarray) -> np.ndarray | None:
+    """What a frame's group outlines on its image: the lesion the model outlined; for
+    a model that outlines no lesion, the heatmap outline of a frame with a finding;
+    nothing for a frame called normal or without a lesion above the threshold."""
+    if frame.predicted == NO_LESION:
+        return None
+    if frame.lesion is not None:
+        return np.asarray(frame.lesion.outline, np.float32)
+    if frame.lesion_threshold is None:
+        return outline(heat, frame.crop)
+    return None
+
+
+def _frame_numbers(header: Dataset, frame: FrameResult) -> list[int] | None:
+    return [frame.frame_number] if number_of_frames(header) > 1 else None
+
+
+def _region(header: Dataset, frame: FrameResult, points: np.ndarray) -> ImageRegion:
+    """An outline (closed) or a line segment as an image region on the frame's source
+    image (and frame)."""
     return ImageRegion(
         graphic_type=GraphicTypeValues.POLYLINE,
-        graphic_data=outline(heat, frame.crop),
+        graphic_data=points,
         source_image=SourceImageForRegion(
             referenced_sop_class_uid=header.SOPClassUID,
             referenced_sop_instance_uid=header.SOPInstanceUID,
-            referenced_frame_numbers=[frame.frame_number] if number_of_frames(header) > 1 else None,
+            referenced_frame_numbers=_frame_numbers(header, frame),
         ),
     )
-
-
-def _finding(template: SrTemplate, label: str) -> list[QualitativeEvaluation]:
-    return [QualitativeEvaluation(template.concepts.classification.code(), template.class_spec(label).finding.code())]
 
 
 def _probability(template: SrTemplate, label: str, value: float) -> Measurement:
@@ -266,39 +292,128 @@ def _heatmap_items(template: SrTemplate, objects: Sequence[Dataset]) -> list[Ima
     ]
 
 
-def _frame_group(
+def _area(template: SrTemplate, lesion: LesionResult | None) -> list[Measurement]:
+    """The outlined lesion's area (TID 1419: a measurement of the group's region)."""
+    if lesion is None or lesion.area_mm2 is None:
+        return []
+    return [Measurement(name=template.concepts.area.code(), value=lesion.area_mm2,
+                        unit=template.concepts.area_unit.code())]
+
+
+Drawn = Mapping[tuple[str, int], np.ndarray | None]
+
+
+def drawn_outlines(result: StudyResult, heats: Heats) -> dict[tuple[str, int], np.ndarray | None]:
+    """What each assessed frame's group outlines (:func:`region_outline`), by (SOP
+    Instance UID, frame number); None where nothing is drawn."""
+    drawn = {}
+    for image in result.images:
+        for frame in assessed_frames(image):
+            heat = heats.get((image.sop_instance_uid, frame.frame_number))
+            if heat is None:
+                raise ValueError(f"no heatmap given for frame {frame.frame_number} of {image.sop_instance_uid}")
+            drawn[(image.sop_instance_uid, frame.frame_number)] = region_outline(frame, heat)
+    return drawn
+
+
+def _frame_groups(
     result: StudyResult,
     template: SrTemplate,
     headers: dict[str, Dataset],
     image: ImageResult,
     frame: FrameResult,
-    heats: Heats,
+    drawn: Drawn,
     heatmaps: Sequence[Dataset],
-) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+) -> list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations]:
+    """One assessed frame's groups, each with its finding (the coded class).
+
+    A frame with an outline (:func:`region_outline`) gets a region group (TID 1410)
+    with the class probabilities and the lesion's area, then one region group per
+    measured axis: its line segment (a 2-point POLYLINE) as the region, its length
+    as the measurement. A frame with nothing to outline gets a group without region
+    (TID 1501) referencing its image, whose identifier says so, only in a report
+    where nothing is drawn: OHIF draws none of a report mixing both (the
+    Qualitative Evaluations say it then, :func:`_undrawn_lines`).
+    """
     header = _header(headers, image.sop_instance_uid)
-    heat = heats.get((image.sop_instance_uid, frame.frame_number))
-    if heat is None:
-        raise ValueError(f"no heatmap given for frame {frame.frame_number} of {image.sop_instance_uid}")
-    label = template.wording.image_group.format(
-        instance=instance_label(headers, image.sop_instance_uid),
-        frame=frame.frame_number,
-        label=class_display(template, frame.predicted),
-        probability=frame.probabilities[frame.predicted],
-    )
-    group = PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=derived_uid(result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number),
-            identifier=label[:64],
-        ),
-        referenced_region=_region(header, frame, heat),
-        algorithm_id=_algorithm(result),
-        finding_sites=[FindingSite(template.finding_site.code())],
-        measurements=_probabilities(template, frame),
-        qualitative_evaluations=_finding(template, frame.predicted),
-    )
+    points = drawn[(image.sop_instance_uid, frame.frame_number)]
+    if points is None and any(p is not None for p in drawn.values()):
+        return []
+    instance = instance_label(headers, image.sop_instance_uid)
+    wording = template.wording.image_group if points is not None else template.wording.image_group_no_lesion
+    label = _frame_line(template, wording, instance, frame)
+
+    def tracking(identifier: str, *part: str) -> TrackingIdentifier:
+        uid = derived_uid(result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number,
+                          *part)
+        return TrackingIdentifier(uid=uid, identifier=identifier[:64])
+
+    finding = template.class_spec(frame.predicted).finding.code()
+
+    def site() -> list[FindingSite]:  # content items belong to one parent: made anew for each group
+        return [FindingSite(template.finding_site.code())]
+
+    group: PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
+    if points is None:
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(label), algorithm_id=_algorithm(result),
+            measurements=_probabilities(template, frame),
+            source_images=[SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=header.SOPClassUID,
+                referenced_sop_instance_uid=header.SOPInstanceUID,
+                referenced_frame_numbers=_frame_numbers(header, frame),
+            )],
+            finding_type=finding, finding_sites=site(),
+        )
+    else:
+        group = PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(label), referenced_region=_region(header, frame, points),
+            algorithm_id=_algorithm(result),
+            measurements=[*_probabilities(template, frame), *_area(template, frame.lesion)],
+            finding_type=finding, finding_sites=site(),
+        )
     if frame.frame_number == decisive_frame(image).frame_number:
         group[0].ContentSequence.extend(_heatmap_items(template, heatmaps))
-    return group
+    lesion, concepts = frame.lesion, template.concepts
+    axes = [] if lesion is None else [(c, a) for c, a in ((concepts.long_axis, lesion.long_axis),
+                                                         (concepts.short_axis, lesion.short_axis)) if a is not None]
+    return [group, *(
+        PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(template.wording.axis_group.format(
+                instance=instance, frame=frame.frame_number, axis=name.meaning), name.value),
+            referenced_region=_region(header, frame, np.array([axis.start, axis.end], np.float32)),
+            algorithm_id=_algorithm(result),
+            measurements=[Measurement(name=name.code(), value=axis.length_mm, unit=concepts.length_unit.code())],
+            finding_type=finding, finding_sites=site(),
+        )
+        for name, axis in axes
+    )]
+
+
+def _undrawn_lines(template: SrTemplate, headers: dict[str, Dataset], result: StudyResult,
+                   drawn: Drawn) -> list[TextContentItem]:
+    """In a report where something is drawn, a line for each assessed frame with
+    nothing to outline (it has no group there), and for each lesion outlined but not
+    measured, why."""
+    wording = template.wording
+    anything = any(points is not None for points in drawn.values())
+    texts = []
+    for image in reading_order(result):
+        instance = instance_label(headers, image.sop_instance_uid)
+        for frame in assessed_frames(image):
+            if anything and drawn[(image.sop_instance_uid, frame.frame_number)] is None:
+                texts.append(_frame_line(template, wording.image_group_no_lesion, instance, frame))
+            if frame.lesion is not None and frame.lesion.unmeasured:
+                texts.append(wording.unmeasured_line.format(instance=instance, frame=frame.frame_number,
+                                                            reason=frame.lesion.unmeasured))
+    return [TextContentItem(name=template.concepts.comment.code(), value=text,
+                            relationship_type=RelationshipTypeValues.CONTAINS) for text in texts]
+
+
+def _frame_line(template: SrTemplate, wording: str, instance: str, frame: FrameResult) -> str:
+    """A frame's words: its image, frame, class and probability."""
+    return wording.format(instance=instance, frame=frame.frame_number, label=class_display(template, frame.predicted),
+                          probability=frame.probabilities[frame.predicted])
 
 
 def _unassessed_study_group(result: StudyResult, template: SrTemplate) -> MeasurementsAndQualitativeEvaluations:
@@ -312,11 +427,8 @@ def _unassessed_study_group(result: StudyResult, template: SrTemplate) -> Measur
             identifier=(template.wording.not_assessed_summary if not_assessed else template.wording.no_summary)[:64],
         ),
         algorithm_id=_algorithm(result),
+        finding_type=concepts.not_assessed.code() if not_assessed else None,
         finding_sites=[FindingSite(template.finding_site.code())],
-        qualitative_evaluations=[
-            QualitativeEvaluation(concepts.classification.code(), concepts.not_assessed.code()),
-            QualitativeEvaluation(concepts.out_of_distribution.code(), concepts.yes.code()),
-        ] if not_assessed else None,
     )
 
 
@@ -382,6 +494,7 @@ def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Datas
             instance=instance_label(headers, decisive.sop_instance_uid),
             frame=frame.frame_number,
         )
+        items += _band(template, headers, decisive, frame)
     elif summary.out_of_distribution:
         items.append(CodeContentItem(name=concepts.classification.code(), value=concepts.not_assessed.code(),
                                      relationship_type=RelationshipTypeValues.CONTAINS))
@@ -398,7 +511,26 @@ def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Datas
     return items
 
 
-def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, Dataset]) -> ContainerContentItem:
+def _band(template: SrTemplate, headers: dict[str, Dataset], image: ImageResult,
+          frame: FrameResult) -> list[Dataset]:
+    """The BI-RADS likelihood band of the frame that decides the study, coded
+    (PS3.16 CID 6026/6027) and in words that say it is the AI's suggestion."""
+    band = frame_band(frame.probabilities, frame.predicted)
+    if band is None:
+        return []
+    spec = template.birads[band.category]
+    return [
+        CodeContentItem(name=template.concepts.birads_band.code(), value=spec.code.code(),
+                        relationship_type=RelationshipTypeValues.CONTAINS),
+        TextContentItem(name=template.concepts.birads_band.code(), relationship_type=RelationshipTypeValues.CONTAINS,
+                        value=template.wording.birads_line.format(
+                            category=band.category, band=spec.display, probability=frame.probabilities[MALIGNANT],
+                            instance=instance_label(headers, image.sop_instance_uid), frame=frame.frame_number)),
+    ]
+
+
+def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, Dataset],
+                 drawn: Drawn) -> ContainerContentItem:
     """TID 1500's "Qualitative Evaluations": what a reader needs in words."""
     concepts, wording = template.concepts, template.wording
     container = ContainerContentItem(
@@ -411,9 +543,10 @@ def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, D
         *_summary(result, template, headers),
         *(_not_assessed(template, headers, image, frame)
           for image in result.images for frame in image.frames if frame.out_of_distribution),
+        *_undrawn_lines(template, headers, result, drawn),
     ]
     for rank, similar in enumerate(result.similar, start=1):
-        line = TextContentItem(
+        items.append(TextContentItem(
             name=concepts.similar_study.code(),
             value=wording.similar_line.format(
                 rank=rank,
@@ -425,16 +558,7 @@ def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, D
                 similarity=similar.similarity,
             ),
             relationship_type=RelationshipTypeValues.CONTAINS,
-        )
-        line.ContentSequence = [
-            ImageContentItem(
-                name=concepts.similar_image.code(),
-                referenced_sop_class_uid=similar.sop_class_uid,
-                referenced_sop_instance_uid=similar.sop_instance_uid,
-                relationship_type=RelationshipTypeValues.INFERRED_FROM,
-            )
-        ]
-        items.append(line)
+        ))
     for image in result.images:
         if image.skipped:
             items.append(

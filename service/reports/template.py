@@ -16,6 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydicom.sr.coding import Code
 
+from service.reports.birads import CATEGORIES
+
 
 class TemplateError(ValueError):
     """An SR template that cannot be used; the message names the file and key."""
@@ -65,7 +67,6 @@ class Concepts(_Strict):
     study_summary: CodeSpec
     summary_rule: CodeSpec
     similar_study: CodeSpec
-    similar_image: CodeSpec
     not_analysed: CodeSpec
     comment: CodeSpec
     qualitative_evaluations: CodeSpec
@@ -74,6 +75,12 @@ class Concepts(_Strict):
     segment_category: CodeSpec
     segment_type: CodeSpec
     key_images_title: CodeSpec
+    long_axis: CodeSpec
+    short_axis: CodeSpec
+    length_unit: CodeSpec
+    area: CodeSpec
+    area_unit: CodeSpec
+    birads_band: CodeSpec
 
     @model_validator(mode="after")
     def _probability_unit(self) -> Concepts:
@@ -143,6 +150,10 @@ _WORDING_FIELDS: dict[str, dict[str, Any]] = {
     "montage_missing": {},
     "segment_label": {"low": 0.25, "high": 0.5},
     "key_images": {"instances": "1, 2"},
+    "image_group_no_lesion": {"instance": 1, "frame": 1, "label": "Benign", "probability": 0.5},
+    "axis_group": {"instance": 1, "frame": 1, "axis": "Long axis"},
+    "unmeasured_line": {"instance": 1, "frame": 1, "reason": "the image has no calibration"},
+    "birads_line": {"category": "4B", "band": "moderate suspicion", "probability": 0.3, "instance": 1, "frame": 1},
 }
 
 
@@ -169,6 +180,10 @@ class Wording(_Strict):
     montage_missing: str
     segment_label: str
     key_images: str
+    image_group_no_lesion: str
+    axis_group: str
+    unmeasured_line: str
+    birads_line: str
 
     @model_validator(mode="after")
     def _formats(self) -> Wording:
@@ -183,6 +198,13 @@ class Wording(_Strict):
         return self
 
 
+class BandSpec(_Strict):
+    """How one BI-RADS likelihood band is written: its code and the words people read."""
+
+    code: CodeSpec
+    display: str = Field(min_length=1)
+
+
 class SrTemplate(_Strict):
     """The whole template (``dicom_sr_templates/default.json``)."""
 
@@ -194,6 +216,7 @@ class SrTemplate(_Strict):
     coding_schemes: list[CodingSchemeSpec] = Field(default_factory=list)
     concepts: Concepts
     classes: dict[str, ClassSpec] = Field(min_length=1)
+    birads: dict[str, BandSpec]
     device: DeviceSpec
     sr_series: SeriesSpec
     sc_series: SeriesSpec
@@ -201,6 +224,12 @@ class SrTemplate(_Strict):
     kos_series: SeriesSpec
     wording: Wording
     disclaimer: str = Field(min_length=1, max_length=1024)
+
+    @model_validator(mode="after")
+    def _every_band(self) -> SrTemplate:
+        if sorted(self.birads) != sorted(CATEGORIES):
+            raise ValueError(f"birads must have an entry for each of {list(CATEGORIES)}, has {sorted(self.birads)}")
+        return self
 
     @model_validator(mode="after")
     def _local_schemes_declared(self) -> SrTemplate:
@@ -215,6 +244,7 @@ class SrTemplate(_Strict):
         found += [(f"concepts.{k}", v) for k, v in self.concepts]
         for name, cls in self.classes.items():
             found += [(f"classes.{name}.finding", cls.finding), (f"classes.{name}.probability", cls.probability)]
+        found += [(f"birads.{name}.code", band.code) for name, band in self.birads.items()]
         return found
 
     def class_spec(self, label: str) -> ClassSpec:
