@@ -385,7 +385,8 @@ def segmentation_markdown(segmentation: dict[str, Any] | None) -> list[str]:
         *(f"| {name} | {m['n']} | {_fmt(m['dice'])} | {_fmt(m['iou'])} |" for name, m in rows),
         "",
         f"Images without a lesion ({normal['n']}): {_fmt(normal['false_positive_rate'])} have a pixel above the "
-        f"threshold (the node would outline a lesion that is not there); mean area so marked "
+        f"threshold (an outline of a lesion that is not there), {_fmt(normal['false_positive_rate_over_min_area'])} "
+        f"an area above {normal['min_area_fraction']:.1%} of the image; mean area so marked "
         f"{_fmt(normal['mean_area_fraction'], 4)} of the image.",
         "",
     ]

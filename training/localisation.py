@@ -43,6 +43,9 @@ JUDGING_SIZE = 256
 KEYS = ("pointing_game", "random_pointing_game", "heat_share", "uniform_heat_share")
 #: The class whose images have no lesion: a missing mask means "all background".
 NORMAL = "normal"
+#: An outline smaller than this share of the image is a speck, not a lesion (the
+#: phantom's smallest lesion covers 0.6 %): reported beside "any pixel" on normal images.
+MIN_AREA_FRACTION = 0.001
 #: Thresholds the validation split chooses among.
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
 
@@ -142,7 +145,8 @@ def segmentation_metrics(maps: np.ndarray, masks: Sequence[np.ndarray | None], l
                          classes: Sequence[str], threshold: float, size: int = JUDGING_SIZE) -> dict[str, Any]:
     """Mean Dice and IoU per lesion class (images with a lesion mask), and on normal
     images the share with any pixel above ``threshold`` (an outline drawn where there
-    is no lesion) and the mean area so marked. ``maps`` [N, h, w] are the head's
+    is no lesion), the share whose marked area exceeds ``MIN_AREA_FRACTION``, and the
+    mean area so marked. ``maps`` [N, h, w] are the head's
     probabilities at model resolution, ``masks`` the records' masks at source size
     (None: no lesion for a normal image, unknown otherwise)."""
     truths = _truths(masks, labels, classes, size)
@@ -163,5 +167,8 @@ def segmentation_metrics(maps: np.ndarray, masks: Sequence[np.ndarray | None], l
                 "iou": float(iou[lesion].mean()) if lesion.any() else None},
         "no_lesion": {"n": int(empty.sum()),
                       "false_positive_rate": float((predicted[empty] > 0).mean()) if empty.any() else None,
+                      "min_area_fraction": MIN_AREA_FRACTION,
+                      "false_positive_rate_over_min_area":
+                          float((predicted[empty] > MIN_AREA_FRACTION * size**2).mean()) if empty.any() else None,
                       "mean_area_fraction": float(predicted[empty].mean() / size**2) if empty.any() else None},
     }
