@@ -64,7 +64,7 @@ def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--localisation-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="Weight of the loss that moves the Grad-CAM heat of the true class into the lesion mask "
                           "(images with masks only: BUSI, synthetic); 0 trains on the labels alone."),
-        click.option("--segmentation-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+        click.option("--segmentation-weight", type=click.FloatRange(min=0), default=2.0, show_default=True,
                      help="hybrid: weight of the Dice + BCE loss of a lesion segmentation head trained on the lesion "
                           "masks (normal images: no lesion) and exported as the lesion_mask output; 0: no head. "
                           "Other architectures have no head."),

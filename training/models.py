@@ -183,16 +183,17 @@ class _RowRNN(nn.Module):
 class _SkipDecoder(nn.Module):
     """A U-Net-style decoder (Ronneberger et al. 2015), kept small: from the coarsest
     map, each stage upsamples 2x (bilinear), concatenates the VGG block end of that
-    resolution and mixes them with one 3x3 conv (half the skip's channels); a 1x1 conv
-    gives one lesion logit per pixel. Bilinear upsampling has no weights and no
-    checkerboard artefacts."""
+    resolution and mixes them with two 3x3 convs (half the skip's channels), as U-Net
+    does; a 1x1 conv gives one lesion logit per pixel. Bilinear upsampling has no
+    weights and no checkerboard artefacts."""
 
     def __init__(self, c_in: int, skip_channels: list[int], batch_norm: bool) -> None:
         super().__init__()
         stages = []
         for c_skip in reversed(skip_channels):
             c_out = max(8, c_skip // 2)
-            stages.append(nn.Sequential(*_conv_block(c_in + c_skip, c_out, batch_norm)))
+            stages.append(nn.Sequential(*_conv_block(c_in + c_skip, c_out, batch_norm),
+                                        *_conv_block(c_out, c_out, batch_norm)))
             c_in = c_out
         self.stages = nn.ModuleList(stages)
         self.out = nn.Conv2d(c_in, 1, 1)
