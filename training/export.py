@@ -204,7 +204,8 @@ def architecture_name(trained: TrainedModel) -> str:
         "cnn": f"4-conv CNN x{c.width:g} -> {c.embedding_dim}-d dense -> {c.num_classes}-class head",
         "rnn": f"{rnn} over pixel rows -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
         "mobilenetv2": f"MobileNetV2 x{c.width:g} -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
-    }[c.arch] + f"; {cam_name(c)}"
+    }[c.arch] + f"; {cam_name(c)}" + ("; lesion segmentation head (U-Net-style decoder, H/2 mask)"
+                                      if c.segmentation else "")
 
 
 def build_card(trained: TrainedModel, onnx_path: Path, *, name: str, version: str,
