@@ -16,6 +16,10 @@ outputs
                     (Grad-CAM or Grad-CAM++ on a convolutional map of the model's
                     input region; ``hyperparameters`` name which), ReLU'd and scaled
                     to [0, 1] per image
+  ``lesion_mask``   float32 [N, h, w], only where the card has ``segmentation``:
+                    the per-pixel probability of lesion in [0, 1] on the model
+                    input's grid; the node resizes it to the crop and thresholds it
+                    at the card's ``segmentation.threshold``
 """
 
 from __future__ import annotations
@@ -71,6 +75,19 @@ class CalibrationSpec(_Strict):
     fitted_on: str = ""
 
 
+class SegmentationSpec(_Strict):
+    """The model's lesion segmentation output: its name in the graph, its map size
+    (``height`` x ``width``, any fraction of the input; the node resizes it), and the
+    probability above which a pixel is lesion (chosen on the validation split to
+    maximise Dice)."""
+
+    output: str = "lesion_mask"
+    threshold: float = Field(gt=0, lt=1)
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    fitted_on: str = ""
+
+
 class ModelCard(_Strict):
     name: str
     version: str
@@ -83,6 +100,8 @@ class ModelCard(_Strict):
     opset: int
     ood: OodSpec
     calibration: CalibrationSpec | None = None
+    #: None: the model outlines no lesion (older models, architectures without a head).
+    segmentation: SegmentationSpec | None = None
     hyperparameters: dict[str, object] = Field(default_factory=dict)
     training_data: dict[str, object]
     metrics: dict[str, object] = Field(default_factory=dict)

@@ -17,8 +17,10 @@ from service.datasets.synthetic import generate_records
 from service.model.guard import FEATURES
 from service.model_card import DISCLAIMER, ModelCard, card_path_for
 from training.calibration import GUARD_PERCENTILE
+from service.model.inference import OnnxModel
 from training.export import (
     EXPLAINED_OUTPUTS,
+    SEGMENTATION_OUTPUT,
     build_card,
     export_onnx,
     fold_batch_norm,
@@ -263,6 +265,38 @@ def test_int8_quantisation_reports_its_changes(trained_tiny: TrainedModel, tmp_p
     assert (tmp_path / "m.quantization.json").is_file()
     session = ort.InferenceSession(str(int8))
     assert [o.name for o in session.get_outputs()] == EXPLAINED_OUTPUTS
+
+
+def test_the_segmentation_head_exports_as_a_fourth_output(images: torch.Tensor, tmp_path: Path) -> None:
+    """A hybrid with a segmentation head (batch-norm statistics folded into its
+    decoder too) gives lesion_mask [N, H/2, W/2] equal to PyTorch's; the card
+    declares it, round-trips, and the node reads the mask."""
+    source = DataSource(kind="synthetic", synthetic_per_class=6, seed=0)
+    records = source.load()
+    split = make_split(records, 0.25, 0.25, seed=0)
+    config = ModelConfig(arch="hybrid", width=0.125, size=SIZE, embedding_dim=16, rnn_hidden=16,
+                         cam_layer="conv4_3", segmentation=True)
+    trained = train(records, split, config, TrainConfig(epochs=1, segmentation_weight=1.0), source,
+                    tmp_path / "run", progress=False)
+    path = tmp_path / "seg.onnx"
+    card = ship(trained, path)
+    session = ort.InferenceSession(str(path))
+    assert [o.name for o in session.get_outputs()] == [*EXPLAINED_OUTPUTS, SEGMENTATION_OUTPUT]
+    assert session.get_outputs()[3].shape == ["batch", SIZE // 2, SIZE // 2]
+    target = torch.tensor([-1, 0, 1, 2, -1, 1])
+    expected = ExplainedModel(trained.model)(images, target)
+    got = session.run(None, {"image": images.numpy(), "target_class": target.numpy()})
+    for ours, theirs in zip(got, expected, strict=True):
+        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4)
+    assert np.all((got[3] >= 0) & (got[3] <= 1)) and got[3].std() > 0
+
+    assert card.segmentation == trained.segmentation and card.segmentation is not None
+    assert card.segmentation.output == SEGMENTATION_OUTPUT
+    assert (card.segmentation.height, card.segmentation.width) == (SIZE // 2, SIZE // 2)
+    assert ModelCard.load(path) == card
+    prediction = OnnxModel(path, "cpu").run(images.numpy())
+    assert prediction.lesion_mask is not None
+    np.testing.assert_allclose(prediction.lesion_mask, got[3], atol=1e-6)
 
 
 def test_row_rnn_gradcam_matches_the_grad_cam_package(images: torch.Tensor) -> None:

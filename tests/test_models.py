@@ -95,6 +95,31 @@ def test_hybrid_cam_layer_moves_the_map_not_the_weights(layer: str, side: int) -
     assert torch.equal(seen[0], fmap)
 
 
+@pytest.mark.parametrize(("layer", "skips"), [("conv5_3", [SIZE // 2, SIZE // 4, SIZE // 8]),
+                                             ("conv4_3", [SIZE // 2, SIZE // 4]), ("conv3_3", [SIZE // 2])])
+def test_hybrid_segmentation_head_outlines_at_half_the_input_size(layer: str, skips: list[int]) -> None:
+    """The head reads the Grad-CAM layer's map and every block end above it from
+    conv2_2 on, and gives one lesion logit per pixel of an H/2 grid; the
+    classification path is that of the same weights without a head."""
+    torch.manual_seed(0)
+    model = build_model(tiny("hybrid", cam_layer=layer, segmentation=True)).eval()
+    plain = build_model(tiny("hybrid", cam_layer=layer)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")})
+    x = torch.randn(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        fmap, finer = model.encode(x)
+        logits = model.segment(fmap, finer)
+        torch.testing.assert_close(model(x), plain(x))
+    assert torch.equal(fmap, model.features(x))
+    assert [t.shape[-1] for t in finer] == skips
+    assert logits.shape == (2, SIZE // 2, SIZE // 2) and logits.std() > 0
+    probs, emb, cam, mask = ExplainedModel(model)(x, torch.tensor([-1, 1]))
+    torch.testing.assert_close(mask, torch.sigmoid(logits))
+    assert len(ExplainedModel(plain)(x, torch.tensor([-1, 1]))) == 3
+    with pytest.raises(ValueError, match="no segmentation head"):
+        plain.segment(*plain.encode(x))
+
+
 @pytest.mark.parametrize(("kw", "message"), [
     ({"arch": "resnet"}, "unknown architecture"),
     ({"size": 100}, "multiple of 32"),
@@ -103,6 +128,7 @@ def test_hybrid_cam_layer_moves_the_map_not_the_weights(layer: str, side: int) -
     ({"cam_layer": "conv2_2"}, "cam_layer must be one of"),
     ({"arch": "cnn", "cam_layer": "conv4_3"}, "hybrid only"),
     ({"cam_method": "scorecam"}, "cam_method must be one of"),
+    ({"arch": "cnn", "segmentation": True}, "segmentation head exists only for hybrid"),
 ])
 def test_bad_config_is_named(kw: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

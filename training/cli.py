@@ -64,6 +64,10 @@ def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--localisation-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="Weight of the loss that moves the Grad-CAM heat of the true class into the lesion mask "
                           "(images with masks only: BUSI, synthetic); 0 trains on the labels alone."),
+        click.option("--segmentation-weight", type=click.FloatRange(min=0), default=2.0, show_default=True,
+                     help="hybrid: weight of the Dice + BCE loss of a lesion segmentation head trained on the lesion "
+                          "masks (normal images: no lesion) and exported as the lesion_mask output; 0: no head. "
+                          "Other architectures have no head."),
         click.option("--initial-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="State dict to start from (ours, or torchvision VGG16 for hybrid). Nothing is downloaded."),
         click.option("--test-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True),
@@ -99,18 +103,21 @@ def _configs(arch: str, seed: int, opts: dict[str, Any]) -> tuple[ModelConfig, T
     progress bars; applies --threads (process-wide)."""
     import torch
 
-    from training.models import ModelConfig
+    from training.models import SEGMENTING_ARCHS, ModelConfig
     from training.train import TrainConfig
 
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
+    segmentation_weight = opts["segmentation_weight"] if arch in SEGMENTING_ARCHS else 0.0
     model = ModelConfig(arch=arch, width=opts["width"], size=opts["size"], embedding_dim=opts["embedding_dim"],
                         rnn_type=opts["rnn_type"], rnn_hidden=opts["rnn_hidden"],
                         bidirectional=opts["bidirectional"], batch_norm=opts["batch_norm"],
-                        cam_layer=opts["cam_layer"], cam_method=opts["cam_method"])
+                        cam_layer=opts["cam_layer"], cam_method=opts["cam_method"],
+                        segmentation=segmentation_weight > 0)
     fit = TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"], patience=opts["patience"],
                       class_weights=opts["class_weights"], augment=opts["augment"], seed=seed,
                       test_fraction=opts["test_fraction"], localisation_weight=opts["localisation_weight"],
+                      segmentation_weight=segmentation_weight,
                       initial_weights=str(opts["initial_weights"]) if opts["initial_weights"] else None)
     return model, fit, bool(opts["progress"])
 
@@ -151,6 +158,11 @@ def _print_report(report: dict[str, Any], where: Path) -> None:
         lesions = report["localisation"]["all"]
         pointing = (f", heatmap pointing game {lesions['pointing_game']:.3f} (random point "
                     f"{lesions['random_pointing_game']:.3f}), heat share {lesions['heat_share']:.3f}")
+    if "segmentation" in report:
+        masks = report["segmentation"]
+        dice = " / ".join(f"{name} {m['dice']:.3f}" for name, m in masks["per_class"].items())
+        pointing += (f", lesion mask Dice {dice} (IoU {masks['all']['iou']:.3f}), normal images outlined "
+                     f"{masks['no_lesion']['false_positive_rate']:.3f}")
     click.echo(f"balanced accuracy {report['balanced_accuracy']:.3f}, accuracy {report['accuracy']:.3f}, "
                f"macro F1 {report['macro_f1']:.3f}, mAP@5 {retrieval['map@5']:.3f}, "
                f"ACC@1 {retrieval['acc@1']:.3f}{pointing} (n={report['n_test']}); report in {where}")

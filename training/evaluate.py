@@ -38,8 +38,8 @@ from service.monitoring.classification import (
 from training.band_calibration import band_calibration, band_markdown
 from training.calibration import Outputs, assess
 from training.gradcam import ExplainedModel, cam_name
-from training.localisation import localisation_metrics
-from training.models import ModelConfig
+from training.localisation import localisation_metrics, segmentation_metrics
+from training.models import SEGMENTING_ARCHS, ModelConfig
 from training.train import (
     MEASURE_SEED,
     DataSource,
@@ -49,6 +49,7 @@ from training.train import (
     class_counts,
     make_split,
     predict,
+    predict_masks,
     resize_images,
     resize_masks,
     split_off_validation,
@@ -132,6 +133,14 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
     localisation = localisation_metrics(heatmaps, test_masks, labels[test], trained.classes)
     if localisation is not None:
         report["localisation"] = {"heatmap": cam_name(trained.model_config), **localisation}
+    lesion_maps = None
+    if trained.segmentation is not None:
+        lesion_maps = predict_masks(trained.model, images[test], trained.norm)
+        report["segmentation"] = {
+            "map_size": [trained.segmentation.height, trained.segmentation.width],
+            "threshold_fitted_on": trained.segmentation.fitted_on,
+            **segmentation_metrics(lesion_maps, test_masks, labels[test], trained.classes,
+                                   trained.segmentation.threshold)}
     out_dir.mkdir(parents=True, exist_ok=True)
     report.update(guard_and_calibration(torch_outputs(trained.model, trained.norm), images, labels, trained.split,
                                         trained.ood, trained.calibration, trained.source,
@@ -150,7 +159,9 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
         "learning": plot_learning(trained.history, out_dir / f"{prefix}.learning.png"),
         "gradcam": plot_gradcam(trained, images[test], labels[test], probs, heatmaps,
                                 resize_masks([records[i] for i in test], trained.model_config.size),
-                                out_dir / f"{prefix}.gradcam.png", gradcam_examples),
+                                out_dir / f"{prefix}.gradcam.png", gradcam_examples,
+                                None if lesion_maps is None or trained.segmentation is None
+                                else lesion_maps > trained.segmentation.threshold),
     }
     report["plots"] = {**{name: path.name for name, path in plots.items()}, "reliability": f"{prefix}.reliability.png"}
     _write_text(out_dir / f"{prefix}.report.json", json.dumps(report, indent=2) + "\n")
@@ -203,6 +214,7 @@ def markdown_report(report: dict[str, Any]) -> str:
           for name, row in zip(classes, report["confusion_matrix"])),
         "",
         *localisation_markdown(report.get("localisation")),
+        *segmentation_markdown(report.get("segmentation")),
         *guard_markdown(report["ood"]),
         *calibration_markdown(report.get("calibration")),
         *band_markdown(report.get("birads_bands")),
@@ -290,6 +302,31 @@ def localisation_markdown(localisation: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def segmentation_markdown(segmentation: dict[str, Any] | None) -> list[str]:
+    """The report's section on the lesion masks the segmentation head outlines (empty
+    for a model without one or test images without lesion masks)."""
+    if segmentation is None:
+        return []
+    rows = [*segmentation["per_class"].items(), ("all with a lesion", segmentation["all"])]
+    normal = segmentation["no_lesion"]
+    return [
+        f"Lesion outline (segmentation head, {segmentation['map_size'][0]} x {segmentation['map_size'][1]} map): "
+        f"the lesion probability resized to {segmentation['size_px']} x {segmentation['size_px']} as the node "
+        f"resizes it, thresholded at {segmentation['threshold']:g} ({segmentation['threshold_fitted_on']}), "
+        "against the lesion mask of each test image with one.",
+        "",
+        "| class | images | Dice | IoU |",
+        "|---|---|---|---|",
+        *(f"| {name} | {m['n']} | {_fmt(m['dice'])} | {_fmt(m['iou'])} |" for name, m in rows),
+        "",
+        f"Images without a lesion ({normal['n']}): {_fmt(normal['false_positive_rate'])} have a pixel above the "
+        f"threshold (an outline of a lesion that is not there), {_fmt(normal['false_positive_rate_over_min_area'])} "
+        f"an area above {normal['min_area_fraction']:.1%} of the image; mean area so marked "
+        f"{_fmt(normal['mean_area_fraction'], 4)} of the image.",
+        "",
+    ]
+
+
 def _figure(path: Path, fig: Figure) -> Path:
     """Save with matplotlib's object API (no pyplot: no global state, no display)."""
     fig.tight_layout()
@@ -347,9 +384,11 @@ def explain(trained: TrainedModel, images: np.ndarray, batch_size: int = 64) -> 
 
 
 def plot_gradcam(trained: TrainedModel, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                 heatmaps: np.ndarray, masks: np.ndarray, path: Path, count: int) -> Path:
+                 heatmaps: np.ndarray, masks: np.ndarray, path: Path, count: int,
+                 outlines: np.ndarray | None = None) -> Path:
     """A few test images per class with the Grad-CAM of the predicted class, its peak
-    (+) and the lesion outline (white) where there is one."""
+    (+), the lesion outline (white) where there is one and the segmentation head's
+    thresholded mask (``outlines``, dashed lime) where the model has one."""
     per_class = max(1, count // len(trained.classes))
     chosen = [i for c in range(len(trained.classes)) for i in np.flatnonzero(labels == c)[:per_class]]
     fig = Figure(figsize=(1.4 * len(chosen), 1.75))
@@ -361,6 +400,9 @@ def plot_gradcam(trained: TrainedModel, images: np.ndarray, labels: np.ndarray, 
         ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
         if masks[i].any():
             ax.contour(masks[i], levels=[0.5], colors="white", linewidths=0.6)
+        if outlines is not None and outlines[i].any():
+            ax.contour(resize_map(outlines[i].astype(np.float32), width, height), levels=[0.5], colors="lime",
+                       linewidths=0.6, linestyles="dashed")
         peak_y, peak_x = np.unravel_index(int(np.argmax(cam)), cam.shape)
         ax.plot(peak_x, peak_y, "w+", markersize=6)
         p = probs[i]
@@ -415,7 +457,7 @@ def compare_architectures(records: Sequence[Record], source: DataSource, archs: 
     split = make_split(records, train_config.test_fraction, train_config.val_fraction, train_config.seed)
     rows = []
     for arch in archs:
-        config = replace(model_config, arch=arch)
+        config = replace(model_config, arch=arch, segmentation=model_config.segmentation and arch in SEGMENTING_ARCHS)
         started = time.monotonic()
         trained = train(records, split, config, train_config, source, out_dir / arch, progress=progress,
                         command=command)

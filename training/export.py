@@ -62,6 +62,8 @@ from training.train import (
 
 INPUT_NAMES = ["image", "target_class"]
 EXPLAINED_OUTPUTS = ["probabilities", "embedding", "gradcam"]
+#: The fourth output of a model with a segmentation head (``service.model_card``).
+SEGMENTATION_OUTPUT = "lesion_mask"
 PLAIN_OUTPUTS = ["probabilities", "embedding"]
 INTENDED_USE = (
     "Research and demonstration: second-reader triage support for breast ultrasound "
@@ -144,9 +146,10 @@ def _convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight
 def export_onnx(model: SonoModel, path: Path, *, explain: bool = True) -> None:
     """Write ``model`` as one self-contained ONNX file with a dynamic batch.
 
-    ``explain`` adds the ``target_class`` input and the ``gradcam`` output (the
-    interface in ``service.model_card``); without it only ``image`` ->
-    ``probabilities``, ``embedding``.
+    ``explain`` adds the ``target_class`` input and the ``gradcam`` output, and for a
+    model with a segmentation head the ``lesion_mask`` output (the interface in
+    ``service.model_card``); without it only ``image`` -> ``probabilities``,
+    ``embedding``.
     """
     with _quiet_exporter():
         _export(model, path, explain)
@@ -166,7 +169,7 @@ def _export(model: SonoModel, path: Path, explain: bool) -> None:
                             decomposition_table={torch.ops.aten.convolution_backward.default: _convolution_backward},
                             )(*args)
         module: nn.Module = graph
-        names, outputs, dynamic = INPUT_NAMES, EXPLAINED_OUTPUTS, ({0: batch}, {0: batch})
+        names, outputs, dynamic = INPUT_NAMES, explained_outputs(model), ({0: batch}, {0: batch})
     else:
         args, module = (image,), _Plain(folded)
         names, outputs, dynamic = INPUT_NAMES[:1], PLAIN_OUTPUTS, ({0: batch},)
@@ -180,6 +183,11 @@ def _export(model: SonoModel, path: Path, explain: bool) -> None:
         raise RuntimeError("torch.onnx.export returned no program")
     onnx.save_model(program.model_proto, str(tmp), save_as_external_data=False)
     os.replace(tmp, path)
+
+
+def explained_outputs(model: SonoModel) -> list[str]:
+    """The output names of ``model``'s explained export, in order."""
+    return EXPLAINED_OUTPUTS + ([SEGMENTATION_OUTPUT] if model.config.segmentation else [])
 
 
 def onnx_opset(path: Path) -> int:
@@ -196,7 +204,8 @@ def architecture_name(trained: TrainedModel) -> str:
         "cnn": f"4-conv CNN x{c.width:g} -> {c.embedding_dim}-d dense -> {c.num_classes}-class head",
         "rnn": f"{rnn} over pixel rows -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
         "mobilenetv2": f"MobileNetV2 x{c.width:g} -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
-    }[c.arch] + f"; {cam_name(c)}"
+    }[c.arch] + f"; {cam_name(c)}" + ("; lesion segmentation head (U-Net-style decoder, H/2 mask)"
+                                      if c.segmentation else "")
 
 
 def build_card(trained: TrainedModel, onnx_path: Path, *, name: str, version: str,
@@ -223,7 +232,8 @@ def build_card(trained: TrainedModel, onnx_path: Path, *, name: str, version: st
         classes=list(trained.classes),
         input=InputSpec(height=c.size, width=c.size, mean=trained.norm.mean, std=trained.norm.std),
         embedding_dim=c.embedding_dim, onnx_file=onnx_path.name, sha256=sha256_file(onnx_path),
-        opset=onnx_opset(onnx_path), ood=trained.ood, calibration=trained.calibration, hyperparameters=hyper, training_data=training_data,
+        opset=onnx_opset(onnx_path), ood=trained.ood, calibration=trained.calibration,
+        segmentation=trained.segmentation, hyperparameters=hyper, training_data=training_data,
         metrics=metrics or {}, created=datetime.now(UTC).isoformat(timespec="seconds"),
         intended_use=INTENDED_USE, disclaimer=DISCLAIMER,
     )
@@ -240,7 +250,7 @@ def write_card(card: ModelCard, onnx_path: Path) -> Path:
 def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of an evaluation report (``training.evaluate``) for the card."""
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "ece", "retrieval", "per_class", "n_test",
-            "ood", "calibration", "localisation")
+            "ood", "calibration", "localisation", "segmentation")
     metrics = {k: report[k] for k in keys if k in report}
     if "sources" in metrics.get("ood", {}):
         metrics["ood"] = _headline_guard(metrics["ood"])
@@ -262,15 +272,16 @@ def run_onnx(session: ort.InferenceSession, x: np.ndarray, target_class: np.ndar
 
 def check_export(model: SonoModel, onnx_path: Path, tolerance: float = 1e-4) -> float:
     """Run the ONNX file and the PyTorch model on the same random batch; raise when
-    probabilities or embeddings differ by more than ``tolerance``. Returns the
-    largest difference."""
+    probabilities, embeddings or lesion masks differ by more than ``tolerance``.
+    Returns the largest difference."""
     size = model.config.size
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 1, size, size)).astype(np.float32))
     target = torch.tensor([-1, 0, model.config.num_classes - 1])
     expected = ExplainedModel(model.eval())(x, target)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(EXPLAINED_OUTPUTS, {"image": x.numpy(), "target_class": target.numpy()})
-    worst = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got[:2], expected[:2]))
+    got = session.run(explained_outputs(model), {"image": x.numpy(), "target_class": target.numpy()})
+    compared = [0, 1, 3] if model.config.segmentation else [0, 1]
+    worst = max(float(np.abs(got[k] - expected[k].numpy()).max()) for k in compared)
     if worst > tolerance:
         raise RuntimeError(f"{onnx_path}: ONNX Runtime and PyTorch differ by {worst:.2e} (> {tolerance:g})")
     return worst

@@ -1,8 +1,9 @@
 """Grad-CAM as part of the model's own forward pass.
 
 :class:`ExplainedModel` returns, for a batch, exactly what the ONNX file returns
-(``service.model_card``): probabilities, the L2-normalised embedding and the
-Grad-CAM map of the target class. Keeping the gradient inside ``forward`` is what
+(``service.model_card``): probabilities, the L2-normalised embedding, the
+Grad-CAM map of the target class and, for a model with a segmentation head, the
+lesion mask. Keeping the gradient inside ``forward`` is what
 lets ``training.export`` trace forward and backward into one ONNX graph, and the
 same module is the PyTorch reference in evaluation plots and the benchmark.
 """
@@ -57,24 +58,30 @@ def cam_name(config: ModelConfig) -> str:
 
 
 class ExplainedModel(nn.Module):
-    """``(image [N,1,H,W], target_class [N]) -> (probabilities, embedding, gradcam)``.
+    """``(image [N,1,H,W], target_class [N]) -> (probabilities, embedding, gradcam)``,
+    and ``lesion_mask`` after them when the model has a segmentation head.
 
     ``target_class`` -1 explains the predicted class; the map is :func:`grad_cam`
-    (the model's ``cam_method``) scaled to [0, 1] per image.
+    (the model's ``cam_method``) scaled to [0, 1] per image; the mask is the head's
+    per-pixel lesion probability [N, H/2, W/2].
     """
 
     def __init__(self, model: SonoModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, image: Tensor, target_class: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, image: Tensor, target_class: Tensor) -> tuple[Tensor, ...]:
         with torch.enable_grad():
             # A fresh leaf: the gradient needs only the graph downstream of the map,
             # whether or not the weights require grad.
-            fmap = self.model.features(image).detach().requires_grad_(True)
+            encoded, skips = self.model.encode(image)
+            fmap = encoded.detach().requires_grad_(True)
             embedding = self.model.embed(fmap)
             logits = self.model.head(embedding)
             target = torch.where(target_class < 0, logits.argmax(dim=1), target_class)
             cam = grad_cam(fmap, logits, target, method=self.model.config.cam_method)
         cam = cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(CAM_EPS)
-        return torch.softmax(logits, dim=1).detach(), F.normalize(embedding, dim=1).detach(), cam.detach()
+        outputs = (torch.softmax(logits, dim=1).detach(), F.normalize(embedding, dim=1).detach(), cam.detach())
+        if not self.model.config.segmentation:
+            return outputs
+        return (*outputs, torch.sigmoid(self.model.segment(encoded, skips)).detach())

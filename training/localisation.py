@@ -1,4 +1,5 @@
-"""How well a heatmap points at the lesion: the pointing game and the heat share.
+"""How well a heatmap points at the lesion (the pointing game and the heat share),
+and how well a predicted lesion mask outlines it (Dice, IoU).
 
 For images with a lesion mask (BUSI ships them, the synthetic generator makes them),
 each model-resolution map is resized to the judging size as the node resizes it
@@ -14,6 +15,11 @@ resized to the same size:
 Both have an exact chance level, reported beside them: a uniformly random point hits
 with probability (share of the image within the tolerance of the lesion), and a
 uniform map puts (lesion area / image area) of its heat inside.
+
+A predicted mask (the segmentation head's per-pixel probability) is resized the
+same way and thresholded; it is scored by Dice and IoU on images with a lesion
+mask, and on normal images by how often any pixel crosses the threshold (where the
+node would draw an outline on an image with no lesion).
 
 Pure numpy + scipy (no torch): the tests score the shipped ONNX model with it too.
 """
@@ -35,6 +41,13 @@ POINTING_TOLERANCE_PX = 15.0
 JUDGING_SIZE = 256
 #: The numbers reported per group of images.
 KEYS = ("pointing_game", "random_pointing_game", "heat_share", "uniform_heat_share")
+#: The class whose images have no lesion: a missing mask means "all background".
+NORMAL = "normal"
+#: An outline smaller than this share of the image is a speck, not a lesion (the
+#: phantom's smallest lesion covers 0.6 %): reported beside "any pixel" on normal images.
+MIN_AREA_FRACTION = 0.001
+#: Thresholds the validation split chooses among.
+THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -84,3 +97,78 @@ def localisation_metrics(heatmaps: np.ndarray, masks: Sequence[np.ndarray | None
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float | int]:
     return {"n": len(rows), **{key: float(np.mean([row[key] for row in rows])) for key in KEYS}}
+
+
+def _truths(masks: Sequence[np.ndarray | None], labels: np.ndarray, classes: Sequence[str],
+            size: int) -> list[np.ndarray | None]:
+    """Each image's lesion mask at the judging size: empty for a normal image without
+    one, None where a lesion image has none (unknown: left out)."""
+    empty = np.zeros((size, size), dtype=bool)
+    return [resize_mask(mask, size) if mask is not None else empty if classes[int(label)] == NORMAL else None
+            for mask, label in zip(masks, labels, strict=True)]
+
+
+def _overlaps(maps: np.ndarray, truths: Sequence[np.ndarray | None],
+              thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image and threshold [N, T]: intersection, predicted area and true area in
+    pixels at the truths' size (zeros where the truth is unknown)."""
+    shape = (len(maps), len(thresholds))
+    inter, predicted, true = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    for i, (prob, truth) in enumerate(zip(maps, truths, strict=True)):
+        if truth is None:
+            continue
+        above = resize_map(prob, truth.shape[1], truth.shape[0])[None] > thresholds[:, None, None]
+        inter[i] = (above & truth).sum(axis=(1, 2))
+        predicted[i] = above.sum(axis=(1, 2))
+        true[i] = truth.sum()
+    return inter, predicted, true
+
+
+def _dice(inter: np.ndarray, predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
+    return 2 * inter / np.maximum(predicted + true, 1)
+
+
+def choose_threshold(maps: np.ndarray, masks: Sequence[np.ndarray | None], labels: np.ndarray,
+                     classes: Sequence[str], size: int = JUDGING_SIZE) -> float:
+    """The threshold of ``THRESHOLDS`` with the best mean Dice over the images with a
+    lesion (``maps`` [N, h, w] lesion probabilities; masks and labels as in
+    :func:`segmentation_metrics`); call it on the validation split, never the test."""
+    truths = _truths(masks, labels, classes, size)
+    lesion = np.array([t is not None and bool(t.any()) for t in truths])
+    if not lesion.any():
+        raise ValueError("choosing a segmentation threshold needs images with a lesion mask")
+    dice = _dice(*_overlaps(maps[lesion], [t for t, keep in zip(truths, lesion) if keep], THRESHOLDS))
+    return float(THRESHOLDS[int(np.argmax(dice.mean(axis=0)))])
+
+
+def segmentation_metrics(maps: np.ndarray, masks: Sequence[np.ndarray | None], labels: np.ndarray,
+                         classes: Sequence[str], threshold: float, size: int = JUDGING_SIZE) -> dict[str, Any]:
+    """Mean Dice and IoU per lesion class (images with a lesion mask), and on normal
+    images the share with any pixel above ``threshold`` (an outline drawn where there
+    is no lesion), the share whose marked area exceeds ``MIN_AREA_FRACTION``, and the
+    mean area so marked. ``maps`` [N, h, w] are the head's
+    probabilities at model resolution, ``masks`` the records' masks at source size
+    (None: no lesion for a normal image, unknown otherwise)."""
+    truths = _truths(masks, labels, classes, size)
+    inter, predicted, true = (a[:, 0] for a in _overlaps(maps, truths, np.array([threshold])))
+    known = np.array([t is not None for t in truths])
+    dice, iou = _dice(inter, predicted, true), inter / np.maximum(predicted + true - inter, 1)
+    per_class: dict[str, dict[str, float | int]] = {}
+    for c, name in enumerate(classes):
+        chosen = known & (labels == c) & (true > 0)
+        if chosen.any():
+            per_class[name] = {"n": int(chosen.sum()), "dice": float(dice[chosen].mean()),
+                               "iou": float(iou[chosen].mean())}
+    lesion = known & (true > 0)
+    empty = known & (true == 0)
+    return {
+        "threshold": threshold, "size_px": size, "per_class": per_class,
+        "all": {"n": int(lesion.sum()), "dice": float(dice[lesion].mean()) if lesion.any() else None,
+                "iou": float(iou[lesion].mean()) if lesion.any() else None},
+        "no_lesion": {"n": int(empty.sum()),
+                      "false_positive_rate": float((predicted[empty] > 0).mean()) if empty.any() else None,
+                      "min_area_fraction": MIN_AREA_FRACTION,
+                      "false_positive_rate_over_min_area":
+                          float((predicted[empty] > MIN_AREA_FRACTION * size**2).mean()) if empty.any() else None,
+                      "mean_area_fraction": float(predicted[empty].mean() / size**2) if empty.any() else None},
+    }

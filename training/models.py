@@ -12,6 +12,10 @@ retrieval never ask which architecture they hold:
     embedding -> class logits [N, classes].
 
 ``forward(x) = head(embed(features(x)))``.
+
+Architectures in ``SEGMENTING_ARCHS`` may also carry a segmentation head
+(``ModelConfig.segmentation``): ``encode(x)`` gives the map and the finer maps the head
+reads, ``segment(fmap, skips)`` the per-pixel lesion logits [N, H/2, W/2].
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ARCHITECTURES: tuple[str, ...] = ("hybrid", "cnn", "rnn", "mobilenetv2")
@@ -29,6 +34,8 @@ ARCHITECTURES: tuple[str, ...] = ("hybrid", "cnn", "rnn", "mobilenetv2")
 CAM_LAYERS: tuple[str, ...] = ("conv5_3", "conv4_3", "conv3_3")
 #: How the class activation map weighs the channels (``training.gradcam.grad_cam``).
 CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcam++")
+#: Architectures that can carry a lesion segmentation head (a decoder over VGG stages).
+SEGMENTING_ARCHS: tuple[str, ...] = ("hybrid",)
 
 #: VGG16, configuration D (Simonyan & Zisserman, table 1): channels, "M" = 2x2 max-pool.
 VGG16_D: tuple[int | str, ...] = (
@@ -59,6 +66,8 @@ class ModelConfig:
     cam_layer: str = "conv5_3"
     #: the class activation map the exported model computes (``training.gradcam``).
     cam_method: str = "gradcam"
+    #: a lesion segmentation head (``SEGMENTING_ARCHS`` only), trained on lesion masks.
+    segmentation: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -74,6 +83,8 @@ class ModelConfig:
                              f"architectures explain their last conv map), got {self.cam_layer!r} for {self.arch}")
         if self.cam_method not in CAM_METHODS:
             raise ValueError(f"cam_method must be one of {', '.join(CAM_METHODS)}, got {self.cam_method!r}")
+        if self.segmentation and self.arch not in SEGMENTING_ARCHS:
+            raise ValueError(f"a segmentation head exists only for {', '.join(SEGMENTING_ARCHS)}, not {self.arch}")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -102,6 +113,15 @@ class SonoModel(nn.Module):
 
     def embed(self, fmap: Tensor) -> Tensor:
         return self.embedding(fmap)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``features(x)`` and the finer maps the segmentation head reads (none here)."""
+        return self.features(x), ()
+
+    def segment(self, fmap: Tensor, skips: tuple[Tensor, ...]) -> Tensor:
+        """Lesion logits [N, h, w] from ``encode``'s maps; only a model built with
+        ``segmentation`` has a head."""
+        raise ValueError(f"this {self.config.arch} model has no segmentation head")
 
     @property
     def target_layer(self) -> nn.Module:
@@ -160,20 +180,55 @@ class _RowRNN(nn.Module):
         return torch.cat(list(final), dim=1)
 
 
+class _SkipDecoder(nn.Module):
+    """A U-Net-style decoder (Ronneberger et al. 2015), kept small: from the coarsest
+    map, each stage upsamples 2x (bilinear), concatenates the VGG block end of that
+    resolution and mixes them with two 3x3 convs (half the skip's channels), as U-Net
+    does; a 1x1 conv gives one lesion logit per pixel. Bilinear upsampling has no
+    weights and no checkerboard artefacts."""
+
+    def __init__(self, c_in: int, skip_channels: list[int], batch_norm: bool) -> None:
+        super().__init__()
+        stages = []
+        for c_skip in reversed(skip_channels):
+            c_out = max(8, c_skip // 2)
+            stages.append(nn.Sequential(*_conv_block(c_in + c_skip, c_out, batch_norm),
+                                        *_conv_block(c_out, c_out, batch_norm)))
+            c_in = c_out
+        self.stages = nn.ModuleList(stages)
+        self.out = nn.Conv2d(c_in, 1, 1)
+
+    def forward(self, fmap: Tensor, skips: tuple[Tensor, ...]) -> Tensor:
+        x = fmap
+        for stage, skip in zip(self.stages, reversed(skips), strict=True):
+            up = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            x = stage(torch.cat([up, skip], dim=1))
+        return self.out(x)[:, 0]
+
+
 class HybridVGGRNN(SonoModel):
     """The product model: VGG16-D convolutions (width multiplier, optional batch-norm),
     an LSTM/GRU reading the pooled last map row by row, a penultimate embedding layer
     and a 3-class head. Grad-CAM explains the map of ``config.cam_layer`` (conv5_3,
     before the last pool, or a finer one): ``features`` stops there and ``embed``
-    runs the remaining convolutions, so the weights are the same whichever is chosen."""
+    runs the remaining convolutions, so the weights are the same whichever is chosen.
+
+    With ``config.segmentation`` a :class:`_SkipDecoder` reads that map and the block
+    ends above it from conv2_2 (H/2) on; conv1_2's full-resolution map is left out:
+    an H/2 mask, bilinearly resized to the crop, outlines a lesion as well at a
+    quarter of the decoder's cost."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         layers: list[nn.Module] = []
+        block_ends: list[int] = []  # channels of each block end above the Grad-CAM layer
+        cam_end, cam_channels = 0, 0
         c_in, block, conv = 1, 1, 0
         for item in VGG16_D[:-1]:  # the final pool belongs to embed(): Grad-CAM wants the finer map
             if item == "M":
+                if not cam_end:
+                    block_ends.append(c_in)
                 layers.append(nn.MaxPool2d(2))
                 block, conv = block + 1, 0
             else:
@@ -181,16 +236,31 @@ class HybridVGGRNN(SonoModel):
                 layers += _conv_block(c_in, c_out, config.batch_norm)
                 c_in, conv = c_out, conv + 1
                 if f"conv{block}_{conv}" == config.cam_layer:
-                    self._cam_end = len(layers)  # after the layer's ReLU
+                    cam_end, cam_channels = len(layers), c_out  # after the layer's ReLU
         self.conv = nn.Sequential(*layers)
+        self._cam_end = cam_end
         self.pool = nn.MaxPool2d(2)
         self.rows = _RowRNN(c_in * (config.size // 32), config)
         self.embedding = nn.Sequential(nn.Linear(self.rows.out_features, config.embedding_dim), nn.ReLU())
         self.head = _classifier(config.embedding_dim, config.num_classes, config.dropout)
+        self.decoder = _SkipDecoder(cam_channels, block_ends[1:], config.batch_norm) if config.segmentation else None
         _init_weights(self.modules())
 
     def features(self, x: Tensor) -> Tensor:
         return self.conv[:self._cam_end](x)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        skips = []
+        for layer in self.conv[:self._cam_end]:
+            if isinstance(layer, nn.MaxPool2d):
+                skips.append(x)
+            x = layer(x)
+        return x, tuple(skips[1:])
+
+    def segment(self, fmap: Tensor, skips: tuple[Tensor, ...]) -> Tensor:
+        if self.decoder is None:
+            return super().segment(fmap, skips)
+        return self.decoder(fmap, skips)
 
     def embed(self, fmap: Tensor) -> Tensor:
         return self.embedding(self.rows(self.pool(self.conv[self._cam_end:](fmap))))

@@ -1,5 +1,7 @@
 """Training: leak-free split, augmentation on the training split only, Adam +
-cross-entropy, reduce-on-plateau, early stopping, resumable checkpoints.
+cross-entropy (plus, optionally, a localisation loss on Grad-CAM and a Dice + BCE
+loss on the segmentation head), reduce-on-plateau, early stopping, resumable
+checkpoints.
 
 Files written to the output folder:
 
@@ -7,13 +9,14 @@ Files written to the output folder:
                    atomically after every epoch);
 ``model.pt``       the finished model: best-validation weights, configs, input
                    normalisation, the split, the learning history and the
-                   out-of-distribution statistics of the training embeddings
-                   (read by ``evaluate`` and ``export``).
+                   out-of-distribution statistics of the training embeddings,
+                   the segmentation threshold (read by ``evaluate`` and ``export``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -30,10 +33,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from service.datasets.records import CLASSES, Record
-from service.model_card import CalibrationSpec, OodSpec
+from service.model_card import CalibrationSpec, OodSpec, SegmentationSpec
 from training.calibration import Outputs
 from training.gradcam import grad_cam
-from training.localisation import resize_mask
+from training.localisation import NORMAL, choose_threshold, resize_mask
 from training.models import ModelConfig, SonoModel, build_model, load_initial_weights
 
 log = logging.getLogger(__name__)
@@ -158,6 +161,10 @@ class TrainConfig:
     #: Weight of the localisation loss (:func:`localisation_loss`) on images with a
     #: lesion mask; 0 trains on the labels alone.
     localisation_weight: float = 0.0
+    #: Weight of the segmentation loss (:func:`segmentation_loss`) on images whose
+    #: lesion extent is known (a mask, or a normal image); used by models built with
+    #: a segmentation head (``ModelConfig.segmentation``).
+    segmentation_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,7 @@ class TrainedModel:
     created: str
     classes: tuple[str, ...] = field(default=CLASSES)
     command: str = ""  # the command line that trained it, for the model card
+    segmentation: SegmentationSpec | None = None  # the head's output and threshold; None: no head
 
 
 def resize_images(records: Sequence[Record], size: int) -> np.ndarray:
@@ -205,6 +213,13 @@ def resize_masks(records: Sequence[Record], size: int) -> np.ndarray:
         if record.mask is not None:
             out[i] = resize_mask(record.mask, size)
     return out
+
+
+def lesion_known(records: Sequence[Record]) -> np.ndarray:
+    """bool [N]: whether a record's lesion extent is known, i.e. it has a mask or is
+    a normal image (no lesion: every pixel background). A lesion image without a
+    mask (DICOM + labels) teaches the segmentation head nothing."""
+    return np.array([r.mask is not None or r.label_name == NORMAL for r in records], dtype=bool)
 
 
 def to_tensor(images: np.ndarray, norm: Normalisation) -> torch.Tensor:
@@ -231,6 +246,27 @@ def predict(model: SonoModel, images: np.ndarray, norm: Normalisation, batch_siz
         embeddings.append(F.normalize(emb, dim=1).cpu())
     logit = torch.cat(logits)
     return logit.numpy(), torch.softmax(logit, dim=1).numpy(), torch.cat(embeddings).numpy()
+
+
+@torch.no_grad()
+def predict_masks(model: SonoModel, images: np.ndarray, norm: Normalisation, batch_size: int = 64) -> np.ndarray:
+    """The segmentation head's lesion probabilities [N, h, w] (as the ONNX file's
+    ``lesion_mask``)."""
+    device = next(model.parameters()).device
+    model.eval()
+    maps = [torch.sigmoid(model.segment(*model.encode(to_tensor(images[start:start + batch_size], norm).to(device))))
+            .cpu() for start in range(0, len(images), batch_size)]
+    return torch.cat(maps).numpy()
+
+
+def fit_segmentation(model: SonoModel, norm: Normalisation, records: Sequence[Record],
+                     fitted_on: str) -> SegmentationSpec:
+    """The card's segmentation entry: the threshold that maximises the mean Dice on
+    ``records`` (the validation split) and the map's size."""
+    maps = predict_masks(model, resize_images(records, model.config.size), norm)
+    threshold = choose_threshold(maps, [r.mask for r in records], np.array([r.label for r in records]), CLASSES)
+    return SegmentationSpec(threshold=threshold, height=maps.shape[1], width=maps.shape[2],
+                            fitted_on=f"{fitted_on}: the threshold of best mean Dice on its lesion images")
 
 
 def fit_guard_and_calibration(outputs: Outputs, images: np.ndarray, labels: np.ndarray, split: Split,
@@ -292,6 +328,23 @@ def localisation_loss(cam: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (outside * has_lesion).sum() / has_lesion.sum().clamp_min(1)
 
 
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Mean per-image BCE + (1 - soft Dice) of the head's lesion logits [N, h, w]
+    against ``masks`` [N, H, W] (0/1 at input size, area-averaged down to the head's
+    grid), over the images whose lesion extent is ``known`` [N].
+
+    BCE gives every pixel a gradient from the start; Dice weighs a small lesion as
+    much as a large one (BCE alone favours background). The Dice is smoothed by 1
+    pixel, so an empty mask (a normal image) asks for an empty prediction: the
+    head learns to outline nothing where there is no lesion."""
+    target = F.adaptive_avg_pool2d(masks.unsqueeze(1), logits.shape[-2:])[:, 0]
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(1, 2))
+    prob = torch.sigmoid(logits)
+    dice = (2 * (prob * target).sum(dim=(1, 2)) + 1) / (prob.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + 1)
+    weight = known.to(logits.dtype)
+    return ((bce + 1 - dice) * weight).sum() / weight.sum().clamp_min(1)
+
+
 def _evaluate_loss(model: SonoModel, images: np.ndarray, labels: np.ndarray, norm: Normalisation,
                    loss_fn: torch.nn.Module, device: torch.device) -> tuple[float, float]:
     logits, _, _ = predict(model, images, norm, device=device)
@@ -301,13 +354,15 @@ def _evaluate_loss(model: SonoModel, images: np.ndarray, labels: np.ndarray, nor
     return loss, float(np.mean(recalls))
 
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
-def _batches(images: np.ndarray, labels: np.ndarray, masks: np.ndarray | None, norm: Normalisation,
-             config: TrainConfig, rng: np.random.Generator, drop_single: bool) -> Iterator[Batch]:
+def _batches(images: np.ndarray, labels: np.ndarray, masks: np.ndarray | None, known: np.ndarray | None,
+             norm: Normalisation, config: TrainConfig, rng: np.random.Generator,
+             drop_single: bool) -> Iterator[Batch]:
     """One epoch of shuffled, augmented (training split only), normalised batches:
-    images, labels and (when ``masks`` is given) lesion masks as 0/1 floats."""
+    images, labels and (when ``masks`` is given) lesion masks as 0/1 floats and
+    whether each mask is known (:func:`lesion_known`)."""
     order = rng.permutation(len(images))
     for start in range(0, len(order), config.batch_size):
         idx = order[start:start + config.batch_size]
@@ -317,35 +372,41 @@ def _batches(images: np.ndarray, labels: np.ndarray, masks: np.ndarray | None, n
         if config.augment:
             batch, batch_masks = _augment_batch(batch, batch_masks, rng)
         mask_tensor = None if batch_masks is None else torch.from_numpy(batch_masks.astype(np.float32))
-        yield to_tensor(batch, norm), torch.from_numpy(labels[idx]), mask_tensor
+        known_tensor = None if known is None else torch.from_numpy(known[idx])
+        yield to_tensor(batch, norm), torch.from_numpy(labels[idx]), mask_tensor, known_tensor
 
 
 def _fit_epoch(model: SonoModel, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
-               loss_fn: torch.nn.Module, localisation_weight: float,
-               device: torch.device) -> tuple[float, float, float]:
-    """One pass of Adam steps; returns the mean training cross-entropy, accuracy and
-    localisation loss (0 when the batches carry no masks). The localisation loss
-    shapes the map of the true class, the one the node shows when it is right."""
+               loss_fn: torch.nn.Module, config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """One pass of Adam steps; returns the mean training cross-entropy, accuracy,
+    localisation and segmentation losses (0 when unused or the batches carry no
+    masks). The localisation loss shapes the map of the true class, the one the node
+    shows when it is right."""
     model.train()
-    total, localisation, correct, seen = 0.0, 0.0, 0, 0
-    for x, y, masks in batches:
+    sums = {"train_loss": 0.0, "train_accuracy": 0.0, "train_localisation_loss": 0.0, "train_segmentation_loss": 0.0}
+    seen = 0
+    for x, y, masks, known in batches:
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
-        fmap = model.features(x)
+        fmap, skips = model.encode(x)
         logits = model.head(model.embed(fmap))
         loss = loss_fn(logits, y)
-        if masks is not None:
+        total = loss
+        if masks is not None and config.localisation_weight:
             cam = grad_cam(fmap, logits, y, method=model.config.cam_method, create_graph=True)
-            extra = localisation_loss(cam, masks.to(device))
-            (loss + localisation_weight * extra).backward()
-            localisation += extra.item() * len(y)
-        else:
-            loss.backward()
+            localisation = localisation_loss(cam, masks.to(device))
+            total = total + config.localisation_weight * localisation
+            sums["train_localisation_loss"] += localisation.item() * len(y)
+        if masks is not None and known is not None and model.config.segmentation:
+            segmentation = segmentation_loss(model.segment(fmap, skips), masks.to(device), known.to(device))
+            total = total + config.segmentation_weight * segmentation
+            sums["train_segmentation_loss"] += segmentation.item() * len(y)
+        total.backward()
         optimizer.step()
-        total += loss.item() * len(y)
-        correct += int((logits.argmax(1) == y).sum())
+        sums["train_loss"] += loss.item() * len(y)
+        sums["train_accuracy"] += int((logits.argmax(1) == y).sum())
         seen += len(y)
-    return total / max(seen, 1), correct / max(seen, 1), localisation / max(seen, 1)
+    return {key: value / max(seen, 1) for key, value in sums.items()}
 
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
@@ -370,12 +431,18 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
     labels = np.array([r.label for r in records], dtype=np.int64)
     images = resize_images(records, model_config.size)
     fit_x, fit_y = images[split.fit], labels[split.fit]
-    fit_masks = None
-    if train_config.localisation_weight:
-        if any(records[i].mask is not None for i in split.fit):
-            fit_masks = resize_masks([records[i] for i in split.fit], model_config.size)
-        else:
-            log.warning("--localisation-weight: no training image has a lesion mask; training on the labels alone")
+    fit_records = [records[i] for i in split.fit]
+    has_masks = any(r.mask is not None for r in fit_records)
+    if train_config.localisation_weight and not has_masks:
+        log.warning("--localisation-weight: no training image has a lesion mask; training on the labels alone")
+    if model_config.segmentation and not has_masks:
+        log.warning("--segmentation-weight: no training image has a lesion mask; the model gets no segmentation head")
+        model_config = dataclasses.replace(model_config, segmentation=False)
+        train_config = dataclasses.replace(train_config, segmentation_weight=0.0)
+    fit_masks: np.ndarray | None = None
+    fit_known: np.ndarray | None = None
+    if has_masks and (train_config.localisation_weight or model_config.segmentation):
+        fit_masks, fit_known = resize_masks(fit_records, model_config.size), lesion_known(fit_records)
     val_x, val_y = images[split.val], labels[split.val]
     pixels = fit_x.astype(np.float32) / 255.0
     norm = Normalisation(mean=round(float(pixels.mean()), 6), std=round(float(pixels.std()) or 1.0, 6))
@@ -421,17 +488,15 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
     while state["epoch"] < train_config.epochs and state["bad_epochs"] < train_config.patience:
         epoch = state["epoch"] + 1
         started = time.monotonic()
-        batches = tqdm(_batches(fit_x, fit_y, fit_masks, norm, train_config, rng, drop_single=model_config.batch_norm),
+        batches = tqdm(_batches(fit_x, fit_y, fit_masks, fit_known, norm, train_config, rng,
+                                drop_single=model_config.batch_norm),
                        desc=f"epoch {epoch}/{train_config.epochs}", disable=not progress, leave=False,
                        total=-(-len(fit_x) // train_config.batch_size))
-        train_loss, train_accuracy, train_localisation = _fit_epoch(
-            model, batches, optimizer, loss_fn, train_config.localisation_weight, device)
+        losses = _fit_epoch(model, batches, optimizer, loss_fn, train_config, device)
         val_loss, val_bacc = _evaluate_loss(model, val_x, val_y, norm, val_loss_fn, device)
         scheduler.step(val_loss)
         record = {
-            "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
-            "train_localisation_loss": train_localisation,
-            "val_loss": val_loss, "val_balanced_accuracy": val_bacc,
+            "epoch": epoch, **losses, "val_loss": val_loss, "val_balanced_accuracy": val_bacc,
             "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - started,
         }
         state["history"].append(record)
@@ -440,8 +505,9 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        log.info("epoch %d: train loss %.4f (localisation %.4f), val loss %.4f, val balanced accuracy %.3f (%.0f s)",
-                 epoch, record["train_loss"], train_localisation, val_loss, val_bacc, record["seconds"])
+        log.info("epoch %d: train loss %.4f (localisation %.4f, segmentation %.4f), val loss %.4f, "
+                 "val balanced accuracy %.3f (%.0f s)", epoch, record["train_loss"], record["train_localisation_loss"],
+                 record["train_segmentation_loss"], val_loss, val_bacc, record["seconds"])
         _save_atomic({**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
                       "torch_rng": torch.get_rng_state(), "state": state}, checkpoint_path)
@@ -450,11 +516,18 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
     model.cpu().eval()  # evaluation and export run on the CPU, like the node
     ood, calibration = fit_guard_and_calibration(torch_outputs(model, norm), images, labels, split, source,
                                                  model_config.size)
+    segmentation = None
+    if model_config.segmentation:
+        val_records = [records[i] for i in split.val]
+        if any(r.mask is not None and r.mask.any() for r in val_records):
+            segmentation = fit_segmentation(model, norm, val_records, "validation split")
+        else:
+            segmentation = fit_segmentation(model, norm, fit_records, "fit split (no validation image has a lesion)")
     trained = TrainedModel(
         model=model, model_config=model_config, train_config=train_config, norm=norm, source=source,
         split=split, class_counts=class_counts(labels, split), history=state["history"],
         ood=ood, calibration=calibration,
-        created=datetime.now(UTC).isoformat(timespec="seconds"), command=command,
+        created=datetime.now(UTC).isoformat(timespec="seconds"), command=command, segmentation=segmentation,
     )
     save_trained(trained, out_dir / MODEL)
     return trained
@@ -480,6 +553,7 @@ def save_trained(trained: TrainedModel, path: Path) -> None:
         "ood": trained.ood.model_dump(),
         "calibration": trained.calibration.model_dump() if trained.calibration else None, "created": trained.created, "classes": list(trained.classes),
         "command": trained.command,
+        "segmentation": trained.segmentation.model_dump() if trained.segmentation else None,
     }, path)
 
 
@@ -506,4 +580,5 @@ def load_trained(path: Path) -> TrainedModel:
         class_counts=saved["class_counts"], history=saved["history"], ood=OodSpec(**saved["ood"]),
         calibration=CalibrationSpec(**saved["calibration"]) if saved.get("calibration") else None,
         created=saved["created"], classes=tuple(saved["classes"]), command=saved["command"],
+        segmentation=SegmentationSpec(**saved["segmentation"]) if saved.get("segmentation") else None,
     )

@@ -4,8 +4,8 @@
 match the file), checks the graph has the interface the card describes
 (service.model_card), picks the execution provider, and runs batches of prepared
 images: calibrated class probabilities, the retrieval embedding, the Grad-CAM
-heatmap of the predicted (or a chosen) class, and the domain guard's verdict
-(service.model.guard).
+heatmap of the predicted (or a chosen) class, the lesion mask where the card
+declares one, and the domain guard's verdict (service.model.guard).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class Prediction:
     gradcam: np.ndarray  # float32 [N, h, w] in [0, 1]
     ood_distance: np.ndarray  # float32 [N]: the domain guard's score (service.model.guard)
     out_of_distribution: np.ndarray  # bool [N]: ood_distance > the card's threshold
+    #: float32 [N, h, w] in [0, 1]: per-pixel lesion probability (threshold: the card's
+    #: ``segmentation.threshold``); None when the card declares no segmentation
+    lesion_mask: np.ndarray | None = None
 
     @property
     def predicted(self) -> np.ndarray:
@@ -91,6 +94,8 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
         except Exception as exc:  # ONNX Runtime's errors derive from Exception only
             raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        segmentation = self.card.segmentation
+        self._outputs = list(OUTPUTS) + ([segmentation.output] if segmentation else [])
         self.provider = self.session.get_providers()[0]
         if requested[0] != self.provider:
             LOG.warning("model %s: %s was requested but ONNX Runtime runs on %s",
@@ -112,7 +117,7 @@ class OnnxModel:
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         problems = [f"input {n!r} is missing" for n in INPUTS if n not in inputs]
-        problems += [f"output {n!r} is missing" for n in OUTPUTS if n not in outputs]
+        problems += [f"output {n!r} is missing" for n in self._outputs if n not in outputs]
         spec = self.card.input
         if "image" in inputs and list(inputs["image"][1:]) != [spec.channels, spec.height, spec.width]:
             problems.append(f"input 'image' has shape {inputs['image']}, the card says "
@@ -121,6 +126,11 @@ class OnnxModel:
                                  ("embedding", self.card.embedding_dim, "embedding_dim")):
             if name in outputs and outputs[name][1] != size:
                 problems.append(f"output {name!r} has shape {outputs[name]}, the card's {what} is {size}")
+        segmentation = self.card.segmentation
+        if segmentation and segmentation.output in outputs and \
+                list(outputs[segmentation.output][1:]) != [segmentation.height, segmentation.width]:
+            problems.append(f"output {segmentation.output!r} has shape {outputs[segmentation.output]}, the card's "
+                            f"segmentation says [N, {segmentation.height}, {segmentation.width}]")
         features = len(self.card.ood.features)
         if len(self.card.ood.mean) != features or any(len(row) != features for row in self.card.ood.precision):
             problems.append("the card's domain guard has no mean and precision of one value per feature")
@@ -135,17 +145,21 @@ class OnnxModel:
         targets = np.full(n, -1, np.int64) if target_class is None else np.asarray(target_class, np.int64)
         if targets.shape != (n,):
             raise ValueError(f"target_class must have one entry per image ({n}), got shape {targets.shape}")
+        segmentation = self.card.segmentation
         if n == 0:
             empty = np.zeros((0,), np.float32)
             return Prediction(np.zeros((0, len(self.card.classes)), np.float32),
                               np.zeros((0, self.card.embedding_dim), np.float32),
-                              np.zeros((0, 0, 0), np.float32), empty, empty.astype(bool))
+                              np.zeros((0, 0, 0), np.float32), empty, empty.astype(bool),
+                              np.zeros((0, segmentation.height, segmentation.width), np.float32)
+                              if segmentation else None)
         parts = [
-            self.session.run(list(OUTPUTS), {"image": np.ascontiguousarray(batch[i:i + self.batch_size], np.float32),
+            self.session.run(self._outputs, {"image": np.ascontiguousarray(batch[i:i + self.batch_size], np.float32),
                                              "target_class": targets[i:i + self.batch_size]})
             for i in range(0, n, self.batch_size)
         ]
-        probabilities, embedding, gradcam = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        probabilities, embedding, gradcam, *mask = (np.concatenate([p[k] for p in parts])
+                                                    for k in range(len(self._outputs)))
         score = self.guard.score(pixels_of(batch, self.card.input))
         return Prediction(calibrated(probabilities, self.card.calibration), embedding, gradcam, score,
-                          score > self.guard.threshold)
+                          score > self.guard.threshold, mask[0] if mask else None)
