@@ -108,19 +108,23 @@ def _check_objects(site: Site, arrived: list[pydicom.Dataset], result: StudyResu
     sr_ds.save_as(path, enforce_file_format=True)
     html = dsr2html(path, tmp / "sr.html")
     assert default_template().disclaimer.split(".")[0] in html
-    # the shipped model outlines no lesion: a frame with a finding is drawn (its heatmap), one called normal is not,
-    # unless nothing is drawn at all (then each assessed frame is a group without region)
+    # a frame whose lesion the model outlined is drawn (its outline, then each measured axis as a group of its
+    # own); a frame called normal or without a lesion is not, unless nothing is drawn at all (then each assessed
+    # frame is a group without region)
     content = hd.sr.srread(path).content
     frames = [frame for image in reading_order(result) for frame in assessed_frames(image)]
-    drawn = [frame for frame in frames if frame.predicted != NO_LESION]
+    drawn = [frame for frame in frames if frame.predicted != NO_LESION and frame.lesion is not None]
+    template = default_template()
+    probabilities = {spec.probability.meaning for spec in template.classes.values()}
     if drawn or not frames:
         groups, frames = content.get_planar_roi_measurement_groups(), drawn
     else:
         groups = content.get_image_measurement_groups()
-    assert len(groups) == len(frames)
-    template = default_template()
-    for group, frame in zip(groups, frames, strict=True):
-        numbers = {m.name.meaning: m.value for m in group.get_measurements()}
+    lesions = [g for g in groups if probabilities & {m.name.meaning for m in g.get_measurements()}]
+    axes = sum((f.lesion.long_axis is not None) + (f.lesion.short_axis is not None) for f in frames if f.lesion)
+    assert len(lesions) == len(frames) and len(groups) == len(frames) + axes
+    for group, frame in zip(lesions, frames, strict=True):
+        numbers = {m.name.meaning: m.value for m in group.get_measurements() if m.name.meaning in probabilities}
         assert numbers == pytest.approx({template.classes[c].probability.meaning: 100 * p  # percent
                                          for c, p in frame.probabilities.items()}, abs=1e-6)
     other = {
