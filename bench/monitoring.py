@@ -50,7 +50,7 @@ from service.datasets.records import CLASSES  # noqa: E402
 from service.datasets.synthetic import patient_views  # noqa: E402
 from service.model.imaging import model_input  # noqa: E402
 from service.model.inference import OnnxModel  # noqa: E402
-from service.monitoring.drift import DriftConfig, WindowDrift, study_embeddings, watch  # noqa: E402
+from service.monitoring.drift import DriftConfig, WindowDrift, guard_unit, study_embeddings, watch  # noqa: E402
 from service.monitoring.performance import Report, performance  # noqa: E402
 
 SHIPPED = ROOT / "onnx_models" / "sonocase-hybrid.onnx"
@@ -100,6 +100,7 @@ class Pool:
     when none passed) and the truth."""
 
     embedding: np.ndarray  # float64 [S, D]
+    guard: np.ndarray  # float64 [S]: service.monitoring.drift.guard_unit of its images
     out_of_domain: np.ndarray  # float64 [S]
     predicted: np.ndarray  # int64 [S], -1: not assessed
     probabilities: np.ndarray  # float64 [S, C]
@@ -113,7 +114,8 @@ def model_outputs(model: OnnxModel, scanner: Scanner, size: int, pool_seed: int,
     """The model's outputs per rendered image of ``size`` studies on ``scanner``
     (``study`` says whose), from the cache when there."""
     key = json.dumps({"card": model.card.model_dump(mode="json"), "scanner": asdict(scanner), "size": size,
-                      "seed": pool_seed, "prevalence": PREVALENCE, "render": RENDER_SIZE}, sort_keys=True)
+                      "seed": pool_seed, "prevalence": PREVALENCE, "render": RENDER_SIZE,
+                      "outputs": 2}, sort_keys=True)
     path = cache / f"outputs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         with np.load(path) as saved:
@@ -126,7 +128,8 @@ def model_outputs(model: OnnxModel, scanner: Scanner, size: int, pool_seed: int,
             study.append(index)
     prediction = model.run(np.stack(batch))
     outputs = {"embedding": prediction.embedding, "probabilities": prediction.probabilities,
-               "out_of_domain": prediction.out_of_distribution, "study": np.asarray(study), "labels": labels}
+               "out_of_domain": prediction.out_of_distribution, "guard_score": prediction.ood_distance,
+               "study": np.asarray(study), "labels": labels}
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part.npz")
     np.savez(partial, **outputs)
@@ -149,6 +152,7 @@ def make_pool(model: OnnxModel, scanner: Scanner, size: int, pool_seed: int, cac
         if np.isfinite(rank[best]):
             predicted[s], decisive[s] = probabilities[best].argmax(), probabilities[best]
     return Pool(embedding=study_embeddings(out["embedding"], study),
+                guard=np.array([guard_unit(out["guard_score"][study == s]) for s in range(size)]),
                 out_of_domain=np.bincount(study, weights=ood) / np.bincount(study),
                 predicted=predicted, probabilities=decisive, truth=out["labels"].astype(np.int64))
 
@@ -172,7 +176,8 @@ def run_seed(seed: int, scenario: Scenario, before: Pool, after: Pool, config: D
     change = scenario.change_index
     stream = concatenate(before.take(rng.choice(len(before.truth), change, replace=False)),
                          after.take(rng.choice(len(after.truth), scenario.studies - change, replace=False)))
-    windows = watch(stream.embedding, stream.out_of_domain, stream.predicted, len(CLASSES), config, rng)
+    windows = watch(stream.embedding, stream.guard, stream.out_of_domain, stream.predicted, len(CLASSES), config,
+                    rng)
     early = [w.end for w in windows if w.alarm and w.end <= change]
     late = [w.end - change for w in windows if w.alarm and w.end > change]
     return SeedResult(seed, early[0] if early else None, late[0] if late else None, windows, stream)

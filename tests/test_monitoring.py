@@ -14,7 +14,7 @@ import pytest
 from sklearn import metrics as skm
 
 from service.monitoring.classification import classification_metrics, expected_calibration_error, roc_auc
-from service.monitoring.drift import DriftConfig, mmd_test, study_embeddings, watch
+from service.monitoring.drift import DriftConfig, guard_unit, mmd_test, study_embeddings, watch
 from service.monitoring.performance import Case, agreement, bootstrap, cohen_kappa, grouped, performance, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,17 +157,27 @@ def test_study_embeddings_average_each_studys_images_in_arrival_order() -> None:
 def test_watch_alarms_only_after_the_change() -> None:
     rng = np.random.default_rng(5)
     stream = np.concatenate([_embedding_like(rng, 200), _embedding_like(rng, 100, shift=1.5)])
-    config = DriftConfig(permutations=999)
-    windows = watch(stream, np.zeros(300), np.zeros(300, int), 3, config, rng)
+    windows = watch(stream, np.zeros(300), np.zeros(300), np.zeros(300, int), 3, DriftConfig(), rng)
     assert [w.end for w in windows][:2] == [140, 150] and windows[-1].end == 300
     assert not any(w.alarm for w in windows if w.end <= 200)
     assert min(w.end for w in windows if w.alarm) <= 240
     assert windows[0].class_mix == (1.0, 0.0, 0.0)
 
 
+def test_watch_alarms_on_the_pictures_when_the_embedding_does_not_move() -> None:
+    """A probe swap the model's embedding ignores still moves the domain guard's score."""
+    rng = np.random.default_rng(6)
+    stream = _embedding_like(rng, 300)
+    guard = np.concatenate([rng.normal(2.5, 0.3, 200), rng.normal(3.2, 0.3, 100)])
+    windows = watch(stream, guard, np.zeros(300), np.zeros(300, int), 3, DriftConfig(), rng)
+    assert not any(w.alarm for w in windows if w.end <= 200)
+    assert min(w.end for w in windows if w.alarm) <= 240
+    assert guard_unit([0.0, np.e - 1]) == pytest.approx(0.5)
+
+
 def test_drift_config_refuses_a_level_its_permutations_cannot_reach() -> None:
-    with pytest.raises(ValueError, match="at least 999"):
-        DriftConfig(alpha=0.001, permutations=500)
+    with pytest.raises(ValueError, match="at least 1999"):
+        DriftConfig(alpha=0.001, permutations=999)
 
 
 @pytest.mark.slow

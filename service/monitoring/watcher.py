@@ -23,7 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.ledger import Ledger
-from service.monitoring.drift import DriftConfig, WindowDrift, window_drift
+from service.monitoring.drift import DriftConfig, WindowDrift, guard_unit, window_drift
 from service.results import StudyResult
 
 #: Results committed out of order by concurrent workers are picked up if no older than this.
@@ -36,6 +36,7 @@ class StudyPoint:
 
     created_at: float
     embedding: np.ndarray
+    guard: float  # service.monitoring.drift.guard_unit of its frames
     out_of_domain: float
     predicted: int  # class index; -1 not assessed
 
@@ -47,6 +48,7 @@ def study_point(result: StudyResult, created_at: float, classes: list[str]) -> S
         return None
     predicted = result.summary.predicted
     return StudyPoint(created_at, np.mean([f.embedding for f in frames], axis=0),
+                      guard_unit([f.ood_distance for f in frames]),
                       float(np.mean([f.out_of_distribution for f in frames])),
                       classes.index(predicted) if predicted in classes else -1)
 
@@ -94,7 +96,7 @@ class DriftWatcher:
         for scanner, points in sorted(streams.items()):
             drift = None
             if len(points) >= self.config.reference_size + self.config.window_size:
-                drift = window_drift(np.array([p.embedding for p in points]),
+                drift = window_drift(np.array([p.embedding for p in points]), np.array([p.guard for p in points]),
                                      np.array([p.out_of_domain for p in points]),
                                      np.array([p.predicted for p in points]), len(self.classes), self.config,
                                      np.random.default_rng(0), len(points))
