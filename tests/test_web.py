@@ -451,13 +451,13 @@ def _login(url: str, token: str = TOKEN) -> tuple[str, str]:
 
 def test_session_expiry_idle_and_absolute() -> None:
     store = SessionStore(idle_s=30, max_age_s=100)
-    session = store.create(now=1000)
+    session = store.create("reviewer", now=1000)
     assert store.get(session.id, now=1029) is session  # used: the idle clock restarts
     assert store.get(session.id, now=1058) is session
     assert store.get(session.id, now=1089) is None  # 31 s unused
     assert store.get(session.id, now=1058) is None  # and gone for good
 
-    kept_busy = store.create(now=2000)
+    kept_busy = store.create("admin", now=2000)
     for now in range(2000, 2100, 20):
         assert store.get(kept_busy.id, now=now) is kept_busy
     assert store.get(kept_busy.id, now=2101) is None  # max_age_s after sign-in, however busy

@@ -28,7 +28,7 @@ class Session:
     csrf: str
     created: float
     last_seen: float
-    role: Role = "admin"
+    role: Role
 
 
 class SessionStore:
@@ -42,7 +42,7 @@ class SessionStore:
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, Session] = OrderedDict()
 
-    def create(self, now: float | None = None, role: Role = "admin") -> Session:
+    def create(self, role: Role, now: float | None = None) -> Session:
         """A new session for ``role``; the oldest one goes when the store is full."""
         now = time.time() if now is None else now
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now, role)

@@ -407,7 +407,7 @@ def login(request: Request, token: Annotated[str, Form()] = "") -> Response:
     except _Throttled as exc:
         return HTMLResponse(login_page(f"Too many wrong tokens: try again in {exc.retry_after} s."), 429,
                             {"Retry-After": exc.retry_after})
-    session = state.sessions.create(role=role)
+    session = state.sessions.create(role)
     response = RedirectResponse("/status", 303)
     response.set_cookie(SESSION_COOKIE, session.id, max_age=int(state.sessions.max_age_s), path="/", httponly=True,
                         samesite="strict")
@@ -530,7 +530,8 @@ def build_app(
     CSRF token itself)."""
     app = FastAPI(
         title="Sonocase", summary="Breast-ultrasound AI beside the PACS: studies, results and retries",
-        description="Not for primary diagnosis. Authenticate with `Authorization: Bearer <web_token>`.",
+        description="Not for primary diagnosis. Authenticate with `Authorization: Bearer <web_token>`; "
+        "`<web_review_token>` reads and gives verdicts only.",
         openapi_url=OPENAPI_URL if settings.web_openapi_public else None, docs_url=None, redoc_url=None,
     )
     app.state.web = WebState(
