@@ -319,12 +319,15 @@ class Outcome:
 
 #: What a radiologist may say of a result (service.monitoring.verdicts).
 VERDICTS = ("agree", "disagree", "corrected")
+#: The roles a verdict's credential may have (service.ops.sessions.Role).
+READER_ROLES = ("admin", "reviewer")
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """A radiologist's verdict on a study's result (``finding`` empty) or on one
-    image's (its SOP Instance UID): agree, disagree, or the corrected class."""
+    image's (its SOP Instance UID): agree, disagree, or the corrected class;
+    ``reader_role`` the role of the credential it came with (None: not known)."""
 
     study_uid: str
     finding: str
@@ -332,6 +335,7 @@ class Verdict:
     corrected_class: str | None
     comment: str
     reader: str
+    reader_role: str | None = None  # one of READER_ROLES
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -340,6 +344,8 @@ class Verdict:
             raise ValueError("a corrected class goes with the verdict 'corrected', and only with it")
         if not self.reader.strip():
             raise ValueError("a verdict needs its reader")
+        if self.reader_role is not None and self.reader_role not in READER_ROLES:
+            raise ValueError(f"reader role {self.reader_role!r} is not one of {', '.join(READER_ROLES)}")
 
 
 #: Matches every unmatched outcome whose study is known (by UID, or by accession
@@ -1066,10 +1072,10 @@ class Ledger:
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
-                "INSERT INTO verdicts (study_uid, finding, verdict, corrected_class, comment, reader, recorded_at)"
-                " VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO verdicts (study_uid, finding, verdict, corrected_class, comment, reader, reader_role,"
+                " recorded_at) VALUES (?,?,?,?,?,?,?,?)",
                 (verdict.study_uid, verdict.finding, verdict.verdict, verdict.corrected_class, verdict.comment,
-                 verdict.reader, now),
+                 verdict.reader, verdict.reader_role, now),
             )
             row = db.execute("SELECT * FROM verdicts WHERE study_uid=? ORDER BY verdict_id DESC LIMIT 1",
                              (verdict.study_uid,)).fetchone()

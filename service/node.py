@@ -57,7 +57,7 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     receiver = ReceiverService(settings, ledger)
     # STOW-RS stores through the running receiver's store (503 until it runs).
     stow = ExtraRouter(stow_router(settings, lambda: receiver.store), settings.stow_max_request_mb << 20)
-    verdicts = ExtraRouter(verdict_router(ledger, API_PREFIX), settings.web_max_body_bytes)
+    verdicts = ExtraRouter(verdict_router(ledger, API_PREFIX), settings.web_max_body_bytes, reviewers=True)
     drift = DriftWatcher(ledger, DriftConfig())  # one per node: the page and /metrics read the same
     monitoring = ExtraRouter(monitoring_router(ledger, drift, API_PREFIX), settings.web_max_body_bytes)
     return [

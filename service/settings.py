@@ -351,6 +351,9 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535, description="Health, metrics and status page; 0 turns it off")
     web_token: str = Field("", description="Bearer token for the status page and API; empty turns both off")
+    web_review_token: str = Field(
+        "", description="Radiologists' token: reads the page and API and gives verdicts, nothing else; empty: none"
+    )
     web_session_idle_s: float = Field(1800.0, gt=0, description="A status-page sign-in ends after this long unused")
     web_session_max_s: float = Field(43200.0, gt=0, description="... and this long after signing in, used or not")
     web_login_attempts: int = Field(
@@ -512,4 +515,10 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     if settings.dicomweb_user and settings.dicomweb_token_file is not None:
         raise SettingsError(f"{ENV_PREFIX}DICOMWEB_TOKEN_FILE and {ENV_PREFIX}DICOMWEB_USER exclude each other: "
                             "one kind of authentication")
+    if settings.web_review_token and not settings.web_token:
+        raise SettingsError(f"{ENV_PREFIX}WEB_REVIEW_TOKEN needs {ENV_PREFIX}WEB_TOKEN: without it the page and API "
+                            "are off")
+    if settings.web_review_token and settings.web_review_token == settings.web_token:
+        raise SettingsError(f"{ENV_PREFIX}WEB_REVIEW_TOKEN must differ from {ENV_PREFIX}WEB_TOKEN: a reviewer "
+                            "would be an administrator")
     return settings

@@ -19,11 +19,12 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from service import migrations
-from service.ledger import Ledger, StudyState
+from service.ledger import Ledger, StudyState, Verdict
 
 #: The ledger's DDL exactly as the node created it before migrations (main at
 #: dcf87e4, service/ledger.py _SCHEMA); PostgreSQL got it through _pg_schema below.
@@ -263,6 +264,26 @@ def test_migrations_make_the_schema_a_legacy_ledger_is_upgraded_to(backend: Back
     second_backend.open().close()
     assert backend.schema() == second_backend.schema()
     assert {"purges", "studies", "instances", "results", "outbox", "outcomes", "hl7_messages", "verdicts"} == set(backend.schema())
+
+
+def test_verdicts_given_before_roles_are_kept_without_one(backend: Backend) -> None:
+    """0005 adds the verdict's reader role: a ledger at 0004 keeps its verdicts, with
+    no role (not known), and records the role of those given after."""
+    backend.execute(LEGACY_SCHEMA, {"studies": STUDIES[:1]})
+    with migrations._locked(None if backend.url else backend.path, backend.url) as connection:
+        migrations._adopt_unversioned(connection)
+        command.upgrade(migrations._config(connection), "0004")
+        connection.exec_driver_sql(
+            "INSERT INTO verdicts (study_uid, finding, verdict, corrected_class, comment, reader, recorded_at)"
+            " VALUES ('1.2.3.1', '', 'agree', NULL, '', 'Dr A', 1.0)")
+    ledger = backend.open()
+    try:
+        assert ledger._revision() == migrations.HEAD == "0005"
+        ledger.record_verdict(Verdict("1.2.3.1", "", "disagree", None, "", "Dr B", "reviewer"), now=2.0)
+        assert [(v["reader"], v["reader_role"]) for v in ledger.verdicts("1.2.3.1")] == [
+            ("Dr A", None), ("Dr B", "reviewer")]
+    finally:
+        ledger.close()
 
 
 def test_a_ledger_upgraded_by_a_newer_sonocase_is_refused(backend: Backend, tmp_path: Path) -> None:

@@ -18,14 +18,14 @@ from service.monitoring.verdicts import current, reader_class
 from service.ops.review import review_router
 from service.ops.verdicts import verdict_router
 from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
-from test_web import BEARER, TOKEN, Node, _http, _populate, _settings
+from test_web import BEARER, REVIEW_TOKEN, REVIEWER, TOKEN, Node, _http, _login, _populate, _settings
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     settings = _settings(tmp_path)
     ledger, analysed, undelivered, broken = _populate(settings)
-    router = ExtraRouter(verdict_router(ledger, API_PREFIX), settings.web_max_body_bytes)
+    router = ExtraRouter(verdict_router(ledger, API_PREFIX), settings.web_max_body_bytes, reviewers=True)
     server = build_web_server(settings, ledger, routers=[router], pages=[review_router(ledger)])
     server.start()
     yield Node(settings, ledger, analysed, undelivered, broken, f"http://127.0.0.1:{server.port}")
@@ -88,17 +88,20 @@ def test_verdicts_need_the_token_a_known_study_and_a_result(node: Node) -> None:
 def test_verdict_validation_in_the_ledger_contract() -> None:
     with pytest.raises(ValueError, match="not one of"):
         Verdict("1.2", "", "unsure", None, "", "Dr A")
+    with pytest.raises(ValueError, match="reader role"):
+        Verdict("1.2", "", "agree", None, "", "Dr A", "radiologist")
 
 
 def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node, tmp_path: Path) -> None:
-    """In headless Chromium: sign in on the status page, follow the AI result to the
-    review page, correct it, then agree with one image; the history keeps both."""
+    """In headless Chromium: sign in on the status page as a reviewer, follow the AI
+    result to the review page, correct it, then agree with one image; the history
+    keeps both, with the reviewer's role."""
     browser = Chromium(tmp_path / "chromium-profile")
     study = node.analysed
     try:
         browser.open(node.url + "/status")
         browser.wait_for("document.querySelector('input[name=token]') !== null")
-        browser.evaluate(f"document.querySelector('input[name=token]').value = {json.dumps(TOKEN)};"
+        browser.evaluate(f"document.querySelector('input[name=token]').value = {json.dumps(REVIEW_TOKEN)};"
                          "document.querySelector('form[action=\"/login\"]').submit()")
         browser.wait_for("document.querySelector('table#studies') !== null")
         browser.evaluate(f"document.querySelector('#studies tr[data-study=\"{study}\"] .result a').click()")
@@ -124,8 +127,9 @@ def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node
     finally:
         browser.close()
     history = node.ledger.verdicts(study)
-    assert [(v["verdict"], v["corrected_class"], v["reader"], bool(v["finding"])) for v in history] == [
-        ("corrected", "benign", "Dr C", False), ("agree", None, "Dr C", True)]
+    assert [(v["verdict"], v["corrected_class"], v["reader"], v["reader_role"], bool(v["finding"]))
+            for v in history] == [("corrected", "benign", "Dr C", "reviewer", False),
+                                  ("agree", None, "Dr C", "reviewer", True)]
 
 
 def test_the_review_form_needs_its_session_s_csrf_token(node: Node) -> None:
@@ -135,3 +139,25 @@ def test_the_review_form_needs_its_session_s_csrf_token(node: Node) -> None:
     status, _, body = _http(node.url, f"/review/{node.analysed}", "POST", headers={"Cookie": cookie}, form=form)
     assert status == 403 and b"CSRF" in body
     assert node.ledger.verdicts() == []
+
+
+def test_verdicts_record_the_role_they_came_with(node: Node) -> None:
+    """A reviewer gives verdicts by Bearer and from a session (with its CSRF token, as
+    the admin's session needs); each verdict records its credential's role."""
+    study = node.analysed
+    assert _post(node, study, {"verdict": "agree", "reader": "Dr R"}, headers=REVIEWER)[1]["reader_role"] == "reviewer"
+    assert _post(node, study, {"verdict": "disagree", "reader": "Dr A"})[1]["reader_role"] == "admin"
+    cookie, csrf = _login(node.url, REVIEW_TOKEN)
+    status, answer = _post(node, study, {"verdict": "agree", "reader": "Dr S"}, headers={"Cookie": cookie})
+    assert status == 403 and "CSRF" in answer["detail"]
+    status, answer = _post(node, study, {"verdict": "agree", "reader": "Dr S"},
+                           headers={"Cookie": cookie, "X-CSRF-Token": csrf})
+    assert status == 201 and answer["reader_role"] == "reviewer"
+    form = {"verdict": "agree", "reader": "Dr T"}
+    assert _http(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form)[0] == 403
+    status, _, _ = _http(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form | {"csrf": csrf})
+    assert status == 303
+    assert [(v["reader"], v["reader_role"]) for v in node.ledger.verdicts(study)] == [
+        ("Dr R", "reviewer"), ("Dr A", "admin"), ("Dr S", "reviewer"), ("Dr T", "reviewer")]
+    page = _http(node.url, f"/review/{study}", headers=REVIEWER)[2].decode()
+    assert "Dr T (reviewer)" in page and "Dr A (admin)" in page

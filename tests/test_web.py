@@ -22,7 +22,8 @@ import pydicom
 import pytest
 from chromium import Chromium
 from conftest import guard_card_entry
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.routing import iter_route_contexts
 from kombu import Connection
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,23 +41,25 @@ from service.delivery.recovery import (
 from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
 from service.pipeline.analysis import summarise_study
 from service.model_card import ModelCard, card_path_for, sha256_file
-from service.ops.server import HttpLimits, Progress, body_deadline, furthest_behind
+from service.node import node_services
+from service.ops.server import HttpLimits, Progress, WebServer, body_deadline, furthest_behind
 from service.ops.sessions import LoginThrottle, SessionStore
 from service.ops.views import CheckResult, IndexProbe, ModelProbe, broker_check
-from service.ops.web import SESSION_COOKIE, ExtraRouter, throttle_keys, build_web_server
+from service.ops.web import SAFE_METHODS, SESSION_COOKIE, ExtraRouter, build_web_server, throttle_keys
 from service.results import (
     FrameResult,
     ImageResult,
     ModelIdentity,
     StudyResult,
 )
-from service.settings import Settings, load_settings
+from service.settings import Settings, SettingsError, load_settings
 from service.similar.index import SimilarCaseIndex
 from tests.conftest import free_port
 from tests.dicomweb_support import MULTIPART, multipart
 from tests.worker_support import serve, study_state
 
 TOKEN = "test-token-0123456789"
+REVIEW_TOKEN = "review-token-9876543210"
 ACCESSION = "ACC20240117"
 PATIENT_NAME = "CompressedSamples"  # in US1_UNCR.dcm; must never reach the page
 
@@ -144,7 +147,8 @@ def _model(tmp_path: Path) -> Path:
 def _settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
         data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(), http_host="127.0.0.1",
-        http_port=free_port(), durability="none", web_token=TOKEN, model_path=_model(tmp_path),
+        http_port=free_port(), durability="none", web_token=TOKEN, web_review_token=REVIEW_TOKEN,
+        model_path=_model(tmp_path),
     )
     return load_settings(**(values | overrides))
 
@@ -182,6 +186,18 @@ def node(tmp_path: Path) -> Iterator[Node]:
     ledger.close()
 
 
+@pytest.fixture
+def whole_node(tmp_path: Path) -> Iterator[tuple[Node, FastAPI]]:
+    """The HTTP side as the node builds it, every stage's routes mounted, and its app."""
+    settings = _settings(tmp_path)
+    ledger, analysed, undelivered, broken = _populate(settings)
+    server = next(s for s in node_services(settings, ledger) if isinstance(s, WebServer))
+    server.start()
+    yield Node(settings, ledger, analysed, undelivered, broken, f"http://127.0.0.1:{server.port}"), server.app
+    server.stop()
+    ledger.close()
+
+
 def _http(
     url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None, form: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
@@ -200,6 +216,7 @@ def _http(
 
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
+REVIEWER = {"Authorization": f"Bearer {REVIEW_TOKEN}"}
 
 
 def test_health_ready_and_metrics(node: Node) -> None:
@@ -295,7 +312,7 @@ def test_index_probe(tmp_path: Path) -> None:
 
 
 def test_status_page_is_off_without_a_token(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, web_token="")
+    settings = _settings(tmp_path, web_token="", web_review_token="")
     ledger = Ledger(settings.ledger_path, durable=False)
     server = build_web_server(settings, ledger)
     server.start()
@@ -423,9 +440,9 @@ def test_status_page_in_headless_chromium(node: Node, tmp_path: Path) -> None:
 
 
 # --- sessions, CSRF, throttling ---------------------------------------------------------
-def _login(url: str) -> tuple[str, str]:
+def _login(url: str, token: str = TOKEN) -> tuple[str, str]:
     """Sign in with the form; the session cookie and the CSRF token of its page."""
-    status, headers, _ = _http(url, "/login", "POST", form={"token": TOKEN})
+    status, headers, _ = _http(url, "/login", "POST", form={"token": token})
     assert status == 303, status
     cookie = headers["set-cookie"].split(";")[0]
     page = _http(url, "/status", headers={"Cookie": cookie})[2].decode()
@@ -434,13 +451,13 @@ def _login(url: str) -> tuple[str, str]:
 
 def test_session_expiry_idle_and_absolute() -> None:
     store = SessionStore(idle_s=30, max_age_s=100)
-    session = store.create(now=1000)
+    session = store.create("reviewer", now=1000)
     assert store.get(session.id, now=1029) is session  # used: the idle clock restarts
     assert store.get(session.id, now=1058) is session
     assert store.get(session.id, now=1089) is None  # 31 s unused
     assert store.get(session.id, now=1058) is None  # and gone for good
 
-    kept_busy = store.create(now=2000)
+    kept_busy = store.create("admin", now=2000)
     for now in range(2000, 2100, 20):
         assert store.get(kept_busy.id, now=now) is kept_busy
     assert store.get(kept_busy.id, now=2101) is None  # max_age_s after sign-in, however busy
@@ -502,6 +519,8 @@ def test_wrong_tokens_are_throttled_but_the_right_one_never_is(node: Node) -> No
     assert _http(node.url, "/api/v1/studies", headers={"Authorization": "Bearer guess-again"})[0] == 429
     assert _http(node.url, "/login", "POST", form={"token": TOKEN})[0] == 303
     assert _http(node.url, "/api/v1/studies", headers=BEARER)[0] == 200
+    assert _http(node.url, "/login", "POST", form={"token": REVIEW_TOKEN})[0] == 303
+    assert _http(node.url, "/api/v1/studies", headers=REVIEWER)[0] == 200
     assert _http(node.url, "/healthz")[0] == 200  # health and metrics are not behind it
     metrics = _http(node.url, "/metrics")[2].decode()
     assert 'sonocase_web_logins_refused_total{reason="throttled"} ' in metrics
@@ -766,3 +785,73 @@ def test_serve_mounts_stow_rs_behind_the_bearer_check(tmp_path: Path) -> None:
         assert over.startswith(b"HTTP/1.1 413")
     finally:
         assert node.stop() == 0
+
+
+# --- roles ---------------------------------------------------------------------------------
+#: The state-changing routes a reviewer may use: signing in and out, and verdicts.
+REVIEWER_MAY = {("POST", "/login"), ("POST", "/logout"), ("POST", "/review/{study_uid}"),
+                ("POST", "/api/v1/studies/{study_uid}/verdicts")}
+
+
+def _routes(app: FastAPI) -> set[tuple[str, str]]:
+    """Every (method, path template) the app serves, included routers' too."""
+    return {(method, str(route.path)) for route in iter_route_contexts(app.routes) for method in route.methods or ()}
+
+
+def test_a_reviewer_reads_what_the_admin_reads(whole_node: tuple[Node, FastAPI]) -> None:
+    """Every page and API route that only reads answers a reviewer as it answers the
+    admin; the status page shows a reviewer the failed studies but no Resend button."""
+    node, app = whole_node
+    reads = sorted((m, p) for m, p in _routes(app) if m in SAFE_METHODS)
+    assert ("GET", "/status") in reads and ("GET", "/api/v1/studies/{study_uid}") in reads
+    for method, path in reads:
+        concrete = path.replace("{study_uid}", node.analysed)
+        admin, reviewer = (_http(node.url, concrete, method, headers=h)[0] for h in (BEARER, REVIEWER))
+        assert reviewer == admin and reviewer not in (401, 403), (method, path, admin, reviewer)
+    admin_page, reviewer_page = (_http(node.url, "/status", headers=h)[2].decode() for h in (BEARER, REVIEWER))
+    assert "class=resend" in admin_page and node.undelivered in admin_page
+    assert "class=resend" not in reviewer_page and node.undelivered in reviewer_page
+
+
+def test_a_reviewer_is_refused_every_administrative_route(whole_node: tuple[Node, FastAPI]) -> None:
+    """Every state-changing route of the node but sign-in, sign-out and verdicts (found
+    by listing the app's routes, so a new one is covered) answers a reviewer 403, by
+    Bearer and by a session with its CSRF token, and changes nothing; the admin's
+    same requests are not refused."""
+    node, app = whole_node
+    changes = {(m, p) for m, p in _routes(app) if m not in SAFE_METHODS}
+    assert REVIEWER_MAY <= changes
+    administrative = sorted(changes - REVIEWER_MAY)
+    assert {("POST", "/api/v1/studies/{study_uid}/retry"), ("POST", "/status/studies/{study_uid}/resend"),
+            ("POST", "/studies"), ("POST", "/studies/{study_uid}")} <= set(administrative)
+    cookie, csrf = _login(node.url, REVIEW_TOKEN)
+    for method, path in administrative:
+        concrete = path.replace("{study_uid}", node.undelivered)
+        for headers in (REVIEWER, {"Cookie": cookie, "X-CSRF-Token": csrf}):
+            status, _, body = _http(node.url, concrete, method, headers=headers, form={"csrf": csrf})
+            assert status == 403 and b"reviewers may not" in body, (method, path, headers, body)
+    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
+    for method, path in administrative:
+        status, _, body = _http(node.url, path.replace("{study_uid}", node.undelivered), method, headers=BEARER,
+                                form={})
+        assert b"reviewers may not" not in body and status != 401, (method, path, status)
+    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
+
+
+def test_a_reviewer_session_remembers_its_role_and_needs_its_csrf_token(node: Node) -> None:
+    cookie, csrf = _login(node.url, REVIEW_TOKEN)
+    path = f"/api/v1/studies/{node.undelivered}/retry"
+    status, doc = _json(node.url, path, "POST", headers={"Cookie": cookie})
+    assert status == 403 and "CSRF" in doc["detail"]
+    status, doc = _json(node.url, path, "POST", headers={"Cookie": cookie, "X-CSRF-Token": csrf})
+    assert status == 403 and doc["detail"].startswith("reviewers may not")
+    assert _http(node.url, "/logout", "POST", headers={"Cookie": cookie}, form={"csrf": csrf})[0] == 303
+    assert _http(node.url, "/status", headers={"Cookie": cookie})[0] == 401
+
+
+def test_a_review_token_needs_the_web_token_and_differs_from_it(tmp_path: Path) -> None:
+    for name, overrides, refusal in (("off", {"web_token": ""}, "WEB_REVIEW_TOKEN needs"),
+                                     ("same", {"web_review_token": TOKEN}, "must differ")):
+        (tmp_path / name).mkdir()
+        with pytest.raises(SettingsError, match=refusal):
+            _settings(tmp_path / name, **overrides)

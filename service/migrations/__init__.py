@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 #: The schema revision this code reads and writes (a test checks it is Alembic's head).
-HEAD = "0004"
+HEAD = "0005"
 #: The revision a ledger from before migrations is adopted at.
 BASELINE = "0001"
 #: PostgreSQL advisory lock held while upgrading (the ledger's write lock is another).

@@ -44,13 +44,19 @@ def _images_html(study_uid: str, result: Mapping[str, Any]) -> str:
             + "</table>")
 
 
+def _role_html(role: str | None) -> str:
+    """The role a verdict came with, after the reader's name; nothing for verdicts from before roles."""
+    return f" ({html.escape(role)})" if role else ""
+
+
 def _history_html(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return "<p>No verdict yet.</p>"
     return ("<table id=verdicts><tr><th>When (UTC)</th><th>Reader</th><th>Finding</th><th>Verdict</th>"
             "<th>Comment</th></tr>" + "".join(
                 f"<tr><td>{datetime.fromtimestamp(r['recorded_at'], UTC):%Y-%m-%d %H:%M:%S}</td>"
-                f"<td>{html.escape(r['reader'])}</td><td>{html.escape(r['finding'] or 'study')}</td>"
+                f"<td>{html.escape(r['reader'])}{_role_html(r['reader_role'])}</td>"
+                f"<td>{html.escape(r['finding'] or 'study')}</td>"
                 f"<td class=verdict>{html.escape(r['verdict'])}"
                 f"{' ' + html.escape(r['corrected_class']) if r['corrected_class'] else ''}</td>"
                 f"<td>{html.escape(r['comment'])}</td></tr>" for r in rows) + "</table>")
@@ -99,7 +105,7 @@ def review_router(ledger: Ledger) -> APIRouter:
         try:
             given = Verdict(study_uid=study_uid, finding=finding, verdict=verdict,
                             corrected_class=(corrected_class or None) if verdict == "corrected" else None,
-                            comment=comment[:2000], reader=reader[:64])
+                            comment=comment[:2000], reader=reader[:64], reader_role=auth.role)
         except ValueError as exc:
             return PlainTextResponse(f"{exc}\n", 422)
         refused = problems(given, ledger.result(study_uid))

@@ -216,6 +216,7 @@ class WebServer:
         self, app: Any, host: str, port: int, limits: HttpLimits, *, on_stop: Sequence[Callable[[], None]] = (),
     ) -> None:
         protocol, limit_concurrency = choose_protocol(limits)
+        self.app = app  # what it serves: tests enumerate its routes
         self._config = uvicorn.Config(
             # proxy_headers off: a client's address is the socket's, so that no local
             # process can dodge the login throttle with a forged X-Forwarded-For.

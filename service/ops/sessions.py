@@ -12,16 +12,23 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Literal
+
+#: What a credential may do: ``admin`` (web_token) everything; ``reviewer``
+#: (web_review_token) read, and give verdicts.
+Role = Literal["admin", "reviewer"]
 
 
 @dataclass
 class Session:
-    """One sign-in: its cookie value, the CSRF token its forms carry, and when it ends."""
+    """One sign-in: its cookie value, the CSRF token its forms carry, when it ends,
+    and the role of the token signed in with (a cookie carries no authority of its own)."""
 
     id: str
     csrf: str
     created: float
     last_seen: float
+    role: Role
 
 
 class SessionStore:
@@ -35,10 +42,10 @@ class SessionStore:
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, Session] = OrderedDict()
 
-    def create(self, now: float | None = None) -> Session:
-        """A new session; the oldest one goes when the store is full."""
+    def create(self, role: Role, now: float | None = None) -> Session:
+        """A new session for ``role``; the oldest one goes when the store is full."""
         now = time.time() if now is None else now
-        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now)
+        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now, role)
         with self._lock:
             self._sessions[session.id] = session
             while len(self._sessions) > self._max:

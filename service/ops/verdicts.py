@@ -2,7 +2,8 @@
 
 A RIS or reporting system posts a radiologist's verdict on a study's result, or on
 one image's: agree, disagree, or the corrected class, with an optional comment and
-the reader's name. A changed verdict is posted again; every change is kept and
+the reader's name (the role of the credential it came with is recorded beside
+it). A changed verdict is posted again; every change is kept and
 ``GET`` returns the history, oldest first (the newest per finding counts). A router
 of its own, mounted behind the node's Bearer check like STOW-RS
 (service.ops.web.ExtraRouter), so the page and API code stays as it is.
@@ -10,16 +11,14 @@ of its own, mounted behind the node's Bearer check like STOW-RS
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Path
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.ledger import Ledger, Verdict
 from service.monitoring.verdicts import problems
-
-StudyUid = Annotated[str, Path(pattern=r"^[0-9.]{1,64}$", description="Study Instance UID")]
-
+from service.ops.web import ApiAuth, StudyUid
 
 class VerdictIn(BaseModel):
     """A verdict as a reporting system posts it."""
@@ -42,6 +41,7 @@ class VerdictOut(BaseModel):
     corrected_class: str | None
     comment: str
     reader: str
+    reader_role: str | None = Field(description="admin or reviewer: the token it came with; null before roles")
     recorded_at: float
 
 
@@ -55,11 +55,12 @@ def verdict_router(ledger: Ledger, prefix: str) -> APIRouter:
 
     @router.post("/studies/{study_uid}/verdicts", status_code=201, summary="Give or change a verdict",
                  responses={422: {"description": "Not a verdict this study's result can take"}})
-    def give(study_uid: StudyUid, body: VerdictIn) -> VerdictOut:
+    def give(study_uid: StudyUid, body: VerdictIn, auth: ApiAuth) -> VerdictOut:
         known(study_uid)
         try:
             verdict = Verdict(study_uid=study_uid, finding=body.finding, verdict=body.verdict,
-                              corrected_class=body.corrected_class, comment=body.comment, reader=body.reader)
+                              corrected_class=body.corrected_class, comment=body.comment, reader=body.reader,
+                              reader_role=auth.role)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         refused = problems(verdict, ledger.result(study_uid))

@@ -400,23 +400,25 @@ def _row_html(view: StudyView) -> str:
     )
 
 
-def _failed_html(view: StudyView, csrf: str) -> str:
+def _failed_html(view: StudyView, csrf: str, admin: bool) -> str:
     uid = html.escape(view.study_uid)
+    resend = (f"<form method=post action='/status/studies/{uid}/resend'>{_csrf_field(csrf)}"
+              "<button type=submit class=resend>Resend</button></form>" if admin else "")
     return (
         f"<tr data-study='{uid}'><td><code>{uid}</code></td><td>{html.escape(view.accession)}</td>"
         f"<td>{html.escape(view.failed_stage or 'delivery')}</td>"
         f"<td class=failed>{html.escape(view.error or 'result objects not accepted by the destination')}</td>"
-        f"<td><form method=post action='/status/studies/{uid}/resend'>"
-        f"{_csrf_field(csrf)}"
-        "<button type=submit class=resend>Resend</button></form></td></tr>"
+        f"<td>{resend}</td></tr>"
     )
 
 
 def render_status(
     views: list[StudyView], counts: Mapping[str, int], csrf: str, notice: str = "", drifting: Sequence[str] = (),
+    admin: bool = True,
 ) -> bytes:
     """The status page: the scanners whose input drifted (service.monitoring.drift),
-    counts per state, failed studies with a resend button, recent studies."""
+    counts per state, failed studies with a resend button (for an ``admin``: a
+    reviewer's would be refused), recent studies."""
     summary = " · ".join(f"{html.escape(s.value)}: {counts.get(s, 0)}" for s in StudyState)
     failed = [v for v in views if v.can_retry]
     parts = [
@@ -432,7 +434,7 @@ def render_status(
     if failed:
         parts.append(
             "<table id=failed><tr><th>Study UID</th><th>Accession</th><th>Stage</th><th>Reason</th><th></th></tr>"
-            + "".join(_failed_html(v, csrf) for v in failed) + "</table>"
+            + "".join(_failed_html(v, csrf, admin) for v in failed) + "</table>"
         )
     else:
         parts.append("<p>None.</p>")

@@ -11,6 +11,12 @@ state-changing request of a session carries its CSRF token (a form field, or the
 Metadata). Wrong tokens are throttled per client address and per token; the right
 one never is. Without a token both are off.
 
+A second token, ``settings.web_review_token``, signs radiologists in as
+``reviewer``: they read all the page and API show and give verdicts, and every
+other state-changing route answers them 403 (:func:`admin_auth`,
+:func:`admin_page_auth`; an extra router is admin-only unless it says
+``reviewers``).
+
 Other stages add routes through ``routers`` (:class:`ExtraRouter`): each is mounted
 behind the same Bearer check, with its own body-size limit.
 """
@@ -46,7 +52,7 @@ from service.ledger import Ledger
 from service.monitoring.drift import DriftConfig
 from service.monitoring.watcher import DriftWatcher, MonitoringCollector
 from service.ops.server import HttpLimits, WebServer
-from service.ops.sessions import LoginThrottle, Session, SessionStore
+from service.ops.sessions import LoginThrottle, Role, Session, SessionStore
 from service.ops.views import (
     PAGE_STUDIES,
     Check,
@@ -93,10 +99,13 @@ SECURITY_HEADERS = {
 @dataclass(frozen=True)
 class ExtraRouter:
     """Routes another stage serves from the node's HTTP side (e.g. STOW-RS): mounted
-    behind the Bearer check, with request bodies up to ``max_body_bytes``."""
+    behind the Bearer check, with request bodies up to ``max_body_bytes``. Their
+    state-changing routes are the admin's unless ``reviewers`` (verdicts): a new
+    router is refused to reviewers until it says otherwise."""
 
     router: APIRouter
     max_body_bytes: int
+    reviewers: bool = False
 
 
 @dataclass
@@ -186,9 +195,11 @@ class BodyLimit:
 # --- authentication ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Auth:
-    """How a request proved it may see the page: a Bearer token, or a session."""
+    """How a request proved it may see the page (a Bearer token, or a session), and
+    with which role."""
 
     kind: Literal["bearer", "session"]
+    role: Role
     session: Session | None = None
 
 
@@ -215,15 +226,19 @@ def throttle_keys(client: str, given: str) -> tuple[str, str]:
     return f"address {client}", "token " + hashlib.sha256(given.encode()).hexdigest()
 
 
-def _token_ok(state: WebState, client: str, given: str) -> bool:
-    """Whether ``given`` is the web token. The right token is always taken, whoever
+def _token_role(state: WebState, client: str, given: str) -> Role | None:
+    """The role of ``given`` (web_token: admin, web_review_token: reviewer), None
+    for a wrong token. The right token is always taken, whoever
     else at its address guessed wrong (behind an ingress every client shares one
     address). A wrong one is counted per address and per token; past
     ``web_login_attempts`` of either it gets :class:`_Throttled` (429) instead of
     401, and no log line: one typo-ing script cannot lock out the PACS or fill the
     log. What keeps a guesser out is the token's length, not the count."""
-    if hmac.compare_digest(given.encode(), state.settings.web_token.encode()):
-        return True
+    tokens: list[tuple[str, Role]] = [(state.settings.web_token, "admin"),
+                                      (state.settings.web_review_token, "reviewer")]
+    for token, role in tokens:
+        if token and hmac.compare_digest(given.encode(), token.encode()):
+            return role
     keys = throttle_keys(client, given)
     wait = max(state.throttle.retry_after(key) for key in keys)
     if wait > 0:
@@ -233,10 +248,10 @@ def _token_ok(state: WebState, client: str, given: str) -> bool:
         state.throttle.failed(key)
     observe_login_refusal("wrong")
     LOG.warning("HTTP: wrong token from %s", client)
-    return False
+    return None
 
 
-_bearer = HTTPBearer(auto_error=False, description="The node's web_token")
+_bearer = HTTPBearer(auto_error=False, description="The node's web_token (or web_review_token: reviewer)")
 
 
 def authenticate(
@@ -249,15 +264,16 @@ def authenticate(
         raise HTTPException(404, OFF)
     if bearer is not None:
         try:
-            if _token_ok(state, _client(request), bearer.credentials.strip()):
-                return Auth("bearer")
+            role = _token_role(state, _client(request), bearer.credentials.strip())
+            if role is not None:
+                return Auth("bearer", role)
         except _Throttled as exc:
             raise HTTPException(429, "too many wrong tokens",
                                 {"Retry-After": exc.retry_after}) from None
     else:
         session = state.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
         if session is not None:
-            return Auth("session", session)
+            return Auth("session", session.role, session)
     raise HTTPException(401, "sign in, or send Authorization: Bearer <web_token>",
                         {"WWW-Authenticate": 'Bearer realm="sonocase"'})
 
@@ -315,8 +331,34 @@ def api_auth(request: Request, auth: Annotated[Auth, Depends(authenticate)]) -> 
     return auth
 
 
+def reviewer_refusal(request: Request, auth: Auth) -> str | None:
+    """Why ``auth`` may not make this request, or None: a reviewer reads anything
+    but changes nothing outside the verdicts, whose routes do not ask."""
+    if auth.role == "reviewer" and request.method not in SAFE_METHODS:
+        return f"reviewers may not {request.method} {request.url.path}: it takes the web_token"
+    return None
+
+
+def admin_auth(request: Request, auth: Annotated[Auth, Depends(api_auth)]) -> Auth:
+    """:func:`api_auth`, and :func:`reviewer_refusal` (403): every administrative API route."""
+    problem = reviewer_refusal(request, auth)
+    if problem is not None:
+        raise HTTPException(403, problem)
+    return auth
+
+
+def admin_page_auth(request: Request, auth: Annotated[Auth, Depends(page_auth)]) -> Auth:
+    """:func:`page_auth`, and :func:`reviewer_refusal` (403 as text): every administrative form."""
+    problem = reviewer_refusal(request, auth)
+    if problem is not None:
+        raise _PageRefusal(PlainTextResponse(f"{problem}\n", 403))
+    return auth
+
+
 PageAuth = Annotated[Auth, Depends(page_auth)]
 ApiAuth = Annotated[Auth, Depends(api_auth)]
+AdminAuth = Annotated[Auth, Depends(admin_auth)]
+AdminPageAuth = Annotated[Auth, Depends(admin_page_auth)]
 CsrfField = Annotated[str, Form()]
 
 
@@ -351,20 +393,21 @@ def root() -> RedirectResponse:
 
 @page.post("/login")
 def login(request: Request, token: Annotated[str, Form()] = "") -> Response:
-    """The sign-in form: a right token starts a session. The form needs no CSRF token:
-    it carries the secret itself, and there is only one identity to sign in as."""
+    """The sign-in form: a right token starts a session with that token's role. The
+    form needs no CSRF token: it carries the secret itself."""
     state = _state(request)
     if not state.settings.web_token:
         return PlainTextResponse(OFF + "\n", 404)
     if _cross_site(request):
         return PlainTextResponse("cross-site form refused\n", 403)
     try:
-        if not _token_ok(state, _client(request), token):
+        role = _token_role(state, _client(request), token)
+        if role is None:
             return HTMLResponse(login_page("Wrong token."), 401)
     except _Throttled as exc:
         return HTMLResponse(login_page(f"Too many wrong tokens: try again in {exc.retry_after} s."), 429,
                             {"Retry-After": exc.retry_after})
-    session = state.sessions.create()
+    session = state.sessions.create(role)
     response = RedirectResponse("/status", 303)
     response.set_cookie(SESSION_COOKIE, session.id, max_age=int(state.sessions.max_age_s), path="/", httponly=True,
                         samesite="strict")
@@ -390,7 +433,7 @@ def status_page(request: Request, auth: PageAuth, retried: str = "", study: str 
     drifting = [scanner for scanner, (_, window) in (state.drift.latest() if state.drift else {}).items()
                 if window is not None and window.alarm]
     return HTMLResponse(render_status(views, state.ledger.count_by_state(), csrf, retry_notice(retried, study),
-                                      drifting))
+                                      drifting, admin=auth.role == "admin"))
 
 
 @page.get("/status/studies/{study_uid}/heatmap.png")
@@ -403,7 +446,7 @@ def heatmap(request: Request, auth: PageAuth, study_uid: StudyUid) -> Response:
 
 
 @page.post("/status/studies/{study_uid}/resend")
-def resend(request: Request, auth: PageAuth, study_uid: StudyUid, csrf: CsrfField = "") -> Response:
+def resend(request: Request, auth: AdminPageAuth, study_uid: StudyUid, csrf: CsrfField = "") -> Response:
     _check_form(request, auth, csrf)
     state = _state(request)
     try:
@@ -423,8 +466,11 @@ class RetryOut(BaseModel):
     message: str
 
 
-api = APIRouter(prefix=API_PREFIX, tags=["studies"], responses={401: {"description": "No or wrong Bearer token"},
-                                                              429: {"description": "Too many wrong tokens (the right one is never refused)"}})
+api = APIRouter(prefix=API_PREFIX, tags=["studies"], responses={
+    401: {"description": "No or wrong Bearer token"},
+    403: {"description": "A reviewer's administrative request, or a session's without its CSRF token"},
+    429: {"description": "Too many wrong tokens (the right one is never refused)"},
+})
 
 
 @api.get("/studies", summary="Recent studies, newest change first, and failed ones")
@@ -445,7 +491,7 @@ def api_study(request: Request, auth: ApiAuth, study_uid: StudyUid) -> StudyView
 
 @api.post("/studies/{study_uid}/retry", summary="Retry a failed study, or send its results again",
           responses={404: {"description": "Unknown study"}, 409: {"description": "Nothing to retry"}})
-def api_retry(request: Request, auth: ApiAuth, study_uid: StudyUid) -> RetryOut:
+def api_retry(request: Request, auth: AdminAuth, study_uid: StudyUid) -> RetryOut:
     state = _state(request)
     try:
         retried = retry_study(state.settings, state.ledger, study_uid)
@@ -479,11 +525,13 @@ def build_app(
     routers: Sequence[ExtraRouter] = (), pages: Sequence[APIRouter] = (), drift: DriftWatcher | None = None,
 ) -> FastAPI:
     """The ASGI application: health, page, API, ``routers`` (each behind the Bearer
-    check) and ``pages`` (page routes of other modules, each checking ``PageAuth``
-    and its form's CSRF token itself)."""
+    check, and refused to reviewers unless it takes them) and ``pages`` (page routes
+    of other modules, each checking ``PageAuth`` or ``AdminPageAuth`` and its form's
+    CSRF token itself)."""
     app = FastAPI(
         title="Sonocase", summary="Breast-ultrasound AI beside the PACS: studies, results and retries",
-        description="Not for primary diagnosis. Authenticate with `Authorization: Bearer <web_token>`.",
+        description="Not for primary diagnosis. Authenticate with `Authorization: Bearer <web_token>`; "
+        "`<web_review_token>` reads and gives verdicts only.",
         openapi_url=OPENAPI_URL if settings.web_openapi_public else None, docs_url=None, redoc_url=None,
     )
     app.state.web = WebState(
@@ -502,7 +550,7 @@ def build_app(
             """The API's description, behind the same check as the API (web_openapi_public)."""
             return app.openapi()
     for extra in routers:
-        app.include_router(extra.router, dependencies=[Depends(api_auth)])
+        app.include_router(extra.router, dependencies=[Depends(api_auth if extra.reviewers else admin_auth)])
     app.add_exception_handler(_PageRefusal, _page_refusal)
     app.add_middleware(BodyLimit, limit_for=_body_limits(settings, routers))
     app.add_middleware(SecurityHeaders)
