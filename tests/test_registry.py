@@ -144,6 +144,18 @@ def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Setti
         assert browser.evaluate("document.querySelectorAll('#reliability circle.bin').length") >= 2
         roc_points = browser.evaluate("document.querySelector('#roc polyline').points.length")
         assert roc_points == len(report["roc"]["fpr"]) > 2
+        # One dot per scanner and month with a case in the denominator, months in order.
+        for metric, counted in (("sensitivity", lambda s: s["label"] == "malignant"),
+                                ("specificity", lambda s: s["label"] != "malignant")):
+            chart = f"document.querySelector('svg.trend[data-metric={metric}]')"
+            expected = {(f"{s['ds'].Manufacturer} {s['ds'].ManufacturerModelName}",
+                         f"{s['ds'].StudyDate[:4]}-{s['ds'].StudyDate[4:6]}") for s in assessed if counted(s)}
+            shown = browser.evaluate(f"Array.from({chart}.querySelectorAll('g.series circle.point'))"
+                                     ".map(c => [c.parentNode.dataset.scanner, c.dataset.month])")
+            assert sorted(map(tuple, shown)) == sorted(expected)
+            months = browser.evaluate(f"Array.from({chart}.querySelectorAll('text.month')).map(t => t.textContent)")
+            assert months == sorted({month for _, month in expected})
+        assert browser.evaluate("document.querySelectorAll('svg.trend[role=img]').length") == 6
         scanners = browser.evaluate("Array.from(document.querySelectorAll('#drift tr[data-scanner]'))"
                                     ".map(r => r.dataset.scanner)")
         assert sorted(scanners) == ["ACME Sono 9", "Other Co Echo 2"]  # 9 studies each: still collecting
