@@ -53,7 +53,7 @@ def test_points_and_interval_bars_sit_at_their_values_months_in_order() -> None:
     assert months == ["2026-10", "2026-12"]
     points = {a["data-month"]: a for tag, a, _ in elements if tag == "circle"}
     bars = [a for tag, a, _ in elements if tag == "line" and a.get("class") == "interval"]
-    step = _TREND["width"] / 2
+    step = _TREND["month"]
     assert float(points["2026-10"]["cx"] or "") == pytest.approx(_TREND["left"] + 0.5 * step, abs=0.05)
     assert float(points["2026-12"]["cx"] or "") == pytest.approx(_TREND["left"] + 1.5 * step, abs=0.05)
     assert float(points["2026-12"]["cy"] or "") == pytest.approx(_y(0.5), abs=0.05)
@@ -70,7 +70,7 @@ def test_scanners_sit_side_by_side_in_a_month_and_missing_values_are_left_out() 
     elements = _parse(trend_svg("specificity", trends))
     assert [text for tag, a, text in elements if tag == "text" and a.get("class") == "month"] == ["2026-11"]
     xs = [float(a["cx"] or "") for tag, a, _ in elements if tag == "circle"]
-    centre = _TREND["left"] + 0.5 * _TREND["width"]
+    centre = _TREND["left"] + 0.5 * _TREND["month"]
     assert len(xs) == 3 and xs[0] < xs[1] < xs[2] and xs[1] == pytest.approx(centre, abs=0.05)
     assert xs[0] + xs[2] == pytest.approx(2 * centre, abs=0.1)
     assert sum(1 for tag, a, _ in elements if tag == "line" and a.get("class") == "interval") == 2
@@ -83,7 +83,7 @@ def test_a_chart_without_outcomes_says_so() -> None:
         elements = _parse(svg)
         assert elements[0][0] == "svg" and elements[0][1]["role"] == "img"
         assert elements[0][1]["aria-label"] == "ROC AUC per month and scanner"
-        assert "no outcomes yet" in svg and "<circle" not in svg
+        assert "no outcomes yet" in svg and "ROC AUC</text>" in svg and "<circle" not in svg
 
 
 def test_scanner_names_are_escaped() -> None:

@@ -156,12 +156,15 @@ def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Setti
             months = browser.evaluate(f"Array.from({chart}.querySelectorAll('text.month')).map(t => t.textContent)")
             assert months == sorted({month for _, month in expected})
         assert browser.evaluate("document.querySelectorAll('svg.trend[role=img]').length") == 6
+        assert browser.evaluate("document.querySelector('svg.trend circle.point').r.baseVal.value") == 3  # drawn
         scanners = browser.evaluate("Array.from(document.querySelectorAll('#drift tr[data-scanner]'))"
                                     ".map(r => r.dataset.scanner)")
         assert sorted(scanners) == ["ACME Sono 9", "Other Co Echo 2"]  # 9 studies each: still collecting
         html = browser.evaluate("document.documentElement.outerHTML")
         assert not any(s["ds"].PatientID in html or str(s["ds"].PatientName) in html for s in studies)
         browser.screenshot(tmp_path / "monitoring.png")
+        browser.evaluate("document.getElementById('trends').scrollIntoView()")
+        browser.screenshot(tmp_path / "monitoring-trends.png")
     finally:
         browser.close()
         server.stop()

@@ -4,8 +4,9 @@ and ``.../performance.csv``.
 
 Shows each scanner's input drift (the alarm first), the real-world performance of
 the malignant call per month and per scanner with 95 % intervals, the agreement
-with radiologists, and the reliability diagram drawn on the server as inline SVG
-(no script: the page's Content-Security-Policy allows none). A router of its own,
+with radiologists, the reliability diagram, the ROC curve and, per metric, each
+scanner's months, drawn on the server as inline SVG (no script: the page's
+Content-Security-Policy allows none). A router of its own,
 mounted like STOW-RS behind the node's credential check (service.ops.web.ExtraRouter).
 """
 
@@ -95,9 +96,10 @@ def roc_svg(roc: Mapping[str, Sequence[float]]) -> str:
             f"<polyline points='{line}' fill=none stroke=#b03a2e stroke-width=2 /></svg>")
 
 
-#: The trend charts' plot area (px), the room left of it for the y ticks and below it
-#: for the months, and one colour per scanner (repeating past six).
-_TREND = {"width": 320, "height": 130, "left": 34, "top": 8, "bottom": 22}
+#: The trend charts' layout (px): the room each month takes (a chart is at least four
+#: months wide), the plot's height, the margins for the title, the y ticks and the
+#: months; one colour per scanner (repeating past six).
+_TREND = {"month": 52, "height": 120, "left": 34, "top": 20, "bottom": 22}
 _COLOURS = ("#2a6fb0", "#b03a2e", "#1e8449", "#7d3c98", "#b9770e", "#566573")
 
 
@@ -110,19 +112,21 @@ def trend_svg(metric: str, trends: Mapping[str, Mapping[str, Mapping[str, Mappin
               for scanner, months in trends.items()}
     months = sorted({month for shown in points.values() for month in shown})
     t = _TREND
-    width, height = t["left"] + t["width"] + 10, t["top"] + t["height"] + t["bottom"] + 14 * len(points)
+    step = t["month"]
+    plot_width = step * max(len(months), 4)
+    width, height = t["left"] + plot_width + 10, t["top"] + t["height"] + t["bottom"] + 14 * len(points)
     head = _svg(f"class=trend data-metric='{html.escape(metric)}'", width, height, f"{label} per month and scanner")
+    title = f"<text x={t['left']} y={t['top'] - 6} font-size=11>{html.escape(label)}</text>"
     if not months:
-        return f"{head}<text x=10 y=40 font-size=12>{html.escape(label)}: no outcomes yet</text></svg>"
+        return f"{head}{title}<text x={t['left']} y={t['top'] + 20} font-size=12>no outcomes yet</text></svg>"
 
     def y(value: float) -> str:
         return f"{t['top'] + (1 - value) * t['height']:.1f}"
 
-    step = t["width"] / len(months)
     spread = min(8.0, step / (len(points) + 1))  # the scanners' offsets within a month
     ticks = "".join(f"<text x=4 y={y(v)} font-size=10 dominant-baseline=middle>{v:.1f}</text>"
                     for v in (0.0, 0.5, 1.0))
-    month_labels = "".join(f"<text class=month x={t['left'] + (i + 0.5) * step:.1f} y={t['top'] + t['height'] + 14}"
+    month_labels = "".join(f"<text class=month x={t['left'] + (i + 0.5) * step} y={t['top'] + t['height'] + 14}"
                            f" font-size=10 text-anchor=middle>{html.escape(month)}</text>"
                            for i, month in enumerate(months))
     series = []
@@ -139,8 +143,8 @@ def trend_svg(metric: str, trends: Mapping[str, Mapping[str, Mapping[str, Mappin
         series.append(f"<g class=series data-scanner='{html.escape(scanner)}' stroke={colour} fill={colour}>"
                       + "".join(marks) + f"<text x={t['left']} y={legend_y} font-size=11 stroke=none>"
                       f"{html.escape(scanner)}</text></g>")
-    return (f"{head}<text x={t['left'] + 4} y={t['top'] + 10} font-size=11>{html.escape(label)}</text>"
-            f"<rect x={t['left']} y={t['top']} width={t['width']} height={t['height']} fill=none stroke=#999 />"
+    return (f"{head}{title}"
+            f"<rect x={t['left']} y={t['top']} width={plot_width} height={t['height']} fill=none stroke=#999 />"
             f"{ticks}{month_labels}{''.join(series)}</svg>")
 
 
