@@ -159,10 +159,13 @@ def _as_json(groups: Mapping[str, Report]) -> dict[str, dict[str, dict[str, Any]
 
 def performance_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`site_performance`'s figures as flat rows (group, name, metric, value,
-    low, high, n): the CSV a spreadsheet reads."""
+    low, high, n): the CSV a spreadsheet reads. The trends are the group
+    ``scanner_month``, named "<scanner> <YYYY-MM>"."""
+    by_scanner_month = {f"{scanner} {month}": metrics for scanner, months in report["trends"].items()
+                        for month, metrics in months.items()}
     rows = [{"group": kind, "name": name, "metric": metric, **estimate}
-            for kind, groups in report["performance"].items() for name, metrics in groups.items()
-            for metric, estimate in metrics.items()]
+            for kind, groups in {**report["performance"], "scanner_month": by_scanner_month}.items()
+            for name, metrics in groups.items() for metric, estimate in metrics.items()]
     rows.append({"group": "all", "name": "all", "metric": "kappa_with_radiologists",
                  **report["agreement_with_radiologists"]})
     return rows
