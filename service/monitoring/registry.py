@@ -120,9 +120,9 @@ def cases(found_in: Iterable[Inference], classes: Sequence[str]) -> list[Case]:
 
 def site_performance(found: Sequence[Inference], positive: str, seed: int = 0) -> dict[str, Any]:
     """Real-world performance of the ``positive`` call per month, per scanner and per
-    scanner and month (``trends``, for the page's charts), Cohen's
-    kappa against the radiologists' verdicts, the reliability diagram's points and
-    the ROC curve of all cases, as JSON-ready data; bootstrap resamples from ``seed`` (same ledger, same
+    scanner and month (``trends``, for the page's charts), Cohen's kappa against the
+    radiologists' verdicts, the reliability diagram's points and the ROC curve of
+    all cases, as JSON-ready data; bootstrap resamples from ``seed`` (same ledger, same
     intervals). ValueError when nothing was assessed or ``positive`` is no class."""
     assessed = [i for i in found if i.probabilities is not None]
     if not assessed:
@@ -154,6 +154,7 @@ def site_performance(found: Sequence[Inference], positive: str, seed: int = 0) -
 
 
 def _as_json(groups: Mapping[str, Report]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Named reports with their estimates as plain dicts, as JSON and CSV carry them."""
     return {name: {metric: asdict(e) for metric, e in metrics.items()} for name, metrics in groups.items()}
 
 

@@ -6,8 +6,8 @@ Shows each scanner's input drift (the alarm first), the real-world performance o
 the malignant call per month and per scanner with 95 % intervals, the agreement
 with radiologists, the reliability diagram, the ROC curve and, per metric, each
 scanner's months, drawn on the server as inline SVG (no script: the page's
-Content-Security-Policy allows none). A router of its own,
-mounted like STOW-RS behind the node's credential check (service.ops.web.ExtraRouter).
+Content-Security-Policy allows none). A router of its own, mounted like STOW-RS
+behind the node's credential check (service.ops.web.ExtraRouter).
 """
 
 from __future__ import annotations
