@@ -15,7 +15,8 @@ from sklearn import metrics as skm
 
 from service.monitoring.classification import classification_metrics, expected_calibration_error, roc_auc
 from service.monitoring.drift import DriftConfig, guard_unit, mmd_test, study_embeddings, watch
-from service.monitoring.performance import Case, agreement, bootstrap, cohen_kappa, grouped, performance, wilson
+from service.monitoring.performance import (Case, agreement, bootstrap, cohen_kappa, grouped, performance, trends,
+                                            wilson)
 
 ROOT = Path(__file__).resolve().parents[1]
 MALIGNANT = 2
@@ -128,6 +129,16 @@ def test_grouped_by_month_and_scanner() -> None:
     assert got["all"]["all"]["ppv"].value == pytest.approx(0.5)
     assert got["scanner"]["ACME Sono 1"]["sensitivity"].value == 1.0
     assert got["month"]["2026-12"]["sensitivity"].n == 0 and got["month"]["2026-12"]["sensitivity"].value is None
+
+
+def test_trends_per_scanner_then_month_in_order() -> None:
+    cases = [Case((0.8, 0.1, 0.1), 0, "2026-11", "ACME Sono 2"), Case((0.1, 0.2, 0.7), 2, "2026-12", "ACME Sono 1"),
+             Case((0.2, 0.2, 0.6), 2, "2026-11", "ACME Sono 1"), Case((0.7, 0.2, 0.1), 2, "2026-11", "ACME Sono 1")]
+    got = trends(cases, MALIGNANT, np.random.default_rng(0))
+    assert list(got) == ["ACME Sono 1", "ACME Sono 2"] and list(got["ACME Sono 1"]) == ["2026-11", "2026-12"]
+    assert got["ACME Sono 1"]["2026-11"]["sensitivity"].value == pytest.approx(0.5)
+    assert got["ACME Sono 1"]["2026-12"]["sensitivity"].value == 1.0
+    assert list(got["ACME Sono 2"]) == ["2026-11"] and got["ACME Sono 2"]["2026-11"]["specificity"].n == 1
 
 
 # ---- drift ----------------------------------------------------------------------

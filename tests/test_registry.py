@@ -63,6 +63,13 @@ def _analysed(settings: Settings, ledger: Ledger, model: OnnxModel, index: int, 
             "assessed": not frame.out_of_distribution}
 
 
+def _cell(study: dict[str, Any]) -> tuple[str, str]:
+    """The study's scanner (Manufacturer + Manufacturer's Model Name) and month, read
+    from its header as a site would."""
+    ds = study["ds"]
+    return f"{ds.Manufacturer} {ds.ManufacturerModelName}", f"{ds.StudyDate[:4]}-{ds.StudyDate[4:6]}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ledger", ["sqlite"], indirect=True)
 def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Settings, ledger: Ledger,
@@ -103,6 +110,12 @@ def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Setti
     assert set(report["performance"]["month"]) == {f"{s['ds'].StudyDate[:4]}-{s['ds'].StudyDate[4:6]}"
                                                    for s in assessed}
     assert report["agreement_with_radiologists"]["n"] == 2
+    # Per scanner and month (the page's charts): every assessed study counted once, in its own cell.
+    cells = {_cell(s) for s in assessed}
+    assert {(scanner, month) for scanner, months in report["trends"].items() for month in months} == cells
+    figures = list(csv.DictReader(io.StringIO(sonocase("monitoring", "performance", "--csv"))))
+    by_cell = {r["name"]: int(r["n"]) for r in figures if r["group"] == "scanner_month" and r["metric"] == "roc_auc"}
+    assert set(by_cell) == {f"{scanner} {month}" for scanner, month in cells} and sum(by_cell.values()) == len(assessed)
 
     export = tmp_path / "registry.jsonl"
     assert "18 records" in sonocase("monitoring", "export", str(export))
@@ -144,12 +157,26 @@ def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Setti
         assert browser.evaluate("document.querySelectorAll('#reliability circle.bin').length") >= 2
         roc_points = browser.evaluate("document.querySelector('#roc polyline').points.length")
         assert roc_points == len(report["roc"]["fpr"]) > 2
+        # One dot per scanner and month with a case in the denominator, months in order.
+        for metric, counted in (("sensitivity", lambda s: s["label"] == "malignant"),
+                                ("specificity", lambda s: s["label"] != "malignant")):
+            chart = f"document.querySelector('svg.trend[data-metric={metric}]')"
+            expected = {_cell(s) for s in assessed if counted(s)}
+            shown = browser.evaluate(f"Array.from({chart}.querySelectorAll('g.series circle.point'))"
+                                     ".map(c => [c.parentNode.dataset.scanner, c.dataset.month])")
+            assert sorted(map(tuple, shown)) == sorted(expected)
+            months = browser.evaluate(f"Array.from({chart}.querySelectorAll('text.month')).map(t => t.textContent)")
+            assert months == sorted({month for _, month in expected})
+        assert browser.evaluate("document.querySelectorAll('svg.trend[role=img]').length") == 6
+        assert browser.evaluate("document.querySelector('svg.trend circle.point').r.baseVal.value") == 3  # drawn
         scanners = browser.evaluate("Array.from(document.querySelectorAll('#drift tr[data-scanner]'))"
                                     ".map(r => r.dataset.scanner)")
         assert sorted(scanners) == ["ACME Sono 9", "Other Co Echo 2"]  # 9 studies each: still collecting
         html = browser.evaluate("document.documentElement.outerHTML")
         assert not any(s["ds"].PatientID in html or str(s["ds"].PatientName) in html for s in studies)
         browser.screenshot(tmp_path / "monitoring.png")
+        browser.evaluate("document.getElementById('trends').scrollIntoView()")
+        browser.screenshot(tmp_path / "monitoring-trends.png")
     finally:
         browser.close()
         server.stop()

@@ -132,6 +132,17 @@ def grouped(cases: Iterable[Case], positive: int, rng: np.random.Generator) -> d
             for kind, by in groups.items()}
 
 
+def trends(cases: Iterable[Case], positive: int, rng: np.random.Generator) -> dict[str, dict[str, Report]]:
+    """:func:`performance` per scanner and, within each, per month (``{scanner: {month:
+    ...}}``, months in order): a scanner's change over time, which the month-only and
+    scanner-only groups of :func:`grouped` blur together."""
+    by: dict[str, dict[str, list[Case]]] = defaultdict(lambda: defaultdict(list))
+    for case in cases:
+        by[case.scanner][case.month].append(case)
+    return {scanner: {month: _of(members, positive, rng) for month, members in sorted(months.items())}
+            for scanner, months in sorted(by.items())}
+
+
 def _of(cases: Sequence[Case], positive: int, rng: np.random.Generator) -> Report:
     probabilities = np.array([c.probabilities for c in cases], dtype=np.float64)
     truth = np.array([c.truth for c in cases], dtype=np.int64)

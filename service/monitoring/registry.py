@@ -24,7 +24,7 @@ import numpy as np
 
 from service.ledger import Ledger
 from service.monitoring.classification import ECE_BINS, reliability_bins, roc_curve
-from service.monitoring.performance import Case, agreement, grouped
+from service.monitoring.performance import Case, Report, agreement, grouped, trends
 from service.monitoring.verdicts import current, reader_class
 from service.pipeline.analysis import decisive_frame
 from service.results import StudyResult
@@ -119,9 +119,10 @@ def cases(found_in: Iterable[Inference], classes: Sequence[str]) -> list[Case]:
 
 
 def site_performance(found: Sequence[Inference], positive: str, seed: int = 0) -> dict[str, Any]:
-    """Real-world performance of the ``positive`` call per month and scanner, Cohen's
-    kappa against the radiologists' verdicts, the reliability diagram's points and
-    the ROC curve of all cases, as JSON-ready data; bootstrap resamples from ``seed`` (same ledger, same
+    """Real-world performance of the ``positive`` call per month, per scanner and per
+    scanner and month (``trends``, for the page's charts), Cohen's kappa against the
+    radiologists' verdicts, the reliability diagram's points and the ROC curve of
+    all cases, as JSON-ready data; bootstrap resamples from ``seed`` (same ledger, same
     intervals). ValueError when nothing was assessed or ``positive`` is no class."""
     assessed = [i for i in found if i.probabilities is not None]
     if not assessed:
@@ -135,6 +136,7 @@ def site_performance(found: Sequence[Inference], positive: str, seed: int = 0) -
     rated = [(i.record["result"], i.record["verdict_class"]) for i in assessed if i.record["verdict_class"]]
     kappa = agreement(np.array([classes.index(m) for m, _ in rated], dtype=np.int64),
                       np.array([classes.index(r) for _, r in rated], dtype=np.int64), len(classes), rng)
+    per_scanner_month = trends(known, classes.index(positive), rng)  # after kappa: its interval stays as it was
     probabilities = np.array([c.probabilities for c in known]).reshape(len(known), len(classes))
     truth = np.array([c.truth for c in known], dtype=np.int64)
     points = reliability_bins(probabilities, truth, ECE_BINS) if known else []
@@ -143,20 +145,28 @@ def site_performance(found: Sequence[Inference], positive: str, seed: int = 0) -
                 else (np.zeros(0), np.zeros(0)))
     return {
         "positive": positive,
-        "performance": {kind: {name: {metric: asdict(e) for metric, e in metrics.items()}
-                               for name, metrics in groups.items()} for kind, groups in report.items()},
+        "performance": {kind: _as_json(groups) for kind, groups in report.items()},
         "agreement_with_radiologists": asdict(kappa),
+        "trends": {scanner: _as_json(months) for scanner, months in per_scanner_month.items()},
         "reliability": [{"share": share, "confidence": conf, "accuracy": acc} for share, conf, acc in points],
         "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
     }
 
 
+def _as_json(groups: Mapping[str, Report]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Named reports with their estimates as plain dicts, as JSON and CSV carry them."""
+    return {name: {metric: asdict(e) for metric, e in metrics.items()} for name, metrics in groups.items()}
+
+
 def performance_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`site_performance`'s figures as flat rows (group, name, metric, value,
-    low, high, n): the CSV a spreadsheet reads."""
+    low, high, n): the CSV a spreadsheet reads. The trends are the group
+    ``scanner_month``, named "<scanner> <YYYY-MM>"."""
+    by_scanner_month = {f"{scanner} {month}": metrics for scanner, months in report["trends"].items()
+                        for month, metrics in months.items()}
     rows = [{"group": kind, "name": name, "metric": metric, **estimate}
-            for kind, groups in report["performance"].items() for name, metrics in groups.items()
-            for metric, estimate in metrics.items()]
+            for kind, groups in {**report["performance"], "scanner_month": by_scanner_month}.items()
+            for name, metrics in groups.items() for metric, estimate in metrics.items()]
     rows.append({"group": "all", "name": "all", "metric": "kappa_with_radiologists",
                  **report["agreement_with_radiologists"]})
     return rows
