@@ -73,7 +73,7 @@ def _two_scanners(ledger: Ledger) -> None:
 def test_the_node_finds_a_drifted_scanner_and_not_a_steady_one(ledger: Ledger) -> None:
     _two_scanners(ledger)
     registry = CollectorRegistry()
-    watcher = DriftWatcher(ledger, DriftConfig(permutations=999))
+    watcher = DriftWatcher(ledger, DriftConfig())
     registry.register(MonitoringCollector(watcher))
     got = _metrics(registry)
     assert got[("sonocase_drift_studies", (("scanner", "Other Co Echo 2"),))] == 160
