@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
 
-from service.model.guard import FEATURES, bmode_statistics, calibrated, mahalanobis
+from service.model.guard import FEATURES, DomainGuard, bmode_statistics, calibrated, mahalanobis
 from service.model_card import CalibrationSpec, OodSpec
 from service.monitoring.classification import expected_calibration_error, reliability_bins
 from training.ood_sources import OodSource, ood_sources
@@ -161,18 +161,16 @@ def compare_detectors(fit: Scored, val: Scored, test: Scored, sources: Sequence[
 
 def guard_report(spec: OodSpec, test: Scored, sources: Sequence[OodSource]) -> dict[str, Any]:
     """The fitted guard on the held-out split and on each source."""
-    from service.model.guard import DomainGuard
-
     guard = DomainGuard(spec)
     inside = guard.score(test.images)
-    per_source = []
-    for source in sources:
-        scores = guard.score(source.images)
-        missed = [item for item, s in zip(source.items, scores, strict=True) if s <= spec.threshold]
-        per_source.append({"source": source.name, "held_out": source.held_out, "images": len(scores),
-                           "flagged": float(np.mean(scores > spec.threshold)), "auroc": auroc(inside, scores),
-                           "missed": missed})
-    held_out = np.concatenate([guard.score(s.images) for s in sources if s.held_out])
+    scores = {source.name: guard.score(source.images) for source in sources}
+    per_source = [{"source": source.name, "held_out": source.held_out, "images": len(scores[source.name]),
+                   "flagged": float(np.mean(scores[source.name] > spec.threshold)),
+                   "auroc": auroc(inside, scores[source.name]),
+                   "missed": [item for item, s in zip(source.items, scores[source.name], strict=True)
+                              if s <= spec.threshold]}
+                  for source in sources]
+    held_out = np.concatenate([scores[s.name] for s in sources if s.held_out])
     return {"method": spec.method, "threshold": spec.threshold, "percentile": spec.percentile,
             "test_flagged_fraction": float(np.mean(inside > spec.threshold)),
             "auroc_held_out": auroc(inside, held_out), "sources": per_source}

@@ -39,7 +39,6 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from service.datasets.records import Record
-from service.model.guard import calibrated
 from service.model_card import (
     DISCLAIMER,
     InputSpec,
@@ -390,7 +389,6 @@ def calibrate(onnx_path: Path, source: DataSource) -> dict[str, Any]:
     was trained with (rebuilt from ``source`` and the card's fractions and seed), write
     them into its card, and add the guard and calibration sections to the report
     beside it (``<stem>.report.json`` / ``.md``). The ONNX file is not touched."""
-    from service.monitoring.classification import expected_calibration_error
     from training.evaluate import guard_and_calibration, markdown_report
 
     raw = json.loads(card_path_for(onnx_path).read_text())  # read as data: a card of before has another guard
@@ -413,8 +411,7 @@ def calibrate(onnx_path: Path, source: DataSource) -> dict[str, Any]:
                                      onnx_path.with_suffix(".reliability.png"))
     report.update(sections)
     if "per_class" in report:
-        test_probs = calibrated(outputs(images[split.test])[0], calibration)
-        report["ece"] = expected_calibration_error(test_probs, labels[split.test])
+        report["ece"] = sections["calibration"]["held-out split"]["ece_after"]
         report.setdefault("plots", {})["reliability"] = onnx_path.with_suffix(".reliability.png").name
         report_path.write_text(json.dumps(report, indent=2) + "\n")
         onnx_path.with_suffix(".report.md").write_text(markdown_report(report))
