@@ -29,11 +29,11 @@ import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port  # noqa: E402  (the tests' helpers: one way to start a node)
-from test_reports_support import Storescp, start_storescp  # noqa: E402
-from worker_support import Process, serve, storescu, write_study  # noqa: E402
+from conftest import free_port
+from test_reports_support import Storescp, start_storescp
+from worker_support import Process, serve, storescu, write_study
 
-from service.settings import Settings, load_settings  # noqa: E402
+from service.settings import Settings, load_settings
 
 LABELS = ("normal", "benign", "malignant")
 #: Issue 13's targets for a 4-image study, quiet period excluded.
@@ -69,8 +69,9 @@ def wait_for_sr(pacs: Storescp, study_uid: str, seen: set[str], timeout: float =
     raise TimeoutError(f"no SR for {study_uid} within {timeout:.0f} s (see the node log)")
 
 
-def measure(settings: Settings, pacs: Storescp, peer: Storescp, work: Path, studies: int, images: int,
-            quiet: float) -> tuple[list[float], list[float]]:
+def measure(
+    settings: Settings, pacs: Storescp, peer: Storescp, work: Path, studies: int, images: int, quiet: float
+) -> tuple[list[float], list[float]]:
     """(ours, peer) seconds per study; the first study warms up and is not counted."""
     ours, theirs, seen = [], [], set()
     for n in range(studies + 1):
@@ -103,8 +104,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     pacs_port = free_port()
     settings = load_settings(
-        data_dir=work / "data", host="127.0.0.1", port=free_port(), http_port=0, quiet_period_s=args.quiet,
-        workers=1, destinations=f"STORESCP@127.0.0.1:{pacs_port}",
+        data_dir=work / "data",
+        host="127.0.0.1",
+        port=free_port(),
+        http_port=0,
+        quiet_period_s=args.quiet,
+        workers=1,
+        destinations=f"STORESCP@127.0.0.1:{pacs_port}",
     )
     index = Process(settings, "index", "build", "--synthetic", "2", log=work / "index.log")
     if index.proc.wait(600) != 0:
@@ -125,8 +131,10 @@ def main() -> None:
     print(f"  peer storescu -> storescp:      median {statistics.median(theirs):.3f} s, p95 {p95(theirs):.3f} s")
     print(f"  ratio (ours / peer), median:    {statistics.median(ours) / statistics.median(theirs):.1f}x")
     median_ok, p95_ok = statistics.median(ours) <= TARGET_MEDIAN_S, p95(ours) <= TARGET_P95_S
-    print(f"  target: median <= {TARGET_MEDIAN_S} s: {'met' if median_ok else 'NOT met'}; "
-          f"p95 <= {TARGET_P95_S} s: {'met' if p95_ok else 'NOT met'}")
+    print(
+        f"  target: median <= {TARGET_MEDIAN_S} s: {'met' if median_ok else 'NOT met'}; "
+        f"p95 <= {TARGET_P95_S} s: {'met' if p95_ok else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

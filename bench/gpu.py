@@ -30,7 +30,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.model_card import ModelCard  # noqa: E402
+from service.model_card import ModelCard
 
 SHIPPED = ROOT / "onnx_models" / "sonocase-hybrid.onnx"
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -62,8 +62,10 @@ def session(path: Path, provider: str) -> ort.InferenceSession:
 
 def images_per_second(sess: ort.InferenceSession, size: int, batch: int, rounds: int) -> float:
     rng = np.random.default_rng(0)
-    feeds = {"image": rng.standard_normal((batch, 1, size, size), dtype=np.float32),
-             "target_class": np.full(batch, -1, np.int64)}
+    feeds = {
+        "image": rng.standard_normal((batch, 1, size, size), dtype=np.float32),
+        "target_class": np.full(batch, -1, np.int64),
+    }
     for _ in range(2):  # first calls allocate and plan (cuDNN picks its algorithms)
         sess.run(None, feeds)
     times = []
@@ -81,11 +83,15 @@ def main() -> None:
     parser.add_argument("--cpu-rounds", type=int, default=3)
     args = parser.parse_args()
     if CUDA not in ort.get_available_providers():
-        raise SystemExit(f"ONNX Runtime {ort.__version__} has no CUDA provider here ({ort.get_available_providers()}): "
-                         "install onnxruntime-gpu on a machine with an NVIDIA GPU (bench/gpu.sh does)")
+        raise SystemExit(
+            f"ONNX Runtime {ort.__version__} has no CUDA provider here ({ort.get_available_providers()}): "
+            "install onnxruntime-gpu on a machine with an NVIDIA GPU (bench/gpu.sh does)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        models = [("shipped", SHIPPED, ModelCard.load(SHIPPED).input.height),
-                  ("hybrid w1.0 224", full_width_model(Path(tmp)), 224)]
+        models = [
+            ("shipped", SHIPPED, ModelCard.load(SHIPPED).input.height),
+            ("hybrid w1.0 224", full_width_model(Path(tmp)), 224),
+        ]
         print(f"onnxruntime {ort.__version__}, device {ort.get_device()}")
         print(f"{'model':<18}{'batch':>6}{'CUDA img/s':>12}{'CPU img/s':>11}{'CUDA/CPU':>10}")
         for name, path, size in models:

@@ -31,11 +31,11 @@ from pynetdicom.sop_class import UltrasoundImageStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-import attacks  # noqa: E402  (the tests' helpers: one definition of each attack)
-from attacks import Node  # noqa: E402
-from conftest import free_port  # noqa: E402
+import attacks
+from attacks import Node
+from conftest import free_port
 
-from service.ingest.rules import encode_file_meta  # noqa: E402
+from service.ingest.rules import encode_file_meta
 
 TOKEN = "bench-hostile-token-0123456789"
 #: The HTTP side on, with a token (status page, API, STOW-RS).
@@ -51,22 +51,28 @@ def huge_pdu(node: Node, connections: int, length: int) -> str:
         ends = [attacks.ended_by_peer(sock, 15) for sock in socks]
     closed = sum(end is not None for end in ends)
     aborts = sum(end is not None and attacks.abort_pdu(end) for end in ends)
-    return (f"PACS during: {'ok' if during else 'FAILED'}; {closed}/{connections} closed by the node "
-            f"({aborts} with A-ABORT) within {time.monotonic() - start:.1f} s of the store")
+    return (
+        f"PACS during: {'ok' if during else 'FAILED'}; {closed}/{connections} closed by the node "
+        f"({aborts} with A-ABORT) within {time.monotonic() - start:.1f} s of the store"
+    )
 
 
 def huge_pdu_stream(node: Node, streams: int, mb: int) -> str:
     """``streams`` peers each sending a 4 GiB PDU header, then up to ``mb`` MiB."""
     took: list[int] = []
-    senders = [threading.Thread(target=lambda: took.append(attacks.stream_after_huge_header(node.port, mb)))
-               for _ in range(streams)]
+    senders = [
+        threading.Thread(target=lambda: took.append(attacks.stream_after_huge_header(node.port, mb)))
+        for _ in range(streams)
+    ]
     for sender in senders:
         sender.start()
     during = node.pacs_stores()
     for sender in senders:
         sender.join()
-    return (f"{streams} streams of up to {mb} MB after a 4 GiB header: the node took {sum(took) / 2**20:.0f} MB "
-            f"before closing; PACS during: {'ok' if during else 'FAILED'}")
+    return (
+        f"{streams} streams of up to {mb} MB after a 4 GiB header: the node took {sum(took) / 2**20:.0f} MB "
+        f"before closing; PACS during: {'ok' if during else 'FAILED'}"
+    )
 
 
 def silent(node: Node, connections: int) -> str:
@@ -75,8 +81,10 @@ def silent(node: Node, connections: int) -> str:
         during = node.pacs_stores()
         start = time.monotonic()
         closed = sum(attacks.ended_by_peer(sock, 30) is not None for sock in socks)
-    return (f"PACS during: {'ok' if during else 'FAILED'}; {closed}/{connections} closed by the node "
-            f"within {time.monotonic() - start:.1f} s")
+    return (
+        f"PACS during: {'ok' if during else 'FAILED'}; {closed}/{connections} closed by the node "
+        f"within {time.monotonic() - start:.1f} s"
+    )
 
 
 def half_sent(node: Node, connections: int, give_up_s: float = 40) -> str:
@@ -95,7 +103,9 @@ def half_sent(node: Node, connections: int, give_up_s: float = 40) -> str:
         time.sleep(1)
     for assoc in assocs:
         assoc.abort()
-    after = "ok at once" if during else (f"ok after {recovered:.0f} s" if recovered else f"FAILED for {give_up_s:.0f} s")
+    after = (
+        "ok at once" if during else (f"ok after {recovered:.0f} s" if recovered else f"FAILED for {give_up_s:.0f} s")
+    )
     return f"{established}/{connections} attackers associated; PACS: {after}"
 
 
@@ -122,8 +132,10 @@ def deep_nesting_explicit(node: Node, depth: int) -> str:
 
 def large_together(node: Node, count: int, mb: int, resends: int = 3) -> str:
     """``count`` data sets of ``mb`` MiB sent at once, the refused ones sent again."""
-    raw = {sop: attacks.identifying_elements(sop) + attacks.pixel_data(mb << 20)
-           for sop in (generate_uid() for _ in range(count))}
+    raw = {
+        sop: attacks.identifying_elements(sop) + attacks.pixel_data(mb << 20)
+        for sop in (generate_uid() for _ in range(count))
+    }
     waiting, rounds = list(raw), []
     for _ in range(1 + resends):
         statuses: dict[str, int] = {}
@@ -133,6 +145,7 @@ def large_together(node: Node, count: int, mb: int, resends: int = 3) -> str:
                 statuses[sop] = attacks.send_data_set(node.port, raw[sop], sop, ExplicitVRLittleEndian)
             except AssertionError:  # stock engine: the association aborted
                 statuses[sop] = -1
+
         senders = [threading.Thread(target=send, args=(sop,)) for sop in waiting]
         for sender in senders:
             sender.start()
@@ -156,6 +169,7 @@ def echo_holders(node: Node, holders: int, tries: int, echo_every_s: float = 20)
             for assoc in assocs:
                 if assoc.is_established:
                     assoc.send_c_echo()
+
     threading.Thread(target=echo, daemon=True).start()
     try:
         stored = 0
@@ -167,28 +181,38 @@ def echo_holders(node: Node, holders: int, tries: int, echo_every_s: float = 20)
         stop.set()
         for assoc in assocs:
             assoc.abort()
-    return f"{held}/{holders} holders associated; PACS stored {stored}/{tries}; listen backlog " \
-           f"{attacks.listen_backlog(node.port)}"
+    return (
+        f"{held}/{holders} holders associated; PACS stored {stored}/{tries}; listen backlog "
+        f"{attacks.listen_backlog(node.port)}"
+    )
 
 
 # --- the HTTP side (issue 24) -------------------------------------------------------------------
+
 
 def http_flood(node: Node, request: bytes, drip_s: float, connections: int = 70, probes: int = 30) -> str:
     with attacks.http_flood(node.http_port, connections, request, drip_s) as opened:
         time.sleep(1)
         during = node.pacs_stores()
         answered = attacks.health_answered(node.http_port, probes, 1.0)
-    return (f"{connections} connections ({opened[0]} opened in all); /healthz answered {answered:.0%} of {probes} "
-            f"probes; PACS during: {'ok' if during else 'FAILED'}")
+    return (
+        f"{connections} connections ({opened[0]} opened in all); /healthz answered {answered:.0%} of {probes} "
+        f"probes; PACS during: {'ok' if during else 'FAILED'}"
+    )
 
 
 def stow_drip(node: Node, every_s: float = 8, give_up_s: float = 70) -> str:
     """A STOW-RS body, with the right token, sent one byte every ``every_s``."""
     held = attacks.drip_until_closed(
-        node.http_port, b"POST /studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: 100000"
+        node.http_port,
+        b"POST /studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: 100000"
         b'\r\nContent-Type: multipart/related; type="application/dicom"; boundary=b\r\n\r\n' % TOKEN.encode(),
-        every_s, give_up_s)
-    return f"a byte every {every_s:g} s: connection closed after {held:.0f} s" + (" (gave up)" if held >= give_up_s else "")
+        every_s,
+        give_up_s,
+    )
+    return f"a byte every {every_s:g} s: connection closed after {held:.0f} s" + (
+        " (gave up)" if held >= give_up_s else ""
+    )
 
 
 def stow_empty_parts(node: Node, parts: int) -> str:
@@ -198,8 +222,12 @@ def stow_empty_parts(node: Node, parts: int) -> str:
     conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=900)
     started = time.monotonic()
     try:
-        conn.request("POST", "/studies", body=body, headers=BEARER | {
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        conn.request(
+            "POST",
+            "/studies",
+            body=body,
+            headers=BEARER | {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+        )
         response = conn.getresponse()
         status, answer = response.status, response.read()
     except OSError as exc:
@@ -208,24 +236,36 @@ def stow_empty_parts(node: Node, parts: int) -> str:
         conn.close()
     took = time.monotonic() - started
     lines = len(node.log().splitlines()) - log_before
-    return (f"{parts} empty parts in {len(body) / 1e6:.1f} MB: HTTP {status} after {took:.1f} s, answer "
-            f"{len(answer) / 1e6:.2f} MB, {lines} log lines")
+    return (
+        f"{parts} empty parts in {len(body) / 1e6:.1f} MB: HTTP {status} after {took:.1f} s, answer "
+        f"{len(answer) / 1e6:.2f} MB, {lines} log lines"
+    )
 
 
 def stow_big_part(node: Node, mb: int) -> str:
     """One STOW-RS part whose Pixel Data is ``mb`` MiB (issue 24: 237 MB cost +327 MB)."""
     sop = generate_uid()
-    part = (encode_file_meta(UltrasoundImageStorage, sop, ExplicitVRLittleEndian, "BENCH")
-            + attacks.identifying_elements(sop) + attacks.pixel_data(mb << 20))
+    part = (
+        encode_file_meta(UltrasoundImageStorage, sop, ExplicitVRLittleEndian, "BENCH")
+        + attacks.identifying_elements(sop)
+        + attacks.pixel_data(mb << 20)
+    )
     body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--b--\r\n"
     del part
-    status, _ = _http(node, "POST", "/studies", BEARER | {
-        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}, body, timeout=600)
+    status, _ = _http(
+        node,
+        "POST",
+        "/studies",
+        BEARER | {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+        body,
+        timeout=600,
+    )
     return f"one part of {len(body) / 1e6:.0f} MB: HTTP {status}"
 
 
-def _http(node: Node, method: str, path: str, headers: dict[str, str], body: bytes | None = None,
-          timeout: float = 10) -> tuple[int, dict[str, str]]:
+def _http(
+    node: Node, method: str, path: str, headers: dict[str, str], body: bytes | None = None, timeout: float = 10
+) -> tuple[int, dict[str, str]]:
     conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=headers)
@@ -255,8 +295,10 @@ def csrf(node: Node) -> str:
     cross = _http(node, "POST", path, cookie | {"Sec-Fetch-Site": "cross-site"})[0]
     text = _http(node, "POST", path, cookie | {"Content-Type": "text/plain"}, b"x")[0]
     openapi = _http(node, "GET", "/api/openapi.json", {})[0]
-    return (f"session POST retry: no token {plain}, cross-site {cross}, text/plain {text} (404: it got through "
-            f"to an unknown study; 403: refused); /api/openapi.json without a token {openapi}")
+    return (
+        f"session POST retry: no token {plain}, cross-site {cross}, text/plain {text} (404: it got through "
+        f"to an unknown study; 403: refused); /api/openapi.json without a token {openapi}"
+    )
 
 
 #: name: (settings beyond the defaults, whether it attacks the HTTP side, the attack).
@@ -296,8 +338,11 @@ def main() -> None:
         settings, on_http, attack = ATTACKS[name]
         for engine in engines[:1] if on_http else engines:
             with tempfile.TemporaryDirectory(prefix="sonocase-hostile-") as work:
-                node = Node(Path(work), engine, {"SONOCASE_LOG_LEVEL": "WARNING", **settings,
-                                                 "SONOCASE_HTTP_PORT": str(free_port())})
+                node = Node(
+                    Path(work),
+                    engine,
+                    {"SONOCASE_LOG_LEVEL": "WARNING", **settings, "SONOCASE_HTTP_PORT": str(free_port())},
+                )
                 try:
                     with attacks.probing_health(node.http_port) as health:
                         outcome = attack(node, args)

@@ -67,8 +67,13 @@ def measure(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _runners(eager: SonoModel, explained: ExplainedModel, plain: ort.InferenceSession,
-             with_cam: ort.InferenceSession, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+def _runners(
+    eager: SonoModel,
+    explained: ExplainedModel,
+    plain: ort.InferenceSession,
+    with_cam: ort.InferenceSession,
+    x: torch.Tensor,
+) -> dict[str, Callable[[], object]]:
     """The four ways to get one batch's results (see the module docstring)."""
     target = torch.full((len(x),), -1, dtype=torch.int64)
     feeds = {"image": x.numpy(), "target_class": target.numpy()}
@@ -103,7 +108,9 @@ def bench(model: SonoModel, batch_sizes: list[int], rounds: int, threads: int) -
         with_cam = ort.InferenceSession(str(cam_path), options, providers=["CPUExecutionProvider"])
         rows = []
         for batch in batch_sizes:
-            x = torch.from_numpy(np.random.default_rng(batch).standard_normal((batch, 1, size, size)).astype(np.float32))
+            x = torch.from_numpy(
+                np.random.default_rng(batch).standard_normal((batch, 1, size, size)).astype(np.float32)
+            )
             seconds = measure(_runners(eager, explained, plain, with_cam, x), rounds)
             rows.append({"batch": batch, **{name: s * 1000 / batch for name, s in seconds.items()}})
     return rows
@@ -111,27 +118,37 @@ def bench(model: SonoModel, batch_sizes: list[int], rounds: int, threads: int) -
 
 def report(rows: list[dict[str, float]], description: str, threads: int) -> str:
     names = ["torch forward", "torch grad-cam", "ort forward", "ort grad-cam"]
-    lines = [f"# inference benchmark: {description}; {threads} thread(s); median ms/image", "",
-             "| batch | " + " | ".join(names) + " | ort cam / ort fwd | torch cam / ort cam | torch fwd / ort fwd |",
-             "|---" * 8 + "|"]
+    lines = [
+        f"# inference benchmark: {description}; {threads} thread(s); median ms/image",
+        "",
+        "| batch | " + " | ".join(names) + " | ort cam / ort fwd | torch cam / ort cam | torch fwd / ort fwd |",
+        "|---" * 8 + "|",
+    ]
     verdicts = []
     for row in rows:
         overhead = row["ort grad-cam"] / row["ort forward"]
         speedup = row["torch grad-cam"] / row["ort grad-cam"]
-        lines.append(f"| {int(row['batch'])} | " + " | ".join(f"{row[n]:.2f}" for n in names)
-                     + f" | {overhead:.3f} | {speedup:.2f} | {row['torch forward'] / row['ort forward']:.2f} |")
+        lines.append(
+            f"| {int(row['batch'])} | "
+            + " | ".join(f"{row[n]:.2f}" for n in names)
+            + f" | {overhead:.3f} | {speedup:.2f} | {row['torch forward'] / row['ort forward']:.2f} |"
+        )
         verdicts.append(
             f"batch {int(row['batch'])}: ORT Grad-CAM {overhead:.3f}x ORT forward "
             f"(target <= {TARGET_GRADCAM_OVER_FORWARD}: {'met' if overhead <= TARGET_GRADCAM_OVER_FORWARD else 'MISSED'}), "
             f"{speedup:.2f}x faster than PyTorch Grad-CAM "
-            f"(target >= {TARGET_SPEEDUP_OVER_TORCH}: {'met' if speedup >= TARGET_SPEEDUP_OVER_TORCH else 'MISSED'})")
+            f"(target >= {TARGET_SPEEDUP_OVER_TORCH}: {'met' if speedup >= TARGET_SPEEDUP_OVER_TORCH else 'MISSED'})"
+        )
     return "\n".join(lines + [""] + verdicts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="model.pt from 'sonocase train' (default: the shipped card's "
-                        "architecture with fresh weights)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="model.pt from 'sonocase train' (default: the shipped card's architecture with fresh weights)",
+    )
     parser.add_argument("--card", type=Path, default=SHIPPED, help="ONNX file whose card names the architecture")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=30)

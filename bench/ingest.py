@@ -37,8 +37,8 @@ from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port  # noqa: E402  (the tests' helpers: one way to start a node)
-from dicom_peers import NodeProcess  # noqa: E402
+from conftest import free_port
+from dicom_peers import NodeProcess
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 SOURCE = "US1_UNCR.dcm"  # 640x480 RGB ultrasound, explicit VR little endian, 0.92 MB
@@ -65,9 +65,12 @@ def storescu(port: int, called: str, files: list[Path], associations: int) -> fl
     groups = [files[i::associations] for i in range(associations)]
     start = time.perf_counter()
     procs = [
-        subprocess.Popen([
-            "/usr/bin/storescu", "-xe", "-aec", called, "127.0.0.1", str(port), *map(str, group)
-        ], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            ["/usr/bin/storescu", "-xe", "-aec", called, "127.0.0.1", str(port), *map(str, group)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for group in groups
     ]
     errors = [p.communicate()[1] for p in procs]
@@ -84,8 +87,9 @@ def run_storescp(work: Path, files: list[Path]) -> float:
     proc = subprocess.Popen(["/usr/bin/storescp", "-od", str(out), str(port)], env=DCMTK_ENV)
     try:
         deadline = time.monotonic() + 10
-        while subprocess.run(["/usr/bin/echoscu", "127.0.0.1", str(port)], env=DCMTK_ENV,
-                             capture_output=True).returncode:
+        while subprocess.run(
+            ["/usr/bin/echoscu", "127.0.0.1", str(port)], env=DCMTK_ENV, capture_output=True
+        ).returncode:
             if time.monotonic() > deadline:
                 raise RuntimeError("storescp did not start")
             time.sleep(0.05)
@@ -100,12 +104,20 @@ def run_storescp(work: Path, files: list[Path]) -> float:
 
 def run_node(work: Path, *, files: list[Path], engine: str, durability: str, associations: int) -> float:
     port, data = free_port(), work / f"node-{durability}"
-    node = NodeProcess({
-        "SONOCASE_HOST": "127.0.0.1", "SONOCASE_PORT": str(port), "SONOCASE_DATA_DIR": str(data),
-        "SONOCASE_DURABILITY": durability, "SONOCASE_HTTP_PORT": "0", "SONOCASE_WORKERS": "0",
-        "SONOCASE_MAX_PENDING_STUDIES": str(len(files) + 1), "SONOCASE_LOG_LEVEL": "WARNING",
-        "SONOCASE_RECEIVER_ENGINE": engine,
-    }, log=work / f"node-{durability}.log")
+    node = NodeProcess(
+        {
+            "SONOCASE_HOST": "127.0.0.1",
+            "SONOCASE_PORT": str(port),
+            "SONOCASE_DATA_DIR": str(data),
+            "SONOCASE_DURABILITY": durability,
+            "SONOCASE_HTTP_PORT": "0",
+            "SONOCASE_WORKERS": "0",
+            "SONOCASE_MAX_PENDING_STUDIES": str(len(files) + 1),
+            "SONOCASE_LOG_LEVEL": "WARNING",
+            "SONOCASE_RECEIVER_ENGINE": engine,
+        },
+        log=work / f"node-{durability}.log",
+    )
     try:
         elapsed = storescu(port, "SONOCASE", files, associations)
     finally:
@@ -161,8 +173,9 @@ def main() -> None:
             for label, durability in (("(b)", "none"), ("(c)", "fsync")):
                 for assocs in (1, n):
                     name = node_row(label, engine, assocs)
-                    targets[name] = partial(run_node, files=files, engine=engine, durability=durability,
-                                            associations=assocs)
+                    targets[name] = partial(
+                        run_node, files=files, engine=engine, durability=durability, associations=assocs
+                    )
         rates: dict[str, list[float]] = {name: [] for name in targets}
         for round_no in range(args.rounds):
             for name, target in targets.items():
@@ -181,14 +194,17 @@ def main() -> None:
         print(f"  {name:36s} {value:7.1f}   ({spread})")
     a, d = median["(a) storescp"], median["(d) write+fsync loop"]
     for engine in engines:
+
         def row(label: str, assocs: int, engine: str = engine) -> float:
             return median[node_row(label, engine, assocs)]
 
         print(f"\n{engine} engine:")
         print(f"  (b)/(a) = {row('(b)', 1) / a:.2f}  (target >= 0.5)")
         print(f"  (c)/(d) = {row('(c)', 1) / d:.2f}")
-        print(f"  {n} associations: (c)/(b) = {row('(c)', n) / row('(b)', n):.2f}  (target >= 0.8), "
-              f"(b)/(a) = {row('(b)', n) / a:.2f}")
+        print(
+            f"  {n} associations: (c)/(b) = {row('(c)', n) / row('(b)', n):.2f}  (target >= 0.8), "
+            f"(b)/(a) = {row('(b)', n) / a:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -81,8 +81,9 @@ def cases(patients: int, size: int, seed: int) -> tuple[list[Case], int]:
             info = study_info(seed, index, patient)
             mm_per_px = 10.0 * info.depth_cm / size
             for number, view in enumerate(patient_views(seed, index, patient, size), start=1):
-                header = ultrasound_image(view.image, info, instance_number=number,
-                                          sop_instance_uid=f"2.25.{number}", variant="mono")
+                header = ultrasound_image(
+                    view.image, info, instance_number=number, sop_instance_uid=f"2.25.{number}", variant="mono"
+                )
                 region = ultrasound_region(header)
                 assert region is not None, "a synthetic image always has its picture's region"
                 for lesion, mask in zip(view.lesions, view.masks, strict=True):
@@ -93,8 +94,9 @@ def cases(patients: int, size: int, seed: int) -> tuple[list[Case], int]:
                     measured = measure_lesion(mask, (region[0], region[1]), header)
                     assert measured is not None and measured.long_axis and measured.short_axis, measured
                     true_long, true_short = true_axes(margin, mm_per_px)
-                    found.append(Case(label, true_long, measured.long_axis.length_mm,
-                                      true_short, measured.short_axis.length_mm))
+                    found.append(
+                        Case(label, true_long, measured.long_axis.length_mm, true_short, measured.short_axis.length_mm)
+                    )
     return found, cut
 
 
@@ -103,12 +105,19 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def report(found: list[Case], cut: int, size: int, seed: int) -> str:
-    lines = [f"# lesion measurement benchmark: phantom {size} px, seed {seed}, true masks; "
-             f"{len(found)} lesions measured, {cut} cut by the picture's edge left out", "",
-             "| lesions | n | true long axis mm (median) | long-axis error mm median / p90 | % median / p90 "
-             "| short-axis error mm median / p90 |", "|---" * 6 + "|"]
-    groups = {"benign": [c for c in found if c.label == "benign"],
-              "malignant": [c for c in found if c.label == "malignant"], "all": found}
+    lines = [
+        f"# lesion measurement benchmark: phantom {size} px, seed {seed}, true masks; "
+        f"{len(found)} lesions measured, {cut} cut by the picture's edge left out",
+        "",
+        "| lesions | n | true long axis mm (median) | long-axis error mm median / p90 | % median / p90 "
+        "| short-axis error mm median / p90 |",
+        "|---" * 6 + "|",
+    ]
+    groups = {
+        "benign": [c for c in found if c.label == "benign"],
+        "malignant": [c for c in found if c.label == "malignant"],
+        "all": found,
+    }
     for name, group in groups.items():
         if not group:
             continue
@@ -119,12 +128,16 @@ def report(found: list[Case], cut: int, size: int, seed: int) -> str:
             f"| {name} | {len(group)} | {statistics.median(c.true_long for c in group):.1f} "
             f"| {statistics.median(long_mm):.2f} / {_percentile(long_mm, 90):.2f} "
             f"| {statistics.median(long_pc):.1f} / {_percentile(long_pc, 90):.1f} "
-            f"| {statistics.median(short_mm):.2f} / {_percentile(short_mm, 90):.2f} |")
+            f"| {statistics.median(short_mm):.2f} / {_percentile(short_mm, 90):.2f} |"
+        )
     median_mm = statistics.median(c.long_error_mm for c in found)
     median_pc = statistics.median(c.long_error_percent for c in found)
     met = median_mm <= TARGET_MEDIAN_MM and median_pc <= TARGET_MEDIAN_PERCENT
-    lines += ["", f"median long-axis error {median_mm:.2f} mm, {median_pc:.1f} % "
-              f"(target <= {TARGET_MEDIAN_MM} mm and <= {TARGET_MEDIAN_PERCENT} %: {'met' if met else 'MISSED'})"]
+    lines += [
+        "",
+        f"median long-axis error {median_mm:.2f} mm, {median_pc:.1f} % "
+        f"(target <= {TARGET_MEDIAN_MM} mm and <= {TARGET_MEDIAN_PERCENT} %: {'met' if met else 'MISSED'})",
+    ]
     return "\n".join(lines)
 
 

@@ -45,13 +45,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.datasets.phantom import DEFAULT_SCANNER, Scanner  # noqa: E402
-from service.datasets.records import CLASSES  # noqa: E402
-from service.datasets.synthetic import patient_views  # noqa: E402
-from service.model.imaging import model_input  # noqa: E402
-from service.model.inference import OnnxModel  # noqa: E402
-from service.monitoring.drift import DriftConfig, WindowDrift, guard_unit, study_embeddings, watch  # noqa: E402
-from service.monitoring.performance import Report, performance  # noqa: E402
+from service.datasets.phantom import DEFAULT_SCANNER, Scanner
+from service.datasets.records import CLASSES
+from service.datasets.synthetic import patient_views
+from service.model.imaging import model_input
+from service.model.inference import OnnxModel
+from service.monitoring.drift import DriftConfig, WindowDrift, guard_unit, study_embeddings, watch
+from service.monitoring.performance import Report, performance
 
 SHIPPED = ROOT / "onnx_models" / "sonocase-hybrid.onnx"
 CACHE = ROOT / ".cache" / "bench-monitoring"
@@ -113,9 +113,18 @@ class Pool:
 def model_outputs(model: OnnxModel, scanner: Scanner, size: int, pool_seed: int, cache: Path) -> dict[str, np.ndarray]:
     """The model's outputs per rendered image of ``size`` studies on ``scanner``
     (``study`` says whose), from the cache when there."""
-    key = json.dumps({"card": model.card.model_dump(mode="json"), "scanner": asdict(scanner), "size": size,
-                      "seed": pool_seed, "prevalence": PREVALENCE, "render": RENDER_SIZE,
-                      "outputs": 2}, sort_keys=True)
+    key = json.dumps(
+        {
+            "card": model.card.model_dump(mode="json"),
+            "scanner": asdict(scanner),
+            "size": size,
+            "seed": pool_seed,
+            "prevalence": PREVALENCE,
+            "render": RENDER_SIZE,
+            "outputs": 2,
+        },
+        sort_keys=True,
+    )
     path = cache / f"outputs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         with np.load(path) as saved:
@@ -127,9 +136,14 @@ def model_outputs(model: OnnxModel, scanner: Scanner, size: int, pool_seed: int,
             batch.append(model_input(view.image, model.card.input))
             study.append(index)
     prediction = model.run(np.stack(batch))
-    outputs = {"embedding": prediction.embedding, "probabilities": prediction.probabilities,
-               "out_of_domain": prediction.out_of_distribution, "guard_score": prediction.ood_distance,
-               "study": np.asarray(study), "labels": labels}
+    outputs = {
+        "embedding": prediction.embedding,
+        "probabilities": prediction.probabilities,
+        "out_of_domain": prediction.out_of_distribution,
+        "guard_score": prediction.ood_distance,
+        "study": np.asarray(study),
+        "labels": labels,
+    }
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part.npz")
     np.savez(partial, **outputs)
@@ -151,10 +165,14 @@ def make_pool(model: OnnxModel, scanner: Scanner, size: int, pool_seed: int, cac
         best = images[np.argmax(rank[images])]
         if np.isfinite(rank[best]):
             predicted[s], decisive[s] = probabilities[best].argmax(), probabilities[best]
-    return Pool(embedding=study_embeddings(out["embedding"], study),
-                guard=np.array([guard_unit(out["guard_score"][study == s]) for s in range(size)]),
-                out_of_domain=np.bincount(study, weights=ood) / np.bincount(study),
-                predicted=predicted, probabilities=decisive, truth=out["labels"].astype(np.int64))
+    return Pool(
+        embedding=study_embeddings(out["embedding"], study),
+        guard=np.array([guard_unit(out["guard_score"][study == s]) for s in range(size)]),
+        out_of_domain=np.bincount(study, weights=ood) / np.bincount(study),
+        predicted=predicted,
+        probabilities=decisive,
+        truth=out["labels"].astype(np.int64),
+    )
 
 
 def concatenate(a: Pool, b: Pool) -> Pool:
@@ -174,10 +192,11 @@ def run_seed(seed: int, scenario: Scenario, before: Pool, after: Pool, config: D
     """One site history: pre-change days drawn from ``before``, the rest from ``after``."""
     rng = np.random.default_rng(seed)
     change = scenario.change_index
-    stream = concatenate(before.take(rng.choice(len(before.truth), change, replace=False)),
-                         after.take(rng.choice(len(after.truth), scenario.studies - change, replace=False)))
-    windows = watch(stream.embedding, stream.guard, stream.out_of_domain, stream.predicted, len(CLASSES), config,
-                    rng)
+    stream = concatenate(
+        before.take(rng.choice(len(before.truth), change, replace=False)),
+        after.take(rng.choice(len(after.truth), scenario.studies - change, replace=False)),
+    )
+    windows = watch(stream.embedding, stream.guard, stream.out_of_domain, stream.predicted, len(CLASSES), config, rng)
     early = [w.end for w in windows if w.alarm and w.end <= change]
     late = [w.end - change for w in windows if w.alarm and w.end > change]
     return SeedResult(seed, early[0] if early else None, late[0] if late else None, windows, stream)
@@ -190,8 +209,9 @@ def summary_line(results: list[SeedResult]) -> str:
     median = statistics.median(delays) if delays else float("nan")
     worst = str(max(delays)) if len(delays) == len(results) else "never"
     false_alarms = sum(r.false_alarm_at is not None for r in results)
-    return (f"detection delay median {median:g} studies (max {worst}), "
-            f"false alarms {false_alarms} of {len(results)} seeds")
+    return (
+        f"detection delay median {median:g} studies (max {worst}), false alarms {false_alarms} of {len(results)} seeds"
+    )
 
 
 def phase_report(result: SeedResult, change: int) -> str:
@@ -200,8 +220,10 @@ def phase_report(result: SeedResult, change: int) -> str:
     for name, rows in (("before", slice(0, change)), ("after", slice(change, None))):
         predicted = result.stream.predicted[rows]
         mix = np.bincount(predicted[predicted >= 0], minlength=len(CLASSES)) / len(predicted)
-        parts.append(f"{name}: out-of-domain {result.stream.out_of_domain[rows].mean():.1%}, predicted "
-                     + "/".join(f"{v:.0%}" for v in mix))
+        parts.append(
+            f"{name}: out-of-domain {result.stream.out_of_domain[rows].mean():.1%}, predicted "
+            + "/".join(f"{v:.0%}" for v in mix)
+        )
     return "; ".join(parts)
 
 
@@ -215,8 +237,9 @@ def assessed_report(pool: Pool, rng: np.random.Generator) -> Report:
     return performance(pool.probabilities[assessed], pool.truth[assessed], MALIGNANT, rng)
 
 
-def real_world(result: SeedResult, scenario: Scenario, truth: dict[str, Report],
-               rng: np.random.Generator) -> tuple[str, int, int]:
+def real_world(
+    result: SeedResult, scenario: Scenario, truth: dict[str, Report], rng: np.random.Generator
+) -> tuple[str, int, int]:
     """The real-world figures the node would show at the end of the history (only
     studies whose outcome has arrived), before and after the swap; how many of
     their intervals hold the simulation's truth (the figure on the whole pool)."""
@@ -233,9 +256,11 @@ def real_world(result: SeedResult, scenario: Scenario, truth: dict[str, Report],
                 checked += 1
                 covered += estimate.low <= true <= estimate.high
         sens, spec = got["sensitivity"], got["specificity"]
-        parts.append(f"{name} ({len(rows)} outcomes): sensitivity {sens.value:.2f} [{sens.low:.2f}, {sens.high:.2f}] "
-                     f"(truth {truth[name]['sensitivity'].value:.2f}), specificity {spec.value:.2f} "
-                     f"[{spec.low:.2f}, {spec.high:.2f}] (truth {truth[name]['specificity'].value:.2f})")
+        parts.append(
+            f"{name} ({len(rows)} outcomes): sensitivity {sens.value:.2f} [{sens.low:.2f}, {sens.high:.2f}] "
+            f"(truth {truth[name]['sensitivity'].value:.2f}), specificity {spec.value:.2f} "
+            f"[{spec.low:.2f}, {spec.high:.2f}] (truth {truth[name]['specificity'].value:.2f})"
+        )
     return "; ".join(parts), covered, checked
 
 
@@ -254,12 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     change = scenario.change_index
     before = make_pool(model, DEFAULT_SCANNER, int(change * (1 + scenario.spare)), 1, args.cache)
     after = make_pool(model, PROBE_SWAP, int((scenario.studies - change) * (1 + scenario.spare)), 2, args.cache)
-    print(f"pools: {len(before.truth)} studies before, {len(after.truth)} after the swap "
-          f"({time.perf_counter() - started:.0f} s); {scenario.days} days x {scenario.per_day} studies, "
-          f"swap on day {scenario.change_day} (study {change}); reference {config.reference_size}, "
-          f"window {config.window_size} every {config.step}, alpha {config.alpha}, {config.permutations} permutations")
-    truth = {"before": assessed_report(before, np.random.default_rng(0)),
-             "after": assessed_report(after, np.random.default_rng(0))}
+    print(
+        f"pools: {len(before.truth)} studies before, {len(after.truth)} after the swap "
+        f"({time.perf_counter() - started:.0f} s); {scenario.days} days x {scenario.per_day} studies, "
+        f"swap on day {scenario.change_day} (study {change}); reference {config.reference_size}, "
+        f"window {config.window_size} every {config.step}, alpha {config.alpha}, {config.permutations} permutations"
+    )
+    truth = {
+        "before": assessed_report(before, np.random.default_rng(0)),
+        "after": assessed_report(after, np.random.default_rng(0)),
+    }
     results, covered, checked = [], 0, 0
     for seed in range(seeds):
         result = run_seed(seed, scenario, before, after, config)

@@ -36,14 +36,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port  # noqa: E402  (the tests' helpers: one way to start a node)
-from worker_support import PrivateRedis, serve, storescu, write_study  # noqa: E402
+from conftest import free_port
+from worker_support import PrivateRedis, serve, storescu, write_study
 
-from service.common.spool import instance_path  # noqa: E402
-from service.ledger import Ledger  # noqa: E402
-from service.model.inference import OnnxModel  # noqa: E402
-from service.pipeline.analysis import analyse_study  # noqa: E402
-from service.settings import Settings, load_settings  # noqa: E402
+from service.common.spool import instance_path
+from service.ledger import Ledger
+from service.model.inference import OnnxModel
+from service.pipeline.analysis import analyse_study
+from service.settings import Settings, load_settings
 
 LABELS = ("normal", "benign", "malignant")
 QUIET_S = 0.5
@@ -62,8 +62,15 @@ def make_studies(folder: Path, count: int, images: int, first_seed: int) -> list
 
 
 def node_settings(data_dir: Path, **overrides: Any) -> Settings:
-    return load_settings(data_dir=data_dir, host="127.0.0.1", port=free_port(), http_port=0,
-                         quiet_period_s=QUIET_S, durability="fsync", **overrides)
+    return load_settings(
+        data_dir=data_dir,
+        host="127.0.0.1",
+        port=free_port(),
+        http_port=0,
+        quiet_period_s=QUIET_S,
+        durability="fsync",
+        **overrides,
+    )
 
 
 def ledger_rows(settings: Settings, study_uids: list[str]) -> list[dict]:
@@ -87,8 +94,7 @@ def wait_analysed(settings: Settings, study_uids: list[str], timeout: float = 60
 def latencies(settings: Settings, studies: list[tuple[str, list[Path]]], log: Path) -> dict[str, list[float]]:
     """Send studies one at a time; per study, seconds of each hop from the ledger."""
     node = serve(settings, log)
-    hops: dict[str, list[float]] = {"total": [], "last instance->complete": [], "complete->claimed": [],
-                                    "analysis": []}
+    hops: dict[str, list[float]] = {"total": [], "last instance->complete": [], "complete->claimed": [], "analysis": []}
     try:
         warm_up, paths = studies[-1]  # the worker process starts and loads the model: not measured
         storescu(settings, paths)
@@ -132,8 +138,9 @@ def wait_queued(settings: Settings, study_uids: list[str], timeout: float = 600)
         time.sleep(0.05)
 
 
-def throughput(settings: Settings, studies: list[tuple[str, list[Path]]], images: int,
-               log: Path) -> tuple[float, float]:
+def throughput(
+    settings: Settings, studies: list[tuple[str, list[Path]]], images: int, log: Path
+) -> tuple[float, float]:
     """Images per second, first claim to last result, with every study already
     waiting in the (embedded, persistent) queue: a node without workers receives
     and queues them, then a node with ``settings.workers`` processes drains it."""
@@ -181,31 +188,49 @@ def main() -> None:
             redis.stop()
         peer = in_process(embedded, studies)
 
-        print(f"\nlast C-STORE -> result in ledger, {args.studies} studies of {args.images} images, "
-              f"quiet period ({QUIET_S} s) excluded, model {embedded.model_path.name}, 1 worker process")
+        print(
+            f"\nlast C-STORE -> result in ledger, {args.studies} studies of {args.images} images, "
+            f"quiet period ({QUIET_S} s) excluded, model {embedded.model_path.name}, 1 worker process"
+        )
         print(f"  {'in-process analyse_study (peer)':34s} {summary(peer)}")
         for mode, hops in results.items():
-            print(f"  {mode:34s} {summary(hops['total'])}   ratio to peer (median) "
-                  f"{statistics.median(hops['total']) / statistics.median(peer):5.1f}x")
-            print("      " + "   ".join(f"{hop} {statistics.median(v) * 1000:.0f} ms"
-                                        for hop, v in hops.items() if hop != "total"))
+            print(
+                f"  {mode:34s} {summary(hops['total'])}   ratio to peer (median) "
+                f"{statistics.median(hops['total']) / statistics.median(peer):5.1f}x"
+            )
+            print(
+                "      "
+                + "   ".join(f"{hop} {statistics.median(v) * 1000:.0f} ms" for hop, v in hops.items() if hop != "total")
+            )
         for mode, hops in results.items():
             lag = statistics.median(hops["last instance->complete"]) - QUIET_S
-            print(f"  target: completion lag beyond the quiet period ({mode}) {lag * 1000:.0f} ms "
-                  f"<= {TARGET_COMPLETION_LAG_S * 1000:.0f} ms: {verdict(lag <= TARGET_COMPLETION_LAG_S)}")
+            print(
+                f"  target: completion lag beyond the quiet period ({mode}) {lag * 1000:.0f} ms "
+                f"<= {TARGET_COMPLETION_LAG_S * 1000:.0f} ms: {verdict(lag <= TARGET_COMPLETION_LAG_S)}"
+            )
 
         bulk = make_studies(work / "bulk", args.throughput_studies, args.images, first_seed=9000)
-        rates = {n: throughput(node_settings(work / f"throughput-{n}", workers=n), bulk, args.images,
-                               work / f"throughput-{n}.log") for n in (1, 2)}
-        print(f"\nthroughput, {args.throughput_studies} studies of {args.images} images waiting in the queue "
-              f"(embedded broker; analysis + reports per study)")
+        rates = {
+            n: throughput(
+                node_settings(work / f"throughput-{n}", workers=n), bulk, args.images, work / f"throughput-{n}.log"
+            )
+            for n in (1, 2)
+        }
+        print(
+            f"\nthroughput, {args.throughput_studies} studies of {args.images} images waiting in the queue "
+            f"(embedded broker; analysis + reports per study)"
+        )
         for n, (rate, per_image) in rates.items():
-            print(f"  {n} worker process{'es' if n > 1 else '':2s} {rate:7.1f} images/s   "
-                  f"analysis stage alone {per_image * 1000:5.1f} ms per image (median)")
+            print(
+                f"  {n} worker process{'es' if n > 1 else '':2s} {rate:7.1f} images/s   "
+                f"analysis stage alone {per_image * 1000:5.1f} ms per image (median)"
+            )
         share = rates[1][0] * rates[1][1]  # images/s of one worker / images/s of its analysis stage alone
         scaling = rates[2][0] / rates[1][0]
-        print(f"  target: one worker / analysis stage alone {share:.2f} >= {TARGET_MODEL_SHARE}: "
-              f"{verdict(share >= TARGET_MODEL_SHARE)}")
+        print(
+            f"  target: one worker / analysis stage alone {share:.2f} >= {TARGET_MODEL_SHARE}: "
+            f"{verdict(share >= TARGET_MODEL_SHARE)}"
+        )
         print(f"  target: two workers / one {scaling:.2f} >= {TARGET_SCALING}: {verdict(scaling >= TARGET_SCALING)}")
     finally:
         if not args.keep:

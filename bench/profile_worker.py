@@ -23,11 +23,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from worker_support import receive  # noqa: E402  (the tests' helper: store as the receiver does)
+from worker_support import receive
 
-from service.datasets.synthetic import synthetic_study  # noqa: E402
-from service.pipeline.tasks import WorkerState, process_study  # noqa: E402
-from service.settings import load_settings  # noqa: E402
+from service.datasets.synthetic import synthetic_study
+from service.pipeline.tasks import WorkerState, process_study
+from service.settings import load_settings
 
 LABELS = ("normal", "benign", "malignant")
 
@@ -42,13 +42,14 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sonocase-profile-"))
     try:
-        settings = load_settings(data_dir=work, http_port=0, durability="fsync",
-                                 destinations="PACS@127.0.0.1:11113")
+        settings = load_settings(data_dir=work, http_port=0, durability="fsync", destinations="PACS@127.0.0.1:11113")
         state = WorkerState(settings)
         state.open()
         ledger = state.ledger
-        uids = [receive(settings, ledger, synthetic_study(args.images, LABELS[k % 3], seed=700 + k, index=k))
-                for k in range(args.studies + 1)]
+        uids = [
+            receive(settings, ledger, synthetic_study(args.images, LABELS[k % 3], seed=700 + k, index=k))
+            for k in range(args.studies + 1)
+        ]
         process_study(state, uids[0])  # warm-up: ONNX Runtime arenas, imports, fonts
         profile = cProfile.Profile()
         stages: dict[str, list[float]] = {"analysis": [], "reports": [], "total": []}
@@ -67,8 +68,10 @@ def main() -> None:
             stages["total"].append(total)
         print(f"{args.studies} studies of {args.images} images, one process, model {settings.model_path.name}")
         for stage, values in stages.items():
-            print(f"  {stage:9s} median {statistics.median(values) * 1000:7.1f} ms per study "
-                  f"({statistics.median(values) * 1000 / args.images:6.1f} ms per image)")
+            print(
+                f"  {stage:9s} median {statistics.median(values) * 1000:7.1f} ms per study "
+                f"({statistics.median(values) * 1000 / args.images:6.1f} ms per image)"
+            )
         if not args.no_profile:
             pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
     finally:

@@ -107,7 +107,7 @@ class Clusters:
             order = np.argsort(which, kind="stable")
             starts = np.searchsorted(which[order], np.arange(len(self.centres) + 1))
             for c in range(len(self.centres)):
-                members = order[starts[c]:starts[c + 1]]
+                members = order[starts[c] : starts[c + 1]]
                 rows[members] += (rng.standard_normal((len(members), self.scales.size)) * self.scales) @ self.bases[c]
         return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
@@ -125,8 +125,9 @@ print(rss() - before)
 
 def graph_memory_mb(path: Path, dim: int) -> float:
     """Resident memory a fresh process needs to hold the loaded graph."""
-    out = subprocess.run([sys.executable, "-c", _LOAD_RSS, str(path), str(dim)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_RSS, str(path), str(dim)], check=True, capture_output=True, text=True
+    )
     return float(out.stdout)
 
 
@@ -136,12 +137,12 @@ def exact_top(data: np.ndarray, queries: np.ndarray, k: int, batch: int = 100) -
     ids = np.empty((len(queries), k), dtype=np.int64)
     kth = np.empty(len(queries))
     for start in range(0, len(queries), batch):
-        sims = queries[start:start + batch] @ data.T
+        sims = queries[start : start + batch] @ data.T
         part = np.argpartition(-sims, k, axis=1)[:, :k]
         top = np.take_along_axis(sims, part, axis=1)
         order = np.argsort(-top, axis=1)
-        ids[start:start + batch] = np.take_along_axis(part, order, axis=1)
-        kth[start:start + batch] = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * top.min(axis=1).astype(np.float64)))
+        ids[start : start + batch] = np.take_along_axis(part, order, axis=1)
+        kth[start : start + batch] = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * top.min(axis=1).astype(np.float64)))
     return ids, kth
 
 
@@ -185,17 +186,33 @@ def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[Row]:
     t = time.perf_counter()
     np.save(npy, data)
     save_s = time.perf_counter() - t
-    rows.append(Row("exact numpy, 1 query", 1.0, 1.0, *percentiles_ms(exact_times), build_s=save_s,
-                    memory_mb=data.nbytes / 2**20, file_mb=npy.stat().st_size / 2**20))
+    rows.append(
+        Row(
+            "exact numpy, 1 query",
+            1.0,
+            1.0,
+            *percentiles_ms(exact_times),
+            build_s=save_s,
+            memory_mb=data.nbytes / 2**20,
+            file_mb=npy.stat().st_size / 2**20,
+        )
+    )
     rows.append(Row("exact numpy, batch of 100", 1.0, 1.0, batched_per_query * 1000, batched_per_query * 1000))
     npy.unlink()
 
     # --- our index: build through the real add() --------------------------------
     directory = workdir / f"index-{n}"
     entries = [
-        IndexEntry(embedding=v, sop_instance_uid=f"2.25.{i}", series_uid=f"2.25.1{i // IMAGES_PER_STUDY}",
-                   study_uid=f"2.25.2{i // IMAGES_PER_STUDY}", sop_class_uid=US_CLASS, label="benign",
-                   label_source="radiologist", confirmed=True)
+        IndexEntry(
+            embedding=v,
+            sop_instance_uid=f"2.25.{i}",
+            series_uid=f"2.25.1{i // IMAGES_PER_STUDY}",
+            study_uid=f"2.25.2{i // IMAGES_PER_STUDY}",
+            sop_class_uid=US_CLASS,
+            label="benign",
+            label_source="radiologist",
+            confirmed=True,
+        )
         for i, v in enumerate(data)
     ]
     index = SimilarCaseIndex(directory, MODEL)
@@ -212,7 +229,9 @@ def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[Row]:
     for ef in args.ef:
         graph.set_ef(ef)
         labels, squared = graph.knn_query(queries, k=K, num_threads=1)
-        recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(labels.tolist(), truth.tolist(), strict=True)]))
+        recall = float(
+            np.mean([len(set(a) & set(b)) / K for a, b in zip(labels.tolist(), truth.tolist(), strict=True)])
+        )
         recall_ties = float(np.mean(np.sqrt(np.maximum(squared, 0)) <= kth[:, None] + TIE_EPSILON))
         times = []
         for q in queries:
@@ -220,8 +239,17 @@ def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[Row]:
             graph.knn_query(q, k=K, num_threads=1)
             times.append(time.perf_counter() - t)
         mark = "*" if ef == DEFAULT_EF else ""
-        rows.append(Row(f"hnswlib ef={ef}{mark}", recall, recall_ties, *percentiles_ms(times), build_s=build_s,
-                        memory_mb=graph_mb, file_mb=info.vectors_bytes / 2**20))
+        rows.append(
+            Row(
+                f"hnswlib ef={ef}{mark}",
+                recall,
+                recall_ties,
+                *percentiles_ms(times),
+                build_s=build_s,
+                memory_mb=graph_mb,
+                file_mb=info.vectors_bytes / 2**20,
+            )
+        )
     del graph
 
     times = []
@@ -230,8 +258,15 @@ def bench_size(n: int, args: argparse.Namespace, workdir: Path) -> list[Row]:
         found = index.query(q, 5, exclude_study_uid=f"2.25.2{i}")
         times.append(time.perf_counter() - t)
         assert len(found) == 5
-    rows.append(Row(f"SimilarCaseIndex.query ef={DEFAULT_EF}, 5 studies", None, None, *percentiles_ms(times),
-                    file_mb=sum(p.stat().st_size for p in directory.glob("index.sqlite3*")) / 2**20))
+    rows.append(
+        Row(
+            f"SimilarCaseIndex.query ef={DEFAULT_EF}, 5 studies",
+            None,
+            None,
+            *percentiles_ms(times),
+            file_mb=sum(p.stat().st_size for p in directory.glob("index.sqlite3*")) / 2**20,
+        )
+    )
     index.close()
     return rows
 
@@ -269,8 +304,13 @@ def retrieval_quality(model: Path, per_class: int, workdir: Path) -> dict[str, f
             ap.append(float((precision_at_i * relevant).sum() / max(1, min(5, studies_of[label]))))
             precision.append(float(relevant.sum() / 5))
             top1.append(float(relevant[0]))
-    return {"images": len(ap), "reference studies": len(reference), "map@5": float(np.mean(ap)),
-            "precision@5": float(np.mean(precision)), "acc@1": float(np.mean(top1))}
+    return {
+        "images": len(ap),
+        "reference studies": len(reference),
+        "map@5": float(np.mean(ap)),
+        "precision@5": float(np.mean(precision)),
+        "acc@1": float(np.mean(top1)),
+    }
 
 
 def _cell(value: float | None, width: int, spec: str) -> str:
@@ -283,14 +323,22 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--clusters", type=int, default=300)
-    parser.add_argument("--shape", choices=("lowrank", "isotropic"), default="lowrank",
-                        help="how clusters spread (see Clusters)")
+    parser.add_argument(
+        "--shape", choices=("lowrank", "isotropic"), default="lowrank", help="how clusters spread (see Clusters)"
+    )
     parser.add_argument("--spread", type=float, default=0.3, help="offset norm around a centre (centres have norm 1)")
-    parser.add_argument("--ef", type=lambda s: [int(v) for v in s.split(",")], default=sorted({32, 64, DEFAULT_EF, 256}))
+    parser.add_argument(
+        "--ef", type=lambda s: [int(v) for v in s.split(",")], default=sorted({32, 64, DEFAULT_EF, 256})
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where indexes are built (default: a temp dir)")
-    parser.add_argument("--quality", type=Path, default=None, metavar="MODEL.onnx",
-                        help="measure retrieval quality with this model instead of speed")
+    parser.add_argument(
+        "--quality",
+        type=Path,
+        default=None,
+        metavar="MODEL.onnx",
+        help="measure retrieval quality with this model instead of speed",
+    )
     parser.add_argument("--per-class", type=int, default=100, help="--quality: synthetic images per class")
     args = parser.parse_args()
     if args.quality is not None:
@@ -300,27 +348,35 @@ def main() -> None:
         for name, value in quality.items():
             print(f"  {name:20} {value:.4f}" if isinstance(value, float) else f"  {name:20} {value}")
         return
-    print(f"{args.queries} queries, {args.dim}-d, {args.clusters} {args.shape} clusters (spread {args.spread}), "
-          f"recall@{K} of image ids against exact search; latencies on one thread; "
-          f"{os.cpu_count()} CPU cores for the build")
+    print(
+        f"{args.queries} queries, {args.dim}-d, {args.clusters} {args.shape} clusters (spread {args.spread}), "
+        f"recall@{K} of image ids against exact search; latencies on one thread; "
+        f"{os.cpu_count()} CPU cores for the build"
+    )
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in (int(s) for s in args.sizes.split(",")):
             rows = bench_size(n, args, Path(tmp))
             exact_p50 = rows[0].p50_ms
             print(f"\n== {n:,} stored embeddings ==")
-            print(f"{'method':40} {'recall@10':>9} {'with ties':>9} {'p50 ms':>9} {'p99 ms':>9} {'x exact p50':>11} "
-                  f"{'build s':>8} {'memory MB':>9} {'file MB':>8}")
+            print(
+                f"{'method':40} {'recall@10':>9} {'with ties':>9} {'p50 ms':>9} {'p99 ms':>9} {'x exact p50':>11} "
+                f"{'build s':>8} {'memory MB':>9} {'file MB':>8}"
+            )
             for r in rows:
-                print(f"{r.method:40} {_cell(r.recall, 9, '.4f')} {_cell(r.recall_ties, 9, '.4f')} "
-                      f"{r.p50_ms:9.3f} {r.p99_ms:9.3f} "
-                      f"{exact_p50 / r.p50_ms:11.1f} {_cell(r.build_s, 8, '.1f')} {_cell(r.memory_mb, 9, '.0f')} "
-                      f"{_cell(r.file_mb, 8, '.1f')}")
+                print(
+                    f"{r.method:40} {_cell(r.recall, 9, '.4f')} {_cell(r.recall_ties, 9, '.4f')} "
+                    f"{r.p50_ms:9.3f} {r.p99_ms:9.3f} "
+                    f"{exact_p50 / r.p50_ms:11.1f} {_cell(r.build_s, 8, '.1f')} {_cell(r.memory_mb, 9, '.0f')} "
+                    f"{_cell(r.file_mb, 8, '.1f')}"
+                )
             chosen = next((r for r in rows if r.method.endswith("*")), None)
             if chosen is None:
                 continue
-            print(f"ef={DEFAULT_EF}: recall@10 {chosen.recall:.4f} ({chosen.recall_ties:.4f} with ties; target >= 0.99), "
-                  f"p50 {exact_p50 / chosen.p50_ms:.0f}x faster than exact one-query search, "
-                  f"{rows[1].p50_ms / chosen.p50_ms:.0f}x faster than batched exact (target >= 50x at 1M)")
+            print(
+                f"ef={DEFAULT_EF}: recall@10 {chosen.recall:.4f} ({chosen.recall_ties:.4f} with ties; target >= 0.99), "
+                f"p50 {exact_p50 / chosen.p50_ms:.0f}x faster than exact one-query search, "
+                f"{rows[1].p50_ms / chosen.p50_ms:.0f}x faster than batched exact (target >= 50x at 1M)"
+            )
 
 
 if __name__ == "__main__":

@@ -29,12 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from conftest import free_port  # noqa: E402  (the tests' helpers: one way to start the receiving side)
-from dicomweb_support import MULTIPART, TOKEN, ReceivingNode, multipart  # noqa: E402
-from ingest import STUDY_SIZE, make_instances, storescu  # noqa: E402
+from conftest import free_port
+from dicomweb_support import MULTIPART, TOKEN, ReceivingNode, multipart
+from ingest import STUDY_SIZE, make_instances, storescu
 
-from service.ledger import open_ledger  # noqa: E402
-from service.settings import load_settings  # noqa: E402
+from service.ledger import open_ledger
+from service.settings import load_settings
 
 
 def stow_bodies(files: list[Path], out: Path) -> list[Path]:
@@ -42,7 +42,7 @@ def stow_bodies(files: list[Path], out: Path) -> list[Path]:
     bodies = []
     for start in range(0, len(files), STUDY_SIZE):
         body = out / f"study-{start // STUDY_SIZE:03d}.body"
-        body.write_bytes(multipart([f.read_bytes() for f in files[start:start + STUDY_SIZE]]))
+        body.write_bytes(multipart([f.read_bytes() for f in files[start : start + STUDY_SIZE]]))
         bodies.append(body)
     return bodies
 
@@ -51,8 +51,21 @@ def curl_stow(url: str, bodies: list[Path]) -> float:
     """POST every body with one curl (one kept-alive connection); seconds taken."""
     args: list[str] = []
     for body in bodies:
-        args += ["--next", "-sS", "-o", "/dev/null", "-w", "%{http_code}\n", "-H", f"Content-Type: {MULTIPART}",
-                 "-H", f"Authorization: Bearer {TOKEN}", "--data-binary", f"@{body}", f"{url}/studies"]
+        args += [
+            "--next",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            "-H",
+            f"Content-Type: {MULTIPART}",
+            "-H",
+            f"Authorization: Bearer {TOKEN}",
+            "--data-binary",
+            f"@{body}",
+            f"{url}/studies",
+        ]
     start = time.perf_counter()
     proc = subprocess.run(["curl", *args[1:]], capture_output=True, text=True)
     elapsed = time.perf_counter() - start
@@ -65,9 +78,17 @@ def curl_stow(url: str, bodies: list[Path]) -> float:
 def run_node(work: Path, count: int, durability: str, send: Callable[[ReceivingNode], float]) -> float:
     """A fresh receiving side in ``work``; ``send`` to it; seconds taken, checked
     that every instance was stored."""
-    settings = load_settings(data_dir=work / "node", host="127.0.0.1", port=free_port(), http_port=0,
-                             durability=durability, web_token=TOKEN, max_pending_studies=count + 1,
-                             min_free_disk_mb=100, log_level="WARNING")
+    settings = load_settings(
+        data_dir=work / "node",
+        host="127.0.0.1",
+        port=free_port(),
+        http_port=0,
+        durability=durability,
+        web_token=TOKEN,
+        max_pending_studies=count + 1,
+        min_free_disk_mb=100,
+        log_level="WARNING",
+    )
     ledger = open_ledger(settings)
     node = ReceivingNode(settings, ledger)
     try:
@@ -112,12 +133,16 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"\n{args.instances} instances of {size_mb:.2f} MB, durability {args.durability}, "
-          f"{args.rounds} rounds, median images/s")
+    print(
+        f"\n{args.instances} instances of {size_mb:.2f} MB, durability {args.durability}, "
+        f"{args.rounds} rounds, median images/s"
+    )
     for name, value in median.items():
         print(f"  {name:24s} {value:7.1f}   ({min(rates[name]):.1f}-{max(rates[name]):.1f})")
-    print(f"\n(b)/(a) = {median['(b) STOW-RS, curl'] / median['(a) C-STORE, storescu']:.2f}  "
-          "(STOW-RS receiving against C-STORE receiving, same node, same files)")
+    print(
+        f"\n(b)/(a) = {median['(b) STOW-RS, curl'] / median['(a) C-STORE, storescu']:.2f}  "
+        "(STOW-RS receiving against C-STORE receiving, same node, same files)"
+    )
 
 
 if __name__ == "__main__":

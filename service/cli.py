@@ -32,7 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli:train", "Train a model (needs the 'train' extra)."),
     "evaluate": ("training.cli:evaluate", "Evaluate a trained model: metrics, plots, report."),
     "export": ("training.cli:export", "Export a trained model to ONNX with Grad-CAM and a model card."),
-    "calibrate": ("training.cli:calibrate", "Refit the domain guard and calibration of an exported model into its card."),
+    "calibrate": (
+        "training.cli:calibrate",
+        "Refit the domain guard and calibration of an exported model into its card.",
+    ),
     "compare": ("training.cli:compare", "Train and evaluate the four architectures on the same splits."),
 }
 
@@ -71,7 +74,9 @@ def _unavailable(name: str, exc: ModuleNotFoundError) -> click.Command:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--config", type=click.Path(dir_okay=False, path_type=Path), envvar="SONOCASE_CONFIG",
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="SONOCASE_CONFIG",
     help="TOML settings file (keys as in docs/sonocase.example.toml); the environment (SONOCASE_*) wins over it.",
 )
 @click.version_option(package_name="sonocase")
@@ -99,8 +104,11 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
     return settings
 
 
-def peer_param(ctx: click.Context, param: click.Parameter, value: str | tuple[str, ...] | None,
-               ) -> Peer | tuple[Peer, ...] | None:
+def peer_param(
+    ctx: click.Context,
+    param: click.Parameter,
+    value: str | tuple[str, ...] | None,
+) -> Peer | tuple[Peer, ...] | None:
     """Click callback: an option's ``AE@host:port[+tls]`` or DICOMweb URL (or several,
     for a ``multiple`` option) parsed, a bad one a usage error naming the option."""
     try:

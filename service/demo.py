@@ -98,7 +98,9 @@ class StandInPacs:
 
     def start(self) -> None:
         self._server = self._ae.start_server(
-            ("127.0.0.1", self._port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ("127.0.0.1", self._port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
         )
 
     def stop(self) -> None:
@@ -147,7 +149,9 @@ def build_library(settings: Settings, per_class: int, seed: int) -> str:
 
 
 def wait_until_delivered(
-    ledger: Ledger, study_uids: Sequence[str], timeout_s: float,
+    ledger: Ledger,
+    study_uids: Sequence[str],
+    timeout_s: float,
 ) -> dict[str, dict[str, Any]]:
     """Wait until the ledger has every study sent (its results in the PACS) or failed."""
     deadline = time.monotonic() + timeout_s
@@ -207,21 +211,49 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 @click.command()
-@click.option("--studies", type=click.IntRange(1, 30), default=3, show_default=True,
-              help="Synthetic studies to push, cycling normal, benign, malignant.")
+@click.option(
+    "--studies",
+    type=click.IntRange(1, 30),
+    default=3,
+    show_default=True,
+    help="Synthetic studies to push, cycling normal, benign, malignant.",
+)
 @click.option("--images", type=click.IntRange(1, 8), default=2, show_default=True, help="Images per study.")
-@click.option("--library", type=click.IntRange(1, 100), default=4, show_default=True,
-              help="Diagnosed synthetic patients per class in the similar-case library.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the demo's node, PACS and outputs (default: a new temporary folder).")
-@click.option("--timeout", type=click.IntRange(10), default=600, show_default=True,
-              help="Seconds to wait for the results.")
-@click.option("--destination", "destinations", multiple=True, callback=peer_param, metavar="AE@HOST:PORT[+tls]|URL",
-              help="Also send the results here, e.g. a DICOMweb archive's base URL (STOW-RS); repeatable. "
-                   "Credentials: the dicomweb_* settings.")
+@click.option(
+    "--library",
+    type=click.IntRange(1, 100),
+    default=4,
+    show_default=True,
+    help="Diagnosed synthetic patients per class in the similar-case library.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the demo's node, PACS and outputs (default: a new temporary folder).",
+)
+@click.option(
+    "--timeout", type=click.IntRange(10), default=600, show_default=True, help="Seconds to wait for the results."
+)
+@click.option(
+    "--destination",
+    "destinations",
+    multiple=True,
+    callback=peer_param,
+    metavar="AE@HOST:PORT[+tls]|URL",
+    help="Also send the results here, e.g. a DICOMweb archive's base URL (STOW-RS); repeatable. "
+    "Credentials: the dicomweb_* settings.",
+)
 @click.pass_context
-def demo(ctx: click.Context, studies: int, images: int, library: int, data_dir: Path | None, timeout: int,
-         destinations: tuple[Peer, ...]) -> None:
+def demo(
+    ctx: click.Context,
+    studies: int,
+    images: int,
+    library: int,
+    data_dir: Path | None,
+    timeout: int,
+    destinations: tuple[Peer, ...],
+) -> None:
     """Self-contained demo: a node, a stand-in PACS and synthetic studies.
 
     Prints per study the predicted class, its probability, the closest similar
@@ -234,9 +266,16 @@ def demo(ctx: click.Context, studies: int, images: int, library: int, data_dir: 
     pacs.start()
     try:
         settings = settings_from(
-            ctx, data_dir=folder / "node", host="127.0.0.1", port=_free_port(), http_port=0,
-            quiet_period_s=2.0, durability="none", allowed_callers=[SCANNER_AE],
-            destinations=[f"{PACS_AE}@127.0.0.1:{pacs.port}", *map(str, destinations)], workers=1,
+            ctx,
+            data_dir=folder / "node",
+            host="127.0.0.1",
+            port=_free_port(),
+            http_port=0,
+            quiet_period_s=2.0,
+            durability="none",
+            allowed_callers=[SCANNER_AE],
+            destinations=[f"{PACS_AE}@127.0.0.1:{pacs.port}", *map(str, destinations)],
+            workers=1,
         )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         click.echo(f"demo folder {folder}")
@@ -253,8 +292,10 @@ def _run(settings: Settings, pacs: StandInPacs, folder: Path, studies: int, imag
     node = Node(node_services(settings, ledger))
     try:
         node.start()
-        click.echo(f"node {settings.ae_title} listening on {settings.host}:{settings.port}; "
-                   f"stand-in PACS {PACS_AE} on 127.0.0.1:{pacs.port}")
+        click.echo(
+            f"node {settings.ae_title} listening on {settings.host}:{settings.port}; "
+            f"stand-in PACS {PACS_AE} on 127.0.0.1:{pacs.port}"
+        )
         pushed: dict[str, tuple[str, float]] = {}
         for number in range(studies):
             truth = CLASSES[number % len(CLASSES)]
@@ -262,8 +303,9 @@ def _run(settings: Settings, pacs: StandInPacs, folder: Path, studies: int, imag
             done = push_study(datasets, settings.host, settings.port, settings.ae_title)
             pushed[str(datasets[0].StudyInstanceUID)] = (truth, done)
             click.echo(f"pushed a {truth} study of {images} images by C-STORE")
-        click.echo(f"waiting for the results (quiet period {settings.quiet_period_s:.0f} s, analysis, report, "
-                   "send) ...")
+        click.echo(
+            f"waiting for the results (quiet period {settings.quiet_period_s:.0f} s, analysis, report, send) ..."
+        )
         final = wait_until_delivered(ledger, list(pushed), timeout)
         rows = [["sent", "predicted", "probability", "similar studies (distance)", "seconds"]]
         outputs = Outputs([], [])

@@ -217,8 +217,7 @@ class _PgConnection:
 
     def _connect(self) -> psycopg.Connection[Any]:
         try:
-            conn = self._psycopg.connect(self._url, autocommit=True, row_factory=_pg_row_factory,
-                                         connect_timeout=10)
+            conn = self._psycopg.connect(self._url, autocommit=True, row_factory=_pg_row_factory, connect_timeout=10)
         except self._psycopg.OperationalError as exc:
             raise ConnectionError(f"cannot reach the ledger database {redact_url(self._url)}: {exc}") from None
         # off: a commit returns before the WAL is flushed, so a crash of the database
@@ -377,8 +376,9 @@ _SQLITE_TIMEOUT_S = 30.0
 
 
 def _open_sqlite(path: Path, durable: bool) -> _SqliteConnection:
-    db = sqlite3.connect(path, timeout=_SQLITE_TIMEOUT_S, isolation_level=None, check_same_thread=False,
-                         factory=_SqliteConnection)
+    db = sqlite3.connect(
+        path, timeout=_SQLITE_TIMEOUT_S, isolation_level=None, check_same_thread=False, factory=_SqliteConnection
+    )
     db.row_factory = sqlite3.Row
     try:
         db.execute("PRAGMA journal_mode=WAL")
@@ -487,9 +487,7 @@ class Ledger:
 
     @staticmethod
     def _record(db: _Connection, rec: InstanceRecord, now: float) -> bool:
-        if db.execute(
-            "SELECT 1 FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
-        ).fetchone():
+        if db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)).fetchone():
             return False
         row = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
         if row is None:
@@ -515,9 +513,18 @@ class Ledger:
             " path, size, calling_ae, modality, ignored_reason, received_at, crc32)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
-                rec.sop_instance_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid,
-                rec.transfer_syntax, rec.path, rec.size, rec.calling_ae, rec.modality,
-                rec.ignored_reason, now, rec.crc32,
+                rec.sop_instance_uid,
+                rec.study_uid,
+                rec.series_uid,
+                rec.sop_class_uid,
+                rec.transfer_syntax,
+                rec.path,
+                rec.size,
+                rec.calling_ae,
+                rec.modality,
+                rec.ignored_reason,
+                now,
+                rec.crc32,
             ),
         )
         return True
@@ -546,8 +553,17 @@ class Ledger:
                 cur = db.execute(
                     "UPDATE studies SET state=?, completed_at=?, updated_at=?, routing_rule=?, routing_reason=?,"
                     " destinations=? WHERE study_uid=? AND state=? AND last_received=?",
-                    (state, now, now, routing.rule, routing.reason, destinations, study_uid, StudyState.RECEIVING,
-                     last_received),
+                    (
+                        state,
+                        now,
+                        now,
+                        routing.rule,
+                        routing.reason,
+                        destinations,
+                        study_uid,
+                        StudyState.RECEIVING,
+                        last_received,
+                    ),
                 )
                 if cur.rowcount == 1:
                     done.append(study_uid)
@@ -557,8 +573,9 @@ class Ledger:
         """Mark ``receiving`` studies quiet for ``quiet_period_s`` complete, with no
         routing rule (service.pipeline.completion applies the rules)."""
         now = time.time() if now is None else now
-        return self.complete_studies([(uid, last, Routing()) for uid, last in self.quiet_studies(quiet_period_s, now)],
-                                     now)
+        return self.complete_studies(
+            [(uid, last, Routing()) for uid, last in self.quiet_studies(quiet_period_s, now)], now
+        )
 
     def oldest_receiving(self) -> float | None:
         """The oldest ``last_received`` of a study still receiving: the next study to
@@ -592,16 +609,32 @@ class Ledger:
             cur = db.execute(
                 "UPDATE studies SET state=?, analysis_started=?, lease_until=?, attempts=attempts+1,"
                 " updated_at=? WHERE study_uid=? AND (state IN (?, ?) OR (state=? AND lease_until<=?))",
-                (StudyState.ANALYSING, now, now + lease_s, now, study_uid,
-                 StudyState.COMPLETE, StudyState.QUEUED, StudyState.ANALYSING, now),
+                (
+                    StudyState.ANALYSING,
+                    now,
+                    now + lease_s,
+                    now,
+                    study_uid,
+                    StudyState.COMPLETE,
+                    StudyState.QUEUED,
+                    StudyState.ANALYSING,
+                    now,
+                ),
             )
             if cur.rowcount != 1:
                 return None
             return int(db.execute("SELECT generation FROM studies WHERE study_uid=?", (study_uid,)).fetchone()[0])
 
     def finish_analysis(
-        self, study_uid: str, generation: int, result: dict[str, Any], lease_s: float = 0.0,
-        now: float | None = None, *, images_analysed: int = 0, images_not_assessed: int = 0,
+        self,
+        study_uid: str,
+        generation: int,
+        result: dict[str, Any],
+        lease_s: float = 0.0,
+        now: float | None = None,
+        *,
+        images_analysed: int = 0,
+        images_not_assessed: int = 0,
     ) -> bool:
         """Store the result; False if the study was re-opened meanwhile (stale result)
         or another worker stored it first. A result of the current generation is kept
@@ -632,8 +665,13 @@ class Ledger:
             study = result.get("study", {})
             db.execute(
                 "UPDATE studies SET accession_number=?, study_date=?, manufacturer=?, model_name=? WHERE study_uid=?",
-                (study.get("accession_number", ""), study.get("study_date", ""), study.get("manufacturer", ""),
-                 study.get("model_name", ""), study_uid),
+                (
+                    study.get("accession_number", ""),
+                    study.get("study_date", ""),
+                    study.get("manufacturer", ""),
+                    study.get("model_name", ""),
+                    study_uid,
+                ),
             )
             db.execute(_MATCH, (now,))
             return True
@@ -692,7 +730,12 @@ class Ledger:
         return [(r["study_uid"], int(r["generation"])) for r in rows]
 
     def retry_or_fail(
-        self, study_uid: str, stage: str, reason: str, max_attempts: int, backoff_s: float,
+        self,
+        study_uid: str,
+        stage: str,
+        reason: str,
+        max_attempts: int,
+        backoff_s: float,
         now: float | None = None,
     ) -> StudyState:
         """After a failed attempt: schedule another (exponential backoff) or give up visibly."""
@@ -725,8 +768,13 @@ class Ledger:
             )
 
     def transition(
-        self, study_uid: str, state: StudyState, from_states: tuple[StudyState, ...], generation: int,
-        now: float | None = None, **stamps: Any,
+        self,
+        study_uid: str,
+        state: StudyState,
+        from_states: tuple[StudyState, ...],
+        generation: int,
+        now: float | None = None,
+        **stamps: Any,
     ) -> bool:
         """Like :meth:`set_state`, but only from ``from_states`` at ``generation``:
         False when the study moved on meanwhile (re-opened by a new instance), so a
@@ -793,8 +841,9 @@ class Ledger:
                 if row is None:
                     continue
                 db.execute("DELETE FROM instances WHERE sop_instance_uid=?", (uid,))
-                db.execute("UPDATE studies SET spool_bytes=spool_bytes-? WHERE study_uid=?",
-                           (row["size"], row["study_uid"]))
+                db.execute(
+                    "UPDATE studies SET spool_bytes=spool_bytes-? WHERE study_uid=?", (row["size"], row["study_uid"])
+                )
                 db.execute(
                     "DELETE FROM studies WHERE study_uid=? AND state=? AND generation=1"
                     " AND NOT EXISTS (SELECT 1 FROM instances WHERE study_uid=?)",
@@ -811,29 +860,38 @@ class Ledger:
                 "SELECT result FROM results WHERE study_uid=? ORDER BY generation DESC LIMIT 1", (study_uid,)
             )
         else:
-            rows = self._query(
-                "SELECT result FROM results WHERE study_uid=? AND generation=?", (study_uid, generation)
-            )
+            rows = self._query("SELECT result FROM results WHERE study_uid=? AND generation=?", (study_uid, generation))
         return json.loads(rows[0]["result"]) if rows else None
 
     def latest_results(self) -> list[dict[str, Any]]:
         """Every study's newest stored result (``study_uid``, ``generation``,
         ``result`` as JSON text, ``created_at``), oldest first."""
-        return [dict(r) for r in self._query(
-            "SELECT r.study_uid, r.generation, r.result, r.created_at FROM results r WHERE r.generation="
-            "(SELECT MAX(generation) FROM results n WHERE n.study_uid=r.study_uid) ORDER BY r.created_at, r.study_uid"
-        )]
+        return [
+            dict(r)
+            for r in self._query(
+                "SELECT r.study_uid, r.generation, r.result, r.created_at FROM results r WHERE r.generation="
+                "(SELECT MAX(generation) FROM results n WHERE n.study_uid=r.study_uid) ORDER BY r.created_at, r.study_uid"
+            )
+        ]
 
     def results_since(self, created_after: float) -> list[dict[str, Any]]:
         """Results stored after ``created_after`` (every generation), oldest first."""
-        return [dict(r) for r in self._query(
-            "SELECT study_uid, generation, result, created_at FROM results WHERE created_at>?"
-            " ORDER BY created_at, study_uid", (created_after,)
-        )]
+        return [
+            dict(r)
+            for r in self._query(
+                "SELECT study_uid, generation, result, created_at FROM results WHERE created_at>?"
+                " ORDER BY created_at, study_uid",
+                (created_after,),
+            )
+        ]
 
     # --- outbox --------------------------------------------------------------
     def enqueue_outbox(
-        self, study_uid: str, generation: int, items: list[tuple[str, str, str]], destinations: list[str],
+        self,
+        study_uid: str,
+        generation: int,
+        items: list[tuple[str, str, str]],
+        destinations: list[str],
         now: float | None = None,
     ) -> None:
         """Queue ``(sop_instance_uid, sop_class_uid, path)`` items for each destination;
@@ -870,16 +928,29 @@ class Ledger:
         return [dict(r) for r in rows]
 
     def update_outbox(
-        self, sop_instance_uid: str, destination: str, state: OutboxState, error: str | None = None,
-        next_attempt_at: float | None = None, now: float | None = None,
+        self,
+        sop_instance_uid: str,
+        destination: str,
+        state: OutboxState,
+        error: str | None = None,
+        next_attempt_at: float | None = None,
+        now: float | None = None,
     ) -> None:
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
                 "UPDATE outbox SET state=?, error=?, attempts=attempts+?, next_attempt_at=COALESCE(?, next_attempt_at),"
                 " sent_at=CASE WHEN ?='sent' THEN ? ELSE sent_at END WHERE sop_instance_uid=? AND destination=?",
-                (state, error, 0 if state == OutboxState.SENT else 1, next_attempt_at, state, now,
-                 sop_instance_uid, destination),
+                (
+                    state,
+                    error,
+                    0 if state == OutboxState.SENT else 1,
+                    next_attempt_at,
+                    state,
+                    now,
+                    sop_instance_uid,
+                    destination,
+                ),
             )
 
     def reset_outbox(self, study_uid: str, now: float | None = None) -> int:
@@ -893,7 +964,11 @@ class Ledger:
             return cur.rowcount
 
     def replace_outbox(
-        self, sop_instance_uid: str, destination: str, new_sop_instance_uid: str, new_sop_class_uid: str,
+        self,
+        sop_instance_uid: str,
+        destination: str,
+        new_sop_instance_uid: str,
+        new_sop_class_uid: str,
         new_path: str,
     ) -> None:
         """Swap the object a row sends for another (the SR rebuilt in a SOP class the
@@ -915,7 +990,8 @@ class Ledger:
         files of some kind not yet removed, the longest done first."""
         flags = ", ".join(
             f"EXISTS (SELECT 1 FROM purges p WHERE p.study_uid=s.study_uid AND p.generation=s.generation"
-            f" AND p.kind='{kind}') AS {kind}_gone" for kind in FILE_KINDS
+            f" AND p.kind='{kind}') AS {kind}_gone"
+            for kind in FILE_KINDS
         )
         rows = self._query(
             f"SELECT s.study_uid, s.generation, s.state, {_DONE_AT} AS done_at, s.spool_bytes, {flags}"
@@ -924,13 +1000,20 @@ class Ledger:
             " ORDER BY done_at, s.study_uid"
         )
         return [
-            PurgeCandidate(r["study_uid"], int(r["generation"]), r["state"], float(r["done_at"]),
-                           tuple(k for k in FILE_KINDS if not r[f"{k}_gone"]), int(r["spool_bytes"]))
+            PurgeCandidate(
+                r["study_uid"],
+                int(r["generation"]),
+                r["state"],
+                float(r["done_at"]),
+                tuple(k for k in FILE_KINDS if not r[f"{k}_gone"]),
+                int(r["spool_bytes"]),
+            )
             for r in rows
         ]
 
-    def claim_purge(self, study_uid: str, generation: int, kind: str, reason: str,
-                    now: float | None = None) -> list[str] | None:
+    def claim_purge(
+        self, study_uid: str, generation: int, kind: str, reason: str, now: float | None = None
+    ) -> list[str] | None:
         """Record that ``kind`` files of the study's ``generation`` are being removed,
         if the study is still done at that generation with nothing left to deliver;
         None otherwise (it was re-opened, or claimed already). For the spool, returns
@@ -957,15 +1040,18 @@ class Ledger:
         """Spool files a removal claimed at ``purged_at`` took, for finishing it after a
         crash: those of instances received before it (one that re-opened the study
         since is not among them)."""
-        rows = self._query("SELECT path FROM instances WHERE study_uid=? AND received_at<=? ORDER BY path",
-                           (study_uid, purged_at))
+        rows = self._query(
+            "SELECT path FROM instances WHERE study_uid=? AND received_at<=? ORDER BY path", (study_uid, purged_at)
+        )
         return [r["path"] for r in rows]
 
     def finish_purge(self, study_uid: str, generation: int, kind: str, removed_bytes: int) -> None:
         """Record that the files of a claimed removal are gone."""
         with self._tx() as db:
-            db.execute("UPDATE purges SET bytes=? WHERE study_uid=? AND generation=? AND kind=?",
-                       (removed_bytes, study_uid, generation, kind))
+            db.execute(
+                "UPDATE purges SET bytes=? WHERE study_uid=? AND generation=? AND kind=?",
+                (removed_bytes, study_uid, generation, kind),
+            )
 
     def unfinished_purges(self) -> list[dict[str, Any]]:
         """Removals claimed but not finished (the process died between the two)."""
@@ -986,10 +1072,18 @@ class Ledger:
         return {r[0]: int(r[1]) for r in rows}
 
     # --- figures for monitoring (aggregated in SQL: a scrape stays cheap) -------
-    _STAMPS = frozenset({
-        "first_received", "last_received", "completed_at", "queued_at", "analysis_started",
-        "analysed_at", "reported_at", "sent_at",
-    })
+    _STAMPS = frozenset(
+        {
+            "first_received",
+            "last_received",
+            "completed_at",
+            "queued_at",
+            "analysis_started",
+            "analysed_at",
+            "reported_at",
+            "sent_at",
+        }
+    )
 
     def latency_histogram(self, start: str, end: str, bounds: Sequence[float]) -> tuple[list[int], int, float]:
         """Cumulative study counts with ``end - start <= bound`` for each bound, the
@@ -1007,8 +1101,9 @@ class Ledger:
     def image_totals(self) -> tuple[int, int]:
         """Images analysed and, of those, not assessed (outside the model's training
         domain), over every stored result: a re-analysed study counts again."""
-        row = self._query("SELECT COALESCE(SUM(images_analysed), 0), COALESCE(SUM(images_not_assessed), 0)"
-                          " FROM results")[0]
+        row = self._query(
+            "SELECT COALESCE(SUM(images_analysed), 0), COALESCE(SUM(images_not_assessed), 0) FROM results"
+        )[0]
         return int(row[0]), int(row[1])
 
     def outbox_totals(self) -> dict[str, tuple[int, int]]:
@@ -1031,23 +1126,42 @@ class Ledger:
                 "INSERT INTO outcomes (source, reference, accession_number, study_uid, finding, laterality,"
                 " clock_position, outcome_date, received_at) VALUES (?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (source, reference) DO NOTHING",
-                (o.source, o.reference, o.accession_number, o.study_uid, o.finding, o.laterality,
-                 o.clock_position, o.outcome_date, now),
-            ).rowcount == 1
+                (
+                    o.source,
+                    o.reference,
+                    o.accession_number,
+                    o.study_uid,
+                    o.finding,
+                    o.laterality,
+                    o.clock_position,
+                    o.outcome_date,
+                    now,
+                ),
+            ).rowcount
+            == 1
             for o in outcomes
         ]
         db.execute(_MATCH, (now,))
         return new
 
-    def record_hl7_message(self, control_id: str, message: str, ack_code: str, error: str | None,
-                           outcomes: Sequence[Outcome] = (), now: float | None = None) -> None:
+    def record_hl7_message(
+        self,
+        control_id: str,
+        message: str,
+        ack_code: str,
+        error: str | None,
+        outcomes: Sequence[Outcome] = (),
+        now: float | None = None,
+    ) -> None:
         """Keep an HL7 message with the ACK it gets and, if accepted, its outcomes,
         in one transaction: committed before the ACK is sent, so an accepted message
         is never lost."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute("INSERT INTO hl7_messages (control_id, received_at, ack_code, error, message)"
-                       " VALUES (?,?,?,?,?)", (control_id, now, ack_code, error, message))
+            db.execute(
+                "INSERT INTO hl7_messages (control_id, received_at, ack_code, error, message) VALUES (?,?,?,?,?)",
+                (control_id, now, ack_code, error, message),
+            )
             self._record_outcomes(db, outcomes, now)
 
     def outcomes(self, *, unmatched: bool = False) -> list[dict[str, Any]]:
@@ -1074,11 +1188,20 @@ class Ledger:
             db.execute(
                 "INSERT INTO verdicts (study_uid, finding, verdict, corrected_class, comment, reader, reader_role,"
                 " recorded_at) VALUES (?,?,?,?,?,?,?,?)",
-                (verdict.study_uid, verdict.finding, verdict.verdict, verdict.corrected_class, verdict.comment,
-                 verdict.reader, verdict.reader_role, now),
+                (
+                    verdict.study_uid,
+                    verdict.finding,
+                    verdict.verdict,
+                    verdict.corrected_class,
+                    verdict.comment,
+                    verdict.reader,
+                    verdict.reader_role,
+                    now,
+                ),
             )
-            row = db.execute("SELECT * FROM verdicts WHERE study_uid=? ORDER BY verdict_id DESC LIMIT 1",
-                             (verdict.study_uid,)).fetchone()
+            row = db.execute(
+                "SELECT * FROM verdicts WHERE study_uid=? ORDER BY verdict_id DESC LIMIT 1", (verdict.study_uid,)
+            ).fetchone()
         return dict(row)
 
     def verdicts(self, study_uid: str | None = None) -> list[dict[str, Any]]:

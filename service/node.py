@@ -19,8 +19,8 @@ from typing import Protocol
 import click
 
 from service.cli import settings_from
-from service.delivery.retention import RetentionService
 from service.common.logs import announce
+from service.delivery.retention import RetentionService
 from service.delivery.sender import SenderService
 from service.ingest.server import ReceiverService
 from service.ingest.stow import stow_router
@@ -61,10 +61,18 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     drift = DriftWatcher(ledger, DriftConfig())  # one per node: the page and /metrics read the same
     monitoring = ExtraRouter(monitoring_router(ledger, drift, API_PREFIX), settings.web_max_body_bytes)
     return [
-        *([build_web_server(settings, ledger, routers=[stow, verdicts, monitoring], pages=[review_router(ledger)],
-                            drift=drift)] if settings.http_port else []),
-        CompletionLoop(ledger, settings.quiet_period_s, on_complete=scheduler.wake,
-                       route=Router(settings, ledger).route),
+        *(
+            [
+                build_web_server(
+                    settings, ledger, routers=[stow, verdicts, monitoring], pages=[review_router(ledger)], drift=drift
+                )
+            ]
+            if settings.http_port
+            else []
+        ),
+        CompletionLoop(
+            ledger, settings.quiet_period_s, on_complete=scheduler.wake, route=Router(settings, ledger).route
+        ),
         *([WorkerProcesses(settings)] if settings.workers else []),
         scheduler,
         SenderService(settings, ledger),
@@ -111,6 +119,7 @@ class Node:
 
     def stop_on_signals(self) -> None:
         """SIGTERM (container stop) and SIGINT (Ctrl-C) end :meth:`wait`."""
+
         def handler(signum: int, frame: FrameType | None) -> None:
             LOG.info("%s received, stopping", signal.Signals(signum).name)
             self.request_stop()
@@ -123,7 +132,8 @@ class Node:
 @click.option("--port", type=click.IntRange(1, 65535), help="DICOM port (setting 'port', default 11112).")
 @click.option("--ae-title", help="Our AE title (setting 'ae_title', default SONOCASE).")
 @click.option(
-    "--data-dir", type=click.Path(file_okay=False, path_type=Path),
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
     help="Where spool, ledger and results live (setting 'data_dir', default ./sonocase-data).",
 )
 @click.pass_context
@@ -142,8 +152,9 @@ def serve(ctx: click.Context, port: int | None, ae_title: str | None, data_dir: 
     try:
         node.start()
         tls = " (DICOM TLS)" if settings.tls_cert else ""
-        announce(f"listening as {settings.ae_title} on {settings.host}:{settings.port}{tls}", settings.log_format,
-                 __name__)
+        announce(
+            f"listening as {settings.ae_title} on {settings.host}:{settings.port}{tls}", settings.log_format, __name__
+        )
         node.wait()
     finally:
         node.stop()

@@ -63,7 +63,8 @@ class LesionResult(_Strict):
     measured as :mod:`service.pipeline.measurement` measures it."""
 
     outline: list[tuple[float, float]] = Field(
-        description="closed outline (first point = last) in image coordinates (column, row) of the source image")
+        description="closed outline (first point = last) in image coordinates (column, row) of the source image"
+    )
     components: int = Field(description="how many separate lesions the mask held; the largest is this one")
     long_axis: AxisResult | None = None
     short_axis: AxisResult | None = None
@@ -80,14 +81,18 @@ class FrameResult(_Strict):
     out_of_distribution: bool = Field(description="the domain guard flagged it: not assessed, no class is reported")
     ood_distance: float = Field(description="the domain guard's score, higher = more foreign")
     ood_threshold: float | None = Field(
-        None, description="the model card's threshold the score was held against (None: a result stored before "
-        "it was recorded)")
+        None,
+        description="the model card's threshold the score was held against (None: a result stored before "
+        "it was recorded)",
+    )
     heatmap_path: str = Field(description="float32 .npy in [0, 1], the size of crop")
     crop: tuple[int, int, int, int] = Field(description="x0, y0, x1, y1 of the analysed region in the source pixels")
     embedding: list[float]
     lesion_threshold: float | None = Field(
-        None, description="the segmentation threshold the lesion mask was cut at (None: the model outlines no "
-        "lesion, or a result stored before it did)")
+        None,
+        description="the segmentation threshold the lesion mask was cut at (None: the model outlines no "
+        "lesion, or a result stored before it did)",
+    )
     lesion: LesionResult | None = Field(None, description="the lesion above the threshold; None: none outlined")
 
 

@@ -35,9 +35,7 @@ def validate_ae_title(value: str) -> str:
     """Return ``value`` stripped, or raise if it is not a valid AE title (PS3.5 6.2)."""
     stripped = value.strip()
     if not _AE_RE.match(stripped):
-        raise ValueError(
-            f"{value!r} is not a valid AE title: 1-16 printable characters, no backslash"
-        )
+        raise ValueError(f"{value!r} is not a valid AE title: 1-16 printable characters, no backslash")
     return stripped
 
 
@@ -84,8 +82,10 @@ class DicomWebDestination(BaseModel):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
         if parts.username is not None or parts.password is not None:
-            raise ValueError("a DICOMweb URL must not hold credentials: use dicomweb_token_file or "
-                             "dicomweb_user + dicomweb_password_file")
+            raise ValueError(
+                "a DICOMweb URL must not hold credentials: use dicomweb_token_file or "
+                "dicomweb_user + dicomweb_password_file"
+            )
         if parts.query or parts.fragment:
             raise ValueError(f"{value!r}: a DICOMweb base URL has no query or fragment")
         return value.strip().rstrip("/")
@@ -148,8 +148,11 @@ class RoutingRule(BaseModel):
     name: str = Field(min_length=1, description="Shown by 'sonocase status' for the studies it routed")
     action: Literal["analyse", "skip"] | None = None
     destinations: list[Peer] | None = None
-    body_part: str | None = Field(None, description="Any body-part hint: Body Part Examined, Study/Series "
-                                  "Description, Protocol Name, procedure descriptions, Anatomic Region codes")
+    body_part: str | None = Field(
+        None,
+        description="Any body-part hint: Body Part Examined, Study/Series "
+        "Description, Protocol Name, procedure descriptions, Anatomic Region codes",
+    )
     modality: str | None = None
     body_part_examined: str | None = None
     study_description: str | None = None
@@ -164,8 +167,16 @@ class RoutingRule(BaseModel):
         items = _split_list(value)
         return [parse_peer(v) if isinstance(v, str) else v for v in items] if items is not None else None
 
-    @field_validator("body_part", "modality", "body_part_examined", "study_description", "series_description",
-                     "protocol_name", "calling_ae", "anatomic_region")
+    @field_validator(
+        "body_part",
+        "modality",
+        "body_part_examined",
+        "study_description",
+        "series_description",
+        "protocol_name",
+        "calling_ae",
+        "anatomic_region",
+    )
     @classmethod
     def _pattern(cls, value: str | None) -> str | None:
         if value is not None:
@@ -202,8 +213,9 @@ class Settings(BaseSettings):
     # --- where state lives -------------------------------------------------
     data_dir: Path = Field(Path("sonocase-data"), description="Spool, ledger, outbox and index")
     ledger_url: str = Field(
-        "", description="PostgreSQL ledger (postgresql://user@host:port/db) for workers on several hosts; "
-        "empty keeps the ledger in a SQLite file under data_dir"
+        "",
+        description="PostgreSQL ledger (postgresql://user@host:port/db) for workers on several hosts; "
+        "empty keeps the ledger in a SQLite file under data_dir",
     )
 
     # --- receiver ----------------------------------------------------------
@@ -214,49 +226,70 @@ class Settings(BaseSettings):
         default_factory=list, description="Calling AE titles accepted; empty accepts all"
     )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Peers accepted: IP addresses, CIDR blocks, host names (resolved at "
-        "start); others are disconnected before anything they send is read; empty accepts all"
+        default_factory=list,
+        description="Peers accepted: IP addresses, CIDR blocks, host names (resolved at "
+        "start); others are disconnected before anything they send is read; empty accepts all",
     )
     max_associations: int = Field(10, ge=1, le=1000, description="Established associations served at once")
     max_associations_per_peer: int = Field(
-        4, ge=1, le=1000, description="Of those, at most this many from one peer address, so that a few peers "
-        "holding associations open cannot lock the PACS out"
+        4,
+        ge=1,
+        le=1000,
+        description="Of those, at most this many from one peer address, so that a few peers "
+        "holding associations open cannot lock the PACS out",
     )
     listen_backlog: int = Field(
-        128, ge=1, le=65535, description="Connections the system queues for the DICOM listener before it "
-        "accepts them (bursts beyond it wait for SYN retries)"
+        128,
+        ge=1,
+        le=65535,
+        description="Connections the system queues for the DICOM listener before it "
+        "accepts them (bursts beyond it wait for SYN retries)",
     )
     max_pending_associations: int = Field(
-        16, ge=1, le=1000, description="Connections still negotiating an association; when full, the one "
-        "waiting longest is closed"
+        16,
+        ge=1,
+        le=1000,
+        description="Connections still negotiating an association; when full, the one waiting longest is closed",
     )
     acse_timeout_s: float = Field(
-        5.0, gt=0, le=300, description="A connection must complete association negotiation within this, "
-        "else it is closed (also pynetdicom's ACSE timeout)"
+        5.0,
+        gt=0,
+        le=300,
+        description="A connection must complete association negotiation within this, "
+        "else it is closed (also pynetdicom's ACSE timeout)",
     )
     dimse_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="A PDU, once begun, must arrive in full within this (also "
-        "pynetdicom's DIMSE timeout)"
+        30.0,
+        gt=0,
+        le=3600,
+        description="A PDU, once begun, must arrive in full within this (also pynetdicom's DIMSE timeout)",
     )
     network_timeout_s: float = Field(
         60.0, gt=0, le=86400, description="An association with no PDU for this long is aborted"
     )
     max_dataset_mb: int = Field(
-        256, ge=1, le=65536, description="Largest data set accepted (a deflated one once inflated); larger "
-        "ones are refused 0xC003"
+        256,
+        ge=1,
+        le=65536,
+        description="Largest data set accepted (a deflated one once inflated); larger ones are refused 0xC003",
     )
     max_in_flight_mb: int = Field(
-        256, ge=1, le=1 << 20, description="Memory for data sets being received, all associations "
-        "together; beyond it C-STORE is refused 0xA700 (fast engine) or the association aborted (stock)"
+        256,
+        ge=1,
+        le=1 << 20,
+        description="Memory for data sets being received, all associations "
+        "together; beyond it C-STORE is refused 0xA700 (fast engine) or the association aborted (stock)",
     )
     receiver_engine: Literal["fast", "stock"] = Field(
-        "fast", description="fast: pynetdicom with our receive path (its version only; else stock); "
-        "stock: plain pynetdicom"
+        "fast",
+        description="fast: pynetdicom with our receive path (its version only; else stock); stock: plain pynetdicom",
     )
     tls_cert: Path | None = Field(None, description="Server certificate (PEM): turns on DICOM TLS")
     tls_key: Path | None = Field(None, description="Server private key (PEM)")
     tls_ca: Path | None = Field(None, description="CA bundle: when set, clients must present a certificate")
-    quiet_period_s: float = Field(5.0, gt=0, description="A study is complete after this many seconds without a new instance")
+    quiet_period_s: float = Field(
+        5.0, gt=0, description="A study is complete after this many seconds without a new instance"
+    )
     durability: Literal["fsync", "none"] = Field(
         "fsync", description="fsync: survives power loss; none: survives a process crash only"
     )
@@ -286,8 +319,10 @@ class Settings(BaseSettings):
     task_max_attempts: int = Field(3, ge=1, le=100)
     task_retry_backoff_s: float = Field(5.0, gt=0)
     task_lease_s: float = Field(
-        20.0, gt=0, description="A study whose worker stops renewing its lease (every third of this) for this "
-        "long, or whose queue message was not taken within it, is queued (or reported) again"
+        20.0,
+        gt=0,
+        description="A study whose worker stops renewing its lease (every third of this) for this "
+        "long, or whose queue message was not taken within it, is queued (or reported) again",
     )
     task_time_limit_s: float = Field(
         900.0, gt=0, description="An analysis still running after this is killed and retried (a hung worker)"
@@ -310,38 +345,46 @@ class Settings(BaseSettings):
     )
     sc_transfer_syntax: Literal["explicit-little-endian", "jpeg-baseline"] = "explicit-little-endian"
     destinations: Annotated[list[Peer], NoDecode] = Field(
-        default_factory=list, description="Where results go: AE@host:port[+tls] (C-STORE) or a DICOMweb "
-        "base URL http(s)://host[:port]/path (STOW-RS)"
+        default_factory=list,
+        description="Where results go: AE@host:port[+tls] (C-STORE) or a DICOMweb "
+        "base URL http(s)://host[:port]/path (STOW-RS)",
     )
     send_max_attempts: int = Field(10, ge=1, le=1000)
     send_backoff_s: float = Field(5.0, gt=0)
     send_backoff_max_s: float = Field(600.0, gt=0)
 
     # --- DICOMweb peers (STOW-RS destinations, the archive of `index add --pacs URL`) ---
-    dicomweb_token_file: Path | None = Field(
-        None, description="File holding the Bearer token sent to DICOMweb peers"
-    )
+    dicomweb_token_file: Path | None = Field(None, description="File holding the Bearer token sent to DICOMweb peers")
     dicomweb_user: str = Field("", description="User name for HTTP basic authentication at DICOMweb peers")
     dicomweb_password_file: Path | None = Field(None, description="File holding that user's password")
-    dicomweb_ca: Path | None = Field(None, description="CA bundle that DICOMweb peers' HTTPS certificates are "
-                                     "checked against; unset: REQUESTS_CA_BUNDLE, else certifi's public CAs")
-    dicomweb_timeout_s: float = Field(60.0, gt=0, description="Seconds to connect, and between bytes of an "
-                                      "answer, before a DICOMweb request fails")
+    dicomweb_ca: Path | None = Field(
+        None,
+        description="CA bundle that DICOMweb peers' HTTPS certificates are "
+        "checked against; unset: REQUESTS_CA_BUNDLE, else certifi's public CAs",
+    )
+    dicomweb_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds to connect, and between bytes of an answer, before a DICOMweb request fails"
+    )
 
     # --- receiving over DICOMweb (STOW-RS on the HTTP side) ---
     stow_max_request_mb: int = Field(
         4096, ge=1, description="Largest STOW-RS request body accepted (MB); larger ones are answered 413"
     )
     stow_max_parts: int = Field(
-        10000, ge=1, le=1_000_000, description="Most parts (instances) in one STOW-RS request; a request with more "
-        "is answered 413 at the part past it (the ones before are stored)"
+        10000,
+        ge=1,
+        le=1_000_000,
+        description="Most parts (instances) in one STOW-RS request; a request with more "
+        "is answered 413 at the part past it (the ones before are stored)",
     )
 
     # --- outcomes coming back (HL7 v2 ORU^R01 over MLLP) ---
     hl7_host: str = Field("0.0.0.0", description="Address the HL7 (MLLP) listener binds to")
     hl7_port: int = Field(
-        0, ge=0, le=65535, description="HL7 v2 ORU^R01 outcomes over MLLP (2575 is HL7's registered port); "
-        "0 turns the listener off"
+        0,
+        ge=0,
+        le=65535,
+        description="HL7 v2 ORU^R01 outcomes over MLLP (2575 is HL7's registered port); 0 turns the listener off",
     )
     hl7_max_message_kb: int = Field(
         1024, ge=1, le=65536, description="Largest HL7 message accepted (KB); a larger one closes the connection"
@@ -365,19 +408,26 @@ class Settings(BaseSettings):
     )
     web_max_body_bytes: int = Field(65536, ge=1024, description="Largest request body the page and API accept")
     web_max_connections: int = Field(
-        64, ge=1, le=10000, description="Open HTTP connections; a new one past this closes the open one furthest "
-        "behind (waiting for a request, or sending a body too slowly), else is closed itself"
+        64,
+        ge=1,
+        le=10000,
+        description="Open HTTP connections; a new one past this closes the open one furthest "
+        "behind (waiting for a request, or sending a body too slowly), else is closed itself",
     )
     web_max_connections_per_address: int = Field(
         32, ge=1, le=10000, description="... and open HTTP connections from one client address, the same way"
     )
     web_read_timeout_s: float = Field(
-        10.0, ge=0, description="A request's headers must arrive within this, and its body may start this late; "
-        "0 runs uvicorn's own protocol (no read deadlines, one plain connection cap)"
+        10.0,
+        ge=0,
+        description="A request's headers must arrive within this, and its body may start this late; "
+        "0 runs uvicorn's own protocol (no read deadlines, one plain connection cap)",
     )
     web_min_body_bytes_per_s: int = Field(
-        8192, ge=1, description="A request body must keep up this rate after its first web_read_timeout_s; a "
-        "slower one is closed (a byte now and then does not keep it open)"
+        8192,
+        ge=1,
+        description="A request body must keep up this rate after its first web_read_timeout_s; a "
+        "slower one is closed (a byte now and then does not keep it open)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -425,8 +475,7 @@ class Settings(BaseSettings):
             raise ValueError("must be empty (SQLite under data_dir) or a postgresql://user@host:port/db URL")
         return value
 
-    @field_validator("tls_cert", "tls_key", "tls_ca", "dicomweb_token_file", "dicomweb_password_file",
-                     "dicomweb_ca")
+    @field_validator("tls_cert", "tls_key", "tls_ca", "dicomweb_token_file", "dicomweb_password_file", "dicomweb_ca")
     @classmethod
     def _existing_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -505,20 +554,26 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             f"studies before it removes anything) and at most {ENV_PREFIX}PURGE_UNTIL_FREE_MB"
         )
     if settings.max_in_flight_mb < settings.max_dataset_mb:
-        raise SettingsError(f"{ENV_PREFIX}MAX_IN_FLIGHT_MB ({settings.max_in_flight_mb}) must be at least "
-                            f"{ENV_PREFIX}MAX_DATASET_MB ({settings.max_dataset_mb}): a data set that size could "
-                            "never be received")
+        raise SettingsError(
+            f"{ENV_PREFIX}MAX_IN_FLIGHT_MB ({settings.max_in_flight_mb}) must be at least "
+            f"{ENV_PREFIX}MAX_DATASET_MB ({settings.max_dataset_mb}): a data set that size could "
+            "never be received"
+        )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SettingsError(f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY must be set together")
     if bool(settings.dicomweb_user) != (settings.dicomweb_password_file is not None):
         raise SettingsError(f"{ENV_PREFIX}DICOMWEB_USER and {ENV_PREFIX}DICOMWEB_PASSWORD_FILE must be set together")
     if settings.dicomweb_user and settings.dicomweb_token_file is not None:
-        raise SettingsError(f"{ENV_PREFIX}DICOMWEB_TOKEN_FILE and {ENV_PREFIX}DICOMWEB_USER exclude each other: "
-                            "one kind of authentication")
+        raise SettingsError(
+            f"{ENV_PREFIX}DICOMWEB_TOKEN_FILE and {ENV_PREFIX}DICOMWEB_USER exclude each other: "
+            "one kind of authentication"
+        )
     if settings.web_review_token and not settings.web_token:
-        raise SettingsError(f"{ENV_PREFIX}WEB_REVIEW_TOKEN needs {ENV_PREFIX}WEB_TOKEN: without it the page and API "
-                            "are off")
+        raise SettingsError(
+            f"{ENV_PREFIX}WEB_REVIEW_TOKEN needs {ENV_PREFIX}WEB_TOKEN: without it the page and API are off"
+        )
     if settings.web_review_token and settings.web_review_token == settings.web_token:
-        raise SettingsError(f"{ENV_PREFIX}WEB_REVIEW_TOKEN must differ from {ENV_PREFIX}WEB_TOKEN: a reviewer "
-                            "would be an administrator")
+        raise SettingsError(
+            f"{ENV_PREFIX}WEB_REVIEW_TOKEN must differ from {ENV_PREFIX}WEB_TOKEN: a reviewer would be an administrator"
+        )
     return settings

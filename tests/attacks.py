@@ -15,15 +15,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from conftest import free_port
+from dicom_peers import NodeProcess, send_raw
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import UltrasoundImageStorage, Verification
-
-from conftest import free_port
-from dicom_peers import NodeProcess, send_raw
 
 #: A PDU header announcing an A-ASSOCIATE-RQ of almost 4 GiB (PS3.8 9.3.2): 6 bytes.
 HUGE_PDU_LENGTH = 0xFFFFFFF0
@@ -32,6 +31,7 @@ PACS_FILE = "OBXXXX1A.dcm"
 
 
 # --- the node's memory ------------------------------------------------------------
+
 
 def rss_mb(pid: int) -> float:
     """The process's resident set size now (MB)."""
@@ -57,6 +57,7 @@ def _status_kb(pid: int, field: str) -> int:
 
 # --- the PACS, storing while the attack runs ----------------------------------------
 
+
 def fresh_instance(out: Path) -> Path:
     """A real ultrasound file as a new instance of a new study (never a duplicate)."""
     ds = dcmread(get_testdata_file(PACS_FILE))
@@ -71,7 +72,9 @@ def storescu(port: int, path: Path, called: str = "SONOCASE", timeout: float = 6
     """DCMTK storescu, as the PACS sends (its own ACSE/DIMSE timeouts: 30 s)."""
     return subprocess.run(
         ["/usr/bin/storescu", "-aec", called, "127.0.0.1", str(port), str(path)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -83,9 +86,14 @@ class Node:
     def __init__(self, work: Path, engine: str, settings: dict[str, str] | None = None) -> None:
         self.port, self.work, self.engine = free_port(), work, engine
         env = {
-            "SONOCASE_HOST": "127.0.0.1", "SONOCASE_PORT": str(self.port), "SONOCASE_DATA_DIR": str(work / "data"),
-            "SONOCASE_HTTP_PORT": "0", "SONOCASE_WORKERS": "0", "SONOCASE_RECEIVER_ENGINE": engine,
-            "SONOCASE_DURABILITY": "none", **(settings or {}),
+            "SONOCASE_HOST": "127.0.0.1",
+            "SONOCASE_PORT": str(self.port),
+            "SONOCASE_DATA_DIR": str(work / "data"),
+            "SONOCASE_HTTP_PORT": "0",
+            "SONOCASE_WORKERS": "0",
+            "SONOCASE_RECEIVER_ENGINE": engine,
+            "SONOCASE_DURABILITY": "none",
+            **(settings or {}),
         }
         self.http_port = int(env["SONOCASE_HTTP_PORT"])  #: 0: the HTTP side is off
         self.process = NodeProcess(env, log=work / "node.log")
@@ -113,6 +121,7 @@ class Node:
 
 
 # --- connections ----------------------------------------------------------------------
+
 
 def connect(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -182,8 +191,13 @@ def abort_pdu(data: bytes) -> bool:
 
 # --- associations that go silent --------------------------------------------------------
 
-def associate(port: int, ae_title: str = "ATTACKER", called: str = "SONOCASE", source: str = "127.0.0.1",
-              ) -> Association:
+
+def associate(
+    port: int,
+    ae_title: str = "ATTACKER",
+    called: str = "SONOCASE",
+    source: str = "127.0.0.1",
+) -> Association:
     """An association from ``source`` (any 127.x.y.z: another peer address on loopback)."""
     ae = AE(ae_title)
     ae.add_requested_context(Verification)
@@ -221,6 +235,7 @@ def send_data_set(port: int, raw: bytes, sop_instance_uid: str, syntax: str) -> 
 
 # --- crafted data sets -------------------------------------------------------------------
 
+
 def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
     """One explicit VR little endian element (short form for UI/CS)."""
     return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
@@ -233,13 +248,15 @@ def _uid(value: str) -> bytes:
 
 def identifying_elements(sop_instance_uid: str, study_uid: str | None = None) -> bytes:
     """The elements the receiver reads: SOP class, instance, modality, study, series."""
-    return b"".join((
-        _element(0x0008, 0x0016, b"UI", _uid(UltrasoundImageStorage)),
-        _element(0x0008, 0x0018, b"UI", _uid(sop_instance_uid)),
-        _element(0x0008, 0x0060, b"CS", b"US"),
-        _element(0x0020, 0x000D, b"UI", _uid(study_uid or generate_uid())),
-        _element(0x0020, 0x000E, b"UI", _uid(generate_uid())),
-    ))
+    return b"".join(
+        (
+            _element(0x0008, 0x0016, b"UI", _uid(UltrasoundImageStorage)),
+            _element(0x0008, 0x0018, b"UI", _uid(sop_instance_uid)),
+            _element(0x0008, 0x0060, b"CS", b"US"),
+            _element(0x0020, 0x000D, b"UI", _uid(study_uid or generate_uid())),
+            _element(0x0020, 0x000E, b"UI", _uid(generate_uid())),
+        )
+    )
 
 
 def _pixel_data_header(size: int) -> bytes:
@@ -255,16 +272,22 @@ def deflate_bomb(sop_instance_uid: str, inflated_mb: int) -> bytes:
     """A Deflated Explicit VR Little Endian data set (PS3.5 A.5) whose Pixel Data is
     ``inflated_mb`` MiB of zeros: about a thousandth of that on the wire."""
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    out = [deflater.compress(identifying_elements(sop_instance_uid)),
-           deflater.compress(_pixel_data_header(inflated_mb << 20))]
+    out = [
+        deflater.compress(identifying_elements(sop_instance_uid)),
+        deflater.compress(_pixel_data_header(inflated_mb << 20)),
+    ]
     block = bytes(1 << 20)
     out += [deflater.compress(block) for _ in range(inflated_mb)]
     out.append(deflater.flush())
     return b"".join(out)
 
 
-def deeply_nested(sop_instance_uid: str, depth: int, explicit_lengths: bool = False, outer_vr: bytes = b"SQ",
-                  ) -> bytes:
+def deeply_nested(
+    sop_instance_uid: str,
+    depth: int,
+    explicit_lengths: bool = False,
+    outer_vr: bytes = b"SQ",
+) -> bytes:
     """An Explicit VR Little Endian data set with ``depth`` sequences (Content
     Sequence) nested one in the other's item, of undefined or explicit lengths
     (issue 24, attack 6). ``outer_vr=b"UN"`` (explicit lengths): the outermost one
@@ -290,13 +313,19 @@ def deeply_nested(sop_instance_uid: str, depth: int, explicit_lengths: bool = Fa
 # --- the HTTP side (issue 24) -----------------------------------------------------------
 
 #: A sign-in form whose body is announced and then sent a byte at a time.
-SLOW_FORM = (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-             b"Content-Length: 1000\r\n\r\n")
+SLOW_FORM = (
+    b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    b"Content-Length: 1000\r\n\r\n"
+)
 
 
 @contextmanager
-def http_flood(port: int, connections: int, request: bytes = b"", drip_s: float = 0.0,
-               ) -> Iterator[list[int]]:
+def http_flood(
+    port: int,
+    connections: int,
+    request: bytes = b"",
+    drip_s: float = 0.0,
+) -> Iterator[list[int]]:
     """``connections`` connections to the HTTP port kept open for the block: each sends
     ``request`` (nothing: an idle connection) and then, every ``drip_s`` (0: never),
     one more byte; one the node closes is opened again at once (issue 24, attack 1).

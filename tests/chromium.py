@@ -48,9 +48,17 @@ class Chromium:
             pytest.fail("chromium is missing: run scripts/setup.sh (apt-get install chromium)")
         profile.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
-            [binary, *FLAGS, *extra_flags, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-             f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                *FLAGS,
+                *extra_flags,
+                f"--user-data-dir={profile}",
+                "--remote-debugging-port=0",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         port_file = profile / "DevToolsActivePort"
 
@@ -104,8 +112,12 @@ class Chromium:
     def wait_for(self, expression: str, timeout_s: float = 60) -> Any:
         """Poll until ``expression`` is truthy in a loaded page; its value."""
         try:
-            return wait_for(expression, lambda: self.evaluate(f"document.readyState === 'complete' && ({expression})"),
-                            timeout_s, interval=0.25)
+            return wait_for(
+                expression,
+                lambda: self.evaluate(f"document.readyState === 'complete' && ({expression})"),
+                timeout_s,
+                interval=0.25,
+            )
         except AssertionError as exc:
             text = self.evaluate("document.body ? document.body.innerText.slice(0, 2000) : ''")
             raise AssertionError(f"{exc}; the page reads: {text!r}; page errors: {self.page_errors()}") from None
@@ -138,8 +150,9 @@ class Chromium:
             return [r.x + r.width / 2, r.y + r.height / 2];
         }})()""")
         if box is None:
-            raise AssertionError(f"nothing visible matches {selector!r} with text {text!r}; "
-                                 f"page errors: {self.page_errors()}")
+            raise AssertionError(
+                f"nothing visible matches {selector!r} with text {text!r}; page errors: {self.page_errors()}"
+            )
         return float(box[0]), float(box[1])
 
     def screenshot(self, path: Path) -> Path:
@@ -165,23 +178,31 @@ class Chromium:
     def pending_requests(self, url_part: str) -> int:
         """How many requests of this page whose URL holds ``url_part`` have not ended yet."""
         self.evaluate("0")  # collect the events that arrived since the last call
-        started = {e["params"]["requestId"] for e in self.events if e["method"] == "Network.requestWillBeSent"
-                   and url_part in e["params"]["request"]["url"]}
-        ended = {e["params"]["requestId"] for e in self.events
-                 if e["method"] in ("Network.loadingFinished", "Network.loadingFailed")}
+        started = {
+            e["params"]["requestId"]
+            for e in self.events
+            if e["method"] == "Network.requestWillBeSent" and url_part in e["params"]["request"]["url"]
+        }
+        ended = {
+            e["params"]["requestId"]
+            for e in self.events
+            if e["method"] in ("Network.loadingFinished", "Network.loadingFailed")
+        }
         return len(started - ended)
 
     def wait_idle(self, url_part: str, timeout_s: float = 60) -> None:
         """Wait until no request whose URL holds ``url_part`` is under way."""
-        wait_for(f"requests to {url_part} to end", lambda: self.pending_requests(url_part) == 0, timeout_s,
-                 interval=0.25)
+        wait_for(
+            f"requests to {url_part} to end", lambda: self.pending_requests(url_part) == 0, timeout_s, interval=0.25
+        )
 
     def console(self) -> list[str]:
         """Every console message so far (type: text), for diagnosis."""
         return [
-            f"{e['params'].get('type')}: " + " ".join(str(a.get("value", a.get("description", "")))
-                                                     for a in e["params"].get("args", []))
-            for e in self.events if e["method"] == "Runtime.consoleAPICalled"
+            f"{e['params'].get('type')}: "
+            + " ".join(str(a.get("value", a.get("description", ""))) for a in e["params"].get("args", []))
+            for e in self.events
+            if e["method"] == "Runtime.consoleAPICalled"
         ]
 
     def close(self) -> None:

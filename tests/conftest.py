@@ -68,8 +68,9 @@ def tmpfs(mount_point: Path, size_mb: int) -> Iterator[Path]:
     full disk, not a stand-in. Needs the right to mount (root, as on these machines
     and in CI)."""
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode:
         pytest.skip(f"no full disk can be made here: mounting a tmpfs failed ({mounted.stderr.strip()})")
     try:
@@ -105,8 +106,12 @@ def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
     runs on PostgreSQL, so everything the test starts shares that ledger."""
     postgres = _ledger_backend(request) == "postgresql"
     return load_settings(
-        data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(), http_port=0,
-        quiet_period_s=0.5, durability="none",
+        data_dir=tmp_path / "data",
+        host="127.0.0.1",
+        port=free_port(),
+        http_port=0,
+        quiet_period_s=0.5,
+        durability="none",
         ledger_url=request.getfixturevalue("postgres_url") if postgres else "",
     )
 
@@ -183,8 +188,7 @@ def redis_url() -> str:
         if server is None:
             pytest.fail("redis-server is not installed: run scripts/setup.sh")
         subprocess.run(
-            [server, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
-             "--save", "", "--appendonly", "no"],
+            [server, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"],
             check=True,
         )
         deadline = time.monotonic() + 10
@@ -211,6 +215,10 @@ def guard_card_entry(threshold: float) -> dict[str, object]:
     """A model card's ``ood`` entry for test models: the B-mode guard with a unit
     precision, flagging what scores above ``threshold``."""
     n = len(FEATURES)
-    return {"features": list(FEATURES), "mean": [0.0] * n,
-            "precision": [[float(i == j) for j in range(n)] for i in range(n)],
-            "threshold": threshold, "percentile": 99.0}
+    return {
+        "features": list(FEATURES),
+        "mean": [0.0] * n,
+        "precision": [[float(i == j) for j in range(n)] for i in range(n)],
+        "threshold": threshold,
+        "percentile": 99.0,
+    }

@@ -23,29 +23,31 @@ from training.ood_sources import real_ultrasound_files
 #: Every ultrasound file shipped in pydicom and pydicom-data (found by SOP Class UID
 #: or Modality US). The test suite fails if discovery finds a different set, so a
 #: missing pydicom-data cannot silently shrink the coverage.
-ULTRASOUND_FILES = frozenset({
-    "ExplVR_BigEnd.dcm",                # explicit VR big endian
-    "examples_jpeg2k.dcm",              # JPEG 2000 lossless
-    "examples_palette.dcm",             # palette colour
-    "examples_rgb_color.dcm",
-    "examples_ybr_color.dcm",           # multi-frame JPEG baseline, YBR_FULL_422
-    "JPGLosslessP14SV1_1s_1f_8b.dcm",   # JPEG lossless process 14 SV1
-    "OBXXXX1A.dcm",
-    "OBXXXX1A_2frame.dcm",
-    "OBXXXX1A_expb.dcm",                # big endian
-    "OBXXXX1A_expb_2frame.dcm",
-    "OBXXXX1A_rle.dcm",                 # RLE
-    "OBXXXX1A_rle_2frame.dcm",          # RLE, Ultrasound Multi-frame
-    "US1_J2KI.dcm",                     # JPEG 2000 lossy
-    "US1_J2KR.dcm",
-    "US1_UNCI.dcm",
-    "US1_UNCR.dcm",
-    "color-pl.dcm",                     # retired Ultrasound Image Storage
-    "color-px.dcm",
-    "color3d_jpeg_baseline.dcm",        # 120 frames
-    "gdcm-US-ALOKA-16.dcm",             # 16-bit palette, implicit VR
-    "gdcm-US-ALOKA-16_big.dcm",
-})
+ULTRASOUND_FILES = frozenset(
+    {
+        "ExplVR_BigEnd.dcm",  # explicit VR big endian
+        "examples_jpeg2k.dcm",  # JPEG 2000 lossless
+        "examples_palette.dcm",  # palette colour
+        "examples_rgb_color.dcm",
+        "examples_ybr_color.dcm",  # multi-frame JPEG baseline, YBR_FULL_422
+        "JPGLosslessP14SV1_1s_1f_8b.dcm",  # JPEG lossless process 14 SV1
+        "OBXXXX1A.dcm",
+        "OBXXXX1A_2frame.dcm",
+        "OBXXXX1A_expb.dcm",  # big endian
+        "OBXXXX1A_expb_2frame.dcm",
+        "OBXXXX1A_rle.dcm",  # RLE
+        "OBXXXX1A_rle_2frame.dcm",  # RLE, Ultrasound Multi-frame
+        "US1_J2KI.dcm",  # JPEG 2000 lossy
+        "US1_J2KR.dcm",
+        "US1_UNCI.dcm",
+        "US1_UNCR.dcm",
+        "color-pl.dcm",  # retired Ultrasound Image Storage
+        "color-px.dcm",
+        "color3d_jpeg_baseline.dcm",  # 120 frames
+        "gdcm-US-ALOKA-16.dcm",  # 16-bit palette, implicit VR
+        "gdcm-US-ALOKA-16_big.dcm",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,11 @@ def split_file(path: Path) -> UsFile:
     offset = data_set_offset(data)
     return UsFile(
         # The file meta names the instance even when a test deleted it from the data set.
-        path=path, sop_class_uid=str(ds.get("SOPClassUID", ds.file_meta.MediaStorageSOPClassUID)),
+        path=path,
+        sop_class_uid=str(ds.get("SOPClassUID", ds.file_meta.MediaStorageSOPClassUID)),
         sop_instance_uid=str(ds.get("SOPInstanceUID", ds.file_meta.MediaStorageSOPInstanceUID)),
-        study_uid=str(ds.get("StudyInstanceUID", "")), transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         data_set=data[offset:],
     )
 
@@ -83,13 +87,13 @@ def data_set_offset(data: bytes) -> int:
     (explicit VR little endian, PS3.10 7.1), element by element."""
     assert data[128:132] == b"DICM", "not a Part 10 file"
     pos = 132
-    while data[pos:pos + 2] == b"\x02\x00":
-        vr = data[pos + 4:pos + 6]
+    while data[pos : pos + 2] == b"\x02\x00":
+        vr = data[pos + 4 : pos + 6]
         if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            length = int.from_bytes(data[pos + 8:pos + 12], "little")
+            length = int.from_bytes(data[pos + 8 : pos + 12], "little")
             pos += 12 + length
         else:
-            length = int.from_bytes(data[pos + 6:pos + 8], "little")
+            length = int.from_bytes(data[pos + 6 : pos + 8], "little")
             pos += 8 + length
     return pos
 
@@ -102,7 +106,11 @@ def ultrasound_files() -> tuple[UsFile, ...]:
 
 
 def cstore_fragments(
-    assoc: Association, raw: bytes, sop_class_uid: str, sop_instance_uid: str, message_id: int = 1,
+    assoc: Association,
+    raw: bytes,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    message_id: int = 1,
     max_pdu: int | None = None,
 ) -> list[P_DATA]:
     """The P-DATA primitives of a C-STORE request with ``raw`` as its data set, as is
@@ -154,14 +162,18 @@ class NodeProcess:
     Its log goes to a file, not a pipe: a pipe nobody reads would block the node.
     """
 
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None,
-                 timeout: float = 30) -> None:
+    def __init__(
+        self, env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None, timeout: float = 30
+    ) -> None:
         self.log = log or Path(env["SONOCASE_DATA_DIR"]).with_suffix(".log")
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "service", "serve", *args],
-                env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=err, text=True,
+                env={**os.environ, **env},
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
             )
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None

@@ -44,8 +44,9 @@ class ReceivingNode:
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
         cert, key = tls or (None, None)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off", access_log=False,
-                                                    ssl_certfile=cert, ssl_keyfile=key))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_config=None, lifespan="off", access_log=False, ssl_certfile=cert, ssl_keyfile=key)
+        )
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
         self._thread.start()
         wait_for("uvicorn to serve", lambda: self.server.started)
@@ -72,8 +73,9 @@ class ReceivingNode:
 def multipart(parts: list[bytes], close: bool = True) -> bytes:
     """A multipart/related body of ``application/dicom`` parts (``close``: with the
     closing delimiter, as a complete body ends)."""
-    body = b"".join(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
-                    for part in parts)
+    body = b"".join(
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n" for part in parts
+    )
     return body + (f"--{BOUNDARY}--\r\n".encode() if close else b"")
 
 
@@ -96,8 +98,7 @@ class CurlAnswer:
         return [item["00081155"]["Value"][0] for item in items]
 
 
-def curl(url: str, body: Path, content_type: str = MULTIPART, token: str | None = TOKEN,
-         *extra: str) -> CurlAnswer:
+def curl(url: str, body: Path, content_type: str = MULTIPART, token: str | None = TOKEN, *extra: str) -> CurlAnswer:
     """POST ``body`` with curl (a client that is not ours); the answer."""
     headers = ["-H", f"Content-Type: {content_type}"]
     if token is not None:
@@ -105,7 +106,9 @@ def curl(url: str, body: Path, content_type: str = MULTIPART, token: str | None 
     out = body.with_suffix(".answer")
     proc = subprocess.run(
         ["curl", "-sS", "-D", "-", "-o", str(out), "--data-binary", f"@{body}", *headers, *extra, url],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     blocks = [b for b in proc.stdout.replace("\r\n", "\n").split("\n\n") if b.startswith("HTTP/")]

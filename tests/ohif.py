@@ -70,10 +70,10 @@ def installed() -> bool:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
+    def log_message(self, format: str, *args: object) -> None:
         """Requests are not logged: the page makes hundreds."""
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         path = urlsplit(self.path).path
         if path == DICOMWEB_ROOT or path.startswith(DICOMWEB_ROOT + "/"):
             self._forward()
@@ -139,4 +139,3 @@ class OhifServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
-

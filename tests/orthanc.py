@@ -44,8 +44,9 @@ def installed() -> bool:
     return ORTHANC.is_file() and DICOMWEB_PLUGIN.exists()
 
 
-def configuration(folder: Path, http_port: int, dicom_port: int, aet: str, callers: Iterable[str],
-                  users: dict[str, str] | None = None) -> dict[str, Any]:
+def configuration(
+    folder: Path, http_port: int, dicom_port: int, aet: str, callers: Iterable[str], users: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Orthanc's JSON configuration: own storage, loopback, DICOMweb on; basic
     authentication for ``users`` (name: password) when given."""
     return {
@@ -93,20 +94,24 @@ class Orthanc:
     users: dict[str, str] | None = None
 
     @classmethod
-    def start(cls, folder: Path, aet: str = "ORTHANC", callers: Sequence[str] = (),
-              users: dict[str, str] | None = None) -> Orthanc:
+    def start(
+        cls, folder: Path, aet: str = "ORTHANC", callers: Sequence[str] = (), users: dict[str, str] | None = None
+    ) -> Orthanc:
         """Write a configuration under ``folder``, start Orthanc and wait until it answers."""
         if not installed():
-            pytest.fail("Orthanc or its DICOMweb plugin is missing: run scripts/setup.sh "
-                        "(apt-get install orthanc orthanc-dicomweb)")
+            pytest.fail(
+                "Orthanc or its DICOMweb plugin is missing: run scripts/setup.sh "
+                "(apt-get install orthanc orthanc-dicomweb)"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         http_port, dicom_port = free_port(), free_port()
         config = folder / "orthanc.json"
         config.write_text(json.dumps(configuration(folder, http_port, dicom_port, aet, callers, users), indent=2))
         log = folder / "orthanc.log"
         with log.open("ab") as out:
-            process = subprocess.Popen([str(ORTHANC), f"--logfile={log}", str(config)],
-                                       stdout=out, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [str(ORTHANC), f"--logfile={log}", str(config)], stdout=out, stderr=subprocess.STDOUT
+            )
         archive = cls(folder, http_port, dicom_port, aet, process, log, users)
 
         def answers() -> bool:
@@ -140,8 +145,9 @@ class Orthanc:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         """One HTTP request to Orthanc; status, headers and body."""
         headers = dict(headers or {})
         if self.users:
@@ -166,8 +172,9 @@ class Orthanc:
         returns their SOP Instance UIDs as Orthanc read them."""
         uids = []
         for path in paths:
-            status, _, body = self.request("POST", "/instances", path.read_bytes(),
-                                           {"Content-Type": "application/dicom"})
+            status, _, body = self.request(
+                "POST", "/instances", path.read_bytes(), {"Content-Type": "application/dicom"}
+            )
             if status != 200:
                 raise AssertionError(f"Orthanc refused {path.name}: HTTP {status} {body[:500]!r}")
             tags = self.get_json(f"/instances/{json.loads(body)['ID']}/simplified-tags")
@@ -176,8 +183,9 @@ class Orthanc:
 
     def instances(self, study_uid: str) -> list[dict[str, Any]]:
         """QIDO-RS: the study's instances as DICOM JSON (empty list when none)."""
-        status, _, body = self.request("GET", f"{DICOMWEB_ROOT}/studies/{study_uid}/instances",
-                                       headers={"Accept": "application/dicom+json"})
+        status, _, body = self.request(
+            "GET", f"{DICOMWEB_ROOT}/studies/{study_uid}/instances", headers={"Accept": "application/dicom+json"}
+        )
         if status == 204 or (status == 200 and not body.strip()):
             return []
         if status != 200:
@@ -190,8 +198,11 @@ class Orthanc:
 
     def file(self, sop_instance_uid: str) -> bytes:
         """The Part 10 file Orthanc holds for an instance."""
-        (found,) = [item for item in json.loads(self.request("POST", "/tools/lookup", sop_instance_uid.encode())[2])
-                    if item["Type"] == "Instance"]
+        (found,) = [
+            item
+            for item in json.loads(self.request("POST", "/tools/lookup", sop_instance_uid.encode())[2])
+            if item["Type"] == "Instance"
+        ]
         status, _, body = self.request("GET", f"/instances/{found['ID']}/file")
         if status != 200:
             raise AssertionError(f"GET the file of {sop_instance_uid}: HTTP {status}")

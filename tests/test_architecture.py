@@ -17,8 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 #: model does from what came back, ops looks at all of them; the composition roots
 #: (node, demo) wire the stages together; training builds on the node's code.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("contracts", ("service", "service.__init__", "service.settings", "service.ledger", "service.results",
-                   "service.model_card", "service.cli", "service.common", "service.migrations")),
+    (
+        "contracts",
+        (
+            "service",
+            "service.__init__",
+            "service.settings",
+            "service.ledger",
+            "service.results",
+            "service.model_card",
+            "service.cli",
+            "service.common",
+            "service.migrations",
+        ),
+    ),
     ("model", ("service.model",)),
     ("datasets", ("service.datasets",)),
     ("ingest", ("service.ingest",)),
@@ -77,7 +89,8 @@ SOURCES = sorted([*ROOT.joinpath("service").rglob("*.py"), *ROOT.joinpath("train
 def test_imports_point_down_the_layers(path: Path) -> None:
     mine = layer_of(module_name(path))
     upward = sorted(
-        f"{name} ({LAYERS[layer_of(name)][0]})" for name in our_imports(path)
+        f"{name} ({LAYERS[layer_of(name)][0]})"
+        for name in our_imports(path)
         if _is_module_or_member(name) and layer_of(name) > mine
     )
     assert not upward, f"{module_name(path)} ({LAYERS[mine][0]}) imports a later layer: {upward}"
@@ -96,7 +109,8 @@ def _is_module_or_member(name: str) -> bool:
 
 def test_service_never_imports_training() -> None:
     offenders = [
-        str(path.relative_to(ROOT)) for path in ROOT.joinpath("service").rglob("*.py")
+        str(path.relative_to(ROOT))
+        for path in ROOT.joinpath("service").rglob("*.py")
         if any(name.split(".")[0] == "training" for name in our_imports(path))
     ]
     assert not offenders

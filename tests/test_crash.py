@@ -57,13 +57,23 @@ def test_kill_9_while_receiving_loses_no_acknowledged_instance(tmp_path: Path, e
     src.mkdir()
     study_uid, paths = make_instances(src)
     port = free_port()
-    env = {"SONOCASE_HOST": "127.0.0.1", "SONOCASE_PORT": str(port), "SONOCASE_HTTP_PORT": "0",
-           "SONOCASE_DATA_DIR": str(tmp_path / "data"), "SONOCASE_QUIET_PERIOD_S": "2",
-           "SONOCASE_DURABILITY": "fsync", "SONOCASE_WORKERS": "0", "SONOCASE_RECEIVER_ENGINE": engine}
+    env = {
+        "SONOCASE_HOST": "127.0.0.1",
+        "SONOCASE_PORT": str(port),
+        "SONOCASE_HTTP_PORT": "0",
+        "SONOCASE_DATA_DIR": str(tmp_path / "data"),
+        "SONOCASE_QUIET_PERIOD_S": "2",
+        "SONOCASE_DURABILITY": "fsync",
+        "SONOCASE_WORKERS": "0",
+        "SONOCASE_RECEIVER_ENGINE": engine,
+    }
     node = NodeProcess(env, log=tmp_path / "node1.log")
     sender = subprocess.Popen(
         [dcmtk("storescu"), "-v", "-R", "-xr", "-aec", "SONOCASE", "127.0.0.1", str(port), *map(str, paths)],
-        env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert sender.stdout is not None
     lines, successes = [], 0
@@ -88,7 +98,7 @@ def test_kill_9_while_receiving_loses_no_acknowledged_instance(tmp_path: Path, e
                 sop_uid = str(dcmread(name, stop_before_pixels=True).SOPInstanceUID)
                 assert sop_uid in recorded, f"{name}: acknowledged but not in the ledger"
                 stored = Path(recorded[sop_uid].path).read_bytes()
-                inst = parse_instance(stored[data_set_offset(stored):], recorded[sop_uid].transfer_syntax, 1 << 30)
+                inst = parse_instance(stored[data_set_offset(stored) :], recorded[sop_uid].transfer_syntax, 1 << 30)
                 assert inst.sop_instance_uid == sop_uid  # complete: every element parses to the end
             spool = tmp_path / "data" / "spool"
             assert not list(spool.glob("*/.tmp-*")), "stale temporary files kept"

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from orthanc import Orthanc, orthanc  # noqa: F401  (the fixture)
 from PIL import Image
 from pydicom.data import get_testdata_file
-
-from orthanc import Orthanc, orthanc  # noqa: F401  (the fixture)
 
 from service.demo import CLASSES, StandInPacs, render_outputs
 from tests.conftest import dcmtk
@@ -28,7 +27,10 @@ def test_stand_in_pacs_keeps_what_storescu_sends(tmp_path: Path) -> None:
         source = get_testdata_file("SC_rgb.dcm", download=False)
         done = subprocess.run(
             [dcmtk("storescu"), "-aec", "DEMO_PACS", "127.0.0.1", str(pacs.port), source],
-            env=os.environ | {"TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60,
+            env=os.environ | {"TCP_NODELAY": "1"},
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 0, done.stderr
         sent = pydicom.dcmread(source)
@@ -45,9 +47,22 @@ def test_demo_runs_end_to_end(tmp_path: Path, orthanc: Orthanc) -> None:
     """The README's demo, with a DICOMweb archive (Orthanc) as a further destination."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SONOCASE_")}
     done = subprocess.run(
-        [sys.executable, "-m", "service", "demo", "--data-dir", str(tmp_path / "demo"), "--timeout", "300",
-         "--destination", orthanc.dicomweb_url],
-        env=env, capture_output=True, text=True, timeout=420,
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "demo",
+            "--data-dir",
+            str(tmp_path / "demo"),
+            "--timeout",
+            "300",
+            "--destination",
+            orthanc.dicomweb_url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
     )
     assert done.returncode == 0, done.stdout + done.stderr[-5000:]
     out = done.stdout
@@ -64,7 +79,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, orthanc: Orthanc) -> None:
     for image in png:
         assert Image.open(image).mode == "RGB"
     assert "not for primary diagnosis" in out
-    in_pacs = sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-                     for p in (tmp_path / "demo" / "pacs").rglob("*.dcm"))
+    in_pacs = sorted(
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (tmp_path / "demo" / "pacs").rglob("*.dcm")
+    )
     in_archive = sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get_json("/instances?expand"))
     assert in_pacs and in_archive == in_pacs, "every result in the DICOMweb archive too (STOW-RS)"

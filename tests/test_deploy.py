@@ -27,8 +27,11 @@ from tests.conftest import dcmtk, free_port
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 ENTRYPOINT = DEPLOY / "entrypoint.sh"
-COMPOSE_ENV = {"SONOCASE_WEB_TOKEN": "compose-test-token", "SONOCASE_DB_PASSWORD": "db-secret",
-               "FLOWER_BASIC_AUTH": "ops:secret"}
+COMPOSE_ENV = {
+    "SONOCASE_WEB_TOKEN": "compose-test-token",
+    "SONOCASE_DB_PASSWORD": "db-secret",
+    "FLOWER_BASIC_AUTH": "ops:secret",
+}
 
 
 def _settings_from_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -55,8 +58,11 @@ def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         pytest.fail("docker-compose is missing: run scripts/setup.sh (apt-get install docker-compose)")
     clean = {k: v for k, v in os.environ.items() if k not in COMPOSE_ENV}
     return subprocess.run(
-        [binary, "-f", str(DEPLOY / "compose.yaml"), "config"], env=clean | env,
-        capture_output=True, text=True, timeout=60,
+        [binary, "-f", str(DEPLOY / "compose.yaml"), "config"],
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -157,8 +163,11 @@ def test_kubernetes_manifests_are_wired_together(monkeypatch: pytest.MonkeyPatch
                 assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"], claim
 
     for service in _by_kind(docs, "Service").values():
-        selected = [w for w in workloads.values()
-                    if service["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        selected = [
+            w
+            for w in workloads.values()
+            if service["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert len(selected) == 1, service["metadata"]["name"]
         ports = {p["name"] for c in selected[0]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
@@ -199,8 +208,13 @@ def _dockerignore_excludes(path: str) -> bool:
 
 def _source_files() -> list[str]:
     """Files of the working tree that git does not ignore (what a clone would hold)."""
-    done = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                          cwd=ROOT, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return done.stdout.splitlines()
 
 
@@ -210,8 +224,8 @@ def test_dockerfile_builds_from_what_the_context_holds(dockerfile: str) -> None:
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     stages = [line for line in lines if line.startswith("FROM ")]
     assert len(stages) >= 2, "multi-stage: compilers stay in the build stage"
-    final = lines[lines.index(stages[-1]):]
-    build = lines[lines.index(stages[0]):lines.index(stages[-1])]
+    final = lines[lines.index(stages[-1]) :]
+    build = lines[lines.index(stages[0]) : lines.index(stages[-1])]
     assert any("build-essential" in line for line in build), "hnswlib compiles from source"
     assert not any("build-essential" in line for line in final)
     user = next(line.split()[1] for line in final if line.startswith("USER "))
@@ -240,7 +254,7 @@ def test_images_are_portable_and_quiet(dockerfile: str) -> None:
     text = (DEPLOY / dockerfile).read_text().replace("\\\n", " ")
     no_native = re.search(r"^ENV .*\bHNSWLIB_NO_NATIVE=1\b", text, re.M)
     assert no_native and no_native.start() < text.index("pip install /app")
-    runtime = text[text.rindex("\nFROM "):]
+    runtime = text[text.rindex("\nFROM ") :]
     assert re.search(r"^ENV .*\bHOME=/tmp\b", runtime, re.M) and "--home-dir /tmp" in runtime
     assert re.search(r"^ENV .*\bORT_DISABLE_TELEMETRY=1\b", runtime, re.M)
 
@@ -263,10 +277,16 @@ def _container_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The image's environment, with paths and ports of this test."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SONOCASE_")}
     env.update(
-        PATH=f"{Path(sys.executable).parent}:{env['PATH']}", SONOCASE_DATA_DIR=str(tmp_path / "data"),
-        SONOCASE_INDEX_DIR=str(tmp_path / "index"), SONOCASE_HOST="127.0.0.1", SONOCASE_HTTP_HOST="127.0.0.1",
-        SONOCASE_PORT=str(free_port()), SONOCASE_HTTP_PORT=str(free_port()), SONOCASE_LOG_FORMAT="json",
-        SONOCASE_DURABILITY="none", TCP_NODELAY="1",
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+        SONOCASE_DATA_DIR=str(tmp_path / "data"),
+        SONOCASE_INDEX_DIR=str(tmp_path / "index"),
+        SONOCASE_HOST="127.0.0.1",
+        SONOCASE_HTTP_HOST="127.0.0.1",
+        SONOCASE_PORT=str(free_port()),
+        SONOCASE_HTTP_PORT=str(free_port()),
+        SONOCASE_LOG_FORMAT="json",
+        SONOCASE_DURABILITY="none",
+        TCP_NODELAY="1",
     )
     return env | extra
 
@@ -274,8 +294,9 @@ def _container_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def test_entrypoint_refuses_a_data_folder_it_cannot_write(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    done = subprocess.run([str(ENTRYPOINT), "serve"], env=_container_env(blocker),
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(ENTRYPOINT), "serve"], env=_container_env(blocker), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 73 and f"{blocker}/data is not writable" in done.stderr
 
 
@@ -290,8 +311,13 @@ def test_entrypoint_runs_the_node(tmp_path: Path) -> None:
         line = proc.stdout.readline()  # json logs: the listening line is a JSON object too
         assert line.startswith("{"), line + (proc.stderr.read() if proc.poll() is not None else "")
         assert json.loads(line)["message"].startswith("listening as SONOCASE"), line
-        echo = subprocess.run([dcmtk("echoscu"), "-aec", "SONOCASE", "127.0.0.1", env["SONOCASE_PORT"]],
-                              env=env, capture_output=True, text=True, timeout=30)
+        echo = subprocess.run(
+            [dcmtk("echoscu"), "-aec", "SONOCASE", "127.0.0.1", env["SONOCASE_PORT"]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert echo.returncode == 0, echo.stderr
         health = subprocess.run([str(ENTRYPOINT), "healthcheck", "node"], env=env, capture_output=True, timeout=30)
         assert health.returncode == 0, health.stderr
@@ -344,13 +370,19 @@ def test_smoke_image_stores_a_study_and_sends_its_sr(tmp_path: Path) -> None:
     if shutil.which("podman") is None and shutil.which("docker") is None:
         pytest.fail("no container engine: run scripts/setup.sh (apt-get install podman debootstrap)")
     out = tmp_path / "smoke"
-    done = subprocess.run(["bash", str(DEPLOY / "smoke.sh")], env={**os.environ, "SMOKE_OUT": str(out)},
-                          capture_output=True, text=True, timeout=1700)
+    done = subprocess.run(
+        ["bash", str(DEPLOY / "smoke.sh")],
+        env={**os.environ, "SMOKE_OUT": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=1700,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objects_at_pacs"] >= 2 and summary["exit_code"] == 0 and summary["uid"] == 10001
     assert summary["non_json_log_lines"] == 0 and summary["log_lines"] > 10
-    disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(out / "hnswlib.so")],
-                                 capture_output=True, text=True, check=True).stdout
+    disassembly = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(out / "hnswlib.so")], capture_output=True, text=True, check=True
+    ).stdout
     assert "sse" in disassembly.lower() or "xmm" in disassembly  # the library's vector code is there ...
     assert not re.search(r"%[yz]mm\d", disassembly)  # ... but none of it needs AVX or AVX-512

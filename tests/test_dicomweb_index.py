@@ -37,7 +37,10 @@ def web_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:  # noqa: F81
 
 
 def test_add_copies_labelled_studies_from_a_dicomweb_archive(
-    web_env: dict[str, str], studies: tuple[Path, Path], archive: tuple[Orthanc, str], tmp_path: Path,  # noqa: F811
+    web_env: dict[str, str],
+    studies: tuple[Path, Path],
+    archive: tuple[Orthanc, str],
+    tmp_path: Path,
 ) -> None:
     orthanc, with_report = archive
     labels = tmp_path / "labels.csv"
@@ -63,7 +66,9 @@ def test_add_copies_labelled_studies_from_a_dicomweb_archive(
 
 
 def test_add_from_a_dicomweb_archive_says_what_is_wrong(
-    web_env: dict[str, str], env: dict[str, str], studies: tuple[Path, Path],  # noqa: F811
+    web_env: dict[str, str],
+    env: dict[str, str],
+    studies: tuple[Path, Path],  # noqa: F811
     archive: tuple[Orthanc, str],
 ) -> None:
     orthanc, _ = archive

@@ -7,8 +7,8 @@ and partly over STOW-RS completes as one study."""
 from __future__ import annotations
 
 import socket
-import time
 import subprocess
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -26,6 +26,7 @@ from pydicom.uid import generate_uid
 
 from service.common.metrics import STOW_INSTANCES
 from service.ingest.rules import StoreStatus
+from service.ingest.store import StoreSCP
 from service.ingest.stow import (
     InstanceResult,
     PartMeta,
@@ -39,7 +40,6 @@ from service.ingest.stow import (
     summary,
     upfront_refusal,
 )
-from service.ingest.store import StoreSCP
 from service.ledger import Ledger, StudyState, open_ledger
 from service.settings import Settings
 
@@ -78,41 +78,63 @@ def assert_stored_as_sent(node: ReceivingNode, sent: list[Path]) -> None:
         original = split_file(path)
         (rec,) = [r for r in ledger.instances(original.study_uid) if r.sop_instance_uid == original.sop_instance_uid]
         spooled = Path(rec.path).read_bytes()
-        assert spooled[data_set_offset(spooled):] == original.data_set
+        assert spooled[data_set_offset(spooled) :] == original.data_set
         assert (rec.calling_ae, rec.transfer_syntax, rec.size) == ("STOW-RS", original.transfer_syntax, len(spooled))
     assert node.incoming() == []
 
 
 def c_store(settings: Settings, path: Path) -> subprocess.CompletedProcess[str]:
     """DCMTK's storescu sends one file to the node's C-STORE port."""
-    return subprocess.run([dcmtk("storescu"), "-v", "-aec", settings.ae_title, "127.0.0.1", str(settings.port), str(path)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [dcmtk("storescu"), "-v", "-aec", settings.ae_title, "127.0.0.1", str(settings.port), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 # --- pure parts -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["US1_UNCR.dcm", "OBXXXX1A_expb.dcm", "examples_ybr_color.dcm"])
 def test_file_meta_is_read_as_soon_as_it_is_complete(name: str) -> None:
     data = Path(get_testdata_file(name)).read_bytes()
     offset = data_set_offset(data)
     ds = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
-    expected = PartMeta(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID,
-                        ds.file_meta.TransferSyntaxUID, offset)
+    expected = PartMeta(
+        ds.file_meta.MediaStorageSOPClassUID,
+        ds.file_meta.MediaStorageSOPInstanceUID,
+        ds.file_meta.TransferSyntaxUID,
+        offset,
+    )
     for size in range(offset + 12):
         assert read_part_meta(data[:size]) is None, size  # more bytes needed
-    assert read_part_meta(data[:offset + 12]) == expected
+    assert read_part_meta(data[: offset + 12]) == expected
     assert read_part_meta(data[:offset], complete=True) == expected
 
 
-@pytest.mark.parametrize(("head", "status", "why"), [
-    (b"hello, not DICOM", StoreStatus.CANNOT_UNDERSTAND, "is not a DICOM file"),
-    (b"\0" * 128 + b"NOPE" + b"\0" * 64, StoreStatus.CANNOT_UNDERSTAND, "no DICM prefix"),
-    (b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\x14\x00" + b"1.2.840.10008.1.2.1\0", StoreStatus.INVALID_UID,
-     "Media Storage SOP Class UID is missing"),
-    (b"\0" * 128 + b"DICM" + b"\x02\x00\x02\x00UI\x08\x001.2.3.4\0", StoreStatus.CANNOT_UNDERSTAND,
-     "no Transfer Syntax UID"),
-    (b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\x001.2", StoreStatus.CANNOT_UNDERSTAND, "truncated file meta"),
-])
+@pytest.mark.parametrize(
+    ("head", "status", "why"),
+    [
+        (b"hello, not DICOM", StoreStatus.CANNOT_UNDERSTAND, "is not a DICOM file"),
+        (b"\0" * 128 + b"NOPE" + b"\0" * 64, StoreStatus.CANNOT_UNDERSTAND, "no DICM prefix"),
+        (
+            b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\x14\x00" + b"1.2.840.10008.1.2.1\0",
+            StoreStatus.INVALID_UID,
+            "Media Storage SOP Class UID is missing",
+        ),
+        (
+            b"\0" * 128 + b"DICM" + b"\x02\x00\x02\x00UI\x08\x001.2.3.4\0",
+            StoreStatus.CANNOT_UNDERSTAND,
+            "no Transfer Syntax UID",
+        ),
+        (
+            b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\x001.2",
+            StoreStatus.CANNOT_UNDERSTAND,
+            "truncated file meta",
+        ),
+    ],
+)
 def test_what_is_not_a_dicom_file_is_refused(head: bytes, status: int, why: str) -> None:
     with pytest.raises(PartRefused, match=why) as refused:
         read_part_meta(head, complete=True)
@@ -122,9 +144,13 @@ def test_what_is_not_a_dicom_file_is_refused(head: bytes, status: int, why: str)
 def test_request_media_types() -> None:
     assert request_boundary('multipart/related; type="application/dicom"; boundary="b-1"') == b"b-1"
     assert request_boundary("Multipart/Related; boundary=b-2") == b"b-2"  # type defaults to application/dicom
-    for wrong, status in [("application/dicom", 415), (None, 415), ("multipart/form-data; boundary=x", 415),
-                          ('multipart/related; type="application/dicom+json"; boundary=x', 415),
-                          ('multipart/related; type="application/dicom"', 400)]:
+    for wrong, status in [
+        ("application/dicom", 415),
+        (None, 415),
+        ("multipart/form-data; boundary=x", 415),
+        ('multipart/related; type="application/dicom+json"; boundary=x', 415),
+        ('multipart/related; type="application/dicom"', 400),
+    ]:
         with pytest.raises(StowError) as refused:
             request_boundary(wrong)
         assert refused.value.status == status, wrong
@@ -161,22 +187,26 @@ def test_a_body_fed_in_small_pieces_stores_the_same_bytes(stow_settings: Setting
     store = StoreSCP(stow_settings, ledger)
     try:
         upload = StowUpload(store, BOUNDARY.encode(), study, max_bytes=len(body), max_parts=10)
-        results = [upload.store_part(part) for offset in range(0, len(body), 997)
-                   for part in upload.feed(body[offset:offset + 997])]
+        results = [
+            upload.store_part(part)
+            for offset in range(0, len(body), 997)
+            for part in upload.feed(body[offset : offset + 997])
+        ]
         assert upload.finish() is None
         assert [r.stored for r in results] == [True, True]
         records = {r.sop_instance_uid: r for r in ledger.instances(study)}
         for path in sent:
             original = split_file(path)
             spooled = Path(records[original.sop_instance_uid].path).read_bytes()
-            assert spooled[data_set_offset(spooled):] == original.data_set
+            assert spooled[data_set_offset(spooled) :] == original.data_set
     finally:
         store.close()
         ledger.close()
 
 
-def test_parts_count_against_the_receivers_size_limit_and_memory_budget(stow_settings: Settings,
-                                                                        tmp_path: Path) -> None:
+def test_parts_count_against_the_receivers_size_limit_and_memory_budget(
+    stow_settings: Settings, tmp_path: Path
+) -> None:
     """A part is held within max_dataset_mb (0xC003) and the memory budget of data
     sets in flight (0xA700), as a C-STORE's data set is; every byte it took is given
     back, and nothing is left in .incoming."""
@@ -215,6 +245,7 @@ def test_parts_count_against_the_receivers_size_limit_and_memory_budget(stow_set
 
 
 # --- over HTTP, real clients ------------------------------------------------------------
+
 
 def test_dicomweb_client_stores_every_ultrasound_file(node: ReceivingNode) -> None:
     datasets = [pydicom.dcmread(f.path) for f in ultrasound_files()]
@@ -261,7 +292,7 @@ def test_bad_input_gets_its_status_and_reason_and_leaves_nothing(node: Receiving
     other = copy_into("OBXXXX1A.dcm", study, tmp_path).read_bytes()
     ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     foreign = copy_into("OBXXXX1A.dcm", generate_uid(), tmp_path).read_bytes()
-    half = other[:len(other) // 2]
+    half = other[: len(other) // 2]
     closing = f"--{BOUNDARY}--\r\n".encode()
     related_json = MULTIPART.replace("application/dicom", "application/dicom+json")
     # name: (body, Content-Type, path, HTTP status, {SOP Instance UID: Failure Reason} or None)
@@ -271,10 +302,24 @@ def test_bad_input_gets_its_status_and_reason_and_leaves_nothing(node: Receiving
         "no boundary": (multipart([good]), 'multipart/related; type="application/dicom"', "/studies", 400, None),
         "not multipart at all": (b"garbage" * 100, MULTIPART, "/studies", 400, None),
         "no part": (closing, MULTIPART, "/studies", 400, None),
-        "body ends inside a part": (multipart([good])[:-len(closing)] + multipart([half], close=False)[:-2],
-                                    MULTIPART, "/studies", 202, {uid_of(other): 0xC000}),
-        "malformed after a good part": (multipart([good])[:-len(closing)] + f"--{BOUNDARY}\r\nbad header\r\n\r\n"
-                                        .encode() + other + b"\r\n" + closing, MULTIPART, "/studies", 202, {"": 0xC000}),
+        "body ends inside a part": (
+            multipart([good])[: -len(closing)] + multipart([half], close=False)[:-2],
+            MULTIPART,
+            "/studies",
+            202,
+            {uid_of(other): 0xC000},
+        ),
+        "malformed after a good part": (
+            multipart([good])[: -len(closing)]
+            + f"--{BOUNDARY}\r\nbad header\r\n\r\n".encode()
+            + other
+            + b"\r\n"
+            + closing,
+            MULTIPART,
+            "/studies",
+            202,
+            {"": 0xC000},
+        ),
         "truncated data set": (multipart([half]), MULTIPART, "/studies", 409, {uid_of(other): 0xC000}),
         "non-DICOM part": (multipart([b"%PDF-1.4 not an image"]), MULTIPART, "/studies", 409, {"": 0xC000}),
         "not ultrasound": (multipart([ct]), MULTIPART, "/studies", 409, {uid_of(ct): 0x0122}),
@@ -293,8 +338,11 @@ def test_bad_input_gets_its_status_and_reason_and_leaves_nothing(node: Receiving
         stored = {uid_of(p.read_bytes()) for p in node.spooled()}
         assert stored <= {uid_of(good)}, name
     assert len(node.spooled()) == 1  # the complete part before the one the body ended in
-    assert {status: stow_count(status) - before for status, before in counted.items()} == \
-        {"0x0000": 2, "0x0122": 1, "0xC000": 4}
+    assert {status: stow_count(status) - before for status, before in counted.items()} == {
+        "0x0000": 2,
+        "0x0122": 1,
+        "0xC000": 4,
+    }
     assert c_store(node.settings, copy_into("OBXXXX1A.dcm", generate_uid(), tmp_path)).returncode == 0
     assert len(node.spooled()) == 2
 
@@ -312,8 +360,12 @@ def test_off_without_a_web_token(settings: Settings) -> None:
     ledger = open_ledger(settings, durable=False)
     receiving = ReceivingNode(settings, ledger)
     try:
-        response = requests.post(f"{receiving.url}/studies", data=multipart([]),
-                                 headers={"Content-Type": MULTIPART, "Authorization": "Bearer "}, timeout=30)
+        response = requests.post(
+            f"{receiving.url}/studies",
+            data=multipart([]),
+            headers={"Content-Type": MULTIPART, "Authorization": "Bearer "},
+            timeout=30,
+        )
         assert response.status_code == 404 and "SONOCASE_WEB_TOKEN" in response.text
     finally:
         receiving.stop()
@@ -326,13 +378,15 @@ def test_c_store_is_served_while_a_stow_upload_is_half_way(node: ReceivingNode, 
     body = multipart([copy_into("US1_UNCR.dcm", study, tmp_path).read_bytes()])
     port = int(node.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.sendall(f"POST /studies HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
-                     f"Content-Type: {MULTIPART}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
-        sock.sendall(body[:len(body) // 2])
+        sock.sendall(
+            f"POST /studies HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: {MULTIPART}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        sock.sendall(body[: len(body) // 2])
         wait_for("the half-sent part's temporary file", node.incoming)
         assert c_store(node.settings, copy_into("OBXXXX1A.dcm", generate_uid(), tmp_path)).returncode == 0
         assert len(node.spooled()) == 1 and len(node.incoming()) == 1  # the upload is still open
-        sock.sendall(body[len(body) // 2:])
+        sock.sendall(body[len(body) // 2 :])
         answer = b""
         while b"\r\n\r\n" not in answer:
             answer += sock.recv(65536)
@@ -415,8 +469,9 @@ def test_a_busy_node_refuses_before_reading_or_per_instance(stow_settings: Setti
         ledger.close()
 
 
-def test_a_request_of_many_empty_parts_is_bounded(stow_settings: Settings, tmp_path: Path,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_a_request_of_many_empty_parts_is_bounded(
+    stow_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Issue 24, attack 2 (1,000,000 empty parts took 312 s, 2.8 GB, an 85 MB answer
     and a log line each): up to stow_max_parts each is answered, in one log line;
     past it the request is answered 413 at once, and the node goes on storing."""
@@ -424,8 +479,10 @@ def test_a_request_of_many_empty_parts_is_bounded(stow_settings: Settings, tmp_p
     ledger = open_ledger(settings, durable=False)
     node = ReceivingNode(settings, ledger)
     try:
-        for count, status, logged in ((100, 409, "0 of 100 instance(s) stored; refused: 100 with 0xC000"),
-                                      (200_000, 413, "HTTP 413: more than 100 parts")):
+        for count, status, logged in (
+            (100, 409, "0 of 100 instance(s) stored; refused: 100 with 0xC000"),
+            (200_000, 413, "HTTP 413: more than 100 parts"),
+        ):
             body = tmp_path / "empty-parts"
             body.write_bytes(multipart([b""] * count))
             caplog.clear()
@@ -442,10 +499,13 @@ def test_a_request_of_many_empty_parts_is_bounded(stow_settings: Settings, tmp_p
 
 
 def test_the_summary_counts_refusals_by_reason() -> None:
-    results = [InstanceResult("1.2", "1.2.3", 0), InstanceResult("", "", 0xC000, "empty part"),
-               InstanceResult("", "", 0xC000, "not DICOM"), InstanceResult("1.2", "1.2.4", 0x0122, "not US")]
-    assert summary(results) == ("1 of 4 instance(s) stored; refused: 1 with 0x0122, 2 with 0xC000 "
-                                "(first: empty part)")
+    results = [
+        InstanceResult("1.2", "1.2.3", 0),
+        InstanceResult("", "", 0xC000, "empty part"),
+        InstanceResult("", "", 0xC000, "not DICOM"),
+        InstanceResult("1.2", "1.2.4", 0x0122, "not US"),
+    ]
+    assert summary(results) == ("1 of 4 instance(s) stored; refused: 1 with 0x0122, 2 with 0xC000 (first: empty part)")
 
 
 def _one_part(tmp_path: Path) -> Path:

@@ -35,10 +35,15 @@ FILES = ["US1_UNCR.dcm", "OBXXXX1A.dcm"]
 
 def to(settings: Settings, url: str, **update: object) -> Settings:
     """``settings`` sending to the DICOMweb base ``url``, with short backoff for tests."""
-    return settings.model_copy(update={
-        "destinations": [DicomWebDestination.parse(url)], "send_backoff_s": 0.2, "send_backoff_max_s": 1.0,
-        "send_max_attempts": 5, **update,
-    })
+    return settings.model_copy(
+        update={
+            "destinations": [DicomWebDestination.parse(url)],
+            "send_backoff_s": 0.2,
+            "send_backoff_max_s": 1.0,
+            "send_max_attempts": 5,
+            **update,
+        }
+    )
 
 
 def reported(settings: Settings, ledger: Ledger) -> tuple[str, list[str]]:
@@ -56,13 +61,20 @@ def secret(tmp_path: Path, name: str, value: str) -> Path:
 
 # --- the pure reading of a response ---------------------------------------------------------
 
+
 def test_outcomes_from_a_stow_response() -> None:
-    response = pydicom.Dataset.from_json({
-        "00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.2"]},
-                                             "00081197": {"vr": "US", "Value": [0xA700]}}]},
-        "00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.1"]},
-                                             "00081196": {"vr": "US", "Value": [0xB000]}}]},
-    })
+    response = pydicom.Dataset.from_json(
+        {
+            "00081198": {
+                "vr": "SQ",
+                "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.2"]}, "00081197": {"vr": "US", "Value": [0xA700]}}],
+            },
+            "00081199": {
+                "vr": "SQ",
+                "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.1"]}, "00081196": {"vr": "US", "Value": [0xB000]}}],
+            },
+        }
+    )
     outcomes = stow_outcomes(202, response, ["1.2.1", "1.2.2", "1.2.3"])
     assert outcomes["1.2.1"] == StowOutcome(True, "coercion of data elements (Warning Reason 0xB000)")
     assert outcomes["1.2.2"] == StowOutcome(False, "out of resources (Failure Reason 0xA700)", 0xA700)
@@ -71,6 +83,7 @@ def test_outcomes_from_a_stow_response() -> None:
 
 
 # --- against Orthanc ----------------------------------------------------------------------
+
 
 def test_results_arrive_byte_valid_in_the_right_study(settings: Settings, orthanc: Orthanc) -> None:
     s = to(settings, orthanc.dicomweb_url)
@@ -90,12 +103,17 @@ def test_results_arrive_byte_valid_in_the_right_study(settings: Settings, orthan
         ledger.close()
 
 
-def test_basic_authentication_from_a_password_file(settings: Settings, tmp_path: Path,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_basic_authentication_from_a_password_file(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     archive = Orthanc.start(tmp_path / "orthanc", users={"sonocase": "s3cret-pw"})
     try:
-        wrong = to(settings, archive.dicomweb_url, dicomweb_user="sonocase",
-                   dicomweb_password_file=secret(tmp_path, "wrong", "not-it"))
+        wrong = to(
+            settings,
+            archive.dicomweb_url,
+            dicomweb_user="sonocase",
+            dicomweb_password_file=secret(tmp_path, "wrong", "not-it"),
+        )
         ledger = open_ledger(wrong, durable=False)
         study_uid, uids = reported(wrong, ledger)
         with caplog.at_level(logging.DEBUG):
@@ -163,8 +181,12 @@ class FaultyArchive:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
                 else:
-                    answer = requests.post(fake.upstream + self.path, data=self._body(), timeout=60,
-                                           headers={"Content-Type": self.headers["Content-Type"]})
+                    answer = requests.post(
+                        fake.upstream + self.path,
+                        data=self._body(),
+                        timeout=60,
+                        headers={"Content-Type": self.headers["Content-Type"]},
+                    )
                     self.send_response(answer.status_code)
                     self.send_header("Content-Type", answer.headers.get("Content-Type", "application/dicom+json"))
                     self.send_header("Content-Length", str(len(answer.content)))
@@ -201,8 +223,11 @@ def faulty(orthanc: Orthanc) -> Iterator[FaultyArchive]:  # noqa: F811
     archive.stop()
 
 
-def test_503_and_a_dropped_upload_lose_nothing(settings: Settings, orthanc: Orthanc,  # noqa: F811
-                                               faulty: FaultyArchive) -> None:
+def test_503_and_a_dropped_upload_lose_nothing(
+    settings: Settings,
+    orthanc: Orthanc,  # noqa: F811
+    faulty: FaultyArchive,
+) -> None:
     s = to(settings, faulty.url)
     ledger = open_ledger(s, durable=False)
     try:
@@ -239,12 +264,20 @@ def test_an_archive_that_never_answers_times_out(settings: Settings) -> None:
 
 # --- against our own STOW-RS endpoint --------------------------------------------------------
 
+
 @pytest.fixture
 def node_b(tmp_path: Path) -> Iterator[ReceivingNode]:
     """Another node receiving over STOW-RS with its web token, over HTTPS (a
     certificate of its own, 127.0.0.1)."""
-    receiving = load_settings(data_dir=tmp_path / "b", host="127.0.0.1", port=free_port(), http_port=0,
-                              durability="none", web_token=TOKEN, min_free_disk_mb=1)
+    receiving = load_settings(
+        data_dir=tmp_path / "b",
+        host="127.0.0.1",
+        port=free_port(),
+        http_port=0,
+        durability="none",
+        web_token=TOKEN,
+        min_free_disk_mb=1,
+    )
     ledger = open_ledger(receiving, durable=False)
     node = ReceivingNode(receiving, ledger, tls=self_signed(tmp_path, "node-b"))
     yield node
@@ -252,8 +285,7 @@ def node_b(tmp_path: Path) -> Iterator[ReceivingNode]:
     ledger.close()
 
 
-def test_https_peer_verified_against_the_site_ca(settings: Settings, tmp_path: Path,
-                                                  node_b: ReceivingNode) -> None:
+def test_https_peer_verified_against_the_site_ca(settings: Settings, tmp_path: Path, node_b: ReceivingNode) -> None:
     s = to(settings, node_b.url, dicomweb_token_file=secret(tmp_path, "token", TOKEN))
     ledger = open_ledger(s, durable=False)
     try:
@@ -267,14 +299,23 @@ def test_https_peer_verified_against_the_site_ca(settings: Settings, tmp_path: P
 
 
 def test_bearer_token_and_the_sr_fallback_against_our_stow_endpoint(
-    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    settings: Settings,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Node B receives over STOW-RS with its web token; it takes Secondary Captures
     but no SR class (Failure Reason 0x0122), so the SR is rebuilt class after class
     and, when none is taken, fails with that reason; the key-image flag and the
     overlay (optional classes it does not take either) are skipped there."""
-    receiving = load_settings(data_dir=tmp_path / "b", host="127.0.0.1", port=free_port(), http_port=0,
-                              durability="none", web_token=TOKEN, min_free_disk_mb=1)
+    receiving = load_settings(
+        data_dir=tmp_path / "b",
+        host="127.0.0.1",
+        port=free_port(),
+        http_port=0,
+        durability="none",
+        web_token=TOKEN,
+        min_free_disk_mb=1,
+    )
     ledger_b = open_ledger(receiving, durable=False)
     node_b = ReceivingNode(receiving, ledger_b)
     s = to(settings, node_b.url, dicomweb_token_file=secret(tmp_path, "token", "wrong"), send_max_attempts=10)
@@ -305,4 +346,3 @@ def test_bearer_token_and_the_sr_fallback_against_our_stow_endpoint(
         ledger.close()
         node_b.stop()
         ledger_b.close()
-

@@ -40,10 +40,14 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 def test_node_and_a_separate_worker_share_a_postgresql_ledger(
-    settings: Settings, postgres_url: str, private_redis: PrivateRedis, tmp_path: Path,
+    settings: Settings,
+    postgres_url: str,
+    private_redis: PrivateRedis,
+    tmp_path: Path,
 ) -> None:
-    distributed = settings.model_copy(update={"ledger_url": postgres_url, "broker_url": private_redis.url,
-                                              "workers": 0})
+    distributed = settings.model_copy(
+        update={"ledger_url": postgres_url, "broker_url": private_redis.url, "workers": 0}
+    )
     node = serve(distributed, tmp_path / "node.log")
     worker = Process(distributed, "worker", log=tmp_path / "worker.log", ready=" ready.")
     try:
@@ -65,8 +69,14 @@ def test_node_and_a_separate_worker_share_a_postgresql_ledger(
     assert "analysing generation 1" in worker.log()  # analysed by the separate worker, not the node
     assert list(distributed.outbox_dir.rglob("*.dcm")), "no SR or SC in the shared data_dir"
 
-    shown = json.loads(subprocess.run(
-        [sys.executable, "-m", "service", "status", study_uid, "--json"], env=child_env(distributed),
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout)
+    shown = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "service", "status", study_uid, "--json"],
+            env=child_env(distributed),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    )
     assert shown["study"]["state"] == StudyState.REPORTED

@@ -30,6 +30,8 @@ RADIOLOGIST = (DOCS / "radiologist-guide.md").read_text()
 def _flat(text: str) -> str:
     """Prose with its line breaks undone, to look for phrases across wrapped lines."""
     return " ".join(text.split())
+
+
 SETTINGS = list(Settings.model_fields)
 
 
@@ -73,7 +75,7 @@ def test_example_toml_values_are_the_defaults(clean_env: None) -> None:
 
 def test_it_guide_lists_every_setting_and_no_other() -> None:
     expected = {ENV_PREFIX + name.upper() for name in SETTINGS} | {ENV_PREFIX + "CONFIG"}
-    table = IT_GUIDE[IT_GUIDE.index("## 4. Settings"):IT_GUIDE.index("## 5.")]
+    table = IT_GUIDE[IT_GUIDE.index("## 4. Settings") : IT_GUIDE.index("## 5.")]
     rows = set(re.findall(r"^\| `(SONOCASE_[A-Z0-9_]+)` \|", table, re.M))
     assert rows == expected
     for text in (IT_GUIDE, CONFORMANCE, RADIOLOGIST, EXAMPLE.read_text()):
@@ -82,7 +84,7 @@ def test_it_guide_lists_every_setting_and_no_other() -> None:
 
 def _uids(section: str) -> list[str]:
     start = CONFORMANCE.index(f"<!-- {section}:")
-    block = CONFORMANCE[start:CONFORMANCE.index("<!-- end -->", start)]
+    block = CONFORMANCE[start : CONFORMANCE.index("<!-- end -->", start)]
     rows = re.findall(r"^\| ([^|]+) \| `([0-9.]+)` \|", block, re.M)
     for name, uid in rows:
         assert name.replace(" (Retired)", "") == UID(uid).name, f"{uid} is not {name}"
@@ -99,8 +101,8 @@ def test_conformance_constants_and_statuses_are_the_receiver_s() -> None:
     assert f"`{rules.IMPLEMENTATION_CLASS_UID}`" in CONFORMANCE
     assert f"`{rules.IMPLEMENTATION_VERSION_NAME}`" in CONFORMANCE
     assert f"{server.MAX_PDU_BYTES:,} bytes" in CONFORMANCE
-    statuses = CONFORMANCE[CONFORMANCE.index("| Status | Meaning | When |"):]
-    statuses = statuses[:statuses.index("\n\n")]
+    statuses = CONFORMANCE[CONFORMANCE.index("| Status | Meaning | When |") :]
+    statuses = statuses[: statuses.index("\n\n")]
     documented = {int(code, 16) for code in re.findall(r"^\| `([0-9A-F]{4})` \|", statuses, re.M)}
     assert documented == {int(s) for s in rules.StoreStatus}
     for reason in rules.RejectReason:
@@ -111,13 +113,13 @@ def test_docs_quote_the_shipped_sr_template(clean_env: None) -> None:
     template = load_template(Settings().sr_template)
     conformance = _flat(CONFORMANCE)
     for series in (template.sr_series, template.sc_series, template.seg_series, template.kos_series):
-        assert f"Series Number {series.number}, \"{series.description}\"" in conformance
-        assert f"| {series.number} \"{series.description}\" |" in RADIOLOGIST
+        assert f'Series Number {series.number}, "{series.description}"' in conformance
+        assert f'| {series.number} "{series.description}" |' in RADIOLOGIST
     for cls in template.classes.values():
-        assert f"{cls.finding.value} {cls.finding.scheme} \"{cls.finding.meaning}\"" in conformance
+        assert f'{cls.finding.value} {cls.finding.scheme} "{cls.finding.meaning}"' in conformance
     concepts = template.concepts
     for code in (template.title, template.procedure_reported, concepts.probability_unit, concepts.classification):
-        assert f"({code.value}, {code.scheme}, \"{code.meaning}\")" in conformance
+        assert f'({code.value}, {code.scheme}, "{code.meaning}")' in conformance
 
 
 def test_radiologist_guide_matches_the_shipped_model_card(clean_env: None) -> None:

@@ -27,30 +27,59 @@ RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 CLASSES = ["normal", "benign", "malignant"]
 
 
-def _store_result(ledger: Ledger, uid: str, scanner: tuple[str, str], embedding: np.ndarray, ood: bool,
-                  now: float) -> None:
+def _store_result(
+    ledger: Ledger, uid: str, scanner: tuple[str, str], embedding: np.ndarray, ood: bool, now: float
+) -> None:
     """A study analysed on ``scanner`` whose one frame has ``embedding``."""
-    ledger.record_instance(InstanceRecord(f"{uid}.1", uid, f"{uid}.2", "1.2.840.10008.5.1.4.1.1.6.1",
-                                          "1.2.840.10008.1.2.1", "x.dcm", 1, "PACS", "US"), now=now)
+    ledger.record_instance(
+        InstanceRecord(
+            f"{uid}.1", uid, f"{uid}.2", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.1.2.1", "x.dcm", 1, "PACS", "US"
+        ),
+        now=now,
+    )
     ledger.complete_quiet_studies(0.0, now=now)
     generation = ledger.claim_analysis(uid, 60.0, now=now)
     assert generation is not None
     label = CLASSES[int(np.argmax(embedding[:3]))]
     probabilities = {c: 0.9 if c == label else 0.05 for c in CLASSES}
-    frame = FrameResult(frame_number=1, probabilities=probabilities, predicted=label, out_of_distribution=ood,
-                        ood_distance=0.0, heatmap_path="h.npy", crop=(0, 0, 8, 8), embedding=embedding.tolist())
-    images = [ImageResult(sop_instance_uid=f"{uid}.1", series_uid=f"{uid}.2", sop_class_uid="1.2", frames=[frame],
-                          predicted=None if ood else label, probability=None if ood else 0.9,
-                          out_of_distribution=ood)]
-    result = StudyResult(study_uid=uid, generation=generation, model=ModelIdentity(name="m", version="1", sha256="0"),
-                         study=StudyAttributes(manufacturer=scanner[0], model_name=scanner[1]), images=images,
-                         summary=summarise_study(images, CLASSES))
+    frame = FrameResult(
+        frame_number=1,
+        probabilities=probabilities,
+        predicted=label,
+        out_of_distribution=ood,
+        ood_distance=0.0,
+        heatmap_path="h.npy",
+        crop=(0, 0, 8, 8),
+        embedding=embedding.tolist(),
+    )
+    images = [
+        ImageResult(
+            sop_instance_uid=f"{uid}.1",
+            series_uid=f"{uid}.2",
+            sop_class_uid="1.2",
+            frames=[frame],
+            predicted=None if ood else label,
+            probability=None if ood else 0.9,
+            out_of_distribution=ood,
+        )
+    ]
+    result = StudyResult(
+        study_uid=uid,
+        generation=generation,
+        model=ModelIdentity(name="m", version="1", sha256="0"),
+        study=StudyAttributes(manufacturer=scanner[0], model_name=scanner[1]),
+        images=images,
+        summary=summarise_study(images, CLASSES),
+    )
     assert ledger.finish_analysis(uid, generation, result.model_dump(mode="json"), now=now)
 
 
 def _metrics(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(generate_latest(registry).decode()) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
 
 
 CENTRES = np.eye(3, 16) * 6.0
@@ -113,7 +142,11 @@ def test_alert_rules_pass_promtool_and_read_the_collector_s_metrics(ledger: Ledg
         done = subprocess.run([promtool, *args], cwd=RULES, capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
     rules = yaml.safe_load((RULES / "sonocase-alerts.yml").read_text())
-    used = {name for group in rules["groups"] for rule in group["rules"]
-            for name in re.findall(r"sonocase_\w+", rule["expr"] + str(rule.get("annotations", "")))}
+    used = {
+        name
+        for group in rules["groups"]
+        for rule in group["rules"]
+        for name in re.findall(r"sonocase_\w+", rule["expr"] + str(rule.get("annotations", "")))
+    }
     written = {family.name for family in MonitoringCollector(DriftWatcher(ledger, DriftConfig())).collect()}
     assert used and used <= written, used - written

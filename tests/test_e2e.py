@@ -64,8 +64,15 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     folder = tmp_path_factory.mktemp("e2e")
     pacs_port = free_port()
     settings = load_settings(
-        data_dir=folder / "data", host="127.0.0.1", port=free_port(), http_port=0, quiet_period_s=1.0,
-        durability="none", workers=1, destinations=f"STORESCP@127.0.0.1:{pacs_port}", similar_studies=3,
+        data_dir=folder / "data",
+        host="127.0.0.1",
+        port=free_port(),
+        http_port=0,
+        quiet_period_s=1.0,
+        durability="none",
+        workers=1,
+        destinations=f"STORESCP@127.0.0.1:{pacs_port}",
+        similar_studies=3,
     )
     if not settings.model_path.is_file():
         pytest.fail(f"the model {settings.model_path} is missing: it ships in onnx_models/")
@@ -80,6 +87,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 def _arrival(site: Site, study_uid: str, objects: int) -> list[pydicom.Dataset]:
     """Wait for the study to be SENT and ``objects`` objects to have arrived."""
+
     def sent() -> bool:
         ledger = Ledger(site.settings.ledger_path, durable=False)
         try:
@@ -125,8 +133,13 @@ def _check_objects(site: Site, arrived: list[pydicom.Dataset], result: StudyResu
     assert len(lesions) == len(frames) and len(groups) == len(frames) + axes
     for group, frame in zip(lesions, frames, strict=True):
         numbers = {m.name.meaning: m.value for m in group.get_measurements() if m.name.meaning in probabilities}
-        assert numbers == pytest.approx({template.classes[c].probability.meaning: 100 * p  # percent
-                                         for c, p in frame.probabilities.items()}, abs=1e-6)
+        assert numbers == pytest.approx(
+            {
+                template.classes[c].probability.meaning: 100 * p  # percent
+                for c, p in frame.probabilities.items()
+            },
+            abs=1e-6,
+        )
     other = {
         series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
         for item in sr_ds.get("PertinentOtherEvidenceSequence", [])

@@ -15,9 +15,9 @@ import torch
 
 from service.datasets.synthetic import generate_records
 from service.model.guard import FEATURES
+from service.model.inference import OnnxModel
 from service.model_card import DISCLAIMER, ModelCard, card_path_for
 from training.calibration import GUARD_PERCENTILE
-from service.model.inference import OnnxModel
 from training.export import (
     EXPLAINED_OUTPUTS,
     SEGMENTATION_OUTPUT,
@@ -66,8 +66,11 @@ def _import_grad_cam() -> tuple[dict[str, type], type]:
     functional.resize = None  # type: ignore[attr-defined]
     torchvision.transforms = transforms  # type: ignore[attr-defined]
     transforms.functional = functional  # type: ignore[attr-defined]
-    stand_ins = {"torchvision": torchvision, "torchvision.transforms": transforms,
-                 "torchvision.transforms.functional": functional}
+    stand_ins = {
+        "torchvision": torchvision,
+        "torchvision.transforms": transforms,
+        "torchvision.transforms.functional": functional,
+    }
     assert not set(stand_ins) & set(sys.modules), "torchvision must not be installed (see scripts/setup.sh)"
     sys.modules.update(stand_ins)
     try:
@@ -98,8 +101,9 @@ def _with_batch_statistics(model: SonoModel, x: torch.Tensor) -> SonoModel:
 @pytest.fixture(scope="module")
 def hybrid(images: torch.Tensor, tmp_path_factory: pytest.TempPathFactory) -> tuple[SonoModel, Path]:
     torch.manual_seed(0)
-    model = _with_batch_statistics(build_model(ModelConfig(
-        arch="hybrid", width=0.125, size=SIZE, embedding_dim=32, rnn_hidden=32)), images)
+    model = _with_batch_statistics(
+        build_model(ModelConfig(arch="hybrid", width=0.125, size=SIZE, embedding_dim=32, rnn_hidden=32)), images
+    )
     path = tmp_path_factory.mktemp("onnx") / "hybrid.onnx"
     export_onnx(model, path)
     return model, path
@@ -110,7 +114,10 @@ def test_interface_matches_the_model_card(hybrid: tuple[SonoModel, Path]) -> Non
     session = ort.InferenceSession(str(path))
     inputs = {i.name: (i.type, i.shape) for i in session.get_inputs()}
     outputs = {o.name: o.shape for o in session.get_outputs()}
-    assert inputs == {"image": ("tensor(float)", ["batch", 1, SIZE, SIZE]), "target_class": ("tensor(int64)", ["batch"])}
+    assert inputs == {
+        "image": ("tensor(float)", ["batch", 1, SIZE, SIZE]),
+        "target_class": ("tensor(int64)", ["batch"]),
+    }
     assert list(outputs) == EXPLAINED_OUTPUTS
     assert outputs["gradcam"] == ["batch", SIZE // 16, SIZE // 16]
 
@@ -142,10 +149,12 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
-@pytest.mark.parametrize("arch", ["hybrid", "hybrid-conv4_3-gradcam++", "cnn",
-                                  pytest.param("mobilenetv2", marks=pytest.mark.slow)])
-def test_gradcam_matches_the_grad_cam_package(arch: str, hybrid: tuple[SonoModel, Path], images: torch.Tensor,
-                                              tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "arch", ["hybrid", "hybrid-conv4_3-gradcam++", "cnn", pytest.param("mobilenetv2", marks=pytest.mark.slow)]
+)
+def test_gradcam_matches_the_grad_cam_package(
+    arch: str, hybrid: tuple[SonoModel, Path], images: torch.Tensor, tmp_path: Path
+) -> None:
     """Pearson >= 0.99 for every class on several inputs, against pytorch_grad_cam's
     class for the model's CAM method (GradCAM, GradCAMPlusPlus) on the same model and
     target layer. An export whose gradient was frozen at trace time (or that ignored
@@ -158,8 +167,9 @@ def test_gradcam_matches_the_grad_cam_package(arch: str, hybrid: tuple[SonoModel
         torch.manual_seed(1)  # untrained GAP networks often give a class an all-zero map; this seed does not
         name, *variant = arch.split("-")
         options = dict(zip(("cam_layer", "cam_method"), variant))
-        model = _with_batch_statistics(build_model(ModelConfig(
-            arch=name, width=0.25, size=SIZE, embedding_dim=32, **options)), images)
+        model = _with_batch_statistics(
+            build_model(ModelConfig(arch=name, width=0.25, size=SIZE, embedding_dim=32, **options)), images
+        )
         path = tmp_path / f"{arch}.onnx"
         export_onnx(model, path)
     session = ort.InferenceSession(str(path))
@@ -219,15 +229,28 @@ def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     source = DataSource(kind="synthetic", synthetic_per_class=8, seed=0)
     records = source.load()
     split = make_split(records, 0.25, 0.25, seed=0)
-    return train(records, split, ModelConfig(arch="cnn", width=0.125, size=SIZE, embedding_dim=16),
-                 TrainConfig(epochs=1, augment=False), source, tmp_path_factory.mktemp("run"), progress=False)
+    return train(
+        records,
+        split,
+        ModelConfig(arch="cnn", width=0.125, size=SIZE, embedding_dim=16),
+        TrainConfig(epochs=1, augment=False),
+        source,
+        tmp_path_factory.mktemp("run"),
+        progress=False,
+    )
 
 
 def test_card_is_written_beside_the_file_and_loads(trained_tiny: TrainedModel, tmp_path: Path) -> None:
     path = tmp_path / "sonocase-tiny.onnx"
     export_onnx(trained_tiny.model, path)
-    card = build_card(trained_tiny, path, name="sonocase-tiny", version="9.9.9",
-                      metrics={"balanced_accuracy": 0.5}, command="sonocase train --synthetic 6")
+    card = build_card(
+        trained_tiny,
+        path,
+        name="sonocase-tiny",
+        version="9.9.9",
+        metrics={"balanced_accuracy": 0.5},
+        command="sonocase train --synthetic 6",
+    )
     write_card(card, path)
     assert card_path_for(path).name == "sonocase-tiny.card.json"
     loaded = ModelCard.load(path)
@@ -274,10 +297,12 @@ def test_the_segmentation_head_exports_as_a_fourth_output(images: torch.Tensor, 
     source = DataSource(kind="synthetic", synthetic_per_class=6, seed=0)
     records = source.load()
     split = make_split(records, 0.25, 0.25, seed=0)
-    config = ModelConfig(arch="hybrid", width=0.125, size=SIZE, embedding_dim=16, rnn_hidden=16,
-                         cam_layer="conv4_3", segmentation=True)
-    trained = train(records, split, config, TrainConfig(epochs=1, segmentation_weight=1.0), source,
-                    tmp_path / "run", progress=False)
+    config = ModelConfig(
+        arch="hybrid", width=0.125, size=SIZE, embedding_dim=16, rnn_hidden=16, cam_layer="conv4_3", segmentation=True
+    )
+    trained = train(
+        records, split, config, TrainConfig(epochs=1, segmentation_weight=1.0), source, tmp_path / "run", progress=False
+    )
     path = tmp_path / "seg.onnx"
     card = ship(trained, path)
     session = ort.InferenceSession(str(path))

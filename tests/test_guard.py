@@ -101,5 +101,7 @@ def test_the_shipped_guard_passes_synthetic_studies_as_the_node_receives_them(mo
     for k, label in enumerate(("normal", "benign", "malignant") * 4):
         for ds in synthetic_study(2, label, seed=900 + k, variant="ybr_jpeg"):
             prepared = prepare_instance(ds, model.card.input, 1)
-            scores += model.guard.score(pixels_of(np.stack([f.tensor for f in prepared.frames]), model.card.input)).tolist()
+            scores += model.guard.score(
+                pixels_of(np.stack([f.tensor for f in prepared.frames]), model.card.input)
+            ).tolist()
     assert np.mean(np.array(scores) > model.card.ood.threshold) <= 0.1

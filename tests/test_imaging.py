@@ -82,28 +82,58 @@ class Screen:
 #: lateral wing on some frames, the flat-grey fan of OBXXXX1A its edges.
 SCREENS: dict[str, Screen] = {
     # adult echo, phased array: text left and top, calipers, a grey bar, an ECG trace
-    "JPGLosslessP14SV1_1s_1f_8b.dcm": Screen((138, 163, 908, 650), 0.9, {
-        "ECG trace": (60, 695, 380, 750), "measurements": (80, 60, 340, 120),
-        "mode text": (0, 20, 75, 240), "grey bar": (960, 75, 990, 335), "heart rate": (925, 725, 1000, 750)}),
+    "JPGLosslessP14SV1_1s_1f_8b.dcm": Screen(
+        (138, 163, 908, 650),
+        0.9,
+        {
+            "ECG trace": (60, 695, 380, 750),
+            "measurements": (80, 60, 340, 120),
+            "mode text": (0, 20, 75, 240),
+            "grey bar": (960, 75, 990, 335),
+            "heart rate": (925, 725, 1000, 750),
+        },
+    ),
     # cine echo, 120 frames: its own region is the fan's box; a toolbar, text either side
-    "color3d_jpeg_baseline.dcm": Screen((84, 31, 596, 415), 0.7, {
-        "mode text": (0, 0, 75, 60), "depth scale": (594, 0, 640, 420), "toolbar": (75, 450, 570, 480)}),
+    "color3d_jpeg_baseline.dcm": Screen(
+        (84, 31, 596, 415),
+        0.7,
+        {"mode text": (0, 0, 75, 60), "depth scale": (594, 0, 640, 420), "toolbar": (75, 450, 570, 480)},
+    ),
     # the same echo at half size (its region was not scaled: the fan is read off the frame)
-    "examples_ybr_color.dcm": Screen((42, 15, 298, 208), 0.55, {
-        "mode text": (0, 0, 37, 30), "depth scale": (297, 0, 320, 210), "toolbar": (37, 225, 283, 240)}),
+    "examples_ybr_color.dcm": Screen(
+        (42, 15, 298, 208),
+        0.55,
+        {"mode text": (0, 0, 37, 30), "depth scale": (297, 0, 320, 210), "toolbar": (37, 225, 283, 240)},
+    ),
     # linear probe with power Doppler, no regions
-    **{name: Screen((12, 107, 625, 338), 0.99, {
-        "header": (0, 0, 640, 100), "label": (245, 358, 360, 378), "scale": (75, 442, 255, 458),
-        "footer": (395, 455, 625, 475)})
-       for name in ("US1_UNCR.dcm", "US1_UNCI.dcm", "US1_J2KR.dcm", "US1_J2KI.dcm", "examples_jpeg2k.dcm")},
-    "examples_rgb_color.dcm": Screen((5, 53, 314, 169), 0.99, {
-        "header": (0, 0, 320, 50), "label": (120, 178, 182, 190), "footer": (195, 226, 315, 238)}),
+    **{
+        name: Screen(
+            (12, 107, 625, 338),
+            0.99,
+            {
+                "header": (0, 0, 640, 100),
+                "label": (245, 358, 360, 378),
+                "scale": (75, 442, 255, 458),
+                "footer": (395, 455, 625, 475),
+            },
+        )
+        for name in ("US1_UNCR.dcm", "US1_UNCI.dcm", "US1_J2KR.dcm", "US1_J2KI.dcm", "examples_jpeg2k.dcm")
+    },
+    "examples_rgb_color.dcm": Screen(
+        (5, 53, 314, 169),
+        0.99,
+        {"header": (0, 0, 320, 50), "label": (120, 178, 182, 190), "footer": (195, 226, 315, 238)},
+    ),
     # a dual view: both pictures together (the region names only the left one)
-    **{name: Screen((32, 24, 640, 416), 0.95, {"header": (80, 0, 640, 22), "footer": (0, 425, 640, 480)})
-       for name in ("gdcm-US-ALOKA-16.dcm", "gdcm-US-ALOKA-16_big.dcm")},
+    **{
+        name: Screen((32, 24, 640, 416), 0.95, {"header": (80, 0, 640, 22), "footer": (0, 425, 640, 480)})
+        for name in ("gdcm-US-ALOKA-16.dcm", "gdcm-US-ALOKA-16_big.dcm")
+    },
     # obstetric convex fan, frame 2 (frame 1 is blank: see BLANK_SCREENS)
-    **{name: Screen((125, 65, 795, 518), 0.65, {"header": (0, 0, 800, 60), "side text": (0, 65, 110, 260)})
-       for name in ("OBXXXX1A_2frame.dcm", "OBXXXX1A_expb_2frame.dcm", "OBXXXX1A_rle_2frame.dcm")},
+    **{
+        name: Screen((125, 65, 795, 518), 0.65, {"header": (0, 0, 800, 60), "side text": (0, 65, 110, 260)})
+        for name in ("OBXXXX1A_2frame.dcm", "OBXXXX1A_expb_2frame.dcm", "OBXXXX1A_rle_2frame.dcm")
+    },
     # the whole frame is picture
     **{name: Screen((0, 0, 256, 120), 1.0) for name in ("color-pl.dcm", "color-px.dcm")},
     "ExplVR_BigEnd.dcm": Screen((0, 0, 80, 60), 1.0),
@@ -145,8 +175,12 @@ def _overlap(a: Box, b: Box) -> int:
 
 def _tissue_box(ds: Dataset) -> tuple[int, int, int, int]:
     item = next(r for r in ds.SequenceOfUltrasoundRegions if r.RegionDataType == 1)
-    x0, y0, x1, y1 = (item.RegionLocationMinX0, item.RegionLocationMinY0, item.RegionLocationMaxX1,
-                      item.RegionLocationMaxY1)
+    x0, y0, x1, y1 = (
+        item.RegionLocationMinX0,
+        item.RegionLocationMinY0,
+        item.RegionLocationMaxX1,
+        item.RegionLocationMaxY1,
+    )
     return x0, y0, x1 + 1, y1 + 1  # DICOM bounds are inclusive
 
 
@@ -176,8 +210,10 @@ def test_screens_cover_every_shipped_ultrasound_file() -> None:
     assert SCREENS.keys() | BLANK_SCREENS == ULTRASOUND_FILES
 
 
-@pytest.mark.parametrize(("name", "regions"), [(name, False) for name in sorted(SCREENS)]
-                         + [(name, True) for name in sorted(WHOLE_SCREEN_REGIONS)])
+@pytest.mark.parametrize(
+    ("name", "regions"),
+    [(name, False) for name in sorted(SCREENS)] + [(name, True) for name in sorted(WHOLE_SCREEN_REGIONS)],
+)
 def test_the_crop_keeps_the_picture_of_each_real_screen(name: str, regions: bool) -> None:
     """Without a Sequence of Ultrasound Regions (or with one that declares the whole
     screen), on every analysed frame the crop stays inside the picture, keeps most of
@@ -201,8 +237,11 @@ def test_the_crop_keeps_the_picture_of_each_real_screen(name: str, regions: bool
 
 
 @pytest.mark.parametrize("name", sorted(BLANK_SCREENS | BLANK_FRAMES.keys()))
-@pytest.mark.xfail(strict=True, reason="known gap: without regions, a blank frame's crop is the grey header "
-                   "banner above it (the longest filled band of rows, and the largest blob), which is not blank")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: without regions, a blank frame's crop is the grey header "
+    "banner above it (the longest filled band of rows, and the largest blob), which is not blank",
+)
 def test_a_blank_real_frame_without_regions_is_not_analysed(name: str) -> None:
     prepared = prepare_instance(_without_regions(name), SPEC, max_frames=8)
     assert all(frame.frame_number != BLANK_FRAMES.get(name, 1) for frame in prepared.frames)
@@ -221,7 +260,9 @@ def test_no_frame_of_a_real_file_is_a_tiny_region_with_or_without_regions() -> N
 #: The row/column band's crop of synthetic screens without regions, as main computed it
 #: before the picture finder existed (the same for every pixel variant).
 SYNTHETIC_BANDS: dict[tuple[int, str], Box] = {
-    (0, "benign"): (31, 30, 289, 288), (1, "malignant"): (31, 30, 289, 288), (2, "normal"): (31, 31, 289, 288),
+    (0, "benign"): (31, 30, 289, 288),
+    (1, "malignant"): (31, 30, 289, 288),
+    (2, "normal"): (31, 31, 289, 288),
 }
 
 
@@ -331,10 +372,16 @@ def test_heuristic_on_a_black_image_returns_the_whole_image() -> None:
     assert heuristic_region(np.zeros((50, 70), np.uint8)) == (0, 0, 70, 50)
 
 
-@given(height=st.integers(32, 200), width=st.integers(32, 200), seed=st.integers(0, 2**32 - 1),
-       level=st.integers(0, 255), fraction=st.floats(0.0, 1.0))
-def test_heuristic_gives_a_box_inside_any_frame(height: int, width: int, seed: int, level: int,
-                                                fraction: float) -> None:
+@given(
+    height=st.integers(32, 200),
+    width=st.integers(32, 200),
+    seed=st.integers(0, 2**32 - 1),
+    level=st.integers(0, 255),
+    fraction=st.floats(0.0, 1.0),
+)
+def test_heuristic_gives_a_box_inside_any_frame(
+    height: int, width: int, seed: int, level: int, fraction: float
+) -> None:
     """Whatever the screen (speckle of any density and brightness over a black frame,
     a rectangle of it anywhere), the box is a non-empty part of the frame."""
     rng = np.random.default_rng(seed)
@@ -364,13 +411,16 @@ def test_cine_loop_reports_its_frame_numbers() -> None:
     assert [f.frame_number for f in prepared.frames] == [1, 41, 80, 120]
 
 
-@pytest.mark.parametrize(("change", "reason"), [
-    ("not_us", "not ultrasound: Modality CT"),
-    ("no_pixels", "no pixel data"),
-    ("tiny", "tiny image"),
-    ("blank", "mostly blank"),
-    ("garbage", "cannot decode the pixel data"),
-])
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("not_us", "not ultrasound: Modality CT"),
+        ("no_pixels", "no pixel data"),
+        ("tiny", "tiny image"),
+        ("blank", "mostly blank"),
+        ("garbage", "cannot decode the pixel data"),
+    ],
+)
 def test_images_the_model_must_not_judge_are_skipped_with_a_reason(change: str, reason: str) -> None:
     ds = _mono()
     if change == "not_us":
@@ -412,7 +462,7 @@ def test_heatmap_is_resized_to_the_crop_and_stays_in_range() -> None:
     heatmap[1, 2] = 1.0
     resized = resize_map(heatmap, 120, 90)
     assert resized.shape == (90, 120) and resized.dtype == np.float32
-    assert 0.0 <= resized.min() and resized.max() <= 1.0
+    assert resized.min() >= 0.0 and resized.max() <= 1.0
     y, x = np.unravel_index(resized.argmax(), resized.shape)
     assert 22 <= y <= 45 and 60 <= x <= 90  # the hot cell (row 1, column 2) stays where it was
 

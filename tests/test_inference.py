@@ -72,8 +72,12 @@ def test_batches_are_split_at_batch_size_without_changing_results(model_path: Pa
     batch = _batch(OnnxModel(model_path, "cpu"), 7, seed=1)
     small = OnnxModel(model_path, "cpu", batch_size=3).run(batch)
     large = OnnxModel(model_path, "cpu", batch_size=16).run(batch)
-    for a, b in ((small.probabilities, large.probabilities), (small.embedding, large.embedding),
-                 (small.gradcam, large.gradcam), (small.lesion_mask, large.lesion_mask)):
+    for a, b in (
+        (small.probabilities, large.probabilities),
+        (small.embedding, large.embedding),
+        (small.gradcam, large.gradcam),
+        (small.lesion_mask, large.lesion_mask),
+    ):
         assert np.allclose(a, b, atol=1e-5)
 
 
@@ -121,8 +125,9 @@ def test_a_model_file_that_is_not_the_one_its_card_describes_is_refused(model_pa
 
 def test_a_card_that_does_not_match_the_graph_is_refused(model_path: Path, tmp_path: Path) -> None:
     card = ModelCard.load(model_path)
-    path = _copy_with_card(model_path, tmp_path, **{"input.height": card.input.height + 32,
-                                                   "embedding_dim": card.embedding_dim + 1})
+    path = _copy_with_card(
+        model_path, tmp_path, **{"input.height": card.input.height + 32, "embedding_dim": card.embedding_dim + 1}
+    )
     with pytest.raises(ModelError, match="input 'image' has shape .* output 'embedding'"):
         OnnxModel(path)
 
@@ -134,12 +139,16 @@ def test_a_card_without_segmentation_gives_no_mask(model_path: Path, tmp_path: P
     assert model.run(_batch(model, 0)).lesion_mask is None
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"segmentation.output": "contour"}, "output 'contour' is missing"),
-    ({"segmentation.height": 7}, "output 'lesion_mask' has shape .* segmentation says"),
-])
-def test_a_segmentation_the_graph_lacks_is_refused(model_path: Path, tmp_path: Path, changes: dict[str, object],
-                                                   message: str) -> None:
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"segmentation.output": "contour"}, "output 'contour' is missing"),
+        ({"segmentation.height": 7}, "output 'lesion_mask' has shape .* segmentation says"),
+    ],
+)
+def test_a_segmentation_the_graph_lacks_is_refused(
+    model_path: Path, tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
     with pytest.raises(ModelError, match=message):
         OnnxModel(_copy_with_card(model_path, tmp_path, **changes))
 
@@ -199,8 +208,9 @@ def test_the_shipped_heatmap_points_at_the_lesion(model: OnnxModel) -> None:
     records = [r for r in generate_records(40, size=256, seed=777) if r.mask is not None]
     batch = np.stack([model_input(r.image, model.card.input) for r in records])
     prediction = model.run(batch)
-    metrics = localisation_metrics(prediction.gradcam, [r.mask for r in records],
-                                   np.array([r.label for r in records]), CLASSES)
+    metrics = localisation_metrics(
+        prediction.gradcam, [r.mask for r in records], np.array([r.label for r in records]), CLASSES
+    )
     assert metrics is not None and metrics["all"]["n"] == 80
     assert metrics["all"]["pointing_game"] >= 0.8, metrics
     assert metrics["all"]["pointing_game"] > 4 * metrics["all"]["random_pointing_game"], metrics
@@ -216,8 +226,13 @@ def test_the_shipped_mask_outlines_the_lesion(model: OnnxModel) -> None:
     batch = np.stack([model_input(r.image, model.card.input) for r in records])
     prediction = model.run(batch)
     assert prediction.lesion_mask is not None and model.card.segmentation is not None
-    metrics = segmentation_metrics(prediction.lesion_mask, [r.mask for r in records],
-                                   np.array([r.label for r in records]), CLASSES, model.card.segmentation.threshold)
+    metrics = segmentation_metrics(
+        prediction.lesion_mask,
+        [r.mask for r in records],
+        np.array([r.label for r in records]),
+        CLASSES,
+        model.card.segmentation.threshold,
+    )
     assert metrics["per_class"]["benign"]["n"] == metrics["per_class"]["malignant"]["n"] == 40
     assert metrics["per_class"]["benign"]["dice"] >= 0.7, metrics
     assert metrics["per_class"]["malignant"]["dice"] >= 0.7, metrics

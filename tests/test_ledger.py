@@ -41,8 +41,14 @@ def ledger(open_handle: Opener) -> Ledger:
 
 def instance(sop: str, study: str = STUDY) -> InstanceRecord:
     return InstanceRecord(
-        sop_instance_uid=sop, study_uid=study, series_uid=study + ".1", sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
-        transfer_syntax="1.2.840.10008.1.2.1", path=f"spool/{study}/{sop}.dcm", size=100, calling_ae="PACS",
+        sop_instance_uid=sop,
+        study_uid=study,
+        series_uid=study + ".1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        path=f"spool/{study}/{sop}.dcm",
+        size=100,
+        calling_ae="PACS",
         modality="US",
     )
 
@@ -87,7 +93,11 @@ def test_instance_after_handling_reopens_the_study(ledger: Ledger) -> None:
     assert ledger.record_instance(instance("2.1"), now=300)
     study = ledger.study(STUDY)
     assert (study["state"], study["generation"], study["error"], study["failed_stage"]) == (
-        StudyState.RECEIVING, 2, None, None)
+        StudyState.RECEIVING,
+        2,
+        None,
+        None,
+    )
 
 
 def test_pending_analysis_count(ledger: Ledger) -> None:
@@ -202,7 +212,10 @@ def test_set_state_refuses_unknown_columns(ledger: Ledger) -> None:
 
 def test_outbox_queue_send_and_reset(ledger: Ledger) -> None:
     complete(ledger)
-    items = [("9.1", "1.2.840.10008.5.1.4.1.1.88.22", "out/9.1.dcm"), ("9.2", "1.2.840.10008.5.1.4.1.1.7", "out/9.2.dcm")]
+    items = [
+        ("9.1", "1.2.840.10008.5.1.4.1.1.88.22", "out/9.1.dcm"),
+        ("9.2", "1.2.840.10008.5.1.4.1.1.7", "out/9.2.dcm"),
+    ]
     ledger.enqueue_outbox(STUDY, 1, items, ["PACS@h:104"], now=200)
     ledger.enqueue_outbox(STUDY, 1, items, ["PACS@h:104"], now=201)  # no-op
     assert [r["sop_instance_uid"] for r in ledger.due_outbox(now=200)] == ["9.1", "9.2"]
@@ -231,7 +244,11 @@ def test_replaced_outbox_object_keeps_its_schedule(ledger: Ledger) -> None:
     ledger.replace_outbox("9.1", "A@h:1", "9.3", "1.2.840.10008.5.1.4.1.1.88.11", "out/9.3.dcm")
     [row] = ledger.outbox(STUDY)
     assert (row["sop_instance_uid"], row["sop_class_uid"], row["attempts"], row["next_attempt_at"]) == (
-        "9.3", "1.2.840.10008.5.1.4.1.1.88.11", 1, 300)
+        "9.3",
+        "1.2.840.10008.5.1.4.1.1.88.11",
+        1,
+        300,
+    )
 
 
 def test_monitoring_figures_are_aggregated(ledger: Ledger) -> None:

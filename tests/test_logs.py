@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for
+from conftest import free_port
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileDataset
@@ -117,9 +117,18 @@ def test_a_node_in_json_mode_prints_nothing_but_json(tmp_path: Path, monkeypatch
     monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
     pacs_port = free_port()
     settings = load_settings(
-        data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(), http_host="127.0.0.1", http_port=free_port(),
-        quiet_period_s=1.0, durability="none", workers=1, destinations=f"STORESCP@127.0.0.1:{pacs_port}",
-        log_format="json", log_level="DEBUG", web_token="json-log-test-token",
+        data_dir=tmp_path / "data",
+        host="127.0.0.1",
+        port=free_port(),
+        http_host="127.0.0.1",
+        http_port=free_port(),
+        quiet_period_s=1.0,
+        durability="none",
+        workers=1,
+        destinations=f"STORESCP@127.0.0.1:{pacs_port}",
+        log_format="json",
+        log_level="DEBUG",
+        web_token="json-log-test-token",
     )
     pacs = start_storescp(tmp_path / "pacs", pacs_port)
     node = serve(settings, tmp_path / "node.log")
@@ -150,8 +159,10 @@ def test_a_node_in_json_mode_prints_nothing_but_json(tmp_path: Path, monkeypatch
 
 def test_a_library_warning_quoting_a_patient_name_is_masked(captured: Captured) -> None:
     logger, stream = captured
-    logger.warning('highdicom/sc/sop.py:220: UserWarning: The string "Doe" is unlikely to represent the '
-                   "intended person name since it contains only a single component.")
+    logger.warning(
+        'highdicom/sc/sop.py:220: UserWarning: The string "Doe" is unlikely to represent the '
+        "intended person name since it contains only a single component."
+    )
     message = json.loads(stream.getvalue())["message"]
     assert "Doe" not in message and "patient attribute removed" in message and "UserWarning" in message
 

@@ -26,22 +26,26 @@ from service.pipeline.measurement import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ellipse_mask(shape: tuple[int, int], centre: tuple[float, float], a_mm: float, b_mm: float, tilt: float,
-                 mm: tuple[float, float]) -> np.ndarray:
+def ellipse_mask(
+    shape: tuple[int, int], centre: tuple[float, float], a_mm: float, b_mm: float, tilt: float, mm: tuple[float, float]
+) -> np.ndarray:
     """Pixels whose centre lies inside an ellipse given in mm (semi-axes a, b, turned
     by ``tilt``), on pixels of ``mm`` = (across, down) mm."""
-    rows, cols = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
     x, y = (cols + 0.5 - centre[0]) * mm[0], (rows + 0.5 - centre[1]) * mm[1]
     c, s = math.cos(tilt), math.sin(tilt)
     u, v = c * x + s * y, -s * x + c * y
     return (u / a_mm) ** 2 + (v / b_mm) ** 2 <= 1.0
 
 
-@pytest.mark.parametrize(("a_mm", "b_mm", "tilt", "mm"), [
-    (10.0, 10.0, 0.0, (0.1, 0.1)),     # a disc: both axes its diameter
-    (12.0, 5.0, 0.5, (0.1, 0.1)),      # a turned ellipse
-    (8.0, 3.0, 1.2, (0.08, 0.16)),     # non-square pixels: lengths in mm, not pixels
-])
+@pytest.mark.parametrize(
+    ("a_mm", "b_mm", "tilt", "mm"),
+    [
+        (10.0, 10.0, 0.0, (0.1, 0.1)),  # a disc: both axes its diameter
+        (12.0, 5.0, 0.5, (0.1, 0.1)),  # a turned ellipse
+        (8.0, 3.0, 1.2, (0.08, 0.16)),  # non-square pixels: lengths in mm, not pixels
+    ],
+)
 def test_an_ellipse_measures_its_diameters(a_mm: float, b_mm: float, tilt: float, mm: tuple[float, float]) -> None:
     mask = ellipse_mask((400, 400), (200, 200), a_mm, b_mm, tilt, mm)
     outline = trace_outline(mask)
@@ -83,10 +87,10 @@ def test_the_outline_is_the_mask_edge_in_image_coordinates() -> None:
 
 def test_only_the_largest_lesion_is_measured_and_the_others_counted() -> None:
     mask = np.zeros((100, 100), bool)
-    mask[10:20, 10:20] = True          # small
-    mask[40:80, 30:90] = True          # large, with a hole: still one lesion
+    mask[10:20, 10:20] = True  # small
+    mask[40:80, 30:90] = True  # large, with a hole: still one lesion
     mask[55:60, 50:55] = False
-    mask[90:92, 90:92] = True          # a speck
+    mask[90:92, 90:92] = True  # a speck
     outline = trace_outline(mask)
     assert outline is not None
     assert outline.components == 3

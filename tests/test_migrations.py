@@ -100,34 +100,146 @@ def _pg_schema(schema: str) -> str:
 STUDIES = [
     ("1.2.3.1", "receiving", 1, 100.0, 101.5, None, None, None, None, None, None, None, 0, None, None, None, 101.5),
     ("1.2.3.2", "queued", 1, 110.0, 111.0, 116.0, 116.5, None, 716.5, None, None, None, 0, None, None, None, 116.5),
-    ("1.2.3.3", "sent", 2, 120.0, 125.0, 130.0, 130.1, 130.2, None, 131.0, 131.5, 132.25, 1, None, None, None,
-     132.25),
-    ("1.2.3.4", "failed", 1, 140.0, 140.0, 145.0, 145.0, 146.0, None, None, None, None, 3, None, "analysis",
-     "ModelError: the model cannot be loaded", 160.0),
+    ("1.2.3.3", "sent", 2, 120.0, 125.0, 130.0, 130.1, 130.2, None, 131.0, 131.5, 132.25, 1, None, None, None, 132.25),
+    (
+        "1.2.3.4",
+        "failed",
+        1,
+        140.0,
+        140.0,
+        145.0,
+        145.0,
+        146.0,
+        None,
+        None,
+        None,
+        None,
+        3,
+        None,
+        "analysis",
+        "ModelError: the model cannot be loaded",
+        160.0,
+    ),
 ]
 INSTANCES = [
-    ("1.2.3.1.1", "1.2.3.1", "1.2.3.1.9", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.1.2.1", "spool/a/1.dcm",
-     1000, "PACS", "US", None, 100.0, 12345),
-    ("1.2.3.1.2", "1.2.3.1", "1.2.3.1.9", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.1.2.1", "spool/a/2.dcm",
-     2500, "PACS", "US", None, 101.5, None),
-    ("1.2.3.2.1", "1.2.3.2", "1.2.3.2.9", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.1.2", "spool/b/1.dcm",
-     700, "SCANNER", "US", None, 111.0, 4294967295),
-    ("1.2.3.3.1", "1.2.3.3", "1.2.3.3.9", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2.4.50", "spool/c/1.dcm",
-     64, "PACS", "OT", "modality OT is not US", 120.0, None),
-    ("1.2.3.4.1", "1.2.3.4", "1.2.3.4.9", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.1.2.1", "spool/d/1.dcm",
-     5, "PACS", "US", None, 140.0, 0),
+    (
+        "1.2.3.1.1",
+        "1.2.3.1",
+        "1.2.3.1.9",
+        "1.2.840.10008.5.1.4.1.1.6.1",
+        "1.2.840.10008.1.2.1",
+        "spool/a/1.dcm",
+        1000,
+        "PACS",
+        "US",
+        None,
+        100.0,
+        12345,
+    ),
+    (
+        "1.2.3.1.2",
+        "1.2.3.1",
+        "1.2.3.1.9",
+        "1.2.840.10008.5.1.4.1.1.6.1",
+        "1.2.840.10008.1.2.1",
+        "spool/a/2.dcm",
+        2500,
+        "PACS",
+        "US",
+        None,
+        101.5,
+        None,
+    ),
+    (
+        "1.2.3.2.1",
+        "1.2.3.2",
+        "1.2.3.2.9",
+        "1.2.840.10008.5.1.4.1.1.6.1",
+        "1.2.840.10008.1.2",
+        "spool/b/1.dcm",
+        700,
+        "SCANNER",
+        "US",
+        None,
+        111.0,
+        4294967295,
+    ),
+    (
+        "1.2.3.3.1",
+        "1.2.3.3",
+        "1.2.3.3.9",
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.1.2.4.50",
+        "spool/c/1.dcm",
+        64,
+        "PACS",
+        "OT",
+        "modality OT is not US",
+        120.0,
+        None,
+    ),
+    (
+        "1.2.3.4.1",
+        "1.2.3.4",
+        "1.2.3.4.9",
+        "1.2.840.10008.5.1.4.1.1.6.1",
+        "1.2.840.10008.1.2.1",
+        "spool/d/1.dcm",
+        5,
+        "PACS",
+        "US",
+        None,
+        140.0,
+        0,
+    ),
 ]
 RESULTS = [
     ("1.2.3.3", 1, json.dumps({"study_uid": "1.2.3.3", "generation": 1}), 131.0),
-    ("1.2.3.3", 2, json.dumps({"study_uid": "1.2.3.3", "generation": 2, "ü": "ß", "images": [
-        {"frames": [{}], "out_of_distribution": True}, {"frames": [{}, {}], "out_of_distribution": False},
-        {"frames": [], "skipped": "mostly blank", "out_of_distribution": False}]}), 131.0),
+    (
+        "1.2.3.3",
+        2,
+        json.dumps(
+            {
+                "study_uid": "1.2.3.3",
+                "generation": 2,
+                "ü": "ß",
+                "images": [
+                    {"frames": [{}], "out_of_distribution": True},
+                    {"frames": [{}, {}], "out_of_distribution": False},
+                    {"frames": [], "skipped": "mostly blank", "out_of_distribution": False},
+                ],
+            }
+        ),
+        131.0,
+    ),
 ]
 OUTBOX = [
-    ("1.2.3.3.100", "PACS@127.0.0.1:104", "1.2.3.3", 2, "1.2.840.10008.5.1.4.1.1.88.34", "outbox/c/2/SR.dcm",
-     "sent", 1, 131.5, None, 132.0),
-    ("1.2.3.3.101", "PACS@127.0.0.1:104", "1.2.3.3", 2, "1.2.840.10008.5.1.4.1.1.7", "outbox/c/2/SC.dcm",
-     "sent", 0, 131.5, "C-STORE status 0xA700", 132.25),
+    (
+        "1.2.3.3.100",
+        "PACS@127.0.0.1:104",
+        "1.2.3.3",
+        2,
+        "1.2.840.10008.5.1.4.1.1.88.34",
+        "outbox/c/2/SR.dcm",
+        "sent",
+        1,
+        131.5,
+        None,
+        132.0,
+    ),
+    (
+        "1.2.3.3.101",
+        "PACS@127.0.0.1:104",
+        "1.2.3.3",
+        2,
+        "1.2.840.10008.5.1.4.1.1.7",
+        "outbox/c/2/SC.dcm",
+        "sent",
+        0,
+        131.5,
+        "C-STORE status 0xA700",
+        132.25,
+    ),
 ]
 TABLES = {"studies": STUDIES, "instances": INSTANCES, "results": RESULTS, "outbox": OUTBOX}
 
@@ -178,13 +290,19 @@ class Backend:
                 inspector = sa.inspect(conn)
                 return {
                     table: (
-                        [(c["name"], str(c["type"]), c["nullable"], str(c["default"])) for c in inspector.get_columns(table)],
+                        [
+                            (c["name"], str(c["type"]), c["nullable"], str(c["default"]))
+                            for c in inspector.get_columns(table)
+                        ],
                         sorted((i["name"], tuple(i["column_names"])) for i in inspector.get_indexes(table)),
                         inspector.get_pk_constraint(table)["constrained_columns"],
-                        sorted((tuple(f["constrained_columns"]), f["referred_table"])
-                               for f in inspector.get_foreign_keys(table)),
+                        sorted(
+                            (tuple(f["constrained_columns"]), f["referred_table"])
+                            for f in inspector.get_foreign_keys(table)
+                        ),
                     )
-                    for table in sorted(inspector.get_table_names()) if table != "alembic_version"
+                    for table in sorted(inspector.get_table_names())
+                    if table != "alembic_version"
                 }
         finally:
             engine.dispose()
@@ -248,12 +366,16 @@ def test_a_legacy_ledger_is_upgraded_with_every_row_intact(backend: Backend) -> 
 
 
 def test_a_ledger_from_before_the_crc32_column_is_adopted(backend: Backend) -> None:
-    backend.execute(LEGACY_SCHEMA.replace(",\n    crc32 INTEGER", ""),
-                    {"studies": STUDIES[:1], "instances": [i[:-1] for i in INSTANCES[:2]]})
+    backend.execute(
+        LEGACY_SCHEMA.replace(",\n    crc32 INTEGER", ""),
+        {"studies": STUDIES[:1], "instances": [i[:-1] for i in INSTANCES[:2]]},
+    )
     ledger = backend.open()
     try:
         assert [(i.sop_instance_uid, i.crc32) for i in ledger.instances("1.2.3.1")] == [
-            ("1.2.3.1.1", None), ("1.2.3.1.2", None)]
+            ("1.2.3.1.1", None),
+            ("1.2.3.1.2", None),
+        ]
     finally:
         ledger.close()
 
@@ -263,7 +385,9 @@ def test_migrations_make_the_schema_a_legacy_ledger_is_upgraded_to(backend: Back
     backend.open().close()
     second_backend.open().close()
     assert backend.schema() == second_backend.schema()
-    assert {"purges", "studies", "instances", "results", "outbox", "outcomes", "hl7_messages", "verdicts"} == set(backend.schema())
+    assert {"purges", "studies", "instances", "results", "outbox", "outcomes", "hl7_messages", "verdicts"} == set(
+        backend.schema()
+    )
 
 
 def test_verdicts_given_before_roles_are_kept_without_one(backend: Backend) -> None:
@@ -275,13 +399,16 @@ def test_verdicts_given_before_roles_are_kept_without_one(backend: Backend) -> N
         command.upgrade(migrations._config(connection), "0004")
         connection.exec_driver_sql(
             "INSERT INTO verdicts (study_uid, finding, verdict, corrected_class, comment, reader, recorded_at)"
-            " VALUES ('1.2.3.1', '', 'agree', NULL, '', 'Dr A', 1.0)")
+            " VALUES ('1.2.3.1', '', 'agree', NULL, '', 'Dr A', 1.0)"
+        )
     ledger = backend.open()
     try:
         assert ledger._revision() == migrations.HEAD == "0005"
         ledger.record_verdict(Verdict("1.2.3.1", "", "disagree", None, "", "Dr B", "reviewer"), now=2.0)
         assert [(v["reader"], v["reader_role"]) for v in ledger.verdicts("1.2.3.1")] == [
-            ("Dr A", None), ("Dr B", "reviewer")]
+            ("Dr A", None),
+            ("Dr B", "reviewer"),
+        ]
     finally:
         ledger.close()
 
@@ -337,6 +464,6 @@ def test_processes_opening_a_legacy_ledger_at_once_upgrade_it_once(backend: Back
 
 def _sonocase(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SONOCASE_")}
-    return subprocess.run([sys.executable, "-m", "service", *args], env={**clean, **env},
-                          capture_output=True, text=True, timeout=120)
-
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args], env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )

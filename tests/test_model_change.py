@@ -24,8 +24,9 @@ def _result(ledger: Ledger, study_uid: str) -> StudyResult:
     return StudyResult.model_validate(stored)
 
 
-def test_a_worker_of_the_old_model_stops_using_a_rebuilt_index(settings: Settings, ledger: Ledger,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_a_worker_of_the_old_model_stops_using_a_rebuilt_index(
+    settings: Settings, ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
     indexing = settings.model_copy(update={"index_analysed_studies": True, "similar_studies": 3})
     state = WorkerState(indexing)
     first = receive(indexing, ledger, synthetic_study(2, "benign", seed=21))

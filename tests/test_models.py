@@ -95,8 +95,10 @@ def test_hybrid_cam_layer_moves_the_map_not_the_weights(layer: str, side: int) -
     assert torch.equal(seen[0], fmap)
 
 
-@pytest.mark.parametrize(("layer", "skips"), [("conv5_3", [SIZE // 2, SIZE // 4, SIZE // 8]),
-                                             ("conv4_3", [SIZE // 2, SIZE // 4]), ("conv3_3", [SIZE // 2])])
+@pytest.mark.parametrize(
+    ("layer", "skips"),
+    [("conv5_3", [SIZE // 2, SIZE // 4, SIZE // 8]), ("conv4_3", [SIZE // 2, SIZE // 4]), ("conv3_3", [SIZE // 2])],
+)
 def test_hybrid_segmentation_head_outlines_at_half_the_input_size(layer: str, skips: list[int]) -> None:
     """The head reads the Grad-CAM layer's map and every block end above it from
     conv2_2 on, and gives one lesion logit per pixel of an H/2 grid; the
@@ -120,16 +122,19 @@ def test_hybrid_segmentation_head_outlines_at_half_the_input_size(layer: str, sk
         plain.segment(*plain.encode(x))
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"arch": "resnet"}, "unknown architecture"),
-    ({"size": 100}, "multiple of 32"),
-    ({"width": 0}, "width multiplier"),
-    ({"rnn_type": "transformer"}, "rnn_type"),
-    ({"cam_layer": "conv2_2"}, "cam_layer must be one of"),
-    ({"arch": "cnn", "cam_layer": "conv4_3"}, "hybrid only"),
-    ({"cam_method": "scorecam"}, "cam_method must be one of"),
-    ({"arch": "cnn", "segmentation": True}, "segmentation head exists only for hybrid"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"arch": "resnet"}, "unknown architecture"),
+        ({"size": 100}, "multiple of 32"),
+        ({"width": 0}, "width multiplier"),
+        ({"rnn_type": "transformer"}, "rnn_type"),
+        ({"cam_layer": "conv2_2"}, "cam_layer must be one of"),
+        ({"arch": "cnn", "cam_layer": "conv4_3"}, "hybrid only"),
+        ({"cam_method": "scorecam"}, "cam_method must be one of"),
+        ({"arch": "cnn", "segmentation": True}, "segmentation head exists only for hybrid"),
+    ],
+)
 def test_bad_config_is_named(kw: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ModelConfig(**kw)  # type: ignore[arg-type]

@@ -15,14 +15,14 @@ from sklearn import metrics as skm
 
 from service.monitoring.classification import classification_metrics, expected_calibration_error, roc_auc
 from service.monitoring.drift import DriftConfig, guard_unit, mmd_test, study_embeddings, watch
-from service.monitoring.performance import (Case, agreement, bootstrap, cohen_kappa, grouped, performance, trends,
-                                            wilson)
+from service.monitoring.performance import Case, agreement, bootstrap, cohen_kappa, grouped, performance, trends, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 MALIGNANT = 2
 
 
 # ---- metrics, checked against scikit-learn -------------------------------------------
+
 
 def _random_outputs(seed: int, n: int = 60) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -63,6 +63,7 @@ def test_expected_calibration_error() -> None:
 
 
 # ---- real-world performance ------------------------------------------------------
+
 
 def test_wilson_interval_by_hand() -> None:
     # Wilson (1927) for 8 of 10: centre (0.8 + z²/20) / (1 + z²/10), as in Newcombe 1998, table I
@@ -105,8 +106,10 @@ def test_intervals_cover_the_truth_about_95_percent_of_the_time() -> None:
         rows = rng.integers(0, len(population_y), 150)
         y, p = population_y[rows], population_p[rows]
         hits = int(np.sum((p.argmax(1) == MALIGNANT) & (y == MALIGNANT)))
-        got = (wilson(hits, int(np.sum(y == MALIGNANT))),
-               bootstrap(lambda r: roc_auc(y[r] == MALIGNANT, p[r, MALIGNANT]), len(y), rng, resamples=200))
+        got = (
+            wilson(hits, int(np.sum(y == MALIGNANT))),
+            bootstrap(lambda r: roc_auc(y[r] == MALIGNANT, p[r, MALIGNANT]), len(y), rng, resamples=200),
+        )
         covered += [est.low <= truth <= est.high for est, truth in zip(got, (sensitivity, auc), strict=True)]
     assert all(0.86 <= share <= 1.0 for share in covered / 100), covered
 
@@ -122,8 +125,11 @@ def test_cohen_kappa_agrees_with_scikit_learn() -> None:
 
 
 def test_grouped_by_month_and_scanner() -> None:
-    cases = [Case((0.1, 0.2, 0.7), 2, "2026-11", "ACME Sono 1"), Case((0.8, 0.1, 0.1), 0, "2026-11", "ACME Sono 2"),
-             Case((0.2, 0.2, 0.6), 1, "2026-12", "ACME Sono 1")]
+    cases = [
+        Case((0.1, 0.2, 0.7), 2, "2026-11", "ACME Sono 1"),
+        Case((0.8, 0.1, 0.1), 0, "2026-11", "ACME Sono 2"),
+        Case((0.2, 0.2, 0.6), 1, "2026-12", "ACME Sono 1"),
+    ]
     got = grouped(cases, MALIGNANT, np.random.default_rng(0))
     assert set(got["month"]) == {"2026-11", "2026-12"} and set(got["scanner"]) == {"ACME Sono 1", "ACME Sono 2"}
     assert got["all"]["all"]["ppv"].value == pytest.approx(0.5)
@@ -132,8 +138,12 @@ def test_grouped_by_month_and_scanner() -> None:
 
 
 def test_trends_per_scanner_then_month_in_order() -> None:
-    cases = [Case((0.8, 0.1, 0.1), 0, "2026-11", "ACME Sono 2"), Case((0.1, 0.2, 0.7), 2, "2026-12", "ACME Sono 1"),
-             Case((0.2, 0.2, 0.6), 2, "2026-11", "ACME Sono 1"), Case((0.7, 0.2, 0.1), 2, "2026-11", "ACME Sono 1")]
+    cases = [
+        Case((0.8, 0.1, 0.1), 0, "2026-11", "ACME Sono 2"),
+        Case((0.1, 0.2, 0.7), 2, "2026-12", "ACME Sono 1"),
+        Case((0.2, 0.2, 0.6), 2, "2026-11", "ACME Sono 1"),
+        Case((0.7, 0.2, 0.1), 2, "2026-11", "ACME Sono 1"),
+    ]
     got = trends(cases, MALIGNANT, np.random.default_rng(0))
     assert list(got) == ["ACME Sono 1", "ACME Sono 2"] and list(got["ACME Sono 1"]) == ["2026-11", "2026-12"]
     assert got["ACME Sono 1"]["2026-11"]["sensitivity"].value == pytest.approx(0.5)
@@ -142,6 +152,7 @@ def test_trends_per_scanner_then_month_in_order() -> None:
 
 
 # ---- drift ----------------------------------------------------------------------
+
 
 def _embedding_like(rng: np.random.Generator, n: int, shift: float = 0.0) -> np.ndarray:
     """Three well separated classes (as a classifier's embedding has) in 32
@@ -194,8 +205,13 @@ def test_drift_config_refuses_a_level_its_permutations_cannot_reach() -> None:
 @pytest.mark.slow
 def test_bench_quick_detects_the_probe_swap_without_false_alarm(tmp_path: Path) -> None:
     """bench/monitoring.py --quick on the shipped model: rendered phantom, real ONNX Runtime."""
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "monitoring.py"), "--quick", "--cache", str(tmp_path)],
-                         capture_output=True, text=True, timeout=280, check=False)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "monitoring.py"), "--quick", "--cache", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
     last = run.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"detection delay median (\S+) studies \(max (\S+)\), false alarms (\d+) of (\d+) seeds", last)
     assert match, run.stdout + run.stderr

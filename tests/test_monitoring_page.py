@@ -46,8 +46,12 @@ def _y(value: float) -> float:
 
 
 def test_points_and_interval_bars_sit_at_their_values_months_in_order() -> None:
-    trends = {"ACME Sono 1": {"2026-12": {"sensitivity": _est(0.5, 0.25, 0.75)},
-                              "2026-10": {"sensitivity": _est(1.0, 0.6, 1.0)}}}
+    trends = {
+        "ACME Sono 1": {
+            "2026-12": {"sensitivity": _est(0.5, 0.25, 0.75)},
+            "2026-10": {"sensitivity": _est(1.0, 0.6, 1.0)},
+        }
+    }
     elements = _parse(trend_svg("sensitivity", trends))
     months = [text for tag, a, text in elements if tag == "text" and a.get("class") == "month"]
     assert months == ["2026-10", "2026-12"]
@@ -59,14 +63,18 @@ def test_points_and_interval_bars_sit_at_their_values_months_in_order() -> None:
     assert float(points["2026-12"]["cy"] or "") == pytest.approx(_y(0.5), abs=0.05)
     assert float(points["2026-10"]["cy"] or "") == pytest.approx(_y(1.0), abs=0.05)
     spans = sorted((float(b["x1"] or ""), float(b["y1"] or ""), float(b["y2"] or "")) for b in bars)
-    assert spans == [pytest.approx((_TREND["left"] + 0.5 * step, _y(0.6), _y(1.0)), abs=0.05),
-                     pytest.approx((_TREND["left"] + 1.5 * step, _y(0.25), _y(0.75)), abs=0.05)]
+    assert spans == [
+        pytest.approx((_TREND["left"] + 0.5 * step, _y(0.6), _y(1.0)), abs=0.05),
+        pytest.approx((_TREND["left"] + 1.5 * step, _y(0.25), _y(0.75)), abs=0.05),
+    ]
 
 
 def test_scanners_sit_side_by_side_in_a_month_and_missing_values_are_left_out() -> None:
-    trends = {"A": {"2026-11": {"specificity": _est(0.9, 0.8, 0.95)}},
-              "B": {"2026-11": {"specificity": _est(0.7, 0.5, 0.85)}, "2026-12": {"specificity": _est(None, n=0)}},
-              "C": {"2026-11": {"specificity": _est(0.8)}}}  # no interval: a point without a bar
+    trends = {
+        "A": {"2026-11": {"specificity": _est(0.9, 0.8, 0.95)}},
+        "B": {"2026-11": {"specificity": _est(0.7, 0.5, 0.85)}, "2026-12": {"specificity": _est(None, n=0)}},
+        "C": {"2026-11": {"specificity": _est(0.8)}},
+    }  # no interval: a point without a bar
     elements = _parse(trend_svg("specificity", trends))
     assert [text for tag, a, text in elements if tag == "text" and a.get("class") == "month"] == ["2026-11"]
     xs = [float(a["cx"] or "") for tag, a, _ in elements if tag == "circle"]
@@ -99,9 +107,11 @@ def test_scanner_names_are_escaped() -> None:
 def test_attribute_values_read_as_written() -> None:
     """An unquoted value runs into a following ``/>`` in HTML (``r=3/>`` is r="3/",
     which an SVG renderer drops): each chart's values must come out clean."""
-    charts = (reliability_svg([{"share": 0.5, "confidence": 0.7, "accuracy": 0.6}]),
-              roc_svg({"fpr": [0.0, 0.5, 1.0], "tpr": [0.0, 0.8, 1.0]}),
-              trend_svg("npv", {"A": {"2026-11": {"npv": _est(0.9, 0.7, 0.97)}}}))
+    charts = (
+        reliability_svg([{"share": 0.5, "confidence": 0.7, "accuracy": 0.6}]),
+        roc_svg({"fpr": [0.0, 0.5, 1.0], "tpr": [0.0, 0.8, 1.0]}),
+        trend_svg("npv", {"A": {"2026-11": {"npv": _est(0.9, 0.7, 0.97)}}}),
+    )
     for chart in charts:
         values = [v for _, attrs, _ in _parse(chart) for v in attrs.values()]
         assert values and not any(v is None or v.endswith("/") for v in values)

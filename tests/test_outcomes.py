@@ -13,32 +13,49 @@ import hl7
 import pytest
 from conftest import free_port
 from hl7.client import MLLPClient
+from worker_support import child_env
 
 from service.datasets.synthetic import synthetic_study
 from service.ledger import InstanceRecord, Ledger, Outcome
-from service.outcomes.hl7_oru import receive
 from service.node import node_services
+from service.outcomes.hl7_oru import receive
 from service.outcomes.mllp import MllpService
 from service.outcomes.records import parse_csv
 from service.pipeline.analysis import study_attributes
 from service.settings import Settings
-from worker_support import child_env
 
 
 def analysed_study(ledger: Ledger, study_uid: str, accession: str) -> None:
     """A study received and analysed, its result naming its accession number."""
-    ledger.record_instance(InstanceRecord(f"{study_uid}.1", study_uid, f"{study_uid}.2", "1.2.840.10008.5.1.4.1.1.6.1",
-                                          "1.2.840.10008.1.2.1", "x.dcm", 10, "PACS", "US"))
+    ledger.record_instance(
+        InstanceRecord(
+            f"{study_uid}.1",
+            study_uid,
+            f"{study_uid}.2",
+            "1.2.840.10008.5.1.4.1.1.6.1",
+            "1.2.840.10008.1.2.1",
+            "x.dcm",
+            10,
+            "PACS",
+            "US",
+        )
+    )
     ledger.complete_quiet_studies(0.0, now=2e9)
     generation = ledger.claim_analysis(study_uid, 60.0)
     assert generation is not None
-    study = {"accession_number": accession, "study_date": "20261201", "manufacturer": "ACME",
-             "model_name": "Sono 9", "patient_key": ""}
+    study = {
+        "accession_number": accession,
+        "study_date": "20261201",
+        "manufacturer": "ACME",
+        "model_name": "Sono 9",
+        "patient_key": "",
+    }
     assert ledger.finish_analysis(study_uid, generation, {"study_uid": study_uid, "study": study})
 
 
-def oru(control_id: str, accession: str = "", finding: str = "Malignant: invasive ductal carcinoma",
-        study_uid: str = "") -> str:
+def oru(
+    control_id: str, accession: str = "", finding: str = "Malignant: invasive ductal carcinoma", study_uid: str = ""
+) -> str:
     """An ORU^R01 as a pathology system sends it (the PID names a made-up patient)."""
     segments = [
         f"MSH|^~\\&|PATHLAB|HOSP|SONOCASE|HOSP|20261205120000||ORU^R01^ORU_R01|{control_id}|P|2.5.1",
@@ -54,13 +71,19 @@ def oru(control_id: str, accession: str = "", finding: str = "Malignant: invasiv
 
 
 def test_csv_rows_become_outcomes_and_bad_rows_are_named() -> None:
-    good = ("accession_number,study_instance_uid,outcome,laterality,clock_position,outcome_date\n"
-            "ACC1,,malignant,left,10:00,2026-12-01\nACC2,,stable,,,20261130\n,1.2.3,benign,R,3,\n")
+    good = (
+        "accession_number,study_instance_uid,outcome,laterality,clock_position,outcome_date\n"
+        "ACC1,,malignant,left,10:00,2026-12-01\nACC2,,stable,,,20261130\n,1.2.3,benign,R,3,\n"
+    )
     outcomes, problems = parse_csv(good)
     assert not problems
-    assert [(o.accession_number, o.study_uid, o.finding, o.laterality, o.clock_position, o.outcome_date)
-            for o in outcomes] == [("ACC1", "", "malignant", "L", "10", "20261201"),
-                                   ("ACC2", "", "stable", "", "", "20261130"), ("", "1.2.3", "benign", "R", "3", "")]
+    assert [
+        (o.accession_number, o.study_uid, o.finding, o.laterality, o.clock_position, o.outcome_date) for o in outcomes
+    ] == [
+        ("ACC1", "", "malignant", "L", "10", "20261201"),
+        ("ACC2", "", "stable", "", "", "20261130"),
+        ("", "1.2.3", "benign", "R", "3", ""),
+    ]
     bad = "accession_number,outcome,laterality\nACC1,malignant,up\n,benign,L\nACC3,maybe,\n"
     _, problems = parse_csv(bad)
     assert [(p.line, p.message.split(" ")[0]) for p in problems] == [(2, "laterality"), (3, "an"), (4, "outcome")]
@@ -103,8 +126,10 @@ def test_oru_over_a_real_mllp_connection_is_stored_before_its_ack(settings: Sett
             first = hl7.parse(client.send_message(oru("MSG1", accession="ACC7")).decode().strip("\x0b\x1c\r"))
             assert str(first.segment("MSA")(1)) == "AA"
             # stored when the ACK came: nothing to wait for
-            assert [(o["reference"], o["finding"], o["laterality"], o["clock_position"], o["outcome_date"])
-                    for o in ledger.outcomes()] == [("MSG1/1", "malignant", "R", "10", "20261203")]
+            assert [
+                (o["reference"], o["finding"], o["laterality"], o["clock_position"], o["outcome_date"])
+                for o in ledger.outcomes()
+            ] == [("MSG1/1", "malignant", "R", "10", "20261203")]
             again = client.send_message(oru("MSG1", accession="ACC7"))  # a resend after a lost ACK
             assert b"MSA|AA|MSG1" in again and len(ledger.outcomes()) == 1
             malformed = client.send_message(oru("MSG2", accession="ACC8", finding="pending"))
@@ -117,8 +142,10 @@ def test_oru_over_a_real_mllp_connection_is_stored_before_its_ack(settings: Sett
         assert "pending" in kept[0]["message"] and "no OBX 22637-3" in kept[0]["error"]
         assert len(ledger.hl7_messages()) == 4
         analysed_study(ledger, "1.2.3.9", "")
-        assert {o["reference"]: o["matched_study_uid"] for o in ledger.outcomes()} == {"MSG1/1": None,
-                                                                                       "MSG3/1": "1.2.3.9"}
+        assert {o["reference"]: o["matched_study_uid"] for o in ledger.outcomes()} == {
+            "MSG1/1": None,
+            "MSG3/1": "1.2.3.9",
+        }
     finally:
         service.stop()
 
@@ -142,8 +169,14 @@ def test_cli_imports_a_csv_once_and_lists_what_waits(settings: Settings, ledger:
     csv_file.write_text("accession_number,outcome,laterality,clock_position\nACC1,malignant,L,2\nACC9,benign,R,\n")
 
     def sonocase(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "service", "outcomes", *args], env=child_env(settings),
-                              capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "service", "outcomes", *args],
+            env=child_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
     done = sonocase("import", str(csv_file))
     assert done.returncode == 0 and "2 new outcomes of 2 rows" in done.stdout and "1 outcomes wait" in done.stdout

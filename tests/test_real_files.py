@@ -22,8 +22,8 @@ from test_reports_support import Storescp, default_template, start_storescp
 from worker_support import Process, serve
 
 from service.ledger import Ledger, StudyState
-from service.results import StudyResult
 from service.reports.validation import check_object
+from service.results import StudyResult
 from service.settings import Settings, load_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -31,11 +31,23 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 #: Files a default routing rule keeps out of the analysis, and the rule: two name
 #: an echocardiogram in Study and Series Description, one in Performed Procedure
 #: Step Description.
-SKIPPED = {"color-pl.dcm": "other-body-part", "color-px.dcm": "other-body-part",
-           "JPGLosslessP14SV1_1s_1f_8b.dcm": "other-body-part"}
+SKIPPED = {
+    "color-pl.dcm": "other-body-part",
+    "color-px.dcm": "other-body-part",
+    "JPGLosslessP14SV1_1s_1f_8b.dcm": "other-body-part",
+}
 #: What these files hold that pydicom or highdicom refuse, and names: never in the log.
-VALUES = ("1994.11.05", "11:20:00", "1997.04.24", "14:04:38", "CompressedSamples^US1", "Citizen^Jan",
-          "NAME^PATIENT^NAME", "Echocardiogram", "ECHOCARDIOGRAM")
+VALUES = (
+    "1994.11.05",
+    "11:20:00",
+    "1997.04.24",
+    "14:04:38",
+    "CompressedSamples^US1",
+    "Citizen^Jan",
+    "NAME^PATIENT^NAME",
+    "Echocardiogram",
+    "ECHOCARDIOGRAM",
+)
 
 
 @dataclass
@@ -66,8 +78,14 @@ def start_site(folder: Path, **values: str) -> Site:
     ``values`` set; returns once every study is sent, skipped or failed."""
     pacs_port = free_port()
     settings = load_settings(
-        data_dir=folder / "data", host="127.0.0.1", port=free_port(), http_port=0, quiet_period_s=1.0,
-        durability="none", workers=1, destinations=f"STORESCP@127.0.0.1:{pacs_port}",
+        data_dir=folder / "data",
+        host="127.0.0.1",
+        port=free_port(),
+        http_port=0,
+        quiet_period_s=1.0,
+        durability="none",
+        workers=1,
+        destinations=f"STORESCP@127.0.0.1:{pacs_port}",
     )
     pacs = start_storescp(folder / "pacs", pacs_port)
     node = serve(settings, folder / "node.log")
@@ -77,9 +95,20 @@ def start_site(folder: Path, **values: str) -> Site:
         out = folder / "push" / us_file.name
         studies[us_file.name] = _as_own_study(us_file.path, out, values)
         pushed = subprocess.run(
-            [dcmtk("storescu"), "-R", STORESCU_SYNTAX_OPTION[UID(us_file.transfer_syntax)], "-aec",
-             settings.ae_title, "127.0.0.1", str(settings.port), str(out)],
-            env=DCMTK_ENV, capture_output=True, text=True, timeout=120,
+            [
+                dcmtk("storescu"),
+                "-R",
+                STORESCU_SYNTAX_OPTION[UID(us_file.transfer_syntax)],
+                "-aec",
+                settings.ae_title,
+                "127.0.0.1",
+                str(settings.port),
+                str(out),
+            ],
+            env=DCMTK_ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert pushed.returncode == 0, f"{us_file.name}: {pushed.stderr}"
 

@@ -41,8 +41,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 def _status_json(site: Site, study_uid: str) -> dict[str, Any]:
     """What `sonocase status STUDY --json` prints, run as an operator would."""
-    shown = subprocess.run([sys.executable, "-m", "service", "status", study_uid, "--json"],
-                           env=child_env(site.settings), capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "-m", "service", "status", study_uid, "--json"],
+        env=child_env(site.settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shown.returncode == 0, shown.stderr
     return dict(json.loads(shown.stdout))
 
@@ -64,8 +69,11 @@ def _problems(site: Site, name: str) -> list[str]:
     problems = []
     if image["predicted"] is not None:
         problems.append(f"{name}: called {image['predicted']} {image['probability']:.2f}")
-    if image["frames"] and not (image["out_of_distribution"] and result["summary"]["out_of_distribution"]
-                                and all(frame["out_of_distribution"] for frame in image["frames"])):
+    if image["frames"] and not (
+        image["out_of_distribution"]
+        and result["summary"]["out_of_distribution"]
+        and all(frame["out_of_distribution"] for frame in image["frames"])
+    ):
         problems.append(f"{name}: out_of_distribution is not true for the image, each frame and the study")
     if not image["frames"] and not image["skipped"]:
         problems.append(f"{name}: neither analysed nor skipped with a reason")
@@ -78,8 +86,11 @@ def _problems(site: Site, name: str) -> list[str]:
     items = _content(srs[0].ContentSequence)
     template = default_template()
     probabilities = {(c.probability.value, c.probability.scheme) for c in template.classes.values()}
-    named = {(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptNameCodeSequence[0].CodingSchemeDesignator)
-             for i in items if i.ValueType == "NUM"}
+    named = {
+        (i.ConceptNameCodeSequence[0].CodeValue, i.ConceptNameCodeSequence[0].CodingSchemeDesignator)
+        for i in items
+        if i.ValueType == "NUM"
+    }
     if named & probabilities:
         problems.append(f"{name}: its SR at the PACS carries a class probability")
     if any(i.ValueType == "SCOORD" for i in items):

@@ -94,6 +94,7 @@ def store(scp: StoreSCP, f: UsFile, raw: bytes | None = None) -> StoreStatus:
 
 # --- parsing -------------------------------------------------------------------
 
+
 def test_every_shipped_ultrasound_file_is_found() -> None:
     assert set(US_FILES) == ULTRASOUND_FILES
 
@@ -104,7 +105,11 @@ def test_parse_reads_the_uids_pydicom_reads(name: str) -> None:
     ds = dcmread(f.path, stop_before_pixels=True)
     inst = parse_instance(f.data_set, f.transfer_syntax, MAX_DATASET)
     assert (inst.sop_class_uid, inst.sop_instance_uid, inst.study_uid, inst.series_uid, inst.modality) == (
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality
+        ds.SOPClassUID,
+        ds.SOPInstanceUID,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.Modality,
     )
 
 
@@ -139,9 +144,14 @@ def test_garbage_is_refused() -> None:
     assert err.value.status == StoreStatus.CANNOT_UNDERSTAND
 
 
-@pytest.mark.parametrize("keyword,label", [
-    ("SOPInstanceUID", "SOP Instance UID"), ("StudyInstanceUID", "Study Instance UID"), ("SOPClassUID", "SOP Class UID"),
-])
+@pytest.mark.parametrize(
+    "keyword,label",
+    [
+        ("SOPInstanceUID", "SOP Instance UID"),
+        ("StudyInstanceUID", "Study Instance UID"),
+        ("SOPClassUID", "SOP Class UID"),
+    ],
+)
 def test_missing_uid_is_named(tmp_path: Path, keyword: str, label: str) -> None:
     f = rewrite(tmp_path, "OBXXXX1A_rle.dcm", **{keyword: None})
     with pytest.raises(InvalidInstance, match=f"{label} is missing") as err:
@@ -174,8 +184,11 @@ def test_request_must_announce_the_data_set() -> None:
 
 # --- policies --------------------------------------------------------------------
 
+
 def test_modality_policy(tmp_path: Path) -> None:
-    us = parse_instance(US_FILES["OBXXXX1A_rle.dcm"].data_set, US_FILES["OBXXXX1A_rle.dcm"].transfer_syntax, MAX_DATASET)
+    us = parse_instance(
+        US_FILES["OBXXXX1A_rle.dcm"].data_set, US_FILES["OBXXXX1A_rle.dcm"].transfer_syntax, MAX_DATASET
+    )
     ct = rewrite(tmp_path, "OBXXXX1A_rle.dcm", Modality="CT")
     ct_inst = parse_instance(ct.data_set, ct.transfer_syntax, MAX_DATASET)
     assert modality_policy(us, "refuse") is None
@@ -211,17 +224,23 @@ def test_file_meta_reads_back_with_pydicom(tmp_path: Path) -> None:
         ds = dcmread(path)
     meta = ds.file_meta
     assert (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (
-        f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax)
+        f.sop_class_uid,
+        f.sop_instance_uid,
+        f.transfer_syntax,
+    )
     assert meta.SourceApplicationEntityTitle == "ODD"
     assert meta.FileMetaInformationVersion == b"\0\1"
     assert ds.pixel_array.shape == dcmread(f.path).pixel_array.shape
 
 
-@pytest.mark.parametrize("status,comment", [
-    (StoreStatus.SUCCESS, ""),
-    (StoreStatus.OUT_OF_RESOURCES, "free disk 90 MB would fall below the 100 MB watermark"),
-    (StoreStatus.CANNOT_UNDERSTAND, "odd length: x" * 10),  # longer than LO's 64 characters
-])
+@pytest.mark.parametrize(
+    "status,comment",
+    [
+        (StoreStatus.SUCCESS, ""),
+        (StoreStatus.OUT_OF_RESOURCES, "free disk 90 MB would fall below the 100 MB watermark"),
+        (StoreStatus.CANNOT_UNDERSTAND, "odd length: x" * 10),  # longer than LO's 64 characters
+    ],
+)
 def test_store_response_is_what_pynetdicom_encodes(status: StoreStatus, comment: str) -> None:
     sop_class, sop_instance = "1.2.840.10008.5.1.4.1.1.6.1", "1.2.826.0.1.3680043.8.498.1234567890123"
     rsp = C_STORE()
@@ -234,10 +253,12 @@ def test_store_response_is_what_pynetdicom_encodes(status: StoreStatus, comment:
     message.primitive_to_message(rsp)
     [pdata] = message.encode_msg(1, 16384)
     assert pdata.presentation_data_value_list == [
-        (1, b"\x03" + encode_store_response(4711, sop_class, sop_instance, status, comment))]
+        (1, b"\x03" + encode_store_response(4711, sop_class, sop_instance, status, comment))
+    ]
 
 
 # --- the store -----------------------------------------------------------------
+
 
 def stored_path(settings: Settings, f: UsFile) -> Path:
     return settings.spool_dir / f.study_uid / f"{f.sop_instance_uid}.dcm"
@@ -250,7 +271,11 @@ def test_store_writes_the_received_bytes_and_records_them(scp: StoreSCP, setting
     assert data.endswith(f.data_set) and data[128:132] == b"DICM"
     [rec] = ledger.instances(f.study_uid)
     assert (rec.sop_instance_uid, rec.size, rec.calling_ae, rec.ignored_reason) == (
-        f.sop_instance_uid, len(data), "TESTSCU", None)
+        f.sop_instance_uid,
+        len(data),
+        "TESTSCU",
+        None,
+    )
     assert ledger.study(f.study_uid)["state"] == StudyState.RECEIVING
 
 
@@ -285,13 +310,15 @@ def spooled(scp: StoreSCP, f: UsFile, calling_ae: str = "TESTSCU") -> IncomingFi
     """``f`` spooled as the network shell does: file meta, then the data set in pieces."""
     incoming = scp.open_incoming(f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax, calling_ae)
     for start in range(0, len(f.data_set), 16384):
-        incoming.append(f.data_set[start:start + 16384])
+        incoming.append(f.data_set[start : start + 16384])
     return incoming
 
 
 @pytest.mark.parametrize("durability", ["none", "fsync"])
 def test_store_keeps_the_file_spooled_while_the_data_set_arrived(
-    settings: Settings, ledger: Ledger, durability: str,
+    settings: Settings,
+    ledger: Ledger,
+    durability: str,
 ) -> None:
     scp = StoreSCP(settings.model_copy(update={"durability": durability}), ledger)
     f = US_FILES["US1_UNCR.dcm"]
@@ -393,7 +420,10 @@ def test_storage_error_is_a_failure_status(scp: StoreSCP, settings: Settings, le
 @pytest.mark.parametrize("full", ["spool", "ledger"])
 @pytest.mark.parametrize("durability", ["fsync", "none"])
 def test_a_full_disk_refuses_out_of_resources_and_loses_nothing(
-    tmp_path: Path, small_disk: Path, durability: str, full: str,
+    tmp_path: Path,
+    small_disk: Path,
+    durability: str,
+    full: str,
 ) -> None:
     """The spool's disk, or the ledger's, fills up while instances arrive (watermark
     off): every instance is either stored and recorded or refused with 0xA700,
@@ -452,9 +482,9 @@ class Mutation:
         for kind, pos, value in self.edits:
             pos = min(pos, len(data))
             if kind == "set":
-                data[pos:pos + 1] = value
+                data[pos : pos + 1] = value
             elif kind == "cut":
-                del data[pos:pos + len(value)]
+                del data[pos : pos + len(value)]
             else:
                 data[pos:pos] = value
         return bytes(data)
@@ -493,9 +523,19 @@ def test_fuzzed_real_files_never_escape_the_store(tmp_path_factory: pytest.TempP
 
 # --- group commit ----------------------------------------------------------------
 
+
 def record(n: int, study: str = "1.2.3") -> InstanceRecord:
-    return InstanceRecord(f"{study}.{n}", study, study + ".1", "1.2.840.10008.5.1.4.1.1.6.1",
-                          "1.2.840.10008.1.2.1", f"{n}.dcm", 1, "X", "US")
+    return InstanceRecord(
+        f"{study}.{n}",
+        study,
+        study + ".1",
+        "1.2.840.10008.5.1.4.1.1.6.1",
+        "1.2.840.10008.1.2.1",
+        f"{n}.dcm",
+        1,
+        "X",
+        "US",
+    )
 
 
 class SlowLedger(Ledger):
@@ -549,6 +589,7 @@ def test_failed_group_commit_fails_every_store_in_it(tmp_path: Path) -> None:
 
 
 # --- completion ------------------------------------------------------------------
+
 
 def test_quiet_study_completes_and_reopens_after_handled(scp: StoreSCP, ledger: Ledger, tmp_path: Path) -> None:
     """Completion is decided on the ledger's clock (``now=``), not by sleeping."""

@@ -26,8 +26,12 @@ from service.ingest.rules import StoreStatus
 
 #: The limits the node runs with here: short timeouts, small budgets.
 LIMITS = {
-    "SONOCASE_MAX_ASSOCIATIONS": "4", "SONOCASE_MAX_PENDING_ASSOCIATIONS": "8", "SONOCASE_ACSE_TIMEOUT_S": "2",
-    "SONOCASE_DIMSE_TIMEOUT_S": "3", "SONOCASE_NETWORK_TIMEOUT_S": "8", "SONOCASE_MAX_DATASET_MB": "32",
+    "SONOCASE_MAX_ASSOCIATIONS": "4",
+    "SONOCASE_MAX_PENDING_ASSOCIATIONS": "8",
+    "SONOCASE_ACSE_TIMEOUT_S": "2",
+    "SONOCASE_DIMSE_TIMEOUT_S": "3",
+    "SONOCASE_NETWORK_TIMEOUT_S": "8",
+    "SONOCASE_MAX_DATASET_MB": "32",
     "SONOCASE_MAX_IN_FLIGHT_MB": "64",
 }
 #: The bound docs/it-guide.md ("Memory") gives, for these limits: max_in_flight_mb,
@@ -156,24 +160,35 @@ def test_deflate_bomb_is_refused_and_nothing_kept(node: Node) -> None:
     raw = bomb(sop)
     assert len(raw) < 1.1 * 2**20  # a megabyte on the wire, a gigabyte inflated
     statuses: list[int] = []
-    while_the_pacs_stores(node, threading.Thread(
-        target=lambda: statuses.append(send(node, raw, sop, DeflatedExplicitVRLittleEndian))))
+    while_the_pacs_stores(
+        node, threading.Thread(target=lambda: statuses.append(send(node, raw, sop, DeflatedExplicitVRLittleEndian)))
+    )
     assert statuses == [StoreStatus.TOO_LARGE]
     assert sop not in node.spooled()
     assert_memory_bounded(node)
 
 
-@pytest.mark.parametrize("depth,explicit_lengths,expected", [
-    (1000, False, StoreStatus.TOO_DEEP), (100_000, False, StoreStatus.TOO_DEEP), (10, False, StoreStatus.SUCCESS),
-    (1000, True, StoreStatus.TOO_DEEP), (20_000, True, StoreStatus.TOO_DEEP), (10, True, StoreStatus.SUCCESS)])
-def test_deeply_nested_sequences_are_refused_for_good(node: Node, depth: int, explicit_lengths: bool,
-                                                       expected: StoreStatus) -> None:
+@pytest.mark.parametrize(
+    "depth,explicit_lengths,expected",
+    [
+        (1000, False, StoreStatus.TOO_DEEP),
+        (100_000, False, StoreStatus.TOO_DEEP),
+        (10, False, StoreStatus.SUCCESS),
+        (1000, True, StoreStatus.TOO_DEEP),
+        (20_000, True, StoreStatus.TOO_DEEP),
+        (10, True, StoreStatus.SUCCESS),
+    ],
+)
+def test_deeply_nested_sequences_are_refused_for_good(
+    node: Node, depth: int, explicit_lengths: bool, expected: StoreStatus
+) -> None:
     """Undefined lengths, and explicit ones (issue 24, attack 6: accepted, then the study failed)."""
     sop = generate_uid()
     raw = attacks.deeply_nested(sop, depth, explicit_lengths)
     statuses: list[int] = []
-    while_the_pacs_stores(node, threading.Thread(
-        target=lambda: statuses.append(send(node, raw, sop, ExplicitVRLittleEndian))))
+    while_the_pacs_stores(
+        node, threading.Thread(target=lambda: statuses.append(send(node, raw, sop, ExplicitVRLittleEndian)))
+    )
     assert statuses == [expected]  # never 0x0110, which tells the PACS to retry
     assert (sop in node.spooled()) == (expected == StoreStatus.SUCCESS)
     assert_memory_bounded(node)
@@ -199,7 +214,9 @@ def test_data_sets_in_flight_stay_within_the_memory_budget(node: Node) -> None:
     budget; the PACS's small instance still fits; a third 30 MB data set does not:
     refused 0xA700 once complete (fast) or its association aborted (stock). Each
     holder is aborted once silent for network_timeout_s."""
-    holders = [send_all_but_the_last_fragment(node, big_data_set(sop, 30), sop) for sop in (generate_uid(), generate_uid())]
+    holders = [
+        send_all_but_the_last_fragment(node, big_data_set(sop, 30), sop) for sop in (generate_uid(), generate_uid())
+    ]
     try:
         wait_for("the holders' fragments to be sent", lambda: all(h.dul.to_provider_queue.empty() for h in holders))
         assert node.pacs_stores(), "the PACS could not store beside the data sets in flight"
@@ -224,8 +241,7 @@ def test_a_peer_holding_associations_open_cannot_lock_the_pacs_out(tmp_path: Pat
     slots and keeps them; it gets max_associations_per_peer of them, and the PACS
     (another address) stores. The listen backlog is the configured one (attack 9:
     it was 5)."""
-    node = Node(tmp_path, engine, LIMITS | {"SONOCASE_MAX_ASSOCIATIONS_PER_PEER": "2",
-                                            "SONOCASE_LISTEN_BACKLOG": "64"})
+    node = Node(tmp_path, engine, LIMITS | {"SONOCASE_MAX_ASSOCIATIONS_PER_PEER": "2", "SONOCASE_LISTEN_BACKLOG": "64"})
     attackers = [attacks.associate(node.port, source="127.0.0.2") for _ in range(6)]
     try:
         assert sum(a.is_established for a in attackers) == 2
@@ -246,8 +262,12 @@ def test_large_data_sets_arriving_together_are_all_stored_within_three_resends(n
     waiting, rounds = list(sops), 0
     while waiting and rounds < 4:  # the first send and three resends
         statuses: dict[str, int] = {}
-        senders = [threading.Thread(target=lambda sop=sop: statuses.update(
-            {sop: send(node, data[sop], sop, ExplicitVRLittleEndian)})) for sop in waiting]
+        senders = [
+            threading.Thread(
+                target=lambda sop=sop: statuses.update({sop: send(node, data[sop], sop, ExplicitVRLittleEndian)})
+            )
+            for sop in waiting
+        ]
         for sender in senders:
             sender.start()
         for sender in senders:

@@ -39,6 +39,7 @@ US_FILES = {f.name: f for f in ultrasound_files()}
 
 # --- the admission gate ------------------------------------------------------------------
 
+
 def test_pending_budget_closes_the_longest_waiting() -> None:
     gate = Gate(max_pending=2, max_established=1, pending_deadline_s=5)
     a, b, c = socket.socketpair()[0], socket.socketpair()[0], socket.socketpair()[0]
@@ -114,7 +115,6 @@ def test_a_pdu_bounded_socket_ends_at_a_header_announcing_too_much() -> None:
         pdus = struct.pack(">BBL", 4, 0, 100) + bytes(100) + struct.pack(">BBL", 5, 0, 4) + bytes(4)
         far.sendall(pdus + struct.pack(">BBL", 1, 0, 0xFFFFFFF0) + bytes(1000))
 
-
         def read(size: int) -> bytes:  # as pynetdicom reads: a header, then the PDU, in pieces
             got = b""
             while len(got) < size and (piece := bounded.recv(min(size - len(got), 7))):
@@ -129,6 +129,7 @@ def test_a_pdu_bounded_socket_ends_at_a_header_announcing_too_much() -> None:
 
 
 # --- the memory budget ---------------------------------------------------------------------
+
 
 def test_memory_budget_is_shared_and_given_back() -> None:
     budget = MemoryBudget(10 * MB)
@@ -160,6 +161,7 @@ def test_memory_budget_preempts_later_data_sets_for_the_first() -> None:
 
 # --- bounded inflation ------------------------------------------------------------------------
 
+
 def deflated(data: bytes) -> bytes:
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     return deflater.compress(data) + deflater.flush()
@@ -180,13 +182,16 @@ def test_a_deflate_bomb_is_refused_too_large_and_nothing_is_kept(settings: Setti
     scp = StoreSCP(settings.model_copy(update={"max_dataset_mb": 16, "max_in_flight_mb": 16}), ledger)
     try:
         sop = generate_uid()
-        outcome = scp.store(attacks.deflate_bomb(sop, 64), DeflatedExplicitVRLittleEndian,
-                            "1.2.840.10008.5.1.4.1.1.6.1", sop, "X")
+        outcome = scp.store(
+            attacks.deflate_bomb(sop, 64), DeflatedExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.6.1", sop, "X"
+        )
         assert outcome.status == StoreStatus.TOO_LARGE and "max_dataset_mb" in outcome.comment
         assert ledger.instance_count() == 0 and scp.budget.used == 0
         small = deflated(attacks.identifying_elements(sop) + attacks.pixel_data(MB))
-        assert scp.store(small, DeflatedExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.6.1", sop, "X").status == \
-            StoreStatus.SUCCESS
+        assert (
+            scp.store(small, DeflatedExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.6.1", sop, "X").status
+            == StoreStatus.SUCCESS
+        )
     finally:
         scp.close()
         ledger.close()
@@ -220,8 +225,11 @@ def test_a_data_set_beyond_max_dataset_is_refused_too_large(settings: Settings) 
 
 # --- nesting ------------------------------------------------------------------------------------
 
-NESTINGS = {"undefined lengths": {}, "explicit lengths": {"explicit_lengths": True},
-            "explicit lengths inside UN": {"explicit_lengths": True, "outer_vr": b"UN"}}
+NESTINGS = {
+    "undefined lengths": {},
+    "explicit lengths": {"explicit_lengths": True},
+    "explicit lengths inside UN": {"explicit_lengths": True, "outer_vr": b"UN"},
+}
 
 
 @pytest.mark.parametrize("encoding", NESTINGS)
@@ -248,12 +256,18 @@ def test_the_deepest_nesting_taken_is_read_by_the_worker(tmp_path: Path, encodin
 
 def test_encapsulated_fragments_are_not_nesting() -> None:
     fragments = b"".join(struct.pack("<HHI", 0xFFFE, 0xE000, 4) + b"abcd" for _ in range(5000))
-    pixels = (struct.pack("<HH", 0x7FE0, 0x0010) + b"OB\0\0" + struct.pack("<I", 0xFFFFFFFF) + fragments
-              + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    pixels = (
+        struct.pack("<HH", 0x7FE0, 0x0010)
+        + b"OB\0\0"
+        + struct.pack("<I", 0xFFFFFFFF)
+        + fragments
+        + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    )
     assert not too_deep(attacks.identifying_elements(generate_uid()) + pixels, False, True)
 
 
 # --- allowed_hosts ------------------------------------------------------------------------------
+
 
 def test_allowed_hosts_are_addresses_blocks_and_names() -> None:
     networks = allowed_networks(["10.20.0.15", "192.168.0.0/16", "localhost", "2001:db8::/32"])
@@ -264,8 +278,9 @@ def test_allowed_hosts_are_addresses_blocks_and_names() -> None:
     assert host_allowed("203.0.113.9", ())  # none set: everyone
 
 
-@pytest.mark.parametrize("entry,says", [("10.0.0.0/33", "neither"), ("pacs .local", "neither"),
-                                        ("no-such-host.invalid", "does not resolve")])
+@pytest.mark.parametrize(
+    "entry,says", [("10.0.0.0/33", "neither"), ("pacs .local", "neither"), ("no-such-host.invalid", "does not resolve")]
+)
 def test_an_allowed_host_that_is_none_of_these_stops_the_node_at_start(tmp_path: Path, entry: str, says: str) -> None:
     with pytest.raises(SettingsError, match=f"SONOCASE_ALLOWED_HOSTS.*{says}"):
         load_settings(data_dir=tmp_path, allowed_hosts=entry)
@@ -277,6 +292,7 @@ def test_in_flight_budget_must_hold_the_largest_data_set(tmp_path: Path) -> None
 
 
 # --- a restart after kill -9 ------------------------------------------------------------------
+
 
 def test_a_restart_removes_spool_files_the_ledger_does_not_know(settings: Settings) -> None:
     """What kill -9 between the rename into place and the ledger record leaves."""
@@ -311,8 +327,9 @@ def pdu_streams(draw: st.DrawFn) -> bytes:
     for _ in range(draw(st.integers(1, 4))):
         pdu_type = draw(st.integers(0, 9))
         body = draw(st.binary(max_size=300))
-        length = draw(st.sampled_from([len(body), len(body) + 5, 0xFFFFFFF0, MB + PDU_MARGIN + 1])
-                      | st.integers(0, (1 << 32) - 1))
+        length = draw(
+            st.sampled_from([len(body), len(body) + 5, 0xFFFFFFF0, MB + PDU_MARGIN + 1]) | st.integers(0, (1 << 32) - 1)
+        )
         out += struct.pack(">BBL", pdu_type, draw(st.integers(0, 255)), length) + body
     return out + draw(st.binary(max_size=8))
 
@@ -347,8 +364,12 @@ def test_fuzzed_pdus_end_in_an_event_and_never_in_memory(stream: bytes) -> None:
 
 
 @hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(raw=st.binary(max_size=2048), syntax=st.sampled_from([ExplicitVRLittleEndian, "1.2.840.10008.1.2",
-                                                              "1.2.840.10008.1.2.2", DeflatedExplicitVRLittleEndian]))
+@given(
+    raw=st.binary(max_size=2048),
+    syntax=st.sampled_from(
+        [ExplicitVRLittleEndian, "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", DeflatedExplicitVRLittleEndian]
+    ),
+)
 def test_fuzzed_bytes_are_parsed_or_refused_with_a_status(raw: bytes, syntax: str) -> None:
     try:
         parse_instance(raw, syntax, MB)

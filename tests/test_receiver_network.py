@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 import attacks
+import pynetdicom
+import pytest
 from conftest import dcmtk, free_port, wait_until
 from dicom_peers import (
     ULTRASOUND_FILES,
@@ -29,7 +30,6 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
-import pynetdicom
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -70,10 +70,18 @@ US_FILES = {f.name: f for f in ultrasound_files()}
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 #: The storescu option that proposes a file's own transfer syntax first: no transcoding.
 STORESCU_SYNTAX_OPTION = {
-    ImplicitVRLittleEndian: "-xi", ExplicitVRLittleEndian: "-xe", ExplicitVRBigEndian: "-xb",
-    DeflatedExplicitVRLittleEndian: "-xd", JPEGBaseline8Bit: "-xy", JPEGExtended12Bit: "-xx",
-    JPEGLosslessSV1: "-xs", JPEGLSLossless: "-xt", JPEGLSNearLossless: "-xu", JPEG2000Lossless: "-xv",
-    JPEG2000: "-xw", RLELossless: "-xr",
+    ImplicitVRLittleEndian: "-xi",
+    ExplicitVRLittleEndian: "-xe",
+    ExplicitVRBigEndian: "-xb",
+    DeflatedExplicitVRLittleEndian: "-xd",
+    JPEGBaseline8Bit: "-xy",
+    JPEGExtended12Bit: "-xx",
+    JPEGLosslessSV1: "-xs",
+    JPEGLSLossless: "-xt",
+    JPEGLSNearLossless: "-xu",
+    JPEG2000Lossless: "-xv",
+    JPEG2000: "-xw",
+    RLELossless: "-xr",
 }
 
 
@@ -146,7 +154,10 @@ def associate(rx: Receiver, ae: AE, called: str | None = None, **kwargs: object)
 def echoscu(rx: Receiver, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [dcmtk("echoscu"), "-aec", rx.settings.ae_title, *args, "127.0.0.1", str(rx.settings.port)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -166,6 +177,7 @@ def assert_stored_as_sent(rx: Receiver, f: UsFile) -> None:
 
 # --- real peers ------------------------------------------------------------------
 
+
 def test_dcmtk_echoscu(receiver: Receiver) -> None:
     result = echoscu(receiver)
     assert result.returncode == 0, result.stderr
@@ -174,9 +186,20 @@ def test_dcmtk_echoscu(receiver: Receiver) -> None:
 def storescu(port: int, f: UsFile, called: str = "SONOCASE") -> subprocess.CompletedProcess[str]:
     """DCMTK storescu proposing only the file's SOP class (-R) with its own syntax first."""
     return subprocess.run(
-        [dcmtk("storescu"), "-R", STORESCU_SYNTAX_OPTION[UID(f.transfer_syntax)], "-aec", called,
-         "127.0.0.1", str(port), str(f.path)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=120,
+        [
+            dcmtk("storescu"),
+            "-R",
+            STORESCU_SYNTAX_OPTION[UID(f.transfer_syntax)],
+            "-aec",
+            called,
+            "127.0.0.1",
+            str(port),
+            str(f.path),
+        ],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -189,8 +212,9 @@ def witness(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     out.mkdir()
     proc = subprocess.Popen([dcmtk("storescp"), "-B", "+xa", "-od", str(out), str(port)], env=DCMTK_ENV)
     deadline = time.monotonic() + 10
-    while subprocess.run([dcmtk("echoscu"), "127.0.0.1", str(port)], env=DCMTK_ENV,
-                         capture_output=True).returncode != 0:
+    while (
+        subprocess.run([dcmtk("echoscu"), "127.0.0.1", str(port)], env=DCMTK_ENV, capture_output=True).returncode != 0
+    ):
         assert time.monotonic() < deadline, "storescp did not start"
         time.sleep(0.05)
     yield port, out
@@ -206,11 +230,13 @@ def test_dcmtk_storescu_sends_every_ultrasound_file(receiver: Receiver, witness:
         assert result.returncode == 0, result.stderr
     [on_wire] = witness[1].iterdir()
     sent = on_wire.read_bytes()
-    assert_stored_as_sent(receiver, replace(f, data_set=sent[data_set_offset(sent):]))
+    assert_stored_as_sent(receiver, replace(f, data_set=sent[data_set_offset(sent) :]))
 
 
 @pytest.mark.parametrize("name", sorted(ULTRASOUND_FILES))
-def test_pynetdicom_scu_sends_every_ultrasound_file(receiver: Receiver, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+def test_pynetdicom_scu_sends_every_ultrasound_file(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     # Send the file's data set straight from disk, as encoded (pynetdicom's switch).
     monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
     f = US_FILES[name]
@@ -225,12 +251,17 @@ def test_pynetdicom_scu_sends_every_ultrasound_file(receiver: Receiver, monkeypa
     assert (rec.calling_ae, rec.transfer_syntax, rec.modality) == ("TESTSCU", f.transfer_syntax, "US")
 
 
-@pytest.mark.parametrize("name,syntax", [
-    ("US1_UNCR.dcm", JPEGLSLossless), ("US1_UNCR.dcm", JPEGLSNearLossless),
-    ("OBXXXX1A.dcm", DeflatedExplicitVRLittleEndian),
-])
-def test_syntaxes_no_shipped_file_uses(receiver: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                       name: str, syntax: str) -> None:
+@pytest.mark.parametrize(
+    "name,syntax",
+    [
+        ("US1_UNCR.dcm", JPEGLSLossless),
+        ("US1_UNCR.dcm", JPEGLSNearLossless),
+        ("OBXXXX1A.dcm", DeflatedExplicitVRLittleEndian),
+    ],
+)
+def test_syntaxes_no_shipped_file_uses(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, syntax: str
+) -> None:
     """JPEG-LS and deflated, made from real files by pydicom (pyjpegls, zlib)."""
     monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
     ds = dcmread(US_FILES[name].path)
@@ -274,6 +305,7 @@ def send_over_new_association(rx: Receiver, f: UsFile) -> int:
 def test_data_set_is_spooled_while_it_arrives(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each fragment goes to disk on arrival; the handler only names the file. The
     handler's own write is made to fail (a stand-in: it must not be needed)."""
+
     def unused(*args: object) -> None:
         raise AssertionError("the handler wrote the file again")
 
@@ -322,6 +354,7 @@ def test_data_set_is_still_stored_when_spooling_it_fails(receiver: Receiver) -> 
 
 # --- the two engines ------------------------------------------------------------------
 
+
 def test_a_handler_bound_to_c_store_is_the_one_called(receiver: Receiver) -> None:
     """Stock: pynetdicom fires EVT_C_STORE for each request; fast: it serves C-STORE
     itself only while our handler is the bound one, so a handler bound in its place
@@ -342,8 +375,9 @@ def test_a_handler_bound_to_c_store_is_the_one_called(receiver: Receiver) -> Non
 
 
 @pytest.mark.parametrize("engine", ["fast"])
-def test_fast_engine_on_another_pynetdicom_runs_stock(start: Callable[..., Receiver], monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_fast_engine_on_another_pynetdicom_runs_stock(
+    start: Callable[..., Receiver], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(pynetdicom, "__version__", "3.0.5")  # what unsupported_reason() reads
     with caplog.at_level(logging.INFO, logger="service.ingest.server"):
         rx = start()
@@ -356,6 +390,7 @@ def test_fast_engine_on_another_pynetdicom_runs_stock(start: Callable[..., Recei
 
 
 # --- refusing associations -----------------------------------------------------------
+
 
 def rejection(assoc: Association) -> tuple[int, int, int]:
     assert assoc.is_rejected
@@ -398,11 +433,14 @@ def test_allowed_host_as_address_block_or_name(start: Callable[..., Receiver], e
     allowed.release()
 
 
-def test_association_limit_counts_established_associations(start: Callable[..., Receiver],
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_association_limit_counts_established_associations(
+    start: Callable[..., Receiver], caplog: pytest.LogCaptureFixture
+) -> None:
     rx = start(max_associations=1)
-    with attacks.held(attacks.silent_connections(rx.settings.port, 3)), \
-            caplog.at_level(logging.INFO, logger="service.ingest"):
+    with (
+        attacks.held(attacks.silent_connections(rx.settings.port, 3)),
+        caplog.at_level(logging.INFO, logger="service.ingest"),
+    ):
         first = associate(rx, scu())  # connections that never associate take no slot
         try:
             assert first.is_established
@@ -416,12 +454,18 @@ def test_association_limit_counts_established_associations(start: Callable[..., 
 
 # --- refusing instances ----------------------------------------------------------------
 
-@pytest.mark.parametrize("case,expected", [
-    ("zero-length", StoreStatus.CANNOT_UNDERSTAND),
-    ("truncated", StoreStatus.CANNOT_UNDERSTAND),
-    ("no SOP Instance UID", StoreStatus.INVALID_UID),
-])
-def test_bad_data_sets_get_a_failure_status(receiver: Receiver, tmp_path: Path, case: str, expected: StoreStatus) -> None:
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("zero-length", StoreStatus.CANNOT_UNDERSTAND),
+        ("truncated", StoreStatus.CANNOT_UNDERSTAND),
+        ("no SOP Instance UID", StoreStatus.INVALID_UID),
+    ],
+)
+def test_bad_data_sets_get_a_failure_status(
+    receiver: Receiver, tmp_path: Path, case: str, expected: StoreStatus
+) -> None:
     f = US_FILES["OBXXXX1A_rle.dcm"]
     raw = {
         "zero-length": b"",
@@ -437,8 +481,12 @@ def test_bad_data_sets_get_a_failure_status(receiver: Receiver, tmp_path: Path, 
     assert receiver.ledger.instance_count() == 0
 
 
-@pytest.mark.parametrize("policy,expected", [("store-ignore", StoreStatus.SUCCESS), ("refuse", StoreStatus.MODALITY_REFUSED)])
-def test_non_ultrasound_modality(start: Callable[..., Receiver], tmp_path: Path, policy: str, expected: StoreStatus) -> None:
+@pytest.mark.parametrize(
+    "policy,expected", [("store-ignore", StoreStatus.SUCCESS), ("refuse", StoreStatus.MODALITY_REFUSED)]
+)
+def test_non_ultrasound_modality(
+    start: Callable[..., Receiver], tmp_path: Path, policy: str, expected: StoreStatus
+) -> None:
     rx = start(non_ultrasound=policy)
     ct = rewrite(tmp_path, "OBXXXX1A_rle.dcm", Modality="CT")
     assoc = associate(rx, scu(files=[ct]))
@@ -447,7 +495,8 @@ def test_non_ultrasound_modality(start: Callable[..., Receiver], tmp_path: Path,
     finally:
         assoc.release()
     assert [r.ignored_reason for r in rx.ledger.instances(ct.study_uid)] == (
-        ["modality CT is not US"] if policy == "store-ignore" else [])
+        ["modality CT is not US"] if policy == "store-ignore" else []
+    )
 
 
 def cstore_responses(status: str) -> float:
@@ -462,7 +511,10 @@ def test_low_disk_refuses_with_out_of_resources(start: Callable[..., Receiver]) 
     refused_before = cstore_responses("0xA700")
     result = subprocess.run(
         [dcmtk("storescu"), "-v", "-xe", "-aec", rx.settings.ae_title, "127.0.0.1", str(rx.settings.port), str(f.path)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert "Received Store Response (Refused: OutOfResources)" in result.stdout + result.stderr
     assert not rx.stored(f).exists() and rx.ledger.instance_count() == 0
@@ -490,7 +542,9 @@ def test_a_command_set_that_never_ends_is_aborted(receiver: Receiver) -> None:
     try:
         for _ in range(5):  # 80 KiB of command fragments, none the last
             fragment = P_DATA()
-            fragment.presentation_data_value_list.append((assoc.accepted_contexts[0].context_id, b"\x01" + bytes(16384)))
+            fragment.presentation_data_value_list.append(
+                (assoc.accepted_contexts[0].context_id, b"\x01" + bytes(16384))
+            )
             assoc.dul.send_pdu(fragment)
         assert wait_until(lambda: assoc.is_aborted), "a command set longer than any was read on"
     finally:
@@ -516,12 +570,30 @@ def test_fuzzed_pdus_over_the_network_keep_the_scp_serving(receiver: Receiver, s
 
 # --- DICOM TLS ----------------------------------------------------------------------------
 
+
 def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
     cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 

@@ -127,8 +127,10 @@ def test_dul_waits_on_the_network_and_closes_its_wake_up_socket(server: Receiver
     before = open_fds()
     for _ in range(5):
         result = subprocess.run(
-            [dcmtk("echoscu"), "--repeat", "20", "-aec", settings.ae_title, "127.0.0.1",
-             str(server.server_address[1])], capture_output=True, text=True, timeout=60,
+            [dcmtk("echoscu"), "--repeat", "20", "-aec", settings.ae_title, "127.0.0.1", str(server.server_address[1])],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode == 0, result.stderr
     assert len(duls) == 5 and all(waiting), "a DUL thread had no wake-up socket to wait on"
@@ -165,7 +167,9 @@ def socket_pair() -> tuple[ReceiverSocket, socket.socket]:
 def test_read_into_reassembles_what_arrives_in_pieces() -> None:
     sock, peer = socket_pair()
     payload = bytes(range(256)) * 8192  # 2 MiB: more than one socket buffer, and than the first piece
-    sender = threading.Thread(target=lambda: [peer.sendall(payload[i:i + 7001]) for i in range(0, len(payload), 7001)])
+    sender = threading.Thread(
+        target=lambda: [peer.sendall(payload[i : i + 7001]) for i in range(0, len(payload), 7001)]
+    )
     sender.start()
     try:
         buffer = bytearray()
@@ -217,37 +221,68 @@ OVERRIDES = [
     (ReceiverDIMSE, DIMSEServiceProvider, ("receive_primitive",)),
     (ReceiverRequestHandler, RequestHandler, ("_create_association",)),
     (RequestQueue, queue.Queue, ("put",)),
-    (GuardedServer, ThreadedAssociationServer,
-     ("get_request", "verify_request", "process_request", "process_request_thread", "service_actions")),
+    (
+        GuardedServer,
+        ThreadedAssociationServer,
+        ("get_request", "verify_request", "process_request", "process_request_thread", "service_actions"),
+    ),
 ]
 
 
 @pytest.mark.parametrize("ours,theirs,methods", OVERRIDES, ids=[o[0].__name__ for o in OVERRIDES])
-def test_every_override_overrides_a_method_of_the_same_signature(ours: type, theirs: type,
-                                                                 methods: tuple[str, ...]) -> None:
+def test_every_override_overrides_a_method_of_the_same_signature(
+    ours: type, theirs: type, methods: tuple[str, ...]
+) -> None:
     own = {name for name, value in vars(ours).items() if callable(value) and not name.startswith("__")}
     assert own & set(dir(theirs)) == set(methods), "an override is missing from OVERRIDES, or gone from pynetdicom"
     for name in methods:
-        assert [p.name for p in inspect.signature(getattr(ours, name)).parameters.values()] == \
-            [p.name for p in inspect.signature(getattr(theirs, name)).parameters.values()], name
+        assert [p.name for p in inspect.signature(getattr(ours, name)).parameters.values()] == [
+            p.name for p in inspect.signature(getattr(theirs, name)).parameters.values()
+        ], name
 
 
 def test_attributes_the_overrides_use_exist_in_pynetdicom() -> None:
     assoc = Association(AE(), "acceptor")
-    for path in ("_accepted_cx", "_sent_release", "_server", "_kill", "_is_paused", "_reactor_checkpoint",
-                 "network_timeout_response", "dimse_timeout", "acceptor.maximum_length", "requestor.address",
-                 "requestor.ae_title", "dimse.msg_queue", "dimse.message", "dul.event_queue", "dul._recv_pdu",
-                 "dul._run_loop_delay", "dul.state_machine.current_state", "dul.socket", "acse.send_release",
-                 "acse.is_release_requested", "acse.is_aborted", "dul.receive_pdu", "dul.idle_timer_expired",
-                 "dul.kill_dul"):
+    for path in (
+        "_accepted_cx",
+        "_sent_release",
+        "_server",
+        "_kill",
+        "_is_paused",
+        "_reactor_checkpoint",
+        "network_timeout_response",
+        "dimse_timeout",
+        "acceptor.maximum_length",
+        "requestor.address",
+        "requestor.ae_title",
+        "dimse.msg_queue",
+        "dimse.message",
+        "dul.event_queue",
+        "dul._recv_pdu",
+        "dul._run_loop_delay",
+        "dul.state_machine.current_state",
+        "dul.socket",
+        "acse.send_release",
+        "acse.is_release_requested",
+        "acse.is_aborted",
+        "dul.receive_pdu",
+        "dul.idle_timer_expired",
+        "dul.kill_dul",
+    ):
         owner, _, name = path.rpartition(".")
         assert name in dir(operator.attrgetter(owner)(assoc) if owner else assoc), path
     message = DIMSEMessage()
     assert isinstance(message.data_set, BytesIO) and isinstance(message.encoded_command_set, BytesIO)
     assert "_run_loop_delay" in inspect.getsource(DULServiceProvider.run_reactor)
     assert {k: v[1] for k, v in _PDU_TYPES.items()} == {
-        b"\x01": "Evt6", b"\x02": "Evt3", b"\x03": "Evt4", b"\x04": "Evt10", b"\x05": "Evt12", b"\x06": "Evt13",
-        b"\x07": "Evt16"}
+        b"\x01": "Evt6",
+        b"\x02": "Evt3",
+        b"\x03": "Evt4",
+        b"\x04": "Evt10",
+        b"\x05": "Evt12",
+        b"\x06": "Evt13",
+        b"\x07": "Evt16",
+    }
 
 
 def test_the_state_machine_does_what_the_overrides_ask_of_it() -> None:
@@ -296,7 +331,8 @@ def test_the_reactor_makes_the_checks_pynetdicoms_makes_in_the_same_order() -> N
 def _events_put(function: Callable[..., Any], names: dict[str, str]) -> set[str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     return {
-        names.get(ast.unparse(node.args[0]), ast.unparse(node.args[0])) for node in ast.walk(tree)
+        names.get(ast.unparse(node.args[0]), ast.unparse(node.args[0]))
+        for node in ast.walk(tree)
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "self.event_queue.put"
     }
 

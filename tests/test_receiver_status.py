@@ -20,14 +20,30 @@ def data_dir(tmp_path: Path) -> Path:
     ledger = Ledger(tmp_path / "ledger.sqlite3", durable=False)
     for study, sops, at in ((DONE, ("20.1", "20.2"), 100.0), (OPEN, ("10.1",), 200.0)):
         for sop in sops:
-            ledger.record_instance(InstanceRecord(
-                f"{study}.{sop}", study, study + ".1", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.1.2.1",
-                f"spool/{study}/{sop}.dcm", 1000, "PACS", "US"), now=at)
+            ledger.record_instance(
+                InstanceRecord(
+                    f"{study}.{sop}",
+                    study,
+                    study + ".1",
+                    "1.2.840.10008.5.1.4.1.1.6.1",
+                    "1.2.840.10008.1.2.1",
+                    f"spool/{study}/{sop}.dcm",
+                    1000,
+                    "PACS",
+                    "US",
+                ),
+                now=at,
+            )
     ledger.complete_quiet_studies(5, now=150)
     generation = ledger.claim_analysis(DONE, lease_s=60, now=151)
     ledger.finish_analysis(DONE, generation, {"label": "benign", "probabilities": [0.1, 0.8, 0.1]}, now=152)
-    ledger.enqueue_outbox(DONE, generation, [("30.1", "1.2.840.10008.5.1.4.1.1.88.22", "out/30.1.dcm")],
-                          ["PACS@pacs:104", "ARCHIVE@archive:104"], now=153)
+    ledger.enqueue_outbox(
+        DONE,
+        generation,
+        [("30.1", "1.2.840.10008.5.1.4.1.1.88.22", "out/30.1.dcm")],
+        ["PACS@pacs:104", "ARCHIVE@archive:104"],
+        now=153,
+    )
     ledger.update_outbox("30.1", "PACS@pacs:104", OutboxState.SENT, now=154)
     ledger.update_outbox("30.1", "ARCHIVE@archive:104", OutboxState.PENDING, error="association rejected", now=154)
     ledger.set_state(DONE, StudyState.REPORTED, now=160, reported_at=160)
@@ -73,7 +89,9 @@ def test_one_study_as_json(data_dir: Path) -> None:
     doc = json.loads(out)
     assert code == 0 and doc["result"]["label"] == "benign"
     assert {row["destination"]: row["state"] for row in doc["outbox"]} == {
-        "PACS@pacs:104": "sent", "ARCHIVE@archive:104": "pending"}
+        "PACS@pacs:104": "sent",
+        "ARCHIVE@archive:104": "pending",
+    }
     assert [i["sop_instance_uid"] for i in doc["instances"]] == [f"{DONE}.20.1", f"{DONE}.20.2"]
 
 
@@ -82,9 +100,16 @@ def test_an_image_not_assessed_is_named_first(data_dir: Path) -> None:
     ledger.complete_quiet_studies(5, now=300)
     generation = ledger.claim_analysis(OPEN, lease_s=60, now=301)
     assert generation is not None
-    ledger.finish_analysis(OPEN, generation, {"images": [
-        {"sop_instance_uid": f"{OPEN}.10.1", "out_of_distribution": True},
-        {"sop_instance_uid": f"{OPEN}.10.2", "out_of_distribution": False}]})
+    ledger.finish_analysis(
+        OPEN,
+        generation,
+        {
+            "images": [
+                {"sop_instance_uid": f"{OPEN}.10.1", "out_of_distribution": True},
+                {"sop_instance_uid": f"{OPEN}.10.2", "out_of_distribution": False},
+            ]
+        },
+    )
     ledger.close()
     code, out = status(data_dir, OPEN)
     assert code == 0

@@ -49,9 +49,17 @@ def _analysed(settings: Settings, ledger: Ledger, model: OnnxModel, index: int, 
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     path = instance_path(settings.spool_dir, ds.StudyInstanceUID, ds.SOPInstanceUID)
-    rec = InstanceRecord(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID,
-                         ds.file_meta.TransferSyntaxUID, str(path), write_atomic(path, out.getvalue(), durable=False),
-                         "SCANNER", "US")
+    rec = InstanceRecord(
+        ds.SOPInstanceUID,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.SOPClassUID,
+        ds.file_meta.TransferSyntaxUID,
+        str(path),
+        write_atomic(path, out.getvalue(), durable=False),
+        "SCANNER",
+        "US",
+    )
     ledger.record_instance(rec)
     ledger.complete_quiet_studies(0.0, now=2e9)
     generation = ledger.claim_analysis(ds.StudyInstanceUID, 60.0)
@@ -59,8 +67,12 @@ def _analysed(settings: Settings, ledger: Ledger, model: OnnxModel, index: int, 
     analysis = analyse_study(settings, model, ds.StudyInstanceUID, generation, ledger.instances(ds.StudyInstanceUID))
     assert ledger.finish_analysis(ds.StudyInstanceUID, generation, analysis.result.model_dump(mode="json"))
     (frame,) = analysis.result.images[0].frames
-    return {"ds": ds, "probabilities": [frame.probabilities[c] for c in CLASSES], "label": label,
-            "assessed": not frame.out_of_distribution}
+    return {
+        "ds": ds,
+        "probabilities": [frame.probabilities[c] for c in CLASSES],
+        "label": label,
+        "assessed": not frame.out_of_distribution,
+    }
 
 
 def _cell(study: dict[str, Any]) -> tuple[str, str]:
@@ -72,8 +84,9 @@ def _cell(study: dict[str, Any]) -> tuple[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ledger", ["sqlite"], indirect=True)
-def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Settings, ledger: Ledger,
-                                                                  tmp_path: Path) -> None:
+def test_performance_equals_evaluate_and_the_export_names_nobody(
+    settings: Settings, ledger: Ledger, tmp_path: Path
+) -> None:
     model = OnnxModel(SHIPPED, provider="cpu", threads=2)
     studies = [_analysed(settings, ledger, model, i, ("benign", "malignant")[i % 3 == 0]) for i in range(18)]
     outcomes = tmp_path / "pathology.csv"
@@ -85,8 +98,14 @@ def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Setti
     ledger.record_verdict(Verdict(studies[1]["ds"].StudyInstanceUID, "", "agree", None, "", "Dr A"))
 
     def sonocase(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "service", *args], env=child_env(settings),
-                              capture_output=True, text=True, timeout=180, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "service", *args],
+            env=child_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout
 
@@ -107,8 +126,9 @@ def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Setti
     scanners = report["performance"]["scanner"]
     assert set(scanners) == {"ACME Sono 9", "Other Co Echo 2"}
     assert sum(s["specificity"]["n"] + s["sensitivity"]["n"] for s in scanners.values()) == len(assessed)
-    assert set(report["performance"]["month"]) == {f"{s['ds'].StudyDate[:4]}-{s['ds'].StudyDate[4:6]}"
-                                                   for s in assessed}
+    assert set(report["performance"]["month"]) == {
+        f"{s['ds'].StudyDate[:4]}-{s['ds'].StudyDate[4:6]}" for s in assessed
+    }
     assert report["agreement_with_radiologists"]["n"] == 2
     # Per scanner and month (the page's charts): every assessed study counted once, in its own cell.
     cells = {_cell(s) for s in assessed}
@@ -143,8 +163,10 @@ def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Setti
         url = f"http://127.0.0.1:{server.port}"
         browser.open(url + "/status")
         browser.wait_for("document.querySelector('input[name=token]') !== null")
-        browser.evaluate(f"document.querySelector('input[name=token]').value = {json.dumps(TOKEN)};"
-                         "document.querySelector('form[action=\"/login\"]').submit()")
+        browser.evaluate(
+            f"document.querySelector('input[name=token]').value = {json.dumps(TOKEN)};"
+            "document.querySelector('form[action=\"/login\"]').submit()"
+        )
         browser.wait_for("document.querySelector('table#studies') !== null")
         browser.open(url + "/monitoring")
         browser.wait_for("document.querySelector('table#performance') !== null")
@@ -158,19 +180,24 @@ def test_performance_equals_evaluate_and_the_export_names_nobody(settings: Setti
         roc_points = browser.evaluate("document.querySelector('#roc polyline').points.length")
         assert roc_points == len(report["roc"]["fpr"]) > 2
         # One dot per scanner and month with a case in the denominator, months in order.
-        for metric, counted in (("sensitivity", lambda s: s["label"] == "malignant"),
-                                ("specificity", lambda s: s["label"] != "malignant")):
+        for metric, counted in (
+            ("sensitivity", lambda s: s["label"] == "malignant"),
+            ("specificity", lambda s: s["label"] != "malignant"),
+        ):
             chart = f"document.querySelector('svg.trend[data-metric={metric}]')"
             expected = {_cell(s) for s in assessed if counted(s)}
-            shown = browser.evaluate(f"Array.from({chart}.querySelectorAll('g.series circle.point'))"
-                                     ".map(c => [c.parentNode.dataset.scanner, c.dataset.month])")
+            shown = browser.evaluate(
+                f"Array.from({chart}.querySelectorAll('g.series circle.point'))"
+                ".map(c => [c.parentNode.dataset.scanner, c.dataset.month])"
+            )
             assert sorted(map(tuple, shown)) == sorted(expected)
             months = browser.evaluate(f"Array.from({chart}.querySelectorAll('text.month')).map(t => t.textContent)")
             assert months == sorted({month for _, month in expected})
         assert browser.evaluate("document.querySelectorAll('svg.trend[role=img]').length") == 6
         assert browser.evaluate("document.querySelector('svg.trend circle.point').r.baseVal.value") == 3  # drawn
-        scanners = browser.evaluate("Array.from(document.querySelectorAll('#drift tr[data-scanner]'))"
-                                    ".map(r => r.dataset.scanner)")
+        scanners = browser.evaluate(
+            "Array.from(document.querySelectorAll('#drift tr[data-scanner]')).map(r => r.dataset.scanner)"
+        )
         assert sorted(scanners) == ["ACME Sono 9", "Other Co Echo 2"]  # 9 studies each: still collecting
         html = browser.evaluate("document.documentElement.outerHTML")
         assert not any(s["ds"].PatientID in html or str(s["ds"].PatientName) in html for s in studies)

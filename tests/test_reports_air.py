@@ -28,8 +28,10 @@ VALIDATOR = Path(__file__).with_name("PixelmedValidate.java")
 JAVA_OPTIONS = ["-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0"]
 
 pytestmark = [
-    pytest.mark.skipif(shutil.which("javac") is None or not PIXELMED.is_file(),
-                       reason="PixelMed's validator needs a JDK and libpixelmed-java (scripts/setup.sh installs them)"),
+    pytest.mark.skipif(
+        shutil.which("javac") is None or not PIXELMED.is_file(),
+        reason="PixelMed's validator needs a JDK and libpixelmed-java (scripts/setup.sh installs them)",
+    ),
     pytest.mark.slow,
     pytest.mark.timeout(900),
 ]
@@ -37,8 +39,13 @@ pytestmark = [
 
 def pixelmed(paths: list[Path]) -> dict[Path, list[str]]:
     """PixelMed's findings per file: its "Error" and "Warning" lines (one JVM for all)."""
-    proc = subprocess.run(["java", *JAVA_OPTIONS, "-cp", str(PIXELMED), str(VALIDATOR), *map(str, paths)],
-                          capture_output=True, text=True, timeout=800, check=False)
+    proc = subprocess.run(
+        ["java", *JAVA_OPTIONS, "-cp", str(PIXELMED), str(VALIDATOR), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=800,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     found: dict[Path, list[str]] = {}
     current: list[str] = []
@@ -55,10 +62,14 @@ def pixelmed(paths: list[Path]) -> dict[Path, list[str]]:
 KINDS = {
     "normal": (lambda: synthetic_study(1, "normal", variant="mono"), {"classes": ["normal"], "lesion_peak": 1.0}),
     "benign": (lambda: synthetic_study(1, "benign", variant="mono"), {"classes": ["benign"], "lesion_peak": 1.0}),
-    "malignant": (lambda: synthetic_study(2, "malignant", variant="ybr_jpeg"),
-                  {"classes": ["malignant", "benign"], "lesion_peak": 1.0}),
-    "no lesion above threshold": (lambda: synthetic_study(1, "malignant", variant="mono"),
-                                  {"classes": ["malignant"], "lesion_peak": 0.3}),
+    "malignant": (
+        lambda: synthetic_study(2, "malignant", variant="ybr_jpeg"),
+        {"classes": ["malignant", "benign"], "lesion_peak": 1.0},
+    ),
+    "no lesion above threshold": (
+        lambda: synthetic_study(1, "malignant", variant="mono"),
+        {"classes": ["malignant"], "lesion_peak": 0.3},
+    ),
     "model without segmentation": (lambda: synthetic_study(1, "benign", variant="mono"), {"classes": ["benign"]}),
     "not assessed": (lambda: synthetic_study(1, "benign", variant="mono"), {"ood_images": [0]}),
     "cine": (lambda: [synthetic_cine(6, "malignant")], {"classes": ["malignant"], "lesion_peak": 1.0}),
@@ -116,7 +127,8 @@ def test_pixelmed_finds_no_error_and_only_the_known_warnings(validated: dict[Pat
     warnings = {path.name: len(lines) - len(errors[path.name]) for path, lines in validated.items()}
     assert {name: found for name, found in errors.items() if found} == {}
     assert warnings == {name: KNOWN_WARNINGS.get(name, 0) for name in warnings}, [
-        line for lines in validated.values() for line in lines]
+        line for lines in validated.values() for line in lines
+    ]
 
 
 def test_the_validator_sees_what_the_issue_reported(validated: dict[Path, list[str]], tmp_path: Path) -> None:
@@ -129,7 +141,8 @@ def test_the_validator_sees_what_the_issue_reported(validated: dict[Path, list[s
         if item.ValueType in ("IMAGE", "COMPOSITE"):
             item.ConceptNameCodeSequence = [pydicom.Dataset()]
             item.ConceptNameCodeSequence[0].update(
-                {"CodeValue": "260753009", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Source"})
+                {"CodeValue": "260753009", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Source"}
+            )
     sr = pydicom.dcmread(next(p for p in validated if p.name == "malignant-SR.dcm"))
     procedure = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058")
     procedure.ConceptCodeSequence[0].CodeValue = "47079000"

@@ -47,8 +47,10 @@ def test_objects_are_written_checked_queued_and_the_study_reported(to_two: Setti
     # SR + one heatmap SC per analysed image + the montage + the overlay of the one
     # calibrated single-frame image (OBXXXX1A; US1_UNCR is uncalibrated, the third a
     # cine loop) + the key-image flag.
-    assert classes == sorted([Comprehensive3DSRStorage, SegmentationStorage, KeyObjectSelectionDocumentStorage]
-                             + [SecondaryCaptureImageStorage] * 4)
+    assert classes == sorted(
+        [Comprehensive3DSRStorage, SegmentationStorage, KeyObjectSelectionDocumentStorage]
+        + [SecondaryCaptureImageStorage] * 4
+    )
     assert all(p.parent == to_two.outbox_dir / study.uid / "1" for p in paths)
     for path in paths:
         check_object(path.read_bytes(), json.loads(DEFAULT_TEMPLATE.read_text())["disclaimer"])
@@ -82,7 +84,8 @@ def test_without_a_destination_the_objects_stay_in_the_outbox(settings: Settings
 
 
 def test_a_study_not_assessed_gets_an_sr_and_captures_but_no_overlay_or_key_image_flag(
-        settings: Settings, ledger: Ledger) -> None:
+    settings: Settings, ledger: Ledger
+) -> None:
     """Every image outside the model's training domain: the palette image would get
     an overlay and the study a key-image flag if they were assessed; here neither
     (a heatmap or a flag would pose as a finding), nor a montage (no similar cases
@@ -126,7 +129,9 @@ def test_an_object_failing_the_gate_fails_the_study_and_queues_nothing(to_two: S
 
 
 def test_a_missing_heatmap_or_a_broken_template_fails_the_study_with_the_reason(
-    settings: Settings, ledger: Ledger, tmp_path: Path,
+    settings: Settings,
+    ledger: Ledger,
+    tmp_path: Path,
 ) -> None:
     study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], n_similar=0)
     heatmap = Path(study.result.images[0].frames[0].heatmap_path)
@@ -202,10 +207,13 @@ def test_the_sr_and_the_key_image_flag_name_the_objects_written(settings: Settin
     assert len(written["SC"]) == 2 and len(written["SEG"]) == 1
     assert heatmaps <= _references(sr)
     (seg,) = written["SEG"]
-    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
-        study.result.images[1].sop_instance_uid  # OBXXXX1A, the calibrated one
+    assert (
+        seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+        == study.result.images[1].sop_instance_uid
+    )  # OBXXXX1A, the calibrated one
     key = {study.result.summary.decisive_sop_instance_uid} | {
-        i.sop_instance_uid for i in study.result.images if i.predicted == "malignant"}
+        i.sop_instance_uid for i in study.result.images if i.predicted == "malignant"
+    }
     assert _references(kos) == key | {sr.SOPInstanceUID}
     # The sender's fallback rebuilds the SR naming the same heatmap objects.
     _, path = rebuild_sr(settings, ledger, study.uid, 1, ComprehensiveSRStorage)

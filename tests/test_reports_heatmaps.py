@@ -15,13 +15,21 @@ CROP = (50, 20, 450, 320)  # x0, y0, x1, y1: a 400 x 300 analysed region
 
 
 def _blob(cx: float, cy: float, sigma: float, shape: tuple[int, int] = (300, 400)) -> np.ndarray:
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
     return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)).astype(np.float32)
 
 
 def _frame(path: Path, crop: tuple[int, int, int, int] = CROP) -> FrameResult:
-    return FrameResult(frame_number=1, probabilities={"normal": 1.0}, predicted="normal", out_of_distribution=False,
-                       ood_distance=0.0, heatmap_path=str(path), crop=crop, embedding=[0.0])
+    return FrameResult(
+        frame_number=1,
+        probabilities={"normal": 1.0},
+        predicted="normal",
+        out_of_distribution=False,
+        ood_distance=0.0,
+        heatmap_path=str(path),
+        crop=crop,
+        embedding=[0.0],
+    )
 
 
 def test_a_round_blob_gives_a_circle_at_its_half_maximum_in_source_coordinates() -> None:

@@ -39,12 +39,16 @@ from service.results import StudyResult
 from service.settings import load_settings
 
 
-def _study(tmp_path: Path, datasets: list[pydicom.Dataset] | None = None, files: list[str] | None = None,
-           **judged: object) -> tuple[StudyResult, list[pydicom.Dataset], hd.sr.Comprehensive3DSR]:
+def _study(
+    tmp_path: Path, datasets: list[pydicom.Dataset] | None = None, files: list[str] | None = None, **judged: object
+) -> tuple[StudyResult, list[pydicom.Dataset], hd.sr.Comprehensive3DSR]:
     settings = load_settings(data_dir=tmp_path / "data", durability="none")
     ledger = Ledger(settings.ledger_path, durable=False)
-    study_uid, paths = (store_datasets(settings, ledger, datasets) if datasets is not None
-                        else store_study(settings, ledger, files or []))
+    study_uid, paths = (
+        store_datasets(settings, ledger, datasets)
+        if datasets is not None
+        else store_study(settings, ledger, files or [])
+    )
     result, _ = analyse(settings, study_uid, paths, n_similar=0, **judged)  # type: ignore[arg-type]
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     sr = build_sr(result, default_template(), sources, Comprehensive3DSRStorage, "0.1.0", load_heats(result))
@@ -58,13 +62,17 @@ def _measurements(sr: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def _lines(sr: pydicom.Dataset, meaning: str) -> list[str]:
-    return [i.TextValue for i in sr.ContentSequence[-1].ContentSequence
-            if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+    return [
+        i.TextValue
+        for i in sr.ContentSequence[-1].ContentSequence
+        if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeMeaning == meaning
+    ]
 
 
 def test_a_lesion_is_drawn_and_measured_in_millimetres(tmp_path: Path) -> None:
-    result, sources, sr = _study(tmp_path, synthetic_study(1, "malignant", variant="mono"),
-                                 classes=["malignant"], lesion_peak=1.0)
+    result, sources, sr = _study(
+        tmp_path, synthetic_study(1, "malignant", variant="mono"), classes=["malignant"], lesion_peak=1.0
+    )
     (frame,) = result.images[0].frames
     lesion = frame.lesion
     assert lesion is not None and lesion.long_axis and lesion.short_axis and lesion.area_mm2
@@ -74,12 +82,17 @@ def test_a_lesion_is_drawn_and_measured_in_millimetres(tmp_path: Path) -> None:
     assert lesion_group.finding_type.meaning == "Malignant neoplasm of breast"
     area = next(m for m in lesion_group.get_measurements() if m.name.value == "42798000")
     assert (area.value, area.unit.value) == (pytest.approx(lesion.area_mm2, rel=1e-6), "mm2")
-    for group, code, axis in ((long_group, "103339001", lesion.long_axis), (short_group, "103340004", lesion.short_axis)):
+    for group, code, axis in (
+        (long_group, "103339001", lesion.long_axis),
+        (short_group, "103340004", lesion.short_axis),
+    ):
         (length,) = group.get_measurements()
         assert (length.name.value, length.name.scheme_designator, length.unit.value) == (code, "SCT", "mm")
         assert length.value == pytest.approx(axis.length_mm)
         np.testing.assert_allclose(group.roi.value, [axis.start, axis.end], atol=1e-3)
-        assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+        assert (
+            group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+        )
         assert group.finding_type.meaning == "Malignant neoplasm of breast"
     # The lesion map is a blob cut at half its peak, resized from the model's 64 x 64 onto
     # the analysed region: an ellipse whose axes the image's calibration turns into mm.
@@ -95,10 +108,13 @@ def test_a_lesion_is_drawn_and_measured_in_millimetres(tmp_path: Path) -> None:
 
 
 def test_a_normal_frame_has_no_outline_and_is_said_to_have_no_lesion(tmp_path: Path) -> None:
-    result, sources, sr = _study(tmp_path, synthetic_study(2, "malignant", variant="mono"),
-                                 classes=["malignant", "normal"], lesion_peak=1.0)
-    drawn = {g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-             for g in sr.content.get_planar_roi_measurement_groups()}
+    result, sources, sr = _study(
+        tmp_path, synthetic_study(2, "malignant", variant="mono"), classes=["malignant", "normal"], lesion_peak=1.0
+    )
+    drawn = {
+        g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for g in sr.content.get_planar_roi_measurement_groups()
+    }
     assert drawn == {sources[0].SOPInstanceUID}
     assert result.images[1].frames[0].lesion is None
     assert sr.content.get_image_measurement_groups() == []  # OHIF draws none of a report mixing both
@@ -107,11 +123,13 @@ def test_a_normal_frame_has_no_outline_and_is_said_to_have_no_lesion(tmp_path: P
 
 @pytest.mark.parametrize(("classes", "peak"), [(["normal"], 1.0), (["malignant"], 0.3)])
 def test_with_nothing_to_outline_each_frame_is_a_group_without_region(
-        tmp_path: Path, classes: list[str], peak: float) -> None:
+    tmp_path: Path, classes: list[str], peak: float
+) -> None:
     """Called normal, or a finding without a lesion above the threshold: a TID 1501
     group per frame, referencing its image, saying no lesion is outlined."""
-    result, sources, sr = _study(tmp_path, synthetic_study(1, classes[0], variant="mono"), classes=classes,
-                                 lesion_peak=peak)
+    result, sources, sr = _study(
+        tmp_path, synthetic_study(1, classes[0], variant="mono"), classes=classes, lesion_peak=peak
+    )
     assert result.images[0].frames[0].lesion is None
     assert result.images[0].frames[0].lesion_threshold == LESION_THRESHOLD
     assert sr.content.get_planar_roi_measurement_groups() == []
@@ -133,16 +151,24 @@ def test_without_calibration_the_outline_stays_and_the_report_says_why(tmp_path:
     assert "no calibration" in lesion.unmeasured  # type: ignore[operator]
 
 
-@pytest.mark.parametrize(("label", "category", "code"), [
-    ("malignant", "4C", ("MA.II.A.5.4C", "BI")), ("benign", "4A", ("MA.II.A.5.4A", "BI")),
-    ("normal", "1", ("397140005", "SCT")),
-])
+@pytest.mark.parametrize(
+    ("label", "category", "code"),
+    [
+        ("malignant", "4C", ("MA.II.A.5.4C", "BI")),
+        ("benign", "4A", ("MA.II.A.5.4A", "BI")),
+        ("normal", "1", ("397140005", "SCT")),
+    ],
+)
 def test_the_study_carries_the_ai_suggested_birads_band(
-        tmp_path: Path, label: str, category: str, code: tuple[str, str]) -> None:
+    tmp_path: Path, label: str, category: str, code: tuple[str, str]
+) -> None:
     _, _, sr = _study(tmp_path, synthetic_study(1, label, variant="mono"), classes=[label], lesion_peak=1.0)
     template = default_template()
-    (band,) = [i for i in sr.ContentSequence[-1].ContentSequence
-               if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == template.concepts.birads_band.value]
+    (band,) = [
+        i
+        for i in sr.ContentSequence[-1].ContentSequence
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == template.concepts.birads_band.value
+    ]
     assert (band.ConceptCodeSequence[0].CodeValue, band.ConceptCodeSequence[0].CodingSchemeDesignator) == code
     (line,) = _lines(sr, template.concepts.birads_band.meaning)
     assert line.startswith(f"AI suggestion, not the radiologist's assessment: BI-RADS {category} likelihood band")
@@ -173,12 +199,24 @@ def test_the_worker_outlines_lesions_only_for_a_model_that_gives_them() -> None:
     assert lesion_maps(card, SimpleNamespace()) is None  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("p", "predicted", "category"), [
-    (0.0, "normal", "1"), (0.02, "normal", "1"), (0.0201, "normal", "4A"),
-    (0.0, "benign", "3"), (0.02, "benign", "3"), (0.021, "benign", "4A"), (0.10, "benign", "4A"),
-    (0.11, "benign", "4B"), (0.50, "malignant", "4B"), (0.51, "malignant", "4C"), (0.949, "malignant", "4C"),
-    (0.95, "malignant", "5"), (1.0, "malignant", "5"),
-])
+@pytest.mark.parametrize(
+    ("p", "predicted", "category"),
+    [
+        (0.0, "normal", "1"),
+        (0.02, "normal", "1"),
+        (0.0201, "normal", "4A"),
+        (0.0, "benign", "3"),
+        (0.02, "benign", "3"),
+        (0.021, "benign", "4A"),
+        (0.10, "benign", "4A"),
+        (0.11, "benign", "4B"),
+        (0.50, "malignant", "4B"),
+        (0.51, "malignant", "4C"),
+        (0.949, "malignant", "4C"),
+        (0.95, "malignant", "5"),
+        (1.0, "malignant", "5"),
+    ],
+)
 def test_birads_bands_follow_the_acr_likelihoods(p: float, predicted: str, category: str) -> None:
     assert likelihood_band(p, predicted).category == category
 

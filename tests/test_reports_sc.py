@@ -86,7 +86,10 @@ def test_frame_rgb_is_the_models_grayscale_and_checks_the_frame() -> None:
 @pytest.mark.parametrize("transfer_syntax", sorted(TRANSFER_SYNTAXES))
 @pytest.mark.parametrize("index", range(4), ids=["rgb", "palette", "cine", "monochrome"])
 def test_heatmap_capture_of_each_kind_of_image(
-    study: Study, tmp_path: Path, index: int, transfer_syntax: str,
+    study: Study,
+    tmp_path: Path,
+    index: int,
+    transfer_syntax: str,
 ) -> None:
     template = default_template()
     image = study.result.images[index]
@@ -94,7 +97,12 @@ def test_heatmap_capture_of_each_kind_of_image(
     frame = decisive_frame(image)
     heat = load_heat(frame)
     sc = build_heatmap_sc(
-        study.result, template, image, source, frame_gray(source, frame.frame_number), heat,
+        study.result,
+        template,
+        image,
+        source,
+        frame_gray(source, frame.frame_number),
+        heat,
         Placement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), index + 1, ["sonocase test"]),
         transfer_syntax,
     )
@@ -119,7 +127,9 @@ def test_heatmap_capture_of_each_kind_of_image(
 
 
 def test_montage_references_the_similar_instances_and_survives_missing_ones(
-    study: Study, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    study: Study,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     template = default_template()
     decisive_uid = study.result.summary.decisive_sop_instance_uid
@@ -128,12 +138,18 @@ def test_montage_references_the_similar_instances_and_survives_missing_ones(
     damaged = tmp_path / "damaged.dcm"
     damaged.write_bytes(b"not DICOM")
     similar = study.result.similar
-    references = {similar[0].sop_instance_uid: study.reference_images[similar[0].sop_instance_uid],
-                  similar[1].sop_instance_uid: damaged}  # similar[2]: not stored at all
+    references = {
+        similar[0].sop_instance_uid: study.reference_images[similar[0].sop_instance_uid],
+        similar[1].sop_instance_uid: damaged,
+    }  # similar[2]: not stored at all
     with caplog.at_level(logging.WARNING):
         sc = build_montage_sc(
-            study.result, template, query, frame_gray(query, decisive_frame(study.result.images[index]).frame_number),
-            study.result.images[index], references.get,
+            study.result,
+            template,
+            query,
+            frame_gray(query, decisive_frame(study.result.images[index]).frame_number),
+            study.result.images[index],
+            references.get,
             Placement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 9, ["sonocase test"]),
             "explicit-little-endian",
         )
@@ -161,7 +177,8 @@ def test_reference_pictures_are_cut_to_their_bmode_region() -> None:
 
 
 def test_an_image_outside_the_training_domain_gets_not_assessed_and_no_heatmap(
-        settings: Settings, ledger: Ledger, tmp_path: Path) -> None:
+    settings: Settings, ledger: Ledger, tmp_path: Path
+) -> None:
     template = default_template()
     study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], ood_images=[0], n_similar=0)
     image, source = study.result.images[0], pydicom.dcmread(study.paths[0])
@@ -171,7 +188,12 @@ def test_an_image_outside_the_training_domain_gets_not_assessed_and_no_heatmap(
     assert "%" not in caption and not any(c.display in caption for c in template.classes.values())
     gray = frame_gray(source, frame.frame_number)
     sc = build_heatmap_sc(
-        study.result, template, image, source, gray, load_heat(frame),
+        study.result,
+        template,
+        image,
+        source,
+        gray,
+        load_heat(frame),
         Placement(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 1, ["sonocase test"]),
         "explicit-little-endian",
     )

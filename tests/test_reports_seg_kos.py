@@ -76,7 +76,11 @@ def test_overlay_holds_the_heatmap_levels_on_the_source_grid(study: Study, tmp_p
     assert dciodvfy_errors(path) == []
     back = check_object(path.read_bytes(), template.disclaimer)
     assert (back.Modality, back.SegmentationType, back.Rows, back.Columns) == (
-        "SEG", "BINARY", source.Rows, source.Columns)
+        "SEG",
+        "BINARY",
+        source.Rows,
+        source.Columns,
+    )
     assert (back.StudyInstanceUID, back.PatientID) == (study.uid, source.PatientID)
     assert back.SeriesDescription == template.seg_series.description
     shared = back.SharedFunctionalGroupsSequence[0]
@@ -84,13 +88,13 @@ def test_overlay_holds_the_heatmap_levels_on_the_source_grid(study: Study, tmp_p
     assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == IDENTITY_ORIENTATION
     # One segment per level, coloured as on the heatmap SC, each frame from the source.
     assert [s.SegmentLabel for s in back.SegmentSequence] == [
-        f"Grad-CAM {low:.0%} to {high:.0%} of peak" for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0))]
+        f"Grad-CAM {low:.0%} to {high:.0%} of peak" for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0))
+    ]
     expected = bands(heat, frame.crop, source.Rows, source.Columns)
     pixels = back.pixel_array.reshape(-1, source.Rows, source.Columns)
     for item, mask in zip(back.PerFrameFunctionalGroupsSequence, pixels, strict=True):
         number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        assert item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == \
-            source.SOPInstanceUID
+        assert item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
         assert np.array_equal(mask.astype(bool), expected == number)
         assert mask.any()
     mids = [(low + high) / 2 for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0))]
@@ -104,8 +108,8 @@ def test_key_images_are_the_deciding_one_and_every_malignant_one(study: Study) -
     flagged = key_images(result)
     assert result.summary.decisive_sop_instance_uid in flagged
     assert set(flagged) - {result.summary.decisive_sop_instance_uid} == {
-        i.sop_instance_uid for i in result.images if i.predicted == "malignant"} - {
-        result.summary.decisive_sop_instance_uid}
+        i.sop_instance_uid for i in result.images if i.predicted == "malignant"
+    } - {result.summary.decisive_sop_instance_uid}
     assert flagged == [i.sop_instance_uid for i in result.images if i.sop_instance_uid in flagged]
 
 
@@ -125,8 +129,11 @@ def test_key_image_flag_names_the_images_and_the_sr(study: Study, tmp_path: Path
     referenced = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in references]
     assert referenced == [*key_images(study.result), sr.SOPInstanceUID]
     assert not [i for i in references if "ConceptNameCodeSequence" in i]  # TID 2010: no Purpose of Reference
-    (text,) = [i.TextValue for i in back.ContentSequence
-               if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeMeaning == "Key Object Description"]
+    (text,) = [
+        i.TextValue
+        for i in back.ContentSequence
+        if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeMeaning == "Key Object Description"
+    ]
     numbers = [str(n + 1) for n, i in enumerate(study.result.images) if i.sop_instance_uid in referenced]
     assert text.startswith(f"Most suspicious image(s) by the AI: {', '.join(numbers)}.")
     assert template.disclaimer in text

@@ -54,7 +54,11 @@ def _with(values: list[tuple[str, str, str, object, str]]) -> Dataset:
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns as the bad values are set up
 @pytest.mark.parametrize(("keyword", "vr", "value", "written", "action"), CASES, ids=[c[0] for c in CASES])
 def test_each_kind_of_bad_value_is_repaired_or_left_out(
-    keyword: str, vr: str, value: str, written: object, action: str,
+    keyword: str,
+    vr: str,
+    value: str,
+    written: object,
+    action: str,
 ) -> None:
     ds = _with([(keyword, vr, value, written, action)])
     (repair,) = repair_values(ds)
@@ -74,8 +78,10 @@ def test_sequences_and_multiple_values_keep_their_shape() -> None:
     other.PatientID = "X" * 70
     ds.OtherPatientIDsSequence = [other]
     repairs = {str(r) for r in repair_values(ds)}
-    assert repairs == {"ImageType (CS): left out: not a valid CS",
-                       "OtherPatientIDsSequence[0].PatientID (LO): left out: not a valid LO"}
+    assert repairs == {
+        "ImageType (CS): left out: not a valid CS",
+        "OtherPatientIDsSequence[0].PatientID (LO): left out: not a valid LO",
+    }
     assert list(ds.ImageType) == ["ORIGINAL", "PRIMARY", "", "0001"]  # value 4 stays value 4
     assert ds.OtherPatientIDsSequence[0].PatientID in (None, "")
 
@@ -88,7 +94,9 @@ def test_valid_values_are_left_alone() -> None:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_study_with_bad_source_values_is_reported_with_valid_ones(
-    settings: Settings, ledger: Ledger, caplog: pytest.LogCaptureFixture,
+    settings: Settings,
+    ledger: Ledger,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Issue 15's failures: a birth date as 1962-08-24, a time as 11:20:00, an
     accession number of 21 characters, a name of 66: the SR and SCs are built, pass
@@ -169,6 +177,7 @@ def test_a_logged_traceback_leaves_out_a_library_text() -> None:
         assert birth_date not in out
         assert "RuntimeError: report failed" in out and "ValueError raised in pydicom." in out
         assert "direct cause" in out
-    pydicom_line = logging.LogRecord("pydicom", logging.WARNING, __file__, 1,
-                                     "Invalid value for VR DA: '%s'.", (birth_date,), None)
+    pydicom_line = logging.LogRecord(
+        "pydicom", logging.WARNING, __file__, 1, "Invalid value for VR DA: '%s'.", (birth_date,), None
+    )
     assert PhiFilter().filter(pydicom_line) and birth_date not in pydicom_line.getMessage()

@@ -57,15 +57,19 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 def _texts(item: pydicom.Dataset, meaning: str) -> list[str]:
     """TEXT values of the children of ``item`` with concept name ``meaning``."""
     return [
-        child.TextValue for child in item.ContentSequence
+        child.TextValue
+        for child in item.ContentSequence
         if child.ValueType == "TEXT" and child.ConceptNameCodeSequence[0].CodeMeaning == meaning
     ]
 
 
 def _not_assessed(container: pydicom.Dataset, template: SrTemplate) -> list[pydicom.Dataset]:
     """The container's "Impression: Not Evaluated" statements."""
-    return [i for i in container.ContentSequence
-            if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeValue == template.concepts.not_assessed.value]
+    return [
+        i
+        for i in container.ContentSequence
+        if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeValue == template.concepts.not_assessed.value
+    ]
 
 
 def _items(items: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
@@ -75,8 +79,12 @@ def _items(items: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
 
 def _drawn(study: Study) -> list[tuple[ImageResult, FrameResult]]:
     """The frames the SR outlines, in its order: those of a finding (not normal)."""
-    return [(image, frame) for image in reading_order(study.result) for frame in assessed_frames(image)
-            if frame.predicted != NO_LESION]
+    return [
+        (image, frame)
+        for image in reading_order(study.result)
+        for frame in assessed_frames(image)
+        if frame.predicted != NO_LESION
+    ]
 
 
 def _write(sr: hd.sr.Comprehensive3DSR, path: Path) -> Path:
@@ -142,7 +150,8 @@ def test_every_frame_of_a_finding_is_a_region_on_its_image_with_its_numbers(buil
         ref = region.ContentSequence[0].ReferencedSOPSequence[0]
         assert ref.ReferencedSOPInstanceUID == image.sop_instance_uid
         assert ref.get("ReferencedFrameNumber") == (
-            frame.frame_number if image.sop_instance_uid in multi_frame else None)
+            frame.frame_number if image.sop_instance_uid in multi_frame else None
+        )
         # The probabilities in percent, the predicted class first: OHIF's labels.
         measurements = group.get_measurements()
         assert measurements[0].name.meaning == template.classes[frame.predicted].probability.meaning
@@ -155,7 +164,8 @@ def test_every_frame_of_a_finding_is_a_region_on_its_image_with_its_numbers(buil
         assert _texts(group[0], "Algorithm Name") == [study.result.model.name]
         assert group.tracking_identifier.endswith(
             f"frame {frame.frame_number}: {template.classes[frame.predicted].display} "
-            f"{frame.probabilities[frame.predicted]:.0%}")
+            f"{frame.probabilities[frame.predicted]:.0%}"
+        )
 
 
 def test_each_region_is_the_heatmap_outline_at_half_its_peak(built: Built, tmp_path: Path) -> None:
@@ -177,7 +187,8 @@ def test_each_region_is_the_heatmap_outline_at_half_its_peak(built: Built, tmp_p
         px, py = x0 + col + 0.5, y0 + row + 0.5
         xs, ys = points[:, 0], points[:, 1]
         crossings = sum(
-            1 for (ax, ay), (bx, by) in zip(zip(xs, ys), zip(np.roll(xs, -1), np.roll(ys, -1)))
+            1
+            for (ax, ay), (bx, by) in zip(zip(xs, ys), zip(np.roll(xs, -1), np.roll(ys, -1)))
             if (ay > py) != (by > py) and px < ax + (py - ay) * (bx - ax) / (by - ay)
         )
         assert crossings % 2 == 1
@@ -208,12 +219,17 @@ def test_the_decisive_frame_references_the_heatmap_objects(built: Built) -> None
     groups = [g for g in sr.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
     for group, (image, frame) in zip(groups.ContentSequence, _drawn(study), strict=True):
         images = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
-        named = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: i.ConceptNameCodeSequence[0].CodeMeaning
-                 for i in images}
+        named = {
+            i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: i.ConceptNameCodeSequence[0].CodeMeaning
+            for i in images
+        }
         if frame.frame_number == decisive_frame(image).frame_number:
             assert named == {
-                ref.SOPInstanceUID: (template.concepts.heatmap_segmentation if ref.SOPClassUID == SegmentationStorage
-                                     else template.concepts.heatmap_image).meaning
+                ref.SOPInstanceUID: (
+                    template.concepts.heatmap_segmentation
+                    if ref.SOPClassUID == SegmentationStorage
+                    else template.concepts.heatmap_image
+                ).meaning
                 for ref in objects[image.sop_instance_uid]
             }
         else:
@@ -232,17 +248,26 @@ def test_study_summary_is_in_words_and_codes_without_coordinates(built: Built) -
     decisive = next(i for i in study.result.images if i.sop_instance_uid == summary.decisive_sop_instance_uid)
     frame = decisive_frame(decisive)
     index = next(n for n, i in enumerate(study.result.images) if i is decisive)
-    (code,) = [i for i in evaluations.ContentSequence
-               if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning == "Impression"
-               and i not in _not_assessed(evaluations, template)]
+    (code,) = [
+        i
+        for i in evaluations.ContentSequence
+        if i.ValueType == "CODE"
+        and i.ConceptNameCodeSequence[0].CodeMeaning == "Impression"
+        and i not in _not_assessed(evaluations, template)
+    ]
     assert code.ConceptCodeSequence[0].CodeValue == template.classes[summary.predicted].finding.value
     assert _texts(evaluations, "Study summary") == [
         f"{template.classes[summary.predicted].display} {summary.probability:.0%}, "
-        f"decided by image {index + 1} frame {frame.frame_number}"]
+        f"decided by image {index + 1} frame {frame.frame_number}"
+    ]
     assert frame.probabilities[decisive.predicted] == pytest.approx(summary.probability)
     assert _texts(evaluations, "Study summary rule") == [summary.rule]
-    flags = [i for i in evaluations.ContentSequence if i.ValueType == "CODE"
-             and i.ConceptNameCodeSequence[0].CodeMeaning == template.concepts.out_of_distribution.meaning]
+    flags = [
+        i
+        for i in evaluations.ContentSequence
+        if i.ValueType == "CODE"
+        and i.ConceptNameCodeSequence[0].CodeMeaning == template.concepts.out_of_distribution.meaning
+    ]
     assert flags == [] and not summary.out_of_distribution  # one image is assessed: the study has a class
 
 
@@ -281,8 +306,9 @@ def test_reanalysis_references_the_earlier_version(built: Built) -> None:
     settings, study, sources, template, heats = built
     first = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
     result2, _ = analyse(settings, study.uid, study.paths, generation=2, skip=[3])
-    second = build_sr(result2, template, sources, Comprehensive3DSRStorage, "0.1.0", load_heats(result2),
-                      predecessors=[first])
+    second = build_sr(
+        result2, template, sources, Comprehensive3DSRStorage, "0.1.0", load_heats(result2), predecessors=[first]
+    )
     assert second.SOPInstanceUID != first.SOPInstanceUID
     (item,) = second.PredecessorDocumentsSequence
     assert item.StudyInstanceUID == study.uid
@@ -308,8 +334,7 @@ def test_a_study_with_nothing_analysed_still_says_so(settings: Settings, ledger:
     study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], skip=[0], n_similar=0)
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.paths]
     template = load_template(DEFAULT_TEMPLATE)
-    path = _write(build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", {}),
-                  tmp_path / "sr.dcm")
+    path = _write(build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", {}), tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
     sr = hd.sr.srread(path)
     (group,) = sr.content.get_image_measurement_groups()
@@ -321,8 +346,12 @@ def test_a_study_with_nothing_analysed_still_says_so(settings: Settings, ledger:
 def test_a_frame_outside_the_training_domain_is_not_assessed_against_its_threshold(built: Built) -> None:
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats, _heatmap_objects(study))
-    flagged = [(n, image, frame) for n, image in enumerate(study.result.images)
-               for frame in image.frames if frame.out_of_distribution]
+    flagged = [
+        (n, image, frame)
+        for n, image in enumerate(study.result.images)
+        for frame in image.frames
+        if frame.out_of_distribution
+    ]
     assert {image.sop_instance_uid for _, image, _ in flagged} == {study.result.images[1].sop_instance_uid}
     statements = _not_assessed(sr.ContentSequence[-1], template)
     assert len(statements) == len(flagged)
@@ -331,7 +360,8 @@ def test_a_frame_outside_the_training_domain_is_not_assessed_against_its_thresho
         children = {c.ConceptNameCodeSequence[0].CodeMeaning: c for c in item.ContentSequence}
         assert children["Comment"].TextValue == (
             f"Image {n + 1} frame {frame.frame_number} not assessed: outside the model's training domain "
-            f"(score {frame.ood_distance:.3f} > threshold {frame.ood_threshold:.3f})")
+            f"(score {frame.ood_distance:.3f} > threshold {frame.ood_threshold:.3f})"
+        )
         flag = children[template.concepts.out_of_distribution.meaning]
         assert flag.ConceptCodeSequence[0].CodeValue == template.concepts.yes.value
         score, threshold = children["Domain guard score"], children["Threshold Value"]
@@ -339,16 +369,20 @@ def test_a_frame_outside_the_training_domain_is_not_assessed_against_its_thresho
         assert float(threshold.MeasuredValueSequence[0].NumericValue) == pytest.approx(frame.ood_threshold)
         (source,) = score.ContentSequence
         assert (source.RelationshipType, source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == (
-            "INFERRED FROM", image.sop_instance_uid)
+            "INFERRED FROM",
+            image.sop_instance_uid,
+        )
     # No group, region, class or probability for the flagged image anywhere else.
     measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
-    named = {ref.ReferencedSOPInstanceUID for item in _items(measurements.ContentSequence)
-             for ref in item.get("ReferencedSOPSequence", [])}
+    named = {
+        ref.ReferencedSOPInstanceUID
+        for item in _items(measurements.ContentSequence)
+        for ref in item.get("ReferencedSOPSequence", [])
+    }
     assert study.result.images[1].sop_instance_uid not in named
 
 
-def test_a_cine_frame_outside_the_training_domain_neither_speaks_for_its_image_nor_gets_a_group(
-        built: Built) -> None:
+def test_a_cine_frame_outside_the_training_domain_neither_speaks_for_its_image_nor_gets_a_group(built: Built) -> None:
     _, study, sources, template, heats = built
     cine = study.result.images[2]
     loudest = decisive_frame(cine)
@@ -358,22 +392,33 @@ def test_a_cine_frame_outside_the_training_domain_neither_speaks_for_its_image_n
     assert decisive_frame(image).frame_number != loudest.frame_number
     sr = build_sr(result, template, sources, EnhancedSRStorage, "0.1.0", heats)
     measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
-    drawn = {(ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1))
-             for item in _items(measurements.ContentSequence) if item.ValueType == "SCOORD"
-             for ref in item.ContentSequence[0].ReferencedSOPSequence}
+    drawn = {
+        (ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1))
+        for item in _items(measurements.ContentSequence)
+        if item.ValueType == "SCOORD"
+        for ref in item.ContentSequence[0].ReferencedSOPSequence
+    }
     assert (image.sop_instance_uid, loudest.frame_number) not in drawn
     assert {(image.sop_instance_uid, f.frame_number) for f in assessed_frames(image)} <= drawn
-    lines = [c.TextValue for item in _not_assessed(sr.ContentSequence[-1], template) for c in item.ContentSequence
-             if c.ValueType == "TEXT"]
-    assert f"Image 3 frame {loudest.frame_number} not assessed: outside the model's training domain " \
-           "(score 0.400 > threshold 0.300)" in lines
+    lines = [
+        c.TextValue
+        for item in _not_assessed(sr.ContentSequence[-1], template)
+        for c in item.ContentSequence
+        if c.ValueType == "TEXT"
+    ]
+    assert (
+        f"Image 3 frame {loudest.frame_number} not assessed: outside the model's training domain "
+        "(score 0.400 > threshold 0.300)" in lines
+    )
 
 
 @pytest.mark.parametrize("sop_class", SR_CLASSES)
 def test_a_study_all_outside_the_training_domain_says_so_first_without_probabilities(
-        settings: Settings, ledger: Ledger, tmp_path: Path, sop_class: str) -> None:
-    study = analysed_study(settings, ledger, files=["US1_UNCR.dcm", "examples_ybr_color.dcm"], ood_images=[0, 1],
-                           n_similar=0)
+    settings: Settings, ledger: Ledger, tmp_path: Path, sop_class: str
+) -> None:
+    study = analysed_study(
+        settings, ledger, files=["US1_UNCR.dcm", "examples_ybr_color.dcm"], ood_images=[0, 1], n_similar=0
+    )
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.paths]
     template = load_template(DEFAULT_TEMPLATE)
     sr = build_sr(study.result, template, sources, sop_class, "0.1.0", load_heats(study.result))
@@ -397,7 +442,8 @@ def test_a_study_all_outside_the_training_domain_says_so_first_without_probabili
     assert len(_not_assessed(evaluations, template)) == 1 + len(frames)  # the study, then each frame
     numbers = [i for i in _items(sr.ContentSequence) if i.ValueType == "NUM"]
     assert sorted(n.ConceptNameCodeSequence[0].CodeMeaning for n in numbers) == sorted(
-        ["Domain guard score", "Threshold Value"] * len(frames))  # no class probability
+        ["Domain guard score", "Threshold Value"] * len(frames)
+    )  # no class probability
     assert not [i for i in _items(sr.ContentSequence) if i.ValueType == "SCOORD"]  # no region
     probabilities = {c.probability.meaning for c in template.classes.values()}
     assert not any(meaning in html for meaning in probabilities)

@@ -317,7 +317,9 @@ def start_storescp(folder: Path, port: int, *extra: str) -> Storescp:
     log = folder.with_suffix(".log")
     process = subprocess.Popen(
         [dcmtk("storescp"), "-v", "+uf", "-od", str(folder), *extra, str(port)],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TCP_NODELAY": "1"},
     )
     deadline = time.monotonic() + 10
     while True:

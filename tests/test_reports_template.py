@@ -47,8 +47,10 @@ def test_shipped_template_is_the_default_setting_and_valid() -> None:
         (lambda t: t["wording"].update(sc_caption="{probability:.0%"), "wording.sc_caption"),
         (lambda t: t.update(coding_schemes=[]), "concepts.out_of_distribution: local coding scheme '99SONOCASE'"),
         (lambda t: t.update(disclaimer=""), "disclaimer"),
-        (lambda t: t["concepts"]["probability_unit"].update(value="mm"),
-         "concepts: Value error, probability_unit must be UCUM '%' or '1', not UCUM 'mm'"),
+        (
+            lambda t: t["concepts"]["probability_unit"].update(value="mm"),
+            "concepts: Value error, probability_unit must be UCUM '%' or '1', not UCUM 'mm'",
+        ),
         (lambda t: t["wording"].update(segment_label="{level}"), "wording.segment_label"),
         (lambda t: t["birads"].pop("4B"), "birads must have an entry for each of ['1', '3', '4A', '4B', '4C', '5']"),
         (lambda t: t["wording"].update(birads_line="{category} {patient}"), "wording.birads_line"),

@@ -32,8 +32,13 @@ def objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     sources, paths = read_sources(ledger, study.result)
     built = build_objects(settings, default_template(), study.result, sources, paths, study.reference_images.get)
     by_kind = {kind: [o.data for o in built if o.kind == kind] for kind in ("SR", "SC", "SEG", "KO")}
-    return {"sr": by_kind["SR"][0], "sc": by_kind["SC"][0], "montage": by_kind["SC"][-1],
-            "seg": by_kind["SEG"][0], "kos": by_kind["KO"][0]}
+    return {
+        "sr": by_kind["SR"][0],
+        "sc": by_kind["SC"][0],
+        "montage": by_kind["SC"][-1],
+        "seg": by_kind["SEG"][0],
+        "kos": by_kind["KO"][0],
+    }
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -78,14 +83,25 @@ def _set(keyword: str, value: object) -> Callable[[Dataset], None]:
         ("sc", _set("Rows", 17), "pixels"),
         ("montage", _set("StudyInstanceUID", "1.2.3.abc"), "StudyInstanceUID is not a valid UI"),
         ("sc", _set("SOPClassUID", "1.2.840.10008.5.1.4.1.1.6.1"), "is not one we produce"),
-        ("seg", lambda ds: delattr(ds.SharedFunctionalGroupsSequence[0], "PlaneOrientationSequence"),
-         "lack PlaneOrientationSequence, which viewers need"),
+        (
+            "seg",
+            lambda ds: delattr(ds.SharedFunctionalGroupsSequence[0], "PlaneOrientationSequence"),
+            "lack PlaneOrientationSequence, which viewers need",
+        ),
         ("seg", _set("ImageComments", "AI result"), "the disclaimer is not in Image Comments"),
-        ("seg", lambda ds: setattr(ds.PerFrameFunctionalGroupsSequence[0].SegmentIdentificationSequence[0],
-                                   "ReferencedSegmentNumber", 9), "frame 1 names segment 9"),
+        (
+            "seg",
+            lambda ds: setattr(
+                ds.PerFrameFunctionalGroupsSequence[0].SegmentIdentificationSequence[0], "ReferencedSegmentNumber", 9
+            ),
+            "frame 1 names segment 9",
+        ),
         ("seg", _drop("ReferencedSeriesSequence"), "ReferencedSeriesSequence (Type 1) is missing"),
-        ("kos", _drop("CurrentRequestedProcedureEvidenceSequence"),
-         "CurrentRequestedProcedureEvidenceSequence (Type 1) is missing"),
+        (
+            "kos",
+            _drop("CurrentRequestedProcedureEvidenceSequence"),
+            "CurrentRequestedProcedureEvidenceSequence (Type 1) is missing",
+        ),
         ("kos", _set("Modality", "SR"), "Modality is SR, not KO"),
     ],
 )
@@ -93,7 +109,10 @@ def _set(keyword: str, value: object) -> Callable[[Dataset], None]:
     "ignore:.*(exceeds the maximum length|Invalid value for VR|number of bytes of pixel data):UserWarning"
 )
 def test_each_defect_is_caught_with_its_reason(
-    objects: dict[str, bytes], kind: str, change: Callable[[Dataset], None], reason: str,
+    objects: dict[str, bytes],
+    kind: str,
+    change: Callable[[Dataset], None],
+    reason: str,
 ) -> None:
     with pytest.raises(GateError) as info:
         check_object(_mutated(objects[kind], change), DISCLAIMER)
@@ -141,7 +160,8 @@ def test_key_image_flag_keeps_the_disclaimer_and_its_evidence(objects: dict[str,
     def sr_not_in_evidence(ds: Dataset) -> None:
         series = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
         ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence = [
-            s for s in series if s.ReferencedSOPSequence[0].ReferencedSOPClassUID != Comprehensive3DSRStorage]
+            s for s in series if s.ReferencedSOPSequence[0].ReferencedSOPClassUID != Comprehensive3DSRStorage
+        ]
 
     with pytest.raises(GateError, match="is not listed as evidence"):
         check_object(_mutated(objects["kos"], sr_not_in_evidence), DISCLAIMER)

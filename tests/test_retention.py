@@ -43,10 +43,15 @@ DEST = "PACS@127.0.0.1:1104"
 @pytest.fixture
 def node(settings: Settings) -> Settings:
     """Results go to one destination; nothing is removed by age unless a test says so."""
-    return settings.model_copy(update={
-        "destinations": [DEST], "retention_spool_days": 1000.0, "retention_results_days": 1000.0,
-        "retention_outbox_days": 1000.0, "purge_when_free_below_mb": 0,
-    })
+    return settings.model_copy(
+        update={
+            "destinations": [DEST],
+            "retention_spool_days": 1000.0,
+            "retention_results_days": 1000.0,
+            "retention_outbox_days": 1000.0,
+            "purge_when_free_below_mb": 0,
+        }
+    )
 
 
 def sent_study(settings: Settings, ledger: Ledger, sent_at: float, files: tuple[str, ...] = ("US1_UNCR.dcm",)) -> str:
@@ -60,8 +65,14 @@ def sent_study(settings: Settings, ledger: Ledger, sent_at: float, files: tuple[
 
 
 def files_of(settings: Settings, study_uid: str) -> dict[str, int]:
-    return {kind: tree_bytes(folder / study_uid) for kind, folder in
-            (("spool", settings.spool_dir), ("results", settings.results_dir), ("outbox", settings.outbox_dir))}
+    return {
+        kind: tree_bytes(folder / study_uid)
+        for kind, folder in (
+            ("spool", settings.spool_dir),
+            ("results", settings.results_dir),
+            ("outbox", settings.outbox_dir),
+        )
+    }
 
 
 def test_pure_rules_per_kind_and_oldest_first() -> None:
@@ -73,7 +84,9 @@ def test_pure_rules_per_kind_and_oldest_first() -> None:
     assert due[0].reason == "kept 1 days after done"
     batches = list(for_space([old, new]))
     assert [[(r.study_uid, r.generation, r.kind) for r in batch] for batch in batches] == [
-        [("1.1", 1, "spool"), ("1.1", 1, "results"), ("1.1", 1, "outbox")], [("1.2", 2, "spool")]]
+        [("1.1", 1, "spool"), ("1.1", 1, "results"), ("1.1", 1, "outbox")],
+        [("1.2", 2, "spool")],
+    ]
 
 
 def test_watermarks_must_lie_above_the_refusal_watermark() -> None:
@@ -95,8 +108,9 @@ def test_only_done_studies_are_candidates(node: Settings, ledger: Ledger) -> Non
     ledger.set_state(failed, StudyState.FAILED, failed_stage="report", error="ReportError: x")
     receiving = receive(node, ledger, synthetic_study(1, "benign", seed=1), complete=False)
     skipped = receive(node, ledger, synthetic_study(1, "normal", seed=2), complete=False)
-    ledger.complete_studies([(skipped, ledger.study(skipped)["last_received"], Routing(False, "other-body-part"))],
-                            now=500.0)
+    ledger.complete_studies(
+        [(skipped, ledger.study(skipped)["last_received"], Routing(False, "other-body-part"))], now=500.0
+    )
     waiting = receive(node, ledger, synthetic_study(1, "normal", seed=3))
     assert [(c.study_uid, c.kinds) for c in ledger.purge_candidates()] == [(skipped, FILE_KINDS), (sent, FILE_KINDS)]
     everything = node.model_copy(update={f"retention_{kind}_days": 0.0 for kind in FILE_KINDS})
@@ -113,13 +127,17 @@ def test_each_kind_goes_after_its_own_days_and_is_recorded(node: Settings, ledge
     before = files_of(node, uid)
     spool_bytes = ledger.study(uid)["spool_bytes"]
     assert spool_bytes == before["spool"] and all(before.values())
-    days = node.model_copy(update={"retention_spool_days": 1.0, "retention_results_days": 2.0,
-                                   "retention_outbox_days": 3.0})
+    days = node.model_copy(
+        update={"retention_spool_days": 1.0, "retention_results_days": 2.0, "retention_outbox_days": 3.0}
+    )
     assert purge(days, ledger, now=1000.0 + 0.5 * DAY_S) == {"spool": 0, "results": 0, "outbox": 0}
     assert purge(days, ledger, now=1000.0 + 1.5 * DAY_S) == {"spool": before["spool"], "results": 0, "outbox": 0}
     assert files_of(node, uid)["results"] == before["results"] and ledger.study(uid)["spool_bytes"] == 0
-    assert purge(days, ledger, now=1000.0 + 3.5 * DAY_S) == {"spool": 0, "results": before["results"],
-                                                              "outbox": before["outbox"]}
+    assert purge(days, ledger, now=1000.0 + 3.5 * DAY_S) == {
+        "spool": 0,
+        "results": before["results"],
+        "outbox": before["outbox"],
+    }
     assert [(p["kind"], p["generation"], p["bytes"], p["reason"]) for p in ledger.purges(uid)] == [
         ("spool", 1, before["spool"], "kept 1 days after done"),
         ("outbox", 1, before["outbox"], "kept 3 days after done"),
@@ -157,27 +175,36 @@ def test_below_the_watermark_the_longest_done_go_first_until_enough_is_free(smal
     """A real 6 MiB tmpfs: done (skipped) studies of 0.8 MB each fill it; a purge
     round frees the longest done until the target is free, and leaves the study that
     waits for analysis alone."""
-    settings = load_settings(data_dir=small_disk / "data", durability="none", http_port=0, min_free_disk_mb=1,
-                             purge_when_free_below_mb=3, purge_until_free_mb=4)
+    settings = load_settings(
+        data_dir=small_disk / "data",
+        durability="none",
+        http_port=0,
+        min_free_disk_mb=1,
+        purge_when_free_below_mb=3,
+        purge_until_free_mb=4,
+    )
     ledger = Ledger(settings.ledger_path, durable=False)
     try:
         uids = []
         for n in range(5):
-            uid = receive(settings, ledger, synthetic_study(2, "normal", seed=n, size=512, variant="mono"),
-                          complete=False)
-            ledger.complete_studies([(uid, ledger.study(uid)["last_received"], Routing(False, "other-body-part"))],
-                                    now=time.time() - 100 + n)
+            uid = receive(
+                settings, ledger, synthetic_study(2, "normal", seed=n, size=512, variant="mono"), complete=False
+            )
+            ledger.complete_studies(
+                [(uid, ledger.study(uid)["last_received"], Routing(False, "other-body-part"))],
+                now=time.time() - 100 + n,
+            )
             uids.append(uid)
         waiting = receive(settings, ledger, synthetic_study(1, "benign", seed=99, size=512, variant="mono"))
         free = free_disk_mb(settings.data_dir)
         assert free < 3, f"{free:.1f} MB free: the studies do not fill the disk"
         planned = plan(settings, ledger)
         assert {r.reason for r, _ in planned} == {"free disk below the watermark"}
-        assert [r.study_uid for r, _ in planned if r.kind == "spool"] == uids[:len(planned) // 3]
+        assert [r.study_uid for r, _ in planned if r.kind == "spool"] == uids[: len(planned) // 3]
         removed = purge(settings, ledger)
         assert free_disk_mb(settings.data_dir) >= 4
         gone = [uid for uid in uids if ledger.purges(uid)]
-        assert gone == uids[:len(gone)] and 0 < len(gone) < len(uids)  # the longest done, and no more than needed
+        assert gone == uids[: len(gone)] and 0 < len(gone) < len(uids)  # the longest done, and no more than needed
         assert len(gone) == len(planned) // 3  # as the dry run said
         assert sum(removed.values()) == sum(p["bytes"] for uid in gone for p in ledger.purges(uid)) > 0
         assert files_of(settings, waiting)["spool"] > 0 and not ledger.purges(waiting)
@@ -191,8 +218,9 @@ def test_purge_command_shows_then_removes(node: Settings, ledger: Ledger, tmp_pa
     env = {**child_env(settings), "SONOCASE_HTTP_PORT": "0", "SONOCASE_PORT": str(free_port())}
 
     def run(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "service", "purge", *args], env=env, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "purge", *args], env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout
 

@@ -48,8 +48,11 @@ def entries(vectors: np.ndarray, per_study: int = 5, prefix: str = "1.2.3", **fi
     """One entry per vector, ``per_study`` images per study."""
     return [
         IndexEntry(
-            embedding=v, sop_instance_uid=f"{prefix}.1.{i}", series_uid=f"{prefix}.2.{i // per_study}",
-            study_uid=f"{prefix}.3.{i // per_study}", sop_class_uid=US_CLASS,
+            embedding=v,
+            sop_instance_uid=f"{prefix}.1.{i}",
+            series_uid=f"{prefix}.2.{i // per_study}",
+            study_uid=f"{prefix}.3.{i // per_study}",
+            sop_class_uid=US_CLASS,
             **{"label": "benign", "label_source": "ai", **fields},  # type: ignore[arg-type]
         )
         for i, v in enumerate(vectors)
@@ -141,7 +144,7 @@ def test_query_never_returns_own_study_or_same_patient(tmp_path: Path) -> None:
         same_patient = entries(unit(vectors[:5] + 1e-3), prefix="1.7", patient_key=key)  # near-duplicates
         index.add(entries(vectors) + same_patient)
         for study in range(0, 60, 7):
-            own = vectors[study * 5:(study + 1) * 5]
+            own = vectors[study * 5 : (study + 1) * 5]
             uid = f"1.2.3.3.{study}"
             found = index.query(own, 10, exclude_study_uid=uid)
             assert len(found) == 10 and uid not in {h.study_uid for h in found}
@@ -163,7 +166,9 @@ def test_confirmed_only_and_attached_diagnosis(tmp_path: Path) -> None:
         assert [(h.study_uid, h.label, h.label_source) for h in found] == [("1.2.3.3.77", "malignant", "biopsy")]
         index.attach_diagnosis("1.2.3.3.1", "benign", "radiologist")
         assert {h.study_uid for h in index.query(vectors[:1], 5, "x", confirmed_only=True)} == {
-            "1.2.3.3.1", "1.2.3.3.77"}
+            "1.2.3.3.1",
+            "1.2.3.3.77",
+        }
         with pytest.raises(KeyError, match="not in the similar-case index"):
             index.attach_diagnosis("9.9.9", "benign", "biopsy")
         with pytest.raises(ValueError, match="not 'ai'"):
@@ -239,8 +244,15 @@ def test_bad_inputs_are_refused_with_clear_messages(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot be confirmed"):
         entries(vectors[:1], confirmed=True)
     with pytest.raises(ValueError, match="not a usable UID"):
-        IndexEntry(embedding=vectors[0], sop_instance_uid="../x", series_uid="1", study_uid="1",
-                   sop_class_uid=US_CLASS, label="benign", label_source="ai")
+        IndexEntry(
+            embedding=vectors[0],
+            sop_instance_uid="../x",
+            series_uid="1",
+            study_uid="1",
+            sop_class_uid=US_CLASS,
+            label="benign",
+            label_source="ai",
+        )
     with pytest.raises(FileNotFoundError, match="no similar-case index"):
         SimilarCaseIndex(tmp_path / "absent", None)
     with pytest.raises(ValueError, match="norm 0.5000"):
@@ -368,7 +380,7 @@ def test_concurrent_queries_while_a_writer_adds(tmp_path: Path) -> None:
         t.start()
     try:
         for start in range(1000, 3000, 100):
-            index.add(entries(vectors, prefix="1.2.3")[start:start + 100])
+            index.add(entries(vectors, prefix="1.2.3")[start : start + 100])
     finally:
         done.set()
         for t in threads:
@@ -406,7 +418,8 @@ print("saved", index.version, flush=True)
 def run_writer(directory: Path, seed: int, count: int, dim: int = DIM) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", WRITER, str(directory), MODEL.model_dump_json(), str(seed), str(count), str(dim)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -426,11 +439,17 @@ def test_reader_process_picks_up_a_new_version_without_restart(tmp_path: Path) -
 def test_one_writer_at_a_time_across_processes(tmp_path: Path) -> None:
     with open_index(tmp_path, lock_timeout_s=0.3) as index:
         holder = subprocess.Popen(
-            [sys.executable, "-c",
-             ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR);"
-              " fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)"),
-             str(tmp_path / ".write.lock")],
-            stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR);"
+                    " fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)"
+                ),
+                str(tmp_path / ".write.lock"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
@@ -489,4 +508,3 @@ def test_patient_key_hides_the_id_and_is_stable(tmp_path: Path) -> None:
         assert reopened.patient_key("PAT-4711") == key
     with open_index(tmp_path / "other") as other:
         assert other.patient_key("PAT-4711") != key, "each index has its own secret"
-

@@ -50,23 +50,36 @@ def write_model(path: Path, seed: int, version: str) -> Path:
         helper.make_node("Sigmoid", ["plane"], ["gradcam"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, SIDE, SIDE]),
-         helper.make_tensor_value_info("target_class", TensorProto.INT64, ["N"])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(CLASSES)]),
-         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", DIM]),
-         helper.make_tensor_value_info("gradcam", TensorProto.FLOAT, ["N", SIDE, SIDE])],
+        nodes,
+        "tiny",
+        [
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, SIDE, SIDE]),
+            helper.make_tensor_value_info("target_class", TensorProto.INT64, ["N"]),
+        ],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(CLASSES)]),
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", DIM]),
+            helper.make_tensor_value_info("gradcam", TensorProto.FLOAT, ["N", SIDE, SIDE]),
+        ],
         initializer=[w, c, shape],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, path)
     card = ModelCard(
-        name="tiny-test", version=version, architecture="random projection", classes=CLASSES,
-        input={"height": SIDE, "width": SIDE, "mean": 0.5, "std": 0.25}, embedding_dim=DIM,
-        onnx_file=path.name, sha256=sha256_file(path), opset=17,
+        name="tiny-test",
+        version=version,
+        architecture="random projection",
+        classes=CLASSES,
+        input={"height": SIDE, "width": SIDE, "mean": 0.5, "std": 0.25},
+        embedding_dim=DIM,
+        onnx_file=path.name,
+        sha256=sha256_file(path),
+        opset=17,
         ood=guard_card_entry(1e12),
-        training_data={"source": "none"}, created="2026-01-01T00:00:00Z", intended_use="tests",
+        training_data={"source": "none"},
+        created="2026-01-01T00:00:00Z",
+        intended_use="tests",
         disclaimer=DISCLAIMER,
     )
     card_path_for(path).write_text(card.model_dump_json())
@@ -97,19 +110,29 @@ def run(env: dict[str, str], *args: str) -> Result:
 
 @pytest.fixture
 def env(tmp_path: Path, models: tuple[Path, Path]) -> dict[str, str]:
-    return {"SONOCASE_DATA_DIR": str(tmp_path / "data"), "SONOCASE_MODEL_PATH": str(models[0]),
-            "SONOCASE_EXECUTION_PROVIDER": "cpu", "SONOCASE_DURABILITY": "none"}
+    return {
+        "SONOCASE_DATA_DIR": str(tmp_path / "data"),
+        "SONOCASE_MODEL_PATH": str(models[0]),
+        "SONOCASE_EXECUTION_PROVIDER": "cpu",
+        "SONOCASE_DURABILITY": "none",
+    }
 
 
 def test_labels_csv_errors_name_every_bad_line(tmp_path: Path) -> None:
     path = tmp_path / "labels.csv"
-    path.write_text("study_instance_uid,label,label_source\n1.2,benign,biopsy\n1.3,cyst,biopsy\n"
-                    ",benign,biopsy\n1.4,malignant,hearsay\n1.2,malignant,biopsy\n")
+    path.write_text(
+        "study_instance_uid,label,label_source\n1.2,benign,biopsy\n1.3,cyst,biopsy\n"
+        ",benign,biopsy\n1.4,malignant,hearsay\n1.2,malignant,biopsy\n"
+    )
     with pytest.raises(ValueError) as err:
         read_labels_csv(path, CLASSES)
     message = str(err.value)
-    for expected in ("line 3: label 'cyst'", "line 4: no study_instance_uid", "line 5: label_source 'hearsay'",
-                     "line 6: 1.2 is labelled twice"):
+    for expected in (
+        "line 3: label 'cyst'",
+        "line 4: no study_instance_uid",
+        "line 5: label_source 'hearsay'",
+        "line 6: 1.2 is labelled twice",
+    ):
         assert expected in message
     path.write_text("sop_instance_uid,label,label_source\n1.5,Benign,synthetic phantom\n")
     assert read_labels_csv(path, CLASSES, source="radiologist")["1.5"].label == "benign"
@@ -171,8 +194,10 @@ def test_rebuild_binds_the_index_to_the_new_model(
     assert f"re-embedded {n_files} images with tiny-test 2; 0 removed" in rebuilt.stdout
     with SimilarCaseIndex(tmp_path / "data" / "index", None) as index:
         assert index.bound_model is not None and index.bound_model.version == "2"
-    assert run(other, "add", "--dicom", str(folder), "--labels", str(labels),
-               "--label-source", "radiologist").exit_code == 0
+    assert (
+        run(other, "add", "--dicom", str(folder), "--labels", str(labels), "--label-source", "radiologist").exit_code
+        == 0
+    )
 
 
 def test_diagnose_delete_and_their_errors(env: dict[str, str], studies: tuple[Path, Path], tmp_path: Path) -> None:
@@ -185,7 +210,11 @@ def test_diagnose_delete_and_their_errors(env: dict[str, str], studies: tuple[Pa
     csv_path = tmp_path / "diagnoses.csv"
     csv_path.write_text(f"study_instance_uid,label\n{uids[1]},benign\n9.9.9,benign\n")
     several = run(env, "diagnose", "--csv", str(csv_path), "--source", "biopsy")
-    assert several.exit_code == 1 and "diagnosed 1 studies" in several.stdout and "not in the index: 9.9.9" in several.stderr
+    assert (
+        several.exit_code == 1
+        and "diagnosed 1 studies" in several.stdout
+        and "not in the index: 9.9.9" in several.stderr
+    )
     assert run(env, "diagnose", uids[0], "cyst", "--source", "biopsy").stderr.count("'cyst' is not one of") == 1
     assert run(env, "diagnose", uids[0]).exit_code == 2
     info = run(env, "info").stdout
@@ -221,8 +250,21 @@ def test_an_interrupted_add_resumes(env: dict[str, str], studies: tuple[Path, Pa
     finishes the job without duplicates."""
     folder, labels = studies
     n_files = len(list(folder.rglob("*.dcm")))
-    command = [sys.executable, "-m", "service", "index", "add", "--dicom", str(folder), "--labels", str(labels),
-               "--label-source", "biopsy", "--save-every", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "service",
+        "index",
+        "add",
+        "--dicom",
+        str(folder),
+        "--labels",
+        str(labels),
+        "--label-source",
+        "biopsy",
+        "--save-every",
+        "1",
+    ]
     index_dir = Path(env["SONOCASE_DATA_DIR"]) / "index"
 
     def indexed() -> int:
@@ -267,6 +309,7 @@ def test_query_shows_similar_studies_but_never_the_own_one(env: dict[str, str], 
 
 # --- filling from the PACS -------------------------------------------------------------
 
+
 def write_report(image: Path, out: Path) -> pydicom.Dataset:
     """A report (Basic Text SR, no pixels) in the study of ``image``, written to
     ``out``: not an image, so a copy from the PACS must leave it there."""
@@ -299,11 +342,16 @@ def qr_pacs(tmp_path: Path, studies: tuple[Path, Path]) -> Iterator[tuple[str, s
         files.append(tmp_path / f"held-{n}.dcm")
         subprocess.run([dcmtk("dcmdjpeg"), str(path), str(files[-1])], check=True, capture_output=True)
     report = write_report(files[0], tmp_path / "report.dcm")
-    subprocess.run([dcmtk("dcmqridx"), str(db), *map(str, files), str(tmp_path / "report.dcm")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [dcmtk("dcmqridx"), str(db), *map(str, files), str(tmp_path / "report.dcm")], check=True, capture_output=True
+    )
     with (tmp_path / "dcmqrscp.log").open("wb") as log:
-        process = subprocess.Popen([dcmtk("dcmqrscp"), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "TCP_NODELAY": "1"})
+        process = subprocess.Popen(
+            [dcmtk("dcmqrscp"), "-c", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
     try:
         assert wait_until(lambda: _listening(port)), "dcmqrscp did not start"
         yield f"PACS@127.0.0.1:{port}", str(report.StudyInstanceUID)
@@ -318,7 +366,10 @@ def _listening(port: int) -> bool:
 
 
 def test_add_copies_labelled_studies_from_the_pacs(
-    env: dict[str, str], studies: tuple[Path, Path], qr_pacs: tuple[str, str], tmp_path: Path,
+    env: dict[str, str],
+    studies: tuple[Path, Path],
+    qr_pacs: tuple[str, str],
+    tmp_path: Path,
 ) -> None:
     pacs, with_report = qr_pacs
     labels = tmp_path / "labels.csv"

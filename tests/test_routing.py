@@ -62,11 +62,13 @@ def test_actions_and_destinations_come_from_the_first_rule_that_holds_for_each()
         RoutingRule(name="everything-else", destinations=["PACSA@10.0.0.1:104", "VNA@10.0.0.3:11112+tls"]),
     ]
     site_b_breast = decide(rules, {CALLING_AE: frozenset(["SITEB_US2"]), "BodyPartExamined": frozenset(["BREAST"])})
-    assert site_b_breast == Routing(True, "breast", "analyse by rule breast: BodyPartExamined; destinations by rule "
-                                    "site-b", ("PACSB@10.0.0.2:104",))
+    assert site_b_breast == Routing(
+        True, "breast", "analyse by rule breast: BodyPartExamined; destinations by rule site-b", ("PACSB@10.0.0.2:104",)
+    )
     other = decide(rules, {CALLING_AE: frozenset(["PACS"]), "Modality": frozenset(["US"])})
-    assert other == Routing(True, None, "destinations by rule everything-else",
-                            ("PACSA@10.0.0.1:104", "VNA@10.0.0.3:11112+tls"))
+    assert other == Routing(
+        True, None, "destinations by rule everything-else", ("PACSA@10.0.0.1:104", "VNA@10.0.0.3:11112+tls")
+    )
     ct = decide(rules, {CALLING_AE: frozenset(["PACS"]), "Modality": frozenset(["US", "CT"])})
     assert (ct.analyse, ct.rule) == (False, "ct")
     assert decide([], {}) == Routing()
@@ -131,7 +133,10 @@ def test_an_echocardiogram_is_stored_and_skipped_a_breast_study_analysed(setting
     assert "other-body-part" in table and "breast" in table
     view = study_view(ledger, settings.results_dir, echo)  # the status page and its JSON API
     assert (view.state, view.routing_rule, view.routing_reason) == (
-        "skipped", "other-body-part", "skip by rule other-body-part: StudyDescription, SeriesDescription")
+        "skipped",
+        "other-body-part",
+        "skip by rule other-body-part: StudyDescription, SeriesDescription",
+    )
     assert "skipped by rule other-body-part" in render_status([view], ledger.count_by_state(), "csrf").decode()
     # another instance re-opens a skipped study; its routing is decided again
     store_study(settings, ledger, ["US1_UNCR.dcm"], study_uid=echo_uid)
@@ -151,8 +156,14 @@ def test_a_study_that_receives_while_it_is_routed_stays_receiving(settings: Sett
 
 
 def test_results_go_to_the_destinations_the_rule_chose(settings: Settings, ledger: Ledger) -> None:
-    settings = settings.model_copy(update={"destinations": [], "routing_rules": [
-        RoutingRule(name="site-b", calling_ae=".", destinations=["PACSB@127.0.0.1:1104", "VNA@127.0.0.1:1105"])]})
+    settings = settings.model_copy(
+        update={
+            "destinations": [],
+            "routing_rules": [
+                RoutingRule(name="site-b", calling_ae=".", destinations=["PACSB@127.0.0.1:1104", "VNA@127.0.0.1:1105"])
+            ],
+        }
+    )
     study_uid, paths = store_study(settings, ledger, ["US1_UNCR.dcm"])
     complete_quiet_studies(ledger, 0.0, now=time.time() + 1, route=Router(settings, ledger).route)
     study = ledger.study(study_uid)

@@ -61,10 +61,14 @@ def port() -> int:
 @pytest.fixture
 def to_pacs(settings: Settings, port: int) -> Settings:
     """Settings sending to STORESCP on ``port``, with short backoff for tests."""
-    return settings.model_copy(update={
-        "destinations": load_settings(destinations=f"STORESCP@127.0.0.1:{port}").destinations,
-        "send_backoff_s": 0.2, "send_backoff_max_s": 1.0, "send_max_attempts": 3,
-    })
+    return settings.model_copy(
+        update={
+            "destinations": load_settings(destinations=f"STORESCP@127.0.0.1:{port}").destinations,
+            "send_backoff_s": 0.2,
+            "send_backoff_max_s": 1.0,
+            "send_max_attempts": 3,
+        }
+    )
 
 
 @pytest.fixture
@@ -176,8 +180,13 @@ def test_bounded_tries_then_failed_then_resend(to_pacs: Settings, ledger: Ledger
     ],
 )
 def test_sr_class_refused_falls_back(
-    to_pacs: Settings, ledger: Ledger, pacs_factory, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-    accepted: list[str], expected: str,
+    to_pacs: Settings,
+    ledger: Ledger,
+    pacs_factory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    accepted: list[str],
+    expected: str,
 ) -> None:
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"])
     pacs = pacs_factory(*storescp_profile(tmp_path / "pacs.cfg", [*NOT_SR, *accepted]))
@@ -197,15 +206,19 @@ def test_sr_class_refused_falls_back(
 
 
 def test_a_pacs_without_seg_or_kos_gets_the_rest_and_the_study_is_sent(
-    to_pacs: Settings, ledger: Ledger, pacs_factory, tmp_path: Path,
+    to_pacs: Settings,
+    ledger: Ledger,
+    pacs_factory,
+    tmp_path: Path,
 ) -> None:
     """Many archives store no Segmentation or Key Object Selection: those two are
     skipped there (recorded, retried by 'sonocase resend'), never failing the study."""
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"])
     optional = [r for r in ledger.outbox() if r["sop_class_uid"] in OPTIONAL_CLASSES]
     assert optional  # the key-object selection at least (no SEG for an uncalibrated image)
-    pacs = pacs_factory(*storescp_profile(tmp_path / "pacs.cfg", ["SecondaryCaptureImageStorage",
-                                                                   "Comprehensive3DSRStorage"]))
+    pacs = pacs_factory(
+        *storescp_profile(tmp_path / "pacs.cfg", ["SecondaryCaptureImageStorage", "Comprehensive3DSRStorage"])
+    )
     assert Sender(to_pacs, ledger).run_once() == len(uids) - len(optional)
     assert {ds.SOPClassUID for ds in pacs.received()} == {SecondaryCaptureImageStorage, Comprehensive3DSRStorage}
     skipped = [r for r in ledger.outbox() if r["state"] == OutboxState.SKIPPED]
@@ -216,7 +229,10 @@ def test_a_pacs_without_seg_or_kos_gets_the_rest_and_the_study_is_sent(
 
 
 def test_a_pacs_taking_no_sr_class_gets_the_images_and_the_sr_waits(
-    to_pacs: Settings, ledger: Ledger, pacs_factory, tmp_path: Path,
+    to_pacs: Settings,
+    ledger: Ledger,
+    pacs_factory,
+    tmp_path: Path,
 ) -> None:
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"], n_similar=0)
     pacs = pacs_factory(*storescp_profile(tmp_path / "pacs.cfg", NOT_SR))
@@ -263,13 +279,18 @@ time.sleep(600)
 
 def _sender_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ, "SONOCASE_DATA_DIR": str(settings.data_dir), "SONOCASE_LEDGER_URL": settings.ledger_url,
+        **os.environ,
+        "SONOCASE_DATA_DIR": str(settings.data_dir),
+        "SONOCASE_LEDGER_URL": settings.ledger_url,
         "SONOCASE_DURABILITY": "none",
         "SONOCASE_DESTINATIONS": ",".join(str(d) for d in settings.destinations),
-        "SONOCASE_SEND_BACKOFF_S": "0.2", "SONOCASE_SEND_BACKOFF_MAX_S": "0.5", "SONOCASE_SEND_MAX_ATTEMPTS": "1000",
+        "SONOCASE_SEND_BACKOFF_S": "0.2",
+        "SONOCASE_SEND_BACKOFF_MAX_S": "0.5",
+        "SONOCASE_SEND_MAX_ATTEMPTS": "1000",
     }
-    return subprocess.Popen([sys.executable, "-c", _SENDER_PROCESS], env=env, stdout=log.open("ab"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-c", _SENDER_PROCESS], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
 
 
 def test_killed_sender_sends_after_restart(to_pacs: Settings, ledger: Ledger, pacs_factory, tmp_path: Path) -> None:
@@ -297,10 +318,15 @@ def test_killed_sender_sends_after_restart(to_pacs: Settings, ledger: Ledger, pa
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SONOCASE_DATA_DIR": str(settings.data_dir), "SONOCASE_LEDGER_URL": settings.ledger_url,
-           "SONOCASE_DESTINATIONS": ",".join(str(d) for d in settings.destinations)}
-    return subprocess.run([sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+    env = {
+        **os.environ,
+        "SONOCASE_DATA_DIR": str(settings.data_dir),
+        "SONOCASE_LEDGER_URL": settings.ledger_url,
+        "SONOCASE_DESTINATIONS": ",".join(str(d) for d in settings.destinations),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_resend_command(settings: Settings, to_pacs: Settings, ledger: Ledger) -> None:
@@ -340,11 +366,21 @@ def test_a_study_analysed_but_never_reported_is_reported_later(to_pacs: Settings
     similar = study.result.similar[0]
     reference = study.reference_images[similar.sop_instance_uid]
     with SimilarCaseIndex.from_settings(to_pacs, MODEL) as index:
-        index.add([IndexEntry(
-            embedding=np.full(8, 8 ** -0.5, np.float32), sop_instance_uid=similar.sop_instance_uid,
-            series_uid=similar.series_uid, study_uid=similar.study_uid, sop_class_uid=similar.sop_class_uid,
-            label=similar.label, label_source=similar.label_source, confirmed=True, image_path=reference,
-        )])
+        index.add(
+            [
+                IndexEntry(
+                    embedding=np.full(8, 8**-0.5, np.float32),
+                    sop_instance_uid=similar.sop_instance_uid,
+                    series_uid=similar.series_uid,
+                    study_uid=similar.study_uid,
+                    sop_class_uid=similar.sop_class_uid,
+                    label=similar.label,
+                    label_source=similar.label_source,
+                    confirmed=True,
+                    image_path=reference,
+                )
+            ]
+        )
     sender = Sender(to_pacs, ledger)
     assert sender.report_orphans() == 0  # just analysed: its worker holds the lease and is reporting it
     assert sender.report_orphans(now=time.time() + to_pacs.task_lease_s + 1) == 1  # the worker stopped renewing
@@ -353,19 +389,42 @@ def test_a_study_analysed_but_never_reported_is_reported_later(to_pacs: Settings
     assert len(ledger.outbox(study.uid)) == 4  # SR, heatmap, montage, key-image flag (uncalibrated: no overlay)
 
 
-def test_results_go_over_mutual_dicom_tls(settings: Settings, ledger: Ledger, pacs_factory, port: int,
-                                          tmp_path: Path) -> None:
+def test_results_go_over_mutual_dicom_tls(
+    settings: Settings, ledger: Ledger, pacs_factory, port: int, tmp_path: Path
+) -> None:
     """storescp with TLS, requiring our certificate; we verify its certificate."""
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
-    secure = settings.model_copy(update={
-        "destinations": load_settings(destinations=f"STORESCP@127.0.0.1:{port}+tls").destinations,
-        "tls_cert": cert, "tls_key": key, "tls_ca": cert,
-    })
+    secure = settings.model_copy(
+        update={
+            "destinations": load_settings(destinations=f"STORESCP@127.0.0.1:{port}+tls").destinations,
+            "tls_cert": cert,
+            "tls_key": key,
+            "tls_ca": cert,
+        }
+    )
     uids = _reported(secure, ledger, files=["US1_UNCR.dcm"], n_similar=0)
     pacs = pacs_factory("+tls", str(key), str(cert), "-pw", "+cf", str(cert))
     assert Sender(secure, ledger).run_once() == len(uids)

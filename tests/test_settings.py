@@ -56,19 +56,24 @@ def test_lists_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SONOCASE_DESTINATIONS", "PACS@pacs.example:104, ARCHIVE@10.0.0.9:11112+tls")
     s = load_settings()
     assert s.allowed_callers == ["PACS", "MODALITY1"]
-    assert s.destinations == [Destination(ae_title="PACS", host="pacs.example", port=104),
-                              Destination(ae_title="ARCHIVE", host="10.0.0.9", port=11112, tls=True)]
+    assert s.destinations == [
+        Destination(ae_title="PACS", host="pacs.example", port=104),
+        Destination(ae_title="ARCHIVE", host="10.0.0.9", port=11112, tls=True),
+    ]
 
 
-@pytest.mark.parametrize("env,value,named", [
-    ("SONOCASE_PORT", "0", "SONOCASE_PORT"),
-    ("SONOCASE_PORT", "eleven", "SONOCASE_PORT"),
-    ("SONOCASE_AE_TITLE", "BACK\\SLASH", "SONOCASE_AE_TITLE"),
-    ("SONOCASE_DURABILITY", "maybe", "SONOCASE_DURABILITY"),
-    ("SONOCASE_NON_ULTRASOUND", "accept", "SONOCASE_NON_ULTRASOUND"),
-    ("SONOCASE_ALLOWED_CALLERS", "OK,WAY_TOO_LONG_FOR_AN_AE_TITLE", "SONOCASE_ALLOWED_CALLERS"),
-    ("SONOCASE_TLS_CERT", "/nonexistent/cert.pem", "SONOCASE_TLS_CERT"),
-])
+@pytest.mark.parametrize(
+    "env,value,named",
+    [
+        ("SONOCASE_PORT", "0", "SONOCASE_PORT"),
+        ("SONOCASE_PORT", "eleven", "SONOCASE_PORT"),
+        ("SONOCASE_AE_TITLE", "BACK\\SLASH", "SONOCASE_AE_TITLE"),
+        ("SONOCASE_DURABILITY", "maybe", "SONOCASE_DURABILITY"),
+        ("SONOCASE_NON_ULTRASOUND", "accept", "SONOCASE_NON_ULTRASOUND"),
+        ("SONOCASE_ALLOWED_CALLERS", "OK,WAY_TOO_LONG_FOR_AN_AE_TITLE", "SONOCASE_ALLOWED_CALLERS"),
+        ("SONOCASE_TLS_CERT", "/nonexistent/cert.pem", "SONOCASE_TLS_CERT"),
+    ],
+)
 def test_invalid_setting_is_named(monkeypatch: pytest.MonkeyPatch, env: str, value: str, named: str) -> None:
     monkeypatch.setenv(env, value)
     with pytest.raises(SettingsError, match=named):
@@ -91,18 +96,31 @@ def test_tls_needs_certificate_and_key_together(tmp_path: Path) -> None:
 
 
 def serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {"SONOCASE_HOST": "127.0.0.1", "SONOCASE_HTTP_PORT": "0", "SONOCASE_DATA_DIR": str(tmp_path / "data"),
-            "SONOCASE_DURABILITY": "none", "SONOCASE_WORKERS": "0", **extra}
+    return {
+        "SONOCASE_HOST": "127.0.0.1",
+        "SONOCASE_HTTP_PORT": "0",
+        "SONOCASE_DATA_DIR": str(tmp_path / "data"),
+        "SONOCASE_DURABILITY": "none",
+        "SONOCASE_WORKERS": "0",
+        **extra,
+    }
 
 
 def test_serve_as_a_process_with_command_line_overrides(tmp_path: Path) -> None:
     config = toml(tmp_path, f"port = {free_port()}\n")
     port = free_port()
-    node = NodeProcess(serve_env(tmp_path, SONOCASE_CONFIG=str(config), SONOCASE_PORT=str(free_port())),
-                       ("--port", str(port), "--ae-title", "NODE1"))
+    node = NodeProcess(
+        serve_env(tmp_path, SONOCASE_CONFIG=str(config), SONOCASE_PORT=str(free_port())),
+        ("--port", str(port), "--ae-title", "NODE1"),
+    )
     assert node.ready_line == f"listening as NODE1 on 127.0.0.1:{port}"
-    echo = subprocess.run(["/usr/bin/echoscu", "-aec", "NODE1", "127.0.0.1", str(port)],
-                          env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=30)
+    echo = subprocess.run(
+        ["/usr/bin/echoscu", "-aec", "NODE1", "127.0.0.1", str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert echo.returncode == 0, echo.stderr
     code, err = node.stop()
     assert code == 0, err
@@ -120,15 +138,20 @@ def test_serve_uses_environment_port_and_allow_list(tmp_path: Path) -> None:
 
 def test_serve_refuses_invalid_settings_with_a_message(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "serve"], env={**os.environ, **serve_env(tmp_path, SONOCASE_MAX_ASSOCIATIONS="0")},
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "service", "serve"],
+        env={**os.environ, **serve_env(tmp_path, SONOCASE_MAX_ASSOCIATIONS="0")},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "SONOCASE_MAX_ASSOCIATIONS" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_serve_help_explains_options() -> None:
-    result = subprocess.run([sys.executable, "-m", "service", "serve", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
     for option in ("--port", "--ae-title", "--data-dir"):
         assert option in result.stdout

@@ -54,8 +54,13 @@ def _push(folder: Path, images: list[pydicom.Dataset], thyroid: bool, ae: str, p
         ds.StudyDescription = "US THYROID" if thyroid else "US BREAST"
         paths.append(folder / f"{n}.dcm")
         ds.save_as(paths[-1], enforce_file_format=True)
-    sent = subprocess.run([dcmtk("storescu"), "-xy", "-aec", ae, "127.0.0.1", str(port), *map(str, paths)],
-                          env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60)
+    sent = subprocess.run(
+        [dcmtk("storescu"), "-xy", "-aec", ae, "127.0.0.1", str(port), *map(str, paths)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert sent.returncode == 0, sent.stderr
     return study_uid
 
@@ -63,8 +68,10 @@ def _push(folder: Path, images: list[pydicom.Dataset], thyroid: bool, ae: str, p
 def _metric(port: int, name: str) -> dict[str, float]:
     """The value of each label of a one-label metric, from the node's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {family.split('"')[1]: float(value) for family, value in
-            (line.split(" ") for line in text.splitlines() if line.startswith(name + "{"))}
+    return {
+        family.split('"')[1]: float(value)
+        for family, value in (line.split(" ") for line in text.splitlines() if line.startswith(name + "{"))
+    }
 
 
 def test_a_small_disk_takes_thousands_of_instances_and_never_refuses_for_its_own_leftovers(tmp_path: Path) -> None:
@@ -75,11 +82,22 @@ def test_a_small_disk_takes_thousands_of_instances_and_never_refuses_for_its_own
         # The default (fast) receiver engine: hundreds of back-to-back pushes are also
         # what found its dropped response to a C-STORE sent right after the accept.
         settings = load_settings(
-            data_dir=disk / "data", host="127.0.0.1", port=free_port(), http_host="127.0.0.1", http_port=free_port(),
-            quiet_period_s=0.5, durability="none", workers=1,
+            data_dir=disk / "data",
+            host="127.0.0.1",
+            port=free_port(),
+            http_host="127.0.0.1",
+            http_port=free_port(),
+            quiet_period_s=0.5,
+            durability="none",
+            workers=1,
             destinations=f"PACS@127.0.0.1:{pacs_port}",
-            sc_transfer_syntax="jpeg-baseline", similar_studies=0, min_free_disk_mb=4, purge_when_free_below_mb=12,
-            purge_until_free_mb=16, retention_spool_days=3650, retention_results_days=3650,
+            sc_transfer_syntax="jpeg-baseline",
+            similar_studies=0,
+            min_free_disk_mb=4,
+            purge_when_free_below_mb=12,
+            purge_until_free_mb=16,
+            retention_spool_days=3650,
+            retention_results_days=3650,
             retention_outbox_days=3650,
         )
         node = serve(settings, tmp_path / "node.log")
@@ -94,8 +112,11 @@ def test_a_small_disk_takes_thousands_of_instances_and_never_refuses_for_its_own
             for n in range(STUDIES):
                 breast = n % ANALYSED == 0
                 if breast:
-                    wait_for("the workers to catch up", lambda: sum(
-                        ledger.study(uid)["state"] != StudyState.SENT for uid in analysed) <= UNSENT_AHEAD, 300)
+                    wait_for(
+                        "the workers to catch up",
+                        lambda: sum(ledger.study(uid)["state"] != StudyState.SENT for uid in analysed) <= UNSENT_AHEAD,
+                        300,
+                    )
                 uid = _push(scratch, base, not breast, settings.ae_title, settings.port)
                 (analysed if breast else skipped).append(uid)
                 lowest = min(lowest, free_disk_mb(settings.data_dir))
@@ -121,7 +142,9 @@ def test_a_small_disk_takes_thousands_of_instances_and_never_refuses_for_its_own
     assert srs == Counter(analysed), "one SR per analysed study reached the PACS"
     assert sum(removed.values()) > received - DISK_MB * 2**20, "the disk only held it because files went"
     assert "refused C-STORE" not in node.log()
-    print(f"\nsoak: {instances} instances in {STUDIES} studies ({len(analysed)} analysed and sent, {len(skipped)} "
-          f"skipped), {received / 2**20:.1f} MiB received, through a {DISK_MB} MiB tmpfs; removed {sum(removed.values()) / 2**20:.1f} MiB "
-          f"({', '.join(f'{k} {v / 2**20:.1f}' for k, v in removed.items())}) of {purged_studies} studies; "
-          f"refusals 0; lowest free {lowest:.1f} MiB; {time.monotonic() - start:.0f} s")
+    print(
+        f"\nsoak: {instances} instances in {STUDIES} studies ({len(analysed)} analysed and sent, {len(skipped)} "
+        f"skipped), {received / 2**20:.1f} MiB received, through a {DISK_MB} MiB tmpfs; removed {sum(removed.values()) / 2**20:.1f} MiB "
+        f"({', '.join(f'{k} {v / 2**20:.1f}' for k, v in removed.items())}) of {purged_studies} studies; "
+        f"refusals 0; lowest free {lowest:.1f} MiB; {time.monotonic() - start:.0f} s"
+    )

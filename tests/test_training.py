@@ -68,8 +68,9 @@ def test_a_short_training_run_lowers_the_loss(records, split: Split, tmp_path: P
     # model.pt round trip: same weights, configs and split
     loaded = load_trained(tmp_path)
     assert loaded.split == split and loaded.model_config == TINY and loaded.norm == trained.norm
-    np.testing.assert_allclose(predict(loaded.model, images, loaded.norm)[1],
-                               predict(trained.model, images, trained.norm)[1], atol=1e-6)
+    np.testing.assert_allclose(
+        predict(loaded.model, images, loaded.norm)[1], predict(trained.model, images, trained.norm)[1], atol=1e-6
+    )
     assert loaded.ood == trained.ood and loaded.calibration == trained.calibration
     assert loaded.calibration is not None and "fresh images" in loaded.calibration.fitted_on
     with pytest.raises(ValueError, match="not the ones this model's split was made on"):
@@ -79,18 +80,28 @@ def test_a_short_training_run_lowers_the_loss(records, split: Split, tmp_path: P
 def test_resume_continues_where_it_stopped(records, split: Split, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     straight = train(records, split, TINY, TrainConfig(epochs=2, patience=10), SOURCE, tmp_path / "a", progress=False)
     train(records, split, TINY, TrainConfig(epochs=1, patience=10), SOURCE, tmp_path / "b", progress=False)
-    resumed = train(records, split, TINY, TrainConfig(epochs=2, patience=10), SOURCE, tmp_path / "b",
-                    resume=True, progress=False)
+    resumed = train(
+        records, split, TINY, TrainConfig(epochs=2, patience=10), SOURCE, tmp_path / "b", resume=True, progress=False
+    )
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     for a, b in zip(straight.history, resumed.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
     with pytest.raises(ValueError, match="different model config"):
-        train(records, split, ModelConfig(**{**TINY.to_dict(), "rnn_hidden": 8}), TrainConfig(epochs=3),
-              SOURCE, tmp_path / "b", resume=True, progress=False)
+        train(
+            records,
+            split,
+            ModelConfig(**{**TINY.to_dict(), "rnn_hidden": 8}),
+            TrainConfig(epochs=3),
+            SOURCE,
+            tmp_path / "b",
+            resume=True,
+            progress=False,
+        )
 
 
 # ---- retrieval and summaries ------------------------------------------------------
+
 
 def test_retrieval_metrics_by_hand() -> None:
     gallery = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [12.0]])
@@ -113,12 +124,15 @@ def test_summarize_gives_mean_and_spread() -> None:
 
 # ---- cross-validation and comparison -------------------------------------------------
 
+
 def test_cross_validation_and_comparison_write_their_tables(records, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     fast = TrainConfig(epochs=1, augment=False)
     summary = cross_validate(records, SOURCE, TINY, fast, 2, tmp_path / "cv", progress=False)
     assert summary["balanced_accuracy"]["n"] == 2 and summary["balanced_accuracy"]["std"] is not None
-    assert "± " not in (tmp_path / "cv" / "cv.md").read_text() and "| balanced_accuracy |" in (
-        tmp_path / "cv" / "cv.md").read_text()
+    assert (
+        "± " not in (tmp_path / "cv" / "cv.md").read_text()
+        and "| balanced_accuracy |" in (tmp_path / "cv" / "cv.md").read_text()
+    )
     rows = compare_architectures(records, SOURCE, ["cnn", "rnn"], TINY, fast, tmp_path / "cmp", progress=False)
     assert [r["arch"] for r in rows] == ["cnn", "rnn"]
     table = (tmp_path / "cmp" / "compare.md").read_text()
@@ -128,6 +142,7 @@ def test_cross_validation_and_comparison_write_their_tables(records, tmp_path: P
 
 # ---- command line --------------------------------------------------------------------
 
+
 def _run(args: list[str]) -> tuple[int, str]:
     result = CliRunner().invoke(cli, args, prog_name="sonocase", catch_exceptions=False)
     return result.exit_code, result.output
@@ -135,17 +150,44 @@ def _run(args: list[str]) -> tuple[int, str]:
 
 def test_cli_train_export_evaluate(tmp_path: Path) -> None:
     out, onnx_path = tmp_path / "run", tmp_path / "ship" / "tiny.onnx"
-    code, output = _run(["train", "--synthetic", "6", "--arch", "cnn", "--width", "0.125", "--size", "64",
-                         "--embedding-dim", "16", "--epochs", "1", "--no-augment", "--no-progress",
-                         "--out", str(out), "--export", str(onnx_path)])
+    code, output = _run(
+        [
+            "train",
+            "--synthetic",
+            "6",
+            "--arch",
+            "cnn",
+            "--width",
+            "0.125",
+            "--size",
+            "64",
+            "--embedding-dim",
+            "16",
+            "--epochs",
+            "1",
+            "--no-augment",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--export",
+            str(onnx_path),
+        ]
+    )
     assert code == 0, output
     assert "balanced accuracy" in output and "pointing game" in output
     card = ModelCard.load(onnx_path)
     assert card.training_data["command"].startswith("sonocase train --synthetic 6 --arch cnn --width 0.125")
     assert card.metrics["n_test"] > 0 and "balanced_accuracy" in card.metrics
     assert card.metrics["localisation"]["all"]["n"] > 0  # the synthetic lesions carry masks
-    for suffix in (".report.md", ".report.json", ".confusion.png", ".roc.png", ".learning.png", ".gradcam.png",
-                   ".reliability.png"):
+    for suffix in (
+        ".report.md",
+        ".report.json",
+        ".confusion.png",
+        ".roc.png",
+        ".learning.png",
+        ".gradcam.png",
+        ".reliability.png",
+    ):
         assert onnx_path.with_name(f"tiny{suffix}").is_file(), suffix
     assert card.metrics["ood"]["sources"] and card.calibration is not None
 
@@ -165,17 +207,22 @@ def test_cli_train_export_evaluate(tmp_path: Path) -> None:
     assert code != 0 and "not the ones" in output, output
     code, output = _run(["export", str(out), "--out", str(tmp_path / "again.onnx")])
     assert code == 0, output
-    assert ModelCard.load(tmp_path / "again.onnx").metrics["balanced_accuracy"] == json.loads(
-        (out / "evaluation.report.json").read_text())["balanced_accuracy"]
+    assert (
+        ModelCard.load(tmp_path / "again.onnx").metrics["balanced_accuracy"]
+        == json.loads((out / "evaluation.report.json").read_text())["balanced_accuracy"]
+    )
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["train"], "exactly one of --synthetic"),
-    (["train", "--synthetic", "4", "--busi", "."], "exactly one of --synthetic"),
-    (["train", "--dicom", "."], "--dicom needs --labels"),
-    (["train", "--synthetic", "4", "--size", "100"], "multiple of 32"),
-    (["evaluate", "."], "no trained model"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train"], "exactly one of --synthetic"),
+        (["train", "--synthetic", "4", "--busi", "."], "exactly one of --synthetic"),
+        (["train", "--dicom", "."], "--dicom needs --labels"),
+        (["train", "--synthetic", "4", "--size", "100"], "multiple of 32"),
+        (["evaluate", "."], "no trained model"),
+    ],
+)
 def test_cli_bad_input_gets_a_clear_message(args: list[str], message: str) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0
@@ -192,11 +239,27 @@ def test_cli_empty_busi_class_folder_is_reported(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_training_runs_the_same_commands() -> None:
-    result = subprocess.run([sys.executable, "-m", "training", "train", "--help"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1], timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "train", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Usage: python -m training train")
-    for option in ("--synthetic", "--busi", "--dicom", "--arch", "--width", "--size", "--resume", "--folds", "--export"):
+    for option in (
+        "--synthetic",
+        "--busi",
+        "--dicom",
+        "--arch",
+        "--width",
+        "--size",
+        "--resume",
+        "--folds",
+        "--export",
+    ):
         assert option in result.stdout
 
 
@@ -211,8 +274,26 @@ def test_cli_trains_from_a_busi_folder_and_from_dicom_with_labels(layout: str, t
         _, labels = write_dicom_dataset(tmp_path / "data", 6, seed=1, size=96)
         data_args = ["--dicom", str(tmp_path / "data"), "--labels", str(labels)]
     out = tmp_path / "run"
-    code, output = _run(["train", *data_args, "--arch", "cnn", "--width", "0.125", "--size", "64",
-                         "--embedding-dim", "16", "--epochs", "1", "--no-augment", "--no-progress", "--out", str(out)])
+    code, output = _run(
+        [
+            "train",
+            *data_args,
+            "--arch",
+            "cnn",
+            "--width",
+            "0.125",
+            "--size",
+            "64",
+            "--embedding-dim",
+            "16",
+            "--epochs",
+            "1",
+            "--no-augment",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, output
     trained = load_trained(out)
     assert trained.source.kind == layout

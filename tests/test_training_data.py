@@ -55,6 +55,7 @@ def busi(tmp_path: Path) -> Path:
 
 # --- synthetic generator ----------------------------------------------------------
 
+
 def test_generate_records_gives_each_class_with_masks_and_patient_groups(records: list[Record]) -> None:
     labels = np.array([r.label for r in records])
     assert np.bincount(labels).tolist() == [20, 20, 20]
@@ -74,8 +75,9 @@ def test_generate_records_gives_each_class_with_masks_and_patient_groups(records
 def test_same_seed_same_images_other_seed_other_images() -> None:
     first, again, other = (generate_records(3, SIZE, seed=s) for s in (5, 5, 6))
     assert all(np.array_equal(a.image, b.image) for a, b in zip(first, again, strict=True))
-    assert all((a.mask is None and b.mask is None) or np.array_equal(a.mask, b.mask)
-               for a, b in zip(first, again, strict=True))
+    assert all(
+        (a.mask is None and b.mask is None) or np.array_equal(a.mask, b.mask) for a, b in zip(first, again, strict=True)
+    )
     assert not any(np.array_equal(a.image, b.image) for a, b in zip(first, other))
 
 
@@ -141,8 +143,7 @@ def test_dicom_variants_pass_dciodvfy_and_decode_to_the_image(variant: str, tmp_
     study = synthetic_study(1, "benign", seed=7, size=SIZE, variant=variant)
     (path,) = write_dicom_study(tmp_path, study)
     report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    problems = [line for line in (report.stdout + report.stderr).splitlines()
-                if line.startswith(("Error", "Warning"))]
+    problems = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith(("Error", "Warning"))]
     assert problems == [], f"{variant}: {problems}"
 
     ds = pydicom.dcmread(path)
@@ -158,8 +159,7 @@ def test_dicom_variants_pass_dciodvfy_and_decode_to_the_image(variant: str, tmp_
 
 
 @pytest.mark.parametrize("variant", ["mono", "ybr_jpeg"])
-def test_a_synthetic_cine_loop_is_a_valid_multiframe_object_of_one_patients_views(variant: str,
-                                                                                   tmp_path: Path) -> None:
+def test_a_synthetic_cine_loop_is_a_valid_multiframe_object_of_one_patients_views(variant: str, tmp_path: Path) -> None:
     cine = synthetic_cine(5, "malignant", seed=7, size=SIZE, variant=variant)
     (path,) = write_dicom_study(tmp_path, [cine])
     report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
@@ -177,6 +177,7 @@ def test_a_synthetic_cine_loop_is_a_valid_multiframe_object_of_one_patients_view
 
 
 # --- BUSI layout --------------------------------------------------------------------
+
 
 def test_busi_loader_reads_what_the_writer_wrote(busi: Path) -> None:
     expected = generate_records(20, SIZE, seed=0)
@@ -227,10 +228,14 @@ def test_busi_empty_or_missing_class_folder(busi: Path) -> None:
 
 # --- DICOM + CSV --------------------------------------------------------------------
 
+
 def test_dicom_dataset_loads_as_the_generated_records(tmp_path: Path) -> None:
     paths, labels_csv = write_dicom_dataset(tmp_path, 6, seed=3, size=SIZE)
-    assert {pydicom.dcmread(p, stop_before_pixels=True).PhotometricInterpretation for p in paths} \
-        == {"MONOCHROME2", "RGB", "YBR_FULL_422"}
+    assert {pydicom.dcmread(p, stop_before_pixels=True).PhotometricInterpretation for p in paths} == {
+        "MONOCHROME2",
+        "RGB",
+        "YBR_FULL_422",
+    }
     loaded = load_dicom_labels(tmp_path, labels_csv)
     expected = generate_records(6, SIZE, seed=3)
     assert len(loaded) == len(expected) == len(paths)
@@ -250,26 +255,33 @@ def test_instance_label_beats_study_label(tmp_path: Path) -> None:
     paths = write_dicom_study(tmp_path / "dicom", synthetic_study(2, "benign", seed=9, size=SIZE))
     first, second = (pydicom.dcmread(p, stop_before_pixels=True) for p in paths)
     labels = tmp_path / "labels.csv"
-    labels.write_text("study_instance_uid,sop_instance_uid,label,label_source\n"
-                      f"{first.StudyInstanceUID},,benign,pathology\n"
-                      f",{second.SOPInstanceUID},malignant,second reading\n")
+    labels.write_text(
+        "study_instance_uid,sop_instance_uid,label,label_source\n"
+        f"{first.StudyInstanceUID},,benign,pathology\n"
+        f",{second.SOPInstanceUID},malignant,second reading\n"
+    )
     loaded = {Path(r.source).name: r.label_name for r in load_dicom_labels(tmp_path / "dicom", labels)}
     assert loaded == {paths[0].name: "benign", paths[1].name: "malignant"}
     # A study row whose every instance is relabelled still matched files: no error.
-    labels.write_text("study_instance_uid,sop_instance_uid,label\n"
-                      f"{first.StudyInstanceUID},,benign\n"
-                      f",{first.SOPInstanceUID},normal\n,{second.SOPInstanceUID},malignant\n")
+    labels.write_text(
+        "study_instance_uid,sop_instance_uid,label\n"
+        f"{first.StudyInstanceUID},,benign\n"
+        f",{first.SOPInstanceUID},normal\n,{second.SOPInstanceUID},malignant\n"
+    )
     loaded = {Path(r.source).name: r.label_name for r in load_dicom_labels(tmp_path / "dicom", labels)}
     assert loaded == {paths[0].name: "normal", paths[1].name: "malignant"}
 
 
-@pytest.mark.parametrize(("csv_text", "message"), [
-    ("study_instance_uid,label\n1.2.3.4,benign\n", "match no file"),
-    ("study_instance_uid,label\n{study},cancer\n", r"labels.csv:2: unknown label 'cancer'"),
-    ("patient,label\nX,benign\n", "needs a 'label' column"),
-    ("study_instance_uid,label\n{study},benign\n{study},normal\n", "line 2 says benign"),
-    ("study_instance_uid,label\n", "no labelled rows"),
-])
+@pytest.mark.parametrize(
+    ("csv_text", "message"),
+    [
+        ("study_instance_uid,label\n1.2.3.4,benign\n", "match no file"),
+        ("study_instance_uid,label\n{study},cancer\n", r"labels.csv:2: unknown label 'cancer'"),
+        ("patient,label\nX,benign\n", "needs a 'label' column"),
+        ("study_instance_uid,label\n{study},benign\n{study},normal\n", "line 2 says benign"),
+        ("study_instance_uid,label\n", "no labelled rows"),
+    ],
+)
 def test_bad_label_csv_gives_clear_errors(tmp_path: Path, csv_text: str, message: str) -> None:
     (path,) = write_dicom_study(tmp_path / "dicom", synthetic_study(1, "normal", seed=2, size=SIZE))
     study = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
@@ -295,8 +307,7 @@ def test_real_multiframe_ultrasound_is_cropped_to_its_region(tmp_path: Path) -> 
 
 
 def test_labelled_but_broken_dicom_is_named(tmp_path: Path) -> None:
-    (path,) = write_dicom_study(tmp_path / "dicom", synthetic_study(1, "benign", seed=2, size=SIZE,
-                                                                    variant="ybr_jpeg"))
+    (path,) = write_dicom_study(tmp_path / "dicom", synthetic_study(1, "benign", seed=2, size=SIZE, variant="ybr_jpeg"))
     ds = pydicom.dcmread(path)
     study = ds.StudyInstanceUID
     ds.PixelData = ds.PixelData[:200]  # a JPEG cut short: the decoder fails
@@ -308,6 +319,7 @@ def test_labelled_but_broken_dicom_is_named(tmp_path: Path) -> None:
 
 
 # --- splits -------------------------------------------------------------------------
+
 
 def _near_copy(image: np.ndarray) -> np.ndarray:
     """Brightened, re-encoded as JPEG and re-cropped by 1 pixel: a BUSI-like duplicate."""
@@ -321,15 +333,21 @@ def test_near_duplicates_are_close_and_distinct_images_far(records: list[Record]
     hashes = [perceptual_hash(r.image) for r in records]
     copies = [hamming(h, perceptual_hash(_near_copy(r.image))) for h, r in zip(hashes, records)]
     assert max(copies) <= MAX_HAMMING
-    other_patients = [hamming(hashes[i], hashes[j]) for i in range(len(records))
-                      for j in range(i) if records[i].group != records[j].group]
+    other_patients = [
+        hamming(hashes[i], hashes[j])
+        for i in range(len(records))
+        for j in range(i)
+        if records[i].group != records[j].group
+    ]
     assert np.mean(np.array(other_patients) <= MAX_HAMMING) < 0.01
 
 
 def _planted(records: list[Record]) -> list[Record]:
     """The records plus a near-copy of every fifth one under a different group key."""
-    copies = [Record(_near_copy(r.image), r.label, r.mask, f"copy-{i}", f"copy of {r.source}")
-              for i, r in enumerate(records[::5])]
+    copies = [
+        Record(_near_copy(r.image), r.label, r.mask, f"copy-{i}", f"copy of {r.source}")
+        for i, r in enumerate(records[::5])
+    ]
     return records + copies
 
 
@@ -373,6 +391,7 @@ def test_stratified_group_kfold_tests_everything_once(records: list[Record]) -> 
 
 # --- augmentation -------------------------------------------------------------------
 
+
 def test_augment_is_seeded_and_keeps_shape(records: list[Record]) -> None:
     image = records[30].image
     one = [augment(image, np.random.default_rng(11)) for _ in range(2)]
@@ -384,8 +403,15 @@ def test_augment_is_seeded_and_keeps_shape(records: list[Record]) -> None:
 
 def test_augment_flip_alone_mirrors_exactly(records: list[Record]) -> None:
     image = records[45].image
-    flipped = augment(image, np.random.default_rng(0), max_rotation_deg=0.0, scale_range=(1.0, 1.0),
-                      flip_probability=1.0, gamma_range=(1.0, 1.0), contrast_range=(1.0, 1.0))
+    flipped = augment(
+        image,
+        np.random.default_rng(0),
+        max_rotation_deg=0.0,
+        scale_range=(1.0, 1.0),
+        flip_probability=1.0,
+        gamma_range=(1.0, 1.0),
+        contrast_range=(1.0, 1.0),
+    )
     assert np.array_equal(flipped, image[:, ::-1])
     with pytest.raises(ValueError, match="2-D uint8"):
         augment(image.astype(np.float32), np.random.default_rng(0))
@@ -393,8 +419,7 @@ def test_augment_flip_alone_mirrors_exactly(records: list[Record]) -> None:
 
 def test_augment_gamma_darkens_or_brightens_monotonically(records: list[Record]) -> None:
     image = records[10].image
-    kwargs = dict(max_rotation_deg=0.0, scale_range=(1.0, 1.0), flip_probability=0.0,
-                  contrast_range=(1.0, 1.0))
+    kwargs = dict(max_rotation_deg=0.0, scale_range=(1.0, 1.0), flip_probability=0.0, contrast_range=(1.0, 1.0))
     darker = augment(image, np.random.default_rng(0), gamma_range=(1.3, 1.3), **kwargs)
     brighter = augment(image, np.random.default_rng(0), gamma_range=(0.77, 0.77), **kwargs)
     assert darker.mean() < image.mean() < brighter.mean()

@@ -75,8 +75,9 @@ def test_metrics_per_class_leave_out_images_without_a_lesion() -> None:
     lesion = np.zeros((128, 128), bool)
     lesion[40:60, 40:60] = True
     hit, miss = _peak_at(16, 6, 6), _peak_at(16, 14, 14)
-    metrics = localisation_metrics(np.stack([hit, miss, hit, hit]), [lesion, lesion, lesion, None],
-                                   np.array([1, 1, 2, 0]), CLASSES)
+    metrics = localisation_metrics(
+        np.stack([hit, miss, hit, hit]), [lesion, lesion, lesion, None], np.array([1, 1, 2, 0]), CLASSES
+    )
     assert metrics is not None
     assert set(metrics["per_class"]) == {"benign", "malignant"}
     assert metrics["per_class"]["benign"]["n"] == 2 and metrics["per_class"]["benign"]["pointing_game"] == 0.5
@@ -86,6 +87,7 @@ def test_metrics_per_class_leave_out_images_without_a_lesion() -> None:
 
 
 # ---- the localisation loss --------------------------------------------------------------
+
 
 def test_localisation_loss_is_the_share_of_heat_outside_the_lesion_cells() -> None:
     masks = torch.zeros(3, 32, 32)
@@ -125,6 +127,7 @@ def test_localisation_loss_moves_the_heat_of_a_real_hybrid_into_the_lesion() -> 
 
 # ---- masks follow their images -----------------------------------------------------------
 
+
 def test_the_mask_moves_with_its_augmented_image() -> None:
     """A bright disc on black and its mask: after rotation, scale and flip the bright
     pixels and the moved mask coincide; the image is what plain augment gives."""
@@ -137,7 +140,8 @@ def test_the_mask_moves_with_its_augmented_image() -> None:
         bright = moved_image > moved_image.mean()
         assert (bright & moved_mask).sum() / (bright | moved_mask).sum() > 0.85, seed
     flipped_image, flipped_mask = augment_with_mask(
-        image, mask, np.random.default_rng(0), max_rotation_deg=0.0, scale_range=(1.0, 1.0), flip_probability=1.0)
+        image, mask, np.random.default_rng(0), max_rotation_deg=0.0, scale_range=(1.0, 1.0), flip_probability=1.0
+    )
     assert np.array_equal(flipped_mask, mask[:, ::-1])
     with pytest.raises(ValueError, match="mask shape"):
         augment_with_mask(image, mask[:32], np.random.default_rng(0))
@@ -145,13 +149,15 @@ def test_the_mask_moves_with_its_augmented_image() -> None:
 
 # ---- training and the report --------------------------------------------------------------
 
+
 def test_training_with_the_localisation_loss_reports_how_grad_cam_points(tmp_path: Path) -> None:
     source = DataSource(kind="synthetic", synthetic_per_class=8, seed=0)
     records = source.load()
     split = make_split(records, 0.25, 0.25, seed=0)
     config = ModelConfig(arch="hybrid", width=0.125, size=64, embedding_dim=16, rnn_hidden=16, cam_layer="conv4_3")
-    trained = train(records, split, config, TrainConfig(epochs=2, localisation_weight=1.0), source, tmp_path,
-                    progress=False)
+    trained = train(
+        records, split, config, TrainConfig(epochs=2, localisation_weight=1.0), source, tmp_path, progress=False
+    )
     assert all(0 < h["train_localisation_loss"] <= 1 for h in trained.history)
     report = evaluate(trained, records, tmp_path)
     localisation = report["localisation"]

@@ -31,7 +31,7 @@ NORMAL, BENIGN, MALIGNANT = range(3)
 
 def _square(size: int, top: int, left: int, side: int) -> np.ndarray:
     mask = np.zeros((size, size), dtype=bool)
-    mask[top:top + side, left:left + side] = True
+    mask[top : top + side, left : left + side] = True
     return mask
 
 
@@ -45,8 +45,15 @@ def test_dice_iou_and_outlines_on_normal_images_by_hand() -> None:
     half[8:24, 8:16] = True  # 128 px, all inside
     speck = np.zeros((size, size), np.float32)
     speck[40, 40] = 0.9
-    maps = np.stack([lesion.astype(np.float32), half.astype(np.float32), speck,
-                     np.zeros((size, size), np.float32), np.ones((size, size), np.float32)])
+    maps = np.stack(
+        [
+            lesion.astype(np.float32),
+            half.astype(np.float32),
+            speck,
+            np.zeros((size, size), np.float32),
+            np.ones((size, size), np.float32),
+        ]
+    )
     masks = [lesion, lesion, None, None, None]
     labels = np.array([BENIGN, MALIGNANT, NORMAL, NORMAL, MALIGNANT])
     metrics = segmentation_metrics(maps, masks, labels, CLASSES, threshold=0.5, size=size)
@@ -55,12 +62,21 @@ def test_dice_iou_and_outlines_on_normal_images_by_hand() -> None:
     assert metrics["per_class"]["malignant"]["dice"] == pytest.approx(2 * 128 / (128 + 256))
     assert metrics["per_class"]["malignant"]["iou"] == pytest.approx(0.5)
     assert metrics["all"]["dice"] == pytest.approx((1 + 2 / 3) / 2)
-    assert metrics["no_lesion"] == {"n": 2, "false_positive_rate": 0.5, "min_area_fraction": MIN_AREA_FRACTION,
-                                    "false_positive_rate_over_min_area": 0.0, "mean_area_fraction": 0.5 / size**2}
+    assert metrics["no_lesion"] == {
+        "n": 2,
+        "false_positive_rate": 0.5,
+        "min_area_fraction": MIN_AREA_FRACTION,
+        "false_positive_rate_over_min_area": 0.0,
+        "mean_area_fraction": 0.5 / size**2,
+    }
     blot = maps.copy()
     blot[3, :8, :8] = 1.0  # 64 px of 4096: above the minimum area
-    assert segmentation_metrics(blot, masks, labels, CLASSES, threshold=0.5, size=size)["no_lesion"][
-        "false_positive_rate_over_min_area"] == 0.5
+    assert (
+        segmentation_metrics(blot, masks, labels, CLASSES, threshold=0.5, size=size)["no_lesion"][
+            "false_positive_rate_over_min_area"
+        ]
+        == 0.5
+    )
 
 
 def test_the_threshold_is_the_one_of_best_mean_dice() -> None:
@@ -88,7 +104,9 @@ def test_segmentation_loss_rewards_the_right_outline_and_skips_unknown_masks() -
     # the third image's extent is unknown: whatever the head says there costs nothing
     outlined = right.clone()
     outlined[2] = 8.0
-    assert float(segmentation_loss(outlined, masks, known)) == pytest.approx(float(segmentation_loss(right, masks, known)))
+    assert float(segmentation_loss(outlined, masks, known)) == pytest.approx(
+        float(segmentation_loss(right, masks, known))
+    )
     # a normal image (known, empty mask) is asked for an empty outline
     assert float(segmentation_loss(outlined, masks, torch.tensor([True, True, True]))) > 0.5
 
@@ -97,10 +115,12 @@ def test_training_with_the_segmentation_loss_learns_outlines_and_reports_them(tm
     source = DataSource(kind="synthetic", synthetic_per_class=8, seed=0)
     records = source.load()
     split = make_split(records, 0.25, 0.25, seed=0)
-    config = ModelConfig(arch="hybrid", width=0.125, size=64, embedding_dim=16, rnn_hidden=16, cam_layer="conv4_3",
-                         segmentation=True)
-    train_config = TrainConfig(epochs=5, batch_size=4, lr=3e-3, augment=False, seed=0, patience=10,
-                               segmentation_weight=1.0)
+    config = ModelConfig(
+        arch="hybrid", width=0.125, size=64, embedding_dim=16, rnn_hidden=16, cam_layer="conv4_3", segmentation=True
+    )
+    train_config = TrainConfig(
+        epochs=5, batch_size=4, lr=3e-3, augment=False, seed=0, patience=10, segmentation_weight=1.0
+    )
     trained = train(records, split, config, train_config, source, tmp_path, progress=False)
     losses = [h["train_segmentation_loss"] for h in trained.history]
     assert losses[-1] < losses[0] - 0.15, losses
@@ -125,7 +145,8 @@ def test_without_lesion_masks_the_model_gets_no_head(tmp_path: Path) -> None:
     records = [type(r)(image=r.image, label=r.label, mask=None, group=r.group, source=r.source) for r in source.load()]
     split = make_split(records, 0.25, 0.25, seed=0)
     config = ModelConfig(arch="hybrid", width=0.125, size=64, embedding_dim=16, rnn_hidden=16, segmentation=True)
-    trained = train(records, split, config, TrainConfig(epochs=1, segmentation_weight=1.0), source, tmp_path,
-                    progress=False)
+    trained = train(
+        records, split, config, TrainConfig(epochs=1, segmentation_weight=1.0), source, tmp_path, progress=False
+    )
     assert not trained.model_config.segmentation and trained.segmentation is None
     assert trained.train_config.segmentation_weight == 0.0

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 from chromium import Chromium
+from test_web import BEARER, REVIEW_TOKEN, REVIEWER, TOKEN, Node, _http, _login, _populate, _settings
 
 from service.ledger import Verdict
 from service.monitoring.verdicts import current, reader_class
 from service.ops.review import review_router
 from service.ops.verdicts import verdict_router
 from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
-from test_web import BEARER, REVIEW_TOKEN, REVIEWER, TOKEN, Node, _http, _login, _populate, _settings
 
 
 @pytest.fixture
@@ -37,8 +37,12 @@ def _post(node: Node, study_uid: str, body: dict[str, Any], headers: dict[str, s
     """POST a JSON verdict as a reporting system would."""
     conn = http.client.HTTPConnection(node.url.removeprefix("http://"), timeout=10)
     try:
-        conn.request("POST", f"{API_PREFIX}/studies/{study_uid}/verdicts", body=json.dumps(body).encode(),
-                     headers={**headers, "Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            f"{API_PREFIX}/studies/{study_uid}/verdicts",
+            body=json.dumps(body).encode(),
+            headers={**headers, "Content-Type": "application/json"},
+        )
         response = conn.getresponse()
         return response.status, json.loads(response.read())
     finally:
@@ -50,8 +54,11 @@ def test_verdicts_are_given_changed_and_every_change_kept(node: Node) -> None:
     image = node.ledger.result(study)["images"][0]["sop_instance_uid"]  # type: ignore[index]
     status, first = _post(node, study, {"verdict": "agree", "reader": "Dr A"})
     assert status == 201 and (first["verdict"], first["finding"], first["reader"]) == ("agree", "", "Dr A")
-    status, changed = _post(node, study, {"verdict": "corrected", "corrected_class": "benign", "reader": "Dr A",
-                                          "comment": "fibroadenoma on the prior"})
+    status, changed = _post(
+        node,
+        study,
+        {"verdict": "corrected", "corrected_class": "benign", "reader": "Dr A", "comment": "fibroadenoma on the prior"},
+    )
     assert status == 201 and changed["recorded_at"] >= first["recorded_at"]
     assert _post(node, study, {"verdict": "disagree", "finding": image, "reader": "Dr B"})[0] == 201
     status, _, body = _http(node.url, f"{API_PREFIX}/studies/{study}/verdicts", headers=BEARER)
@@ -64,13 +71,16 @@ def test_verdicts_are_given_changed_and_every_change_kept(node: Node) -> None:
     assert reader_class(history[0], "malignant") == "malignant"
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ({"verdict": "corrected", "reader": "Dr A"}, "corrected class goes with"),
-    ({"verdict": "agree", "corrected_class": "benign", "reader": "Dr A"}, "corrected class goes with"),
-    ({"verdict": "corrected", "corrected_class": "cyst", "reader": "Dr A"}, "'cyst' is not one of"),
-    ({"verdict": "agree", "finding": "1.2.3", "reader": "Dr A"}, "not an analysed image"),
-    ({"verdict": "agree", "reader": " "}, "needs its reader"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"verdict": "corrected", "reader": "Dr A"}, "corrected class goes with"),
+        ({"verdict": "agree", "corrected_class": "benign", "reader": "Dr A"}, "corrected class goes with"),
+        ({"verdict": "corrected", "corrected_class": "cyst", "reader": "Dr A"}, "'cyst' is not one of"),
+        ({"verdict": "agree", "finding": "1.2.3", "reader": "Dr A"}, "not an analysed image"),
+        ({"verdict": "agree", "reader": " "}, "needs its reader"),
+    ],
+)
 def test_a_verdict_that_does_not_fit_is_refused(node: Node, body: dict[str, Any], message: str) -> None:
     status, answer = _post(node, node.analysed, body)
     assert status == 422 and message in answer["detail"]
@@ -101,8 +111,10 @@ def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node
     try:
         browser.open(node.url + "/status")
         browser.wait_for("document.querySelector('input[name=token]') !== null")
-        browser.evaluate(f"document.querySelector('input[name=token]').value = {json.dumps(REVIEW_TOKEN)};"
-                         "document.querySelector('form[action=\"/login\"]').submit()")
+        browser.evaluate(
+            f"document.querySelector('input[name=token]').value = {json.dumps(REVIEW_TOKEN)};"
+            "document.querySelector('form[action=\"/login\"]').submit()"
+        )
         browser.wait_for("document.querySelector('table#studies') !== null")
         browser.evaluate(f"document.querySelector('#studies tr[data-study=\"{study}\"] .result a').click()")
         browser.wait_for("document.querySelector('form#verdict') !== null")
@@ -113,13 +125,15 @@ def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node
             "f.querySelector('input[value=corrected]').checked = true;"
             "f.querySelector('select[name=corrected_class]').value = 'benign';"
             "f.querySelector('textarea[name=comment]').value = 'fibroadenoma, stable since 2024';"
-            "f.querySelector('input[name=reader]').value = 'Dr C'; f.submit()")
+            "f.querySelector('input[name=reader]').value = 'Dr C'; f.submit()"
+        )
         browser.wait_for("location.search.includes('saved=1') && document.querySelector('#verdicts') !== null")
         browser.evaluate(
             "const g = document.querySelector('form#verdict');"
             "g.querySelector('select[name=finding]').selectedIndex = 1;"
             "g.querySelector('input[value=agree]').checked = true;"
-            "g.querySelector('input[name=reader]').value = 'Dr C'; g.submit()")
+            "g.querySelector('input[name=reader]').value = 'Dr C'; g.submit()"
+        )
         browser.wait_for("document.querySelectorAll('#verdicts tr').length === 3")
         shown = browser.evaluate("Array.from(document.querySelectorAll('#verdicts .verdict')).map(c => c.textContent)")
         assert shown == ["corrected benign", "agree"]
@@ -127,9 +141,9 @@ def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node
     finally:
         browser.close()
     history = node.ledger.verdicts(study)
-    assert [(v["verdict"], v["corrected_class"], v["reader"], v["reader_role"], bool(v["finding"]))
-            for v in history] == [("corrected", "benign", "Dr C", "reviewer", False),
-                                  ("agree", None, "Dr C", "reviewer", True)]
+    assert [
+        (v["verdict"], v["corrected_class"], v["reader"], v["reader_role"], bool(v["finding"])) for v in history
+    ] == [("corrected", "benign", "Dr C", "reviewer", False), ("agree", None, "Dr C", "reviewer", True)]
 
 
 def test_the_review_form_needs_its_session_s_csrf_token(node: Node) -> None:
@@ -150,14 +164,19 @@ def test_verdicts_record_the_role_they_came_with(node: Node) -> None:
     cookie, csrf = _login(node.url, REVIEW_TOKEN)
     status, answer = _post(node, study, {"verdict": "agree", "reader": "Dr S"}, headers={"Cookie": cookie})
     assert status == 403 and "CSRF" in answer["detail"]
-    status, answer = _post(node, study, {"verdict": "agree", "reader": "Dr S"},
-                           headers={"Cookie": cookie, "X-CSRF-Token": csrf})
+    status, answer = _post(
+        node, study, {"verdict": "agree", "reader": "Dr S"}, headers={"Cookie": cookie, "X-CSRF-Token": csrf}
+    )
     assert status == 201 and answer["reader_role"] == "reviewer"
     form = {"verdict": "agree", "reader": "Dr T"}
     assert _http(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form)[0] == 403
     status, _, _ = _http(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form | {"csrf": csrf})
     assert status == 303
     assert [(v["reader"], v["reader_role"]) for v in node.ledger.verdicts(study)] == [
-        ("Dr R", "reviewer"), ("Dr A", "admin"), ("Dr S", "reviewer"), ("Dr T", "reviewer")]
+        ("Dr R", "reviewer"),
+        ("Dr A", "admin"),
+        ("Dr S", "reviewer"),
+        ("Dr T", "reviewer"),
+    ]
     page = _http(node.url, f"/review/{study}", headers=REVIEWER)[2].decode()
     assert "Dr T (reviewer)" in page and "Dr A (admin)" in page

@@ -29,12 +29,12 @@ import numpy as np
 import pydicom
 import pytest
 from chromium import Chromium
-from scipy import ndimage
 from conftest import free_port, wait_for
 from ohif import OhifServer
 from orthanc import Orthanc
 from PIL import Image
 from pydicom.uid import generate_uid
+from scipy import ndimage
 from test_reports_support import data_file, default_template
 from worker_support import Process, serve, storescu, wait_for_state
 
@@ -111,16 +111,25 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """Both studies pushed to the node, its results and the sources in Orthanc."""
     folder = tmp_path_factory.mktemp("viewer")
     settings = load_settings(
-        data_dir=folder / "data", host="127.0.0.1", port=free_port(), http_port=0, quiet_period_s=1.0,
-        durability="none", workers=1,
+        data_dir=folder / "data",
+        host="127.0.0.1",
+        port=free_port(),
+        http_port=0,
+        quiet_period_s=1.0,
+        durability="none",
+        workers=1,
     )
     orthanc = Orthanc.start(folder / "orthanc", callers=[settings.ae_title])
     destinations = load_settings(destinations=orthanc.destination).destinations
     settings = settings.model_copy(update={"destinations": destinations})
-    studies = dict(_write_study(folder / "studies", datasets, f"Viewer^{name}")
-                   for name, datasets in (("A", synthetic_study(STUDY_A_IMAGES, "malignant", seed=7)),
-                                          ("B", [synthetic_cine(30, "benign", seed=4)]),
-                                          ("C", [_named_breast(n) for n in STUDY_C])))
+    studies = dict(
+        _write_study(folder / "studies", datasets, f"Viewer^{name}")
+        for name, datasets in (
+            ("A", synthetic_study(STUDY_A_IMAGES, "malignant", seed=7)),
+            ("B", [synthetic_cine(30, "benign", seed=4)]),
+            ("C", [_named_breast(n) for n in STUDY_C]),
+        )
+    )
     node: Process | None = None
     try:
         node = serve(settings, folder / "node.log")
@@ -156,13 +165,15 @@ def _viewport_pixels(browser: Chromium, screenshot: np.ndarray) -> np.ndarray:
     """The part of a screenshot inside the (first) viewport."""
     x, y, w, h = browser.evaluate(
         "(() => { const r = document.querySelector('[data-cy=viewport-pane]').getBoundingClientRect();"
-        " return [r.x, r.y, r.width, r.height].map(Math.round); })()")
-    return screenshot[y:y + h, x:x + w]
+        " return [r.x, r.y, r.width, r.height].map(Math.round); })()"
+    )
+    return screenshot[y : y + h, x : x + w]
 
 
 def _rendered(browser: Chromium, folder: Path, name: str, lit: float = 0.1) -> np.ndarray:
     """The viewport once the picture is drawn (at least ``lit`` of it brighter than
     the black background): OHIF shows the overlay text before the image."""
+
     def probe() -> tuple[np.ndarray] | None:
         browser.hover("[data-cy=viewport-pane]")  # OHIF may draw the image at the next redraw a pointer brings
         pixels = _viewport_pixels(browser, _shot(browser, folder, name))
@@ -176,6 +187,7 @@ def _nested_levels(pixels: np.ndarray, margin: int = 40) -> bool:
     (75-100 % of the peak) with yellow (50-75 %) around it and cyan (25-50 %) around
     that. Checked within the picture alone, since OHIF highlights annotations in
     yellow and the scanner's colour bar holds red: no other screenshot compares."""
+
     def near(colour: tuple[int, int, int]) -> np.ndarray:
         return np.all(np.abs(pixels.astype(int) - np.array(colour)) <= 60, axis=-1)
 
@@ -185,8 +197,10 @@ def _nested_levels(pixels: np.ndarray, margin: int = 40) -> bool:
         if len(ys) < 30:
             continue
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        ring = near((255, 255, 0))[max(0, y0 - margin):y1 + margin, max(0, x0 - margin):x1 + margin]
-        outer = near((0, 255, 255))[max(0, y0 - 2 * margin):y1 + 2 * margin, max(0, x0 - 2 * margin):x1 + 2 * margin]
+        ring = near((255, 255, 0))[max(0, y0 - margin) : y1 + margin, max(0, x0 - margin) : x1 + margin]
+        outer = near((0, 255, 255))[
+            max(0, y0 - 2 * margin) : y1 + 2 * margin, max(0, x0 - 2 * margin) : x1 + 2 * margin
+        ]
         if ring.sum() >= 30 and outer.sum() >= 30:
             return True
     return False
@@ -213,17 +227,22 @@ def _next_region(browser: Chromium) -> None:
 
 def _displayed(browser: Chromium) -> tuple[int, int, int]:
     """Instance Number, position and count OHIF shows in the viewport ("I:3 (3/3)")."""
-    text = browser.wait_for(f"document.querySelector('{OVERLAY}') && "
-                            f"document.querySelector('{OVERLAY}').innerText.match(/I:\\d+ \\(\\d+\\/\\d+\\)/) && "
-                            f"document.querySelector('{OVERLAY}').innerText")
+    text = browser.wait_for(
+        f"document.querySelector('{OVERLAY}') && "
+        f"document.querySelector('{OVERLAY}').innerText.match(/I:\\d+ \\(\\d+\\/\\d+\\)/) && "
+        f"document.querySelector('{OVERLAY}').innerText"
+    )
     number, position, count = re.search(r"I:(\d+) \((\d+)/(\d+)\)", text).groups()  # type: ignore[union-attr]
     return int(number), int(position), int(count)
 
 
 def _labels(browser: Chromium) -> str:
     """The text OHIF draws beside the SR's regions in the viewport."""
-    return str(browser.evaluate(
-        "[...document.querySelectorAll('[data-cy=viewport-pane] svg text')].map(t => t.textContent).join('\\n')"))
+    return str(
+        browser.evaluate(
+            "[...document.querySelectorAll('[data-cy=viewport-pane] svg text')].map(t => t.textContent).join('\\n')"
+        )
+    )
 
 
 def _group_labels(sr: pydicom.Dataset) -> list[tuple[str, int, list[str]]]:
@@ -237,7 +256,8 @@ def _group_labels(sr: pydicom.Dataset) -> list[tuple[str, int, list[str]]]:
         lines = [
             f"{i.ConceptNameCodeSequence[0].CodeMeaning}: {float(i.MeasuredValueSequence[0].NumericValue):.2f} "
             f"{i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue}"
-            for i in group.ContentSequence if i.ValueType == "NUM"
+            for i in group.ContentSequence
+            if i.ValueType == "NUM"
         ]
         found.append((ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1), lines))
     return found
@@ -273,8 +293,10 @@ def _wait_region(browser: Chromium, lines: list[str], timeout_s: float = 60) -> 
         wait_for(f"a region labelled {lines}", probe, timeout_s, interval=0.5)
     except AssertionError as exc:
         shot = browser.screenshot(Path(tempfile.mkdtemp(prefix="viewer-failure-")) / "viewport.png")
-        raise AssertionError(f"{exc}; the viewport reads: {_labels(browser)!r}; screenshot {shot}; "
-                             f"page errors: {browser.page_errors()}; console: {browser.console()[-5:]}") from None
+        raise AssertionError(
+            f"{exc}; the viewport reads: {_labels(browser)!r}; screenshot {shot}; "
+            f"page errors: {browser.page_errors()}; console: {browser.console()[-5:]}"
+        ) from None
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +318,9 @@ def browser(site: Site, screenshots: Path) -> Iterator[tuple[Chromium, OhifServe
 
 
 def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
-    site: Site, browser: tuple[Chromium, OhifServer], screenshots: Path,
+    site: Site,
+    browser: tuple[Chromium, OhifServer],
+    screenshots: Path,
 ) -> None:
     chromium, server = browser
     template = default_template()
@@ -314,8 +338,12 @@ def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
 
     # Every series of ours is listed, each saying it is not for primary diagnosis.
     listed = chromium.evaluate(f"[...document.querySelectorAll('{THUMBNAILS}')].map(e => e.innerText)")
-    for modality, spec in (("SR", template.sr_series), ("OT", template.sc_series), ("SEG", template.seg_series),
-                           ("KO", template.kos_series)):
+    for modality, spec in (
+        ("SR", template.sr_series),
+        ("OT", template.sc_series),
+        ("SEG", template.seg_series),
+        ("KO", template.kos_series),
+    ):
         assert any(modality in entry and spec.description in entry for entry in listed), (modality, listed)
         assert "not for primary diagnosis" in spec.description
 
@@ -359,8 +387,10 @@ def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
     chromium.wait_for("document.body.innerText.includes('Do you want to open this Segmentation?')")
     chromium.click("button", text="Yes")
     chromium.click("[data-cy=panelSegmentation-btn]")  # the segmentation panel lists the levels
-    levels = [template.wording.segment_label.format(low=low, high=high)
-              for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0))]
+    levels = [
+        template.wording.segment_label.format(low=low, high=high)
+        for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0))
+    ]
     chromium.wait_for(f"{json.dumps(levels)}.every(l => document.body.innerText.includes(l))", 120)
     chromium.wait_for("!document.body.innerText.includes('Loading SEG')")
     assert _displayed(chromium)[0] in numbers.values()
@@ -384,16 +414,23 @@ def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
     # holds, read through the same DICOMweb proxy, names the deciding image and the SR.
     (kos,) = site.outbox(study_a, "KO")
     status, _, body = site.orthanc.request(
-        "GET", f"/dicom-web/studies/{study_a}/series/{kos.SeriesInstanceUID}/instances/{kos.SOPInstanceUID}/metadata",
-        headers={"Accept": "application/dicom+json"})
+        "GET",
+        f"/dicom-web/studies/{study_a}/series/{kos.SeriesInstanceUID}/instances/{kos.SOPInstanceUID}/metadata",
+        headers={"Accept": "application/dicom+json"},
+    )
     assert status == 200
-    flagged = {item["00081199"]["Value"][0]["00081155"]["Value"][0]
-               for item in json.loads(body)[0]["0040A730"]["Value"] if "00081199" in item}
+    flagged = {
+        item["00081199"]["Value"][0]["00081155"]["Value"][0]
+        for item in json.loads(body)[0]["0040A730"]["Value"]
+        if "00081199" in item
+    }
     assert flagged >= {result.summary.decisive_sop_instance_uid, sr.SOPInstanceUID}
 
 
 def test_a_cine_loops_regions_are_on_their_frames_in_ohif(
-    site: Site, browser: tuple[Chromium, OhifServer], screenshots: Path,
+    site: Site,
+    browser: tuple[Chromium, OhifServer],
+    screenshots: Path,
 ) -> None:
     chromium, server = browser
     study_b = list(site.studies)[1]
@@ -421,7 +458,9 @@ def test_a_cine_loops_regions_are_on_their_frames_in_ohif(
 
 
 def test_real_ultrasound_that_is_not_breast_shows_not_assessed_in_ohif(
-    site: Site, browser: tuple[Chromium, OhifServer], screenshots: Path,
+    site: Site,
+    browser: tuple[Chromium, OhifServer],
+    screenshots: Path,
 ) -> None:
     chromium, server = browser
     template = default_template()
@@ -434,8 +473,9 @@ def test_real_ultrasound_that_is_not_breast_shows_not_assessed_in_ohif(
     if chromium.evaluate("document.body.innerText.includes('Skip all')"):
         chromium.click("button", text="Skip all")
     listed = chromium.evaluate(f"[...document.querySelectorAll('{THUMBNAILS}')].map(e => e.innerText)")
-    assert not any(template.seg_series.description in entry or template.kos_series.description in entry
-                   for entry in listed), listed
+    assert not any(
+        template.seg_series.description in entry or template.kos_series.description in entry for entry in listed
+    ), listed
     chromium.wait_for(f"document.querySelector('{OVERLAY}')?.innerText.includes('I:1 ')", 60)
     chromium.wait_idle("/dicom-web/")
     capture = _rendered(chromium, screenshots, "7-not-assessed-sc")

@@ -95,7 +95,8 @@ def test_a_study_is_analysed_and_its_result_stored(worker_settings: Settings, le
 
 
 def test_pictures_drawn_on_the_frames_the_worker_decoded_equal_those_drawn_from_the_files(
-        worker_settings: Settings, ledger: Ledger) -> None:
+    worker_settings: Settings, ledger: Ledger
+) -> None:
     """The worker draws its heatmap SCs on the frames it decoded for the model; a
     report built later from the spool (a restart, ``sonocase resend``) decodes them
     again: the pictures must not depend on which, for any pixel form scanners send."""
@@ -135,8 +136,9 @@ def test_a_reopened_study_is_analysed_again_as_a_new_generation(worker_settings:
     assert len(_result(ledger, study_uid, 2).images) == 3
 
 
-def test_failures_retry_with_backoff_then_fail_visibly(worker_settings: Settings, ledger: Ledger,
-                                                        tmp_path: Path) -> None:
+def test_failures_retry_with_backoff_then_fail_visibly(
+    worker_settings: Settings, ledger: Ledger, tmp_path: Path
+) -> None:
     broken = worker_settings.model_copy(update={"model_path": tmp_path / "missing.onnx", "task_max_attempts": 3})
     study_uid = receive(broken, ledger, _study(1))
     state = WorkerState(broken)
@@ -152,7 +154,8 @@ def test_failures_retry_with_backoff_then_fail_visibly(worker_settings: Settings
 
 
 def test_bad_instances_are_skipped_with_a_reason_and_do_not_fail_the_study(
-    worker_settings: Settings, ledger: Ledger,
+    worker_settings: Settings,
+    ledger: Ledger,
 ) -> None:
     datasets = _study(3, seed=5)
     study_uid = receive(worker_settings, ledger, datasets, complete=False)
@@ -160,9 +163,16 @@ def test_bad_instances_are_skipped_with_a_reason_and_do_not_fail_the_study(
     data = Path(truncated.path).read_bytes()
     Path(truncated.path).write_bytes(data[: len(data) // 2])
     ignored = InstanceRecord(
-        sop_instance_uid=generate_uid(), study_uid=study_uid, series_uid=generate_uid(),
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.7", transfer_syntax="1.2.840.10008.1.2.1", path="-", size=0,
-        calling_ae="TEST", modality="OT", ignored_reason="not ultrasound: Modality OT (stored, not analysed)",
+        sop_instance_uid=generate_uid(),
+        study_uid=study_uid,
+        series_uid=generate_uid(),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        path="-",
+        size=0,
+        calling_ae="TEST",
+        modality="OT",
+        ignored_reason="not ultrasound: Modality OT (stored, not analysed)",
     )
     ledger.record_instance(ignored)
     ledger.complete_quiet_studies(0.0, now=time.time() + 1)
@@ -174,7 +184,8 @@ def test_bad_instances_are_skipped_with_a_reason_and_do_not_fail_the_study(
 
 
 def test_every_shipped_ultrasound_file_reaches_a_result_or_a_skip_reason(
-    worker_settings: Settings, ledger: Ledger,
+    worker_settings: Settings,
+    ledger: Ledger,
 ) -> None:
     study_uid = generate_uid()
     datasets = []
@@ -194,8 +205,9 @@ def test_every_shipped_ultrasound_file_reaches_a_result_or_a_skip_reason(
     assert result.summary.predicted is not None or result.summary.out_of_distribution
 
 
-def test_outside_the_models_experience_gives_no_class(worker_settings: Settings, ledger: Ledger,
-                                                       tmp_path: Path) -> None:
+def test_outside_the_models_experience_gives_no_class(
+    worker_settings: Settings, ledger: Ledger, tmp_path: Path
+) -> None:
     """Every image outside the training domain (the card's threshold lowered to 0):
     no class, the threshold recorded beside each score, no similar case offered
     although the index holds an analysed study, and the study does not join the
@@ -223,19 +235,37 @@ def test_outside_the_models_experience_gives_no_class(worker_settings: Settings,
 
 def _frame(predicted: str, p: float, ood: bool = False) -> FrameResult:
     rest = (1 - p) / 2
-    return FrameResult(frame_number=1, probabilities={c: p if c == predicted else rest for c in CLASSES},
-                       predicted=predicted, out_of_distribution=ood, ood_distance=0.1, heatmap_path="h.npy",
-                       crop=(0, 0, 1, 1), embedding=[1.0])
+    return FrameResult(
+        frame_number=1,
+        probabilities={c: p if c == predicted else rest for c in CLASSES},
+        predicted=predicted,
+        out_of_distribution=ood,
+        ood_distance=0.1,
+        heatmap_path="h.npy",
+        crop=(0, 0, 1, 1),
+        embedding=[1.0],
+    )
 
 
 def _image(uid: str, predicted: str | None, p: float | None, ood: bool = False) -> ImageResult:
-    return ImageResult(sop_instance_uid=uid, series_uid="1", sop_class_uid="1", predicted=predicted,
-                       probability=p, out_of_distribution=ood, frames=[_frame(predicted or "normal", p or 0.5, ood)])
+    return ImageResult(
+        sop_instance_uid=uid,
+        series_uid="1",
+        sop_class_uid="1",
+        predicted=predicted,
+        probability=p,
+        out_of_distribution=ood,
+        frames=[_frame(predicted or "normal", p or 0.5, ood)],
+    )
 
 
 def test_summary_rule_the_most_suspicious_image_decides() -> None:
-    images = [_image("a", "benign", 0.9), _image("b", "malignant", 0.5), _image("c", "malignant", 0.7),
-              _image("d", "normal", 0.99)]
+    images = [
+        _image("a", "benign", 0.9),
+        _image("b", "malignant", 0.5),
+        _image("c", "malignant", 0.7),
+        _image("d", "normal", 0.99),
+    ]
     summary = summarise_study(images, CLASSES)
     assert (summary.predicted, summary.probability, summary.decisive_sop_instance_uid) == ("malignant", 0.7, "c")
     benign = summarise_study([images[0], images[3]], CLASSES)
@@ -254,7 +284,8 @@ def test_summary_rule_ignores_images_outside_the_models_experience() -> None:
 
 
 def test_similar_cases_come_from_the_index_and_analysed_studies_join_it_once(
-    worker_settings: Settings, ledger: Ledger,
+    worker_settings: Settings,
+    ledger: Ledger,
 ) -> None:
     indexing = worker_settings.model_copy(update={"index_analysed_studies": True, "similar_studies": 3})
     state = WorkerState(indexing)
@@ -272,14 +303,19 @@ def test_similar_cases_come_from_the_index_and_analysed_studies_join_it_once(
     process_study(state, second)
     with SimilarCaseIndex.from_settings(indexing, None) as index:
         stored = [(s.study_uid, s.sop_instance_uid, s.label, s.label_source) for s in index.stored_images()]
-    judged = [(uid, i.sop_instance_uid, i.predicted, "ai") for uid in (first, second)
-              for i in _result(ledger, uid).images if i.predicted]  # in-distribution images only
+    judged = [
+        (uid, i.sop_instance_uid, i.predicted, "ai")
+        for uid in (first, second)
+        for i in _result(ledger, uid).images
+        if i.predicted
+    ]  # in-distribution images only
     assert sorted(stored) == sorted(judged)
     assert {uid for uid, *_ in stored} == {first, second}
 
 
 def test_a_worker_that_claims_before_the_scheduler_marks_the_study_queued_keeps_it(
-    worker_settings: Settings, ledger: Ledger,
+    worker_settings: Settings,
+    ledger: Ledger,
 ) -> None:
     """With a fast broker the worker claims a study between the scheduler's send and
     its mark_queued; the mark must not take the claim away (the result would be
@@ -299,15 +335,17 @@ def test_a_worker_that_claims_before_the_scheduler_marks_the_study_queued_keeps_
 
 
 def test_a_result_finished_after_its_lease_ran_out_is_kept_and_not_redone(
-    worker_settings: Settings, ledger: Ledger,
+    worker_settings: Settings,
+    ledger: Ledger,
 ) -> None:
     """A slow analysis outlives its lease and the scheduler queues the study again:
     the finished result is stored anyway and the re-sent task finds nothing to do."""
     study_uid = receive(worker_settings, ledger, _study(1, seed=10))
     start = time.time()
     generation = ledger.claim_analysis(study_uid, lease_s=5, now=start)
-    analysis = analyse_study(worker_settings, WorkerState(worker_settings).model(), study_uid, generation,
-                             ledger.instances(study_uid))
+    analysis = analyse_study(
+        worker_settings, WorkerState(worker_settings).model(), study_uid, generation, ledger.instances(study_uid)
+    )
     assert schedule_due(ledger, lambda uid: None, lease_s=5, now=start + 6) == [study_uid]
     assert ledger.study(study_uid)["state"] == StudyState.QUEUED
     assert ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json"), now=start + 7)
@@ -318,11 +356,16 @@ def test_a_result_finished_after_its_lease_ran_out_is_kept_and_not_redone(
 def test_worker_processes_get_exactly_the_nodes_settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """serve hands its settings (command-line overrides included) to the worker
     processes it starts through SONOCASE_* variables."""
-    custom = settings.model_copy(update={
-        "destinations": [Destination.parse("PACS@127.0.0.1:104"), Destination.parse("VNA@10.0.0.2:11112+tls")],
-        "allowed_callers": ["MODALITY1", "MODALITY2"], "index_analysed_studies": True, "max_cine_frames": 3,
-        "task_lease_s": 12.5, "execution_provider": "cpu",
-    })
+    custom = settings.model_copy(
+        update={
+            "destinations": [Destination.parse("PACS@127.0.0.1:104"), Destination.parse("VNA@10.0.0.2:11112+tls")],
+            "allowed_callers": ["MODALITY1", "MODALITY2"],
+            "index_analysed_studies": True,
+            "max_cine_frames": 3,
+            "task_lease_s": 12.5,
+            "execution_provider": "cpu",
+        }
+    )
     for name in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(name)
     for name, value in settings_env(custom).items():
@@ -343,8 +386,13 @@ class _OutliningModel:
     def run(self, batch: np.ndarray) -> SimpleNamespace:
         prediction = self._model.run(batch)
         blob = np.exp(-((np.mgrid[0:32, 0:32] - 15.5) ** 2).sum(axis=0) / (2 * 6.0**2)).astype(np.float32)
-        return SimpleNamespace(**{**vars(prediction), "predicted": prediction.predicted,
-                                  "lesion_mask": np.repeat(blob[None], len(batch), axis=0)})
+        return SimpleNamespace(
+            **{
+                **vars(prediction),
+                "predicted": prediction.predicted,
+                "lesion_mask": np.repeat(blob[None], len(batch), axis=0),
+            }
+        )
 
 
 def test_a_model_that_outlines_lesions_gets_them_measured(worker_settings: Settings, ledger: Ledger) -> None:

@@ -63,9 +63,12 @@ def fault_settings(settings: Settings, pacs: Storescp) -> Settings:
     and a PACS to count what arrives."""
     if not settings.model_path.is_file():
         pytest.fail(f"the model {settings.model_path} is missing: it ships in onnx_models/")
-    return settings.model_copy(update={
-        "task_lease_s": LEASE_S, "destinations": [Destination.parse(f"PACS@127.0.0.1:{pacs.port}")],
-    })
+    return settings.model_copy(
+        update={
+            "task_lease_s": LEASE_S,
+            "destinations": [Destination.parse(f"PACS@127.0.0.1:{pacs.port}")],
+        }
+    )
 
 
 def _delivered_once(settings: Settings, pacs: Storescp, study_uid: str, attempts: int = 1) -> StudyResult:
@@ -98,15 +101,17 @@ def _delivered_once(settings: Settings, pacs: Storescp, study_uid: str, attempts
 
 def _worker_pids(node: Process) -> tuple[int, list[int]]:
     """The Celery main process the node started, and its pool processes."""
-    table = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,args="], capture_output=True, text=True,
-                           check=True).stdout.splitlines()
+    table = subprocess.run(
+        ["ps", "-A", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     rows = [(int(p), int(pp), args) for p, pp, args in (line.split(None, 2) for line in table if line.strip())]
     main = next(pid for pid, parent, args in rows if parent == node.proc.pid and "service worker" in args)
     return main, [pid for pid, parent, _ in rows if parent == main]
 
 
-def test_killing_a_worker_mid_study_still_analyses_it_exactly_once(fault_settings: Settings, pacs: Storescp,
-                                                                   tmp_path: Path) -> None:
+def test_killing_a_worker_mid_study_still_analyses_it_exactly_once(
+    fault_settings: Settings, pacs: Storescp, tmp_path: Path
+) -> None:
     """kill -9 of the pool process analysing the study: the dead process stops renewing
     its lease, and within the lease the study is analysed by the new pool process."""
     slow = fault_settings.model_copy(update={"max_cine_frames": 40})  # longer than the lease
@@ -134,8 +139,9 @@ def test_killing_a_worker_mid_study_still_analyses_it_exactly_once(fault_setting
     print(f"analysed again {recovered_s:.1f} s after the kill (lease {LEASE_S} s)")
 
 
-def test_killing_a_worker_while_it_reports_reports_the_study_once(fault_settings: Settings, pacs: Storescp,
-                                                                  tmp_path: Path) -> None:
+def test_killing_a_worker_while_it_reports_reports_the_study_once(
+    fault_settings: Settings, pacs: Storescp, tmp_path: Path
+) -> None:
     """kill -9 of the pool process after it stored the result, while it builds the
     reports: the node's sender takes the study once the lease runs out and reports it;
     the PACS gets one SR."""
@@ -145,8 +151,12 @@ def test_killing_a_worker_while_it_reports_reports_the_study_once(fault_settings
         storescu(fault_settings, paths)
         wait_for_state(fault_settings, study_uid, StudyState.ANALYSING, timeout=60)
         _, pool = _worker_pids(node)
-        wait_for("the result to be stored", lambda: study_state(fault_settings, study_uid) != StudyState.ANALYSING,
-                 timeout=120, interval=0.002)
+        wait_for(
+            "the result to be stored",
+            lambda: study_state(fault_settings, study_uid) != StudyState.ANALYSING,
+            timeout=120,
+            interval=0.002,
+        )
         os.kill(pool[0], signal.SIGKILL)
         killed = time.monotonic()
         state = study_state(fault_settings, study_uid)
@@ -198,8 +208,9 @@ def test_redis_restart_while_studies_are_queued(fault_settings: Settings, pacs: 
     print(f"the study whose message Redis lost was reported {recovered_s:.1f} s later (lease {LEASE_S} s)")
 
 
-def test_node_killed_before_and_between_complete_and_queued(fault_settings: Settings, pacs: Storescp,
-                                                            tmp_path: Path) -> None:
+def test_node_killed_before_and_between_complete_and_queued(
+    fault_settings: Settings, pacs: Storescp, tmp_path: Path
+) -> None:
     """Three crash states, then one restart: a study still receiving when the node was
     killed; a complete study whose task was never sent (crash between complete and
     queued); a study whose task was sent twice but never marked queued (crash between
@@ -226,14 +237,18 @@ def test_node_killed_before_and_between_complete_and_queued(fault_settings: Sett
     try:
         for study_uid in (receiving, never_sent, sent_twice):
             _delivered_once(fault_settings, pacs, study_uid)
-        wait_for("the duplicate message to be consumed",
-                 lambda: not list((queue_dir(fault_settings) / "messages").glob("*.msg")), timeout=30)
+        wait_for(
+            "the duplicate message to be consumed",
+            lambda: not list((queue_dir(fault_settings) / "messages").glob("*.msg")),
+            timeout=30,
+        )
     finally:
         second.stop()
 
 
-def test_queued_studies_survive_a_node_restart_in_the_embedded_queue(fault_settings: Settings, pacs: Storescp,
-                                                                     tmp_path: Path) -> None:
+def test_queued_studies_survive_a_node_restart_in_the_embedded_queue(
+    fault_settings: Settings, pacs: Storescp, tmp_path: Path
+) -> None:
     """The embedded broker keeps messages on disk: a study queued before the restart
     is analysed from its message, long before its lease could run out."""
     no_workers = fault_settings.model_copy(update={"workers": 0, "task_lease_s": 600.0})

@@ -66,8 +66,14 @@ def _check_result(settings: Settings, study_uid: str, n_images: int) -> StudyRes
 
 
 def _status(settings: Settings, study_uid: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "service", "status", study_uid, "--json"], env=child_env(settings),
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "service", "status", study_uid, "--json"],
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     return json.loads(out)
 
 
@@ -86,8 +92,9 @@ def test_embedded_default_analyses_a_study_pushed_by_storescu(node_settings: Set
     assert not list((queue_dir(node_settings) / "messages").glob("*.msg")), "a message was left in the queue"
 
 
-def test_redis_broker_result_backend_and_a_separate_worker(node_settings: Settings, redis_db: str,
-                                                           tmp_path: Path) -> None:
+def test_redis_broker_result_backend_and_a_separate_worker(
+    node_settings: Settings, redis_db: str, tmp_path: Path
+) -> None:
     distributed = node_settings.model_copy(update={"broker_url": redis_db, "result_backend": redis_db, "workers": 0})
     node = serve(distributed, tmp_path / "node.log")
     worker = Process(distributed, "worker", log=tmp_path / "worker.log", ready=" ready.")

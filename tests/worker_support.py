@@ -42,7 +42,10 @@ def storescu(settings: Settings, paths: list[Path]) -> None:
     """Send ``paths`` with DCMTK's storescu (JPEG baseline and uncompressed proposed)."""
     result = subprocess.run(
         ["/usr/bin/storescu", "-xy", "-aec", settings.ae_title, "127.0.0.1", str(settings.port), *map(str, paths)],
-        env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, f"storescu failed:\n{result.stdout}\n{result.stderr}"
 
@@ -70,13 +73,17 @@ def child_env(settings: Settings) -> dict[str, str]:
 class Process:
     """A ``sonocase`` command as a subprocess in its own process group, output to a file."""
 
-    def __init__(self, settings: Settings, *args: str, log: Path, ready: str | None = None,
-                 timeout: float = 60.0) -> None:
+    def __init__(
+        self, settings: Settings, *args: str, log: Path, ready: str | None = None, timeout: float = 60.0
+    ) -> None:
         self.log_path = log
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", *args], env=child_env(settings),
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "service", *args],
+            env=child_env(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         if ready:
             wait_for(f"{args[0]} to print {ready!r}", lambda: ready in self.log() or self._died(), timeout)
@@ -124,7 +131,6 @@ def serve(settings: Settings, log: Path) -> Process:
     return Process(settings, "serve", log=log, ready="listening as ")
 
 
-
 class PrivateRedis:
     """A redis-server of our own on a free port (no persistence), for tests that
     restart it: the machine's shared Redis must not be restarted under others."""
@@ -144,9 +150,21 @@ class PrivateRedis:
         assert server, "redis-server is not installed: run scripts/setup.sh"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [server, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                server,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for("redis-server to answer", self._answers, timeout=10)
 
@@ -172,12 +190,19 @@ def receive(settings: Settings, ledger: Ledger, datasets: list[Dataset], complet
         path = instance_path(settings.spool_dir, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(path, enforce_file_format=True)
-        ledger.record_instance(InstanceRecord(
-            sop_instance_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID),
-            series_uid=str(ds.SeriesInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=str(path), size=path.stat().st_size,
-            calling_ae="TEST", modality=str(ds.get("Modality", "")),
-        ))
+        ledger.record_instance(
+            InstanceRecord(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                study_uid=str(ds.StudyInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                path=str(path),
+                size=path.stat().st_size,
+                calling_ae="TEST",
+                modality=str(ds.get("Modality", "")),
+            )
+        )
     if complete:
         ledger.complete_quiet_studies(0.0, now=time.time() + 1)
     return str(datasets[0].StudyInstanceUID)

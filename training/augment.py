@@ -25,10 +25,17 @@ def augment(image: np.ndarray, rng: np.random.Generator, **ranges: Any) -> np.nd
     return augment_with_mask(image, None, rng, **ranges)[0]
 
 
-def augment_with_mask(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, *,
-                      max_rotation_deg: float = 10.0, scale_range: tuple[float, float] = (0.9, 1.15),
-                      flip_probability: float = 0.5, gamma_range: tuple[float, float] = (0.75, 1.33),
-                      contrast_range: tuple[float, float] = (0.85, 1.15)) -> tuple[np.ndarray, np.ndarray | None]:
+def augment_with_mask(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    rng: np.random.Generator,
+    *,
+    max_rotation_deg: float = 10.0,
+    scale_range: tuple[float, float] = (0.9, 1.15),
+    flip_probability: float = 0.5,
+    gamma_range: tuple[float, float] = (0.75, 1.33),
+    contrast_range: tuple[float, float] = (0.85, 1.15),
+) -> tuple[np.ndarray, np.ndarray | None]:
     """A randomly transformed copy of a uint8 grayscale image, and of its lesion mask
     (bool, same shape) moved by the same geometry, so the mask still outlines the
     lesion the localisation loss (``training.train``) asks Grad-CAM to point at.
@@ -52,8 +59,7 @@ def augment_with_mask(image: np.ndarray, mask: np.ndarray | None, rng: np.random
     return _intensity(_geometry(image, angle, scale, flip, Image.Resampling.BILINEAR), gamma, contrast), moved
 
 
-def _geometry(image: np.ndarray, angle: float, scale: float, flip: bool,
-              resample: Image.Resampling) -> np.ndarray:
+def _geometry(image: np.ndarray, angle: float, scale: float, flip: bool, resample: Image.Resampling) -> np.ndarray:
     """Rotate by ``angle`` and scale by ``scale`` about the centre, mirrored if ``flip``."""
     height, width = image.shape
     cx, cy = width / 2, height / 2  # PIL samples at pixel centres: the image centre is w/2
@@ -62,8 +68,9 @@ def _geometry(image: np.ndarray, angle: float, scale: float, flip: bool,
     # PIL maps each output pixel to its input: input = centre + M (output - centre).
     a, b, d, e = cos * mirror, -sin, sin * mirror, cos
     coefficients = (a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy)
-    out = Image.fromarray(image).transform((width, height), Image.Transform.AFFINE, coefficients,
-                                           resample=resample, fillcolor=0)
+    out = Image.fromarray(image).transform(
+        (width, height), Image.Transform.AFFINE, coefficients, resample=resample, fillcolor=0
+    )
     return np.asarray(out)
 
 

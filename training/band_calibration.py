@@ -49,9 +49,17 @@ def band_calibration(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[st
         k = int(sum(int(y_true[i]) == malignant for i in members))
         low, high = wilson_interval(k, len(members))
         rate = k / len(members)
-        rows.append({"category": band.category, "range": [band.low, band.high], "n": len(members),
-                     "malignant": k, "rate": rate, "ci95": [low, high],
-                     "consistent": low <= band.high and high >= band.low})
+        rows.append(
+            {
+                "category": band.category,
+                "range": [band.low, band.high],
+                "n": len(members),
+                "malignant": k,
+                "rate": rate,
+                "ci95": [low, high],
+                "consistent": low <= band.high and high >= band.low,
+            }
+        )
     return rows
 
 
@@ -66,8 +74,11 @@ def band_markdown(rows: list[dict[str, Any]] | None) -> list[str]:
         "",
         "| band | range of malignancy | images | malignant | observed rate | 95 % interval | interval meets range |",
         "|---|---|---|---|---|---|---|",
-        *(f"| {r['category']} | {100 * r['range'][0]:g}-{100 * r['range'][1]:g} % | {r['n']} | {r['malignant']} "
-          f"| {100 * r['rate']:.1f} % | {100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f} % "
-          f"| {'yes' if r['consistent'] else 'no'} |" for r in rows),
+        *(
+            f"| {r['category']} | {100 * r['range'][0]:g}-{100 * r['range'][1]:g} % | {r['n']} | {r['malignant']} "
+            f"| {100 * r['rate']:.1f} % | {100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f} % "
+            f"| {'yes' if r['consistent'] else 'no'} |"
+            for r in rows
+        ),
         "",
     ]

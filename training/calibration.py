@@ -64,15 +64,22 @@ def fit_gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, precision
 
 
-def fit_guard(fit_images: np.ndarray, val_images: np.ndarray, percentile: float = GUARD_PERCENTILE,
-              fitted_on: str = "") -> OodSpec:
+def fit_guard(
+    fit_images: np.ndarray, val_images: np.ndarray, percentile: float = GUARD_PERCENTILE, fitted_on: str = ""
+) -> OodSpec:
     """The B-mode-statistics guard: mean and precision from the training images
     ``fit_images``, threshold the ``percentile`` of the validation images' scores
     (images the fit never saw, so the threshold is not set on the fit's own scores)."""
     mean, precision = fit_gaussian(bmode_statistics(fit_images))
     threshold = float(np.percentile(mahalanobis(bmode_statistics(val_images), mean, precision), percentile))
-    return OodSpec(features=list(FEATURES), mean=mean.tolist(), precision=precision.tolist(),
-                   threshold=threshold, percentile=percentile, fitted_on=fitted_on)
+    return OodSpec(
+        features=list(FEATURES),
+        mean=mean.tolist(),
+        precision=precision.tolist(),
+        threshold=threshold,
+        percentile=percentile,
+        fitted_on=fitted_on,
+    )
 
 
 def _nll(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -81,6 +88,7 @@ def _nll(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_temperature(probabilities: np.ndarray, labels: np.ndarray, fitted_on: str = "") -> CalibrationSpec:
     """The temperature that minimises the negative log-likelihood of ``labels``."""
+
     def loss(log_t: float) -> float:
         return _nll(calibrated(probabilities, CalibrationSpec(temperature=float(np.exp(log_t)))), labels)
 
@@ -126,19 +134,23 @@ def _detectors(fit: Scored, num_classes: int) -> dict[str, Callable[[np.ndarray,
     _, shared = fit_gaussian(fit.embeddings - centroids[fit.labels])
     mean, precision = fit_gaussian(bmode_statistics(fit.images))
     return {
-        "centroid distance (embedding; the guard before)":
-            lambda _i, _p, e: np.linalg.norm(e[:, None] - centroids[None], axis=2).min(axis=1),
-        "class-conditional Mahalanobis (embedding)":
-            lambda _i, _p, e: np.min([mahalanobis(e, c, shared) for c in centroids], axis=0),
-        f"{KNN_K}th-nearest training image (embedding, cosine)":
-            lambda _i, _p, e: np.sort(1.0 - e @ fit.embeddings.T, axis=1)[:, KNN_K - 1],
+        "centroid distance (embedding; the guard before)": lambda _i, _p, e: np.linalg.norm(
+            e[:, None] - centroids[None], axis=2
+        ).min(axis=1),
+        "class-conditional Mahalanobis (embedding)": lambda _i, _p, e: np.min(
+            [mahalanobis(e, c, shared) for c in centroids], axis=0
+        ),
+        f"{KNN_K}th-nearest training image (embedding, cosine)": lambda _i, _p, e: np.sort(
+            1.0 - e @ fit.embeddings.T, axis=1
+        )[:, KNN_K - 1],
         "maximum softmax probability": lambda _i, p, _e: 1.0 - p.max(axis=1),
         "B-mode input statistics (Mahalanobis)": lambda i, _p, _e: mahalanobis(bmode_statistics(i), mean, precision),
     }
 
 
-def compare_detectors(fit: Scored, val: Scored, test: Scored, sources: Sequence[OodSource], outputs: Outputs,
-                      num_classes: int) -> list[dict[str, Any]]:
+def compare_detectors(
+    fit: Scored, val: Scored, test: Scored, sources: Sequence[OodSource], outputs: Outputs, num_classes: int
+) -> list[dict[str, Any]]:
     """Per candidate: the held-out split's flag rate at the candidate's own threshold
     (GUARD_PERCENTILE of the validation scores), per source the flag rate, and the
     AUROC of the held-out split against the tuning sources and against the held-out
@@ -151,11 +163,15 @@ def compare_detectors(fit: Scored, val: Scored, test: Scored, sources: Sequence[
         scores = {s.name: detector(s.images, *source_outputs[s.name]) for s in sources}
         tuning = np.concatenate([scores[s.name] for s in sources if not s.held_out])
         held_out = np.concatenate([scores[s.name] for s in sources if s.held_out])
-        rows.append({
-            "detector": name, "test_flagged": float(np.mean(inside > threshold)),
-            "auroc_tuning": auroc(inside, tuning), "auroc_held_out": auroc(inside, held_out),
-            "flagged": {s.name: float(np.mean(scores[s.name] > threshold)) for s in sources},
-        })
+        rows.append(
+            {
+                "detector": name,
+                "test_flagged": float(np.mean(inside > threshold)),
+                "auroc_tuning": auroc(inside, tuning),
+                "auroc_held_out": auroc(inside, held_out),
+                "flagged": {s.name: float(np.mean(scores[s.name] > threshold)) for s in sources},
+            }
+        )
     return rows
 
 
@@ -164,40 +180,58 @@ def guard_report(spec: OodSpec, test: Scored, sources: Sequence[OodSource]) -> d
     guard = DomainGuard(spec)
     inside = guard.score(test.images)
     scores = {source.name: guard.score(source.images) for source in sources}
-    per_source = [{"source": source.name, "held_out": source.held_out, "images": len(scores[source.name]),
-                   "flagged": float(np.mean(scores[source.name] > spec.threshold)),
-                   "auroc": auroc(inside, scores[source.name]),
-                   "missed": [item for item, s in zip(source.items, scores[source.name], strict=True)
-                              if s <= spec.threshold]}
-                  for source in sources]
+    per_source = [
+        {
+            "source": source.name,
+            "held_out": source.held_out,
+            "images": len(scores[source.name]),
+            "flagged": float(np.mean(scores[source.name] > spec.threshold)),
+            "auroc": auroc(inside, scores[source.name]),
+            "missed": [item for item, s in zip(source.items, scores[source.name], strict=True) if s <= spec.threshold],
+        }
+        for source in sources
+    ]
     held_out = np.concatenate([scores[s.name] for s in sources if s.held_out])
-    return {"method": spec.method, "threshold": spec.threshold, "percentile": spec.percentile,
-            "test_flagged_fraction": float(np.mean(inside > spec.threshold)),
-            "auroc_held_out": auroc(inside, held_out), "sources": per_source}
+    return {
+        "method": spec.method,
+        "threshold": spec.threshold,
+        "percentile": spec.percentile,
+        "test_flagged_fraction": float(np.mean(inside > spec.threshold)),
+        "auroc_held_out": auroc(inside, held_out),
+        "sources": per_source,
+    }
 
 
-def calibration_report(spec: CalibrationSpec, splits: dict[str, tuple[np.ndarray, np.ndarray]],
-                       bins: int) -> dict[str, Any]:
+def calibration_report(
+    spec: CalibrationSpec, splits: dict[str, tuple[np.ndarray, np.ndarray]], bins: int
+) -> dict[str, Any]:
     """ECE before and after calibration on each named (probabilities, labels) set,
     with the noise floor of a perfectly calibrated model on that many images."""
     report: dict[str, Any] = {"method": spec.method, "temperature": spec.temperature, "fitted_on": spec.fitted_on}
     for name, (probabilities, labels) in splits.items():
         after = calibrated(probabilities, spec)
-        report[name] = {"images": len(labels), "ece_before": expected_calibration_error(probabilities, labels, bins),
-                        "ece_after": expected_calibration_error(after, labels, bins),
-                        "ece_noise_floor": ece_noise_floor(after, bins)}
+        report[name] = {
+            "images": len(labels),
+            "ece_before": expected_calibration_error(probabilities, labels, bins),
+            "ece_after": expected_calibration_error(after, labels, bins),
+            "ece_noise_floor": ece_noise_floor(after, bins),
+        }
     return report
 
 
-def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, spec: CalibrationSpec, bins: int,
-                     path: Path) -> Path:
+def plot_reliability(
+    probabilities: np.ndarray, labels: np.ndarray, spec: CalibrationSpec, bins: int, path: Path
+) -> Path:
     """Accuracy against confidence per bin, before and after calibration."""
     from training.evaluate import _figure
 
     fig = Figure(figsize=(3.6, 3.4))
     ax = fig.subplots()
     edges = np.linspace(0, 1, bins + 1)
-    for probs, label in ((probabilities, "before"), (calibrated(probabilities, spec), f"after (T={spec.temperature:.2f})")):
+    for probs, label in (
+        (probabilities, "before"),
+        (calibrated(probabilities, spec), f"after (T={spec.temperature:.2f})"),
+    ):
         points = reliability_bins(probs, labels, bins)
         ax.plot([c for _, c, _ in points], [a for _, _, a in points], "o-", ms=3, label=label)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
@@ -206,19 +240,34 @@ def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, spec: Calibr
     return _figure(path, fig)
 
 
-def assess(outputs: Outputs, images: np.ndarray, labels: np.ndarray, parts: dict[str, Sequence[int]],
-           ood: OodSpec, calibration: CalibrationSpec, measure: tuple[np.ndarray, np.ndarray] | None,
-           num_classes: int, bins: int, reliability_path: Path) -> dict[str, Any]:
+def assess(
+    outputs: Outputs,
+    images: np.ndarray,
+    labels: np.ndarray,
+    parts: dict[str, Sequence[int]],
+    ood: OodSpec,
+    calibration: CalibrationSpec,
+    measure: tuple[np.ndarray, np.ndarray] | None,
+    num_classes: int,
+    bins: int,
+    reliability_path: Path,
+) -> dict[str, Any]:
     """The report's sections on the guard (``ood``: the fitted guard per source and
     the candidates it beat) and on calibration, for a model given as ``outputs``;
     ``parts`` indexes fit, val and test in ``images``; ``measure`` is a further
     held-out set (uint8 images, labels) where the source makes one."""
-    scored = {name: Scored(images[list(idx)], labels[list(idx)], *outputs(images[list(idx)]))
-              for name, idx in parts.items()}
+    scored = {
+        name: Scored(images[list(idx)], labels[list(idx)], *outputs(images[list(idx)])) for name, idx in parts.items()
+    }
     test = scored["test"]
-    sources = [*ood_sources(images.shape[1]),
-               OodSource("synthetic-upside-down", test.images[:, ::-1].copy(),
-                         tuple(f"test image {i} flipped" for i in range(len(test.images))))]
+    sources = [
+        *ood_sources(images.shape[1]),
+        OodSource(
+            "synthetic-upside-down",
+            test.images[:, ::-1].copy(),
+            tuple(f"test image {i} flipped" for i in range(len(test.images))),
+        ),
+    ]
     guard = guard_report(ood, test, sources)
     guard["candidates"] = compare_detectors(scored["fit"], scored["val"], test, sources, outputs, num_classes)
     sets = {"held-out split": (test.probabilities, test.labels)}

@@ -24,11 +24,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from service.datasets.records import Record
-from service.datasets.records import CLASSES
+from service.datasets.records import CLASSES, Record
 from service.model.guard import calibrated
-from service.model_card import DISCLAIMER, CalibrationSpec, OodSpec
 from service.model.imaging import resize_map
+from service.model_card import DISCLAIMER, CalibrationSpec, OodSpec
 from service.monitoring.classification import (
     ECE_BINS,
     classification_metrics,
@@ -62,16 +61,25 @@ log = logging.getLogger(__name__)
 
 RETRIEVAL_K = 5
 #: Headline metrics summarised across cross-validation folds and architectures.
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "ece",
-            "retrieval.map@5", "retrieval.precision@5", "retrieval.acc@1")
+HEADLINE = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "macro_roc_auc",
+    "ece",
+    "retrieval.map@5",
+    "retrieval.precision@5",
+    "retrieval.acc@1",
+)
 #: The seed paper's reported figure (Fawzy et al., Sci Rep 2026, BUSI). Its split is
 #: not clearly described (random image-level splits of BUSI leak near-duplicates),
 #: so it is not comparable with a group-aware held-out split.
 PAPER_ACCURACY = {"hybrid": 0.9924}
 
 
-def retrieval_metrics(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
-                      gallery_labels: np.ndarray, k: int = RETRIEVAL_K) -> dict[str, float]:
+def retrieval_metrics(
+    query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray, k: int = RETRIEVAL_K
+) -> dict[str, float]:
     """Each query's ``k`` nearest gallery images by Euclidean distance; relevant = same
     class. AP@k = sum over ranks i <= k of precision@i at relevant ranks, divided by
     min(k, relevant images in the gallery), so a list that is right only at rank 1
@@ -82,12 +90,21 @@ def retrieval_metrics(query: np.ndarray, query_labels: np.ndarray, gallery: np.n
     precision_at_i = np.cumsum(relevant, axis=1) / np.arange(1, k + 1)
     available = np.minimum(k, (gallery_labels[None] == query_labels[:, None]).sum(axis=1))
     ap = (precision_at_i * relevant).sum(axis=1) / np.maximum(available, 1)
-    return {f"map@{k}": float(ap.mean()), f"precision@{k}": float(relevant.mean()),
-            "acc@1": float(relevant[:, 0].mean())}
+    return {
+        f"map@{k}": float(ap.mean()),
+        f"precision@{k}": float(relevant.mean()),
+        "acc@1": float(relevant[:, 0].mean()),
+    }
 
 
-def score(y_test: np.ndarray, probs: np.ndarray, test_emb: np.ndarray, y_train: np.ndarray,
-          train_emb: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+def score(
+    y_test: np.ndarray,
+    probs: np.ndarray,
+    test_emb: np.ndarray,
+    y_train: np.ndarray,
+    train_emb: np.ndarray,
+    classes: Sequence[str],
+) -> dict[str, Any]:
     """Classification + retrieval metrics for one model's outputs on one split."""
     report = classification_metrics(y_test, probs, classes)
     report["retrieval"] = retrieval_metrics(test_emb, y_test, train_emb, y_train)
@@ -114,14 +131,22 @@ def summarize(reports: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | 
     return summary
 
 
-def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, prefix: str = "evaluation",
-             *, gradcam_examples: int = 6) -> dict[str, Any]:
+def evaluate(
+    trained: TrainedModel,
+    records: Sequence[Record],
+    out_dir: Path,
+    prefix: str = "evaluation",
+    *,
+    gradcam_examples: int = 6,
+) -> dict[str, Any]:
     """Score ``trained`` on its held-out test split and write the report files."""
     labels = np.array([r.label for r in records], dtype=np.int64)
     test, train = trained.split.test, trained.split.train
     if max(test + train) >= len(records) or class_counts(labels, trained.split) != trained.class_counts:
-        raise ValueError(f"these {len(records)} records are not the ones this model's split was made on "
-                         f"({trained.source.describe()})")
+        raise ValueError(
+            f"these {len(records)} records are not the ones this model's split was made on "
+            f"({trained.source.describe()})"
+        )
     images = resize_images(records, trained.model_config.size)
     _, raw_probs, test_emb = predict(trained.model, images[test], trained.norm)
     probs = calibrated(raw_probs, trained.calibration)
@@ -139,29 +164,51 @@ def evaluate(trained: TrainedModel, records: Sequence[Record], out_dir: Path, pr
         report["segmentation"] = {
             "map_size": [trained.segmentation.height, trained.segmentation.width],
             "threshold_fitted_on": trained.segmentation.fitted_on,
-            **segmentation_metrics(lesion_maps, test_masks, labels[test], trained.classes,
-                                   trained.segmentation.threshold)}
+            **segmentation_metrics(
+                lesion_maps, test_masks, labels[test], trained.classes, trained.segmentation.threshold
+            ),
+        }
     out_dir.mkdir(parents=True, exist_ok=True)
-    report.update(guard_and_calibration(torch_outputs(trained.model, trained.norm), images, labels, trained.split,
-                                        trained.ood, trained.calibration, trained.source,
-                                        out_dir / f"{prefix}.reliability.png"))
+    report.update(
+        guard_and_calibration(
+            torch_outputs(trained.model, trained.norm),
+            images,
+            labels,
+            trained.split,
+            trained.ood,
+            trained.calibration,
+            trained.source,
+            out_dir / f"{prefix}.reliability.png",
+        )
+    )
     report.update(
         evaluated_on=f"held-out test split ({len(test)} images; groups never span train and test)",
         model={"arch": trained.model_config.arch, **trained.model_config.to_dict()},
-        data=trained.source.describe(), class_counts=trained.class_counts,
-        epochs_run=len(trained.history), disclaimer=DISCLAIMER,
+        data=trained.source.describe(),
+        class_counts=trained.class_counts,
+        epochs_run=len(trained.history),
+        disclaimer=DISCLAIMER,
         best_epoch=min(trained.history, key=lambda h: h["val_loss"])["epoch"] if trained.history else None,
     )
     plots = {
-        "confusion": plot_confusion(np.array(report["confusion_matrix"]), trained.classes,
-                                    out_dir / f"{prefix}.confusion.png"),
+        "confusion": plot_confusion(
+            np.array(report["confusion_matrix"]), trained.classes, out_dir / f"{prefix}.confusion.png"
+        ),
         "roc": plot_roc(labels[test], probs, trained.classes, out_dir / f"{prefix}.roc.png"),
         "learning": plot_learning(trained.history, out_dir / f"{prefix}.learning.png"),
-        "gradcam": plot_gradcam(trained, images[test], labels[test], probs, heatmaps,
-                                resize_masks([records[i] for i in test], trained.model_config.size),
-                                out_dir / f"{prefix}.gradcam.png", gradcam_examples,
-                                None if lesion_maps is None or trained.segmentation is None
-                                else lesion_maps > trained.segmentation.threshold),
+        "gradcam": plot_gradcam(
+            trained,
+            images[test],
+            labels[test],
+            probs,
+            heatmaps,
+            resize_masks([records[i] for i in test], trained.model_config.size),
+            out_dir / f"{prefix}.gradcam.png",
+            gradcam_examples,
+            None
+            if lesion_maps is None or trained.segmentation is None
+            else lesion_maps > trained.segmentation.threshold,
+        ),
     }
     report["plots"] = {**{name: path.name for name, path in plots.items()}, "reliability": f"{prefix}.reliability.png"}
     _write_text(out_dir / f"{prefix}.report.json", json.dumps(report, indent=2) + "\n")
@@ -203,15 +250,20 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         "| class | precision | recall | F1 | ROC AUC | support |",
         "|---|---|---|---|---|---|",
-        *(f"| {name} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | {_fmt(m['roc_auc'])} "
-          f"| {m['support']} |" for name, m in report["per_class"].items()),
+        *(
+            f"| {name} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | {_fmt(m['roc_auc'])} "
+            f"| {m['support']} |"
+            for name, m in report["per_class"].items()
+        ),
         "",
         "Confusion matrix (rows: true class, columns: predicted):",
         "",
         "| | " + " | ".join(classes) + " |",
         "|---" * (len(classes) + 1) + "|",
-        *(f"| {name} | " + " | ".join(str(v) for v in row) + " |"
-          for name, row in zip(classes, report["confusion_matrix"])),
+        *(
+            f"| {name} | " + " | ".join(str(v) for v in row) + " |"
+            for name, row in zip(classes, report["confusion_matrix"])
+        ),
         "",
         *localisation_markdown(report.get("localisation")),
         *segmentation_markdown(report.get("segmentation")),
@@ -223,16 +275,32 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def guard_and_calibration(outputs: Outputs, images: np.ndarray, labels: np.ndarray, split: Split, ood: OodSpec,
-                          calibration: CalibrationSpec | None, source: DataSource,
-                          reliability_path: Path) -> dict[str, Any]:
+def guard_and_calibration(
+    outputs: Outputs,
+    images: np.ndarray,
+    labels: np.ndarray,
+    split: Split,
+    ood: OodSpec,
+    calibration: CalibrationSpec | None,
+    source: DataSource,
+    reliability_path: Path,
+) -> dict[str, Any]:
     """The report's guard and calibration sections (training.calibration.assess) for a
     model given as ``outputs``, on its own split."""
     fresh = source.fresh(MEASURE_SEED)
     measure = None if fresh is None else (resize_images(fresh, images.shape[1]), np.array([r.label for r in fresh]))
-    return assess(outputs, images, labels, {"fit": split.fit, "val": split.val, "test": split.test}, ood,
-                  calibration or CalibrationSpec(temperature=1.0, fitted_on="none"), measure, len(CLASSES),
-                  ECE_BINS, reliability_path)
+    return assess(
+        outputs,
+        images,
+        labels,
+        {"fit": split.fit, "val": split.val, "test": split.test},
+        ood,
+        calibration or CalibrationSpec(temperature=1.0, fitted_on="none"),
+        measure,
+        len(CLASSES),
+        ECE_BINS,
+        reliability_path,
+    )
 
 
 def guard_markdown(ood: dict[str, Any]) -> list[str]:
@@ -247,17 +315,21 @@ def guard_markdown(ood: dict[str, Any]) -> list[str]:
         "",
         "| source | held out | images | flagged | AUROC vs held-out split | not flagged |",
         "|---|---|---|---|---|---|",
-        *(f"| {s['source']} | {'yes' if s['held_out'] else 'no (tuning)'} | {s['images']} | {_fmt(s['flagged'])} "
-          f"| {_fmt(s['auroc'], 4)} | {', '.join(s['missed'][:4]) + (' ...' if len(s['missed']) > 4 else '')} |"
-          for s in ood["sources"]),
+        *(
+            f"| {s['source']} | {'yes' if s['held_out'] else 'no (tuning)'} | {s['images']} | {_fmt(s['flagged'])} "
+            f"| {_fmt(s['auroc'], 4)} | {', '.join(s['missed'][:4]) + (' ...' if len(s['missed']) > 4 else '')} |"
+            for s in ood["sources"]
+        ),
         "",
         "The detectors compared (each at the same percentile of its own validation scores):",
         "",
         "| detector | held-out split flagged | AUROC, tuning sources | AUROC, held-out sources | real ultrasound flagged |",
         "|---|---|---|---|---|",
-        *(f"| {c['detector']} | {_fmt(c['test_flagged'])} | {_fmt(c['auroc_tuning'], 4)} "
-          f"| {_fmt(c['auroc_held_out'], 4)} | {_fmt(c['flagged'].get('real-ultrasound'))} |"
-          for c in ood["candidates"]),
+        *(
+            f"| {c['detector']} | {_fmt(c['test_flagged'])} | {_fmt(c['auroc_tuning'], 4)} "
+            f"| {_fmt(c['auroc_held_out'], 4)} | {_fmt(c['flagged'].get('real-ultrasound'))} |"
+            for c in ood["candidates"]
+        ),
         "",
     ]
 
@@ -274,8 +346,11 @@ def calibration_markdown(calibration: dict[str, Any] | None) -> list[str]:
         "",
         "| images | n | ECE before | ECE after | noise floor |",
         "|---|---|---|---|---|",
-        *(f"| {name} | {v['images']} | {_fmt(v['ece_before'])} | {_fmt(v['ece_after'])} "
-          f"| {_fmt(v['ece_noise_floor'])} |" for name, v in sets.items()),
+        *(
+            f"| {name} | {v['images']} | {_fmt(v['ece_before'])} | {_fmt(v['ece_after'])} "
+            f"| {_fmt(v['ece_noise_floor'])} |"
+            for name, v in sets.items()
+        ),
         "",
     ]
 
@@ -296,8 +371,11 @@ def localisation_markdown(localisation: dict[str, Any] | None) -> list[str]:
         "",
         "| class | images | pointing game | random point | heat share | uniform map |",
         "|---|---|---|---|---|---|",
-        *(f"| {name} | {m['n']} | {_fmt(m['pointing_game'])} | {_fmt(m['random_pointing_game'])} "
-          f"| {_fmt(m['heat_share'])} | {_fmt(m['uniform_heat_share'])} |" for name, m in rows),
+        *(
+            f"| {name} | {m['n']} | {_fmt(m['pointing_game'])} | {_fmt(m['random_pointing_game'])} "
+            f"| {_fmt(m['heat_share'])} | {_fmt(m['uniform_heat_share'])} |"
+            for name, m in rows
+        ),
         "",
     ]
 
@@ -340,8 +418,15 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path) -> Pa
     ax.imshow(matrix, cmap="Blues")
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
-           xlabel="predicted", ylabel="true", title="Confusion matrix")
+    ax.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xticklabels=classes,
+        yticklabels=classes,
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix",
+    )
     return _figure(path, fig)
 
 
@@ -378,14 +463,22 @@ def explain(trained: TrainedModel, images: np.ndarray, batch_size: int = 64) -> 
     explained = ExplainedModel(trained.model.eval())
     maps = []
     for start in range(0, len(images), batch_size):
-        x = to_tensor(images[start:start + batch_size], trained.norm)
+        x = to_tensor(images[start : start + batch_size], trained.norm)
         maps.append(explained(x, torch.full((len(x),), -1))[2].numpy())
     return np.concatenate(maps) if maps else np.zeros((0, 0, 0), np.float32)
 
 
-def plot_gradcam(trained: TrainedModel, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                 heatmaps: np.ndarray, masks: np.ndarray, path: Path, count: int,
-                 outlines: np.ndarray | None = None) -> Path:
+def plot_gradcam(
+    trained: TrainedModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    heatmaps: np.ndarray,
+    masks: np.ndarray,
+    path: Path,
+    count: int,
+    outlines: np.ndarray | None = None,
+) -> Path:
     """A few test images per class with the Grad-CAM of the predicted class, its peak
     (+), the lesion outline (white) where there is one and the segmentation head's
     thresholded mask (``outlines``, dashed lime) where the model has one."""
@@ -401,21 +494,36 @@ def plot_gradcam(trained: TrainedModel, images: np.ndarray, labels: np.ndarray, 
         if masks[i].any():
             ax.contour(masks[i], levels=[0.5], colors="white", linewidths=0.6)
         if outlines is not None and outlines[i].any():
-            ax.contour(resize_map(outlines[i].astype(np.float32), width, height), levels=[0.5], colors="lime",
-                       linewidths=0.6, linestyles="dashed")
+            ax.contour(
+                resize_map(outlines[i].astype(np.float32), width, height),
+                levels=[0.5],
+                colors="lime",
+                linewidths=0.6,
+                linestyles="dashed",
+            )
         peak_y, peak_x = np.unravel_index(int(np.argmax(cam)), cam.shape)
         ax.plot(peak_x, peak_y, "w+", markersize=6)
         p = probs[i]
         predicted = int(p.argmax())
-        ax.set_title(f"true {trained.classes[labels[i]]}\npred {trained.classes[predicted]} {float(p[predicted]):.2f}",
-                     fontsize=6)
+        ax.set_title(
+            f"true {trained.classes[labels[i]]}\npred {trained.classes[predicted]} {float(p[predicted]):.2f}",
+            fontsize=6,
+        )
         ax.axis("off")
     return _figure(path, fig)
 
 
-def cross_validate(records: Sequence[Record], source: DataSource, model_config: ModelConfig,
-                   train_config: TrainConfig, k: int, out_dir: Path, *, progress: bool = True,
-                   command: str = "") -> dict[str, dict[str, float | None]]:
+def cross_validate(
+    records: Sequence[Record],
+    source: DataSource,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    k: int,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, dict[str, float | None]]:
     """Stratified group k-fold: train and evaluate one model per fold (in
     ``out_dir/fold-<i>``), then write ``cv.json`` / ``cv.md`` with mean and spread."""
     from service.datasets.splits import stratified_group_kfold
@@ -424,31 +532,63 @@ def cross_validate(records: Sequence[Record], source: DataSource, model_config: 
     for i, (train_idx, test_idx) in enumerate(stratified_group_kfold(list(records), k, train_config.seed), start=1):
         split = split_off_validation(records, train_idx, test_idx, train_config.val_fraction, train_config.seed)
         fold_dir = out_dir / f"fold-{i}"
-        trained = train(records, split, model_config, train_config, source, fold_dir, progress=progress,
-                        command=command)
+        trained = train(
+            records, split, model_config, train_config, source, fold_dir, progress=progress, command=command
+        )
         reports.append(evaluate(trained, records, fold_dir))
     summary = summarize(reports)
     per_fold = [{key: headline(r, key) for key in HEADLINE} for r in reports]
-    _write_text(out_dir / "cv.json", json.dumps({"folds": k, "model": model_config.to_dict(),
-                                                  "data": source.describe(), "summary": summary,
-                                                  "per_fold": per_fold}, indent=2) + "\n")
-    lines = [f"# {k}-fold cross-validation: {model_config.arch}", "", f"> {DISCLAIMER}", "",
-             f"- Data: {source.describe()}",
-             f"- Settings: {settings_line(model_config, train_config)}",
-             f"- Command: `{command}`" if command else "- Command: (called from Python)",
-             ("- Folds: stratified group k-fold (no group spans train and test); validation for early "
-              "stopping is split off each fold's training part."), "",
-             "| metric | mean | std | " + " | ".join(f"fold {i}" for i in range(1, k + 1)) + " |",
-             "|---" * (k + 3) + "|"]
-    lines += [f"| {key} | {_fmt(summary[key]['mean'])} | {_fmt(summary[key]['std'])} | "
-              + " | ".join(_fmt(f[key]) for f in per_fold) + " |" for key in HEADLINE]
+    _write_text(
+        out_dir / "cv.json",
+        json.dumps(
+            {
+                "folds": k,
+                "model": model_config.to_dict(),
+                "data": source.describe(),
+                "summary": summary,
+                "per_fold": per_fold,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+    lines = [
+        f"# {k}-fold cross-validation: {model_config.arch}",
+        "",
+        f"> {DISCLAIMER}",
+        "",
+        f"- Data: {source.describe()}",
+        f"- Settings: {settings_line(model_config, train_config)}",
+        f"- Command: `{command}`" if command else "- Command: (called from Python)",
+        (
+            "- Folds: stratified group k-fold (no group spans train and test); validation for early "
+            "stopping is split off each fold's training part."
+        ),
+        "",
+        "| metric | mean | std | " + " | ".join(f"fold {i}" for i in range(1, k + 1)) + " |",
+        "|---" * (k + 3) + "|",
+    ]
+    lines += [
+        f"| {key} | {_fmt(summary[key]['mean'])} | {_fmt(summary[key]['std'])} | "
+        + " | ".join(_fmt(f[key]) for f in per_fold)
+        + " |"
+        for key in HEADLINE
+    ]
     _write_text(out_dir / "cv.md", "\n".join(lines) + "\n")
     return summary
 
 
-def compare_architectures(records: Sequence[Record], source: DataSource, archs: Sequence[str],
-                          model_config: ModelConfig, train_config: TrainConfig, out_dir: Path, *,
-                          progress: bool = True, command: str = "") -> list[dict[str, Any]]:
+def compare_architectures(
+    records: Sequence[Record],
+    source: DataSource,
+    archs: Sequence[str],
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    command: str = "",
+) -> list[dict[str, Any]]:
     """Train and evaluate each architecture on one and the same split (in
     ``out_dir/<arch>``); write ``compare.json`` / ``compare.md`` with the seed
     paper's reported figure beside ours."""
@@ -459,42 +599,64 @@ def compare_architectures(records: Sequence[Record], source: DataSource, archs: 
     for arch in archs:
         config = replace(model_config, arch=arch, segmentation=model_config.segmentation and arch in SEGMENTING_ARCHS)
         started = time.monotonic()
-        trained = train(records, split, config, train_config, source, out_dir / arch, progress=progress,
-                        command=command)
+        trained = train(
+            records, split, config, train_config, source, out_dir / arch, progress=progress, command=command
+        )
         seconds = time.monotonic() - started
         report = evaluate(trained, records, out_dir / arch)
-        rows.append({"arch": arch, "parameters": sum(p.numel() for p in trained.model.parameters()),
-                     "epochs": len(trained.history), "train_seconds": round(seconds, 1),
-                     **{key: headline(report, key) for key in HEADLINE},
-                     "paper_accuracy": PAPER_ACCURACY.get(arch)})
-    _write_text(out_dir / "compare.json", json.dumps({"data": source.describe(), "split": asdict(split),
-                                                       "rows": rows}, indent=2) + "\n")
-    _write_text(out_dir / "compare.md", compare_markdown(
-        rows, source.describe(), len(split.test), settings_line(model_config, train_config), command))
+        rows.append(
+            {
+                "arch": arch,
+                "parameters": sum(p.numel() for p in trained.model.parameters()),
+                "epochs": len(trained.history),
+                "train_seconds": round(seconds, 1),
+                **{key: headline(report, key) for key in HEADLINE},
+                "paper_accuracy": PAPER_ACCURACY.get(arch),
+            }
+        )
+    _write_text(
+        out_dir / "compare.json",
+        json.dumps({"data": source.describe(), "split": asdict(split), "rows": rows}, indent=2) + "\n",
+    )
+    _write_text(
+        out_dir / "compare.md",
+        compare_markdown(rows, source.describe(), len(split.test), settings_line(model_config, train_config), command),
+    )
     return rows
 
 
 def settings_line(model_config: ModelConfig, train_config: TrainConfig) -> str:
     c, t = model_config, train_config
-    return (f"input {c.size}x{c.size}, width {c.width:g}, {c.rnn_type.upper()} hidden {c.rnn_hidden}, "
-            f"embedding {c.embedding_dim}; up to {t.epochs} epochs (early-stopping patience {t.patience}), "
-            f"batch {t.batch_size}, Adam lr {t.lr:g}, augmentation {'on' if t.augment else 'off'}, seed {t.seed}")
+    return (
+        f"input {c.size}x{c.size}, width {c.width:g}, {c.rnn_type.upper()} hidden {c.rnn_hidden}, "
+        f"embedding {c.embedding_dim}; up to {t.epochs} epochs (early-stopping patience {t.patience}), "
+        f"batch {t.batch_size}, Adam lr {t.lr:g}, augmentation {'on' if t.augment else 'off'}, seed {t.seed}"
+    )
 
 
 def compare_markdown(rows: Sequence[dict[str, Any]], data: str, n_test: int, settings: str, command: str) -> str:
     lines = [
-        "# Architecture comparison", "", f"> {DISCLAIMER}", "",
-        (f"- Data: {data}; every architecture trained on the same split and scored on the same "
-         f"{n_test} held-out images (groups never span train and test)."),
+        "# Architecture comparison",
+        "",
+        f"> {DISCLAIMER}",
+        "",
+        (
+            f"- Data: {data}; every architecture trained on the same split and scored on the same "
+            f"{n_test} held-out images (groups never span train and test)."
+        ),
         f"- Settings (all architectures): {settings}",
         f"- Command: `{command}`" if command else "- Command: (called from Python)",
-        ("- Seed paper: Fawzy et al., Scientific Reports 2026 (BUSI). It reports 99.24 % accuracy for the "
-         "VGG16 + RNN hybrid from a split it does not clearly describe; image-level random splits of BUSI "
-         "leak near-duplicates, and honest 3-class balanced accuracy on BUSI in the literature is about "
-         "0.79-0.86. Only the paper's headline figure is restated here; its other rows are in the paper."),
+        (
+            "- Seed paper: Fawzy et al., Scientific Reports 2026 (BUSI). It reports 99.24 % accuracy for the "
+            "VGG16 + RNN hybrid from a split it does not clearly describe; image-level random splits of BUSI "
+            "leak near-duplicates, and honest 3-class balanced accuracy on BUSI in the literature is about "
+            "0.79-0.86. Only the paper's headline figure is restated here; its other rows are in the paper."
+        ),
         "",
-        ("| architecture | parameters | epochs | train s | accuracy | balanced acc. | macro F1 | ROC AUC | ECE "
-         "| mAP@5 | ACC@1 | paper accuracy (BUSI) |"),
+        (
+            "| architecture | parameters | epochs | train s | accuracy | balanced acc. | macro F1 | ROC AUC | ECE "
+            "| mAP@5 | ACC@1 | paper accuracy (BUSI) |"
+        ),
         "|---" * 12 + "|",
     ]
     for r in rows:
@@ -502,5 +664,6 @@ def compare_markdown(rows: Sequence[dict[str, Any]], data: str, n_test: int, set
         lines.append(
             f"| {r['arch']} | {r['parameters']:,} | {r['epochs']} | {r['train_seconds']:.0f} | {_fmt(r['accuracy'])} "
             f"| {_fmt(r['balanced_accuracy'])} | {_fmt(r['macro_f1'])} | {_fmt(r['macro_roc_auc'])} | {_fmt(r['ece'])} "
-            f"| {_fmt(r['retrieval.map@5'])} | {_fmt(r['retrieval.acc@1'])} | {paper} |")
+            f"| {_fmt(r['retrieval.map@5'])} | {_fmt(r['retrieval.acc@1'])} | {paper} |"
+        )
     return "\n".join(lines) + "\n"

@@ -46,9 +46,9 @@ from service.model_card import (
     card_path_for,
     sha256_file,
 )
+from training.calibration import Outputs
 from training.gradcam import ExplainedModel, cam_name
 from training.models import SonoModel
-from training.calibration import Outputs
 from training.train import (
     DataSource,
     TrainedModel,
@@ -118,10 +118,19 @@ def _quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
-                          bias_sizes: Sequence[int] | None, stride: Sequence[int], padding: Sequence[int],
-                          dilation: Sequence[int], transposed: bool, output_padding: Sequence[int], groups: int,
-                          output_mask: Sequence[bool]) -> tuple[torch.Tensor | None, None, None]:
+def _convolution_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias_sizes: Sequence[int] | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor | None, None, None]:
     """The input gradient of a convolution, written as the transposed convolution it
     is: ONNX has no ``convolution_backward``, and a Grad-CAM layer below the last
     convolutions (``cam_layer`` conv4_3) puts their backward pass in the graph. The
@@ -134,11 +143,13 @@ def _convolution_backward(grad_output: torch.Tensor, input: torch.Tensor, weight
     # The spatial size a transposed convolution gives, less the input's: what stride
     # dropped at the far edge (output_padding of the transposed convolution).
     kernel = weight.shape[2:]
-    extra = [int(size) - ((int(out) - 1) * st - 2 * pad + dil * (int(k) - 1) + 1)
-             for size, out, st, pad, dil, k in zip(input.shape[2:], grad_output.shape[2:], stride, padding,
-                                                   dilation, kernel)]
-    grad_input = torch.ops.aten.convolution.default(grad_output, weight, None, list(stride), list(padding),
-                                                    list(dilation), True, extra, groups)
+    extra = [
+        int(size) - ((int(out) - 1) * st - 2 * pad + dil * (int(k) - 1) + 1)
+        for size, out, st, pad, dil, k in zip(input.shape[2:], grad_output.shape[2:], stride, padding, dilation, kernel)
+    ]
+    grad_input = torch.ops.aten.convolution.default(
+        grad_output, weight, None, list(stride), list(padding), list(dilation), True, extra, groups
+    )
     return grad_input, None, None
 
 
@@ -164,9 +175,12 @@ def _export(model: SonoModel, path: Path, explain: bool) -> None:
         # Parameters are real tensors while the inputs are symbolic: they become
         # constants of the traced graph, hence _allow_non_fake_inputs.
         with torch.backends.mkldnn.flags(enabled=False):
-            graph = make_fx(ExplainedModel(folded), tracing_mode="symbolic", _allow_non_fake_inputs=True,
-                            decomposition_table={torch.ops.aten.convolution_backward.default: _convolution_backward},
-                            )(*args)
+            graph = make_fx(
+                ExplainedModel(folded),
+                tracing_mode="symbolic",
+                _allow_non_fake_inputs=True,
+                decomposition_table={torch.ops.aten.convolution_backward.default: _convolution_backward},
+            )(*args)
         module: nn.Module = graph
         names, outputs, dynamic = INPUT_NAMES, explained_outputs(model), ({0: batch}, {0: batch})
     else:
@@ -175,8 +189,14 @@ def _export(model: SonoModel, path: Path, explain: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     program = torch.onnx.export(
-        module, args, dynamo=True, input_names=names, output_names=outputs,
-        dynamic_shapes=dynamic, optimize=True, verbose=False,
+        module,
+        args,
+        dynamo=True,
+        input_names=names,
+        output_names=outputs,
+        dynamic_shapes=dynamic,
+        optimize=True,
+        verbose=False,
     )
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
@@ -197,18 +217,28 @@ def onnx_opset(path: Path) -> int:
 def architecture_name(trained: TrainedModel) -> str:
     c = trained.model_config
     rnn = f"{'bi' if c.bidirectional else ''}{c.rnn_type.upper()}({c.rnn_hidden})"
-    return {
-        "hybrid": f"VGG16-D conv x{c.width:g}{' +BN' if c.batch_norm else ''} -> {rnn} over rows -> "
-                  f"{c.embedding_dim}-d embedding -> {c.num_classes}-class head",
-        "cnn": f"4-conv CNN x{c.width:g} -> {c.embedding_dim}-d dense -> {c.num_classes}-class head",
-        "rnn": f"{rnn} over pixel rows -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
-        "mobilenetv2": f"MobileNetV2 x{c.width:g} -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
-    }[c.arch] + f"; {cam_name(c)}" + ("; lesion segmentation head (U-Net-style decoder, H/2 mask)"
-                                      if c.segmentation else "")
+    return (
+        {
+            "hybrid": f"VGG16-D conv x{c.width:g}{' +BN' if c.batch_norm else ''} -> {rnn} over rows -> "
+            f"{c.embedding_dim}-d embedding -> {c.num_classes}-class head",
+            "cnn": f"4-conv CNN x{c.width:g} -> {c.embedding_dim}-d dense -> {c.num_classes}-class head",
+            "rnn": f"{rnn} over pixel rows -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
+            "mobilenetv2": f"MobileNetV2 x{c.width:g} -> {c.embedding_dim}-d embedding -> {c.num_classes}-class head",
+        }[c.arch]
+        + f"; {cam_name(c)}"
+        + ("; lesion segmentation head (U-Net-style decoder, H/2 mask)" if c.segmentation else "")
+    )
 
 
-def build_card(trained: TrainedModel, onnx_path: Path, *, name: str, version: str,
-               metrics: dict[str, Any] | None = None, command: str | None = None) -> ModelCard:
+def build_card(
+    trained: TrainedModel,
+    onnx_path: Path,
+    *,
+    name: str,
+    version: str,
+    metrics: dict[str, Any] | None = None,
+    command: str | None = None,
+) -> ModelCard:
     """The card for ``onnx_path`` (which must already be written: its hash goes in)."""
     c = trained.model_config
     counts = trained.class_counts
@@ -217,24 +247,38 @@ def build_card(trained: TrainedModel, onnx_path: Path, *, name: str, version: st
         "source": trained.source.kind,
         "synthetic": trained.source.kind == "synthetic",
         "counts": counts,
-        "split": (f"stratified group split before augmentation: test {trained.train_config.test_fraction:g}, "
-                  f"validation {trained.train_config.val_fraction:g} of the rest (early stopping only)"),
+        "split": (
+            f"stratified group split before augmentation: test {trained.train_config.test_fraction:g}, "
+            f"validation {trained.train_config.val_fraction:g} of the rest (early stopping only)"
+        ),
     }
     if command:
         training_data["command"] = command
-    hyper: dict[str, object] = {**c.to_dict(), **{
-        k: v for k, v in vars(trained.train_config).items() if k != "initial_weights"}}
+    hyper: dict[str, object] = {
+        **c.to_dict(),
+        **{k: v for k, v in vars(trained.train_config).items() if k != "initial_weights"},
+    }
     hyper["initial_weights"] = "user file" if trained.train_config.initial_weights else "Kaiming (He) init"
     hyper["epochs_run"] = len(trained.history)
     return ModelCard(
-        name=name, version=version, architecture=f"{c.arch}: {architecture_name(trained)}",
+        name=name,
+        version=version,
+        architecture=f"{c.arch}: {architecture_name(trained)}",
         classes=list(trained.classes),
         input=InputSpec(height=c.size, width=c.size, mean=trained.norm.mean, std=trained.norm.std),
-        embedding_dim=c.embedding_dim, onnx_file=onnx_path.name, sha256=sha256_file(onnx_path),
-        opset=onnx_opset(onnx_path), ood=trained.ood, calibration=trained.calibration,
-        segmentation=trained.segmentation, hyperparameters=hyper, training_data=training_data,
-        metrics=metrics or {}, created=datetime.now(UTC).isoformat(timespec="seconds"),
-        intended_use=INTENDED_USE, disclaimer=DISCLAIMER,
+        embedding_dim=c.embedding_dim,
+        onnx_file=onnx_path.name,
+        sha256=sha256_file(onnx_path),
+        opset=onnx_opset(onnx_path),
+        ood=trained.ood,
+        calibration=trained.calibration,
+        segmentation=trained.segmentation,
+        hyperparameters=hyper,
+        training_data=training_data,
+        metrics=metrics or {},
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        intended_use=INTENDED_USE,
+        disclaimer=DISCLAIMER,
     )
 
 
@@ -248,8 +292,20 @@ def write_card(card: ModelCard, onnx_path: Path) -> Path:
 
 def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of an evaluation report (``training.evaluate``) for the card."""
-    keys = ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "ece", "retrieval", "per_class", "n_test",
-            "ood", "calibration", "localisation", "segmentation")
+    keys = (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "macro_roc_auc",
+        "ece",
+        "retrieval",
+        "per_class",
+        "n_test",
+        "ood",
+        "calibration",
+        "localisation",
+        "segmentation",
+    )
     metrics = {k: report[k] for k in keys if k in report}
     if "sources" in metrics.get("ood", {}):
         metrics["ood"] = _headline_guard(metrics["ood"])
@@ -257,14 +313,16 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-
-def run_onnx(session: ort.InferenceSession, x: np.ndarray, target_class: np.ndarray | None = None,
-             batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def run_onnx(
+    session: ort.InferenceSession, x: np.ndarray, target_class: np.ndarray | None = None, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Probabilities, embeddings and Grad-CAM maps of normalised images [N, 1, H, W]
     from an exported (explained) model, batch by batch."""
     targets = np.full(len(x), -1, dtype=np.int64) if target_class is None else target_class.astype(np.int64)
-    outputs = [session.run(EXPLAINED_OUTPUTS, {"image": x[i:i + batch_size], "target_class": targets[i:i + batch_size]})
-               for i in range(0, len(x), batch_size)]
+    outputs = [
+        session.run(EXPLAINED_OUTPUTS, {"image": x[i : i + batch_size], "target_class": targets[i : i + batch_size]})
+        for i in range(0, len(x), batch_size)
+    ]
     probs, emb, cams = (np.concatenate([o[k] for o in outputs]) for k in range(3))
     return probs, emb, cams
 
@@ -286,13 +344,25 @@ def check_export(model: SonoModel, onnx_path: Path, tolerance: float = 1e-4) -> 
     return worst
 
 
-def ship(trained: TrainedModel, onnx_path: Path, *, report: dict[str, Any] | None = None,
-         name: str | None = None, version: str = "0.1.0") -> ModelCard:
+def ship(
+    trained: TrainedModel,
+    onnx_path: Path,
+    *,
+    report: dict[str, Any] | None = None,
+    name: str | None = None,
+    version: str = "0.1.0",
+) -> ModelCard:
     """Export, check the export against PyTorch, and write the card beside it."""
     export_onnx(trained.model, onnx_path)
     check_export(trained.model, onnx_path)
-    card = build_card(trained, onnx_path, name=name or onnx_path.stem, version=version,
-                      metrics=card_metrics(report) if report else None, command=trained.command or None)
+    card = build_card(
+        trained,
+        onnx_path,
+        name=name or onnx_path.stem,
+        version=version,
+        metrics=card_metrics(report) if report else None,
+        command=trained.command or None,
+    )
     write_card(card, onnx_path)
     return card
 
@@ -302,8 +372,9 @@ class _Calibration(CalibrationDataReader):
 
     def __init__(self, x: np.ndarray, batch_size: int = 16) -> None:
         self._batches = iter(
-            {"image": x[i:i + batch_size], "target_class": np.full(len(x[i:i + batch_size]), -1, dtype=np.int64)}
-            for i in range(0, len(x), batch_size))
+            {"image": x[i : i + batch_size], "target_class": np.full(len(x[i : i + batch_size]), -1, dtype=np.int64)}
+            for i in range(0, len(x), batch_size)
+        )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
@@ -318,8 +389,9 @@ def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(same_constant, 1.0, (a * b).sum(1) / np.where(denominator == 0, 1.0, denominator))
 
 
-def quantize_and_compare(trained: TrainedModel, records: Sequence[Record], onnx_path: Path,
-                         calibration_images: int = 128) -> dict[str, Any]:
+def quantize_and_compare(
+    trained: TrainedModel, records: Sequence[Record], onnx_path: Path, calibration_images: int = 128
+) -> dict[str, Any]:
     """Static int8 quantisation (QDQ, per-channel weights) of ``onnx_path``, calibrated
     on training images; write ``<stem>.int8.onnx`` + card and ``<stem>.quantization.json``
     with the change in accuracy, balanced accuracy, mAP@5 and Grad-CAM agreement on
@@ -334,9 +406,16 @@ def quantize_and_compare(trained: TrainedModel, records: Sequence[Record], onnx_
     int8_path = onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
     # Convolutions only: they hold most weights and time. The gradient graph reuses the
     # LSTM and dense weights transposed, which per-channel QDQ cannot express.
-    quantize_static(str(onnx_path), str(int8_path), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["Conv"], per_channel=True, weight_type=QuantType.QInt8,
-                    activation_type=QuantType.QUInt8)
+    quantize_static(
+        str(onnx_path),
+        str(int8_path),
+        _Calibration(calibration),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv"],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+    )
     results: dict[str, dict[str, Any]] = {}
     maps: dict[str, np.ndarray] = {}
     reference_target: np.ndarray | None = None
@@ -349,9 +428,13 @@ def quantize_and_compare(trained: TrainedModel, records: Sequence[Record], onnx_
         # Grad-CAM of the same class (float32's prediction) in both variants
         _, _, maps[variant] = run_onnx(session, images[test_idx], reference_target)
         report = score(labels[test_idx], probs, test_emb, labels[train_idx], train_emb, trained.classes)
-        results[variant] = {"accuracy": report["accuracy"], "balanced_accuracy": report["balanced_accuracy"],
-                            "map@5": report["retrieval"]["map@5"], "predictions": probs.argmax(1),
-                            "file_bytes": path.stat().st_size}
+        results[variant] = {
+            "accuracy": report["accuracy"],
+            "balanced_accuracy": report["balanced_accuracy"],
+            "map@5": report["retrieval"]["map@5"],
+            "predictions": probs.argmax(1),
+            "file_bytes": path.stat().st_size,
+        }
     agreement = _pearson_rows(maps["float32"], maps["int8"])
     summary: dict[str, Any] = {
         "float32": {k: v for k, v in results["float32"].items() if k != "predictions"},
@@ -359,13 +442,19 @@ def quantize_and_compare(trained: TrainedModel, records: Sequence[Record], onnx_
         "change": {k: results["int8"][k] - results["float32"][k] for k in ("accuracy", "balanced_accuracy", "map@5")},
         "prediction_agreement": float(np.mean(results["int8"]["predictions"] == results["float32"]["predictions"])),
         "gradcam_pearson": {"mean": float(agreement.mean()), "min": float(agreement.min())},
-        "calibration": (f"{len(calibration)} training-split images; QDQ convolutions: per-channel int8 weights, "
-                        "uint8 activations"),
+        "calibration": (
+            f"{len(calibration)} training-split images; QDQ convolutions: per-channel int8 weights, uint8 activations"
+        ),
         "n_test": len(test_idx),
     }
-    card = build_card(trained, int8_path, name=f"{onnx_path.stem}-int8", version="0.1.0",
-                      metrics={**{k: v for k, v in summary["int8"].items() if k != "file_bytes"},
-                               "quantization": summary}, command=trained.command or None)
+    card = build_card(
+        trained,
+        int8_path,
+        name=f"{onnx_path.stem}-int8",
+        version="0.1.0",
+        metrics={**{k: v for k, v in summary["int8"].items() if k != "file_bytes"}, "quantization": summary},
+        command=trained.command or None,
+    )
     write_card(card, int8_path)
     tmp = onnx_path.with_name(f"{onnx_path.stem}.quantization.json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
@@ -376,6 +465,7 @@ def quantize_and_compare(trained: TrainedModel, records: Sequence[Record], onnx_
 def onnx_outputs(session: ort.InferenceSession, spec: InputSpec) -> Outputs:
     """An exported model as training.calibration's ``Outputs`` (the raw graph: no
     calibration applied)."""
+
     def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = ((images.astype(np.float32) / 255.0 - spec.mean) / spec.std)[:, None]
         probs, emb, _ = run_onnx(session, np.ascontiguousarray(x, dtype=np.float32))
@@ -397,33 +487,47 @@ def calibrate(onnx_path: Path, source: DataSource) -> dict[str, Any]:
     spec, hyper = InputSpec(**raw["input"]), raw["hyperparameters"]
     records = source.load()
     labels = np.array([r.label for r in records], dtype=np.int64)
-    split = make_split(records, float(str(hyper["test_fraction"])), float(str(hyper["val_fraction"])),
-                       int(str(hyper["seed"])))
+    split = make_split(
+        records, float(str(hyper["test_fraction"])), float(str(hyper["val_fraction"])), int(str(hyper["seed"]))
+    )
     if class_counts(labels, split) != raw["training_data"].get("counts"):
-        raise ValueError(f"these records ({source.describe()}) are not the ones {onnx_path.name} was trained on: "
-                         "give the data options of the card's training command")
+        raise ValueError(
+            f"these records ({source.describe()}) are not the ones {onnx_path.name} was trained on: "
+            "give the data options of the card's training command"
+        )
     images = resize_images(records, spec.height)
     outputs = onnx_outputs(ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]), spec)
     ood, calibration = fit_guard_and_calibration(outputs, images, labels, split, source, spec.height)
     report_path = onnx_path.with_suffix(".report.json")
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    sections = guard_and_calibration(outputs, images, labels, split, ood, calibration, source,
-                                     onnx_path.with_suffix(".reliability.png"))
+    sections = guard_and_calibration(
+        outputs, images, labels, split, ood, calibration, source, onnx_path.with_suffix(".reliability.png")
+    )
     report.update(sections)
     if "per_class" in report:
         report["ece"] = sections["calibration"]["held-out split"]["ece_after"]
         report.setdefault("plots", {})["reliability"] = onnx_path.with_suffix(".reliability.png").name
         report_path.write_text(json.dumps(report, indent=2) + "\n")
         onnx_path.with_suffix(".report.md").write_text(markdown_report(report))
-    metrics = {**raw.get("metrics", {}), "ood": _headline_guard(sections["ood"]), "calibration": sections["calibration"]}
+    metrics = {
+        **raw.get("metrics", {}),
+        "ood": _headline_guard(sections["ood"]),
+        "calibration": sections["calibration"],
+    }
     if "ece" in report:
         metrics["ece"] = report["ece"]
-    write_card(ModelCard.model_validate({**raw, "ood": ood.model_dump(), "calibration": calibration.model_dump(),
-                                         "metrics": metrics}), onnx_path)
+    write_card(
+        ModelCard.model_validate(
+            {**raw, "ood": ood.model_dump(), "calibration": calibration.model_dump(), "metrics": metrics}
+        ),
+        onnx_path,
+    )
     return sections
 
 
 def _headline_guard(ood: dict[str, Any]) -> dict[str, Any]:
     """The guard's numbers for the card: per source without the list of misses."""
-    return {**{k: v for k, v in ood.items() if k not in ("sources", "candidates")},
-            "sources": [{k: v for k, v in s.items() if k != "missed"} for s in ood["sources"]]}
+    return {
+        **{k: v for k, v in ood.items() if k not in ("sources", "candidates")},
+        "sources": [{k: v for k, v in s.items() if k != "missed"} for s in ood["sources"]],
+    }

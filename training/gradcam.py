@@ -22,8 +22,9 @@ CAM_EPS = 1e-12
 GRADCAM_PP_EPS = 1e-6
 
 
-def grad_cam(fmap: Tensor, logits: Tensor, target: Tensor, *, method: str = "gradcam",
-             create_graph: bool = False) -> Tensor:
+def grad_cam(
+    fmap: Tensor, logits: Tensor, target: Tensor, *, method: str = "gradcam", create_graph: bool = False
+) -> Tensor:
     """The class activation map of class ``target`` [N] on ``fmap`` [N, C, h, w],
     unscaled: ReLU(sum over channels of weight * map), with the channel weights of
 

@@ -76,8 +76,13 @@ def score_map(heatmap: np.ndarray, mask: np.ndarray, tolerance_px: float = POINT
     }
 
 
-def localisation_metrics(heatmaps: np.ndarray, masks: Sequence[np.ndarray | None], labels: np.ndarray,
-                         classes: Sequence[str], size: int = JUDGING_SIZE) -> dict[str, Any] | None:
+def localisation_metrics(
+    heatmaps: np.ndarray,
+    masks: Sequence[np.ndarray | None],
+    labels: np.ndarray,
+    classes: Sequence[str],
+    size: int = JUDGING_SIZE,
+) -> dict[str, Any] | None:
     """Mean pointing game and heat share, with their chance levels, per class and over
     all images that have a non-empty lesion mask (the others are left out); None
     when no image has one (e.g. DICOM + labels data).
@@ -90,26 +95,33 @@ def localisation_metrics(heatmaps: np.ndarray, masks: Sequence[np.ndarray | None
             rows.setdefault(classes[int(label)], []).append(score_map(heatmap, resize_mask(mask, size)))
     if not rows:
         return None
-    return {"tolerance_px": POINTING_TOLERANCE_PX, "size_px": size,
-            "per_class": {name: _mean(rows[name]) for name in classes if name in rows},
-            "all": _mean([row for name in rows for row in rows[name]])}
+    return {
+        "tolerance_px": POINTING_TOLERANCE_PX,
+        "size_px": size,
+        "per_class": {name: _mean(rows[name]) for name in classes if name in rows},
+        "all": _mean([row for name in rows for row in rows[name]]),
+    }
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float | int]:
     return {"n": len(rows), **{key: float(np.mean([row[key] for row in rows])) for key in KEYS}}
 
 
-def _truths(masks: Sequence[np.ndarray | None], labels: np.ndarray, classes: Sequence[str],
-            size: int) -> list[np.ndarray | None]:
+def _truths(
+    masks: Sequence[np.ndarray | None], labels: np.ndarray, classes: Sequence[str], size: int
+) -> list[np.ndarray | None]:
     """Each image's lesion mask at the judging size: empty for a normal image without
     one, None where a lesion image has none (unknown: left out)."""
     empty = np.zeros((size, size), dtype=bool)
-    return [resize_mask(mask, size) if mask is not None else empty if classes[int(label)] == NORMAL else None
-            for mask, label in zip(masks, labels, strict=True)]
+    return [
+        resize_mask(mask, size) if mask is not None else empty if classes[int(label)] == NORMAL else None
+        for mask, label in zip(masks, labels, strict=True)
+    ]
 
 
-def _overlaps(maps: np.ndarray, truths: Sequence[np.ndarray | None],
-              thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _overlaps(
+    maps: np.ndarray, truths: Sequence[np.ndarray | None], thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per image and threshold [N, T]: intersection, predicted area and true area in
     pixels at the truths' size (zeros where the truth is unknown)."""
     shape = (len(maps), len(thresholds))
@@ -128,8 +140,13 @@ def _dice(inter: np.ndarray, predicted: np.ndarray, true: np.ndarray) -> np.ndar
     return 2 * inter / np.maximum(predicted + true, 1)
 
 
-def choose_threshold(maps: np.ndarray, masks: Sequence[np.ndarray | None], labels: np.ndarray,
-                     classes: Sequence[str], size: int = JUDGING_SIZE) -> float:
+def choose_threshold(
+    maps: np.ndarray,
+    masks: Sequence[np.ndarray | None],
+    labels: np.ndarray,
+    classes: Sequence[str],
+    size: int = JUDGING_SIZE,
+) -> float:
     """The threshold of ``THRESHOLDS`` with the best mean Dice over the images with a
     lesion (``maps`` [N, h, w] lesion probabilities; masks and labels as in
     :func:`segmentation_metrics`); call it on the validation split, never the test."""
@@ -141,8 +158,14 @@ def choose_threshold(maps: np.ndarray, masks: Sequence[np.ndarray | None], label
     return float(THRESHOLDS[int(np.argmax(dice.mean(axis=0)))])
 
 
-def segmentation_metrics(maps: np.ndarray, masks: Sequence[np.ndarray | None], labels: np.ndarray,
-                         classes: Sequence[str], threshold: float, size: int = JUDGING_SIZE) -> dict[str, Any]:
+def segmentation_metrics(
+    maps: np.ndarray,
+    masks: Sequence[np.ndarray | None],
+    labels: np.ndarray,
+    classes: Sequence[str],
+    threshold: float,
+    size: int = JUDGING_SIZE,
+) -> dict[str, Any]:
     """Mean Dice and IoU per lesion class (images with a lesion mask), and on normal
     images the share with any pixel above ``threshold`` (an outline drawn where there
     is no lesion), the share whose marked area exceeds ``MIN_AREA_FRACTION``, and the
@@ -157,18 +180,29 @@ def segmentation_metrics(maps: np.ndarray, masks: Sequence[np.ndarray | None], l
     for c, name in enumerate(classes):
         chosen = known & (labels == c) & (true > 0)
         if chosen.any():
-            per_class[name] = {"n": int(chosen.sum()), "dice": float(dice[chosen].mean()),
-                               "iou": float(iou[chosen].mean())}
+            per_class[name] = {
+                "n": int(chosen.sum()),
+                "dice": float(dice[chosen].mean()),
+                "iou": float(iou[chosen].mean()),
+            }
     lesion = known & (true > 0)
     empty = known & (true == 0)
     return {
-        "threshold": threshold, "size_px": size, "per_class": per_class,
-        "all": {"n": int(lesion.sum()), "dice": float(dice[lesion].mean()) if lesion.any() else None,
-                "iou": float(iou[lesion].mean()) if lesion.any() else None},
-        "no_lesion": {"n": int(empty.sum()),
-                      "false_positive_rate": float((predicted[empty] > 0).mean()) if empty.any() else None,
-                      "min_area_fraction": MIN_AREA_FRACTION,
-                      "false_positive_rate_over_min_area":
-                          float((predicted[empty] > MIN_AREA_FRACTION * size**2).mean()) if empty.any() else None,
-                      "mean_area_fraction": float(predicted[empty].mean() / size**2) if empty.any() else None},
+        "threshold": threshold,
+        "size_px": size,
+        "per_class": per_class,
+        "all": {
+            "n": int(lesion.sum()),
+            "dice": float(dice[lesion].mean()) if lesion.any() else None,
+            "iou": float(iou[lesion].mean()) if lesion.any() else None,
+        },
+        "no_lesion": {
+            "n": int(empty.sum()),
+            "false_positive_rate": float((predicted[empty] > 0).mean()) if empty.any() else None,
+            "min_area_fraction": MIN_AREA_FRACTION,
+            "false_positive_rate_over_min_area": float((predicted[empty] > MIN_AREA_FRACTION * size**2).mean())
+            if empty.any()
+            else None,
+            "mean_area_fraction": float(predicted[empty].mean() / size**2) if empty.any() else None,
+        },
     }

@@ -39,12 +39,35 @@ SEGMENTING_ARCHS: tuple[str, ...] = ("hybrid",)
 
 #: VGG16, configuration D (Simonyan & Zisserman, table 1): channels, "M" = 2x2 max-pool.
 VGG16_D: tuple[int | str, ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
 )
 #: MobileNetV2 inverted-residual stages (Sandler et al., table 2): expansion t,
 #: channels c, repeats n, first stride s.
 MOBILENETV2_STAGES: tuple[tuple[int, int, int, int], ...] = (
-    (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1),
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
 )
 
 
@@ -75,12 +98,16 @@ class ModelConfig:
         if not 0 < self.width <= 4:
             raise ValueError(f"width multiplier must be in (0, 4], got {self.width}")
         if self.size < 32 or self.size % 32:
-            raise ValueError(f"input size must be a multiple of 32 and at least 32 (five 2x downsamplings), got {self.size}")
+            raise ValueError(
+                f"input size must be a multiple of 32 and at least 32 (five 2x downsamplings), got {self.size}"
+            )
         if self.rnn_type not in ("lstm", "gru"):
             raise ValueError(f"rnn_type must be 'lstm' or 'gru', got {self.rnn_type!r}")
         if self.cam_layer not in CAM_LAYERS or (self.arch != "hybrid" and self.cam_layer != CAM_LAYERS[0]):
-            raise ValueError(f"cam_layer must be one of {', '.join(CAM_LAYERS)} (hybrid only; the other "
-                             f"architectures explain their last conv map), got {self.cam_layer!r} for {self.arch}")
+            raise ValueError(
+                f"cam_layer must be one of {', '.join(CAM_LAYERS)} (hybrid only; the other "
+                f"architectures explain their last conv map), got {self.cam_layer!r} for {self.arch}"
+            )
         if self.cam_method not in CAM_METHODS:
             raise ValueError(f"cam_method must be one of {', '.join(CAM_METHODS)}, got {self.cam_method!r}")
         if self.segmentation and self.arch not in SEGMENTING_ARCHS:
@@ -192,8 +219,9 @@ class _SkipDecoder(nn.Module):
         stages = []
         for c_skip in reversed(skip_channels):
             c_out = max(8, c_skip // 2)
-            stages.append(nn.Sequential(*_conv_block(c_in + c_skip, c_out, batch_norm),
-                                        *_conv_block(c_out, c_out, batch_norm)))
+            stages.append(
+                nn.Sequential(*_conv_block(c_in + c_skip, c_out, batch_norm), *_conv_block(c_out, c_out, batch_norm))
+            )
             c_in = c_out
         self.stages = nn.ModuleList(stages)
         self.out = nn.Conv2d(c_in, 1, 1)
@@ -247,11 +275,11 @@ class HybridVGGRNN(SonoModel):
         _init_weights(self.modules())
 
     def features(self, x: Tensor) -> Tensor:
-        return self.conv[:self._cam_end](x)
+        return self.conv[: self._cam_end](x)
 
     def encode(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         skips = []
-        for layer in self.conv[:self._cam_end]:
+        for layer in self.conv[: self._cam_end]:
             if isinstance(layer, nn.MaxPool2d):
                 skips.append(x)
             x = layer(x)
@@ -263,7 +291,7 @@ class HybridVGGRNN(SonoModel):
         return self.decoder(fmap, skips)
 
     def embed(self, fmap: Tensor) -> Tensor:
-        return self.embedding(self.rows(self.pool(self.conv[self._cam_end:](fmap))))
+        return self.embedding(self.rows(self.pool(self.conv[self._cam_end :](fmap))))
 
     @property
     def target_layer(self) -> nn.Module:
@@ -288,7 +316,10 @@ class SimpleCNN(SonoModel):
         self.conv = nn.Sequential(*layers)
         side = config.size // 16
         self.embedding = nn.Sequential(
-            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c_in * side * side, config.embedding_dim), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(c_in * side * side, config.embedding_dim),
+            nn.ReLU(),
         )
         self.head = _classifier(config.embedding_dim, config.num_classes, config.dropout)
         _init_weights(self.modules())
@@ -329,8 +360,11 @@ class _InvertedResidual(nn.Module):
         if expansion != 1:
             layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
         layers += [
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
         ]
         self.block = nn.Sequential(*layers)
         self.residual = stride == 1 and c_in == c_out
@@ -358,14 +392,20 @@ class MobileNetV2(SonoModel):
         layers += [nn.Conv2d(c_in, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6()]
         self.conv = nn.Sequential(*layers)
         self.embedding = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(last, config.embedding_dim), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(last, config.embedding_dim),
+            nn.ReLU(),
         )
         self.head = _classifier(config.embedding_dim, config.num_classes, config.dropout)
         _init_weights(self.modules())
 
 
 _BUILDERS: dict[str, type[SonoModel]] = {
-    "hybrid": HybridVGGRNN, "cnn": SimpleCNN, "rnn": PixelRowRNN, "mobilenetv2": MobileNetV2,
+    "hybrid": HybridVGGRNN,
+    "cnn": SimpleCNN,
+    "rnn": PixelRowRNN,
+    "mobilenetv2": MobileNetV2,
 }
 
 

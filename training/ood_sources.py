@@ -35,8 +35,13 @@ MAX_FRAMES = 8
 #: distinct picture: the same image in several encodings counts once).
 RETAGGED = {
     "CT": ("CT_small.dcm", "693_UNCR.dcm", "eCT_Supplemental.dcm", "bad_sequence.dcm"),
-    "MR": ("MR_small.dcm", "MR2_UNCR.dcm", "emri_small.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm",
-           "examples_overlay.dcm"),
+    "MR": (
+        "MR_small.dcm",
+        "MR2_UNCR.dcm",
+        "emri_small.dcm",
+        "MR-SIEMENS-DICOM-WithOverlays.dcm",
+        "examples_overlay.dcm",
+    ),
     "CR": ("RG1_UNCR.dcm", "RG3_UNCR.dcm"),
     "NM": ("JPEG-LL.dcm",),
     "OT": ("image_dfl.dcm", "mlut_18.dcm", "vlut_04.dcm"),
@@ -149,12 +154,23 @@ def _text(rng: np.random.Generator, size: int) -> np.ndarray:
 def ood_sources(size: int, seed: int = 0) -> list[OodSource]:
     """The whole out-of-domain evaluation set for a model of ``size`` x ``size`` input."""
     spec = InputSpec(height=size, width=size, mean=0.0, std=1.0)  # _uint8 undoes any normalisation
-    sources = [_source("real-ultrasound", (frame for path in real_ultrasound_files()
-                                           for frame in _frames(dcmread(path), path.name, spec)))]
+    sources = [
+        _source(
+            "real-ultrasound",
+            (frame for path in real_ultrasound_files() for frame in _frames(dcmread(path), path.name, spec)),
+        )
+    ]
     for modality, names in RETAGGED.items():
-        sources.append(_source(modality, (frame for name in names
-                                          for frame in _frames(retagged_as_ultrasound(dcmread(get_testdata_file(name))),
-                                                               name, spec))))
+        sources.append(
+            _source(
+                modality,
+                (
+                    frame
+                    for name in names
+                    for frame in _frames(retagged_as_ultrasound(dcmread(get_testdata_file(name))), name, spec)
+                ),
+            )
+        )
     import matplotlib  # training-only dependency: its sample data holds the photographs
 
     sample_data = Path(matplotlib.get_data_path()) / "sample_data"

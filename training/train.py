@@ -97,8 +97,10 @@ class DataSource:
 
     def describe(self) -> str:
         if self.kind == "synthetic":
-            return (f"synthetic breast-ultrasound-like images (service.datasets.synthetic, seed {self.seed}), "
-                    f"{self.synthetic_per_class} per class")
+            return (
+                f"synthetic breast-ultrasound-like images (service.datasets.synthetic, seed {self.seed}), "
+                f"{self.synthetic_per_class} per class"
+            )
         if self.kind == "busi":
             return f"BUSI folder layout at {self.path}"
         return f"DICOM files at {self.path} labelled by {self.labels}"
@@ -128,8 +130,9 @@ def make_split(records: Sequence[Record], test_fraction: float, val_fraction: fl
     return split_off_validation(records, train_idx, test_idx, val_fraction, seed)
 
 
-def split_off_validation(records: Sequence[Record], train_idx: Sequence[int], test_idx: Sequence[int],
-                         val_fraction: float, seed: int) -> Split:
+def split_off_validation(
+    records: Sequence[Record], train_idx: Sequence[int], test_idx: Sequence[int], val_fraction: float, seed: int
+) -> Split:
     """Carve the early-stopping validation set out of the training indices, by
     group and stratified like the test split."""
     from service.datasets.splits import stratified_split
@@ -233,14 +236,15 @@ def default_device() -> torch.device:
 
 
 @torch.no_grad()
-def predict(model: SonoModel, images: np.ndarray, norm: Normalisation, batch_size: int = 64,
-            device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict(
+    model: SonoModel, images: np.ndarray, norm: Normalisation, batch_size: int = 64, device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits [N, C], probabilities [N, C] and L2-normalised embeddings [N, D]."""
     device = device or next(model.parameters()).device
     model.eval()
     logits, embeddings = [], []
     for start in range(0, len(images), batch_size):
-        x = to_tensor(images[start:start + batch_size], norm).to(device)
+        x = to_tensor(images[start : start + batch_size], norm).to(device)
         emb = model.embed(model.features(x))
         logits.append(model.head(emb).cpu())
         embeddings.append(F.normalize(emb, dim=1).cpu())
@@ -254,23 +258,33 @@ def predict_masks(model: SonoModel, images: np.ndarray, norm: Normalisation, bat
     ``lesion_mask``)."""
     device = next(model.parameters()).device
     model.eval()
-    maps = [torch.sigmoid(model.segment(*model.encode(to_tensor(images[start:start + batch_size], norm).to(device))))
-            .cpu() for start in range(0, len(images), batch_size)]
+    maps = [
+        torch.sigmoid(
+            model.segment(*model.encode(to_tensor(images[start : start + batch_size], norm).to(device)))
+        ).cpu()
+        for start in range(0, len(images), batch_size)
+    ]
     return torch.cat(maps).numpy()
 
 
-def fit_segmentation(model: SonoModel, norm: Normalisation, records: Sequence[Record],
-                     fitted_on: str) -> SegmentationSpec:
+def fit_segmentation(
+    model: SonoModel, norm: Normalisation, records: Sequence[Record], fitted_on: str
+) -> SegmentationSpec:
     """The card's segmentation entry: the threshold that maximises the mean Dice on
     ``records`` (the validation split) and the map's size."""
     maps = predict_masks(model, resize_images(records, model.config.size), norm)
     threshold = choose_threshold(maps, [r.mask for r in records], np.array([r.label for r in records]), CLASSES)
-    return SegmentationSpec(threshold=threshold, height=maps.shape[1], width=maps.shape[2],
-                            fitted_on=f"{fitted_on}: the threshold of best mean Dice on its lesion images")
+    return SegmentationSpec(
+        threshold=threshold,
+        height=maps.shape[1],
+        width=maps.shape[2],
+        fitted_on=f"{fitted_on}: the threshold of best mean Dice on its lesion images",
+    )
 
 
-def fit_guard_and_calibration(outputs: Outputs, images: np.ndarray, labels: np.ndarray, split: Split,
-                               source: DataSource, size: int) -> tuple[OodSpec, CalibrationSpec]:
+def fit_guard_and_calibration(
+    outputs: Outputs, images: np.ndarray, labels: np.ndarray, split: Split, source: DataSource, size: int
+) -> tuple[OodSpec, CalibrationSpec]:
     """The domain guard (fitted on the fit split, threshold from the validation split)
     and the temperature (fitted on fresh images where the source makes them, else on
     the validation split, which early stopping has already tuned the weights on);
@@ -282,12 +296,16 @@ def fit_guard_and_calibration(outputs: Outputs, images: np.ndarray, labels: np.n
     fresh = source.fresh(CALIBRATION_SEED)
     if fresh is None:
         return guard, fit_temperature(outputs(images[split.val])[0], labels[split.val], fitted_on="validation split")
-    return guard, fit_temperature(outputs(resize_images(fresh, size))[0], np.array([r.label for r in fresh]),
-                                  fitted_on=f"{len(fresh)} fresh images of the source (seed +{CALIBRATION_SEED})")
+    return guard, fit_temperature(
+        outputs(resize_images(fresh, size))[0],
+        np.array([r.label for r in fresh]),
+        fitted_on=f"{len(fresh)} fresh images of the source (seed +{CALIBRATION_SEED})",
+    )
 
 
 def torch_outputs(model: SonoModel, norm: Normalisation) -> Outputs:
     """The trained model as training.calibration's ``Outputs``."""
+
     def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         _, probs, embeddings = predict(model, images, norm)
         return probs, embeddings
@@ -302,8 +320,9 @@ def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _augment_batch(images: np.ndarray, masks: np.ndarray | None,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+def _augment_batch(
+    images: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Augmented copies of a batch, and of its masks moved with them (None: no masks)."""
     from training.augment import augment_with_mask
 
@@ -345,8 +364,14 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, known: torch.Te
     return ((bce + 1 - dice) * weight).sum() / weight.sum().clamp_min(1)
 
 
-def _evaluate_loss(model: SonoModel, images: np.ndarray, labels: np.ndarray, norm: Normalisation,
-                   loss_fn: torch.nn.Module, device: torch.device) -> tuple[float, float]:
+def _evaluate_loss(
+    model: SonoModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    norm: Normalisation,
+    loss_fn: torch.nn.Module,
+    device: torch.device,
+) -> tuple[float, float]:
     logits, _, _ = predict(model, images, norm, device=device)
     loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)))
     predicted = logits.argmax(axis=1)
@@ -357,15 +382,22 @@ def _evaluate_loss(model: SonoModel, images: np.ndarray, labels: np.ndarray, nor
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
-def _batches(images: np.ndarray, labels: np.ndarray, masks: np.ndarray | None, known: np.ndarray | None,
-             norm: Normalisation, config: TrainConfig, rng: np.random.Generator,
-             drop_single: bool) -> Iterator[Batch]:
+def _batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray | None,
+    known: np.ndarray | None,
+    norm: Normalisation,
+    config: TrainConfig,
+    rng: np.random.Generator,
+    drop_single: bool,
+) -> Iterator[Batch]:
     """One epoch of shuffled, augmented (training split only), normalised batches:
     images, labels and (when ``masks`` is given) lesion masks as 0/1 floats and
     whether each mask is known (:func:`lesion_known`)."""
     order = rng.permutation(len(images))
     for start in range(0, len(order), config.batch_size):
-        idx = order[start:start + config.batch_size]
+        idx = order[start : start + config.batch_size]
         if drop_single and len(idx) < 2:
             continue  # batch-norm cannot normalise a batch of one
         batch, batch_masks = images[idx], None if masks is None else masks[idx]
@@ -376,8 +408,14 @@ def _batches(images: np.ndarray, labels: np.ndarray, masks: np.ndarray | None, k
         yield to_tensor(batch, norm), torch.from_numpy(labels[idx]), mask_tensor, known_tensor
 
 
-def _fit_epoch(model: SonoModel, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
-               loss_fn: torch.nn.Module, config: TrainConfig, device: torch.device) -> dict[str, float]:
+def _fit_epoch(
+    model: SonoModel,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: torch.nn.Module,
+    config: TrainConfig,
+    device: torch.device,
+) -> dict[str, float]:
     """One pass of Adam steps; returns the mean training cross-entropy, accuracy,
     localisation and segmentation losses (0 when unused or the batches carry no
     masks). The localisation loss shapes the map of the true class, the one the node
@@ -417,9 +455,19 @@ def _save_atomic(obj: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(records: Sequence[Record], split: Split, model_config: ModelConfig, train_config: TrainConfig,
-          source: DataSource, out_dir: Path, *, resume: bool = False, progress: bool = True,
-          device: torch.device | None = None, command: str = "") -> TrainedModel:
+def train(
+    records: Sequence[Record],
+    split: Split,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    source: DataSource,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    device: torch.device | None = None,
+    command: str = "",
+) -> TrainedModel:
     """Train one model on ``split`` (on CUDA when present) and write ``model.pt`` (see
     the module docstring); the returned model is on the CPU.
 
@@ -455,28 +503,37 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=train_config.lr_factor, patience=train_config.lr_patience)
+        optimizer, mode="min", factor=train_config.lr_factor, patience=train_config.lr_patience
+    )
     weight = _class_weights(fit_y, model_config.num_classes) if train_config.class_weights else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
     val_loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
     rng = np.random.default_rng(train_config.seed)
     state: dict[str, Any] = {
-        "epoch": 0, "history": [], "best_val_loss": float("inf"), "bad_epochs": 0,
+        "epoch": 0,
+        "history": [],
+        "best_val_loss": float("inf"),
+        "bad_epochs": 0,
         "best_state": copy.deepcopy(model.state_dict()),
     }
     # What must not change between an interrupted run and its resumption (more
     # epochs or more patience may be asked for).
-    identity = {"model_config": model_config.to_dict(),
-                "train_config": {k: v for k, v in asdict(train_config).items() if k not in ("epochs", "patience")},
-                "source": asdict(source), "split": asdict(split)}
+    identity = {
+        "model_config": model_config.to_dict(),
+        "train_config": {k: v for k, v in asdict(train_config).items() if k not in ("epochs", "patience")},
+        "source": asdict(source),
+        "split": asdict(split),
+    }
 
     checkpoint_path = out_dir / CHECKPOINT
     if resume and checkpoint_path.is_file():
         saved = torch.load(checkpoint_path, map_location=device, weights_only=True)
         for key, value in identity.items():
             if saved[key] != value:
-                raise ValueError(f"{checkpoint_path} was made with a different {key.replace('_', ' ')}; "
-                                 f"start a new output folder or drop --resume")
+                raise ValueError(
+                    f"{checkpoint_path} was made with a different {key.replace('_', ' ')}; "
+                    f"start a new output folder or drop --resume"
+                )
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -488,16 +545,23 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
     while state["epoch"] < train_config.epochs and state["bad_epochs"] < train_config.patience:
         epoch = state["epoch"] + 1
         started = time.monotonic()
-        batches = tqdm(_batches(fit_x, fit_y, fit_masks, fit_known, norm, train_config, rng,
-                                drop_single=model_config.batch_norm),
-                       desc=f"epoch {epoch}/{train_config.epochs}", disable=not progress, leave=False,
-                       total=-(-len(fit_x) // train_config.batch_size))
+        batches = tqdm(
+            _batches(fit_x, fit_y, fit_masks, fit_known, norm, train_config, rng, drop_single=model_config.batch_norm),
+            desc=f"epoch {epoch}/{train_config.epochs}",
+            disable=not progress,
+            leave=False,
+            total=-(-len(fit_x) // train_config.batch_size),
+        )
         losses = _fit_epoch(model, batches, optimizer, loss_fn, train_config, device)
         val_loss, val_bacc = _evaluate_loss(model, val_x, val_y, norm, val_loss_fn, device)
         scheduler.step(val_loss)
         record = {
-            "epoch": epoch, **losses, "val_loss": val_loss, "val_balanced_accuracy": val_bacc,
-            "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - started,
+            "epoch": epoch,
+            **losses,
+            "val_loss": val_loss,
+            "val_balanced_accuracy": val_bacc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.monotonic() - started,
         }
         state["history"].append(record)
         if val_loss < state["best_val_loss"] - 1e-4:
@@ -505,17 +569,35 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        log.info("epoch %d: train loss %.4f (localisation %.4f, segmentation %.4f), val loss %.4f, "
-                 "val balanced accuracy %.3f (%.0f s)", epoch, record["train_loss"], record["train_localisation_loss"],
-                 record["train_segmentation_loss"], val_loss, val_bacc, record["seconds"])
-        _save_atomic({**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
-                      "torch_rng": torch.get_rng_state(), "state": state}, checkpoint_path)
+        log.info(
+            "epoch %d: train loss %.4f (localisation %.4f, segmentation %.4f), val loss %.4f, "
+            "val balanced accuracy %.3f (%.0f s)",
+            epoch,
+            record["train_loss"],
+            record["train_localisation_loss"],
+            record["train_segmentation_loss"],
+            val_loss,
+            val_bacc,
+            record["seconds"],
+        )
+        _save_atomic(
+            {
+                **identity,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "state": state,
+            },
+            checkpoint_path,
+        )
 
     model.load_state_dict(state["best_state"])
     model.cpu().eval()  # evaluation and export run on the CPU, like the node
-    ood, calibration = fit_guard_and_calibration(torch_outputs(model, norm), images, labels, split, source,
-                                                 model_config.size)
+    ood, calibration = fit_guard_and_calibration(
+        torch_outputs(model, norm), images, labels, split, source, model_config.size
+    )
     segmentation = None
     if model_config.segmentation:
         val_records = [records[i] for i in split.val]
@@ -524,10 +606,19 @@ def train(records: Sequence[Record], split: Split, model_config: ModelConfig, tr
         else:
             segmentation = fit_segmentation(model, norm, fit_records, "fit split (no validation image has a lesion)")
     trained = TrainedModel(
-        model=model, model_config=model_config, train_config=train_config, norm=norm, source=source,
-        split=split, class_counts=class_counts(labels, split), history=state["history"],
-        ood=ood, calibration=calibration,
-        created=datetime.now(UTC).isoformat(timespec="seconds"), command=command, segmentation=segmentation,
+        model=model,
+        model_config=model_config,
+        train_config=train_config,
+        norm=norm,
+        source=source,
+        split=split,
+        class_counts=class_counts(labels, split),
+        history=state["history"],
+        ood=ood,
+        calibration=calibration,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        command=command,
+        segmentation=segmentation,
     )
     save_trained(trained, out_dir / MODEL)
     return trained
@@ -545,16 +636,25 @@ def class_counts(labels: np.ndarray, split: Split) -> dict[str, int]:
 
 
 def save_trained(trained: TrainedModel, path: Path) -> None:
-    _save_atomic({
-        "model_config": trained.model_config.to_dict(), "train_config": asdict(trained.train_config),
-        "state_dict": trained.model.state_dict(),
-        "norm": asdict(trained.norm), "source": asdict(trained.source), "split": asdict(trained.split),
-        "class_counts": trained.class_counts, "history": trained.history,
-        "ood": trained.ood.model_dump(),
-        "calibration": trained.calibration.model_dump() if trained.calibration else None, "created": trained.created, "classes": list(trained.classes),
-        "command": trained.command,
-        "segmentation": trained.segmentation.model_dump() if trained.segmentation else None,
-    }, path)
+    _save_atomic(
+        {
+            "model_config": trained.model_config.to_dict(),
+            "train_config": asdict(trained.train_config),
+            "state_dict": trained.model.state_dict(),
+            "norm": asdict(trained.norm),
+            "source": asdict(trained.source),
+            "split": asdict(trained.split),
+            "class_counts": trained.class_counts,
+            "history": trained.history,
+            "ood": trained.ood.model_dump(),
+            "calibration": trained.calibration.model_dump() if trained.calibration else None,
+            "created": trained.created,
+            "classes": list(trained.classes),
+            "command": trained.command,
+            "segmentation": trained.segmentation.model_dump() if trained.segmentation else None,
+        },
+        path,
+    )
 
 
 def load_trained(path: Path) -> TrainedModel:
@@ -568,17 +668,27 @@ def load_trained(path: Path) -> TrainedModel:
     if not isinstance(saved, dict) or "model_config" not in saved:
         raise ValueError(f"{path} is not a model written by 'sonocase train'")
     if "features" not in saved["ood"]:
-        raise ValueError(f"{path} has the domain guard of an older Sonocase (embedding centroids): export it and "
-                         "refit its guard with 'sonocase calibrate MODEL.onnx' and the same data options")
+        raise ValueError(
+            f"{path} has the domain guard of an older Sonocase (embedding centroids): export it and "
+            "refit its guard with 'sonocase calibrate MODEL.onnx' and the same data options"
+        )
     config = ModelConfig(**saved["model_config"])
     model = build_model(config)
     model.load_state_dict(saved["state_dict"])
     model.eval()
     return TrainedModel(
-        model=model, model_config=config, train_config=TrainConfig(**saved["train_config"]),
-        norm=Normalisation(**saved["norm"]), source=DataSource(**saved["source"]), split=Split(**saved["split"]),
-        class_counts=saved["class_counts"], history=saved["history"], ood=OodSpec(**saved["ood"]),
+        model=model,
+        model_config=config,
+        train_config=TrainConfig(**saved["train_config"]),
+        norm=Normalisation(**saved["norm"]),
+        source=DataSource(**saved["source"]),
+        split=Split(**saved["split"]),
+        class_counts=saved["class_counts"],
+        history=saved["history"],
+        ood=OodSpec(**saved["ood"]),
         calibration=CalibrationSpec(**saved["calibration"]) if saved.get("calibration") else None,
-        created=saved["created"], classes=tuple(saved["classes"]), command=saved["command"],
+        created=saved["created"],
+        classes=tuple(saved["classes"]),
+        command=saved["command"],
         segmentation=SegmentationSpec(**saved["segmentation"]) if saved.get("segmentation") else None,
     )

@@ -62,8 +62,9 @@ def auth(settings: Settings) -> AuthBase | None:
     if settings.dicomweb_token_file is not None:
         return BearerAuth(read_secret(settings.dicomweb_token_file, "dicomweb_token_file"))
     if settings.dicomweb_user and settings.dicomweb_password_file is not None:
-        return HTTPBasicAuth(settings.dicomweb_user, read_secret(settings.dicomweb_password_file,
-                                                                 "dicomweb_password_file"))
+        return HTTPBasicAuth(
+            settings.dicomweb_user, read_secret(settings.dicomweb_password_file, "dicomweb_password_file")
+        )
     return None
 
 

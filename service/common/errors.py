@@ -66,8 +66,11 @@ def format_exception(exc: BaseException) -> str:
     for n, link in enumerate(reversed(chain)):
         if n:
             caused = link.__cause__ is chain[len(chain) - n]
-            parts.append("\nThe above exception was the direct cause of the following exception:\n\n" if caused
-                         else "\nDuring handling of the above exception, another exception occurred:\n\n")
+            parts.append(
+                "\nThe above exception was the direct cause of the following exception:\n\n"
+                if caused
+                else "\nDuring handling of the above exception, another exception occurred:\n\n"
+            )
         parts.append("Traceback (most recent call last):\n" + "".join(traceback.format_tb(link.__traceback__)))
         parts.append(error_text(link) + "\n")
     return "".join(parts).rstrip("\n")

@@ -27,7 +27,9 @@ import click
 from service.common.errors import format_exception
 
 #: Extras that must never appear in a log record.
-PHI_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID", "PatientBirthDate"})
+PHI_KEYS = frozenset(
+    {"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID", "PatientBirthDate"}
+)
 _PHI_TEXT = re.compile(
     r"\((0010),\s*(0010|0020|0030)\)[^\n]*|Patient(?:'s)? (?:Name|ID|Birth Date)\s+[A-Z]{2}:[^\n]*"
     # highdicom's warning about a one-component person name quotes the name
@@ -127,7 +129,9 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
     if args.exc_value is not None:
         name = args.thread.name if args.thread is not None else "?"
         logging.getLogger("uncaught").critical(
-            "uncaught %s in thread %s", args.exc_type.__name__, name,
+            "uncaught %s in thread %s",
+            args.exc_type.__name__,
+            name,
             exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
         )
 

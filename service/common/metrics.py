@@ -37,7 +37,22 @@ from service.ledger import FILE_KINDS, Ledger, OutboxState, StudyState
 
 #: Seconds; studies take from under a second (analysis) to hours (a PACS down).
 LATENCY_BUCKETS: tuple[float, ...] = (
-    0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400,
+    0.5,
+    1,
+    2,
+    5,
+    10,
+    20,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+    7200,
+    21600,
+    86400,
 )
 
 #: stage label -> (start, end) time stamps of a study in the ledger.
@@ -55,28 +70,41 @@ WAITING = (StudyState.COMPLETE, StudyState.QUEUED)
 # Created unregistered: each node's registry (build_registry) adds them, so several
 # nodes in one process (the tests) never collide on the global registry.
 CSTORE_RESPONSES = Counter(
-    "sonocase_cstore_responses", "C-STORE responses the receiver returned, by status code",
-    ["status"], registry=None,
+    "sonocase_cstore_responses",
+    "C-STORE responses the receiver returned, by status code",
+    ["status"],
+    registry=None,
 )
 CONNECTIONS_REFUSED = Counter(
-    "sonocase_connections_refused", "DICOM connections and associations the receiver refused, closed or "
-    "aborted, by reason", ["reason"], registry=None,
+    "sonocase_connections_refused",
+    "DICOM connections and associations the receiver refused, closed or aborted, by reason",
+    ["reason"],
+    registry=None,
 )
 STOW_INSTANCES = Counter(
-    "sonocase_stow_instances", "Instances received over STOW-RS, by Failure Reason (0x0000: stored)",
-    ["status"], registry=None,
+    "sonocase_stow_instances",
+    "Instances received over STOW-RS, by Failure Reason (0x0000: stored)",
+    ["status"],
+    registry=None,
 )
 HTTP_CONNECTIONS_CLOSED = Counter(
-    "sonocase_http_connections_closed", "HTTP connections the node closed or refused before their request was "
-    "in, by reason (too-slow, evicted to make room, full)", ["reason"], registry=None,
+    "sonocase_http_connections_closed",
+    "HTTP connections the node closed or refused before their request was "
+    "in, by reason (too-slow, evicted to make room, full)",
+    ["reason"],
+    registry=None,
 )
 WEB_LOGINS_REFUSED = Counter(
-    "sonocase_web_logins_refused", "Sign-ins and Bearer tokens refused, by reason (wrong token, throttled)",
-    ["reason"], registry=None,
+    "sonocase_web_logins_refused",
+    "Sign-ins and Bearer tokens refused, by reason (wrong token, throttled)",
+    ["reason"],
+    registry=None,
 )
 SEND_ATTEMPTS = Counter(
-    "sonocase_send_attempts", "Delivery attempts of the sender (C-STORE or STOW-RS), by outcome (failed ones "
-    "are retried)", ["outcome"], registry=None,
+    "sonocase_send_attempts",
+    "Delivery attempts of the sender (C-STORE or STOW-RS), by outcome (failed ones are retried)",
+    ["outcome"],
+    registry=None,
 )
 
 
@@ -133,26 +161,33 @@ class LedgerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         counts = self._ledger.count_by_state()
         yield CounterMetricFamily(
-            "sonocase_instances_received", "Instances stored (ledger; duplicates not counted)",
+            "sonocase_instances_received",
+            "Instances stored (ledger; duplicates not counted)",
             value=self._ledger.instance_count(),
         )
         yield CounterMetricFamily(
-            "sonocase_studies_received", "Studies seen (ledger)", value=sum(counts.values()),
+            "sonocase_studies_received",
+            "Studies seen (ledger)",
+            value=sum(counts.values()),
         )
         by_state = GaugeMetricFamily("sonocase_studies", "Studies per state (ledger)", labels=["state"])
         for state in StudyState:
             by_state.add_metric([state.value], counts.get(state, 0))
         yield by_state
         yield GaugeMetricFamily(
-            "sonocase_queue_depth", "Studies complete or queued, waiting for a worker",
+            "sonocase_queue_depth",
+            "Studies complete or queued, waiting for a worker",
             value=sum(counts.get(s, 0) for s in WAITING),
         )
         analysed, not_assessed = self._ledger.image_totals()
         yield CounterMetricFamily(
-            "sonocase_images_analysed", "Images analysed (ledger; a re-analysed study counts again)", value=analysed,
+            "sonocase_images_analysed",
+            "Images analysed (ledger; a re-analysed study counts again)",
+            value=analysed,
         )
         yield CounterMetricFamily(
-            "sonocase_images_not_assessed", "Analysed images the domain guard flagged as outside the model's training "
+            "sonocase_images_not_assessed",
+            "Analysed images the domain guard flagged as outside the model's training "
             "domain: reported as not assessed, without a class (ledger; a re-analysed study counts again)",
             value=not_assessed,
         )
@@ -160,7 +195,8 @@ class LedgerCollector(Collector):
         yield from self._outbox()
         yield from self._files()
         yield GaugeMetricFamily(
-            "sonocase_disk_free_bytes", "Free disk space where the spool and ledger live",
+            "sonocase_disk_free_bytes",
+            "Free disk space where the spool and ledger live",
             value=free_disk_mb(self._data_dir) * 2**20,
         )
         for name, doc, source in (
@@ -174,7 +210,8 @@ class LedgerCollector(Collector):
     def _latencies(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(
             "sonocase_stage_latency_seconds",
-            "Seconds between two time stamps of a study (ledger), per stage", labels=["stage"],
+            "Seconds between two time stamps of a study (ledger), per stage",
+            labels=["stage"],
         )
         for stage, (start, end) in STAGES.items():
             cumulative, count, total = self._ledger.latency_histogram(start, end, LATENCY_BUCKETS)
@@ -194,16 +231,17 @@ class LedgerCollector(Collector):
             value=sum(attempts for _, attempts in totals.values()),
         )
 
-
     def _files(self) -> Iterator[Metric]:
-        spool = GaugeMetricFamily("sonocase_spool_bytes", "Bytes of received instances in the spool, by study state",
-                                  labels=["state"])
+        spool = GaugeMetricFamily(
+            "sonocase_spool_bytes", "Bytes of received instances in the spool, by study state", labels=["state"]
+        )
         held = self._ledger.spool_bytes_by_state()
         for state in StudyState:
             spool.add_metric([state.value], held.get(state, 0))
         yield spool
-        removed = CounterMetricFamily("sonocase_removed_bytes", "Bytes of done studies' files removed by retention",
-                                      labels=["kind"])
+        removed = CounterMetricFamily(
+            "sonocase_removed_bytes", "Bytes of done studies' files removed by retention", labels=["kind"]
+        )
         totals = self._ledger.purge_totals()
         for kind in FILE_KINDS:
             removed.add_metric([kind], totals.get(kind, (0, 0))[1])
@@ -214,8 +252,15 @@ def build_registry(collector: LedgerCollector) -> CollectorRegistry:
     """A registry for one node: its ledger figures, this process's counters and
     the usual process figures (CPU, memory, open files)."""
     registry = CollectorRegistry()
-    for metric in (CSTORE_RESPONSES, CONNECTIONS_REFUSED, STOW_INSTANCES, SEND_ATTEMPTS, HTTP_CONNECTIONS_CLOSED,
-                   WEB_LOGINS_REFUSED, collector):
+    for metric in (
+        CSTORE_RESPONSES,
+        CONNECTIONS_REFUSED,
+        STOW_INSTANCES,
+        SEND_ATTEMPTS,
+        HTTP_CONNECTIONS_CLOSED,
+        WEB_LOGINS_REFUSED,
+        collector,
+    ):
         registry.register(metric)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

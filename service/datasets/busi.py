@@ -73,8 +73,9 @@ def _class_files(folder: Path, name: str) -> tuple[dict[str, Path], dict[str, li
         raise ValueError(f"BUSI class folder {class_dir} holds no images")
     orphans = set(masks) - set(images)
     if orphans:
-        raise ValueError(f"{class_dir}: masks without an image: "
-                         f"{', '.join(sorted(str(p) for s in orphans for p in masks[s]))}")
+        raise ValueError(
+            f"{class_dir}: masks without an image: {', '.join(sorted(str(p) for s in orphans for p in masks[s]))}"
+        )
     return images, masks
 
 
@@ -85,8 +86,7 @@ def _merged_mask(image_path: Path, mask_paths: list[Path], shape: tuple[int, ...
     for path in mask_paths:
         mask = read_gray(path)
         if mask.shape != shape:
-            raise ValueError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
-                             f"its image is {shape[1]}x{shape[0]}")
+            raise ValueError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image is {shape[1]}x{shape[0]}")
         merged |= mask > 127
     return merged
 
@@ -100,7 +100,6 @@ def load_busi(root: Path) -> list[Record]:
         for stem, path in images.items():
             image = read_gray(path)
             mask = None if name == "normal" else _merged_mask(path, masks.get(stem, []), image.shape)
-            records.append(Record(image=image, label=label, mask=mask,
-                                  group=f"busi:{name}/{stem}", source=str(path)))
+            records.append(Record(image=image, label=label, mask=mask, group=f"busi:{name}/{stem}", source=str(path)))
     log.info("loaded %d BUSI images from %s", len(records), folder)
     return with_near_duplicate_groups(records)

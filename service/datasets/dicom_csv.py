@@ -77,8 +77,10 @@ def read_labels(labels_csv: Path) -> LabelTable:
         reader = csv.DictReader(fh)
         columns = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
         if LABEL_COLUMN not in columns or not {SOP_COLUMN, STUDY_COLUMN} & set(columns):
-            raise ValueError(f"{labels_csv}: needs a '{LABEL_COLUMN}' column and a "
-                             f"'{SOP_COLUMN}' or '{STUDY_COLUMN}' column, has {reader.fieldnames}")
+            raise ValueError(
+                f"{labels_csv}: needs a '{LABEL_COLUMN}' column and a "
+                f"'{SOP_COLUMN}' or '{STUDY_COLUMN}' column, has {reader.fieldnames}"
+            )
         for row in reader:
             where = f"{labels_csv}:{reader.line_num}"
             label = _parse_label(row[columns[LABEL_COLUMN]] or "", where)
@@ -89,8 +91,9 @@ def read_labels(labels_csv: Path) -> LabelTable:
             uid, target = (sop, table.by_sop) if sop else (study, table.by_study)
             previous = target.setdefault(uid, (label, reader.line_num))
             if previous[0] != label:
-                raise ValueError(f"{where}: {uid} is labelled {CLASSES[label]}, but line "
-                                 f"{previous[1]} says {CLASSES[previous[0]]}")
+                raise ValueError(
+                    f"{where}: {uid} is labelled {CLASSES[label]}, but line {previous[1]} says {CLASSES[previous[0]]}"
+                )
     if not table.by_sop and not table.by_study:
         raise ValueError(f"{labels_csv}: no labelled rows")
     return table
@@ -119,8 +122,9 @@ def instance_records(ds: Dataset, label: int, source: str, max_frames: int = 1) 
             raise ValueError(f"{source}: {exc}") from exc
         x0, y0, x1, y1 = crop_box(ds, gray)
         name = source if n_frames == 1 else f"{source}#frame{index + 1}"
-        records.append(Record(image=gray[y0:y1, x0:x1].copy(), label=label, mask=None,
-                              group=group_key(ds), source=name))
+        records.append(
+            Record(image=gray[y0:y1, x0:x1].copy(), label=label, mask=None, group=group_key(ds), source=name)
+        )
     return records
 
 
@@ -158,8 +162,8 @@ def load_dicom_labels(dicom_dir: Path, labels_csv: Path, *, max_frames: int = 1)
     unmatched = sorted((set(table.by_sop) | set(table.by_study)) - used)
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
-        raise ValueError(f"{labels_csv}: {len(unmatched)} labelled UIDs match no file under "
-                         f"{dicom_dir}: {shown}")
-    log.info("loaded %d labelled DICOM images from %s (%d DICOM files without a label)",
-             len(records), dicom_dir, unlabelled)
+        raise ValueError(f"{labels_csv}: {len(unmatched)} labelled UIDs match no file under {dicom_dir}: {shown}")
+    log.info(
+        "loaded %d labelled DICOM images from %s (%d DICOM files without a label)", len(records), dicom_dir, unlabelled
+    )
     return records

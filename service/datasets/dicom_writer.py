@@ -104,8 +104,12 @@ def compose_frame(image: np.ndarray, info: StudyInfo) -> tuple[np.ndarray, list[
     font = ImageFont.load_default(size=max(6, (top - 4) // 2))
     date = f"{info.study_date[:4]}-{info.study_date[4:6]}-{info.study_date[6:]}"
     draw.text((left, 2), f"SONOCASE PHANTOM  L12-5  BREAST {info.laterality}", fill=(230, 230, 230), font=font)
-    draw.text((left, 2 + top // 2), f"{date}  {info.study_time[:2]}:{info.study_time[2:4]}  "
-              f"{info.depth_cm:.1f} cm", fill=(200, 200, 120), font=font)
+    draw.text(
+        (left, 2 + top // 2),
+        f"{date}  {info.study_time[:2]}:{info.study_time[2:4]}  {info.depth_cm:.1f} cm",
+        fill=(200, 200, 120),
+        font=font,
+    )
     logo = top - 4
     draw.rectangle((cols - logo - 2, 2, cols - 3, logo + 1), fill=(240, 140, 20))
     draw.text((cols - logo + 2, 4), "S", fill=(255, 255, 255), font=font)
@@ -114,7 +118,7 @@ def compose_frame(image: np.ndarray, info: StudyInfo) -> tuple[np.ndarray, list[
         y = top + min(size_y - 1, round(cm / delta_cm))
         draw.line((left - 8, y, left - 3, y), fill=(180, 180, 180))
     frame = np.asarray(canvas).copy()
-    frame[top:top + size_y, left:left + size_x] = image[..., None]  # last: nothing overdraws it
+    frame[top : top + size_y, left : left + size_x] = image[..., None]  # last: nothing overdraws it
 
     bar_x0, bar_x1 = left + size_x + 6, left + size_x + 6 + max(6, right // 4)
     bar_y0, bar_y1 = top + size_y // 10, top + size_y // 2
@@ -123,16 +127,15 @@ def compose_frame(image: np.ndarray, info: StudyInfo) -> tuple[np.ndarray, list[
     frame[bar_y0:bar_y1, bar_x0:bar_x1] = bar.astype(np.uint8)
 
     regions = [
-        Region(left, top, left + size_x - 1, top + size_y - 1, REGION_TISSUE, SPATIAL_2D,
-               UNITS_CM, delta_cm),
-        Region(bar_x0, bar_y0, bar_x1 - 1, bar_y1 - 1, REGION_COLOR_BAR, SPATIAL_NONE,
-               UNITS_NONE, 0.0),
+        Region(left, top, left + size_x - 1, top + size_y - 1, REGION_TISSUE, SPATIAL_2D, UNITS_CM, delta_cm),
+        Region(bar_x0, bar_y0, bar_x1 - 1, bar_y1 - 1, REGION_COLOR_BAR, SPATIAL_NONE, UNITS_NONE, 0.0),
     ]
     return frame, regions
 
 
-def ultrasound_image(image: np.ndarray, info: StudyInfo, *, instance_number: int,
-                     sop_instance_uid: str, variant: Variant = "ybr_jpeg") -> Dataset:
+def ultrasound_image(
+    image: np.ndarray, info: StudyInfo, *, instance_number: int, sop_instance_uid: str, variant: Variant = "ybr_jpeg"
+) -> Dataset:
     """One Ultrasound Image Storage dataset (with file meta) showing ``image``."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown pixel variant {variant!r}; expected one of {VARIANTS}")
@@ -145,8 +148,14 @@ def ultrasound_image(image: np.ndarray, info: StudyInfo, *, instance_number: int
     return ds
 
 
-def ultrasound_cine(images: list[np.ndarray], info: StudyInfo, *, instance_number: int,
-                    sop_instance_uid: str, variant: Variant = "ybr_jpeg") -> Dataset:
+def ultrasound_cine(
+    images: list[np.ndarray],
+    info: StudyInfo,
+    *,
+    instance_number: int,
+    sop_instance_uid: str,
+    variant: Variant = "ybr_jpeg",
+) -> Dataset:
     """One Ultrasound Multi-frame Image Storage dataset: a cine loop of ``images`` (one
     frame each, same size) on the same screen and regions, ``FRAME_TIME_MS`` apart."""
     if variant not in VARIANTS:

@@ -131,7 +131,9 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     fat = skin + rng.uniform(0.10, 0.30)
     gland = fat + rng.uniform(0.25, 0.45)
     return Anatomy(
-        skin=skin, fat=fat, gland=gland,
+        skin=skin,
+        fat=fat,
+        gland=gland,
         muscle=gland + rng.uniform(0.03, 0.08),
         wave=rng.uniform(0.01, 0.04),
         fat_db=rng.uniform(-20.0, -15.0),
@@ -146,8 +148,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     )
 
 
-def sample_lesion(rng: np.random.Generator, label: int, anatomy: Anatomy,
-                  scale: float = 1.0) -> Lesion:
+def sample_lesion(rng: np.random.Generator, label: int, anatomy: Anatomy, scale: float = 1.0) -> Lesion:
     """Sample a lesion whose descriptors follow its class, with deliberate overlap.
 
     Benign (fibroadenoma, cyst): oval/round, parallel (wider than tall),
@@ -183,10 +184,14 @@ def sample_lesion(rng: np.random.Generator, label: int, anatomy: Anatomy,
         harmonics[2:] = rng.uniform(0.02, 0.11, 8) / np.sqrt(np.arange(2, 10) / 2)
         if rng.random() < 0.55:
             n = int(rng.integers(5, 15))
-            spicules = np.stack([
-                rng.uniform(0, 2 * np.pi, n), rng.uniform(0.2, 0.7, n),
-                rng.uniform(0.08, 0.16, n),
-            ], axis=1).astype(np.float32)
+            spicules = np.stack(
+                [
+                    rng.uniform(0, 2 * np.pi, n),
+                    rng.uniform(0.2, 0.7, n),
+                    rng.uniform(0.08, 0.16, n),
+                ],
+                axis=1,
+            ).astype(np.float32)
         margin_px = rng.uniform(1.2, 3.0)
         halo_db = rng.uniform(3.0, 9.0) if rng.random() < 0.7 else 0.0
         capsule_db = 0.0
@@ -220,11 +225,22 @@ def sample_lesion(rng: np.random.Generator, label: int, anatomy: Anatomy,
     top, bottom = anatomy.fat - 0.03 + margin_y, min(anatomy.gland, 0.85) - margin_y
     cy = rng.uniform(top, max(top, bottom))
     return Lesion(
-        cx=rng.uniform(0.2, 0.8), cy=cy, width=width, height=height,
-        tilt=rng.uniform(-0.3, 0.3), harmonics=harmonics, phases=phases, spicules=spicules,
-        echo_db=echo_db, heterogeneity_db=heterogeneity_db, margin_px=margin_px,
-        capsule_db=capsule_db, halo_db=halo_db, halo_px=rng.uniform(2.0, 6.0),
-        posterior_db=posterior_db, edge_shadow_db=edge_shadow_db,
+        cx=rng.uniform(0.2, 0.8),
+        cy=cy,
+        width=width,
+        height=height,
+        tilt=rng.uniform(-0.3, 0.3),
+        harmonics=harmonics,
+        phases=phases,
+        spicules=spicules,
+        echo_db=echo_db,
+        heterogeneity_db=heterogeneity_db,
+        margin_px=margin_px,
+        capsule_db=capsule_db,
+        halo_db=halo_db,
+        halo_px=rng.uniform(2.0, 6.0),
+        posterior_db=posterior_db,
+        edge_shadow_db=edge_shadow_db,
         calcifications=int(rng.integers(2, 9)) if heterogeneous and rng.random() < 0.4 else 0,
     )
 
@@ -234,16 +250,25 @@ def sample_mimics(rng: np.random.Generator, anatomy: Anatomy) -> tuple[Mimic, ..
     mimics = []
     for _ in range(int(rng.poisson(1.0))):
         w = rng.uniform(0.08, 0.22)
-        mimics.append(Mimic(
-            cx=rng.uniform(0.1, 0.9), cy=rng.uniform(anatomy.skin + 0.04, anatomy.fat),
-            width=w, height=w * rng.uniform(0.35, 0.7), contrast_db=-rng.uniform(2.0, 5.0),
-        ))
+        mimics.append(
+            Mimic(
+                cx=rng.uniform(0.1, 0.9),
+                cy=rng.uniform(anatomy.skin + 0.04, anatomy.fat),
+                width=w,
+                height=w * rng.uniform(0.35, 0.7),
+                contrast_db=-rng.uniform(2.0, 5.0),
+            )
+        )
     if rng.random() < 0.3:
-        mimics.append(Mimic(
-            cx=rng.uniform(0.2, 0.8), cy=rng.uniform(anatomy.fat + 0.05, anatomy.gland - 0.05),
-            width=rng.uniform(0.2, 0.45), height=rng.uniform(0.02, 0.05),
-            contrast_db=-rng.uniform(6.0, 12.0),
-        ))
+        mimics.append(
+            Mimic(
+                cx=rng.uniform(0.2, 0.8),
+                cy=rng.uniform(anatomy.fat + 0.05, anatomy.gland - 0.05),
+                width=rng.uniform(0.2, 0.45),
+                height=rng.uniform(0.02, 0.05),
+                contrast_db=-rng.uniform(6.0, 12.0),
+            )
+        )
     return tuple(mimics)
 
 
@@ -261,8 +286,7 @@ def sample_patient(rng: np.random.Generator, label: int) -> Patient:
             side = 1.0 if first.cx < 0.5 else -1.0
             cx = first.cx + side * (first.width / 2 + second.width / 2 + 0.05)
             lesions.append(replace(second, cx=float(np.clip(cx, 0.08, 0.92))))
-    return Patient(label=label, anatomy=anatomy, lesions=tuple(lesions),
-                   mimics=sample_mimics(rng, anatomy))
+    return Patient(label=label, anatomy=anatomy, lesions=tuple(lesions), mimics=sample_mimics(rng, anatomy))
 
 
 def jitter_view(patient: Patient, rng: np.random.Generator) -> Patient:
@@ -271,14 +295,21 @@ def jitter_view(patient: Patient, rng: np.random.Generator) -> Patient:
     anatomy = patient.anatomy
     shift = rng.uniform(-0.02, 0.02)
     anatomy = replace(
-        anatomy, skin=anatomy.skin + rng.uniform(-0.005, 0.005),
-        fat=anatomy.fat + shift, gland=anatomy.gland + shift, muscle=anatomy.muscle + shift,
-        gain_db=anatomy.gain_db + rng.uniform(-1.5, 1.5), focus=anatomy.focus + rng.uniform(-0.05, 0.05),
+        anatomy,
+        skin=anatomy.skin + rng.uniform(-0.005, 0.005),
+        fat=anatomy.fat + shift,
+        gland=anatomy.gland + shift,
+        muscle=anatomy.muscle + shift,
+        gain_db=anatomy.gain_db + rng.uniform(-1.5, 1.5),
+        focus=anatomy.focus + rng.uniform(-0.05, 0.05),
     )
     lesions = tuple(
         replace(
-            lesion, cx=lesion.cx + rng.uniform(-0.08, 0.08), cy=lesion.cy + shift + rng.uniform(-0.02, 0.02),
-            width=lesion.width * rng.uniform(0.85, 1.15), height=lesion.height * rng.uniform(0.9, 1.1),
+            lesion,
+            cx=lesion.cx + rng.uniform(-0.08, 0.08),
+            cy=lesion.cy + shift + rng.uniform(-0.02, 0.02),
+            width=lesion.width * rng.uniform(0.85, 1.15),
+            height=lesion.height * rng.uniform(0.9, 1.1),
             tilt=lesion.tilt + rng.uniform(-0.15, 0.15),
             phases=lesion.phases + rng.uniform(-0.4, 0.4, lesion.phases.shape).astype(np.float32),
         )
@@ -287,8 +318,9 @@ def jitter_view(patient: Patient, rng: np.random.Generator) -> Patient:
     return replace(patient, anatomy=anatomy, lesions=lesions)
 
 
-def render(patient: Patient, rng: np.random.Generator, size: int = 256,
-           scanner: Scanner = DEFAULT_SCANNER) -> tuple[np.ndarray, list[np.ndarray]]:
+def render(
+    patient: Patient, rng: np.random.Generator, size: int = 256, scanner: Scanner = DEFAULT_SCANNER
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Form the B-mode image of ``patient`` as ``scanner`` shows it: uint8 size x
     size, plus one bool mask per lesion. The scanner draws nothing from ``rng``, so
     one generator state gives the same breast and speckle on any scanner."""
@@ -306,8 +338,11 @@ def render(patient: Patient, rng: np.random.Generator, size: int = 256,
     for lesion in patient.lesions:
         echo_db, mask = _add_lesion(echo_db, lesion, rng, y, x, size, px)
         masks.append(mask)
-    anatomy = replace(patient.anatomy, gain_db=patient.anatomy.gain_db + scanner.gain_db,
-                      dynamic_range_db=patient.anatomy.dynamic_range_db + scanner.dynamic_range_db)
+    anatomy = replace(
+        patient.anatomy,
+        gain_db=patient.anatomy.gain_db + scanner.gain_db,
+        dynamic_range_db=patient.anatomy.dynamic_range_db + scanner.dynamic_range_db,
+    )
     echo_db += _gain_db(anatomy, y)
     envelope = _speckle(echo_db, rng, px * scanner.speckle_scale)
     return _log_compress(envelope, anatomy), masks
@@ -317,16 +352,14 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
 
 
-def _gaussian_transfer(shape: tuple[int, int], sigma_y: float, sigma_x: float,
-                       real: bool) -> np.ndarray:
+def _gaussian_transfer(shape: tuple[int, int], sigma_y: float, sigma_x: float, real: bool) -> np.ndarray:
     """Fourier transform of a unit-sum Gaussian (rfft layout when ``real``)."""
     fy = np.fft.fftfreq(shape[0]).astype(np.float32)[:, None]
     fx = (np.fft.rfftfreq if real else np.fft.fftfreq)(shape[1]).astype(np.float32)[None, :]
     return np.exp(-2 * np.pi**2 * ((sigma_y * fy) ** 2 + (sigma_x * fx) ** 2))
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma_y: float,
-                  sigma_x: float) -> np.ndarray:
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma_y: float, sigma_x: float) -> np.ndarray:
     """Low-passed white noise, zero mean, unit std. Broad fields are made at a coarser
     grid and resized bilinearly: the same look for a fraction of the FFT work."""
     factor = max(1, int(min(sigma_y, sigma_x) // 2))
@@ -350,8 +383,9 @@ def _boundary(rng: np.random.Generator, x: np.ndarray, depth: float, amplitude: 
     return (depth + amplitude * wave).astype(np.float32)
 
 
-def _tissue_db(anatomy: Anatomy, rng: np.random.Generator, y: np.ndarray, x: np.ndarray,
-               size: int, px: float) -> np.ndarray:
+def _tissue_db(
+    anatomy: Anatomy, rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, px: float
+) -> np.ndarray:
     """The layered background echogenicity (dB) with texture, ligaments and striations."""
     edge = 1.5 / size
     row = x[:1]  # boundaries depend on x only: compute one row, broadcast down
@@ -366,8 +400,7 @@ def _tissue_db(anatomy: Anatomy, rng: np.random.Generator, y: np.ndarray, x: np.
     gland = anatomy.gland_db + 3.0 * texture + 0.5 * ligament
     stripes = np.cos(2 * np.pi * (y * size / (10.0 * px) + 0.3 * texture + 3.0 * x * anatomy.wave))
     muscle = anatomy.muscle_db + 9.0 * np.maximum(stripes, 0.0) ** 2 - 4.0
-    layers = [(b_skin, fat), (b_fat, gland), (b_gland, np.full_like(y, _RETRO_FAT_DB)),
-              (b_muscle, muscle)]
+    layers = [(b_skin, fat), (b_fat, gland), (b_gland, np.full_like(y, _RETRO_FAT_DB)), (b_muscle, muscle)]
     echo = np.full_like(y, _SKIN_DB)
     for boundary, tissue in layers:
         weight = _sigmoid((y - boundary) / edge)
@@ -375,8 +408,9 @@ def _tissue_db(anatomy: Anatomy, rng: np.random.Generator, y: np.ndarray, x: np.
     return echo.astype(np.float32)
 
 
-def _ellipse_distance(x: np.ndarray, y: np.ndarray, cx: float, cy: float, width: float,
-                      height: float, size: int) -> np.ndarray:
+def _ellipse_distance(
+    x: np.ndarray, y: np.ndarray, cx: float, cy: float, width: float, height: float, size: int
+) -> np.ndarray:
     """Approximate signed distance (pixels) to an axis-aligned ellipse; < 0 inside."""
     a, b = width * size / 2, height * size / 2
     rho = np.sqrt(((x - cx) * size / a) ** 2 + ((y - cy) * size / b) ** 2)
@@ -387,11 +421,15 @@ def _lesion_window(lesion: Lesion, size: int, px: float) -> tuple[slice, slice]:
     """The rows and columns the lesion, its blurred margin and halo can reach, so the
     per-pixel margin maths runs on a small window instead of the whole image."""
     spike = float(lesion.spicules[:, 1].max()) if len(lesion.spicules) else 0.0
-    reach = (max(lesion.width, lesion.height) * size / 2 * (1 + lesion.harmonics.sum() + spike)
-             + (6 * lesion.margin_px + 3 * lesion.halo_px + 4) * px)
+    reach = (
+        max(lesion.width, lesion.height) * size / 2 * (1 + lesion.harmonics.sum() + spike)
+        + (6 * lesion.margin_px + 3 * lesion.halo_px + 4) * px
+    )
     cy, cx = lesion.cy * size, lesion.cx * size
-    return (slice(max(0, int(cy - reach)), min(size, int(cy + reach) + 1)),
-            slice(max(0, int(cx - reach)), min(size, int(cx + reach) + 1)))
+    return (
+        slice(max(0, int(cy - reach)), min(size, int(cy + reach) + 1)),
+        slice(max(0, int(cx - reach)), min(size, int(cx + reach) + 1)),
+    )
 
 
 def _lesion_distance(lesion: Lesion, y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
@@ -430,8 +468,9 @@ def lesion_outline(lesion: Lesion, size: int, points: int = 4096) -> np.ndarray:
     return np.stack([lesion.cx * size + c * u - s * v, lesion.cy * size + s * u + c * v], axis=1).astype(np.float64)
 
 
-def _add_lesion(echo_db: np.ndarray, lesion: Lesion, rng: np.random.Generator, y: np.ndarray,
-                x: np.ndarray, size: int, px: float) -> tuple[np.ndarray, np.ndarray]:
+def _add_lesion(
+    echo_db: np.ndarray, lesion: Lesion, rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, px: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Paint one lesion into the echo map (in place) and return it with the lesion's mask."""
     window = _lesion_window(lesion, size, px)
     d = _lesion_distance(lesion, y[window], x[window], size)

@@ -46,8 +46,7 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 def perceptual_hash(image: np.ndarray) -> int:
     """64-bit pHash of a uint8 grayscale image (robust to scale, gain and mild noise)."""
-    small = np.asarray(Image.fromarray(image).resize((_HASH_SIDE, _HASH_SIDE),
-                                                     Image.Resampling.BOX), dtype=np.float64)
+    small = np.asarray(Image.fromarray(image).resize((_HASH_SIDE, _HASH_SIDE), Image.Resampling.BOX), dtype=np.float64)
     dct = _dct_matrix(_HASH_SIDE)
     low = (dct @ small @ dct.T)[:_LOW, :_LOW].ravel()
     bits = low > np.median(low[1:])
@@ -87,7 +86,7 @@ def near_duplicate_groups(records: list[Record], max_distance: int = MAX_HAMMING
         sets.union(first_of.setdefault(record.group, i), i)
     hashes = np.array([perceptual_hash(r.image) for r in records], dtype=np.uint64)
     for start in range(0, n, 1024):  # pairwise Hamming distances, a block of rows at a time
-        block = np.bitwise_count(hashes[start:start + 1024, None] ^ hashes[None, :])
+        block = np.bitwise_count(hashes[start : start + 1024, None] ^ hashes[None, :])
         for i, j in np.argwhere(block <= max_distance):
             if start + i < j:
                 sets.union(int(start + i), int(j))
@@ -98,8 +97,7 @@ def near_duplicate_groups(records: list[Record], max_distance: int = MAX_HAMMING
     return [key_of[sets.find(i)] for i in range(n)]
 
 
-def with_near_duplicate_groups(records: list[Record],
-                               max_distance: int = MAX_HAMMING) -> list[Record]:
+def with_near_duplicate_groups(records: list[Record], max_distance: int = MAX_HAMMING) -> list[Record]:
     """The records with their ``group`` replaced by :func:`near_duplicate_groups`."""
     groups = near_duplicate_groups(records, max_distance)
     return [replace(r, group=g) for r, g in zip(records, groups, strict=True)]
@@ -140,12 +138,15 @@ def _check_groups(records: list[Record], n_groups: int, needed: int, what: str) 
     if not records:
         raise ValueError("cannot split an empty list of records")
     if n_groups < needed:
-        raise ValueError(f"{what} needs at least {needed} independent groups, the records form "
-                         f"{n_groups} (near-duplicates and shared patients are merged)")
+        raise ValueError(
+            f"{what} needs at least {needed} independent groups, the records form "
+            f"{n_groups} (near-duplicates and shared patients are merged)"
+        )
 
 
-def stratified_split(records: list[Record], test_fraction: float = 0.2, seed: int = 0,
-                     max_distance: int = MAX_HAMMING) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    records: list[Record], test_fraction: float = 0.2, seed: int = 0, max_distance: int = MAX_HAMMING
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified group split: (train indices, test indices), each sorted.
 
     About ``test_fraction`` of every class is in test; no group (patient, study or
@@ -162,8 +163,9 @@ def stratified_split(records: list[Record], test_fraction: float = 0.2, seed: in
     return train, test
 
 
-def stratified_group_kfold(records: list[Record], k: int = 5, seed: int = 0,
-                           max_distance: int = MAX_HAMMING) -> list[tuple[np.ndarray, np.ndarray]]:
+def stratified_group_kfold(
+    records: list[Record], k: int = 5, seed: int = 0, max_distance: int = MAX_HAMMING
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``k`` (train, test) index pairs: every record is tested exactly once, each
     fold's class mix is close to the whole's, and no group spans train and test."""
     if k < 2:

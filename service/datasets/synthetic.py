@@ -52,8 +52,7 @@ class SyntheticView:
 
     def record(self) -> Record:
         mask = None if self.label == NORMAL else np.logical_or.reduce(self.masks)
-        return Record(image=self.image, label=self.label, mask=mask, group=self.group,
-                      source=self.source)
+        return Record(image=self.image, label=self.label, mask=mask, group=self.group, source=self.source)
 
 
 def class_index(label: int | str) -> int:
@@ -75,12 +74,14 @@ def _check_counts(n: int, what: str, seed: int) -> None:
         raise ValueError(f"seed must be >= 0, got {seed}")
 
 
-def patient_views(seed: int, label: int, index: int, size: int = 256,
-                  n_views: int | None = None, scanner: Scanner = DEFAULT_SCANNER) -> list[SyntheticView]:
+def patient_views(
+    seed: int, label: int, index: int, size: int = 256, n_views: int | None = None, scanner: Scanner = DEFAULT_SCANNER
+) -> list[SyntheticView]:
     """Render patient ``index`` of class ``label`` on ``scanner``; ``n_views`` None draws 1-3."""
     if n_views is None:
-        n_views = int(np.random.default_rng([seed, label, index, _COUNT]).integers(
-            VIEWS_PER_PATIENT[0], VIEWS_PER_PATIENT[1] + 1))
+        n_views = int(
+            np.random.default_rng([seed, label, index, _COUNT]).integers(VIEWS_PER_PATIENT[0], VIEWS_PER_PATIENT[1] + 1)
+        )
     patient = sample_patient(np.random.default_rng([seed, label, index, _PATIENT]), label)
     group = f"synthetic-{seed}-{CLASSES[label]}-{index:05d}"
     views = []
@@ -88,13 +89,20 @@ def patient_views(seed: int, label: int, index: int, size: int = 256,
         rng = np.random.default_rng([seed, label, index, _VIEW, view])
         seen = jitter_view(patient, rng)
         image, masks = render(seen, rng, size, scanner)
-        views.append(SyntheticView(image=image, masks=tuple(masks), label=label, group=group,
-                                   source=f"{group}-view{view + 1}", lesions=seen.lesions))
+        views.append(
+            SyntheticView(
+                image=image,
+                masks=tuple(masks),
+                label=label,
+                group=group,
+                source=f"{group}-view{view + 1}",
+                lesions=seen.lesions,
+            )
+        )
     return views
 
 
-def synthetic_patients(n_per_class: int, size: int = 256,
-                       seed: int = 0) -> Iterator[tuple[int, list[SyntheticView]]]:
+def synthetic_patients(n_per_class: int, size: int = 256, seed: int = 0) -> Iterator[tuple[int, list[SyntheticView]]]:
     """Yield (patient index within its class, views) class by class until each class
     has ``n_per_class`` images (the last patient may lose views to hit the count)."""
     _check_counts(n_per_class, "n_per_class", seed)
@@ -166,20 +174,20 @@ def study_info(seed: int, label: int, index: int) -> StudyInfo:
     )
 
 
-def _study(seed: int, label: int, index: int, views: list[SyntheticView],
-           variant: Variant) -> list[Dataset]:
+def _study(seed: int, label: int, index: int, views: list[SyntheticView], variant: Variant) -> list[Dataset]:
     info = study_info(seed, label, index)
     key = _patient_key(seed, label, index)
     return [
-        ultrasound_image(view.image, info, instance_number=k + 1,
-                         sop_instance_uid=_uid(key, "instance", str(k)),
-                         variant=variant)
+        ultrasound_image(
+            view.image, info, instance_number=k + 1, sop_instance_uid=_uid(key, "instance", str(k)), variant=variant
+        )
         for k, view in enumerate(views)
     ]
 
 
-def synthetic_study(n_images: int, label: int | str, seed: int = 0, *, size: int = 256,
-                    variant: Variant = "ybr_jpeg", index: int = 0) -> list[Dataset]:
+def synthetic_study(
+    n_images: int, label: int | str, seed: int = 0, *, size: int = 256, variant: Variant = "ybr_jpeg", index: int = 0
+) -> list[Dataset]:
     """One synthetic patient's study: ``n_images`` Ultrasound Image Storage objects
     of one breast lesion (or a normal breast), ready to send by C-STORE."""
     _check_counts(n_images, "n_images", seed)
@@ -188,8 +196,9 @@ def synthetic_study(n_images: int, label: int | str, seed: int = 0, *, size: int
     return _study(seed, label, index, views, variant)
 
 
-def synthetic_cine(n_frames: int, label: int | str, seed: int = 0, *, size: int = 256,
-                   variant: Variant = "ybr_jpeg", index: int = 0) -> Dataset:
+def synthetic_cine(
+    n_frames: int, label: int | str, seed: int = 0, *, size: int = 256, variant: Variant = "ybr_jpeg", index: int = 0
+) -> Dataset:
     """One synthetic patient's cine loop: an Ultrasound Multi-frame Image Storage
     object whose ``n_frames`` frames are views of one breast lesion (or a normal
     breast), as a probe sweeping over it records them."""
@@ -197,8 +206,13 @@ def synthetic_cine(n_frames: int, label: int | str, seed: int = 0, *, size: int 
     label = class_index(label)
     views = patient_views(seed, label, index, size, n_views=n_frames)
     key = _patient_key(seed, label, index)
-    return ultrasound_cine([view.image for view in views], study_info(seed, label, index), instance_number=1,
-                           sop_instance_uid=_uid(key, "cine"), variant=variant)
+    return ultrasound_cine(
+        [view.image for view in views],
+        study_info(seed, label, index),
+        instance_number=1,
+        sop_instance_uid=_uid(key, "cine"),
+        variant=variant,
+    )
 
 
 def write_dicom_study(root: Path, datasets: list[Dataset]) -> list[Path]:
@@ -212,8 +226,9 @@ def write_dicom_study(root: Path, datasets: list[Dataset]) -> list[Path]:
     return paths
 
 
-def write_dicom_dataset(root: Path, n_per_class: int, seed: int = 0, *, size: int = 256,
-                        variants: tuple[Variant, ...] = VARIANTS) -> tuple[list[Path], Path]:
+def write_dicom_dataset(
+    root: Path, n_per_class: int, seed: int = 0, *, size: int = 256, variants: tuple[Variant, ...] = VARIANTS
+) -> tuple[list[Path], Path]:
     """Write the synthetic data set as DICOM studies plus ``labels.csv``.
 
     One study per patient (the same patients as :func:`generate_records`), the pixel

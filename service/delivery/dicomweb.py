@@ -23,8 +23,11 @@ FAILURE_REASONS = {
     0x0122: "SOP class not supported",
     0xC122: "transfer syntax not supported",
 }
-_FAILURE_RANGES = ((0xA700, 0xA7FF, "out of resources"), (0xA900, 0xA9FF, "data set does not match SOP class"),
-                   (0xC000, 0xCFFF, "cannot understand"))
+_FAILURE_RANGES = (
+    (0xA700, 0xA7FF, "out of resources"),
+    (0xA900, 0xA9FF, "data set does not match SOP class"),
+    (0xC000, 0xCFFF, "cannot understand"),
+)
 #: Warning Reason (0008,1196) values (PS3.18 Table I.2-1): stored all the same.
 WARNING_REASONS = {
     0xB000: "coercion of data elements",
@@ -57,8 +60,9 @@ def stow_outcomes(http_status: int, response: Dataset, sent: Sequence[str]) -> d
     failed with its Failure Reason when listed there; otherwise it is not known to
     be stored, and is sent again (storing it twice is harmless).
     """
-    referenced = {str(item.get("ReferencedSOPInstanceUID", "")): item
-                  for item in response.get("ReferencedSOPSequence", [])}
+    referenced = {
+        str(item.get("ReferencedSOPInstanceUID", "")): item for item in response.get("ReferencedSOPSequence", [])
+    }
     failed = {str(item.get("ReferencedSOPInstanceUID", "")): item for item in response.get("FailedSOPSequence", [])}
     outcomes = {}
     for uid in sent:
@@ -67,8 +71,11 @@ def stow_outcomes(http_status: int, response: Dataset, sent: Sequence[str]) -> d
             outcomes[uid] = StowOutcome(False, failure_text(code), code)
         elif uid in referenced:
             warning = referenced[uid].get("WarningReason")
-            text = "" if warning is None else \
-                f"{WARNING_REASONS.get(int(warning), 'warning')} (Warning Reason 0x{int(warning):04X})"
+            text = (
+                ""
+                if warning is None
+                else f"{WARNING_REASONS.get(int(warning), 'warning')} (Warning Reason 0x{int(warning):04X})"
+            )
             outcomes[uid] = StowOutcome(True, text)
         elif http_status == HTTPStatus.OK:
             outcomes[uid] = StowOutcome(True)

@@ -68,7 +68,9 @@ def retry_study(settings: Settings, ledger: Ledger, study_uid: str) -> Retried:
         if not paths:
             raise NothingToRetry(f"the report failed again: {ledger.study(study_uid)['error']}")
         LOG.info("reported again after failure", extra={"study_uid": study_uid})
-        return Retried(RetryKind.REPORT, f"reported again: {len(paths)} object(s) written" + _destination_note(settings))
+        return Retried(
+            RetryKind.REPORT, f"reported again: {len(paths)} object(s) written" + _destination_note(settings)
+        )
     if state == StudyState.SKIPPED:
         raise NothingToRetry(f"study {study_uid} is not analysed ({study['routing_reason']}): it has no results")
     if state not in (StudyState.REPORTED, StudyState.SENT, StudyState.FAILED):
@@ -76,18 +78,23 @@ def retry_study(settings: Settings, ledger: Ledger, study_uid: str) -> Retried:
     generation = study["generation"]
     gone = [p for p in ledger.purges(study_uid) if p["kind"] == "outbox" and p["generation"] == generation]
     if gone:
-        raise NothingToRetry(f"study {study_uid} was sent, and its result objects were removed by retention "
-                             f"({gone[0]['reason']})")
+        raise NothingToRetry(
+            f"study {study_uid} was sent, and its result objects were removed by retention ({gone[0]['reason']})"
+        )
     queued = _queue_outbox_files(settings, ledger, study, generation)
     due = ledger.reset_outbox(study_uid)
     if state == StudyState.FAILED:
-        ledger.transition(study_uid, StudyState.REPORTED, (StudyState.FAILED,), generation, failed_stage=None, error=None)
+        ledger.transition(
+            study_uid, StudyState.REPORTED, (StudyState.FAILED,), generation, failed_stage=None, error=None
+        )
     LOG.info("results queued again: %d object(s) due", due, extra={"study_uid": study_uid})
     if not settings.destinations:
         where = outbox_folder(settings, study_uid, generation)
         return Retried(RetryKind.RESULTS, f"no destination configured: {queued} object(s) stay in {where}")
-    return Retried(RetryKind.RESULTS, f"{due} object(s) due for sending now; the node's sender delivers them"
-                   + _destination_note(settings))
+    return Retried(
+        RetryKind.RESULTS,
+        f"{due} object(s) due for sending now; the node's sender delivers them" + _destination_note(settings),
+    )
 
 
 def _queue_outbox_files(settings: Settings, ledger: Ledger, study: dict[str, Any], generation: int) -> int:

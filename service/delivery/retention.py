@@ -67,7 +67,8 @@ def due_by_age(settings: Settings, candidates: Iterable[PurgeCandidate], now: fl
     """The kinds of files each done study has kept for their retention period."""
     return [
         Removal(c.study_uid, c.generation, kind, f"kept {kept_days(settings, kind):g} days after done", c.done_at)
-        for c in candidates for kind in c.kinds
+        for c in candidates
+        for kind in c.kinds
         if now - c.done_at >= kept_days(settings, kind) * DAY_S
     ]
 
@@ -79,7 +80,9 @@ def for_space(candidates: Iterable[PurgeCandidate]) -> Iterator[list[Removal]]:
 
 
 def _folder(settings: Settings, kind: str, study_uid: str) -> Path:
-    return {"spool": settings.spool_dir, "results": settings.results_dir, "outbox": settings.outbox_dir}[kind] / study_uid
+    return {"spool": settings.spool_dir, "results": settings.results_dir, "outbox": settings.outbox_dir}[
+        kind
+    ] / study_uid
 
 
 def _unlink(path: Path) -> int:
@@ -110,8 +113,9 @@ def _remove_files(settings: Settings, kind: str, study_uid: str, generation: int
     if kind == "spool":
         removed = sum(_unlink(Path(path)) for path in spool_files)
     else:
-        generations = [p for p in folder.iterdir() if p.name.isdigit() and int(p.name) <= generation] \
-            if folder.is_dir() else []
+        generations = (
+            [p for p in folder.iterdir() if p.name.isdigit() and int(p.name) <= generation] if folder.is_dir() else []
+        )
         removed = sum(_remove_tree(p) for p in generations)
     try:
         folder.rmdir()  # only once empty: a folder still in use keeps its files
@@ -128,8 +132,14 @@ def remove(settings: Settings, ledger: Ledger, removal: Removal, now: float | No
         return None
     removed = _remove_files(settings, removal.kind, removal.study_uid, removal.generation, spool_files)
     ledger.finish_purge(removal.study_uid, removal.generation, removal.kind, removed)
-    LOG.info("removed the study's %s files of generation %d (%d bytes): %s", removal.kind, removal.generation,
-             removed, removal.reason, extra={"study_uid": removal.study_uid})
+    LOG.info(
+        "removed the study's %s files of generation %d (%d bytes): %s",
+        removal.kind,
+        removal.generation,
+        removed,
+        removal.reason,
+        extra={"study_uid": removal.study_uid},
+    )
     return removed
 
 
@@ -213,8 +223,10 @@ class RetentionService:
         settings = self.settings
         while not self._stop.wait(DISK_CHECK_S):
             try:
-                low = bool(settings.purge_when_free_below_mb) and \
-                    free_disk_mb(settings.data_dir) < settings.purge_when_free_below_mb
+                low = (
+                    bool(settings.purge_when_free_below_mb)
+                    and free_disk_mb(settings.data_dir) < settings.purge_when_free_below_mb
+                )
                 if low or time.monotonic() >= next_age_check:
                     next_age_check = time.monotonic() + AGE_CHECK_S
                     purge(settings, self.ledger)
@@ -241,16 +253,20 @@ def purge_command(ctx: click.Context, dry_run: bool) -> None:
     try:
         planned = plan(settings, ledger)
         for removal, size in planned:
-            click.echo(f"{removal.study_uid}  {removal.kind:7}  {size:>12,} bytes  done {_when(removal.done_at)}"
-                       f"  {removal.reason}")
+            click.echo(
+                f"{removal.study_uid}  {removal.kind:7}  {size:>12,} bytes  done {_when(removal.done_at)}"
+                f"  {removal.reason}"
+            )
         total = sum(size for _, size in planned)
         free = free_disk_mb(settings.data_dir)
         if dry_run:
             click.echo(f"would remove {len(planned)} file sets, {total:,} bytes; {free:,.0f} MB free now")
             return
         removed = purge(settings, ledger)
-        click.echo(f"removed {sum(removed.values()):,} bytes ("
-                   + ", ".join(f"{kind} {n:,}" for kind, n in removed.items())
-                   + f"); {free_disk_mb(settings.data_dir):,.0f} MB free now")
+        click.echo(
+            f"removed {sum(removed.values()):,} bytes ("
+            + ", ".join(f"{kind} {n:,}" for kind, n in removed.items())
+            + f"); {free_disk_mb(settings.data_dir):,.0f} MB free now"
+        )
     finally:
         ledger.close()

@@ -198,8 +198,9 @@ class Sender:
                 assoc.release()
         return accepted
 
-    def _deliver_stow(self, dest: DicomWebDestination, study_uid: str, rows: list[dict[str, Any]],
-                      datasets: dict[str, Dataset]) -> int:
+    def _deliver_stow(
+        self, dest: DicomWebDestination, study_uid: str, rows: list[dict[str, Any]], datasets: dict[str, Dataset]
+    ) -> int:
         """The group in one STOW-RS request; each object's outcome is recorded on its
         own, so a partly stored request resends only what was not stored."""
         try:
@@ -216,7 +217,7 @@ class Sender:
                 accepted += self._accepted(dest, row, outcome.reason)
             elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row["sop_class_uid"] in SR_CLASSES:
                 # Rebuilt in the next SR class, sent in the next round (soon: the row stays due).
-                self._fallback(dest, row, set(SR_CLASSES[SR_CLASSES.index(row["sop_class_uid"]) + 1:]))
+                self._fallback(dest, row, set(SR_CLASSES[SR_CLASSES.index(row["sop_class_uid"]) + 1 :]))
             elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row["sop_class_uid"] in OPTIONAL_CLASSES:
                 self._skipped(dest, row)
             else:
@@ -238,8 +239,9 @@ class Sender:
                         proposed[sop_class].append(syntax)
         for sop_class, syntaxes in proposed.items():
             ae.add_requested_context(sop_class, syntaxes)
-        return ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                            tls_args=dicom_tls.client_args(self.settings, dest))
+        return ae.associate(
+            dest.host, dest.port, ae_title=dest.ae_title, tls_args=dicom_tls.client_args(self.settings, dest)
+        )
 
     def _store(self, assoc: Association, dest: Destination, row: dict[str, Any], stored: str) -> int:
         accepted_classes = {cx.abstract_syntax for cx in assoc.accepted_contexts}
@@ -253,8 +255,10 @@ class Sender:
             if fallback is None:
                 return 0
             row, stored = fallback
-        as_stored = any(cx.abstract_syntax == row["sop_class_uid"] and cx.transfer_syntax[0] == stored
-                        for cx in assoc.accepted_contexts)
+        as_stored = any(
+            cx.abstract_syntax == row["sop_class_uid"] and cx.transfer_syntax[0] == stored
+            for cx in assoc.accepted_contexts
+        )
         try:
             # The file as it lies in the outbox (already checked by the gate) where the
             # destination takes its transfer syntax; else decoded, for pynetdicom to convert.
@@ -272,8 +276,13 @@ class Sender:
     def _accepted(self, dest: Destination | DicomWebDestination, row: dict[str, Any], warning: str) -> int:
         """Record an object the destination stored (with ``warning``, if any); 1."""
         if warning:
-            LOG.warning("%s stored %s with a warning: %s", dest, row["sop_instance_uid"], warning,
-                        extra={"study_uid": row["study_uid"]})
+            LOG.warning(
+                "%s stored %s with a warning: %s",
+                dest,
+                row["sop_instance_uid"],
+                warning,
+                extra={"study_uid": row["study_uid"]},
+            )
         self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SENT)
         observe_send("accepted")
         return 1
@@ -282,8 +291,12 @@ class Sender:
         """An optional object the destination does not take: recorded as skipped
         there (``sonocase resend`` tries it again); 0."""
         reason = f"{dest} does not accept SOP class {row['sop_class_uid']}"
-        LOG.warning("%s: %s not sent there (optional)", reason, row["sop_instance_uid"],
-                    extra={"study_uid": row["study_uid"], "destination": str(dest)})
+        LOG.warning(
+            "%s: %s not sent there (optional)",
+            reason,
+            row["sop_instance_uid"],
+            extra={"study_uid": row["study_uid"], "destination": str(dest)},
+        )
         self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SKIPPED, error=reason)
         return 0
 
@@ -314,8 +327,10 @@ class Sender:
             extra={"study_uid": row["study_uid"], "destination": str(dest)},
         )
         self.ledger.replace_outbox(row["sop_instance_uid"], row["destination"], new_uid, target, str(path))
-        return ({**row, "sop_instance_uid": new_uid, "sop_class_uid": target, "path": str(path)},
-                read_file_meta_info(path).TransferSyntaxUID)
+        return (
+            {**row, "sop_instance_uid": new_uid, "sop_class_uid": target, "path": str(path)},
+            read_file_meta_info(path).TransferSyntaxUID,
+        )
 
     def _failed(self, row: dict[str, Any], reason: str) -> None:
         """Schedule another try, or give up visibly after send_max_attempts."""
@@ -384,8 +399,9 @@ class Sender:
             for study_uid, generation in claimed:
                 LOG.warning("analysed but never reported (worker lost): reporting now", extra={"study_uid": study_uid})
                 with self.ledger.keep_lease(study_uid, generation, self.settings.task_lease_s):
-                    build_reports(self.settings, self.ledger, study_uid,
-                                  index_reference_images(index) if index else None)
+                    build_reports(
+                        self.settings, self.ledger, study_uid, index_reference_images(index) if index else None
+                    )
         finally:
             if index is not None:
                 index.close()

@@ -90,8 +90,9 @@ class Pending:
 class Gate:
     """The counts behind admission, without I/O; every method is thread-safe."""
 
-    def __init__(self, max_pending: int, max_established: int, pending_deadline_s: float,
-                 max_per_peer: int | None = None) -> None:
+    def __init__(
+        self, max_pending: int, max_established: int, pending_deadline_s: float, max_per_peer: int | None = None
+    ) -> None:
         self.max_pending = max_pending
         self.max_established = max_established
         self.max_per_peer = max_per_peer or max_established
@@ -202,7 +203,7 @@ class PduBoundedSocket(socket.socket):
                 pos += step
                 continue
             step = min(6 - len(self._header), len(data) - pos)
-            self._header += data[pos:pos + step]
+            self._header += data[pos : pos + step]
             pos += step
             if len(self._header) == 6:
                 self._left, self._header = int.from_bytes(self._header[2:6], "big"), b""
@@ -217,8 +218,9 @@ class PduBoundedSocket(socket.socket):
         except OSError:
             address = "a closed connection"
         peer = str(address[0]) if isinstance(address, tuple) else str(address)
-        refused(peer, "pdu-too-large", f"a PDU announces {announced} bytes, more than {self.max_pdu}: "
-                "connection closed")
+        refused(
+            peer, "pdu-too-large", f"a PDU announces {announced} bytes, more than {self.max_pdu}: connection closed"
+        )
         return b""
 
 
@@ -226,8 +228,7 @@ class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server behind a :class:`Gate` (see the module's text);
     with ``max_pdu``, each connection is a :class:`PduBoundedSocket`."""
 
-    def __init__(self, *args: Any, settings: Settings, gate: Gate, max_pdu: int | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, settings: Settings, gate: Gate, max_pdu: int | None = None, **kwargs: Any) -> None:
         self.settings = settings
         self.networks = allowed_networks(settings.allowed_hosts)
         self.gate = gate
@@ -260,8 +261,12 @@ class GuardedServer(ThreadedAssociationServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         for evicted in self.gate.add_pending(request, str(client_address[0]), time.monotonic()):
-            self._close(evicted, "pending-full", "no association yet, and the pending budget "
-                        f"(max_pending_associations = {self.gate.max_pending}) is full: closed the longest waiting")
+            self._close(
+                evicted,
+                "pending-full",
+                "no association yet, and the pending budget "
+                f"(max_pending_associations = {self.gate.max_pending}) is full: closed the longest waiting",
+            )
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -281,8 +286,11 @@ class GuardedServer(ThreadedAssociationServer):
         now = time.monotonic()
         overdue, ended = self.gate.sweep(now)
         for pending in overdue:
-            self._close(pending, "association-timeout",
-                        f"no association within acse_timeout_s = {self.settings.acse_timeout_s:g} s")
+            self._close(
+                pending,
+                "association-timeout",
+                f"no association within acse_timeout_s = {self.settings.acse_timeout_s:g} s",
+            )
         for pending in ended:
             self._stop(pending)
         if now - self._last_collect >= _COLLECT_EVERY_S or self.gate.collection_due(now):

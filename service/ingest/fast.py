@@ -55,8 +55,10 @@ def unsupported_reason() -> str | None:
     """Why the fast engine cannot run on the installed pynetdicom (None: it can)."""
     installed = pynetdicom.__version__
     if installed != PYNETDICOM_VERSION:
-        return (f"pynetdicom {installed} is installed; the fast engine overrides internals of "
-                f"pynetdicom {PYNETDICOM_VERSION} only")
+        return (
+            f"pynetdicom {installed} is installed; the fast engine overrides internals of "
+            f"pynetdicom {PYNETDICOM_VERSION} only"
+        )
     return None
 
 
@@ -70,7 +72,11 @@ _NO_DATA_SET = 0x0101
 
 
 def encode_store_response(
-    message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int, comment: str = "",
+    message_id: int,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    status: int,
+    comment: str = "",
 ) -> bytes:
     """The command set of a C-STORE-RSP (PS3.7 9.3.1.2), implicit VR little endian as
     every command set (PS3.7 6.3.1), with an Error Comment when there is one.
@@ -78,18 +84,19 @@ def encode_store_response(
     Encoded directly: pynetdicom's response primitive and its encoding through pydicom
     validate each UID with three regular expressions, a sixth of a C-STORE's CPU.
     """
-    body = b"".join((
-        _command_element(0x0002, pad(sop_class_uid, b"\0")),
-        _command_element(0x0100, struct.pack("<H", _C_STORE_RSP)),
-        _command_element(0x0120, struct.pack("<H", message_id)),
-        _command_element(0x0800, struct.pack("<H", _NO_DATA_SET)),
-        _command_element(0x0900, struct.pack("<H", status)),
-        # LO: 64 characters at most, from the default character repertoire
-        _command_element(0x0902, pad(error_comment(comment), b" ")) if comment else b"",
-        _command_element(0x1000, pad(sop_instance_uid, b"\0")),
-    ))
+    body = b"".join(
+        (
+            _command_element(0x0002, pad(sop_class_uid, b"\0")),
+            _command_element(0x0100, struct.pack("<H", _C_STORE_RSP)),
+            _command_element(0x0120, struct.pack("<H", message_id)),
+            _command_element(0x0800, struct.pack("<H", _NO_DATA_SET)),
+            _command_element(0x0900, struct.pack("<H", status)),
+            # LO: 64 characters at most, from the default character repertoire
+            _command_element(0x0902, pad(error_comment(comment), b" ")) if comment else b"",
+            _command_element(0x1000, pad(sop_instance_uid, b"\0")),
+        )
+    )
     return _command_element(0x0000, struct.pack("<I", len(body))) + body
-
 
 
 class SpoolingBuffer(BytesIO):
@@ -139,8 +146,9 @@ class SpoolingBuffer(BytesIO):
         budget = self._store.budget
         refusal = too_large(budget.held(self) + size, self._store.max_dataset)
         if refusal is None and not budget.take(self, size, self.preempt):
-            refusal = InvalidInstance(StoreStatus.OUT_OF_RESOURCES,
-                                      f"data sets in flight fill max_in_flight_mb ({budget.limit >> 20} MB)")
+            refusal = InvalidInstance(
+                StoreStatus.OUT_OF_RESOURCES, f"data sets in flight fill max_in_flight_mb ({budget.limit >> 20} MB)"
+            )
         return refusal
 
     def preempt(self) -> None:
@@ -149,8 +157,10 @@ class SpoolingBuffer(BytesIO):
         after the earlier one."""
         with self._lock:
             if self.refusal is None:
-                self.refusal = InvalidInstance(StoreStatus.OUT_OF_RESOURCES, "made room in max_in_flight_mb for "
-                                               "a data set that began earlier: send it again")
+                self.refusal = InvalidInstance(
+                    StoreStatus.OUT_OF_RESOURCES,
+                    "made room in max_in_flight_mb for a data set that began earlier: send it again",
+                )
             self.discard()
 
     def claim(self) -> InvalidInstance | None:
@@ -169,8 +179,10 @@ class SpoolingBuffer(BytesIO):
                 return
             command, assoc = message.command_set, self._assoc
             self.incoming = self._store.open_incoming(
-                str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID),
-                assoc._accepted_cx[message.context_id].transfer_syntax[0], assoc.requestor.ae_title,
+                str(command.AffectedSOPClassUID),
+                str(command.AffectedSOPInstanceUID),
+                assoc._accepted_cx[message.context_id].transfer_syntax[0],
+                assoc.requestor.ae_title,
             )
         self.incoming.append(data)
 
@@ -233,8 +245,11 @@ class ReceiverDIMSE(DIMSEServiceProvider):
         super().receive_primitive(primitive)
         message = self.message
         if message is not None and message.encoded_command_set.tell() > MAX_COMMAND_BYTES:
-            refused(self.assoc.requestor.address, "command-too-large",
-                    f"association aborted: a command set longer than {MAX_COMMAND_BYTES} bytes")
+            refused(
+                self.assoc.requestor.address,
+                "command-too-large",
+                f"association aborted: a command set longer than {MAX_COMMAND_BYTES} bytes",
+            )
             if isinstance(message.data_set, SpoolingBuffer):
                 message.data_set.discard()
             self.message = None
@@ -266,8 +281,11 @@ def serve_store(scp: StoreSCP, request: C_STORE, context_id: int, transfer_synta
             outcome = scp.refuse(refusal, calling_ae)
         else:
             outcome = scp.store(
-                buffer.getvalue() if buffer is not None else b"", transfer_syntax,
-                str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), calling_ae,
+                buffer.getvalue() if buffer is not None else b"",
+                transfer_syntax,
+                str(request.AffectedSOPClassUID),
+                str(request.AffectedSOPInstanceUID),
+                calling_ae,
                 spooling.incoming if spooling is not None else None,
             )
     finally:
@@ -275,8 +293,11 @@ def serve_store(scp: StoreSCP, request: C_STORE, context_id: int, transfer_synta
             spooling.discard()
     observe_cstore(outcome.status)
     command = encode_store_response(
-        int(request.MessageID or 0), str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
-        int(outcome.status), outcome.comment if outcome.status != StoreStatus.SUCCESS else "",
+        int(request.MessageID or 0),
+        str(request.AffectedSOPClassUID),
+        str(request.AffectedSOPInstanceUID),
+        int(outcome.status),
+        outcome.comment if outcome.status != StoreStatus.SUCCESS else "",
     )
     response = P_DATA()
     response.presentation_data_value_list.append((context_id, b"\x03" + command))  # last command fragment
@@ -434,8 +455,11 @@ class ReceiverDUL(DULServiceProvider):
                 return
             transport.read_into(pdu, length, time.monotonic() + self._pdu_timeout())
         except TimeoutError:
-            refused(peer, "pdu-timeout", f"a PDU did not arrive in full within dimse_timeout_s "
-                    f"({self._pdu_timeout():g} s): connection closed")
+            refused(
+                peer,
+                "pdu-timeout",
+                f"a PDU did not arrive in full within dimse_timeout_s ({self._pdu_timeout():g} s): connection closed",
+            )
             self.event_queue.put(_CONNECTION_CLOSED)
             return
         except OSError:
@@ -544,8 +568,7 @@ class ReceiverAssociation(Association):
                 self.kill()
                 return
             if self.dul.idle_timer_expired():
-                LOG.warning("network timeout: no PDU from %s for %s s", self.requestor.ae_title,
-                            self.network_timeout)
+                LOG.warning("network timeout: no PDU from %s for %s s", self.requestor.ae_title, self.network_timeout)
                 self._end_idle_association()
                 self.kill()
                 return

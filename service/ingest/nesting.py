@@ -46,8 +46,9 @@ def _is_sequence_tag(tag: int) -> bool:
         return False
 
 
-def too_deep(data: bytes | bytearray | memoryview, implicit_vr: bool, little_endian: bool,
-             limit: int = MAX_SEQUENCE_DEPTH) -> bool:
+def too_deep(
+    data: bytes | bytearray | memoryview, implicit_vr: bool, little_endian: bool, limit: int = MAX_SEQUENCE_DEPTH
+) -> bool:
     """Whether sequences in ``data`` (an encoded data set) nest deeper than ``limit``.
 
     Walks element headers only, in a loop with an explicit stack, so its cost is
@@ -72,7 +73,7 @@ def too_deep(data: bytes | bytearray | memoryview, implicit_vr: bool, little_end
                 depth -= stack.pop().sequence
             continue
         tag = group << 16 | element
-        vr = b"" if implicit else bytes(data[pos + 4:pos + 6])
+        vr = b"" if implicit else bytes(data[pos + 4 : pos + 6])
         if implicit:
             header = 8
         elif vr in _LONG_VRS:

@@ -285,7 +285,10 @@ def too_large(size: int, max_bytes: int) -> InvalidInstance | None:
 
 
 def check_request(
-    inst: ParsedInstance, affected_sop_class: str, affected_sop_instance: str, study_uid: str | None = None,
+    inst: ParsedInstance,
+    affected_sop_class: str,
+    affected_sop_instance: str,
+    study_uid: str | None = None,
 ) -> None:
     """The data set must be the one the C-STORE request announces (PS3.4 B.2.3) and,
     when the request names a study (STOW-RS to ``/studies/{study}``), of that study."""
@@ -301,7 +304,8 @@ def check_request(
         )
     if study_uid is not None and inst.study_uid != study_uid:
         raise InvalidInstance(
-            StoreStatus.INVALID_UID, f"data set Study Instance UID differs from the request's {study_uid}",
+            StoreStatus.INVALID_UID,
+            f"data set Study Instance UID differs from the request's {study_uid}",
         )
 
 
@@ -369,15 +373,15 @@ def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax:
     Encoded directly: building it through a pydicom Dataset costs more than the
     rest of the C-STORE handler together.
     """
-    body = b"".join((
-        _element(0x00020001, b"OB", b"\0\1"),
-        _element(0x00020002, b"UI", pad(sop_class_uid, b"\0")),
-        _element(0x00020003, b"UI", pad(sop_instance_uid, b"\0")),
-        _element(0x00020010, b"UI", pad(transfer_syntax, b"\0")),
-        _element(0x00020012, b"UI", pad(IMPLEMENTATION_CLASS_UID, b"\0")),
-        _element(0x00020013, b"SH", pad(IMPLEMENTATION_VERSION_NAME, b" ")),
-        _element(0x00020016, b"AE", pad(source_ae, b" ")),
-    ))
+    body = b"".join(
+        (
+            _element(0x00020001, b"OB", b"\0\1"),
+            _element(0x00020002, b"UI", pad(sop_class_uid, b"\0")),
+            _element(0x00020003, b"UI", pad(sop_instance_uid, b"\0")),
+            _element(0x00020010, b"UI", pad(transfer_syntax, b"\0")),
+            _element(0x00020012, b"UI", pad(IMPLEMENTATION_CLASS_UID, b"\0")),
+            _element(0x00020013, b"SH", pad(IMPLEMENTATION_VERSION_NAME, b" ")),
+            _element(0x00020016, b"AE", pad(source_ae, b" ")),
+        )
+    )
     return b"\0" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<I", len(body))) + body
-
-

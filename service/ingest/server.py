@@ -78,8 +78,11 @@ def handle_store(event: Event, store: StoreSCP) -> Dataset:
     request = event.request
     store.budget.pin(event.assoc)  # the stock engine's data set is complete: no preemption now (StockDataGuard)
     outcome = store.store(
-        event.encoded_dataset(include_meta=False), event.context.transfer_syntax,
-        str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), event.assoc.requestor.ae_title,
+        event.encoded_dataset(include_meta=False),
+        event.context.transfer_syntax,
+        str(request.AffectedSOPClassUID),
+        str(request.AffectedSOPInstanceUID),
+        event.assoc.requestor.ae_title,
     )
     observe_cstore(outcome.status)
     store.budget.release(event.assoc)  # the stock engine's hold on the data set (StockDataGuard)
@@ -166,8 +169,13 @@ class StockDataGuard:
         budget = self.store.budget
         if budget.held(assoc) + size > self.store.max_dataset:
             self.abort(assoc, "too-large", f"data set larger than max_dataset_mb ({self.store.max_dataset >> 20} MB)")
-        elif not budget.take(assoc, size, partial(self.abort, assoc, "preempted", "its data set made room in "
-                                                  "max_in_flight_mb for one that began earlier")):
+        elif not budget.take(
+            assoc,
+            size,
+            partial(
+                self.abort, assoc, "preempted", "its data set made room in max_in_flight_mb for one that began earlier"
+            ),
+        ):
             self.abort(assoc, "in-flight", f"data sets in flight fill max_in_flight_mb ({budget.limit >> 20} MB)")
 
     def abort(self, assoc: Association, reason: str, why: str) -> None:
@@ -237,8 +245,12 @@ def choose_engine(requested: str) -> str:
 def start_receiver(settings: Settings, store: StoreSCP) -> GuardedServer:
     """Start listening (non-blocking) with the engine the settings ask for (see
     :func:`choose_engine`), behind the admission gate; stop with :func:`stop_server`."""
-    gate = Gate(settings.max_pending_associations, settings.max_associations, settings.acse_timeout_s,
-                settings.max_associations_per_peer)
+    gate = Gate(
+        settings.max_pending_associations,
+        settings.max_associations,
+        settings.acse_timeout_s,
+        settings.max_associations_per_peer,
+    )
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, _on_echo, [store]),
         (evt.EVT_REQUESTED, _on_requested, [settings, gate]),
@@ -259,7 +271,9 @@ def start_receiver(settings: Settings, store: StoreSCP) -> GuardedServer:
         handlers += [(evt.EVT_DATA_RECV, guard.on_data), (evt.EVT_CONN_CLOSE, guard.on_close)]
         extra["max_pdu"] = MAX_PDU_BYTES + PDU_MARGIN
     server = build_ae(settings).make_server(
-        (settings.host, settings.port), evt_handlers=handlers, ssl_context=dicom_tls.server_context(settings),
+        (settings.host, settings.port),
+        evt_handlers=handlers,
+        ssl_context=dicom_tls.server_context(settings),
         **extra,
     )
     threading.Thread(target=server.serve_forever, args=(_POLL_S,), name="sonocase-receiver", daemon=True).start()

@@ -44,6 +44,7 @@ from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
 
+
 def disk_full(exc: BaseException | None) -> bool:
     """Whether ``exc``, or an exception that caused it, says a disk is full: the
     spool's (ENOSPC, EDQUOT) or the ledger's (SQLite's SQLITE_FULL, PostgreSQL's
@@ -140,7 +141,7 @@ class IncomingFile:
                 raise ValueError("the incoming file was closed")
             view = memoryview(data)
             while view:
-                view = view[os.write(self.fd, view):]
+                view = view[os.write(self.fd, view) :]
             if self.crc32 is not None:
                 self.crc32 = zlib.crc32(data, self.crc32)
             self.size += len(data)
@@ -347,7 +348,8 @@ class StoreSCP:
         retry stores them again.
         """
         torn = [
-            rec for rec in self.ledger.receiving_instances()
+            rec
+            for rec in self.ledger.receiving_instances()
             if rec.crc32 is not None and not file_matches(Path(rec.path), rec.size, rec.crc32)
         ]
         if not torn:
@@ -355,8 +357,11 @@ class StoreSCP:
         self.ledger.forget_instances([rec.sop_instance_uid for rec in torn])
         for rec in torn:
             Path(rec.path).unlink(missing_ok=True)
-            LOG.warning("forgot instance %s: its file did not survive the last shutdown (never acknowledged)",
-                        rec.sop_instance_uid, extra={"study_uid": rec.study_uid})
+            LOG.warning(
+                "forgot instance %s: its file did not survive the last shutdown (never acknowledged)",
+                rec.sop_instance_uid,
+                extra={"study_uid": rec.study_uid},
+            )
 
     def _remove_partial_files(self) -> None:
         """Temporary files left by a crash were never acknowledged: the peer sends
@@ -379,11 +384,18 @@ class StoreSCP:
             unrecorded += [path for path in study_dir.glob("*.dcm") if path.name not in recorded]
         for path in unrecorded:
             path.unlink(missing_ok=True)
-            LOG.warning("removed %s: its file was never recorded (never acknowledged)", path.stem,
-                        extra={"study_uid": path.parent.name})
+            LOG.warning(
+                "removed %s: its file was never recorded (never acknowledged)",
+                path.stem,
+                extra={"study_uid": path.parent.name},
+            )
 
     def open_incoming(
-        self, affected_sop_class: str, affected_sop_instance: str, transfer_syntax: str, calling_ae: str,
+        self,
+        affected_sop_class: str,
+        affected_sop_instance: str,
+        transfer_syntax: str,
+        calling_ae: str,
     ) -> IncomingFile:
         """A temporary spool file for a data set about to arrive, its file meta group
         taken from the C-STORE request; :meth:`store` keeps it only if the data set
@@ -392,8 +404,14 @@ class StoreSCP:
         return IncomingFile(self.incoming_dir, head, durable=self.durable)
 
     def store(
-        self, raw: bytes, transfer_syntax: str, affected_sop_class: str, affected_sop_instance: str,
-        calling_ae: str, incoming: IncomingFile | None = None, study_uid: str | None = None,
+        self,
+        raw: bytes,
+        transfer_syntax: str,
+        affected_sop_class: str,
+        affected_sop_instance: str,
+        calling_ae: str,
+        incoming: IncomingFile | None = None,
+        study_uid: str | None = None,
     ) -> StoreOutcome:
         """Parse, judge, write and record one instance; never raises. ``incoming``,
         when given, already holds the bytes on disk (see :class:`IncomingFile`); the
@@ -405,11 +423,16 @@ class StoreSCP:
             check_request(inst, affected_sop_class, affected_sop_instance, expected_study)
             ignored = modality_policy(inst, self.settings.non_ultrasound)
             if self.ledger.has_instance(inst.sop_instance_uid):
-                LOG.info("duplicate SOP Instance UID %s: already stored, not rewritten", inst.sop_instance_uid,
-                         extra={"study_uid": study_uid, "calling_ae": calling_ae})
+                LOG.info(
+                    "duplicate SOP Instance UID %s: already stored, not rewritten",
+                    inst.sop_instance_uid,
+                    extra={"study_uid": study_uid, "calling_ae": calling_ae},
+                )
                 return StoreOutcome(StoreStatus.SUCCESS, "duplicate", study_uid)
             problem = capacity_problem(
-                spool.free_disk_mb(self.settings.spool_dir), len(raw), self.ledger.pending_analysis_count(),
+                spool.free_disk_mb(self.settings.spool_dir),
+                len(raw),
+                self.ledger.pending_analysis_count(),
                 self.settings,
             )
             if problem:
@@ -433,8 +456,9 @@ class StoreSCP:
         size = inflated_data_set_size(raw, self.max_dataset)
         token = object()
         if not self.budget.take(token, size):
-            raise InvalidInstance(StoreStatus.OUT_OF_RESOURCES, "data sets in flight fill max_in_flight_mb; "
-                                  "cannot inflate this one now")
+            raise InvalidInstance(
+                StoreStatus.OUT_OF_RESOURCES, "data sets in flight fill max_in_flight_mb; cannot inflate this one now"
+            )
         try:
             return parse_instance(raw, transfer_syntax, self.max_dataset)
         finally:
@@ -449,8 +473,11 @@ class StoreSCP:
             LOG.error("cannot store an instance from %s: no space left (%s)", calling_ae, exc, extra=extra)
             return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, "storage error: no space left on the disk", study_uid)
         LOG.exception("cannot store an instance from %s", calling_ae, extra=extra)
-        reason = f"storage error: {exc.strerror or exc}" if isinstance(exc, OSError) else \
-            f"internal error: {type(exc).__name__}"
+        reason = (
+            f"storage error: {exc.strerror or exc}"
+            if isinstance(exc, OSError)
+            else f"internal error: {type(exc).__name__}"
+        )
         return StoreOutcome(StoreStatus.PROCESSING_FAILURE, reason, study_uid)
 
     def refuse(self, refusal: InvalidInstance, calling_ae: str) -> StoreOutcome:
@@ -459,15 +486,25 @@ class StoreSCP:
         return self._refuse(refusal.status, str(refusal), None, calling_ae)
 
     def _refuse(self, status: StoreStatus, reason: str, study_uid: str | None, calling_ae: str) -> StoreOutcome:
-        LOG.warning("refused C-STORE from %s with 0x%04X: %s", calling_ae, status, reason,
-                    extra={"study_uid": study_uid, "calling_ae": calling_ae, "status": f"0x{status:04X}"})
+        LOG.warning(
+            "refused C-STORE from %s with 0x%04X: %s",
+            calling_ae,
+            status,
+            reason,
+            extra={"study_uid": study_uid, "calling_ae": calling_ae, "status": f"0x{status:04X}"},
+        )
         return StoreOutcome(status, reason, study_uid)
 
     def close(self) -> None:
         self._fsync_pool.shutdown()
 
     def _write(
-        self, inst: ParsedInstance, raw: bytes, transfer_syntax: str, calling_ae: str, ignored: str | None,
+        self,
+        inst: ParsedInstance,
+        raw: bytes,
+        transfer_syntax: str,
+        calling_ae: str,
+        ignored: str | None,
         incoming: IncomingFile | None,
     ) -> None:
         path = spool.instance_path(self.settings.spool_dir, inst.study_uid, inst.sop_instance_uid)
@@ -487,11 +524,21 @@ class StoreSCP:
             flush = incoming.flush if incoming is not None else partial(flush_file, path)
             flushes = [self._fsync_pool.submit(flush), self._fsync_pool.submit(spool.fsync_dir, path.parent)]
         try:
-            self.recorder.record(InstanceRecord(
-                sop_instance_uid=inst.sop_instance_uid, study_uid=inst.study_uid, series_uid=inst.series_uid,
-                sop_class_uid=inst.sop_class_uid, transfer_syntax=transfer_syntax, path=str(path), size=size,
-                calling_ae=calling_ae, modality=inst.modality, ignored_reason=ignored, crc32=crc,
-            ))
+            self.recorder.record(
+                InstanceRecord(
+                    sop_instance_uid=inst.sop_instance_uid,
+                    study_uid=inst.study_uid,
+                    series_uid=inst.series_uid,
+                    sop_class_uid=inst.sop_class_uid,
+                    transfer_syntax=transfer_syntax,
+                    path=str(path),
+                    size=size,
+                    calling_ae=calling_ae,
+                    modality=inst.modality,
+                    ignored_reason=ignored,
+                    crc32=crc,
+                )
+            )
         except Exception:  # not recorded: no file without a record (the peer's retry writes it again)
             path.unlink(missing_ok=True)
             raise
@@ -523,5 +570,3 @@ class StoreSCP:
                 if self.durable:
                     spool.fsync_dir(study_dir.parent)
                 self._study_dirs.add(key)
-
-

@@ -27,8 +27,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from io import BytesIO
 from http import HTTPStatus
+from io import BytesIO
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
@@ -67,6 +67,7 @@ class StowFailure(IntEnum):
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
+
 #: A file meta group longer than this is not one (PS3.10's holds a few UIDs).
 MAX_META_BYTES = 64 << 10
 #: At most this many Warning headers (one per failed part) in an answer.
@@ -101,11 +102,13 @@ def request_boundary(content_type: str | None) -> bytes:
     missing ``type`` is taken as that), 400 without a boundary."""
     media_type, params = parse_options_header(content_type or "")
     if media_type.lower() != b"multipart/related":
-        raise StowError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                        'Content-Type must be multipart/related; type="application/dicom"')
+        raise StowError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE, 'Content-Type must be multipart/related; type="application/dicom"'
+        )
     if params.get(b"type", b"application/dicom").lower() != b"application/dicom":
-        raise StowError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                        "only application/dicom parts are accepted (no metadata with bulk data)")
+        raise StowError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "only application/dicom parts are accepted (no metadata with bulk data)"
+        )
     boundary = params.get(b"boundary", b"")
     if not boundary:
         raise StowError(HTTPStatus.BAD_REQUEST, "the Content-Type has no boundary")
@@ -128,8 +131,10 @@ def upfront_refusal(free_mb: float, content_length: int, pending_studies: int, s
     busy; both say when to try again."""
     retry = {"Retry-After": "60"}
     if content_length > settings.stow_max_request_mb << 20:
-        return StowError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                         f"request body over stow_max_request_mb ({settings.stow_max_request_mb} MB)")
+        return StowError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"request body over stow_max_request_mb ({settings.stow_max_request_mb} MB)",
+        )
     busy = capacity_problem(free_mb, 0, pending_studies, settings)
     if busy:
         return StowError(HTTPStatus.SERVICE_UNAVAILABLE, busy, retry)
@@ -169,27 +174,29 @@ def read_part_meta(head: bytes, complete: bool = False) -> PartMeta | None:
                 return None
             if len(head) < pos + 8:
                 break
-        if int.from_bytes(head[pos:pos + 2], "little") != 0x0002:
+        if int.from_bytes(head[pos : pos + 2], "little") != 0x0002:
             break
-        vr = head[pos + 4:pos + 6]
+        vr = head[pos + 4 : pos + 6]
         if not vr.isalpha() or not vr.isupper():
             raise PartRefused(StoreStatus.CANNOT_UNDERSTAND, "file meta group is not explicit VR little endian")
         if vr in _LONG_VRS:
-            start, length = pos + 12, int.from_bytes(head[pos + 8:pos + 12], "little")
+            start, length = pos + 12, int.from_bytes(head[pos + 8 : pos + 12], "little")
         else:
-            start, length = pos + 8, int.from_bytes(head[pos + 6:pos + 8], "little")
+            start, length = pos + 8, int.from_bytes(head[pos + 6 : pos + 8], "little")
         if len(head) < start + length:
             if complete or start + length > MAX_META_BYTES:
                 raise PartRefused(StoreStatus.CANNOT_UNDERSTAND, "truncated file meta group")
             return None
-        name = _META_FIELDS.get(int.from_bytes(head[pos + 2:pos + 4], "little"))
+        name = _META_FIELDS.get(int.from_bytes(head[pos + 2 : pos + 4], "little"))
         if name is not None:
-            values[name] = head[start:start + length].decode("ascii", "replace").strip("\0 ")
+            values[name] = head[start : start + length].decode("ascii", "replace").strip("\0 ")
         pos = start + length
     if not values.get("transfer_syntax"):
         raise PartRefused(StoreStatus.CANNOT_UNDERSTAND, "file meta group has no Transfer Syntax UID")
-    for name, label in (("sop_class_uid", "Media Storage SOP Class UID"),
-                        ("sop_instance_uid", "Media Storage SOP Instance UID")):
+    for name, label in (
+        ("sop_class_uid", "Media Storage SOP Class UID"),
+        ("sop_instance_uid", "Media Storage SOP Instance UID"),
+    ):
         if not is_valid_uid(values.get(name, "")):
             raise PartRefused(StoreStatus.INVALID_UID, f"file meta group: {label} is missing or not a valid UID")
     return PartMeta(values["sop_class_uid"], values["sop_instance_uid"], values["transfer_syntax"], pos)
@@ -199,11 +206,14 @@ def check_part(meta: PartMeta) -> None:
     """What the C-STORE receiver refuses at association time, refused per part: a
     SOP class or transfer syntax it does not take (Failure Reasons 0x0122, 0xC122)."""
     if meta.sop_class_uid not in STORAGE_SOP_CLASSES:
-        raise PartRefused(StowFailure.SOP_CLASS_NOT_SUPPORTED,
-                          f"SOP class {meta.sop_class_uid} is not accepted (ultrasound and Secondary Capture)")
+        raise PartRefused(
+            StowFailure.SOP_CLASS_NOT_SUPPORTED,
+            f"SOP class {meta.sop_class_uid} is not accepted (ultrasound and Secondary Capture)",
+        )
     if meta.transfer_syntax not in TRANSFER_SYNTAXES:
-        raise PartRefused(StowFailure.TRANSFER_SYNTAX_NOT_SUPPORTED,
-                          f"transfer syntax {meta.transfer_syntax} is not accepted")
+        raise PartRefused(
+            StowFailure.TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {meta.transfer_syntax} is not accepted"
+        )
 
 
 @dataclass(frozen=True)
@@ -247,8 +257,10 @@ def warning_headers(results: list[InstanceResult]) -> list[tuple[str, str]]:
     """``Warning: 299`` headers (RFC 9111 5.5, as PS3.18 8.2 uses them) saying in
     words why each part failed: the reason names attributes and UIDs, never values."""
     failed = [r for r in results if not r.stored][:MAX_WARNINGS]
-    return [("Warning", f'299 sonocase "{_ascii(r.sop_instance_uid or "part")}: 0x{r.status:04X} '
-                        f'{_ascii(r.reason)}"') for r in failed]
+    return [
+        ("Warning", f'299 sonocase "{_ascii(r.sop_instance_uid or "part")}: 0x{r.status:04X} {_ascii(r.reason)}"')
+        for r in failed
+    ]
 
 
 def summary(results: list[InstanceResult]) -> str:
@@ -303,8 +315,7 @@ class StowUpload:
     complete. :meth:`close` removes whatever a part left in ``.incoming``.
     """
 
-    def __init__(self, store: StoreSCP, boundary: bytes, study_uid: str | None, max_bytes: int,
-                 max_parts: int) -> None:
+    def __init__(self, store: StoreSCP, boundary: bytes, study_uid: str | None, max_bytes: int, max_parts: int) -> None:
         self.store = store
         self.study_uid = study_uid
         self.max_bytes = max_bytes
@@ -315,10 +326,15 @@ class StowUpload:
         self.malformed = ""
         self._part: _Part | None = None
         self._ready: list[_Part] = []
-        self._parser = MultipartParser(boundary, {
-            "on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end,
-            "on_end": self._on_end,
-        })
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._begin,
+                "on_part_data": self._data,
+                "on_part_end": self._end,
+                "on_end": self._on_end,
+            },
+        )
 
     def feed(self, chunk: bytes) -> list[_Part]:
         """Parse ``chunk``; return the parts it completed. Past a malformed spot the
@@ -337,8 +353,9 @@ class StowUpload:
         if self.parts > self.max_parts:
             for part in ready:
                 part.close()
-            raise StowError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                            f"more than {self.max_parts} parts in one request (stow_max_parts)")
+            raise StowError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"more than {self.max_parts} parts in one request (stow_max_parts)"
+            )
         return ready
 
     def finish(self) -> _Part | None:
@@ -348,8 +365,9 @@ class StowUpload:
         if self.ended and not self.malformed:
             return None
         part = part or _Part()
-        part.fail(PartRefused(StoreStatus.CANNOT_UNDERSTAND,
-                              self.malformed or "the body ended inside this part (truncated)"))
+        part.fail(
+            PartRefused(StoreStatus.CANNOT_UNDERSTAND, self.malformed or "the body ended inside this part (truncated)")
+        )
         return part
 
     def store_part(self, part: _Part) -> InstanceResult:
@@ -363,8 +381,15 @@ class StowUpload:
                 failure = part.failure or PartRefused(StoreStatus.CANNOT_UNDERSTAND, "empty part")
                 return InstanceResult(sop_class, sop_instance, failure.status, str(failure))
             assert meta is not None
-            outcome = self.store.store(part.data.getvalue(), meta.transfer_syntax, meta.sop_class_uid,
-                                       meta.sop_instance_uid, STOW_SOURCE, part.incoming, study_uid=self.study_uid)
+            outcome = self.store.store(
+                part.data.getvalue(),
+                meta.transfer_syntax,
+                meta.sop_class_uid,
+                meta.sop_instance_uid,
+                STOW_SOURCE,
+                part.incoming,
+                study_uid=self.study_uid,
+            )
         finally:
             part.close()
         return InstanceResult(sop_class, sop_instance, outcome.status, outcome.comment)
@@ -401,9 +426,10 @@ class StowUpload:
             return
         part.meta = meta
         check_part(meta)
-        part.incoming = self.store.open_incoming(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax,
-                                                 STOW_SOURCE)
-        data, part.head = bytes(part.head[meta.data_offset:]), bytearray()
+        part.incoming = self.store.open_incoming(
+            meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax, STOW_SOURCE
+        )
+        data, part.head = bytes(part.head[meta.data_offset :]), bytearray()
         self._append(part, data)
 
     def _append(self, part: _Part, data: bytes) -> None:
@@ -466,8 +492,11 @@ def _bearer_check(settings: Settings) -> Callable[[str | None], None]:
         scheme, _, credential = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token):
             LOG.warning("STOW-RS: missing or wrong Bearer token")
-            raise HTTPException(HTTPStatus.UNAUTHORIZED, "send Authorization: Bearer <web_token>",
-                                {"WWW-Authenticate": 'Bearer realm="sonocase"'})
+            raise HTTPException(
+                HTTPStatus.UNAUTHORIZED,
+                "send Authorization: Bearer <web_token>",
+                {"WWW-Authenticate": 'Bearer realm="sonocase"'},
+            )
 
     return check
 
@@ -493,8 +522,13 @@ def stow_router(settings: Settings, store: Callable[[], StoreSCP | None]) -> API
                 if not length.isdigit():
                     raise StowError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
                 refusal = await run_in_threadpool(
-                    lambda: upfront_refusal(spool.free_disk_mb(settings.spool_dir), int(length),
-                                            scp.ledger.pending_analysis_count(), settings))
+                    lambda: upfront_refusal(
+                        spool.free_disk_mb(settings.spool_dir),
+                        int(length),
+                        scp.ledger.pending_analysis_count(),
+                        settings,
+                    )
+                )
                 if refusal is not None:
                     raise refusal
             results = await _receive_body(request, StowUpload(scp, boundary, study_uid, max_bytes, max_parts))
@@ -528,16 +562,23 @@ async def _receive_body(request: Request, upload: StowUpload) -> list[InstanceRe
         try:
             async for chunk in request.stream():
                 for part in upload.feed(chunk):
-                    results.append(upload.store_part(part) if upload.refused(part)
-                                   else await run_in_threadpool(upload.store_part, part))
+                    results.append(
+                        upload.store_part(part)
+                        if upload.refused(part)
+                        else await run_in_threadpool(upload.store_part, part)
+                    )
         except ClientDisconnect:  # nobody is left to hear the answer; the log says what was kept
-            raise StowError(HTTPStatus.BAD_REQUEST, f"the client went away after {upload.received} bytes, "
-                            f"{sum(r.stored for r in results)} instance(s) stored") from None
+            raise StowError(
+                HTTPStatus.BAD_REQUEST,
+                f"the client went away after {upload.received} bytes, "
+                f"{sum(r.stored for r in results)} instance(s) stored",
+            ) from None
         broken = upload.finish()
         if broken is not None:
             if not results and broken.meta is None:
-                raise StowError(HTTPStatus.BAD_REQUEST,
-                                upload.malformed or "the body is not a complete multipart/related message")
+                raise StowError(
+                    HTTPStatus.BAD_REQUEST, upload.malformed or "the body is not a complete multipart/related message"
+                )
             results.append(upload.store_part(broken))
     finally:
         upload.close()

@@ -75,8 +75,10 @@ def _engine(path: Path | None, url: str) -> sa.Engine:
     from sqlalchemy.pool import NullPool
 
     if url:
-        return sa.create_engine(url.replace("postgres://", "postgresql://", 1)
-                                .replace("postgresql://", "postgresql+psycopg://", 1), poolclass=NullPool)
+        return sa.create_engine(
+            url.replace("postgres://", "postgresql://", 1).replace("postgresql://", "postgresql+psycopg://", 1),
+            poolclass=NullPool,
+        )
     assert path is not None
     engine = sa.create_engine(f"sqlite:///{path}", poolclass=NullPool, connect_args={"timeout": 30})
 
@@ -136,8 +138,10 @@ def _adopt_unversioned(connection: sa.Connection) -> bool:
     if not inspector.has_table("studies"):
         return False
     if "crc32" not in {c["name"] for c in inspector.get_columns("instances")}:
-        connection.exec_driver_sql("ALTER TABLE instances ADD COLUMN crc32 " +
-                                   ("BIGINT" if connection.dialect.name == "postgresql" else "INTEGER"))
+        connection.exec_driver_sql(
+            "ALTER TABLE instances ADD COLUMN crc32 "
+            + ("BIGINT" if connection.dialect.name == "postgresql" else "INTEGER")
+        )
     command.stamp(_config(connection), BASELINE)
     return True
 
@@ -196,7 +200,6 @@ def migrate(ctx: click.Context, dry_run: bool) -> None:
     if not done.pending:
         click.echo(f"the ledger is at schema revision {done.after} (current)")
     elif dry_run:
-        click.echo(f"the ledger is at schema revision {done.before or 'none'}; would apply "
-                   + ", ".join(done.pending))
+        click.echo(f"the ledger is at schema revision {done.before or 'none'}; would apply " + ", ".join(done.pending))
     else:
         click.echo(f"the ledger was upgraded from schema revision {done.before or 'none'} to {done.after}")

@@ -8,13 +8,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 
-def TEXT() -> sa.types.TypeEngine[str]:  # noqa: N802 - named as the SQL type it writes
+def TEXT() -> sa.types.TypeEngine[str]:
     return sa.Text().with_variant(sa.Text(collation="C"), "postgresql")
 
 
-def REAL() -> sa.types.TypeEngine[float]:  # noqa: N802
+def REAL() -> sa.types.TypeEngine[float]:
     return sa.REAL().with_variant(postgresql.DOUBLE_PRECISION(), "postgresql")
 
 
-def INTEGER() -> sa.types.TypeEngine[int]:  # noqa: N802
+def INTEGER() -> sa.types.TypeEngine[int]:
     return sa.INTEGER().with_variant(sa.BigInteger(), "postgresql")

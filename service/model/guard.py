@@ -37,8 +37,15 @@ HISTOGRAM_BINS = 32
 
 #: What :func:`bmode_statistics` returns per image, in this order (the card stores it).
 FEATURES: tuple[str, ...] = (
-    "mean", "std", "dark_fraction", "saturated_fraction", "horizontal_gradient", "vertical_gradient",
-    "speckle_snr", "flat_patch_fraction", "histogram_entropy",
+    "mean",
+    "std",
+    "dark_fraction",
+    "saturated_fraction",
+    "horizontal_gradient",
+    "vertical_gradient",
+    "speckle_snr",
+    "flat_patch_fraction",
+    "histogram_entropy",
     *(f"depth_band_{k + 1}" for k in range(DEPTH_BANDS)),
 )
 
@@ -75,11 +82,20 @@ def bmode_statistics(images: np.ndarray) -> np.ndarray:
     entropy = -np.sum(np.where(histogram > 0, histogram * np.log(np.maximum(histogram, 1e-12)), 0.0), axis=1)
     bands = np.stack([band.mean(axis=(1, 2)) for band in np.array_split(x, DEPTH_BANDS, axis=1)], axis=1)
     bands /= np.maximum(mean, 1.0)[:, None]
-    return np.column_stack([
-        mean, x.std(axis=(1, 2)), (x <= DARK).mean(axis=(1, 2)), (x >= SATURATED).mean(axis=(1, 2)),
-        np.abs(np.diff(x, axis=2)).mean(axis=(1, 2)), np.abs(np.diff(x, axis=1)).mean(axis=(1, 2)),
-        speckle, (patch_std < 2.0).mean(axis=1), entropy, bands,
-    ])
+    return np.column_stack(
+        [
+            mean,
+            x.std(axis=(1, 2)),
+            (x <= DARK).mean(axis=(1, 2)),
+            (x >= SATURATED).mean(axis=(1, 2)),
+            np.abs(np.diff(x, axis=2)).mean(axis=(1, 2)),
+            np.abs(np.diff(x, axis=1)).mean(axis=(1, 2)),
+            speckle,
+            (patch_std < 2.0).mean(axis=1),
+            entropy,
+            bands,
+        ]
+    )
 
 
 def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -94,8 +110,10 @@ class DomainGuard:
 
     def __init__(self, spec: OodSpec) -> None:
         if tuple(spec.features) != FEATURES:
-            raise ValueError(f"the card's guard uses features {spec.features}, this node computes {list(FEATURES)}: "
-                             "refit it with `sonocase calibrate`")
+            raise ValueError(
+                f"the card's guard uses features {spec.features}, this node computes {list(FEATURES)}: "
+                "refit it with `sonocase calibrate`"
+            )
         self.spec = spec
         self._mean = np.asarray(spec.mean, dtype=np.float64)
         self._precision = np.asarray(spec.precision, dtype=np.float64)

@@ -33,13 +33,15 @@ from pydicom.pixels import (
 from service.model_card import InputSpec
 
 #: SOP classes whose pixels are a 2-D ultrasound picture the model can judge.
-ULTRASOUND_SOP_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
-    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image Storage
-    "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (Retired)
-    "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (Retired)
-    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture: a scanner screenshot when Modality is US
-})
+ULTRASOUND_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
+        "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image Storage
+        "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (Retired)
+        "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (Retired)
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture: a scanner screenshot when Modality is US
+    }
+)
 ENHANCED_US_VOLUME = "1.2.840.10008.5.1.4.1.1.6.2"
 
 #: Region Spatial Format 2-D and Region Data Type tissue (PS3.3 C.8.5.5.1.1/.2).
@@ -140,8 +142,10 @@ def dataset_skip_reason(ds: Dataset) -> str | None:
     if min(int(ds.Rows), int(ds.Columns)) < MIN_SIDE:
         return f"tiny image: {ds.Columns}x{ds.Rows} pixels, below {MIN_SIDE}"
     if ds.get("SequenceOfUltrasoundRegions") and ultrasound_region(ds) is None:
-        return ("no B-mode picture: the Sequence of Ultrasound Regions has no 2-D tissue region "
-                "(Doppler, colour flow or M-mode only)")
+        return (
+            "no B-mode picture: the Sequence of Ultrasound Regions has no 2-D tissue region "
+            "(Doppler, colour flow or M-mode only)"
+        )
     return None
 
 
@@ -290,7 +294,7 @@ def _neighbourhood_any(cells: np.ndarray) -> np.ndarray:
     grown = np.zeros_like(cells)
     for dy in range(3):
         for dx in range(3):
-            grown |= padded[dy:dy + height, dx:dx + width]
+            grown |= padded[dy : dy + height, dx : dx + width]
     return grown
 
 
@@ -435,7 +439,7 @@ def prepare_instance(ds: Dataset, spec: InputSpec, max_frames: int) -> PreparedI
         for index in frame_indices(n_frames, max_frames):
             gray = to_grayscale(ds, index)
             box = crop_box(ds, gray)
-            crop = gray[box[1]:box[3], box[0]:box[2]]
+            crop = gray[box[1] : box[3], box[0] : box[2]]
             reason = crop_skip_reason(crop)
             if reason is None:
                 frames.append(PreparedFrame(index + 1, box, model_input(crop, spec), gray))

@@ -98,15 +98,21 @@ class OnnxModel:
         self._outputs = list(OUTPUTS) + ([segmentation.output] if segmentation else [])
         self.provider = self.session.get_providers()[0]
         if requested[0] != self.provider:
-            LOG.warning("model %s: %s was requested but ONNX Runtime runs on %s",
-                        path.name, requested[0], self.provider)
+            LOG.warning(
+                "model %s: %s was requested but ONNX Runtime runs on %s", path.name, requested[0], self.provider
+            )
         self._check_interface()
         try:
             self.guard = DomainGuard(self.card.ood)
         except ValueError as exc:
             raise ModelError(f"model {path}: {exc}") from exc
-        LOG.info("model %s %s (sha256 %s) runs on %s", self.card.name, self.card.version,
-                 self.card.sha256[:12], self.provider)
+        LOG.info(
+            "model %s %s (sha256 %s) runs on %s",
+            self.card.name,
+            self.card.version,
+            self.card.sha256[:12],
+            self.provider,
+        )
 
     @property
     def identity(self) -> ModelIdentity:
@@ -120,17 +126,26 @@ class OnnxModel:
         problems += [f"output {n!r} is missing" for n in self._outputs if n not in outputs]
         spec = self.card.input
         if "image" in inputs and list(inputs["image"][1:]) != [spec.channels, spec.height, spec.width]:
-            problems.append(f"input 'image' has shape {inputs['image']}, the card says "
-                            f"[N, {spec.channels}, {spec.height}, {spec.width}]")
-        for name, size, what in (("probabilities", len(self.card.classes), "classes"),
-                                 ("embedding", self.card.embedding_dim, "embedding_dim")):
+            problems.append(
+                f"input 'image' has shape {inputs['image']}, the card says "
+                f"[N, {spec.channels}, {spec.height}, {spec.width}]"
+            )
+        for name, size, what in (
+            ("probabilities", len(self.card.classes), "classes"),
+            ("embedding", self.card.embedding_dim, "embedding_dim"),
+        ):
             if name in outputs and outputs[name][1] != size:
                 problems.append(f"output {name!r} has shape {outputs[name]}, the card's {what} is {size}")
         segmentation = self.card.segmentation
-        if segmentation and segmentation.output in outputs and \
-                list(outputs[segmentation.output][1:]) != [segmentation.height, segmentation.width]:
-            problems.append(f"output {segmentation.output!r} has shape {outputs[segmentation.output]}, the card's "
-                            f"segmentation says [N, {segmentation.height}, {segmentation.width}]")
+        if (
+            segmentation
+            and segmentation.output in outputs
+            and list(outputs[segmentation.output][1:]) != [segmentation.height, segmentation.width]
+        ):
+            problems.append(
+                f"output {segmentation.output!r} has shape {outputs[segmentation.output]}, the card's "
+                f"segmentation says [N, {segmentation.height}, {segmentation.width}]"
+            )
         features = len(self.card.ood.features)
         if len(self.card.ood.mean) != features or any(len(row) != features for row in self.card.ood.precision):
             problems.append("the card's domain guard has no mean and precision of one value per feature")
@@ -148,18 +163,33 @@ class OnnxModel:
         segmentation = self.card.segmentation
         if n == 0:
             empty = np.zeros((0,), np.float32)
-            return Prediction(np.zeros((0, len(self.card.classes)), np.float32),
-                              np.zeros((0, self.card.embedding_dim), np.float32),
-                              np.zeros((0, 0, 0), np.float32), empty, empty.astype(bool),
-                              np.zeros((0, segmentation.height, segmentation.width), np.float32)
-                              if segmentation else None)
+            return Prediction(
+                np.zeros((0, len(self.card.classes)), np.float32),
+                np.zeros((0, self.card.embedding_dim), np.float32),
+                np.zeros((0, 0, 0), np.float32),
+                empty,
+                empty.astype(bool),
+                np.zeros((0, segmentation.height, segmentation.width), np.float32) if segmentation else None,
+            )
         parts = [
-            self.session.run(self._outputs, {"image": np.ascontiguousarray(batch[i:i + self.batch_size], np.float32),
-                                             "target_class": targets[i:i + self.batch_size]})
+            self.session.run(
+                self._outputs,
+                {
+                    "image": np.ascontiguousarray(batch[i : i + self.batch_size], np.float32),
+                    "target_class": targets[i : i + self.batch_size],
+                },
+            )
             for i in range(0, n, self.batch_size)
         ]
-        probabilities, embedding, gradcam, *mask = (np.concatenate([p[k] for p in parts])
-                                                    for k in range(len(self._outputs)))
+        probabilities, embedding, gradcam, *mask = (
+            np.concatenate([p[k] for p in parts]) for k in range(len(self._outputs))
+        )
         score = self.guard.score(pixels_of(batch, self.card.input))
-        return Prediction(calibrated(probabilities, self.card.calibration), embedding, gradcam, score,
-                          score > self.guard.threshold, mask[0] if mask else None)
+        return Prediction(
+            calibrated(probabilities, self.card.calibration),
+            embedding,
+            gradcam,
+            score,
+            score > self.guard.threshold,
+            mask[0] if mask else None,
+        )

@@ -61,8 +61,9 @@ def reliability_bins(probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
     """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the
     bin's share of images (Guo et al. 2017)."""
-    return float(sum(share * abs(accuracy - confidence)
-                     for share, confidence, accuracy in reliability_bins(probs, y_true, bins)))
+    return float(
+        sum(share * abs(accuracy - confidence) for share, confidence, accuracy in reliability_bins(probs, y_true, bins))
+    )
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
@@ -77,8 +78,13 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
         recall = tp / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         auc = roc_auc(y_true == c, probs[:, c])
-        per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
-                           "roc_auc": auc, "support": int(support)}
+        per_class[name] = {
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "roc_auc": auc,
+            "support": int(support),
+        }
         if support:
             recalls.append(recall)
             f1s.append(f1)

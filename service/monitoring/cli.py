@@ -20,6 +20,7 @@ from service.monitoring.registry import (
     write_performance_csv,
 )
 
+
 @click.group()
 def monitoring() -> None:
     """Post-market monitoring: registry export, real-world performance."""

@@ -65,8 +65,10 @@ class DriftConfig:
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"drift alpha must be between 0 and 1, got {self.alpha}")
         if self.alpha / TESTS * (self.permutations + 1) < 1.0:
-            raise ValueError(f"{self.permutations} permutations cannot give each of the {TESTS} tests a p-value of "
-                             f"{self.alpha / TESTS:g} or less: use at least {int(np.ceil(TESTS / self.alpha)) - 1}")
+            raise ValueError(
+                f"{self.permutations} permutations cannot give each of the {TESTS} tests a p-value of "
+                f"{self.alpha / TESTS:g} or less: use at least {int(np.ceil(TESTS / self.alpha)) - 1}"
+            )
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,9 @@ def _squared_distances(x: np.ndarray) -> np.ndarray:
     return np.maximum(squared[:, None] + squared[None, :] - 2.0 * x @ x.T, 0.0)
 
 
-def mmd_test(reference: np.ndarray, window: np.ndarray, permutations: int, rng: np.random.Generator,
-             components: int = 10) -> MmdTest:
+def mmd_test(
+    reference: np.ndarray, window: np.ndarray, permutations: int, rng: np.random.Generator, components: int = 10
+) -> MmdTest:
     """Squared MMD of ``window`` against ``reference`` (rows are units), whitened on
     ``components`` principal components of the pooled units, Gaussian kernel of the
     median pooled distance; p-value = (1 + permutations at least as large) /
@@ -149,8 +152,16 @@ def guard_unit(scores: Sequence[float] | np.ndarray) -> float:
     return float(np.mean(np.log1p(np.maximum(np.asarray(scores, dtype=np.float64), 0.0))))
 
 
-def window_drift(embeddings: np.ndarray, guard: np.ndarray, out_of_domain: np.ndarray, predicted: np.ndarray,
-                 n_classes: int, config: DriftConfig, rng: np.random.Generator, end: int) -> WindowDrift:
+def window_drift(
+    embeddings: np.ndarray,
+    guard: np.ndarray,
+    out_of_domain: np.ndarray,
+    predicted: np.ndarray,
+    n_classes: int,
+    config: DriftConfig,
+    rng: np.random.Generator,
+    end: int,
+) -> WindowDrift:
     """The window of the ``window_size`` studies before ``end`` against the first
     ``reference_size`` of the stream (rows in arrival order), on the embedding and
     on the guard unit (:func:`guard_unit`). ``out_of_domain`` is the share of a
@@ -167,15 +178,29 @@ def window_drift(embeddings: np.ndarray, guard: np.ndarray, out_of_domain: np.nd
     classes = predicted[start:end]
     mix = np.bincount(classes[classes >= 0], minlength=n_classes) / config.window_size
     return WindowDrift(
-        start=start, end=end, mmd2=test.mmd2, p_value=p_value, alarm=p_value <= config.alpha,
-        out_of_domain_rate=float(np.mean(out_of_domain[start:end])), class_mix=tuple(float(v) for v in mix),
+        start=start,
+        end=end,
+        mmd2=test.mmd2,
+        p_value=p_value,
+        alarm=p_value <= config.alpha,
+        out_of_domain_rate=float(np.mean(out_of_domain[start:end])),
+        class_mix=tuple(float(v) for v in mix),
     )
 
 
-def watch(embeddings: np.ndarray, guard: np.ndarray, out_of_domain: np.ndarray, predicted: np.ndarray,
-          n_classes: int, config: DriftConfig, rng: np.random.Generator) -> list[WindowDrift]:
+def watch(
+    embeddings: np.ndarray,
+    guard: np.ndarray,
+    out_of_domain: np.ndarray,
+    predicted: np.ndarray,
+    n_classes: int,
+    config: DriftConfig,
+    rng: np.random.Generator,
+) -> list[WindowDrift]:
     """:func:`window_drift` every ``step`` studies, from the first window after the
     reference to the end of the stream."""
     first_end = config.reference_size + config.window_size
-    return [window_drift(embeddings, guard, out_of_domain, predicted, n_classes, config, rng, end)
-            for end in range(first_end, len(embeddings) + 1, config.step)]
+    return [
+        window_drift(embeddings, guard, out_of_domain, predicted, n_classes, config, rng, end)
+        for end in range(first_end, len(embeddings) + 1, config.step)
+    ]

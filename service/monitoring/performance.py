@@ -68,8 +68,12 @@ def wilson(successes: int, n: int, z: float = Z_95) -> Estimate:
     return Estimate(p, low, high, n)
 
 
-def bootstrap(statistic: Callable[[np.ndarray], float | None], n: int, rng: np.random.Generator,
-              resamples: int = BOOTSTRAP_RESAMPLES) -> Estimate:
+def bootstrap(
+    statistic: Callable[[np.ndarray], float | None],
+    n: int,
+    rng: np.random.Generator,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> Estimate:
     """``statistic`` of all ``n`` cases (it gets their indices) with the percentile
     interval of its values on ``resamples`` resamples of the cases; resamples on
     which it is undefined (one class only) are left out."""
@@ -93,8 +97,9 @@ def cohen_kappa(a: np.ndarray, b: np.ndarray, n_classes: int) -> float | None:
     return None if chance >= 1.0 else (observed - chance) / (1.0 - chance)
 
 
-def performance(probabilities: np.ndarray, truth: np.ndarray, positive: int, rng: np.random.Generator,
-                bins: int = ECE_BINS) -> Report:
+def performance(
+    probabilities: np.ndarray, truth: np.ndarray, positive: int, rng: np.random.Generator, bins: int = ECE_BINS
+) -> Report:
     """Sensitivity, specificity, PPV, NPV of calling ``positive`` (the most probable
     class), its ROC AUC, and the ECE, each with its 95 % interval."""
     called = probabilities.argmax(axis=1) == positive if len(truth) else np.zeros(0, bool)
@@ -108,8 +113,9 @@ def performance(probabilities: np.ndarray, truth: np.ndarray, positive: int, rng
         "ppv": wilson(tp, tp + fp),
         "npv": wilson(tn, tn + fn),
         "roc_auc": bootstrap(lambda rows: roc_auc(actual[rows], scores[rows]), len(truth), rng),
-        "ece": bootstrap(lambda rows: expected_calibration_error(probabilities[rows], truth[rows], bins),
-                         len(truth), rng),
+        "ece": bootstrap(
+            lambda rows: expected_calibration_error(probabilities[rows], truth[rows], bins), len(truth), rng
+        ),
     }
 
 
@@ -122,14 +128,18 @@ def agreement(model: np.ndarray, readers: np.ndarray, n_classes: int, rng: np.ra
 def grouped(cases: Iterable[Case], positive: int, rng: np.random.Generator) -> dict[str, dict[str, Report]]:
     """:func:`performance` of all cases, per month and per scanner:
     ``{"all": {"all": ...}, "month": {"2026-11": ...}, "scanner": {...}}``."""
-    groups: dict[str, dict[str, list[Case]]] = {"all": defaultdict(list), "month": defaultdict(list),
-                                                "scanner": defaultdict(list)}
+    groups: dict[str, dict[str, list[Case]]] = {
+        "all": defaultdict(list),
+        "month": defaultdict(list),
+        "scanner": defaultdict(list),
+    }
     for case in cases:
         groups["all"]["all"].append(case)
         groups["month"][case.month].append(case)
         groups["scanner"][case.scanner].append(case)
-    return {kind: {name: _of(members, positive, rng) for name, members in sorted(by.items())}
-            for kind, by in groups.items()}
+    return {
+        kind: {name: _of(members, positive, rng) for name, members in sorted(by.items())} for kind, by in groups.items()
+    }
 
 
 def trends(cases: Iterable[Case], positive: int, rng: np.random.Generator) -> dict[str, dict[str, Report]]:
@@ -139,8 +149,10 @@ def trends(cases: Iterable[Case], positive: int, rng: np.random.Generator) -> di
     by: dict[str, dict[str, list[Case]]] = defaultdict(lambda: defaultdict(list))
     for case in cases:
         by[case.scanner][case.month].append(case)
-    return {scanner: {month: _of(members, positive, rng) for month, members in sorted(months.items())}
-            for scanner, months in sorted(by.items())}
+    return {
+        scanner: {month: _of(members, positive, rng) for month, members in sorted(months.items())}
+        for scanner, months in sorted(by.items())
+    }
 
 
 def _of(cases: Sequence[Case], positive: int, rng: np.random.Generator) -> Report:

@@ -30,9 +30,22 @@ from service.pipeline.analysis import decisive_frame
 from service.results import StudyResult
 
 FIELDS = (
-    "record_id", "model_name", "model_version", "model_sha256", "result", "probability", "out_of_domain",
-    "verdict", "verdict_class", "outcome", "outcome_date", "scanner_manufacturer", "scanner_model", "study_date",
-    "analysed_at", "patient_key",
+    "record_id",
+    "model_name",
+    "model_version",
+    "model_sha256",
+    "result",
+    "probability",
+    "out_of_domain",
+    "verdict",
+    "verdict_class",
+    "outcome",
+    "outcome_date",
+    "scanner_manufacturer",
+    "scanner_model",
+    "study_date",
+    "analysed_at",
+    "patient_key",
 )
 #: Which outcome of a study's several (one per lesion) speaks for the study.
 _SEVERITY = {"stable": 0, "benign": 1, "malignant": 2}
@@ -45,8 +58,9 @@ def _study_outcomes(outcomes: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[
     chosen: dict[str, Mapping[str, Any]] = {}
     for row in outcomes:
         study = row["matched_study_uid"]
-        if study is not None and (study not in chosen
-                                  or _SEVERITY[row["finding"]] > _SEVERITY[chosen[study]["finding"]]):
+        if study is not None and (
+            study not in chosen or _SEVERITY[row["finding"]] > _SEVERITY[chosen[study]["finding"]]
+        ):
             chosen[study] = row
     return chosen
 
@@ -81,21 +95,31 @@ def inferences(ledger: Ledger) -> list[Inference]:
         verdict = verdicts.get((row["study_uid"], ""), {})
         probabilities = decisive_probabilities(result)
         predicted = result.summary.predicted
-        out.append(Inference({
-            "record_id": hashlib.sha256(f"{result.model.sha256}/{row['study_uid']}/{row['generation']}".encode())
-            .hexdigest()[:24],
-            "model_name": result.model.name, "model_version": result.model.version,
-            "model_sha256": result.model.sha256,
-            "result": predicted or ("not assessed" if result.summary.out_of_distribution else "none"),
-            "probability": probabilities[predicted] if probabilities and predicted else None,
-            "out_of_domain": result.summary.out_of_distribution,
-            "verdict": verdict.get("verdict"), "verdict_class": reader_class(verdict, predicted) if verdict else None,
-            "outcome": outcome.get("finding"), "outcome_date": outcome.get("outcome_date") or None,
-            "scanner_manufacturer": result.study.manufacturer, "scanner_model": result.study.model_name,
-            "study_date": result.study.study_date or None,
-            "analysed_at": datetime.fromtimestamp(row["created_at"], UTC).isoformat(timespec="seconds"),
-            "patient_key": result.study.patient_key or None,
-        }, probabilities))
+        out.append(
+            Inference(
+                {
+                    "record_id": hashlib.sha256(
+                        f"{result.model.sha256}/{row['study_uid']}/{row['generation']}".encode()
+                    ).hexdigest()[:24],
+                    "model_name": result.model.name,
+                    "model_version": result.model.version,
+                    "model_sha256": result.model.sha256,
+                    "result": predicted or ("not assessed" if result.summary.out_of_distribution else "none"),
+                    "probability": probabilities[predicted] if probabilities and predicted else None,
+                    "out_of_domain": result.summary.out_of_distribution,
+                    "verdict": verdict.get("verdict"),
+                    "verdict_class": reader_class(verdict, predicted) if verdict else None,
+                    "outcome": outcome.get("finding"),
+                    "outcome_date": outcome.get("outcome_date") or None,
+                    "scanner_manufacturer": result.study.manufacturer,
+                    "scanner_model": result.study.model_name,
+                    "study_date": result.study.study_date or None,
+                    "analysed_at": datetime.fromtimestamp(row["created_at"], UTC).isoformat(timespec="seconds"),
+                    "patient_key": result.study.patient_key or None,
+                },
+                probabilities,
+            )
+        )
     return out
 
 
@@ -109,12 +133,14 @@ def cases(found_in: Iterable[Inference], classes: Sequence[str]) -> list[Case]:
         if entry["outcome"] is None or probabilities is None:
             continue
         date = entry["study_date"] or entry["analysed_at"].replace("-", "")
-        found.append(Case(
-            probabilities=tuple(probabilities[c] for c in classes),
-            truth=list(classes).index(OUTCOME_CLASS[entry["outcome"]]),
-            month=f"{date[:4]}-{date[4:6]}",
-            scanner=f"{entry['scanner_manufacturer']} {entry['scanner_model']}".strip() or "unknown",
-        ))
+        found.append(
+            Case(
+                probabilities=tuple(probabilities[c] for c in classes),
+                truth=list(classes).index(OUTCOME_CLASS[entry["outcome"]]),
+                month=f"{date[:4]}-{date[4:6]}",
+                scanner=f"{entry['scanner_manufacturer']} {entry['scanner_model']}".strip() or "unknown",
+            )
+        )
     return found
 
 
@@ -134,15 +160,22 @@ def site_performance(found: Sequence[Inference], positive: str, seed: int = 0) -
     known = cases(found, classes)
     report = grouped(known, classes.index(positive), rng)
     rated = [(i.record["result"], i.record["verdict_class"]) for i in assessed if i.record["verdict_class"]]
-    kappa = agreement(np.array([classes.index(m) for m, _ in rated], dtype=np.int64),
-                      np.array([classes.index(r) for _, r in rated], dtype=np.int64), len(classes), rng)
+    kappa = agreement(
+        np.array([classes.index(m) for m, _ in rated], dtype=np.int64),
+        np.array([classes.index(r) for _, r in rated], dtype=np.int64),
+        len(classes),
+        rng,
+    )
     per_scanner_month = trends(known, classes.index(positive), rng)  # after kappa: its interval stays as it was
     probabilities = np.array([c.probabilities for c in known]).reshape(len(known), len(classes))
     truth = np.array([c.truth for c in known], dtype=np.int64)
     points = reliability_bins(probabilities, truth, ECE_BINS) if known else []
     actual = truth == classes.index(positive)
-    fpr, tpr = (roc_curve(actual, probabilities[:, classes.index(positive)]) if actual.any() and not actual.all()
-                else (np.zeros(0), np.zeros(0)))
+    fpr, tpr = (
+        roc_curve(actual, probabilities[:, classes.index(positive)])
+        if actual.any() and not actual.all()
+        else (np.zeros(0), np.zeros(0))
+    )
     return {
         "positive": positive,
         "performance": {kind: _as_json(groups) for kind, groups in report.items()},
@@ -162,13 +195,20 @@ def performance_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`site_performance`'s figures as flat rows (group, name, metric, value,
     low, high, n): the CSV a spreadsheet reads. The trends are the group
     ``scanner_month``, named "<scanner> <YYYY-MM>"."""
-    by_scanner_month = {f"{scanner} {month}": metrics for scanner, months in report["trends"].items()
-                        for month, metrics in months.items()}
-    rows = [{"group": kind, "name": name, "metric": metric, **estimate}
-            for kind, groups in {**report["performance"], "scanner_month": by_scanner_month}.items()
-            for name, metrics in groups.items() for metric, estimate in metrics.items()]
-    rows.append({"group": "all", "name": "all", "metric": "kappa_with_radiologists",
-                 **report["agreement_with_radiologists"]})
+    by_scanner_month = {
+        f"{scanner} {month}": metrics
+        for scanner, months in report["trends"].items()
+        for month, metrics in months.items()
+    }
+    rows = [
+        {"group": kind, "name": name, "metric": metric, **estimate}
+        for kind, groups in {**report["performance"], "scanner_month": by_scanner_month}.items()
+        for name, metrics in groups.items()
+        for metric, estimate in metrics.items()
+    ]
+    rows.append(
+        {"group": "all", "name": "all", "metric": "kappa_with_radiologists", **report["agreement_with_radiologists"]}
+    )
     return rows
 
 

@@ -19,8 +19,11 @@ def problems(verdict: Verdict, result: Mapping[str, Any] | None) -> list[str]:
     """Why ``verdict`` cannot be taken for a study whose stored result is ``result``
     (None: not analysed yet); empty when it can. The classes are the model's, as its
     probabilities in the result name them."""
-    frames = [(image["sop_instance_uid"], frame) for image in (result or {}).get("images", [])
-              for frame in image.get("frames", [])]
+    frames = [
+        (image["sop_instance_uid"], frame)
+        for image in (result or {}).get("images", [])
+        for frame in image.get("frames", [])
+    ]
     if not frames:
         return ["the study has no analysed image yet: there is nothing to agree or disagree with"]
     found = []

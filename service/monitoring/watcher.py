@@ -47,10 +47,13 @@ def study_point(result: StudyResult, created_at: float, classes: list[str]) -> S
     if not frames:
         return None
     predicted = result.summary.predicted
-    return StudyPoint(created_at, np.mean([f.embedding for f in frames], axis=0),
-                      guard_unit([f.ood_distance for f in frames]),
-                      float(np.mean([f.out_of_distribution for f in frames])),
-                      classes.index(predicted) if predicted in classes else -1)
+    return StudyPoint(
+        created_at,
+        np.mean([f.embedding for f in frames], axis=0),
+        guard_unit([f.ood_distance for f in frames]),
+        float(np.mean([f.out_of_distribution for f in frames])),
+        classes.index(predicted) if predicted in classes else -1,
+    )
 
 
 def scanner_of(result: StudyResult) -> str:
@@ -90,16 +93,24 @@ class DriftWatcher:
         until it has a reference and a window)."""
         self.update()
         with self._lock:  # a snapshot: the page and a scrape may ask at once
-            streams = {scanner: sorted(by_study.values(), key=lambda p: p.created_at)
-                       for scanner, by_study in self._points.items()}
+            streams = {
+                scanner: sorted(by_study.values(), key=lambda p: p.created_at)
+                for scanner, by_study in self._points.items()
+            }
         out: dict[str, tuple[int, WindowDrift | None]] = {}
         for scanner, points in sorted(streams.items()):
             drift = None
             if len(points) >= self.config.reference_size + self.config.window_size:
-                drift = window_drift(np.array([p.embedding for p in points]), np.array([p.guard for p in points]),
-                                     np.array([p.out_of_domain for p in points]),
-                                     np.array([p.predicted for p in points]), len(self.classes), self.config,
-                                     np.random.default_rng(0), len(points))
+                drift = window_drift(
+                    np.array([p.embedding for p in points]),
+                    np.array([p.guard for p in points]),
+                    np.array([p.out_of_domain for p in points]),
+                    np.array([p.predicted for p in points]),
+                    len(self.classes),
+                    self.config,
+                    np.random.default_rng(0),
+                    len(points),
+                )
             out[scanner] = (len(points), drift)
         return out
 
@@ -113,26 +124,43 @@ class MonitoringCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         matched, waiting, acks = self.watcher.ledger.outcome_totals()
-        outcomes = GaugeMetricFamily("sonocase_outcomes", "Outcomes received, matched to a study or waiting for it",
-                                     labels=["matched"])
+        outcomes = GaugeMetricFamily(
+            "sonocase_outcomes", "Outcomes received, matched to a study or waiting for it", labels=["matched"]
+        )
         outcomes.add_metric(["yes"], matched)
         outcomes.add_metric(["no"], waiting)
-        messages = GaugeMetricFamily("sonocase_hl7_messages", "HL7 messages received, by the ACK code they got "
-                                     "(AA accepted, AE content error, AR rejected)", labels=["ack_code"])
+        messages = GaugeMetricFamily(
+            "sonocase_hl7_messages",
+            "HL7 messages received, by the ACK code they got (AA accepted, AE content error, AR rejected)",
+            labels=["ack_code"],
+        )
         for code in ("AA", "AE", "AR"):
             messages.add_metric([code], acks.get(code, 0))
         yield from (outcomes, messages)
-        studies = GaugeMetricFamily("sonocase_drift_studies", "Analysed studies per scanner (drift's stream)",
-                                    labels=["scanner"])
-        p_value = GaugeMetricFamily("sonocase_drift_p_value", "Permutation p-value of the latest window's MMD "
-                                    "against the scanner's reference window", labels=["scanner"])
+        studies = GaugeMetricFamily(
+            "sonocase_drift_studies", "Analysed studies per scanner (drift's stream)", labels=["scanner"]
+        )
+        p_value = GaugeMetricFamily(
+            "sonocase_drift_p_value",
+            "Permutation p-value of the latest window's MMD against the scanner's reference window",
+            labels=["scanner"],
+        )
         mmd2 = GaugeMetricFamily("sonocase_drift_mmd2", "Squared MMD of the latest window", labels=["scanner"])
-        alarm = GaugeMetricFamily("sonocase_drift_alarm", "1 when the latest window's p-value is at or below the "
-                                  "drift level (input drift), else 0", labels=["scanner"])
-        ood = GaugeMetricFamily("sonocase_drift_out_of_domain_rate", "Share of the latest window's images the "
-                                "domain guard flagged", labels=["scanner"])
-        mix = GaugeMetricFamily("sonocase_drift_predicted_share", "Share of the latest window's studies per "
-                                "predicted class", labels=["scanner", "class"])
+        alarm = GaugeMetricFamily(
+            "sonocase_drift_alarm",
+            "1 when the latest window's p-value is at or below the drift level (input drift), else 0",
+            labels=["scanner"],
+        )
+        ood = GaugeMetricFamily(
+            "sonocase_drift_out_of_domain_rate",
+            "Share of the latest window's images the domain guard flagged",
+            labels=["scanner"],
+        )
+        mix = GaugeMetricFamily(
+            "sonocase_drift_predicted_share",
+            "Share of the latest window's studies per predicted class",
+            labels=["scanner", "class"],
+        )
         for scanner, (count, drift) in self.watcher.latest().items():
             studies.add_metric([scanner], count)
             if drift is None:

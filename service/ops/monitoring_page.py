@@ -36,8 +36,11 @@ def _interval(estimate: Mapping[str, Any]) -> str:
     """An estimate and its interval as plain text (a table cell, a chart point's tooltip)."""
     if estimate["value"] is None:
         return "-"
-    interval = (f" [{estimate['low']:.2f}-{estimate['high']:.2f}]" if estimate["low"] is not None
-                and estimate["high"] is not None else "")
+    interval = (
+        f" [{estimate['low']:.2f}-{estimate['high']:.2f}]"
+        if estimate["low"] is not None and estimate["high"] is not None
+        else ""
+    )
     return f"{estimate['value']:.2f}{interval}"
 
 
@@ -52,48 +55,64 @@ def _drift_html(drift: Mapping[str, tuple[int, WindowDrift | None]], classes: Se
     rows = []
     for scanner, (count, window) in drift.items():
         if window is None:
-            rows.append(f"<tr data-scanner='{html.escape(scanner)}'><td>{html.escape(scanner)}</td><td>{count}</td>"
-                        "<td colspan=4>collecting the reference (100 studies) and a window (40)</td></tr>")
+            rows.append(
+                f"<tr data-scanner='{html.escape(scanner)}'><td>{html.escape(scanner)}</td><td>{count}</td>"
+                "<td colspan=4>collecting the reference (100 studies) and a window (40)</td></tr>"
+            )
             continue
         state = "<b class=failed>DRIFT</b>" if window.alarm else "steady"
         mix = " / ".join(f"{html.escape(c)} {share:.0%}" for c, share in zip(classes, window.class_mix, strict=True))
-        rows.append(f"<tr data-scanner='{html.escape(scanner)}'><td>{html.escape(scanner)}</td><td>{count}</td>"
-                    f"<td class=alarm>{state}</td><td>{window.p_value:.4f}</td>"
-                    f"<td>{window.out_of_domain_rate:.0%}</td><td>{mix}</td></tr>")
-    return ("<table id=drift><tr><th>Scanner</th><th>Studies</th><th>Input drift</th><th>p-value</th>"
-            "<th>Not assessed</th><th>Predicted classes (latest 40)</th></tr>" + "".join(rows) + "</table>")
+        rows.append(
+            f"<tr data-scanner='{html.escape(scanner)}'><td>{html.escape(scanner)}</td><td>{count}</td>"
+            f"<td class=alarm>{state}</td><td>{window.p_value:.4f}</td>"
+            f"<td>{window.out_of_domain_rate:.0%}</td><td>{mix}</td></tr>"
+        )
+    return (
+        "<table id=drift><tr><th>Scanner</th><th>Studies</th><th>Input drift</th><th>p-value</th>"
+        "<th>Not assessed</th><th>Predicted classes (latest 40)</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _svg(attributes: str, width: int, height: int, label: str) -> str:
     """An inline chart's opening tag: its size, and the role and name a screen reader announces."""
-    return (f"<svg {attributes} width={width} height={height} viewBox='0 0 {width} {height}' role=img "
-            f"aria-label='{html.escape(label)}'>")
+    return (
+        f"<svg {attributes} width={width} height={height} viewBox='0 0 {width} {height}' role=img "
+        f"aria-label='{html.escape(label)}'>"
+    )
 
 
 def reliability_svg(points: Sequence[Mapping[str, float]]) -> str:
     """Accuracy against confidence per bin (dot area: share of cases), the diagonal
     where a calibrated model lies."""
     side = _SVG - 30  # the plot's square, 20 px in from the left and bottom
-    dots = "".join(f"<circle class=bin cx={20 + p['confidence'] * side:.1f} cy={_SVG - 20 - p['accuracy'] * side:.1f}"
-                   f" r={2 + 10 * p['share'] ** 0.5:.1f} />" for p in points)
-    return (_svg("id=reliability", _SVG, _SVG, "reliability diagram")
-            + "<rect x=20 y=10 width=210 height=210 fill=none stroke=#999 />"
-            f"<line x1=20 y1=220 x2=230 y2=10 stroke=#999 stroke-dasharray=3 />"
-            "<text x=110 y=236 font-size=11>confidence</text>"
-            "<text x=2 y=120 font-size=11 transform='rotate(-90 10 120)'>accuracy</text>"
-            f"<g fill=#2a6fb0>{dots}</g></svg>")
+    dots = "".join(
+        f"<circle class=bin cx={20 + p['confidence'] * side:.1f} cy={_SVG - 20 - p['accuracy'] * side:.1f}"
+        f" r={2 + 10 * p['share'] ** 0.5:.1f} />"
+        for p in points
+    )
+    return (
+        _svg("id=reliability", _SVG, _SVG, "reliability diagram")
+        + "<rect x=20 y=10 width=210 height=210 fill=none stroke=#999 />"
+        f"<line x1=20 y1=220 x2=230 y2=10 stroke=#999 stroke-dasharray=3 />"
+        "<text x=110 y=236 font-size=11>confidence</text>"
+        "<text x=2 y=120 font-size=11 transform='rotate(-90 10 120)'>accuracy</text>"
+        f"<g fill=#2a6fb0>{dots}</g></svg>"
+    )
 
 
 def roc_svg(roc: Mapping[str, Sequence[float]]) -> str:
     """True- against false-positive rate of the positive call, the chance diagonal."""
     side = _SVG - 30
-    line = " ".join(f"{20 + x * side:.1f},{_SVG - 20 - y * side:.1f}" for x, y in zip(roc["fpr"], roc["tpr"],
-                                                                                      strict=True))
-    return (_svg("id=roc", _SVG, _SVG, "ROC curve") + "<rect x=20 y=10 width=210 height=210 fill=none stroke=#999 />"
-            "<line x1=20 y1=220 x2=230 y2=10 stroke=#999 stroke-dasharray=3 />"
-            "<text x=70 y=236 font-size=11>false-positive rate</text>"
-            "<text x=2 y=150 font-size=11 transform='rotate(-90 10 150)'>true-positive rate</text>"
-            f"<polyline points='{line}' fill=none stroke=#b03a2e stroke-width=2 /></svg>")
+    line = " ".join(
+        f"{20 + x * side:.1f},{_SVG - 20 - y * side:.1f}" for x, y in zip(roc["fpr"], roc["tpr"], strict=True)
+    )
+    return (
+        _svg("id=roc", _SVG, _SVG, "ROC curve") + "<rect x=20 y=10 width=210 height=210 fill=none stroke=#999 />"
+        "<line x1=20 y1=220 x2=230 y2=10 stroke=#999 stroke-dasharray=3 />"
+        "<text x=70 y=236 font-size=11>false-positive rate</text>"
+        "<text x=2 y=150 font-size=11 transform='rotate(-90 10 150)'>true-positive rate</text>"
+        f"<polyline points='{line}' fill=none stroke=#b03a2e stroke-width=2 /></svg>"
+    )
 
 
 #: The trend charts' layout (px): the room each month takes (a chart is at least four
@@ -108,8 +127,10 @@ def trend_svg(metric: str, trends: Mapping[str, Mapping[str, Mapping[str, Mappin
     {metric: estimate}}}``): a dot at the estimate, a bar over its 95 % interval, the
     scanners side by side within a month, so a scanner that slips shows as it happens."""
     label = metric.replace("_", " ").upper()
-    points = {scanner: {month: m[metric] for month, m in months.items() if m[metric]["value"] is not None}
-              for scanner, months in trends.items()}
+    points = {
+        scanner: {month: m[metric] for month, m in months.items() if m[metric]["value"] is not None}
+        for scanner, months in trends.items()
+    }
     months = sorted({month for shown in points.values() for month in shown})
     t = _TREND
     step = t["month"]
@@ -124,11 +145,12 @@ def trend_svg(metric: str, trends: Mapping[str, Mapping[str, Mapping[str, Mappin
         return f"{t['top'] + (1 - value) * t['height']:.1f}"
 
     spread = min(8.0, step / (len(points) + 1))  # the scanners' offsets within a month
-    ticks = "".join(f"<text x=4 y={y(v)} font-size=10 dominant-baseline=middle>{v:.1f}</text>"
-                    for v in (0.0, 0.5, 1.0))
-    month_labels = "".join(f"<text class=month x={t['left'] + (i + 0.5) * step} y={t['top'] + t['height'] + 14}"
-                           f" font-size=10 text-anchor=middle>{html.escape(month)}</text>"
-                           for i, month in enumerate(months))
+    ticks = "".join(f"<text x=4 y={y(v)} font-size=10 dominant-baseline=middle>{v:.1f}</text>" for v in (0.0, 0.5, 1.0))
+    month_labels = "".join(
+        f"<text class=month x={t['left'] + (i + 0.5) * step} y={t['top'] + t['height'] + 14}"
+        f" font-size=10 text-anchor=middle>{html.escape(month)}</text>"
+        for i, month in enumerate(months)
+    )
     series = []
     for j, (scanner, shown) in enumerate(points.items()):
         colour = _COLOURS[j % len(_COLOURS)]
@@ -137,35 +159,46 @@ def trend_svg(metric: str, trends: Mapping[str, Mapping[str, Mapping[str, Mappin
             x = f"{t['left'] + (months.index(month) + 0.5) * step + (j - (len(points) - 1) / 2) * spread:.1f}"
             if e["low"] is not None and e["high"] is not None:
                 marks.append(f"<line class=interval x1={x} x2={x} y1={y(e['low'])} y2={y(e['high'])} />")
-            marks.append(f"<circle class=point data-month='{html.escape(month)}' cx={x} cy={y(e['value'])} r=3>"
-                         f"<title>{html.escape(f'{scanner} {month}: {_interval(e)}')}</title></circle>")
+            marks.append(
+                f"<circle class=point data-month='{html.escape(month)}' cx={x} cy={y(e['value'])} r=3>"
+                f"<title>{html.escape(f'{scanner} {month}: {_interval(e)}')}</title></circle>"
+            )
         legend_y = t["top"] + t["height"] + t["bottom"] + 14 * j + 8
-        series.append(f"<g class=series data-scanner='{html.escape(scanner)}' stroke={colour} fill={colour}>"
-                      + "".join(marks) + f"<text x={t['left']} y={legend_y} font-size=11 stroke=none>"
-                      f"{html.escape(scanner)}</text></g>")
-    return (f"{head}{title}"
-            f"<rect x={t['left']} y={t['top']} width={plot_width} height={t['height']} fill=none stroke=#999 />"
-            f"{ticks}{month_labels}{''.join(series)}</svg>")
+        series.append(
+            f"<g class=series data-scanner='{html.escape(scanner)}' stroke={colour} fill={colour}>"
+            + "".join(marks)
+            + f"<text x={t['left']} y={legend_y} font-size=11 stroke=none>"
+            f"{html.escape(scanner)}</text></g>"
+        )
+    return (
+        f"{head}{title}"
+        f"<rect x={t['left']} y={t['top']} width={plot_width} height={t['height']} fill=none stroke=#999 />"
+        f"{ticks}{month_labels}{''.join(series)}</svg>"
+    )
 
 
 def _performance_html(report: Mapping[str, Any]) -> str:
     head = "<tr><th>Group</th>" + "".join(f"<th>{m.replace('_', ' ').upper()}</th>" for m in _METRICS) + "</tr>"
     rows = "".join(
         f"<tr data-group='{html.escape(kind)}:{html.escape(name)}'><td>{html.escape(kind)}: {html.escape(name)}</td>"
-        + "".join(f"<td>{_estimate(metrics[m])}</td>" for m in _METRICS) + "</tr>"
-        for kind, groups in report["performance"].items() for name, metrics in groups.items()
+        + "".join(f"<td>{_estimate(metrics[m])}</td>" for m in _METRICS)
+        + "</tr>"
+        for kind, groups in report["performance"].items()
+        for name, metrics in groups.items()
     )
     kappa = report["agreement_with_radiologists"]
-    return (f"<p>The {html.escape(report['positive'])} call against outcomes (pathology, follow-up), "
-            "95 % intervals (Wilson; bootstrap for ROC AUC, ECE and kappa).</p>"
-            f"<table id=performance>{head}{rows}</table>"
-            f"<p id=agreement>Agreement with radiologists (Cohen's kappa): {_estimate(kappa)}</p>"
-            f"<h3>Reliability and ROC curve (all cases)</h3>{reliability_svg(report['reliability'])} "
-            f"{roc_svg(report['roc'])}"
-            "<h3 id=trends>Per month and scanner (dot: estimate; bar: 95 % interval)</h3>"
-            + " ".join(trend_svg(metric, report["trends"]) for metric in _METRICS) +
-            "<p><a href=/api/v1/monitoring/performance>JSON</a> · "
-            "<a href=/api/v1/monitoring/performance.csv>CSV</a></p>")
+    return (
+        f"<p>The {html.escape(report['positive'])} call against outcomes (pathology, follow-up), "
+        "95 % intervals (Wilson; bootstrap for ROC AUC, ECE and kappa).</p>"
+        f"<table id=performance>{head}{rows}</table>"
+        f"<p id=agreement>Agreement with radiologists (Cohen's kappa): {_estimate(kappa)}</p>"
+        f"<h3>Reliability and ROC curve (all cases)</h3>{reliability_svg(report['reliability'])} "
+        f"{roc_svg(report['roc'])}"
+        "<h3 id=trends>Per month and scanner (dot: estimate; bar: 95 % interval)</h3>"
+        + " ".join(trend_svg(metric, report["trends"]) for metric in _METRICS)
+        + "<p><a href=/api/v1/monitoring/performance>JSON</a> · "
+        "<a href=/api/v1/monitoring/performance.csv>CSV</a></p>"
+    )
 
 
 def monitoring_router(ledger: Ledger, watcher: DriftWatcher, api_prefix: str) -> APIRouter:
@@ -182,9 +215,12 @@ def monitoring_router(ledger: Ledger, watcher: DriftWatcher, api_prefix: str) ->
     async def page() -> HTMLResponse:
         drift = await run_in_threadpool(watcher.latest)
         figures = await run_in_threadpool(report)
-        body = ("<h2>Input drift per scanner</h2>" + _drift_html(drift, watcher.classes)
-                + "<h2>Real-world performance</h2>"
-                + (_performance_html(figures) if figures else "<p>No assessed study with an outcome yet.</p>"))
+        body = (
+            "<h2>Input drift per scanner</h2>"
+            + _drift_html(drift, watcher.classes)
+            + "<h2>Real-world performance</h2>"
+            + (_performance_html(figures) if figures else "<p>No assessed study with an outcome yet.</p>")
+        )
         return HTMLResponse(_page("Sonocase monitoring", body))
 
     @router.get(f"{api_prefix}/monitoring/performance", summary="Real-world performance and agreement (JSON)")

@@ -33,15 +33,19 @@ def _images_html(study_uid: str, result: Mapping[str, Any]) -> str:
             shown = "not assessed (outside the model's training domain)"
         else:
             shown = f"{image.get('predicted')} {image.get('probability') or 0:.2f}"
-        rows.append(f"<tr><td><code>{html.escape(image['sop_instance_uid'])}</code></td>"
-                    f"<td class=result>{html.escape(shown)}</td></tr>")
+        rows.append(
+            f"<tr><td><code>{html.escape(image['sop_instance_uid'])}</code></td>"
+            f"<td class=result>{html.escape(shown)}</td></tr>"
+        )
     summary = result.get("summary", {})
-    answer = (f"{summary.get('predicted')} {summary.get('probability'):.2f}" if summary.get("predicted")
-              else "not assessed")
-    return (f"<p>AI result (the SR's summary): <b id=summary>{html.escape(answer)}</b></p>"
-            f"<img alt=heatmap class=heatmap src='/status/studies/{html.escape(study_uid)}/heatmap.png' width=160>"
-            "<table id=images><tr><th>Image (SOP Instance UID)</th><th>AI result</th></tr>" + "".join(rows)
-            + "</table>")
+    answer = (
+        f"{summary.get('predicted')} {summary.get('probability'):.2f}" if summary.get("predicted") else "not assessed"
+    )
+    return (
+        f"<p>AI result (the SR's summary): <b id=summary>{html.escape(answer)}</b></p>"
+        f"<img alt=heatmap class=heatmap src='/status/studies/{html.escape(study_uid)}/heatmap.png' width=160>"
+        "<table id=images><tr><th>Image (SOP Instance UID)</th><th>AI result</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _role_html(role: str | None) -> str:
@@ -52,14 +56,20 @@ def _role_html(role: str | None) -> str:
 def _history_html(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return "<p>No verdict yet.</p>"
-    return ("<table id=verdicts><tr><th>When (UTC)</th><th>Reader</th><th>Finding</th><th>Verdict</th>"
-            "<th>Comment</th></tr>" + "".join(
-                f"<tr><td>{datetime.fromtimestamp(r['recorded_at'], UTC):%Y-%m-%d %H:%M:%S}</td>"
-                f"<td>{html.escape(r['reader'])}{_role_html(r['reader_role'])}</td>"
-                f"<td>{html.escape(r['finding'] or 'study')}</td>"
-                f"<td class=verdict>{html.escape(r['verdict'])}"
-                f"{' ' + html.escape(r['corrected_class']) if r['corrected_class'] else ''}</td>"
-                f"<td>{html.escape(r['comment'])}</td></tr>" for r in rows) + "</table>")
+    return (
+        "<table id=verdicts><tr><th>When (UTC)</th><th>Reader</th><th>Finding</th><th>Verdict</th>"
+        "<th>Comment</th></tr>"
+        + "".join(
+            f"<tr><td>{datetime.fromtimestamp(r['recorded_at'], UTC):%Y-%m-%d %H:%M:%S}</td>"
+            f"<td>{html.escape(r['reader'])}{_role_html(r['reader_role'])}</td>"
+            f"<td>{html.escape(r['finding'] or 'study')}</td>"
+            f"<td class=verdict>{html.escape(r['verdict'])}"
+            f"{' ' + html.escape(r['corrected_class']) if r['corrected_class'] else ''}</td>"
+            f"<td>{html.escape(r['comment'])}</td></tr>"
+            for r in rows
+        )
+        + "</table>"
+    )
 
 
 def _form_html(study_uid: str, result: Mapping[str, Any], csrf: str) -> str:
@@ -68,13 +78,15 @@ def _form_html(study_uid: str, result: Mapping[str, Any], csrf: str) -> str:
     findings = "".join(f"<option value='{html.escape(uid)}'>image {html.escape(uid)}</option>" for uid in images)
     choices = "".join(f"<label><input type=radio name=verdict value={v} required> {v}</label> " for v in VERDICTS)
     corrected = "".join(f"<option>{html.escape(c)}</option>" for c in classes)
-    return (f"<form id=verdict method=post action='/review/{html.escape(study_uid)}'>{_csrf_field(csrf)}"
-            f"<p><select name=finding><option value=''>the study</option>{findings}</select></p>"
-            f"<p>{choices}</p><p>Corrected class (with 'corrected'): <select name=corrected_class>"
-            f"<option value=''>-</option>{corrected}</select></p>"
-            "<p><textarea name=comment rows=2 cols=60 maxlength=2000 placeholder=comment></textarea></p>"
-            "<p>Reader: <input name=reader required maxlength=64></p>"
-            "<button type=submit>Save verdict</button></form>")
+    return (
+        f"<form id=verdict method=post action='/review/{html.escape(study_uid)}'>{_csrf_field(csrf)}"
+        f"<p><select name=finding><option value=''>the study</option>{findings}</select></p>"
+        f"<p>{choices}</p><p>Corrected class (with 'corrected'): <select name=corrected_class>"
+        f"<option value=''>-</option>{corrected}</select></p>"
+        "<p><textarea name=comment rows=2 cols=60 maxlength=2000 placeholder=comment></textarea></p>"
+        "<p>Reader: <input name=reader required maxlength=64></p>"
+        "<button type=submit>Save verdict</button></form>"
+    )
 
 
 def review_router(ledger: Ledger) -> APIRouter:
@@ -88,24 +100,43 @@ def review_router(ledger: Ledger) -> APIRouter:
             return PlainTextResponse(f"no analysed study {study_uid}\n", 404)
         csrf = auth.session.csrf if auth.session is not None else ""
         notice = "<p class=notice>Verdict saved.</p>" if saved else ""
-        body = (f"{notice}<p>Study <code>{html.escape(study_uid)}</code> · <a href=/status>status</a></p>"
-                + _images_html(study_uid, result) + "<h2>Verdicts</h2>" + _history_html(ledger.verdicts(study_uid))
-                + "<h2>Your verdict</h2>" + _form_html(study_uid, result, csrf))
+        body = (
+            f"{notice}<p>Study <code>{html.escape(study_uid)}</code> · <a href=/status>status</a></p>"
+            + _images_html(study_uid, result)
+            + "<h2>Verdicts</h2>"
+            + _history_html(ledger.verdicts(study_uid))
+            + "<h2>Your verdict</h2>"
+            + _form_html(study_uid, result, csrf)
+        )
         return HTMLResponse(_page("Sonocase review", body))
 
     @router.post("/review/{study_uid}")
-    def give(request: Request, auth: PageAuth, study_uid: StudyUid, verdict: Annotated[str, Form()],
-             reader: Annotated[str, Form()], csrf: CsrfField = "", finding: Annotated[str, Form()] = "",
-             corrected_class: Annotated[str, Form()] = "", comment: Annotated[str, Form()] = "") -> Response:
+    def give(
+        request: Request,
+        auth: PageAuth,
+        study_uid: StudyUid,
+        verdict: Annotated[str, Form()],
+        reader: Annotated[str, Form()],
+        csrf: CsrfField = "",
+        finding: Annotated[str, Form()] = "",
+        corrected_class: Annotated[str, Form()] = "",
+        comment: Annotated[str, Form()] = "",
+    ) -> Response:
         problem = csrf_problem(request, auth, csrf)
         if problem:
             return PlainTextResponse(f"{problem}\n", 403)
         if ledger.study(study_uid) is None:
             return PlainTextResponse(f"unknown study {study_uid}\n", 404)
         try:
-            given = Verdict(study_uid=study_uid, finding=finding, verdict=verdict,
-                            corrected_class=(corrected_class or None) if verdict == "corrected" else None,
-                            comment=comment[:2000], reader=reader[:64], reader_role=auth.role)
+            given = Verdict(
+                study_uid=study_uid,
+                finding=finding,
+                verdict=verdict,
+                corrected_class=(corrected_class or None) if verdict == "corrected" else None,
+                comment=comment[:2000],
+                reader=reader[:64],
+                reader_role=auth.role,
+            )
         except ValueError as exc:
             return PlainTextResponse(f"{exc}\n", 422)
         refused = problems(given, ledger.result(study_uid))

@@ -87,7 +87,10 @@ def body_deadline(progress: Progress, limits: HttpLimits) -> float:
 
 
 def furthest_behind(
-    address: str, others: Sequence[tuple[T, Progress]], limits: HttpLimits, now: float,
+    address: str,
+    others: Sequence[tuple[T, Progress]],
+    limits: HttpLimits,
+    now: float,
 ) -> tuple[bool, T | None]:
     """Whether a new connection from ``address`` may stay, and which open one to close
     for it: past ``max_per_address`` connections from its address, that address's
@@ -184,8 +187,10 @@ class _GuardedH11Protocol(H11Protocol):
 def unsupported_reason() -> str | None:
     """Why the guard cannot run on the installed uvicorn (None: it can)."""
     if not uvicorn.__version__.startswith(UVICORN_VERSION + "."):
-        return (f"uvicorn {uvicorn.__version__} is installed; the HTTP guard overrides internals of "
-                f"uvicorn {UVICORN_VERSION} only")
+        return (
+            f"uvicorn {uvicorn.__version__} is installed; the HTTP guard overrides internals of "
+            f"uvicorn {UVICORN_VERSION} only"
+        )
     return None
 
 
@@ -213,23 +218,37 @@ class WebServer:
     name = "web"
 
     def __init__(
-        self, app: Any, host: str, port: int, limits: HttpLimits, *, on_stop: Sequence[Callable[[], None]] = (),
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        limits: HttpLimits,
+        *,
+        on_stop: Sequence[Callable[[], None]] = (),
     ) -> None:
         protocol, limit_concurrency = choose_protocol(limits)
         self.app = app  # what it serves: tests enumerate its routes
         self._config = uvicorn.Config(
             # proxy_headers off: a client's address is the socket's, so that no local
             # process can dodge the login throttle with a forged X-Forwarded-For.
-            app, http=protocol, lifespan="off", log_config=None, access_log=True, server_header=False,
+            app,
+            http=protocol,
+            lifespan="off",
+            log_config=None,
+            access_log=True,
+            server_header=False,
             proxy_headers=False,
-            limit_concurrency=limit_concurrency, timeout_keep_alive=KEEP_ALIVE_S,
-            timeout_graceful_shutdown=GRACEFUL_STOP_S, ws="none",
+            limit_concurrency=limit_concurrency,
+            timeout_keep_alive=KEEP_ALIVE_S,
+            timeout_graceful_shutdown=GRACEFUL_STOP_S,
+            ws="none",
         )
         self._address = (host, port)
         self._on_stop = list(on_stop)
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
+
     @property
     def port(self) -> int:
         if self._socket is None:

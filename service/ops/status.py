@@ -17,8 +17,19 @@ from service.cli import settings_from
 from service.ledger import Ledger, StudyState, open_ledger
 from service.results import NOT_ASSESSED
 
-_TIME_COLUMNS = ("first_received", "last_received", "completed_at", "queued_at", "analysis_started",
-                 "lease_until", "analysed_at", "reported_at", "sent_at", "next_attempt_at", "updated_at")
+_TIME_COLUMNS = (
+    "first_received",
+    "last_received",
+    "completed_at",
+    "queued_at",
+    "analysis_started",
+    "lease_until",
+    "analysed_at",
+    "reported_at",
+    "sent_at",
+    "next_attempt_at",
+    "updated_at",
+)
 
 
 def _when(stamp: float | None) -> str:
@@ -51,9 +62,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of study summaries, newest first."""
     header = ("STUDY UID", "STATE", "INST", "FIRST RECEIVED", "LAST RECEIVED", "UPDATED", "RULE", "ERROR")
     lines = [
-        (r["study_uid"], r["state"], str(r["instances"]), _when(r["first_received"]), _when(r["last_received"]),
-         _when(r["updated_at"]), r["routing_rule"] or "-",
-         (f"{r['failed_stage']}: " if r["failed_stage"] else "") + (r["error"] or ""))
+        (
+            r["study_uid"],
+            r["state"],
+            str(r["instances"]),
+            _when(r["first_received"]),
+            _when(r["last_received"]),
+            _when(r["updated_at"]),
+            r["routing_rule"] or "-",
+            (f"{r['failed_stage']}: " if r["failed_stage"] else "") + (r["error"] or ""),
+        )
         for r in rows
     ]
     widths = [max([len(col), *(len(line[i]) for line in lines)]) for i, col in enumerate(header[:-1])]
@@ -75,34 +93,49 @@ def format_detail(detail: dict[str, Any]) -> str:
     lines.append(f"instances ({len(detail['instances'])})")
     for inst in detail["instances"]:
         note = f"  ignored: {inst['ignored_reason']}" if inst["ignored_reason"] else ""
-        lines.append(f"  {inst['sop_instance_uid']}  {inst['modality'] or '-'}  {inst['transfer_syntax']}"
-                     f"  {inst['size']} bytes  from {inst['calling_ae']}{note}")
+        lines.append(
+            f"  {inst['sop_instance_uid']}  {inst['modality'] or '-'}  {inst['transfer_syntax']}"
+            f"  {inst['size']} bytes  from {inst['calling_ae']}{note}"
+        )
     if detail["result"] is None:
         lines.append("result: none yet")
     else:
-        lines.extend(f"image {image['sop_instance_uid']}: {NOT_ASSESSED}"
-                     for image in detail["result"].get("images", []) if image.get("out_of_distribution"))
+        lines.extend(
+            f"image {image['sop_instance_uid']}: {NOT_ASSESSED}"
+            for image in detail["result"].get("images", [])
+            if image.get("out_of_distribution")
+        )
         lines.append("result:")
         lines.extend("  " + line for line in json.dumps(detail["result"], indent=2).splitlines())
     lines.append(f"outbox ({len(detail['outbox'])})")
     for row in detail["outbox"]:
         error = f"  {row['error']}" if row["error"] else ""
-        lines.append(f"  {row['sop_instance_uid']} -> {row['destination']}: {row['state']}"
-                     f" after {row['attempts']} attempt(s){error}")
+        lines.append(
+            f"  {row['sop_instance_uid']} -> {row['destination']}: {row['state']}"
+            f" after {row['attempts']} attempt(s){error}"
+        )
     for row in detail["removed"]:
         done = f"{row['bytes']} bytes" if row["bytes"] is not None else "not finished"
-        lines.append(f"removed {row['kind']} files of generation {row['generation']} at {_when(row['purged_at'])}"
-                     f" ({done}): {row['reason']}")
+        lines.append(
+            f"removed {row['kind']} files of generation {row['generation']} at {_when(row['purged_at'])}"
+            f" ({done}): {row['reason']}"
+        )
     return "\n".join(lines)
 
 
 @click.command()
 @click.argument("study_uid", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True,
-              help="How many recent studies to list.")
-@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in StudyState]),
-              help="List only studies in this state (repeatable).")
+@click.option(
+    "--limit", type=click.IntRange(1, 100000), default=50, show_default=True, help="How many recent studies to list."
+)
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([s.value for s in StudyState]),
+    help="List only studies in this state (repeatable).",
+)
 @click.pass_context
 def status(ctx: click.Context, study_uid: str | None, as_json: bool, limit: int, states: tuple[str, ...]) -> None:
     """Show recent studies (state, instances, times, error), or STUDY_UID in detail

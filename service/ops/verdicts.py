@@ -20,6 +20,7 @@ from service.ledger import Ledger, Verdict
 from service.monitoring.verdicts import problems
 from service.ops.web import ApiAuth, StudyUid
 
+
 class VerdictIn(BaseModel):
     """A verdict as a reporting system posts it."""
 
@@ -27,8 +28,12 @@ class VerdictIn(BaseModel):
 
     verdict: Literal["agree", "disagree", "corrected"]
     corrected_class: str | None = Field(None, description="with 'corrected' only: the class the reader gives")
-    finding: str = Field("", max_length=64, pattern=r"^[0-9.]*$",
-                         description="SOP Instance UID of the image judged; empty: the study's result")
+    finding: str = Field(
+        "",
+        max_length=64,
+        pattern=r"^[0-9.]*$",
+        description="SOP Instance UID of the image judged; empty: the study's result",
+    )
     comment: str = Field("", max_length=2000)
     reader: str = Field(min_length=1, max_length=64, description="who gave the verdict")
 
@@ -53,14 +58,24 @@ def verdict_router(ledger: Ledger, prefix: str) -> APIRouter:
         if ledger.study(study_uid) is None:
             raise HTTPException(404, f"unknown study {study_uid}")
 
-    @router.post("/studies/{study_uid}/verdicts", status_code=201, summary="Give or change a verdict",
-                 responses={422: {"description": "Not a verdict this study's result can take"}})
+    @router.post(
+        "/studies/{study_uid}/verdicts",
+        status_code=201,
+        summary="Give or change a verdict",
+        responses={422: {"description": "Not a verdict this study's result can take"}},
+    )
     def give(study_uid: StudyUid, body: VerdictIn, auth: ApiAuth) -> VerdictOut:
         known(study_uid)
         try:
-            verdict = Verdict(study_uid=study_uid, finding=body.finding, verdict=body.verdict,
-                              corrected_class=body.corrected_class, comment=body.comment, reader=body.reader,
-                              reader_role=auth.role)
+            verdict = Verdict(
+                study_uid=study_uid,
+                finding=body.finding,
+                verdict=body.verdict,
+                corrected_class=body.corrected_class,
+                comment=body.comment,
+                reader=body.reader,
+                reader_role=auth.role,
+            )
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         refused = problems(verdict, ledger.result(study_uid))

@@ -165,7 +165,8 @@ class IndexProbe:
         model_sha = self._model.info().get("sha256")
         if bound is not None and model_sha is not None and bound.sha256 != model_sha:
             return CheckResult(
-                False, f"the index holds embeddings of model {bound.name} {bound.version}, not of the"
+                False,
+                f"the index holds embeddings of model {bound.name} {bound.version}, not of the"
                 " configured model: run 'sonocase index rebuild'",
             )
         return CheckResult(True, f"index version {version}")
@@ -385,7 +386,8 @@ def _row_html(view: StudyView) -> str:
     uid = html.escape(view.study_uid)
     thumb = (
         f"<img alt='heatmap' class=heatmap src='{html.escape(view.heatmap_url)}' width={THUMBNAIL_PX}>"
-        if view.heatmap_url else ""
+        if view.heatmap_url
+        else ""
     )
     outbox = ", ".join(f"{n} {html.escape(s)}" for s, n in sorted(view.outbox.items()))
     again = f" (analysis {view.generation})" if view.generation > 1 else ""  # re-opened by a late instance
@@ -402,8 +404,12 @@ def _row_html(view: StudyView) -> str:
 
 def _failed_html(view: StudyView, csrf: str, admin: bool) -> str:
     uid = html.escape(view.study_uid)
-    resend = (f"<form method=post action='/status/studies/{uid}/resend'>{_csrf_field(csrf)}"
-              "<button type=submit class=resend>Resend</button></form>" if admin else "")
+    resend = (
+        f"<form method=post action='/status/studies/{uid}/resend'>{_csrf_field(csrf)}"
+        "<button type=submit class=resend>Resend</button></form>"
+        if admin
+        else ""
+    )
     return (
         f"<tr data-study='{uid}'><td><code>{uid}</code></td><td>{html.escape(view.accession)}</td>"
         f"<td>{html.escape(view.failed_stage or 'delivery')}</td>"
@@ -413,7 +419,11 @@ def _failed_html(view: StudyView, csrf: str, admin: bool) -> str:
 
 
 def render_status(
-    views: list[StudyView], counts: Mapping[str, int], csrf: str, notice: str = "", drifting: Sequence[str] = (),
+    views: list[StudyView],
+    counts: Mapping[str, int],
+    csrf: str,
+    notice: str = "",
+    drifting: Sequence[str] = (),
     admin: bool = True,
 ) -> bytes:
     """The status page: the scanners whose input drifted (service.monitoring.drift),
@@ -424,9 +434,12 @@ def render_status(
     parts = [
         f"<p class=disclaimer>{html.escape(DISCLAIMER)}</p>",
         f"<p class=notice>{html.escape(notice)}</p>" if notice else "",
-        "".join(f"<p class='failed drift-alarm'>Input drift on scanner {html.escape(s)}: its images no longer look "
-                "like its first studies (a probe, preset or software change?). See <a href=/monitoring>monitoring"
-                "</a>.</p>" for s in drifting),
+        "".join(
+            f"<p class='failed drift-alarm'>Input drift on scanner {html.escape(s)}: its images no longer look "
+            "like its first studies (a probe, preset or software change?). See <a href=/monitoring>monitoring"
+            "</a>.</p>"
+            for s in drifting
+        ),
         f"<p>Studies by state: {summary}</p>",
         f"<form method=post action=/logout>{_csrf_field(csrf)}<button type=submit>Sign out</button></form>",
         "<h2>Failed</h2>",
@@ -434,7 +447,8 @@ def render_status(
     if failed:
         parts.append(
             "<table id=failed><tr><th>Study UID</th><th>Accession</th><th>Stage</th><th>Reason</th><th></th></tr>"
-            + "".join(_failed_html(v, csrf, admin) for v in failed) + "</table>"
+            + "".join(_failed_html(v, csrf, admin) for v in failed)
+            + "</table>"
         )
     else:
         parts.append("<p>None.</p>")

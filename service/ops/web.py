@@ -234,8 +234,10 @@ def _token_role(state: WebState, client: str, given: str) -> Role | None:
     ``web_login_attempts`` of either it gets :class:`_Throttled` (429) instead of
     401, and no log line: one typo-ing script cannot lock out the PACS or fill the
     log. What keeps a guesser out is the token's length, not the count."""
-    tokens: list[tuple[str, Role]] = [(state.settings.web_token, "admin"),
-                                      (state.settings.web_review_token, "reviewer")]
+    tokens: list[tuple[str, Role]] = [
+        (state.settings.web_token, "admin"),
+        (state.settings.web_review_token, "reviewer"),
+    ]
     for token, role in tokens:
         if token and hmac.compare_digest(given.encode(), token.encode()):
             return role
@@ -255,7 +257,8 @@ _bearer = HTTPBearer(auto_error=False, description="The node's web_token (or web
 
 
 def authenticate(
-    request: Request, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Auth:
     """The request's credential, checked; raises 401 (or 404 with no token set, 429
     for a wrong token past the throttle's count)."""
@@ -268,14 +271,14 @@ def authenticate(
             if role is not None:
                 return Auth("bearer", role)
         except _Throttled as exc:
-            raise HTTPException(429, "too many wrong tokens",
-                                {"Retry-After": exc.retry_after}) from None
+            raise HTTPException(429, "too many wrong tokens", {"Retry-After": exc.retry_after}) from None
     else:
         session = state.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
         if session is not None:
             return Auth("session", session.role, session)
-    raise HTTPException(401, "sign in, or send Authorization: Bearer <web_token>",
-                        {"WWW-Authenticate": 'Bearer realm="sonocase"'})
+    raise HTTPException(
+        401, "sign in, or send Authorization: Bearer <web_token>", {"WWW-Authenticate": 'Bearer realm="sonocase"'}
+    )
 
 
 def _cross_site(request: Request) -> bool:
@@ -291,7 +294,8 @@ class _PageRefusal(Exception):
 
 
 def page_auth(
-    request: Request, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Auth:
     """:func:`authenticate` for the page: a 401 shows the sign-in form."""
     try:
@@ -405,12 +409,16 @@ def login(request: Request, token: Annotated[str, Form()] = "") -> Response:
         if role is None:
             return HTMLResponse(login_page("Wrong token."), 401)
     except _Throttled as exc:
-        return HTMLResponse(login_page(f"Too many wrong tokens: try again in {exc.retry_after} s."), 429,
-                            {"Retry-After": exc.retry_after})
+        return HTMLResponse(
+            login_page(f"Too many wrong tokens: try again in {exc.retry_after} s."),
+            429,
+            {"Retry-After": exc.retry_after},
+        )
     session = state.sessions.create(role)
     response = RedirectResponse("/status", 303)
-    response.set_cookie(SESSION_COOKIE, session.id, max_age=int(state.sessions.max_age_s), path="/", httponly=True,
-                        samesite="strict")
+    response.set_cookie(
+        SESSION_COOKIE, session.id, max_age=int(state.sessions.max_age_s), path="/", httponly=True, samesite="strict"
+    )
     return response
 
 
@@ -430,10 +438,21 @@ def status_page(request: Request, auth: PageAuth, retried: str = "", study: str 
     state = _state(request)
     views = recent_views(state.ledger, state.settings.results_dir)
     csrf = auth.session.csrf if auth.session is not None else ""
-    drifting = [scanner for scanner, (_, window) in (state.drift.latest() if state.drift else {}).items()
-                if window is not None and window.alarm]
-    return HTMLResponse(render_status(views, state.ledger.count_by_state(), csrf, retry_notice(retried, study),
-                                      drifting, admin=auth.role == "admin"))
+    drifting = [
+        scanner
+        for scanner, (_, window) in (state.drift.latest() if state.drift else {}).items()
+        if window is not None and window.alarm
+    ]
+    return HTMLResponse(
+        render_status(
+            views,
+            state.ledger.count_by_state(),
+            csrf,
+            retry_notice(retried, study),
+            drifting,
+            admin=auth.role == "admin",
+        )
+    )
 
 
 @page.get("/status/studies/{study_uid}/heatmap.png")
@@ -466,16 +485,21 @@ class RetryOut(BaseModel):
     message: str
 
 
-api = APIRouter(prefix=API_PREFIX, tags=["studies"], responses={
-    401: {"description": "No or wrong Bearer token"},
-    403: {"description": "A reviewer's administrative request, or a session's without its CSRF token"},
-    429: {"description": "Too many wrong tokens (the right one is never refused)"},
-})
+api = APIRouter(
+    prefix=API_PREFIX,
+    tags=["studies"],
+    responses={
+        401: {"description": "No or wrong Bearer token"},
+        403: {"description": "A reviewer's administrative request, or a session's without its CSRF token"},
+        429: {"description": "Too many wrong tokens (the right one is never refused)"},
+    },
+)
 
 
 @api.get("/studies", summary="Recent studies, newest change first, and failed ones")
-def api_studies(request: Request, auth: ApiAuth,
-                limit: Annotated[int, Query(ge=1, le=1000)] = PAGE_STUDIES) -> list[StudyView]:
+def api_studies(
+    request: Request, auth: ApiAuth, limit: Annotated[int, Query(ge=1, le=1000)] = PAGE_STUDIES
+) -> list[StudyView]:
     state = _state(request)
     return recent_views(state.ledger, state.settings.results_dir, limit)
 
@@ -489,8 +513,11 @@ def api_study(request: Request, auth: ApiAuth, study_uid: StudyUid) -> StudyView
     return study_view(state.ledger, state.settings.results_dir, row)
 
 
-@api.post("/studies/{study_uid}/retry", summary="Retry a failed study, or send its results again",
-          responses={404: {"description": "Unknown study"}, 409: {"description": "Nothing to retry"}})
+@api.post(
+    "/studies/{study_uid}/retry",
+    summary="Retry a failed study, or send its results again",
+    responses={404: {"description": "Unknown study"}, 409: {"description": "Nothing to retry"}},
+)
 def api_retry(request: Request, auth: AdminAuth, study_uid: StudyUid) -> RetryOut:
     state = _state(request)
     try:
@@ -506,8 +533,12 @@ def api_retry(request: Request, auth: AdminAuth, study_uid: StudyUid) -> RetryOu
 def _body_limits(settings: Settings, routers: Sequence[ExtraRouter]) -> Callable[[str], int]:
     """The body limit of a path: that of the extra router whose route matches, else
     ``web_max_body_bytes``."""
-    patterns = [(route.path_regex, extra.max_body_bytes) for extra in routers for route in extra.router.routes
-                if hasattr(route, "path_regex")]
+    patterns = [
+        (route.path_regex, extra.max_body_bytes)
+        for extra in routers
+        for route in extra.router.routes
+        if hasattr(route, "path_regex")
+    ]
 
     def limit_for(path: str) -> int:
         return next((limit for regex, limit in patterns if regex.match(path)), settings.web_max_body_bytes)
@@ -521,23 +552,35 @@ async def _page_refusal(request: Request, exc: Exception) -> Response:
 
 
 def build_app(
-    settings: Settings, ledger: Ledger, checks: dict[str, Check], registry: CollectorRegistry,
-    routers: Sequence[ExtraRouter] = (), pages: Sequence[APIRouter] = (), drift: DriftWatcher | None = None,
+    settings: Settings,
+    ledger: Ledger,
+    checks: dict[str, Check],
+    registry: CollectorRegistry,
+    routers: Sequence[ExtraRouter] = (),
+    pages: Sequence[APIRouter] = (),
+    drift: DriftWatcher | None = None,
 ) -> FastAPI:
     """The ASGI application: health, page, API, ``routers`` (each behind the Bearer
     check, and refused to reviewers unless it takes them) and ``pages`` (page routes
     of other modules, each checking ``PageAuth`` or ``AdminPageAuth`` and its form's
     CSRF token itself)."""
     app = FastAPI(
-        title="Sonocase", summary="Breast-ultrasound AI beside the PACS: studies, results and retries",
+        title="Sonocase",
+        summary="Breast-ultrasound AI beside the PACS: studies, results and retries",
         description="Not for primary diagnosis. Authenticate with `Authorization: Bearer <web_token>`; "
         "`<web_review_token>` reads and gives verdicts only.",
-        openapi_url=OPENAPI_URL if settings.web_openapi_public else None, docs_url=None, redoc_url=None,
+        openapi_url=OPENAPI_URL if settings.web_openapi_public else None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.web = WebState(
-        settings, ledger, dict(checks), registry,
+        settings,
+        ledger,
+        dict(checks),
+        registry,
         SessionStore(settings.web_session_idle_s, settings.web_session_max_s),
-        LoginThrottle(settings.web_login_attempts, settings.web_login_window_s), drift,
+        LoginThrottle(settings.web_login_attempts, settings.web_login_window_s),
+        drift,
     )
     app.include_router(health)
     app.include_router(page)
@@ -545,10 +588,12 @@ def build_app(
         app.include_router(extra_page)
     app.include_router(api)
     if not settings.web_openapi_public:
+
         @app.get(OPENAPI_URL, include_in_schema=False)
         def openapi(auth: ApiAuth) -> dict[str, Any]:
             """The API's description, behind the same check as the API (web_openapi_public)."""
             return app.openapi()
+
     for extra in routers:
         app.include_router(extra.router, dependencies=[Depends(api_auth if extra.reviewers else admin_auth)])
     app.add_exception_handler(_PageRefusal, _page_refusal)
@@ -557,8 +602,13 @@ def build_app(
     return app
 
 
-def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[ExtraRouter] = (),
-                     pages: Sequence[APIRouter] = (), drift: DriftWatcher | None = None) -> WebServer:
+def build_web_server(
+    settings: Settings,
+    ledger: Ledger,
+    routers: Sequence[ExtraRouter] = (),
+    pages: Sequence[APIRouter] = (),
+    drift: DriftWatcher | None = None,
+) -> WebServer:
     """The node's web server: broker, disk, ledger, model and index readiness checks,
     a metrics registry over the ledger (and ``drift``'s figures, a watcher of its
     own when None), ``routers`` and ``pages`` from other stages."""
@@ -576,7 +626,10 @@ def build_web_server(settings: Settings, ledger: Ledger, routers: Sequence[Extra
     drift = drift or DriftWatcher(ledger, DriftConfig())
     registry.register(MonitoringCollector(drift))
     app = build_app(settings, ledger, checks, registry, routers, pages, drift)
-    limits = HttpLimits(settings.web_read_timeout_s, settings.web_min_body_bytes_per_s, settings.web_max_connections,
-                        settings.web_max_connections_per_address)
+    limits = HttpLimits(
+        settings.web_read_timeout_s,
+        settings.web_min_body_bytes_per_s,
+        settings.web_max_connections,
+        settings.web_max_connections_per_address,
+    )
     return WebServer(app, settings.http_host, settings.http_port, limits, on_stop=[index.close])
-

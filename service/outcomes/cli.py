@@ -12,8 +12,17 @@ from service.ledger import open_ledger
 from service.outcomes.records import parse_csv
 
 #: What ``list`` shows of an outcome (the HL7 message it came in stays in the ledger).
-_SHOWN = ("outcome_id", "source", "accession_number", "study_uid", "finding", "laterality", "clock_position",
-          "outcome_date", "matched_study_uid")
+_SHOWN = (
+    "outcome_id",
+    "source",
+    "accession_number",
+    "study_uid",
+    "finding",
+    "laterality",
+    "clock_position",
+    "outcome_date",
+    "matched_study_uid",
+)
 
 
 @click.group()
@@ -44,8 +53,10 @@ def import_csv(ctx: click.Context, csv_file: Path) -> None:
         unmatched = ledger.outcomes(unmatched=True)
     finally:
         ledger.close()
-    click.echo(f"{sum(new)} new outcomes of {len(parsed)} rows ({len(parsed) - sum(new)} already there); "
-               f"{len(unmatched)} outcomes wait for their study")
+    click.echo(
+        f"{sum(new)} new outcomes of {len(parsed)} rows ({len(parsed) - sum(new)} already there); "
+        f"{len(unmatched)} outcomes wait for their study"
+    )
 
 
 @outcomes.command("list")

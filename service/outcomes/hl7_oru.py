@@ -33,8 +33,12 @@ STUDY_UID_CODE = "110180"
 #: HL7 table 0357 message error condition codes used here.
 REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, UNSUPPORTED_MESSAGE_TYPE = "101", "103", "200"
 APPLICATION_ERROR = "207"
-_ERROR_TEXT = {REQUIRED_FIELD_MISSING: "Required field missing", TABLE_VALUE_NOT_FOUND: "Table value not found",
-               UNSUPPORTED_MESSAGE_TYPE: "Unsupported message type", APPLICATION_ERROR: "Application internal error"}
+_ERROR_TEXT = {
+    REQUIRED_FIELD_MISSING: "Required field missing",
+    TABLE_VALUE_NOT_FOUND: "Table value not found",
+    UNSUPPORTED_MESSAGE_TYPE: "Unsupported message type",
+    APPLICATION_ERROR: "Application internal error",
+}
 #: Stands in for a message whose own MSH cannot be read, so the ACK still has one.
 _NO_HEADER = "MSH|^~\\&|||SONOCASE||||ORU^R01|||2.5.1"
 
@@ -109,14 +113,19 @@ def _group_outcome(control_id: str, number: int, group: list[hl7.Segment]) -> Ou
         raise OruError("AE", code, f"{where}: no OBX {FINDING_CODE} saying benign, malignant or stable")
     try:
         return Outcome(
-            source="hl7", reference=f"{control_id}/{number}", finding=word,
-            accession_number=_field(obr, 18), study_uid=observations.get(STUDY_UID_CODE, ""),
+            source="hl7",
+            reference=f"{control_id}/{number}",
+            finding=word,
+            accession_number=_field(obr, 18),
+            study_uid=observations.get(STUDY_UID_CODE, ""),
             laterality=laterality(observations.get(LATERALITY_CODE, "")),
-            clock_position=clock_position(observations.get(CLOCK_CODE, "")), outcome_date=outcome_date(_field(obr, 7)),
+            clock_position=clock_position(observations.get(CLOCK_CODE, "")),
+            outcome_date=outcome_date(_field(obr, 7)),
         )
     except ValueError as exc:
-        raise OruError("AE", REQUIRED_FIELD_MISSING if "needs" in str(exc) else TABLE_VALUE_NOT_FOUND,
-                       f"{where}: {exc}") from None
+        raise OruError(
+            "AE", REQUIRED_FIELD_MISSING if "needs" in str(exc) else TABLE_VALUE_NOT_FOUND, f"{where}: {exc}"
+        ) from None
 
 
 def ack(message: hl7.Message | None, code: str, error_code: str | None = None, text: str = "") -> str:
@@ -147,6 +156,7 @@ def receive(text: str) -> Received:
         outcomes = outcomes_of(message)
     except OruError as exc:
         control_id = _field(message.segment("MSH"), 10) if message is not None else ""
-        return Received(message, control_id, exc.ack_code, str(exc), (),
-                        ack(message, exc.ack_code, exc.error_code, str(exc)))
+        return Received(
+            message, control_id, exc.ack_code, str(exc), (), ack(message, exc.ack_code, exc.error_code, str(exc))
+        )
     return Received(message, _field(message.segment("MSH"), 10), "AA", None, outcomes, ack(message, "AA"))

@@ -56,8 +56,7 @@ class MllpService:
                 await self._stop.wait()
 
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(serve(),), name="hl7",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(serve(),), name="hl7", daemon=True)
         self._thread.start()
         started.wait()
         if failure:
@@ -93,12 +92,23 @@ class MllpService:
         """The ACK to send for ``text``, once the message is stored."""
         received: Received = receive(text)
         try:
-            await asyncio.to_thread(self.ledger.record_hl7_message, received.control_id, text, received.ack_code,
-                                    received.error, received.outcomes)
+            await asyncio.to_thread(
+                self.ledger.record_hl7_message,
+                received.control_id,
+                text,
+                received.ack_code,
+                received.error,
+                received.outcomes,
+            )
         except Exception:  # any storage failure: the sender must send the message again
             LOG.exception("HL7 message %s could not be stored; answered AR", received.control_id)
-            return ack(received.message, "AR", APPLICATION_ERROR,
-                       "the node cannot store the message now: send it again later")
-        LOG.info("HL7 message %s: %s%s", received.control_id, received.ack_code,
-                 f" ({len(received.outcomes)} outcomes)" if received.outcomes else f": {received.error}")
+            return ack(
+                received.message, "AR", APPLICATION_ERROR, "the node cannot store the message now: send it again later"
+            )
+        LOG.info(
+            "HL7 message %s: %s%s",
+            received.control_id,
+            received.ack_code,
+            f" ({len(received.outcomes)} outcomes)" if received.outcomes else f": {received.error}",
+        )
         return received.ack

@@ -66,22 +66,32 @@ def parse_csv(text: str) -> tuple[list[Outcome], list[CsvProblem]]:
     header = [name.strip().lower() for name in reader.fieldnames or ()]
     missing = [name for name in ("outcome",) if name not in header]
     if missing or not {"accession_number", "study_instance_uid"} & set(header):
-        return [], [CsvProblem(1, f"the header must name outcome and accession_number or study_instance_uid "
-                                  f"(columns: {', '.join(COLUMNS)})")]
+        return [], [
+            CsvProblem(
+                1,
+                f"the header must name outcome and accession_number or study_instance_uid "
+                f"(columns: {', '.join(COLUMNS)})",
+            )
+        ]
     reader.fieldnames = header
     outcomes, problems = [], []
     for row in reader:
         line = reader.line_num
         value = {name: (row.get(name) or "").strip() for name in COLUMNS}
         try:
-            outcomes.append(Outcome(
-                source="csv", reference=f"{value['accession_number']}|{value['study_instance_uid']}|"
-                f"{value['laterality']}|{value['clock_position']}|{value['outcome']}|{value['outcome_date']}",
-                finding=value["outcome"].lower(), accession_number=value["accession_number"],
-                study_uid=value["study_instance_uid"], laterality=laterality(value["laterality"]),
-                clock_position=clock_position(value["clock_position"]),
-                outcome_date=outcome_date(value["outcome_date"]),
-            ))
+            outcomes.append(
+                Outcome(
+                    source="csv",
+                    reference=f"{value['accession_number']}|{value['study_instance_uid']}|"
+                    f"{value['laterality']}|{value['clock_position']}|{value['outcome']}|{value['outcome_date']}",
+                    finding=value["outcome"].lower(),
+                    accession_number=value["accession_number"],
+                    study_uid=value["study_instance_uid"],
+                    laterality=laterality(value["laterality"]),
+                    clock_position=clock_position(value["clock_position"]),
+                    outcome_date=outcome_date(value["outcome_date"]),
+                )
+            )
         except ValueError as exc:
             problems.append(CsvProblem(line, str(exc)))
     return outcomes, problems

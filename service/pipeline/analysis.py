@@ -23,8 +23,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from service.common.errors import error_text
 from service.common.deflate import read_instance
+from service.common.errors import error_text
 from service.common.spool import instance_path, write_atomic
 from service.ledger import InstanceRecord
 from service.model.imaging import PreparedInstance, prepare_instance, resize_map
@@ -88,11 +88,16 @@ def summarise_study(images: Sequence[ImageResult], classes: Sequence[str]) -> St
     decided = [i for i in images if i.predicted is not None and i.probability is not None]
     if not decided:
         analysed = any(i.frames for i in images)
-        return StudySummary(predicted=None, probability=None, decisive_sop_instance_uid=None,
-                            out_of_distribution=analysed)
+        return StudySummary(
+            predicted=None, probability=None, decisive_sop_instance_uid=None, out_of_distribution=analysed
+        )
     best = max(decided, key=lambda i: (suspicion(classes, i.predicted or ""), i.probability or 0.0))
-    return StudySummary(predicted=best.predicted, probability=best.probability,
-                        decisive_sop_instance_uid=best.sop_instance_uid, out_of_distribution=False)
+    return StudySummary(
+        predicted=best.predicted,
+        probability=best.probability,
+        decisive_sop_instance_uid=best.sop_instance_uid,
+        out_of_distribution=False,
+    )
 
 
 def _read(rec: InstanceRecord, spool_dir: Path, max_inflated: int) -> Dataset | str:
@@ -125,8 +130,14 @@ def lesion_maps(card: ModelCard, prediction: Prediction) -> tuple[np.ndarray, fl
 
 
 def _frame_results(
-    prepared: PreparedInstance, prediction: Prediction, first_row: int, card: ModelCard,
-    heatmap_dir: Path, sop_instance_uid: str, durable: bool, header: Dataset,
+    prepared: PreparedInstance,
+    prediction: Prediction,
+    first_row: int,
+    card: ModelCard,
+    heatmap_dir: Path,
+    sop_instance_uid: str,
+    durable: bool,
+    header: Dataset,
 ) -> list[FrameResult]:
     """Each frame's outputs; the guard's threshold goes beside its score, so a report
     can say "score against threshold" for a frame it does not assess. A frame the
@@ -147,29 +158,36 @@ def _frame_results(
         if segmentation is not None and not out_of_distribution and predicted != NO_LESION:
             maps, threshold = segmentation
             lesion = frame_lesion(maps[row], frame.crop, threshold, header)
-        frames.append(FrameResult(
-            frame_number=frame.frame_number,
-            probabilities=probabilities,
-            predicted=predicted,
-            out_of_distribution=out_of_distribution,
-            ood_distance=round(float(prediction.ood_distance[row]), 6),
-            ood_threshold=card.ood.threshold,
-            heatmap_path=str(heatmap_path),
-            crop=frame.crop,
-            embedding=[round(float(v), 7) for v in prediction.embedding[row]],
-            lesion_threshold=segmentation[1] if segmentation is not None else None,
-            lesion=lesion,
-        ))
+        frames.append(
+            FrameResult(
+                frame_number=frame.frame_number,
+                probabilities=probabilities,
+                predicted=predicted,
+                out_of_distribution=out_of_distribution,
+                ood_distance=round(float(prediction.ood_distance[row]), 6),
+                ood_threshold=card.ood.threshold,
+                heatmap_path=str(heatmap_path),
+                crop=frame.crop,
+                embedding=[round(float(v), 7) for v in prediction.embedding[row]],
+                lesion_threshold=segmentation[1] if segmentation is not None else None,
+                lesion=lesion,
+            )
+        )
     return frames
 
 
-def _image_result(rec: InstanceRecord, n_frames: int, frames: list[FrameResult], skipped: str | None,
-                  classes: Sequence[str]) -> ImageResult:
+def _image_result(
+    rec: InstanceRecord, n_frames: int, frames: list[FrameResult], skipped: str | None, classes: Sequence[str]
+) -> ImageResult:
     """One instance: its frames and the most suspicious in-distribution one as its answer."""
     decisive = decisive_frame(frames, classes)
     return ImageResult(
-        sop_instance_uid=rec.sop_instance_uid, series_uid=rec.series_uid, sop_class_uid=rec.sop_class_uid,
-        skipped=skipped, frames=frames, number_of_frames=n_frames,
+        sop_instance_uid=rec.sop_instance_uid,
+        series_uid=rec.series_uid,
+        sop_class_uid=rec.sop_class_uid,
+        skipped=skipped,
+        frames=frames,
+        number_of_frames=n_frames,
         predicted=decisive.predicted if decisive else None,
         probability=decisive.probabilities[decisive.predicted] if decisive else None,
         out_of_distribution=bool(frames) and decisive is None,
@@ -177,8 +195,12 @@ def _image_result(rec: InstanceRecord, n_frames: int, frames: list[FrameResult],
 
 
 def analyse_study(
-    settings: Settings, model: OnnxModel, study_uid: str, generation: int,
-    instances: Sequence[InstanceRecord], index: SimilarCaseIndex | None = None,
+    settings: Settings,
+    model: OnnxModel,
+    study_uid: str,
+    generation: int,
+    instances: Sequence[InstanceRecord],
+    index: SimilarCaseIndex | None = None,
 ) -> Analysis:
     """Analyse every instance of one study (generation ``generation``).
 
@@ -210,8 +232,15 @@ def analyse_study(
     with clock.stage("inference_s"):
         prediction = model.run(np.stack(tensors) if tensors else np.zeros((0, 1, 1, 1), np.float32))
     with clock.stage("heatmaps_s"):
-        images = _image_results(instances, prepared, prediction, model.card, calibrations,
-                                settings.results_dir / study_uid / str(generation), settings.durability == "fsync")
+        images = _image_results(
+            instances,
+            prepared,
+            prediction,
+            model.card,
+            calibrations,
+            settings.results_dir / study_uid / str(generation),
+            settings.durability == "fsync",
+        )
     for image in images:
         if image.skipped:
             LOG.info("instance %s skipped: %s", image.sop_instance_uid, image.skipped, extra={"study_uid": study_uid})
@@ -222,8 +251,10 @@ def analyse_study(
             judged = [(image, f) for image in images for f in image.frames if not f.out_of_distribution]
             if judged and settings.similar_studies > 0:
                 similar = index.query(
-                    np.asarray([f.embedding for _, f in judged], np.float32), settings.similar_studies,
-                    exclude_study_uid=study_uid, exclude_patient_key=study.patient_key or None,
+                    np.asarray([f.embedding for _, f in judged], np.float32),
+                    settings.similar_studies,
+                    exclude_study_uid=study_uid,
+                    exclude_patient_key=study.patient_key or None,
                     confirmed_only=settings.similar_confirmed_only,
                     query_sop_instance_uids=[image.sop_instance_uid for image, _ in judged],
                 )
@@ -231,18 +262,34 @@ def analyse_study(
             entries = _index_entries(study_uid, images, classes, study, settings.spool_dir)
     clock.seconds["total_s"] = round(sum(clock.seconds.values()), 6)
     result = StudyResult(
-        study_uid=study_uid, generation=generation, model=model.identity, study=study, index_version=index_version,
-        images=images, summary=summarise_study(images, classes), similar=similar,
-        timings_s=clock.seconds, execution_provider=model.provider,
+        study_uid=study_uid,
+        generation=generation,
+        model=model.identity,
+        study=study,
+        index_version=index_version,
+        images=images,
+        summary=summarise_study(images, classes),
+        similar=similar,
+        timings_s=clock.seconds,
+        execution_provider=model.provider,
     )
-    frames = {(uid, f.frame_number): f.gray for uid, p in prepared.items() if isinstance(p, PreparedInstance)
-              for f in p.frames}
+    frames = {
+        (uid, f.frame_number): f.gray
+        for uid, p in prepared.items()
+        if isinstance(p, PreparedInstance)
+        for f in p.frames
+    }
     return Analysis(result, entries, frames)
 
 
 def _image_results(
-    instances: Sequence[InstanceRecord], prepared: dict[str, PreparedInstance | str], prediction: Prediction,
-    card: ModelCard, calibrations: dict[str, Dataset], heatmap_dir: Path, durable: bool,
+    instances: Sequence[InstanceRecord],
+    prepared: dict[str, PreparedInstance | str],
+    prediction: Prediction,
+    card: ModelCard,
+    calibrations: dict[str, Dataset],
+    heatmap_dir: Path,
+    durable: bool,
 ) -> list[ImageResult]:
     """Per instance, in ledger order: its frames' results (rows of ``prediction`` in
     the order the frames were stacked) or its skip reason."""
@@ -252,8 +299,9 @@ def _image_results(
         if isinstance(item, str):
             images.append(_image_result(rec, 1, [], item, card.classes))
             continue
-        frames = _frame_results(item, prediction, row, card, heatmap_dir, rec.sop_instance_uid, durable,
-                                calibrations[rec.sop_instance_uid])
+        frames = _frame_results(
+            item, prediction, row, card, heatmap_dir, rec.sop_instance_uid, durable, calibrations[rec.sop_instance_uid]
+        )
         row += len(frames)
         images.append(_image_result(rec, item.number_of_frames, frames, item.skipped, card.classes))
     return images
@@ -263,13 +311,18 @@ def study_attributes(ds: Dataset, index: SimilarCaseIndex | None) -> StudyAttrib
     """The study's attributes from one of its instances; the patient only as the
     index's keyed hash (none without an index)."""
     key = index.patient_key(str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", ""))) if index else ""
-    return StudyAttributes(accession_number=str(ds.get("AccessionNumber", "")), study_date=str(ds.get("StudyDate", "")),
-                           manufacturer=str(ds.get("Manufacturer", "")),
-                           model_name=str(ds.get("ManufacturerModelName", "")), patient_key=key)
+    return StudyAttributes(
+        accession_number=str(ds.get("AccessionNumber", "")),
+        study_date=str(ds.get("StudyDate", "")),
+        manufacturer=str(ds.get("Manufacturer", "")),
+        model_name=str(ds.get("ManufacturerModelName", "")),
+        patient_key=key,
+    )
 
 
-def _index_entries(study_uid: str, images: Sequence[ImageResult], classes: Sequence[str],
-                   study: StudyAttributes, spool_dir: Path) -> list[IndexEntry]:
+def _index_entries(
+    study_uid: str, images: Sequence[ImageResult], classes: Sequence[str], study: StudyAttributes, spool_dir: Path
+) -> list[IndexEntry]:
     """The analysed study as reference images labelled by the AI (unconfirmed): one
     entry per judged instance, from its decisive frame, since the index keys images
     by SOP Instance UID."""
@@ -278,12 +331,21 @@ def _index_entries(study_uid: str, images: Sequence[ImageResult], classes: Seque
         frame = decisive_frame(image.frames, classes)
         if frame is None:
             continue
-        entries.append(IndexEntry(
-            embedding=np.asarray(frame.embedding, np.float32), sop_instance_uid=image.sop_instance_uid,
-            series_uid=image.series_uid, study_uid=study_uid, sop_class_uid=image.sop_class_uid,
-            label=frame.predicted, label_source="ai", confirmed=False,
-            image_path=instance_path(spool_dir, study_uid, image.sop_instance_uid),
-            accession_number=study.accession_number, study_date=study.study_date,
-            patient_key=study.patient_key, frame_number=frame.frame_number,
-        ))
+        entries.append(
+            IndexEntry(
+                embedding=np.asarray(frame.embedding, np.float32),
+                sop_instance_uid=image.sop_instance_uid,
+                series_uid=image.series_uid,
+                study_uid=study_uid,
+                sop_class_uid=image.sop_class_uid,
+                label=frame.predicted,
+                label_source="ai",
+                confirmed=False,
+                image_path=instance_path(spool_dir, study_uid, image.sop_instance_uid),
+                accession_number=study.accession_number,
+                study_date=study.study_date,
+                patient_key=study.patient_key,
+                frame_number=frame.frame_number,
+            )
+        )
     return entries

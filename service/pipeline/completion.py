@@ -21,19 +21,26 @@ LOG = logging.getLogger(__name__)
 Route = Callable[[str], Routing]
 
 
-def complete_quiet_studies(ledger: Ledger, quiet_period_s: float, now: float | None = None,
-                           route: Route | None = None) -> list[str]:
+def complete_quiet_studies(
+    ledger: Ledger, quiet_period_s: float, now: float | None = None, route: Route | None = None
+) -> list[str]:
     """Complete (or skip, as ``route`` decides; without it every study is analysed)
     the studies without a new instance for ``quiet_period_s`` as of ``now``, default
     the clock; log each."""
-    decided = [(uid, last, route(uid) if route else Routing()) for uid, last in ledger.quiet_studies(quiet_period_s, now)]
+    decided = [
+        (uid, last, route(uid) if route else Routing()) for uid, last in ledger.quiet_studies(quiet_period_s, now)
+    ]
     done = set(ledger.complete_studies(decided, now))
     for study_uid, _, routing in decided:
         if study_uid not in done:
             continue  # an instance arrived meanwhile: decided again next round
         if routing.analyse:
-            LOG.info("study complete after %.1f s quiet%s", quiet_period_s,
-                     f" ({routing.reason})" if routing.reason else "", extra={"study_uid": study_uid})
+            LOG.info(
+                "study complete after %.1f s quiet%s",
+                quiet_period_s,
+                f" ({routing.reason})" if routing.reason else "",
+                extra={"study_uid": study_uid},
+            )
         else:
             LOG.info("study stored, not analysed (%s)", routing.reason, extra={"study_uid": study_uid})
     return [uid for uid, _, _ in decided if uid in done]
@@ -56,8 +63,14 @@ class CompletionLoop:
     #: the ledger's comparison; this keeps the loop from spinning on it.
     MIN_WAIT_S = 0.001
 
-    def __init__(self, ledger: Ledger, quiet_period_s: float, interval_s: float = 0.5,
-                 on_complete: Callable[[], None] | None = None, route: Route | None = None) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        quiet_period_s: float,
+        interval_s: float = 0.5,
+        on_complete: Callable[[], None] | None = None,
+        route: Route | None = None,
+    ) -> None:
         self.ledger = ledger
         self.quiet_period_s = quiet_period_s
         self.interval_s = min(interval_s, quiet_period_s)
@@ -85,7 +98,10 @@ class CompletionLoop:
         while not self._stop.is_set():
             wait = self.interval_s
             try:
-                if complete_quiet_studies(self.ledger, self.quiet_period_s, route=self.route) and self.on_complete is not None:
+                if (
+                    complete_quiet_studies(self.ledger, self.quiet_period_s, route=self.route)
+                    and self.on_complete is not None
+                ):
                     self.on_complete()
                 wait = self.next_wait()
             except Exception:  # a busy or broken ledger must not end completion for good

@@ -149,7 +149,9 @@ def long_axis(points_mm: np.ndarray) -> tuple[int, int]:
     return hull[i], hull[j]
 
 
-def short_axis(points_mm: np.ndarray, start: np.ndarray, end: np.ndarray, step_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def short_axis(
+    points_mm: np.ndarray, start: np.ndarray, end: np.ndarray, step_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
     """End points (mm) of the largest extent of the outline ``points_mm`` along a line
     perpendicular to the long axis ``start``-``end``, lines ``step_mm`` apart."""
     along = (end - start) / np.linalg.norm(end - start)
@@ -182,7 +184,11 @@ def measure(outline: Outline, calibration: Calibration | str) -> LesionMeasureme
         return Axis((float(pa[0]), float(pa[1])), (float(pb[0]), float(pb[1])), float(np.linalg.norm(b - a)))
 
     return LesionMeasurement(
-        outline, axis(mm[i], mm[j]), axis(low, high), area_mm2=abs(_signed_area(mm)), unmeasured=None,
+        outline,
+        axis(mm[i], mm[j]),
+        axis(low, high),
+        area_mm2=abs(_signed_area(mm)),
+        unmeasured=None,
     )
 
 
@@ -210,8 +216,10 @@ def calibration(ds: Dataset, bounds: tuple[float, float, float, float]) -> Calib
         deltas = (item.get("PhysicalDeltaX"), item.get("PhysicalDeltaY"))
         if units == (UNITS_CM, UNITS_CM) and all(isinstance(d, float) and d > 0 for d in deltas):
             return Calibration(10.0 * deltas[0], 10.0 * deltas[1], "Sequence of Ultrasound Regions")
-        return (f"the ultrasound region holding the lesion is not calibrated in cm "
-                f"(Physical Units X/Y {units[0]}/{units[1]}, Physical Delta X/Y {deltas[0]}/{deltas[1]})")
+        return (
+            f"the ultrasound region holding the lesion is not calibrated in cm "
+            f"(Physical Units X/Y {units[0]}/{units[1]}, Physical Delta X/Y {deltas[0]}/{deltas[1]})"
+        )
     spacing = ds.get("PixelSpacing")
     if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
         return Calibration(float(spacing[1]), float(spacing[0]), "Pixel Spacing")

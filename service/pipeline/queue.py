@@ -123,5 +123,3 @@ def create_app(settings: Settings) -> Celery:
 def send_analysis(app: Celery, study_uid: str) -> None:
     """Queue the analysis of one study: the message carries only its UID."""
     app.send_task(TASK_NAME, args=[study_uid], queue=QUEUE)
-
-

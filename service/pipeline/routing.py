@@ -35,8 +35,12 @@ LOG = logging.getLogger(__name__)
 CALLING_AE = "calling AE title"
 #: Where a study names its body part, besides the anatomic region codes.
 BODY_PART_TEXTS = (
-    "BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName",
-    "RequestedProcedureDescription", "PerformedProcedureStepDescription",
+    "BodyPartExamined",
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
 )
 #: A rule's condition -> the attributes it is searched in.
 CONDITIONS: dict[str, tuple[str, ...]] = {
@@ -92,7 +96,9 @@ def decide(rules: Sequence[RoutingRule], facts: StudyFacts) -> Routing:
     action: tuple[RoutingRule, list[str]] | None = None
     destinations: RoutingRule | None = None
     for rule in rules:
-        wanted = (rule.action is not None and action is None) or (rule.destinations is not None and destinations is None)
+        wanted = (rule.action is not None and action is None) or (
+            rule.destinations is not None and destinations is None
+        )
         if not wanted:
             continue
         matched = matches(rule, facts)
@@ -146,6 +152,9 @@ class Router:
 
     def route(self, study_uid: str) -> Routing:
         instances = self.ledger.instances(study_uid)
-        facts = facts_of(read_headers(self.settings.spool_dir, instances), (r.calling_ae for r in instances),
-                         (r.modality for r in instances))
+        facts = facts_of(
+            read_headers(self.settings.spool_dir, instances),
+            (r.calling_ae for r in instances),
+            (r.modality for r in instances),
+        )
         return decide(self.settings.routing_rules, facts)

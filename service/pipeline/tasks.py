@@ -64,8 +64,9 @@ class WorkerState:
         try:
             self.model()
         except ModelError:
-            LOG.exception("the model %s cannot be loaded; studies will fail until it is fixed",
-                          self.settings.model_path)
+            LOG.exception(
+                "the model %s cannot be loaded; studies will fail until it is fixed", self.settings.model_path
+            )
 
     @property
     def ledger(self) -> Ledger:
@@ -76,8 +77,9 @@ class WorkerState:
 
     def model(self) -> OnnxModel:
         if self._model is None:
-            self._model = OnnxModel(self.settings.model_path, self.settings.execution_provider,
-                                    self.settings.batch_size, self.threads)
+            self._model = OnnxModel(
+                self.settings.model_path, self.settings.execution_provider, self.settings.batch_size, self.threads
+            )
         return self._model
 
     def index(self, model: OnnxModel) -> SimilarCaseIndex | None:
@@ -100,9 +102,15 @@ class WorkerState:
                 bound = existing.bound_model
                 existing.close()
                 if bound is not None and bound.sha256 != model.identity.sha256:
-                    LOG.warning("similar-case index %s holds embeddings of model %s %s, not %s %s: similar "
-                                "cases stay empty until 'sonocase index rebuild'", self.settings.effective_index_dir,
-                                bound.name, bound.version, model.card.name, model.card.version)
+                    LOG.warning(
+                        "similar-case index %s holds embeddings of model %s %s, not %s %s: similar "
+                        "cases stay empty until 'sonocase index rebuild'",
+                        self.settings.effective_index_dir,
+                        bound.name,
+                        bound.version,
+                        model.card.name,
+                        model.card.version,
+                    )
                     return None
             self._index = SimilarCaseIndex.from_settings(self.settings, model.identity)
         return self._index
@@ -125,39 +133,62 @@ def process_study(state: WorkerState, study_uid: str) -> str:
             analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid), index)
         except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
             reason = error_text(exc)
-            outcome = ledger.retry_or_fail(study_uid, "analysis", reason, settings.task_max_attempts,
-                                           settings.task_retry_backoff_s)
-            LOG.exception("analysis failed (%s)", "giving up" if outcome == StudyState.FAILED else "will retry",
-                          extra={"study_uid": study_uid})
+            outcome = ledger.retry_or_fail(
+                study_uid, "analysis", reason, settings.task_max_attempts, settings.task_retry_backoff_s
+            )
+            LOG.exception(
+                "analysis failed (%s)",
+                "giving up" if outcome == StudyState.FAILED else "will retry",
+                extra={"study_uid": study_uid},
+            )
             return str(outcome)
         analysed, not_assessed = analysis.result.image_counts()
-        if not ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json"),
-                                      lease_s=settings.task_lease_s, images_analysed=analysed,
-                                      images_not_assessed=not_assessed):
-            LOG.info("result of generation %d not stored: the study was re-opened, or another worker stored it "
-                     "first", generation, extra={"study_uid": study_uid})
+        if not ledger.finish_analysis(
+            study_uid,
+            generation,
+            analysis.result.model_dump(mode="json"),
+            lease_s=settings.task_lease_s,
+            images_analysed=analysed,
+            images_not_assessed=not_assessed,
+        ):
+            LOG.info(
+                "result of generation %d not stored: the study was re-opened, or another worker stored it first",
+                generation,
+                extra={"study_uid": study_uid},
+            )
             return "stale"
         summary = analysis.result.summary
-        LOG.info("analysed: %s%s in %.2f s", summary.predicted or "no class",
-                 f" ({summary.probability:.3f})" if summary.probability is not None else "",
-                 analysis.result.timings_s.get("total_s", 0.0), extra={"study_uid": study_uid})
+        LOG.info(
+            "analysed: %s%s in %.2f s",
+            summary.predicted or "no class",
+            f" ({summary.probability:.3f})" if summary.probability is not None else "",
+            analysis.result.timings_s.get("total_s", 0.0),
+            extra={"study_uid": study_uid},
+        )
         if index is not None and analysis.index_entries:
             # Before the report: once the study is sent, retention may remove the
             # spool files the index copies its reference images from.
             try:
                 index.add(analysis.index_entries)
             except Exception:  # the result and reports stand; only the index misses this study
-                LOG.exception("the analysed study could not be added to the similar-case index",
-                              extra={"study_uid": study_uid})
+                LOG.exception(
+                    "the analysed study could not be added to the similar-case index", extra={"study_uid": study_uid}
+                )
         _report(state, study_uid, generation, index, analysis.frames)
     return "analysed"
 
 
-def _report(state: WorkerState, study_uid: str, generation: int, index: SimilarCaseIndex | None,
-            frames: dict[tuple[str, int], np.ndarray]) -> None:
+def _report(
+    state: WorkerState,
+    study_uid: str,
+    generation: int,
+    index: SimilarCaseIndex | None,
+    frames: dict[tuple[str, int], np.ndarray],
+) -> None:
     """Build the SR and SC objects and queue them for sending (service.reports).
     Expected failures are recorded there; anything else is recorded here, so a
     study never stays silently analysed-but-unreported."""
+
     def reference_image(sop_instance_uid: str) -> Path | None:
         stored = index.reference_image(sop_instance_uid) if index is not None else None
         return stored.path if stored is not None else None
@@ -166,8 +197,14 @@ def _report(state: WorkerState, study_uid: str, generation: int, index: SimilarC
         build_reports(state.settings, state.ledger, study_uid, reference_image, frames)
     except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
         LOG.exception("building the reports failed", extra={"study_uid": study_uid, "stage": "report"})
-        state.ledger.transition(study_uid, StudyState.FAILED, (StudyState.ANALYSED,), generation,
-                                failed_stage="report", error=error_text(exc)[:2000])
+        state.ledger.transition(
+            study_uid,
+            StudyState.FAILED,
+            (StudyState.ANALYSED,),
+            generation,
+            failed_stage="report",
+            error=error_text(exc)[:2000],
+        )
 
 
 def register_tasks(app: Celery, state: WorkerState) -> None:
@@ -190,12 +227,21 @@ def _stop_with_parent(parent_pid: int) -> None:
 
 
 @click.command()
-@click.option("--concurrency", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Pool processes, each with its own model session (one per GPU is typical).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="The node's data folder (setting 'data_dir'); shared with the node in distributed mode.")
-@click.option("--parent-pid", type=int,
-              help="Shut down when this process (the 'serve' that started us) dies; Linux only.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Pool processes, each with its own model session (one per GPU is typical).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The node's data folder (setting 'data_dir'); shared with the node in distributed mode.",
+)
+@click.option(
+    "--parent-pid", type=int, help="Shut down when this process (the 'serve' that started us) dies; Linux only."
+)
 @click.pass_context
 def worker(ctx: click.Context, concurrency: int, data_dir: Path | None, parent_pid: int | None) -> None:
     """Analyse queued studies until SIGTERM (warm shutdown: the running study finishes).
@@ -214,8 +260,14 @@ def worker(ctx: click.Context, concurrency: int, data_dir: Path | None, parent_p
     # Celery configures no handler of its own and leaves stdout and stderr alone.
     setup_logging.connect(lambda **_: None, weak=False)
     argv = [
-        "worker", f"--concurrency={concurrency}", "--pool=prefork", f"--loglevel={settings.log_level}",
-        "--without-mingle", "--without-gossip", "--without-heartbeat", f"--queues={QUEUE}",
+        "worker",
+        f"--concurrency={concurrency}",
+        "--pool=prefork",
+        f"--loglevel={settings.log_level}",
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+        f"--queues={QUEUE}",
         f"--hostname=sonocase-{os.getpid()}@%h",
     ]
     if settings.log_format == "json":

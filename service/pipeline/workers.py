@@ -54,8 +54,16 @@ class WorkerProcesses:
         self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "service", "worker", "--concurrency", str(self.settings.workers),
-                "--parent-pid", str(os.getpid())]
+        return [
+            sys.executable,
+            "-m",
+            "service",
+            "worker",
+            "--concurrency",
+            str(self.settings.workers),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}

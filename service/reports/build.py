@@ -71,7 +71,10 @@ Frames = Mapping[tuple[str, int], np.ndarray]
 DEFAULT_SR_CLASS = Comprehensive3DSRStorage
 #: Every SOP class the node sends.
 SENT_CLASSES: tuple[str, ...] = (
-    *SR_CLASSES, SecondaryCaptureImageStorage, SegmentationStorage, KeyObjectSelectionDocumentStorage,
+    *SR_CLASSES,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    KeyObjectSelectionDocumentStorage,
 )
 #: What a destination may not know without losing the result: the heatmap overlay
 #: and the key-image flag. Many archives store no SEG or KOS; the SR and the SCs
@@ -134,8 +137,11 @@ def read_sources(ledger: Ledger, result: StudyResult) -> tuple[list[Dataset], di
         headers.append(header)
         repairs.update(map(str, repaired))
     if repairs:
-        LOG.warning("source values not valid for their VR, repaired or left out of our objects: %s",
-                    "; ".join(sorted(repairs)), extra={"study_uid": result.study_uid})
+        LOG.warning(
+            "source values not valid for their VR, repaired or left out of our objects: %s",
+            "; ".join(sorted(repairs)),
+            extra={"study_uid": result.study_uid},
+        )
     if not headers:
         raise ReportError("the result lists no instance")
     for keyword in _TYPE2_STUDY:
@@ -181,18 +187,36 @@ def heatmap_references(result: StudyResult, sources: list[Dataset], heats: Heats
         if not image.frames:
             continue
         uid = image.sop_instance_uid
-        refs = [_reference(result, sc_series, SecondaryCaptureImageStorage,
-                           derived_uid(result.study_uid, result.generation, "sc", uid))]
-        if not image.out_of_distribution and seg_skip_reason(
-                headers[uid], heats[(uid, decisive_frame(image).frame_number)]) is None:
-            refs.append(_reference(result, seg_series, SegmentationStorage,
-                                   derived_uid(result.study_uid, result.generation, "seg", uid)))
+        refs = [
+            _reference(
+                result,
+                sc_series,
+                SecondaryCaptureImageStorage,
+                derived_uid(result.study_uid, result.generation, "sc", uid),
+            )
+        ]
+        if (
+            not image.out_of_distribution
+            and seg_skip_reason(headers[uid], heats[(uid, decisive_frame(image).frame_number)]) is None
+        ):
+            refs.append(
+                _reference(
+                    result,
+                    seg_series,
+                    SegmentationStorage,
+                    derived_uid(result.study_uid, result.generation, "seg", uid),
+                )
+            )
         references[uid] = refs
     return references
 
 
 def _sr_object(
-    settings: Settings, template: SrTemplate, result: StudyResult, sources: list[Dataset], sop_class_uid: str,
+    settings: Settings,
+    template: SrTemplate,
+    result: StudyResult,
+    sources: list[Dataset],
+    sop_class_uid: str,
     heats: Heats,
 ) -> OutputObject:
     sr = build_sr(
@@ -234,13 +258,26 @@ def build_objects(
             grays[uid] = frame_gray(read_source(paths[uid], stop_before_pixels=False)[0], frame_number)
         heat = heats[(uid, frame_number)]
         sc_ref, *seg_refs = references[uid]
-        sc = build_heatmap_sc(result, template, image, headers[uid], grays[uid], heat,
-                              Placement(sc_ref.SeriesInstanceUID, sc_ref.SOPInstanceUID, number, versions),
-                              settings.sc_transfer_syntax)
+        sc = build_heatmap_sc(
+            result,
+            template,
+            image,
+            headers[uid],
+            grays[uid],
+            heat,
+            Placement(sc_ref.SeriesInstanceUID, sc_ref.SOPInstanceUID, number, versions),
+            settings.sc_transfer_syntax,
+        )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
         for seg_ref in seg_refs:
-            seg = build_heatmap_seg(result, template, image, headers[uid], heat,
-                                    Placement(seg_ref.SeriesInstanceUID, seg_ref.SOPInstanceUID, number, versions))
+            seg = build_heatmap_seg(
+                result,
+                template,
+                image,
+                headers[uid],
+                heat,
+                Placement(seg_ref.SeriesInstanceUID, seg_ref.SOPInstanceUID, number, versions),
+            )
             objects.append(OutputObject(seg.SOPInstanceUID, seg.SOPClassUID, _encode(seg), "SEG"))
     sr = _sr_object(settings, template, result, sources, DEFAULT_SR_CLASS, heats)
     objects.insert(0, sr)
@@ -259,10 +296,16 @@ def build_objects(
         )
         objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
     if key_images(result):  # none when no image was assessed (each outside the training domain)
-        sr_ref = _reference(result, sr_series_uid(result.study_uid, result.generation), sr.sop_class_uid,
-                            sr.sop_instance_uid)
-        kos = build_kos(result, template, sources, sr_ref, Placement(
-            _series(result, "kos"), derived_uid(result.study_uid, result.generation, "kos"), 1, versions))
+        sr_ref = _reference(
+            result, sr_series_uid(result.study_uid, result.generation), sr.sop_class_uid, sr.sop_instance_uid
+        )
+        kos = build_kos(
+            result,
+            template,
+            sources,
+            sr_ref,
+            Placement(_series(result, "kos"), derived_uid(result.study_uid, result.generation, "kos"), 1, versions),
+        )
         objects.append(OutputObject(kos.SOPInstanceUID, kos.SOPClassUID, _encode(kos), "KO"))
     return objects
 

@@ -118,8 +118,7 @@ def outline(heat: np.ndarray, crop: Box, level: float = OUTLINE_LEVEL) -> np.nda
     return points
 
 
-def bands(heat: np.ndarray, crop: Box, rows: int, columns: int,
-          levels: Sequence[float] = BAND_LEVELS) -> np.ndarray:
+def bands(heat: np.ndarray, crop: Box, rows: int, columns: int, levels: Sequence[float] = BAND_LEVELS) -> np.ndarray:
     """A uint8 label image of ``rows`` x ``columns``: 0 outside the crop and below
     ``levels[0]`` x peak, else the number (1..) of the highest level reached."""
     x0, y0, x1, y1 = crop

@@ -309,8 +309,11 @@ def build_heatmap_sc(
     instance's header; ``gray``: its decisive frame, :func:`frame_gray`; ``heat``:
     that frame's heatmap; see module doc)."""
     frame = decisive_frame(image)
-    what = (f"Frame {frame.frame_number} not assessed ({template.wording.ood}), no heatmap"
-            if image.out_of_distribution else f"Grad-CAM heatmap of frame {frame.frame_number}")
+    what = (
+        f"Frame {frame.frame_number} not assessed ({template.wording.ood}), no heatmap"
+        if image.out_of_distribution
+        else f"Grad-CAM heatmap of frame {frame.frame_number}"
+    )
     return _sc(
         heatmap_pixels(template, image, gray, heat),
         template,

@@ -57,7 +57,8 @@ def pixel_spacing(source: Dataset) -> tuple[float, float] | None:
             continue
         try:
             area = (int(item.RegionLocationMaxX1) - int(item.RegionLocationMinX0)) * (
-                int(item.RegionLocationMaxY1) - int(item.RegionLocationMinY0))
+                int(item.RegionLocationMaxY1) - int(item.RegionLocationMinY0)
+            )
             units = (item.PhysicalUnitsXDirection, item.PhysicalUnitsYDirection)
             delta_x, delta_y = float(item.PhysicalDeltaX), float(item.PhysicalDeltaY)
         except (AttributeError, TypeError, ValueError):

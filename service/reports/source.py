@@ -34,7 +34,15 @@ from pydicom.valuerep import format_number_as_ds, validate_value
 _BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"})
 #: Text VRs and their maximum length in characters (PS3.5 Table 6.2-1; None: no limit to cut to).
 _TEXT_LENGTHS: dict[str, int | None] = {
-    "AE": 16, "CS": 16, "LO": 64, "LT": 10240, "SH": 16, "ST": 1024, "UC": None, "UR": None, "UT": None,
+    "AE": 16,
+    "CS": 16,
+    "LO": 64,
+    "LT": 10240,
+    "SH": 16,
+    "ST": 1024,
+    "UC": None,
+    "UR": None,
+    "UT": None,
 }
 _DATE_SEPARATED = re.compile(r"(\d{4})[.\-/](\d{2})[.\-/](\d{2})")
 _TIME_SEPARATED = re.compile(r"(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?")
@@ -101,7 +109,9 @@ def _repaired(vr: str, keyword: str, text: str) -> tuple[str, str] | None:
     if vr in _TEXT_LENGTHS and not is_identifier(keyword):
         limit = _TEXT_LENGTHS[vr]
         cleaned = _CONTROL.sub(" ", text) if vr in ("AE", "CS", "LO", "PN", "SH", "UC") else text
-        return cleaned[:limit] if limit else cleaned, f"cut to {limit} characters" if limit else "control characters removed"
+        return cleaned[
+            :limit
+        ] if limit else cleaned, f"cut to {limit} characters" if limit else "control characters removed"
     return None
 
 

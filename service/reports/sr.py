@@ -153,8 +153,9 @@ def build_sr(
         group
         for image in reading_order(result)
         for frame in assessed_frames(image)
-        for group in _frame_groups(result, template, headers, image, frame, drawn,
-                                   heatmaps.get(image.sop_instance_uid, ()))
+        for group in _frame_groups(
+            result, template, headers, image, frame, drawn, heatmaps.get(image.sop_instance_uid, ())
+        )
     ]
     report = MeasurementReport(
         observation_context=_observation_context(template),
@@ -282,8 +283,9 @@ def _heatmap_items(template: SrTemplate, objects: Sequence[Dataset]) -> list[Ima
     concepts = template.concepts
     return [
         ImageContentItem(
-            name=(concepts.heatmap_segmentation if ref.SOPClassUID == SegmentationStorage
-                  else concepts.heatmap_image).code(),
+            name=(
+                concepts.heatmap_segmentation if ref.SOPClassUID == SegmentationStorage else concepts.heatmap_image
+            ).code(),
             referenced_sop_class_uid=ref.SOPClassUID,
             referenced_sop_instance_uid=ref.SOPInstanceUID,
             relationship_type=RelationshipTypeValues.CONTAINS,
@@ -296,8 +298,9 @@ def _area(template: SrTemplate, lesion: LesionResult | None) -> list[Measurement
     """The outlined lesion's area (TID 1419: a measurement of the group's region)."""
     if lesion is None or lesion.area_mm2 is None:
         return []
-    return [Measurement(name=template.concepts.area.code(), value=lesion.area_mm2,
-                        unit=template.concepts.area_unit.code())]
+    return [
+        Measurement(name=template.concepts.area.code(), value=lesion.area_mm2, unit=template.concepts.area_unit.code())
+    ]
 
 
 Drawn = Mapping[tuple[str, int], np.ndarray | None]
@@ -344,8 +347,9 @@ def _frame_groups(
     label = _frame_line(template, wording, instance, frame)
 
     def tracking(identifier: str, *part: str) -> TrackingIdentifier:
-        uid = derived_uid(result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number,
-                          *part)
+        uid = derived_uid(
+            result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number, *part
+        )
         return TrackingIdentifier(uid=uid, identifier=identifier[:64])
 
     finding = template.class_spec(frame.predicted).finding.code()
@@ -356,42 +360,62 @@ def _frame_groups(
     group: PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
     if points is None:
         group = MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking(label), algorithm_id=_algorithm(result),
+            tracking_identifier=tracking(label),
+            algorithm_id=_algorithm(result),
             measurements=_probabilities(template, frame),
-            source_images=[SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=header.SOPClassUID,
-                referenced_sop_instance_uid=header.SOPInstanceUID,
-                referenced_frame_numbers=_frame_numbers(header, frame),
-            )],
-            finding_type=finding, finding_sites=site(),
+            source_images=[
+                SourceImageForMeasurementGroup(
+                    referenced_sop_class_uid=header.SOPClassUID,
+                    referenced_sop_instance_uid=header.SOPInstanceUID,
+                    referenced_frame_numbers=_frame_numbers(header, frame),
+                )
+            ],
+            finding_type=finding,
+            finding_sites=site(),
         )
     else:
         group = PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking(label), referenced_region=_region(header, frame, points),
+            tracking_identifier=tracking(label),
+            referenced_region=_region(header, frame, points),
             algorithm_id=_algorithm(result),
             measurements=[*_probabilities(template, frame), *_area(template, frame.lesion)],
-            finding_type=finding, finding_sites=site(),
+            finding_type=finding,
+            finding_sites=site(),
         )
     if frame.frame_number == decisive_frame(image).frame_number:
         group[0].ContentSequence.extend(_heatmap_items(template, heatmaps))
     lesion, concepts = frame.lesion, template.concepts
-    axes = [] if lesion is None else [(c, a) for c, a in ((concepts.long_axis, lesion.long_axis),
-                                                         (concepts.short_axis, lesion.short_axis)) if a is not None]
-    return [group, *(
-        PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking(template.wording.axis_group.format(
-                instance=instance, frame=frame.frame_number, axis=name.meaning), name.value),
-            referenced_region=_region(header, frame, np.array([axis.start, axis.end], np.float32)),
-            algorithm_id=_algorithm(result),
-            measurements=[Measurement(name=name.code(), value=axis.length_mm, unit=concepts.length_unit.code())],
-            finding_type=finding, finding_sites=site(),
-        )
-        for name, axis in axes
-    )]
+    axes = (
+        []
+        if lesion is None
+        else [
+            (c, a)
+            for c, a in ((concepts.long_axis, lesion.long_axis), (concepts.short_axis, lesion.short_axis))
+            if a is not None
+        ]
+    )
+    return [
+        group,
+        *(
+            PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(
+                    template.wording.axis_group.format(instance=instance, frame=frame.frame_number, axis=name.meaning),
+                    name.value,
+                ),
+                referenced_region=_region(header, frame, np.array([axis.start, axis.end], np.float32)),
+                algorithm_id=_algorithm(result),
+                measurements=[Measurement(name=name.code(), value=axis.length_mm, unit=concepts.length_unit.code())],
+                finding_type=finding,
+                finding_sites=site(),
+            )
+            for name, axis in axes
+        ),
+    ]
 
 
-def _undrawn_lines(template: SrTemplate, headers: dict[str, Dataset], result: StudyResult,
-                   drawn: Drawn) -> list[TextContentItem]:
+def _undrawn_lines(
+    template: SrTemplate, headers: dict[str, Dataset], result: StudyResult, drawn: Drawn
+) -> list[TextContentItem]:
     """In a report where something is drawn, a line for each assessed frame with
     nothing to outline (it has no group there), and for each lesion outlined but not
     measured, why."""
@@ -404,16 +428,27 @@ def _undrawn_lines(template: SrTemplate, headers: dict[str, Dataset], result: St
             if anything and drawn[(image.sop_instance_uid, frame.frame_number)] is None:
                 texts.append(_frame_line(template, wording.image_group_no_lesion, instance, frame))
             if frame.lesion is not None and frame.lesion.unmeasured:
-                texts.append(wording.unmeasured_line.format(instance=instance, frame=frame.frame_number,
-                                                            reason=frame.lesion.unmeasured))
-    return [TextContentItem(name=template.concepts.comment.code(), value=text,
-                            relationship_type=RelationshipTypeValues.CONTAINS) for text in texts]
+                texts.append(
+                    wording.unmeasured_line.format(
+                        instance=instance, frame=frame.frame_number, reason=frame.lesion.unmeasured
+                    )
+                )
+    return [
+        TextContentItem(
+            name=template.concepts.comment.code(), value=text, relationship_type=RelationshipTypeValues.CONTAINS
+        )
+        for text in texts
+    ]
 
 
 def _frame_line(template: SrTemplate, wording: str, instance: str, frame: FrameResult) -> str:
     """A frame's words: its image, frame, class and probability."""
-    return wording.format(instance=instance, frame=frame.frame_number, label=class_display(template, frame.predicted),
-                          probability=frame.probabilities[frame.predicted])
+    return wording.format(
+        instance=instance,
+        frame=frame.frame_number,
+        label=class_display(template, frame.predicted),
+        probability=frame.probabilities[frame.predicted],
+    )
 
 
 def _unassessed_study_group(result: StudyResult, template: SrTemplate) -> MeasurementsAndQualitativeEvaluations:
@@ -441,25 +476,30 @@ def not_assessed_reason(template: SrTemplate, frame: FrameResult) -> str:
     return f"{template.wording.ood} ({score})"
 
 
-def _not_assessed(template: SrTemplate, headers: dict[str, Dataset], image: ImageResult,
-                  frame: FrameResult) -> CodeContentItem:
+def _not_assessed(
+    template: SrTemplate, headers: dict[str, Dataset], image: ImageResult, frame: FrameResult
+) -> CodeContentItem:
     """A frame the domain guard flagged: "Impression: Not Evaluated", why (the flag,
     a readable line), the guard's score measured on the referenced image (and frame)
     and its threshold; no class, probability or region."""
     concepts = template.concepts
     header = _header(headers, image.sop_instance_uid)
     has = RelationshipTypeValues.HAS_PROPERTIES
-    score = NumContentItem(name=concepts.ood_score.code(), value=frame.ood_distance,
-                           unit=concepts.score_unit.code(), relationship_type=has)
-    score.ContentSequence = [ImageContentItem(
-        name=concepts.source_of_measurement.code(),
-        referenced_sop_class_uid=header.SOPClassUID,
-        referenced_sop_instance_uid=header.SOPInstanceUID,
-        referenced_frame_numbers=[frame.frame_number] if number_of_frames(header) > 1 else None,
-        relationship_type=RelationshipTypeValues.INFERRED_FROM,
-    )]
+    score = NumContentItem(
+        name=concepts.ood_score.code(), value=frame.ood_distance, unit=concepts.score_unit.code(), relationship_type=has
+    )
+    score.ContentSequence = [
+        ImageContentItem(
+            name=concepts.source_of_measurement.code(),
+            referenced_sop_class_uid=header.SOPClassUID,
+            referenced_sop_instance_uid=header.SOPInstanceUID,
+            referenced_frame_numbers=[frame.frame_number] if number_of_frames(header) > 1 else None,
+            relationship_type=RelationshipTypeValues.INFERRED_FROM,
+        )
+    ]
     line = template.wording.not_assessed_line.format(
-        instance=instance_label(headers, image.sop_instance_uid), frame=frame.frame_number,
+        instance=instance_label(headers, image.sop_instance_uid),
+        frame=frame.frame_number,
         reason=not_assessed_reason(template, frame),
     )
     children: list[Dataset] = [
@@ -468,10 +508,19 @@ def _not_assessed(template: SrTemplate, headers: dict[str, Dataset], image: Imag
         score,
     ]
     if frame.ood_threshold is not None:
-        children.append(NumContentItem(name=concepts.ood_threshold.code(), value=frame.ood_threshold,
-                                       unit=concepts.score_unit.code(), relationship_type=has))
-    item = CodeContentItem(name=concepts.classification.code(), value=concepts.not_assessed.code(),
-                           relationship_type=RelationshipTypeValues.CONTAINS)
+        children.append(
+            NumContentItem(
+                name=concepts.ood_threshold.code(),
+                value=frame.ood_threshold,
+                unit=concepts.score_unit.code(),
+                relationship_type=has,
+            )
+        )
+    item = CodeContentItem(
+        name=concepts.classification.code(),
+        value=concepts.not_assessed.code(),
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
     item.ContentSequence = children
     return item
 
@@ -483,11 +532,13 @@ def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Datas
     items: list[Dataset] = []
     if summary.predicted is not None and decisive is not None and decisive.frames:
         frame = decisive_frame(decisive)
-        items.append(CodeContentItem(
-            name=concepts.classification.code(),
-            value=template.class_spec(summary.predicted).finding.code(),
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        ))
+        items.append(
+            CodeContentItem(
+                name=concepts.classification.code(),
+                value=template.class_spec(summary.predicted).finding.code(),
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+        )
         line = wording.study_summary.format(
             label=class_display(template, summary.predicted),
             probability=summary.probability if summary.probability is not None else 0.0,
@@ -496,23 +547,38 @@ def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Datas
         )
         items += _band(template, headers, decisive, frame)
     elif summary.out_of_distribution:
-        items.append(CodeContentItem(name=concepts.classification.code(), value=concepts.not_assessed.code(),
-                                     relationship_type=RelationshipTypeValues.CONTAINS))
+        items.append(
+            CodeContentItem(
+                name=concepts.classification.code(),
+                value=concepts.not_assessed.code(),
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+        )
         line = wording.not_assessed_summary
     else:
         line = wording.no_summary
-    items.append(TextContentItem(name=concepts.study_summary.code(), value=line,
-                                 relationship_type=RelationshipTypeValues.CONTAINS))
-    items.append(TextContentItem(name=concepts.summary_rule.code(), value=summary.rule,
-                                 relationship_type=RelationshipTypeValues.CONTAINS))
+    items.append(
+        TextContentItem(
+            name=concepts.study_summary.code(), value=line, relationship_type=RelationshipTypeValues.CONTAINS
+        )
+    )
+    items.append(
+        TextContentItem(
+            name=concepts.summary_rule.code(), value=summary.rule, relationship_type=RelationshipTypeValues.CONTAINS
+        )
+    )
     if summary.out_of_distribution:
-        items.append(CodeContentItem(name=concepts.out_of_distribution.code(), value=concepts.yes.code(),
-                                     relationship_type=RelationshipTypeValues.CONTAINS))
+        items.append(
+            CodeContentItem(
+                name=concepts.out_of_distribution.code(),
+                value=concepts.yes.code(),
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+        )
     return items
 
 
-def _band(template: SrTemplate, headers: dict[str, Dataset], image: ImageResult,
-          frame: FrameResult) -> list[Dataset]:
+def _band(template: SrTemplate, headers: dict[str, Dataset], image: ImageResult, frame: FrameResult) -> list[Dataset]:
     """The BI-RADS likelihood band of the frame that decides the study, coded
     (PS3.16 CID 6026/6027) and in words that say it is the AI's suggestion."""
     band = frame_band(frame.probabilities, frame.predicted)
@@ -520,17 +586,28 @@ def _band(template: SrTemplate, headers: dict[str, Dataset], image: ImageResult,
         return []
     spec = template.birads[band.category]
     return [
-        CodeContentItem(name=template.concepts.birads_band.code(), value=spec.code.code(),
-                        relationship_type=RelationshipTypeValues.CONTAINS),
-        TextContentItem(name=template.concepts.birads_band.code(), relationship_type=RelationshipTypeValues.CONTAINS,
-                        value=template.wording.birads_line.format(
-                            category=band.category, band=spec.display, probability=frame.probabilities[MALIGNANT],
-                            instance=instance_label(headers, image.sop_instance_uid), frame=frame.frame_number)),
+        CodeContentItem(
+            name=template.concepts.birads_band.code(),
+            value=spec.code.code(),
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        ),
+        TextContentItem(
+            name=template.concepts.birads_band.code(),
+            relationship_type=RelationshipTypeValues.CONTAINS,
+            value=template.wording.birads_line.format(
+                category=band.category,
+                band=spec.display,
+                probability=frame.probabilities[MALIGNANT],
+                instance=instance_label(headers, image.sop_instance_uid),
+                frame=frame.frame_number,
+            ),
+        ),
     ]
 
 
-def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, Dataset],
-                 drawn: Drawn) -> ContainerContentItem:
+def _evaluations(
+    result: StudyResult, template: SrTemplate, headers: dict[str, Dataset], drawn: Drawn
+) -> ContainerContentItem:
     """TID 1500's "Qualitative Evaluations": what a reader needs in words."""
     concepts, wording = template.concepts, template.wording
     container = ContainerContentItem(
@@ -541,24 +618,30 @@ def _evaluations(result: StudyResult, template: SrTemplate, headers: dict[str, D
             name=concepts.comment.code(), value=template.disclaimer, relationship_type=RelationshipTypeValues.CONTAINS
         ),
         *_summary(result, template, headers),
-        *(_not_assessed(template, headers, image, frame)
-          for image in result.images for frame in image.frames if frame.out_of_distribution),
+        *(
+            _not_assessed(template, headers, image, frame)
+            for image in result.images
+            for frame in image.frames
+            if frame.out_of_distribution
+        ),
         *_undrawn_lines(template, headers, result, drawn),
     ]
     for rank, similar in enumerate(result.similar, start=1):
-        items.append(TextContentItem(
-            name=concepts.similar_study.code(),
-            value=wording.similar_line.format(
-                rank=rank,
-                study_date=readable_date(similar.study_date),
-                accession=similar.accession_number or "-",
-                label=class_display(template, similar.label),
-                label_source=similar.label_source,
-                distance=similar.distance,
-                similarity=similar.similarity,
-            ),
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        ))
+        items.append(
+            TextContentItem(
+                name=concepts.similar_study.code(),
+                value=wording.similar_line.format(
+                    rank=rank,
+                    study_date=readable_date(similar.study_date),
+                    accession=similar.accession_number or "-",
+                    label=class_display(template, similar.label),
+                    label_source=similar.label_source,
+                    distance=similar.distance,
+                    similarity=similar.similarity,
+                ),
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+        )
     for image in result.images:
         if image.skipped:
             items.append(

@@ -29,8 +29,8 @@ import io
 from collections.abc import Iterator
 
 import highdicom as hd
-from highdicom.sr.utils import get_coded_name
 import numpy as np
+from highdicom.sr.utils import get_coded_name
 from pydicom import config, dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -265,8 +265,11 @@ def _required(ds: Dataset, required: dict[str, int]) -> list[str]:
 def _is_image_region(item: Dataset) -> bool:
     """An "Image Region" SCOORD selected from a referenced image: what OHIF reads
     from each measurement group to place it (the first SCOORD's referenced image)."""
-    return (item.get("ValueType") == "SCOORD" and get_coded_name(item) == codes.DCM.ImageRegion
-            and any("ReferencedSOPSequence" in source for source in item.get("ContentSequence", [])))
+    return (
+        item.get("ValueType") == "SCOORD"
+        and get_coded_name(item) == codes.DCM.ImageRegion
+        and any("ReferencedSOPSequence" in source for source in item.get("ContentSequence", []))
+    )
 
 
 def _content_items(items: list[Dataset]) -> Iterator[Dataset]:
@@ -294,14 +297,21 @@ def _sr(ds: Dataset, disclaimer: str) -> list[str]:
         _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False)  # converts ds in place: only read after this
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return reasons + [f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
-    groups = [item for item in items
-              if item.get("ValueType") == "CONTAINER" and get_coded_name(item) == codes.DCM.MeasurementGroup]
+    groups = [
+        item
+        for item in items
+        if item.get("ValueType") == "CONTAINER" and get_coded_name(item) == codes.DCM.MeasurementGroup
+    ]
     if not groups:
         reasons.append("the report has no measurement group")
     drawn = [any(_is_image_region(child) for child in group.get("ContentSequence", [])) for group in groups]
     if any(drawn):  # else the one group of a study with nothing analysed: nothing to draw, nothing to break
-        reasons += [f"measurement group {n} has no image region on a source image, beside groups with one "
-                    "(OHIF draws none of the report then)" for n, region in enumerate(drawn, start=1) if not region]
+        reasons += [
+            f"measurement group {n} has no image region on a source image, beside groups with one "
+            "(OHIF draws none of the report then)"
+            for n, region in enumerate(drawn, start=1)
+            if not region
+        ]
     return reasons + _evidence(ds, items)
 
 
@@ -337,8 +347,11 @@ def _seg(ds: Dataset, disclaimer: str) -> list[str]:
         if keyword not in shared:
             reasons.append(f"the shared functional groups lack {keyword}, which viewers need to overlay it")
     numbers = {int(item.SegmentNumber) for item in ds.SegmentSequence}
-    sources = {uid for series in ds.ReferencedSeriesSequence for uid in
-               (i.ReferencedSOPInstanceUID for i in series.ReferencedInstanceSequence)}
+    sources = {
+        uid
+        for series in ds.ReferencedSeriesSequence
+        for uid in (i.ReferencedSOPInstanceUID for i in series.ReferencedInstanceSequence)
+    }
     for n, frame in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
         try:
             segment = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)

@@ -65,8 +65,10 @@ def read_labels_csv(path: Path, classes: Sequence[str], source: str | None = Non
         columns = set(reader.fieldnames or ())
         keys = [c for c in KEY_COLUMNS if c in columns]
         if not keys or "label" not in columns:
-            raise ValueError(f"{path}: needs a header with label and one of {', '.join(KEY_COLUMNS)}; "
-                             f"found {', '.join(sorted(columns)) or 'none'}")
+            raise ValueError(
+                f"{path}: needs a header with label and one of {', '.join(KEY_COLUMNS)}; "
+                f"found {', '.join(sorted(columns)) or 'none'}"
+            )
         if source is None and "label_source" not in columns:
             raise ValueError(f"{path}: no label_source column; give the source of every label with --label-source")
         labels: dict[str, Diagnosis] = {}
@@ -80,14 +82,18 @@ def read_labels_csv(path: Path, classes: Sequence[str], source: str | None = Non
             elif label not in classes:
                 errors.append(f"line {line}: label {label!r} is not one of {', '.join(classes)}")
             elif row_source not in LABEL_SOURCES:
-                errors.append(f"line {line}: label_source {row_source!r} is not one of {', '.join(LABEL_SOURCES)}"
-                              " (or give --label-source)")
+                errors.append(
+                    f"line {line}: label_source {row_source!r} is not one of {', '.join(LABEL_SOURCES)}"
+                    " (or give --label-source)"
+                )
             elif key in labels and labels[key] != Diagnosis(label, row_source):
                 errors.append(f"line {line}: {key} is labelled twice, differently")
             else:
                 labels[key] = Diagnosis(label, row_source)
     if errors:
-        raise ValueError(f"{path}: " + "; ".join(errors[:20]) + (f"; and {len(errors) - 20} more" if len(errors) > 20 else ""))
+        raise ValueError(
+            f"{path}: " + "; ".join(errors[:20]) + (f"; and {len(errors) - 20} more" if len(errors) > 20 else "")
+        )
     return labels
 
 
@@ -161,7 +167,7 @@ def fill_index(
     index.check_model("add images")
     report = report or FillReport()
     for start in range(0, len(paths), save_every):
-        chunk = paths[start:start + save_every]
+        chunk = paths[start : start + save_every]
         headers: dict[Path, Dataset] = {}
         for path in chunk:
             try:
@@ -198,8 +204,9 @@ def fill_index(
     return report
 
 
-def _entry(index: SimilarCaseIndex, path: Path, ds: Dataset, diagnosis: Diagnosis,
-           embedding: np.ndarray, frame_number: int) -> IndexEntry:
+def _entry(
+    index: SimilarCaseIndex, path: Path, ds: Dataset, diagnosis: Diagnosis, embedding: np.ndarray, frame_number: int
+) -> IndexEntry:
     return IndexEntry(
         embedding=embedding,
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
@@ -238,16 +245,23 @@ def busi_as_dicom(busi_dir: Path, out: Path) -> Path:
     for group, images in by_group.items():
         key = f"sonocase-busi/{group}"
         info = StudyInfo(
-            patient_name="BUSI^ANONYMOUS", patient_id=generate_uid(prefix=None, entropy_srcs=[key])[-12:],
-            patient_birth_date="", study_uid=generate_uid(entropy_srcs=[key, "study"]),
-            series_uid=generate_uid(entropy_srcs=[key, "series"]), study_date="", study_time="",
-            accession_number="", laterality="", depth_cm=4.0,
+            patient_name="BUSI^ANONYMOUS",
+            patient_id=generate_uid(prefix=None, entropy_srcs=[key])[-12:],
+            patient_birth_date="",
+            study_uid=generate_uid(entropy_srcs=[key, "study"]),
+            series_uid=generate_uid(entropy_srcs=[key, "series"]),
+            study_date="",
+            study_time="",
+            accession_number="",
+            laterality="",
+            depth_cm=4.0,
         )
         datasets = []
         for number, (source, image, label) in enumerate(images, start=1):
             sop_uid = generate_uid(entropy_srcs=[key, source.name])
-            datasets.append(ultrasound_image(image, info, instance_number=number, sop_instance_uid=sop_uid,
-                                             variant="mono"))
+            datasets.append(
+                ultrasound_image(image, info, instance_number=number, sop_instance_uid=sop_uid, variant="mono")
+            )
             rows.append((sop_uid, label))
         write_dicom_study(out, datasets)
     labels_csv = out / "labels.csv"
@@ -287,15 +301,18 @@ def _fill(ctx: click.Context, folder: Path, labels_csv: Path, label_source: str 
         embedder = ReferenceEmbedder(settings)
         labels = read_labels_csv(labels_csv, embedder.card.classes, label_source)
         paths = dicom_files(folder)
-        with SimilarCaseIndex.from_settings(settings, embedder.identity) as index, \
-                tqdm(total=len(paths), unit="file", desc="indexing", disable=None) as bar:
+        with (
+            SimilarCaseIndex.from_settings(settings, embedder.identity) as index,
+            tqdm(total=len(paths), unit="file", desc="indexing", disable=None) as bar,
+        ):
             report = fill_index(index, embedder.embed, paths, labels, save_every, bar.update)
             version = index.version
     _summary(report, version)
 
 
-def _fill_from_pacs(ctx: click.Context, pacs: Peer, labels_csv: Path, label_source: str | None,
-                    save_every: int) -> None:
+def _fill_from_pacs(
+    ctx: click.Context, pacs: Peer, labels_csv: Path, label_source: str | None, save_every: int
+) -> None:
     """Copy each labelled study out of the PACS (C-FIND + C-GET) or DICOMweb archive
     (QIDO-RS + WADO-RS), add it, and drop the copy; studies the index holds already
     are not fetched again, so a rerun resumes."""
@@ -307,13 +324,18 @@ def _fill_from_pacs(ctx: click.Context, pacs: Peer, labels_csv: Path, label_sour
         if not studies:
             raise ValueError(f"{labels_csv}: the PACS is asked by study: give study_instance_uid for each row")
         report, problems = FillReport(), dict[str, str]()
-        with SimilarCaseIndex.from_settings(settings, embedder.identity) as index, \
-                tempfile.TemporaryDirectory(prefix="sonocase-pacs-") as scratch:
+        with (
+            SimilarCaseIndex.from_settings(settings, embedder.identity) as index,
+            tempfile.TemporaryDirectory(prefix="sonocase-pacs-") as scratch,
+        ):
             known = index.known_study_uids(studies)
             todo = [uid for uid in studies if uid not in known]
             with tqdm(total=len(todo), unit="study", desc=f"copying from {pacs}", disable=None) as bar:
-                copies = copy_studies(pacs, todo, Path(scratch), settings) if isinstance(pacs, Destination) \
+                copies = (
+                    copy_studies(pacs, todo, Path(scratch), settings)
+                    if isinstance(pacs, Destination)
                     else copy_studies_web(pacs, todo, Path(scratch), settings)
+                )
                 for copy in copies:
                     fill_index(index, embedder.embed, copy.files, labels, save_every, report=report)
                     if copy.problem:
@@ -323,16 +345,20 @@ def _fill_from_pacs(ctx: click.Context, pacs: Peer, labels_csv: Path, label_sour
             version = index.version
     for study_uid, problem in problems.items():
         click.echo(f"study {study_uid}: {problem}", err=True)
-    click.echo(f"{len(known)} of {len(studies)} studies were in the index already, "
-               f"{len(problems)} of {len(studies)} studies not copied in full")
+    click.echo(
+        f"{len(known)} of {len(studies)} studies were in the index already, "
+        f"{len(problems)} of {len(studies)} studies not copied in full"
+    )
     _summary(report, version)
 
 
 def _summary(report: FillReport, version: str) -> None:
     for path, reason in sorted(report.failed.items()):
         click.echo(f"skipped {path}: {reason}", err=True)
-    click.echo(f"added {report.added} images; {report.already_there} were there already, "
-               f"{report.unlabelled} had no label, {len(report.failed)} could not be used; index version {version}")
+    click.echo(
+        f"added {report.added} images; {report.already_there} were there already, "
+        f"{report.unlabelled} had no label, {len(report.failed)} could not be used; index version {version}"
+    )
 
 
 def study_keys(labels_csv: Path) -> list[str]:
@@ -349,21 +375,52 @@ def index() -> None:
 
 
 @index.command()
-@click.option("--dicom", "folder", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="Folder of DICOM files (searched recursively).")
-@click.option("--pacs", type=str, default=None, callback=peer_param, metavar="AE@HOST:PORT[+tls]|URL",
-              help="Instead of --dicom: copy each labelled study from this PACS (C-FIND, C-GET; "
-                   "it must know our AE title) or DICOMweb archive (its base URL, e.g. "
-                   "https://archive/dicom-web: QIDO-RS, WADO-RS). Needs study_instance_uid in the CSV.")
-@click.option("--labels", "labels_csv", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="CSV: study_instance_uid or sop_instance_uid, label, label_source.")
-@click.option("--label-source", type=click.Choice(LABEL_SOURCES), default=None,
-              help="Source of every label (instead of the CSV's label_source column).")
-@click.option("--save-every", type=click.IntRange(1), default=256, show_default=True,
-              help="Images per saved batch: an interrupted run resumes after the last one.")
+@click.option(
+    "--dicom",
+    "folder",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Folder of DICOM files (searched recursively).",
+)
+@click.option(
+    "--pacs",
+    type=str,
+    default=None,
+    callback=peer_param,
+    metavar="AE@HOST:PORT[+tls]|URL",
+    help="Instead of --dicom: copy each labelled study from this PACS (C-FIND, C-GET; "
+    "it must know our AE title) or DICOMweb archive (its base URL, e.g. "
+    "https://archive/dicom-web: QIDO-RS, WADO-RS). Needs study_instance_uid in the CSV.",
+)
+@click.option(
+    "--labels",
+    "labels_csv",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="CSV: study_instance_uid or sop_instance_uid, label, label_source.",
+)
+@click.option(
+    "--label-source",
+    type=click.Choice(LABEL_SOURCES),
+    default=None,
+    help="Source of every label (instead of the CSV's label_source column).",
+)
+@click.option(
+    "--save-every",
+    type=click.IntRange(1),
+    default=256,
+    show_default=True,
+    help="Images per saved batch: an interrupted run resumes after the last one.",
+)
 @click.pass_context
-def add(ctx: click.Context, folder: Path | None, pacs: Peer | None, labels_csv: Path,
-        label_source: str | None, save_every: int) -> None:
+def add(
+    ctx: click.Context,
+    folder: Path | None,
+    pacs: Peer | None,
+    labels_csv: Path,
+    label_source: str | None,
+    save_every: int,
+) -> None:
     """Embed and add labelled studies from a folder or the PACS (skips what is there)."""
     if (folder is None) == (pacs is None):
         raise click.UsageError("give either --dicom DIR or --pacs AE@HOST:PORT|URL")
@@ -375,12 +432,27 @@ def add(ctx: click.Context, folder: Path | None, pacs: Peer | None, labels_csv: 
 
 
 @index.command()
-@click.option("--synthetic", "per_class", type=click.IntRange(1), default=None,
-              help="Generate this many synthetic images per class (label source: synthetic).")
-@click.option("--seed", type=click.IntRange(0), default=1, show_default=True,
-              help="Synthetic patients' seed (the shipped model was trained on seed 0).")
-@click.option("--busi", "busi_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="BUSI data set folder (Dataset_BUSI_with_GT layout; radiologist labels).")
+@click.option(
+    "--synthetic",
+    "per_class",
+    type=click.IntRange(1),
+    default=None,
+    help="Generate this many synthetic images per class (label source: synthetic).",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0),
+    default=1,
+    show_default=True,
+    help="Synthetic patients' seed (the shipped model was trained on seed 0).",
+)
+@click.option(
+    "--busi",
+    "busi_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="BUSI data set folder (Dataset_BUSI_with_GT layout; radiologist labels).",
+)
 @click.pass_context
 def build(ctx: click.Context, per_class: int | None, seed: int, busi_dir: Path | None) -> None:
     """Fill the index with a reference library: synthetic studies or BUSI."""
@@ -419,20 +491,32 @@ def rebuild(ctx: click.Context) -> None:
             version = idx.version
     for sop, reason in sorted(result.failed.items()):
         click.echo(f"removed {sop}: {reason}", err=True)
-    click.echo(f"re-embedded {result.embedded} images with {embedder.identity.name} {embedder.identity.version}; "
-               f"{len(result.failed)} removed; index version {version}")
+    click.echo(
+        f"re-embedded {result.embedded} images with {embedder.identity.name} {embedder.identity.version}; "
+        f"{len(result.failed)} removed; index version {version}"
+    )
 
 
 @index.command()
 @click.argument("study_uid", required=False)
 @click.argument("label", required=False)
-@click.option("--source", type=click.Choice(("biopsy", "radiologist")), default=None,
-              help="Where the diagnosis comes from (with --csv: for rows without label_source).")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="CSV of diagnoses: study_instance_uid, label, label_source.")
+@click.option(
+    "--source",
+    type=click.Choice(("biopsy", "radiologist")),
+    default=None,
+    help="Where the diagnosis comes from (with --csv: for rows without label_source).",
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="CSV of diagnoses: study_instance_uid, label, label_source.",
+)
 @click.pass_context
-def diagnose(ctx: click.Context, study_uid: str | None, label: str | None, source: str | None,
-             csv_path: Path | None) -> None:
+def diagnose(
+    ctx: click.Context, study_uid: str | None, label: str | None, source: str | None, csv_path: Path | None
+) -> None:
     """Attach a confirmed diagnosis to a study: STUDY_UID LABEL --source, or --csv."""
     if csv_path is None and (study_uid is None or label is None or source is None):
         raise click.UsageError("give STUDY_UID LABEL --source SOURCE, or --csv FILE")
@@ -482,7 +566,11 @@ def delete(ctx: click.Context, study_uid: str, reason: str) -> None:
 @index.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("-k", "k_studies", type=click.IntRange(1, 50), default=5, show_default=True, help="Studies to show.")
-@click.option("--confirmed-only", is_flag=True, help="Only studies with a confirmed label (biopsy, radiologist, or synthetic ground truth).")
+@click.option(
+    "--confirmed-only",
+    is_flag=True,
+    help="Only studies with a confirmed label (biopsy, radiologist, or synthetic ground truth).",
+)
 @click.pass_context
 def query(ctx: click.Context, files: tuple[Path, ...], k_studies: int, confirmed_only: bool) -> None:
     """Show the studies most similar to one study's DICOM FILES (as the worker finds them)."""
@@ -493,21 +581,30 @@ def query(ctx: click.Context, files: tuple[Path, ...], k_studies: int, confirmed
         studies = {str(ds.get("StudyInstanceUID", "")) for ds in datasets}
         if len(studies) != 1:
             raise ValueError(f"the files belong to {len(studies)} studies; give the images of one study")
-        embedded = [(ds, result) for ds, result in zip(datasets, embedder.embed(datasets), strict=True)
-                    if not isinstance(result, str)]
+        embedded = [
+            (ds, result)
+            for ds, result in zip(datasets, embedder.embed(datasets), strict=True)
+            if not isinstance(result, str)
+        ]
         if not embedded:
             raise ValueError("none of the files could be embedded")
         with SimilarCaseIndex.from_settings(settings, embedder.identity) as idx:
             found = idx.query(
-                np.stack([result[0] for _, result in embedded]), k_studies, exclude_study_uid=studies.pop(),
-                exclude_patient_key=idx.patient_key(str(datasets[0].get("PatientID", "")),
-                                                    str(datasets[0].get("IssuerOfPatientID", ""))) or None,
+                np.stack([result[0] for _, result in embedded]),
+                k_studies,
+                exclude_study_uid=studies.pop(),
+                exclude_patient_key=idx.patient_key(
+                    str(datasets[0].get("PatientID", "")), str(datasets[0].get("IssuerOfPatientID", ""))
+                )
+                or None,
                 confirmed_only=confirmed_only,
                 query_sop_instance_uids=[str(ds.SOPInstanceUID) for ds, _ in embedded],
             )
     for rank, hit in enumerate(found, start=1):
-        click.echo(f"{rank}. {hit.label:10} ({hit.label_source}) distance {hit.distance:.3f} "
-                   f"similarity {hit.similarity:.2f}  study {hit.study_uid}  accession {hit.accession_number or '-'}")
+        click.echo(
+            f"{rank}. {hit.label:10} ({hit.label_source}) distance {hit.distance:.3f} "
+            f"similarity {hit.similarity:.2f}  study {hit.study_uid}  accession {hit.accession_number or '-'}"
+        )
     if not found:
         click.echo("no similar studies in the index")
     click.echo(DISCLAIMER)
@@ -520,11 +617,17 @@ def info(ctx: click.Context) -> None:
     settings = settings_from(ctx)
     with _clear_errors(), _existing_index(settings) as idx:
         summary = idx.info()
-    model = f"{summary.model.name} {summary.model.version} (sha256 {summary.model.sha256[:12]})" if summary.model else "none"
-    click.echo(f"index     {summary.directory}\nversion   {summary.version}\nmodel     {model}\n"
-               f"vectors   {summary.images} images of {summary.studies} studies ({summary.dim}-d, "
-               f"{summary.vectors_bytes / 2**20:.1f} MB; hnswlib M={summary.m}, ef_construction="
-               f"{summary.ef_construction}, ef={summary.ef}); {summary.deleted} deleted\n"
-               f"confirmed {summary.confirmed_studies} studies")
+    model = (
+        f"{summary.model.name} {summary.model.version} (sha256 {summary.model.sha256[:12]})"
+        if summary.model
+        else "none"
+    )
+    click.echo(
+        f"index     {summary.directory}\nversion   {summary.version}\nmodel     {model}\n"
+        f"vectors   {summary.images} images of {summary.studies} studies ({summary.dim}-d, "
+        f"{summary.vectors_bytes / 2**20:.1f} MB; hnswlib M={summary.m}, ef_construction="
+        f"{summary.ef_construction}, ef={summary.ef}); {summary.deleted} deleted\n"
+        f"confirmed {summary.confirmed_studies} studies"
+    )
     for label, sources in summary.by_label.items():
         click.echo(f"  {label:10} " + ", ".join(f"{n} {source}" for source, n in sources.items()))

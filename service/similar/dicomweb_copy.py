@@ -43,8 +43,10 @@ def _image_instances(web: DICOMwebClient, study_uid: str) -> tuple[list[Dataset]
     """QIDO-RS: the study's image instances (series and SOP UIDs) and how many
     others it holds; a study the archive does not know has none."""
     try:
-        found = [Dataset.from_json(item) for item in
-                 web.search_for_instances(study_instance_uid=study_uid, get_remaining=True)]
+        found = [
+            Dataset.from_json(item)
+            for item in web.search_for_instances(study_instance_uid=study_uid, get_remaining=True)
+        ]
     except requests.HTTPError as exc:
         if exc.response is not None and exc.response.status_code == 404:
             return [], 0
@@ -82,8 +84,9 @@ def _copy_one(web: DICOMwebClient, study_uid: str, folder: Path) -> StudyCopy:
     return copy
 
 
-def copy_studies_web(archive: DicomWebDestination, study_uids: Sequence[str], folder: Path,
-                     settings: Settings) -> Iterator[StudyCopy]:
+def copy_studies_web(
+    archive: DicomWebDestination, study_uids: Sequence[str], folder: Path, settings: Settings
+) -> Iterator[StudyCopy]:
     """Copy each study's images into ``folder/<study UID>/``; yield each study's
     outcome as it is done. Raises :class:`PacsUnavailable` when the archive cannot
     be reached or refuses our credentials."""
@@ -96,6 +99,11 @@ def copy_studies_web(archive: DicomWebDestination, study_uids: Sequence[str], fo
             outcome = _copy_one(web, study_uid, folder)
         except requests.RequestException as exc:
             raise _unavailable(archive, exc) from None
-        LOG.info("copied %d instance(s) from %s%s", len(outcome.files), archive,
-                 f": {outcome.problem}" if outcome.problem else "", extra={"study_uid": study_uid})
+        LOG.info(
+            "copied %d instance(s) from %s%s",
+            len(outcome.files),
+            archive,
+            f": {outcome.problem}" if outcome.problem else "",
+            extra={"study_uid": study_uid},
+        )
         yield outcome

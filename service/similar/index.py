@@ -146,7 +146,9 @@ def unit_vectors(embeddings: np.ndarray, dim: int | None = None) -> np.ndarray:
     norms = np.linalg.norm(arr, axis=1)
     bad = np.flatnonzero(np.abs(norms - 1.0) > _NORM_TOLERANCE)
     if bad.size:
-        raise ValueError(f"embedding {int(bad[0])} has norm {norms[bad[0]]:.4f}; the index takes L2-normalised embeddings")
+        raise ValueError(
+            f"embedding {int(bad[0])} has norm {norms[bad[0]]:.4f}; the index takes L2-normalised embeddings"
+        )
     return np.ascontiguousarray(arr)
 
 
@@ -496,8 +498,15 @@ class SimilarCaseIndex:
         with self._refresh_lock:  # never let a concurrent refresh put back an older version
             self._loaded = loaded
 
-    def _save(self, meta: dict[str, str], hnsw: hnswlib.Index, live: int, max_id: int,
-              rows: Callable[[sqlite3.Connection], None], extra_meta: dict[str, str] | None = None) -> None:
+    def _save(
+        self,
+        meta: dict[str, str],
+        hnsw: hnswlib.Index,
+        live: int,
+        max_id: int,
+        rows: Callable[[sqlite3.Connection], None],
+        extra_meta: dict[str, str] | None = None,
+    ) -> None:
         """Write ``hnsw`` as the next version's file, then commit ``rows`` with the
         pointer to it; remove the superseded file only after the commit."""
         counter = int(meta["counter"]) + 1
@@ -513,8 +522,14 @@ class SimilarCaseIndex:
         os.replace(tmp, self.directory / name)
         if self.durable:
             fsync_dir(self.directory)
-        updates = {"counter": str(counter), "vectors_file": name, "live": str(live), "max_id": str(max_id),
-                   "dim": str(hnsw.dim), **(extra_meta or {})}
+        updates = {
+            "counter": str(counter),
+            "vectors_file": name,
+            "live": str(live),
+            "max_id": str(max_id),
+            "dim": str(hnsw.dim),
+            **(extra_meta or {}),
+        }
         with self._tx() as db:
             rows(db)
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", updates.items())
@@ -588,9 +603,23 @@ class SimilarCaseIndex:
                         " sop_class_uid, accession_number, study_date, label, label_source, confirmed,"
                         " patient_key, image_file, added_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         [
-                            (int(i), e.sop_instance_uid, e.frame_number, e.series_uid, e.study_uid,
-                             e.sop_class_uid, e.accession_number, e.study_date, e.label.strip(), e.label_source,
-                             int(e.confirmed), e.patient_key, f, now, now)
+                            (
+                                int(i),
+                                e.sop_instance_uid,
+                                e.frame_number,
+                                e.series_uid,
+                                e.study_uid,
+                                e.sop_class_uid,
+                                e.accession_number,
+                                e.study_date,
+                                e.label.strip(),
+                                e.label_source,
+                                int(e.confirmed),
+                                e.patient_key,
+                                f,
+                                now,
+                                now,
+                            )
                             for i, e, f in zip(ids, batch, stored, strict=True)
                         ],
                     )
@@ -605,7 +634,9 @@ class SimilarCaseIndex:
 
     def _new_graph(self, dim: int, meta: dict[str, str]) -> hnswlib.Index:
         index = hnswlib.Index(space="l2", dim=dim)
-        index.init_index(max_elements=1, M=int(meta["m"]), ef_construction=int(meta["ef_construction"]), random_seed=100)
+        index.init_index(
+            max_elements=1, M=int(meta["m"]), ef_construction=int(meta["ef_construction"]), random_seed=100
+        )
         index.set_ef(self.ef)
         return index
 
@@ -687,7 +718,9 @@ class SimilarCaseIndex:
             raise ValueError("cannot rebuild: the index was opened without a model identity")
         row = self._select(
             "SELECT COUNT(r.image_id), COUNT(*) FROM images i LEFT JOIN rebuild_vectors r"
-            " ON r.image_id=i.id AND r.model_sha256=? WHERE i.deleted=0", (self.model.sha256,))[0]
+            " ON r.image_id=i.id AND r.model_sha256=? WHERE i.deleted=0",
+            (self.model.sha256,),
+        )[0]
         return int(row[0]), int(row[1])
 
     def _stage(self, embed: Callable[[StoredImage], np.ndarray], progress: Callable[[int], None] | None) -> None:
@@ -695,8 +728,12 @@ class SimilarCaseIndex:
         committed batch at a time."""
         assert self.model is not None
         while True:
-            todo = self._stored(live_only=True, where=" AND id NOT IN (SELECT image_id FROM rebuild_vectors"
-                                " WHERE model_sha256=?)", args=(self.model.sha256,), limit=REBUILD_BATCH)
+            todo = self._stored(
+                live_only=True,
+                where=" AND id NOT IN (SELECT image_id FROM rebuild_vectors WHERE model_sha256=?)",
+                args=(self.model.sha256,),
+                limit=REBUILD_BATCH,
+            )
             if not todo:
                 return
             rows = []
@@ -712,8 +749,9 @@ class SimilarCaseIndex:
             with self._tx() as db:
                 db.executemany("INSERT OR REPLACE INTO rebuild_vectors VALUES (?, ?, ?, ?)", rows)
 
-    def rebuild(self, embed: Callable[[StoredImage], np.ndarray],
-                progress: Callable[[int], None] | None = None) -> RebuildResult:
+    def rebuild(
+        self, embed: Callable[[StoredImage], np.ndarray], progress: Callable[[int], None] | None = None
+    ) -> RebuildResult:
         """Re-embed every stored reference image with this index object's model and
         bind the index to it. ``embed`` raises ValueError for an image it cannot
         embed (and images added without one cannot be); such images are marked
@@ -728,12 +766,14 @@ class SimilarCaseIndex:
             staged = self._select(
                 "SELECT i.id, i.sop_instance_uid, i.image_file, r.vector, r.failure FROM images i"
                 " JOIN rebuild_vectors r ON r.image_id=i.id AND r.model_sha256=? WHERE i.deleted=0 ORDER BY i.id",
-                (sha,))
+                (sha,),
+            )
             ok = [r for r in staged if r["vector"] is not None]
             failed = {r["sop_instance_uid"]: r["failure"] for r in staged if r["vector"] is None}
             if not ok:
-                raise ValueError(f"none of the {len(staged)} reference images could be re-embedded; "
-                                 "the index is left as it was")
+                raise ValueError(
+                    f"none of the {len(staged)} reference images could be re-embedded; the index is left as it was"
+                )
             now = time.time()
 
             def update(db: sqlite3.Connection) -> None:
@@ -753,23 +793,37 @@ class SimilarCaseIndex:
         for r in staged:
             if r["vector"] is None and r["image_file"]:
                 (self.directory / r["image_file"]).unlink(missing_ok=True)
-        log.info("rebuilt the similar-case index with model %s %s: %d images, %d failed",
-                 self.model.name, self.model.version, len(ids), len(failed))
+        log.info(
+            "rebuilt the similar-case index with model %s %s: %d images, %d failed",
+            self.model.name,
+            self.model.version,
+            len(ids),
+            len(failed),
+        )
         return RebuildResult(embedded=len(ids), failed=failed)
 
     # --- reading -------------------------------------------------------------
-    def _stored(self, live_only: bool, where: str = "", args: Sequence[Any] = (),
-                limit: int | None = None) -> list[tuple[int, StoredImage]]:
+    def _stored(
+        self, live_only: bool, where: str = "", args: Sequence[Any] = (), limit: int | None = None
+    ) -> list[tuple[int, StoredImage]]:
         sql = "SELECT * FROM images WHERE 1=1" + (" AND deleted=0" if live_only else "") + where + " ORDER BY id"
         if limit is not None:
             sql, args = sql + " LIMIT ?", (*args, limit)
         return [
-            (int(r["id"]), StoredImage(
-                sop_instance_uid=r["sop_instance_uid"], frame_number=r["frame_number"], series_uid=r["series_uid"],
-                study_uid=r["study_uid"], sop_class_uid=r["sop_class_uid"], label=r["label"],
-                label_source=r["label_source"], confirmed=bool(r["confirmed"]),
-                path=self.directory / r["image_file"] if r["image_file"] else None,
-            ))
+            (
+                int(r["id"]),
+                StoredImage(
+                    sop_instance_uid=r["sop_instance_uid"],
+                    frame_number=r["frame_number"],
+                    series_uid=r["series_uid"],
+                    study_uid=r["study_uid"],
+                    sop_class_uid=r["sop_class_uid"],
+                    label=r["label"],
+                    label_source=r["label_source"],
+                    confirmed=bool(r["confirmed"]),
+                    path=self.directory / r["image_file"] if r["image_file"] else None,
+                ),
+            )
             for r in self._select(sql, args)
         ]
 
@@ -784,19 +838,31 @@ class SimilarCaseIndex:
 
     def info(self) -> IndexInfo:
         meta = self._read_meta()
-        counts = self._select("SELECT SUM(deleted=0), SUM(deleted=1), COUNT(DISTINCT CASE WHEN deleted=0 THEN study_uid END),"
-                              " COUNT(DISTINCT CASE WHEN deleted=0 AND confirmed=1 THEN study_uid END) FROM images")[0]
+        counts = self._select(
+            "SELECT SUM(deleted=0), SUM(deleted=1), COUNT(DISTINCT CASE WHEN deleted=0 THEN study_uid END),"
+            " COUNT(DISTINCT CASE WHEN deleted=0 AND confirmed=1 THEN study_uid END) FROM images"
+        )[0]
         by_label: dict[str, dict[str, int]] = {}
-        for r in self._select("SELECT label, label_source, COUNT(DISTINCT study_uid) FROM images WHERE deleted=0"
-                              " GROUP BY label, label_source ORDER BY label, label_source"):
+        for r in self._select(
+            "SELECT label, label_source, COUNT(DISTINCT study_uid) FROM images WHERE deleted=0"
+            " GROUP BY label, label_source ORDER BY label, label_source"
+        ):
             by_label.setdefault(r[0], {})[r[1]] = int(r[2])
         vectors = self.directory / meta["vectors_file"] if meta["vectors_file"] else None
         return IndexInfo(
-            directory=self.directory, version=f"{meta['index_id']}.{meta['counter']}", model=self.bound_model,
-            dim=int(meta["dim"]) if meta["dim"] else None, images=int(counts[0] or 0), deleted=int(counts[1] or 0),
-            studies=int(counts[2]), confirmed_studies=int(counts[3]), by_label=by_label,
+            directory=self.directory,
+            version=f"{meta['index_id']}.{meta['counter']}",
+            model=self.bound_model,
+            dim=int(meta["dim"]) if meta["dim"] else None,
+            images=int(counts[0] or 0),
+            deleted=int(counts[1] or 0),
+            studies=int(counts[2]),
+            confirmed_studies=int(counts[3]),
+            by_label=by_label,
             vectors_bytes=vectors.stat().st_size if vectors is not None else 0,
-            ef=self.ef, m=int(meta["m"]), ef_construction=int(meta["ef_construction"]),
+            ef=self.ef,
+            m=int(meta["m"]),
+            ef_construction=int(meta["ef_construction"]),
         )
 
     def query(
@@ -853,13 +919,21 @@ class SimilarCaseIndex:
         for study, (d2, image_id, q) in ranked:
             row = rows[image_id]
             distance, similarity = distance_and_similarity(d2)
-            result.append(SimilarStudy(
-                study_uid=study, series_uid=row["series_uid"], sop_instance_uid=row["sop_instance_uid"],
-                sop_class_uid=row["sop_class_uid"], accession_number=row["accession_number"],
-                study_date=row["study_date"], label=row["label"], label_source=row["label_source"],
-                distance=distance, similarity=similarity,
-                query_sop_instance_uid=query_sop_instance_uids[q] if query_sop_instance_uids is not None else "",
-            ))
+            result.append(
+                SimilarStudy(
+                    study_uid=study,
+                    series_uid=row["series_uid"],
+                    sop_instance_uid=row["sop_instance_uid"],
+                    sop_class_uid=row["sop_class_uid"],
+                    accession_number=row["accession_number"],
+                    study_date=row["study_date"],
+                    label=row["label"],
+                    label_source=row["label_source"],
+                    distance=distance,
+                    similarity=similarity,
+                    query_sop_instance_uid=query_sop_instance_uids[q] if query_sop_instance_uids is not None else "",
+                )
+            )
         return result
 
     def _excluded_ids(self, max_id: int, study_uid: str, patient_key: str, confirmed_only: bool) -> np.ndarray:
@@ -877,7 +951,9 @@ class SimilarCaseIndex:
         )
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
-    def _neighbours(self, loaded: _Loaded, queries: np.ndarray, k: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _neighbours(
+        self, loaded: _Loaded, queries: np.ndarray, k: int, excluded: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest allowed images per query: the graph, or exact search where the
         graph cannot promise k (k covers every allowed image, or a filtered search
         came back short)."""
@@ -893,7 +969,9 @@ class SimilarCaseIndex:
             overfetch = excluded.size <= MAX_OVERFETCH
             try:
                 labels, squared = hnsw.knn_query(
-                    queries, k=k + excluded.size if overfetch else k, num_threads=1,
+                    queries,
+                    k=k + excluded.size if overfetch else k,
+                    num_threads=1,
                     filter=None if overfetch or allowed_mask is None else allowed_mask.__getitem__,
                 )
                 return labels.astype(np.int64), squared

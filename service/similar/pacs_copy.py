@@ -76,7 +76,8 @@ class _Copier:
 
 def _copy_one(assoc: Association, copier: _Copier, study_uid: str) -> StudyCopy:
     found = [
-        identifier for status, identifier in assoc.send_c_find(_study_query(study_uid), StudyRootQueryRetrieveInformationModelFind)
+        identifier
+        for status, identifier in assoc.send_c_find(_study_query(study_uid), StudyRootQueryRetrieveInformationModelFind)
         if status and status.get("Status") in _PENDING and identifier is not None
     ]
     if not found:
@@ -114,9 +115,14 @@ def copy_studies(pacs: Destination, study_uids: Sequence[str], folder: Path, set
     roles = [build_role(sop_class, scp_role=True) for sop_class in STORAGE_SOP_CLASSES]
     copier = _Copier(folder)
     try:
-        assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title, ext_neg=roles,
-                             evt_handlers=[(evt.EVT_C_STORE, copier.on_store)],
-                             tls_args=dicom_tls.client_args(settings, pacs))
+        assoc = ae.associate(
+            pacs.host,
+            pacs.port,
+            ae_title=pacs.ae_title,
+            ext_neg=roles,
+            evt_handlers=[(evt.EVT_C_STORE, copier.on_store)],
+            tls_args=dicom_tls.client_args(settings, pacs),
+        )
     except OSError as exc:
         raise PacsUnavailable(f"cannot reach {pacs}: {exc}") from exc
     if not assoc.is_established:
@@ -127,8 +133,13 @@ def copy_studies(pacs: Destination, study_uids: Sequence[str], folder: Path, set
             if not assoc.is_established:
                 raise PacsUnavailable(f"{pacs} ended the association")
             outcome = _copy_one(assoc, copier, study_uid)
-            LOG.info("copied %d instance(s) from %s%s", len(outcome.files), pacs,
-                     f": {outcome.problem}" if outcome.problem else "", extra={"study_uid": study_uid})
+            LOG.info(
+                "copied %d instance(s) from %s%s",
+                len(outcome.files),
+                pacs,
+                f": {outcome.problem}" if outcome.problem else "",
+                extra={"study_uid": study_uid},
+            )
             yield outcome
     finally:
         if assoc.is_established:

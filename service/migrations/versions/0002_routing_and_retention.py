@@ -30,8 +30,10 @@ def upgrade() -> None:
     for name in ("routing_rule", "routing_reason", "destinations"):
         op.add_column("studies", sa.Column(name, TEXT()))
     op.add_column("studies", sa.Column("spool_bytes", INTEGER(), nullable=False, server_default=sa.text("0")))
-    op.execute("UPDATE studies SET spool_bytes=(SELECT COALESCE(SUM(size), 0) FROM instances"
-               " WHERE instances.study_uid=studies.study_uid)")
+    op.execute(
+        "UPDATE studies SET spool_bytes=(SELECT COALESCE(SUM(size), 0) FROM instances"
+        " WHERE instances.study_uid=studies.study_uid)"
+    )
     op.create_table(
         "purges",
         sa.Column("study_uid", TEXT(), sa.ForeignKey("studies.study_uid"), nullable=False),
@@ -42,8 +44,13 @@ def upgrade() -> None:
         sa.Column("bytes", INTEGER()),
         sa.PrimaryKeyConstraint("study_uid", "generation", "kind"),
     )
-    op.create_index("purges_unfinished", "purges", ["purged_at"],
-                    sqlite_where=sa.text("bytes IS NULL"), postgresql_where=sa.text("bytes IS NULL"))
+    op.create_index(
+        "purges_unfinished",
+        "purges",
+        ["purged_at"],
+        sqlite_where=sa.text("bytes IS NULL"),
+        postgresql_where=sa.text("bytes IS NULL"),
+    )
 
 
 def downgrade() -> None:

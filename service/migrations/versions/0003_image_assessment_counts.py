@@ -32,10 +32,16 @@ def upgrade() -> None:
     for study_uid, generation, result in rows:
         images = [i for i in json.loads(result).get("images", []) if i.get("frames")]
         db.execute(
-            sa.text("UPDATE results SET images_analysed=:analysed, images_not_assessed=:flagged"
-                    " WHERE study_uid=:study_uid AND generation=:generation"),
-            {"analysed": len(images), "flagged": sum(bool(i.get("out_of_distribution")) for i in images),
-             "study_uid": study_uid, "generation": generation},
+            sa.text(
+                "UPDATE results SET images_analysed=:analysed, images_not_assessed=:flagged"
+                " WHERE study_uid=:study_uid AND generation=:generation"
+            ),
+            {
+                "analysed": len(images),
+                "flagged": sum(bool(i.get("out_of_distribution")) for i in images),
+                "study_uid": study_uid,
+                "generation": generation,
+            },
         )
 
 

@@ -53,9 +53,13 @@ def upgrade() -> None:
         sa.Column("matched_at", REAL()),
         sa.UniqueConstraint("source", "reference", name="outcomes_source_reference"),
     )
-    op.create_index("outcomes_unmatched", "outcomes", ["received_at"],
-                    sqlite_where=sa.text("matched_study_uid IS NULL"),
-                    postgresql_where=sa.text("matched_study_uid IS NULL"))
+    op.create_index(
+        "outcomes_unmatched",
+        "outcomes",
+        ["received_at"],
+        sqlite_where=sa.text("matched_study_uid IS NULL"),
+        postgresql_where=sa.text("matched_study_uid IS NULL"),
+    )
     op.create_index("outcomes_study", "outcomes", ["matched_study_uid"])
     op.create_table(
         "hl7_messages",
