@@ -216,7 +216,7 @@ class LedgerCollector(Collector):
         for stage, (start, end) in STAGES.items():
             cumulative, count, total = self._ledger.latency_histogram(start, end, LATENCY_BUCKETS)
             buckets = [(str(b), c) for b, c in zip(LATENCY_BUCKETS, cumulative, strict=True)]
-            family.add_metric([stage], buckets + [("+Inf", count)], sum_value=total)
+            family.add_metric([stage], [*buckets, ("+Inf", count)], sum_value=total)
         return family
 
     def _outbox(self) -> Iterator[Metric]:

@@ -24,6 +24,7 @@ what would go now and why.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -117,10 +118,8 @@ def _remove_files(settings: Settings, kind: str, study_uid: str, generation: int
             [p for p in folder.iterdir() if p.name.isdigit() and int(p.name) <= generation] if folder.is_dir() else []
         )
         removed = sum(_remove_tree(p) for p in generations)
-    try:
-        folder.rmdir()  # only once empty: a folder still in use keeps its files
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # only once empty: a folder still in use keeps its files
+        folder.rmdir()
     return removed
 
 

@@ -303,7 +303,7 @@ def _largest_component(cells: np.ndarray) -> np.ndarray | None:
     height, width = cells.shape
     labels = np.zeros(cells.shape, np.int32)
     label, best, best_size = 0, 0, 0
-    for start in zip(*np.nonzero(cells)):
+    for start in zip(*np.nonzero(cells), strict=True):
         if labels[start]:
             continue
         label += 1
