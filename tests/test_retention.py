@@ -219,7 +219,12 @@ def test_purge_command_shows_then_removes(node: Settings, ledger: Ledger, tmp_pa
 
     def run(*args: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "service", "purge", *args], env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "service", "purge", *args],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert done.returncode == 0, done.stderr
         return done.stdout

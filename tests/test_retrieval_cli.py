@@ -136,7 +136,7 @@ def test_labels_csv_errors_name_every_bad_line(tmp_path: Path) -> None:
         assert expected in message
     path.write_text("sop_instance_uid,label,label_source\n1.5,Benign,synthetic phantom\n")
     assert read_labels_csv(path, CLASSES, source="radiologist")["1.5"].label == "benign"
-    with pytest.raises(ValueError, match="label_source 'synthetic phantom'.*--label-source"):
+    with pytest.raises(ValueError, match=r"label_source 'synthetic phantom'.*--label-source"):
         read_labels_csv(path, CLASSES)
     path.write_text("uid,label\n1.5,benign\n")
     with pytest.raises(ValueError, match="needs a header with label and one of study_instance_uid"):

@@ -325,7 +325,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         "SONOCASE_DESTINATIONS": ",".join(str(d) for d in settings.destinations),
     }
     return subprocess.run(
-        [sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service", *args], check=False, env=env, capture_output=True, text=True, timeout=120
     )
 
 
@@ -352,7 +352,7 @@ def test_the_node_does_not_start_with_a_broken_template(settings: Settings, ledg
     broken = tmp_path / "template.json"
     broken.write_text("{}")
     service = SenderService(settings.model_copy(update={"sr_template": broken}), ledger)
-    with pytest.raises(TemplateError, match="template.json is invalid"):
+    with pytest.raises(TemplateError, match=r"template.json is invalid"):
         service.start()
     healthy = SenderService(settings, ledger)
     healthy.start()

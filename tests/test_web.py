@@ -184,17 +184,17 @@ def _model(tmp_path: Path) -> Path:
 
 
 def _settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(
-        data_dir=tmp_path / "data",
-        host="127.0.0.1",
-        port=free_port(),
-        http_host="127.0.0.1",
-        http_port=free_port(),
-        durability="none",
-        web_token=TOKEN,
-        web_review_token=REVIEW_TOKEN,
-        model_path=_model(tmp_path),
-    )
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "http_host": "127.0.0.1",
+        "http_port": free_port(),
+        "durability": "none",
+        "web_token": TOKEN,
+        "web_review_token": REVIEW_TOKEN,
+        "model_path": _model(tmp_path),
+    }
     return load_settings(**(values | overrides))
 
 
@@ -415,7 +415,7 @@ def test_heatmap_outside_the_results_folder_is_not_served(node: Node, tmp_path: 
 def test_an_image_outside_the_training_domain_is_shown_not_assessed_and_counted(node: Node) -> None:
     rec = _store(node.settings, node.ledger, generate_uid(), time.time())
     _analyse(node.settings, node.ledger, rec, time.time(), ood=True)
-    status, studies = _json(node.url, "/api/v1/studies", headers=BEARER)
+    _status, studies = _json(node.url, "/api/v1/studies", headers=BEARER)
     (shown,) = [s for s in studies if s["study_uid"] == rec.study_uid]
     assert shown["result"] == "not assessed: outside the model's training domain"
     assert shown["heatmap_url"] is None  # no heatmap posing as an explanation

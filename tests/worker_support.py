@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -42,6 +43,7 @@ def storescu(settings: Settings, paths: list[Path]) -> None:
     """Send ``paths`` with DCMTK's storescu (JPEG baseline and uncompressed proposed)."""
     result = subprocess.run(
         ["/usr/bin/storescu", "-xy", "-aec", settings.ae_title, "127.0.0.1", str(settings.port), *map(str, paths)],
+        check=False,
         env={**os.environ, "TCP_NODELAY": "1"},
         capture_output=True,
         text=True,
@@ -115,10 +117,8 @@ class Process:
 
     def kill(self) -> None:
         """SIGKILL to the whole group: a crash of the node and everything it started."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(30)
         self._reap_group()
 
