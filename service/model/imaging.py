@@ -23,12 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.pixels import (
-    apply_color_lut,
-    apply_modality_lut,
-    apply_voi_lut,
-    pixel_array,
-)
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import pixel_array
 
 from service.model_card import InputSpec
 
