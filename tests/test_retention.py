@@ -34,8 +34,8 @@ from service.ops.status import format_detail, study_detail
 from service.pipeline.tasks import WorkerState, process_study
 from service.reports.build import build_reports
 from service.settings import Settings, SettingsError, load_settings
-from service.similar.cli import ReferenceEmbedder
 from service.similar.index import SimilarCaseIndex
+from service.similar.references import ReferenceEmbedder
 
 DEST = "PACS@127.0.0.1:1104"
 

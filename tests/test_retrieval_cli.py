@@ -23,8 +23,8 @@ from pydicom.uid import BasicTextSRStorage, generate_uid
 from service.cli import cli
 from service.datasets.synthetic import write_busi_layout, write_dicom_dataset
 from service.model_card import DISCLAIMER, ModelCard, card_path_for, sha256_file
-from service.similar.cli import read_labels_csv
 from service.similar.index import SimilarCaseIndex
+from service.similar.references import read_labels_csv
 
 CLASSES = ["normal", "benign", "malignant"]
 SIDE = 16  # model input side: small, so a test embeds a study in milliseconds
