@@ -13,11 +13,11 @@ import pytest
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
 from test_reports_support import Study, analysed_study, data_file, dciodvfy_errors, default_template
 
+from service.common.colour import jet
 from service.ledger import Ledger
 from service.reports import Placement
 from service.reports.heatmaps import BAND_LEVELS, bands, load_heat
 from service.reports.kos import build_kos, key_images
-from service.reports.sc import jet
 from service.reports.seg import IDENTITY_ORIENTATION, build_heatmap_seg, pixel_spacing, seg_skip_reason
 from service.reports.sr import decisive_frame
 from service.reports.validation import check_object

@@ -25,6 +25,7 @@ from kombu import Connection
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 
+from service.common.colour import jet
 from service.common.metrics import STAGES
 from service.common.spool import free_disk_mb
 from service.delivery.recovery import RetryKind
@@ -327,10 +328,8 @@ def study_heatmap_png(ledger: Ledger, results_dir: Path, study_uid: str) -> byte
 
 
 def heatmap_png(heatmap: np.ndarray, size: int = THUMBNAIL_PX) -> bytes:
-    """A colour thumbnail (blue = low, red = high) of a [0, 1] Grad-CAM map."""
-    h = np.clip(np.nan_to_num(heatmap.astype(np.float32)), 0.0, 1.0)
-    rgb = np.stack([np.clip(1.5 - np.abs(4 * h - c), 0, 1) for c in (3, 2, 1)], axis=-1)
-    image = Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
+    """A colour thumbnail of a [0, 1] Grad-CAM map, in the heatmap SC's colours."""
+    image = Image.fromarray(jet(np.nan_to_num(heatmap.astype(np.float32))), "RGB")
     image.thumbnail((size, size), Image.Resampling.BILINEAR)
     out = io.BytesIO()
     image.save(out, format="PNG")
