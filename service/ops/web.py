@@ -46,6 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.common.bearer import CHALLENGE, token_matches
 from service.common.metrics import LedgerCollector, build_registry, observe_login_refusal
 from service.delivery.recovery import NothingToRetry, UnknownStudy, retry_study
 from service.ledger import Ledger
@@ -239,7 +240,7 @@ def _token_role(state: WebState, client: str, given: str) -> Role | None:
         (state.settings.web_review_token, "reviewer"),
     ]
     for token, role in tokens:
-        if token and hmac.compare_digest(given.encode(), token.encode()):
+        if token_matches(given, token):
             return role
     keys = throttle_keys(client, given)
     wait = max(state.throttle.retry_after(key) for key in keys)
@@ -276,9 +277,7 @@ def authenticate(
         session = state.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
         if session is not None:
             return Auth("session", session.role, session)
-    raise HTTPException(
-        401, "sign in, or send Authorization: Bearer <web_token>", {"WWW-Authenticate": 'Bearer realm="sonocase"'}
-    )
+    raise HTTPException(401, "sign in, or send Authorization: Bearer <web_token>", CHALLENGE)
 
 
 def _cross_site(request: Request) -> bool:
