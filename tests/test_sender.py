@@ -35,13 +35,10 @@ from test_reports_support import (
     storescp_profile,
 )
 
+from service.common.backoff import backoff_delay
 from service.common.metrics import SEND_ATTEMPTS
 from service.delivery.recovery import retry_study
-from service.delivery.sender import (
-    Sender,
-    SenderService,
-    backoff_delay,
-)
+from service.delivery.sender import Sender, SenderService
 from service.ledger import Ledger, OutboxState, StudyState
 from service.reports.build import OPTIONAL_CLASSES, build_reports
 from service.reports.template import TemplateError

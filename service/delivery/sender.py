@@ -44,6 +44,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from service.common import dicom_tls, dicomweb
+from service.common.backoff import backoff_delay
 from service.common.metrics import observe_send
 from service.delivery.dicomweb import (
     SOP_CLASS_NOT_SUPPORTED,
@@ -78,13 +79,6 @@ POLL_S = 0.02
 ORPHAN_CHECK_S = 1.0
 #: How often a C-STORE waiting for its response checks that the association lives.
 _WATCH_EVERY_S = 0.1
-
-
-def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random) -> float:
-    """Delay before try ``attempts + 1``: exponential, capped, with "equal jitter"
-    (half fixed, half random) so many objects never hammer a PACS in lockstep."""
-    delay = min(max_s, base_s * 2 ** max(0, attempts - 1))
-    return delay / 2 + rng.uniform(0, delay / 2)
 
 
 def send_c_store(assoc: Association, ds: Dataset) -> Dataset:
