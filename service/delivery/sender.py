@@ -45,6 +45,7 @@ from pynetdicom.association import Association
 
 from service.common import dicom_tls, dicomweb
 from service.common.backoff import backoff_delay
+from service.common.loop import PollingLoop
 from service.common.metrics import observe_send
 from service.delivery.dicomweb import (
     SOP_CLASS_NOT_SUPPORTED,
@@ -409,8 +410,8 @@ class SenderService:
 
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self.sender = Sender(settings, ledger)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sonocase-sender", daemon=True)
+        self._loop = PollingLoop(self.name, POLL_S, self._round)
+        self._next_orphan_check = time.monotonic()
 
     def start(self) -> None:
         """Refuse to start with an SR template that cannot code the model's classes."""
@@ -423,19 +424,13 @@ class SenderService:
                 "no destination configured: results stay in %s (set SONOCASE_DESTINATIONS)",
                 self.sender.settings.outbox_dir,
             )
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+        self._loop.stop()
 
-    def _run(self) -> None:
-        next_orphan_check = time.monotonic()
-        while not self._stop.wait(POLL_S):
-            try:
-                self.sender.run_once()
-                if time.monotonic() >= next_orphan_check:
-                    next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
-                    self.sender.report_orphans()
-            except Exception:  # the loop must outlive one bad round; the ledger keeps the work
-                LOG.exception("sender round failed; retrying")
+    def _round(self) -> None:
+        self.sender.run_once()
+        if time.monotonic() >= self._next_orphan_check:
+            self._next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
+            self.sender.report_orphans()
