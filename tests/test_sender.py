@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections import Counter
 from pathlib import Path
 
@@ -38,11 +39,11 @@ from test_reports_support import (
 from service.common.backoff import backoff_delay
 from service.common.metrics import SEND_ATTEMPTS
 from service.delivery.recovery import retry_study
-from service.delivery.sender import Sender, SenderService
+from service.delivery.sender import TRANSPORTS, Sender, SenderService
 from service.ledger import Ledger, OutboxState, StudyState
 from service.reports.build import OPTIONAL_CLASSES, build_reports
 from service.reports.template import TemplateError
-from service.settings import Settings, load_settings
+from service.settings import Peer, Settings, load_settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
 
 FAR_FUTURE = 4e9
@@ -102,6 +103,12 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
         delays = [backoff_delay(attempts, 5.0, 600.0, rng) for _ in range(200)]
         assert full / 2 <= min(delays) and max(delays) <= full
         assert max(delays) - min(delays) > full / 4  # jittered, not in lockstep
+
+
+def test_every_kind_of_destination_has_a_transport(settings: Settings, ledger: Ledger) -> None:
+    assert set(TRANSPORTS) == set(typing.get_args(Peer))
+    transports = Sender(settings, ledger).transports
+    assert {kind: type(transport) for kind, transport in transports.items()} == TRANSPORTS
 
 
 def test_results_arrive_once_and_the_study_is_sent(to_pacs: Settings, ledger: Ledger, pacs_factory) -> None:
