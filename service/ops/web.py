@@ -52,21 +52,14 @@ from service.delivery.recovery import NothingToRetry, UnknownStudy, retry_study
 from service.ledger import Ledger
 from service.monitoring.drift import DriftConfig
 from service.monitoring.watcher import DriftWatcher, MonitoringCollector
+from service.ops.pages import login_page, render_status
+from service.ops.probes import Check, IndexProbe, ModelProbe, broker_check, disk_check, ledger_check, readiness
 from service.ops.server import HttpLimits, WebServer
 from service.ops.sessions import LoginThrottle, Role, Session, SessionStore
 from service.ops.views import (
     PAGE_STUDIES,
-    Check,
-    IndexProbe,
-    ModelProbe,
     StudyView,
-    broker_check,
-    disk_check,
-    ledger_check,
-    login_page,
-    readiness,
     recent_views,
-    render_status,
     retry_notice,
     study_heatmap_png,
     study_view,
