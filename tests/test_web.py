@@ -20,6 +20,7 @@ import attacks
 import numpy as np
 import pydicom
 import pytest
+import uvicorn
 from chromium import Chromium
 from conftest import guard_card_entry
 from fastapi import APIRouter, FastAPI, Request
@@ -30,6 +31,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.common.metrics import observe_cstore
 from service.common.spool import instance_path, write_atomic
@@ -43,7 +45,7 @@ from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
 from service.model_card import ModelCard, card_path_for, sha256_file
 from service.node import node_services
 from service.ops.probes import CheckResult, IndexProbe, ModelProbe, broker_check
-from service.ops.server import HttpLimits, Progress, WebServer, body_deadline, furthest_behind
+from service.ops.server import HttpLimits, Progress, WebServer, body_deadline, choose_protocol, furthest_behind
 from service.ops.sessions import LoginThrottle, SessionStore
 from service.ops.web import SAFE_METHODS, SESSION_COOKIE, ExtraRouter, build_web_server, throttle_keys
 from service.pipeline.analysis import summarise_study
@@ -819,6 +821,18 @@ def test_a_new_connection_closes_the_one_furthest_behind() -> None:
         "10.0.0.9", [served, on_time, ("b", Progress("10.0.0.4", 0, busy=True))], limits, now=100
     ) == (False, None)
     assert body_deadline(dripping[1], limits) == 40 + 10 + 0.1
+
+
+def test_the_guard_runs_only_on_the_uvicorn_it_was_written_for(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = HttpLimits(read_timeout_s=10, min_body_rate=1000, max_connections=3, max_per_address=2)
+    protocol, cap = choose_protocol(limits)  # the installed uvicorn: the one the guard was written for
+    assert issubclass(protocol, H11Protocol) and protocol is not H11Protocol and cap is None
+    monkeypatch.setattr(uvicorn, "__version__", "0.99.0")  # what unsupported_reason() reads
+    with caplog.at_level("WARNING", logger="service.ops.server"):
+        assert choose_protocol(limits) == ("h11", 3)  # uvicorn's own protocol, one plain cap
+    assert "HTTP guard unavailable (uvicorn 0.99.0 is installed" in caplog.text
 
 
 # --- routers of other stages, mounted by sonocase serve ----------------------------------------
