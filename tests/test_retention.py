@@ -16,7 +16,7 @@ from conftest import free_port
 from test_reports_support import analysed_study
 from worker_support import child_env, receive
 
-from service.common.metrics import LedgerCollector, build_registry
+from service.common.metrics import build_registry
 from service.common.spool import free_disk_mb
 from service.datasets.synthetic import synthetic_study
 from service.delivery.recovery import NothingToRetry, retry_study
@@ -30,6 +30,7 @@ from service.delivery.retention import (
     tree_bytes,
 )
 from service.ledger import FILE_KINDS, Ledger, OutboxState, PurgeCandidate, Routing, StudyState
+from service.ops.ledger_metrics import LedgerCollector
 from service.ops.status import format_detail, study_detail
 from service.pipeline.tasks import WorkerState, process_study
 from service.reports.build import build_reports

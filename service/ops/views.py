@@ -22,9 +22,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 
 from service.common.colour import jet
-from service.common.metrics import STAGES
 from service.delivery.recovery import RetryKind
 from service.ledger import Ledger, OutboxState, StudyState
+from service.ops.ledger_metrics import STAGES
 from service.results import NOT_ASSESSED, StudyResult
 
 logger = logging.getLogger(__name__)

@@ -47,11 +47,12 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.common.bearer import CHALLENGE, token_matches
-from service.common.metrics import LedgerCollector, build_registry, observe_login_refusal
+from service.common.metrics import build_registry, observe_login_refusal
 from service.delivery.recovery import NothingToRetry, UnknownStudy, retry_study
 from service.ledger import Ledger
 from service.monitoring.drift import DriftConfig
 from service.monitoring.watcher import DriftWatcher, MonitoringCollector
+from service.ops.ledger_metrics import LedgerCollector
 from service.ops.pages import login_page, render_status
 from service.ops.probes import Check, IndexProbe, ModelProbe, broker_check, disk_check, ledger_check, readiness
 from service.ops.server import HttpLimits, WebServer
