@@ -788,9 +788,10 @@ class Ledger:
             self._insert(purges)
             .from_select(["study_uid", "generation", "kind", "reason", "purged_at"], done)
             .on_conflict_do_nothing(index_elements=[_p.study_uid, _p.generation, _p.kind])
+            .returning(_p.kind)  # not rowcount: psycopg's INSERT through SQLAlchemy reports -1
         )
         with self.transaction() as db:
-            if db.execute(claim).rowcount != 1:
+            if db.execute(claim).first() is None:
                 return None
             if kind != "spool":
                 return []
@@ -903,7 +904,12 @@ class Ledger:
             return self._record_outcomes(db, outcomes, now)
 
     def _record_outcomes(self, db: sa.Connection, received: Sequence[Outcome], now: float) -> list[bool]:
-        new = self._insert(outcomes).on_conflict_do_nothing(index_elements=[outcomes.c.source, outcomes.c.reference])
+        # RETURNING, not rowcount: psycopg's INSERT through SQLAlchemy reports rowcount -1
+        new = (
+            self._insert(outcomes)
+            .on_conflict_do_nothing(index_elements=[outcomes.c.source, outcomes.c.reference])
+            .returning(outcomes.c.outcome_id)
+        )
         added = [
             db.execute(
                 new,
@@ -918,8 +924,8 @@ class Ledger:
                     "outcome_date": o.outcome_date,
                     "received_at": now,
                 },
-            ).rowcount
-            == 1
+            ).first()
+            is not None
             for o in received
         ]
         db.execute(_match(now))
