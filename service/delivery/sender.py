@@ -25,6 +25,7 @@ builder is idempotent, so a late duplicate build is harmless).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -33,7 +34,6 @@ import time
 from collections.abc import Callable
 from itertools import groupby
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -50,7 +50,7 @@ from service.delivery.dicomweb import (
     WARNING_REASONS,
     store_study,
 )
-from service.ledger import Ledger, OutboxState, StudyState
+from service.ledger import Ledger, OutboxRow, OutboxState, StudyState
 from service.model_card import card_path_for
 from service.reports.build import (
     OPTIONAL_CLASSES,
@@ -140,22 +140,22 @@ class Sender:
         """Try every due object once; return how many were accepted."""
         rows = self.ledger.due_outbox(time.time() if now is None else now)
         accepted = 0
-        for (destination, study_uid), group in groupby(rows, key=lambda r: (r["destination"], r["study_uid"])):
+        for (destination, study_uid), group in groupby(rows, key=lambda r: (r.destination, r.study_uid)):
             accepted += self._deliver(destination, study_uid, list(group))
             self._settle(study_uid)
         return accepted
 
-    def _deliver(self, destination: str, study_uid: str, rows: list[dict[str, Any]]) -> int:
+    def _deliver(self, destination: str, study_uid: str, rows: list[OutboxRow]) -> int:
         dest = parse_peer(destination)
         # The SR first: it is what the radiologist waits for, and it names the rest.
-        rows = sorted(rows, key=lambda r: r["sop_class_uid"] not in SR_CLASSES)
+        rows = sorted(rows, key=lambda r: r.sop_class_uid not in SR_CLASSES)
         if isinstance(dest, DicomWebDestination):
             datasets = self._read(rows, dcmread)
-            rows = [r for r in rows if r["sop_instance_uid"] in datasets]
+            rows = [r for r in rows if r.sop_instance_uid in datasets]
             accepted = self._deliver_stow(dest, study_uid, rows, datasets) if rows else 0
         else:
             metas = self._read(rows, read_file_meta_info)  # the file meta only: objects are sent as files
-            rows = [r for r in rows if r["sop_instance_uid"] in metas]
+            rows = [r for r in rows if r.sop_instance_uid in metas]
             accepted = self._deliver_cstore(dest, rows, metas) if rows else 0
         if rows:
             LOG.info(
@@ -167,18 +167,18 @@ class Sender:
             )
         return accepted
 
-    def _read(self, rows: list[dict[str, Any]], read: Callable[[str], Dataset]) -> dict[str, Dataset]:
+    def _read(self, rows: list[OutboxRow], read: Callable[[str], Dataset]) -> dict[str, Dataset]:
         """``read`` of each row's outbox file, by SOP Instance UID; a file that cannot
         be read is a failed try of its row."""
         read_ok = {}
         for row in rows:
             try:
-                read_ok[row["sop_instance_uid"]] = read(row["path"])
+                read_ok[row.sop_instance_uid] = read(row.path)
             except (OSError, InvalidDicomError) as exc:
-                self._failed(row, f"outbox file {row['path']} cannot be read: {exc}")
+                self._failed(row, f"outbox file {row.path} cannot be read: {exc}")
         return read_ok
 
-    def _deliver_cstore(self, dest: Destination, rows: list[dict[str, Any]], metas: dict[str, Dataset]) -> int:
+    def _deliver_cstore(self, dest: Destination, rows: list[OutboxRow], metas: dict[str, Dataset]) -> int:
         """The group over one association; return how many were accepted."""
         assoc = self._associate(dest, rows, metas)
         if not assoc.is_established:
@@ -192,14 +192,14 @@ class Sender:
                 if not assoc.is_established:
                     self._failed(row, f"association with {dest} ended early")
                     continue
-                accepted += self._store(assoc, dest, row, metas[row["sop_instance_uid"]].TransferSyntaxUID)
+                accepted += self._store(assoc, dest, row, metas[row.sop_instance_uid].TransferSyntaxUID)
         finally:
             if assoc.is_established:
                 assoc.release()
         return accepted
 
     def _deliver_stow(
-        self, dest: DicomWebDestination, study_uid: str, rows: list[dict[str, Any]], datasets: dict[str, Dataset]
+        self, dest: DicomWebDestination, study_uid: str, rows: list[OutboxRow], datasets: dict[str, Dataset]
     ) -> int:
         """The group in one STOW-RS request; each object's outcome is recorded on its
         own, so a partly stored request resends only what was not stored."""
@@ -209,29 +209,29 @@ class Sender:
             for row in rows:
                 self._failed(row, f"{dest}: {exc}")
             return 0
-        outcomes = store_study(web, study_uid, [datasets[row["sop_instance_uid"]] for row in rows])
+        outcomes = store_study(web, study_uid, [datasets[row.sop_instance_uid] for row in rows])
         accepted = 0
         for row in rows:
-            outcome = outcomes[row["sop_instance_uid"]]
+            outcome = outcomes[row.sop_instance_uid]
             if outcome.stored:
                 accepted += self._accepted(dest, row, outcome.reason)
-            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row["sop_class_uid"] in SR_CLASSES:
+            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row.sop_class_uid in SR_CLASSES:
                 # Rebuilt in the next SR class, sent in the next round (soon: the row stays due).
-                self._fallback(dest, row, set(SR_CLASSES[SR_CLASSES.index(row["sop_class_uid"]) + 1 :]))
-            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row["sop_class_uid"] in OPTIONAL_CLASSES:
+                self._fallback(dest, row, set(SR_CLASSES[SR_CLASSES.index(row.sop_class_uid) + 1 :]))
+            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row.sop_class_uid in OPTIONAL_CLASSES:
                 self._skipped(dest, row)
             else:
-                self._failed(row, f"{dest} did not store {row['sop_instance_uid']}: {outcome.reason}")
+                self._failed(row, f"{dest} did not store {row.sop_instance_uid}: {outcome.reason}")
         return accepted
 
-    def _associate(self, dest: Destination, rows: list[dict[str, Any]], metas: dict[str, Dataset]) -> Association:
+    def _associate(self, dest: Destination, rows: list[OutboxRow], metas: dict[str, Dataset]) -> Association:
         ae = AE(ae_title=self.settings.ae_title)
         ae.acse_timeout = ae.network_timeout = 30
         ae.dimse_timeout = 120
         proposed: dict[str, list[str]] = {}
         for row in rows:
-            stored = metas[row["sop_instance_uid"]].TransferSyntaxUID
-            classes = SR_CLASSES if row["sop_class_uid"] in SR_CLASSES else (row["sop_class_uid"],)
+            stored = metas[row.sop_instance_uid].TransferSyntaxUID
+            classes = SR_CLASSES if row.sop_class_uid in SR_CLASSES else (row.sop_class_uid,)
             for sop_class in classes:
                 for syntax in _transfer_syntaxes(sop_class, stored):
                     proposed.setdefault(sop_class, [])
@@ -243,79 +243,79 @@ class Sender:
             dest.host, dest.port, ae_title=dest.ae_title, tls_args=dicom_tls.client_args(self.settings, dest)
         )
 
-    def _store(self, assoc: Association, dest: Destination, row: dict[str, Any], stored: str) -> int:
+    def _store(self, assoc: Association, dest: Destination, row: OutboxRow, stored: str) -> int:
         accepted_classes = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-        if row["sop_class_uid"] not in accepted_classes:
-            if row["sop_class_uid"] in OPTIONAL_CLASSES:
+        if row.sop_class_uid not in accepted_classes:
+            if row.sop_class_uid in OPTIONAL_CLASSES:
                 return self._skipped(dest, row)
-            if row["sop_class_uid"] not in SR_CLASSES:
-                self._failed(row, f"{dest} accepts no presentation context for SOP class {row['sop_class_uid']}")
+            if row.sop_class_uid not in SR_CLASSES:
+                self._failed(row, f"{dest} accepts no presentation context for SOP class {row.sop_class_uid}")
                 return 0
             fallback = self._fallback(dest, row, accepted_classes)
             if fallback is None:
                 return 0
             row, stored = fallback
         as_stored = any(
-            cx.abstract_syntax == row["sop_class_uid"] and cx.transfer_syntax[0] == stored
+            cx.abstract_syntax == row.sop_class_uid and cx.transfer_syntax[0] == stored
             for cx in assoc.accepted_contexts
         )
         try:
             # The file as it lies in the outbox (already checked by the gate) where the
             # destination takes its transfer syntax; else decoded, for pynetdicom to convert.
-            status = send_c_store(assoc, Path(row["path"]) if as_stored else dcmread(row["path"]))
+            status = send_c_store(assoc, Path(row.path) if as_stored else dcmread(row.path))
         except (OSError, InvalidDicomError) as exc:
-            self._failed(row, f"outbox file {row['path']} cannot be read: {exc}")
+            self._failed(row, f"outbox file {row.path} cannot be read: {exc}")
             return 0
         code = int(status.get("Status", -1)) if status else -1
         if code == STATUS_SUCCESS or code in STATUS_WARNINGS:
             return self._accepted(dest, row, STATUS_WARNINGS.get(code, ""))
         reason = "no response (association lost)" if code == -1 else f"C-STORE status 0x{code:04X}"
-        self._failed(row, f"{dest} did not store {row['sop_instance_uid']}: {reason}")
+        self._failed(row, f"{dest} did not store {row.sop_instance_uid}: {reason}")
         return 0
 
-    def _accepted(self, dest: Destination | DicomWebDestination, row: dict[str, Any], warning: str) -> int:
+    def _accepted(self, dest: Destination | DicomWebDestination, row: OutboxRow, warning: str) -> int:
         """Record an object the destination stored (with ``warning``, if any); 1."""
         if warning:
             LOG.warning(
                 "%s stored %s with a warning: %s",
                 dest,
-                row["sop_instance_uid"],
+                row.sop_instance_uid,
                 warning,
-                extra={"study_uid": row["study_uid"]},
+                extra={"study_uid": row.study_uid},
             )
-        self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SENT)
+        self.ledger.update_outbox(row.sop_instance_uid, row.destination, OutboxState.SENT)
         observe_send("accepted")
         return 1
 
-    def _skipped(self, dest: Destination | DicomWebDestination, row: dict[str, Any]) -> int:
+    def _skipped(self, dest: Destination | DicomWebDestination, row: OutboxRow) -> int:
         """An optional object the destination does not take: recorded as skipped
         there (``sonocase resend`` tries it again); 0."""
-        reason = f"{dest} does not accept SOP class {row['sop_class_uid']}"
+        reason = f"{dest} does not accept SOP class {row.sop_class_uid}"
         LOG.warning(
             "%s: %s not sent there (optional)",
             reason,
-            row["sop_instance_uid"],
-            extra={"study_uid": row["study_uid"], "destination": str(dest)},
+            row.sop_instance_uid,
+            extra={"study_uid": row.study_uid, "destination": str(dest)},
         )
-        self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SKIPPED, error=reason)
+        self.ledger.update_outbox(row.sop_instance_uid, row.destination, OutboxState.SKIPPED, error=reason)
         return 0
 
     def _fallback(
         self,
         dest: Destination | DicomWebDestination,
-        row: dict[str, Any],
+        row: OutboxRow,
         accepted_classes: set[str],
-    ) -> tuple[dict[str, Any], str] | None:
+    ) -> tuple[OutboxRow, str] | None:
         """Rebuild the SR in the first class after its own that ``dest`` accepts;
         the new row and its transfer syntax."""
-        current = row["sop_class_uid"]
+        current = row.sop_class_uid
         later = SR_CLASSES[SR_CLASSES.index(current) + 1 :]
         target = next((c for c in later if c in accepted_classes), None)
         if target is None:
             self._failed(row, f"{dest} accepts none of the SR classes {list(SR_CLASSES[SR_CLASSES.index(current) :])}")
             return None
         try:
-            new_uid, path = rebuild_sr(self.settings, self.ledger, row["study_uid"], row["generation"], target)
+            new_uid, path = rebuild_sr(self.settings, self.ledger, row.study_uid, row.generation, target)
         except ReportError as exc:
             self._failed(row, f"the SR could not be rebuilt as {target}: {exc}")
             return None
@@ -324,26 +324,26 @@ class Sender:
             dest,
             current,
             target,
-            extra={"study_uid": row["study_uid"], "destination": str(dest)},
+            extra={"study_uid": row.study_uid, "destination": str(dest)},
         )
-        self.ledger.replace_outbox(row["sop_instance_uid"], row["destination"], new_uid, target, str(path))
+        self.ledger.replace_outbox(row.sop_instance_uid, row.destination, new_uid, target, str(path))
         return (
-            {**row, "sop_instance_uid": new_uid, "sop_class_uid": target, "path": str(path)},
+            dataclasses.replace(row, sop_instance_uid=new_uid, sop_class_uid=target, path=str(path)),
             read_file_meta_info(path).TransferSyntaxUID,
         )
 
-    def _failed(self, row: dict[str, Any], reason: str) -> None:
+    def _failed(self, row: OutboxRow, reason: str) -> None:
         """Schedule another try, or give up visibly after send_max_attempts."""
         observe_send("failed")
-        attempts = row["attempts"] + 1
-        study_uid = row["study_uid"]
+        attempts = row.attempts + 1
+        study_uid = row.study_uid
         if attempts >= self.settings.send_max_attempts:
-            self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.FAILED, error=reason)
+            self.ledger.update_outbox(row.sop_instance_uid, row.destination, OutboxState.FAILED, error=reason)
             self.ledger.transition(
                 study_uid,
                 StudyState.FAILED,
-                (StudyState.REPORTED,),
-                row["generation"],
+                row.generation,
+                sources=(StudyState.REPORTED,),
                 failed_stage="send",
                 error=reason[:2000],
             )
@@ -351,13 +351,13 @@ class Sender:
                 "giving up after %d tries: %s",
                 attempts,
                 reason,
-                extra={"study_uid": study_uid, "destination": row["destination"], "stage": "send"},
+                extra={"study_uid": study_uid, "destination": row.destination, "stage": "send"},
             )
             return
         delay = backoff_delay(attempts, self.settings.send_backoff_s, self.settings.send_backoff_max_s, self.rng)
         self.ledger.update_outbox(
-            row["sop_instance_uid"],
-            row["destination"],
+            row.sop_instance_uid,
+            row.destination,
             OutboxState.PENDING,
             error=reason,
             next_attempt_at=time.time() + delay,
@@ -367,19 +367,17 @@ class Sender:
             attempts,
             delay,
             reason,
-            extra={"study_uid": study_uid, "destination": row["destination"]},
+            extra={"study_uid": study_uid, "destination": row.destination},
         )
 
     def _settle(self, study_uid: str) -> None:
         """REPORTED -> SENT once every object of the current generation is accepted."""
         study = self.ledger.study(study_uid)
-        if study is None or study["state"] != StudyState.REPORTED:
+        if study is None or study.state != StudyState.REPORTED:
             return
-        rows = [r for r in self.ledger.outbox(study_uid) if r["generation"] == study["generation"]]
-        if rows and all(r["state"] in (OutboxState.SENT, OutboxState.SKIPPED) for r in rows):
-            self.ledger.transition(
-                study_uid, StudyState.SENT, (StudyState.REPORTED,), study["generation"], sent_at=time.time()
-            )
+        rows = [r for r in self.ledger.outbox(study_uid) if r.generation == study.generation]
+        if rows and all(r.state in (OutboxState.SENT, OutboxState.SKIPPED) for r in rows):
+            self.ledger.transition(study_uid, StudyState.SENT, study.generation)
             LOG.info("all %d object(s) accepted", len(rows), extra={"study_uid": study_uid})
 
     # --- studies a dead worker analysed but never reported ----------------------
