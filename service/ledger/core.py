@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from service.ledger.engine import SQLITE_TIMEOUT_S, open_postgresql, open_sqlite
+from service.ledger.engine import SQLITE_TIMEOUT_S, Prepared, open_postgresql, open_sqlite
 from service.ledger.records import FILE_KINDS, Outcome, PurgeCandidate, Routing, Verdict
 from service.ledger.rows import (
     Hl7MessageRow,
@@ -49,12 +49,16 @@ _DONE_STUDY = sa.and_(
 _DONE_AT = sa.case((_s.state == StudyState.SENT, _s.sent_at), else_=_s.completed_at)
 
 
-def _due(now: float) -> sa.ColumnElement[bool]:
-    """Studies a task must be sent for (see :meth:`Ledger.due_for_queue`)."""
-    return sa.or_(
-        sa.and_(_s.state == StudyState.COMPLETE, sa.or_(_s.next_attempt_at.is_(None), _s.next_attempt_at <= now)),
-        sa.and_(_s.state.in_([StudyState.QUEUED, StudyState.ANALYSING]), _s.lease_until <= now),
-    )
+#: Studies a task must be sent for (see :meth:`Ledger.due_for_queue`), as of the parameter ``now``.
+_DUE = sa.or_(
+    sa.and_(
+        _s.state == StudyState.COMPLETE,
+        sa.or_(_s.next_attempt_at.is_(None), _s.next_attempt_at <= sa.bindparam("now")),
+    ),
+    sa.and_(
+        sa.or_(_s.state == StudyState.QUEUED, _s.state == StudyState.ANALYSING), _s.lease_until <= sa.bindparam("now")
+    ),
+)
 
 
 def _match(now: float) -> sa.Update:
@@ -73,10 +77,21 @@ def _match(now: float) -> sa.Update:
 
 
 _INSTANCE_COLUMNS = columns(InstanceRecord, instances)
-_HAS_INSTANCE = sa.select(_i.sop_instance_uid).where(_i.sop_instance_uid == sa.bindparam("uid"))
-_STUDY_STATE = sa.select(_s.state).where(_s.study_uid == sa.bindparam("uid"))
-_NEW_STUDY = sa.insert(studies)
-_MORE_OF_STUDY = (
+# The receiver's path (record_instances, per instance) and what the stages poll for:
+# prepared once (see engine.Prepared).
+_HAS_INSTANCE = Prepared(sa.select(_i.sop_instance_uid).where(_i.sop_instance_uid == sa.bindparam("uid")))
+_STUDY_STATE = Prepared(sa.select(_s.state).where(_s.study_uid == sa.bindparam("uid")))
+_NEW_STUDY = Prepared(
+    sa.insert(studies).values(
+        study_uid=sa.bindparam("uid"),
+        state=StudyState.RECEIVING,
+        first_received=sa.bindparam("now"),
+        last_received=sa.bindparam("now"),
+        updated_at=sa.bindparam("now"),
+        spool_bytes=sa.bindparam("size"),
+    )
+)
+_more_of_study = (
     sa.update(studies)
     .where(_s.study_uid == sa.bindparam("uid"))
     .values(
@@ -85,16 +100,27 @@ _MORE_OF_STUDY = (
         spool_bytes=_s.spool_bytes + sa.bindparam("size"),
     )
 )
-_REOPEN_STUDY = _MORE_OF_STUDY.values(
-    state=StudyState.RECEIVING,
-    generation=_s.generation + 1,
-    attempts=0,
-    next_attempt_at=None,
-    failed_stage=None,
-    error=None,
-    lease_until=None,
+_MORE_OF_STUDY = Prepared(_more_of_study)
+#: A new instance re-opens a study past receiving: analysed again, as a new generation.
+_REOPEN_STUDY = Prepared(
+    _more_of_study.values(
+        state=StudyState.RECEIVING,
+        generation=_s.generation + 1,
+        attempts=0,
+        next_attempt_at=None,
+        failed_stage=None,
+        error=None,
+        lease_until=None,
+    )
 )
-_NEW_INSTANCE = sa.insert(instances)
+_NEW_INSTANCE = Prepared(sa.insert(instances).values({c.name: sa.bindparam("i_" + c.name) for c in instances.c}))
+_STUDY = Prepared(sa.select(*columns(StudyRow, studies)).where(_s.study_uid == sa.bindparam("uid")))
+_DUE_FOR_QUEUE = Prepared(sa.select(_s.study_uid).where(_DUE).order_by(_s.last_received))
+_DUE_OUTBOX = Prepared(
+    sa.select(*columns(OutboxRow, outbox))
+    .where(_o.state == OutboxState.PENDING, _o.next_attempt_at <= sa.bindparam("now"))
+    .order_by(_o.destination, _o.study_uid)
+)
 
 
 def open_ledger(settings: Settings, durable: bool | None = None) -> Ledger:
@@ -174,9 +200,12 @@ class Ledger:
         with self._db.transaction() as db:
             yield db
 
-    def _rows(self, row_class: type[R], stmt: sa.Executable) -> list[R]:
+    def _rows(
+        self, row_class: type[R], stmt: sa.Executable | Prepared, params: dict[str, Any] | None = None
+    ) -> list[R]:
         with self._db.reading() as db:
-            return [row_class.of(r) for r in db.execute(stmt)]
+            found = self._db.run(db, stmt, params or {}) if isinstance(stmt, Prepared) else db.execute(stmt)
+            return [row_class.of(r) for r in found]
 
     def _all(self, stmt: sa.Executable) -> list[tuple[Any, ...]]:
         with self._db.reading() as db:
@@ -193,7 +222,7 @@ class Ledger:
     # --- receiving ---------------------------------------------------------
     def has_instance(self, sop_instance_uid: str) -> bool:
         with self._db.reading() as db:
-            return db.execute(_HAS_INSTANCE, {"uid": sop_instance_uid}).first() is not None
+            return self._db.run(db, _HAS_INSTANCE, {"uid": sop_instance_uid}).fetchone() is not None
 
     def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
         """Record a stored instance; return False if its SOP Instance UID was known.
@@ -209,41 +238,29 @@ class Ledger:
         with self.transaction() as db:
             return [self._record(db, rec, now) for rec in recs]
 
-    @staticmethod
-    def _record(db: sa.Connection, rec: InstanceRecord, now: float) -> bool:
-        if db.execute(_HAS_INSTANCE, {"uid": rec.sop_instance_uid}).first() is not None:
+    def _record(self, db: sa.Connection, rec: InstanceRecord, now: float) -> bool:
+        run = self._db.run
+        if run(db, _HAS_INSTANCE, {"uid": rec.sop_instance_uid}).fetchone() is not None:
             return False
-        state = db.execute(_STUDY_STATE, {"uid": rec.study_uid}).scalar()
-        if state is None:
-            db.execute(
-                _NEW_STUDY,
-                {
-                    "study_uid": rec.study_uid,
-                    "state": StudyState.RECEIVING,
-                    "first_received": now,
-                    "last_received": now,
-                    "updated_at": now,
-                    "spool_bytes": rec.size,
-                },
-            )
-        else:
-            grow = _MORE_OF_STUDY if state == StudyState.RECEIVING else _REOPEN_STUDY
-            db.execute(grow, {"uid": rec.study_uid, "now": now, "size": rec.size})
-        db.execute(
+        study = run(db, _STUDY_STATE, {"uid": rec.study_uid}).fetchone()
+        grow = _NEW_STUDY if study is None else _MORE_OF_STUDY if study[0] == StudyState.RECEIVING else _REOPEN_STUDY
+        run(db, grow, {"uid": rec.study_uid, "now": now, "size": rec.size})
+        run(
+            db,
             _NEW_INSTANCE,
             {
-                "sop_instance_uid": rec.sop_instance_uid,
-                "study_uid": rec.study_uid,
-                "series_uid": rec.series_uid,
-                "sop_class_uid": rec.sop_class_uid,
-                "transfer_syntax": rec.transfer_syntax,
-                "path": rec.path,
-                "size": rec.size,
-                "calling_ae": rec.calling_ae,
-                "modality": rec.modality,
-                "ignored_reason": rec.ignored_reason,
-                "received_at": now,
-                "crc32": rec.crc32,
+                "i_sop_instance_uid": rec.sop_instance_uid,
+                "i_study_uid": rec.study_uid,
+                "i_series_uid": rec.series_uid,
+                "i_sop_class_uid": rec.sop_class_uid,
+                "i_transfer_syntax": rec.transfer_syntax,
+                "i_path": rec.path,
+                "i_size": rec.size,
+                "i_calling_ae": rec.calling_ae,
+                "i_modality": rec.modality,
+                "i_ignored_reason": rec.ignored_reason,
+                "i_received_at": now,
+                "i_crc32": rec.crc32,
             },
         )
         return True
@@ -309,7 +326,8 @@ class Ledger:
         """Studies a task must be sent for: complete ones, retries that are due, and
         queued/analysing ones whose lease ran out (their worker or message was lost)."""
         now = time.time() if now is None else now
-        return [uid for (uid,) in self._all(sa.select(_s.study_uid).where(_due(now)).order_by(_s.last_received))]
+        with self._db.reading() as db:
+            return [uid for (uid,) in self._db.run(db, _DUE_FOR_QUEUE, {"now": now}).fetchall()]
 
     def mark_queued(self, study_uid: str, lease_s: float, now: float | None = None) -> None:
         """Record that a task was sent, if the study is still due: a worker that
@@ -318,8 +336,9 @@ class Ledger:
         with self.transaction() as db:
             db.execute(
                 sa.update(studies)
-                .where(_s.study_uid == study_uid, _due(now))
-                .values(state=StudyState.QUEUED, queued_at=now, lease_until=now + lease_s, updated_at=now)
+                .where(_s.study_uid == study_uid, _DUE)
+                .values(state=StudyState.QUEUED, queued_at=now, lease_until=now + lease_s, updated_at=now),
+                {"now": now},
             )
 
     def claim_analysis(self, study_uid: str, lease_s: float, now: float | None = None) -> int | None:
@@ -542,7 +561,7 @@ class Ledger:
 
     # --- reading -----------------------------------------------------------
     def study(self, study_uid: str) -> StudyRow | None:
-        rows = self._rows(StudyRow, sa.select(*columns(StudyRow, studies)).where(_s.study_uid == study_uid))
+        rows = self._rows(StudyRow, _STUDY, {"uid": study_uid})
         return rows[0] if rows else None
 
     def studies(self, states: Sequence[str] = (), limit: int = 1000) -> list[StudyRow]:
@@ -678,12 +697,7 @@ class Ledger:
 
     def due_outbox(self, now: float | None = None) -> list[OutboxRow]:
         now = time.time() if now is None else now
-        return self._rows(
-            OutboxRow,
-            sa.select(*columns(OutboxRow, outbox))
-            .where(_o.state == OutboxState.PENDING, _o.next_attempt_at <= now)
-            .order_by(_o.destination, _o.study_uid),
-        )
+        return self._rows(OutboxRow, _DUE_OUTBOX, {"now": now})
 
     def update_outbox(
         self,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,35 @@ def _postgresql_engine(url: str, durable: bool) -> sa.Engine:
     return engine
 
 
+class Prepared:
+    """A Core statement compiled once per dialect and run on the DB-API cursor
+    (:meth:`Database.run`): a hot path pays neither for building the statement nor
+    for SQLAlchemy's cache look-up and result objects (together about five times the
+    cost of the query itself on SQLite). Values that vary are ``sa.bindparam``s."""
+
+    __slots__ = ("_compiled", "statement")
+
+    def __init__(self, statement: sa.Executable) -> None:
+        self.statement = statement
+        self._compiled: dict[str, tuple[str, dict[str, Any], tuple[str, ...] | None]] = {}
+
+    def bind(self, dialect: sa.Dialect, params: Mapping[str, Any]) -> tuple[str, Sequence[Any] | Mapping[str, Any]]:
+        """The SQL in ``dialect`` and its arguments: ``params`` for the bind
+        parameters without a value, the statement's own values for the others."""
+        compiled = self._compiled.get(dialect.name)
+        if compiled is None:
+            done = self.statement.compile(dialect=dialect)
+            if "POSTCOMPILE" in str(done):
+                raise ValueError(f"a prepared statement cannot hold an IN list (write it as OR): {done}")
+            values = done.construct_params(_check=False)
+            own = {name: values[name] for bind, name in done.bind_names.items() if not bind.required}
+            compiled = self._compiled[dialect.name] = (str(done), own, done.positiontup)
+        sql, own, order = compiled
+        if order is None:  # named parameters (psycopg)
+            return sql, {**own, **params}
+        return sql, tuple(params[name] if name in params else own[name] for name in order)
+
+
 class Database:
     """One connection, shared by a process's threads (calls are serialised); after
     the server dropped it, the next call reconnects, never one in the middle of a
@@ -93,7 +122,23 @@ class Database:
             if self.sqlite:
                 raise
             raise ConnectionError(f"cannot reach the ledger database {where}: {exc.orig}") from None
-        self._begin = "BEGIN IMMEDIATE" if self.sqlite else "BEGIN"
+        self._dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+
+    def run(self, conn: sa.Connection, statement: Prepared, params: Mapping[str, Any]) -> Any:
+        """Execute ``statement`` on ``conn``'s DB-API connection; the DB-API cursor.
+        Errors are SQLAlchemy's, as :meth:`sa.Connection.execute` raises them, and a
+        connection the server dropped is reconnected at the next call."""
+        sql, args = statement.bind(conn.dialect, params)
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        cursor = dbapi.cursor()
+        try:
+            cursor.execute(sql, args)
+        except self._dbapi_error as exc:
+            if getattr(dbapi, "closed", False):
+                conn.invalidate(exc)
+            raise sa.exc.DBAPIError.instance(sql, args, exc, self._dbapi_error) from exc
+        return cursor
 
     def close(self) -> None:
         with self._lock:
@@ -117,12 +162,12 @@ class Database:
         the commit can fail too (a full disk), and then rolls back as well."""
         with self._lock:
             conn = self._live()
-            conn.exec_driver_sql(self._begin)
+            self.run(conn, _BEGIN_IMMEDIATE if self.sqlite else _BEGIN, {})
             try:
                 if not self.sqlite:
-                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+                    self.run(conn, _WRITE_LOCK, {})
                 yield conn
-                conn.exec_driver_sql("COMMIT")
+                self.run(conn, _COMMIT, {})
             except BaseException:
                 self._rollback(conn)
                 raise
@@ -134,7 +179,14 @@ class Database:
         # SQLite may have rolled back already (SQLITE_FULL at COMMIT)
         if self.sqlite and dbapi is not None and not dbapi.in_transaction:
             return
-        conn.exec_driver_sql("ROLLBACK")
+        self.run(conn, _ROLLBACK, {})
+
+
+_BEGIN_IMMEDIATE = Prepared(sa.text("BEGIN IMMEDIATE"))  # SQLite: the write lock up front
+_BEGIN = Prepared(sa.text("BEGIN"))
+_WRITE_LOCK = Prepared(sa.text(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})"))
+_COMMIT = Prepared(sa.text("COMMIT"))
+_ROLLBACK = Prepared(sa.text("ROLLBACK"))
 
 
 def open_sqlite(path: Path, durable: bool) -> Database:
