@@ -144,8 +144,8 @@ def test_a_partly_stored_request_resends_only_what_failed(settings: Settings, or
         assert Sender(s, ledger).run_once() == len(uids) - 1
         rows = {r.sop_instance_uid: r for r in ledger.outbox()}
         failed = rows.pop(row.sop_instance_uid)
-        assert (failed["state"], failed["attempts"]) == (OutboxState.PENDING, 1)
-        assert "Failure Reason 0x" in failed["error"]
+        assert (failed.state, failed.attempts) == (OutboxState.PENDING, 1)
+        assert "Failure Reason 0x" in failed.error
         assert {r.state for r in rows.values()} == {OutboxState.SENT}
         assert sorted(orthanc.sop_classes(study_uid)) == sorted(rows)
         assert ledger.study(study_uid).state == StudyState.REPORTED
