@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 
-from service.ledger import VERDICTS, Ledger, Verdict
+from service.ledger import VERDICTS, Ledger, Verdict, VerdictRow
 from service.monitoring.verdicts import problems
 from service.ops.views import _csrf_field, _page
 from service.ops.web import CsrfField, PageAuth, StudyUid, csrf_problem
@@ -53,19 +53,19 @@ def _role_html(role: str | None) -> str:
     return f" ({html.escape(role)})" if role else ""
 
 
-def _history_html(rows: Sequence[Mapping[str, Any]]) -> str:
+def _history_html(rows: Sequence[VerdictRow]) -> str:
     if not rows:
         return "<p>No verdict yet.</p>"
     return (
         "<table id=verdicts><tr><th>When (UTC)</th><th>Reader</th><th>Finding</th><th>Verdict</th>"
         "<th>Comment</th></tr>"
         + "".join(
-            f"<tr><td>{datetime.fromtimestamp(r['recorded_at'], UTC):%Y-%m-%d %H:%M:%S}</td>"
-            f"<td>{html.escape(r['reader'])}{_role_html(r['reader_role'])}</td>"
-            f"<td>{html.escape(r['finding'] or 'study')}</td>"
-            f"<td class=verdict>{html.escape(r['verdict'])}"
-            f"{' ' + html.escape(r['corrected_class']) if r['corrected_class'] else ''}</td>"
-            f"<td>{html.escape(r['comment'])}</td></tr>"
+            f"<tr><td>{datetime.fromtimestamp(r.recorded_at, UTC):%Y-%m-%d %H:%M:%S}</td>"
+            f"<td>{html.escape(r.reader)}{_role_html(r.reader_role)}</td>"
+            f"<td>{html.escape(r.finding or 'study')}</td>"
+            f"<td class=verdict>{html.escape(r.verdict)}"
+            f"{' ' + html.escape(r.corrected_class) if r.corrected_class else ''}</td>"
+            f"<td>{html.escape(r.comment)}</td></tr>"
             for r in rows
         )
         + "</table>"
