@@ -204,8 +204,9 @@ class Ledger:
         self, row_class: type[R], stmt: sa.Executable | Prepared, params: dict[str, Any] | None = None
     ) -> list[R]:
         with self._db.reading() as db:
-            found = self._db.run(db, stmt, params or {}) if isinstance(stmt, Prepared) else db.execute(stmt)
-            return [row_class.of(r) for r in found]
+            if isinstance(stmt, Prepared):
+                return [row_class.of(r) for r in self._db.run(db, stmt, params or {})]
+            return [row_class.of(r) for r in db.execute(stmt)]
 
     def _all(self, stmt: sa.Executable) -> list[tuple[Any, ...]]:
         with self._db.reading() as db:

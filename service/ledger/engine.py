@@ -17,9 +17,12 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql.compiler import SQLCompiler
 
 #: How long a SQLite ledger waits for another connection's write lock.
 SQLITE_TIMEOUT_S = 30.0
@@ -85,7 +88,7 @@ class Prepared:
 
     __slots__ = ("_compiled", "statement")
 
-    def __init__(self, statement: sa.Executable) -> None:
+    def __init__(self, statement: sa.ClauseElement) -> None:
         self.statement = statement
         self._compiled: dict[str, tuple[str, dict[str, Any], tuple[str, ...] | None]] = {}
 
@@ -94,12 +97,13 @@ class Prepared:
         parameters without a value, the statement's own values for the others."""
         compiled = self._compiled.get(dialect.name)
         if compiled is None:
-            done = self.statement.compile(dialect=dialect)
+            done = cast("SQLCompiler", self.statement.compile(dialect=dialect))
             if "POSTCOMPILE" in str(done):
                 raise ValueError(f"a prepared statement cannot hold an IN list (write it as OR): {done}")
             values = done.construct_params(_check=False)
             own = {name: values[name] for bind, name in done.bind_names.items() if not bind.required}
-            compiled = self._compiled[dialect.name] = (str(done), own, done.positiontup)
+            order = None if done.positiontup is None else tuple(done.positiontup)
+            compiled = self._compiled[dialect.name] = (str(done), own, order)
         sql, own, order = compiled
         if order is None:  # named parameters (psycopg)
             return sql, {**own, **params}
