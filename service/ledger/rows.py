@@ -99,11 +99,6 @@ class ResultRow(_Row):
     images_analysed: int
     images_not_assessed: int
 
-    def document(self) -> dict[str, Any]:
-        """The result as the worker stored it (see :mod:`service.results`)."""
-        doc: dict[str, Any] = json.loads(self.result)
-        return doc
-
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow(_Row):
