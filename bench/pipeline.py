@@ -40,7 +40,7 @@ from conftest import free_port
 from worker_support import PrivateRedis, serve, storescu, write_study
 
 from service.common.spool import instance_path
-from service.ledger import Ledger
+from service.ledger import Ledger, StudyRow
 from service.model.inference import OnnxModel
 from service.pipeline.analysis import analyse_study
 from service.settings import Settings, load_settings
@@ -73,19 +73,16 @@ def node_settings(data_dir: Path, **overrides: Any) -> Settings:
     )
 
 
-def ledger_rows(settings: Settings, study_uids: list[str]) -> list[dict]:
-    ledger = Ledger(settings.ledger_path, durable=False)
-    try:
-        return [ledger.study(uid) or {} for uid in study_uids]
-    finally:
-        ledger.close()
+def ledger_rows(settings: Settings, study_uids: list[str]) -> list[StudyRow | None]:
+    with Ledger(settings.ledger_path, durable=False) as ledger:
+        return [ledger.study(uid) for uid in study_uids]
 
 
-def wait_analysed(settings: Settings, study_uids: list[str], timeout: float = 600) -> list[dict]:
+def wait_analysed(settings: Settings, study_uids: list[str], timeout: float = 600) -> list[StudyRow]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows = ledger_rows(settings, study_uids)
-        if all(row.get("analysed_at") for row in rows):
+        rows = [row for row in ledger_rows(settings, study_uids) if row is not None and row.analysed_at]
+        if len(rows) == len(study_uids):
             return rows
         time.sleep(0.05)
     raise TimeoutError(f"studies not analysed within {timeout} s")
@@ -102,11 +99,11 @@ def latencies(settings: Settings, studies: list[tuple[str, list[Path]]], log: Pa
         for study_uid, paths in studies[:-1]:
             storescu(settings, paths)
             row = wait_analysed(settings, [study_uid])[0]
-            hops["total"].append(row["analysed_at"] - row["last_received"] - settings.quiet_period_s)
-            hops["last instance->complete"].append(row["completed_at"] - row["last_received"])
+            hops["total"].append(row.analysed_at - row.last_received - settings.quiet_period_s)
+            hops["last instance->complete"].append(row.completed_at - row.last_received)
             # scheduler + broker (a fast worker may claim before queued_at is even written)
-            hops["complete->claimed"].append(row["analysis_started"] - row["completed_at"])
-            hops["analysis"].append(row["analysed_at"] - row["analysis_started"])
+            hops["complete->claimed"].append(row.analysis_started - row.completed_at)
+            hops["analysis"].append(row.analysed_at - row.analysis_started)
     finally:
         node.stop()
     return hops
@@ -156,8 +153,8 @@ def throughput(
         rows = wait_analysed(settings, [uid for uid, _ in studies])
     finally:
         node.stop()
-    span = max(r["analysed_at"] for r in rows) - min(r["analysis_started"] for r in rows)
-    per_image = statistics.median((r["analysed_at"] - r["analysis_started"]) / images for r in rows)
+    span = max(r.analysed_at for r in rows) - min(r.analysis_started for r in rows)
+    per_image = statistics.median((r.analysed_at - r.analysis_started) / images for r in rows)
     return len(studies) * images / span, per_image
 
 

@@ -60,9 +60,10 @@ def main() -> None:
             outcome = process_study(state, uid)
             profile.disable()
             total = time.perf_counter() - start
-            row = ledger.study(uid) or {}
-            assert outcome == "analysed" and row.get("state") == "reported", (outcome, row.get("state"))
-            analysis = row["analysed_at"] - row["analysis_started"]
+            row = ledger.study(uid)
+            assert outcome == "analysed" and row is not None and row.state == "reported", (outcome, row)
+            assert row.analysed_at is not None and row.analysis_started is not None
+            analysis = row.analysed_at - row.analysis_started
             stages["analysis"].append(analysis)
             stages["reports"].append(total - analysis)
             stages["total"].append(total)

@@ -41,7 +41,7 @@ from pynetdicom.events import Event
 from service.cli import peer_param, settings_from
 from service.common.spool import write_atomic
 from service.datasets.synthetic import synthetic_study
-from service.ledger import Ledger, StudyState, open_ledger
+from service.ledger import Ledger, StudyRow, StudyState, open_ledger
 from service.model_card import DISCLAIMER
 from service.node import Node, node_services
 from service.reports.build import SENT_CLASSES
@@ -152,15 +152,18 @@ def wait_until_delivered(
     ledger: Ledger,
     study_uids: Sequence[str],
     timeout_s: float,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, StudyRow]:
     """Wait until the ledger has every study sent (its results in the PACS) or failed."""
     deadline = time.monotonic() + timeout_s
     while True:
-        studies = {uid: ledger.study(uid) or {"state": "not received"} for uid in study_uids}
-        if all(s["state"] in (StudyState.SENT, StudyState.FAILED) for s in studies.values()):
-            return studies
+        studies = {uid: ledger.study(uid) for uid in study_uids}
+        done = {
+            uid: s for uid, s in studies.items() if s is not None and s.state in (StudyState.SENT, StudyState.FAILED)
+        }
+        if len(done) == len(studies):
+            return done
         if time.monotonic() > deadline:
-            states = ", ".join(f"{uid}: {s['state']}" for uid, s in studies.items())
+            states = ", ".join(f"{uid}: {s.state if s else 'not received'}" for uid, s in studies.items())
             raise click.ClickException(f"no result after {timeout_s:.0f} s ({states}); see the log above")
         time.sleep(_POLL_S)
 
@@ -192,10 +195,10 @@ def render_outputs(objects: Sequence[Path], out_dir: Path) -> Outputs:
     return Outputs(html, png)
 
 
-def study_line(truth: str, study: dict[str, Any], result: dict[str, Any] | None, seconds: float) -> list[str]:
+def study_line(truth: str, study: StudyRow, result: dict[str, Any] | None, seconds: float) -> list[str]:
     """One row of the table: what was sent, what came back, how long it took."""
-    if study["state"] == StudyState.FAILED or result is None:
-        return [truth, "FAILED", "", f"{study.get('failed_stage')}: {study.get('error')}", f"{seconds:.1f}"]
+    if study.state == StudyState.FAILED or result is None:
+        return [truth, "FAILED", "", f"{study.failed_stage}: {study.error}", f"{seconds:.1f}"]
     summary = result["summary"]
     predicted = "not assessed" if summary["out_of_distribution"] else str(summary["predicted"])
     probability = "" if summary["probability"] is None else f"{summary['probability']:.2f}"
@@ -311,7 +314,7 @@ def _run(settings: Settings, pacs: StandInPacs, folder: Path, studies: int, imag
         outputs = Outputs([], [])
         for uid, (truth, pushed_at) in pushed.items():
             study = final[uid]
-            seconds = (study.get("sent_at") or time.time()) - pushed_at
+            seconds = (study.sent_at or time.time()) - pushed_at
             rows.append(study_line(truth, study, ledger.result(uid), seconds))
             rendered = render_outputs(pacs.objects(uid), folder / "outputs" / uid)
             outputs = Outputs(outputs.html + rendered.html, outputs.png + rendered.png)
@@ -323,7 +326,7 @@ def _run(settings: Settings, pacs: StandInPacs, folder: Path, studies: int, imag
     click.echo("structured reports (HTML):\n" + "\n".join(f"  {p}" for p in outputs.html))
     click.echo("heatmaps and similar cases (PNG):\n" + "\n".join(f"  {p}" for p in outputs.png))
     click.echo(f"\n{DISCLAIMER}")
-    if any(s["state"] == StudyState.FAILED for s in final.values()):
+    if any(s.state == StudyState.FAILED for s in final.values()):
         raise click.ClickException("some studies failed; the table says where")
 
 

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import sqlalchemy as sa
 
 # ONNX Runtime's telemetry is on by default (a device ID under $HOME, uploads): off
 # for the tests' own sessions, as service.cli.main() turns it off for the node.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from service.ledger import Ledger, open_ledger
+from service.ledger import Ledger, StudyState, open_ledger
+from service.ledger.schema import studies
 from service.model.guard import FEATURES
 from service.settings import Settings, load_settings
 
@@ -52,6 +54,14 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0, in
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def force_state(ledger: Ledger, study_uid: str, state: StudyState, **columns: object) -> None:
+    """Put a study in ``state`` (and ``columns``) directly: a fixture's shortcut past
+    the stages, which move a study only as ``service.ledger.TRANSITIONS`` allows."""
+    columns.setdefault("updated_at", time.time())
+    with ledger.transaction() as db:
+        db.execute(sa.update(studies).where(studies.c.study_uid == study_uid).values(state=state, **columns))
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:

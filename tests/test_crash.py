@@ -106,7 +106,7 @@ def test_kill_9_while_receiving_loses_no_acknowledged_instance(tmp_path: Path, e
             assert files == set(recorded), "files in the spool the ledger does not know, or records without files"
             deadline = time.monotonic() + 30
             # complete, and perhaps already queued by the scheduler
-            while ledger.study(study_uid)["completed_at"] is None:
+            while ledger.study(study_uid).completed_at is None:
                 assert time.monotonic() < deadline, "the restarted node did not complete the study"
                 time.sleep(0.2)
         finally:

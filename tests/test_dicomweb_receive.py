@@ -408,7 +408,7 @@ def test_a_study_partly_over_dimse_partly_over_stow_completes_as_one(node: Recei
     records = ledger.instances(study)
     assert len(records) == 4 and {r.calling_ae for r in records} == {"STORESCU", "STOW-RS"}
     assert ledger.complete_quiet_studies(node.settings.quiet_period_s, now=time.time() + 60) == [study]
-    assert ledger.study(study)["state"] == StudyState.COMPLETE
+    assert ledger.study(study).state == StudyState.COMPLETE
     assert len(ledger.studies()) == 1
 
 

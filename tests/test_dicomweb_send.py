@@ -97,8 +97,8 @@ def test_results_arrive_byte_valid_in_the_right_study(settings: Settings, orthan
             path.write_bytes(orthanc.file(uid))
             assert pydicom.dcmread(path).StudyInstanceUID == study_uid
             assert dciodvfy_errors(path) == [], uid
-        assert ledger.study(study_uid)["state"] == StudyState.SENT
-        assert {r["state"] for r in ledger.outbox()} == {OutboxState.SENT}
+        assert ledger.study(study_uid).state == StudyState.SENT
+        assert {r.state for r in ledger.outbox()} == {OutboxState.SENT}
     finally:
         ledger.close()
 
@@ -118,7 +118,7 @@ def test_basic_authentication_from_a_password_file(
         study_uid, uids = reported(wrong, ledger)
         with caplog.at_level(logging.DEBUG):
             assert Sender(wrong, ledger).run_once() == 0
-        assert {r["error"].split(": ", 1)[1] for r in ledger.outbox()} == {"HTTP 401 Unauthorized"}
+        assert {r.error.split(": ", 1)[1] for r in ledger.outbox()} == {"HTTP 401 Unauthorized"}
         right = wrong.model_copy(update={"dicomweb_password_file": secret(tmp_path, "right", "s3cret-pw")})
         with caplog.at_level(logging.DEBUG):
             assert Sender(right, ledger).run_once(now=FAR_FUTURE) == len(uids)
@@ -137,18 +137,18 @@ def test_a_partly_stored_request_resends_only_what_failed(settings: Settings, or
     ledger = open_ledger(s, durable=False)
     try:
         study_uid, uids = reported(s, ledger)
-        row = next(r for r in ledger.outbox() if r["sop_class_uid"] != "1.2.840.10008.5.1.4.1.1.88.34")
-        ds = pydicom.dcmread(row["path"])
+        row = next(r for r in ledger.outbox() if r.sop_class_uid != "1.2.840.10008.5.1.4.1.1.88.34")
+        ds = pydicom.dcmread(row.path)
         ds.StudyInstanceUID = generate_uid()
-        ds.save_as(row["path"])
+        ds.save_as(row.path)
         assert Sender(s, ledger).run_once() == len(uids) - 1
-        rows = {r["sop_instance_uid"]: r for r in ledger.outbox()}
-        failed = rows.pop(row["sop_instance_uid"])
-        assert (failed["state"], failed["attempts"]) == (OutboxState.PENDING, 1)
-        assert "Failure Reason 0x" in failed["error"]
-        assert {r["state"] for r in rows.values()} == {OutboxState.SENT}
+        rows = {r.sop_instance_uid: r for r in ledger.outbox()}
+        failed = rows.pop(row.sop_instance_uid)
+        assert (failed.state, failed.attempts) == (OutboxState.PENDING, 1)
+        assert "Failure Reason 0x" in failed.error
+        assert {r.state for r in rows.values()} == {OutboxState.SENT}
         assert sorted(orthanc.sop_classes(study_uid)) == sorted(rows)
-        assert ledger.study(study_uid)["state"] == StudyState.REPORTED
+        assert ledger.study(study_uid).state == StudyState.REPORTED
     finally:
         ledger.close()
 
@@ -234,14 +234,14 @@ def test_503_and_a_dropped_upload_lose_nothing(
         study_uid, uids = reported(s, ledger)
         sender = Sender(s, ledger)
         assert sender.run_once() == 0
-        assert {r["error"].split(": ", 1)[1] for r in ledger.outbox()} == {"HTTP 503 Service Unavailable"}
+        assert {r.error.split(": ", 1)[1] for r in ledger.outbox()} == {"HTTP 503 Service Unavailable"}
         assert sender.run_once(now=FAR_FUTURE) == 0
-        assert all(": no answer: " in r["error"] for r in ledger.outbox())
-        assert {r["attempts"] for r in ledger.outbox()} == {2}
+        assert all(": no answer: " in r.error for r in ledger.outbox())
+        assert {r.attempts for r in ledger.outbox()} == {2}
         assert sender.run_once(now=FAR_FUTURE) == len(uids)
         assert sorted(orthanc.sop_classes(study_uid)) == uids  # every object, once
         assert orthanc.get_json("/statistics")["CountInstances"] == len(uids)
-        assert ledger.study(study_uid)["state"] == StudyState.SENT
+        assert ledger.study(study_uid).state == StudyState.SENT
         assert faulty.requests == 3
     finally:
         ledger.close()
@@ -256,8 +256,8 @@ def test_an_archive_that_never_answers_times_out(settings: Settings) -> None:
         try:
             reported(s, ledger)
             assert Sender(s, ledger).run_once() == 0
-            assert all("no answer" in r["error"] and "timed out" in r["error"] for r in ledger.outbox())
-            assert {(r["state"], r["attempts"]) for r in ledger.outbox()} == {(OutboxState.PENDING, 1)}
+            assert all("no answer" in r.error and "timed out" in r.error for r in ledger.outbox())
+            assert {(r.state, r.attempts) for r in ledger.outbox()} == {(OutboxState.PENDING, 1)}
         finally:
             ledger.close()
 
@@ -291,7 +291,7 @@ def test_https_peer_verified_against_the_site_ca(settings: Settings, tmp_path: P
     try:
         reported(s, ledger)
         assert Sender(s, ledger).run_once() == 0  # its CA is not a public one
-        assert all("SSLError" in r["error"] and "CERTIFICATE_VERIFY_FAILED" in r["error"] for r in ledger.outbox())
+        assert all("SSLError" in r.error and "CERTIFICATE_VERIFY_FAILED" in r.error for r in ledger.outbox())
         site_ca = s.model_copy(update={"dicomweb_ca": tmp_path / "node-b.crt"})
         assert Sender(site_ca, ledger).run_once(now=FAR_FUTURE) == len(node_b.spooled()) > 0
     finally:
@@ -323,7 +323,7 @@ def test_bearer_token_and_the_sr_fallback_against_our_stow_endpoint(
     try:
         study_uid, uids = reported(s, ledger)
         assert Sender(s, ledger).run_once() == 0
-        assert {r["error"].split(": ", 1)[1] for r in ledger.outbox()} == {"HTTP 401 Unauthorized"}
+        assert {r.error.split(": ", 1)[1] for r in ledger.outbox()} == {"HTTP 401 Unauthorized"}
         s = s.model_copy(update={"dicomweb_token_file": secret(tmp_path, "token", TOKEN)})
         sender = Sender(s, ledger)
         with caplog.at_level(logging.DEBUG):
@@ -331,15 +331,15 @@ def test_bearer_token_and_the_sr_fallback_against_our_stow_endpoint(
                 sender.run_once(now=FAR_FUTURE)
         assert TOKEN not in caplog.text
         rows = ledger.outbox()
-        unsent = {r["sop_class_uid"]: r for r in rows if r["state"] != OutboxState.SENT}
-        refused = {r["sop_class_uid"] for r in rows} & {SegmentationStorage, KeyObjectSelectionDocumentStorage}
+        unsent = {r.sop_class_uid: r for r in rows if r.state != OutboxState.SENT}
+        refused = {r.sop_class_uid for r in rows} & {SegmentationStorage, KeyObjectSelectionDocumentStorage}
         assert KeyObjectSelectionDocumentStorage in refused  # node B stores images only
         assert set(unsent) == {EnhancedSRStorage} | refused
-        assert "accepts none of the SR classes" in unsent[EnhancedSRStorage]["error"]
-        assert all(unsent[sop_class]["state"] == OutboxState.SKIPPED for sop_class in refused)
-        assert all("does not accept SOP class" in unsent[sop_class]["error"] for sop_class in refused)
+        assert "accepts none of the SR classes" in unsent[EnhancedSRStorage].error
+        assert all(unsent[sop_class].state == OutboxState.SKIPPED for sop_class in refused)
+        assert all("does not accept SOP class" in unsent[sop_class].error for sop_class in refused)
         stored = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in node_b.spooled()}
-        assert stored == {r["sop_instance_uid"] for r in rows if r["state"] == OutboxState.SENT}
+        assert stored == {r.sop_instance_uid for r in rows if r.state == OutboxState.SENT}
         assert len(stored) == len(uids) - len(unsent) and study_uid in {p.parent.name for p in node_b.spooled()}
         assert caplog.text.count("does not accept SR class") == 2  # Comprehensive 3D -> Comprehensive -> Enhanced
     finally:

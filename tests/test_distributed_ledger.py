@@ -62,7 +62,7 @@ def test_node_and_a_separate_worker_share_a_postgresql_ledger(
     ledger = open_ledger(distributed, durable=False)
     try:
         study, stored = ledger.study(study_uid), ledger.result(study_uid)
-        assert study is not None and study["attempts"] == 1 and len(ledger.instances(study_uid)) == 3
+        assert study is not None and study.attempts == 1 and len(ledger.instances(study_uid)) == 3
     finally:
         ledger.close()
     assert stored is not None and len(StudyResult.model_validate(stored).images) == 3

@@ -94,8 +94,8 @@ def _arrival(site: Site, study_uid: str, objects: int) -> list[pydicom.Dataset]:
             row = ledger.study(study_uid)
         finally:
             ledger.close()
-        assert row is None or row["state"] != StudyState.FAILED, f"{row['failed_stage']}: {row['error']}"
-        return row is not None and row["state"] == StudyState.SENT
+        assert row is None or row.state != StudyState.FAILED, f"{row.failed_stage}: {row.error}"
+        return row is not None and row.state == StudyState.SENT
 
     wait_for(f"study {study_uid} to be sent", sent, timeout=180)
     arrived = site.arrived(study_uid)

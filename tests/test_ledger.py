@@ -10,9 +10,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import wait_for
+import sqlalchemy as sa
+from conftest import force_state, wait_for
 
-from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
+from service.ledger import TRANSITIONS, InstanceRecord, Ledger, OutboxState, StudyState
+from service.ledger.schema import studies
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
@@ -62,8 +64,9 @@ def complete(ledger: Ledger, now: float = 100.0) -> None:
 def test_wal_mode_and_sync_level_follow_durability(tmp_path: Path, durable: bool, level: int) -> None:
     led = Ledger(tmp_path / "l.sqlite3", durable=durable)
     try:
-        assert led._query("PRAGMA journal_mode")[0][0] == "wal"
-        assert led._query("PRAGMA synchronous")[0][0] == level  # FULL=2, NORMAL=1
+        with led.transaction() as db:
+            assert db.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert db.exec_driver_sql("PRAGMA synchronous").scalar() == level  # FULL=2, NORMAL=1
     finally:
         led.close()
 
@@ -73,7 +76,7 @@ def test_record_instance_is_idempotent(ledger: Ledger) -> None:
     assert not ledger.record_instance(instance("1.1"), now=11)
     assert ledger.record_instance(instance("1.2"), now=12)
     study = ledger.study(STUDY)
-    assert (study["state"], study["first_received"], study["last_received"]) == (StudyState.RECEIVING, 10, 12)
+    assert (study.state, study.first_received, study.last_received) == (StudyState.RECEIVING, 10, 12)
     assert [i.sop_instance_uid for i in ledger.instances(STUDY)] == ["1.1", "1.2"]
     assert ledger.has_instance("1.2") and not ledger.has_instance("9.9")
 
@@ -83,16 +86,16 @@ def test_quiet_period_counts_from_the_last_instance(ledger: Ledger) -> None:
     ledger.record_instance(instance("1.2"), now=103)
     assert ledger.complete_quiet_studies(5, now=107) == []
     assert ledger.complete_quiet_studies(5, now=108) == [STUDY]
-    assert ledger.study(STUDY)["completed_at"] == 108
+    assert ledger.study(STUDY).completed_at == 108
     assert ledger.complete_quiet_studies(5, now=200) == []  # only receiving studies complete
 
 
 def test_instance_after_handling_reopens_the_study(ledger: Ledger) -> None:
     complete(ledger)
-    ledger.set_state(STUDY, StudyState.FAILED, error="model crashed", failed_stage="analysis")
+    force_state(ledger, STUDY, StudyState.FAILED, error="model crashed", failed_stage="analysis")
     assert ledger.record_instance(instance("2.1"), now=300)
     study = ledger.study(STUDY)
-    assert (study["state"], study["generation"], study["error"], study["failed_stage"]) == (
+    assert (study.state, study.generation, study.error, study.failed_stage) == (
         StudyState.RECEIVING,
         2,
         None,
@@ -106,7 +109,7 @@ def test_pending_analysis_count(ledger: Ledger) -> None:
     assert ledger.pending_analysis_count() == 1
     ledger.mark_queued(STUDY, lease_s=60, now=110)
     assert ledger.pending_analysis_count() == 1
-    ledger.set_state(STUDY, StudyState.SENT)
+    force_state(ledger, STUDY, StudyState.SENT)
     assert ledger.pending_analysis_count() == 0
 
 
@@ -116,7 +119,7 @@ def test_only_one_handle_claims_a_study(ledger: Ledger, open_handle: Opener) -> 
     assert ledger.claim_analysis(STUDY, lease_s=60, now=110) == 1
     assert other.claim_analysis(STUDY, lease_s=60, now=111) is None
     assert other.claim_analysis(STUDY, lease_s=60, now=171) == 1  # the lease ran out
-    assert other.study(STUDY)["attempts"] == 2
+    assert other.study(STUDY).attempts == 2
 
 
 def test_write_transactions_of_two_handles_are_serialised(ledger: Ledger, open_handle: Opener) -> None:
@@ -131,8 +134,8 @@ def test_write_transactions_of_two_handles_are_serialised(ledger: Ledger, open_h
         claimed.append(other.claim_analysis(STUDY, lease_s=60, now=111))
         done.set()
 
-    with ledger._tx() as db:
-        db.execute("UPDATE studies SET state=? WHERE study_uid=?", (StudyState.SENT, STUDY))
+    with ledger.transaction() as db:
+        db.execute(sa.update(studies).where(studies.c.study_uid == STUDY).values(state=StudyState.SENT))
         thread = threading.Thread(target=claim)
         thread.start()
         assert not done.wait(0.5)  # blocked behind our transaction, not racing it
@@ -158,7 +161,7 @@ def test_stale_result_is_not_stored(ledger: Ledger) -> None:
     newer = ledger.claim_analysis(STUDY, lease_s=60, now=122)
     assert newer == generation + 1
     assert ledger.finish_analysis(STUDY, newer, {"label": "benign"}, now=123)
-    assert ledger.result(STUDY) == {"label": "benign"} and ledger.study(STUDY)["state"] == StudyState.ANALYSED
+    assert ledger.result(STUDY) == {"label": "benign"} and ledger.study(STUDY).state == StudyState.ANALYSED
 
 
 def test_a_renewed_lease_keeps_the_study_and_an_expired_one_gives_it_back(ledger: Ledger) -> None:
@@ -177,7 +180,7 @@ def test_a_renewed_lease_keeps_the_study_and_an_expired_one_gives_it_back(ledger
     assert ledger.claim_orphaned_reports(lease_s=20, now=204) == []
     assert ledger.claim_orphaned_reports(lease_s=20, now=205) == [(STUDY, generation)]  # killed before reporting
     assert ledger.claim_orphaned_reports(lease_s=20, now=206) == []  # claimed once
-    ledger.set_state(STUDY, StudyState.REPORTED)
+    assert ledger.transition(STUDY, StudyState.REPORTED, generation, now=206)
     assert not ledger.renew_lease(STUDY, generation, lease_s=20, now=207)  # nothing left to keep
     assert ledger.claim_orphaned_reports(lease_s=20, now=300) == []
 
@@ -188,7 +191,7 @@ def test_keep_lease_renews_while_the_work_runs(ledger: Ledger) -> None:
     assert generation is not None
     start = time.time()
     with ledger.keep_lease(STUDY, generation, lease_s=0.3):
-        wait_for("a renewal", lambda: ledger.study(STUDY)["lease_until"] > start + 0.45, timeout=10)
+        wait_for("a renewal", lambda: ledger.study(STUDY).lease_until > start + 0.45, timeout=10)
         assert ledger.claim_analysis(STUDY, lease_s=0.3) is None
     wait_for("the lease to run out", lambda: ledger.due_for_queue() == [STUDY], timeout=10)
 
@@ -197,17 +200,38 @@ def test_retry_backs_off_then_fails(ledger: Ledger) -> None:
     complete(ledger)
     ledger.claim_analysis(STUDY, lease_s=60, now=110)
     assert ledger.retry_or_fail(STUDY, "analysis", "boom", max_attempts=2, backoff_s=5, now=111) == StudyState.COMPLETE
-    assert ledger.study(STUDY)["next_attempt_at"] == 116
+    assert ledger.study(STUDY).next_attempt_at == 116
     assert ledger.due_for_queue(now=115) == [] and ledger.due_for_queue(now=116) == [STUDY]
     ledger.claim_analysis(STUDY, lease_s=60, now=116)
     assert ledger.retry_or_fail(STUDY, "analysis", "boom", max_attempts=2, backoff_s=5, now=117) == StudyState.FAILED
-    assert (ledger.study(STUDY)["failed_stage"], ledger.study(STUDY)["error"]) == ("analysis", "boom")
+    assert (ledger.study(STUDY).failed_stage, ledger.study(STUDY).error) == ("analysis", "boom")
 
 
-def test_set_state_refuses_unknown_columns(ledger: Ledger) -> None:
+def test_transitions_follow_the_table(ledger: Ledger) -> None:
+    """A move the table does not have is refused before the database is asked; one
+    it has happens only from its states, stamps its time and clears or sets the failure."""
     complete(ledger)
-    with pytest.raises(ValueError, match="generation"):
-        ledger.set_state(STUDY, StudyState.SENT, generation=7)
+    with pytest.raises(ValueError, match="no stage moves"):
+        ledger.transition(STUDY, StudyState.QUEUED, 1)
+    with pytest.raises(ValueError, match="does not move from"):
+        ledger.transition(STUDY, StudyState.SENT, 1, sources=(StudyState.COMPLETE,))
+    with pytest.raises(ValueError, match="needs failed_stage and error"):
+        ledger.transition(STUDY, StudyState.FAILED, 1)
+    with pytest.raises(ValueError, match="takes no failed_stage"):
+        ledger.transition(STUDY, StudyState.REPORTED, 1, failed_stage="report", error="x")
+    assert StudyState.COMPLETE not in TRANSITIONS[StudyState.REPORTED].sources
+    assert not ledger.transition(STUDY, StudyState.REPORTED, 1)  # complete: not analysed yet
+    generation = ledger.claim_analysis(STUDY, lease_s=60, now=110)
+    assert generation == 1 and ledger.finish_analysis(STUDY, generation, {}, now=111)
+    assert not ledger.transition(STUDY, StudyState.REPORTED, generation + 1)  # another generation
+    assert ledger.transition(STUDY, StudyState.FAILED, generation, failed_stage="report", error="boom", now=112)
+    assert ledger.transition(STUDY, StudyState.REPORTED, generation, now=113)
+    study = ledger.study(STUDY)
+    assert study is not None
+    assert (study.state, study.reported_at, study.failed_stage, study.error) == (StudyState.REPORTED, 113, None, None)
+    assert ledger.transition(STUDY, StudyState.SENT, generation, now=114)
+    assert not ledger.transition(STUDY, StudyState.SENT, generation, now=115)  # sent already
+    assert ledger.study(STUDY).sent_at == 114
 
 
 def test_outbox_queue_send_and_reset(ledger: Ledger) -> None:
@@ -218,14 +242,14 @@ def test_outbox_queue_send_and_reset(ledger: Ledger) -> None:
     ]
     ledger.enqueue_outbox(STUDY, 1, items, ["PACS@h:104"], now=200)
     ledger.enqueue_outbox(STUDY, 1, items, ["PACS@h:104"], now=201)  # no-op
-    assert [r["sop_instance_uid"] for r in ledger.due_outbox(now=200)] == ["9.1", "9.2"]
+    assert [r.sop_instance_uid for r in ledger.due_outbox(now=200)] == ["9.1", "9.2"]
     ledger.update_outbox("9.1", "PACS@h:104", OutboxState.SENT, now=202)
     ledger.update_outbox("9.2", "PACS@h:104", OutboxState.FAILED, error="0xA700", now=202)
     assert ledger.due_outbox(now=300) == []
     assert ledger.reset_outbox(STUDY, now=400) == 1
     [row] = ledger.due_outbox(now=400)
-    assert (row["sop_instance_uid"], row["attempts"], row["error"]) == ("9.2", 0, None)
-    assert ledger.outbox(STUDY, states=(OutboxState.SENT,))[0]["sent_at"] == 202
+    assert (row.sop_instance_uid, row.attempts, row.error) == ("9.2", 0, None)
+    assert ledger.outbox(STUDY, states=(OutboxState.SENT,))[0].sent_at == 202
 
 
 def test_state_survives_reopening(open_handle: Opener) -> None:
@@ -233,7 +257,7 @@ def test_state_survives_reopening(open_handle: Opener) -> None:
     complete(first)
     first.close()
     again = open_handle()
-    assert again.study(STUDY)["state"] == StudyState.COMPLETE
+    assert again.study(STUDY).state == StudyState.COMPLETE
     assert again.count_by_state() == {"complete": 1}
 
 
@@ -243,7 +267,7 @@ def test_replaced_outbox_object_keeps_its_schedule(ledger: Ledger) -> None:
     ledger.update_outbox("9.1", "A@h:1", OutboxState.PENDING, error="0x0122", next_attempt_at=300, now=201)
     ledger.replace_outbox("9.1", "A@h:1", "9.3", "1.2.840.10008.5.1.4.1.1.88.11", "out/9.3.dcm")
     [row] = ledger.outbox(STUDY)
-    assert (row["sop_instance_uid"], row["sop_class_uid"], row["attempts"], row["next_attempt_at"]) == (
+    assert (row.sop_instance_uid, row.sop_class_uid, row.attempts, row.next_attempt_at) == (
         "9.3",
         "1.2.840.10008.5.1.4.1.1.88.11",
         1,
@@ -266,18 +290,24 @@ def test_a_ledger_is_a_file_or_a_database() -> None:
         Ledger(Path("x.sqlite3"), url="postgresql://localhost/x")
 
 
+def backend_pid(ledger: Ledger) -> int:
+    with ledger.transaction() as db:
+        return int(db.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+
 def test_postgresql_reconnects_after_the_server_dropped_it(postgres_url: str) -> None:
     """The connection is ended by the server (as by a restart): that call fails
     with the error, the next one works on a new connection."""
     ledger = Ledger(url=postgres_url)
     try:
         complete(ledger)
-        pid = ledger._query("SELECT pg_backend_pid()")[0][0]
+        pid = backend_pid(ledger)
         with psycopg.connect(postgres_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        with pytest.raises(psycopg.OperationalError):
+        with pytest.raises(sa.exc.OperationalError) as failed:
             ledger.study(STUDY)
-        assert ledger.study(STUDY)["state"] == StudyState.COMPLETE
-        assert ledger._query("SELECT pg_backend_pid()")[0][0] != pid
+        assert isinstance(failed.value.orig, psycopg.OperationalError)
+        assert ledger.study(STUDY).state == StudyState.COMPLETE
+        assert backend_pid(ledger) != pid
     finally:
         ledger.close()

@@ -20,11 +20,13 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from service import migrations
-from service.ledger import Ledger, StudyState, Verdict
+from service.ledger import Ledger, StudyState, Verdict, schema
 
 #: The ledger's DDL exactly as the node created it before migrations (main at
 #: dcf87e4, service/ledger.py _SCHEMA); PostgreSQL got it through _pg_schema below.
@@ -338,7 +340,7 @@ def test_a_legacy_ledger_is_upgraded_with_every_row_intact(backend: Backend) -> 
     backend.execute(LEGACY_SCHEMA, TABLES)
     ledger = backend.open()
     try:
-        assert ledger._revision() == migrations.HEAD
+        assert ledger.revision() == migrations.HEAD
         for table, rows in TABLES.items():
             columns = len(rows[0])
             stored = sorted(r[:columns] for r in backend.fetch(f"SELECT * FROM {table}"))
@@ -346,8 +348,8 @@ def test_a_legacy_ledger_is_upgraded_with_every_row_intact(backend: Backend) -> 
         for row in STUDIES:  # the new columns: unset, and the spool's size from the instances
             study = ledger.study(row[0])
             assert study is not None
-            assert (study["routing_rule"], study["routing_reason"], study["destinations"]) == (None, None, None)
-            assert study["spool_bytes"] == sum(i[6] for i in INSTANCES if i[1] == row[0])
+            assert (study.routing_rule, study.routing_reason, study.destinations) == (None, None, None)
+            assert study.spool_bytes == sum(i[6] for i in INSTANCES if i[1] == row[0])
         assert ledger.purges("1.2.3.3") == []
         # and the ledger works on the upgraded rows as on its own
         assert ledger.count_by_state() == {"receiving": 1, "queued": 1, "sent": 1, "failed": 1}
@@ -360,7 +362,7 @@ def test_a_legacy_ledger_is_upgraded_with_every_row_intact(backend: Backend) -> 
         ledger.close()
     reopened = backend.open()  # at HEAD now: opening again changes nothing
     try:
-        assert reopened.study("1.2.3.1")["state"] == StudyState.COMPLETE
+        assert reopened.study("1.2.3.1").state == StudyState.COMPLETE
     finally:
         reopened.close()
 
@@ -390,11 +392,46 @@ def test_migrations_make_the_schema_a_legacy_ledger_is_upgraded_to(backend: Back
     )
 
 
+def test_the_table_declarations_are_what_the_migrations_make(backend: Backend) -> None:
+    """The tables the ledger's queries are built on (service.ledger.schema) match,
+    column for column and index for index, what the migrations made: Alembic's
+    autogenerate finds nothing to add, drop or change."""
+    backend.open().close()
+    engine = migrations._engine(None if backend.url else backend.path, backend.url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+            diff = compare_metadata(context, schema.metadata)
+    finally:
+        engine.dispose()
+    # PostgreSQL makes a primary key NOT NULL whatever the declaration (nullable, as SQLite had it) says
+    keys = {(t.name, c.name) for t in schema.metadata.tables.values() for c in t.primary_key}
+    forced = [d for d in diff if backend.url and d[0][0] == "modify_nullable" and d[0][2:4] in keys]
+    assert [d for d in diff if d not in forced] == []
+
+
+def test_a_column_the_migrations_lack_is_found(backend: Backend) -> None:
+    """The comparison above can fail: a declared column no migration made shows."""
+    backend.open().close()
+    extended = sa.MetaData()
+    for table in schema.metadata.tables.values():
+        table.to_metadata(extended)
+    extended.tables["studies"].append_column(sa.Column("priority", sa.Integer()))
+    engine = migrations._engine(None if backend.url else backend.path, backend.url)
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), extended)
+    finally:
+        engine.dispose()
+    added = [(d[2], d[3].name) for d in diff if isinstance(d, tuple) and d[0] == "add_column"]
+    assert added == [("studies", "priority")]
+
+
 def test_verdicts_given_before_roles_are_kept_without_one(backend: Backend) -> None:
     """0005 adds the verdict's reader role: a ledger at 0004 keeps its verdicts, with
     no role (not known), and records the role of those given after."""
     backend.execute(LEGACY_SCHEMA, {"studies": STUDIES[:1]})
-    with migrations._locked(None if backend.url else backend.path, backend.url) as connection:
+    with migrations.write_locked(None if backend.url else backend.path, backend.url) as connection:
         migrations._adopt_unversioned(connection)
         command.upgrade(migrations._config(connection), "0004")
         connection.exec_driver_sql(
@@ -403,9 +440,9 @@ def test_verdicts_given_before_roles_are_kept_without_one(backend: Backend) -> N
         )
     ledger = backend.open()
     try:
-        assert ledger._revision() == migrations.HEAD == "0005"
+        assert ledger.revision() == migrations.HEAD == "0005"
         ledger.record_verdict(Verdict("1.2.3.1", "", "disagree", None, "", "Dr B", "reviewer"), now=2.0)
-        assert [(v["reader"], v["reader_role"]) for v in ledger.verdicts("1.2.3.1")] == [
+        assert [(v.reader, v.reader_role) for v in ledger.verdicts("1.2.3.1")] == [
             ("Dr A", None),
             ("Dr B", "reviewer"),
         ]

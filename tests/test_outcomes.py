@@ -97,12 +97,12 @@ def test_outcomes_match_by_accession_or_uid_also_when_the_study_comes_later(ledg
     by_uid = Outcome("csv", "c", "stable", study_uid="1.2.3.3")
     assert ledger.record_outcomes([early, waiting, by_uid]) == [True, True, True]
     assert ledger.record_outcomes([early]) == [False]  # the same outcome again adds nothing
-    assert {o["reference"] for o in ledger.outcomes(unmatched=True)} == {"b", "c"}
+    assert {o.reference for o in ledger.outcomes(unmatched=True)} == {"b", "c"}
     analysed_study(ledger, "1.2.3.2", "ACC2")  # the studies arrive after their outcomes
     analysed_study(ledger, "1.2.3.3", "")
-    matched = {o["reference"]: o["matched_study_uid"] for o in ledger.outcomes()}
+    matched = {o.reference: o.matched_study_uid for o in ledger.outcomes()}
     assert matched == {"a": "1.2.3.1", "b": "1.2.3.2", "c": "1.2.3.3"}
-    assert ledger.study("1.2.3.2")["manufacturer"] == "ACME"  # type: ignore[index]
+    assert ledger.study("1.2.3.2").manufacturer == "ACME"  # type: ignore[index]
 
 
 def test_ack_codes_follow_hl7() -> None:
@@ -127,8 +127,7 @@ def test_oru_over_a_real_mllp_connection_is_stored_before_its_ack(settings: Sett
             assert str(first.segment("MSA")(1)) == "AA"
             # stored when the ACK came: nothing to wait for
             assert [
-                (o["reference"], o["finding"], o["laterality"], o["clock_position"], o["outcome_date"])
-                for o in ledger.outcomes()
+                (o.reference, o.finding, o.laterality, o.clock_position, o.outcome_date) for o in ledger.outcomes()
             ] == [("MSG1/1", "malignant", "R", "10", "20261203")]
             again = client.send_message(oru("MSG1", accession="ACC7"))  # a resend after a lost ACK
             assert b"MSA|AA|MSG1" in again and len(ledger.outcomes()) == 1
@@ -138,11 +137,11 @@ def test_oru_over_a_real_mllp_connection_is_stored_before_its_ack(settings: Sett
             assert b"MSA|AA|MSG3" in by_uid
         assert ledger.outcome_totals() == (0, 2, {"AA": 3, "AE": 1})
         kept = ledger.hl7_messages(("AE",))
-        assert [(m["control_id"], m["ack_code"]) for m in kept] == [("MSG2", "AE")]
-        assert "pending" in kept[0]["message"] and "no OBX 22637-3" in kept[0]["error"]
+        assert [(m.control_id, m.ack_code) for m in kept] == [("MSG2", "AE")]
+        assert "pending" in kept[0].message and "no OBX 22637-3" in kept[0].error
         assert len(ledger.hl7_messages()) == 4
         analysed_study(ledger, "1.2.3.9", "")
-        assert {o["reference"]: o["matched_study_uid"] for o in ledger.outcomes()} == {
+        assert {o.reference: o.matched_study_uid for o in ledger.outcomes()} == {
             "MSG1/1": None,
             "MSG3/1": "1.2.3.9",
         }
@@ -209,4 +208,4 @@ def test_the_node_runs_the_hl7_listener_only_when_its_port_is_set(settings: Sett
             assert b"MSA|AA|N1" in client.send_message(oru("N1", accession="ACC1"))
     finally:
         listener.stop()
-    assert [o["reference"] for o in ledger.outcomes()] == ["N1/1"]
+    assert [o.reference for o in ledger.outcomes()] == ["N1/1"]

@@ -120,7 +120,7 @@ def start_site(folder: Path, **values: str) -> Site:
         finally:
             ledger.close()
         done = (StudyState.SENT, StudyState.SKIPPED, StudyState.FAILED)
-        return rows if all(row is not None and row["state"] in done for row in rows.values()) else None  # type: ignore[misc]
+        return rows if all(row is not None and row.state in done for row in rows.values()) else None  # type: ignore[misc]
 
     states = wait_for("every study to be sent, skipped or failed", settled, timeout=600, interval=0.5)
     return Site(settings, node, pacs, studies, states)
@@ -142,13 +142,13 @@ def test_every_shipped_ultrasound_file_is_in_the_matrix() -> None:
 def test_real_file_is_sent_or_skipped_by_a_named_rule(site: Site, name: str, tmp_path: Path) -> None:
     study_uid = site.studies[name]
     row = site.states[study_uid]
-    assert row["state"] != StudyState.FAILED, f"{row['failed_stage']}: {row['error']}"
+    assert row.state != StudyState.FAILED, f"{row.failed_stage}: {row.error}"
     arrived = [ds for ds in site.pacs.received() if ds.StudyInstanceUID == study_uid]
     if name in SKIPPED:
-        assert (row["state"], row["routing_rule"]) == (StudyState.SKIPPED, SKIPPED[name])
+        assert (row.state, row.routing_rule) == (StudyState.SKIPPED, SKIPPED[name])
         assert arrived == []
         return
-    assert row["state"] == StudyState.SENT
+    assert row.state == StudyState.SENT
     ledger = Ledger(site.settings.ledger_path, durable=False)
     try:
         result = StudyResult.model_validate(ledger.result(study_uid))

@@ -63,8 +63,8 @@ def _problems(site: Site, name: str) -> list[str]:
     and its SR at the PACS carries no class probability."""
     study_uid = site.studies[name]
     row = site.states[study_uid]
-    if (row["state"], row["routing_rule"]) != (StudyState.SENT, "breast"):
-        return [f"{name}: {row['state']} by rule {row['routing_rule']} ({row['failed_stage']}: {row['error']})"]
+    if (row.state, row.routing_rule) != (StudyState.SENT, "breast"):
+        return [f"{name}: {row.state} by rule {row.routing_rule} ({row.failed_stage}: {row.error})"]
     result = _status_json(site, study_uid)["result"]
     (image,) = result["images"]
     problems = []

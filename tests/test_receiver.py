@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import force_state, wait_for
 from dicom_peers import ULTRASOUND_FILES, UsFile, split_file, ultrasound_files
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
@@ -276,7 +276,7 @@ def test_store_writes_the_received_bytes_and_records_them(scp: StoreSCP, setting
         "TESTSCU",
         None,
     )
-    assert ledger.study(f.study_uid)["state"] == StudyState.RECEIVING
+    assert ledger.study(f.study_uid).state == StudyState.RECEIVING
 
 
 def test_duplicate_is_success_without_rewrite(scp: StoreSCP, settings: Settings, ledger: Ledger) -> None:
@@ -464,10 +464,10 @@ def test_a_full_disk_refuses_out_of_resources_and_loses_nothing(
 
 
 def test_internal_error_is_a_failure_status(scp: StoreSCP, ledger: Ledger) -> None:
-    ledger.close()  # every ledger call now raises sqlite3.ProgrammingError
+    ledger.close()  # every ledger call now raises ResourceClosedError
     f = US_FILES["OBXXXX1A_rle.dcm"]
     outcome = scp.store(f.data_set, f.transfer_syntax, f.sop_class_uid, f.sop_instance_uid, "X")
-    assert outcome.status == StoreStatus.PROCESSING_FAILURE and outcome.comment == "internal error: ProgrammingError"
+    assert outcome.status == StoreStatus.PROCESSING_FAILURE and outcome.comment == "internal error: ResourceClosedError"
 
 
 @dataclass(frozen=True)
@@ -595,18 +595,18 @@ def test_quiet_study_completes_and_reopens_after_handled(scp: StoreSCP, ledger: 
     """Completion is decided on the ledger's clock (``now=``), not by sleeping."""
     f = US_FILES["OBXXXX1A_rle.dcm"]
     assert store(scp, f) == StoreStatus.SUCCESS
-    last = ledger.study(f.study_uid)["last_received"]
+    last = ledger.study(f.study_uid).last_received
     assert complete_quiet_studies(ledger, 5.0, now=last + 4.9) == []
-    assert ledger.study(f.study_uid)["state"] == StudyState.RECEIVING
+    assert ledger.study(f.study_uid).state == StudyState.RECEIVING
     assert complete_quiet_studies(ledger, 5.0, now=last + 5.0) == [f.study_uid]
-    assert ledger.study(f.study_uid)["state"] == StudyState.COMPLETE
-    ledger.set_state(f.study_uid, StudyState.SENT)  # handled by the later stages
+    assert ledger.study(f.study_uid).state == StudyState.COMPLETE
+    force_state(ledger, f.study_uid, StudyState.SENT)  # handled by the later stages
     later = rewrite(tmp_path, "OBXXXX1A_rle.dcm", SOPInstanceUID="1.2.3.4.5.6")
     assert store(scp, later) == StoreStatus.SUCCESS
     study = ledger.study(f.study_uid)
-    assert (study["state"], study["generation"]) == (StudyState.RECEIVING, 2)
-    assert complete_quiet_studies(ledger, 5.0, now=study["last_received"] + 4.9) == []
-    assert complete_quiet_studies(ledger, 5.0, now=study["last_received"] + 5.0) == [f.study_uid]
+    assert (study.state, study.generation) == (StudyState.RECEIVING, 2)
+    assert complete_quiet_studies(ledger, 5.0, now=study.last_received + 4.9) == []
+    assert complete_quiet_studies(ledger, 5.0, now=study.last_received + 5.0) == [f.study_uid]
     assert len(ledger.instances(f.study_uid)) == 2
 
 
@@ -615,7 +615,7 @@ def test_completion_sleeps_until_the_earliest_quiet_period_ends(scp: StoreSCP, l
     assert loop.next_wait() == 0.5  # nothing receiving: look again after the interval
     f = US_FILES["OBXXXX1A_rle.dcm"]
     assert store(scp, f) == StoreStatus.SUCCESS
-    last = ledger.study(f.study_uid)["last_received"]
+    last = ledger.study(f.study_uid).last_received
     assert loop.next_wait(now=last + 1.0) == 0.5  # its deadline is further than the interval
     assert loop.next_wait(now=last + 4.8) == pytest.approx(0.2)  # wakes exactly at the deadline
     assert loop.next_wait(now=last + 9.0) == CompletionLoop.MIN_WAIT_S  # overdue: at once
@@ -629,7 +629,7 @@ def test_completion_loop_completes_quiet_studies(scp: StoreSCP, ledger: Ledger) 
     loop = CompletionLoop(ledger, quiet_period_s=0.2, interval_s=0.05, on_complete=woken.set)
     loop.start()
     try:
-        wait_for("the study to complete", lambda: ledger.study(f.study_uid)["state"] == StudyState.COMPLETE, 10)
+        wait_for("the study to complete", lambda: ledger.study(f.study_uid).state == StudyState.COMPLETE, 10)
         assert woken.wait(10), "the scheduler was not woken"
     finally:
         loop.stop()

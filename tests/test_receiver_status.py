@@ -46,7 +46,7 @@ def data_dir(tmp_path: Path) -> Path:
     )
     ledger.update_outbox("30.1", "PACS@pacs:104", OutboxState.SENT, now=154)
     ledger.update_outbox("30.1", "ARCHIVE@archive:104", OutboxState.PENDING, error="association rejected", now=154)
-    ledger.set_state(DONE, StudyState.REPORTED, now=160, reported_at=160)
+    assert ledger.transition(DONE, StudyState.REPORTED, generation, now=160)
     ledger.close()
     return tmp_path
 

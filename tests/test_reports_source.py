@@ -118,7 +118,7 @@ def test_a_study_with_bad_source_values_is_reported_with_valid_ones(
     with caplog.at_level(logging.INFO):
         written = build_reports(settings, ledger, study_uid, references)
     study = ledger.study(study_uid)
-    assert (study["state"], study["error"]) == (StudyState.REPORTED, None), study["error"]
+    assert (study.state, study.error) == (StudyState.REPORTED, None), study.error
     assert {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in written} >= {"SR", "OT"}
     disclaimer = load_template(DEFAULT_TEMPLATE).disclaimer
     for path in written:

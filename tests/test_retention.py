@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import force_state, free_port
 from test_reports_support import analysed_study
 from worker_support import child_env, receive
 
@@ -60,8 +60,8 @@ def sent_study(settings: Settings, ledger: Ledger, sent_at: float, files: tuple[
     study = analysed_study(settings, ledger, files=list(files), n_similar=0)
     assert build_reports(settings, ledger, study.uid)
     for row in ledger.outbox(study.uid):
-        ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SENT, now=sent_at)
-    assert ledger.transition(study.uid, StudyState.SENT, (StudyState.REPORTED,), 1, sent_at=sent_at)
+        ledger.update_outbox(row.sop_instance_uid, row.destination, OutboxState.SENT, now=sent_at)
+    assert ledger.transition(study.uid, StudyState.SENT, 1, now=sent_at)
     return study.uid
 
 
@@ -104,13 +104,13 @@ def test_only_done_studies_are_candidates(node: Settings, ledger: Ledger) -> Non
     assert build_reports(node, ledger, reported)  # queued, not yet accepted
     partly = sent_study(node, ledger, sent_at=1001.0, files=("US1_UNCR.dcm", "OBXXXX1A.dcm"))
     row = ledger.outbox(partly)[0]  # a row of an earlier try still pending: not fully delivered
-    ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.PENDING)
+    ledger.update_outbox(row.sop_instance_uid, row.destination, OutboxState.PENDING)
     failed = analysed_study(node, ledger, files=["US1_UNCR.dcm"], n_similar=0).uid
-    ledger.set_state(failed, StudyState.FAILED, failed_stage="report", error="ReportError: x")
+    force_state(ledger, failed, StudyState.FAILED, failed_stage="report", error="ReportError: x")
     receiving = receive(node, ledger, synthetic_study(1, "benign", seed=1), complete=False)
     skipped = receive(node, ledger, synthetic_study(1, "normal", seed=2), complete=False)
     ledger.complete_studies(
-        [(skipped, ledger.study(skipped)["last_received"], Routing(False, "other-body-part"))], now=500.0
+        [(skipped, ledger.study(skipped).last_received, Routing(False, "other-body-part"))], now=500.0
     )
     waiting = receive(node, ledger, synthetic_study(1, "normal", seed=3))
     assert [(c.study_uid, c.kinds) for c in ledger.purge_candidates()] == [(skipped, FILE_KINDS), (sent, FILE_KINDS)]
@@ -126,20 +126,20 @@ def test_only_done_studies_are_candidates(node: Settings, ledger: Ledger) -> Non
 def test_each_kind_goes_after_its_own_days_and_is_recorded(node: Settings, ledger: Ledger) -> None:
     uid = sent_study(node, ledger, sent_at=1000.0, files=("US1_UNCR.dcm", "OBXXXX1A.dcm"))
     before = files_of(node, uid)
-    spool_bytes = ledger.study(uid)["spool_bytes"]
+    spool_bytes = ledger.study(uid).spool_bytes
     assert spool_bytes == before["spool"] and all(before.values())
     days = node.model_copy(
         update={"retention_spool_days": 1.0, "retention_results_days": 2.0, "retention_outbox_days": 3.0}
     )
     assert purge(days, ledger, now=1000.0 + 0.5 * DAY_S) == {"spool": 0, "results": 0, "outbox": 0}
     assert purge(days, ledger, now=1000.0 + 1.5 * DAY_S) == {"spool": before["spool"], "results": 0, "outbox": 0}
-    assert files_of(node, uid)["results"] == before["results"] and ledger.study(uid)["spool_bytes"] == 0
+    assert files_of(node, uid)["results"] == before["results"] and ledger.study(uid).spool_bytes == 0
     assert purge(days, ledger, now=1000.0 + 3.5 * DAY_S) == {
         "spool": 0,
         "results": before["results"],
         "outbox": before["outbox"],
     }
-    assert [(p["kind"], p["generation"], p["bytes"], p["reason"]) for p in ledger.purges(uid)] == [
+    assert [(p.kind, p.generation, p.bytes, p.reason) for p in ledger.purges(uid)] == [
         ("spool", 1, before["spool"], "kept 1 days after done"),
         ("outbox", 1, before["outbox"], "kept 3 days after done"),
         ("results", 1, before["results"], "kept 2 days after done"),
@@ -162,14 +162,14 @@ def test_a_reopened_study_keeps_its_new_files_until_it_is_done_again(node: Setti
     extra = synthetic_study(1, "benign", seed=9)[0]
     extra.StudyInstanceUID = uid
     receive(node, ledger, [extra], complete=False)
-    assert ledger.study(uid)["generation"] == 2
+    assert ledger.study(uid).generation == 2
     assert ledger.claim_purge(uid, 1, "results", "test") is None  # no longer done at generation 1
-    assert ledger.purge_paths(uid, ledger.purges(uid)[0]["purged_at"]) == claimed  # not the new instance
+    assert ledger.purge_paths(uid, ledger.purges(uid)[0].purged_at) == claimed  # not the new instance
     assert finish_interrupted(node, ledger) == 1  # the claimed spool removal, as after a crash
     remaining = [p.name for p in (node.spool_dir / uid).iterdir()]
     assert remaining == [f"{extra.SOPInstanceUID}.dcm"]
     assert ledger.purge_candidates() == []  # generation 2 is receiving
-    assert ledger.study(uid)["spool_bytes"] == (node.spool_dir / uid / remaining[0]).stat().st_size
+    assert ledger.study(uid).spool_bytes == (node.spool_dir / uid / remaining[0]).stat().st_size
 
 
 def test_below_the_watermark_the_longest_done_go_first_until_enough_is_free(small_disk: Path) -> None:
@@ -192,7 +192,7 @@ def test_below_the_watermark_the_longest_done_go_first_until_enough_is_free(smal
                 settings, ledger, synthetic_study(2, "normal", seed=n, size=512, variant="mono"), complete=False
             )
             ledger.complete_studies(
-                [(uid, ledger.study(uid)["last_received"], Routing(False, "other-body-part"))],
+                [(uid, ledger.study(uid).last_received, Routing(False, "other-body-part"))],
                 now=time.time() - 100 + n,
             )
             uids.append(uid)
@@ -207,7 +207,7 @@ def test_below_the_watermark_the_longest_done_go_first_until_enough_is_free(smal
         gone = [uid for uid in uids if ledger.purges(uid)]
         assert gone == uids[: len(gone)] and 0 < len(gone) < len(uids)  # the longest done, and no more than needed
         assert len(gone) == len(planned) // 3  # as the dry run said
-        assert sum(removed.values()) == sum(p["bytes"] for uid in gone for p in ledger.purges(uid)) > 0
+        assert sum(removed.values()) == sum(p.bytes for uid in gone for p in ledger.purges(uid)) > 0
         assert files_of(settings, waiting)["spool"] > 0 and not ledger.purges(waiting)
     finally:
         ledger.close()
@@ -244,8 +244,8 @@ def test_the_index_keeps_its_copies_of_a_study_whose_spool_went(node: Settings, 
     uid = receive(indexing, ledger, synthetic_study(2, "malignant", seed=5))
     assert process_study(WorkerState(indexing), uid) == "analysed"
     for row in ledger.outbox(uid):
-        ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SENT)
-    ledger.transition(uid, StudyState.SENT, (StudyState.REPORTED,), 1, sent_at=time.time())
+        ledger.update_outbox(row.sop_instance_uid, row.destination, OutboxState.SENT)
+    ledger.transition(uid, StudyState.SENT, 1)
     purge(indexing, ledger)
     assert not (indexing.spool_dir / uid).exists()
     embedder = ReferenceEmbedder(indexing)

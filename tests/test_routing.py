@@ -124,10 +124,10 @@ def test_an_echocardiogram_is_stored_and_skipped_a_breast_study_analysed(setting
     done = complete_quiet_studies(ledger, 0.0, now=time.time() + 1, route=router.route)
     assert sorted(done) == sorted([echo_uid, plain_uid, breast_uid])
     echo, plain, breast = (ledger.study(uid) for uid in (echo_uid, plain_uid, breast_uid))
-    assert (echo["state"], echo["routing_rule"]) == (StudyState.SKIPPED, "other-body-part")
-    assert echo["routing_reason"] == "skip by rule other-body-part: StudyDescription, SeriesDescription"
-    assert (plain["state"], plain["routing_rule"], plain["routing_reason"]) == (StudyState.COMPLETE, None, None)
-    assert (breast["state"], breast["routing_rule"]) == (StudyState.COMPLETE, "breast")
+    assert (echo.state, echo.routing_rule) == (StudyState.SKIPPED, "other-body-part")
+    assert echo.routing_reason == "skip by rule other-body-part: StudyDescription, SeriesDescription"
+    assert (plain.state, plain.routing_rule, plain.routing_reason) == (StudyState.COMPLETE, None, None)
+    assert (breast.state, breast.routing_rule) == (StudyState.COMPLETE, "breast")
     assert echo_uid not in ledger.due_for_queue(now=time.time() + 10)
     assert ledger.claim_analysis(echo_uid, lease_s=60) is None  # no worker can take it
     table = format_table(study_summaries(ledger, 10))
@@ -141,10 +141,10 @@ def test_an_echocardiogram_is_stored_and_skipped_a_breast_study_analysed(setting
     assert "skipped by rule other-body-part" in render_status([view], ledger.count_by_state(), "csrf").decode()
     # another instance re-opens a skipped study; its routing is decided again
     store_study(settings, ledger, ["US1_UNCR.dcm"], study_uid=echo_uid)
-    assert ledger.study(echo_uid)["state"] == StudyState.RECEIVING
+    assert ledger.study(echo_uid).state == StudyState.RECEIVING
     assert complete_quiet_studies(ledger, 0.0, now=time.time() + 1, route=router.route) == [echo_uid]
     again = ledger.study(echo_uid)
-    assert (again["state"], again["generation"], again["routing_rule"]) == (StudyState.SKIPPED, 2, "other-body-part")
+    assert (again.state, again.generation, again.routing_rule) == (StudyState.SKIPPED, 2, "other-body-part")
 
 
 def test_a_study_that_receives_while_it_is_routed_stays_receiving(settings: Settings, ledger: Ledger) -> None:
@@ -153,7 +153,7 @@ def test_a_study_that_receives_while_it_is_routed_stays_receiving(settings: Sett
     assert [uid for uid, _ in quiet] == [study_uid]
     store_study(settings, ledger, ["OBXXXX1A.dcm"], study_uid=study_uid)  # arrives while the rules run
     assert ledger.complete_studies([(study_uid, quiet[0][1], Routing())]) == []
-    assert ledger.study(study_uid)["state"] == StudyState.RECEIVING
+    assert ledger.study(study_uid).state == StudyState.RECEIVING
 
 
 def test_results_go_to_the_destinations_the_rule_chose(settings: Settings, ledger: Ledger) -> None:
@@ -168,7 +168,7 @@ def test_results_go_to_the_destinations_the_rule_chose(settings: Settings, ledge
     study_uid, paths = store_study(settings, ledger, ["US1_UNCR.dcm"])
     complete_quiet_studies(ledger, 0.0, now=time.time() + 1, route=Router(settings, ledger).route)
     study = ledger.study(study_uid)
-    assert json.loads(study["destinations"]) == ["PACSB@127.0.0.1:1104", "VNA@127.0.0.1:1105"]
+    assert json.loads(study.destinations) == ["PACSB@127.0.0.1:1104", "VNA@127.0.0.1:1105"]
     generation = ledger.claim_analysis(study_uid, lease_s=60)
     assert generation is not None
     result, references = analyse(settings, study_uid, paths, generation=generation, n_similar=0)
@@ -177,6 +177,6 @@ def test_results_go_to_the_destinations_the_rule_chose(settings: Settings, ledge
     rows = ledger.outbox(study_uid)
     by_destination: dict[str, set[str]] = {}
     for row in rows:
-        by_destination.setdefault(row["destination"], set()).add(row["sop_instance_uid"])
+        by_destination.setdefault(row.destination, set()).add(row.sop_instance_uid)
     assert set(by_destination) == {"PACSB@127.0.0.1:1104", "VNA@127.0.0.1:1105"}
     assert by_destination["PACSB@127.0.0.1:1104"] == by_destination["VNA@127.0.0.1:1105"]  # every object, to each

@@ -94,7 +94,7 @@ def _reported(settings: Settings, ledger: Ledger, **kwargs: object) -> list[str]
 
 def _study_uid(ledger: Ledger) -> str:
     (study,) = ledger.studies()
-    return str(study["study_uid"])
+    return str(study.study_uid)
 
 
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
@@ -118,7 +118,7 @@ def test_results_arrive_once_and_the_study_is_sent(to_pacs: Settings, ledger: Le
     assert sender.run_once() == len(uids)
     assert sorted(pacs.received_uids()) == uids
     study = ledger.study(_study_uid(ledger))
-    assert study["state"] == StudyState.SENT and study["sent_at"] >= study["reported_at"]
+    assert study.state == StudyState.SENT and study.sent_at >= study.reported_at
     assert sender.run_once(now=FAR_FUTURE) == 0
     assert sorted(pacs.received_uids()) == uids
     (sr,) = [ds for ds in pacs.received() if ds.Modality == "SR"]
@@ -142,14 +142,14 @@ def test_pacs_down_then_up_everything_arrives_once(to_pacs: Settings, ledger: Le
     before = time.time()
     assert sender.run_once() == 0
     rows = ledger.outbox()
-    assert {(r["state"], r["attempts"]) for r in rows} == {(OutboxState.PENDING, 1)}
-    assert all("association with STORESCP@127.0.0.1" in r["error"] for r in rows)
-    assert all(before + 0.1 <= r["next_attempt_at"] <= time.time() + 0.2 for r in rows)
-    assert sender.run_once() == 0 and {r["attempts"] for r in ledger.outbox()} == {1}  # backing off: not due
+    assert {(r.state, r.attempts) for r in rows} == {(OutboxState.PENDING, 1)}
+    assert all("association with STORESCP@127.0.0.1" in r.error for r in rows)
+    assert all(before + 0.1 <= r.next_attempt_at <= time.time() + 0.2 for r in rows)
+    assert sender.run_once() == 0 and {r.attempts for r in ledger.outbox()} == {1}  # backing off: not due
     pacs = pacs_factory()
     assert sender.run_once(now=FAR_FUTURE) == len(uids)
     assert sorted(pacs.received_uids()) == uids
-    assert ledger.study(_study_uid(ledger))["state"] == StudyState.SENT
+    assert ledger.study(_study_uid(ledger)).state == StudyState.SENT
     attempts = _send_attempts()
     assert attempts["failed"] - attempts_before["failed"] == len(uids)  # the round while the PACS was down
     assert attempts["accepted"] - attempts_before["accepted"] == len(uids)
@@ -161,19 +161,19 @@ def test_bounded_tries_then_failed_then_resend(to_pacs: Settings, ledger: Ledger
     sender = Sender(to_pacs, ledger)
     for _ in range(to_pacs.send_max_attempts):
         sender.run_once(now=FAR_FUTURE)
-    assert {r["state"] for r in ledger.outbox()} == {OutboxState.FAILED}
+    assert {r.state for r in ledger.outbox()} == {OutboxState.FAILED}
     study = ledger.study(study_uid)
-    assert (study["state"], study["failed_stage"]) == (StudyState.FAILED, "send")
-    assert "association with STORESCP" in study["error"]
+    assert (study.state, study.failed_stage) == (StudyState.FAILED, "send")
+    assert "association with STORESCP" in study.error
     assert sender.run_once(now=FAR_FUTURE) == 0  # failed objects wait for a person
 
     message = retry_study(to_pacs, ledger, study_uid).message
     assert message.startswith(f"{len(uids)} object(s) due for sending now")
-    assert ledger.study(study_uid)["state"] == StudyState.REPORTED
+    assert ledger.study(study_uid).state == StudyState.REPORTED
     pacs = pacs_factory()
     assert sender.run_once() == len(uids)
     assert sorted(pacs.received_uids()) == uids
-    assert ledger.study(study_uid)["state"] == StudyState.SENT
+    assert ledger.study(study_uid).state == StudyState.SENT
 
 
 @pytest.mark.parametrize(
@@ -201,12 +201,12 @@ def test_sr_class_refused_falls_back(
     (sr,) = [ds for ds in received if ds.Modality == "SR"]
     assert sr.SOPClassUID == expected and sr.SOPInstanceUID not in uids
     assert len(received) == len(uids)
-    sr_rows = [r for r in ledger.outbox() if r["sop_class_uid"] == expected]
-    assert [(r["sop_instance_uid"], r["state"]) for r in sr_rows] == [(sr.SOPInstanceUID, OutboxState.SENT)]
+    sr_rows = [r for r in ledger.outbox() if r.sop_class_uid == expected]
+    assert [(r.sop_instance_uid, r.state) for r in sr_rows] == [(sr.SOPInstanceUID, OutboxState.SENT)]
     path = tmp_path / "received-sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert "accession REF-0" in dsr2html(path, tmp_path / "sr.html")
-    assert ledger.study(_study_uid(ledger))["state"] == StudyState.SENT
+    assert ledger.study(_study_uid(ledger)).state == StudyState.SENT
 
 
 def test_a_pacs_without_seg_or_kos_gets_the_rest_and_the_study_is_sent(
@@ -218,17 +218,17 @@ def test_a_pacs_without_seg_or_kos_gets_the_rest_and_the_study_is_sent(
     """Many archives store no Segmentation or Key Object Selection: those two are
     skipped there (recorded, retried by 'sonocase resend'), never failing the study."""
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"])
-    optional = [r for r in ledger.outbox() if r["sop_class_uid"] in OPTIONAL_CLASSES]
+    optional = [r for r in ledger.outbox() if r.sop_class_uid in OPTIONAL_CLASSES]
     assert optional  # the key-object selection at least (no SEG for an uncalibrated image)
     pacs = pacs_factory(
         *storescp_profile(tmp_path / "pacs.cfg", ["SecondaryCaptureImageStorage", "Comprehensive3DSRStorage"])
     )
     assert Sender(to_pacs, ledger).run_once() == len(uids) - len(optional)
     assert {ds.SOPClassUID for ds in pacs.received()} == {SecondaryCaptureImageStorage, Comprehensive3DSRStorage}
-    skipped = [r for r in ledger.outbox() if r["state"] == OutboxState.SKIPPED]
-    assert sorted(r["sop_instance_uid"] for r in skipped) == sorted(r["sop_instance_uid"] for r in optional)
-    assert all("does not accept SOP class" in r["error"] for r in skipped)
-    assert ledger.study(_study_uid(ledger))["state"] == StudyState.SENT
+    skipped = [r for r in ledger.outbox() if r.state == OutboxState.SKIPPED]
+    assert sorted(r.sop_instance_uid for r in skipped) == sorted(r.sop_instance_uid for r in optional)
+    assert all("does not accept SOP class" in r.error for r in skipped)
+    assert ledger.study(_study_uid(ledger)).state == StudyState.SENT
     assert Sender(to_pacs, ledger).run_once() == 0  # nothing left due
 
 
@@ -242,9 +242,9 @@ def test_a_pacs_taking_no_sr_class_gets_the_images_and_the_sr_waits(
     pacs = pacs_factory(*storescp_profile(tmp_path / "pacs.cfg", NOT_SR))
     assert Sender(to_pacs, ledger).run_once() == len(uids) - 1
     assert "SR" not in {ds.Modality for ds in pacs.received()}
-    (waiting,) = [r for r in ledger.outbox() if r["state"] == OutboxState.PENDING]
-    assert "accepts none of the SR classes" in waiting["error"]
-    assert ledger.study(_study_uid(ledger))["state"] == StudyState.REPORTED
+    (waiting,) = [r for r in ledger.outbox() if r.state == OutboxState.PENDING]
+    assert "accepts none of the SR classes" in waiting.error
+    assert ledger.study(_study_uid(ledger)).state == StudyState.REPORTED
 
 
 def test_association_dropped_mid_send_is_retried(to_pacs: Settings, ledger: Ledger, pacs_factory) -> None:
@@ -259,8 +259,8 @@ def test_association_dropped_mid_send_is_retried(to_pacs: Settings, ledger: Ledg
     attempt.join(timeout=60)
     assert not attempt.is_alive(), "the sender waited out the DIMSE timeout on a dead association"
     assert results == [0]
-    assert {r["state"] for r in ledger.outbox()} == {OutboxState.PENDING}
-    assert any("no response" in r["error"] or "ended early" in r["error"] for r in ledger.outbox())
+    assert {r.state for r in ledger.outbox()} == {OutboxState.PENDING}
+    assert any("no response" in r.error or "ended early" in r.error for r in ledger.outbox())
     flaky.stop()
     pacs = pacs_factory(name="pacs")
     assert sender.run_once(now=FAR_FUTURE) == len(uids)
@@ -305,15 +305,15 @@ def test_killed_sender_sends_after_restart(to_pacs: Settings, ledger: Ledger, pa
     log = tmp_path / "sender.log"
     first = _sender_process(to_pacs, log)
     try:
-        wait_for("the sender", lambda: min(r["attempts"] for r in ledger.outbox()) >= 2)
+        wait_for("the sender", lambda: min(r.attempts for r in ledger.outbox()) >= 2)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
-    assert ledger.study(study_uid)["state"] == StudyState.REPORTED
+    assert ledger.study(study_uid).state == StudyState.REPORTED
     pacs = pacs_factory()
     second = _sender_process(to_pacs, log)
     try:
-        wait_for("the sender", lambda: ledger.study(study_uid)["state"] == StudyState.SENT)
+        wait_for("the sender", lambda: ledger.study(study_uid).state == StudyState.SENT)
     finally:
         second.send_signal(signal.SIGKILL)
         second.wait(timeout=10)
@@ -347,7 +347,7 @@ def test_resend_command(settings: Settings, to_pacs: Settings, ledger: Ledger) -
     queued = _cli(to_pacs, "resend", study_uid)
     assert queued.returncode == 0, queued.stderr
     assert f"{len(uids)} object(s) due for sending now" in queued.stdout
-    assert sorted(r["sop_instance_uid"] for r in ledger.outbox(study_uid)) == uids
+    assert sorted(r.sop_instance_uid for r in ledger.outbox(study_uid)) == uids
     unknown = _cli(settings, "resend", "1.2.3.4")
     assert unknown.returncode != 0 and "unknown study 1.2.3.4" in unknown.stderr
 
@@ -389,7 +389,7 @@ def test_a_study_analysed_but_never_reported_is_reported_later(to_pacs: Settings
     assert sender.report_orphans() == 0  # just analysed: its worker holds the lease and is reporting it
     assert sender.report_orphans(now=time.time() + to_pacs.task_lease_s + 1) == 1  # the worker stopped renewing
     assert sender.report_orphans(now=time.time() + to_pacs.task_lease_s + 2) == 0  # reported: no longer an orphan
-    assert ledger.study(study.uid)["state"] == StudyState.REPORTED
+    assert ledger.study(study.uid).state == StudyState.REPORTED
     assert len(ledger.outbox(study.uid)) == 4  # SR, heatmap, montage, key-image flag (uncalibrated: no overlay)
 
 

@@ -115,7 +115,7 @@ def test_a_small_disk_takes_thousands_of_instances_and_never_refuses_for_its_own
                 if breast:
                     wait_for(
                         "the workers to catch up",
-                        lambda: sum(ledger.study(uid)["state"] != StudyState.SENT for uid in analysed) <= UNSENT_AHEAD,
+                        lambda: sum(ledger.study(uid).state != StudyState.SENT for uid in analysed) <= UNSENT_AHEAD,
                         300,
                     )
                 uid = _push(scratch, base, not breast, settings.ae_title, settings.port)
@@ -123,7 +123,7 @@ def test_a_small_disk_takes_thousands_of_instances_and_never_refuses_for_its_own
                 lowest = min(lowest, free_disk_mb(settings.data_dir))
 
             def settled() -> bool:
-                states = Counter(ledger.study(uid)["state"] for uid in analysed + skipped)
+                states = Counter(ledger.study(uid).state for uid in analysed + skipped)
                 assert states[StudyState.FAILED] == 0, states
                 return states == Counter({StudyState.SENT: len(analysed), StudyState.SKIPPED: len(skipped)})
 
@@ -132,7 +132,7 @@ def test_a_small_disk_takes_thousands_of_instances_and_never_refuses_for_its_own
             removed = _metric(settings.http_port, "sonocase_removed_bytes_total")
             instances = ledger.instance_count()
             received = sum(rec.size for uid in analysed + skipped for rec in ledger.instances(uid))
-            purged_studies = len({p["study_uid"] for uid in analysed + skipped for p in ledger.purges(uid)})
+            purged_studies = len({p.study_uid for uid in analysed + skipped for p in ledger.purges(uid)})
         finally:
             ledger.close()
             node.stop()

@@ -64,11 +64,13 @@ def test_verdicts_are_given_changed_and_every_change_kept(node: Node) -> None:
     status, _, body = _http(node.url, f"{API_PREFIX}/studies/{study}/verdicts", headers=BEARER)
     history = json.loads(body)
     assert status == 200 and [v["verdict"] for v in history] == ["agree", "corrected", "disagree"]
-    counts = current(history)
-    assert counts[(study, "")]["corrected_class"] == "benign" and counts[(study, image)]["reader"] == "Dr B"
+    rows = node.ledger.verdicts(study)
+    assert [v["verdict_id"] for v in history] == [v.verdict_id for v in rows]
+    counts = current(rows)
+    assert counts[(study, "")].corrected_class == "benign" and counts[(study, image)].reader == "Dr B"
     assert reader_class(counts[(study, "")], "malignant") == "benign"
     assert reader_class(counts[(study, image)], "malignant") is None
-    assert reader_class(history[0], "malignant") == "malignant"
+    assert reader_class(rows[0], "malignant") == "malignant"
 
 
 @pytest.mark.parametrize(
@@ -141,9 +143,10 @@ def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node
     finally:
         browser.close()
     history = node.ledger.verdicts(study)
-    assert [
-        (v["verdict"], v["corrected_class"], v["reader"], v["reader_role"], bool(v["finding"])) for v in history
-    ] == [("corrected", "benign", "Dr C", "reviewer", False), ("agree", None, "Dr C", "reviewer", True)]
+    assert [(v.verdict, v.corrected_class, v.reader, v.reader_role, bool(v.finding)) for v in history] == [
+        ("corrected", "benign", "Dr C", "reviewer", False),
+        ("agree", None, "Dr C", "reviewer", True),
+    ]
 
 
 def test_the_review_form_needs_its_session_s_csrf_token(node: Node) -> None:
@@ -172,7 +175,7 @@ def test_verdicts_record_the_role_they_came_with(node: Node) -> None:
     assert _http(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form)[0] == 403
     status, _, _ = _http(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form | {"csrf": csrf})
     assert status == 303
-    assert [(v["reader"], v["reader_role"]) for v in node.ledger.verdicts(study)] == [
+    assert [(v.reader, v.reader_role) for v in node.ledger.verdicts(study)] == [
         ("Dr R", "reviewer"),
         ("Dr A", "admin"),
         ("Dr S", "reviewer"),

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 import uvicorn
 from chromium import Chromium
-from conftest import guard_card_entry
+from conftest import force_state, guard_card_entry
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import iter_route_contexts
 from kombu import Connection
@@ -213,8 +213,8 @@ def _populate(settings: Settings) -> tuple[Ledger, str, str, str]:
     sr = (generate_uid(), "1.2.840.10008.5.1.4.1.1.88.34", str(sr_path))
     ledger.enqueue_outbox(undelivered.study_uid, 1, [sr], ["PACS@127.0.0.1:104"])
     for row in ledger.outbox(undelivered.study_uid):
-        ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.FAILED, error="0xA700 refused")
-    ledger.set_state(undelivered.study_uid, StudyState.FAILED, failed_stage="send", error="PACS refused the SR")
+        ledger.update_outbox(row.sop_instance_uid, row.destination, OutboxState.FAILED, error="0xA700 refused")
+    force_state(ledger, undelivered.study_uid, StudyState.FAILED, failed_stage="send", error="PACS refused the SR")
     # Analysis failed for good.
     broken = _store(settings, ledger, generate_uid(), now + 2)
     ledger.complete_quiet_studies(1, now=now + 10)
@@ -444,8 +444,8 @@ def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
     csrf = page.split("name=csrf value='")[1].split("'")[0]
     status, headers, _ = _http(node.url, path, "POST", headers={"Cookie": cookie}, form={"csrf": csrf})
     assert status == 303 and "retried=results" in headers["location"]
-    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
-    assert node.ledger.study(node.undelivered)["state"] == StudyState.REPORTED
+    assert [r.state for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
+    assert node.ledger.study(node.undelivered).state == StudyState.REPORTED
 
     # A Bearer client needs no form token; the study has not failed any more.
     status, _, body = _http(node.url, f"/status/studies/{node.analysed}/resend", "POST", headers=BEARER, form={})
@@ -456,7 +456,7 @@ def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
 def test_retry_study_requeues_a_failed_analysis(node: Node) -> None:
     assert retry_study(node.settings, node.ledger, node.broken).kind is RetryKind.ANALYSIS
     study = node.ledger.study(node.broken)
-    assert study["state"] == StudyState.COMPLETE and study["attempts"] == 0 and study["error"] is None
+    assert study.state == StudyState.COMPLETE and study.attempts == 0 and study.error is None
     assert node.broken in node.ledger.due_for_queue()
     with pytest.raises(NothingToRetry, match="no results to send"):
         retry_study(node.settings, node.ledger, node.analysed)
@@ -488,8 +488,8 @@ def test_status_page_in_headless_chromium(node: Node, tmp_path: Path) -> None:
         assert node.undelivered in browser.evaluate("document.querySelector('.notice').textContent")
     finally:
         browser.close()
-    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
-    assert node.ledger.study(node.undelivered)["state"] == StudyState.REPORTED
+    assert [r.state for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
+    assert node.ledger.study(node.undelivered).state == StudyState.REPORTED
 
 
 # --- sessions, CSRF, throttling ---------------------------------------------------------
@@ -552,7 +552,7 @@ def test_forms_need_their_own_session_s_csrf_token(node: Node) -> None:
     cross = {"Cookie": cookie_a, "Sec-Fetch-Site": "cross-site"}
     assert _http(node.url, path, "POST", headers=cross, form={"csrf": csrf_a})[0] == 403
     assert _http(node.url, "/login", "POST", headers={"Sec-Fetch-Site": "cross-site"}, form={"token": TOKEN})[0] == 403
-    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
+    assert [r.state for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
     assert _http(node.url, path, "POST", headers={"Cookie": cookie_a}, form={"csrf": csrf_a})[0] == 303
 
 
@@ -629,7 +629,7 @@ def test_json_api_lists_shows_and_retries_studies(node: Node) -> None:
 
     status, retried = _json(node.url, f"/api/v1/studies/{node.undelivered}/retry", "POST", headers=BEARER)
     assert status == 200 and retried["kind"] == "results" and retried["message"]
-    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
+    assert [r.state for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
     status, refused = _json(node.url, f"/api/v1/studies/{node.analysed}/retry", "POST", headers=BEARER)
     assert status == 409 and "no results to send" in refused["detail"]
     assert _json(node.url, "/api/v1/studies/1.2.3/retry", "POST", headers=BEARER)[0] == 404
@@ -648,7 +648,7 @@ def test_api_changes_from_a_session_need_its_csrf_token(node: Node) -> None:
     ):
         status, doc = _json(node.url, path, "POST", headers={"Cookie": cookie} | headers)
         assert status == 403 and ("CSRF" in doc["detail"] or "cross-site" in doc["detail"]), (headers, doc)
-    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
+    assert [r.state for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
     assert _json(node.url, "/api/v1/studies", headers={"Cookie": cookie})[0] == 200  # reading needs no token
     assert _json(node.url, path, "POST", headers={"Cookie": cookie, "X-CSRF-Token": csrf})[0] == 200
     assert _json(node.url, path, "POST", headers=BEARER | {"Sec-Fetch-Site": "cross-site"})[0] == 403
@@ -920,13 +920,13 @@ def test_a_reviewer_is_refused_every_administrative_route(whole_node: tuple[Node
         for headers in (REVIEWER, {"Cookie": cookie, "X-CSRF-Token": csrf}):
             status, _, body = _http(node.url, concrete, method, headers=headers, form={"csrf": csrf})
             assert status == 403 and b"reviewers may not" in body, (method, path, headers, body)
-    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
+    assert [r.state for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
     for method, path in administrative:
         status, _, body = _http(
             node.url, path.replace("{study_uid}", node.undelivered), method, headers=BEARER, form={}
         )
         assert b"reviewers may not" not in body and status != 401, (method, path, status)
-    assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
+    assert [r.state for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
 
 
 def test_a_reviewer_session_remembers_its_role_and_needs_its_csrf_token(node: Node) -> None:

@@ -68,7 +68,7 @@ def _result(ledger: Ledger, study_uid: str, generation: int | None = None) -> St
 def test_a_study_is_analysed_and_its_result_stored(worker_settings: Settings, ledger: Ledger) -> None:
     study_uid = receive(worker_settings, ledger, _study())
     assert process_study(WorkerState(worker_settings), study_uid) == "analysed"
-    assert ledger.study(study_uid)["state"] == StudyState.REPORTED  # the worker built the reports too
+    assert ledger.study(study_uid).state == StudyState.REPORTED  # the worker built the reports too
     outputs = list(outbox_folder(worker_settings, study_uid, 1).glob("*.dcm"))
     classes = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in outputs)
     assert classes.count(SecondaryCaptureImageStorage) == 4  # an SC per image (no index: no montage)
@@ -121,7 +121,7 @@ def test_running_a_study_twice_changes_nothing(worker_settings: Settings, ledger
     first = ledger.result(study_uid)
     heatmaps = sorted((worker_settings.results_dir / study_uid).rglob("*.npy"))
     assert process_study(state, study_uid) == "not-claimed"
-    assert ledger.result(study_uid) == first and ledger.study(study_uid)["attempts"] == 1
+    assert ledger.result(study_uid) == first and ledger.study(study_uid).attempts == 1
     assert sorted((worker_settings.results_dir / study_uid).rglob("*.npy")) == heatmaps
 
 
@@ -145,10 +145,10 @@ def test_failures_retry_with_backoff_then_fail_visibly(
     outcomes, retry_at = [], []
     for _ in range(3):
         outcomes.append(process_study(state, study_uid))
-        retry_at.append(ledger.study(study_uid)["next_attempt_at"])
+        retry_at.append(ledger.study(study_uid).next_attempt_at)
     assert outcomes == ["complete", "complete", "failed"]
     row = ledger.study(study_uid)
-    assert row["failed_stage"] == "analysis" and "missing.onnx does not exist" in row["error"]
+    assert row.failed_stage == "analysis" and "missing.onnx does not exist" in row.error
     assert retry_at[0] < retry_at[1] and retry_at[2] is None
     assert ledger.result(study_uid) is None
 
@@ -328,7 +328,7 @@ def test_a_worker_that_claims_before_the_scheduler_marks_the_study_queued_keeps_
         claimed.append(ledger.claim_analysis(uid, worker_settings.task_lease_s))
 
     assert schedule_due(ledger, send_and_claim_at_once, worker_settings.task_lease_s) == [study_uid]
-    assert claimed == [1] and ledger.study(study_uid)["state"] == StudyState.ANALYSING
+    assert claimed == [1] and ledger.study(study_uid).state == StudyState.ANALYSING
     assert ledger.due_for_queue() == []
     analysis = analyse_study(worker_settings, state.model(), study_uid, 1, ledger.instances(study_uid))
     assert ledger.finish_analysis(study_uid, 1, analysis.result.model_dump(mode="json"))
@@ -347,10 +347,10 @@ def test_a_result_finished_after_its_lease_ran_out_is_kept_and_not_redone(
         worker_settings, WorkerState(worker_settings).model(), study_uid, generation, ledger.instances(study_uid)
     )
     assert schedule_due(ledger, lambda uid: None, lease_s=5, now=start + 6) == [study_uid]
-    assert ledger.study(study_uid)["state"] == StudyState.QUEUED
+    assert ledger.study(study_uid).state == StudyState.QUEUED
     assert ledger.finish_analysis(study_uid, generation, analysis.result.model_dump(mode="json"), now=start + 7)
     assert process_study(WorkerState(worker_settings), study_uid) == "not-claimed"
-    assert ledger.study(study_uid)["attempts"] == 1
+    assert ledger.study(study_uid).attempts == 1
 
 
 def test_worker_processes_get_exactly_the_nodes_settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

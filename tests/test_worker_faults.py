@@ -81,7 +81,7 @@ def _delivered_once(settings: Settings, pacs: Storescp, study_uid: str, attempts
         row, stored = ledger.study(study_uid), ledger.result(study_uid)
     finally:
         ledger.close()
-    assert row is not None and row["attempts"] == attempts, row
+    assert row is not None and row.attempts == attempts, row
     assert stored is not None
     result = StudyResult.model_validate(stored)
     heatmaps = sorted((settings.results_dir / study_uid).rglob("*.npy"))

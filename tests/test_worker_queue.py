@@ -57,7 +57,7 @@ def _check_result(settings: Settings, study_uid: str, n_images: int) -> StudyRes
         row, stored = ledger.study(study_uid), ledger.result(study_uid)
     finally:
         ledger.close()
-    assert row is not None and row["attempts"] == 1
+    assert row is not None and row.attempts == 1
     assert stored is not None
     result = StudyResult.model_validate(stored)
     assert len(result.images) == n_images and all(image.frames for image in result.images)

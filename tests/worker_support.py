@@ -56,7 +56,7 @@ def study_state(settings: Settings, study_uid: str) -> str | None:
     ledger = open_ledger(settings, durable=False)
     try:
         row = ledger.study(study_uid)
-        return row["state"] if row else None
+        return row.state if row else None
     finally:
         ledger.close()
 

@@ -95,7 +95,7 @@ class CStoreTransport(Transport[Destination]):
                 if not assoc.is_established:
                     outcomes.failed(row, f"association with {dest} ended early")
                     continue
-                stored = read[row["sop_instance_uid"]].TransferSyntaxUID
+                stored = read[row.sop_instance_uid].TransferSyntaxUID
                 accepted += self._store(assoc, dest, row, stored, outcomes)
         finally:
             if assoc.is_established:
@@ -108,8 +108,8 @@ class CStoreTransport(Transport[Destination]):
         ae.dimse_timeout = 120
         proposed: dict[str, list[str]] = {}
         for row in rows:
-            stored = metas[row["sop_instance_uid"]].TransferSyntaxUID
-            classes = SR_CLASSES if row["sop_class_uid"] in SR_CLASSES else (row["sop_class_uid"],)
+            stored = metas[row.sop_instance_uid].TransferSyntaxUID
+            classes = SR_CLASSES if row.sop_class_uid in SR_CLASSES else (row.sop_class_uid,)
             for sop_class in classes:
                 for syntax in _transfer_syntaxes(sop_class, stored):
                     proposed.setdefault(sop_class, [])
@@ -123,30 +123,30 @@ class CStoreTransport(Transport[Destination]):
 
     def _store(self, assoc: Association, dest: Destination, row: Row, stored: str, outcomes: OutcomeRecorder) -> int:
         accepted_classes = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        if row["sop_class_uid"] not in accepted_classes:
-            if row["sop_class_uid"] in OPTIONAL_CLASSES:
+        if row.sop_class_uid not in accepted_classes:
+            if row.sop_class_uid in OPTIONAL_CLASSES:
                 return outcomes.skipped(dest, row)
-            if row["sop_class_uid"] not in SR_CLASSES:
-                outcomes.failed(row, f"{dest} accepts no presentation context for SOP class {row['sop_class_uid']}")
+            if row.sop_class_uid not in SR_CLASSES:
+                outcomes.failed(row, f"{dest} accepts no presentation context for SOP class {row.sop_class_uid}")
                 return 0
             fallback = outcomes.fallback(dest, row, accepted_classes)
             if fallback is None:
                 return 0
             row, stored = fallback
         as_stored = any(
-            cx.abstract_syntax == row["sop_class_uid"] and cx.transfer_syntax[0] == stored
+            cx.abstract_syntax == row.sop_class_uid and cx.transfer_syntax[0] == stored
             for cx in assoc.accepted_contexts
         )
         try:
             # The file as it lies in the outbox (already checked by the gate) where the
             # destination takes its transfer syntax; else decoded, for pynetdicom to convert.
-            status = send_c_store(assoc, Path(row["path"]) if as_stored else dcmread(row["path"]))
+            status = send_c_store(assoc, Path(row.path) if as_stored else dcmread(row.path))
         except (OSError, InvalidDicomError) as exc:
-            outcomes.failed(row, f"outbox file {row['path']} cannot be read: {exc}")
+            outcomes.failed(row, f"outbox file {row.path} cannot be read: {exc}")
             return 0
         code = int(status.get("Status", -1)) if status else -1
         if code == STATUS_SUCCESS or code in STATUS_WARNINGS:
             return outcomes.accepted(dest, row, STATUS_WARNINGS.get(code, ""))
         reason = "no response (association lost)" if code == -1 else f"C-STORE status 0x{code:04X}"
-        outcomes.failed(row, f"{dest} did not store {row['sop_instance_uid']}: {reason}")
+        outcomes.failed(row, f"{dest} did not store {row.sop_instance_uid}: {reason}")
         return 0

@@ -146,17 +146,17 @@ class StowTransport(Transport[DicomWebDestination]):
             for row in rows:
                 outcomes.failed(row, f"{dest}: {exc}")
             return 0
-        stowed = store_study(web, study_uid, [read[row["sop_instance_uid"]] for row in rows])
+        stowed = store_study(web, study_uid, [read[row.sop_instance_uid] for row in rows])
         accepted = 0
         for row in rows:
-            outcome = stowed[row["sop_instance_uid"]]
+            outcome = stowed[row.sop_instance_uid]
             if outcome.stored:
                 accepted += outcomes.accepted(dest, row, outcome.reason)
-            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row["sop_class_uid"] in SR_CLASSES:
+            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row.sop_class_uid in SR_CLASSES:
                 # Rebuilt in the next SR class, sent in the next round (soon: the row stays due).
-                outcomes.fallback(dest, row, set(SR_CLASSES[SR_CLASSES.index(row["sop_class_uid"]) + 1 :]))
-            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row["sop_class_uid"] in OPTIONAL_CLASSES:
+                outcomes.fallback(dest, row, set(SR_CLASSES[SR_CLASSES.index(row.sop_class_uid) + 1 :]))
+            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row.sop_class_uid in OPTIONAL_CLASSES:
                 outcomes.skipped(dest, row)
             else:
-                outcomes.failed(row, f"{dest} did not store {row['sop_instance_uid']}: {outcome.reason}")
+                outcomes.failed(row, f"{dest} did not store {row.sop_instance_uid}: {outcome.reason}")
         return accepted

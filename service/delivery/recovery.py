@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 import click
 from pydicom import dcmread
 
 from service.cli import settings_from
-from service.ledger import Ledger, StudyState, open_ledger, study_destinations
+from service.ledger import Ledger, StudyRow, StudyState, open_ledger
 from service.reports.build import DEFAULT_SR_CLASS, build_reports, outbox_folder
 from service.reports.sr import SR_CLASSES
 from service.settings import Settings
@@ -58,35 +57,34 @@ def retry_study(settings: Settings, ledger: Ledger, study_uid: str) -> Retried:
     study = ledger.study(study_uid)
     if study is None:
         raise UnknownStudy(f"unknown study {study_uid}")
-    state, stage = study["state"], study["failed_stage"]
+    state, stage = study.state, study.failed_stage
     if state == StudyState.FAILED and stage not in ("report", "send"):
-        ledger.set_state(study_uid, StudyState.COMPLETE, attempts=0, error=None, failed_stage=None)
+        ledger.transition(study_uid, StudyState.COMPLETE, study.generation)
         LOG.info("analysis queued again after failure", extra={"study_uid": study_uid})
         return Retried(RetryKind.ANALYSIS, "the analysis was queued again")
     if state == StudyState.FAILED and stage == "report":
         paths = build_reports(settings, ledger, study_uid)
         if not paths:
-            raise NothingToRetry(f"the report failed again: {ledger.study(study_uid)['error']}")
+            again = ledger.study(study_uid)
+            raise NothingToRetry(f"the report failed again: {again.error if again else 'the study is gone'}")
         LOG.info("reported again after failure", extra={"study_uid": study_uid})
         return Retried(
             RetryKind.REPORT, f"reported again: {len(paths)} object(s) written" + _destination_note(settings)
         )
     if state == StudyState.SKIPPED:
-        raise NothingToRetry(f"study {study_uid} is not analysed ({study['routing_reason']}): it has no results")
+        raise NothingToRetry(f"study {study_uid} is not analysed ({study.routing_reason}): it has no results")
     if state not in (StudyState.REPORTED, StudyState.SENT, StudyState.FAILED):
         raise NothingToRetry(f"study {study_uid} is {state}: it has no results to send")
-    generation = study["generation"]
-    gone = [p for p in ledger.purges(study_uid) if p["kind"] == "outbox" and p["generation"] == generation]
+    generation = study.generation
+    gone = [p for p in ledger.purges(study_uid) if p.kind == "outbox" and p.generation == generation]
     if gone:
         raise NothingToRetry(
-            f"study {study_uid} was sent, and its result objects were removed by retention ({gone[0]['reason']})"
+            f"study {study_uid} was sent, and its result objects were removed by retention ({gone[0].reason})"
         )
     queued = _queue_outbox_files(settings, ledger, study, generation)
     due = ledger.reset_outbox(study_uid)
     if state == StudyState.FAILED:
-        ledger.transition(
-            study_uid, StudyState.REPORTED, (StudyState.FAILED,), generation, failed_stage=None, error=None
-        )
+        ledger.transition(study_uid, StudyState.REPORTED, generation, sources=(StudyState.FAILED,))
     LOG.info("results queued again: %d object(s) due", due, extra={"study_uid": study_uid})
     if not settings.destinations:
         where = outbox_folder(settings, study_uid, generation)
@@ -97,20 +95,20 @@ def retry_study(settings: Settings, ledger: Ledger, study_uid: str) -> Retried:
     )
 
 
-def _queue_outbox_files(settings: Settings, ledger: Ledger, study: dict[str, Any], generation: int) -> int:
+def _queue_outbox_files(settings: Settings, ledger: Ledger, study: StudyRow, generation: int) -> int:
     """Queue the generation's objects for configured destinations that have none of
     them yet (destinations added after the study was reported); return how many
     objects the generation has. SRs rebuilt for another destination are not queued:
     a new destination gets the default class and falls back by itself."""
-    study_uid = study["study_uid"]
+    study_uid = study.study_uid
     items = []
     for path in sorted(outbox_folder(settings, study_uid, generation).glob("*.dcm")):
         header = dcmread(path, stop_before_pixels=True)
         if header.SOPClassUID in SR_CLASSES and header.SOPClassUID != DEFAULT_SR_CLASS:
             continue
         items.append((header.SOPInstanceUID, header.SOPClassUID, str(path)))
-    served = {r["destination"] for r in ledger.outbox(study_uid) if r["generation"] == generation}
-    new = [d for d in study_destinations(study, [str(d) for d in settings.destinations]) if d not in served]
+    served = {r.destination for r in ledger.outbox(study_uid) if r.generation == generation}
+    new = [d for d in study.destinations_or([str(d) for d in settings.destinations]) if d not in served]
     if new:
         ledger.enqueue_outbox(study_uid, generation, items, new)
     return len(items)

@@ -146,9 +146,9 @@ def finish_interrupted(settings: Settings, ledger: Ledger) -> int:
     """Carry out removals that were claimed but not finished (the process died)."""
     rows = ledger.unfinished_purges()
     for row in rows:
-        files = ledger.purge_paths(row["study_uid"], row["purged_at"]) if row["kind"] == "spool" else []
-        removed = _remove_files(settings, row["kind"], row["study_uid"], row["generation"], files)
-        ledger.finish_purge(row["study_uid"], row["generation"], row["kind"], removed)
+        files = ledger.purge_paths(row.study_uid, row.purged_at) if row.kind == "spool" else []
+        removed = _remove_files(settings, row.kind, row.study_uid, row.generation, files)
+        ledger.finish_purge(row.study_uid, row.generation, row.kind, removed)
     if rows:
         LOG.info("finished %d removals an earlier process had begun", len(rows))
     return len(rows)

@@ -26,6 +26,7 @@ builder is idempotent, so a late duplicate build is harmless).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -44,7 +45,7 @@ from service.common.metrics import observe_send
 from service.delivery.cstore import CStoreTransport
 from service.delivery.dicomweb import StowTransport
 from service.delivery.transport import Transport
-from service.ledger import Ledger, OutboxState, StudyState
+from service.ledger import Ledger, OutboxRow, OutboxState, StudyState
 from service.model_card import card_path_for
 from service.reports.build import (
     ReportError,
@@ -88,18 +89,18 @@ class Sender:
         """Try every due object once; return how many were accepted."""
         rows = self.ledger.due_outbox(time.time() if now is None else now)
         accepted = 0
-        for (destination, study_uid), group in groupby(rows, key=lambda r: (r["destination"], r["study_uid"])):
+        for (destination, study_uid), group in groupby(rows, key=lambda r: (r.destination, r.study_uid)):
             accepted += self._deliver(destination, study_uid, list(group))
             self._settle(study_uid)
         return accepted
 
-    def _deliver(self, destination: str, study_uid: str, rows: list[dict[str, Any]]) -> int:
+    def _deliver(self, destination: str, study_uid: str, rows: list[OutboxRow]) -> int:
         dest = parse_peer(destination)
         transport = self.transports[type(dest)]
         # The SR first: it is what the radiologist waits for, and it names the rest.
-        rows = sorted(rows, key=lambda r: r["sop_class_uid"] not in SR_CLASSES)
+        rows = sorted(rows, key=lambda r: r.sop_class_uid not in SR_CLASSES)
         read_ok = self._read(rows, transport.read)
-        rows = [r for r in rows if r["sop_instance_uid"] in read_ok]
+        rows = [r for r in rows if r.sop_instance_uid in read_ok]
         if not rows:
             return 0
         accepted = transport.deliver(dest, study_uid, rows, read_ok, self)
@@ -112,61 +113,61 @@ class Sender:
         )
         return accepted
 
-    def _read(self, rows: list[dict[str, Any]], read: Callable[[str], Dataset]) -> dict[str, Dataset]:
+    def _read(self, rows: list[OutboxRow], read: Callable[[str], Dataset]) -> dict[str, Dataset]:
         """``read`` of each row's outbox file, by SOP Instance UID; a file that cannot
         be read is a failed try of its row."""
         read_ok = {}
         for row in rows:
             try:
-                read_ok[row["sop_instance_uid"]] = read(row["path"])
+                read_ok[row.sop_instance_uid] = read(row.path)
             except (OSError, InvalidDicomError) as exc:
-                self.failed(row, f"outbox file {row['path']} cannot be read: {exc}")
+                self.failed(row, f"outbox file {row.path} cannot be read: {exc}")
         return read_ok
 
     # --- the outcome of each object, in the outbox ------------------------------
-    def accepted(self, dest: Peer, row: dict[str, Any], warning: str) -> int:
+    def accepted(self, dest: Peer, row: OutboxRow, warning: str) -> int:
         """Record an object the destination stored (with ``warning``, if any); 1."""
         if warning:
             LOG.warning(
                 "%s stored %s with a warning: %s",
                 dest,
-                row["sop_instance_uid"],
+                row.sop_instance_uid,
                 warning,
-                extra={"study_uid": row["study_uid"]},
+                extra={"study_uid": row.study_uid},
             )
-        self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SENT)
+        self.ledger.update_outbox(row.sop_instance_uid, row.destination, OutboxState.SENT)
         observe_send("accepted")
         return 1
 
-    def skipped(self, dest: Peer, row: dict[str, Any]) -> int:
+    def skipped(self, dest: Peer, row: OutboxRow) -> int:
         """An optional object the destination does not take: recorded as skipped
         there (``sonocase resend`` tries it again); 0."""
-        reason = f"{dest} does not accept SOP class {row['sop_class_uid']}"
+        reason = f"{dest} does not accept SOP class {row.sop_class_uid}"
         LOG.warning(
             "%s: %s not sent there (optional)",
             reason,
-            row["sop_instance_uid"],
-            extra={"study_uid": row["study_uid"], "destination": str(dest)},
+            row.sop_instance_uid,
+            extra={"study_uid": row.study_uid, "destination": str(dest)},
         )
-        self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.SKIPPED, error=reason)
+        self.ledger.update_outbox(row.sop_instance_uid, row.destination, OutboxState.SKIPPED, error=reason)
         return 0
 
     def fallback(
         self,
         dest: Peer,
-        row: dict[str, Any],
+        row: OutboxRow,
         accepted_classes: set[str],
-    ) -> tuple[dict[str, Any], str] | None:
+    ) -> tuple[OutboxRow, str] | None:
         """Rebuild the SR in the first class after its own that ``dest`` accepts;
         the new row and its transfer syntax."""
-        current = row["sop_class_uid"]
+        current = row.sop_class_uid
         later = SR_CLASSES[SR_CLASSES.index(current) + 1 :]
         target = next((c for c in later if c in accepted_classes), None)
         if target is None:
             self.failed(row, f"{dest} accepts none of the SR classes {list(SR_CLASSES[SR_CLASSES.index(current) :])}")
             return None
         try:
-            new_uid, path = rebuild_sr(self.settings, self.ledger, row["study_uid"], row["generation"], target)
+            new_uid, path = rebuild_sr(self.settings, self.ledger, row.study_uid, row.generation, target)
         except ReportError as exc:
             self.failed(row, f"the SR could not be rebuilt as {target}: {exc}")
             return None
@@ -175,26 +176,26 @@ class Sender:
             dest,
             current,
             target,
-            extra={"study_uid": row["study_uid"], "destination": str(dest)},
+            extra={"study_uid": row.study_uid, "destination": str(dest)},
         )
-        self.ledger.replace_outbox(row["sop_instance_uid"], row["destination"], new_uid, target, str(path))
+        self.ledger.replace_outbox(row.sop_instance_uid, row.destination, new_uid, target, str(path))
         return (
-            {**row, "sop_instance_uid": new_uid, "sop_class_uid": target, "path": str(path)},
+            dataclasses.replace(row, sop_instance_uid=new_uid, sop_class_uid=target, path=str(path)),
             read_file_meta_info(path).TransferSyntaxUID,
         )
 
-    def failed(self, row: dict[str, Any], reason: str) -> None:
+    def failed(self, row: OutboxRow, reason: str) -> None:
         """Schedule another try, or give up visibly after send_max_attempts."""
         observe_send("failed")
-        attempts = row["attempts"] + 1
-        study_uid = row["study_uid"]
+        attempts = row.attempts + 1
+        study_uid = row.study_uid
         if attempts >= self.settings.send_max_attempts:
-            self.ledger.update_outbox(row["sop_instance_uid"], row["destination"], OutboxState.FAILED, error=reason)
+            self.ledger.update_outbox(row.sop_instance_uid, row.destination, OutboxState.FAILED, error=reason)
             self.ledger.transition(
                 study_uid,
                 StudyState.FAILED,
-                (StudyState.REPORTED,),
-                row["generation"],
+                row.generation,
+                sources=(StudyState.REPORTED,),
                 failed_stage="send",
                 error=reason[:2000],
             )
@@ -202,13 +203,13 @@ class Sender:
                 "giving up after %d tries: %s",
                 attempts,
                 reason,
-                extra={"study_uid": study_uid, "destination": row["destination"], "stage": "send"},
+                extra={"study_uid": study_uid, "destination": row.destination, "stage": "send"},
             )
             return
         delay = backoff_delay(attempts, self.settings.send_backoff_s, self.settings.send_backoff_max_s, self.rng)
         self.ledger.update_outbox(
-            row["sop_instance_uid"],
-            row["destination"],
+            row.sop_instance_uid,
+            row.destination,
             OutboxState.PENDING,
             error=reason,
             next_attempt_at=time.time() + delay,
@@ -218,19 +219,17 @@ class Sender:
             attempts,
             delay,
             reason,
-            extra={"study_uid": study_uid, "destination": row["destination"]},
+            extra={"study_uid": study_uid, "destination": row.destination},
         )
 
     def _settle(self, study_uid: str) -> None:
         """REPORTED -> SENT once every object of the current generation is accepted."""
         study = self.ledger.study(study_uid)
-        if study is None or study["state"] != StudyState.REPORTED:
+        if study is None or study.state != StudyState.REPORTED:
             return
-        rows = [r for r in self.ledger.outbox(study_uid) if r["generation"] == study["generation"]]
-        if rows and all(r["state"] in (OutboxState.SENT, OutboxState.SKIPPED) for r in rows):
-            self.ledger.transition(
-                study_uid, StudyState.SENT, (StudyState.REPORTED,), study["generation"], sent_at=time.time()
-            )
+        rows = [r for r in self.ledger.outbox(study_uid) if r.generation == study.generation]
+        if rows and all(r.state in (OutboxState.SENT, OutboxState.SKIPPED) for r in rows):
+            self.ledger.transition(study_uid, StudyState.SENT, study.generation)
             LOG.info("all %d object(s) accepted", len(rows), extra={"study_uid": study_uid})
 
     # --- studies a dead worker analysed but never reported ----------------------

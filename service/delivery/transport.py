@@ -10,14 +10,15 @@ transport retries, falls back and gives up the same way.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from pydicom.dataset import Dataset
 
+from service.ledger import OutboxRow
 from service.settings import Destination, DicomWebDestination, Peer
 
 #: An outbox row as the ledger returns it.
-Row = dict[str, Any]
+Row = OutboxRow
 D = TypeVar("D", Destination, DicomWebDestination)
 
 

@@ -2,8 +2,10 @@
 
 Every schema change is a new revision under ``versions/`` (never an edit of a
 released one), written with Alembic operations and the column types of
-:mod:`service.migrations.types`, so one script serves both backends. The ledger
-keeps its own DB-API code on its hot path; Alembic runs only here: when a ledger is
+:mod:`service.migrations.types`, so one script serves both backends, together with
+the same change to the tables' declaration (:mod:`service.ledger.schema`, Alembic's
+``target_metadata``: a test compares it with the migrated database, so
+``alembic revision --autogenerate`` drafts the next revision). Alembic runs only here: when a ledger is
 opened on a database that is not at :data:`HEAD` (:func:`upgrade`, called by
 :class:`service.ledger.Ledger`), and in ``sonocase migrate``.
 
@@ -75,10 +77,9 @@ def _engine(path: Path | None, url: str) -> sa.Engine:
     from sqlalchemy.pool import NullPool
 
     if url:
-        return sa.create_engine(
-            url.replace("postgres://", "postgresql://", 1).replace("postgresql://", "postgresql+psycopg://", 1),
-            poolclass=NullPool,
-        )
+        from service.ledger.engine import sqlalchemy_url
+
+        return sa.create_engine(sqlalchemy_url(url), poolclass=NullPool)
     assert path is not None
     engine = sa.create_engine(f"sqlite:///{path}", poolclass=NullPool, connect_args={"timeout": 30})
 
@@ -94,7 +95,7 @@ def _engine(path: Path | None, url: str) -> sa.Engine:
 
 
 @contextmanager
-def _locked(path: Path | None, url: str) -> Iterator[sa.Connection]:
+def write_locked(path: Path | None, url: str) -> Iterator[sa.Connection]:
     """A connection inside one write-locked transaction, committed on success."""
     engine = _engine(path, url)
     try:
@@ -158,7 +159,7 @@ def upgrade(path: Path | None = None, url: str = "", dry_run: bool = False) -> M
     known = _known()
     if HEAD not in known:
         raise RuntimeError(f"the migration scripts in {_HERE} do not lead to revision {HEAD}")
-    with _locked(path, url) as connection:
+    with write_locked(path, url) as connection:
         before = _current(connection)
         if before is not None and before not in known:
             raise too_new(before, where)

@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from service.ledger import Ledger
+from service.ledger import Ledger, OutcomeRow
 from service.monitoring.classification import ECE_BINS, reliability_bins, roc_curve
 from service.monitoring.performance import Case, Report, agreement, grouped, trends
 from service.monitoring.verdicts import current, reader_class
@@ -53,14 +53,12 @@ _SEVERITY = {"stable": 0, "benign": 1, "malignant": 2}
 OUTCOME_CLASS = {"malignant": "malignant", "benign": "benign", "stable": "benign"}
 
 
-def _study_outcomes(outcomes: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+def _study_outcomes(outcomes: Iterable[OutcomeRow]) -> dict[str, OutcomeRow]:
     """The most severe matched outcome per study."""
-    chosen: dict[str, Mapping[str, Any]] = {}
+    chosen: dict[str, OutcomeRow] = {}
     for row in outcomes:
-        study = row["matched_study_uid"]
-        if study is not None and (
-            study not in chosen or _SEVERITY[row["finding"]] > _SEVERITY[chosen[study]["finding"]]
-        ):
+        study = row.matched_study_uid
+        if study is not None and (study not in chosen or _SEVERITY[row.finding] > _SEVERITY[chosen[study].finding]):
             chosen[study] = row
     return chosen
 
@@ -90,16 +88,16 @@ def inferences(ledger: Ledger) -> list[Inference]:
     verdicts = current(ledger.verdicts())
     out = []
     for row in ledger.latest_results():
-        result = StudyResult.model_validate_json(row["result"])
-        outcome = outcomes.get(row["study_uid"], {})
-        verdict = verdicts.get((row["study_uid"], ""), {})
+        result = StudyResult.model_validate_json(row.result)
+        outcome = outcomes.get(row.study_uid)
+        verdict = verdicts.get((row.study_uid, ""))
         probabilities = decisive_probabilities(result)
         predicted = result.summary.predicted
         out.append(
             Inference(
                 {
                     "record_id": hashlib.sha256(
-                        f"{result.model.sha256}/{row['study_uid']}/{row['generation']}".encode()
+                        f"{result.model.sha256}/{row.study_uid}/{row.generation}".encode()
                     ).hexdigest()[:24],
                     "model_name": result.model.name,
                     "model_version": result.model.version,
@@ -107,14 +105,14 @@ def inferences(ledger: Ledger) -> list[Inference]:
                     "result": predicted or ("not assessed" if result.summary.out_of_distribution else "none"),
                     "probability": probabilities[predicted] if probabilities and predicted else None,
                     "out_of_domain": result.summary.out_of_distribution,
-                    "verdict": verdict.get("verdict"),
+                    "verdict": verdict.verdict if verdict else None,
                     "verdict_class": reader_class(verdict, predicted) if verdict else None,
-                    "outcome": outcome.get("finding"),
-                    "outcome_date": outcome.get("outcome_date") or None,
+                    "outcome": outcome.finding if outcome else None,
+                    "outcome_date": (outcome.outcome_date if outcome else "") or None,
                     "scanner_manufacturer": result.study.manufacturer,
                     "scanner_model": result.study.model_name,
                     "study_date": result.study.study_date or None,
-                    "analysed_at": datetime.fromtimestamp(row["created_at"], UTC).isoformat(timespec="seconds"),
+                    "analysed_at": datetime.fromtimestamp(row.created_at, UTC).isoformat(timespec="seconds"),
                     "patient_key": result.study.patient_key or None,
                 },
                 probabilities,

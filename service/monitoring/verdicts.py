@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from service.ledger import Verdict
+from service.ledger import Verdict, VerdictRow
 
 
 def problems(verdict: Verdict, result: Mapping[str, Any] | None) -> list[str]:
@@ -36,17 +36,14 @@ def problems(verdict: Verdict, result: Mapping[str, Any] | None) -> list[str]:
     return found
 
 
-def current(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Mapping[str, Any]]:
+def current(rows: Iterable[VerdictRow]) -> dict[tuple[str, str], VerdictRow]:
     """The verdict that counts per (study, finding): the newest of the history."""
-    latest: dict[tuple[str, str], Mapping[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: r["verdict_id"]):
-        latest[(row["study_uid"], row["finding"])] = row
-    return latest
+    return {(row.study_uid, row.finding): row for row in sorted(rows, key=lambda r: r.verdict_id)}
 
 
-def reader_class(row: Mapping[str, Any], model_class: str | None) -> str | None:
+def reader_class(row: VerdictRow, model_class: str | None) -> str | None:
     """The class the reader gives: the model's when agreeing, the corrected one when
     correcting, none for a bare disagreement."""
-    if row["verdict"] == "agree":
+    if row.verdict == "agree":
         return model_class
-    return row["corrected_class"] if row["verdict"] == "corrected" else None
+    return row.corrected_class if row.verdict == "corrected" else None

@@ -76,17 +76,17 @@ class DriftWatcher:
         """Read the results stored since the last update."""
         with self._lock:
             for row in self.ledger.results_since(self._newest - _LOOKBACK_S):
-                key = (row["study_uid"], row["generation"])
+                key = (row.study_uid, row.generation)
                 if key in self._seen:
                     continue
-                self._seen[key] = row["created_at"]
-                self._newest = max(self._newest, row["created_at"])
-                result = StudyResult.model_validate_json(row["result"])
+                self._seen[key] = row.created_at
+                self._newest = max(self._newest, row.created_at)
+                result = StudyResult.model_validate_json(row.result)
                 if not self.classes:
                     self.classes = next((list(f.probabilities) for i in result.images for f in i.frames), [])
-                point = study_point(result, row["created_at"], self.classes)
+                point = study_point(result, row.created_at, self.classes)
                 if point is not None:
-                    self._points[scanner_of(result)][row["study_uid"]] = point
+                    self._points[scanner_of(result)][row.study_uid] = point
 
     def latest(self) -> dict[str, tuple[int, WindowDrift | None]]:
         """Per scanner: studies seen, and the drift of its latest window (None

@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 from starlette.templating import Jinja2Templates
 
-from service.ledger import VERDICTS, StudyState
+from service.ledger import VERDICTS, StudyState, VerdictRow
 from service.model_card import DISCLAIMER
 from service.ops.views import THUMBNAIL_PX, StudyView
 
@@ -102,7 +102,7 @@ def _image_text(image: Mapping[str, Any]) -> str:
 
 
 def render_review(
-    study_uid: str, result: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]], csrf: str, saved: bool
+    study_uid: str, result: Mapping[str, Any], verdicts: Sequence[VerdictRow], csrf: str, saved: bool
 ) -> bytes:
     """The review page of an analysed study: its AI result per image, the verdicts
     given so far, and the form for one more."""

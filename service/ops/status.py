@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import click
 
 from service.cli import settings_from
-from service.ledger import Ledger, StudyState, open_ledger
+from service.ledger import InstanceRecord, Ledger, OutboxRow, PurgeRow, StudyRow, StudyState, open_ledger
 from service.results import NOT_ASSESSED
 
 _TIME_COLUMNS = (
@@ -36,43 +36,68 @@ def _when(stamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
 
 
-def study_summaries(ledger: Ledger, limit: int, states: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class StudySummary:
+    """A study's row with how many instances it has."""
+
+    study: StudyRow
+    instances: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self.study), "instances": self.instances}
+
+
+@dataclass(frozen=True, slots=True)
+class StudyDetail:
+    """Everything the ledger knows about one study."""
+
+    study: StudyRow
+    instances: list[InstanceRecord]
+    result: dict[str, Any] | None
+    outbox: list[OutboxRow]
+    removed: list[PurgeRow]
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def study_summaries(ledger: Ledger, limit: int, states: tuple[str, ...] = ()) -> list[StudySummary]:
     """The newest ``limit`` studies with their instance counts."""
-    rows = ledger.studies(states=states, limit=limit)
-    for row in rows:
-        row["instances"] = len(ledger.instances(row["study_uid"]))
-    return rows
+    return [
+        StudySummary(row, len(ledger.instances(row.study_uid))) for row in ledger.studies(states=states, limit=limit)
+    ]
 
 
-def study_detail(ledger: Ledger, study_uid: str) -> dict[str, Any] | None:
+def study_detail(ledger: Ledger, study_uid: str) -> StudyDetail | None:
     """Everything the ledger knows about one study: state, instances, result, outbox."""
     study = ledger.study(study_uid)
     if study is None:
         return None
-    return {
-        "study": study,
-        "instances": [asdict(inst) for inst in ledger.instances(study_uid)],
-        "result": ledger.result(study_uid),
-        "outbox": ledger.outbox(study_uid),
-        "removed": ledger.purges(study_uid),
-    }
+    return StudyDetail(
+        study,
+        ledger.instances(study_uid),
+        ledger.result(study_uid),
+        ledger.outbox(study_uid),
+        ledger.purges(study_uid),
+    )
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(summaries: list[StudySummary]) -> str:
     """A fixed-width table of study summaries, newest first."""
     header = ("STUDY UID", "STATE", "INST", "FIRST RECEIVED", "LAST RECEIVED", "UPDATED", "RULE", "ERROR")
     lines = [
         (
-            r["study_uid"],
-            r["state"],
-            str(r["instances"]),
-            _when(r["first_received"]),
-            _when(r["last_received"]),
-            _when(r["updated_at"]),
-            r["routing_rule"] or "-",
-            (f"{r['failed_stage']}: " if r["failed_stage"] else "") + (r["error"] or ""),
+            r.study_uid,
+            r.state,
+            str(summary.instances),
+            _when(r.first_received),
+            _when(r.last_received),
+            _when(r.updated_at),
+            r.routing_rule or "-",
+            (f"{r.failed_stage}: " if r.failed_stage else "") + (r.error or ""),
         )
-        for r in rows
+        for summary in summaries
+        for r in (summary.study,)
     ]
     widths = [max([len(col), *(len(line[i]) for line in lines)]) for i, col in enumerate(header[:-1])]
     out = []
@@ -81,44 +106,43 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(text.rstrip() for text in out)
 
 
-def format_detail(detail: dict[str, Any]) -> str:
+def format_detail(detail: StudyDetail) -> str:
     """One study in readable form: each image not assessed named first, then the
     stored result as indented JSON."""
-    study = detail["study"]
-    lines = [f"study {study['study_uid']}"]
-    for key, value in study.items():
+    study = detail.study
+    lines = [f"study {study.study_uid}"]
+    for key, value in asdict(study).items():
         if key == "study_uid" or value is None:
             continue
         lines.append(f"  {key:18s} {_when(value) if key in _TIME_COLUMNS else value}")
-    lines.append(f"instances ({len(detail['instances'])})")
-    for inst in detail["instances"]:
-        note = f"  ignored: {inst['ignored_reason']}" if inst["ignored_reason"] else ""
+    lines.append(f"instances ({len(detail.instances)})")
+    for inst in detail.instances:
+        note = f"  ignored: {inst.ignored_reason}" if inst.ignored_reason else ""
         lines.append(
-            f"  {inst['sop_instance_uid']}  {inst['modality'] or '-'}  {inst['transfer_syntax']}"
-            f"  {inst['size']} bytes  from {inst['calling_ae']}{note}"
+            f"  {inst.sop_instance_uid}  {inst.modality or '-'}  {inst.transfer_syntax}"
+            f"  {inst.size} bytes  from {inst.calling_ae}{note}"
         )
-    if detail["result"] is None:
+    if detail.result is None:
         lines.append("result: none yet")
     else:
         lines.extend(
             f"image {image['sop_instance_uid']}: {NOT_ASSESSED}"
-            for image in detail["result"].get("images", [])
+            for image in detail.result.get("images", [])
             if image.get("out_of_distribution")
         )
         lines.append("result:")
-        lines.extend("  " + line for line in json.dumps(detail["result"], indent=2).splitlines())
-    lines.append(f"outbox ({len(detail['outbox'])})")
-    for row in detail["outbox"]:
-        error = f"  {row['error']}" if row["error"] else ""
+        lines.extend("  " + line for line in json.dumps(detail.result, indent=2).splitlines())
+    lines.append(f"outbox ({len(detail.outbox)})")
+    for row in detail.outbox:
+        error = f"  {row.error}" if row.error else ""
         lines.append(
-            f"  {row['sop_instance_uid']} -> {row['destination']}: {row['state']}"
-            f" after {row['attempts']} attempt(s){error}"
+            f"  {row.sop_instance_uid} -> {row.destination}: {row.state} after {row.attempts} attempt(s){error}"
         )
-    for row in detail["removed"]:
-        done = f"{row['bytes']} bytes" if row["bytes"] is not None else "not finished"
+    for purge in detail.removed:
+        done = f"{purge.bytes} bytes" if purge.bytes is not None else "not finished"
         lines.append(
-            f"removed {row['kind']} files of generation {row['generation']} at {_when(row['purged_at'])}"
-            f" ({done}): {row['reason']}"
+            f"removed {purge.kind} files of generation {purge.generation} at {_when(purge.purged_at)}"
+            f" ({done}): {purge.reason}"
         )
     return "\n".join(lines)
 
@@ -149,11 +173,11 @@ def status(ctx: click.Context, study_uid: str | None, as_json: bool, limit: int,
     try:
         if study_uid is None:
             rows = study_summaries(ledger, limit, states)
-            click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+            click.echo(json.dumps([r.as_json() for r in rows], indent=2) if as_json else format_table(rows))
             return
         detail = study_detail(ledger, study_uid)
         if detail is None:
             raise click.ClickException(f"study {study_uid} is not in the ledger")
-        click.echo(json.dumps(detail, indent=2) if as_json else format_detail(detail))
+        click.echo(json.dumps(detail.as_json(), indent=2) if as_json else format_detail(detail))
     finally:
         ledger.close()

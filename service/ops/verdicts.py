@@ -81,11 +81,11 @@ def verdict_router(ledger: Ledger, prefix: str) -> APIRouter:
         refused = problems(verdict, ledger.result(study_uid))
         if refused:
             raise HTTPException(422, "; ".join(refused))
-        return VerdictOut(**ledger.record_verdict(verdict))
+        return VerdictOut.model_validate(ledger.record_verdict(verdict), from_attributes=True)
 
     @router.get("/studies/{study_uid}/verdicts", summary="Every verdict on a study, oldest first")
     def history(study_uid: StudyUid) -> list[VerdictOut]:
         known(study_uid)
-        return [VerdictOut(**row) for row in ledger.verdicts(study_uid)]
+        return [VerdictOut.model_validate(row, from_attributes=True) for row in ledger.verdicts(study_uid)]
 
     return router

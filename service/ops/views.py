@@ -12,9 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -23,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_fie
 
 from service.common.colour import jet
 from service.delivery.recovery import RetryKind
-from service.ledger import Ledger, OutboxState, StudyState
+from service.ledger import Ledger, OutboxState, StudyRow, StudyState
 from service.ops.ledger_metrics import STAGES
 from service.results import NOT_ASSESSED, StudyResult
 
@@ -102,9 +100,9 @@ def _decisive_heatmap(result: StudyResult, results_dir: Path) -> Path | None:
     return None
 
 
-def study_view(ledger: Ledger, results_dir: Path, study: Mapping[str, Any]) -> StudyView:
+def study_view(ledger: Ledger, results_dir: Path, study: StudyRow) -> StudyView:
     """Build the page's view of one ledger row (reads the result and one file header)."""
-    uid = study["study_uid"]
+    uid = study.study_uid
     instances = ledger.instances(uid)
     stored = ledger.result(uid)
     result_text, heatmap = "", None
@@ -115,38 +113,39 @@ def study_view(ledger: Ledger, results_dir: Path, study: Mapping[str, Any]) -> S
             result_text = "stored result unreadable"
         else:
             result_text, heatmap = _result_text(result), _decisive_heatmap(result, results_dir)
+    stamps = {stage: (getattr(study, start), getattr(study, end)) for stage, (start, end) in STAGES.items()}
     timings = {
-        stage: study[end] - study[start]
-        for stage, (start, end) in STAGES.items()
-        if study[start] is not None and study[end] is not None and study[end] >= study[start]
+        stage: ended - began
+        for stage, (began, ended) in stamps.items()
+        if began is not None and ended is not None and ended >= began
     }
     outbox: dict[str, int] = {}
     for row in ledger.outbox(uid):
-        outbox[row["state"]] = outbox.get(row["state"], 0) + 1
+        outbox[row.state] = outbox.get(row.state, 0) + 1
     return StudyView(
         study_uid=uid,
         accession=_accession(instances[0].path) if instances else "",
-        state=study["state"],
-        generation=study["generation"],
+        state=study.state,
+        generation=study.generation,
         instances=len(instances),
-        first_received=study["first_received"],
+        first_received=study.first_received,
         timings=timings,
         result=result_text,
         heatmap=heatmap,
-        failed_stage=study["failed_stage"],
-        error=study["error"],
-        routing_rule=study["routing_rule"],
-        routing_reason=study["routing_reason"],
+        failed_stage=study.failed_stage,
+        error=study.error,
+        routing_rule=study.routing_rule,
+        routing_reason=study.routing_reason,
         outbox=outbox,
-        can_retry=study["state"] == StudyState.FAILED or outbox.get(OutboxState.FAILED, 0) > 0,
+        can_retry=study.state == StudyState.FAILED or outbox.get(OutboxState.FAILED, 0) > 0,
     )
 
 
 def recent_views(ledger: Ledger, results_dir: Path, limit: int = PAGE_STUDIES) -> list[StudyView]:
     """Recent studies, newest change first, plus failed ones that dropped off the recent list."""
-    rows = {s["study_uid"]: s for s in ledger.studies((StudyState.FAILED,), limit=limit)}
-    rows.update({s["study_uid"]: s for s in ledger.studies(limit=limit)})
-    ordered = sorted(rows.values(), key=lambda row: -row["updated_at"])
+    rows = {s.study_uid: s for s in ledger.studies((StudyState.FAILED,), limit=limit)}
+    rows.update({s.study_uid: s for s in ledger.studies(limit=limit)})
+    ordered = sorted(rows.values(), key=lambda row: -row.updated_at)
     return [study_view(ledger, results_dir, s) for s in ordered]
 
 

@@ -68,7 +68,7 @@ def list_outcomes(ctx: click.Context, unmatched: bool, as_json: bool) -> None:
     settings = settings_from(ctx)
     ledger = open_ledger(settings, durable=False)
     try:
-        rows = [{k: row[k] for k in _SHOWN} for row in ledger.outcomes(unmatched=unmatched)]
+        rows = [{k: getattr(row, k) for k in _SHOWN} for row in ledger.outcomes(unmatched=unmatched)]
     finally:
         ledger.close()
     for row in rows:

@@ -200,8 +200,8 @@ def _report(
         state.ledger.transition(
             study_uid,
             StudyState.FAILED,
-            (StudyState.ANALYSED,),
             generation,
+            sources=(StudyState.ANALYSED,),
             failed_stage="report",
             error=error_text(exc)[:2000],
         )

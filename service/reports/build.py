@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -41,7 +40,7 @@ from pydicom.uid import (
 
 from service.common.errors import error_text
 from service.common.spool import write_atomic
-from service.ledger import Ledger, StudyState, study_destinations
+from service.ledger import Ledger, StudyState
 from service.reports import Placement, derived_uid
 from service.reports.heatmaps import load_heats
 from service.reports.kos import build_kos, key_images
@@ -368,11 +367,11 @@ def build_reports(
     if study is None or raw is None:
         raise ValueError(f"study {study_uid} has no stored result to report")
     result = StudyResult.model_validate(raw)
-    if result.generation != study["generation"]:
+    if result.generation != study.generation:
         LOG.info(
             "result of generation %d is stale (study is at %d): not reported",
             result.generation,
-            study["generation"],
+            study.generation,
             extra={"study_uid": study_uid},
         )
         return []
@@ -390,14 +389,14 @@ def build_reports(
         ledger.transition(
             study_uid,
             StudyState.FAILED,
-            (StudyState.ANALYSED, StudyState.FAILED),
             result.generation,
+            sources=(StudyState.ANALYSED, StudyState.FAILED),
             failed_stage="report",
             error=reason[:2000],
         )
         return []
     written = [(obj, _write(settings, result, obj)) for obj in objects]
-    destinations = study_destinations(study, [str(d) for d in settings.destinations])
+    destinations = study.destinations_or([str(d) for d in settings.destinations])
     if destinations:
         ledger.enqueue_outbox(
             study_uid,
@@ -405,19 +404,11 @@ def build_reports(
             [(obj.sop_instance_uid, obj.sop_class_uid, str(path)) for obj, path in written],
             destinations,
         )
-    if not ledger.transition(
-        study_uid,
-        StudyState.REPORTED,
-        (StudyState.ANALYSED, StudyState.FAILED),
-        result.generation,
-        reported_at=time.time(),
-        error=None,
-        failed_stage=None,
-    ):
+    if not ledger.transition(study_uid, StudyState.REPORTED, result.generation):
         now = ledger.study(study_uid)
         LOG.info(
             "study is %s, not analysed: its state is left as it is; the objects stay queued",
-            now["state"] if now else "gone",
+            now.state if now else "gone",
             extra={"study_uid": study_uid},
         )
     LOG.info(

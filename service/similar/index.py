@@ -6,7 +6,9 @@ looks like the one on screen.
 
 Layout of the index folder::
 
-    index.sqlite3         side table (WAL): one row per reference image + meta
+    index.sqlite3         side table (WAL): one row per reference image + meta; its
+                          schema is service.similar.schema, made and upgraded by the
+                          Alembic scripts of service.similar.migrations
     vectors-<n>.hnsw      the hnswlib graph of saved version n (one current file)
     images/<study>/<sop>.dcm  the reference images, patient identifiers blanked
     .write.lock           fcntl lock: one writer at a time, across processes
@@ -60,6 +62,7 @@ import pydicom
 from service.common.spool import fsync_dir, write_atomic
 from service.results import ModelIdentity, SimilarStudy
 from service.settings import Settings
+from service.similar import migrations as index_migrations
 
 log = logging.getLogger(__name__)
 
@@ -86,37 +89,6 @@ _REMOVED = ("OtherPatientIDsSequence", "OtherPatientNames", "PatientMotherBirthN
 _FORMAT = "1"
 _NORM_TOLERANCE = 1e-3
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY,
-    sop_instance_uid TEXT NOT NULL UNIQUE,
-    frame_number INTEGER NOT NULL,
-    series_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    accession_number TEXT NOT NULL,
-    study_date TEXT NOT NULL,
-    label TEXT NOT NULL,
-    label_source TEXT NOT NULL,
-    confirmed INTEGER NOT NULL,
-    patient_key TEXT NOT NULL,
-    image_file TEXT NOT NULL,
-    deleted INTEGER NOT NULL DEFAULT 0,
-    deleted_reason TEXT,
-    added_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS images_study ON images(study_uid);
-CREATE INDEX IF NOT EXISTS images_patient ON images(patient_key);
-CREATE TABLE IF NOT EXISTS rebuild_vectors (
-    image_id INTEGER NOT NULL,
-    model_sha256 TEXT NOT NULL,
-    vector BLOB,
-    failure TEXT,
-    PRIMARY KEY (image_id, model_sha256)
-);
-"""
 #: Images re-embedded per committed batch of a rebuild (what an interruption can lose).
 REBUILD_BATCH = 64
 
@@ -327,7 +299,8 @@ class SimilarCaseIndex:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self._db.executescript(_SCHEMA)
+        if index_migrations.revision(self._db) != index_migrations.HEAD:
+            index_migrations.upgrade(db_path)
         with self._tx() as db:
             fresh = {
                 "format": _FORMAT,
