@@ -106,6 +106,8 @@ class ExtraRouter:
     router: APIRouter
     max_body_bytes: int
     reviewers: bool = False
+    #: The router checks a credential of its own (the workers' token), not the web tokens.
+    own_auth: bool = False
 
 
 @dataclass
@@ -595,7 +597,10 @@ def build_app(
             return app.openapi()
 
     for extra in routers:
-        app.include_router(extra.router, dependencies=[Depends(api_auth if extra.reviewers else admin_auth)])
+        own = extra.own_auth
+        app.include_router(
+            extra.router, dependencies=[] if own else [Depends(api_auth if extra.reviewers else admin_auth)]
+        )
     app.add_exception_handler(_PageRefusal, _page_refusal)
     app.add_middleware(BodyLimit, limit_for=_body_limits(settings, routers))
     app.add_middleware(SecurityHeaders)

@@ -7,6 +7,8 @@ redelivered or re-sent message for a study that is being or has been analysed do
 nothing, and results are keyed by (study, generation), heatmaps by UIDs. A failure
 is recorded in the ledger and retried by the scheduler with exponential backoff;
 after ``task_max_attempts`` the study is FAILED with the reason, never dropped.
+With ``data_access = "http"`` the worker reads the study from the node and hands
+its results back over HTTP (service.pipeline.remote) instead of using data_dir.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from service.ledger import Ledger, StudyState, open_ledger
 from service.model.inference import ModelError, OnnxModel
 from service.pipeline.analysis import analyse_study
 from service.pipeline.queue import QUEUE, TASK_NAME, create_app
+from service.pipeline.remote import NodeClient, analyse_remotely
 from service.reports.build import build_reports
+from service.results import StudyResult
 from service.settings import Settings
 from service.similar.index import SimilarCaseIndex
 
@@ -54,6 +58,7 @@ class WorkerState:
         self._ledger: Ledger | None = None
         self._model: OnnxModel | None = None
         self._index: SimilarCaseIndex | None = None
+        self._node: NodeClient | None = None
 
     def open(self) -> None:
         """Open the ledger and load the model in this process. A model that cannot
@@ -74,6 +79,12 @@ class WorkerState:
             self.open()
         assert self._ledger is not None
         return self._ledger
+
+    def node(self) -> NodeClient:
+        """The node's HTTP side, for a worker without its files (``data_access = "http"``)."""
+        if self._node is None:
+            self._node = NodeClient(self.settings)
+        return self._node
 
     def model(self) -> OnnxModel:
         if self._model is None:
@@ -129,6 +140,19 @@ def process_study(state: WorkerState, study_uid: str) -> str:
     with ledger.keep_lease(study_uid, generation, settings.task_lease_s):
         try:
             model = state.model()
+            if settings.data_access == "http":
+                analysis, handed = analyse_remotely(
+                    settings, state.node(), model, study_uid, generation, ledger.instances(study_uid)
+                )
+                if handed.outcome == "stale":
+                    LOG.info(
+                        "result of generation %d not taken by the node: the study moved on",
+                        generation,
+                        extra={"study_uid": study_uid},
+                    )
+                    return "stale"
+                _log_analysed(study_uid, analysis.result)
+                return "analysed"
             index = state.index(model)
             analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid), index)
         except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
@@ -157,14 +181,7 @@ def process_study(state: WorkerState, study_uid: str) -> str:
                 extra={"study_uid": study_uid},
             )
             return "stale"
-        summary = analysis.result.summary
-        LOG.info(
-            "analysed: %s%s in %.2f s",
-            summary.predicted or "no class",
-            f" ({summary.probability:.3f})" if summary.probability is not None else "",
-            analysis.result.timings_s.get("total_s", 0.0),
-            extra={"study_uid": study_uid},
-        )
+        _log_analysed(study_uid, analysis.result)
         if index is not None and analysis.index_entries:
             # Before the report: once the study is sent, retention may remove the
             # spool files the index copies its reference images from.
@@ -176,6 +193,17 @@ def process_study(state: WorkerState, study_uid: str) -> str:
                 )
         _report(state, study_uid, generation, index, analysis.frames)
     return "analysed"
+
+
+def _log_analysed(study_uid: str, result: StudyResult) -> None:
+    summary = result.summary
+    LOG.info(
+        "analysed: %s%s in %.2f s",
+        summary.predicted or "no class",
+        f" ({summary.probability:.3f})" if summary.probability is not None else "",
+        result.timings_s.get("total_s", 0.0),
+        extra={"study_uid": study_uid},
+    )
 
 
 def _report(
@@ -237,7 +265,8 @@ def _stop_with_parent(parent_pid: int) -> None:
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="The node's data folder (setting 'data_dir'); shared with the node in distributed mode.",
+    help="The node's data folder (setting 'data_dir'); shared with the node in distributed mode "
+    "unless data_access is 'http'.",
 )
 @click.option(
     "--parent-pid", type=int, help="Shut down when this process (the 'serve' that started us) dies; Linux only."

@@ -1,0 +1,250 @@
+"""Workers without the node's files (``data_access = "http"``): a worker reads a
+study's instances from the node by WADO-RS and hands its result, heatmaps and
+objects back over HTTP; the node alone writes its spool, results and outbox.
+
+In process: the node's worker routes served by its real HTTP server, the worker's
+side called directly. As processes: ``sonocase serve`` with a PostgreSQL ledger
+and a Redis broker, and two ``sonocase worker`` processes running as the user
+``nobody``, who cannot read the node's data folder (pytest's folders are the
+root user's own), pointed at that unreadable folder, so any access to it would
+fail the study. One of them is killed in the middle of the study; the other
+finishes it, and the PACS gets its SR once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import free_port, wait_for
+from dicom_peers import ultrasound_files
+from test_reports_support import Storescp, expected_outputs, outbox_kinds, start_storescp
+from test_worker_faults import LEASE_S, REPORTED_OR_SENT
+from worker_support import PrivateRedis, Process, receive, serve, storescu, study_state, wait_for_state, write_study
+
+from service.datasets.synthetic import synthetic_study
+from service.ledger import Ledger, StudyState, open_ledger
+from service.ops.web import ExtraRouter, build_web_server
+from service.ops.worker_api import worker_router
+from service.pipeline.remote import NodeClient, NodeUnavailable, analyse_remotely
+from service.pipeline.tasks import WorkerState
+from service.reports.build import outbox_folder
+from service.results import StudyResult
+from service.settings import Destination, Settings
+
+TOKEN = "worker-secret-0123456789abcdef"
+NOBODY = 65534
+#: Runs a command as nobody:nogroup, without root's supplementary groups.
+AS_NOBODY = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--")
+
+
+def _stored(ledger: Ledger, study_uid: str) -> StudyResult:
+    raw = ledger.result(study_uid)
+    assert raw is not None, "no result stored"
+    return StudyResult.model_validate(raw)
+
+
+def _outputs_as_built(settings: Settings, ledger: Ledger, result: StudyResult) -> None:
+    """One heatmap file per analysed frame in the node's results folder, named by the
+    result, and the outbox holding what the report builder writes for it."""
+    heatmaps = sorted((settings.results_dir / result.study_uid).rglob("*.npy"))
+    assert heatmaps == sorted(Path(f.heatmap_path) for i in result.images for f in i.frames)
+    assert all(path.is_relative_to(settings.results_dir) for path in heatmaps)
+    outputs = list(outbox_folder(settings, result.study_uid, result.generation).glob("*.dcm"))
+    assert outbox_kinds(outputs) == expected_outputs(ledger, result)
+
+
+@pytest.fixture
+def node_ledger(settings: Settings) -> Iterator[tuple[Settings, Ledger]]:
+    """A node's ledger and its worker routes on its real HTTP server (no receiver:
+    studies are put in its spool directly); a destination, so objects are queued."""
+    node = settings.model_copy(
+        update={
+            "http_port": free_port(),
+            "worker_token": TOKEN,
+            "web_token": "admin-web-token-0123456789",
+            "destinations": [Destination.parse("PACS@127.0.0.1:104")],
+        }
+    )
+    ledger = open_ledger(node, durable=False)
+    server = build_web_server(node, ledger, routers=[ExtraRouter(worker_router(node, ledger), 64 << 20, own_auth=True)])
+    server.start()
+    yield node, ledger
+    server.stop()
+    ledger.close()
+
+
+def _worker_of(node: Settings, folder: Path, token: str = TOKEN) -> Settings:
+    return node.model_copy(
+        update={
+            "data_access": "http",
+            "node_url": f"http://127.0.0.1:{node.http_port}",
+            "worker_token": token,
+            "data_dir": folder,
+        }
+    )
+
+
+def test_a_worker_analyses_over_http_and_the_node_writes_everything(
+    node_ledger: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    node, ledger = node_ledger
+    study_uid = receive(node, ledger, synthetic_study(3, "malignant", seed=51))
+    generation = ledger.claim_analysis(study_uid, 60)
+    assert generation == 1
+    worker = _worker_of(node, tmp_path / "worker-data")
+    state = WorkerState(worker)
+
+    analysis, handed = analyse_remotely(
+        worker, NodeClient(worker), state.model(), study_uid, generation, ledger.instances(study_uid)
+    )
+
+    assert handed.outcome == "reported"
+    assert not (tmp_path / "worker-data").exists(), "the worker wrote a file of its own"
+    study = ledger.study(study_uid)
+    assert study is not None and study["state"] == StudyState.REPORTED
+    result = _stored(ledger, study_uid)
+    assert [i.skipped for i in result.images] == [None, None, None]
+    assert result.summary == analysis.result.summary
+    _outputs_as_built(node, ledger, result)
+    for image in result.images:  # the node wrote the worker's heatmaps, not maps of its own
+        for frame in image.frames:
+            sent = analysis.heatmaps[(image.sop_instance_uid, frame.frame_number)]
+            np.testing.assert_array_equal(np.load(frame.heatmap_path), sent)
+    queued = ledger.outbox(study_uid)
+    assert len(queued) == sum(expected_outputs(ledger, result).values())
+
+    # The same study handed back again (a retry whose first answer was lost): nothing changes.
+    _, again = analyse_remotely(
+        worker, NodeClient(worker), state.model(), study_uid, generation, ledger.instances(study_uid)
+    )
+    assert again.outcome == "stale"
+    assert ledger.outbox(study_uid) == queued
+    assert _stored(ledger, study_uid) == result
+
+
+def test_the_worker_routes_take_only_the_worker_token(node_ledger: tuple[Settings, Ledger], tmp_path: Path) -> None:
+    node, ledger = node_ledger
+    study_uid = receive(node, ledger, synthetic_study(1, "benign", seed=52))
+    generation = ledger.claim_analysis(study_uid, 60)
+    assert generation is not None
+    for token in ("wrong", node.web_token):  # the administrator's token opens nothing here
+        worker = _worker_of(node, tmp_path / "worker-data", token)
+        with pytest.raises(NodeUnavailable, match="401"):
+            analyse_remotely(
+                worker,
+                NodeClient(worker),
+                WorkerState(worker).model(),
+                study_uid,
+                generation,
+                ledger.instances(study_uid),
+            )
+    study = ledger.study(study_uid)
+    assert study is not None and study["state"] == StudyState.ANALYSING  # nothing was handed back
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Storescp]:
+    scp = start_storescp(tmp_path / "pacs", free_port())
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def nobody_home() -> Iterator[Path]:
+    """A home folder nobody may write (Python and ONNX Runtime look there)."""
+    home = Path(tempfile.mkdtemp(prefix="sonocase-nobody-"))
+    os.chown(home, NOBODY, NOBODY)
+    yield home
+    shutil.rmtree(home)
+
+
+@pytest.mark.slow
+def test_workers_without_the_node_files_finish_a_study_when_one_is_killed(
+    settings: Settings,
+    postgres_url: str,
+    private_redis: PrivateRedis,
+    pacs: Storescp,
+    nobody_home: Path,
+    tmp_path: Path,
+) -> None:
+    node = settings.model_copy(
+        update={
+            "ledger_url": postgres_url,
+            "broker_url": private_redis.url,
+            "workers": 0,
+            "http_port": free_port(),
+            "worker_token": TOKEN,
+            "task_lease_s": LEASE_S,
+            "max_cine_frames": 40,  # an analysis longer than the lease: time to kill it midway
+            "destinations": [Destination.parse(f"PACS@127.0.0.1:{pacs.port}")],
+        }
+    )
+    # The worker is pointed at the node's own data_dir, which it cannot read.
+    worker = _worker_of(node, node.data_dir)
+    study_uid, paths = write_study(tmp_path / "in", 3, "benign", seed=53)
+    cine = pydicom.dcmread(next(f.path for f in ultrasound_files() if f.name == "color3d_jpeg_baseline.dcm"))
+    cine.StudyInstanceUID = study_uid
+    cine.save_as(tmp_path / "in" / "cine.dcm", enforce_file_format=True)
+
+    served = serve(node, tmp_path / "node.log")
+    workers = [
+        Process(
+            worker,
+            "worker",
+            log=tmp_path / f"worker-{k}.log",
+            ready=" ready.",
+            run_as=AS_NOBODY,
+            env={"HOME": str(nobody_home)},
+        )
+        for k in range(2)
+    ]
+    try:
+        listing = subprocess.run([*AS_NOBODY, "ls", str(node.data_dir)], capture_output=True, text=True, check=False)
+        assert listing.returncode != 0 and "Permission denied" in listing.stderr, "the workers could read data_dir"
+        storescu(node, [*paths, tmp_path / "in" / "cine.dcm"])
+        wait_for_state(node, study_uid, StudyState.ANALYSING, timeout=60)
+        first = wait_for(
+            "a worker to take the study",
+            lambda: next((w for w in workers if "analysing generation 1" in w.log()), None),
+        )
+        first.kill()
+        killed = time.monotonic()
+        survivor = next(w for w in workers if w is not first)
+        wait_for("the report", lambda: study_state(node, study_uid) in REPORTED_OR_SENT, timeout=180)
+        recovered_s = time.monotonic() - killed
+        wait_for_state(node, study_uid, StudyState.SENT, timeout=60)
+    finally:
+        for process in workers:
+            process.stop()
+        assert served.stop() == 0, served.log()
+
+    assert "analysing generation 1" in survivor.log() and "analysed: " in survivor.log(), survivor.log()
+    assert "handed back: reported" in served.log()
+    ledger = open_ledger(node, durable=False)
+    try:
+        study = ledger.study(study_uid)
+        assert study is not None and study["attempts"] == 2, study
+        result = _stored(ledger, study_uid)
+        assert len(result.images) == 4 and max(len(i.frames) for i in result.images) == 40
+        assert all(i.skipped is None for i in result.images), [i.skipped for i in result.images]
+        _outputs_as_built(node, ledger, result)
+    finally:
+        ledger.close()
+    srs = [ds for ds in pacs.received() if ds.StudyInstanceUID == study_uid and ds.Modality == "SR"]
+    assert len(srs) == 1, f"{len(srs)} SRs of the study reached the PACS"
+    print(f"finished by the other worker {recovered_s:.1f} s after the kill (lease {LEASE_S} s)")
