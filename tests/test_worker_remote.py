@@ -32,7 +32,7 @@ from service.ledger import Ledger, StudyState, open_ledger
 from service.ops.web import ExtraRouter, build_web_server
 from service.ops.worker_api import worker_router
 from service.pipeline.remote import NodeClient, NodeUnavailable, analyse_remotely
-from service.pipeline.tasks import WorkerState
+from service.pipeline.tasks import WorkerState, process_study
 from service.reports.build import outbox_folder
 from service.results import StudyResult
 from service.settings import Destination, Settings
@@ -150,6 +150,23 @@ def test_the_worker_routes_take_only_the_worker_token(node_ledger: tuple[Setting
             )
     study = ledger.study(study_uid)
     assert study is not None and study["state"] == StudyState.ANALYSING  # nothing was handed back
+
+
+def test_a_node_that_does_not_answer_fails_the_attempt_and_it_is_retried(settings: Settings) -> None:
+    """Not a study without its images: the attempt fails visibly and is retried."""
+    ledger = open_ledger(settings, durable=False)
+    try:
+        study_uid = receive(settings, ledger, synthetic_study(1, "benign", seed=54))
+        worker = settings.model_copy(
+            update={"data_access": "http", "node_url": f"http://127.0.0.1:{free_port()}", "worker_token": TOKEN}
+        )
+        assert process_study(WorkerState(worker), study_uid) == StudyState.COMPLETE
+        study = ledger.study(study_uid)
+        assert study is not None and study["failed_stage"] == "analysis"
+        assert "the node cannot be reached" in study["error"] and study["next_attempt_at"] is not None
+        assert ledger.result(study_uid) is None
+    finally:
+        ledger.close()
 
 
 @pytest.fixture

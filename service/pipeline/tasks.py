@@ -33,7 +33,7 @@ from service.ledger import Ledger, StudyState, open_ledger
 from service.model.inference import ModelError, OnnxModel
 from service.pipeline.analysis import analyse_study
 from service.pipeline.queue import QUEUE, TASK_NAME, create_app
-from service.pipeline.remote import NodeClient, analyse_remotely
+from service.pipeline.remote import NodeClient, NodeUnavailable, analyse_remotely
 from service.reports.build import build_reports
 from service.results import StudyResult
 from service.settings import Settings
@@ -141,18 +141,7 @@ def process_study(state: WorkerState, study_uid: str) -> str:
         try:
             model = state.model()
             if settings.data_access == "http":
-                analysis, handed = analyse_remotely(
-                    settings, state.node(), model, study_uid, generation, ledger.instances(study_uid)
-                )
-                if handed.outcome == "stale":
-                    LOG.info(
-                        "result of generation %d not taken by the node: the study moved on",
-                        generation,
-                        extra={"study_uid": study_uid},
-                    )
-                    return "stale"
-                _log_analysed(study_uid, analysis.result)
-                return "analysed"
+                return _process_remotely(state, study_uid, generation, model)
             index = state.index(model)
             analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid), index)
         except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
@@ -192,6 +181,31 @@ def process_study(state: WorkerState, study_uid: str) -> str:
                     "the analysed study could not be added to the similar-case index", extra={"study_uid": study_uid}
                 )
         _report(state, study_uid, generation, index, analysis.frames)
+    return "analysed"
+
+
+def _process_remotely(state: WorkerState, study_uid: str, generation: int, model: OnnxModel) -> str:
+    """A worker without the node's files (service.pipeline.remote). A node that did
+    not answer the upload may still have taken it: if the study moved on meanwhile,
+    nothing is retried."""
+    try:
+        analysis, handed = analyse_remotely(
+            state.settings, state.node(), model, study_uid, generation, state.ledger.instances(study_uid)
+        )
+    except NodeUnavailable:
+        now = state.ledger.study(study_uid)
+        if now is not None and (now["generation"], now["state"]) != (generation, StudyState.ANALYSING):
+            LOG.warning("the node's answer was lost, but it took the result", extra={"study_uid": study_uid})
+            return "stale"
+        raise
+    if handed.outcome == "stale":
+        LOG.info(
+            "result of generation %d not taken by the node: the study moved on",
+            generation,
+            extra={"study_uid": study_uid},
+        )
+        return "stale"
+    _log_analysed(study_uid, analysis.result)
     return "analysed"
 
 
