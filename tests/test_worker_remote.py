@@ -31,9 +31,10 @@ from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger, StudyState, open_ledger
 from service.ops.web import ExtraRouter, build_web_server
 from service.ops.worker_api import worker_router
+from service.pipeline.analysis import analyse_study
 from service.pipeline.remote import NodeClient, NodeUnavailable, analyse_remotely
 from service.pipeline.tasks import WorkerState, process_study
-from service.reports.build import outbox_folder
+from service.reports.build import OutputObject, outbox_folder
 from service.results import StudyResult
 from service.settings import Destination, Settings
 
@@ -150,6 +151,37 @@ def test_the_worker_routes_take_only_the_worker_token(node_ledger: tuple[Setting
             )
     study = ledger.study(study_uid)
     assert study is not None and study["state"] == StudyState.ANALYSING  # nothing was handed back
+
+
+def test_the_node_refuses_an_upload_it_cannot_trust_and_writes_nothing(
+    node_ledger: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    node, ledger = node_ledger
+    study_uid = receive(node, ledger, synthetic_study(2, "malignant", seed=55))
+    generation = ledger.claim_analysis(study_uid, 60)
+    assert generation is not None
+    worker = _worker_of(node, tmp_path / "worker-data")
+    client = NodeClient(worker)
+    instances = ledger.instances(study_uid)
+    analysis = analyse_study(
+        worker, WorkerState(worker).model(), study_uid, generation, instances, read=client.read, write_heatmaps=False
+    )
+    first = next(iter(analysis.heatmaps))
+    shrunk = {**analysis.heatmaps, first: analysis.heatmaps[first][1:]}
+    source = Path(instances[0].path).read_bytes()  # an ultrasound image: not a class the node sends
+    image = OutputObject(instances[0].sop_instance_uid, instances[0].sop_class_uid, source, "SC")
+    for heatmaps, objects, refusal in [
+        (shrunk, [], "is not a finite map of its crop's size"),
+        ({}, [], "is missing"),
+        (analysis.heatmaps, [image], "which the node does not send"),
+    ]:
+        with pytest.raises(NodeUnavailable, match="400") as refused:
+            client.hand_back(analysis.result, heatmaps, objects, None)
+        assert refusal in refused.value.__cause__.response.text  # type: ignore[union-attr]
+    study = ledger.study(study_uid)
+    assert study is not None and study["state"] == StudyState.ANALYSING
+    assert ledger.result(study_uid) is None and not (node.results_dir / study_uid).exists()
+    assert not (node.outbox_dir / study_uid).exists()
 
 
 def test_a_node_that_does_not_answer_fails_the_attempt_and_it_is_retried(settings: Settings) -> None:

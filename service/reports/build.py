@@ -149,7 +149,8 @@ def source_headers(result: StudyResult, header: Callable[[str], tuple[Dataset, l
     """The result's instances' headers in its order, each from ``header`` (by SOP
     Instance UID: the header made valid and its repairs). The first header gets
     empty Type 2 study attributes where the modality sent none."""
-    headers, repairs = [], set()
+    headers: list[Dataset] = []
+    repairs: set[str] = set()
     for image in result.images:
         ds, repaired = header(image.sop_instance_uid)
         headers.append(ds)
