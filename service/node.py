@@ -62,6 +62,8 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     drift = DriftWatcher(ledger, DriftConfig())  # one per node: the page and /metrics read the same
     monitoring = ExtraRouter(monitoring_router(ledger, drift, API_PREFIX), settings.web_max_body_bytes)
     routers = [stow, verdicts, monitoring]
+    if settings.worker_token and not settings.http_port:
+        LOG.warning("worker_token is set but http_port is 0: workers with data_access 'http' cannot reach this node")
     if settings.worker_token:  # workers without the node's files read and hand back through these
         routers.append(ExtraRouter(worker_router(settings, ledger), settings.worker_max_result_mb << 20, own_auth=True))
     return [

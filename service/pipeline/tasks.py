@@ -293,6 +293,13 @@ def worker(ctx: click.Context, concurrency: int, data_dir: Path | None, parent_p
     under data_dir). Each pool process loads the ONNX model once.
     """
     settings = settings_from(ctx, data_dir=data_dir)
+    if settings.data_access == "http":
+        LOG.warning(
+            "reading studies from the node at %s over HTTP: no similar-case index here, so the reports "
+            "list no similar cases%s",
+            settings.node_url,
+            " and analysed studies are not indexed" if settings.index_analysed_studies else "",
+        )
     if parent_pid is not None:
         _stop_with_parent(parent_pid)
     app = create_app(settings)
