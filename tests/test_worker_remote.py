@@ -37,6 +37,7 @@ from service.pipeline.tasks import WorkerState, process_study
 from service.reports.build import OutputObject, outbox_folder
 from service.results import StudyResult
 from service.settings import Destination, Settings
+from service.similar.index import SimilarCaseIndex
 
 TOKEN = "worker-secret-0123456789abcdef"
 
@@ -131,6 +132,41 @@ def test_a_worker_analyses_over_http_and_the_node_writes_everything(
     assert again.outcome == "stale"
     assert ledger.outbox(study_uid) == queued
     assert _stored(ledger, study_uid) == result
+
+
+def test_the_node_index_finds_the_similar_cases_of_a_worker_without_it(
+    node_ledger: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    """The node's similar-case index (filled here by a worker on the data folder)
+    answers for a worker without it: the same similar cases, and the montage."""
+    node, ledger = node_ledger
+    indexing = node.model_copy(update={"index_analysed_studies": True})
+    for seed in (56, 57):
+        indexed = receive(node, ledger, synthetic_study(2, "malignant", seed=seed))
+        assert process_study(WorkerState(indexing), indexed) == "analysed"
+    study_uid = receive(node, ledger, synthetic_study(2, "malignant", seed=58))
+    generation = ledger.claim_analysis(study_uid, 60)
+    assert generation is not None
+    worker = _worker_of(node, tmp_path / "worker-data")
+    state = WorkerState(worker)
+    model = state.model()
+
+    _, handed = analyse_remotely(worker, NodeClient(worker), model, study_uid, generation, ledger.instances(study_uid))
+
+    assert handed.outcome == "reported"
+    result = _stored(ledger, study_uid)
+    assert {s.study_uid for s in result.similar} >= {indexed}, "no similar case from the node's index"
+    index = SimilarCaseIndex.from_settings(node, model.identity)
+    try:  # what a worker with the index would have found
+        expected = analyse_study(
+            node, model, study_uid, generation, ledger.instances(study_uid), index, write_heatmaps=False
+        )
+    finally:
+        index.close()
+    assert result.similar == expected.result.similar and result.index_version == expected.result.index_version
+    assert result.study.patient_key == expected.result.study.patient_key != ""
+    _outputs_as_built(node, ledger, result)  # the montage among them
+    assert not (tmp_path / "worker-data").exists()
 
 
 def test_the_worker_routes_take_only_the_worker_token(node_ledger: tuple[Settings, Ledger], tmp_path: Path) -> None:

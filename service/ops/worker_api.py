@@ -11,6 +11,10 @@ nor a reviewer, and a web token opens nothing here):
 * ``GET .../earlier/{generation}/studies/{study}``: the same form for the SRs of
   the latest generation before ``generation`` that produced any (the new SR names
   them as predecessors);
+* ``POST .../studies/{study}/similar``: the similar cases the node's index finds for
+  a worker's result (its judged frames' embeddings; the patient, whose studies are
+  left out, from the node's own copy of the study), and
+  ``GET .../index/images/{instance}`` the stored reference images the montage shows;
 * ``POST .../studies/{study}/generations/{generation}/result``: a worker's result,
   heatmaps (``.npz``) and gated output objects as ``multipart/form-data``;
   :func:`store_handed_back` checks everything, then writes the heatmap files, stores
@@ -33,21 +37,24 @@ from typing import Annotated, Any
 import numpy as np
 import pydicom
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage, SegmentationStorage
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from service.common.deflate import read_instance
 from service.common.spool import instance_path
 from service.ingest.rules import is_valid_uid
 from service.ledger import PENDING_ANALYSIS, Ledger
-from service.pipeline.analysis import heatmap_file, save_heatmaps
-from service.pipeline.remote import API_PREFIX, heatmap_key
+from service.pipeline.analysis import heatmap_file, save_heatmaps, study_attributes
+from service.pipeline.remote import API_PREFIX, SimilarOut, heatmap_key
+from service.pipeline.similar import ModelIndex, similar_studies
 from service.reports.build import OutputObject, fail_report, predecessor_files, queue_objects
 from service.reports.sr import SR_CLASSES
 from service.results import StudyResult
 from service.settings import Settings
+from service.similar.index import SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
 
@@ -197,6 +204,21 @@ def store_handed_back(
     return "reported"
 
 
+def patient_key(settings: Settings, ledger: Ledger, study_uid: str, index: SimilarCaseIndex) -> str:
+    """The index's keyed hash of the study's patient, from the first of its spool
+    files that can be read (as the analysis takes it)."""
+    for rec in ledger.instances(study_uid):
+        if rec.ignored_reason:
+            continue
+        path = instance_path(settings.spool_dir, study_uid, rec.sop_instance_uid)
+        try:
+            header = read_instance(path, settings.max_dataset_mb << 20, stop_before_pixels=True)
+        except (OSError, InvalidDicomError, ValueError, EOFError):
+            continue
+        return study_attributes(header, index).patient_key
+    return ""
+
+
 async def _read_upload(request: Request) -> tuple[bytes, bytes, list[bytes], str | None]:
     """The upload's parts: result JSON, heatmaps, objects, report error."""
     form = await request.form(max_files=MAX_PARTS, max_fields=4)
@@ -218,6 +240,7 @@ async def _read_upload(request: Request) -> tuple[bytes, bytes, list[bytes], str
 def worker_router(settings: Settings, ledger: Ledger) -> APIRouter:
     """The worker routes under ``/worker/v1`` (see the module's description)."""
     router = APIRouter(prefix=API_PREFIX, tags=["workers"], dependencies=[Depends(_bearer(settings))])
+    indexes = ModelIndex(settings)
 
     @router.get("/spool/studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}")
     def retrieve_instance(study_uid: str, series_uid: str, sop_instance_uid: str) -> StreamingResponse:
@@ -240,6 +263,30 @@ def worker_router(settings: Settings, ledger: Ledger) -> APIRouter:
         if not files:
             raise HTTPException(HTTPStatus.NOT_FOUND, "no earlier SR")
         return multipart_dicom(files)
+
+    @router.post("/studies/{study_uid}/similar")
+    def similar(study_uid: str, result: StudyResult) -> SimilarOut:
+        """The similar cases of a worker's result (none without an index for its model)."""
+        if result.study_uid != _uid(study_uid, "Study Instance UID"):
+            raise HTTPException(HTTPStatus.BAD_REQUEST, "the result is of another study than its address")
+        index = indexes.for_model(result.model)
+        if index is None:
+            return SimilarOut(index_version=None, patient_key="", similar=[])
+        key = patient_key(settings, ledger, study_uid, index)
+        return SimilarOut(
+            index_version=index.version,
+            patient_key=key,
+            similar=similar_studies(settings, index, study_uid, result.images, key),
+        )
+
+    @router.get("/index/images/{sop_instance_uid}")
+    def reference_image(sop_instance_uid: str) -> FileResponse:
+        """A reference image's stored copy (DICOM), for the montage."""
+        index = indexes.current()
+        stored = index.reference_image(_uid(sop_instance_uid, "SOP Instance UID")) if index is not None else None
+        if stored is None or stored.path is None or not stored.path.is_file():
+            raise HTTPException(HTTPStatus.NOT_FOUND, "no such reference image")
+        return FileResponse(stored.path, media_type="application/dicom")
 
     @router.post("/studies/{study_uid}/generations/{generation}/result")
     async def hand_back(request: Request, study_uid: str, generation: int) -> dict[str, str]:

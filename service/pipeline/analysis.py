@@ -33,6 +33,7 @@ from service.model.imaging import PreparedInstance, prepare_instance, resize_map
 from service.model.inference import OnnxModel, Prediction
 from service.model_card import ModelCard
 from service.pipeline.measurement import calibration_header, frame_lesion
+from service.pipeline.similar import similar_studies
 from service.results import NO_LESION, FrameResult, ImageResult, StudyAttributes, StudyResult, StudySummary
 from service.settings import Settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
@@ -282,16 +283,7 @@ def analyse_study(
     if index is not None:
         with clock.stage("similar_s"):
             index_version = index.version
-            judged = [(image, f) for image in images for f in image.frames if not f.out_of_distribution]
-            if judged and settings.similar_studies > 0:
-                similar = index.query(
-                    np.asarray([f.embedding for _, f in judged], np.float32),
-                    settings.similar_studies,
-                    exclude_study_uid=study_uid,
-                    exclude_patient_key=study.patient_key or None,
-                    confirmed_only=settings.similar_confirmed_only,
-                    query_sop_instance_uids=[image.sop_instance_uid for image, _ in judged],
-                )
+            similar = similar_studies(settings, index, study_uid, images, study.patient_key)
         if settings.index_analysed_studies:
             entries = _index_entries(study_uid, images, classes, study, settings.spool_dir)
     clock.seconds["total_s"] = round(sum(clock.seconds.values()), 6)

@@ -9,29 +9,36 @@ node's files only through the node's HTTP side (service.ops.worker_api), with th
    one at a time as the analysis reads them; the header of each is kept for the
    reports;
 2. the analysis (service.pipeline.analysis) keeps the heatmaps in memory; the
-   report objects are built and gated here, from the frames and heatmaps in memory
-   and the SRs of an earlier generation (fetched, for the predecessor references);
+   node's similar-case index finds the similar cases of the result (its judged
+   frames' embeddings go to the node, the matches come back) and serves the
+   reference images the montage shows; the report objects are built and gated
+   here, from the frames and heatmaps in memory and the SRs of an earlier
+   generation (fetched, for the predecessor references);
 3. the result, the heatmaps and the gated objects go back in one
    ``multipart/form-data`` request; the node writes the heatmap files, stores the
    result, writes the objects to its outbox and queues them, so it alone writes
    its data folder. A repeated upload (a retry, or a second worker after a lease
    ran out) changes nothing: the node answers ``stale``.
 
-Without a shared index the worker has no similar-case index: similar cases stay
-empty and analysed studies are not added to it (documented in the IT guide).
+Studies such a worker analyses are not added to the similar-case index (setting
+``index_analysed_studies``; documented in the IT guide).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import requests
 from dicomweb_client.api import DICOMwebClient
+from pydantic import BaseModel
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
@@ -42,9 +49,10 @@ from service.model.inference import OnnxModel
 from service.pipeline.analysis import Analysis, Heatmaps, analyse_study
 from service.reports.build import REPORT_ERRORS, OutputObject, build_objects, gate, source_headers
 from service.reports.heatmaps import as_heat
+from service.reports.sc import ReferenceImages
 from service.reports.source import Repair, repair_values
 from service.reports.template import load_template
-from service.results import StudyResult
+from service.results import SimilarStudy, StudyResult
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -53,6 +61,15 @@ LOG = logging.getLogger(__name__)
 API_PREFIX = "/worker/v1"
 #: The first tag a header (``stop_before_pixels``) leaves out.
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
+
+
+class SimilarOut(BaseModel):
+    """The similar cases of a worker's result, and what the result records of the
+    index (the node's answer to ``POST .../studies/{study}/similar``)."""
+
+    index_version: str | None
+    patient_key: str
+    similar: list[SimilarStudy]
 
 
 class NodeUnavailable(RuntimeError):
@@ -138,6 +155,46 @@ class NodeClient:
         except requests.RequestException as exc:
             raise NodeUnavailable(f"the earlier SRs could not be fetched: {error_text(exc)}") from exc
 
+    def with_similar(self, result: StudyResult) -> StudyResult:
+        """``result`` with the similar cases the node's index finds for it, the index
+        version and the patient's keyed hash (as a worker with the index records them)."""
+        url = f"{self._base}/studies/{result.study_uid}/similar"
+        try:
+            response = self._session.post(
+                url, json=result.model_dump(mode="json"), timeout=self.settings.dicomweb_timeout_s
+            )
+            response.raise_for_status()
+        except requests.RequestException as exc:
+            raise NodeUnavailable(f"the similar cases could not be fetched: {error_text(exc)}") from exc
+        found = SimilarOut.model_validate_json(response.content)
+        return result.model_copy(
+            update={
+                "similar": found.similar,
+                "index_version": found.index_version,
+                "study": result.study.model_copy(update={"patient_key": found.patient_key}),
+            }
+        )
+
+    def reference_images(self, folder: Path) -> ReferenceImages:
+        """The montage's reference images, each fetched from the node into ``folder``
+        when asked for; None for one the index does not hold."""
+
+        def fetch(sop_instance_uid: str) -> Path | None:
+            try:
+                response = self._session.get(
+                    f"{self._base}/index/images/{sop_instance_uid}", timeout=self.settings.dicomweb_timeout_s
+                )
+                if response.status_code == 404:
+                    return None
+                response.raise_for_status()
+            except requests.RequestException as exc:
+                raise NodeUnavailable(f"a reference image could not be fetched: {error_text(exc)}") from exc
+            path = folder / f"{sop_instance_uid}.dcm"
+            path.write_bytes(response.content)
+            return path
+
+        return fetch
+
     def hand_back(
         self, result: StudyResult, heatmaps: Heatmaps, objects: Sequence[OutputObject], report_error: str | None
     ) -> HandedBack:
@@ -172,15 +229,18 @@ def analyse_remotely(
     generation: int,
     instances: list[InstanceRecord],
 ) -> tuple[Analysis, HandedBack]:
-    """Analyse the study from the node's instances, build and gate its objects here,
-    and hand everything back. A report that cannot be built is handed back as its
-    reason (the node stores the result and fails the study at stage ``report``, as a
-    worker with the shared volume does); a node that cannot be reached raises."""
+    """Analyse the study from the node's instances, add the similar cases the node's
+    index finds, build and gate its objects here, and hand everything back (the
+    analysis returned holds the result as handed back). A report that cannot be built
+    is handed back as its reason (the node stores the result and fails the study at
+    stage ``report``, as a worker with the shared volume does); a node that cannot be
+    reached raises."""
     node.forget()
     try:
-        analysis = analyse_study(
+        analysed = analyse_study(
             settings, model, study_uid, generation, instances, read=node.read, write_heatmaps=False
         )
+        analysis = dataclasses.replace(analysed, result=node.with_similar(analysed.result))
         earlier = node.predecessors(study_uid, generation)
         objects: list[OutputObject] = []
         report_error = None
@@ -188,9 +248,11 @@ def analyse_remotely(
             template = load_template(settings.sr_template)
             sources = source_headers(analysis.result, node.header)
             heats = {key: as_heat(heat) for key, heat in analysis.heatmaps.items()}
-            objects = build_objects(
-                settings, template, analysis.result, sources, {}, lambda _uid: None, analysis.frames, heats, earlier
-            )
+            with tempfile.TemporaryDirectory(prefix="sonocase-references-") as folder:
+                references = node.reference_images(Path(folder))
+                objects = build_objects(
+                    settings, template, analysis.result, sources, {}, references, analysis.frames, heats, earlier
+                )
             gate(template, objects)
         except REPORT_ERRORS as exc:
             objects, report_error = [], error_text(exc)

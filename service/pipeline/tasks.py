@@ -34,6 +34,7 @@ from service.model.inference import ModelError, OnnxModel
 from service.pipeline.analysis import analyse_study
 from service.pipeline.queue import QUEUE, TASK_NAME, create_app
 from service.pipeline.remote import NodeClient, NodeUnavailable, analyse_remotely
+from service.pipeline.similar import ModelIndex
 from service.reports.build import build_reports
 from service.results import StudyResult
 from service.settings import Settings
@@ -57,7 +58,7 @@ class WorkerState:
         self._pid: int | None = None
         self._ledger: Ledger | None = None
         self._model: OnnxModel | None = None
-        self._index: SimilarCaseIndex | None = None
+        self._indexes = ModelIndex(settings)
         self._node: NodeClient | None = None
 
     def open(self) -> None:
@@ -65,7 +66,8 @@ class WorkerState:
         load is logged here and reported per study (the study fails visibly)."""
         self._pid = os.getpid()
         self._ledger = open_ledger(self.settings)
-        self._model = self._index = None
+        self._model = None
+        self._indexes = ModelIndex(self.settings)
         try:
             self.model()
         except ModelError:
@@ -94,37 +96,8 @@ class WorkerState:
         return self._model
 
     def index(self, model: OnnxModel) -> SimilarCaseIndex | None:
-        """The node's similar-case index, or None while there is none (nor should be:
-        ``index_analysed_studies`` creates it) or it holds another model's embeddings
-        (checked for every study: ``sonocase index rebuild`` may swap models under a
-        running worker, and two models' vectors are never compared)."""
-        if self._index is not None:
-            bound = self._index.bound_model
-            if bound is None or bound.sha256 != model.identity.sha256:
-                self._index.close()
-                self._index = None
-        if self._index is None:
-            try:
-                existing = SimilarCaseIndex.from_settings(self.settings, None)
-            except FileNotFoundError:
-                if not self.settings.index_analysed_studies:
-                    return None
-            else:
-                bound = existing.bound_model
-                existing.close()
-                if bound is not None and bound.sha256 != model.identity.sha256:
-                    LOG.warning(
-                        "similar-case index %s holds embeddings of model %s %s, not %s %s: similar "
-                        "cases stay empty until 'sonocase index rebuild'",
-                        self.settings.effective_index_dir,
-                        bound.name,
-                        bound.version,
-                        model.card.name,
-                        model.card.version,
-                    )
-                    return None
-            self._index = SimilarCaseIndex.from_settings(self.settings, model.identity)
-        return self._index
+        """The node's similar-case index for ``model`` (see :class:`ModelIndex`)."""
+        return self._indexes.for_model(model.identity)
 
 
 def process_study(state: WorkerState, study_uid: str) -> str:
@@ -293,13 +266,8 @@ def worker(ctx: click.Context, concurrency: int, data_dir: Path | None, parent_p
     under data_dir). Each pool process loads the ONNX model once.
     """
     settings = settings_from(ctx, data_dir=data_dir)
-    if settings.data_access == "http":
-        LOG.warning(
-            "reading studies from the node at %s over HTTP: no similar-case index here, so the reports "
-            "list no similar cases%s",
-            settings.node_url,
-            " and analysed studies are not indexed" if settings.index_analysed_studies else "",
-        )
+    if settings.data_access == "http" and settings.index_analysed_studies:
+        LOG.warning("data_access 'http': the studies this worker analyses are not added to the similar-case index")
     if parent_pid is not None:
         _stop_with_parent(parent_pid)
     app = create_app(settings)
