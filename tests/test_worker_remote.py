@@ -74,6 +74,7 @@ def node_ledger(settings: Settings) -> Iterator[tuple[Settings, Ledger]]:
             "http_port": free_port(),
             "worker_token": TOKEN,
             "web_token": "admin-web-token-0123456789",
+            "index_analysed_studies": True,
             "destinations": [Destination.parse("PACS@127.0.0.1:104")],
         }
     )
@@ -138,12 +139,12 @@ def test_the_node_index_finds_the_similar_cases_of_a_worker_without_it(
     node_ledger: tuple[Settings, Ledger], tmp_path: Path
 ) -> None:
     """The node's similar-case index (filled here by a worker on the data folder)
-    answers for a worker without it: the same similar cases, and the montage."""
+    answers for a worker without it: the same similar cases, and the montage; and the
+    node adds the worker's study to it (index_analysed_studies)."""
     node, ledger = node_ledger
-    indexing = node.model_copy(update={"index_analysed_studies": True})
     for seed in (56, 57):
         indexed = receive(node, ledger, synthetic_study(2, "malignant", seed=seed))
-        assert process_study(WorkerState(indexing), indexed) == "analysed"
+        assert process_study(WorkerState(node), indexed) == "analysed"
     study_uid = receive(node, ledger, synthetic_study(2, "malignant", seed=58))
     generation = ledger.claim_analysis(study_uid, 60)
     assert generation is not None
@@ -157,13 +158,15 @@ def test_the_node_index_finds_the_similar_cases_of_a_worker_without_it(
     result = _stored(ledger, study_uid)
     assert {s.study_uid for s in result.similar} >= {indexed}, "no similar case from the node's index"
     index = SimilarCaseIndex.from_settings(node, model.identity)
-    try:  # what a worker with the index would have found
+    try:
+        assert index.known_study_uids([study_uid]) == {study_uid}, "the node did not index the worker's study"
+        # What a worker with the index finds (a study is never its own similar case):
         expected = analyse_study(
             node, model, study_uid, generation, ledger.instances(study_uid), index, write_heatmaps=False
         )
     finally:
         index.close()
-    assert result.similar == expected.result.similar and result.index_version == expected.result.index_version
+    assert result.similar == expected.result.similar and result.index_version is not None
     assert result.study.patient_key == expected.result.study.patient_key != ""
     _outputs_as_built(node, ledger, result)  # the montage among them
     assert not (tmp_path / "worker-data").exists()

@@ -18,18 +18,20 @@ nor a reviewer, and a web token opens nothing here):
 * ``POST .../studies/{study}/generations/{generation}/result``: a worker's result,
   heatmaps (``.npz``) and gated output objects as ``multipart/form-data``;
   :func:`store_handed_back` checks everything, then writes the heatmap files, stores
-  the result, writes the objects to the outbox and queues them, as a worker with the
-  shared volume would. Names of files come from the node (validated UIDs), never
+  the result (and, with ``index_analysed_studies``, adds the study to its index),
+  writes the objects to the outbox and queues them, as a worker with the shared
+  volume would. Names of files come from the node (validated UIDs), never
   from the worker.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import io
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,7 +49,8 @@ from service.common.deflate import read_instance
 from service.common.spool import instance_path
 from service.ingest.rules import is_valid_uid
 from service.ledger import PENDING_ANALYSIS, Ledger
-from service.pipeline.analysis import heatmap_file, save_heatmaps, study_attributes
+from service.model_card import ModelCard
+from service.pipeline.analysis import heatmap_file, index_entries, save_heatmaps, study_attributes
 from service.pipeline.remote import API_PREFIX, SimilarOut, heatmap_key
 from service.pipeline.similar import ModelIndex, similar_studies
 from service.reports.build import OutputObject, fail_report, predecessor_files, queue_objects
@@ -163,6 +166,7 @@ def store_handed_back(
     npz: bytes,
     objects: list[bytes],
     report_error: str | None,
+    index_study: Callable[[StudyResult], None],
 ) -> str:
     """Take a worker's result: ``stale`` when the study is not waiting for this
     generation's result any more (a repeated upload changes nothing), ``failed`` when
@@ -195,6 +199,7 @@ def store_handed_back(
         images_not_assessed=not_assessed,
     ):
         return "stale"
+    index_study(result)  # before the report: once sent, retention may remove the spool files it copies
     if report_error is not None:
         fail_report(ledger, study_uid, generation, report_error)
         return "failed"
@@ -241,6 +246,37 @@ def worker_router(settings: Settings, ledger: Ledger) -> APIRouter:
     """The worker routes under ``/worker/v1`` (see the module's description)."""
     router = APIRouter(prefix=API_PREFIX, tags=["workers"], dependencies=[Depends(_bearer(settings))])
     indexes = ModelIndex(settings)
+
+    @functools.cache
+    def own_card() -> ModelCard | None:
+        try:
+            return ModelCard.load(settings.model_path)
+        except (OSError, ValueError):
+            return None
+
+    def index_study(result: StudyResult) -> None:
+        """``index_analysed_studies`` for a worker without the index: the node adds the
+        study, as a worker on the data folder does, when the result is of its own model."""
+        if not settings.index_analysed_studies:
+            return
+        card = own_card()
+        if card is None or card.sha256 != result.model.sha256:
+            LOG.warning(
+                "not added to the similar-case index: analysed by %s %s, not this node's model_path",
+                result.model.name,
+                result.model.version,
+                extra={"study_uid": result.study_uid},
+            )
+            return
+        index = indexes.for_model(result.model)
+        if index is None:
+            return
+        try:
+            index.add(index_entries(result.study_uid, result.images, card.classes, result.study, settings.spool_dir))
+        except Exception:  # the result and reports stand; only the index misses this study
+            LOG.exception(
+                "the analysed study could not be added to the similar-case index", extra={"study_uid": result.study_uid}
+            )
 
     @router.get("/spool/studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}")
     def retrieve_instance(study_uid: str, series_uid: str, sop_instance_uid: str) -> StreamingResponse:
@@ -294,7 +330,9 @@ def worker_router(settings: Settings, ledger: Ledger) -> APIRouter:
         _uid(study_uid, "Study Instance UID")
         try:
             parts = await _read_upload(request)
-            outcome = await run_in_threadpool(store_handed_back, settings, ledger, study_uid, generation, *parts)
+            outcome = await run_in_threadpool(
+                store_handed_back, settings, ledger, study_uid, generation, *parts, index_study
+            )
         except HandBackError as exc:
             LOG.warning("worker upload refused: %s", exc, extra={"study_uid": study_uid})
             raise HTTPException(HTTPStatus.BAD_REQUEST, str(exc)) from None

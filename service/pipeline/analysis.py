@@ -285,7 +285,7 @@ def analyse_study(
             index_version = index.version
             similar = similar_studies(settings, index, study_uid, images, study.patient_key)
         if settings.index_analysed_studies:
-            entries = _index_entries(study_uid, images, classes, study, settings.spool_dir)
+            entries = index_entries(study_uid, images, classes, study, settings.spool_dir)
     clock.seconds["total_s"] = round(sum(clock.seconds.values()), 6)
     result = StudyResult(
         study_uid=study_uid,
@@ -353,7 +353,7 @@ def study_attributes(ds: Dataset, index: SimilarCaseIndex | None) -> StudyAttrib
     )
 
 
-def _index_entries(
+def index_entries(
     study_uid: str, images: Sequence[ImageResult], classes: Sequence[str], study: StudyAttributes, spool_dir: Path
 ) -> list[IndexEntry]:
     """The analysed study as reference images labelled by the AI (unconfirmed): one

@@ -20,8 +20,8 @@ node's files only through the node's HTTP side (service.ops.worker_api), with th
    its data folder. A repeated upload (a retry, or a second worker after a lease
    ran out) changes nothing: the node answers ``stale``.
 
-Studies such a worker analyses are not added to the similar-case index (setting
-``index_analysed_studies``; documented in the IT guide).
+With ``index_analysed_studies`` the node adds the study to its index when the
+result comes back (when it was analysed by the node's own model).
 """
 
 from __future__ import annotations

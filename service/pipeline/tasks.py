@@ -266,8 +266,6 @@ def worker(ctx: click.Context, concurrency: int, data_dir: Path | None, parent_p
     under data_dir). Each pool process loads the ONNX model once.
     """
     settings = settings_from(ctx, data_dir=data_dir)
-    if settings.data_access == "http" and settings.index_analysed_studies:
-        LOG.warning("data_access 'http': the studies this worker analyses are not added to the similar-case index")
     if parent_pid is not None:
         _stop_with_parent(parent_pid)
     app = create_app(settings)
