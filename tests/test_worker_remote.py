@@ -135,6 +135,31 @@ def test_a_worker_analyses_over_http_and_the_node_writes_everything(
     assert _stored(ledger, study_uid) == result
 
 
+def test_a_reanalysis_over_http_names_the_earlier_sr(node_ledger: tuple[Settings, Ledger], tmp_path: Path) -> None:
+    """The worker fetches the SR it supersedes from the node (GET .../earlier/...)."""
+    node, ledger = node_ledger
+    first, late = synthetic_study(3, "benign", seed=59)[:2], synthetic_study(3, "benign", seed=59)[2:]
+    study_uid = receive(node, ledger, first)
+    worker = _worker_of(node, tmp_path / "worker-data")
+    state = WorkerState(worker)
+    srs = []
+    for generation, arriving in ((1, []), (2, late)):
+        if arriving:  # an instance arriving late re-opens the study: generation 2
+            receive(node, ledger, arriving)
+        assert ledger.claim_analysis(study_uid, 60) == generation
+        _, handed = analyse_remotely(
+            worker, NodeClient(worker), state.model(), study_uid, generation, ledger.instances(study_uid)
+        )
+        assert handed.outcome == "reported"
+        (sr_path,) = outbox_folder(node, study_uid, generation).glob("SR.*.dcm")
+        srs.append(pydicom.dcmread(sr_path))
+    (item,) = srs[1].PredecessorDocumentsSequence
+    referenced = item.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == srs[0].SeriesInstanceUID
+    assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == srs[0].SOPInstanceUID
+    assert "PredecessorDocumentsSequence" not in srs[0]
+
+
 def test_the_node_index_finds_the_similar_cases_of_a_worker_without_it(
     node_ledger: tuple[Settings, Ledger], tmp_path: Path
 ) -> None:
