@@ -27,8 +27,9 @@ from test_reports_support import Storescp, expected_outputs, outbox_kinds, start
 from test_worker_faults import LEASE_S, REPORTED_OR_SENT
 from worker_support import PrivateRedis, Process, receive, serve, storescu, study_state, wait_for_state, write_study
 
+from service.common.spool import instance_path
 from service.datasets.synthetic import synthetic_study
-from service.ledger import Ledger, StudyState, open_ledger
+from service.ledger import InstanceRecord, Ledger, StudyState, open_ledger
 from service.ops.web import ExtraRouter, build_web_server
 from service.ops.worker_api import worker_router
 from service.pipeline.analysis import analyse_study
@@ -133,6 +134,47 @@ def test_a_worker_analyses_over_http_and_the_node_writes_everything(
     assert again.outcome == "stale"
     assert ledger.outbox(study_uid) == queued
     assert _stored(ledger, study_uid) == result
+
+
+def test_an_instance_stored_but_not_analysed_is_fetched_for_the_report(
+    node_ledger: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    """The report names every instance of the result: one the analysis skipped
+    (stored, not analysed) is fetched for its header."""
+    node, ledger = node_ledger
+    *images, other = synthetic_study(3, "benign", seed=60)
+    study_uid = receive(node, ledger, images, complete=False)
+    other.Modality = "OT"
+    path = instance_path(node.spool_dir, study_uid, str(other.SOPInstanceUID))
+    other.save_as(path, enforce_file_format=True)
+    reason = "not ultrasound: Modality OT (stored, not analysed)"
+    ledger.record_instance(
+        InstanceRecord(
+            sop_instance_uid=str(other.SOPInstanceUID),
+            study_uid=study_uid,
+            series_uid=str(other.SeriesInstanceUID),
+            sop_class_uid=str(other.SOPClassUID),
+            transfer_syntax=str(other.file_meta.TransferSyntaxUID),
+            path=str(path),
+            size=path.stat().st_size,
+            calling_ae="TEST",
+            modality="OT",
+            ignored_reason=reason,
+        )
+    )
+    ledger.complete_quiet_studies(0.0, now=time.time() + 1)
+    generation = ledger.claim_analysis(study_uid, 60)
+    assert generation is not None
+    worker = _worker_of(node, tmp_path / "worker-data")
+
+    _, handed = analyse_remotely(
+        worker, NodeClient(worker), WorkerState(worker).model(), study_uid, generation, ledger.instances(study_uid)
+    )
+
+    assert handed.outcome == "reported"
+    result = _stored(ledger, study_uid)
+    assert [i.skipped for i in result.images] == [None, None, reason]
+    _outputs_as_built(node, ledger, result)
 
 
 def test_a_reanalysis_over_http_names_the_earlier_sr(node_ledger: tuple[Settings, Ledger], tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from service.common.errors import error_text
 from service.ledger import InstanceRecord
 from service.model.inference import OnnxModel
 from service.pipeline.analysis import Analysis, Heatmaps, analyse_study
-from service.reports.build import REPORT_ERRORS, OutputObject, build_objects, gate, source_headers
+from service.reports.build import REPORT_ERRORS, OutputObject, ReportError, build_objects, gate, source_headers
 from service.reports.heatmaps import as_heat
 from service.reports.sc import ReferenceImages
 from service.reports.source import Repair, repair_values
@@ -108,6 +108,7 @@ class NodeClient:
         self._session = _session(settings)
         self._base = settings.node_url + API_PREFIX
         self._spool = self._dicomweb(f"{self._base}/spool")
+        self._records: dict[str, InstanceRecord] = {}
         self._headers: dict[str, Dataset] = {}
 
     def _dicomweb(self, url: str) -> DICOMwebClient:
@@ -115,8 +116,9 @@ class NodeClient:
         web.set_http_retry_params(retry=False)  # a failed attempt is retried as a whole study, with backoff
         return web
 
-    def forget(self) -> None:
-        """Drop the headers kept for the last study."""
+    def begin(self, instances: Sequence[InstanceRecord]) -> None:
+        """A new study: its instances, and none of the last study's headers."""
+        self._records = {rec.sop_instance_uid: rec for rec in instances}
         self._headers.clear()
 
     def read(self, rec: InstanceRecord) -> Dataset:
@@ -137,8 +139,14 @@ class NodeClient:
         return ds
 
     def header(self, sop_instance_uid: str) -> tuple[Dataset, list[Repair]]:
-        """The header of an instance read for this study, made valid as
-        :func:`service.reports.source.read_source` makes a spool file's."""
+        """The header of an instance of this study, made valid as
+        :func:`service.reports.source.read_source` makes a spool file's: kept from
+        the analysis, or fetched now (an instance the analysis did not read, e.g. one
+        stored but not analysed)."""
+        if sop_instance_uid not in self._headers:
+            if sop_instance_uid not in self._records:
+                raise ReportError(f"instance {sop_instance_uid} of the result is not in the ledger")
+            self.read(self._records[sop_instance_uid])
         ds = self._headers[sop_instance_uid]
         return ds, repair_values(ds)
 
@@ -235,7 +243,7 @@ def analyse_remotely(
     is handed back as its reason (the node stores the result and fails the study at
     stage ``report``, as a worker with the shared volume does); a node that cannot be
     reached raises."""
-    node.forget()
+    node.begin(instances)
     try:
         analysed = analyse_study(
             settings, model, study_uid, generation, instances, read=node.read, write_heatmaps=False
@@ -259,4 +267,4 @@ def analyse_remotely(
             LOG.error("report failed: %s", report_error, extra={"study_uid": study_uid, "stage": "report"})
         return analysis, node.hand_back(analysis.result, analysis.heatmaps, objects, report_error)
     finally:
-        node.forget()
+        node.begin([])
