@@ -136,6 +136,31 @@ def test_a_worker_analyses_over_http_and_the_node_writes_everything(
     assert _stored(ledger, study_uid) == result
 
 
+def test_a_report_the_worker_cannot_build_fails_the_study_visibly_on_the_node(
+    node_ledger: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    """As on the data folder: the result is stored, the study FAILED at stage report
+    with the reason, nothing queued."""
+    node, ledger = node_ledger
+    study_uid = receive(node, ledger, synthetic_study(1, "normal", seed=61))
+    generation = ledger.claim_analysis(study_uid, 60)
+    assert generation is not None
+    broken = tmp_path / "template.json"
+    broken.write_text("{")
+    worker = _worker_of(node, tmp_path / "worker-data").model_copy(update={"sr_template": broken})
+
+    _, handed = analyse_remotely(
+        worker, NodeClient(worker), WorkerState(worker).model(), study_uid, generation, ledger.instances(study_uid)
+    )
+
+    assert handed.outcome == "failed"
+    study = ledger.study(study_uid)
+    assert study is not None and (study["state"], study["failed_stage"]) == (StudyState.FAILED, "report")
+    assert "template" in study["error"]
+    assert ledger.result(study_uid) is not None and ledger.outbox(study_uid) == []
+    assert not outbox_folder(node, study_uid, generation).exists()
+
+
 def test_an_instance_stored_but_not_analysed_is_fetched_for_the_report(
     node_ledger: tuple[Settings, Ledger], tmp_path: Path
 ) -> None:
