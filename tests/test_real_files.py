@@ -105,6 +105,7 @@ def start_site(folder: Path, **values: str) -> Site:
                 str(settings.port),
                 str(out),
             ],
+            check=False,
             env=DCMTK_ENV,
             capture_output=True,
             text=True,

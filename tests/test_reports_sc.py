@@ -18,6 +18,7 @@ from test_reports_support import (
     default_template,
 )
 
+from service.common.colour import jet
 from service.ledger import Ledger
 from service.model.imaging import ultrasound_region
 from service.reports import Placement
@@ -31,7 +32,6 @@ from service.reports.sc import (
     frame_gray,
     frame_rgb,
     heatmap_caption,
-    jet,
     reference_picture,
 )
 from service.reports.sr import decisive_frame

@@ -23,8 +23,8 @@ from pydicom.uid import BasicTextSRStorage, generate_uid
 from service.cli import cli
 from service.datasets.synthetic import write_busi_layout, write_dicom_dataset
 from service.model_card import DISCLAIMER, ModelCard, card_path_for, sha256_file
-from service.similar.cli import read_labels_csv
 from service.similar.index import SimilarCaseIndex
+from service.similar.references import read_labels_csv
 
 CLASSES = ["normal", "benign", "malignant"]
 SIDE = 16  # model input side: small, so a test embeds a study in milliseconds
@@ -136,7 +136,7 @@ def test_labels_csv_errors_name_every_bad_line(tmp_path: Path) -> None:
         assert expected in message
     path.write_text("sop_instance_uid,label,label_source\n1.5,Benign,synthetic phantom\n")
     assert read_labels_csv(path, CLASSES, source="radiologist")["1.5"].label == "benign"
-    with pytest.raises(ValueError, match="label_source 'synthetic phantom'.*--label-source"):
+    with pytest.raises(ValueError, match=r"label_source 'synthetic phantom'.*--label-source"):
         read_labels_csv(path, CLASSES)
     path.write_text("uid,label\n1.5,benign\n")
     with pytest.raises(ValueError, match="needs a header with label and one of study_instance_uid"):

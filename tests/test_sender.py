@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections import Counter
 from pathlib import Path
 
@@ -35,17 +36,14 @@ from test_reports_support import (
     storescp_profile,
 )
 
+from service.common.backoff import backoff_delay
 from service.common.metrics import SEND_ATTEMPTS
 from service.delivery.recovery import retry_study
-from service.delivery.sender import (
-    Sender,
-    SenderService,
-    backoff_delay,
-)
+from service.delivery.sender import TRANSPORTS, Sender, SenderService
 from service.ledger import Ledger, OutboxState, StudyState
 from service.reports.build import OPTIONAL_CLASSES, build_reports
 from service.reports.template import TemplateError
-from service.settings import Settings, load_settings
+from service.settings import Peer, Settings, load_settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
 
 FAR_FUTURE = 4e9
@@ -105,6 +103,12 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
         delays = [backoff_delay(attempts, 5.0, 600.0, rng) for _ in range(200)]
         assert full / 2 <= min(delays) and max(delays) <= full
         assert max(delays) - min(delays) > full / 4  # jittered, not in lockstep
+
+
+def test_every_kind_of_destination_has_a_transport(settings: Settings, ledger: Ledger) -> None:
+    assert set(TRANSPORTS) == set(typing.get_args(Peer))
+    transports = Sender(settings, ledger).transports
+    assert {kind: type(transport) for kind, transport in transports.items()} == TRANSPORTS
 
 
 def test_results_arrive_once_and_the_study_is_sent(to_pacs: Settings, ledger: Ledger, pacs_factory) -> None:
@@ -325,7 +329,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         "SONOCASE_DESTINATIONS": ",".join(str(d) for d in settings.destinations),
     }
     return subprocess.run(
-        [sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service", *args], check=False, env=env, capture_output=True, text=True, timeout=120
     )
 
 
@@ -352,7 +356,7 @@ def test_the_node_does_not_start_with_a_broken_template(settings: Settings, ledg
     broken = tmp_path / "template.json"
     broken.write_text("{}")
     service = SenderService(settings.model_copy(update={"sr_template": broken}), ledger)
-    with pytest.raises(TemplateError, match="template.json is invalid"):
+    with pytest.raises(TemplateError, match=r"template.json is invalid"):
         service.start()
     healthy = SenderService(settings, ledger)
     healthy.start()
