@@ -49,7 +49,6 @@ def storescu(settings: Settings, paths: list[Path]) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        check=False,
     )
     assert result.returncode == 0, f"storescu failed:\n{result.stdout}\n{result.stderr}"
 
@@ -85,15 +84,14 @@ class Process:
         ready: str | None = None,
         timeout: float = 60.0,
         run_as: Sequence[str] = (),
-        env: dict[str, str] | None = None,
     ) -> None:
-        """``run_as``: a command line the command runs under (e.g. ``setpriv`` to
-        another user); ``env``: variables added to the settings' environment."""
+        """``run_as``: a command line the command runs under (e.g. ``unshare`` into
+        a mount namespace of its own)."""
         self.log_path = log
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
             [*run_as, sys.executable, "-m", "service", *args],
-            env={**child_env(settings), **(env or {})},
+            env=child_env(settings),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -27,14 +27,13 @@ nor a reviewer, and a web token opens nothing here):
 from __future__ import annotations
 
 import functools
-import hmac
 import io
 import logging
 import uuid
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import pydicom
@@ -45,6 +44,7 @@ from pydicom.uid import KeyObjectSelectionDocumentStorage, SecondaryCaptureImage
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from service.common.bearer import CHALLENGE, bearer_credential, token_matches
 from service.common.deflate import read_instance
 from service.common.spool import instance_path
 from service.ingest.rules import is_valid_uid
@@ -78,18 +78,14 @@ class HandBackError(ValueError):
     """An upload the node does not take (HTTP 400); the message says why."""
 
 
-def _bearer(settings: Settings) -> Any:
-    token = settings.worker_token.encode()
+def _bearer(settings: Settings) -> Callable[[str | None], None]:
+    """The ``worker_token`` as ``Authorization: Bearer`` (service.common.bearer)."""
 
     def check(authorization: Annotated[str | None, Header()] = None) -> None:
-        scheme, _, credential = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token):
+        given = bearer_credential(authorization)
+        if given is None or not token_matches(given, settings.worker_token):
             LOG.warning("worker API: missing or wrong Bearer token")
-            raise HTTPException(
-                HTTPStatus.UNAUTHORIZED,
-                "send Authorization: Bearer <worker_token>",
-                {"WWW-Authenticate": 'Bearer realm="sonocase-workers"'},
-            )
+            raise HTTPException(HTTPStatus.UNAUTHORIZED, "send Authorization: Bearer <worker_token>", CHALLENGE)
 
     return check
 

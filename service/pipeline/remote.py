@@ -209,7 +209,7 @@ class NodeClient:
         """Upload the result, its heatmaps and the gated objects (or why there are none)."""
         buffer = io.BytesIO()
         arrays = {heatmap_key(uid, frame): heat for (uid, frame), heat in heatmaps.items()}
-        np.savez(buffer, allow_pickle=False, **arrays)  # type: ignore[arg-type]  # numpy's stub: **kwds as a bool
+        np.savez(buffer, allow_pickle=False, **arrays)
         files: list[tuple[str, tuple[str, bytes, str]]] = [
             ("result", ("result.json", result.model_dump_json().encode(), "application/json")),
             ("heatmaps", ("heatmaps.npz", buffer.getvalue(), "application/octet-stream")),
