@@ -4,7 +4,9 @@
 #                                     checking that the data and index volumes are
 #                                     writable by this non-root user, so a volume
 #                                     owned by root fails at once with the fix in
-#                                     the message instead of on the first C-STORE.
+#                                     the message instead of on the first C-STORE
+#                                     (not for a worker with SONOCASE_DATA_ACCESS=http:
+#                                     it has no volume).
 #   entrypoint.sh healthcheck [node|worker]
 #                                     exit 0 while this container's process is
 #                                     healthy: the node answers /healthz, a worker
@@ -37,6 +39,9 @@ PY
 fi
 
 [ "$#" -gt 0 ] || set -- serve
+if [ "$1" = worker ] && [ "${SONOCASE_DATA_ACCESS:-shared}" = http ]; then
+    exec sonocase "$@"  # it reaches the node's files over HTTP: no volume of its own
+fi
 for dir in "${SONOCASE_DATA_DIR:-sonocase-data}" ${SONOCASE_INDEX_DIR:+"$SONOCASE_INDEX_DIR"}; do
     mkdir -p "$dir" 2>/dev/null || true
     if [ ! -d "$dir" ] || [ ! -w "$dir" ]; then

@@ -31,6 +31,7 @@ from service.ops.monitoring_page import monitoring_router
 from service.ops.review import review_router
 from service.ops.verdicts import verdict_router
 from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
+from service.ops.worker_api import worker_router
 from service.outcomes.mllp import MllpService
 from service.pipeline.completion import CompletionLoop
 from service.pipeline.routing import Router
@@ -60,13 +61,14 @@ def node_services(settings: Settings, ledger: Ledger) -> list[Service]:
     verdicts = ExtraRouter(verdict_router(ledger, API_PREFIX), settings.web_max_body_bytes, reviewers=True)
     drift = DriftWatcher(ledger, DriftConfig())  # one per node: the page and /metrics read the same
     monitoring = ExtraRouter(monitoring_router(ledger, drift, API_PREFIX), settings.web_max_body_bytes)
+    routers = [stow, verdicts, monitoring]
+    if settings.worker_token and not settings.http_port:
+        LOG.warning("worker_token is set but http_port is 0: workers with data_access 'http' cannot reach this node")
+    if settings.worker_token:  # workers without the node's files read and hand back through these
+        routers.append(ExtraRouter(worker_router(settings, ledger), settings.worker_max_result_mb << 20, own_auth=True))
     return [
         *(
-            [
-                build_web_server(
-                    settings, ledger, routers=[stow, verdicts, monitoring], pages=[review_router(ledger)], drift=drift
-                )
-            ]
+            [build_web_server(settings, ledger, routers=routers, pages=[review_router(ledger)], drift=drift)]
             if settings.http_port
             else []
         ),

@@ -327,6 +327,20 @@ class Settings(BaseSettings):
     task_time_limit_s: float = Field(
         900.0, gt=0, description="An analysis still running after this is killed and retried (a hung worker)"
     )
+    data_access: Literal["shared", "http"] = Field(
+        "shared",
+        description="How a worker reaches studies: 'shared' reads and writes data_dir (the node's own, or a "
+        "shared volume); 'http' fetches instances from the node at node_url (WADO-RS) and posts its results "
+        "back, needing no access to data_dir (distributed mode only)",
+    )
+    node_url: str = Field("", description="The node's HTTP side (http[s]://host:http_port), for data_access 'http'")
+    worker_token: str = Field(
+        "",
+        description="Bearer secret shared by the node and its 'http' workers; empty: the node serves no worker routes",
+    )
+    worker_max_result_mb: int = Field(
+        1024, ge=1, description="Largest result (heatmaps and output objects) the node takes from one worker"
+    )
     model_path: Path = Field(PROJECT_ROOT / "onnx_models" / "sonocase-hybrid.onnx")
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     max_cine_frames: int = Field(8, ge=1, le=1000)
@@ -475,6 +489,17 @@ class Settings(BaseSettings):
             raise ValueError("must be empty (SQLite under data_dir) or a postgresql://user@host:port/db URL")
         return value
 
+    @field_validator("node_url")
+    @classmethod
+    def _node_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError("must be empty or the node's http[s]://host:port")
+        if parts.username or parts.password:
+            raise ValueError("must not hold credentials: the workers authenticate with worker_token")
+        return value
+
     @field_validator("tls_cert", "tls_key", "tls_ca", "dicomweb_token_file", "dicomweb_password_file", "dicomweb_ca")
     @classmethod
     def _existing_file(cls, value: Path | None) -> Path | None:
@@ -568,6 +593,16 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             f"{ENV_PREFIX}DICOMWEB_TOKEN_FILE and {ENV_PREFIX}DICOMWEB_USER exclude each other: "
             "one kind of authentication"
         )
+    if settings.data_access == "http":
+        missing = [
+            name for name in ("node_url", "worker_token", "broker_url", "ledger_url") if not getattr(settings, name)
+        ]
+        if missing:
+            raise SettingsError(
+                f"{ENV_PREFIX}DATA_ACCESS=http needs "
+                + ", ".join(ENV_PREFIX + name.upper() for name in missing)
+                + ": the worker reaches the node over HTTP, the queue over Redis and the ledger over PostgreSQL"
+            )
     if settings.web_review_token and not settings.web_token:
         raise SettingsError(
             f"{ENV_PREFIX}WEB_REVIEW_TOKEN needs {ENV_PREFIX}WEB_TOKEN: without it the page and API are off"

@@ -29,6 +29,7 @@ DEPLOY = ROOT / "deploy"
 ENTRYPOINT = DEPLOY / "entrypoint.sh"
 COMPOSE_ENV = {
     "SONOCASE_WEB_TOKEN": "compose-test-token",
+    "SONOCASE_WORKER_TOKEN": "compose-worker-token",
     "SONOCASE_DB_PASSWORD": "db-secret",
     "FLOWER_BASIC_AUTH": "ops:secret",
 }
@@ -82,12 +83,14 @@ def test_compose_file_validates_and_wires_node_workers_and_pacs(monkeypatch: pyt
     assert node["command"] == ["serve"] and worker["command"] == ["worker"]
     assert node["environment"]["SONOCASE_WORKERS"] == "0"  # workers are their own service
     assert int(worker["deploy"]["replicas"]) >= 2
-    shared = {"sonocase-data:/data:rw", "sonocase-index:/index:rw"}
-    assert shared <= set(node["volumes"]) and shared <= set(worker["volumes"])
+    assert {"sonocase-data:/data:rw", "sonocase-index:/index:rw"} <= set(node["volumes"])
+    assert "volumes" not in worker  # the node's files reach the workers over HTTP
     for service in (node, worker):
         assert _sonocase_names(service["environment"]) <= _setting_names()
     settings = _settings_from_env(node["environment"], monkeypatch)
     worker_settings = _settings_from_env(worker["environment"], monkeypatch)
+    assert worker_settings.data_access == "http" and worker_settings.worker_token == settings.worker_token
+    assert worker_settings.node_url == f"http://node:{settings.http_port}"
     assert settings.broker_url == worker_settings.broker_url and settings.broker_url.startswith("redis://redis:")
     # One ledger for all, in the postgres service, which the node waits for.
     assert settings.ledger_url == worker_settings.ledger_url
@@ -111,7 +114,7 @@ def test_compose_file_validates_and_wires_node_workers_and_pacs(monkeypatch: pyt
         assert f"origin['RemoteAet'] == '{settings.ae_title}'" in lua  # results are not sent back round
 
 
-@pytest.mark.parametrize("secret", ["SONOCASE_WEB_TOKEN", "SONOCASE_DB_PASSWORD"])
+@pytest.mark.parametrize("secret", ["SONOCASE_WEB_TOKEN", "SONOCASE_WORKER_TOKEN", "SONOCASE_DB_PASSWORD"])
 def test_compose_refuses_to_start_without_a_secret(secret: str) -> None:
     done = _compose_config({k: v for k, v in COMPOSE_ENV.items() if k != secret})
     assert done.returncode != 0 and secret in done.stderr
@@ -153,15 +156,17 @@ def test_kubernetes_manifests_are_wired_together(monkeypatch: pytest.MonkeyPatch
                 assert port is None or port in ports, (name, probe)
             for mount in container.get("volumeMounts", []):
                 assert mount["name"] in volumes.keys() | claim_templates, (name, mount)
-            env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+            # A value from the secret stands in as "secret" (the settings need it set).
+            env = {e["name"]: e.get("value", "secret" if "valueFrom" in e else "") for e in container.get("env", [])}
             assert _sonocase_names(env) <= _setting_names(), name
             if workload["kind"] == "Deployment":
                 plain = {k: v for k, v in env.items() if v}
                 _settings_from_env(config | plain, monkeypatch)  # values valid for the node
         for volume in volumes.values():
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
-            if claim is not None:
-                assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"], claim
+            if claim is not None:  # the node's alone: no ReadWriteMany storage needed
+                assert claims[claim]["spec"]["accessModes"] == ["ReadWriteOnce"], claim
+                assert name == "sonocase-node", f"{name} mounts the node's volume {claim}"
 
     for service in _by_kind(docs, "Service").values():
         selected = [
@@ -185,6 +190,13 @@ def test_kubernetes_manifests_are_wired_together(monkeypatch: pytest.MonkeyPatch
     assert worker["args"][0] == "worker" and worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     # The ledger is in PostgreSQL, so workers may run on any host (no affinity to the node's).
     assert "podAffinity" not in worker_pod.get("affinity", {})
+    # ... and reads studies from the node's HTTP Service, with the node's worker token.
+    worker_env = {e["name"]: e for e in worker["env"]}
+    assert worker_env["SONOCASE_DATA_ACCESS"]["value"] == "http"
+    http_service = _by_kind(docs, "Service")["sonocase-http"]["spec"]["ports"][0]
+    assert worker_env["SONOCASE_NODE_URL"]["value"] == f"http://sonocase-http:{http_service['port']}"
+    node_env = {e["name"]: e for e in node["env"]}
+    assert worker_env["SONOCASE_WORKER_TOKEN"]["valueFrom"] == node_env["SONOCASE_WORKER_TOKEN"]["valueFrom"]
     assert config["SONOCASE_LEDGER_URL"].startswith("postgresql://")
     assert "sonocase-postgres" in _by_kind(docs, "StatefulSet")
     hpa = _by_kind(docs, "HorizontalPodAutoscaler")["sonocase-worker"]["spec"]
@@ -343,9 +355,26 @@ def test_entrypoint_runs_the_node(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_entrypoint_worker_answers_its_healthcheck(tmp_path: Path, redis_url: str) -> None:
-    # A Redis database of its own: a ping must only reach this test's worker.
-    env = _container_env(tmp_path, SONOCASE_BROKER_URL=f"{redis_url}/13", SONOCASE_HTTP_PORT="0")
+@pytest.mark.parametrize("access", ["shared", "http"])
+def test_entrypoint_worker_answers_its_healthcheck(
+    tmp_path: Path, redis_url: str, access: str, request: pytest.FixtureRequest
+) -> None:
+    """A worker with data_access http has no data volume: it starts with a data
+    folder it could not even create (a file stands in its way)."""
+    # A Redis database of its own (one per case): a ping must only reach this test's worker.
+    database = {"shared": 13, "http": 14}[access]
+    env = _container_env(tmp_path, SONOCASE_BROKER_URL=f"{redis_url}/{database}", SONOCASE_HTTP_PORT="0")
+    if access == "http":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a folder")
+        env.update(
+            SONOCASE_DATA_DIR=str(blocker / "data"),
+            SONOCASE_INDEX_DIR=str(blocker / "index"),
+            SONOCASE_DATA_ACCESS="http",
+            SONOCASE_NODE_URL="http://127.0.0.1:9",
+            SONOCASE_WORKER_TOKEN="token",
+            SONOCASE_LEDGER_URL=request.getfixturevalue("postgres_url"),
+        )
     health = [str(ENTRYPOINT), "healthcheck", "worker"]
     assert subprocess.run(health, check=False, env=env, capture_output=True, timeout=60).returncode != 0
     proc = subprocess.Popen([str(ENTRYPOINT), "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

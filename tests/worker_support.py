@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -76,12 +77,20 @@ class Process:
     """A ``sonocase`` command as a subprocess in its own process group, output to a file."""
 
     def __init__(
-        self, settings: Settings, *args: str, log: Path, ready: str | None = None, timeout: float = 60.0
+        self,
+        settings: Settings,
+        *args: str,
+        log: Path,
+        ready: str | None = None,
+        timeout: float = 60.0,
+        run_as: Sequence[str] = (),
     ) -> None:
+        """``run_as``: a command line the command runs under (e.g. ``unshare`` into
+        a mount namespace of its own)."""
         self.log_path = log
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", *args],
+            [*run_as, sys.executable, "-m", "service", *args],
             env=child_env(settings),
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -18,7 +18,8 @@ other state-changing route answers them 403 (:func:`admin_auth`,
 ``reviewers``).
 
 Other stages add routes through ``routers`` (:class:`ExtraRouter`): each is mounted
-behind the same Bearer check, with its own body-size limit.
+behind the same Bearer check (or, with ``own_auth``, a check of its own: the
+workers' token), with its own body-size limit.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class ExtraRouter:
     router: APIRouter
     max_body_bytes: int
     reviewers: bool = False
+    #: The router checks a credential of its own (the workers' token), not the web tokens.
+    own_auth: bool = False
 
 
 @dataclass
@@ -588,7 +591,8 @@ def build_app(
             return app.openapi()
 
     for extra in routers:
-        app.include_router(extra.router, dependencies=[Depends(api_auth if extra.reviewers else admin_auth)])
+        guard = [] if extra.own_auth else [Depends(api_auth if extra.reviewers else admin_auth)]
+        app.include_router(extra.router, dependencies=guard)
     app.add_exception_handler(_PageRefusal, _page_refusal)
     app.add_middleware(BodyLimit, limit_for=_body_limits(settings, routers))
     app.add_middleware(SecurityHeaders)

@@ -6,7 +6,9 @@ batches (service.model.inference), keep each frame's Grad-CAM heatmap as a ``.np
 for the reports, summarise per instance and per study (``SUMMARY_RULE``), and ask
 the similar-case index for the nearest diagnosed studies. Nothing here touches the
 ledger or the queue; the task shell (service.pipeline.tasks) claims the study and stores what
-this returns.
+this returns. Where the instances come from is the caller's choice (:data:`InstanceReader`):
+the spool by default, the node over HTTP for a worker without its files
+(service.pipeline.remote), which also keeps the heatmaps in memory for the node to write.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,24 +33,33 @@ from service.model.imaging import PreparedInstance, prepare_instance, resize_map
 from service.model.inference import OnnxModel, Prediction
 from service.model_card import ModelCard
 from service.pipeline.measurement import calibration_header, frame_lesion
+from service.pipeline.similar import similar_studies
 from service.results import NO_LESION, FrameResult, ImageResult, StudyAttributes, StudyResult, StudySummary
 from service.settings import Settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
 
+#: Reads one stored instance (pixels included); raises OSError, InvalidDicomError,
+#: ValueError or EOFError when it cannot, and the instance is skipped with the reason.
+InstanceReader = Callable[[InstanceRecord], Dataset]
+#: Frames' heatmaps (float32, the size of the frame's crop) by (SOP Instance UID, frame number).
+Heatmaps = dict[tuple[str, int], np.ndarray]
+
 
 @dataclass(frozen=True)
 class Analysis:
     """What analysing a study produced: the result to store; when analysed studies
     are indexed (setting ``index_analysed_studies``), the index entries to add once
-    the result is stored; and each analysed frame's decoded grayscale pixels by
+    the result is stored; each analysed frame's decoded grayscale pixels by
     (SOP Instance UID, frame number), which the reports draw on instead of decoding
-    the source again."""
+    the source again; and each frame's heatmap as written to its ``heatmap_path``
+    (or, for a worker without the node's files, to be sent to the node)."""
 
     result: StudyResult
     index_entries: list[IndexEntry]
     frames: dict[tuple[str, int], np.ndarray]
+    heatmaps: Heatmaps
 
 
 class _Stopwatch:
@@ -100,19 +111,32 @@ def summarise_study(images: Sequence[ImageResult], classes: Sequence[str]) -> St
     )
 
 
-def _read(rec: InstanceRecord, spool_dir: Path, max_inflated: int) -> Dataset | str:
-    """The stored instance, or why it cannot be read. The path comes from this
-    process's own spool folder, so worker hosts may mount the shared volume anywhere.
-    A deflated data set inflates within ``max_dataset_mb`` (InflatedTooLarge is a
-    ValueError), as the receiver judged it."""
-    path = instance_path(spool_dir, rec.study_uid, rec.sop_instance_uid)
+def spool_reader(settings: Settings) -> InstanceReader:
+    """Instances from this process's own spool folder (so worker hosts may mount a
+    shared volume anywhere). A deflated data set inflates within ``max_dataset_mb``
+    (InflatedTooLarge is a ValueError), as the receiver judged it."""
+
+    def read(rec: InstanceRecord) -> Dataset:
+        path = instance_path(settings.spool_dir, rec.study_uid, rec.sop_instance_uid)
+        return read_instance(path, settings.max_dataset_mb << 20)
+
+    return read
+
+
+def _read(rec: InstanceRecord, read: InstanceReader) -> Dataset | str:
+    """The stored instance, or why it cannot be read."""
     try:
-        return read_instance(path, max_inflated)
+        return read(rec)
     except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
         return f"cannot read the stored instance ({error_text(exc)})"
 
 
-def _save_heatmap(path: Path, heatmap: np.ndarray, durable: bool) -> None:
+def heatmap_file(folder: Path, sop_instance_uid: str, frame_number: int) -> Path:
+    """Where a frame's heatmap lives in the node's ``results_dir/<study>/<generation>`` folder."""
+    return (folder / f"{sop_instance_uid}-f{frame_number}.npy").resolve()
+
+
+def save_heatmap(path: Path, heatmap: np.ndarray, durable: bool) -> None:
     buffer = io.BytesIO()
     np.save(buffer, heatmap.astype(np.float32), allow_pickle=False)
     write_atomic(path, buffer.getvalue(), durable=durable)
@@ -136,7 +160,7 @@ def _frame_results(
     card: ModelCard,
     heatmap_dir: Path,
     sop_instance_uid: str,
-    durable: bool,
+    heatmaps: Heatmaps,
     header: Dataset,
 ) -> list[FrameResult]:
     """Each frame's outputs; the guard's threshold goes beside its score, so a report
@@ -149,8 +173,10 @@ def _frame_results(
     for k, frame in enumerate(prepared.frames):
         row = first_row + k
         x0, y0, x1, y1 = frame.crop
-        heatmap_path = (heatmap_dir / f"{sop_instance_uid}-f{frame.frame_number}.npy").resolve()
-        _save_heatmap(heatmap_path, resize_map(prediction.gradcam[row], x1 - x0, y1 - y0), durable)
+        heatmap_path = heatmap_file(heatmap_dir, sop_instance_uid, frame.frame_number)
+        heatmaps[(sop_instance_uid, frame.frame_number)] = resize_map(prediction.gradcam[row], x1 - x0, y1 - y0).astype(
+            np.float32
+        )
         probabilities = {c: round(float(p), 6) for c, p in zip(classes, prediction.probabilities[row], strict=True)}
         predicted = classes[int(prediction.predicted[row])]
         out_of_distribution = bool(prediction.out_of_distribution[row])
@@ -201,13 +227,19 @@ def analyse_study(
     generation: int,
     instances: Sequence[InstanceRecord],
     index: SimilarCaseIndex | None = None,
+    *,
+    read: InstanceReader | None = None,
+    write_heatmaps: bool = True,
 ) -> Analysis:
     """Analyse every instance of one study (generation ``generation``).
 
     An instance that cannot or should not be judged is kept in the result with its
     skip reason; it never fails the study. ``index`` (None: no similar-case index is
     configured yet) is queried with the in-distribution frames' embeddings.
+    ``read``: where the instances come from (default: the spool);
+    ``write_heatmaps``: False keeps them in memory only (``Analysis.heatmaps``).
     """
+    read = read or spool_reader(settings)
     clock = _Stopwatch()
     classes = model.card.classes
     prepared: dict[str, PreparedInstance | str] = {}
@@ -218,7 +250,7 @@ def analyse_study(
             prepared[rec.sop_instance_uid] = rec.ignored_reason
             continue
         with clock.stage("read_s"):
-            ds = _read(rec, settings.spool_dir, settings.max_dataset_mb << 20)
+            ds = _read(rec, read)
         if isinstance(ds, str):
             prepared[rec.sop_instance_uid] = ds
             continue
@@ -231,6 +263,7 @@ def analyse_study(
     tensors = [f.tensor for p in prepared.values() if isinstance(p, PreparedInstance) for f in p.frames]
     with clock.stage("inference_s"):
         prediction = model.run(np.stack(tensors) if tensors else np.zeros((0, 1, 1, 1), np.float32))
+    heatmaps: Heatmaps = {}
     with clock.stage("heatmaps_s"):
         images = _image_results(
             instances,
@@ -239,8 +272,10 @@ def analyse_study(
             model.card,
             calibrations,
             settings.results_dir / study_uid / str(generation),
-            settings.durability == "fsync",
+            heatmaps,
         )
+        if write_heatmaps:
+            save_heatmaps(images, heatmaps, settings.durability == "fsync")
     for image in images:
         if image.skipped:
             LOG.info("instance %s skipped: %s", image.sop_instance_uid, image.skipped, extra={"study_uid": study_uid})
@@ -248,18 +283,9 @@ def analyse_study(
     if index is not None:
         with clock.stage("similar_s"):
             index_version = index.version
-            judged = [(image, f) for image in images for f in image.frames if not f.out_of_distribution]
-            if judged and settings.similar_studies > 0:
-                similar = index.query(
-                    np.asarray([f.embedding for _, f in judged], np.float32),
-                    settings.similar_studies,
-                    exclude_study_uid=study_uid,
-                    exclude_patient_key=study.patient_key or None,
-                    confirmed_only=settings.similar_confirmed_only,
-                    query_sop_instance_uids=[image.sop_instance_uid for image, _ in judged],
-                )
+            similar = similar_studies(settings, index, study_uid, images, study.patient_key)
         if settings.index_analysed_studies:
-            entries = _index_entries(study_uid, images, classes, study, settings.spool_dir)
+            entries = index_entries(study_uid, images, classes, study, settings.spool_dir)
     clock.seconds["total_s"] = round(sum(clock.seconds.values()), 6)
     result = StudyResult(
         study_uid=study_uid,
@@ -279,7 +305,14 @@ def analyse_study(
         if isinstance(p, PreparedInstance)
         for f in p.frames
     }
-    return Analysis(result, entries, frames)
+    return Analysis(result, entries, frames, heatmaps)
+
+
+def save_heatmaps(images: Sequence[ImageResult], heatmaps: Heatmaps, durable: bool) -> None:
+    """Write each analysed frame's heatmap to its ``heatmap_path`` (temp file, rename)."""
+    for image in images:
+        for frame in image.frames:
+            save_heatmap(Path(frame.heatmap_path), heatmaps[(image.sop_instance_uid, frame.frame_number)], durable)
 
 
 def _image_results(
@@ -289,7 +322,7 @@ def _image_results(
     card: ModelCard,
     calibrations: dict[str, Dataset],
     heatmap_dir: Path,
-    durable: bool,
+    heatmaps: Heatmaps,
 ) -> list[ImageResult]:
     """Per instance, in ledger order: its frames' results (rows of ``prediction`` in
     the order the frames were stacked) or its skip reason."""
@@ -300,7 +333,7 @@ def _image_results(
             images.append(_image_result(rec, 1, [], item, card.classes))
             continue
         frames = _frame_results(
-            item, prediction, row, card, heatmap_dir, rec.sop_instance_uid, durable, calibrations[rec.sop_instance_uid]
+            item, prediction, row, card, heatmap_dir, rec.sop_instance_uid, heatmaps, calibrations[rec.sop_instance_uid]
         )
         row += len(frames)
         images.append(_image_result(rec, item.number_of_frames, frames, item.skipped, card.classes))
@@ -320,7 +353,7 @@ def study_attributes(ds: Dataset, index: SimilarCaseIndex | None) -> StudyAttrib
     )
 
 
-def _index_entries(
+def index_entries(
     study_uid: str, images: Sequence[ImageResult], classes: Sequence[str], study: StudyAttributes, spool_dir: Path
 ) -> list[IndexEntry]:
     """The analysed study as reference images labelled by the AI (unconfirmed): one

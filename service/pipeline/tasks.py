@@ -7,6 +7,8 @@ redelivered or re-sent message for a study that is being or has been analysed do
 nothing, and results are keyed by (study, generation), heatmaps by UIDs. A failure
 is recorded in the ledger and retried by the scheduler with exponential backoff;
 after ``task_max_attempts`` the study is FAILED with the reason, never dropped.
+With ``data_access = "http"`` the worker reads the study from the node and hands
+its results back over HTTP (service.pipeline.remote) instead of using data_dir.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from service.ledger import Ledger, StudyState, open_ledger
 from service.model.inference import ModelError, OnnxModel
 from service.pipeline.analysis import analyse_study
 from service.pipeline.queue import QUEUE, TASK_NAME, create_app
+from service.pipeline.remote import NodeClient, NodeUnavailable, analyse_remotely
+from service.pipeline.similar import ModelIndex
 from service.reports.build import build_reports
+from service.results import StudyResult
 from service.settings import Settings
 from service.similar.index import SimilarCaseIndex
 
@@ -53,14 +58,16 @@ class WorkerState:
         self._pid: int | None = None
         self._ledger: Ledger | None = None
         self._model: OnnxModel | None = None
-        self._index: SimilarCaseIndex | None = None
+        self._indexes = ModelIndex(settings)
+        self._node: NodeClient | None = None
 
     def open(self) -> None:
         """Open the ledger and load the model in this process. A model that cannot
         load is logged here and reported per study (the study fails visibly)."""
         self._pid = os.getpid()
         self._ledger = open_ledger(self.settings)
-        self._model = self._index = None
+        self._model = None
+        self._indexes = ModelIndex(self.settings)
         try:
             self.model()
         except ModelError:
@@ -75,6 +82,12 @@ class WorkerState:
         assert self._ledger is not None
         return self._ledger
 
+    def node(self) -> NodeClient:
+        """The node's HTTP side, for a worker without its files (``data_access = "http"``)."""
+        if self._node is None:
+            self._node = NodeClient(self.settings)
+        return self._node
+
     def model(self) -> OnnxModel:
         if self._model is None:
             self._model = OnnxModel(
@@ -83,37 +96,8 @@ class WorkerState:
         return self._model
 
     def index(self, model: OnnxModel) -> SimilarCaseIndex | None:
-        """The node's similar-case index, or None while there is none (nor should be:
-        ``index_analysed_studies`` creates it) or it holds another model's embeddings
-        (checked for every study: ``sonocase index rebuild`` may swap models under a
-        running worker, and two models' vectors are never compared)."""
-        if self._index is not None:
-            bound = self._index.bound_model
-            if bound is None or bound.sha256 != model.identity.sha256:
-                self._index.close()
-                self._index = None
-        if self._index is None:
-            try:
-                existing = SimilarCaseIndex.from_settings(self.settings, None)
-            except FileNotFoundError:
-                if not self.settings.index_analysed_studies:
-                    return None
-            else:
-                bound = existing.bound_model
-                existing.close()
-                if bound is not None and bound.sha256 != model.identity.sha256:
-                    LOG.warning(
-                        "similar-case index %s holds embeddings of model %s %s, not %s %s: similar "
-                        "cases stay empty until 'sonocase index rebuild'",
-                        self.settings.effective_index_dir,
-                        bound.name,
-                        bound.version,
-                        model.card.name,
-                        model.card.version,
-                    )
-                    return None
-            self._index = SimilarCaseIndex.from_settings(self.settings, model.identity)
-        return self._index
+        """The node's similar-case index for ``model`` (see :class:`ModelIndex`)."""
+        return self._indexes.for_model(model.identity)
 
 
 def process_study(state: WorkerState, study_uid: str) -> str:
@@ -129,6 +113,8 @@ def process_study(state: WorkerState, study_uid: str) -> str:
     with ledger.keep_lease(study_uid, generation, settings.task_lease_s):
         try:
             model = state.model()
+            if settings.data_access == "http":
+                return _process_remotely(state, study_uid, generation, model)
             index = state.index(model)
             analysis = analyse_study(settings, model, study_uid, generation, ledger.instances(study_uid), index)
         except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
@@ -157,14 +143,7 @@ def process_study(state: WorkerState, study_uid: str) -> str:
                 extra={"study_uid": study_uid},
             )
             return "stale"
-        summary = analysis.result.summary
-        LOG.info(
-            "analysed: %s%s in %.2f s",
-            summary.predicted or "no class",
-            f" ({summary.probability:.3f})" if summary.probability is not None else "",
-            analysis.result.timings_s.get("total_s", 0.0),
-            extra={"study_uid": study_uid},
-        )
+        _log_analysed(study_uid, analysis.result)
         if index is not None and analysis.index_entries:
             # Before the report: once the study is sent, retention may remove the
             # spool files the index copies its reference images from.
@@ -176,6 +155,42 @@ def process_study(state: WorkerState, study_uid: str) -> str:
                 )
         _report(state, study_uid, generation, index, analysis.frames)
     return "analysed"
+
+
+def _process_remotely(state: WorkerState, study_uid: str, generation: int, model: OnnxModel) -> str:
+    """A worker without the node's files (service.pipeline.remote). A node that did
+    not answer the upload may still have taken it: if the study moved on meanwhile,
+    nothing is retried."""
+    try:
+        analysis, handed = analyse_remotely(
+            state.settings, state.node(), model, study_uid, generation, state.ledger.instances(study_uid)
+        )
+    except NodeUnavailable:
+        now = state.ledger.study(study_uid)
+        if now is not None and (now.generation, now.state) != (generation, StudyState.ANALYSING):
+            LOG.warning("the node's answer was lost, but it took the result", extra={"study_uid": study_uid})
+            return "stale"
+        raise
+    if handed.outcome == "stale":
+        LOG.info(
+            "result of generation %d not taken by the node: the study moved on",
+            generation,
+            extra={"study_uid": study_uid},
+        )
+        return "stale"
+    _log_analysed(study_uid, analysis.result)
+    return "analysed"
+
+
+def _log_analysed(study_uid: str, result: StudyResult) -> None:
+    summary = result.summary
+    LOG.info(
+        "analysed: %s%s in %.2f s",
+        summary.predicted or "no class",
+        f" ({summary.probability:.3f})" if summary.probability is not None else "",
+        result.timings_s.get("total_s", 0.0),
+        extra={"study_uid": study_uid},
+    )
 
 
 def _report(
@@ -237,7 +252,8 @@ def _stop_with_parent(parent_pid: int) -> None:
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="The node's data folder (setting 'data_dir'); shared with the node in distributed mode.",
+    help="The node's data folder (setting 'data_dir'); shared with the node in distributed mode "
+    "unless data_access is 'http'.",
 )
 @click.option(
     "--parent-pid", type=int, help="Shut down when this process (the 'serve' that started us) dies; Linux only."

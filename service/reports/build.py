@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -40,13 +40,13 @@ from pydicom.uid import (
 
 from service.common.errors import error_text
 from service.common.spool import write_atomic
-from service.ledger import Ledger, StudyState
+from service.ledger import Ledger, StudyRow, StudyState
 from service.reports import Placement, derived_uid
 from service.reports.heatmaps import load_heats
 from service.reports.kos import build_kos, key_images
 from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc, frame_gray
 from service.reports.seg import build_heatmap_seg, seg_skip_reason
-from service.reports.source import read_source
+from service.reports.source import Repair, read_source
 from service.reports.sr import (
     SR_CLASSES,
     Heats,
@@ -98,6 +98,13 @@ class ReportError(Exception):
     """A study's objects could not be built or did not pass the gate."""
 
 
+#: What building a study's objects fails with on bad input (a template, a result, a
+#: heatmap file, a source image; pydicom signals a missing attribute with
+#: AttributeError): the study shows why, the worker moves on, and `sonocase resend`
+#: builds again once it is fixed.
+REPORT_ERRORS: tuple[type[Exception], ...] = (ReportError, TemplateError, ValueError, OSError, AttributeError)
+
+
 @dataclass(frozen=True)
 class OutputObject:
     sop_instance_uid: str
@@ -124,16 +131,27 @@ def outbox_folder(settings: Settings, study_uid: str, generation: int) -> Path:
 
 
 def read_sources(ledger: Ledger, result: StudyResult) -> tuple[list[Dataset], dict[str, Path]]:
-    """Headers (no pixels) of the instances the result speaks about, in its order,
-    and their spool paths. The first header gets empty Type 2 study attributes where
-    the modality sent none."""
+    """Headers (no pixels) of the instances the result speaks about, in its order
+    (see :func:`source_headers`), and their spool paths."""
     paths = {rec.sop_instance_uid: Path(rec.path) for rec in ledger.instances(result.study_uid)}
-    headers, repairs = [], set()
+
+    def header(sop_instance_uid: str) -> tuple[Dataset, list[Repair]]:
+        if sop_instance_uid not in paths:
+            raise ReportError(f"instance {sop_instance_uid} of the result is not in the ledger")
+        return read_source(paths[sop_instance_uid])
+
+    return source_headers(result, header), paths
+
+
+def source_headers(result: StudyResult, header: Callable[[str], tuple[Dataset, list[Repair]]]) -> list[Dataset]:
+    """The result's instances' headers in its order, each from ``header`` (by SOP
+    Instance UID: the header made valid and its repairs). The first header gets
+    empty Type 2 study attributes where the modality sent none."""
+    headers: list[Dataset] = []
+    repairs: set[str] = set()
     for image in result.images:
-        if image.sop_instance_uid not in paths:
-            raise ReportError(f"instance {image.sop_instance_uid} of the result is not in the ledger")
-        header, repaired = read_source(paths[image.sop_instance_uid])
-        headers.append(header)
+        ds, repaired = header(image.sop_instance_uid)
+        headers.append(ds)
         repairs.update(map(str, repaired))
     if repairs:
         LOG.warning(
@@ -146,16 +164,21 @@ def read_sources(ledger: Ledger, result: StudyResult) -> tuple[list[Dataset], di
     for keyword in _TYPE2_STUDY:
         if keyword not in headers[0]:
             setattr(headers[0], keyword, "")
-    return headers, paths
+    return headers
+
+
+def predecessor_files(settings: Settings, study_uid: str, generation: int) -> list[Path]:
+    """The outbox files of the SRs of the latest earlier generation that produced any."""
+    for earlier in range(generation - 1, 0, -1):
+        files = sorted(outbox_folder(settings, study_uid, earlier).glob("SR.*.dcm"))
+        if files:
+            return files
+    return []
 
 
 def predecessors(settings: Settings, study_uid: str, generation: int) -> list[Dataset]:
     """The SRs of the latest earlier generation that produced any (re-analysis)."""
-    for earlier in range(generation - 1, 0, -1):
-        files = sorted(outbox_folder(settings, study_uid, earlier).glob("SR.*.dcm"))
-        if files:
-            return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    return []
+    return [pydicom.dcmread(f, stop_before_pixels=True) for f in predecessor_files(settings, study_uid, generation)]
 
 
 def _series(result: StudyResult, kind: str) -> str:
@@ -217,6 +240,7 @@ def _sr_object(
     sources: list[Dataset],
     sop_class_uid: str,
     heats: Heats,
+    earlier: Sequence[Dataset] | None = None,
 ) -> OutputObject:
     sr = build_sr(
         result,
@@ -226,7 +250,7 @@ def _sr_object(
         node_version(),
         heats,
         heatmap_references(result, sources, heats),
-        predecessors(settings, result.study_uid, result.generation),
+        predecessors(settings, result.study_uid, result.generation) if earlier is None else list(earlier),
     )
     return OutputObject(sr.SOPInstanceUID, sop_class_uid, _encode(sr), "SR")
 
@@ -239,11 +263,15 @@ def build_objects(
     paths: dict[str, Path],
     reference_images: ReferenceImages,
     frames: Frames | None = None,
+    heats: Heats | None = None,
+    earlier: Sequence[Dataset] | None = None,
 ) -> list[OutputObject]:
     """Every output object of the study, encoded (pure apart from reading files).
-    ``frames``: decoded frames the analysis still holds (see :func:`build_reports`)."""
+    ``frames``: decoded frames the analysis still holds (see :func:`build_reports`);
+    ``heats``: its heatmaps, read from the result's files when None; ``earlier``:
+    the SRs this one supersedes, read from the outbox when None (:func:`predecessors`)."""
     frames = frames or {}
-    heats = load_heats(result)
+    heats = load_heats(result) if heats is None else heats
     versions = software_versions(node_version(), result)
     headers = {ds.SOPInstanceUID: ds for ds in sources}
     references = heatmap_references(result, sources, heats)
@@ -278,7 +306,7 @@ def build_objects(
                 Placement(seg_ref.SeriesInstanceUID, seg_ref.SOPInstanceUID, number, versions),
             )
             objects.append(OutputObject(seg.SOPInstanceUID, seg.SOPClassUID, _encode(seg), "SEG"))
-    sr = _sr_object(settings, template, result, sources, DEFAULT_SR_CLASS, heats)
+    sr = _sr_object(settings, template, result, sources, DEFAULT_SR_CLASS, heats, earlier)
     objects.insert(0, sr)
     decisive = next((i for i in analysed if i.sop_instance_uid == result.summary.decisive_sop_instance_uid), None)
     if result.similar and decisive is not None:
@@ -334,7 +362,8 @@ def _write(settings: Settings, result: StudyResult, obj: OutputObject) -> Path:
     return path
 
 
-def _gate(template: SrTemplate, objects: list[OutputObject]) -> None:
+def gate(template: SrTemplate, objects: list[OutputObject]) -> None:
+    """Every object through the validation gate; :class:`ReportError` with each reason."""
     reasons = []
     for obj in objects:
         try:
@@ -379,22 +408,33 @@ def build_reports(
         template = load_template(settings.sr_template)
         sources, paths = read_sources(ledger, result)
         objects = build_objects(settings, template, result, sources, paths, _resolver(reference_images), frames)
-        _gate(template, objects)
-    except (ReportError, TemplateError, ValueError, OSError, AttributeError) as exc:
-        # Bad input (a template, a result, a heatmap file, a source image; pydicom
-        # signals a missing attribute with AttributeError): the study shows why, the
-        # worker moves on, and `sonocase resend` builds again once it is fixed.
-        reason = error_text(exc)
-        LOG.error("report failed: %s", reason, extra={"study_uid": study_uid, "stage": "report"})
-        ledger.transition(
-            study_uid,
-            StudyState.FAILED,
-            result.generation,
-            sources=(StudyState.ANALYSED, StudyState.FAILED),
-            failed_stage="report",
-            error=reason[:2000],
-        )
+        gate(template, objects)
+    except REPORT_ERRORS as exc:
+        fail_report(ledger, study_uid, result.generation, error_text(exc))
         return []
+    return queue_objects(settings, ledger, study, result, objects)
+
+
+def fail_report(ledger: Ledger, study_uid: str, generation: int, reason: str) -> None:
+    """The study FAILED at stage ``report`` with ``reason`` (``sonocase resend`` builds again)."""
+    LOG.error("report failed: %s", reason, extra={"study_uid": study_uid, "stage": "report"})
+    ledger.transition(
+        study_uid,
+        StudyState.FAILED,
+        generation,
+        sources=(StudyState.ANALYSED, StudyState.FAILED),
+        failed_stage="report",
+        error=reason[:2000],
+    )
+
+
+def queue_objects(
+    settings: Settings, ledger: Ledger, study: StudyRow, result: StudyResult, objects: list[OutputObject]
+) -> list[Path]:
+    """Write the gated objects to the outbox, queue them for the study's destinations
+    and mark the study REPORTED; idempotent (same UIDs, same files, nothing queued
+    twice). Returns the outbox paths."""
+    study_uid = result.study_uid
     written = [(obj, _write(settings, result, obj)) for obj in objects]
     destinations = study.destinations_or([str(d) for d in settings.destinations])
     if destinations:
@@ -436,7 +476,7 @@ def rebuild_sr(
         template = load_template(settings.sr_template)
         sources, _ = read_sources(ledger, result)
         obj = _sr_object(settings, template, result, sources, sop_class_uid, load_heats(result))
-        _gate(template, [obj])
+        gate(template, [obj])
     except (TemplateError, ValueError, OSError, AttributeError) as exc:
         raise ReportError(error_text(exc)) from exc
     return obj.sop_instance_uid, _write(settings, result, obj)

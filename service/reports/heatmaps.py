@@ -49,6 +49,11 @@ def load_heat(frame: FrameResult) -> np.ndarray:
         )
     if heat.shape != (y1 - y0, x1 - x0):
         return resize_map(heat, x1 - x0, y1 - y0)
+    return as_heat(heat)
+
+
+def as_heat(heat: np.ndarray) -> np.ndarray:
+    """A heatmap as the reports take it: float32 in [0, 1]."""
     return np.clip(heat.astype(np.float32), 0.0, 1.0)
 
 
