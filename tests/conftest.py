@@ -1,82 +1,24 @@
-"""Shared fixtures: a free loopback port, settings under a temporary data folder,
-the ledger on both backends (SQLite, and the real PostgreSQL on 127.0.0.1:5432,
-started when it is not answering), the real Redis on 127.0.0.1:6379 (likewise),
-DCMTK tools."""
+"""Shared fixtures: settings under a temporary data folder, the ledger on both
+backends (SQLite, and the real PostgreSQL on 127.0.0.1:5432, started when it is not
+answering), the real Redis on 127.0.0.1:6379 (likewise), a real small disk, Orthanc.
+Helpers that are not fixtures live in ``tests/support/``."""
 
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
-# ONNX Runtime's telemetry is on by default (a device ID under $HOME, uploads): off
-# for the tests' own sessions, as service.cli.main() turns it off for the node.
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-
 from service.ledger import Ledger, open_ledger
-from service.model.guard import FEATURES
 from service.settings import Settings, load_settings
-
-#: DCMTK's tools; pynetdicom installs same-named apps into the venv, so use full paths.
-DCMTK = Path("/usr/bin")
-REDIS_URL = "redis://127.0.0.1:6379"
-#: The machine's PostgreSQL; its tests create a database of their own in it.
-POSTGRES_SERVER = f"postgresql://{getpass.getuser()}@127.0.0.1:5432"
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.01) -> T:
-    """Poll ``probe`` until it returns something truthy, and return that; fail the
-    test, saying ``what`` never happened, after ``timeout`` seconds. The suite's one
-    polling loop: every wait in the tests has a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    """:func:`wait_for` as a truth value, for ``assert wait_until(...), "why"``."""
-    try:
-        return bool(wait_for("a condition", condition, timeout))
-    except AssertionError:
-        return False
-
-
-@contextmanager
-def tmpfs(mount_point: Path, size_mb: int) -> Iterator[Path]:
-    """A real file system of ``size_mb`` MiB (tmpfs) at ``mount_point``, to fill: a
-    full disk, not a stand-in. Needs the right to mount (root, as on these machines
-    and in CI)."""
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if mounted.returncode:
-        pytest.skip(f"no full disk can be made here: mounting a tmpfs failed ({mounted.stderr.strip()})")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+from tests.support.common import POSTGRES_SERVER, REDIS_URL, free_port, tmpfs
+from tests.support.orthanc import Orthanc
 
 
 @pytest.fixture
@@ -84,13 +26,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 6 MiB tmpfs (see :func:`tmpfs`)."""
     with tmpfs(tmp_path / "small-disk", 6) as mount_point:
         yield mount_point
-
-
-def dcmtk(tool: str) -> str:
-    path = DCMTK / tool
-    if not path.exists():
-        pytest.fail(f"DCMTK's {tool} is missing: run scripts/setup.sh (apt-get install dcmtk)")
-    return str(path)
 
 
 def _ledger_backend(request: pytest.FixtureRequest) -> str:
@@ -211,14 +146,9 @@ def torch_single_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def guard_card_entry(threshold: float) -> dict[str, object]:
-    """A model card's ``ood`` entry for test models: the B-mode guard with a unit
-    precision, flagging what scores above ``threshold``."""
-    n = len(FEATURES)
-    return {
-        "features": list(FEATURES),
-        "mean": [0.0] * n,
-        "precision": [[float(i == j) for j in range(n)] for i in range(n)],
-        "threshold": threshold,
-        "percentile": 99.0,
-    }
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """A fresh Orthanc with DICOMweb on 127.0.0.1, no authentication."""
+    archive = Orthanc.start(tmp_path / "orthanc")
+    yield archive
+    archive.stop()

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from service.settings import Destination, Settings, load_settings
-from tests.conftest import dcmtk, free_port
+from tests.support.common import dcmtk, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

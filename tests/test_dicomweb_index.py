@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port
-from orthanc import Orthanc
 from test_retrieval_cli import env, models, run, studies, study_labels, write_report  # noqa: F401  (fixtures)
 
 from service.similar.index import SimilarCaseIndex
+from tests.support.common import free_port
+from tests.support.orthanc import Orthanc
 
 
 @pytest.fixture

@@ -16,10 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from conftest import dcmtk, wait_for
-from dicom_peers import data_set_offset, split_file, ultrasound_files
 from dicomweb_client.api import DICOMwebClient
-from dicomweb_support import BOUNDARY, MULTIPART, TOKEN, ReceivingNode, curl, multipart
 from prometheus_client import CollectorRegistry
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -42,6 +39,9 @@ from service.ingest.stow import (
 )
 from service.ledger import Ledger, StudyState, open_ledger
 from service.settings import Settings
+from tests.support.common import dcmtk, wait_for
+from tests.support.dicom_peers import data_set_offset, split_file, ultrasound_files
+from tests.support.dicomweb import BOUNDARY, MULTIPART, TOKEN, ReceivingNode, curl, multipart
 
 US_FILES = ("US1_UNCR.dcm", "OBXXXX1A.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "OBXXXX1A_expb.dcm")
 

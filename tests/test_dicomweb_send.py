@@ -16,18 +16,18 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from conftest import free_port
-from dicomweb_support import TOKEN, ReceivingNode
-from orthanc import Orthanc, orthanc  # noqa: F401  (the fixture)
 from pydicom.uid import EnhancedSRStorage, KeyObjectSelectionDocumentStorage, SegmentationStorage, generate_uid
 from test_receiver_network import self_signed
-from test_reports_support import analysed_study, dciodvfy_errors
 
 from service.delivery.dicomweb import StowOutcome, stow_outcomes
 from service.delivery.sender import Sender
 from service.ledger import Ledger, OutboxState, StudyState, open_ledger
 from service.reports.build import build_reports
 from service.settings import DicomWebDestination, Settings, load_settings
+from tests.support.common import free_port
+from tests.support.dicomweb import TOKEN, ReceivingNode
+from tests.support.orthanc import Orthanc
+from tests.support.reports import analysed_study, dciodvfy_errors
 
 FAR_FUTURE = 4e9
 FILES = ["US1_UNCR.dcm", "OBXXXX1A.dcm"]
@@ -217,7 +217,7 @@ class FaultyArchive:
 
 
 @pytest.fixture
-def faulty(orthanc: Orthanc) -> Iterator[FaultyArchive]:  # noqa: F811
+def faulty(orthanc: Orthanc) -> Iterator[FaultyArchive]:
     archive = FaultyArchive(orthanc.url)
     yield archive
     archive.stop()
@@ -225,7 +225,7 @@ def faulty(orthanc: Orthanc) -> Iterator[FaultyArchive]:  # noqa: F811
 
 def test_503_and_a_dropped_upload_lose_nothing(
     settings: Settings,
-    orthanc: Orthanc,  # noqa: F811
+    orthanc: Orthanc,
     faulty: FaultyArchive,
 ) -> None:
     s = to(settings, faulty.url)

@@ -17,7 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from worker_support import (
+
+from service.ledger import StudyState, open_ledger
+from service.results import StudyResult
+from service.settings import Settings
+from tests.support.worker import (
     PrivateRedis,
     Process,
     child_env,
@@ -26,10 +30,6 @@ from worker_support import (
     wait_for_state,
     write_study,
 )
-
-from service.ledger import StudyState, open_ledger
-from service.results import StudyResult
-from service.settings import Settings
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_peers import ULTRASOUND_FILES, ultrasound_files
 from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
@@ -37,6 +36,7 @@ from service.model.imaging import (
     ultrasound_region,
 )
 from service.model_card import InputSpec
+from tests.support.dicom_peers import ULTRASOUND_FILES, ultrasound_files
 
 SPEC = InputSpec(height=96, width=80, mean=0.4, std=0.2)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import wait_for
 
 from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
+from tests.support.common import wait_for
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 

@@ -13,16 +13,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileDataset
-from test_reports_support import start_storescp
-from worker_support import serve, storescu, wait_for_state
 
 from service.common.logs import JsonFormatter, PhiFilter, TextFormatter
 from service.ledger import StudyState
 from service.settings import load_settings
+from tests.support.common import free_port
+from tests.support.reports import start_storescp
+from tests.support.worker import serve, storescu, wait_for_state
 
 Captured = tuple[logging.Logger, io.StringIO]
 

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import hl7
 import pytest
-from conftest import free_port
 from hl7.client import MLLPClient
-from worker_support import child_env
 
 from service.datasets.synthetic import synthetic_study
 from service.ledger import InstanceRecord, Ledger, Outcome
@@ -23,6 +21,8 @@ from service.outcomes.mllp import MllpService
 from service.outcomes.records import parse_csv
 from service.pipeline.analysis import study_attributes
 from service.settings import Settings
+from tests.support.common import free_port
+from tests.support.worker import child_env
 
 
 def analysed_study(ledger: Ledger, study_uid: str, accession: str) -> None:

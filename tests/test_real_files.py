@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import dcmtk, free_port, wait_for
-from dicom_peers import ULTRASOUND_FILES, ultrasound_files
 from pydicom.uid import UID, generate_uid
 from test_receiver_network import DCMTK_ENV, STORESCU_SYNTAX_OPTION
-from test_reports_support import Storescp, default_template, start_storescp
-from worker_support import Process, serve
 
 from service.ledger import Ledger, StudyState
 from service.reports.validation import check_object
 from service.results import StudyResult
 from service.settings import Settings, load_settings
+from tests.support.common import dcmtk, free_port, wait_for
+from tests.support.dicom_peers import ULTRASOUND_FILES, ultrasound_files
+from tests.support.reports import Storescp, default_template, start_storescp
+from tests.support.worker import Process, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
-from dicom_peers import ULTRASOUND_FILES, UsFile, split_file, ultrasound_files
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -50,6 +48,8 @@ from service.ingest.store import (
 from service.ledger import InstanceRecord, Ledger, StudyState
 from service.pipeline.completion import CompletionLoop, complete_quiet_studies
 from service.settings import Settings, load_settings
+from tests.support.common import wait_for
+from tests.support.dicom_peers import ULTRASOUND_FILES, UsFile, split_file, ultrasound_files
 
 US_FILES = {f.name: f for f in ultrasound_files()}
 MAX_DATASET = 256 << 20

@@ -10,9 +10,7 @@ import threading
 import zlib
 from pathlib import Path
 
-import attacks
 import pytest
-from dicom_peers import ultrasound_files
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -32,6 +30,8 @@ from service.ingest.rules import InvalidInstance, StoreStatus, encode_file_meta,
 from service.ingest.store import MemoryBudget, StoreSCP
 from service.ledger import Ledger
 from service.settings import Settings, SettingsError, load_settings
+from tests.support import attacks
+from tests.support.dicom_peers import ultrasound_files
 
 MB = 1 << 20
 US_FILES = {f.name: f for f in ultrasound_files()}

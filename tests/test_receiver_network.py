@@ -13,19 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import attacks
 import pynetdicom
 import pytest
-from conftest import dcmtk, free_port, wait_until
-from dicom_peers import (
-    ULTRASOUND_FILES,
-    UsFile,
-    cstore_fragments,
-    data_set_offset,
-    send_raw,
-    split_file,
-    ultrasound_files,
-)
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -65,6 +54,17 @@ from service.ingest.server import ReceiverService, handle_store
 from service.ingest.store import StoreSCP
 from service.ledger import Ledger
 from service.settings import Settings
+from tests.support import attacks
+from tests.support.common import dcmtk, free_port, wait_until
+from tests.support.dicom_peers import (
+    ULTRASOUND_FILES,
+    UsFile,
+    cstore_fragments,
+    data_set_offset,
+    send_raw,
+    split_file,
+    ultrasound_files,
+)
 
 US_FILES = {f.name: f for f in ultrasound_files()}
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

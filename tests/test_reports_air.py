@@ -15,12 +15,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_reports_support import analyse, dciodvfy_errors, default_template, store_datasets, store_study
 
 from service.datasets.synthetic import synthetic_cine, synthetic_study
 from service.ledger import Ledger
 from service.reports.build import build_objects, read_sources
 from service.settings import Settings, load_settings
+from tests.support.reports import analyse, dciodvfy_errors, default_template, store_datasets, store_study
 
 PIXELMED = Path("/usr/share/java/pixelmed.jar")
 VALIDATOR = Path(__file__).with_name("PixelmedValidate.java")

@@ -18,7 +18,12 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
-from test_reports_support import (
+
+from service.ledger import Ledger, StudyState
+from service.reports.build import build_reports, rebuild_sr
+from service.reports.validation import check_object
+from service.settings import Settings, load_settings
+from tests.support.reports import (
     DEFAULT_TEMPLATE,
     analyse,
     analysed_study,
@@ -26,11 +31,6 @@ from test_reports_support import (
     outbox_kinds,
     store_study,
 )
-
-from service.ledger import Ledger, StudyState
-from service.reports.build import build_reports, rebuild_sr
-from service.reports.validation import check_object
-from service.settings import Settings, load_settings
 
 DESTINATIONS = "PACS@127.0.0.1:11112,ARCHIVE@127.0.0.1:11113"
 

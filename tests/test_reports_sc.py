@@ -10,13 +10,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from test_reports_support import (
-    Study,
-    analysed_study,
-    data_file,
-    dciodvfy_errors,
-    default_template,
-)
 
 from service.ledger import Ledger
 from service.model.imaging import ultrasound_region
@@ -37,6 +30,13 @@ from service.reports.sc import (
 from service.reports.sr import decisive_frame
 from service.reports.validation import check_object
 from service.settings import Settings, load_settings
+from tests.support.reports import (
+    Study,
+    analysed_study,
+    data_file,
+    dciodvfy_errors,
+    default_template,
+)
 
 
 @pytest.fixture(scope="module")

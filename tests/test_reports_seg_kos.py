@@ -11,7 +11,6 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
-from test_reports_support import Study, analysed_study, data_file, dciodvfy_errors, default_template
 
 from service.ledger import Ledger
 from service.reports import Placement
@@ -23,6 +22,7 @@ from service.reports.sr import decisive_frame
 from service.reports.validation import check_object
 from service.results import ImageResult
 from service.settings import load_settings
+from tests.support.reports import Study, analysed_study, data_file, dciodvfy_errors, default_template
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
-from test_reports_support import DEFAULT_TEMPLATE, analyse, data_file, store_study
 
 from service.common.errors import error_text, format_exception
 from service.common.logs import JsonFormatter, PhiFilter
@@ -25,6 +24,7 @@ from service.reports.source import read_source, repair_values
 from service.reports.template import load_template
 from service.reports.validation import check_object
 from service.settings import Settings
+from tests.support.reports import DEFAULT_TEMPLATE, analyse, data_file, store_study
 
 #: keyword, VR, value as archives hold it, what we write (None: left empty), what the log says
 CASES = [

@@ -26,14 +26,6 @@ from pydicom.uid import (
     SegmentationStorage,
     generate_uid,
 )
-from test_reports_support import (
-    DEFAULT_TEMPLATE,
-    Study,
-    analyse,
-    analysed_study,
-    dciodvfy_errors,
-    dsr2html,
-)
 
 from service.ledger import Ledger
 from service.reports.heatmaps import OUTLINE_LEVEL, load_heats
@@ -42,6 +34,14 @@ from service.reports.template import SrTemplate, TemplateError, load_template
 from service.reports.validation import check_object
 from service.results import NO_LESION, FrameResult, ImageResult
 from service.settings import Settings, load_settings
+from tests.support.reports import (
+    DEFAULT_TEMPLATE,
+    Study,
+    analyse,
+    analysed_study,
+    dciodvfy_errors,
+    dsr2html,
+)
 
 Built = tuple[Settings, Study, list[pydicom.Dataset], SrTemplate, Heats]
 

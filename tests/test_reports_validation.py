@@ -12,12 +12,12 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage
-from test_reports_support import analysed_study, dciodvfy_errors, default_template
 
 from service.ledger import Ledger
 from service.reports.build import build_objects, read_sources
 from service.reports.validation import GateError, check_object
 from service.settings import load_settings
+from tests.support.reports import analysed_study, dciodvfy_errors, default_template
 
 DISCLAIMER = default_template().disclaimer
 

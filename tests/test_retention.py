@@ -12,9 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
-from test_reports_support import analysed_study
-from worker_support import child_env, receive
 
 from service.common.metrics import LedgerCollector, build_registry
 from service.common.spool import free_disk_mb
@@ -36,6 +33,9 @@ from service.reports.build import build_reports
 from service.settings import Settings, SettingsError, load_settings
 from service.similar.cli import ReferenceEmbedder
 from service.similar.index import SimilarCaseIndex
+from tests.support.common import free_port
+from tests.support.reports import analysed_study
+from tests.support.worker import child_env, receive
 
 DEST = "PACS@127.0.0.1:1104"
 

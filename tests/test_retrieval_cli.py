@@ -16,7 +16,6 @@ import onnx
 import pydicom
 import pytest
 from click.testing import CliRunner, Result
-from conftest import dcmtk, free_port, guard_card_entry, wait_until
 from onnx import TensorProto, helper
 from pydicom.uid import BasicTextSRStorage, generate_uid
 
@@ -25,6 +24,7 @@ from service.datasets.synthetic import write_busi_layout, write_dicom_dataset
 from service.model_card import DISCLAIMER, ModelCard, card_path_for, sha256_file
 from service.similar.cli import read_labels_csv
 from service.similar.index import SimilarCaseIndex
+from tests.support.common import dcmtk, free_port, guard_card_entry, wait_until
 
 CLASSES = ["normal", "benign", "malignant"]
 SIDE = 16  # model input side: small, so a test embeds a study in milliseconds

@@ -18,21 +18,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port, wait_for
 from prometheus_client import CollectorRegistry
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
     SecondaryCaptureImageStorage,
-)
-from test_reports_support import (
-    MODEL,
-    Storescp,
-    analysed_study,
-    dsr2html,
-    start_storescp,
-    storescp_profile,
 )
 
 from service.common.metrics import SEND_ATTEMPTS
@@ -47,6 +38,15 @@ from service.reports.build import OPTIONAL_CLASSES, build_reports
 from service.reports.template import TemplateError
 from service.settings import Settings, load_settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
+from tests.support.common import free_port, wait_for
+from tests.support.reports import (
+    MODEL,
+    Storescp,
+    analysed_study,
+    dsr2html,
+    start_storescp,
+    storescp_profile,
+)
 
 FAR_FUTURE = 4e9
 #: DCMTK's names of the non-SR classes the node sends: heatmap SC, overlay SEG, key-image flag.

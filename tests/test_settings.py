@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
-from dicom_peers import NodeProcess
 
 from service.settings import Destination, SettingsError, load_settings
+from tests.support.common import free_port
+from tests.support.dicom_peers import NodeProcess
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chromium import Chromium
 from test_web import BEARER, REVIEW_TOKEN, REVIEWER, TOKEN, Node, _http, _login, _populate, _settings
 
 from service.ledger import Verdict
@@ -19,6 +18,7 @@ from service.monitoring.verdicts import current, reader_class
 from service.ops.review import review_router
 from service.ops.verdicts import verdict_router
 from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
+from tests.support.chromium import Chromium
 
 
 @pytest.fixture

@@ -16,12 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import attacks
 import numpy as np
 import pydicom
 import pytest
-from chromium import Chromium
-from conftest import guard_card_entry
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import iter_route_contexts
 from kombu import Connection
@@ -54,9 +51,11 @@ from service.results import (
 )
 from service.settings import Settings, SettingsError, load_settings
 from service.similar.index import SimilarCaseIndex
-from tests.conftest import free_port
-from tests.dicomweb_support import MULTIPART, multipart
-from tests.worker_support import serve, study_state
+from tests.support import attacks
+from tests.support.chromium import Chromium
+from tests.support.common import free_port, guard_card_entry
+from tests.support.dicomweb import MULTIPART, multipart
+from tests.support.worker import serve, study_state
 
 TOKEN = "test-token-0123456789"
 REVIEW_TOKEN = "review-token-9876543210"

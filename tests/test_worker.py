@@ -15,14 +15,11 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from dicom_peers import ultrasound_files
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from test_reports_support import expected_outputs, outbox_kinds
-from worker_support import receive
 
 from service.datasets.synthetic import synthetic_study
 from service.ledger import InstanceRecord, Ledger, StudyState
@@ -35,6 +32,9 @@ from service.reports.build import build_reports, outbox_folder
 from service.results import SUMMARY_RULE, FrameResult, ImageResult, StudyResult
 from service.settings import ENV_PREFIX, Destination, Settings, load_settings
 from service.similar.index import SimilarCaseIndex
+from tests.support.dicom_peers import ultrasound_files
+from tests.support.reports import expected_outputs, outbox_kinds
+from tests.support.worker import receive
 
 CLASSES = ["normal", "benign", "malignant"]
 VARIANTS = ["ybr_jpeg", "mono", "rgb", "mono_jpeg"]

@@ -18,11 +18,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port, wait_for
-from dicom_peers import ultrasound_files
 from pydicom import dcmread
-from test_reports_support import Storescp, expected_outputs, outbox_kinds, start_storescp
-from worker_support import (
+
+from service.datasets.synthetic import synthetic_study
+from service.ledger import Ledger, StudyState
+from service.pipeline.queue import create_app, queue_dir, send_analysis
+from service.reports.build import outbox_folder
+from service.results import StudyResult
+from service.settings import Destination, Settings
+from tests.support.common import free_port, wait_for
+from tests.support.dicom_peers import ultrasound_files
+from tests.support.reports import Storescp, expected_outputs, outbox_kinds, start_storescp
+from tests.support.worker import (
     PrivateRedis,
     Process,
     receive,
@@ -32,13 +39,6 @@ from worker_support import (
     wait_for_state,
     write_study,
 )
-
-from service.datasets.synthetic import synthetic_study
-from service.ledger import Ledger, StudyState
-from service.pipeline.queue import create_app, queue_dir, send_analysis
-from service.reports.build import outbox_folder
-from service.results import StudyResult
-from service.settings import Destination, Settings
 
 pytestmark = pytest.mark.slow
 

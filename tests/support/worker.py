@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import TypeVar
 
-from conftest import free_port, wait_for
 from pydicom.dataset import Dataset
 
 from service.common.spool import instance_path
@@ -22,6 +21,7 @@ from service.datasets.synthetic import synthetic_study
 from service.ledger import InstanceRecord, Ledger, open_ledger
 from service.pipeline.workers import settings_env
 from service.settings import ENV_PREFIX, Settings
+from tests.support.common import free_port, wait_for
 
 T = TypeVar("T")
 
