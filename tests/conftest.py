@@ -1,7 +1,7 @@
 """Shared fixtures: settings under a temporary data folder, the ledger on both
 backends (SQLite, and the real PostgreSQL on 127.0.0.1:5432, started when it is not
-answering), the real Redis on 127.0.0.1:6379 (likewise), a real small disk, Orthanc.
-Helpers that are not fixtures live in ``tests/support/``."""
+answering), the real Redis on 127.0.0.1:6379 (likewise), a real small disk, Orthanc,
+the similar-case library's models and studies. Helpers that are not fixtures live in ``tests/support/``."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from service.datasets.synthetic import write_dicom_dataset
 from service.ledger import Ledger, open_ledger
 from service.settings import Settings, load_settings
 from tests.support.common import POSTGRES_SERVER, REDIS_URL, free_port, tmpfs
+from tests.support.index import write_model
 from tests.support.orthanc import Orthanc
 
 
@@ -152,3 +154,32 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     archive = Orthanc.start(tmp_path / "orthanc")
     yield archive
     archive.stop()
+
+
+# --- the similar-case library (sonocase index) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two small ONNX models of different versions (for ``sonocase index``), per module."""
+    folder = tmp_path_factory.mktemp("models")
+    return write_model(folder / "a.onnx", 1, "1"), write_model(folder / "b.onnx", 2, "2")
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Synthetic studies, 3 images per class, and their labels CSV."""
+    folder = tmp_path_factory.mktemp("studies")
+    _, labels = write_dicom_dataset(folder, 3, seed=5)
+    return folder, labels
+
+
+@pytest.fixture
+def env(tmp_path: Path, models: tuple[Path, Path]) -> dict[str, str]:
+    """The environment ``sonocase index`` runs in: own data folder, the first model."""
+    return {
+        "SONOCASE_DATA_DIR": str(tmp_path / "data"),
+        "SONOCASE_MODEL_PATH": str(models[0]),
+        "SONOCASE_EXECUTION_PROVIDER": "cpu",
+        "SONOCASE_DURABILITY": "none",
+    }

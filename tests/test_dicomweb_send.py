@@ -17,14 +17,13 @@ import pydicom
 import pytest
 import requests
 from pydicom.uid import EnhancedSRStorage, KeyObjectSelectionDocumentStorage, SegmentationStorage, generate_uid
-from test_receiver_network import self_signed
 
 from service.delivery.dicomweb import StowOutcome, stow_outcomes
 from service.delivery.sender import Sender
 from service.ledger import Ledger, OutboxState, StudyState, open_ledger
 from service.reports.build import build_reports
 from service.settings import DicomWebDestination, Settings, load_settings
-from tests.support.common import free_port
+from tests.support.common import free_port, self_signed
 from tests.support.dicomweb import TOKEN, ReceivingNode
 from tests.support.orthanc import Orthanc
 from tests.support.reports import analysed_study, dciodvfy_errors

@@ -14,7 +14,6 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from test_web import BEARER, _http, _settings
 
 from service.ledger import InstanceRecord, Ledger
 from service.monitoring.drift import DriftConfig
@@ -22,6 +21,7 @@ from service.monitoring.watcher import DriftWatcher, MonitoringCollector
 from service.ops.web import build_web_server
 from service.pipeline.analysis import summarise_study
 from service.results import FrameResult, ImageResult, ModelIdentity, StudyAttributes, StudyResult
+from tests.support.web import BEARER, web_request, web_settings
 
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 CLASSES = ["normal", "benign", "malignant"]
@@ -119,13 +119,13 @@ def test_the_node_finds_a_drifted_scanner_and_not_a_steady_one(ledger: Ledger) -
 
 
 def test_the_status_page_heads_with_the_drift_alarm(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    settings = web_settings(tmp_path)
     ledger = Ledger(settings.ledger_path, durable=False)
     _two_scanners(ledger)
     server = build_web_server(settings, ledger)
     server.start()
     try:
-        status, _, body = _http(f"http://127.0.0.1:{server.port}", "/status", headers=BEARER)
+        status, _, body = web_request(f"http://127.0.0.1:{server.port}", "/status", headers=BEARER)
     finally:
         server.stop()
         ledger.close()

@@ -19,11 +19,11 @@ from typing import Any
 
 import pydicom
 import pytest
-from test_real_files import Site, start_site
 
 from service.ledger import StudyState
 from tests.support.dicom_peers import ULTRASOUND_FILES
 from tests.support.reports import default_template
+from tests.support.site import Site, start_site
 from tests.support.worker import child_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_web import BEARER, REVIEW_TOKEN, REVIEWER, TOKEN, Node, _http, _login, _populate, _settings
 
 from service.ledger import Verdict
 from service.monitoring.verdicts import current, reader_class
@@ -19,12 +18,13 @@ from service.ops.review import review_router
 from service.ops.verdicts import verdict_router
 from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
 from tests.support.chromium import Chromium
+from tests.support.web import BEARER, REVIEW_TOKEN, REVIEWER, TOKEN, Node, login, populate, web_request, web_settings
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    settings = _settings(tmp_path)
-    ledger, analysed, undelivered, broken = _populate(settings)
+    settings = web_settings(tmp_path)
+    ledger, analysed, undelivered, broken = populate(settings)
     router = ExtraRouter(verdict_router(ledger, API_PREFIX), settings.web_max_body_bytes, reviewers=True)
     server = build_web_server(settings, ledger, routers=[router], pages=[review_router(ledger)])
     server.start()
@@ -61,7 +61,7 @@ def test_verdicts_are_given_changed_and_every_change_kept(node: Node) -> None:
     )
     assert status == 201 and changed["recorded_at"] >= first["recorded_at"]
     assert _post(node, study, {"verdict": "disagree", "finding": image, "reader": "Dr B"})[0] == 201
-    status, _, body = _http(node.url, f"{API_PREFIX}/studies/{study}/verdicts", headers=BEARER)
+    status, _, body = web_request(node.url, f"{API_PREFIX}/studies/{study}/verdicts", headers=BEARER)
     history = json.loads(body)
     assert status == 200 and [v["verdict"] for v in history] == ["agree", "corrected", "disagree"]
     counts = current(history)
@@ -147,10 +147,10 @@ def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node
 
 
 def test_the_review_form_needs_its_session_s_csrf_token(node: Node) -> None:
-    status, headers, _ = _http(node.url, "/login", "POST", form={"token": TOKEN})
+    status, headers, _ = web_request(node.url, "/login", "POST", form={"token": TOKEN})
     cookie = headers["set-cookie"].split(";")[0]
     form = {"verdict": "agree", "reader": "Dr D", "csrf": "not-the-token"}
-    status, _, body = _http(node.url, f"/review/{node.analysed}", "POST", headers={"Cookie": cookie}, form=form)
+    status, _, body = web_request(node.url, f"/review/{node.analysed}", "POST", headers={"Cookie": cookie}, form=form)
     assert status == 403 and b"CSRF" in body
     assert node.ledger.verdicts() == []
 
@@ -161,7 +161,7 @@ def test_verdicts_record_the_role_they_came_with(node: Node) -> None:
     study = node.analysed
     assert _post(node, study, {"verdict": "agree", "reader": "Dr R"}, headers=REVIEWER)[1]["reader_role"] == "reviewer"
     assert _post(node, study, {"verdict": "disagree", "reader": "Dr A"})[1]["reader_role"] == "admin"
-    cookie, csrf = _login(node.url, REVIEW_TOKEN)
+    cookie, csrf = login(node.url, REVIEW_TOKEN)
     status, answer = _post(node, study, {"verdict": "agree", "reader": "Dr S"}, headers={"Cookie": cookie})
     assert status == 403 and "CSRF" in answer["detail"]
     status, answer = _post(
@@ -169,8 +169,10 @@ def test_verdicts_record_the_role_they_came_with(node: Node) -> None:
     )
     assert status == 201 and answer["reader_role"] == "reviewer"
     form = {"verdict": "agree", "reader": "Dr T"}
-    assert _http(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form)[0] == 403
-    status, _, _ = _http(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form | {"csrf": csrf})
+    assert web_request(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form)[0] == 403
+    status, _, _ = web_request(
+        node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form | {"csrf": csrf}
+    )
     assert status == 303
     assert [(v["reader"], v["reader_role"]) for v in node.ledger.verdicts(study)] == [
         ("Dr R", "reviewer"),
@@ -178,5 +180,5 @@ def test_verdicts_record_the_role_they_came_with(node: Node) -> None:
         ("Dr S", "reviewer"),
         ("Dr T", "reviewer"),
     ]
-    page = _http(node.url, f"/review/{study}", headers=REVIEWER)[2].decode()
+    page = web_request(node.url, f"/review/{study}", headers=REVIEWER)[2].decode()
     assert "Dr T (reviewer)" in page and "Dr A (admin)" in page
