@@ -21,6 +21,7 @@ from service.settings import Settings, load_settings
 from tests.support.common import POSTGRES_SERVER, REDIS_URL, free_port, tmpfs
 from tests.support.index import write_model
 from tests.support.orthanc import Orthanc
+from tests.support.tiers import PeerWatch
 
 
 @pytest.fixture
@@ -30,10 +31,46 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount_point
 
 
-def _ledger_backend(request: pytest.FixtureRequest) -> str:
+def _ledger_backend(test: pytest.Item) -> str:
     """The backend the test's ``ledger`` fixture runs on (sqlite for tests without it)."""
-    callspec = getattr(request.node, "callspec", None)
+    callspec = getattr(test, "callspec", None)
     return str(callspec.params.get("ledger", "sqlite")) if callspec is not None else "sqlite"
+
+
+#: Fixtures that start a process or a server, or connect to one. A test using one, or
+#: parametrised onto PostgreSQL (the ``ledger`` fixture's backend, or a module's own
+#: backend parameter), is marked ``integration`` here; a test that starts a peer itself,
+#: or through a fixture of its own module, says so with the marker.
+INTEGRATION_FIXTURES = frozenset({"postgres_database", "postgres_url", "redis_url", "orthanc", "small_disk"})
+
+
+def _on_postgresql(test: pytest.Item) -> bool:
+    callspec = getattr(test, "callspec", None)
+    return callspec is not None and any(isinstance(v, str) and v == "postgresql" for v in callspec.params.values())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests of the integration fixtures before ``-m`` selects (tryfirst)."""
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())) or _on_postgresql(item):
+            item.add_marker(pytest.mark.integration)
+
+
+PEERS = PeerWatch()
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_peer(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test outside the integration and heavy tiers fails when it starts a process
+    or connects to a server: it belongs to the integration tier (see PeerWatch)."""
+    if request.node.get_closest_marker("integration") or request.node.get_closest_marker("heavy"):
+        yield
+        return
+    with PEERS.watching() as seen:
+        yield
+    if seen:
+        pytest.fail(f"mark it @pytest.mark.integration: it {', '.join(sorted(seen))}", pytrace=False)
 
 
 @pytest.fixture
@@ -41,7 +78,7 @@ def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
     """Settings for one test: own data folder, own port, loopback only, short quiet
     period; the ledger in a PostgreSQL schema of its own when the test's ``ledger``
     runs on PostgreSQL, so everything the test starts shares that ledger."""
-    postgres = _ledger_backend(request) == "postgresql"
+    postgres = _ledger_backend(request.node) == "postgresql"
     return load_settings(
         data_dir=tmp_path / "data",
         host="127.0.0.1",

@@ -20,6 +20,8 @@ from service.ledger import Ledger
 from tests.support.common import dcmtk, free_port
 from tests.support.dicom_peers import NodeProcess, data_set_offset, ultrasound_files
 
+pytestmark = pytest.mark.integration
+
 INSTANCES = 300
 KILL_AFTER = 80  # successes seen before the kill
 

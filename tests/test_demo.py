@@ -19,6 +19,8 @@ from service.demo import CLASSES, StandInPacs, render_outputs
 from tests.support.common import dcmtk
 from tests.support.orthanc import Orthanc
 
+pytestmark = pytest.mark.integration
+
 
 def test_stand_in_pacs_keeps_what_storescu_sends(tmp_path: Path) -> None:
     pacs = StandInPacs(tmp_path / "pacs")

@@ -16,6 +16,8 @@ from tests.support.common import free_port
 from tests.support.index import run, study_labels, write_report
 from tests.support.orthanc import Orthanc
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def archive(tmp_path: Path, studies: tuple[Path, Path]) -> Iterator[tuple[Orthanc, str]]:

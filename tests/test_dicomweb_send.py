@@ -84,6 +84,7 @@ def test_outcomes_from_a_stow_response() -> None:
 # --- against Orthanc ----------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_results_arrive_byte_valid_in_the_right_study(settings: Settings, orthanc: Orthanc) -> None:
     s = to(settings, orthanc.dicomweb_url)
     ledger = open_ledger(s, durable=False)
@@ -102,6 +103,7 @@ def test_results_arrive_byte_valid_in_the_right_study(settings: Settings, orthan
         ledger.close()
 
 
+@pytest.mark.integration
 def test_basic_authentication_from_a_password_file(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -128,6 +130,7 @@ def test_basic_authentication_from_a_password_file(
         archive.stop()
 
 
+@pytest.mark.integration
 def test_a_partly_stored_request_resends_only_what_failed(settings: Settings, orthanc: Orthanc) -> None:
     """One object of the study carries another Study Instance UID (an outbox file
     changed behind our back): Orthanc stores the others and fails it (HTTP 409, the
@@ -222,6 +225,7 @@ def faulty(orthanc: Orthanc) -> Iterator[FaultyArchive]:
     archive.stop()
 
 
+@pytest.mark.integration
 def test_503_and_a_dropped_upload_lose_nothing(
     settings: Settings,
     orthanc: Orthanc,
@@ -246,6 +250,7 @@ def test_503_and_a_dropped_upload_lose_nothing(
         ledger.close()
 
 
+@pytest.mark.integration
 def test_an_archive_that_never_answers_times_out(settings: Settings) -> None:
     """A port that takes the connection (the kernel's backlog) and never answers:
     each try ends after dicomweb_timeout_s, recorded and retried."""
@@ -284,6 +289,7 @@ def node_b(tmp_path: Path) -> Iterator[ReceivingNode]:
     ledger.close()
 
 
+@pytest.mark.integration
 def test_https_peer_verified_against_the_site_ca(settings: Settings, tmp_path: Path, node_b: ReceivingNode) -> None:
     s = to(settings, node_b.url, dicomweb_token_file=secret(tmp_path, "token", TOKEN))
     ledger = open_ledger(s, durable=False)
@@ -297,6 +303,7 @@ def test_https_peer_verified_against_the_site_ca(settings: Settings, tmp_path: P
         ledger.close()
 
 
+@pytest.mark.integration
 def test_bearer_token_and_the_sr_fallback_against_our_stow_endpoint(
     settings: Settings,
     tmp_path: Path,

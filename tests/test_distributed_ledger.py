@@ -31,6 +31,8 @@ from tests.support.worker import (
     write_study,
 )
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:

@@ -118,6 +118,7 @@ def test_the_node_finds_a_drifted_scanner_and_not_a_steady_one(ledger: Ledger) -
     assert _metrics(registry)[("sonocase_drift_studies", (("scanner", "New Probe"),))] == 1.0
 
 
+@pytest.mark.integration
 def test_the_status_page_heads_with_the_drift_alarm(tmp_path: Path) -> None:
     settings = web_settings(tmp_path)
     ledger = Ledger(settings.ledger_path, durable=False)
@@ -133,6 +134,7 @@ def test_the_status_page_heads_with_the_drift_alarm(tmp_path: Path) -> None:
     assert status == 200 and alarms == [b"Other Co Echo 2"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("ledger", ["sqlite"], indirect=True)
 def test_alert_rules_pass_promtool_and_read_the_collector_s_metrics(ledger: Ledger) -> None:
     promtool = shutil.which("promtool")

@@ -33,6 +33,8 @@ from tests.support.reports import (
 )
 from tests.support.worker import Process, serve, storescu, write_study
 
+pytestmark = pytest.mark.integration
+
 #: Real ultrasound files pushed as they are (each its own study): RGB, palette
 #: colour, a 30-frame JPEG cine.
 REAL_FILES = ("US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_ybr_color.dcm")

@@ -247,6 +247,7 @@ def test_a_blank_real_frame_without_regions_is_not_analysed(name: str) -> None:
     assert all(frame.frame_number != BLANK_FRAMES.get(name, 1) for frame in prepared.frames)
 
 
+@pytest.mark.heavy
 def test_no_frame_of_a_real_file_is_a_tiny_region_with_or_without_regions() -> None:
     for name in sorted(ULTRASOUND_FILES):
         for ds in (_read(name), _without_regions(name)):

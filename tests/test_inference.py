@@ -181,6 +181,7 @@ def test_execution_provider_choice() -> None:
         choose_providers("cuda", [CPU])
 
 
+@pytest.mark.heavy
 def test_synthetic_dicom_studies_through_the_worker_preparation_are_classified_above_chance(
     model: OnnxModel,
 ) -> None:
@@ -199,6 +200,7 @@ def test_synthetic_dicom_studies_through_the_worker_preparation_are_classified_a
     assert np.mean(recalls) > 0.6, recalls
 
 
+@pytest.mark.heavy
 def test_the_shipped_heatmap_points_at_the_lesion(model: OnnxModel) -> None:
     """The issue's fixed sample of unseen synthetic lesions (generate_records(40,
     size=256, seed=777), benign and malignant), prepared as the node prepares a crop
@@ -217,6 +219,7 @@ def test_the_shipped_heatmap_points_at_the_lesion(model: OnnxModel) -> None:
     assert metrics["all"]["heat_share"] > 2 * metrics["all"]["uniform_heat_share"], metrics
 
 
+@pytest.mark.heavy
 def test_the_shipped_mask_outlines_the_lesion(model: OnnxModel) -> None:
     """The same fixed sample of unseen synthetic images, prepared as the node prepares
     a crop, the mask resized as the node resizes it and thresholded at the card's

@@ -105,6 +105,7 @@ def _not_json(text: str) -> list[str]:
     return bad
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_node_in_json_mode_prints_nothing_but_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sonocase serve` with its worker, HTTP side and every library, from start to
@@ -167,6 +168,7 @@ def test_a_library_warning_quoting_a_patient_name_is_masked(captured: Captured) 
     assert "Doe" not in message and "patient attribute removed" in message and "UserWarning" in message
 
 
+@pytest.mark.integration
 def test_uncaught_exceptions_and_warnings_are_json_records(tmp_path: Path) -> None:
     script = (
         "import threading, warnings\n"

@@ -24,6 +24,7 @@ def _result(ledger: Ledger, study_uid: str) -> StudyResult:
     return StudyResult.model_validate(stored)
 
 
+@pytest.mark.heavy
 def test_a_worker_of_the_old_model_stops_using_a_rebuilt_index(
     settings: Settings, ledger: Ledger, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -19,7 +19,7 @@ from tests.support.dicom_peers import ULTRASOUND_FILES, ultrasound_files
 from tests.support.reports import default_template
 from tests.support.site import Site, start_site
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 #: Files a default routing rule keeps out of the analysis, and the rule: two name
 #: an echocardiogram in Study and Series Description, one in Performed Procedure

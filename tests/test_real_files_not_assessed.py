@@ -26,7 +26,7 @@ from tests.support.reports import default_template
 from tests.support.site import Site, start_site
 from tests.support.worker import child_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 BREAST = {"BodyPartExamined": "BREAST", "StudyDescription": "BREAST"}
 

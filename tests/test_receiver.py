@@ -451,6 +451,7 @@ def test_internal_error_is_a_failure_status(scp: StoreSCP, ledger: Ledger) -> No
     assert outcome.status == StoreStatus.PROCESSING_FAILURE and outcome.comment == "internal error: ProgrammingError"
 
 
+@pytest.mark.heavy
 @hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutation=mutations())
 def test_fuzzed_real_files_never_escape_the_store(tmp_path_factory: pytest.TempPathFactory, mutation: Mutation) -> None:

@@ -24,6 +24,8 @@ from tests.support.attacks import Node
 from tests.support.common import free_port, wait_for
 from tests.support.dicom_peers import cstore_fragments
 
+pytestmark = pytest.mark.integration
+
 #: The limits the node runs with here: short timeouts, small budgets.
 LIMITS = {
     "SONOCASE_MAX_ASSOCIATIONS": "4",

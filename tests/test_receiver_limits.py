@@ -168,6 +168,7 @@ def deflated(data: bytes) -> bytes:
     return deflater.compress(data) + deflater.flush()
 
 
+@pytest.mark.heavy
 def test_inflation_stops_at_its_bound_in_constant_memory() -> None:
     bomb = attacks.deflate_bomb(generate_uid(), 512)
     with pytest.raises(InflatedTooLarge):
@@ -320,6 +321,7 @@ def test_a_restart_removes_spool_files_the_ledger_does_not_know(settings: Settin
 _EVENTS = {"Evt3", "Evt4", "Evt6", "Evt10", "Evt12", "Evt13", "Evt16", "Evt17", "Evt19"}
 
 
+@pytest.mark.heavy
 @hsettings(max_examples=300, deadline=None)
 @given(stream=pdu_streams())
 def test_fuzzed_pdus_end_in_an_event_and_never_in_memory(stream: bytes) -> None:

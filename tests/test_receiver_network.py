@@ -59,6 +59,8 @@ from tests.support.dicom_peers import (
 )
 from tests.support.fuzz import Mutation, mutations, pdu_streams
 
+pytestmark = pytest.mark.integration
+
 US_FILES = {f.name: f for f in ultrasound_files()}
 
 

@@ -110,6 +110,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.integration
 def test_dul_waits_on_the_network_and_closes_its_wake_up_socket(server: ReceiverServer, settings: Settings) -> None:
     """DCMTK's echoscu (20 C-ECHOs an association, five associations): each DUL thread
     had its wake-up socket while it served, closed it when it ended, and no file

@@ -34,6 +34,8 @@ from tests.support.chromium import Chromium
 from tests.support.common import free_port
 from tests.support.worker import child_env
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "onnx_models" / "sonocase-hybrid.onnx"
 CLASSES = ["normal", "benign", "malignant"]

@@ -28,6 +28,7 @@ VALIDATOR = Path(__file__).with_name("PixelmedValidate.java")
 JAVA_OPTIONS = ["-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0"]
 
 pytestmark = [
+    pytest.mark.integration,
     pytest.mark.skipif(
         shutil.which("javac") is None or not PIXELMED.is_file(),
         reason="PixelMed's validator needs a JDK and libpixelmed-java (scripts/setup.sh installs them)",

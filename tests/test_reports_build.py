@@ -40,6 +40,7 @@ def to_two(settings: Settings) -> Settings:
     return settings.model_copy(update={"destinations": load_settings(destinations=DESTINATIONS).destinations})
 
 
+@pytest.mark.integration
 def test_objects_are_written_checked_queued_and_the_study_reported(to_two: Settings, ledger: Ledger) -> None:
     study = analysed_study(to_two, ledger, skip=[3])
     paths = build_reports(to_two, ledger, study.uid, study.reference_images)
@@ -174,6 +175,7 @@ def test_reanalysis_reports_a_new_version_referencing_the_first(settings: Settin
     assert item.ReferencedSOPInstanceUID == first.SOPInstanceUID
 
 
+@pytest.mark.integration
 def test_rebuild_in_another_class_for_the_sender(settings: Settings, ledger: Ledger) -> None:
     study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], n_similar=1)
     build_reports(settings, ledger, study.uid, study.reference_images)

@@ -83,6 +83,7 @@ def test_frame_rgb_is_the_models_grayscale_and_checks_the_frame() -> None:
         frame_rgb(ds, 31)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("transfer_syntax", sorted(TRANSFER_SYNTAXES))
 @pytest.mark.parametrize("index", range(4), ids=["rgb", "palette", "cine", "monochrome"])
 def test_heatmap_capture_of_each_kind_of_image(
@@ -126,6 +127,7 @@ def test_heatmap_capture_of_each_kind_of_image(
     assert np.median(band) < 10 and band.max() > 200  # white caption text on a black band
 
 
+@pytest.mark.integration
 def test_montage_references_the_similar_instances_and_survives_missing_ones(
     study: Study,
     tmp_path: Path,
@@ -176,6 +178,7 @@ def test_reference_pictures_are_cut_to_their_bmode_region() -> None:
     assert reference_picture(path).shape == (y1 - y0, x1 - x0, 3)
 
 
+@pytest.mark.integration
 def test_an_image_outside_the_training_domain_gets_not_assessed_and_no_heatmap(
     settings: Settings, ledger: Ledger, tmp_path: Path
 ) -> None:

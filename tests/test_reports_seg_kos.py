@@ -64,6 +64,7 @@ def test_images_without_an_overlay_say_why(study: Study, index: int, reason: str
     assert seg_skip_reason(_header(study, 1), np.zeros_like(heat)) == "the heatmap is empty"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("index", [1, 3], ids=["palette", "monochrome"])
 def test_overlay_holds_the_heatmap_levels_on_the_source_grid(study: Study, tmp_path: Path, index: int) -> None:
     template = default_template()
@@ -113,6 +114,7 @@ def test_key_images_are_the_deciding_one_and_every_malignant_one(study: Study) -
     assert flagged == [i.sop_instance_uid for i in result.images if i.sop_instance_uid in flagged]
 
 
+@pytest.mark.integration
 def test_key_image_flag_names_the_images_and_the_sr(study: Study, tmp_path: Path) -> None:
     template = default_template()
     sources = [_header(study, n) for n in range(len(study.paths))]

@@ -118,6 +118,7 @@ def _heat_at(heat: np.ndarray, crop: tuple[int, int, int, int], x: float, y: flo
     return float(top * (1 - fr) + bottom * fr)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sop_class", SR_CLASSES)
 def test_dcmtk_renders_it_and_dciodvfy_finds_no_error(built: Built, tmp_path: Path, sop_class: str) -> None:
     _, study, sources, template, heats = built
@@ -330,6 +331,7 @@ def test_unknown_class_missing_heatmap_or_sop_class_is_refused_clearly(built: Bu
         build_sr(result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
 
 
+@pytest.mark.integration
 def test_a_study_with_nothing_analysed_still_says_so(settings: Settings, ledger: Ledger, tmp_path: Path) -> None:
     study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], skip=[0], n_similar=0)
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.paths]
@@ -412,6 +414,7 @@ def test_a_cine_frame_outside_the_training_domain_neither_speaks_for_its_image_n
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sop_class", SR_CLASSES)
 def test_a_study_all_outside_the_training_domain_says_so_first_without_probabilities(
     settings: Settings, ledger: Ledger, tmp_path: Path, sop_class: str

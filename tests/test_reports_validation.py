@@ -53,6 +53,7 @@ def _mutated(data: bytes, change: Callable[[Dataset], None]) -> bytes:
     return _encode(ds)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["sr", "sc", "montage", "seg", "kos"])
 def test_real_objects_pass(objects: dict[str, bytes], kind: str, tmp_path: Path) -> None:
     ds = check_object(objects[kind], DISCLAIMER)
@@ -185,6 +186,7 @@ def test_not_dicom_at_all(objects: dict[str, bytes]) -> None:
         check_object(objects["sr"][:400], DISCLAIMER)
 
 
+@pytest.mark.integration
 def test_dciodvfy_sees_what_the_gate_sees(objects: dict[str, bytes], tmp_path: Path) -> None:
     good, bad = tmp_path / "good.dcm", tmp_path / "bad.dcm"
     good.write_bytes(objects["sr"])

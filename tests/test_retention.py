@@ -97,6 +97,7 @@ def test_watermarks_must_lie_above_the_refusal_watermark() -> None:
     assert load_settings(min_free_disk_mb=10**6, purge_when_free_below_mb=0).purge_when_free_below_mb == 0
 
 
+@pytest.mark.heavy
 def test_only_done_studies_are_candidates(node: Settings, ledger: Ledger) -> None:
     sent = sent_study(node, ledger, sent_at=1000.0)
     reported = analysed_study(node, ledger, files=["OBXXXX1A.dcm"], n_similar=0).uid
@@ -212,6 +213,7 @@ def test_below_the_watermark_the_longest_done_go_first_until_enough_is_free(smal
         ledger.close()
 
 
+@pytest.mark.integration
 def test_purge_command_shows_then_removes(node: Settings, ledger: Ledger, tmp_path: Path) -> None:
     uid = sent_study(node, ledger, sent_at=time.time() - 3 * DAY_S)
     settings = node.model_copy(update={"retention_spool_days": 2.0})
@@ -231,6 +233,7 @@ def test_purge_command_shows_then_removes(node: Settings, ledger: Ledger, tmp_pa
     assert "removed" in done and files_of(node, uid)["spool"] == 0 and files_of(node, uid)["outbox"] > 0
 
 
+@pytest.mark.heavy
 def test_the_index_keeps_its_copies_of_a_study_whose_spool_went(node: Settings, ledger: Ledger) -> None:
     """An analysed study joins the similar-case index before its report is built,
     so once it is sent and its spool removed, the index still shows and re-embeds it."""

@@ -148,6 +148,7 @@ def test_build_synthetic_and_busi(env: dict[str, str], tmp_path: Path) -> None:
     assert run(env, "build").exit_code == 2
 
 
+@pytest.mark.integration
 def test_an_interrupted_add_resumes(env: dict[str, str], studies: tuple[Path, Path]) -> None:
     """Kill ``sonocase index add`` after its first saved batch; running it again
     finishes the job without duplicates."""
@@ -256,6 +257,7 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.integration
 def test_add_copies_labelled_studies_from_the_pacs(
     env: dict[str, str],
     studies: tuple[Path, Path],

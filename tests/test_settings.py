@@ -106,6 +106,7 @@ def serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
+@pytest.mark.integration
 def test_serve_as_a_process_with_command_line_overrides(tmp_path: Path) -> None:
     config = toml(tmp_path, f"port = {free_port()}\n")
     port = free_port()
@@ -128,6 +129,7 @@ def test_serve_as_a_process_with_command_line_overrides(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "ledger.sqlite3").is_file()
 
 
+@pytest.mark.integration
 def test_serve_uses_environment_port_and_allow_list(tmp_path: Path) -> None:
     port = free_port()
     node = NodeProcess(serve_env(tmp_path, SONOCASE_PORT=str(port), SONOCASE_ALLOWED_CALLERS="PACS"))
@@ -136,6 +138,7 @@ def test_serve_uses_environment_port_and_allow_list(tmp_path: Path) -> None:
     assert code == 0 and "allowed_callers is empty" not in err
 
 
+@pytest.mark.integration
 def test_serve_refuses_invalid_settings_with_a_message(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service", "serve"],
@@ -148,6 +151,7 @@ def test_serve_refuses_invalid_settings_with_a_message(tmp_path: Path) -> None:
     assert "SONOCASE_MAX_ASSOCIATIONS" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_serve_help_explains_options() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--help"], capture_output=True, text=True, timeout=60

@@ -30,7 +30,7 @@ from tests.support.common import dcmtk, free_port, tmpfs, wait_for
 from tests.support.reports import start_storescp
 from tests.support.worker import serve
 
-pytestmark = [pytest.mark.heavy, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(1200)]
 
 DISK_MB = 32
 STUDIES = 600

@@ -150,6 +150,7 @@ def test_the_mask_moves_with_its_augmented_image() -> None:
 # ---- training and the report --------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_training_with_the_localisation_loss_reports_how_grad_cam_points(tmp_path: Path) -> None:
     source = DataSource(kind="synthetic", synthetic_per_class=8, seed=0)
     records = source.load()

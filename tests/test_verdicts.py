@@ -49,6 +49,7 @@ def _post(node: Node, study_uid: str, body: dict[str, Any], headers: dict[str, s
         conn.close()
 
 
+@pytest.mark.integration
 def test_verdicts_are_given_changed_and_every_change_kept(node: Node) -> None:
     study = node.analysed
     image = node.ledger.result(study)["images"][0]["sop_instance_uid"]  # type: ignore[index]
@@ -71,6 +72,7 @@ def test_verdicts_are_given_changed_and_every_change_kept(node: Node) -> None:
     assert reader_class(history[0], "malignant") == "malignant"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -87,6 +89,7 @@ def test_a_verdict_that_does_not_fit_is_refused(node: Node, body: dict[str, Any]
     assert node.ledger.verdicts() == []
 
 
+@pytest.mark.integration
 def test_verdicts_need_the_token_a_known_study_and_a_result(node: Node) -> None:
     assert _post(node, node.analysed, {"verdict": "agree", "reader": "Dr A"}, headers={})[0] == 401
     assert _post(node, "1.2.3.4", {"verdict": "agree", "reader": "Dr A"})[0] == 404
@@ -102,6 +105,7 @@ def test_verdict_validation_in_the_ledger_contract() -> None:
         Verdict("1.2", "", "agree", None, "", "Dr A", "radiologist")
 
 
+@pytest.mark.integration
 def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node, tmp_path: Path) -> None:
     """In headless Chromium: sign in on the status page as a reviewer, follow the AI
     result to the review page, correct it, then agree with one image; the history
@@ -146,6 +150,7 @@ def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node
     ] == [("corrected", "benign", "Dr C", "reviewer", False), ("agree", None, "Dr C", "reviewer", True)]
 
 
+@pytest.mark.integration
 def test_the_review_form_needs_its_session_s_csrf_token(node: Node) -> None:
     status, headers, _ = web_request(node.url, "/login", "POST", form={"token": TOKEN})
     cookie = headers["set-cookie"].split(";")[0]
@@ -155,6 +160,7 @@ def test_the_review_form_needs_its_session_s_csrf_token(node: Node) -> None:
     assert node.ledger.verdicts() == []
 
 
+@pytest.mark.integration
 def test_verdicts_record_the_role_they_came_with(node: Node) -> None:
     """A reviewer gives verdicts by Bearer and from a session (with its CSRF token, as
     the admin's session needs); each verdict records its credential's role."""

@@ -46,7 +46,7 @@ from tests.support.orthanc import Orthanc
 from tests.support.reports import data_file, default_template
 from tests.support.worker import Process, serve, storescu, wait_for_state
 
-pytestmark = [pytest.mark.heavy, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(900)]
 
 #: Study A: a synthetic malignant breast study of three calibrated images (each gets
 #: a region and an overlay). Study B: a synthetic 30-frame cine loop. Study C: real

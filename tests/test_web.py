@@ -90,6 +90,7 @@ def whole_node(tmp_path: Path) -> Iterator[tuple[Node, FastAPI]]:
     ledger.close()
 
 
+@pytest.mark.integration
 def test_health_ready_and_metrics(node: Node) -> None:
     status, _, body = web_request(node.url, "/healthz")
     assert (status, body) == (200, b"ok\n")
@@ -127,6 +128,7 @@ def test_health_ready_and_metrics(node: Node) -> None:
     assert info.labels["version"] == "7" and info.labels["name"] == "sonocase-hybrid" and info.value == 1
 
 
+@pytest.mark.integration
 def test_not_ready_names_the_failing_check(tmp_path: Path) -> None:
     closed = free_port()  # nothing listens there
     settings = web_settings(
@@ -149,6 +151,7 @@ def test_not_ready_names_the_failing_check(tmp_path: Path) -> None:
     assert doc["checks"]["ledger"]["ok"]
 
 
+@pytest.mark.integration
 def test_broker_check_against_real_redis(redis_url: str) -> None:
     result = broker_check(lambda: Connection(redis_url + "/0"))()
     assert result == CheckResult(True, result.detail) and "redis" in result.detail
@@ -183,6 +186,7 @@ def test_index_probe(tmp_path: Path) -> None:
     other.close()
 
 
+@pytest.mark.integration
 def test_status_page_is_off_without_a_token(tmp_path: Path) -> None:
     settings = web_settings(tmp_path, web_token="", web_review_token="")
     ledger = Ledger(settings.ledger_path, durable=False)
@@ -198,6 +202,7 @@ def test_status_page_is_off_without_a_token(tmp_path: Path) -> None:
         ledger.close()
 
 
+@pytest.mark.integration
 def test_status_page_needs_the_token_and_shows_no_patient_name(node: Node) -> None:
     status, headers, body = web_request(node.url, "/status")
     assert status == 401 and headers["www-authenticate"].startswith("Bearer") and b"name=token" in body
@@ -216,6 +221,7 @@ def test_status_page_needs_the_token_and_shows_no_patient_name(node: Node) -> No
     assert page.count("class=resend") == 2
 
 
+@pytest.mark.integration
 def test_heatmap_thumbnail(node: Node) -> None:
     status, headers, body = web_request(node.url, f"/status/studies/{node.analysed}/heatmap.png", headers=BEARER)
     assert status == 200 and headers["content-type"] == "image/png"
@@ -226,6 +232,7 @@ def test_heatmap_thumbnail(node: Node) -> None:
     assert web_request(node.url, f"/status/studies/{node.broken}/heatmap.png", headers=BEARER)[0] == 404
 
 
+@pytest.mark.integration
 def test_heatmap_outside_the_results_folder_is_not_served(node: Node, tmp_path: Path) -> None:
     rec = store_instance(node.settings, node.ledger, generate_uid(), time.time())
     record_analysis(node.settings, node.ledger, rec, time.time(), heat_root=tmp_path / "elsewhere")
@@ -234,6 +241,7 @@ def test_heatmap_outside_the_results_folder_is_not_served(node: Node, tmp_path: 
     assert status == 200 and f"/studies/{rec.study_uid}/heatmap.png" not in body.decode()
 
 
+@pytest.mark.integration
 def test_an_image_outside_the_training_domain_is_shown_not_assessed_and_counted(node: Node) -> None:
     rec = store_instance(node.settings, node.ledger, generate_uid(), time.time())
     record_analysis(node.settings, node.ledger, rec, time.time(), ood=True)
@@ -249,6 +257,7 @@ def test_an_image_outside_the_training_domain_is_shown_not_assessed_and_counted(
     assert (values["sonocase_images_analysed_total"], values["sonocase_images_not_assessed_total"]) == (3, 1)
 
 
+@pytest.mark.integration
 def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
     assert web_request(node.url, "/login", "POST", form={"token": "nope"})[0] == 401
     status, headers, _ = web_request(node.url, "/login", "POST", form={"token": TOKEN})
@@ -272,6 +281,7 @@ def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
     assert web_request(node.url, "/status/studies/1.2.3/resend", "POST", headers=BEARER, form={})[0] == 404
 
 
+@pytest.mark.integration
 def test_retry_study_requeues_a_failed_analysis(node: Node) -> None:
     assert retry_study(node.settings, node.ledger, node.broken).kind is RetryKind.ANALYSIS
     study = node.ledger.study(node.broken)
@@ -284,6 +294,7 @@ def test_retry_study_requeues_a_failed_analysis(node: Node) -> None:
 
 
 # --- headless Chromium ---------------------------------------------------------------
+@pytest.mark.integration
 def test_status_page_in_headless_chromium(node: Node, tmp_path: Path) -> None:
     browser = Chromium(tmp_path / "chromium-profile")
     try:
@@ -327,6 +338,7 @@ def test_session_expiry_idle_and_absolute() -> None:
     assert store.get("not-a-session", now=2000) is None
 
 
+@pytest.mark.integration
 def test_each_sign_in_is_its_own_session(node: Node) -> None:
     """Two sign-ins: two cookies and two CSRF tokens, none derived from the token
     (each is random), so none can be computed offline."""
@@ -336,6 +348,7 @@ def test_each_sign_in_is_its_own_session(node: Node) -> None:
         assert TOKEN not in value and len(value.split("=")[-1]) >= 40
 
 
+@pytest.mark.integration
 def test_sign_out_revokes_the_session_on_the_server(node: Node) -> None:
     cookie, csrf = login(node.url)
     other_cookie, _ = login(node.url)
@@ -351,6 +364,7 @@ def test_sign_out_revokes_the_session_on_the_server(node: Node) -> None:
     assert web_request(node.url, "/status", headers={"Cookie": other_cookie})[0] == 200
 
 
+@pytest.mark.integration
 def test_forms_need_their_own_session_s_csrf_token(node: Node) -> None:
     cookie_a, csrf_a = login(node.url)
     _, csrf_b = login(node.url)
@@ -369,6 +383,7 @@ def test_forms_need_their_own_session_s_csrf_token(node: Node) -> None:
     assert web_request(node.url, path, "POST", headers={"Cookie": cookie_a}, form={"csrf": csrf_a})[0] == 303
 
 
+@pytest.mark.integration
 def test_wrong_tokens_are_throttled_but_the_right_one_never_is(node: Node) -> None:
     """Issue 24, attack 3: one address sending wrong tokens (behind an ingress, the
     address of every client) is answered 429 past the limit, and the right token from
@@ -421,6 +436,7 @@ def _json(url: str, path: str, method: str = "GET", headers: dict[str, str] | No
     return status, json.loads(body)
 
 
+@pytest.mark.integration
 def test_json_api_lists_shows_and_retries_studies(node: Node) -> None:
     status, doc = _json(node.url, "/api/v1/studies")
     assert status == 401 and "Bearer" in doc["detail"]
@@ -448,6 +464,7 @@ def test_json_api_lists_shows_and_retries_studies(node: Node) -> None:
     assert _json(node.url, "/api/v1/studies/1.2.3/retry", "POST", headers=BEARER)[0] == 404
 
 
+@pytest.mark.integration
 def test_api_changes_from_a_session_need_its_csrf_token(node: Node) -> None:
     """Issue 24, attack 4: a signed-in browser's POST to the API needs its session's
     token in X-CSRF-Token and must not be cross-site; a Bearer client needs neither."""
@@ -468,6 +485,7 @@ def test_api_changes_from_a_session_need_its_csrf_token(node: Node) -> None:
     assert _json(node.url, path, "POST", headers=BEARER)[0] in (200, 409)
 
 
+@pytest.mark.integration
 def test_openapi_is_behind_the_token_unless_made_public(node: Node, tmp_path: Path) -> None:
     assert web_request(node.url, "/api/openapi.json")[0] == 401
     public = tmp_path / "public"
@@ -480,6 +498,7 @@ def test_openapi_is_behind_the_token_unless_made_public(node: Node, tmp_path: Pa
         server.stop()
 
 
+@pytest.mark.integration
 def test_openapi_describes_the_api_and_its_bearer_scheme(node: Node) -> None:
     status, doc = _json(node.url, "/api/openapi.json", headers=BEARER)
     assert status == 200 and doc["openapi"].startswith("3.")
@@ -520,6 +539,7 @@ def strict_node(tmp_path: Path) -> Iterator[Node]:
     ledger.close()
 
 
+@pytest.mark.integration
 def test_body_limits_and_lengths(strict_node: Node) -> None:
     url, limit = strict_node.url, strict_node.settings.web_max_body_bytes
     # Announced too large: refused before a byte of it is read.
@@ -551,6 +571,7 @@ def test_body_limits_and_lengths(strict_node: Node) -> None:
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"bytes":%d}' % len(big))
 
 
+@pytest.mark.integration
 def test_a_body_shorter_than_its_length_does_not_hold_a_handler(strict_node: Node) -> None:
     """Content-Length: 100, 10 bytes sent, then silence: the connection is closed
     after web_read_timeout_s, and the server goes on answering."""
@@ -564,6 +585,7 @@ def test_a_body_shorter_than_its_length_does_not_hold_a_handler(strict_node: Nod
     assert web_request(strict_node.url, "/healthz")[0] == 200
 
 
+@pytest.mark.integration
 def test_idle_connections_hold_no_thread_and_are_closed(strict_node: Node) -> None:
     threads_before = threading.active_count()
     host, port = strict_node.url.removeprefix("http://").split(":")
@@ -592,6 +614,7 @@ def _port(node: Node) -> int:
     return int(node.url.rsplit(":", 1)[1])
 
 
+@pytest.mark.integration
 def test_health_is_answered_while_idle_connections_are_reopened(strict_node: Node) -> None:
     """Twice web_max_connections idle connections, each opened again as soon as the
     node closes it (issue 24, attack 1): a probe still gets in, by closing the
@@ -604,6 +627,7 @@ def test_health_is_answered_while_idle_connections_are_reopened(strict_node: Nod
     assert answered >= 0.9, f"/healthz answered {answered:.0%} of probes"
 
 
+@pytest.mark.integration
 def test_health_is_answered_while_forms_arrive_a_byte_at_a_time(strict_node: Node) -> None:
     port = _port(strict_node)
     with attacks.http_flood(port, 2 * strict_node.settings.web_max_connections, attacks.SLOW_FORM, drip_s=0.3):
@@ -612,6 +636,7 @@ def test_health_is_answered_while_forms_arrive_a_byte_at_a_time(strict_node: Nod
     assert answered >= 0.9, f"/healthz answered {answered:.0%} of probes"
 
 
+@pytest.mark.integration
 def test_a_body_sent_a_byte_at_a_time_is_closed_on_its_first_deadline(strict_node: Node) -> None:
     """A byte every 0.3 s does not move the deadline on (web_min_body_bytes_per_s)."""
     held = attacks.drip_until_closed(_port(strict_node), attacks.SLOW_FORM, 0.3, 8)
@@ -637,6 +662,7 @@ def test_a_new_connection_closes_the_one_furthest_behind() -> None:
 
 
 # --- routers of other stages, mounted by sonocase serve ----------------------------------------
+@pytest.mark.integration
 @pytest.mark.slow
 def test_serve_mounts_stow_rs_behind_the_bearer_check(tmp_path: Path) -> None:
     """`sonocase serve` mounts the STOW-RS router (service/ingest) through ExtraRouter:
@@ -685,6 +711,7 @@ def _routes(app: FastAPI) -> set[tuple[str, str]]:
     return {(method, str(route.path)) for route in iter_route_contexts(app.routes) for method in route.methods or ()}
 
 
+@pytest.mark.integration
 def test_a_reviewer_reads_what_the_admin_reads(whole_node: tuple[Node, FastAPI]) -> None:
     """Every page and API route that only reads answers a reviewer as it answers the
     admin; the status page shows a reviewer the failed studies but no Resend button."""
@@ -700,6 +727,7 @@ def test_a_reviewer_reads_what_the_admin_reads(whole_node: tuple[Node, FastAPI])
     assert "class=resend" not in reviewer_page and node.undelivered in reviewer_page
 
 
+@pytest.mark.integration
 def test_a_reviewer_is_refused_every_administrative_route(whole_node: tuple[Node, FastAPI]) -> None:
     """Every state-changing route of the node but sign-in, sign-out and verdicts (found
     by listing the app's routes, so a new one is covered) answers a reviewer 403, by
@@ -730,6 +758,7 @@ def test_a_reviewer_is_refused_every_administrative_route(whole_node: tuple[Node
     assert [r["state"] for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
 
 
+@pytest.mark.integration
 def test_a_reviewer_session_remembers_its_role_and_needs_its_csrf_token(node: Node) -> None:
     cookie, csrf = login(node.url, REVIEW_TOKEN)
     path = f"/api/v1/studies/{node.undelivered}/retry"

@@ -94,6 +94,7 @@ def test_a_study_is_analysed_and_its_result_stored(worker_settings: Settings, le
     assert result.similar == [] and result.index_version is None  # no index configured
 
 
+@pytest.mark.heavy
 def test_pictures_drawn_on_the_frames_the_worker_decoded_equal_those_drawn_from_the_files(
     worker_settings: Settings, ledger: Ledger
 ) -> None:
@@ -125,6 +126,7 @@ def test_running_a_study_twice_changes_nothing(worker_settings: Settings, ledger
     assert sorted((worker_settings.results_dir / study_uid).rglob("*.npy")) == heatmaps
 
 
+@pytest.mark.heavy
 def test_a_reopened_study_is_analysed_again_as_a_new_generation(worker_settings: Settings, ledger: Ledger) -> None:
     datasets = _study(3, "benign", seed=4)
     study_uid = receive(worker_settings, ledger, datasets[:2])
@@ -183,6 +185,7 @@ def test_bad_instances_are_skipped_with_a_reason_and_do_not_fail_the_study(
     assert sum(1 for i in images.values() if i.frames) == 2
 
 
+@pytest.mark.heavy
 def test_every_shipped_ultrasound_file_reaches_a_result_or_a_skip_reason(
     worker_settings: Settings,
     ledger: Ledger,
@@ -205,6 +208,7 @@ def test_every_shipped_ultrasound_file_reaches_a_result_or_a_skip_reason(
     assert result.summary.predicted is not None or result.summary.out_of_distribution
 
 
+@pytest.mark.heavy
 def test_outside_the_models_experience_gives_no_class(
     worker_settings: Settings, ledger: Ledger, tmp_path: Path
 ) -> None:
@@ -283,6 +287,7 @@ def test_summary_rule_ignores_images_outside_the_models_experience() -> None:
     assert nothing.predicted is None and not nothing.out_of_distribution
 
 
+@pytest.mark.heavy
 def test_similar_cases_come_from_the_index_and_analysed_studies_join_it_once(
     worker_settings: Settings,
     ledger: Ledger,

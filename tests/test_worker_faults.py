@@ -40,7 +40,7 @@ from tests.support.worker import (
     write_study,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 LEASE_S = 3.0

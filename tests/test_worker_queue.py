@@ -29,6 +29,8 @@ from tests.support.worker import (
     write_study,
 )
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def node_settings(settings: Settings) -> Settings:
