@@ -76,6 +76,7 @@ def storescu(port: int, path: Path, called: str = "SONOCASE", timeout: float = 6
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,
     )
 
 

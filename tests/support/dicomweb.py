@@ -109,6 +109,7 @@ def curl(url: str, body: Path, content_type: str = MULTIPART, token: str | None 
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     blocks = [b for b in proc.stdout.replace("\r\n", "\n").split("\n\n") if b.startswith("HTTP/")]

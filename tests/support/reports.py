@@ -161,7 +161,11 @@ def analyse(
     images = []
     for index, path in enumerate(paths):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        base = dict(sop_instance_uid=ds.SOPInstanceUID, series_uid=ds.SeriesInstanceUID, sop_class_uid=ds.SOPClassUID)
+        base = {
+            "sop_instance_uid": ds.SOPInstanceUID,
+            "series_uid": ds.SeriesInstanceUID,
+            "sop_class_uid": ds.SOPClassUID,
+        }
         if index in skip:
             images.append(ImageResult(**base, skipped="mostly blank"))
             continue
@@ -277,13 +281,15 @@ def outbox_kinds(paths: Sequence[Path]) -> dict[str, int]:
 
 def dciodvfy_errors(path: Path) -> list[str]:
     """dicom3tools' IOD check: the lines that report errors (warnings are allowed)."""
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
     return [line for line in (proc.stdout + proc.stderr).splitlines() if re.match(r"^\s*Error", line)]
 
 
 def dsr2html(path: Path, out: Path) -> str:
     """DCMTK renders the SR; a non-zero exit or an error line fails the caller."""
-    proc = subprocess.run([dcmtk("dsr2html"), str(path), str(out)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [dcmtk("dsr2html"), str(path), str(out)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "E:" not in proc.stderr, proc.stderr
     return out.read_text(encoding="utf-8", errors="replace")

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -46,6 +47,7 @@ def storescu(settings: Settings, paths: list[Path]) -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert result.returncode == 0, f"storescu failed:\n{result.stdout}\n{result.stderr}"
 
@@ -115,10 +117,8 @@ class Process:
 
     def kill(self) -> None:
         """SIGKILL to the whole group: a crash of the node and everything it started."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(30)
         self._reap_group()
 
