@@ -1,7 +1,12 @@
-"""Shared fixtures: settings under a temporary data folder, the ledger on both
-backends (SQLite, and the real PostgreSQL on 127.0.0.1:5432, started when it is not
-answering), the real Redis on 127.0.0.1:6379 (likewise), a real small disk, Orthanc,
-the similar-case library's models and studies. Helpers that are not fixtures live in ``tests/support/``."""
+"""Shared fixtures and the test tiers (CONTRIBUTING.md).
+
+Fixtures: settings under a temporary data folder, the ledger on both backends (SQLite,
+and the real PostgreSQL on 127.0.0.1:5432, started when it is not answering), the real
+Redis on 127.0.0.1:6379 (likewise), a real small disk, Orthanc, the similar-case
+library's models and studies. Tiers: tests using an integration fixture are marked
+``integration`` here, and a test outside that tier and ``heavy`` fails when it starts a
+process or connects to a server. Helpers that are not fixtures live in ``tests/support/``.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ INTEGRATION_FIXTURES = frozenset({"postgres_database", "postgres_url", "redis_ur
 
 
 def _on_postgresql(test: pytest.Item) -> bool:
+    """Whether a parameter of the test puts it on PostgreSQL."""
     callspec = getattr(test, "callspec", None)
     return callspec is not None and any(isinstance(v, str) and v == "postgresql" for v in callspec.params.values())
 

@@ -98,6 +98,7 @@ def _two_scanners(ledger: Ledger) -> None:
             _store_result(ledger, f"1.2.{n}.{i}", scanner, point, ood=drifted and i % 4 == 0, now=1e9 + i)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("ledger", ["sqlite", "postgresql"], indirect=True)
 def test_the_node_finds_a_drifted_scanner_and_not_a_steady_one(ledger: Ledger) -> None:
     _two_scanners(ledger)

@@ -68,6 +68,7 @@ def test_outputs_follow_the_interface(model: OnnxModel) -> None:
     assert model.provider == CPU and model.identity.sha256 == model.card.sha256
 
 
+@pytest.mark.heavy
 def test_batches_are_split_at_batch_size_without_changing_results(model_path: Path) -> None:
     batch = _batch(OnnxModel(model_path, "cpu"), 7, seed=1)
     small = OnnxModel(model_path, "cpu", batch_size=3).run(batch)
@@ -81,6 +82,7 @@ def test_batches_are_split_at_batch_size_without_changing_results(model_path: Pa
         assert np.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_gradcam_explains_the_predicted_class_unless_told_otherwise(model: OnnxModel) -> None:
     batch = _batch(model, 6, seed=2)
     default = model.run(batch)

@@ -125,6 +125,7 @@ def test_cohen_kappa_agrees_with_scikit_learn() -> None:
     assert cohen_kappa(np.zeros(5, int), np.zeros(5, int), 3) is None  # all agree on one class: undefined
 
 
+@pytest.mark.heavy
 def test_grouped_by_month_and_scanner() -> None:
     cases = [
         Case((0.1, 0.2, 0.7), 2, "2026-11", "ACME Sono 1"),

@@ -64,6 +64,7 @@ def test_objects_are_written_checked_queued_and_the_study_reported(to_two: Setti
     assert row["state"] == StudyState.REPORTED and row["reported_at"] is not None
 
 
+@pytest.mark.heavy
 def test_building_again_rewrites_the_same_objects_and_queues_nothing_new(to_two: Settings, ledger: Ledger) -> None:
     study = analysed_study(to_two, ledger, files=["US1_UNCR.dcm"])
     first = build_reports(to_two, ledger, study.uid, study.reference_images)
@@ -108,6 +109,7 @@ def test_images_of_the_retired_ultrasound_class_are_reported(settings: Settings,
         assert build_reports(settings, ledger, study.uid), ledger.study(study.uid)["error"]
 
 
+@pytest.mark.heavy
 def test_an_object_failing_the_gate_fails_the_study_and_queues_nothing(to_two: Settings, ledger: Ledger) -> None:
     """A result naming a similar study by a SOP Class UID that is no UID (a damaged
     index row): the SR and the montage would carry it, the gate refuses them (a

@@ -92,6 +92,7 @@ def test_valid_values_are_left_alone() -> None:
     assert ds == pydicom.dcmread(data_file("US1_UNCR.dcm"), stop_before_pixels=True)
 
 
+@pytest.mark.heavy
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_study_with_bad_source_values_is_reported_with_valid_ones(
     settings: Settings,

@@ -135,6 +135,7 @@ def test_dcmtk_renders_it_and_dciodvfy_finds_no_error(built: Built, tmp_path: Pa
     assert template.disclaimer in html
 
 
+@pytest.mark.heavy
 def test_every_frame_of_a_finding_is_a_region_on_its_image_with_its_numbers(built: Built, tmp_path: Path) -> None:
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
@@ -169,6 +170,7 @@ def test_every_frame_of_a_finding_is_a_region_on_its_image_with_its_numbers(buil
         )
 
 
+@pytest.mark.heavy
 def test_each_region_is_the_heatmap_outline_at_half_its_peak(built: Built, tmp_path: Path) -> None:
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
@@ -293,6 +295,7 @@ def test_document_is_a_new_unverified_series_in_the_patients_study(built: Built)
     assert len(_texts(evaluations, "Similar previously diagnosed study")) == len(study.result.similar)
 
 
+@pytest.mark.heavy
 def test_uids_are_fixed_by_study_generation_and_class(built: Built) -> None:
     _, study, sources, template, heats = built
     first = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)

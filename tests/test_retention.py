@@ -123,6 +123,7 @@ def test_only_done_studies_are_candidates(node: Settings, ledger: Ledger) -> Non
     assert ledger.purge_candidates() == []
 
 
+@pytest.mark.heavy
 def test_each_kind_goes_after_its_own_days_and_is_recorded(node: Settings, ledger: Ledger) -> None:
     uid = sent_study(node, ledger, sent_at=1000.0, files=("US1_UNCR.dcm", "OBXXXX1A.dcm"))
     before = files_of(node, uid)

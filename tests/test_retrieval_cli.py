@@ -134,6 +134,7 @@ def test_info_without_an_index_says_so(env: dict[str, str]) -> None:
     assert result.exit_code == 1 and "there is no similar-case index in" in result.stderr
 
 
+@pytest.mark.heavy
 def test_build_synthetic_and_busi(env: dict[str, str], tmp_path: Path) -> None:
     synthetic = run(env, "build", "--synthetic", "1")
     assert synthetic.exit_code == 0, synthetic.output

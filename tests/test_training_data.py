@@ -97,6 +97,7 @@ def test_a_probe_swap_changes_the_speckle_and_contrast_not_the_breast() -> None:
     assert np.array_equal(default.masks[0], coarse.masks[0]) and np.array_equal(default.masks[0], flat.masks[0])
 
 
+@pytest.mark.heavy
 def test_lesions_follow_their_class_descriptors() -> None:
     """Benign lesions are wider than tall with posterior enhancement; malignant ones
     taller than wide with posterior shadowing (medians over many lesions)."""

@@ -104,6 +104,7 @@ def test_localisation_loss_is_the_share_of_heat_outside_the_lesion_cells() -> No
     assert float(localisation_loss(dead, masks)) == pytest.approx((0.5 + 1.0) / 2, abs=1e-6)
 
 
+@pytest.mark.heavy
 def test_localisation_loss_moves_the_heat_of_a_real_hybrid_into_the_lesion() -> None:
     """Through the LSTM (second-order gradients): a few Adam steps on one batch with
     the localisation loss alone shrink the heat outside the lesion."""

@@ -115,6 +115,7 @@ def test_pictures_drawn_on_the_frames_the_worker_decoded_equal_those_drawn_from_
     assert len(from_worker) == 4 and sc_pixels() == from_worker
 
 
+@pytest.mark.heavy
 def test_running_a_study_twice_changes_nothing(worker_settings: Settings, ledger: Ledger) -> None:
     study_uid = receive(worker_settings, ledger, _study(2))
     state = WorkerState(worker_settings)
