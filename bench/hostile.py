@@ -139,7 +139,7 @@ def large_together(node: Node, count: int, mb: int, resends: int = 3) -> str:
     for _ in range(1 + resends):
         statuses: dict[str, int] = {}
 
-        def send(sop: str) -> None:
+        def send(sop: str, statuses: dict[str, int] = statuses) -> None:
             try:
                 statuses[sop] = attacks.send_data_set(node.port, raw[sop], sop, ExplicitVRLittleEndian)
             except AssertionError:  # stock engine: the association aborted

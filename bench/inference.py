@@ -139,7 +139,7 @@ def report(rows: list[dict[str, float]], description: str, threads: int) -> str:
             f"{speedup:.2f}x faster than PyTorch Grad-CAM "
             f"(target >= {TARGET_SPEEDUP_OVER_TORCH}: {'met' if speedup >= TARGET_SPEEDUP_OVER_TORCH else 'MISSED'})"
         )
-    return "\n".join(lines + [""] + verdicts)
+    return "\n".join([*lines, "", *verdicts])
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ def run_storescp(work: Path, files: list[Path]) -> float:
     try:
         deadline = time.monotonic() + 10
         while subprocess.run(
-            ["/usr/bin/echoscu", "127.0.0.1", str(port)], env=DCMTK_ENV, capture_output=True
+            ["/usr/bin/echoscu", "127.0.0.1", str(port)], env=DCMTK_ENV, capture_output=True, check=False
         ).returncode:
             if time.monotonic() > deadline:
                 raise RuntimeError("storescp did not start")

@@ -275,7 +275,7 @@ def retrieval_quality(model: Path, per_class: int, workdir: Path) -> dict[str, f
     """mAP@5, precision@5 and ACC@1 of held-out synthetic images against the index."""
     from service.datasets.synthetic import write_dicom_dataset
     from service.settings import load_settings
-    from service.similar.cli import (
+    from service.similar.references import (
         ReferenceEmbedder,
         dicom_files,
         fill_index,

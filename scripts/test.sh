@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: installs what it needs, then runs pytest.
+# The whole test suite, from a fresh clone: installs what it needs, then runs it in two
+# stages. Stage 1 (about two minutes): ruff lint and format check, mypy, and the fast
+# tier (pytest -m "not integration and not heavy": pure functions, no process or server
+# started). Stage 2: the integration and heavy tiers (real Redis, PostgreSQL, DCMTK,
+# Orthanc, OHIF, podman). With arguments, runs only pytest with them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -7,12 +11,32 @@ bash scripts/setup.sh
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
 fi
-set +e
-.venv/bin/python -m pytest "$@"
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-    echo "test.sh: pytest collected no tests; that is a failure" >&2
-    exit 1
+
+# pytest exiting 5 (nothing collected) is a failure too: a tier that lost its tests
+run_pytest() {
+    set +e
+    .venv/bin/python -m pytest "$@"
+    local rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then
+        echo "test.sh: pytest collected no tests; that is a failure" >&2
+        return 1
+    fi
+    return "$rc"
+}
+
+if [ "$#" -gt 0 ]; then
+    run_pytest "$@"
+    exit $?
 fi
-exit "$rc"
+
+echo "test.sh: stage 1: lint, format, types, fast tier"
+start=$SECONDS
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+run_pytest -m "not integration and not heavy"
+echo "test.sh: stage 1 took $((SECONDS - start)) s"
+
+echo "test.sh: stage 2: integration and heavy tiers"
+run_pytest -m "integration or heavy"

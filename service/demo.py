@@ -47,13 +47,13 @@ from service.node import Node, node_services
 from service.reports.build import SENT_CLASSES
 from service.reports.sr import SR_CLASSES
 from service.settings import Peer, Settings
-from service.similar.cli import (
+from service.similar.index import SimilarCaseIndex
+from service.similar.references import (
     ReferenceEmbedder,
     dicom_files,
     fill_index,
     read_labels_csv,
 )
-from service.similar.index import SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ def test_stand_in_pacs_keeps_what_storescu_sends(tmp_path: Path) -> None:
         source = get_testdata_file("SC_rgb.dcm", download=False)
         done = subprocess.run(
             [dcmtk("storescu"), "-aec", "DEMO_PACS", "127.0.0.1", str(pacs.port), source],
+            check=False,
             env=os.environ | {"TCP_NODELAY": "1"},
             capture_output=True,
             text=True,
@@ -61,6 +62,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, orthanc: Orthanc) -> None:
             "--destination",
             orthanc.dicomweb_url,
         ],
+        check=False,
         env=env,
         capture_output=True,
         text=True,

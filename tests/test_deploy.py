@@ -59,6 +59,7 @@ def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in COMPOSE_ENV}
     return subprocess.run(
         [binary, "-f", str(DEPLOY / "compose.yaml"), "config"],
+        check=False,
         env=clean | env,
         capture_output=True,
         text=True,
@@ -272,7 +273,9 @@ def test_gpu_image_swaps_onnxruntime_for_the_gpu_build() -> None:
 
 @pytest.mark.integration
 def test_entrypoint_is_executable_in_git() -> None:
-    done = subprocess.run(["git", "ls-files", "-s", "deploy/entrypoint.sh"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        ["git", "ls-files", "-s", "deploy/entrypoint.sh"], check=False, cwd=ROOT, capture_output=True, text=True
+    )
     assert done.stdout.startswith("100755"), "the image runs deploy/entrypoint.sh directly"
 
 
@@ -300,7 +303,7 @@ def test_entrypoint_refuses_a_data_folder_it_cannot_write(tmp_path: Path) -> Non
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     done = subprocess.run(
-        [str(ENTRYPOINT), "serve"], env=_container_env(blocker), capture_output=True, text=True, timeout=60
+        [str(ENTRYPOINT), "serve"], check=False, env=_container_env(blocker), capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 73 and f"{blocker}/data is not writable" in done.stderr
 
@@ -308,7 +311,7 @@ def test_entrypoint_refuses_a_data_folder_it_cannot_write(tmp_path: Path) -> Non
 @pytest.mark.integration
 def test_entrypoint_runs_the_node(tmp_path: Path) -> None:
     env = _container_env(tmp_path, SONOCASE_WORKERS="0")
-    done = subprocess.run([str(ENTRYPOINT), "--help"], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([str(ENTRYPOINT), "--help"], check=False, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "serve" in done.stdout and "worker" in done.stdout
 
     proc = subprocess.Popen([str(ENTRYPOINT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -319,13 +322,16 @@ def test_entrypoint_runs_the_node(tmp_path: Path) -> None:
         assert json.loads(line)["message"].startswith("listening as SONOCASE"), line
         echo = subprocess.run(
             [dcmtk("echoscu"), "-aec", "SONOCASE", "127.0.0.1", env["SONOCASE_PORT"]],
+            check=False,
             env=env,
             capture_output=True,
             text=True,
             timeout=30,
         )
         assert echo.returncode == 0, echo.stderr
-        health = subprocess.run([str(ENTRYPOINT), "healthcheck", "node"], env=env, capture_output=True, timeout=30)
+        health = subprocess.run(
+            [str(ENTRYPOINT), "healthcheck", "node"], check=False, env=env, capture_output=True, timeout=30
+        )
         assert health.returncode == 0, health.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -336,7 +342,9 @@ def test_entrypoint_runs_the_node(tmp_path: Path) -> None:
     assert proc.stderr is not None
     logs = [json.loads(line) for line in proc.stderr.read().splitlines()]  # every line is JSON
     assert any("HTTP on" in doc["message"] for doc in logs)
-    health = subprocess.run([str(ENTRYPOINT), "healthcheck", "node"], env=env, capture_output=True, timeout=30)
+    health = subprocess.run(
+        [str(ENTRYPOINT), "healthcheck", "node"], check=False, env=env, capture_output=True, timeout=30
+    )
     assert health.returncode != 0
 
 
@@ -346,12 +354,12 @@ def test_entrypoint_worker_answers_its_healthcheck(tmp_path: Path, redis_url: st
     # A Redis database of its own: a ping must only reach this test's worker.
     env = _container_env(tmp_path, SONOCASE_BROKER_URL=f"{redis_url}/13", SONOCASE_HTTP_PORT="0")
     health = [str(ENTRYPOINT), "healthcheck", "worker"]
-    assert subprocess.run(health, env=env, capture_output=True, timeout=60).returncode != 0
+    assert subprocess.run(health, check=False, env=env, capture_output=True, timeout=60).returncode != 0
     proc = subprocess.Popen([str(ENTRYPOINT), "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while True:
-            done = subprocess.run(health, env=env, capture_output=True, text=True, timeout=60)
+            done = subprocess.run(health, check=False, env=env, capture_output=True, text=True, timeout=60)
             if done.returncode == 0:
                 break
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
@@ -380,6 +388,7 @@ def test_smoke_image_stores_a_study_and_sends_its_sr(tmp_path: Path) -> None:
     out = tmp_path / "smoke"
     done = subprocess.run(
         ["bash", str(DEPLOY / "smoke.sh")],
+        check=False,
         env={**os.environ, "SMOKE_OUT": str(out)},
         capture_output=True,
         text=True,

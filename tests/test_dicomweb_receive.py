@@ -87,6 +87,7 @@ def c_store(settings: Settings, path: Path) -> subprocess.CompletedProcess[str]:
     """DCMTK's storescu sends one file to the node's C-STORE port."""
     return subprocess.run(
         [dcmtk("storescu"), "-v", "-aec", settings.ae_title, "127.0.0.1", str(settings.port), str(path)],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,

@@ -166,7 +166,7 @@ def test_gradcam_matches_the_grad_cam_package(
     else:
         torch.manual_seed(1)  # untrained GAP networks often give a class an all-zero map; this seed does not
         name, *variant = arch.split("-")
-        options = dict(zip(("cam_layer", "cam_method"), variant))
+        options = dict(zip(("cam_layer", "cam_method"), variant, strict=True))
         model = _with_batch_statistics(
             build_model(ModelConfig(arch=name, width=0.25, size=SIZE, embedding_dim=32, **options)), images
         )

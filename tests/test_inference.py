@@ -130,7 +130,7 @@ def test_a_card_that_does_not_match_the_graph_is_refused(model_path: Path, tmp_p
     path = _copy_with_card(
         model_path, tmp_path, **{"input.height": card.input.height + 32, "embedding_dim": card.embedding_dim + 1}
     )
-    with pytest.raises(ModelError, match="input 'image' has shape .* output 'embedding'"):
+    with pytest.raises(ModelError, match=r"input 'image' has shape .* output 'embedding'"):
         OnnxModel(path)
 
 
@@ -160,7 +160,7 @@ def test_missing_model_or_card_is_a_clear_error(model_path: Path, tmp_path: Path
         OnnxModel(tmp_path / "absent.onnx")
     lonely = tmp_path / "lonely.onnx"
     shutil.copyfile(model_path, lonely)
-    with pytest.raises(ModelError, match="model card .* is missing"):
+    with pytest.raises(ModelError, match=r"model card .* is missing"):
         OnnxModel(lonely)
 
 

@@ -467,5 +467,10 @@ def test_processes_opening_a_legacy_ledger_at_once_upgrade_it_once(backend: Back
 def _sonocase(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SONOCASE_")}
     return subprocess.run(
-        [sys.executable, "-m", "service", *args], env={**clean, **env}, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service", *args],
+        check=False,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )

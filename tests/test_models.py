@@ -116,7 +116,7 @@ def test_hybrid_segmentation_head_outlines_at_half_the_input_size(layer: str, sk
     assert torch.equal(fmap, model.features(x))
     assert [t.shape[-1] for t in finer] == skips
     assert logits.shape == (2, SIZE // 2, SIZE // 2) and logits.std() > 0
-    probs, emb, cam, mask = ExplainedModel(model)(x, torch.tensor([-1, 1]))
+    _probs, _emb, _cam, mask = ExplainedModel(model)(x, torch.tensor([-1, 1]))
     torch.testing.assert_close(mask, torch.sigmoid(logits))
     assert len(ExplainedModel(plain)(x, torch.tensor([-1, 1]))) == 3
     with pytest.raises(ValueError, match="no segmentation head"):
@@ -183,7 +183,7 @@ def test_initial_weights_from_torchvision_vgg16_layout(tmp_path: Path) -> None:
     assert torch.equal(convs[-1].weight, state["features.28.weight"])
 
     narrow = HybridVGGRNN(ModelConfig(arch="hybrid", size=32, width=0.5, rnn_hidden=8, embedding_dim=8))
-    with pytest.raises(ValueError, match="--width 1.0"):
+    with pytest.raises(ValueError, match=r"--width 1.0"):
         load_initial_weights(narrow, path)
 
 

@@ -109,7 +109,7 @@ def test_intervals_cover_the_truth_about_95_percent_of_the_time() -> None:
         hits = int(np.sum((p.argmax(1) == MALIGNANT) & (y == MALIGNANT)))
         got = (
             wilson(hits, int(np.sum(y == MALIGNANT))),
-            bootstrap(lambda r: roc_auc(y[r] == MALIGNANT, p[r, MALIGNANT]), len(y), rng, resamples=200),
+            bootstrap(lambda r, y=y, p=p: roc_auc(y[r] == MALIGNANT, p[r, MALIGNANT]), len(y), rng, resamples=200),
         )
         covered += [est.low <= truth <= est.high for est, truth in zip(got, (sensitivity, auc), strict=True)]
     assert all(0.86 <= share <= 1.0 for share in covered / 100), covered

@@ -1,4 +1,4 @@
-"""The status page's views as pure functions, no server: a real ledger (SQLite)
+"""The status page's views, probes and page as pure functions, no server: a real ledger (SQLite)
 holding a study analysed from a real ultrasound file, one whose delivery failed and
 one whose analysis failed for good. ``tests/test_web.py`` drives the same views over
 HTTP in the integration tier."""
@@ -13,17 +13,9 @@ import pytest
 from PIL import Image
 
 from service.ledger import Ledger
-from service.ops.views import (
-    THUMBNAIL_PX,
-    CheckResult,
-    disk_check,
-    ledger_check,
-    readiness,
-    recent_views,
-    render_status,
-    retry_notice,
-    study_heatmap_png,
-)
+from service.ops.pages import render_status
+from service.ops.probes import CheckResult, disk_check, ledger_check, readiness
+from service.ops.views import THUMBNAIL_PX, recent_views, retry_notice, study_heatmap_png
 from service.settings import Settings
 from tests.support.web import ACCESSION, PATIENT_NAME, populate, web_settings
 

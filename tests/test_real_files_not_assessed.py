@@ -43,6 +43,7 @@ def _status_json(site: Site, study_uid: str) -> dict[str, Any]:
     """What `sonocase status STUDY --json` prints, run as an operator would."""
     shown = subprocess.run(
         [sys.executable, "-m", "service", "status", study_uid, "--json"],
+        check=False,
         env=child_env(site.settings),
         capture_output=True,
         text=True,

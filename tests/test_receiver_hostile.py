@@ -266,7 +266,9 @@ def test_large_data_sets_arriving_together_are_all_stored_within_three_resends(n
         statuses: dict[str, int] = {}
         senders = [
             threading.Thread(
-                target=lambda sop=sop: statuses.update({sop: send(node, data[sop], sop, ExplicitVRLittleEndian)})
+                target=lambda sop=sop, statuses=statuses: statuses.update(
+                    {sop: send(node, data[sop], sop, ExplicitVRLittleEndian)}
+                )
             )
             for sop in waiting
         ]

@@ -133,6 +133,7 @@ def associate(rx: Receiver, ae: AE, called: str | None = None, **kwargs: object)
 def echoscu(rx: Receiver, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [dcmtk("echoscu"), "-aec", rx.settings.ae_title, *args, "127.0.0.1", str(rx.settings.port)],
+        check=False,
         env=DCMTK_ENV,
         capture_output=True,
         text=True,
@@ -175,6 +176,7 @@ def storescu(port: int, f: UsFile, called: str = "SONOCASE") -> subprocess.Compl
             str(port),
             str(f.path),
         ],
+        check=False,
         env=DCMTK_ENV,
         capture_output=True,
         text=True,
@@ -192,7 +194,10 @@ def witness(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     proc = subprocess.Popen([dcmtk("storescp"), "-B", "+xa", "-od", str(out), str(port)], env=DCMTK_ENV)
     deadline = time.monotonic() + 10
     while (
-        subprocess.run([dcmtk("echoscu"), "127.0.0.1", str(port)], env=DCMTK_ENV, capture_output=True).returncode != 0
+        subprocess.run(
+            [dcmtk("echoscu"), "127.0.0.1", str(port)], check=False, env=DCMTK_ENV, capture_output=True
+        ).returncode
+        != 0
     ):
         assert time.monotonic() < deadline, "storescp did not start"
         time.sleep(0.05)
@@ -490,6 +495,7 @@ def test_low_disk_refuses_with_out_of_resources(start: Callable[..., Receiver]) 
     refused_before = cstore_responses("0xA700")
     result = subprocess.run(
         [dcmtk("storescu"), "-v", "-xe", "-aec", rx.settings.ae_title, "127.0.0.1", str(rx.settings.port), str(f.path)],
+        check=False,
         env=DCMTK_ENV,
         capture_output=True,
         text=True,

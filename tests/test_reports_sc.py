@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from service.common.colour import jet
 from service.ledger import Ledger
 from service.model.imaging import ultrasound_region
 from service.reports import Placement
@@ -24,7 +25,6 @@ from service.reports.sc import (
     frame_gray,
     frame_rgb,
     heatmap_caption,
-    jet,
     reference_picture,
 )
 from service.reports.sr import decisive_frame

@@ -12,11 +12,11 @@ import pydicom
 import pytest
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
 
+from service.common.colour import jet
 from service.ledger import Ledger
 from service.reports import Placement
 from service.reports.heatmaps import BAND_LEVELS, bands, load_heat
 from service.reports.kos import build_kos, key_images
-from service.reports.sc import jet
 from service.reports.seg import IDENTITY_ORIENTATION, build_heatmap_seg, pixel_spacing, seg_skip_reason
 from service.reports.sr import decisive_frame
 from service.reports.validation import check_object
@@ -89,7 +89,8 @@ def test_overlay_holds_the_heatmap_levels_on_the_source_grid(study: Study, tmp_p
     assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == IDENTITY_ORIENTATION
     # One segment per level, coloured as on the heatmap SC, each frame from the source.
     assert [s.SegmentLabel for s in back.SegmentSequence] == [
-        f"Grad-CAM {low:.0%} to {high:.0%} of peak" for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0))
+        f"Grad-CAM {low:.0%} to {high:.0%} of peak"
+        for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0), strict=True)
     ]
     expected = bands(heat, frame.crop, source.Rows, source.Columns)
     pixels = back.pixel_array.reshape(-1, source.Rows, source.Columns)
@@ -98,7 +99,7 @@ def test_overlay_holds_the_heatmap_levels_on_the_source_grid(study: Study, tmp_p
         assert item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
         assert np.array_equal(mask.astype(bool), expected == number)
         assert mask.any()
-    mids = [(low + high) / 2 for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0))]
+    mids = [(low + high) / 2 for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0), strict=True)]
     for segment, mid in zip(back.SegmentSequence, mids, strict=True):
         colour = hd.color.CIELabColor.from_dicom_value(segment.RecommendedDisplayCIELabValue).to_rgb()
         assert np.abs(np.array(colour) - jet(np.array(mid)).astype(int)).max() <= 2

@@ -9,6 +9,7 @@ import io
 import logging
 import sys
 import time
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -147,7 +148,7 @@ def test_a_library_error_keeps_its_type_and_place_not_its_text() -> None:
     except ValueError as exc:
         assert error_text(exc) == "ValueError: PatientBirthDate is not a valid DA"
     try:
-        open("/nonexistent/1.2.3/4.dcm", "rb")
+        Path("/nonexistent/1.2.3/4.dcm").read_bytes()
     except OSError as exc:
         assert "/nonexistent/1.2.3/4.dcm" in error_text(exc)
 

@@ -191,7 +191,9 @@ def test_each_region_is_the_heatmap_outline_at_half_its_peak(built: Built, tmp_p
         xs, ys = points[:, 0], points[:, 1]
         crossings = sum(
             1
-            for (ax, ay), (bx, by) in zip(zip(xs, ys), zip(np.roll(xs, -1), np.roll(ys, -1)))
+            for (ax, ay), (bx, by) in zip(
+                zip(xs, ys, strict=True), zip(np.roll(xs, -1), np.roll(ys, -1), strict=True), strict=True
+            )
             if (ay > py) != (by > py) and px < ax + (py - ay) * (bx - ax) / (by - ay)
         )
         assert crossings % 2 == 1
@@ -219,7 +221,7 @@ def test_the_decisive_frame_references_the_heatmap_objects(built: Built) -> None
     _, study, sources, template, heats = built
     objects = _heatmap_objects(study)
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats, objects)
-    groups = [g for g in sr.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
+    groups = next(g for g in sr.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "126010")
     for group, (image, frame) in zip(groups.ContentSequence, _drawn(study), strict=True):
         images = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
         named = {
@@ -330,7 +332,7 @@ def test_unknown_class_missing_heatmap_or_sop_class_is_refused_clearly(built: Bu
     odd = frames[0].model_copy(update={"probabilities": {"cyst": 1.0}, "predicted": "cyst"})
     image = study.result.images[0].model_copy(update={"frames": [odd]})
     result = study.result.model_copy(update={"images": [image, *study.result.images[1:]]})
-    with pytest.raises(TemplateError, match="classes.cyst"):
+    with pytest.raises(TemplateError, match=r"classes.cyst"):
         build_sr(result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
 
 

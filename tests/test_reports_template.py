@@ -69,7 +69,7 @@ def test_unreadable_or_broken_json_is_a_clear_error(tmp_path: Path) -> None:
         load_template(tmp_path / "missing.json")
     broken = tmp_path / "broken.json"
     broken.write_text('{"template_version": 1,\n "title": }')
-    with pytest.raises(TemplateError, match="not valid JSON: .* line 2"):
+    with pytest.raises(TemplateError, match=r"not valid JSON: .* line 2"):
         load_template(broken)
 
 
@@ -77,5 +77,5 @@ def test_model_classes_the_template_cannot_code_stop_the_start() -> None:
     with pytest.raises(TemplateError, match=r"classes\.cyst"):
         validate_template_setting(DEFAULT_TEMPLATE, ["normal", "cyst"])
     template = load_template(DEFAULT_TEMPLATE)
-    with pytest.raises(TemplateError, match="no entry classes.cyst"):
+    with pytest.raises(TemplateError, match=r"no entry classes.cyst"):
         template.class_spec("cyst")

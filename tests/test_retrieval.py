@@ -222,7 +222,7 @@ def test_reference_copy_has_no_patient_identity(tmp_path: Path) -> None:
         assert stored is not None and stored.path is not None
         copy = pydicom.dcmread(stored.path)
         wrong = IndexEntry(**{**entry.__dict__, "sop_instance_uid": "1.2.3.1.1"})
-        with pytest.raises(ValueError, match="holds SOP Instance UID 1.2.3.1.0"):
+        with pytest.raises(ValueError, match=r"holds SOP Instance UID 1.2.3.1.0"):
             index.add([wrong])
     assert (copy.PatientID, str(copy.PatientName), copy.PatientBirthDate) == ("", "", "")
     assert copy.SOPInstanceUID == "1.2.3.1.0"
@@ -255,7 +255,7 @@ def test_bad_inputs_are_refused_with_clear_messages(tmp_path: Path) -> None:
         )
     with pytest.raises(FileNotFoundError, match="no similar-case index"):
         SimilarCaseIndex(tmp_path / "absent", None)
-    with pytest.raises(ValueError, match="norm 0.5000"):
+    with pytest.raises(ValueError, match=r"norm 0.5000"):
         unit_vectors(np.full((2, 4), 0.25))
 
 
@@ -265,7 +265,7 @@ def test_other_model_is_refused(tmp_path: Path) -> None:
         index.add(entries(vectors))
     with open_index(tmp_path, OTHER_MODEL) as other:
         for action in (lambda: other.query(vectors[:1], 3, "x"), lambda: other.add(entries(vectors, prefix="9"))):
-            with pytest.raises(ValueError, match="holds embeddings of model sonocase-hybrid 1.0.0.*index rebuild"):
+            with pytest.raises(ValueError, match=r"holds embeddings of model sonocase-hybrid 1.0.0.*index rebuild"):
                 action()
     with open_index(tmp_path, None) as inspect:
         assert inspect.bound_model == MODEL
@@ -308,7 +308,7 @@ def test_rebuild_re_embeds_stored_images_with_the_new_model(tmp_path: Path) -> N
         found = new.query(embed(new.stored_images()[0]), 5, "x")
         assert found[0].sop_instance_uid == "1.2.3.1.0" and found[0].distance == pytest.approx(0, abs=1e-4)
         assert {h.study_uid for h in found} == {"1.2.3.3.0", "1.2.3.3.1", "1.2.3.3.2"}
-    with pytest.raises(ValueError, match="holds embeddings of model sonocase-hybrid 2.0.0"):
+    with pytest.raises(ValueError, match=r"holds embeddings of model sonocase-hybrid 2.0.0"):
         old.query(clustered(1), 3, "x")
     old.close()
 

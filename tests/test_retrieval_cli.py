@@ -15,8 +15,8 @@ import pydicom
 import pytest
 
 from service.datasets.synthetic import write_busi_layout
-from service.similar.cli import read_labels_csv
 from service.similar.index import SimilarCaseIndex
+from service.similar.references import read_labels_csv
 from tests.support.common import dcmtk, free_port, wait_until
 from tests.support.index import CLASSES, run, study_labels, write_report
 
@@ -39,7 +39,7 @@ def test_labels_csv_errors_name_every_bad_line(tmp_path: Path) -> None:
         assert expected in message
     path.write_text("sop_instance_uid,label,label_source\n1.5,Benign,synthetic phantom\n")
     assert read_labels_csv(path, CLASSES, source="radiologist")["1.5"].label == "benign"
-    with pytest.raises(ValueError, match="label_source 'synthetic phantom'.*--label-source"):
+    with pytest.raises(ValueError, match=r"label_source 'synthetic phantom'.*--label-source"):
         read_labels_csv(path, CLASSES)
     path.write_text("uid,label\n1.5,benign\n")
     with pytest.raises(ValueError, match="needs a header with label and one of study_instance_uid"):

@@ -12,8 +12,9 @@ import pytest
 
 from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger, Routing, StudyState
+from service.ops.pages import render_status
 from service.ops.status import format_table, study_summaries
-from service.ops.views import render_status, study_view
+from service.ops.views import study_view
 from service.pipeline.completion import complete_quiet_studies
 from service.pipeline.routing import CALLING_AE, Router, decide, facts_of
 from service.reports.build import build_reports

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections import Counter
 from pathlib import Path
 
@@ -26,17 +27,14 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from service.common.backoff import backoff_delay
 from service.common.metrics import SEND_ATTEMPTS
 from service.delivery.recovery import retry_study
-from service.delivery.sender import (
-    Sender,
-    SenderService,
-    backoff_delay,
-)
+from service.delivery.sender import TRANSPORTS, Sender, SenderService
 from service.ledger import Ledger, OutboxState, StudyState
 from service.reports.build import OPTIONAL_CLASSES, build_reports
 from service.reports.template import TemplateError
-from service.settings import Settings, load_settings
+from service.settings import Peer, Settings, load_settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
 from tests.support.common import free_port, wait_for
 from tests.support.reports import (
@@ -105,6 +103,12 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
         delays = [backoff_delay(attempts, 5.0, 600.0, rng) for _ in range(200)]
         assert full / 2 <= min(delays) and max(delays) <= full
         assert max(delays) - min(delays) > full / 4  # jittered, not in lockstep
+
+
+def test_every_kind_of_destination_has_a_transport(settings: Settings, ledger: Ledger) -> None:
+    assert set(TRANSPORTS) == set(typing.get_args(Peer))
+    transports = Sender(settings, ledger).transports
+    assert {kind: type(transport) for kind, transport in transports.items()} == TRANSPORTS
 
 
 @pytest.mark.integration
@@ -333,7 +337,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         "SONOCASE_DESTINATIONS": ",".join(str(d) for d in settings.destinations),
     }
     return subprocess.run(
-        [sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service", *args], check=False, env=env, capture_output=True, text=True, timeout=120
     )
 
 
@@ -361,7 +365,7 @@ def test_the_node_does_not_start_with_a_broken_template(settings: Settings, ledg
     broken = tmp_path / "template.json"
     broken.write_text("{}")
     service = SenderService(settings.model_copy(update={"sr_template": broken}), ledger)
-    with pytest.raises(TemplateError, match="template.json is invalid"):
+    with pytest.raises(TemplateError, match=r"template.json is invalid"):
         service.start()
     healthy = SenderService(settings, ledger)
     healthy.start()

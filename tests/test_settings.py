@@ -84,7 +84,7 @@ def test_unknown_toml_key_and_missing_file_are_named(monkeypatch: pytest.MonkeyP
     with pytest.raises(SettingsError, match="prot"):
         load_settings(config=toml(tmp_path, "prot = 104\n"))
     monkeypatch.setenv("SONOCASE_CONFIG", str(tmp_path / "missing.toml"))
-    with pytest.raises(SettingsError, match="SONOCASE_CONFIG.*missing.toml"):
+    with pytest.raises(SettingsError, match=r"SONOCASE_CONFIG.*missing.toml"):
         load_settings()
 
 
@@ -117,6 +117,7 @@ def test_serve_as_a_process_with_command_line_overrides(tmp_path: Path) -> None:
     assert node.ready_line == f"listening as NODE1 on 127.0.0.1:{port}"
     echo = subprocess.run(
         ["/usr/bin/echoscu", "-aec", "NODE1", "127.0.0.1", str(port)],
+        check=False,
         env={**os.environ, "TCP_NODELAY": "1"},
         capture_output=True,
         text=True,
@@ -142,6 +143,7 @@ def test_serve_uses_environment_port_and_allow_list(tmp_path: Path) -> None:
 def test_serve_refuses_invalid_settings_with_a_message(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service", "serve"],
+        check=False,
         env={**os.environ, **serve_env(tmp_path, SONOCASE_MAX_ASSOCIATIONS="0")},
         capture_output=True,
         text=True,
@@ -154,7 +156,7 @@ def test_serve_refuses_invalid_settings_with_a_message(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_serve_help_explains_options() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "service", "serve", "--help"], check=False, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0
     for option in ("--port", "--ae-title", "--data-dir"):

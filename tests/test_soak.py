@@ -56,6 +56,7 @@ def _push(folder: Path, images: list[pydicom.Dataset], thyroid: bool, ae: str, p
         ds.save_as(paths[-1], enforce_file_format=True)
     sent = subprocess.run(
         [dcmtk("storescu"), "-xy", "-aec", ae, "127.0.0.1", str(port), *map(str, paths)],
+        check=False,
         env={**os.environ, "TCP_NODELAY": "1"},
         capture_output=True,
         text=True,

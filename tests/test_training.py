@@ -86,7 +86,7 @@ def test_resume_continues_where_it_stopped(records, split: Split, tmp_path: Path
         records, split, TINY, TrainConfig(epochs=2, patience=10), SOURCE, tmp_path / "b", resume=True, progress=False
     )
     assert [h["epoch"] for h in resumed.history] == [1, 2]
-    for a, b in zip(straight.history, resumed.history):
+    for a, b in zip(straight.history, resumed.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
     with pytest.raises(ValueError, match="different model config"):

@@ -78,7 +78,7 @@ def test_same_seed_same_images_other_seed_other_images() -> None:
     assert all(
         (a.mask is None and b.mask is None) or np.array_equal(a.mask, b.mask) for a, b in zip(first, again, strict=True)
     )
-    assert not any(np.array_equal(a.image, b.image) for a, b in zip(first, other))
+    assert not any(np.array_equal(a.image, b.image) for a, b in zip(first, other, strict=True))
 
 
 def test_a_probe_swap_changes_the_speckle_and_contrast_not_the_breast() -> None:
@@ -334,7 +334,7 @@ def _near_copy(image: np.ndarray) -> np.ndarray:
 
 def test_near_duplicates_are_close_and_distinct_images_far(records: list[Record]) -> None:
     hashes = [perceptual_hash(r.image) for r in records]
-    copies = [hamming(h, perceptual_hash(_near_copy(r.image))) for h, r in zip(hashes, records)]
+    copies = [hamming(h, perceptual_hash(_near_copy(r.image))) for h, r in zip(hashes, records, strict=True)]
     assert max(copies) <= MAX_HAMMING
     other_patients = [
         hamming(hashes[i], hashes[j])
@@ -422,7 +422,7 @@ def test_augment_flip_alone_mirrors_exactly(records: list[Record]) -> None:
 
 def test_augment_gamma_darkens_or_brightens_monotonically(records: list[Record]) -> None:
     image = records[10].image
-    kwargs = dict(max_rotation_deg=0.0, scale_range=(1.0, 1.0), flip_probability=0.0, contrast_range=(1.0, 1.0))
+    kwargs = {"max_rotation_deg": 0.0, "scale_range": (1.0, 1.0), "flip_probability": 0.0, "contrast_range": (1.0, 1.0)}
     darker = augment(image, np.random.default_rng(0), gamma_range=(1.3, 1.3), **kwargs)
     brighter = augment(image, np.random.default_rng(0), gamma_range=(0.77, 0.77), **kwargs)
     assert darker.mean() < image.mean() < brighter.mean()

@@ -54,7 +54,7 @@ def test_chance_levels_and_heat_share_by_brute_force() -> None:
     ys, xs = np.nonzero(mask)
     grid_y, grid_x = np.mgrid[0:256, 0:256]
     nearest = np.full((256, 256), np.inf)
-    for y, x in zip(ys, xs):
+    for y, x in zip(ys, xs, strict=True):
         nearest = np.minimum(nearest, np.hypot(grid_y - y, grid_x - x))
     assert got["random_pointing_game"] == pytest.approx(np.mean(nearest <= 15))
     assert got["uniform_heat_share"] == pytest.approx(mask.mean())
@@ -140,7 +140,7 @@ def test_the_mask_moves_with_its_augmented_image() -> None:
         assert np.array_equal(moved_image, augment(image, np.random.default_rng(seed)))
         bright = moved_image > moved_image.mean()
         assert (bright & moved_mask).sum() / (bright | moved_mask).sum() > 0.85, seed
-    flipped_image, flipped_mask = augment_with_mask(
+    _flipped_image, flipped_mask = augment_with_mask(
         image, mask, np.random.default_rng(0), max_rotation_deg=0.0, scale_range=(1.0, 1.0), flip_probability=1.0
     )
     assert np.array_equal(flipped_mask, mask[:, ::-1])

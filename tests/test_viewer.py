@@ -324,7 +324,7 @@ def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
 ) -> None:
     chromium, server = browser
     template = default_template()
-    study_a = list(site.studies)[0]
+    study_a = next(iter(site.studies))
     result = site.result(study_a)
     (sr,) = site.outbox(study_a, "SR")
     numbers = _instance_numbers(site.studies[study_a])
@@ -389,7 +389,7 @@ def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
     chromium.click("[data-cy=panelSegmentation-btn]")  # the segmentation panel lists the levels
     levels = [
         template.wording.segment_label.format(low=low, high=high)
-        for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0))
+        for low, high in zip(BAND_LEVELS, (*BAND_LEVELS[1:], 1.0), strict=True)
     ]
     chromium.wait_for(f"{json.dumps(levels)}.every(l => document.body.innerText.includes(l))", 120)
     chromium.wait_for("!document.body.innerText.includes('Loading SEG')")

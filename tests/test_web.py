@@ -17,13 +17,16 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import iter_route_contexts
 from kombu import Connection
+from markupsafe import escape
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.common.metrics import observe_cstore
 from service.delivery.recovery import (
@@ -35,9 +38,9 @@ from service.delivery.recovery import (
 from service.ledger import Ledger, OutboxState, StudyState
 from service.model_card import ModelCard
 from service.node import node_services
-from service.ops.server import HttpLimits, Progress, WebServer, body_deadline, furthest_behind
+from service.ops.probes import CheckResult, IndexProbe, ModelProbe, broker_check
+from service.ops.server import HttpLimits, Progress, WebServer, body_deadline, choose_protocol, furthest_behind
 from service.ops.sessions import LoginThrottle, SessionStore
-from service.ops.views import CheckResult, IndexProbe, ModelProbe, broker_check
 from service.ops.web import SAFE_METHODS, SESSION_COOKIE, ExtraRouter, build_web_server, throttle_keys
 from service.results import (
     ModelIdentity,
@@ -245,13 +248,13 @@ def test_heatmap_outside_the_results_folder_is_not_served(node: Node, tmp_path: 
 def test_an_image_outside_the_training_domain_is_shown_not_assessed_and_counted(node: Node) -> None:
     rec = store_instance(node.settings, node.ledger, generate_uid(), time.time())
     record_analysis(node.settings, node.ledger, rec, time.time(), ood=True)
-    status, studies = _json(node.url, "/api/v1/studies", headers=BEARER)
+    _status, studies = _json(node.url, "/api/v1/studies", headers=BEARER)
     (shown,) = [s for s in studies if s["study_uid"] == rec.study_uid]
     assert shown["result"] == "not assessed: outside the model's training domain"
     assert shown["heatmap_url"] is None  # no heatmap posing as an explanation
     assert web_request(node.url, f"/status/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
     page = web_request(node.url, "/status", headers=BEARER)[2].decode()
-    assert "not assessed: outside the model&#x27;s training domain" in page
+    assert escape("not assessed: outside the model's training domain") in page  # as the page escapes it
     families = text_string_to_metric_families(web_request(node.url, "/metrics")[2].decode())
     values = {s.name: s.value for f in families for s in f.samples}
     assert (values["sonocase_images_analysed_total"], values["sonocase_images_not_assessed_total"]) == (3, 1)
@@ -659,6 +662,18 @@ def test_a_new_connection_closes_the_one_furthest_behind() -> None:
         "10.0.0.9", [served, on_time, ("b", Progress("10.0.0.4", 0, busy=True))], limits, now=100
     ) == (False, None)
     assert body_deadline(dripping[1], limits) == 40 + 10 + 0.1
+
+
+def test_the_guard_runs_only_on_the_uvicorn_it_was_written_for(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = HttpLimits(read_timeout_s=10, min_body_rate=1000, max_connections=3, max_per_address=2)
+    protocol, cap = choose_protocol(limits)  # the installed uvicorn: the one the guard was written for
+    assert issubclass(protocol, H11Protocol) and protocol is not H11Protocol and cap is None
+    monkeypatch.setattr(uvicorn, "__version__", "0.99.0")  # what unsupported_reason() reads
+    with caplog.at_level("WARNING", logger="service.ops.server"):
+        assert choose_protocol(limits) == ("h11", 3)  # uvicorn's own protocol, one plain cap
+    assert "HTTP guard unavailable (uvicorn 0.99.0 is installed" in caplog.text
 
 
 # --- routers of other stages, mounted by sonocase serve ----------------------------------------

@@ -413,7 +413,7 @@ def test_a_model_that_outlines_lesions_gets_them_measured(worker_settings: Setti
         assert (frame.lesion is not None) == outlined
         if frame.lesion is not None:  # the synthetic images are calibrated: millimetres
             assert frame.lesion.long_axis is not None and frame.lesion.long_axis.length_mm > 0
-            x0, y0, x1, y1 = frame.crop
+            x0, _y0, x1, _y1 = frame.crop
             xs = [x for x, _ in frame.lesion.outline]
             assert x0 < min(xs) < max(xs) < x1  # inside the analysed region, resized onto it
     assert any(frame.lesion is not None for frame in frames), "the malignant study has a finding to outline"

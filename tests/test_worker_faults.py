@@ -123,7 +123,7 @@ def test_killing_a_worker_mid_study_still_analyses_it_exactly_once(
     try:
         storescu(slow, [*paths, tmp_path / "in" / "cine.dcm"])
         wait_for_state(slow, study_uid, StudyState.ANALYSING, timeout=60)
-        main, pool = _worker_pids(node)
+        _main, pool = _worker_pids(node)
         assert len(pool) == 1
         os.kill(pool[0], signal.SIGKILL)
         killed = time.monotonic()

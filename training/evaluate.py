@@ -262,7 +262,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "|---" * (len(classes) + 1) + "|",
         *(
             f"| {name} | " + " | ".join(str(v) for v in row) + " |"
-            for name, row in zip(classes, report["confusion_matrix"])
+            for name, row in zip(classes, report["confusion_matrix"], strict=True)
         ),
         "",
         *localisation_markdown(report.get("localisation")),
@@ -486,7 +486,7 @@ def plot_gradcam(
     chosen = [i for c in range(len(trained.classes)) for i in np.flatnonzero(labels == c)[:per_class]]
     fig = Figure(figsize=(1.4 * len(chosen), 1.75))
     axes = fig.subplots(1, len(chosen), squeeze=False)
-    for ax, i in zip(axes[0], chosen):
+    for ax, i in zip(axes[0], chosen, strict=True):
         height, width = images[i].shape
         cam = resize_map(heatmaps[i], width, height)
         ax.imshow(images[i], cmap="gray")

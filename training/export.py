@@ -114,7 +114,7 @@ def _quiet_exporter() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 
@@ -145,7 +145,9 @@ def _convolution_backward(
     kernel = weight.shape[2:]
     extra = [
         int(size) - ((int(out) - 1) * st - 2 * pad + dil * (int(k) - 1) + 1)
-        for size, out, st, pad, dil, k in zip(input.shape[2:], grad_output.shape[2:], stride, padding, dilation, kernel)
+        for size, out, st, pad, dil, k in zip(
+            input.shape[2:], grad_output.shape[2:], stride, padding, dilation, kernel, strict=True
+        )
     ]
     grad_input = torch.ops.aten.convolution.default(
         grad_output, weight, None, list(stride), list(padding), list(dilation), True, extra, groups

@@ -154,7 +154,7 @@ def choose_threshold(
     lesion = np.array([t is not None and bool(t.any()) for t in truths])
     if not lesion.any():
         raise ValueError("choosing a segmentation threshold needs images with a lesion mask")
-    dice = _dice(*_overlaps(maps[lesion], [t for t, keep in zip(truths, lesion) if keep], THRESHOLDS))
+    dice = _dice(*_overlaps(maps[lesion], [t for t, keep in zip(truths, lesion, strict=True) if keep], THRESHOLDS))
     return float(THRESHOLDS[int(np.argmax(dice.mean(axis=0)))])
 
 

@@ -455,7 +455,7 @@ def _load_torchvision_vgg(model: HybridVGGRNN, state: dict[str, Tensor], path: P
     loaded: list[str] = []
     names = {m: name for name, m in model.conv.named_children()}
     with torch.no_grad():
-        for key, conv in zip(theirs, ours):
+        for key, conv in zip(theirs, ours, strict=True):
             weight = state[key]
             if conv.in_channels == 1 and weight.shape[1] == 3:
                 weight = weight.sum(dim=1, keepdim=True)

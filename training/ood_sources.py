@@ -93,7 +93,7 @@ def real_ultrasound_files() -> list[Path]:
     for name in sorted(get_testdata_files()):
         try:
             ds = dcmread(name, stop_before_pixels=True)
-        except Exception:  # pydicom ships deliberately broken files too
+        except Exception:  # noqa: BLE001 - pydicom ships deliberately broken files too
             continue
         if str(ds.get("SOPClassUID", "")) in ULTRASOUND_SOP_CLASSES or ds.get("Modality") == "US":
             found.append(Path(name))

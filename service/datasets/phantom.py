@@ -379,7 +379,7 @@ def _boundary(rng: np.random.Generator, x: np.ndarray, depth: float, amplitude: 
     freqs = rng.uniform(0.5, 2.5, 3).astype(np.float32)
     phases = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
     weights = rng.dirichlet(np.ones(3)).astype(np.float32)
-    wave = sum(w * np.sin(2 * np.pi * f * x + p) for w, f, p in zip(weights, freqs, phases))
+    wave = sum(w * np.sin(2 * np.pi * f * x + p) for w, f, p in zip(weights, freqs, phases, strict=True))
     return (depth + amplitude * wave).astype(np.float32)
 
 

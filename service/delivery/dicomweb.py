@@ -3,8 +3,9 @@
 :func:`store_study` posts a study's objects with ``dicomweb-client`` and turns
 whatever comes back (the PS3.18 response, an HTTP error, a dropped connection) into
 one :class:`StowOutcome` per SOP Instance UID; :func:`stow_outcomes` is the pure
-reading of the response. The sender records each outcome in the outbox as it does
-a C-STORE status.
+reading of the response. :class:`StowTransport` is the sender's transport for a
+DICOMweb destination: it records each outcome in the outbox as the C-STORE
+transport records a status.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from http import HTTPStatus
 
 import requests
 from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+
+from service.common import dicomweb
+from service.delivery.transport import OutcomeRecorder, Row, Transport
+from service.reports.build import OPTIONAL_CLASSES
+from service.reports.sr import SR_CLASSES
+from service.settings import DicomWebDestination, Settings
 
 #: Failure Reason (0008,1197) values of PS3.18 Table I.2-2 and what they mean.
 FAILURE_REASONS = {
@@ -110,3 +118,45 @@ def store_study(web: DICOMwebClient, study_uid: str, datasets: Sequence[Dataset]
     # dicomweb-client raises for every status >= 400; what is left is 200 or 202.
     status = HTTPStatus.ACCEPTED if response.get("FailedSOPSequence") else HTTPStatus.OK
     return stow_outcomes(status, response, sent)
+
+
+class StowTransport(Transport[DicomWebDestination]):
+    """A DICOMweb destination (its base URL): the group in one STOW-RS request; each
+    object's outcome is recorded on its own, so a partly stored request resends only
+    what was not stored."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def read(self, path: str) -> Dataset:
+        """The whole data set: STOW-RS posts it."""
+        return dcmread(path)
+
+    def deliver(
+        self,
+        dest: DicomWebDestination,
+        study_uid: str,
+        rows: list[Row],
+        read: dict[str, Dataset],
+        outcomes: OutcomeRecorder,
+    ) -> int:
+        try:
+            web = dicomweb.client(self.settings, dest)
+        except ValueError as exc:  # an unreadable secret file: every try fails the same way, visibly
+            for row in rows:
+                outcomes.failed(row, f"{dest}: {exc}")
+            return 0
+        stowed = store_study(web, study_uid, [read[row["sop_instance_uid"]] for row in rows])
+        accepted = 0
+        for row in rows:
+            outcome = stowed[row["sop_instance_uid"]]
+            if outcome.stored:
+                accepted += outcomes.accepted(dest, row, outcome.reason)
+            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row["sop_class_uid"] in SR_CLASSES:
+                # Rebuilt in the next SR class, sent in the next round (soon: the row stays due).
+                outcomes.fallback(dest, row, set(SR_CLASSES[SR_CLASSES.index(row["sop_class_uid"]) + 1 :]))
+            elif outcome.failure_reason == SOP_CLASS_NOT_SUPPORTED and row["sop_class_uid"] in OPTIONAL_CLASSES:
+                outcomes.skipped(dest, row)
+            else:
+                outcomes.failed(row, f"{dest} did not store {row['sop_instance_uid']}: {outcome.reason}")
+        return accepted

@@ -24,9 +24,9 @@ what would go now and why.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from pathlib import Path
 import click
 
 from service.cli import settings_from
+from service.common.loop import PollingLoop
 from service.common.spool import free_disk_mb
 from service.ledger import FILE_KINDS, Ledger, PurgeCandidate, open_ledger
 from service.settings import Settings
@@ -117,10 +118,8 @@ def _remove_files(settings: Settings, kind: str, study_uid: str, generation: int
             [p for p in folder.iterdir() if p.name.isdigit() and int(p.name) <= generation] if folder.is_dir() else []
         )
         removed = sum(_remove_tree(p) for p in generations)
-    try:
-        folder.rmdir()  # only once empty: a folder still in use keeps its files
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # only once empty: a folder still in use keeps its files
+        folder.rmdir()
     return removed
 
 
@@ -207,31 +206,25 @@ class RetentionService:
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self.settings = settings
         self.ledger = ledger
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sonocase-retention", daemon=True)
+        self._loop = PollingLoop(self.name, DISK_CHECK_S, self._round)
+        self._next_age_check = time.monotonic()
 
     def start(self) -> None:
         finish_interrupted(self.settings, self.ledger)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+        self._loop.stop()
 
-    def _run(self) -> None:
-        next_age_check = time.monotonic()
+    def _round(self) -> None:
         settings = self.settings
-        while not self._stop.wait(DISK_CHECK_S):
-            try:
-                low = (
-                    bool(settings.purge_when_free_below_mb)
-                    and free_disk_mb(settings.data_dir) < settings.purge_when_free_below_mb
-                )
-                if low or time.monotonic() >= next_age_check:
-                    next_age_check = time.monotonic() + AGE_CHECK_S
-                    purge(settings, self.ledger)
-            except Exception:  # the loop must outlive one bad round; the ledger keeps what is due
-                LOG.exception("retention round failed; trying again")
+        low = (
+            bool(settings.purge_when_free_below_mb)
+            and free_disk_mb(settings.data_dir) < settings.purge_when_free_below_mb
+        )
+        if low or time.monotonic() >= self._next_age_check:
+            self._next_age_check = time.monotonic() + AGE_CHECK_S
+            purge(settings, self.ledger)
 
 
 def _when(stamp: float) -> str:

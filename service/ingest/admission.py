@@ -25,6 +25,7 @@ class pynetdicom's ``make_server`` takes) and pynetdicom's public events are use
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import socket
@@ -300,10 +301,8 @@ class GuardedServer(ThreadedAssociationServer):
     def _close(self, pending: Pending, reason: str, why: str) -> None:
         # socket.socket's shutdown even for TLS: SSLSocket.shutdown also drops its
         # SSL object under the thread that may be reading it
-        try:
+        with contextlib.suppress(OSError):  # closed meanwhile
             socket.socket.shutdown(pending.sock, socket.SHUT_RDWR)
-        except OSError:
-            pass  # closed meanwhile
         refused(pending.peer, reason, why)
         self._stop(pending)
 

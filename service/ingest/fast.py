@@ -10,6 +10,7 @@ stock engine, plain pynetdicom, instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import select
@@ -396,10 +397,9 @@ class ReceiverDUL(DULServiceProvider):
         super().send_pdu(primitive)
         wake = self._wake
         if wake is not None:
-            try:
+            # full (a wake-up is pending anyway) or closed (the loop has ended)
+            with contextlib.suppress(OSError):
                 wake[1].send(b"\0")
-            except OSError:  # full (a wake-up is pending anyway) or closed (the loop has ended)
-                pass
 
     def _is_transport_event(self) -> bool:
         if super()._is_transport_event():
@@ -471,7 +471,7 @@ class ReceiverDUL(DULServiceProvider):
             return
         try:
             decoded, event = self._decode_pdu(pdu)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever a hostile PDU breaks, the peer is refused
             refused(peer, "pdu-invalid", "a PDU does not decode: A-ABORT")
             self.event_queue.put(_INVALID_PDU)
             return
@@ -496,10 +496,8 @@ class ReceiverDUL(DULServiceProvider):
         except (OSError, ValueError):  # closed meanwhile: the next look reports it
             return
         if wake[0] in ready:
-            try:
+            with contextlib.suppress(OSError):
                 wake[0].recv(4096)
-            except OSError:
-                pass
 
 
 _P_DATA_TF = b"\x04"

@@ -23,6 +23,7 @@ from pydicom.uid import (
     JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
+    EnhancedUSVolumeStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -34,15 +35,12 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-)
-from pynetdicom import register_uid
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import (
-    EnhancedUSVolumeStorage,
     SecondaryCaptureImageStorage,
     UltrasoundImageStorage,
     UltrasoundMultiFrameImageStorage,
 )
+from pynetdicom import register_uid
+from pynetdicom.service_class import StorageServiceClass
 
 from service.common.deflate import (
     InflatedTooLarge,
@@ -228,7 +226,10 @@ def parse_instance(raw: bytes | memoryview, transfer_syntax: str, max_inflated: 
     try:
         for elem in data_element_generator(fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=_DEFER_BYTES):
             raw_elem = isinstance(elem, RawDataElement)  # undefined-length sequences come parsed
-            end = elem.value_tell + elem.length if raw_elem and elem.length != _UNDEFINED_LENGTH else fp.tell()
+            if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED_LENGTH:
+                end = elem.value_tell + elem.length
+            else:
+                end = fp.tell()
             name = _TAGS.get(elem.tag)
             if name is not None and raw_elem and isinstance(elem.value, bytes):
                 values[name] = elem.value.decode("ascii").strip("\0 ")

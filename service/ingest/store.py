@@ -223,7 +223,7 @@ class InstanceRecorder:
     def _commit(self, batch: list[_Pending]) -> None:
         try:
             results = self.ledger.record_instances([p.rec for p in batch])
-        except Exception as exc:  # every store in the batch answers a failure
+        except Exception as exc:  # noqa: BLE001 - every store in the batch answers a failure
             for pending in batch:
                 pending.error, pending.done = exc, True
             return
@@ -440,7 +440,7 @@ class StoreSCP:
             self._write(inst, raw, transfer_syntax, calling_ae, ignored, incoming)
         except InvalidInstance as exc:
             return self._refuse(exc.status, str(exc), study_uid, calling_ae)
-        except Exception as exc:  # the SCP must answer and keep serving, whatever broke
+        except Exception as exc:  # noqa: BLE001 - the SCP must answer and keep serving, whatever broke
             return self._failed(exc, study_uid, calling_ae)
         LOG.debug("stored %s", inst.sop_instance_uid, extra={"study_uid": study_uid, "calling_ae": calling_ae})
         return StoreOutcome(StoreStatus.SUCCESS, ignored or "", study_uid, stored=True)

@@ -21,7 +21,6 @@ Pure functions for the media types, a part's file meta and the response;
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from service.common import spool
+from service.common.bearer import CHALLENGE, bearer_credential, token_matches
 from service.common.metrics import observe_stow
 from service.ingest.rules import (
     STORAGE_SOP_CLASSES,
@@ -484,19 +484,14 @@ def _bearer_check(settings: Settings) -> Callable[[str | None], None]:
     Mounted on the node's HTTP side, the app's own check runs first (it throttles
     wrong tokens, and would also take a browser's session cookie); this one keeps
     STOW-RS to Bearer clients only, whatever app it is mounted in."""
-    token = settings.web_token.encode()
+    token = settings.web_token
 
     def check(authorization: Annotated[str | None, Header()] = None) -> None:
         if not token:
             raise HTTPException(HTTPStatus.NOT_FOUND, "STOW-RS is off: set SONOCASE_WEB_TOKEN to turn it on")
-        scheme, _, credential = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token):
+        if not token_matches(bearer_credential(authorization) or "", token):
             LOG.warning("STOW-RS: missing or wrong Bearer token")
-            raise HTTPException(
-                HTTPStatus.UNAUTHORIZED,
-                "send Authorization: Bearer <web_token>",
-                {"WWW-Authenticate": 'Bearer realm="sonocase"'},
-            )
+            raise HTTPException(HTTPStatus.UNAUTHORIZED, "send Authorization: Bearer <web_token>", CHALLENGE)
 
     return check
 

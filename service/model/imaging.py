@@ -23,12 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.pixels import (
-    apply_color_lut,
-    apply_modality_lut,
-    apply_voi_lut,
-    pixel_array,
-)
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import pixel_array
 
 from service.model_card import InputSpec
 
@@ -303,7 +299,7 @@ def _largest_component(cells: np.ndarray) -> np.ndarray | None:
     height, width = cells.shape
     labels = np.zeros(cells.shape, np.int32)
     label, best, best_size = 0, 0, 0
-    for start in zip(*np.nonzero(cells)):
+    for start in zip(*np.nonzero(cells), strict=True):
         if labels[start]:
             continue
         label += 1

@@ -20,57 +20,17 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from markupsafe import Markup
 
 from service.ledger import Ledger
 from service.monitoring.drift import WindowDrift
 from service.monitoring.registry import inferences, site_performance, write_performance_csv
 from service.monitoring.watcher import DriftWatcher
-from service.ops.views import _page
+from service.ops.pages import interval_text, render
 
 POSITIVE = "malignant"
 _METRICS = ("sensitivity", "specificity", "ppv", "npv", "roc_auc", "ece")
 _SVG = 240
-
-
-def _interval(estimate: Mapping[str, Any]) -> str:
-    """An estimate and its interval as plain text (a table cell, a chart point's tooltip)."""
-    if estimate["value"] is None:
-        return "-"
-    interval = (
-        f" [{estimate['low']:.2f}-{estimate['high']:.2f}]"
-        if estimate["low"] is not None and estimate["high"] is not None
-        else ""
-    )
-    return f"{estimate['value']:.2f}{interval}"
-
-
-def _estimate(estimate: Mapping[str, Any]) -> str:
-    """An estimate, its interval and its n, as a cell's text."""
-    return f"{_interval(estimate)} <small>n {estimate['n']}</small>"
-
-
-def _drift_html(drift: Mapping[str, tuple[int, WindowDrift | None]], classes: Sequence[str]) -> str:
-    if not drift:
-        return "<p>No analysed study yet.</p>"
-    rows = []
-    for scanner, (count, window) in drift.items():
-        if window is None:
-            rows.append(
-                f"<tr data-scanner='{html.escape(scanner)}'><td>{html.escape(scanner)}</td><td>{count}</td>"
-                "<td colspan=4>collecting the reference (100 studies) and a window (40)</td></tr>"
-            )
-            continue
-        state = "<b class=failed>DRIFT</b>" if window.alarm else "steady"
-        mix = " / ".join(f"{html.escape(c)} {share:.0%}" for c, share in zip(classes, window.class_mix, strict=True))
-        rows.append(
-            f"<tr data-scanner='{html.escape(scanner)}'><td>{html.escape(scanner)}</td><td>{count}</td>"
-            f"<td class=alarm>{state}</td><td>{window.p_value:.4f}</td>"
-            f"<td>{window.out_of_domain_rate:.0%}</td><td>{mix}</td></tr>"
-        )
-    return (
-        "<table id=drift><tr><th>Scanner</th><th>Studies</th><th>Input drift</th><th>p-value</th>"
-        "<th>Not assessed</th><th>Predicted classes (latest 40)</th></tr>" + "".join(rows) + "</table>"
-    )
 
 
 def _svg(attributes: str, width: int, height: int, label: str) -> str:
@@ -161,7 +121,7 @@ def trend_svg(metric: str, trends: Mapping[str, Mapping[str, Mapping[str, Mappin
                 marks.append(f"<line class=interval x1={x} x2={x} y1={y(e['low'])} y2={y(e['high'])} />")
             marks.append(
                 f"<circle class=point data-month='{html.escape(month)}' cx={x} cy={y(e['value'])} r=3>"
-                f"<title>{html.escape(f'{scanner} {month}: {_interval(e)}')}</title></circle>"
+                f"<title>{html.escape(f'{scanner} {month}: {interval_text(e)}')}</title></circle>"
             )
         legend_y = t["top"] + t["height"] + t["bottom"] + 14 * j + 8
         series.append(
@@ -177,28 +137,21 @@ def trend_svg(metric: str, trends: Mapping[str, Mapping[str, Mapping[str, Mappin
     )
 
 
-def _performance_html(report: Mapping[str, Any]) -> str:
-    head = "<tr><th>Group</th>" + "".join(f"<th>{m.replace('_', ' ').upper()}</th>" for m in _METRICS) + "</tr>"
-    rows = "".join(
-        f"<tr data-group='{html.escape(kind)}:{html.escape(name)}'><td>{html.escape(kind)}: {html.escape(name)}</td>"
-        + "".join(f"<td>{_estimate(metrics[m])}</td>" for m in _METRICS)
-        + "</tr>"
-        for kind, groups in report["performance"].items()
-        for name, metrics in groups.items()
+def render_monitoring(
+    drift: Mapping[str, tuple[int, WindowDrift | None]], classes: Sequence[str], report: Mapping[str, Any] | None
+) -> bytes:
+    """The page: each scanner's input drift, then the performance tables and charts
+    (``report`` None: no assessed study with an outcome yet)."""
+    charts = (
+        {
+            "reliability": Markup(reliability_svg(report["reliability"])),
+            "roc": Markup(roc_svg(report["roc"])),
+            "trends": [Markup(trend_svg(metric, report["trends"])) for metric in _METRICS],
+        }
+        if report
+        else {}
     )
-    kappa = report["agreement_with_radiologists"]
-    return (
-        f"<p>The {html.escape(report['positive'])} call against outcomes (pathology, follow-up), "
-        "95 % intervals (Wilson; bootstrap for ROC AUC, ECE and kappa).</p>"
-        f"<table id=performance>{head}{rows}</table>"
-        f"<p id=agreement>Agreement with radiologists (Cohen's kappa): {_estimate(kappa)}</p>"
-        f"<h3>Reliability and ROC curve (all cases)</h3>{reliability_svg(report['reliability'])} "
-        f"{roc_svg(report['roc'])}"
-        "<h3 id=trends>Per month and scanner (dot: estimate; bar: 95 % interval)</h3>"
-        + " ".join(trend_svg(metric, report["trends"]) for metric in _METRICS)
-        + "<p><a href=/api/v1/monitoring/performance>JSON</a> · "
-        "<a href=/api/v1/monitoring/performance.csv>CSV</a></p>"
-    )
+    return render("monitoring.html", drift=drift, classes=classes, report=report, metrics=_METRICS, charts=charts)
 
 
 def monitoring_router(ledger: Ledger, watcher: DriftWatcher, api_prefix: str) -> APIRouter:
@@ -215,13 +168,7 @@ def monitoring_router(ledger: Ledger, watcher: DriftWatcher, api_prefix: str) ->
     async def page() -> HTMLResponse:
         drift = await run_in_threadpool(watcher.latest)
         figures = await run_in_threadpool(report)
-        body = (
-            "<h2>Input drift per scanner</h2>"
-            + _drift_html(drift, watcher.classes)
-            + "<h2>Real-world performance</h2>"
-            + (_performance_html(figures) if figures else "<p>No assessed study with an outcome yet.</p>")
-        )
-        return HTMLResponse(_page("Sonocase monitoring", body))
+        return HTMLResponse(render_monitoring(drift, watcher.classes, figures))
 
     @router.get(f"{api_prefix}/monitoring/performance", summary="Real-world performance and agreement (JSON)")
     def performance_json() -> JSONResponse:

@@ -46,26 +46,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.common.metrics import LedgerCollector, build_registry, observe_login_refusal
+from service.common.bearer import CHALLENGE, token_matches
+from service.common.metrics import build_registry, observe_login_refusal
 from service.delivery.recovery import NothingToRetry, UnknownStudy, retry_study
 from service.ledger import Ledger
 from service.monitoring.drift import DriftConfig
 from service.monitoring.watcher import DriftWatcher, MonitoringCollector
+from service.ops.ledger_metrics import LedgerCollector
+from service.ops.pages import login_page, render_status
+from service.ops.probes import Check, IndexProbe, ModelProbe, broker_check, disk_check, ledger_check, readiness
 from service.ops.server import HttpLimits, WebServer
 from service.ops.sessions import LoginThrottle, Role, Session, SessionStore
 from service.ops.views import (
     PAGE_STUDIES,
-    Check,
-    IndexProbe,
-    ModelProbe,
     StudyView,
-    broker_check,
-    disk_check,
-    ledger_check,
-    login_page,
-    readiness,
     recent_views,
-    render_status,
     retry_notice,
     study_heatmap_png,
     study_view,
@@ -239,7 +234,7 @@ def _token_role(state: WebState, client: str, given: str) -> Role | None:
         (state.settings.web_review_token, "reviewer"),
     ]
     for token, role in tokens:
-        if token and hmac.compare_digest(given.encode(), token.encode()):
+        if token_matches(given, token):
             return role
     keys = throttle_keys(client, given)
     wait = max(state.throttle.retry_after(key) for key in keys)
@@ -276,9 +271,7 @@ def authenticate(
         session = state.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
         if session is not None:
             return Auth("session", session.role, session)
-    raise HTTPException(
-        401, "sign in, or send Authorization: Bearer <web_token>", {"WWW-Authenticate": 'Bearer realm="sonocase"'}
-    )
+    raise HTTPException(401, "sign in, or send Authorization: Bearer <web_token>", CHALLENGE)
 
 
 def _cross_site(request: Request) -> bool:

@@ -126,7 +126,7 @@ def _hull(points: np.ndarray) -> list[int]:
 
     def turns_left(a: int, b: int, c: int) -> bool:
         (ax, ay), (bx, by), (cx, cy) = xy[a], xy[b], xy[c]
-        return (bx - ax) * (cy - ay) - (by - ay) * (cx - ax) > 0
+        return bool((bx - ax) * (cy - ay) - (by - ay) * (cx - ax) > 0)
 
     def half(ordered: list[int]) -> list[int]:
         chain: list[int] = []

@@ -133,7 +133,7 @@ def _first_of_each_series(instances: Sequence[InstanceRecord]) -> list[InstanceR
 def read_headers(spool_dir: Path, instances: Sequence[InstanceRecord]) -> list[Dataset]:
     """The routing attributes of each series' first instance; an unreadable file is
     left out here (the analysis says why it cannot use it)."""
-    headers = []
+    headers: list[Dataset] = []
     for rec in _first_of_each_series(instances):
         path = instance_path(spool_dir, rec.study_uid, rec.sop_instance_uid)
         try:

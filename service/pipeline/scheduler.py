@@ -12,11 +12,11 @@ lease runs out and the scheduler sends it again.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
 from kombu.exceptions import KombuError, OperationalError
 
+from service.common.loop import PollingLoop
 from service.ledger import Ledger
 from service.pipeline.queue import POLL_S, create_app, send_analysis
 from service.settings import Settings
@@ -49,22 +49,18 @@ class SchedulerService:
         self.settings = settings
         self.ledger = ledger
         self.app = create_app(settings)
-        self._stop = threading.Event()
-        self._woken = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._loop = PollingLoop(self.name, POLL_S, self.run_once)
         self._broker_down = False
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._woken.set()
-        self._thread.join(timeout=10)
+        self._loop.stop(timeout_s=10)
 
     def wake(self) -> None:
         """Run a round now (studies became complete), not at the next poll."""
-        self._woken.set()
+        self._loop.wake()
 
     def run_once(self) -> list[str]:
         try:
@@ -78,14 +74,3 @@ class SchedulerService:
             LOG.info("broker reachable again")
             self._broker_down = False
         return sent
-
-    def _run(self) -> None:
-        while True:
-            self._woken.wait(POLL_S)
-            self._woken.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.run_once()
-            except Exception:  # the loop must outlive any one bad round; the ledger keeps what is due
-                LOG.exception("scheduler round failed; trying again")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -104,8 +105,6 @@ class WorkerProcesses:
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 LOG.warning("analysis worker did not stop within %.0f s; killing it", timeout)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait()

@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
+from service.common.colour import jet
 from service.model.imaging import PixelError, crop_box, number_of_frames, to_grayscale
 from service.reports import Placement
 from service.reports.sr import class_display, decisive_frame, not_assessed_reason
@@ -51,17 +52,6 @@ TRANSFER_SYNTAXES: dict[str, tuple[str, str]] = {
 }
 #: "Source image for image processing operation" (CID 7202).
 _SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
-#: Jet colour map anchors: heat -> RGB in [0, 1].
-_JET = np.array(
-    [
-        (0.000, 0.0, 0.0, 0.5),
-        (0.125, 0.0, 0.0, 1.0),
-        (0.375, 0.0, 1.0, 1.0),
-        (0.625, 1.0, 1.0, 0.0),
-        (0.875, 1.0, 0.0, 0.0),
-        (1.000, 0.5, 0.0, 0.0),
-    ]
-)
 MAX_OPACITY = 0.5
 TILE = 256
 
@@ -86,18 +76,6 @@ def frame_rgb(ds: Dataset, frame_number: int = 1) -> np.ndarray:
 def gray_rgb(gray: np.ndarray) -> np.ndarray:
     """A grayscale frame in RGB, ready for colour drawing."""
     return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-
-
-#: The jet colour map at 1024 levels of heat (a lookup beats interpolating every pixel).
-_JET_LUT = np.rint(
-    np.stack([np.interp(np.linspace(0.0, 1.0, 1024), _JET[:, 0], _JET[:, c]) for c in (1, 2, 3)], axis=-1) * 255
-).astype(np.uint8)
-
-
-def jet(heat: np.ndarray) -> np.ndarray:
-    """Heat in [0, 1] -> RGB uint8 with the jet colour map."""
-    levels = len(_JET_LUT) - 1
-    return _JET_LUT[np.rint(np.clip(heat, 0.0, 1.0) * levels).astype(np.intp)]
 
 
 def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, crop: tuple[int, int, int, int]) -> np.ndarray:

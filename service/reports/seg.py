@@ -31,10 +31,10 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from service.common.colour import jet
 from service.model.imaging import DATA_TYPE_TISSUE, SPATIAL_FORMAT_2D, number_of_frames
 from service.reports import Placement
 from service.reports.heatmaps import BAND_LEVELS, bands
-from service.reports.sc import jet
 from service.reports.sr import decisive_frame
 from service.reports.template import SrTemplate
 from service.results import ImageResult, StudyResult

@@ -296,7 +296,7 @@ def _sr(ds: Dataset, disclaimer: str) -> list[str]:
     try:  # highdicom's reader of the whole TID 1500 tree; the groups are checked below on its parse
         _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False)  # converts ds in place: only read after this
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
-        return reasons + [f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
+        return [*reasons, f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
     groups = [
         item
         for item in items
@@ -364,7 +364,7 @@ def _seg(ds: Dataset, disclaimer: str) -> list[str]:
     try:  # highdicom's reader wants a slice thickness, which 2-D ultrasound has not: pydicom decodes
         pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
     except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
-        return reasons + [f"its pixels cannot be decoded: {error_text(exc)}"]
+        return [*reasons, f"its pixels cannot be decoded: {error_text(exc)}"]
     if pixels.max(initial=0) > 1:
         reasons.append("its frames are not binary")
     return reasons
@@ -380,7 +380,7 @@ def _kos(ds: Dataset, disclaimer: str) -> list[str]:
     try:
         selected = hd.ko.KeyObjectSelectionDocument.from_dataset(ds).content.get_references()
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
-        return reasons + [f"highdicom cannot read it as a key object selection: {error_text(exc)}"]
+        return [*reasons, f"highdicom cannot read it as a key object selection: {error_text(exc)}"]
     if not selected:
         reasons.append("it selects no object")
     return reasons + _evidence(ds, items)
@@ -397,7 +397,7 @@ def _sc(ds: Dataset, disclaimer: str) -> list[str]:
     try:
         pixels = hd.Image.from_dataset(ds, copy=False).pixel_array  # converts ds in place: only read after this
     except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
-        return reasons + [f"highdicom cannot read its pixels: {error_text(exc)}"]
+        return [*reasons, f"highdicom cannot read its pixels: {error_text(exc)}"]
     if pixels.shape != (ds.Rows, ds.Columns, 3) or pixels.dtype != np.uint8:
         reasons.append(f"pixels decode to {pixels.shape} {pixels.dtype}, not {ds.Rows}x{ds.Columns}x3 uint8")
     return reasons

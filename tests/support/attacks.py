@@ -73,10 +73,10 @@ def storescu(port: int, path: Path, called: str = "SONOCASE", timeout: float = 6
     """DCMTK storescu, as the PACS sends (its own ACSE/DIMSE timeouts: 30 s)."""
     return subprocess.run(
         ["/usr/bin/storescu", "-aec", called, "127.0.0.1", str(port), str(path)],
+        check=False,
         capture_output=True,
         text=True,
         timeout=timeout,
-        check=False,
     )
 
 

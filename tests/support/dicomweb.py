@@ -106,10 +106,10 @@ def curl(url: str, body: Path, content_type: str = MULTIPART, token: str | None 
     out = body.with_suffix(".answer")
     proc = subprocess.run(
         ["curl", "-sS", "-D", "-", "-o", str(out), "--data-binary", f"@{body}", *headers, *extra, url],
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,
-        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     blocks = [b for b in proc.stdout.replace("\r\n", "\n").split("\n\n") if b.startswith("HTTP/")]

@@ -26,7 +26,7 @@ DIST = Path(__file__).resolve().parents[2] / ".cache" / f"ohif-{OHIF_VERSION}" /
 #: Host, so that the links Orthanc writes into metadata point back at this proxy.
 _FORWARDED = ("accept", "range", "content-type", "host")
 
-APP_CONFIG = """window.config = {
+APP_CONFIG = f"""window.config = {{
   routerBasename: '/',
   extensions: [],
   modes: [],
@@ -34,19 +34,19 @@ APP_CONFIG = """window.config = {
   showWarningMessageForCrossOrigin: false,
   showCPUFallbackMessage: false,
   showLoadingIndicator: true,
-  investigationalUseDialog: { option: 'never' },
+  investigationalUseDialog: {{ option: 'never' }},
   maxNumberOfWebWorkers: 2,
   defaultDataSourceName: 'orthanc',
   dataSources: [
-    {
+    {{
       namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
       sourceName: 'orthanc',
-      configuration: {
+      configuration: {{
         friendlyName: 'Orthanc (same-origin proxy)',
         name: 'orthanc',
-        wadoUriRoot: window.location.origin + '%(root)s',
-        qidoRoot: window.location.origin + '%(root)s',
-        wadoRoot: window.location.origin + '%(root)s',
+        wadoUriRoot: window.location.origin + '{DICOMWEB_ROOT}',
+        qidoRoot: window.location.origin + '{DICOMWEB_ROOT}',
+        wadoRoot: window.location.origin + '{DICOMWEB_ROOT}',
         qidoSupportsIncludeField: false,
         imageRendering: 'wadors',
         thumbnailRendering: 'wadors',
@@ -55,13 +55,13 @@ APP_CONFIG = """window.config = {
         supportsWildcard: true,
         staticWado: false,
         singlepart: 'bulkdata,video',
-        bulkDataURI: { enabled: true, relativeResolution: 'studies' },
+        bulkDataURI: {{ enabled: true, relativeResolution: 'studies' }},
         omitQuotationForMultipartRequest: true,
-      },
-    },
+      }},
+    }},
   ],
-};
-""" % {"root": DICOMWEB_ROOT}  # noqa: UP031 - JavaScript: str.format would need every brace doubled
+}};
+"""
 
 
 def installed() -> bool:

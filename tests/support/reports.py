@@ -281,14 +281,14 @@ def outbox_kinds(paths: Sequence[Path]) -> dict[str, int]:
 
 def dciodvfy_errors(path: Path) -> list[str]:
     """dicom3tools' IOD check: the lines that report errors (warnings are allowed)."""
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
     return [line for line in (proc.stdout + proc.stderr).splitlines() if re.match(r"^\s*Error", line)]
 
 
 def dsr2html(path: Path, out: Path) -> str:
     """DCMTK renders the SR; a non-zero exit or an error line fails the caller."""
     proc = subprocess.run(
-        [dcmtk("dsr2html"), str(path), str(out)], capture_output=True, text=True, timeout=60, check=False
+        [dcmtk("dsr2html"), str(path), str(out)], check=False, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "E:" not in proc.stderr, proc.stderr

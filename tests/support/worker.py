@@ -43,11 +43,11 @@ def storescu(settings: Settings, paths: list[Path]) -> None:
     """Send ``paths`` with DCMTK's storescu (JPEG baseline and uncompressed proposed)."""
     result = subprocess.run(
         ["/usr/bin/storescu", "-xy", "-aec", settings.ae_title, "127.0.0.1", str(settings.port), *map(str, paths)],
+        check=False,
         env={**os.environ, "TCP_NODELAY": "1"},
         capture_output=True,
         text=True,
         timeout=60,
-        check=False,
     )
     assert result.returncode == 0, f"storescu failed:\n{result.stdout}\n{result.stderr}"
 
