@@ -28,12 +28,11 @@ from pathlib import Path
 import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port
-from test_reports_support import Storescp, start_storescp
-from worker_support import Process, serve, storescu, write_study
-
+sys.path.insert(0, str(ROOT))
 from service.settings import Settings, load_settings
+from tests.support.common import free_port
+from tests.support.reports import Storescp, start_storescp
+from tests.support.worker import Process, serve, storescu, write_study
 
 LABELS = ("normal", "benign", "malignant")
 #: Issue 13's targets for a 4-image study, quiet period excluded.

@@ -30,12 +30,11 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 from pynetdicom.sop_class import UltrasoundImageStorage
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import attacks
-from attacks import Node
-from conftest import free_port
-
+sys.path.insert(0, str(ROOT))
 from service.ingest.rules import encode_file_meta
+from tests.support import attacks
+from tests.support.attacks import Node
+from tests.support.common import free_port
 
 TOKEN = "bench-hostile-token-0123456789"
 #: The HTTP side on, with a token (status page, API, STOW-RS).

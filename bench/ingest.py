@@ -36,9 +36,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port
-from dicom_peers import NodeProcess
+sys.path.insert(0, str(ROOT))
+from tests.support.common import free_port
+from tests.support.dicom_peers import NodeProcess
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 SOURCE = "US1_UNCR.dcm"  # 640x480 RGB ultrasound, explicit VR little endian, 0.92 MB

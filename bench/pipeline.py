@@ -35,15 +35,14 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port
-from worker_support import PrivateRedis, serve, storescu, write_study
-
+sys.path.insert(0, str(ROOT))
 from service.common.spool import instance_path
 from service.ledger import Ledger, StudyRow
 from service.model.inference import OnnxModel
 from service.pipeline.analysis import analyse_study
 from service.settings import Settings, load_settings
+from tests.support.common import free_port
+from tests.support.worker import PrivateRedis, serve, storescu, write_study
 
 LABELS = ("normal", "benign", "malignant")
 QUIET_S = 0.5

@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from worker_support import receive
-
+sys.path.insert(0, str(ROOT))
 from service.datasets.synthetic import synthetic_study
 from service.pipeline.tasks import WorkerState, process_study
 from service.settings import load_settings
+from tests.support.worker import receive
 
 LABELS = ("normal", "benign", "malignant")
 

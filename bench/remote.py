@@ -22,10 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from conftest import free_port
-from worker_support import receive
+sys.path.insert(0, str(ROOT))
 
 from service.datasets.synthetic import synthetic_study
 from service.ledger import StudyState, open_ledger
@@ -33,6 +30,8 @@ from service.ops.web import ExtraRouter, build_web_server
 from service.ops.worker_api import worker_router
 from service.pipeline.tasks import WorkerState, process_study
 from service.settings import Settings, load_settings
+from tests.support.common import free_port
+from tests.support.worker import receive
 
 LABELS = ("normal", "benign", "malignant")
 TOKEN = "bench-worker-token-0123456789"

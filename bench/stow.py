@@ -27,14 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from conftest import free_port
-from dicomweb_support import MULTIPART, TOKEN, ReceivingNode, multipart
 from ingest import STUDY_SIZE, make_instances, storescu
 
 from service.ledger import open_ledger
 from service.settings import load_settings
+from tests.support.common import free_port
+from tests.support.dicomweb import MULTIPART, TOKEN, ReceivingNode, multipart
 
 
 def stow_bodies(files: list[Path], out: Path) -> list[Path]:

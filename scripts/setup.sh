@@ -17,7 +17,7 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)  # the distributed ledger's tests
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # status page tests, headless
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)  # validates deploy/compose.yaml
-# The DICOMweb archive of the tests (tests/orthanc.py starts its own; not the system service).
+# The DICOMweb archive of the tests (tests/support/orthanc.py starts its own; not the system service).
 [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # a STOW-RS client that is not ours; smoke.sh polls /readyz
@@ -37,7 +37,7 @@ fi
 
 # OHIF, the viewer of tests/test_viewer.py: the npm package ships a prebuilt dist/ (no
 # build); npm checks the tarball against the registry's hash. Keep the version in
-# step with tests/ohif.py.
+# step with tests/support/ohif.py.
 ohif=.cache/ohif-3.13.2
 if [ ! -f "$ohif/package/dist/index.html" ]; then
     echo "setup: fetching OHIF 3.13.2 (npm package @ohif/app) into $ohif"

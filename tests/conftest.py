@@ -1,95 +1,32 @@
-"""Shared fixtures: a free loopback port, settings under a temporary data folder,
-the ledger on both backends (SQLite, and the real PostgreSQL on 127.0.0.1:5432,
-started when it is not answering), the real Redis on 127.0.0.1:6379 (likewise),
-DCMTK tools."""
+"""Shared fixtures and the test tiers (CONTRIBUTING.md).
+
+Fixtures: settings under a temporary data folder, the ledger on both backends (SQLite,
+and the real PostgreSQL on 127.0.0.1:5432, started when it is not answering), the real
+Redis on 127.0.0.1:6379 (likewise), a real small disk, Orthanc, the similar-case
+library's models and studies. Tiers: tests using an integration fixture are marked
+``integration`` here, and a test outside that tier and ``heavy`` fails when it starts a
+process or connects to a server. Helpers that are not fixtures live in ``tests/support/``.
+"""
 
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
-import sqlalchemy as sa
 
-# ONNX Runtime's telemetry is on by default (a device ID under $HOME, uploads): off
-# for the tests' own sessions, as service.cli.main() turns it off for the node.
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-
-from service.ledger import Ledger, StudyState, open_ledger
-from service.ledger.schema import studies
-from service.model.guard import FEATURES
+from service.datasets.synthetic import write_dicom_dataset
+from service.ledger import Ledger, open_ledger
 from service.settings import Settings, load_settings
-
-#: DCMTK's tools; pynetdicom installs same-named apps into the venv, so use full paths.
-DCMTK = Path("/usr/bin")
-REDIS_URL = "redis://127.0.0.1:6379"
-#: The machine's PostgreSQL; its tests create a database of their own in it.
-POSTGRES_SERVER = f"postgresql://{getpass.getuser()}@127.0.0.1:5432"
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.01) -> T:
-    """Poll ``probe`` until it returns something truthy, and return that; fail the
-    test, saying ``what`` never happened, after ``timeout`` seconds. The suite's one
-    polling loop: every wait in the tests has a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def force_state(ledger: Ledger, study_uid: str, state: StudyState, **columns: object) -> None:
-    """Put a study in ``state`` (and ``columns``) directly: a fixture's shortcut past
-    the stages, which move a study only as ``service.ledger.TRANSITIONS`` allows."""
-    columns.setdefault("updated_at", time.time())
-    with ledger.transaction() as db:
-        db.execute(sa.update(studies).where(studies.c.study_uid == study_uid).values(state=state, **columns))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    """:func:`wait_for` as a truth value, for ``assert wait_until(...), "why"``."""
-    try:
-        return bool(wait_for("a condition", condition, timeout))
-    except AssertionError:
-        return False
-
-
-@contextmanager
-def tmpfs(mount_point: Path, size_mb: int) -> Iterator[Path]:
-    """A real file system of ``size_mb`` MiB (tmpfs) at ``mount_point``, to fill: a
-    full disk, not a stand-in. Needs the right to mount (root, as on these machines
-    and in CI)."""
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount_point)],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode:
-        pytest.skip(f"no full disk can be made here: mounting a tmpfs failed ({mounted.stderr.strip()})")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+from tests.support.common import POSTGRES_SERVER, REDIS_URL, free_port, tmpfs
+from tests.support.index import write_model
+from tests.support.orthanc import Orthanc
+from tests.support.tiers import PeerWatch
 
 
 @pytest.fixture
@@ -99,17 +36,47 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount_point
 
 
-def dcmtk(tool: str) -> str:
-    path = DCMTK / tool
-    if not path.exists():
-        pytest.fail(f"DCMTK's {tool} is missing: run scripts/setup.sh (apt-get install dcmtk)")
-    return str(path)
-
-
-def _ledger_backend(request: pytest.FixtureRequest) -> str:
+def _ledger_backend(test: pytest.Item) -> str:
     """The backend the test's ``ledger`` fixture runs on (sqlite for tests without it)."""
-    callspec = getattr(request.node, "callspec", None)
+    callspec = getattr(test, "callspec", None)
     return str(callspec.params.get("ledger", "sqlite")) if callspec is not None else "sqlite"
+
+
+#: Fixtures that start a process or a server, or connect to one. A test using one, or
+#: parametrised onto PostgreSQL (the ``ledger`` fixture's backend, or a module's own
+#: backend parameter), is marked ``integration`` here; a test that starts a peer itself,
+#: or through a fixture of its own module, says so with the marker.
+INTEGRATION_FIXTURES = frozenset({"postgres_database", "postgres_url", "redis_url", "orthanc", "small_disk"})
+
+
+def _on_postgresql(test: pytest.Item) -> bool:
+    """Whether a parameter of the test puts it on PostgreSQL."""
+    callspec = getattr(test, "callspec", None)
+    return callspec is not None and any(isinstance(v, str) and v == "postgresql" for v in callspec.params.values())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests of the integration fixtures before ``-m`` selects (tryfirst)."""
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())) or _on_postgresql(item):
+            item.add_marker(pytest.mark.integration)
+
+
+PEERS = PeerWatch()
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_peer(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test outside the integration and heavy tiers fails when it starts a process
+    or connects to a server: it belongs to the integration tier (see PeerWatch)."""
+    if request.node.get_closest_marker("integration") or request.node.get_closest_marker("heavy"):
+        yield
+        return
+    with PEERS.watching() as seen:
+        yield
+    if seen:
+        pytest.fail(f"mark it @pytest.mark.integration: it {', '.join(sorted(seen))}", pytrace=False)
 
 
 @pytest.fixture
@@ -117,7 +84,7 @@ def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
     """Settings for one test: own data folder, own port, loopback only, short quiet
     period; the ledger in a PostgreSQL schema of its own when the test's ``ledger``
     runs on PostgreSQL, so everything the test starts shares that ledger."""
-    postgres = _ledger_backend(request) == "postgresql"
+    postgres = _ledger_backend(request.node) == "postgresql"
     return load_settings(
         data_dir=tmp_path / "data",
         host="127.0.0.1",
@@ -224,14 +191,38 @@ def torch_single_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def guard_card_entry(threshold: float) -> dict[str, object]:
-    """A model card's ``ood`` entry for test models: the B-mode guard with a unit
-    precision, flagging what scores above ``threshold``."""
-    n = len(FEATURES)
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """A fresh Orthanc with DICOMweb on 127.0.0.1, no authentication."""
+    archive = Orthanc.start(tmp_path / "orthanc")
+    yield archive
+    archive.stop()
+
+
+# --- the similar-case library (sonocase index) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two small ONNX models of different versions (for ``sonocase index``), per module."""
+    folder = tmp_path_factory.mktemp("models")
+    return write_model(folder / "a.onnx", 1, "1"), write_model(folder / "b.onnx", 2, "2")
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Synthetic studies, 3 images per class, and their labels CSV."""
+    folder = tmp_path_factory.mktemp("studies")
+    _, labels = write_dicom_dataset(folder, 3, seed=5)
+    return folder, labels
+
+
+@pytest.fixture
+def env(tmp_path: Path, models: tuple[Path, Path]) -> dict[str, str]:
+    """The environment ``sonocase index`` runs in: own data folder, the first model."""
     return {
-        "features": list(FEATURES),
-        "mean": [0.0] * n,
-        "precision": [[float(i == j) for j in range(n)] for i in range(n)],
-        "threshold": threshold,
-        "percentile": 99.0,
+        "SONOCASE_DATA_DIR": str(tmp_path / "data"),
+        "SONOCASE_MODEL_PATH": str(models[0]),
+        "SONOCASE_EXECUTION_PROVIDER": "cpu",
+        "SONOCASE_DURABILITY": "none",
     }

@@ -65,8 +65,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def our_imports(path: Path) -> set[str]:
-    """Every module of ours that ``path`` imports, at any depth of the file."""
+def imported_names(path: Path) -> set[str]:
+    """Every module ``path`` imports, and every name it imports from one, at any depth
+    of the file."""
     found = set()
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
@@ -79,7 +80,12 @@ def our_imports(path: Path) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in found if name.split(".")[0] in ("service", "training")}
+    return found
+
+
+def our_imports(path: Path) -> set[str]:
+    """Every module of ours that ``path`` imports, at any depth of the file."""
+    return {name for name in imported_names(path) if name.split(".")[0] in ("service", "training")}
 
 
 SOURCES = sorted([*ROOT.joinpath("service").rglob("*.py"), *ROOT.joinpath("training").rglob("*.py")])
@@ -122,3 +128,17 @@ def test_every_stage_is_a_package_with_a_docstring() -> None:
             init = ROOT.joinpath(*prefix.split("."), "__init__.py")
             assert init.is_file(), f"{prefix} is not a package"
             assert ast.get_docstring(ast.parse(init.read_text())), f"{prefix} says nothing about its stage"
+
+
+def test_test_code_imports_helpers_never_test_modules() -> None:
+    """Fixtures live in conftest.py files, helpers in ``tests/support/``: a test module
+    imported by another would run its tests and fixtures twice, under two names, and
+    tie the two modules' tiers together."""
+    test_modules = {path.stem for path in ROOT.joinpath("tests").rglob("test_*.py")} | {"conftest"}
+    offenders = sorted(
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in [*ROOT.joinpath("tests").rglob("*.py"), *ROOT.joinpath("bench").glob("*.py")]
+        for name in imported_names(path)
+        if name.removeprefix("tests.").split(".")[0] in test_modules
+    )
+    assert not offenders, offenders

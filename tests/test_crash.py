@@ -12,13 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import dcmtk, free_port
-from dicom_peers import NodeProcess, data_set_offset, ultrasound_files
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from service.ingest.rules import parse_instance
 from service.ledger import Ledger
+from tests.support.common import dcmtk, free_port
+from tests.support.dicom_peers import NodeProcess, data_set_offset, ultrasound_files
+
+pytestmark = pytest.mark.integration
 
 INSTANCES = 300
 KILL_AFTER = 80  # successes seen before the kill

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from orthanc import Orthanc, orthanc  # noqa: F401  (the fixture)
 from PIL import Image
 from pydicom.data import get_testdata_file
 
 from service.demo import CLASSES, StandInPacs, render_outputs
-from tests.conftest import dcmtk
+from tests.support.common import dcmtk
+from tests.support.orthanc import Orthanc
+
+pytestmark = pytest.mark.integration
 
 
 def test_stand_in_pacs_keeps_what_storescu_sends(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from service.settings import Destination, Settings, load_settings
-from tests.conftest import dcmtk, free_port
+from tests.support.common import dcmtk, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -68,6 +68,7 @@ def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.integration
 def test_compose_file_validates_and_wires_node_workers_and_pacs(monkeypatch: pytest.MonkeyPatch) -> None:
     done = _compose_config(COMPOSE_ENV)
     assert done.returncode == 0, done.stderr
@@ -114,6 +115,7 @@ def test_compose_file_validates_and_wires_node_workers_and_pacs(monkeypatch: pyt
         assert f"origin['RemoteAet'] == '{settings.ae_title}'" in lua  # results are not sent back round
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("secret", ["SONOCASE_WEB_TOKEN", "SONOCASE_WORKER_TOKEN", "SONOCASE_DB_PASSWORD"])
 def test_compose_refuses_to_start_without_a_secret(secret: str) -> None:
     done = _compose_config({k: v for k, v in COMPOSE_ENV.items() if k != secret})
@@ -231,6 +233,7 @@ def _source_files() -> list[str]:
     return done.stdout.splitlines()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
 def test_dockerfile_builds_from_what_the_context_holds(dockerfile: str) -> None:
     text = (DEPLOY / dockerfile).read_text().replace("\\\n", " ")
@@ -280,6 +283,7 @@ def test_gpu_image_swaps_onnxruntime_for_the_gpu_build() -> None:
     assert "CUDAExecutionProvider" in text
 
 
+@pytest.mark.integration
 def test_entrypoint_is_executable_in_git() -> None:
     done = subprocess.run(
         ["git", "ls-files", "-s", "deploy/entrypoint.sh"], check=False, cwd=ROOT, capture_output=True, text=True
@@ -306,6 +310,7 @@ def _container_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env | extra
 
 
+@pytest.mark.integration
 def test_entrypoint_refuses_a_data_folder_it_cannot_write(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -315,6 +320,7 @@ def test_entrypoint_refuses_a_data_folder_it_cannot_write(tmp_path: Path) -> Non
     assert done.returncode == 73 and f"{blocker}/data is not writable" in done.stderr
 
 
+@pytest.mark.integration
 def test_entrypoint_runs_the_node(tmp_path: Path) -> None:
     env = _container_env(tmp_path, SONOCASE_WORKERS="0")
     done = subprocess.run([str(ENTRYPOINT), "--help"], check=False, env=env, capture_output=True, text=True, timeout=60)
@@ -354,6 +360,7 @@ def test_entrypoint_runs_the_node(tmp_path: Path) -> None:
     assert health.returncode != 0
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("access", ["shared", "http"])
 def test_entrypoint_worker_answers_its_healthcheck(
@@ -397,6 +404,7 @@ def test_entrypoint_worker_answers_its_healthcheck(
 
 
 # --- the image, built and run ------------------------------------------------------------------
+@pytest.mark.integration
 @pytest.mark.heavy
 @pytest.mark.timeout(1800)
 def test_smoke_image_stores_a_study_and_sends_its_sr(tmp_path: Path) -> None:

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port
-from orthanc import Orthanc
-from test_retrieval_cli import env, models, run, studies, study_labels, write_report  # noqa: F401  (fixtures)
 
 from service.similar.index import SimilarCaseIndex
+from tests.support.common import free_port
+from tests.support.index import run, study_labels, write_report
+from tests.support.orthanc import Orthanc
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def archive(tmp_path: Path, studies: tuple[Path, Path]) -> Iterator[tuple[Orthanc, str]]:  # noqa: F811
+def archive(tmp_path: Path, studies: tuple[Path, Path]) -> Iterator[tuple[Orthanc, str]]:
     """Orthanc (basic authentication on) holding the synthetic studies and, in one of
     them, a report; the archive and the study with the report."""
     orthanc = Orthanc.start(tmp_path / "orthanc", users={"librarian": "pw-for-tests"})
@@ -30,7 +32,7 @@ def archive(tmp_path: Path, studies: tuple[Path, Path]) -> Iterator[tuple[Orthan
 
 
 @pytest.fixture
-def web_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:  # noqa: F811
+def web_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     password = tmp_path / "password"
     password.write_text("pw-for-tests\n")
     return {**env, "SONOCASE_DICOMWEB_USER": "librarian", "SONOCASE_DICOMWEB_PASSWORD_FILE": str(password)}
@@ -68,7 +70,7 @@ def test_add_copies_labelled_studies_from_a_dicomweb_archive(
 def test_add_from_a_dicomweb_archive_says_what_is_wrong(
     web_env: dict[str, str],
     env: dict[str, str],
-    studies: tuple[Path, Path],  # noqa: F811
+    studies: tuple[Path, Path],
     archive: tuple[Orthanc, str],
 ) -> None:
     orthanc, _ = archive

@@ -16,10 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from conftest import dcmtk, wait_for
-from dicom_peers import data_set_offset, split_file, ultrasound_files
 from dicomweb_client.api import DICOMwebClient
-from dicomweb_support import BOUNDARY, MULTIPART, TOKEN, ReceivingNode, curl, multipart
 from prometheus_client import CollectorRegistry
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -42,6 +39,9 @@ from service.ingest.stow import (
 )
 from service.ledger import Ledger, StudyState, open_ledger
 from service.settings import Settings
+from tests.support.common import dcmtk, wait_for
+from tests.support.dicom_peers import data_set_offset, split_file, ultrasound_files
+from tests.support.dicomweb import BOUNDARY, MULTIPART, TOKEN, ReceivingNode, curl, multipart
 
 US_FILES = ("US1_UNCR.dcm", "OBXXXX1A.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "OBXXXX1A_expb.dcm")
 
@@ -248,6 +248,7 @@ def test_parts_count_against_the_receivers_size_limit_and_memory_budget(
 # --- over HTTP, real clients ------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_dicomweb_client_stores_every_ultrasound_file(node: ReceivingNode) -> None:
     datasets = [pydicom.dcmread(f.path) for f in ultrasound_files()]
     web = DICOMwebClient(node.url, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -262,6 +263,7 @@ def test_dicomweb_client_stores_every_ultrasound_file(node: ReceivingNode) -> No
     assert node.incoming() == []
 
 
+@pytest.mark.integration
 def test_curl_upload_is_stored_byte_for_byte(node: ReceivingNode, tmp_path: Path) -> None:
     study = generate_uid()
     sent = [copy_into(name, study, tmp_path) for name in US_FILES]
@@ -286,6 +288,7 @@ def stow_count(status: str) -> float:
     return registry.get_sample_value("sonocase_stow_instances_total", {"status": status}) or 0.0
 
 
+@pytest.mark.integration
 def test_bad_input_gets_its_status_and_reason_and_leaves_nothing(node: ReceivingNode, tmp_path: Path) -> None:
     counted = {status: stow_count(status) for status in ("0x0000", "0x0122", "0xC000")}
     study = generate_uid()
@@ -348,6 +351,7 @@ def test_bad_input_gets_its_status_and_reason_and_leaves_nothing(node: Receiving
     assert len(node.spooled()) == 2
 
 
+@pytest.mark.integration
 def test_no_or_wrong_token_is_refused(node: ReceivingNode, tmp_path: Path) -> None:
     body = tmp_path / "body"
     body.write_bytes(multipart([copy_into("US1_UNCR.dcm", generate_uid(), tmp_path).read_bytes()]))
@@ -357,6 +361,7 @@ def test_no_or_wrong_token_is_refused(node: ReceivingNode, tmp_path: Path) -> No
     assert node.spooled() == [] and node.incoming() == []
 
 
+@pytest.mark.integration
 def test_off_without_a_web_token(settings: Settings) -> None:
     ledger = open_ledger(settings, durable=False)
     receiving = ReceivingNode(settings, ledger)
@@ -373,6 +378,7 @@ def test_off_without_a_web_token(settings: Settings) -> None:
         ledger.close()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_c_store_is_served_while_a_stow_upload_is_half_way(node: ReceivingNode, tmp_path: Path) -> None:
     study = generate_uid()
@@ -395,6 +401,7 @@ def test_c_store_is_served_while_a_stow_upload_is_half_way(node: ReceivingNode, 
     assert len(node.spooled()) == 2 and node.incoming() == []
 
 
+@pytest.mark.integration
 def test_a_study_partly_over_dimse_partly_over_stow_completes_as_one(node: ReceivingNode, tmp_path: Path) -> None:
     study = generate_uid()
     by_dimse = [copy_into(name, study, tmp_path) for name in US_FILES[:2]]
@@ -412,6 +419,7 @@ def test_a_study_partly_over_dimse_partly_over_stow_completes_as_one(node: Recei
     assert len(ledger.studies()) == 1
 
 
+@pytest.mark.integration
 def test_an_upload_larger_than_the_free_disk(stow_settings: Settings, small_disk: Path, tmp_path: Path) -> None:
     """A real full disk: the spool on a 6 MiB tmpfs. With a Content-Length the
     upload is refused before it is read (413); without one (chunked, as
@@ -447,6 +455,7 @@ def test_an_upload_larger_than_the_free_disk(stow_settings: Settings, small_disk
         ledger.close()
 
 
+@pytest.mark.integration
 def test_a_busy_node_refuses_before_reading_or_per_instance(stow_settings: Settings, tmp_path: Path) -> None:
     """The C-STORE receiver's back-pressure (max_pending_studies): 503 with
     Retry-After while the body is still unread, or 0xA700 per instance when the
@@ -470,6 +479,7 @@ def test_a_busy_node_refuses_before_reading_or_per_instance(stow_settings: Setti
         ledger.close()
 
 
+@pytest.mark.integration
 def test_a_request_of_many_empty_parts_is_bounded(
     stow_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,18 +16,17 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from conftest import free_port
-from dicomweb_support import TOKEN, ReceivingNode
-from orthanc import Orthanc, orthanc  # noqa: F401  (the fixture)
 from pydicom.uid import EnhancedSRStorage, KeyObjectSelectionDocumentStorage, SegmentationStorage, generate_uid
-from test_receiver_network import self_signed
-from test_reports_support import analysed_study, dciodvfy_errors
 
 from service.delivery.dicomweb import StowOutcome, stow_outcomes
 from service.delivery.sender import Sender
 from service.ledger import Ledger, OutboxState, StudyState, open_ledger
 from service.reports.build import build_reports
 from service.settings import DicomWebDestination, Settings, load_settings
+from tests.support.common import free_port, self_signed
+from tests.support.dicomweb import TOKEN, ReceivingNode
+from tests.support.orthanc import Orthanc
+from tests.support.reports import analysed_study, dciodvfy_errors
 
 FAR_FUTURE = 4e9
 FILES = ["US1_UNCR.dcm", "OBXXXX1A.dcm"]
@@ -85,6 +84,7 @@ def test_outcomes_from_a_stow_response() -> None:
 # --- against Orthanc ----------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_results_arrive_byte_valid_in_the_right_study(settings: Settings, orthanc: Orthanc) -> None:
     s = to(settings, orthanc.dicomweb_url)
     ledger = open_ledger(s, durable=False)
@@ -103,6 +103,7 @@ def test_results_arrive_byte_valid_in_the_right_study(settings: Settings, orthan
         ledger.close()
 
 
+@pytest.mark.integration
 def test_basic_authentication_from_a_password_file(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -129,6 +130,7 @@ def test_basic_authentication_from_a_password_file(
         archive.stop()
 
 
+@pytest.mark.integration
 def test_a_partly_stored_request_resends_only_what_failed(settings: Settings, orthanc: Orthanc) -> None:
     """One object of the study carries another Study Instance UID (an outbox file
     changed behind our back): Orthanc stores the others and fails it (HTTP 409, the
@@ -217,15 +219,16 @@ class FaultyArchive:
 
 
 @pytest.fixture
-def faulty(orthanc: Orthanc) -> Iterator[FaultyArchive]:  # noqa: F811
+def faulty(orthanc: Orthanc) -> Iterator[FaultyArchive]:
     archive = FaultyArchive(orthanc.url)
     yield archive
     archive.stop()
 
 
+@pytest.mark.integration
 def test_503_and_a_dropped_upload_lose_nothing(
     settings: Settings,
-    orthanc: Orthanc,  # noqa: F811
+    orthanc: Orthanc,
     faulty: FaultyArchive,
 ) -> None:
     s = to(settings, faulty.url)
@@ -247,6 +250,7 @@ def test_503_and_a_dropped_upload_lose_nothing(
         ledger.close()
 
 
+@pytest.mark.integration
 def test_an_archive_that_never_answers_times_out(settings: Settings) -> None:
     """A port that takes the connection (the kernel's backlog) and never answers:
     each try ends after dicomweb_timeout_s, recorded and retried."""
@@ -285,6 +289,7 @@ def node_b(tmp_path: Path) -> Iterator[ReceivingNode]:
     ledger.close()
 
 
+@pytest.mark.integration
 def test_https_peer_verified_against_the_site_ca(settings: Settings, tmp_path: Path, node_b: ReceivingNode) -> None:
     s = to(settings, node_b.url, dicomweb_token_file=secret(tmp_path, "token", TOKEN))
     ledger = open_ledger(s, durable=False)
@@ -298,6 +303,7 @@ def test_https_peer_verified_against_the_site_ca(settings: Settings, tmp_path: P
         ledger.close()
 
 
+@pytest.mark.integration
 def test_bearer_token_and_the_sr_fallback_against_our_stow_endpoint(
     settings: Settings,
     tmp_path: Path,

@@ -17,7 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from worker_support import (
+
+from service.ledger import StudyState, open_ledger
+from service.results import StudyResult
+from service.settings import Settings
+from tests.support.worker import (
     PrivateRedis,
     Process,
     child_env,
@@ -27,9 +31,7 @@ from worker_support import (
     write_study,
 )
 
-from service.ledger import StudyState, open_ledger
-from service.results import StudyResult
-from service.settings import Settings
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

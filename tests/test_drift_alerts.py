@@ -14,7 +14,6 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from test_web import BEARER, _http, _settings
 
 from service.ledger import InstanceRecord, Ledger
 from service.monitoring.drift import DriftConfig
@@ -22,6 +21,7 @@ from service.monitoring.watcher import DriftWatcher, MonitoringCollector
 from service.ops.web import build_web_server
 from service.pipeline.analysis import summarise_study
 from service.results import FrameResult, ImageResult, ModelIdentity, StudyAttributes, StudyResult
+from tests.support.web import BEARER, web_request, web_settings
 
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 CLASSES = ["normal", "benign", "malignant"]
@@ -98,6 +98,7 @@ def _two_scanners(ledger: Ledger) -> None:
             _store_result(ledger, f"1.2.{n}.{i}", scanner, point, ood=drifted and i % 4 == 0, now=1e9 + i)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("ledger", ["sqlite", "postgresql"], indirect=True)
 def test_the_node_finds_a_drifted_scanner_and_not_a_steady_one(ledger: Ledger) -> None:
     _two_scanners(ledger)
@@ -118,14 +119,15 @@ def test_the_node_finds_a_drifted_scanner_and_not_a_steady_one(ledger: Ledger) -
     assert _metrics(registry)[("sonocase_drift_studies", (("scanner", "New Probe"),))] == 1.0
 
 
+@pytest.mark.integration
 def test_the_status_page_heads_with_the_drift_alarm(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    settings = web_settings(tmp_path)
     ledger = Ledger(settings.ledger_path, durable=False)
     _two_scanners(ledger)
     server = build_web_server(settings, ledger)
     server.start()
     try:
-        status, _, body = _http(f"http://127.0.0.1:{server.port}", "/status", headers=BEARER)
+        status, _, body = web_request(f"http://127.0.0.1:{server.port}", "/status", headers=BEARER)
     finally:
         server.stop()
         ledger.close()
@@ -133,6 +135,7 @@ def test_the_status_page_heads_with_the_drift_alarm(tmp_path: Path) -> None:
     assert status == 200 and alarms == [b"Other Co Echo 2"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("ledger", ["sqlite"], indirect=True)
 def test_alert_rules_pass_promtool_and_read_the_collector_s_metrics(ledger: Ledger) -> None:
     promtool = shutil.which("promtool")

@@ -15,9 +15,14 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from conftest import free_port, wait_for
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
-from test_reports_support import (
+
+from service.ledger import Ledger, StudyState
+from service.reports.sr import assessed_frames, reading_order
+from service.results import NO_LESION, StudyResult
+from service.settings import Settings, load_settings
+from tests.support.common import free_port, wait_for
+from tests.support.reports import (
     Storescp,
     data_file,
     dciodvfy_errors,
@@ -26,12 +31,9 @@ from test_reports_support import (
     expected_outputs,
     start_storescp,
 )
-from worker_support import Process, serve, storescu, write_study
+from tests.support.worker import Process, serve, storescu, write_study
 
-from service.ledger import Ledger, StudyState
-from service.reports.sr import assessed_frames, reading_order
-from service.results import NO_LESION, StudyResult
-from service.settings import Settings, load_settings
+pytestmark = pytest.mark.integration
 
 #: Real ultrasound files pushed as they are (each its own study): RGB, palette
 #: colour, a 30-frame JPEG cine.

@@ -42,7 +42,7 @@ from training.train import (
     train,
 )
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
+pytestmark = [pytest.mark.heavy, pytest.mark.usefixtures("torch_single_thread")]
 
 SIZE = 64
 

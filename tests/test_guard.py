@@ -82,6 +82,7 @@ def test_auroc_counts_ties_half() -> None:
     assert auroc(np.array([2.0, 3.0]), np.array([0.0])) == 0.0
 
 
+@pytest.mark.heavy
 def test_the_shipped_guard_flags_every_frame_of_the_real_ultrasound_files(model: OnnxModel) -> None:
     """Echocardiograms, obstetric and abdominal scans: not one breast, and not one
     frame the node would analyse passes the guard."""
@@ -96,6 +97,7 @@ def test_the_shipped_guard_flags_every_frame_of_the_real_ultrasound_files(model:
     assert frames >= 20
 
 
+@pytest.mark.heavy
 def test_the_shipped_guard_passes_synthetic_studies_as_the_node_receives_them(model: OnnxModel) -> None:
     scores = []
     for k, label in enumerate(("normal", "benign", "malignant") * 4):

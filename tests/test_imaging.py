@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_peers import ULTRASOUND_FILES, ultrasound_files
 from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
@@ -37,6 +36,7 @@ from service.model.imaging import (
     ultrasound_region,
 )
 from service.model_card import InputSpec
+from tests.support.dicom_peers import ULTRASOUND_FILES, ultrasound_files
 
 SPEC = InputSpec(height=96, width=80, mean=0.4, std=0.2)
 
@@ -247,6 +247,7 @@ def test_a_blank_real_frame_without_regions_is_not_analysed(name: str) -> None:
     assert all(frame.frame_number != BLANK_FRAMES.get(name, 1) for frame in prepared.frames)
 
 
+@pytest.mark.heavy
 def test_no_frame_of_a_real_file_is_a_tiny_region_with_or_without_regions() -> None:
     for name in sorted(ULTRASOUND_FILES):
         for ds in (_read(name), _without_regions(name)):

@@ -68,6 +68,7 @@ def test_outputs_follow_the_interface(model: OnnxModel) -> None:
     assert model.provider == CPU and model.identity.sha256 == model.card.sha256
 
 
+@pytest.mark.heavy
 def test_batches_are_split_at_batch_size_without_changing_results(model_path: Path) -> None:
     batch = _batch(OnnxModel(model_path, "cpu"), 7, seed=1)
     small = OnnxModel(model_path, "cpu", batch_size=3).run(batch)
@@ -81,6 +82,7 @@ def test_batches_are_split_at_batch_size_without_changing_results(model_path: Pa
         assert np.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_gradcam_explains_the_predicted_class_unless_told_otherwise(model: OnnxModel) -> None:
     batch = _batch(model, 6, seed=2)
     default = model.run(batch)
@@ -181,6 +183,7 @@ def test_execution_provider_choice() -> None:
         choose_providers("cuda", [CPU])
 
 
+@pytest.mark.heavy
 def test_synthetic_dicom_studies_through_the_worker_preparation_are_classified_above_chance(
     model: OnnxModel,
 ) -> None:
@@ -199,6 +202,7 @@ def test_synthetic_dicom_studies_through_the_worker_preparation_are_classified_a
     assert np.mean(recalls) > 0.6, recalls
 
 
+@pytest.mark.heavy
 def test_the_shipped_heatmap_points_at_the_lesion(model: OnnxModel) -> None:
     """The issue's fixed sample of unseen synthetic lesions (generate_records(40,
     size=256, seed=777), benign and malignant), prepared as the node prepares a crop
@@ -217,6 +221,7 @@ def test_the_shipped_heatmap_points_at_the_lesion(model: OnnxModel) -> None:
     assert metrics["all"]["heat_share"] > 2 * metrics["all"]["uniform_heat_share"], metrics
 
 
+@pytest.mark.heavy
 def test_the_shipped_mask_outlines_the_lesion(model: OnnxModel) -> None:
     """The same fixed sample of unseen synthetic images, prepared as the node prepares
     a crop, the mask resized as the node resizes it and thresholded at the card's

@@ -11,10 +11,10 @@ from pathlib import Path
 import psycopg
 import pytest
 import sqlalchemy as sa
-from conftest import force_state, wait_for
 
 from service.ledger import TRANSITIONS, InstanceRecord, Ledger, OutboxState, StudyState
 from service.ledger.schema import studies
+from tests.support.common import force_state, wait_for
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 

@@ -13,16 +13,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileDataset
-from test_reports_support import start_storescp
-from worker_support import serve, storescu, wait_for_state
 
 from service.common.logs import JsonFormatter, PhiFilter, TextFormatter
 from service.ledger import StudyState
 from service.settings import load_settings
+from tests.support.common import free_port
+from tests.support.reports import start_storescp
+from tests.support.worker import serve, storescu, wait_for_state
 
 Captured = tuple[logging.Logger, io.StringIO]
 
@@ -105,6 +105,7 @@ def _not_json(text: str) -> list[str]:
     return bad
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_node_in_json_mode_prints_nothing_but_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sonocase serve` with its worker, HTTP side and every library, from start to
@@ -167,6 +168,7 @@ def test_a_library_warning_quoting_a_patient_name_is_masked(captured: Captured) 
     assert "Doe" not in message and "patient attribute removed" in message and "UserWarning" in message
 
 
+@pytest.mark.integration
 def test_uncaught_exceptions_and_warnings_are_json_records(tmp_path: Path) -> None:
     script = (
         "import threading, warnings\n"

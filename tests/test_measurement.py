@@ -152,6 +152,7 @@ def _bench() -> object:
     return module
 
 
+@pytest.mark.heavy
 def test_the_long_axis_on_the_phantom_is_within_1_mm_and_10_percent() -> None:
     """The bench's measurement on a few patients' true masks, through the DICOM image's
     calibration, against the phantom's exact margin."""

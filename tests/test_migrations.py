@@ -450,6 +450,7 @@ def test_verdicts_given_before_roles_are_kept_without_one(backend: Backend) -> N
         ledger.close()
 
 
+@pytest.mark.integration
 def test_a_ledger_upgraded_by_a_newer_sonocase_is_refused(backend: Backend, tmp_path: Path) -> None:
     backend.open().close()
     backend.execute("UPDATE alembic_version SET version_num='9999'")
@@ -461,6 +462,7 @@ def test_a_ledger_upgraded_by_a_newer_sonocase_is_refused(backend: Backend, tmp_
     assert done.returncode == 1 and "does not know (it knows up to" in done.stderr
 
 
+@pytest.mark.integration
 def test_migrate_command_upgrades_and_says_so(backend: Backend, tmp_path: Path) -> None:
     if not backend.url:
         backend.path = tmp_path / "data" / "ledger.sqlite3"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from worker_support import receive
 
 from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger
@@ -14,6 +13,7 @@ from service.pipeline.tasks import WorkerState, process_study
 from service.results import ModelIdentity, StudyResult
 from service.settings import Settings
 from service.similar.index import SimilarCaseIndex, StoredImage
+from tests.support.worker import receive
 
 NEW_MODEL = ModelIdentity(name="sonocase-hybrid", version="9.0.0", sha256="c" * 64)
 
@@ -24,6 +24,7 @@ def _result(ledger: Ledger, study_uid: str) -> StudyResult:
     return StudyResult.model_validate(stored)
 
 
+@pytest.mark.heavy
 def test_a_worker_of_the_old_model_stops_using_a_rebuilt_index(
     settings: Settings, ledger: Ledger, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -77,6 +77,7 @@ def test_hybrid_variants(kw: dict[str, object]) -> None:
         assert isinstance(model.rows.rnn, nn.GRU)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(("layer", "side"), [("conv5_3", SIZE // 16), ("conv4_3", SIZE // 8), ("conv3_3", SIZE // 4)])
 def test_hybrid_cam_layer_moves_the_map_not_the_weights(layer: str, side: int) -> None:
     """A finer Grad-CAM layer splits the same network elsewhere: same parameters,

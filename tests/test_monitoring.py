@@ -93,6 +93,7 @@ def test_performance_equals_evaluate_on_the_same_outputs(seed: int) -> None:
         assert estimate.low <= estimate.value <= estimate.high
 
 
+@pytest.mark.heavy
 def test_intervals_cover_the_truth_about_95_percent_of_the_time() -> None:
     """Wilson's interval of sensitivity and the bootstrap interval of ROC AUC, on 100
     samples of 150 cases from a population whose values are known."""
@@ -124,6 +125,7 @@ def test_cohen_kappa_agrees_with_scikit_learn() -> None:
     assert cohen_kappa(np.zeros(5, int), np.zeros(5, int), 3) is None  # all agree on one class: undefined
 
 
+@pytest.mark.heavy
 def test_grouped_by_month_and_scanner() -> None:
     cases = [
         Case((0.1, 0.2, 0.7), 2, "2026-11", "ACME Sono 1"),
@@ -163,6 +165,7 @@ def _embedding_like(rng: np.random.Generator, n: int, shift: float = 0.0) -> np.
     return points
 
 
+@pytest.mark.heavy
 def test_mmd_finds_a_shift_the_classes_hide_and_stays_calm_without_one() -> None:
     rng = np.random.default_rng(0)
     reference = _embedding_like(rng, 100)
@@ -176,6 +179,7 @@ def test_study_embeddings_average_each_studys_images_in_arrival_order() -> None:
     assert study_embeddings(embeddings, ["b", "b", "a", "c"]).tolist() == [[2.0, 0.0], [0.0, 2.0], [5.0, 5.0]]
 
 
+@pytest.mark.heavy
 def test_watch_alarms_only_after_the_change() -> None:
     rng = np.random.default_rng(5)
     stream = np.concatenate([_embedding_like(rng, 200), _embedding_like(rng, 100, shift=1.5)])
@@ -186,6 +190,7 @@ def test_watch_alarms_only_after_the_change() -> None:
     assert windows[0].class_mix == (1.0, 0.0, 0.0)
 
 
+@pytest.mark.heavy
 def test_watch_alarms_on_the_pictures_when_the_embedding_does_not_move() -> None:
     """A probe swap the model's embedding ignores still moves the domain guard's score."""
     rng = np.random.default_rng(6)
@@ -202,6 +207,7 @@ def test_drift_config_refuses_a_level_its_permutations_cannot_reach() -> None:
         DriftConfig(alpha=0.001, permutations=999)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_bench_quick_detects_the_probe_swap_without_false_alarm(tmp_path: Path) -> None:
     """bench/monitoring.py --quick on the shipped model: rendered phantom, real ONNX Runtime."""

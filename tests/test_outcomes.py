@@ -11,9 +11,7 @@ from pathlib import Path
 
 import hl7
 import pytest
-from conftest import free_port
 from hl7.client import MLLPClient
-from worker_support import child_env
 
 from service.datasets.synthetic import synthetic_study
 from service.ledger import InstanceRecord, Ledger, Outcome
@@ -23,6 +21,8 @@ from service.outcomes.mllp import MllpService
 from service.outcomes.records import parse_csv
 from service.pipeline.analysis import study_attributes
 from service.settings import Settings
+from tests.support.common import free_port
+from tests.support.worker import child_env
 
 
 def analysed_study(ledger: Ledger, study_uid: str, accession: str) -> None:
@@ -118,6 +118,7 @@ def test_ack_codes_follow_hl7() -> None:
     assert receive(oru("M4")).ack_code == "AE"  # neither accession number nor Study Instance UID
 
 
+@pytest.mark.integration
 def test_oru_over_a_real_mllp_connection_is_stored_before_its_ack(settings: Settings, ledger: Ledger) -> None:
     service = MllpService(settings, ledger, port=0)
     service.start()
@@ -149,6 +150,7 @@ def test_oru_over_a_real_mllp_connection_is_stored_before_its_ack(settings: Sett
         service.stop()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("ledger", ["sqlite"], indirect=True)  # PostgreSQL reconnects a closed handle
 def test_a_message_that_cannot_be_stored_gets_ar(settings: Settings, ledger: Ledger) -> None:
     service = MllpService(settings, ledger, port=0)
@@ -161,6 +163,7 @@ def test_a_message_that_cannot_be_stored_gets_ar(settings: Settings, ledger: Led
         service.stop()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("ledger", ["sqlite"], indirect=True)
 def test_cli_imports_a_csv_once_and_lists_what_waits(settings: Settings, ledger: Ledger, tmp_path: Path) -> None:
     analysed_study(ledger, "1.2.3.1", "ACC1")
@@ -197,6 +200,7 @@ def test_analysis_keeps_the_headers_outcomes_are_matched_on() -> None:
     assert (got.manufacturer, got.model_name, got.patient_key) == ("ACME", "Sono 9", "")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("ledger", ["sqlite"], indirect=True)
 def test_the_node_runs_the_hl7_listener_only_when_its_port_is_set(settings: Settings, ledger: Ledger) -> None:
     assert not [s for s in node_services(settings, ledger) if isinstance(s, MllpService)]

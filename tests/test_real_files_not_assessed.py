@@ -19,14 +19,14 @@ from typing import Any
 
 import pydicom
 import pytest
-from dicom_peers import ULTRASOUND_FILES
-from test_real_files import Site, start_site
-from test_reports_support import default_template
-from worker_support import child_env
 
 from service.ledger import StudyState
+from tests.support.dicom_peers import ULTRASOUND_FILES
+from tests.support.reports import default_template
+from tests.support.site import Site, start_site
+from tests.support.worker import child_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 BREAST = {"BodyPartExamined": "BREAST", "StudyDescription": "BREAST"}
 

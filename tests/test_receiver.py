@@ -9,19 +9,14 @@ import threading
 import time
 import warnings
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import force_state, wait_for
-from dicom_peers import ULTRASOUND_FILES, UsFile, split_file, ultrasound_files
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
-from hypothesis import strategies as st
 from pydicom import config as pydicom_config
-from pydicom import dcmread, dcmwrite
+from pydicom import dcmread
 from pydicom.uid import (
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
@@ -50,10 +45,12 @@ from service.ingest.store import (
 from service.ledger import InstanceRecord, Ledger, StudyState
 from service.pipeline.completion import CompletionLoop, complete_quiet_studies
 from service.settings import Settings, load_settings
+from tests.support.common import force_state, wait_for
+from tests.support.dicom_peers import ULTRASOUND_FILES, UsFile, rewrite, ultrasound_files
+from tests.support.fuzz import SMALL, Mutation, mutations
 
 US_FILES = {f.name: f for f in ultrasound_files()}
 MAX_DATASET = 256 << 20
-SMALL = ("ExplVR_BigEnd.dcm", "OBXXXX1A_rle.dcm", "US1_J2KI.dcm", "gdcm-US-ALOKA-16.dcm")
 
 
 @pytest.fixture
@@ -68,22 +65,6 @@ def scp(settings: Settings, ledger: Ledger) -> StoreSCP:
     store = StoreSCP(settings, ledger)
     yield store
     store.close()
-
-
-def rewrite(tmp_path: Path, name: str, transfer_syntax: str | None = None, **changes: object) -> UsFile:
-    """A real file with some attributes changed (``None`` deletes), re-encoded by pydicom."""
-    ds = dcmread(US_FILES[name].path)
-    for keyword, value in changes.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    syntax = UID(transfer_syntax or ds.file_meta.TransferSyntaxUID)
-    ds.file_meta.TransferSyntaxUID = syntax
-    out = tmp_path / f"{name}.{len(list(tmp_path.iterdir()))}.dcm"
-    # force_encoding: pydicom converts between byte orders only when told to.
-    dcmwrite(out, ds, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian, force_encoding=True)
-    return split_file(out)
 
 
 def store(scp: StoreSCP, f: UsFile, raw: bytes | None = None) -> StoreStatus:
@@ -470,38 +451,7 @@ def test_internal_error_is_a_failure_status(scp: StoreSCP, ledger: Ledger) -> No
     assert outcome.status == StoreStatus.PROCESSING_FAILURE and outcome.comment == "internal error: ResourceClosedError"
 
 
-@dataclass(frozen=True)
-class Mutation:
-    """Edits to a real file's data set; its repr stays short for hypothesis reports."""
-
-    name: str
-    edits: tuple[tuple[str, int, bytes], ...]
-
-    def apply(self) -> bytes:
-        data = bytearray(US_FILES[self.name].data_set)
-        for kind, pos, value in self.edits:
-            pos = min(pos, len(data))
-            if kind == "set":
-                data[pos : pos + 1] = value
-            elif kind == "cut":
-                del data[pos : pos + len(value)]
-            else:
-                data[pos:pos] = value
-        return bytes(data)
-
-
-@st.composite
-def mutations(draw: st.DrawFn) -> Mutation:
-    name = draw(st.sampled_from(SMALL))
-    size = len(US_FILES[name].data_set)
-    edits = []
-    for _ in range(draw(st.integers(1, 8))):
-        # Most of a file is pixel data: aim half the edits at the element headers up front.
-        pos = draw(st.integers(0, min(size, 2048) - 1) | st.integers(0, size - 1))
-        edits.append((draw(st.sampled_from(["set", "cut", "insert"])), pos, draw(st.binary(min_size=1, max_size=16))))
-    return Mutation(name, tuple(edits))
-
-
+@pytest.mark.heavy
 @hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutation=mutations())
 def test_fuzzed_real_files_never_escape_the_store(tmp_path_factory: pytest.TempPathFactory, mutation: Mutation) -> None:

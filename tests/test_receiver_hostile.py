@@ -1,5 +1,5 @@
 """A node that a port scan, a silent peer or a crafted data set cannot take down
-(issues 15 and 24), on each receiver engine: each attack from tests/attacks.py against
+(issues 15 and 24), on each receiver engine: each attack from tests/support/attacks.py against
 a real `sonocase serve`, over real sockets on 127.0.0.1, with the node's peak memory
 over idle held to the documented bound, a real DCMTK storescu storing a new study
 while the attack runs, and /healthz answering throughout."""
@@ -12,17 +12,19 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-import attacks
 import pytest
-from attacks import Node
-from conftest import free_port, wait_for
-from dicom_peers import cstore_fragments
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import UltrasoundImageStorage
 
 from service.ingest.rules import StoreStatus
+from tests.support import attacks
+from tests.support.attacks import Node
+from tests.support.common import free_port, wait_for
+from tests.support.dicom_peers import cstore_fragments
+
+pytestmark = pytest.mark.integration
 
 #: The limits the node runs with here: short timeouts, small budgets.
 LIMITS = {

@@ -10,9 +10,7 @@ import threading
 import zlib
 from pathlib import Path
 
-import attacks
 import pytest
-from dicom_peers import ultrasound_files
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -26,12 +24,15 @@ from pynetdicom.transport import AddressInformation
 from service.common.deflate import InflatedTooLarge, InflateError, inflate, inflated_size, read_instance
 from service.common.hosts import allowed_networks, host_allowed
 from service.ingest.admission import Gate, PduBoundedSocket
-from service.ingest.fast import PDU_MARGIN, ReceiverDUL, ReceiverSocket
+from service.ingest.fast import ReceiverDUL, ReceiverSocket
 from service.ingest.nesting import MAX_SEQUENCE_DEPTH, too_deep
 from service.ingest.rules import InvalidInstance, StoreStatus, encode_file_meta, parse_instance
 from service.ingest.store import MemoryBudget, StoreSCP
 from service.ledger import Ledger
 from service.settings import Settings, SettingsError, load_settings
+from tests.support import attacks
+from tests.support.dicom_peers import ultrasound_files
+from tests.support.fuzz import pdu_streams
 
 MB = 1 << 20
 US_FILES = {f.name: f for f in ultrasound_files()}
@@ -167,6 +168,7 @@ def deflated(data: bytes) -> bytes:
     return deflater.compress(data) + deflater.flush()
 
 
+@pytest.mark.heavy
 def test_inflation_stops_at_its_bound_in_constant_memory() -> None:
     bomb = attacks.deflate_bomb(generate_uid(), 512)
     with pytest.raises(InflatedTooLarge):
@@ -319,21 +321,7 @@ def test_a_restart_removes_spool_files_the_ledger_does_not_know(settings: Settin
 _EVENTS = {"Evt3", "Evt4", "Evt6", "Evt10", "Evt12", "Evt13", "Evt16", "Evt17", "Evt19"}
 
 
-@st.composite
-def pdu_streams(draw: st.DrawFn) -> bytes:
-    """PDU headers with any type and length (some announcing up to 4 GiB), and bodies
-    shorter, longer or garbled."""
-    out = b""
-    for _ in range(draw(st.integers(1, 4))):
-        pdu_type = draw(st.integers(0, 9))
-        body = draw(st.binary(max_size=300))
-        length = draw(
-            st.sampled_from([len(body), len(body) + 5, 0xFFFFFFF0, MB + PDU_MARGIN + 1]) | st.integers(0, (1 << 32) - 1)
-        )
-        out += struct.pack(">BBL", pdu_type, draw(st.integers(0, 255)), length) + body
-    return out + draw(st.binary(max_size=8))
-
-
+@pytest.mark.heavy
 @hsettings(max_examples=300, deadline=None)
 @given(stream=pdu_streams())
 def test_fuzzed_pdus_end_in_an_event_and_never_in_memory(stream: bytes) -> None:

@@ -5,7 +5,6 @@ both engines (``engine``), unless a test is about one."""
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import subprocess
 import time
@@ -13,19 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import attacks
 import pynetdicom
 import pytest
-from conftest import dcmtk, free_port, wait_until
-from dicom_peers import (
-    ULTRASOUND_FILES,
-    UsFile,
-    cstore_fragments,
-    data_set_offset,
-    send_raw,
-    split_file,
-    ultrasound_files,
-)
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -33,19 +21,11 @@ from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
-    RLELossless,
 )
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
@@ -53,8 +33,6 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
-from test_receiver import Mutation, mutations, rewrite
-from test_receiver_limits import pdu_streams
 
 from service.common.metrics import CONNECTIONS_REFUSED, CSTORE_RESPONSES
 from service.common.spool import free_disk_mb
@@ -65,24 +43,25 @@ from service.ingest.server import ReceiverService, handle_store
 from service.ingest.store import StoreSCP
 from service.ledger import Ledger
 from service.settings import Settings
+from tests.support import attacks
+from tests.support.common import dcmtk, free_port, self_signed, wait_until
+from tests.support.dicom_peers import (
+    DCMTK_ENV,
+    STORESCU_SYNTAX_OPTION,
+    ULTRASOUND_FILES,
+    UsFile,
+    cstore_fragments,
+    data_set_offset,
+    rewrite,
+    send_raw,
+    split_file,
+    ultrasound_files,
+)
+from tests.support.fuzz import Mutation, mutations, pdu_streams
+
+pytestmark = pytest.mark.integration
 
 US_FILES = {f.name: f for f in ultrasound_files()}
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-#: The storescu option that proposes a file's own transfer syntax first: no transcoding.
-STORESCU_SYNTAX_OPTION = {
-    ImplicitVRLittleEndian: "-xi",
-    ExplicitVRLittleEndian: "-xe",
-    ExplicitVRBigEndian: "-xb",
-    DeflatedExplicitVRLittleEndian: "-xd",
-    JPEGBaseline8Bit: "-xy",
-    JPEGExtended12Bit: "-xx",
-    JPEGLosslessSV1: "-xs",
-    JPEGLSLossless: "-xt",
-    JPEGLSNearLossless: "-xu",
-    JPEG2000Lossless: "-xv",
-    JPEG2000: "-xw",
-    RLELossless: "-xr",
-}
 
 
 class Receiver:
@@ -575,33 +554,6 @@ def test_fuzzed_pdus_over_the_network_keep_the_scp_serving(receiver: Receiver, s
 
 
 # --- DICOM TLS ----------------------------------------------------------------------------
-
-
-def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={name}",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def client_context(server_cert: Path, client: tuple[Path, Path] | None = None) -> ssl.SSLContext:

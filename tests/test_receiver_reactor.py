@@ -20,7 +20,6 @@ from io import BytesIO
 from typing import Any
 
 import pytest
-from conftest import dcmtk, free_port, wait_until
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, evt
@@ -52,6 +51,7 @@ from service.ingest.server import start_receiver, stop_server
 from service.ingest.store import StoreSCP
 from service.ledger import Ledger
 from service.settings import Settings
+from tests.support.common import dcmtk, free_port, wait_until
 
 
 @pytest.fixture
@@ -110,6 +110,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.integration
 def test_dul_waits_on_the_network_and_closes_its_wake_up_socket(server: ReceiverServer, settings: Settings) -> None:
     """DCMTK's echoscu (20 C-ECHOs an association, five associations): each DUL thread
     had its wake-up socket while it served, closed it when it ended, and no file

@@ -17,9 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from chromium import Chromium
-from conftest import free_port
-from worker_support import child_env
 
 from service.common.spool import instance_path, write_atomic
 from service.datasets.synthetic import synthetic_study
@@ -33,6 +30,11 @@ from service.ops.monitoring_page import monitoring_router
 from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
 from service.pipeline.analysis import analyse_study
 from service.settings import Settings
+from tests.support.chromium import Chromium
+from tests.support.common import free_port
+from tests.support.worker import child_env
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "onnx_models" / "sonocase-hybrid.onnx"

@@ -15,12 +15,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_reports_support import analyse, dciodvfy_errors, default_template, store_datasets, store_study
 
 from service.datasets.synthetic import synthetic_cine, synthetic_study
 from service.ledger import Ledger
 from service.reports.build import build_objects, read_sources
 from service.settings import Settings, load_settings
+from tests.support.reports import analyse, dciodvfy_errors, default_template, store_datasets, store_study
 
 PIXELMED = Path("/usr/share/java/pixelmed.jar")
 VALIDATOR = Path(__file__).with_name("PixelmedValidate.java")
@@ -28,6 +28,7 @@ VALIDATOR = Path(__file__).with_name("PixelmedValidate.java")
 JAVA_OPTIONS = ["-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0"]
 
 pytestmark = [
+    pytest.mark.integration,
     pytest.mark.skipif(
         shutil.which("javac") is None or not PIXELMED.is_file(),
         reason="PixelMed's validator needs a JDK and libpixelmed-java (scripts/setup.sh installs them)",

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import force_state
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -19,7 +18,13 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
-from test_reports_support import (
+
+from service.ledger import Ledger, StudyState
+from service.reports.build import build_reports, rebuild_sr
+from service.reports.validation import check_object
+from service.settings import Settings, load_settings
+from tests.support.common import force_state
+from tests.support.reports import (
     DEFAULT_TEMPLATE,
     analyse,
     analysed_study,
@@ -27,11 +32,6 @@ from test_reports_support import (
     outbox_kinds,
     store_study,
 )
-
-from service.ledger import Ledger, StudyState
-from service.reports.build import build_reports, rebuild_sr
-from service.reports.validation import check_object
-from service.settings import Settings, load_settings
 
 DESTINATIONS = "PACS@127.0.0.1:11112,ARCHIVE@127.0.0.1:11113"
 
@@ -41,6 +41,7 @@ def to_two(settings: Settings) -> Settings:
     return settings.model_copy(update={"destinations": load_settings(destinations=DESTINATIONS).destinations})
 
 
+@pytest.mark.integration
 def test_objects_are_written_checked_queued_and_the_study_reported(to_two: Settings, ledger: Ledger) -> None:
     study = analysed_study(to_two, ledger, skip=[3])
     paths = build_reports(to_two, ledger, study.uid, study.reference_images)
@@ -64,6 +65,7 @@ def test_objects_are_written_checked_queued_and_the_study_reported(to_two: Setti
     assert row.state == StudyState.REPORTED and row.reported_at is not None
 
 
+@pytest.mark.heavy
 def test_building_again_rewrites_the_same_objects_and_queues_nothing_new(to_two: Settings, ledger: Ledger) -> None:
     study = analysed_study(to_two, ledger, files=["US1_UNCR.dcm"])
     first = build_reports(to_two, ledger, study.uid, study.reference_images)
@@ -108,6 +110,7 @@ def test_images_of_the_retired_ultrasound_class_are_reported(settings: Settings,
         assert build_reports(settings, ledger, study.uid), ledger.study(study.uid).error
 
 
+@pytest.mark.heavy
 def test_an_object_failing_the_gate_fails_the_study_and_queues_nothing(to_two: Settings, ledger: Ledger) -> None:
     """A result naming a similar study by a SOP Class UID that is no UID (a damaged
     index row): the SR and the montage would carry it, the gate refuses them (a
@@ -175,6 +178,7 @@ def test_reanalysis_reports_a_new_version_referencing_the_first(settings: Settin
     assert item.ReferencedSOPInstanceUID == first.SOPInstanceUID
 
 
+@pytest.mark.integration
 def test_rebuild_in_another_class_for_the_sender(settings: Settings, ledger: Ledger) -> None:
     study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], n_similar=1)
     build_reports(settings, ledger, study.uid, study.reference_images)

@@ -17,15 +17,6 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage
-from test_reports_support import (
-    CHOSEN,
-    LESION_THRESHOLD,
-    analyse,
-    default_template,
-    gaussian_heatmap,
-    store_datasets,
-    store_study,
-)
 
 from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger
@@ -37,6 +28,15 @@ from service.reports.heatmaps import load_heats
 from service.reports.sr import build_sr
 from service.results import StudyResult
 from service.settings import load_settings
+from tests.support.reports import (
+    CHOSEN,
+    LESION_THRESHOLD,
+    analyse,
+    default_template,
+    gaussian_heatmap,
+    store_datasets,
+    store_study,
+)
 
 
 def _study(

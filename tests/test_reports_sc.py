@@ -10,13 +10,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from test_reports_support import (
-    Study,
-    analysed_study,
-    data_file,
-    dciodvfy_errors,
-    default_template,
-)
 
 from service.common.colour import jet
 from service.ledger import Ledger
@@ -37,6 +30,13 @@ from service.reports.sc import (
 from service.reports.sr import decisive_frame
 from service.reports.validation import check_object
 from service.settings import Settings, load_settings
+from tests.support.reports import (
+    Study,
+    analysed_study,
+    data_file,
+    dciodvfy_errors,
+    default_template,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,7 @@ def test_frame_rgb_is_the_models_grayscale_and_checks_the_frame() -> None:
         frame_rgb(ds, 31)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("transfer_syntax", sorted(TRANSFER_SYNTAXES))
 @pytest.mark.parametrize("index", range(4), ids=["rgb", "palette", "cine", "monochrome"])
 def test_heatmap_capture_of_each_kind_of_image(
@@ -126,6 +127,7 @@ def test_heatmap_capture_of_each_kind_of_image(
     assert np.median(band) < 10 and band.max() > 200  # white caption text on a black band
 
 
+@pytest.mark.integration
 def test_montage_references_the_similar_instances_and_survives_missing_ones(
     study: Study,
     tmp_path: Path,
@@ -176,6 +178,7 @@ def test_reference_pictures_are_cut_to_their_bmode_region() -> None:
     assert reference_picture(path).shape == (y1 - y0, x1 - x0, 3)
 
 
+@pytest.mark.integration
 def test_an_image_outside_the_training_domain_gets_not_assessed_and_no_heatmap(
     settings: Settings, ledger: Ledger, tmp_path: Path
 ) -> None:

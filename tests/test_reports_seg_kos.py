@@ -11,7 +11,6 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
-from test_reports_support import Study, analysed_study, data_file, dciodvfy_errors, default_template
 
 from service.common.colour import jet
 from service.ledger import Ledger
@@ -23,6 +22,7 @@ from service.reports.sr import decisive_frame
 from service.reports.validation import check_object
 from service.results import ImageResult
 from service.settings import load_settings
+from tests.support.reports import Study, analysed_study, data_file, dciodvfy_errors, default_template
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,7 @@ def test_images_without_an_overlay_say_why(study: Study, index: int, reason: str
     assert seg_skip_reason(_header(study, 1), np.zeros_like(heat)) == "the heatmap is empty"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("index", [1, 3], ids=["palette", "monochrome"])
 def test_overlay_holds_the_heatmap_levels_on_the_source_grid(study: Study, tmp_path: Path, index: int) -> None:
     template = default_template()
@@ -114,6 +115,7 @@ def test_key_images_are_the_deciding_one_and_every_malignant_one(study: Study) -
     assert flagged == [i.sop_instance_uid for i in result.images if i.sop_instance_uid in flagged]
 
 
+@pytest.mark.integration
 def test_key_image_flag_names_the_images_and_the_sr(study: Study, tmp_path: Path) -> None:
     template = default_template()
     sources = [_header(study, n) for n in range(len(study.paths))]

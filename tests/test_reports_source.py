@@ -16,7 +16,6 @@ import pytest
 from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
-from test_reports_support import DEFAULT_TEMPLATE, analyse, data_file, store_study
 
 from service.common.errors import error_text, format_exception
 from service.common.logs import JsonFormatter, PhiFilter
@@ -26,6 +25,7 @@ from service.reports.source import read_source, repair_values
 from service.reports.template import load_template
 from service.reports.validation import check_object
 from service.settings import Settings
+from tests.support.reports import DEFAULT_TEMPLATE, analyse, data_file, store_study
 
 #: keyword, VR, value as archives hold it, what we write (None: left empty), what the log says
 CASES = [
@@ -93,6 +93,7 @@ def test_valid_values_are_left_alone() -> None:
     assert ds == pydicom.dcmread(data_file("US1_UNCR.dcm"), stop_before_pixels=True)
 
 
+@pytest.mark.heavy
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_study_with_bad_source_values_is_reported_with_valid_ones(
     settings: Settings,

@@ -26,14 +26,6 @@ from pydicom.uid import (
     SegmentationStorage,
     generate_uid,
 )
-from test_reports_support import (
-    DEFAULT_TEMPLATE,
-    Study,
-    analyse,
-    analysed_study,
-    dciodvfy_errors,
-    dsr2html,
-)
 
 from service.ledger import Ledger
 from service.reports.heatmaps import OUTLINE_LEVEL, load_heats
@@ -42,6 +34,14 @@ from service.reports.template import SrTemplate, TemplateError, load_template
 from service.reports.validation import check_object
 from service.results import NO_LESION, FrameResult, ImageResult
 from service.settings import Settings, load_settings
+from tests.support.reports import (
+    DEFAULT_TEMPLATE,
+    Study,
+    analyse,
+    analysed_study,
+    dciodvfy_errors,
+    dsr2html,
+)
 
 Built = tuple[Settings, Study, list[pydicom.Dataset], SrTemplate, Heats]
 
@@ -118,6 +118,7 @@ def _heat_at(heat: np.ndarray, crop: tuple[int, int, int, int], x: float, y: flo
     return float(top * (1 - fr) + bottom * fr)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sop_class", SR_CLASSES)
 def test_dcmtk_renders_it_and_dciodvfy_finds_no_error(built: Built, tmp_path: Path, sop_class: str) -> None:
     _, study, sources, template, heats = built
@@ -134,6 +135,7 @@ def test_dcmtk_renders_it_and_dciodvfy_finds_no_error(built: Built, tmp_path: Pa
     assert template.disclaimer in html
 
 
+@pytest.mark.heavy
 def test_every_frame_of_a_finding_is_a_region_on_its_image_with_its_numbers(built: Built, tmp_path: Path) -> None:
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
@@ -168,6 +170,7 @@ def test_every_frame_of_a_finding_is_a_region_on_its_image_with_its_numbers(buil
         )
 
 
+@pytest.mark.heavy
 def test_each_region_is_the_heatmap_outline_at_half_its_peak(built: Built, tmp_path: Path) -> None:
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
@@ -294,6 +297,7 @@ def test_document_is_a_new_unverified_series_in_the_patients_study(built: Built)
     assert len(_texts(evaluations, "Similar previously diagnosed study")) == len(study.result.similar)
 
 
+@pytest.mark.heavy
 def test_uids_are_fixed_by_study_generation_and_class(built: Built) -> None:
     _, study, sources, template, heats = built
     first = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
@@ -332,6 +336,7 @@ def test_unknown_class_missing_heatmap_or_sop_class_is_refused_clearly(built: Bu
         build_sr(result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
 
 
+@pytest.mark.integration
 def test_a_study_with_nothing_analysed_still_says_so(settings: Settings, ledger: Ledger, tmp_path: Path) -> None:
     study = analysed_study(settings, ledger, files=["US1_UNCR.dcm"], skip=[0], n_similar=0)
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.paths]
@@ -414,6 +419,7 @@ def test_a_cine_frame_outside_the_training_domain_neither_speaks_for_its_image_n
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sop_class", SR_CLASSES)
 def test_a_study_all_outside_the_training_domain_says_so_first_without_probabilities(
     settings: Settings, ledger: Ledger, tmp_path: Path, sop_class: str

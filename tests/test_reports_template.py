@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from test_reports_support import DEFAULT_TEMPLATE
 
 from service.model_card import DISCLAIMER
 from service.reports.template import (
@@ -16,6 +15,7 @@ from service.reports.template import (
     validate_template_setting,
 )
 from service.settings import load_settings
+from tests.support.reports import DEFAULT_TEMPLATE
 
 
 def _edited(tmp_path: Path, edit: object) -> Path:

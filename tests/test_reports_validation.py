@@ -12,12 +12,12 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage
-from test_reports_support import analysed_study, dciodvfy_errors, default_template
 
 from service.ledger import Ledger
 from service.reports.build import build_objects, read_sources
 from service.reports.validation import GateError, check_object
 from service.settings import load_settings
+from tests.support.reports import analysed_study, dciodvfy_errors, default_template
 
 DISCLAIMER = default_template().disclaimer
 
@@ -53,6 +53,7 @@ def _mutated(data: bytes, change: Callable[[Dataset], None]) -> bytes:
     return _encode(ds)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["sr", "sc", "montage", "seg", "kos"])
 def test_real_objects_pass(objects: dict[str, bytes], kind: str, tmp_path: Path) -> None:
     ds = check_object(objects[kind], DISCLAIMER)
@@ -185,6 +186,7 @@ def test_not_dicom_at_all(objects: dict[str, bytes]) -> None:
         check_object(objects["sr"][:400], DISCLAIMER)
 
 
+@pytest.mark.integration
 def test_dciodvfy_sees_what_the_gate_sees(objects: dict[str, bytes], tmp_path: Path) -> None:
     good, bad = tmp_path / "good.dcm", tmp_path / "bad.dcm"
     good.write_bytes(objects["sr"])

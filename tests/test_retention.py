@@ -12,9 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import force_state, free_port
-from test_reports_support import analysed_study
-from worker_support import child_env, receive
 
 from service.common.metrics import build_registry
 from service.common.spool import free_disk_mb
@@ -37,6 +34,9 @@ from service.reports.build import build_reports
 from service.settings import Settings, SettingsError, load_settings
 from service.similar.index import SimilarCaseIndex
 from service.similar.references import ReferenceEmbedder
+from tests.support.common import force_state, free_port
+from tests.support.reports import analysed_study
+from tests.support.worker import child_env, receive
 
 DEST = "PACS@127.0.0.1:1104"
 
@@ -98,6 +98,7 @@ def test_watermarks_must_lie_above_the_refusal_watermark() -> None:
     assert load_settings(min_free_disk_mb=10**6, purge_when_free_below_mb=0).purge_when_free_below_mb == 0
 
 
+@pytest.mark.heavy
 def test_only_done_studies_are_candidates(node: Settings, ledger: Ledger) -> None:
     sent = sent_study(node, ledger, sent_at=1000.0)
     reported = analysed_study(node, ledger, files=["OBXXXX1A.dcm"], n_similar=0).uid
@@ -123,6 +124,7 @@ def test_only_done_studies_are_candidates(node: Settings, ledger: Ledger) -> Non
     assert ledger.purge_candidates() == []
 
 
+@pytest.mark.heavy
 def test_each_kind_goes_after_its_own_days_and_is_recorded(node: Settings, ledger: Ledger) -> None:
     uid = sent_study(node, ledger, sent_at=1000.0, files=("US1_UNCR.dcm", "OBXXXX1A.dcm"))
     before = files_of(node, uid)
@@ -213,6 +215,7 @@ def test_below_the_watermark_the_longest_done_go_first_until_enough_is_free(smal
         ledger.close()
 
 
+@pytest.mark.integration
 def test_purge_command_shows_then_removes(node: Settings, ledger: Ledger, tmp_path: Path) -> None:
     uid = sent_study(node, ledger, sent_at=time.time() - 3 * DAY_S)
     settings = node.model_copy(update={"retention_spool_days": 2.0})
@@ -237,6 +240,7 @@ def test_purge_command_shows_then_removes(node: Settings, ledger: Ledger, tmp_pa
     assert "removed" in done and files_of(node, uid)["spool"] == 0 and files_of(node, uid)["outbox"] > 0
 
 
+@pytest.mark.heavy
 def test_the_index_keeps_its_copies_of_a_study_whose_spool_went(node: Settings, ledger: Ledger) -> None:
     """An analysed study joins the similar-case index before its report is built,
     so once it is sent and its spool removed, the index still shows and re-embeds it."""

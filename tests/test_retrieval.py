@@ -351,6 +351,7 @@ def test_an_interrupted_rebuild_resumes_and_never_mixes_models(tmp_path: Path, m
         assert found[0].sop_instance_uid == "1.2.3.1.3" and found[0].distance == pytest.approx(0, abs=1e-4)
 
 
+@pytest.mark.heavy
 def test_concurrent_queries_while_a_writer_adds(tmp_path: Path) -> None:
     vectors = clustered(3000, seed=6)
     truth = {f"1.2.3.1.{i}": v for i, v in enumerate(vectors)}
@@ -423,6 +424,7 @@ def run_writer(directory: Path, seed: int, count: int, dim: int = DIM) -> subpro
     )
 
 
+@pytest.mark.integration
 def test_reader_process_picks_up_a_new_version_without_restart(tmp_path: Path) -> None:
     vectors = clustered(50)
     with open_index(tmp_path) as reader:
@@ -436,6 +438,7 @@ def test_reader_process_picks_up_a_new_version_without_restart(tmp_path: Path) -
         assert [h.study_uid for h in found] == ["7.1"]
 
 
+@pytest.mark.integration
 def test_one_writer_at_a_time_across_processes(tmp_path: Path) -> None:
     with open_index(tmp_path, lock_timeout_s=0.3) as index:
         holder = subprocess.Popen(
@@ -461,6 +464,7 @@ def test_one_writer_at_a_time_across_processes(tmp_path: Path) -> None:
         assert index.add(entries(clustered(2))).added == 2
 
 
+@pytest.mark.integration
 def test_crash_during_save_leaves_the_previous_version_loadable(tmp_path: Path) -> None:
     """kill -9 a writer while it writes a 16 MB graph: the index opens at the old version."""
     base = clustered(60_000, seed=8)

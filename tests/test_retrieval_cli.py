@@ -11,111 +11,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pydicom
 import pytest
-from click.testing import CliRunner, Result
-from conftest import dcmtk, free_port, guard_card_entry, wait_until
-from onnx import TensorProto, helper
-from pydicom.uid import BasicTextSRStorage, generate_uid
 
-from service.cli import cli
-from service.datasets.synthetic import write_busi_layout, write_dicom_dataset
-from service.model_card import DISCLAIMER, ModelCard, card_path_for, sha256_file
+from service.datasets.synthetic import write_busi_layout
 from service.similar.index import SimilarCaseIndex
 from service.similar.references import read_labels_csv
-
-CLASSES = ["normal", "benign", "malignant"]
-SIDE = 16  # model input side: small, so a test embeds a study in milliseconds
-DIM = 24
-
-
-def write_model(path: Path, seed: int, version: str) -> Path:
-    """A small ONNX model with the node's interface (see service.model_card): a
-    random projection of the image as the L2-normalised embedding, a linear
-    classifier on it, the input itself as the "Grad-CAM". It stands in for the
-    shipped model, which is far slower and trained by another stage."""
-    rng = np.random.default_rng(seed)
-    w = helper.make_tensor("w", TensorProto.FLOAT, [SIDE * SIDE, DIM], rng.normal(size=SIDE * SIDE * DIM).tolist())
-    c = helper.make_tensor("c", TensorProto.FLOAT, [DIM, len(CLASSES)], rng.normal(size=DIM * len(CLASSES)).tolist())
-    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [-1, SIDE, SIDE])
-    nodes = [
-        helper.make_node("Flatten", ["image"], ["flat"], axis=1),
-        helper.make_node("MatMul", ["flat", "w"], ["features"]),
-        helper.make_node("LpNormalization", ["features"], ["embedding"], axis=1, p=2),
-        helper.make_node("MatMul", ["embedding", "c"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        helper.make_node("Reshape", ["image", "shape"], ["plane"]),
-        helper.make_node("Sigmoid", ["plane"], ["gradcam"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [
-            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, SIDE, SIDE]),
-            helper.make_tensor_value_info("target_class", TensorProto.INT64, ["N"]),
-        ],
-        [
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(CLASSES)]),
-            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", DIM]),
-            helper.make_tensor_value_info("gradcam", TensorProto.FLOAT, ["N", SIDE, SIDE]),
-        ],
-        initializer=[w, c, shape],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    card = ModelCard(
-        name="tiny-test",
-        version=version,
-        architecture="random projection",
-        classes=CLASSES,
-        input={"height": SIDE, "width": SIDE, "mean": 0.5, "std": 0.25},
-        embedding_dim=DIM,
-        onnx_file=path.name,
-        sha256=sha256_file(path),
-        opset=17,
-        ood=guard_card_entry(1e12),
-        training_data={"source": "none"},
-        created="2026-01-01T00:00:00Z",
-        intended_use="tests",
-        disclaimer=DISCLAIMER,
-    )
-    card_path_for(path).write_text(card.model_dump_json())
-    return path
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("models")
-    return write_model(folder / "a.onnx", 1, "1"), write_model(folder / "b.onnx", 2, "2")
-
-
-@pytest.fixture(scope="module")
-def studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Synthetic studies, 3 images per class, and their labels CSV."""
-    folder = tmp_path_factory.mktemp("studies")
-    _, labels = write_dicom_dataset(folder, 3, seed=5)
-    return folder, labels
-
-
-def study_labels(labels_csv: Path) -> dict[str, str]:
-    return dict(line.split(",")[:2] for line in labels_csv.read_text().splitlines()[1:])
-
-
-def run(env: dict[str, str], *args: str) -> Result:
-    return CliRunner().invoke(cli, ["index", *args], env=env, catch_exceptions=False)
-
-
-@pytest.fixture
-def env(tmp_path: Path, models: tuple[Path, Path]) -> dict[str, str]:
-    return {
-        "SONOCASE_DATA_DIR": str(tmp_path / "data"),
-        "SONOCASE_MODEL_PATH": str(models[0]),
-        "SONOCASE_EXECUTION_PROVIDER": "cpu",
-        "SONOCASE_DURABILITY": "none",
-    }
+from tests.support.common import dcmtk, free_port, wait_until
+from tests.support.index import CLASSES, run, study_labels, write_report
 
 
 def test_labels_csv_errors_name_every_bad_line(tmp_path: Path) -> None:
@@ -231,6 +134,7 @@ def test_info_without_an_index_says_so(env: dict[str, str]) -> None:
     assert result.exit_code == 1 and "there is no similar-case index in" in result.stderr
 
 
+@pytest.mark.heavy
 def test_build_synthetic_and_busi(env: dict[str, str], tmp_path: Path) -> None:
     synthetic = run(env, "build", "--synthetic", "1")
     assert synthetic.exit_code == 0, synthetic.output
@@ -245,6 +149,7 @@ def test_build_synthetic_and_busi(env: dict[str, str], tmp_path: Path) -> None:
     assert run(env, "build").exit_code == 2
 
 
+@pytest.mark.integration
 def test_an_interrupted_add_resumes(env: dict[str, str], studies: tuple[Path, Path]) -> None:
     """Kill ``sonocase index add`` after its first saved batch; running it again
     finishes the job without duplicates."""
@@ -310,18 +215,6 @@ def test_query_shows_similar_studies_but_never_the_own_one(env: dict[str, str], 
 # --- filling from the PACS -------------------------------------------------------------
 
 
-def write_report(image: Path, out: Path) -> pydicom.Dataset:
-    """A report (Basic Text SR, no pixels) in the study of ``image``, written to
-    ``out``: not an image, so a copy from the PACS must leave it there."""
-    report = pydicom.dcmread(image)
-    del report.PixelData
-    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = BasicTextSRStorage
-    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    report.Modality = "SR"
-    report.save_as(out)
-    return report
-
-
 @pytest.fixture
 def qr_pacs(tmp_path: Path, studies: tuple[Path, Path]) -> Iterator[tuple[str, str]]:
     """DCMTK's dcmqrscp, a real Query/Retrieve SCP, holding the synthetic studies
@@ -365,6 +258,7 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.integration
 def test_add_copies_labelled_studies_from_the_pacs(
     env: dict[str, str],
     studies: tuple[Path, Path],

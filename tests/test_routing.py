@@ -9,8 +9,6 @@ import time
 
 import pydicom
 import pytest
-from test_reports_support import analyse, data_file, store_study
-from worker_support import receive
 
 from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger, Routing, StudyState
@@ -21,6 +19,8 @@ from service.pipeline.completion import complete_quiet_studies
 from service.pipeline.routing import CALLING_AE, Router, decide, facts_of
 from service.reports.build import build_reports
 from service.settings import RoutingRule, Settings, SettingsError, default_routing_rules, load_settings
+from tests.support.reports import analyse, data_file, store_study
+from tests.support.worker import receive
 
 DEFAULTS = default_routing_rules()
 

@@ -19,21 +19,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port, wait_for
 from prometheus_client import CollectorRegistry
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
     SecondaryCaptureImageStorage,
-)
-from test_reports_support import (
-    MODEL,
-    Storescp,
-    analysed_study,
-    dsr2html,
-    start_storescp,
-    storescp_profile,
 )
 
 from service.common.backoff import backoff_delay
@@ -45,6 +36,15 @@ from service.reports.build import OPTIONAL_CLASSES, build_reports
 from service.reports.template import TemplateError
 from service.settings import Peer, Settings, load_settings
 from service.similar.index import IndexEntry, SimilarCaseIndex
+from tests.support.common import free_port, wait_for
+from tests.support.reports import (
+    MODEL,
+    Storescp,
+    analysed_study,
+    dsr2html,
+    start_storescp,
+    storescp_profile,
+)
 
 FAR_FUTURE = 4e9
 #: DCMTK's names of the non-SR classes the node sends: heatmap SC, overlay SEG, key-image flag.
@@ -111,6 +111,7 @@ def test_every_kind_of_destination_has_a_transport(settings: Settings, ledger: L
     assert {kind: type(transport) for kind, transport in transports.items()} == TRANSPORTS
 
 
+@pytest.mark.integration
 def test_results_arrive_once_and_the_study_is_sent(to_pacs: Settings, ledger: Ledger, pacs_factory) -> None:
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm", "examples_ybr_color.dcm"])
     pacs = pacs_factory()
@@ -135,6 +136,7 @@ def _send_attempts() -> dict[str, float]:
     }
 
 
+@pytest.mark.integration
 def test_pacs_down_then_up_everything_arrives_once(to_pacs: Settings, ledger: Ledger, pacs_factory) -> None:
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"])
     sender = Sender(to_pacs, ledger)
@@ -155,6 +157,7 @@ def test_pacs_down_then_up_everything_arrives_once(to_pacs: Settings, ledger: Le
     assert attempts["accepted"] - attempts_before["accepted"] == len(uids)
 
 
+@pytest.mark.integration
 def test_bounded_tries_then_failed_then_resend(to_pacs: Settings, ledger: Ledger, pacs_factory) -> None:
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"], n_similar=0)
     study_uid = _study_uid(ledger)
@@ -176,6 +179,7 @@ def test_bounded_tries_then_failed_then_resend(to_pacs: Settings, ledger: Ledger
     assert ledger.study(study_uid).state == StudyState.SENT
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("accepted", "expected"),
     [
@@ -209,6 +213,7 @@ def test_sr_class_refused_falls_back(
     assert ledger.study(_study_uid(ledger)).state == StudyState.SENT
 
 
+@pytest.mark.integration
 def test_a_pacs_without_seg_or_kos_gets_the_rest_and_the_study_is_sent(
     to_pacs: Settings,
     ledger: Ledger,
@@ -232,6 +237,7 @@ def test_a_pacs_without_seg_or_kos_gets_the_rest_and_the_study_is_sent(
     assert Sender(to_pacs, ledger).run_once() == 0  # nothing left due
 
 
+@pytest.mark.integration
 def test_a_pacs_taking_no_sr_class_gets_the_images_and_the_sr_waits(
     to_pacs: Settings,
     ledger: Ledger,
@@ -247,6 +253,7 @@ def test_a_pacs_taking_no_sr_class_gets_the_images_and_the_sr_waits(
     assert ledger.study(_study_uid(ledger)).state == StudyState.REPORTED
 
 
+@pytest.mark.integration
 def test_association_dropped_mid_send_is_retried(to_pacs: Settings, ledger: Ledger, pacs_factory) -> None:
     uids = _reported(to_pacs, ledger, files=["US1_UNCR.dcm"], n_similar=0)
     flaky = pacs_factory("--abort-after", name="flaky")
@@ -297,6 +304,7 @@ def _sender_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
+@pytest.mark.integration
 def test_killed_sender_sends_after_restart(to_pacs: Settings, ledger: Ledger, pacs_factory, tmp_path: Path) -> None:
     """Results wait in the outbox while the PACS is down; the sender process is
     killed (-9); after the PACS and the sender are back, everything arrives once."""
@@ -333,6 +341,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.integration
 def test_resend_command(settings: Settings, to_pacs: Settings, ledger: Ledger) -> None:
     """Reported without a destination; `sonocase resend` says the objects stay in
     the outbox, and queues them once a destination is configured."""
@@ -393,6 +402,7 @@ def test_a_study_analysed_but_never_reported_is_reported_later(to_pacs: Settings
     assert len(ledger.outbox(study.uid)) == 4  # SR, heatmap, montage, key-image flag (uncalibrated: no overlay)
 
 
+@pytest.mark.integration
 def test_results_go_over_mutual_dicom_tls(
     settings: Settings, ledger: Ledger, pacs_factory, port: int, tmp_path: Path
 ) -> None:

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
-from dicom_peers import NodeProcess
 
 from service.settings import Destination, SettingsError, load_settings
+from tests.support.common import free_port
+from tests.support.dicom_peers import NodeProcess
 
 
 @pytest.fixture(autouse=True)
@@ -106,6 +106,7 @@ def serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
+@pytest.mark.integration
 def test_serve_as_a_process_with_command_line_overrides(tmp_path: Path) -> None:
     config = toml(tmp_path, f"port = {free_port()}\n")
     port = free_port()
@@ -129,6 +130,7 @@ def test_serve_as_a_process_with_command_line_overrides(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "ledger.sqlite3").is_file()
 
 
+@pytest.mark.integration
 def test_serve_uses_environment_port_and_allow_list(tmp_path: Path) -> None:
     port = free_port()
     node = NodeProcess(serve_env(tmp_path, SONOCASE_PORT=str(port), SONOCASE_ALLOWED_CALLERS="PACS"))
@@ -137,6 +139,7 @@ def test_serve_uses_environment_port_and_allow_list(tmp_path: Path) -> None:
     assert code == 0 and "allowed_callers is empty" not in err
 
 
+@pytest.mark.integration
 def test_serve_refuses_invalid_settings_with_a_message(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service", "serve"],
@@ -150,6 +153,7 @@ def test_serve_refuses_invalid_settings_with_a_message(tmp_path: Path) -> None:
     assert "SONOCASE_MAX_ASSOCIATIONS" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_serve_help_explains_options() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--help"], check=False, capture_output=True, text=True, timeout=60

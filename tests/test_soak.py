@@ -20,17 +20,17 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import dcmtk, free_port, tmpfs, wait_for
 from pydicom.uid import generate_uid
-from test_reports_support import start_storescp
-from worker_support import serve
 
 from service.common.spool import free_disk_mb
 from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger, StudyState
 from service.settings import load_settings
+from tests.support.common import dcmtk, free_port, tmpfs, wait_for
+from tests.support.reports import start_storescp
+from tests.support.worker import serve
 
-pytestmark = [pytest.mark.heavy, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(1200)]
 
 DISK_MB = 32
 STUDIES = 600

@@ -54,6 +54,7 @@ def test_split_is_disjoint_and_never_splits_a_group(records, split: Split) -> No
     assert {records[i].label for i in split.test} == {0, 1, 2}
 
 
+@pytest.mark.heavy
 def test_a_short_training_run_lowers_the_loss(records, split: Split, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     config = TrainConfig(epochs=4, batch_size=4, augment=True, seed=0, patience=10)
     trained = train(records, split, TINY, config, SOURCE, tmp_path, progress=False)
@@ -77,6 +78,7 @@ def test_a_short_training_run_lowers_the_loss(records, split: Split, tmp_path: P
         evaluate(trained, records[:-3], tmp_path)
 
 
+@pytest.mark.heavy
 def test_resume_continues_where_it_stopped(records, split: Split, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     straight = train(records, split, TINY, TrainConfig(epochs=2, patience=10), SOURCE, tmp_path / "a", progress=False)
     train(records, split, TINY, TrainConfig(epochs=1, patience=10), SOURCE, tmp_path / "b", progress=False)
@@ -125,6 +127,7 @@ def test_summarize_gives_mean_and_spread() -> None:
 # ---- cross-validation and comparison -------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_cross_validation_and_comparison_write_their_tables(records, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     fast = TrainConfig(epochs=1, augment=False)
     summary = cross_validate(records, SOURCE, TINY, fast, 2, tmp_path / "cv", progress=False)
@@ -148,6 +151,7 @@ def _run(args: list[str]) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+@pytest.mark.heavy
 def test_cli_train_export_evaluate(tmp_path: Path) -> None:
     out, onnx_path = tmp_path / "run", tmp_path / "ship" / "tiny.onnx"
     code, output = _run(
@@ -238,6 +242,7 @@ def test_cli_empty_busi_class_folder_is_reported(tmp_path: Path) -> None:
     assert "holds no images" in result.output
 
 
+@pytest.mark.integration
 def test_python_dash_m_training_runs_the_same_commands() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "training", "train", "--help"],
@@ -263,6 +268,7 @@ def test_python_dash_m_training_runs_the_same_commands() -> None:
         assert option in result.stdout
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("layout", ["busi", "dicom"])
 def test_cli_trains_from_a_busi_folder_and_from_dicom_with_labels(layout: str, tmp_path: Path) -> None:
     """The two real-data sources, written by the synthetic generator: a BUSI-layout

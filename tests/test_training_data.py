@@ -97,6 +97,7 @@ def test_a_probe_swap_changes_the_speckle_and_contrast_not_the_breast() -> None:
     assert np.array_equal(default.masks[0], coarse.masks[0]) and np.array_equal(default.masks[0], flat.masks[0])
 
 
+@pytest.mark.heavy
 def test_lesions_follow_their_class_descriptors() -> None:
     """Benign lesions are wider than tall with posterior enhancement; malignant ones
     taller than wide with posterior shadowing (medians over many lesions)."""
@@ -138,6 +139,7 @@ def test_synthetic_study_is_one_patient_and_reproducible() -> None:
         synthetic_study(0, "benign")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_dicom_variants_pass_dciodvfy_and_decode_to_the_image(variant: str, tmp_path: Path) -> None:
     study = synthetic_study(1, "benign", seed=7, size=SIZE, variant=variant)
@@ -158,6 +160,7 @@ def test_dicom_variants_pass_dciodvfy_and_decode_to_the_image(variant: str, tmp_
     assert error == 0 if variant in ("mono", "rgb") else error < 4.0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("variant", ["mono", "ybr_jpeg"])
 def test_a_synthetic_cine_loop_is_a_valid_multiframe_object_of_one_patients_views(variant: str, tmp_path: Path) -> None:
     cine = synthetic_cine(5, "malignant", seed=7, size=SIZE, variant=variant)

@@ -104,6 +104,7 @@ def test_localisation_loss_is_the_share_of_heat_outside_the_lesion_cells() -> No
     assert float(localisation_loss(dead, masks)) == pytest.approx((0.5 + 1.0) / 2, abs=1e-6)
 
 
+@pytest.mark.heavy
 def test_localisation_loss_moves_the_heat_of_a_real_hybrid_into_the_lesion() -> None:
     """Through the LSTM (second-order gradients): a few Adam steps on one batch with
     the localisation loss alone shrink the heat outside the lesion."""
@@ -150,6 +151,7 @@ def test_the_mask_moves_with_its_augmented_image() -> None:
 # ---- training and the report --------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_training_with_the_localisation_loss_reports_how_grad_cam_points(tmp_path: Path) -> None:
     source = DataSource(kind="synthetic", synthetic_per_class=8, seed=0)
     records = source.load()

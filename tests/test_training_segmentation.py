@@ -111,6 +111,7 @@ def test_segmentation_loss_rewards_the_right_outline_and_skips_unknown_masks() -
     assert float(segmentation_loss(outlined, masks, torch.tensor([True, True, True]))) > 0.5
 
 
+@pytest.mark.heavy
 def test_training_with_the_segmentation_loss_learns_outlines_and_reports_them(tmp_path: Path) -> None:
     source = DataSource(kind="synthetic", synthetic_per_class=8, seed=0)
     records = source.load()
@@ -139,6 +140,7 @@ def test_training_with_the_segmentation_loss_learns_outlines_and_reports_them(tm
     assert "Lesion outline (segmentation head, 32 x 32 map)" in markdown_report(report)
 
 
+@pytest.mark.heavy
 def test_without_lesion_masks_the_model_gets_no_head(tmp_path: Path) -> None:
     """DICOM + labels data has no masks: a head would learn nothing, so none is built."""
     source = DataSource(kind="synthetic", synthetic_per_class=4, seed=0)

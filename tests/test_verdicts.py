@@ -11,20 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chromium import Chromium
-from test_web import BEARER, REVIEW_TOKEN, REVIEWER, TOKEN, Node, _http, _login, _populate, _settings
 
 from service.ledger import Verdict
 from service.monitoring.verdicts import current, reader_class
 from service.ops.review import review_router
 from service.ops.verdicts import verdict_router
 from service.ops.web import API_PREFIX, ExtraRouter, build_web_server
+from tests.support.chromium import Chromium
+from tests.support.web import BEARER, REVIEW_TOKEN, REVIEWER, TOKEN, Node, login, populate, web_request, web_settings
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    settings = _settings(tmp_path)
-    ledger, analysed, undelivered, broken = _populate(settings)
+    settings = web_settings(tmp_path)
+    ledger, analysed, undelivered, broken = populate(settings)
     router = ExtraRouter(verdict_router(ledger, API_PREFIX), settings.web_max_body_bytes, reviewers=True)
     server = build_web_server(settings, ledger, routers=[router], pages=[review_router(ledger)])
     server.start()
@@ -49,6 +49,7 @@ def _post(node: Node, study_uid: str, body: dict[str, Any], headers: dict[str, s
         conn.close()
 
 
+@pytest.mark.integration
 def test_verdicts_are_given_changed_and_every_change_kept(node: Node) -> None:
     study = node.analysed
     image = node.ledger.result(study)["images"][0]["sop_instance_uid"]  # type: ignore[index]
@@ -61,7 +62,7 @@ def test_verdicts_are_given_changed_and_every_change_kept(node: Node) -> None:
     )
     assert status == 201 and changed["recorded_at"] >= first["recorded_at"]
     assert _post(node, study, {"verdict": "disagree", "finding": image, "reader": "Dr B"})[0] == 201
-    status, _, body = _http(node.url, f"{API_PREFIX}/studies/{study}/verdicts", headers=BEARER)
+    status, _, body = web_request(node.url, f"{API_PREFIX}/studies/{study}/verdicts", headers=BEARER)
     history = json.loads(body)
     assert status == 200 and [v["verdict"] for v in history] == ["agree", "corrected", "disagree"]
     rows = node.ledger.verdicts(study)
@@ -73,6 +74,7 @@ def test_verdicts_are_given_changed_and_every_change_kept(node: Node) -> None:
     assert reader_class(rows[0], "malignant") == "malignant"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -89,6 +91,7 @@ def test_a_verdict_that_does_not_fit_is_refused(node: Node, body: dict[str, Any]
     assert node.ledger.verdicts() == []
 
 
+@pytest.mark.integration
 def test_verdicts_need_the_token_a_known_study_and_a_result(node: Node) -> None:
     assert _post(node, node.analysed, {"verdict": "agree", "reader": "Dr A"}, headers={})[0] == 401
     assert _post(node, "1.2.3.4", {"verdict": "agree", "reader": "Dr A"})[0] == 404
@@ -104,6 +107,7 @@ def test_verdict_validation_in_the_ledger_contract() -> None:
         Verdict("1.2", "", "agree", None, "", "Dr A", "radiologist")
 
 
+@pytest.mark.integration
 def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node, tmp_path: Path) -> None:
     """In headless Chromium: sign in on the status page as a reviewer, follow the AI
     result to the review page, correct it, then agree with one image; the history
@@ -149,22 +153,24 @@ def test_a_radiologist_gives_and_changes_a_verdict_on_the_review_page(node: Node
     ]
 
 
+@pytest.mark.integration
 def test_the_review_form_needs_its_session_s_csrf_token(node: Node) -> None:
-    status, headers, _ = _http(node.url, "/login", "POST", form={"token": TOKEN})
+    status, headers, _ = web_request(node.url, "/login", "POST", form={"token": TOKEN})
     cookie = headers["set-cookie"].split(";")[0]
     form = {"verdict": "agree", "reader": "Dr D", "csrf": "not-the-token"}
-    status, _, body = _http(node.url, f"/review/{node.analysed}", "POST", headers={"Cookie": cookie}, form=form)
+    status, _, body = web_request(node.url, f"/review/{node.analysed}", "POST", headers={"Cookie": cookie}, form=form)
     assert status == 403 and b"CSRF" in body
     assert node.ledger.verdicts() == []
 
 
+@pytest.mark.integration
 def test_verdicts_record_the_role_they_came_with(node: Node) -> None:
     """A reviewer gives verdicts by Bearer and from a session (with its CSRF token, as
     the admin's session needs); each verdict records its credential's role."""
     study = node.analysed
     assert _post(node, study, {"verdict": "agree", "reader": "Dr R"}, headers=REVIEWER)[1]["reader_role"] == "reviewer"
     assert _post(node, study, {"verdict": "disagree", "reader": "Dr A"})[1]["reader_role"] == "admin"
-    cookie, csrf = _login(node.url, REVIEW_TOKEN)
+    cookie, csrf = login(node.url, REVIEW_TOKEN)
     status, answer = _post(node, study, {"verdict": "agree", "reader": "Dr S"}, headers={"Cookie": cookie})
     assert status == 403 and "CSRF" in answer["detail"]
     status, answer = _post(
@@ -172,8 +178,10 @@ def test_verdicts_record_the_role_they_came_with(node: Node) -> None:
     )
     assert status == 201 and answer["reader_role"] == "reviewer"
     form = {"verdict": "agree", "reader": "Dr T"}
-    assert _http(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form)[0] == 403
-    status, _, _ = _http(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form | {"csrf": csrf})
+    assert web_request(node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form)[0] == 403
+    status, _, _ = web_request(
+        node.url, f"/review/{study}", "POST", headers={"Cookie": cookie}, form=form | {"csrf": csrf}
+    )
     assert status == 303
     assert [(v.reader, v.reader_role) for v in node.ledger.verdicts(study)] == [
         ("Dr R", "reviewer"),
@@ -181,5 +189,5 @@ def test_verdicts_record_the_role_they_came_with(node: Node) -> None:
         ("Dr S", "reviewer"),
         ("Dr T", "reviewer"),
     ]
-    page = _http(node.url, f"/review/{study}", headers=REVIEWER)[2].decode()
+    page = web_request(node.url, f"/review/{study}", headers=REVIEWER)[2].decode()
     assert "Dr T (reviewer)" in page and "Dr A (admin)" in page

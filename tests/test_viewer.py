@@ -28,15 +28,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from chromium import Chromium
-from conftest import free_port, wait_for
-from ohif import OhifServer
-from orthanc import Orthanc
 from PIL import Image
 from pydicom.uid import generate_uid
 from scipy import ndimage
-from test_reports_support import data_file, default_template
-from worker_support import Process, serve, storescu, wait_for_state
 
 from service.datasets.synthetic import synthetic_cine, synthetic_study
 from service.ledger import StudyState, open_ledger
@@ -45,8 +39,14 @@ from service.reports.heatmaps import BAND_LEVELS
 from service.reports.sr import assessed_frames, reading_order
 from service.results import NO_LESION, StudyResult
 from service.settings import Settings, load_settings
+from tests.support.chromium import Chromium
+from tests.support.common import free_port, wait_for
+from tests.support.ohif import OhifServer
+from tests.support.orthanc import Orthanc
+from tests.support.reports import data_file, default_template
+from tests.support.worker import Process, serve, storescu, wait_for_state
 
-pytestmark = [pytest.mark.heavy, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(900)]
 
 #: Study A: a synthetic malignant breast study of three calibrated images (each gets
 #: a region and an overlay). Study B: a synthetic 30-frame cine loop. Study C: real

@@ -11,18 +11,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
-import attacks
 import numpy as np
 import pydicom
 import pytest
 import uvicorn
-from chromium import Chromium
-from conftest import force_state, guard_card_entry
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import iter_route_contexts
 from kombu import Connection
@@ -34,199 +29,51 @@ from pydicom.uid import generate_uid
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.common.metrics import observe_cstore
-from service.common.spool import instance_path, write_atomic
 from service.delivery.recovery import (
     NothingToRetry,
     RetryKind,
     UnknownStudy,
     retry_study,
 )
-from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
-from service.model_card import ModelCard, card_path_for, sha256_file
+from service.ledger import Ledger, OutboxState, StudyState
+from service.model_card import ModelCard
 from service.node import node_services
 from service.ops.probes import CheckResult, IndexProbe, ModelProbe, broker_check
 from service.ops.server import HttpLimits, Progress, WebServer, body_deadline, choose_protocol, furthest_behind
 from service.ops.sessions import LoginThrottle, SessionStore
 from service.ops.web import SAFE_METHODS, SESSION_COOKIE, ExtraRouter, build_web_server, throttle_keys
-from service.pipeline.analysis import summarise_study
 from service.results import (
-    FrameResult,
-    ImageResult,
     ModelIdentity,
-    StudyResult,
 )
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import SettingsError
 from service.similar.index import SimilarCaseIndex
-from tests.conftest import free_port
-from tests.dicomweb_support import MULTIPART, multipart
-from tests.worker_support import serve, study_state
-
-TOKEN = "test-token-0123456789"
-REVIEW_TOKEN = "review-token-9876543210"
-ACCESSION = "ACC20240117"
-PATIENT_NAME = "CompressedSamples"  # in US1_UNCR.dcm; must never reach the page
-
-
-def _store(settings: Settings, ledger: Ledger, study_uid: str, now: float) -> InstanceRecord:
-    """Spool a copy of a real US file under a new study, as the receiver would."""
-    ds = pydicom.dcmread(get_testdata_file("US1_UNCR.dcm", download=False))
-    ds.StudyInstanceUID, ds.SOPInstanceUID, ds.AccessionNumber = study_uid, generate_uid(), ACCESSION
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    path = instance_path(settings.spool_dir, study_uid, ds.SOPInstanceUID)
-    size = write_atomic(path, out.getvalue(), durable=False)
-    rec = InstanceRecord(
-        ds.SOPInstanceUID,
-        study_uid,
-        ds.SeriesInstanceUID,
-        ds.SOPClassUID,
-        ds.file_meta.TransferSyntaxUID,
-        str(path),
-        size,
-        "SCANNER",
-        "US",
-    )
-    ledger.record_instance(rec, now=now)
-    return rec
-
-
-def _analyse(
-    settings: Settings,
-    ledger: Ledger,
-    rec: InstanceRecord,
-    now: float,
-    heat_root: Path | None = None,
-    ood: bool = False,
-) -> None:
-    """Take a study through completion and analysis with a hand-made result: the
-    analysis worker is another stage; this is its output as test input. ``ood``:
-    the image lies outside the model's training domain, so it has no class."""
-    ledger.complete_quiet_studies(1, now=now + 5)
-    generation = ledger.claim_analysis(rec.study_uid, 60, now=now + 6)
-    assert generation is not None
-    yy, xx = np.mgrid[0:64, 0:64]
-    heat = np.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / 200).astype(np.float32)
-    heat_path = (heat_root or settings.results_dir) / rec.study_uid / str(generation) / f"{rec.sop_instance_uid}-1.npy"
-    heat_path.parent.mkdir(parents=True)
-    np.save(heat_path, heat)
-    probs = {"normal": 0.03, "benign": 0.10, "malignant": 0.87}
-    frame = FrameResult(
-        frame_number=1,
-        probabilities=probs,
-        predicted="malignant",
-        out_of_distribution=ood,
-        ood_distance=2.0 if ood else 0.2,
-        ood_threshold=1.0,
-        heatmap_path=str(heat_path),
-        crop=(0, 0, 64, 64),
-        embedding=[0.0] * 4,
-    )
-    images = [
-        ImageResult(
-            sop_instance_uid=rec.sop_instance_uid,
-            series_uid=rec.series_uid,
-            sop_class_uid=rec.sop_class_uid,
-            frames=[frame],
-            predicted=None if ood else "malignant",
-            probability=None if ood else 0.87,
-            out_of_distribution=ood,
-        )
-    ]
-    result = StudyResult(
-        study_uid=rec.study_uid,
-        generation=generation,
-        model=ModelIdentity(name="sonocase-hybrid", version="1", sha256="0" * 64),
-        images=images,
-        summary=summarise_study(images, list(probs)),
-    )
-    analysed, not_assessed = result.image_counts()
-    assert ledger.finish_analysis(
-        rec.study_uid,
-        generation,
-        result.model_dump(mode="json"),
-        now=now + 8,
-        images_analysed=analysed,
-        images_not_assessed=not_assessed,
-    )
-
-
-@dataclass
-class Node:
-    settings: Settings
-    ledger: Ledger
-    analysed: str
-    undelivered: str
-    broken: str
-    url: str
-
-
-def _model(tmp_path: Path) -> Path:
-    """A model file and its card: the probe verifies the card against the file's bytes
-    (sha256), which is all readiness needs of the model file."""
-    path = tmp_path / "model" / "probe.onnx"
-    path.parent.mkdir()
-    path.write_bytes(b"model bytes for the readiness probe")
-    card = {
-        "name": "sonocase-hybrid",
-        "version": "7",
-        "architecture": "hybrid",
-        "classes": ["normal", "benign", "malignant"],
-        "input": {"height": 8, "width": 8, "mean": 0.5, "std": 0.2},
-        "embedding_dim": 4,
-        "onnx_file": path.name,
-        "sha256": sha256_file(path),
-        "opset": 18,
-        "ood": guard_card_entry(1.0),
-        "training_data": {"source": "synthetic"},
-        "created": "2026-01-01",
-        "intended_use": "tests",
-    }
-    card_path_for(path).write_text(json.dumps(card))
-    ModelCard.load(path)
-    return path
-
-
-def _settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "data_dir": tmp_path / "data",
-        "host": "127.0.0.1",
-        "port": free_port(),
-        "http_host": "127.0.0.1",
-        "http_port": free_port(),
-        "durability": "none",
-        "web_token": TOKEN,
-        "web_review_token": REVIEW_TOKEN,
-        "model_path": _model(tmp_path),
-    }
-    return load_settings(**(values | overrides))
-
-
-def _populate(settings: Settings) -> tuple[Ledger, str, str, str]:
-    ledger = Ledger(settings.ledger_path, durable=False)
-    now = time.time() - 60
-    analysed = _store(settings, ledger, generate_uid(), now)
-    _analyse(settings, ledger, analysed, now)
-    # Analysed, but the PACS refused the SR: a delivery failure.
-    undelivered = _store(settings, ledger, generate_uid(), now + 1)
-    _analyse(settings, ledger, undelivered, now + 1)
-    sr_path = settings.outbox_dir / undelivered.study_uid / "sr.dcm"
-    sr = (generate_uid(), "1.2.840.10008.5.1.4.1.1.88.34", str(sr_path))
-    ledger.enqueue_outbox(undelivered.study_uid, 1, [sr], ["PACS@127.0.0.1:104"])
-    for row in ledger.outbox(undelivered.study_uid):
-        ledger.update_outbox(row.sop_instance_uid, row.destination, OutboxState.FAILED, error="0xA700 refused")
-    force_state(ledger, undelivered.study_uid, StudyState.FAILED, failed_stage="send", error="PACS refused the SR")
-    # Analysis failed for good.
-    broken = _store(settings, ledger, generate_uid(), now + 2)
-    ledger.complete_quiet_studies(1, now=now + 10)
-    assert ledger.claim_analysis(broken.study_uid, 60, now=now + 11)
-    ledger.retry_or_fail(broken.study_uid, "analysis", "no pixel data", max_attempts=1, backoff_s=1)
-    return ledger, analysed.study_uid, undelivered.study_uid, broken.study_uid
+from tests.support import attacks
+from tests.support.chromium import Chromium
+from tests.support.common import free_port
+from tests.support.dicomweb import MULTIPART, multipart
+from tests.support.web import (
+    ACCESSION,
+    BEARER,
+    PATIENT_NAME,
+    REVIEW_TOKEN,
+    REVIEWER,
+    TOKEN,
+    Node,
+    login,
+    populate,
+    probe_model,
+    record_analysis,
+    store_instance,
+    web_request,
+    web_settings,
+)
+from tests.support.worker import serve, study_state
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    settings = _settings(tmp_path)
-    ledger, analysed, undelivered, broken = _populate(settings)
+    settings = web_settings(tmp_path)
+    ledger, analysed, undelivered, broken = populate(settings)
     server = build_web_server(settings, ledger)
     server.start()
     yield Node(settings, ledger, analysed, undelivered, broken, f"http://127.0.0.1:{server.port}")
@@ -237,8 +84,8 @@ def node(tmp_path: Path) -> Iterator[Node]:
 @pytest.fixture
 def whole_node(tmp_path: Path) -> Iterator[tuple[Node, FastAPI]]:
     """The HTTP side as the node builds it, every stage's routes mounted, and its app."""
-    settings = _settings(tmp_path)
-    ledger, analysed, undelivered, broken = _populate(settings)
+    settings = web_settings(tmp_path)
+    ledger, analysed, undelivered, broken = populate(settings)
     server = next(s for s in node_services(settings, ledger) if isinstance(s, WebServer))
     server.start()
     yield Node(settings, ledger, analysed, undelivered, broken, f"http://127.0.0.1:{server.port}"), server.app
@@ -246,36 +93,12 @@ def whole_node(tmp_path: Path) -> Iterator[tuple[Node, FastAPI]]:
     ledger.close()
 
 
-def _http(
-    url: str,
-    path: str,
-    method: str = "GET",
-    headers: dict[str, str] | None = None,
-    form: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """One request, redirects not followed."""
-    host_port = url.removeprefix("http://")
-    conn = http.client.HTTPConnection(host_port, timeout=10)
-    body = urlencode(form).encode() if form is not None else None
-    hdrs = dict(headers or {})
-    if body is not None:
-        hdrs["Content-Type"] = "application/x-www-form-urlencoded"
-    conn.request(method, path, body=body, headers=hdrs)
-    resp = conn.getresponse()
-    data = resp.read()
-    conn.close()
-    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-
-
-BEARER = {"Authorization": f"Bearer {TOKEN}"}
-REVIEWER = {"Authorization": f"Bearer {REVIEW_TOKEN}"}
-
-
+@pytest.mark.integration
 def test_health_ready_and_metrics(node: Node) -> None:
-    status, _, body = _http(node.url, "/healthz")
+    status, _, body = web_request(node.url, "/healthz")
     assert (status, body) == (200, b"ok\n")
 
-    status, headers, body = _http(node.url, "/readyz")
+    status, headers, body = web_request(node.url, "/readyz")
     doc = json.loads(body)
     assert status == 200, doc
     assert headers["content-type"] == "application/json"
@@ -284,7 +107,7 @@ def test_health_ready_and_metrics(node: Node) -> None:
     assert doc["checks"]["model"]["detail"] == "sonocase-hybrid 7"
 
     observe_cstore(0xA700)
-    status, _, body = _http(node.url, "/metrics")
+    status, _, body = web_request(node.url, "/metrics")
     assert status == 200
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
@@ -298,7 +121,7 @@ def test_health_ready_and_metrics(node: Node) -> None:
     assert values[("sonocase_send_retries", ())] == 1
     assert values[("sonocase_images_analysed_total", ())] == 2
     assert values[("sonocase_images_not_assessed_total", ())] == 0
-    # Two studies were analysed 3 s after they completed (see _analyse).
+    # Two studies were analysed 3 s after they completed (see record_analysis).
     stage = (("stage", "complete_to_analysed"),)
     assert values[("sonocase_stage_latency_seconds_count", stage)] == 2
     assert values[("sonocase_stage_latency_seconds_sum", stage)] == pytest.approx(6.0)
@@ -308,9 +131,10 @@ def test_health_ready_and_metrics(node: Node) -> None:
     assert info.labels["version"] == "7" and info.labels["name"] == "sonocase-hybrid" and info.value == 1
 
 
+@pytest.mark.integration
 def test_not_ready_names_the_failing_check(tmp_path: Path) -> None:
     closed = free_port()  # nothing listens there
-    settings = _settings(
+    settings = web_settings(
         tmp_path, min_free_disk_mb=10**9, purge_when_free_below_mb=0, broker_url=f"redis://127.0.0.1:{closed}/0"
     )
     (tmp_path / "model" / "probe.onnx").write_bytes(b"another model, card not updated")
@@ -318,7 +142,7 @@ def test_not_ready_names_the_failing_check(tmp_path: Path) -> None:
     server = build_web_server(settings, ledger)
     server.start()
     try:
-        status, _, body = _http(f"http://127.0.0.1:{server.port}", "/readyz")
+        status, _, body = web_request(f"http://127.0.0.1:{server.port}", "/readyz")
     finally:
         server.stop()
         ledger.close()
@@ -330,13 +154,14 @@ def test_not_ready_names_the_failing_check(tmp_path: Path) -> None:
     assert doc["checks"]["ledger"]["ok"]
 
 
+@pytest.mark.integration
 def test_broker_check_against_real_redis(redis_url: str) -> None:
     result = broker_check(lambda: Connection(redis_url + "/0"))()
     assert result == CheckResult(True, result.detail) and "redis" in result.detail
 
 
 def test_model_probe_follows_file_changes(tmp_path: Path) -> None:
-    path = _model(tmp_path)
+    path = probe_model(tmp_path)
     probe = ModelProbe(path)
     assert probe.check().ok and probe.info()["version"] == "7"
     path.write_bytes(b"replaced by hand")
@@ -346,7 +171,7 @@ def test_model_probe_follows_file_changes(tmp_path: Path) -> None:
 
 
 def test_index_probe(tmp_path: Path) -> None:
-    model_path = _model(tmp_path)
+    model_path = probe_model(tmp_path)
     model = ModelProbe(model_path)
     probe = IndexProbe(tmp_path / "index", model)
     assert probe.check().ok and "similar cases are off" in probe.check().detail and probe.info() == {}
@@ -364,28 +189,30 @@ def test_index_probe(tmp_path: Path) -> None:
     other.close()
 
 
+@pytest.mark.integration
 def test_status_page_is_off_without_a_token(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, web_token="", web_review_token="")
+    settings = web_settings(tmp_path, web_token="", web_review_token="")
     ledger = Ledger(settings.ledger_path, durable=False)
     server = build_web_server(settings, ledger)
     server.start()
     try:
         url = f"http://127.0.0.1:{server.port}"
-        status, _, body = _http(url, "/status", headers={"Authorization": "Bearer "})
+        status, _, body = web_request(url, "/status", headers={"Authorization": "Bearer "})
         assert status == 404 and b"SONOCASE_WEB_TOKEN" in body
-        assert _http(url, "/healthz")[0] == 200
+        assert web_request(url, "/healthz")[0] == 200
     finally:
         server.stop()
         ledger.close()
 
 
+@pytest.mark.integration
 def test_status_page_needs_the_token_and_shows_no_patient_name(node: Node) -> None:
-    status, headers, body = _http(node.url, "/status")
+    status, headers, body = web_request(node.url, "/status")
     assert status == 401 and headers["www-authenticate"].startswith("Bearer") and b"name=token" in body
-    assert _http(node.url, "/status", headers={"Authorization": "Bearer wrong"})[0] == 401
-    assert _http(node.url, f"/status/studies/{node.analysed}/heatmap.png")[0] == 401
+    assert web_request(node.url, "/status", headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert web_request(node.url, f"/status/studies/{node.analysed}/heatmap.png")[0] == 401
 
-    status, headers, body = _http(node.url, "/status", headers=BEARER)
+    status, headers, body = web_request(node.url, "/status", headers=BEARER)
     page = body.decode()
     assert status == 200 and "default-src 'none'" in headers["content-security-policy"]
     assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
@@ -397,62 +224,67 @@ def test_status_page_needs_the_token_and_shows_no_patient_name(node: Node) -> No
     assert page.count("class=resend") == 2
 
 
+@pytest.mark.integration
 def test_heatmap_thumbnail(node: Node) -> None:
-    status, headers, body = _http(node.url, f"/status/studies/{node.analysed}/heatmap.png", headers=BEARER)
+    status, headers, body = web_request(node.url, f"/status/studies/{node.analysed}/heatmap.png", headers=BEARER)
     assert status == 200 and headers["content-type"] == "image/png"
     image = np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
     assert max(image.shape[:2]) <= 96
     centre, corner = image[image.shape[0] // 2, image.shape[1] // 2], image[0, 0]
     assert centre[0] > centre[2] and corner[2] > corner[0]  # hot centre red, cold corner blue
-    assert _http(node.url, f"/status/studies/{node.broken}/heatmap.png", headers=BEARER)[0] == 404
+    assert web_request(node.url, f"/status/studies/{node.broken}/heatmap.png", headers=BEARER)[0] == 404
 
 
+@pytest.mark.integration
 def test_heatmap_outside_the_results_folder_is_not_served(node: Node, tmp_path: Path) -> None:
-    rec = _store(node.settings, node.ledger, generate_uid(), time.time())
-    _analyse(node.settings, node.ledger, rec, time.time(), heat_root=tmp_path / "elsewhere")
-    assert _http(node.url, f"/status/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
-    status, _, body = _http(node.url, "/status", headers=BEARER)
+    rec = store_instance(node.settings, node.ledger, generate_uid(), time.time())
+    record_analysis(node.settings, node.ledger, rec, time.time(), heat_root=tmp_path / "elsewhere")
+    assert web_request(node.url, f"/status/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
+    status, _, body = web_request(node.url, "/status", headers=BEARER)
     assert status == 200 and f"/studies/{rec.study_uid}/heatmap.png" not in body.decode()
 
 
+@pytest.mark.integration
 def test_an_image_outside_the_training_domain_is_shown_not_assessed_and_counted(node: Node) -> None:
-    rec = _store(node.settings, node.ledger, generate_uid(), time.time())
-    _analyse(node.settings, node.ledger, rec, time.time(), ood=True)
+    rec = store_instance(node.settings, node.ledger, generate_uid(), time.time())
+    record_analysis(node.settings, node.ledger, rec, time.time(), ood=True)
     _status, studies = _json(node.url, "/api/v1/studies", headers=BEARER)
     (shown,) = [s for s in studies if s["study_uid"] == rec.study_uid]
     assert shown["result"] == "not assessed: outside the model's training domain"
     assert shown["heatmap_url"] is None  # no heatmap posing as an explanation
-    assert _http(node.url, f"/status/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
-    page = _http(node.url, "/status", headers=BEARER)[2].decode()
+    assert web_request(node.url, f"/status/studies/{rec.study_uid}/heatmap.png", headers=BEARER)[0] == 404
+    page = web_request(node.url, "/status", headers=BEARER)[2].decode()
     assert escape("not assessed: outside the model's training domain") in page  # as the page escapes it
-    families = text_string_to_metric_families(_http(node.url, "/metrics")[2].decode())
+    families = text_string_to_metric_families(web_request(node.url, "/metrics")[2].decode())
     values = {s.name: s.value for f in families for s in f.samples}
     assert (values["sonocase_images_analysed_total"], values["sonocase_images_not_assessed_total"]) == (3, 1)
 
 
+@pytest.mark.integration
 def test_login_cookie_and_resend_need_the_form_token(node: Node) -> None:
-    assert _http(node.url, "/login", "POST", form={"token": "nope"})[0] == 401
-    status, headers, _ = _http(node.url, "/login", "POST", form={"token": TOKEN})
+    assert web_request(node.url, "/login", "POST", form={"token": "nope"})[0] == 401
+    status, headers, _ = web_request(node.url, "/login", "POST", form={"token": TOKEN})
     assert status == 303 and headers["location"] == "/status"
     cookie = headers["set-cookie"].split(";")[0]
     assert cookie.startswith(SESSION_COOKIE + "=") and TOKEN not in cookie
     assert "httponly" in headers["set-cookie"].lower() and "samesite=strict" in headers["set-cookie"].lower()
 
     path = f"/status/studies/{node.undelivered}/resend"
-    assert _http(node.url, path, "POST", headers={"Cookie": cookie}, form={})[0] == 403
-    page = _http(node.url, "/status", headers={"Cookie": cookie})[2].decode()
+    assert web_request(node.url, path, "POST", headers={"Cookie": cookie}, form={})[0] == 403
+    page = web_request(node.url, "/status", headers={"Cookie": cookie})[2].decode()
     csrf = page.split("name=csrf value='")[1].split("'")[0]
-    status, headers, _ = _http(node.url, path, "POST", headers={"Cookie": cookie}, form={"csrf": csrf})
+    status, headers, _ = web_request(node.url, path, "POST", headers={"Cookie": cookie}, form={"csrf": csrf})
     assert status == 303 and "retried=results" in headers["location"]
     assert [r.state for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
     assert node.ledger.study(node.undelivered).state == StudyState.REPORTED
 
     # A Bearer client needs no form token; the study has not failed any more.
-    status, _, body = _http(node.url, f"/status/studies/{node.analysed}/resend", "POST", headers=BEARER, form={})
+    status, _, body = web_request(node.url, f"/status/studies/{node.analysed}/resend", "POST", headers=BEARER, form={})
     assert status == 409 and b"no results to send" in body
-    assert _http(node.url, "/status/studies/1.2.3/resend", "POST", headers=BEARER, form={})[0] == 404
+    assert web_request(node.url, "/status/studies/1.2.3/resend", "POST", headers=BEARER, form={})[0] == 404
 
 
+@pytest.mark.integration
 def test_retry_study_requeues_a_failed_analysis(node: Node) -> None:
     assert retry_study(node.settings, node.ledger, node.broken).kind is RetryKind.ANALYSIS
     study = node.ledger.study(node.broken)
@@ -465,6 +297,7 @@ def test_retry_study_requeues_a_failed_analysis(node: Node) -> None:
 
 
 # --- headless Chromium ---------------------------------------------------------------
+@pytest.mark.integration
 def test_status_page_in_headless_chromium(node: Node, tmp_path: Path) -> None:
     browser = Chromium(tmp_path / "chromium-profile")
     try:
@@ -493,15 +326,6 @@ def test_status_page_in_headless_chromium(node: Node, tmp_path: Path) -> None:
 
 
 # --- sessions, CSRF, throttling ---------------------------------------------------------
-def _login(url: str, token: str = TOKEN) -> tuple[str, str]:
-    """Sign in with the form; the session cookie and the CSRF token of its page."""
-    status, headers, _ = _http(url, "/login", "POST", form={"token": token})
-    assert status == 303, status
-    cookie = headers["set-cookie"].split(";")[0]
-    page = _http(url, "/status", headers={"Cookie": cookie})[2].decode()
-    return cookie, page.split("name=csrf value='")[1].split("'")[0]
-
-
 def test_session_expiry_idle_and_absolute() -> None:
     store = SessionStore(idle_s=30, max_age_s=100)
     session = store.create("reviewer", now=1000)
@@ -517,45 +341,52 @@ def test_session_expiry_idle_and_absolute() -> None:
     assert store.get("not-a-session", now=2000) is None
 
 
+@pytest.mark.integration
 def test_each_sign_in_is_its_own_session(node: Node) -> None:
     """Two sign-ins: two cookies and two CSRF tokens, none derived from the token
     (each is random), so none can be computed offline."""
-    (cookie_a, csrf_a), (cookie_b, csrf_b) = _login(node.url), _login(node.url)
+    (cookie_a, csrf_a), (cookie_b, csrf_b) = login(node.url), login(node.url)
     assert cookie_a != cookie_b and csrf_a != csrf_b
     for value in (cookie_a, cookie_b, csrf_a, csrf_b):
         assert TOKEN not in value and len(value.split("=")[-1]) >= 40
 
 
+@pytest.mark.integration
 def test_sign_out_revokes_the_session_on_the_server(node: Node) -> None:
-    cookie, csrf = _login(node.url)
-    other_cookie, _ = _login(node.url)
-    assert _http(node.url, "/logout", "POST", headers={"Cookie": cookie}, form={})[0] == 403  # no form token
-    assert _http(node.url, "/status", headers={"Cookie": cookie})[0] == 200
-    status, headers, _ = _http(node.url, "/logout", "POST", headers={"Cookie": cookie}, form={"csrf": csrf})
+    cookie, csrf = login(node.url)
+    other_cookie, _ = login(node.url)
+    assert web_request(node.url, "/logout", "POST", headers={"Cookie": cookie}, form={})[0] == 403  # no form token
+    assert web_request(node.url, "/status", headers={"Cookie": cookie})[0] == 200
+    status, headers, _ = web_request(node.url, "/logout", "POST", headers={"Cookie": cookie}, form={"csrf": csrf})
     assert status == 303 and "max-age=0" in headers["set-cookie"].lower()
     # The old cookie, replayed (a copy kept by anyone), is refused from now on...
-    status, _, body = _http(node.url, "/status", headers={"Cookie": cookie})
+    status, _, body = web_request(node.url, "/status", headers={"Cookie": cookie})
     assert status == 401 and b"name=token" in body
-    assert _http(node.url, f"/status/studies/{node.analysed}/heatmap.png", headers={"Cookie": cookie})[0] == 401
+    assert web_request(node.url, f"/status/studies/{node.analysed}/heatmap.png", headers={"Cookie": cookie})[0] == 401
     # ... while another sign-in goes on.
-    assert _http(node.url, "/status", headers={"Cookie": other_cookie})[0] == 200
+    assert web_request(node.url, "/status", headers={"Cookie": other_cookie})[0] == 200
 
 
+@pytest.mark.integration
 def test_forms_need_their_own_session_s_csrf_token(node: Node) -> None:
-    cookie_a, csrf_a = _login(node.url)
-    _, csrf_b = _login(node.url)
+    cookie_a, csrf_a = login(node.url)
+    _, csrf_b = login(node.url)
     path = f"/status/studies/{node.undelivered}/resend"
     for form in ({}, {"csrf": "guess"}, {"csrf": csrf_b}):  # none, wrong, another session's
-        status, _, body = _http(node.url, path, "POST", headers={"Cookie": cookie_a}, form=form)
+        status, _, body = web_request(node.url, path, "POST", headers={"Cookie": cookie_a}, form=form)
         assert status == 403 and b"CSRF token" in body
     # A cross-site post is refused even with the right token (Fetch Metadata).
     cross = {"Cookie": cookie_a, "Sec-Fetch-Site": "cross-site"}
-    assert _http(node.url, path, "POST", headers=cross, form={"csrf": csrf_a})[0] == 403
-    assert _http(node.url, "/login", "POST", headers={"Sec-Fetch-Site": "cross-site"}, form={"token": TOKEN})[0] == 403
+    assert web_request(node.url, path, "POST", headers=cross, form={"csrf": csrf_a})[0] == 403
+    assert (
+        web_request(node.url, "/login", "POST", headers={"Sec-Fetch-Site": "cross-site"}, form={"token": TOKEN})[0]
+        == 403
+    )
     assert [r.state for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
-    assert _http(node.url, path, "POST", headers={"Cookie": cookie_a}, form={"csrf": csrf_a})[0] == 303
+    assert web_request(node.url, path, "POST", headers={"Cookie": cookie_a}, form={"csrf": csrf_a})[0] == 303
 
 
+@pytest.mark.integration
 def test_wrong_tokens_are_throttled_but_the_right_one_never_is(node: Node) -> None:
     """Issue 24, attack 3: one address sending wrong tokens (behind an ingress, the
     address of every client) is answered 429 past the limit, and the right token from
@@ -563,19 +394,19 @@ def test_wrong_tokens_are_throttled_but_the_right_one_never_is(node: Node) -> No
     attempts = node.settings.web_login_attempts
     for i in range(attempts):
         if i % 2:
-            assert _http(node.url, "/login", "POST", form={"token": f"guess-{i}"})[0] == 401
+            assert web_request(node.url, "/login", "POST", form={"token": f"guess-{i}"})[0] == 401
         else:
-            assert _http(node.url, "/api/v1/studies", headers={"Authorization": f"Bearer guess-{i}"})[0] == 401
-    status, headers, body = _http(node.url, "/login", "POST", form={"token": "guess-again"})
+            assert web_request(node.url, "/api/v1/studies", headers={"Authorization": f"Bearer guess-{i}"})[0] == 401
+    status, headers, body = web_request(node.url, "/login", "POST", form={"token": "guess-again"})
     assert status == 429 and 0 < int(headers["retry-after"]) <= node.settings.web_login_window_s
     assert b"Too many wrong tokens" in body
-    assert _http(node.url, "/api/v1/studies", headers={"Authorization": "Bearer guess-again"})[0] == 429
-    assert _http(node.url, "/login", "POST", form={"token": TOKEN})[0] == 303
-    assert _http(node.url, "/api/v1/studies", headers=BEARER)[0] == 200
-    assert _http(node.url, "/login", "POST", form={"token": REVIEW_TOKEN})[0] == 303
-    assert _http(node.url, "/api/v1/studies", headers=REVIEWER)[0] == 200
-    assert _http(node.url, "/healthz")[0] == 200  # health and metrics are not behind it
-    metrics = _http(node.url, "/metrics")[2].decode()
+    assert web_request(node.url, "/api/v1/studies", headers={"Authorization": "Bearer guess-again"})[0] == 429
+    assert web_request(node.url, "/login", "POST", form={"token": TOKEN})[0] == 303
+    assert web_request(node.url, "/api/v1/studies", headers=BEARER)[0] == 200
+    assert web_request(node.url, "/login", "POST", form={"token": REVIEW_TOKEN})[0] == 303
+    assert web_request(node.url, "/api/v1/studies", headers=REVIEWER)[0] == 200
+    assert web_request(node.url, "/healthz")[0] == 200  # health and metrics are not behind it
+    metrics = web_request(node.url, "/metrics")[2].decode()
     assert 'sonocase_web_logins_refused_total{reason="throttled"} ' in metrics
 
 
@@ -604,10 +435,11 @@ def test_login_throttle_window() -> None:
 
 # --- the JSON API ---------------------------------------------------------------------------
 def _json(url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    status, _, body = _http(url, path, method, headers=headers)
+    status, _, body = web_request(url, path, method, headers=headers)
     return status, json.loads(body)
 
 
+@pytest.mark.integration
 def test_json_api_lists_shows_and_retries_studies(node: Node) -> None:
     status, doc = _json(node.url, "/api/v1/studies")
     assert status == 401 and "Bearer" in doc["detail"]
@@ -620,7 +452,7 @@ def test_json_api_lists_shows_and_retries_studies(node: Node) -> None:
     assert analysed["heatmap_url"] == f"/status/studies/{node.analysed}/heatmap.png"
     assert by_uid[node.broken]["error"] == "no pixel data" and by_uid[node.broken]["can_retry"]
     assert PATIENT_NAME not in json.dumps(studies)
-    assert _http(node.url, analysed["heatmap_url"], headers=BEARER)[0] == 200
+    assert web_request(node.url, analysed["heatmap_url"], headers=BEARER)[0] == 200
 
     status, one = _json(node.url, f"/api/v1/studies/{node.undelivered}", headers=BEARER)
     assert status == 200 and one["outbox"] == {"failed": 1} and one["failed_stage"] == "send"
@@ -635,10 +467,11 @@ def test_json_api_lists_shows_and_retries_studies(node: Node) -> None:
     assert _json(node.url, "/api/v1/studies/1.2.3/retry", "POST", headers=BEARER)[0] == 404
 
 
+@pytest.mark.integration
 def test_api_changes_from_a_session_need_its_csrf_token(node: Node) -> None:
     """Issue 24, attack 4: a signed-in browser's POST to the API needs its session's
     token in X-CSRF-Token and must not be cross-site; a Bearer client needs neither."""
-    cookie, csrf = _login(node.url)
+    cookie, csrf = login(node.url)
     path = f"/api/v1/studies/{node.undelivered}/retry"
     for headers in (
         {},
@@ -655,11 +488,12 @@ def test_api_changes_from_a_session_need_its_csrf_token(node: Node) -> None:
     assert _json(node.url, path, "POST", headers=BEARER)[0] in (200, 409)
 
 
+@pytest.mark.integration
 def test_openapi_is_behind_the_token_unless_made_public(node: Node, tmp_path: Path) -> None:
-    assert _http(node.url, "/api/openapi.json")[0] == 401
+    assert web_request(node.url, "/api/openapi.json")[0] == 401
     public = tmp_path / "public"
     public.mkdir()
-    server = build_web_server(_settings(public, web_openapi_public=True), node.ledger)
+    server = build_web_server(web_settings(public, web_openapi_public=True), node.ledger)
     server.start()
     try:
         assert _json(f"http://127.0.0.1:{server.port}", "/api/openapi.json")[0] == 200
@@ -667,6 +501,7 @@ def test_openapi_is_behind_the_token_unless_made_public(node: Node, tmp_path: Pa
         server.stop()
 
 
+@pytest.mark.integration
 def test_openapi_describes_the_api_and_its_bearer_scheme(node: Node) -> None:
     status, doc = _json(node.url, "/api/openapi.json", headers=BEARER)
     assert status == 200 and doc["openapi"].startswith("3.")
@@ -692,8 +527,8 @@ def _raw(url: str, request: bytes, timeout: float = 15) -> bytes:
 @pytest.fixture
 def strict_node(tmp_path: Path) -> Iterator[Node]:
     """A node whose HTTP side closes stalled connections after 1 s and holds 16."""
-    settings = _settings(tmp_path, web_read_timeout_s=1.0, web_max_connections=16)
-    ledger, analysed, undelivered, broken = _populate(settings)
+    settings = web_settings(tmp_path, web_read_timeout_s=1.0, web_max_connections=16)
+    ledger, analysed, undelivered, broken = populate(settings)
     router = APIRouter()
 
     @router.post("/echo-size")
@@ -707,6 +542,7 @@ def strict_node(tmp_path: Path) -> Iterator[Node]:
     ledger.close()
 
 
+@pytest.mark.integration
 def test_body_limits_and_lengths(strict_node: Node) -> None:
     url, limit = strict_node.url, strict_node.settings.web_max_body_bytes
     # Announced too large: refused before a byte of it is read.
@@ -738,6 +574,7 @@ def test_body_limits_and_lengths(strict_node: Node) -> None:
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"bytes":%d}' % len(big))
 
 
+@pytest.mark.integration
 def test_a_body_shorter_than_its_length_does_not_hold_a_handler(strict_node: Node) -> None:
     """Content-Length: 100, 10 bytes sent, then silence: the connection is closed
     after web_read_timeout_s, and the server goes on answering."""
@@ -748,9 +585,10 @@ def test_a_body_shorter_than_its_length_does_not_hold_a_handler(strict_node: Nod
         b"\r\nContent-Length: 100\r\n\r\ntoken=abcd",
     )
     assert answer == b"" and time.monotonic() - started < 10
-    assert _http(strict_node.url, "/healthz")[0] == 200
+    assert web_request(strict_node.url, "/healthz")[0] == 200
 
 
+@pytest.mark.integration
 def test_idle_connections_hold_no_thread_and_are_closed(strict_node: Node) -> None:
     threads_before = threading.active_count()
     host, port = strict_node.url.removeprefix("http://").split(":")
@@ -771,7 +609,7 @@ def test_idle_connections_hold_no_thread_and_are_closed(strict_node: Node) -> No
     finally:
         for sock in idle:
             sock.close()
-    assert _http(strict_node.url, "/healthz")[0] == 200
+    assert web_request(strict_node.url, "/healthz")[0] == 200
     assert threading.active_count() - threads_before <= 2
 
 
@@ -779,6 +617,7 @@ def _port(node: Node) -> int:
     return int(node.url.rsplit(":", 1)[1])
 
 
+@pytest.mark.integration
 def test_health_is_answered_while_idle_connections_are_reopened(strict_node: Node) -> None:
     """Twice web_max_connections idle connections, each opened again as soon as the
     node closes it (issue 24, attack 1): a probe still gets in, by closing the
@@ -791,6 +630,7 @@ def test_health_is_answered_while_idle_connections_are_reopened(strict_node: Nod
     assert answered >= 0.9, f"/healthz answered {answered:.0%} of probes"
 
 
+@pytest.mark.integration
 def test_health_is_answered_while_forms_arrive_a_byte_at_a_time(strict_node: Node) -> None:
     port = _port(strict_node)
     with attacks.http_flood(port, 2 * strict_node.settings.web_max_connections, attacks.SLOW_FORM, drip_s=0.3):
@@ -799,6 +639,7 @@ def test_health_is_answered_while_forms_arrive_a_byte_at_a_time(strict_node: Nod
     assert answered >= 0.9, f"/healthz answered {answered:.0%} of probes"
 
 
+@pytest.mark.integration
 def test_a_body_sent_a_byte_at_a_time_is_closed_on_its_first_deadline(strict_node: Node) -> None:
     """A byte every 0.3 s does not move the deadline on (web_min_body_bytes_per_s)."""
     held = attacks.drip_until_closed(_port(strict_node), attacks.SLOW_FORM, 0.3, 8)
@@ -836,12 +677,13 @@ def test_the_guard_runs_only_on_the_uvicorn_it_was_written_for(
 
 
 # --- routers of other stages, mounted by sonocase serve ----------------------------------------
+@pytest.mark.integration
 @pytest.mark.slow
 def test_serve_mounts_stow_rs_behind_the_bearer_check(tmp_path: Path) -> None:
     """`sonocase serve` mounts the STOW-RS router (service/ingest) through ExtraRouter:
     a real ultrasound file POSTed to /studies is stored like a C-STORE; without the
     token it is refused, and a body announced over stow_max_request_mb gets 413."""
-    settings = _settings(tmp_path, workers=0, stow_max_request_mb=1)
+    settings = web_settings(tmp_path, workers=0, stow_max_request_mb=1)
     node = serve(settings, tmp_path / "node.log")
     try:
         path = Path(get_testdata_file("US1_UNCR.dcm", download=False))
@@ -884,6 +726,7 @@ def _routes(app: FastAPI) -> set[tuple[str, str]]:
     return {(method, str(route.path)) for route in iter_route_contexts(app.routes) for method in route.methods or ()}
 
 
+@pytest.mark.integration
 def test_a_reviewer_reads_what_the_admin_reads(whole_node: tuple[Node, FastAPI]) -> None:
     """Every page and API route that only reads answers a reviewer as it answers the
     admin; the status page shows a reviewer the failed studies but no Resend button."""
@@ -892,13 +735,14 @@ def test_a_reviewer_reads_what_the_admin_reads(whole_node: tuple[Node, FastAPI])
     assert ("GET", "/status") in reads and ("GET", "/api/v1/studies/{study_uid}") in reads
     for method, path in reads:
         concrete = path.replace("{study_uid}", node.analysed)
-        admin, reviewer = (_http(node.url, concrete, method, headers=h)[0] for h in (BEARER, REVIEWER))
+        admin, reviewer = (web_request(node.url, concrete, method, headers=h)[0] for h in (BEARER, REVIEWER))
         assert reviewer == admin and reviewer not in (401, 403), (method, path, admin, reviewer)
-    admin_page, reviewer_page = (_http(node.url, "/status", headers=h)[2].decode() for h in (BEARER, REVIEWER))
+    admin_page, reviewer_page = (web_request(node.url, "/status", headers=h)[2].decode() for h in (BEARER, REVIEWER))
     assert "class=resend" in admin_page and node.undelivered in admin_page
     assert "class=resend" not in reviewer_page and node.undelivered in reviewer_page
 
 
+@pytest.mark.integration
 def test_a_reviewer_is_refused_every_administrative_route(whole_node: tuple[Node, FastAPI]) -> None:
     """Every state-changing route of the node but sign-in, sign-out and verdicts (found
     by listing the app's routes, so a new one is covered) answers a reviewer 403, by
@@ -914,30 +758,31 @@ def test_a_reviewer_is_refused_every_administrative_route(whole_node: tuple[Node
         ("POST", "/studies"),
         ("POST", "/studies/{study_uid}"),
     } <= set(administrative)
-    cookie, csrf = _login(node.url, REVIEW_TOKEN)
+    cookie, csrf = login(node.url, REVIEW_TOKEN)
     for method, path in administrative:
         concrete = path.replace("{study_uid}", node.undelivered)
         for headers in (REVIEWER, {"Cookie": cookie, "X-CSRF-Token": csrf}):
-            status, _, body = _http(node.url, concrete, method, headers=headers, form={"csrf": csrf})
+            status, _, body = web_request(node.url, concrete, method, headers=headers, form={"csrf": csrf})
             assert status == 403 and b"reviewers may not" in body, (method, path, headers, body)
     assert [r.state for r in node.ledger.outbox(node.undelivered)] == [OutboxState.FAILED]
     for method, path in administrative:
-        status, _, body = _http(
+        status, _, body = web_request(
             node.url, path.replace("{study_uid}", node.undelivered), method, headers=BEARER, form={}
         )
         assert b"reviewers may not" not in body and status != 401, (method, path, status)
     assert [r.state for r in node.ledger.outbox(node.undelivered)] == [OutboxState.PENDING]
 
 
+@pytest.mark.integration
 def test_a_reviewer_session_remembers_its_role_and_needs_its_csrf_token(node: Node) -> None:
-    cookie, csrf = _login(node.url, REVIEW_TOKEN)
+    cookie, csrf = login(node.url, REVIEW_TOKEN)
     path = f"/api/v1/studies/{node.undelivered}/retry"
     status, doc = _json(node.url, path, "POST", headers={"Cookie": cookie})
     assert status == 403 and "CSRF" in doc["detail"]
     status, doc = _json(node.url, path, "POST", headers={"Cookie": cookie, "X-CSRF-Token": csrf})
     assert status == 403 and doc["detail"].startswith("reviewers may not")
-    assert _http(node.url, "/logout", "POST", headers={"Cookie": cookie}, form={"csrf": csrf})[0] == 303
-    assert _http(node.url, "/status", headers={"Cookie": cookie})[0] == 401
+    assert web_request(node.url, "/logout", "POST", headers={"Cookie": cookie}, form={"csrf": csrf})[0] == 303
+    assert web_request(node.url, "/status", headers={"Cookie": cookie})[0] == 401
 
 
 def test_a_review_token_needs_the_web_token_and_differs_from_it(tmp_path: Path) -> None:
@@ -947,4 +792,4 @@ def test_a_review_token_needs_the_web_token_and_differs_from_it(tmp_path: Path) 
     ):
         (tmp_path / name).mkdir()
         with pytest.raises(SettingsError, match=refusal):
-            _settings(tmp_path / name, **overrides)
+            web_settings(tmp_path / name, **overrides)

@@ -15,14 +15,11 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from dicom_peers import ultrasound_files
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from test_reports_support import expected_outputs, outbox_kinds
-from worker_support import receive
 
 from service.datasets.synthetic import synthetic_study
 from service.ledger import InstanceRecord, Ledger, StudyState
@@ -35,6 +32,9 @@ from service.reports.build import build_reports, outbox_folder
 from service.results import SUMMARY_RULE, FrameResult, ImageResult, StudyResult
 from service.settings import ENV_PREFIX, Destination, Settings, load_settings
 from service.similar.index import SimilarCaseIndex
+from tests.support.dicom_peers import ultrasound_files
+from tests.support.reports import expected_outputs, outbox_kinds
+from tests.support.worker import receive
 
 CLASSES = ["normal", "benign", "malignant"]
 VARIANTS = ["ybr_jpeg", "mono", "rgb", "mono_jpeg"]
@@ -94,6 +94,7 @@ def test_a_study_is_analysed_and_its_result_stored(worker_settings: Settings, le
     assert result.similar == [] and result.index_version is None  # no index configured
 
 
+@pytest.mark.heavy
 def test_pictures_drawn_on_the_frames_the_worker_decoded_equal_those_drawn_from_the_files(
     worker_settings: Settings, ledger: Ledger
 ) -> None:
@@ -114,6 +115,7 @@ def test_pictures_drawn_on_the_frames_the_worker_decoded_equal_those_drawn_from_
     assert len(from_worker) == 4 and sc_pixels() == from_worker
 
 
+@pytest.mark.heavy
 def test_running_a_study_twice_changes_nothing(worker_settings: Settings, ledger: Ledger) -> None:
     study_uid = receive(worker_settings, ledger, _study(2))
     state = WorkerState(worker_settings)
@@ -125,6 +127,7 @@ def test_running_a_study_twice_changes_nothing(worker_settings: Settings, ledger
     assert sorted((worker_settings.results_dir / study_uid).rglob("*.npy")) == heatmaps
 
 
+@pytest.mark.heavy
 def test_a_reopened_study_is_analysed_again_as_a_new_generation(worker_settings: Settings, ledger: Ledger) -> None:
     datasets = _study(3, "benign", seed=4)
     study_uid = receive(worker_settings, ledger, datasets[:2])
@@ -183,6 +186,7 @@ def test_bad_instances_are_skipped_with_a_reason_and_do_not_fail_the_study(
     assert sum(1 for i in images.values() if i.frames) == 2
 
 
+@pytest.mark.heavy
 def test_every_shipped_ultrasound_file_reaches_a_result_or_a_skip_reason(
     worker_settings: Settings,
     ledger: Ledger,
@@ -205,6 +209,7 @@ def test_every_shipped_ultrasound_file_reaches_a_result_or_a_skip_reason(
     assert result.summary.predicted is not None or result.summary.out_of_distribution
 
 
+@pytest.mark.heavy
 def test_outside_the_models_experience_gives_no_class(
     worker_settings: Settings, ledger: Ledger, tmp_path: Path
 ) -> None:
@@ -283,6 +288,7 @@ def test_summary_rule_ignores_images_outside_the_models_experience() -> None:
     assert nothing.predicted is None and not nothing.out_of_distribution
 
 
+@pytest.mark.heavy
 def test_similar_cases_come_from_the_index_and_analysed_studies_join_it_once(
     worker_settings: Settings,
     ledger: Ledger,

@@ -18,11 +18,20 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port, wait_for
-from dicom_peers import ultrasound_files
 from pydicom import dcmread
-from test_reports_support import Storescp, expected_outputs, outbox_kinds, start_storescp
-from worker_support import (
+
+from service.datasets.synthetic import synthetic_study
+from service.ledger import Ledger, StudyState
+from service.pipeline.queue import create_app, queue_dir, send_analysis
+from service.reports.build import outbox_folder
+from service.results import StudyResult
+from service.settings import Destination, Settings
+from tests.support.common import free_port, wait_for
+from tests.support.dicom_peers import ultrasound_files
+from tests.support.reports import Storescp, expected_outputs, outbox_kinds, start_storescp
+from tests.support.worker import (
+    LEASE_S,
+    REPORTED_OR_SENT,
     PrivateRedis,
     Process,
     receive,
@@ -33,20 +42,9 @@ from worker_support import (
     write_study,
 )
 
-from service.datasets.synthetic import synthetic_study
-from service.ledger import Ledger, StudyState
-from service.pipeline.queue import create_app, queue_dir, send_analysis
-from service.reports.build import outbox_folder
-from service.results import StudyResult
-from service.settings import Destination, Settings
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-LEASE_S = 3.0
-#: With a PACS configured a study passes through "reported" to "sent" within a
-#: second: waits accept any state from the one awaited on.
-REPORTED_OR_SENT = (StudyState.REPORTED, StudyState.SENT)
 DONE_ANALYSING = (StudyState.ANALYSED, *REPORTED_OR_SENT)
 
 

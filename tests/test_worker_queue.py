@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from worker_support import (
+
+from service.ledger import Ledger
+from service.pipeline.queue import queue_dir
+from service.results import StudyResult
+from service.settings import Settings
+from tests.support.worker import (
     Process,
     child_env,
     serve,
@@ -24,10 +29,7 @@ from worker_support import (
     write_study,
 )
 
-from service.ledger import Ledger
-from service.pipeline.queue import queue_dir
-from service.results import StudyResult
-from service.settings import Settings
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

@@ -21,11 +21,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port, wait_for
-from dicom_peers import ultrasound_files
-from test_reports_support import Storescp, expected_outputs, outbox_kinds, start_storescp
-from test_worker_faults import LEASE_S, REPORTED_OR_SENT
-from worker_support import PrivateRedis, Process, receive, serve, storescu, study_state, wait_for_state, write_study
 
 from service.common.spool import instance_path
 from service.datasets.synthetic import synthetic_study
@@ -39,8 +34,25 @@ from service.reports.build import OutputObject, outbox_folder
 from service.results import StudyResult
 from service.settings import Destination, Settings
 from service.similar.index import SimilarCaseIndex
+from tests.support.common import free_port, wait_for
+from tests.support.dicom_peers import ultrasound_files
+from tests.support.reports import Storescp, expected_outputs, outbox_kinds, start_storescp
+from tests.support.worker import (
+    LEASE_S,
+    REPORTED_OR_SENT,
+    PrivateRedis,
+    Process,
+    receive,
+    serve,
+    storescu,
+    study_state,
+    wait_for_state,
+    write_study,
+)
 
 TOKEN = "worker-secret-0123456789abcdef"
+
+pytestmark = pytest.mark.integration
 
 
 def hiding(folder: Path) -> tuple[str, ...]:

@@ -12,7 +12,22 @@ from functools import cache
 from io import BytesIO
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import dcmread, dcmwrite
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -197,3 +212,43 @@ class NodeProcess:
         """SIGKILL: no clean-up of any kind, as in a crash."""
         self.proc.kill()
         self.proc.communicate(timeout=30)
+
+
+def us_file(name: str) -> UsFile:
+    """The shipped ultrasound file of that name."""
+    return next(f for f in ultrasound_files() if f.name == name)
+
+
+def rewrite(tmp_path: Path, name: str, transfer_syntax: str | None = None, **changes: object) -> UsFile:
+    """A real file with some attributes changed (``None`` deletes), re-encoded by pydicom."""
+    ds = dcmread(us_file(name).path)
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    syntax = UID(transfer_syntax or ds.file_meta.TransferSyntaxUID)
+    ds.file_meta.TransferSyntaxUID = syntax
+    out = tmp_path / f"{name}.{len(list(tmp_path.iterdir()))}.dcm"
+    # force_encoding: pydicom converts between byte orders only when told to.
+    dcmwrite(out, ds, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian, force_encoding=True)
+    return split_file(out)
+
+
+#: DCMTK's tools with Nagle off, as a PACS sends.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: The storescu option that proposes a file's own transfer syntax first: no transcoding.
+STORESCU_SYNTAX_OPTION = {
+    ImplicitVRLittleEndian: "-xi",
+    ExplicitVRLittleEndian: "-xe",
+    ExplicitVRBigEndian: "-xb",
+    DeflatedExplicitVRLittleEndian: "-xd",
+    JPEGBaseline8Bit: "-xy",
+    JPEGExtended12Bit: "-xx",
+    JPEGLosslessSV1: "-xs",
+    JPEGLSLossless: "-xt",
+    JPEGLSNearLossless: "-xu",
+    JPEG2000Lossless: "-xv",
+    JPEG2000: "-xw",
+    RLELossless: "-xr",
+}

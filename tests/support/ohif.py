@@ -17,10 +17,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from orthanc import DICOMWEB_ROOT, Orthanc
+
+from tests.support.orthanc import DICOMWEB_ROOT, Orthanc
 
 OHIF_VERSION = "3.13.2"
-DIST = Path(__file__).resolve().parents[1] / ".cache" / f"ohif-{OHIF_VERSION}" / "package" / "dist"
+DIST = Path(__file__).resolve().parents[2] / ".cache" / f"ohif-{OHIF_VERSION}" / "package" / "dist"
 #: Request headers passed on to Orthanc (the rest, cookies included, stay here);
 #: Host, so that the links Orthanc writes into metadata point back at this proxy.
 _FORWARDED = ("accept", "range", "content-type", "host")

@@ -16,14 +16,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from conftest import free_port, wait_for
 from pydicom.dataset import Dataset
 
 from service.common.spool import instance_path
 from service.datasets.synthetic import synthetic_study
-from service.ledger import InstanceRecord, Ledger, open_ledger
+from service.ledger import InstanceRecord, Ledger, StudyState, open_ledger
 from service.pipeline.workers import settings_env
 from service.settings import ENV_PREFIX, Settings
+from tests.support.common import free_port, wait_for
+
+#: The task lease of the fault tests: short, so a killed worker's study is taken over soon.
+LEASE_S = 3.0
+#: With a PACS configured a study passes through "reported" to "sent" within a
+#: second: waits accept any state from the one awaited on.
+REPORTED_OR_SENT = (StudyState.REPORTED, StudyState.SENT)
 
 T = TypeVar("T")
 

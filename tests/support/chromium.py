@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+
+from tests.support.common import wait_for
 
 #: The flags every test browser runs with: no GPU, no network of its own, a fresh profile.
 FLAGS = (

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from conftest import dcmtk
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -42,8 +41,9 @@ from service.results import (
     StudyResult,
 )
 from service.settings import Settings
+from tests.support.common import dcmtk
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "dicom_sr_templates" / "default.json"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "dicom_sr_templates" / "default.json"
 CLASSES = ("normal", "benign", "malignant")
 MODEL = ModelIdentity(name="sonocase-hybrid", version="1.0.0", sha256="ab" * 32)
 

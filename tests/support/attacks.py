@@ -15,14 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import free_port
-from dicom_peers import NodeProcess, send_raw
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import UltrasoundImageStorage, Verification
+
+from tests.support.common import free_port
+from tests.support.dicom_peers import NodeProcess, send_raw
 
 #: A PDU header announcing an A-ASSOCIATE-RQ of almost 4 GiB (PS3.8 9.3.2): 6 bytes.
 HUGE_PDU_LENGTH = 0xFFFFFFF0

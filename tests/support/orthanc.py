@@ -25,13 +25,14 @@ import base64
 import http.client
 import json
 import subprocess
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, wait_for
+
+from tests.support.common import free_port, wait_for
 
 #: Where Debian installs the server and its DICOMweb plugin.
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -216,11 +217,3 @@ class Orthanc:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    """A fresh Orthanc with DICOMweb on 127.0.0.1, no authentication."""
-    archive = Orthanc.start(tmp_path / "orthanc")
-    yield archive
-    archive.stop()

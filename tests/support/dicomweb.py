@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from conftest import wait_for
 from fastapi import FastAPI
 
 from service.ingest.server import ReceiverService
 from service.ingest.stow import stow_router
 from service.ledger import Ledger
 from service.settings import Settings
+from tests.support.common import wait_for
 
 TOKEN = "test-stow-token"
 BOUNDARY = "sonocase-test-boundary-7f3a"
