@@ -262,13 +262,16 @@ def _required(ds: Dataset, required: dict[str, int]) -> list[str]:
     return reasons
 
 
-def _is_image_region(item: Dataset) -> bool:
-    """An "Image Region" SCOORD selected from a referenced image: what OHIF reads
-    from each measurement group to place it (the first SCOORD's referenced image)."""
-    return (
-        item.get("ValueType") == "SCOORD"
-        and get_coded_name(item) == codes.DCM.ImageRegion
-        and any("ReferencedSOPSequence" in source for source in item.get("ContentSequence", []))
+def _is_located(group: Dataset) -> bool:
+    """Whether a measurement group carries coordinates on a referenced image: a
+    number inferred from a SCOORD selected from an image, what OHIF reads to place
+    the group and rehydrate it as a tool."""
+    return any(
+        child.get("ValueType") == "SCOORD"
+        and any("ReferencedSOPSequence" in source for source in child.get("ContentSequence", []))
+        for number in group.get("ContentSequence", [])
+        if number.get("ValueType") == "NUM"
+        for child in number.get("ContentSequence", [])
     )
 
 
@@ -296,7 +299,7 @@ def _sr(ds: Dataset, disclaimer: str) -> list[str]:
     try:  # highdicom's reader of the whole TID 1500 tree; the groups are checked below on its parse
         _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False)  # converts ds in place: only read after this
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
-        return reasons + [f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
+        return [*reasons, f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
     groups = [
         item
         for item in items
@@ -304,10 +307,10 @@ def _sr(ds: Dataset, disclaimer: str) -> list[str]:
     ]
     if not groups:
         reasons.append("the report has no measurement group")
-    drawn = [any(_is_image_region(child) for child in group.get("ContentSequence", [])) for group in groups]
-    if any(drawn):  # else the one group of a study with nothing analysed: nothing to draw, nothing to break
+    drawn = [_is_located(group) for group in groups]
+    if any(drawn):  # else groups without coordinates only: nothing to draw, nothing to break
         reasons += [
-            f"measurement group {n} has no image region on a source image, beside groups with one "
+            f"measurement group {n} has no coordinates on a source image, beside groups with them "
             "(OHIF draws none of the report then)"
             for n, region in enumerate(drawn, start=1)
             if not region
@@ -364,7 +367,7 @@ def _seg(ds: Dataset, disclaimer: str) -> list[str]:
     try:  # highdicom's reader wants a slice thickness, which 2-D ultrasound has not: pydicom decodes
         pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
     except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
-        return reasons + [f"its pixels cannot be decoded: {error_text(exc)}"]
+        return [*reasons, f"its pixels cannot be decoded: {error_text(exc)}"]
     if pixels.max(initial=0) > 1:
         reasons.append("its frames are not binary")
     return reasons
@@ -380,7 +383,7 @@ def _kos(ds: Dataset, disclaimer: str) -> list[str]:
     try:
         selected = hd.ko.KeyObjectSelectionDocument.from_dataset(ds).content.get_references()
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
-        return reasons + [f"highdicom cannot read it as a key object selection: {error_text(exc)}"]
+        return [*reasons, f"highdicom cannot read it as a key object selection: {error_text(exc)}"]
     if not selected:
         reasons.append("it selects no object")
     return reasons + _evidence(ds, items)
@@ -397,7 +400,7 @@ def _sc(ds: Dataset, disclaimer: str) -> list[str]:
     try:
         pixels = hd.Image.from_dataset(ds, copy=False).pixel_array  # converts ds in place: only read after this
     except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
-        return reasons + [f"highdicom cannot read its pixels: {error_text(exc)}"]
+        return [*reasons, f"highdicom cannot read its pixels: {error_text(exc)}"]
     if pixels.shape != (ds.Rows, ds.Columns, 3) or pixels.dtype != np.uint8:
         reasons.append(f"pixels decode to {pixels.shape} {pixels.dtype}, not {ds.Rows}x{ds.Columns}x3 uint8")
     return reasons
