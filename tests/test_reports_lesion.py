@@ -75,7 +75,9 @@ def test_a_lesion_is_drawn_and_measured_in_millimetres(tmp_path: Path) -> None:
     (frame,) = result.images[0].frames
     lesion = frame.lesion
     assert lesion is not None and lesion.long_axis and lesion.short_axis and lesion.area_mm2
-    contour, axes = measurement_groups(sr)
+    axes, contour = measurement_groups(sr)  # one lesion, one Tracking UID: OHIF labels them once
+    uids = {i.UID for g in (axes, contour) for i in g.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112040"}
+    assert len(uids) == 1
     # the contour: OHIF's freehand ROI, the lesion's outline (not the heatmap's) carried by its area
     assert tracking_identifier(contour) == OHIF_CONTOUR
     ((area, outline),) = located_numbers(contour)
@@ -106,9 +108,9 @@ def test_a_lesion_is_drawn_and_measured_in_millimetres(tmp_path: Path) -> None:
             for i in group.ContentSequence
             if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "121106"
         ]
-        for group in (contour, axes)
+        for group in (axes, contour)
     ]
-    assert labels == [[], [f"Image 1 frame 1: Malignant {frame.probabilities['malignant']:.0%}, AI BI-RADS 4C"]]
+    assert labels == [[f"Image 1 frame 1: Malignant {frame.probabilities['malignant']:.0%}, AI BI-RADS 4C"], []]
     # The lesion map is a blob cut at half its peak, resized from the model's 64 x 64 onto
     # the analysed region: an ellipse whose axes the image's calibration turns into mm.
     x0, y0, x1, y1 = frame.crop

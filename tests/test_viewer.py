@@ -279,12 +279,32 @@ def _rows(browser: Chromium) -> list[str]:
     return list(browser.evaluate(f"[...document.querySelectorAll('{PANEL_ROWS}')].map(e => e.innerText)"))
 
 
-def _open_report(browser: Chromium, server: OhifServer, study_uid: str, sr: pydicom.Dataset, thumbnails: int) -> None:
-    """The study opened on its report, as a worklist link to the report opens it."""
+#: OHIF's question when it opens a report it can rehydrate into its own tools.
+HYDRATE_PROMPT = "Do you want to continue tracking measurements for this study?"
+
+
+def _open_report(
+    browser: Chromium,
+    server: OhifServer,
+    study_uid: str,
+    sr: pydicom.Dataset,
+    thumbnails: int,
+    track: bool = True,
+    screenshot: Path | None = None,
+) -> None:
+    """The study opened on its report, as a worklist link to the report opens it;
+    ``track``: answer Yes when OHIF asks to track the report's measurements (a click
+    anywhere else answers No), once ``screenshot`` shows the report as OHIF draws it
+    before."""
     browser.open(server.viewer_url(study_uid, sr.SeriesInstanceUID))
     browser.wait_for(f"document.querySelectorAll('{THUMBNAILS}').length >= {thumbnails}", 180)
     if browser.evaluate("document.body.innerText.includes('Skip all')"):
         browser.click("button", text="Skip all")
+    if track:
+        browser.wait_for(f"document.body.innerText.includes({json.dumps(HYDRATE_PROMPT)})", 120)
+        if screenshot is not None:
+            browser.screenshot(screenshot)
+        browser.click("button", text="Yes")
 
 
 def _listed(browser: Chromium, count: int) -> list[str]:
@@ -295,7 +315,7 @@ def _listed(browser: Chromium, count: int) -> list[str]:
         if browser.evaluate(
             f"!document.querySelector('{PANEL_ROWS}') && !!document.querySelector('[data-cy=trackedMeasurements-btn]')"
         ):
-            browser.click("[data-cy=trackedMeasurements-btn]")
+            browser.click("[data-cy=trackedMeasurements-btn]")  # the panel's tab, when another panel is shown
         rows = _rows(browser)
         return (rows,) if len(rows) == count else None
 
@@ -409,7 +429,7 @@ def test_a_radiologist_sees_regions_overlay_heatmap_and_key_images_in_ohif(
         and len(lesions) == sum(bool(f.lesion and f.lesion.long_axis) for f in frames) > 0
     )
     assert lesions[0].sop_instance_uid == result.summary.decisive_sop_instance_uid
-    _open_report(chromium, server, study_a, sr, 5)
+    _open_report(chromium, server, study_a, sr, 5, screenshot=screenshots / "2-sr-report.png")
     rows = _listed(chromium, len(contours) + len(lesions))
     for lesion in lesions:
         (row,) = [r for r in rows if lesion.label in r]
@@ -507,7 +527,7 @@ def test_a_normal_study_shows_no_outline_in_ohif(
     (sr,) = site.outbox(study_d, "SR")
     assert result.summary.predicted == NO_LESION
     assert [located_numbers(g) for g in measurement_groups(sr)] == [[]]  # one group, without coordinates
-    _open_report(chromium, server, study_d, sr, 3)
+    _open_report(chromium, server, study_d, sr, 3, track=False)
     chromium.wait_idle("/dicom-web/")
     _open_series(chromium, "US")  # the image itself, as the reader looks at it next
     chromium.wait_for(f"document.querySelector('{OVERLAY}')?.innerText.includes('I:1 ')", 60)

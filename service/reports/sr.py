@@ -15,20 +15,21 @@ in order:
   model outlined, or for a model that outlines none the Grad-CAM outline of a frame
   not called normal), the frames of the image that decides the study summary first
   (a viewer opens the report on the first group), then the others in the study's
-  order, a contour group: tracking identifier :data:`OHIF_CONTOUR` (OHIF's freehand
-  ROI); its Finding the coded class; the lesion's area, then each class probability
-  as a NUM (the predicted class first), the first of them inferred from the outline,
-  a closed POLYLINE on the source image (and frame, for a cine loop); the model
-  identity as Algorithm Identification (TID 4019: name, version; sha256 and index
-  version as parameters); the group of the frame the heatmap objects show also
-  references them (the heatmap SC and, when there is one, the overlay SEG). A
-  measured lesion's axes follow as one group, :data:`OHIF_BIDIRECTIONAL` (a lone
-  axis :data:`OHIF_LENGTH`): NUMs "Long Axis" and "Short Axis" in mm, each inferred
-  from its line segment. The axes group (else the contour group) carries the
-  lesion's label (image, frame, class, probability, AI BI-RADS band) as a Comment
-  (DCM 121106), which OHIF shows as the measurement's label in its panel; TID 1501
-  has no row for it (PixelMed warns, once per lesion), and OHIF reads a label from
-  nowhere else that would be true;
+  order: for a measured lesion an axes group, :data:`OHIF_BIDIRECTIONAL` (OHIF's
+  bidirectional tool; a lone axis :data:`OHIF_LENGTH`): NUMs "Long Axis" and "Short
+  Axis" in mm, each inferred from its line segment; then a contour group,
+  :data:`OHIF_CONTOUR` (OHIF's freehand ROI): the lesion's area, then each class
+  probability as a NUM (the predicted class first), the first of them inferred from
+  the outline, a closed POLYLINE on the source image (and frame, for a cine loop).
+  Both have the coded class as their Finding and the model identity as Algorithm
+  Identification (TID 4019: name, version; sha256 and index version as parameters),
+  and share the lesion's Tracking UID (OHIF's report view then labels them once);
+  the contour group of the frame the heatmap objects show also references them
+  (the heatmap SC and, when there is one, the overlay SEG). The first group carries
+  the lesion's label (image, frame, class, probability, AI BI-RADS band) as a
+  Comment (DCM 121106), which OHIF shows as the measurement's label in its panel;
+  TID 1501 has no row for it (PixelMed warns, once per lesion), and OHIF reads a
+  label from nowhere else that would be true;
 * where nothing is drawn in the whole report, a group per assessed frame instead
   (its Finding, probabilities and image, "no lesion outlined"), and one per frame
   the domain guard flagged: "Not Evaluated" (SCT 373121007) as its Finding, the
@@ -115,9 +116,9 @@ _SR_TYPES: dict[str, type[hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.s
 #: reads a TID 1501 group from this text, and its SR extension lists the group in the
 #: measurement panel only when one does. A lesion's contour is a freehand ROI, its
 #: long and short axis one bidirectional measurement, a lone axis a length.
-OHIF_CONTOUR = "cornerstone3DTools@^0.1.0:PlanarFreehandROI"
-OHIF_BIDIRECTIONAL = "cornerstone3DTools@^0.1.0:Bidirectional"
-OHIF_LENGTH = "cornerstone3DTools@^0.1.0:Length"
+OHIF_CONTOUR = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+OHIF_BIDIRECTIONAL = "Cornerstone3DTools@^0.1.0:Bidirectional"
+OHIF_LENGTH = "Cornerstone3DTools@^0.1.0:Length"
 
 SrDocument = hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR
 #: A frame's heatmap, by (SOP Instance UID, frame number).
@@ -401,12 +402,14 @@ def _frame_groups(
     """One assessed frame's groups (TID 1501), each with its finding (the coded
     class) and the frame's image.
 
-    A frame with an outline (:func:`region_outline`) gets a contour group, read by
-    OHIF as a freehand ROI: the area and the class probabilities, the first of them
-    inferred from the outline (a closed POLYLINE on the source image and frame); then
-    a measured lesion's axes group, read as a bidirectional measurement: each axis's
-    length inferred from its line segment. The last of them carries the lesion's
-    label (:func:`lesion_label`) as its Comment. A frame with nothing to outline gets a
+    A frame with an outline (:func:`region_outline`) gets a measured lesion's axes
+    group, read by OHIF as a bidirectional measurement (each axis's length inferred
+    from its line segment), then a contour group, read as a freehand ROI: the area
+    and the class probabilities, the first of them inferred from the outline (a
+    closed POLYLINE on the source image and frame). Both track the same lesion, so
+    they share its Tracking UID: OHIF's report view merges them into one label (the
+    axes' lines first, as it shows five), instead of two drawn over each other. The
+    first carries the lesion's label (:func:`lesion_label`) as its Comment. A frame with nothing to outline gets a
     group referencing its image, whose identifier says so, only in a report where
     nothing is drawn (the Qualitative Evaluations say it otherwise,
     :func:`_undrawn_lines`).
@@ -417,21 +420,18 @@ def _frame_groups(
         return []
     instance = instance_label(headers, image.sop_instance_uid)
 
-    def tracking(identifier: str, *part: str) -> TrackingIdentifier:
-        uid = derived_uid(
-            result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number, *part
-        )
+    def tracking(identifier: str) -> TrackingIdentifier:
+        uid = derived_uid(result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number)
         return TrackingIdentifier(uid=uid, identifier=identifier[:64])
 
     def group(
         identifier: str,
         measurements: list[Measurement],
-        *part: str,
         source_images: list[SourceImageForMeasurementGroup] | None = None,
     ) -> MeasurementsAndQualitativeEvaluations:
         # content items belong to one parent: each group gets its own
         return MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking(identifier, *part),
+            tracking_identifier=tracking(identifier),
             algorithm_id=_algorithm(result),
             measurements=measurements,
             source_images=source_images,
@@ -452,12 +452,12 @@ def _frame_groups(
         contour[0].ContentSequence.extend(_heatmap_items(template, heatmaps))
     groups = [contour]
     axes = _axis_measurements(template, header, frame)
-    if axes is not None:
+    if axes is not None:  # the same lesion, so the same Tracking UID: first, as OHIF labels what it merges
         tool, measurements = axes
-        groups.append(group(tool, measurements, "axes"))
+        groups.insert(0, group(tool, measurements))
     # OHIF's label of a measurement: a group-level Comment, a row TID 1501 lacks (PixelMed warns), so one
     # per lesion, on the row that lists its axes (else its contour's)
-    groups[-1][0].ContentSequence.append(
+    groups[0][0].ContentSequence.append(
         TextContentItem(
             name=template.concepts.comment.code(),
             value=lesion_label(template, instance, frame),
