@@ -63,7 +63,6 @@ class Concepts(_Strict):
     ood_score: CodeSpec
     ood_threshold: CodeSpec
     score_unit: CodeSpec
-    source_of_measurement: CodeSpec
     study_summary: CodeSpec
     summary_rule: CodeSpec
     similar_study: CodeSpec
