@@ -20,7 +20,14 @@ from service.datasets.synthetic import synthetic_cine, synthetic_study
 from service.ledger import Ledger
 from service.reports.build import build_objects, read_sources
 from service.settings import Settings, load_settings
-from tests.support.reports import analyse, dciodvfy_errors, default_template, store_datasets, store_study
+from tests.support.reports import (
+    analyse,
+    dciodvfy_errors,
+    default_template,
+    measurement_groups,
+    store_datasets,
+    store_study,
+)
 
 PIXELMED = Path("/usr/share/java/pixelmed.jar")
 VALIDATOR = Path(__file__).with_name("PixelmedValidate.java")
@@ -116,11 +123,33 @@ def test_every_kind_of_study_has_its_sr_and_key_image_flag(validated: dict[Path,
         assert (f"{kind.replace(' ', '-')}-KO.dcm" in names) == (kind != "not assessed")
 
 
-#: Warnings PixelMed keeps: a frame not assessed is stated in the Qualitative
-#: Evaluations as "Impression: Not Evaluated" with the reason, the flag, the guard's
-#: score (referencing its image) and threshold as its children, where TID 1500 allows
-#: none (5 items); taking them out would lose the coded score.
-KNOWN_WARNINGS = {"not-assessed-SR.dcm": 5}
+#: Warnings PixelMed keeps: one per lesion outlined, its label for OHIF's measurement
+#: panel (image, frame, class, probability, BI-RADS band) as a Comment (DCM 121106)
+#: in the group that lists its axes (else its contour): OHIF takes a measurement's
+#: label from that item alone, and TID 1501 has no row for it. Benign: one lesion;
+#: malignant: two images, two lesions; a model without segmentation: the heatmap
+#: outline of its one finding; cine: three analysed frames; uncalibrated: the
+#: malignant image's lesion (the other is called normal). Every other finding is gone
+#: (the not-assessed SR had 5, children of its "Impression: Not Evaluated" items).
+KNOWN_WARNINGS = {
+    "benign-SR.dcm": 1,
+    "malignant-SR.dcm": 2,
+    "model-without-segmentation-SR.dcm": 1,
+    "cine-SR.dcm": 3,
+    "uncalibrated-SR.dcm": 1,
+}
+
+
+def _labels(path: Path) -> int:
+    """How many lesion labels (group-level Comments) an SR holds."""
+    import pydicom
+
+    groups = measurement_groups(pydicom.dcmread(path))
+    return sum(
+        i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "121106"
+        for g in groups
+        for i in g.ContentSequence
+    )
 
 
 def test_pixelmed_finds_no_error_and_only_the_known_warnings(validated: dict[Path, list[str]]) -> None:
@@ -130,6 +159,9 @@ def test_pixelmed_finds_no_error_and_only_the_known_warnings(validated: dict[Pat
     assert warnings == {name: KNOWN_WARNINGS.get(name, 0) for name in warnings}, [
         line for lines in validated.values() for line in lines
     ]
+    for path, lines in validated.items():  # each warning is a lesion's label, and nothing else
+        assert all(line.endswith('TEXT (121106,DCM,"Comment"): Content Item not in template') for line in lines)
+        assert len(lines) == _labels(path) if path.name.endswith("-SR.dcm") else not lines
 
 
 def test_the_validator_sees_what_the_issue_reported(validated: dict[Path, list[str]], tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from service.pipeline.analysis import lesion_maps
 from service.pipeline.measurement import frame_lesion
 from service.reports.birads import BANDS, NEGATIVE, likelihood_band
 from service.reports.heatmaps import load_heats
-from service.reports.sr import build_sr
+from service.reports.sr import OHIF_BIDIRECTIONAL, OHIF_CONTOUR, build_sr
 from service.results import StudyResult
 from service.settings import load_settings
 from tests.support.reports import (
@@ -34,8 +34,11 @@ from tests.support.reports import (
     analyse,
     default_template,
     gaussian_heatmap,
+    located_numbers,
+    measurement_groups,
     store_datasets,
     store_study,
+    tracking_identifier,
 )
 
 
@@ -57,10 +60,6 @@ def _study(
     return result, sources, hd.sr.srread(path)
 
 
-def _measurements(sr: pydicom.Dataset) -> pydicom.Dataset:
-    return next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
-
-
 def _lines(sr: pydicom.Dataset, meaning: str) -> list[str]:
     return [
         i.TextValue
@@ -76,24 +75,44 @@ def test_a_lesion_is_drawn_and_measured_in_millimetres(tmp_path: Path) -> None:
     (frame,) = result.images[0].frames
     lesion = frame.lesion
     assert lesion is not None and lesion.long_axis and lesion.short_axis and lesion.area_mm2
-    lesion_group, long_group, short_group = sr.content.get_planar_roi_measurement_groups()
-    # the region is the lesion's outline, not the heatmap's
-    np.testing.assert_allclose(lesion_group.roi.value, np.asarray(lesion.outline), atol=1e-3)
-    assert lesion_group.finding_type.meaning == "Malignant neoplasm of breast"
-    area = next(m for m in lesion_group.get_measurements() if m.name.value == "42798000")
-    assert (area.value, area.unit.value) == (pytest.approx(lesion.area_mm2, rel=1e-6), "mm2")
-    for group, code, axis in (
-        (long_group, "103339001", lesion.long_axis),
-        (short_group, "103340004", lesion.short_axis),
+    axes, contour = measurement_groups(sr)  # one lesion, one Tracking UID: OHIF labels them once
+    uids = {
+        i.UID for g in (axes, contour) for i in g.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112040"
+    }
+    assert len(uids) == 1
+    # the contour: OHIF's freehand ROI, the lesion's outline (not the heatmap's) carried by its area
+    assert tracking_identifier(contour) == OHIF_CONTOUR
+    ((area, outline),) = located_numbers(contour)
+    np.testing.assert_allclose(np.reshape(outline.GraphicData, (-1, 2)), np.asarray(lesion.outline), atol=1e-3)
+    assert area.ConceptNameCodeSequence[0].CodeValue == "42798000"
+    assert float(area.MeasuredValueSequence[0].NumericValue) == pytest.approx(lesion.area_mm2, rel=1e-6)
+    assert area.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm2"
+    # the axes: OHIF's bidirectional tool, which finds them by their code meanings
+    assert tracking_identifier(axes) == OHIF_BIDIRECTIONAL
+    found = located_numbers(axes)
+    assert [n.ConceptNameCodeSequence[0].CodeMeaning for n, _ in found] == ["Long Axis", "Short Axis"]
+    for (number, segment), code, axis in zip(
+        found, ("103339001", "103340004"), (lesion.long_axis, lesion.short_axis), strict=True
     ):
-        (length,) = group.get_measurements()
-        assert (length.name.value, length.name.scheme_designator, length.unit.value) == (code, "SCT", "mm")
-        assert length.value == pytest.approx(axis.length_mm)
-        np.testing.assert_allclose(group.roi.value, [axis.start, axis.end], atol=1e-3)
-        assert (
-            group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
-        )
-        assert group.finding_type.meaning == "Malignant neoplasm of breast"
+        name, value = number.ConceptNameCodeSequence[0], number.MeasuredValueSequence[0]
+        assert (name.CodeValue, name.CodingSchemeDesignator) == (code, "SCT")
+        assert value.MeasurementUnitsCodeSequence[0].CodeValue == "mm"
+        assert float(value.NumericValue) == pytest.approx(axis.length_mm)
+        np.testing.assert_allclose(np.reshape(segment.GraphicData, (-1, 2)), [axis.start, axis.end], atol=1e-3)
+        assert segment.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+    for group in (contour, axes):
+        (finding,) = [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121071"]
+        assert finding.ConceptCodeSequence[0].CodeMeaning == "Malignant neoplasm of breast"
+    # the lesion's label in OHIF's measurement panel: on the row with its axes (one per lesion)
+    labels = [
+        [
+            i.TextValue
+            for i in group.ContentSequence
+            if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "121106"
+        ]
+        for group in (axes, contour)
+    ]
+    assert labels == [[f"Image 1 frame 1: Malignant {frame.probabilities['malignant']:.0%}, AI BI-RADS 4C"], []]
     # The lesion map is a blob cut at half its peak, resized from the model's 64 x 64 onto
     # the analysed region: an ellipse whose axes the image's calibration turns into mm.
     x0, y0, x1, y1 = frame.crop
@@ -112,12 +131,13 @@ def test_a_normal_frame_has_no_outline_and_is_said_to_have_no_lesion(tmp_path: P
         tmp_path, synthetic_study(2, "malignant", variant="mono"), classes=["malignant", "normal"], lesion_peak=1.0
     )
     drawn = {
-        g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        for g in sr.content.get_planar_roi_measurement_groups()
+        scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for group in measurement_groups(sr)
+        for _, scoord in located_numbers(group)
     }
     assert drawn == {sources[0].SOPInstanceUID}
     assert result.images[1].frames[0].lesion is None
-    assert sr.content.get_image_measurement_groups() == []  # OHIF draws none of a report mixing both
+    assert all(located_numbers(g) for g in measurement_groups(sr))  # OHIF draws none of a report mixing both
     assert _lines(sr, "Comment")[1:] == ["Image 2 frame 1: Normal 97%, no lesion outlined"]
 
 
@@ -132,11 +152,10 @@ def test_with_nothing_to_outline_each_frame_is_a_group_without_region(
     )
     assert result.images[0].frames[0].lesion is None
     assert result.images[0].frames[0].lesion_threshold == LESION_THRESHOLD
-    assert sr.content.get_planar_roi_measurement_groups() == []
     (group,) = sr.content.get_image_measurement_groups()
     assert group.tracking_identifier.endswith("no lesion outlined")
     assert [s.referenced_sop_instance_uid for s in group.source_images] == [sources[0].SOPInstanceUID]
-    assert not [i for i in _measurements(sr).ContentSequence[0].ContentSequence if i.ValueType == "SCOORD"]
+    assert not located_numbers(measurement_groups(sr)[0])
 
 
 def test_without_calibration_the_outline_stays_and_the_report_says_why(tmp_path: Path) -> None:
@@ -144,9 +163,12 @@ def test_without_calibration_the_outline_stays_and_the_report_says_why(tmp_path:
     result, _, sr = _study(tmp_path, files=["US1_UNCR.dcm"], classes=["benign"], lesion_peak=1.0)
     lesion = result.images[0].frames[0].lesion
     assert lesion is not None and lesion.long_axis is None and lesion.area_mm2 is None
-    (group,) = sr.content.get_planar_roi_measurement_groups()  # the outline, no axis groups
-    np.testing.assert_allclose(group.roi.value, np.asarray(lesion.outline), atol=1e-3)
-    assert [m.name.value for m in group.get_measurements()] == ["PBENIGN", "PNORMAL", "111047"]  # no area
+    (group,) = measurement_groups(sr)  # the outline, no axes
+    ((first, outline),) = located_numbers(group)  # the predicted class's probability carries it: no area
+    assert first.ConceptNameCodeSequence[0].CodeValue == "PBENIGN"
+    np.testing.assert_allclose(np.reshape(outline.GraphicData, (-1, 2)), np.asarray(lesion.outline), atol=1e-3)
+    numbers = [i.ConceptNameCodeSequence[0].CodeValue for i in group.ContentSequence if i.ValueType == "NUM"]
+    assert numbers == ["PBENIGN", "PNORMAL", "111047"]
     assert _lines(sr, "Comment")[1:] == [f"Image 1 frame 1: lesion outlined, not measured: {lesion.unmeasured}"]
     assert "no calibration" in lesion.unmeasured  # type: ignore[operator]
 

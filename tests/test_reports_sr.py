@@ -1,10 +1,11 @@
 """The TID 1500 SR, built from a study of real ultrasound files (RGB, palette, a
 30-frame JPEG cine, JPEG-lossless monochrome; one skipped, one outside the model's
 training domain): DCMTK renders it, dciodvfy finds no error, highdicom reads back
-what was computed, every measurement group carries the image region OHIF needs to
-draw it (a frame called normal has none: the Qualitative Evaluations say so), and the
-image outside the training domain is "not assessed": no class, probability or
-region, its score against the threshold instead. The model here outlines no lesion:
+what was computed, every measurement group carries the coordinates OHIF reads to
+draw it and list it as one of its tools (a frame called normal has none: the
+Qualitative Evaluations say so), and the image outside the training domain is "not
+assessed": no class, probability or region, its score against the threshold
+instead. The model here outlines no lesion:
 a frame with a finding is outlined by its heatmap (tests/test_reports_lesion.py has
 the lesions)."""
 
@@ -28,8 +29,17 @@ from pydicom.uid import (
 )
 
 from service.ledger import Ledger
+from service.reports.birads import frame_band
 from service.reports.heatmaps import OUTLINE_LEVEL, load_heats
-from service.reports.sr import SR_CLASSES, Heats, assessed_frames, build_sr, decisive_frame, reading_order
+from service.reports.sr import (
+    OHIF_CONTOUR,
+    SR_CLASSES,
+    Heats,
+    assessed_frames,
+    build_sr,
+    decisive_frame,
+    reading_order,
+)
 from service.reports.template import SrTemplate, TemplateError, load_template
 from service.reports.validation import check_object
 from service.results import NO_LESION, FrameResult, ImageResult
@@ -41,6 +51,9 @@ from tests.support.reports import (
     analysed_study,
     dciodvfy_errors,
     dsr2html,
+    located_numbers,
+    measurement_groups,
+    tracking_identifier,
 )
 
 Built = tuple[Settings, Study, list[pydicom.Dataset], SrTemplate, Heats]
@@ -136,47 +149,50 @@ def test_dcmtk_renders_it_and_dciodvfy_finds_no_error(built: Built, tmp_path: Pa
 
 
 @pytest.mark.heavy
-def test_every_frame_of_a_finding_is_a_region_on_its_image_with_its_numbers(built: Built, tmp_path: Path) -> None:
+def test_every_frame_of_a_finding_is_a_contour_on_its_image_with_its_numbers(built: Built, tmp_path: Path) -> None:
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
     content = hd.sr.srread(_write(sr, tmp_path / "sr.dcm")).content
-    assert content.get_image_measurement_groups() == []  # no group without a region: OHIF would break
-    groups = content.get_planar_roi_measurement_groups()
+    assert content.get_planar_roi_measurement_groups() == []  # TID 1501 only: OHIF reads coordinates from the NUMs
+    groups = measurement_groups(sr)
     frames = _drawn(study)
-    assert frames and len(groups) == len(frames)
+    assert frames and len(groups) == len(frames)  # no lesion outlined by this model: no axes
 
     multi_frame = {ds.SOPInstanceUID for ds in sources if int(ds.get("NumberOfFrames") or 1) > 1}
-    for group, (image, frame) in zip(groups, frames, strict=True):
-        region = group.roi
-        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-        ref = region.ContentSequence[0].ReferencedSOPSequence[0]
+    for group, parsed, (image, frame) in zip(groups, content.get_image_measurement_groups(), frames, strict=True):
+        assert tracking_identifier(group) == OHIF_CONTOUR
+        # The probabilities in percent, the predicted class first, which carries the outline.
+        ((first, scoord),) = located_numbers(group)
+        assert first.ConceptNameCodeSequence[0].CodeMeaning == template.classes[frame.predicted].probability.meaning
+        assert scoord.GraphicType == "POLYLINE"
+        ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
         assert ref.ReferencedSOPInstanceUID == image.sop_instance_uid
         assert ref.get("ReferencedFrameNumber") == (
             frame.frame_number if image.sop_instance_uid in multi_frame else None
         )
-        # The probabilities in percent, the predicted class first: OHIF's labels.
-        measurements = group.get_measurements()
-        assert measurements[0].name.meaning == template.classes[frame.predicted].probability.meaning
+        measurements = parsed.get_measurements()
         numbers = {m.name.meaning: m.value for m in measurements}
         for label, probability in frame.probabilities.items():
             assert numbers[template.classes[label].probability.meaning] == pytest.approx(100 * probability, abs=1e-6)
         assert all(m.unit.value == "%" for m in measurements)
-        assert group.finding_type.value == template.classes[frame.predicted].finding.value
-        assert group.get_qualitative_evaluations() == []
-        assert _texts(group[0], "Algorithm Name") == [study.result.model.name]
-        assert group.tracking_identifier.endswith(
-            f"frame {frame.frame_number}: {template.classes[frame.predicted].display} "
-            f"{frame.probabilities[frame.predicted]:.0%}"
-        )
+        assert parsed.finding_type.value == template.classes[frame.predicted].finding.value
+        assert _texts(group, "Algorithm Name") == [study.result.model.name]
+        instance = next(k for k, i in enumerate(study.result.images) if i is image) + 1
+        band = frame_band(frame.probabilities, frame.predicted)
+        assert band is not None
+        assert _texts(group, "Comment") == [  # OHIF's label of the measurement
+            f"Image {instance} frame {frame.frame_number}: {template.classes[frame.predicted].display} "
+            f"{frame.probabilities[frame.predicted]:.0%}, AI BI-RADS {band.category}"
+        ]
 
 
 @pytest.mark.heavy
 def test_each_region_is_the_heatmap_outline_at_half_its_peak(built: Built, tmp_path: Path) -> None:
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats)
-    groups = hd.sr.srread(_write(sr, tmp_path / "sr.dcm")).content.get_planar_roi_measurement_groups()
-    for group, (image, frame) in zip(groups, _drawn(study), strict=True):
-        points = group.roi.value
+    for group, (image, frame) in zip(measurement_groups(sr), _drawn(study), strict=True):
+        ((_, scoord),) = located_numbers(group)
+        points = np.asarray(scoord.GraphicData, np.float32).reshape(-1, 2)
         heat = heats[(image.sop_instance_uid, frame.frame_number)]
         x0, y0, x1, y1 = frame.crop
         assert np.array_equal(points[0], points[-1]), "a closed polyline"
@@ -200,19 +216,21 @@ def test_each_region_is_the_heatmap_outline_at_half_its_peak(built: Built, tmp_p
 
 
 def test_regions_are_what_ohif_reads(built: Built) -> None:
-    """OHIF 3.13 takes each group's first SCOORD and reads its image from the one
-    child's Referenced SOP Sequence (and frame): the test follows the same path."""
+    """OHIF 3.13's Cornerstone3D adapter picks the tool by the group's tracking
+    identifier, takes the first NUM's SCOORD and reads its image from the one child's
+    Referenced SOP Sequence (and frame): the test follows the same path."""
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, EnhancedSRStorage, "0.1.0", heats)
-    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
     seen = []
-    for group in measurements.ContentSequence:
-        scoord = next(item for item in group.ContentSequence if item.ValueType == "SCOORD")
-        assert scoord.ConceptNameCodeSequence[0].CodeValue == "111030"  # Image Region
+    for group in measurement_groups(sr):
+        assert tracking_identifier(group) == OHIF_CONTOUR
+        first = next(item for item in group.ContentSequence if item.ValueType == "NUM")
+        scoord = next(item for item in first.ContentSequence if item.ValueType == "SCOORD")
         (child,) = scoord.ContentSequence
         ref = child.ReferencedSOPSequence[0]
         seen.append((ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1)))
         assert [i.ValueType for i in group.ContentSequence].count("UIDREF") == 1  # the tracking UID
+        assert not [i for i in group.ContentSequence if i.ValueType == "SCOORD"]  # none outside the NUMs
     assert seen == [(i.sop_instance_uid, f.frame_number) for i, f in _drawn(study)]
     assert seen[0][0] == study.result.summary.decisive_sop_instance_uid  # OHIF opens the report on it
 
@@ -221,8 +239,7 @@ def test_the_decisive_frame_references_the_heatmap_objects(built: Built) -> None
     _, study, sources, template, heats = built
     objects = _heatmap_objects(study)
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats, objects)
-    groups = next(g for g in sr.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "126010")
-    for group, (image, frame) in zip(groups.ContentSequence, _drawn(study), strict=True):
+    for group, (image, frame) in zip(measurement_groups(sr), _drawn(study), strict=True):
         images = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
         named = {
             i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: i.ConceptNameCodeSequence[0].CodeMeaning
@@ -293,7 +310,7 @@ def test_document_is_a_new_unverified_series_in_the_patients_study(built: Built)
     }
     assert other == {(s.study_uid, s.sop_instance_uid) for s in study.result.similar}
     evaluations = sr.ContentSequence[-1]
-    assert _texts(evaluations, "Comment") == [template.disclaimer]
+    assert _texts(evaluations, "Comment")[0] == template.disclaimer
     assert len(_texts(evaluations, "Similar previously diagnosed study")) == len(study.result.similar)
 
 
@@ -351,6 +368,9 @@ def test_a_study_with_nothing_analysed_still_says_so(settings: Settings, ledger:
 
 
 def test_a_frame_outside_the_training_domain_is_not_assessed_against_its_threshold(built: Built) -> None:
+    """In a report where lesions are drawn, a flagged frame is a line saying why (its
+    score against the threshold): a group without coordinates there would keep OHIF
+    from drawing any."""
     _, study, sources, template, heats = built
     sr = build_sr(study.result, template, sources, Comprehensive3DSRStorage, "0.1.0", heats, _heatmap_objects(study))
     flagged = [
@@ -360,30 +380,18 @@ def test_a_frame_outside_the_training_domain_is_not_assessed_against_its_thresho
         if frame.out_of_distribution
     ]
     assert {image.sop_instance_uid for _, image, _ in flagged} == {study.result.images[1].sop_instance_uid}
-    statements = _not_assessed(sr.ContentSequence[-1], template)
-    assert len(statements) == len(flagged)
-    for item, (n, image, frame) in zip(statements, flagged, strict=True):
-        assert item.ConceptNameCodeSequence[0].CodeMeaning == "Impression"
-        children = {c.ConceptNameCodeSequence[0].CodeMeaning: c for c in item.ContentSequence}
-        assert children["Comment"].TextValue == (
+    lines = _texts(sr.ContentSequence[-1], "Comment")
+    for n, _, frame in flagged:
+        assert (
             f"Image {n + 1} frame {frame.frame_number} not assessed: outside the model's training domain "
             f"(score {frame.ood_distance:.3f} > threshold {frame.ood_threshold:.3f})"
-        )
-        flag = children[template.concepts.out_of_distribution.meaning]
-        assert flag.ConceptCodeSequence[0].CodeValue == template.concepts.yes.value
-        score, threshold = children["Domain guard score"], children["Threshold Value"]
-        assert float(score.MeasuredValueSequence[0].NumericValue) == pytest.approx(frame.ood_distance)
-        assert float(threshold.MeasuredValueSequence[0].NumericValue) == pytest.approx(frame.ood_threshold)
-        (source,) = score.ContentSequence
-        assert (source.RelationshipType, source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == (
-            "INFERRED FROM",
-            image.sop_instance_uid,
-        )
+        ) in lines
+    # Nothing nested in the Qualitative Evaluations (TID 1500 has no row for it)
+    assert not [i for i in sr.ContentSequence[-1].ContentSequence if "ContentSequence" in i]
     # No group, region, class or probability for the flagged image anywhere else.
-    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
     named = {
         ref.ReferencedSOPInstanceUID
-        for item in _items(measurements.ContentSequence)
+        for item in _items(measurement_groups(sr))
         for ref in item.get("ReferencedSOPSequence", [])
     }
     assert study.result.images[1].sop_instance_uid not in named
@@ -398,21 +406,15 @@ def test_a_cine_frame_outside_the_training_domain_neither_speaks_for_its_image_n
     result = study.result.model_copy(update={"images": [*study.result.images[:2], image, *study.result.images[3:]]})
     assert decisive_frame(image).frame_number != loudest.frame_number
     sr = build_sr(result, template, sources, EnhancedSRStorage, "0.1.0", heats)
-    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
     drawn = {
         (ref.ReferencedSOPInstanceUID, int(ref.get("ReferencedFrameNumber") or 1))
-        for item in _items(measurements.ContentSequence)
+        for item in _items(measurement_groups(sr))
         if item.ValueType == "SCOORD"
         for ref in item.ContentSequence[0].ReferencedSOPSequence
     }
     assert (image.sop_instance_uid, loudest.frame_number) not in drawn
     assert {(image.sop_instance_uid, f.frame_number) for f in assessed_frames(image)} <= drawn
-    lines = [
-        c.TextValue
-        for item in _not_assessed(sr.ContentSequence[-1], template)
-        for c in item.ContentSequence
-        if c.ValueType == "TEXT"
-    ]
+    lines = _texts(sr.ContentSequence[-1], "Comment")
     assert (
         f"Image 3 frame {loudest.frame_number} not assessed: outside the model's training domain "
         "(score 0.400 > threshold 0.300)" in lines
@@ -436,18 +438,22 @@ def test_a_study_all_outside_the_training_domain_says_so_first_without_probabili
     html = unescape(dsr2html(path, tmp_path / "sr.html"))
     assert html.index(template.concepts.not_assessed.meaning) < html.index(template.disclaimer)  # said first
     assert template.wording.not_assessed_summary in html
-    content = hd.sr.srread(path).content
-    (group,) = content.get_image_measurement_groups()
-    assert group.tracking_identifier == template.wording.not_assessed_summary
-    assert group.get_measurements() == [] and group.source_images == []
-    # TID 1501's own Finding row (PixelMed finds an "Impression" or the flag there "not in template"); the flag
-    # is in the Qualitative Evaluations
-    assert group.finding_type.value == template.concepts.not_assessed.value
-    assert group.get_qualitative_evaluations() == []
+    # a group per frame (none drawn): "Not Evaluated" its Finding, the score inferred from its image and frame
+    frames = [(n, image, f) for n, image in enumerate(study.result.images) for f in image.frames]
+    groups = hd.sr.srread(path).content.get_image_measurement_groups()
+    assert len(groups) == len(frames)
+    for group, (n, image, frame) in zip(groups, frames, strict=True):
+        assert group.tracking_identifier == f"Image {n + 1} frame {frame.frame_number}: not assessed"
+        assert group.finding_type.value == template.concepts.not_assessed.value
+        score, threshold = group.get_measurements()
+        assert (score.name.meaning, score.value) == ("Domain guard score", pytest.approx(frame.ood_distance))
+        assert (threshold.name.meaning, threshold.value) == ("Threshold Value", pytest.approx(frame.ood_threshold))
+        (source,) = score.referenced_images
+        assert source.referenced_sop_instance_uid == image.sop_instance_uid
     evaluations = sr.ContentSequence[-1]
     assert _texts(evaluations, "Study summary") == [template.wording.not_assessed_summary]
-    frames = [f for image in study.result.images for f in image.frames]
-    assert len(_not_assessed(evaluations, template)) == 1 + len(frames)  # the study, then each frame
+    assert len(_not_assessed(evaluations, template)) == 1  # the study's impression; each frame's is its Finding
+    assert not [i for i in evaluations.ContentSequence if "ContentSequence" in i]  # flat, as TID 1500 has it
     numbers = [i for i in _items(sr.ContentSequence) if i.ValueType == "NUM"]
     assert sorted(n.ConceptNameCodeSequence[0].CodeMeaning for n in numbers) == sorted(
         ["Domain guard score", "Threshold Value"] * len(frames)

@@ -140,13 +140,14 @@ def test_sr_content_rules_of_its_class(objects: dict[str, bytes]) -> None:
     with pytest.raises(GateError, match="is not listed as evidence"):
         check_object(_mutated(objects["sr"], image_without_evidence), DISCLAIMER)
 
-    def a_group_without_region(ds: Dataset) -> None:
+    def a_group_without_coordinates(ds: Dataset) -> None:
         measurements = next(i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
-        group = measurements.ContentSequence[0]
-        group.ContentSequence = [i for i in group.ContentSequence if i.ValueType != "SCOORD"]
+        for number in measurements.ContentSequence[0].ContentSequence:
+            if number.ValueType == "NUM" and "ContentSequence" in number:
+                number.ContentSequence = [i for i in number.ContentSequence if i.ValueType != "SCOORD"]
 
-    with pytest.raises(GateError, match="measurement group 1 has no image region"):
-        check_object(_mutated(objects["sr"], a_group_without_region), DISCLAIMER)
+    with pytest.raises(GateError, match="measurement group 1 has no coordinates"):
+        check_object(_mutated(objects["sr"], a_group_without_coordinates), DISCLAIMER)
 
 
 def test_key_image_flag_keeps_the_disclaimer_and_its_evidence(objects: dict[str, bytes]) -> None:

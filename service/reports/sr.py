@@ -1,10 +1,13 @@
 """The Structured Report: one TID 1500 Measurement Report per analysed study.
 
 Viewers that understand TID 1500 (OHIF and others) draw it as measurements on the
-images; every other viewer still renders its text. OHIF draws none of a report that
-mixes groups with and without a region, and PixelMed's validator judges every group
-of a report as TID 1410 when exactly one has an image region: so a report's groups
-either all carry a region or none does. Its content, in order:
+images; every other viewer still renders its text. Every measurement group is a
+TID 1501 group whose numbers are inferred from SCOORDs on the source image (TID 300
+via TID 320): the shape OHIF 3.13's Cornerstone3D adapters read back as tools, so
+OHIF lists each lesion in its measurement panel and draws it with its own tools
+(contour, axes). OHIF draws none of a report that mixes groups with and without
+coordinates, so a report's groups either all carry them or none does. Its content,
+in order:
 
 * observer context: our node as the observing device (TID 1004);
 * procedure reported, language, title (all from the template);
@@ -12,37 +15,38 @@ either all carry a region or none does. Its content, in order:
   model outlined, or for a model that outlines none the Grad-CAM outline of a frame
   not called normal), the frames of the image that decides the study summary first
   (a viewer opens the report on the first group), then the others in the study's
-  order, a TID 1410 planar ROI group: its tracking identifier says image, frame,
-  class and probability; its image region (DCM 111030) the outline, a closed
-  POLYLINE on the source image (and frame, for a cine loop); its Finding the coded
-  class; each class probability as a NUM, the predicted class first (OHIF labels
-  the region with them), and a measured lesion's area; the model identity as
-  Algorithm Identification (TID 4019: name, version; sha256 and index version as
-  parameters); the group of the frame the heatmap objects show also references
-  them (the heatmap SC and, when there is one, the overlay SEG). A measured
-  lesion's long and short axis follow as TID 1410 groups of their own: the line
-  segment as the region, the length in mm (TID 1419 gives a region's measurements
-  no coordinates of their own);
-* where nothing is drawn in the whole report, a TID 1501 group per assessed frame
-  instead (its Finding, probabilities and image, "no lesion outlined");
-* a "Qualitative Evaluations" container, where no viewer expects coordinates: the
-  disclaimer, the study summary (the coded class, the AI-suggested BI-RADS
-  likelihood band coded and in words, a readable line naming the deciding image,
-  the rule, the out-of-distribution flag when raised), then per frame the domain
-  guard flagged "Impression: Not Evaluated" (SCT 373121007) with the reason (the
-  flag "Outside the model's training domain" and a readable line), the guard's
-  score as a NUM inferred from the referenced image (and frame) and the card's
-  threshold (DCM 122411 "Threshold Value"): no class, probability or region for
-  such a frame; a line per frame with nothing drawn in a report where something is,
-  and per lesion outlined without millimetres (why); a readable line per similar
-  study (date, accession, label and its source, distance), and why an image was
-  not analysed.
+  order: for a measured lesion an axes group, :data:`OHIF_BIDIRECTIONAL` (OHIF's
+  bidirectional tool; a lone axis :data:`OHIF_LENGTH`): NUMs "Long Axis" and "Short
+  Axis" in mm, each inferred from its line segment; then a contour group,
+  :data:`OHIF_CONTOUR` (OHIF's freehand ROI): the lesion's area, then each class
+  probability as a NUM (the predicted class first), the first of them inferred from
+  the outline, a closed POLYLINE on the source image (and frame, for a cine loop).
+  Both have the coded class as their Finding and the model identity as Algorithm
+  Identification (TID 4019: name, version; sha256 and index version as parameters),
+  and share the lesion's Tracking UID (OHIF's report view then labels them once);
+  the contour group of the frame the heatmap objects show also references them
+  (the heatmap SC and, when there is one, the overlay SEG). The first group carries
+  the lesion's label (image, frame, class, probability, AI BI-RADS band) as a
+  Comment (DCM 121106), which OHIF shows as the measurement's label in its panel;
+  TID 1501 has no row for it (PixelMed warns, once per lesion), and OHIF reads a
+  label from nowhere else that would be true;
+* where nothing is drawn in the whole report, a group per assessed frame instead
+  (its Finding, probabilities and image, "no lesion outlined"), and one per frame
+  the domain guard flagged: "Not Evaluated" (SCT 373121007) as its Finding, the
+  guard's score as a NUM inferred from the frame's image (and frame) and the card's
+  threshold (DCM 122411 "Threshold Value"); no class, probability or region;
+* a "Qualitative Evaluations" container, where no viewer expects coordinates, its
+  items flat (TID 1500 allows CODE and TEXT there, nothing nested): the disclaimer,
+  the study summary (the coded class, the AI-suggested BI-RADS likelihood band coded
+  and in words, a readable line naming the deciding image, the rule, "Impression:
+  Not Evaluated" and the out-of-distribution flag when no image was assessed), a
+  line per frame the domain guard flagged (why: the score against the threshold), a
+  line per frame with nothing drawn in a report where something is, and per lesion
+  outlined without millimetres (why); a readable line per similar study (date,
+  accession, label and its source, distance), and why an image was not analysed.
 
-A study with no assessed image has no region to draw; TID 1500 still needs a
-measurement group, so it gets one saying so, without image reference (OHIF cannot
-draw such a report; there is nothing on the images to show). When every analysed
-image lies outside the training domain that group is the report's first finding:
-"Not assessed" as its Finding.
+A study with no analysed image has nothing to point at; TID 1500 still needs a
+measurement group, so it gets one saying so, without image reference.
 
 The study's images and heatmap objects are the Current Requested Procedure
 Evidence; the similar studies' instances go into the Pertinent Other Evidence
@@ -62,19 +66,18 @@ from highdicom.sr import (
     AlgorithmIdentification,
     CodeContentItem,
     ContainerContentItem,
+    CoordinatesForMeasurement,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     GraphicTypeValues,
     ImageContentItem,
-    ImageRegion,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
-    NumContentItem,
     ObservationContext,
     ObserverContext,
-    PlanarROIMeasurementsAndQualitativeEvaluations,
     RelationshipTypeValues,
+    SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
     SourceImageForRegion,
     TextContentItem,
@@ -83,6 +86,7 @@ from highdicom.sr import (
 from highdicom.sr.templates import LanguageOfContentItemAndDescendants
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -95,7 +99,7 @@ from service.reports import derived_uid
 from service.reports.birads import MALIGNANT, frame_band
 from service.reports.heatmaps import outline
 from service.reports.template import SrTemplate
-from service.results import NO_LESION, FrameResult, ImageResult, LesionResult, SimilarStudy, StudyResult
+from service.results import NO_LESION, FrameResult, ImageResult, SimilarStudy, StudyResult
 
 #: The SR SOP classes we can write, in the order the sender falls back along when a
 #: destination refuses one: Comprehensive 3D -> Comprehensive -> Enhanced.
@@ -106,6 +110,15 @@ _SR_TYPES: dict[str, type[hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.s
     ComprehensiveSRStorage: hd.sr.ComprehensiveSR,
     EnhancedSRStorage: hd.sr.EnhancedSR,
 }
+
+#: The tracking identifiers OHIF 3.13 rehydrates a group by: its Cornerstone3D
+#: adapters (MeasurementReport.getAdapterForTrackingIdentifier) pick the tool that
+#: reads a TID 1501 group from this text, and its SR extension lists the group in the
+#: measurement panel only when one does. A lesion's contour is a freehand ROI, its
+#: long and short axis one bidirectional measurement, a lone axis a length.
+OHIF_CONTOUR = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+OHIF_BIDIRECTIONAL = "Cornerstone3DTools@^0.1.0:Bidirectional"
+OHIF_LENGTH = "Cornerstone3DTools@^0.1.0:Length"
 
 SrDocument = hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR
 #: A frame's heatmap, by (SOP Instance UID, frame number).
@@ -149,7 +162,7 @@ def build_sr(
     heatmaps = heatmaps or {}
     headers = {ds.SOPInstanceUID: ds for ds in sources}
     drawn = drawn_outlines(result, heats)
-    groups: list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations] = [
+    groups: list[MeasurementsAndQualitativeEvaluations] = [
         group
         for image in reading_order(result)
         for frame in assessed_frames(image)
@@ -157,10 +170,17 @@ def build_sr(
             result, template, headers, image, frame, drawn, heatmaps.get(image.sop_instance_uid, ())
         )
     ]
+    if not any(points is not None for points in drawn.values()):  # OHIF draws none of a report mixing both
+        groups += [
+            _not_assessed_group(result, template, headers, image, frame)
+            for image in reading_order(result)
+            for frame in image.frames
+            if frame.out_of_distribution
+        ]
     report = MeasurementReport(
         observation_context=_observation_context(template),
         procedure_reported=template.procedure_reported.code(),
-        imaging_measurements=groups or [_unassessed_study_group(result, template)],
+        imaging_measurements=groups or [_unanalysed_study_group(result, template)],
         title=template.title.code(),
         language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(template.language.code()),
     )
@@ -249,10 +269,11 @@ def _frame_numbers(header: Dataset, frame: FrameResult) -> list[int] | None:
     return [frame.frame_number] if number_of_frames(header) > 1 else None
 
 
-def _region(header: Dataset, frame: FrameResult, points: np.ndarray) -> ImageRegion:
-    """An outline (closed) or a line segment as an image region on the frame's source
-    image (and frame)."""
-    return ImageRegion(
+def _coordinates(header: Dataset, frame: FrameResult, points: np.ndarray) -> CoordinatesForMeasurement:
+    """An outline (closed) or a line segment on the frame's source image (and
+    frame): the SCOORD a measurement is inferred from (TID 300 via TID 320), where
+    OHIF's Cornerstone3D adapters read a tool's points."""
+    return CoordinatesForMeasurement(
         graphic_type=GraphicTypeValues.POLYLINE,
         graphic_data=points,
         source_image=SourceImageForRegion(
@@ -263,19 +284,26 @@ def _region(header: Dataset, frame: FrameResult, points: np.ndarray) -> ImageReg
     )
 
 
-def _probability(template: SrTemplate, label: str, value: float) -> Measurement:
-    return Measurement(
-        name=template.class_spec(label).probability.code(),
-        value=value * template.concepts.probability_scale,
-        unit=template.concepts.probability_unit.code(),
-    )
+def _measurement(name: Code, value: float, unit: Code, region: CoordinatesForMeasurement | None = None) -> Measurement:
+    return Measurement(name=name, value=value, unit=unit, referenced_coordinates=[region] if region else None)
 
 
-def _probabilities(template: SrTemplate, frame: FrameResult) -> list[Measurement]:
-    """Every class probability, the predicted class first: OHIF labels a region
-    with its first NUMs, in order."""
+def _probabilities(
+    template: SrTemplate, frame: FrameResult, region: CoordinatesForMeasurement | None = None
+) -> list[Measurement]:
+    """Every class probability in percent, the predicted class first (OHIF lists a
+    group's numbers in order); ``region`` is what the first one is inferred from."""
+    concepts = template.concepts
     order = sorted(frame.probabilities, key=lambda c: c != frame.predicted)
-    return [_probability(template, c, frame.probabilities[c]) for c in order]
+    return [
+        _measurement(
+            template.class_spec(c).probability.code(),
+            frame.probabilities[c] * concepts.probability_scale,
+            concepts.probability_unit.code(),
+            region if n == 0 else None,
+        )
+        for n, c in enumerate(order)
+    ]
 
 
 def _heatmap_items(template: SrTemplate, objects: Sequence[Dataset]) -> list[ImageContentItem]:
@@ -294,13 +322,43 @@ def _heatmap_items(template: SrTemplate, objects: Sequence[Dataset]) -> list[Ima
     ]
 
 
-def _area(template: SrTemplate, lesion: LesionResult | None) -> list[Measurement]:
-    """The outlined lesion's area (TID 1419: a measurement of the group's region)."""
+def _contour_measurements(
+    template: SrTemplate, frame: FrameResult, region: CoordinatesForMeasurement
+) -> list[Measurement]:
+    """The outlined lesion's area inferred from its contour, then the class
+    probabilities; without an area (no calibration, or a heatmap outline) the
+    predicted class's probability carries the contour. OHIF's freehand ROI takes its
+    points from the first number's SCOORD."""
+    concepts, lesion = template.concepts, frame.lesion
     if lesion is None or lesion.area_mm2 is None:
-        return []
-    return [
-        Measurement(name=template.concepts.area.code(), value=lesion.area_mm2, unit=template.concepts.area_unit.code())
+        return _probabilities(template, frame, region)
+    area = _measurement(concepts.area.code(), lesion.area_mm2, concepts.area_unit.code(), region)
+    return [area, *_probabilities(template, frame)]
+
+
+def _axis_measurements(
+    template: SrTemplate, header: Dataset, frame: FrameResult
+) -> tuple[str, list[Measurement]] | None:
+    """A measured lesion's axes, each length inferred from its line segment, and the
+    OHIF tool that reads them: both axes as one bidirectional measurement (which
+    finds them by the code meanings "Long Axis" and "Short Axis"), a lone axis as a
+    length. None for a lesion without millimetres."""
+    lesion, concepts = frame.lesion, template.concepts
+    if lesion is None:
+        return None
+    axes = [
+        _measurement(
+            name.code(),
+            axis.length_mm,
+            concepts.length_unit.code(),
+            _coordinates(header, frame, np.array([axis.start, axis.end], np.float32)),
+        )
+        for name, axis in ((concepts.long_axis, lesion.long_axis), (concepts.short_axis, lesion.short_axis))
+        if axis is not None
     ]
+    if not axes:
+        return None
+    return (OHIF_BIDIRECTIONAL if len(axes) == 2 else OHIF_LENGTH), axes
 
 
 Drawn = Mapping[tuple[str, int], np.ndarray | None]
@@ -319,6 +377,19 @@ def drawn_outlines(result: StudyResult, heats: Heats) -> dict[tuple[str, int], n
     return drawn
 
 
+def lesion_label(template: SrTemplate, instance: str, frame: FrameResult) -> str:
+    """The words OHIF labels a lesion's groups with (their Comment): image, frame,
+    class, probability and the AI-suggested BI-RADS band."""
+    band = frame_band(frame.probabilities, frame.predicted)
+    return template.wording.image_group.format(
+        instance=instance,
+        frame=frame.frame_number,
+        label=class_display(template, frame.predicted),
+        probability=frame.probabilities[frame.predicted],
+        band=template.wording.image_band.format(category=band.category) if band is not None else "",
+    )
+
+
 def _frame_groups(
     result: StudyResult,
     template: SrTemplate,
@@ -327,90 +398,73 @@ def _frame_groups(
     frame: FrameResult,
     drawn: Drawn,
     heatmaps: Sequence[Dataset],
-) -> list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations]:
-    """One assessed frame's groups, each with its finding (the coded class).
+) -> list[MeasurementsAndQualitativeEvaluations]:
+    """One assessed frame's groups (TID 1501), each with its finding (the coded
+    class) and the frame's image.
 
-    A frame with an outline (:func:`region_outline`) gets a region group (TID 1410)
-    with the class probabilities and the lesion's area, then one region group per
-    measured axis: its line segment (a 2-point POLYLINE) as the region, its length
-    as the measurement. A frame with nothing to outline gets a group without region
-    (TID 1501) referencing its image, whose identifier says so, only in a report
-    where nothing is drawn: OHIF draws none of a report mixing both (the
-    Qualitative Evaluations say it then, :func:`_undrawn_lines`).
+    A frame with an outline (:func:`region_outline`) gets a measured lesion's axes
+    group, read by OHIF as a bidirectional measurement (each axis's length inferred
+    from its line segment), then a contour group, read as a freehand ROI: the area
+    and the class probabilities, the first of them inferred from the outline (a
+    closed POLYLINE on the source image and frame). Both track the same lesion, so
+    they share its Tracking UID: OHIF's report view merges them into one label (the
+    axes' lines first, as it shows five), instead of two drawn over each other. The
+    first carries the lesion's label (:func:`lesion_label`) as its Comment. A frame with nothing to outline gets a
+    group referencing its image, whose identifier says so, only in a report where
+    nothing is drawn (the Qualitative Evaluations say it otherwise,
+    :func:`_undrawn_lines`).
     """
     header = _header(headers, image.sop_instance_uid)
     points = drawn[(image.sop_instance_uid, frame.frame_number)]
     if points is None and any(p is not None for p in drawn.values()):
         return []
     instance = instance_label(headers, image.sop_instance_uid)
-    wording = template.wording.image_group if points is not None else template.wording.image_group_no_lesion
-    label = _frame_line(template, wording, instance, frame)
 
-    def tracking(identifier: str, *part: str) -> TrackingIdentifier:
-        uid = derived_uid(
-            result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number, *part
-        )
+    def tracking(identifier: str) -> TrackingIdentifier:
+        uid = derived_uid(result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number)
         return TrackingIdentifier(uid=uid, identifier=identifier[:64])
 
-    finding = template.class_spec(frame.predicted).finding.code()
+    def group(
+        identifier: str,
+        measurements: list[Measurement],
+        source_images: list[SourceImageForMeasurementGroup] | None = None,
+    ) -> MeasurementsAndQualitativeEvaluations:
+        # content items belong to one parent: each group gets its own
+        return MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(identifier),
+            algorithm_id=_algorithm(result),
+            measurements=measurements,
+            source_images=source_images,
+            finding_type=template.class_spec(frame.predicted).finding.code(),
+            finding_sites=[FindingSite(template.finding_site.code())],
+        )
 
-    def site() -> list[FindingSite]:  # content items belong to one parent: made anew for each group
-        return [FindingSite(template.finding_site.code())]
-
-    group: PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
     if points is None:
-        group = MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking(label),
-            algorithm_id=_algorithm(result),
-            measurements=_probabilities(template, frame),
-            source_images=[
-                SourceImageForMeasurementGroup(
-                    referenced_sop_class_uid=header.SOPClassUID,
-                    referenced_sop_instance_uid=header.SOPInstanceUID,
-                    referenced_frame_numbers=_frame_numbers(header, frame),
-                )
-            ],
-            finding_type=finding,
-            finding_sites=site(),
+        source = SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=header.SOPClassUID,
+            referenced_sop_instance_uid=header.SOPInstanceUID,
+            referenced_frame_numbers=_frame_numbers(header, frame),
         )
-    else:
-        group = PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking(label),
-            referenced_region=_region(header, frame, points),
-            algorithm_id=_algorithm(result),
-            measurements=[*_probabilities(template, frame), *_area(template, frame.lesion)],
-            finding_type=finding,
-            finding_sites=site(),
-        )
+        identifier = _frame_line(template, template.wording.image_group_no_lesion, instance, frame)
+        return [group(identifier, _probabilities(template, frame), source_images=[source])]
+    contour = group(OHIF_CONTOUR, _contour_measurements(template, frame, _coordinates(header, frame, points)))
     if frame.frame_number == decisive_frame(image).frame_number:
-        group[0].ContentSequence.extend(_heatmap_items(template, heatmaps))
-    lesion, concepts = frame.lesion, template.concepts
-    axes = (
-        []
-        if lesion is None
-        else [
-            (c, a)
-            for c, a in ((concepts.long_axis, lesion.long_axis), (concepts.short_axis, lesion.short_axis))
-            if a is not None
-        ]
+        contour[0].ContentSequence.extend(_heatmap_items(template, heatmaps))
+    groups = [contour]
+    axes = _axis_measurements(template, header, frame)
+    if axes is not None:  # the same lesion, so the same Tracking UID: first, as OHIF labels what it merges
+        tool, measurements = axes
+        groups.insert(0, group(tool, measurements))
+    # OHIF's label of a measurement: a group-level Comment, a row TID 1501 lacks (PixelMed warns), so one
+    # per lesion, on the row that lists its axes (else its contour's)
+    groups[0][0].ContentSequence.append(
+        TextContentItem(
+            name=template.concepts.comment.code(),
+            value=lesion_label(template, instance, frame),
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        )
     )
-    return [
-        group,
-        *(
-            PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking(
-                    template.wording.axis_group.format(instance=instance, frame=frame.frame_number, axis=name.meaning),
-                    name.value,
-                ),
-                referenced_region=_region(header, frame, np.array([axis.start, axis.end], np.float32)),
-                algorithm_id=_algorithm(result),
-                measurements=[Measurement(name=name.code(), value=axis.length_mm, unit=concepts.length_unit.code())],
-                finding_type=finding,
-                finding_sites=site(),
-            )
-            for name, axis in axes
-        ),
-    ]
+    return groups
 
 
 def _undrawn_lines(
@@ -451,18 +505,15 @@ def _frame_line(template: SrTemplate, wording: str, instance: str, frame: FrameR
     )
 
 
-def _unassessed_study_group(result: StudyResult, template: SrTemplate) -> MeasurementsAndQualitativeEvaluations:
-    """The one measurement group TID 1500 needs when no image was assessed: none
-    could be analysed, or (the report's first words then) every analysed image lies
-    outside the model's training domain. No region: there is nothing to point at."""
-    concepts, not_assessed = template.concepts, result.summary.out_of_distribution
+def _unanalysed_study_group(result: StudyResult, template: SrTemplate) -> MeasurementsAndQualitativeEvaluations:
+    """The one measurement group TID 1500 needs when no image could be analysed. No
+    region: there is nothing to point at."""
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=derived_uid(result.study_uid, result.generation, "track", "summary"),
-            identifier=(template.wording.not_assessed_summary if not_assessed else template.wording.no_summary)[:64],
+            identifier=template.wording.no_summary[:64],
         ),
         algorithm_id=_algorithm(result),
-        finding_type=concepts.not_assessed.code() if not_assessed else None,
         finding_sites=[FindingSite(template.finding_site.code())],
     )
 
@@ -476,53 +527,62 @@ def not_assessed_reason(template: SrTemplate, frame: FrameResult) -> str:
     return f"{template.wording.ood} ({score})"
 
 
-def _not_assessed(
-    template: SrTemplate, headers: dict[str, Dataset], image: ImageResult, frame: FrameResult
-) -> CodeContentItem:
-    """A frame the domain guard flagged: "Impression: Not Evaluated", why (the flag,
-    a readable line), the guard's score measured on the referenced image (and frame)
-    and its threshold; no class, probability or region."""
+def _not_assessed_group(
+    result: StudyResult, template: SrTemplate, headers: dict[str, Dataset], image: ImageResult, frame: FrameResult
+) -> MeasurementsAndQualitativeEvaluations:
+    """A frame the domain guard flagged, in a report where nothing is drawn (a TID
+    1501 group without coordinates): "Not Evaluated" as its Finding, the guard's
+    score inferred from the frame's image (and frame) and the card's threshold; no
+    class, probability or region."""
     concepts = template.concepts
     header = _header(headers, image.sop_instance_uid)
-    has = RelationshipTypeValues.HAS_PROPERTIES
-    score = NumContentItem(
-        name=concepts.ood_score.code(), value=frame.ood_distance, unit=concepts.score_unit.code(), relationship_type=has
+    score = Measurement(
+        name=concepts.ood_score.code(),
+        value=frame.ood_distance,
+        unit=concepts.score_unit.code(),
+        referenced_images=[
+            SourceImageForMeasurement(
+                referenced_sop_class_uid=header.SOPClassUID,
+                referenced_sop_instance_uid=header.SOPInstanceUID,
+                referenced_frame_numbers=_frame_numbers(header, frame),
+            )
+        ],
     )
-    score.ContentSequence = [
-        ImageContentItem(
-            name=concepts.source_of_measurement.code(),
-            referenced_sop_class_uid=header.SOPClassUID,
-            referenced_sop_instance_uid=header.SOPInstanceUID,
-            referenced_frame_numbers=[frame.frame_number] if number_of_frames(header) > 1 else None,
-            relationship_type=RelationshipTypeValues.INFERRED_FROM,
-        )
-    ]
+    threshold = (
+        []
+        if frame.ood_threshold is None
+        else [_measurement(concepts.ood_threshold.code(), frame.ood_threshold, concepts.score_unit.code())]
+    )
+    identifier = template.wording.not_assessed_group.format(
+        instance=instance_label(headers, image.sop_instance_uid), frame=frame.frame_number
+    )
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(
+                result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number, "ood"
+            ),
+            identifier=identifier[:64],
+        ),
+        algorithm_id=_algorithm(result),
+        measurements=[score, *threshold],
+        finding_type=concepts.not_assessed.code(),
+        finding_sites=[FindingSite(template.finding_site.code())],
+    )
+
+
+def _not_assessed_line(
+    template: SrTemplate, headers: dict[str, Dataset], image: ImageResult, frame: FrameResult
+) -> TextContentItem:
+    """A frame the domain guard flagged, in words: which, and why (the score against
+    the threshold)."""
     line = template.wording.not_assessed_line.format(
         instance=instance_label(headers, image.sop_instance_uid),
         frame=frame.frame_number,
         reason=not_assessed_reason(template, frame),
     )
-    children: list[Dataset] = [
-        TextContentItem(name=concepts.comment.code(), value=line, relationship_type=has),
-        CodeContentItem(name=concepts.out_of_distribution.code(), value=concepts.yes.code(), relationship_type=has),
-        score,
-    ]
-    if frame.ood_threshold is not None:
-        children.append(
-            NumContentItem(
-                name=concepts.ood_threshold.code(),
-                value=frame.ood_threshold,
-                unit=concepts.score_unit.code(),
-                relationship_type=has,
-            )
-        )
-    item = CodeContentItem(
-        name=concepts.classification.code(),
-        value=concepts.not_assessed.code(),
-        relationship_type=RelationshipTypeValues.CONTAINS,
+    return TextContentItem(
+        name=template.concepts.comment.code(), value=line, relationship_type=RelationshipTypeValues.CONTAINS
     )
-    item.ContentSequence = children
-    return item
 
 
 def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Dataset]) -> list[Dataset]:
@@ -619,7 +679,7 @@ def _evaluations(
         ),
         *_summary(result, template, headers),
         *(
-            _not_assessed(template, headers, image, frame)
+            _not_assessed_line(template, headers, image, frame)
             for image in result.images
             for frame in image.frames
             if frame.out_of_distribution

@@ -63,7 +63,6 @@ class Concepts(_Strict):
     ood_score: CodeSpec
     ood_threshold: CodeSpec
     score_unit: CodeSpec
-    source_of_measurement: CodeSpec
     study_summary: CodeSpec
     summary_rule: CodeSpec
     similar_study: CodeSpec
@@ -125,7 +124,8 @@ class SeriesSpec(_Strict):
 _WORDING_FIELDS: dict[str, dict[str, Any]] = {
     "study_summary": {"label": "Benign", "probability": 0.5, "instance": 1, "frame": 1},
     "no_summary": {},
-    "image_group": {"instance": 1, "frame": 1, "label": "Benign", "probability": 0.5},
+    "image_group": {"instance": 1, "frame": 1, "label": "Benign", "probability": 0.5, "band": ", AI BI-RADS 4A"},
+    "image_band": {"category": "4A"},
     "similar_line": {
         "rank": 1,
         "study_date": "20240101",
@@ -140,6 +140,7 @@ _WORDING_FIELDS: dict[str, dict[str, Any]] = {
     "guard_score": {"score": 3.2, "threshold": 2.5},
     "not_assessed_line": {"instance": 1, "frame": 1, "reason": "outside the model's training domain"},
     "not_assessed_summary": {},
+    "not_assessed_group": {"instance": 1, "frame": 1},
     "sc_not_assessed": {"reason": "outside the model's training domain"},
     "sc_caption": {"label": "Benign", "probability": 0.5},
     "heatmap_legend": {},
@@ -151,7 +152,6 @@ _WORDING_FIELDS: dict[str, dict[str, Any]] = {
     "segment_label": {"low": 0.25, "high": 0.5},
     "key_images": {"instances": "1, 2"},
     "image_group_no_lesion": {"instance": 1, "frame": 1, "label": "Benign", "probability": 0.5},
-    "axis_group": {"instance": 1, "frame": 1, "axis": "Long axis"},
     "unmeasured_line": {"instance": 1, "frame": 1, "reason": "the image has no calibration"},
     "birads_line": {"category": "4B", "band": "moderate suspicion", "probability": 0.3, "instance": 1, "frame": 1},
 }
@@ -164,12 +164,14 @@ class Wording(_Strict):
     study_summary: str
     no_summary: str
     image_group: str
+    image_band: str
     similar_line: str
     not_analysed_line: str
     ood: str
     guard_score: str
     not_assessed_line: str
     not_assessed_summary: str
+    not_assessed_group: str
     sc_not_assessed: str
     sc_caption: str
     heatmap_legend: str
@@ -181,7 +183,6 @@ class Wording(_Strict):
     segment_label: str
     key_images: str
     image_group_no_lesion: str
-    axis_group: str
     unmeasured_line: str
     birads_line: str
 

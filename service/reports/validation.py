@@ -262,13 +262,16 @@ def _required(ds: Dataset, required: dict[str, int]) -> list[str]:
     return reasons
 
 
-def _is_image_region(item: Dataset) -> bool:
-    """An "Image Region" SCOORD selected from a referenced image: what OHIF reads
-    from each measurement group to place it (the first SCOORD's referenced image)."""
-    return (
-        item.get("ValueType") == "SCOORD"
-        and get_coded_name(item) == codes.DCM.ImageRegion
-        and any("ReferencedSOPSequence" in source for source in item.get("ContentSequence", []))
+def _is_located(group: Dataset) -> bool:
+    """Whether a measurement group carries coordinates on a referenced image: a
+    number inferred from a SCOORD selected from an image, what OHIF reads to place
+    the group and rehydrate it as a tool."""
+    return any(
+        child.get("ValueType") == "SCOORD"
+        and any("ReferencedSOPSequence" in source for source in child.get("ContentSequence", []))
+        for number in group.get("ContentSequence", [])
+        if number.get("ValueType") == "NUM"
+        for child in number.get("ContentSequence", [])
     )
 
 
@@ -304,10 +307,10 @@ def _sr(ds: Dataset, disclaimer: str) -> list[str]:
     ]
     if not groups:
         reasons.append("the report has no measurement group")
-    drawn = [any(_is_image_region(child) for child in group.get("ContentSequence", [])) for group in groups]
-    if any(drawn):  # else the one group of a study with nothing analysed: nothing to draw, nothing to break
+    drawn = [_is_located(group) for group in groups]
+    if any(drawn):  # else groups without coordinates only: nothing to draw, nothing to break
         reasons += [
-            f"measurement group {n} has no image region on a source image, beside groups with one "
+            f"measurement group {n} has no coordinates on a source image, beside groups with them "
             "(OHIF draws none of the report then)"
             for n, region in enumerate(drawn, start=1)
             if not region

@@ -279,6 +279,29 @@ def outbox_kinds(paths: Sequence[Path]) -> dict[str, int]:
     return kinds
 
 
+def measurement_groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """An SR's measurement groups, in order."""
+    return list(
+        next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010").ContentSequence
+    )
+
+
+def tracking_identifier(group: pydicom.Dataset) -> str:
+    """A measurement group's Tracking Identifier (what OHIF picks its tool by)."""
+    return next(i.TextValue for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112039")
+
+
+def located_numbers(group: pydicom.Dataset) -> list[tuple[pydicom.Dataset, pydicom.Dataset]]:
+    """A group's numbers that are inferred from coordinates, each with its SCOORD."""
+    return [
+        (number, child)
+        for number in group.ContentSequence
+        if number.ValueType == "NUM"
+        for child in number.get("ContentSequence", [])
+        if child.ValueType == "SCOORD" and child.RelationshipType == "INFERRED FROM"
+    ]
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
     """dicom3tools' IOD check: the lines that report errors (warnings are allowed)."""
     proc = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
