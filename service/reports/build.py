@@ -228,6 +228,7 @@ def _sr_object(
         heats,
         heatmap_references(result, sources, heats),
         predecessors(settings, result.study_uid, result.generation),
+        fast=settings.fast_reports,
     )
     return OutputObject(sr.SOPInstanceUID, sop_class_uid, _encode(sr), "SR")
 

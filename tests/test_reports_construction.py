@@ -1,0 +1,91 @@
+"""service.reports.construction: the fast path builds, element for element, the
+objects highdicom's own constructors build (setting ``fast_reports``), and its
+objects keep what the library's `content` and the gate read."""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from test_reports_support import analysed_study, default_template
+
+from service.ledger import Ledger
+from service.reports.build import build_objects, heatmap_references, read_sources
+from service.reports.heatmaps import load_heats
+from service.reports.sr import SR_CLASSES, build_sr
+from service.reports.validation import check_object
+from service.settings import Settings
+
+#: What the library takes from the clock or draws at random (the SEG's dimension
+#: organization): the only values two builds may differ in.
+VARYING = (
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ContentDate",
+    "ContentTime",
+    "DateOfSecondaryCapture",
+    "TimeOfSecondaryCapture",
+    "ContributionDateTime",
+    "DimensionOrganizationUID",
+)
+
+
+def _steady(data: bytes) -> Dataset:
+    """The object read back, with the :data:`VARYING` values blanked."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+
+    def blank(item: Dataset) -> None:
+        for elem in item:
+            if elem.keyword in VARYING:
+                elem.value = ""
+            elif elem.VR == "SQ":
+                for child in elem.value:
+                    blank(child)
+
+    blank(ds)
+    return ds
+
+
+def _encoded(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_every_object_of_a_study_is_the_same_on_both_paths(settings: Settings, ledger: Ledger) -> None:
+    study = analysed_study(settings, ledger)
+    sources, paths = read_sources(ledger, study.result)
+    built = {
+        fast: build_objects(
+            settings.model_copy(update={"fast_reports": fast}),
+            default_template(),
+            study.result,
+            sources,
+            paths,
+            study.reference_images.get,
+        )
+        for fast in (False, True)
+    }
+    assert [o.kind for o in built[True]] == [o.kind for o in built[False]]
+    assert {"SR", "SC", "SEG", "KO"} <= {o.kind for o in built[True]}
+    for library, fast in zip(built[False], built[True], strict=True):
+        assert _encoded(_steady(fast.data)) == _encoded(_steady(library.data)), fast.kind
+        check_object(fast.data, default_template().disclaimer)
+
+
+@pytest.mark.parametrize("sop_class", SR_CLASSES)
+def test_each_sr_class_is_the_same_and_keeps_its_content(settings: Settings, ledger: Ledger, sop_class: str) -> None:
+    study = analysed_study(settings, ledger)
+    sources, _ = read_sources(ledger, study.result)
+    heats = load_heats(study.result)
+    references = heatmap_references(study.result, sources, heats)
+    library, fast = (
+        build_sr(study.result, default_template(), sources, sop_class, "0.1.0", heats, references, fast=fast)
+        for fast in (False, True)
+    )
+    assert _encoded(_steady(_encoded(fast))) == _encoded(_steady(_encoded(library)))
+    assert len(fast.content) == len(library.content) == 1
+    assert fast.content[0].name == library.content[0].name
+    assert len(fast.content[0].ContentSequence) == len(library.content[0].ContentSequence) > 1
