@@ -1,18 +1,29 @@
 """service.reports.construction: the fast path builds, element for element, the
-objects highdicom's own constructors build (setting ``fast_reports``), and its
-objects keep what the library's `content` and the gate read."""
+objects highdicom's own constructors build (setting ``fast_reports``), its objects
+keep what the library's `content` and the gate read, and the library is left as
+it was outside a build."""
 
 from __future__ import annotations
 
 import io
 
+import highdicom._standard_utils
+import highdicom.base
+import highdicom.sr.content
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    SegmentationStorage,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+)
 from test_reports_support import analysed_study, default_template
 
 from service.ledger import Ledger
 from service.reports.build import build_objects, heatmap_references, read_sources
+from service.reports.construction import iod_lookups_cached
 from service.reports.heatmaps import load_heats
 from service.reports.sr import SR_CLASSES, build_sr
 from service.reports.validation import check_object
@@ -89,3 +100,25 @@ def test_each_sr_class_is_the_same_and_keeps_its_content(settings: Settings, led
     assert len(fast.content) == len(library.content) == 1
     assert fast.content[0].name == library.content[0].name
     assert len(fast.content[0].ContentSequence) == len(library.content[0].ContentSequence) > 1
+
+
+def test_iod_lookups_are_remembered_inside_only_and_answer_as_the_library() -> None:
+    library = highdicom._standard_utils.is_attribute_in_iod
+    questions = [
+        ("PixelData", SegmentationStorage, ["IconImageSequence"]),
+        ("ContentDate", Comprehensive3DSRStorage, None),
+        ("NumberOfFrames", UltrasoundImageStorage, None),
+        ("NumberOfFrames", UltrasoundMultiFrameImageStorage, None),
+    ]
+    expected = [library(*q) for q in questions]
+    with iod_lookups_cached(True):
+        remembered = highdicom.base.is_attribute_in_iod
+        assert remembered is not library and highdicom.sr.content.is_attribute_in_iod is remembered
+        assert [remembered(*q) for q in questions] * 2 == [*expected, *expected]
+        with iod_lookups_cached(True):  # nested: the outer one restores
+            pass
+        assert highdicom.base.is_attribute_in_iod is remembered
+    with iod_lookups_cached(False):
+        assert highdicom.base.is_attribute_in_iod is library
+    for module in (highdicom._standard_utils, highdicom.base, highdicom.sr.content):
+        assert module.is_attribute_in_iod is library

@@ -43,6 +43,7 @@ from service.common.errors import error_text
 from service.common.spool import write_atomic
 from service.ledger import Ledger, StudyState, study_destinations
 from service.reports import Placement, derived_uid
+from service.reports.construction import iod_lookups_cached
 from service.reports.heatmaps import load_heats
 from service.reports.kos import build_kos, key_images
 from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc, frame_gray
@@ -219,17 +220,18 @@ def _sr_object(
     sop_class_uid: str,
     heats: Heats,
 ) -> OutputObject:
-    sr = build_sr(
-        result,
-        template,
-        sources,
-        sop_class_uid,
-        node_version(),
-        heats,
-        heatmap_references(result, sources, heats),
-        predecessors(settings, result.study_uid, result.generation),
-        fast=settings.fast_reports,
-    )
+    with iod_lookups_cached(settings.fast_reports):
+        sr = build_sr(
+            result,
+            template,
+            sources,
+            sop_class_uid,
+            node_version(),
+            heats,
+            heatmap_references(result, sources, heats),
+            predecessors(settings, result.study_uid, result.generation),
+            fast=settings.fast_reports,
+        )
     return OutputObject(sr.SOPInstanceUID, sop_class_uid, _encode(sr), "SR")
 
 
@@ -244,7 +246,19 @@ def build_objects(
 ) -> list[OutputObject]:
     """Every output object of the study, encoded (pure apart from reading files).
     ``frames``: decoded frames the analysis still holds (see :func:`build_reports`)."""
-    frames = frames or {}
+    with iod_lookups_cached(settings.fast_reports):
+        return _objects(settings, template, result, sources, paths, reference_images, frames or {})
+
+
+def _objects(
+    settings: Settings,
+    template: SrTemplate,
+    result: StudyResult,
+    sources: list[Dataset],
+    paths: dict[str, Path],
+    reference_images: ReferenceImages,
+    frames: Frames,
+) -> list[OutputObject]:
     heats = load_heats(result)
     versions = software_versions(node_version(), result)
     headers = {ds.SOPInstanceUID: ds for ds in sources}

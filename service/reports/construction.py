@@ -1,5 +1,16 @@
 """Where we go round highdicom's constructors for speed: the one module that does.
 
+Two shortcuts, both on with the setting ``fast_reports``, both off (the library's
+own path) without it:
+
+* :func:`sr_document`, the SR constructor without its copies of the content tree;
+* :func:`iod_lookups_cached`: highdicom asks its tables of the standard whether an
+  IOD has an attribute (is the source multi-frame, does the new object have pixels,
+  a content date) by scanning every attribute of every module of the IOD, many
+  times per object (a third of making a Segmentation). The answer depends on the
+  arguments and the library's tables only, so while our objects are built it is
+  remembered.
+
 highdicom's SR constructor deep-copies the whole content tree, parses the copy
 back into content items and walks the tree twice more to collect the evidence
 (about two thirds of building a study's SR, a few content items per image). Our
@@ -16,10 +27,15 @@ With the setting off, the library's constructor does everything.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import highdicom as hd
+import highdicom._standard_utils
+import highdicom.base
+import highdicom.sr.content
 from highdicom.sr.value_types import ContentSequence
 
 Document = TypeVar("Document", hd.sr.Comprehensive3DSR, hd.sr.ComprehensiveSR, hd.sr.EnhancedSR)
@@ -40,3 +56,34 @@ def sr_document(sr_class: type[Document], content: Sequence[hd.sr.ContentItem], 
     document.ContentSequence = children
     document._content = ContentSequence([root], is_root=True)  # what the `content` property reads
     return document
+
+
+#: The modules that call highdicom's IOD look-up by a name of their own.
+_IOD_LOOKUP_USERS = (highdicom._standard_utils, highdicom.base, highdicom.sr.content)
+_library_lookup = highdicom._standard_utils.is_attribute_in_iod
+
+
+@functools.cache
+def _cached_lookup(attribute: str, sop_class_uid: str, exclude_path_elements: tuple[str, ...] | None) -> bool:
+    return _library_lookup(attribute, sop_class_uid, exclude_path_elements)
+
+
+def _remembered_lookup(attribute: str, sop_class_uid: str, exclude_path_elements: Sequence[str] | None = None) -> bool:
+    """highdicom's ``is_attribute_in_iod``, remembered (its arguments made hashable)."""
+    excluded = None if exclude_path_elements is None else tuple(exclude_path_elements)
+    return _cached_lookup(attribute, str(sop_class_uid), excluded)
+
+
+@contextmanager
+def iod_lookups_cached(fast: bool) -> Iterator[None]:
+    """Inside, with ``fast``, highdicom's IOD look-ups are remembered (module doc)."""
+    if not fast or highdicom.base.is_attribute_in_iod is _remembered_lookup:  # off, or on already
+        yield
+        return
+    for module in _IOD_LOOKUP_USERS:
+        module.is_attribute_in_iod = _remembered_lookup  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module in _IOD_LOOKUP_USERS:
+            module.is_attribute_in_iod = _library_lookup  # type: ignore[attr-defined]
