@@ -11,7 +11,7 @@ own path) without it:
   arguments and the library's tables only, so while our objects are built it is
   remembered.
 
-highdicom's SR constructor deep-copies the whole content tree, parses the copy
+The SR: highdicom's constructor deep-copies the whole content tree, parses the copy
 back into content items and walks the tree twice more to collect the evidence
 (about two thirds of building a study's SR, a few content items per image). Our
 content is made of highdicom's own content items and every object passes the
@@ -30,25 +30,28 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import highdicom as hd
 import highdicom._standard_utils
 import highdicom.base
 import highdicom.sr.content
 from highdicom.sr.value_types import ContentSequence
+from pydicom.sequence import Sequence as DicomSequence
 
-Document = TypeVar("Document", hd.sr.Comprehensive3DSR, hd.sr.ComprehensiveSR, hd.sr.EnhancedSR)
+Document = hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR
 
 
-def sr_document(sr_class: type[Document], content: Sequence[hd.sr.ContentItem], fast: bool, **kwargs: Any) -> Document:
+def sr_document(sr_class: type[Document], content: DicomSequence, fast: bool, **kwargs: Any) -> Document:
     """``sr_class(content=content, **kwargs)``: by the library (``fast`` False) or
     with its copy and walks of the content tree left out (see module doc)."""
     if not fast:
         return sr_class(content=content, **kwargs)
     root = content[0]
+    if not isinstance(root, hd.sr.ContentItem):
+        raise TypeError(f"the SR's root must be a highdicom content item, not {type(root).__name__}")
     children = root.ContentSequence
-    root.ContentSequence = []
+    root.ContentSequence = DicomSequence()
     try:
         document = sr_class(content=content, **kwargs)
     finally:
