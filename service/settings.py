@@ -358,6 +358,11 @@ class Settings(BaseSettings):
         description="SR codes and wording; validated when the node starts",
     )
     sc_transfer_syntax: Literal["explicit-little-endian", "jpeg-baseline"] = "explicit-little-endian"
+    fast_reports: bool = Field(
+        True,
+        description="Build result objects without highdicom's copies and re-checks of what the "
+        "validation gate checks anyway (service/reports/construction.py); off: highdicom's own path",
+    )
     destinations: Annotated[list[Peer], NoDecode] = Field(
         default_factory=list,
         description="Where results go: AE@host:port[+tls] (C-STORE) or a DICOMweb "

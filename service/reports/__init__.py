@@ -4,8 +4,10 @@
 frame's Grad-CAM map into an outline and levels, ``sr`` builds the TID 1500
 Structured Report, ``sc`` the Grad-CAM and similar-cases Secondary Captures, ``seg``
 the heatmap overlay (Segmentation), ``kos`` the key-image flag (Key Object
-Selection), ``validation`` is the gate every object passes before it may leave, and
-``build`` ties them together for the worker: build, check, write to the outbox, queue.
+Selection), ``validation`` is the gate every object passes before it may leave,
+``construction`` the one place that goes round highdicom's internals for speed
+(setting ``fast_reports``), and ``build`` ties them together for the worker: build,
+check, write to the outbox, queue.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from service.common.errors import error_text
 from service.common.spool import write_atomic
 from service.ledger import Ledger, StudyRow, StudyState
 from service.reports import Placement, derived_uid
+from service.reports.construction import iod_lookups_cached
 from service.reports.heatmaps import load_heats
 from service.reports.kos import build_kos, key_images
 from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc, frame_gray
@@ -242,16 +243,18 @@ def _sr_object(
     heats: Heats,
     earlier: Sequence[Dataset] | None = None,
 ) -> OutputObject:
-    sr = build_sr(
-        result,
-        template,
-        sources,
-        sop_class_uid,
-        node_version(),
-        heats,
-        heatmap_references(result, sources, heats),
-        predecessors(settings, result.study_uid, result.generation) if earlier is None else list(earlier),
-    )
+    with iod_lookups_cached(settings.fast_reports):
+        sr = build_sr(
+            result,
+            template,
+            sources,
+            sop_class_uid,
+            node_version(),
+            heats,
+            heatmap_references(result, sources, heats),
+            predecessors(settings, result.study_uid, result.generation) if earlier is None else list(earlier),
+            fast=settings.fast_reports,
+        )
     return OutputObject(sr.SOPInstanceUID, sop_class_uid, _encode(sr), "SR")
 
 
@@ -270,8 +273,31 @@ def build_objects(
     ``frames``: decoded frames the analysis still holds (see :func:`build_reports`);
     ``heats``: its heatmaps, read from the result's files when None; ``earlier``:
     the SRs this one supersedes, read from the outbox when None (:func:`predecessors`)."""
-    frames = frames or {}
-    heats = load_heats(result) if heats is None else heats
+    with iod_lookups_cached(settings.fast_reports):
+        return _objects(
+            settings,
+            template,
+            result,
+            sources,
+            paths,
+            reference_images,
+            frames or {},
+            load_heats(result) if heats is None else heats,
+            earlier,
+        )
+
+
+def _objects(
+    settings: Settings,
+    template: SrTemplate,
+    result: StudyResult,
+    sources: list[Dataset],
+    paths: dict[str, Path],
+    reference_images: ReferenceImages,
+    frames: Frames,
+    heats: Heats,
+    earlier: Sequence[Dataset] | None,
+) -> list[OutputObject]:
     versions = software_versions(node_version(), result)
     headers = {ds.SOPInstanceUID: ds for ds in sources}
     references = heatmap_references(result, sources, heats)

@@ -97,6 +97,7 @@ from pydicom.uid import (
 from service.model.imaging import number_of_frames
 from service.reports import derived_uid
 from service.reports.birads import MALIGNANT, frame_band
+from service.reports.construction import sr_document
 from service.reports.heatmaps import outline
 from service.reports.template import SrTemplate
 from service.results import NO_LESION, FrameResult, ImageResult, SimilarStudy, StudyResult
@@ -148,6 +149,7 @@ def build_sr(
     heats: Heats,
     heatmaps: Mapping[str, Sequence[Dataset]] | None = None,
     predecessors: Sequence[Dataset] = (),
+    fast: bool = False,
 ) -> SrDocument:
     """Build the study's SR in ``sop_class_uid`` (one of :data:`SR_CLASSES`).
 
@@ -155,7 +157,8 @@ def build_sr(
     patient and study attributes); ``heats`` every analysed frame's heatmap;
     ``heatmaps`` the heatmap objects (SC, SEG) of each analysed image by its SOP
     Instance UID, as references (their UIDs and SOP class); ``predecessors`` are
-    earlier SR versions.
+    earlier SR versions; ``fast``: the setting ``fast_reports``
+    (:mod:`service.reports.construction`).
     """
     if sop_class_uid not in _SR_TYPES:
         raise ValueError(f"{sop_class_uid} is not an SR SOP class we write (one of {list(_SR_TYPES)})")
@@ -187,9 +190,11 @@ def build_sr(
     report[0].ContentSequence.append(_evaluations(result, template, headers, drawn))
     device = template.device
     objects = [ref for refs in heatmaps.values() for ref in refs]
-    return _SR_TYPES[sop_class_uid](
+    return sr_document(
+        _SR_TYPES[sop_class_uid],
+        report,
+        fast,
         evidence=[*sources, *objects, *(_similar_evidence(s) for s in result.similar)],
-        content=report,
         series_instance_uid=sr_series_uid(result.study_uid, result.generation),
         series_number=template.sr_series.number,
         sop_instance_uid=sr_instance_uid(result.study_uid, result.generation, sop_class_uid),

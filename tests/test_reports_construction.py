@@ -1,0 +1,124 @@
+"""service.reports.construction: the fast path builds, element for element, the
+objects highdicom's own constructors build (setting ``fast_reports``), its objects
+keep what the library's `content` and the gate read, and the library is left as
+it was outside a build."""
+
+from __future__ import annotations
+
+import io
+
+import highdicom._standard_utils
+import highdicom.base
+import highdicom.sr.content
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    SegmentationStorage,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+)
+
+from service.ledger import Ledger
+from service.reports.build import build_objects, heatmap_references, read_sources
+from service.reports.construction import iod_lookups_cached
+from service.reports.heatmaps import load_heats
+from service.reports.sr import SR_CLASSES, build_sr
+from service.reports.validation import check_object
+from service.settings import Settings
+from tests.support.reports import analysed_study, default_template
+
+#: What the library takes from the clock or draws at random (the SEG's dimension
+#: organization): the only values two builds may differ in.
+VARYING = (
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ContentDate",
+    "ContentTime",
+    "DateOfSecondaryCapture",
+    "TimeOfSecondaryCapture",
+    "ContributionDateTime",
+    "DimensionOrganizationUID",
+)
+
+
+def _steady(data: bytes) -> Dataset:
+    """The object read back, with the :data:`VARYING` values blanked."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+
+    def blank(item: Dataset) -> None:
+        for elem in item:
+            if elem.keyword in VARYING:
+                elem.value = ""
+            elif elem.VR == "SQ":
+                for child in elem.value:
+                    blank(child)
+
+    blank(ds)
+    return ds
+
+
+def _encoded(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_every_object_of_a_study_is_the_same_on_both_paths(settings: Settings, ledger: Ledger) -> None:
+    study = analysed_study(settings, ledger)
+    sources, paths = read_sources(ledger, study.result)
+    built = {
+        fast: build_objects(
+            settings.model_copy(update={"fast_reports": fast}),
+            default_template(),
+            study.result,
+            sources,
+            paths,
+            study.reference_images.get,
+        )
+        for fast in (False, True)
+    }
+    assert [o.kind for o in built[True]] == [o.kind for o in built[False]]
+    assert {"SR", "SC", "SEG", "KO"} <= {o.kind for o in built[True]}
+    for library, fast in zip(built[False], built[True], strict=True):
+        assert _encoded(_steady(fast.data)) == _encoded(_steady(library.data)), fast.kind
+        check_object(fast.data, default_template().disclaimer)
+
+
+@pytest.mark.parametrize("sop_class", SR_CLASSES)
+def test_each_sr_class_is_the_same_and_keeps_its_content(settings: Settings, ledger: Ledger, sop_class: str) -> None:
+    study = analysed_study(settings, ledger)
+    sources, _ = read_sources(ledger, study.result)
+    heats = load_heats(study.result)
+    references = heatmap_references(study.result, sources, heats)
+    library, fast = (
+        build_sr(study.result, default_template(), sources, sop_class, "0.1.0", heats, references, fast=fast)
+        for fast in (False, True)
+    )
+    assert _encoded(_steady(_encoded(fast))) == _encoded(_steady(_encoded(library)))
+    assert len(fast.content) == len(library.content) == 1
+    assert fast.content[0].name == library.content[0].name
+    assert len(fast.content[0].ContentSequence) == len(library.content[0].ContentSequence) > 1
+
+
+def test_iod_lookups_are_remembered_inside_only_and_answer_as_the_library() -> None:
+    library = highdicom._standard_utils.is_attribute_in_iod
+    questions = [
+        ("PixelData", SegmentationStorage, ["IconImageSequence"]),
+        ("ContentDate", Comprehensive3DSRStorage, None),
+        ("NumberOfFrames", UltrasoundImageStorage, None),
+        ("NumberOfFrames", UltrasoundMultiFrameImageStorage, None),
+    ]
+    expected = [library(*q) for q in questions]
+    with iod_lookups_cached(True):
+        remembered = highdicom.base.is_attribute_in_iod
+        assert remembered is not library and highdicom.sr.content.is_attribute_in_iod is remembered
+        assert [remembered(*q) for q in questions] * 2 == [*expected, *expected]
+        with iod_lookups_cached(True):  # nested: the outer one restores
+            pass
+        assert highdicom.base.is_attribute_in_iod is remembered
+    with iod_lookups_cached(False):
+        assert highdicom.base.is_attribute_in_iod is library
+    for module in (highdicom._standard_utils, highdicom.base, highdicom.sr.content):
+        assert module.is_attribute_in_iod is library
