@@ -32,6 +32,7 @@ from scipy.optimize import minimize
 from service.model.guard import FEATURES, DomainGuard, bmode_statistics, calibrated, mahalanobis
 from service.model_card import CalibrationSpec, OodSpec
 from service.monitoring.classification import expected_calibration_error, reliability_bins
+from training.band_calibration import band_calibration
 from training.ood_sources import OodSource, ood_sources
 
 #: The guard's threshold: this percentile of the validation split's scores.
@@ -341,9 +342,10 @@ def calibration_report(
         "fitted_on": spec.fitted_on,
         "candidates": spec.candidates,
     }
+    report["sets"] = {}
     for name, (probabilities, labels) in splits.items():
         after = calibrated(probabilities, spec)
-        report[name] = {
+        report["sets"][name] = {
             "images": len(labels),
             "ece_before": expected_calibration_error(probabilities, labels, bins),
             "ece_after": expected_calibration_error(after, labels, bins),
@@ -383,14 +385,15 @@ def assess(
     ood: OodSpec,
     calibration: CalibrationSpec,
     measure: tuple[np.ndarray, np.ndarray] | None,
-    num_classes: int,
+    classes: Sequence[str],
     bins: int,
     reliability_path: Path,
 ) -> dict[str, Any]:
     """The report's sections on the guard (``ood``: the fitted guard per source and
     the candidates it beat) and on calibration, for a model given as ``outputs``;
     ``parts`` indexes fit, val and test in ``images``; ``measure`` is a further
-    held-out set (uint8 images, labels) where the source makes one."""
+    held-out set (uint8 images, labels) where the source makes one: the reliability
+    diagram and the BI-RADS bands are drawn on the largest held-out set."""
     scored = {
         name: Scored(images[list(idx)], labels[list(idx)], *outputs(images[list(idx)])) for name, idx in parts.items()
     }
@@ -404,10 +407,14 @@ def assess(
         ),
     ]
     guard = guard_report(ood, test, sources)
-    guard["candidates"] = compare_detectors(scored["fit"], scored["val"], test, sources, outputs, num_classes)
+    guard["candidates"] = compare_detectors(scored["fit"], scored["val"], test, sources, outputs, len(classes))
     sets = {"held-out split": (test.probabilities, test.labels)}
     if measure is not None:
         sets["fresh held-out images"] = (outputs(measure[0])[0], measure[1])
     name, largest = max(sets.items(), key=lambda s: len(s[1][1]))
     plot_reliability(*largest, calibration, bins, reliability_path, f"Reliability: {name}, n = {len(largest[1])}")
-    return {"ood": guard, "calibration": calibration_report(calibration, sets, bins)}
+    report = calibration_report(calibration, sets, bins)
+    # The node's BI-RADS band comes from the calibrated probability: check it on the most images.
+    report["birads_bands_on"] = name
+    report["birads_bands"] = band_calibration(largest[1], calibrated(largest[0], calibration), classes)
+    return {"ood": guard, "calibration": report}

@@ -270,13 +270,12 @@ def _print_guard_and_calibration(ood: dict[str, Any], calibration: dict[str, Any
     click.echo(f"calibration: {calibration['method']}, {calibration_map(calibration)} ({calibration['fitted_on']})")
     for c in calibration.get("candidates") or []:
         click.echo(f"  candidate {c['method']:<30} out-of-fold ECE {c['ece']:.3f}, NLL {c['nll']:.3f}")
-    for name, v in calibration.items():
-        if isinstance(v, dict):
-            click.echo(
-                f"  ECE on {name} (n={v['images']}): {v['ece_before']:.3f} -> {v['ece_after']:.3f} "
-                f"(noise floor {v['ece_noise_floor']:.3f}); balanced accuracy "
-                f"{v['balanced_accuracy_before']:.3f} -> {v['balanced_accuracy_after']:.3f}"
-            )
+    for name, v in calibration["sets"].items():
+        click.echo(
+            f"  ECE on {name} (n={v['images']}): {v['ece_before']:.3f} -> {v['ece_after']:.3f} "
+            f"(noise floor {v['ece_noise_floor']:.3f}); balanced accuracy "
+            f"{v['balanced_accuracy_before']:.3f} -> {v['balanced_accuracy_after']:.3f}"
+        )
 
 
 @click.command("train", epilog=_DATA_HELP)

@@ -297,7 +297,7 @@ def guard_and_calibration(
         ood,
         calibration or CalibrationSpec(temperature=1.0, fitted_on="none"),
         measure,
-        len(CLASSES),
+        CLASSES,
         ECE_BINS,
         reliability_path,
     )
@@ -347,7 +347,6 @@ def calibration_markdown(calibration: dict[str, Any] | None) -> list[str]:
     and after with its noise floor, and the balanced accuracy before and after."""
     if calibration is None:
         return []
-    sets = {k: v for k, v in calibration.items() if isinstance(v, dict)}
     candidates = calibration.get("candidates") or []
     lines = [
         f"Calibration: {calibration['method']}, {calibration_map(calibration)}, fitted on {calibration['fitted_on']}.",
@@ -377,9 +376,10 @@ def calibration_markdown(calibration: dict[str, Any] | None) -> list[str]:
             f"| {name} | {v['images']} | {_fmt(v['ece_before'])} | {_fmt(v['ece_after'])} "
             f"| {_fmt(v['ece_noise_floor'])} | {_fmt(v.get('balanced_accuracy_before'))} "
             f"| {_fmt(v.get('balanced_accuracy_after'))} |"
-            for name, v in sets.items()
+            for name, v in calibration["sets"].items()
         ),
         "",
+        *band_markdown(calibration.get("birads_bands"), calibration.get("birads_bands_on", "")),
     ]
 
 

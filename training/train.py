@@ -49,7 +49,7 @@ MODEL = "model.pt"
 #: source's count, at most FRESH_PER_CLASS. The validation split is small and biased
 #: by early stopping (it chose the weights), and on a few hundred images the ECE of
 #: even a perfectly calibrated model is above 0.03 (its noise floor).
-FRESH_PER_CLASS, FRESH_MULTIPLE = 600, 4
+FRESH_PER_CLASS, FRESH_MULTIPLE = 1000, 4
 #: Seed offsets of those fresh sets: one to fit on, one held out for measuring.
 CALIBRATION_SEED, MEASURE_SEED = 1000, 2000
 
