@@ -371,7 +371,8 @@ def plot_reliability(
         ax.plot([c for _, c, _ in points], [a for _, _, a in points], "o-", ms=3, label=label)
         counts.hist(probs.max(axis=1), bins=edges, histtype="step", label=label)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(ylabel="accuracy", title=title, xlim=(edges[0], 1), ylim=(0, 1.02))
+    ax.set(ylabel="accuracy", xlim=(edges[0], 1), ylim=(0, 1.02))
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
     counts.set(xlabel="confidence (top class)", ylabel="images")
     return _figure(path, fig)
@@ -412,7 +413,7 @@ def assess(
     if measure is not None:
         sets["fresh held-out images"] = (outputs(measure[0])[0], measure[1])
     name, largest = max(sets.items(), key=lambda s: len(s[1][1]))
-    plot_reliability(*largest, calibration, bins, reliability_path, f"Reliability: {name}, n = {len(largest[1])}")
+    plot_reliability(*largest, calibration, bins, reliability_path, f"{name}, n = {len(largest[1])}")
     report = calibration_report(calibration, sets, bins)
     # The node's BI-RADS band comes from the calibrated probability: check it on the most images.
     report["birads_bands_on"] = name

@@ -423,8 +423,9 @@ def calibrate(
     labels: Path | None,
     seed: int,
 ) -> None:
-    """Refit the domain guard and the temperature of an exported MODEL (.onnx) on the
-    data it was trained with, into its card; print the guard per source and the ECE."""
+    """Refit the domain guard and the probability calibration of an exported MODEL
+    (.onnx) on the data it was trained with, into its card; print the guard per
+    source, the calibration candidates and the ECE before and after."""
     settings_from(ctx)
     from training.export import calibrate as run
 

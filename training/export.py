@@ -477,9 +477,9 @@ def onnx_outputs(session: ort.InferenceSession, spec: InputSpec) -> Outputs:
 
 
 def calibrate(onnx_path: Path, source: DataSource) -> dict[str, Any]:
-    """Refit the domain guard and the temperature of an exported model on the split it
-    was trained with (rebuilt from ``source`` and the card's fractions and seed), write
-    them into its card, and add the guard and calibration sections to the report
+    """Refit the domain guard and the probability calibration of an exported model on
+    the split it was trained with (rebuilt from ``source`` and the card's fractions and
+    seed) and on fresh images where the source makes them, write them into its card, and add the guard and calibration sections to the report
     beside it (``<stem>.report.json`` / ``.md``). The ONNX file is not touched."""
     from training.band_calibration import band_calibration
     from training.evaluate import guard_and_calibration, markdown_report, plot_confusion, plot_roc
