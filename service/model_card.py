@@ -28,7 +28,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DISCLAIMER = (
     "AI result, not for primary diagnosis. The shipped model was trained on synthetic "
@@ -67,12 +67,30 @@ class OodSpec(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    """Temperature scaling of the class probabilities, fitted on the validation split
-    (service.model.guard.calibrated applies it)."""
+    """The calibration of the class probabilities (service.model.guard.calibrated
+    applies it): softmax(``weights`` @ log p + ``bias``), the Dirichlet-calibration map
+    (Kull et al. 2019) of which vector scaling (diagonal ``weights``) and temperature
+    scaling (``weights`` I / T) are special cases; a card with no ``weights`` is
+    temperature scaling by ``temperature`` alone."""
 
     method: str = "temperature"
-    temperature: float = Field(gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    weights: list[list[float]] | None = None
+    bias: list[float] | None = None
     fitted_on: str = ""
+    #: The cross-validated comparison that chose ``method`` (for the report; the node
+    #: does not read it).
+    candidates: list[dict[str, float | str]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _square(self) -> CalibrationSpec:
+        if (self.weights is None) != (self.bias is None):
+            raise ValueError("calibration: weights and bias come together")
+        if self.weights is not None and self.bias is not None:
+            c = len(self.bias)
+            if len(self.weights) != c or any(len(row) != c for row in self.weights):
+                raise ValueError(f"calibration: weights must be {c} x {c}, one row and column per bias entry")
+        return self
 
 
 class SegmentationSpec(_Strict):

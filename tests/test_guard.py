@@ -14,8 +14,17 @@ from service.model.guard import FEATURES, DomainGuard, bmode_statistics, calibra
 from service.model.imaging import prepare_instance
 from service.model.inference import OnnxModel
 from service.model_card import CalibrationSpec
+from service.monitoring.classification import expected_calibration_error
 from service.settings import Settings
-from training.calibration import auroc, fit_gaussian, fit_guard, fit_temperature, ledoit_wolf
+from training.calibration import (
+    ODIR_STRENGTHS,
+    auroc,
+    choose_calibration,
+    fit_calibration,
+    fit_gaussian,
+    fit_guard,
+    ledoit_wolf,
+)
 from training.ood_sources import generated, real_ultrasound_files
 
 
@@ -69,11 +78,61 @@ def test_temperature_is_recovered_and_never_changes_the_class() -> None:
     truth = np.exp(logits / 2.0) / np.exp(logits / 2.0).sum(axis=1, keepdims=True)
     labels = (rng.random((4000, 1)) > np.cumsum(truth, axis=1)).sum(axis=1)
     overconfident = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    spec = fit_temperature(overconfident, labels)
+    spec = fit_calibration(overconfident, labels, "temperature")
     assert spec.temperature == pytest.approx(2.0, rel=0.1)
     fixed = calibrated(overconfident, spec)
     assert np.allclose(fixed, truth, atol=0.05) and np.array_equal(fixed.argmax(1), overconfident.argmax(1))
     assert calibrated(overconfident, CalibrationSpec(temperature=1.0)) is overconfident
+
+
+def _draw(rng: np.random.Generator, truth: np.ndarray) -> np.ndarray:
+    """One label per row drawn from the row's probabilities."""
+    return np.minimum((rng.random((len(truth), 1)) > np.cumsum(truth, axis=1)).sum(axis=1), truth.shape[1] - 1)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+
+
+def test_vector_scaling_undoes_a_class_wise_bias_that_temperature_cannot() -> None:
+    """One class underconfident, another overconfident (as the shipped model's
+    malignant and normal): a single temperature cannot fix both, vector scaling can;
+    cross-validation on the set alone chooses it, and the card's map reproduces it."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 2.5, (6000, 3))
+    truth = _softmax(logits)
+    labels = _draw(rng, truth)
+    skewed = _softmax(logits * np.array([1.6, 1.0, 0.7]) + np.array([0.5, 0.0, -0.6]))
+    before = expected_calibration_error(skewed, labels)
+    temperature = calibrated(skewed, fit_calibration(skewed, labels, "temperature"))
+    vector = fit_calibration(skewed, labels, "vector")
+    fixed = calibrated(skewed, vector)
+    assert expected_calibration_error(fixed, labels) < 0.02 < before
+    assert expected_calibration_error(fixed, labels) < expected_calibration_error(temperature, labels)
+    assert np.abs(fixed - truth).mean() < np.abs(temperature - truth).mean()
+    chosen = choose_calibration(skewed, labels, [str(i // 3) for i in range(len(labels))], 15, "test")
+    assert chosen.method != "temperature" and len(chosen.candidates) == 1 + 2 + len(ODIR_STRENGTHS)
+    assert CalibrationSpec.model_validate_json(chosen.model_dump_json()) == chosen
+
+
+def test_dirichlet_with_strong_odir_shrinks_to_no_off_diagonal_weights() -> None:
+    rng = np.random.default_rng(6)
+    probabilities = _softmax(rng.normal(0, 2, (2000, 3)))
+    labels = _draw(rng, probabilities)
+    loose = fit_calibration(probabilities, labels, "dirichlet-odir", odir=0.0)
+    tight = fit_calibration(probabilities, labels, "dirichlet-odir", odir=100.0)
+    off = ~np.eye(3, dtype=bool)
+    assert loose.weights is not None and tight.weights is not None and tight.bias is not None
+    assert np.abs(np.array(tight.weights)[off]).max() < 0.01 < np.abs(np.array(loose.weights)[off]).max()
+    assert np.abs(tight.bias).max() < 0.01
+
+
+def test_a_calibration_spec_needs_square_weights_and_a_bias_with_them() -> None:
+    with pytest.raises(ValueError, match="come together"):
+        CalibrationSpec(method="vector", weights=[[1.0]])
+    with pytest.raises(ValueError, match="2 x 2"):
+        CalibrationSpec(method="vector", weights=[[1.0, 0.0]], bias=[0.0, 0.0])
 
 
 def test_auroc_counts_ties_half() -> None:

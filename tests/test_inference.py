@@ -102,14 +102,26 @@ def test_ood_score_is_the_guard_on_the_model_input(model: OnnxModel) -> None:
     assert np.array_equal(out.out_of_distribution, out.ood_distance > model.card.ood.threshold)
 
 
-def test_probabilities_are_calibrated_as_the_card_says(model: OnnxModel, model_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("calibration", "factor"),
+    [
+        ({"method": "temperature", "temperature": 0.5}, [1.0, 1.0, 1.0]),  # softmax(2 log p) = p^2 / sum
+        # softmax(W log p + b) with W = 2 I, b = (0, 0, log 3): p^2 with the last class tripled
+        (
+            {"method": "vector", "weights": [[2, 0, 0], [0, 2, 0], [0, 0, 2]], "bias": [0, 0, float(np.log(3))]},
+            [1, 1, 3],
+        ),
+    ],
+)
+def test_probabilities_are_calibrated_as_the_card_says(
+    model: OnnxModel, model_path: Path, tmp_path: Path, calibration: dict[str, object], factor: list[float]
+) -> None:
     batch = _batch(model, 4, seed=4)
     raw = model.session.run(["probabilities"], {"image": batch, "target_class": np.full(4, -1)})[0]
-    sharper = OnnxModel(_copy_with_card(model_path, tmp_path, **{"calibration.temperature": 0.5}), "cpu")
-    got = sharper.run(batch).probabilities
-    expected = raw.astype(np.float64) ** 2 / (raw.astype(np.float64) ** 2).sum(axis=1, keepdims=True)
-    assert np.allclose(got, expected, atol=1e-5)
-    assert np.array_equal(got.argmax(axis=1), raw.argmax(axis=1))
+    mapped = OnnxModel(_copy_with_card(model_path, tmp_path, calibration=calibration), "cpu")
+    got = mapped.run(batch).probabilities
+    expected = raw.astype(np.float64) ** 2 * np.array(factor)
+    assert np.allclose(got, expected / expected.sum(axis=1, keepdims=True), atol=1e-5)
 
 
 @pytest.mark.parametrize(("threshold", "expected"), [(0.0, True), (1e9, False)])

@@ -63,13 +63,14 @@ def band_calibration(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[st
     return rows
 
 
-def band_markdown(rows: list[dict[str, Any]] | None) -> list[str]:
-    """The report's table of the bands (empty for a model without a malignant class)."""
+def band_markdown(rows: list[dict[str, Any]] | None, images: str = "held-out split") -> list[str]:
+    """The report's table of the bands on the named ``images`` (empty for a model
+    without a malignant class)."""
     if not rows:
         return []
     return [
-        "BI-RADS likelihood bands (the AI's suggestion, from the calibrated probability of malignancy): the "
-        "held-out images in each band, the share truly malignant with its 95 % Wilson interval, against the "
+        "BI-RADS likelihood bands (the AI's suggestion, from the calibrated probability of malignancy), on the "
+        f"{images}: the images in each band, the share truly malignant with its 95 % Wilson interval, against the "
         "band's range. A band whose interval misses its range is not calibrated.",
         "",
         "| band | range of malignancy | images | malignant | observed rate | 95 % interval | interval meets range |",

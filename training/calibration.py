@@ -9,8 +9,13 @@ out-of-domain sources (training.ood_sources), AUROC against the held-out split a
 flag rates at each detector's own validation threshold. The B-mode statistics win
 (see the report); :func:`fit_guard` fits them.
 
-Calibration is temperature scaling (Guo et al. 2017), fitted by negative
-log-likelihood; it never changes the predicted class, so accuracy is untouched.
+Calibration is chosen by measurement too: :func:`compare_calibrators` fits the maps
+of the family softmax(W log p + b) - temperature scaling (Guo et al. 2017), vector
+scaling (Guo et al. 2017) and Dirichlet calibration with off-diagonal and intercept
+regularisation (ODIR, Kull et al. 2019) - by negative log-likelihood and scores each
+by cross-validation on the calibration set alone; :func:`choose_calibration` fits
+the one of lowest out-of-fold ECE on the whole set. A held-out set that measures
+the result plays no part in the choice.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize
 
 from service.model.guard import FEATURES, DomainGuard, bmode_statistics, calibrated, mahalanobis
 from service.model_card import CalibrationSpec, OodSpec
 from service.monitoring.classification import expected_calibration_error, reliability_bins
+from training.band_calibration import band_calibration
 from training.ood_sources import OodSource, ood_sources
 
 #: The guard's threshold: this percentile of the validation split's scores.
@@ -82,18 +88,134 @@ def fit_guard(
     )
 
 
+#: The calibration maps compared, all softmax(W log p + b): W = I / T; W diagonal
+#: with b; W full with b, regularised (Dirichlet ODIR).
+CALIBRATORS = ("temperature", "vector", "dirichlet-odir")
+#: ODIR strengths tried (one for the off-diagonal weights and the bias alike).
+ODIR_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
+#: Folds of the cross-validation that chooses the calibration.
+CALIBRATION_FOLDS = 5
+
+
+def _unpack(theta: np.ndarray, method: str, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of the parameter vector of ``method``."""
+    if method == "temperature":
+        return theta[0] * np.eye(c), np.zeros(c)
+    if method == "vector":
+        return np.diag(theta[:c]), theta[c:]
+    return theta[: c * c].reshape(c, c), theta[c * c :]
+
+
+def _loss(
+    theta: np.ndarray, log_p: np.ndarray, onehot: np.ndarray, method: str, odir: float
+) -> tuple[float, np.ndarray]:
+    """Mean negative log-likelihood of softmax(W log p + b) (plus the ODIR penalty)
+    and its gradient in ``theta``."""
+    n, c = onehot.shape
+    w, b = _unpack(theta, method, c)
+    z = log_p @ w.T + b
+    z -= z.max(axis=1, keepdims=True)
+    log_s = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    loss = float(-np.sum(onehot * log_s) / n)
+    residual = (np.exp(log_s) - onehot) / n
+    grad_w, grad_b = residual.T @ log_p, residual.sum(axis=0)
+    if method == "temperature":
+        return loss, np.array([np.trace(grad_w)])
+    if method == "vector":
+        return loss, np.concatenate([np.diag(grad_w), grad_b])
+    off = 1.0 - np.eye(c)
+    loss += odir * (float(np.sum((w * off) ** 2)) / (c * (c - 1)) + float(b @ b) / c)
+    grad_w = grad_w + odir * 2.0 * w * off / (c * (c - 1))
+    return loss, np.concatenate([grad_w.ravel(), grad_b + odir * 2.0 * b / c])
+
+
+def fit_calibration(
+    probabilities: np.ndarray, labels: np.ndarray, method: str = "temperature", odir: float = 0.0, fitted_on: str = ""
+) -> CalibrationSpec:
+    """The map of ``method`` (one of CALIBRATORS) that minimises the negative
+    log-likelihood of ``labels``; ``odir`` weighs Dirichlet's regularisation."""
+    if method not in CALIBRATORS:
+        raise ValueError(f"unknown calibration method {method!r}: one of {CALIBRATORS}")
+    c = probabilities.shape[1]
+    log_p = np.log(np.maximum(probabilities.astype(np.float64), 1e-12))
+    onehot = np.eye(c)[labels]
+    start = {"temperature": np.ones(1), "vector": np.r_[np.ones(c), np.zeros(c)]}.get(
+        method, np.r_[np.eye(c).ravel(), np.zeros(c)]
+    )
+    bounds = [(1 / 20.0, 20.0)] if method == "temperature" else None
+    theta = minimize(_loss, start, args=(log_p, onehot, method, odir), jac=True, method="L-BFGS-B", bounds=bounds).x
+    if method == "temperature":
+        return CalibrationSpec(temperature=round(float(1.0 / theta[0]), 6), fitted_on=fitted_on)
+    w, b = _unpack(theta, method, c)
+    return CalibrationSpec(
+        method=method if method == "vector" else f"{method} (strength {odir:g})",
+        weights=np.round(w, 6).tolist(),
+        bias=np.round(b, 6).tolist(),
+        fitted_on=fitted_on,
+    )
+
+
+#: Every (method, ODIR strength) that :func:`compare_calibrators` tries.
+CANDIDATES: tuple[tuple[str, float], ...] = (
+    ("temperature", 0.0),
+    ("vector", 0.0),
+    *(("dirichlet-odir", strength) for strength in ODIR_STRENGTHS),
+)
+
+
+def compare_calibrators(
+    probabilities: np.ndarray, labels: np.ndarray, groups: Sequence[str], bins: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Per candidate (none, then each of CANDIDATES): ECE
+    and negative log-likelihood of the out-of-fold calibrated probabilities of a
+    CALIBRATION_FOLDS-fold cross-validation on this set (folds by ``groups``, so
+    views of one patient never sit on both sides), and whether the predicted class
+    changes anywhere."""
+    names = sorted(set(groups))
+    fold_of_group = dict(
+        zip(names, np.random.default_rng(seed).permutation(len(names)) % CALIBRATION_FOLDS, strict=True)
+    )
+    fold = np.array([fold_of_group[g] for g in groups])
+    rows = [
+        {
+            "method": "none",
+            "ece": expected_calibration_error(probabilities, labels, bins),
+            "nll": _nll(probabilities, labels),
+            "class_changed": 0.0,
+        }
+    ]
+    for method, odir in CANDIDATES:
+        out_of_fold = np.zeros_like(probabilities, dtype=np.float32)
+        for k in range(CALIBRATION_FOLDS):
+            held = fold == k
+            spec = fit_calibration(probabilities[~held], labels[~held], method, odir)
+            out_of_fold[held] = calibrated(probabilities[held], spec)
+        rows.append(
+            {
+                "method": spec.method,
+                "calibrator": method,
+                "odir": odir,
+                "ece": expected_calibration_error(out_of_fold, labels, bins),
+                "nll": _nll(out_of_fold, labels),
+                "class_changed": float(np.mean(out_of_fold.argmax(axis=1) != probabilities.argmax(axis=1))),
+            }
+        )
+    return rows
+
+
+def choose_calibration(
+    probabilities: np.ndarray, labels: np.ndarray, groups: Sequence[str], bins: int, fitted_on: str
+) -> CalibrationSpec:
+    """The candidate of lowest out-of-fold ECE (:func:`compare_calibrators`), fitted on
+    the whole set, with the comparison that chose it."""
+    rows = compare_calibrators(probabilities, labels, groups, bins)
+    best = min(rows[1:], key=lambda r: r["ece"])
+    spec = fit_calibration(probabilities, labels, best["calibrator"], best["odir"], fitted_on)
+    return CalibrationSpec.model_validate({**spec.model_dump(), "candidates": rows})
+
+
 def _nll(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-12))))
-
-
-def fit_temperature(probabilities: np.ndarray, labels: np.ndarray, fitted_on: str = "") -> CalibrationSpec:
-    """The temperature that minimises the negative log-likelihood of ``labels``."""
-
-    def loss(log_t: float) -> float:
-        return _nll(calibrated(probabilities, CalibrationSpec(temperature=float(np.exp(log_t)))), labels)
-
-    best = minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
-    return CalibrationSpec(temperature=round(float(np.exp(best.x)), 6), fitted_on=fitted_on)
 
 
 def ece_noise_floor(probabilities: np.ndarray, bins: int, seed: int = 0) -> float:
@@ -202,41 +324,57 @@ def guard_report(spec: OodSpec, test: Scored, sources: Sequence[OodSource]) -> d
     }
 
 
+def _balanced_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean([np.mean(probabilities[labels == c].argmax(axis=1) == c) for c in np.unique(labels)]))
+
+
 def calibration_report(
     spec: CalibrationSpec, splits: dict[str, tuple[np.ndarray, np.ndarray]], bins: int
 ) -> dict[str, Any]:
-    """ECE before and after calibration on each named (probabilities, labels) set,
-    with the noise floor of a perfectly calibrated model on that many images."""
-    report: dict[str, Any] = {"method": spec.method, "temperature": spec.temperature, "fitted_on": spec.fitted_on}
+    """ECE (and balanced accuracy, which a map other than temperature may move) before
+    and after calibration on each named (probabilities, labels) set, with the noise
+    floor of a perfectly calibrated model on that many images."""
+    report: dict[str, Any] = {
+        "method": spec.method,
+        "temperature": spec.temperature,
+        "weights": spec.weights,
+        "bias": spec.bias,
+        "fitted_on": spec.fitted_on,
+        "candidates": spec.candidates,
+    }
+    report["sets"] = {}
     for name, (probabilities, labels) in splits.items():
         after = calibrated(probabilities, spec)
-        report[name] = {
+        report["sets"][name] = {
             "images": len(labels),
             "ece_before": expected_calibration_error(probabilities, labels, bins),
             "ece_after": expected_calibration_error(after, labels, bins),
             "ece_noise_floor": ece_noise_floor(after, bins),
+            "balanced_accuracy_before": _balanced_accuracy(probabilities, labels),
+            "balanced_accuracy_after": _balanced_accuracy(after, labels),
         }
     return report
 
 
 def plot_reliability(
-    probabilities: np.ndarray, labels: np.ndarray, spec: CalibrationSpec, bins: int, path: Path
+    probabilities: np.ndarray, labels: np.ndarray, spec: CalibrationSpec, bins: int, path: Path, title: str
 ) -> Path:
-    """Accuracy against confidence per bin, before and after calibration."""
+    """Accuracy against confidence per bin, before and after calibration, with the
+    share of images per bin beneath (a point over few images says little)."""
     from training.evaluate import _figure
 
-    fig = Figure(figsize=(3.6, 3.4))
-    ax = fig.subplots()
+    fig = Figure(figsize=(3.8, 4.2))
+    ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     edges = np.linspace(0, 1, bins + 1)
-    for probs, label in (
-        (probabilities, "before"),
-        (calibrated(probabilities, spec), f"after (T={spec.temperature:.2f})"),
-    ):
+    for probs, label in ((probabilities, "before"), (calibrated(probabilities, spec), f"after ({spec.method})")):
         points = reliability_bins(probs, labels, bins)
         ax.plot([c for _, c, _ in points], [a for _, _, a in points], "o-", ms=3, label=label)
+        counts.hist(probs.max(axis=1), bins=edges, histtype="step", label=label)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability", xlim=(edges[0], 1), ylim=(0, 1.02))
+    ax.set(ylabel="accuracy", xlim=(edges[0], 1), ylim=(0, 1.02))
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
+    counts.set(xlabel="confidence (top class)", ylabel="images")
     return _figure(path, fig)
 
 
@@ -248,14 +386,15 @@ def assess(
     ood: OodSpec,
     calibration: CalibrationSpec,
     measure: tuple[np.ndarray, np.ndarray] | None,
-    num_classes: int,
+    classes: Sequence[str],
     bins: int,
     reliability_path: Path,
 ) -> dict[str, Any]:
     """The report's sections on the guard (``ood``: the fitted guard per source and
     the candidates it beat) and on calibration, for a model given as ``outputs``;
     ``parts`` indexes fit, val and test in ``images``; ``measure`` is a further
-    held-out set (uint8 images, labels) where the source makes one."""
+    held-out set (uint8 images, labels) where the source makes one: the reliability
+    diagram and the BI-RADS bands are drawn on the largest held-out set."""
     scored = {
         name: Scored(images[list(idx)], labels[list(idx)], *outputs(images[list(idx)])) for name, idx in parts.items()
     }
@@ -269,10 +408,14 @@ def assess(
         ),
     ]
     guard = guard_report(ood, test, sources)
-    guard["candidates"] = compare_detectors(scored["fit"], scored["val"], test, sources, outputs, num_classes)
+    guard["candidates"] = compare_detectors(scored["fit"], scored["val"], test, sources, outputs, len(classes))
     sets = {"held-out split": (test.probabilities, test.labels)}
     if measure is not None:
-        sets[f"fresh held-out images ({len(measure[1])})"] = (outputs(measure[0])[0], measure[1])
-    largest = max(sets.values(), key=lambda s: len(s[1]))
-    plot_reliability(*largest, calibration, bins, reliability_path)
-    return {"ood": guard, "calibration": calibration_report(calibration, sets, bins)}
+        sets["fresh held-out images"] = (outputs(measure[0])[0], measure[1])
+    name, largest = max(sets.items(), key=lambda s: len(s[1][1]))
+    plot_reliability(*largest, calibration, bins, reliability_path, f"{name}, n = {len(largest[1])}")
+    report = calibration_report(calibration, sets, bins)
+    # The node's BI-RADS band comes from the calibrated probability: check it on the most images.
+    report["birads_bands_on"] = name
+    report["birads_bands"] = band_calibration(largest[1], calibrated(largest[0], calibration), classes)
+    return {"ood": guard, "calibration": report}

@@ -265,13 +265,17 @@ def _print_guard_and_calibration(ood: dict[str, Any], calibration: dict[str, Any
             f"  {s['source']:<24} {'held out' if s['held_out'] else 'tuning  '} flagged {s['flagged']:.2f} "
             f"of {s['images']}, AUROC {s['auroc']:.4f}"
         )
-    click.echo(f"temperature {calibration['temperature']:.3f} ({calibration['fitted_on']})")
-    for name, v in calibration.items():
-        if isinstance(v, dict):
-            click.echo(
-                f"  ECE on {name}: {v['ece_before']:.3f} -> {v['ece_after']:.3f} "
-                f"(noise floor {v['ece_noise_floor']:.3f})"
-            )
+    from training.evaluate import calibration_map
+
+    click.echo(f"calibration: {calibration['method']}, {calibration_map(calibration)} ({calibration['fitted_on']})")
+    for c in calibration.get("candidates") or []:
+        click.echo(f"  candidate {c['method']:<30} out-of-fold ECE {c['ece']:.3f}, NLL {c['nll']:.3f}")
+    for name, v in calibration["sets"].items():
+        click.echo(
+            f"  ECE on {name} (n={v['images']}): {v['ece_before']:.3f} -> {v['ece_after']:.3f} "
+            f"(noise floor {v['ece_noise_floor']:.3f}); balanced accuracy "
+            f"{v['balanced_accuracy_before']:.3f} -> {v['balanced_accuracy_after']:.3f}"
+        )
 
 
 @click.command("train", epilog=_DATA_HELP)
@@ -419,8 +423,9 @@ def calibrate(
     labels: Path | None,
     seed: int,
 ) -> None:
-    """Refit the domain guard and the temperature of an exported MODEL (.onnx) on the
-    data it was trained with, into its card; print the guard per source and the ECE."""
+    """Refit the domain guard and the probability calibration of an exported MODEL
+    (.onnx) on the data it was trained with, into its card; print the guard per
+    source, the calibration candidates and the ECE before and after."""
     settings_from(ctx)
     from training.export import calibrate as run
 

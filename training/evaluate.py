@@ -35,7 +35,7 @@ from service.monitoring.classification import (
     roc_curve,
 )
 from training.band_calibration import band_calibration, band_markdown
-from training.calibration import Outputs, assess
+from training.calibration import CALIBRATION_FOLDS, Outputs, assess
 from training.gradcam import ExplainedModel, cam_name
 from training.localisation import localisation_metrics, segmentation_metrics
 from training.models import SEGMENTING_ARCHS, ModelConfig
@@ -297,7 +297,7 @@ def guard_and_calibration(
         ood,
         calibration or CalibrationSpec(temperature=1.0, fitted_on="none"),
         measure,
-        len(CLASSES),
+        CLASSES,
         ECE_BINS,
         reliability_path,
     )
@@ -334,24 +334,52 @@ def guard_markdown(ood: dict[str, Any]) -> list[str]:
     ]
 
 
+def calibration_map(calibration: dict[str, Any]) -> str:
+    """The fitted map in words: its temperature, or its weights and bias."""
+    if calibration.get("weights") is None:
+        return f"T = {calibration['temperature']:.3f}"
+    rows = "; ".join(" ".join(f"{w:.3f}" for w in row) for row in calibration["weights"])
+    return f"softmax(W log p + b), W = [{rows}], b = [{' '.join(f'{b:.3f}' for b in calibration['bias'])}]"
+
+
 def calibration_markdown(calibration: dict[str, Any] | None) -> list[str]:
-    """The report's section on calibration: ECE before and after, and its noise floor."""
+    """The report's section on calibration: the candidates compared, the ECE before
+    and after with its noise floor, and the balanced accuracy before and after."""
     if calibration is None:
         return []
-    sets = {k: v for k, v in calibration.items() if isinstance(v, dict)}
-    return [
-        f"Calibration: {calibration['method']} scaling, T = {calibration['temperature']:.3f}, fitted on "
-        f"{calibration['fitted_on']}. The noise floor is the mean ECE a perfectly calibrated model with the same "
-        "confidences shows on that many images: an ECE near it cannot be told from perfect calibration.",
+    candidates = calibration.get("candidates") or []
+    lines = [
+        f"Calibration: {calibration['method']}, {calibration_map(calibration)}, fitted on {calibration['fitted_on']}.",
         "",
-        "| images | n | ECE before | ECE after | noise floor |",
-        "|---|---|---|---|---|",
+    ]
+    if candidates:
+        lines += [
+            f"The method was chosen by the lowest ECE of out-of-fold probabilities ({CALIBRATION_FOLDS}-fold "
+            "cross-validation by patient on those images alone; no held-out image below played a part):",
+            "",
+            "| method | ECE (out of fold) | NLL (out of fold) | predicted class changed |",
+            "|---|---|---|---|",
+            *(
+                f"| {c['method']} | {_fmt(c['ece'])} | {_fmt(c['nll'])} | {_fmt(c['class_changed'])} |"
+                for c in candidates
+            ),
+            "",
+        ]
+    return [
+        *lines,
+        "The noise floor is the mean ECE a perfectly calibrated model with the same confidences shows on that many "
+        "images: an ECE near it cannot be told from perfect calibration.",
+        "",
+        "| images | n | ECE before | ECE after | noise floor | balanced accuracy before | after |",
+        "|---|---|---|---|---|---|---|",
         *(
             f"| {name} | {v['images']} | {_fmt(v['ece_before'])} | {_fmt(v['ece_after'])} "
-            f"| {_fmt(v['ece_noise_floor'])} |"
-            for name, v in sets.items()
+            f"| {_fmt(v['ece_noise_floor'])} | {_fmt(v.get('balanced_accuracy_before'))} "
+            f"| {_fmt(v.get('balanced_accuracy_after'))} |"
+            for name, v in calibration["sets"].items()
         ),
         "",
+        *band_markdown(calibration.get("birads_bands"), calibration.get("birads_bands_on", "")),
     ]
 
 

@@ -39,6 +39,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from service.datasets.records import Record
+from service.model.guard import calibrated
 from service.model_card import (
     DISCLAIMER,
     InputSpec,
@@ -46,6 +47,7 @@ from service.model_card import (
     card_path_for,
     sha256_file,
 )
+from service.monitoring.classification import classification_metrics
 from training.calibration import Outputs
 from training.gradcam import ExplainedModel, cam_name
 from training.models import SonoModel
@@ -477,11 +479,12 @@ def onnx_outputs(session: ort.InferenceSession, spec: InputSpec) -> Outputs:
 
 
 def calibrate(onnx_path: Path, source: DataSource) -> dict[str, Any]:
-    """Refit the domain guard and the temperature of an exported model on the split it
-    was trained with (rebuilt from ``source`` and the card's fractions and seed), write
-    them into its card, and add the guard and calibration sections to the report
+    """Refit the domain guard and the probability calibration of an exported model on
+    the split it was trained with (rebuilt from ``source`` and the card's fractions and
+    seed) and on fresh images where the source makes them, write them into its card, and add the guard and calibration sections to the report
     beside it (``<stem>.report.json`` / ``.md``). The ONNX file is not touched."""
-    from training.evaluate import guard_and_calibration, markdown_report
+    from training.band_calibration import band_calibration
+    from training.evaluate import guard_and_calibration, markdown_report, plot_confusion, plot_roc
 
     raw = json.loads(card_path_for(onnx_path).read_text())  # read as data: a card of before has another guard
     if sha256_file(onnx_path) != raw.get("sha256"):
@@ -499,25 +502,32 @@ def calibrate(onnx_path: Path, source: DataSource) -> dict[str, Any]:
         )
     images = resize_images(records, spec.height)
     outputs = onnx_outputs(ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]), spec)
-    ood, calibration = fit_guard_and_calibration(outputs, images, labels, split, source, spec.height)
+    ood, calibration = fit_guard_and_calibration(outputs, images, records, split, source, spec.height)
     report_path = onnx_path.with_suffix(".report.json")
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     sections = guard_and_calibration(
         outputs, images, labels, split, ood, calibration, source, onnx_path.with_suffix(".reliability.png")
     )
     report.update(sections)
-    if "per_class" in report:
-        report["ece"] = sections["calibration"]["held-out split"]["ece_after"]
-        report.setdefault("plots", {})["reliability"] = onnx_path.with_suffix(".reliability.png").name
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
-        onnx_path.with_suffix(".report.md").write_text(markdown_report(report))
     metrics = {
         **raw.get("metrics", {}),
         "ood": _headline_guard(sections["ood"]),
         "calibration": sections["calibration"],
     }
-    if "ece" in report:
-        metrics["ece"] = report["ece"]
+    if "per_class" in report:
+        # A map other than temperature may move the predicted class: the held-out
+        # split's classification metrics, bands and plots follow the new probabilities.
+        probs = calibrated(outputs(images[split.test])[0], calibration)
+        classification = classification_metrics(labels[split.test], probs, raw["classes"])
+        report.update(classification, birads_bands=band_calibration(labels[split.test], probs, raw["classes"]))
+        plot_confusion(
+            np.array(classification["confusion_matrix"]), raw["classes"], onnx_path.with_suffix(".confusion.png")
+        )
+        plot_roc(labels[split.test], probs, raw["classes"], onnx_path.with_suffix(".roc.png"))
+        report.setdefault("plots", {})["reliability"] = onnx_path.with_suffix(".reliability.png").name
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        onnx_path.with_suffix(".report.md").write_text(markdown_report(report))
+        metrics.update({k: v for k, v in classification.items() if k != "confusion_matrix"})
     write_card(
         ModelCard.model_validate(
             {**raw, "ood": ood.model_dump(), "calibration": calibration.model_dump(), "metrics": metrics}

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from service.datasets.records import CLASSES, Record
 from service.model_card import CalibrationSpec, OodSpec, SegmentationSpec
+from service.monitoring.classification import ECE_BINS
 from training.calibration import Outputs
 from training.gradcam import grad_cam
 from training.localisation import NORMAL, choose_threshold, resize_mask
@@ -43,11 +44,12 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
-#: Synthetic data: at most this many images per class (and no more than the source
-#: has) generated afresh, patients in no split, to fit the temperature on and to
-#: measure calibration with; the validation split is small and biased by early
-#: stopping (it chose the weights).
-FRESH_PER_CLASS = 300
+#: Synthetic data: images per class generated afresh, patients in no split, to fit
+#: and choose the calibration on and to measure it with: FRESH_MULTIPLE times the
+#: source's count, at most FRESH_PER_CLASS. The validation split is small and biased
+#: by early stopping (it chose the weights), and on a few hundred images the ECE of
+#: even a perfectly calibrated model is above 0.03 (its noise floor).
+FRESH_PER_CLASS, FRESH_MULTIPLE = 1000, 4
 #: Seed offsets of those fresh sets: one to fit on, one held out for measuring.
 CALIBRATION_SEED, MEASURE_SEED = 1000, 2000
 
@@ -93,7 +95,9 @@ class DataSource:
             return None
         from service.datasets.synthetic import generate_records
 
-        return generate_records(min(FRESH_PER_CLASS, self.synthetic_per_class), seed=self.seed + seed_offset)
+        return generate_records(
+            min(FRESH_PER_CLASS, FRESH_MULTIPLE * self.synthetic_per_class), seed=self.seed + seed_offset
+        )
 
     def describe(self) -> str:
         if self.kind == "synthetic":
@@ -283,23 +287,35 @@ def fit_segmentation(
 
 
 def fit_guard_and_calibration(
-    outputs: Outputs, images: np.ndarray, labels: np.ndarray, split: Split, source: DataSource, size: int
+    outputs: Outputs,
+    images: np.ndarray,
+    records: Sequence[Record],
+    split: Split,
+    source: DataSource,
+    size: int,
 ) -> tuple[OodSpec, CalibrationSpec]:
     """The domain guard (fitted on the fit split, threshold from the validation split)
-    and the temperature (fitted on fresh images where the source makes them, else on
-    the validation split, which early stopping has already tuned the weights on);
-    ``outputs`` gives a model's uncalibrated probabilities of uint8 images.
-    training.calibration says why these."""
-    from training.calibration import fit_guard, fit_temperature
+    and the calibration (chosen by cross-validation and fitted on fresh images where
+    the source makes them, else on the validation split, which early stopping has
+    already tuned the weights on); ``outputs`` gives a model's uncalibrated
+    probabilities of uint8 ``images`` (those of ``records``). training.calibration
+    says why these."""
+    from training.calibration import choose_calibration, fit_guard
 
     guard = fit_guard(images[split.fit], images[split.val], fitted_on="fit split; threshold: validation split")
     fresh = source.fresh(CALIBRATION_SEED)
     if fresh is None:
-        return guard, fit_temperature(outputs(images[split.val])[0], labels[split.val], fitted_on="validation split")
-    return guard, fit_temperature(
-        outputs(resize_images(fresh, size))[0],
-        np.array([r.label for r in fresh]),
-        fitted_on=f"{len(fresh)} fresh images of the source (seed +{CALIBRATION_SEED})",
+        chosen_on, fitted_on, chosen_images = [records[i] for i in split.val], "validation split", images[split.val]
+    else:
+        chosen_on = fresh
+        fitted_on = f"{len(fresh)} fresh images of the source (seed +{CALIBRATION_SEED})"
+        chosen_images = resize_images(fresh, size)
+    return guard, choose_calibration(
+        outputs(chosen_images)[0],
+        np.array([r.label for r in chosen_on]),
+        [r.group for r in chosen_on],
+        ECE_BINS,
+        fitted_on=fitted_on,
     )
 
 
@@ -596,7 +612,7 @@ def train(
     model.load_state_dict(state["best_state"])
     model.cpu().eval()  # evaluation and export run on the CPU, like the node
     ood, calibration = fit_guard_and_calibration(
-        torch_outputs(model, norm), images, labels, split, source, model_config.size
+        torch_outputs(model, norm), images, records, split, source, model_config.size
     )
     segmentation = None
     if model_config.segmentation:

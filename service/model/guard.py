@@ -130,12 +130,20 @@ class DomainGuard:
 
 
 def calibrated(probabilities: np.ndarray, calibration: CalibrationSpec | None) -> np.ndarray:
-    """Temperature scaling (Guo et al. 2017) of softmax outputs: softmax(log p / T)
-    equals softmax(logits / T), since log p differs from the logits by a constant per
-    row; the predicted class never changes."""
-    if calibration is None or calibration.temperature == 1.0 or len(probabilities) == 0:
+    """The card's calibration of softmax outputs: softmax(W log p + b) (Dirichlet
+    calibration, Kull et al. 2019; vector scaling where W is diagonal), or without W
+    temperature scaling (Guo et al. 2017), softmax(log p / T), which equals
+    softmax(logits / T) since log p differs from the logits by a constant per row and
+    never changes the predicted class."""
+    if calibration is None or len(probabilities) == 0:
         return probabilities
-    logits = np.log(np.maximum(probabilities.astype(np.float64), 1e-12)) / calibration.temperature
+    log_p = np.log(np.maximum(probabilities.astype(np.float64), 1e-12))
+    if calibration.weights is not None and calibration.bias is not None:
+        logits = log_p @ np.asarray(calibration.weights).T + np.asarray(calibration.bias)
+    elif calibration.temperature != 1.0:
+        logits = log_p / calibration.temperature
+    else:
+        return probabilities
     logits -= logits.max(axis=1, keepdims=True)
     scaled = np.exp(logits)
     return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
