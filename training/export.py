@@ -2,12 +2,14 @@
 
 The legacy exporter cannot trace autograd, and ``autograd.grad`` inside ``forward``
 does not export directly with either exporter. What works: trace
-:class:`training.gradcam.ExplainedModel` (forward + the gradient of the target logit)
-into one plain aten graph with ``make_fx(tracing_mode="symbolic")`` while oneDNN is
-off (otherwise the CPU LSTM becomes an op ONNX lacks) and with the convolutions'
-backward pass decomposed into transposed convolutions (ONNX has no
-``convolution_backward``), then export that graph with the dynamo exporter and a
-dynamic batch dimension.
+:class:`training.gradcam.Explainer` (the Grad-CAM map's way to the logits, and the
+gradient of the target logit back) into a plain aten graph with
+``make_fx(tracing_mode="symbolic")`` while oneDNN is off (otherwise the CPU LSTM
+becomes an op ONNX lacks) and with the backward passes of convolutions and VGG's
+max-pools decomposed into ops ONNX Runtime runs fast (ONNX has no
+``convolution_backward``); then export :class:`training.gradcam.ExplainedModel` with
+that graph as its explainer, the encoder and segmentation head as plain modules, with
+the dynamo exporter and a dynamic batch dimension.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def fold_batch_norm(model: SonoModel) -> SonoModel:
     return folded
 
 
-class _Plain(nn.Module):
+class Forward(nn.Module):
     """What the explained export gives less the heatmap (probabilities, embedding and,
     with a segmentation head, the lesion mask): the Grad-CAM-free baseline that
     ``bench/inference.py`` measures the explained export against."""
@@ -248,7 +250,7 @@ def _export(model: SonoModel, path: Path, explain: bool) -> None:
         module: nn.Module = ExplainedModel(folded, explainer)
         names, outputs, dynamic = INPUT_NAMES, explained_outputs(model), ({0: batch}, {0: batch})
     else:
-        args, module = (image,), _Plain(folded)
+        args, module = (image,), Forward(folded)
         names, outputs, dynamic = INPUT_NAMES[:1], plain_outputs(model), ({0: batch},)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
