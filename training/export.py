@@ -202,12 +202,12 @@ def _max_pool2d_backward(
     # plain elementwise work, no broadcasting, which ONNX Runtime does fastest.
     corners = [input[:, :, i::2, j::2] for i in (0, 1) for j in (0, 1)]
     peak = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
-    taken = torch.zeros_like(peak, dtype=torch.bool)
-    shares = []
-    for corner in corners:
-        first = (corner == peak) & ~taken
-        shares.append(torch.where(first, grad_output, 0.0))
-        taken = taken | first
+    shares, left = [], grad_output  # the gradient not yet handed to an earlier corner
+    for corner in corners[:-1]:
+        hit = corner == peak
+        shares.append(torch.where(hit, left, 0.0))
+        left = torch.where(hit, 0.0, left)
+    shares.append(torch.where(corners[-1] == peak, left, 0.0))
     # [N, C, 4, h/2, w/2] -> [N, 4C, h/2, w/2] is pixel_shuffle's channel order
     return F.pixel_shuffle(torch.stack(shares, dim=2).reshape(n, 4 * c, h // 2, w // 2), 2)
 

@@ -60,8 +60,8 @@ def grad_cam(
         weights = grads.sum(dim=(2, 3), keepdim=True) / (fmap.shape[2] * fmap.shape[3])
     else:
         squared = grads * grads
+        # The package then zeroes alpha where the gradient is 0: it is 0 / eps there already.
         alpha = squared / (2 * squared + fmap.sum(dim=(2, 3), keepdim=True) * squared * grads + GRADCAM_PP_EPS)
-        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
         weights = (torch.relu(grads) * alpha).sum(dim=(2, 3), keepdim=True)
     return torch.relu((weights * fmap).sum(dim=1))
 
