@@ -2,12 +2,14 @@
 
 The legacy exporter cannot trace autograd, and ``autograd.grad`` inside ``forward``
 does not export directly with either exporter. What works: trace
-:class:`training.gradcam.ExplainedModel` (forward + the gradient of the target logit)
-into one plain aten graph with ``make_fx(tracing_mode="symbolic")`` while oneDNN is
-off (otherwise the CPU LSTM becomes an op ONNX lacks) and with the convolutions'
-backward pass decomposed into transposed convolutions (ONNX has no
-``convolution_backward``), then export that graph with the dynamo exporter and a
-dynamic batch dimension.
+:class:`training.gradcam.Explainer` (the Grad-CAM map's way to the logits, and the
+gradient of the target logit back) into a plain aten graph with
+``make_fx(tracing_mode="symbolic")`` while oneDNN is off (otherwise the CPU LSTM
+becomes an op ONNX lacks) and with the backward passes of convolutions and VGG's
+max-pools decomposed into ops ONNX Runtime runs fast (ONNX has no
+``convolution_backward``); then export :class:`training.gradcam.ExplainedModel` with
+that graph as its explainer, the encoder and segmentation head as plain modules, with
+the dynamo exporter and a dynamic batch dimension.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from onnxruntime.quantization import (
 )
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from service.datasets.records import Record
@@ -49,7 +52,7 @@ from service.model_card import (
 )
 from service.monitoring.classification import classification_metrics
 from training.calibration import Outputs
-from training.gradcam import ExplainedModel, cam_name
+from training.gradcam import ExplainedModel, Explainer, cam_name
 from training.models import SonoModel
 from training.train import (
     DataSource,
@@ -88,18 +91,22 @@ def fold_batch_norm(model: SonoModel) -> SonoModel:
     return folded
 
 
-class _Plain(nn.Module):
-    """Probabilities and embedding only: the Grad-CAM-free baseline that
+class Forward(nn.Module):
+    """What the explained export gives less the heatmap (probabilities, embedding and,
+    with a segmentation head, the lesion mask): the Grad-CAM-free baseline that
     ``bench/inference.py`` measures the explained export against."""
 
     def __init__(self, model: SonoModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.model.embed(self.model.features(image))
-        probabilities = torch.softmax(self.model.head(embedding), dim=1)
-        return probabilities, torch.nn.functional.normalize(embedding, dim=1)
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        encoded, skips = self.model.encode(image)
+        embedding = self.model.embed(encoded)
+        outputs = (torch.softmax(self.model.head(embedding), dim=1), torch.nn.functional.normalize(embedding, dim=1))
+        if not self.model.config.segmentation:
+            return outputs
+        return (*outputs, torch.sigmoid(self.model.segment(encoded, skips)))
 
 
 @contextlib.contextmanager
@@ -133,18 +140,32 @@ def _convolution_backward(
     groups: int,
     output_mask: Sequence[bool],
 ) -> tuple[torch.Tensor | None, None, None]:
-    """The input gradient of a convolution, written as the transposed convolution it
-    is: ONNX has no ``convolution_backward``, and a Grad-CAM layer below the last
-    convolutions (``cam_layer`` conv4_3) puts their backward pass in the graph. The
-    weights are constants of the exported graph, so no weight or bias gradient is
-    ever asked for."""
+    """The input gradient of a convolution: ONNX has no ``convolution_backward``, and a
+    Grad-CAM layer below the last convolutions (``cam_layer`` conv4_3) puts their
+    backward pass in the graph. A stride-1 convolution's is a plain convolution of
+    the output gradient with the kernel flipped and its in/out channels swapped (ONNX
+    Runtime runs Conv in its blocked layout on all threads, ConvTranspose several
+    times slower); other strides take the transposed convolution it is. The weights
+    are constants of the exported graph, so no weight or bias gradient is ever asked
+    for."""
     if transposed or output_mask[1] or output_mask[2]:
         raise NotImplementedError("export traces only the input gradient of a plain convolution")
     if not output_mask[0]:
         return None, None, None
+    kernel = [int(k) for k in weight.shape[2:]]
+    if (
+        groups == 1
+        and all(s == 1 and d == 1 for s, d in zip(stride, dilation, strict=True))
+        and all(0 <= p < k for p, k in zip(padding, kernel, strict=True))
+    ):
+        flipped = weight.transpose(0, 1).flip([2, 3])
+        padded = [k - 1 - p for k, p in zip(kernel, padding, strict=True)]
+        grad_input = torch.ops.aten.convolution.default(
+            grad_output, flipped, None, [1, 1], padded, [1, 1], False, [0, 0], 1
+        )
+        return grad_input, None, None
     # The spatial size a transposed convolution gives, less the input's: what stride
     # dropped at the far edge (output_padding of the transposed convolution).
-    kernel = weight.shape[2:]
     extra = [
         int(size) - ((int(out) - 1) * st - 2 * pad + dil * (int(k) - 1) + 1)
         for size, out, st, pad, dil, k in zip(
@@ -155,6 +176,42 @@ def _convolution_backward(
         grad_output, weight, None, list(stride), list(padding), list(dilation), True, extra, groups
     )
     return grad_input, None, None
+
+
+def _max_pool2d_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+    indices: torch.Tensor,
+) -> torch.Tensor:
+    """The input gradient of VGG's 2x2 max-pool by comparison, not by index: each
+    output's gradient goes to the first position of its window (row by row) that holds
+    the window's maximum, as PyTorch's pooling picks it. The exporter's own route turns
+    pooling indices into per-plane ones with an extra pooling pass and scatters with
+    them, most of the gradient graph's time besides its convolutions. Other poolings
+    keep PyTorch's decomposition."""
+    n, c, h, w = input.shape
+    vgg_pool = list(kernel_size) == list(stride) == [2, 2] and not any(padding) and list(dilation) in ([1, 1], [1])
+    if not vgg_pool or h % 2 or w % 2:
+        return torch._decomp.decompositions.max_pool2d_with_indices_backward(  # type: ignore[attr-defined]
+            grad_output, input, kernel_size, stride, padding, dilation, ceil_mode, indices
+        )
+    # The window's four positions in raster order, each an [N, C, h/2, w/2] plane:
+    # plain elementwise work, no broadcasting, which ONNX Runtime does fastest.
+    corners = [input[:, :, i::2, j::2] for i in (0, 1) for j in (0, 1)]
+    peak = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
+    shares, left = [], grad_output  # the gradient not yet handed to an earlier corner
+    for corner in corners[:-1]:
+        hit = corner == peak
+        shares.append(torch.where(hit, left, 0.0))
+        left = torch.where(hit, 0.0, left)
+    shares.append(torch.where(corners[-1] == peak, left, 0.0))
+    # [N, C, 4, h/2, w/2] -> [N, 4C, h/2, w/2] is pixel_shuffle's channel order
+    return F.pixel_shuffle(torch.stack(shares, dim=2).reshape(n, 4 * c, h // 2, w // 2), 2)
 
 
 def export_onnx(model: SonoModel, path: Path, *, explain: bool = True) -> None:
@@ -176,20 +233,27 @@ def _export(model: SonoModel, path: Path, explain: bool) -> None:
     batch = torch.export.Dim("batch")
     if explain:
         args: tuple[torch.Tensor, ...] = (image, torch.tensor([-1, 0]))
+        # Only the explainer (the map's way to the logits, and back) goes through
+        # autograd; the encoder and segmentation head export as plain modules.
         # Parameters are real tensors while the inputs are symbolic: they become
         # constants of the traced graph, hence _allow_non_fake_inputs.
+        with torch.no_grad():
+            fmap = folded.features(image)
         with torch.backends.mkldnn.flags(enabled=False):
-            graph = make_fx(
-                ExplainedModel(folded),
+            explainer = make_fx(
+                Explainer(folded),
                 tracing_mode="symbolic",
                 _allow_non_fake_inputs=True,
-                decomposition_table={torch.ops.aten.convolution_backward.default: _convolution_backward},
-            )(*args)
-        module: nn.Module = graph
+                decomposition_table={
+                    torch.ops.aten.convolution_backward.default: _convolution_backward,
+                    torch.ops.aten.max_pool2d_with_indices_backward.default: _max_pool2d_backward,
+                },
+            )(fmap, args[1])
+        module: nn.Module = ExplainedModel(folded, explainer)
         names, outputs, dynamic = INPUT_NAMES, explained_outputs(model), ({0: batch}, {0: batch})
     else:
-        args, module = (image,), _Plain(folded)
-        names, outputs, dynamic = INPUT_NAMES[:1], PLAIN_OUTPUTS, ({0: batch},)
+        args, module = (image,), Forward(folded)
+        names, outputs, dynamic = INPUT_NAMES[:1], plain_outputs(model), ({0: batch},)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     program = torch.onnx.export(
@@ -211,6 +275,11 @@ def _export(model: SonoModel, path: Path, explain: bool) -> None:
 def explained_outputs(model: SonoModel) -> list[str]:
     """The output names of ``model``'s explained export, in order."""
     return EXPLAINED_OUTPUTS + ([SEGMENTATION_OUTPUT] if model.config.segmentation else [])
+
+
+def plain_outputs(model: SonoModel) -> list[str]:
+    """The output names of ``model``'s export without the heatmap, in order."""
+    return PLAIN_OUTPUTS + ([SEGMENTATION_OUTPUT] if model.config.segmentation else [])
 
 
 def onnx_opset(path: Path) -> int:

@@ -145,6 +145,17 @@ class SonoModel(nn.Module):
         """``features(x)`` and the finer maps the segmentation head reads (none here)."""
         return self.features(x), ()
 
+    @property
+    def cam_pool(self) -> nn.MaxPool2d | None:
+        """The 2x2 max-pool (kernel = stride) that ``embed`` passes the map through
+        first, if it does: then ``embed(fmap) == embed_pooled(cam_pool(fmap))`` and
+        Grad-CAM can take its gradient at the pool's output (``training.gradcam``)."""
+        return None
+
+    def embed_pooled(self, pooled: Tensor) -> Tensor:
+        """``embed`` from ``cam_pool``'s output on."""
+        raise ValueError(f"this {self.config.arch} model does not pool the Grad-CAM map first")
+
     def segment(self, fmap: Tensor, skips: tuple[Tensor, ...]) -> Tensor:
         """Lesion logits [N, h, w] from ``encode``'s maps; only a model built with
         ``segmentation`` has a head."""
@@ -290,8 +301,25 @@ class HybridVGGRNN(SonoModel):
             return super().segment(fmap, skips)
         return self.decoder(fmap, skips)
 
+    def _tail(self) -> list[nn.Module]:
+        """The layers between the Grad-CAM map and the row reader: the rest of the VGG
+        blocks (each block starts with its pool) and the final pool."""
+        return [*self.conv[self._cam_end :], self.pool]
+
+    @property
+    def cam_pool(self) -> nn.MaxPool2d:
+        pool = self._tail()[0]
+        assert isinstance(pool, nn.MaxPool2d)
+        return pool
+
+    def embed_pooled(self, pooled: Tensor) -> Tensor:
+        x = pooled
+        for layer in self._tail()[1:]:
+            x = layer(x)
+        return self.embedding(self.rows(x))
+
     def embed(self, fmap: Tensor) -> Tensor:
-        return self.embedding(self.rows(self.pool(self.conv[self._cam_end :](fmap))))
+        return self.embed_pooled(self.cam_pool(fmap))
 
     @property
     def target_layer(self) -> nn.Module:

@@ -1,0 +1,144 @@
+"""Re-export the shipped model with the current export code, from the weights in its
+own ONNX file (the training run's model.pt is not kept in the repository).
+
+The folded torch model is rebuilt from the card's architecture and the ONNX file's
+initializers (named in the order the trace met the parameters; the LSTM's input
+weights and the dense layers' appear transposed), checked to reproduce every output
+of the old file, exported again, checked against PyTorch (``check_export``), and
+the pointing game and Dice of both files are computed on the card's held-out split:
+the card keeps its metrics only where both files give the same numbers. The card's
+sha256 and opset are updated; everything else in it is left as it was.
+
+    python scripts/reexport_shipped.py onnx_models/sonocase-hybrid.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.model_card import ModelCard, card_path_for, sha256_file
+from training.export import check_export, export_onnx, onnx_opset, write_card
+from training.localisation import localisation_metrics, segmentation_metrics
+from training.models import ModelConfig, SonoModel, build_model
+from training.train import DataSource, Normalisation, class_counts, make_split, resize_images, to_tensor
+
+#: The old export's initializers that are not ``_param_constant<i>`` for the i-th entry
+#: of ``named_parameters()``: (name, stored transposed?). The trace met the LSTM's biases
+#: and recurrent weights in another order, and transposed the input and dense weights.
+#: The layout of files exported before the explainer was traced alone (this script's
+#: one use: the shipped file of that time).
+RENAMED = {
+    26: ("t", True),
+    27: ("_param_constant28", False),
+    28: ("_param_constant27", False),
+    30: ("t_5", True),
+    32: ("t_7", False),
+}
+
+
+def rebuild(path: Path, card: ModelCard) -> SonoModel:
+    """The card's architecture (batch-norm folded, as exported) with the file's weights."""
+    from training.export import fold_batch_norm
+
+    fields = set(ModelConfig.__dataclass_fields__)
+    config = ModelConfig(**{k: v for k, v in card.hyperparameters.items() if k in fields})  # type: ignore[arg-type]
+    if (config.arch, config.rnn_type, config.bidirectional, config.segmentation) != ("hybrid", "lstm", False, True):
+        raise ValueError("this rebuild knows the initializer layout of the segmenting hybrid with one LSTM only")
+    model = fold_batch_norm(build_model(config))
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    state = {}
+    for index, (name, parameter) in enumerate(model.named_parameters()):
+        key, transposed = RENAMED.get(index, (f"_param_constant{index}", False))
+        value = weights[key].T if transposed else weights[key]
+        if value.shape != tuple(parameter.shape):
+            raise ValueError(f"{path}: {key} has shape {value.shape}, {name} needs {tuple(parameter.shape)}")
+        state[name] = torch.from_numpy(np.array(value))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def outputs(path: Path, x: np.ndarray, batch: int = 32) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    target = np.full(len(x), -1, np.int64)
+    parts = [
+        session.run(None, {"image": x[i : i + batch], "target_class": target[i : i + batch]})
+        for i in range(0, len(x), batch)
+    ]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
+def held_out(card: ModelCard) -> tuple[np.ndarray, list[np.ndarray | None], np.ndarray]:
+    """The card's test split, regenerated: normalised images, lesion masks, labels."""
+    hyper, counts = card.hyperparameters, card.training_data["counts"]
+    if card.training_data["source"] != "synthetic":
+        raise ValueError("only a model trained on the built-in synthetic set can regenerate its split here")
+    per_class = sum(n for key, n in counts.items() if key.endswith("_normal"))  # the generator is balanced
+    records = DataSource(kind="synthetic", synthetic_per_class=per_class, seed=int(hyper["seed"])).load()
+    labels = np.array([r.label for r in records], dtype=np.int64)
+    split = make_split(records, float(hyper["test_fraction"]), float(hyper["val_fraction"]), int(hyper["seed"]))
+    if class_counts(labels, split) != counts:
+        raise ValueError("the regenerated synthetic split is not the card's")
+    images = resize_images([records[i] for i in split.test], card.input.height)
+    x = to_tensor(images, Normalisation(card.input.mean, card.input.std)).numpy()
+    return x, [records[i].mask for i in split.test], labels[split.test]
+
+
+def scores(
+    card: ModelCard, got: list[np.ndarray], masks: list[np.ndarray | None], labels: np.ndarray
+) -> dict[str, Any]:
+    """Pointing game (heatmap) and Dice (lesion mask) as the evaluation report has them."""
+    assert card.segmentation is not None
+    return {
+        "localisation": localisation_metrics(got[2], masks, labels, card.classes),
+        "segmentation": segmentation_metrics(got[3], masks, labels, card.classes, card.segmentation.threshold),
+    }
+
+
+def same(a: Any, b: Any, tolerance: float = 1e-6) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k], tolerance) for k in a)
+    if isinstance(a, float):
+        return abs(a - b) <= tolerance
+    return bool(a == b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("onnx", type=Path)
+    path = parser.parse_args().onnx
+    card = ModelCard.load(path)
+    model = rebuild(path, card)
+    x, masks, labels = held_out(card)
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "old.onnx"
+        shutil.copyfile(path, old)
+        old_outputs = outputs(old, x)
+        export_onnx(model, path)
+        worst = check_export(model, path)
+        new_outputs = outputs(path, x)
+        before, after = scores(card, old_outputs, masks, labels), scores(card, new_outputs, masks, labels)
+        differences = [float(np.abs(a - b).max()) for a, b in zip(old_outputs, new_outputs, strict=True)]
+        print(json.dumps({"check_export": worst, "old_vs_new_max_abs": differences, "before": before, "after": after}))
+        if not same(before, after):
+            shutil.copyfile(old, path)
+            raise SystemExit("the re-exported file scores differently on the held-out split; old file and card kept")
+    raw = json.loads(card_path_for(path).read_text())
+    write_card(ModelCard.model_validate({**raw, "sha256": sha256_file(path), "opset": onnx_opset(path)}), path)
+
+
+if __name__ == "__main__":
+    main()
