@@ -318,6 +318,7 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=0, le=64, description="Worker processes that 'serve' starts itself")
     task_max_attempts: int = Field(3, ge=1, le=100)
     task_retry_backoff_s: float = Field(5.0, gt=0)
+    task_retry_backoff_max_s: float = Field(600.0, gt=0, description="The longest wait between analysis tries")
     task_lease_s: float = Field(
         20.0,
         gt=0,

@@ -199,11 +199,17 @@ def test_keep_lease_renews_while_the_work_runs(ledger: Ledger) -> None:
 def test_retry_backs_off_then_fails(ledger: Ledger) -> None:
     complete(ledger)
     ledger.claim_analysis(STUDY, lease_s=60, now=110)
-    assert ledger.retry_or_fail(STUDY, "analysis", "boom", max_attempts=2, backoff_s=5, now=111) == StudyState.COMPLETE
+    assert (
+        ledger.retry_or_fail(STUDY, "analysis", "boom", max_attempts=2, delay_s=lambda n: 5.0 * n, now=111)
+        == StudyState.COMPLETE
+    )
     assert ledger.study(STUDY).next_attempt_at == 116
     assert ledger.due_for_queue(now=115) == [] and ledger.due_for_queue(now=116) == [STUDY]
     ledger.claim_analysis(STUDY, lease_s=60, now=116)
-    assert ledger.retry_or_fail(STUDY, "analysis", "boom", max_attempts=2, backoff_s=5, now=117) == StudyState.FAILED
+    assert (
+        ledger.retry_or_fail(STUDY, "analysis", "boom", max_attempts=2, delay_s=lambda n: 5.0 * n, now=117)
+        == StudyState.FAILED
+    )
     assert (ledger.study(STUDY).failed_stage, ledger.study(STUDY).error) == ("analysis", "boom")
 
 

@@ -8,7 +8,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -493,10 +493,11 @@ class Ledger:
         stage: str,
         reason: str,
         max_attempts: int,
-        backoff_s: float,
+        delay_s: Callable[[int], float],
         now: float | None = None,
     ) -> StudyState:
-        """After a failed attempt: schedule another (exponential backoff) or give up visibly."""
+        """After a failed attempt: schedule another ``delay_s(attempts)`` seconds later
+        (:func:`service.common.backoff.backoff_delay`) or give up visibly."""
         now = time.time() if now is None else now
         with self.transaction() as db:
             attempts = db.execute(sa.select(_s.attempts).where(_s.study_uid == study_uid)).scalar()
@@ -504,7 +505,7 @@ class Ledger:
             if attempts >= max_attempts:
                 state, next_at = StudyState.FAILED, None
             else:
-                state, next_at = StudyState.COMPLETE, now + backoff_s * 2 ** (attempts - 1)
+                state, next_at = StudyState.COMPLETE, now + delay_s(attempts)
             db.execute(
                 sa.update(studies)
                 .where(_s.study_uid == study_uid)

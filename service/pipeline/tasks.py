@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import signal
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from celery import Celery
 from celery.signals import setup_logging, worker_process_init
 
 from service.cli import settings_from
+from service.common.backoff import backoff_delay
 from service.common.errors import error_text
 from service.ledger import Ledger, StudyState, open_ledger
 from service.model.inference import ModelError, OnnxModel
@@ -41,6 +43,8 @@ from service.settings import Settings
 from service.similar.index import SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
+#: The jitter of analysis retries: workers that failed together do not retry together.
+_JITTER = random.Random()
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -120,7 +124,13 @@ def process_study(state: WorkerState, study_uid: str) -> str:
         except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
             reason = error_text(exc)
             outcome = ledger.retry_or_fail(
-                study_uid, "analysis", reason, settings.task_max_attempts, settings.task_retry_backoff_s
+                study_uid,
+                "analysis",
+                reason,
+                settings.task_max_attempts,
+                lambda attempts: backoff_delay(
+                    attempts, settings.task_retry_backoff_s, settings.task_retry_backoff_max_s, _JITTER
+                ),
             )
             LOG.exception(
                 "analysis failed (%s)",

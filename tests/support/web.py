@@ -189,7 +189,7 @@ def populate(settings: Settings) -> tuple[Ledger, str, str, str]:
     broken = store_instance(settings, ledger, generate_uid(), now + 2)
     ledger.complete_quiet_studies(1, now=now + 10)
     assert ledger.claim_analysis(broken.study_uid, 60, now=now + 11)
-    ledger.retry_or_fail(broken.study_uid, "analysis", "no pixel data", max_attempts=1, backoff_s=1)
+    ledger.retry_or_fail(broken.study_uid, "analysis", "no pixel data", max_attempts=1, delay_s=lambda _: 1.0)
     return ledger, analysed.study_uid, undelivered.study_uid, broken.study_uid
 
 
