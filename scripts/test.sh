@@ -39,4 +39,4 @@ run_pytest -m "not integration and not heavy"
 echo "test.sh: stage 1 took $((SECONDS - start)) s"
 
 echo "test.sh: stage 2: integration and heavy tiers"
-run_pytest -m "integration or heavy"
+run_pytest -m "integration or heavy" --durations=25
