@@ -304,6 +304,9 @@ def _open_report(
         browser.wait_for(f"document.body.innerText.includes({json.dumps(HYDRATE_PROMPT)})", 120)
         if screenshot is not None:
             browser.screenshot(screenshot)
+        # the report's viewport is replaced when its measurements are tracked: OHIF reports
+        # the frames that viewport was still loading as errors, so answer once it has them
+        browser.wait_idle("/dicom-web/")
         browser.click("button", text="Yes")
 
 
@@ -513,6 +516,7 @@ def test_a_cine_loops_lesions_are_on_their_frames_in_ohif(
         chromium.click(f"{PANEL_ROWS} [data-cy=data-row]", text=lesion.label)  # its title row jumps to it
         chromium.wait_for(f"document.querySelector('{OVERLAY}').innerText.includes('({lesion.frame}/30)')")
         _wait_drawn(chromium, lesion.label)
+        chromium.wait_idle("/dicom-web/")  # the frames it fetches around the one it jumped to
         _shot(chromium, screenshots, f"6-cine-frame-{lesion.frame}")
     assert chromium.page_errors() == [], "\n".join(chromium.console())
 

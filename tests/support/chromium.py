@@ -18,6 +18,7 @@ import http.client
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -191,11 +192,20 @@ class Chromium:
         }
         return len(started - ended)
 
-    def wait_idle(self, url_part: str, timeout_s: float = 60) -> None:
-        """Wait until no request whose URL holds ``url_part`` is under way."""
-        wait_for(
-            f"requests to {url_part} to end", lambda: self.pending_requests(url_part) == 0, timeout_s, interval=0.25
-        )
+    def wait_idle(self, url_part: str, timeout_s: float = 60, quiet_s: float = 0.75) -> None:
+        """Wait until no request whose URL holds ``url_part`` has been under way for
+        ``quiet_s``: a viewer starts its next fetch (a prefetch, the next frame) a moment
+        after the last one ends, and a single look can fall in that gap."""
+        idle_since: list[float] = []
+
+        def quiet() -> bool:
+            if self.pending_requests(url_part):
+                idle_since.clear()
+                return False
+            idle_since[:] = idle_since or [time.monotonic()]
+            return time.monotonic() - idle_since[0] >= quiet_s
+
+        wait_for(f"requests to {url_part} to end", quiet, timeout_s, interval=0.25)
 
     def console(self) -> list[str]:
         """Every console message so far (type: text), for diagnosis."""
