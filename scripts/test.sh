@@ -30,18 +30,21 @@ if [ "$#" -gt 0 ]; then
     exit $?
 fi
 
+# Both pytest stages run two pytest processes (pytest-xdist; SONOCASE_TEST_PROCESSES).
+# Stage 2's tests mostly wait on the processes and servers they start, so two finish it
+# in about two thirds of the time on two cores; each takes a whole test file at a time
+# (--dist loadfile) so a file's module fixtures are made once. Each test's resources are
+# its own (free ports, a Redis database it claims, a PostgreSQL database per pytest
+# process, temporary folders).
+processes=${SONOCASE_TEST_PROCESSES:-2}
+
 echo "test.sh: stage 1: lint, format, types, fast tier"
 start=$SECONDS
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-run_pytest -m "not integration and not heavy"
+run_pytest -m "not integration and not heavy" -n "$processes"
 echo "test.sh: stage 1 took $((SECONDS - start)) s"
 
-# Stage 2's tests mostly wait on the processes and servers they start: two pytest
-# processes (pytest-xdist), each taking a whole test file at a time so a file's
-# module fixtures are made once, finish it in about two thirds of the time on two cores.
-# Each test's resources are its own (free ports, a Redis database it claims, a
-# PostgreSQL database per pytest process, temporary folders).
 echo "test.sh: stage 2: integration and heavy tiers"
-run_pytest -m "integration or heavy" -n "${SONOCASE_TEST_PROCESSES:-2}" --dist loadfile --durations=25
+run_pytest -m "integration or heavy" -n "$processes" --dist loadfile --durations=25
