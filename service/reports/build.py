@@ -388,12 +388,13 @@ def _write(settings: Settings, result: StudyResult, obj: OutputObject) -> Path:
     return path
 
 
-def gate(template: SrTemplate, objects: list[OutputObject]) -> None:
-    """Every object through the validation gate; :class:`ReportError` with each reason."""
+def gate(template: SrTemplate, objects: list[OutputObject], *, fast: bool) -> None:
+    """Every object through the validation gate; :class:`ReportError` with each reason.
+    ``fast``: the setting ``fast_reports`` (:func:`check_object`)."""
     reasons = []
     for obj in objects:
         try:
-            check_object(obj.data, template.disclaimer)
+            check_object(obj.data, template.disclaimer, fast)
         except GateError as exc:
             reasons.append(str(exc))
     if reasons:
@@ -434,7 +435,7 @@ def build_reports(
         template = load_template(settings.sr_template)
         sources, paths = read_sources(ledger, result)
         objects = build_objects(settings, template, result, sources, paths, _resolver(reference_images), frames)
-        gate(template, objects)
+        gate(template, objects, fast=settings.fast_reports)
     except REPORT_ERRORS as exc:
         fail_report(ledger, study_uid, result.generation, error_text(exc))
         return []
@@ -502,7 +503,7 @@ def rebuild_sr(
         template = load_template(settings.sr_template)
         sources, _ = read_sources(ledger, result)
         obj = _sr_object(settings, template, result, sources, sop_class_uid, load_heats(result))
-        gate(template, [obj])
+        gate(template, [obj], fast=settings.fast_reports)
     except (TemplateError, ValueError, OSError, AttributeError) as exc:
         raise ReportError(error_text(exc)) from exc
     return obj.sop_instance_uid, _write(settings, result, obj)

@@ -3,7 +3,9 @@
 Every object is checked from the exact bytes that would be sent, parsed once:
 
 1. pydicom re-reads it; file meta must agree with the data set; every value must
-   be valid for its VR (strict value checking, which pydicom only warns about).
+   be valid for its VR (strict value checking, which pydicom only warns about;
+   with ``fast_reports``, once per process for the text values every object
+   repeats: the same bytes are the same value).
 2. The attributes its IOD requires (PS3.3 Type 1: present and non-empty, Type 2:
    present) are checked module by module for the IODs we write: Comprehensive 3D,
    Comprehensive and Enhanced SR, Secondary Capture, Segmentation and Key Object
@@ -32,7 +34,7 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr.utils import get_coded_name
 from pydicom import config, dcmread
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
@@ -47,6 +49,7 @@ from pydicom.uid import (
 from pydicom.valuerep import validate_value
 
 from service.common.errors import error_text
+from service.reports.construction import key_object_selection
 
 
 class GateError(ValueError):
@@ -193,8 +196,11 @@ _HIGHDICOM_SR = {
 }
 
 
-def check_object(data: bytes, disclaimer: str) -> Dataset:
-    """Run the gate on an encoded object; return the parsed data set or raise."""
+def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
+    """Run the gate on an encoded object; return the parsed data set or raise.
+    ``fast`` (setting ``fast_reports``): text values found valid in earlier objects
+    are not checked again (:data:`_VALID_TEXT`) and a key-image flag is read
+    without highdicom's copies of it (:func:`key_object_selection`)."""
     try:
         ds = dcmread(io.BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
@@ -207,9 +213,12 @@ def check_object(data: bytes, disclaimer: str) -> Dataset:
         raise GateError(what, ["SOPClassUID is missing: the object is truncated or not a composite instance"])
     if sop_class not in REQUIRED:
         raise GateError(what, [f"SOP class {sop_class} is not one we produce"])
-    reasons = _file_meta(ds) + _values(ds) + _required(ds, REQUIRED[sop_class])
+    reasons = _file_meta(ds) + _values(ds, fast) + _required(ds, REQUIRED[sop_class])
     if not reasons:  # deeper checks need the required attributes in place (and may convert ds in place)
-        reasons += _DEEPER.get(sop_class, _sr)(ds, disclaimer)
+        if sop_class == KeyObjectSelectionDocumentStorage:
+            reasons += _kos(ds, disclaimer, fast)
+        else:
+            reasons += _DEEPER.get(sop_class, _sr)(ds, disclaimer)
     if reasons:
         raise GateError(what, reasons)
     return ds
@@ -225,31 +234,64 @@ def _file_meta(ds: Dataset) -> list[str]:
     return reasons
 
 
-def _elements(ds: Dataset, path: str = "") -> Iterator[tuple[str, DataElement]]:
-    for elem in ds:
+#: VRs whose values are not checked: sequences (their items are) and binary data.
+_UNCHECKED_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+#: VRs whose value is text: the bytes decoded in the object's character set.
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+#: Text values found valid, by (VR, character set, encoded bytes). The same bytes in
+#: the same character set decode to the same value, so the values every object of
+#: ours repeats (codes and their meanings, the device, the disclaimer, the model) are
+#: checked, and converted by pydicom, once per process rather than in each object:
+#: most of a report's values. A value not seen valid before is checked in full.
+_VALID_TEXT: set[tuple[str, str, bytes]] = set()
+#: Beyond this many remembered values the memory starts again (UIDs never repeat).
+_VALID_TEXT_LIMIT = 50_000
+
+
+def _values(ds: Dataset, remember: bool, path: str = "", charset: str = "") -> list[str]:
+    """Strict VR checks of every value (lengths, characters, UID and date syntax),
+    in ``ds`` and its items; with ``remember``, a text value already found valid
+    (:data:`_VALID_TEXT`) is not checked again, and one found valid is remembered."""
+    if "SpecificCharacterSet" in ds:
+        charset = str(ds.SpecificCharacterSet)
+    reasons = []
+    for raw in ds.elements():
+        seen = None  # the key of a text value still in its encoded form
+        if remember and isinstance(raw, RawDataElement) and raw.VR in _TEXT_VRS and isinstance(raw.value, bytes):
+            seen = (raw.VR, charset, raw.value)
+            if seen in _VALID_TEXT:
+                continue
+        elem = ds[raw.tag]
         where = f"{path}{elem.keyword or elem.tag}"
-        yield where, elem
         if elem.VR == "SQ":
             for n, item in enumerate(elem.value):
-                yield from _elements(item, f"{where}[{n}].")
-
-
-def _values(ds: Dataset) -> list[str]:
-    """Strict VR checks of every value (lengths, characters, UID and date syntax)."""
-    reasons = []
-    for where, elem in _elements(ds):
-        if elem.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN") or elem.value is None:
+                reasons += _values(item, remember, f"{where}[{n}].", charset)
             continue
-        values = elem.value if elem.VM > 1 else [elem.value]
-        for value in values:
-            if elem.VR in ("DS", "IS", "PN"):  # pydicom's value classes: check their text
-                value = getattr(value, "original_string", None) or str(value)
-            try:
-                validate_value(elem.VR, value, config.RAISE)
-            except ValueError as exc:  # pydicom's text may quote the value: name the attribute only
-                reasons.append(f"{where} is not a valid {elem.VR}" + (" (too long)" if "length" in str(exc) else ""))
-                break
+        reason = _value_reason(elem, where)
+        if reason is not None:
+            reasons.append(reason)
+        elif seen is not None and seen[0] == elem.VR:  # checked as the VR it was read with
+            if len(_VALID_TEXT) >= _VALID_TEXT_LIMIT:
+                _VALID_TEXT.clear()
+            _VALID_TEXT.add(seen)
     return reasons
+
+
+def _value_reason(elem: DataElement, where: str) -> str | None:
+    """Why one element's value is not valid for its VR, or None."""
+    if elem.VR in _UNCHECKED_VRS or elem.value is None:
+        return None
+    values = elem.value if elem.VM > 1 else [elem.value]
+    for value in values:
+        if elem.VR in ("DS", "IS", "PN"):  # pydicom's value classes: check their text
+            value = getattr(value, "original_string", None) or str(value)
+        try:
+            validate_value(elem.VR, value, config.RAISE)
+        except ValueError as exc:  # pydicom's text may quote the value: name the attribute only
+            return f"{where} is not a valid {elem.VR}" + (" (too long)" if "length" in str(exc) else "")
+    return None
 
 
 def _required(ds: Dataset, required: dict[str, int]) -> list[str]:
@@ -373,7 +415,7 @@ def _seg(ds: Dataset, disclaimer: str) -> list[str]:
     return reasons
 
 
-def _kos(ds: Dataset, disclaimer: str) -> list[str]:
+def _kos(ds: Dataset, disclaimer: str, fast: bool) -> list[str]:
     reasons = []
     if ds.Modality != "KO":
         reasons.append(f"Modality is {ds.Modality}, not KO")
@@ -381,7 +423,7 @@ def _kos(ds: Dataset, disclaimer: str) -> list[str]:
     if not any(disclaimer in str(item.get("TextValue", "")) for item in items):
         reasons.append("the disclaimer is not in the content")
     try:
-        selected = hd.ko.KeyObjectSelectionDocument.from_dataset(ds).content.get_references()
+        selected = key_object_selection(ds, fast).get_references()
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return [*reasons, f"highdicom cannot read it as a key object selection: {error_text(exc)}"]
     if not selected:
@@ -406,9 +448,8 @@ def _sc(ds: Dataset, disclaimer: str) -> list[str]:
     return reasons
 
 
-#: The checks after the IOD's attributes, by SOP class (SR classes: :func:`_sr`).
+#: The checks after the IOD's attributes, by SOP class (SR classes: :func:`_sr`; KOS: :func:`_kos`).
 _DEEPER = {
     SecondaryCaptureImageStorage: _sc,
     SegmentationStorage: _seg,
-    KeyObjectSelectionDocumentStorage: _kos,
 }
