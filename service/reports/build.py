@@ -39,7 +39,7 @@ from pydicom.uid import (
 )
 
 from service.common.errors import error_text
-from service.common.spool import write_atomic
+from service.common.spool import write_atomic_all
 from service.ledger import Ledger, StudyRow, StudyState
 from service.reports import Placement, derived_uid
 from service.reports.construction import iod_lookups_cached
@@ -382,10 +382,14 @@ def _resolver(reference_images: ReferenceImages | Mapping[str, Path] | None) -> 
     return reference_images
 
 
-def _write(settings: Settings, result: StudyResult, obj: OutputObject) -> Path:
-    path = outbox_folder(settings, result.study_uid, result.generation) / f"{obj.kind}.{obj.sop_instance_uid}.dcm"
-    write_atomic(path, obj.data, durable=settings.durability == "fsync")
-    return path
+def _write(settings: Settings, result: StudyResult, objects: Sequence[OutputObject]) -> list[Path]:
+    """The objects' files in the outbox (durable per the setting; one fsync of the folder)."""
+    folder = outbox_folder(settings, result.study_uid, result.generation)
+    paths = [folder / f"{obj.kind}.{obj.sop_instance_uid}.dcm" for obj in objects]
+    write_atomic_all(
+        [(path, obj.data) for path, obj in zip(paths, objects, strict=True)], settings.durability == "fsync"
+    )
+    return paths
 
 
 def gate(template: SrTemplate, objects: list[OutputObject], *, fast: bool) -> None:
@@ -462,7 +466,7 @@ def queue_objects(
     and mark the study REPORTED; idempotent (same UIDs, same files, nothing queued
     twice). Returns the outbox paths."""
     study_uid = result.study_uid
-    written = [(obj, _write(settings, result, obj)) for obj in objects]
+    written = list(zip(objects, _write(settings, result, objects), strict=True))
     destinations = study.destinations_or([str(d) for d in settings.destinations])
     if destinations:
         ledger.enqueue_outbox(
@@ -506,4 +510,4 @@ def rebuild_sr(
         gate(template, [obj], fast=settings.fast_reports)
     except (TemplateError, ValueError, OSError, AttributeError) as exc:
         raise ReportError(error_text(exc)) from exc
-    return obj.sop_instance_uid, _write(settings, result, obj)
+    return obj.sop_instance_uid, _write(settings, result, [obj])[0]
