@@ -4,8 +4,8 @@ Every object is checked from the exact bytes that would be sent, parsed once:
 
 1. pydicom re-reads it; file meta must agree with the data set; every value must
    be valid for its VR (strict value checking, which pydicom only warns about;
-   with ``fast_reports``, once per process for the text values every object
-   repeats: the same bytes are the same value).
+   with ``fast_reports``, once per process for the values and sequences every
+   object repeats: the same bytes are the same values).
 2. The attributes its IOD requires (PS3.3 Type 1: present and non-empty, Type 2:
    present) are checked module by module for the IODs we write: Comprehensive 3D,
    Comprehensive and Enhanced SR, Secondary Capture, Segmentation and Key Object
@@ -198,8 +198,8 @@ _HIGHDICOM_SR = {
 
 def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
     """Run the gate on an encoded object; return the parsed data set or raise.
-    ``fast`` (setting ``fast_reports``): text values found valid in earlier objects
-    are not checked again (:data:`_VALID_TEXT`) and a key-image flag is read
+    ``fast`` (setting ``fast_reports``): values found valid in earlier objects are
+    not checked again (:data:`_VALID`) and a key-image flag is read
     without highdicom's copies of it (:func:`key_object_selection`)."""
     try:
         ds = dcmread(io.BytesIO(data), force=False)
@@ -240,43 +240,57 @@ _UNCHECKED_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 )
-#: Text values found valid, by (VR, character set, encoded bytes). The same bytes in
-#: the same character set decode to the same value, so the values every object of
-#: ours repeats (codes and their meanings, the device, the disclaimer, the model) are
-#: checked, and converted by pydicom, once per process rather than in each object:
-#: most of a report's values. A value not seen valid before is checked in full.
-_VALID_TEXT: set[tuple[str, str, bytes]] = set()
+#: Values found valid, as encoded: (VR, character set, bytes) of a text value or of a
+#: whole sequence (every value in its items valid) in explicit VR little endian. The
+#: same bytes in the same character set are the same values, so what every object of
+#: ours repeats (codes and their meanings, the device, the model, the disclaimer, the
+#: SEG's segments) is converted by pydicom and checked once per process rather than
+#: in each object. A value not seen valid before is checked in full.
+_VALID: set[tuple[str, str, bytes]] = set()
+#: Values longer than this are not remembered (a report's whole content never repeats).
+_VALID_MAX_BYTES = 4096
 #: Beyond this many remembered values the memory starts again (UIDs never repeat).
-_VALID_TEXT_LIMIT = 50_000
+_VALID_LIMIT = 20_000
 
 
 def _values(ds: Dataset, remember: bool, path: str = "", charset: str = "") -> list[str]:
     """Strict VR checks of every value (lengths, characters, UID and date syntax),
-    in ``ds`` and its items; with ``remember``, a text value already found valid
-    (:data:`_VALID_TEXT`) is not checked again, and one found valid is remembered."""
+    in ``ds`` and its items; with ``remember``, a value or sequence already found
+    valid (:data:`_VALID`) is not checked again, and one found valid is remembered."""
     if "SpecificCharacterSet" in ds:
         charset = str(ds.SpecificCharacterSet)
-    reasons = []
+    reasons: list[str] = []
     for raw in ds.elements():
-        seen = None  # the key of a text value still in its encoded form
-        if remember and isinstance(raw, RawDataElement) and raw.VR in _TEXT_VRS and isinstance(raw.value, bytes):
-            seen = (raw.VR, charset, raw.value)
-            if seen in _VALID_TEXT:
-                continue
+        seen = _encoded(raw, charset) if remember else None
+        if seen is not None and seen in _VALID:
+            continue
         elem = ds[raw.tag]
         where = f"{path}{elem.keyword or elem.tag}"
         if elem.VR == "SQ":
-            for n, item in enumerate(elem.value):
-                reasons += _values(item, remember, f"{where}[{n}].", charset)
-            continue
-        reason = _value_reason(elem, where)
-        if reason is not None:
-            reasons.append(reason)
-        elif seen is not None and seen[0] == elem.VR:  # checked as the VR it was read with
-            if len(_VALID_TEXT) >= _VALID_TEXT_LIMIT:
-                _VALID_TEXT.clear()
-            _VALID_TEXT.add(seen)
+            found = [r for n, item in enumerate(elem.value) for r in _values(item, remember, f"{where}[{n}].", charset)]
+        else:
+            reason = _value_reason(elem, where)
+            found = [] if reason is None else [reason]
+        reasons += found
+        if not found and seen is not None and seen[0] == elem.VR:  # valid as the VR it was read with
+            if len(_VALID) >= _VALID_LIMIT:
+                _VALID.clear()
+            _VALID.add(seen)
     return reasons
+
+
+def _encoded(raw: DataElement | RawDataElement, charset: str) -> tuple[str, str, bytes] | None:
+    """The key of a text value or sequence not yet converted (:data:`_VALID`), or None."""
+    if (
+        not isinstance(raw, RawDataElement)
+        or (raw.VR not in _TEXT_VRS and raw.VR != "SQ")
+        or raw.is_implicit_VR
+        or not raw.is_little_endian
+        or not isinstance(raw.value, bytes)
+        or len(raw.value) > _VALID_MAX_BYTES
+    ):
+        return None
+    return raw.VR, charset, raw.value
 
 
 def _value_reason(elem: DataElement, where: str) -> str | None:
