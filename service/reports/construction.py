@@ -4,9 +4,10 @@ Three shortcuts, all on with the setting ``fast_reports``, all off (the library'
 own path) without it:
 
 * :func:`sr_document`, the SR constructor without its copies of the content tree;
-* :func:`key_object_selection`, the gate's reading of a key-image flag without the
-  two deep copies highdicom's reader makes of it (half of checking a KOS): the gate
-  only reads the parse, and highdicom's content classes parse the same tree;
+* :func:`key_object_selection`, the gate's reading of a key-image flag by the
+  content reader highdicom's document reader ends with, without the deep copy of
+  the whole document that reader makes first (more than half of checking a KOS):
+  the gate only reads the parse;
 * :func:`iod_lookups_cached`: highdicom asks its tables of the standard whether an
   IOD has an attribute (is the source multi-frame, does the new object have pixels,
   a content date) by scanning every attribute of every module of the IOD, many
@@ -78,14 +79,14 @@ _KOS_ROOT = (
 def key_object_selection(ds: Dataset, fast: bool) -> hd.ko.KeyObjectSelection:
     """The content tree (TID 2010) of a parsed key object selection document, as
     highdicom reads it: by ``KeyObjectSelectionDocument.from_dataset`` (``fast``
-    False), or from ``ds``'s own items, which are converted in place (read ``ds``
-    only after this)."""
+    False), or by the content reader that method ends with, given the document's
+    root content item as it does but without copying the whole document first."""
     if not fast:
         return hd.ko.KeyObjectSelectionDocument.from_dataset(ds).content
     root = Dataset()
     for keyword in _KOS_ROOT:
         setattr(root, keyword, ds[keyword].value)
-    return hd.ko.KeyObjectSelection.from_sequence([hd.sr.ContainerContentItem.from_dataset(root, copy=False)])
+    return hd.ko.KeyObjectSelection.from_sequence([root])
 
 
 #: The modules that call highdicom's IOD look-up by a name of their own.

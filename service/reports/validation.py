@@ -200,7 +200,7 @@ def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
     """Run the gate on an encoded object; return the parsed data set or raise.
     ``fast`` (setting ``fast_reports``): values found valid in earlier objects are
     not checked again (:data:`_VALID`) and a key-image flag is read
-    without highdicom's copies of it (:func:`key_object_selection`)."""
+    without highdicom's copy of the whole document (:func:`key_object_selection`)."""
     try:
         ds = dcmread(io.BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
