@@ -247,8 +247,9 @@ _TEXT_VRS = frozenset(
 #: SEG's segments) is converted by pydicom and checked once per process rather than
 #: in each object. A value not seen valid before is checked in full.
 _VALID: set[tuple[str, str, bytes]] = set()
-#: Values longer than this are not remembered (a report's whole content never repeats).
-_VALID_MAX_BYTES = 4096
+#: Values longer than this are not remembered (a report's whole content never repeats;
+#: a SEG's segments take 1.5 KiB): at most about 40 MB remembered.
+_VALID_MAX_BYTES = 2048
 #: Beyond this many remembered values the memory starts again (UIDs never repeat).
 _VALID_LIMIT = 20_000
 
