@@ -128,7 +128,7 @@ def in_process(settings: Settings, studies: list[tuple[str, list[Path]]]) -> lis
 
 def wait_queued(settings: Settings, study_uids: list[str], timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
-    while any(row.get("state") != "queued" for row in ledger_rows(settings, study_uids)):
+    while any(row is None or row.state != "queued" for row in ledger_rows(settings, study_uids)):
         if time.monotonic() > deadline:
             raise TimeoutError(f"studies not queued within {timeout} s")
         time.sleep(0.05)

@@ -19,6 +19,7 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
+from service.common.spool import write_atomic_all
 from service.ledger import Ledger, StudyState
 from service.reports.build import build_reports, rebuild_sr
 from service.reports.validation import check_object
@@ -75,6 +76,20 @@ def test_building_again_rewrites_the_same_objects_and_queues_nothing_new(to_two:
     assert again == first
     assert ledger.outbox(study.uid) == rows
     assert sorted(p.name for p in first[0].parent.iterdir()) == sorted(p.name for p in first)
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_study_s_files_are_written_together_each_whole_or_not_at_all(tmp_path: Path, durable: bool) -> None:
+    """The outbox's writer (spool.write_atomic_all): every file complete under its
+    name, no temporary file left; a failure part-way leaves the files already
+    there as they were and no temporary file."""
+    folder = tmp_path / "study" / "1"
+    write_atomic_all([(folder / "SR.1.dcm", b"sr"), (folder / "SC.2.dcm", [b"s", b"c"])], durable)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {"SR.1.dcm": b"sr", "SC.2.dcm": b"sc"}
+    (tmp_path / "not-a-folder").write_bytes(b"")
+    with pytest.raises(OSError):
+        write_atomic_all([(folder / "SR.1.dcm", b"new"), (tmp_path / "not-a-folder" / "KO.3.dcm", b"ko")], durable)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {"SR.1.dcm": b"sr", "SC.2.dcm": b"sc"}
 
 
 def test_without_a_destination_the_objects_stay_in_the_outbox(settings: Settings, ledger: Ledger) -> None:

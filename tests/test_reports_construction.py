@@ -6,6 +6,7 @@ it was outside a build."""
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import highdicom._standard_utils
 import highdicom.base
@@ -13,6 +14,8 @@ import highdicom.sr.content
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     SegmentationStorage,
@@ -22,7 +25,7 @@ from pydicom.uid import (
 
 from service.ledger import Ledger
 from service.reports.build import build_objects, heatmap_references, read_sources
-from service.reports.construction import iod_lookups_cached
+from service.reports.construction import iod_lookups_cached, key_object_selection
 from service.reports.heatmaps import load_heats
 from service.reports.sr import SR_CLASSES, build_sr
 from service.reports.validation import check_object
@@ -122,3 +125,25 @@ def test_iod_lookups_are_remembered_inside_only_and_answer_as_the_library() -> N
         assert highdicom.base.is_attribute_in_iod is library
     for module in (highdicom._standard_utils, highdicom.base, highdicom.sr.content):
         assert module.is_attribute_in_iod is library
+
+
+def test_a_key_image_flag_reads_as_the_library_reads_it(settings: Settings, ledger: Ledger) -> None:
+    study = analysed_study(settings, ledger)
+    sources, paths = read_sources(ledger, study.result)
+    built = build_objects(settings, default_template(), study.result, sources, paths, study.reference_images.get)
+    data = next(o.data for o in built if o.kind == "KO")
+    library, fast = (key_object_selection(pydicom.dcmread(io.BytesIO(data)), fast) for fast in (False, True))
+    assert type(fast) is type(library)
+    selected = [[r.referenced_sop_instance_uid for r in content.get_references()] for content in (library, fast)]
+    assert selected[0] == selected[1] and len(selected[0]) >= 2  # the key image(s) and the SR
+    assert _encoded_tree(fast) == _encoded_tree(library)
+
+
+def _encoded_tree(content: Sequence[Dataset]) -> bytes:
+    """A content tree encoded as it stands in a document's Content Sequence."""
+    ds = Dataset()
+    ds.ContentSequence = list(content)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()

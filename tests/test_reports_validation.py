@@ -99,6 +99,11 @@ def _set(keyword: str, value: object) -> Callable[[Dataset], None]:
         ),
         ("seg", _drop("ReferencedSeriesSequence"), "ReferencedSeriesSequence (Type 1) is missing"),
         (
+            "seg",
+            lambda ds: setattr(ds.SegmentSequence[0], "SegmentLabel", "X" * 80),
+            "SegmentSequence[0].SegmentLabel is not a valid LO (too long)",
+        ),
+        (
             "kos",
             _drop("CurrentRequestedProcedureEvidenceSequence"),
             "CurrentRequestedProcedureEvidenceSequence (Type 1) is missing",
@@ -106,6 +111,7 @@ def _set(keyword: str, value: object) -> Callable[[Dataset], None]:
         ("kos", _set("Modality", "SR"), "Modality is SR, not KO"),
     ],
 )
+@pytest.mark.parametrize("fast", [False, True], ids=["library", "fast"])
 @pytest.mark.filterwarnings(  # pydicom warns about the very defects these objects carry
     "ignore:.*(exceeds the maximum length|Invalid value for VR|number of bytes of pixel data):UserWarning"
 )
@@ -114,10 +120,28 @@ def test_each_defect_is_caught_with_its_reason(
     kind: str,
     change: Callable[[Dataset], None],
     reason: str,
+    fast: bool,
 ) -> None:
-    with pytest.raises(GateError) as info:
-        check_object(_mutated(objects[kind], change), DISCLAIMER)
-    assert any(reason in r for r in info.value.reasons), info.value.reasons
+    """With ``fast_reports`` the gate remembers the values and sequences it found
+    valid: the intact object passes first, so all but the broken value (and the
+    sequences holding it) are remembered; the broken one never is."""
+    if fast:
+        check_object(objects[kind], DISCLAIMER, fast=True)
+    broken = _mutated(objects[kind], change)
+    for _ in range(2 if fast else 1):
+        with pytest.raises(GateError) as info:
+            check_object(broken, DISCLAIMER, fast=fast)
+        assert any(reason in r for r in info.value.reasons), info.value.reasons
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA:UserWarning")
+def test_a_remembered_value_is_checked_again_under_another_vr(objects: dict[str, bytes]) -> None:
+    """The gate's memory holds values by VR: text valid as a Long String (the
+    manufacturer) is no valid date."""
+    manufacturer = pydicom.dcmread(io.BytesIO(objects["sr"])).Manufacturer
+    check_object(objects["sr"], DISCLAIMER, fast=True)
+    with pytest.raises(GateError, match="PatientBirthDate is not a valid DA"):
+        check_object(_mutated(objects["sr"], _set("PatientBirthDate", manufacturer)), DISCLAIMER, fast=True)
 
 
 def test_sr_content_rules_of_its_class(objects: dict[str, bytes]) -> None:
@@ -150,14 +174,15 @@ def test_sr_content_rules_of_its_class(objects: dict[str, bytes]) -> None:
         check_object(_mutated(objects["sr"], a_group_without_coordinates), DISCLAIMER)
 
 
-def test_key_image_flag_keeps_the_disclaimer_and_its_evidence(objects: dict[str, bytes]) -> None:
+@pytest.mark.parametrize("fast", [False, True], ids=["library", "fast"])
+def test_key_image_flag_keeps_the_disclaimer_and_its_evidence(objects: dict[str, bytes], fast: bool) -> None:
     def no_disclaimer(ds: Dataset) -> None:
         for item in ds.ContentSequence:
             if item.ValueType == "TEXT":
                 item.TextValue = "Most suspicious image"
 
     with pytest.raises(GateError, match="the disclaimer is not in the content"):
-        check_object(_mutated(objects["kos"], no_disclaimer), DISCLAIMER)
+        check_object(_mutated(objects["kos"], no_disclaimer), DISCLAIMER, fast=fast)
 
     def sr_not_in_evidence(ds: Dataset) -> None:
         series = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
@@ -166,7 +191,13 @@ def test_key_image_flag_keeps_the_disclaimer_and_its_evidence(objects: dict[str,
         ]
 
     with pytest.raises(GateError, match="is not listed as evidence"):
-        check_object(_mutated(objects["kos"], sr_not_in_evidence), DISCLAIMER)
+        check_object(_mutated(objects["kos"], sr_not_in_evidence), DISCLAIMER, fast=fast)
+
+    def another_template(ds: Dataset) -> None:
+        ds.ContentTemplateSequence[0].TemplateIdentifier = "1500"
+
+    with pytest.raises(GateError, match="highdicom cannot read it as a key object selection"):
+        check_object(_mutated(objects["kos"], another_template), DISCLAIMER, fast=fast)
 
 
 def test_file_meta_must_match_the_data_set(objects: dict[str, bytes]) -> None:

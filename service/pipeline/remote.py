@@ -261,7 +261,7 @@ def analyse_remotely(
                 objects = build_objects(
                     settings, template, analysis.result, sources, {}, references, analysis.frames, heats, earlier
                 )
-            gate(template, objects)
+            gate(template, objects, fast=settings.fast_reports)
         except REPORT_ERRORS as exc:
             objects, report_error = [], error_text(exc)
             LOG.error("report failed: %s", report_error, extra={"study_uid": study_uid, "stage": "report"})

@@ -39,7 +39,7 @@ from pydicom.uid import (
 )
 
 from service.common.errors import error_text
-from service.common.spool import write_atomic
+from service.common.spool import write_atomic_all
 from service.ledger import Ledger, StudyRow, StudyState
 from service.reports import Placement, derived_uid
 from service.reports.construction import iod_lookups_cached
@@ -382,18 +382,23 @@ def _resolver(reference_images: ReferenceImages | Mapping[str, Path] | None) -> 
     return reference_images
 
 
-def _write(settings: Settings, result: StudyResult, obj: OutputObject) -> Path:
-    path = outbox_folder(settings, result.study_uid, result.generation) / f"{obj.kind}.{obj.sop_instance_uid}.dcm"
-    write_atomic(path, obj.data, durable=settings.durability == "fsync")
-    return path
+def _write(settings: Settings, result: StudyResult, objects: Sequence[OutputObject]) -> list[Path]:
+    """The objects' files in the outbox (durable per the setting; one fsync of the folder)."""
+    folder = outbox_folder(settings, result.study_uid, result.generation)
+    paths = [folder / f"{obj.kind}.{obj.sop_instance_uid}.dcm" for obj in objects]
+    write_atomic_all(
+        [(path, obj.data) for path, obj in zip(paths, objects, strict=True)], settings.durability == "fsync"
+    )
+    return paths
 
 
-def gate(template: SrTemplate, objects: list[OutputObject]) -> None:
-    """Every object through the validation gate; :class:`ReportError` with each reason."""
+def gate(template: SrTemplate, objects: list[OutputObject], *, fast: bool) -> None:
+    """Every object through the validation gate; :class:`ReportError` with each reason.
+    ``fast``: the setting ``fast_reports`` (:func:`check_object`)."""
     reasons = []
     for obj in objects:
         try:
-            check_object(obj.data, template.disclaimer)
+            check_object(obj.data, template.disclaimer, fast)
         except GateError as exc:
             reasons.append(str(exc))
     if reasons:
@@ -434,7 +439,7 @@ def build_reports(
         template = load_template(settings.sr_template)
         sources, paths = read_sources(ledger, result)
         objects = build_objects(settings, template, result, sources, paths, _resolver(reference_images), frames)
-        gate(template, objects)
+        gate(template, objects, fast=settings.fast_reports)
     except REPORT_ERRORS as exc:
         fail_report(ledger, study_uid, result.generation, error_text(exc))
         return []
@@ -461,7 +466,7 @@ def queue_objects(
     and mark the study REPORTED; idempotent (same UIDs, same files, nothing queued
     twice). Returns the outbox paths."""
     study_uid = result.study_uid
-    written = [(obj, _write(settings, result, obj)) for obj in objects]
+    written = list(zip(objects, _write(settings, result, objects), strict=True))
     destinations = study.destinations_or([str(d) for d in settings.destinations])
     if destinations:
         ledger.enqueue_outbox(
@@ -502,7 +507,7 @@ def rebuild_sr(
         template = load_template(settings.sr_template)
         sources, _ = read_sources(ledger, result)
         obj = _sr_object(settings, template, result, sources, sop_class_uid, load_heats(result))
-        gate(template, [obj])
+        gate(template, [obj], fast=settings.fast_reports)
     except (TemplateError, ValueError, OSError, AttributeError) as exc:
         raise ReportError(error_text(exc)) from exc
-    return obj.sop_instance_uid, _write(settings, result, obj)
+    return obj.sop_instance_uid, _write(settings, result, [obj])[0]

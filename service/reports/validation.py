@@ -3,7 +3,9 @@
 Every object is checked from the exact bytes that would be sent, parsed once:
 
 1. pydicom re-reads it; file meta must agree with the data set; every value must
-   be valid for its VR (strict value checking, which pydicom only warns about).
+   be valid for its VR (strict value checking, which pydicom only warns about;
+   with ``fast_reports``, once per process for the values and sequences every
+   object repeats: the same bytes are the same values).
 2. The attributes its IOD requires (PS3.3 Type 1: present and non-empty, Type 2:
    present) are checked module by module for the IODs we write: Comprehensive 3D,
    Comprehensive and Enhanced SR, Secondary Capture, Segmentation and Key Object
@@ -32,7 +34,7 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr.utils import get_coded_name
 from pydicom import config, dcmread
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
@@ -47,6 +49,7 @@ from pydicom.uid import (
 from pydicom.valuerep import validate_value
 
 from service.common.errors import error_text
+from service.reports.construction import key_object_selection
 
 
 class GateError(ValueError):
@@ -193,8 +196,11 @@ _HIGHDICOM_SR = {
 }
 
 
-def check_object(data: bytes, disclaimer: str) -> Dataset:
-    """Run the gate on an encoded object; return the parsed data set or raise."""
+def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
+    """Run the gate on an encoded object; return the parsed data set or raise.
+    ``fast`` (setting ``fast_reports``): values found valid in earlier objects are
+    not checked again (:data:`_VALID`) and a key-image flag is read
+    without highdicom's copy of the whole document (:func:`key_object_selection`)."""
     try:
         ds = dcmread(io.BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
@@ -207,9 +213,12 @@ def check_object(data: bytes, disclaimer: str) -> Dataset:
         raise GateError(what, ["SOPClassUID is missing: the object is truncated or not a composite instance"])
     if sop_class not in REQUIRED:
         raise GateError(what, [f"SOP class {sop_class} is not one we produce"])
-    reasons = _file_meta(ds) + _values(ds) + _required(ds, REQUIRED[sop_class])
+    reasons = _file_meta(ds) + _values(ds, fast) + _required(ds, REQUIRED[sop_class])
     if not reasons:  # deeper checks need the required attributes in place (and may convert ds in place)
-        reasons += _DEEPER.get(sop_class, _sr)(ds, disclaimer)
+        if sop_class == KeyObjectSelectionDocumentStorage:
+            reasons += _kos(ds, disclaimer, fast)
+        else:
+            reasons += _DEEPER.get(sop_class, _sr)(ds, disclaimer)
     if reasons:
         raise GateError(what, reasons)
     return ds
@@ -225,31 +234,79 @@ def _file_meta(ds: Dataset) -> list[str]:
     return reasons
 
 
-def _elements(ds: Dataset, path: str = "") -> Iterator[tuple[str, DataElement]]:
-    for elem in ds:
-        where = f"{path}{elem.keyword or elem.tag}"
-        yield where, elem
-        if elem.VR == "SQ":
-            for n, item in enumerate(elem.value):
-                yield from _elements(item, f"{where}[{n}].")
+#: VRs whose values are not checked: sequences (their items are) and binary data.
+_UNCHECKED_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+#: VRs whose value is text: the bytes decoded in the object's character set.
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+#: Values found valid, as encoded: (VR, character set, bytes) of a text value or of a
+#: whole sequence (every value in its items valid) in explicit VR little endian. The
+#: same bytes in the same character set are the same values, so what every object of
+#: ours repeats (codes and their meanings, the device, the model, the disclaimer, the
+#: SEG's segments) is converted by pydicom and checked once per process rather than
+#: in each object. A value not seen valid before is checked in full.
+_VALID: set[tuple[str, str, bytes]] = set()
+#: Values longer than this are not remembered (a report's whole content never repeats;
+#: a SEG's segments take 1.5 KiB): at most about 40 MB remembered.
+_VALID_MAX_BYTES = 2048
+#: Beyond this many remembered values the memory starts again (UIDs never repeat).
+_VALID_LIMIT = 20_000
 
 
-def _values(ds: Dataset) -> list[str]:
-    """Strict VR checks of every value (lengths, characters, UID and date syntax)."""
-    reasons = []
-    for where, elem in _elements(ds):
-        if elem.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN") or elem.value is None:
+def _values(ds: Dataset, remember: bool, path: str = "", charset: str = "") -> list[str]:
+    """Strict VR checks of every value (lengths, characters, UID and date syntax),
+    in ``ds`` and its items; with ``remember``, a value or sequence already found
+    valid (:data:`_VALID`) is not checked again, and one found valid is remembered."""
+    if "SpecificCharacterSet" in ds:
+        charset = str(ds.SpecificCharacterSet)
+    reasons: list[str] = []
+    for raw in ds.elements():
+        seen = _encoded(raw, charset) if remember else None
+        if seen is not None and seen in _VALID:
             continue
-        values = elem.value if elem.VM > 1 else [elem.value]
-        for value in values:
-            if elem.VR in ("DS", "IS", "PN"):  # pydicom's value classes: check their text
-                value = getattr(value, "original_string", None) or str(value)
-            try:
-                validate_value(elem.VR, value, config.RAISE)
-            except ValueError as exc:  # pydicom's text may quote the value: name the attribute only
-                reasons.append(f"{where} is not a valid {elem.VR}" + (" (too long)" if "length" in str(exc) else ""))
-                break
+        elem = ds[raw.tag]
+        where = f"{path}{elem.keyword or elem.tag}"
+        if elem.VR == "SQ":
+            found = [r for n, item in enumerate(elem.value) for r in _values(item, remember, f"{where}[{n}].", charset)]
+        else:
+            reason = _value_reason(elem, where)
+            found = [] if reason is None else [reason]
+        reasons += found
+        if not found and seen is not None and seen[0] == elem.VR:  # valid as the VR it was read with
+            if len(_VALID) >= _VALID_LIMIT:
+                _VALID.clear()
+            _VALID.add(seen)
     return reasons
+
+
+def _encoded(raw: DataElement | RawDataElement, charset: str) -> tuple[str, str, bytes] | None:
+    """The key of a text value or sequence not yet converted (:data:`_VALID`), or None."""
+    if (
+        not isinstance(raw, RawDataElement)
+        or (raw.VR not in _TEXT_VRS and raw.VR != "SQ")
+        or raw.is_implicit_VR
+        or not raw.is_little_endian
+        or not isinstance(raw.value, bytes)
+        or len(raw.value) > _VALID_MAX_BYTES
+    ):
+        return None
+    return raw.VR, charset, raw.value
+
+
+def _value_reason(elem: DataElement, where: str) -> str | None:
+    """Why one element's value is not valid for its VR, or None."""
+    if elem.VR in _UNCHECKED_VRS or elem.value is None:
+        return None
+    values = elem.value if elem.VM > 1 else [elem.value]
+    for value in values:
+        if elem.VR in ("DS", "IS", "PN"):  # pydicom's value classes: check their text
+            value = getattr(value, "original_string", None) or str(value)
+        try:
+            validate_value(elem.VR, value, config.RAISE)
+        except ValueError as exc:  # pydicom's text may quote the value: name the attribute only
+            return f"{where} is not a valid {elem.VR}" + (" (too long)" if "length" in str(exc) else "")
+    return None
 
 
 def _required(ds: Dataset, required: dict[str, int]) -> list[str]:
@@ -373,7 +430,7 @@ def _seg(ds: Dataset, disclaimer: str) -> list[str]:
     return reasons
 
 
-def _kos(ds: Dataset, disclaimer: str) -> list[str]:
+def _kos(ds: Dataset, disclaimer: str, fast: bool) -> list[str]:
     reasons = []
     if ds.Modality != "KO":
         reasons.append(f"Modality is {ds.Modality}, not KO")
@@ -381,7 +438,7 @@ def _kos(ds: Dataset, disclaimer: str) -> list[str]:
     if not any(disclaimer in str(item.get("TextValue", "")) for item in items):
         reasons.append("the disclaimer is not in the content")
     try:
-        selected = hd.ko.KeyObjectSelectionDocument.from_dataset(ds).content.get_references()
+        selected = key_object_selection(ds, fast).get_references()
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return [*reasons, f"highdicom cannot read it as a key object selection: {error_text(exc)}"]
     if not selected:
@@ -406,9 +463,8 @@ def _sc(ds: Dataset, disclaimer: str) -> list[str]:
     return reasons
 
 
-#: The checks after the IOD's attributes, by SOP class (SR classes: :func:`_sr`).
+#: The checks after the IOD's attributes, by SOP class (SR classes: :func:`_sr`; KOS: :func:`_kos`).
 _DEEPER = {
     SecondaryCaptureImageStorage: _sc,
     SegmentationStorage: _seg,
-    KeyObjectSelectionDocumentStorage: _kos,
 }
