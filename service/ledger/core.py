@@ -25,9 +25,9 @@ from service.ledger.rows import (
     OutcomeRow,
     PurgeRow,
     ResultRow,
+    Row,
     StudyRow,
     VerdictRow,
-    _Row,
     columns,
 )
 from service.ledger.schema import hl7_messages, instances, outbox, outcomes, purges, results, studies, verdicts
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
-R = TypeVar("R", bound=_Row)
+R = TypeVar("R", bound=Row)
 _s, _i, _o, _p = studies.c, instances.c, outbox.c, purges.c
 
 #: A done study at its generation with no result object still to deliver.
