@@ -8,7 +8,9 @@ Layout of the index folder::
 
     index.sqlite3         side table (WAL): one row per reference image + meta; its
                           schema is service.similar.schema, made and upgraded by the
-                          Alembic scripts of service.similar.migrations
+                          Alembic scripts of service.similar.migrations, read and
+                          written with SQLAlchemy Core on the ledger's connection
+                          (service.ledger.engine), as typed rows (ImageRow, IndexMeta)
     vectors-<n>.hnsw      the hnswlib graph of saved version n (one current file)
     images/<study>/<sop>.dcm  the reference images, patient identifiers blanked
     .write.lock           fcntl lock: one writer at a time, across processes
