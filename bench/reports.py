@@ -36,7 +36,6 @@ from service.pipeline.analysis import analyse_study
 from service.pipeline.tasks import WorkerState, process_study
 from service.reports.template import load_template
 from service.reports.validation import check_object
-from service.results import StudyResult
 from service.settings import load_settings
 from tests.support.worker import receive
 
@@ -90,7 +89,8 @@ def main() -> None:
                 start = time.perf_counter()
                 analyse_study(library, model, uid, 1, instances)
                 per_image["analysis"].append((time.perf_counter() - start) / args.images)
-                result = StudyResult.model_validate(ledger.result(uid))
+                result = ledger.result(uid)
+                assert result is not None, f"study {uid} has no result"
                 sources, paths = build.read_sources(ledger, result)
                 for path, chosen in settings.items():
                     steps: dict[str, float] = defaultdict(float)

@@ -46,6 +46,7 @@ from service.model_card import DISCLAIMER
 from service.node import Node, node_services
 from service.reports.build import SENT_CLASSES
 from service.reports.sr import SR_CLASSES
+from service.results import StudyResult
 from service.settings import Peer, Settings
 from service.similar.index import SimilarCaseIndex
 from service.similar.references import (
@@ -195,14 +196,14 @@ def render_outputs(objects: Sequence[Path], out_dir: Path) -> Outputs:
     return Outputs(html, png)
 
 
-def study_line(truth: str, study: StudyRow, result: dict[str, Any] | None, seconds: float) -> list[str]:
+def study_line(truth: str, study: StudyRow, result: StudyResult | None, seconds: float) -> list[str]:
     """One row of the table: what was sent, what came back, how long it took."""
     if study.state == StudyState.FAILED or result is None:
         return [truth, "FAILED", "", f"{study.failed_stage}: {study.error}", f"{seconds:.1f}"]
-    summary = result["summary"]
-    predicted = "not assessed" if summary["out_of_distribution"] else str(summary["predicted"])
-    probability = "" if summary["probability"] is None else f"{summary['probability']:.2f}"
-    similar = ", ".join(f"{s['label']} ({s['distance']:.2f})" for s in result["similar"][:3]) or "none"
+    summary = result.summary
+    predicted = "not assessed" if summary.out_of_distribution else str(summary.predicted)
+    probability = "" if summary.probability is None else f"{summary.probability:.2f}"
+    similar = ", ".join(f"{s.label} ({s.distance:.2f})" for s in result.similar[:3]) or "none"
     return [truth, predicted, probability, similar, f"{seconds:.1f}"]
 
 

@@ -71,7 +71,7 @@ def _store_result(
         images=images,
         summary=summarise_study(images, CLASSES),
     )
-    assert ledger.finish_analysis(uid, generation, result.model_dump(mode="json"), now=now)
+    assert ledger.finish_analysis(uid, generation, result, now=now)
 
 
 def _metrics(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

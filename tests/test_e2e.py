@@ -52,9 +52,9 @@ class Site:
     def result(self, study_uid: str) -> StudyResult:
         ledger = Ledger(self.settings.ledger_path, durable=False)
         try:
-            raw = ledger.result(study_uid)
-            assert raw is not None
-            return StudyResult.model_validate(raw)
+            result = ledger.result(study_uid)
+            assert result is not None
+            return result
         finally:
             ledger.close()
 

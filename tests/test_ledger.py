@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from service.ledger import TRANSITIONS, InstanceRecord, Ledger, OutboxState, StudyState
 from service.ledger.schema import studies
-from tests.support.common import force_state, wait_for
+from tests.support.common import a_result, force_state, wait_for
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
@@ -155,13 +155,15 @@ def test_stale_result_is_not_stored(ledger: Ledger) -> None:
     complete(ledger)
     generation = ledger.claim_analysis(STUDY, lease_s=60, now=110)
     ledger.record_instance(instance("3.1"), now=115)  # re-opened while analysing
-    assert not ledger.finish_analysis(STUDY, generation, {"label": "benign"}, now=120)
+    assert not ledger.finish_analysis(STUDY, generation, a_result(STUDY, generation, predicted="benign"), now=120)
     assert ledger.result(STUDY) is None
     ledger.complete_quiet_studies(5, now=121)
     newer = ledger.claim_analysis(STUDY, lease_s=60, now=122)
     assert newer == generation + 1
-    assert ledger.finish_analysis(STUDY, newer, {"label": "benign"}, now=123)
-    assert ledger.result(STUDY) == {"label": "benign"} and ledger.study(STUDY).state == StudyState.ANALYSED
+    stored = a_result(STUDY, newer, predicted="benign")
+    assert ledger.finish_analysis(STUDY, newer, stored, now=123)
+    assert ledger.result(STUDY) == stored and ledger.study(STUDY).state == StudyState.ANALYSED
+    assert ledger.result(STUDY, generation) is None and ledger.result(STUDY, newer) == stored
 
 
 def test_a_renewed_lease_keeps_the_study_and_an_expired_one_gives_it_back(ledger: Ledger) -> None:
@@ -174,7 +176,7 @@ def test_a_renewed_lease_keeps_the_study_and_an_expired_one_gives_it_back(ledger
     assert ledger.claim_analysis(STUDY, lease_s=20, now=160) is None
     assert ledger.due_for_queue(now=165) == [STUDY]  # it stopped renewing: killed
     assert ledger.claim_analysis(STUDY, lease_s=20, now=165) == generation
-    assert ledger.finish_analysis(STUDY, generation, {"label": "benign"}, lease_s=20, now=170)
+    assert ledger.finish_analysis(STUDY, generation, a_result(STUDY, generation), lease_s=20, now=170)
     assert ledger.claim_orphaned_reports(lease_s=20, now=189) == []  # its worker is reporting it
     assert ledger.renew_lease(STUDY, generation, lease_s=20, now=185)
     assert ledger.claim_orphaned_reports(lease_s=20, now=204) == []
@@ -228,7 +230,7 @@ def test_transitions_follow_the_table(ledger: Ledger) -> None:
     assert StudyState.COMPLETE not in TRANSITIONS[StudyState.REPORTED].sources
     assert not ledger.transition(STUDY, StudyState.REPORTED, 1)  # complete: not analysed yet
     generation = ledger.claim_analysis(STUDY, lease_s=60, now=110)
-    assert generation == 1 and ledger.finish_analysis(STUDY, generation, {}, now=111)
+    assert generation == 1 and ledger.finish_analysis(STUDY, generation, a_result(STUDY, generation), now=111)
     assert not ledger.transition(STUDY, StudyState.REPORTED, generation + 1)  # another generation
     assert ledger.transition(STUDY, StudyState.FAILED, generation, failed_stage="report", error="boom", now=112)
     assert ledger.transition(STUDY, StudyState.REPORTED, generation, now=113)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The list as it stands; lower these numbers when a module leaves it, never raise them.
-MAX_EXCUSED_MODULES = 20
-MAX_EXCUSED_CODES = 32
+MAX_EXCUSED_MODULES = 19
+MAX_EXCUSED_CODES = 31
 
 
 def excused() -> dict[str, list[str]]:

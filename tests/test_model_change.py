@@ -21,7 +21,7 @@ NEW_MODEL = ModelIdentity(name="sonocase-hybrid", version="9.0.0", sha256="c" * 
 def _result(ledger: Ledger, study_uid: str) -> StudyResult:
     stored = ledger.result(study_uid)
     assert stored is not None
-    return StudyResult.model_validate(stored)
+    return stored
 
 
 @pytest.mark.heavy

@@ -20,8 +20,9 @@ from service.outcomes.hl7_oru import receive
 from service.outcomes.mllp import MllpService
 from service.outcomes.records import parse_csv
 from service.pipeline.analysis import study_attributes
+from service.results import StudyAttributes
 from service.settings import Settings
-from tests.support.common import free_port
+from tests.support.common import a_result, free_port
 from tests.support.worker import child_env
 
 
@@ -43,14 +44,8 @@ def analysed_study(ledger: Ledger, study_uid: str, accession: str) -> None:
     ledger.complete_quiet_studies(0.0, now=2e9)
     generation = ledger.claim_analysis(study_uid, 60.0)
     assert generation is not None
-    study = {
-        "accession_number": accession,
-        "study_date": "20261201",
-        "manufacturer": "ACME",
-        "model_name": "Sono 9",
-        "patient_key": "",
-    }
-    assert ledger.finish_analysis(study_uid, generation, {"study_uid": study_uid, "study": study})
+    study = StudyAttributes(accession_number=accession, study_date="20261201", manufacturer="ACME", model_name="Sono 9")
+    assert ledger.finish_analysis(study_uid, generation, a_result(study_uid, generation, study=study))
 
 
 def oru(

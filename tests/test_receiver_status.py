@@ -10,8 +10,11 @@ from click.testing import CliRunner
 
 from service.cli import cli
 from service.ledger import InstanceRecord, Ledger, OutboxState, StudyState
+from service.results import ImageResult
+from tests.support.common import a_result
 
 OPEN, DONE = "1.2.826.0.1.3680043.8.498.10", "1.2.826.0.1.3680043.8.498.20"
+US = "1.2.840.10008.5.1.4.1.1.6.1"
 
 
 @pytest.fixture
@@ -25,7 +28,7 @@ def data_dir(tmp_path: Path) -> Path:
                     f"{study}.{sop}",
                     study,
                     study + ".1",
-                    "1.2.840.10008.5.1.4.1.1.6.1",
+                    US,
                     "1.2.840.10008.1.2.1",
                     f"spool/{study}/{sop}.dcm",
                     1000,
@@ -36,7 +39,7 @@ def data_dir(tmp_path: Path) -> Path:
             )
     ledger.complete_quiet_studies(5, now=150)
     generation = ledger.claim_analysis(DONE, lease_s=60, now=151)
-    ledger.finish_analysis(DONE, generation, {"label": "benign", "probabilities": [0.1, 0.8, 0.1]}, now=152)
+    ledger.finish_analysis(DONE, generation, a_result(DONE, generation, predicted="benign"), now=152)
     ledger.enqueue_outbox(
         DONE,
         generation,
@@ -77,7 +80,7 @@ def test_one_study_with_result_and_outbox(data_dir: Path) -> None:
     assert code == 0
     assert f"study {DONE}" in out and "state              reported" in out
     assert "instances (2)" in out and f"{DONE}.20.1  US  1.2.840.10008.1.2.1  1000 bytes  from PACS" in out
-    assert '"label": "benign"' in out
+    assert '"predicted": "benign"' in out
     assert "30.1 -> PACS@pacs:104: sent" in out
     assert "30.1 -> ARCHIVE@archive:104: pending after 1 attempt(s)  association rejected" in out
     code, out = status(data_dir, OPEN)
@@ -87,7 +90,7 @@ def test_one_study_with_result_and_outbox(data_dir: Path) -> None:
 def test_one_study_as_json(data_dir: Path) -> None:
     code, out = status(data_dir, DONE, "--json")
     doc = json.loads(out)
-    assert code == 0 and doc["result"]["label"] == "benign"
+    assert code == 0 and doc["result"]["summary"]["predicted"] == "benign"
     assert {row["destination"]: row["state"] for row in doc["outbox"]} == {
         "PACS@pacs:104": "sent",
         "ARCHIVE@archive:104": "pending",
@@ -100,16 +103,13 @@ def test_an_image_not_assessed_is_named_first(data_dir: Path) -> None:
     ledger.complete_quiet_studies(5, now=300)
     generation = ledger.claim_analysis(OPEN, lease_s=60, now=301)
     assert generation is not None
-    ledger.finish_analysis(
-        OPEN,
-        generation,
-        {
-            "images": [
-                {"sop_instance_uid": f"{OPEN}.10.1", "out_of_distribution": True},
-                {"sop_instance_uid": f"{OPEN}.10.2", "out_of_distribution": False},
-            ]
-        },
-    )
+    images = [
+        ImageResult(
+            sop_instance_uid=f"{OPEN}.10.{n}", series_uid=f"{OPEN}.10", sop_class_uid=US, out_of_distribution=ood
+        )
+        for n, ood in ((1, True), (2, False))
+    ]
+    ledger.finish_analysis(OPEN, generation, a_result(OPEN, generation, images))
     ledger.close()
     code, out = status(data_dir, OPEN)
     assert code == 0

@@ -67,7 +67,7 @@ def _analysed(settings: Settings, ledger: Ledger, model: OnnxModel, index: int, 
     generation = ledger.claim_analysis(ds.StudyInstanceUID, 60.0)
     assert generation is not None
     analysis = analyse_study(settings, model, ds.StudyInstanceUID, generation, ledger.instances(ds.StudyInstanceUID))
-    assert ledger.finish_analysis(ds.StudyInstanceUID, generation, analysis.result.model_dump(mode="json"))
+    assert ledger.finish_analysis(ds.StudyInstanceUID, generation, analysis.result)
     (frame,) = analysis.result.images[0].frames
     return {
         "ds": ds,

@@ -137,7 +137,7 @@ def test_an_object_failing_the_gate_fails_the_study_and_queues_nothing(to_two: S
     result, references = analyse(to_two, study_uid, paths, generation=generation)
     damaged = result.similar[0].model_copy(update={"sop_class_uid": "1.2.840.10008.5.1.4.1.1.6.01"})
     result = result.model_copy(update={"similar": [damaged, *result.similar[1:]]})
-    assert ledger.finish_analysis(study_uid, generation, result.model_dump())
+    assert ledger.finish_analysis(study_uid, generation, result)
     assert build_reports(to_two, ledger, study_uid, references) == []
     row = ledger.study(study_uid)
     assert (row.state, row.failed_stage) == (StudyState.FAILED, "report")
@@ -185,7 +185,7 @@ def test_reanalysis_reports_a_new_version_referencing_the_first(settings: Settin
     generation = ledger.claim_analysis(study.uid, lease_s=60)
     assert generation == 2
     result, _ = analyse(settings, study.uid, [*study.paths, *late], generation=generation, n_similar=0)
-    assert ledger.finish_analysis(study.uid, generation, result.model_dump())
+    assert ledger.finish_analysis(study.uid, generation, result)
     second_sr = build_reports(settings, ledger, study.uid)[0]
     first, second = pydicom.dcmread(first_sr), pydicom.dcmread(second_sr)
     assert second_sr.parent.name == "2" and second.SOPInstanceUID != first.SOPInstanceUID

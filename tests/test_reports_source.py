@@ -114,7 +114,7 @@ def test_a_study_with_bad_source_values_is_reported_with_valid_ones(
     generation = ledger.claim_analysis(study_uid, lease_s=60)
     assert generation is not None
     result, references = analyse(settings, study_uid, paths, generation=generation)
-    assert ledger.finish_analysis(study_uid, generation, result.model_dump())
+    assert ledger.finish_analysis(study_uid, generation, result)
     caplog.clear()  # pydicom's warnings about setting up the bad values
     with caplog.at_level(logging.INFO):
         written = build_reports(settings, ledger, study_uid, references)

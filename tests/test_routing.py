@@ -172,7 +172,7 @@ def test_results_go_to_the_destinations_the_rule_chose(settings: Settings, ledge
     generation = ledger.claim_analysis(study_uid, lease_s=60)
     assert generation is not None
     result, references = analyse(settings, study_uid, paths, generation=generation, n_similar=0)
-    assert ledger.finish_analysis(study_uid, generation, result.model_dump())
+    assert ledger.finish_analysis(study_uid, generation, result)
     assert build_reports(settings, ledger, study_uid, references)
     rows = ledger.outbox(study_uid)
     by_destination: dict[str, set[str]] = {}

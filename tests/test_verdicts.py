@@ -52,7 +52,9 @@ def _post(node: Node, study_uid: str, body: dict[str, Any], headers: dict[str, s
 @pytest.mark.integration
 def test_verdicts_are_given_changed_and_every_change_kept(node: Node) -> None:
     study = node.analysed
-    image = node.ledger.result(study)["images"][0]["sop_instance_uid"]  # type: ignore[index]
+    result = node.ledger.result(study)
+    assert result is not None
+    image = result.images[0].sop_instance_uid
     status, first = _post(node, study, {"verdict": "agree", "reader": "Dr A"})
     assert status == 201 and (first["verdict"], first["finding"], first["reader"]) == ("agree", "", "Dr A")
     status, changed = _post(

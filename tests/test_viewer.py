@@ -72,11 +72,11 @@ class Site:
     def result(self, study_uid: str) -> StudyResult:
         ledger = open_ledger(self.settings, durable=False)
         try:
-            raw = ledger.result(study_uid)
+            result = ledger.result(study_uid)
         finally:
             ledger.close()
-        assert raw is not None
-        return StudyResult.model_validate(raw)
+        assert result is not None
+        return result
 
     def outbox(self, study_uid: str, kind: str) -> list[pydicom.Dataset]:
         folder = self.settings.outbox_dir / study_uid / "1"

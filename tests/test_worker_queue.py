@@ -56,12 +56,11 @@ def redis_db(redis_url: str) -> Iterator[str]:
 def _check_result(settings: Settings, study_uid: str, n_images: int) -> StudyResult:
     ledger = Ledger(settings.ledger_path, durable=False)
     try:
-        row, stored = ledger.study(study_uid), ledger.result(study_uid)
+        row, result = ledger.study(study_uid), ledger.result(study_uid)
     finally:
         ledger.close()
     assert row is not None and row.attempts == 1
-    assert stored is not None
-    result = StudyResult.model_validate(stored)
+    assert result is not None
     assert len(result.images) == n_images and all(image.frames for image in result.images)
     assert result.summary.predicted is not None or result.summary.out_of_distribution
     return result

@@ -63,9 +63,9 @@ def hiding(folder: Path) -> tuple[str, ...]:
 
 
 def _stored(ledger: Ledger, study_uid: str) -> StudyResult:
-    raw = ledger.result(study_uid)
-    assert raw is not None, "no result stored"
-    return StudyResult.model_validate(raw)
+    result = ledger.result(study_uid)
+    assert result is not None, "no result stored"
+    return result
 
 
 def _outputs_as_built(settings: Settings, ledger: Ledger, result: StudyResult) -> None:

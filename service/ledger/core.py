@@ -25,19 +25,20 @@ from service.ledger.rows import (
     OutcomeRow,
     PurgeRow,
     ResultRow,
+    Row,
     StudyRow,
     VerdictRow,
-    _Row,
     columns,
 )
 from service.ledger.schema import hl7_messages, instances, outbox, outcomes, purges, results, studies, verdicts
 from service.ledger.states import PENDING_ANALYSIS, TRANSITIONS, OutboxState, StudyState
+from service.results import StudyResult
 
 if TYPE_CHECKING:
     from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
-R = TypeVar("R", bound=_Row)
+R = TypeVar("R", bound=Row)
 _s, _i, _o, _p = studies.c, instances.c, outbox.c, purges.c
 
 #: A done study at its generation with no result object still to deliver.
@@ -371,7 +372,7 @@ class Ledger:
         self,
         study_uid: str,
         generation: int,
-        result: dict[str, Any],
+        result: StudyResult,
         lease_s: float = 0.0,
         now: float | None = None,
         *,
@@ -389,7 +390,7 @@ class Ledger:
         unreported study is an orphan (:meth:`claim_orphaned_reports`).
         """
         now = time.time() if now is None else now
-        study = result.get("study", {})
+        study = result.study
         with self.transaction() as db:
             changed = db.execute(
                 sa.update(studies)
@@ -401,10 +402,10 @@ class Ledger:
                     error=None,
                     failed_stage=None,
                     updated_at=now,
-                    accession_number=study.get("accession_number", ""),
-                    study_date=study.get("study_date", ""),
-                    manufacturer=study.get("manufacturer", ""),
-                    model_name=study.get("model_name", ""),
+                    accession_number=study.accession_number,
+                    study_date=study.study_date,
+                    manufacturer=study.manufacturer,
+                    model_name=study.model_name,
                 )
             ).rowcount
             if changed != 1:
@@ -412,7 +413,8 @@ class Ledger:
             stored = self._insert(results).values(
                 study_uid=study_uid,
                 generation=generation,
-                result=json.dumps(result),
+                # json.dumps, not model_dump_json: that writes an infinite score as null
+                result=json.dumps(result.model_dump(mode="json")),
                 created_at=now,
                 images_analysed=images_analysed,
                 images_not_assessed=images_not_assessed,
@@ -622,15 +624,19 @@ class Ledger:
     def instance_count(self) -> int:
         return int(self._scalar(sa.select(sa.func.count()).select_from(instances)))
 
-    def result(self, study_uid: str, generation: int | None = None) -> dict[str, Any] | None:
-        """The newest result document of a study (or that of ``generation``)."""
+    def result(self, study_uid: str, generation: int | None = None) -> StudyResult | None:
+        """The newest result of a study (or that of ``generation``). Every stored
+        document validates: :meth:`finish_analysis` takes only a :class:`StudyResult`,
+        and the model has only gained fields with defaults since the first result was
+        stored. One that does not (a document edited by hand) raises pydantic's
+        ValidationError, a ValueError."""
         stmt = sa.select(results.c.result).where(results.c.study_uid == study_uid)
         if generation is None:
             stmt = stmt.order_by(results.c.generation.desc()).limit(1)
         else:
             stmt = stmt.where(results.c.generation == generation)
         text = self._scalar(stmt)
-        return None if text is None else dict(json.loads(text))
+        return None if text is None else StudyResult.model_validate_json(text)
 
     def latest_results(self) -> list[ResultRow]:
         """Every study's newest stored result, oldest first."""

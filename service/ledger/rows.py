@@ -16,8 +16,9 @@ from typing import Any, Self
 import sqlalchemy as sa
 
 
-class _Row:
-    """A row class whose fields are columns of one table."""
+class Row:
+    """A row class whose fields are columns of one table (the ledger's, the similar-case
+    index's)."""
 
     __slots__ = ()
 
@@ -28,13 +29,13 @@ class _Row:
 
 
 @cache
-def columns(row_class: type[_Row], table: sa.Table) -> tuple[sa.Column[Any], ...]:
+def columns(row_class: type[Row], table: sa.Table) -> tuple[sa.Column[Any], ...]:
     """The columns of ``table`` that ``row_class`` holds, in its field order."""
     return tuple(table.c[f.name] for f in fields(row_class))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
-class StudyRow(_Row):
+class StudyRow(Row):
     """A study: its state in the life cycle (see :mod:`service.ledger`), time stamps
     of each stage (seconds since the epoch), routing, and headers for monitoring."""
 
@@ -70,7 +71,7 @@ class StudyRow(_Row):
 
 
 @dataclass(frozen=True, slots=True)
-class InstanceRecord(_Row):
+class InstanceRecord(Row):
     """An instance: what the receiver knows about one stored file."""
 
     sop_instance_uid: str
@@ -89,7 +90,7 @@ class InstanceRecord(_Row):
 
 
 @dataclass(frozen=True, slots=True)
-class ResultRow(_Row):
+class ResultRow(Row):
     """A stored analysis result of one generation of a study (``result``: JSON text)."""
 
     study_uid: str
@@ -101,7 +102,7 @@ class ResultRow(_Row):
 
 
 @dataclass(frozen=True, slots=True)
-class OutboxRow(_Row):
+class OutboxRow(Row):
     """One result object queued for one destination."""
 
     sop_instance_uid: str
@@ -118,7 +119,7 @@ class OutboxRow(_Row):
 
 
 @dataclass(frozen=True, slots=True)
-class PurgeRow(_Row):
+class PurgeRow(Row):
     """A removal of one kind of a study's files (``bytes`` None: not finished)."""
 
     study_uid: str
@@ -130,7 +131,7 @@ class PurgeRow(_Row):
 
 
 @dataclass(frozen=True, slots=True)
-class OutcomeRow(_Row):
+class OutcomeRow(Row):
     """An outcome as stored, with the study it matched (None: none yet)."""
 
     outcome_id: int
@@ -148,7 +149,7 @@ class OutcomeRow(_Row):
 
 
 @dataclass(frozen=True, slots=True)
-class Hl7MessageRow(_Row):
+class Hl7MessageRow(Row):
     """An HL7 message received, with the ACK code it got and why."""
 
     message_id: int
@@ -160,7 +161,7 @@ class Hl7MessageRow(_Row):
 
 
 @dataclass(frozen=True, slots=True)
-class VerdictRow(_Row):
+class VerdictRow(Row):
     """A verdict as stored (a change is a new row)."""
 
     verdict_id: int

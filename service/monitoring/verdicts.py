@@ -9,26 +9,22 @@ class, and a bare "disagree" names no class, so it is left out of kappa.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 from service.ledger import Verdict, VerdictRow
+from service.results import StudyResult
 
 
-def problems(verdict: Verdict, result: Mapping[str, Any] | None) -> list[str]:
+def problems(verdict: Verdict, result: StudyResult | None) -> list[str]:
     """Why ``verdict`` cannot be taken for a study whose stored result is ``result``
     (None: not analysed yet); empty when it can. The classes are the model's, as its
     probabilities in the result name them."""
-    frames = [
-        (image["sop_instance_uid"], frame)
-        for image in (result or {}).get("images", [])
-        for frame in image.get("frames", [])
-    ]
+    frames = [(image.sop_instance_uid, frame) for image in (result.images if result else []) for frame in image.frames]
     if not frames:
         return ["the study has no analysed image yet: there is nothing to agree or disagree with"]
     found = []
     images = {uid for uid, _ in frames}
-    classes: Sequence[str] = list(frames[0][1]["probabilities"])
+    classes: Sequence[str] = list(frames[0][1].probabilities)
     if verdict.finding and verdict.finding not in images:
         found.append(f"finding {verdict.finding!r} is not an analysed image of this study")
     if verdict.corrected_class is not None and verdict.corrected_class not in classes:

@@ -20,6 +20,7 @@ from starlette.templating import Jinja2Templates
 from service.ledger import VERDICTS, StudyState, VerdictRow
 from service.model_card import DISCLAIMER
 from service.ops.views import THUMBNAIL_PX, StudyView
+from service.results import ImageResult, StudyResult
 
 
 def _utc(ts: float, fmt: str = "%Y-%m-%d %H:%M:%SZ") -> str:
@@ -92,35 +93,28 @@ def render_status(
     )
 
 
-def _image_text(image: Mapping[str, Any]) -> str:
+def _image_text(image: ImageResult) -> str:
     """One image's AI result in a few words."""
-    if image.get("skipped"):
-        return f"skipped: {image['skipped']}"
-    if image.get("out_of_distribution"):
+    if image.skipped:
+        return f"skipped: {image.skipped}"
+    if image.out_of_distribution:
         return "not assessed (outside the model's training domain)"
-    return f"{image.get('predicted')} {image.get('probability') or 0:.2f}"
+    return f"{image.predicted} {image.probability or 0:.2f}"
 
 
-def render_review(
-    study_uid: str, result: Mapping[str, Any], verdicts: Sequence[VerdictRow], csrf: str, saved: bool
-) -> bytes:
+def render_review(study_uid: str, result: StudyResult, verdicts: Sequence[VerdictRow], csrf: str, saved: bool) -> bytes:
     """The review page of an analysed study: its AI result per image, the verdicts
     given so far, and the form for one more."""
-    images = result.get("images", [])
-    summary = result.get("summary", {})
+    images, summary = result.images, result.summary
     return render(
         "review.html",
         study_uid=study_uid,
         saved=saved,
-        answer=(
-            f"{summary.get('predicted')} {summary.get('probability'):.2f}"
-            if summary.get("predicted")
-            else "not assessed"
-        ),
-        images=[(image["sop_instance_uid"], _image_text(image)) for image in images],
+        answer=f"{summary.predicted} {summary.probability:.2f}" if summary.predicted else "not assessed",
+        images=[(image.sop_instance_uid, _image_text(image)) for image in images],
         verdicts=verdicts,
         csrf=csrf,
-        findings=[image["sop_instance_uid"] for image in images if image.get("frames")],
+        findings=[image.sop_instance_uid for image in images if image.frames],
         verdict_choices=VERDICTS,
-        classes=next((list(f["probabilities"]) for i in images for f in i.get("frames", [])), []),
+        classes=next((list(f.probabilities) for i in images for f in i.frames), []),
     )

@@ -4,13 +4,13 @@ quick and never raises: a failure is a :class:`CheckResult` that says why."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from kombu.connection import Connection
 
 from service.common.spool import free_disk_mb
@@ -138,7 +138,7 @@ class IndexProbe:
             if index is None:
                 return CheckResult(True, f"no similar-case index in {self._dir}: similar cases are off")
             bound, version = index.bound_model, index.version
-        except (OSError, ValueError, sqlite3.Error) as exc:
+        except (OSError, ValueError, sa.exc.SQLAlchemyError) as exc:
             return CheckResult(False, f"similar-case index unreadable: {exc}")
         model_sha = self._model.info().get("sha256")
         if bound is not None and model_sha is not None and bound.sha256 != model_sha:
@@ -153,7 +153,7 @@ class IndexProbe:
         try:
             index = self._open()
             return {} if index is None else {"version": index.version}
-        except (OSError, ValueError, sqlite3.Error):
+        except (OSError, ValueError, sa.exc.SQLAlchemyError):
             return {}
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ import click
 
 from service.cli import settings_from
 from service.ledger import InstanceRecord, Ledger, OutboxRow, PurgeRow, StudyRow, StudyState, open_ledger
-from service.results import NOT_ASSESSED
+from service.results import NOT_ASSESSED, StudyResult
 
 _TIME_COLUMNS = (
     "first_received",
@@ -53,12 +53,18 @@ class StudyDetail:
 
     study: StudyRow
     instances: list[InstanceRecord]
-    result: dict[str, Any] | None
+    result: StudyResult | None
     outbox: list[OutboxRow]
     removed: list[PurgeRow]
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "study": asdict(self.study),
+            "instances": [asdict(i) for i in self.instances],
+            "result": None if self.result is None else self.result.model_dump(mode="json"),
+            "outbox": [asdict(o) for o in self.outbox],
+            "removed": [asdict(p) for p in self.removed],
+        }
 
 
 def study_summaries(ledger: Ledger, limit: int, states: tuple[str, ...] = ()) -> list[StudySummary]:
@@ -126,12 +132,12 @@ def format_detail(detail: StudyDetail) -> str:
         lines.append("result: none yet")
     else:
         lines.extend(
-            f"image {image['sop_instance_uid']}: {NOT_ASSESSED}"
-            for image in detail.result.get("images", [])
-            if image.get("out_of_distribution")
+            f"image {image.sop_instance_uid}: {NOT_ASSESSED}"
+            for image in detail.result.images
+            if image.out_of_distribution
         )
         lines.append("result:")
-        lines.extend("  " + line for line in json.dumps(detail.result, indent=2).splitlines())
+        lines.extend("  " + line for line in json.dumps(detail.result.model_dump(mode="json"), indent=2).splitlines())
     lines.append(f"outbox ({len(detail.outbox)})")
     for row in detail.outbox:
         error = f"  {row.error}" if row.error else ""

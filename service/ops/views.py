@@ -104,14 +104,13 @@ def study_view(ledger: Ledger, results_dir: Path, study: StudyRow) -> StudyView:
     """Build the page's view of one ledger row (reads the result and one file header)."""
     uid = study.study_uid
     instances = ledger.instances(uid)
-    stored = ledger.result(uid)
     result_text, heatmap = "", None
-    if stored is not None:
-        try:
-            result = StudyResult.model_validate(stored)
-        except ValidationError:
-            result_text = "stored result unreadable"
-        else:
+    try:
+        result = ledger.result(uid)
+    except ValidationError:
+        result_text = "stored result unreadable"
+    else:
+        if result is not None:
             result_text, heatmap = _result_text(result), _decisive_heatmap(result, results_dir)
     stamps = {stage: (getattr(study, start), getattr(study, end)) for stage, (start, end) in STAGES.items()}
     timings = {
@@ -158,13 +157,11 @@ def retry_notice(outcome: str, study_uid: str) -> str:
 
 def study_heatmap_png(ledger: Ledger, results_dir: Path, study_uid: str) -> bytes | None:
     """The thumbnail of the heatmap that decided the study; None when there is none."""
-    stored = ledger.result(study_uid)
-    if stored is None:
-        return None
     try:
-        path = _decisive_heatmap(StudyResult.model_validate(stored), results_dir)
+        result = ledger.result(study_uid)
     except ValidationError:
         return None
+    path = None if result is None else _decisive_heatmap(result, results_dir)
     if path is None:
         return None
     try:

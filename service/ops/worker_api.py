@@ -189,7 +189,7 @@ def store_handed_back(
     if not ledger.finish_analysis(
         study_uid,
         generation,
-        result.model_dump(mode="json"),
+        result,
         lease_s=settings.task_lease_s,
         images_analysed=analysed,
         images_not_assessed=not_assessed,

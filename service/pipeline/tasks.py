@@ -142,7 +142,7 @@ def process_study(state: WorkerState, study_uid: str) -> str:
         if not ledger.finish_analysis(
             study_uid,
             generation,
-            analysis.result.model_dump(mode="json"),
+            analysis.result,
             lease_s=settings.task_lease_s,
             images_analysed=analysed,
             images_not_assessed=not_assessed,

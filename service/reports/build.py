@@ -423,10 +423,9 @@ def build_reports(
     was queued: the study failed (stage ``report``, reason in the ledger) or was
     re-opened meanwhile (its next generation will be reported instead).
     """
-    study, raw = ledger.study(study_uid), ledger.result(study_uid)
-    if study is None or raw is None:
+    study, result = ledger.study(study_uid), ledger.result(study_uid)
+    if study is None or result is None:
         raise ValueError(f"study {study_uid} has no stored result to report")
-    result = StudyResult.model_validate(raw)
     if result.generation != study.generation:
         LOG.info(
             "result of generation %d is stale (study is at %d): not reported",
@@ -499,10 +498,9 @@ def rebuild_sr(
     Returns its SOP Instance UID and path; :class:`ReportError` if it cannot be."""
     if sop_class_uid not in SR_CLASSES:
         raise ValueError(f"{sop_class_uid} is not an SR class we write")
-    raw = ledger.result(study_uid, generation)
-    if raw is None:
+    result = ledger.result(study_uid, generation)
+    if result is None:
         raise ReportError(f"study {study_uid} has no result of generation {generation}")
-    result = StudyResult.model_validate(raw)
     try:
         template = load_template(settings.sr_template)
         sources, _ = read_sources(ledger, result)

@@ -8,7 +8,9 @@ Layout of the index folder::
 
     index.sqlite3         side table (WAL): one row per reference image + meta; its
                           schema is service.similar.schema, made and upgraded by the
-                          Alembic scripts of service.similar.migrations
+                          Alembic scripts of service.similar.migrations, read and
+                          written with SQLAlchemy Core on the ledger's connection
+                          (service.ledger.engine), as typed rows (ImageRow, IndexMeta)
     vectors-<n>.hnsw      the hnswlib graph of saved version n (one current file)
     images/<study>/<sop>.dcm  the reference images, patient identifiers blanked
     .write.lock           fcntl lock: one writer at a time, across processes
@@ -46,7 +48,6 @@ import json
 import logging
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -58,11 +59,15 @@ from typing import Any, Self
 import hnswlib
 import numpy as np
 import pydicom
+import sqlalchemy as sa
 
 from service.common.spool import fsync_dir, write_atomic
+from service.ledger.engine import Prepared, open_sqlite
+from service.ledger.rows import Row, columns
 from service.results import ModelIdentity, SimilarStudy
 from service.settings import Settings
 from service.similar import migrations as index_migrations
+from service.similar import schema
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +216,153 @@ class IndexInfo:
     ef_construction: int
 
 
+@dataclass(frozen=True, slots=True)
+class ImageRow(Row):
+    """A reference image's row in the side table (:data:`schema.images`): what a query
+    filters, groups to studies and returns, and what a rebuild re-embeds."""
+
+    id: int  # its label in the hnswlib graph
+    sop_instance_uid: str
+    frame_number: int
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    accession_number: str
+    study_date: str
+    label: str
+    label_source: str
+    confirmed: int  # 0 or 1, as the table holds it
+    patient_key: str
+    image_file: str  # relative to the index folder; "" for an image added without one
+    deleted: int
+
+    def stored(self, directory: Path) -> StoredImage:
+        """The image as :meth:`SimilarCaseIndex.stored_images` hands it out."""
+        return StoredImage(
+            sop_instance_uid=self.sop_instance_uid,
+            frame_number=self.frame_number,
+            series_uid=self.series_uid,
+            study_uid=self.study_uid,
+            sop_class_uid=self.sop_class_uid,
+            label=self.label,
+            label_source=self.label_source,
+            confirmed=bool(self.confirmed),
+            path=directory / self.image_file if self.image_file else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StagedRow:
+    """A live image with the vector a rebuild staged for it (``vector`` None: ``failure``
+    says why it could not be re-embedded)."""
+
+    id: int
+    sop_instance_uid: str
+    image_file: str
+    vector: bytes | None
+    failure: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IndexMeta:
+    """The index's own facts (:data:`schema.meta`, a key-value table of text), typed."""
+
+    format: str
+    index_id: str
+    patient_key_salt: str
+    counter: int  # the saved version: goes up with every saved change
+    vectors_file: str  # the current graph file ("": none saved yet)
+    live: int  # vectors of that graph not marked deleted
+    max_id: int  # the highest image id in that graph
+    dim: int | None
+    m: int
+    ef_construction: int
+    model: ModelIdentity | None  # the model whose embeddings the index holds
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[str, str]]) -> IndexMeta:
+        """The facts read from the table's (key, value) rows."""
+        text = dict(pairs)
+        return cls(
+            format=text["format"],
+            index_id=text["index_id"],
+            patient_key_salt=text["patient_key_salt"],
+            counter=int(text["counter"]),
+            vectors_file=text["vectors_file"],
+            live=int(text["live"]),
+            max_id=int(text["max_id"]),
+            dim=int(text["dim"]) if text["dim"] else None,
+            m=int(text["m"]),
+            ef_construction=int(text["ef_construction"]),
+            model=ModelIdentity(name=text["model_name"], version=text["model_version"], sha256=text["model_sha256"])
+            if "model_sha256" in text
+            else None,
+        )
+
+    @property
+    def version(self) -> str:
+        return f"{self.index_id}.{self.counter}"
+
+
+_m, _im, _rv = schema.meta.c, schema.images.c, schema.rebuild_vectors.c
+_IMAGE_COLUMNS = columns(ImageRow, schema.images)
+
+
+def _json_values(array: sa.BindParameter[str]) -> sa.Select[tuple[Any]]:
+    """The elements of the JSON array ``array``: an IN list of any length in one
+    parameter (a prepared statement cannot hold an expanding IN list)."""
+    return sa.select(sa.func.json_each(array).table_valued("value").c.value)
+
+
+def _excluded(by_patient: bool, unconfirmed: bool) -> Prepared:
+    """Live images of a graph (up to ``max_id``) of the study ``study_uid``, of
+    ``patient_key`` and, with ``unconfirmed``, those without a confirmed diagnosis:
+    a UNION of indexed look-ups, as an OR of the three would scan the whole table."""
+    parts = [sa.select(_im.id).where(_im.study_uid == sa.bindparam("study_uid"))]
+    if by_patient:
+        parts.append(sa.select(_im.id).where(_im.patient_key == sa.bindparam("patient_key")))
+    if unconfirmed:
+        parts.append(sa.select(_im.id).where(_im.confirmed == 0))
+    return Prepared(
+        sa.select(_im.id).where(_im.deleted == 0, _im.id <= sa.bindparam("max_id"), _im.id.in_(sa.union(*parts)))
+    )
+
+
+# What every query runs: prepared once (see service.ledger.engine.Prepared).
+_READ_META = Prepared(sa.select(_m.key, _m.value))
+_EXCLUDED = {(p, c): _excluded(p, c) for p in (False, True) for c in (False, True)}
+_IN_IDS = _im.id.in_(_json_values(sa.bindparam("ids")))
+#: Each neighbour's study, and whether a query may return it: not deleted, not of the
+#: query's study or patient, confirmed if the query wants confirmed studies only. A
+#: query reads only these of its neighbours, and whole rows for the studies it returns.
+_NEIGHBOURS = Prepared(
+    sa.select(
+        _im.id,
+        _im.study_uid,
+        sa.and_(
+            _im.deleted == 0,
+            _im.study_uid != sa.bindparam("study_uid"),
+            sa.or_(sa.bindparam("patient_key") == "", _im.patient_key != sa.bindparam("patient_key")),
+            sa.or_(sa.bindparam("confirmed_only") == 0, _im.confirmed != 0),
+        ),
+    ).where(_IN_IDS)
+)
+_IMAGES_BY_ID = Prepared(sa.select(*_IMAGE_COLUMNS).where(_IN_IDS))
+_LIVE_IDS = Prepared(sa.select(_im.id).where(_im.deleted == 0, _im.id <= sa.bindparam("max_id")))
+
+_ADD_META = sa.insert(schema.meta).prefix_with("OR IGNORE")
+_SET_META = sa.insert(schema.meta).prefix_with("OR REPLACE")
+_MARK_DELETED = (
+    sa.update(schema.images)
+    .where(_im.id == sa.bindparam("image_id"))
+    .values(deleted=1, deleted_reason=sa.bindparam("reason"), updated_at=sa.bindparam("now"))
+)
+
+
+def _meta_rows(values: dict[str, str]) -> list[dict[str, str]]:
+    return [{"key": key, "value": value} for key, value in values.items()]
+
+
 @dataclass(frozen=True)
 class _Loaded:
     """The graph of one saved version, as this process holds it."""
@@ -294,14 +446,12 @@ class SimilarCaseIndex:
         if model is None and not db_path.is_file():
             raise FileNotFoundError(f"there is no similar-case index in {self.directory}")
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._db_lock = threading.Lock()
-        self._db = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        if index_migrations.revision(self._db) != index_migrations.HEAD:
-            index_migrations.upgrade(db_path)
-        with self._tx() as db:
+        self._db = open_sqlite(db_path, durable)
+        try:
+            with self._db.reading() as conn:
+                current = index_migrations.revision(conn)
+            if current != index_migrations.HEAD:
+                index_migrations.upgrade(db_path)
             fresh = {
                 "format": _FORMAT,
                 "index_id": secrets.token_hex(4),
@@ -316,11 +466,16 @@ class SimilarCaseIndex:
             }
             if model is not None:
                 fresh.update(_model_meta(model))
-            db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", fresh.items())
-        meta = self._read_meta()
-        if meta["format"] != _FORMAT:
-            raise ValueError(f"{db_path} has index format {meta['format']}, this version reads {_FORMAT}")
-        self._salt = bytes.fromhex(meta["patient_key_salt"])
+            with self._db.transaction() as db:
+                db.execute(_ADD_META, _meta_rows(fresh))
+            pairs = self._run(_READ_META)
+            found = dict(pairs)["format"]
+            if found != _FORMAT:
+                raise ValueError(f"{db_path} has index format {found}, this version reads {_FORMAT}")
+        except BaseException:
+            self._db.close()
+            raise
+        self._salt = bytes.fromhex(IndexMeta.of(pairs).patient_key_salt)
         self._loaded = _NOTHING
         self._rw = _ReadWriteLock()
         self._refresh_lock = threading.Lock()
@@ -333,8 +488,7 @@ class SimilarCaseIndex:
 
     # --- small helpers -------------------------------------------------------
     def close(self) -> None:
-        with self._db_lock:
-            self._db.close()
+        self._db.close()
 
     def __enter__(self) -> Self:
         return self
@@ -342,45 +496,37 @@ class SimilarCaseIndex:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._db_lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _run(self, statement: Prepared, **params: Any) -> list[Any]:
+        """The rows of a prepared statement (one of the query path's)."""
+        with self._db.reading() as conn:
+            rows: list[Any] = self._db.run(conn, statement, params).fetchall()
+            return rows
 
-    def _select(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._db_lock:
-            return self._db.execute(sql, tuple(args)).fetchall()
+    def _select(self, statement: sa.Executable) -> list[tuple[Any, ...]]:
+        with self._db.reading() as conn:
+            return [tuple(row) for row in conn.execute(statement)]
 
-    def _read_meta(self) -> dict[str, str]:
-        return {r["key"]: r["value"] for r in self._select("SELECT key, value FROM meta")}
+    def _read_meta(self) -> IndexMeta:
+        return IndexMeta.of(self._run(_READ_META))
 
     @property
     def version(self) -> str:
         """Changes on every saved change (adds, deletions, diagnoses); named in the SR."""
-        meta = self._read_meta()
-        return f"{meta['index_id']}.{meta['counter']}"
+        return self._read_meta().version
 
     @property
     def bound_model(self) -> ModelIdentity | None:
         """The model whose embeddings the index holds (None until one is bound)."""
-        meta = self._read_meta()
-        if "model_sha256" not in meta:
-            return None
-        return ModelIdentity(name=meta["model_name"], version=meta["model_version"], sha256=meta["model_sha256"])
+        return self._read_meta().model
 
-    def _check_model(self, meta: dict[str, str], action: str) -> None:
+    def _check_model(self, meta: IndexMeta, action: str) -> None:
         if self.model is None:
             raise ValueError(f"cannot {action}: the index at {self.directory} was opened without a model identity")
-        if meta.get("model_sha256") != self.model.sha256:
+        bound = meta.model
+        if bound is None or bound.sha256 != self.model.sha256:
+            held = "no model" if bound is None else f"model {bound.name} {bound.version} (sha256 {bound.sha256[:12]})"
             raise ValueError(
-                f"cannot {action}: the index at {self.directory} holds embeddings of model "
-                f"{meta.get('model_name')} {meta.get('model_version')} (sha256 {meta.get('model_sha256', '')[:12]}), "
+                f"cannot {action}: the index at {self.directory} holds embeddings of {held}, "
                 f"not of {self.model.name} {self.model.version} (sha256 {self.model.sha256[:12]}); "
                 "run 'sonocase index rebuild' to re-embed the reference images with this model"
             )
@@ -402,11 +548,12 @@ class SimilarCaseIndex:
         return "pk1-" + hmac.new(self._salt, message, hashlib.sha256).hexdigest()[:32]
 
     # --- loading saved versions ---------------------------------------------
-    def _load(self, meta: dict[str, str]) -> _Loaded:
-        name = meta["vectors_file"]
+    def _load(self, meta: IndexMeta) -> _Loaded:
+        name = meta.vectors_file
         if not name:
             return _NOTHING
-        index = hnswlib.Index(space="l2", dim=int(meta["dim"]))
+        assert meta.dim is not None, "a saved graph has a dimension"
+        index = hnswlib.Index(space="l2", dim=meta.dim)
         # Open first, load through the descriptor: a writer may unlink an old file
         # right after it committed a newer one, and a failed hnswlib load is fatal.
         fd = os.open(self.directory / name, os.O_RDONLY)
@@ -415,14 +562,14 @@ class SimilarCaseIndex:
         finally:
             os.close(fd)
         index.set_ef(self.ef)
-        return _Loaded(vectors_file=name, hnsw=index, live=int(meta["live"]), max_id=int(meta["max_id"]))
+        return _Loaded(vectors_file=name, hnsw=index, live=meta.live, max_id=meta.max_id)
 
-    def _refresh(self) -> dict[str, str]:
+    def _refresh(self) -> IndexMeta:
         """Read the pointer to the current saved version; load it if it is new to us."""
         with self._refresh_lock:
             for _ in range(5):
                 meta = self._read_meta()
-                if meta["vectors_file"] == self._loaded.vectors_file:
+                if meta.vectors_file == self._loaded.vectors_file:
                     break
                 try:
                     self._loaded = self._load(meta)
@@ -435,7 +582,7 @@ class SimilarCaseIndex:
 
     # --- writing -------------------------------------------------------------
     @contextmanager
-    def _writing(self) -> Iterator[dict[str, str]]:
+    def _writing(self) -> Iterator[IndexMeta]:
         """One writer at a time (threads and processes), on the latest saved version."""
         with self._write_lock:
             lock_fd = os.open(self.directory / ".write.lock", os.O_CREAT | os.O_RDWR, 0o644)
@@ -473,16 +620,16 @@ class SimilarCaseIndex:
 
     def _save(
         self,
-        meta: dict[str, str],
+        meta: IndexMeta,
         hnsw: hnswlib.Index,
         live: int,
         max_id: int,
-        rows: Callable[[sqlite3.Connection], None],
+        rows: Callable[[sa.Connection], None],
         extra_meta: dict[str, str] | None = None,
     ) -> None:
         """Write ``hnsw`` as the next version's file, then commit ``rows`` with the
         pointer to it; remove the superseded file only after the commit."""
-        counter = int(meta["counter"]) + 1
+        counter = meta.counter + 1
         name = f"vectors-{counter}.hnsw"
         tmp = self.directory / f".tmp-{name}"
         hnsw.save_index(str(tmp))
@@ -503,9 +650,9 @@ class SimilarCaseIndex:
             "dim": str(hnsw.dim),
             **(extra_meta or {}),
         }
-        with self._tx() as db:
+        with self._db.transaction() as db:
             rows(db)
-            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", updates.items())
+            db.execute(_SET_META, _meta_rows(updates))
         self._swap(_Loaded(vectors_file=name, hnsw=hnsw, live=live, max_id=max_id))
         self._remove_stale_files(keep=name)
 
@@ -514,27 +661,22 @@ class SimilarCaseIndex:
             if path.name != keep and (path.name.startswith("vectors-") or path.name.startswith(".tmp-vectors-")):
                 path.unlink(missing_ok=True)
 
-    def _bump(self, db: sqlite3.Connection) -> None:
+    def _bump(self, db: sa.Connection) -> None:
         """A saved change that needs no new graph (a diagnosis): only the version moves."""
-        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'counter'")
+        db.execute(sa.update(schema.meta).where(_m.key == "counter").values(value=sa.cast(_m.value, sa.Integer) + 1))
 
     def known_sop_instance_uids(self, sop_instance_uids: Iterable[str]) -> set[str]:
         """Which of these images the index already holds (also deleted ones), so a
         resumed fill skips them before spending time on inference."""
-        wanted = list(sop_instance_uids)
-        rows = self._select(
-            "SELECT sop_instance_uid FROM images WHERE sop_instance_uid IN (SELECT value FROM json_each(?))",
-            (json.dumps(wanted),),
-        )
-        return {r[0] for r in rows}
+        wanted: sa.BindParameter[str] = sa.bindparam("uids", json.dumps(list(sop_instance_uids)))
+        rows = self._select(sa.select(_im.sop_instance_uid).where(_im.sop_instance_uid.in_(_json_values(wanted))))
+        return {uid for (uid,) in rows}
 
     def known_study_uids(self, study_uids: Iterable[str]) -> set[str]:
         """Which of these studies have images in the index (also deleted ones)."""
-        rows = self._select(
-            "SELECT DISTINCT study_uid FROM images WHERE study_uid IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(study_uids)),),
-        )
-        return {r[0] for r in rows}
+        wanted: sa.BindParameter[str] = sa.bindparam("uids", json.dumps(list(study_uids)))
+        rows = self._select(sa.select(_im.study_uid).distinct().where(_im.study_uid.in_(_json_values(wanted))))
+        return {uid for (uid,) in rows}
 
     def add(self, entries: Sequence[IndexEntry]) -> AddResult:
         """Add reference images and save; images already there (by SOP Instance UID,
@@ -542,13 +684,13 @@ class SimilarCaseIndex:
         if not entries:
             return AddResult(added=0)
         with self._writing() as meta:
-            if self.model is not None and meta.get("model_sha256") != self.model.sha256 and self._count_rows() == 0:
+            if self.model is not None and meta.model != self.model and self._count_rows() == 0:
                 # An empty index takes the model of its first images.
-                with self._tx() as db:
-                    db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", _model_meta(self.model).items())
+                with self._db.transaction() as db:
+                    db.execute(_SET_META, _meta_rows(_model_meta(self.model)))
                 meta = self._refresh()
             self._check_model(meta, "add images")
-            dim = int(meta["dim"]) if meta["dim"] else None
+            dim = meta.dim
             known = self.known_sop_instance_uids(e.sop_instance_uid for e in entries)
             new: dict[str, IndexEntry] = {}
             for entry in entries:
@@ -560,7 +702,7 @@ class SimilarCaseIndex:
             batch = list(new.values())
             vectors = unit_vectors(np.stack([np.asarray(e.embedding) for e in batch]), dim)
             stored = [self._store_reference(e) for e in batch]
-            first_id = int(self._select("SELECT COALESCE(MAX(id), -1) + 1 FROM images")[0][0])
+            first_id = int(self._select(sa.select(sa.func.coalesce(sa.func.max(_im.id), -1) + 1))[0][0])
             ids = np.arange(first_id, first_id + len(batch), dtype=np.uint64)
             now = time.time()
             with self._mutating():
@@ -570,46 +712,42 @@ class SimilarCaseIndex:
                     hnsw.resize_index(needed)
                 hnsw.add_items(vectors, ids, num_threads=os.cpu_count() or 1)
 
-                def rows(db: sqlite3.Connection) -> None:
-                    db.executemany(
-                        "INSERT INTO images (id, sop_instance_uid, frame_number, series_uid, study_uid,"
-                        " sop_class_uid, accession_number, study_date, label, label_source, confirmed,"
-                        " patient_key, image_file, added_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                def rows(db: sa.Connection) -> None:
+                    db.execute(
+                        sa.insert(schema.images),
                         [
-                            (
-                                int(i),
-                                e.sop_instance_uid,
-                                e.frame_number,
-                                e.series_uid,
-                                e.study_uid,
-                                e.sop_class_uid,
-                                e.accession_number,
-                                e.study_date,
-                                e.label.strip(),
-                                e.label_source,
-                                int(e.confirmed),
-                                e.patient_key,
-                                f,
-                                now,
-                                now,
-                            )
+                            {
+                                "id": int(i),
+                                "sop_instance_uid": e.sop_instance_uid,
+                                "frame_number": e.frame_number,
+                                "series_uid": e.series_uid,
+                                "study_uid": e.study_uid,
+                                "sop_class_uid": e.sop_class_uid,
+                                "accession_number": e.accession_number,
+                                "study_date": e.study_date,
+                                "label": e.label.strip(),
+                                "label_source": e.label_source,
+                                "confirmed": int(e.confirmed),
+                                "patient_key": e.patient_key,
+                                "image_file": f,
+                                "added_at": now,
+                                "updated_at": now,
+                            }
                             for i, e, f in zip(ids, batch, stored, strict=True)
                         ],
                     )
 
-                self._save(meta, hnsw, int(meta["live"]) + len(batch), int(ids[-1]), rows)
+                self._save(meta, hnsw, meta.live + len(batch), int(ids[-1]), rows)
         for study_uid in sorted({e.study_uid for e in batch}):
             log.info("added reference images to the similar-case index", extra={"study_uid": study_uid})
         return AddResult(added=len(batch), skipped=skipped)
 
     def _count_rows(self) -> int:
-        return int(self._select("SELECT COUNT(*) FROM images")[0][0])
+        return int(self._select(sa.select(sa.func.count()).select_from(schema.images))[0][0])
 
-    def _new_graph(self, dim: int, meta: dict[str, str]) -> hnswlib.Index:
+    def _new_graph(self, dim: int, meta: IndexMeta) -> hnswlib.Index:
         index = hnswlib.Index(space="l2", dim=dim)
-        index.init_index(
-            max_elements=1, M=int(meta["m"]), ef_construction=int(meta["ef_construction"]), random_seed=100
-        )
+        index.init_index(max_elements=1, M=meta.m, ef_construction=meta.ef_construction, random_seed=100)
         index.set_ef(self.ef)
         return index
 
@@ -642,27 +780,24 @@ class SimilarCaseIndex:
     def mark_deleted(self, study_uid: str, reason: str = "retracted") -> int:
         """Retract a study: its images never come back from a query; return how many."""
         with self._writing() as meta:
-            rows = self._select("SELECT id, image_file FROM images WHERE study_uid=? AND deleted=0", (study_uid,))
+            rows = self._select(sa.select(_im.id, _im.image_file).where(_im.study_uid == study_uid, _im.deleted == 0))
             if not rows:
                 return 0
-            ids = [int(r["id"]) for r in rows]
+            ids = [int(image_id) for image_id, _ in rows]
             now = time.time()
 
-            def update(db: sqlite3.Connection) -> None:
-                db.executemany(
-                    "UPDATE images SET deleted=1, deleted_reason=?, updated_at=? WHERE id=?",
-                    [(reason, now, i) for i in ids],
-                )
+            def update(db: sa.Connection) -> None:
+                db.execute(_MARK_DELETED, [{"image_id": i, "reason": reason, "now": now} for i in ids])
 
             with self._mutating():
                 hnsw = self._loaded.hnsw
                 assert hnsw is not None, "live images always have a saved graph"
                 for label in ids:
                     hnsw.mark_deleted(label)
-                self._save(meta, hnsw, int(meta["live"]) - len(ids), int(meta["max_id"]), update)
-        for row in rows:
-            if row["image_file"]:
-                (self.directory / row["image_file"]).unlink(missing_ok=True)
+                self._save(meta, hnsw, meta.live - len(ids), meta.max_id, update)
+        for _, image_file in rows:
+            if image_file:
+                (self.directory / image_file).unlink(missing_ok=True)
         log.info("marked %d reference images deleted (%s)", len(rows), reason, extra={"study_uid": study_uid})
         return len(rows)
 
@@ -673,10 +808,11 @@ class SimilarCaseIndex:
         _check_label_source(source, True)
         if not label.strip():
             raise ValueError("the diagnosis label is empty")
-        with self._writing(), self._tx() as db:
+        with self._writing(), self._db.transaction() as db:
             changed = db.execute(
-                "UPDATE images SET label=?, label_source=?, confirmed=1, updated_at=? WHERE study_uid=? AND deleted=0",
-                (label.strip(), source, time.time(), study_uid),
+                sa.update(schema.images)
+                .where(_im.study_uid == study_uid, _im.deleted == 0)
+                .values(label=label.strip(), label_source=source, confirmed=1, updated_at=time.time())
             ).rowcount
             if not changed:
                 raise KeyError(f"study {study_uid} is not in the similar-case index")
@@ -689,12 +825,17 @@ class SimilarCaseIndex:
         resumed :meth:`rebuild` has left to do."""
         if self.model is None:
             raise ValueError("cannot rebuild: the index was opened without a model identity")
-        row = self._select(
-            "SELECT COUNT(r.image_id), COUNT(*) FROM images i LEFT JOIN rebuild_vectors r"
-            " ON r.image_id=i.id AND r.model_sha256=? WHERE i.deleted=0",
-            (self.model.sha256,),
+        staged, live = self._select(
+            sa.select(sa.func.count(_rv.image_id), sa.func.count())
+            .select_from(schema.images.outerjoin(schema.rebuild_vectors, self._staged_for_this_model()))
+            .where(_im.deleted == 0)
         )[0]
-        return int(row[0]), int(row[1])
+        return int(staged), int(live)
+
+    def _staged_for_this_model(self) -> sa.ColumnElement[bool]:
+        """Joins an image to the vector a rebuild staged for it with this object's model."""
+        assert self.model is not None
+        return sa.and_(_rv.image_id == _im.id, _rv.model_sha256 == self.model.sha256)
 
     def _stage(self, embed: Callable[[StoredImage], np.ndarray], progress: Callable[[int], None] | None) -> None:
         """Re-embed live images that have no staged vector for this model yet, a
@@ -703,24 +844,29 @@ class SimilarCaseIndex:
         while True:
             todo = self._stored(
                 live_only=True,
-                where=" AND id NOT IN (SELECT image_id FROM rebuild_vectors WHERE model_sha256=?)",
-                args=(self.model.sha256,),
+                where=_im.id.not_in(sa.select(_rv.image_id).where(_rv.model_sha256 == self.model.sha256)),
                 limit=REBUILD_BATCH,
             )
             if not todo:
                 return
-            rows = []
-            for row_id, image in todo:
+            rows: list[dict[str, Any]] = []
+            for row in todo:
+                image = row.stored(self.directory)
+                vector: bytes | None = None
+                failure: str | None = None
                 try:
                     if image.path is None:
                         raise ValueError("added without a stored image")
-                    rows.append((row_id, self.model.sha256, unit_vectors(embed(image))[0].tobytes(), None))
+                    vector = unit_vectors(embed(image))[0].tobytes()
                 except ValueError as exc:
-                    rows.append((row_id, self.model.sha256, None, str(exc)))
+                    failure = str(exc)
+                rows.append(
+                    {"image_id": row.id, "model_sha256": self.model.sha256, "vector": vector, "failure": failure}
+                )
                 if progress is not None:
                     progress(1)
-            with self._tx() as db:
-                db.executemany("INSERT OR REPLACE INTO rebuild_vectors VALUES (?, ?, ?, ?)", rows)
+            with self._db.transaction() as db:
+                db.execute(sa.insert(schema.rebuild_vectors).prefix_with("OR REPLACE"), rows)
 
     def rebuild(
         self, embed: Callable[[StoredImage], np.ndarray], progress: Callable[[int], None] | None = None
@@ -732,40 +878,46 @@ class SimilarCaseIndex:
         are not embedded again. Readers keep the old graph until the new one is saved."""
         if self.model is None:
             raise ValueError("cannot rebuild: the index was opened without a model identity")
-        sha = self.model.sha256
         self._stage(embed, progress)  # the long part, beside queries and other writers
         with self._writing() as meta:
             self._stage(embed, progress)  # images added meanwhile
-            staged = self._select(
-                "SELECT i.id, i.sop_instance_uid, i.image_file, r.vector, r.failure FROM images i"
-                " JOIN rebuild_vectors r ON r.image_id=i.id AND r.model_sha256=? WHERE i.deleted=0 ORDER BY i.id",
-                (sha,),
-            )
-            ok = [r for r in staged if r["vector"] is not None]
-            failed = {r["sop_instance_uid"]: r["failure"] for r in staged if r["vector"] is None}
+            staged = [
+                StagedRow(*row)
+                for row in self._select(
+                    sa.select(_im.id, _im.sop_instance_uid, _im.image_file, _rv.vector, _rv.failure)
+                    .join(schema.rebuild_vectors, self._staged_for_this_model())
+                    .where(_im.deleted == 0)
+                    .order_by(_im.id)
+                )
+            ]
+            ok = [(r.id, r.vector) for r in staged if r.vector is not None]
+            failed = {r.sop_instance_uid: r.failure or "" for r in staged if r.vector is None}
             if not ok:
                 raise ValueError(
                     f"none of the {len(staged)} reference images could be re-embedded; the index is left as it was"
                 )
             now = time.time()
 
-            def update(db: sqlite3.Connection) -> None:
-                db.executemany(
-                    "UPDATE images SET deleted=1, deleted_reason=?, updated_at=? WHERE id=?",
-                    [(f"rebuild: {r['failure']}", now, r["id"]) for r in staged if r["vector"] is None],
-                )
-                db.execute("DELETE FROM rebuild_vectors")  # this model's are in the graph; others' are stale
+            def update(db: sa.Connection) -> None:
+                gone = [
+                    {"image_id": r.id, "reason": f"rebuild: {r.failure}", "now": now}
+                    for r in staged
+                    if r.vector is None
+                ]
+                if gone:
+                    db.execute(_MARK_DELETED, gone)
+                db.execute(sa.delete(schema.rebuild_vectors))  # this model's are in the graph; others' are stale
 
             # A new graph object: queries keep using the old one until the swap.
-            matrix = unit_vectors(np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in ok]))
-            ids = [int(r["id"]) for r in ok]
+            matrix = unit_vectors(np.stack([np.frombuffer(vector, dtype=np.float32) for _, vector in ok]))
+            ids = [image_id for image_id, _ in ok]
             hnsw = self._new_graph(matrix.shape[1], meta)
             hnsw.resize_index(len(ids))
             hnsw.add_items(matrix, np.asarray(ids, dtype=np.uint64), num_threads=os.cpu_count() or 1)
             self._save(meta, hnsw, len(ids), max(ids), update, extra_meta=_model_meta(self.model))
         for r in staged:
-            if r["vector"] is None and r["image_file"]:
-                (self.directory / r["image_file"]).unlink(missing_ok=True)
+            if r.vector is None and r.image_file:
+                (self.directory / r.image_file).unlink(missing_ok=True)
         log.info(
             "rebuilt the similar-case index with model %s %s: %d images, %d failed",
             self.model.name,
@@ -777,65 +929,58 @@ class SimilarCaseIndex:
 
     # --- reading -------------------------------------------------------------
     def _stored(
-        self, live_only: bool, where: str = "", args: Sequence[Any] = (), limit: int | None = None
-    ) -> list[tuple[int, StoredImage]]:
-        sql = "SELECT * FROM images WHERE 1=1" + (" AND deleted=0" if live_only else "") + where + " ORDER BY id"
-        if limit is not None:
-            sql, args = sql + " LIMIT ?", (*args, limit)
-        return [
-            (
-                int(r["id"]),
-                StoredImage(
-                    sop_instance_uid=r["sop_instance_uid"],
-                    frame_number=r["frame_number"],
-                    series_uid=r["series_uid"],
-                    study_uid=r["study_uid"],
-                    sop_class_uid=r["sop_class_uid"],
-                    label=r["label"],
-                    label_source=r["label_source"],
-                    confirmed=bool(r["confirmed"]),
-                    path=self.directory / r["image_file"] if r["image_file"] else None,
-                ),
-            )
-            for r in self._select(sql, args)
-        ]
+        self, live_only: bool, where: sa.ColumnElement[bool] | None = None, limit: int | None = None
+    ) -> list[ImageRow]:
+        stmt = sa.select(*_IMAGE_COLUMNS).order_by(_im.id).limit(limit)
+        if live_only:
+            stmt = stmt.where(_im.deleted == 0)
+        if where is not None:
+            stmt = stmt.where(where)
+        return [ImageRow.of(row) for row in self._select(stmt)]
 
     def stored_images(self) -> list[StoredImage]:
         """Every live reference image (what ``rebuild`` re-embeds)."""
-        return [image for _, image in self._stored(live_only=True)]
+        return [row.stored(self.directory) for row in self._stored(live_only=True)]
 
     def reference_image(self, sop_instance_uid: str) -> StoredImage | None:
         """The stored copy of a live reference image (for the similar-cases montage)."""
-        found = self._stored(live_only=True, where=" AND sop_instance_uid=?", args=(sop_instance_uid,))
-        return found[0][1] if found else None
+        found = self._stored(live_only=True, where=_im.sop_instance_uid == sop_instance_uid)
+        return found[0].stored(self.directory) if found else None
 
     def info(self) -> IndexInfo:
         meta = self._read_meta()
-        counts = self._select(
-            "SELECT SUM(deleted=0), SUM(deleted=1), COUNT(DISTINCT CASE WHEN deleted=0 THEN study_uid END),"
-            " COUNT(DISTINCT CASE WHEN deleted=0 AND confirmed=1 THEN study_uid END) FROM images"
+        live = _im.deleted == 0
+        images, deleted, studies, confirmed_studies = self._select(
+            sa.select(
+                sa.func.sum(sa.cast(live, sa.Integer)),
+                sa.func.sum(_im.deleted),
+                sa.func.count(sa.distinct(sa.case((live, _im.study_uid)))),
+                sa.func.count(sa.distinct(sa.case((sa.and_(live, _im.confirmed == 1), _im.study_uid)))),
+            )
         )[0]
         by_label: dict[str, dict[str, int]] = {}
-        for r in self._select(
-            "SELECT label, label_source, COUNT(DISTINCT study_uid) FROM images WHERE deleted=0"
-            " GROUP BY label, label_source ORDER BY label, label_source"
+        for label, source, count in self._select(
+            sa.select(_im.label, _im.label_source, sa.func.count(sa.distinct(_im.study_uid)))
+            .where(live)
+            .group_by(_im.label, _im.label_source)
+            .order_by(_im.label, _im.label_source)
         ):
-            by_label.setdefault(r[0], {})[r[1]] = int(r[2])
-        vectors = self.directory / meta["vectors_file"] if meta["vectors_file"] else None
+            by_label.setdefault(label, {})[source] = int(count)
+        vectors = self.directory / meta.vectors_file if meta.vectors_file else None
         return IndexInfo(
             directory=self.directory,
-            version=f"{meta['index_id']}.{meta['counter']}",
-            model=self.bound_model,
-            dim=int(meta["dim"]) if meta["dim"] else None,
-            images=int(counts[0] or 0),
-            deleted=int(counts[1] or 0),
-            studies=int(counts[2]),
-            confirmed_studies=int(counts[3]),
+            version=meta.version,
+            model=meta.model,
+            dim=meta.dim,
+            images=int(images or 0),
+            deleted=int(deleted or 0),
+            studies=int(studies),
+            confirmed_studies=int(confirmed_studies),
             by_label=by_label,
             vectors_bytes=vectors.stat().st_size if vectors is not None else 0,
             ef=self.ef,
-            m=int(meta["m"]),
-            ef_construction=int(meta["ef_construction"]),
+            m=meta.m,
+            ef_construction=meta.ef_construction,
         )
 
     def query(
@@ -857,8 +1002,7 @@ class SimilarCaseIndex:
         """
         meta = self._refresh()
         self._check_model(meta, "query")
-        dim = int(meta["dim"]) if meta["dim"] else None
-        queries = unit_vectors(embeddings, dim)
+        queries = unit_vectors(embeddings, meta.dim)
         if query_sop_instance_uids is not None and len(query_sop_instance_uids) != len(queries):
             raise ValueError(f"{len(queries)} embeddings but {len(query_sop_instance_uids)} query SOP Instance UIDs")
         if k_studies < 1:
@@ -871,23 +1015,30 @@ class SimilarCaseIndex:
             allowed = loaded.live - len(excluded)
             k = min(allowed, max(MIN_NEIGHBOURS, 4 * k_studies))
             best: dict[str, tuple[float, int, int]] = {}  # study -> (squared distance, image id, query row)
-            rows: dict[int, sqlite3.Row] = {}
+            studies: dict[int, str | None] = {}  # image id -> its study; None: not to be returned
             while k > 0:
                 ids, squared = self._neighbours(loaded, queries, k, excluded)
-                rows.update(self._rows(set(ids.ravel().tolist()) - rows.keys()))
+                studies.update(
+                    self._studies(
+                        set(ids.ravel().tolist()) - studies.keys(),
+                        exclude_study_uid,
+                        exclude_patient_key or "",
+                        confirmed_only,
+                    )
+                )
                 best = {}
                 for q, (id_row, d_row) in enumerate(zip(ids, squared, strict=True)):
                     for image_id, d2 in zip(id_row.tolist(), d_row.tolist(), strict=True):
-                        row = rows.get(image_id)
-                        if row is None or not _eligible(row, exclude_study_uid, exclude_patient_key, confirmed_only):
+                        study = studies.get(image_id)
+                        if study is None:
                             continue  # excluded, or changed since this version was saved
-                        study = row["study_uid"]
                         if study not in best or d2 < best[study][0]:
                             best[study] = (d2, image_id, q)
                 if len(best) >= k_studies or k >= allowed:
                     break
                 k = min(allowed, k * 4)
         ranked = sorted(best.items(), key=lambda item: (item[1][0], item[0]))[:k_studies]
+        rows = self._rows({image_id for _, (_, image_id, _) in ranked})
         result = []
         for study, (d2, image_id, q) in ranked:
             row = rows[image_id]
@@ -895,13 +1046,13 @@ class SimilarCaseIndex:
             result.append(
                 SimilarStudy(
                     study_uid=study,
-                    series_uid=row["series_uid"],
-                    sop_instance_uid=row["sop_instance_uid"],
-                    sop_class_uid=row["sop_class_uid"],
-                    accession_number=row["accession_number"],
-                    study_date=row["study_date"],
-                    label=row["label"],
-                    label_source=row["label_source"],
+                    series_uid=row.series_uid,
+                    sop_instance_uid=row.sop_instance_uid,
+                    sop_class_uid=row.sop_class_uid,
+                    accession_number=row.accession_number,
+                    study_date=row.study_date,
+                    label=row.label,
+                    label_source=row.label_source,
                     distance=distance,
                     similarity=similarity,
                     query_sop_instance_uid=query_sop_instance_uids[q] if query_sop_instance_uids is not None else "",
@@ -911,18 +1062,10 @@ class SimilarCaseIndex:
 
     def _excluded_ids(self, max_id: int, study_uid: str, patient_key: str, confirmed_only: bool) -> np.ndarray:
         """Live images of this graph a query must not return."""
-        # A UNION of indexed look-ups: an OR of the three would scan the whole table.
-        parts, args = ["SELECT id FROM images WHERE study_uid=?"], [study_uid]
-        if patient_key:
-            parts.append("SELECT id FROM images WHERE patient_key=?")
-            args.append(patient_key)
-        if confirmed_only:
-            parts.append("SELECT id FROM images WHERE confirmed=0")
-        rows = self._select(
-            f"SELECT id FROM images WHERE deleted=0 AND id<=? AND id IN ({' UNION '.join(parts)})",
-            (max_id, *args),
+        rows = self._run(
+            _EXCLUDED[bool(patient_key), confirmed_only], max_id=max_id, study_uid=study_uid, patient_key=patient_key
         )
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        return np.fromiter((image_id for (image_id,) in rows), dtype=np.int64, count=len(rows))
 
     def _neighbours(
         self, loaded: _Loaded, queries: np.ndarray, k: int, excluded: np.ndarray
@@ -961,26 +1104,29 @@ class SimilarCaseIndex:
         return candidates[order], np.take_along_axis(squared, order, axis=1)
 
     def _live_ids(self, max_id: int, allowed_mask: np.ndarray | None) -> np.ndarray:
-        rows = self._select("SELECT id FROM images WHERE deleted=0 AND id<=?", (max_id,))
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        rows = self._run(_LIVE_IDS, max_id=max_id)
+        ids = np.fromiter((image_id for (image_id,) in rows), dtype=np.int64, count=len(rows))
         return ids if allowed_mask is None else ids[allowed_mask[ids]]
 
-    def _rows(self, ids: set[int]) -> dict[int, sqlite3.Row]:
+    def _studies(self, ids: set[int], study_uid: str, patient_key: str, confirmed_only: bool) -> dict[int, str | None]:
+        """The study of each of these images; None for one a query that excludes
+        ``study_uid``, ``patient_key`` (and unconfirmed studies) must not return."""
         if not ids:
             return {}
-        found = self._select(
-            "SELECT * FROM images WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(ids)),)
+        rows = self._run(
+            _NEIGHBOURS,
+            ids=json.dumps(sorted(ids)),
+            study_uid=study_uid,
+            patient_key=patient_key,
+            confirmed_only=int(confirmed_only),
         )
-        return {int(r["id"]): r for r in found}
+        return {image_id: study if eligible else None for image_id, study, eligible in rows}
 
-
-def _eligible(row: sqlite3.Row, study_uid: str, patient_key: str | None, confirmed_only: bool) -> bool:
-    return not (
-        row["deleted"]
-        or row["study_uid"] == study_uid
-        or (patient_key and row["patient_key"] == patient_key)
-        or (confirmed_only and not row["confirmed"])
-    )
+    def _rows(self, ids: set[int]) -> dict[int, ImageRow]:
+        if not ids:
+            return {}
+        found = [ImageRow.of(row) for row in self._run(_IMAGES_BY_ID, ids=json.dumps(sorted(ids)))]
+        return {row.id: row for row in found}
 
 
 def _model_meta(model: ModelIdentity) -> dict[str, str]:

@@ -7,7 +7,7 @@ import getpass
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from service.ledger import Ledger, StudyState
 from service.ledger.schema import studies
 from service.model.guard import FEATURES
+from service.results import ImageResult, ModelIdentity, StudyAttributes, StudyResult, StudySummary
 
 #: DCMTK's tools; pynetdicom installs same-named apps into the venv, so use full paths.
 DCMTK = Path("/usr/bin")
@@ -129,3 +130,27 @@ def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
         capture_output=True,
     )
     return cert, key
+
+
+def a_result(
+    study_uid: str,
+    generation: int,
+    images: Sequence[ImageResult] = (),
+    study: StudyAttributes | None = None,
+    predicted: str | None = None,
+) -> StudyResult:
+    """The smallest valid result of a study (no frames unless ``images`` has some):
+    what a test of the ledger or the status views stores and reads back."""
+    return StudyResult(
+        study_uid=study_uid,
+        generation=generation,
+        model=ModelIdentity(name="test", version="1", sha256="0" * 64),
+        study=study or StudyAttributes(),
+        images=list(images),
+        summary=StudySummary(
+            predicted=predicted,
+            probability=None if predicted is None else 0.8,
+            decisive_sop_instance_uid=None,
+            out_of_distribution=False,
+        ),
+    )

@@ -250,7 +250,7 @@ def analysed_study(settings: Settings, ledger: Ledger, files: Sequence[str] = ST
     assert generation is not None
     result, references = analyse(settings, study_uid, paths, generation=generation, **kwargs)  # type: ignore[arg-type]
     # the report lease a worker holds while it reports the study
-    assert ledger.finish_analysis(study_uid, generation, result.model_dump(), lease_s=settings.task_lease_s)
+    assert ledger.finish_analysis(study_uid, generation, result, lease_s=settings.task_lease_s)
     assert ledger.study(study_uid).state == StudyState.ANALYSED
     return Study(study_uid, paths, result, references)
 

@@ -108,7 +108,7 @@ def record_analysis(
     assert ledger.finish_analysis(
         rec.study_uid,
         generation,
-        result.model_dump(mode="json"),
+        result,
         now=now + 8,
         images_analysed=analysed,
         images_not_assessed=not_assessed,

@@ -11,7 +11,6 @@ version: it is adopted at :data:`BASELINE`. One a newer Sonocase upgraded is ref
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,12 +25,11 @@ BASELINE = "i0001"
 _HERE = Path(__file__).resolve().parent
 
 
-def revision(db: sqlite3.Connection) -> str | None:
+def revision(db: sa.Connection) -> str | None:
     """The index's schema revision (None: none recorded yet)."""
-    if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'").fetchone():
-        return None
-    row = db.execute("SELECT version_num FROM alembic_version").fetchone()
-    return str(row[0]) if row else None
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(db).get_current_revision()
 
 
 def _config(connection: sa.Connection) -> Config:
