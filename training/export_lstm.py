@@ -1,0 +1,139 @@
+"""The row LSTM as the exported Grad-CAM graph runs it.
+
+Traced through autograd, an LSTM unrolls into a dozen small ops per row forward and
+twice as many backward: at batch 1 it is those ops' count, not their arithmetic, that
+makes most of the heatmap's cost in ONNX Runtime. :class:`ExportedRowLSTM` computes
+the same function and gradient with few ops: the forward pass is one ONNX ``LSTM`` node
+(the ``sonocase::lstm_hidden`` op, translated by :data:`TRANSLATIONS`) and its backward
+pass is written by hand: the gates of all rows recomputed at once from the hidden
+states, then the rows walked back with six small ops each, and the input gradient of
+every row taken in one matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from onnxscript import opset18 as op
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from training.models import RowRNN
+
+
+@torch.library.custom_op("sonocase::lstm_hidden", mutates_args=())
+def lstm_hidden(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """Every hidden state [T, N, H] of a one-layer LSTM (PyTorch's weights and gate
+    order) reading ``x`` [T, N, F] from a zero state."""
+    zeros = x.new_zeros(1, x.shape[1], w_hh.shape[1])
+    hidden: Tensor = torch.lstm(x, (zeros, zeros), (w_ih, w_hh, b_ih, b_hh), True, 1, 0.0, False, False, False)[0]
+    return hidden
+
+
+@lstm_hidden.register_fake
+def _lstm_hidden_shape(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1])
+
+
+def _onnx_lstm_hidden(x: Any, w_ih: Any, w_hh: Any, b_ih: Any, b_hh: Any) -> Any:
+    """``lstm_hidden`` as ONNX's LSTM node; the weights are constants, so the gate
+    reordering (PyTorch's i, f, g, o to ONNX's i, o, f, c) folds away at export."""
+    size = w_hh.shape[1]
+
+    def iofc(weight: Any) -> Any:
+        i, f, g, o = (op.Slice(weight, [k * size], [(k + 1) * size], [0]) for k in range(4))
+        return op.Concat(i, o, f, g, axis=0)
+
+    bias = op.Concat(iofc(b_ih), iofc(b_hh), axis=0)
+    y, _, _ = op.LSTM(
+        x, op.Unsqueeze(iofc(w_ih), [0]), op.Unsqueeze(iofc(w_hh), [0]), op.Unsqueeze(bias, [0]), hidden_size=size
+    )
+    return op.Squeeze(y, [1])  # [T, directions = 1, N, H]
+
+
+#: The ONNX exporter's translation of the op this module adds.
+TRANSLATIONS = {torch.ops.sonocase.lstm_hidden.default: _onnx_lstm_hidden}
+
+
+class _LastHidden(torch.autograd.Function):
+    """``rows`` [N, T, F] -> the last hidden state [N, H], with the hand-written backward."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, lstm: ExportedRowLSTM) -> Tensor:
+        x = rows.transpose(0, 1)
+        rnn = lstm.rows.rnn
+        hidden = torch.ops.sonocase.lstm_hidden(x, rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+        ctx.save_for_backward(x, hidden)
+        ctx.lstm = lstm
+        return hidden[-1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        x, hidden = ctx.saved_tensors
+        return ctx.lstm.input_gradient(x, hidden, grad).transpose(0, 1), None
+
+
+class ExportedRowLSTM(nn.Module):
+    """A :class:`RowRNN` over a one-directional LSTM, for export: the same forward, and
+    the gradient of the last hidden state with respect to the rows as
+    :func:`ExportedRowLSTM.input_gradient` computes it."""
+
+    def __init__(self, rows: RowRNN) -> None:
+        super().__init__()
+        if not self.handles(rows):
+            raise ValueError("only a one-layer, one-directional LSTM without projection has this backward")
+        self.rows = rows
+        rnn = rows.rnn
+        size = rnn.hidden_size
+        # Gates in ONNX's order (i, o, f, g): the three sigmoid gates side by side.
+        order = torch.cat([torch.arange(k * size, (k + 1) * size) for k in (0, 3, 1, 2)])
+        with torch.no_grad():
+            self.register_buffer("w_x", rnn.weight_ih_l0[order].clone())
+            self.register_buffer("w_h", rnn.weight_hh_l0[order].unsqueeze(0).clone())
+            self.register_buffer("w_xh_t", torch.cat([self.w_x, self.w_h[0]], dim=1).t().contiguous())
+            self.register_buffer("bias", (rnn.bias_ih_l0 + rnn.bias_hh_l0)[order])
+
+    @staticmethod
+    def handles(rows: RowRNN) -> bool:
+        rnn = rows.rnn
+        return isinstance(rnn, nn.LSTM) and not rnn.bidirectional and rnn.num_layers == 1 and not rnn.proj_size
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        last: Tensor = _LastHidden.apply(self.rows.sequence(fmap), self)
+        return last
+
+    def input_gradient(self, x: Tensor, hidden: Tensor, grad: Tensor) -> Tensor:
+        """d (grad . h_T) / d x [T, N, F] for the input ``x`` [T, N, F] whose hidden
+        states were ``hidden`` [T, N, H]: LSTM backpropagation through time, with
+        everything that does not depend on the step before done for all steps at once."""
+        size, steps = self.rows.rnn.hidden_size, x.shape[0]
+        before = F.pad(hidden[:-1], (0, 0, 0, 0, 1, 0))  # the state each step starts from
+        z = torch.cat([x, before], dim=2) @ self.w_xh_t + self.bias
+        sig_z, g_z = z.split([3 * size, size], dim=2)
+        gates, g = torch.sigmoid(sig_z), torch.tanh(g_z)
+        i, o, f = gates.split(size, dim=2)
+        ig = i * g
+        forget, inflow = f.split(1), ig.split(1)
+        cells = [inflow[0]]
+        for t in range(1, steps):
+            cells.append(forget[t] * cells[-1] + inflow[t])
+        cell = torch.cat(cells)
+        tanh_cell = torch.tanh(cell)
+        # d z (i, o, f, g) = (dc, dh, dc, dc) * scale, and dc = dh * cell_gain + dc_next * f_next
+        scale = torch.cat(
+            [
+                torch.cat([g, tanh_cell, F.pad(cell[:-1], (0, 0, 0, 0, 1, 0))], dim=2) * (gates - gates * gates),
+                i - ig * g,
+            ],
+            dim=2,
+        ).split(1)
+        cell_gain = (o - hidden * tanh_cell).split(1)  # o (1 - tanh^2 c); hidden = o tanh c
+        dh, dc = grad.unsqueeze(0), None
+        dz = []
+        for t in reversed(range(steps)):
+            dc = dh * cell_gain[t] if dc is None else dh * cell_gain[t] + dc * forget[t + 1]
+            dz.append(torch.cat([dc, dh, dc, dc], dim=2) * scale[t])
+            if t:
+                dh = torch.bmm(dz[-1], self.w_h)  # [1, N, 4H] x [1, 4H, H]: no reshapes around it
+        return torch.cat(dz[::-1]) @ self.w_x
