@@ -189,12 +189,12 @@ def _max_pool2d_backward(
     ceil_mode: bool,
     indices: torch.Tensor,
 ) -> torch.Tensor:
-    """The input gradient of VGG's 2x2 max-pool without indices: each output's gradient
-    goes to the first position of its window (row by row) that holds the window's
-    maximum, as PyTorch's pooling picks it and as ONNX's ArgMax does. The exporter's
-    own route turns pooling indices into per-plane ones with an extra pooling pass and
-    scatters with them, most of the gradient graph's time besides its convolutions.
-    Other poolings keep PyTorch's decomposition."""
+    """The input gradient of VGG's 2x2 max-pool without the pooling indices: each
+    output's gradient is scattered to the first position of its window (row by row)
+    that holds the window's maximum, found by ArgMax, as PyTorch's pooling picks it.
+    The exporter's own route turns pooling indices into per-plane ones with an extra
+    pooling pass and scatters with them, most of the gradient graph's time besides its
+    convolutions. Other poolings keep PyTorch's decomposition."""
     n, c, h, w = input.shape
     vgg_pool = list(kernel_size) == list(stride) == [2, 2] and not any(padding) and list(dilation) in ([1, 1], [1])
     if not vgg_pool or h % 2 or w % 2:
@@ -203,8 +203,7 @@ def _max_pool2d_backward(
         )
     # [N, C, h/2, w/2, 4]: each window's four positions in raster order on the last axis
     windows = input.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
-    first = windows.argmax(dim=4, keepdim=True) == torch.arange(4)
-    shares = first.to(grad_output.dtype) * grad_output.unsqueeze(4)
+    shares = torch.zeros_like(windows).scatter(4, windows.argmax(dim=4, keepdim=True), grad_output.unsqueeze(4))
     return shares.reshape(n, c, h // 2, w // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
 
 
