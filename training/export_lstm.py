@@ -21,34 +21,43 @@ from torch.nn import functional as F
 
 from training.models import RowRNN
 
+#: PyTorch's LSTM gate blocks (i, f, g, o) in ONNX's order (i, o, f, c): the three
+#: sigmoid gates side by side, the cell's candidate last.
+ONNX_GATES = (0, 3, 1, 2)
+#: ONNX's gate blocks in PyTorch's order.
+TORCH_GATES = (0, 2, 3, 1)
+
+
+def _blocks(weight: Tensor, order: tuple[int, ...]) -> Tensor:
+    """``weight``'s four gate blocks (rows) in ``order``."""
+    blocks = weight.chunk(4)
+    return torch.cat([blocks[k] for k in order])
+
 
 @torch.library.custom_op("sonocase::lstm_hidden", mutates_args=())
-def lstm_hidden(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
-    """Every hidden state [T, N, H] of a one-layer LSTM (PyTorch's weights and gate
-    order) reading ``x`` [T, N, F] from a zero state."""
-    zeros = x.new_zeros(1, x.shape[1], w_hh.shape[1])
-    hidden: Tensor = torch.lstm(x, (zeros, zeros), (w_ih, w_hh, b_ih, b_hh), True, 1, 0.0, False, False, False)[0]
+def lstm_hidden(x: Tensor, w: Tensor, r: Tensor, b: Tensor) -> Tensor:
+    """Every hidden state [T, N, H] of a one-layer LSTM reading ``x`` [T, N, F] from a
+    zero state, with ONNX's weights: input ``w`` [4H, F], recurrent ``r`` [4H, H] and
+    the two biases summed, ``b`` [4H], gates in ONNX's order."""
+    w_ih, w_hh, b_ih = (_blocks(t, TORCH_GATES) for t in (w, r, b))
+    zeros = x.new_zeros(1, x.shape[1], r.shape[1])
+    weights = (w_ih, w_hh, b_ih, torch.zeros_like(b_ih))
+    hidden: Tensor = torch.lstm(x, (zeros, zeros), weights, True, 1, 0.0, False, False, False)[0]
     return hidden
 
 
 @lstm_hidden.register_fake
-def _lstm_hidden_shape(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1])
+def _lstm_hidden_shape(x: Tensor, w: Tensor, r: Tensor, b: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], r.shape[1])
 
 
-def _onnx_lstm_hidden(x: Any, w_ih: Any, w_hh: Any, b_ih: Any, b_hh: Any) -> Any:
-    """``lstm_hidden`` as ONNX's LSTM node; the weights are constants, so the gate
-    reordering (PyTorch's i, f, g, o to ONNX's i, o, f, c) folds away at export."""
-    size = w_hh.shape[1]
-
-    def iofc(weight: Any) -> Any:
-        i, f, g, o = (op.Slice(weight, [k * size], [(k + 1) * size], [0]) for k in range(4))
-        return op.Concat(i, o, f, g, axis=0)
-
-    bias = op.Concat(iofc(b_ih), iofc(b_hh), axis=0)
-    y, _, _ = op.LSTM(
-        x, op.Unsqueeze(iofc(w_ih), [0]), op.Unsqueeze(iofc(w_hh), [0]), op.Unsqueeze(bias, [0]), hidden_size=size
-    )
+def _onnx_lstm_hidden(x: Any, w: Any, r: Any, b: Any) -> Any:
+    """``lstm_hidden`` as ONNX's LSTM node. Its extra dimensions and zero recurrent
+    bias are ops on constants, folded when ONNX Runtime loads the file: the file keeps
+    one copy of the weights, which the hand-written backward reads too."""
+    size = r.shape[1]
+    bias = op.Unsqueeze(op.Pad(b, [0, 4 * size]), [0])
+    y, _, _ = op.LSTM(x, op.Unsqueeze(w, [0]), op.Unsqueeze(r, [0]), bias, hidden_size=size)
     return op.Squeeze(y, [1])  # [T, directions = 1, N, H]
 
 
@@ -62,8 +71,7 @@ class _LastHidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, rows: Tensor, lstm: ExportedRowLSTM) -> Tensor:
         x = rows.transpose(0, 1)
-        rnn = lstm.rows.rnn
-        hidden = torch.ops.sonocase.lstm_hidden(x, rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+        hidden = torch.ops.sonocase.lstm_hidden(x, lstm.w_x, lstm.w_h, lstm.bias)
         ctx.save_for_backward(x, hidden)
         ctx.lstm = lstm
         return hidden[-1]
@@ -85,14 +93,10 @@ class ExportedRowLSTM(nn.Module):
             raise ValueError("only a one-layer, one-directional LSTM without projection has this backward")
         self.rows = rows
         rnn = rows.rnn
-        size = rnn.hidden_size
-        # Gates in ONNX's order (i, o, f, g): the three sigmoid gates side by side.
-        order = torch.cat([torch.arange(k * size, (k + 1) * size) for k in (0, 3, 1, 2)])
         with torch.no_grad():
-            self.register_buffer("w_x", rnn.weight_ih_l0[order].clone())
-            self.register_buffer("w_h", rnn.weight_hh_l0[order].unsqueeze(0).clone())
-            self.register_buffer("w_xh_t", torch.cat([self.w_x, self.w_h[0]], dim=1).t().contiguous())
-            self.register_buffer("bias", (rnn.bias_ih_l0 + rnn.bias_hh_l0)[order])
+            self.register_buffer("w_x", _blocks(rnn.weight_ih_l0, ONNX_GATES))
+            self.register_buffer("w_h", _blocks(rnn.weight_hh_l0, ONNX_GATES))
+            self.register_buffer("bias", _blocks(rnn.bias_ih_l0 + rnn.bias_hh_l0, ONNX_GATES))
 
     @staticmethod
     def handles(rows: RowRNN) -> bool:
@@ -109,7 +113,7 @@ class ExportedRowLSTM(nn.Module):
         everything that does not depend on the step before done for all steps at once."""
         size, steps = self.rows.rnn.hidden_size, x.shape[0]
         before = F.pad(hidden[:-1], (0, 0, 0, 0, 1, 0))  # the state each step starts from
-        z = torch.cat([x, before], dim=2) @ self.w_xh_t + self.bias
+        z = torch.cat([x, before], dim=2) @ torch.cat([self.w_x, self.w_h], dim=1).t() + self.bias
         sig_z, g_z = z.split([3 * size, size], dim=2)
         gates, g = torch.sigmoid(sig_z), torch.tanh(g_z)
         i, o, f = gates.split(size, dim=2)
@@ -135,5 +139,5 @@ class ExportedRowLSTM(nn.Module):
             dc = dh * cell_gain[t] if dc is None else dh * cell_gain[t] + dc * forget[t + 1]
             dz.append(torch.cat([dc, dh, dc, dc], dim=2) * scale[t])
             if t:
-                dh = torch.bmm(dz[-1], self.w_h)  # [1, N, 4H] x [1, 4H, H]: no reshapes around it
+                dh = torch.bmm(dz[-1], self.w_h.unsqueeze(0))  # [1, N, 4H] x [1, 4H, H]: no reshapes
         return torch.cat(dz[::-1]) @ self.w_x
