@@ -66,11 +66,10 @@ TRANSLATIONS = {torch.ops.sonocase.lstm_hidden.default: _onnx_lstm_hidden}
 
 
 class _LastHidden(torch.autograd.Function):
-    """``rows`` [N, T, F] -> the last hidden state [N, H], with the hand-written backward."""
+    """``x`` [T, N, F] -> the last hidden state [N, H], with the hand-written backward."""
 
     @staticmethod
-    def forward(ctx: Any, rows: Tensor, lstm: ExportedRowLSTM) -> Tensor:
-        x = rows.transpose(0, 1)
+    def forward(ctx: Any, x: Tensor, lstm: ExportedRowLSTM) -> Tensor:
         hidden = torch.ops.sonocase.lstm_hidden(x, lstm.w_x, lstm.w_h, lstm.bias)
         ctx.save_for_backward(x, hidden)
         ctx.lstm = lstm
@@ -79,7 +78,7 @@ class _LastHidden(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         x, hidden = ctx.saved_tensors
-        return ctx.lstm.input_gradient(x, hidden, grad).transpose(0, 1), None
+        return ctx.lstm.input_gradient(x, hidden, grad), None
 
 
 class ExportedRowLSTM(nn.Module):
@@ -104,7 +103,7 @@ class ExportedRowLSTM(nn.Module):
         return isinstance(rnn, nn.LSTM) and not rnn.bidirectional and rnn.num_layers == 1 and not rnn.proj_size
 
     def forward(self, fmap: Tensor) -> Tensor:
-        last: Tensor = _LastHidden.apply(self.rows.sequence(fmap), self)
+        last: Tensor = _LastHidden.apply(self.rows.sequence(fmap, time_major=True), self)
         return last
 
     def input_gradient(self, x: Tensor, hidden: Tensor, grad: Tensor) -> Tensor:
@@ -113,7 +112,8 @@ class ExportedRowLSTM(nn.Module):
         everything that does not depend on the step before done for all steps at once."""
         size, steps = self.rows.rnn.hidden_size, x.shape[0]
         before = F.pad(hidden[:-1], (0, 0, 0, 0, 1, 0))  # the state each step starts from
-        z = torch.cat([x, before], dim=2) @ torch.cat([self.w_x, self.w_h], dim=1).t() + self.bias
+        weights = torch.cat([self.w_x, self.w_h], dim=1).t()
+        z = torch.addmm(self.bias, torch.cat([x, before], dim=2).flatten(0, 1), weights).view(steps, -1, 4 * size)
         sig_z, g_z = z.split([3 * size, size], dim=2)
         gates, g = torch.sigmoid(sig_z), torch.tanh(g_z)
         i, o, f = gates.split(size, dim=2)

@@ -209,9 +209,11 @@ class RowRNN(nn.Module):
         self.out_features = config.rnn_hidden * (2 if config.bidirectional else 1)
 
     @staticmethod
-    def sequence(fmap: Tensor) -> Tensor:
-        """The map's rows as the sequence the RNN reads: [N, h, C*w]."""
+    def sequence(fmap: Tensor, *, time_major: bool = False) -> Tensor:
+        """The map's rows as the sequence the RNN reads: [N, h, C*w], or [h, N, C*w]."""
         n, c, h, w = fmap.shape
+        if time_major:
+            return fmap.permute(2, 0, 1, 3).reshape(h, n, c * w)
         return fmap.permute(0, 2, 1, 3).reshape(n, h, c * w)
 
     def forward(self, fmap: Tensor) -> Tensor:
