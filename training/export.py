@@ -190,8 +190,9 @@ def _max_pool2d_backward(
     indices: torch.Tensor,
 ) -> torch.Tensor:
     """The input gradient of VGG's 2x2 max-pool without the pooling indices: each
-    output's gradient is scattered to the first position of its window (row by row)
-    that holds the window's maximum, found by ArgMax, as PyTorch's pooling picks it.
+    output's gradient goes to the first position of its window (row by row) that holds
+    the window's maximum, found by ArgMax, as PyTorch's pooling picks it (a one-hot
+    product: ONNX Runtime's ScatterElements is slower here).
     The exporter's own route turns pooling indices into per-plane ones with an extra
     pooling pass and scatters with them, most of the gradient graph's time besides its
     convolutions. Other poolings keep PyTorch's decomposition."""
@@ -203,7 +204,8 @@ def _max_pool2d_backward(
         )
     # [N, C, h/2, w/2, 4]: each window's four positions in raster order on the last axis
     windows = input.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
-    shares = torch.zeros_like(windows).scatter(4, windows.argmax(dim=4, keepdim=True), grad_output.unsqueeze(4))
+    first = windows.argmax(dim=4, keepdim=True) == torch.arange(4)
+    shares = first.to(grad_output.dtype) * grad_output.unsqueeze(4)
     return shares.reshape(n, c, h // 2, w // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
 
 
