@@ -36,17 +36,19 @@ from training.localisation import localisation_metrics, segmentation_metrics
 from training.models import ModelConfig, SonoModel, build_model
 from training.train import DataSource, Normalisation, class_counts, make_split, resize_images, to_tensor
 
-#: The old export's initializers that are not ``_param_constant<i>`` for the i-th entry
-#: of ``named_parameters()``: (name, stored transposed?). The trace met the LSTM's biases
-#: and recurrent weights in another order, and transposed the input and dense weights.
-#: The layout of files exported before the explainer was traced alone (this script's
-#: one use: the shipped file of that time).
+#: The shipped file's initializers: the encoder's and segmentation head's under their own
+#: names (``model.<name>``); the explainer's (from the first layer after the Grad-CAM map
+#: on) as ``explainer._param_constant<i>`` for its i-th parameter, except these (name,
+#: stored transposed?): the trace met the LSTM's biases and recurrent weights in another
+#: order, and transposed the input and dense weights. The layout of files exported with
+#: the explainer traced through autograd's LSTM (this script's one use: the shipped file
+#: of that time).
 RENAMED = {
-    26: ("t", True),
-    27: ("_param_constant28", False),
-    28: ("_param_constant27", False),
-    30: ("t_5", True),
-    32: ("t_7", False),
+    6: ("t", True),
+    7: ("explainer._param_constant8", False),
+    8: ("explainer._param_constant7", False),
+    10: ("t_5", True),
+    12: ("t_7", False),
 }
 
 
@@ -60,9 +62,12 @@ def rebuild(path: Path, card: ModelCard) -> SonoModel:
         raise ValueError("this rebuild knows the initializer layout of the segmenting hybrid with one LSTM only")
     model = fold_batch_norm(build_model(config))
     weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
-    state = {}
-    for index, (name, parameter) in enumerate(model.named_parameters()):
-        key, transposed = RENAMED.get(index, (f"_param_constant{index}", False))
+    state, explained = {}, 0
+    for name, parameter in model.named_parameters():
+        key, transposed = f"model.{name}", False
+        if key not in weights:
+            key, transposed = RENAMED.get(explained, (f"explainer._param_constant{explained}", False))
+            explained += 1
         value = weights[key].T if transposed else weights[key]
         if value.shape != tuple(parameter.shape):
             raise ValueError(f"{path}: {key} has shape {value.shape}, {name} needs {tuple(parameter.shape)}")

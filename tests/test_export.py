@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -23,6 +24,7 @@ from training.export import (
     SEGMENTATION_OUTPUT,
     _convolution_backward,
     _max_pool2d_backward,
+    _threshold_backward,
     build_card,
     export_onnx,
     fold_batch_norm,
@@ -346,24 +348,37 @@ def test_row_rnn_gradcam_matches_the_grad_cam_package(images: torch.Tensor) -> N
 
 def test_the_exported_backward_passes_equal_autograd() -> None:
     """The decompositions the export traces the gradient with: a stride-1 conv's input
-    gradient as a flipped-kernel conv, and VGG's 2x2 max-pool's by comparison, the
-    gradient going to the first maximum of a window, ties included (ReLU's zeros)."""
+    gradient as a flipped-kernel conv, VGG's 2x2 max-pool's by comparison, the gradient
+    going to the first maximum of a window, ties included (ReLU's zeros), and ReLU's
+    as a multiply by its mask."""
     torch.manual_seed(0)
-    x = torch.relu(torch.randn(2, 6, 8, 8))
-    x[0, 0, :4, :4] = 0  # all-zero windows: four-way ties
+    x = torch.randn(2, 6, 8, 8)
+    x[0, 0, :4, :4] = -1  # all-zero windows after the ReLU: four-way ties
     x[1, 1, 0, :2] = x[1, 1, 1, :2] = 5.0  # a tie at a positive maximum
     weight = torch.randn(5, 6, 3, 3)
     leaf = x.clone().requires_grad_(True)
-    out = torch.nn.functional.conv2d(torch.nn.functional.max_pool2d(leaf, 2), weight, padding=1)
+    out = torch.nn.functional.conv2d(torch.nn.functional.max_pool2d(torch.relu(leaf), 2), weight, padding=1)
     grad_out = torch.randn_like(out)
     (expected,) = torch.autograd.grad(out, leaf, grad_out)
-    pooled, indices = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2])
+    activated = torch.relu(x)
+    pooled, indices = torch.ops.aten.max_pool2d_with_indices(activated, [2, 2], [2, 2])
     grad_pooled, _, _ = _convolution_backward(
         grad_out, pooled, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
     )
-    got = _max_pool2d_backward(grad_pooled, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
+    grad_activated = _max_pool2d_backward(grad_pooled, activated, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
+    assert (grad_activated[0, 0, 0:4:2, 0:4:2] != 0).all() and (grad_activated[0, 0, 1:4:2, :4] == 0).all()
+    got = _threshold_backward(grad_activated, activated, 0.0)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert (got[0, 0, 0:4:2, 0:4:2] != 0).all() and (got[0, 0, 1:4:2, :4] == 0).all()
+    assert (got[0, 0, :4, :4] == 0).all() and (got[1, 1, 0, 0] != 0) and (got[1, 1, :2, 1:2] == 0).all()
+
+
+def test_the_row_lstm_is_one_onnx_node(hybrid: tuple[SonoModel, Path]) -> None:
+    """The explained graph runs the LSTM forward as ONNX's LSTM node and its backward
+    batched over rows (``training.export_lstm``), not as autograd's unrolled cells:
+    a sigmoid and two tanh in all, not four and eight."""
+    _, path = hybrid
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert (ops.count("LSTM"), ops.count("Sigmoid"), ops.count("Tanh")) == (1, 1, 2)
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])

@@ -38,7 +38,6 @@ from onnxruntime.quantization import (
 )
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from service.datasets.records import Record
@@ -52,8 +51,10 @@ from service.model_card import (
 )
 from service.monitoring.classification import classification_metrics
 from training.calibration import Outputs
+from training.export_lstm import TRANSLATIONS as LSTM_TRANSLATIONS
+from training.export_lstm import ExportedRowLSTM
 from training.gradcam import ExplainedModel, Explainer, cam_name
-from training.models import SonoModel
+from training.models import RowRNN, SonoModel
 from training.train import (
     DataSource,
     TrainedModel,
@@ -188,30 +189,42 @@ def _max_pool2d_backward(
     ceil_mode: bool,
     indices: torch.Tensor,
 ) -> torch.Tensor:
-    """The input gradient of VGG's 2x2 max-pool by comparison, not by index: each
+    """The input gradient of VGG's 2x2 max-pool without the pooling indices: each
     output's gradient goes to the first position of its window (row by row) that holds
-    the window's maximum, as PyTorch's pooling picks it. The exporter's own route turns
-    pooling indices into per-plane ones with an extra pooling pass and scatters with
-    them, most of the gradient graph's time besides its convolutions. Other poolings
-    keep PyTorch's decomposition."""
+    the window's maximum, found by ArgMax, as PyTorch's pooling picks it (a one-hot
+    product: ONNX Runtime's ScatterElements is slower here).
+    The exporter's own route turns pooling indices into per-plane ones with an extra
+    pooling pass and scatters with them, most of the gradient graph's time besides its
+    convolutions. Other poolings keep PyTorch's decomposition."""
     n, c, h, w = input.shape
     vgg_pool = list(kernel_size) == list(stride) == [2, 2] and not any(padding) and list(dilation) in ([1, 1], [1])
     if not vgg_pool or h % 2 or w % 2:
         return torch._decomp.decompositions.max_pool2d_with_indices_backward(  # type: ignore[attr-defined]
             grad_output, input, kernel_size, stride, padding, dilation, ceil_mode, indices
         )
-    # The window's four positions in raster order, each an [N, C, h/2, w/2] plane:
-    # plain elementwise work, no broadcasting, which ONNX Runtime does fastest.
-    corners = [input[:, :, i::2, j::2] for i in (0, 1) for j in (0, 1)]
-    peak = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
-    shares, left = [], grad_output  # the gradient not yet handed to an earlier corner
-    for corner in corners[:-1]:
-        hit = corner == peak
-        shares.append(torch.where(hit, left, 0.0))
-        left = torch.where(hit, 0.0, left)
-    shares.append(torch.where(corners[-1] == peak, left, 0.0))
-    # [N, C, 4, h/2, w/2] -> [N, 4C, h/2, w/2] is pixel_shuffle's channel order
-    return F.pixel_shuffle(torch.stack(shares, dim=2).reshape(n, 4 * c, h // 2, w // 2), 2)
+    # [N, C, h/2, w/2, 4]: each window's four positions in raster order on the last axis
+    windows = input.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+    first = windows.argmax(dim=4, keepdim=True) == torch.arange(4)
+    shares = first.to(grad_output.dtype) * grad_output.unsqueeze(4)
+    return shares.reshape(n, c, h // 2, w // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
+
+
+def _threshold_backward(grad_output: torch.Tensor, input: torch.Tensor, threshold: float) -> torch.Tensor:
+    """ReLU's input gradient as a multiply by its mask: ONNX Runtime's Where, which
+    PyTorch's decomposition becomes, is several times slower than Mul on these maps."""
+    return grad_output * (input > threshold).to(grad_output.dtype)
+
+
+def _with_exported_lstm(model: SonoModel) -> SonoModel:
+    """A copy of ``model`` whose row LSTM, if it has a one-directional one, is an
+    :class:`ExportedRowLSTM`: one ONNX node forward and a backward of a few ops per
+    row instead of autograd's unrolled cells (a GRU or a bidirectional LSTM keeps them)."""
+    rows = getattr(model, "rows", None)
+    if not isinstance(rows, RowRNN) or not ExportedRowLSTM.handles(rows):
+        return model
+    copied = copy.deepcopy(model)
+    copied.rows = ExportedRowLSTM(copied.rows)
+    return copied
 
 
 def export_onnx(model: SonoModel, path: Path, *, explain: bool = True) -> None:
@@ -241,12 +254,13 @@ def _export(model: SonoModel, path: Path, explain: bool) -> None:
             fmap = folded.features(image)
         with torch.backends.mkldnn.flags(enabled=False):
             explainer = make_fx(
-                Explainer(folded),
+                Explainer(_with_exported_lstm(folded)),
                 tracing_mode="symbolic",
                 _allow_non_fake_inputs=True,
                 decomposition_table={
                     torch.ops.aten.convolution_backward.default: _convolution_backward,
                     torch.ops.aten.max_pool2d_with_indices_backward.default: _max_pool2d_backward,
+                    torch.ops.aten.threshold_backward.default: _threshold_backward,
                 },
             )(fmap, args[1])
         module: nn.Module = ExplainedModel(folded, explainer)
@@ -265,6 +279,7 @@ def _export(model: SonoModel, path: Path, explain: bool) -> None:
         dynamic_shapes=dynamic,
         optimize=True,
         verbose=False,
+        custom_translation_table=LSTM_TRANSLATIONS,
     )
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")

@@ -198,7 +198,7 @@ def _classifier(embedding_dim: int, num_classes: int, dropout: float) -> nn.Sequ
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(embedding_dim, num_classes))
 
 
-class _RowRNN(nn.Module):
+class RowRNN(nn.Module):
     """Read a map [N, C, h, w] as a sequence of h rows of C*w values; return the last
     hidden state of the top layer (both directions when bidirectional)."""
 
@@ -208,10 +208,16 @@ class _RowRNN(nn.Module):
         self.rnn = rnn_cls(row_features, config.rnn_hidden, batch_first=True, bidirectional=config.bidirectional)
         self.out_features = config.rnn_hidden * (2 if config.bidirectional else 1)
 
-    def forward(self, fmap: Tensor) -> Tensor:
+    @staticmethod
+    def sequence(fmap: Tensor, *, time_major: bool = False) -> Tensor:
+        """The map's rows as the sequence the RNN reads: [N, h, C*w], or [h, N, C*w]."""
         n, c, h, w = fmap.shape
-        rows = fmap.permute(0, 2, 1, 3).reshape(n, h, c * w)
-        _, state = self.rnn(rows)
+        if time_major:
+            return fmap.permute(2, 0, 1, 3).reshape(h, n, c * w)
+        return fmap.permute(0, 2, 1, 3).reshape(n, h, c * w)
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        _, state = self.rnn(self.sequence(fmap))
         final = state[0] if isinstance(state, tuple) else state  # LSTM: (h_n, c_n); GRU: h_n
         # [directions, N, hidden] -> [N, directions * hidden]; the backward direction
         # ends at the first row
@@ -279,7 +285,7 @@ class HybridVGGRNN(SonoModel):
         self.conv = nn.Sequential(*layers)
         self._cam_end = cam_end
         self.pool = nn.MaxPool2d(2)
-        self.rows = _RowRNN(c_in * (config.size // 32), config)
+        self.rows = RowRNN(c_in * (config.size // 32), config)
         self.embedding = nn.Sequential(nn.Linear(self.rows.out_features, config.embedding_dim), nn.ReLU())
         self.head = _classifier(config.embedding_dim, config.num_classes, config.dropout)
         self.decoder = _SkipDecoder(cam_channels, block_ends[1:], config.batch_norm) if config.segmentation else None
@@ -364,7 +370,7 @@ class PixelRowRNN(SonoModel):
         self.config = config
         row_dim = scaled(128, config.width)
         self.project = nn.Sequential(nn.Conv2d(1, row_dim, (1, config.size)), nn.ReLU())
-        self.rows = _RowRNN(row_dim, config)
+        self.rows = RowRNN(row_dim, config)
         self.embedding = nn.Sequential(nn.Linear(self.rows.out_features, config.embedding_dim), nn.ReLU())
         self.head = _classifier(config.embedding_dim, config.num_classes, config.dropout)
         _init_weights(self.modules())
