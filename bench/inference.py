@@ -109,6 +109,9 @@ def bench(model: SonoModel, batch_sizes: list[int], rounds: int, threads: int) -
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Runners take turns: a session's pool threads spinning after its run would take the
+    # cores from the next runner (another session, or PyTorch) and charge it their time.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     size = model.config.size
     # eager PyTorch runs the BN-folded model too: both sides compute the same graph
     eager = fold_batch_norm(model)
