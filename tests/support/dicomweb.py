@@ -45,7 +45,15 @@ class ReceivingNode:
         self._socket.bind(("127.0.0.1", 0))
         cert, key = tls or (None, None)
         self.server = uvicorn.Server(
-            uvicorn.Config(app, log_config=None, lifespan="off", access_log=False, ssl_certfile=cert, ssl_keyfile=key)
+            uvicorn.Config(
+                app,
+                log_config=None,
+                lifespan="off",
+                access_log=False,
+                ssl_certfile=cert,
+                ssl_keyfile=key,
+                timeout_graceful_shutdown=2,  # not the join's 20 s for a client's lingering connection (seen in CI)
+            )
         )
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
         self._thread.start()
