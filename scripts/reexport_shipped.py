@@ -2,9 +2,10 @@
 own ONNX file (the training run's model.pt is not kept in the repository).
 
 The folded torch model is rebuilt from the card's architecture and the ONNX file's
-initializers (named in the order the trace met the parameters; the LSTM's input
-weights and the dense layers' appear transposed), checked to reproduce every output
-of the old file, exported again, checked against PyTorch (``check_export``), and
+initializers (:func:`rebuild`; the layout of files whose row LSTM is
+``training.export_lstm``'s one ONNX node: files of the earlier layout, with autograd's
+unrolled LSTM, are no longer read), checked to reproduce every output of the old
+file, exported again, checked against PyTorch (``check_export``), and
 the pointing game and Dice of both files are computed on the card's held-out split:
 the card keeps its metrics only where both files give the same numbers. The card's
 sha256 and opset are updated; everything else in it is left as it was.
@@ -32,24 +33,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.model_card import ModelCard, card_path_for, sha256_file
 from training.export import check_export, export_onnx, onnx_opset, write_card
+from training.export_lstm import TORCH_GATES
 from training.localisation import localisation_metrics, segmentation_metrics
 from training.models import ModelConfig, SonoModel, build_model
 from training.train import DataSource, Normalisation, class_counts, make_split, resize_images, to_tensor
 
 #: The shipped file's initializers: the encoder's and segmentation head's under their own
 #: names (``model.<name>``); the explainer's (from the first layer after the Grad-CAM map
-#: on) as ``explainer._param_constant<i>`` for its i-th parameter, except these (name,
-#: stored transposed?): the trace met the LSTM's biases and recurrent weights in another
-#: order, and transposed the input and dense weights. The layout of files exported with
-#: the explainer traced through autograd's LSTM (this script's one use: the shipped file
-#: of that time).
+#: on, the LSTM's aside) as ``explainer._param_constant<i>`` for its i-th parameter,
+#: except these (name, stored transposed?), which the exporter's optimiser renamed.
 RENAMED = {
     6: ("t", True),
-    7: ("explainer._param_constant8", False),
-    8: ("explainer._param_constant7", False),
-    10: ("t_5", True),
-    12: ("t_7", False),
+    8: ("t_2", False),
 }
+#: The LSTM's weights as :class:`training.export_lstm.ExportedRowLSTM` holds them
+#: (gates in ONNX's order, the two biases summed): its buffers ``w_x``, ``w_h``, ``bias``.
+LSTM_BUFFERS = {
+    "weight_ih_l0": "explainer._tensor_constant0",
+    "weight_hh_l0": "explainer._tensor_constant1",
+    "bias_ih_l0": "explainer._tensor_constant2",
+}
+
+
+def _initializer(weights: dict[str, np.ndarray], name: str, explained: list[str]) -> np.ndarray:
+    """The value of the folded model's parameter ``name``; ``explained``: the explainer's
+    parameters that the file numbers, in order."""
+    if f"model.{name}" in weights:
+        return weights[f"model.{name}"]
+    rnn_name = name.rpartition(".rnn.")[2]
+    if rnn_name == "bias_hh_l0":  # summed into bias_ih_l0: the gates see the same sum
+        return np.zeros_like(weights[LSTM_BUFFERS["bias_ih_l0"]])
+    if rnn_name in LSTM_BUFFERS:  # ONNX's gate blocks back in PyTorch's order
+        blocks = np.split(weights[LSTM_BUFFERS[rnn_name]], 4)
+        return np.concatenate([blocks[k] for k in TORCH_GATES])
+    index = explained.index(name)
+    key, transposed = RENAMED.get(index, (f"explainer._param_constant{index}", False))
+    return weights[key].T if transposed else weights[key]
 
 
 def rebuild(path: Path, card: ModelCard) -> SonoModel:
@@ -62,15 +81,12 @@ def rebuild(path: Path, card: ModelCard) -> SonoModel:
         raise ValueError("this rebuild knows the initializer layout of the segmenting hybrid with one LSTM only")
     model = fold_batch_norm(build_model(config))
     weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
-    state, explained = {}, 0
+    explained = [n for n, _ in model.named_parameters() if f"model.{n}" not in weights and ".rnn." not in n]
+    state = {}
     for name, parameter in model.named_parameters():
-        key, transposed = f"model.{name}", False
-        if key not in weights:
-            key, transposed = RENAMED.get(explained, (f"explainer._param_constant{explained}", False))
-            explained += 1
-        value = weights[key].T if transposed else weights[key]
+        value = _initializer(weights, name, explained)
         if value.shape != tuple(parameter.shape):
-            raise ValueError(f"{path}: {key} has shape {value.shape}, {name} needs {tuple(parameter.shape)}")
+            raise ValueError(f"{path}: {name} has shape {value.shape} in the file, needs {tuple(parameter.shape)}")
         state[name] = torch.from_numpy(np.array(value))
     model.load_state_dict(state)
     return model.eval()
