@@ -351,6 +351,39 @@ def test_an_interrupted_rebuild_resumes_and_never_mixes_models(tmp_path: Path, m
         assert found[0].sop_instance_uid == "1.2.3.1.3" and found[0].distance == pytest.approx(0, abs=1e-4)
 
 
+def test_info_on_its_own_connection_while_a_writer_saves_versions(tmp_path: Path) -> None:
+    """``info`` (``sonocase index info``, the status page) on its own connection while
+    ``index add`` saves version after version: each save replaces the graph file the
+    pointer named a moment before, so the size is read from the version the pointer
+    names when the file is looked at (a CI run once met the file gone)."""
+    vectors = clustered(300, seed=8)
+    writer = open_index(tmp_path)
+    writer.add(entries(vectors[:20]))
+    reader = open_index(tmp_path)
+    errors: list[BaseException] = []
+    done = threading.Event()
+    sizes: list[int] = []
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                sizes.append(reader.info().vectors_bytes)
+        except Exception as exc:  # reported to the main thread below
+            errors.append(exc)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        for start in range(20, 300, 5):
+            writer.add(entries(vectors, prefix="1.2.3")[start : start + 5])
+    finally:
+        done.set()
+        thread.join()
+    assert not errors, errors[0]
+    assert len(sizes) > 20 and all(size > 0 for size in sizes)
+    assert reader.info().images == 300
+
+
 @pytest.mark.heavy
 def test_concurrent_queries_while_a_writer_adds(tmp_path: Path) -> None:
     vectors = clustered(3000, seed=6)

@@ -947,8 +947,22 @@ class SimilarCaseIndex:
         found = self._stored(live_only=True, where=_im.sop_instance_uid == sop_instance_uid)
         return found[0].stored(self.directory) if found else None
 
+    def _saved_version(self) -> tuple[IndexMeta, int]:
+        """The pointer to the current saved version and the size of its graph file:
+        a writer may replace that file between the pointer being read and the file
+        being looked at (as in :meth:`_refresh`)."""
+        for _ in range(5):
+            meta = self._read_meta()
+            if not meta.vectors_file:
+                return meta, 0
+            try:
+                return meta, (self.directory / meta.vectors_file).stat().st_size
+            except FileNotFoundError:
+                continue  # superseded between reading the pointer and looking at the file
+        raise RuntimeError(f"the index at {self.directory} changed five times while reading it")
+
     def info(self) -> IndexInfo:
-        meta = self._read_meta()
+        meta, vectors_bytes = self._saved_version()
         live = _im.deleted == 0
         images, deleted, studies, confirmed_studies = self._select(
             sa.select(
@@ -966,7 +980,6 @@ class SimilarCaseIndex:
             .order_by(_im.label, _im.label_source)
         ):
             by_label.setdefault(label, {})[source] = int(count)
-        vectors = self.directory / meta.vectors_file if meta.vectors_file else None
         return IndexInfo(
             directory=self.directory,
             version=meta.version,
@@ -977,7 +990,7 @@ class SimilarCaseIndex:
             studies=int(studies),
             confirmed_studies=int(confirmed_studies),
             by_label=by_label,
-            vectors_bytes=vectors.stat().st_size if vectors is not None else 0,
+            vectors_bytes=vectors_bytes,
             ef=self.ef,
             m=meta.m,
             ef_construction=meta.ef_construction,
