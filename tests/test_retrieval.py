@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -351,6 +353,31 @@ def test_an_interrupted_rebuild_resumes_and_never_mixes_models(tmp_path: Path, m
         assert found[0].sop_instance_uid == "1.2.3.1.3" and found[0].distance == pytest.approx(0, abs=1e-4)
 
 
+def beside_a_writer(write: Callable[[], None], readers: list[Callable[[], None]]) -> list[BaseException]:
+    """Each of ``readers`` called over and over in a thread of its own while ``write``
+    runs; what the readers raised (a reader stops at its first error)."""
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def loop(read: Callable[[], None]) -> None:
+        try:
+            while not done.is_set():
+                read()
+        except Exception as exc:  # reported to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(read,)) for read in readers]
+    for t in threads:
+        t.start()
+    try:
+        write()
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    return errors
+
+
 def test_info_on_its_own_connection_while_a_writer_saves_versions(tmp_path: Path) -> None:
     """``info`` (``sonocase index info``, the status page) on its own connection while
     ``index add`` saves version after version: each save replaces the graph file the
@@ -360,25 +387,13 @@ def test_info_on_its_own_connection_while_a_writer_saves_versions(tmp_path: Path
     writer = open_index(tmp_path)
     writer.add(entries(vectors[:20]))
     reader = open_index(tmp_path)
-    errors: list[BaseException] = []
-    done = threading.Event()
     sizes: list[int] = []
 
-    def read() -> None:
-        try:
-            while not done.is_set():
-                sizes.append(reader.info().vectors_bytes)
-        except Exception as exc:  # reported to the main thread below
-            errors.append(exc)
-
-    thread = threading.Thread(target=read)
-    thread.start()
-    try:
+    def write() -> None:
         for start in range(20, 300, 5):
             writer.add(entries(vectors, prefix="1.2.3")[start : start + 5])
-    finally:
-        done.set()
-        thread.join()
+
+    errors = beside_a_writer(write, [lambda: sizes.append(reader.info().vectors_bytes)])
     assert not errors, errors[0]
     assert len(sizes) > 20 and all(size > 0 for size in sizes)
     assert reader.info().images == 300
@@ -391,34 +406,23 @@ def test_concurrent_queries_while_a_writer_adds(tmp_path: Path) -> None:
     queries = clustered(40, seed=7)
     index = open_index(tmp_path, ef=100)
     index.add(entries(vectors[:1000]))
-    errors: list[BaseException] = []
-    done = threading.Event()
     counts = [0] * 4
 
-    def reader(n: int) -> None:
-        try:
-            while not done.is_set():
-                q = queries[counts[n] % len(queries)]
-                found = index.query(q, 10, exclude_study_uid="1.2.3.3.0")
-                assert len(found) == 10 and len({h.study_uid for h in found}) == 10
-                assert [h.distance for h in found] == sorted(h.distance for h in found)
-                for hit in found:
-                    exact = float(np.linalg.norm(truth[hit.sop_instance_uid] - q))
-                    assert hit.distance == pytest.approx(exact, abs=1e-4)
-                counts[n] += 1
-        except Exception as exc:  # reported to the main thread below
-            errors.append(exc)
+    def query(n: int) -> None:
+        q = queries[counts[n] % len(queries)]
+        found = index.query(q, 10, exclude_study_uid="1.2.3.3.0")
+        assert len(found) == 10 and len({h.study_uid for h in found}) == 10
+        assert [h.distance for h in found] == sorted(h.distance for h in found)
+        for hit in found:
+            exact = float(np.linalg.norm(truth[hit.sop_instance_uid] - q))
+            assert hit.distance == pytest.approx(exact, abs=1e-4)
+        counts[n] += 1
 
-    threads = [threading.Thread(target=reader, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    def write() -> None:
         for start in range(1000, 3000, 100):
             index.add(entries(vectors, prefix="1.2.3")[start : start + 100])
-    finally:
-        done.set()
-        for t in threads:
-            t.join()
+
+    errors = beside_a_writer(write, [functools.partial(query, n) for n in range(4)])
     assert not errors, errors[0]
     assert sum(counts) > 20, "the readers must have run while the writer added"
     # After the writes, answers match an exact search over all 3000 images.

@@ -273,94 +273,72 @@ def build_objects(
     ``frames``: decoded frames the analysis still holds (see :func:`build_reports`);
     ``heats``: its heatmaps, read from the result's files when None; ``earlier``:
     the SRs this one supersedes, read from the outbox when None (:func:`predecessors`)."""
-    with iod_lookups_cached(settings.fast_reports):
-        return _objects(
-            settings,
-            template,
-            result,
-            sources,
-            paths,
-            reference_images,
-            frames or {},
-            load_heats(result) if heats is None else heats,
-            earlier,
-        )
-
-
-def _objects(
-    settings: Settings,
-    template: SrTemplate,
-    result: StudyResult,
-    sources: list[Dataset],
-    paths: dict[str, Path],
-    reference_images: ReferenceImages,
-    frames: Frames,
-    heats: Heats,
-    earlier: Sequence[Dataset] | None,
-) -> list[OutputObject]:
-    versions = software_versions(node_version(), result)
-    headers = {ds.SOPInstanceUID: ds for ds in sources}
-    references = heatmap_references(result, sources, heats)
-    objects = []
-    analysed = [image for image in result.images if image.frames]
-    grays: dict[str, np.ndarray] = {}  # each analysed image's decisive frame, which the pictures show
-    for number, image in enumerate(analysed, start=1):
-        uid, frame_number = image.sop_instance_uid, decisive_frame(image).frame_number
-        grays[uid] = frames.get((uid, frame_number))
-        if grays[uid] is None:  # not in memory (a report built after a restart, a resend): decoded again
-            grays[uid] = frame_gray(read_source(paths[uid], stop_before_pixels=False)[0], frame_number)
-        heat = heats[(uid, frame_number)]
-        sc_ref, *seg_refs = references[uid]
-        sc = build_heatmap_sc(
-            result,
-            template,
-            image,
-            headers[uid],
-            grays[uid],
-            heat,
-            Placement(sc_ref.SeriesInstanceUID, sc_ref.SOPInstanceUID, number, versions),
-            settings.sc_transfer_syntax,
-        )
-        objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
-        for seg_ref in seg_refs:
-            seg = build_heatmap_seg(
+    frames = frames or {}
+    heats = load_heats(result) if heats is None else heats
+    with iod_lookups_cached(settings.fast_reports):  # highdicom's look-ups of the IOD tables, remembered
+        versions = software_versions(node_version(), result)
+        headers = {ds.SOPInstanceUID: ds for ds in sources}
+        references = heatmap_references(result, sources, heats)
+        objects = []
+        analysed = [image for image in result.images if image.frames]
+        grays: dict[str, np.ndarray] = {}  # each analysed image's decisive frame, which the pictures show
+        for number, image in enumerate(analysed, start=1):
+            uid, frame_number = image.sop_instance_uid, decisive_frame(image).frame_number
+            grays[uid] = frames.get((uid, frame_number))
+            if grays[uid] is None:  # not in memory (a report built after a restart, a resend): decoded again
+                grays[uid] = frame_gray(read_source(paths[uid], stop_before_pixels=False)[0], frame_number)
+            heat = heats[(uid, frame_number)]
+            sc_ref, *seg_refs = references[uid]
+            sc = build_heatmap_sc(
                 result,
                 template,
                 image,
                 headers[uid],
+                grays[uid],
                 heat,
-                Placement(seg_ref.SeriesInstanceUID, seg_ref.SOPInstanceUID, number, versions),
+                Placement(sc_ref.SeriesInstanceUID, sc_ref.SOPInstanceUID, number, versions),
+                settings.sc_transfer_syntax,
             )
-            objects.append(OutputObject(seg.SOPInstanceUID, seg.SOPClassUID, _encode(seg), "SEG"))
-    sr = _sr_object(settings, template, result, sources, DEFAULT_SR_CLASS, heats, earlier)
-    objects.insert(0, sr)
-    decisive = next((i for i in analysed if i.sop_instance_uid == result.summary.decisive_sop_instance_uid), None)
-    if result.similar and decisive is not None:
-        montage = derived_uid(result.study_uid, result.generation, "montage")
-        sc = build_montage_sc(
-            result,
-            template,
-            headers[decisive.sop_instance_uid],
-            grays[decisive.sop_instance_uid],
-            decisive,
-            reference_images,
-            Placement(_series(result, "sc"), montage, len(analysed) + 1, versions),
-            settings.sc_transfer_syntax,
-        )
-        objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
-    if key_images(result):  # none when no image was assessed (each outside the training domain)
-        sr_ref = _reference(
-            result, sr_series_uid(result.study_uid, result.generation), sr.sop_class_uid, sr.sop_instance_uid
-        )
-        kos = build_kos(
-            result,
-            template,
-            sources,
-            sr_ref,
-            Placement(_series(result, "kos"), derived_uid(result.study_uid, result.generation, "kos"), 1, versions),
-        )
-        objects.append(OutputObject(kos.SOPInstanceUID, kos.SOPClassUID, _encode(kos), "KO"))
-    return objects
+            objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
+            for seg_ref in seg_refs:
+                seg = build_heatmap_seg(
+                    result,
+                    template,
+                    image,
+                    headers[uid],
+                    heat,
+                    Placement(seg_ref.SeriesInstanceUID, seg_ref.SOPInstanceUID, number, versions),
+                )
+                objects.append(OutputObject(seg.SOPInstanceUID, seg.SOPClassUID, _encode(seg), "SEG"))
+        sr = _sr_object(settings, template, result, sources, DEFAULT_SR_CLASS, heats, earlier)
+        objects.insert(0, sr)
+        decisive = next((i for i in analysed if i.sop_instance_uid == result.summary.decisive_sop_instance_uid), None)
+        if result.similar and decisive is not None:
+            montage = derived_uid(result.study_uid, result.generation, "montage")
+            sc = build_montage_sc(
+                result,
+                template,
+                headers[decisive.sop_instance_uid],
+                grays[decisive.sop_instance_uid],
+                decisive,
+                reference_images,
+                Placement(_series(result, "sc"), montage, len(analysed) + 1, versions),
+                settings.sc_transfer_syntax,
+            )
+            objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
+        if key_images(result):  # none when no image was assessed (each outside the training domain)
+            sr_ref = _reference(
+                result, sr_series_uid(result.study_uid, result.generation), sr.sop_class_uid, sr.sop_instance_uid
+            )
+            kos = build_kos(
+                result,
+                template,
+                sources,
+                sr_ref,
+                Placement(_series(result, "kos"), derived_uid(result.study_uid, result.generation, "kos"), 1, versions),
+            )
+            objects.append(OutputObject(kos.SOPInstanceUID, kos.SOPClassUID, _encode(kos), "KO"))
+        return objects
 
 
 def index_reference_images(index: SimilarCaseIndex) -> ReferenceImages:

@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import hnswlib
 import numpy as np
@@ -70,6 +70,7 @@ from service.similar import migrations as index_migrations
 from service.similar import schema
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Where a reference label came from. "synthetic" is the generator's ground truth
 #: (demo and test libraries), never to be read as a clinical diagnosis.
@@ -564,20 +565,24 @@ class SimilarCaseIndex:
         index.set_ef(self.ef)
         return _Loaded(vectors_file=name, hnsw=index, live=meta.live, max_id=meta.max_id)
 
+    def _on_saved_version(self, use: Callable[[IndexMeta], T]) -> tuple[IndexMeta, T]:
+        """``use`` on the current saved version and the pointer to it; again on the next
+        version when a writer superseded that one (and removed its graph file) between
+        the pointer being read and the file being opened."""
+        for _ in range(5):
+            meta = self._read_meta()
+            try:
+                return meta, use(meta)
+            except FileNotFoundError:
+                continue  # superseded meanwhile
+        raise RuntimeError(f"the index at {self.directory} changed five times while reading it")
+
     def _refresh(self) -> IndexMeta:
         """Read the pointer to the current saved version; load it if it is new to us."""
         with self._refresh_lock:
-            for _ in range(5):
-                meta = self._read_meta()
-                if meta.vectors_file == self._loaded.vectors_file:
-                    break
-                try:
-                    self._loaded = self._load(meta)
-                    break
-                except FileNotFoundError:
-                    continue  # superseded between reading the pointer and opening it
-            else:
-                raise RuntimeError(f"the index at {self.directory} changed five times while loading it")
+            meta, self._loaded = self._on_saved_version(
+                lambda meta: self._loaded if meta.vectors_file == self._loaded.vectors_file else self._load(meta)
+            )
             return meta
 
     # --- writing -------------------------------------------------------------
@@ -947,22 +952,10 @@ class SimilarCaseIndex:
         found = self._stored(live_only=True, where=_im.sop_instance_uid == sop_instance_uid)
         return found[0].stored(self.directory) if found else None
 
-    def _saved_version(self) -> tuple[IndexMeta, int]:
-        """The pointer to the current saved version and the size of its graph file:
-        a writer may replace that file between the pointer being read and the file
-        being looked at (as in :meth:`_refresh`)."""
-        for _ in range(5):
-            meta = self._read_meta()
-            if not meta.vectors_file:
-                return meta, 0
-            try:
-                return meta, (self.directory / meta.vectors_file).stat().st_size
-            except FileNotFoundError:
-                continue  # superseded between reading the pointer and looking at the file
-        raise RuntimeError(f"the index at {self.directory} changed five times while reading it")
-
     def info(self) -> IndexInfo:
-        meta, vectors_bytes = self._saved_version()
+        meta, vectors_bytes = self._on_saved_version(
+            lambda meta: (self.directory / meta.vectors_file).stat().st_size if meta.vectors_file else 0
+        )
         live = _im.deleted == 0
         images, deleted, studies, confirmed_studies = self._select(
             sa.select(
