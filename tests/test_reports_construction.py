@@ -1,7 +1,8 @@
 """service.reports.construction: the fast path builds, element for element, the
-objects highdicom's own constructors build (setting ``fast_reports``), its objects
-keep what the library's `content` and the gate read, and the library is left as
-it was outside a build."""
+objects highdicom's own constructors build (setting ``fast_reports``), the SR byte
+for byte (service.reports.sr_content) on studies of every shape, its objects keep
+what the library's `content` and the gate read, and the library is left as it was
+outside a build."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.sr.coding import Code
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     SegmentationStorage,
@@ -23,14 +25,16 @@ from pydicom.uid import (
     UltrasoundMultiFrameImageStorage,
 )
 
+from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger
 from service.reports.build import build_objects, heatmap_references, read_sources
 from service.reports.construction import iod_lookups_cached, key_object_selection
 from service.reports.heatmaps import load_heats
 from service.reports.sr import SR_CLASSES, build_sr
+from service.reports.sr_content import FastContent, LibraryContent
 from service.reports.validation import check_object
 from service.settings import Settings
-from tests.support.reports import analysed_study, default_template
+from tests.support.reports import analyse, analysed_study, default_template, store_datasets, store_study
 
 #: What the library takes from the clock or draws at random (the SEG's dimension
 #: organization): the only values two builds may differ in.
@@ -147,3 +151,68 @@ def _encoded_tree(content: Sequence[Dataset]) -> bytes:
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_dataset(fp, ds)
     return fp.getvalue()
+
+
+#: Studies of every shape the SR takes: (files of pydicom's or a synthetic study, analyse's arguments).
+SHAPES = {
+    "heatmap outlines, a frame outside the domain, a skipped image": ((), {"skip": [3], "ood_images": [1]}),
+    "lesions measured and unmeasured": (
+        "synthetic",
+        {"classes": ["malignant", "benign", "normal"], "lesion_peak": 1.0, "n_similar": 1},
+    ),
+    "lesions without calibration": ((), {"lesion_peak": 1.0, "ood_images": [2]}),
+    "no finding": (("US1_UNCR.dcm", "examples_ybr_color.dcm"), {"classes": ["normal", "normal"], "ood_images": [1]}),
+    "all outside the domain": (("US1_UNCR.dcm", "examples_ybr_color.dcm"), {"ood_images": [0, 1], "n_similar": 0}),
+    "nothing analysed": (("US1_UNCR.dcm",), {"skip": [0], "n_similar": 0}),
+}
+#: The SR's values from the clock: the only ones two builds may differ in.
+CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "ContributionDateTime")
+
+
+def _same_clock(fast: Dataset, library: Dataset) -> None:
+    """``fast`` given ``library``'s clock values (the two trees in step)."""
+    for elem in library:
+        if elem.keyword in CLOCK:
+            fast[elem.tag].value = elem.value
+        elif elem.VR == "SQ":
+            for fast_item, library_item in zip(fast[elem.tag].value, elem.value, strict=True):
+                _same_clock(fast_item, library_item)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("sop_class", SR_CLASSES)
+def test_the_sr_is_the_librarys_byte_for_byte(settings: Settings, ledger: Ledger, shape: str, sop_class: str) -> None:
+    files, judged = SHAPES[shape]
+    if files == "synthetic":
+        study_uid, paths = store_datasets(settings, ledger, synthetic_study(3, "malignant", variant="mono"))
+    else:
+        study_uid, paths = store_study(settings, ledger, *([files] if files else []))
+    result, _ = analyse(settings, study_uid, paths, **judged)  # type: ignore[arg-type]
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    heats = load_heats(result)
+    references = heatmap_references(result, sources, heats)
+    earlier = build_sr(result, default_template(), sources, sop_class, "0.1.0", heats, references)
+    library, fast = (
+        build_sr(result, default_template(), sources, sop_class, "0.1.0", heats, references, [earlier], fast=fast)
+        for fast in (False, True)
+    )
+    _same_clock(fast, library)
+    data = _encoded(fast)
+    assert data == _encoded(library)
+    check_object(data, default_template().disclaimer)
+
+
+def test_fast_items_are_copies_of_their_own_codes() -> None:
+    """A prototype is the code's value, scheme, meaning and version (pydicom's Code
+    equality ignores the meaning), and no copy shares what another may change."""
+    fast, library = FastContent(), LibraryContent()
+    names = [Code("121106", "DCM", "Comment"), Code("121106", "DCM", "Remark"), Code("121106", "DCM", "Comment", "1")]
+    made = [(fast.text(name, "words"), library.text(name, "words")) for name in names]
+    for (copy, own), name in zip(made, names, strict=True):
+        assert _encoded_tree([copy]) == _encoded_tree([own])
+        assert copy.name.meaning == name.meaning and copy.name.scheme_version == name.scheme_version
+    first, second = (fast.text(names[0], "words") for _ in range(2))
+    first.TextValue = "other words"
+    first.ConceptNameCodeSequence[0].CodeMeaning = "Changed"
+    assert (second.TextValue, second.name.meaning) == ("words", "Comment")
+    assert fast.text(names[0], "words").name.meaning == "Comment"

@@ -64,11 +64,9 @@ import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
-    CodeContentItem,
     ContainerContentItem,
     CoordinatesForMeasurement,
     DeviceObserverIdentifyingAttributes,
-    FindingSite,
     GraphicTypeValues,
     ImageContentItem,
     Measurement,
@@ -76,7 +74,6 @@ from highdicom.sr import (
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
-    RelationshipTypeValues,
     SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
     SourceImageForRegion,
@@ -99,6 +96,7 @@ from service.reports import derived_uid
 from service.reports.birads import MALIGNANT, frame_band
 from service.reports.construction import sr_document
 from service.reports.heatmaps import outline
+from service.reports.sr_content import FastContent, LibraryContent
 from service.reports.template import SrTemplate
 from service.results import NO_LESION, FrameResult, ImageResult, SimilarStudy, StudyResult
 
@@ -124,6 +122,8 @@ OHIF_LENGTH = "Cornerstone3DTools@^0.1.0:Length"
 SrDocument = hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR
 #: A frame's heatmap, by (SOP Instance UID, frame number).
 Heats = Mapping[tuple[str, int], np.ndarray]
+#: Who makes the content items: highdicom's constructors, or (``fast``) copies of their prototypes.
+_CONTENT = {False: LibraryContent(), True: FastContent()}
 
 
 def sr_series_uid(study_uid: str, generation: int) -> str:
@@ -163,6 +163,7 @@ def build_sr(
     if sop_class_uid not in _SR_TYPES:
         raise ValueError(f"{sop_class_uid} is not an SR SOP class we write (one of {list(_SR_TYPES)})")
     heatmaps = heatmaps or {}
+    content = _CONTENT[fast]
     headers = {ds.SOPInstanceUID: ds for ds in sources}
     drawn = drawn_outlines(result, heats)
     groups: list[MeasurementsAndQualitativeEvaluations] = [
@@ -170,24 +171,27 @@ def build_sr(
         for image in reading_order(result)
         for frame in assessed_frames(image)
         for group in _frame_groups(
-            result, template, headers, image, frame, drawn, heatmaps.get(image.sop_instance_uid, ())
+            content, result, template, headers, image, frame, drawn, heatmaps.get(image.sop_instance_uid, ())
         )
     ]
     if not any(points is not None for points in drawn.values()):  # OHIF draws none of a report mixing both
         groups += [
-            _not_assessed_group(result, template, headers, image, frame)
+            _not_assessed_group(content, result, template, headers, image, frame)
             for image in reading_order(result)
             for frame in image.frames
             if frame.out_of_distribution
         ]
     report = MeasurementReport(
-        observation_context=_observation_context(template),
+        observation_context=_observation_context(content, template),
         procedure_reported=template.procedure_reported.code(),
-        imaging_measurements=groups or [_unanalysed_study_group(result, template)],
+        imaging_measurements=groups or [_unanalysed_study_group(content, result, template)],
         title=template.title.code(),
-        language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(template.language.code()),
+        language_of_content_item_and_descendants=content.once(
+            ("language", template.language),
+            lambda: LanguageOfContentItemAndDescendants(template.language.code()),
+        ),
     )
-    report[0].ContentSequence.append(_evaluations(result, template, headers, drawn))
+    report[0].ContentSequence.append(_evaluations(content, result, template, headers, drawn))
     device = template.device
     objects = [ref for refs in heatmaps.values() for ref in refs]
     return sr_document(
@@ -237,13 +241,16 @@ def device_observer(template: SrTemplate) -> ObserverContext:
     )
 
 
-def _observation_context(template: SrTemplate) -> ObservationContext:
-    return ObservationContext(observer_device_context=device_observer(template))
+def _observation_context(content: LibraryContent, template: SrTemplate) -> ObservationContext:
+    return content.once(
+        ("observation context", template.device),
+        lambda: ObservationContext(observer_device_context=device_observer(template)),
+    )
 
 
-def _algorithm(result: StudyResult) -> AlgorithmIdentification:
+def _algorithm(content: LibraryContent, result: StudyResult) -> AlgorithmIdentification:
     """TID 4019, made anew for each group (content items belong to one parent)."""
-    return AlgorithmIdentification(
+    return content.algorithm_identification(
         name=result.model.name,
         version=result.model.version,
         parameters=[f"model sha256 {result.model.sha256}", f"index version {result.index_version or 'none'}"],
@@ -274,14 +281,17 @@ def _frame_numbers(header: Dataset, frame: FrameResult) -> list[int] | None:
     return [frame.frame_number] if number_of_frames(header) > 1 else None
 
 
-def _coordinates(header: Dataset, frame: FrameResult, points: np.ndarray) -> CoordinatesForMeasurement:
+def _coordinates(
+    content: LibraryContent, header: Dataset, frame: FrameResult, points: np.ndarray
+) -> CoordinatesForMeasurement:
     """An outline (closed) or a line segment on the frame's source image (and
     frame): the SCOORD a measurement is inferred from (TID 300 via TID 320), where
     OHIF's Cornerstone3D adapters read a tool's points."""
-    return CoordinatesForMeasurement(
+    return content.coordinates_for_measurement(
         graphic_type=GraphicTypeValues.POLYLINE,
         graphic_data=points,
-        source_image=SourceImageForRegion(
+        source_image=content.source_image(
+            SourceImageForRegion,
             referenced_sop_class_uid=header.SOPClassUID,
             referenced_sop_instance_uid=header.SOPInstanceUID,
             referenced_frame_numbers=_frame_numbers(header, frame),
@@ -289,12 +299,14 @@ def _coordinates(header: Dataset, frame: FrameResult, points: np.ndarray) -> Coo
     )
 
 
-def _measurement(name: Code, value: float, unit: Code, region: CoordinatesForMeasurement | None = None) -> Measurement:
-    return Measurement(name=name, value=value, unit=unit, referenced_coordinates=[region] if region else None)
+def _measurement(
+    content: LibraryContent, name: Code, value: float, unit: Code, region: CoordinatesForMeasurement | None = None
+) -> Measurement:
+    return content.measurement(name=name, value=value, unit=unit, referenced_coordinates=[region] if region else None)
 
 
 def _probabilities(
-    template: SrTemplate, frame: FrameResult, region: CoordinatesForMeasurement | None = None
+    content: LibraryContent, template: SrTemplate, frame: FrameResult, region: CoordinatesForMeasurement | None = None
 ) -> list[Measurement]:
     """Every class probability in percent, the predicted class first (OHIF lists a
     group's numbers in order); ``region`` is what the first one is inferred from."""
@@ -302,6 +314,7 @@ def _probabilities(
     order = sorted(frame.probabilities, key=lambda c: c != frame.predicted)
     return [
         _measurement(
+            content,
             template.class_spec(c).probability.code(),
             frame.probabilities[c] * concepts.probability_scale,
             concepts.probability_unit.code(),
@@ -311,24 +324,23 @@ def _probabilities(
     ]
 
 
-def _heatmap_items(template: SrTemplate, objects: Sequence[Dataset]) -> list[ImageContentItem]:
+def _heatmap_items(content: LibraryContent, template: SrTemplate, objects: Sequence[Dataset]) -> list[ImageContentItem]:
     """References to an image's heatmap SC and overlay SEG."""
     concepts = template.concepts
     return [
-        ImageContentItem(
+        content.image(
             name=(
                 concepts.heatmap_segmentation if ref.SOPClassUID == SegmentationStorage else concepts.heatmap_image
             ).code(),
             referenced_sop_class_uid=ref.SOPClassUID,
             referenced_sop_instance_uid=ref.SOPInstanceUID,
-            relationship_type=RelationshipTypeValues.CONTAINS,
         )
         for ref in objects
     ]
 
 
 def _contour_measurements(
-    template: SrTemplate, frame: FrameResult, region: CoordinatesForMeasurement
+    content: LibraryContent, template: SrTemplate, frame: FrameResult, region: CoordinatesForMeasurement
 ) -> list[Measurement]:
     """The outlined lesion's area inferred from its contour, then the class
     probabilities; without an area (no calibration, or a heatmap outline) the
@@ -336,13 +348,13 @@ def _contour_measurements(
     points from the first number's SCOORD."""
     concepts, lesion = template.concepts, frame.lesion
     if lesion is None or lesion.area_mm2 is None:
-        return _probabilities(template, frame, region)
-    area = _measurement(concepts.area.code(), lesion.area_mm2, concepts.area_unit.code(), region)
-    return [area, *_probabilities(template, frame)]
+        return _probabilities(content, template, frame, region)
+    area = _measurement(content, concepts.area.code(), lesion.area_mm2, concepts.area_unit.code(), region)
+    return [area, *_probabilities(content, template, frame)]
 
 
 def _axis_measurements(
-    template: SrTemplate, header: Dataset, frame: FrameResult
+    content: LibraryContent, template: SrTemplate, header: Dataset, frame: FrameResult
 ) -> tuple[str, list[Measurement]] | None:
     """A measured lesion's axes, each length inferred from its line segment, and the
     OHIF tool that reads them: both axes as one bidirectional measurement (which
@@ -353,10 +365,11 @@ def _axis_measurements(
         return None
     axes = [
         _measurement(
+            content,
             name.code(),
             axis.length_mm,
             concepts.length_unit.code(),
-            _coordinates(header, frame, np.array([axis.start, axis.end], np.float32)),
+            _coordinates(content, header, frame, np.array([axis.start, axis.end], np.float32)),
         )
         for name, axis in ((concepts.long_axis, lesion.long_axis), (concepts.short_axis, lesion.short_axis))
         if axis is not None
@@ -396,6 +409,7 @@ def lesion_label(template: SrTemplate, instance: str, frame: FrameResult) -> str
 
 
 def _frame_groups(
+    content: LibraryContent,
     result: StudyResult,
     template: SrTemplate,
     headers: dict[str, Dataset],
@@ -427,7 +441,7 @@ def _frame_groups(
 
     def tracking(identifier: str) -> TrackingIdentifier:
         uid = derived_uid(result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number)
-        return TrackingIdentifier(uid=uid, identifier=identifier[:64])
+        return content.tracking_identifier(uid=uid, identifier=identifier[:64])
 
     def group(
         identifier: str,
@@ -435,45 +449,43 @@ def _frame_groups(
         source_images: list[SourceImageForMeasurementGroup] | None = None,
     ) -> MeasurementsAndQualitativeEvaluations:
         # content items belong to one parent: each group gets its own
-        return MeasurementsAndQualitativeEvaluations(
+        return content.measurements_and_qualitative_evaluations(
             tracking_identifier=tracking(identifier),
-            algorithm_id=_algorithm(result),
+            algorithm_id=_algorithm(content, result),
             measurements=measurements,
             source_images=source_images,
             finding_type=template.class_spec(frame.predicted).finding.code(),
-            finding_sites=[FindingSite(template.finding_site.code())],
+            finding_sites=[content.finding_site(template.finding_site.code())],
         )
 
     if points is None:
-        source = SourceImageForMeasurementGroup(
+        source = content.source_image(
+            SourceImageForMeasurementGroup,
             referenced_sop_class_uid=header.SOPClassUID,
             referenced_sop_instance_uid=header.SOPInstanceUID,
             referenced_frame_numbers=_frame_numbers(header, frame),
         )
         identifier = _frame_line(template, template.wording.image_group_no_lesion, instance, frame)
-        return [group(identifier, _probabilities(template, frame), source_images=[source])]
-    contour = group(OHIF_CONTOUR, _contour_measurements(template, frame, _coordinates(header, frame, points)))
+        return [group(identifier, _probabilities(content, template, frame), source_images=[source])]
+    region = _coordinates(content, header, frame, points)
+    contour = group(OHIF_CONTOUR, _contour_measurements(content, template, frame, region))
     if frame.frame_number == decisive_frame(image).frame_number:
-        contour[0].ContentSequence.extend(_heatmap_items(template, heatmaps))
+        contour[0].ContentSequence.extend(_heatmap_items(content, template, heatmaps))
     groups = [contour]
-    axes = _axis_measurements(template, header, frame)
+    axes = _axis_measurements(content, template, header, frame)
     if axes is not None:  # the same lesion, so the same Tracking UID: first, as OHIF labels what it merges
         tool, measurements = axes
         groups.insert(0, group(tool, measurements))
     # OHIF's label of a measurement: a group-level Comment, a row TID 1501 lacks (PixelMed warns), so one
     # per lesion, on the row that lists its axes (else its contour's)
     groups[0][0].ContentSequence.append(
-        TextContentItem(
-            name=template.concepts.comment.code(),
-            value=lesion_label(template, instance, frame),
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        )
+        content.text(name=template.concepts.comment.code(), value=lesion_label(template, instance, frame))
     )
     return groups
 
 
 def _undrawn_lines(
-    template: SrTemplate, headers: dict[str, Dataset], result: StudyResult, drawn: Drawn
+    content: LibraryContent, template: SrTemplate, headers: dict[str, Dataset], result: StudyResult, drawn: Drawn
 ) -> list[TextContentItem]:
     """In a report where something is drawn, a line for each assessed frame with
     nothing to outline (it has no group there), and for each lesion outlined but not
@@ -492,12 +504,7 @@ def _undrawn_lines(
                         instance=instance, frame=frame.frame_number, reason=frame.lesion.unmeasured
                     )
                 )
-    return [
-        TextContentItem(
-            name=template.concepts.comment.code(), value=text, relationship_type=RelationshipTypeValues.CONTAINS
-        )
-        for text in texts
-    ]
+    return [content.text(name=template.concepts.comment.code(), value=text) for text in texts]
 
 
 def _frame_line(template: SrTemplate, wording: str, instance: str, frame: FrameResult) -> str:
@@ -510,16 +517,18 @@ def _frame_line(template: SrTemplate, wording: str, instance: str, frame: FrameR
     )
 
 
-def _unanalysed_study_group(result: StudyResult, template: SrTemplate) -> MeasurementsAndQualitativeEvaluations:
+def _unanalysed_study_group(
+    content: LibraryContent, result: StudyResult, template: SrTemplate
+) -> MeasurementsAndQualitativeEvaluations:
     """The one measurement group TID 1500 needs when no image could be analysed. No
     region: there is nothing to point at."""
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
+    return content.measurements_and_qualitative_evaluations(
+        tracking_identifier=content.tracking_identifier(
             uid=derived_uid(result.study_uid, result.generation, "track", "summary"),
             identifier=template.wording.no_summary[:64],
         ),
-        algorithm_id=_algorithm(result),
-        finding_sites=[FindingSite(template.finding_site.code())],
+        algorithm_id=_algorithm(content, result),
+        finding_sites=[content.finding_site(template.finding_site.code())],
     )
 
 
@@ -533,7 +542,12 @@ def not_assessed_reason(template: SrTemplate, frame: FrameResult) -> str:
 
 
 def _not_assessed_group(
-    result: StudyResult, template: SrTemplate, headers: dict[str, Dataset], image: ImageResult, frame: FrameResult
+    content: LibraryContent,
+    result: StudyResult,
+    template: SrTemplate,
+    headers: dict[str, Dataset],
+    image: ImageResult,
+    frame: FrameResult,
 ) -> MeasurementsAndQualitativeEvaluations:
     """A frame the domain guard flagged, in a report where nothing is drawn (a TID
     1501 group without coordinates): "Not Evaluated" as its Finding, the guard's
@@ -541,12 +555,13 @@ def _not_assessed_group(
     class, probability or region."""
     concepts = template.concepts
     header = _header(headers, image.sop_instance_uid)
-    score = Measurement(
+    score = content.measurement(
         name=concepts.ood_score.code(),
         value=frame.ood_distance,
         unit=concepts.score_unit.code(),
         referenced_images=[
-            SourceImageForMeasurement(
+            content.source_image(
+                SourceImageForMeasurement,
                 referenced_sop_class_uid=header.SOPClassUID,
                 referenced_sop_instance_uid=header.SOPInstanceUID,
                 referenced_frame_numbers=_frame_numbers(header, frame),
@@ -556,27 +571,27 @@ def _not_assessed_group(
     threshold = (
         []
         if frame.ood_threshold is None
-        else [_measurement(concepts.ood_threshold.code(), frame.ood_threshold, concepts.score_unit.code())]
+        else [_measurement(content, concepts.ood_threshold.code(), frame.ood_threshold, concepts.score_unit.code())]
     )
     identifier = template.wording.not_assessed_group.format(
         instance=instance_label(headers, image.sop_instance_uid), frame=frame.frame_number
     )
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
+    return content.measurements_and_qualitative_evaluations(
+        tracking_identifier=content.tracking_identifier(
             uid=derived_uid(
                 result.study_uid, result.generation, "track", image.sop_instance_uid, frame.frame_number, "ood"
             ),
             identifier=identifier[:64],
         ),
-        algorithm_id=_algorithm(result),
+        algorithm_id=_algorithm(content, result),
         measurements=[score, *threshold],
         finding_type=concepts.not_assessed.code(),
-        finding_sites=[FindingSite(template.finding_site.code())],
+        finding_sites=[content.finding_site(template.finding_site.code())],
     )
 
 
 def _not_assessed_line(
-    template: SrTemplate, headers: dict[str, Dataset], image: ImageResult, frame: FrameResult
+    content: LibraryContent, template: SrTemplate, headers: dict[str, Dataset], image: ImageResult, frame: FrameResult
 ) -> TextContentItem:
     """A frame the domain guard flagged, in words: which, and why (the score against
     the threshold)."""
@@ -585,12 +600,12 @@ def _not_assessed_line(
         frame=frame.frame_number,
         reason=not_assessed_reason(template, frame),
     )
-    return TextContentItem(
-        name=template.concepts.comment.code(), value=line, relationship_type=RelationshipTypeValues.CONTAINS
-    )
+    return content.text(name=template.concepts.comment.code(), value=line)
 
 
-def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Dataset]) -> list[Dataset]:
+def _summary(
+    content: LibraryContent, result: StudyResult, template: SrTemplate, headers: dict[str, Dataset]
+) -> list[Dataset]:
     """The study-level conclusion, in words and codes (no coordinates)."""
     concepts, wording, summary = template.concepts, template.wording, result.summary
     decisive = next((i for i in result.images if i.sop_instance_uid == summary.decisive_sop_instance_uid), None)
@@ -598,10 +613,8 @@ def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Datas
     if summary.predicted is not None and decisive is not None and decisive.frames:
         frame = decisive_frame(decisive)
         items.append(
-            CodeContentItem(
-                name=concepts.classification.code(),
-                value=template.class_spec(summary.predicted).finding.code(),
-                relationship_type=RelationshipTypeValues.CONTAINS,
+            content.code(
+                name=concepts.classification.code(), value=template.class_spec(summary.predicted).finding.code()
             )
         )
         line = wording.study_summary.format(
@@ -610,40 +623,22 @@ def _summary(result: StudyResult, template: SrTemplate, headers: dict[str, Datas
             instance=instance_label(headers, decisive.sop_instance_uid),
             frame=frame.frame_number,
         )
-        items += _band(template, headers, decisive, frame)
+        items += _band(content, template, headers, decisive, frame)
     elif summary.out_of_distribution:
-        items.append(
-            CodeContentItem(
-                name=concepts.classification.code(),
-                value=concepts.not_assessed.code(),
-                relationship_type=RelationshipTypeValues.CONTAINS,
-            )
-        )
+        items.append(content.code(name=concepts.classification.code(), value=concepts.not_assessed.code()))
         line = wording.not_assessed_summary
     else:
         line = wording.no_summary
-    items.append(
-        TextContentItem(
-            name=concepts.study_summary.code(), value=line, relationship_type=RelationshipTypeValues.CONTAINS
-        )
-    )
-    items.append(
-        TextContentItem(
-            name=concepts.summary_rule.code(), value=summary.rule, relationship_type=RelationshipTypeValues.CONTAINS
-        )
-    )
+    items.append(content.text(name=concepts.study_summary.code(), value=line))
+    items.append(content.text(name=concepts.summary_rule.code(), value=summary.rule))
     if summary.out_of_distribution:
-        items.append(
-            CodeContentItem(
-                name=concepts.out_of_distribution.code(),
-                value=concepts.yes.code(),
-                relationship_type=RelationshipTypeValues.CONTAINS,
-            )
-        )
+        items.append(content.code(name=concepts.out_of_distribution.code(), value=concepts.yes.code()))
     return items
 
 
-def _band(template: SrTemplate, headers: dict[str, Dataset], image: ImageResult, frame: FrameResult) -> list[Dataset]:
+def _band(
+    content: LibraryContent, template: SrTemplate, headers: dict[str, Dataset], image: ImageResult, frame: FrameResult
+) -> list[Dataset]:
     """The BI-RADS likelihood band of the frame that decides the study, coded
     (PS3.16 CID 6026/6027) and in words that say it is the AI's suggestion."""
     band = frame_band(frame.probabilities, frame.predicted)
@@ -651,14 +646,9 @@ def _band(template: SrTemplate, headers: dict[str, Dataset], image: ImageResult,
         return []
     spec = template.birads[band.category]
     return [
-        CodeContentItem(
+        content.code(name=template.concepts.birads_band.code(), value=spec.code.code()),
+        content.text(
             name=template.concepts.birads_band.code(),
-            value=spec.code.code(),
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        ),
-        TextContentItem(
-            name=template.concepts.birads_band.code(),
-            relationship_type=RelationshipTypeValues.CONTAINS,
             value=template.wording.birads_line.format(
                 category=band.category,
                 band=spec.display,
@@ -671,29 +661,25 @@ def _band(template: SrTemplate, headers: dict[str, Dataset], image: ImageResult,
 
 
 def _evaluations(
-    result: StudyResult, template: SrTemplate, headers: dict[str, Dataset], drawn: Drawn
+    content: LibraryContent, result: StudyResult, template: SrTemplate, headers: dict[str, Dataset], drawn: Drawn
 ) -> ContainerContentItem:
     """TID 1500's "Qualitative Evaluations": what a reader needs in words."""
     concepts, wording = template.concepts, template.wording
-    container = ContainerContentItem(
-        name=concepts.qualitative_evaluations.code(), relationship_type=RelationshipTypeValues.CONTAINS
-    )
+    container = content.container(name=concepts.qualitative_evaluations.code())
     items: list[Dataset] = [
-        TextContentItem(
-            name=concepts.comment.code(), value=template.disclaimer, relationship_type=RelationshipTypeValues.CONTAINS
-        ),
-        *_summary(result, template, headers),
+        content.text(name=concepts.comment.code(), value=template.disclaimer),
+        *_summary(content, result, template, headers),
         *(
-            _not_assessed_line(template, headers, image, frame)
+            _not_assessed_line(content, template, headers, image, frame)
             for image in result.images
             for frame in image.frames
             if frame.out_of_distribution
         ),
-        *_undrawn_lines(template, headers, result, drawn),
+        *_undrawn_lines(content, template, headers, result, drawn),
     ]
     for rank, similar in enumerate(result.similar, start=1):
         items.append(
-            TextContentItem(
+            content.text(
                 name=concepts.similar_study.code(),
                 value=wording.similar_line.format(
                     rank=rank,
@@ -704,18 +690,16 @@ def _evaluations(
                     distance=similar.distance,
                     similarity=similar.similarity,
                 ),
-                relationship_type=RelationshipTypeValues.CONTAINS,
             )
         )
     for image in result.images:
         if image.skipped:
             items.append(
-                TextContentItem(
+                content.text(
                     name=concepts.not_analysed.code(),
                     value=wording.not_analysed_line.format(
                         instance=instance_label(headers, image.sop_instance_uid), reason=image.skipped
                     ),
-                    relationship_type=RelationshipTypeValues.CONTAINS,
                 )
             )
     container.ContentSequence = items
