@@ -1,7 +1,12 @@
 """Where we go round highdicom's constructors for speed: the one module that does.
 
-Three shortcuts, all on with the setting ``fast_reports``, all off (the library's
-own path) without it:
+Three shortcuts here and one beside, all on with the setting ``fast_reports``, all
+off (the library's own path) without it:
+
+* service/reports/sr_content.py: the SR's content items and templates copied from
+  prototypes highdicom made once (per code, model), instead of made anew and
+  checked item by item (most of the SR's cost; the encoded SR is the library's
+  byte for byte, tests/test_reports_construction.py);
 
 * :func:`sr_document`, the SR constructor without its copies of the content tree;
 * :func:`key_object_selection`, the gate's reading of a key-image flag by the
