@@ -420,12 +420,17 @@ def _tree(ds: Dataset) -> Iterable[Dataset]:
                 yield from _tree(item)
 
 
+#: A Dataset's own state that is a dict (its elements, private blocks, pixel caches): each copy gets its own.
+_STATE_DICTS = tuple(name for name, value in Dataset().__dict__.items() if isinstance(value, dict))
+
+
 def _copy(ds: D) -> D:
     """``ds`` copied without pydicom's Dataset constructor (most of an item's cost)."""
     new = object.__new__(type(ds))
     attributes = new.__dict__
-    for name, value in ds.__dict__.items():  # the Dataset's own state; its dicts copied
-        attributes[name] = value.copy() if isinstance(value, dict) else value
+    attributes.update(ds.__dict__)
+    for name in _STATE_DICTS:
+        attributes[name] = attributes[name].copy()
     attributes["_dict"] = {tag: _copy_element(elem) for tag, elem in ds._dict.items()}  # type: ignore[arg-type]
     return new
 
@@ -433,11 +438,13 @@ def _copy(ds: D) -> D:
 def _copy_element(elem: DataElement) -> DataElement:
     new = object.__new__(type(elem))
     new.__dict__.update(elem.__dict__)
-    value = elem.value
-    if isinstance(value, ContentSequence):
-        new._value = _sequence(type(value), [_copy(item) for item in value], is_root=value._is_root)
-    elif isinstance(value, DicomSequence):
-        new._value = DicomSequence([_copy(item) for item in value])
+    value = elem._value
+    if elem.VR == "SQ":
+        items = [_copy(item) for item in value]
+        if isinstance(value, ContentSequence):
+            new._value = _sequence(type(value), items, is_root=value._is_root)
+        else:
+            new._value = DicomSequence(items)
     elif isinstance(value, MultiValue):  # a multi-valued element: its own list
         new._value = copied = object.__new__(type(value))
         copied.__dict__.update(value.__dict__)
@@ -459,7 +466,8 @@ def _sequence(kind: type[S], items: Iterable[Dataset], is_root: bool = False) ->
         sequence._is_root, sequence._is_sr = is_root, True
         lut: defaultdict[Any, list[Dataset]] = defaultdict(list)
         for item in sequence._list:
-            lut[item.name].append(item)
+            name = item._dict[_CONCEPT_NAME].value[0]  # type: ignore[index]  # as highdicom reads ``item.name``
+            lut[name].append(item)
         sequence._lut = lut  # type: ignore[assignment]  # of content items
     return sequence
 
@@ -479,6 +487,7 @@ def _put(ds: Dataset, keyword: str, value: Any) -> None:
 
 
 _GRAPHIC_DATA = BaseTag(0x00700022)
+_CONCEPT_NAME = BaseTag(0x0040A043)
 
 
 def _graphic_data(item: Dataset, points: np.ndarray) -> None:
