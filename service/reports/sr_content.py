@@ -166,7 +166,7 @@ class LibraryContent:
 CodeKey = tuple[str, str, str, str | None]
 
 
-def _key(code: Code) -> CodeKey:
+def _key(code: Code | CodedConcept) -> CodeKey:
     return (code.value, code.scheme_designator, code.meaning, code.scheme_version)
 
 
@@ -386,15 +386,22 @@ def _number(name: CodeKey) -> NumContentItem:
 
 
 class _Name(CodedConcept):
-    """A prototype's concept name, its hash remembered. highdicom indexes every
-    item by its name (ContentSequence), and CodedConcept computes its hash from its
-    elements on every look-up: a fifth of the SR's cost. Its elements never change
-    (nothing changes a prototype, or a copy's name)."""
+    """A prototype's concept name, its hash and code remembered. highdicom indexes
+    every item by its name (ContentSequence), and CodedConcept computes its hash
+    from its elements on every look-up (a fifth of the SR's cost), and compares
+    equal hashes through new Codes. Its elements never change (nothing changes a
+    prototype, or a copy's name)."""
 
     _hash: int
+    _code: CodeKey
 
     def __hash__(self) -> int:
         return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _Name) and other._code == self._code:  # the same code: equal
+            return True
+        return super().__eq__(other)  # else as the library compares (SRT is SCT, the meaning aside)
 
 
 def _prototype(item: D, *keywords: str) -> D:
@@ -408,6 +415,7 @@ def _prototype(item: D, *keywords: str) -> D:
             named = _copy(name[0])
             named.__class__ = _Name
             named._hash = hash(name[0])
+            named._code = _key(name[0])
             name[0] = named
     return item
 
