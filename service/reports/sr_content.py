@@ -202,7 +202,7 @@ class FastContent(LibraryContent):
         referenced_sop_instance_uid: str,
         relationship_type: RelationshipTypeValues = CONTAINS,
     ) -> ImageContentItem:
-        item = _copy(_image(ImageContentItem, _key(name), relationship_type))
+        item = _copy(_image(_key(name), relationship_type))
         _reference(item, referenced_sop_class_uid, referenced_sop_instance_uid, None)
         return item
 
@@ -320,8 +320,8 @@ def _coded(name: CodeKey, value: CodeKey, relationship: RelationshipTypeValues) 
 
 
 @functools.lru_cache(maxsize=64)
-def _image(kind: type[ImageContentItem], name: CodeKey, relationship: RelationshipTypeValues) -> ImageContentItem:
-    item = kind(
+def _image(name: CodeKey, relationship: RelationshipTypeValues) -> ImageContentItem:
+    item = ImageContentItem(
         name=_code(name),
         referenced_sop_class_uid=_PLACEHOLDER_UID,
         referenced_sop_instance_uid=_PLACEHOLDER_UID,
@@ -406,7 +406,7 @@ class _Name(CodedConcept):
 
 def _prototype(item: D, *keywords: str) -> D:
     """``item`` without the elements its copies fill, its names (all the way down)
-    remembering their hash."""
+    :class:`_Name` copies."""
     for keyword in keywords:
         delattr(item, keyword)
     for ds in _tree(item):
