@@ -445,7 +445,8 @@ def _copy(ds: D) -> D:
 
 def _copy_element(elem: DataElement) -> DataElement:
     new = object.__new__(type(elem))
-    new.__dict__.update(elem.__dict__)
+    for name, value in elem.__dict__.items():  # one by one, in order: Python then keeps them as compactly
+        object.__setattr__(new, name, value)  # as for an element it made (pydicom's writer reads them faster)
     value = elem._value
     if elem.VR == "SQ":
         items = [_copy(item) for item in value]
