@@ -11,9 +11,10 @@ redis-server). The peer: the same studies analysed in this process by
 service.pipeline.analysis.analyse_study with the same model (no receiver, ledger or queue);
 the ratio is what the queue and the stages around it cost.
 
-Throughput: N studies received and queued first, then images analysed per second
-between the first claim and the last result, with `workers` = 1 and = 2 (embedded
-broker; each study's reports are built too, which takes most of the time), and
+Throughput: N studies received and queued first, then images per second
+between the first claim and the last study's objects in the outbox (reported), with
+`workers` = 1 and = 2 (embedded broker; each study's reports are built too, which
+takes most of the time; with the setting report_process, beside the next analysis), and
 the analysis stage's own time per image; the ratio is the scaling. On a machine
 with fewer free cores than worker processes expect little gain: each process gets
 a share of the cores for ONNX Runtime.
@@ -77,14 +78,17 @@ def ledger_rows(settings: Settings, study_uids: list[str]) -> list[StudyRow | No
         return [ledger.study(uid) for uid in study_uids]
 
 
-def wait_analysed(settings: Settings, study_uids: list[str], timeout: float = 600) -> list[StudyRow]:
+def wait_analysed(
+    settings: Settings, study_uids: list[str], timeout: float = 600, stamp: str = "analysed_at"
+) -> list[StudyRow]:
+    """The studies' ledger rows once each has ``stamp`` (``reported_at``: its objects are in the outbox)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows = [row for row in ledger_rows(settings, study_uids) if row is not None and row.analysed_at]
+        rows = [row for row in ledger_rows(settings, study_uids) if row is not None and getattr(row, stamp)]
         if len(rows) == len(study_uids):
             return rows
         time.sleep(0.05)
-    raise TimeoutError(f"studies not analysed within {timeout} s")
+    raise TimeoutError(f"studies without {stamp} after {timeout} s")
 
 
 def latencies(settings: Settings, studies: list[tuple[str, list[Path]]], log: Path) -> dict[str, list[float]]:
@@ -137,7 +141,8 @@ def wait_queued(settings: Settings, study_uids: list[str], timeout: float = 600)
 def throughput(
     settings: Settings, studies: list[tuple[str, list[Path]]], images: int, log: Path
 ) -> tuple[float, float]:
-    """Images per second, first claim to last result, with every study already
+    """Images per second, first claim to the last study's objects in the outbox
+    (reported: a worker with a report lane is done with a study only then), with every study already
     waiting in the (embedded, persistent) queue: a node without workers receives
     and queues them, then a node with ``settings.workers`` processes drains it."""
     receiving = serve(settings.model_copy(update={"workers": 0}), log)
@@ -149,10 +154,10 @@ def throughput(
         receiving.stop()
     node = serve(settings, log)
     try:
-        rows = wait_analysed(settings, [uid for uid, _ in studies])
+        rows = wait_analysed(settings, [uid for uid, _ in studies], stamp="reported_at")
     finally:
         node.stop()
-    span = max(r.analysed_at for r in rows) - min(r.analysis_started for r in rows)
+    span = max(r.reported_at or 0.0 for r in rows) - min(r.analysis_started or 0.0 for r in rows)
     per_image = statistics.median((r.analysed_at - r.analysis_started) / images for r in rows)
     return len(studies) * images / span, per_image
 

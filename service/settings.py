@@ -365,6 +365,12 @@ class Settings(BaseSettings):
         "validation gate checks anyway (service/reports/construction.py), and gate them checking "
         "once per process the values every object repeats; off: highdicom's own path",
     )
+    report_process: bool = Field(
+        True,
+        description="A worker builds each study's result objects in a process of its own beside "
+        "each pool process, while the next study is analysed (service/pipeline/report_lane.py); "
+        "off: in the pool process, after each analysis",
+    )
     destinations: Annotated[list[Peer], NoDecode] = Field(
         default_factory=list,
         description="Where results go: AE@host:port[+tls] (C-STORE) or a DICOMweb "
