@@ -20,6 +20,8 @@ child process, started from our own interpreter.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import pickle
 import subprocess
@@ -41,6 +43,9 @@ from service.similar.index import SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
 
+#: The pipe to the lane holds this much: a study's frames (a few hundred KiB) are
+#: handed on in one write, whether or not the lane is reading yet.
+PIPE_BYTES = 1 << 20
 #: How long a stopping worker waits for its lane to finish the study it holds.
 CLOSE_TIMEOUT_S = 120.0
 
@@ -87,7 +92,7 @@ def report_study(
 
 
 class ReportLane:
-    """The worker's side of its lane (module doc): started on the first study."""
+    """The worker's side of its lane (module doc)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -102,13 +107,13 @@ class ReportLane:
         """Hand ``job`` to the lane once the study before it is done."""
         self.wait()
         if self._process is None or self._process.poll() is not None:
-            self._start()
+            self.start()
         assert self._process is not None and self._process.stdin is not None
         try:
             _send(self._process.stdin, job)
         except OSError:  # died since it was started or last answered: its study is an orphan already
             LOG.error("the report process is gone; starting another", extra={"study_uid": job.study_uid})
-            self._start()
+            self.start()
             assert self._process is not None and self._process.stdin is not None
             _send(self._process.stdin, job)
         self._pending = job.study_uid
@@ -134,12 +139,16 @@ class ReportLane:
         self.wait()
         self._stop(kill=False)
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """A new lane process (any old one is ended): a pool process starts one as it
+        starts, so the lane's imports are done before the first study."""
         self._stop(kill=True)
         self._process = subprocess.Popen(
             [sys.executable, "-m", "service.pipeline.report_lane"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         assert self._process.stdin is not None
+        with contextlib.suppress(OSError):  # Linux: a study's frames go into the pipe at once
+            fcntl.fcntl(self._process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         _send(self._process.stdin, self.settings)
         LOG.info("report process %d started", self._process.pid)
 

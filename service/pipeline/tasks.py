@@ -74,7 +74,9 @@ class WorkerState:
         self._ledger = open_ledger(self.settings)
         self._model = None
         self._indexes = ModelIndex(self.settings)
-        self._lane = ReportLane(self.settings) if self.report_process else None
+        self._lane = ReportLane(self.settings) if self.report_process else None  # one per pool process
+        if self._lane is not None:
+            self._lane.start()
         try:
             self.model()
         except ModelError:
