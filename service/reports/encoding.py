@@ -7,11 +7,12 @@ report stage. :func:`lean_encode` writes the preamble, the file meta (with its g
 length) and the data set itself, by VR, with each (tag, VR) header made once.
 
 It covers what our objects are made of: explicit VR little endian, native or
-encapsulated pixel data; every standard VR of a known value type, as pydicom's own
-value writers format and pad it; sequences and items of defined or undefined length;
-raw elements written as read; the default character set, ISO_IR 100 and ISO_IR 192.
-Anything else (another transfer syntax, another character set, an ambiguous VR, a
-value type or length it does not know, a text its codec cannot encode) makes it
+encapsulated pixel data (highdicom's Pixel Data of VR 'OB or OW' resolved as pydicom
+resolves it); every standard VR of a known value type, as pydicom's own value writers
+format and pad it; sequences and items of defined or undefined length; raw elements
+written as read; the default character set, ISO_IR 100 and ISO_IR 192. Anything else
+(another transfer syntax, another character set, another ambiguous VR, a value type
+or length it does not know, a text its codec cannot encode) makes it
 return None, and :func:`encode` lets pydicom encode the whole object: it never
 guesses. tests/test_reports_encoding.py compares its bytes with pydicom's. Used with
 the setting ``fast_reports`` (see service/reports/construction.py).
@@ -49,6 +50,7 @@ class _Unsupported(Exception):
 _NOT_AS_PYDICOM = (_Unsupported, TypeError, ValueError, struct.error)
 
 _PIXEL_DATA = 0x7FE00010
+_OB_OR_OW = "OB or OW"
 _EXPLICIT_LITTLE = (False, True)  # (implicit VR, little endian) of original_encoding
 _MEDIA_CLASS, _MEDIA_INSTANCE = BaseTag(0x00020002), BaseTag(0x00020003)
 _CHARSET = 0x00080005
@@ -196,6 +198,9 @@ def _elements(
                 out.append(_raw(elem))
                 continue
         vr, value = elem.VR, elem.value
+        if vr == _OB_OR_OW and tag == _PIXEL_DATA and owner is not None and sequences_converted:
+            encapsulated = elem.is_undefined_length if pixel_data_undefined is None else pixel_data_undefined
+            vr = _pixel_data_vr(owner, encapsulated)
         header, long = _header(tag, vr)
         if vr == "SQ":
             items = b"".join(_item(item, codec, sequences_converted) for item in value)
@@ -220,6 +225,19 @@ def _elements(
         else:
             out += (header, _short_length(len(data)), data)
     return b"".join(out)
+
+
+def _pixel_data_vr(ds: Dataset, encapsulated: bool) -> str:
+    """The VR pydicom's correct_ambiguous_vr gives Pixel Data of VR 'OB or OW'
+    (highdicom's) in a data set it re-encodes: OB encapsulated, else by the bits."""
+    if encapsulated:
+        return "OB"
+    if ds.original_encoding[0]:
+        return "OW"
+    bits = ds.get("BitsAllocated", None)
+    if not isinstance(bits, int):
+        raise _Unsupported("Pixel Data of VR 'OB or OW' without Bits Allocated")
+    return "OW" if bits > 8 else "OB"
 
 
 def _item(item: Dataset, codec: str, above_converts: bool) -> bytes:
