@@ -362,7 +362,8 @@ class Settings(BaseSettings):
     fast_reports: bool = Field(
         True,
         description="Build result objects without highdicom's copies and re-checks of what the "
-        "validation gate checks anyway (service/reports/construction.py), and gate them checking "
+        "validation gate checks anyway (service/reports/construction.py), encode them with a lean "
+        "writer giving pydicom's bytes (service/reports/encoding.py), and gate them checking "
         "once per process the values every object repeats; off: highdicom's own path",
     )
     report_process: bool = Field(

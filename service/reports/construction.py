@@ -27,6 +27,9 @@ made by the library as usual) and the children are attached to the document
 afterwards, as the constructor itself would attach them. The data set is the
 library's, element for element (tests/test_reports_construction.py builds both).
 With the setting off, the library's constructor does everything.
+
+The other module that goes round a library, pydicom's writer, with the same
+setting: :mod:`service.reports.encoding` (the objects' bytes, pydicom's bytes).
 """
 
 from __future__ import annotations
