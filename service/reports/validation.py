@@ -28,7 +28,7 @@ failure shows all of them at once.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import highdicom as hd
 import numpy as np
@@ -50,6 +50,7 @@ from pydicom.valuerep import validate_value
 
 from service.common.errors import error_text
 from service.reports.construction import key_object_selection
+from service.reports.shapes import Shape, content_shapes, read_unless_known
 
 
 class GateError(ValueError):
@@ -199,8 +200,11 @@ _HIGHDICOM_SR = {
 def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
     """Run the gate on an encoded object; return the parsed data set or raise.
     ``fast`` (setting ``fast_reports``): values found valid in earlier objects are
-    not checked again (:data:`_VALID`) and a key-image flag is read
-    without highdicom's copy of the whole document (:func:`key_object_selection`)."""
+    not checked again (:data:`_VALID`), highdicom reads an SR or a key-image flag
+    only when its content tree has a shape it has not accepted before
+    (service/reports/shapes.py; the shapes are taken before the VR checks convert
+    the elements), and a key-image flag is read without highdicom's copy of the
+    whole document (:func:`key_object_selection`)."""
     try:
         ds = dcmread(io.BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
@@ -213,12 +217,16 @@ def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
         raise GateError(what, ["SOPClassUID is missing: the object is truncated or not a composite instance"])
     if sop_class not in REQUIRED:
         raise GateError(what, [f"SOP class {sop_class} is not one we produce"])
+    read = sop_class in _HIGHDICOM_SR or sop_class == KeyObjectSelectionDocumentStorage
+    shapes = content_shapes(ds) if fast and read else None
     reasons = _file_meta(ds) + _values(ds, fast) + _required(ds, REQUIRED[sop_class])
     if not reasons:  # deeper checks need the required attributes in place (and may convert ds in place)
         if sop_class == KeyObjectSelectionDocumentStorage:
-            reasons += _kos(ds, disclaimer, fast)
+            reasons += _kos(ds, disclaimer, fast, shapes)
+        elif sop_class in _HIGHDICOM_SR:
+            reasons += _sr(ds, disclaimer, shapes)
         else:
-            reasons += _DEEPER.get(sop_class, _sr)(ds, disclaimer)
+            reasons += _DEEPER[sop_class](ds, disclaimer)
     if reasons:
         raise GateError(what, reasons)
     return ds
@@ -338,7 +346,8 @@ def _content_items(items: list[Dataset]) -> Iterator[Dataset]:
         yield from _content_items(item.get("ContentSequence", []))
 
 
-def _sr(ds: Dataset, disclaimer: str) -> list[str]:
+def _sr(ds: Dataset, disclaimer: str, shapes: list[Shape] | None) -> list[str]:
+    """The SR's content: ``shapes`` (fast only) spare highdicom's reader a tree it accepted before."""
     reasons = []
     if ds.Modality != "SR":
         reasons.append(f"Modality is {ds.Modality}, not SR")
@@ -354,7 +363,7 @@ def _sr(ds: Dataset, disclaimer: str) -> list[str]:
     if not any(item.get("TextValue") == disclaimer for item in items):
         reasons.append("the disclaimer is not in the content")
     try:  # highdicom's reader of the whole TID 1500 tree; the groups are checked below on its parse
-        _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False)  # converts ds in place: only read after this
+        read_unless_known(shapes, lambda: _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False))  # converts ds
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return [*reasons, f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
     groups = [
@@ -430,7 +439,10 @@ def _seg(ds: Dataset, disclaimer: str) -> list[str]:
     return reasons
 
 
-def _kos(ds: Dataset, disclaimer: str, fast: bool) -> list[str]:
+def _kos(ds: Dataset, disclaimer: str, fast: bool, shapes: list[Shape] | None) -> list[str]:
+    """The key-image flag's content: with ``fast``, highdicom reads a tree of a new
+    shape only, and the selected objects are its root's references as
+    ``get_references`` finds them in an accepted tree."""
     reasons = []
     if ds.Modality != "KO":
         reasons.append(f"Modality is {ds.Modality}, not KO")
@@ -438,7 +450,11 @@ def _kos(ds: Dataset, disclaimer: str, fast: bool) -> list[str]:
     if not any(disclaimer in str(item.get("TextValue", "")) for item in items):
         reasons.append("the disclaimer is not in the content")
     try:
-        selected = key_object_selection(ds, fast).get_references()
+        if fast:
+            read_unless_known(shapes, lambda: key_object_selection(ds, fast))
+            selected = [item for item in ds.ContentSequence if item.ValueType in _REFERENCE_VALUE_TYPES]
+        else:
+            selected = key_object_selection(ds, fast).get_references()
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return [*reasons, f"highdicom cannot read it as a key object selection: {error_text(exc)}"]
     if not selected:
@@ -463,8 +479,10 @@ def _sc(ds: Dataset, disclaimer: str) -> list[str]:
     return reasons
 
 
+#: The value types by which a key object selection's root selects an object (highdicom's ``get_references``).
+_REFERENCE_VALUE_TYPES = frozenset({"IMAGE", "COMPOSITE", "WAVEFORM"})
 #: The checks after the IOD's attributes, by SOP class (SR classes: :func:`_sr`; KOS: :func:`_kos`).
-_DEEPER = {
+_DEEPER: dict[str, Callable[[Dataset, str], list[str]]] = {
     SecondaryCaptureImageStorage: _sc,
     SegmentationStorage: _seg,
 }

@@ -1,0 +1,152 @@
+"""The gate's memory of the content-tree shapes highdicom has read (setting ``fast_reports``).
+
+highdicom's reader of an SR document (TID 1500) and of a key object selection (TID
+2010) decides from the tree's shape alone, item by item: the root (SOP class, transfer
+syntax, value type CONTAINER, concept name, template, continuity) and each content
+item on its own (its value type and relationship type are known values, it carries the
+attributes its value type requires, each code it holds has exactly one code value, a
+designator and a meaning). No value it reads is judged beyond that; the values (UIDs,
+numbers, dates, text) are the gate's own VR checks, run on every object. So a tree
+whose root and items all had shapes highdicom accepted in earlier documents is
+accepted again, and the reader runs only when some shape is new.
+
+The shape of an item, taken from its still raw elements (nothing converted): every
+attribute it carries, in order, with its VR and whether it is empty; the encoded bytes
+of value type, relationship type, continuity, graphic type, temporal range type and
+of each code sequence (concept name, coded value, template, units, qualifier); the
+byte length of binary numbers (the count of graphic data values); the shape of the
+items of any other sequence (measured values, references), recursively; and only the
+presence of its content sequence, whose items are shapes of their own. A tree with an
+element pydicom has converted already has no shape: the reader runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+
+Shape = tuple[object, ...]
+
+
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"{keyword} is not a DICOM keyword")
+    return tag
+
+
+_CONTENT_SEQUENCE = _tag("ContentSequence")
+#: Attributes whose encoded value is part of an item's shape: what the reader decides on.
+_SHAPE_VALUES = frozenset(
+    map(
+        _tag,
+        (
+            "ValueType",
+            "RelationshipType",
+            "ContinuityOfContent",
+            "GraphicType",
+            "TemporalRangeType",
+            "ConceptNameCodeSequence",
+            "ConceptCodeSequence",
+            "ContentTemplateSequence",
+            "MeasurementUnitsCodeSequence",
+            "NumericValueQualifierCodeSequence",
+        ),
+    )
+)
+#: The root content item's attributes, which the readers take from the document.
+_ROOT = ("ConceptNameCodeSequence", "ValueType", "ContinuityOfContent", "ContentTemplateSequence")
+#: VRs of binary numbers, by the size of one: their count is part of the shape (graphic data: the points).
+_NUMBER_SIZE = {"FL": 4, "FD": 8, "SL": 4, "SS": 2, "UL": 4, "US": 2, "SV": 8, "UV": 8}
+_BINARY_NUMBERS = frozenset(_NUMBER_SIZE)
+#: Counts of binary numbers up to this are part of the shape (a point, circle, ellipse);
+#: beyond it, whether they make whole (x, y) points (a lesion's outline, whose length varies).
+_COUNTED = 8
+
+#: Shapes of roots and content items highdicom has accepted in this process.
+_ACCEPTED: set[Shape] = set()
+#: Beyond this many shapes the memory starts again (ours repeat: a few dozen).
+_ACCEPTED_LIMIT = 10_000
+
+
+class _Converted(Exception):
+    """An element pydicom has converted already: its encoded bytes are gone."""
+
+
+def content_shapes(ds: Dataset) -> list[Shape] | None:
+    """The shapes of a freshly read document's root and of all its content items,
+    or None where some element is no longer raw. Reads the content sequences in place
+    (as the gate's VR checks would)."""
+    meta = ds.file_meta
+    try:
+        root: Shape = (
+            "root",
+            str(ds.get("SOPClassUID", "")),
+            str(meta.get("TransferSyntaxUID", "")),
+            *(_encoded(ds, keyword) for keyword in ("SpecificCharacterSet", *_ROOT)),
+            _CONTENT_SEQUENCE in ds,
+        )
+        return [root, *(_item_shape(item) for item in _content_items(ds))]
+    except _Converted:
+        return None
+
+
+def read_unless_known(shapes: list[Shape] | None, read: Callable[[], object]) -> None:
+    """Call ``read`` (highdicom's reader, raising what it rejects) unless every shape
+    was accepted before; remember the shapes of what it accepts."""
+    if shapes is not None and _ACCEPTED.issuperset(shapes):
+        return
+    read()
+    if shapes is not None:
+        if len(_ACCEPTED) + len(shapes) > _ACCEPTED_LIMIT:
+            _ACCEPTED.clear()
+        _ACCEPTED.update(shapes)
+
+
+def _encoded(ds: Dataset, keyword: str) -> bytes | None:
+    if keyword not in ds:
+        return None
+    elem = ds.get_item(keyword)
+    if keyword == "SpecificCharacterSet":  # pydicom converts it on reading, to decode the rest
+        return str(elem.value).encode()
+    if not isinstance(elem, RawDataElement):
+        raise _Converted
+    return elem.value or b""
+
+
+def _content_items(ds: Dataset) -> Iterator[Dataset]:
+    if _CONTENT_SEQUENCE not in ds:
+        return
+    for item in ds[_CONTENT_SEQUENCE].value:
+        yield item
+        yield from _content_items(item)
+
+
+def _item_shape(item: Dataset, content: bool = True) -> Shape:
+    """One item's shape (module doc); ``content``: its content sequence is its
+    children's, shown by presence only (not so in the items of other sequences)."""
+    parts: list[object] = []
+    for elem in item.elements():
+        if content and elem.tag == _CONTENT_SEQUENCE:
+            parts.append(elem.tag)
+        elif not isinstance(elem, RawDataElement):
+            raise _Converted
+        elif elem.tag in _SHAPE_VALUES:
+            parts.append((elem.tag, elem.VR, elem.value or b""))
+        elif elem.VR == "SQ":
+            parts.append((elem.tag, tuple(_item_shape(sub, content=False) for sub in item[elem.tag].value)))
+        elif elem.VR in _BINARY_NUMBERS:
+            parts.append((elem.tag, elem.VR, _count(len(elem.value or b"") // _NUMBER_SIZE[elem.VR])))
+        else:
+            parts.append((elem.tag, elem.VR, not elem.value))
+    return tuple(parts)
+
+
+def _count(values: int) -> int | str:
+    """The part of a count of binary numbers that is shape (:data:`_COUNTED`)."""
+    if values <= _COUNTED:
+        return values
+    return "points" if values % 2 == 0 else "odd"
