@@ -28,7 +28,7 @@ failure shows all of them at once.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import highdicom as hd
 import numpy as np
@@ -49,7 +49,7 @@ from pydicom.uid import (
 from pydicom.valuerep import validate_value
 
 from service.common.errors import error_text
-from service.reports.construction import key_object_selection
+from service.reports.construction import iod_lookups_cached, key_object_selection
 from service.reports.shapes import Shape, content_shapes, read_unless_known
 
 
@@ -195,6 +195,8 @@ _HIGHDICOM_SR = {
     ComprehensiveSRStorage: hd.sr.ComprehensiveSR,
     EnhancedSRStorage: hd.sr.EnhancedSR,
 }
+#: The value types by which a key object selection's root selects an object (highdicom's ``get_references``).
+_REFERENCE_VALUE_TYPES = frozenset({"IMAGE", "COMPOSITE", "WAVEFORM"})
 
 
 def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
@@ -225,8 +227,10 @@ def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
             reasons += _kos(ds, disclaimer, fast, shapes)
         elif sop_class in _HIGHDICOM_SR:
             reasons += _sr(ds, disclaimer, shapes)
+        elif sop_class == SecondaryCaptureImageStorage:
+            reasons += _sc(ds, disclaimer, fast)
         else:
-            reasons += _DEEPER[sop_class](ds, disclaimer)
+            reasons += _seg(ds, disclaimer)
     if reasons:
         raise GateError(what, reasons)
     return ds
@@ -242,14 +246,19 @@ def _file_meta(ds: Dataset) -> list[str]:
     return reasons
 
 
-#: VRs whose values are not checked: sequences (their items are) and binary data.
-_UNCHECKED_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+#: VRs of binary data (pixels): no value to check.
+_BINARY_DATA_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV"})
+#: VRs whose values are not checked: sequences (their items are), binary data, unknown.
+_UNCHECKED_VRS = _BINARY_DATA_VRS | {"SQ", "UN"}
+#: VRs of binary numbers (their range and count are checked).
+_NUMBER_VRS = frozenset({"AT", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"})
 #: VRs whose value is text: the bytes decoded in the object's character set.
 _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 )
-#: Values found valid, as encoded: (VR, character set, bytes) of a text value or of a
-#: whole sequence (every value in its items valid) in explicit VR little endian. The
+#: Values found valid, as encoded: (VR, character set, bytes) of a text value, of
+#: binary numbers (an image's size and depth) or of a whole sequence (every value in
+#: its items valid) in explicit VR little endian. The
 #: same bytes in the same character set are the same values, so what every object of
 #: ours repeats (codes and their meanings, the device, the model, the disclaimer, the
 #: SEG's segments) is converted by pydicom and checked once per process rather than
@@ -270,6 +279,8 @@ def _values(ds: Dataset, remember: bool, path: str = "", charset: str = "") -> l
         charset = str(ds.SpecificCharacterSet)
     reasons: list[str] = []
     for raw in ds.elements():
+        if remember and isinstance(raw, RawDataElement) and raw.VR in _BINARY_DATA_VRS:
+            continue  # no value check (:data:`_UNCHECKED_VRS`): not converted either
         seen = _encoded(raw, charset) if remember else None
         if seen is not None and seen in _VALID:
             continue
@@ -289,10 +300,10 @@ def _values(ds: Dataset, remember: bool, path: str = "", charset: str = "") -> l
 
 
 def _encoded(raw: DataElement | RawDataElement, charset: str) -> tuple[str, str, bytes] | None:
-    """The key of a text value or sequence not yet converted (:data:`_VALID`), or None."""
+    """The key of a text value, binary number or sequence not yet converted (:data:`_VALID`), or None."""
     if (
         not isinstance(raw, RawDataElement)
-        or (raw.VR not in _TEXT_VRS and raw.VR != "SQ")
+        or (raw.VR not in _TEXT_VRS and raw.VR not in _NUMBER_VRS and raw.VR != "SQ")
         or raw.is_implicit_VR
         or not raw.is_little_endian
         or not isinstance(raw.value, bytes)
@@ -462,7 +473,9 @@ def _kos(ds: Dataset, disclaimer: str, fast: bool, shapes: list[Shape] | None) -
     return reasons + _evidence(ds, items)
 
 
-def _sc(ds: Dataset, disclaimer: str) -> list[str]:
+def _sc(ds: Dataset, disclaimer: str, fast: bool) -> list[str]:
+    """The capture's promises and pixels; with ``fast``, highdicom's look-ups of the
+    IOD tables (is the image multi-frame) remembered (:func:`iod_lookups_cached`)."""
     reasons = []
     if ds.BurnedInAnnotation != "YES":
         reasons.append("Burned In Annotation must be YES: the class and disclaimer are drawn in")
@@ -471,18 +484,11 @@ def _sc(ds: Dataset, disclaimer: str) -> list[str]:
     if ds.SamplesPerPixel != 3:
         reasons.append(f"Samples per Pixel is {ds.SamplesPerPixel}, an RGB capture has 3")
     try:
-        pixels = hd.Image.from_dataset(ds, copy=False).pixel_array  # converts ds in place: only read after this
+        with iod_lookups_cached(fast):
+            image = hd.Image.from_dataset(ds, copy=False)  # converts ds in place: only read after this
+        pixels = image.pixel_array
     except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
         return [*reasons, f"highdicom cannot read its pixels: {error_text(exc)}"]
     if pixels.shape != (ds.Rows, ds.Columns, 3) or pixels.dtype != np.uint8:
         reasons.append(f"pixels decode to {pixels.shape} {pixels.dtype}, not {ds.Rows}x{ds.Columns}x3 uint8")
     return reasons
-
-
-#: The value types by which a key object selection's root selects an object (highdicom's ``get_references``).
-_REFERENCE_VALUE_TYPES = frozenset({"IMAGE", "COMPOSITE", "WAVEFORM"})
-#: The checks after the IOD's attributes, by SOP class (SR classes: :func:`_sr`; KOS: :func:`_kos`).
-_DEEPER: dict[str, Callable[[Dataset, str], list[str]]] = {
-    SecondaryCaptureImageStorage: _sc,
-    SegmentationStorage: _seg,
-}
