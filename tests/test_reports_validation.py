@@ -18,7 +18,7 @@ from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger
 from service.reports.build import build_objects, read_sources
 from service.reports.shapes import content_shapes
-from service.reports.validation import GateError, check_object
+from service.reports.validation import GateError, _is_empty, check_object
 from service.settings import load_settings
 from tests.support.reports import analyse, analysed_study, dciodvfy_errors, default_template, store_datasets
 
@@ -366,6 +366,22 @@ def test_a_new_shape_highdicom_rejects_fails_as_without_the_memory(
     assert fast == _verdict(broken, fast=False)
 
 
+def test_an_item_of_a_new_shape_is_read_alone(objects: dict[str, bytes], reads: list[str]) -> None:
+    """A known tree with one item of a new shape (another language): highdicom's
+    content reader reads that item, not the whole document, and accepts it."""
+    check_object(objects["sr"], DISCLAIMER, fast=True)
+
+    def another_language(ds: Dataset) -> None:
+        (code,) = ds.ContentSequence[0].ConceptCodeSequence
+        code.CodeValue, code.CodeMeaning = "de-AT", "German (Austria)"
+
+    changed = _mutated(objects["sr"], another_language)
+    before = len(reads)
+    assert _verdict(changed, fast=True) == []
+    assert len(reads) == before
+    assert _verdict(changed, fast=False) == []
+
+
 def test_a_tree_with_converted_elements_has_no_shape(objects: dict[str, bytes]) -> None:
     """Its encoded bytes are gone: the gate lets highdicom read it."""
     ds = pydicom.dcmread(io.BytesIO(objects["sr"]))
@@ -373,3 +389,14 @@ def test_a_tree_with_converted_elements_has_no_shape(objects: dict[str, bytes]) 
     ds = pydicom.dcmread(io.BytesIO(objects["sr"]))
     assert ds.ContentSequence[0].ValueType == "CODE"  # converts the item's value type
     assert content_shapes(ds) is None
+
+
+@pytest.mark.parametrize("kind", ["sr", "sc", "seg", "kos"])
+def test_emptiness_read_from_the_bytes_is_pydicoms(objects: dict[str, bytes], kind: str) -> None:
+    """The fast gate judges a raw element empty from its bytes where they say: as
+    pydicom does converting it (Type 2 values left empty among them)."""
+    raw = pydicom.dcmread(io.BytesIO(objects[kind]))
+    converted = pydicom.dcmread(io.BytesIO(objects[kind]))
+    keywords = [elem.keyword for elem in converted if elem.keyword]
+    assert [_is_empty(raw, k, fast=True) for k in keywords] == [converted[k].is_empty for k in keywords]
+    assert any(converted[k].is_empty for k in keywords)

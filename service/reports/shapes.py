@@ -8,7 +8,9 @@ attributes its value type requires, each code it holds has exactly one code valu
 designator and a meaning). No value it reads is judged beyond that; the values (UIDs,
 numbers, dates, text) are the gate's own VR checks, run on every object. So a tree
 whose root and items all had shapes highdicom accepted in earlier documents is
-accepted again, and the reader runs only when some shape is new.
+accepted again. highdicom reads only what is new: a new root, the whole document; a
+content item of a new shape, with its subtree (a rejected one: the whole document,
+for the library's own reason).
 
 The shape of an item, taken from its still raw elements (nothing converted): every
 attribute it carries, in order, with its VR and whether it is empty; the encoded bytes
@@ -23,7 +25,9 @@ element pydicom has converted already has no shape: the reader runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+from highdicom.sr.value_types import ContentSequence
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -76,7 +80,15 @@ class _Converted(Exception):
     """An element pydicom has converted already: its encoded bytes are gone."""
 
 
-def content_shapes(ds: Dataset) -> list[Shape] | None:
+@dataclass(frozen=True)
+class ContentShapes:
+    """A document's root shape and each content item with its shape, in tree order."""
+
+    root: Shape
+    items: list[tuple[Shape, Dataset]]
+
+
+def content_shapes(ds: Dataset) -> ContentShapes | None:
     """The shapes of a freshly read document's root and of all its content items,
     or None where some element is no longer raw. Reads the content sequences in place
     (as the gate's VR checks would)."""
@@ -89,21 +101,37 @@ def content_shapes(ds: Dataset) -> list[Shape] | None:
             *(_encoded(ds, keyword) for keyword in ("SpecificCharacterSet", *_ROOT)),
             _CONTENT_SEQUENCE in ds,
         )
-        return [root, *(_item_shape(item) for item in _content_items(ds))]
+        return ContentShapes(root, [(_item_shape(item), item) for item in _content_items(ds)])
     except _Converted:
         return None
 
 
-def read_unless_known(shapes: list[Shape] | None, read: Callable[[], object]) -> None:
-    """Call ``read`` (highdicom's reader, raising what it rejects) unless every shape
-    was accepted before; remember the shapes of what it accepts."""
-    if shapes is not None and _ACCEPTED.issuperset(shapes):
+def read_new_shapes(shapes: ContentShapes | None, read_document: Callable[[], object]) -> None:
+    """highdicom's reading of a document, as far as its shapes are new; raises what
+    highdicom rejects. A new root (or a tree without shapes): ``read_document``, the
+    library's reader of the whole document. Else each content item of a new shape
+    with its subtree, by the content reader the document reader applies to every
+    item below the root (copies: the parse stays as it is); where that rejects an
+    item, the whole document is read, so that the reason is the library's own."""
+    if shapes is None:
+        read_document()
         return
-    read()
-    if shapes is not None:
-        if len(_ACCEPTED) + len(shapes) > _ACCEPTED_LIMIT:
-            _ACCEPTED.clear()
-        _ACCEPTED.update(shapes)
+    if shapes.root not in _ACCEPTED:
+        read_document()
+    else:
+        new = [item for shape, item in shapes.items if shape not in _ACCEPTED]
+        try:
+            for item in new:
+                ContentSequence.from_sequence([item], copy=True)
+        except Exception:  # noqa: BLE001  # the document reader below raises it again, in the library's words
+            read_document()
+    _remember([shapes.root, *(shape for shape, _ in shapes.items)])
+
+
+def _remember(shapes: list[Shape]) -> None:
+    if len(_ACCEPTED) + len(shapes) > _ACCEPTED_LIMIT:
+        _ACCEPTED.clear()
+    _ACCEPTED.update(shapes)
 
 
 def _encoded(ds: Dataset, keyword: str) -> bytes | None:

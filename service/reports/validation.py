@@ -28,6 +28,7 @@ failure shows all of them at once.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 
 import highdicom as hd
@@ -50,7 +51,7 @@ from pydicom.valuerep import validate_value
 
 from service.common.errors import error_text
 from service.reports.construction import iod_lookups_cached, key_object_selection
-from service.reports.shapes import Shape, content_shapes, read_unless_known
+from service.reports.shapes import ContentShapes, content_shapes, read_new_shapes
 
 
 class GateError(ValueError):
@@ -221,7 +222,7 @@ def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
         raise GateError(what, [f"SOP class {sop_class} is not one we produce"])
     read = sop_class in _HIGHDICOM_SR or sop_class == KeyObjectSelectionDocumentStorage
     shapes = content_shapes(ds) if fast and read else None
-    reasons = _file_meta(ds) + _values(ds, fast) + _required(ds, REQUIRED[sop_class])
+    reasons = _file_meta(ds) + _values(ds, fast) + _required(ds, REQUIRED[sop_class], fast)
     if not reasons:  # deeper checks need the required attributes in place (and may convert ds in place)
         if sop_class == KeyObjectSelectionDocumentStorage:
             reasons += _kos(ds, disclaimer, fast, shapes)
@@ -328,14 +329,33 @@ def _value_reason(elem: DataElement, where: str) -> str | None:
     return None
 
 
-def _required(ds: Dataset, required: dict[str, int]) -> list[str]:
+def _required(ds: Dataset, required: dict[str, int], fast: bool) -> list[str]:
     reasons = []
     for keyword, kind in required.items():
         if keyword not in ds:
             reasons.append(f"{keyword} (Type {kind}) is missing")
-        elif kind == 1 and ds[keyword].is_empty:
+        elif kind == 1 and _is_empty(ds, keyword, fast):
             reasons.append(f"{keyword} (Type 1) is empty")
     return reasons
+
+
+#: A letter or digit: text holding one is not empty however pydicom strips it.
+_ALPHANUMERIC = re.compile(rb"[0-9A-Za-z]")
+
+
+def _is_empty(ds: Dataset, keyword: str, fast: bool) -> bool:
+    """Whether the element has no value; with ``fast``, an element still raw whose
+    bytes say so is not converted (no bytes; a sequence with an item, binary data,
+    text with a letter or digit): the checks that remember values leave many raw."""
+    raw = ds.get_item(keyword)
+    if fast and isinstance(raw, RawDataElement) and not raw.is_implicit_VR:
+        if not raw.value:
+            return True
+        if raw.VR == "SQ" or raw.VR in _BINARY_DATA_VRS:
+            return False
+        if raw.VR in _TEXT_VRS and _ALPHANUMERIC.search(raw.value):
+            return False
+    return bool(ds[keyword].is_empty)
 
 
 def _is_located(group: Dataset) -> bool:
@@ -357,7 +377,7 @@ def _content_items(items: list[Dataset]) -> Iterator[Dataset]:
         yield from _content_items(item.get("ContentSequence", []))
 
 
-def _sr(ds: Dataset, disclaimer: str, shapes: list[Shape] | None) -> list[str]:
+def _sr(ds: Dataset, disclaimer: str, shapes: ContentShapes | None) -> list[str]:
     """The SR's content: ``shapes`` (fast only) spare highdicom's reader a tree it accepted before."""
     reasons = []
     if ds.Modality != "SR":
@@ -374,7 +394,7 @@ def _sr(ds: Dataset, disclaimer: str, shapes: list[Shape] | None) -> list[str]:
     if not any(item.get("TextValue") == disclaimer for item in items):
         reasons.append("the disclaimer is not in the content")
     try:  # highdicom's reader of the whole TID 1500 tree; the groups are checked below on its parse
-        read_unless_known(shapes, lambda: _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False))  # converts ds
+        read_new_shapes(shapes, lambda: _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False))  # converts ds
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return [*reasons, f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
     groups = [
@@ -450,7 +470,7 @@ def _seg(ds: Dataset, disclaimer: str) -> list[str]:
     return reasons
 
 
-def _kos(ds: Dataset, disclaimer: str, fast: bool, shapes: list[Shape] | None) -> list[str]:
+def _kos(ds: Dataset, disclaimer: str, fast: bool, shapes: ContentShapes | None) -> list[str]:
     """The key-image flag's content: with ``fast``, highdicom reads a tree of a new
     shape only, and the selected objects are its root's references as
     ``get_references`` finds them in an accepted tree."""
@@ -462,7 +482,7 @@ def _kos(ds: Dataset, disclaimer: str, fast: bool, shapes: list[Shape] | None) -
         reasons.append("the disclaimer is not in the content")
     try:
         if fast:
-            read_unless_known(shapes, lambda: key_object_selection(ds, fast))
+            read_new_shapes(shapes, lambda: key_object_selection(ds, fast))
             selected = [item for item in ds.ContentSequence if item.ValueType in _REFERENCE_VALUE_TYPES]
         else:
             selected = key_object_selection(ds, fast).get_references()
