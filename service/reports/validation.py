@@ -33,12 +33,13 @@ from collections.abc import Iterator
 
 import highdicom as hd
 import numpy as np
-from highdicom.sr.utils import get_coded_name
+from highdicom.sr.coding import CodedConcept
 from pydicom import config, dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -371,6 +372,25 @@ def _is_located(group: Dataset) -> bool:
     )
 
 
+#: Tags the content checks look up in every item.
+_REFERENCED_CONTENT_ITEM = Tag("ReferencedContentItemIdentifier")
+_TEXT_VALUE = Tag("TextValue")
+
+
+def _text_is(item: Dataset, text: str) -> bool:
+    """Whether the item's Text Value is ``text``; one whose encoded bytes are fewer
+    than its characters (no character set decodes to more) is not converted."""
+    raw = item.get_item(_TEXT_VALUE) if _TEXT_VALUE in item else None
+    if raw is None or (isinstance(raw, RawDataElement) and len(raw.value or b"") < len(text)):
+        return False
+    return bool(item[_TEXT_VALUE].value == text)
+
+
+def _concept_name(item: Dataset) -> CodedConcept:
+    """The item's concept name as highdicom reads it (``get_coded_name``), without its copy of the code."""
+    return CodedConcept.from_dataset(item.ConceptNameCodeSequence[0], copy=False)
+
+
 def _content_items(items: list[Dataset]) -> Iterator[Dataset]:
     for item in items:
         yield item
@@ -385,13 +405,16 @@ def _sr(ds: Dataset, disclaimer: str, shapes: ContentShapes | None) -> list[str]
     if ds.VerificationFlag != "UNVERIFIED":
         reasons.append("an AI result must be UNVERIFIED")
     allowed = _SR_VALUE_TYPES[ds.SOPClassUID]
+    enhanced = ds.SOPClassUID == EnhancedSRStorage
     items = list(_content_items(ds.ContentSequence))
-    for item in items:
-        if "ReferencedContentItemIdentifier" in item and ds.SOPClassUID == EnhancedSRStorage:
+    value_types = [item.get("ValueType") for item in items]
+    for item, value_type in zip(items, value_types, strict=True):
+        by_reference = _REFERENCED_CONTENT_ITEM in item
+        if by_reference and enhanced:
             reasons.append("Enhanced SR does not allow by-reference relationships")
-        elif item.get("ValueType") not in allowed and "ReferencedContentItemIdentifier" not in item:
-            reasons.append(f"value type {item.get('ValueType')} is not allowed in this SR class")
-    if not any(item.get("TextValue") == disclaimer for item in items):
+        elif value_type not in allowed and not by_reference:
+            reasons.append(f"value type {value_type} is not allowed in this SR class")
+    if not any(_text_is(item, disclaimer) for item in items):
         reasons.append("the disclaimer is not in the content")
     try:  # highdicom's reader of the whole TID 1500 tree; the groups are checked below on its parse
         read_new_shapes(shapes, lambda: _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False))  # converts ds
@@ -399,8 +422,8 @@ def _sr(ds: Dataset, disclaimer: str, shapes: ContentShapes | None) -> list[str]
         return [*reasons, f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
     groups = [
         item
-        for item in items
-        if item.get("ValueType") == "CONTAINER" and get_coded_name(item) == codes.DCM.MeasurementGroup
+        for item, value_type in zip(items, value_types, strict=True)
+        if value_type == "CONTAINER" and _concept_name(item) == codes.DCM.MeasurementGroup
     ]
     if not groups:
         reasons.append("the report has no measurement group")
