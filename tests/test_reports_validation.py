@@ -17,7 +17,7 @@ from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage
 from service.datasets.synthetic import synthetic_study
 from service.ledger import Ledger
 from service.reports.build import build_objects, read_sources
-from service.reports.shapes import content_shapes
+from service.reports.shapes import content_shapes, image_shape
 from service.reports.validation import GateError, _is_empty, check_object
 from service.settings import load_settings
 from tests.support.reports import analyse, analysed_study, dciodvfy_errors, default_template, store_datasets
@@ -268,9 +268,13 @@ def _verdict(data: bytes, fast: bool) -> list[str]:
 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """The names of highdicom's SR and key object selection readers as they are called."""
+    """The names of highdicom's SR, key object selection and image readers as they are called."""
     called: list[str] = []
-    for owner, name in ((hd.sr.Comprehensive3DSR, "from_dataset"), (hd.ko.KeyObjectSelection, "from_sequence")):
+    for owner, name in (
+        (hd.sr.Comprehensive3DSR, "from_dataset"),
+        (hd.ko.KeyObjectSelection, "from_sequence"),
+        (hd.Image, "from_dataset"),
+    ):
         library = getattr(owner, name)
 
         def spy(
@@ -321,15 +325,18 @@ def _no_sr_evidence(ds: Dataset) -> None:
         ("sr", _no_disclaimer, "the disclaimer is not in the content"),
         ("kos", _no_disclaimer, "the disclaimer is not in the content"),
         ("kos", _no_sr_evidence, "is not listed as evidence"),
+        ("sc", _set("ImageComments", "AI result"), "the disclaimer is not in Image Comments"),
+        ("montage", _set("BurnedInAnnotation", "NO"), "Burned In Annotation must be YES"),
     ],
 )
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
 def test_a_broken_value_in_a_known_shape_fails_as_without_the_memory(
     objects: dict[str, bytes], reads: list[str], kind: str, change: Callable[[Dataset], None], reason: str
 ) -> None:
-    """The shape was accepted before, so highdicom does not read it again; the
-    values and our own checks fail it all the same."""
-    check_object(objects[kind], DISCLAIMER, fast=True)
+    """The shape was accepted before (the intact object as pydicom encodes it, like
+    the broken one), so highdicom does not read it again; the values and our own
+    checks fail it all the same."""
+    check_object(_mutated(objects[kind], lambda ds: None), DISCLAIMER, fast=True)
     broken = _mutated(objects[kind], change)
     before = len(reads)
     fast = _verdict(broken, fast=True)
@@ -400,3 +407,19 @@ def test_emptiness_read_from_the_bytes_is_pydicoms(objects: dict[str, bytes], ki
     keywords = [elem.keyword for elem in converted if elem.keyword]
     assert [_is_empty(raw, k, fast=True) for k in keywords] == [converted[k].is_empty for k in keywords]
     assert any(converted[k].is_empty for k in keywords)
+
+
+def test_an_image_whose_reader_decides_on_values_has_no_shape(objects: dict[str, bytes]) -> None:
+    """Positions on a frame of reference and an instance referenced twice go into
+    the image reader's tables: such an image is read each time."""
+    assert image_shape(pydicom.dcmread(io.BytesIO(objects["sc"]))) is not None
+
+    def on_a_frame_of_reference(ds: Dataset) -> None:
+        ds.FrameOfReferenceUID = ds.StudyInstanceUID
+
+    def its_source_twice(ds: Dataset) -> None:
+        instances = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+        instances.append(instances[0])
+
+    for change in (on_a_frame_of_reference, its_source_twice):
+        assert image_shape(pydicom.dcmread(io.BytesIO(_mutated(objects["sc"], change)))) is None

@@ -20,6 +20,13 @@ byte length of binary numbers (the count of graphic data values); the shape of t
 items of any other sequence (measured values, references), recursively; and only the
 presence of its content sequence, whose items are shapes of their own. A tree with an
 element pydicom has converted already has no shape: the reader runs.
+
+An image (the Secondary Capture): highdicom's image reader and pydicom's decoding of
+its pixels decide from its SOP class, transfer syntax, which attributes it carries
+(and their items', recursively), the Image Pixel module's values and the pixel data's
+length; they are its shape. Its reader also keys tables by the instances it
+references and, on a frame of reference, stores positions: an image that references
+an instance twice or has a frame of reference has no shape (the reader runs).
 """
 
 from __future__ import annotations
@@ -70,7 +77,30 @@ _BINARY_NUMBERS = frozenset(_NUMBER_SIZE)
 #: beyond it, whether they make whole (x, y) points (a lesion's outline, whose length varies).
 _COUNTED = 8
 
-#: Shapes of roots and content items highdicom has accepted in this process.
+#: What decides how pydicom decodes an image's pixels, besides the transfer syntax and
+#: the pixel data's length: their values are part of an image's shape.
+_PIXEL_MODULE = frozenset(
+    map(
+        _tag,
+        (
+            "SamplesPerPixel",
+            "PhotometricInterpretation",
+            "PlanarConfiguration",
+            "Rows",
+            "Columns",
+            "BitsAllocated",
+            "BitsStored",
+            "HighBit",
+            "PixelRepresentation",
+            "NumberOfFrames",
+        ),
+    )
+)
+_PIXEL_DATA = _tag("PixelData")
+_CHARACTER_SET = _tag("SpecificCharacterSet")
+_REFERENCED_SOP_INSTANCE = _tag("ReferencedSOPInstanceUID")
+
+#: Shapes of roots, content items and images highdicom has accepted in this process.
 _ACCEPTED: set[Shape] = set()
 #: Beyond this many shapes the memory starts again (ours repeat: a few dozen).
 _ACCEPTED_LIMIT = 10_000
@@ -106,6 +136,45 @@ def content_shapes(ds: Dataset) -> ContentShapes | None:
         return None
 
 
+def image_shape(ds: Dataset) -> Shape | None:
+    """The shape of an image for highdicom's image reader and pydicom's decoding of
+    its pixels (module doc), or None where the reader decides on values: positions
+    on a frame of reference, or an instance referenced twice (keys of its tables)."""
+    if "FrameOfReferenceUID" in ds:
+        return None
+    structure = _structure(ds)
+    references = _referenced_instances(ds)
+    if len(set(references)) != len(references):
+        return None
+    return ("image", str(ds.SOPClassUID), str(ds.file_meta.get("TransferSyntaxUID", "")), structure)
+
+
+def _referenced_instances(ds: Dataset) -> list[bytes]:
+    """The UIDs (encoded, without padding) of the instances highdicom's image reader
+    keys a table by: those of the Referenced Series Sequence of the image and of its
+    other studies' and evidence's items."""
+    holders = [
+        ds,
+        *ds.get("StudiesContainingOtherReferencedInstancesSequence", []),
+        *ds.get("SourceImageEvidenceSequence", []),
+    ]
+    uids = [
+        instance.get_item(_REFERENCED_SOP_INSTANCE)
+        for holder in holders
+        for series in holder.get("ReferencedSeriesSequence", [])
+        for keyword in ("ReferencedSOPSequence", "ReferencedInstanceSequence")
+        for instance in series.get(keyword, [])
+        if _REFERENCED_SOP_INSTANCE in instance
+    ]
+    encoded = (uid.value if isinstance(uid, RawDataElement) else str(uid.value).encode() for uid in uids)
+    return [(value or b"").rstrip(b"\x00 ") for value in encoded]
+
+
+def is_known(shape: Shape) -> bool:
+    """Whether highdicom has accepted an object of this shape in this process."""
+    return shape in _ACCEPTED
+
+
 def read_new_shapes(shapes: ContentShapes | None, read_document: Callable[[], object]) -> None:
     """highdicom's reading of a document, as far as its shapes are new; raises what
     highdicom rejects. A new root (or a tree without shapes): ``read_document``, the
@@ -125,10 +194,11 @@ def read_new_shapes(shapes: ContentShapes | None, read_document: Callable[[], ob
                 ContentSequence.from_sequence([item], copy=True)
         except Exception:  # noqa: BLE001  # the document reader below raises it again, in the library's words
             read_document()
-    _remember([shapes.root, *(shape for shape, _ in shapes.items)])
+    remember([shapes.root, *(shape for shape, _ in shapes.items)])
 
 
-def _remember(shapes: list[Shape]) -> None:
+def remember(shapes: list[Shape]) -> None:
+    """Remember shapes highdicom has accepted."""
     if len(_ACCEPTED) + len(shapes) > _ACCEPTED_LIMIT:
         _ACCEPTED.clear()
     _ACCEPTED.update(shapes)
@@ -168,6 +238,29 @@ def _item_shape(item: Dataset, content: bool = True) -> Shape:
             parts.append((elem.tag, tuple(_item_shape(sub, content=False) for sub in item[elem.tag].value)))
         elif elem.VR in _BINARY_NUMBERS:
             parts.append((elem.tag, elem.VR, _count(len(elem.value or b"") // _NUMBER_SIZE[elem.VR])))
+        else:
+            parts.append((elem.tag, elem.VR, not elem.value))
+    return tuple(parts)
+
+
+def _structure(ds: Dataset) -> Shape:
+    """A freshly read image's shape: each attribute with its VR and whether it is
+    empty, the items of its sequences recursively, the encoded values of
+    :data:`_PIXEL_MODULE` (converted ones, as pydicom converted them on reading) and
+    the length of the pixel data. Reads its sequences in place."""
+    parts: list[object] = []
+    for elem in ds.elements():
+        if elem.VR == "SQ":
+            parts.append((elem.tag, tuple(_structure(item) for item in ds[elem.tag].value)))
+        elif not isinstance(elem, RawDataElement):
+            # converted on reading: the character set, at times the pixel representation
+            value = elem.value
+            shown = str(value) if elem.tag in _PIXEL_MODULE or elem.tag == _CHARACTER_SET else elem.is_empty
+            parts.append((elem.tag, elem.VR, "converted", shown))
+        elif elem.tag in _PIXEL_MODULE:
+            parts.append((elem.tag, elem.VR, elem.value))
+        elif elem.tag == _PIXEL_DATA:
+            parts.append((elem.tag, elem.VR, len(elem.value or b"")))
         else:
             parts.append((elem.tag, elem.VR, not elem.value))
     return tuple(parts)

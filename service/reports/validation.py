@@ -52,7 +52,15 @@ from pydicom.valuerep import validate_value
 
 from service.common.errors import error_text
 from service.reports.construction import iod_lookups_cached, key_object_selection
-from service.reports.shapes import ContentShapes, content_shapes, read_new_shapes
+from service.reports.shapes import (
+    ContentShapes,
+    Shape,
+    content_shapes,
+    image_shape,
+    is_known,
+    read_new_shapes,
+    remember,
+)
 
 
 class GateError(ValueError):
@@ -207,7 +215,7 @@ def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
     not checked again (:data:`_VALID`), highdicom reads an SR or a key-image flag
     only when its content tree has a shape it has not accepted before
     (service/reports/shapes.py; the shapes are taken before the VR checks convert
-    the elements), and a key-image flag is read without highdicom's copy of the
+    the elements), highdicom reads and decodes a capture of a new shape only, and a key-image flag is read without highdicom's copy of the
     whole document (:func:`key_object_selection`)."""
     try:
         ds = dcmread(io.BytesIO(data), force=False)
@@ -223,6 +231,7 @@ def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
         raise GateError(what, [f"SOP class {sop_class} is not one we produce"])
     read = sop_class in _HIGHDICOM_SR or sop_class == KeyObjectSelectionDocumentStorage
     shapes = content_shapes(ds) if fast and read else None
+    image = image_shape(ds) if fast and sop_class == SecondaryCaptureImageStorage else None
     reasons = _file_meta(ds) + _values(ds, fast) + _required(ds, REQUIRED[sop_class], fast)
     if not reasons:  # deeper checks need the required attributes in place (and may convert ds in place)
         if sop_class == KeyObjectSelectionDocumentStorage:
@@ -230,7 +239,7 @@ def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
         elif sop_class in _HIGHDICOM_SR:
             reasons += _sr(ds, disclaimer, shapes)
         elif sop_class == SecondaryCaptureImageStorage:
-            reasons += _sc(ds, disclaimer, fast)
+            reasons += _sc(ds, disclaimer, fast, image)
         else:
             reasons += _seg(ds, disclaimer)
     if reasons:
@@ -516,9 +525,11 @@ def _kos(ds: Dataset, disclaimer: str, fast: bool, shapes: ContentShapes | None)
     return reasons + _evidence(ds, items)
 
 
-def _sc(ds: Dataset, disclaimer: str, fast: bool) -> list[str]:
-    """The capture's promises and pixels; with ``fast``, highdicom's look-ups of the
-    IOD tables (is the image multi-frame) remembered (:func:`iod_lookups_cached`)."""
+def _sc(ds: Dataset, disclaimer: str, fast: bool, shape: Shape | None) -> list[str]:
+    """The capture's promises and pixels; with ``fast``, highdicom reads and decodes
+    an image of a ``shape`` it has not read before only (service/reports/shapes.py;
+    the shape holds the pixel module's values and the pixel data's length), with its
+    look-ups of the IOD tables remembered (:func:`iod_lookups_cached`)."""
     reasons = []
     if ds.BurnedInAnnotation != "YES":
         reasons.append("Burned In Annotation must be YES: the class and disclaimer are drawn in")
@@ -526,6 +537,8 @@ def _sc(ds: Dataset, disclaimer: str, fast: bool) -> list[str]:
         reasons.append("the disclaimer is not in Image Comments")
     if ds.SamplesPerPixel != 3:
         reasons.append(f"Samples per Pixel is {ds.SamplesPerPixel}, an RGB capture has 3")
+    if shape is not None and is_known(shape):
+        return reasons
     try:
         with iod_lookups_cached(fast):
             image = hd.Image.from_dataset(ds, copy=False)  # converts ds in place: only read after this
@@ -534,4 +547,6 @@ def _sc(ds: Dataset, disclaimer: str, fast: bool) -> list[str]:
         return [*reasons, f"highdicom cannot read its pixels: {error_text(exc)}"]
     if pixels.shape != (ds.Rows, ds.Columns, 3) or pixels.dtype != np.uint8:
         reasons.append(f"pixels decode to {pixels.shape} {pixels.dtype}, not {ds.Rows}x{ds.Columns}x3 uint8")
+    elif shape is not None:
+        remember([shape])
     return reasons
