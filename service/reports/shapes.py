@@ -1,32 +1,31 @@
-"""The gate's memory of the content-tree shapes highdicom has read (setting ``fast_reports``).
+"""The gate's memory of the shapes highdicom has read (setting ``fast_reports``).
 
-highdicom's reader of an SR document (TID 1500) and of a key object selection (TID
-2010) decides from the tree's shape alone, item by item: the root (SOP class, transfer
+highdicom's readers of an SR document (TID 1500) and of a key object selection (TID
+2010) decide from the tree's shape alone, item by item: the root (SOP class, transfer
 syntax, value type CONTAINER, concept name, template, continuity) and each content
 item on its own (its value type and relationship type are known values, it carries the
-attributes its value type requires, each code it holds has exactly one code value, a
-designator and a meaning). No value it reads is judged beyond that; the values (UIDs,
-numbers, dates, text) are the gate's own VR checks, run on every object. So a tree
-whose root and items all had shapes highdicom accepted in earlier documents is
-accepted again. highdicom reads only what is new: a new root, the whole document; a
-content item of a new shape, with its subtree (a rejected one: the whole document,
-for the library's own reason).
+attributes its value type requires, each code it holds has one code value, a
+designator and a meaning). No value it reads is judged beyond that: the values (UIDs,
+numbers, dates, text) are the gate's VR checks, and the disclaimer, evidence and
+measurement groups its own checks, all run on every object. So highdicom reads only
+what is new: a new root, the whole document; a content item of a new shape, with its
+subtree (one it rejects: the whole document, for the library's own reason).
 
-The shape of an item, taken from its still raw elements (nothing converted): every
-attribute it carries, in order, with its VR and whether it is empty; the encoded bytes
-of value type, relationship type, continuity, graphic type, temporal range type and
-of each code sequence (concept name, coded value, template, units, qualifier); the
-byte length of binary numbers (the count of graphic data values); the shape of the
-items of any other sequence (measured values, references), recursively; and only the
+An item's shape, taken from its still raw elements: every attribute it carries, in
+order, with its VR and whether it is empty; the encoded bytes of value type,
+relationship type, continuity, graphic type, temporal range type and of each code
+sequence (concept name, coded value, template, units, qualifier); the count of binary
+numbers (graphic data: up to four points, beyond that whether they are whole points);
+the shapes of the items of other sequences (measured values, references); only the
 presence of its content sequence, whose items are shapes of their own. A tree with an
-element pydicom has converted already has no shape: the reader runs.
+element pydicom converted already has no shape: highdicom reads it all.
 
 An image (the Secondary Capture): highdicom's image reader and pydicom's decoding of
 its pixels decide from its SOP class, transfer syntax, which attributes it carries
-(and their items', recursively), the Image Pixel module's values and the pixel data's
-length; they are its shape. Its reader also keys tables by the instances it
-references and, on a frame of reference, stores positions: an image that references
-an instance twice or has a frame of reference has no shape (the reader runs).
+(and their items, recursively), the Image Pixel module's values and the pixel data's
+length: its shape. The reader also keys a table by the instances the image references
+and stores positions on a frame of reference: an image that references an instance
+twice or has a frame of reference has no shape (highdicom reads it).
 """
 
 from __future__ import annotations

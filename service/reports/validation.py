@@ -17,7 +17,10 @@ Every object is checked from the exact bytes that would be sent, parsed once:
    relationships its SOP class allows); an SC into an image whose pixels decode to
    Rows x Columns x 3; a SEG into binary segments over the source it names, with
    the pixel spacing and plane orientation viewers need to overlay it; a KOS into
-   its key objects, each listed as evidence.
+   its key objects, each listed as evidence. With ``fast_reports``, highdicom reads
+   an SR's or KOS's content items and an SC only in shapes it has not accepted
+   before in this process (service/reports/shapes.py says what a shape holds); the
+   checks of values and our own checks of the content run on every object.
 4. Our own promises: the disclaimer is in it, the SR is UNVERIFIED, the SC says
    its annotations are burned in and names its source image.
 
@@ -212,11 +215,11 @@ _REFERENCE_VALUE_TYPES = frozenset({"IMAGE", "COMPOSITE", "WAVEFORM"})
 def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
     """Run the gate on an encoded object; return the parsed data set or raise.
     ``fast`` (setting ``fast_reports``): values found valid in earlier objects are
-    not checked again (:data:`_VALID`), highdicom reads an SR or a key-image flag
-    only when its content tree has a shape it has not accepted before
-    (service/reports/shapes.py; the shapes are taken before the VR checks convert
-    the elements), highdicom reads and decodes a capture of a new shape only, and a key-image flag is read without highdicom's copy of the
-    whole document (:func:`key_object_selection`)."""
+    not checked again (:data:`_VALID`); highdicom reads what of an SR, key-image
+    flag or capture has a shape it has not accepted before (service/reports/shapes.py;
+    the shapes are taken before the VR checks convert the elements), and a key-image
+    flag without its copy of the whole document (:func:`key_object_selection`). The
+    data set returned is then not always converted by highdicom."""
     try:
         ds = dcmread(io.BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
