@@ -15,6 +15,10 @@ own path) without it:
   arguments and the library's tables only, so while our objects are built it is
   remembered.
 
+The gate's memory of the content-tree shapes highdicom's SR and key object
+selection readers accepted (service/reports/shapes.py, also ``fast_reports`` only)
+is the other module that goes round a library.
+
 The SR: highdicom's constructor deep-copies the whole content tree, parses the copy
 back into content items and walks the tree twice more to collect the evidence
 (about two thirds of building a study's SR, a few content items per image). Our
