@@ -11,12 +11,16 @@ redis-server). The peer: the same studies analysed in this process by
 service.pipeline.analysis.analyse_study with the same model (no receiver, ledger or queue);
 the ratio is what the queue and the stages around it cost.
 
-Throughput: N studies received and queued first, then images analysed per second
-between the first claim and the last result, with `workers` = 1 and = 2 (embedded
-broker; each study's reports are built too, which takes most of the time), and
-the analysis stage's own time per image; the ratio is the scaling. On a machine
-with fewer free cores than worker processes expect little gain: each process gets
-a share of the cores for ONNX Runtime.
+Throughput: N studies received and queued first, then images per second between
+the first claim and the last study's objects in the outbox (reported), with
+`workers` = 1 and = 2, each with the report lane (setting report_process: a
+worker's objects built in a process of its own while it analyses the next study)
+and without (embedded broker). The peer: the analysis stage alone on the same
+studies in this process (analyse_study, no queue, no objects), after the runs.
+One worker (lane on, the default) / the analysis stage alone says how close the
+objects let a worker come to the model's speed. Workers scale with cores: two
+workers / one is measured with the lane off, one process per worker, since on a
+2-core machine one worker and its lane use both cores already (printed too).
 
     python bench/pipeline.py [--studies 20] [--images 4] [--throughput-studies 20] [--keep DIR]
 """
@@ -24,6 +28,7 @@ a share of the cores for ONNX Runtime.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -77,14 +82,17 @@ def ledger_rows(settings: Settings, study_uids: list[str]) -> list[StudyRow | No
         return [ledger.study(uid) for uid in study_uids]
 
 
-def wait_analysed(settings: Settings, study_uids: list[str], timeout: float = 600) -> list[StudyRow]:
+def wait_analysed(
+    settings: Settings, study_uids: list[str], timeout: float = 600, stamp: str = "analysed_at"
+) -> list[StudyRow]:
+    """The studies' ledger rows once each has ``stamp`` (``reported_at``: its objects are in the outbox)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows = [row for row in ledger_rows(settings, study_uids) if row is not None and row.analysed_at]
+        rows = [row for row in ledger_rows(settings, study_uids) if row is not None and getattr(row, stamp)]
         if len(rows) == len(study_uids):
             return rows
         time.sleep(0.05)
-    raise TimeoutError(f"studies not analysed within {timeout} s")
+    raise TimeoutError(f"studies without {stamp} after {timeout} s")
 
 
 def latencies(settings: Settings, studies: list[tuple[str, list[Path]]], log: Path) -> dict[str, list[float]]:
@@ -134,10 +142,9 @@ def wait_queued(settings: Settings, study_uids: list[str], timeout: float = 600)
         time.sleep(0.05)
 
 
-def throughput(
-    settings: Settings, studies: list[tuple[str, list[Path]]], images: int, log: Path
-) -> tuple[float, float]:
-    """Images per second, first claim to last result, with every study already
+def throughput(settings: Settings, studies: list[tuple[str, list[Path]]], log: Path) -> float:
+    """Images per second, first claim to the last study's objects in the outbox
+    (reported: a worker with a report lane is done with a study only then), with every study already
     waiting in the (embedded, persistent) queue: a node without workers receives
     and queues them, then a node with ``settings.workers`` processes drains it."""
     receiving = serve(settings.model_copy(update={"workers": 0}), log)
@@ -149,12 +156,11 @@ def throughput(
         receiving.stop()
     node = serve(settings, log)
     try:
-        rows = wait_analysed(settings, [uid for uid, _ in studies])
+        rows = wait_analysed(settings, [uid for uid, _ in studies], stamp="reported_at")
     finally:
         node.stop()
-    span = max(r.analysed_at for r in rows) - min(r.analysis_started for r in rows)
-    per_image = statistics.median((r.analysed_at - r.analysis_started) / images for r in rows)
-    return len(studies) * images / span, per_image
+    span = max(r.reported_at or 0.0 for r in rows) - min(r.analysis_started or 0.0 for r in rows)
+    return sum(len(paths) for _, paths in studies) / span
 
 
 def summary(values: list[float]) -> str:
@@ -206,28 +212,40 @@ def main() -> None:
             )
 
         bulk = make_studies(work / "bulk", args.throughput_studies, args.images, first_seed=9000)
-        rates = {
-            n: throughput(
-                node_settings(work / f"throughput-{n}", workers=n), bulk, args.images, work / f"throughput-{n}.log"
+        runs = {
+            (n, lane): throughput(
+                node_settings(work / f"throughput-{n}-{lane}", workers=n, report_process=lane),
+                bulk,
+                work / f"throughput-{n}-{lane}.log",
             )
+            for lane in (True, False)
             for n in (1, 2)
         }
+        alone = statistics.median(in_process(node_settings(work / "throughput-1-True"), bulk)) / args.images
         print(
             f"\nthroughput, {args.throughput_studies} studies of {args.images} images waiting in the queue "
-            f"(embedded broker; analysis + reports per study)"
+            f"(embedded broker; analysis + all result objects per study)"
         )
-        for n, (rate, per_image) in rates.items():
+        print(f"  analysis stage alone (in this process: no queue, no objects) {alone * 1000:5.1f} ms per image")
+        for (n, lane), rate in runs.items():
             print(
-                f"  {n} worker process{'es' if n > 1 else '':2s} {rate:7.1f} images/s   "
-                f"analysis stage alone {per_image * 1000:5.1f} ms per image (median)"
+                f"  {n} worker process{'es' if n > 1 else '':2s} report lane {'on ' if lane else 'off'} "
+                f"{rate:7.1f} images/s   {rate * alone:.2f} x the analysis stage alone"
             )
-        share = rates[1][0] * rates[1][1]  # images/s of one worker / images/s of its analysis stage alone
-        scaling = rates[2][0] / rates[1][0]
+        share = runs[(1, True)] * alone  # images/s of one worker / images/s of the analysis stage alone
+        scaling = runs[(2, False)] / runs[(1, False)]
         print(
-            f"  target: one worker / analysis stage alone {share:.2f} >= {TARGET_MODEL_SHARE}: "
-            f"{verdict(share >= TARGET_MODEL_SHARE)}"
+            f"  target: one worker (report lane on, the default) / analysis stage alone {share:.2f} "
+            f">= {TARGET_MODEL_SHARE}: {verdict(share >= TARGET_MODEL_SHARE)}"
         )
-        print(f"  target: two workers / one {scaling:.2f} >= {TARGET_SCALING}: {verdict(scaling >= TARGET_SCALING)}")
+        print(
+            f"  target: two workers / one, a worker process per core (report lane off) {scaling:.2f} "
+            f">= {TARGET_SCALING}: {verdict(scaling >= TARGET_SCALING)}"
+        )
+        print(
+            f"  two workers / one with the report lane: {runs[(2, True)] / runs[(1, True)]:.2f} "
+            f"({os.cpu_count()} cores; a worker and its lane use two)"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,8 +1,9 @@
 """Report-building benchmark: a study's result objects (SR, SCs, SEGs, KOS) built,
 encoded and gated with highdicom's own constructors (``fast_reports`` off, the
-peer) and with the shortcuts of service/reports/construction.py (on), in this
-process, interleaved study by study so both see the same load; beside them the
-analysis stage alone on the same studies (analyse_study, shipped model).
+peer) and with the shortcuts of service/reports/construction.py and the lean
+writer of service/reports/encoding.py (on), in this process, interleaved study by
+study so both see the same load; beside them the analysis stage alone on the same
+studies (analyse_study, shipped model).
 
 Each round analyses its own studies, so no object is built twice: the gate's
 memory of valid values (``fast_reports``) sees what a worker sees, the values every

@@ -362,8 +362,15 @@ class Settings(BaseSettings):
     fast_reports: bool = Field(
         True,
         description="Build result objects without highdicom's copies and re-checks of what the "
-        "validation gate checks anyway (service/reports/construction.py), and gate them checking "
+        "validation gate checks anyway (service/reports/construction.py), encode them with a lean "
+        "writer giving pydicom's bytes (service/reports/encoding.py), and gate them checking "
         "once per process the values every object repeats; off: highdicom's own path",
+    )
+    report_process: bool = Field(
+        True,
+        description="A worker builds each study's result objects in a process of its own beside "
+        "each pool process, while the next study is analysed (service/pipeline/report_lane.py); "
+        "off: in the pool process, after each analysis",
     )
     destinations: Annotated[list[Peer], NoDecode] = Field(
         default_factory=list,

@@ -26,7 +26,7 @@ import celery.apps.worker
 import click
 import numpy as np
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
 
 from service.cli import settings_from
 from service.common.backoff import backoff_delay
@@ -36,8 +36,8 @@ from service.model.inference import ModelError, OnnxModel
 from service.pipeline.analysis import analyse_study
 from service.pipeline.queue import QUEUE, TASK_NAME, create_app
 from service.pipeline.remote import NodeClient, NodeUnavailable, analyse_remotely
+from service.pipeline.report_lane import ReportJob, ReportLane, report_study
 from service.pipeline.similar import ModelIndex
-from service.reports.build import build_reports
 from service.results import StudyResult
 from service.settings import Settings
 from service.similar.index import SimilarCaseIndex
@@ -56,9 +56,11 @@ class WorkerState:
     Runtime sessions must not cross a fork).
     """
 
-    def __init__(self, settings: Settings, threads: int = 0) -> None:
+    def __init__(self, settings: Settings, threads: int = 0, report_process: bool = False) -> None:
         self.settings = settings
         self.threads = threads
+        self.report_process = report_process
+        self._lane: ReportLane | None = None
         self._pid: int | None = None
         self._ledger: Ledger | None = None
         self._model: OnnxModel | None = None
@@ -72,6 +74,9 @@ class WorkerState:
         self._ledger = open_ledger(self.settings)
         self._model = None
         self._indexes = ModelIndex(self.settings)
+        self._lane = ReportLane(self.settings) if self.report_process else None  # one per pool process
+        if self._lane is not None:
+            self._lane.start()
         try:
             self.model()
         except ModelError:
@@ -102,6 +107,31 @@ class WorkerState:
     def index(self, model: OnnxModel) -> SimilarCaseIndex | None:
         """The node's similar-case index for ``model`` (see :class:`ModelIndex`)."""
         return self._indexes.for_model(model.identity)
+
+    def report(
+        self,
+        study_uid: str,
+        generation: int,
+        model: OnnxModel,
+        index: SimilarCaseIndex | None,
+        frames: dict[tuple[str, int], np.ndarray],
+    ) -> None:
+        """Build the analysed study's objects: here, or in the report lane
+        (service.pipeline.report_lane) while this process analyses the next study."""
+        if self._lane is None:
+            report_study(self.settings, self.ledger, study_uid, generation, index, frames)
+        else:
+            self._lane.submit(ReportJob(study_uid, generation, model.identity if index is not None else None, frames))
+
+    @property
+    def report_process_pid(self) -> int | None:
+        """The report lane's process, while one runs."""
+        return self._lane.pid if self._lane is not None else None
+
+    def close(self) -> None:
+        """Wait for the report lane's last study and end the lane (a pool process stopping)."""
+        if self._lane is not None:
+            self._lane.close()
 
 
 def process_study(state: WorkerState, study_uid: str) -> str:
@@ -163,7 +193,7 @@ def process_study(state: WorkerState, study_uid: str) -> str:
                 LOG.exception(
                     "the analysed study could not be added to the similar-case index", extra={"study_uid": study_uid}
                 )
-        _report(state, study_uid, generation, index, analysis.frames)
+        state.report(study_uid, generation, model, index, analysis.frames)
     return "analysed"
 
 
@@ -201,35 +231,6 @@ def _log_analysed(study_uid: str, result: StudyResult) -> None:
         result.timings_s.get("total_s", 0.0),
         extra={"study_uid": study_uid},
     )
-
-
-def _report(
-    state: WorkerState,
-    study_uid: str,
-    generation: int,
-    index: SimilarCaseIndex | None,
-    frames: dict[tuple[str, int], np.ndarray],
-) -> None:
-    """Build the SR and SC objects and queue them for sending (service.reports).
-    Expected failures are recorded there; anything else is recorded here, so a
-    study never stays silently analysed-but-unreported."""
-
-    def reference_image(sop_instance_uid: str) -> Path | None:
-        stored = index.reference_image(sop_instance_uid) if index is not None else None
-        return stored.path if stored is not None else None
-
-    try:
-        build_reports(state.settings, state.ledger, study_uid, reference_image, frames)
-    except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
-        LOG.exception("building the reports failed", extra={"study_uid": study_uid, "stage": "report"})
-        state.ledger.transition(
-            study_uid,
-            StudyState.FAILED,
-            generation,
-            sources=(StudyState.ANALYSED,),
-            failed_stage="report",
-            error=error_text(exc)[:2000],
-        )
 
 
 def register_tasks(app: Celery, state: WorkerState) -> None:
@@ -279,9 +280,12 @@ def worker(ctx: click.Context, concurrency: int, data_dir: Path | None, parent_p
     if parent_pid is not None:
         _stop_with_parent(parent_pid)
     app = create_app(settings)
-    state = WorkerState(settings, threads=max(1, (os.cpu_count() or 1) // concurrency))
+    state = WorkerState(
+        settings, threads=max(1, (os.cpu_count() or 1) // concurrency), report_process=settings.report_process
+    )
     register_tasks(app, state)
     worker_process_init.connect(lambda **_: state.open(), weak=False)
+    worker_process_shutdown.connect(lambda **_: state.close(), weak=False)
     # Our logging (set up by settings_from) stays as it is: with a receiver connected,
     # Celery configures no handler of its own and leaves stdout and stderr alone.
     setup_logging.connect(lambda **_: None, weak=False)

@@ -21,7 +21,6 @@ task, a restart) rewrites the same files and queues nothing twice.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from service.common.spool import write_atomic_all
 from service.ledger import Ledger, StudyRow, StudyState
 from service.reports import Placement, derived_uid
 from service.reports.construction import iod_lookups_cached
+from service.reports.encoding import encode, library_encode
 from service.reports.heatmaps import load_heats
 from service.reports.kos import build_kos, key_images
 from service.reports.sc import ReferenceImages, build_heatmap_sc, build_montage_sc, frame_gray
@@ -121,10 +121,10 @@ def node_version() -> str:
         return "unknown"
 
 
-def _encode(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+def _encode(ds: Dataset, fast: bool) -> bytes:
+    """The object's file bytes: by pydicom, or with ``fast`` (the setting
+    ``fast_reports``) the same bytes by :mod:`service.reports.encoding`."""
+    return encode(ds) if fast else library_encode(ds)
 
 
 def outbox_folder(settings: Settings, study_uid: str, generation: int) -> Path:
@@ -255,7 +255,7 @@ def _sr_object(
             predecessors(settings, result.study_uid, result.generation) if earlier is None else list(earlier),
             fast=settings.fast_reports,
         )
-    return OutputObject(sr.SOPInstanceUID, sop_class_uid, _encode(sr), "SR")
+    return OutputObject(sr.SOPInstanceUID, sop_class_uid, _encode(sr, settings.fast_reports), "SR")
 
 
 def build_objects(
@@ -299,7 +299,7 @@ def build_objects(
                 Placement(sc_ref.SeriesInstanceUID, sc_ref.SOPInstanceUID, number, versions),
                 settings.sc_transfer_syntax,
             )
-            objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
+            objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc, settings.fast_reports), "SC"))
             for seg_ref in seg_refs:
                 seg = build_heatmap_seg(
                     result,
@@ -309,7 +309,9 @@ def build_objects(
                     heat,
                     Placement(seg_ref.SeriesInstanceUID, seg_ref.SOPInstanceUID, number, versions),
                 )
-                objects.append(OutputObject(seg.SOPInstanceUID, seg.SOPClassUID, _encode(seg), "SEG"))
+                objects.append(
+                    OutputObject(seg.SOPInstanceUID, seg.SOPClassUID, _encode(seg, settings.fast_reports), "SEG")
+                )
         sr = _sr_object(settings, template, result, sources, DEFAULT_SR_CLASS, heats, earlier)
         objects.insert(0, sr)
         decisive = next((i for i in analysed if i.sop_instance_uid == result.summary.decisive_sop_instance_uid), None)
@@ -325,7 +327,7 @@ def build_objects(
                 Placement(_series(result, "sc"), montage, len(analysed) + 1, versions),
                 settings.sc_transfer_syntax,
             )
-            objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc), "SC"))
+            objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc, settings.fast_reports), "SC"))
         if key_images(result):  # none when no image was assessed (each outside the training domain)
             sr_ref = _reference(
                 result, sr_series_uid(result.study_uid, result.generation), sr.sop_class_uid, sr.sop_instance_uid
@@ -337,7 +339,7 @@ def build_objects(
                 sr_ref,
                 Placement(_series(result, "kos"), derived_uid(result.study_uid, result.generation, "kos"), 1, versions),
             )
-            objects.append(OutputObject(kos.SOPInstanceUID, kos.SOPClassUID, _encode(kos), "KO"))
+            objects.append(OutputObject(kos.SOPInstanceUID, kos.SOPClassUID, _encode(kos, settings.fast_reports), "KO"))
         return objects
 
 

@@ -1,7 +1,7 @@
 """Where we go round highdicom's constructors for speed: the one module that does.
 
-Three shortcuts here and one beside, all on with the setting ``fast_reports``, all
-off (the library's own path) without it:
+Three shortcuts here and, first, one beside, all on with the setting
+``fast_reports``, all off (the library's own path) without it:
 
 * service/reports/sr_content.py: the SR's content items and templates copied from
   prototypes highdicom made once (per code, model), instead of made anew and
@@ -20,6 +20,10 @@ off (the library's own path) without it:
   arguments and the library's tables only, so while our objects are built it is
   remembered.
 
+The gate's memory of the content-tree shapes highdicom's SR and key object
+selection readers accepted (service/reports/shapes.py, also ``fast_reports`` only)
+is another module that goes round a library.
+
 The SR: highdicom's constructor deep-copies the whole content tree, parses the copy
 back into content items and walks the tree twice more to collect the evidence
 (about two thirds of building a study's SR, a few content items per image). Our
@@ -32,6 +36,8 @@ made by the library as usual) and the children are attached to the document
 afterwards, as the constructor itself would attach them. The data set is the
 library's, element for element (tests/test_reports_construction.py builds both).
 With the setting off, the library's constructor does everything.
+
+Another, round pydicom's writer, with the same setting: :mod:`service.reports.encoding` (the objects' bytes, pydicom's bytes).
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ Every object is checked from the exact bytes that would be sent, parsed once:
    relationships its SOP class allows); an SC into an image whose pixels decode to
    Rows x Columns x 3; a SEG into binary segments over the source it names, with
    the pixel spacing and plane orientation viewers need to overlay it; a KOS into
-   its key objects, each listed as evidence.
+   its key objects, each listed as evidence. With ``fast_reports``, highdicom reads
+   an SR's or KOS's content items and an SC only in shapes it has not accepted
+   before in this process (service/reports/shapes.py says what a shape holds); the
+   checks of values and our own checks of the content run on every object.
 4. Our own promises: the disclaimer is in it, the SR is UNVERIFIED, the SC says
    its annotations are burned in and names its source image.
 
@@ -28,16 +31,18 @@ failure shows all of them at once.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 
 import highdicom as hd
 import numpy as np
-from highdicom.sr.utils import get_coded_name
+from highdicom.sr.coding import CodedConcept
 from pydicom import config, dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -49,7 +54,16 @@ from pydicom.uid import (
 from pydicom.valuerep import validate_value
 
 from service.common.errors import error_text
-from service.reports.construction import key_object_selection
+from service.reports.construction import iod_lookups_cached, key_object_selection
+from service.reports.shapes import (
+    ContentShapes,
+    Shape,
+    content_shapes,
+    image_shape,
+    is_known,
+    read_new_shapes,
+    remember,
+)
 
 
 class GateError(ValueError):
@@ -194,13 +208,18 @@ _HIGHDICOM_SR = {
     ComprehensiveSRStorage: hd.sr.ComprehensiveSR,
     EnhancedSRStorage: hd.sr.EnhancedSR,
 }
+#: The value types by which a key object selection's root selects an object (highdicom's ``get_references``).
+_REFERENCE_VALUE_TYPES = frozenset({"IMAGE", "COMPOSITE", "WAVEFORM"})
 
 
 def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
     """Run the gate on an encoded object; return the parsed data set or raise.
     ``fast`` (setting ``fast_reports``): values found valid in earlier objects are
-    not checked again (:data:`_VALID`) and a key-image flag is read
-    without highdicom's copy of the whole document (:func:`key_object_selection`)."""
+    not checked again (:data:`_VALID`); highdicom reads what of an SR, key-image
+    flag or capture has a shape it has not accepted before (service/reports/shapes.py;
+    the shapes are taken before the VR checks convert the elements), and a key-image
+    flag without its copy of the whole document (:func:`key_object_selection`). The
+    data set returned is then not always converted by highdicom."""
     try:
         ds = dcmread(io.BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
@@ -213,12 +232,19 @@ def check_object(data: bytes, disclaimer: str, fast: bool = False) -> Dataset:
         raise GateError(what, ["SOPClassUID is missing: the object is truncated or not a composite instance"])
     if sop_class not in REQUIRED:
         raise GateError(what, [f"SOP class {sop_class} is not one we produce"])
-    reasons = _file_meta(ds) + _values(ds, fast) + _required(ds, REQUIRED[sop_class])
+    read = sop_class in _HIGHDICOM_SR or sop_class == KeyObjectSelectionDocumentStorage
+    shapes = content_shapes(ds) if fast and read else None
+    image = image_shape(ds) if fast and sop_class == SecondaryCaptureImageStorage else None
+    reasons = _file_meta(ds) + _values(ds, fast) + _required(ds, REQUIRED[sop_class], fast)
     if not reasons:  # deeper checks need the required attributes in place (and may convert ds in place)
         if sop_class == KeyObjectSelectionDocumentStorage:
-            reasons += _kos(ds, disclaimer, fast)
+            reasons += _kos(ds, disclaimer, fast, shapes)
+        elif sop_class in _HIGHDICOM_SR:
+            reasons += _sr(ds, disclaimer, shapes)
+        elif sop_class == SecondaryCaptureImageStorage:
+            reasons += _sc(ds, disclaimer, fast, image)
         else:
-            reasons += _DEEPER.get(sop_class, _sr)(ds, disclaimer)
+            reasons += _seg(ds, disclaimer)
     if reasons:
         raise GateError(what, reasons)
     return ds
@@ -234,14 +260,19 @@ def _file_meta(ds: Dataset) -> list[str]:
     return reasons
 
 
-#: VRs whose values are not checked: sequences (their items are) and binary data.
-_UNCHECKED_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+#: VRs of binary data (pixels): no value to check.
+_BINARY_DATA_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV"})
+#: VRs whose values are not checked: sequences (their items are), binary data, unknown.
+_UNCHECKED_VRS = _BINARY_DATA_VRS | {"SQ", "UN"}
+#: VRs of binary numbers (their range and count are checked).
+_NUMBER_VRS = frozenset({"AT", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"})
 #: VRs whose value is text: the bytes decoded in the object's character set.
 _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 )
-#: Values found valid, as encoded: (VR, character set, bytes) of a text value or of a
-#: whole sequence (every value in its items valid) in explicit VR little endian. The
+#: Values found valid, as encoded: (VR, character set, bytes) of a text value, of
+#: binary numbers (an image's size and depth) or of a whole sequence (every value in
+#: its items valid) in explicit VR little endian. The
 #: same bytes in the same character set are the same values, so what every object of
 #: ours repeats (codes and their meanings, the device, the model, the disclaimer, the
 #: SEG's segments) is converted by pydicom and checked once per process rather than
@@ -262,6 +293,8 @@ def _values(ds: Dataset, remember: bool, path: str = "", charset: str = "") -> l
         charset = str(ds.SpecificCharacterSet)
     reasons: list[str] = []
     for raw in ds.elements():
+        if remember and isinstance(raw, RawDataElement) and raw.VR in _BINARY_DATA_VRS:
+            continue  # no value check (:data:`_UNCHECKED_VRS`): not converted either
         seen = _encoded(raw, charset) if remember else None
         if seen is not None and seen in _VALID:
             continue
@@ -281,10 +314,10 @@ def _values(ds: Dataset, remember: bool, path: str = "", charset: str = "") -> l
 
 
 def _encoded(raw: DataElement | RawDataElement, charset: str) -> tuple[str, str, bytes] | None:
-    """The key of a text value or sequence not yet converted (:data:`_VALID`), or None."""
+    """The key of a text value, binary number or sequence not yet converted (:data:`_VALID`), or None."""
     if (
         not isinstance(raw, RawDataElement)
-        or (raw.VR not in _TEXT_VRS and raw.VR != "SQ")
+        or (raw.VR not in _TEXT_VRS and raw.VR not in _NUMBER_VRS and raw.VR != "SQ")
         or raw.is_implicit_VR
         or not raw.is_little_endian
         or not isinstance(raw.value, bytes)
@@ -309,14 +342,33 @@ def _value_reason(elem: DataElement, where: str) -> str | None:
     return None
 
 
-def _required(ds: Dataset, required: dict[str, int]) -> list[str]:
+def _required(ds: Dataset, required: dict[str, int], fast: bool) -> list[str]:
     reasons = []
     for keyword, kind in required.items():
         if keyword not in ds:
             reasons.append(f"{keyword} (Type {kind}) is missing")
-        elif kind == 1 and ds[keyword].is_empty:
+        elif kind == 1 and _is_empty(ds, keyword, fast):
             reasons.append(f"{keyword} (Type 1) is empty")
     return reasons
+
+
+#: A letter or digit: text holding one is not empty however pydicom strips it.
+_ALPHANUMERIC = re.compile(rb"[0-9A-Za-z]")
+
+
+def _is_empty(ds: Dataset, keyword: str, fast: bool) -> bool:
+    """Whether the element has no value; with ``fast``, an element still raw whose
+    bytes say so is not converted (no bytes; a sequence with an item, binary data,
+    text with a letter or digit): the checks that remember values leave many raw."""
+    raw = ds.get_item(keyword)
+    if fast and isinstance(raw, RawDataElement) and not raw.is_implicit_VR:
+        if not raw.value:
+            return True
+        if raw.VR == "SQ" or raw.VR in _BINARY_DATA_VRS:
+            return False
+        if raw.VR in _TEXT_VRS and _ALPHANUMERIC.search(raw.value):
+            return False
+    return bool(ds[keyword].is_empty)
 
 
 def _is_located(group: Dataset) -> bool:
@@ -332,35 +384,58 @@ def _is_located(group: Dataset) -> bool:
     )
 
 
+#: Tags the content checks look up in every item.
+_REFERENCED_CONTENT_ITEM = Tag("ReferencedContentItemIdentifier")
+_TEXT_VALUE = Tag("TextValue")
+
+
+def _text_is(item: Dataset, text: str) -> bool:
+    """Whether the item's Text Value is ``text``; one whose encoded bytes are fewer
+    than its characters (no character set decodes to more) is not converted."""
+    raw = item.get_item(_TEXT_VALUE) if _TEXT_VALUE in item else None
+    if raw is None or (isinstance(raw, RawDataElement) and len(raw.value or b"") < len(text)):
+        return False
+    return bool(item[_TEXT_VALUE].value == text)
+
+
+def _concept_name(item: Dataset) -> CodedConcept:
+    """The item's concept name as highdicom reads it (``get_coded_name``), without its copy of the code."""
+    return CodedConcept.from_dataset(item.ConceptNameCodeSequence[0], copy=False)
+
+
 def _content_items(items: list[Dataset]) -> Iterator[Dataset]:
     for item in items:
         yield item
         yield from _content_items(item.get("ContentSequence", []))
 
 
-def _sr(ds: Dataset, disclaimer: str) -> list[str]:
+def _sr(ds: Dataset, disclaimer: str, shapes: ContentShapes | None) -> list[str]:
+    """The SR's content: ``shapes`` (fast only) spare highdicom's reader a tree it accepted before."""
     reasons = []
     if ds.Modality != "SR":
         reasons.append(f"Modality is {ds.Modality}, not SR")
     if ds.VerificationFlag != "UNVERIFIED":
         reasons.append("an AI result must be UNVERIFIED")
     allowed = _SR_VALUE_TYPES[ds.SOPClassUID]
+    enhanced = ds.SOPClassUID == EnhancedSRStorage
     items = list(_content_items(ds.ContentSequence))
-    for item in items:
-        if "ReferencedContentItemIdentifier" in item and ds.SOPClassUID == EnhancedSRStorage:
+    value_types = [item.get("ValueType") for item in items]
+    for item, value_type in zip(items, value_types, strict=True):
+        by_reference = _REFERENCED_CONTENT_ITEM in item
+        if by_reference and enhanced:
             reasons.append("Enhanced SR does not allow by-reference relationships")
-        elif item.get("ValueType") not in allowed and "ReferencedContentItemIdentifier" not in item:
-            reasons.append(f"value type {item.get('ValueType')} is not allowed in this SR class")
-    if not any(item.get("TextValue") == disclaimer for item in items):
+        elif value_type not in allowed and not by_reference:
+            reasons.append(f"value type {value_type} is not allowed in this SR class")
+    if not any(_text_is(item, disclaimer) for item in items):
         reasons.append("the disclaimer is not in the content")
     try:  # highdicom's reader of the whole TID 1500 tree; the groups are checked below on its parse
-        _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False)  # converts ds in place: only read after this
+        read_new_shapes(shapes, lambda: _HIGHDICOM_SR[ds.SOPClassUID].from_dataset(ds, copy=False))  # converts ds
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return [*reasons, f"highdicom cannot parse it as a TID 1500 Measurement Report: {error_text(exc)}"]
     groups = [
         item
-        for item in items
-        if item.get("ValueType") == "CONTAINER" and get_coded_name(item) == codes.DCM.MeasurementGroup
+        for item, value_type in zip(items, value_types, strict=True)
+        if value_type == "CONTAINER" and _concept_name(item) == codes.DCM.MeasurementGroup
     ]
     if not groups:
         reasons.append("the report has no measurement group")
@@ -430,7 +505,10 @@ def _seg(ds: Dataset, disclaimer: str) -> list[str]:
     return reasons
 
 
-def _kos(ds: Dataset, disclaimer: str, fast: bool) -> list[str]:
+def _kos(ds: Dataset, disclaimer: str, fast: bool, shapes: ContentShapes | None) -> list[str]:
+    """The key-image flag's content: with ``fast``, highdicom reads a tree of a new
+    shape only, and the selected objects are its root's references as
+    ``get_references`` finds them in an accepted tree."""
     reasons = []
     if ds.Modality != "KO":
         reasons.append(f"Modality is {ds.Modality}, not KO")
@@ -438,7 +516,11 @@ def _kos(ds: Dataset, disclaimer: str, fast: bool) -> list[str]:
     if not any(disclaimer in str(item.get("TextValue", "")) for item in items):
         reasons.append("the disclaimer is not in the content")
     try:
-        selected = key_object_selection(ds, fast).get_references()
+        if fast:
+            read_new_shapes(shapes, lambda: key_object_selection(ds, fast))
+            selected = [item for item in ds.ContentSequence if item.ValueType in _REFERENCE_VALUE_TYPES]
+        else:
+            selected = key_object_selection(ds, fast).get_references()
     except (ValueError, TypeError, AttributeError, RuntimeError, KeyError) as exc:
         return [*reasons, f"highdicom cannot read it as a key object selection: {error_text(exc)}"]
     if not selected:
@@ -446,7 +528,11 @@ def _kos(ds: Dataset, disclaimer: str, fast: bool) -> list[str]:
     return reasons + _evidence(ds, items)
 
 
-def _sc(ds: Dataset, disclaimer: str) -> list[str]:
+def _sc(ds: Dataset, disclaimer: str, fast: bool, shape: Shape | None) -> list[str]:
+    """The capture's promises and pixels; with ``fast``, highdicom reads and decodes
+    an image of a ``shape`` it has not read before only (service/reports/shapes.py;
+    the shape holds the pixel module's values and the pixel data's length), with its
+    look-ups of the IOD tables remembered (:func:`iod_lookups_cached`)."""
     reasons = []
     if ds.BurnedInAnnotation != "YES":
         reasons.append("Burned In Annotation must be YES: the class and disclaimer are drawn in")
@@ -454,17 +540,16 @@ def _sc(ds: Dataset, disclaimer: str) -> list[str]:
         reasons.append("the disclaimer is not in Image Comments")
     if ds.SamplesPerPixel != 3:
         reasons.append(f"Samples per Pixel is {ds.SamplesPerPixel}, an RGB capture has 3")
+    if shape is not None and is_known(shape):
+        return reasons
     try:
-        pixels = hd.Image.from_dataset(ds, copy=False).pixel_array  # converts ds in place: only read after this
+        with iod_lookups_cached(fast):
+            image = hd.Image.from_dataset(ds, copy=False)  # converts ds in place: only read after this
+        pixels = image.pixel_array
     except (ValueError, TypeError, AttributeError, RuntimeError, NotImplementedError) as exc:
         return [*reasons, f"highdicom cannot read its pixels: {error_text(exc)}"]
     if pixels.shape != (ds.Rows, ds.Columns, 3) or pixels.dtype != np.uint8:
         reasons.append(f"pixels decode to {pixels.shape} {pixels.dtype}, not {ds.Rows}x{ds.Columns}x3 uint8")
+    elif shape is not None:
+        remember([shape])
     return reasons
-
-
-#: The checks after the IOD's attributes, by SOP class (SR classes: :func:`_sr`; KOS: :func:`_kos`).
-_DEEPER = {
-    SecondaryCaptureImageStorage: _sc,
-    SegmentationStorage: _seg,
-}

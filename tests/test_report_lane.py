@@ -1,0 +1,88 @@
+"""The report lane (service.pipeline.report_lane): a worker's result objects built
+in a process of their own while it analyses the next study, on the real ledger
+(SQLite and PostgreSQL), spool, ONNX model and a real lane process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from service.datasets.synthetic import synthetic_study
+from service.delivery.sender import Sender
+from service.ledger import Ledger, StudyState
+from service.pipeline.tasks import WorkerState, process_study
+from service.reports.build import outbox_folder
+from service.settings import Settings
+from tests.support.worker import receive
+
+pytestmark = pytest.mark.integration
+
+
+def _studies(settings: Settings, ledger: Ledger, count: int) -> list[str]:
+    labels = ("malignant", "benign", "normal")
+    return [receive(settings, ledger, synthetic_study(2, labels[k % 3], seed=900 + k, index=k)) for k in range(count)]
+
+
+def _outbox_names(settings: Settings, study_uid: str) -> set[str]:
+    return {path.name for path in outbox_folder(settings, study_uid, 1).glob("*.dcm")}
+
+
+def test_the_lane_builds_each_study_while_the_worker_analyses_the_next(settings: Settings, ledger: Ledger) -> None:
+    """A study handed to the lane is reported by it; handing on the next waits for
+    it (one study in the lane at most); closing waits for the last. The objects are
+    those the worker writes itself (their UIDs derive from study and generation)."""
+    uids = _studies(settings, ledger, 3)
+    state = WorkerState(settings, report_process=True)
+    for n, uid in enumerate(uids):
+        assert process_study(state, uid) == "analysed"
+        assert ledger.study(uid).state in (StudyState.ANALYSED, StudyState.REPORTED)  # type: ignore[union-attr]
+        if n:  # handing this one on waited for the one before
+            assert ledger.study(uids[n - 1]).state == StudyState.REPORTED  # type: ignore[union-attr]
+    assert state.report_process_pid not in (None, os.getpid())
+    state.close()
+    assert [ledger.study(uid).state for uid in uids] == [StudyState.REPORTED] * 3  # type: ignore[union-attr]
+    lane_names = {uid: _outbox_names(settings, uid) for uid in uids}
+
+    inline = settings.model_copy(update={"data_dir": settings.data_dir.parent / "inline", "ledger_url": ""})
+    inline.data_dir.mkdir()
+    with Ledger(inline.ledger_path, durable=False) as own:
+        for uid in _studies(inline, own, 3):
+            assert process_study(WorkerState(inline), uid) == "analysed"
+            assert own.study(uid).state == StudyState.REPORTED  # type: ignore[union-attr]
+            assert _outbox_names(inline, uid) == lane_names[uid] != set()
+
+
+def test_a_lane_killed_mid_study_leaves_it_to_the_sender_and_the_next_study_gets_a_new_lane(
+    settings: Settings, ledger: Ledger
+) -> None:
+    first, second = _studies(settings, ledger, 2)
+    state = WorkerState(settings, report_process=True)
+    state.open()
+    lane = state.report_process_pid
+    assert lane is not None
+    os.kill(lane, signal.SIGSTOP)  # it gets the first study but never builds it
+    assert process_study(state, first) == "analysed"  # handed on: the job fits in the pipe
+    os.kill(lane, signal.SIGKILL)
+    assert process_study(state, second) == "analysed"  # finds the lane dead, starts another
+    assert state.report_process_pid not in (None, lane)
+    state.close()
+    assert ledger.study(second).state == StudyState.REPORTED  # type: ignore[union-attr]
+    assert ledger.study(first).state == StudyState.ANALYSED  # type: ignore[union-attr]
+    assert _outbox_names(settings, first) == set()
+
+    sender = Sender(settings, ledger)
+    assert sender.report_orphans() == 0  # its lease is still running
+    assert sender.report_orphans(now=time.time() + settings.task_lease_s + 1) == 1
+    assert ledger.study(first).state == StudyState.REPORTED  # type: ignore[union-attr]
+    assert _outbox_names(settings, first) != set()
+
+
+def test_a_worker_without_the_lane_reports_before_it_returns(settings: Settings, ledger: Ledger) -> None:
+    (uid,) = _studies(settings, ledger, 1)
+    state = WorkerState(settings)
+    assert process_study(state, uid) == "analysed"
+    assert ledger.study(uid).state == StudyState.REPORTED  # type: ignore[union-attr]
+    assert state.report_process_pid is None
