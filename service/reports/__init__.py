@@ -6,8 +6,9 @@ Structured Report, ``sc`` the Grad-CAM and similar-cases Secondary Captures, ``s
 the heatmap overlay (Segmentation), ``kos`` the key-image flag (Key Object
 Selection), ``validation`` is the gate every object passes before it may leave,
 ``construction`` the one place that goes round highdicom's internals for speed
-and ``encoding`` pydicom's writer (setting ``fast_reports``), and ``build`` ties them together for the worker: build,
-check, write to the outbox, queue.
+(with ``sr_content``, the SR's content items copied from prototypes) and
+``encoding`` pydicom's writer (setting ``fast_reports``), and ``build`` ties them
+together for the worker: build, check, write to the outbox, queue.
 """
 
 from __future__ import annotations
