@@ -15,7 +15,9 @@ builds. A lane that dies leaves its study ANALYSED, and the node's sender report
 it once the lease runs out (as for a worker killed mid-report: see
 :meth:`service.delivery.sender.Sender.report_orphans`); the next study gets a new
 lane. Messages are pickles over the lane's stdin and stdout: the lane is our own
-child process, started from our own interpreter.
+child process, started from our own interpreter. A worker without the node's files
+(``data_access = "http"``) builds its objects in memory and posts them with its
+result (service.pipeline.remote), without a lane.
 """
 
 from __future__ import annotations
