@@ -308,6 +308,7 @@ def build_objects(
                     headers[uid],
                     heat,
                     Placement(seg_ref.SeriesInstanceUID, seg_ref.SOPInstanceUID, number, versions),
+                    fast=settings.fast_reports,
                 )
                 objects.append(
                     OutputObject(seg.SOPInstanceUID, seg.SOPClassUID, _encode(seg, settings.fast_reports), "SEG")

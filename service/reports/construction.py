@@ -13,6 +13,9 @@ Three shortcuts here and, first, one beside, all on with the setting
   content reader highdicom's document reader ends with, without the deep copy of
   the whole document that reader makes first (more than half of checking a KOS):
   the gate only reads the parse;
+* :func:`filled_copy`, with :class:`Prototypes`: an image object (the heatmap
+  SEG, the heatmap SC) built once by the library for a key, and per image a copy
+  with the values that change filled in (see :class:`Prototype`);
 * :func:`iod_lookups_cached`: highdicom asks its tables of the standard whether an
   IOD has an attribute (is the source multi-frame, does the new object have pixels,
   a content date) by scanning every attribute of every module of the IOD, many
@@ -42,18 +45,29 @@ Another, round pydicom's writer, with the same setting: :mod:`service.reports.en
 
 from __future__ import annotations
 
+import copy
+import datetime
 import functools
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
 import highdicom._standard_utils
 import highdicom.base
 import highdicom.sr.content
+from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
 from highdicom.sr.value_types import ContentSequence
-from pydicom.dataset import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
+from pydicom.valuerep import DA, TM
 
 Document = hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR
 
@@ -129,3 +143,220 @@ def iod_lookups_cached(fast: bool) -> Iterator[None]:
     finally:
         for module in _IOD_LOOKUP_USERS:
             module.is_attribute_in_iod = _library_lookup  # type: ignore[attr-defined]
+
+
+#: What highdicom takes from the clock into a new object (SOP Common, General
+#: Image, SC Image): each filled with the time of the copy.
+_CLOCK: dict[str, Callable[[datetime.datetime], object]] = {
+    "InstanceCreationDate": lambda now: DA(now.date()),
+    "InstanceCreationTime": lambda now: TM(now.time()),
+    "ContentDate": lambda now: DA(now.date()),
+    "ContentTime": lambda now: TM(now.time()),
+    "DateOfSecondaryCapture": lambda now: DA(now.date()),
+    "TimeOfSecondaryCapture": lambda now: TM(now.time()),
+}
+
+
+@functools.cache
+def copied_tags(sop_class_uid: str) -> frozenset[int]:
+    """The source attributes highdicom's Segmentation copies as they are: the root
+    attributes of the Patient and Study modules of the source's IOD, and of its
+    Specimen module (``copy_patient_and_study_information``, ``copy_specimen_information``)."""
+    iods, modules, attributes = get_sop_class_iod_map(), get_iod_module_map(), get_module_attribute_map()
+    tags: set[int] = set()
+    for module in modules[iods[sop_class_uid]]:
+        if module["ie"] in ("Patient", "Study") or (module["ie"], module["key"]) == ("Image", "specimen"):
+            for item in attributes[module["key"]]:
+                if not item["path"]:
+                    tags.add(int(tag_for_keyword(str(item["keyword"]))))  # type: ignore[arg-type]
+    return frozenset(tags)
+
+
+def _hashable(value: object) -> Hashable:
+    return tuple(value) if isinstance(value, MultiValue | list) else value
+
+
+def source_key(source: Dataset, keywords: Sequence[str]) -> tuple[Hashable, ...]:
+    """The part of a prototype's key that comes from its source: the SOP class
+    (which attributes are copied), which copied attributes it has (their values are
+    filled in, see :func:`filled_copy`), and the values of ``keywords``, the other
+    attributes the library reads from it."""
+    return (
+        str(source.SOPClassUID),
+        tuple(sorted(source.keys() & copied_tags(source.SOPClassUID))),
+        tuple(_hashable(source.get(keyword)) for keyword in keywords),
+    )
+
+
+@dataclass(frozen=True)
+class Prototype:
+    """An object built by the library for one key: ``dataset`` without its pixel
+    data; ``uids``, the UIDs that differ from one object of the key to the next by
+    role (its own SOP instance and series, its source's SOP instance, series and
+    study, highdicom's random dimension organization); ``varying``, the top-level
+    sequences that hold one of them (copied for each object, the rest shared);
+    ``copied``, the source's attributes the library copied into it; ``pixels``, its
+    Pixel Data element (VR as the library chose it), emptied."""
+
+    dataset: Dataset
+    uids: Mapping[str, str]
+    varying: frozenset[int]
+    copied: frozenset[int]
+    pixels: DataElement
+    keywords: Mapping[int, str]
+
+
+def _holds(item: Dataset, uids: set[str]) -> bool:
+    return any(
+        (elem.VR == "UI" and elem.value in uids) or (elem.VR == "SQ" and any(_holds(i, uids) for i in elem.value))
+        for elem in item
+    )
+
+
+def prototype_of(dataset: Dataset, source: Dataset, placement_uids: tuple[str, str]) -> Prototype:
+    """The :class:`Prototype` of a library-built ``dataset`` of ``source`` (its series
+    and SOP instance UIDs ``placement_uids``)."""
+    uids = {
+        "series": placement_uids[0],
+        "sop": placement_uids[1],
+        "source": str(source.SOPInstanceUID),
+        "source_series": str(source.SeriesInstanceUID),
+        "study": str(source.StudyInstanceUID),
+    }
+    for item in dataset.get("DimensionOrganizationSequence") or []:
+        uids["dimension_organization"] = str(item.DimensionOrganizationUID)
+    if len(set(uids.values())) != len(uids):
+        raise ValueError("a prototype's UIDs must be distinct")
+    values = set(uids.values())
+    kept = Dataset()
+    for _ in dataset.iterall():  # every element converted: a copy reads them as they are
+        pass
+    for elem in dataset:
+        if elem.keyword != "PixelData":
+            kept.add(elem)
+    kept.preamble, kept.file_meta = dataset.preamble, dataset.file_meta
+    varying = frozenset(
+        elem.tag for elem in kept if elem.VR == "SQ" and any(_holds(item, values) for item in elem.value)
+    )
+    copied = frozenset(source.keys() & kept.keys() & copied_tags(source.SOPClassUID))
+    pixels = copy.copy(dataset["PixelData"])
+    pixels.value = b""
+    return Prototype(kept, uids, varying, copied, pixels, {elem.tag: elem.keyword for elem in kept})
+
+
+class Prototypes:
+    """Prototypes by key, the ``size`` most recently used kept: a few per site (an
+    image size, a calibration, a scanner's header layout, a model version)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._items: OrderedDict[Hashable, Prototype] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable, build: Callable[[], Prototype]) -> Prototype:
+        """The prototype of ``key``, made by ``build`` the first time."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        prototype = self._items[key] = build()
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+        return prototype
+
+
+#: The elements of a data set being made, as pydicom's Dataset takes them.
+_Elements = dict[BaseTag, DataElement | RawDataElement]
+
+
+def _converted(item: Dataset) -> Iterator[tuple[BaseTag, DataElement]]:
+    """``item``'s elements, every one converted (a prototype's are: :func:`prototype_of`)."""
+    for tag, elem in item.items():
+        if not isinstance(elem, DataElement):
+            raise TypeError(f"element {tag} of a prototype is not converted")
+        yield tag, elem
+
+
+def _shell(elem: DataElement) -> DataElement:
+    """A new element holding ``elem``'s value (shared): setting its value leaves ``elem`` as it was."""
+    return copy.copy(elem)
+
+
+def _retargeted(item: Dataset, uids: Mapping[str, str]) -> Dataset:
+    """A copy of ``item`` (its elements and sequences, values shared) with each UID
+    of ``uids``' keys replaced by its value."""
+    elements: _Elements = {}
+    for tag, elem in _converted(item):
+        shell = _shell(elem)
+        value: Any = elem.value
+        if elem.VR == "SQ":
+            shell.value = [_retargeted(child, uids) for child in value]
+        elif elem.VR == "UI" and value in uids:
+            shell.value = uids[value]
+        elements[tag] = shell
+    return Dataset(elements)
+
+
+def replaced(item: Dataset, values: Mapping[str, Any]) -> Dataset:
+    """A copy of ``item`` (its elements, values shared) with ``values`` (by keyword) set."""
+    elements: _Elements = {}
+    for tag, elem in _converted(item):
+        shell = _shell(elem)
+        if elem.keyword in values:
+            shell.value = values[elem.keyword]
+        elements[tag] = shell
+    return Dataset(elements)
+
+
+def filled_copy(prototype: Prototype, uids: Mapping[str, str], source: Dataset, values: Mapping[str, Any]) -> Dataset:
+    """The prototype's object for another object of its key: every UID of a role
+    made ``uids``' (by role; a role not given, the dimension organization, gets a
+    new UID as highdicom draws it), the source's copied attributes taken from
+    ``source`` (the same element, as the library adds it), the clock's values
+    (:data:`_CLOCK`) now, and ``values`` (by keyword) set, each on an element the
+    prototype has. Top-level elements are the object's own; nested items that hold
+    none of the UIDs are the prototype's, shared (read and encoded, never changed)."""
+    now = datetime.datetime.now()
+    mapping = {old: uids[role] if role in uids else str(hd.UID()) for role, old in prototype.uids.items()}
+    proto = prototype.dataset
+    missing = values.keys() - {*prototype.keywords.values(), "PixelData"}
+    if missing:
+        raise KeyError(f"the prototype has no {', '.join(sorted(missing))}")
+    elements: _Elements = {}
+    for tag, elem in _converted(proto):
+        if tag in prototype.copied:
+            elements[tag] = source[tag]
+            continue
+        shell = _shell(elem)
+        keyword = prototype.keywords[tag]
+        value: Any = elem.value
+        if keyword in values:
+            shell.value = values[keyword]
+        elif tag in prototype.varying:
+            shell.value = [_retargeted(item, mapping) for item in value]
+        elif elem.VR == "UI" and value in mapping:
+            shell.value = mapping[value]
+        elif keyword in _CLOCK:
+            shell.value = _CLOCK[keyword](now)
+        elements[tag] = shell
+    pixels = _shell(prototype.pixels)
+    pixels.value = values["PixelData"]
+    elements[pixels.tag] = pixels
+    new = Dataset(elements)
+    new.preamble = proto.preamble
+    new.file_meta = _file_meta(proto.file_meta, mapping[prototype.uids["sop"]])
+    return new
+
+
+def _file_meta(proto: FileMetaDataset, sop_uid: str) -> FileMetaDataset:
+    """The prototype's file meta information for the object ``sop_uid``."""
+    meta = FileMetaDataset()
+    for elem in proto:
+        meta.add(copy.copy(elem))
+    old = str(proto.MediaStorageSOPInstanceUID)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.FileMetaInformationGroupLength = (
+        int(proto.FileMetaInformationGroupLength) + len(sop_uid) + len(sop_uid) % 2 - len(old) - len(old) % 2
+    )
+    return meta

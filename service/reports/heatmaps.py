@@ -132,5 +132,7 @@ def bands(heat: np.ndarray, crop: Box, rows: int, columns: int, levels: Sequence
     if peak <= 0.0:
         return labels
     relative = heat / peak
-    labels[y0:y1, x0:x1] = np.searchsorted(np.asarray(levels), relative, side="right").astype(np.uint8)
+    region = labels[y0:y1, x0:x1]
+    for level in np.asarray(levels, dtype=np.float64):  # how many levels are <= the heat (a NaN: all, as sorting says)
+        region += ~(relative < level)
     return labels

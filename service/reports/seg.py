@@ -26,6 +26,8 @@ without a frame of reference, is the identity of the source's own pixel grid.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
@@ -34,6 +36,7 @@ from pydicom.sr.codedict import codes
 from service.common.colour import jet
 from service.model.imaging import DATA_TYPE_TISSUE, SPATIAL_FORMAT_2D, number_of_frames
 from service.reports import Placement
+from service.reports.construction import Prototype, Prototypes, filled_copy, prototype_of, replaced, source_key
 from service.reports.heatmaps import BAND_LEVELS, bands
 from service.reports.sr import decisive_frame
 from service.reports.template import SrTemplate
@@ -43,6 +46,23 @@ from service.results import ImageResult, StudyResult
 UNITS_CM = 0x0003
 #: The source's own pixel grid: rows run along x, columns along y.
 IDENTITY_ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+#: The source attributes highdicom's Segmentation reads that no fast build fills in
+#: (highdicom 0.28: character set, image size, frames, frame of reference, lossy
+#: compression and its method): part of a prototype's key (:func:`_prototype_key`).
+#: The compression ratio, which differs from image to image, is filled in.
+SOURCE_KEYWORDS = (
+    "SpecificCharacterSet",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "LossyImageCompression",
+    "LossyImageCompressionMethod",
+)
+_RATIO = "LossyImageCompressionRatio"
+#: Heatmap overlays built by highdicom, by :func:`_prototype_key` (setting ``fast_reports``).
+_PROTOTYPES = Prototypes()
 
 
 def pixel_spacing(source: Dataset) -> tuple[float, float] | None:
@@ -108,17 +128,103 @@ def build_heatmap_seg(
     source: Dataset,
     heat: np.ndarray,
     placement: Placement,
-) -> hd.seg.Segmentation:
+    fast: bool = False,
+) -> Dataset:
     """The heatmap overlay of one analysed image (``source``: its header; ``heat``:
-    its decisive frame's heatmap). :func:`seg_skip_reason` must be None for it."""
+    its decisive frame's heatmap). :func:`seg_skip_reason` must be None for it.
+    ``fast`` (setting ``fast_reports``): highdicom builds the first overlay of a
+    :func:`_prototype_key` and the others are filled copies of it (element for
+    element the library's; :func:`service.reports.construction.filled_copy`)."""
     reason = seg_skip_reason(source, heat)
     if reason is not None:
         raise ValueError(f"no heatmap segmentation for {image.sop_instance_uid}: {reason}")
-    frame = decisive_frame(image)
+    labels = bands(heat, decisive_frame(image).crop, int(source.Rows), int(source.Columns))
+    if not fast:
+        return _segmentation(result, template, source, labels, placement)
+    masks = labels[None] == np.arange(1, len(BAND_LEVELS) + 1, dtype=np.uint8)[:, None, None]
+    present = tuple(int(n) for n in np.flatnonzero(masks.any(axis=(1, 2))) + 1)
+
+    def build() -> Prototype:
+        seg = _segmentation(result, template, source, labels, placement)
+        return prototype_of(seg, source, (placement.series_uid, placement.sop_uid))
+
+    prototype = _PROTOTYPES.get(_prototype_key(result, template, source, present), build)
+    # BINARY: the non-empty segments' frames in segment order, one bit a pixel,
+    # packed as one run (highdicom packs whole bytes and the rest at the end), an
+    # odd length ended with b"0" as highdicom ends it.
+    pixels = np.packbits(masks[[n - 1 for n in present]], bitorder="little").tobytes()
+    values = {
+        "InstanceNumber": placement.instance_number,
+        "SoftwareVersions": list(placement.software_versions),
+        "PatientOrientation": source.get("PatientOrientation", ""),
+        "ContributingEquipmentSequence": [*_acquisition_equipment(source), hd.ContributingEquipment.for_highdicom()],
+        "SharedFunctionalGroupsSequence": [
+            replaced(
+                prototype.dataset.SharedFunctionalGroupsSequence[0],
+                {"PixelMeasuresSequence": _pixel_measures(source)},
+            )
+        ],
+        "PixelData": pixels + b"0" if len(pixels) % 2 else pixels,
+    }
+    if _RATIO in prototype.dataset:
+        values[_RATIO] = source[_RATIO].value
+    return filled_copy(
+        prototype,
+        {
+            "series": placement.series_uid,
+            "sop": placement.sop_uid,
+            "source": source.SOPInstanceUID,
+            "source_series": source.SeriesInstanceUID,
+            "study": source.StudyInstanceUID,
+        },
+        source,
+        values,
+    )
+
+
+def _prototype_key(result: StudyResult, template: SrTemplate, source: Dataset, present: tuple[int, ...]) -> Hashable:
+    """What an overlay's content depends on besides the values a filled copy takes
+    from its image (UIDs, numbers, the source's patient and study attributes, its
+    equipment, the clock, the pixels): the source's SOP class, the copied attributes
+    it has and the other attributes highdicom reads (:data:`SOURCE_KEYWORDS`), and
+    whether it has a compression ratio (filled in); which segments have pixels (one
+    frame and per-frame item each); the model (the segments' algorithm); and the
+    template's values the overlay holds. The pixel spacing, which differs with the
+    scanner's depth, is filled in (the shared functional groups)."""
+    return (
+        source_key(source, SOURCE_KEYWORDS),
+        _RATIO in source,
+        present,
+        (result.model.name, result.model.version, result.model.sha256),
+        template.wording.segment_label,
+        template.concepts.segment_category,
+        template.concepts.segment_type,
+        template.device,
+        template.seg_series,
+        template.disclaimer,
+    )
+
+
+def _pixel_measures(source: Dataset) -> hd.PixelMeasuresSequence:
+    return hd.PixelMeasuresSequence(pixel_spacing=pixel_spacing(source), slice_thickness=None)
+
+
+def _acquisition_equipment(source: Dataset) -> list[hd.ContributingEquipment]:
+    """The source's acquisition equipment as highdicom adds it, or none where highdicom adds none."""
+    try:
+        return [hd.ContributingEquipment.for_image_acquisition(source)]
+    except Exception:  # noqa: BLE001  # highdicom leaves the item out on any error: so do we
+        return []
+
+
+def _segmentation(
+    result: StudyResult, template: SrTemplate, source: Dataset, labels: np.ndarray, placement: Placement
+) -> hd.seg.Segmentation:
+    """The overlay of ``labels`` (:func:`service.reports.heatmaps.bands` on the source's grid), by highdicom."""
     device = template.device
     seg = hd.seg.Segmentation(
         source_images=[source],
-        pixel_array=bands(heat, frame.crop, int(source.Rows), int(source.Columns))[None],
+        pixel_array=labels[None],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_segments(result, template),
         series_instance_uid=placement.series_uid,
@@ -129,7 +235,7 @@ def build_heatmap_seg(
         manufacturer_model_name=device.model_name,
         software_versions=list(placement.software_versions),
         device_serial_number=device.serial_number,
-        pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=pixel_spacing(source), slice_thickness=None),
+        pixel_measures=_pixel_measures(source),
         content_label="HEATMAP",
         content_description=template.concepts.segment_type.meaning,
         series_description=template.seg_series.description,

@@ -1,0 +1,140 @@
+"""service.reports.construction's prototypes: with ``fast_reports`` the heatmap
+SEG (and its kin) is a filled copy of an object highdicom built for another image
+of the same key, and it encodes byte for byte as the library's own object for the
+same inputs, across studies, sources, sizes and calibrations; what the clock or
+chance gives is fresh in each copy."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from service.datasets.synthetic import synthetic_cine, synthetic_study
+from service.ledger import Ledger
+from service.reports import seg as seg_module
+from service.reports.build import OutputObject, build_objects, read_sources
+from service.reports.construction import Prototypes
+from service.reports.validation import check_object
+from service.settings import Settings
+from tests.support.reports import analyse, default_template, store_datasets, store_study
+from tests.test_reports_construction import _encoded, _steady
+
+
+def _without_spacing(datasets: list[Dataset]) -> list[Dataset]:
+    """The study with its images' calibration taken off (no overlay for them)."""
+    for ds in datasets:
+        for keyword in ("PixelSpacing", "SequenceOfUltrasoundRegions"):
+            if keyword in ds:
+                delattr(ds, keyword)
+    return datasets
+
+
+def _with_spacing(datasets: list[Dataset], spacing: float) -> list[Dataset]:
+    for ds in datasets:
+        ds.PixelSpacing = [spacing, spacing]
+    return datasets
+
+
+#: Studies in an order where most images find a prototype an earlier one made:
+#: (the study's data sets, images outside the training domain).
+STUDIES: list[tuple[Callable[[], list[Dataset]], tuple[int, ...]]] = [
+    (lambda: synthetic_study(3, "malignant", seed=1, index=1), ()),
+    (lambda: synthetic_study(4, "benign", seed=2, index=2), (1,)),
+    (lambda: synthetic_study(2, "normal", seed=3, index=3, size=320, variant="mono"), ()),
+    (lambda: _with_spacing(synthetic_study(3, "malignant", seed=4, index=4, variant="rgb"), 0.1), ()),
+    (lambda: _without_spacing(synthetic_study(2, "benign", seed=5, index=5)), ()),
+    (lambda: [*synthetic_study(2, "malignant", seed=6, index=6), synthetic_cine(4, "malignant", seed=6, index=6)], ()),
+    (lambda: synthetic_study(3, "malignant", seed=7, index=7, size=320, variant="mono"), (2,)),
+]
+
+
+@pytest.fixture
+def prototypes(monkeypatch: pytest.MonkeyPatch) -> Prototypes:
+    """A fresh cache of overlay prototypes, as a new worker starts with."""
+    fresh = Prototypes()
+    monkeypatch.setattr(seg_module, "_PROTOTYPES", fresh)
+    return fresh
+
+
+def _both_paths(
+    settings: Settings, ledger: Ledger, datasets: list[Dataset], ood: tuple[int, ...]
+) -> list[tuple[OutputObject, OutputObject]]:
+    study_uid, paths = store_datasets(settings, ledger, datasets)
+    result, references = analyse(settings, study_uid, paths, ood_images=ood)
+    sources, spool = read_sources(ledger, result)
+    library, fast = (
+        build_objects(
+            settings.model_copy(update={"fast_reports": fast}),
+            default_template(),
+            result,
+            sources,
+            spool,
+            references.get,
+        )
+        for fast in (False, True)
+    )
+    assert [o.kind for o in fast] == [o.kind for o in library]
+    return list(zip(library, fast, strict=True))
+
+
+def test_filled_copies_encode_as_the_library_objects(
+    settings: Settings, ledger: Ledger, prototypes: Prototypes
+) -> None:
+    compared: dict[str, int] = {}
+    for make, ood in STUDIES:
+        for library, fast in _both_paths(settings, ledger, make(), ood):
+            assert _encoded(_steady(fast.data)) == _encoded(_steady(library.data)), fast.kind
+            assert fast.data.startswith(library.data[:132])  # preamble and DICM prefix
+            check_object(fast.data, default_template().disclaimer, True)
+            compared[fast.kind] = compared.get(fast.kind, 0) + 1
+    assert compared["SEG"] >= 12
+    assert 2 <= len(prototypes) < compared["SEG"] // 2  # most overlays were filled copies
+
+
+def test_real_files_fill_copies_of_each_other(settings: Settings, ledger: Ledger, prototypes: Prototypes) -> None:
+    """The real ultrasound files (palette, MONOCHROME2 JPEG lossless, calibrated
+    by their regions) as two studies: the second's overlays copy the first's."""
+    for _ in range(2):
+        study_uid, paths = store_study(settings, ledger)
+        result, references = analyse(settings, study_uid, paths)
+        sources, spool = read_sources(ledger, result)
+        built = [
+            build_objects(
+                settings.model_copy(update={"fast_reports": fast}),
+                default_template(),
+                result,
+                sources,
+                spool,
+                references.get,
+            )
+            for fast in (False, True)
+        ]
+        for library, fast in zip(*built, strict=True):
+            assert _encoded(_steady(fast.data)) == _encoded(_steady(library.data)), fast.kind
+    segs = sum(o.kind == "SEG" for o in built[1])
+    assert segs >= 1 and len(prototypes) == segs
+
+
+def test_a_copy_gets_its_own_clock_and_dimension_organization(
+    settings: Settings, ledger: Ledger, prototypes: Prototypes
+) -> None:
+    datasets = synthetic_study(2, "malignant", seed=11, index=11)
+    first, second = (
+        pydicom.dcmread(io.BytesIO(fast.data))
+        for _, fast in _both_paths(settings, ledger, datasets, ())
+        if fast.kind == "SEG"
+    )
+    assert len(prototypes) == 1
+    uids = [ds.DimensionOrganizationSequence[0].DimensionOrganizationUID for ds in (first, second)]
+    assert uids[0] != uids[1]
+    assert [ds.DimensionIndexSequence[0].DimensionOrganizationUID for ds in (first, second)] == uids
+    assert (second.InstanceCreationDate, second.InstanceCreationTime) >= (
+        first.InstanceCreationDate,
+        first.InstanceCreationTime,
+    )
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    assert second.file_meta.MediaStorageSOPInstanceUID == second.SOPInstanceUID
