@@ -14,8 +14,9 @@ Three shortcuts here and, first, one beside, all on with the setting
   the whole document that reader makes first (more than half of checking a KOS):
   the gate only reads the parse;
 * :func:`filled_copy`, with :class:`Prototypes`: an image object (the heatmap
-  SEG, the heatmap SC) built once by the library for a key, and per image a copy
-  with the values that change filled in (see :class:`Prototype`);
+  SEG) built once by the library for a key, and per image a copy with the values
+  that change filled in (see :class:`Prototype`; the key is the caller's, beside
+  its builder: :func:`service.reports.seg._prototype_key`);
 * :func:`iod_lookups_cached`: highdicom asks its tables of the standard whether an
   IOD has an attribute (is the source multi-frame, does the new object have pixels,
   a content date) by scanning every attribute of every module of the IOD, many
@@ -67,7 +68,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DT, TM
 
 Document = hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR
 
@@ -194,23 +195,33 @@ class Prototype:
     data; ``uids``, the UIDs that differ from one object of the key to the next by
     role (its own SOP instance and series, its source's SOP instance, series and
     study, highdicom's random dimension organization); ``varying``, the top-level
-    sequences that hold one of them (copied for each object, the rest shared);
+    sequences that hold one of them, and ``holders``, the ids of the items on the
+    way to one (copied for each object, the rest shared);
     ``copied``, the source's attributes the library copied into it; ``pixels``, its
     Pixel Data element (VR as the library chose it), emptied."""
 
     dataset: Dataset
     uids: Mapping[str, str]
     varying: frozenset[int]
+    holders: frozenset[int]
     copied: frozenset[int]
     pixels: DataElement
     keywords: Mapping[int, str]
 
 
-def _holds(item: Dataset, uids: set[str]) -> bool:
-    return any(
-        (elem.VR == "UI" and elem.value in uids) or (elem.VR == "SQ" and any(_holds(i, uids) for i in elem.value))
-        for elem in item
-    )
+def _holders(item: Dataset, uids: set[str], found: set[int]) -> bool:
+    """Whether ``item`` holds one of ``uids``, at any depth; ``found`` gets the ids of
+    the items below it that do."""
+    holds = False
+    for elem in item:
+        if elem.VR == "UI" and elem.value in uids:
+            holds = True
+        elif elem.VR == "SQ":
+            for child in elem.value:
+                if _holders(child, uids, found):
+                    found.add(id(child))
+                    holds = True
+    return holds
 
 
 def prototype_of(dataset: Dataset, source: Dataset, placement_uids: tuple[str, str]) -> Prototype:
@@ -235,13 +246,13 @@ def prototype_of(dataset: Dataset, source: Dataset, placement_uids: tuple[str, s
         if elem.keyword != "PixelData":
             kept.add(elem)
     kept.preamble, kept.file_meta = dataset.preamble, dataset.file_meta
-    varying = frozenset(
-        elem.tag for elem in kept if elem.VR == "SQ" and any(_holds(item, values) for item in elem.value)
-    )
+    holders: set[int] = set()
+    _holders(kept, values, holders)
+    varying = frozenset(elem.tag for elem in kept if elem.VR == "SQ" and any(id(i) in holders for i in elem.value))
     copied = frozenset(source.keys() & kept.keys() & copied_tags(source.SOPClassUID))
     pixels = copy.copy(dataset["PixelData"])
     pixels.value = b""
-    return Prototype(kept, uids, varying, copied, pixels, {elem.tag: elem.keyword for elem in kept})
+    return Prototype(kept, uids, varying, frozenset(holders), copied, pixels, {elem.tag: elem.keyword for elem in kept})
 
 
 class Prototypes:
@@ -279,19 +290,22 @@ def _converted(item: Dataset) -> Iterator[tuple[BaseTag, DataElement]]:
 
 
 def _shell(elem: DataElement) -> DataElement:
-    """A new element holding ``elem``'s value (shared): setting its value leaves ``elem`` as it was."""
-    return copy.copy(elem)
+    """A new element holding ``elem``'s value (shared): setting its value leaves
+    ``elem`` as it was (``copy.copy`` without its generic protocol: most of a fill)."""
+    shell: DataElement = DataElement.__new__(DataElement)
+    shell.__dict__.update(elem.__dict__)
+    return shell
 
 
-def _retargeted(item: Dataset, uids: Mapping[str, str]) -> Dataset:
-    """A copy of ``item`` (its elements and sequences, values shared) with each UID
-    of ``uids``' keys replaced by its value."""
+def _retargeted(item: Dataset, uids: Mapping[str, str], holders: frozenset[int]) -> Dataset:
+    """A copy of ``item`` with each UID of ``uids``' keys replaced by its value: the
+    items on the way to one (``holders``, by id) copied, the others shared."""
     elements: _Elements = {}
     for tag, elem in _converted(item):
         shell = _shell(elem)
         value: Any = elem.value
         if elem.VR == "SQ":
-            shell.value = [_retargeted(child, uids) for child in value]
+            shell.value = [_retargeted(child, uids, holders) if id(child) in holders else child for child in value]
         elif elem.VR == "UI" and value in uids:
             shell.value = uids[value]
         elements[tag] = shell
@@ -307,6 +321,15 @@ def replaced(item: Dataset, values: Mapping[str, Any]) -> Dataset:
             shell.value = values[elem.keyword]
         elements[tag] = shell
     return Dataset(elements)
+
+
+def library_equipment(prototype: Prototype) -> Dataset:
+    """highdicom's item of itself in Contributing Equipment (``ContributingEquipment.for_highdicom``,
+    the prototype's last), made now: the same but for its Contribution DateTime."""
+    item = prototype.dataset.ContributingEquipmentSequence[-1]
+    if item.ManufacturerModelName != "highdicom":
+        raise ValueError("the prototype's last contributing equipment is not highdicom")
+    return replaced(item, {"ContributionDateTime": DT(datetime.datetime.now())})
 
 
 def filled_copy(prototype: Prototype, uids: Mapping[str, str], source: Dataset, values: Mapping[str, Any]) -> Dataset:
@@ -334,7 +357,10 @@ def filled_copy(prototype: Prototype, uids: Mapping[str, str], source: Dataset, 
         if keyword in values:
             shell.value = values[keyword]
         elif tag in prototype.varying:
-            shell.value = [_retargeted(item, mapping) for item in value]
+            shell.value = [
+                _retargeted(item, mapping, prototype.holders) if id(item) in prototype.holders else item
+                for item in value
+            ]
         elif elem.VR == "UI" and value in mapping:
             shell.value = mapping[value]
         elif keyword in _CLOCK:

@@ -36,7 +36,15 @@ from pydicom.sr.codedict import codes
 from service.common.colour import jet
 from service.model.imaging import DATA_TYPE_TISSUE, SPATIAL_FORMAT_2D, number_of_frames
 from service.reports import Placement
-from service.reports.construction import Prototype, Prototypes, filled_copy, prototype_of, replaced, source_key
+from service.reports.construction import (
+    Prototype,
+    Prototypes,
+    filled_copy,
+    library_equipment,
+    prototype_of,
+    replaced,
+    source_key,
+)
 from service.reports.heatmaps import BAND_LEVELS, bands
 from service.reports.sr import decisive_frame
 from service.reports.template import SrTemplate
@@ -157,7 +165,7 @@ def build_heatmap_seg(
         "InstanceNumber": placement.instance_number,
         "SoftwareVersions": list(placement.software_versions),
         "PatientOrientation": source.get("PatientOrientation", ""),
-        "ContributingEquipmentSequence": [*_acquisition_equipment(source), hd.ContributingEquipment.for_highdicom()],
+        "ContributingEquipmentSequence": [*_acquisition_equipment(source), library_equipment(prototype)],
         "SharedFunctionalGroupsSequence": [
             replaced(
                 prototype.dataset.SharedFunctionalGroupsSequence[0],
