@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 
 from service.datasets.synthetic import synthetic_cine, synthetic_study
 from service.ledger import Ledger
+from service.reports import sc as sc_module
 from service.reports import seg as seg_module
 from service.reports.build import OutputObject, build_objects, read_sources
 from service.reports.construction import Prototypes
@@ -83,10 +84,11 @@ STUDIES: list[tuple[Callable[[], list[Dataset]], tuple[int, ...]]] = [
 
 
 @pytest.fixture
-def prototypes(monkeypatch: pytest.MonkeyPatch) -> Prototypes:
-    """A fresh cache of overlay prototypes, as a new worker starts with."""
-    fresh = Prototypes()
-    monkeypatch.setattr(seg_module, "_PROTOTYPES", fresh)
+def prototypes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Prototypes]:
+    """Fresh caches of prototypes by object kind, as a new worker starts with."""
+    fresh = {"SEG": Prototypes(), "SC": Prototypes()}
+    monkeypatch.setattr(seg_module, "_PROTOTYPES", fresh["SEG"])
+    monkeypatch.setattr(sc_module, "_PROTOTYPES", fresh["SC"])
     return fresh
 
 
@@ -111,9 +113,11 @@ def _both_paths(
     return list(zip(library, fast, strict=True))
 
 
+@pytest.mark.parametrize("transfer_syntax", ["explicit-little-endian", "jpeg-baseline"])
 def test_filled_copies_encode_as_the_library_objects(
-    settings: Settings, ledger: Ledger, prototypes: Prototypes
+    settings: Settings, ledger: Ledger, prototypes: dict[str, Prototypes], transfer_syntax: str
 ) -> None:
+    settings = settings.model_copy(update={"sc_transfer_syntax": transfer_syntax})
     compared: dict[str, int] = {}
     for make, ood in STUDIES:
         for library, fast in _both_paths(settings, ledger, make(), ood):
@@ -122,11 +126,14 @@ def test_filled_copies_encode_as_the_library_objects(
             assert fast.data.startswith(library.data[:132])  # preamble and DICM prefix
             check_object(fast.data, default_template().disclaimer, True)
             compared[fast.kind] = compared.get(fast.kind, 0) + 1
-    assert compared["SEG"] >= 12
-    assert 2 <= len(prototypes) < compared["SEG"] // 2  # most overlays were filled copies
+    assert compared["SEG"] >= 12 and compared["SC"] >= 20
+    assert 2 <= len(prototypes["SEG"]) < compared["SEG"] // 2  # most overlays were filled copies
+    assert 2 <= len(prototypes["SC"]) < compared["SC"] // 4  # and most heatmap SCs
 
 
-def test_real_files_fill_copies_of_each_other(settings: Settings, ledger: Ledger, prototypes: Prototypes) -> None:
+def test_real_files_fill_copies_of_each_other(
+    settings: Settings, ledger: Ledger, prototypes: dict[str, Prototypes]
+) -> None:
     """The real ultrasound files (palette, MONOCHROME2 JPEG lossless, calibrated
     by their regions) as two studies: the second's overlays copy the first's."""
     for _ in range(2):
@@ -148,11 +155,12 @@ def test_real_files_fill_copies_of_each_other(settings: Settings, ledger: Ledger
             ours, theirs = _aligned(fast.data, library.data)
             assert ours == theirs, fast.kind
     segs = sum(o.kind == "SEG" for o in built[1])
-    assert segs >= 1 and len(prototypes) == segs
+    assert segs >= 1 and len(prototypes["SEG"]) == segs
+    assert len(prototypes["SC"]) == sum(o.kind == "SC" for o in built[1]) - 1  # each heatmap SC; not the montage
 
 
 def test_a_copy_gets_its_own_clock_and_dimension_organization(
-    settings: Settings, ledger: Ledger, prototypes: Prototypes
+    settings: Settings, ledger: Ledger, prototypes: dict[str, Prototypes]
 ) -> None:
     datasets = synthetic_study(2, "malignant", seed=11, index=11)
     first, second = (
@@ -160,7 +168,7 @@ def test_a_copy_gets_its_own_clock_and_dimension_organization(
         for _, fast in _both_paths(settings, ledger, datasets, ())
         if fast.kind == "SEG"
     )
-    assert len(prototypes) == 1
+    assert len(prototypes["SEG"]) == 1
     uids = [ds.DimensionOrganizationSequence[0].DimensionOrganizationUID for ds in (first, second)]
     assert uids[0] != uids[1]
     assert [ds.DimensionIndexSequence[0].DimensionOrganizationUID for ds in (first, second)] == uids

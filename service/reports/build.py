@@ -298,6 +298,7 @@ def build_objects(
                 heat,
                 Placement(sc_ref.SeriesInstanceUID, sc_ref.SOPInstanceUID, number, versions),
                 settings.sc_transfer_syntax,
+                fast=settings.fast_reports,
             )
             objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc, settings.fast_reports), "SC"))
             for seg_ref in seg_refs:

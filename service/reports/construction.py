@@ -14,9 +14,10 @@ Three shortcuts here and, first, one beside, all on with the setting
   the whole document that reader makes first (more than half of checking a KOS):
   the gate only reads the parse;
 * :func:`filled_copy`, with :class:`Prototypes`: an image object (the heatmap
-  SEG) built once by the library for a key, and per image a copy with the values
+  SEG, the heatmap SC) built once by the library for a key, and per image a copy with the values
   that change filled in (see :class:`Prototype`; the key is the caller's, beside
-  its builder: :func:`service.reports.seg._prototype_key`);
+  its builder: :func:`service.reports.seg._prototype_key`,
+  :func:`service.reports.sc._prototype_key`);
 * :func:`iod_lookups_cached`: highdicom asks its tables of the standard whether an
   IOD has an attribute (is the source multi-frame, does the new object have pixels,
   a content date) by scanning every attribute of every module of the IOD, many
@@ -59,11 +60,14 @@ import highdicom as hd
 import highdicom._standard_utils
 import highdicom.base
 import highdicom.sr.content
+import numpy as np
 from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+from highdicom.frame import encode_frame
 from highdicom.sr.value_types import ContentSequence
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
@@ -177,14 +181,15 @@ def _hashable(value: object) -> Hashable:
     return tuple(value) if isinstance(value, MultiValue | list) else value
 
 
-def source_key(source: Dataset, keywords: Sequence[str]) -> tuple[Hashable, ...]:
-    """The part of a prototype's key that comes from its source: the SOP class
-    (which attributes are copied), which copied attributes it has (their values are
-    filled in, see :func:`filled_copy`), and the values of ``keywords``, the other
-    attributes the library reads from it."""
+def source_key(source: Dataset, keywords: Sequence[str], copies: bool) -> tuple[Hashable, ...]:
+    """The part of a prototype's key that comes from its source: the SOP class and,
+    for an object that ``copies`` the source's patient and study attributes
+    (:func:`copied_tags`), which of them it has (their values are filled in, see
+    :func:`filled_copy`); and the values of ``keywords``, the other attributes the
+    library reads from it."""
     return (
         str(source.SOPClassUID),
-        tuple(sorted(source.keys() & copied_tags(source.SOPClassUID))),
+        tuple(sorted(source.keys() & copied_tags(source.SOPClassUID))) if copies else (),
         tuple(_hashable(source.get(keyword)) for keyword in keywords),
     )
 
@@ -224,9 +229,10 @@ def _holders(item: Dataset, uids: set[str], found: set[int]) -> bool:
     return holds
 
 
-def prototype_of(dataset: Dataset, source: Dataset, placement_uids: tuple[str, str]) -> Prototype:
+def prototype_of(dataset: Dataset, source: Dataset, placement_uids: tuple[str, str], copies: bool) -> Prototype:
     """The :class:`Prototype` of a library-built ``dataset`` of ``source`` (its series
-    and SOP instance UIDs ``placement_uids``)."""
+    and SOP instance UIDs ``placement_uids``), which ``copies`` the source's patient
+    and study elements (:func:`copied_tags`) or not."""
     uids = {
         "series": placement_uids[0],
         "sop": placement_uids[1],
@@ -249,7 +255,7 @@ def prototype_of(dataset: Dataset, source: Dataset, placement_uids: tuple[str, s
     holders: set[int] = set()
     _holders(kept, values, holders)
     varying = frozenset(elem.tag for elem in kept if elem.VR == "SQ" and any(id(i) in holders for i in elem.value))
-    copied = frozenset(source.keys() & kept.keys() & copied_tags(source.SOPClassUID))
+    copied = frozenset(source.keys() & kept.keys() & copied_tags(source.SOPClassUID)) if copies else frozenset()
     pixels = copy.copy(dataset["PixelData"])
     pixels.value = b""
     return Prototype(kept, uids, varying, frozenset(holders), copied, pixels, {elem.tag: elem.keyword for elem in kept})
@@ -323,6 +329,15 @@ def replaced(item: Dataset, values: Mapping[str, Any]) -> Dataset:
     return Dataset(elements)
 
 
+def acquisition_equipment(source: Dataset) -> list[hd.ContributingEquipment]:
+    """The source's acquisition equipment as highdicom's image constructors add it, or
+    none where they add none."""
+    try:
+        return [hd.ContributingEquipment.for_image_acquisition(source)]
+    except Exception:  # noqa: BLE001  # the constructors leave the item out on any error: so do we
+        return []
+
+
 def library_equipment(prototype: Prototype) -> Dataset:
     """highdicom's item of itself in Contributing Equipment (``ContributingEquipment.for_highdicom``,
     the prototype's last), made now: the same but for its Contribution DateTime."""
@@ -330,6 +345,50 @@ def library_equipment(prototype: Prototype) -> Dataset:
     if item.ManufacturerModelName != "highdicom":
         raise ValueError("the prototype's last contributing equipment is not highdicom")
     return replaced(item, {"ContributionDateTime": DT(datetime.datetime.now())})
+
+
+def patient_and_study(source: Dataset) -> dict[str, Any]:
+    """The patient and study values highdicom's ``SCImage.from_ref_dataset`` gives a
+    Secondary Capture of ``source``: read from it (None where it has none) and
+    turned into values as the library's base constructor turns them."""
+    value = {keyword: source.get(keyword) for keyword in _SC_PATIENT_STUDY}
+    sex = value["PatientSex"]
+    value["PatientBirthDate"] = DA(value["PatientBirthDate"])
+    value["PatientSex"] = sex if sex is None or sex == "" else hd.PatientSexValues(sex).value
+    value["StudyDate"] = None if value["StudyDate"] is None else DA(value["StudyDate"])
+    value["StudyTime"] = None if value["StudyTime"] is None else TM(value["StudyTime"])
+    return value
+
+
+#: What ``SCImage.from_ref_dataset`` reads of its reference's patient and study.
+_SC_PATIENT_STUDY = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def encoded_pixels(prototype: Prototype, pixels: np.ndarray) -> bytes:
+    """``pixels`` as highdicom's SCImage constructor encodes its one frame, in the
+    prototype's transfer syntax and pixel description."""
+    ds = prototype.dataset
+    syntax = ds.file_meta.TransferSyntaxUID
+    frame = encode_frame(
+        pixels,
+        transfer_syntax_uid=syntax,
+        bits_allocated=ds.BitsAllocated,
+        bits_stored=ds.BitsStored,
+        photometric_interpretation=ds.PhotometricInterpretation,
+        pixel_representation=ds.PixelRepresentation,
+        planar_configuration=ds.get("PlanarConfiguration"),
+    )
+    return encapsulate([frame]) if syntax.is_encapsulated else frame
 
 
 def filled_copy(prototype: Prototype, uids: Mapping[str, str], source: Dataset, values: Mapping[str, Any]) -> Dataset:

@@ -25,7 +25,7 @@ import functools
 import logging
 import math
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,17 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from service.common.colour import jet
 from service.model.imaging import PixelError, crop_box, number_of_frames, to_grayscale
 from service.reports import Placement
+from service.reports.construction import (
+    Prototype,
+    Prototypes,
+    acquisition_equipment,
+    encoded_pixels,
+    filled_copy,
+    library_equipment,
+    patient_and_study,
+    prototype_of,
+    source_key,
+)
 from service.reports.sr import class_display, decisive_frame, not_assessed_reason
 from service.reports.template import SrTemplate
 from service.results import FrameResult, ImageResult, SimilarStudy, StudyResult
@@ -55,6 +66,8 @@ _SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation
 MAX_OPACITY = 0.5
 TILE = 256
 
+#: Heatmap SCs built by highdicom, by :func:`_prototype_key` (setting ``fast_reports``).
+_PROTOTYPES = Prototypes()
 #: Where the montage finds a similar study's stored reference image.
 ReferenceImages = Callable[[str], Path | None]
 
@@ -224,10 +237,81 @@ def _sc(
     transfer_syntax: str,
     derivation: str,
     frame_number: int,
-) -> SCImage:
+    fast: bool = False,
+) -> Dataset:
     """An SC of ``pixels`` derived from ``reference`` (frame ``frame_number``): the
     parts both our SCs share, the source reference included. ``transfer_syntax`` is
-    a key of :data:`TRANSFER_SYNTAXES` (setting ``sc_transfer_syntax``)."""
+    a key of :data:`TRANSFER_SYNTAXES` (setting ``sc_transfer_syntax``). ``fast``
+    (setting ``fast_reports``): highdicom builds the first SC of a
+    :func:`_prototype_key` and the others are filled copies of it (element for
+    element the library's; :func:`service.reports.construction.filled_copy`)."""
+    multi_frame = number_of_frames(reference) > 1
+    own = {
+        "PatientOrientation": reference.get("PatientOrientation", ""),
+        "Laterality": reference.get("Laterality", ""),  # Type 2C for a paired organ: breast
+        "DerivationDescription": derivation[:1024],
+        "SourceImageSequence": [
+            _source_item(reference.SOPClassUID, reference.SOPInstanceUID, frame_number if multi_frame else None)
+        ],
+        "ReferencedSeriesSequence": _series_references(
+            [(reference.SeriesInstanceUID, reference.SOPClassUID, reference.SOPInstanceUID)]
+        ),
+    }
+    if not fast:
+        return _library_sc(pixels, template, reference, placement, transfer_syntax, own)
+
+    def build() -> Prototype:
+        sc = _library_sc(pixels, template, reference, placement, transfer_syntax, own)
+        return prototype_of(sc, reference, (placement.series_uid, placement.sop_uid), copies=False)
+
+    prototype = _PROTOTYPES.get(_prototype_key(template, reference, pixels, transfer_syntax), build)
+    return filled_copy(
+        prototype,
+        {
+            "series": placement.series_uid,
+            "sop": placement.sop_uid,
+            "source": reference.SOPInstanceUID,
+            "source_series": reference.SeriesInstanceUID,
+            "study": reference.StudyInstanceUID,
+        },
+        reference,
+        {
+            **own,
+            **patient_and_study(reference),
+            "InstanceNumber": placement.instance_number,
+            "SoftwareVersions": list(placement.software_versions),
+            "ContributingEquipmentSequence": [*acquisition_equipment(reference), library_equipment(prototype)],
+            "PixelData": encoded_pixels(prototype, pixels),
+        },
+    )
+
+
+def _prototype_key(template: SrTemplate, reference: Dataset, pixels: np.ndarray, transfer_syntax: str) -> Hashable:
+    """What an SC's content depends on besides the values a filled copy takes from
+    its image (UIDs, numbers, the reference's patient, study, equipment, orientation
+    and laterality, the references, the derivation, the clock, the pixels): the
+    reference's SOP class and character set; the pixels' shape and type (the image
+    pixel description); the transfer syntax; and the template's values the SC holds."""
+    return (
+        source_key(reference, ("SpecificCharacterSet",), copies=False),
+        pixels.shape,
+        pixels.dtype.str,
+        transfer_syntax,
+        template.device,
+        template.sc_series,
+        template.disclaimer,
+    )
+
+
+def _library_sc(
+    pixels: np.ndarray,
+    template: SrTemplate,
+    reference: Dataset,
+    placement: Placement,
+    transfer_syntax: str,
+    own: dict[str, object],
+) -> SCImage:
+    """The SC by highdicom, with ``own`` (our values, by keyword) set."""
     ts_uid, photometric = TRANSFER_SYNTAXES[transfer_syntax]
     device = template.device
     sc = SCImage.from_ref_dataset(
@@ -250,18 +334,10 @@ def _sc(
         software_versions=placement.software_versions,
         device_serial_number=device.serial_number,
     )
-    sc.PatientOrientation = reference.get("PatientOrientation", "")
-    sc.Laterality = reference.get("Laterality", "")  # Type 2C for a paired organ: breast
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = template.disclaimer
-    sc.DerivationDescription = derivation[:1024]
-    multi_frame = number_of_frames(reference) > 1
-    sc.SourceImageSequence = [
-        _source_item(reference.SOPClassUID, reference.SOPInstanceUID, frame_number if multi_frame else None)
-    ]
-    sc.ReferencedSeriesSequence = _series_references(
-        [(reference.SeriesInstanceUID, reference.SOPClassUID, reference.SOPInstanceUID)]
-    )
+    for keyword, value in own.items():
+        setattr(sc, keyword, value)
     return sc
 
 
@@ -282,10 +358,11 @@ def build_heatmap_sc(
     heat: np.ndarray,
     placement: Placement,
     transfer_syntax: str,
-) -> SCImage:
+    fast: bool = False,
+) -> Dataset:
     """The Grad-CAM Secondary Capture of one analysed image (``source``: the
     instance's header; ``gray``: its decisive frame, :func:`frame_gray`; ``heat``:
-    that frame's heatmap; see module doc)."""
+    that frame's heatmap; see module doc). ``fast``: setting ``fast_reports`` (:func:`_sc`)."""
     frame = decisive_frame(image)
     what = (
         f"Frame {frame.frame_number} not assessed ({template.wording.ood}), no heatmap"
@@ -300,6 +377,7 @@ def build_heatmap_sc(
         transfer_syntax,
         derivation_text(result, what),
         frame.frame_number,
+        fast,
     )
 
 
@@ -407,7 +485,7 @@ def build_montage_sc(
     reference_images: ReferenceImages,
     placement: Placement,
     transfer_syntax: str,
-) -> SCImage:
+) -> Dataset:
     """The study's "similar cases" Secondary Capture (``query``: the decisive
     instance's header; ``query_gray``: its decisive frame, :func:`frame_gray`; see
     module doc)."""

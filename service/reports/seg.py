@@ -39,6 +39,7 @@ from service.reports import Placement
 from service.reports.construction import (
     Prototype,
     Prototypes,
+    acquisition_equipment,
     filled_copy,
     library_equipment,
     prototype_of,
@@ -154,7 +155,7 @@ def build_heatmap_seg(
 
     def build() -> Prototype:
         seg = _segmentation(result, template, source, labels, placement)
-        return prototype_of(seg, source, (placement.series_uid, placement.sop_uid))
+        return prototype_of(seg, source, (placement.series_uid, placement.sop_uid), copies=True)
 
     prototype = _PROTOTYPES.get(_prototype_key(result, template, source, present), build)
     # BINARY: the non-empty segments' frames in segment order, one bit a pixel,
@@ -165,7 +166,7 @@ def build_heatmap_seg(
         "InstanceNumber": placement.instance_number,
         "SoftwareVersions": list(placement.software_versions),
         "PatientOrientation": source.get("PatientOrientation", ""),
-        "ContributingEquipmentSequence": [*_acquisition_equipment(source), library_equipment(prototype)],
+        "ContributingEquipmentSequence": [*acquisition_equipment(source), library_equipment(prototype)],
         "SharedFunctionalGroupsSequence": [
             replaced(
                 prototype.dataset.SharedFunctionalGroupsSequence[0],
@@ -200,7 +201,7 @@ def _prototype_key(result: StudyResult, template: SrTemplate, source: Dataset, p
     template's values the overlay holds. The pixel spacing, which differs with the
     scanner's depth, is filled in (the shared functional groups)."""
     return (
-        source_key(source, SOURCE_KEYWORDS),
+        source_key(source, SOURCE_KEYWORDS, copies=True),
         _RATIO in source,
         present,
         (result.model.name, result.model.version, result.model.sha256),
@@ -215,14 +216,6 @@ def _prototype_key(result: StudyResult, template: SrTemplate, source: Dataset, p
 
 def _pixel_measures(source: Dataset) -> hd.PixelMeasuresSequence:
     return hd.PixelMeasuresSequence(pixel_spacing=pixel_spacing(source), slice_thickness=None)
-
-
-def _acquisition_equipment(source: Dataset) -> list[hd.ContributingEquipment]:
-    """The source's acquisition equipment as highdicom adds it, or none where highdicom adds none."""
-    try:
-        return [hd.ContributingEquipment.for_image_acquisition(source)]
-    except Exception:  # noqa: BLE001  # highdicom leaves the item out on any error: so do we
-        return []
 
 
 def _segmentation(
