@@ -79,6 +79,19 @@ def test_bands_are_levels_of_the_peak_inside_the_crop_only() -> None:
     assert bands(np.zeros((300, 400), np.float32), CROP, 400, 500).max() == 0
 
 
+@pytest.mark.parametrize("levels", [(0.25, 0.5, 0.75), (0.3, 0.6, 0.9), (0.1,)])
+def test_bands_count_the_levels_as_sorting_them_in_does(levels: tuple[float, ...]) -> None:
+    """Counting the levels reached is np.searchsorted(levels, relative, "right"), level values included."""
+    rng = np.random.default_rng(len(levels))
+    heat = rng.random((60, 80)).astype(np.float32)
+    peak = float(heat.max())
+    heat[1, :4] = [level * peak for level in levels[:4]] + [0.0] * (4 - len(levels[:4]))
+    x0, y0, x1, y1 = (5, 7, 85, 67)
+    expected = np.zeros((70, 90), np.uint8)
+    expected[y0:y1, x0:x1] = np.searchsorted(np.asarray(levels), heat / peak, side="right")
+    assert np.array_equal(bands(heat, (x0, y0, x1, y1), 70, 90, levels), expected)
+
+
 def test_heatmap_files_are_checked_and_fitted_to_their_crop(tmp_path: Path) -> None:
     path = tmp_path / "heat.npy"
     np.save(path, _blob(100, 150, 40))

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
-from service.common.colour import jet
+from service.common.colour import _JET_LUT, jet
 from service.ledger import Ledger
 from service.model.imaging import ultrasound_region
 from service.reports import Placement
@@ -19,9 +20,12 @@ from service.reports.heatmaps import load_heat
 from service.reports.sc import (
     MAX_OPACITY,
     TRANSFER_SYNTAXES,
+    annotate,
     blend_heatmap,
     build_heatmap_sc,
     build_montage_sc,
+    draw_caption,
+    draw_furniture,
     frame_gray,
     frame_rgb,
     heatmap_caption,
@@ -64,6 +68,41 @@ def test_heat_is_blended_only_inside_the_crop_in_proportion() -> None:
     assert changed.tolist() == [[12 + 5, 10 + 7]]  # cold pixels and everything outside: untouched
     expected = np.rint(100 * (1 - MAX_OPACITY) + jet(np.array([1.0]))[0] * MAX_OPACITY)
     assert out[17, 17].tolist() == expected.tolist()
+
+
+def test_blending_is_the_formula_pixel_for_pixel() -> None:
+    """The in-place blend and the colour map's take() give the pixels of the plain
+    formula: rint(image x (1 - alpha) + LUT[rint(heat x 1023)] x alpha)."""
+    rng = np.random.default_rng(5)
+    for n in range(12):
+        height, width = (int(v) for v in rng.integers(20, 200, 2))
+        rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        crop = (width // 7, height // 9, width - width // 5, height - n)
+        heat = rng.random((crop[3] - crop[1], crop[2] - crop[0])) * 1.4 - 0.2
+        heat = heat.astype(np.float32 if n % 2 else np.float64)
+        clipped = np.clip(heat.astype(np.float32), 0.0, 1.0)
+        colour = _JET_LUT[np.rint(np.clip(clipped, 0.0, 1.0) * 1023).astype(np.intp)]
+        alpha = (MAX_OPACITY * clipped)[:, :, None]
+        expected = rgb.copy()
+        region = expected[crop[1] : crop[3], crop[0] : crop[2]].astype(np.float32)
+        expected[crop[1] : crop[3], crop[0] : crop[2]] = np.rint(region * (1 - alpha) + colour * alpha).astype(np.uint8)
+        assert np.array_equal(blend_heatmap(rgb, heat, crop), expected)
+        assert np.array_equal(jet(heat), _JET_LUT[np.rint(np.clip(heat, 0.0, 1.0) * 1023).astype(np.intp)])
+
+
+@pytest.mark.parametrize("legend", ["Grad-CAM", None])
+@pytest.mark.parametrize("size", [(304, 340), (600, 800), (64, 64), (120, 900), (900, 120), (30, 200)])
+def test_the_drawn_once_disclaimer_and_legend_lay_the_pixels_drawing_gives(
+    size: tuple[int, int], legend: str | None
+) -> None:
+    height, width = size
+    rgb = np.random.default_rng(height + width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    caption = "Malignant (BI-RADS 4C), probability 0.87 " * (1 + height % 3)
+    drawn = Image.fromarray(rgb)
+    draw_caption(drawn, caption)
+    draw_furniture(drawn, default_template().disclaimer, legend)
+    for _ in range(2):  # drawn once, then laid from memory
+        assert np.array_equal(annotate(rgb, caption, default_template().disclaimer, legend), np.asarray(drawn))
 
 
 def test_a_heatmap_of_another_size_is_resized_and_a_bad_crop_refused() -> None:

@@ -26,5 +26,6 @@ _JET_LUT = np.rint(
 def jet(heat: np.ndarray) -> np.ndarray:
     """Heat in [0, 1] -> RGB uint8 with the jet colour map (outside [0, 1] clipped)."""
     levels = len(_JET_LUT) - 1
-    rgb: np.ndarray = _JET_LUT[np.rint(np.clip(heat, 0.0, 1.0) * levels).astype(np.intp)]
+    # take(): the same rows as indexing _JET_LUT[...], several times faster on a whole map
+    rgb: np.ndarray = np.take(_JET_LUT, np.rint(np.clip(heat, 0.0, 1.0) * levels).astype(np.intp), axis=0)
     return rgb

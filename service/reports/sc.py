@@ -104,8 +104,10 @@ def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, crop: tuple[int, int, int, 
     heat = np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0)
     alpha = (MAX_OPACITY * heat)[:, :, None]
     out = rgb.copy()
-    region = out[y0:y1, x0:x1].astype(np.float32)
-    out[y0:y1, x0:x1] = np.rint(region * (1 - alpha) + jet(heat) * alpha).astype(np.uint8)
+    blended = out[y0:y1, x0:x1].astype(np.float32)  # region x (1 - alpha) + colour x alpha, in place
+    blended *= 1 - alpha
+    blended += jet(heat) * alpha
+    out[y0:y1, x0:x1] = np.rint(blended, out=blended)  # to uint8 as astype() casts
     return out
 
 
@@ -141,20 +143,46 @@ def _text_band(
         draw.text((4, top + 2 + n * line_height), line, fill=(255, 255, 255), font=font)
 
 
+def _font_size(height: int, width: int) -> int:
+    """The burned-in text's size on an image of ``height`` x ``width``."""
+    return max(10, min(width, height) // 30)
+
+
 def annotate(rgb: np.ndarray, caption: str, disclaimer: str, legend: str | None) -> np.ndarray:
     """Burn the caption (top), the disclaimer (bottom) and, for a heatmap, its colour
-    legend (right; None: no heatmap, no legend)."""
+    legend (right; None: no heatmap, no legend). What is the same on every image of
+    a size (:func:`_furniture`) is drawn once and laid on, the same pixels."""
     image = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(image)
     height, width = rgb.shape[:2]
-    size = max(10, min(width, height) // 30)
+    draw_caption(image, caption)
+    furniture = _furniture(height, width, disclaimer, legend)
+    if furniture is None:
+        draw_furniture(image, disclaimer, legend)
+        return np.asarray(image)
+    pixels, fixed = furniture
+    out = np.array(image)
+    np.copyto(out, pixels, where=fixed[:, :, None])
+    return out
+
+
+def draw_caption(image: Image.Image, caption: str) -> None:
+    """The caption's band at the top of ``image``."""
+    size = _font_size(image.height, image.width)
+    font = _font(size)
+    _text_band(ImageDraw.Draw(image), _wrap(caption, font, image.width - 8), font, 0, image.width, size + 3)
+
+
+def draw_furniture(image: Image.Image, disclaimer: str, legend: str | None) -> None:
+    """The disclaimer's band at the bottom of ``image`` and the legend (None: none)."""
+    draw = ImageDraw.Draw(image)
+    height, width = image.height, image.width
+    size = _font_size(height, width)
     font = _font(size)
     line_height = size + 3
-    _text_band(draw, _wrap(caption, font, width - 8), font, 0, width, line_height)
     footer = _wrap(disclaimer, font, width - 8)
     _text_band(draw, footer, font, height - line_height * len(footer) - 4, width, line_height)
     if legend is None:
-        return np.asarray(image)
+        return
     # Legend: a vertical colour bar, hot at the top, labelled 1 and 0.
     bar_w = max(6, width // 60)
     bar_h = max(20, height // 3)
@@ -171,7 +199,26 @@ def annotate(rgb: np.ndarray, caption: str, disclaimer: str, legend: str | None)
     ):
         draw.rectangle(draw.textbbox((x, y), text, font=font), fill=(0, 0, 0))
         draw.text((x, y), text, fill=(255, 255, 255), font=font)
-    return np.asarray(image)
+
+
+@functools.lru_cache(maxsize=16)
+def _furniture(height: int, width: int, disclaimer: str, legend: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`draw_furniture`'s pixels on an image of ``height`` x ``width`` and where
+    they lie, or None where some pixel it draws shows what lies below (then it is
+    drawn on each image). Drawn on black and on white: a pixel that comes out the
+    same on both is opaque (white text blends to white on white only where it covers
+    its pixel), one that stays black and white it leaves alone; any other mixes."""
+    on_black, on_white = (Image.new("RGB", (width, height), (v, v, v)) for v in (0, 255))
+    for image in (on_black, on_white):
+        draw_furniture(image, disclaimer, legend)
+    black, white = np.asarray(on_black), np.asarray(on_white)
+    fixed = (black == white).all(axis=2)
+    untouched = (black == 0).all(axis=2) & (white == 255).all(axis=2)
+    if not (fixed | untouched).all():
+        return None
+    black.flags.writeable = False
+    fixed.flags.writeable = False
+    return black, fixed
 
 
 def heatmap_caption(template: SrTemplate, image: ImageResult, frame: FrameResult) -> str:
