@@ -6,19 +6,24 @@ chance gives is fresh in each copy."""
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 from service.datasets.synthetic import synthetic_cine, synthetic_study
 from service.ledger import Ledger
+from service.reports import Placement
+from service.reports import kos as kos_module
 from service.reports import sc as sc_module
 from service.reports import seg as seg_module
 from service.reports.build import OutputObject, build_objects, read_sources
 from service.reports.construction import Prototypes
+from service.reports.kos import build_kos
 from service.reports.validation import check_object
 from service.settings import Settings
 from tests.support.reports import analyse, default_template, store_datasets, store_study
@@ -86,9 +91,10 @@ STUDIES: list[tuple[Callable[[], list[Dataset]], tuple[int, ...]]] = [
 @pytest.fixture
 def prototypes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Prototypes]:
     """Fresh caches of prototypes by object kind, as a new worker starts with."""
-    fresh = {"SEG": Prototypes(), "SC": Prototypes()}
+    fresh = {"SEG": Prototypes(), "SC": Prototypes(), "KO": Prototypes()}
     monkeypatch.setattr(seg_module, "_PROTOTYPES", fresh["SEG"])
     monkeypatch.setattr(sc_module, "_PROTOTYPES", fresh["SC"])
+    monkeypatch.setattr(kos_module, "_PROTOTYPES", fresh["KO"])
     return fresh
 
 
@@ -129,6 +135,7 @@ def test_filled_copies_encode_as_the_library_objects(
     assert compared["SEG"] >= 12 and compared["SC"] >= 20
     assert 2 <= len(prototypes["SEG"]) < compared["SEG"] // 2  # most overlays were filled copies
     assert 2 <= len(prototypes["SC"]) < compared["SC"] // 4  # and most heatmap SCs
+    assert 1 <= len(prototypes["KO"]) < compared["KO"]  # and studies of the same shape share a flag
 
 
 def test_real_files_fill_copies_of_each_other(
@@ -157,6 +164,7 @@ def test_real_files_fill_copies_of_each_other(
     segs = sum(o.kind == "SEG" for o in built[1])
     assert segs >= 1 and len(prototypes["SEG"]) == segs
     assert len(prototypes["SC"]) == sum(o.kind == "SC" for o in built[1]) - 1  # each heatmap SC; not the montage
+    assert len(prototypes["KO"]) == 1
 
 
 def test_a_copy_gets_its_own_clock_and_dimension_organization(
@@ -178,3 +186,32 @@ def test_a_copy_gets_its_own_clock_and_dimension_organization(
     )
     assert second.SOPInstanceUID != first.SOPInstanceUID
     assert second.file_meta.MediaStorageSOPInstanceUID == second.SOPInstanceUID
+
+
+def test_a_flag_copy_names_its_own_images_and_patient(
+    settings: Settings, ledger: Ledger, prototypes: dict[str, Prototypes]
+) -> None:
+    """Two studies of one shape whose images have other numbers and another patient:
+    the second flag is a copy of the first's prototype, with its own description."""
+    study_uid, paths = store_study(settings, ledger)
+    result, _ = analyse(settings, study_uid, paths)
+    sources, _ = read_sources(ledger, result)
+    template = default_template()
+    built = []
+    for n, (name, birth, sex) in enumerate([("Test^Patient", "", "M"), ("Other^Name^Jr", "19700101", "F")]):
+        headers = [copy.deepcopy(ds) for ds in sources]
+        for ds in headers:
+            ds.InstanceNumber = int(ds.InstanceNumber) + 10 * n
+            ds.PatientName, ds.PatientBirthDate, ds.PatientSex = name, birth, sex
+        sr = Dataset()
+        sr.StudyInstanceUID, sr.SeriesInstanceUID = study_uid, generate_uid()
+        sr.SOPClassUID, sr.SOPInstanceUID = Comprehensive3DSRStorage, generate_uid()
+        placement = Placement(generate_uid(), generate_uid(), 1, ["sonocase test"])
+        library, fast = (build_kos(result, template, headers, sr, placement, fast=fast) for fast in (False, True))
+        ours, theirs = _aligned(_encoded(fast), _encoded(library))
+        assert ours == theirs
+        built.append(pydicom.dcmread(io.BytesIO(ours)))
+    assert len(prototypes["KO"]) == 1
+    texts = [[i.TextValue for i in ds.ContentSequence if "TextValue" in i][-1] for ds in built]
+    assert texts[0] != texts[1] and texts[1].startswith("Most suspicious image(s) by the AI: 1")
+    assert built[1].PatientName == "Other^Name^Jr" and built[1].PatientSex == "F"

@@ -340,6 +340,7 @@ def build_objects(
                 sources,
                 sr_ref,
                 Placement(_series(result, "kos"), derived_uid(result.study_uid, result.generation, "kos"), 1, versions),
+                fast=settings.fast_reports,
             )
             objects.append(OutputObject(kos.SOPInstanceUID, kos.SOPClassUID, _encode(kos, settings.fast_reports), "KO"))
         return objects

@@ -194,6 +194,10 @@ def source_key(source: Dataset, keywords: Sequence[str], copies: bool) -> tuple[
     )
 
 
+#: The value representations of the values a prototype fills in by role (:func:`prototype_of`).
+_BY_ROLE = ("UI", "UT")
+
+
 @dataclass(frozen=True)
 class Prototype:
     """An object built by the library for one key: ``dataset`` without its pixel
@@ -210,7 +214,7 @@ class Prototype:
     varying: frozenset[int]
     holders: frozenset[int]
     copied: frozenset[int]
-    pixels: DataElement
+    pixels: DataElement | None
     keywords: Mapping[int, str]
 
 
@@ -219,7 +223,7 @@ def _holders(item: Dataset, uids: set[str], found: set[int]) -> bool:
     the items below it that do."""
     holds = False
     for elem in item:
-        if elem.VR == "UI" and elem.value in uids:
+        if elem.VR in _BY_ROLE and elem.value in uids:
             holds = True
         elif elem.VR == "SQ":
             for child in elem.value:
@@ -229,25 +233,33 @@ def _holders(item: Dataset, uids: set[str], found: set[int]) -> bool:
     return holds
 
 
-def prototype_of(dataset: Dataset, source: Dataset, placement_uids: tuple[str, str], copies: bool) -> Prototype:
-    """The :class:`Prototype` of a library-built ``dataset`` of ``source`` (its series
-    and SOP instance UIDs ``placement_uids``), which ``copies`` the source's patient
-    and study elements (:func:`copied_tags`) or not."""
-    uids = {
-        "series": placement_uids[0],
-        "sop": placement_uids[1],
+def image_roles(source: Dataset, series_uid: str, sop_uid: str) -> dict[str, str]:
+    """The UIDs by role of an image object derived from ``source`` (one reference to
+    it) that goes to series ``series_uid`` as ``sop_uid``."""
+    return {
+        "series": series_uid,
+        "sop": sop_uid,
         "source": str(source.SOPInstanceUID),
         "source_series": str(source.SeriesInstanceUID),
         "study": str(source.StudyInstanceUID),
     }
+
+
+def prototype_of(dataset: Dataset, roles: Mapping[str, str], copied_from: Dataset | None = None) -> Prototype:
+    """The :class:`Prototype` of a library-built ``dataset``: ``roles``, its values
+    that change from object to object by role (UIDs, and texts that occur once;
+    "sop" its own SOP Instance UID); ``copied_from``, the source whose patient and
+    study elements (:func:`copied_tags`) the library copied into it, if any."""
+    uids = dict(roles)
     for item in dataset.get("DimensionOrganizationSequence") or []:
         uids["dimension_organization"] = str(item.DimensionOrganizationUID)
     if len(set(uids.values())) != len(uids):
-        raise ValueError("a prototype's UIDs must be distinct")
+        raise ValueError("a prototype's values by role must be distinct")
     values = set(uids.values())
     kept = Dataset()
-    for _ in dataset.iterall():  # every element converted: a copy reads them as they are
-        pass
+    for elem in dataset.iterall():  # every element converted: a copy reads them as they are
+        if elem.VR == "UT" and elem.value in values and sum(e.value == elem.value for e in dataset.iterall()) > 1:
+            raise ValueError(f"a text by role must occur once in the prototype: {elem.value!r}")
     for elem in dataset:
         if elem.keyword != "PixelData":
             kept.add(elem)
@@ -255,9 +267,13 @@ def prototype_of(dataset: Dataset, source: Dataset, placement_uids: tuple[str, s
     holders: set[int] = set()
     _holders(kept, values, holders)
     varying = frozenset(elem.tag for elem in kept if elem.VR == "SQ" and any(id(i) in holders for i in elem.value))
-    copied = frozenset(source.keys() & kept.keys() & copied_tags(source.SOPClassUID)) if copies else frozenset()
-    pixels = copy.copy(dataset["PixelData"])
-    pixels.value = b""
+    copied: frozenset[int] = frozenset()
+    if copied_from is not None:
+        copied = frozenset(copied_from.keys() & kept.keys() & copied_tags(copied_from.SOPClassUID))
+    pixels = None
+    if "PixelData" in dataset:
+        pixels = copy.copy(dataset["PixelData"])
+        pixels.value = b""
     return Prototype(kept, uids, varying, frozenset(holders), copied, pixels, {elem.tag: elem.keyword for elem in kept})
 
 
@@ -312,7 +328,7 @@ def _retargeted(item: Dataset, uids: Mapping[str, str], holders: frozenset[int])
         value: Any = elem.value
         if elem.VR == "SQ":
             shell.value = [_retargeted(child, uids, holders) if id(child) in holders else child for child in value]
-        elif elem.VR == "UI" and value in uids:
+        elif elem.VR in _BY_ROLE and value in uids:
             shell.value = uids[value]
         elements[tag] = shell
     return Dataset(elements)
@@ -420,14 +436,15 @@ def filled_copy(prototype: Prototype, uids: Mapping[str, str], source: Dataset, 
                 _retargeted(item, mapping, prototype.holders) if id(item) in prototype.holders else item
                 for item in value
             ]
-        elif elem.VR == "UI" and value in mapping:
+        elif elem.VR in _BY_ROLE and value in mapping:
             shell.value = mapping[value]
         elif keyword in _CLOCK:
             shell.value = _CLOCK[keyword](now)
         elements[tag] = shell
-    pixels = _shell(prototype.pixels)
-    pixels.value = values["PixelData"]
-    elements[pixels.tag] = pixels
+    if prototype.pixels is not None:
+        pixels = _shell(prototype.pixels)
+        pixels.value = values["PixelData"]
+        elements[pixels.tag] = pixels
     new = Dataset(elements)
     new.preamble = proto.preamble
     new.file_meta = _file_meta(proto.file_meta, mapping[prototype.uids["sop"]])

@@ -11,12 +11,20 @@ and carries the disclaimer. A study with no analysed image gets no flag.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 
 from service.reports import Placement
+from service.reports.construction import (
+    Prototypes,
+    filled_copy,
+    library_equipment,
+    patient_and_study,
+    prototype_of,
+    source_key,
+)
 from service.reports.sr import device_observer, instance_label
 from service.reports.template import SrTemplate
 from service.results import StudyResult
@@ -26,6 +34,8 @@ ALWAYS_FLAGGED = "malignant"
 #: TID 2010 rows 8 and 10 forbid a Purpose of Reference (a concept name) on the
 #: referenced images and documents; highdicom names them "Source", which we take off.
 _UNNAMED = ("IMAGE", "COMPOSITE")
+#: Key-image flags built by highdicom, by :func:`_prototype_key` (setting ``fast_reports``).
+_PROTOTYPES = Prototypes()
 
 
 def key_images(result: StudyResult) -> list[str]:
@@ -44,9 +54,13 @@ def build_kos(
     sources: Sequence[Dataset],
     sr: Dataset,
     placement: Placement,
-) -> hd.ko.KeyObjectSelectionDocument:
+    fast: bool = False,
+) -> Dataset:
     """The study's key-image flag over ``sources`` (the study's headers, the first
-    with the patient's attributes) and the SR ``sr`` (its header)."""
+    with the patient's attributes) and the SR ``sr`` (its header). ``fast`` (setting
+    ``fast_reports``): highdicom builds the first flag of a :func:`_prototype_key`
+    and the others are filled copies of it (element for element the library's;
+    :func:`service.reports.construction.filled_copy`)."""
     flagged = key_images(result)
     if not flagged:
         raise ValueError("no analysed image to flag")
@@ -55,14 +69,77 @@ def build_kos(
     description = template.wording.key_images.format(
         instances=", ".join(instance_label(headers, uid) for uid in flagged)
     )
+    description = f"{description}. {template.disclaimer}"[:1024]
+    evidence = [sources[0], *(ds for ds in images if ds is not sources[0]), sr]
+    if not fast:
+        return _document(template, evidence, [*images, sr], description, placement)
+    roles = _roles(evidence, description, placement)
+    prototype = _PROTOTYPES.get(
+        _prototype_key(template, evidence, images),
+        lambda: prototype_of(_document(template, evidence, [*images, sr], description, placement), roles),
+    )
+    return filled_copy(
+        prototype,
+        roles,
+        sources[0],
+        {
+            **patient_and_study(sources[0]),
+            "InstanceNumber": placement.instance_number,
+            "SoftwareVersions": list(placement.software_versions),
+            "ContributingEquipmentSequence": [library_equipment(prototype)],
+        },
+    )
+
+
+def _roles(evidence: Sequence[Dataset], description: str, placement: Placement) -> dict[str, str]:
+    """The values of a flag that change by role: its own UIDs, the study's, each
+    evidence instance's and each of their series' (in order of appearance), and
+    the description (which names the images and occurs once)."""
+    series = list(dict.fromkeys(str(ds.SeriesInstanceUID) for ds in evidence))
+    return {
+        "series": placement.series_uid,
+        "sop": placement.sop_uid,
+        "study": str(evidence[0].StudyInstanceUID),
+        "description": description,
+        **{f"instance {n}": str(ds.SOPInstanceUID) for n, ds in enumerate(evidence)},
+        **{f"series {n}": uid for n, uid in enumerate(series)},
+    }
+
+
+def _prototype_key(template: SrTemplate, evidence: Sequence[Dataset], images: Sequence[Dataset]) -> Hashable:
+    """What a flag's content depends on besides the values a filled copy takes (the
+    UIDs and description of :func:`_roles`, the first source's patient and study,
+    numbers, the clock): the first source's character set; each evidence instance's
+    SOP class, which of the evidence's series it is in and whether it is flagged
+    (the evidence and content trees' shape: the flagged images are referenced in
+    the evidence's order, then the SR); and the template's values the flag holds."""
+    series = list(dict.fromkeys(str(ds.SeriesInstanceUID) for ds in evidence))
+    flagged = {id(ds) for ds in images}
+    return (
+        source_key(evidence[0], ("SpecificCharacterSet",), copies=False),
+        tuple((str(ds.SOPClassUID), series.index(str(ds.SeriesInstanceUID)), id(ds) in flagged) for ds in evidence),
+        template.concepts.key_images_title,
+        template.device,
+        template.kos_series,
+    )
+
+
+def _document(
+    template: SrTemplate,
+    evidence: Sequence[Dataset],
+    referenced: Sequence[Dataset],
+    description: str,
+    placement: Placement,
+) -> hd.ko.KeyObjectSelectionDocument:
+    """The flag by highdicom."""
     device = template.device
     document = hd.ko.KeyObjectSelectionDocument(
-        evidence=[sources[0], *(ds for ds in images if ds is not sources[0]), sr],
+        evidence=evidence,
         content=hd.ko.KeyObjectSelection(
             document_title=template.concepts.key_images_title.code(),
-            referenced_objects=[*images, sr],
+            referenced_objects=referenced,
             observer_device_context=device_observer(template),
-            description=f"{description}. {template.disclaimer}"[:1024],
+            description=description,
         ),
         series_instance_uid=placement.series_uid,
         series_number=template.kos_series.number,

@@ -45,6 +45,7 @@ from service.reports.construction import (
     acquisition_equipment,
     encoded_pixels,
     filled_copy,
+    image_roles,
     library_equipment,
     patient_and_study,
     prototype_of,
@@ -311,18 +312,12 @@ def _sc(
 
     def build() -> Prototype:
         sc = _library_sc(pixels, template, reference, placement, transfer_syntax, own)
-        return prototype_of(sc, reference, (placement.series_uid, placement.sop_uid), copies=False)
+        return prototype_of(sc, image_roles(reference, placement.series_uid, placement.sop_uid))
 
     prototype = _PROTOTYPES.get(_prototype_key(template, reference, pixels, transfer_syntax), build)
     return filled_copy(
         prototype,
-        {
-            "series": placement.series_uid,
-            "sop": placement.sop_uid,
-            "source": reference.SOPInstanceUID,
-            "source_series": reference.SeriesInstanceUID,
-            "study": reference.StudyInstanceUID,
-        },
+        image_roles(reference, placement.series_uid, placement.sop_uid),
         reference,
         {
             **own,

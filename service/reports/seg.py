@@ -41,6 +41,7 @@ from service.reports.construction import (
     Prototypes,
     acquisition_equipment,
     filled_copy,
+    image_roles,
     library_equipment,
     prototype_of,
     replaced,
@@ -155,7 +156,7 @@ def build_heatmap_seg(
 
     def build() -> Prototype:
         seg = _segmentation(result, template, source, labels, placement)
-        return prototype_of(seg, source, (placement.series_uid, placement.sop_uid), copies=True)
+        return prototype_of(seg, image_roles(source, placement.series_uid, placement.sop_uid), source)
 
     prototype = _PROTOTYPES.get(_prototype_key(result, template, source, present), build)
     # BINARY: the non-empty segments' frames in segment order, one bit a pixel,
@@ -179,13 +180,7 @@ def build_heatmap_seg(
         values[_RATIO] = source[_RATIO].value
     return filled_copy(
         prototype,
-        {
-            "series": placement.series_uid,
-            "sop": placement.sop_uid,
-            "source": source.SOPInstanceUID,
-            "source_series": source.SeriesInstanceUID,
-            "study": source.StudyInstanceUID,
-        },
+        image_roles(source, placement.series_uid, placement.sop_uid),
         source,
         values,
     )
