@@ -24,6 +24,7 @@ from service.reports import seg as seg_module
 from service.reports.build import OutputObject, build_objects, read_sources
 from service.reports.construction import Prototypes
 from service.reports.kos import build_kos
+from service.reports.template import SrTemplate
 from service.reports.validation import check_object
 from service.settings import Settings
 from tests.support.reports import analyse, default_template, store_datasets, store_study
@@ -215,3 +216,44 @@ def test_a_flag_copy_names_its_own_images_and_patient(
     texts = [[i.TextValue for i in ds.ContentSequence if "TextValue" in i][-1] for ds in built]
     assert texts[0] != texts[1] and texts[1].startswith("Most suspicious image(s) by the AI: 1")
     assert built[1].PatientName == "Other^Name^Jr" and built[1].PatientSex == "F"
+
+
+def _variants() -> list[tuple[str, SrTemplate]]:
+    """The default template and one with each value a prototype holds changed."""
+    base = default_template()
+
+    def changed(field: str, **update: object) -> SrTemplate:
+        return base.model_copy(update={field: getattr(base, field).model_copy(update=update)})
+
+    concepts = base.concepts
+    return [
+        ("default", base),
+        ("device", changed("device", manufacturer="Other maker", serial_number="X-2")),
+        ("series", changed("sc_series", number=7001)),
+        ("seg series", changed("seg_series", description="Other overlay")),
+        ("kos series", changed("kos_series", number=7003)),
+        ("title", changed("concepts", key_images_title=concepts.segment_type)),
+        ("segments", changed("concepts", segment_type=concepts.key_images_title)),
+        ("label", changed("wording", segment_label="Heat {low:.0%}-{high:.0%}")),
+        ("disclaimer", base.model_copy(update={"disclaimer": "Another disclaimer, as long as it needs to be."})),
+    ]
+
+
+def test_another_template_or_model_never_gets_an_earlier_prototype(
+    settings: Settings, ledger: Ledger, prototypes: dict[str, Prototypes]
+) -> None:
+    study_uid, paths = store_datasets(settings, ledger, synthetic_study(3, "malignant", seed=21, index=21))
+    result, _ = analyse(settings, study_uid, paths)
+    sources, spool = read_sources(ledger, result)
+    other_model = result.model_copy(update={"model": result.model.model_copy(update={"version": "2.0.0"})})
+    runs = [(name, template, result) for name, template in _variants()] + [("model", default_template(), other_model)]
+    for name, template, analysed in runs:
+        library, fast = (
+            build_objects(
+                settings.model_copy(update={"fast_reports": fast}), template, analysed, sources, spool, lambda _: None
+            )
+            for fast in (False, True)
+        )
+        for theirs, ours in zip(library, fast, strict=True):
+            assert _aligned(ours.data, theirs.data)[0] == _aligned(ours.data, theirs.data)[1], (name, ours.kind)
+    assert len(prototypes["SEG"]) >= 5 and len(prototypes["SC"]) >= 4 and len(prototypes["KO"]) >= 4
