@@ -1,6 +1,6 @@
 """Where we go round highdicom's constructors for speed: the one module that does.
 
-Three shortcuts here and, first, one beside, all on with the setting
+Four shortcuts here and, first, one beside, all on with the setting
 ``fast_reports``, all off (the library's own path) without it:
 
 * service/reports/sr_content.py: the SR's content items and templates copied from
@@ -13,11 +13,13 @@ Three shortcuts here and, first, one beside, all on with the setting
   content reader highdicom's document reader ends with, without the deep copy of
   the whole document that reader makes first (more than half of checking a KOS):
   the gate only reads the parse;
-* :func:`filled_copy`, with :class:`Prototypes`: an image object (the heatmap
-  SEG, the heatmap SC) built once by the library for a key, and per image a copy with the values
-  that change filled in (see :class:`Prototype`; the key is the caller's, beside
-  its builder: :func:`service.reports.seg._prototype_key`,
-  :func:`service.reports.sc._prototype_key`);
+* :func:`filled_copy`, with :class:`Prototypes`: the heatmap SEG, the heatmap SC
+  and the key-image flag built once by the library for a key, and per object a
+  copy with the values that change filled in (see :class:`Prototype`). Each key is
+  its caller's, beside its builder, and names everything else the object holds:
+  :func:`service.reports.seg._prototype_key`, :func:`service.reports.sc._prototype_key`,
+  :func:`service.reports.kos._prototype_key` (tests/test_reports_prototypes.py
+  builds both paths over many studies, templates and models);
 * :func:`iod_lookups_cached`: highdicom asks its tables of the standard whether an
   IOD has an attribute (is the source multi-frame, does the new object have pixels,
   a content date) by scanning every attribute of every module of the IOD, many
