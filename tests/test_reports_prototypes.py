@@ -10,9 +10,12 @@ import copy
 import io
 from collections.abc import Callable
 
+import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 from service.datasets.synthetic import synthetic_cine, synthetic_study
@@ -22,7 +25,7 @@ from service.reports import kos as kos_module
 from service.reports import sc as sc_module
 from service.reports import seg as seg_module
 from service.reports.build import OutputObject, build_objects, read_sources
-from service.reports.construction import Prototypes
+from service.reports.construction import Prototypes, binary_pixels
 from service.reports.kos import build_kos
 from service.reports.template import SrTemplate
 from service.reports.validation import check_object
@@ -257,3 +260,42 @@ def test_another_template_or_model_never_gets_an_earlier_prototype(
         for theirs, ours in zip(library, fast, strict=True):
             assert _aligned(ours.data, theirs.data)[0] == _aligned(ours.data, theirs.data)[1], (name, ours.kind)
     assert len(prototypes["SEG"]) >= 5 and len(prototypes["SC"]) >= 4 and len(prototypes["KO"]) >= 4
+
+
+@pytest.mark.parametrize("shape", [(5, 9), (4, 6), (3, 3)])
+def test_binary_pixels_are_highdicoms_for_odd_and_even_lengths(shape: tuple[int, int]) -> None:
+    rows, columns = shape
+    source = synthetic_study(1, "benign", seed=31, index=31)[0]
+    del source.PixelData
+    source.Rows, source.Columns = rows, columns
+    labels = np.random.default_rng(rows * columns).integers(0, 4, shape).astype(np.uint8)
+    labels[0, 0] = 2  # segment 2 present; segment 1 is left out where the draw has none
+    labels[labels == 1] = 0 if rows == 3 else 1
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=n,
+            segment_label=f"band {n}",
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
+        for n in (1, 2, 3)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=[source],
+        pixel_array=labels[None],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=generate_uid(),
+        series_number=1,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number="1",
+        pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=(0.1, 0.1), slice_thickness=None),
+    )
+    present = [n for n in (1, 2, 3) if (labels == n).any()]
+    assert int(seg.NumberOfFrames) == len(present)
+    assert binary_pixels(np.stack([labels == n for n in present])) == seg.PixelData

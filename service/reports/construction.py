@@ -180,6 +180,7 @@ def copied_tags(sop_class_uid: str) -> frozenset[int]:
 
 
 def _hashable(value: object) -> Hashable:
+    """A source's value as a key holds it (a multi-valued one as a tuple)."""
     return tuple(value) if isinstance(value, MultiValue | list) else value
 
 
@@ -203,16 +204,17 @@ _BY_ROLE = ("UI", "UT")
 @dataclass(frozen=True)
 class Prototype:
     """An object built by the library for one key: ``dataset`` without its pixel
-    data; ``uids``, the UIDs that differ from one object of the key to the next by
-    role (its own SOP instance and series, its source's SOP instance, series and
-    study, highdicom's random dimension organization); ``varying``, the top-level
-    sequences that hold one of them, and ``holders``, the ids of the items on the
-    way to one (copied for each object, the rest shared);
-    ``copied``, the source's attributes the library copied into it; ``pixels``, its
-    Pixel Data element (VR as the library chose it), emptied."""
+    data; ``roles``, its values that differ from one object of the key to the next,
+    by role (UIDs: its own SOP instance and series, its sources' SOP instances,
+    series and study, highdicom's random dimension organization; texts that name
+    them); ``varying``, the top-level sequences that hold one of them, and
+    ``holders``, the ids of the items on the way to one (copied for each object,
+    the rest shared); ``copied``, the source's elements the library copied into it;
+    ``pixels``, its Pixel Data element (VR as the library chose it), emptied;
+    ``keywords``, its elements' keywords by tag."""
 
     dataset: Dataset
-    uids: Mapping[str, str]
+    roles: Mapping[str, str]
     varying: frozenset[int]
     holders: frozenset[int]
     copied: frozenset[int]
@@ -220,16 +222,16 @@ class Prototype:
     keywords: Mapping[int, str]
 
 
-def _holders(item: Dataset, uids: set[str], found: set[int]) -> bool:
-    """Whether ``item`` holds one of ``uids``, at any depth; ``found`` gets the ids of
-    the items below it that do."""
+def _holders(item: Dataset, values: set[str], found: set[int]) -> bool:
+    """Whether ``item`` holds one of ``values``, at any depth; ``found`` gets the ids
+    of the items below it that do."""
     holds = False
     for elem in item:
-        if elem.VR in _BY_ROLE and elem.value in uids:
+        if elem.VR in _BY_ROLE and elem.value in values:
             holds = True
         elif elem.VR == "SQ":
             for child in elem.value:
-                if _holders(child, uids, found):
+                if _holders(child, values, found):
                     found.add(id(child))
                     holds = True
     return holds
@@ -252,12 +254,12 @@ def prototype_of(dataset: Dataset, roles: Mapping[str, str], copied_from: Datase
     that change from object to object by role (UIDs, and texts that occur once;
     "sop" its own SOP Instance UID); ``copied_from``, the source whose patient and
     study elements (:func:`copied_tags`) the library copied into it, if any."""
-    uids = dict(roles)
+    by_role = dict(roles)
     for item in dataset.get("DimensionOrganizationSequence") or []:
-        uids["dimension_organization"] = str(item.DimensionOrganizationUID)
-    if len(set(uids.values())) != len(uids):
+        by_role["dimension_organization"] = str(item.DimensionOrganizationUID)
+    values = set(by_role.values())
+    if len(values) != len(by_role):
         raise ValueError("a prototype's values by role must be distinct")
-    values = set(uids.values())
     kept = Dataset()
     for elem in dataset.iterall():  # every element converted: a copy reads them as they are
         if elem.VR == "UT" and elem.value in values and sum(e.value == elem.value for e in dataset.iterall()) > 1:
@@ -276,12 +278,13 @@ def prototype_of(dataset: Dataset, roles: Mapping[str, str], copied_from: Datase
     if "PixelData" in dataset:
         pixels = copy.copy(dataset["PixelData"])
         pixels.value = b""
-    return Prototype(kept, uids, varying, frozenset(holders), copied, pixels, {elem.tag: elem.keyword for elem in kept})
+    keywords: dict[int, str] = {elem.tag: elem.keyword for elem in kept}
+    return Prototype(kept, by_role, varying, frozenset(holders), copied, pixels, keywords)
 
 
 class Prototypes:
-    """Prototypes by key, the ``size`` most recently used kept: a few per site (an
-    image size, a calibration, a scanner's header layout, a model version)."""
+    """Prototypes by key, the ``size`` most recently used kept: a few per site and
+    kind (an image size, a scanner's header layout, a study's shape, a model version)."""
 
     def __init__(self, size: int = 64) -> None:
         self._size = size
@@ -321,17 +324,17 @@ def _shell(elem: DataElement) -> DataElement:
     return shell
 
 
-def _retargeted(item: Dataset, uids: Mapping[str, str], holders: frozenset[int]) -> Dataset:
-    """A copy of ``item`` with each UID of ``uids``' keys replaced by its value: the
-    items on the way to one (``holders``, by id) copied, the others shared."""
+def _retargeted(item: Dataset, mapping: Mapping[str, str], holders: frozenset[int]) -> Dataset:
+    """A copy of ``item`` with each value of ``mapping``'s keys replaced by its value:
+    the items on the way to one (``holders``, by id) copied, the others shared."""
     elements: _Elements = {}
     for tag, elem in _converted(item):
         shell = _shell(elem)
         value: Any = elem.value
         if elem.VR == "SQ":
-            shell.value = [_retargeted(child, uids, holders) if id(child) in holders else child for child in value]
-        elif elem.VR in _BY_ROLE and value in uids:
-            shell.value = uids[value]
+            shell.value = [_retargeted(child, mapping, holders) if id(child) in holders else child for child in value]
+        elif elem.VR in _BY_ROLE and value in mapping:
+            shell.value = mapping[value]
         elements[tag] = shell
     return Dataset(elements)
 
@@ -366,9 +369,11 @@ def library_equipment(prototype: Prototype) -> Dataset:
 
 
 def patient_and_study(source: Dataset) -> dict[str, Any]:
-    """The patient and study values highdicom's ``SCImage.from_ref_dataset`` gives a
-    Secondary Capture of ``source``: read from it (None where it has none) and
-    turned into values as the library's base constructor turns them."""
+    """The patient and study values highdicom's ``SCImage.from_ref_dataset`` and
+    ``KeyObjectSelectionDocument`` give an object of ``source`` (their reference,
+    their first evidence): read from it (None where it has none; our first source
+    has each, see ``service.reports.build.source_headers``) and turned into values
+    as the library's base constructor turns them."""
     value = {keyword: source.get(keyword) for keyword in _SC_PATIENT_STUDY}
     sex = value["PatientSex"]
     value["PatientBirthDate"] = DA(value["PatientBirthDate"])
@@ -378,7 +383,7 @@ def patient_and_study(source: Dataset) -> dict[str, Any]:
     return value
 
 
-#: What ``SCImage.from_ref_dataset`` reads of its reference's patient and study.
+#: What those constructors read of their source's patient and study.
 _SC_PATIENT_STUDY = (
     "PatientID",
     "PatientName",
@@ -390,6 +395,15 @@ _SC_PATIENT_STUDY = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+
+
+def binary_pixels(frames: np.ndarray) -> bytes:
+    """The Pixel Data highdicom's Segmentation writes for the BINARY ``frames`` (in
+    order, each a boolean plane): one bit a pixel, least significant first, packed
+    as one run (highdicom packs whole bytes as it goes and the rest at the end), an
+    odd length ended with b"0" as highdicom ends it."""
+    packed = np.packbits(frames, bitorder="little").tobytes()
+    return packed + b"0" if len(packed) % 2 else packed
 
 
 def encoded_pixels(prototype: Prototype, pixels: np.ndarray) -> bytes:
@@ -409,16 +423,16 @@ def encoded_pixels(prototype: Prototype, pixels: np.ndarray) -> bytes:
     return encapsulate([frame]) if syntax.is_encapsulated else frame
 
 
-def filled_copy(prototype: Prototype, uids: Mapping[str, str], source: Dataset, values: Mapping[str, Any]) -> Dataset:
-    """The prototype's object for another object of its key: every UID of a role
-    made ``uids``' (by role; a role not given, the dimension organization, gets a
-    new UID as highdicom draws it), the source's copied attributes taken from
-    ``source`` (the same element, as the library adds it), the clock's values
-    (:data:`_CLOCK`) now, and ``values`` (by keyword) set, each on an element the
-    prototype has. Top-level elements are the object's own; nested items that hold
-    none of the UIDs are the prototype's, shared (read and encoded, never changed)."""
+def filled_copy(prototype: Prototype, roles: Mapping[str, str], source: Dataset, values: Mapping[str, Any]) -> Dataset:
+    """The prototype's object for another object of its key: every value of a role
+    made ``roles``' (a role not given, the dimension organization, gets a new UID as
+    highdicom draws it), the source's copied elements taken from ``source`` (the
+    same element, as the library adds it), the clock's values (:data:`_CLOCK`) now,
+    and ``values`` (by keyword) set, each on an element the prototype has. Top-level
+    elements are the object's own; nested items that hold none of the roles' values
+    are the prototype's, shared (read and encoded, never changed)."""
     now = datetime.datetime.now()
-    mapping = {old: uids[role] if role in uids else str(hd.UID()) for role, old in prototype.uids.items()}
+    mapping = {old: roles[role] if role in roles else str(hd.UID()) for role, old in prototype.roles.items()}
     proto = prototype.dataset
     missing = values.keys() - {*prototype.keywords.values(), "PixelData"}
     if missing:
@@ -449,7 +463,7 @@ def filled_copy(prototype: Prototype, uids: Mapping[str, str], source: Dataset, 
         elements[pixels.tag] = pixels
     new = Dataset(elements)
     new.preamble = proto.preamble
-    new.file_meta = _file_meta(proto.file_meta, mapping[prototype.uids["sop"]])
+    new.file_meta = _file_meta(proto.file_meta, mapping[prototype.roles["sop"]])
     return new
 
 

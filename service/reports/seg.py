@@ -40,6 +40,7 @@ from service.reports.construction import (
     Prototype,
     Prototypes,
     acquisition_equipment,
+    binary_pixels,
     filled_copy,
     image_roles,
     library_equipment,
@@ -153,16 +154,14 @@ def build_heatmap_seg(
         return _segmentation(result, template, source, labels, placement)
     masks = labels[None] == np.arange(1, len(BAND_LEVELS) + 1, dtype=np.uint8)[:, None, None]
     present = tuple(int(n) for n in np.flatnonzero(masks.any(axis=(1, 2))) + 1)
+    if not present:  # highdicom keeps every frame then (none can be: the peak is in the top band)
+        return _segmentation(result, template, source, labels, placement)
 
     def build() -> Prototype:
         seg = _segmentation(result, template, source, labels, placement)
         return prototype_of(seg, image_roles(source, placement.series_uid, placement.sop_uid), source)
 
     prototype = _PROTOTYPES.get(_prototype_key(result, template, source, present), build)
-    # BINARY: the non-empty segments' frames in segment order, one bit a pixel,
-    # packed as one run (highdicom packs whole bytes and the rest at the end), an
-    # odd length ended with b"0" as highdicom ends it.
-    pixels = np.packbits(masks[[n - 1 for n in present]], bitorder="little").tobytes()
     values = {
         "InstanceNumber": placement.instance_number,
         "SoftwareVersions": list(placement.software_versions),
@@ -174,7 +173,7 @@ def build_heatmap_seg(
                 {"PixelMeasuresSequence": _pixel_measures(source)},
             )
         ],
-        "PixelData": pixels + b"0" if len(pixels) % 2 else pixels,
+        "PixelData": binary_pixels(masks[[n - 1 for n in present]]),  # the non-empty segments' frames
     }
     if _RATIO in prototype.dataset:
         values[_RATIO] = source[_RATIO].value
