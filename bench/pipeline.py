@@ -13,14 +13,15 @@ the ratio is what the queue and the stages around it cost.
 
 Throughput: N studies received and queued first, then images per second between
 the first claim and the last study's objects in the outbox (reported), with
-`workers` = 1 and = 2, each with the report lane (setting report_process: a
-worker's objects built in a process of its own while it analyses the next study)
-and without (embedded broker). The peer: the analysis stage alone on the same
+`workers` = 1 and = 2, with report lanes (setting report_processes "auto", the
+default: a worker's objects built in processes of their own while it analyses the
+next studies; none where a worker process has fewer than two cores) and without
+(0) (embedded broker). The peer: the analysis stage alone on the same
 studies in this process (analyse_study, no queue, no objects), after the runs.
-One worker (lane on, the default) / the analysis stage alone says how close the
+One worker (default settings) / the analysis stage alone says how close the
 objects let a worker come to the model's speed. Workers scale with cores: two
-workers / one is measured with the lane off, one process per worker, since on a
-2-core machine one worker and its lane use both cores already (printed too).
+workers / one is measured without lanes, one process per worker (on 2 cores one
+worker with its lane uses both already).
 
     python bench/pipeline.py [--studies 20] [--images 4] [--throughput-studies 20] [--keep DIR]
 """
@@ -45,6 +46,7 @@ from service.common.spool import instance_path
 from service.ledger import Ledger, StudyRow
 from service.model.inference import OnnxModel
 from service.pipeline.analysis import analyse_study
+from service.pipeline.report_lane import lane_count
 from service.settings import Settings, load_settings
 from tests.support.common import free_port
 from tests.support.worker import PrivateRedis, serve, storescu, write_study
@@ -212,39 +214,34 @@ def main() -> None:
             )
 
         bulk = make_studies(work / "bulk", args.throughput_studies, args.images, first_seed=9000)
-        runs = {
-            (n, lane): throughput(
-                node_settings(work / f"throughput-{n}-{lane}", workers=n, report_process=lane),
+        runs = {  # (worker processes, setting report_processes): images/s
+            (n, lanes): throughput(
+                node_settings(work / f"throughput-{n}-{lanes}", workers=n, report_processes=lanes),
                 bulk,
-                work / f"throughput-{n}-{lane}.log",
+                work / f"throughput-{n}-{lanes}.log",
             )
-            for lane in (True, False)
-            for n in (1, 2)
+            for n, lanes in ((1, "auto"), (1, 0), (2, 0), (2, "auto"))
         }
-        alone = statistics.median(in_process(node_settings(work / "throughput-1-True"), bulk)) / args.images
+        alone = statistics.median(in_process(node_settings(work / "throughput-1-auto"), bulk)) / args.images
         print(
             f"\nthroughput, {args.throughput_studies} studies of {args.images} images waiting in the queue "
-            f"(embedded broker; analysis + all result objects per study)"
+            f"(embedded broker; analysis + all result objects per study; {os.cpu_count()} cores)"
         )
         print(f"  analysis stage alone (in this process: no queue, no objects) {alone * 1000:5.1f} ms per image")
-        for (n, lane), rate in runs.items():
+        for (n, lanes), rate in runs.items():
             print(
-                f"  {n} worker process{'es' if n > 1 else '':2s} report lane {'on ' if lane else 'off'} "
-                f"{rate:7.1f} images/s   {rate * alone:.2f} x the analysis stage alone"
+                f"  {n} worker process{'es' if n > 1 else '':2s} report_processes {lanes!s:4s} "
+                f"({lane_count(lanes, n)} lane(s) each) {rate:7.1f} images/s   {rate * alone:.2f} x the analysis stage alone"
             )
-        share = runs[(1, True)] * alone  # images/s of one worker / images/s of the analysis stage alone
-        scaling = runs[(2, False)] / runs[(1, False)]
+        share = runs[(1, "auto")] * alone  # images/s of one worker / images/s of the analysis stage alone
+        scaling = runs[(2, 0)] / runs[(1, 0)]
         print(
-            f"  target: one worker (report lane on, the default) / analysis stage alone {share:.2f} "
+            f"  target: one worker (the default settings) / analysis stage alone {share:.2f} "
             f">= {TARGET_MODEL_SHARE}: {verdict(share >= TARGET_MODEL_SHARE)}"
         )
         print(
-            f"  target: two workers / one, a worker process per core (report lane off) {scaling:.2f} "
+            f"  target: two workers / one, a process per worker (no lanes) {scaling:.2f} "
             f">= {TARGET_SCALING}: {verdict(scaling >= TARGET_SCALING)}"
-        )
-        print(
-            f"  two workers / one with the report lane: {runs[(2, True)] / runs[(1, True)]:.2f} "
-            f"({os.cpu_count()} cores; a worker and its lane use two)"
         )
     finally:
         if not args.keep:

@@ -366,11 +366,12 @@ class Settings(BaseSettings):
         "writer giving pydicom's bytes (service/reports/encoding.py), and gate them checking "
         "once per process the values every object repeats; off: highdicom's own path",
     )
-    report_process: bool = Field(
-        True,
-        description="A worker builds each study's result objects in a process of its own beside "
-        "each pool process, while the next study is analysed (service/pipeline/report_lane.py); "
-        "off: in the pool process, after each analysis",
+    report_processes: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = Field(
+        "auto",
+        description="Processes per worker pool process that build result objects while it analyses "
+        "the next studies (service/pipeline/report_lane.py); auto: half the pool process's share of "
+        "the cores (none below two), the analysis keeps the rest; 0: built in the pool process after "
+        "each analysis",
     )
     destinations: Annotated[list[Peer], NoDecode] = Field(
         default_factory=list,

@@ -1,5 +1,5 @@
-"""The report lane (service.pipeline.report_lane): a worker's result objects built
-in a process of their own while it analyses the next study, on the real ledger
+"""Report lanes (service.pipeline.report_lane): a worker's result objects built
+in processes of their own while it analyses the next study, on the real ledger
 (SQLite and PostgreSQL), spool, ONNX model and a real lane process."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 from service.datasets.synthetic import synthetic_study
 from service.delivery.sender import Sender
 from service.ledger import Ledger, StudyState
+from service.pipeline.report_lane import lane_count
 from service.pipeline.tasks import WorkerState, process_study
 from service.reports.build import outbox_folder
 from service.settings import Settings
@@ -35,13 +36,13 @@ def test_the_lane_builds_each_study_while_the_worker_analyses_the_next(settings:
     it (one study in the lane at most); closing waits for the last. The objects are
     those the worker writes itself (their UIDs derive from study and generation)."""
     uids = _studies(settings, ledger, 3)
-    state = WorkerState(settings, report_process=True)
+    state = WorkerState(settings, report_processes=1)
     for n, uid in enumerate(uids):
         assert process_study(state, uid) == "analysed"
         assert ledger.study(uid).state in (StudyState.ANALYSED, StudyState.REPORTED)  # type: ignore[union-attr]
         if n:  # handing this one on waited for the one before
             assert ledger.study(uids[n - 1]).state == StudyState.REPORTED  # type: ignore[union-attr]
-    assert state.report_process_pid not in (None, os.getpid())
+    assert len(state.report_pids) == 1 and os.getpid() not in state.report_pids
     state.close()
     assert [ledger.study(uid).state for uid in uids] == [StudyState.REPORTED] * 3  # type: ignore[union-attr]
     lane_names = {uid: _outbox_names(settings, uid) for uid in uids}
@@ -59,15 +60,14 @@ def test_a_lane_killed_mid_study_leaves_it_to_the_sender_and_the_next_study_gets
     settings: Settings, ledger: Ledger
 ) -> None:
     first, second = _studies(settings, ledger, 2)
-    state = WorkerState(settings, report_process=True)
+    state = WorkerState(settings, report_processes=1)
     state.open()
-    lane = state.report_process_pid
-    assert lane is not None
+    (lane,) = state.report_pids
     os.kill(lane, signal.SIGSTOP)  # it gets the first study but never builds it
     assert process_study(state, first) == "analysed"  # handed on: the job fits in the pipe
     os.kill(lane, signal.SIGKILL)
     assert process_study(state, second) == "analysed"  # finds the lane dead, starts another
-    assert state.report_process_pid not in (None, lane)
+    assert len(state.report_pids) == 1 and lane not in state.report_pids
     state.close()
     assert ledger.study(second).state == StudyState.REPORTED  # type: ignore[union-attr]
     assert ledger.study(first).state == StudyState.ANALYSED  # type: ignore[union-attr]
@@ -85,4 +85,27 @@ def test_a_worker_without_the_lane_reports_before_it_returns(settings: Settings,
     state = WorkerState(settings)
     assert process_study(state, uid) == "analysed"
     assert ledger.study(uid).state == StudyState.REPORTED  # type: ignore[union-attr]
-    assert state.report_process_pid is None
+    assert state.report_pids == []
+
+
+def test_two_lanes_take_studies_in_turn(settings: Settings, ledger: Ledger) -> None:
+    """With every lane busy the next study waits for the lane handed one first;
+    closing waits for all of them."""
+    uids = _studies(settings, ledger, 3)
+    state = WorkerState(settings, report_processes=2)
+    for uid in uids:
+        assert process_study(state, uid) == "analysed"
+    assert len(set(state.report_pids)) == 2
+    assert ledger.study(uids[0]).state == StudyState.REPORTED  # type: ignore[union-attr]  # waited for by the third
+    state.close()
+    assert [ledger.study(uid).state for uid in uids] == [StudyState.REPORTED] * 3  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("setting", "concurrency", "cores", "lanes"),
+    [("auto", 1, 2, 1), ("auto", 2, 2, 0), ("auto", 1, 1, 0), ("auto", 1, 16, 8), ("auto", 4, 16, 2), (3, 1, 2, 3)],
+)
+def test_auto_gives_lanes_half_a_pool_process_s_cores(
+    setting: int | str, concurrency: int, cores: int, lanes: int
+) -> None:
+    assert lane_count(setting, concurrency, cores) == lanes

@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 
 from service.common.deflate import read_instance
 from service.common.errors import error_text
-from service.common.spool import instance_path, write_atomic
+from service.common.spool import instance_path, write_atomic_all
 from service.ledger import InstanceRecord
 from service.model.imaging import PreparedInstance, prepare_instance, resize_map
 from service.model.inference import OnnxModel, Prediction
@@ -136,10 +136,10 @@ def heatmap_file(folder: Path, sop_instance_uid: str, frame_number: int) -> Path
     return (folder / f"{sop_instance_uid}-f{frame_number}.npy").resolve()
 
 
-def save_heatmap(path: Path, heatmap: np.ndarray, durable: bool) -> None:
+def _npy(heatmap: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, heatmap.astype(np.float32), allow_pickle=False)
-    write_atomic(path, buffer.getvalue(), durable=durable)
+    return buffer.getvalue()
 
 
 def lesion_maps(card: ModelCard, prediction: Prediction) -> tuple[np.ndarray, float] | None:
@@ -309,10 +309,16 @@ def analyse_study(
 
 
 def save_heatmaps(images: Sequence[ImageResult], heatmaps: Heatmaps, durable: bool) -> None:
-    """Write each analysed frame's heatmap to its ``heatmap_path`` (temp file, rename)."""
-    for image in images:
-        for frame in image.frames:
-            save_heatmap(Path(frame.heatmap_path), heatmaps[(image.sop_instance_uid, frame.frame_number)], durable)
+    """Write each analysed frame's heatmap to its ``heatmap_path`` (temp file, rename;
+    with ``durable`` one fsync of the study's folder for all of them)."""
+    write_atomic_all(
+        [
+            (Path(frame.heatmap_path), _npy(heatmaps[(image.sop_instance_uid, frame.frame_number)]))
+            for image in images
+            for frame in image.frames
+        ],
+        durable,
+    )
 
 
 def _image_results(

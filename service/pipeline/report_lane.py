@@ -1,17 +1,18 @@
-"""The report lane: a worker's result objects built in a process of its own.
+"""Report lanes: a worker's result objects built in processes of their own.
 
 Building a study's SR, SCs, SEGs and KOS is single-threaded Python; the analysis
-is mostly ONNX Runtime. In one process they take turns: a thread building objects
-holds Python's GIL and starves the next study's analysis (measured: no gain at
-all). So with the setting ``report_process`` each worker pool process starts one
-lane process (``python -m service.pipeline.report_lane``) and hands it each
-analysed study: the next study's analysis runs while this one's objects are
-built, on another core.
+is mostly ONNX Runtime (on a GPU host, almost all of it on the GPU). In one
+process they take turns: a thread building objects holds Python's GIL and starves
+the next study's analysis (measured: no gain at all). So each worker pool process
+starts lane processes (``python -m service.pipeline.report_lane``; setting
+``report_processes``, by default half the pool process's share of the cores) and
+hands each analysed study to a free one: the next studies are analysed while
+their predecessors' objects are built, on other cores.
 
-At most one study is in the lane: handing on the next one first waits for the
-last, so a worker never runs ahead of its objects, and a pool process that stops
-waits for its last study's objects. The lane holds the study's lease while it
-builds. A lane that dies leaves its study ANALYSED, and the node's sender reports
+A lane holds one study at a time; with every lane busy, handing on the next study
+waits for the lane that got one first, so a worker never runs ahead of its
+objects, and a pool process that stops waits for its lanes' studies. A lane holds
+its study's lease while it builds. A lane that dies leaves its study ANALYSED, and the node's sender reports
 it once the lease runs out (as for a worker killed mid-report: see
 :meth:`service.delivery.sender.Sender.report_orphans`); the next study gets a new
 lane. Messages are pickles over the lane's stdin and stdout: the lane is our own
@@ -25,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import pickle
 import subprocess
 import sys
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -93,8 +96,47 @@ def report_study(
         )
 
 
+def lane_count(setting: int | str, concurrency: int, cores: int | None = None) -> int:
+    """Lanes per pool process for the setting ``report_processes``: "auto" gives each
+    half its share of the cores (``cores``, default all; none with a share below two,
+    where a second worker process does more than a lane)."""
+    if setting != "auto":
+        return int(setting)
+    return ((cores or os.cpu_count() or 1) // concurrency) // 2
+
+
+class ReportLanes:
+    """A pool process's lanes (module doc): each study goes to a free lane; with
+    none free, to the one that got a study first, once it is done."""
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self._lanes = [ReportLane(settings) for _ in range(count)]
+        self._busy: deque[ReportLane] = deque()
+
+    @property
+    def pids(self) -> list[int]:
+        return [pid for lane in self._lanes if (pid := lane.pid) is not None]
+
+    def start(self) -> None:
+        for lane in self._lanes:
+            lane.start()
+
+    def submit(self, job: ReportJob) -> None:
+        lane = next((lane for lane in self._lanes if lane not in self._busy), None)
+        if lane is None:
+            lane = self._busy.popleft()
+        lane.submit(job)  # waits for the lane's study before
+        self._busy.append(lane)
+
+    def close(self) -> None:
+        """Wait for every lane's study, then end the lanes."""
+        for lane in self._lanes:
+            lane.close()
+        self._busy.clear()
+
+
 class ReportLane:
-    """The worker's side of its lane (module doc)."""
+    """One lane process, from the worker's side (module doc)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

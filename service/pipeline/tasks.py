@@ -36,7 +36,7 @@ from service.model.inference import ModelError, OnnxModel
 from service.pipeline.analysis import analyse_study
 from service.pipeline.queue import QUEUE, TASK_NAME, create_app
 from service.pipeline.remote import NodeClient, NodeUnavailable, analyse_remotely
-from service.pipeline.report_lane import ReportJob, ReportLane, report_study
+from service.pipeline.report_lane import ReportJob, ReportLanes, lane_count, report_study
 from service.pipeline.similar import ModelIndex
 from service.results import StudyResult
 from service.settings import Settings
@@ -56,11 +56,11 @@ class WorkerState:
     Runtime sessions must not cross a fork).
     """
 
-    def __init__(self, settings: Settings, threads: int = 0, report_process: bool = False) -> None:
+    def __init__(self, settings: Settings, threads: int = 0, report_processes: int = 0) -> None:
         self.settings = settings
         self.threads = threads
-        self.report_process = report_process
-        self._lane: ReportLane | None = None
+        self.report_processes = report_processes
+        self._lanes: ReportLanes | None = None
         self._pid: int | None = None
         self._ledger: Ledger | None = None
         self._model: OnnxModel | None = None
@@ -74,9 +74,9 @@ class WorkerState:
         self._ledger = open_ledger(self.settings)
         self._model = None
         self._indexes = ModelIndex(self.settings)
-        self._lane = ReportLane(self.settings) if self.report_process else None  # one per pool process
-        if self._lane is not None:
-            self._lane.start()
+        self._lanes = ReportLanes(self.settings, self.report_processes) if self.report_processes else None
+        if self._lanes is not None:  # their imports done before the first study
+            self._lanes.start()
         try:
             self.model()
         except ModelError:
@@ -116,22 +116,22 @@ class WorkerState:
         index: SimilarCaseIndex | None,
         frames: dict[tuple[str, int], np.ndarray],
     ) -> None:
-        """Build the analysed study's objects: here, or in the report lane
+        """Build the analysed study's objects: here, or in a report lane
         (service.pipeline.report_lane) while this process analyses the next study."""
-        if self._lane is None:
+        if self._lanes is None:
             report_study(self.settings, self.ledger, study_uid, generation, index, frames)
         else:
-            self._lane.submit(ReportJob(study_uid, generation, model.identity if index is not None else None, frames))
+            self._lanes.submit(ReportJob(study_uid, generation, model.identity if index is not None else None, frames))
 
     @property
-    def report_process_pid(self) -> int | None:
-        """The report lane's process, while one runs."""
-        return self._lane.pid if self._lane is not None else None
+    def report_pids(self) -> list[int]:
+        """The report lanes' processes that run."""
+        return self._lanes.pids if self._lanes is not None else []
 
     def close(self) -> None:
-        """Wait for the report lane's last study and end the lane (a pool process stopping)."""
-        if self._lane is not None:
-            self._lane.close()
+        """Wait for the report lanes' studies and end the lanes (a pool process stopping)."""
+        if self._lanes is not None:
+            self._lanes.close()
 
 
 def process_study(state: WorkerState, study_uid: str) -> str:
@@ -233,6 +233,12 @@ def _log_analysed(study_uid: str, result: StudyResult) -> None:
     )
 
 
+def analysis_threads(concurrency: int, lanes: int) -> int:
+    """ONNX Runtime threads per pool process: its share of the cores less those its
+    report lanes build objects on (threads beyond the free cores wait on each other)."""
+    return max(1, (os.cpu_count() or 1) // concurrency - lanes)
+
+
 def register_tasks(app: Celery, state: WorkerState) -> None:
     """Bind the analysis task to ``app``; acks_late + reject_on_worker_lost come from
     the app's configuration (service.pipeline.queue.celery_config)."""
@@ -280,9 +286,8 @@ def worker(ctx: click.Context, concurrency: int, data_dir: Path | None, parent_p
     if parent_pid is not None:
         _stop_with_parent(parent_pid)
     app = create_app(settings)
-    state = WorkerState(
-        settings, threads=max(1, (os.cpu_count() or 1) // concurrency), report_process=settings.report_process
-    )
+    lanes = lane_count(settings.report_processes, concurrency)
+    state = WorkerState(settings, analysis_threads(concurrency, lanes), lanes)
     register_tasks(app, state)
     worker_process_init.connect(lambda **_: state.open(), weak=False)
     worker_process_shutdown.connect(lambda **_: state.close(), weak=False)
