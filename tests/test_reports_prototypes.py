@@ -26,12 +26,12 @@ from service.reports import sc as sc_module
 from service.reports import seg as seg_module
 from service.reports.build import OutputObject, build_objects, read_sources
 from service.reports.construction import Prototypes, binary_pixels
+from service.reports.encoding import library_encode
 from service.reports.kos import build_kos
 from service.reports.template import SrTemplate
 from service.reports.validation import check_object
 from service.settings import Settings
 from tests.support.reports import analyse, default_template, store_datasets, store_study
-from tests.test_reports_construction import _encoded
 
 #: Top-level values highdicom takes from the clock.
 CLOCK = (
@@ -61,7 +61,7 @@ def _aligned(fast: bytes, library: bytes) -> tuple[bytes, bytes]:
     for sequence in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
         for mine, its in zip(ours.get(sequence, []), theirs.get(sequence, []), strict=True):
             mine.DimensionOrganizationUID = its.DimensionOrganizationUID
-    return _encoded(ours), _encoded(theirs)
+    return library_encode(ours), library_encode(theirs)
 
 
 def _without_spacing(datasets: list[Dataset]) -> list[Dataset]:
@@ -212,7 +212,7 @@ def test_a_flag_copy_names_its_own_images_and_patient(
         sr.SOPClassUID, sr.SOPInstanceUID = Comprehensive3DSRStorage, generate_uid()
         placement = Placement(generate_uid(), generate_uid(), 1, ["sonocase test"])
         library, fast = (build_kos(result, template, headers, sr, placement, fast=fast) for fast in (False, True))
-        ours, theirs = _aligned(_encoded(fast), _encoded(library))
+        ours, theirs = _aligned(library_encode(fast), library_encode(library))
         assert ours == theirs
         built.append(pydicom.dcmread(io.BytesIO(ours)))
     assert len(prototypes["KO"]) == 1
