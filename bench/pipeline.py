@@ -231,7 +231,7 @@ def main() -> None:
         for (n, lanes), rate in runs.items():
             print(
                 f"  {n} worker process{'es' if n > 1 else '':2s} report_processes {lanes!s:4s} "
-                f"({lane_count(lanes, n)} lane(s) each) {rate:7.1f} images/s   {rate * alone:.2f} x the analysis stage alone"
+                f"({lane_count(node_settings(work / 'count', report_processes=lanes), n)} lane(s) each) {rate:7.1f} images/s   {rate * alone:.2f} x the analysis stage alone"
             )
         share = runs[(1, "auto")] * alone  # images/s of one worker / images/s of the analysis stage alone
         scaling = runs[(2, 0)] / runs[(1, 0)]

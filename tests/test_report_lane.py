@@ -13,7 +13,7 @@ import pytest
 from service.datasets.synthetic import synthetic_study
 from service.delivery.sender import Sender
 from service.ledger import Ledger, StudyState
-from service.pipeline.report_lane import lane_count
+from service.pipeline.report_lane import available_cores, lane_count
 from service.pipeline.tasks import WorkerState, process_study
 from service.reports.build import outbox_folder
 from service.settings import Settings
@@ -106,6 +106,15 @@ def test_two_lanes_take_studies_in_turn(settings: Settings, ledger: Ledger) -> N
     [("auto", 1, 2, 1), ("auto", 2, 2, 0), ("auto", 1, 1, 0), ("auto", 1, 16, 8), ("auto", 4, 16, 2), (3, 1, 2, 3)],
 )
 def test_auto_gives_lanes_half_a_pool_process_s_cores(
-    setting: int | str, concurrency: int, cores: int, lanes: int
+    settings: Settings, setting: int | str, concurrency: int, cores: int, lanes: int
 ) -> None:
-    assert lane_count(setting, concurrency, cores) == lanes
+    assert lane_count(settings.model_copy(update={"report_processes": setting}), concurrency, cores) == lanes
+
+
+def test_a_worker_without_the_node_s_files_has_no_lanes(settings: Settings) -> None:
+    remote = settings.model_copy(update={"data_access": "http", "report_processes": 3})
+    assert lane_count(remote, 1, 16) == 0
+
+
+def test_available_cores_are_at_most_the_machine_s() -> None:
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import pickle
 import subprocess
@@ -48,6 +49,8 @@ from service.similar.index import SimilarCaseIndex
 
 LOG = logging.getLogger(__name__)
 
+#: Where Linux states a cgroup v2 CPU limit ("max" or "<quota> <period>").
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 #: The pipe to the lane holds this much: a study's frames (a few hundred KiB) are
 #: handed on in one write, whether or not the lane is reading yet.
 PIPE_BYTES = 1 << 20
@@ -96,13 +99,29 @@ def report_study(
         )
 
 
-def lane_count(setting: int | str, concurrency: int, cores: int | None = None) -> int:
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a cpuset), capped by a
+    cgroup v2 CPU quota (a container's CPU limit), which ``os.cpu_count`` ignores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here
+        pass
+    return cores
+
+
+def lane_count(settings: Settings, concurrency: int, cores: int | None = None) -> int:
     """Lanes per pool process for the setting ``report_processes``: "auto" gives each
-    half its share of the cores (``cores``, default all; none with a share below two,
-    where a second worker process does more than a lane)."""
-    if setting != "auto":
-        return int(setting)
-    return ((cores or os.cpu_count() or 1) // concurrency) // 2
+    half its share of the cores (``cores``, default :func:`available_cores`; none with
+    a share below two, where a second worker process does more than a lane). A worker
+    without the node's files (``data_access = "http"``) has none (module doc)."""
+    if settings.data_access == "http":
+        return 0
+    if settings.report_processes != "auto":
+        return settings.report_processes
+    return ((cores or available_cores()) // concurrency) // 2
 
 
 class ReportLanes:

@@ -36,7 +36,7 @@ from service.model.inference import ModelError, OnnxModel
 from service.pipeline.analysis import analyse_study
 from service.pipeline.queue import QUEUE, TASK_NAME, create_app
 from service.pipeline.remote import NodeClient, NodeUnavailable, analyse_remotely
-from service.pipeline.report_lane import ReportJob, ReportLanes, lane_count, report_study
+from service.pipeline.report_lane import ReportJob, ReportLanes, available_cores, lane_count, report_study
 from service.pipeline.similar import ModelIndex
 from service.results import StudyResult
 from service.settings import Settings
@@ -236,7 +236,7 @@ def _log_analysed(study_uid: str, result: StudyResult) -> None:
 def analysis_threads(concurrency: int, lanes: int) -> int:
     """ONNX Runtime threads per pool process: its share of the cores less those its
     report lanes build objects on (threads beyond the free cores wait on each other)."""
-    return max(1, (os.cpu_count() or 1) // concurrency - lanes)
+    return max(1, available_cores() // concurrency - lanes)
 
 
 def register_tasks(app: Celery, state: WorkerState) -> None:
@@ -286,7 +286,7 @@ def worker(ctx: click.Context, concurrency: int, data_dir: Path | None, parent_p
     if parent_pid is not None:
         _stop_with_parent(parent_pid)
     app = create_app(settings)
-    lanes = lane_count(settings.report_processes, concurrency)
+    lanes = lane_count(settings, concurrency)
     state = WorkerState(settings, analysis_threads(concurrency, lanes), lanes)
     register_tasks(app, state)
     worker_process_init.connect(lambda **_: state.open(), weak=False)
