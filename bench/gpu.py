@@ -10,9 +10,10 @@
    switched off (``session.disable_cpu_ep_fallback``) and the benchmark stops if CUDA
    is not the session's first provider.
 2. ``pipeline``: the full pipeline's images/s (``sonocase serve`` with one worker
-   process: receive, queue, analysis, reports), studies waiting in the queue, with
-   ``execution_provider = "cuda"`` against ``"cpu"`` (bench/pipeline.py's throughput
-   measurement).
+   process and its default report lanes: receive, queue, analysis, reports), studies
+   waiting in the queue, with ``execution_provider = "cuda"`` against ``"cpu"``
+   (bench/pipeline.py's throughput measurement), and each beside the analysis stage
+   alone on the same provider: on a GPU the result objects set the pace.
 3. ``training``: one epoch of the shipped model's architecture (its card's
    hyperparameters) on synthetic images, with torch on CUDA against the CPU.
 
@@ -42,7 +43,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from pipeline import make_studies, node_settings, throughput
+from pipeline import in_process, make_studies, node_settings, throughput
 
 from service.model_card import ModelCard
 
@@ -141,22 +142,23 @@ def pipeline(args: argparse.Namespace, folder: Path) -> bool:
     if missing:
         print(f"   CUDA skipped: {missing}")
     studies = make_studies(folder / "studies", args.studies, args.images, first_seed=7000)
-    rates: dict[str, tuple[float, float] | None] = {}
+    measured: dict[str, tuple[float, float] | None] = {}  # images/s of the worker, analysis alone s/image
     for provider in ("cuda", "cpu"):
         if provider == "cuda" and missing:
-            rates[provider] = None
+            measured[provider] = None
             continue
         settings = node_settings(folder / provider, workers=1, execution_provider=provider)
-        rates[provider] = throughput(settings, studies, args.images, folder / f"{provider}.log")
-    cpu = rates["cpu"]
-    assert cpu is not None
-    gpu = rates["cuda"]
-    print(f"   {'worker':<8}{'images/s':>10}{'analysis ms/image':>19}")
-    for provider, measured in rates.items():
-        if measured is None:
+        rate = throughput(settings, studies, folder / f"{provider}.log")
+        alone = statistics.median(in_process(node_settings(folder / provider, execution_provider=provider), studies))
+        measured[provider] = rate, alone / args.images
+    print(f"   {'worker':<8}{'images/s':>10}{'analysis alone ms/image':>25}{'worker / analysis alone':>25}")
+    for provider, found in measured.items():
+        if found is None:
             print(f"   {provider:<8}{'skipped':>10}")
         else:
-            print(f"   {provider:<8}{measured[0]:>10.1f}{measured[1] * 1000:>19.1f}")
+            print(f"   {provider:<8}{found[0]:>10.1f}{found[1] * 1000:>25.1f}{found[0] * found[1]:>25.2f}")
+    cpu, gpu = measured["cpu"], measured["cuda"]
+    assert cpu is not None
     print(f"   CUDA/CPU images/s: {ratio(gpu[0] if gpu else None, cpu[0])}")
     return missing is None
 
