@@ -29,7 +29,6 @@ worker with its lane uses both already).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -46,7 +45,7 @@ from service.common.spool import instance_path
 from service.ledger import Ledger, StudyRow
 from service.model.inference import OnnxModel
 from service.pipeline.analysis import analyse_study
-from service.pipeline.report_lane import lane_count
+from service.pipeline.report_lane import available_cores, lane_count
 from service.settings import Settings, load_settings
 from tests.support.common import free_port
 from tests.support.worker import PrivateRedis, serve, storescu, write_study
@@ -214,24 +213,25 @@ def main() -> None:
             )
 
         bulk = make_studies(work / "bulk", args.throughput_studies, args.images, first_seed=9000)
-        runs = {  # (worker processes, setting report_processes): images/s
-            (n, lanes): throughput(
-                node_settings(work / f"throughput-{n}-{lanes}", workers=n, report_processes=lanes),
-                bulk,
-                work / f"throughput-{n}-{lanes}.log",
-            )
+        configs = {  # (worker processes, setting report_processes): the node's settings
+            (n, lanes): node_settings(work / f"throughput-{n}-{lanes}", workers=n, report_processes=lanes)
             for n, lanes in ((1, "auto"), (1, 0), (2, 0), (2, "auto"))
         }
-        alone = statistics.median(in_process(node_settings(work / "throughput-1-auto"), bulk)) / args.images
+        runs = {
+            (n, lanes): throughput(config, bulk, work / f"throughput-{n}-{lanes}.log")
+            for (n, lanes), config in configs.items()
+        }
+        alone = statistics.median(in_process(configs[(1, "auto")], bulk)) / args.images
         print(
             f"\nthroughput, {args.throughput_studies} studies of {args.images} images waiting in the queue "
-            f"(embedded broker; analysis + all result objects per study; {os.cpu_count()} cores)"
+            f"(embedded broker; analysis + all result objects per study; {available_cores()} cores)"
         )
         print(f"  analysis stage alone (in this process: no queue, no objects) {alone * 1000:5.1f} ms per image")
         for (n, lanes), rate in runs.items():
             print(
                 f"  {n} worker process{'es' if n > 1 else '':2s} report_processes {lanes!s:4s} "
-                f"({lane_count(node_settings(work / 'count', report_processes=lanes), n)} lane(s) each) {rate:7.1f} images/s   {rate * alone:.2f} x the analysis stage alone"
+                f"({lane_count(configs[(n, lanes)], n)} lane(s) each) {rate:7.1f} images/s   "
+                f"{rate * alone:.2f} x the analysis stage alone"
             )
         share = runs[(1, "auto")] * alone  # images/s of one worker / images/s of the analysis stage alone
         scaling = runs[(2, 0)] / runs[(1, 0)]

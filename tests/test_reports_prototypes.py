@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 from collections.abc import Callable
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -103,9 +104,10 @@ def prototypes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Prototypes]:
 
 
 def _both_paths(
-    settings: Settings, ledger: Ledger, datasets: list[Dataset], ood: tuple[int, ...]
+    settings: Settings, ledger: Ledger, stored: tuple[str, list[Path]], ood: tuple[int, ...] = ()
 ) -> list[tuple[OutputObject, OutputObject]]:
-    study_uid, paths = store_datasets(settings, ledger, datasets)
+    """The objects of a stored study, (library, fast) pairs."""
+    study_uid, paths = stored
     result, references = analyse(settings, study_uid, paths, ood_images=ood)
     sources, spool = read_sources(ledger, result)
     library, fast = (
@@ -130,7 +132,7 @@ def test_filled_copies_encode_as_the_library_objects(
     settings = settings.model_copy(update={"sc_transfer_syntax": transfer_syntax})
     compared: dict[str, int] = {}
     for make, ood in STUDIES:
-        for library, fast in _both_paths(settings, ledger, make(), ood):
+        for library, fast in _both_paths(settings, ledger, store_datasets(settings, ledger, make()), ood):
             ours, theirs = _aligned(fast.data, library.data)
             assert ours == theirs, fast.kind
             assert fast.data.startswith(library.data[:132])  # preamble and DICM prefix
@@ -148,26 +150,13 @@ def test_real_files_fill_copies_of_each_other(
     """The real ultrasound files (palette, MONOCHROME2 JPEG lossless, calibrated
     by their regions) as two studies: the second's overlays copy the first's."""
     for _ in range(2):
-        study_uid, paths = store_study(settings, ledger)
-        result, references = analyse(settings, study_uid, paths)
-        sources, spool = read_sources(ledger, result)
-        built = [
-            build_objects(
-                settings.model_copy(update={"fast_reports": fast}),
-                default_template(),
-                result,
-                sources,
-                spool,
-                references.get,
-            )
-            for fast in (False, True)
-        ]
-        for library, fast in zip(*built, strict=True):
+        pairs = _both_paths(settings, ledger, store_study(settings, ledger))
+        for library, fast in pairs:
             ours, theirs = _aligned(fast.data, library.data)
             assert ours == theirs, fast.kind
-    segs = sum(o.kind == "SEG" for o in built[1])
+    segs = sum(fast.kind == "SEG" for _, fast in pairs)
     assert segs >= 1 and len(prototypes["SEG"]) == segs
-    assert len(prototypes["SC"]) == sum(o.kind == "SC" for o in built[1]) - 1  # each heatmap SC; not the montage
+    assert len(prototypes["SC"]) == sum(fast.kind == "SC" for _, fast in pairs) - 1  # each heatmap SC; not the montage
     assert len(prototypes["KO"]) == 1
 
 
@@ -177,7 +166,7 @@ def test_a_copy_gets_its_own_clock_and_dimension_organization(
     datasets = synthetic_study(2, "malignant", seed=11, index=11)
     first, second = (
         pydicom.dcmread(io.BytesIO(fast.data))
-        for _, fast in _both_paths(settings, ledger, datasets, ())
+        for _, fast in _both_paths(settings, ledger, store_datasets(settings, ledger, datasets))
         if fast.kind == "SEG"
     )
     assert len(prototypes["SEG"]) == 1

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import math
 import os
 import pickle
 import subprocess
 import sys
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -42,7 +42,7 @@ from service.common.errors import error_text
 from service.common.logs import configure_logging
 from service.ledger import Ledger, StudyState, open_ledger
 from service.pipeline.similar import ModelIndex
-from service.reports.build import build_reports
+from service.reports.build import build_reports, index_reference_images
 from service.results import ModelIdentity
 from service.settings import Settings
 from service.similar.index import SimilarCaseIndex
@@ -81,12 +81,8 @@ def report_study(
     Expected failures are recorded there; anything else is recorded here, so a
     study never stays silently analysed-but-unreported."""
 
-    def reference_image(sop_instance_uid: str) -> Path | None:
-        stored = index.reference_image(sop_instance_uid) if index is not None else None
-        return stored.path if stored is not None else None
-
     try:
-        build_reports(settings, ledger, study_uid, reference_image, frames)
+        build_reports(settings, ledger, study_uid, index_reference_images(index) if index is not None else None, frames)
     except Exception as exc:  # the shell's job: any failure becomes a visible ledger state
         LOG.exception("building the reports failed", extra={"study_uid": study_uid, "stage": "report"})
         ledger.transition(
@@ -125,12 +121,12 @@ def lane_count(settings: Settings, concurrency: int, cores: int | None = None) -
 
 
 class ReportLanes:
-    """A pool process's lanes (module doc): each study goes to a free lane; with
-    none free, to the one that got a study first, once it is done."""
+    """A pool process's lanes (module doc): studies go to them in turn, so with
+    every lane busy the next study waits for the lane that got one first."""
 
     def __init__(self, settings: Settings, count: int) -> None:
         self._lanes = [ReportLane(settings) for _ in range(count)]
-        self._busy: deque[ReportLane] = deque()
+        self._turns = itertools.cycle(self._lanes)
 
     @property
     def pids(self) -> list[int]:
@@ -141,17 +137,12 @@ class ReportLanes:
             lane.start()
 
     def submit(self, job: ReportJob) -> None:
-        lane = next((lane for lane in self._lanes if lane not in self._busy), None)
-        if lane is None:
-            lane = self._busy.popleft()
-        lane.submit(job)  # waits for the lane's study before
-        self._busy.append(lane)
+        next(self._turns).submit(job)  # waits for that lane's study before
 
     def close(self) -> None:
         """Wait for every lane's study, then end the lanes."""
         for lane in self._lanes:
             lane.close()
-        self._busy.clear()
 
 
 class ReportLane:

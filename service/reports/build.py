@@ -41,7 +41,7 @@ from service.common.errors import error_text
 from service.common.spool import write_atomic_all
 from service.ledger import Ledger, StudyRow, StudyState
 from service.reports import Placement, derived_uid
-from service.reports.construction import iod_lookups_cached
+from service.reports.construction import PATIENT_AND_STUDY, iod_lookups_cached
 from service.reports.encoding import encode, library_encode
 from service.reports.heatmaps import load_heats
 from service.reports.kos import build_kos, key_images
@@ -80,19 +80,6 @@ SENT_CLASSES: tuple[str, ...] = (
 #: and the key-image flag. Many archives store no SEG or KOS; the SR and the SCs
 #: carry the finding and the heatmap, so these are skipped there, not failed.
 OPTIONAL_CLASSES: tuple[str, ...] = (SegmentationStorage, KeyObjectSelectionDocumentStorage)
-#: Study-level attributes highdicom copies from the first source; Type 2, so an
-#: empty value stands in for one the modality did not send.
-_TYPE2_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 
 
 class ReportError(Exception):
@@ -125,6 +112,11 @@ def _encode(ds: Dataset, fast: bool) -> bytes:
     """The object's file bytes: by pydicom, or with ``fast`` (the setting
     ``fast_reports``) the same bytes by :mod:`service.reports.encoding`."""
     return encode(ds) if fast else library_encode(ds)
+
+
+def _output(ds: Dataset, kind: str, fast: bool) -> OutputObject:
+    """A built object, encoded (:func:`_encode`)."""
+    return OutputObject(ds.SOPInstanceUID, ds.SOPClassUID, _encode(ds, fast), kind)
 
 
 def outbox_folder(settings: Settings, study_uid: str, generation: int) -> Path:
@@ -162,7 +154,7 @@ def source_headers(result: StudyResult, header: Callable[[str], tuple[Dataset, l
         )
     if not headers:
         raise ReportError("the result lists no instance")
-    for keyword in _TYPE2_STUDY:
+    for keyword in PATIENT_AND_STUDY:  # Type 2: an empty value stands in for one not sent
         if keyword not in headers[0]:
             setattr(headers[0], keyword, "")
     return headers
@@ -255,7 +247,7 @@ def _sr_object(
             predecessors(settings, result.study_uid, result.generation) if earlier is None else list(earlier),
             fast=settings.fast_reports,
         )
-    return OutputObject(sr.SOPInstanceUID, sop_class_uid, _encode(sr, settings.fast_reports), "SR")
+    return _output(sr, "SR", settings.fast_reports)
 
 
 def build_objects(
@@ -300,7 +292,7 @@ def build_objects(
                 settings.sc_transfer_syntax,
                 fast=settings.fast_reports,
             )
-            objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc, settings.fast_reports), "SC"))
+            objects.append(_output(sc, "SC", settings.fast_reports))
             for seg_ref in seg_refs:
                 seg = build_heatmap_seg(
                     result,
@@ -311,9 +303,7 @@ def build_objects(
                     Placement(seg_ref.SeriesInstanceUID, seg_ref.SOPInstanceUID, number, versions),
                     fast=settings.fast_reports,
                 )
-                objects.append(
-                    OutputObject(seg.SOPInstanceUID, seg.SOPClassUID, _encode(seg, settings.fast_reports), "SEG")
-                )
+                objects.append(_output(seg, "SEG", settings.fast_reports))
         sr = _sr_object(settings, template, result, sources, DEFAULT_SR_CLASS, heats, earlier)
         objects.insert(0, sr)
         decisive = next((i for i in analysed if i.sop_instance_uid == result.summary.decisive_sop_instance_uid), None)
@@ -329,7 +319,7 @@ def build_objects(
                 Placement(_series(result, "sc"), montage, len(analysed) + 1, versions),
                 settings.sc_transfer_syntax,
             )
-            objects.append(OutputObject(sc.SOPInstanceUID, sc.SOPClassUID, _encode(sc, settings.fast_reports), "SC"))
+            objects.append(_output(sc, "SC", settings.fast_reports))
         if key_images(result):  # none when no image was assessed (each outside the training domain)
             sr_ref = _reference(
                 result, sr_series_uid(result.study_uid, result.generation), sr.sop_class_uid, sr.sop_instance_uid
@@ -342,7 +332,7 @@ def build_objects(
                 Placement(_series(result, "kos"), derived_uid(result.study_uid, result.generation, "kos"), 1, versions),
                 fast=settings.fast_reports,
             )
-            objects.append(OutputObject(kos.SOPInstanceUID, kos.SOPClassUID, _encode(kos, settings.fast_reports), "KO"))
+            objects.append(_output(kos, "KO", settings.fast_reports))
         return objects
 
 

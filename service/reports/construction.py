@@ -374,7 +374,7 @@ def patient_and_study(source: Dataset) -> dict[str, Any]:
     their first evidence): read from it (None where it has none; our first source
     has each, see ``service.reports.build.source_headers``) and turned into values
     as the library's base constructor turns them."""
-    value = {keyword: source.get(keyword) for keyword in _SC_PATIENT_STUDY}
+    value = {keyword: source.get(keyword) for keyword in PATIENT_AND_STUDY}
     sex = value["PatientSex"]
     value["PatientBirthDate"] = DA(value["PatientBirthDate"])
     value["PatientSex"] = sex if sex is None or sex == "" else hd.PatientSexValues(sex).value
@@ -383,10 +383,11 @@ def patient_and_study(source: Dataset) -> dict[str, Any]:
     return value
 
 
-#: What those constructors read of their source's patient and study.
-_SC_PATIENT_STUDY = (
-    "PatientID",
+#: The source's patient and study attributes highdicom copies into a new object (what
+#: ``patient_and_study`` reads; Type 2 in our objects, see ``build.source_headers``).
+PATIENT_AND_STUDY = (
     "PatientName",
+    "PatientID",
     "PatientBirthDate",
     "PatientSex",
     "AccessionNumber",
