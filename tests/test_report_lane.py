@@ -13,7 +13,7 @@ import pytest
 from service.datasets.synthetic import synthetic_study
 from service.delivery.sender import Sender
 from service.ledger import Ledger, StudyState
-from service.pipeline.report_lane import available_cores, lane_count
+from service.pipeline.report_lane import LANE_DEPTH, available_cores, lane_count
 from service.pipeline.tasks import WorkerState, process_study
 from service.reports.build import outbox_folder
 from service.settings import Settings
@@ -32,16 +32,13 @@ def _outbox_names(settings: Settings, study_uid: str) -> set[str]:
 
 
 def test_the_lane_builds_each_study_while_the_worker_analyses_the_next(settings: Settings, ledger: Ledger) -> None:
-    """A study handed to the lane is reported by it; handing on the next waits for
-    it (one study in the lane at most); closing waits for the last. The objects are
-    those the worker writes itself (their UIDs derive from study and generation)."""
+    """Studies handed to the lane are reported by it; closing waits for the last.
+    The objects are those the worker writes itself (their UIDs derive from study and generation)."""
     uids = _studies(settings, ledger, 3)
     state = WorkerState(settings, report_processes=1)
-    for n, uid in enumerate(uids):
+    for uid in uids:
         assert process_study(state, uid) == "analysed"
         assert ledger.study(uid).state in (StudyState.ANALYSED, StudyState.REPORTED)  # type: ignore[union-attr]
-        if n:  # handing this one on waited for the one before
-            assert ledger.study(uids[n - 1]).state == StudyState.REPORTED  # type: ignore[union-attr]
     assert len(state.report_pids) == 1 and os.getpid() not in state.report_pids
     state.close()
     assert [ledger.study(uid).state for uid in uids] == [StudyState.REPORTED] * 3  # type: ignore[union-attr]
@@ -88,17 +85,28 @@ def test_a_worker_without_the_lane_reports_before_it_returns(settings: Settings,
     assert state.report_pids == []
 
 
-def test_two_lanes_take_studies_in_turn(settings: Settings, ledger: Ledger) -> None:
-    """With every lane busy the next study waits for the lane handed one first;
-    closing waits for all of them."""
-    uids = _studies(settings, ledger, 3)
+def test_studies_go_to_the_lane_holding_fewest_and_the_worker_builds_when_every_lane_is_full(
+    settings: Settings, ledger: Ledger
+) -> None:
+    """Two stopped lanes take two studies each (the fewest first: else the third would
+    find its lane full); the fifth finds both full and the worker builds its objects
+    before it returns. Once the lanes go on, closing waits for their studies."""
+    uids = _studies(settings, ledger, LANE_DEPTH * 2 + 1)
     state = WorkerState(settings, report_processes=2)
-    for uid in uids:
-        assert process_study(state, uid) == "analysed"
-    assert len(set(state.report_pids)) == 2
-    assert ledger.study(uids[0]).state == StudyState.REPORTED  # type: ignore[union-attr]  # waited for by the third
+    state.open()
+    lanes = state.report_pids
+    for lane in lanes:
+        os.kill(lane, signal.SIGSTOP)
+    try:
+        for uid in uids:
+            assert process_study(state, uid) == "analysed"
+        states = [ledger.study(uid).state for uid in uids]  # type: ignore[union-attr]
+        assert states == [StudyState.ANALYSED] * (LANE_DEPTH * 2) + [StudyState.REPORTED]
+    finally:
+        for lane in lanes:
+            os.kill(lane, signal.SIGCONT)
     state.close()
-    assert [ledger.study(uid).state for uid in uids] == [StudyState.REPORTED] * 3  # type: ignore[union-attr]
+    assert [ledger.study(uid).state for uid in uids] == [StudyState.REPORTED] * len(uids)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

@@ -6,17 +6,22 @@ process they take turns: a thread building objects holds Python's GIL and starve
 the next study's analysis (measured: no gain at all). So each worker pool process
 starts lane processes (``python -m service.pipeline.report_lane``; setting
 ``report_processes``, by default half the pool process's share of the cores) and
-hands each analysed study to a free one: the next studies are analysed while
+hands each analysed study to the one holding the fewest: the next studies are analysed while
 their predecessors' objects are built, on other cores.
 
-A lane holds one study at a time; with every lane busy, handing on the next study
-waits for the lane that got one first, so a worker never runs ahead of its
-objects, and a pool process that stops waits for its lanes' studies. A lane holds
-its study's lease while it builds. A lane that dies leaves its study ANALYSED, and the node's sender reports
-it once the lease runs out (as for a worker killed mid-report: see
+A lane holds at most :data:`LANE_DEPTH` studies: one it builds and one waiting in
+its pipe. When every lane holds that many, the worker builds the study's objects
+itself instead of waiting, and the lanes build on meanwhile: the cores stay busy
+whichever of the analysis and the objects is slower (on a 2-core host the objects
+are: a lane alone could not keep up with the analysis). A stopping pool process
+waits for its lanes' studies. A lane holds its study's lease while it builds; a
+study waiting in its pipe has just had its lease renewed by the worker. A lane
+that dies leaves its studies ANALYSED, and the node's sender reports them once
+their leases run out (as for a worker killed mid-report: see
 :meth:`service.delivery.sender.Sender.report_orphans`); the next study gets a new
-lane. Messages are pickles over the lane's stdin and stdout: the lane is our own
-child process, started from our own interpreter. A worker without the node's files
+lane. Jobs are pickles over the lane's stdin (the lane is our own child process,
+started from our own interpreter); the lane answers each with its study UID on a
+line of its stdout. A worker without the node's files
 (``data_access = "http"``) builds its objects in memory and posts them with its
 result (service.pipeline.remote), without a lane.
 """
@@ -25,13 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import logging
 import math
 import os
 import pickle
+import queue
+import select
 import subprocess
 import sys
+import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -43,6 +51,7 @@ from service.common.logs import configure_logging
 from service.ledger import Ledger, StudyState, open_ledger
 from service.pipeline.similar import ModelIndex
 from service.reports.build import build_reports, index_reference_images
+from service.reports.construction import warm_up
 from service.results import ModelIdentity
 from service.settings import Settings
 from service.similar.index import SimilarCaseIndex
@@ -52,8 +61,13 @@ LOG = logging.getLogger(__name__)
 #: Where Linux states a cgroup v2 CPU limit ("max" or "<quota> <period>").
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 #: The pipe to the lane holds this much: a study's frames (a few hundred KiB) are
-#: handed on in one write, whether or not the lane is reading yet.
+#: handed on in one write while the lane's reader takes them in.
 PIPE_BYTES = 1 << 20
+#: Studies one lane holds at once (module doc): with two, it never waits while the
+#: worker builds a study itself.
+LANE_DEPTH = 2
+#: How long a worker waits for a new lane to be ready (its imports, :func:`warm_up`).
+READY_TIMEOUT_S = 120.0
 #: How long a stopping worker waits for its lane to finish the study it holds.
 CLOSE_TIMEOUT_S = 120.0
 
@@ -121,26 +135,37 @@ def lane_count(settings: Settings, concurrency: int, cores: int | None = None) -
 
 
 class ReportLanes:
-    """A pool process's lanes (module doc): studies go to them in turn, so with
-    every lane busy the next study waits for the lane that got one first."""
+    """A pool process's lanes (module doc): each study goes to the lane holding
+    the fewest, unless every lane holds :data:`LANE_DEPTH`."""
 
     def __init__(self, settings: Settings, count: int) -> None:
         self._lanes = [ReportLane(settings) for _ in range(count)]
-        self._turns = itertools.cycle(self._lanes)
 
     @property
     def pids(self) -> list[int]:
         return [pid for lane in self._lanes if (pid := lane.pid) is not None]
 
     def start(self) -> None:
+        """Start every lane; :meth:`ready` waits for them (meanwhile the worker loads its model)."""
         for lane in self._lanes:
             lane.start()
 
-    def submit(self, job: ReportJob) -> None:
-        next(self._turns).submit(job)  # waits for that lane's study before
+    def ready(self) -> None:
+        for lane in self._lanes:
+            lane.ready()
+
+    def submit(self, job: ReportJob) -> bool:
+        """Hand ``job`` to a lane; False when every lane is full (the caller builds it)."""
+        for lane in self._lanes:
+            lane.collect()
+        lane = min(self._lanes, key=lambda lane: lane.held)
+        if lane.held >= LANE_DEPTH:
+            return False
+        lane.submit(job)
+        return True
 
     def close(self) -> None:
-        """Wait for every lane's study, then end the lanes."""
+        """Wait for every lane's studies, then end the lanes."""
         for lane in self._lanes:
             lane.close()
 
@@ -151,46 +176,56 @@ class ReportLane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._process: subprocess.Popen[bytes] | None = None
-        self._pending: str | None = None
+        self._held: deque[str] = deque()  # study UIDs handed on and not yet answered, oldest first
+        self._answers = b""  # an answer's first bytes, read before its end
+        self._starting = False  # started, and its "ready" line not read yet
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    @property
+    def held(self) -> int:
+        """Studies handed to the lane that it has not answered yet."""
+        return len(self._held)
+
     def submit(self, job: ReportJob) -> None:
-        """Hand ``job`` to the lane once the study before it is done."""
-        self.wait()
+        """Hand ``job`` to the lane (a new one if it has died): it fits in the pipe at once."""
         if self._process is None or self._process.poll() is not None:
+            self._lose()
             self.start()
         assert self._process is not None and self._process.stdin is not None
         try:
             _send(self._process.stdin, job)
-        except OSError:  # died since it was started or last answered: its study is an orphan already
-            LOG.error("the report process is gone; starting another", extra={"study_uid": job.study_uid})
+        except OSError:  # died since it was started or last answered: what it held are orphans already
+            self._lose()
             self.start()
             assert self._process is not None and self._process.stdin is not None
             _send(self._process.stdin, job)
-        self._pending = job.study_uid
+        self.ready()
+        self._held.append(job.study_uid)
 
-    def wait(self) -> None:
-        """Until the study in the lane is done (reported or failed in the ledger)."""
-        if self._pending is None or self._process is None:
-            return
-        study_uid, self._pending = self._pending, None
-        assert self._process.stdout is not None
-        try:
-            pickle.load(self._process.stdout)
-        except (EOFError, OSError, pickle.UnpicklingError):
-            LOG.error(
-                "the report process ended while building this study's objects; the node reports it "
-                "when its lease runs out",
-                extra={"study_uid": study_uid},
-            )
-            self._stop(kill=True)
+    def collect(self, block: bool = False) -> None:
+        """Take the lane's answers (each a study it is done with: reported or failed
+        in the ledger); with ``block``, wait for one."""
+        self.ready()
+        while self._held and self._process is not None and self._process.stdout is not None:
+            stdout = self._process.stdout.fileno()
+            if not select.select([stdout], [], [], None if block else 0)[0]:
+                return
+            data = os.read(stdout, 4096)
+            if not data:
+                self._lose()
+                return
+            *answers, self._answers = (self._answers + data).split(b"\n")
+            for _ in answers:
+                self._held.popleft()
+            block = False
 
     def close(self) -> None:
-        """Wait for the study in the lane, then end the lane."""
-        self.wait()
+        """Wait for the studies in the lane, then end the lane."""
+        while self._held and self._process is not None:
+            self.collect(block=True)
         self._stop(kill=False)
 
     def start(self) -> None:
@@ -204,7 +239,37 @@ class ReportLane:
         with contextlib.suppress(OSError):  # Linux: a study's frames go into the pipe at once
             fcntl.fcntl(self._process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         _send(self._process.stdin, self.settings)
+        self._starting = True
         LOG.info("report process %d started", self._process.pid)
+
+    def ready(self) -> None:
+        """Wait for a started lane's first line, "ready": it has loaded what building
+        objects needs (:func:`warm_up`), so its first study is built at full speed.
+        A lane that ends or hangs instead is ended; the next study starts another."""
+        if not self._starting or self._process is None:
+            return
+        self._starting = False
+        assert self._process.stdout is not None
+        stdout, line = self._process.stdout.fileno(), b""
+        while not line.endswith(b"\n"):  # nothing else comes before a job is handed on
+            chunk = os.read(stdout, 64) if select.select([stdout], [], [], READY_TIMEOUT_S)[0] else b""
+            if not chunk:
+                LOG.error("report process %d did not start", self._process.pid)
+                self._stop(kill=True)
+                return
+            line += chunk
+
+    def _lose(self) -> None:
+        """The lane ended: the studies it held are orphans (module doc)."""
+        for study_uid in self._held:
+            LOG.error(
+                "the report process ended before this study's objects were built; the node reports it "
+                "when its lease runs out",
+                extra={"study_uid": study_uid},
+            )
+        self._held.clear()
+        self._answers = b""
+        self._stop(kill=True)
 
     def _stop(self, kill: bool) -> None:
         process, self._process = self._process, None
@@ -231,27 +296,45 @@ def _send(pipe: IO[bytes], message: object) -> None:
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
     """The lane: the settings, then jobs until the end of ``requests``; after each,
-    its study UID on ``replies``."""
+    its study UID on a line of ``replies``. Jobs are read as they come (a thread),
+    so the worker's write of a study larger than the pipe never waits for the
+    study before it."""
     settings: Settings = pickle.load(requests)
     configure_logging(settings.log_level, settings.log_format)
+    warm_up()
     ledger = open_ledger(settings)
     indexes = ModelIndex(settings)
+    replies.write(b"ready\n")
+    replies.flush()
+    jobs: queue.SimpleQueue[ReportJob | None] = queue.SimpleQueue()
+    threading.Thread(target=_read_jobs, args=(requests, jobs), daemon=True).start()
+    answering = True
     try:
-        while True:
-            try:
-                job: ReportJob = pickle.load(requests)
-            except EOFError:  # the worker stopped
-                return
+        while (job := jobs.get()) is not None:
             index = indexes.for_model(job.model) if job.model is not None else None
             with ledger.keep_lease(job.study_uid, job.generation, settings.task_lease_s):
                 report_study(settings, ledger, job.study_uid, job.generation, index, job.frames)
-            try:
-                _send(replies, job.study_uid)
-            except BrokenPipeError:  # the worker is gone; what it handed on is done
-                return
+            if answering:
+                try:
+                    replies.write(job.study_uid.encode("ascii") + b"\n")
+                    replies.flush()
+                except BrokenPipeError:  # the worker is gone: what it handed on is still built
+                    answering = False
     finally:
         indexes.close()
         ledger.close()
+
+
+def _read_jobs(requests: BinaryIO, jobs: queue.SimpleQueue[ReportJob | None]) -> None:
+    """Each job from ``requests`` into ``jobs``, then None at their end (the worker
+    stopped) or at a message that cannot be read (raised: the thread's traceback is logged)."""
+    try:
+        while True:
+            jobs.put(pickle.load(requests))
+    except EOFError:
+        pass
+    finally:
+        jobs.put(None)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from service.pipeline.queue import QUEUE, TASK_NAME, create_app
 from service.pipeline.remote import NodeClient, NodeUnavailable, analyse_remotely
 from service.pipeline.report_lane import ReportJob, ReportLanes, available_cores, lane_count, report_study
 from service.pipeline.similar import ModelIndex
+from service.reports.construction import warm_up
 from service.results import StudyResult
 from service.settings import Settings
 from service.similar.index import SimilarCaseIndex
@@ -68,21 +69,24 @@ class WorkerState:
         self._node: NodeClient | None = None
 
     def open(self) -> None:
-        """Open the ledger and load the model in this process. A model that cannot
-        load is logged here and reported per study (the study fails visibly)."""
+        """Open the ledger, load the model and start the report lanes of this process.
+        A model that cannot load is logged here and reported per study (the study fails visibly)."""
         self._pid = os.getpid()
         self._ledger = open_ledger(self.settings)
         self._model = None
         self._indexes = ModelIndex(self.settings)
         self._lanes = ReportLanes(self.settings, self.report_processes) if self.report_processes else None
-        if self._lanes is not None:  # their imports done before the first study
+        if self._lanes is not None:  # they load while this process does
             self._lanes.start()
+        warm_up()  # this process builds objects too (without lanes, or when they are full)
         try:
             self.model()
         except ModelError:
             LOG.exception(
                 "the model %s cannot be loaded; studies will fail until it is fixed", self.settings.model_path
             )
+        if self._lanes is not None:  # no study before the lanes can build its objects at full speed
+            self._lanes.ready()
 
     @property
     def ledger(self) -> Ledger:
@@ -116,12 +120,12 @@ class WorkerState:
         index: SimilarCaseIndex | None,
         frames: dict[tuple[str, int], np.ndarray],
     ) -> None:
-        """Build the analysed study's objects: here, or in a report lane
-        (service.pipeline.report_lane) while this process analyses the next study."""
-        if self._lanes is None:
+        """Build the analysed study's objects in a report lane (service.pipeline.report_lane)
+        while this process analyses the next study; here without lanes, or when every
+        lane is full."""
+        job = ReportJob(study_uid, generation, model.identity if index is not None else None, frames)
+        if self._lanes is None or not self._lanes.submit(job):
             report_study(self.settings, self.ledger, study_uid, generation, index, frames)
-        else:
-            self._lanes.submit(ReportJob(study_uid, generation, model.identity if index is not None else None, frames))
 
     @property
     def report_pids(self) -> list[int]:

@@ -164,6 +164,15 @@ _CLOCK: dict[str, Callable[[datetime.datetime], object]] = {
 }
 
 
+def warm_up() -> None:
+    """Load highdicom's tables of the standard (its IODs, their modules and the
+    modules' attributes: half a second, once per process) now, so that a process's
+    first study is not the slow one: a worker and a report lane call this as they start."""
+    get_sop_class_iod_map()
+    get_iod_module_map()
+    get_module_attribute_map()
+
+
 @functools.cache
 def copied_tags(sop_class_uid: str) -> frozenset[int]:
     """The source attributes highdicom's Segmentation copies as they are: the root
