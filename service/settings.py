@@ -370,7 +370,8 @@ class Settings(BaseSettings):
         "auto",
         description="Processes per worker pool process that build result objects while it analyses "
         "the next studies (service/pipeline/report_lane.py); auto: half the pool process's share of "
-        "the cores it may use (none below two), the analysis keeps the rest; 0: built in the pool "
+        "the cores it may use (none below two), the analysis keeps the rest; the pool process "
+        "builds a study's objects itself when each lane holds two; 0: built in the pool "
         "process after each analysis; none with data_access http",
     )
     destinations: Annotated[list[Peer], NoDecode] = Field(
