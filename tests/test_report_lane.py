@@ -13,6 +13,7 @@ import pytest
 from service.datasets.synthetic import synthetic_study
 from service.delivery.sender import Sender
 from service.ledger import Ledger, StudyState
+from service.pipeline import report_lane
 from service.pipeline.report_lane import LANE_DEPTH, available_cores, lane_count
 from service.pipeline.tasks import WorkerState, process_study
 from service.reports.build import outbox_folder
@@ -75,6 +76,26 @@ def test_a_lane_killed_mid_study_leaves_it_to_the_sender_and_the_next_study_gets
     assert sender.report_orphans(now=time.time() + settings.task_lease_s + 1) == 1
     assert ledger.study(first).state == StudyState.REPORTED  # type: ignore[union-attr]
     assert _outbox_names(settings, first) != set()
+
+
+def test_a_stopping_worker_ends_a_lane_that_answers_nothing_and_leaves_its_study_to_the_sender(
+    settings: Settings, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(report_lane, "CLOSE_TIMEOUT_S", 1.0)
+    (uid,) = _studies(settings, ledger, 1)
+    state = WorkerState(settings, report_processes=1)
+    state.open()
+    (lane,) = state.report_pids
+    os.kill(lane, signal.SIGSTOP)  # hung: it never answers
+    assert process_study(state, uid) == "analysed"
+    started = time.monotonic()
+    state.close()
+    assert time.monotonic() - started < 30
+    assert state.report_pids == []
+    with pytest.raises(ProcessLookupError):
+        os.kill(lane, 0)  # ended (and reaped)
+    assert ledger.study(uid).state == StudyState.ANALYSED  # type: ignore[union-attr]
+    assert Sender(settings, ledger).report_orphans(now=time.time() + settings.task_lease_s + 1) == 1
 
 
 def test_a_worker_without_the_lane_reports_before_it_returns(settings: Settings, ledger: Ledger) -> None:

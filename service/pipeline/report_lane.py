@@ -68,7 +68,7 @@ PIPE_BYTES = 1 << 20
 LANE_DEPTH = 2
 #: How long a worker waits for a new lane to be ready (its imports, :func:`warm_up`).
 READY_TIMEOUT_S = 120.0
-#: How long a stopping worker waits for its lane to finish the study it holds.
+#: How long a stopping worker waits for each of its lane's studies, and then for the lane to end.
 CLOSE_TIMEOUT_S = 120.0
 
 
@@ -205,13 +205,17 @@ class ReportLane:
         self.ready()
         self._held.append(job.study_uid)
 
-    def collect(self, block: bool = False) -> None:
+    def collect(self, wait_s: float = 0.0) -> None:
         """Take the lane's answers (each a study it is done with: reported or failed
-        in the ledger); with ``block``, wait for one."""
+        in the ledger); with ``wait_s``, wait that long for one, and end a lane that
+        gives none (its studies are orphans: module doc)."""
         self.ready()
         while self._held and self._process is not None and self._process.stdout is not None:
             stdout = self._process.stdout.fileno()
-            if not select.select([stdout], [], [], None if block else 0)[0]:
+            if not select.select([stdout], [], [], wait_s)[0]:
+                if wait_s:
+                    LOG.error("report process %d answered nothing in %.0f s; ending it", self._process.pid, wait_s)
+                    self._lose()
                 return
             data = os.read(stdout, 4096)
             if not data:
@@ -220,12 +224,12 @@ class ReportLane:
             *answers, self._answers = (self._answers + data).split(b"\n")
             for _ in answers:
                 self._held.popleft()
-            block = False
+            wait_s = 0.0
 
     def close(self) -> None:
         """Wait for the studies in the lane, then end the lane."""
         while self._held and self._process is not None:
-            self.collect(block=True)
+            self.collect(CLOSE_TIMEOUT_S)
         self._stop(kill=False)
 
     def start(self) -> None:
