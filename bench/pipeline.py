@@ -179,7 +179,7 @@ def warm_studies(count: int) -> int:
     return max(1, min(8, count // 4))
 
 
-def throughput_round(folder: Path, studies: list[tuple[str, list[Path]]], images: int) -> tuple[float, float]:
+def throughput_round(folder: Path, studies: list[tuple[str, list[Path]]]) -> tuple[float, float]:
     """One round: each configuration's throughput on ``studies`` (a node of its own),
     then the analysis stage alone on them; prints them and returns one worker (default
     settings) / analysis alone and two workers / one (no lanes)."""
@@ -189,7 +189,7 @@ def throughput_round(folder: Path, studies: list[tuple[str, list[Path]]], images
         for n, lanes in ((1, "auto"), (1, 0), (2, 0), (2, "auto"))
     }
     runs = {key: throughput(config, studies, folder / f"{key[0]}-{key[1]}.log") for key, config in configs.items()}
-    alone = statistics.median(in_process(configs[(1, "auto")], studies)) / images
+    alone = statistics.median(in_process(configs[(1, "auto")], studies)) / len(studies[0][1])
     print(
         f"  {folder.name}: analysis stage alone (in this process: no queue, no objects) {alone * 1000:5.1f} ms per image"
     )
@@ -254,12 +254,12 @@ def main() -> None:
         bulk = make_studies(work / "bulk", args.throughput_studies, args.images, first_seed=9000)
         print(
             f"\nthroughput, {args.throughput_studies} studies of {args.images} images waiting in the queue, "
-            f"from the {warm_studies(args.throughput_studies)}th reported to the last "
+            f"from reported study {warm_studies(args.throughput_studies)} to the last "
             f"(embedded broker; analysis + all result objects per study; {available_cores()} cores)"
         )
         shares, scalings = [], []
         for r in range(1, args.rounds + 1):
-            share, scaling = throughput_round(work / f"round-{r}", bulk, args.images)
+            share, scaling = throughput_round(work / f"round-{r}", bulk)
             shares.append(share)
             scalings.append(scaling)
         share, scaling = statistics.median(shares), statistics.median(scalings)

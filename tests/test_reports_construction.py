@@ -35,20 +35,18 @@ from service.reports.sr import SR_CLASSES, build_sr
 from service.reports.sr_content import FastContent, LibraryContent
 from service.reports.validation import check_object
 from service.settings import Settings
-from tests.support.reports import analyse, analysed_study, default_template, store_datasets, store_study
+from tests.support.reports import (
+    CLOCK_KEYWORDS,
+    analyse,
+    analysed_study,
+    default_template,
+    store_datasets,
+    store_study,
+)
 
 #: What the library takes from the clock or draws at random (the SEG's dimension
 #: organization): the only values two builds may differ in.
-VARYING = (
-    "InstanceCreationDate",
-    "InstanceCreationTime",
-    "ContentDate",
-    "ContentTime",
-    "DateOfSecondaryCapture",
-    "TimeOfSecondaryCapture",
-    "ContributionDateTime",
-    "DimensionOrganizationUID",
-)
+VARYING = (*CLOCK_KEYWORDS, "ContributionDateTime", "DimensionOrganizationUID")
 
 
 def _steady(data: bytes) -> Dataset:

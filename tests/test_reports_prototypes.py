@@ -32,17 +32,7 @@ from service.reports.kos import build_kos
 from service.reports.template import SrTemplate
 from service.reports.validation import check_object
 from service.settings import Settings
-from tests.support.reports import analyse, default_template, store_datasets, store_study
-
-#: Top-level values highdicom takes from the clock.
-CLOCK = (
-    "InstanceCreationDate",
-    "InstanceCreationTime",
-    "ContentDate",
-    "ContentTime",
-    "DateOfSecondaryCapture",
-    "TimeOfSecondaryCapture",
-)
+from tests.support.reports import CLOCK_KEYWORDS, analyse, default_template, store_datasets, store_study
 
 
 def _aligned(fast: bytes, library: bytes) -> tuple[bytes, bytes]:
@@ -51,7 +41,7 @@ def _aligned(fast: bytes, library: bytes) -> tuple[bytes, bytes]:
     highdicom's own contributing-equipment time and the dimension organization UID.
     Everything else, the source's equipment time included, is compared as built."""
     ours, theirs = (pydicom.dcmread(io.BytesIO(data)) for data in (fast, library))
-    for keyword in CLOCK:
+    for keyword in CLOCK_KEYWORDS:
         if keyword in theirs:
             setattr(ours, keyword, theirs[keyword].value)
     for mine, its in zip(

@@ -202,7 +202,6 @@ class ReportLane:
             self.start()
             assert self._process is not None and self._process.stdin is not None
             _send(self._process.stdin, job)
-        self.ready()
         self._held.append(job.study_uid)
 
     def collect(self, wait_s: float = 0.0) -> None:
@@ -221,10 +220,17 @@ class ReportLane:
             if not data:
                 self._lose()
                 return
-            *answers, self._answers = (self._answers + data).split(b"\n")
-            for _ in answers:
-                self._held.popleft()
+            self._take(data)
             wait_s = 0.0
+
+    def _take(self, data: bytes) -> None:
+        """Count the answers ``data`` completes; a new lane's first line is its "ready"."""
+        *lines, self._answers = (self._answers + data).split(b"\n")
+        if self._starting and lines:
+            self._starting = False
+            lines = lines[1:]
+        for _ in lines:
+            self._held.popleft()
 
     def close(self) -> None:
         """Wait for the studies in the lane, then end the lane."""
@@ -250,18 +256,14 @@ class ReportLane:
         """Wait for a started lane's first line, "ready": it has loaded what building
         objects needs (:func:`warm_up`), so its first study is built at full speed.
         A lane that ends or hangs instead is ended; the next study starts another."""
-        if not self._starting or self._process is None:
-            return
-        self._starting = False
-        assert self._process.stdout is not None
-        stdout, line = self._process.stdout.fileno(), b""
-        while not line.endswith(b"\n"):  # nothing else comes before a job is handed on
-            chunk = os.read(stdout, 64) if select.select([stdout], [], [], READY_TIMEOUT_S)[0] else b""
+        while self._starting and self._process is not None and self._process.stdout is not None:
+            stdout = self._process.stdout.fileno()
+            chunk = os.read(stdout, 4096) if select.select([stdout], [], [], READY_TIMEOUT_S)[0] else b""
             if not chunk:
                 LOG.error("report process %d did not start", self._process.pid)
-                self._stop(kill=True)
+                self._lose()
                 return
-            line += chunk
+            self._take(chunk)
 
     def _lose(self) -> None:
         """The lane ended: the studies it held are orphans (module doc)."""
@@ -277,6 +279,7 @@ class ReportLane:
 
     def _stop(self, kill: bool) -> None:
         process, self._process = self._process, None
+        self._starting = False
         if process is None:
             return
         if kill:

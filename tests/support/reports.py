@@ -45,6 +45,15 @@ from tests.support.common import dcmtk
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "dicom_sr_templates" / "default.json"
 CLASSES = ("normal", "benign", "malignant")
+#: Top-level values highdicom takes from the clock: two builds of an object differ in them.
+CLOCK_KEYWORDS = (
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ContentDate",
+    "ContentTime",
+    "DateOfSecondaryCapture",
+    "TimeOfSecondaryCapture",
+)
 MODEL = ModelIdentity(name="sonocase-hybrid", version="1.0.0", sha256="ab" * 32)
 
 #: Real ultrasound files: RGB, palette colour, JPEG-baseline YBR cine (30 frames),
