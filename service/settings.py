@@ -366,6 +366,12 @@ class Settings(BaseSettings):
         "writer giving pydicom's bytes (service/reports/encoding.py), and gate them checking "
         "once per process the values every object repeats; off: highdicom's own path",
     )
+    pool_wait_unlocked: bool = Field(
+        True,
+        description="With the embedded queue, pool processes wait for their next study without "
+        "holding the lock of the pipe Celery's pool shares between them (service/pipeline/pool.py), "
+        "so a pool process killed while it waits does not stop the worker; off: Celery's own pool",
+    )
     report_processes: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = Field(
         "auto",
         description="Processes per worker pool process that build result objects while it analyses "

@@ -96,14 +96,24 @@ def _delivered_once(settings: Settings, pacs: Storescp, study_uid: str, attempts
     return result
 
 
+def _processes() -> list[tuple[int, int, str]]:
+    """Every process here: its pid, its parent's pid and its command line."""
+    table = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
+    return [
+        (int(p), int(pp), args) for p, pp, args in (line.split(None, 2) for line in table.splitlines() if line.strip())
+    ]
+
+
 def _worker_pids(node: Process) -> tuple[int, list[int]]:
     """The Celery main process the node started, and its pool processes."""
-    table = subprocess.run(
-        ["ps", "-A", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    rows = [(int(p), int(pp), args) for p, pp, args in (line.split(None, 2) for line in table if line.strip())]
+    rows = _processes()
     main = next(pid for pid, parent, args in rows if parent == node.proc.pid and "service worker" in args)
     return main, [pid for pid, parent, _ in rows if parent == main]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (a pool process's report lanes)."""
+    return [child for child, parent, _ in _processes() if parent == pid]
 
 
 def test_killing_a_worker_mid_study_still_analyses_it_exactly_once(
@@ -136,25 +146,30 @@ def test_killing_a_worker_mid_study_still_analyses_it_exactly_once(
     print(f"analysed again {recovered_s:.1f} s after the kill (lease {LEASE_S} s)")
 
 
+@pytest.mark.parametrize("with_lane", [False, True], ids=["pool-process", "pool-process-and-lane"])
 def test_killing_a_worker_while_it_reports_reports_the_study_once(
-    fault_settings: Settings, pacs: Storescp, tmp_path: Path
+    fault_settings: Settings, pacs: Storescp, tmp_path: Path, with_lane: bool
 ) -> None:
-    """kill -9 of the pool process after it stored the result, while it builds the
-    reports: the node's sender takes the study once the lease runs out and reports it;
-    the PACS gets one SR."""
+    """kill -9 of the pool process after it stored the result, while the report is
+    built (by its report lane, on this 2-core host one). The PACS gets one SR either
+    way: a lane whose pool process died builds on what it holds under the study's
+    lease (or, cut off mid-hand-over, leaves it to the sender); with the lane killed
+    too, nobody builds it, and the node's sender reports it once the lease runs out."""
     study_uid, paths = write_study(tmp_path / "in", 12, "malignant", seed=39)  # many SCs: a long report
     node = serve(fault_settings, tmp_path / "node.log")
     try:
         storescu(fault_settings, paths)
         wait_for_state(fault_settings, study_uid, StudyState.ANALYSING, timeout=60)
         _, pool = _worker_pids(node)
+        lanes = _children(pool[0]) if with_lane else []
         wait_for(
             "the result to be stored",
             lambda: study_state(fault_settings, study_uid) != StudyState.ANALYSING,
             timeout=120,
             interval=0.002,
         )
-        os.kill(pool[0], signal.SIGKILL)
+        for pid in (pool[0], *lanes):
+            os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         state = study_state(fault_settings, study_uid)
         if state != StudyState.ANALYSED:
@@ -164,9 +179,40 @@ def test_killing_a_worker_while_it_reports_reports_the_study_once(
         _delivered_once(fault_settings, pacs, study_uid)
     finally:
         node.stop()
-    assert "analysed but never reported" in node.log()  # the sender did it, not a lucky worker
+    if with_lane:
+        assert lanes, "no report lane: this test expects one (report_processes 'auto' on 2 cores)"
+        assert "analysed but never reported" in node.log()  # the sender did it, not a lucky worker
     assert recovered_s < LEASE_S + 30, recovered_s
     print(f"reported {recovered_s:.1f} s after the kill (lease {LEASE_S} s)")
+
+
+def test_killing_an_idle_pool_process_leaves_the_worker_taking_studies(
+    fault_settings: Settings, pacs: Storescp, tmp_path: Path
+) -> None:
+    """kill -9 of a pool process waiting for its next study (the OOM killer picks the
+    largest process, busy or not): the worker goes on taking studies. With the
+    embedded queue, Celery's pool hands studies to its processes through one pipe
+    whose lock the waiting process holds; a new process would wait for it forever."""
+    first, paths = write_study(tmp_path / "in", 2, "benign", seed=40)
+    node = serve(fault_settings, tmp_path / "node.log")
+    try:
+        storescu(fault_settings, paths)
+        wait_for("the first report", lambda: study_state(fault_settings, first) in REPORTED_OR_SENT, timeout=120)
+        _, pool = _worker_pids(node)
+        time.sleep(1.0)  # the pool process is back at the queue, waiting
+        os.kill(pool[0], signal.SIGKILL)
+        killed = time.monotonic()
+        second, paths = write_study(tmp_path / "in", 2, "malignant", seed=41)
+        storescu(fault_settings, paths)
+        wait_for("the second report", lambda: study_state(fault_settings, second) in REPORTED_OR_SENT, timeout=120)
+        recovered_s = time.monotonic() - killed
+        for study_uid in (first, second):
+            _delivered_once(fault_settings, pacs, study_uid)
+        stopping = time.monotonic()
+    finally:
+        node.stop()
+    assert time.monotonic() - stopping < 20, "the worker's warm shutdown waited on the pool's pipe"
+    print(f"the next study was reported {recovered_s:.1f} s after the kill")
 
 
 def test_redis_restart_while_studies_are_queued(fault_settings: Settings, pacs: Storescp, tmp_path: Path) -> None:

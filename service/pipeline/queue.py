@@ -25,6 +25,7 @@ from kombu.transport import filesystem
 from kombu.utils.json import dumps
 
 from service.common.spool import write_atomic
+from service.pipeline.pool import POOL_PATH
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # No broadcast between workers over a folder: nothing to gossip with.
             worker_enable_remote_control=False,
         )
+        if settings.pool_wait_unlocked:  # this broker has no event loop: Celery's blocking pool
+            config["worker_pool"] = POOL_PATH
     else:
         config.update(
             broker_url=settings.broker_url,
