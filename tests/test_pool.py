@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
+from pathlib import Path
 from typing import Any
 
 import billiard
@@ -15,6 +15,7 @@ import pytest
 from billiard.queues import SimpleQueue
 
 from service.pipeline.pool import UnlockedWaitQueue
+from tests.support.common import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,10 +33,10 @@ def _read_until_none(tasks: Any, results: Any) -> None:
 
 
 def _waiting_reader(tasks: Any) -> Any:
+    """A process waiting for a message on ``tasks`` (asleep: nothing else puts it to sleep)."""
     reader = CONTEXT.Process(target=tasks.get_payload)
     reader.start()
-    time.sleep(0.5)  # in its wait for a message
-    assert reader.is_alive()
+    wait_for("the reader to wait", lambda: Path(f"/proc/{reader.pid}/stat").read_text().split(") ")[1][0] == "S")
     return reader
 
 
