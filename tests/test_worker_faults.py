@@ -106,13 +106,12 @@ def _processes() -> list[tuple[int, int, str]]:
 
 def _worker_pids(node: Process) -> tuple[int, list[int]]:
     """The Celery main process the node started, and its pool processes."""
-    rows = _processes()
-    main = next(pid for pid, parent, args in rows if parent == node.proc.pid and "service worker" in args)
-    return main, [pid for pid, parent, _ in rows if parent == main]
+    main = next(pid for pid, parent, args in _processes() if parent == node.proc.pid and "service worker" in args)
+    return main, _children(main)
 
 
 def _children(pid: int) -> list[int]:
-    """The processes ``pid`` started (a pool process's report lanes)."""
+    """The processes ``pid`` started (Celery's pool processes, a pool process's report lanes)."""
     return [child for child, parent, _ in _processes() if parent == pid]
 
 
